@@ -1,0 +1,291 @@
+//! Block types of the quantized encodings, and their reference quantizers.
+//!
+//! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`]) are byte-for-byte
+//! ggml's Q8_0, Q4_1 and Q4_0 (see `models/FORMAT.md`). [`BlockQ8Act`] is the
+//! runtime's int8 form of an activation vector, never stored in a file.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+/// Values per quantization block.
+pub const GROUP: usize = 32;
+
+/// Tensor encodings, with their ids in the image's tensor index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// int8, group 32, f16 scale ([`BlockQ8`]).
+    Q8,
+    /// 4-bit, group 32, f16 scale and f16 minimum ([`BlockQ4`]).
+    Q4,
+    /// 4-bit, group 32, f16 scale only, zero point 8 ([`BlockQ4S`]).
+    Q4S,
+}
+
+impl Encoding {
+    /// All encodings, in id order.
+    pub const ALL: [Encoding; 5] = [Encoding::F32, Encoding::F16, Encoding::Q8, Encoding::Q4, Encoding::Q4S];
+
+    /// The id stored in the tensor index.
+    pub fn id(self) -> u32 {
+        match self {
+            Encoding::F32 => 0,
+            Encoding::F16 => 1,
+            Encoding::Q8 => 2,
+            Encoding::Q4 => 3,
+            Encoding::Q4S => 4,
+        }
+    }
+    /// The encoding of a tensor-index id.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.id() == id)
+    }
+    /// Lower-case name, as the CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::Q8 => "q8",
+            Encoding::Q4 => "q4",
+            Encoding::Q4S => "q4s",
+        }
+    }
+    /// The encoding a CLI name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+    /// Whether rows are stored as blocks of [`GROUP`] values.
+    pub fn is_blocked(self) -> bool {
+        matches!(self, Encoding::Q8 | Encoding::Q4 | Encoding::Q4S)
+    }
+    /// Bytes taken by `n` values (`n` a multiple of [`GROUP`] for blocked encodings).
+    pub fn bytes_for(self, n: usize) -> usize {
+        match self {
+            Encoding::F32 => n * 4,
+            Encoding::F16 => n * 2,
+            Encoding::Q8 => n / GROUP * std::mem::size_of::<BlockQ8>(),
+            Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
+            Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
+        }
+    }
+}
+
+/// int8 weights: value `j` is `d · q[j]`. ggml's Q8_0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8 {
+    /// Scale.
+    pub d: f16,
+    /// Quantized values.
+    pub qs: [i8; GROUP],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8>() == 34);
+
+/// Asymmetric 4-bit weights: value `j` is `d · n + m`, with `n` the low nibble of
+/// `qs[j]` for `j < 16` and the high nibble of `qs[j - 16]` otherwise. ggml's Q4_1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum (the value of nibble 0).
+    pub m: f16,
+    /// Packed nibbles.
+    pub qs: [u8; GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4>() == 20);
+
+/// Symmetric 4-bit weights: value `j` is `d · (n − 8)`, nibbles as in [`BlockQ4`]. ggml's Q4_0.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4S {
+    /// Scale.
+    pub d: f16,
+    /// Packed nibbles.
+    pub qs: [u8; GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4S>() == 18);
+
+/// An activation block quantized to int8 for the integer dot products:
+/// value `j` is `d · q[j]`; `s = d · Σ q[j]` serves the minimum term of [`BlockQ4`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8Act {
+    /// Scale.
+    pub d: f32,
+    /// `d` times the sum of `qs`.
+    pub s: f32,
+    /// Quantized values.
+    pub qs: [i8; GROUP],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8Act>() == 40);
+
+/// Quantizes `x` (a multiple of [`GROUP`] long) to Q8, as ggml's `quantize_row_q8_0_ref`.
+pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        for (q, v) in block.qs.iter_mut().zip(values) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// Quantizes `x` to asymmetric Q4, as ggml's `quantize_row_q4_1_ref`.
+pub fn quantize_q4(x: &[f32], out: &mut [BlockQ4]) {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        let min = values.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        block.m = f16::from_f32(min);
+        for j in 0..GROUP / 2 {
+            let lo = (((values[j] - min) * id + 0.5) as u8).min(15);
+            let hi = (((values[j + GROUP / 2] - min) * id + 0.5) as u8).min(15);
+            block.qs[j] = lo | (hi << 4);
+        }
+    }
+}
+
+/// Quantizes `x` to symmetric Q4, as ggml's `quantize_row_q4_0_ref`.
+pub fn quantize_q4s(x: &[f32], out: &mut [BlockQ4S]) {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        // The signed value of largest magnitude maps to −8, so its sign decides the scale's.
+        let max = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        for j in 0..GROUP / 2 {
+            let lo = ((values[j] * id + 8.5) as i8).clamp(0, 15) as u8;
+            let hi = ((values[j + GROUP / 2] * id + 8.5) as i8).clamp(0, 15) as u8;
+            block.qs[j] = lo | (hi << 4);
+        }
+    }
+}
+
+/// Expands Q8 blocks to f32.
+pub fn dequantize_q8(blocks: &[BlockQ8], out: &mut [f32]) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let d = block.d.to_f32();
+        for (v, &q) in values.iter_mut().zip(&block.qs) {
+            *v = d * q as f32;
+        }
+    }
+}
+
+/// Expands asymmetric Q4 blocks to f32.
+pub fn dequantize_q4(blocks: &[BlockQ4], out: &mut [f32]) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let (d, m) = (block.d.to_f32(), block.m.to_f32());
+        for j in 0..GROUP / 2 {
+            values[j] = d * (block.qs[j] & 0xF) as f32 + m;
+            values[j + GROUP / 2] = d * (block.qs[j] >> 4) as f32 + m;
+        }
+    }
+}
+
+/// Expands symmetric Q4 blocks to f32.
+pub fn dequantize_q4s(blocks: &[BlockQ4S], out: &mut [f32]) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let d = block.d.to_f32();
+        for j in 0..GROUP / 2 {
+            values[j] = d * ((block.qs[j] & 0xF) as i32 - 8) as f32;
+            values[j + GROUP / 2] = d * ((block.qs[j] >> 4) as i32 - 8) as f32;
+        }
+    }
+}
+
+/// Quantizes `x` to `encoding` into raw bytes (`out` exactly [`Encoding::bytes_for`] long).
+pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
+    match encoding {
+        Encoding::F32 => out.copy_from_slice(bytemuck::cast_slice(x)),
+        Encoding::F16 => {
+            for (chunk, &v) in out.chunks_exact_mut(2).zip(x) {
+                chunk.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        Encoding::Q8 => quantize_q8(x, cast_blocks_mut(out)),
+        Encoding::Q4 => quantize_q4(x, cast_blocks_mut(out)),
+        Encoding::Q4S => quantize_q4s(x, cast_blocks_mut(out)),
+    }
+}
+
+/// Expands raw bytes of `encoding` to f32 (`out.len()` values).
+pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
+    match encoding {
+        Encoding::F32 => {
+            for (v, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *v = f32::from_le_bytes(chunk.try_into().unwrap());
+            }
+        }
+        Encoding::F16 => {
+            for (v, chunk) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *v = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+            }
+        }
+        Encoding::Q8 => dequantize_q8(&pod_blocks(bytes), out),
+        Encoding::Q4 => dequantize_q4(&pod_blocks(bytes), out),
+        Encoding::Q4S => dequantize_q4s(&pod_blocks(bytes), out),
+    }
+}
+
+/// Views a byte buffer as blocks. Blocks are 2-byte aligned; the byte buffers
+/// the converter hands in come from `Vec<u8>`, so this checks rather than assumes.
+fn cast_blocks_mut<T: Pod>(bytes: &mut [u8]) -> &mut [T] {
+    bytemuck::try_cast_slice_mut(bytes).expect("quantization buffer is block-aligned and block-sized")
+}
+
+/// Copies bytes into blocks (works whatever the alignment of `bytes`).
+fn pod_blocks<T: Pod>(bytes: &[u8]) -> Vec<T> {
+    bytemuck::pod_collect_to_vec(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect()
+    }
+
+    #[test]
+    fn round_trips_stay_within_half_a_step() {
+        let x = ramp(GROUP * 8);
+        for enc in [Encoding::Q8, Encoding::Q4, Encoding::Q4S, Encoding::F16] {
+            let mut bytes = vec![0u8; enc.bytes_for(x.len())];
+            quantize_into(enc, &x, &mut bytes);
+            let mut y = vec![0f32; x.len()];
+            dequantize_from(enc, &bytes, &mut y);
+            for (block_x, block_y) in x.chunks(GROUP).zip(y.chunks(GROUP)) {
+                let range = block_x.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                let step = match enc {
+                    Encoding::Q8 => range / 254.0,
+                    Encoding::Q4 | Encoding::Q4S => range / 15.0,
+                    _ => range / 1000.0,
+                };
+                for (a, b) in block_x.iter().zip(block_y) {
+                    assert!((a - b).abs() <= step * 0.5 + 1e-3, "{enc:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_quantizes_to_zero() {
+        let x = vec![0f32; GROUP];
+        let mut q = [BlockQ4S::zeroed()];
+        quantize_q4s(&x, &mut q);
+        let mut y = vec![1f32; GROUP];
+        dequantize_q4s(&q, &mut y);
+        assert!(y.iter().all(|&v| v == 0.0));
+    }
+}

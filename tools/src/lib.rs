@@ -1,0 +1,6 @@
+//! Bramble's host side: reading source models (GGUF, Hugging Face, llama2.c),
+//! converting them into packed images, and the `bramble` commands.
+#![warn(missing_docs)]
+
+pub mod source;
+pub mod synth;

@@ -1,0 +1,241 @@
+//! Tiny synthetic Llama models with seeded random weights, for fast tests of
+//! every input format. A [`SyntheticModel`] is the format-neutral description;
+//! the writers in each source module lay it out as GGUF, a Hugging Face
+//! directory or a llama2.c checkpoint.
+
+use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
+use bramble_runtime::{ModelConfig, Vocab};
+use bytemuck::Zeroable;
+
+/// A small, deterministic pseudo-random generator (SplitMix64); no dependency,
+/// same numbers on every machine.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn next_signed(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// A synthetic model: config, vocabulary and f32 tensors under GGUF names,
+/// shapes outermost first (`[out, in]`), rows in the adjacent-pairs RoPE layout.
+#[derive(Debug, Clone)]
+pub struct SyntheticModel {
+    /// Hyperparameters.
+    pub config: ModelConfig,
+    /// Vocabulary.
+    pub vocab: Vocab,
+    /// `(name, shape, values)`, in GGUF order.
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+/// Shape of a synthetic model.
+#[derive(Debug, Clone, Copy)]
+pub struct SyntheticShape {
+    /// Model width (multiple of 32).
+    pub dim: usize,
+    /// Blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// SwiGLU width (multiple of 32).
+    pub ffn_dim: usize,
+    /// Context length.
+    pub context_length: usize,
+    /// Share the output layer with the embedding.
+    pub tied_output: bool,
+    /// SentencePiece (Llama-2-like) or byte-level BPE (SmolLM2-like) vocabulary.
+    pub tokenizer: TokenizerKind,
+}
+
+impl Default for SyntheticShape {
+    fn default() -> Self {
+        Self {
+            dim: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 160,
+            context_length: 128,
+            tied_output: false,
+            tokenizer: TokenizerKind::SentencePiece,
+        }
+    }
+}
+
+/// GPT-2's byte-to-Unicode mapping: printable Latin-1 bytes stand for
+/// themselves, the rest are shifted to U+0100 and up.
+pub fn gpt2_byte_to_char(byte: u8) -> char {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    if printable(byte) {
+        return byte as char;
+    }
+    let shifted = (0..byte).filter(|&b| !printable(b)).count() as u32;
+    char::from_u32(256 + shifted).expect("valid code point")
+}
+
+/// A small SentencePiece vocabulary: `<unk> <s> </s>`, the 256 byte tokens,
+/// then a few dozen common pieces with descending scores.
+pub fn sentencepiece_vocab() -> Vocab {
+    let mut tokens: Vec<Vec<u8>> = vec![b"<unk>".to_vec(), b"<s>".to_vec(), b"</s>".to_vec()];
+    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
+    let mut scores = vec![0.0, 0.0, 0.0];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>").into_bytes());
+        types.push(TokenType::Byte);
+        scores.push(0.0);
+    }
+    let pieces = [
+        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the", "er", "an", "▁s",
+        "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c", "▁m", "or", "is", "▁and", "ll",
+        "▁Hello", "▁world", "H", "W", "w", ",", ".", "!",
+    ];
+    for (i, piece) in pieces.iter().enumerate() {
+        tokens.push(piece.as_bytes().to_vec());
+        types.push(TokenType::Normal);
+        scores.push(-(i as f32));
+    }
+    Vocab {
+        kind: TokenizerKind::SentencePiece,
+        pre_tokenizer: PreTokenizer::None,
+        scores,
+        types,
+        merges: Vec::new(),
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: None,
+        eot_id: None,
+        add_bos: true,
+        add_eos: false,
+        add_space_prefix: true,
+        tokens,
+    }
+}
+
+/// A small byte-level BPE vocabulary: ChatML control tokens, the 256 byte
+/// characters, then tokens made by a few merges.
+pub fn byte_level_vocab() -> Vocab {
+    let mut tokens: Vec<Vec<u8>> = vec![
+        b"<|endoftext|>".to_vec(),
+        b"<|im_start|>".to_vec(),
+        b"<|im_end|>".to_vec(),
+    ];
+    let mut types = vec![TokenType::Control; 3];
+    for b in 0..=255u8 {
+        tokens.push(gpt2_byte_to_char(b).to_string().into_bytes());
+        types.push(TokenType::Normal);
+    }
+    let id = |tokens: &Vec<Vec<u8>>, s: &str| tokens.iter().position(|t| t == s.as_bytes()).unwrap() as u32;
+    let mut merges = Vec::new();
+    for (left, right) in [
+        ("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r"), ("o", "n"), ("Ġ", "a"), ("r", "e"), ("Ġ", "w"),
+        ("o", "r"), ("l", "l"), ("H", "e"), ("He", "ll"), ("Ġw", "or"), ("Hell", "o"), ("Ġwor", "l"), ("Ġworl", "d"),
+    ] {
+        let (l, r) = (id(&tokens, left), id(&tokens, right));
+        let merged = format!("{left}{right}");
+        if !tokens.iter().any(|t| t == merged.as_bytes()) {
+            tokens.push(merged.into_bytes());
+            types.push(TokenType::Normal);
+        }
+        merges.push((l, r));
+    }
+    let n = tokens.len();
+    Vocab {
+        kind: TokenizerKind::ByteLevelBpe,
+        pre_tokenizer: PreTokenizer::SmolLm,
+        scores: vec![0.0; n],
+        types,
+        merges,
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: Some(2),
+        eot_id: Some(2),
+        add_bos: false,
+        add_eos: false,
+        add_space_prefix: false,
+        tokens,
+    }
+}
+
+impl SyntheticModel {
+    /// A model of `shape` with weights drawn from `seed`. Weights are scaled
+    /// like a trained model's (about 1/√in) so activations stay in range.
+    pub fn generate(shape: SyntheticShape, seed: u64) -> Self {
+        let vocab = match shape.tokenizer {
+            TokenizerKind::SentencePiece => sentencepiece_vocab(),
+            TokenizerKind::ByteLevelBpe => byte_level_vocab(),
+        };
+        let head_dim = shape.dim / shape.n_heads;
+        let mut config = ModelConfig::zeroed();
+        config.arch = ARCH_LLAMA;
+        config.dim = shape.dim as u32;
+        config.n_layers = shape.n_layers as u32;
+        config.n_heads = shape.n_heads as u32;
+        config.n_kv_heads = shape.n_kv_heads as u32;
+        config.head_dim = head_dim as u32;
+        config.ffn_dim = shape.ffn_dim as u32;
+        config.vocab_size = vocab.len() as u32;
+        config.context_length = shape.context_length as u32;
+        config.rope_theta = 10000.0;
+        config.rope_style = 0;
+        config.rope_dim = head_dim as u32;
+        config.norm_eps = 1e-5;
+        config.tied_output = shape.tied_output as u32;
+
+        let mut rng = SplitMix64(seed);
+        let mut tensors = Vec::new();
+        let mut matrix = |name: String, out: usize, inp: usize, rng: &mut SplitMix64| {
+            let scale = 1.0 / (inp as f32).sqrt() * 1.7;
+            let values = (0..out * inp).map(|_| rng.next_signed() * scale).collect();
+            (name, vec![out, inp], values)
+        };
+        let norm = |name: String, n: usize, rng: &mut SplitMix64| {
+            let values = (0..n).map(|_| 1.0 + 0.2 * rng.next_signed()).collect();
+            (name, vec![n], values)
+        };
+        let (dim, kv_dim, ffn) = (shape.dim, shape.n_kv_heads * head_dim, shape.ffn_dim);
+        let n_vocab = vocab.len();
+        let embedding = {
+            let values = (0..n_vocab * dim).map(|_| rng.next_signed()).collect();
+            ("token_embd.weight".to_string(), vec![n_vocab, dim], values)
+        };
+        tensors.push(embedding);
+        for layer in 0..shape.n_layers {
+            let name = |part: &str| format!("blk.{layer}.{part}.weight");
+            tensors.push(norm(name("attn_norm"), dim, &mut rng));
+            tensors.push(matrix(name("attn_q"), dim, dim, &mut rng));
+            tensors.push(matrix(name("attn_k"), kv_dim, dim, &mut rng));
+            tensors.push(matrix(name("attn_v"), kv_dim, dim, &mut rng));
+            tensors.push(matrix(name("attn_output"), dim, dim, &mut rng));
+            tensors.push(norm(name("ffn_norm"), dim, &mut rng));
+            tensors.push(matrix(name("ffn_gate"), ffn, dim, &mut rng));
+            tensors.push(matrix(name("ffn_up"), ffn, dim, &mut rng));
+            tensors.push(matrix(name("ffn_down"), dim, ffn, &mut rng));
+        }
+        tensors.push(norm("output_norm.weight".to_string(), dim, &mut rng));
+        if !shape.tied_output {
+            tensors.push(matrix("output.weight".to_string(), n_vocab, dim, &mut rng));
+        }
+        Self { config, vocab, tensors }
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<(&[usize], &[f32])> {
+        self.tensors.iter().find(|t| t.0 == name).map(|t| (t.1.as_slice(), t.2.as_slice()))
+    }
+}
