@@ -199,7 +199,7 @@ impl SyntheticModel {
 
         let mut rng = SplitMix64(seed);
         let mut tensors = Vec::new();
-        let mut matrix = |name: String, out: usize, inp: usize, rng: &mut SplitMix64| {
+        let matrix = |name: String, out: usize, inp: usize, rng: &mut SplitMix64| {
             let scale = 1.0 / (inp as f32).sqrt() * 1.7;
             let values = (0..out * inp).map(|_| rng.next_signed() * scale).collect();
             (name, vec![out, inp], values)
