@@ -54,3 +54,7 @@ pub trait ModelSource {
     /// One line saying what this source is (format, file), for the image's `source` section.
     fn describe(&self) -> String;
 }
+
+pub mod gguf;
+pub mod hf;
+pub mod llama2c;
