@@ -20,7 +20,7 @@ pub mod vocab;
 
 pub use config::ModelConfig;
 pub use error::{Error, ErrorKind, Result};
-// pub use image::ModelImage;
-// pub use model::{Model, RunState};
+pub use image::ModelImage;
+pub use model::{Model, RunState};
 pub use quant::Encoding;
 pub use vocab::Vocab;

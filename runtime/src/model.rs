@@ -1,1 +1,411 @@
-//! placeholder
+//! The Llama forward pass.
+//!
+//! Three parts, as in llama2.c: [`ModelConfig`] (hyperparameters), [`Weights`]
+//! (typed views into the mapped image) and [`RunState`] (every scratch buffer
+//! and the KV cache, allocated once). [`Model::forward`] runs a batch of
+//! tokens at consecutive positions and allocates nothing.
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::image::{ModelImage, TensorView};
+use crate::kernels::Kernels;
+use crate::quant::{self, BlockQ8Act, Encoding, GROUP};
+
+/// A weight matrix `[rows, cols]` borrowed from the image.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    /// Outputs.
+    pub rows: usize,
+    /// Inputs.
+    pub cols: usize,
+    /// The stored values.
+    pub data: TensorView<'a>,
+}
+
+impl Matrix<'_> {
+    /// Bytes read by one pass over the matrix.
+    pub fn bytes(&self) -> usize {
+        self.encoding().bytes_for(self.rows * self.cols)
+    }
+    /// The stored encoding.
+    pub fn encoding(&self) -> Encoding {
+        match self.data {
+            TensorView::F32(_) => Encoding::F32,
+            TensorView::F16(_) => Encoding::F16,
+            TensorView::Q8(_) => Encoding::Q8,
+            TensorView::Q4(_) => Encoding::Q4,
+            TensorView::Q4S(_) => Encoding::Q4S,
+        }
+    }
+
+    /// Writes row `row`, dequantized, into `out` (`cols` values).
+    pub fn row_to_f32(&self, row: usize, out: &mut [f32]) {
+        let (start, end) = (row * self.cols, (row + 1) * self.cols);
+        let (block_start, block_end) = (start / GROUP, end / GROUP);
+        match self.data {
+            TensorView::F32(values) => out.copy_from_slice(&values[start..end]),
+            TensorView::F16(values) => {
+                for (o, v) in out.iter_mut().zip(&values[start..end]) {
+                    *o = v.to_f32();
+                }
+            }
+            TensorView::Q8(blocks) => quant::dequantize_q8(&blocks[block_start..block_end], out),
+            TensorView::Q4(blocks) => quant::dequantize_q4(&blocks[block_start..block_end], out),
+            TensorView::Q4S(blocks) => quant::dequantize_q4s(&blocks[block_start..block_end], out),
+        }
+    }
+
+    /// `out[b·rows + r] = W[r] · x[b]` for a batch of activations given both as
+    /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized weights).
+    fn matmul(&self, kernels: &Kernels, x: &[f32], xq: &[BlockQ8Act], out: &mut [f32]) {
+        let batch = x.len() / self.cols;
+        let out = &mut out[..batch * self.rows];
+        match self.data {
+            TensorView::F32(w) => (kernels.matmul_f32)(w, self.rows, self.cols, x, out),
+            TensorView::F16(w) => (kernels.matmul_f16)(w, self.rows, self.cols, x, out),
+            TensorView::Q8(w) => (kernels.matmul_q8)(w, self.rows, self.cols, xq, out),
+            TensorView::Q4(w) => (kernels.matmul_q4)(w, self.rows, self.cols, xq, out),
+            TensorView::Q4S(w) => (kernels.matmul_q4s)(w, self.rows, self.cols, xq, out),
+        }
+    }
+}
+
+/// One transformer block's weights.
+#[derive(Debug, Clone)]
+pub struct LayerWeights<'a> {
+    /// RMSNorm before attention `(dim)`.
+    pub attn_norm: &'a [f32],
+    /// Query projection `(n_heads·head_dim, dim)`.
+    pub wq: Matrix<'a>,
+    /// Key projection `(kv_dim, dim)`.
+    pub wk: Matrix<'a>,
+    /// Value projection `(kv_dim, dim)`.
+    pub wv: Matrix<'a>,
+    /// Attention output projection `(dim, n_heads·head_dim)`.
+    pub wo: Matrix<'a>,
+    /// RMSNorm before the FFN `(dim)`.
+    pub ffn_norm: &'a [f32],
+    /// SwiGLU gate `(ffn_dim, dim)`.
+    pub w_gate: Matrix<'a>,
+    /// SwiGLU up `(ffn_dim, dim)`.
+    pub w_up: Matrix<'a>,
+    /// SwiGLU down `(dim, ffn_dim)`.
+    pub w_down: Matrix<'a>,
+}
+
+/// All weights, borrowed from the image.
+#[derive(Debug, Clone)]
+pub struct Weights<'a> {
+    /// Token embeddings `(vocab, dim)`.
+    pub token_embd: Matrix<'a>,
+    /// The blocks.
+    pub layers: Vec<LayerWeights<'a>>,
+    /// Final RMSNorm `(dim)`.
+    pub output_norm: &'a [f32],
+    /// Output layer `(vocab, dim)`; the embedding itself when tied.
+    pub output: Matrix<'a>,
+}
+
+/// A model ready to run: config, weights and the kernels chosen for this CPU.
+pub struct Model<'a> {
+    /// Hyperparameters.
+    pub config: ModelConfig,
+    /// Weights.
+    pub weights: Weights<'a>,
+    /// Kernels.
+    pub kernels: &'static Kernels,
+}
+
+/// Every scratch buffer of the forward pass and the KV cache, for up to
+/// `batch` tokens at a time and `context` positions. Shapes in comments.
+pub struct RunState {
+    /// Largest batch [`Model::forward`] takes.
+    pub batch: usize,
+    /// Positions the KV cache holds.
+    pub context: usize,
+    x: Vec<f32>,              // residual stream (batch, dim)
+    xb: Vec<f32>,             // normed input / projection output (batch, max(dim, q_dim))
+    xb2: Vec<f32>,            // attention output (batch, q_dim)
+    xq: Vec<BlockQ8Act>,      // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
+    q: Vec<f32>,              // queries (batch, q_dim)
+    hb: Vec<f32>,             // FFN gate (batch, ffn_dim)
+    hb2: Vec<f32>,            // FFN up (batch, ffn_dim)
+    att: Vec<f32>,            // attention scores of one head (context)
+    logits: Vec<f32>,         // (batch, vocab)
+    key_cache: Vec<f32>,      // (layer, context, kv_dim)
+    value_cache: Vec<f32>,    // (layer, context, kv_dim)
+    rope_cos: Vec<f32>,       // (context, rope_dim / 2)
+    rope_sin: Vec<f32>,       // (context, rope_dim / 2)
+}
+
+impl RunState {
+    /// Allocates for `context` positions and batches of up to `batch` tokens.
+    pub fn new(config: &ModelConfig, context: usize, batch: usize) -> Self {
+        let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+        let layers = config.n_layers as usize;
+        let widest = dim.max(q_dim).max(ffn);
+        let pairs = config.rope_dim as usize / 2;
+        let mut rope_cos = vec![0f32; context * pairs];
+        let mut rope_sin = vec![0f32; context * pairs];
+        for pos in 0..context {
+            for i in 0..pairs {
+                // θ_i = pos · base^(−2i / rope_dim), computed in f64 so long contexts keep their precision.
+                let frequency = (config.rope_theta as f64).powf(-((2 * i) as f64) / config.rope_dim as f64);
+                let angle = pos as f64 * frequency;
+                rope_cos[pos * pairs + i] = angle.cos() as f32;
+                rope_sin[pos * pairs + i] = angle.sin() as f32;
+            }
+        }
+        Self {
+            batch,
+            context,
+            x: vec![0.0; batch * dim],
+            xb: vec![0.0; batch * dim.max(q_dim)],
+            xb2: vec![0.0; batch * q_dim],
+            xq: vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * widest / GROUP],
+            q: vec![0.0; batch * q_dim],
+            hb: vec![0.0; batch * ffn],
+            hb2: vec![0.0; batch * ffn],
+            att: vec![0.0; context],
+            logits: vec![0.0; batch * config.vocab_size as usize],
+            key_cache: vec![0.0; layers * context * kv_dim],
+            value_cache: vec![0.0; layers * context * kv_dim],
+            rope_cos,
+            rope_sin,
+        }
+    }
+
+    /// Bytes held by the state (the KV cache dominates).
+    pub fn bytes(&self) -> usize {
+        4 * (self.x.len()
+            + self.xb.len()
+            + self.xb2.len()
+            + self.q.len()
+            + self.hb.len()
+            + self.hb2.len()
+            + self.att.len()
+            + self.logits.len()
+            + self.key_cache.len()
+            + self.value_cache.len()
+            + self.rope_cos.len()
+            + self.rope_sin.len())
+            + self.xq.len() * std::mem::size_of::<BlockQ8Act>()
+    }
+}
+
+/// Which logits [`Model::forward`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only for the last token of the batch (generation).
+    Last,
+    /// For every token of the batch (perplexity).
+    All,
+}
+
+impl<'a> Model<'a> {
+    /// Builds typed views of every weight of `image`, checking names and shapes.
+    pub fn new(image: &'a ModelImage) -> Result<Self> {
+        Self::with_kernels(image, Kernels::detect())
+    }
+
+    /// As [`Model::new`] with the given kernels.
+    pub fn with_kernels(image: &'a ModelImage, kernels: &'static Kernels) -> Result<Self> {
+        let config = *image.config();
+        let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+        let vocab = config.vocab_size as usize;
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix<'a>> {
+            let info = image.tensor(name).ok_or_else(|| Error::corrupt(format!("tensor {name} is missing")))?;
+            if info.shape != [rows, cols] {
+                return Err(Error::corrupt(format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", info.shape)));
+            }
+            Ok(Matrix { rows, cols, data: image.tensor_view(info) })
+        };
+        let vector = |name: &str| -> Result<&'a [f32]> {
+            let info = image.tensor(name).ok_or_else(|| Error::corrupt(format!("tensor {name} is missing")))?;
+            match image.tensor_view(info) {
+                TensorView::F32(values) if info.shape == [dim] => Ok(values),
+                _ => Err(Error::corrupt(format!(
+                    "tensor {name} is {:?} {}, expected [{dim}] f32",
+                    info.shape,
+                    info.encoding.name()
+                ))),
+            }
+        };
+        let mut layers = Vec::with_capacity(config.n_layers as usize);
+        for l in 0..config.n_layers {
+            let name = |part: &str| format!("blk.{l}.{part}.weight");
+            layers.push(LayerWeights {
+                attn_norm: vector(&name("attn_norm"))?,
+                wq: matrix(&name("attn_q"), q_dim, dim)?,
+                wk: matrix(&name("attn_k"), kv_dim, dim)?,
+                wv: matrix(&name("attn_v"), kv_dim, dim)?,
+                wo: matrix(&name("attn_output"), dim, q_dim)?,
+                ffn_norm: vector(&name("ffn_norm"))?,
+                w_gate: matrix(&name("ffn_gate"), ffn, dim)?,
+                w_up: matrix(&name("ffn_up"), ffn, dim)?,
+                w_down: matrix(&name("ffn_down"), dim, ffn)?,
+            });
+        }
+        let token_embd = matrix("token_embd.weight", vocab, dim)?;
+        let output = if config.tied_output != 0 { token_embd } else { matrix("output.weight", vocab, dim)? };
+        for m in [&token_embd, &output] {
+            if m.cols % GROUP != 0 && m.encoding().is_blocked() {
+                return Err(Error::corrupt("embedding width is not whole blocks"));
+            }
+        }
+        if dim % GROUP != 0 || q_dim % GROUP != 0 || ffn % GROUP != 0 {
+            return Err(Error::unsupported(format!(
+                "dim {dim}, q_dim {q_dim} and ffn_dim {ffn} must be multiples of {GROUP}"
+            )));
+        }
+        let weights = Weights { token_embd, layers, output_norm: vector("output_norm.weight")?, output };
+        Ok(Self { config, weights, kernels })
+    }
+
+    /// A [`RunState`] for this model.
+    pub fn new_state(&self, context: usize, batch: usize) -> RunState {
+        RunState::new(&self.config, context, batch)
+    }
+
+    /// Bytes of weights one decoded token reads (every matrix once, one embedding row).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let w = &self.weights;
+        let layers: usize = w
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.bytes()).sum::<usize>()
+                    + 8 * l.attn_norm.len()
+            })
+            .sum();
+        layers + w.output.bytes() + w.token_embd.bytes() / w.token_embd.rows + 4 * w.output_norm.len()
+    }
+
+    /// Runs `tokens` at positions `pos ..`, filling the KV cache, and returns
+    /// the logits of the last token (`vocab`) or of all of them
+    /// (`tokens.len() × vocab`). Allocates nothing.
+    pub fn forward<'s>(&self, state: &'s mut RunState, tokens: &[u32], pos: usize, logits: Logits) -> Result<&'s [f32]> {
+        let p = &self.config;
+        let k = self.kernels;
+        let n = tokens.len();
+        let (dim, q_dim, kv_dim, ffn) = (p.dim as usize, p.q_dim(), p.kv_dim(), p.ffn_dim as usize);
+        let head_dim = p.head_dim as usize;
+        let heads_per_kv = (p.n_heads / p.n_kv_heads) as usize;
+        let vocab = p.vocab_size as usize;
+        let pairs = p.rope_dim as usize / 2;
+        let halves = p.rope_style() == RopeStyle::Halves;
+        if n == 0 || n > state.batch {
+            return Err(Error::invalid(format!("batch of {n} tokens; this state takes 1 to {}", state.batch)));
+        }
+        if pos + n > state.context {
+            return Err(Error::invalid(format!(
+                "positions {pos}..{} run past the context of {} tokens",
+                pos + n,
+                state.context
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {bad} is not below the vocabulary size {vocab}")));
+        }
+        let s = state;
+        let context = s.context;
+
+        // Token embeddings into the residual stream.
+        for (b, &token) in tokens.iter().enumerate() {
+            self.weights.token_embd.row_to_f32(token as usize, &mut s.x[b * dim..(b + 1) * dim]);
+        }
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let cache_start = (l * context + pos) * kv_dim;
+            let cache_batch = cache_start..cache_start + n * kv_dim;
+
+            // Attention RMSNorm, then int8 activations for the integer kernels.
+            for b in 0..n {
+                (k.rmsnorm)(&mut s.xb[b * dim..(b + 1) * dim], &s.x[b * dim..(b + 1) * dim], layer.attn_norm, p.norm_eps);
+            }
+            (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
+
+            // q, k, v projections; k and v go straight into the cache at their positions.
+            let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
+            layer.wq.matmul(k, xb, xq, &mut s.q);
+            layer.wk.matmul(k, xb, xq, &mut s.key_cache[cache_batch.clone()]);
+            layer.wv.matmul(k, xb, xq, &mut s.value_cache[cache_batch.clone()]);
+
+            // RoPE on every query and key head.
+            for b in 0..n {
+                let angles = (pos + b) * pairs..(pos + b + 1) * pairs;
+                let (cos, sin) = (&s.rope_cos[angles.clone()], &s.rope_sin[angles]);
+                for head in s.q[b * q_dim..(b + 1) * q_dim].chunks_exact_mut(head_dim) {
+                    (k.rope)(&mut head[..2 * pairs], cos, sin, halves);
+                }
+                let key = cache_start + b * kv_dim;
+                for head in s.key_cache[key..key + kv_dim].chunks_exact_mut(head_dim) {
+                    (k.rope)(&mut head[..2 * pairs], cos, sin, halves);
+                }
+            }
+
+            // Causal grouped-query attention: token b sees positions 0 ..= pos + b.
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let layer_cache = l * context * kv_dim;
+            for b in 0..n {
+                let seen = pos + b + 1;
+                for h in 0..p.n_heads as usize {
+                    let query = &s.q[b * q_dim + h * head_dim..b * q_dim + (h + 1) * head_dim];
+                    let kv_offset = (h / heads_per_kv) * head_dim;
+                    let scores = &mut s.att[..seen];
+                    for (t, score) in scores.iter_mut().enumerate() {
+                        let key = layer_cache + t * kv_dim + kv_offset;
+                        *score = (k.dot)(query, &s.key_cache[key..key + head_dim]) * scale;
+                    }
+                    (k.softmax)(scores);
+                    let out = &mut s.xb2[b * q_dim + h * head_dim..b * q_dim + (h + 1) * head_dim];
+                    out.fill(0.0);
+                    for (t, &weight) in scores.iter().enumerate() {
+                        let value = layer_cache + t * kv_dim + kv_offset;
+                        (k.axpy)(out, weight, &s.value_cache[value..value + head_dim]);
+                    }
+                }
+            }
+
+            // Output projection and residual.
+            (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
+            layer.wo.matmul(k, &s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP], &mut s.xb);
+            for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
+                *x += o;
+            }
+
+            // FFN RMSNorm.
+            for b in 0..n {
+                (k.rmsnorm)(&mut s.xb[b * dim..(b + 1) * dim], &s.x[b * dim..(b + 1) * dim], layer.ffn_norm, p.norm_eps);
+            }
+            (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
+
+            // SwiGLU: down(silu(gate(x)) ⊙ up(x)).
+            let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
+            layer.w_gate.matmul(k, xb, xq, &mut s.hb);
+            layer.w_up.matmul(k, xb, xq, &mut s.hb2);
+            (k.silu_mul)(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
+            (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
+            layer.w_down.matmul(k, &s.hb[..n * ffn], &s.xq[..n * ffn / GROUP], &mut s.xb);
+
+            // Residual.
+            for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
+                *x += o;
+            }
+        }
+
+        // Final RMSNorm and the output layer, for the tokens whose logits are wanted.
+        let first = match logits {
+            Logits::Last => n - 1,
+            Logits::All => 0,
+        };
+        let wanted = n - first;
+        for b in first..n {
+            let row = b - first;
+            (k.rmsnorm)(&mut s.xb[row * dim..(row + 1) * dim], &s.x[b * dim..(b + 1) * dim], self.weights.output_norm, p.norm_eps);
+        }
+        (k.quantize_activation)(&s.xb[..wanted * dim], &mut s.xq[..wanted * dim / GROUP]);
+        self.weights.output.matmul(k, &s.xb[..wanted * dim], &s.xq[..wanted * dim / GROUP], &mut s.logits);
+        Ok(&s.logits[..wanted * vocab])
+    }
+}

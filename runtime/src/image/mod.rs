@@ -1,1 +1,413 @@
-//! placeholder
+//! The packed model image: open, validate, and view in place.
+//!
+//! The format is specified in `models/FORMAT.md`. [`ModelImage::open`] maps
+//! the file and checks everything once — magic, versions, section bounds and
+//! alignment, every checksum, the config, the tokenizer, every tensor's
+//! encoding, shape, bounds and alignment — so that later typed views
+//! ([`ModelImage::tensor_view`]) cannot fail on a file that opened.
+
+pub mod layout;
+mod vocab_section;
+mod writer;
+
+pub use vocab_section::{decode_vocab, encode_vocab};
+pub use writer::ImageWriter;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, Encoding};
+use crate::vocab::Vocab;
+use half::f16;
+use layout::*;
+use memmap2::Mmap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Where a tensor lies in the image, and what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// GGUF-style name.
+    pub name: String,
+    /// How the values are stored.
+    pub encoding: Encoding,
+    /// Outermost first.
+    pub shape: Vec<usize>,
+    /// Absolute offset in the file.
+    pub offset: usize,
+    /// Bytes.
+    pub size: usize,
+}
+
+impl TensorInfo {
+    /// Rows: all but the innermost dimension.
+    pub fn rows(&self) -> usize {
+        self.shape[..self.shape.len() - 1].iter().product()
+    }
+    /// Values per row: the innermost dimension.
+    pub fn cols(&self) -> usize {
+        self.shape[self.shape.len() - 1]
+    }
+}
+
+/// A tensor's bytes as typed values or blocks, borrowed from the map.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorView<'a> {
+    /// binary32 values.
+    F32(&'a [f32]),
+    /// binary16 values.
+    F16(&'a [f16]),
+    /// Q8 blocks.
+    Q8(&'a [BlockQ8]),
+    /// Asymmetric Q4 blocks.
+    Q4(&'a [BlockQ4]),
+    /// Symmetric Q4 blocks.
+    Q4S(&'a [BlockQ4S]),
+}
+
+/// A section as listed in the section table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SectionInfo {
+    /// Name.
+    pub name: String,
+    /// Absolute offset.
+    pub offset: usize,
+    /// Bytes.
+    pub size: usize,
+    /// Whether readers must know it.
+    pub required: bool,
+}
+
+/// The bytes of an image: a file mapping, or a buffer (tests, and images built in memory).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u64>, usize),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(map) => map,
+            // A Vec<u64> keeps the buffer 8-byte aligned like a page-aligned map
+            // is; `len` trims the padding of its last word.
+            Storage::Owned(words, len) => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
+/// An opened and validated image.
+pub struct ModelImage {
+    path: PathBuf,
+    storage: Storage,
+    layout_version: u32,
+    sections: Vec<SectionInfo>,
+    config: ModelConfig,
+    vocab: Vocab,
+    chat_template: Option<String>,
+    tensors: Vec<TensorInfo>,
+}
+
+/// What [`ModelImage::open_with`] checks beyond the structure.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Compute the CRC-32 of every tensor (reads the whole file once).
+    pub verify_tensor_checksums: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self { verify_tensor_checksums: true }
+    }
+}
+
+impl ModelImage {
+    /// Maps and validates the image at `path`, checksums included.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, OpenOptions::default())
+    }
+
+    /// Maps and validates the image at `path`.
+    pub fn open_with(path: &Path, options: OpenOptions) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::new(ErrorKind::Io, format!("{}: {e}", path.display())))?;
+        // SAFETY: the map is read-only and private to this process. Bramble's
+        // images are written once (to a temporary name, then renamed into
+        // place) and never modified in place, so the bytes do not change
+        // under the map while it lives.
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| Error::new(ErrorKind::Io, format!("{}: cannot map: {e}", path.display())))?;
+        Self::validate(path.to_path_buf(), Storage::Mapped(map), options)
+    }
+
+    /// Validates an image held in memory (`name` is used in messages).
+    pub fn from_bytes(name: &str, bytes: &[u8], options: OpenOptions) -> Result<Self> {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::validate(PathBuf::from(name), Storage::Owned(words, bytes.len()), options)
+    }
+
+    fn validate(path: PathBuf, storage: Storage, options: OpenOptions) -> Result<Self> {
+        let context = path.display().to_string();
+        let parsed = Parsed::parse(storage.bytes(), options).map_err(|e| e.context(&context))?;
+        Ok(Self {
+            path,
+            layout_version: parsed.layout_version,
+            sections: parsed.sections,
+            config: parsed.config,
+            vocab: parsed.vocab,
+            chat_template: parsed.chat_template,
+            tensors: parsed.tensors,
+            storage,
+        })
+    }
+
+    /// The path the image was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+    /// The layout version of the quantized blocks.
+    pub fn layout_version(&self) -> u32 {
+        self.layout_version
+    }
+    /// The model's hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// The tokenizer vocabulary.
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+    /// The chat template, if the image has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    /// The section table.
+    pub fn sections(&self) -> &[SectionInfo] {
+        &self.sections
+    }
+    /// The bytes of a section, if present.
+    pub fn section(&self, name: &str) -> Option<&[u8]> {
+        let info = self.sections.iter().find(|s| s.name == name)?;
+        Some(&self.bytes()[info.offset..info.offset + info.size])
+    }
+    /// Every tensor.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+    /// The raw bytes of a tensor.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.bytes()[info.offset..info.offset + info.size]
+    }
+    /// The tensor's values or blocks, typed. Cannot fail for a tensor of this
+    /// image: its size and alignment were checked at open.
+    pub fn tensor_view(&self, info: &TensorInfo) -> TensorView<'_> {
+        let bytes = self.tensor_bytes(info);
+        let checked = "tensor size and alignment are validated at open";
+        match info.encoding {
+            Encoding::F32 => TensorView::F32(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::F16 => TensorView::F16(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q8 => TensorView::Q8(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4 => TensorView::Q4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4S => TensorView::Q4S(bytemuck::try_cast_slice(bytes).expect(checked)),
+        }
+    }
+    /// Total bytes of all tensors.
+    pub fn weight_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.size).sum()
+    }
+}
+
+/// What [`Parsed::parse`] found in a valid image.
+struct Parsed {
+    layout_version: u32,
+    sections: Vec<SectionInfo>,
+    config: ModelConfig,
+    vocab: Vocab,
+    chat_template: Option<String>,
+    tensors: Vec<TensorInfo>,
+}
+
+fn corrupt(message: String) -> Error {
+    Error::corrupt(message)
+}
+
+impl Parsed {
+    fn parse(bytes: &[u8], options: OpenOptions) -> Result<Self> {
+        // Header: magic, versions, checksum, size.
+        if bytes.len() < 64 {
+            return Err(corrupt(format!("{} bytes is too short for an image header (64)", bytes.len())));
+        }
+        let header: Header = bytemuck::pod_read_unaligned(&bytes[..64]);
+        if header.magic != MAGIC {
+            return Err(corrupt("not a Bramble image (bad magic)".into()));
+        }
+        if header.format_version != FORMAT_VERSION {
+            return Err(Error::new(
+                ErrorKind::Version,
+                format!("format version {} is not supported (this reader knows {FORMAT_VERSION})", header.format_version),
+            ));
+        }
+        if header.layout_version != LAYOUT_VERSION {
+            return Err(Error::new(
+                ErrorKind::Version,
+                format!(
+                    "layout version {} is not supported (this reader knows {LAYOUT_VERSION}); convert the model again",
+                    header.layout_version
+                ),
+            ));
+        }
+        if crc32fast::hash(&bytes[..60]) != header.header_checksum {
+            return Err(corrupt("header checksum mismatch".into()));
+        }
+        if header.file_size != bytes.len() as u64 {
+            return Err(corrupt(format!(
+                "file is {} bytes but its header says {} (truncated or extended)",
+                bytes.len(),
+                header.file_size
+            )));
+        }
+
+        // Section table.
+        let table_offset = header.section_table_offset;
+        let table_size = header.section_count as u64 * 64;
+        if table_offset % ALIGNMENT != 0 || table_offset.checked_add(table_size).is_none_or(|end| end > bytes.len() as u64) {
+            return Err(corrupt(format!(
+                "section table ({} entries at {table_offset}) lies outside the file",
+                header.section_count
+            )));
+        }
+        let table = &bytes[table_offset as usize..(table_offset + table_size) as usize];
+        let mut sections = Vec::new();
+        let mut per_tensor_data = None;
+        for (i, raw) in table.chunks_exact(64).enumerate() {
+            let entry: SectionEntry = bytemuck::pod_read_unaligned(raw);
+            let name = read_fixed_name(&entry.name)
+                .ok_or_else(|| corrupt(format!("section {i}: name is not ASCII")))?
+                .to_string();
+            let end = entry.offset.checked_add(entry.size);
+            if entry.offset % ALIGNMENT != 0 || end.is_none_or(|end| end > bytes.len() as u64) {
+                return Err(corrupt(format!(
+                    "section {name}: {} bytes at {} is misaligned or runs past the end of the file",
+                    entry.size, entry.offset
+                )));
+            }
+            let required = entry.flags & SECTION_REQUIRED != 0;
+            if required && !section::KNOWN.contains(&name.as_str()) {
+                return Err(Error::unsupported(format!(
+                    "section {name} is required but unknown to this reader; upgrade Bramble"
+                )));
+            }
+            if sections.iter().any(|s: &SectionInfo| s.name == name) {
+                return Err(corrupt(format!("section {name} appears twice")));
+            }
+            let info = SectionInfo { name: name.clone(), offset: entry.offset as usize, size: entry.size as usize, required };
+            if entry.flags & SECTION_PER_TENSOR != 0 {
+                if name != section::TENSOR_DATA {
+                    return Err(corrupt(format!("section {name}: only tensor_data is checked per tensor")));
+                }
+                per_tensor_data = Some(info.clone());
+            } else if crc32fast::hash(&bytes[info.offset..info.offset + info.size]) != entry.checksum {
+                return Err(corrupt(format!("section {name}: checksum mismatch (the file is corrupt)")));
+            }
+            sections.push(info);
+        }
+        let section_bytes = |name: &str| -> Result<&[u8]> {
+            let info = sections
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| corrupt(format!("section {name} is missing")))?;
+            Ok(&bytes[info.offset..info.offset + info.size])
+        };
+
+        // Config.
+        let config_bytes = section_bytes(section::CONFIG)?;
+        if config_bytes.len() != std::mem::size_of::<ModelConfig>() {
+            return Err(corrupt(format!("section config: {} bytes, expected 128", config_bytes.len())));
+        }
+        let config: ModelConfig = bytemuck::pod_read_unaligned(config_bytes);
+        config.validate()?;
+
+        // Tokenizer and chat template.
+        let vocab = decode_vocab(section_bytes(section::TOKENIZER)?)?;
+        if vocab.len() != config.vocab_size as usize {
+            return Err(corrupt(format!(
+                "tokenizer has {} tokens but the config says vocab_size {}",
+                vocab.len(),
+                config.vocab_size
+            )));
+        }
+        let chat_template = match sections.iter().any(|s| s.name == section::CHAT_TEMPLATE) {
+            true => Some(
+                std::str::from_utf8(section_bytes(section::CHAT_TEMPLATE)?)
+                    .map_err(|_| corrupt("section chat_template is not UTF-8".into()))?
+                    .to_string(),
+            ),
+            false => None,
+        };
+
+        // Tensor index.
+        let index = section_bytes(section::TENSOR_INDEX)?;
+        if index.len() % std::mem::size_of::<TensorEntry>() != 0 {
+            return Err(corrupt(format!("section tensor_index: {} bytes is not a whole number of entries", index.len())));
+        }
+        let data = per_tensor_data.ok_or_else(|| corrupt("section tensor_data is missing".into()))?;
+        let mut tensors: Vec<TensorInfo> = Vec::new();
+        for (i, raw) in index.chunks_exact(std::mem::size_of::<TensorEntry>()).enumerate() {
+            let entry: TensorEntry = bytemuck::pod_read_unaligned(raw);
+            let tensor = Self::check_tensor(i, &entry, &data, bytes, options)?;
+            if tensors.iter().any(|t| t.name == tensor.name) {
+                return Err(corrupt(format!("tensor {} appears twice", tensor.name)));
+            }
+            tensors.push(tensor);
+        }
+        Ok(Self { layout_version: header.layout_version, sections, config, vocab, chat_template, tensors })
+    }
+
+    fn check_tensor(
+        i: usize,
+        entry: &TensorEntry,
+        data: &SectionInfo,
+        bytes: &[u8],
+        options: OpenOptions,
+    ) -> Result<TensorInfo> {
+        let name =
+            read_fixed_name(&entry.name).ok_or_else(|| corrupt(format!("tensor {i}: name is not ASCII")))?.to_string();
+        let fail = |what: String| corrupt(format!("tensor {name}: {what}"));
+        let encoding = Encoding::from_id(entry.encoding).ok_or_else(|| fail(format!("unknown encoding {}", entry.encoding)))?;
+        if !(1..=4).contains(&entry.n_dims) {
+            return Err(fail(format!("{} dimensions", entry.n_dims)));
+        }
+        let mut shape = Vec::new();
+        let mut values: u64 = 1;
+        for &d in &entry.shape[..entry.n_dims as usize] {
+            if d == 0 || d > u32::MAX as u64 {
+                return Err(fail(format!("dimension {d} is out of range")));
+            }
+            values = values.checked_mul(d).ok_or_else(|| fail("size overflows".into()))?;
+            shape.push(d as usize);
+        }
+        let cols = *shape.last().unwrap();
+        if encoding.is_blocked() && cols % crate::quant::GROUP != 0 {
+            return Err(fail(format!("rows of {cols} values are not whole blocks")));
+        }
+        let expected = encoding.bytes_for(values as usize) as u64;
+        if entry.size != expected {
+            return Err(fail(format!("{} bytes, but {values} {} values take {expected}", entry.size, encoding.name())));
+        }
+        if entry.offset % ALIGNMENT != 0 || entry.offset.checked_add(entry.size).is_none_or(|end| end > data.size as u64) {
+            return Err(fail(format!("{} bytes at offset {} is misaligned or outside tensor_data", entry.size, entry.offset)));
+        }
+        let offset = data.offset + entry.offset as usize;
+        let size = entry.size as usize;
+        if options.verify_tensor_checksums && crc32fast::hash(&bytes[offset..offset + size]) != entry.checksum {
+            return Err(fail("checksum mismatch (the file is corrupt)".into()));
+        }
+        Ok(TensorInfo { name, encoding, shape, offset, size })
+    }
+}

@@ -1,1 +1,72 @@
-//! placeholder
+//! Compute kernels, one file per family, each with a scalar reference
+//! (`scalar` submodule, compiled everywhere). Architecture-specific versions
+//! sit beside it and are chosen once, at load, into a [`Kernels`] table of
+//! function pointers; model code calls through the table and contains no `cfg`.
+
+pub mod activation;
+pub mod matmul;
+pub mod ops;
+
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act};
+use half::f16;
+
+/// `out[b·rows + r] = W[r] · x[b]` for every row `r` of a `rows × cols`
+/// quantized matrix and every activation `b` of a batch (`x.len() / (cols/32)`).
+pub type MatmulQuantized<Block> = fn(weights: &[Block], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32]);
+/// As [`MatmulQuantized`] for float weights and f32 activations.
+pub type MatmulFloat<T> = fn(weights: &[T], rows: usize, cols: usize, x: &[f32], out: &mut [f32]);
+
+/// The kernels a model runs with, chosen once at load.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernels {
+    /// Which implementation: `"scalar"`, later `"neon"`, `"neon-dotprod"`.
+    pub name: &'static str,
+    /// Quantizes f32 activations to int8 blocks.
+    pub quantize_activation: fn(x: &[f32], out: &mut [BlockQ8Act]),
+    /// Q8 weights × int8 activations.
+    pub matmul_q8: MatmulQuantized<BlockQ8>,
+    /// Asymmetric Q4 weights × int8 activations.
+    pub matmul_q4: MatmulQuantized<BlockQ4>,
+    /// Symmetric Q4 weights × int8 activations.
+    pub matmul_q4s: MatmulQuantized<BlockQ4S>,
+    /// f16 weights × f32 activations.
+    pub matmul_f16: MatmulFloat<f16>,
+    /// f32 weights × f32 activations.
+    pub matmul_f32: MatmulFloat<f32>,
+    /// RMSNorm: `(out, x, weight, eps)`.
+    pub rmsnorm: fn(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32),
+    /// In-place softmax.
+    pub softmax: fn(x: &mut [f32]),
+    /// `gate = silu(gate) ⊙ up`.
+    pub silu_mul: fn(gate: &mut [f32], up: &[f32]),
+    /// RoPE on one head: `(head, cos, sin, halves)`.
+    pub rope: fn(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool),
+    /// f32 dot product (attention scores).
+    pub dot: fn(a: &[f32], b: &[f32]) -> f32,
+    /// `out += w · x` (attention-weighted values).
+    pub axpy: fn(out: &mut [f32], weight: f32, x: &[f32]),
+}
+
+impl Kernels {
+    /// The scalar reference kernels.
+    pub const SCALAR: Kernels = Kernels {
+        name: "scalar",
+        quantize_activation: activation::scalar::quantize_activation,
+        matmul_q8: matmul::scalar::matmul_q8,
+        matmul_q4: matmul::scalar::matmul_q4,
+        matmul_q4s: matmul::scalar::matmul_q4s,
+        matmul_f16: matmul::scalar::matmul_f16,
+        matmul_f32: matmul::scalar::matmul_f32,
+        rmsnorm: ops::scalar::rmsnorm,
+        softmax: ops::scalar::softmax,
+        silu_mul: ops::scalar::silu_mul,
+        rope: ops::scalar::rope,
+        dot: ops::scalar::dot,
+        axpy: ops::scalar::axpy,
+    };
+
+    /// The best kernels for this CPU.
+    pub fn detect() -> &'static Kernels {
+        &Self::SCALAR
+    }
+}
