@@ -175,6 +175,12 @@ impl RunState {
         }
     }
 
+    /// The logits of the last [`Model::forward`] (the first `vocab` values are the last token's
+    /// with [`Logits::Last`]).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
     /// Bytes held by the state (the KV cache dominates).
     pub fn bytes(&self) -> usize {
         4 * (self.x.len()

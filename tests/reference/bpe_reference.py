@@ -1,35 +1,47 @@
 #!/usr/bin/env python3
-"""Reference byte-level BPE encodings from Hugging Face `tokenizers`.
+"""Reference byte-level BPE encodings from Hugging Face `tokenizers`, for
+tools/tests/tokenizer.rs to compare Bramble's tokenizer against.
 
-Builds a `tokenizers.Tokenizer` from the vocabulary and merges of a GGUF file
-(SmolLM2's, by default) the way SmolLM2's own tokenizer.json sets it up: a BPE
-model, the pre-tokenizer Sequence([Digits(individual_digits=True),
-ByteLevel(add_prefix_space=False, use_regex=True)]), the ByteLevel decoder, and
-the control tokens as special added tokens.
+    bpe_reference.py MODEL.gguf < texts.json
 
-Reads a JSON list from standard input. Each item is either a string (encoded
-with special-token parsing off, so "<|im_start|>" is plain text) or an object
-{"text": ..., "parse_special": true|false}. Prints a JSON list with the ids of
-each item, in order, without BOS/EOS.
+Builds a `tokenizers.Tokenizer` from the tokens and merges of a GGUF file
+(read with the `gguf` package) the way SmolLM2's tokenizer.json sets it up: a
+BPE model over the vocabulary and merges, the pre-tokenizer
+Sequence([Digits(individual_digits=True), ByteLevel(add_prefix_space=False,
+use_regex=True)]), the ByteLevel decoder, and the control tokens as special
+added tokens.
 
-Usage: bpe_reference.py MODEL.gguf < texts.json
-Needs: pip install tokenizers gguf numpy
+Standard input is a JSON list. Each item is a string, encoded with special
+tokens not parsed (so "<|im_start|>" is plain text), or an object
+{"text": ..., "parse_special": true} to have special tokens matched in the
+text. Standard output is a JSON list with the ids of each item, in order,
+without BOS or EOS.
+
+Exit status 3 means the `tokenizers` or `gguf` package is missing.
 """
 
 import json
 import sys
 
-
-def build_tokenizer(path):
+try:
     from gguf import GGUFReader
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+except ImportError as error:
+    print(f"bpe_reference.py: {error}; run `pip install tokenizers gguf numpy`", file=sys.stderr)
+    sys.exit(3)
 
+# GGUF's token type for control tokens.
+CONTROL = 3
+
+
+def build_tokenizer(path):
     reader = GGUFReader(path)
 
     def field(name):
         value = reader.fields.get(name)
         if value is None:
-            raise SystemExit(f"{path}: no {name} in the GGUF metadata")
+            print(f"bpe_reference.py: {path} has no {name}", file=sys.stderr)
+            sys.exit(2)
         return value.contents()
 
     tokens = field("tokenizer.ggml.tokens")
@@ -37,8 +49,7 @@ def build_tokenizer(path):
     merges = [tuple(merge.split(" ", 1)) for merge in field("tokenizer.ggml.merges")]
     vocab = {text: index for index, text in enumerate(tokens)}
 
-    model = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
-    tokenizer = Tokenizer(model)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Digits(individual_digits=True),
@@ -46,24 +57,28 @@ def build_tokenizer(path):
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
-    control = 3  # GGUF token type CONTROL
-    specials = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == control]
+    specials = [
+        AddedToken(text, special=True, normalized=False)
+        for text, kind in zip(tokens, types)
+        if kind == CONTROL
+    ]
     tokenizer.add_special_tokens(specials)
     return tokenizer
 
 
 def main():
     if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
     tokenizer = build_tokenizer(sys.argv[1])
-    requests = json.load(sys.stdin)
     results = []
-    for request in requests:
+    for request in json.load(sys.stdin):
         if isinstance(request, str):
             text, parse_special = request, False
         else:
             text, parse_special = request["text"], bool(request.get("parse_special", False))
-        # With encode_special_tokens on, special added tokens are not matched in the text.
+        # With encode_special_tokens on, special added tokens are left in the
+        # text to be tokenized like any other (llama.cpp's parse_special=false).
         tokenizer.encode_special_tokens = not parse_special
         results.append(tokenizer.encode(text, add_special_tokens=False).ids)
     json.dump(results, sys.stdout)

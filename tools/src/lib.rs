@@ -4,3 +4,6 @@
 
 pub mod source;
 pub mod synth;
+pub mod convert;
+pub mod generate;
+pub mod stats;

@@ -1,1 +1,588 @@
-fn main() {}
+//! `bramble`: convert models into images, inspect them, generate, chat,
+//! measure perplexity and benchmark.
+
+use anyhow::{bail, Context, Result};
+use bramble_runtime::chat::{ChatMessage, ChatTemplate};
+use bramble_runtime::model::Model;
+use bramble_runtime::sampler::SamplerConfig;
+use bramble_runtime::session::Session;
+use bramble_runtime::tokenizer::Tokenizer;
+use bramble_runtime::ModelImage;
+use bramble_tools::convert::{convert, ConvertOptions, QuantTarget};
+use bramble_tools::generate::{generate, perplexity, perplexity_tokens};
+use bramble_tools::stats::{self, CountingAllocator};
+use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+#[derive(Parser)]
+#[command(name = "bramble", version, about = "Run Llama-architecture models on Raspberry Pi-class boards")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a GGUF file, Hugging Face directory or llama2.c checkpoint into an image.
+    Convert(ConvertArgs),
+    /// Show an image's config, tokenizer, sections and tensors.
+    Inspect {
+        /// The image.
+        image: PathBuf,
+        /// List every tensor.
+        #[arg(long)]
+        tensors: bool,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt.
+    Generate(GenerateArgs),
+    /// Chat on the console with the model's template.
+    Chat(ChatArgs),
+    /// Perplexity of a text, by llama.cpp's method.
+    Perplexity(PerplexityArgs),
+    /// Prefill and decode speed, allocations and memory.
+    Bench(BenchArgs),
+    /// Write a tiny random Llama model in a source format (for tests).
+    Synth(SynthArgs),
+    /// Print the token ids of a text (and each token's text).
+    Tokenize {
+        /// The image.
+        #[arg(long)]
+        model: PathBuf,
+        /// The text.
+        #[arg(long)]
+        text: String,
+        /// Add BOS/EOS as the model does.
+        #[arg(long)]
+        add_special: bool,
+        /// Turn control-token texts such as `<|im_start|>` into their ids.
+        #[arg(long)]
+        parse_special: bool,
+        /// Render TEXT as a user message in the chat template first.
+        #[arg(long)]
+        chat: bool,
+    },
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// GGUF file, Hugging Face directory, or llama2.c `.bin`.
+    #[arg(long)]
+    input: PathBuf,
+    /// The image to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Weight encoding: q4, q4s, q8, f16 or f32.
+    #[arg(long, default_value = "q4")]
+    quant: String,
+    /// Per-tensor override PATTERN=QUANT (`*` is a wildcard), e.g. `blk.*.ffn_down.weight=q8`. Repeatable.
+    #[arg(long = "tensor-quant")]
+    tensor_quant: Vec<String>,
+    /// The llama2.c `tokenizer.bin` (default: beside the checkpoint).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// The image.
+    #[arg(long)]
+    model: PathBuf,
+    /// Worker threads (the scalar kernels of this version use one).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Context length (default: the model's, at most 4096).
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens below this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty on recently seen tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Stop at this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System message.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text.
+    #[arg(long)]
+    file: PathBuf,
+    /// Only the first K windows.
+    #[arg(long)]
+    max_chunks: Option<usize>,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Print a JSON object before the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length.
+    #[arg(long, default_value_t = 32)]
+    prompt_tokens: usize,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// gguf, hf or llama2c.
+    #[arg(long)]
+    format: String,
+    /// File (gguf, llama2c checkpoint) or directory (hf) to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// spm (Llama-2-like) or bpe (SmolLM2-like).
+    #[arg(long, default_value = "spm")]
+    tokenizer: String,
+    /// Weight type of the matrices (gguf: f32 f16 q8_0 q4_0 q4_1 q4_k q6_k; hf: f32 f16 bf16).
+    #[arg(long, default_value = "f32")]
+    weights: String,
+    /// Model width.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Blocks.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Share the output layer with the embedding.
+    #[arg(long)]
+    tied: bool,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convert(args) => run_convert(args),
+        Command::Inspect { image, tensors, json } => run_inspect(&image, tensors, json),
+        Command::Generate(args) => run_generate(args),
+        Command::Chat(args) => run_chat(args),
+        Command::Perplexity(args) => run_perplexity(args),
+        Command::Bench(args) => run_bench(args),
+        Command::Synth(args) => run_synth(args),
+        Command::Tokenize { model, text, add_special, parse_special, chat } => {
+            run_tokenize(&model, &text, add_special, parse_special, chat)
+        }
+    };
+    if let Err(error) = result {
+        eprintln!("bramble: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_convert(args: ConvertArgs) -> Result<()> {
+    let started = Instant::now();
+    let source = bramble_tools::source::open(&args.input, args.tokenizer.as_deref())?;
+    let mut options = ConvertOptions::new(QuantTarget::parse(&args.quant)?);
+    for spec in &args.tensor_quant {
+        options.add_override(spec)?;
+    }
+    options.progress = std::io::stderr().is_terminal() && !args.json;
+    let report = convert(source.as_ref(), &args.output, &options)
+        .with_context(|| format!("converting {} into {}", args.input.display(), args.output.display()))?;
+    let peak = stats::peak_rss_bytes();
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["peak_rss_bytes"] = serde_json::json!(peak);
+        value["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+        println!("{value}");
+    } else {
+        println!(
+            "wrote {} ({:.1} MiB): {} tensors, {} carried bit-exact, {} re-quantized; {:.1} s, peak RSS {}",
+            args.output.display(),
+            report.image_bytes as f64 / (1 << 20) as f64,
+            report.tensors,
+            report.carried,
+            report.requantized,
+            started.elapsed().as_secs_f64(),
+            peak.map_or("unknown".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+        );
+    }
+    Ok(())
+}
+
+fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
+    let image = ModelImage::open(path)?;
+    let c = image.config();
+    let v = image.vocab();
+    let source = image.section("source").map(|s| String::from_utf8_lossy(s).into_owned());
+    let mut by_encoding = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    for t in image.tensors() {
+        let entry = by_encoding.entry(t.encoding.name()).or_default();
+        entry.0 += 1;
+        entry.1 += t.size;
+    }
+    if json {
+        let value = serde_json::json!({
+            "path": path,
+            "file_bytes": image.bytes().len(),
+            "layout_version": image.layout_version(),
+            "config": {
+                "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+                "head_dim": c.head_dim, "ffn_dim": c.ffn_dim, "vocab_size": c.vocab_size,
+                "context_length": c.context_length, "rope_theta": c.rope_theta, "rope_style": c.rope_style,
+                "norm_eps": c.norm_eps, "tied_output": c.tied_output != 0,
+            },
+            "tokenizer": {
+                "kind": format!("{:?}", v.kind), "pre_tokenizer": format!("{:?}", v.pre_tokenizer),
+                "tokens": v.len(), "merges": v.merges.len(), "bos": v.bos_id, "eos": v.eos_id, "eot": v.eot_id,
+                "add_bos": v.add_bos, "add_space_prefix": v.add_space_prefix,
+            },
+            "chat_template": image.chat_template(),
+            "sections": image.sections().iter().map(|s| serde_json::json!({"name": s.name, "offset": s.offset, "size": s.size})).collect::<Vec<_>>(),
+            "encodings": by_encoding.iter().map(|(k, (n, b))| (k.to_string(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+            "tensors": image.tensors().iter().map(|t| serde_json::json!({"name": t.name, "encoding": t.encoding.name(), "shape": t.shape, "bytes": t.size})).collect::<Vec<_>>(),
+            "source": source.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    println!("{} — {:.1} MiB, layout version {}", path.display(), image.bytes().len() as f64 / (1 << 20) as f64, image.layout_version());
+    println!(
+        "llama: dim {} layers {} heads {} (kv {}) head_dim {} ffn {} vocab {} context {} rope θ {} eps {:e}{}",
+        c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.context_length, c.rope_theta, c.norm_eps,
+        if c.tied_output != 0 { ", tied output" } else { "" }
+    );
+    let name = |id: Option<u32>| id.map_or("-".to_string(), |i| format!("{i} {:?}", String::from_utf8_lossy(&v.tokens[i as usize])));
+    println!(
+        "tokenizer: {:?} ({:?}), {} tokens, {} merges, BOS {}, EOS {}, EOT {}, add BOS {}",
+        v.kind, v.pre_tokenizer, v.len(), v.merges.len(), name(v.bos_id), name(v.eos_id), name(v.eot_id), v.add_bos
+    );
+    println!("chat template: {}", image.chat_template().map_or("none (built-in fallback)".to_string(), |t| format!("{} bytes", t.len())));
+    for (encoding, (n, bytes)) in &by_encoding {
+        println!("  {encoding:>4}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    for s in image.sections() {
+        println!("  section {:<14} {:>12} bytes at {}", s.name, s.size, s.offset);
+    }
+    if let Some(source) = source {
+        println!("source: {source}");
+    }
+    if list_tensors {
+        for t in image.tensors() {
+            println!("  {:<32} {:>4} {:?}", t.name, t.encoding.name(), t.shape);
+        }
+    }
+    Ok(())
+}
+
+/// An opened image with its model and tokenizer.
+struct Loaded {
+    image: ModelImage,
+    tokenizer: Tokenizer,
+}
+
+fn load(args: &ModelArgs) -> Result<(Loaded, usize)> {
+    let image = ModelImage::open(&args.model)?;
+    let tokenizer = Tokenizer::new(image.vocab()).with_context(|| format!("{}: tokenizer", args.model.display()))?;
+    let context = args.ctx.unwrap_or((image.config().context_length as usize).min(4096));
+    anyhow::ensure!(context >= 2, "--ctx {context} is too small");
+    if args.threads != 1 {
+        log::info!("--threads {}: this version's kernels run on one thread", args.threads);
+    }
+    Ok((Loaded { image, tokenizer }, context))
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let (loaded, context) = load(&args.model)?;
+    let model = Model::new(&loaded.image)?;
+    let tokenizer = &loaded.tokenizer;
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &args.prompt));
+        let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
+        tokenizer.encode(&template.render(&messages, true)?, false, true)
+    } else {
+        tokenizer.encode(&args.prompt, true, false)
+    };
+    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty and the model adds no BOS token");
+    anyhow::ensure!(prompt.len() < context, "the prompt is {} tokens, the context {}", prompt.len(), context);
+    let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
+    let stdout = std::io::stdout();
+    let json = args.json;
+    let mut on_text = |piece: &str| {
+        if !json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let result = generate(&mut session, &prompt, args.max_tokens, &args.sampling.stop, &mut on_text)?;
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!();
+    }
+    Ok(())
+}
+
+fn run_chat(args: ChatArgs) -> Result<()> {
+    let (loaded, context) = load(&args.model)?;
+    let model = Model::new(&loaded.image)?;
+    let tokenizer = &loaded.tokenizer;
+    let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
+    let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
+    let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
+    }
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        match input.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", input));
+        let rendered = template.render(&messages, true)?;
+        let tokens = tokenizer.encode(&rendered, false, true);
+        if tokens.len() + 1 >= context {
+            eprintln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
+            messages.pop();
+            continue;
+        }
+        // Keep the cached prefix the new rendering shares with the history.
+        let shared = session.history().iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let shared = shared.min(tokens.len() - 1);
+        session.truncate(shared);
+        let stdout = std::io::stdout();
+        let mut on_text = |piece: &str| {
+            let mut out = stdout.lock();
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        };
+        let reply = generate(&mut session, &tokens[shared..], args.max_tokens, &args.sampling.stop, &mut on_text)?;
+        println!();
+        messages.push(ChatMessage::new("assistant", reply.text.trim()));
+    }
+    Ok(())
+}
+
+fn run_perplexity(args: PerplexityArgs) -> Result<()> {
+    let (loaded, context) = load(&args.model)?;
+    let model = Model::new(&loaded.image)?;
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
+    let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, &text);
+    let ctx = args.model.ctx.unwrap_or(context.min(512));
+    let batch = args.batch.clamp(1, ctx);
+    let show = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize, running: f64| {
+        if show {
+            eprint!("\r[{done}/{total}] perplexity so far {running:.4}   ");
+        }
+    };
+    let result = perplexity(&model, &tokens, bos, ctx, args.max_chunks, batch, &mut progress)?;
+    if show {
+        eprintln!();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    println!("perplexity: {:.4}", result.perplexity);
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let (loaded, context) = load(&args.model)?;
+    let model = Model::new(&loaded.image)?;
+    let tokenizer = &loaded.tokenizer;
+    anyhow::ensure!(args.prompt_tokens >= 1 && args.gen_tokens >= 1, "--prompt-tokens and --gen-tokens must be at least 1");
+    anyhow::ensure!(
+        args.prompt_tokens + args.gen_tokens <= context,
+        "{} + {} tokens do not fit the context of {context}",
+        args.prompt_tokens,
+        args.gen_tokens
+    );
+    // A prompt of ordinary text tokens, repeated to length.
+    let text = tokenizer.encode("The quick brown fox jumps over the lazy dog. ", false, false);
+    anyhow::ensure!(!text.is_empty(), "the tokenizer produced no tokens for the benchmark text");
+    let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens).collect();
+    let mut session = Session::new(&model, tokenizer, context, SamplerConfig::greedy());
+
+    let started = Instant::now();
+    session.feed(&prompt)?;
+    let prefill_seconds = started.elapsed().as_secs_f64();
+    let allocations_before = stats::allocations();
+    let decode_started = Instant::now();
+    for _ in 0..args.gen_tokens {
+        session.step()?;
+    }
+    let decode_seconds = decode_started.elapsed().as_secs_f64();
+    let allocations = stats::allocations() - allocations_before;
+
+    let value = serde_json::json!({
+        "model": args.model.model,
+        "kernels": model.kernels.name,
+        "threads": 1,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "prefill_tok_s": args.prompt_tokens as f64 / prefill_seconds,
+        "decode_tok_s": args.gen_tokens as f64 / decode_seconds,
+        "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
+        "weight_bytes_per_token": model.weight_bytes_per_token(),
+        "peak_rss_bytes": stats::peak_rss_bytes(),
+        "guest_instructions": "aarch64 cost: build with --target aarch64-unknown-linux-gnu and run this command twice under ../shared/tools/qemu-insn-count with different --gen-tokens; per-token = Δcount / Δgen-tokens",
+    });
+    if args.json {
+        println!("{value}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
+}
+
+fn run_synth(args: SynthArgs) -> Result<()> {
+    use bramble_runtime::vocab::TokenizerKind;
+    use bramble_tools::synth::{SyntheticModel, SyntheticShape};
+    let tokenizer = match args.tokenizer.as_str() {
+        "spm" => TokenizerKind::SentencePiece,
+        "bpe" => TokenizerKind::ByteLevelBpe,
+        other => bail!("--tokenizer {other:?}: expected spm or bpe"),
+    };
+    let shape = SyntheticShape {
+        dim: args.dim,
+        n_layers: args.layers,
+        ffn_dim: args.dim * 5 / 2 / 32 * 32,
+        tied_output: args.tied,
+        tokenizer,
+        ..SyntheticShape::default()
+    };
+    let model = SyntheticModel::generate(shape, args.seed);
+    match args.format.as_str() {
+        "gguf" => {
+            let kind = bramble_tools::source::gguf::GgmlType::from_name(&args.weights)
+                .with_context(|| format!("--weights {:?} is not a GGUF type", args.weights))?;
+            bramble_tools::source::gguf::write_gguf(&model, &args.output, kind)?;
+        }
+        other => bail!("--format {other:?}: expected gguf, hf or llama2c"),
+    }
+    println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+fn run_tokenize(path: &Path, text: &str, add_special: bool, parse_special: bool, chat: bool) -> Result<()> {
+    let image = ModelImage::open(path)?;
+    let tokenizer = Tokenizer::new(image.vocab())?;
+    let (text, parse_special) = if chat {
+        let template = ChatTemplate::new(image.chat_template(), image.vocab());
+        (template.render(&[ChatMessage::new("user", text)], true)?, true)
+    } else {
+        (text.to_string(), parse_special)
+    };
+    let ids = tokenizer.encode(&text, add_special, parse_special);
+    let pieces: Vec<String> = ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()).collect();
+    println!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
+    Ok(())
+}

@@ -38,6 +38,8 @@ pub struct SyntheticModel {
     pub vocab: Vocab,
     /// `(name, shape, values)`, in GGUF order.
     pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// The tensors as a [`crate::source::ModelSource`] lists them, made on first use.
+    pub source_tensors: std::sync::OnceLock<Vec<crate::source::SourceTensor>>,
 }
 
 /// Shape of a synthetic model.
@@ -231,11 +233,52 @@ impl SyntheticModel {
         if !shape.tied_output {
             tensors.push(matrix("output.weight".to_string(), n_vocab, dim, &mut rng));
         }
-        Self { config, vocab, tensors }
+        Self { config, vocab, tensors, source_tensors: Default::default() }
     }
 
     /// The tensor called `name`.
     pub fn tensor(&self, name: &str) -> Option<(&[usize], &[f32])> {
         self.tensors.iter().find(|t| t.0 == name).map(|t| (t.1.as_slice(), t.2.as_slice()))
+    }
+}
+
+impl crate::source::ModelSource for SyntheticModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+    fn chat_template(&self) -> Option<&str> {
+        None
+    }
+    fn tensors(&self) -> &[crate::source::SourceTensor] {
+        self.source_tensors.get_or_init(|| {
+            self.tensors
+                .iter()
+                .map(|(name, shape, _)| crate::source::SourceTensor {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    source_type: "F32".to_string(),
+                    native: None,
+                })
+                .collect()
+        })
+    }
+    fn read_rows(&self, index: usize, first_row: usize, out: &mut [f32]) -> anyhow::Result<()> {
+        let (name, shape, values) = &self.tensors[index];
+        let cols = *shape.last().unwrap();
+        let start = first_row * cols;
+        let source = values
+            .get(start..start + out.len())
+            .ok_or_else(|| anyhow::anyhow!("synthetic tensor {name}: rows out of range"))?;
+        out.copy_from_slice(source);
+        Ok(())
+    }
+    fn native_bytes(&self, _index: usize) -> Option<&[u8]> {
+        None
+    }
+    fn describe(&self) -> String {
+        format!("synthetic model (dim {}, {} layers)", self.config.dim, self.config.n_layers)
     }
 }

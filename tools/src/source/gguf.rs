@@ -6,12 +6,22 @@
 //! outermost first (`ne = [576, 49152]` is shape `[49152, 576]`).
 
 mod file;
+mod quants;
 mod vocab;
+mod writer;
 
 pub use file::{Array, GgufFile, TensorInfo, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
+pub use quants::{dequantize, quantize, QK_K};
 pub use vocab::{read_vocab, vocab_from_gguf};
+pub use writer::{weight_type_for, write_gguf, GgufWriter, CHATML_TEMPLATE, LLAMA2_TEMPLATE};
 
-use bramble_runtime::Encoding;
+use super::{ModelSource, SourceTensor};
+use anyhow::{anyhow, bail, Result};
+use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::{Encoding, ModelConfig, Vocab};
+use bytemuck::Zeroable;
+use std::collections::HashMap;
+use std::path::Path;
 
 /// ggml tensor types, with ggml's numeric ids.
 ///
@@ -293,5 +303,218 @@ impl GgmlType {
 impl std::fmt::Display for GgmlType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A GGUF Llama model as a [`ModelSource`]: config from `llama.*`, vocabulary
+/// from `tokenizer.ggml.*`, tensors read from the memory map.
+#[derive(Debug)]
+pub struct GgufSource {
+    file: GgufFile,
+    config: ModelConfig,
+    vocab: Vocab,
+    chat_template: Option<String>,
+    tensors: Vec<SourceTensor>,
+    /// For each of `tensors`, its index in `file.tensors()`.
+    file_indices: Vec<usize>,
+}
+
+impl GgufSource {
+    /// Opens a GGUF Llama model and checks that it has every tensor a Llama of
+    /// its config needs, in the right shape and a type we can read.
+    pub fn open(path: &Path) -> Result<GgufSource> {
+        let file = GgufFile::open(path)?;
+        let vocab = vocab_from_gguf(&file)?;
+        let config = config_from_gguf(&file, vocab.len())?;
+        let chat_template = file.string("tokenizer.chat_template")?.map(str::to_string);
+        let (tensors, file_indices) = check_tensors(&file, &config)?;
+        Ok(GgufSource { file, config, vocab, chat_template, tensors, file_indices })
+    }
+
+    /// The parsed file, for its metadata.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The file's tensor info for our tensor `index`, or an error naming the index.
+    fn info(&self, index: usize) -> Result<(usize, &TensorInfo)> {
+        let file_index = *self.file_indices.get(index).ok_or_else(|| {
+            anyhow!("{}: no tensor {index} (the model has {})", self.file.path().display(), self.tensors.len())
+        })?;
+        Ok((file_index, &self.file.tensors()[file_index]))
+    }
+}
+
+/// The model config of a GGUF Llama file whose vocabulary has `n_tokens` tokens.
+fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
+    let path = file.path().display();
+    let architecture = file
+        .string("general.architecture")?
+        .ok_or_else(|| anyhow!("{path}: metadata key 'general.architecture' is missing"))?;
+    if architecture != "llama" {
+        bail!("{path}: general.architecture is '{architecture}'; only 'llama' models are supported");
+    }
+    let required = |key: &str| -> Result<u32> {
+        file.u32(key)?.ok_or_else(|| anyhow!("{path}: metadata key '{key}' is missing"))
+    };
+    if let Some(experts) = file.u32("llama.expert_count")? {
+        if experts > 0 {
+            bail!("{path}: llama.expert_count is {experts}; mixture-of-experts models are not supported");
+        }
+    }
+    if let Some(scaling) = file.string("llama.rope.scaling.type")? {
+        if scaling != "none" {
+            bail!("{path}: llama.rope.scaling.type is '{scaling}'; RoPE scaling is not supported");
+        }
+    }
+
+    let mut config = ModelConfig::zeroed();
+    config.arch = ARCH_LLAMA;
+    config.dim = required("llama.embedding_length")?;
+    config.n_layers = required("llama.block_count")?;
+    config.n_heads = required("llama.attention.head_count")?;
+    config.n_kv_heads = file.u32("llama.attention.head_count_kv")?.unwrap_or(config.n_heads);
+    config.head_dim = match file.u32("llama.attention.key_length")? {
+        Some(length) => length,
+        None if config.n_heads != 0 && config.dim % config.n_heads == 0 => config.dim / config.n_heads,
+        None => bail!(
+            "{path}: embedding length {} is not a multiple of head count {} and llama.attention.key_length is missing",
+            config.dim,
+            config.n_heads
+        ),
+    };
+    if let Some(value_length) = file.u32("llama.attention.value_length")? {
+        if value_length != config.head_dim {
+            bail!(
+                "{path}: llama.attention.value_length {value_length} differs from the key length {}; not supported",
+                config.head_dim
+            );
+        }
+    }
+    config.ffn_dim = required("llama.feed_forward_length")?;
+    config.vocab_size = u32::try_from(n_tokens).map_err(|_| anyhow!("{path}: {n_tokens} tokens are too many"))?;
+    config.context_length = required("llama.context_length")?;
+    config.rope_theta = file.f32("llama.rope.freq_base")?.unwrap_or(10000.0);
+    config.rope_style = 0;
+    config.rope_dim = file.u32("llama.rope.dimension_count")?.unwrap_or(config.head_dim);
+    config.norm_eps = file.f32("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
+    config.tied_output = file.tensor("output.weight").is_none() as u32;
+    config.validate().map_err(|e| anyhow!("{path}: {e}"))?;
+    Ok(config)
+}
+
+/// Names and shapes (outermost first) of the tensors a Llama of `config` has.
+fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (dim, vocab) = (config.dim as usize, config.vocab_size as usize);
+    let (q_dim, kv_dim, ffn) = (config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+    let mut tensors = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
+    for layer in 0..config.n_layers {
+        let name = |part: &str| format!("blk.{layer}.{part}.weight");
+        tensors.extend([
+            (name("attn_norm"), vec![dim]),
+            (name("attn_q"), vec![q_dim, dim]),
+            (name("attn_k"), vec![kv_dim, dim]),
+            (name("attn_v"), vec![kv_dim, dim]),
+            (name("attn_output"), vec![dim, q_dim]),
+            (name("ffn_norm"), vec![dim]),
+            (name("ffn_gate"), vec![ffn, dim]),
+            (name("ffn_up"), vec![ffn, dim]),
+            (name("ffn_down"), vec![dim, ffn]),
+        ]);
+    }
+    tensors.push(("output_norm.weight".to_string(), vec![dim]));
+    if config.tied_output == 0 {
+        tensors.push(("output.weight".to_string(), vec![vocab, dim]));
+    }
+    tensors
+}
+
+/// Checks the file's tensors against what `config` needs; returns them as
+/// source tensors, in file order, with their indices in the file.
+fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTensor>, Vec<usize>)> {
+    let path = file.path().display();
+    let expected: HashMap<String, Vec<usize>> = expected_tensors(config).into_iter().collect();
+    if let Some(embedding) = file.tensor("token_embd.weight") {
+        let rows = embedding.shape()[0];
+        if embedding.dims.len() == 2 && rows != config.vocab_size as usize {
+            bail!("{path}: token_embd.weight has {rows} rows but the vocabulary has {} tokens", config.vocab_size);
+        }
+    }
+    let mut tensors = Vec::with_capacity(expected.len());
+    let mut file_indices = Vec::with_capacity(expected.len());
+    for (file_index, info) in file.tensors().iter().enumerate() {
+        let name = &info.name;
+        // An unknown tensor (biases, rope_freqs, experts) changes the maths: refuse
+        // rather than convert a model that would compute something else.
+        let Some(shape) = expected.get(name) else {
+            bail!("{path}: unexpected tensor '{name}': this Llama variant is not supported");
+        };
+        if !info.ggml_type.is_readable() {
+            bail!(
+                "unsupported tensor type {} in tensor '{name}' of {path} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
+                info.ggml_type
+            );
+        }
+        if info.shape() != *shape {
+            bail!("{path}: tensor '{name}' has shape {:?}, expected {shape:?}", info.shape());
+        }
+        tensors.push(SourceTensor {
+            name: name.clone(),
+            shape: shape.clone(),
+            source_type: info.ggml_type.name().to_string(),
+            native: info.ggml_type.native_encoding(),
+        });
+        file_indices.push(file_index);
+    }
+    if let Some((name, _)) = expected_tensors(config).into_iter().find(|(name, _)| file.tensor(name).is_none()) {
+        bail!("{path}: tensor '{name}' is missing");
+    }
+    Ok((tensors, file_indices))
+}
+
+impl ModelSource for GgufSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+    fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+    fn read_rows(&self, index: usize, first_row: usize, out: &mut [f32]) -> Result<()> {
+        let (file_index, info) = self.info(index)?;
+        let path = self.file.path().display();
+        let name = &info.name;
+        let (cols, n_rows) = (info.row_length(), info.row_count());
+        if !out.len().is_multiple_of(cols) {
+            bail!("{path}: tensor '{name}': {} values asked for, not a whole number of rows of {cols}", out.len());
+        }
+        let rows = out.len() / cols;
+        if first_row.checked_add(rows).is_none_or(|end| end > n_rows) {
+            bail!("{path}: tensor '{name}': rows {first_row}..{} asked for, it has {n_rows}", first_row.saturating_add(rows));
+        }
+        let row_bytes = info.ggml_type.bytes_for(cols);
+        let bytes = &self.file.tensor_bytes(file_index)[first_row * row_bytes..(first_row + rows) * row_bytes];
+        dequantize(info.ggml_type, bytes, out).map_err(|e| anyhow!("{path}: tensor '{name}': {e}"))
+    }
+    fn native_bytes(&self, index: usize) -> Option<&[u8]> {
+        let (file_index, _) = self.info(index).ok()?;
+        self.tensors[index].native.map(|_| self.file.tensor_bytes(file_index))
+    }
+    fn release(&self, index: usize) {
+        if let Ok((file_index, _)) = self.info(index) {
+            self.file.release_tensor(file_index);
+        }
+    }
+    fn describe(&self) -> String {
+        let file_name = self.file.path().file_name().unwrap_or(self.file.path().as_os_str()).to_string_lossy();
+        match self.file.string("general.name") {
+            Ok(Some(name)) => format!("GGUF v{} {file_name} ({name})", self.file.version()),
+            _ => format!("GGUF v{} {file_name}", self.file.version()),
+        }
     }
 }

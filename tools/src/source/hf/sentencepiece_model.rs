@@ -60,7 +60,8 @@ pub struct SentencePieceModel {
 #[derive(Debug, Clone, Copy)]
 enum Value<'a> {
     Varint(u64),
-    Fixed64(u64),
+    /// Read past; no field we use has this type.
+    Fixed64,
     Bytes(&'a [u8]),
     Fixed32(u32),
 }
@@ -69,7 +70,7 @@ impl Value<'_> {
     fn wire_name(&self) -> &'static str {
         match self {
             Value::Varint(_) => "varint",
-            Value::Fixed64(_) => "fixed64",
+            Value::Fixed64 => "fixed64",
             Value::Bytes(_) => "length-delimited",
             Value::Fixed32(_) => "fixed32",
         }
@@ -133,7 +134,10 @@ impl<'a> MessageReader<'a> {
             .ok_or_else(|| anyhow!("invalid field number {} at byte {start}", key >> 3))?;
         let value = match key & 7 {
             0 => Value::Varint(self.varint()?),
-            1 => Value::Fixed64(u64::from_le_bytes(self.take(8)?.try_into()?)),
+            1 => {
+                self.take(8)?;
+                Value::Fixed64
+            }
             2 => {
                 let length = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
                 Value::Bytes(self.take(length)?)

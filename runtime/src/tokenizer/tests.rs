@@ -1,0 +1,627 @@
+//! Tests of the whole tokenizer on small synthetic vocabularies (the same
+//! shapes as `bramble_tools::synth`, rebuilt here since the runtime cannot
+//! depend on the tools). The conformance tests against llama.cpp's vectors and
+//! Hugging Face `tokenizers` are in `tools/tests/tokenizer.rs`.
+
+use super::byte_level::byte_to_char;
+use super::*;
+use crate::vocab::PreTokenizer;
+use crate::ErrorKind;
+
+/// `<unk> <s> </s>`, the 256 byte tokens, then pieces with descending scores:
+/// synth.rs's, plus the steps that make "▁Hello" and "▁world" reachable by
+/// pairwise merges (without them BPE can never form those two).
+fn sentencepiece_vocab() -> Vocab {
+    let mut tokens: Vec<Vec<u8>> = vec![b"<unk>".to_vec(), b"<s>".to_vec(), b"</s>".to_vec()];
+    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
+    let mut scores = vec![0.0, 0.0, 0.0];
+    for byte in 0..=255u8 {
+        tokens.push(format!("<0x{byte:02X}>").into_bytes());
+        types.push(TokenType::Byte);
+        scores.push(0.0);
+    }
+    let pieces = [
+        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the",
+        "er", "an", "▁s", "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c",
+        "▁m", "or", "is", "▁and", "ll", "▁Hello", "▁world", "H", "W", "w", ",", ".", "!", "▁H",
+        "▁He", "▁Hell", "▁wor", "ld",
+    ];
+    for (index, piece) in pieces.iter().enumerate() {
+        tokens.push(piece.as_bytes().to_vec());
+        types.push(TokenType::Normal);
+        scores.push(-(index as f32));
+    }
+    Vocab {
+        kind: TokenizerKind::SentencePiece,
+        pre_tokenizer: PreTokenizer::None,
+        scores,
+        types,
+        merges: Vec::new(),
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: None,
+        eot_id: None,
+        add_bos: true,
+        add_eos: false,
+        add_space_prefix: true,
+        tokens,
+    }
+}
+
+/// ChatML control tokens, the 256 byte characters, then tokens made by merges.
+fn byte_level_vocab() -> Vocab {
+    let mut tokens: Vec<Vec<u8>> = vec![
+        b"<|endoftext|>".to_vec(),
+        b"<|im_start|>".to_vec(),
+        b"<|im_end|>".to_vec(),
+    ];
+    let mut types = vec![TokenType::Control; 3];
+    for byte in 0..=255u8 {
+        tokens.push(byte_to_char(byte).to_string().into_bytes());
+        types.push(TokenType::Normal);
+    }
+    let mut merges = Vec::new();
+    for (left, right) in [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("i", "n"),
+        ("Ġt", "he"),
+        ("e", "r"),
+        ("o", "n"),
+        ("Ġ", "a"),
+        ("r", "e"),
+        ("Ġ", "w"),
+        ("o", "r"),
+        ("l", "l"),
+        ("H", "e"),
+        ("He", "ll"),
+        ("Ġw", "or"),
+        ("Hell", "o"),
+        ("Ġwor", "l"),
+        ("Ġworl", "d"),
+    ] {
+        let id = |tokens: &Vec<Vec<u8>>, text: &str| {
+            tokens.iter().position(|t| t == text.as_bytes()).unwrap() as u32
+        };
+        let (left_id, right_id) = (id(&tokens, left), id(&tokens, right));
+        let merged = format!("{left}{right}");
+        if !tokens.iter().any(|t| t == merged.as_bytes()) {
+            tokens.push(merged.into_bytes());
+            types.push(TokenType::Normal);
+        }
+        merges.push((left_id, right_id));
+    }
+    let count = tokens.len();
+    Vocab {
+        kind: TokenizerKind::ByteLevelBpe,
+        pre_tokenizer: PreTokenizer::SmolLm,
+        scores: vec![0.0; count],
+        types,
+        merges,
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: Some(2),
+        eot_id: Some(2),
+        add_bos: false,
+        add_eos: false,
+        add_space_prefix: false,
+        tokens,
+    }
+}
+
+/// A SentencePiece vocabulary of exactly `pieces` (spelling, score, type),
+/// after `<unk>` and without byte tokens or a space prefix.
+fn small_sentencepiece_vocab(pieces: &[(&str, f32, TokenType)]) -> Vocab {
+    let mut vocab = sentencepiece_vocab();
+    vocab.tokens = vec![b"<unk>".to_vec()];
+    vocab.types = vec![TokenType::Unknown];
+    vocab.scores = vec![0.0];
+    for (piece, score, kind) in pieces {
+        vocab.tokens.push(piece.as_bytes().to_vec());
+        vocab.scores.push(*score);
+        vocab.types.push(*kind);
+    }
+    vocab.bos_id = None;
+    vocab.eos_id = None;
+    vocab.add_bos = false;
+    vocab.add_space_prefix = false;
+    vocab
+}
+
+fn id(vocab: &Vocab, text: &str) -> u32 {
+    vocab
+        .find(text)
+        .unwrap_or_else(|| panic!("{text:?} is not in the test vocabulary"))
+}
+
+fn ids(vocab: &Vocab, texts: &[&str]) -> Vec<u32> {
+    texts.iter().map(|text| id(vocab, text)).collect()
+}
+
+/// The SentencePiece byte token of `byte`.
+fn byte_token(byte: u8) -> u32 {
+    3 + byte as u32
+}
+
+/// Strings that exercise every path: scripts, marks, emoji, whitespace, digits, specials.
+const VARIED_TEXTS: &[&str] = &[
+    "",
+    " ",
+    "   ",
+    "\n",
+    "\t\n \n\n",
+    "Hello world",
+    " Hello world",
+    "Hello, world! the and hat",
+    "the quick brown fox jumps over the lazy dog",
+    "I've said it's 12,345.67 — twice!",
+    "Привет, мир! Γειά σου Κόσμε. 你好，世界。 مرحبا بالعالم नमस्ते 안녕하세요",
+    "e\u{301}e\u{301} n\u{303}",
+    "👨‍👩‍👧‍👦 🇬🇧 🙂🙂",
+    "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
+    "<s>not special</s> <|im_start|>user<|im_end|>",
+    "\u{0}\u{1}\u{7f}\u{ffff}\u{10ffff}",
+    "trailing spaces   ",
+];
+
+#[test]
+fn sentencepiece_merges_highest_score_first() {
+    let vocab = sentencepiece_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("Hello world", true, false),
+        [1, id(&vocab, "▁Hello"), id(&vocab, "▁world")]
+    );
+    assert_eq!(tokenizer.encode("the", false, false), [id(&vocab, "▁the")]);
+    // "▁a" (score -14) beats "an" (-18), and then "▁a" + "nd" make "▁and";
+    // merging "an" first would strand "▁".
+    assert_eq!(tokenizer.encode("and", false, false), [id(&vocab, "▁and")]);
+    assert_eq!(
+        tokenizer.encode("hat", false, false),
+        ids(&vocab, &["▁h", "at"])
+    );
+}
+
+#[test]
+fn sentencepiece_equal_scores_merge_leftmost_first() {
+    let vocab = small_sentencepiece_vocab(&[
+        ("a", 0.0, TokenType::Normal),
+        ("b", 0.0, TokenType::Normal),
+        ("c", 0.0, TokenType::Normal),
+        ("ab", -1.0, TokenType::Normal),
+        ("bc", -1.0, TokenType::Normal),
+    ]);
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("abc", false, false),
+        ids(&vocab, &["ab", "c"])
+    );
+    assert_eq!(
+        tokenizer.encode("bcab", false, false),
+        ids(&vocab, &["bc", "ab"])
+    );
+}
+
+#[test]
+fn sentencepiece_unused_pieces_are_split_back() {
+    let vocab = small_sentencepiece_vocab(&[
+        ("a", 0.0, TokenType::Normal),
+        ("b", 0.0, TokenType::Normal),
+        ("c", 0.0, TokenType::Normal),
+        ("ab", -1.0, TokenType::Unused),
+        ("abc", -2.0, TokenType::Normal),
+    ]);
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    // An unused piece can be a step towards a used one...
+    assert_eq!(tokenizer.encode("abc", false, false), ids(&vocab, &["abc"]));
+    // ...but is never emitted itself.
+    assert_eq!(
+        tokenizer.encode("ab", false, false),
+        ids(&vocab, &["a", "b"])
+    );
+}
+
+#[test]
+fn sentencepiece_falls_back_to_bytes() {
+    let vocab = sentencepiece_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let mut expected = vec![id(&vocab, "▁Hello"), id(&vocab, "▁")];
+    expected.extend("世".bytes().map(byte_token));
+    assert_eq!(tokenizer.encode("Hello 世", false, false), expected);
+    assert_eq!(
+        tokenizer.encode("\n", false, false),
+        [id(&vocab, "▁"), byte_token(b'\n')]
+    );
+}
+
+#[test]
+fn sentencepiece_without_byte_tokens_falls_back_to_unknown() {
+    let vocab = small_sentencepiece_vocab(&[("a", 0.0, TokenType::Normal)]);
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    // One unknown per byte, as llama.cpp does.
+    assert_eq!(tokenizer.encode("aé", false, false), [1, 0, 0]);
+}
+
+#[test]
+fn sentencepiece_special_tokens_only_when_parsed() {
+    let vocab = sentencepiece_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let plain = tokenizer.encode("<s>Hello", false, false);
+    assert!(!plain.contains(&1), "{plain:?}");
+    assert_eq!(tokenizer.decode(&plain), "<s>Hello");
+    // Parsed, and the text after a special token gets the space prefix again (llama.cpp).
+    assert_eq!(
+        tokenizer.encode("<s>Hello", false, true),
+        [1, id(&vocab, "▁Hello")]
+    );
+    assert_eq!(
+        tokenizer.encode("Hello</s><s>world", true, true),
+        [1, id(&vocab, "▁Hello"), 2, 1, id(&vocab, "▁world")]
+    );
+}
+
+#[test]
+fn sentencepiece_space_prefix_is_optional() {
+    let mut vocab = sentencepiece_vocab();
+    vocab.add_space_prefix = false;
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode(" world", false, false),
+        [id(&vocab, "▁world")]
+    );
+    assert_eq!(tokenizer.decode(&[id(&vocab, "▁world")]), " world");
+}
+
+#[test]
+fn sentencepiece_decode_strips_only_the_first_space() {
+    let vocab = sentencepiece_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let hello_world = ids(&vocab, &["▁Hello", "▁world"]);
+    assert_eq!(tokenizer.decode(&hello_world), "Hello world");
+    assert_eq!(
+        tokenizer.decode(&[1, hello_world[0], hello_world[1], 2]),
+        "Hello world"
+    );
+    assert_eq!(tokenizer.token_bytes(id(&vocab, "▁the")), b" the");
+    assert_eq!(tokenizer.token_bytes(byte_token(0x0A)), b"\n");
+    assert_eq!(tokenizer.token_bytes(1), b"");
+    assert_eq!(tokenizer.token_bytes(0), b"");
+    assert_eq!(tokenizer.token_text(id(&vocab, "▁the")), "▁the".as_bytes());
+}
+
+#[test]
+fn add_special_follows_the_vocabulary() {
+    let mut vocab = sentencepiece_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(tokenizer.encode("", true, false), [1]);
+    assert_eq!(tokenizer.encode("", false, false), Vec::<u32>::new());
+    vocab.add_bos = false;
+    vocab.add_eos = true;
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("the", true, false),
+        [id(&vocab, "▁the"), 2]
+    );
+    // A vocabulary that asks for BOS but has none gets none, without a panic.
+    vocab.add_bos = true;
+    vocab.bos_id = None;
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("the", true, false),
+        [id(&vocab, "▁the"), 2]
+    );
+}
+
+#[test]
+fn byte_level_merges_lowest_rank_first() {
+    let vocab = byte_level_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("Hello world", false, false),
+        ids(&vocab, &["Hello", "Ġworld"])
+    );
+    assert_eq!(
+        tokenizer.encode(" the", false, false),
+        ids(&vocab, &["Ġthe"])
+    );
+    // No "Ġ" + "the" rule, so a word without the space stays apart.
+    assert_eq!(
+        tokenizer.encode("the", false, false),
+        ids(&vocab, &["t", "he"])
+    );
+    // "e"+"r" (rank 4) before "r"+"e" (rank 7): "ere" → "er", "e".
+    assert_eq!(
+        tokenizer.encode("ere", false, false),
+        ids(&vocab, &["er", "e"])
+    );
+    // "r"+"e" is the only rule for "rre".
+    assert_eq!(
+        tokenizer.encode("rre", false, false),
+        ids(&vocab, &["r", "re"])
+    );
+}
+
+#[test]
+fn byte_level_splits_digits_and_maps_bytes() {
+    let vocab = byte_level_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("42", false, false),
+        ids(&vocab, &["4", "2"])
+    );
+    assert_eq!(tokenizer.encode("\n", false, false), ids(&vocab, &["Ċ"]));
+    let expected: Vec<u32> = "é"
+        .bytes()
+        .map(|byte| id(&vocab, &byte_to_char(byte).to_string()))
+        .collect();
+    assert_eq!(tokenizer.encode("é", false, false), expected);
+}
+
+#[test]
+fn byte_level_special_tokens_only_when_parsed() {
+    let vocab = byte_level_vocab();
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let text = "<|im_start|>user\nHi<|im_end|>";
+    let mut expected = vec![1];
+    expected.extend(ids(&vocab, &["u", "s", "er", "Ċ", "H", "i"]));
+    expected.push(2);
+    assert_eq!(tokenizer.encode(text, false, true), expected);
+    let plain = tokenizer.encode(text, false, false);
+    assert_eq!(plain[0], id(&vocab, "<"));
+    assert!(!plain.iter().any(|&token| token < 3), "{plain:?}");
+    assert_eq!(tokenizer.decode(&plain), text);
+    // Control tokens decode to nothing.
+    assert_eq!(tokenizer.decode(&expected), "user\nHi");
+}
+
+#[test]
+fn user_defined_tokens_are_always_matched() {
+    let mut vocab = byte_level_vocab();
+    vocab.tokens.push(b"<tool>".to_vec());
+    vocab.types.push(TokenType::UserDefined);
+    vocab.scores.push(0.0);
+    let tool = vocab.len() as u32 - 1;
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("a<tool>b", false, false),
+        [id(&vocab, "a"), tool, id(&vocab, "b")]
+    );
+    assert_eq!(tokenizer.token_bytes(tool), b"<tool>");
+    assert_eq!(
+        tokenizer.decode(&tokenizer.encode("a<tool>b", false, false)),
+        "a<tool>b"
+    );
+}
+
+#[test]
+fn longest_special_token_wins() {
+    let mut vocab = byte_level_vocab();
+    vocab.tokens.push(b"<|im".to_vec());
+    vocab.types.push(TokenType::Control);
+    vocab.scores.push(0.0);
+    let short = vocab.len() as u32 - 1;
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        tokenizer.encode("<|im_start|><|im", false, true),
+        [1, short]
+    );
+}
+
+#[test]
+fn llama3_whole_words_skip_the_merges() {
+    let mut vocab = byte_level_vocab();
+    vocab.tokens.push(b"abc".to_vec());
+    vocab.types.push(TokenType::Normal);
+    vocab.scores.push(0.0);
+    let abc = vocab.len() as u32 - 1;
+    vocab.pre_tokenizer = PreTokenizer::Gpt2;
+    let gpt2 = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(
+        gpt2.encode("abc", false, false),
+        ids(&vocab, &["a", "b", "c"])
+    );
+    vocab.pre_tokenizer = PreTokenizer::Llama3;
+    let llama3 = Tokenizer::new(&vocab).unwrap();
+    assert_eq!(llama3.encode("abc", false, false), [abc]);
+    assert_eq!(
+        llama3.encode("abcd", false, false),
+        ids(&vocab, &["a", "b", "c", "d"])
+    );
+}
+
+#[test]
+fn end_of_generation_tokens() {
+    let tokenizer = Tokenizer::new(&byte_level_vocab()).unwrap();
+    assert!(tokenizer.is_end_of_generation(2), "<|im_end|>, EOS");
+    assert!(tokenizer.is_end_of_generation(0), "<|endoftext|>");
+    assert!(!tokenizer.is_end_of_generation(1), "<|im_start|>");
+    assert!(!tokenizer.is_end_of_generation(3 + b'a' as u32));
+    assert!(!tokenizer.is_end_of_generation(u32::MAX));
+    assert_eq!((tokenizer.bos_id(), tokenizer.eos_id()), (Some(1), Some(2)));
+
+    let tokenizer = Tokenizer::new(&sentencepiece_vocab()).unwrap();
+    assert!(tokenizer.is_end_of_generation(2));
+    assert!(!tokenizer.is_end_of_generation(1));
+    assert!(!tokenizer.is_end_of_generation(0));
+}
+
+#[test]
+fn a_normal_token_spelled_like_a_marker_does_not_end_generation() {
+    let mut vocab = byte_level_vocab();
+    vocab.tokens.push(b"</s>".to_vec());
+    vocab.types.push(TokenType::Normal);
+    vocab.scores.push(0.0);
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    assert!(!tokenizer.is_end_of_generation(vocab.len() as u32 - 1));
+}
+
+#[test]
+fn decode_inverts_encode() {
+    for vocab in [sentencepiece_vocab(), byte_level_vocab()] {
+        let tokenizer = Tokenizer::new(&vocab).unwrap();
+        for text in VARIED_TEXTS {
+            for add_special in [false, true] {
+                let encoded = tokenizer.encode(text, add_special, false);
+                assert_eq!(
+                    &tokenizer.decode(&encoded),
+                    text,
+                    "{:?} {encoded:?}",
+                    vocab.kind
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn random_text_round_trips() {
+    // Characters from many scripts and classes, joined at random (seeded).
+    let alphabet: Vec<char> =
+        "aZ09 \t\n\r'’sé\u{301}ßЖλ中한ع५½🙂\u{200d}🇬!?.,<>|_-\u{0}\u{a0}\u{3000}\u{2028}\u{ffff}"
+            .chars()
+            .collect();
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z ^ (z >> 31)
+    };
+    let tokenizers = [
+        Tokenizer::new(&sentencepiece_vocab()).unwrap(),
+        Tokenizer::new(&byte_level_vocab()).unwrap(),
+    ];
+    for _ in 0..300 {
+        let length = (next() % 40) as usize;
+        let text: String = (0..length)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        for tokenizer in &tokenizers {
+            let encoded = tokenizer.encode(&text, true, false);
+            assert_eq!(
+                tokenizer.decode(&encoded),
+                text,
+                "{:?}",
+                tokenizer.vocab().kind
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_ids_do_not_panic() {
+    for vocab in [sentencepiece_vocab(), byte_level_vocab()] {
+        let tokenizer = Tokenizer::new(&vocab).unwrap();
+        let past = vocab.len() as u32;
+        assert_eq!(tokenizer.token_bytes(past), b"");
+        assert_eq!(tokenizer.token_bytes(u32::MAX), b"");
+        assert_eq!(tokenizer.token_text(u32::MAX), b"");
+        assert_eq!(tokenizer.decode(&[past, u32::MAX]), "");
+    }
+    // A lone byte of a multi-byte character decodes to U+FFFD.
+    let tokenizer = Tokenizer::new(&sentencepiece_vocab()).unwrap();
+    assert_eq!(
+        tokenizer.decode(&[byte_token(0xE4), byte_token(b'a')]),
+        "\u{FFFD}a"
+    );
+}
+
+#[test]
+fn long_text_is_fast_enough() {
+    let text = "The quick brown fox, 1234 times: ünïcödé 中文 🙂!\n".repeat(2000);
+    for vocab in [sentencepiece_vocab(), byte_level_vocab()] {
+        let tokenizer = Tokenizer::new(&vocab).unwrap();
+        let start = std::time::Instant::now();
+        let encoded = tokenizer.encode(&text, false, true);
+        let elapsed = start.elapsed();
+        assert_eq!(tokenizer.decode(&encoded), text);
+        // Generous, for a loaded debug build; release takes a few milliseconds.
+        assert!(
+            elapsed.as_secs_f64() < 5.0,
+            "{:?}: {} bytes took {elapsed:?}",
+            vocab.kind,
+            text.len()
+        );
+    }
+}
+
+fn error_kind(vocab: &Vocab) -> ErrorKind {
+    Tokenizer::new(vocab)
+        .expect_err("the vocabulary should be refused")
+        .kind()
+}
+
+#[test]
+fn inconsistent_vocabularies_are_refused() {
+    let mut vocab = byte_level_vocab();
+    vocab.merges.push((0, vocab.len() as u32));
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "merge past the end");
+
+    let mut vocab = byte_level_vocab();
+    let (x, y) = (id(&vocab, "x"), id(&vocab, "y"));
+    vocab.merges.push((x, y));
+    let error = Tokenizer::new(&vocab).unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Corrupt);
+    assert!(error.message().contains("\"xy\""), "{error}");
+
+    let mut vocab = byte_level_vocab();
+    vocab.bos_id = Some(vocab.len() as u32);
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "BOS past the end");
+
+    let mut vocab = byte_level_vocab();
+    vocab.types.pop();
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "types missing");
+
+    let mut vocab = sentencepiece_vocab();
+    vocab.scores.pop();
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "scores missing");
+
+    let mut vocab = sentencepiece_vocab();
+    vocab.tokens[3] = b"<0xZZ>".to_vec();
+    assert_eq!(
+        error_kind(&vocab),
+        ErrorKind::Corrupt,
+        "malformed byte token"
+    );
+
+    let mut vocab = small_sentencepiece_vocab(&[("a", 0.0, TokenType::Normal)]);
+    vocab.unk_id = None;
+    assert_eq!(
+        error_kind(&vocab),
+        ErrorKind::Unsupported,
+        "no byte tokens, no unknown"
+    );
+
+    let mut vocab = byte_level_vocab();
+    vocab.unk_id = None;
+    let space = id(&vocab, "Ġ") as usize;
+    vocab.tokens[space] = b"space".to_vec();
+    assert_eq!(
+        error_kind(&vocab),
+        ErrorKind::Unsupported,
+        "byte without a token"
+    );
+
+    let mut vocab = byte_level_vocab();
+    vocab.tokens.clear();
+    vocab.types.clear();
+    vocab.scores.clear();
+    vocab.merges.clear();
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "empty");
+}
+
+#[test]
+fn odd_special_spellings_are_harmless() {
+    let mut vocab = byte_level_vocab();
+    // An empty control token and one that is not UTF-8 must not match anything.
+    vocab.tokens.push(Vec::new());
+    vocab.types.push(TokenType::Control);
+    vocab.tokens.push(vec![0xFF, 0xFE]);
+    vocab.types.push(TokenType::UserDefined);
+    vocab.scores.extend([0.0, 0.0]);
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let encoded = tokenizer.encode("abc", false, true);
+    assert_eq!(encoded, ids(&vocab, &["a", "b", "c"]));
+}

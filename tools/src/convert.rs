@@ -1,0 +1,242 @@
+//! `bramble convert`: any [`ModelSource`] into a packed image.
+//!
+//! Tensors stream through one chunk of rows at a time. A tensor whose source
+//! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
+//! Q4_0 → Q4S, F16 → F16) is copied bit-exact; anything else is dequantized to
+//! f32 and quantized again. The image is written under a temporary name and
+//! renamed into place only when complete, so a failed conversion leaves no file.
+
+use crate::source::ModelSource;
+use anyhow::{bail, Context, Result};
+use bramble_runtime::image::layout::section;
+use bramble_runtime::image::{encode_vocab, ImageWriter};
+use bramble_runtime::quant::{quantize_into, Encoding};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+
+/// The `--quant` choice: an encoding family for the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantTarget {
+    /// 4-bit: source blocks already in Q4 or Q4S are kept; others become asymmetric Q4.
+    Q4,
+    /// 4-bit symmetric (Q4S) only.
+    Q4S,
+    /// int8.
+    Q8,
+    /// binary16.
+    F16,
+    /// binary32 (no quantization).
+    F32,
+}
+
+impl QuantTarget {
+    /// Parses `q4`, `q4s`, `q8`, `f16`, `f32`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "q4" => QuantTarget::Q4,
+            "q4s" => QuantTarget::Q4S,
+            "q8" => QuantTarget::Q8,
+            "f16" => QuantTarget::F16,
+            "f32" => QuantTarget::F32,
+            other => bail!("unknown quantization {other:?}: expected q4, q4s, q8, f16 or f32"),
+        })
+    }
+
+    /// The encoding a tensor gets, given what the source holds natively.
+    fn encoding_for(self, native: Option<Encoding>) -> Encoding {
+        match (self, native) {
+            (QuantTarget::Q4, Some(native @ (Encoding::Q4 | Encoding::Q4S))) => native,
+            (QuantTarget::Q4, _) => Encoding::Q4,
+            (QuantTarget::Q4S, _) => Encoding::Q4S,
+            (QuantTarget::Q8, _) => Encoding::Q8,
+            (QuantTarget::F16, _) => Encoding::F16,
+            (QuantTarget::F32, _) => Encoding::F32,
+        }
+    }
+}
+
+/// What to convert to.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Encoding family of the weight matrices.
+    pub quant: QuantTarget,
+    /// `(pattern, target)` overrides, first match wins; `*` matches any run of characters.
+    pub overrides: Vec<(String, QuantTarget)>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl ConvertOptions {
+    /// `quant` for the matrices, with the embedding and output layer kept at
+    /// q8 when the matrices go to 4 bits (as llama.cpp's Q4 presets do: they
+    /// are the most sensitive and a small share of the bytes).
+    pub fn new(quant: QuantTarget) -> Self {
+        let mut overrides = Vec::new();
+        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S) {
+            overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
+            overrides.push(("output.weight".to_string(), QuantTarget::Q8));
+        }
+        Self { quant, overrides, progress: false }
+    }
+
+    /// Parses an override `PATTERN=QUANT` and puts it before the others.
+    pub fn add_override(&mut self, spec: &str) -> Result<()> {
+        let (pattern, quant) =
+            spec.split_once('=').with_context(|| format!("tensor override {spec:?} is not PATTERN=QUANT"))?;
+        self.overrides.insert(0, (pattern.to_string(), QuantTarget::parse(quant)?));
+        Ok(())
+    }
+
+    fn target_for(&self, name: &str) -> QuantTarget {
+        self.overrides.iter().find(|(pattern, _)| wildcard_match(pattern, name)).map_or(self.quant, |o| o.1)
+    }
+}
+
+/// `*` matches any run of characters (including none); everything else matches itself.
+pub fn wildcard_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else { return false };
+            (0..=tail.len()).filter(|&i| tail.is_char_boundary(i)).any(|i| wildcard_match(rest, &tail[i..]))
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertReport {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors copied bit-exact from the source.
+    pub carried: usize,
+    /// Tensors dequantized and quantized again.
+    pub requantized: usize,
+    /// Size of the image.
+    pub image_bytes: u64,
+    /// Per tensor: name, source type, image encoding, carried.
+    pub details: Vec<(String, String, String, bool)>,
+}
+
+/// Largest chunk of f32 rows converted at once (bounds memory for any tensor size).
+const CHUNK_BYTES: usize = 16 << 20;
+
+/// Converts `source` into an image at `output`.
+pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    let config = source.config();
+    config.validate().map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))?;
+    let mut writer = ImageWriter::create(output)?;
+    writer.add_section(section::CONFIG, bytemuck::bytes_of(config), true)?;
+    writer.add_section(section::TOKENIZER, &encode_vocab(source.vocab())?, true)?;
+    if let Some(template) = source.chat_template() {
+        writer.add_section(section::CHAT_TEMPLATE, template.as_bytes(), false)?;
+    }
+
+    let tensors = source.tensors();
+    let total_values: u64 = tensors.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let bar = if options.progress { ProgressBar::new(total_values) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} converting [{bar:40}] {percent:>3}% {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+
+    let mut report = ConvertReport { tensors: 0, carried: 0, requantized: 0, image_bytes: 0, details: Vec::new() };
+    let mut values: Vec<f32> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
+    for (index, tensor) in tensors.iter().enumerate() {
+        bar.set_message(tensor.name.clone());
+        let (rows, cols) = (tensor.rows(), tensor.cols());
+        // Vectors (norms) stay f32: they are tiny and the forward pass reads them as f32.
+        let encoding = if tensor.shape.len() == 1 {
+            Encoding::F32
+        } else {
+            options.target_for(&tensor.name).encoding_for(tensor.native)
+        };
+        if encoding.is_blocked() && cols % bramble_runtime::quant::GROUP != 0 {
+            bail!(
+                "{}: tensor {}: rows of {cols} values cannot be stored as {} (blocks of 32)",
+                source.describe(),
+                tensor.name,
+                encoding.name()
+            );
+        }
+        writer.begin_tensor(&tensor.name, encoding, &tensor.shape)?;
+        let carried = tensor.native == Some(encoding);
+        if carried {
+            let raw = source
+                .native_bytes(index)
+                .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?;
+            for chunk in raw.chunks(CHUNK_BYTES) {
+                writer.write_tensor_data(chunk)?;
+            }
+        } else {
+            let rows_per_chunk = (CHUNK_BYTES / 4 / cols).max(1);
+            let mut row = 0;
+            while row < rows {
+                let n = rows_per_chunk.min(rows - row);
+                values.resize(n * cols, 0.0);
+                source
+                    .read_rows(index, row, &mut values)
+                    .with_context(|| format!("reading tensor {} rows {row}..{}", tensor.name, row + n))?;
+                if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                    bail!(
+                        "{}: tensor {}: value {} at row {} is not finite",
+                        source.describe(),
+                        tensor.name,
+                        values[bad],
+                        row + bad / cols
+                    );
+                }
+                bytes.resize(encoding.bytes_for(values.len()), 0);
+                quantize_into(encoding, &values, &mut bytes);
+                writer.write_tensor_data(&bytes)?;
+                row += n;
+            }
+        }
+        writer.end_tensor()?;
+        source.release(index);
+        bar.inc((rows * cols) as u64);
+        report.tensors += 1;
+        if carried {
+            report.carried += 1;
+        } else {
+            report.requantized += 1;
+        }
+        report.details.push((tensor.name.clone(), tensor.source_type.clone(), encoding.name().to_string(), carried));
+    }
+    bar.finish_and_clear();
+
+    let description = serde_json::json!({
+        "source": source.describe(),
+        "quant": format!("{:?}", options.quant).to_lowercase(),
+        "overrides": options.overrides.iter().map(|(p, q)| format!("{p}={q:?}").to_lowercase()).collect::<Vec<_>>(),
+        "carried": report.carried,
+        "requantized": report.requantized,
+        "converter": concat!("bramble ", env!("CARGO_PKG_VERSION")),
+    });
+    writer.add_section(section::SOURCE, description.to_string().as_bytes(), false)?;
+    report.image_bytes = writer.finish()?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("blk.*.ffn_down.weight", "blk.12.ffn_down.weight"));
+        assert!(!wildcard_match("blk.*.ffn_down.weight", "blk.12.ffn_up.weight"));
+        assert!(wildcard_match("*", "anything"));
+        assert!(wildcard_match("token_embd.weight", "token_embd.weight"));
+        assert!(!wildcard_match("token_embd", "token_embd.weight"));
+    }
+
+    #[test]
+    fn q4_keeps_native_4_bit_blocks() {
+        assert_eq!(QuantTarget::Q4.encoding_for(Some(Encoding::Q4S)), Encoding::Q4S);
+        assert_eq!(QuantTarget::Q4.encoding_for(Some(Encoding::Q8)), Encoding::Q4);
+        assert_eq!(QuantTarget::Q4S.encoding_for(Some(Encoding::Q4)), Encoding::Q4S);
+    }
+}

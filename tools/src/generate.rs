@@ -1,0 +1,184 @@
+//! The generation loop, perplexity and the benchmark, shared by the commands.
+
+use anyhow::Result;
+use bramble_runtime::model::{Logits, Model};
+use bramble_runtime::session::{Session, TextStream};
+use bramble_runtime::tokenizer::Tokenizer;
+use std::time::Instant;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The context is full.
+    Context,
+}
+
+/// What a generation produced, and how fast.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    /// The generated text (stop string excluded).
+    pub text: String,
+    /// The generated token ids (end-of-generation token excluded).
+    pub tokens: Vec<u32>,
+    /// Tokens of the prompt run through the model.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Prompt tokens per second.
+    pub prefill_tok_s: f64,
+    /// Generated tokens per second.
+    pub decode_tok_s: f64,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+}
+
+fn per_second(count: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// Feeds `prompt` after the session's history and generates up to
+/// `max_tokens`, passing text to `on_text` as it forms.
+pub fn generate(
+    session: &mut Session<'_>,
+    prompt: &[u32],
+    max_tokens: usize,
+    stops: &[String],
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    let tokenizer = session.tokenizer();
+    let started = Instant::now();
+    session.feed(prompt)?;
+    let prefill_seconds = started.elapsed().as_secs_f64();
+
+    let mut text = String::new();
+    let mut tokens = Vec::with_capacity(max_tokens);
+    let mut stream = TextStream::new(stops);
+    let mut stop_reason = StopReason::Length;
+    let decode_started = Instant::now();
+    let mut emit = |piece: &str| {
+        text.push_str(piece);
+        on_text(piece);
+    };
+    while tokens.len() < max_tokens {
+        if session.remaining() == 0 {
+            stop_reason = StopReason::Context;
+            break;
+        }
+        let token = session.step()?;
+        if tokenizer.is_end_of_generation(token) {
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        tokens.push(token);
+        if stream.push(tokenizer.token_bytes(token), &mut emit) {
+            stop_reason = StopReason::Stop;
+            break;
+        }
+    }
+    stream.finish(&mut emit);
+    let decode_seconds = decode_started.elapsed().as_secs_f64();
+    // Every generated token, and a final end-of-generation token, took one forward pass.
+    let steps = tokens.len() + usize::from(stop_reason == StopReason::Eos);
+    Ok(Generation {
+        text,
+        generated_tokens: tokens.len(),
+        tokens,
+        prompt_tokens: prompt.len(),
+        prefill_tok_s: per_second(prompt.len(), prefill_seconds),
+        decode_tok_s: per_second(steps, decode_seconds),
+        stop_reason,
+    })
+}
+
+/// A perplexity measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Perplexity {
+    /// exp(mean negative log-likelihood).
+    pub perplexity: f64,
+    /// Tokens in the text.
+    pub tokens: usize,
+    /// Windows evaluated.
+    pub chunks: usize,
+    /// Tokens scored.
+    pub scored: usize,
+    /// Tokens per second through the model.
+    pub tok_s: f64,
+}
+
+/// Perplexity by llama.cpp's `llama-perplexity` method: the text's tokens in
+/// windows of `ctx`, each starting with BOS when the model adds one, scoring
+/// the second half of each window.
+pub fn perplexity(
+    model: &Model<'_>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    ctx: usize,
+    max_chunks: Option<usize>,
+    batch: usize,
+    progress: &mut dyn FnMut(usize, usize, f64),
+) -> Result<Perplexity> {
+    anyhow::ensure!(ctx >= 4, "--ctx {ctx} is too small (at least 4)");
+    let chunks = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
+    anyhow::ensure!(chunks > 0, "the text has {} tokens, fewer than one window of {ctx}", tokens.len());
+    let vocab = model.config.vocab_size as usize;
+    let mut state = model.new_state(ctx, batch);
+    let first = ctx / 2;
+    let mut nll = 0f64;
+    let mut scored = 0usize;
+    let mut window = vec![0u32; ctx];
+    let started = Instant::now();
+    for chunk in 0..chunks {
+        window.copy_from_slice(&tokens[chunk * ctx..(chunk + 1) * ctx]);
+        if let Some(bos) = bos {
+            window[0] = bos;
+        }
+        let mut pos = 0;
+        while pos < ctx {
+            let n = batch.min(ctx - pos);
+            // Logits are needed only where they predict a scored token.
+            let wanted = if pos + n > first { Logits::All } else { Logits::Last };
+            let logits = model.forward(&mut state, &window[pos..pos + n], pos, wanted)?;
+            if wanted == Logits::All {
+                for b in 0..n {
+                    let j = pos + b;
+                    if j < first || j + 1 >= ctx {
+                        continue;
+                    }
+                    let row = &logits[b * vocab..(b + 1) * vocab];
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                    let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+                    nll += log_sum - row[window[j + 1] as usize] as f64;
+                    scored += 1;
+                }
+            }
+            pos += n;
+        }
+        progress(chunk + 1, chunks, (nll / scored as f64).exp());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Perplexity {
+        perplexity: (nll / scored as f64).exp(),
+        tokens: tokens.len(),
+        chunks,
+        scored,
+        tok_s: per_second(chunks * ctx, seconds),
+    })
+}
+
+/// Tokens of `text` for a perplexity run: BOS first only when the model adds it.
+pub fn perplexity_tokens(tokenizer: &Tokenizer, text: &str) -> (Vec<u32>, Option<u32>) {
+    let add_bos = tokenizer.vocab().add_bos;
+    let tokens = tokenizer.encode(text, add_bos, false);
+    (tokens, if add_bos { tokenizer.bos_id() } else { None })
+}

@@ -1,0 +1,310 @@
+//! Writes GGUF v3 files: a general [`GgufWriter`] and [`write_gguf`], which lays
+//! out a [`SyntheticModel`] the way llama.cpp's converter would.
+
+use super::quants::quantize;
+use super::{Array, GgmlType, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
+use crate::synth::SyntheticModel;
+use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
+use std::io::Write;
+use std::path::Path;
+
+/// ChatML, the chat template written for byte-level BPE vocabularies.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
+message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Llama-2's `[INST]` chat template (Hugging Face's), written for SentencePiece vocabularies.
+pub const LLAMA2_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}\
+{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}\
+{% set system_message = false %}{% endif %}{% for message in loop_messages %}\
+{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}\
+{% if loop.index0 == 0 and system_message != false %}\
+{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}\
+{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}\
+{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}\
+{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+
+/// A tensor waiting to be written.
+#[derive(Debug, Clone)]
+struct PendingTensor {
+    name: String,
+    /// GGUF order, innermost first.
+    dims: Vec<u64>,
+    ggml_type: GgmlType,
+    data: Vec<u8>,
+}
+
+/// Builds a GGUF v3 file: metadata and tensors in the order added.
+#[derive(Debug, Clone, Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<PendingTensor>,
+}
+
+impl GgufWriter {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) metadata key `key`. A `general.alignment` key sets the
+    /// data alignment the file is written with.
+    pub fn set(&mut self, key: &str, value: Value) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
+        self
+    }
+
+    /// Adds a tensor of `shape` (outermost first) whose stored bytes are `data`.
+    pub fn add_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Vec<u8>) -> Result<&mut Self> {
+        if shape.is_empty() || shape.len() > MAX_DIMS || shape.contains(&0) {
+            bail!("tensor '{name}': shape {shape:?} needs 1 to {MAX_DIMS} non-zero dimensions");
+        }
+        let (block_values, _) = ggml_type.block_layout();
+        let row_length = shape[shape.len() - 1];
+        if !row_length.is_multiple_of(block_values) {
+            bail!("tensor '{name}': row length {row_length} is not a multiple of the {ggml_type} block size {block_values}");
+        }
+        let count: usize = shape.iter().product();
+        if data.len() != ggml_type.bytes_for(count) {
+            bail!(
+                "tensor '{name}': {} bytes given, {count} values of {ggml_type} take {}",
+                data.len(),
+                ggml_type.bytes_for(count)
+            );
+        }
+        if self.tensors.iter().any(|t| t.name == name) {
+            bail!("tensor '{name}' added twice");
+        }
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push(PendingTensor { name: name.to_string(), dims, ggml_type, data });
+        Ok(self)
+    }
+
+    /// Quantizes `values` to `ggml_type` and adds them as a tensor of `shape`.
+    pub fn add_values(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, values: &[f32]) -> Result<&mut Self> {
+        let data = quantize(ggml_type, values).with_context(|| format!("tensor '{name}'"))?;
+        self.add_tensor(name, shape, ggml_type, data)
+    }
+
+    fn alignment(&self) -> Result<u64> {
+        match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            None => Ok(DEFAULT_ALIGNMENT),
+            Some((_, value)) => match value.as_integer() {
+                Some(a) if a > 0 && a <= 1 << 30 && a & (a - 1) == 0 => Ok(a as u64),
+                _ => bail!("general.alignment {value:?} is not a power of two"),
+            },
+        }
+    }
+
+    /// The whole file as bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let alignment = self.alignment()?;
+        let mut out = Vec::new();
+        out.extend_from_slice(&GGUF_MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            put_string(&mut out, key.as_bytes());
+            put_value(&mut out, value);
+        }
+        let mut offset = 0u64;
+        for tensor in &self.tensors {
+            put_string(&mut out, tensor.name.as_bytes());
+            out.extend_from_slice(&(tensor.dims.len() as u32).to_le_bytes());
+            for dim in &tensor.dims {
+                out.extend_from_slice(&dim.to_le_bytes());
+            }
+            out.extend_from_slice(&tensor.ggml_type.id().to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + tensor.data.len() as u64).div_ceil(alignment) * alignment;
+        }
+        for tensor in &self.tensors {
+            pad_to(&mut out, alignment);
+            out.extend_from_slice(&tensor.data);
+        }
+        // ggml pads the last tensor too, so the data section is a whole number of alignments.
+        if !self.tensors.is_empty() {
+            pad_to(&mut out, alignment);
+        }
+        Ok(out)
+    }
+
+    /// Writes the file to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes().with_context(|| format!("{}", path.display()))?;
+        let mut file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        file.write_all(&bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(())
+    }
+}
+
+fn pad_to(out: &mut Vec<u8>, alignment: u64) {
+    let length = (out.len() as u64).div_ceil(alignment) * alignment;
+    out.resize(length as usize, 0);
+}
+
+fn put_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_type(out: &mut Vec<u8>, id: u32) {
+    out.extend_from_slice(&id.to_le_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    put_type(out, value.type_id());
+    match value {
+        Value::U8(v) => out.push(*v),
+        Value::I8(v) => out.push(*v as u8),
+        Value::U16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I16(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::U32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::U64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::I64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::F32(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::F64(v) => out.extend_from_slice(&v.to_le_bytes()),
+        Value::Bool(v) => out.push(*v as u8),
+        Value::String(v) => put_string(out, v),
+        Value::Array(v) => put_array(out, v),
+    }
+}
+
+/// Writes an array's element type, length and elements.
+fn put_array(out: &mut Vec<u8>, array: &Array) {
+    fn fixed<T: Copy, const N: usize>(out: &mut Vec<u8>, values: &[T], encode: impl Fn(T) -> [u8; N]) {
+        for &v in values {
+            out.extend_from_slice(&encode(v));
+        }
+    }
+    put_type(out, array.element_type_id());
+    out.extend_from_slice(&(array.len() as u64).to_le_bytes());
+    match array {
+        Array::U8(v) => out.extend_from_slice(v),
+        Array::I8(v) => fixed(out, v, i8::to_le_bytes),
+        Array::U16(v) => fixed(out, v, u16::to_le_bytes),
+        Array::I16(v) => fixed(out, v, i16::to_le_bytes),
+        Array::U32(v) => fixed(out, v, u32::to_le_bytes),
+        Array::I32(v) => fixed(out, v, i32::to_le_bytes),
+        Array::U64(v) => fixed(out, v, u64::to_le_bytes),
+        Array::I64(v) => fixed(out, v, i64::to_le_bytes),
+        Array::F32(v) => fixed(out, v, f32::to_le_bytes),
+        Array::F64(v) => fixed(out, v, f64::to_le_bytes),
+        Array::Bool(v) => fixed(out, v, |x| [x as u8]),
+        Array::String(strings) => strings.iter().for_each(|s| put_string(out, s)),
+        Array::Array(arrays) => arrays.iter().for_each(|a| put_array(out, a)),
+    }
+}
+
+/// The type a weight of rows `row_length` long is written in when `requested`
+/// is asked for. Like llama.cpp's quantizer, rows that are not a whole number of
+/// blocks fall back to a type with smaller blocks: Q4_K to Q4_1, Q6_K to Q8_0,
+/// and anything to F16 when even 32 does not divide the row.
+pub fn weight_type_for(requested: GgmlType, row_length: usize) -> GgmlType {
+    let fits = |t: GgmlType| row_length.is_multiple_of(t.block_layout().0);
+    let fallback = match requested {
+        GgmlType::Q4_K => GgmlType::Q4_1,
+        GgmlType::Q6_K => GgmlType::Q8_0,
+        other => other,
+    };
+    [requested, fallback].into_iter().find(|&t| fits(t)).unwrap_or(GgmlType::F16)
+}
+
+/// `tokenizer.ggml.pre` name of a pre-tokenizer.
+fn pre_tokenizer_name(pre: PreTokenizer) -> &'static str {
+    match pre {
+        PreTokenizer::None => "default",
+        PreTokenizer::Gpt2 => "gpt-2",
+        PreTokenizer::SmolLm => "smollm",
+        PreTokenizer::Llama3 => "llama-bpe",
+    }
+}
+
+/// Writes `model` as a GGUF v3 file at `path`: `llama.*` hyperparameters, the
+/// full tokenizer, a chat template (ChatML for byte-level vocabularies, Llama-2
+/// `[INST]` for SentencePiece) and the tensors, norms in F32 and 2-D weights in
+/// `weight_type` (see [`weight_type_for`] for rows it cannot hold).
+pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) -> Result<()> {
+    if !GgmlType::WRITABLE.contains(&weight_type) {
+        bail!("{}: cannot write weights as {weight_type}", path.display());
+    }
+    let config = &model.config;
+    if config.rope_style != 0 {
+        bail!("{}: GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}", path.display(), config.rope_style);
+    }
+    let vocab = &model.vocab;
+    let mut writer = GgufWriter::new();
+    writer
+        .set("general.architecture", Value::String(b"llama".to_vec()))
+        .set("general.name", Value::String(b"bramble synthetic".to_vec()))
+        .set("llama.context_length", Value::U32(config.context_length))
+        .set("llama.embedding_length", Value::U32(config.dim))
+        .set("llama.block_count", Value::U32(config.n_layers))
+        .set("llama.feed_forward_length", Value::U32(config.ffn_dim))
+        .set("llama.attention.head_count", Value::U32(config.n_heads))
+        .set("llama.attention.head_count_kv", Value::U32(config.n_kv_heads))
+        .set("llama.attention.key_length", Value::U32(config.head_dim))
+        .set("llama.attention.value_length", Value::U32(config.head_dim))
+        .set("llama.rope.freq_base", Value::F32(config.rope_theta))
+        .set("llama.rope.dimension_count", Value::U32(config.rope_dim))
+        .set("llama.attention.layer_norm_rms_epsilon", Value::F32(config.norm_eps))
+        .set("llama.vocab_size", Value::U32(vocab.len() as u32));
+
+    let (model_name, template) = match vocab.kind {
+        TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),
+        TokenizerKind::ByteLevelBpe => ("gpt2", CHATML_TEMPLATE),
+    };
+    writer.set("tokenizer.ggml.model", Value::String(model_name.as_bytes().to_vec()));
+    if vocab.kind == TokenizerKind::ByteLevelBpe {
+        writer.set("tokenizer.ggml.pre", Value::String(pre_tokenizer_name(vocab.pre_tokenizer).as_bytes().to_vec()));
+    }
+    writer
+        .set("tokenizer.ggml.tokens", Value::Array(Array::String(vocab.tokens.clone())))
+        .set("tokenizer.ggml.scores", Value::Array(Array::F32(vocab.scores.clone())))
+        .set(
+            "tokenizer.ggml.token_type",
+            Value::Array(Array::I32(vocab.types.iter().map(|t| t.id() as i32).collect())),
+        );
+    if !vocab.merges.is_empty() {
+        let text = |id: u32| {
+            vocab.tokens.get(id as usize).ok_or_else(|| anyhow!("{}: a merge names token {id}, which does not exist", path.display()))
+        };
+        let merges = vocab
+            .merges
+            .iter()
+            .map(|&(left, right)| Ok([text(left)?.as_slice(), b" ", text(right)?.as_slice()].concat()))
+            .collect::<Result<Vec<_>>>()?;
+        writer.set("tokenizer.ggml.merges", Value::Array(Array::String(merges)));
+    }
+    for (key, id) in [
+        ("bos_token_id", vocab.bos_id),
+        ("eos_token_id", vocab.eos_id),
+        ("unknown_token_id", vocab.unk_id),
+        ("padding_token_id", vocab.pad_id),
+        ("eot_token_id", vocab.eot_id),
+    ] {
+        if let Some(id) = id {
+            writer.set(&format!("tokenizer.ggml.{key}"), Value::U32(id));
+        }
+    }
+    writer
+        .set("tokenizer.ggml.add_bos_token", Value::Bool(vocab.add_bos))
+        .set("tokenizer.ggml.add_eos_token", Value::Bool(vocab.add_eos))
+        .set("tokenizer.ggml.add_space_prefix", Value::Bool(vocab.add_space_prefix))
+        .set("tokenizer.chat_template", Value::String(template.as_bytes().to_vec()));
+
+    for (name, shape, values) in &model.tensors {
+        let ggml_type = match shape.len() {
+            1 => GgmlType::F32,
+            _ => weight_type_for(weight_type, shape[shape.len() - 1]),
+        };
+        writer.add_values(name, shape, ggml_type, values).with_context(|| format!("{}", path.display()))?;
+    }
+    writer.write(path)
+}

@@ -1,0 +1,798 @@
+//! Hugging Face Llama directories: `config.json`, safetensors weights (one
+//! `model.safetensors`, or shards listed by `model.safetensors.index.json`),
+//! and the tokenizer (`tokenizer.json` or `tokenizer.model`, with
+//! `tokenizer_config.json`).
+//!
+//! Tensors are renamed to GGUF's names and the q/k projections are permuted
+//! from Hugging Face's halves RoPE layout to the adjacent-pairs layout the
+//! image uses (see [`permuted_source_row`]), as llama.cpp's converter does.
+//! Shards are memory-mapped; rows are converted as they are read.
+//!
+//! [`write_hf_dir`] lays a [`SyntheticModel`] out as such a directory, for tests.
+
+pub mod sentencepiece_model;
+mod tokenizer;
+
+use super::{ModelSource, SourceTensor};
+use crate::synth::SyntheticModel;
+use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::{Encoding, ModelConfig, Vocab};
+use bytemuck::Zeroable;
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Component, Path, PathBuf};
+use tokenizer::{ModelSpecialIds, TemplateForm};
+
+/// Largest dimension accepted from `config.json`, as [`ModelConfig::validate`] does.
+const MAX_DIMENSION: u64 = 1 << 24;
+
+/// Per-layer tensors: Hugging Face's name inside `model.layers.N.` and GGUF's inside `blk.N.`.
+const LAYER_TENSORS: [(&str, &str); 9] = [
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// The Hugging Face row that row `row` of a permuted q/k weight comes from.
+///
+/// Hugging Face stores each head's rows in the halves order RoPE pairs as
+/// `(i, i + head_dim/2)`; the image pairs adjacent rows `(2i, 2i + 1)`. Our row
+/// `h·head_dim + 2j + k` is Hugging Face's row `h·head_dim + k·head_dim/2 + j`
+/// (llama.cpp's `permute`: `reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2)`).
+pub fn permuted_source_row(row: usize, head_dim: usize) -> usize {
+    let (head, within) = (row / head_dim, row % head_dim);
+    head * head_dim + (within % 2) * (head_dim / 2) + within / 2
+}
+
+/// The row of a permuted q/k weight that Hugging Face's row `row` becomes: the
+/// inverse of [`permuted_source_row`].
+pub fn permuted_target_row(row: usize, head_dim: usize) -> usize {
+    let (head, within) = (row / head_dim, row % head_dim);
+    let half = head_dim / 2;
+    head * head_dim + 2 * (within % half) + within / half
+}
+
+/// How a tensor's values are stored in its safetensors file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfDtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16: the top half of a binary32.
+    BF16,
+}
+
+impl HfDtype {
+    fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(HfDtype::F32),
+            Dtype::F16 => Some(HfDtype::F16),
+            Dtype::BF16 => Some(HfDtype::BF16),
+            _ => None,
+        }
+    }
+    fn safetensors(self) -> Dtype {
+        match self {
+            HfDtype::F32 => Dtype::F32,
+            HfDtype::F16 => Dtype::F16,
+            HfDtype::BF16 => Dtype::BF16,
+        }
+    }
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            HfDtype::F32 => 4,
+            HfDtype::F16 | HfDtype::BF16 => 2,
+        }
+    }
+    /// The name safetensors and `config.json`'s `torch_dtype` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            HfDtype::F32 => "F32",
+            HfDtype::F16 => "F16",
+            HfDtype::BF16 => "BF16",
+        }
+    }
+    fn torch_name(self) -> &'static str {
+        match self {
+            HfDtype::F32 => "float32",
+            HfDtype::F16 => "float16",
+            HfDtype::BF16 => "bfloat16",
+        }
+    }
+    fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            HfDtype::F32 => {
+                for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                }
+            }
+            HfDtype::F16 => {
+                for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *value = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+                }
+            }
+            HfDtype::BF16 => {
+                for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *value = bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+                }
+            }
+        }
+    }
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            HfDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            HfDtype::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            HfDtype::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+}
+
+/// One memory-mapped safetensors file.
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// Where a tensor's bytes are and how to read them.
+#[derive(Debug, Clone)]
+struct TensorLocation {
+    shard: usize,
+    /// Byte range in the shard's map.
+    start: usize,
+    end: usize,
+    dtype: HfDtype,
+    /// Hugging Face's name, for messages.
+    hf_name: String,
+    /// `Some(head_dim)` for q/k weights, whose rows are permuted.
+    permuted_head_dim: Option<usize>,
+}
+
+/// A Hugging Face Llama directory, opened.
+pub struct HfSource {
+    dir: PathBuf,
+    config: ModelConfig,
+    vocab: Vocab,
+    chat_template: Option<String>,
+    tensors: Vec<SourceTensor>,
+    locations: Vec<TensorLocation>,
+    shards: Vec<Shard>,
+}
+
+impl std::fmt::Debug for HfSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfSource")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .field("tensors", &self.tensors.len())
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// `config.json`, read.
+struct HfConfig {
+    config: ModelConfig,
+    tie_word_embeddings: bool,
+    special_ids: ModelSpecialIds,
+}
+
+fn dimension(path: &Path, json: &Value, key: &str, default: Option<u64>) -> Result<u32> {
+    let value = match json.get(key) {
+        None | Some(Value::Null) => default.ok_or_else(|| anyhow!("{}: `{key}` is missing", path.display()))?,
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a non-negative integer", path.display()))?,
+    };
+    if value == 0 || value > MAX_DIMENSION {
+        bail!("{}: `{key}` = {value} is out of range (1 ..= {MAX_DIMENSION})", path.display());
+    }
+    Ok(value as u32)
+}
+
+fn number(path: &Path, json: &Value, key: &str, default: f64) -> Result<f32> {
+    match json.get(key) {
+        None | Some(Value::Null) => Ok(default as f32),
+        Some(value) => {
+            let number = value.as_f64().ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a number", path.display()))?;
+            Ok(number as f32)
+        }
+    }
+}
+
+fn flag(path: &Path, json: &Value, key: &str, default: bool) -> Result<bool> {
+    match json.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(flag)) => Ok(*flag),
+        Some(value) => bail!("{}: `{key}` = {value} is not true or false", path.display()),
+    }
+}
+
+/// A special-token id of `config.json`: an integer, a list (the first counts) or null.
+fn special_id(path: &Path, json: &Value, key: &str) -> Result<Option<u32>> {
+    let value = match json.get(key) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) => match list.first() {
+            None => return Ok(None),
+            Some(first) => first,
+        },
+        Some(value) => value,
+    };
+    value
+        .as_u64()
+        .and_then(|id| u32::try_from(id).ok())
+        .map(Some)
+        .ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a token id", path.display()))
+}
+
+fn read_config(path: &Path) -> Result<HfConfig> {
+    let json = tokenizer::read_json(path)?;
+    if !json.is_object() {
+        bail!("{}: not a JSON object", path.display());
+    }
+    let architectures: Vec<&str> =
+        json.get("architectures").and_then(Value::as_array).map_or(Vec::new(), |list| list.iter().filter_map(Value::as_str).collect());
+    let model_type = json.get("model_type").and_then(Value::as_str);
+    if !architectures.contains(&"LlamaForCausalLM") && model_type != Some("llama") {
+        bail!(
+            "{}: not a Llama model (architectures {architectures:?}, model_type {model_type:?}); \
+             expected LlamaForCausalLM / llama",
+            path.display()
+        );
+    }
+    match json.get("rope_scaling") {
+        None | Some(Value::Null) => {}
+        Some(scaling) => {
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str);
+            if kind != Some("default") {
+                bail!(
+                    "{}: rope_scaling {} is not supported (only plain RoPE: null or \"default\")",
+                    path.display(),
+                    kind.map_or_else(|| scaling.to_string(), |k| format!("type `{k}`"))
+                );
+            }
+        }
+    }
+    if let Some(activation) = json.get("hidden_act").filter(|v| !v.is_null()) {
+        if activation.as_str() != Some("silu") {
+            bail!("{}: hidden_act {activation} is not supported (only silu)", path.display());
+        }
+    }
+    for key in ["attention_bias", "mlp_bias"] {
+        if flag(path, &json, key, false)? {
+            bail!("{}: `{key}` is true; Llama weights without biases are supported only", path.display());
+        }
+    }
+    let dim = dimension(path, &json, "hidden_size", None)?;
+    let n_heads = dimension(path, &json, "num_attention_heads", None)?;
+    let n_kv_heads = dimension(path, &json, "num_key_value_heads", Some(u64::from(n_heads)))?;
+    if json.get("head_dim").map_or(true, Value::is_null) && dim % n_heads != 0 {
+        bail!("{}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}", path.display());
+    }
+    let head_dim = dimension(path, &json, "head_dim", Some(u64::from(dim / n_heads)))?;
+    let mut config = ModelConfig::zeroed();
+    config.arch = ARCH_LLAMA;
+    config.dim = dim;
+    config.n_layers = dimension(path, &json, "num_hidden_layers", None)?;
+    config.n_heads = n_heads;
+    config.n_kv_heads = n_kv_heads;
+    config.head_dim = head_dim;
+    config.ffn_dim = dimension(path, &json, "intermediate_size", None)?;
+    config.vocab_size = dimension(path, &json, "vocab_size", None)?;
+    config.context_length = dimension(path, &json, "max_position_embeddings", None)?;
+    config.rope_theta = number(path, &json, "rope_theta", 10000.0)?;
+    config.rope_style = 0;
+    config.rope_dim = head_dim;
+    // transformers' LlamaConfig default.
+    config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
+    config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(HfConfig {
+        config,
+        tie_word_embeddings: flag(path, &json, "tie_word_embeddings", false)?,
+        special_ids: ModelSpecialIds {
+            bos_id: special_id(path, &json, "bos_token_id")?,
+            eos_id: special_id(path, &json, "eos_token_id")?,
+        },
+    })
+}
+
+/// GGUF's name for a Hugging Face tensor name, or `None` when it is not a Llama weight.
+fn gguf_name(hf_name: &str) -> Option<String> {
+    match hf_name {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: u32 = layer.parse().ok()?;
+    let part = part.strip_suffix(".weight")?;
+    let (_, gguf) = LAYER_TENSORS.iter().find(|(hf, _)| *hf == part)?;
+    Some(format!("blk.{layer}.{gguf}.weight"))
+}
+
+/// Hugging Face's name for a GGUF tensor name.
+fn hf_name(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: u32 = layer.parse().ok()?;
+    let part = part.strip_suffix(".weight")?;
+    let (hf, _) = LAYER_TENSORS.iter().find(|(_, gguf)| *gguf == part)?;
+    Some(format!("model.layers.{layer}.{hf}.weight"))
+}
+
+/// The GGUF names and shapes a model of `config` has, in GGUF order.
+fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let dim = config.dim as usize;
+    let (q_dim, kv_dim, ffn_dim) = (config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+    let vocab = config.vocab_size as usize;
+    let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
+    for layer in 0..config.n_layers {
+        for (part, shape) in [
+            ("attn_norm", vec![dim]),
+            ("attn_q", vec![q_dim, dim]),
+            ("attn_k", vec![kv_dim, dim]),
+            ("attn_v", vec![kv_dim, dim]),
+            ("attn_output", vec![dim, q_dim]),
+            ("ffn_norm", vec![dim]),
+            ("ffn_gate", vec![ffn_dim, dim]),
+            ("ffn_up", vec![ffn_dim, dim]),
+            ("ffn_down", vec![dim, ffn_dim]),
+        ] {
+            list.push((format!("blk.{layer}.{part}.weight"), shape));
+        }
+    }
+    list.push(("output_norm.weight".to_string(), vec![dim]));
+    if config.tied_output == 0 {
+        list.push(("output.weight".to_string(), vec![vocab, dim]));
+    }
+    list
+}
+
+/// A shard file name from the index: a plain relative path inside the directory.
+fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
+    let relative = Path::new(file);
+    if file.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("{}: shard name {file:?} is not a file name inside the directory", index_path.display());
+    }
+    Ok(dir.join(relative))
+}
+
+/// A tensor found in a shard, before it is matched to the model's list.
+struct FoundTensor {
+    location: TensorLocation,
+    shape: Vec<usize>,
+}
+
+fn map_shard(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: the map is read-only and private; the converter's contract is that
+    // the source files are not modified while it runs (as for every mmap reader).
+    unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))
+}
+
+/// Reads one shard's header and records where each of its tensors is.
+fn index_shard(shard_index: usize, shard: &Shard, found: &mut HashMap<String, FoundTensor>) -> Result<()> {
+    let name = shard.path.display();
+    let (header_length, metadata) = safetensors::SafeTensors::read_metadata(&shard.map)
+        .map_err(|e| anyhow!("{name}: not a valid safetensors file: {e}"))?;
+    let data_start = 8 + header_length;
+    for (tensor_name, info) in metadata.tensors() {
+        if tensor_name.ends_with(".rotary_emb.inv_freq") {
+            // Old checkpoints store RoPE's frequencies; they are recomputed from rope_theta.
+            continue;
+        }
+        let Some(gguf) = gguf_name(&tensor_name) else {
+            bail!("{name}: tensor {tensor_name} is not part of a Llama model (a bias, or another architecture?)");
+        };
+        let dtype = HfDtype::from_safetensors(info.dtype)
+            .ok_or_else(|| anyhow!("{name}: tensor {tensor_name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype))?;
+        let (start, end) = info.data_offsets;
+        // read_metadata checked the offsets against the file and the shape.
+        let location = TensorLocation {
+            shard: shard_index,
+            start: data_start + start,
+            end: data_start + end,
+            dtype,
+            hf_name: tensor_name.clone(),
+            permuted_head_dim: None,
+        };
+        let tensor = FoundTensor { location, shape: info.shape.clone() };
+        if let Some(previous) = found.insert(gguf, tensor) {
+            bail!("{name}: tensor {tensor_name} is also in shard {}", previous.location.shard + 1);
+        }
+    }
+    Ok(())
+}
+
+/// Opens the Hugging Face Llama directory `dir`.
+pub fn open(dir: &Path) -> Result<HfSource> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        bail!("{}: no config.json; not a Hugging Face model directory", dir.display());
+    }
+    let HfConfig { mut config, tie_word_embeddings, special_ids } = read_config(&config_path)?;
+
+    // The shards: one file, or those the index lists.
+    let single = dir.join("model.safetensors");
+    let index_path = dir.join("model.safetensors.index.json");
+    let mut index_map: Option<BTreeMap<String, String>> = None;
+    let shard_paths: Vec<PathBuf> = if index_path.is_file() {
+        let index = tokenizer::read_json(&index_path)?;
+        let weight_map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("{}: no `weight_map` object", index_path.display()))?;
+        let mut files = BTreeSet::new();
+        let mut map = BTreeMap::new();
+        for (tensor, file) in weight_map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| anyhow!("{}: weight_map[{tensor:?}] is not a file name", index_path.display()))?;
+            files.insert(file.to_string());
+            map.insert(tensor.clone(), file.to_string());
+        }
+        index_map = Some(map);
+        let mut paths = Vec::with_capacity(files.len());
+        for file in &files {
+            let path = shard_path(dir, &index_path, file)?;
+            if !path.is_file() {
+                bail!("{}: shard {} is missing", index_path.display(), path.display());
+            }
+            paths.push(path);
+        }
+        paths
+    } else if single.is_file() {
+        vec![single]
+    } else if dir.join("pytorch_model.bin").is_file() {
+        bail!("{}: has PyTorch pickle weights only; convert them to safetensors first", dir.display());
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+    };
+
+    let mut shards = Vec::with_capacity(shard_paths.len());
+    let mut found = HashMap::new();
+    for (shard_index, path) in shard_paths.into_iter().enumerate() {
+        let shard = Shard { map: map_shard(&path)?, path };
+        index_shard(shard_index, &shard, &mut found)?;
+        shards.push(shard);
+    }
+    if let Some(map) = &index_map {
+        // The index and the shards must agree on where each tensor is.
+        for (tensor, file) in map {
+            let Some(gguf) = gguf_name(tensor) else { continue };
+            let Some(found) = found.get(&gguf) else {
+                bail!("{}: {tensor} is listed in {file} but not there", index_path.display());
+            };
+            let holder = &shards[found.location.shard].path;
+            if holder.file_name().and_then(|n| n.to_str()) != Path::new(file).file_name().and_then(|n| n.to_str()) {
+                bail!("{}: {tensor} is listed in {file} but found in {}", index_path.display(), holder.display());
+            }
+        }
+    }
+
+    let has_output = found.contains_key("output.weight");
+    config.tied_output = u32::from(tie_word_embeddings || !has_output);
+    if config.tied_output == 1 {
+        found.remove("output.weight");
+    }
+    let files = || shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
+    let mut tensors = Vec::new();
+    let mut locations = Vec::new();
+    for (name, shape) in expected_tensors(&config) {
+        let Some(FoundTensor { mut location, shape: found_shape }) = found.remove(&name) else {
+            bail!("{}: tensor {} is missing (looked in {})", dir.display(), hf_name(&name).unwrap_or(name), files());
+        };
+        if found_shape != shape {
+            bail!(
+                "{}: tensor {} has shape {found_shape:?}; config.json implies {shape:?}",
+                shards[location.shard].path.display(),
+                location.hf_name
+            );
+        }
+        let permuted = name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight");
+        if permuted {
+            location.permuted_head_dim = Some(config.head_dim as usize);
+        }
+        let native = match (location.dtype, permuted) {
+            (_, true) => None,
+            (HfDtype::F32, false) => Some(Encoding::F32),
+            (HfDtype::F16, false) => Some(Encoding::F16),
+            (HfDtype::BF16, false) => None,
+        };
+        tensors.push(SourceTensor { name, shape, source_type: location.dtype.name().to_string(), native });
+        locations.push(location);
+    }
+    if let Some((name, extra)) = found.iter().next() {
+        bail!(
+            "{}: tensor {} ({name}) does not belong to a model of {} layers",
+            shards[extra.location.shard].path.display(),
+            extra.location.hf_name,
+            config.n_layers
+        );
+    }
+
+    let (mut vocab, chat_template) = tokenizer::read_tokenizer(dir, special_ids)?;
+    let tokens = vocab.len() as u32;
+    if tokens > config.vocab_size {
+        bail!("{}: the tokenizer has {tokens} tokens, config.json's vocab_size is {}", dir.display(), config.vocab_size);
+    }
+    // Embedding rows past the tokenizer (padding to a round size) get unused placeholder tokens, as llama.cpp does.
+    for id in tokens..config.vocab_size {
+        vocab.tokens.push(format!("[PAD{id}]").into_bytes());
+        vocab.scores.push(0.0);
+        vocab.types.push(bramble_runtime::vocab::TokenType::Unused);
+    }
+    Ok(HfSource { dir: dir.to_path_buf(), config, vocab, chat_template, tensors, locations, shards })
+}
+
+impl HfSource {
+    /// Opens the Hugging Face Llama directory `dir` (the same as [`open`]).
+    pub fn open(dir: &Path) -> Result<HfSource> {
+        open(dir)
+    }
+
+    fn tensor_and_location(&self, index: usize) -> Result<(&SourceTensor, &TensorLocation)> {
+        match (self.tensors.get(index), self.locations.get(index)) {
+            (Some(tensor), Some(location)) => Ok((tensor, location)),
+            _ => bail!("{}: no tensor {index} (there are {})", self.dir.display(), self.tensors.len()),
+        }
+    }
+}
+
+impl ModelSource for HfSource {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+    fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+    fn read_rows(&self, index: usize, first_row: usize, out: &mut [f32]) -> Result<()> {
+        let (tensor, location) = self.tensor_and_location(index)?;
+        let shard = &self.shards[location.shard];
+        let (rows, cols) = (tensor.rows(), tensor.cols());
+        let count = out.len() / cols;
+        if out.len() % cols != 0 || first_row.checked_add(count).map_or(true, |end| end > rows) {
+            bail!(
+                "{}: tensor {}: cannot read {} values from row {first_row} (rows of {cols}, {rows} rows)",
+                shard.path.display(),
+                location.hf_name,
+                out.len()
+            );
+        }
+        let data = &shard.map[location.start..location.end];
+        let row_bytes = cols * location.dtype.size();
+        for (offset, row_out) in out.chunks_exact_mut(cols).enumerate() {
+            let row = first_row + offset;
+            let source = location.permuted_head_dim.map_or(row, |head_dim| permuted_source_row(row, head_dim));
+            location.dtype.decode(&data[source * row_bytes..(source + 1) * row_bytes], row_out);
+        }
+        Ok(())
+    }
+    fn native_bytes(&self, index: usize) -> Option<&[u8]> {
+        let (tensor, location) = self.tensor_and_location(index).ok()?;
+        tensor.native?;
+        Some(&self.shards[location.shard].map[location.start..location.end])
+    }
+    fn release(&self, index: usize) {
+        #[cfg(unix)]
+        if let Ok((_, location)) = self.tensor_and_location(index) {
+            let map = &self.shards[location.shard].map;
+            // SAFETY: the map is a read-only private file mapping that is never
+            // written, so dropping its pages only means they are read again from
+            // the file if touched; no borrowed slice sees different bytes.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    location.start,
+                    location.end - location.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = index;
+    }
+    fn describe(&self) -> String {
+        let dtypes: BTreeSet<&str> = self.locations.iter().map(|l| l.dtype.name()).collect();
+        format!(
+            "Hugging Face directory {} ({} safetensors file{}, {}, {} tokenizer)",
+            self.dir.display(),
+            self.shards.len(),
+            if self.shards.len() == 1 { "" } else { "s" },
+            dtypes.into_iter().collect::<Vec<_>>().join("/"),
+            match self.vocab.kind {
+                bramble_runtime::vocab::TokenizerKind::SentencePiece => "SentencePiece",
+                bramble_runtime::vocab::TokenizerKind::ByteLevelBpe => "byte-level BPE",
+            }
+        )
+    }
+}
+
+/// Which tokenizer file [`write_hf_dir`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfTokenizerForm {
+    /// `tokenizer.json`, the `tokenizers` library's format.
+    TokenizerJson,
+    /// SentencePiece's `tokenizer.model` protobuf (SentencePiece vocabularies only).
+    SentencePieceModel,
+}
+
+/// How [`write_hf_dir`] lays a model out.
+#[derive(Debug, Clone)]
+pub struct HfWriteOptions {
+    /// Storage type of every tensor.
+    pub dtype: HfDtype,
+    /// 1: `model.safetensors`; more: that many `model-0000i-of-0000n.safetensors`
+    /// files and `model.safetensors.index.json`.
+    pub shards: usize,
+    /// Tokenizer file.
+    pub tokenizer: HfTokenizerForm,
+    /// Chat template for `tokenizer_config.json`.
+    pub chat_template: Option<String>,
+    /// Write the template as a list of named templates (`[{"name": "default", ...}]`) instead of a string.
+    pub chat_template_as_list: bool,
+}
+
+impl Default for HfWriteOptions {
+    fn default() -> Self {
+        Self {
+            dtype: HfDtype::F32,
+            shards: 1,
+            tokenizer: HfTokenizerForm::TokenizerJson,
+            chat_template: None,
+            chat_template_as_list: false,
+        }
+    }
+}
+
+/// A float as JSON, spelled as its shortest decimal so `1e-5f32` is written
+/// `1e-5` rather than `9.999999747378752e-6`.
+fn json_f32(value: f32) -> Value {
+    let shortest: f64 = value.to_string().parse().unwrap_or(f64::from(value));
+    json!(shortest)
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("serializing JSON")?;
+    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Writes `model` into `dir` as a Hugging Face Llama directory: `config.json`,
+/// safetensors weights (q/k rows permuted to Hugging Face's layout), the
+/// tokenizer and `tokenizer_config.json`.
+pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions) -> Result<()> {
+    let config = &model.config;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    if options.shards == 0 {
+        bail!("writing {}: shards must be at least 1", dir.display());
+    }
+    let head_dim = config.head_dim as usize;
+
+    // The tensors, renamed, permuted and encoded.
+    let mut encoded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.tensors.len());
+    for (name, shape, values) in &model.tensors {
+        let hf = hf_name(name).ok_or_else(|| anyhow!("writing {}: tensor {name} has no Hugging Face name", dir.display()))?;
+        let expected: usize = shape.iter().product();
+        if values.len() != expected {
+            bail!("writing {}: tensor {name} has {} values for shape {shape:?}", dir.display(), values.len());
+        }
+        let mut bytes = Vec::with_capacity(expected * options.dtype.size());
+        if name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight") {
+            let (rows, cols) = (shape[0], shape[1]);
+            if head_dim == 0 || head_dim % 2 != 0 || rows % head_dim != 0 {
+                bail!("writing {}: tensor {name} has {rows} rows, not whole heads of {head_dim}", dir.display());
+            }
+            // Hugging Face's row r holds our row permuted_target_row(r).
+            for hf_row in 0..rows {
+                let ours = permuted_target_row(hf_row, head_dim);
+                options.dtype.encode(&values[ours * cols..(ours + 1) * cols], &mut bytes);
+            }
+        } else {
+            options.dtype.encode(values, &mut bytes);
+        }
+        encoded.push((hf, shape.clone(), bytes));
+    }
+    if options.shards > encoded.len() {
+        bail!("writing {}: {} shards for {} tensors", dir.display(), options.shards, encoded.len());
+    }
+
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let per_shard = encoded.len().div_ceil(options.shards);
+    let mut weight_map = Map::new();
+    let mut total_size = 0usize;
+    let groups: Vec<_> = encoded.chunks(per_shard).collect();
+    if groups.len() != options.shards {
+        bail!("writing {}: {} tensors do not split into {} shards", dir.display(), encoded.len(), options.shards);
+    }
+    for (shard, group) in groups.iter().enumerate() {
+        let file = if options.shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", shard + 1, options.shards)
+        };
+        let mut views = Vec::with_capacity(group.len());
+        for (name, shape, bytes) in group.iter() {
+            let view = TensorView::new(options.dtype.safetensors(), shape.clone(), bytes)
+                .map_err(|e| anyhow!("writing {}: tensor {name}: {e}", dir.display()))?;
+            views.push((name.clone(), view));
+            weight_map.insert(name.clone(), json!(file));
+            total_size += bytes.len();
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, &metadata, &path)
+            .map_err(|e| anyhow!("{}: cannot write: {e}", path.display()))?;
+    }
+    if options.shards > 1 {
+        let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        write_json(&dir.join("model.safetensors.index.json"), &index)?;
+    }
+
+    let vocab = &model.vocab;
+    let tied = config.tied_output != 0;
+    let config_json = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_attention_heads": config.n_heads,
+        "num_hidden_layers": config.n_layers,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "max_position_embeddings": config.context_length,
+        "rope_theta": json_f32(config.rope_theta),
+        "rope_scaling": null,
+        "rms_norm_eps": json_f32(config.norm_eps),
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": vocab.bos_id,
+        "eos_token_id": vocab.eos_id,
+        "torch_dtype": options.dtype.torch_name(),
+    });
+    write_json(&dir.join("config.json"), &config_json)?;
+
+    let context = |what: &str| format!("writing {} in {}", what, dir.display());
+    match options.tokenizer {
+        HfTokenizerForm::TokenizerJson => {
+            let json = tokenizer::tokenizer_json(vocab).with_context(|| context("tokenizer.json"))?;
+            write_json(&dir.join("tokenizer.json"), &json)?;
+        }
+        HfTokenizerForm::SentencePieceModel => {
+            let bytes = tokenizer::sentencepiece_model_bytes(vocab).with_context(|| context("tokenizer.model"))?;
+            let path = dir.join("tokenizer.model");
+            std::fs::write(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+    }
+    let form = if options.chat_template_as_list { TemplateForm::List } else { TemplateForm::String };
+    let tokenizer_config =
+        tokenizer::tokenizer_config_json(vocab, options.chat_template.as_deref(), form, config.context_length)
+            .with_context(|| context("tokenizer_config.json"))?;
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    Ok(())
+}
