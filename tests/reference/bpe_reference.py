@@ -2,14 +2,17 @@
 """Reference byte-level BPE encodings from Hugging Face `tokenizers`, for
 tools/tests/tokenizer.rs to compare Bramble's tokenizer against.
 
-    bpe_reference.py MODEL.gguf < texts.json
+    bpe_reference.py MODEL.gguf [smollm|gpt2|llama3] < texts.json
 
 Builds a `tokenizers.Tokenizer` from the tokens and merges of a GGUF file
 (read with the `gguf` package) the way SmolLM2's tokenizer.json sets it up: a
 BPE model over the vocabulary and merges, the pre-tokenizer
 Sequence([Digits(individual_digits=True), ByteLevel(add_prefix_space=False,
 use_regex=True)]), the ByteLevel decoder, and the control tokens as special
-added tokens.
+added tokens. The optional second argument swaps the pre-tokenizer for GPT-2's
+(ByteLevel alone) or Llama-3's (its Split regex, then ByteLevel without a
+regex, and the BPE model's ignore_merges), to check those splitters on the
+same vocabulary.
 
 Standard input is a JSON list. Each item is a string, encoded with special
 tokens not parsed (so "<|im_start|>" is plain text), or an object
@@ -33,8 +36,32 @@ except ImportError as error:
 # GGUF's token type for control tokens.
 CONTROL = 3
 
+# Llama-3's pre-tokenizer regex, from its tokenizer.json.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
-def build_tokenizer(path):
+
+def pre_tokenizer_for(name):
+    from tokenizers import Regex
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if name == "gpt2":
+        return byte_level
+    if name == "llama3":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    print(f"bpe_reference.py: unknown pre-tokenizer {name!r}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_tokenizer(path, pre_tokenizer):
     reader = GGUFReader(path)
 
     def field(name):
@@ -49,13 +76,15 @@ def build_tokenizer(path):
     merges = [tuple(merge.split(" ", 1)) for merge in field("tokenizer.ggml.merges")]
     vocab = {text: index for index, text in enumerate(tokens)}
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
+    model = models.BPE(
+        vocab=vocab,
+        merges=merges,
+        fuse_unk=False,
+        byte_fallback=False,
+        ignore_merges=pre_tokenizer == "llama3",
     )
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizer_for(pre_tokenizer)
     tokenizer.decoder = decoders.ByteLevel()
     specials = [
         AddedToken(text, special=True, normalized=False)
@@ -67,10 +96,10 @@ def build_tokenizer(path):
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    tokenizer = build_tokenizer(sys.argv[1])
+    tokenizer = build_tokenizer(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else "smollm")
     results = []
     for request in json.load(sys.stdin):
         if isinstance(request, str):

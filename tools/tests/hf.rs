@@ -339,7 +339,8 @@ fn config_json_rejections_name_the_file_and_key() {
     let model = model(false, TokenizerKind::SentencePiece, 8);
     let (_temp, dir) = write(&model, HfWriteOptions::default());
     let original = std::fs::read(dir.join("config.json")).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Map<String, Value>)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("rope_scaling", Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"rope_type": "llama3", "factor": 8.0}))))),
         ("rope_scaling", Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}))))),
         ("not a Llama", Box::new(|c| {
@@ -641,6 +642,11 @@ fn wrong_missing_and_unexpected_tensors_are_errors_naming_them() {
     });
     let error = format!("{}", hf::open(&dir).unwrap_err());
     assert!(error.contains("model.layers.2.") && error.contains("missing"), "{error}");
+    // A corrupt layer count is refused before any per-layer list is made.
+    edit_json(&dir.join("config.json"), |c| drop(c.insert("num_hidden_layers".into(), json!(1 << 24))));
+    let started = std::time::Instant::now();
+    assert_error_names(&dir, "config.json");
+    assert!(started.elapsed().as_secs() < 2, "took {:?}", started.elapsed());
     // Fewer layers: layer 1's tensors are left over.
     edit_json(&dir.join("config.json"), |c| drop(c.insert("num_hidden_layers".into(), json!(1))));
     let error = assert_error_names(&dir, "model.safetensors");

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use bramble_runtime::tokenizer::Tokenizer;
-use bramble_runtime::vocab::TokenizerKind;
+use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
 use bramble_tools::source::gguf::read_vocab;
 
 /// llama.cpp's separator between test inputs in a `.inp` file.
@@ -212,9 +212,14 @@ fn varied_texts() -> Vec<String> {
     texts
 }
 
-/// Runs the Hugging Face reference on `requests` (a JSON list); `None` when
-/// python3 or its packages are missing and skipping is allowed.
-fn reference_encodings(model: &Path, requests: &serde_json::Value) -> Option<Vec<Vec<u32>>> {
+/// Runs the Hugging Face reference with `pre_tokenizer` (`smollm`, `gpt2`,
+/// `llama3`) on `requests` (a JSON list); `None` when python3 or its packages
+/// are missing and skipping is allowed.
+fn reference_encodings(
+    model: &Path,
+    pre_tokenizer: &str,
+    requests: &serde_json::Value,
+) -> Option<Vec<Vec<u32>>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/bpe_reference.py");
     let missing = |why: String| {
         if env_flag("BRAMBLE_SKIP_PYTHON") {
@@ -230,6 +235,7 @@ fn reference_encodings(model: &Path, requests: &serde_json::Value) -> Option<Vec
     let child = Command::new("python3")
         .arg(&script)
         .arg(model)
+        .arg(pre_tokenizer)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -263,7 +269,9 @@ fn smollm2_matches_hugging_face_tokenizers() {
     let mut requests: Vec<serde_json::Value> =
         texts.iter().map(|text| serde_json::json!(text)).collect();
     requests.push(serde_json::json!({ "text": chat, "parse_special": true }));
-    let Some(reference) = reference_encodings(&model, &serde_json::Value::Array(requests)) else {
+    let Some(reference) =
+        reference_encodings(&model, "smollm", &serde_json::Value::Array(requests))
+    else {
         return;
     };
     assert_eq!(reference.len(), texts.len() + 1);
@@ -301,6 +309,47 @@ fn smollm2_matches_hugging_face_tokenizers() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// GPT-2's and Llama-3's splitters have no model at hand here, so they are
+/// checked on SmolLM2's vocabulary with the pre-tokenizer swapped, on both
+/// sides (Llama-3's also skips merges for words that are tokens whole).
+#[test]
+fn gpt2_and_llama3_pre_tokenizers_match_hugging_face() {
+    let Some(model) = smollm2_path() else { return };
+    let (vocab, _) = read_vocab(&model).unwrap_or_else(|error| panic!("{error:#}"));
+    let texts = varied_texts();
+    let requests = serde_json::json!(texts);
+    for (name, pre_tokenizer) in [
+        ("gpt2", PreTokenizer::Gpt2),
+        ("llama3", PreTokenizer::Llama3),
+    ] {
+        let Some(reference) = reference_encodings(&model, name, &requests) else {
+            return;
+        };
+        let mut vocab = vocab.clone();
+        vocab.pre_tokenizer = pre_tokenizer;
+        let tokenizer = Tokenizer::new(&vocab).unwrap();
+        let mut failures = Vec::new();
+        for (text, expected) in texts.iter().zip(&reference) {
+            let ids = tokenizer.encode(text, false, false);
+            if &ids != expected {
+                failures.push(format!("{text:?}:\n  ours {ids:?}\n  HF   {expected:?}"));
+            }
+            assert_eq!(&tokenizer.decode(&ids), text);
+        }
+        eprintln!(
+            "{name}: {} of {} encodings match",
+            texts.len() - failures.len(),
+            texts.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "{name}: {} mismatches:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
 }
 
 #[test]

@@ -6,15 +6,48 @@ pub mod scalar {
     use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, GROUP};
     use half::f16;
 
+    /// binary16 → binary32, exactly, without a call: the exponent and mantissa
+    /// shifted into place and rescaled by 2¹¹² (exact for normal and subnormal
+    /// values alike), then the sign; infinities and NaNs get the all-ones exponent.
+    #[inline(always)]
+    pub fn f16_to_f32(h: f16) -> f32 {
+        let bits = h.to_bits() as u32;
+        let magnitude = f32::from_bits((bits & 0x7FFF) << 13) * f32::from_bits(0x7780_0000);
+        let mut out = magnitude.to_bits() | ((bits & 0x8000) << 16);
+        if bits & 0x7C00 == 0x7C00 {
+            out |= 0x7F80_0000;
+        }
+        f32::from_bits(out)
+    }
+
+    /// `Σ a[j]·b[j]` over one block of int8 values. Written as a plain loop
+    /// over fixed-size arrays so the compiler vectorizes it on any target.
+    #[inline(always)]
+    fn block_dot(a: &[i8; GROUP], b: &[i8; GROUP]) -> i32 {
+        let mut sum = 0i32;
+        for j in 0..GROUP {
+            sum += a[j] as i32 * b[j] as i32;
+        }
+        sum
+    }
+
+    /// The 32 nibbles of a 4-bit block as int8, minus `zero`: value `j` from the
+    /// low nibble of byte `j`, value `j + 16` from its high nibble.
+    #[inline(always)]
+    fn unpack_nibbles(qs: &[u8; GROUP / 2], zero: i8) -> [i8; GROUP] {
+        let mut out = [0i8; GROUP];
+        for j in 0..GROUP / 2 {
+            out[j] = (qs[j] & 0xF) as i8 - zero;
+            out[j + GROUP / 2] = (qs[j] >> 4) as i8 - zero;
+        }
+        out
+    }
+
     /// Integer dot product of one Q8 row with one activation.
     pub fn dot_q8_q8(row: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
         let mut sum = 0f32;
         for (w, a) in row.iter().zip(x) {
-            let mut isum = 0i32;
-            for j in 0..GROUP {
-                isum += w.qs[j] as i32 * a.qs[j] as i32;
-            }
-            sum += w.d.to_f32() * a.d * isum as f32;
+            sum += f16_to_f32(w.d) * a.d * block_dot(&w.qs, &a.qs) as f32;
         }
         sum
     }
@@ -24,12 +57,8 @@ pub mod scalar {
     pub fn dot_q4_q8(row: &[BlockQ4], x: &[BlockQ8Act]) -> f32 {
         let mut sum = 0f32;
         for (w, a) in row.iter().zip(x) {
-            let mut isum = 0i32;
-            for j in 0..GROUP / 2 {
-                isum += (w.qs[j] & 0xF) as i32 * a.qs[j] as i32;
-                isum += (w.qs[j] >> 4) as i32 * a.qs[j + GROUP / 2] as i32;
-            }
-            sum += w.d.to_f32() * a.d * isum as f32 + w.m.to_f32() * a.s;
+            let isum = block_dot(&unpack_nibbles(&w.qs, 0), &a.qs);
+            sum += f16_to_f32(w.d) * a.d * isum as f32 + f16_to_f32(w.m) * a.s;
         }
         sum
     }
@@ -38,14 +67,24 @@ pub mod scalar {
     pub fn dot_q4s_q8(row: &[BlockQ4S], x: &[BlockQ8Act]) -> f32 {
         let mut sum = 0f32;
         for (w, a) in row.iter().zip(x) {
-            let mut isum = 0i32;
-            for j in 0..GROUP / 2 {
-                isum += ((w.qs[j] & 0xF) as i32 - 8) * a.qs[j] as i32;
-                isum += ((w.qs[j] >> 4) as i32 - 8) * a.qs[j + GROUP / 2] as i32;
-            }
-            sum += w.d.to_f32() * a.d * isum as f32;
+            sum += f16_to_f32(w.d) * a.d * block_dot(&unpack_nibbles(&w.qs, 8), &a.qs) as f32;
         }
         sum
+    }
+
+    /// `Σ a·b` with eight partial sums, so the loop vectorizes without
+    /// reassociating a single floating-point chain.
+    #[inline(always)]
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let mut partial = [0f32; 8];
+        let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in a_chunks.zip(b_chunks) {
+            for k in 0..8 {
+                partial[k] += x[k] * y[k];
+            }
+        }
+        partial.iter().sum::<f32>() + tail
     }
 
     fn matmul_blocks<B>(weights: &[B], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32], dot: fn(&[B], &[BlockQ8Act]) -> f32) {
@@ -73,26 +112,35 @@ pub mod scalar {
         matmul_blocks(weights, rows, cols, x, out, dot_q4s_q8)
     }
 
-    /// f16 matrix × f32 activations, accumulated in f32.
+    /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to
+    /// f32 a piece at a time (with the CPU's conversion instructions where
+    /// `half` finds them) and reused for every activation of the batch.
     pub fn matmul_f16(weights: &[f16], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        const PIECE: usize = 256;
         let batch = x.len() / cols;
+        debug_assert_eq!(out.len(), rows * batch);
+        let mut widened = [0f32; PIECE];
         for (r, row) in weights.chunks_exact(cols).enumerate() {
-            for (b, activation) in x.chunks_exact(cols).enumerate() {
-                let mut sum = 0f32;
-                for (w, a) in row.iter().zip(activation) {
-                    sum += w.to_f32() * a;
+            for b in 0..batch {
+                out[b * rows + r] = 0.0;
+            }
+            for (p, piece) in row.chunks(PIECE).enumerate() {
+                let w = &mut widened[..piece.len()];
+                piece.convert_to_f32_slice(w);
+                for b in 0..batch {
+                    let start = b * cols + p * PIECE;
+                    out[b * rows + r] += dot_f32(w, &x[start..start + piece.len()]);
                 }
-                out[b * rows + r] = sum;
             }
         }
-        debug_assert_eq!(out.len(), rows * batch);
     }
 
     /// f32 matrix × f32 activations.
     pub fn matmul_f32(weights: &[f32], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
         for (r, row) in weights.chunks_exact(cols).enumerate() {
             for (b, activation) in x.chunks_exact(cols).enumerate() {
-                out[b * rows + r] = row.iter().zip(activation).map(|(w, a)| w * a).sum();
+                out[b * rows + r] = dot_f32(row, activation);
             }
         }
     }
@@ -100,6 +148,15 @@ pub mod scalar {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn f16_conversion_is_exact_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let h = half::f16::from_bits(bits);
+            let (ours, theirs) = (super::scalar::f16_to_f32(h), h.to_f32());
+            assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{bits:#06x}: {ours} vs {theirs}");
+        }
+    }
+
     use super::scalar::*;
     use crate::kernels::activation::scalar::quantize_activation;
     use crate::quant::*;

@@ -4,7 +4,7 @@
 pub mod scalar {
     /// `out = x / √(mean(x²) + eps) ⊙ weight`.
     pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
-        let mean_square = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let mean_square = dot(x, x) / x.len() as f32;
         let scale = 1.0 / (mean_square + eps).sqrt();
         for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
             *o = v * scale * w;
@@ -46,7 +46,7 @@ pub mod scalar {
 
     /// `Σ a·b`.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
+        crate::kernels::matmul::scalar::dot_f32(a, b)
     }
 
     /// `out += weight · x`.

@@ -8,8 +8,8 @@
 //!    (`tokenizer_st_partition`): user-defined tokens always, control and
 //!    unknown tokens only when the caller asks to parse them.
 //! 2. Each remaining text fragment is encoded by the vocabulary's algorithm:
-//!    [`sentencepiece`] merges by score; [`byte_level`] splits the fragment
-//!    into words ([`pretokenize`]) and merges each word by rank.
+//!    `sentencepiece` merges by score; `byte_level` splits the fragment
+//!    into words (`pretokenize`) and merges each word by rank.
 //!
 //! Everything that can be computed from the vocabulary is computed in
 //! [`Tokenizer::new`]: lookup tables, merge tables, and the bytes each token

@@ -277,7 +277,7 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     let dim = dimension(path, &json, "hidden_size", None)?;
     let n_heads = dimension(path, &json, "num_attention_heads", None)?;
     let n_kv_heads = dimension(path, &json, "num_key_value_heads", Some(u64::from(n_heads)))?;
-    if json.get("head_dim").map_or(true, Value::is_null) && dim % n_heads != 0 {
+    if json.get("head_dim").is_none_or(Value::is_null) && dim % n_heads != 0 {
         bail!("{}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}", path.display());
     }
     let head_dim = dimension(path, &json, "head_dim", Some(u64::from(dim / n_heads)))?;
@@ -495,6 +495,20 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         found.remove("output.weight");
     }
     let files = || shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
+    // Checked before the tensor list is made, which a corrupt layer count could make huge.
+    let layers_in_files = found
+        .keys()
+        .filter_map(|name| name.strip_prefix("blk.")?.split_once('.')?.0.parse::<u32>().ok())
+        .max()
+        .map_or(0, |last| last + 1);
+    if config.n_layers > layers_in_files {
+        bail!(
+            "{}: config.json has num_hidden_layers {}, but model.layers.{layers_in_files}.* is missing (looked in {})",
+            dir.display(),
+            config.n_layers,
+            files()
+        );
+    }
     let mut tensors = Vec::new();
     let mut locations = Vec::new();
     for (name, shape) in expected_tensors(&config) {
@@ -576,7 +590,7 @@ impl ModelSource for HfSource {
         let shard = &self.shards[location.shard];
         let (rows, cols) = (tensor.rows(), tensor.cols());
         let count = out.len() / cols;
-        if out.len() % cols != 0 || first_row.checked_add(count).map_or(true, |end| end > rows) {
+        if !out.len().is_multiple_of(cols) || first_row.checked_add(count).is_none_or(|end| end > rows) {
             bail!(
                 "{}: tensor {}: cannot read {} values from row {first_row} (rows of {cols}, {rows} rows)",
                 shard.path.display(),
@@ -703,7 +717,7 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         let mut bytes = Vec::with_capacity(expected * options.dtype.size());
         if name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight") {
             let (rows, cols) = (shape[0], shape[1]);
-            if head_dim == 0 || head_dim % 2 != 0 || rows % head_dim != 0 {
+            if head_dim == 0 || !head_dim.is_multiple_of(2) || !rows.is_multiple_of(head_dim) {
                 bail!("writing {}: tensor {name} has {rows} rows, not whole heads of {head_dim}", dir.display());
             }
             // Hugging Face's row r holds our row permuted_target_row(r).

@@ -122,11 +122,15 @@ struct Placement {
     offset: u64,
 }
 
-/// Where every array of a checkpoint of `params` lies, and the file's total size.
-fn layout(params: &Params, version: u32) -> Result<(Vec<Placement>, u64)> {
-    let Params { dim, hidden_dim, n_layers, vocab_size, seq_len, .. } = *params;
+/// One kind of array, in file order: `(GGUF part name, or None for freq_cis;
+/// for a part, whether there is one per layer, for freq_cis whether it is the
+/// imaginary half; shape)`.
+type ArrayKind = (Option<&'static str>, bool, Vec<usize>);
+
+/// The kinds of array of a checkpoint of `params`, in file order.
+fn array_kinds(params: &Params, version: u32) -> Result<Vec<ArrayKind>> {
+    let Params { dim, hidden_dim, vocab_size, seq_len, .. } = *params;
     let (q_dim, kv_dim, half_head) = (dim, params.kv_dim(), params.head_dim() / 2);
-    // (GGUF part name or a marker, per layer?, shape)
     let per_layer = |part: &'static str, shape: Vec<usize>| (Some(part), true, shape);
     let single = |part: &'static str, shape: Vec<usize>| (Some(part), false, shape);
     let attn_norm = per_layer("attn_norm", vec![dim]);
@@ -141,7 +145,7 @@ fn layout(params: &Params, version: u32) -> Result<(Vec<Placement>, u64)> {
     let embedding = single("token_embd", vec![vocab_size, dim]);
     let final_norm = single("output_norm", vec![dim]);
     let classifier = single("output", vec![vocab_size, dim]);
-    let mut order = match version {
+    let mut kinds = match version {
         0 => vec![
             embedding,
             attn_norm,
@@ -161,28 +165,57 @@ fn layout(params: &Params, version: u32) -> Result<(Vec<Placement>, u64)> {
         other => bail!("llama2.c checkpoint version {other} has no float32 layout"),
     };
     if !params.shared_classifier {
-        order.push(classifier);
+        kinds.push(classifier);
     }
-    let header = if version == 0 { LEGACY_HEADER_BYTES } else { VERSIONED_HEADER_BYTES };
-    let overflow = || anyhow!("llama2.c checkpoint of {params}: size overflows");
-    let mut offset = header;
+    Ok(kinds)
+}
+
+/// Bytes of one array of `shape`.
+fn array_bytes(shape: &[usize]) -> Option<u64> {
+    shape.iter().try_fold(4u64, |n, &d| n.checked_mul(d as u64))
+}
+
+fn header_bytes(version: u32) -> u64 {
+    if version == 0 {
+        LEGACY_HEADER_BYTES
+    } else {
+        VERSIONED_HEADER_BYTES
+    }
+}
+
+/// The size of a checkpoint of `params`, computed without listing its arrays
+/// (a corrupt header may claim millions of layers).
+fn file_size(params: &Params, version: u32) -> Result<u64> {
+    let overflow = || anyhow!("a llama2.c checkpoint of {params} would be larger than any file");
+    let mut total = header_bytes(version);
+    for (part, per_layer, shape) in array_kinds(params, version)? {
+        let copies = if part.is_some() && per_layer { params.n_layers as u64 } else { 1 };
+        let bytes = array_bytes(&shape).and_then(|b| b.checked_mul(copies)).ok_or_else(overflow)?;
+        total = total.checked_add(bytes).ok_or_else(overflow)?;
+    }
+    Ok(total)
+}
+
+/// Where every array of a checkpoint of `params` lies. Call after
+/// [`file_size`] has matched the file, which bounds the number of arrays.
+fn layout(params: &Params, version: u32) -> Result<Vec<Placement>> {
+    let mut offset = header_bytes(version);
     let mut placements = Vec::new();
-    for (part, flag, shape) in order {
-        let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)).ok_or_else(overflow)?;
-        let bytes = elements.checked_mul(4).ok_or_else(overflow)?;
-        // For the freq_cis markers `flag` tells real (false) from imaginary (true); otherwise it means per layer.
-        let (instances, names): (usize, Vec<Part>) = match part {
-            Some(name) if flag => (n_layers, (0..n_layers).map(|l| Part::Tensor(format!("blk.{l}.{name}.weight"))).collect()),
-            Some(name) => (1, vec![Part::Tensor(format!("{name}.weight"))]),
-            None => (1, vec![if flag { Part::FreqCisImag } else { Part::FreqCisReal }]),
+    for (part, flag, shape) in array_kinds(params, version)? {
+        let parts: Vec<Part> = match part {
+            Some(name) if flag => {
+                (0..params.n_layers).map(|l| Part::Tensor(format!("blk.{l}.{name}.weight"))).collect()
+            }
+            Some(name) => vec![Part::Tensor(format!("{name}.weight"))],
+            None => vec![if flag { Part::FreqCisImag } else { Part::FreqCisReal }],
         };
-        debug_assert_eq!(instances, names.len());
-        for part in names {
+        let bytes = array_bytes(&shape).ok_or_else(|| anyhow!("a llama2.c checkpoint of {params} overflows"))?;
+        for part in parts {
             placements.push(Placement { part, shape: shape.clone(), offset });
-            offset = offset.checked_add(bytes).ok_or_else(overflow)?;
+            offset += bytes;
         }
     }
-    Ok((placements, offset))
+    Ok(placements)
 }
 
 /// The GGUF names of a model's tensors, in GGUF order.
@@ -319,13 +352,14 @@ pub fn open(checkpoint: &Path, tokenizer: &Path) -> Result<Llama2cSource> {
     // are not modified while it runs.
     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{name}: cannot memory-map"))?;
     let (params, version) = read_header(checkpoint, &map)?;
-    let (placements, expected) = layout(&params, version).with_context(|| format!("{name}"))?;
+    let expected = file_size(&params, version).map_err(|e| anyhow!("{name}: {e}"))?;
     if map.len() as u64 != expected {
         bail!(
             "{name}: {} bytes, but a version {version} checkpoint of {params} is {expected} bytes",
             map.len()
         );
     }
+    let placements = layout(&params, version).map_err(|e| anyhow!("{name}: {e}"))?;
     let head_dim = params.head_dim();
     let mut config = ModelConfig::zeroed();
     config.arch = ARCH_LLAMA;
@@ -490,7 +524,7 @@ impl ModelSource for Llama2cSource {
             self.tensors.get(index).ok_or_else(|| anyhow!("{name}: no tensor {index} (there are {})", self.tensors.len()))?;
         let (rows, cols) = (tensor.rows(), tensor.cols());
         let count = out.len() / cols;
-        if out.len() % cols != 0 || first_row.checked_add(count).map_or(true, |end| end > rows) {
+        if !out.len().is_multiple_of(cols) || first_row.checked_add(count).is_none_or(|end| end > rows) {
             bail!(
                 "{name}: tensor {}: cannot read {} values from row {first_row} (rows of {cols}, {rows} rows)",
                 tensor.name,
@@ -572,7 +606,8 @@ pub fn write_llama2c(model: &SyntheticModel, checkpoint: &Path, tokenizer: &Path
         seq_len: config.context_length as usize,
         shared_classifier: config.tied_output != 0,
     };
-    let (placements, total) = layout(&params, version)?;
+    let total = file_size(&params, version).map_err(|e| anyhow!("writing {name}: {e}"))?;
+    let placements = layout(&params, version)?;
     let total = usize::try_from(total).map_err(|_| anyhow!("writing {name}: {total} bytes does not fit in memory"))?;
     let mut bytes = vec![0u8; total];
     let header = [

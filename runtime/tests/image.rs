@@ -1,0 +1,214 @@
+//! The image reader against valid, corrupt, truncated and future images.
+
+use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::image::layout::{self, section};
+use bramble_runtime::image::{encode_vocab, ImageWriter, OpenOptions, TensorView};
+use bramble_runtime::quant::{quantize_into, Encoding};
+use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
+use bramble_runtime::{ErrorKind, Model, ModelConfig, ModelImage};
+use bytemuck::Zeroable;
+use std::path::Path;
+
+fn tiny_config() -> ModelConfig {
+    let mut c = ModelConfig::zeroed();
+    c.arch = ARCH_LLAMA;
+    c.dim = 32;
+    c.n_layers = 1;
+    c.n_heads = 2;
+    c.n_kv_heads = 1;
+    c.head_dim = 16;
+    c.ffn_dim = 64;
+    c.vocab_size = 6;
+    c.context_length = 16;
+    c.rope_theta = 10000.0;
+    c.rope_dim = 16;
+    c.norm_eps = 1e-5;
+    c.tied_output = 1;
+    c
+}
+
+fn tiny_vocab() -> Vocab {
+    let tokens = ["<unk>", "<s>", "</s>", "▁a", "b", "▁ab"];
+    Vocab {
+        kind: TokenizerKind::SentencePiece,
+        pre_tokenizer: PreTokenizer::None,
+        tokens: tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
+        scores: vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
+        types: vec![TokenType::Unknown, TokenType::Control, TokenType::Control, TokenType::Normal, TokenType::Normal, TokenType::Normal],
+        merges: vec![],
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: None,
+        eot_id: None,
+        add_bos: true,
+        add_eos: false,
+        add_space_prefix: true,
+    }
+}
+
+/// Writes a valid tiny image (q4 matrices, q8 embedding) and returns its bytes.
+fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
+    let c = tiny_config();
+    let mut w = ImageWriter::create(path).unwrap();
+    w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
+    w.add_section(section::TOKENIZER, &encode_vocab(&tiny_vocab()).unwrap(), true).unwrap();
+    extra(&mut w);
+    let mut seed = 1u32;
+    let mut tensor = |w: &mut ImageWriter, name: &str, enc: Encoding, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let mut bytes = vec![0u8; enc.bytes_for(n)];
+        quantize_into(enc, &values, &mut bytes);
+        w.add_tensor(name, enc, shape, &bytes).unwrap();
+    };
+    tensor(&mut w, "token_embd.weight", Encoding::Q8, &[6, 32]);
+    tensor(&mut w, "blk.0.attn_norm.weight", Encoding::F32, &[32]);
+    tensor(&mut w, "blk.0.attn_q.weight", Encoding::Q4, &[32, 32]);
+    tensor(&mut w, "blk.0.attn_k.weight", Encoding::Q4S, &[16, 32]);
+    tensor(&mut w, "blk.0.attn_v.weight", Encoding::F16, &[16, 32]);
+    tensor(&mut w, "blk.0.attn_output.weight", Encoding::Q4, &[32, 32]);
+    tensor(&mut w, "blk.0.ffn_norm.weight", Encoding::F32, &[32]);
+    tensor(&mut w, "blk.0.ffn_gate.weight", Encoding::Q4, &[64, 32]);
+    tensor(&mut w, "blk.0.ffn_up.weight", Encoding::Q8, &[64, 32]);
+    tensor(&mut w, "blk.0.ffn_down.weight", Encoding::F32, &[32, 64]);
+    tensor(&mut w, "output_norm.weight", Encoding::F32, &[32]);
+    w.finish().unwrap();
+    std::fs::read(path).unwrap()
+}
+
+fn open_bytes(bytes: &[u8]) -> bramble_runtime::Result<ModelImage> {
+    ModelImage::from_bytes("test.bramble", bytes, OpenOptions::default())
+}
+
+#[test]
+fn valid_image_opens_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    assert_eq!(*image.config(), tiny_config());
+    assert_eq!(*image.vocab(), tiny_vocab());
+    assert_eq!(image.tensors().len(), 11);
+    for t in image.tensors() {
+        assert_eq!(t.offset % 64, 0, "{} is not 64-byte aligned", t.name);
+    }
+    assert!(matches!(image.tensor_view(image.tensor("blk.0.attn_k.weight").unwrap()), TensorView::Q4S(b) if b.len() == 16));
+    let model = Model::new(&image).unwrap();
+    let mut state = model.new_state(8, 4);
+    let logits = model.forward(&mut state, &[1, 3, 4], 0, bramble_runtime::model::Logits::All).unwrap();
+    assert_eq!(logits.len(), 3 * 6);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    // No temporary file is left beside the image.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("tiny.bramble")]);
+}
+
+#[test]
+fn forward_rejects_bad_tokens_and_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let model = Model::new(&image).unwrap();
+    let mut state = model.new_state(4, 2);
+    let last = bramble_runtime::model::Logits::Last;
+    assert_eq!(model.forward(&mut state, &[6], 0, last).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(model.forward(&mut state, &[1], 4, last).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(model.forward(&mut state, &[1, 2, 3], 0, last).unwrap_err().kind(), ErrorKind::InvalidInput);
+    assert_eq!(model.forward(&mut state, &[], 0, last).unwrap_err().kind(), ErrorKind::InvalidInput);
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = write_tiny(&dir.path().join("tiny.bramble"), |_| {});
+    for len in (0..bytes.len()).step_by(7).chain([bytes.len() - 1]) {
+        let error = open_bytes(&bytes[..len]).err().unwrap_or_else(|| panic!("truncated to {len} bytes opened"));
+        assert_eq!(error.kind(), ErrorKind::Corrupt, "{len}: {error}");
+    }
+}
+
+#[test]
+fn every_flipped_byte_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = write_tiny(&dir.path().join("tiny.bramble"), |_| {});
+    let mut caught = 0;
+    for at in (0..bytes.len()).step_by(3) {
+        let mut corrupt = bytes.clone();
+        corrupt[at] ^= 0x5A;
+        // Padding between sections is not covered by any checksum, and may change harmlessly.
+        if let Err(error) = open_bytes(&corrupt) {
+            assert!(matches!(error.kind(), ErrorKind::Corrupt | ErrorKind::Version | ErrorKind::Unsupported), "{error}");
+            caught += 1;
+        }
+    }
+    let checked = (0..bytes.len()).step_by(3).count();
+    assert!(caught * 10 >= checked * 9, "only {caught} of {checked} corruptions were caught");
+}
+
+#[test]
+fn corrupt_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    let mut bytes = write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let q = image.tensor("blk.0.attn_q.weight").unwrap().offset;
+    bytes[q + 5] ^= 1;
+    let error = open_bytes(&bytes).err().unwrap();
+    assert!(error.message().contains("blk.0.attn_q.weight") && error.message().contains("checksum"), "{error}");
+    // Skipping tensor checksums opens it (the bytes are still valid blocks).
+    assert!(ModelImage::from_bytes("x", &bytes, OpenOptions { verify_tensor_checksums: false }).is_ok());
+}
+
+#[test]
+fn wrong_versions_are_refused_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = write_tiny(&dir.path().join("tiny.bramble"), |_| {});
+    for (offset, what) in [(8, "format version"), (12, "layout version")] {
+        let mut future = bytes.clone();
+        future[offset] = 9;
+        let checksum = crc32fast::hash(&future[..60]);
+        future[60..64].copy_from_slice(&checksum.to_le_bytes());
+        let error = open_bytes(&future).err().unwrap();
+        assert_eq!(error.kind(), ErrorKind::Version, "{error}");
+        assert!(error.message().contains(what), "{error}");
+    }
+    let mut not_image = bytes.clone();
+    not_image[..4].copy_from_slice(b"GGUF");
+    assert!(open_bytes(&not_image).err().unwrap().message().contains("magic"));
+}
+
+#[test]
+fn unknown_sections_skipped_unless_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let optional = write_tiny(&dir.path().join("a.bramble"), |w| w.add_section("rsparse_v9", b"later", false).unwrap());
+    let image = open_bytes(&optional).unwrap();
+    assert_eq!(image.section("rsparse_v9"), Some(&b"later"[..]));
+
+    let required = write_tiny(&dir.path().join("b.bramble"), |w| w.add_section("future_thing", b"x", true).unwrap());
+    let error = open_bytes(&required).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Unsupported);
+    assert!(error.message().contains("future_thing"), "{error}");
+}
+
+#[test]
+fn writer_refuses_bad_tensors_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.bramble");
+    {
+        let mut w = ImageWriter::create(&path).unwrap();
+        assert!(w.begin_tensor("x", Encoding::Q4, &[2, 33]).is_err(), "33 columns are not whole blocks");
+        w.begin_tensor("y", Encoding::F32, &[4]).unwrap();
+        assert!(w.write_tensor_data(&[0u8; 20]).is_err(), "more bytes than the tensor holds");
+        assert!(w.end_tensor().is_err(), "a tensor with the wrong byte count cannot end");
+        // Dropped unfinished.
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "an unfinished image left a file behind");
+    assert!(layout::fixed_name::<56>(&"n".repeat(56)).is_none());
+}
