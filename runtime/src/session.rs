@@ -155,62 +155,56 @@ impl TextStream {
             return true;
         }
         self.pending.extend_from_slice(bytes);
-        // The longest prefix that is whole UTF-8; invalid bytes become U+FFFD below.
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(text) => text.len(),
-            Err(e) if e.error_len().is_some() => {
-                // Invalid (not merely incomplete) bytes: emit what is valid, then a replacement.
-                let good = e.valid_up_to();
-                let bad = e.error_len().unwrap_or(1);
-                if !self.emit_checked(good, emit) {
-                    self.pending.drain(..good);
-                    self.pending.drain(..bad.min(self.pending.len()));
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(_) => return self.emit_valid(self.pending.len(), true, emit),
+                // Invalid bytes (not merely an incomplete character at the end):
+                // the text before them goes out whole, then U+FFFD for them.
+                Err(e) if e.error_len().is_some() => {
+                    let (good, bad) = (e.valid_up_to(), e.error_len().unwrap_or(1));
+                    if self.emit_valid(good, false, emit) {
+                        return true;
+                    }
+                    self.pending.drain(..bad);
                     emit("\u{FFFD}");
-                    return self.push(&[], emit);
                 }
-                return true;
+                Err(e) => return self.emit_valid(e.valid_up_to(), true, emit),
             }
-            Err(e) => e.valid_up_to(),
-        };
-        !self.emit_checked_holding_prefix(valid, emit)
+        }
     }
 
-    /// Emits the first `valid` bytes unless they contain a stop string (then
-    /// emits what precedes it and returns false).
-    fn emit_checked(&mut self, valid: usize, emit: &mut dyn FnMut(&str)) -> bool {
-        let text = std::str::from_utf8(&self.pending[..valid]).expect("checked UTF-8");
+    /// Emits the first `valid` bytes of `pending` (whole UTF-8) and drains them,
+    /// except, with `hold`, a tail that could begin a stop string. Returns true
+    /// if a stop string was found (the text before it is emitted).
+    fn emit_valid(&mut self, valid: usize, hold: bool, emit: &mut dyn FnMut(&str)) -> bool {
+        let text = std::str::from_utf8(&self.pending[..valid]).expect("caller passes a UTF-8 prefix");
         if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
             if at > 0 {
                 emit(&text[..at]);
             }
             self.stopped = true;
             self.pending.clear();
-            return false;
+            return true;
         }
-        true
-    }
-
-    fn emit_checked_holding_prefix(&mut self, valid: usize, emit: &mut dyn FnMut(&str)) -> bool {
-        if !self.emit_checked(valid, emit) {
-            return false;
-        }
-        let text = std::str::from_utf8(&self.pending[..valid]).expect("checked UTF-8");
-        // Hold back the longest tail that begins some stop string.
-        let mut hold = 0;
-        for stop in &self.stops {
-            for len in (1..stop.len().min(text.len() + 1)).rev() {
-                if text.is_char_boundary(text.len() - len) && stop.as_bytes().starts_with(&text.as_bytes()[text.len() - len..]) {
-                    hold = hold.max(len);
-                    break;
+        let mut held = 0;
+        if hold {
+            for stop in &self.stops {
+                // The longest tail of `text` that is a proper prefix of `stop`.
+                for len in (1..stop.len().min(text.len() + 1)).rev() {
+                    let start = text.len() - len;
+                    if text.is_char_boundary(start) && stop.as_bytes().starts_with(&text.as_bytes()[start..]) {
+                        held = held.max(len);
+                        break;
+                    }
                 }
             }
         }
-        let ready = valid - hold;
+        let ready = valid - held;
         if ready > 0 {
             emit(&text[..ready]);
             self.pending.drain(..ready);
         }
-        true
+        false
     }
 
     /// Emits whatever is held back (at the end of a generation).

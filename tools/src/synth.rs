@@ -104,6 +104,8 @@ pub fn sentencepiece_vocab() -> Vocab {
         "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the", "er", "an", "▁s",
         "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c", "▁m", "or", "is", "▁and", "ll",
         "▁Hello", "▁world", "H", "W", "w", ",", ".", "!",
+        // The steps by which pair merges reach ▁Hello and ▁world.
+        "▁H", "▁He", "▁Hell", "▁wor", "ld",
     ];
     for (i, piece) in pieces.iter().enumerate() {
         tokens.push(piece.as_bytes().to_vec());

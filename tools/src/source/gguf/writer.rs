@@ -1,11 +1,13 @@
-//! Writes GGUF v3 files: a general [`GgufWriter`] and [`write_gguf`], which lays
-//! out a [`SyntheticModel`] the way llama.cpp's converter would.
+//! Writes GGUF v3 files: a general [`GgufWriter`] (in memory, or streaming
+//! tensor by tensor for files larger than memory) and [`write_gguf`], which
+//! lays out a [`SyntheticModel`] the way llama.cpp's converter would.
 
 use super::quants::quantize;
 use super::{Array, GgmlType, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
 use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
+use bramble_runtime::{ModelConfig, Vocab};
 use std::io::Write;
 use std::path::Path;
 
@@ -32,10 +34,19 @@ struct PendingTensor {
     /// GGUF order, innermost first.
     dims: Vec<u64>,
     ggml_type: GgmlType,
-    data: Vec<u8>,
+    /// The stored bytes; `None` for a tensor declared with
+    /// [`GgufWriter::declare_tensor`], whose bytes [`GgufWriter::write_streaming`] asks for.
+    data: Option<Vec<u8>>,
+    /// Stored size in bytes.
+    size: usize,
 }
 
 /// Builds a GGUF v3 file: metadata and tensors in the order added.
+///
+/// Small files are built in memory ([`GgufWriter::add_tensor`], then
+/// [`GgufWriter::write`]). Files too large for memory declare their tensors
+/// ([`GgufWriter::declare_tensor`]) and [`GgufWriter::write_streaming`] asks
+/// for each tensor's bytes as it reaches it.
 #[derive(Debug, Clone, Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
@@ -66,6 +77,26 @@ impl GgufWriter {
         ggml_type: GgmlType,
         data: Vec<u8>,
     ) -> Result<&mut Self> {
+        let size = self.check_tensor(name, shape, ggml_type)?;
+        if data.len() != size {
+            let count: usize = shape.iter().product();
+            bail!("tensor '{name}': {} bytes given, {count} values of {ggml_type} take {size}", data.len());
+        }
+        self.push_tensor(name, shape, ggml_type, Some(data), size);
+        Ok(self)
+    }
+
+    /// Adds a tensor of `shape` (outermost first) whose bytes are not given
+    /// yet: [`GgufWriter::write_streaming`] asks for them. Such a file cannot be
+    /// made with [`GgufWriter::to_bytes`] or [`GgufWriter::write`].
+    pub fn declare_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType) -> Result<&mut Self> {
+        let size = self.check_tensor(name, shape, ggml_type)?;
+        self.push_tensor(name, shape, ggml_type, None, size);
+        Ok(self)
+    }
+
+    /// Checks a new tensor's shape and name; returns its stored size in bytes.
+    fn check_tensor(&self, name: &str, shape: &[usize], ggml_type: GgmlType) -> Result<usize> {
         if shape.is_empty() || shape.len() > MAX_DIMS || shape.contains(&0) {
             bail!("tensor '{name}': shape {shape:?} needs 1 to {MAX_DIMS} non-zero dimensions");
         }
@@ -74,25 +105,21 @@ impl GgufWriter {
         if !row_length.is_multiple_of(block_values) {
             bail!("tensor '{name}': row length {row_length} is not a multiple of the {ggml_type} block size {block_values}");
         }
-        let count: usize = shape.iter().product();
-        if data.len() != ggml_type.bytes_for(count) {
-            bail!(
-                "tensor '{name}': {} bytes given, {count} values of {ggml_type} take {}",
-                data.len(),
-                ggml_type.bytes_for(count)
-            );
-        }
         if self.tensors.iter().any(|t| t.name == name) {
             bail!("tensor '{name}' added twice");
         }
-        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        let count: usize = shape.iter().product();
+        Ok(ggml_type.bytes_for(count))
+    }
+
+    fn push_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Option<Vec<u8>>, size: usize) {
         self.tensors.push(PendingTensor {
             name: name.to_string(),
-            dims,
+            dims: shape.iter().rev().map(|&d| d as u64).collect(),
             ggml_type,
             data,
+            size,
         });
-        Ok(self)
     }
 
     /// Quantizes `values` to `ggml_type` and adds them as a tensor of `shape`.
@@ -117,9 +144,9 @@ impl GgufWriter {
         }
     }
 
-    /// The whole file as bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let alignment = self.alignment()?;
+    /// Header, metadata and tensor infos: everything before the data section
+    /// (which starts at the next multiple of the alignment).
+    fn head(&self, alignment: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&GGUF_MAGIC);
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -138,11 +165,21 @@ impl GgufWriter {
             }
             out.extend_from_slice(&tensor.ggml_type.id().to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + tensor.data.len() as u64).div_ceil(alignment) * alignment;
+            offset = (offset + tensor.size as u64).div_ceil(alignment) * alignment;
         }
+        out
+    }
+
+    /// The whole file as bytes (every tensor's bytes must have been given).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let alignment = self.alignment()?;
+        let mut out = self.head(alignment);
         for tensor in &self.tensors {
+            let Some(data) = &tensor.data else {
+                bail!("tensor '{}' was declared without data; write the file with write_streaming", tensor.name);
+            };
             pad_to(&mut out, alignment);
-            out.extend_from_slice(&tensor.data);
+            out.extend_from_slice(data);
         }
         // ggml pads the last tensor too, so the data section is a whole number of alignments.
         if !self.tensors.is_empty() {
@@ -162,6 +199,73 @@ impl GgufWriter {
             .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
     }
+
+    /// Writes the file to `path` without holding tensor data in memory: for
+    /// each tensor declared with [`GgufWriter::declare_tensor`], in order,
+    /// `fill(name, out)` writes its bytes to `out` (in pieces of any size, but
+    /// exactly the tensor's stored size in all). Tensors added with data are
+    /// written as given.
+    pub fn write_streaming(
+        &self,
+        path: &Path,
+        mut fill: impl FnMut(&str, &mut dyn Write) -> Result<()>,
+    ) -> Result<()> {
+        let at_fault = |error: anyhow::Error| anyhow!("{}: {error:#}", path.display());
+        let alignment = self.alignment().map_err(at_fault)?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut out = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), written: 0 };
+        let write_error = |e: std::io::Error| anyhow!("{}: cannot write: {e}", path.display());
+        out.write_all(&self.head(alignment)).map_err(write_error)?;
+        for tensor in &self.tensors {
+            pad_writer(&mut out, alignment).map_err(write_error)?;
+            let start = out.written;
+            match &tensor.data {
+                Some(data) => out.write_all(data).map_err(write_error)?,
+                None => fill(&tensor.name, &mut out)
+                    .with_context(|| format!("{}: tensor '{}'", path.display(), tensor.name))?,
+            }
+            let written = out.written - start;
+            if written != tensor.size as u64 {
+                bail!(
+                    "{}: tensor '{}': {written} bytes written, its {} values of {} take {}",
+                    path.display(),
+                    tensor.name,
+                    tensor.dims.iter().product::<u64>(),
+                    tensor.ggml_type,
+                    tensor.size
+                );
+            }
+        }
+        if !self.tensors.is_empty() {
+            pad_writer(&mut out, alignment).map_err(write_error)?;
+        }
+        out.inner.flush().map_err(write_error)?;
+        Ok(())
+    }
+}
+
+/// A writer that counts the bytes through it.
+struct CountingWriter<W: Write> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(bytes)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes zeros up to the next multiple of `alignment`.
+fn pad_writer<W: Write>(out: &mut CountingWriter<W>, alignment: u64) -> std::io::Result<()> {
+    let padding = out.written.div_ceil(alignment) * alignment - out.written;
+    out.write_all(&vec![0; padding as usize])
 }
 
 fn pad_to(out: &mut Vec<u8>, alignment: u64) {
@@ -262,15 +366,29 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     if !GgmlType::WRITABLE.contains(&weight_type) {
         bail!("{}: cannot write weights as {weight_type}", path.display());
     }
-    let config = &model.config;
+    let mut writer = llama_writer(&model.config, &model.vocab)
+        .with_context(|| format!("{}", path.display()))?;
+    for (name, shape, values) in &model.tensors {
+        let ggml_type = match shape.len() {
+            1 => GgmlType::F32,
+            _ => weight_type_for(weight_type, shape[shape.len() - 1]),
+        };
+        writer
+            .add_values(name, shape, ggml_type, values)
+            .with_context(|| format!("{}", path.display()))?;
+    }
+    writer.write(path)
+}
+
+/// A writer holding the metadata of a Llama of `config` with tokenizer `vocab`
+/// (as [`write_gguf`] writes it), and no tensors yet.
+pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
     if config.rope_style != 0 {
         bail!(
-            "{}: GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}",
-            path.display(),
+            "GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}",
             config.rope_style
         );
     }
-    let vocab = &model.vocab;
     let mut writer = GgufWriter::new();
     writer
         .set("general.architecture", Value::String(b"llama".to_vec()))
@@ -326,10 +444,7 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     if !vocab.merges.is_empty() {
         let text = |id: u32| {
             vocab.tokens.get(id as usize).ok_or_else(|| {
-                anyhow!(
-                    "{}: a merge names token {id}, which does not exist",
-                    path.display()
-                )
+anyhow!("a merge names token {id}, which does not exist")
             })
         };
         let merges = vocab
@@ -364,14 +479,5 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
             Value::String(template.as_bytes().to_vec()),
         );
 
-    for (name, shape, values) in &model.tensors {
-        let ggml_type = match shape.len() {
-            1 => GgmlType::F32,
-            _ => weight_type_for(weight_type, shape[shape.len() - 1]),
-        };
-        writer
-            .add_values(name, shape, ggml_type, values)
-            .with_context(|| format!("{}", path.display()))?;
-    }
-    writer.write(path)
+    Ok(writer)
 }

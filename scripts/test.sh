@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Bramble's whole test suite, from a fresh Debian/Ubuntu machine:
+#   1. installs what it needs (apt: qemu-user, the aarch64 cross compiler;
+#      rustup: the aarch64 target; pip: numpy, gguf, tokenizers for the
+#      independent reference), unless already present;
+#   2. fetches the default model and The Tempest into ~/.cache/bramble;
+#   3. runs every host test (unit, integration, end-to-end);
+#   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
+#      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76).
+#
+#   scripts/test.sh              # everything
+#   scripts/test.sh --host-only  # skip the aarch64 runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+host_only=false
+[ "${1:-}" = "--host-only" ] && host_only=true
+
+say() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+say "dependencies"
+need_apt=()
+command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+rustup target list --installed | grep -q aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || python3 -m pip install --quiet -r tests/reference/requirements.txt
+
+say "default model and texts"
+models/fetch-default.sh >/dev/null
+
+say "host tests"
+cargo test --workspace --quiet 2>&1 | tail -n +1
+
+if ! $host_only; then
+    for cpu in cortex-a72 cortex-a76; do
+        say "aarch64 tests under qemu -cpu $cpu"
+        QEMU_CPU=$cpu cargo test --quiet --target aarch64-unknown-linux-gnu -p bramble-runtime
+    done
+fi
+say "all tests passed"
