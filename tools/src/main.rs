@@ -566,6 +566,26 @@ fn run_synth(args: SynthArgs) -> Result<()> {
                 .with_context(|| format!("--weights {:?} is not a GGUF type", args.weights))?;
             bramble_tools::source::gguf::write_gguf(&model, &args.output, kind)?;
         }
+        "hf" => {
+            use bramble_tools::source::hf::{write_hf_dir, HfDtype, HfWriteOptions};
+            let dtype = match args.weights.as_str() {
+                "f32" => HfDtype::F32,
+                "f16" => HfDtype::F16,
+                "bf16" => HfDtype::BF16,
+                other => bail!("--weights {other:?}: a Hugging Face directory holds f32, f16 or bf16"),
+            };
+            let template = match tokenizer {
+                TokenizerKind::SentencePiece => bramble_runtime::chat::LLAMA2,
+                TokenizerKind::ByteLevelBpe => bramble_runtime::chat::CHATML,
+            };
+            let options = HfWriteOptions { dtype, chat_template: Some(template.to_string()), ..HfWriteOptions::default() };
+            write_hf_dir(&model, &args.output, options)?;
+        }
+        "llama2c" => {
+            anyhow::ensure!(args.weights == "f32", "--weights {:?}: llama2.c checkpoints hold f32", args.weights);
+            let tokenizer_path = args.output.with_file_name("tokenizer.bin");
+            bramble_tools::source::llama2c::write_llama2c(&model, &args.output, &tokenizer_path, 0)?;
+        }
         other => bail!("--format {other:?}: expected gguf, hf or llama2c"),
     }
     println!("wrote {}", args.output.display());

@@ -367,7 +367,7 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
         bail!("{}: cannot write weights as {weight_type}", path.display());
     }
     let mut writer = llama_writer(&model.config, &model.vocab)
-        .with_context(|| format!("{}", path.display()))?;
+        .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
     for (name, shape, values) in &model.tensors {
         let ggml_type = match shape.len() {
             1 => GgmlType::F32,
