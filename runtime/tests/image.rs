@@ -212,3 +212,77 @@ fn writer_refuses_bad_tensors_and_leaves_nothing() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "an unfinished image left a file behind");
     assert!(layout::fixed_name::<56>(&"n".repeat(56)).is_none());
 }
+
+/// Rewrites every checksum of an image so that a mutation reaches the
+/// structural checks behind them (a flipped byte alone stops at the checksum).
+fn reseal(bytes: &mut [u8]) {
+    let header: layout::Header = bytemuck::pod_read_unaligned(&bytes[..64]);
+    let table = header.section_table_offset as usize;
+    for i in 0..header.section_count as usize {
+        let at = table + i * 64;
+        if at + 64 > bytes.len() {
+            break;
+        }
+        let entry: layout::SectionEntry = bytemuck::pod_read_unaligned(&bytes[at..at + 64]);
+        let (offset, size) = (entry.offset as usize, entry.size as usize);
+        if entry.flags & layout::SECTION_PER_TENSOR == 0 && offset.checked_add(size).is_some_and(|end| end <= bytes.len()) {
+            let crc = crc32fast::hash(&bytes[offset..offset + size]);
+            bytes[at + 48..at + 52].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+    let crc = crc32fast::hash(&bytes[..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn structural_mutations_behind_valid_checksums_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = write_tiny(&dir.path().join("tiny.bramble"), |_| {});
+    let image = open_bytes(&bytes).unwrap();
+    // The metadata: header, section table, config, tokenizer and tensor index.
+    let mut regions = vec![0..64];
+    for name in [section::CONFIG, section::TOKENIZER, section::TENSOR_INDEX] {
+        let s = image.sections().iter().find(|s| s.name == name).unwrap();
+        regions.push(s.offset..s.offset + s.size);
+    }
+    let table = bytemuck::pod_read_unaligned::<layout::Header>(&bytes[..64]).section_table_offset as usize;
+    regions.push(table..bytes.len());
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..20_000 {
+        let mut mutant = bytes.clone();
+        let region = &regions[round % regions.len()];
+        for _ in 0..1 + next() % 3 {
+            let at = region.start + (next() as usize) % region.len();
+            mutant[at] = match next() % 4 {
+                0 => 0xFF,
+                1 => 0,
+                2 => mutant[at].wrapping_add(1),
+                _ => next() as u8,
+            };
+        }
+        reseal(&mut mutant);
+        match open_bytes(&mutant) {
+            Ok(image) => {
+                opened += 1;
+                // Whatever opens must be usable without panicking.
+                if let Ok(tokenizer) = bramble_runtime::tokenizer::Tokenizer::new(image.vocab()) {
+                    let ids = tokenizer.encode("ab a b", true, true);
+                    let _ = tokenizer.decode(&ids);
+                }
+                if let Ok(model) = Model::new(&image) {
+                    let mut state = model.new_state(4, 2);
+                    let _ = model.forward(&mut state, &[1, 3], 0, bramble_runtime::model::Logits::All);
+                }
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 1000, "only {refused} of the mutants were refused ({opened} opened)");
+}
