@@ -8,7 +8,13 @@
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
+use crate::kernels::pool::{split_range, ThreadPool, MAX_THREADS};
 use crate::kernels::Kernels;
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Rows a kernel step handles together; thread splits fall on multiples of it.
+const ROWS_PER_STEP: usize = 4;
 use crate::quant::{self, BlockQ8Act, Encoding, GROUP};
 
 /// A weight matrix `[rows, cols]` borrowed from the image.
@@ -56,16 +62,47 @@ impl Matrix<'_> {
     }
 
     /// `out[b·rows + r] = W[r] · x[b]` for a batch of activations given both as
-    /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized weights).
-    fn matmul(&self, kernels: &Kernels, x: &[f32], xq: &[BlockQ8Act], out: &mut [f32]) {
+    /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized
+    /// weights), the rows split across the pool's threads. Kernels write rows
+    /// outermost; for a batch that goes through `scratch` and is transposed.
+    fn matmul(&self, kernels: &Kernels, pool: &ThreadPool, x: &[f32], xq: &[BlockQ8Act], out: &mut [f32], scratch: &mut [f32]) {
         let batch = x.len() / self.cols;
-        let out = &mut out[..batch * self.rows];
-        match self.data {
-            TensorView::F32(w) => (kernels.matmul_f32)(w, self.rows, self.cols, x, out),
-            TensorView::F16(w) => (kernels.matmul_f16)(w, self.rows, self.cols, x, out),
-            TensorView::Q8(w) => (kernels.matmul_q8)(w, self.rows, self.cols, xq, out),
-            TensorView::Q4(w) => (kernels.matmul_q4)(w, self.rows, self.cols, xq, out),
-            TensorView::Q4S(w) => (kernels.matmul_q4s)(w, self.rows, self.cols, xq, out),
+        let by_row: &mut [f32] = if batch == 1 { &mut out[..self.rows] } else { &mut scratch[..self.rows * batch] };
+        let threads = pool.threads();
+        // Each thread's rows and its piece of the output, handed over through a
+        // mutex per thread (uncontended: thread i locks only slot i).
+        let mut rest = by_row;
+        let parts: [Mutex<Option<(Range<usize>, &mut [f32])>>; MAX_THREADS] = std::array::from_fn(|i| {
+            if i >= threads {
+                return Mutex::new(None);
+            }
+            let rows = split_range(self.rows, threads, ROWS_PER_STEP, i);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() * batch);
+            rest = tail;
+            Mutex::new(Some((rows, mine)))
+        });
+        let (cols, blocks) = (self.cols, self.cols / GROUP);
+        pool.run(&|i| {
+            let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let Some((rows, out)) = slot.as_mut() else { return };
+            if rows.start == rows.end {
+                return;
+            }
+            let (values, blocked) = (rows.start * cols..rows.end * cols, rows.start * blocks..rows.end * blocks);
+            match self.data {
+                TensorView::F32(w) => (kernels.matmul_f32)(&w[values], cols, x, out),
+                TensorView::F16(w) => (kernels.matmul_f16)(&w[values], cols, x, out),
+                TensorView::Q8(w) => (kernels.matmul_q8)(&w[blocked], cols, xq, out),
+                TensorView::Q4(w) => (kernels.matmul_q4)(&w[blocked], cols, xq, out),
+                TensorView::Q4S(w) => (kernels.matmul_q4s)(&w[blocked], cols, xq, out),
+            }
+        });
+        if batch > 1 {
+            for (r, outputs) in scratch[..self.rows * batch].chunks_exact(batch).enumerate() {
+                for (b, &v) in outputs.iter().enumerate() {
+                    out[b * self.rows + r] = v;
+                }
+            }
         }
     }
 }
@@ -114,6 +151,8 @@ pub struct Model<'a> {
     pub weights: Weights<'a>,
     /// Kernels.
     pub kernels: &'static Kernels,
+    /// Worker threads for the matrix products.
+    pub pool: ThreadPool,
 }
 
 /// Every scratch buffer of the forward pass and the KV cache, for up to
@@ -132,6 +171,7 @@ pub struct RunState {
     hb2: Vec<f32>,            // FFN up (batch, ffn_dim)
     att: Vec<f32>,            // attention scores of one head (context)
     logits: Vec<f32>,         // (batch, vocab)
+    scratch: Vec<f32>,        // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
     key_cache: Vec<f32>,      // (layer, context, kv_dim)
     value_cache: Vec<f32>,    // (layer, context, kv_dim)
     rope_cos: Vec<f32>,       // (context, rope_dim / 2)
@@ -168,6 +208,7 @@ impl RunState {
             hb2: vec![0.0; batch * ffn],
             att: vec![0.0; context],
             logits: vec![0.0; batch * config.vocab_size as usize],
+            scratch: vec![0.0; if batch > 1 { batch * widest.max(config.vocab_size as usize) } else { 0 }],
             key_cache: vec![0.0; layers * context * kv_dim],
             value_cache: vec![0.0; layers * context * kv_dim],
             rope_cos,
@@ -191,6 +232,7 @@ impl RunState {
             + self.hb2.len()
             + self.att.len()
             + self.logits.len()
+            + self.scratch.len()
             + self.key_cache.len()
             + self.value_cache.len()
             + self.rope_cos.len()
@@ -209,13 +251,15 @@ pub enum Logits {
 }
 
 impl<'a> Model<'a> {
-    /// Builds typed views of every weight of `image`, checking names and shapes.
+    /// Builds typed views of every weight of `image`, checking names and
+    /// shapes, with the best kernels for this CPU, on one thread.
     pub fn new(image: &'a ModelImage) -> Result<Self> {
-        Self::with_kernels(image, Kernels::detect())
+        Self::with_options(image, Kernels::detect(), 1)
     }
 
-    /// As [`Model::new`] with the given kernels.
-    pub fn with_kernels(image: &'a ModelImage, kernels: &'static Kernels) -> Result<Self> {
+    /// As [`Model::new`] with the given kernels and number of threads (the
+    /// caller's included).
+    pub fn with_options(image: &'a ModelImage, kernels: &'static Kernels, threads: usize) -> Result<Self> {
         let config = *image.config();
         let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
         let vocab = config.vocab_size as usize;
@@ -265,7 +309,7 @@ impl<'a> Model<'a> {
             )));
         }
         let weights = Weights { token_embd, layers, output_norm: vector("output_norm.weight")?, output };
-        Ok(Self { config, weights, kernels })
+        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads) })
     }
 
     /// A [`RunState`] for this model.
@@ -293,6 +337,7 @@ impl<'a> Model<'a> {
     pub fn forward<'s>(&self, state: &'s mut RunState, tokens: &[u32], pos: usize, logits: Logits) -> Result<&'s [f32]> {
         let p = &self.config;
         let k = self.kernels;
+        let pool = &self.pool;
         let n = tokens.len();
         let (dim, q_dim, kv_dim, ffn) = (p.dim as usize, p.q_dim(), p.kv_dim(), p.ffn_dim as usize);
         let head_dim = p.head_dim as usize;
@@ -333,9 +378,9 @@ impl<'a> Model<'a> {
 
             // q, k, v projections; k and v go straight into the cache at their positions.
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
-            layer.wq.matmul(k, xb, xq, &mut s.q);
-            layer.wk.matmul(k, xb, xq, &mut s.key_cache[cache_batch.clone()]);
-            layer.wv.matmul(k, xb, xq, &mut s.value_cache[cache_batch.clone()]);
+            layer.wq.matmul(k, pool, xb, xq, &mut s.q, &mut s.scratch);
+            layer.wk.matmul(k, pool, xb, xq, &mut s.key_cache[cache_batch.clone()], &mut s.scratch);
+            layer.wv.matmul(k, pool, xb, xq, &mut s.value_cache[cache_batch.clone()], &mut s.scratch);
 
             // RoPE on every query and key head.
             for b in 0..n {
@@ -375,7 +420,7 @@ impl<'a> Model<'a> {
 
             // Output projection and residual.
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
-            layer.wo.matmul(k, &s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP], &mut s.xb);
+            layer.wo.matmul(k, pool, &s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP], &mut s.xb, &mut s.scratch);
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
                 *x += o;
             }
@@ -388,11 +433,11 @@ impl<'a> Model<'a> {
 
             // SwiGLU: down(silu(gate(x)) ⊙ up(x)).
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
-            layer.w_gate.matmul(k, xb, xq, &mut s.hb);
-            layer.w_up.matmul(k, xb, xq, &mut s.hb2);
+            layer.w_gate.matmul(k, pool, xb, xq, &mut s.hb, &mut s.scratch);
+            layer.w_up.matmul(k, pool, xb, xq, &mut s.hb2, &mut s.scratch);
             (k.silu_mul)(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
-            layer.w_down.matmul(k, &s.hb[..n * ffn], &s.xq[..n * ffn / GROUP], &mut s.xb);
+            layer.w_down.matmul(k, pool, &s.hb[..n * ffn], &s.xq[..n * ffn / GROUP], &mut s.xb, &mut s.scratch);
 
             // Residual.
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
@@ -411,7 +456,7 @@ impl<'a> Model<'a> {
             (k.rmsnorm)(&mut s.xb[row * dim..(row + 1) * dim], &s.x[b * dim..(b + 1) * dim], self.weights.output_norm, p.norm_eps);
         }
         (k.quantize_activation)(&s.xb[..wanted * dim], &mut s.xq[..wanted * dim / GROUP]);
-        self.weights.output.matmul(k, &s.xb[..wanted * dim], &s.xq[..wanted * dim / GROUP], &mut s.logits);
+        self.weights.output.matmul(k, pool, &s.xb[..wanted * dim], &s.xq[..wanted * dim / GROUP], &mut s.logits, &mut s.scratch);
         Ok(&s.logits[..wanted * vocab])
     }
 }

@@ -98,9 +98,9 @@ struct ModelArgs {
     /// The image.
     #[arg(long)]
     model: PathBuf,
-    /// Worker threads (the scalar kernels of this version use one).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Threads for the matrix products (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Context length (default: the model's, at most 4096).
     #[arg(long)]
     ctx: Option<usize>,
@@ -226,8 +226,9 @@ struct SynthArgs {
     /// spm (Llama-2-like) or bpe (SmolLM2-like).
     #[arg(long, default_value = "spm")]
     tokenizer: String,
-    /// Weight type of the matrices (gguf: f32 f16 q8_0 q4_0 q4_1 q4_k q6_k; hf: f32 f16 bf16).
-    #[arg(long, default_value = "f32")]
+    /// Weight type of the matrices (gguf: f32 f16 q8_0 q4_0 q4_1 q4_k q6_k; hf: f32 f16 bf16;
+    /// with --shape: f16 (the default there), bf16 or f32).
+    #[arg(long, default_value = "f32", default_value_if("shape", clap::builder::ArgPredicate::IsPresent, "f16"))]
     weights: String,
     /// Model width.
     #[arg(long, default_value_t = 64)]
@@ -241,6 +242,11 @@ struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Write a model of this shape (tiny, llama2-7b) tensor by tensor, never
+    /// holding more than a chunk of rows in memory (gguf and hf; ignores
+    /// --dim, --layers, --tied and --tokenizer).
+    #[arg(long)]
+    shape: Option<String>,
 }
 
 fn main() {
@@ -370,15 +376,24 @@ fn load(args: &ModelArgs) -> Result<(Loaded, usize)> {
     let tokenizer = Tokenizer::new(image.vocab()).with_context(|| format!("{}: tokenizer", args.model.display()))?;
     let context = args.ctx.unwrap_or((image.config().context_length as usize).min(4096));
     anyhow::ensure!(context >= 2, "--ctx {context} is too small");
-    if args.threads != 1 {
-        log::info!("--threads {}: this version's kernels run on one thread", args.threads);
-    }
     Ok((Loaded { image, tokenizer }, context))
+}
+
+/// The model of a loaded image, with `--threads` workers.
+fn model<'a>(loaded: &'a Loaded, args: &ModelArgs) -> Result<Model<'a>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads.unwrap_or(cores);
+    anyhow::ensure!(
+        (1..=bramble_runtime::kernels::pool::MAX_THREADS).contains(&threads),
+        "--threads {threads}: expected 1 to {}",
+        bramble_runtime::kernels::pool::MAX_THREADS
+    );
+    Ok(Model::with_options(&loaded.image, bramble_runtime::kernels::Kernels::detect(), threads)?)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = Model::new(&loaded.image)?;
+    let model = model(&loaded, &args.model)?;
     let tokenizer = &loaded.tokenizer;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -414,7 +429,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn run_chat(args: ChatArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = Model::new(&loaded.image)?;
+    let model = model(&loaded, &args.model)?;
     let tokenizer = &loaded.tokenizer;
     let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
     let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
@@ -472,7 +487,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = Model::new(&loaded.image)?;
+    let model = model(&loaded, &args.model)?;
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
     let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, &text);
     let ctx = args.model.ctx.unwrap_or(context.min(512));
@@ -496,7 +511,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = Model::new(&loaded.image)?;
+    let model = model(&loaded, &args.model)?;
     let tokenizer = &loaded.tokenizer;
     anyhow::ensure!(args.prompt_tokens >= 1 && args.gen_tokens >= 1, "--prompt-tokens and --gen-tokens must be at least 1");
     anyhow::ensure!(
@@ -525,7 +540,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let value = serde_json::json!({
         "model": args.model.model,
         "kernels": model.kernels.name,
-        "threads": 1,
+        "threads": model.pool.threads(),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "prefill_tok_s": args.prompt_tokens as f64 / prefill_seconds,
@@ -546,6 +561,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
 fn run_synth(args: SynthArgs) -> Result<()> {
     use bramble_runtime::vocab::TokenizerKind;
     use bramble_tools::synth::{SyntheticModel, SyntheticShape};
+    if let Some(shape) = &args.shape {
+        return run_synth_large(&args, shape);
+    }
     let tokenizer = match args.tokenizer.as_str() {
         "spm" => TokenizerKind::SentencePiece,
         "bpe" => TokenizerKind::ByteLevelBpe,
@@ -589,6 +607,29 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         other => bail!("--format {other:?}: expected gguf, hf or llama2c"),
     }
     println!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// `synth --shape`: a large model streamed to disk.
+fn run_synth_large(args: &SynthArgs, shape: &str) -> Result<()> {
+    use bramble_tools::synth_large::{write_large_gguf, write_large_hf, LargeShape, LargeWeights};
+    let started = Instant::now();
+    let shape = LargeShape::parse(shape)?;
+    let weights = LargeWeights::parse(&args.weights).context("--weights")?;
+    let report = match args.format.as_str() {
+        "gguf" => write_large_gguf(shape, &args.output, weights, args.seed)?,
+        "hf" => write_large_hf(shape, &args.output, weights, args.seed)?,
+        other => bail!("--format {other:?} with --shape: expected gguf or hf"),
+    };
+    println!(
+        "wrote {} ({} {}, {} tensors, {:.2} GB of tensor data) in {:.1} s",
+        args.output.display(),
+        shape.name(),
+        args.weights,
+        report.tensors,
+        report.tensor_bytes as f64 / 1e9,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -87,60 +87,56 @@ pub mod scalar {
         partial.iter().sum::<f32>() + tail
     }
 
-    fn matmul_blocks<B>(weights: &[B], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32], dot: fn(&[B], &[BlockQ8Act]) -> f32) {
+    fn matmul_blocks<B>(weights: &[B], cols: usize, x: &[BlockQ8Act], out: &mut [f32], dot: fn(&[B], &[BlockQ8Act]) -> f32) {
         let blocks = cols / GROUP;
         let batch = x.len() / blocks;
-        debug_assert_eq!(weights.len(), rows * blocks);
-        debug_assert_eq!(out.len(), rows * batch);
-        for (r, row) in weights.chunks_exact(blocks).enumerate() {
-            for (b, activation) in x.chunks_exact(blocks).enumerate() {
-                out[b * rows + r] = dot(row, activation);
+        debug_assert_eq!(weights.len() / blocks * batch, out.len());
+        for (row, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(batch)) {
+            for (o, activation) in outputs.iter_mut().zip(x.chunks_exact(blocks)) {
+                *o = dot(row, activation);
             }
         }
     }
 
     /// Q8 matrix × int8 activations.
-    pub fn matmul_q8(weights: &[BlockQ8], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        matmul_blocks(weights, rows, cols, x, out, dot_q8_q8)
+    pub fn matmul_q8(weights: &[BlockQ8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_blocks(weights, cols, x, out, dot_q8_q8)
     }
     /// Asymmetric Q4 matrix × int8 activations.
-    pub fn matmul_q4(weights: &[BlockQ4], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        matmul_blocks(weights, rows, cols, x, out, dot_q4_q8)
+    pub fn matmul_q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_blocks(weights, cols, x, out, dot_q4_q8)
     }
     /// Symmetric Q4 matrix × int8 activations.
-    pub fn matmul_q4s(weights: &[BlockQ4S], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        matmul_blocks(weights, rows, cols, x, out, dot_q4s_q8)
+    pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_blocks(weights, cols, x, out, dot_q4s_q8)
     }
 
     /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to
-    /// f32 a piece at a time (with the CPU's conversion instructions where
-    /// `half` finds them) and reused for every activation of the batch.
-    pub fn matmul_f16(weights: &[f16], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
-        use half::slice::HalfFloatSliceExt;
+    /// f32 a piece at a time and reused for every activation of the batch.
+    pub fn matmul_f16(weights: &[f16], cols: usize, x: &[f32], out: &mut [f32]) {
         const PIECE: usize = 256;
         let batch = x.len() / cols;
-        debug_assert_eq!(out.len(), rows * batch);
         let mut widened = [0f32; PIECE];
-        for (r, row) in weights.chunks_exact(cols).enumerate() {
-            for b in 0..batch {
-                out[b * rows + r] = 0.0;
-            }
+        for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(batch)) {
+            outputs.fill(0.0);
             for (p, piece) in row.chunks(PIECE).enumerate() {
                 let w = &mut widened[..piece.len()];
-                piece.convert_to_f32_slice(w);
-                for b in 0..batch {
+                for (o, &v) in w.iter_mut().zip(piece) {
+                    *o = f16_to_f32(v);
+                }
+                for (b, o) in outputs.iter_mut().enumerate() {
                     let start = b * cols + p * PIECE;
-                    out[b * rows + r] += dot_f32(w, &x[start..start + piece.len()]);
+                    *o += dot_f32(w, &x[start..start + piece.len()]);
                 }
             }
         }
     }
 
     /// f32 matrix × f32 activations.
-    pub fn matmul_f32(weights: &[f32], rows: usize, cols: usize, x: &[f32], out: &mut [f32]) {
-        for (r, row) in weights.chunks_exact(cols).enumerate() {
-            for (b, activation) in x.chunks_exact(cols).enumerate() {
-                out[b * rows + r] = dot_f32(row, activation);
+    pub fn matmul_f32(weights: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+        for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(x.len() / cols)) {
+            for (o, activation) in outputs.iter_mut().zip(x.chunks_exact(cols)) {
+                *o = dot_f32(row, activation);
             }
         }
     }
@@ -182,12 +178,12 @@ mod tests {
             let mut wd = vec![0f32; w.len()];
             dequantize_from(enc, &bytes, &mut wd);
             let mut expected = vec![0f32; rows * batch];
-            matmul_f32(&wd, rows, cols, &x, &mut expected);
+            matmul_f32(&wd, cols, &x, &mut expected);
             let mut got = vec![0f32; rows * batch];
             match enc {
-                Encoding::Q8 => matmul_q8(&bytemuck::pod_collect_to_vec(&bytes), rows, cols, &xq, &mut got),
-                Encoding::Q4 => matmul_q4(&bytemuck::pod_collect_to_vec(&bytes), rows, cols, &xq, &mut got),
-                _ => matmul_q4s(&bytemuck::pod_collect_to_vec(&bytes), rows, cols, &xq, &mut got),
+                Encoding::Q8 => matmul_q8(&bytemuck::pod_collect_to_vec(&bytes), cols, &xq, &mut got),
+                Encoding::Q4 => matmul_q4(&bytemuck::pod_collect_to_vec(&bytes), cols, &xq, &mut got),
+                _ => matmul_q4s(&bytemuck::pod_collect_to_vec(&bytes), cols, &xq, &mut got),
             }
             let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (e, g) in expected.iter().zip(&got) {

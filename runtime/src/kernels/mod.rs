@@ -6,15 +6,18 @@
 pub mod activation;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act};
 use half::f16;
 
-/// `out[b·rows + r] = W[r] · x[b]` for every row `r` of a `rows × cols`
-/// quantized matrix and every activation `b` of a batch (`x.len() / (cols/32)`).
-pub type MatmulQuantized<Block> = fn(weights: &[Block], rows: usize, cols: usize, x: &[BlockQ8Act], out: &mut [f32]);
-/// As [`MatmulQuantized`] for float weights and f32 activations.
-pub type MatmulFloat<T> = fn(weights: &[T], rows: usize, cols: usize, x: &[f32], out: &mut [f32]);
+/// `out[r·batch + b] = W[r] · x[b]` for every row `r` of `weights` (some whole
+/// rows of `cols` values) and every activation `b` of a batch of
+/// `x.len() / (cols / 32)`. Rows outermost in `out`, so that a range of rows
+/// is a contiguous piece of it and workers can split a product by rows.
+pub type MatmulQuantized<Block> = fn(weights: &[Block], cols: usize, x: &[BlockQ8Act], out: &mut [f32]);
+/// As [`MatmulQuantized`] for float weights and f32 activations (batch `x.len() / cols`).
+pub type MatmulFloat<T> = fn(weights: &[T], cols: usize, x: &[f32], out: &mut [f32]);
 
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,85 @@
+//! A tiny valid image for the runtime's integration tests.
+#![allow(dead_code)]
+
+use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::image::layout::section;
+use bramble_runtime::image::{encode_vocab, ImageWriter};
+use bramble_runtime::quant::{quantize_into, Encoding};
+use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
+use bramble_runtime::ModelConfig;
+use bytemuck::Zeroable;
+use std::path::Path;
+
+pub fn tiny_config() -> ModelConfig {
+    let mut c = ModelConfig::zeroed();
+    c.arch = ARCH_LLAMA;
+    c.dim = 32;
+    c.n_layers = 1;
+    c.n_heads = 2;
+    c.n_kv_heads = 1;
+    c.head_dim = 16;
+    c.ffn_dim = 64;
+    c.vocab_size = 6;
+    c.context_length = 16;
+    c.rope_theta = 10000.0;
+    c.rope_dim = 16;
+    c.norm_eps = 1e-5;
+    c.tied_output = 1;
+    c
+}
+
+pub fn tiny_vocab() -> Vocab {
+    let tokens = ["<unk>", "<s>", "</s>", "▁a", "b", "▁ab"];
+    Vocab {
+        kind: TokenizerKind::SentencePiece,
+        pre_tokenizer: PreTokenizer::None,
+        tokens: tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
+        scores: vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
+        types: vec![TokenType::Unknown, TokenType::Control, TokenType::Control, TokenType::Normal, TokenType::Normal, TokenType::Normal],
+        merges: vec![],
+        bos_id: Some(1),
+        eos_id: Some(2),
+        unk_id: Some(0),
+        pad_id: None,
+        eot_id: None,
+        add_bos: true,
+        add_eos: false,
+        add_space_prefix: true,
+    }
+}
+
+/// Writes a valid tiny image (q4 matrices, q8 embedding) and returns its bytes.
+pub fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
+    let c = tiny_config();
+    let mut w = ImageWriter::create(path).unwrap();
+    w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
+    w.add_section(section::TOKENIZER, &encode_vocab(&tiny_vocab()).unwrap(), true).unwrap();
+    extra(&mut w);
+    let mut seed = 1u32;
+    let mut tensor = |w: &mut ImageWriter, name: &str, enc: Encoding, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let mut bytes = vec![0u8; enc.bytes_for(n)];
+        quantize_into(enc, &values, &mut bytes);
+        w.add_tensor(name, enc, shape, &bytes).unwrap();
+    };
+    tensor(&mut w, "token_embd.weight", Encoding::Q8, &[6, 32]);
+    tensor(&mut w, "blk.0.attn_norm.weight", Encoding::F32, &[32]);
+    tensor(&mut w, "blk.0.attn_q.weight", Encoding::Q4, &[32, 32]);
+    tensor(&mut w, "blk.0.attn_k.weight", Encoding::Q4S, &[16, 32]);
+    tensor(&mut w, "blk.0.attn_v.weight", Encoding::F16, &[16, 32]);
+    tensor(&mut w, "blk.0.attn_output.weight", Encoding::Q4, &[32, 32]);
+    tensor(&mut w, "blk.0.ffn_norm.weight", Encoding::F32, &[32]);
+    tensor(&mut w, "blk.0.ffn_gate.weight", Encoding::Q4, &[64, 32]);
+    tensor(&mut w, "blk.0.ffn_up.weight", Encoding::Q8, &[64, 32]);
+    tensor(&mut w, "blk.0.ffn_down.weight", Encoding::F32, &[32, 64]);
+    tensor(&mut w, "output_norm.weight", Encoding::F32, &[32]);
+    w.finish().unwrap();
+    std::fs::read(path).unwrap()
+}
+
