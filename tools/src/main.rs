@@ -16,6 +16,19 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// `println!` that ends the program quietly when stdout is a closed pipe
+/// (`bramble … | head -1`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
@@ -264,7 +277,7 @@ fn main() {
         }
     };
     if let Err(error) = result {
-        eprintln!("bramble: {error:#}");
+        eoutln!("bramble: {error:#}");
         std::process::exit(1);
     }
 }
@@ -284,9 +297,9 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
         let mut value = serde_json::to_value(&report)?;
         value["peak_rss_bytes"] = serde_json::json!(peak);
         value["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
-        println!("{value}");
+        outln!("{value}");
     } else {
-        println!(
+        outln!(
             "wrote {} ({:.1} MiB): {} tensors, {} carried bit-exact, {} re-quantized; {:.1} s, peak RSS {}",
             args.output.display(),
             report.image_bytes as f64 / (1 << 20) as f64,
@@ -333,33 +346,33 @@ fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
             "tensors": image.tensors().iter().map(|t| serde_json::json!({"name": t.name, "encoding": t.encoding.name(), "shape": t.shape, "bytes": t.size})).collect::<Vec<_>>(),
             "source": source.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
         });
-        println!("{value}");
+        outln!("{value}");
         return Ok(());
     }
-    println!("{} — {:.1} MiB, layout version {}", path.display(), image.bytes().len() as f64 / (1 << 20) as f64, image.layout_version());
-    println!(
+    outln!("{} — {:.1} MiB, layout version {}", path.display(), image.bytes().len() as f64 / (1 << 20) as f64, image.layout_version());
+    outln!(
         "llama: dim {} layers {} heads {} (kv {}) head_dim {} ffn {} vocab {} context {} rope θ {} eps {:e}{}",
         c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.context_length, c.rope_theta, c.norm_eps,
         if c.tied_output != 0 { ", tied output" } else { "" }
     );
     let name = |id: Option<u32>| id.map_or("-".to_string(), |i| format!("{i} {:?}", String::from_utf8_lossy(&v.tokens[i as usize])));
-    println!(
+    outln!(
         "tokenizer: {:?} ({:?}), {} tokens, {} merges, BOS {}, EOS {}, EOT {}, add BOS {}",
         v.kind, v.pre_tokenizer, v.len(), v.merges.len(), name(v.bos_id), name(v.eos_id), name(v.eot_id), v.add_bos
     );
-    println!("chat template: {}", image.chat_template().map_or("none (built-in fallback)".to_string(), |t| format!("{} bytes", t.len())));
+    outln!("chat template: {}", image.chat_template().map_or("none (built-in fallback)".to_string(), |t| format!("{} bytes", t.len())));
     for (encoding, (n, bytes)) in &by_encoding {
-        println!("  {encoding:>4}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
+        outln!("  {encoding:>4}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
     }
     for s in image.sections() {
-        println!("  section {:<14} {:>12} bytes at {}", s.name, s.size, s.offset);
+        outln!("  section {:<14} {:>12} bytes at {}", s.name, s.size, s.offset);
     }
     if let Some(source) = source {
-        println!("source: {source}");
+        outln!("source: {source}");
     }
     if list_tensors {
         for t in image.tensors() {
-            println!("  {:<32} {:>4} {:?}", t.name, t.encoding.name(), t.shape);
+            outln!("  {:<32} {:>4} {:?}", t.name, t.encoding.name(), t.shape);
         }
     }
     Ok(())
@@ -420,9 +433,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let result = generate(&mut session, &prompt, args.max_tokens, &args.sampling.stop, &mut on_text)?;
     if json {
-        println!("{}", serde_json::to_string(&result)?);
+        outln!("{}", serde_json::to_string(&result)?);
     } else {
-        println!();
+        outln!();
     }
     Ok(())
 }
@@ -436,7 +449,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
     let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
+        eoutln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
     }
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -455,7 +468,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             "/reset" => {
                 messages.retain(|m| m.role == "system");
                 session.reset();
-                eprintln!("(conversation cleared)");
+                eoutln!("(conversation cleared)");
                 continue;
             }
             _ => {}
@@ -464,7 +477,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         let rendered = template.render(&messages, true)?;
         let tokens = tokenizer.encode(&rendered, false, true);
         if tokens.len() + 1 >= context {
-            eprintln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
+            eoutln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
             messages.pop();
             continue;
         }
@@ -479,7 +492,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             let _ = out.flush();
         };
         let reply = generate(&mut session, &tokens[shared..], args.max_tokens, &args.sampling.stop, &mut on_text)?;
-        println!();
+        outln!();
         messages.push(ChatMessage::new("assistant", reply.text.trim()));
     }
     Ok(())
@@ -489,7 +502,8 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
     let model = model(&loaded, &args.model)?;
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
-    let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, &text);
+    // As llama.cpp reads `-f`: one trailing newline is not part of the text.
+    let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, text.strip_suffix('\n').unwrap_or(&text));
     let ctx = args.model.ctx.unwrap_or(context.min(512));
     let batch = args.batch.clamp(1, ctx);
     let show = std::io::stderr().is_terminal();
@@ -500,12 +514,12 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     };
     let result = perplexity(&model, &tokens, bos, ctx, args.max_chunks, batch, &mut progress)?;
     if show {
-        eprintln!();
+        eoutln!();
     }
     if args.json {
-        println!("{}", serde_json::to_string(&result)?);
+        outln!("{}", serde_json::to_string(&result)?);
     }
-    println!("perplexity: {:.4}", result.perplexity);
+    outln!("perplexity: {:.4}", result.perplexity);
     Ok(())
 }
 
@@ -551,9 +565,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "guest_instructions": "aarch64 cost: build with --target aarch64-unknown-linux-gnu and run this command twice under ../shared/tools/qemu-insn-count with different --gen-tokens; per-token = Δcount / Δgen-tokens",
     });
     if args.json {
-        println!("{value}");
+        outln!("{value}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     }
     Ok(())
 }
@@ -606,7 +620,7 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         }
         other => bail!("--format {other:?}: expected gguf, hf or llama2c"),
     }
-    println!("wrote {}", args.output.display());
+    outln!("wrote {}", args.output.display());
     Ok(())
 }
 
@@ -621,7 +635,7 @@ fn run_synth_large(args: &SynthArgs, shape: &str) -> Result<()> {
         "hf" => write_large_hf(shape, &args.output, weights, args.seed)?,
         other => bail!("--format {other:?} with --shape: expected gguf or hf"),
     };
-    println!(
+    outln!(
         "wrote {} ({} {}, {} tensors, {:.2} GB of tensor data) in {:.1} s",
         args.output.display(),
         shape.name(),
@@ -644,6 +658,6 @@ fn run_tokenize(path: &Path, text: &str, add_special: bool, parse_special: bool,
     };
     let ids = tokenizer.encode(&text, add_special, parse_special);
     let pieces: Vec<String> = ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()).collect();
-    println!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
+    outln!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
     Ok(())
 }
