@@ -4,6 +4,7 @@
 
 pub mod source;
 pub mod synth;
+pub mod synth_large;
 pub mod convert;
 pub mod generate;
 pub mod stats;

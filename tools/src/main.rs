@@ -277,7 +277,7 @@ fn main() {
         }
     };
     if let Err(error) = result {
-        eoutln!("bramble: {error:#}");
+        eprintln!("bramble: {error:#}");
         std::process::exit(1);
     }
 }
@@ -449,7 +449,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
     let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eoutln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
+        eprintln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
     }
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -468,7 +468,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             "/reset" => {
                 messages.retain(|m| m.role == "system");
                 session.reset();
-                eoutln!("(conversation cleared)");
+                eprintln!("(conversation cleared)");
                 continue;
             }
             _ => {}
@@ -477,7 +477,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
         let rendered = template.render(&messages, true)?;
         let tokens = tokenizer.encode(&rendered, false, true);
         if tokens.len() + 1 >= context {
-            eoutln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
+            eprintln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
             messages.pop();
             continue;
         }
@@ -514,7 +514,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     };
     let result = perplexity(&model, &tokens, bos, ctx, args.max_chunks, batch, &mut progress)?;
     if show {
-        eoutln!();
+        eprintln!();
     }
     if args.json {
         outln!("{}", serde_json::to_string(&result)?);

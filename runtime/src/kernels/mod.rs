@@ -7,6 +7,8 @@ pub mod activation;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+#[cfg(test)]
+mod tests;
 
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act};
 use half::f16;
@@ -22,7 +24,7 @@ pub type MatmulFloat<T> = fn(weights: &[T], cols: usize, x: &[f32], out: &mut [f
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
-    /// Which implementation: `"scalar"`, later `"neon"`, `"neon-dotprod"`.
+    /// Which implementation: `"scalar"`, `"neon"` or `"neon-dotprod"`.
     pub name: &'static str,
     /// Quantizes f32 activations to int8 blocks.
     pub quantize_activation: fn(x: &[f32], out: &mut [BlockQ8Act]),
@@ -68,8 +70,63 @@ impl Kernels {
         axpy: ops::scalar::axpy,
     };
 
-    /// The best kernels for this CPU.
+    /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
+    #[cfg(target_arch = "aarch64")]
+    pub const NEON: Kernels = Kernels {
+        name: "neon",
+        quantize_activation: activation::neon::quantize_activation,
+        matmul_q8: matmul::neon::matmul_q8,
+        matmul_q4: matmul::neon::matmul_q4,
+        matmul_q4s: matmul::neon::matmul_q4s,
+        matmul_f16: matmul::neon::matmul_f16,
+        matmul_f32: matmul::neon::matmul_f32,
+        rmsnorm: ops::neon::rmsnorm,
+        softmax: ops::neon::softmax,
+        silu_mul: ops::neon::silu_mul,
+        rope: ops::neon::rope,
+        dot: ops::neon::dot,
+        axpy: ops::neon::axpy,
+    };
+
+    /// NEON with the dot-product extension for the integer products (the
+    /// Raspberry Pi 5's Cortex-A76). Its matrix kernels panic on a CPU
+    /// without the extension: take it from [`Kernels::detect`] or
+    /// [`Kernels::all_available`], which hand it out only where it runs.
+    #[cfg(target_arch = "aarch64")]
+    pub const NEON_DOTPROD: Kernels = Kernels {
+        name: "neon-dotprod",
+        matmul_q8: matmul::dotprod::matmul_q8,
+        matmul_q4: matmul::dotprod::matmul_q4,
+        matmul_q4s: matmul::dotprod::matmul_q4s,
+        ..Self::NEON
+    };
+
+    /// The best kernels for this CPU, decided once from its features.
     pub fn detect() -> &'static Kernels {
-        &Self::SCALAR
+        #[cfg(target_arch = "aarch64")]
+        {
+            if matmul::dotprod::available() {
+                return &Self::NEON_DOTPROD;
+            }
+            &Self::NEON
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        {
+            &Self::SCALAR
+        }
+    }
+
+    /// Every table that runs on this CPU, the reference first (for tests and
+    /// benchmarks that compare them).
+    pub fn all_available() -> Vec<&'static Kernels> {
+        let mut tables = vec![&Self::SCALAR];
+        #[cfg(target_arch = "aarch64")]
+        {
+            tables.push(&Self::NEON);
+            if matmul::dotprod::available() {
+                tables.push(&Self::NEON_DOTPROD);
+            }
+        }
+        tables
     }
 }

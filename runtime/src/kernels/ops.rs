@@ -56,3 +56,220 @@ pub mod scalar {
         }
     }
 }
+
+/// NEON (ARMv8.0) versions. `exp` is a polynomial ([`neon::exp`]); the
+/// reductions (dot, the sums of softmax and RMSNorm) add in a different order
+/// than the reference, so results agree within the bounds named in the tests.
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    use std::arch::aarch64::*;
+
+    /// Lowest input of [`exp`] with a normal result; below it `exp` gives 0.
+    const EXP_LOWEST: f32 = -87.33;
+    /// Highest input of [`exp`]; above it the result stays at `exp(EXP_HIGHEST)`.
+    const EXP_HIGHEST: f32 = 88.37;
+
+    /// `eˣ` in four lanes, within a few ulp of `f32::exp` for `x` in
+    /// [`EXP_LOWEST`, `EXP_HIGHEST`]: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
+    /// eʳ by a degree-5 polynomial (Arm optimized-routines' `v_expf`
+    /// coefficients, 1.45 ulp + rounding), 2ⁿ built in the exponent field.
+    #[inline(always)]
+    pub fn exp(x: float32x4_t) -> float32x4_t {
+        let clamped = vmaxq_f32(vminq_f32(x, vdupq_n_f32(EXP_HIGHEST)), vdupq_n_f32(EXP_LOWEST));
+        // n = round(x / ln 2); r = x − n·ln 2 with ln 2 in two parts, the first exact in n·ln2_hi.
+        let n = vrndnq_f32(vmulq_n_f32(clamped, f32::from_bits(0x3fb8_aa3b)));
+        let r = vfmsq_n_f32(clamped, n, f32::from_bits(0x3f31_7200));
+        let r = vfmsq_n_f32(r, n, f32::from_bits(0x35bf_be8e));
+        // eʳ − 1 ≈ c4·r + c3·r² + c2·r³ + c1·r⁴ + c0·r⁵, in two halves by r².
+        let r2 = vmulq_f32(r, r);
+        let p = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3d2b_9f17)), vdupq_n_f32(f32::from_bits(0x3c07_2010)), r);
+        let q = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3eff_fedb)), vdupq_n_f32(f32::from_bits(0x3e2a_af33)), r);
+        let q = vfmaq_f32(q, p, r2);
+        let poly = vfmaq_f32(vmulq_n_f32(r, f32::from_bits(0x3f7f_fff6)), q, r2);
+        // 2ⁿ: n + 127 in the exponent field (n is −126 ..= 127 after the clamp).
+        let scale = vreinterpretq_f32_s32(vaddq_s32(vshlq_n_s32::<23>(vcvtq_s32_f32(n)), vdupq_n_s32(0x3f80_0000)));
+        let result = vfmaq_f32(scale, scale, poly);
+        // Below the normal range: 0.
+        vbslq_f32(vcltq_f32(x, vdupq_n_f32(EXP_LOWEST)), vdupq_n_f32(0.0), result)
+    }
+
+    /// Applies `f` to `x` four values at a time; a tail of one to three goes
+    /// through a padded copy (padding `pad`), so every value sees the same
+    /// arithmetic.
+    #[inline(always)]
+    fn map4(x: &mut [f32], pad: f32, mut f: impl FnMut(float32x4_t) -> float32x4_t) {
+        let mut chunks = x.chunks_exact_mut(4);
+        for chunk in &mut chunks {
+            // SAFETY: `chunk` is four values.
+            unsafe { vst1q_f32(chunk.as_mut_ptr(), f(vld1q_f32(chunk.as_ptr()))) };
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut padded = [pad; 4];
+            padded[..rest.len()].copy_from_slice(rest);
+            // SAFETY: `padded` is four values.
+            unsafe { vst1q_f32(padded.as_mut_ptr(), f(vld1q_f32(padded.as_ptr()))) };
+            rest.copy_from_slice(&padded[..rest.len()]);
+        }
+    }
+
+    /// `Σ a·b`, sixteen products a step in four accumulators.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 ≤ n`, within both slices.
+            unsafe {
+                let (x, y) = (vld1q_f32_x4(a.as_ptr().add(i)), vld1q_f32_x4(b.as_ptr().add(i)));
+                acc[0] = vfmaq_f32(acc[0], x.0, y.0);
+                acc[1] = vfmaq_f32(acc[1], x.1, y.1);
+                acc[2] = vfmaq_f32(acc[2], x.2, y.2);
+                acc[3] = vfmaq_f32(acc[3], x.3, y.3);
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            // SAFETY: `i + 4 ≤ n`, within both slices.
+            unsafe { acc[0] = vfmaq_f32(acc[0], vld1q_f32(a.as_ptr().add(i)), vld1q_f32(b.as_ptr().add(i))) };
+            i += 4;
+        }
+        let mut sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        for j in i..n {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+
+    /// `out += weight · x`, fused multiply-add.
+    pub fn axpy(out: &mut [f32], weight: f32, x: &[f32]) {
+        let n = out.len().min(x.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: `i + 16 ≤ n`, within both slices.
+            unsafe {
+                let (o, v) = (vld1q_f32_x4(out.as_ptr().add(i)), vld1q_f32_x4(x.as_ptr().add(i)));
+                let o = float32x4x4_t(
+                    vfmaq_n_f32(o.0, v.0, weight),
+                    vfmaq_n_f32(o.1, v.1, weight),
+                    vfmaq_n_f32(o.2, v.2, weight),
+                    vfmaq_n_f32(o.3, v.3, weight),
+                );
+                vst1q_f32_x4(out.as_mut_ptr().add(i), o);
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            // SAFETY: `i + 4 ≤ n`, within both slices.
+            unsafe {
+                let o = vfmaq_n_f32(vld1q_f32(out.as_ptr().add(i)), vld1q_f32(x.as_ptr().add(i)), weight);
+                vst1q_f32(out.as_mut_ptr().add(i), o);
+            }
+            i += 4;
+        }
+        for j in i..n {
+            out[j] += weight * x[j];
+        }
+    }
+
+    /// `out = x / √(mean(x²) + eps) ⊙ weight`.
+    pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+        let n = out.len().min(x.len()).min(weight.len());
+        let scale = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: `i + 4 ≤ n`, within all three slices.
+            unsafe {
+                let v = vmulq_f32(vmulq_n_f32(vld1q_f32(x.as_ptr().add(i)), scale), vld1q_f32(weight.as_ptr().add(i)));
+                vst1q_f32(out.as_mut_ptr().add(i), v);
+            }
+            i += 4;
+        }
+        for j in i..n {
+            out[j] = x[j] * scale * weight[j];
+        }
+    }
+
+    /// In-place softmax.
+    pub fn softmax(x: &mut [f32]) {
+        // Maximum, four lanes then across.
+        let mut most = vdupq_n_f32(f32::NEG_INFINITY);
+        let chunks = x.chunks_exact(4);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for chunk in chunks {
+            // SAFETY: `chunk` is four values.
+            most = vmaxq_f32(most, unsafe { vld1q_f32(chunk.as_ptr()) });
+        }
+        let max = vmaxvq_f32(most).max(tail);
+        // eˣ⁻ᵐᵃˣ and their sum (padding −∞ gives 0 and adds nothing).
+        let mut total = vdupq_n_f32(0.0);
+        map4(x, f32::NEG_INFINITY, |v| {
+            let e = exp(vsubq_f32(v, vdupq_n_f32(max)));
+            total = vaddq_f32(total, e);
+            e
+        });
+        let inverse = 1.0 / vaddvq_f32(total);
+        map4(x, 0.0, |v| vmulq_n_f32(v, inverse));
+    }
+
+    /// SwiGLU gate: `gate = silu(gate) ⊙ up`, as `g / (1 + e⁻ᵍ) · u`.
+    pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let silu_times = |g: float32x4_t, u: float32x4_t| vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(g)))), u);
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: `i + 4 ≤ n`, within both slices.
+            unsafe {
+                let v = silu_times(vld1q_f32(gate.as_ptr().add(i)), vld1q_f32(up.as_ptr().add(i)));
+                vst1q_f32(gate.as_mut_ptr().add(i), v);
+            }
+            i += 4;
+        }
+        if i < n {
+            // The last one to three values through padded copies.
+            let (mut g, mut u) = ([0f32; 4], [0f32; 4]);
+            g[..n - i].copy_from_slice(&gate[i..n]);
+            u[..n - i].copy_from_slice(&up[i..n]);
+            // SAFETY: `g` and `u` are four values.
+            unsafe { vst1q_f32(g.as_mut_ptr(), silu_times(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
+            gate[i..n].copy_from_slice(&g[..n - i]);
+        }
+    }
+
+
+    /// Rotates one head's vector by RoPE, four pairs a step; products and
+    /// differences rounded as in the reference, so the result is identical.
+    pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool) {
+        let pairs = cos.len();
+        assert!(sin.len() == pairs && head.len() >= 2 * pairs, "rope: {} values for {pairs} pairs", head.len());
+        let rotate = |x0: float32x4_t, x1: float32x4_t, c: float32x4_t, s: float32x4_t| {
+            (vsubq_f32(vmulq_f32(x0, c), vmulq_f32(x1, s)), vaddq_f32(vmulq_f32(x0, s), vmulq_f32(x1, c)))
+        };
+        let mut i = 0;
+        while i + 4 <= pairs {
+            // SAFETY: `i + 4 ≤ pairs`: the four pairs, cosines and sines are in bounds.
+            unsafe {
+                let (c, s) = (vld1q_f32(cos.as_ptr().add(i)), vld1q_f32(sin.as_ptr().add(i)));
+                if halves {
+                    let (a, b) = (head.as_mut_ptr().add(i), head.as_mut_ptr().add(i + pairs));
+                    let (x0, x1) = rotate(vld1q_f32(a), vld1q_f32(b), c, s);
+                    vst1q_f32(a, x0);
+                    vst1q_f32(b, x1);
+                } else {
+                    // Deinterleave (2i, 2i + 1) pairs, rotate, interleave back.
+                    let p = head.as_mut_ptr().add(2 * i);
+                    let v = vld2q_f32(p);
+                    let (x0, x1) = rotate(v.0, v.1, c, s);
+                    vst2q_f32(p, float32x4x2_t(x0, x1));
+                }
+            }
+            i += 4;
+        }
+        for i in i..pairs {
+            let (a, b) = if halves { (i, i + pairs) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}

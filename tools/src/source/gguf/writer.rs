@@ -80,7 +80,10 @@ impl GgufWriter {
         let size = self.check_tensor(name, shape, ggml_type)?;
         if data.len() != size {
             let count: usize = shape.iter().product();
-            bail!("tensor '{name}': {} bytes given, {count} values of {ggml_type} take {size}", data.len());
+            bail!(
+                "tensor '{name}': {} bytes given, {count} values of {ggml_type} take {size}",
+                data.len()
+            );
         }
         self.push_tensor(name, shape, ggml_type, Some(data), size);
         Ok(self)
@@ -89,7 +92,12 @@ impl GgufWriter {
     /// Adds a tensor of `shape` (outermost first) whose bytes are not given
     /// yet: [`GgufWriter::write_streaming`] asks for them. Such a file cannot be
     /// made with [`GgufWriter::to_bytes`] or [`GgufWriter::write`].
-    pub fn declare_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType) -> Result<&mut Self> {
+    pub fn declare_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ggml_type: GgmlType,
+    ) -> Result<&mut Self> {
         let size = self.check_tensor(name, shape, ggml_type)?;
         self.push_tensor(name, shape, ggml_type, None, size);
         Ok(self)
@@ -112,7 +120,14 @@ impl GgufWriter {
         Ok(ggml_type.bytes_for(count))
     }
 
-    fn push_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Option<Vec<u8>>, size: usize) {
+    fn push_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ggml_type: GgmlType,
+        data: Option<Vec<u8>>,
+        size: usize,
+    ) {
         self.tensors.push(PendingTensor {
             name: name.to_string(),
             dims: shape.iter().rev().map(|&d| d as u64).collect(),
@@ -176,7 +191,10 @@ impl GgufWriter {
         let mut out = self.head(alignment);
         for tensor in &self.tensors {
             let Some(data) = &tensor.data else {
-                bail!("tensor '{}' was declared without data; write the file with write_streaming", tensor.name);
+                bail!(
+                    "tensor '{}' was declared without data; write the file with write_streaming",
+                    tensor.name
+                );
             };
             pad_to(&mut out, alignment);
             out.extend_from_slice(data);
@@ -214,7 +232,10 @@ impl GgufWriter {
         let alignment = self.alignment().map_err(at_fault)?;
         let file = std::fs::File::create(path)
             .with_context(|| format!("{}: cannot create", path.display()))?;
-        let mut out = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), written: 0 };
+        let mut out = CountingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            written: 0,
+        };
         let write_error = |e: std::io::Error| anyhow!("{}: cannot write: {e}", path.display());
         out.write_all(&self.head(alignment)).map_err(write_error)?;
         for tensor in &self.tensors {
@@ -443,9 +464,10 @@ pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
         );
     if !vocab.merges.is_empty() {
         let text = |id: u32| {
-            vocab.tokens.get(id as usize).ok_or_else(|| {
-anyhow!("a merge names token {id}, which does not exist")
-            })
+            vocab
+                .tokens
+                .get(id as usize)
+                .ok_or_else(|| anyhow!("a merge names token {id}, which does not exist"))
         };
         let merges = vocab
             .merges
