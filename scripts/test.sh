@@ -4,7 +4,8 @@
 #      rustup: the aarch64 target; pip: numpy, gguf, tokenizers for the
 #      independent reference), unless already present;
 #   2. fetches the default model and The Tempest into ~/.cache/bramble;
-#   3. runs every host test (unit, integration, end-to-end);
+#   3. runs every host test (unit, integration, end-to-end), and converts a
+#      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB;
 #   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
 #      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76).
 #
@@ -35,6 +36,9 @@ models/fetch-default.sh >/dev/null
 
 say "host tests"
 cargo test --workspace --quiet 2>&1 | tail -n +1
+
+say "converter memory: a Llama-2-7B-shaped f16 GGUF converts with peak RSS under 2 GiB"
+tests/convert-7b-rss.sh --formats gguf
 
 if ! $host_only; then
     for cpu in cortex-a72 cortex-a76; do
