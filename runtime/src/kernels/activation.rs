@@ -31,6 +31,12 @@ pub mod neon {
 
     /// Per block of 32: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σq`.
     pub fn quantize_activation(x: &[f32], out: &mut [BlockQ8Act]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { quantize_activation_neon(x, out) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn quantize_activation_neon(x: &[f32], out: &mut [BlockQ8Act]) {
         assert_eq!(x.len(), out.len() * GROUP, "{} values into {} blocks", x.len(), out.len());
         for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
             // SAFETY: `values` is 32 floats (two loads of 16), `block.qs` 32 bytes.
@@ -38,7 +44,7 @@ pub mod neon {
                 let v = [vld1q_f32_x4(values.as_ptr()), vld1q_f32_x4(values.as_ptr().add(16))];
                 let v = [v[0].0, v[0].1, v[0].2, v[0].3, v[1].0, v[1].1, v[1].2, v[1].3];
                 // Largest magnitude: |x| lane-wise, a tree of maxima, then across lanes.
-                let m = v.map(vabsq_f32);
+                let m = v.map(|lane| vabsq_f32(lane));
                 let m = [vmaxq_f32(m[0], m[1]), vmaxq_f32(m[2], m[3]), vmaxq_f32(m[4], m[5]), vmaxq_f32(m[6], m[7])];
                 let amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m[0], m[1]), vmaxq_f32(m[2], m[3])));
                 let d = amax / 127.0;

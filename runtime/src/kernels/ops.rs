@@ -73,7 +73,8 @@ pub mod neon {
     /// [`EXP_LOWEST`, `EXP_HIGHEST`]: x = n·ln 2 + r with |r| ≤ ln 2 / 2,
     /// eʳ by a degree-5 polynomial (Arm optimized-routines' `v_expf`
     /// coefficients, 1.45 ulp + rounding), 2ⁿ built in the exponent field.
-    #[inline(always)]
+    #[target_feature(enable = "neon")]
+    #[inline]
     pub fn exp(x: float32x4_t) -> float32x4_t {
         let clamped = vmaxq_f32(vminq_f32(x, vdupq_n_f32(EXP_HIGHEST)), vdupq_n_f32(EXP_LOWEST));
         // n = round(x / ln 2); r = x − n·ln 2 with ln 2 in two parts, the first exact in n·ln2_hi.
@@ -115,6 +116,12 @@ pub mod neon {
 
     /// `Σ a·b`, sixteen products a step in four accumulators.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { dot_neon(a, b) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let mut acc = [vdupq_n_f32(0.0); 4];
         let mut i = 0;
@@ -143,6 +150,12 @@ pub mod neon {
 
     /// `out += weight · x`, fused multiply-add.
     pub fn axpy(out: &mut [f32], weight: f32, x: &[f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { axpy_neon(out, weight, x) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn axpy_neon(out: &mut [f32], weight: f32, x: &[f32]) {
         let n = out.len().min(x.len());
         let mut i = 0;
         while i + 16 <= n {
@@ -174,8 +187,14 @@ pub mod neon {
 
     /// `out = x / √(mean(x²) + eps) ⊙ weight`.
     pub fn rmsnorm(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { rmsnorm_neon(out, x, weight, eps) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn rmsnorm_neon(out: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
         let n = out.len().min(x.len()).min(weight.len());
-        let scale = 1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt();
+        let scale = 1.0 / (dot_neon(x, x) / x.len() as f32 + eps).sqrt();
         let mut i = 0;
         while i + 4 <= n {
             // SAFETY: `i + 4 ≤ n`, within all three slices.
@@ -192,6 +211,12 @@ pub mod neon {
 
     /// In-place softmax.
     pub fn softmax(x: &mut [f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { softmax_neon(x) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn softmax_neon(x: &mut [f32]) {
         // Maximum, four lanes then across.
         let mut most = vdupq_n_f32(f32::NEG_INFINITY);
         let chunks = x.chunks_exact(4);
@@ -214,6 +239,12 @@ pub mod neon {
 
     /// SwiGLU gate: `gate = silu(gate) ⊙ up`, as `g / (1 + e⁻ᵍ) · u`.
     pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { silu_mul_neon(gate, up) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn silu_mul_neon(gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
         let silu_times = |g: float32x4_t, u: float32x4_t| vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(g)))), u);
         let mut i = 0;
@@ -240,6 +271,12 @@ pub mod neon {
     /// Rotates one head's vector by RoPE, four pairs a step; products and
     /// differences rounded as in the reference, so the result is identical.
     pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { rope_neon(head, cos, sin, halves) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn rope_neon(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool) {
         let pairs = cos.len();
         assert!(sin.len() == pairs && head.len() >= 2 * pairs, "rope: {} values for {pairs} pairs", head.len());
         let rotate = |x0: float32x4_t, x1: float32x4_t, c: float32x4_t, s: float32x4_t| {

@@ -1,0 +1,140 @@
+//! Reference implementations: plain loops, one weight row at a time against
+//! every activation of the batch, so a row is read from memory once.
+
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, GROUP};
+use half::f16;
+
+/// binary16 → binary32, exactly, without a call: the exponent and mantissa
+/// shifted into place and rescaled by 2¹¹² (exact for normal and subnormal
+/// values alike), then the sign; infinities and NaNs get the all-ones exponent.
+#[inline(always)]
+pub fn f16_to_f32(h: f16) -> f32 {
+    let bits = h.to_bits() as u32;
+    let magnitude = f32::from_bits((bits & 0x7FFF) << 13) * f32::from_bits(0x7780_0000);
+    let mut out = magnitude.to_bits() | ((bits & 0x8000) << 16);
+    if bits & 0x7C00 == 0x7C00 {
+        out |= 0x7F80_0000;
+    }
+    f32::from_bits(out)
+}
+
+/// `Σ a[j]·b[j]` over one block of int8 values. Written as a plain loop
+/// over fixed-size arrays so the compiler vectorizes it on any target.
+#[inline(always)]
+fn block_dot(a: &[i8; GROUP], b: &[i8; GROUP]) -> i32 {
+    let mut sum = 0i32;
+    for j in 0..GROUP {
+        sum += a[j] as i32 * b[j] as i32;
+    }
+    sum
+}
+
+/// The 32 nibbles of a 4-bit block as int8, minus `zero`: value `j` from the
+/// low nibble of byte `j`, value `j + 16` from its high nibble.
+#[inline(always)]
+fn unpack_nibbles(qs: &[u8; GROUP / 2], zero: i8) -> [i8; GROUP] {
+    let mut out = [0i8; GROUP];
+    for j in 0..GROUP / 2 {
+        out[j] = (qs[j] & 0xF) as i8 - zero;
+        out[j + GROUP / 2] = (qs[j] >> 4) as i8 - zero;
+    }
+    out
+}
+
+/// Integer dot product of one Q8 row with one activation.
+pub fn dot_q8_q8(row: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
+    let mut sum = 0f32;
+    for (w, a) in row.iter().zip(x) {
+        sum += f16_to_f32(w.d) * a.d * block_dot(&w.qs, &a.qs) as f32;
+    }
+    sum
+}
+
+/// Dot product of one asymmetric Q4 row with one activation:
+/// Σ (d·n + m)·(dₓ·q) = d·dₓ·Σ n·q + m·(dₓ·Σq), the last factor being `s`.
+pub fn dot_q4_q8(row: &[BlockQ4], x: &[BlockQ8Act]) -> f32 {
+    let mut sum = 0f32;
+    for (w, a) in row.iter().zip(x) {
+        let isum = block_dot(&unpack_nibbles(&w.qs, 0), &a.qs);
+        sum += f16_to_f32(w.d) * a.d * isum as f32 + f16_to_f32(w.m) * a.s;
+    }
+    sum
+}
+
+/// Dot product of one symmetric Q4 row with one activation.
+pub fn dot_q4s_q8(row: &[BlockQ4S], x: &[BlockQ8Act]) -> f32 {
+    let mut sum = 0f32;
+    for (w, a) in row.iter().zip(x) {
+        sum += f16_to_f32(w.d) * a.d * block_dot(&unpack_nibbles(&w.qs, 8), &a.qs) as f32;
+    }
+    sum
+}
+
+/// `Σ a·b` with eight partial sums, so the loop vectorizes without
+/// reassociating a single floating-point chain.
+#[inline(always)]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut partial = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for k in 0..8 {
+            partial[k] += x[k] * y[k];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
+}
+
+fn matmul_blocks<B>(weights: &[B], cols: usize, x: &[BlockQ8Act], out: &mut [f32], dot: fn(&[B], &[BlockQ8Act]) -> f32) {
+    let blocks = cols / GROUP;
+    let batch = x.len() / blocks;
+    debug_assert_eq!(weights.len() / blocks * batch, out.len());
+    for (row, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(batch)) {
+        for (o, activation) in outputs.iter_mut().zip(x.chunks_exact(blocks)) {
+            *o = dot(row, activation);
+        }
+    }
+}
+
+/// Q8 matrix × int8 activations.
+pub fn matmul_q8(weights: &[BlockQ8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_blocks(weights, cols, x, out, dot_q8_q8)
+}
+/// Asymmetric Q4 matrix × int8 activations.
+pub fn matmul_q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_blocks(weights, cols, x, out, dot_q4_q8)
+}
+/// Symmetric Q4 matrix × int8 activations.
+pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_blocks(weights, cols, x, out, dot_q4s_q8)
+}
+
+/// f16 matrix × f32 activations, accumulated in f32. Rows are widened to
+/// f32 a piece at a time and reused for every activation of the batch.
+pub fn matmul_f16(weights: &[f16], cols: usize, x: &[f32], out: &mut [f32]) {
+    const PIECE: usize = 256;
+    let batch = x.len() / cols;
+    let mut widened = [0f32; PIECE];
+    for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(batch)) {
+        outputs.fill(0.0);
+        for (p, piece) in row.chunks(PIECE).enumerate() {
+            let w = &mut widened[..piece.len()];
+            for (o, &v) in w.iter_mut().zip(piece) {
+                *o = f16_to_f32(v);
+            }
+            for (b, o) in outputs.iter_mut().enumerate() {
+                let start = b * cols + p * PIECE;
+                *o += dot_f32(w, &x[start..start + piece.len()]);
+            }
+        }
+    }
+}
+
+/// f32 matrix × f32 activations.
+pub fn matmul_f32(weights: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+    for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(x.len() / cols)) {
+        for (o, activation) in outputs.iter_mut().zip(x.chunks_exact(cols)) {
+            *o = dot_f32(row, activation);
+        }
+    }
+}

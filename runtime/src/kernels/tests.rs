@@ -1,0 +1,402 @@
+//! Every kernel table this CPU runs ([`Kernels::all_available`]) against the
+//! scalar reference, on deterministic synthetic data, at every size class the
+//! kernels special-case: rows 1..=9 (groups of four and the tails), 1..=16
+//! blocks a row, batches 1..=5, and f32 lengths that are not multiples of
+//! 4, 8 or 16. On x86 this compares the reference with itself; under
+//! `qemu-aarch64` it checks `neon` (cortex-a72) and `neon-dotprod` (cortex-a76).
+
+use super::Kernels;
+use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};
+use half::f16;
+
+/// Integer matrix products: the block sums are exact integers in every
+/// table; only the order of the float sums differs, and the zero point of Q4S
+/// is taken out in float by the NEON kernels. Relative to `Σ |terms|`.
+const INTEGER_MATMUL_RELATIVE: f32 = 1e-5;
+/// f16 and f32 matrix products and dot products: summation order only.
+const FLOAT_DOT_RELATIVE: f32 = 1e-5;
+/// `axpy`: a fused multiply-add against a product then a sum (one rounding).
+const AXPY_RELATIVE: f32 = 1e-6;
+/// RMSNorm: the sum of squares in another order.
+const RMSNORM_RELATIVE: f32 = 1e-5;
+/// The polynomial `exp` against `f32::exp`: a few ulp.
+const EXP_RELATIVE: f32 = 1e-6;
+/// Softmax and SiLU: `exp` as above, plus the sum's order and a division.
+const EXP_BASED_RELATIVE: f32 = 1e-5;
+/// Absolute floor for values near zero: `exp` flushes results below
+/// `f32::MIN_POSITIVE` to zero where `f32::exp` returns subnormals.
+const TINY: f32 = 1e-30;
+
+/// Deterministic values in [-1, 1], different for each seed.
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) ^ seed;
+            ((h.wrapping_mul(2_246_822_519) >> 8) % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+/// `data`, with every seventh block scaled down and block 2 zero, so blocks differ in scale.
+fn activations(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = data(n, seed);
+    for (b, block) in x.chunks_mut(GROUP).enumerate() {
+        let factor = if b == 2 { 0.0 } else if b % 7 == 3 { 0.01 } else { 1.0 + b as f32 * 0.1 };
+        block.iter_mut().for_each(|v| *v *= factor);
+    }
+    x
+}
+
+fn quantize_activations(x: &[f32]) -> Vec<BlockQ8Act> {
+    let mut out = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; x.len() / GROUP];
+    (Kernels::SCALAR.quantize_activation)(x, &mut out);
+    out
+}
+
+fn close(got: f32, expected: f32, bound: f32) -> bool {
+    (got - expected).abs() <= bound
+}
+
+#[test]
+fn detect_picks_the_table_for_this_cpu() {
+    let chosen = Kernels::detect();
+    println!("Kernels::detect(): {}", chosen.name);
+    let names: Vec<_> = Kernels::all_available().iter().map(|k| k.name).collect();
+    println!("Kernels::all_available(): {names:?}");
+    assert_eq!(names.first(), Some(&"scalar"));
+    assert_eq!(names.last(), Some(&chosen.name));
+    #[cfg(target_arch = "aarch64")]
+    {
+        let dotprod = std::arch::is_aarch64_feature_detected!("dotprod");
+        assert_eq!(chosen.name, if dotprod { "neon-dotprod" } else { "neon" });
+        // Under qemu-user the emulated core is named in the environment.
+        match std::env::var("QEMU_CPU").as_deref() {
+            Ok("cortex-a72") => assert!(!dotprod && chosen.name == "neon"),
+            Ok("cortex-a76") => assert!(dotprod && chosen.name == "neon-dotprod"),
+            _ => {}
+        }
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    assert_eq!(chosen.name, "scalar");
+}
+
+#[test]
+fn quantize_activation_is_bit_exact() {
+    for blocks in 1..=16 {
+        let x = activations(blocks * GROUP, blocks as u32);
+        let expected = quantize_activations(&x);
+        for k in Kernels::all_available() {
+            let mut got = vec![BlockQ8Act { d: 1.0, s: 1.0, qs: [1; GROUP] }; blocks];
+            (k.quantize_activation)(&x, &mut got);
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(g.qs == e.qs && g.d.to_bits() == e.d.to_bits() && g.s.to_bits() == e.s.to_bits(), "{}: {g:?} vs {e:?}", k.name);
+            }
+        }
+    }
+}
+
+/// One quantized weight matrix, the blocks of every row, and per block the
+/// stored integers `n[j]` and what a value is: `d·n + offset`.
+struct QuantizedMatrix {
+    encoding: Encoding,
+    bytes: Vec<u8>,
+}
+
+impl QuantizedMatrix {
+    fn new(encoding: Encoding, w: &[f32]) -> Self {
+        let mut bytes = vec![0u8; encoding.bytes_for(w.len())];
+        quant::quantize_into(encoding, w, &mut bytes);
+        Self { encoding, bytes }
+    }
+
+    /// `(d, offset, n[32])` of each block.
+    fn blocks(&self) -> Vec<(f32, f32, [i32; GROUP])> {
+        let nibbles = |qs: &[u8; GROUP / 2]| -> [i32; GROUP] {
+            std::array::from_fn(|j| if j < GROUP / 2 { (qs[j] & 0xF) as i32 } else { (qs[j - GROUP / 2] >> 4) as i32 })
+        };
+        match self.encoding {
+            Encoding::Q8 => bytemuck::pod_collect_to_vec::<u8, BlockQ8>(&self.bytes)
+                .iter()
+                .map(|b| (b.d.to_f32(), 0.0, b.qs.map(|q| q as i32)))
+                .collect(),
+            Encoding::Q4 => bytemuck::pod_collect_to_vec::<u8, BlockQ4>(&self.bytes)
+                .iter()
+                .map(|b| (b.d.to_f32(), b.m.to_f32(), nibbles(&b.qs)))
+                .collect(),
+            Encoding::Q4S => bytemuck::pod_collect_to_vec::<u8, BlockQ4S>(&self.bytes)
+                .iter()
+                .map(|b| (b.d.to_f32(), -8.0 * b.d.to_f32(), nibbles(&b.qs)))
+                .collect(),
+            other => unreachable!("{other:?} is not blocked"),
+        }
+    }
+
+    fn run(&self, k: &Kernels, cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        match self.encoding {
+            Encoding::Q8 => (k.matmul_q8)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q4 => (k.matmul_q4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q4S => (k.matmul_q4s)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            other => unreachable!("{other:?} is not blocked"),
+        }
+    }
+}
+
+/// `Σ |d·n| · |dₓ·q| + |offset| · |dₓ·q|` over a row and an activation: the
+/// size of the terms the kernels add, which bounds their rounding.
+fn term_magnitude(row: &[(f32, f32, [i32; GROUP])], x: &[BlockQ8Act]) -> f32 {
+    row.iter()
+        .zip(x)
+        .map(|((d, offset, n), a)| {
+            (0..GROUP).map(|j| ((d * n[j] as f32).abs() + offset.abs()) * (a.d * a.qs[j] as f32).abs()).sum::<f32>()
+        })
+        .sum()
+}
+
+fn check_quantized(encoding: Encoding, rows: usize, blocks: usize, batch: usize, w: &[f32], x: &[BlockQ8Act]) {
+    let cols = blocks * GROUP;
+    let matrix = QuantizedMatrix::new(encoding, w);
+    let all_blocks = matrix.blocks();
+    let mut expected = vec![0f32; rows * batch];
+    matrix.run(&Kernels::SCALAR, cols, x, &mut expected);
+    for k in Kernels::all_available() {
+        let mut got = vec![f32::NAN; rows * batch];
+        matrix.run(k, cols, x, &mut got);
+        for r in 0..rows {
+            for b in 0..batch {
+                let bound = INTEGER_MATMUL_RELATIVE
+                    * term_magnitude(&all_blocks[r * blocks..(r + 1) * blocks], &x[b * blocks..(b + 1) * blocks]);
+                let (g, e) = (got[r * batch + b], expected[r * batch + b]);
+                assert!(close(g, e, bound), "{} {encoding:?} rows {rows} blocks {blocks} batch {batch} [{r}, {b}]: {g} vs {e}", k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_matmuls_match_the_reference_at_every_size() {
+    for rows in 1..=9 {
+        for blocks in 1..=16 {
+            for batch in 1..=5 {
+                let w = data(rows * blocks * GROUP, (rows * 100 + blocks) as u32);
+                let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks) as u32));
+                for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
+                    check_quantized(encoding, rows, blocks, batch, &w, &x);
+                }
+            }
+        }
+    }
+}
+
+/// The largest products a lane can meet: int8 weights of −128 (which a file
+/// may hold, though the quantizer never writes it) and 15-valued nibbles,
+/// against activations of ±127, so the 16-bit partial sums are at their
+/// bounds and the running 32-bit sums grow for many blocks.
+#[test]
+fn quantized_matmuls_do_not_overflow_at_extremes() {
+    let (rows, blocks) = (5, 64);
+    let cols = blocks * GROUP;
+    let x: Vec<BlockQ8Act> = (0..blocks)
+        .map(|b| {
+            let sign = if b % 3 == 0 { -1 } else { 1 };
+            BlockQ8Act { d: 0.5, s: 0.5 * (127 * sign * GROUP as i32) as f32, qs: [(127 * sign) as i8; GROUP] }
+        })
+        .collect();
+    let q8: Vec<BlockQ8> = (0..rows * blocks)
+        .map(|i| BlockQ8 { d: f16::from_f32(0.25), qs: [if i % 3 == 0 { -128 } else { 127 }; GROUP] })
+        .collect();
+    let q4: Vec<BlockQ4> =
+        (0..rows * blocks).map(|_| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0), qs: [0xFF; GROUP / 2] }).collect();
+    let q4s: Vec<BlockQ4S> = (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
+    for k in Kernels::all_available() {
+        let mut out = vec![0f32; rows];
+        (k.matmul_q8)(&q8, cols, &x, &mut out);
+        for (r, &v) in out.iter().enumerate() {
+            let expected: f32 = (0..blocks)
+                .map(|b| {
+                    let w = if (r * blocks + b) % 3 == 0 { -128.0 } else { 127.0 };
+                    0.25 * 0.5 * w * x[b].qs[0] as f32 * GROUP as f32
+                })
+                .sum();
+            assert_eq!(v, expected, "{} q8 row {r}", k.name);
+        }
+        let mut expected = vec![0f32; rows];
+        (Kernels::SCALAR.matmul_q4)(&q4, cols, &x, &mut expected);
+        (k.matmul_q4)(&q4, cols, &x, &mut out);
+        assert!(out.iter().zip(&expected).all(|(g, e)| close(*g, *e, 1e-5 * e.abs())), "{} q4: {out:?} vs {expected:?}", k.name);
+        (Kernels::SCALAR.matmul_q4s)(&q4s, cols, &x, &mut expected);
+        (k.matmul_q4s)(&q4s, cols, &x, &mut out);
+        assert!(out.iter().zip(&expected).all(|(g, e)| close(*g, *e, 1e-5 * e.abs())), "{} q4s: {out:?} vs {expected:?}", k.name);
+    }
+}
+
+#[test]
+fn quantized_matmuls_match_f32_on_dequantized_weights() {
+    /// The only error left is the rounding of the activations to int8.
+    const ACTIVATION_ROUNDING_BUDGET: f32 = 0.01;
+    let (rows, cols, batch) = (7, 96, 3);
+    let w = data(rows * cols, 1);
+    let x = data(batch * cols, 2);
+    let xq = quantize_activations(&x);
+    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
+        let matrix = QuantizedMatrix::new(encoding, &w);
+        let mut dequantized = vec![0f32; w.len()];
+        quant::dequantize_from(encoding, &matrix.bytes, &mut dequantized);
+        let mut expected = vec![0f32; rows * batch];
+        (Kernels::SCALAR.matmul_f32)(&dequantized, cols, &x, &mut expected);
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for k in Kernels::all_available() {
+            let mut got = vec![0f32; rows * batch];
+            matrix.run(k, cols, &xq, &mut got);
+            for (e, g) in expected.iter().zip(&got) {
+                assert!(close(*g, *e, ACTIVATION_ROUNDING_BUDGET * scale), "{} {encoding:?}: {g} vs {e}", k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn float_matmuls_match_the_reference() {
+    for rows in 1..=9 {
+        for cols in [1, 3, 8, 15, 16, 17, 31, 32, 33, 64, 100, 257, 512] {
+            for batch in 1..=5 {
+                let w = data(rows * cols, (rows * 31 + cols) as u32);
+                let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                let x = data(batch * cols, (batch * 17 + cols) as u32);
+                let (mut expected16, mut expected32) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
+                (Kernels::SCALAR.matmul_f16)(&w16, cols, &x, &mut expected16);
+                (Kernels::SCALAR.matmul_f32)(&w, cols, &x, &mut expected32);
+                for k in Kernels::all_available() {
+                    let (mut got16, mut got32) = (vec![f32::NAN; rows * batch], vec![f32::NAN; rows * batch]);
+                    (k.matmul_f16)(&w16, cols, &x, &mut got16);
+                    (k.matmul_f32)(&w, cols, &x, &mut got32);
+                    for r in 0..rows {
+                        for b in 0..batch {
+                            let (row, act) = (r * cols..(r + 1) * cols, b * cols..(b + 1) * cols);
+                            let m16: f32 = w16[row.clone()].iter().zip(&x[act.clone()]).map(|(w, x)| (w.to_f32() * x).abs()).sum();
+                            let m32: f32 = w[row].iter().zip(&x[act]).map(|(w, x)| (w * x).abs()).sum();
+                            let i = r * batch + b;
+                            assert!(close(got16[i], expected16[i], FLOAT_DOT_RELATIVE * m16), "{} f16 {rows}×{cols}×{batch}", k.name);
+                            assert!(close(got32[i], expected32[i], FLOAT_DOT_RELATIVE * m32), "{} f32 {rows}×{cols}×{batch}", k.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lengths around every step the f32 kernels take (4, 8, 16) and model sizes.
+const LENGTHS: [usize; 20] = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 47, 63, 64, 65, 100, 576, 1537];
+
+#[test]
+fn dot_and_axpy_match_the_reference() {
+    for n in LENGTHS {
+        let (a, b) = (data(n, 3), data(n, 4));
+        let magnitude: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
+        let expected = (Kernels::SCALAR.dot)(&a, &b);
+        let mut expected_axpy = data(n, 5);
+        (Kernels::SCALAR.axpy)(&mut expected_axpy, 0.37, &a);
+        for k in Kernels::all_available() {
+            let got = (k.dot)(&a, &b);
+            assert!(close(got, expected, FLOAT_DOT_RELATIVE * magnitude), "{} dot n={n}: {got} vs {expected}", k.name);
+            let mut got = data(n, 5);
+            (k.axpy)(&mut got, 0.37, &a);
+            for ((g, e), (o, x)) in got.iter().zip(&expected_axpy).zip(data(n, 5).iter().zip(&a)) {
+                assert!(close(*g, *e, AXPY_RELATIVE * (o.abs() + (0.37 * x).abs())), "{} axpy n={n}: {g} vs {e}", k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_matches_the_reference() {
+    for n in LENGTHS {
+        let (x, weight) = (data(n, 6), data(n, 7));
+        let mut expected = vec![0f32; n];
+        (Kernels::SCALAR.rmsnorm)(&mut expected, &x, &weight, 1e-5);
+        for k in Kernels::all_available() {
+            let mut got = vec![f32::NAN; n];
+            (k.rmsnorm)(&mut got, &x, &weight, 1e-5);
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(close(*g, *e, RMSNORM_RELATIVE * e.abs() + TINY), "{} n={n}: {g} vs {e}", k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_the_reference() {
+    for n in LENGTHS {
+        // Scores over a wide range, some far enough below the maximum to underflow.
+        for spread in [1.0, 30.0, 120.0] {
+            let scores: Vec<f32> = data(n, 8).iter().map(|v| v * spread).collect();
+            let mut expected = scores.clone();
+            (Kernels::SCALAR.softmax)(&mut expected);
+            for k in Kernels::all_available() {
+                let mut got = scores.clone();
+                (k.softmax)(&mut got);
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(close(*g, *e, EXP_BASED_RELATIVE * e.abs() + TINY), "{} n={n} spread {spread}: {g} vs {e}", k.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn silu_mul_matches_the_reference() {
+    for n in LENGTHS {
+        for spread in [1.0, 10.0, 100.0] {
+            let gate: Vec<f32> = data(n, 9).iter().map(|v| v * spread).collect();
+            let up = data(n, 10);
+            let mut expected = gate.clone();
+            (Kernels::SCALAR.silu_mul)(&mut expected, &up);
+            for k in Kernels::all_available() {
+                let mut got = gate.clone();
+                (k.silu_mul)(&mut got, &up);
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(close(*g, *e, EXP_BASED_RELATIVE * e.abs() + TINY), "{} n={n} spread {spread}: {g} vs {e}", k.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_is_identical_to_the_reference() {
+    for pairs in [1, 2, 3, 4, 5, 7, 8, 9, 16, 31, 32, 33] {
+        let (cos, sin) = (data(pairs, 11), data(pairs, 12));
+        for halves in [false, true] {
+            let head = data(2 * pairs + 3, 13);
+            let mut expected = head.clone();
+            (Kernels::SCALAR.rope)(&mut expected[..2 * pairs], &cos, &sin, halves);
+            for k in Kernels::all_available() {
+                let mut got = head.clone();
+                (k.rope)(&mut got[..2 * pairs], &cos, &sin, halves);
+                assert_eq!(got, expected, "{} pairs {pairs} halves {halves}", k.name);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn polynomial_exp_is_within_a_few_ulp() {
+    use std::arch::aarch64::*;
+    let mut worst = 0f32;
+    for i in 0..=400_000 {
+        let x = -87.0 + 175.0 * i as f32 / 400_000.0;
+        let mut lanes = [0f32; 4];
+        // SAFETY: `lanes` is four values.
+        unsafe { vst1q_f32(lanes.as_mut_ptr(), super::ops::neon::exp(vdupq_n_f32(x))) };
+        let expected = x.exp();
+        let relative = ((lanes[0] - expected) / expected).abs();
+        worst = worst.max(relative);
+        assert!(relative <= EXP_RELATIVE, "exp({x}) = {} vs {expected}", lanes[0]);
+    }
+    println!("polynomial exp: worst relative error {worst:e}");
+    let mut lanes = [1f32; 4];
+    // SAFETY: `lanes` is four values.
+    unsafe { vst1q_f32(lanes.as_mut_ptr(), super::ops::neon::exp(vld1q_f32([-88.0, -1000.0, f32::NEG_INFINITY, 0.0].as_ptr()))) };
+    assert_eq!(lanes, [0.0, 0.0, 0.0, 1.0]);
+}
