@@ -34,8 +34,11 @@ python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || python3 -m pip instal
 say "default model and texts"
 models/fetch-default.sh >/dev/null
 
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
 say "host tests"
-cargo test --workspace --quiet 2>&1 | tail -n +1
+cargo test --workspace --quiet 2>&1 | tee -a "$log"
 
 say "converter memory: a Llama-2-7B-shaped f16 GGUF converts with peak RSS under 2 GiB"
 tests/convert-7b-rss.sh --formats gguf
@@ -43,7 +46,10 @@ tests/convert-7b-rss.sh --formats gguf
 if ! $host_only; then
     for cpu in cortex-a72 cortex-a76; do
         say "aarch64 tests under qemu -cpu $cpu"
-        QEMU_CPU=$cpu cargo test --quiet --target aarch64-unknown-linux-gnu -p bramble-runtime
+        QEMU_CPU=$cpu cargo test --quiet --target aarch64-unknown-linux-gnu -p bramble-runtime 2>&1 | tee -a "$log"
     done
 fi
 say "all tests passed"
+# One closing line over every cargo test run above.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
