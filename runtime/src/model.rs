@@ -13,8 +13,8 @@ use crate::kernels::Kernels;
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// Rows a kernel step handles together; thread splits fall on multiples of it.
-const ROWS_PER_STEP: usize = 4;
+/// Rows a kernel step handles together (the dotprod kernels take 8); thread splits fall on multiples of it.
+const ROWS_PER_STEP: usize = 8;
 use crate::quant::{self, BlockQ8Act, Encoding, GROUP};
 
 /// A weight matrix `[rows, cols]` borrowed from the image.

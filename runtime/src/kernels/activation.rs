@@ -52,7 +52,10 @@ pub mod neon {
                 // Scale and round to int32, half away from zero.
                 let q = v.map(|lane| vcvtaq_s32_f32(vmulq_n_f32(lane, id)));
                 // Σq for s, in 32-bit lanes.
-                let total = vaddq_s32(vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])), vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])));
+                let total = vaddq_s32(
+                    vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])),
+                    vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])),
+                );
                 // Narrow 32 → 16 → 8 bits (|q| ≤ 127, nothing is lost).
                 let h = [
                     vmovn_high_s32(vmovn_s32(q[0]), q[1]),

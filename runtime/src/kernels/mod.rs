@@ -2,6 +2,12 @@
 //! (`scalar` submodule, compiled everywhere). Architecture-specific versions
 //! sit beside it and are chosen once, at load, into a [`Kernels`] table of
 //! function pointers; model code calls through the table and contains no `cfg`.
+//!
+//! Tables: [`Kernels::SCALAR`] everywhere; on aarch64 `Kernels::NEON`
+//! (ARMv8.0, the Raspberry Pi 4) and `Kernels::NEON_DOTPROD` (with `sdot`,
+//! the Raspberry Pi 5). [`Kernels::detect`] picks one with
+//! `is_aarch64_feature_detected!("dotprod")`; `tests.rs` checks every table
+//! the CPU runs against the reference.
 
 pub mod activation;
 pub mod matmul;
@@ -119,14 +125,17 @@ impl Kernels {
     /// Every table that runs on this CPU, the reference first (for tests and
     /// benchmarks that compare them).
     pub fn all_available() -> Vec<&'static Kernels> {
-        let mut tables = vec![&Self::SCALAR];
         #[cfg(target_arch = "aarch64")]
         {
-            tables.push(&Self::NEON);
+            let mut tables = vec![&Self::SCALAR, &Self::NEON];
             if matmul::dotprod::available() {
                 tables.push(&Self::NEON_DOTPROD);
             }
+            tables
         }
-        tables
+        #[cfg(not(target_arch = "aarch64"))]
+        {
+            vec![&Self::SCALAR]
+        }
     }
 }

@@ -57,9 +57,11 @@ pub mod scalar {
     }
 }
 
-/// NEON (ARMv8.0) versions. `exp` is a polynomial ([`neon::exp`]); the
+/// NEON (ARMv8.0) versions. `exp` is a polynomial (`neon::exp`); the
 /// reductions (dot, the sums of softmax and RMSNorm) add in a different order
 /// than the reference, so results agree within the bounds named in the tests.
+/// Each public function is the table entry; its body is a `*_neon` function
+/// compiled with the `neon` feature, in which the intrinsics are safe calls.
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use std::arch::aarch64::*;
@@ -75,7 +77,7 @@ pub mod neon {
     /// coefficients, 1.45 ulp + rounding), 2ⁿ built in the exponent field.
     #[target_feature(enable = "neon")]
     #[inline]
-    pub fn exp(x: float32x4_t) -> float32x4_t {
+    pub(crate) fn exp(x: float32x4_t) -> float32x4_t {
         let clamped = vmaxq_f32(vminq_f32(x, vdupq_n_f32(EXP_HIGHEST)), vdupq_n_f32(EXP_LOWEST));
         // n = round(x / ln 2); r = x − n·ln 2 with ln 2 in two parts, the first exact in n·ln2_hi.
         let n = vrndnq_f32(vmulq_n_f32(clamped, f32::from_bits(0x3fb8_aa3b)));
@@ -246,7 +248,8 @@ pub mod neon {
     #[target_feature(enable = "neon")]
     fn silu_mul_neon(gate: &mut [f32], up: &[f32]) {
         let n = gate.len().min(up.len());
-        let silu_times = |g: float32x4_t, u: float32x4_t| vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(g)))), u);
+        let silu_times =
+            |g: float32x4_t, u: float32x4_t| vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(g)))), u);
         let mut i = 0;
         while i + 4 <= n {
             // SAFETY: `i + 4 ≤ n`, within both slices.
@@ -266,7 +269,6 @@ pub mod neon {
             gate[i..n].copy_from_slice(&g[..n - i]);
         }
     }
-
 
     /// Rotates one head's vector by RoPE, four pairs a step; products and
     /// differences rounded as in the reference, so the result is identical.

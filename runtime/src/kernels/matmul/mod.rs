@@ -13,10 +13,12 @@
 
 pub mod scalar;
 
+// `neon` first: its `asm!` text macros are in textual scope for `dotprod`.
+#[cfg(target_arch = "aarch64")]
+#[macro_use]
+pub mod neon;
 #[cfg(target_arch = "aarch64")]
 pub mod dotprod;
-#[cfg(target_arch = "aarch64")]
-pub mod neon;
 
 #[cfg(test)]
 mod tests {
@@ -25,7 +27,10 @@ mod tests {
         for bits in 0..=u16::MAX {
             let h = half::f16::from_bits(bits);
             let (ours, theirs) = (super::scalar::f16_to_f32(h), h.to_f32());
-            assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{bits:#06x}: {ours} vs {theirs}");
+            assert!(
+                ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+                "{bits:#06x}: {ours} vs {theirs}"
+            );
         }
     }
 
@@ -38,7 +43,9 @@ mod tests {
     const ACTIVATION_ROUNDING_BUDGET: f32 = 0.01;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0).collect()
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
     }
 
     #[test]

@@ -7,10 +7,10 @@
 //!
 //! Four rows go together ([`for_row_groups`]): one activation block is loaded
 //! once for the four, and a block's scale math is one vector for the four.
-//! Each row keeps a running int32 sum in four lanes that is never reset; a
-//! block's four row sums are a pairwise reduction of the running sums minus
-//! the previous one ([`BlockSums`]), one subtraction per block instead of
-//! zeroing four accumulators.
+//! Q8 rows keep running int32 sums that are never reset, and a block's four
+//! row sums are a pairwise reduction of them minus the previous one (one
+//! subtraction a block instead of zeroing four accumulators). Q4 products are
+//! small enough to reduce across the four rows in 16-bit lanes.
 
 use super::scalar;
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, GROUP};
@@ -21,21 +21,22 @@ use std::arch::asm;
 /// Rows one kernel step multiplies together.
 pub(super) const ROWS: usize = 4;
 
-/// Runs `dot4` (four rows, each exactly `x.len()` blocks, against one
-/// activation of as many blocks) for every group of four rows and every
+/// Runs `dot4(rows, activation, blocks)` (four rows and one activation, as
+/// pointers to `blocks` blocks each) for every group of four rows and every
 /// activation of the batch, and stores its four sums at `out[r·batch + b]`.
 /// A last group of one to three rows repeats its last row to make four and
-/// stores only the rows that exist.
+/// stores only the rows that exist. `dot4` may rely on every pointer it gets
+/// being valid for `blocks` blocks.
 #[inline(always)]
 pub(super) fn for_row_groups<B>(
     weights: &[B],
     cols: usize,
     x: &[BlockQ8Act],
     out: &mut [f32],
-    dot4: impl Fn([&[B]; ROWS], &[BlockQ8Act]) -> float32x4_t,
+    dot4: impl Fn([*const B; ROWS], *const BlockQ8Act, usize) -> float32x4_t,
 ) {
     let blocks = cols / GROUP;
-    assert!(blocks > 0 && cols % GROUP == 0, "{cols} columns are not whole blocks of {GROUP}");
+    assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
     let (rows, batch) = (weights.len() / blocks, x.len() / blocks);
     assert!(
         weights.len() == rows * blocks && x.len() == batch * blocks && out.len() == rows * batch,
@@ -44,52 +45,42 @@ pub(super) fn for_row_groups<B>(
         x.len(),
         out.len()
     );
-    for (group, outputs) in weights.chunks(ROWS * blocks).zip(out.chunks_mut(ROWS * batch)) {
-        let present = group.len() / blocks;
-        let row = |i: usize| &group[i.min(present - 1) * blocks..][..blocks];
-        let rows = [row(0), row(1), row(2), row(3)];
-        for (b, activation) in x.chunks_exact(blocks).enumerate() {
-            let sums = dot4(rows, activation);
-            if batch == 1 && present == ROWS {
-                // SAFETY: with one activation and four rows, `outputs` is four values.
-                unsafe { vst1q_f32(outputs.as_mut_ptr(), sums) };
+    let (w, activations, results) = (weights.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let full = rows / ROWS;
+    for group in 0..full {
+        let first = group * ROWS;
+        // SAFETY: rows `first .. first + 4` and every activation are inside
+        // the slices checked above, and so are the outputs written.
+        unsafe {
+            let row = w.add(first * blocks);
+            let four = [row, row.add(blocks), row.add(2 * blocks), row.add(3 * blocks)];
+            if batch == 1 {
+                vst1q_f32(results.add(first), dot4(four, activations, blocks));
             } else {
-                let mut lanes = [0f32; ROWS];
-                // SAFETY: `lanes` is four values.
-                unsafe { vst1q_f32(lanes.as_mut_ptr(), sums) };
-                for (i, &v) in lanes[..present].iter().enumerate() {
-                    outputs[i * batch + b] = v;
+                for b in 0..batch {
+                    let mut lanes = [0f32; ROWS];
+                    vst1q_f32(lanes.as_mut_ptr(), dot4(four, activations.add(b * blocks), blocks));
+                    for (i, &v) in lanes.iter().enumerate() {
+                        *results.add((first + i) * batch + b) = v;
+                    }
                 }
             }
         }
     }
-}
-
-/// Turns four rows' running int32 sums into each block's four row sums.
-#[derive(Clone, Copy)]
-pub(super) struct BlockSums {
-    previous: int32x4_t,
-}
-
-impl BlockSums {
-    /// Before the first block: every running sum is zero.
-    #[target_feature(enable = "neon")]
-    #[inline]
-    pub(super) fn new() -> Self {
-        Self { previous: vdupq_n_s32(0) }
-    }
-
-    /// This block's sums `[row 0, row 1, row 2, row 3]`: the running sums
-    /// reduced pairwise (three `addp`) minus that reduction after the previous
-    /// block. Wrapping arithmetic keeps the difference exact even if a running
-    /// sum wraps, as a block's own sum always fits.
-    #[target_feature(enable = "neon")]
-    #[inline]
-    pub(super) fn next(&mut self, running: &[int32x4_t; ROWS]) -> int32x4_t {
-        let totals = vpaddq_s32(vpaddq_s32(running[0], running[1]), vpaddq_s32(running[2], running[3]));
-        let block = vsubq_s32(totals, self.previous);
-        self.previous = totals;
-        block
+    let present = rows - full * ROWS;
+    if present > 0 {
+        let first = full * ROWS;
+        // SAFETY: as above; rows past the last are replaced by the last.
+        unsafe {
+            let four = [0, 1, 2, 3].map(|i: usize| w.add((first + i.min(present - 1)) * blocks));
+            for b in 0..batch {
+                let mut lanes = [0f32; ROWS];
+                vst1q_f32(lanes.as_mut_ptr(), dot4(four, activations.add(b * blocks), blocks));
+                for (i, &v) in lanes[..present].iter().enumerate() {
+                    *results.add((first + i) * batch + b) = v;
+                }
+            }
+        }
     }
 }
 
@@ -119,207 +110,301 @@ pub(crate) fn widen_f16_high(bits: uint16x8_t) -> float32x4_t {
     wide
 }
 
-/// The f16 scale of block `k` of each of four rows, gathered into one vector
-/// (one lane load per row) and widened.
-///
-/// # Safety
-/// `k` is a block index of every row.
-#[inline(always)]
-unsafe fn gather_scales<B>(rows: &[&[B]; ROWS], k: usize, scale: impl Fn(&B) -> &f16) -> float32x4_t {
-    let at = |r: usize| -> *const u16 { (scale(rows[r].get_unchecked(k)) as *const f16).cast() };
-    let bits = vld1_lane_u16::<0>(at(0), vdup_n_u16(0));
-    let bits = vld1_lane_u16::<1>(at(1), bits);
-    let bits = vld1_lane_u16::<2>(at(2), bits);
-    let bits = vld1_lane_u16::<3>(at(3), bits);
-    widen_f16(bits)
+// The integer kernels are one `asm!` loop each, so that the loads walk every
+// row and the activation with post-increment addressing (`ld1 …, [x], #n`),
+// which the compiler does not reliably produce, and a block costs the fewest
+// instructions. The loop and its fixed registers are shared
+// (`four_row_loop!`); each kernel supplies one block of four rows. The
+// macros build the text: one instruction a line, each step documented.
+//
+// Registers: v0 the four rows' f32 results; v1–v4 each row's running int32
+// sums (four lanes each, for kernels that need them); v5 and v28 the reduced
+// running sums after the previous block (they alternate, so a step of two
+// blocks needs no move); v6 the activation's [d, s]; v16, v17 its 32 int8
+// values; v18, v19 the four rows' scales (and minimums); v20–v27 weights and
+// products; v29 the block's four sums; v30 = −8.0, v31 = 0x0F in every byte.
+// v7–v15 are left to `dotprod`'s eight-row loop (v8–v15 are callee-saved:
+// declaring them clobbered makes the compiler save them).
+
+/// The loop around `$block!(previous, totals)`: two blocks a step, then a
+/// last odd block. Operands: `{x}`, `{w0}` … `{w3}` (pointers, advanced),
+/// `{pairs}` (blocks / 2, counted down) and `{odd}` (blocks % 2).
+#[rustfmt::skip]
+macro_rules! four_row_loop {
+    ($block:ident) => { concat!(
+        "movi v0.16b, #0\n",
+        "movi v1.16b, #0\n",
+        "movi v2.16b, #0\n",
+        "movi v3.16b, #0\n",
+        "movi v4.16b, #0\n",
+        "movi v5.16b, #0\n",
+        "movi v31.16b, #0x0f\n",
+        "fmov v30.4s, #-8.0\n",
+        "cbz {pairs}, 3f\n",
+        "2:\n",
+        $block!("v5", "v28"),
+        $block!("v28", "v5"),
+        "subs {pairs}, {pairs}, #1\n",
+        "b.ne 2b\n",
+        "3:\n",
+        "cbz {odd}, 4f\n",
+        $block!("v5", "v28"),
+        "4:\n",
+    )};
 }
 
-/// The scales and minimums of block `k` of four Q4 rows, `(d, m)`: `ld2`
-/// reads each row's adjacent pair into lane `r` of two vectors at once.
-///
-/// # Safety
-/// `k` is a block index of every row.
-#[inline(always)]
-pub(super) unsafe fn gather_q4_scales(rows: &[&[BlockQ4]; ROWS], k: usize) -> (float32x4_t, float32x4_t) {
-    let at = |r: usize| -> *const u16 { (&rows[r].get_unchecked(k).d as *const f16).cast() };
-    let pairs = uint16x4x2_t(vdup_n_u16(0), vdup_n_u16(0));
-    let pairs = vld2_lane_u16::<0>(at(0), pairs);
-    let pairs = vld2_lane_u16::<1>(at(1), pairs);
-    let pairs = vld2_lane_u16::<2>(at(2), pairs);
-    let pairs = vld2_lane_u16::<3>(at(3), pairs);
-    (widen_f16(pairs.0), widen_f16(pairs.1))
+/// The activation block: its [d, s] into v6, its 32 int8 values into v16, v17.
+#[rustfmt::skip]
+macro_rules! load_activation {
+    () => { concat!(
+        "ld1 {{v6.2s}}, [{x}], #8\n",
+        "ld1 {{v16.16b, v17.16b}}, [{x}], #32\n",
+    )};
 }
 
-/// Q8 block scales of four rows.
-///
-/// # Safety
-/// `k` is a block index of every row.
-#[inline(always)]
-pub(super) unsafe fn gather_q8_scales(rows: &[&[BlockQ8]; ROWS], k: usize) -> float32x4_t {
-    gather_scales(rows, k, |b: &BlockQ8| &b.d)
+/// This block's four row sums as f32 in v29, from the running sums `$s0` …
+/// `$s3` of four rows: reduced pairwise (three `addp`) into `$totals`, minus
+/// `$previous`, the same after the block before. Wrapping arithmetic keeps
+/// the difference exact even if a running sum wraps, as a block's own sum
+/// always fits.
+#[rustfmt::skip]
+macro_rules! block_sums {
+    ($s0:literal, $s1:literal, $s2:literal, $s3:literal, $previous:literal, $totals:literal) => { concat!(
+        "addp ", $totals, ".4s, ", $s0, ".4s, ", $s1, ".4s\n",
+        "addp v29.4s, ", $s2, ".4s, ", $s3, ".4s\n",
+        "addp ", $totals, ".4s, ", $totals, ".4s, v29.4s\n",
+        "sub v29.4s, ", $totals, ".4s, ", $previous, ".4s\n",
+        "scvtf v29.4s, v29.4s\n",
+    )};
 }
 
-/// Q4S block scales of four rows.
-///
-/// # Safety
-/// `k` is a block index of every row.
-#[inline(always)]
-pub(super) unsafe fn gather_q4s_scales(rows: &[&[BlockQ4S]; ROWS], k: usize) -> float32x4_t {
-    gather_scales(rows, k, |b: &BlockQ4S| &b.d)
+/// Q8 and Q4S scale: `$acc` += sums (v29) × d_w × d_x, with d_w the f16
+/// lanes of `$d` (widened in place); v19 is scratch.
+#[rustfmt::skip]
+macro_rules! scale_by_d {
+    ($acc:literal, $d:literal) => { concat!(
+        "fcvtl ", $d, ".4s, ", $d, ".4h\n",
+        "fmul v19.4s, ", $d, ".4s, v6.s[0]\n",
+        "fmla ", $acc, ".4s, v29.4s, v19.4s\n",
+    )};
 }
 
-/// An activation block's int8 values as two halves of 16.
-///
-/// # Safety
-/// None beyond holding a reference; `unsafe` for the loads.
-#[inline(always)]
-pub(super) unsafe fn load_activation(a: &BlockQ8Act) -> (int8x16_t, int8x16_t) {
-    let halves = vld1q_s8_x2(a.qs.as_ptr());
-    (halves.0, halves.1)
+/// Q4S zero point, after `scale_by_d`: Σ d·(n − 8)·dₓ·q = d·dₓ·Σ n·q − 8·d·s.
+/// `$d` holds the widened d_w; v20 is scratch.
+#[rustfmt::skip]
+macro_rules! subtract_zero_point {
+    ($acc:literal, $d:literal) => { concat!(
+        "fmul v20.2s, v6.2s, v30.2s\n",
+        "fmla ", $acc, ".4s, ", $d, ".4s, v20.s[1]\n",
+    )};
 }
 
-/// An activation block's `[d, s]`, adjacent in the block.
-///
-/// # Safety
-/// None beyond holding a reference; `unsafe` for the load.
-#[inline(always)]
-pub(super) unsafe fn load_activation_scales(a: &BlockQ8Act) -> float32x2_t {
-    vld1_f32(&a.d)
+/// Q4 scale into `$acc`: Σ (d·n + m)·(dₓ·q) = d·dₓ·Σ n·q + m·s, with d and
+/// m the f16 lanes of `$d` and `$m` (widened in place) and the sums in v29.
+#[rustfmt::skip]
+macro_rules! scale_q4 {
+    ($acc:literal, $d:literal, $m:literal) => { concat!(
+        "fcvtl ", $d, ".4s, ", $d, ".4h\n",
+        "fcvtl ", $m, ".4s, ", $m, ".4h\n",
+        "fmul ", $d, ".4s, ", $d, ".4s, v6.s[0]\n",
+        "fmla ", $acc, ".4s, v29.4s, ", $d, ".4s\n",
+        "fmla ", $acc, ".4s, ", $m, ".4s, v6.s[1]\n",
+    )};
 }
 
-/// A Q4 block's nibbles unpacked to int8: low nibbles are values 0..16 (they
-/// meet the activation's first half), high nibbles values 16..32. Both are
+/// One Q4 or Q4S row's 16 bytes of nibbles (after its scale): `$t0` takes the
+/// low nibbles (values 0..16), `$t1` the high ones (values 16..32); both are
 /// 0..15, valid as signed bytes.
-#[target_feature(enable = "neon")]
-#[inline]
-pub(super) fn unpack_nibbles(packed: uint8x16_t) -> (int8x16_t, int8x16_t) {
-    let low = vandq_u8(packed, vdupq_n_u8(0x0F));
-    let high = vshrq_n_u8::<4>(packed);
-    (vreinterpretq_s8_u8(low), vreinterpretq_s8_u8(high))
+#[rustfmt::skip]
+macro_rules! unpack_nibbles {
+    ($w:literal, $t0:literal, $t1:literal) => { concat!(
+        "ld1 {{", $t1, ".16b}}, [{", $w, "}], #16\n",
+        "and ", $t0, ".16b, ", $t1, ".16b, v31.16b\n",
+        "ushr ", $t1, ".16b, ", $t1, ".16b, #4\n",
+    )};
+}
+
+/// One Q8 row: its scale into lane `$lane` of v18, its 32 int8 values; the
+/// products of the low and high eight bytes of each half, two per 16-bit lane
+/// (|w·x| ≤ 128·127, two fit in i16); adjacent lanes added into the row's
+/// running sums.
+#[rustfmt::skip]
+macro_rules! q8_row {
+    ($lane:literal, $w:literal, $sum:literal, $t0:literal, $t1:literal, $t2:literal, $t3:literal) => { concat!(
+        "ld1 {{v18.h}}[", $lane, "], [{", $w, "}], #2\n",
+        "ld1 {{", $t0, ".16b, ", $t1, ".16b}}, [{", $w, "}], #32\n",
+        "smull ", $t2, ".8h, ", $t0, ".8b, v16.8b\n",
+        "smlal2 ", $t2, ".8h, ", $t0, ".16b, v16.16b\n",
+        "smull ", $t3, ".8h, ", $t1, ".8b, v17.8b\n",
+        "smlal2 ", $t3, ".8h, ", $t1, ".16b, v17.16b\n",
+        "sadalp ", $sum, ".4s, ", $t2, ".8h\n",
+        "sadalp ", $sum, ".4s, ", $t3, ".8h\n",
+    )};
+}
+
+/// Four products of nibble (≤ 15) × int8 (|q| ≤ 127) per 16-bit lane
+/// (|p| ≤ 7620) into `$t2`, not yet accumulated (see `nibble_sums`).
+#[rustfmt::skip]
+macro_rules! nibble_products {
+    ($t0:literal, $t1:literal, $t2:literal) => { concat!(
+        "smull ", $t2, ".8h, ", $t0, ".8b, v16.8b\n",
+        "smlal2 ", $t2, ".8h, ", $t0, ".16b, v16.16b\n",
+        "smlal ", $t2, ".8h, ", $t1, ".8b, v17.8b\n",
+        "smlal2 ", $t2, ".8h, ", $t1, ".16b, v17.16b\n",
+    )};
+}
+
+/// The four rows' block sums as f32 in v29, from their 16-bit products in
+/// v22, v23, v26, v27. Small products leave room to reduce in 16 bits: two
+/// rounds of pairwise adds across rows (lanes ≤ 4·7620 = 30480 < 2¹⁵) give
+/// `[r0 r0 r1 r1 r2 r2 r3 r3]`, one widening pairwise add the four sums. No
+/// running sums.
+#[rustfmt::skip]
+macro_rules! nibble_sums {
+    () => { concat!(
+        "addp v22.8h, v22.8h, v23.8h\n",
+        "addp v26.8h, v26.8h, v27.8h\n",
+        "addp v22.8h, v22.8h, v26.8h\n",
+        "saddlp v29.4s, v22.8h\n",
+        "scvtf v29.4s, v29.4s\n",
+    )};
+}
+
+/// One Q4 row: its d and m into lane `$lane` of v18 and v19 (`ld2`
+/// deinterleaves the adjacent pair), its nibbles, the products.
+#[rustfmt::skip]
+macro_rules! q4_row {
+    ($lane:literal, $w:literal, $t0:literal, $t1:literal, $t2:literal) => { concat!(
+        "ld2 {{v18.h, v19.h}}[", $lane, "], [{", $w, "}], #4\n",
+        unpack_nibbles!($w, $t0, $t1),
+        nibble_products!($t0, $t1, $t2),
+    )};
+}
+
+/// One Q4S row: its d into lane `$lane` of v18, its nibbles, the products.
+#[rustfmt::skip]
+macro_rules! q4s_row {
+    ($lane:literal, $w:literal, $t0:literal, $t1:literal, $t2:literal) => { concat!(
+        "ld1 {{v18.h}}[", $lane, "], [{", $w, "}], #2\n",
+        unpack_nibbles!($w, $t0, $t1),
+        nibble_products!($t0, $t1, $t2),
+    )};
+}
+
+/// A Q8 block of four rows.
+#[rustfmt::skip]
+macro_rules! q8_block {
+    ($previous:literal, $totals:literal) => { concat!(
+        load_activation!(),
+        q8_row!("0", "w0", "v1", "v20", "v21", "v22", "v23"),
+        q8_row!("1", "w1", "v2", "v24", "v25", "v26", "v27"),
+        q8_row!("2", "w2", "v3", "v20", "v21", "v22", "v23"),
+        q8_row!("3", "w3", "v4", "v24", "v25", "v26", "v27"),
+        block_sums!("v1", "v2", "v3", "v4", $previous, $totals),
+        scale_by_d!("v0", "v18"),
+    )};
+}
+
+/// A Q4 block of four rows (no running sums: `$previous`, `$totals` unused).
+#[rustfmt::skip]
+macro_rules! q4_block {
+    ($previous:literal, $totals:literal) => { concat!(
+        load_activation!(),
+        q4_row!("0", "w0", "v20", "v21", "v22"),
+        q4_row!("1", "w1", "v24", "v25", "v23"),
+        q4_row!("2", "w2", "v20", "v21", "v26"),
+        q4_row!("3", "w3", "v24", "v25", "v27"),
+        nibble_sums!(),
+        scale_q4!("v0", "v18", "v19"),
+    )};
+}
+
+/// A Q4S block of four rows (no running sums).
+#[rustfmt::skip]
+macro_rules! q4s_block {
+    ($previous:literal, $totals:literal) => { concat!(
+        load_activation!(),
+        q4s_row!("0", "w0", "v20", "v21", "v22"),
+        q4s_row!("1", "w1", "v24", "v25", "v23"),
+        q4s_row!("2", "w2", "v20", "v21", "v26"),
+        q4s_row!("3", "w3", "v24", "v25", "v27"),
+        nibble_sums!(),
+        scale_by_d!("v0", "v18"),
+        subtract_zero_point!("v0", "v18"),
+    )};
+}
+
+/// Runs `four_row_loop!($block)` over four rows and one activation and
+/// returns v0. Needs `unsafe` and the kernel's contract: each row and the
+/// activation point at `$blocks` readable blocks.
+macro_rules! run_four_rows {
+    ($block:ident, $rows:expr, $x:expr, $blocks:expr) => {{
+        let rows = $rows;
+        let blocks: usize = $blocks;
+        let acc: float32x4_t;
+        asm!(
+            four_row_loop!($block),
+            x = inout(reg) $x => _,
+            w0 = inout(reg) rows[0] => _,
+            w1 = inout(reg) rows[1] => _,
+            w2 = inout(reg) rows[2] => _,
+            w3 = inout(reg) rows[3] => _,
+            pairs = inout(reg) blocks / 2 => _,
+            odd = in(reg) blocks % 2,
+            out("v0") acc,
+            out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _,
+            out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _, out("v21") _,
+            out("v22") _, out("v23") _, out("v24") _, out("v25") _, out("v26") _, out("v27") _,
+            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        acc
+    }};
 }
 
 /// Four Q8 rows · one activation.
-#[target_feature(enable = "neon")]
-#[inline]
-fn dot4_q8(rows: [&[BlockQ8]; ROWS], x: &[BlockQ8Act]) -> float32x4_t {
-    let mut running = [vdupq_n_s32(0); ROWS];
-    let mut sums = BlockSums::new();
-    let mut acc = vdupq_n_f32(0.0);
-    for (k, a) in x.iter().enumerate() {
-        // SAFETY: every row has `x.len()` blocks (`for_row_groups`), so `k`
-        // indexes each; the loads read inside the blocks.
-        unsafe {
-            let (x0, x1) = load_activation(a);
-            for (r, row) in rows.iter().enumerate() {
-                let w = vld1q_s8_x2(row.get_unchecked(k).qs.as_ptr());
-                // Multiply: the low and high eight bytes of each half, two
-                // products per 16-bit lane (|w·x| ≤ 128·127, two fit in i16).
-                let p = vmlal_high_s8(vmull_s8(vget_low_s8(w.0), vget_low_s8(x0)), w.0, x0);
-                let q = vmlal_high_s8(vmull_s8(vget_low_s8(w.1), vget_low_s8(x1)), w.1, x1);
-                // Widen and accumulate: adjacent lanes into the row's 32-bit sums.
-                running[r] = vpadalq_s16(vpadalq_s16(running[r], p), q);
-            }
-            // Scale: the four rows' integer sums × d_w × d_x.
-            let scale = vmulq_n_f32(gather_q8_scales(&rows, k), a.d);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(sums.next(&running)), scale);
-        }
-    }
-    acc
+///
+/// # Safety
+/// Every row and `x` point at `blocks` readable blocks.
+#[inline(always)]
+unsafe fn dot4_q8(rows: [*const BlockQ8; ROWS], x: *const BlockQ8Act, blocks: usize) -> float32x4_t {
+    run_four_rows!(q8_block, rows, x, blocks)
 }
 
 /// Four Q4 rows · one activation.
-#[target_feature(enable = "neon")]
-#[inline]
-fn dot4_q4(rows: [&[BlockQ4]; ROWS], x: &[BlockQ8Act]) -> float32x4_t {
-    let mut running = [vdupq_n_s32(0); ROWS];
-    let mut sums = BlockSums::new();
-    let mut acc = vdupq_n_f32(0.0);
-    for (k, a) in x.iter().enumerate() {
-        // SAFETY: as in `dot4_q8`.
-        unsafe {
-            let (x0, x1) = load_activation(a);
-            for (r, row) in rows.iter().enumerate() {
-                let (low, high) = unpack_nibbles(vld1q_u8(row.get_unchecked(k).qs.as_ptr()));
-                // Multiply and add in 16-bit lanes: four products a lane, each ≤ 15·127.
-                let p = vmull_s8(vget_low_s8(low), vget_low_s8(x0));
-                let p = vmlal_high_s8(p, low, x0);
-                let p = vmlal_s8(p, vget_low_s8(high), vget_low_s8(x1));
-                let p = vmlal_high_s8(p, high, x1);
-                // Widen and accumulate.
-                running[r] = vpadalq_s16(running[r], p);
-            }
-            // Scale: Σ (d·n + m)·(dₓ·q) = d·dₓ·Σ n·q + m·s, four rows at once.
-            let (d, m) = gather_q4_scales(&rows, k);
-            let dx_s = load_activation_scales(a);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(sums.next(&running)), vmulq_lane_f32::<0>(d, dx_s));
-            acc = vfmaq_lane_f32::<1>(acc, m, dx_s);
-        }
-    }
-    acc
+///
+/// # Safety
+/// Every row and `x` point at `blocks` readable blocks.
+#[inline(always)]
+unsafe fn dot4_q4(rows: [*const BlockQ4; ROWS], x: *const BlockQ8Act, blocks: usize) -> float32x4_t {
+    run_four_rows!(q4_block, rows, x, blocks)
 }
 
-/// Four Q4S rows · one activation. The zero point 8 is taken out in float:
-/// Σ d·(n − 8)·dₓ·q = d·dₓ·Σ n·q − 8·d·s.
-#[target_feature(enable = "neon")]
-#[inline]
-fn dot4_q4s(rows: [&[BlockQ4S]; ROWS], x: &[BlockQ8Act]) -> float32x4_t {
-    let mut running = [vdupq_n_s32(0); ROWS];
-    let mut sums = BlockSums::new();
-    let mut acc = vdupq_n_f32(0.0);
-    for (k, a) in x.iter().enumerate() {
-        // SAFETY: as in `dot4_q8`.
-        unsafe {
-            let (x0, x1) = load_activation(a);
-            for (r, row) in rows.iter().enumerate() {
-                let (low, high) = unpack_nibbles(vld1q_u8(row.get_unchecked(k).qs.as_ptr()));
-                // Multiply and add in 16-bit lanes: four products a lane, each ≤ 15·127.
-                let p = vmull_s8(vget_low_s8(low), vget_low_s8(x0));
-                let p = vmlal_high_s8(p, low, x0);
-                let p = vmlal_s8(p, vget_low_s8(high), vget_low_s8(x1));
-                let p = vmlal_high_s8(p, high, x1);
-                // Widen and accumulate.
-                running[r] = vpadalq_s16(running[r], p);
-            }
-            // Scale, and the zero point.
-            let d = gather_q4s_scales(&rows, k);
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(sums.next(&running)), vmulq_n_f32(d, a.d));
-            acc = vfmaq_n_f32(acc, d, -8.0 * a.s);
-        }
-    }
-    acc
+/// Four Q4S rows · one activation.
+///
+/// # Safety
+/// Every row and `x` point at `blocks` readable blocks.
+#[inline(always)]
+unsafe fn dot4_q4s(rows: [*const BlockQ4S; ROWS], x: *const BlockQ8Act, blocks: usize) -> float32x4_t {
+    run_four_rows!(q4s_block, rows, x, blocks)
 }
 
 /// Q8 matrix × int8 activations.
 pub fn matmul_q8(weights: &[BlockQ8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    // SAFETY: NEON is part of every aarch64 target.
-    unsafe { q8(weights, cols, x, out) }
-}
-
-#[target_feature(enable = "neon")]
-fn q8(weights: &[BlockQ8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    for_row_groups(weights, cols, x, out, |rows, a| dot4_q8(rows, a))
+    // SAFETY: `for_row_groups` hands over pointers to `blocks` blocks.
+    for_row_groups(weights, cols, x, out, |rows, a, blocks| unsafe { dot4_q8(rows, a, blocks) })
 }
 
 /// Asymmetric Q4 matrix × int8 activations.
 pub fn matmul_q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    // SAFETY: NEON is part of every aarch64 target.
-    unsafe { q4(weights, cols, x, out) }
-}
-
-#[target_feature(enable = "neon")]
-fn q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    for_row_groups(weights, cols, x, out, |rows, a| dot4_q4(rows, a))
+    // SAFETY: `for_row_groups` hands over pointers to `blocks` blocks.
+    for_row_groups(weights, cols, x, out, |rows, a, blocks| unsafe { dot4_q4(rows, a, blocks) })
 }
 
 /// Symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    // SAFETY: NEON is part of every aarch64 target.
-    unsafe { q4s(weights, cols, x, out) }
-}
-
-#[target_feature(enable = "neon")]
-fn q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    for_row_groups(weights, cols, x, out, |rows, a| dot4_q4s(rows, a))
+    // SAFETY: `for_row_groups` hands over pointers to `blocks` blocks.
+    for_row_groups(weights, cols, x, out, |rows, a, blocks| unsafe { dot4_q4s(rows, a, blocks) })
 }
 
 /// `Σ w·x` over an f16 row and an f32 activation, sixteen values a step.

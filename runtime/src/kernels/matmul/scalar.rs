@@ -85,7 +85,13 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     partial.iter().sum::<f32>() + tail
 }
 
-fn matmul_blocks<B>(weights: &[B], cols: usize, x: &[BlockQ8Act], out: &mut [f32], dot: fn(&[B], &[BlockQ8Act]) -> f32) {
+fn matmul_blocks<B>(
+    weights: &[B],
+    cols: usize,
+    x: &[BlockQ8Act],
+    out: &mut [f32],
+    dot: fn(&[B], &[BlockQ8Act]) -> f32,
+) {
     let blocks = cols / GROUP;
     let batch = x.len() / blocks;
     debug_assert_eq!(weights.len() / blocks * batch, out.len());
