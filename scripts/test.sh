@@ -7,7 +7,8 @@
 #   3. runs every host test (unit, integration, end-to-end), and converts a
 #      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB;
 #   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
-#      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76).
+#      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76),
+#      and checks the emulated `bramble` generates the host's greedy tokens.
 #
 #   scripts/test.sh              # everything
 #   scripts/test.sh --host-only  # skip the aarch64 runs
@@ -32,7 +33,7 @@ rustup target list --installed | grep -q aarch64-unknown-linux-gnu || rustup tar
 python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || python3 -m pip install --quiet -r tests/reference/requirements.txt
 
 say "default model and texts"
-models/fetch-default.sh >/dev/null
+models/fetch-default.sh --images >/dev/null
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -48,8 +49,11 @@ if ! $host_only; then
         say "aarch64 tests under qemu -cpu $cpu"
         QEMU_CPU=$cpu cargo test --quiet --target aarch64-unknown-linux-gnu -p bramble-runtime 2>&1 | tee -a "$log"
     done
+    say "the aarch64 binary under qemu generates the host's greedy tokens (real model)"
+    tests/emulated-greedy.sh 2>&1 | tee -a "$log"
 fi
 say "all tests passed"
 # One closing line over every cargo test run above.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     /passed, [0-9]+ failed$/ && !/^test result/ { p += $(NF-3); f += $(NF-1) }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -39,7 +39,9 @@ impl ChatTemplate {
     /// The image's template, or the built-in one that suits the vocabulary:
     /// ChatML when it has `<|im_start|>`, Llama-2 otherwise.
     pub fn new(template: Option<&str>, vocab: &Vocab) -> Self {
-        let text = |id: Option<u32>| id.map(|i| String::from_utf8_lossy(&vocab.tokens[i as usize]).into_owned()).unwrap_or_default();
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(&vocab.tokens[i as usize]).into_owned()).unwrap_or_default()
+        };
         let source = match template {
             Some(t) => t.to_string(),
             None if vocab.find("<|im_start|>").is_some() => CHATML.to_string(),
@@ -103,10 +105,12 @@ mod tests {
     #[test]
     fn chatml_renders_turns_and_generation_prompt() {
         let template = ChatTemplate::new(None, &vocab(&["<unk>", "<|endoftext|>", "<|im_end|>", "<|im_start|>"]));
-        let text = template
-            .render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], true)
-            .unwrap();
-        assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let text =
+            template.render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], true).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

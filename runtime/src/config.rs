@@ -91,14 +91,14 @@ impl ModelConfig {
                 return bad(&format!("{name} = {value} is out of range"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
-            return bad(&format!(
-                "n_heads {} is not a multiple of n_kv_heads {}",
-                self.n_heads, self.n_kv_heads
-            ));
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(&format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim % 2 != 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
-            return bad(&format!("head_dim {} / rope_dim {} must be even, rope_dim ≤ head_dim", self.head_dim, self.rope_dim));
+        if !self.head_dim.is_multiple_of(2) || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            return bad(&format!(
+                "head_dim {} / rope_dim {} must be even, rope_dim ≤ head_dim",
+                self.head_dim, self.rope_dim
+            ));
         }
         if self.rope_style > 1 {
             return bad(&format!("rope_style {} is unknown", self.rope_style));

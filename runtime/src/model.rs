@@ -65,7 +65,15 @@ impl Matrix<'_> {
     /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized
     /// weights), the rows split across the pool's threads. Kernels write rows
     /// outermost; for a batch that goes through `scratch` and is transposed.
-    fn matmul(&self, kernels: &Kernels, pool: &ThreadPool, x: &[f32], xq: &[BlockQ8Act], out: &mut [f32], scratch: &mut [f32]) {
+    fn matmul(
+        &self,
+        kernels: &Kernels,
+        pool: &ThreadPool,
+        x: &[f32],
+        xq: &[BlockQ8Act],
+        out: &mut [f32],
+        scratch: &mut [f32],
+    ) {
         let batch = x.len() / self.cols;
         let by_row: &mut [f32] = if batch == 1 { &mut out[..self.rows] } else { &mut scratch[..self.rows * batch] };
         let threads = pool.threads();
@@ -162,20 +170,20 @@ pub struct RunState {
     pub batch: usize,
     /// Positions the KV cache holds.
     pub context: usize,
-    x: Vec<f32>,              // residual stream (batch, dim)
-    xb: Vec<f32>,             // normed input / projection output (batch, max(dim, q_dim))
-    xb2: Vec<f32>,            // attention output (batch, q_dim)
-    xq: Vec<BlockQ8Act>,      // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
-    q: Vec<f32>,              // queries (batch, q_dim)
-    hb: Vec<f32>,             // FFN gate (batch, ffn_dim)
-    hb2: Vec<f32>,            // FFN up (batch, ffn_dim)
-    att: Vec<f32>,            // attention scores of one head (context)
-    logits: Vec<f32>,         // (batch, vocab)
-    scratch: Vec<f32>,        // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
-    key_cache: Vec<f32>,      // (layer, context, kv_dim)
-    value_cache: Vec<f32>,    // (layer, context, kv_dim)
-    rope_cos: Vec<f32>,       // (context, rope_dim / 2)
-    rope_sin: Vec<f32>,       // (context, rope_dim / 2)
+    x: Vec<f32>,           // residual stream (batch, dim)
+    xb: Vec<f32>,          // normed input / projection output (batch, max(dim, q_dim))
+    xb2: Vec<f32>,         // attention output (batch, q_dim)
+    xq: Vec<BlockQ8Act>,   // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
+    q: Vec<f32>,           // queries (batch, q_dim)
+    hb: Vec<f32>,          // FFN gate (batch, ffn_dim)
+    hb2: Vec<f32>,         // FFN up (batch, ffn_dim)
+    att: Vec<f32>,         // attention scores of one head (context)
+    logits: Vec<f32>,      // (batch, vocab)
+    scratch: Vec<f32>,     // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
+    key_cache: Vec<f32>,   // (layer, context, kv_dim)
+    value_cache: Vec<f32>, // (layer, context, kv_dim)
+    rope_cos: Vec<f32>,    // (context, rope_dim / 2)
+    rope_sin: Vec<f32>,    // (context, rope_dim / 2)
 }
 
 impl RunState {
@@ -266,7 +274,10 @@ impl<'a> Model<'a> {
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix<'a>> {
             let info = image.tensor(name).ok_or_else(|| Error::corrupt(format!("tensor {name} is missing")))?;
             if info.shape != [rows, cols] {
-                return Err(Error::corrupt(format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", info.shape)));
+                return Err(Error::corrupt(format!(
+                    "tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+                    info.shape
+                )));
             }
             Ok(Matrix { rows, cols, data: image.tensor_view(info) })
         };
@@ -334,7 +345,13 @@ impl<'a> Model<'a> {
     /// Runs `tokens` at positions `pos ..`, filling the KV cache, and returns
     /// the logits of the last token (`vocab`) or of all of them
     /// (`tokens.len() × vocab`). Allocates nothing.
-    pub fn forward<'s>(&self, state: &'s mut RunState, tokens: &[u32], pos: usize, logits: Logits) -> Result<&'s [f32]> {
+    pub fn forward<'s>(
+        &self,
+        state: &'s mut RunState,
+        tokens: &[u32],
+        pos: usize,
+        logits: Logits,
+    ) -> Result<&'s [f32]> {
         let p = &self.config;
         let k = self.kernels;
         let pool = &self.pool;
@@ -372,7 +389,12 @@ impl<'a> Model<'a> {
 
             // Attention RMSNorm, then int8 activations for the integer kernels.
             for b in 0..n {
-                (k.rmsnorm)(&mut s.xb[b * dim..(b + 1) * dim], &s.x[b * dim..(b + 1) * dim], layer.attn_norm, p.norm_eps);
+                (k.rmsnorm)(
+                    &mut s.xb[b * dim..(b + 1) * dim],
+                    &s.x[b * dim..(b + 1) * dim],
+                    layer.attn_norm,
+                    p.norm_eps,
+                );
             }
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
@@ -427,7 +449,12 @@ impl<'a> Model<'a> {
 
             // FFN RMSNorm.
             for b in 0..n {
-                (k.rmsnorm)(&mut s.xb[b * dim..(b + 1) * dim], &s.x[b * dim..(b + 1) * dim], layer.ffn_norm, p.norm_eps);
+                (k.rmsnorm)(
+                    &mut s.xb[b * dim..(b + 1) * dim],
+                    &s.x[b * dim..(b + 1) * dim],
+                    layer.ffn_norm,
+                    p.norm_eps,
+                );
             }
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
@@ -453,10 +480,22 @@ impl<'a> Model<'a> {
         let wanted = n - first;
         for b in first..n {
             let row = b - first;
-            (k.rmsnorm)(&mut s.xb[row * dim..(row + 1) * dim], &s.x[b * dim..(b + 1) * dim], self.weights.output_norm, p.norm_eps);
+            (k.rmsnorm)(
+                &mut s.xb[row * dim..(row + 1) * dim],
+                &s.x[b * dim..(b + 1) * dim],
+                self.weights.output_norm,
+                p.norm_eps,
+            );
         }
         (k.quantize_activation)(&s.xb[..wanted * dim], &mut s.xq[..wanted * dim / GROUP]);
-        self.weights.output.matmul(k, pool, &s.xb[..wanted * dim], &s.xq[..wanted * dim / GROUP], &mut s.logits, &mut s.scratch);
+        self.weights.output.matmul(
+            k,
+            pool,
+            &s.xb[..wanted * dim],
+            &s.xq[..wanted * dim / GROUP],
+            &mut s.logits,
+            &mut s.scratch,
+        );
         Ok(&s.logits[..wanted * vocab])
     }
 }

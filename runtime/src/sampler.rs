@@ -23,7 +23,15 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
@@ -193,7 +201,8 @@ mod tests {
     fn samples_follow_the_distribution() {
         // Two tokens with probabilities 0.25 and 0.75 at temperature 1.
         let logits = [0.0, 3f32.ln()];
-        let config = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
+        let config =
+            SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
         let mut sampler = Sampler::new(2, config);
         let ones = (0..10_000).filter(|_| sampler.sample(&logits) == 1).count();
         assert!((7_200..7_800).contains(&ones), "{ones} of 10000 draws were token 1");

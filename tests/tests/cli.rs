@@ -50,30 +50,17 @@ impl Fixture {
             "11"
         ]);
         assert!(out.contains("wrote"), "synth says what it wrote: {out}");
-        Fixture {
-            _dir: temp,
-            dir,
-            gguf,
-        }
+        Fixture { _dir: temp, dir, gguf }
     }
 
     /// `bramble convert --input GGUF --output IMG --quant QUANT`; checks the plain report.
     fn image(&self, quant: &str) -> PathBuf {
         let image = self.dir.join(format!("model-{quant}.bramble"));
         if !image.exists() {
-            let out = bramble_ok(&args![
-                "convert", "--input", &self.gguf, "--output", &image, "--quant", quant
-            ]);
+            let out = bramble_ok(&args!["convert", "--input", &self.gguf, "--output", &image, "--quant", quant]);
             assert!(out.starts_with("wrote "), "convert's report: {out}");
-            assert!(
-                out.contains("carried bit-exact") && out.contains("re-quantized"),
-                "convert's report: {out}"
-            );
-            assert!(
-                image.is_file(),
-                "convert reported success but wrote no {}",
-                image.display()
-            );
+            assert!(out.contains("carried bit-exact") && out.contains("re-quantized"), "convert's report: {out}");
+            assert!(image.is_file(), "convert reported success but wrote no {}", image.display());
         }
         image
     }
@@ -88,14 +75,7 @@ fn stderr(output: &Output) -> String {
 }
 
 /// `bramble generate` with the common options.
-fn generate(
-    image: &Path,
-    prompt: &str,
-    max_tokens: usize,
-    temperature: &str,
-    seed: u64,
-    extra: &[&str],
-) -> String {
+fn generate(image: &Path, prompt: &str, max_tokens: usize, temperature: &str, seed: u64, extra: &[&str]) -> String {
     let mut arguments = args![
         "generate",
         "--model",
@@ -116,10 +96,8 @@ fn generate(
 
 /// Files in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -127,11 +105,7 @@ fn listing(dir: &Path) -> Vec<String> {
 /// A failed command: non-zero exit, no panic, an error naming `path` on stderr.
 fn assert_clean_failure(arguments: &[OsString], output: &Output, path: &Path) {
     let err = stderr(output);
-    assert!(
-        !output.status.success(),
-        "`{}` succeeded but should fail",
-        command_line(arguments)
-    );
+    assert!(!output.status.success(), "`{}` succeeded but should fail", command_line(arguments));
     assert_eq!(
         output.status.code(),
         Some(1),
@@ -139,11 +113,7 @@ fn assert_clean_failure(arguments: &[OsString], output: &Output, path: &Path) {
         command_line(arguments),
         output.status
     );
-    assert!(
-        !err.contains("panicked"),
-        "`{}` panicked:\n{err}",
-        command_line(arguments)
-    );
+    assert!(!err.contains("panicked"), "`{}` panicked:\n{err}", command_line(arguments));
     let shown = path.display().to_string();
     let name = path.file_name().unwrap().to_string_lossy();
     assert!(
@@ -151,11 +121,7 @@ fn assert_clean_failure(arguments: &[OsString], output: &Output, path: &Path) {
         "`{}`: the error does not name {shown}:\n{err}",
         command_line(arguments)
     );
-    assert!(
-        err.starts_with("bramble: "),
-        "`{}`: errors start with `bramble: `:\n{err}",
-        command_line(arguments)
-    );
+    assert!(err.starts_with("bramble: "), "`{}`: errors start with `bramble: `:\n{err}", command_line(arguments));
 }
 
 #[test]
@@ -164,29 +130,16 @@ fn convert_then_inspect_every_quantization() {
     for quant in ["q4", "q8", "f16"] {
         let image = fixture.image(quant);
         let text = bramble_ok(&args!["inspect", &image]);
-        assert!(
-            text.contains(&image.display().to_string()),
-            "inspect names the image:\n{text}"
-        );
-        assert!(
-            text.contains("llama: dim 64 layers 2"),
-            "inspect shows the config:\n{text}"
-        );
-        assert!(
-            text.contains("tokenizer: ByteLevelBpe"),
-            "inspect shows the tokenizer:\n{text}"
-        );
+        assert!(text.contains(&image.display().to_string()), "inspect names the image:\n{text}");
+        assert!(text.contains("llama: dim 64 layers 2"), "inspect shows the config:\n{text}");
+        assert!(text.contains("tokenizer: ByteLevelBpe"), "inspect shows the tokenizer:\n{text}");
         // The headline encoding of the matrices appears in the summary.
         assert!(
-            text.lines()
-                .any(|l| l.trim_start().starts_with(&format!("{quant}:"))),
+            text.lines().any(|l| l.trim_start().starts_with(&format!("{quant}:"))),
             "inspect lists {quant} tensors:\n{text}"
         );
         let listed = bramble_ok(&args!["inspect", &image, "--tensors"]);
-        assert!(
-            listed.contains("blk.1.ffn_down.weight"),
-            "inspect --tensors lists tensors:\n{listed}"
-        );
+        assert!(listed.contains("blk.1.ffn_down.weight"), "inspect --tensors lists tensors:\n{listed}");
     }
 }
 
@@ -197,28 +150,11 @@ fn generate_plain_prints_only_the_continuation() {
     let plain = generate(&image, "Hello world", 12, "0", 1, &[]);
     let json = first_json_line(&generate(&image, "Hello world", 12, "0", 1, &["--json"]));
     let text = json["text"].as_str().expect("text");
-    assert_eq!(
-        plain,
-        format!("{text}\n"),
-        "plain output is the continuation and a newline, nothing else"
-    );
-    assert!(
-        !plain.contains("Hello world"),
-        "the prompt is not echoed: {plain:?}"
-    );
-    let keys = [
-        "text",
-        "tokens",
-        "prompt_tokens",
-        "generated_tokens",
-        "prefill_tok_s",
-        "decode_tok_s",
-    ];
+    assert_eq!(plain, format!("{text}\n"), "plain output is the continuation and a newline, nothing else");
+    assert!(!plain.contains("Hello world"), "the prompt is not echoed: {plain:?}");
+    let keys = ["text", "tokens", "prompt_tokens", "generated_tokens", "prefill_tok_s", "decode_tok_s"];
     for key in keys {
-        assert!(
-            json.get(key).is_some(),
-            "generate --json lacks {key}: {json}"
-        );
+        assert!(json.get(key).is_some(), "generate --json lacks {key}: {json}");
     }
 }
 
@@ -227,23 +163,13 @@ fn generate_same_seed_same_output_and_temperature_zero_is_greedy() {
     let fixture = Fixture::new("spm", "f32");
     let image = fixture.image("q8");
     let tokens = |temperature: &str, seed: u64| -> Vec<u32> {
-        let json = first_json_line(&generate(
-            &image,
-            "Hello world",
-            24,
-            temperature,
-            seed,
-            &["--json"],
-        ));
+        let json = first_json_line(&generate(&image, "Hello world", 24, temperature, seed, &["--json"]));
         ids_of(&json["tokens"])
     };
     // Sampling at 0.8: a seed decides the tokens.
     let (a, b, c) = (tokens("0.8", 5), tokens("0.8", 5), tokens("0.8", 6));
     assert_eq!(a, b, "same seed, same tokens");
-    assert_ne!(
-        a, c,
-        "seeds 5 and 6 drew the same 24 tokens; sampling ignores the seed"
-    );
+    assert_ne!(a, c, "seeds 5 and 6 drew the same 24 tokens; sampling ignores the seed");
     // Temperature 0: greedy, whatever the seed, and equal to the library's greedy decoding.
     let (g1, g2) = (tokens("0", 5), tokens("0", 99));
     assert_eq!(g1, g2, "temperature 0 depends on the seed");
@@ -251,16 +177,11 @@ fn generate_same_seed_same_output_and_temperature_zero_is_greedy() {
     let model = Model::new(&opened).unwrap();
     let tokenizer = Tokenizer::new(opened.vocab()).unwrap();
     let mut session = Session::new(&model, &tokenizer, 128, SamplerConfig::greedy());
-    session
-        .feed(&tokenizer.encode("Hello world", true, false))
-        .unwrap();
+    session.feed(&tokenizer.encode("Hello world", true, false)).unwrap();
     let mut greedy = Vec::new();
     while greedy.len() < g1.len() {
         let token = session.step().unwrap();
-        assert!(
-            !tokenizer.is_end_of_generation(token),
-            "library greedy ended where the CLI did not"
-        );
+        assert!(!tokenizer.is_end_of_generation(token), "library greedy ended where the CLI did not");
         greedy.push(token);
     }
     assert_eq!(g1, greedy, "--temperature 0 is not the argmax decoding");
@@ -270,43 +191,13 @@ fn generate_same_seed_same_output_and_temperature_zero_is_greedy() {
 fn generate_chat_and_threads_options() {
     let fixture = Fixture::new("bpe", "f16");
     let image = fixture.image("q4");
-    let plain = first_json_line(&generate(
-        &image,
-        "Hello world",
-        4,
-        "0",
-        0,
-        &["--json", "--threads", "2"],
-    ));
-    let chat = first_json_line(&generate(
-        &image,
-        "Hello world",
-        4,
-        "0",
-        0,
-        &["--json", "--chat"],
-    ));
-    let single = first_json_line(&generate(
-        &image,
-        "Hello world",
-        4,
-        "0",
-        0,
-        &["--json", "--threads", "1"],
-    ));
-    assert_eq!(
-        plain["tokens"], single["tokens"],
-        "--threads changes the result"
-    );
+    let plain = first_json_line(&generate(&image, "Hello world", 4, "0", 0, &["--json", "--threads", "2"]));
+    let chat = first_json_line(&generate(&image, "Hello world", 4, "0", 0, &["--json", "--chat"]));
+    let single = first_json_line(&generate(&image, "Hello world", 4, "0", 0, &["--json", "--threads", "1"]));
+    assert_eq!(plain["tokens"], single["tokens"], "--threads changes the result");
     // ChatML wraps the prompt: <|im_start|>user\n ... <|im_end|>\n<|im_start|>assistant\n.
-    let (p, c) = (
-        plain["prompt_tokens"].as_u64().unwrap(),
-        chat["prompt_tokens"].as_u64().unwrap(),
-    );
-    assert!(
-        c >= p + 6,
-        "--chat did not wrap the prompt in the template: {p} plain vs {c} chat prompt tokens"
-    );
+    let (p, c) = (plain["prompt_tokens"].as_u64().unwrap(), chat["prompt_tokens"].as_u64().unwrap());
+    assert!(c >= p + 6, "--chat did not wrap the prompt in the template: {p} plain vs {c} chat prompt tokens");
 }
 
 #[test]
@@ -314,59 +205,24 @@ fn perplexity_prints_its_last_line_and_json() {
     let fixture = Fixture::new("spm", "q4_0");
     let image = fixture.image("q4");
     let text = fixture.dir.join("text.txt");
-    std::fs::write(
-        &text,
-        "the hat and the dish, on the sand! Hello world. ".repeat(20),
-    )
-    .unwrap();
+    std::fs::write(&text, "the hat and the dish, on the sand! Hello world. ".repeat(20)).unwrap();
     let parse_last = |out: &str| -> f64 {
         let last = out.lines().last().expect("output");
-        let value = last
-            .strip_prefix("perplexity: ")
-            .unwrap_or_else(|| panic!("last line is not `perplexity: X`: {last:?}"));
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("not a number: {last:?}"))
+        let value =
+            last.strip_prefix("perplexity: ").unwrap_or_else(|| panic!("last line is not `perplexity: X`: {last:?}"));
+        value.parse().unwrap_or_else(|_| panic!("not a number: {last:?}"))
     };
-    let plain = bramble_ok(&args![
-        "perplexity",
-        "--model",
-        &image,
-        "--file",
-        &text,
-        "--ctx",
-        "32"
-    ]);
+    let plain = bramble_ok(&args!["perplexity", "--model", &image, "--file", &text, "--ctx", "32"]);
     let value = parse_last(&plain);
     assert!(value.is_finite() && value > 1.0, "perplexity {value}");
-    assert_eq!(
-        plain.lines().count(),
-        1,
-        "without --json only the perplexity line: {plain:?}"
-    );
-    let with_json = bramble_ok(&args![
-        "perplexity",
-        "--model",
-        &image,
-        "--file",
-        &text,
-        "--ctx",
-        "32",
-        "--json"
-    ]);
+    assert_eq!(plain.lines().count(), 1, "without --json only the perplexity line: {plain:?}");
+    let with_json = bramble_ok(&args!["perplexity", "--model", &image, "--file", &text, "--ctx", "32", "--json"]);
     let json = first_json_line(&with_json);
-    assert!(
-        (parse_last(&with_json) - value).abs() < 1e-9,
-        "--json changes the result"
-    );
+    assert!((parse_last(&with_json) - value).abs() < 1e-9, "--json changes the result");
     let from_json = json["perplexity"].as_f64().expect("perplexity in the JSON");
+    assert!((from_json - value).abs() <= 5e-5 * value, "JSON {from_json} vs last line {value}");
     assert!(
-        (from_json - value).abs() <= 5e-5 * value,
-        "JSON {from_json} vs last line {value}"
-    );
-    assert!(
-        json["chunks"].as_u64().is_some_and(|n| n >= 1)
-            && json["scored"].as_u64().is_some_and(|n| n >= 1),
+        json["chunks"].as_u64().is_some_and(|n| n >= 1) && json["scored"].as_u64().is_some_and(|n| n >= 1),
         "{json}"
     );
 }
@@ -386,41 +242,20 @@ fn check_bench(image: &Path, prompt_tokens: usize, gen_tokens: usize, threads: u
         threads.to_string(),
         "--json"
     ]);
-    assert_eq!(
-        json["threads"].as_u64(),
-        Some(threads as u64),
-        "bench threads: {json}"
-    );
+    assert_eq!(json["threads"].as_u64(), Some(threads as u64), "bench threads: {json}");
     for key in ["prefill_tok_s", "decode_tok_s", "weight_bytes_per_token"] {
-        assert!(
-            json[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0),
-            "bench {key}: {json}"
-        );
+        assert!(json[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "bench {key}: {json}");
     }
-    assert_eq!(
-        json["allocations_per_token"].as_f64(),
-        Some(0.0),
-        "bench: a decode step allocated: {json}"
-    );
+    assert_eq!(json["allocations_per_token"].as_f64(), Some(0.0), "bench: a decode step allocated: {json}");
     if cfg!(target_os = "linux") {
-        assert!(
-            json["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0),
-            "bench peak_rss_bytes: {json}"
-        );
+        assert!(json["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0), "bench peak_rss_bytes: {json}");
     } else {
-        assert!(
-            json.get("peak_rss_bytes").is_some(),
-            "bench peak_rss_bytes: {json}"
-        );
+        assert!(json.get("peak_rss_bytes").is_some(), "bench peak_rss_bytes: {json}");
     }
     // The weight traffic is what the library computes for the model.
     let opened = ModelImage::open(image).unwrap();
     let model = Model::new(&opened).unwrap();
-    assert_eq!(
-        json["weight_bytes_per_token"].as_u64(),
-        Some(model.weight_bytes_per_token() as u64),
-        "{json}"
-    );
+    assert_eq!(json["weight_bytes_per_token"].as_u64(), Some(model.weight_bytes_per_token() as u64), "{json}");
     json
 }
 
@@ -438,10 +273,7 @@ fn bench_reports_speed_memory_and_zero_allocations() {
         eprintln!("bench SmolLM2 q4: {json}");
         // SmolLM2-135M at 4 bits reads tens of megabytes per token, not kilobytes or gigabytes.
         let bytes = json["weight_bytes_per_token"].as_f64().unwrap();
-        assert!(
-            (2e7..3e8).contains(&bytes),
-            "SmolLM2 q4 weight bytes per token {bytes}"
-        );
+        assert!((2e7..3e8).contains(&bytes), "SmolLM2 q4 weight bytes per token {bytes}");
     }
 }
 
@@ -450,28 +282,12 @@ fn chat_answers_lines_from_stdin_and_resets() {
     // Synthetic: the loop runs, /reset is acknowledged, EOF ends it with status 0.
     let fixture = Fixture::new("bpe", "f16");
     let image = fixture.image("q8");
-    let arguments = args![
-        "chat",
-        "--model",
-        &image,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "6"
-    ];
+    let arguments = args!["chat", "--model", &image, "--temperature", "0", "--max-tokens", "6"];
     let output = bramble_with_input(&arguments, "Hello there\nthe world\n/reset\nHello again\n");
     assert_success(&arguments, &output);
-    assert!(
-        stderr(&output).contains("(conversation cleared)"),
-        "/reset is not acknowledged:\n{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains("(conversation cleared)"), "/reset is not acknowledged:\n{}", stderr(&output));
     // Each reply ends with a line end (a reply may hold line ends of its own).
-    assert!(
-        stdout(&output).matches('\n').count() >= 3,
-        "three replies, each ending a line:\n{:?}",
-        stdout(&output)
-    );
+    assert!(stdout(&output).matches('\n').count() >= 3, "three replies, each ending a line:\n{:?}", stdout(&output));
 
     // The real model answers, and after /reset the same question gets the same (greedy) answer.
     // Germany, not France: for "What is the capital of France?" the reference's two best first
@@ -480,20 +296,9 @@ fn chat_answers_lines_from_stdin_and_resets() {
     let Some(image) = default_image("q4") else {
         return;
     };
-    let arguments = args![
-        "chat",
-        "--model",
-        &image,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "24"
-    ];
+    let arguments = args!["chat", "--model", &image, "--temperature", "0", "--max-tokens", "24"];
     let question = "What is the capital of Germany?";
-    let output = bramble_with_input(
-        &arguments,
-        &format!("{question}\nAnd of France?\n/reset\n{question}\n"),
-    );
+    let output = bramble_with_input(&arguments, &format!("{question}\nAnd of France?\n/reset\n{question}\n"));
     assert_success(&arguments, &output);
     let replies = stdout(&output);
     eprintln!("SmolLM2 chat:\n{replies}");
@@ -513,22 +318,10 @@ fn convert_of_a_missing_file_fails_naming_it_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-model.gguf");
     let output_image = dir.path().join("out.bramble");
-    let arguments = args![
-        "convert",
-        "--input",
-        &missing,
-        "--output",
-        &output_image,
-        "--quant",
-        "q4"
-    ];
+    let arguments = args!["convert", "--input", &missing, "--output", &output_image, "--quant", "q4"];
     let output = bramble(&arguments);
     assert_clean_failure(&arguments, &output, &missing);
-    assert!(
-        listing(dir.path()).is_empty(),
-        "files left behind: {:?}",
-        listing(dir.path())
-    );
+    assert!(listing(dir.path()).is_empty(), "files left behind: {:?}", listing(dir.path()));
 }
 
 #[test]
@@ -542,11 +335,7 @@ fn convert_of_a_truncated_or_corrupt_gguf_fails_naming_it_and_writes_nothing() {
     // reader may do without, so cutting only padding is not an error).
     let data_end = {
         let file = bramble_tools::source::gguf::GgufFile::open(&fixture.gguf).unwrap();
-        file.tensors()
-            .iter()
-            .map(|t| t.offset + t.size)
-            .max()
-            .unwrap()
+        file.tensors().iter().map(|t| t.offset + t.size).max().unwrap()
     };
     for length in [10, 200, good.len() / 2, data_end - 1] {
         cases.push((format!("truncated-{length}.gguf"), good[..length].to_vec()));
@@ -574,22 +363,10 @@ fn convert_of_a_truncated_or_corrupt_gguf_fails_naming_it_and_writes_nothing() {
         let input = case_dir.join(&name);
         std::fs::write(&input, bytes).unwrap();
         let output_image = case_dir.join("out.bramble");
-        let arguments = args![
-            "convert",
-            "--input",
-            &input,
-            "--output",
-            &output_image,
-            "--quant",
-            "q4"
-        ];
+        let arguments = args!["convert", "--input", &input, "--output", &output_image, "--quant", "q4"];
         let output = bramble(&arguments);
         assert_clean_failure(&arguments, &output, &input);
-        assert_eq!(
-            listing(&case_dir),
-            vec![name.clone()],
-            "{name}: files left behind"
-        );
+        assert_eq!(listing(&case_dir), vec![name.clone()], "{name}: files left behind");
     }
 }
 
@@ -613,26 +390,12 @@ fn a_truncated_or_corrupt_image_is_a_clear_error() {
         let path = fixture.dir.join(format!("{name}.bramble"));
         std::fs::write(&path, bytes).unwrap();
         for command in [
-            args![
-                "generate",
-                "--model",
-                &path,
-                "--prompt",
-                "Hello",
-                "--max-tokens",
-                "2"
-            ]
-            .to_vec(),
+            args!["generate", "--model", &path, "--prompt", "Hello", "--max-tokens", "2"].to_vec(),
             args!["inspect", &path].to_vec(),
         ] {
             let output = bramble(&command);
             assert_clean_failure(&command, &output, &path);
-            assert!(
-                stdout(&output).is_empty(),
-                "{name}: `{}` printed {:?}",
-                command_line(&command),
-                stdout(&output)
-            );
+            assert!(stdout(&output).is_empty(), "{name}: `{}` printed {:?}", command_line(&command), stdout(&output));
         }
     }
     // A missing image too.

@@ -40,14 +40,8 @@ const SEED: u64 = 7;
 const CROSS_FORMAT_LOGIT_TOLERANCE: f64 = 1e-5;
 
 /// The keys `bramble generate --json` documents.
-const GENERATE_KEYS: [&str; 6] = [
-    "text",
-    "tokens",
-    "prompt_tokens",
-    "generated_tokens",
-    "prefill_tok_s",
-    "decode_tok_s",
-];
+const GENERATE_KEYS: [&str; 6] =
+    ["text", "tokens", "prompt_tokens", "generated_tokens", "prefill_tok_s", "decode_tok_s"];
 
 fn tokenizer_name(kind: TokenizerKind) -> &'static str {
     match kind {
@@ -88,11 +82,7 @@ fn native_encoding(source: &str) -> Option<&'static str> {
 }
 
 /// Checks `bramble inspect --json` of an image converted from `model`.
-fn check_inspect(
-    image: &Path,
-    model: &SyntheticModel,
-    expected: &[(String, Vec<usize>, &'static str)],
-) {
+fn check_inspect(image: &Path, model: &SyntheticModel, expected: &[(String, Vec<usize>, &'static str)]) {
     let args = [OsArg::from("inspect"), image.into(), "--json".into()];
     let info = bramble_json(&args);
     let c = &model.config;
@@ -109,99 +99,44 @@ fn check_inspect(
         ("rope_style", 0),
     ];
     for (key, value) in want {
-        assert_eq!(
-            config[key].as_u64(),
-            Some(value as u64),
-            "{}: config.{key} in {config}",
-            image.display()
-        );
+        assert_eq!(config[key].as_u64(), Some(value as u64), "{}: config.{key} in {config}", image.display());
     }
-    assert_eq!(
-        config["rope_theta"].as_f64(),
-        Some(c.rope_theta as f64),
-        "{}: rope_theta",
-        image.display()
-    );
-    assert_eq!(
-        config["norm_eps"].as_f64(),
-        Some(c.norm_eps as f64),
-        "{}: norm_eps",
-        image.display()
-    );
-    assert_eq!(
-        config["tied_output"].as_bool(),
-        Some(c.tied_output != 0),
-        "{}: tied_output",
-        image.display()
-    );
+    assert_eq!(config["rope_theta"].as_f64(), Some(c.rope_theta as f64), "{}: rope_theta", image.display());
+    assert_eq!(config["norm_eps"].as_f64(), Some(c.norm_eps as f64), "{}: norm_eps", image.display());
+    assert_eq!(config["tied_output"].as_bool(), Some(c.tied_output != 0), "{}: tied_output", image.display());
     let kind = match model.vocab.kind {
         TokenizerKind::SentencePiece => "SentencePiece",
         TokenizerKind::ByteLevelBpe => "ByteLevelBpe",
     };
-    assert_eq!(
-        info["tokenizer"]["kind"].as_str(),
-        Some(kind),
-        "{}: tokenizer {}",
-        image.display(),
-        info["tokenizer"]
-    );
+    assert_eq!(info["tokenizer"]["kind"].as_str(), Some(kind), "{}: tokenizer {}", image.display(), info["tokenizer"]);
     assert_eq!(
         info["tokenizer"]["tokens"].as_u64(),
         Some(model.vocab.len() as u64),
         "{}: vocabulary size",
         image.display()
     );
-    assert_eq!(
-        info["layout_version"].as_u64(),
-        Some(1),
-        "{}: layout version",
-        image.display()
-    );
+    assert_eq!(info["layout_version"].as_u64(), Some(1), "{}: layout version", image.display());
 
     let tensors = info["tensors"].as_array().expect("tensors array");
-    assert_eq!(
-        tensors.len(),
-        expected.len(),
-        "{}: tensor count",
-        image.display()
-    );
+    assert_eq!(tensors.len(), expected.len(), "{}: tensor count", image.display());
     for (name, shape, encoding) in expected {
         let tensor = tensors
             .iter()
             .find(|t| t["name"].as_str() == Some(name))
             .unwrap_or_else(|| panic!("{}: tensor {name} missing from inspect", image.display()));
-        assert_eq!(
-            tensor["encoding"].as_str(),
-            Some(*encoding),
-            "{}: encoding of {name}",
-            image.display()
-        );
-        let got_shape: Vec<usize> = tensor["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        assert_eq!(tensor["encoding"].as_str(), Some(*encoding), "{}: encoding of {name}", image.display());
+        let got_shape: Vec<usize> =
+            tensor["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         assert_eq!(&got_shape, shape, "{}: shape of {name}", image.display());
     }
     // The per-encoding summary counts the same tensors.
     let mut counted = 0;
     for (encoding, summary) in info["encodings"].as_object().expect("encodings object") {
         let n = expected.iter().filter(|e| e.2 == encoding).count() as u64;
-        assert_eq!(
-            summary["tensors"].as_u64(),
-            Some(n),
-            "{}: encodings.{encoding}",
-            image.display()
-        );
+        assert_eq!(summary["tensors"].as_u64(), Some(n), "{}: encodings.{encoding}", image.display());
         counted += n;
     }
-    assert_eq!(
-        counted as usize,
-        expected.len(),
-        "{}: encodings summary misses tensors",
-        image.display()
-    );
+    assert_eq!(counted as usize, expected.len(), "{}: encodings summary misses tensors", image.display());
 }
 
 /// Runs `bramble generate --temperature 0 --max-tokens 8 --json` and checks the documented keys.
@@ -220,47 +155,19 @@ fn check_generate(image: &Path, prompt: &str) -> Value {
     ];
     let result = bramble_json(&args);
     for key in GENERATE_KEYS {
-        assert!(
-            result.get(key).is_some(),
-            "{}: generate --json lacks {key:?}: {result}",
-            image.display()
-        );
+        assert!(result.get(key).is_some(), "{}: generate --json lacks {key:?}: {result}", image.display());
     }
-    assert!(
-        result["text"].is_string(),
-        "{}: text is not a string: {result}",
-        image.display()
-    );
+    assert!(result["text"].is_string(), "{}: text is not a string: {result}", image.display());
     let tokens = ids_of(&result["tokens"]);
-    assert_eq!(
-        result["generated_tokens"].as_u64(),
-        Some(tokens.len() as u64),
-        "{}: {result}",
-        image.display()
-    );
-    assert!(
-        tokens.len() <= GENERATED,
-        "{}: more than {GENERATED} tokens: {result}",
-        image.display()
-    );
+    assert_eq!(result["generated_tokens"].as_u64(), Some(tokens.len() as u64), "{}: {result}", image.display());
+    assert!(tokens.len() <= GENERATED, "{}: more than {GENERATED} tokens: {result}", image.display());
     if result["stop_reason"] == "length" {
-        assert_eq!(
-            tokens.len(),
-            GENERATED,
-            "{}: stopped for length early: {result}",
-            image.display()
-        );
+        assert_eq!(tokens.len(), GENERATED, "{}: stopped for length early: {result}", image.display());
     }
-    assert!(
-        result["prompt_tokens"].as_u64().is_some_and(|n| n > 0),
-        "{}: prompt_tokens: {result}",
-        image.display()
-    );
+    assert!(result["prompt_tokens"].as_u64().is_some_and(|n| n > 0), "{}: prompt_tokens: {result}", image.display());
     for key in ["prefill_tok_s", "decode_tok_s"] {
         assert!(
-            result[key]
-                .as_f64()
-                .is_some_and(|v| v.is_finite() && v >= 0.0),
+            result[key].as_f64().is_some_and(|v| v.is_finite() && v >= 0.0),
             "{}: {key}: {result}",
             image.display()
         );
@@ -295,14 +202,8 @@ fn convert_inspect_generate(
             "--json".into(),
         ];
         let report = bramble_json(&args);
-        let details = report["details"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{label} {quant}: no details: {report}"));
-        assert_eq!(
-            details.len(),
-            model.tensors.len(),
-            "{label} {quant}: tensors in the report"
-        );
+        let details = report["details"].as_array().unwrap_or_else(|| panic!("{label} {quant}: no details: {report}"));
+        assert_eq!(details.len(), model.tensors.len(), "{label} {quant}: tensors in the report");
         let mut expected = Vec::new();
         let mut carried_count = 0;
         for (name, shape, _) in &model.tensors {
@@ -312,33 +213,20 @@ fn convert_inspect_generate(
                 .unwrap_or_else(|| panic!("{label} {quant}: {name} not in the report"));
             let source = source_type(name);
             assert!(
-                row[1]
-                    .as_str()
-                    .is_some_and(|s| s.eq_ignore_ascii_case(&source)),
+                row[1].as_str().is_some_and(|s| s.eq_ignore_ascii_case(&source)),
                 "{label} {quant}: {name} reported as source {} (expected {source})",
                 row[1]
             );
             let encoding = expected_encoding(name, shape.len(), &source, quant);
-            assert_eq!(
-                row[2].as_str(),
-                Some(encoding),
-                "{label} {quant}: {name} from {source}"
-            );
+            assert_eq!(row[2].as_str(), Some(encoding), "{label} {quant}: {name} from {source}");
             let carried = row[3].as_bool().expect("carried flag");
             if native_encoding(&source) != Some(encoding) {
-                assert!(
-                    !carried,
-                    "{label} {quant}: {name} ({source} → {encoding}) cannot be carried bit-exact"
-                );
+                assert!(!carried, "{label} {quant}: {name} ({source} → {encoding}) cannot be carried bit-exact");
             }
             carried_count += carried as u64;
             expected.push((name.clone(), shape.clone(), encoding));
         }
-        assert_eq!(
-            report["carried"].as_u64(),
-            Some(carried_count),
-            "{label} {quant}: carried count"
-        );
+        assert_eq!(report["carried"].as_u64(), Some(carried_count), "{label} {quant}: carried count");
         assert_eq!(
             report["requantized"].as_u64(),
             Some(model.tensors.len() as u64 - carried_count),
@@ -390,15 +278,8 @@ fn gguf_chain(tokenizer: TokenizerKind) {
         let file = GgufFile::open(&gguf).unwrap_or_else(|e| panic!("{}: {e:#}", gguf.display()));
         let source_type = |name: &str| -> String {
             let (shape, _) = model.tensor(name).expect("tensor of the model");
-            let expected = if shape.len() == 1 {
-                GgmlType::F32
-            } else {
-                weight_type_for(requested, shape[1])
-            };
-            let stored = file
-                .tensor(name)
-                .unwrap_or_else(|| panic!("{label}: {name} missing from the GGUF"))
-                .ggml_type;
+            let expected = if shape.len() == 1 { GgmlType::F32 } else { weight_type_for(requested, shape[1]) };
+            let stored = file.tensor(name).unwrap_or_else(|| panic!("{label}: {name} missing from the GGUF")).ggml_type;
             assert_eq!(stored, expected, "{label}: {name} stored as {stored}");
             stored.name().to_string()
         };
@@ -425,17 +306,8 @@ fn gguf_chain(tokenizer: TokenizerKind) {
             let (_, q4, _) = images.iter().find(|(q, _, _)| q == "q4").unwrap();
             let image = ModelImage::open(q4).unwrap();
             let want = if weights == "q4_1" { "q4" } else { "q4s" };
-            for info in image
-                .tensors()
-                .iter()
-                .filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2)
-            {
-                assert_eq!(
-                    info.encoding.name(),
-                    want,
-                    "{label} --quant q4: {}",
-                    info.name
-                );
+            for info in image.tensors().iter().filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2) {
+                assert_eq!(info.encoding.name(), want, "{label} --quant q4: {}", info.name);
             }
         }
     }
@@ -488,57 +360,19 @@ fn synth_cli(format: &str, output: &Path, tokenizer: TokenizerKind, weights: &st
 fn hugging_face_directories_convert_inspect_and_generate() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            TokenizerKind::SentencePiece,
-            HfDtype::F32,
-            HfTokenizerForm::TokenizerJson,
-            false,
-            Writer::Cli,
-        ),
-        (
-            TokenizerKind::SentencePiece,
-            HfDtype::F16,
-            HfTokenizerForm::SentencePieceModel,
-            false,
-            Writer::Library,
-        ),
-        (
-            TokenizerKind::ByteLevelBpe,
-            HfDtype::BF16,
-            HfTokenizerForm::TokenizerJson,
-            true,
-            Writer::Cli,
-        ),
-        (
-            TokenizerKind::ByteLevelBpe,
-            HfDtype::F32,
-            HfTokenizerForm::TokenizerJson,
-            true,
-            Writer::Library,
-        ),
+        (TokenizerKind::SentencePiece, HfDtype::F32, HfTokenizerForm::TokenizerJson, false, Writer::Cli),
+        (TokenizerKind::SentencePiece, HfDtype::F16, HfTokenizerForm::SentencePieceModel, false, Writer::Library),
+        (TokenizerKind::ByteLevelBpe, HfDtype::BF16, HfTokenizerForm::TokenizerJson, true, Writer::Cli),
+        (TokenizerKind::ByteLevelBpe, HfDtype::F32, HfTokenizerForm::TokenizerJson, true, Writer::Library),
     ];
     for (tokenizer, dtype, form, tied, writer) in cases {
-        let label = format!(
-            "hf-{}-{}-{form:?}-{writer:?}",
-            tokenizer_name(tokenizer),
-            dtype.name()
-        );
+        let label = format!("hf-{}-{}-{form:?}-{writer:?}", tokenizer_name(tokenizer), dtype.name());
         let model = synthetic(synth_cli_shape(64, 2, tied, tokenizer), SEED);
         let hf_dir = dir.path().join(&label);
         match writer {
-            Writer::Cli => synth_cli(
-                "hf",
-                &hf_dir,
-                tokenizer,
-                &dtype.name().to_ascii_lowercase(),
-                tied,
-            ),
+            Writer::Cli => synth_cli("hf", &hf_dir, tokenizer, &dtype.name().to_ascii_lowercase(), tied),
             Writer::Library => {
-                let options = HfWriteOptions {
-                    dtype,
-                    tokenizer: form,
-                    ..HfWriteOptions::default()
-                };
+                let options = HfWriteOptions { dtype, tokenizer: form, ..HfWriteOptions::default() };
                 write_hf_dir(&model, &hf_dir, options).unwrap_or_else(|e| panic!("{label}: {e:#}"));
             }
         }
@@ -563,11 +397,7 @@ fn hugging_face_directories_convert_inspect_and_generate() {
                     TokenizerKind::ByteLevelBpe => bramble_runtime::chat::CHATML,
                 };
                 let image = ModelImage::open(path).unwrap();
-                assert_eq!(
-                    image.chat_template(),
-                    Some(template),
-                    "{label} {quant}: chat template"
-                );
+                assert_eq!(image.chat_template(), Some(template), "{label} {quant}: chat template");
             }
         }
     }
@@ -581,33 +411,18 @@ fn llama2c_checkpoints_convert_inspect_and_generate() {
     let dir = tempfile::tempdir().unwrap();
     for version in [0u32, 1] {
         for tied in [false, true] {
-            let label = format!(
-                "llama2c-v{version}-{}",
-                if tied { "tied" } else { "untied" }
-            );
-            let model = synthetic(
-                synth_cli_shape(64, 2, tied, TokenizerKind::SentencePiece),
-                SEED,
-            );
+            let label = format!("llama2c-v{version}-{}", if tied { "tied" } else { "untied" });
+            let model = synthetic(synth_cli_shape(64, 2, tied, TokenizerKind::SentencePiece), SEED);
             let sub = dir.path().join(&label);
             std::fs::create_dir_all(&sub).unwrap();
             let checkpoint = sub.join("model.bin");
             if version == 0 {
-                synth_cli(
-                    "llama2c",
-                    &checkpoint,
-                    TokenizerKind::SentencePiece,
-                    "f32",
-                    tied,
-                );
+                synth_cli("llama2c", &checkpoint, TokenizerKind::SentencePiece, "f32", tied);
             } else {
                 write_llama2c(&model, &checkpoint, &sub.join("tokenizer.bin"), version)
                     .unwrap_or_else(|e| panic!("{label}: {e:#}"));
             }
-            assert!(
-                sub.join("tokenizer.bin").is_file(),
-                "{label}: no tokenizer.bin beside the checkpoint"
-            );
+            assert!(sub.join("tokenizer.bin").is_file(), "{label}: no tokenizer.bin beside the checkpoint");
             let source_type = |_: &str| "F32".to_string();
             convert_inspect_generate(&checkpoint, &model, &source_type, dir.path(), &label);
         }
@@ -654,55 +469,30 @@ fn behaviour(
     dir: &Path,
 ) -> (Behaviour, PathBuf) {
     let path = dir.join(format!("{label}.bramble"));
-    let options =
-        bramble_tools::convert::ConvertOptions::new(bramble_tools::convert::QuantTarget::F32);
-    bramble_tools::convert::convert(source, &path, &options)
-        .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+    let options = bramble_tools::convert::ConvertOptions::new(bramble_tools::convert::QuantTarget::F32);
+    bramble_tools::convert::convert(source, &path, &options).unwrap_or_else(|e| panic!("{label}: {e:#}"));
     let image = ModelImage::open(&path).unwrap();
     let runnable = Model::new(&image).unwrap();
     let probe = probe_tokens(model);
     let mut state = runnable.new_state(64, probe.len());
-    let logits = runnable
-        .forward(&mut state, &probe, 0, Logits::All)
-        .unwrap()
-        .to_vec();
+    let logits = runnable.forward(&mut state, &probe, 0, Logits::All).unwrap().to_vec();
     let tokenizer = Tokenizer::new(image.vocab()).unwrap();
     let mut session = Session::new(&runnable, &tokenizer, 64, SamplerConfig::greedy());
     session.feed(&probe).unwrap();
     let greedy = (0..16).map(|_| session.step().unwrap()).collect();
-    let encodings = PROBE_TEXTS
-        .iter()
-        .map(|text| tokenizer.encode(text, true, false))
-        .collect();
-    (
-        Behaviour {
-            label: label.to_string(),
-            logits,
-            greedy,
-            encodings,
-        },
-        path,
-    )
+    let encodings = PROBE_TEXTS.iter().map(|text| tokenizer.encode(text, true, false)).collect();
+    (Behaviour { label: label.to_string(), logits, greedy, encodings }, path)
 }
 
 fn assert_same_behaviour(reference: &(Behaviour, PathBuf), other: &(Behaviour, PathBuf)) {
     let (a, a_path) = reference;
     let (b, b_path) = other;
     // The images themselves: every tensor byte for byte (this is where a wrong q/k permutation shows).
-    let (ia, ib) = (
-        ModelImage::open(a_path).unwrap(),
-        ModelImage::open(b_path).unwrap(),
-    );
+    let (ia, ib) = (ModelImage::open(a_path).unwrap(), ModelImage::open(b_path).unwrap());
     assert_eq!(ia.config().dim, ib.config().dim);
     for info in ia.tensors() {
-        let other = ib
-            .tensor(&info.name)
-            .unwrap_or_else(|| panic!("{}: no tensor {}", b.label, info.name));
-        assert_eq!(
-            other.shape, info.shape,
-            "{} vs {}: shape of {}",
-            b.label, a.label, info.name
-        );
+        let other = ib.tensor(&info.name).unwrap_or_else(|| panic!("{}: no tensor {}", b.label, info.name));
+        assert_eq!(other.shape, info.shape, "{} vs {}: shape of {}", b.label, a.label, info.name);
         assert!(
             ia.tensor_bytes(info) == ib.tensor_bytes(other),
             "{} vs {}: tensor {} differs",
@@ -711,13 +501,7 @@ fn assert_same_behaviour(reference: &(Behaviour, PathBuf), other: &(Behaviour, P
             info.name
         );
     }
-    assert_eq!(
-        ia.tensors().len(),
-        ib.tensors().len(),
-        "{} vs {}: tensor count",
-        b.label,
-        a.label
-    );
+    assert_eq!(ia.tensors().len(), ib.tensors().len(), "{} vs {}: tensor count", b.label, a.label);
     let stats = error_stats(&b.logits, &a.logits);
     eprintln!(
         "{} vs {}: max |Δlogit| {:.3e} (|logit| up to {:.2})",
@@ -730,11 +514,7 @@ fn assert_same_behaviour(reference: &(Behaviour, PathBuf), other: &(Behaviour, P
         a.label,
         stats.max_abs
     );
-    assert_eq!(
-        b.greedy, a.greedy,
-        "{} vs {}: greedy tokens",
-        b.label, a.label
-    );
+    assert_eq!(b.greedy, a.greedy, "{} vs {}: greedy tokens", b.label, a.label);
     for (text, (ea, eb)) in PROBE_TEXTS.iter().zip(a.encodings.iter().zip(&b.encodings)) {
         assert_eq!(eb, ea, "{} vs {}: token ids of {text:?}", b.label, a.label);
     }
@@ -743,27 +523,14 @@ fn assert_same_behaviour(reference: &(Behaviour, PathBuf), other: &(Behaviour, P
 #[test]
 fn same_sentencepiece_model_in_gguf_hf_and_llama2c_gives_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synthetic(
-        synth_cli_shape(64, 2, false, TokenizerKind::SentencePiece),
-        SEED,
-    );
+    let model = synthetic(synth_cli_shape(64, 2, false, TokenizerKind::SentencePiece), SEED);
     let gguf = dir.path().join("m.gguf");
     write_gguf(&model, &gguf, GgmlType::F32).unwrap();
     let hf = dir.path().join("hf");
     write_hf_dir(&model, &hf, HfWriteOptions::default()).unwrap();
     let mut runs = vec![
-        behaviour(
-            "gguf-f32",
-            bramble_tools::source::open(&gguf, None).unwrap().as_ref(),
-            &model,
-            dir.path(),
-        ),
-        behaviour(
-            "hf-f32",
-            bramble_tools::source::open(&hf, None).unwrap().as_ref(),
-            &model,
-            dir.path(),
-        ),
+        behaviour("gguf-f32", bramble_tools::source::open(&gguf, None).unwrap().as_ref(), &model, dir.path()),
+        behaviour("hf-f32", bramble_tools::source::open(&hf, None).unwrap().as_ref(), &model, dir.path()),
     ];
     for version in [0u32, 1] {
         let sub = dir.path().join(format!("llama2c-v{version}"));
@@ -771,19 +538,11 @@ fn same_sentencepiece_model_in_gguf_hf_and_llama2c_gives_identical_logits() {
         let checkpoint = sub.join("model.bin");
         write_llama2c(&model, &checkpoint, &sub.join("tokenizer.bin"), version).unwrap();
         let source = bramble_tools::source::open(&checkpoint, None).unwrap();
-        runs.push(behaviour(
-            &format!("llama2c-v{version}"),
-            source.as_ref(),
-            &model,
-            dir.path(),
-        ));
+        runs.push(behaviour(&format!("llama2c-v{version}"), source.as_ref(), &model, dir.path()));
     }
     // The probe must mean something: the logits are not flat and the model is not silent.
     let spread = error_stats(&vec![0.0; runs[0].0.logits.len()], &runs[0].0.logits).reference_max;
-    assert!(
-        spread > 0.1,
-        "synthetic logits are all near zero ({spread}); the comparison would be vacuous"
-    );
+    assert!(spread > 0.1, "synthetic logits are all near zero ({spread}); the comparison would be vacuous");
     for run in &runs[1..] {
         assert_same_behaviour(&runs[0], run);
     }
@@ -792,25 +551,12 @@ fn same_sentencepiece_model_in_gguf_hf_and_llama2c_gives_identical_logits() {
 #[test]
 fn same_byte_level_model_in_gguf_and_hf_gives_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let model = synthetic(
-        synth_cli_shape(64, 2, true, TokenizerKind::ByteLevelBpe),
-        SEED,
-    );
+    let model = synthetic(synth_cli_shape(64, 2, true, TokenizerKind::ByteLevelBpe), SEED);
     let gguf = dir.path().join("m.gguf");
     write_gguf(&model, &gguf, GgmlType::F32).unwrap();
     let hf = dir.path().join("hf");
     write_hf_dir(&model, &hf, HfWriteOptions::default()).unwrap();
-    let a = behaviour(
-        "gguf-bpe-f32",
-        bramble_tools::source::open(&gguf, None).unwrap().as_ref(),
-        &model,
-        dir.path(),
-    );
-    let b = behaviour(
-        "hf-bpe-f32",
-        bramble_tools::source::open(&hf, None).unwrap().as_ref(),
-        &model,
-        dir.path(),
-    );
+    let a = behaviour("gguf-bpe-f32", bramble_tools::source::open(&gguf, None).unwrap().as_ref(), &model, dir.path());
+    let b = behaviour("hf-bpe-f32", bramble_tools::source::open(&hf, None).unwrap().as_ref(), &model, dir.path());
     assert_same_behaviour(&a, &b);
 }

@@ -109,11 +109,7 @@ fn decode_allocations(image: &Path, prompt: &str, context: usize) -> (u64, Vec<u
     let tokenizer = Tokenizer::new(image.vocab()).unwrap();
     let mut session = Session::new(&model, &tokenizer, context, sampling());
     let prompt = tokenizer.encode(prompt, true, false);
-    assert!(
-        prompt.len() + STEPS <= context,
-        "prompt of {} tokens leaves no room for {STEPS} steps",
-        prompt.len()
-    );
+    assert!(prompt.len() + STEPS <= context, "prompt of {} tokens leaves no room for {STEPS} steps", prompt.len());
     session.feed(&prompt).unwrap();
     // A stop string that will not appear, so the stream's hold-back logic runs on every push.
     let stops = vec!["<<never seen>>".to_string()];
@@ -123,9 +119,7 @@ fn decode_allocations(image: &Path, prompt: &str, context: usize) -> (u64, Vec<u
     let (result, allocations) = count_allocations(|| {
         for token in tokens.iter_mut() {
             *token = session.step()?;
-            stream.push(tokenizer.token_bytes(*token), &mut |piece: &str| {
-                streamed += piece.len()
-            });
+            stream.push(tokenizer.token_bytes(*token), &mut |piece: &str| streamed += piece.len());
         }
         Ok::<(), bramble_runtime::Error>(())
     });
@@ -138,10 +132,7 @@ fn the_counter_sees_allocations() {
     // Guards the other tests against a counter that never counts.
     let (vector, allocations) = count_allocations(|| std::hint::black_box(vec![1u8; 100]));
     assert_eq!(vector.len(), 100);
-    assert!(
-        allocations >= 1,
-        "the counting allocator saw no allocation for a new Vec"
-    );
+    assert!(allocations >= 1, "the counting allocator saw no allocation for a new Vec");
 }
 
 #[test]
@@ -152,19 +143,10 @@ fn synthetic_decode_steps_allocate_nothing_in_any_encoding() {
         let model = synthetic(synth_cli_shape(64, 2, false, tokenizer), 3);
         for quant in ["q4", "q4s", "q8", "f16", "f32"] {
             let path = dir.path().join(format!("{tokenizer:?}-{quant}.bramble"));
-            convert(
-                &model,
-                &path,
-                &ConvertOptions::new(QuantTarget::parse(quant).unwrap()),
-            )
-            .unwrap();
-            let (allocations, tokens, streamed) =
-                decode_allocations(&path, "Hello world, the hat", 128);
+            convert(&model, &path, &ConvertOptions::new(QuantTarget::parse(quant).unwrap())).unwrap();
+            let (allocations, tokens, streamed) = decode_allocations(&path, "Hello world, the hat", 128);
             eprintln!("{tokenizer:?} {quant}: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
-            assert_eq!(
-                allocations, 0,
-                "{tokenizer:?} {quant}: {STEPS} decode steps allocated {allocations} times"
-            );
+            assert_eq!(allocations, 0, "{tokenizer:?} {quant}: {STEPS} decode steps allocated {allocations} times");
         }
     }
 }
@@ -174,18 +156,9 @@ fn real_model_q4_decode_steps_allocate_nothing() {
     let Some(image) = default_image("q4") else {
         return;
     };
-    let (allocations, tokens, streamed) = decode_allocations(
-        &image,
-        "Once upon a time, in a small village by the sea,",
-        256,
-    );
+    let (allocations, tokens, streamed) =
+        decode_allocations(&image, "Once upon a time, in a small village by the sea,", 256);
     eprintln!("SmolLM2 q4: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
-    assert!(
-        streamed > 0,
-        "the real model streamed no text in {STEPS} steps"
-    );
-    assert_eq!(
-        allocations, 0,
-        "SmolLM2 q4: {STEPS} decode steps allocated {allocations} times"
-    );
+    assert!(streamed > 0, "the real model streamed no text in {STEPS} steps");
+    assert_eq!(allocations, 0, "SmolLM2 q4: {STEPS} decode steps allocated {allocations} times");
 }

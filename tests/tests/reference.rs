@@ -68,7 +68,8 @@ const Q4_PERPLEXITY_RELATIVE: f64 = 0.015;
 /// model's template in [`prompts`]).
 const PROSE: &str = "The Tempest is a play by William Shakespeare, probably written in 1610–1611, \
                      and thought to be one of the last plays that he wrote alone.";
-const CODE: &str = "fn main() {\n    let squares: Vec<u32> = (0..10).map(|i| i * i).collect();\n    println!(\"{:?}\", squares);\n}\n";
+const CODE: &str =
+    "fn main() {\n    let squares: Vec<u32> = (0..10).map(|i| i * i).collect();\n    println!(\"{:?}\", squares);\n}\n";
 const NUMBERS: &str = "3.14159 + 2.71828 = 5.85987; 1024 * 768 = 786432, and 0x1F is 31.";
 const CHAT_QUESTION: &str = "What is the capital of France?";
 
@@ -81,40 +82,19 @@ struct Prompt {
 
 fn prompts(image: &ModelImage) -> Vec<Prompt> {
     let template = ChatTemplate::new(image.chat_template(), image.vocab());
-    let chat = template
-        .render(&[ChatMessage::new("user", CHAT_QUESTION)], true)
-        .expect("chat template renders");
+    let chat = template.render(&[ChatMessage::new("user", CHAT_QUESTION)], true).expect("chat template renders");
     vec![
-        Prompt {
-            name: "prose",
-            text: PROSE.to_string(),
-            special: false,
-        },
-        Prompt {
-            name: "chat",
-            text: chat,
-            special: true,
-        },
-        Prompt {
-            name: "code",
-            text: CODE.to_string(),
-            special: false,
-        },
-        Prompt {
-            name: "numbers",
-            text: NUMBERS.to_string(),
-            special: false,
-        },
+        Prompt { name: "prose", text: PROSE.to_string(), special: false },
+        Prompt { name: "chat", text: chat, special: true },
+        Prompt { name: "code", text: CODE.to_string(), special: false },
+        Prompt { name: "numbers", text: NUMBERS.to_string(), special: false },
     ]
 }
 
 /// Our logits for every position of `tokens`.
 fn our_logits(model: &Model<'_>, tokens: &[u32]) -> Vec<f32> {
     let mut state = model.new_state(tokens.len(), tokens.len());
-    model
-        .forward(&mut state, tokens, 0, Logits::All)
-        .expect("forward")
-        .to_vec()
+    model.forward(&mut state, tokens, 0, Logits::All).expect("forward").to_vec()
 }
 
 #[test]
@@ -125,12 +105,7 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
     let scratch = tempfile::tempdir().unwrap();
     let images: Vec<(&str, ModelImage)> = ["f16", "q8", "q4"]
         .into_iter()
-        .map(|quant| {
-            (
-                quant,
-                ModelImage::open(&default_image(quant).unwrap()).unwrap(),
-            )
-        })
+        .map(|quant| (quant, ModelImage::open(&default_image(quant).unwrap()).unwrap()))
         .collect();
     let tokenizer = Tokenizer::new(images[0].1.vocab()).unwrap();
     let vocab = images[0].1.config().vocab_size as usize;
@@ -138,21 +113,11 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
 
     // Our token ids; the reference (tokenizer check and logits) runs in another
     // thread while we run our forward passes.
-    let encoded: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| tokenizer.encode(&p.text, true, p.special))
-        .collect();
+    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| tokenizer.encode(&p.text, true, p.special)).collect();
     let reference_run = {
-        let (gguf, reference, scratch) = (
-            gguf.clone(),
-            reference.clone(),
-            scratch.path().to_path_buf(),
-        );
-        let jobs: Vec<(&'static str, String, bool, Vec<u32>)> = prompts
-            .iter()
-            .zip(&encoded)
-            .map(|(p, t)| (p.name, p.text.clone(), p.special, t.clone()))
-            .collect();
+        let (gguf, reference, scratch) = (gguf.clone(), reference.clone(), scratch.path().to_path_buf());
+        let jobs: Vec<(&'static str, String, bool, Vec<u32>)> =
+            prompts.iter().zip(&encoded).map(|(p, t)| (p.name, p.text.clone(), p.special, t.clone())).collect();
         std::thread::spawn(move || {
             jobs.into_iter()
                 .map(|(name, text, special, tokens)| {
@@ -178,10 +143,7 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
         .iter()
         .map(|(_, image)| {
             let model = Model::new(image).unwrap();
-            encoded
-                .iter()
-                .map(|tokens| our_logits(&model, tokens))
-                .collect()
+            encoded.iter().map(|tokens| our_logits(&model, tokens)).collect()
         })
         .collect();
     let references = reference_run.join().expect("reference thread");
@@ -191,11 +153,7 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
         let tokens = &encoded[p];
         let (reference_ids, expected) = &references[p];
         // The reference's tokenizer (Hugging Face `tokenizers`) splits the prompt the same way.
-        assert_eq!(
-            tokens, reference_ids,
-            "{}: our token ids differ from the reference tokenizer's",
-            prompt.name
-        );
+        assert_eq!(tokens, reference_ids, "{}: our token ids differ from the reference tokenizer's", prompt.name);
         assert_eq!(expected.len(), tokens.len() * vocab);
         for (i, (quant, _)) in images.iter().enumerate() {
             let ours = &ours[i][p];
@@ -205,8 +163,7 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
             for position in 0..tokens.len() {
                 let row = position * vocab..(position + 1) * vocab;
                 let gap = top2_gap(&expected[row.clone()]) as f64;
-                if gap > 2.0 * stats.max_abs && argmax(&ours[row.clone()]) != argmax(&expected[row])
-                {
+                if gap > 2.0 * stats.max_abs && argmax(&ours[row.clone()]) != argmax(&expected[row]) {
                     disagreements += 1;
                 }
             }
@@ -218,11 +175,7 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
                 stats.rms,
                 stats.reference_max
             );
-            assert_eq!(
-                disagreements, 0,
-                "{} {quant}: argmax differs where the reference is decided",
-                prompt.name
-            );
+            assert_eq!(disagreements, 0, "{} {quant}: argmax differs where the reference is decided", prompt.name);
             worst[i] = (worst[i].0.max(stats.max_abs), worst[i].1.max(stats.rms));
         }
     }
@@ -233,14 +186,8 @@ fn logits_of_f16_q8_q4_images_match_the_reference() {
             _ => (Q4_MAX_ABS, Q4_RMS),
         };
         eprintln!("worst {quant}: max |Δlogit| {max_abs:.4} (budget {max_budget}), RMS {rms:.5} (budget {rms_budget})");
-        assert!(
-            *max_abs <= max_budget,
-            "{quant}: max |Δlogit| {max_abs:.4} exceeds {max_budget}"
-        );
-        assert!(
-            *rms <= rms_budget,
-            "{quant}: RMS Δlogit {rms:.5} exceeds {rms_budget}"
-        );
+        assert!(*max_abs <= max_budget, "{quant}: max |Δlogit| {max_abs:.4} exceeds {max_budget}");
+        assert!(*rms <= rms_budget, "{quant}: RMS Δlogit {rms:.5} exceeds {rms_budget}");
     }
 }
 
@@ -255,19 +202,14 @@ fn greedy_tokens_of_f16_image_match_the_reference() {
     let tokenizer = Tokenizer::new(image.vocab()).unwrap();
     let chat = &prompts(&image)[1];
     let cases = [
-        (
-            "capital",
-            tokenizer.encode("The capital of France is", true, false),
-        ),
+        ("capital", tokenizer.encode("The capital of France is", true, false)),
         ("chat", tokenizer.encode(&chat.text, true, true)),
     ];
     let scratch = tempfile::tempdir().unwrap();
     for (name, prompt) in cases {
         let mut session = Session::new(&model, &tokenizer, 256, SamplerConfig::greedy());
         session.feed(&prompt).unwrap();
-        let ours: Vec<u32> = (0..GREEDY_TOKENS)
-            .map(|_| session.step().unwrap())
-            .collect();
+        let ours: Vec<u32> = (0..GREEDY_TOKENS).map(|_| session.step().unwrap()).collect();
         let theirs = reference.greedy(&gguf, &prompt, GREEDY_TOKENS);
         let agree = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
         eprintln!(
@@ -297,9 +239,7 @@ fn greedy_tokens_of_f16_image_match_the_reference() {
 /// Our tokenizer and the reference's (`tokenizers`) give the same ids for the whole play.
 #[test]
 fn tempest_tokens_match_the_reference_tokenizer() {
-    let (Some(gguf), Some(text), Some(reference)) =
-        (default_model(), tempest_text(), Reference::get())
-    else {
+    let (Some(gguf), Some(text), Some(reference)) = (default_model(), tempest_text(), Reference::get()) else {
         return;
     };
     let image = ModelImage::open(&default_image("q4").unwrap()).unwrap();
@@ -312,14 +252,9 @@ fn tempest_tokens_match_the_reference_tokenizer() {
     let contents = contents.strip_suffix('\n').unwrap_or(&contents);
     let (ours, _) = bramble_tools::generate::perplexity_tokens(&tokenizer, contents);
     let theirs = reference.tokenize_file(&gguf, &text, scratch.path());
-    eprintln!(
-        "tempest: {} tokens ours, {} reference",
-        ours.len(),
-        theirs.len()
-    );
+    eprintln!("tempest: {} tokens ours, {} reference", ours.len(), theirs.len());
     if let Some(at) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
-        let around =
-            |ids: &[u32]| tokenizer.decode(&ids[at.saturating_sub(3)..(at + 3).min(ids.len())]);
+        let around = |ids: &[u32]| tokenizer.decode(&ids[at.saturating_sub(3)..(at + 3).min(ids.len())]);
         panic!(
             "token {at} differs: ours {} {:?}, reference {} {:?}",
             ours[at],
@@ -328,11 +263,7 @@ fn tempest_tokens_match_the_reference_tokenizer() {
             around(&theirs)
         );
     }
-    assert_eq!(
-        ours.len(),
-        theirs.len(),
-        "same ids as far as both go, but different lengths"
-    );
+    assert_eq!(ours.len(), theirs.len(), "same ids as far as both go, but different lengths");
 }
 
 fn our_perplexity(image: &Path, text: &Path) -> serde_json::Value {
@@ -354,27 +285,16 @@ fn our_perplexity(image: &Path, text: &Path) -> serde_json::Value {
 
 #[test]
 fn tempest_perplexity_of_f16_and_q4_images_matches_the_reference() {
-    let (Some(gguf), Some(text), Some(reference)) =
-        (default_model(), tempest_text(), Reference::get())
-    else {
+    let (Some(gguf), Some(text), Some(reference)) = (default_model(), tempest_text(), Reference::get()) else {
         return;
     };
     let theirs = reference.perplexity(&gguf, &text, PERPLEXITY_CTX, PERPLEXITY_CHUNKS);
     let reference_perplexity = theirs["perplexity"].as_f64().expect("reference perplexity");
-    for (quant, budget) in [
-        ("f16", F16_PERPLEXITY_RELATIVE),
-        ("q4", Q4_PERPLEXITY_RELATIVE),
-    ] {
+    for (quant, budget) in [("f16", F16_PERPLEXITY_RELATIVE), ("q4", Q4_PERPLEXITY_RELATIVE)] {
         let ours = our_perplexity(&default_image(quant).unwrap(), &text);
-        assert_eq!(
-            ours["chunks"], theirs["chunks"],
-            "{quant}: windows evaluated"
-        );
+        assert_eq!(ours["chunks"], theirs["chunks"], "{quant}: windows evaluated");
         assert_eq!(ours["scored"], theirs["scored"], "{quant}: tokens scored");
-        assert_eq!(
-            ours["tokens"], theirs["tokens"],
-            "{quant}: tokens in the text"
-        );
+        assert_eq!(ours["tokens"], theirs["tokens"], "{quant}: tokens in the text");
         let value = ours["perplexity"].as_f64().expect("our perplexity");
         let relative = value / reference_perplexity - 1.0;
         eprintln!(
@@ -382,7 +302,11 @@ fn tempest_perplexity_of_f16_and_q4_images_matches_the_reference() {
             100.0 * relative,
             100.0 * budget
         );
-        assert!(relative.abs() <= budget, "{quant}: perplexity {value:.4} is {:+.3} % from the reference's {reference_perplexity:.4}", 100.0 * relative);
+        assert!(
+            relative.abs() <= budget,
+            "{quant}: perplexity {value:.4} is {:+.3} % from the reference's {reference_perplexity:.4}",
+            100.0 * relative
+        );
     }
 }
 
@@ -391,17 +315,11 @@ fn tempest_perplexity_of_f16_and_q4_images_matches_the_reference() {
 /// token more than llama-perplexity evaluates.
 #[test]
 fn perplexity_drops_one_trailing_newline_as_llama_cpp_does() {
-    let (Some(gguf), Some(tempest), Some(reference)) =
-        (default_model(), tempest_text(), Reference::get())
-    else {
+    let (Some(gguf), Some(tempest), Some(reference)) = (default_model(), tempest_text(), Reference::get()) else {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();
-    let head: String = std::fs::read_to_string(&tempest)
-        .unwrap()
-        .chars()
-        .take(2000)
-        .collect();
+    let head: String = std::fs::read_to_string(&tempest).unwrap().chars().take(2000).collect();
     let text = scratch.path().join("head.txt");
     std::fs::write(&text, format!("{head}\n")).unwrap();
     let image = default_image("q4").unwrap();
@@ -420,5 +338,8 @@ fn perplexity_drops_one_trailing_newline_as_llama_cpp_does() {
     .map(OsStr::to_os_string);
     let ours = bramble_json(&args)["tokens"].as_u64().expect("tokens");
     let theirs = reference.tokenize_file(&gguf, &text, scratch.path()).len() as u64;
-    assert_eq!(ours, theirs, "bramble perplexity evaluates {ours} tokens of a text ending in a newline, llama.cpp {theirs}");
+    assert_eq!(
+        ours, theirs,
+        "bramble perplexity evaluates {ours} tokens of a text ending in a newline, llama.cpp {theirs}"
+    );
 }

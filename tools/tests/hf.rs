@@ -17,8 +17,7 @@ use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
 use bramble_runtime::{Encoding, Vocab};
 use bramble_tools::source::hf::{
-    self, permuted_source_row, permuted_target_row, sentencepiece_model, HfDtype, HfTokenizerForm,
-    HfWriteOptions,
+    self, permuted_source_row, permuted_target_row, sentencepiece_model, HfDtype, HfTokenizerForm, HfWriteOptions,
 };
 use bramble_tools::source::ModelSource;
 use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
@@ -34,16 +33,12 @@ const F16_ABSOLUTE_TOLERANCE: f32 = 6.0e-8;
 /// BF16 keeps 8 significant bits: relative error at most 2⁻⁸.
 const BF16_RELATIVE_TOLERANCE: f32 = 1.0 / 256.0;
 
-const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}";
-const LLAMA2_CHAT: &str =
-    "{% for message in messages %}[INST] {{ message.content }} [/INST]{% endfor %}";
+const CHATML: &str =
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}";
+const LLAMA2_CHAT: &str = "{% for message in messages %}[INST] {{ message.content }} [/INST]{% endfor %}";
 
 fn model(tied: bool, tokenizer: TokenizerKind, seed: u64) -> SyntheticModel {
-    let shape = SyntheticShape {
-        tied_output: tied,
-        tokenizer,
-        ..SyntheticShape::default()
-    };
+    let shape = SyntheticShape { tied_output: tied, tokenizer, ..SyntheticShape::default() };
     SyntheticModel::generate(shape, seed)
 }
 
@@ -69,22 +64,11 @@ fn assert_tensors(source: &dyn ModelSource, model: &SyntheticModel, dtype: HfDty
             match dtype {
                 HfDtype::F32 => assert_eq!(got.to_bits(), want.to_bits(), "{name}[{i}]"),
                 HfDtype::F16 => {
-                    assert_eq!(
-                        got,
-                        f16::from_f32(want).to_f32(),
-                        "{name}[{i}] is not f16's rounding"
-                    );
-                    assert!(
-                        (got - want).abs()
-                            <= want.abs() * F16_RELATIVE_TOLERANCE + F16_ABSOLUTE_TOLERANCE
-                    );
+                    assert_eq!(got, f16::from_f32(want).to_f32(), "{name}[{i}] is not f16's rounding");
+                    assert!((got - want).abs() <= want.abs() * F16_RELATIVE_TOLERANCE + F16_ABSOLUTE_TOLERANCE);
                 }
                 HfDtype::BF16 => {
-                    assert_eq!(
-                        got,
-                        bf16::from_f32(want).to_f32(),
-                        "{name}[{i}] is not bf16's rounding"
-                    );
+                    assert_eq!(got, bf16::from_f32(want).to_f32(), "{name}[{i}] is not bf16's rounding");
                     assert!((got - want).abs() <= want.abs() * BF16_RELATIVE_TOLERANCE);
                 }
             }
@@ -106,22 +90,11 @@ fn assert_tensors(source: &dyn ModelSource, model: &SyntheticModel, dtype: HfDty
         match native {
             Some(Encoding::F32) => {
                 let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                assert_eq!(
-                    source.native_bytes(index).unwrap(),
-                    bytes.as_slice(),
-                    "{name} native bytes"
-                );
+                assert_eq!(source.native_bytes(index).unwrap(), bytes.as_slice(), "{name} native bytes");
             }
             Some(_) => {
-                let bytes: Vec<u8> = values
-                    .iter()
-                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-                    .collect();
-                assert_eq!(
-                    source.native_bytes(index).unwrap(),
-                    bytes.as_slice(),
-                    "{name} native bytes"
-                );
+                let bytes: Vec<u8> = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+                assert_eq!(source.native_bytes(index).unwrap(), bytes.as_slice(), "{name} native bytes");
             }
             None => assert!(source.native_bytes(index).is_none(), "{name}"),
         }
@@ -138,28 +111,15 @@ fn assert_vocab_equal_but_scores(got: &Vocab, want: &Vocab) {
     assert_eq!(got.merges, want.merges);
     assert_eq!(
         (got.bos_id, got.eos_id, got.unk_id, got.pad_id, got.eot_id),
-        (
-            want.bos_id,
-            want.eos_id,
-            want.unk_id,
-            want.pad_id,
-            want.eot_id
-        )
+        (want.bos_id, want.eos_id, want.unk_id, want.pad_id, want.eot_id)
     );
-    assert_eq!(
-        (got.add_bos, got.add_eos, got.add_space_prefix),
-        (want.add_bos, want.add_eos, want.add_space_prefix)
-    );
+    assert_eq!((got.add_bos, got.add_eos, got.add_space_prefix), (want.add_bos, want.add_eos, want.add_space_prefix));
     assert_eq!(got.scores.len(), want.scores.len());
 }
 
 /// Multi-character normal pieces that no two normal tokens spell: no merge can make them.
 fn unsplittable(vocab: &Vocab) -> Vec<usize> {
-    let normal = |text: &str| {
-        vocab
-            .find(text)
-            .is_some_and(|id| vocab.types[id as usize] == TokenType::Normal)
-    };
+    let normal = |text: &str| vocab.find(text).is_some_and(|id| vocab.types[id as usize] == TokenType::Normal);
     (0..vocab.len())
         .filter(|&id| vocab.types[id] == TokenType::Normal)
         .filter(|&id| {
@@ -197,10 +157,7 @@ fn f32_unsharded_untied_sentencepiece_json_round_trips() {
     let mut model = model(false, TokenizerKind::SentencePiece, 1);
     // No merge can make this piece: no "x", "y" or "z" tokens.
     push_token(&mut model, "▁xyzzy", -0.5);
-    let options = HfWriteOptions {
-        chat_template: Some(LLAMA2_CHAT.into()),
-        ..HfWriteOptions::default()
-    };
+    let options = HfWriteOptions { chat_template: Some(LLAMA2_CHAT.into()), ..HfWriteOptions::default() };
     let (_temp, dir) = write(&model, options);
     assert!(dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file());
     let source = hf::open(&dir).unwrap();
@@ -224,21 +181,12 @@ fn f32_unsharded_untied_sentencepiece_json_round_trips() {
     // score 0, pieces no merge can make score below every merged piece.
     let merged: Vec<usize> = (0..vocab.len())
         .filter(|&i| model.vocab.types[i] == TokenType::Normal && !unmergeable.contains(&i))
-        .filter(|&i| {
-            std::str::from_utf8(&vocab.tokens[i])
-                .unwrap()
-                .chars()
-                .count()
-                > 1
-        })
+        .filter(|&i| std::str::from_utf8(&vocab.tokens[i]).unwrap().chars().count() > 1)
         .collect();
     assert!(merged.len() > 20, "most multi-character pieces get a merge");
     for &a in &merged {
         for &id in &unmergeable {
-            assert!(
-                vocab.scores[id] < vocab.scores[a],
-                "unmergeable {id} scores below merged {a}"
-            );
+            assert!(vocab.scores[id] < vocab.scores[a], "unmergeable {id} scores below merged {a}");
         }
         for &b in &merged {
             if model.vocab.scores[a] > model.vocab.scores[b] {
@@ -246,21 +194,10 @@ fn f32_unsharded_untied_sentencepiece_json_round_trips() {
             }
         }
     }
-    for id in [
-        0usize,
-        1,
-        2,
-        3,
-        100,
-        vocab.find("e").unwrap() as usize,
-        vocab.find("▁").unwrap() as usize,
-    ] {
+    for id in [0usize, 1, 2, 3, 100, vocab.find("e").unwrap() as usize, vocab.find("▁").unwrap() as usize] {
         assert_eq!(vocab.scores[id], 0.0, "token {id} is no merge's result");
     }
-    assert!(
-        source.describe().contains("Hugging Face")
-            && source.describe().contains(&dir.display().to_string())
-    );
+    assert!(source.describe().contains("Hugging Face") && source.describe().contains(&dir.display().to_string()));
 }
 
 #[test]
@@ -276,18 +213,12 @@ fn f16_three_shards_tied_tokenizer_model_round_trips() {
     let (_temp, dir) = write(&model, options);
     assert!(!dir.join("model.safetensors").exists());
     assert!(dir.join("model-00003-of-00003.safetensors").is_file());
-    assert!(
-        dir.join("model.safetensors.index.json").is_file() && !dir.join("tokenizer.json").exists()
-    );
+    assert!(dir.join("model.safetensors.index.json").is_file() && !dir.join("tokenizer.json").exists());
     let source = hf::open(&dir).unwrap();
     assert_eq!(source.config().tied_output, 1);
     assert_eq!(*source.config(), model.config);
     assert!(source.tensors().iter().all(|t| t.name != "output.weight"));
-    assert_eq!(
-        source.chat_template(),
-        Some(LLAMA2_CHAT),
-        "the list's \"default\" template"
-    );
+    assert_eq!(source.chat_template(), Some(LLAMA2_CHAT), "the list's \"default\" template");
     // tokenizer.model carries every field, scores included.
     assert_eq!(*source.vocab(), model.vocab);
     assert_tensors(&source, &model, HfDtype::F16);
@@ -296,11 +227,7 @@ fn f16_three_shards_tied_tokenizer_model_round_trips() {
 #[test]
 fn bf16_two_shards_untied_round_trips() {
     let model = model(false, TokenizerKind::SentencePiece, 3);
-    let options = HfWriteOptions {
-        dtype: HfDtype::BF16,
-        shards: 2,
-        ..HfWriteOptions::default()
-    };
+    let options = HfWriteOptions { dtype: HfDtype::BF16, shards: 2, ..HfWriteOptions::default() };
     let (_temp, dir) = write(&model, options);
     let source = hf::open(&dir).unwrap();
     assert_eq!(*source.config(), model.config);
@@ -312,10 +239,7 @@ fn bf16_two_shards_untied_round_trips() {
 fn byte_level_vocab_round_trips_through_tokenizer_json() {
     for tied in [false, true] {
         let model = model(tied, TokenizerKind::ByteLevelBpe, 4);
-        let options = HfWriteOptions {
-            chat_template: Some(CHATML.into()),
-            ..HfWriteOptions::default()
-        };
+        let options = HfWriteOptions { chat_template: Some(CHATML.into()), ..HfWriteOptions::default() };
         let (_temp, dir) = write(&model, options);
         let source = hf::open(&dir).unwrap();
         assert_eq!(*source.config(), model.config);
@@ -329,11 +253,7 @@ fn byte_level_vocab_round_trips_through_tokenizer_json() {
 
 #[test]
 fn byte_level_pre_tokenizers_round_trip() {
-    for pre_tokenizer in [
-        PreTokenizer::Gpt2,
-        PreTokenizer::SmolLm,
-        PreTokenizer::Llama3,
-    ] {
+    for pre_tokenizer in [PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3] {
         let mut model = model(false, TokenizerKind::ByteLevelBpe, 5);
         model.vocab.pre_tokenizer = pre_tokenizer;
         let (_temp, dir) = write(&model, HfWriteOptions::default());
@@ -343,14 +263,8 @@ fn byte_level_pre_tokenizers_round_trip() {
 
 /// A tiny model whose q/k rows are recognizable: row r of every matrix holds r·100 + column.
 fn small_model() -> SyntheticModel {
-    let shape = SyntheticShape {
-        dim: 8,
-        n_heads: 2,
-        n_kv_heads: 1,
-        ffn_dim: 16,
-        n_layers: 1,
-        ..SyntheticShape::default()
-    };
+    let shape =
+        SyntheticShape { dim: 8, n_heads: 2, n_kv_heads: 1, ffn_dim: 16, n_layers: 1, ..SyntheticShape::default() };
     let mut model = SyntheticModel::generate(shape, 6);
     for (name, shape, values) in &mut model.tensors {
         if name.contains("attn_q") || name.contains("attn_k") {
@@ -368,11 +282,7 @@ fn stored_rows(path: &Path, name: &str) -> Vec<Vec<f32>> {
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let view = file.tensor(name).unwrap();
     let cols = view.shape()[1];
-    let values: Vec<f32> = view
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     values.chunks(cols).map(|r| r.to_vec()).collect()
 }
 
@@ -395,54 +305,28 @@ fn qk_permutation_matches_hand_computed_rows() {
     let (_temp, dir) = write(&model, HfWriteOptions::default());
     // The file holds Hugging Face's order: its row i is our row hand[i]
     // (the map is its own inverse for head_dim 4).
-    let q = stored_rows(
-        &dir.join("model.safetensors"),
-        "model.layers.0.self_attn.q_proj.weight",
-    );
-    let k = stored_rows(
-        &dir.join("model.safetensors"),
-        "model.layers.0.self_attn.k_proj.weight",
-    );
-    assert_eq!(
-        q.iter().map(|r| r[0] as usize / 100).collect::<Vec<_>>(),
-        hand
-    );
-    assert_eq!(
-        k.iter().map(|r| r[0] as usize / 100).collect::<Vec<_>>(),
-        hand[..4]
-    );
+    let q = stored_rows(&dir.join("model.safetensors"), "model.layers.0.self_attn.q_proj.weight");
+    let k = stored_rows(&dir.join("model.safetensors"), "model.layers.0.self_attn.k_proj.weight");
+    assert_eq!(q.iter().map(|r| r[0] as usize / 100).collect::<Vec<_>>(), hand);
+    assert_eq!(k.iter().map(|r| r[0] as usize / 100).collect::<Vec<_>>(), hand[..4]);
     assert_eq!(q[2][5], 105.0, "a whole row moves, columns stay");
     // v is not permuted.
-    let v = stored_rows(
-        &dir.join("model.safetensors"),
-        "model.layers.0.self_attn.v_proj.weight",
-    );
+    let v = stored_rows(&dir.join("model.safetensors"), "model.layers.0.self_attn.v_proj.weight");
     let (_, v_values) = model.tensor("blk.0.attn_v.weight").unwrap();
     assert_eq!(v.concat(), v_values);
 
     // Reading puts them back, for any row range.
     let source = hf::open(&dir).unwrap();
-    let index = source
-        .tensors()
-        .iter()
-        .position(|t| t.name == "blk.0.attn_q.weight")
-        .unwrap();
+    let index = source.tensors().iter().position(|t| t.name == "blk.0.attn_q.weight").unwrap();
     let read = read_all(&source, index);
     let rows: Vec<usize> = read.chunks(8).map(|r| r[0] as usize / 100).collect();
     assert_eq!(rows, (0..8).collect::<Vec<_>>());
     let mut two = vec![0f32; 16];
     source.read_rows(index, 5, &mut two).unwrap();
     assert_eq!((two[0], two[8]), (500.0, 600.0));
-    let index = source
-        .tensors()
-        .iter()
-        .position(|t| t.name == "blk.0.attn_k.weight")
-        .unwrap();
+    let index = source.tensors().iter().position(|t| t.name == "blk.0.attn_k.weight").unwrap();
     assert_eq!(source.tensors()[index].shape, vec![4, 8]);
-    let rows: Vec<usize> = read_all(&source, index)
-        .chunks(8)
-        .map(|r| r[0] as usize / 100)
-        .collect();
+    let rows: Vec<usize> = read_all(&source, index).chunks(8).map(|r| r[0] as usize / 100).collect();
     assert_eq!(rows, vec![0, 1, 2, 3]);
 }
 
@@ -483,10 +367,7 @@ fn config_json_defaults() {
     });
     // Two heads of 32 and kv heads = heads: k_proj no longer fits.
     let error = format!("{:#}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("k_proj") && error.contains("[64, 64]"),
-        "{error}"
-    );
+    assert!(error.contains("k_proj") && error.contains("[64, 64]"), "{error}");
 }
 
 #[test]
@@ -498,22 +379,9 @@ fn config_json_rejections_name_the_file_and_key() {
     let cases: Vec<(&str, Edit)> = vec![
         (
             "rope_scaling",
-            Box::new(|c| {
-                drop(c.insert(
-                    "rope_scaling".into(),
-                    json!({"rope_type": "llama3", "factor": 8.0}),
-                ))
-            }),
+            Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"rope_type": "llama3", "factor": 8.0})))),
         ),
-        (
-            "rope_scaling",
-            Box::new(|c| {
-                drop(c.insert(
-                    "rope_scaling".into(),
-                    json!({"type": "linear", "factor": 2.0}),
-                ))
-            }),
-        ),
+        ("rope_scaling", Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}))))),
         (
             "not a Llama",
             Box::new(|c| {
@@ -521,44 +389,20 @@ fn config_json_rejections_name_the_file_and_key() {
                 c.insert("model_type".into(), json!("mistral"));
             }),
         ),
-        (
-            "hidden_act",
-            Box::new(|c| drop(c.insert("hidden_act".into(), json!("gelu")))),
-        ),
-        (
-            "attention_bias",
-            Box::new(|c| drop(c.insert("attention_bias".into(), json!(true)))),
-        ),
+        ("hidden_act", Box::new(|c| drop(c.insert("hidden_act".into(), json!("gelu"))))),
+        ("attention_bias", Box::new(|c| drop(c.insert("attention_bias".into(), json!(true))))),
         ("hidden_size", Box::new(|c| drop(c.remove("hidden_size")))),
-        (
-            "num_hidden_layers",
-            Box::new(|c| drop(c.insert("num_hidden_layers".into(), json!(-2)))),
-        ),
-        (
-            "intermediate_size",
-            Box::new(|c| drop(c.insert("intermediate_size".into(), json!("160")))),
-        ),
-        (
-            "vocab_size",
-            Box::new(|c| drop(c.insert("vocab_size".into(), json!(0)))),
-        ),
-        (
-            "tie_word_embeddings",
-            Box::new(|c| drop(c.insert("tie_word_embeddings".into(), json!("yes")))),
-        ),
-        (
-            "rms_norm_eps",
-            Box::new(|c| drop(c.insert("rms_norm_eps".into(), json!([1])))),
-        ),
+        ("num_hidden_layers", Box::new(|c| drop(c.insert("num_hidden_layers".into(), json!(-2))))),
+        ("intermediate_size", Box::new(|c| drop(c.insert("intermediate_size".into(), json!("160"))))),
+        ("vocab_size", Box::new(|c| drop(c.insert("vocab_size".into(), json!(0))))),
+        ("tie_word_embeddings", Box::new(|c| drop(c.insert("tie_word_embeddings".into(), json!("yes"))))),
+        ("rms_norm_eps", Box::new(|c| drop(c.insert("rms_norm_eps".into(), json!([1]))))),
     ];
     for (expected, edit) in cases {
         std::fs::write(dir.join("config.json"), &original).unwrap();
         edit_json(&dir.join("config.json"), |c| edit(c));
         let error = format!("{}", hf::open(&dir).unwrap_err());
-        assert!(
-            error.contains("config.json") && error.contains(expected),
-            "{expected}: {error}"
-        );
+        assert!(error.contains("config.json") && error.contains(expected), "{expected}: {error}");
     }
 }
 
@@ -570,10 +414,7 @@ fn tokenizer_config_special_tokens_and_flags() {
     // Without add_bos_token, Llama-2's TemplateProcessing post-processor says BOS is added.
     edit_json(&config_path, |c| {
         c.remove("add_bos_token");
-        c.insert(
-            "eos_token".into(),
-            json!({"content": "</s>", "lstrip": false}),
-        );
+        c.insert("eos_token".into(), json!({"content": "</s>", "lstrip": false}));
         c.insert("pad_token".into(), json!("<unk>"));
     });
     let vocab = hf::open(&dir).unwrap().vocab().clone();
@@ -589,25 +430,17 @@ fn tokenizer_config_special_tokens_and_flags() {
     // Without tokenizer_config.json: config.json's ids and the post-processor.
     std::fs::remove_file(&config_path).unwrap();
     let vocab = hf::open(&dir).unwrap().vocab().clone();
-    assert_eq!(
-        (vocab.bos_id, vocab.eos_id, vocab.unk_id),
-        (Some(1), Some(2), Some(0))
-    );
+    assert_eq!((vocab.bos_id, vocab.eos_id, vocab.unk_id), (Some(1), Some(2), Some(0)));
     assert!(vocab.add_bos);
     // A BOS token that is not in the vocabulary.
     std::fs::write(&config_path, r#"{"bos_token": "<|begin|>"}"#).unwrap();
     let error = format!("{}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("tokenizer_config.json") && error.contains("bos_token"),
-        "{error}"
-    );
+    assert!(error.contains("tokenizer_config.json") && error.contains("bos_token"), "{error}");
 
     // Byte-level: no BOS unless asked.
     let model = self::model(false, TokenizerKind::ByteLevelBpe, 9);
     let (_temp, dir) = write(&model, HfWriteOptions::default());
-    edit_json(&dir.join("tokenizer_config.json"), |c| {
-        drop(c.remove("add_bos_token"))
-    });
+    edit_json(&dir.join("tokenizer_config.json"), |c| drop(c.remove("add_bos_token")));
     assert!(!hf::open(&dir).unwrap().vocab().add_bos);
 }
 
@@ -663,39 +496,13 @@ fn smollm_tokenizer_json_is_byte_level_with_digit_splitting() {
     assert_eq!(vocab.pre_tokenizer, PreTokenizer::SmolLm);
     assert_eq!(
         &vocab.tokens[..11],
-        [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "Ġ",
-            "t",
-            "h",
-            "e",
-            "Ġt",
-            "he",
-            "Ġthe",
-            "1"
-        ]
-        .map(|t| t.as_bytes().to_vec())
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "Ġ", "t", "h", "e", "Ġt", "he", "Ġthe", "1"]
+            .map(|t| t.as_bytes().to_vec())
     );
     assert_eq!(vocab.merges, vec![(3, 4), (5, 6), (7, 8)]);
+    assert_eq!(&vocab.types[..4], &[TokenType::Control, TokenType::Control, TokenType::Control, TokenType::Normal]);
     assert_eq!(
-        &vocab.types[..4],
-        &[
-            TokenType::Control,
-            TokenType::Control,
-            TokenType::Control,
-            TokenType::Normal
-        ]
-    );
-    assert_eq!(
-        (
-            vocab.bos_id,
-            vocab.eos_id,
-            vocab.unk_id,
-            vocab.pad_id,
-            vocab.eot_id
-        ),
+        (vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id, vocab.eot_id),
         (Some(1), Some(2), Some(0), Some(2), Some(2))
     );
     assert!(!vocab.add_bos && !vocab.add_eos && !vocab.add_space_prefix);
@@ -707,42 +514,27 @@ fn smollm_tokenizer_json_is_byte_level_with_digit_splitting() {
     assert_eq!(source.chat_template(), Some("{{ messages }}"));
 
     // Merges as [left, right] pairs, as tokenizers ≥ 0.20 writes them.
-    let arrays = SMOLLM_TOKENIZER_JSON.replace(
-        r#"["Ġ t", "h e", "Ġt he"]"#,
-        r#"[["Ġ", "t"], ["h", "e"], ["Ġt", "he"]]"#,
-    );
+    let arrays =
+        SMOLLM_TOKENIZER_JSON.replace(r#"["Ġ t", "h e", "Ġt he"]"#, r#"[["Ġ", "t"], ["h", "e"], ["Ġt", "he"]]"#);
     std::fs::write(dir.join("tokenizer.json"), arrays).unwrap();
-    assert_eq!(
-        hf::open(&dir).unwrap().vocab().merges,
-        vec![(3, 4), (5, 6), (7, 8)]
-    );
+    assert_eq!(hf::open(&dir).unwrap().vocab().merges, vec![(3, 4), (5, 6), (7, 8)]);
 
     // Digits after ByteLevel, or none: plain GPT-2 splitting.
-    let gpt2 =
-        SMOLLM_TOKENIZER_JSON.replace(r#"{"type": "Digits", "individual_digits": true},"#, "");
+    let gpt2 = SMOLLM_TOKENIZER_JSON.replace(r#"{"type": "Digits", "individual_digits": true},"#, "");
     std::fs::write(dir.join("tokenizer.json"), gpt2).unwrap();
-    assert_eq!(
-        hf::open(&dir).unwrap().vocab().pre_tokenizer,
-        PreTokenizer::Gpt2
-    );
+    assert_eq!(hf::open(&dir).unwrap().vocab().pre_tokenizer, PreTokenizer::Gpt2);
 
     // A token id far past the model's vocabulary is refused before anything is allocated for it.
     let far = SMOLLM_TOKENIZER_JSON.replace(r#""1": 10}"#, r#""1": 16000000}"#);
     std::fs::write(dir.join("tokenizer.json"), far).unwrap();
     let error = format!("{}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("tokenizer.json") && error.contains("vocab_size"),
-        "{error}"
-    );
+    assert!(error.contains("tokenizer.json") && error.contains("vocab_size"), "{error}");
 
     // A merge whose result is not a token.
     let bad = SMOLLM_TOKENIZER_JSON.replace(r#""h e""#, r#""e h""#);
     std::fs::write(dir.join("tokenizer.json"), bad).unwrap();
     let error = format!("{}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("tokenizer.json") && error.contains("merges[1]"),
-        "{error}"
-    );
+    assert!(error.contains("tokenizer.json") && error.contains("merges[1]"), "{error}");
 }
 
 #[test]
@@ -758,12 +550,11 @@ fn metaspace_tokenizer_json_is_sentencepiece() {
                 "pre_tokenizer".into(),
                 json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false}),
             );
-            t.insert("decoder".into(), json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false}));
-            t.get_mut("model")
-                .unwrap()
-                .as_object_mut()
-                .unwrap()
-                .insert("byte_fallback".into(), json!(false));
+            t.insert(
+                "decoder".into(),
+                json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false}),
+            );
+            t.get_mut("model").unwrap().as_object_mut().unwrap().insert("byte_fallback".into(), json!(false));
         });
         let vocab = hf::open(&dir).unwrap().vocab().clone();
         assert_eq!(vocab.kind, TokenizerKind::SentencePiece);
@@ -775,51 +566,26 @@ fn metaspace_tokenizer_json_is_sentencepiece() {
 #[test]
 fn sentencepiece_protobuf_round_trips_and_rejects_garbage() {
     let model = model(false, TokenizerKind::SentencePiece, 13);
-    let (_temp, dir) = write(
-        &model,
-        HfWriteOptions {
-            tokenizer: HfTokenizerForm::SentencePieceModel,
-            ..HfWriteOptions::default()
-        },
-    );
+    let (_temp, dir) =
+        write(&model, HfWriteOptions { tokenizer: HfTokenizerForm::SentencePieceModel, ..HfWriteOptions::default() });
     let bytes = std::fs::read(dir.join("tokenizer.model")).unwrap();
     let parsed = sentencepiece_model::parse(&bytes).unwrap();
     assert_eq!(parsed.pieces.len(), model.vocab.len());
-    assert_eq!(
-        (parsed.unk_id, parsed.bos_id, parsed.eos_id, parsed.pad_id),
-        (0, 1, 2, -1)
-    );
+    assert_eq!((parsed.unk_id, parsed.bos_id, parsed.eos_id, parsed.pad_id), (0, 1, 2, -1));
     assert_eq!(parsed.model_type, sentencepiece_model::MODEL_TYPE_BPE);
     assert!(parsed.add_dummy_prefix && parsed.byte_fallback);
-    assert_eq!(
-        sentencepiece_model::encode(&parsed),
-        bytes,
-        "encode ∘ parse is the identity"
-    );
-    for garbage in [
-        &[0x0A, 0x80][..],
-        &[0x0A, 0x05, 0x0A],
-        &[0x0B],
-        &[0x08],
-        &[0x0A, 0x02, 0x15, 0x00],
-        &[0xFF; 11],
-        &[],
-    ] {
+    assert_eq!(sentencepiece_model::encode(&parsed), bytes, "encode ∘ parse is the identity");
+    for garbage in
+        [&[0x0A, 0x80][..], &[0x0A, 0x05, 0x0A], &[0x0B], &[0x08], &[0x0A, 0x02, 0x15, 0x00], &[0xFF; 11], &[]]
+    {
         assert!(sentencepiece_model::parse(garbage).is_err(), "{garbage:?}");
     }
     // A unigram model is refused by name.
     let mut unigram = parsed.clone();
     unigram.model_type = 1;
-    std::fs::write(
-        dir.join("tokenizer.model"),
-        sentencepiece_model::encode(&unigram),
-    )
-    .unwrap();
+    std::fs::write(dir.join("tokenizer.model"), sentencepiece_model::encode(&unigram)).unwrap();
     let error = format!("{}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("tokenizer.model") && error.contains("unigram"),
-        "{error}"
-    );
+    assert!(error.contains("tokenizer.model") && error.contains("unigram"), "{error}");
     // Ids past the pieces.
     let mut bad = parsed.clone();
     bad.eos_id = 100_000;
@@ -833,23 +599,11 @@ fn sentencepiece_protobuf_round_trips_and_rejects_garbage() {
 fn writer_refuses_what_the_format_cannot_hold() {
     let model = model(false, TokenizerKind::ByteLevelBpe, 14);
     let temp = tempfile::tempdir().unwrap();
-    let options = HfWriteOptions {
-        tokenizer: HfTokenizerForm::SentencePieceModel,
-        ..HfWriteOptions::default()
-    };
-    assert!(
-        hf::write_hf_dir(&model, temp.path(), options).is_err(),
-        "tokenizer.model is SentencePiece only"
-    );
-    let options = HfWriteOptions {
-        shards: 0,
-        ..HfWriteOptions::default()
-    };
+    let options = HfWriteOptions { tokenizer: HfTokenizerForm::SentencePieceModel, ..HfWriteOptions::default() };
+    assert!(hf::write_hf_dir(&model, temp.path(), options).is_err(), "tokenizer.model is SentencePiece only");
+    let options = HfWriteOptions { shards: 0, ..HfWriteOptions::default() };
     assert!(hf::write_hf_dir(&model, temp.path(), options).is_err());
-    let options = HfWriteOptions {
-        shards: 1000,
-        ..HfWriteOptions::default()
-    };
+    let options = HfWriteOptions { shards: 1000, ..HfWriteOptions::default() };
     assert!(hf::write_hf_dir(&model, temp.path(), options).is_err());
 }
 
@@ -857,10 +611,7 @@ fn writer_refuses_what_the_format_cannot_hold() {
 // Corrupt input: errors that name the file, never a panic.
 
 fn assert_error_names(dir: &Path, file: &str) -> String {
-    let error = format!(
-        "{}",
-        hf::open(dir).expect_err("corrupt input must be refused")
-    );
+    let error = format!("{}", hf::open(dir).expect_err("corrupt input must be refused"));
     assert!(error.contains(file), "error does not name {file}: {error}");
     error
 }
@@ -880,13 +631,7 @@ fn garbage_config_json_is_an_error_naming_the_file() {
 #[test]
 fn missing_shard_is_an_error_naming_it() {
     let model = model(false, TokenizerKind::SentencePiece, 21);
-    let (_temp, dir) = write(
-        &model,
-        HfWriteOptions {
-            shards: 2,
-            ..HfWriteOptions::default()
-        },
-    );
+    let (_temp, dir) = write(&model, HfWriteOptions { shards: 2, ..HfWriteOptions::default() });
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let error = assert_error_names(&dir, "model-00002-of-00002.safetensors");
     assert!(error.contains("missing"), "{error}");
@@ -900,17 +645,10 @@ fn missing_shard_is_an_error_naming_it() {
 #[test]
 fn index_that_disagrees_with_the_shards_is_an_error() {
     let model = model(false, TokenizerKind::SentencePiece, 22);
-    let (_temp, dir) = write(
-        &model,
-        HfWriteOptions {
-            shards: 2,
-            ..HfWriteOptions::default()
-        },
-    );
+    let (_temp, dir) = write(&model, HfWriteOptions { shards: 2, ..HfWriteOptions::default() });
     edit_json(&dir.join("model.safetensors.index.json"), |index| {
         index["weight_map"]["model.norm.weight"] = json!("model-00001-of-00002.safetensors");
-        index["weight_map"]["model.embed_tokens.weight"] =
-            json!("model-00002-of-00002.safetensors");
+        index["weight_map"]["model.embed_tokens.weight"] = json!("model-00002-of-00002.safetensors");
     });
     assert_error_names(&dir, "model.safetensors.index.json");
 }
@@ -956,39 +694,23 @@ fn wrong_missing_and_unexpected_tensors_are_errors_naming_them() {
     // Written as a model of another shape, read against this config.json.
     let model = model(false, TokenizerKind::SentencePiece, 24);
     let (_temp, dir) = write(&model, HfWriteOptions::default());
-    edit_json(&dir.join("config.json"), |c| {
-        drop(c.insert("intermediate_size".into(), json!(128)))
-    });
+    edit_json(&dir.join("config.json"), |c| drop(c.insert("intermediate_size".into(), json!(128))));
     let error = assert_error_names(&dir, "model.safetensors");
-    assert!(
-        error.contains("gate_proj") && error.contains("[160, 64]") && error.contains("[128, 64]"),
-        "{error}"
-    );
+    assert!(error.contains("gate_proj") && error.contains("[160, 64]") && error.contains("[128, 64]"), "{error}");
     // More layers in config.json than in the file.
     edit_json(&dir.join("config.json"), |c| {
         c.insert("intermediate_size".into(), json!(160));
         c.insert("num_hidden_layers".into(), json!(3));
     });
     let error = format!("{}", hf::open(&dir).unwrap_err());
-    assert!(
-        error.contains("model.layers.2.") && error.contains("missing"),
-        "{error}"
-    );
+    assert!(error.contains("model.layers.2.") && error.contains("missing"), "{error}");
     // A corrupt layer count is refused before any per-layer list is made.
-    edit_json(&dir.join("config.json"), |c| {
-        drop(c.insert("num_hidden_layers".into(), json!(1 << 24)))
-    });
+    edit_json(&dir.join("config.json"), |c| drop(c.insert("num_hidden_layers".into(), json!(1 << 24))));
     let started = std::time::Instant::now();
     assert_error_names(&dir, "config.json");
-    assert!(
-        started.elapsed().as_secs() < 2,
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed().as_secs() < 2, "took {:?}", started.elapsed());
     // Fewer layers: layer 1's tensors are left over.
-    edit_json(&dir.join("config.json"), |c| {
-        drop(c.insert("num_hidden_layers".into(), json!(1)))
-    });
+    edit_json(&dir.join("config.json"), |c| drop(c.insert("num_hidden_layers".into(), json!(1))));
     let error = assert_error_names(&dir, "model.safetensors");
     assert!(error.contains("model.layers.1."), "{error}");
 
@@ -1000,13 +722,7 @@ fn wrong_missing_and_unexpected_tensors_are_errors_naming_them() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64], &data).unwrap(),
     ));
     let bytes = safetensors::serialize(tensors, &None).unwrap();
-    let (_temp2, dir) = write(
-        &model,
-        HfWriteOptions {
-            shards: 2,
-            ..HfWriteOptions::default()
-        },
-    );
+    let (_temp2, dir) = write(&model, HfWriteOptions { shards: 2, ..HfWriteOptions::default() });
     std::fs::write(dir.join("extra.safetensors"), bytes).unwrap();
     edit_json(&dir.join("model.safetensors.index.json"), |index| {
         index["weight_map"]["model.layers.0.self_attn.q_proj.bias"] = json!("extra.safetensors");
@@ -1062,17 +778,8 @@ fn random_mutations_never_panic_and_errors_name_a_file() {
     let mut random = SplitMix64(0xB4A3_B1E5);
     let json_model = model(false, TokenizerKind::SentencePiece, 30);
     let proto_model = model(true, TokenizerKind::SentencePiece, 31);
-    let (_temp1, json_dir) = write(
-        &json_model,
-        HfWriteOptions {
-            shards: 2,
-            ..HfWriteOptions::default()
-        },
-    );
-    let options = HfWriteOptions {
-        tokenizer: HfTokenizerForm::SentencePieceModel,
-        ..HfWriteOptions::default()
-    };
+    let (_temp1, json_dir) = write(&json_model, HfWriteOptions { shards: 2, ..HfWriteOptions::default() });
+    let options = HfWriteOptions { tokenizer: HfTokenizerForm::SentencePieceModel, ..HfWriteOptions::default() };
     let (_temp2, proto_dir) = write(&proto_model, options);
     let targets: Vec<(PathBuf, &str)> = vec![
         (json_dir.clone(), "config.json"),
@@ -1107,15 +814,10 @@ fn random_mutations_never_panic_and_errors_name_a_file() {
                 }
                 Err(error) => Err(format!("{error}")),
             });
-            match result
-                .unwrap_or_else(|_| panic!("{file}: a mutation made the reader panic: {mutated:?}"))
-            {
+            match result.unwrap_or_else(|_| panic!("{file}: a mutation made the reader panic: {mutated:?}")) {
                 Ok(()) => accepted += 1,
                 Err(error) => {
-                    assert!(
-                        error.contains(&dir.display().to_string()),
-                        "{file}: error names no file: {error}"
-                    );
+                    assert!(error.contains(&dir.display().to_string()), "{file}: error names no file: {error}");
                     refused += 1;
                 }
             }
@@ -1123,10 +825,7 @@ fn random_mutations_never_panic_and_errors_name_a_file() {
         std::fs::write(&path, &original).unwrap();
     }
     eprintln!("mutations: {refused} refused, {accepted} accepted");
-    assert!(
-        refused > 200,
-        "most mutations are refused ({refused} refused, {accepted} accepted)"
-    );
+    assert!(refused > 200, "most mutations are refused ({refused} refused, {accepted} accepted)");
 }
 
 // ---------------------------------------------------------------------------
@@ -1139,12 +838,7 @@ fn reference_script() -> PathBuf {
 /// Runs the reference script; `None` (with a message) when Python or a module is missing.
 fn python(args: &[&str], input: Option<&Value>) -> Option<Value> {
     let mut command = Command::new("python3");
-    command
-        .arg(reference_script())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.arg(reference_script()).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let Ok(mut child) = command.spawn() else {
         eprintln!("skipped: python3 is not available");
         return None;
@@ -1158,17 +852,10 @@ fn python(args: &[&str], input: Option<&Value>) -> Option<Value> {
     }
     let output = child.wait_with_output().unwrap();
     if output.status.code() == Some(3) {
-        eprintln!(
-            "skipped: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        eprintln!("skipped: {}", String::from_utf8_lossy(&output.stderr).trim());
         return None;
     }
-    assert!(
-        output.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     if output.stdout.is_empty() {
         return Some(Value::Null);
     }
@@ -1191,10 +878,7 @@ const TEXTS: [&str; 9] = [
 /// tokens out of the text (`parse_special`); sentencepiece never does.
 fn runtime_ids(vocab: &Vocab, parse_special: bool) -> Vec<Vec<u32>> {
     let tokenizer = Tokenizer::new(vocab).unwrap();
-    TEXTS
-        .iter()
-        .map(|text| tokenizer.encode(text, false, parse_special))
-        .collect()
+    TEXTS.iter().map(|text| tokenizer.encode(text, false, parse_special)).collect()
 }
 
 fn as_ids(value: &Value) -> Vec<Vec<u32>> {
@@ -1213,19 +897,14 @@ fn sentencepiece_tokenizer_json_encodes_like_hf_tokenizers() {
     }
     let (_temp, dir) = write(&model, HfWriteOptions::default());
     let path = dir.join("tokenizer.json");
-    let Some(reference) = python(
-        &["encode-json", path.to_str().unwrap()],
-        Some(&json!(TEXTS)),
-    ) else {
+    let Some(reference) = python(&["encode-json", path.to_str().unwrap()], Some(&json!(TEXTS))) else {
         return;
     };
     let vocab = hf::open(&dir).unwrap().vocab().clone();
     assert_eq!(runtime_ids(&vocab, true), as_ids(&reference));
     // The comparison means something only if merges happened.
-    let pieces: Vec<String> = as_ids(&reference)[0]
-        .iter()
-        .map(|&id| String::from_utf8(vocab.tokens[id as usize].clone()).unwrap())
-        .collect();
+    let pieces: Vec<String> =
+        as_ids(&reference)[0].iter().map(|&id| String::from_utf8(vocab.tokens[id as usize].clone()).unwrap()).collect();
     assert_eq!(pieces.concat(), "▁Hello▁world");
     assert!(pieces.len() < 6, "{pieces:?}");
 }
@@ -1236,10 +915,7 @@ fn byte_level_tokenizer_json_encodes_like_hf_tokenizers() {
     let model = model(false, TokenizerKind::ByteLevelBpe, 41);
     let (_temp, dir) = write(&model, HfWriteOptions::default());
     let path = dir.join("tokenizer.json");
-    let Some(reference) = python(
-        &["encode-json", path.to_str().unwrap()],
-        Some(&json!(TEXTS)),
-    ) else {
+    let Some(reference) = python(&["encode-json", path.to_str().unwrap()], Some(&json!(TEXTS))) else {
         return;
     };
     let vocab = hf::open(&dir).unwrap().vocab().clone();
@@ -1254,17 +930,10 @@ fn tokenizer_json_as_the_tokenizers_library_writes_it() {
     let (_temp, dir) = write(&model, HfWriteOptions::default());
     let ours = dir.join("tokenizer.json");
     let theirs = dir.join("rebuilt.json");
-    for (style, pre_tokenizer) in [
-        ("smollm", PreTokenizer::SmolLm),
-        ("llama3", PreTokenizer::Llama3),
-        ("gpt2", PreTokenizer::Gpt2),
-    ] {
-        let args = [
-            "rebuild-json",
-            ours.to_str().unwrap(),
-            theirs.to_str().unwrap(),
-            style,
-        ];
+    for (style, pre_tokenizer) in
+        [("smollm", PreTokenizer::SmolLm), ("llama3", PreTokenizer::Llama3), ("gpt2", PreTokenizer::Gpt2)]
+    {
+        let args = ["rebuild-json", ours.to_str().unwrap(), theirs.to_str().unwrap(), style];
         if python(&args, None).is_none() {
             return;
         }
@@ -1273,11 +942,7 @@ fn tokenizer_json_as_the_tokenizers_library_writes_it() {
         for file in ["config.json", "model.safetensors", "tokenizer_config.json"] {
             std::fs::copy(dir.join(file), sub.path().join(file)).unwrap();
         }
-        std::fs::write(
-            sub.path().join("tokenizer.json"),
-            serde_json::to_vec(&json).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(sub.path().join("tokenizer.json"), serde_json::to_vec(&json).unwrap()).unwrap();
         let mut want = model.vocab.clone();
         want.pre_tokenizer = pre_tokenizer;
         assert_eq!(*hf::open(sub.path()).unwrap().vocab(), want, "{style}");
@@ -1289,25 +954,14 @@ fn tokenizer_model_loads_in_sentencepiece_and_encodes_alike() {
     // (Python) Our tokenizer.model is a ModelProto sentencepiece reads as written,
     // and sentencepiece's ids match the runtime's on the vocabulary read back.
     let model = model(false, TokenizerKind::SentencePiece, 43);
-    let (_temp, dir) = write(
-        &model,
-        HfWriteOptions {
-            tokenizer: HfTokenizerForm::SentencePieceModel,
-            ..HfWriteOptions::default()
-        },
-    );
+    let (_temp, dir) =
+        write(&model, HfWriteOptions { tokenizer: HfTokenizerForm::SentencePieceModel, ..HfWriteOptions::default() });
     let path = dir.join("tokenizer.model");
     let Some(described) = python(&["sp-describe", path.to_str().unwrap()], None) else {
         return;
     };
     let pieces: Vec<String> = serde_json::from_value(described["pieces"].clone()).unwrap();
-    assert_eq!(
-        pieces
-            .iter()
-            .map(|p| p.as_bytes().to_vec())
-            .collect::<Vec<_>>(),
-        model.vocab.tokens
-    );
+    assert_eq!(pieces.iter().map(|p| p.as_bytes().to_vec()).collect::<Vec<_>>(), model.vocab.tokens);
     let scores: Vec<f32> = serde_json::from_value(described["scores"].clone()).unwrap();
     assert_eq!(scores, model.vocab.scores);
     let types: Vec<String> = serde_json::from_value(described["types"].clone()).unwrap();
@@ -1318,17 +972,9 @@ fn tokenizer_model_loads_in_sentencepiece_and_encodes_alike() {
         TokenType::Unused => "unused",
         _ => "normal",
     };
+    assert_eq!(types, model.vocab.types.iter().map(names).collect::<Vec<_>>());
     assert_eq!(
-        types,
-        model.vocab.types.iter().map(names).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        (
-            &described["unk"],
-            &described["bos"],
-            &described["eos"],
-            &described["pad"]
-        ),
+        (&described["unk"], &described["bos"], &described["eos"], &described["pad"]),
         (&json!(0), &json!(1), &json!(2), &json!(-1))
     );
     let reference = python(&["sp-encode", path.to_str().unwrap()], Some(&json!(TEXTS))).unwrap();
@@ -1350,50 +996,20 @@ fn trained_sentencepiece_model_parses_as_sentencepiece_reads_it() {
     }
     std::fs::write(&corpus, text).unwrap();
     let prefix = temp.path().join("sp");
-    if python(
-        &[
-            "sp-train",
-            corpus.to_str().unwrap(),
-            prefix.to_str().unwrap(),
-            "400",
-        ],
-        None,
-    )
-    .is_none()
-    {
+    if python(&["sp-train", corpus.to_str().unwrap(), prefix.to_str().unwrap(), "400"], None).is_none() {
         return;
     }
     let path = temp.path().join("sp.model");
     let described = python(&["sp-describe", path.to_str().unwrap()], None).unwrap();
     let parsed = sentencepiece_model::parse(&std::fs::read(&path).unwrap()).unwrap();
     let pieces: Vec<String> = serde_json::from_value(described["pieces"].clone()).unwrap();
-    assert_eq!(
-        parsed
-            .pieces
-            .iter()
-            .map(|p| String::from_utf8(p.text.clone()).unwrap())
-            .collect::<Vec<_>>(),
-        pieces
-    );
+    assert_eq!(parsed.pieces.iter().map(|p| String::from_utf8(p.text.clone()).unwrap()).collect::<Vec<_>>(), pieces);
     let scores: Vec<f32> = serde_json::from_value(described["scores"].clone()).unwrap();
-    assert_eq!(
-        parsed.pieces.iter().map(|p| p.score).collect::<Vec<_>>(),
-        scores
-    );
+    assert_eq!(parsed.pieces.iter().map(|p| p.score).collect::<Vec<_>>(), scores);
     assert_eq!(parsed.model_type, sentencepiece_model::MODEL_TYPE_BPE);
     assert!(parsed.byte_fallback && parsed.add_dummy_prefix);
-    assert_eq!(
-        (parsed.unk_id, parsed.bos_id, parsed.eos_id, parsed.pad_id),
-        (0, 1, 2, -1)
-    );
-    assert_eq!(
-        parsed
-            .pieces
-            .iter()
-            .filter(|p| p.token_type == TokenType::Byte)
-            .count(),
-        256
-    );
+    assert_eq!((parsed.unk_id, parsed.bos_id, parsed.eos_id, parsed.pad_id), (0, 1, 2, -1));
+    assert_eq!(parsed.pieces.iter().filter(|p| p.token_type == TokenType::Byte).count(), 256);
 
     // As a model directory's tokenizer, it encodes as sentencepiece does.
     let mut model = model(false, TokenizerKind::SentencePiece, 44);

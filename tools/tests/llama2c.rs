@@ -21,10 +21,7 @@ use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
 use std::path::{Path, PathBuf};
 
 fn model(tied: bool, seed: u64) -> SyntheticModel {
-    let shape = SyntheticShape {
-        tied_output: tied,
-        ..SyntheticShape::default()
-    };
+    let shape = SyntheticShape { tied_output: tied, ..SyntheticShape::default() };
     SyntheticModel::generate(shape, seed)
 }
 
@@ -39,11 +36,7 @@ fn write(model: &SyntheticModel, version: u32) -> Written {
     let checkpoint = temp.path().join("model.bin");
     let tokenizer = temp.path().join("tokenizer.bin");
     write_llama2c(model, &checkpoint, &tokenizer, version).unwrap();
-    Written {
-        _temp: temp,
-        checkpoint,
-        tokenizer,
-    }
+    Written { _temp: temp, checkpoint, tokenizer }
 }
 
 fn assert_round_trip(model: &SyntheticModel, source: &Llama2cSource) {
@@ -59,18 +52,9 @@ fn assert_round_trip(model: &SyntheticModel, source: &Llama2cSource) {
         assert_eq!(tensor.native, Some(Encoding::F32), "{name}");
         let mut read = vec![0f32; values.len()];
         source.read_rows(index, 0, &mut read).unwrap();
-        assert!(
-            read.iter()
-                .zip(values)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{name} differs"
-        );
+        assert!(read.iter().zip(values).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} differs");
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(
-            source.native_bytes(index).unwrap(),
-            bytes.as_slice(),
-            "{name} native bytes"
-        );
+        assert_eq!(source.native_bytes(index).unwrap(), bytes.as_slice(), "{name} native bytes");
         if tensor.rows() >= 3 {
             let cols = tensor.cols();
             let mut part = vec![0f32; cols];
@@ -118,19 +102,11 @@ fn version1_tied_round_trips() {
 
 #[test]
 fn grouped_query_attention_round_trips() {
-    let shape = SyntheticShape {
-        n_heads: 8,
-        n_kv_heads: 2,
-        n_layers: 3,
-        ..SyntheticShape::default()
-    };
+    let shape = SyntheticShape { n_heads: 8, n_kv_heads: 2, n_layers: 3, ..SyntheticShape::default() };
     let model = SyntheticModel::generate(shape, 5);
     for version in [0, 1] {
         let written = write(&model, version);
-        assert_round_trip(
-            &model,
-            &llama2c::open(&written.checkpoint, &written.tokenizer).unwrap(),
-        );
+        assert_round_trip(&model, &llama2c::open(&written.checkpoint, &written.tokenizer).unwrap());
     }
 }
 
@@ -150,11 +126,7 @@ fn version0_layout_matches_run_c() {
     let bytes = std::fs::read(&written.checkpoint).unwrap();
     let vocab = model.vocab.len();
     let header: Vec<i32> = (0..7).map(|i| i32_at(&bytes, 4 * i)).collect();
-    assert_eq!(
-        header,
-        [64, 160, 2, 4, 2, -(vocab as i32), 128],
-        "negative vocab_size: separate classifier"
-    );
+    assert_eq!(header, [64, 160, 2, 4, 2, -(vocab as i32), 128], "negative vocab_size: separate classifier");
     // Offsets in floats, as run.c's memory_map_weights walks them.
     let (dim, hidden, layers, kv_dim, seq_len, half_head) = (64, 160, 2, 32, 128, 8);
     let mut at = 7;
@@ -185,50 +157,19 @@ fn version0_layout_matches_run_c() {
     at += vocab * dim;
     assert_eq!(bytes.len(), at * 4);
     let value = |name: &str, index: usize| model.tensor(name).unwrap().1[index];
-    assert_eq!(
-        f32_at(&bytes, embedding * 4 + 4),
-        value("token_embd.weight", 1)
-    );
-    assert_eq!(
-        f32_at(&bytes, (rms_att + dim) * 4),
-        value("blk.1.attn_norm.weight", 0)
-    );
+    assert_eq!(f32_at(&bytes, embedding * 4 + 4), value("token_embd.weight", 1));
+    assert_eq!(f32_at(&bytes, (rms_att + dim) * 4), value("blk.1.attn_norm.weight", 0));
     // wq of layer 1, row 3, column 5: w[i·n + j] with i the output.
-    assert_eq!(
-        f32_at(&bytes, (wq + dim * dim + 3 * dim + 5) * 4),
-        value("blk.1.attn_q.weight", 3 * dim + 5)
-    );
-    assert_eq!(
-        f32_at(&bytes, (wk + kv_dim * dim - 1) * 4),
-        value("blk.0.attn_k.weight", kv_dim * dim - 1)
-    );
-    assert_eq!(
-        f32_at(&bytes, w1 * 4),
-        value("blk.0.ffn_gate.weight", 0),
-        "w1 is the gate"
-    );
-    assert_eq!(
-        f32_at(&bytes, (w2 + 7) * 4),
-        value("blk.0.ffn_down.weight", 7),
-        "w2 is down"
-    );
-    assert_eq!(
-        f32_at(&bytes, w3 * 4),
-        value("blk.0.ffn_up.weight", 0),
-        "w3 is up"
-    );
-    assert_eq!(
-        f32_at(&bytes, rms_final * 4),
-        value("output_norm.weight", 0)
-    );
+    assert_eq!(f32_at(&bytes, (wq + dim * dim + 3 * dim + 5) * 4), value("blk.1.attn_q.weight", 3 * dim + 5));
+    assert_eq!(f32_at(&bytes, (wk + kv_dim * dim - 1) * 4), value("blk.0.attn_k.weight", kv_dim * dim - 1));
+    assert_eq!(f32_at(&bytes, w1 * 4), value("blk.0.ffn_gate.weight", 0), "w1 is the gate");
+    assert_eq!(f32_at(&bytes, (w2 + 7) * 4), value("blk.0.ffn_down.weight", 7), "w2 is down");
+    assert_eq!(f32_at(&bytes, w3 * 4), value("blk.0.ffn_up.weight", 0), "w3 is up");
+    assert_eq!(f32_at(&bytes, rms_final * 4), value("output_norm.weight", 0));
     // freq_cis at position 3, pair 2: cos/sin(3 · 10000^(−4/16)).
     let angle = 3.0f64 * 10000f64.powf(-4.0 / 16.0);
-    assert!(
-        (f32_at(&bytes, (freq_real + 3 * half_head + 2) * 4) as f64 - angle.cos()).abs() < 1e-6
-    );
-    assert!(
-        (f32_at(&bytes, (freq_imag + 3 * half_head + 2) * 4) as f64 - angle.sin()).abs() < 1e-6
-    );
+    assert!((f32_at(&bytes, (freq_real + 3 * half_head + 2) * 4) as f64 - angle.cos()).abs() < 1e-6);
+    assert!((f32_at(&bytes, (freq_imag + 3 * half_head + 2) * 4) as f64 - angle.sin()).abs() < 1e-6);
     assert_eq!(f32_at(&bytes, (wcls + 1) * 4), value("output.weight", 1));
 }
 
@@ -237,11 +178,7 @@ fn version1_layout_matches_export_py() {
     let model = model(true, 7);
     let written = write(&model, 1);
     let bytes = std::fs::read(&written.checkpoint).unwrap();
-    assert_eq!(
-        &bytes[0..4],
-        b"24ka",
-        "magic 0x616b3432 as a little-endian u32"
-    );
+    assert_eq!(&bytes[0..4], b"24ka", "magic 0x616b3432 as a little-endian u32");
     assert_eq!(i32_at(&bytes, 4), 1);
     let vocab = model.vocab.len();
     let header: Vec<i32> = (0..7).map(|i| i32_at(&bytes, 8 + 4 * i)).collect();
@@ -252,22 +189,10 @@ fn version1_layout_matches_export_py() {
     let dim = 64;
     let value = |name: &str, index: usize| model.tensor(name).unwrap().1[index];
     assert_eq!(f32_at(&bytes, 256), value("blk.0.attn_norm.weight", 0));
-    assert_eq!(
-        f32_at(&bytes, 256 + 4 * 2 * dim),
-        value("blk.0.ffn_norm.weight", 0)
-    );
-    assert_eq!(
-        f32_at(&bytes, 256 + 4 * 4 * dim),
-        value("output_norm.weight", 0)
-    );
-    assert_eq!(
-        f32_at(&bytes, 256 + 4 * 5 * dim),
-        value("token_embd.weight", 0)
-    );
-    assert_eq!(
-        f32_at(&bytes, 256 + 4 * (5 * dim + vocab * dim)),
-        value("blk.0.attn_q.weight", 0)
-    );
+    assert_eq!(f32_at(&bytes, 256 + 4 * 2 * dim), value("blk.0.ffn_norm.weight", 0));
+    assert_eq!(f32_at(&bytes, 256 + 4 * 4 * dim), value("output_norm.weight", 0));
+    assert_eq!(f32_at(&bytes, 256 + 4 * 5 * dim), value("token_embd.weight", 0));
+    assert_eq!(f32_at(&bytes, 256 + 4 * (5 * dim + vocab * dim)), value("blk.0.attn_q.weight", 0));
     let floats = 5 * dim + vocab * dim + 2 * (dim * dim + 2 * 32 * dim + dim * dim + 3 * 160 * dim);
     assert_eq!(bytes.len(), 256 + 4 * floats, "no freq_cis, no classifier");
 }
@@ -286,19 +211,12 @@ fn tokenizer_bin_is_spelled_as_tokenizer_py_writes_it() {
         at += 8 + length;
     }
     assert_eq!(at, bytes.len());
-    assert_eq!(
-        i32_at(&bytes, 0) as usize,
-        tokens.iter().map(|t| t.1.len()).max().unwrap()
-    );
+    assert_eq!(i32_at(&bytes, 0) as usize, tokens.iter().map(|t| t.1.len()).max().unwrap());
     assert_eq!(tokens[1].1, b"\n<s>\n");
     assert_eq!(tokens[2].1, b"\n</s>\n");
     assert_eq!(tokens[3 + 0x0A].1, b"<0x0A>");
     let the = model.vocab.find("▁the").unwrap() as usize;
-    assert_eq!(
-        tokens[the],
-        (model.vocab.scores[the], b" the".to_vec()),
-        "▁ is written as a space"
-    );
+    assert_eq!(tokens[the], (model.vocab.scores[the], b" the".to_vec()), "▁ is written as a space");
 }
 
 #[test]
@@ -308,21 +226,12 @@ fn old_style_byte_tokens_are_read_as_byte_tokens() {
     let written = write(&model, 0);
     let mut out = Vec::new();
     out.extend_from_slice(&16i32.to_le_bytes());
-    for (id, (token, score)) in model
-        .vocab
-        .tokens
-        .iter()
-        .zip(&model.vocab.scores)
-        .enumerate()
-    {
+    for (id, (token, score)) in model.vocab.tokens.iter().zip(&model.vocab.scores).enumerate() {
         let text = match id {
             1 => b"\n<s>\n".to_vec(),
             2 => b"\n</s>\n".to_vec(),
             3..=258 => char::from((id - 3) as u8).to_string().into_bytes(),
-            _ => String::from_utf8(token.clone())
-                .unwrap()
-                .replace('▁', " ")
-                .into_bytes(),
+            _ => String::from_utf8(token.clone()).unwrap().replace('▁', " ").into_bytes(),
         };
         out.extend_from_slice(&score.to_le_bytes());
         out.extend_from_slice(&(text.len() as i32).to_le_bytes());
@@ -338,25 +247,13 @@ fn old_style_byte_tokens_are_read_as_byte_tokens() {
 fn default_tokenizer_is_found_beside_the_checkpoint() {
     let model = model(false, 10);
     let written = write(&model, 1);
-    assert_eq!(
-        llama2c::default_tokenizer_path(&written.checkpoint),
-        written.tokenizer
-    );
+    assert_eq!(llama2c::default_tokenizer_path(&written.checkpoint), written.tokenizer);
     let source = llama2c::open_checkpoint(&written.checkpoint, None).unwrap();
     assert_eq!(*source.vocab(), model.vocab);
     std::fs::remove_file(&written.tokenizer).unwrap();
-    let error = format!(
-        "{}",
-        llama2c::open_checkpoint(&written.checkpoint, None).unwrap_err()
-    );
-    assert!(
-        error.contains("tokenizer.bin") && error.contains("model.bin"),
-        "{error}"
-    );
-    let error = format!(
-        "{}",
-        llama2c::open(&written.checkpoint, &written.tokenizer).unwrap_err()
-    );
+    let error = format!("{}", llama2c::open_checkpoint(&written.checkpoint, None).unwrap_err());
+    assert!(error.contains("tokenizer.bin") && error.contains("model.bin"), "{error}");
+    let error = format!("{}", llama2c::open(&written.checkpoint, &written.tokenizer).unwrap_err());
     assert!(error.contains("tokenizer.bin"), "{error}");
 }
 
@@ -365,44 +262,25 @@ fn writer_refuses_what_llama2c_cannot_hold() {
     let temp = tempfile::tempdir().unwrap();
     let (checkpoint, tokenizer) = (temp.path().join("m.bin"), temp.path().join("t.bin"));
     let byte_level = SyntheticModel::generate(
-        SyntheticShape {
-            tokenizer: TokenizerKind::ByteLevelBpe,
-            ..SyntheticShape::default()
-        },
+        SyntheticShape { tokenizer: TokenizerKind::ByteLevelBpe, ..SyntheticShape::default() },
         11,
     );
-    assert!(
-        write_llama2c(&byte_level, &checkpoint, &tokenizer, 0).is_err(),
-        "byte-level vocabulary"
-    );
+    assert!(write_llama2c(&byte_level, &checkpoint, &tokenizer, 0).is_err(), "byte-level vocabulary");
     let model = model(false, 11);
-    assert!(
-        write_llama2c(&model, &checkpoint, &tokenizer, 2).is_err(),
-        "version 2"
-    );
+    assert!(write_llama2c(&model, &checkpoint, &tokenizer, 2).is_err(), "version 2");
     let mut theta = model.clone();
     theta.config.rope_theta = 500000.0;
-    assert!(
-        write_llama2c(&theta, &checkpoint, &tokenizer, 0).is_err(),
-        "rope_theta"
-    );
+    assert!(write_llama2c(&theta, &checkpoint, &tokenizer, 0).is_err(), "rope_theta");
     let mut spaced = model.clone();
     spaced.vocab.tokens[300] = b"a b".to_vec();
-    assert!(
-        write_llama2c(&spaced, &checkpoint, &tokenizer, 0).is_err(),
-        "a space in a token"
-    );
+    assert!(write_llama2c(&spaced, &checkpoint, &tokenizer, 0).is_err(), "a space in a token");
 }
 
 // ---------------------------------------------------------------------------
 // Corrupt input: errors that name the file, never a panic.
 
 fn open_error(written: &Written) -> String {
-    format!(
-        "{}",
-        llama2c::open(&written.checkpoint, &written.tokenizer)
-            .expect_err("corrupt input must be refused")
-    )
+    format!("{}", llama2c::open(&written.checkpoint, &written.tokenizer).expect_err("corrupt input must be refused"))
 }
 
 #[test]
@@ -415,14 +293,8 @@ fn truncated_checkpoint_is_an_error_with_the_sizes() {
         let error = open_error(&written);
         let expected = bytes.len().to_string();
         let actual = (bytes.len() - 4).to_string();
-        assert!(
-            error.contains("model.bin") && error.contains(&expected) && error.contains(&actual),
-            "{error}"
-        );
-        assert!(
-            error.contains("dim 64") && error.contains("separate classifier"),
-            "{error}"
-        );
+        assert!(error.contains("model.bin") && error.contains(&expected) && error.contains(&actual), "{error}");
+        assert!(error.contains("dim 64") && error.contains("separate classifier"), "{error}");
         for length in [0, 3, 27, 100, 255] {
             std::fs::write(&written.checkpoint, &bytes[..length]).unwrap();
             let error = open_error(&written);
@@ -441,10 +313,7 @@ fn wrong_size_is_an_error() {
     bytes[20..24].copy_from_slice(&vocab.to_le_bytes());
     std::fs::write(&written.checkpoint, &bytes).unwrap();
     let error = open_error(&written);
-    assert!(
-        error.contains("model.bin") && error.contains("separate classifier"),
-        "{error}"
-    );
+    assert!(error.contains("model.bin") && error.contains("separate classifier"), "{error}");
     // Extra bytes at the end.
     let written = write(&model, 1);
     let mut bytes = std::fs::read(&written.checkpoint).unwrap();
@@ -471,27 +340,17 @@ fn bad_header_values_are_errors_naming_the_field() {
         bytes[4 * index..4 * index + 4].copy_from_slice(&i32::to_le_bytes(value));
         std::fs::write(&written.checkpoint, &bytes).unwrap();
         let error = open_error(&written);
-        assert!(
-            error.contains("model.bin") && error.contains(field),
-            "{field} = {value}: {error}"
-        );
+        assert!(error.contains("model.bin") && error.contains(field), "{field} = {value}: {error}");
     }
     // Version 2 and unknown versions, and a bad shared flag.
     let written = write(&model, 1);
     let original = std::fs::read(&written.checkpoint).unwrap();
-    for (at, byte, expected) in [
-        (4, 2u8, "version 2"),
-        (4, 9, "version 9"),
-        (36, 7, "shared_classifier"),
-    ] {
+    for (at, byte, expected) in [(4, 2u8, "version 2"), (4, 9, "version 9"), (36, 7, "shared_classifier")] {
         let mut bytes = original.clone();
         bytes[at] = byte;
         std::fs::write(&written.checkpoint, &bytes).unwrap();
         let error = open_error(&written);
-        assert!(
-            error.contains("model.bin") && error.contains(expected),
-            "{error}"
-        );
+        assert!(error.contains("model.bin") && error.contains(expected), "{error}");
     }
 }
 
@@ -518,10 +377,7 @@ fn bad_tokenizer_bin_is_an_error_naming_the_file() {
     for (bytes, expected) in cases {
         std::fs::write(&written.tokenizer, &bytes).unwrap();
         let error = open_error(&written);
-        assert!(
-            error.contains("tokenizer.bin") && error.contains(expected),
-            "{expected}: {error}"
-        );
+        assert!(error.contains("tokenizer.bin") && error.contains(expected), "{expected}: {error}");
     }
 }
 
@@ -532,9 +388,7 @@ fn read_rows_out_of_range_is_an_error() {
     let source = llama2c::open(&written.checkpoint, &written.tokenizer).unwrap();
     let cols = source.tensors()[0].cols();
     let mut out = vec![0f32; cols * 2];
-    assert!(source
-        .read_rows(0, source.tensors()[0].rows() - 1, &mut out)
-        .is_err());
+    assert!(source.read_rows(0, source.tensors()[0].rows() - 1, &mut out).is_err());
     assert!(source.read_rows(0, usize::MAX, &mut out).is_err());
     assert!(source.read_rows(0, 0, &mut out[..cols - 1]).is_err());
     let error = format!("{}", source.read_rows(999, 0, &mut out).unwrap_err());
@@ -590,28 +444,21 @@ fn random_mutations_never_panic_and_errors_name_a_file() {
                 (&written.tokenizer, mutate(&tokenizer, &mut random))
             };
             std::fs::write(path, &mutated).unwrap();
-            let result = std::panic::catch_unwind(|| {
-                match llama2c::open(&written.checkpoint, &written.tokenizer) {
-                    Ok(source) => {
-                        for index in 0..source.tensors().len() {
-                            let tensor = &source.tensors()[index];
-                            let mut out = vec![0f32; tensor.rows() * tensor.cols()];
-                            source.read_rows(index, 0, &mut out).unwrap();
-                        }
-                        Ok(())
+            let result = std::panic::catch_unwind(|| match llama2c::open(&written.checkpoint, &written.tokenizer) {
+                Ok(source) => {
+                    for index in 0..source.tensors().len() {
+                        let tensor = &source.tensors()[index];
+                        let mut out = vec![0f32; tensor.rows() * tensor.cols()];
+                        source.read_rows(index, 0, &mut out).unwrap();
                     }
-                    Err(error) => Err(format!("{error}")),
+                    Ok(())
                 }
+                Err(error) => Err(format!("{error}")),
             });
-            match result.unwrap_or_else(|_| {
-                panic!("a mutation of {} made the reader panic", path.display())
-            }) {
+            match result.unwrap_or_else(|_| panic!("a mutation of {} made the reader panic", path.display())) {
                 Ok(()) => accepted += 1,
                 Err(error) => {
-                    assert!(
-                        error.contains("model.bin") || error.contains("tokenizer.bin"),
-                        "names no file: {error}"
-                    );
+                    assert!(error.contains("model.bin") || error.contains("tokenizer.bin"), "names no file: {error}");
                     refused += 1;
                 }
             }
@@ -620,8 +467,5 @@ fn random_mutations_never_panic_and_errors_name_a_file() {
         }
     }
     eprintln!("mutations: {refused} refused, {accepted} accepted");
-    assert!(
-        refused > 300,
-        "most mutations are refused ({refused} refused, {accepted} accepted)"
-    );
+    assert!(refused > 300, "most mutations are refused ({refused} refused, {accepted} accepted)");
 }

@@ -50,10 +50,7 @@ fn assert_source(source: &dyn ModelSource, shape: LargeShape, weights: LargeWeig
     let vocab = source.vocab();
     let want = padded_vocab(config.vocab_size as usize).unwrap();
     assert_eq!(vocab.tokens, want.tokens);
-    assert_eq!(
-        (vocab.bos_id, vocab.eos_id, vocab.unk_id),
-        (want.bos_id, want.eos_id, want.unk_id)
-    );
+    assert_eq!((vocab.bos_id, vocab.eos_id, vocab.unk_id), (want.bos_id, want.eos_id, want.unk_id));
     let base = bramble_tools::synth::sentencepiece_vocab().len();
     assert!(vocab.types[base..].iter().all(|t| *t == TokenType::Unused));
     if source.describe().starts_with("GGUF") {
@@ -68,10 +65,7 @@ fn assert_source(source: &dyn ModelSource, shape: LargeShape, weights: LargeWeig
         assert_eq!((&tensor.name, &tensor.shape), (name, tensor_shape));
         let values = read_all(source, index);
         assert!(values.iter().any(|&v| v != 0.0), "{name} is all zeros");
-        assert!(
-            values.iter().all(|v| v.abs() <= 1.25),
-            "{name} is out of range"
-        );
+        assert!(values.iter().all(|v| v.abs() <= 1.25), "{name} is out of range");
         assert!(
             values == generated(index, tensor_shape, weights),
             "{}: {name} differs from the generator",
@@ -86,15 +80,8 @@ fn assert_same_images(a: &Path, b: &Path) {
     assert_eq!(a.config(), b.config());
     assert_eq!(a.tensors().len(), b.tensors().len());
     for (x, y) in a.tensors().iter().zip(b.tensors()) {
-        assert_eq!(
-            (&x.name, x.encoding, &x.shape),
-            (&y.name, y.encoding, &y.shape)
-        );
-        assert!(
-            a.tensor_bytes(x) == b.tensor_bytes(y),
-            "tensor {} differs",
-            x.name
-        );
+        assert_eq!((&x.name, x.encoding, &x.shape), (&y.name, y.encoding, &y.shape));
+        assert!(a.tensor_bytes(x) == b.tensor_bytes(y), "tensor {} differs", x.name);
     }
 }
 
@@ -109,35 +96,17 @@ fn tiny_gguf_and_hf_hold_the_generated_model_and_convert() {
     assert_eq!(report.tensors, tensor_list(&shape.config()).len());
     let gguf = GgufSource::open(&gguf_path).unwrap();
     assert_source(&gguf, shape, weights);
-    let types: Vec<&str> = gguf
-        .tensors()
-        .iter()
-        .map(|t| t.source_type.as_str())
-        .collect();
-    assert!(
-        types.iter().all(|t| *t == "F16" || *t == "F32"),
-        "{types:?}"
-    );
+    let types: Vec<&str> = gguf.tensors().iter().map(|t| t.source_type.as_str()).collect();
+    assert!(types.iter().all(|t| *t == "F16" || *t == "F32"), "{types:?}");
 
     let hf_dir = dir.path().join("tiny-hf");
     write_large_hf(shape, &hf_dir, weights, SEED).unwrap();
-    for file in [
-        "config.json",
-        "model.safetensors.index.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
+    for file in ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"] {
         assert!(hf_dir.join(file).is_file(), "{file} is missing");
     }
     let shards = std::fs::read_dir(&hf_dir)
         .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .ends_with(".safetensors")
-        })
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"))
         .count();
     assert_eq!(shards, shape.shards());
     let hf = HfSource::open(&hf_dir).unwrap();
@@ -145,17 +114,11 @@ fn tiny_gguf_and_hf_hold_the_generated_model_and_convert() {
 
     // Both convert, to the same image: the same values, q/k permutation undone.
     let options = ConvertOptions::new(QuantTarget::Q4);
-    let (from_gguf, from_hf) = (
-        dir.path().join("gguf.bramble"),
-        dir.path().join("hf.bramble"),
-    );
+    let (from_gguf, from_hf) = (dir.path().join("gguf.bramble"), dir.path().join("hf.bramble"));
     let report = convert(&gguf, &from_gguf, &options).unwrap();
     assert_eq!(report.tensors, gguf.tensors().len());
     convert(&hf, &from_hf, &options).unwrap();
-    assert_eq!(
-        *ModelImage::open(&from_gguf).unwrap().config(),
-        shape.config()
-    );
+    assert_eq!(*ModelImage::open(&from_gguf).unwrap().config(), shape.config());
     assert_same_images(&from_gguf, &from_hf);
 }
 
@@ -189,15 +152,8 @@ fn shapes_and_weight_types_parse() {
         ),
         (4096, 32, 32, 32, 11008, 32000, 4096, 0)
     );
-    let bytes: usize = tensor_list(&big)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() * 2)
-        .sum();
-    assert_eq!(
-        bytes,
-        6_738_415_616 * 2,
-        "Llama-2-7B has 6,738,415,616 parameters"
-    );
+    let bytes: usize = tensor_list(&big).iter().map(|(_, s)| s.iter().product::<usize>() * 2).sum();
+    assert_eq!(bytes, 6_738_415_616 * 2, "Llama-2-7B has 6,738,415,616 parameters");
     let error = LargeShape::parse("llama2-70b").unwrap_err().to_string();
     assert!(error.contains("tiny, llama2-7b"), "{error}");
     assert!(LargeWeights::parse("q4_0").is_err());
@@ -207,15 +163,9 @@ fn shapes_and_weight_types_parse() {
 fn writer() -> GgufWriter {
     let mut writer = GgufWriter::new();
     writer.set("general.architecture", Value::String(b"llama".to_vec()));
-    writer
-        .add_tensor("given", &[3], GgmlType::F32, vec![1; 12])
-        .unwrap();
-    writer
-        .declare_tensor("first", &[2, 32], GgmlType::F16)
-        .unwrap();
-    writer
-        .declare_tensor("second", &[5], GgmlType::F32)
-        .unwrap();
+    writer.add_tensor("given", &[3], GgmlType::F32, vec![1; 12]).unwrap();
+    writer.declare_tensor("first", &[2, 32], GgmlType::F16).unwrap();
+    writer.declare_tensor("second", &[5], GgmlType::F32).unwrap();
     writer
 }
 
@@ -243,44 +193,24 @@ fn streaming_gguf_matches_the_in_memory_writer() {
 
     let mut in_memory = GgufWriter::new();
     in_memory.set("general.architecture", Value::String(b"llama".to_vec()));
-    in_memory
-        .add_tensor("given", &[3], GgmlType::F32, vec![1; 12])
-        .unwrap();
-    in_memory
-        .add_tensor("first", &[2, 32], GgmlType::F16, data("first"))
-        .unwrap();
-    in_memory
-        .add_tensor("second", &[5], GgmlType::F32, data("second"))
-        .unwrap();
-    assert_eq!(
-        std::fs::read(&streamed).unwrap(),
-        in_memory.to_bytes().unwrap()
-    );
+    in_memory.add_tensor("given", &[3], GgmlType::F32, vec![1; 12]).unwrap();
+    in_memory.add_tensor("first", &[2, 32], GgmlType::F16, data("first")).unwrap();
+    in_memory.add_tensor("second", &[5], GgmlType::F32, data("second")).unwrap();
+    assert_eq!(std::fs::read(&streamed).unwrap(), in_memory.to_bytes().unwrap());
 
     // A writer with declared tensors has no bytes to give without streaming.
     let error = writer().to_bytes().unwrap_err().to_string();
-    assert!(
-        error.contains("'first'") && error.contains("write_streaming"),
-        "{error}"
-    );
+    assert!(error.contains("'first'") && error.contains("write_streaming"), "{error}");
 }
 
 #[test]
 fn streaming_gguf_refuses_a_tensor_of_the_wrong_size() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("short.gguf");
-    let error = writer()
-        .write_streaming(&path, |_, out| Ok(out.write_all(&[0; 10])?))
-        .unwrap_err();
+    let error = writer().write_streaming(&path, |_, out| Ok(out.write_all(&[0; 10])?)).unwrap_err();
     let message = format!("{error:#}");
-    assert!(
-        message.contains("short.gguf") && message.contains("'first'"),
-        "{message}"
-    );
-    assert!(
-        message.contains("10 bytes written") && message.contains("take 128"),
-        "{message}"
-    );
+    assert!(message.contains("short.gguf") && message.contains("'first'"), "{message}");
+    assert!(message.contains("10 bytes written") && message.contains("take 128"), "{message}");
 }
 
 #[test]
@@ -294,11 +224,7 @@ fn cli_synth_shape_then_convert() {
             .arg(&output)
             .output()
             .unwrap();
-        assert!(
-            synth.status.success(),
-            "{}",
-            String::from_utf8_lossy(&synth.stderr)
-        );
+        assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
         let stdout = String::from_utf8_lossy(&synth.stdout);
         assert!(stdout.contains("tiny f16"), "{stdout}");
         let image = dir.path().join(format!("{format}.bramble"));
@@ -309,22 +235,13 @@ fn cli_synth_shape_then_convert() {
             .arg(&image)
             .output()
             .unwrap();
-        assert!(
-            converted.status.success(),
-            "{}",
-            String::from_utf8_lossy(&converted.stderr)
-        );
+        assert!(converted.status.success(), "{}", String::from_utf8_lossy(&converted.stderr));
         let report: serde_json::Value = serde_json::from_slice(&converted.stdout).unwrap();
         assert_eq!(report["tensors"], 21);
-        assert!(
-            report["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0),
-            "{report}"
-        );
+        assert!(report["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0), "{report}");
     }
     let refused = Command::new(bramble)
-        .args([
-            "synth", "--format", "llama2c", "--shape", "tiny", "--output",
-        ])
+        .args(["synth", "--format", "llama2c", "--shape", "tiny", "--output"])
         .arg(dir.path().join("x.bin"))
         .output()
         .unwrap();

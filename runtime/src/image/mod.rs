@@ -250,7 +250,10 @@ impl Parsed {
         if header.format_version != FORMAT_VERSION {
             return Err(Error::new(
                 ErrorKind::Version,
-                format!("format version {} is not supported (this reader knows {FORMAT_VERSION})", header.format_version),
+                format!(
+                    "format version {} is not supported (this reader knows {FORMAT_VERSION})",
+                    header.format_version
+                ),
             ));
         }
         if header.layout_version != LAYOUT_VERSION {
@@ -276,7 +279,9 @@ impl Parsed {
         // Section table.
         let table_offset = header.section_table_offset;
         let table_size = header.section_count as u64 * 64;
-        if table_offset % ALIGNMENT != 0 || table_offset.checked_add(table_size).is_none_or(|end| end > bytes.len() as u64) {
+        if !table_offset.is_multiple_of(ALIGNMENT)
+            || table_offset.checked_add(table_size).is_none_or(|end| end > bytes.len() as u64)
+        {
             return Err(corrupt(format!(
                 "section table ({} entries at {table_offset}) lies outside the file",
                 header.section_count
@@ -291,7 +296,7 @@ impl Parsed {
                 .ok_or_else(|| corrupt(format!("section {i}: name is not ASCII")))?
                 .to_string();
             let end = entry.offset.checked_add(entry.size);
-            if entry.offset % ALIGNMENT != 0 || end.is_none_or(|end| end > bytes.len() as u64) {
+            if !entry.offset.is_multiple_of(ALIGNMENT) || end.is_none_or(|end| end > bytes.len() as u64) {
                 return Err(corrupt(format!(
                     "section {name}: {} bytes at {} is misaligned or runs past the end of the file",
                     entry.size, entry.offset
@@ -306,7 +311,8 @@ impl Parsed {
             if sections.iter().any(|s: &SectionInfo| s.name == name) {
                 return Err(corrupt(format!("section {name} appears twice")));
             }
-            let info = SectionInfo { name: name.clone(), offset: entry.offset as usize, size: entry.size as usize, required };
+            let info =
+                SectionInfo { name: name.clone(), offset: entry.offset as usize, size: entry.size as usize, required };
             if entry.flags & SECTION_PER_TENSOR != 0 {
                 if name != section::TENSOR_DATA {
                     return Err(corrupt(format!("section {name}: only tensor_data is checked per tensor")));
@@ -354,7 +360,10 @@ impl Parsed {
         // Tensor index.
         let index = section_bytes(section::TENSOR_INDEX)?;
         if index.len() % std::mem::size_of::<TensorEntry>() != 0 {
-            return Err(corrupt(format!("section tensor_index: {} bytes is not a whole number of entries", index.len())));
+            return Err(corrupt(format!(
+                "section tensor_index: {} bytes is not a whole number of entries",
+                index.len()
+            )));
         }
         let data = per_tensor_data.ok_or_else(|| corrupt("section tensor_data is missing".into()))?;
         let mut tensors: Vec<TensorInfo> = Vec::new();
@@ -379,7 +388,8 @@ impl Parsed {
         let name =
             read_fixed_name(&entry.name).ok_or_else(|| corrupt(format!("tensor {i}: name is not ASCII")))?.to_string();
         let fail = |what: String| corrupt(format!("tensor {name}: {what}"));
-        let encoding = Encoding::from_id(entry.encoding).ok_or_else(|| fail(format!("unknown encoding {}", entry.encoding)))?;
+        let encoding =
+            Encoding::from_id(entry.encoding).ok_or_else(|| fail(format!("unknown encoding {}", entry.encoding)))?;
         if !(1..=4).contains(&entry.n_dims) {
             return Err(fail(format!("{} dimensions", entry.n_dims)));
         }
@@ -400,8 +410,13 @@ impl Parsed {
         if entry.size != expected {
             return Err(fail(format!("{} bytes, but {values} {} values take {expected}", entry.size, encoding.name())));
         }
-        if entry.offset % ALIGNMENT != 0 || entry.offset.checked_add(entry.size).is_none_or(|end| end > data.size as u64) {
-            return Err(fail(format!("{} bytes at offset {} is misaligned or outside tensor_data", entry.size, entry.offset)));
+        if !entry.offset.is_multiple_of(ALIGNMENT)
+            || entry.offset.checked_add(entry.size).is_none_or(|end| end > data.size as u64)
+        {
+            return Err(fail(format!(
+                "{} bytes at offset {} is misaligned or outside tensor_data",
+                entry.size, entry.offset
+            )));
         }
         let offset = data.offset + entry.offset as usize;
         let size = entry.size as usize;

@@ -68,15 +68,17 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or_else(|| {
-            Error::corrupt(format!("tokenizer section: {what} runs past the end of the section"))
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| Error::corrupt(format!("tokenizer section: {what} runs past the end of the section")))?;
         let out = &self.bytes[self.at..end];
         self.at = end;
         Ok(out)
     }
     fn u32_array(&mut self, n: usize, what: &str) -> Result<impl Iterator<Item = u32> + 'a> {
-        let bytes = self.take(n.checked_mul(4).unwrap_or(usize::MAX), what)?;
+        let bytes = self.take(n.saturating_mul(4), what)?;
         Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
     }
 }
@@ -106,7 +108,10 @@ pub fn decode_vocab(bytes: &[u8]) -> Result<Vocab> {
     for (i, pair) in offsets.windows(2).enumerate() {
         let (start, end) = (pair[0] as usize, pair[1] as usize);
         if start > end || end > text.len() {
-            return Err(Error::corrupt(format!("tokenizer section: token {i} has text range {start}..{end} outside the {} text bytes", text.len())));
+            return Err(Error::corrupt(format!(
+                "tokenizer section: token {i} has text range {start}..{end} outside the {} text bytes",
+                text.len()
+            )));
         }
         tokens.push(text[start..end].to_vec());
     }

@@ -39,7 +39,8 @@ impl ImageWriter {
         let file_name = destination
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a file name", destination.display())))?;
-        let temporary = destination.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+        let temporary =
+            destination.with_file_name(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
         let file = File::create(&temporary).map_err(|e| io_error(&temporary, e))?;
         let mut writer = Self {
             destination: destination.to_path_buf(),
@@ -100,7 +101,7 @@ impl ImageWriter {
             return Err(Error::invalid(format!("tensor {name}: {} dimensions", shape.len())));
         }
         let cols = *shape.last().unwrap();
-        if encoding.is_blocked() && cols % crate::quant::GROUP != 0 {
+        if encoding.is_blocked() && !cols.is_multiple_of(crate::quant::GROUP) {
             return Err(Error::invalid(format!(
                 "tensor {name}: rows of {cols} values cannot be {} blocks of {}",
                 encoding.name(),
@@ -135,7 +136,8 @@ impl ImageWriter {
 
     /// Appends bytes of the open tensor.
     pub fn write_tensor_data(&mut self, bytes: &[u8]) -> Result<()> {
-        let tensor = self.open_tensor.as_mut().ok_or_else(|| Error::invalid("tensor data written with no tensor begun"))?;
+        let tensor =
+            self.open_tensor.as_mut().ok_or_else(|| Error::invalid("tensor data written with no tensor begun"))?;
         tensor.written += bytes.len() as u64;
         if tensor.written > tensor.entry.size {
             let name = read_fixed_name(&tensor.entry.name).unwrap_or("?").to_string();
@@ -151,7 +153,10 @@ impl ImageWriter {
         let mut entry = tensor.entry;
         if tensor.written != entry.size {
             let name = read_fixed_name(&entry.name).unwrap_or("?");
-            return Err(Error::invalid(format!("tensor {name}: {} of its {} bytes written", tensor.written, entry.size)));
+            return Err(Error::invalid(format!(
+                "tensor {name}: {} of its {} bytes written",
+                tensor.written, entry.size
+            )));
         }
         entry.checksum = tensor.hasher.finalize();
         self.tensors.push(entry);

@@ -64,9 +64,7 @@ pub(crate) fn char_to_byte(c: char) -> Option<u8> {
     if code < 256 && is_printable(code as u8) {
         return Some(code as u8);
     }
-    SHIFTED_TO_BYTE
-        .get(code.checked_sub(256)? as usize)
-        .copied()
+    SHIFTED_TO_BYTE.get(code.checked_sub(256)? as usize).copied()
 }
 
 /// The bytes a byte-level token's spelling stands for. Characters outside
@@ -154,11 +152,7 @@ const NONE: usize = usize::MAX;
 
 impl ByteLevelModel {
     /// Builds the tables. `ids` maps every spelling to its id.
-    pub(crate) fn new(
-        vocab: &Vocab,
-        ids: &FastMap<&[u8], u32>,
-        decoded: impl Fn(u32) -> Vec<u8>,
-    ) -> Result<Self> {
+    pub(crate) fn new(vocab: &Vocab, ids: &FastMap<&[u8], u32>, decoded: impl Fn(u32) -> Vec<u8>) -> Result<Self> {
         let mut byte_tokens = [0u32; 256];
         for byte in 0..=255u8 {
             let spelling = byte_to_char(byte).to_string();
@@ -193,10 +187,7 @@ impl ByteLevelModel {
                 )));
             };
             // A repeated pair keeps its first (lowest) rank, as llama.cpp's table does.
-            merges.entry(pair_key(left, right)).or_insert(Merge {
-                rank: rank as u32,
-                merged,
-            });
+            merges.entry(pair_key(left, right)).or_insert(Merge { rank: rank as u32, merged });
         }
 
         let whole_words = (vocab.pre_tokenizer == PreTokenizer::Llama3).then(|| {
@@ -209,11 +200,7 @@ impl ByteLevelModel {
             words
         });
 
-        Ok(Self {
-            byte_tokens,
-            merges,
-            whole_words,
-        })
+        Ok(Self { byte_tokens, merges, whole_words })
     }
 
     /// Appends the tokens of one pre-tokenized word.
@@ -233,11 +220,7 @@ impl ByteLevelModel {
             symbols.push(Symbol {
                 token: self.byte_tokens[byte as usize],
                 previous: if index == 0 { NONE } else { index - 1 },
-                next: if index + 1 == word.len() {
-                    NONE
-                } else {
-                    index + 1
-                },
+                next: if index + 1 == word.len() { NONE } else { index + 1 },
                 live: true,
             });
         }
@@ -268,31 +251,13 @@ impl ByteLevelModel {
                 self.push_candidate(symbols, queue, candidate.left, right.next);
             }
         }
-        out.extend(
-            symbols
-                .iter()
-                .filter(|symbol| symbol.live)
-                .map(|symbol| symbol.token),
-        );
+        out.extend(symbols.iter().filter(|symbol| symbol.live).map(|symbol| symbol.token));
     }
 
-    fn push_candidate(
-        &self,
-        symbols: &[Symbol],
-        queue: &mut BinaryHeap<Candidate>,
-        left: usize,
-        right: usize,
-    ) {
+    fn push_candidate(&self, symbols: &[Symbol], queue: &mut BinaryHeap<Candidate>, left: usize, right: usize) {
         let (left_token, right_token) = (symbols[left].token, symbols[right].token);
         if let Some(merge) = self.merges.get(&pair_key(left_token, right_token)) {
-            queue.push(Candidate {
-                rank: merge.rank,
-                left,
-                right,
-                left_token,
-                right_token,
-                merged: merge.merged,
-            });
+            queue.push(Candidate { rank: merge.rank, left, right, left_token, right_token, merged: merge.merged });
         }
     }
 }

@@ -111,15 +111,10 @@ impl Tokenizer {
             return Err(Error::corrupt("tokenizer: the vocabulary has no tokens"));
         }
         if count > u32::MAX as usize {
-            return Err(Error::unsupported(format!(
-                "tokenizer: {count} tokens do not fit 32-bit ids"
-            )));
+            return Err(Error::unsupported(format!("tokenizer: {count} tokens do not fit 32-bit ids")));
         }
         if vocab.types.len() != count {
-            return Err(Error::corrupt(format!(
-                "tokenizer: {} token types for {count} tokens",
-                vocab.types.len()
-            )));
+            return Err(Error::corrupt(format!("tokenizer: {} token types for {count} tokens", vocab.types.len())));
         }
         let special_ids = [
             ("BOS", vocab.bos_id),
@@ -145,20 +140,12 @@ impl Tokenizer {
 
         let (decoded, decoded_ends) = decode_all(vocab)?;
         let decoded_of = |id: u32| {
-            let start = if id == 0 {
-                0
-            } else {
-                decoded_ends[id as usize - 1]
-            };
+            let start = if id == 0 { 0 } else { decoded_ends[id as usize - 1] };
             decoded[start..decoded_ends[id as usize]].to_vec()
         };
         let model = match vocab.kind {
-            TokenizerKind::SentencePiece => {
-                Model::SentencePiece(SentencePieceModel::new(vocab, &ids)?)
-            }
-            TokenizerKind::ByteLevelBpe => {
-                Model::ByteLevel(ByteLevelModel::new(vocab, &ids, decoded_of)?)
-            }
+            TokenizerKind::SentencePiece => Model::SentencePiece(SentencePieceModel::new(vocab, &ids)?),
+            TokenizerKind::ByteLevelBpe => Model::ByteLevel(ByteLevelModel::new(vocab, &ids, decoded_of)?),
         };
 
         let mut special_tokens: Vec<SpecialToken> = vocab
@@ -166,18 +153,11 @@ impl Tokenizer {
             .iter()
             .zip(&vocab.types)
             .enumerate()
-            .filter(|(_, (_, kind))| {
-                matches!(
-                    kind,
-                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
-                )
-            })
+            .filter(|(_, (_, kind))| matches!(kind, TokenType::Control | TokenType::UserDefined | TokenType::Unknown))
             .filter_map(|(id, (spelling, kind))| {
                 // An empty spelling would match everywhere; one that is not
                 // UTF-8 can never match text that is.
-                let text = std::str::from_utf8(spelling)
-                    .ok()
-                    .filter(|text| !text.is_empty())?;
+                let text = std::str::from_utf8(spelling).ok().filter(|text| !text.is_empty())?;
                 Some(SpecialToken {
                     text: text.to_string(),
                     id: id as u32,
@@ -188,14 +168,10 @@ impl Tokenizer {
         // Longest first, so "<|im_start|>" wins over a "<|im" inside it.
         special_tokens.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
 
-        let mut end_of_generation: Vec<u32> =
-            [vocab.eos_id, vocab.eot_id].into_iter().flatten().collect();
+        let mut end_of_generation: Vec<u32> = [vocab.eos_id, vocab.eot_id].into_iter().flatten().collect();
         for spelling in END_OF_GENERATION_SPELLINGS {
             if let Some(&id) = ids.get(spelling.as_bytes()) {
-                if !matches!(
-                    vocab.types[id as usize],
-                    TokenType::Normal | TokenType::Byte
-                ) {
+                if !matches!(vocab.types[id as usize], TokenType::Normal | TokenType::Byte) {
                     end_of_generation.push(id);
                 }
             }
@@ -203,14 +179,7 @@ impl Tokenizer {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
 
-        Ok(Self {
-            vocab: vocab.clone(),
-            model,
-            decoded,
-            decoded_ends,
-            special_tokens,
-            end_of_generation,
-        })
+        Ok(Self { vocab: vocab.clone(), model, decoded, decoded_ends, special_tokens, end_of_generation })
     }
 
     /// The vocabulary.
@@ -237,11 +206,7 @@ impl Tokenizer {
                 for fragment in fragments {
                     match fragment {
                         Fragment::Text(range) => {
-                            model.encode(
-                                &text[range],
-                                self.vocab.add_space_prefix && after_special,
-                                &mut out,
-                            );
+                            model.encode(&text[range], self.vocab.add_space_prefix && after_special, &mut out);
                             after_special = false;
                         }
                         Fragment::Token(id) => {
@@ -260,18 +225,9 @@ impl Tokenizer {
                         Fragment::Text(range) => {
                             let fragment_text = &text[range];
                             words.clear();
-                            pretokenize::split_words(
-                                self.vocab.pre_tokenizer,
-                                fragment_text,
-                                &mut chars,
-                                &mut words,
-                            );
+                            pretokenize::split_words(self.vocab.pre_tokenizer, fragment_text, &mut chars, &mut words);
                             for word in &words {
-                                model.encode_word(
-                                    fragment_text[word.clone()].as_bytes(),
-                                    &mut scratch,
-                                    &mut out,
-                                );
+                                model.encode_word(fragment_text[word.clone()].as_bytes(), &mut scratch, &mut out);
                             }
                         }
                         Fragment::Token(id) => out.push(id),
@@ -333,11 +289,7 @@ impl Tokenizer {
         let Some(&end) = self.decoded_ends.get(id) else {
             return &[];
         };
-        let start = if id == 0 {
-            0
-        } else {
-            self.decoded_ends[id - 1]
-        };
+        let start = if id == 0 { 0 } else { self.decoded_ends[id - 1] };
         &self.decoded[start..end]
     }
 
@@ -346,8 +298,7 @@ impl Tokenizer {
     /// leading space is dropped, since the encoder added it.
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
-        let mut strip_space =
-            self.vocab.kind == TokenizerKind::SentencePiece && self.vocab.add_space_prefix;
+        let mut strip_space = self.vocab.kind == TokenizerKind::SentencePiece && self.vocab.add_space_prefix;
         for &id in ids {
             let mut piece = self.token_bytes(id);
             if strip_space && !piece.is_empty() {
@@ -382,10 +333,7 @@ impl Tokenizer {
     /// The token's spelling in the vocabulary (`▁Hello`, `ĠHello`, `<0x0A>`),
     /// for inspection and debugging; empty past the vocabulary.
     pub fn token_text(&self, id: u32) -> &[u8] {
-        self.vocab
-            .tokens
-            .get(id as usize)
-            .map_or(&[], |spelling| spelling.as_slice())
+        self.vocab.tokens.get(id as usize).map_or(&[], |spelling| spelling.as_slice())
     }
 }
 
@@ -419,15 +367,11 @@ fn decode_all(vocab: &Vocab) -> Result<(Vec<u8>, Vec<usize>)> {
                     }
                 }
             }
-            (TokenizerKind::ByteLevelBpe, TokenType::Byte) => {
-                match sentencepiece::parse_byte_token(spelling) {
-                    Some(byte) => decoded.push(byte),
-                    None => byte_level::decode_spelling(spelling, &mut decoded),
-                }
-            }
-            (TokenizerKind::ByteLevelBpe, TokenType::Normal) => {
-                byte_level::decode_spelling(spelling, &mut decoded)
-            }
+            (TokenizerKind::ByteLevelBpe, TokenType::Byte) => match sentencepiece::parse_byte_token(spelling) {
+                Some(byte) => decoded.push(byte),
+                None => byte_level::decode_spelling(spelling, &mut decoded),
+            },
+            (TokenizerKind::ByteLevelBpe, TokenType::Normal) => byte_level::decode_spelling(spelling, &mut decoded),
         }
         ends.push(decoded.len());
     }

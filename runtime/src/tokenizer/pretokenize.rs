@@ -33,11 +33,7 @@ pub(crate) fn split_words(
         return;
     }
     chars.clear();
-    chars.extend(text.char_indices().map(|(offset, value)| Char {
-        offset,
-        value,
-        class: classify(value),
-    }));
+    chars.extend(text.char_indices().map(|(offset, value)| Char { offset, value, class: classify(value) }));
     // Word ends as character indices into `chars`.
     let mut ends = Vec::with_capacity(chars.len() / 3 + 1);
     match pre_tokenizer {
@@ -59,15 +55,8 @@ fn contraction_length(chars: &[Char], position: usize, ignore_case: bool) -> usi
     if chars[position].value != '\'' {
         return 0;
     }
-    let letter = |index: usize| {
-        chars.get(index).map(|c| {
-            if ignore_case {
-                c.value.to_ascii_lowercase()
-            } else {
-                c.value
-            }
-        })
-    };
+    let letter =
+        |index: usize| chars.get(index).map(|c| if ignore_case { c.value.to_ascii_lowercase() } else { c.value });
     match (letter(position + 1), letter(position + 2)) {
         (Some('s' | 't' | 'm' | 'd'), _) => 2,
         (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => 3,
@@ -157,10 +146,7 @@ fn split_llama3(chars: &[Char], base: usize, ends: &mut Vec<usize>) {
             position += contraction;
         } else if !is_newline(value)
             && class != CharClass::Number
-            && (class == CharClass::Letter
-                || chars
-                    .get(position + 1)
-                    .is_some_and(|c| c.class == CharClass::Letter))
+            && (class == CharClass::Letter || chars.get(position + 1).is_some_and(|c| c.class == CharClass::Letter))
         {
             // `[^\r\n\p{L}\p{N}]?\p{L}+`: one leading non-letter (a space, a tab,
             // punctuation), then the letters.
@@ -184,10 +170,7 @@ fn split_llama3(chars: &[Char], base: usize, ends: &mut Vec<usize>) {
                 // A whitespace run: `\s*[\r\n]+` takes it up to its last line
                 // break; without one, `\s+(?!\S)|\s+`.
                 let run = run_end(chars, position, CharClass::Whitespace);
-                match (position..run)
-                    .rev()
-                    .find(|&index| is_newline(chars[index].value))
-                {
+                match (position..run).rev().find(|&index| is_newline(chars[index].value)) {
                     Some(last_newline) => position = last_newline + 1,
                     None => position = whitespace_end(chars, position),
                 }
@@ -209,22 +192,13 @@ mod tests {
 
     #[test]
     fn gpt2_words_keep_their_leading_space() {
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "Hello world"),
-            ["Hello", " world"]
-        );
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "Hello, world!"),
-            ["Hello", ",", " world", "!"]
-        );
+        assert_eq!(words(PreTokenizer::Gpt2, "Hello world"), ["Hello", " world"]);
+        assert_eq!(words(PreTokenizer::Gpt2, "Hello, world!"), ["Hello", ",", " world", "!"]);
     }
 
     #[test]
     fn gpt2_contractions_are_lower_case_only() {
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "I've it's"),
-            ["I", "'ve", " it", "'s"]
-        );
+        assert_eq!(words(PreTokenizer::Gpt2, "I've it's"), ["I", "'ve", " it", "'s"]);
         assert_eq!(words(PreTokenizer::Gpt2, "I'VE"), ["I", "'", "VE"]);
         assert_eq!(words(PreTokenizer::Gpt2, "x'"), ["x", "'"]);
     }
@@ -233,10 +207,7 @@ mod tests {
     fn gpt2_whitespace_run_gives_its_last_space_to_the_next_word() {
         assert_eq!(words(PreTokenizer::Gpt2, "a   b"), ["a", "  ", " b"]);
         assert_eq!(words(PreTokenizer::Gpt2, "a\tb"), ["a", "\t", "b"]);
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "a \n\nb"),
-            ["a", " \n", "\n", "b"]
-        );
+        assert_eq!(words(PreTokenizer::Gpt2, "a \n\nb"), ["a", " \n", "\n", "b"]);
         // At the end of the text the whole run is one word.
         assert_eq!(words(PreTokenizer::Gpt2, "a   "), ["a", "   "]);
         assert_eq!(words(PreTokenizer::Gpt2, " "), [" "]);
@@ -245,10 +216,7 @@ mod tests {
 
     #[test]
     fn gpt2_numbers_and_symbols() {
-        assert_eq!(
-            words(PreTokenizer::Gpt2, "in 2024, x+=1;"),
-            ["in", " 2024", ",", " x", "+=", "1", ";"]
-        );
+        assert_eq!(words(PreTokenizer::Gpt2, "in 2024, x+=1;"), ["in", " 2024", ",", " x", "+=", "1", ";"]);
         assert_eq!(words(PreTokenizer::Gpt2, "½ Ⅻ"), ["½", " Ⅻ"]);
     }
 
@@ -261,10 +229,7 @@ mod tests {
 
     #[test]
     fn smollm_splits_every_digit() {
-        assert_eq!(
-            words(PreTokenizer::SmolLm, "in 2024!"),
-            ["in", " ", "2", "0", "2", "4", "!"]
-        );
+        assert_eq!(words(PreTokenizer::SmolLm, "in 2024!"), ["in", " ", "2", "0", "2", "4", "!"]);
         assert_eq!(words(PreTokenizer::SmolLm, "a1b"), ["a", "1", "b"]);
         // The space before a digit ends its piece, so it stands alone.
         assert_eq!(words(PreTokenizer::SmolLm, "x  7"), ["x", "  ", "7"]);
@@ -274,18 +239,12 @@ mod tests {
     fn llama3_numbers_in_threes_and_case_insensitive_contractions() {
         assert_eq!(words(PreTokenizer::Llama3, "1234567"), ["123", "456", "7"]);
         assert_eq!(words(PreTokenizer::Llama3, "I'VE"), ["I", "'VE"]);
-        assert_eq!(
-            words(PreTokenizer::Llama3, "(hello) world"),
-            ["(hello", ")", " world"]
-        );
+        assert_eq!(words(PreTokenizer::Llama3, "(hello) world"), ["(hello", ")", " world"]);
     }
 
     #[test]
     fn llama3_newlines() {
-        assert_eq!(
-            words(PreTokenizer::Llama3, "a\n\n  b"),
-            ["a", "\n\n", " ", " b"]
-        );
+        assert_eq!(words(PreTokenizer::Llama3, "a\n\n  b"), ["a", "\n\n", " ", " b"]);
         assert_eq!(words(PreTokenizer::Llama3, "x;\n\ny"), ["x", ";\n\n", "y"]);
         assert_eq!(words(PreTokenizer::Llama3, "\tword"), ["\tword"]);
         assert_eq!(words(PreTokenizer::Llama3, "a  \n"), ["a", "  \n"]);
@@ -294,17 +253,9 @@ mod tests {
     #[test]
     fn words_cover_the_text() {
         let text = "  Hello,\tworld!! 12345 ünïcödé 中文 🙂🙂 it's\r\n\n  end  ";
-        for pre_tokenizer in [
-            PreTokenizer::None,
-            PreTokenizer::Gpt2,
-            PreTokenizer::SmolLm,
-            PreTokenizer::Llama3,
-        ] {
+        for pre_tokenizer in [PreTokenizer::None, PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3] {
             let pieces = words(pre_tokenizer, text);
-            assert!(
-                pieces.iter().all(|piece| !piece.is_empty()),
-                "{pre_tokenizer:?}"
-            );
+            assert!(pieces.iter().all(|piece| !piece.is_empty()), "{pre_tokenizer:?}");
             assert_eq!(pieces.concat(), text, "{pre_tokenizer:?}");
         }
     }

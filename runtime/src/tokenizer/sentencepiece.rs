@@ -76,9 +76,7 @@ impl Eq for Candidate {}
 
 impl Ord for Candidate {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then(other.left.cmp(&self.left))
+        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
     }
 }
 
@@ -92,50 +90,29 @@ impl SentencePieceModel {
     /// Builds the tables. `ids` maps every spelling to its id.
     pub(crate) fn new(vocab: &Vocab, ids: &FastMap<&[u8], u32>) -> Result<Self> {
         if vocab.scores.len() != vocab.len() {
-            return Err(Error::corrupt(format!(
-                "tokenizer: {} scores for {} tokens",
-                vocab.scores.len(),
-                vocab.len()
-            )));
+            return Err(Error::corrupt(format!("tokenizer: {} scores for {} tokens", vocab.scores.len(), vocab.len())));
         }
         let mut pieces = FastMap::default();
         for (id, (spelling, kind)) in vocab.tokens.iter().zip(&vocab.types).enumerate() {
-            if matches!(
-                kind,
-                TokenType::Normal | TokenType::UserDefined | TokenType::Unused
-            ) {
+            if matches!(kind, TokenType::Normal | TokenType::UserDefined | TokenType::Unused) {
                 // A repeated spelling means its last id, as llama.cpp's table does.
                 pieces.insert(spelling.clone().into_boxed_slice(), id as u32);
             }
         }
-        let unused: Vec<bool> = vocab
-            .types
-            .iter()
-            .map(|kind| *kind == TokenType::Unused)
-            .collect();
+        let unused: Vec<bool> = vocab.types.iter().map(|kind| *kind == TokenType::Unused).collect();
         let any_unused = unused.contains(&true);
 
         let mut byte_tokens = [0u32; 256];
         for byte in 0..=255u8 {
             let hex = format!("<0x{byte:02X}>");
-            let found = ids
-                .get(hex.as_bytes())
-                .or_else(|| ids.get(&[byte][..]))
-                .copied()
-                .or(vocab.unk_id);
+            let found = ids.get(hex.as_bytes()).or_else(|| ids.get(&[byte][..])).copied().or(vocab.unk_id);
             byte_tokens[byte as usize] = found.ok_or_else(|| {
                 Error::unsupported(format!(
                     "tokenizer: SentencePiece vocabulary has no byte token {hex} and no unknown token to fall back on"
                 ))
             })?;
         }
-        Ok(Self {
-            pieces,
-            scores: vocab.scores.clone(),
-            unused,
-            any_unused,
-            byte_tokens,
-        })
+        Ok(Self { pieces, scores: vocab.scores.clone(), unused, any_unused, byte_tokens })
     }
 
     /// Appends the tokens of one text fragment, with a `▁` before it when `space_prefix`.
@@ -176,10 +153,7 @@ impl SentencePieceModel {
         let mut history: FastMap<(usize, usize), usize> = FastMap::default();
         while let Some(candidate) = queue.pop() {
             let (left, right) = (symbols[candidate.left], symbols[candidate.right]);
-            if left.length == 0
-                || right.length == 0
-                || left.length + right.length != candidate.length
-            {
+            if left.length == 0 || right.length == 0 || left.length + right.length != candidate.length {
                 continue;
             }
             if self.any_unused {
@@ -213,9 +187,7 @@ impl SentencePieceModel {
                             pending.push((start + left_length, length - left_length));
                             pending.push((start, left_length));
                         }
-                        None => {
-                            out.extend(text.iter().map(|&byte| self.byte_tokens[byte as usize]))
-                        }
+                        None => out.extend(text.iter().map(|&byte| self.byte_tokens[byte as usize])),
                     },
                 }
             }
@@ -233,12 +205,7 @@ impl SentencePieceModel {
         let length = symbols[left].length + symbols[right].length;
         let start = symbols[left].start;
         if let Some(&id) = self.pieces.get(&escaped[start..start + length]) {
-            queue.push(Candidate {
-                score: self.scores[id as usize],
-                left,
-                right,
-                length,
-            });
+            queue.push(Candidate { score: self.scores[id as usize], left, right, length });
         }
     }
 }

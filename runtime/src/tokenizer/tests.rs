@@ -21,10 +21,9 @@ fn sentencepiece_vocab() -> Vocab {
         scores.push(0.0);
     }
     let pieces = [
-        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the",
-        "er", "an", "▁s", "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c",
-        "▁m", "or", "is", "▁and", "ll", "▁Hello", "▁world", "H", "W", "w", ",", ".", "!", "▁H",
-        "▁He", "▁Hell", "▁wor", "ld",
+        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the", "er", "an", "▁s",
+        "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c", "▁m", "or", "is", "▁and", "ll",
+        "▁Hello", "▁world", "H", "W", "w", ",", ".", "!", "▁H", "▁He", "▁Hell", "▁wor", "ld",
     ];
     for (index, piece) in pieces.iter().enumerate() {
         tokens.push(piece.as_bytes().to_vec());
@@ -51,11 +50,7 @@ fn sentencepiece_vocab() -> Vocab {
 
 /// ChatML control tokens, the 256 byte characters, then tokens made by merges.
 fn byte_level_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![
-        b"<|endoftext|>".to_vec(),
-        b"<|im_start|>".to_vec(),
-        b"<|im_end|>".to_vec(),
-    ];
+    let mut tokens: Vec<Vec<u8>> = vec![b"<|endoftext|>".to_vec(), b"<|im_start|>".to_vec(), b"<|im_end|>".to_vec()];
     let mut types = vec![TokenType::Control; 3];
     for byte in 0..=255u8 {
         tokens.push(byte_to_char(byte).to_string().into_bytes());
@@ -81,9 +76,7 @@ fn byte_level_vocab() -> Vocab {
         ("Ġwor", "l"),
         ("Ġworl", "d"),
     ] {
-        let id = |tokens: &Vec<Vec<u8>>, text: &str| {
-            tokens.iter().position(|t| t == text.as_bytes()).unwrap() as u32
-        };
+        let id = |tokens: &Vec<Vec<u8>>, text: &str| tokens.iter().position(|t| t == text.as_bytes()).unwrap() as u32;
         let (left_id, right_id) = (id(&tokens, left), id(&tokens, right));
         let merged = format!("{left}{right}");
         if !tokens.iter().any(|t| t == merged.as_bytes()) {
@@ -131,9 +124,7 @@ fn small_sentencepiece_vocab(pieces: &[(&str, f32, TokenType)]) -> Vocab {
 }
 
 fn id(vocab: &Vocab, text: &str) -> u32 {
-    vocab
-        .find(text)
-        .unwrap_or_else(|| panic!("{text:?} is not in the test vocabulary"))
+    vocab.find(text).unwrap_or_else(|| panic!("{text:?} is not in the test vocabulary"))
 }
 
 fn ids(vocab: &Vocab, texts: &[&str]) -> Vec<u32> {
@@ -170,18 +161,12 @@ const VARIED_TEXTS: &[&str] = &[
 fn sentencepiece_merges_highest_score_first() {
     let vocab = sentencepiece_vocab();
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("Hello world", true, false),
-        [1, id(&vocab, "▁Hello"), id(&vocab, "▁world")]
-    );
+    assert_eq!(tokenizer.encode("Hello world", true, false), [1, id(&vocab, "▁Hello"), id(&vocab, "▁world")]);
     assert_eq!(tokenizer.encode("the", false, false), [id(&vocab, "▁the")]);
     // "▁a" (score -14) beats "an" (-18), and then "▁a" + "nd" make "▁and";
     // merging "an" first would strand "▁".
     assert_eq!(tokenizer.encode("and", false, false), [id(&vocab, "▁and")]);
-    assert_eq!(
-        tokenizer.encode("hat", false, false),
-        ids(&vocab, &["▁h", "at"])
-    );
+    assert_eq!(tokenizer.encode("hat", false, false), ids(&vocab, &["▁h", "at"]));
 }
 
 #[test]
@@ -194,14 +179,8 @@ fn sentencepiece_equal_scores_merge_leftmost_first() {
         ("bc", -1.0, TokenType::Normal),
     ]);
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("abc", false, false),
-        ids(&vocab, &["ab", "c"])
-    );
-    assert_eq!(
-        tokenizer.encode("bcab", false, false),
-        ids(&vocab, &["bc", "ab"])
-    );
+    assert_eq!(tokenizer.encode("abc", false, false), ids(&vocab, &["ab", "c"]));
+    assert_eq!(tokenizer.encode("bcab", false, false), ids(&vocab, &["bc", "ab"]));
 }
 
 #[test]
@@ -217,10 +196,7 @@ fn sentencepiece_unused_pieces_are_split_back() {
     // An unused piece can be a step towards a used one...
     assert_eq!(tokenizer.encode("abc", false, false), ids(&vocab, &["abc"]));
     // ...but is never emitted itself.
-    assert_eq!(
-        tokenizer.encode("ab", false, false),
-        ids(&vocab, &["a", "b"])
-    );
+    assert_eq!(tokenizer.encode("ab", false, false), ids(&vocab, &["a", "b"]));
 }
 
 #[test]
@@ -230,10 +206,7 @@ fn sentencepiece_falls_back_to_bytes() {
     let mut expected = vec![id(&vocab, "▁Hello"), id(&vocab, "▁")];
     expected.extend("世".bytes().map(byte_token));
     assert_eq!(tokenizer.encode("Hello 世", false, false), expected);
-    assert_eq!(
-        tokenizer.encode("\n", false, false),
-        [id(&vocab, "▁"), byte_token(b'\n')]
-    );
+    assert_eq!(tokenizer.encode("\n", false, false), [id(&vocab, "▁"), byte_token(b'\n')]);
 }
 
 #[test]
@@ -252,10 +225,7 @@ fn sentencepiece_special_tokens_only_when_parsed() {
     assert!(!plain.contains(&1), "{plain:?}");
     assert_eq!(tokenizer.decode(&plain), "<s>Hello");
     // Parsed, and the text after a special token gets the space prefix again (llama.cpp).
-    assert_eq!(
-        tokenizer.encode("<s>Hello", false, true),
-        [1, id(&vocab, "▁Hello")]
-    );
+    assert_eq!(tokenizer.encode("<s>Hello", false, true), [1, id(&vocab, "▁Hello")]);
     assert_eq!(
         tokenizer.encode("Hello</s><s>world", true, true),
         [1, id(&vocab, "▁Hello"), 2, 1, id(&vocab, "▁world")]
@@ -267,10 +237,7 @@ fn sentencepiece_space_prefix_is_optional() {
     let mut vocab = sentencepiece_vocab();
     vocab.add_space_prefix = false;
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode(" world", false, false),
-        [id(&vocab, "▁world")]
-    );
+    assert_eq!(tokenizer.encode(" world", false, false), [id(&vocab, "▁world")]);
     assert_eq!(tokenizer.decode(&[id(&vocab, "▁world")]), " world");
 }
 
@@ -280,10 +247,7 @@ fn sentencepiece_decode_strips_only_the_first_space() {
     let tokenizer = Tokenizer::new(&vocab).unwrap();
     let hello_world = ids(&vocab, &["▁Hello", "▁world"]);
     assert_eq!(tokenizer.decode(&hello_world), "Hello world");
-    assert_eq!(
-        tokenizer.decode(&[1, hello_world[0], hello_world[1], 2]),
-        "Hello world"
-    );
+    assert_eq!(tokenizer.decode(&[1, hello_world[0], hello_world[1], 2]), "Hello world");
     assert_eq!(tokenizer.token_bytes(id(&vocab, "▁the")), b" the");
     assert_eq!(tokenizer.token_bytes(byte_token(0x0A)), b"\n");
     assert_eq!(tokenizer.token_bytes(1), b"");
@@ -300,62 +264,35 @@ fn add_special_follows_the_vocabulary() {
     vocab.add_bos = false;
     vocab.add_eos = true;
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("the", true, false),
-        [id(&vocab, "▁the"), 2]
-    );
+    assert_eq!(tokenizer.encode("the", true, false), [id(&vocab, "▁the"), 2]);
     // A vocabulary that asks for BOS but has none gets none, without a panic.
     vocab.add_bos = true;
     vocab.bos_id = None;
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("the", true, false),
-        [id(&vocab, "▁the"), 2]
-    );
+    assert_eq!(tokenizer.encode("the", true, false), [id(&vocab, "▁the"), 2]);
 }
 
 #[test]
 fn byte_level_merges_lowest_rank_first() {
     let vocab = byte_level_vocab();
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("Hello world", false, false),
-        ids(&vocab, &["Hello", "Ġworld"])
-    );
-    assert_eq!(
-        tokenizer.encode(" the", false, false),
-        ids(&vocab, &["Ġthe"])
-    );
+    assert_eq!(tokenizer.encode("Hello world", false, false), ids(&vocab, &["Hello", "Ġworld"]));
+    assert_eq!(tokenizer.encode(" the", false, false), ids(&vocab, &["Ġthe"]));
     // No "Ġ" + "the" rule, so a word without the space stays apart.
-    assert_eq!(
-        tokenizer.encode("the", false, false),
-        ids(&vocab, &["t", "he"])
-    );
+    assert_eq!(tokenizer.encode("the", false, false), ids(&vocab, &["t", "he"]));
     // "e"+"r" (rank 4) before "r"+"e" (rank 7): "ere" → "er", "e".
-    assert_eq!(
-        tokenizer.encode("ere", false, false),
-        ids(&vocab, &["er", "e"])
-    );
+    assert_eq!(tokenizer.encode("ere", false, false), ids(&vocab, &["er", "e"]));
     // "r"+"e" is the only rule for "rre".
-    assert_eq!(
-        tokenizer.encode("rre", false, false),
-        ids(&vocab, &["r", "re"])
-    );
+    assert_eq!(tokenizer.encode("rre", false, false), ids(&vocab, &["r", "re"]));
 }
 
 #[test]
 fn byte_level_splits_digits_and_maps_bytes() {
     let vocab = byte_level_vocab();
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("42", false, false),
-        ids(&vocab, &["4", "2"])
-    );
+    assert_eq!(tokenizer.encode("42", false, false), ids(&vocab, &["4", "2"]));
     assert_eq!(tokenizer.encode("\n", false, false), ids(&vocab, &["Ċ"]));
-    let expected: Vec<u32> = "é"
-        .bytes()
-        .map(|byte| id(&vocab, &byte_to_char(byte).to_string()))
-        .collect();
+    let expected: Vec<u32> = "é".bytes().map(|byte| id(&vocab, &byte_to_char(byte).to_string())).collect();
     assert_eq!(tokenizer.encode("é", false, false), expected);
 }
 
@@ -384,15 +321,9 @@ fn user_defined_tokens_are_always_matched() {
     vocab.scores.push(0.0);
     let tool = vocab.len() as u32 - 1;
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("a<tool>b", false, false),
-        [id(&vocab, "a"), tool, id(&vocab, "b")]
-    );
+    assert_eq!(tokenizer.encode("a<tool>b", false, false), [id(&vocab, "a"), tool, id(&vocab, "b")]);
     assert_eq!(tokenizer.token_bytes(tool), b"<tool>");
-    assert_eq!(
-        tokenizer.decode(&tokenizer.encode("a<tool>b", false, false)),
-        "a<tool>b"
-    );
+    assert_eq!(tokenizer.decode(&tokenizer.encode("a<tool>b", false, false)), "a<tool>b");
 }
 
 #[test]
@@ -403,10 +334,7 @@ fn longest_special_token_wins() {
     vocab.scores.push(0.0);
     let short = vocab.len() as u32 - 1;
     let tokenizer = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        tokenizer.encode("<|im_start|><|im", false, true),
-        [1, short]
-    );
+    assert_eq!(tokenizer.encode("<|im_start|><|im", false, true), [1, short]);
 }
 
 #[test]
@@ -418,17 +346,11 @@ fn llama3_whole_words_skip_the_merges() {
     let abc = vocab.len() as u32 - 1;
     vocab.pre_tokenizer = PreTokenizer::Gpt2;
     let gpt2 = Tokenizer::new(&vocab).unwrap();
-    assert_eq!(
-        gpt2.encode("abc", false, false),
-        ids(&vocab, &["a", "b", "c"])
-    );
+    assert_eq!(gpt2.encode("abc", false, false), ids(&vocab, &["a", "b", "c"]));
     vocab.pre_tokenizer = PreTokenizer::Llama3;
     let llama3 = Tokenizer::new(&vocab).unwrap();
     assert_eq!(llama3.encode("abc", false, false), [abc]);
-    assert_eq!(
-        llama3.encode("abcd", false, false),
-        ids(&vocab, &["a", "b", "c", "d"])
-    );
+    assert_eq!(llama3.encode("abcd", false, false), ids(&vocab, &["a", "b", "c", "d"]));
 }
 
 #[test]
@@ -464,12 +386,7 @@ fn decode_inverts_encode() {
         for text in VARIED_TEXTS {
             for add_special in [false, true] {
                 let encoded = tokenizer.encode(text, add_special, false);
-                assert_eq!(
-                    &tokenizer.decode(&encoded),
-                    text,
-                    "{:?} {encoded:?}",
-                    vocab.kind
-                );
+                assert_eq!(&tokenizer.decode(&encoded), text, "{:?} {encoded:?}", vocab.kind);
             }
         }
     }
@@ -479,9 +396,7 @@ fn decode_inverts_encode() {
 fn random_text_round_trips() {
     // Characters from many scripts and classes, joined at random (seeded).
     let alphabet: Vec<char> =
-        "aZ09 \t\n\r'’sé\u{301}ßЖλ中한ع५½🙂\u{200d}🇬!?.,<>|_-\u{0}\u{a0}\u{3000}\u{2028}\u{ffff}"
-            .chars()
-            .collect();
+        "aZ09 \t\n\r'’sé\u{301}ßЖλ中한ع५½🙂\u{200d}🇬!?.,<>|_-\u{0}\u{a0}\u{3000}\u{2028}\u{ffff}".chars().collect();
     let mut state = 0x1234_5678_9abc_def0u64;
     let mut next = move || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -489,23 +404,13 @@ fn random_text_round_trips() {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z ^ (z >> 31)
     };
-    let tokenizers = [
-        Tokenizer::new(&sentencepiece_vocab()).unwrap(),
-        Tokenizer::new(&byte_level_vocab()).unwrap(),
-    ];
+    let tokenizers = [Tokenizer::new(&sentencepiece_vocab()).unwrap(), Tokenizer::new(&byte_level_vocab()).unwrap()];
     for _ in 0..300 {
         let length = (next() % 40) as usize;
-        let text: String = (0..length)
-            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
-            .collect();
+        let text: String = (0..length).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
         for tokenizer in &tokenizers {
             let encoded = tokenizer.encode(&text, true, false);
-            assert_eq!(
-                tokenizer.decode(&encoded),
-                text,
-                "{:?}",
-                tokenizer.vocab().kind
-            );
+            assert_eq!(tokenizer.decode(&encoded), text, "{:?}", tokenizer.vocab().kind);
         }
     }
 }
@@ -522,10 +427,7 @@ fn bad_ids_do_not_panic() {
     }
     // A lone byte of a multi-byte character decodes to U+FFFD.
     let tokenizer = Tokenizer::new(&sentencepiece_vocab()).unwrap();
-    assert_eq!(
-        tokenizer.decode(&[byte_token(0xE4), byte_token(b'a')]),
-        "\u{FFFD}a"
-    );
+    assert_eq!(tokenizer.decode(&[byte_token(0xE4), byte_token(b'a')]), "\u{FFFD}a");
 }
 
 #[test]
@@ -538,19 +440,12 @@ fn long_text_is_fast_enough() {
         let elapsed = start.elapsed();
         assert_eq!(tokenizer.decode(&encoded), text);
         // Generous, for a loaded debug build; release takes a few milliseconds.
-        assert!(
-            elapsed.as_secs_f64() < 5.0,
-            "{:?}: {} bytes took {elapsed:?}",
-            vocab.kind,
-            text.len()
-        );
+        assert!(elapsed.as_secs_f64() < 5.0, "{:?}: {} bytes took {elapsed:?}", vocab.kind, text.len());
     }
 }
 
 fn error_kind(vocab: &Vocab) -> ErrorKind {
-    Tokenizer::new(vocab)
-        .expect_err("the vocabulary should be refused")
-        .kind()
+    Tokenizer::new(vocab).expect_err("the vocabulary should be refused").kind()
 }
 
 #[test]
@@ -580,29 +475,17 @@ fn inconsistent_vocabularies_are_refused() {
 
     let mut vocab = sentencepiece_vocab();
     vocab.tokens[3] = b"<0xZZ>".to_vec();
-    assert_eq!(
-        error_kind(&vocab),
-        ErrorKind::Corrupt,
-        "malformed byte token"
-    );
+    assert_eq!(error_kind(&vocab), ErrorKind::Corrupt, "malformed byte token");
 
     let mut vocab = small_sentencepiece_vocab(&[("a", 0.0, TokenType::Normal)]);
     vocab.unk_id = None;
-    assert_eq!(
-        error_kind(&vocab),
-        ErrorKind::Unsupported,
-        "no byte tokens, no unknown"
-    );
+    assert_eq!(error_kind(&vocab), ErrorKind::Unsupported, "no byte tokens, no unknown");
 
     let mut vocab = byte_level_vocab();
     vocab.unk_id = None;
     let space = id(&vocab, "Ġ") as usize;
     vocab.tokens[space] = b"space".to_vec();
-    assert_eq!(
-        error_kind(&vocab),
-        ErrorKind::Unsupported,
-        "byte without a token"
-    );
+    assert_eq!(error_kind(&vocab), ErrorKind::Unsupported, "byte without a token");
 
     let mut vocab = byte_level_vocab();
     vocab.tokens.clear();

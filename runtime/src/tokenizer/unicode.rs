@@ -39,9 +39,9 @@ pub(crate) fn classify(c: char) -> CharClass {
         | GeneralCategory::TitlecaseLetter
         | GeneralCategory::ModifierLetter
         | GeneralCategory::OtherLetter => CharClass::Letter,
-        GeneralCategory::DecimalNumber
-        | GeneralCategory::LetterNumber
-        | GeneralCategory::OtherNumber => CharClass::Number,
+        GeneralCategory::DecimalNumber | GeneralCategory::LetterNumber | GeneralCategory::OtherNumber => {
+            CharClass::Number
+        }
         _ if c.is_whitespace() => CharClass::Whitespace,
         _ => CharClass::Other,
     }
@@ -53,9 +53,7 @@ mod tests {
 
     #[test]
     fn letters_across_scripts() {
-        for c in [
-            'a', 'Z', 'é', 'ß', 'Ж', 'λ', 'ع', 'क', '中', 'カ', '한', 'ǅ', 'ʰ',
-        ] {
+        for c in ['a', 'Z', 'é', 'ß', 'Ж', 'λ', 'ع', 'क', '中', 'カ', '한', 'ǅ', 'ʰ'] {
             assert_eq!(classify(c), CharClass::Letter, "{c:?}");
         }
     }
@@ -77,9 +75,7 @@ mod tests {
 
     #[test]
     fn whitespace_is_the_white_space_property() {
-        for c in [
-            ' ', '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{2028}', '\u{3000}',
-        ] {
+        for c in [' ', '\t', '\n', '\r', '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{2028}', '\u{3000}'] {
             assert_eq!(classify(c), CharClass::Whitespace, "{c:?}");
         }
         // Information separators are \s in Python but not in Oniguruma or llama.cpp.
@@ -92,9 +88,7 @@ mod tests {
         for byte in 0..128u8 {
             let c = byte as char;
             let table = match get_general_category(c) {
-                GeneralCategory::UppercaseLetter | GeneralCategory::LowercaseLetter => {
-                    CharClass::Letter
-                }
+                GeneralCategory::UppercaseLetter | GeneralCategory::LowercaseLetter => CharClass::Letter,
                 GeneralCategory::DecimalNumber => CharClass::Number,
                 _ if c.is_whitespace() => CharClass::Whitespace,
                 _ => CharClass::Other,

@@ -35,7 +35,14 @@ pub fn tiny_vocab() -> Vocab {
         pre_tokenizer: PreTokenizer::None,
         tokens: tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
         scores: vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
-        types: vec![TokenType::Unknown, TokenType::Control, TokenType::Control, TokenType::Normal, TokenType::Normal, TokenType::Normal],
+        types: vec![
+            TokenType::Unknown,
+            TokenType::Control,
+            TokenType::Control,
+            TokenType::Normal,
+            TokenType::Normal,
+            TokenType::Normal,
+        ],
         merges: vec![],
         bos_id: Some(1),
         eos_id: Some(2),
@@ -82,4 +89,3 @@ pub fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> 
     w.finish().unwrap();
     std::fs::read(path).unwrap()
 }
-

@@ -227,9 +227,7 @@ impl GgmlType {
 
     /// The type a name stands for, in any case: `"q4_k"`, `"Q8_0"`, `"bf16"`.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// `(values per block, bytes per block)`, as ggml's `ggml_type_traits`.
@@ -329,14 +327,7 @@ impl GgufSource {
         let config = config_from_gguf(&file, vocab.len())?;
         let chat_template = file.string("tokenizer.chat_template")?.map(str::to_string);
         let (tensors, file_indices) = check_tensors(&file, &config)?;
-        Ok(GgufSource {
-            file,
-            config,
-            vocab,
-            chat_template,
-            tensors,
-            file_indices,
-        })
+        Ok(GgufSource { file, config, vocab, chat_template, tensors, file_indices })
     }
 
     /// The parsed file, for its metadata.
@@ -347,11 +338,7 @@ impl GgufSource {
     /// The file's tensor info for our tensor `index`, or an error naming the index.
     fn info(&self, index: usize) -> Result<(usize, &TensorInfo)> {
         let file_index = *self.file_indices.get(index).ok_or_else(|| {
-            anyhow!(
-                "{}: no tensor {index} (the model has {})",
-                self.file.path().display(),
-                self.tensors.len()
-            )
+            anyhow!("{}: no tensor {index} (the model has {})", self.file.path().display(), self.tensors.len())
         })?;
         Ok((file_index, &self.file.tensors()[file_index]))
     }
@@ -364,14 +351,10 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
         .string("general.architecture")?
         .ok_or_else(|| anyhow!("{path}: metadata key 'general.architecture' is missing"))?;
     if architecture != "llama" {
-        bail!(
-            "{path}: general.architecture is '{architecture}'; only 'llama' models are supported"
-        );
+        bail!("{path}: general.architecture is '{architecture}'; only 'llama' models are supported");
     }
-    let required = |key: &str| -> Result<u32> {
-        file.u32(key)?
-            .ok_or_else(|| anyhow!("{path}: metadata key '{key}' is missing"))
-    };
+    let required =
+        |key: &str| -> Result<u32> { file.u32(key)?.ok_or_else(|| anyhow!("{path}: metadata key '{key}' is missing")) };
     if let Some(experts) = file.u32("llama.expert_count")? {
         if experts > 0 {
             bail!("{path}: llama.expert_count is {experts}; mixture-of-experts models are not supported");
@@ -388,9 +371,7 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
     config.dim = required("llama.embedding_length")?;
     config.n_layers = required("llama.block_count")?;
     config.n_heads = required("llama.attention.head_count")?;
-    config.n_kv_heads = file
-        .u32("llama.attention.head_count_kv")?
-        .unwrap_or(config.n_heads);
+    config.n_kv_heads = file.u32("llama.attention.head_count_kv")?.unwrap_or(config.n_heads);
     config.head_dim = match file.u32("llama.attention.key_length")? {
         Some(length) => length,
         None if config.n_heads != 0 && config.dim % config.n_heads == 0 => config.dim / config.n_heads,
@@ -409,49 +390,28 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
         }
     }
     config.ffn_dim = required("llama.feed_forward_length")?;
-    config.vocab_size =
-        u32::try_from(n_tokens).map_err(|_| anyhow!("{path}: {n_tokens} tokens are too many"))?;
+    config.vocab_size = u32::try_from(n_tokens).map_err(|_| anyhow!("{path}: {n_tokens} tokens are too many"))?;
     config.context_length = required("llama.context_length")?;
     config.rope_theta = file.f32("llama.rope.freq_base")?.unwrap_or(10000.0);
     config.rope_style = 0;
-    config.rope_dim = file
-        .u32("llama.rope.dimension_count")?
-        .unwrap_or(config.head_dim);
-    config.norm_eps = file
-        .f32("llama.attention.layer_norm_rms_epsilon")?
-        .unwrap_or(1e-5);
+    config.rope_dim = file.u32("llama.rope.dimension_count")?.unwrap_or(config.head_dim);
+    config.norm_eps = file.f32("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
     config.tied_output = file.tensor("output.weight").is_none() as u32;
     config.validate().map_err(|e| anyhow!("{path}: {e}"))?;
     Ok(config)
 }
 
 /// The per-layer tensors of a Llama block, `blk.N.{part}.weight`.
-const LAYER_TENSORS: [&str; 9] = [
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-];
+const LAYER_TENSORS: [&str; 9] =
+    ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
 
 /// Names of the tensors a Llama of `config` has, made one at a time so a
 /// corrupt block count costs time only until the first missing tensor.
 fn expected_names(config: &ModelConfig) -> impl Iterator<Item = String> + '_ {
-    let layers = (0..config.n_layers).flat_map(|layer| {
-        LAYER_TENSORS
-            .iter()
-            .map(move |part| format!("blk.{layer}.{part}.weight"))
-    });
+    let layers = (0..config.n_layers)
+        .flat_map(|layer| LAYER_TENSORS.iter().map(move |part| format!("blk.{layer}.{part}.weight")));
     let output = (config.tied_output == 0).then(|| "output.weight".to_string());
-    ["token_embd.weight".to_string()]
-        .into_iter()
-        .chain(layers)
-        .chain(["output_norm.weight".to_string()])
-        .chain(output)
+    ["token_embd.weight".to_string()].into_iter().chain(layers).chain(["output_norm.weight".to_string()]).chain(output)
 }
 
 /// Shape (outermost first) a Llama of `config` has for tensor `name`, or `None`
@@ -460,10 +420,7 @@ fn expected_names(config: &ModelConfig) -> impl Iterator<Item = String> + '_ {
 fn expected_shape(config: &ModelConfig, name: &str) -> Option<Vec<usize>> {
     let (dim, vocab) = (config.dim as usize, config.vocab_size as usize);
     let head_dim = config.head_dim as usize;
-    let (q_dim, kv_dim) = (
-        config.n_heads as usize * head_dim,
-        config.n_kv_heads as usize * head_dim,
-    );
+    let (q_dim, kv_dim) = (config.n_heads as usize * head_dim, config.n_kv_heads as usize * head_dim);
     let ffn = config.ffn_dim as usize;
     match name {
         "token_embd.weight" => return Some(vec![vocab, dim]),
@@ -471,10 +428,7 @@ fn expected_shape(config: &ModelConfig, name: &str) -> Option<Vec<usize>> {
         "output.weight" => return (config.tied_output == 0).then(|| vec![vocab, dim]),
         _ => {}
     }
-    let (layer, part) = name
-        .strip_prefix("blk.")?
-        .strip_suffix(".weight")?
-        .split_once('.')?;
+    let (layer, part) = name.strip_prefix("blk.")?.strip_suffix(".weight")?.split_once('.')?;
     // Only the canonical spelling: "blk.01" is not layer 1.
     let layer_number: u32 = layer.parse().ok()?;
     if layer_number >= config.n_layers || layer_number.to_string() != layer {
@@ -498,10 +452,7 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
     if let Some(embedding) = file.tensor("token_embd.weight") {
         let rows = embedding.shape()[0];
         if embedding.dims.len() == 2 && rows != config.vocab_size as usize {
-            bail!(
-                "{path}: token_embd.weight has {rows} rows but the vocabulary has {} tokens",
-                config.vocab_size
-            );
+            bail!("{path}: token_embd.weight has {rows} rows but the vocabulary has {} tokens", config.vocab_size);
         }
     }
     let mut tensors = Vec::with_capacity(file.tensors().len());
@@ -521,10 +472,7 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
             );
         }
         if info.shape() != shape {
-            bail!(
-                "{path}: tensor '{name}' has shape {:?}, expected {shape:?}",
-                info.shape()
-            );
+            bail!("{path}: tensor '{name}' has shape {:?}, expected {shape:?}", info.shape());
         }
         tensors.push(SourceTensor {
             name: name.clone(),
@@ -569,15 +517,12 @@ impl ModelSource for GgufSource {
             );
         }
         let row_bytes = info.ggml_type.bytes_for(cols);
-        let bytes = &self.file.tensor_bytes(file_index)
-            [first_row * row_bytes..(first_row + rows) * row_bytes];
+        let bytes = &self.file.tensor_bytes(file_index)[first_row * row_bytes..(first_row + rows) * row_bytes];
         dequantize(info.ggml_type, bytes, out).map_err(|e| anyhow!("{path}: tensor '{name}': {e}"))
     }
     fn native_bytes(&self, index: usize) -> Option<&[u8]> {
         let (file_index, _) = self.info(index).ok()?;
-        self.tensors[index]
-            .native
-            .map(|_| self.file.tensor_bytes(file_index))
+        self.tensors[index].native.map(|_| self.file.tensor_bytes(file_index))
     }
     fn release(&self, index: usize) {
         if let Ok((file_index, _)) = self.info(index) {
@@ -585,12 +530,7 @@ impl ModelSource for GgufSource {
         }
     }
     fn describe(&self) -> String {
-        let file_name = self
-            .file
-            .path()
-            .file_name()
-            .unwrap_or(self.file.path().as_os_str())
-            .to_string_lossy();
+        let file_name = self.file.path().file_name().unwrap_or(self.file.path().as_os_str()).to_string_lossy();
         match self.file.string("general.name") {
             Ok(Some(name)) => format!("GGUF v{} {file_name} ({name})", self.file.version()),
             _ => format!("GGUF v{} {file_name}", self.file.version()),

@@ -132,15 +132,9 @@ impl HfDtype {
     }
     fn encode(self, values: &[f32], out: &mut Vec<u8>) {
         match self {
-            HfDtype::F32 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            HfDtype::F16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-            HfDtype::BF16 => values
-                .iter()
-                .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+            HfDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            HfDtype::F16 => values.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+            HfDtype::BF16 => values.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         }
     }
 }
@@ -182,10 +176,7 @@ impl std::fmt::Debug for HfSource {
             .field("dir", &self.dir)
             .field("config", &self.config)
             .field("tensors", &self.tensors.len())
-            .field(
-                "shards",
-                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
-            )
+            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
             .finish()
     }
 }
@@ -199,21 +190,13 @@ struct HfConfig {
 
 fn dimension(path: &Path, json: &Value, key: &str, default: Option<u64>) -> Result<u32> {
     let value = match json.get(key) {
-        None | Some(Value::Null) => {
-            default.ok_or_else(|| anyhow!("{}: `{key}` is missing", path.display()))?
-        }
-        Some(value) => value.as_u64().ok_or_else(|| {
-            anyhow!(
-                "{}: `{key}` = {value} is not a non-negative integer",
-                path.display()
-            )
-        })?,
+        None | Some(Value::Null) => default.ok_or_else(|| anyhow!("{}: `{key}` is missing", path.display()))?,
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a non-negative integer", path.display()))?,
     };
     if value == 0 || value > MAX_DIMENSION {
-        bail!(
-            "{}: `{key}` = {value} is out of range (1 ..= {MAX_DIMENSION})",
-            path.display()
-        );
+        bail!("{}: `{key}` = {value} is out of range (1 ..= {MAX_DIMENSION})", path.display());
     }
     Ok(value as u32)
 }
@@ -222,9 +205,8 @@ fn number(path: &Path, json: &Value, key: &str, default: f64) -> Result<f32> {
     match json.get(key) {
         None | Some(Value::Null) => Ok(default as f32),
         Some(value) => {
-            let number = value
-                .as_f64()
-                .ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a number", path.display()))?;
+            let number =
+                value.as_f64().ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a number", path.display()))?;
             Ok(number as f32)
         }
     }
@@ -263,9 +245,7 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     let architectures: Vec<&str> = json
         .get("architectures")
         .and_then(Value::as_array)
-        .map_or(Vec::new(), |list| {
-            list.iter().filter_map(Value::as_str).collect()
-        });
+        .map_or(Vec::new(), |list| list.iter().filter_map(Value::as_str).collect());
     let model_type = json.get("model_type").and_then(Value::as_str);
     if !architectures.contains(&"LlamaForCausalLM") && model_type != Some("llama") {
         bail!(
@@ -277,10 +257,7 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     match json.get("rope_scaling") {
         None | Some(Value::Null) => {}
         Some(scaling) => {
-            let kind = scaling
-                .get("rope_type")
-                .or_else(|| scaling.get("type"))
-                .and_then(Value::as_str);
+            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str);
             if kind != Some("default") {
                 bail!(
                     "{}: rope_scaling {} is not supported (only plain RoPE: null or \"default\")",
@@ -292,28 +269,19 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     }
     if let Some(activation) = json.get("hidden_act").filter(|v| !v.is_null()) {
         if activation.as_str() != Some("silu") {
-            bail!(
-                "{}: hidden_act {activation} is not supported (only silu)",
-                path.display()
-            );
+            bail!("{}: hidden_act {activation} is not supported (only silu)", path.display());
         }
     }
     for key in ["attention_bias", "mlp_bias"] {
         if flag(path, &json, key, false)? {
-            bail!(
-                "{}: `{key}` is true; Llama weights without biases are supported only",
-                path.display()
-            );
+            bail!("{}: `{key}` is true; Llama weights without biases are supported only", path.display());
         }
     }
     let dim = dimension(path, &json, "hidden_size", None)?;
     let n_heads = dimension(path, &json, "num_attention_heads", None)?;
     let n_kv_heads = dimension(path, &json, "num_key_value_heads", Some(u64::from(n_heads)))?;
     if json.get("head_dim").is_none_or(Value::is_null) && dim % n_heads != 0 {
-        bail!(
-            "{}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}",
-            path.display()
-        );
+        bail!("{}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}", path.display());
     }
     let head_dim = dimension(path, &json, "head_dim", Some(u64::from(dim / n_heads)))?;
     let mut config = ModelConfig::zeroed();
@@ -331,9 +299,7 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     config.rope_dim = head_dim;
     // transformers' LlamaConfig default.
     config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
-    config
-        .validate()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
     Ok(HfConfig {
         config,
         tie_word_embeddings: flag(path, &json, "tie_word_embeddings", false)?,
@@ -408,15 +374,8 @@ fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// A shard file name from the index: a plain relative path inside the directory.
 fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let relative = Path::new(file);
-    if file.is_empty()
-        || !relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
-        bail!(
-            "{}: shard name {file:?} is not a file name inside the directory",
-            index_path.display()
-        );
+    if file.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_))) {
+        bail!("{}: shard name {file:?} is not a file name inside the directory", index_path.display());
     }
     Ok(dir.join(relative))
 }
@@ -428,19 +387,14 @@ struct FoundTensor {
 }
 
 fn map_shard(path: &Path) -> Result<Mmap> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     // SAFETY: the map is read-only and private; the converter's contract is that
     // the source files are not modified while it runs (as for every mmap reader).
     unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))
 }
 
 /// Reads one shard's header and records where each of its tensors is.
-fn index_shard(
-    shard_index: usize,
-    shard: &Shard,
-    found: &mut HashMap<String, FoundTensor>,
-) -> Result<()> {
+fn index_shard(shard_index: usize, shard: &Shard, found: &mut HashMap<String, FoundTensor>) -> Result<()> {
     let name = shard.path.display();
     let (header_length, metadata) = safetensors::SafeTensors::read_metadata(&shard.map)
         .map_err(|e| anyhow!("{name}: not a valid safetensors file: {e}"))?;
@@ -454,10 +408,7 @@ fn index_shard(
             bail!("{name}: tensor {tensor_name} is not part of a Llama model (a bias, or another architecture?)");
         };
         let dtype = HfDtype::from_safetensors(info.dtype).ok_or_else(|| {
-            anyhow!(
-                "{name}: tensor {tensor_name} has dtype {:?}; only F32, F16 and BF16 are supported",
-                info.dtype
-            )
+            anyhow!("{name}: tensor {tensor_name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype)
         })?;
         let (start, end) = info.data_offsets;
         // read_metadata checked the offsets against the file and the shape.
@@ -469,15 +420,9 @@ fn index_shard(
             hf_name: tensor_name.clone(),
             permuted_head_dim: None,
         };
-        let tensor = FoundTensor {
-            location,
-            shape: info.shape.clone(),
-        };
+        let tensor = FoundTensor { location, shape: info.shape.clone() };
         if let Some(previous) = found.insert(gguf, tensor) {
-            bail!(
-                "{name}: tensor {tensor_name} is also in shard {}",
-                previous.location.shard + 1
-            );
+            bail!("{name}: tensor {tensor_name} is also in shard {}", previous.location.shard + 1);
         }
     }
     Ok(())
@@ -487,16 +432,9 @@ fn index_shard(
 pub fn open(dir: &Path) -> Result<HfSource> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
-        bail!(
-            "{}: no config.json; not a Hugging Face model directory",
-            dir.display()
-        );
+        bail!("{}: no config.json; not a Hugging Face model directory", dir.display());
     }
-    let HfConfig {
-        mut config,
-        tie_word_embeddings,
-        tokenizer_facts,
-    } = read_config(&config_path)?;
+    let HfConfig { mut config, tie_word_embeddings, tokenizer_facts } = read_config(&config_path)?;
 
     // The shards: one file, or those the index lists.
     let single = dir.join("model.safetensors");
@@ -511,12 +449,9 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         let mut files = BTreeSet::new();
         let mut map = BTreeMap::new();
         for (tensor, file) in weight_map {
-            let file = file.as_str().ok_or_else(|| {
-                anyhow!(
-                    "{}: weight_map[{tensor:?}] is not a file name",
-                    index_path.display()
-                )
-            })?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| anyhow!("{}: weight_map[{tensor:?}] is not a file name", index_path.display()))?;
             files.insert(file.to_string());
             map.insert(tensor.clone(), file.to_string());
         }
@@ -525,11 +460,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         for file in &files {
             let path = shard_path(dir, &index_path, file)?;
             if !path.is_file() {
-                bail!(
-                    "{}: shard {} is missing",
-                    index_path.display(),
-                    path.display()
-                );
+                bail!("{}: shard {} is missing", index_path.display(), path.display());
             }
             paths.push(path);
         }
@@ -537,24 +468,15 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     } else if single.is_file() {
         vec![single]
     } else if dir.join("pytorch_model.bin").is_file() {
-        bail!(
-            "{}: has PyTorch pickle weights only; convert them to safetensors first",
-            dir.display()
-        );
+        bail!("{}: has PyTorch pickle weights only; convert them to safetensors first", dir.display());
     } else {
-        bail!(
-            "{}: no model.safetensors or model.safetensors.index.json",
-            dir.display()
-        );
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
     };
 
     let mut shards = Vec::with_capacity(shard_paths.len());
     let mut found = HashMap::new();
     for (shard_index, path) in shard_paths.into_iter().enumerate() {
-        let shard = Shard {
-            map: map_shard(&path)?,
-            path,
-        };
+        let shard = Shard { map: map_shard(&path)?, path };
         index_shard(shard_index, &shard, &mut found)?;
         shards.push(shard);
     }
@@ -565,20 +487,11 @@ pub fn open(dir: &Path) -> Result<HfSource> {
                 continue;
             };
             let Some(found) = found.get(&gguf) else {
-                bail!(
-                    "{}: {tensor} is listed in {file} but not there",
-                    index_path.display()
-                );
+                bail!("{}: {tensor} is listed in {file} but not there", index_path.display());
             };
             let holder = &shards[found.location.shard].path;
-            if holder.file_name().and_then(|n| n.to_str())
-                != Path::new(file).file_name().and_then(|n| n.to_str())
-            {
-                bail!(
-                    "{}: {tensor} is listed in {file} but found in {}",
-                    index_path.display(),
-                    holder.display()
-                );
+            if holder.file_name().and_then(|n| n.to_str()) != Path::new(file).file_name().and_then(|n| n.to_str()) {
+                bail!("{}: {tensor} is listed in {file} but found in {}", index_path.display(), holder.display());
             }
         }
     }
@@ -588,23 +501,11 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     if config.tied_output == 1 {
         found.remove("output.weight");
     }
-    let files = || {
-        shards
-            .iter()
-            .map(|s| s.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let files = || shards.iter().map(|s| s.path.display().to_string()).collect::<Vec<_>>().join(", ");
     // Checked before the tensor list is made, which a corrupt layer count could make huge.
     let layers_in_files = found
         .keys()
-        .filter_map(|name| {
-            name.strip_prefix("blk.")?
-                .split_once('.')?
-                .0
-                .parse::<u32>()
-                .ok()
-        })
+        .filter_map(|name| name.strip_prefix("blk.")?.split_once('.')?.0.parse::<u32>().ok())
         .max()
         .map_or(0, |last| last + 1);
     if config.n_layers > layers_in_files {
@@ -618,17 +519,8 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     let mut tensors = Vec::new();
     let mut locations = Vec::new();
     for (name, shape) in expected_tensors(&config) {
-        let Some(FoundTensor {
-            mut location,
-            shape: found_shape,
-        }) = found.remove(&name)
-        else {
-            bail!(
-                "{}: tensor {} is missing (looked in {})",
-                dir.display(),
-                hf_name(&name).unwrap_or(name),
-                files()
-            );
+        let Some(FoundTensor { mut location, shape: found_shape }) = found.remove(&name) else {
+            bail!("{}: tensor {} is missing (looked in {})", dir.display(), hf_name(&name).unwrap_or(name), files());
         };
         if found_shape != shape {
             bail!(
@@ -647,12 +539,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
             (HfDtype::F16, false) => Some(Encoding::F16),
             (HfDtype::BF16, false) => None,
         };
-        tensors.push(SourceTensor {
-            name,
-            shape,
-            source_type: location.dtype.name().to_string(),
-            native,
-        });
+        tensors.push(SourceTensor { name, shape, source_type: location.dtype.name().to_string(), native });
         locations.push(location);
     }
     if let Some((name, extra)) = found.iter().next() {
@@ -679,15 +566,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         vocab.scores.push(0.0);
         vocab.types.push(bramble_runtime::vocab::TokenType::Unused);
     }
-    Ok(HfSource {
-        dir: dir.to_path_buf(),
-        config,
-        vocab,
-        chat_template,
-        tensors,
-        locations,
-        shards,
-    })
+    Ok(HfSource { dir: dir.to_path_buf(), config, vocab, chat_template, tensors, locations, shards })
 }
 
 impl HfSource {
@@ -699,11 +578,7 @@ impl HfSource {
     fn tensor_and_location(&self, index: usize) -> Result<(&SourceTensor, &TensorLocation)> {
         match (self.tensors.get(index), self.locations.get(index)) {
             (Some(tensor), Some(location)) => Ok((tensor, location)),
-            _ => bail!(
-                "{}: no tensor {index} (there are {})",
-                self.dir.display(),
-                self.tensors.len()
-            ),
+            _ => bail!("{}: no tensor {index} (there are {})", self.dir.display(), self.tensors.len()),
         }
     }
 }
@@ -726,9 +601,7 @@ impl ModelSource for HfSource {
         let shard = &self.shards[location.shard];
         let (rows, cols) = (tensor.rows(), tensor.cols());
         let count = out.len() / cols;
-        if !out.len().is_multiple_of(cols)
-            || first_row.checked_add(count).is_none_or(|end| end > rows)
-        {
+        if !out.len().is_multiple_of(cols) || first_row.checked_add(count).is_none_or(|end| end > rows) {
             bail!(
                 "{}: tensor {}: cannot read {} values from row {first_row} (rows of {cols}, {rows} rows)",
                 shard.path.display(),
@@ -740,12 +613,8 @@ impl ModelSource for HfSource {
         let row_bytes = cols * location.dtype.size();
         for (offset, row_out) in out.chunks_exact_mut(cols).enumerate() {
             let row = first_row + offset;
-            let source = location
-                .permuted_head_dim
-                .map_or(row, |head_dim| permuted_source_row(row, head_dim));
-            location
-                .dtype
-                .decode(&data[source * row_bytes..(source + 1) * row_bytes], row_out);
+            let source = location.permuted_head_dim.map_or(row, |head_dim| permuted_source_row(row, head_dim));
+            location.dtype.decode(&data[source * row_bytes..(source + 1) * row_bytes], row_out);
         }
         Ok(())
     }
@@ -851,35 +720,22 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
     // The tensors, renamed, permuted and encoded.
     let mut encoded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.tensors.len());
     for (name, shape, values) in &model.tensors {
-        let hf = hf_name(name).ok_or_else(|| {
-            anyhow!(
-                "writing {}: tensor {name} has no Hugging Face name",
-                dir.display()
-            )
-        })?;
+        let hf = hf_name(name)
+            .ok_or_else(|| anyhow!("writing {}: tensor {name} has no Hugging Face name", dir.display()))?;
         let expected: usize = shape.iter().product();
         if values.len() != expected {
-            bail!(
-                "writing {}: tensor {name} has {} values for shape {shape:?}",
-                dir.display(),
-                values.len()
-            );
+            bail!("writing {}: tensor {name} has {} values for shape {shape:?}", dir.display(), values.len());
         }
         let mut bytes = Vec::with_capacity(expected * options.dtype.size());
         if name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight") {
             let (rows, cols) = (shape[0], shape[1]);
             if head_dim == 0 || !head_dim.is_multiple_of(2) || !rows.is_multiple_of(head_dim) {
-                bail!(
-                    "writing {}: tensor {name} has {rows} rows, not whole heads of {head_dim}",
-                    dir.display()
-                );
+                bail!("writing {}: tensor {name} has {rows} rows, not whole heads of {head_dim}", dir.display());
             }
             // Hugging Face's row r holds our row permuted_target_row(r).
             for hf_row in 0..rows {
                 let ours = permuted_target_row(hf_row, head_dim);
-                options
-                    .dtype
-                    .encode(&values[ours * cols..(ours + 1) * cols], &mut bytes);
+                options.dtype.encode(&values[ours * cols..(ours + 1) * cols], &mut bytes);
             }
         } else {
             options.dtype.encode(values, &mut bytes);
@@ -887,12 +743,7 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         encoded.push((hf, shape.clone(), bytes));
     }
     if options.shards > encoded.len() {
-        bail!(
-            "writing {}: {} shards for {} tensors",
-            dir.display(),
-            options.shards,
-            encoded.len()
-        );
+        bail!("writing {}: {} shards for {} tensors", dir.display(), options.shards, encoded.len());
     }
 
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -901,22 +752,13 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
     let mut total_size = 0usize;
     let groups: Vec<_> = encoded.chunks(per_shard).collect();
     if groups.len() != options.shards {
-        bail!(
-            "writing {}: {} tensors do not split into {} shards",
-            dir.display(),
-            encoded.len(),
-            options.shards
-        );
+        bail!("writing {}: {} tensors do not split into {} shards", dir.display(), encoded.len(), options.shards);
     }
     for (shard, group) in groups.iter().enumerate() {
         let file = if options.shards == 1 {
             "model.safetensors".to_string()
         } else {
-            format!(
-                "model-{:05}-of-{:05}.safetensors",
-                shard + 1,
-                options.shards
-            )
+            format!("model-{:05}-of-{:05}.safetensors", shard + 1, options.shards)
         };
         let mut views = Vec::with_capacity(group.len());
         for (name, shape, bytes) in group.iter() {
@@ -964,30 +806,19 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
     let context = |what: &str| format!("writing {} in {}", what, dir.display());
     match options.tokenizer {
         HfTokenizerForm::TokenizerJson => {
-            let json =
-                tokenizer::tokenizer_json(vocab).with_context(|| context("tokenizer.json"))?;
+            let json = tokenizer::tokenizer_json(vocab).with_context(|| context("tokenizer.json"))?;
             write_json(&dir.join("tokenizer.json"), &json)?;
         }
         HfTokenizerForm::SentencePieceModel => {
-            let bytes = tokenizer::sentencepiece_model_bytes(vocab)
-                .with_context(|| context("tokenizer.model"))?;
+            let bytes = tokenizer::sentencepiece_model_bytes(vocab).with_context(|| context("tokenizer.model"))?;
             let path = dir.join("tokenizer.model");
-            std::fs::write(&path, bytes)
-                .with_context(|| format!("{}: cannot write", path.display()))?;
+            std::fs::write(&path, bytes).with_context(|| format!("{}: cannot write", path.display()))?;
         }
     }
-    let form = if options.chat_template_as_list {
-        TemplateForm::List
-    } else {
-        TemplateForm::String
-    };
-    let tokenizer_config = tokenizer::tokenizer_config_json(
-        vocab,
-        options.chat_template.as_deref(),
-        form,
-        config.context_length,
-    )
-    .with_context(|| context("tokenizer_config.json"))?;
+    let form = if options.chat_template_as_list { TemplateForm::List } else { TemplateForm::String };
+    let tokenizer_config =
+        tokenizer::tokenizer_config_json(vocab, options.chat_template.as_deref(), form, config.context_length)
+            .with_context(|| context("tokenizer_config.json"))?;
     write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
     Ok(())
 }

@@ -129,13 +129,7 @@ type ArrayKind = (Option<&'static str>, bool, Vec<usize>);
 
 /// The kinds of array of a checkpoint of `params`, in file order.
 fn array_kinds(params: &Params, version: u32) -> Result<Vec<ArrayKind>> {
-    let Params {
-        dim,
-        hidden_dim,
-        vocab_size,
-        seq_len,
-        ..
-    } = *params;
+    let Params { dim, hidden_dim, vocab_size, seq_len, .. } = *params;
     let (q_dim, kv_dim, half_head) = (dim, params.kv_dim(), params.head_dim() / 2);
     let per_layer = |part: &'static str, shape: Vec<usize>| (Some(part), true, shape);
     let single = |part: &'static str, shape: Vec<usize>| (Some(part), false, shape);
@@ -167,9 +161,7 @@ fn array_kinds(params: &Params, version: u32) -> Result<Vec<ArrayKind>> {
             (None, false, vec![seq_len, half_head]),
             (None, true, vec![seq_len, half_head]),
         ],
-        1 => vec![
-            attn_norm, ffn_norm, final_norm, embedding, wq, wk, wv, wo, w1, w2, w3,
-        ],
+        1 => vec![attn_norm, ffn_norm, final_norm, embedding, wq, wk, wv, wo, w1, w2, w3],
         other => bail!("llama2.c checkpoint version {other} has no float32 layout"),
     };
     if !params.shared_classifier {
@@ -197,14 +189,8 @@ fn file_size(params: &Params, version: u32) -> Result<u64> {
     let overflow = || anyhow!("a llama2.c checkpoint of {params} would be larger than any file");
     let mut total = header_bytes(version);
     for (part, per_layer, shape) in array_kinds(params, version)? {
-        let copies = if part.is_some() && per_layer {
-            params.n_layers as u64
-        } else {
-            1
-        };
-        let bytes = array_bytes(&shape)
-            .and_then(|b| b.checked_mul(copies))
-            .ok_or_else(overflow)?;
+        let copies = if part.is_some() && per_layer { params.n_layers as u64 } else { 1 };
+        let bytes = array_bytes(&shape).and_then(|b| b.checked_mul(copies)).ok_or_else(overflow)?;
         total = total.checked_add(bytes).ok_or_else(overflow)?;
     }
     Ok(total)
@@ -217,24 +203,15 @@ fn layout(params: &Params, version: u32) -> Result<Vec<Placement>> {
     let mut placements = Vec::new();
     for (part, flag, shape) in array_kinds(params, version)? {
         let parts: Vec<Part> = match part {
-            Some(name) if flag => (0..params.n_layers)
-                .map(|l| Part::Tensor(format!("blk.{l}.{name}.weight")))
-                .collect(),
+            Some(name) if flag => {
+                (0..params.n_layers).map(|l| Part::Tensor(format!("blk.{l}.{name}.weight"))).collect()
+            }
             Some(name) => vec![Part::Tensor(format!("{name}.weight"))],
-            None => vec![if flag {
-                Part::FreqCisImag
-            } else {
-                Part::FreqCisReal
-            }],
+            None => vec![if flag { Part::FreqCisImag } else { Part::FreqCisReal }],
         };
-        let bytes = array_bytes(&shape)
-            .ok_or_else(|| anyhow!("a llama2.c checkpoint of {params} overflows"))?;
+        let bytes = array_bytes(&shape).ok_or_else(|| anyhow!("a llama2.c checkpoint of {params} overflows"))?;
         for part in parts {
-            placements.push(Placement {
-                part,
-                shape: shape.clone(),
-                offset,
-            });
+            placements.push(Placement { part, shape: shape.clone(), offset });
             offset += bytes;
         }
     }
@@ -245,17 +222,9 @@ fn layout(params: &Params, version: u32) -> Result<Vec<Placement>> {
 fn gguf_order(n_layers: usize, shared_classifier: bool) -> Vec<String> {
     let mut names = vec!["token_embd.weight".to_string()];
     for layer in 0..n_layers {
-        for part in [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ] {
+        for part in
+            ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        {
             names.push(format!("blk.{layer}.{part}.weight"));
         }
     }
@@ -274,47 +243,34 @@ fn read_i32(bytes: &[u8], at: usize) -> i32 {
 fn read_header(path: &Path, bytes: &[u8]) -> Result<(Params, u32)> {
     let name = path.display();
     if (bytes.len() as u64) < LEGACY_HEADER_BYTES {
-        bail!(
-            "{name}: {} bytes is too short for a llama2.c header ({LEGACY_HEADER_BYTES})",
-            bytes.len()
-        );
+        bail!("{name}: {} bytes is too short for a llama2.c header ({LEGACY_HEADER_BYTES})", bytes.len());
     }
     let versioned = read_i32(bytes, 0) as u32 == MAGIC;
     let (version, fields_at) = if versioned {
         if (bytes.len() as u64) < VERSIONED_HEADER_BYTES {
-            bail!("{name}: {} bytes is too short for a versioned llama2.c header ({VERSIONED_HEADER_BYTES})", bytes.len());
+            bail!(
+                "{name}: {} bytes is too short for a versioned llama2.c header ({VERSIONED_HEADER_BYTES})",
+                bytes.len()
+            );
         }
         match read_i32(bytes, 4) {
             1 => (1u32, 8),
-            2 => bail!("{name}: llama2.c version 2 (Q8_0, runq.c) checkpoints are not supported; export with --version 0 or 1"),
+            2 => bail!(
+                "{name}: llama2.c version 2 (Q8_0, runq.c) checkpoints are not supported; export with --version 0 or 1"
+            ),
             other => bail!("{name}: unknown llama2.c checkpoint version {other}"),
         }
     } else {
         (0, 0)
     };
     let field = |index: usize| read_i32(bytes, fields_at + 4 * index);
-    let names = [
-        "dim",
-        "hidden_dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "vocab_size",
-        "seq_len",
-    ];
+    let names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"];
     let mut values = [0usize; 7];
     let raw_vocab = field(5);
     for (index, key) in names.iter().enumerate() {
-        let value = if index == 5 && version == 0 {
-            raw_vocab.checked_abs().unwrap_or(-1)
-        } else {
-            field(index)
-        };
+        let value = if index == 5 && version == 0 { raw_vocab.checked_abs().unwrap_or(-1) } else { field(index) };
         if value <= 0 || value > MAX_DIMENSION {
-            bail!(
-                "{name}: header {key} = {} is out of range (1 ..= {MAX_DIMENSION})",
-                field(index)
-            );
+            bail!("{name}: header {key} = {} is out of range (1 ..= {MAX_DIMENSION})", field(index));
         }
         values[index] = value as usize;
     }
@@ -329,16 +285,7 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<(Params, u32)> {
         }
     };
     let [dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len] = values;
-    let params = Params {
-        dim,
-        hidden_dim,
-        n_layers,
-        n_heads,
-        n_kv_heads,
-        vocab_size,
-        seq_len,
-        shared_classifier,
-    };
+    let params = Params { dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, shared_classifier };
     if dim % n_heads != 0 || (dim / n_heads) % 2 != 0 {
         bail!("{name}: dim {dim} is not n_heads {n_heads} heads of an even width");
     }
@@ -381,10 +328,7 @@ impl Llama2cSource {
 
 /// Where llama2.c keeps the tokenizer of `checkpoint`: `tokenizer.bin` in the same directory.
 pub fn default_tokenizer_path(checkpoint: &Path) -> PathBuf {
-    checkpoint
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .join("tokenizer.bin")
+    checkpoint.parent().unwrap_or_else(|| Path::new(".")).join("tokenizer.bin")
 }
 
 /// Opens `checkpoint` with `tokenizer`, or with [`default_tokenizer_path`] when it is `None`.
@@ -394,11 +338,7 @@ pub fn open_checkpoint(checkpoint: &Path, tokenizer: Option<&Path>) -> Result<Ll
         None => {
             let tokenizer = default_tokenizer_path(checkpoint);
             if !tokenizer.is_file() {
-                bail!(
-                    "{}: no tokenizer given and no {} beside it",
-                    checkpoint.display(),
-                    tokenizer.display()
-                );
+                bail!("{}: no tokenizer given and no {} beside it", checkpoint.display(), tokenizer.display());
             }
             open(checkpoint, &tokenizer)
         }
@@ -415,10 +355,7 @@ pub fn open(checkpoint: &Path, tokenizer: &Path) -> Result<Llama2cSource> {
     let (params, version) = read_header(checkpoint, &map)?;
     let expected = file_size(&params, version).map_err(|e| anyhow!("{name}: {e}"))?;
     if map.len() as u64 != expected {
-        bail!(
-            "{name}: {} bytes, but a version {version} checkpoint of {params} is {expected} bytes",
-            map.len()
-        );
+        bail!("{name}: {} bytes, but a version {version} checkpoint of {params} is {expected} bytes", map.len());
     }
     let placements = layout(&params, version).map_err(|e| anyhow!("{name}: {e}"))?;
     let head_dim = params.head_dim();
@@ -474,18 +411,13 @@ pub fn open(checkpoint: &Path, tokenizer: &Path) -> Result<Llama2cSource> {
 
 /// Whether `text` is a SentencePiece byte token `<0xAB>`.
 fn is_byte_token(text: &[u8]) -> bool {
-    text.len() == 6
-        && text.starts_with(b"<0x")
-        && text[5] == b'>'
-        && text[3..5].iter().all(u8::is_ascii_hexdigit)
+    text.len() == 6 && text.starts_with(b"<0x") && text[5] == b'>' && text[3..5].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Reads `tokenizer.bin` for a vocabulary of `vocab_size` tokens.
 fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
     let name = path.display();
-    let length = std::fs::metadata(path)
-        .with_context(|| format!("{name}: cannot read"))?
-        .len();
+    let length = std::fs::metadata(path).with_context(|| format!("{name}: cannot read"))?.len();
     if length > MAX_TOKENIZER_BYTES {
         bail!("{name}: {length} bytes is larger than any tokenizer.bin");
     }
@@ -495,16 +427,9 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
     }
     let mut position = 0usize;
     let mut take = |count: usize, what: &dyn Fn() -> String| -> Result<&[u8]> {
-        let end = position
-            .checked_add(count)
-            .filter(|&end| end <= bytes.len())
-            .ok_or_else(|| {
-                anyhow!(
-                    "{name}: truncated at byte {position} reading {} ({} bytes long)",
-                    what(),
-                    bytes.len()
-                )
-            })?;
+        let end = position.checked_add(count).filter(|&end| end <= bytes.len()).ok_or_else(|| {
+            anyhow!("{name}: truncated at byte {position} reading {} ({} bytes long)", what(), bytes.len())
+        })?;
         let slice = &bytes[position..end];
         position = end;
         Ok(slice)
@@ -516,14 +441,12 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
     let mut raw = Vec::with_capacity(vocab_size);
     let mut scores = Vec::with_capacity(vocab_size);
     for id in 0..vocab_size {
-        let score =
-            f32::from_le_bytes(take(4, &|| format!("the score of token {id}"))?.try_into()?);
+        let score = f32::from_le_bytes(take(4, &|| format!("the score of token {id}"))?.try_into()?);
         if !score.is_finite() {
             bail!("{name}: token {id} has a score that is not a finite number ({score})");
         }
         let length = read_i32(take(4, &|| format!("the length of token {id}"))?, 0);
-        let length = usize::try_from(length)
-            .map_err(|_| anyhow!("{name}: token {id} has length {length}"))?;
+        let length = usize::try_from(length).map_err(|_| anyhow!("{name}: token {id} has length {length}"))?;
         raw.push(take(length, &|| format!("the {length} bytes of token {id}"))?.to_vec());
         scores.push(score);
     }
@@ -535,8 +458,8 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
     }
     // Early tokenizer.py wrote byte tokens as the bytes themselves (UTF-8 of
     // chr(b)); when ids 3..259 are exactly that, they are byte tokens.
-    let old_byte_tokens = vocab_size >= 259
-        && (0..=255u8).all(|b| raw[3 + b as usize] == char::from(b).to_string().as_bytes());
+    let old_byte_tokens =
+        vocab_size >= 259 && (0..=255u8).all(|b| raw[3 + b as usize] == char::from(b).to_string().as_bytes());
     let mut tokens = Vec::with_capacity(vocab_size);
     let mut types = Vec::with_capacity(vocab_size);
     for (id, text) in raw.into_iter().enumerate() {
@@ -544,9 +467,7 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
             0 => (b"<unk>".to_vec(), TokenType::Unknown),
             1 => (b"<s>".to_vec(), TokenType::Control),
             2 => (b"</s>".to_vec(), TokenType::Control),
-            3..=258 if old_byte_tokens => {
-                (format!("<0x{:02X}>", id - 3).into_bytes(), TokenType::Byte)
-            }
+            3..=258 if old_byte_tokens => (format!("<0x{:02X}>", id - 3).into_bytes(), TokenType::Byte),
             _ => {
                 // tokenizer.py turned SentencePiece's ▁ into spaces; turn them back.
                 let mut token = Vec::with_capacity(text.len());
@@ -557,11 +478,7 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
                         token.push(byte);
                     }
                 }
-                let token_type = if is_byte_token(&token) {
-                    TokenType::Byte
-                } else {
-                    TokenType::Normal
-                };
+                let token_type = if is_byte_token(&token) { TokenType::Byte } else { TokenType::Normal };
                 (token, token_type)
             }
         };
@@ -601,17 +518,13 @@ impl ModelSource for Llama2cSource {
     }
     fn read_rows(&self, index: usize, first_row: usize, out: &mut [f32]) -> Result<()> {
         let name = self.checkpoint.display();
-        let tensor = self.tensors.get(index).ok_or_else(|| {
-            anyhow!(
-                "{name}: no tensor {index} (there are {})",
-                self.tensors.len()
-            )
-        })?;
+        let tensor = self
+            .tensors
+            .get(index)
+            .ok_or_else(|| anyhow!("{name}: no tensor {index} (there are {})", self.tensors.len()))?;
         let (rows, cols) = (tensor.rows(), tensor.cols());
         let count = out.len() / cols;
-        if !out.len().is_multiple_of(cols)
-            || first_row.checked_add(count).is_none_or(|end| end > rows)
-        {
+        if !out.len().is_multiple_of(cols) || first_row.checked_add(count).is_none_or(|end| end > rows) {
             bail!(
                 "{name}: tensor {}: cannot read {} values from row {first_row} (rows of {cols}, {rows} rows)",
                 tensor.name,
@@ -637,11 +550,7 @@ impl ModelSource for Llama2cSource {
             // SAFETY: the map is a read-only private file mapping that is never
             // written, so dropped pages are simply read again from the file.
             let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    self.offsets[index],
-                    length,
-                )
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.offsets[index], length)
             };
         }
         #[cfg(not(unix))]
@@ -661,12 +570,7 @@ impl ModelSource for Llama2cSource {
 /// `tokenizer.bin`. The model must be what llama2.c can hold: a SentencePiece
 /// vocabulary with `<unk>`, `<s>`, `</s>` at ids 0, 1, 2, `head_dim = dim / n_heads`,
 /// θ = 10000 and ε = 1e-5. Version 0's `freq_cis` arrays get RoPE's cosines and sines.
-pub fn write_llama2c(
-    model: &SyntheticModel,
-    checkpoint: &Path,
-    tokenizer: &Path,
-    version: u32,
-) -> Result<()> {
+pub fn write_llama2c(model: &SyntheticModel, checkpoint: &Path, tokenizer: &Path, version: u32) -> Result<()> {
     let config = &model.config;
     let vocab = &model.vocab;
     let name = checkpoint.display();
@@ -679,10 +583,7 @@ pub fn write_llama2c(
     if (vocab.unk_id, vocab.bos_id, vocab.eos_id) != (Some(0), Some(1), Some(2)) {
         bail!("writing {name}: llama2.c's tokenizer.bin fixes <unk>, <s>, </s> at ids 0, 1, 2");
     }
-    if config.n_heads * config.head_dim != config.dim
-        || config.rope_dim != config.head_dim
-        || config.rope_style != 0
-    {
+    if config.n_heads * config.head_dim != config.dim || config.rope_dim != config.head_dim || config.rope_style != 0 {
         bail!("writing {name}: llama2.c needs head_dim = dim / n_heads with every dimension rotated as adjacent pairs");
     }
     if config.rope_theta != ROPE_THETA || config.norm_eps != NORM_EPS {
@@ -693,11 +594,7 @@ pub fn write_llama2c(
         );
     }
     if vocab.len() != config.vocab_size as usize {
-        bail!(
-            "writing {name}: {} tokens for vocab_size {}",
-            vocab.len(),
-            config.vocab_size
-        );
+        bail!("writing {name}: {} tokens for vocab_size {}", vocab.len(), config.vocab_size);
     }
     let params = Params {
         dim: config.dim as usize,
@@ -711,8 +608,7 @@ pub fn write_llama2c(
     };
     let total = file_size(&params, version).map_err(|e| anyhow!("writing {name}: {e}"))?;
     let placements = layout(&params, version)?;
-    let total = usize::try_from(total)
-        .map_err(|_| anyhow!("writing {name}: {total} bytes does not fit in memory"))?;
+    let total = usize::try_from(total).map_err(|_| anyhow!("writing {name}: {total} bytes does not fit in memory"))?;
     let mut bytes = vec![0u8; total];
     let header = [
         params.dim,
@@ -732,23 +628,20 @@ pub fn write_llama2c(
     }
     for (index, value) in header.into_iter().enumerate() {
         // Version 0 flags a separate classifier with a negative vocab_size.
-        let value = if index == 5 && version == 0 && !params.shared_classifier {
-            -value
-        } else {
-            value
-        };
-        bytes[fields_at + 4 * index..fields_at + 4 * index + 4]
-            .copy_from_slice(&value.to_le_bytes());
+        let value = if index == 5 && version == 0 && !params.shared_classifier { -value } else { value };
+        bytes[fields_at + 4 * index..fields_at + 4 * index + 4].copy_from_slice(&value.to_le_bytes());
     }
     let head_dim = params.head_dim();
     for placement in &placements {
         let values: Vec<f32> = match &placement.part {
             Part::Tensor(tensor) => {
-                let (shape, values) = model
-                    .tensor(tensor)
-                    .ok_or_else(|| anyhow!("writing {name}: the model has no tensor {tensor}"))?;
+                let (shape, values) =
+                    model.tensor(tensor).ok_or_else(|| anyhow!("writing {name}: the model has no tensor {tensor}"))?;
                 if shape != placement.shape.as_slice() {
-                    bail!("writing {name}: tensor {tensor} has shape {shape:?}, llama2.c expects {:?}", placement.shape);
+                    bail!(
+                        "writing {name}: tensor {tensor} has shape {shape:?}, llama2.c expects {:?}",
+                        placement.shape
+                    );
                 }
                 values.to_vec()
             }
@@ -756,14 +649,9 @@ pub fn write_llama2c(
                 let mut values = Vec::with_capacity(params.seq_len * head_dim / 2);
                 for position in 0..params.seq_len {
                     for pair in 0..head_dim / 2 {
-                        let frequency =
-                            1.0 / f64::from(ROPE_THETA).powf((2 * pair) as f64 / head_dim as f64);
+                        let frequency = 1.0 / f64::from(ROPE_THETA).powf((2 * pair) as f64 / head_dim as f64);
                         let angle = position as f64 * frequency;
-                        let value = if placement.part == Part::FreqCisReal {
-                            angle.cos()
-                        } else {
-                            angle.sin()
-                        };
+                        let value = if placement.part == Part::FreqCisReal { angle.cos() } else { angle.sin() };
                         values.push(value as f32);
                     }
                 }
@@ -771,10 +659,7 @@ pub fn write_llama2c(
             }
         };
         let start = placement.offset as usize;
-        for (chunk, value) in bytes[start..start + values.len() * 4]
-            .chunks_exact_mut(4)
-            .zip(&values)
-        {
+        for (chunk, value) in bytes[start..start + values.len() * 4].chunks_exact_mut(4).zip(&values) {
             chunk.copy_from_slice(&value.to_le_bytes());
         }
     }
@@ -793,16 +678,11 @@ pub fn write_llama2c(
                         tokenizer.display()
                     );
                 }
-                String::from_utf8_lossy(token)
-                    .replace('\u{2581}', " ")
-                    .into_bytes()
+                String::from_utf8_lossy(token).replace('\u{2581}', " ").into_bytes()
             }
         };
         if std::str::from_utf8(token).is_err() {
-            bail!(
-                "writing {}: token {id} is not valid UTF-8",
-                tokenizer.display()
-            );
+            bail!("writing {}: token {id} is not valid UTF-8", tokenizer.display());
         }
         texts.push(text);
     }

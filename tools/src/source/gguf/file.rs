@@ -295,38 +295,22 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let at_fault = |error: anyhow::Error| anyhow!("{}: {error:#}", path.display());
         let file = File::open(path).map_err(|e| anyhow!("{}: cannot open: {e}", path.display()))?;
-        let length = file
-            .metadata()
-            .map_err(|e| anyhow!("{}: cannot stat: {e}", path.display()))?
-            .len();
+        let length = file.metadata().map_err(|e| anyhow!("{}: cannot stat: {e}", path.display()))?.len();
         if length < HEADER_BYTES as u64 {
-            return Err(at_fault(anyhow!(
-                "file is {length} bytes, too short for a GGUF header"
-            )));
+            return Err(at_fault(anyhow!("file is {length} bytes, too short for a GGUF header")));
         }
         // SAFETY: the map is read-only. Like every reader of mapped model files we
         // assume nobody truncates or rewrites the file while it is open; the parser
         // itself never trusts the contents.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| anyhow!("{}: cannot map: {e}", path.display()))?;
         let parsed = parse(&map).map_err(at_fault)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             map,
             version: parsed.version,
-            metadata_index: parsed
-                .metadata
-                .iter()
-                .enumerate()
-                .map(|(i, (key, _))| (key.clone(), i))
-                .collect(),
+            metadata_index: parsed.metadata.iter().enumerate().map(|(i, (key, _))| (key.clone(), i)).collect(),
             metadata: parsed.metadata,
-            tensor_index: parsed
-                .tensors
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.name.clone(), i))
-                .collect(),
+            tensor_index: parsed.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
             tensors: parsed.tensors,
             alignment: parsed.alignment,
             data_offset: parsed.data_offset,
@@ -367,22 +351,16 @@ impl GgufFile {
             Value::Array(array) => format!("an ARRAY of {}", array.element_type_name()),
             other => other.type_name().to_string(),
         };
-        anyhow!(
-            "{}: metadata key '{key}' is {found}, expected {expected}",
-            self.path.display()
-        )
+        anyhow!("{}: metadata key '{key}' is {found}, expected {expected}", self.path.display())
     }
 
     /// String value of `key` (`None` when absent; an error when not a UTF-8 string).
     pub fn string(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::String(bytes)) => std::str::from_utf8(bytes).map(Some).map_err(|e| {
-                anyhow!(
-                    "{}: metadata key '{key}' is not UTF-8: {e}",
-                    self.path.display()
-                )
-            }),
+            Some(Value::String(bytes)) => std::str::from_utf8(bytes)
+                .map(Some)
+                .map_err(|e| anyhow!("{}: metadata key '{key}' is not UTF-8: {e}", self.path.display())),
             Some(other) => Err(self.wrong_type(key, other, "a STRING")),
         }
     }
@@ -396,10 +374,7 @@ impl GgufFile {
             return Err(self.wrong_type(key, value, "an integer"));
         };
         T::try_from(integer).map(Some).map_err(|_| {
-            anyhow!(
-                "{}: metadata key '{key}' = {integer} does not fit in {type_name}",
-                self.path.display()
-            )
+            anyhow!("{}: metadata key '{key}' = {integer} does not fit in {type_name}", self.path.display())
         })
     }
     /// Value of `key` as a `u32`, from any integer type.
@@ -452,9 +427,7 @@ impl GgufFile {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Array(Array::F32(values))) => Ok(Some(values.clone())),
-            Some(Value::Array(Array::F64(values))) => {
-                Ok(Some(values.iter().map(|&v| v as f32).collect()))
-            }
+            Some(Value::Array(Array::F64(values))) => Ok(Some(values.iter().map(|&v| v as f32).collect())),
             Some(other) => Err(self.wrong_type(key, other, "an ARRAY of FLOAT32")),
         }
     }
@@ -465,9 +438,7 @@ impl GgufFile {
             None => Ok(None),
             Some(Value::Array(Array::I32(values))) => Ok(Some(values.clone())),
             Some(value @ Value::Array(array)) => {
-                let integers = array
-                    .integers()
-                    .ok_or_else(|| self.wrong_type(key, value, "an ARRAY of INT32"))?;
+                let integers = array.integers().ok_or_else(|| self.wrong_type(key, value, "an ARRAY of INT32"))?;
                 integers
                     .into_iter()
                     .enumerate()
@@ -521,18 +492,10 @@ impl GgufFile {
             // same bytes back in from the file. No Rust reference observes a change.
             // The range was checked to lie inside the map at open.
             let result = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    tensor.offset,
-                    tensor.size,
-                )
+                self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, tensor.offset, tensor.size)
             };
             if let Err(error) = result {
-                log::debug!(
-                    "{}: madvise(DONTNEED) on tensor '{}' failed: {error}",
-                    self.path.display(),
-                    tensor.name
-                );
+                log::debug!("{}: madvise(DONTNEED) on tensor '{}' failed: {error}", self.path.display(), tensor.name);
             }
         }
     }
@@ -587,10 +550,7 @@ impl<'a> Reader<'a> {
         let count = self.u64(what)?;
         let fits = (self.remaining() / min_item_bytes.max(1)) as u64;
         if count > fits {
-            bail!(
-                "{what} = {count} at offset {at}: that many items cannot fit in the {} bytes left",
-                self.remaining()
-            );
+            bail!("{what} = {count} at offset {at}: that many items cannot fit in the {} bytes left", self.remaining());
         }
         Ok(count as usize)
     }
@@ -632,12 +592,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     for entry in 0..metadata_count {
         let location = format!("metadata entry {entry} of {metadata_count}");
         let key = reader.string(&format!("{location}: key"))?;
-        let key = std::str::from_utf8(key)
-            .with_context(|| format!("{location}: key is not UTF-8"))?
-            .to_string();
+        let key = std::str::from_utf8(key).with_context(|| format!("{location}: key is not UTF-8"))?.to_string();
         let value_type = reader.u32(&format!("metadata key '{key}': type"))?;
-        let value = read_value(&mut reader, value_type, 0)
-            .with_context(|| format!("metadata key '{key}'"))?;
+        let value = read_value(&mut reader, value_type, 0).with_context(|| format!("metadata key '{key}'"))?;
         if seen_keys.insert(key.clone(), entry).is_some() {
             bail!("metadata key '{key}' appears twice");
         }
@@ -648,10 +605,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some(value) => {
             let alignment = value.as_integer().ok_or_else(|| {
-                anyhow!(
-                    "metadata key 'general.alignment' is {}, expected an integer",
-                    value.type_name()
-                )
+                anyhow!("metadata key 'general.alignment' is {}, expected an integer", value.type_name())
             })?;
             if alignment <= 0 || alignment > 1 << 30 || (alignment & (alignment - 1)) != 0 {
                 bail!("metadata key 'general.alignment' = {alignment} is not a power of two up to 2^30");
@@ -666,11 +620,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     for index in 0..tensor_count {
         let location = format!("tensor info {index} of {tensor_count}");
         let name = reader.string(&format!("{location}: name"))?;
-        let name = std::str::from_utf8(name)
-            .with_context(|| format!("{location}: name is not UTF-8"))?
-            .to_string();
-        let (info, relative_offset) = read_tensor_info(&mut reader, name.clone())
-            .with_context(|| format!("tensor '{name}'"))?;
+        let name = std::str::from_utf8(name).with_context(|| format!("{location}: name is not UTF-8"))?.to_string();
+        let (info, relative_offset) =
+            read_tensor_info(&mut reader, name.clone()).with_context(|| format!("tensor '{name}'"))?;
         if tensor_names.insert(name.clone(), index).is_some() {
             bail!("tensor '{name}' appears twice");
         }
@@ -698,13 +650,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             ),
         }
     }
-    Ok(Parsed {
-        version,
-        metadata,
-        tensors,
-        alignment,
-        data_offset,
-    })
+    Ok(Parsed { version, metadata, tensors, alignment, data_offset })
 }
 
 /// Reads a tensor info after its name; returns it with the data offset relative
@@ -725,52 +671,26 @@ fn read_tensor_info(reader: &mut Reader, name: String) -> Result<(TensorInfo, u6
         element_count = element_count
             .checked_mul(dim)
             .filter(|&n| n <= i64::MAX as u64)
-            .ok_or_else(|| {
-                anyhow!("number of elements overflows (dims so far {dims:?}, then {dim})")
-            })?;
-        let dim = usize::try_from(dim)
-            .map_err(|_| anyhow!("dimension {axis} = {dim} is too big for this machine"))?;
+            .ok_or_else(|| anyhow!("number of elements overflows (dims so far {dims:?}, then {dim})"))?;
+        let dim = usize::try_from(dim).map_err(|_| anyhow!("dimension {axis} = {dim} is too big for this machine"))?;
         dims.push(dim);
     }
     let type_id = reader.u32("type")?;
-    let ggml_type =
-        GgmlType::from_id(type_id).ok_or_else(|| anyhow!("unknown GGML type id {type_id}"))?;
+    let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| anyhow!("unknown GGML type id {type_id}"))?;
     let relative_offset = reader.u64("data offset")?;
     let (block_values, block_bytes) = ggml_type.block_layout();
     if !dims[0].is_multiple_of(block_values) {
-        bail!(
-            "row length {} is not a multiple of the {} block size {block_values}",
-            dims[0],
-            ggml_type.name()
-        );
+        bail!("row length {} is not a multiple of the {} block size {block_values}", dims[0], ggml_type.name());
     }
     let size = (element_count / block_values as u64)
         .checked_mul(block_bytes as u64)
         .and_then(|size| usize::try_from(size).ok())
-        .ok_or_else(|| {
-            anyhow!(
-                "data size overflows ({element_count} elements of {})",
-                ggml_type.name()
-            )
-        })?;
-    Ok((
-        TensorInfo {
-            name,
-            ggml_type,
-            dims,
-            offset: 0,
-            size,
-        },
-        relative_offset,
-    ))
+        .ok_or_else(|| anyhow!("data size overflows ({element_count} elements of {})", ggml_type.name()))?;
+    Ok((TensorInfo { name, ggml_type, dims, offset: 0, size }, relative_offset))
 }
 
 /// Reads `count` fixed-size little-endian elements.
-fn read_fixed<T, const N: usize>(
-    reader: &mut Reader,
-    count: usize,
-    decode: impl Fn([u8; N]) -> T,
-) -> Result<Vec<T>> {
+fn read_fixed<T, const N: usize>(reader: &mut Reader, count: usize, decode: impl Fn([u8; N]) -> T) -> Result<Vec<T>> {
     let bytes = reader.take(count * N, "array elements")?;
     Ok(bytes
         .chunks_exact(N)

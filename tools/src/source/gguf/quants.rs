@@ -24,11 +24,7 @@ fn read_f16(bytes: &[u8]) -> f32 {
 pub fn dequantize(ggml_type: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let (block_values, _) = ggml_type.block_layout();
     if !out.len().is_multiple_of(block_values) || bytes.len() != ggml_type.bytes_for(out.len()) {
-        bail!(
-            "{} bytes do not hold {} values of {ggml_type} (blocks of {block_values})",
-            bytes.len(),
-            out.len()
-        );
+        bail!("{} bytes do not hold {} values of {ggml_type} (blocks of {block_values})", bytes.len(), out.len());
     }
     if let Some(encoding) = ggml_type.native_encoding() {
         dequantize_from(encoding, bytes, out);
@@ -41,18 +37,12 @@ pub fn dequantize(ggml_type: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<
             }
         }
         GgmlType::Q4_K => {
-            for (block, values) in bytes
-                .chunks_exact(Q4_K_BYTES)
-                .zip(out.chunks_exact_mut(QK_K))
-            {
+            for (block, values) in bytes.chunks_exact(Q4_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
                 dequantize_block_q4_k(block, values);
             }
         }
         GgmlType::Q6_K => {
-            for (block, values) in bytes
-                .chunks_exact(Q6_K_BYTES)
-                .zip(out.chunks_exact_mut(QK_K))
-            {
+            for (block, values) in bytes.chunks_exact(Q6_K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
                 dequantize_block_q6_k(block, values);
             }
         }
@@ -82,11 +72,7 @@ fn dequantize_block_q4_k(block: &[u8], out: &mut [f32]) {
     let dmin = read_f16(&block[2..4]);
     let scales = &block[4..16];
     let qs = &block[16..144];
-    for (chunk, (q, y)) in qs
-        .chunks_exact(32)
-        .zip(out.chunks_exact_mut(64))
-        .enumerate()
-    {
+    for (chunk, (q, y)) in qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
         let (scale, min) = scale_min_k4(2 * chunk, scales);
         let (d1, m1) = (d * scale as f32, dmin * min as f32);
         let (scale, min) = scale_min_k4(2 * chunk + 1, scales);
@@ -129,10 +115,7 @@ fn dequantize_block_q6_k(block: &[u8], out: &mut [f32]) {
 pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     let (block_values, _) = ggml_type.block_layout();
     if !values.len().is_multiple_of(block_values) {
-        bail!(
-            "{} values are not a whole number of {ggml_type} blocks of {block_values}",
-            values.len()
-        );
+        bail!("{} values are not a whole number of {ggml_type} blocks of {block_values}", values.len());
     }
     let mut out = vec![0u8; ggml_type.bytes_for(values.len())];
     if let Some(encoding) = ggml_type.native_encoding() {
@@ -151,18 +134,12 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
             }
         }
         GgmlType::Q4_K => {
-            for (block, x) in out
-                .chunks_exact_mut(Q4_K_BYTES)
-                .zip(values.chunks_exact(QK_K))
-            {
+            for (block, x) in out.chunks_exact_mut(Q4_K_BYTES).zip(values.chunks_exact(QK_K)) {
                 quantize_block_q4_k(x, block);
             }
         }
         GgmlType::Q6_K => {
-            for (block, x) in out
-                .chunks_exact_mut(Q6_K_BYTES)
-                .zip(values.chunks_exact(QK_K))
-            {
+            for (block, x) in out.chunks_exact_mut(Q6_K_BYTES).zip(values.chunks_exact(QK_K)) {
                 quantize_block_q6_k(x, block);
             }
         }
@@ -214,15 +191,8 @@ fn quantize_block_q4_k(x: &[f32], block: &mut [u8]) {
         }
         // Quantize against the scale and offset as they will be decoded.
         let (step, shift) = (d * scale as f32, dmin * offset as f32);
-        for (level, &value) in levels[32 * j..32 * j + 32]
-            .iter_mut()
-            .zip(&x[32 * j..32 * j + 32])
-        {
-            *level = if step > 0.0 {
-                ((value + shift) / step).round().clamp(0.0, 15.0) as u8
-            } else {
-                0
-            };
+        for (level, &value) in levels[32 * j..32 * j + 32].iter_mut().zip(&x[32 * j..32 * j + 32]) {
+            *level = if step > 0.0 { ((value + shift) / step).round().clamp(0.0, 15.0) as u8 } else { 0 };
         }
     }
     let qs = &mut block[16..144];
@@ -239,9 +209,7 @@ fn quantize_block_q4_k(x: &[f32], block: &mut [u8]) {
 fn quantize_block_q6_k(x: &[f32], block: &mut [u8]) {
     let mut scales = [0f32; 16];
     for (j, sub) in x.chunks_exact(16).enumerate() {
-        let extreme = sub
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let extreme = sub.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         scales[j] = extreme / -32.0;
     }
     let max_scale = scales.iter().fold(0f32, |m, &v| m.max(v.abs()));
@@ -250,22 +218,11 @@ fn quantize_block_q6_k(x: &[f32], block: &mut [u8]) {
     let d = d.to_f32();
     let mut levels = [0u8; QK_K];
     for j in 0..16 {
-        let scale = if d > 0.0 {
-            (scales[j] / d).round().clamp(-127.0, 127.0) as i8
-        } else {
-            0
-        };
+        let scale = if d > 0.0 { (scales[j] / d).round().clamp(-127.0, 127.0) as i8 } else { 0 };
         block[192 + j] = scale as u8;
         let step = d * scale as f32;
-        for (level, &value) in levels[16 * j..16 * j + 16]
-            .iter_mut()
-            .zip(&x[16 * j..16 * j + 16])
-        {
-            let q = if step != 0.0 {
-                (value / step).round().clamp(-32.0, 31.0) as i32
-            } else {
-                0
-            };
+        for (level, &value) in levels[16 * j..16 * j + 16].iter_mut().zip(&x[16 * j..16 * j + 16]) {
+            let q = if step != 0.0 { (value / step).round().clamp(-32.0, 31.0) as i32 } else { 0 };
             *level = (q + 32) as u8;
         }
     }
@@ -276,8 +233,7 @@ fn quantize_block_q6_k(x: &[f32], block: &mut [u8]) {
             let (a, b, c, e) = (levels[l], levels[l + 32], levels[l + 64], levels[l + 96]);
             block[64 * half + l] = (a & 0xF) | ((c & 0xF) << 4);
             block[64 * half + l + 32] = (b & 0xF) | ((e & 0xF) << 4);
-            block[128 + 32 * half + l] =
-                (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
+            block[128 + 32 * half + l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
         }
     }
 }
@@ -287,9 +243,7 @@ mod tests {
     use super::*;
 
     fn wave(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 + (i as f32 * 0.01).sin())
-            .collect()
+        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 + (i as f32 * 0.01).sin()).collect()
     }
 
     #[test]

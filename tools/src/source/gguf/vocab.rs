@@ -14,11 +14,9 @@ const END_OF_TURN_TOKENS: [&str; 3] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn
 /// The vocabulary stored in `file`'s `tokenizer.ggml.*` metadata.
 pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
     let path = file.path().display();
-    let model = file.string("tokenizer.ggml.model")?.ok_or_else(|| {
-        anyhow!(
-            "{path}: metadata key 'tokenizer.ggml.model' is missing (the file has no tokenizer)"
-        )
-    })?;
+    let model = file
+        .string("tokenizer.ggml.model")?
+        .ok_or_else(|| anyhow!("{path}: metadata key 'tokenizer.ggml.model' is missing (the file has no tokenizer)"))?;
     let (kind, pre_tokenizer) = match model {
         "llama" => (TokenizerKind::SentencePiece, PreTokenizer::None),
         "gpt2" => {
@@ -34,9 +32,7 @@ pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
             };
             (TokenizerKind::ByteLevelBpe, pre)
         }
-        other => bail!(
-            "{path}: tokenizer.ggml.model '{other}' is not supported (expected 'llama' or 'gpt2')"
-        ),
+        other => bail!("{path}: tokenizer.ggml.model '{other}' is not supported (expected 'llama' or 'gpt2')"),
     };
 
     let tokens = file
@@ -54,9 +50,7 @@ pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
         if length == n_tokens {
             Ok(())
         } else {
-            Err(anyhow!(
-                "{path}: {key} has {length} entries but there are {n_tokens} tokens"
-            ))
+            Err(anyhow!("{path}: {key} has {length} entries but there are {n_tokens} tokens"))
         }
     };
     let scores = match file.f32_array("tokenizer.ggml.scores")? {
@@ -70,9 +64,7 @@ pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
         Some(ids) => {
             check_length("tokenizer.ggml.token_type", ids.len())?;
             // Negative ids are as unknown as large ones: both read as Normal.
-            ids.into_iter()
-                .map(|id| TokenType::from_id(u32::try_from(id).unwrap_or(0)))
-                .collect()
+            ids.into_iter().map(|id| TokenType::from_id(u32::try_from(id).unwrap_or(0))).collect()
         }
         None => vec![TokenType::Normal; n_tokens],
     };
@@ -81,17 +73,12 @@ pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
         None => Vec::new(),
         Some(merges) => {
             // Later duplicates win, as in llama.cpp's token_to_id map.
-            let ids: HashMap<&[u8], u32> = tokens
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.as_slice(), i as u32))
-                .collect();
+            let ids: HashMap<&[u8], u32> = tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
             merges
                 .iter()
                 .enumerate()
                 .map(|(rank, merge)| {
-                    parse_merge(merge, &ids)
-                        .map_err(|e| anyhow!("{path}: tokenizer.ggml.merges[{rank}] {e}"))
+                    parse_merge(merge, &ids).map_err(|e| anyhow!("{path}: tokenizer.ggml.merges[{rank}] {e}"))
                 })
                 .collect::<Result<Vec<_>>>()?
         }
@@ -128,13 +115,9 @@ pub fn vocab_from_gguf(file: &GgufFile) -> Result<Vocab> {
         unk_id: special("unknown_token_id")?,
         pad_id: special("padding_token_id")?,
         eot_id,
-        add_bos: file
-            .bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(sentencepiece),
+        add_bos: file.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(sentencepiece),
         add_eos: file.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false),
-        add_space_prefix: file
-            .bool("tokenizer.ggml.add_space_prefix")?
-            .unwrap_or(sentencepiece),
+        add_space_prefix: file.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(sentencepiece),
         tokens,
     })
 }
@@ -147,12 +130,7 @@ fn parse_merge(merge: &[u8], ids: &HashMap<&[u8], u32>) -> Result<(u32, u32)> {
         .skip(1)
         .position(|&b| b == b' ')
         .map(|i| i + 1)
-        .ok_or_else(|| {
-            anyhow!(
-                "'{}' has no space between its two tokens",
-                String::from_utf8_lossy(merge)
-            )
-        })?;
+        .ok_or_else(|| anyhow!("'{}' has no space between its two tokens", String::from_utf8_lossy(merge)))?;
     let (left, right) = (&merge[..space], &merge[space + 1..]);
     let id = |side: &[u8]| {
         ids.get(side).copied().ok_or_else(|| {

@@ -70,20 +70,11 @@ impl GgufWriter {
     }
 
     /// Adds a tensor of `shape` (outermost first) whose stored bytes are `data`.
-    pub fn add_tensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        ggml_type: GgmlType,
-        data: Vec<u8>,
-    ) -> Result<&mut Self> {
+    pub fn add_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Vec<u8>) -> Result<&mut Self> {
         let size = self.check_tensor(name, shape, ggml_type)?;
         if data.len() != size {
             let count: usize = shape.iter().product();
-            bail!(
-                "tensor '{name}': {} bytes given, {count} values of {ggml_type} take {size}",
-                data.len()
-            );
+            bail!("tensor '{name}': {} bytes given, {count} values of {ggml_type} take {size}", data.len());
         }
         self.push_tensor(name, shape, ggml_type, Some(data), size);
         Ok(self)
@@ -92,12 +83,7 @@ impl GgufWriter {
     /// Adds a tensor of `shape` (outermost first) whose bytes are not given
     /// yet: [`GgufWriter::write_streaming`] asks for them. Such a file cannot be
     /// made with [`GgufWriter::to_bytes`] or [`GgufWriter::write`].
-    pub fn declare_tensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        ggml_type: GgmlType,
-    ) -> Result<&mut Self> {
+    pub fn declare_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType) -> Result<&mut Self> {
         let size = self.check_tensor(name, shape, ggml_type)?;
         self.push_tensor(name, shape, ggml_type, None, size);
         Ok(self)
@@ -120,14 +106,7 @@ impl GgufWriter {
         Ok(ggml_type.bytes_for(count))
     }
 
-    fn push_tensor(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        ggml_type: GgmlType,
-        data: Option<Vec<u8>>,
-        size: usize,
-    ) {
+    fn push_tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, data: Option<Vec<u8>>, size: usize) {
         self.tensors.push(PendingTensor {
             name: name.to_string(),
             dims: shape.iter().rev().map(|&d| d as u64).collect(),
@@ -191,10 +170,7 @@ impl GgufWriter {
         let mut out = self.head(alignment);
         for tensor in &self.tensors {
             let Some(data) = &tensor.data else {
-                bail!(
-                    "tensor '{}' was declared without data; write the file with write_streaming",
-                    tensor.name
-                );
+                bail!("tensor '{}' was declared without data; write the file with write_streaming", tensor.name);
             };
             pad_to(&mut out, alignment);
             out.extend_from_slice(data);
@@ -208,13 +184,9 @@ impl GgufWriter {
 
     /// Writes the file to `path`.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = self
-            .to_bytes()
-            .with_context(|| format!("{}", path.display()))?;
-        let mut file = std::fs::File::create(path)
-            .with_context(|| format!("{}: cannot create", path.display()))?;
-        file.write_all(&bytes)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+        let bytes = self.to_bytes().with_context(|| format!("{}", path.display()))?;
+        let mut file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        file.write_all(&bytes).with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
     }
 
@@ -223,19 +195,11 @@ impl GgufWriter {
     /// `fill(name, out)` writes its bytes to `out` (in pieces of any size, but
     /// exactly the tensor's stored size in all). Tensors added with data are
     /// written as given.
-    pub fn write_streaming(
-        &self,
-        path: &Path,
-        mut fill: impl FnMut(&str, &mut dyn Write) -> Result<()>,
-    ) -> Result<()> {
+    pub fn write_streaming(&self, path: &Path, mut fill: impl FnMut(&str, &mut dyn Write) -> Result<()>) -> Result<()> {
         let at_fault = |error: anyhow::Error| anyhow!("{}: {error:#}", path.display());
         let alignment = self.alignment().map_err(at_fault)?;
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("{}: cannot create", path.display()))?;
-        let mut out = CountingWriter {
-            inner: std::io::BufWriter::with_capacity(1 << 20, file),
-            written: 0,
-        };
+        let file = std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut out = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, file), written: 0 };
         let write_error = |e: std::io::Error| anyhow!("{}: cannot write: {e}", path.display());
         out.write_all(&self.head(alignment)).map_err(write_error)?;
         for tensor in &self.tensors {
@@ -324,11 +288,7 @@ fn put_value(out: &mut Vec<u8>, value: &Value) {
 
 /// Writes an array's element type, length and elements.
 fn put_array(out: &mut Vec<u8>, array: &Array) {
-    fn fixed<T: Copy, const N: usize>(
-        out: &mut Vec<u8>,
-        values: &[T],
-        encode: impl Fn(T) -> [u8; N],
-    ) {
+    fn fixed<T: Copy, const N: usize>(out: &mut Vec<u8>, values: &[T], encode: impl Fn(T) -> [u8; N]) {
         for &v in values {
             out.extend_from_slice(&encode(v));
         }
@@ -363,10 +323,7 @@ pub fn weight_type_for(requested: GgmlType, row_length: usize) -> GgmlType {
         GgmlType::Q6_K => GgmlType::Q8_0,
         other => other,
     };
-    [requested, fallback]
-        .into_iter()
-        .find(|&t| fits(t))
-        .unwrap_or(GgmlType::F16)
+    [requested, fallback].into_iter().find(|&t| fits(t)).unwrap_or(GgmlType::F16)
 }
 
 /// `tokenizer.ggml.pre` name of a pre-tokenizer.
@@ -387,16 +344,13 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     if !GgmlType::WRITABLE.contains(&weight_type) {
         bail!("{}: cannot write weights as {weight_type}", path.display());
     }
-    let mut writer = llama_writer(&model.config, &model.vocab)
-        .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    let mut writer = llama_writer(&model.config, &model.vocab).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
     for (name, shape, values) in &model.tensors {
         let ggml_type = match shape.len() {
             1 => GgmlType::F32,
             _ => weight_type_for(weight_type, shape[shape.len() - 1]),
         };
-        writer
-            .add_values(name, shape, ggml_type, values)
-            .with_context(|| format!("{}", path.display()))?;
+        writer.add_values(name, shape, ggml_type, values).with_context(|| format!("{}", path.display()))?;
     }
     writer.write(path)
 }
@@ -405,10 +359,7 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
 /// (as [`write_gguf`] writes it), and no tensors yet.
 pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
     if config.rope_style != 0 {
-        bail!(
-            "GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}",
-            config.rope_style
-        );
+        bail!("GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}", config.rope_style);
     }
     let mut writer = GgufWriter::new();
     writer
@@ -419,62 +370,37 @@ pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
         .set("llama.block_count", Value::U32(config.n_layers))
         .set("llama.feed_forward_length", Value::U32(config.ffn_dim))
         .set("llama.attention.head_count", Value::U32(config.n_heads))
-        .set(
-            "llama.attention.head_count_kv",
-            Value::U32(config.n_kv_heads),
-        )
+        .set("llama.attention.head_count_kv", Value::U32(config.n_kv_heads))
         .set("llama.attention.key_length", Value::U32(config.head_dim))
         .set("llama.attention.value_length", Value::U32(config.head_dim))
         .set("llama.rope.freq_base", Value::F32(config.rope_theta))
         .set("llama.rope.dimension_count", Value::U32(config.rope_dim))
-        .set(
-            "llama.attention.layer_norm_rms_epsilon",
-            Value::F32(config.norm_eps),
-        )
+        .set("llama.attention.layer_norm_rms_epsilon", Value::F32(config.norm_eps))
         .set("llama.vocab_size", Value::U32(vocab.len() as u32));
 
     let (model_name, template) = match vocab.kind {
         TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),
         TokenizerKind::ByteLevelBpe => ("gpt2", CHATML_TEMPLATE),
     };
-    writer.set(
-        "tokenizer.ggml.model",
-        Value::String(model_name.as_bytes().to_vec()),
-    );
+    writer.set("tokenizer.ggml.model", Value::String(model_name.as_bytes().to_vec()));
     if vocab.kind == TokenizerKind::ByteLevelBpe {
-        writer.set(
-            "tokenizer.ggml.pre",
-            Value::String(pre_tokenizer_name(vocab.pre_tokenizer).as_bytes().to_vec()),
-        );
+        writer.set("tokenizer.ggml.pre", Value::String(pre_tokenizer_name(vocab.pre_tokenizer).as_bytes().to_vec()));
     }
     writer
-        .set(
-            "tokenizer.ggml.tokens",
-            Value::Array(Array::String(vocab.tokens.clone())),
-        )
-        .set(
-            "tokenizer.ggml.scores",
-            Value::Array(Array::F32(vocab.scores.clone())),
-        )
+        .set("tokenizer.ggml.tokens", Value::Array(Array::String(vocab.tokens.clone())))
+        .set("tokenizer.ggml.scores", Value::Array(Array::F32(vocab.scores.clone())))
         .set(
             "tokenizer.ggml.token_type",
-            Value::Array(Array::I32(
-                vocab.types.iter().map(|t| t.id() as i32).collect(),
-            )),
+            Value::Array(Array::I32(vocab.types.iter().map(|t| t.id() as i32).collect())),
         );
     if !vocab.merges.is_empty() {
         let text = |id: u32| {
-            vocab
-                .tokens
-                .get(id as usize)
-                .ok_or_else(|| anyhow!("a merge names token {id}, which does not exist"))
+            vocab.tokens.get(id as usize).ok_or_else(|| anyhow!("a merge names token {id}, which does not exist"))
         };
         let merges = vocab
             .merges
             .iter()
-            .map(|&(left, right)| {
-                Ok([text(left)?.as_slice(), b" ", text(right)?.as_slice()].concat())
-            })
+            .map(|&(left, right)| Ok([text(left)?.as_slice(), b" ", text(right)?.as_slice()].concat()))
             .collect::<Result<Vec<_>>>()?;
         writer.set("tokenizer.ggml.merges", Value::Array(Array::String(merges)));
     }
@@ -492,14 +418,8 @@ pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
     writer
         .set("tokenizer.ggml.add_bos_token", Value::Bool(vocab.add_bos))
         .set("tokenizer.ggml.add_eos_token", Value::Bool(vocab.add_eos))
-        .set(
-            "tokenizer.ggml.add_space_prefix",
-            Value::Bool(vocab.add_space_prefix),
-        )
-        .set(
-            "tokenizer.chat_template",
-            Value::String(template.as_bytes().to_vec()),
-        );
+        .set("tokenizer.ggml.add_space_prefix", Value::Bool(vocab.add_space_prefix))
+        .set("tokenizer.chat_template", Value::String(template.as_bytes().to_vec()));
 
     Ok(writer)
 }

@@ -101,24 +101,13 @@ impl<'a> MessageReader<'a> {
                 return Ok(value);
             }
         }
-        bail!(
-            "varint longer than 10 bytes ending at byte {}",
-            self.position
-        )
+        bail!("varint longer than 10 bytes ending at byte {}", self.position)
     }
 
     fn take(&mut self, count: usize) -> Result<&'a [u8]> {
-        let end = self
-            .position
-            .checked_add(count)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or_else(|| {
-                anyhow!(
-                    "field of {count} bytes at byte {} runs past the end ({} bytes)",
-                    self.position,
-                    self.bytes.len()
-                )
-            })?;
+        let end = self.position.checked_add(count).filter(|&end| end <= self.bytes.len()).ok_or_else(|| {
+            anyhow!("field of {count} bytes at byte {} runs past the end ({} bytes)", self.position, self.bytes.len())
+        })?;
         let slice = &self.bytes[self.position..end];
         self.position = end;
         Ok(slice)
@@ -146,9 +135,7 @@ impl<'a> MessageReader<'a> {
                 Value::Bytes(self.take(length)?)
             }
             5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into()?)),
-            wire => bail!(
-                "field {field} at byte {start} has wire type {wire}, which protobuf 3 does not use"
-            ),
+            wire => bail!("field {field} at byte {start} has wire type {wire}, which protobuf 3 does not use"),
         };
         Ok(Some((field, value)))
     }
@@ -157,20 +144,14 @@ impl<'a> MessageReader<'a> {
 fn expect_varint(message: &str, field: u32, value: Value) -> Result<u64> {
     match value {
         Value::Varint(v) => Ok(v),
-        other => bail!(
-            "{message} field {field} is {}, expected varint",
-            other.wire_name()
-        ),
+        other => bail!("{message} field {field} is {}, expected varint", other.wire_name()),
     }
 }
 
 fn expect_bytes<'a>(message: &str, field: u32, value: Value<'a>) -> Result<&'a [u8]> {
     match value {
         Value::Bytes(b) => Ok(b),
-        other => bail!(
-            "{message} field {field} is {}, expected length-delimited",
-            other.wire_name()
-        ),
+        other => bail!("{message} field {field} is {}, expected length-delimited", other.wire_name()),
     }
 }
 
@@ -182,11 +163,7 @@ fn varint_to_i32(value: u64) -> i32 {
 fn parse_piece(bytes: &[u8], index: usize) -> Result<Piece> {
     let message = format!("piece {index}");
     let mut reader = MessageReader::new(bytes);
-    let mut piece = Piece {
-        text: Vec::new(),
-        score: 0.0,
-        token_type: TokenType::Normal,
-    };
+    let mut piece = Piece { text: Vec::new(), score: 0.0, token_type: TokenType::Normal };
     let mut has_text = false;
     while let Some((field, value)) = reader.next_field().map_err(|e| anyhow!("{message}: {e}"))? {
         match field {
@@ -217,10 +194,7 @@ fn parse_piece(bytes: &[u8], index: usize) -> Result<Piece> {
         bail!("{message} has no text");
     }
     if !piece.score.is_finite() {
-        bail!(
-            "{message} has a score that is not a finite number ({})",
-            piece.score
-        );
+        bail!("{message} has a score that is not a finite number ({})", piece.score);
     }
     Ok(piece)
 }
@@ -239,10 +213,7 @@ pub fn parse(bytes: &[u8]) -> Result<SentencePieceModel> {
         add_dummy_prefix: true,
     };
     let mut reader = MessageReader::new(bytes);
-    while let Some((field, value)) = reader
-        .next_field()
-        .map_err(|e| anyhow!("ModelProto: {e}"))?
-    {
+    while let Some((field, value)) = reader.next_field().map_err(|e| anyhow!("ModelProto: {e}"))? {
         match field {
             1 => {
                 let piece_bytes = expect_bytes("ModelProto", field, value)?;
@@ -251,47 +222,23 @@ pub fn parse(bytes: &[u8]) -> Result<SentencePieceModel> {
             }
             2 => {
                 let mut trainer = MessageReader::new(expect_bytes("ModelProto", field, value)?);
-                while let Some((field, value)) = trainer
-                    .next_field()
-                    .map_err(|e| anyhow!("trainer_spec: {e}"))?
-                {
+                while let Some((field, value)) = trainer.next_field().map_err(|e| anyhow!("trainer_spec: {e}"))? {
                     match field {
-                        3 => {
-                            model.model_type =
-                                varint_to_i32(expect_varint("trainer_spec", field, value)?)
-                        }
-                        35 => {
-                            model.byte_fallback = expect_varint("trainer_spec", field, value)? != 0
-                        }
-                        40 => {
-                            model.unk_id =
-                                varint_to_i32(expect_varint("trainer_spec", field, value)?)
-                        }
-                        41 => {
-                            model.bos_id =
-                                varint_to_i32(expect_varint("trainer_spec", field, value)?)
-                        }
-                        42 => {
-                            model.eos_id =
-                                varint_to_i32(expect_varint("trainer_spec", field, value)?)
-                        }
-                        43 => {
-                            model.pad_id =
-                                varint_to_i32(expect_varint("trainer_spec", field, value)?)
-                        }
+                        3 => model.model_type = varint_to_i32(expect_varint("trainer_spec", field, value)?),
+                        35 => model.byte_fallback = expect_varint("trainer_spec", field, value)? != 0,
+                        40 => model.unk_id = varint_to_i32(expect_varint("trainer_spec", field, value)?),
+                        41 => model.bos_id = varint_to_i32(expect_varint("trainer_spec", field, value)?),
+                        42 => model.eos_id = varint_to_i32(expect_varint("trainer_spec", field, value)?),
+                        43 => model.pad_id = varint_to_i32(expect_varint("trainer_spec", field, value)?),
                         _ => {}
                     }
                 }
             }
             3 => {
                 let mut normalizer = MessageReader::new(expect_bytes("ModelProto", field, value)?);
-                while let Some((field, value)) = normalizer
-                    .next_field()
-                    .map_err(|e| anyhow!("normalizer_spec: {e}"))?
-                {
+                while let Some((field, value)) = normalizer.next_field().map_err(|e| anyhow!("normalizer_spec: {e}"))? {
                     if field == 3 {
-                        model.add_dummy_prefix =
-                            expect_varint("normalizer_spec", field, value)? != 0;
+                        model.add_dummy_prefix = expect_varint("normalizer_spec", field, value)? != 0;
                     }
                 }
             }
@@ -302,12 +249,9 @@ pub fn parse(bytes: &[u8]) -> Result<SentencePieceModel> {
         bail!("ModelProto has no pieces");
     }
     let count = model.pieces.len();
-    for (name, id) in [
-        ("unk_id", model.unk_id),
-        ("bos_id", model.bos_id),
-        ("eos_id", model.eos_id),
-        ("pad_id", model.pad_id),
-    ] {
+    for (name, id) in
+        [("unk_id", model.unk_id), ("bos_id", model.bos_id), ("eos_id", model.eos_id), ("pad_id", model.pad_id)]
+    {
         if id < -1 || id >= 0 && id as usize >= count {
             bail!("trainer_spec {name} = {id} is outside the {count} pieces");
         }

@@ -69,14 +69,9 @@ struct TokenizerConfig {
 
 /// Reads a file of at most [`MAX_TOKENIZER_FILE_BYTES`].
 pub(super) fn read_bounded(path: &Path) -> Result<Vec<u8>> {
-    let length = std::fs::metadata(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?
-        .len();
+    let length = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
     if length > MAX_TOKENIZER_FILE_BYTES {
-        bail!(
-            "{}: {length} bytes is larger than any tokenizer file ({MAX_TOKENIZER_FILE_BYTES})",
-            path.display()
-        );
+        bail!("{}: {length} bytes is larger than any tokenizer file ({MAX_TOKENIZER_FILE_BYTES})", path.display());
     }
     std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
@@ -94,15 +89,9 @@ fn special_token_text(path: &Path, key: &str, value: &Value) -> Result<Option<St
         Value::String(text) => Ok(Some(text.clone())),
         Value::Object(object) => match object.get("content") {
             Some(Value::String(text)) => Ok(Some(text.clone())),
-            _ => bail!(
-                "{}: `{key}` is an object without a string `content`",
-                path.display()
-            ),
+            _ => bail!("{}: `{key}` is an object without a string `content`", path.display()),
         },
-        _ => bail!(
-            "{}: `{key}` is neither a string nor an object",
-            path.display()
-        ),
+        _ => bail!("{}: `{key}` is neither a string nor an object", path.display()),
     }
 }
 
@@ -123,10 +112,8 @@ impl TokenizerConfig {
                 *slot = Some(special_token_text(path, key, value)?);
             }
         }
-        for (key, slot) in [
-            ("add_bos_token", &mut config.add_bos_token),
-            ("add_eos_token", &mut config.add_eos_token),
-        ] {
+        for (key, slot) in [("add_bos_token", &mut config.add_bos_token), ("add_eos_token", &mut config.add_eos_token)]
+        {
             match object.get(key) {
                 None | Some(Value::Null) => {}
                 Some(Value::Bool(flag)) => *slot = Some(*flag),
@@ -143,27 +130,18 @@ impl TokenizerConfig {
                     let name = entry.get("name").and_then(Value::as_str);
                     let template = entry.get("template").and_then(Value::as_str);
                     let (Some(name), Some(template)) = (name, template) else {
-                        bail!(
-                            "{}: `chat_template[{index}]` lacks a string `name` or `template`",
-                            path.display()
-                        );
+                        bail!("{}: `chat_template[{index}]` lacks a string `name` or `template`", path.display());
                     };
                     if name == "default" {
                         default = Some(template.to_string());
                     }
                 }
                 if default.is_none() {
-                    log::warn!(
-                        "{}: no chat template is named \"default\"; using none",
-                        path.display()
-                    );
+                    log::warn!("{}: no chat template is named \"default\"; using none", path.display());
                 }
                 default
             }
-            Some(_) => bail!(
-                "{}: `chat_template` is neither a string nor a list",
-                path.display()
-            ),
+            Some(_) => bail!("{}: `chat_template` is neither a string nor a list", path.display()),
         };
         Ok(config)
     }
@@ -172,11 +150,7 @@ impl TokenizerConfig {
 /// Reads the tokenizer of the Hugging Face directory `dir`: the vocabulary and the chat template.
 pub(super) fn read_tokenizer(dir: &Path, model_ids: ModelFacts) -> Result<(Vocab, Option<String>)> {
     let config_path = dir.join("tokenizer_config.json");
-    let config = if config_path.is_file() {
-        TokenizerConfig::read(&config_path)?
-    } else {
-        TokenizerConfig::default()
-    };
+    let config = if config_path.is_file() { TokenizerConfig::read(&config_path)? } else { TokenizerConfig::default() };
     let json_path = dir.join("tokenizer.json");
     let model_path = dir.join("tokenizer.model");
     let mut vocab = if json_path.is_file() {
@@ -184,8 +158,7 @@ pub(super) fn read_tokenizer(dir: &Path, model_ids: ModelFacts) -> Result<(Vocab
         vocab_from_tokenizer_json(&json_path, &json, model_ids)?
     } else if model_path.is_file() {
         let bytes = read_bounded(&model_path)?;
-        let model = sentencepiece_model::parse(&bytes)
-            .map_err(|e| anyhow!("{}: {e:#}", model_path.display()))?;
+        let model = sentencepiece_model::parse(&bytes).map_err(|e| anyhow!("{}: {e:#}", model_path.display()))?;
         vocab_from_sentencepiece(&model_path, &model)?
     } else {
         bail!("{}: no tokenizer.json or tokenizer.model", dir.display());
@@ -195,8 +168,7 @@ pub(super) fn read_tokenizer(dir: &Path, model_ids: ModelFacts) -> Result<(Vocab
     let jinja_path = dir.join("chat_template.jinja");
     if chat_template.is_none() && jinja_path.is_file() {
         let bytes = read_bounded(&jinja_path)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| anyhow!("{}: not valid UTF-8", jinja_path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: not valid UTF-8", jinja_path.display()))?;
         chat_template = Some(text);
     }
     Ok((vocab, chat_template))
@@ -214,30 +186,21 @@ fn index_by_text(tokens: &[Vec<u8>]) -> HashMap<&[u8], u32> {
 /// Sets special ids and flags from `tokenizer_config.json` over what the tokenizer file said.
 fn apply_tokenizer_config(vocab: &mut Vocab, config: &TokenizerConfig, path: &Path) -> Result<()> {
     let index = index_by_text(&vocab.tokens);
-    let lookup = |key: &str,
-                  setting: &Option<Option<String>>,
-                  current: Option<u32>,
-                  required: bool|
-     -> Result<Option<u32>> {
-        match setting {
-            None => Ok(current),
-            Some(None) => Ok(None),
-            Some(Some(text)) => match index.get(text.as_bytes()) {
-                Some(&id) => Ok(Some(id)),
-                None if required => bail!(
-                    "{}: `{key}` {text:?} is not in the vocabulary",
-                    path.display()
-                ),
-                None => {
-                    log::warn!(
-                        "{}: `{key}` {text:?} is not in the vocabulary; ignored",
-                        path.display()
-                    );
-                    Ok(None)
-                }
-            },
-        }
-    };
+    let lookup =
+        |key: &str, setting: &Option<Option<String>>, current: Option<u32>, required: bool| -> Result<Option<u32>> {
+            match setting {
+                None => Ok(current),
+                Some(None) => Ok(None),
+                Some(Some(text)) => match index.get(text.as_bytes()) {
+                    Some(&id) => Ok(Some(id)),
+                    None if required => bail!("{}: `{key}` {text:?} is not in the vocabulary", path.display()),
+                    None => {
+                        log::warn!("{}: `{key}` {text:?} is not in the vocabulary; ignored", path.display());
+                        Ok(None)
+                    }
+                },
+            }
+        };
     let bos_id = lookup("bos_token", &config.bos_token, vocab.bos_id, true)?;
     let eos_id = lookup("eos_token", &config.eos_token, vocab.eos_id, true)?;
     let unk_id = lookup("unk_token", &config.unk_token, vocab.unk_id, true)?;
@@ -253,35 +216,21 @@ fn apply_tokenizer_config(vocab: &mut Vocab, config: &TokenizerConfig, path: &Pa
         vocab.add_eos = flag;
     }
     if vocab.add_bos && vocab.bos_id.is_none() {
-        bail!(
-            "{}: add_bos_token is set but there is no BOS token",
-            path.display()
-        );
+        bail!("{}: add_bos_token is set but there is no BOS token", path.display());
     }
     if vocab.add_eos && vocab.eos_id.is_none() {
-        bail!(
-            "{}: add_eos_token is set but there is no EOS token",
-            path.display()
-        );
+        bail!("{}: add_eos_token is set but there is no EOS token", path.display());
     }
     Ok(())
 }
 
 fn end_of_turn(tokens: &[Vec<u8>]) -> Option<u32> {
-    END_OF_TURN_TOKENS.iter().find_map(|name| {
-        tokens
-            .iter()
-            .position(|t| t == name.as_bytes())
-            .map(|i| i as u32)
-    })
+    END_OF_TURN_TOKENS.iter().find_map(|name| tokens.iter().position(|t| t == name.as_bytes()).map(|i| i as u32))
 }
 
 /// Whether `text` is a SentencePiece byte token `<0xAB>`.
 fn is_byte_token(text: &[u8]) -> bool {
-    text.len() == 6
-        && text.starts_with(b"<0x")
-        && text[5] == b'>'
-        && text[3..5].iter().all(u8::is_ascii_hexdigit)
+    text.len() == 6 && text.starts_with(b"<0x") && text[5] == b'>' && text[3..5].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// A vocabulary from a parsed `tokenizer.model`.
@@ -300,11 +249,7 @@ pub(super) fn vocab_from_sentencepiece(path: &Path, model: &SentencePieceModel) 
         );
     }
     if model.pieces.len() as u64 > MAX_TOKEN_ID {
-        bail!(
-            "{}: {} pieces is more than any vocabulary",
-            path.display(),
-            model.pieces.len()
-        );
+        bail!("{}: {} pieces is more than any vocabulary", path.display(), model.pieces.len());
     }
     let id = |value: i32| u32::try_from(value).ok();
     let tokens: Vec<Vec<u8>> = model.pieces.iter().map(|p| p.text.clone()).collect();
@@ -342,9 +287,7 @@ fn for_each_object<'a>(value: &'a Value, visit: &mut dyn FnMut(&'a Map<String, V
 
 fn has_type(value: &Value, name: &str) -> bool {
     let mut found = false;
-    for_each_object(value, &mut |object| {
-        found |= object.get("type").and_then(Value::as_str) == Some(name)
-    });
+    for_each_object(value, &mut |object| found |= object.get("type").and_then(Value::as_str) == Some(name));
     found
 }
 
@@ -373,17 +316,13 @@ fn byte_level_pre_tokenizer(pre_tokenizer: &Value) -> PreTokenizer {
     let position = |test: &dyn Fn(&Value) -> bool| steps.iter().position(|step| test(step));
     let llama3 = position(&|step| {
         type_of(step) == Some("Split")
-            && step
-                .pointer("/pattern/Regex")
-                .and_then(Value::as_str)
-                .is_some_and(|regex| regex.contains(r"\p{N}{1,3}"))
+            && step.pointer("/pattern/Regex").and_then(Value::as_str).is_some_and(|regex| regex.contains(r"\p{N}{1,3}"))
     });
     if llama3.is_some() {
         return PreTokenizer::Llama3;
     }
     let digits = position(&|step| {
-        type_of(step) == Some("Digits")
-            && step.get("individual_digits").and_then(Value::as_bool) == Some(true)
+        type_of(step) == Some("Digits") && step.get("individual_digits").and_then(Value::as_bool) == Some(true)
     });
     let byte_level = position(&|step| type_of(step) == Some("ByteLevel"));
     match (digits, byte_level) {
@@ -397,24 +336,19 @@ fn sentencepiece_space_prefix(json: &Value) -> bool {
     let mut prefix = false;
     for key in ["normalizer", "pre_tokenizer"] {
         if let Some(part) = json.get(key) {
-            for_each_object(
-                part,
-                &mut |object| match object.get("type").and_then(Value::as_str) {
-                    Some("Prepend") => {
-                        prefix |= object.get("prepend").and_then(Value::as_str) == Some(SPACE_PIECE)
+            for_each_object(part, &mut |object| match object.get("type").and_then(Value::as_str) {
+                Some("Prepend") => prefix |= object.get("prepend").and_then(Value::as_str) == Some(SPACE_PIECE),
+                Some("Metaspace") => {
+                    // Older files say add_prefix_space, newer ones prepend_scheme.
+                    if let Some(add) = object.get("add_prefix_space").and_then(Value::as_bool) {
+                        prefix |= add;
                     }
-                    Some("Metaspace") => {
-                        // Older files say add_prefix_space, newer ones prepend_scheme.
-                        if let Some(add) = object.get("add_prefix_space").and_then(Value::as_bool) {
-                            prefix |= add;
-                        }
-                        if let Some(scheme) = object.get("prepend_scheme").and_then(Value::as_str) {
-                            prefix |= scheme == "first" || scheme == "always";
-                        }
+                    if let Some(scheme) = object.get("prepend_scheme").and_then(Value::as_str) {
+                        prefix |= scheme == "first" || scheme == "always";
                     }
-                    _ => {}
-                },
-            );
+                }
+                _ => {}
+            });
         }
     }
     prefix
@@ -429,22 +363,16 @@ fn is_sentencepiece_style(json: &Value, model: &Value) -> bool {
     let mut found = false;
     for key in ["normalizer", "pre_tokenizer", "decoder"] {
         if let Some(part) = json.get(key) {
-            for_each_object(
-                part,
-                &mut |object| match object.get("type").and_then(Value::as_str) {
-                    Some("Metaspace") => found = true,
-                    Some("Replace") | Some("Prepend") => {
-                        let text = |v: Option<&Value>| {
-                            v.and_then(Value::as_str)
-                                .is_some_and(|s| s.contains(SPACE_PIECE))
-                        };
-                        found |= text(object.get("content"))
-                            || text(object.get("prepend"))
-                            || text(object.get("pattern").and_then(|p| p.get("String")));
-                    }
-                    _ => {}
-                },
-            );
+            for_each_object(part, &mut |object| match object.get("type").and_then(Value::as_str) {
+                Some("Metaspace") => found = true,
+                Some("Replace") | Some("Prepend") => {
+                    let text = |v: Option<&Value>| v.and_then(Value::as_str).is_some_and(|s| s.contains(SPACE_PIECE));
+                    found |= text(object.get("content"))
+                        || text(object.get("prepend"))
+                        || text(object.get("pattern").and_then(|p| p.get("String")));
+                }
+                _ => {}
+            });
         }
     }
     found
@@ -456,25 +384,17 @@ fn template_flags(json: &Value, bos: Option<&str>, eos: Option<&str>) -> Option<
     let processor = json.get("post_processor")?;
     let template = steps_of_processor(processor)?;
     fn special(item: Option<&Value>) -> Option<&str> {
-        item.and_then(|i| i.pointer("/SpecialToken/id"))
-            .and_then(Value::as_str)
+        item.and_then(|i| i.pointer("/SpecialToken/id")).and_then(Value::as_str)
     }
     let first = special(template.first());
     let last = special(template.last());
-    Some((
-        first.is_some() && first == bos,
-        last.is_some() && last == eos && template.len() > 1,
-    ))
+    Some((first.is_some() && first == bos, last.is_some() && last == eos && template.len() > 1))
 }
 
 fn steps_of_processor(processor: &Value) -> Option<&Vec<Value>> {
     match type_of(processor)? {
         "TemplateProcessing" => processor.get("single")?.as_array(),
-        "Sequence" => processor
-            .get("processors")?
-            .as_array()?
-            .iter()
-            .find_map(steps_of_processor),
+        "Sequence" => processor.get("processors")?.as_array()?.iter().find_map(steps_of_processor),
         _ => None,
     }
 }
@@ -482,12 +402,10 @@ fn steps_of_processor(processor: &Value) -> Option<&Vec<Value>> {
 fn token_ids(path: &Path, map: &Map<String, Value>) -> Result<Vec<(String, u32)>> {
     let mut entries = Vec::with_capacity(map.len());
     for (text, id) in map {
-        let id = id.as_u64().filter(|&id| id < MAX_TOKEN_ID).ok_or_else(|| {
-            anyhow!(
-                "{}: model.vocab[{text:?}] = {id} is not a token id",
-                path.display()
-            )
-        })?;
+        let id = id
+            .as_u64()
+            .filter(|&id| id < MAX_TOKEN_ID)
+            .ok_or_else(|| anyhow!("{}: model.vocab[{text:?}] = {id} is not a token id", path.display()))?;
         entries.push((text.clone(), id as u32));
     }
     Ok(entries)
@@ -500,25 +418,13 @@ fn merge_pair<'a>(path: &Path, rank: usize, merge: &'a Value) -> Result<(&'a str
         Value::Array(items) if items.len() == 2 => items[0].as_str().zip(items[1].as_str()),
         _ => None,
     };
-    pair.ok_or_else(|| {
-        anyhow!(
-            "{}: model.merges[{rank}] is not \"left right\" or [left, right]",
-            path.display()
-        )
-    })
+    pair.ok_or_else(|| anyhow!("{}: model.merges[{rank}] is not \"left right\" or [left, right]", path.display()))
 }
 
 /// A vocabulary from a parsed `tokenizer.json`.
-pub(super) fn vocab_from_tokenizer_json(
-    path: &Path,
-    json: &Value,
-    model_ids: ModelFacts,
-) -> Result<Vocab> {
+pub(super) fn vocab_from_tokenizer_json(path: &Path, json: &Value, model_ids: ModelFacts) -> Result<Vocab> {
     let name = path.display();
-    let model = json
-        .get("model")
-        .filter(|m| m.is_object())
-        .ok_or_else(|| anyhow!("{name}: no `model` object"))?;
+    let model = json.get("model").filter(|m| m.is_object()).ok_or_else(|| anyhow!("{name}: no `model` object"))?;
     match type_of(model) {
         Some("BPE") => {}
         // Old files leave the type out; a vocab with merges is BPE.
@@ -526,57 +432,38 @@ pub(super) fn vocab_from_tokenizer_json(
         Some(other) => bail!("{name}: model type {other} is not supported (only BPE)"),
         None => bail!("{name}: `model` has no type and no merges"),
     }
-    let vocab_map = model
-        .get("vocab")
-        .and_then(Value::as_object)
-        .ok_or_else(|| anyhow!("{name}: model.vocab is not an object"))?;
+    let vocab_map =
+        model.get("vocab").and_then(Value::as_object).ok_or_else(|| anyhow!("{name}: model.vocab is not an object"))?;
     let mut entries = token_ids(path, vocab_map)?;
     // Added tokens, as (id, special).
     let mut added: Vec<(u32, bool)> = Vec::new();
     if let Some(list) = json.get("added_tokens").filter(|v| !v.is_null()) {
-        let list = list
-            .as_array()
-            .ok_or_else(|| anyhow!("{name}: added_tokens is not a list"))?;
+        let list = list.as_array().ok_or_else(|| anyhow!("{name}: added_tokens is not a list"))?;
         for (index, token) in list.iter().enumerate() {
-            let id = token
-                .get("id")
-                .and_then(Value::as_u64)
-                .filter(|&id| id < MAX_TOKEN_ID);
+            let id = token.get("id").and_then(Value::as_u64).filter(|&id| id < MAX_TOKEN_ID);
             let content = token.get("content").and_then(Value::as_str);
             let (Some(id), Some(content)) = (id, content) else {
                 bail!("{name}: added_tokens[{index}] lacks a token id or a string content");
             };
-            let special = token
-                .get("special")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
+            let special = token.get("special").and_then(Value::as_bool).unwrap_or(false);
             entries.push((content.to_string(), id as u32));
             added.push((id as u32, special));
         }
     }
-    let count = entries
-        .iter()
-        .map(|(_, id)| *id as usize + 1)
-        .max()
-        .unwrap_or(0);
+    let count = entries.iter().map(|(_, id)| *id as usize + 1).max().unwrap_or(0);
     if count == 0 {
         bail!("{name}: the vocabulary is empty");
     }
     if count > model_ids.vocab_size as usize {
-        bail!(
-            "{name}: token id {} is past config.json's vocab_size {}",
-            count - 1,
-            model_ids.vocab_size
-        );
+        bail!("{name}: token id {} is past config.json's vocab_size {}", count - 1, model_ids.vocab_size);
     }
     let mut tokens: Vec<Option<Vec<u8>>> = vec![None; count];
     for (text, id) in &entries {
         let slot = &mut tokens[*id as usize];
         match slot {
-            Some(existing) if existing != text.as_bytes() => bail!(
-                "{name}: token id {id} is both {:?} and {text:?}",
-                String::from_utf8_lossy(existing)
-            ),
+            Some(existing) if existing != text.as_bytes() => {
+                bail!("{name}: token id {id} is both {:?} and {text:?}", String::from_utf8_lossy(existing))
+            }
             _ => *slot = Some(text.as_bytes().to_vec()),
         }
     }
@@ -604,18 +491,15 @@ pub(super) fn vocab_from_tokenizer_json(
         let (left, right) = merge_pair(path, rank, merge)?;
         let find = |text: &str| index.get(text.as_bytes()).copied();
         let joined = format!("{left}{right}");
-        let (Some(left_id), Some(right_id), Some(merged_id)) =
-            (find(left), find(right), find(&joined))
-        else {
+        let (Some(left_id), Some(right_id), Some(merged_id)) = (find(left), find(right), find(&joined)) else {
             bail!("{name}: model.merges[{rank}] ({left:?}, {right:?}) uses or makes a token not in the vocabulary");
         };
         merges.push((left_id, right_id));
         merged_ids.push(merged_id);
     }
 
-    let byte_level = ["pre_tokenizer", "decoder"]
-        .iter()
-        .any(|key| json.get(*key).is_some_and(|v| has_type(v, "ByteLevel")));
+    let byte_level =
+        ["pre_tokenizer", "decoder"].iter().any(|key| json.get(*key).is_some_and(|v| has_type(v, "ByteLevel")));
     let sentencepiece = is_sentencepiece_style(json, model);
     let kind = match (byte_level, sentencepiece) {
         (true, false) => TokenizerKind::ByteLevelBpe,
@@ -625,29 +509,24 @@ pub(super) fn vocab_from_tokenizer_json(
     };
 
     for &(id, special) in &added {
-        types[id as usize] = if special {
-            TokenType::Control
-        } else {
-            TokenType::UserDefined
-        };
+        types[id as usize] = if special { TokenType::Control } else { TokenType::UserDefined };
     }
     let unk_text = match model.get("unk_token") {
         None | Some(Value::Null) => None,
         Some(Value::String(text)) => Some(text.as_str()),
         Some(_) => bail!("{name}: model.unk_token is not a string"),
     };
-    let unk_id =
-        match unk_text {
-            None => None,
-            Some(text) => Some(*index.get(text.as_bytes()).ok_or_else(|| {
-                anyhow!("{name}: model.unk_token {text:?} is not in the vocabulary")
-            })?),
-        };
+    let unk_id = match unk_text {
+        None => None,
+        Some(text) => Some(
+            *index
+                .get(text.as_bytes())
+                .ok_or_else(|| anyhow!("{name}: model.unk_token {text:?} is not in the vocabulary"))?,
+        ),
+    };
     let check_id = |key: &str, id: Option<u32>| match id {
         Some(id) if id as usize >= count => {
-            log::warn!(
-                "config.json: {key} {id} is outside the tokenizer's {count} tokens; ignored"
-            );
+            log::warn!("config.json: {key} {id} is outside the tokenizer's {count} tokens; ignored");
             None
         }
         other => other,
@@ -675,8 +554,7 @@ pub(super) fn vocab_from_tokenizer_json(
                 match first_rank[id] {
                     Some(rank) => scores[id] = -(rank as f32),
                     None if types[id] == TokenType::Normal
-                        && std::str::from_utf8(&tokens[id]).map_or(0, |t| t.chars().count())
-                            > 1 =>
+                        && std::str::from_utf8(&tokens[id]).map_or(0, |t| t.chars().count()) > 1 =>
                     {
                         // No merge makes this piece, so Hugging Face's BPE never
                         // emits it. A SentencePiece merger would still form it from
@@ -690,34 +568,25 @@ pub(super) fn vocab_from_tokenizer_json(
             }
             bos_id = bos_id.or_else(|| index.get(&b"<s>"[..]).copied());
             eos_id = eos_id.or_else(|| index.get(&b"</s>"[..]).copied());
-            (
-                scores,
-                PreTokenizer::None,
-                sentencepiece_space_prefix(json),
-                Vec::new(),
-            )
+            (scores, PreTokenizer::None, sentencepiece_space_prefix(json), Vec::new())
         }
         TokenizerKind::ByteLevelBpe => {
-            let pre_tokenizer = json
-                .get("pre_tokenizer")
-                .map_or(PreTokenizer::Gpt2, byte_level_pre_tokenizer);
+            let pre_tokenizer = json.get("pre_tokenizer").map_or(PreTokenizer::Gpt2, byte_level_pre_tokenizer);
             let mut add_prefix_space = false;
             if let Some(pre) = json.get("pre_tokenizer") {
                 for_each_object(pre, &mut |object| {
                     if object.get("type").and_then(Value::as_str) == Some("ByteLevel") {
-                        add_prefix_space |=
-                            object.get("add_prefix_space").and_then(Value::as_bool) == Some(true);
+                        add_prefix_space |= object.get("add_prefix_space").and_then(Value::as_bool) == Some(true);
                     }
                 });
             }
             (vec![0.0; count], pre_tokenizer, add_prefix_space, merges)
         }
     };
-    let text_of =
-        |id: Option<u32>| id.and_then(|id| std::str::from_utf8(&tokens[id as usize]).ok());
+    let text_of = |id: Option<u32>| id.and_then(|id| std::str::from_utf8(&tokens[id as usize]).ok());
     let default_bos = kind == TokenizerKind::SentencePiece;
-    let (add_bos, add_eos) = template_flags(json, text_of(bos_id), text_of(eos_id))
-        .unwrap_or((default_bos && bos_id.is_some(), false));
+    let (add_bos, add_eos) =
+        template_flags(json, text_of(bos_id), text_of(eos_id)).unwrap_or((default_bos && bos_id.is_some(), false));
     Ok(Vocab {
         kind,
         pre_tokenizer,
@@ -746,12 +615,8 @@ pub(super) enum TemplateForm {
 }
 
 fn token_text(vocab: &Vocab, id: u32) -> Result<&str> {
-    let bytes = vocab
-        .tokens
-        .get(id as usize)
-        .ok_or_else(|| anyhow!("token id {id} is outside the vocabulary"))?;
-    std::str::from_utf8(bytes)
-        .map_err(|_| anyhow!("token {id} is not valid UTF-8, which JSON cannot hold"))
+    let bytes = vocab.tokens.get(id as usize).ok_or_else(|| anyhow!("token id {id} is outside the vocabulary"))?;
+    std::str::from_utf8(bytes).map_err(|_| anyhow!("token {id} is not valid UTF-8, which JSON cannot hold"))
 }
 
 /// `tokenizer_config.json` for `vocab`.
@@ -802,10 +667,7 @@ fn template_processor(vocab: &Vocab) -> Result<Value> {
     let mut special = |id: u32, type_id: u32, list: &mut Vec<Value>| -> Result<()> {
         let text = token_text(vocab, id)?;
         list.push(json!({"SpecialToken": {"id": text, "type_id": type_id}}));
-        special_tokens.insert(
-            text.to_string(),
-            json!({"id": text, "ids": [id], "tokens": [text]}),
-        );
+        special_tokens.insert(text.to_string(), json!({"id": text, "ids": [id], "tokens": [text]}));
         Ok(())
     };
     for (list, sequences) in [(&mut single, &["A"][..]), (&mut pair, &["A", "B"][..])] {
@@ -819,9 +681,7 @@ fn template_processor(vocab: &Vocab) -> Result<Value> {
             }
         }
     }
-    Ok(
-        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens}),
-    )
+    Ok(json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens}))
 }
 
 /// Merges for a SentencePiece vocabulary, which stores scores instead: each
@@ -835,33 +695,19 @@ fn derive_merges(vocab: &Vocab) -> Vec<(String, String)> {
         .filter_map(|(id, text)| Some((std::str::from_utf8(text).ok()?, id as u32)))
         .collect();
     let usable = |text: &str| {
-        index.get(text).is_some_and(|&id| {
-            matches!(
-                vocab.types[id as usize],
-                TokenType::Normal | TokenType::UserDefined
-            )
-        })
+        index
+            .get(text)
+            .is_some_and(|&id| matches!(vocab.types[id as usize], TokenType::Normal | TokenType::UserDefined))
     };
     let mut pieces: Vec<u32> = (0..vocab.len() as u32)
         .filter(|&id| vocab.types[id as usize] == TokenType::Normal)
-        .filter(|&id| {
-            std::str::from_utf8(&vocab.tokens[id as usize]).is_ok_and(|t| t.chars().count() > 1)
-        })
+        .filter(|&id| std::str::from_utf8(&vocab.tokens[id as usize]).is_ok_and(|t| t.chars().count() > 1))
         .collect();
-    pieces.sort_by(|&a, &b| {
-        vocab.scores[b as usize]
-            .total_cmp(&vocab.scores[a as usize])
-            .then(a.cmp(&b))
-    });
+    pieces.sort_by(|&a, &b| vocab.scores[b as usize].total_cmp(&vocab.scores[a as usize]).then(a.cmp(&b)));
     let mut merges = Vec::new();
     for id in pieces {
-        let text =
-            std::str::from_utf8(&vocab.tokens[id as usize]).expect("filtered to UTF-8 above");
-        let split = text
-            .char_indices()
-            .skip(1)
-            .map(|(at, _)| text.split_at(at))
-            .find(|(l, r)| usable(l) && usable(r));
+        let text = std::str::from_utf8(&vocab.tokens[id as usize]).expect("filtered to UTF-8 above");
+        let split = text.char_indices().skip(1).map(|(at, _)| text.split_at(at)).find(|(l, r)| usable(l) && usable(r));
         if let Some((left, right)) = split {
             merges.push((left.to_string(), right.to_string()));
         }
@@ -881,35 +727,23 @@ pub(super) fn tokenizer_json(vocab: &Vocab) -> Result<Value> {
             bail!("token {text:?} appears twice, which tokenizer.json cannot hold");
         }
         let token_type = vocab.types[id as usize];
-        if matches!(
-            token_type,
-            TokenType::Control | TokenType::Unknown | TokenType::UserDefined
-        ) {
+        if matches!(token_type, TokenType::Control | TokenType::Unknown | TokenType::UserDefined) {
             added_tokens.push(json!({
                 "id": id, "content": text, "single_word": false, "lstrip": false, "rstrip": false,
                 "normalized": token_type == TokenType::UserDefined, "special": token_type != TokenType::UserDefined,
             }));
         }
     }
-    let post_processor = if vocab.add_bos || vocab.add_eos {
-        Some(template_processor(vocab)?)
-    } else {
-        None
-    };
+    let post_processor = if vocab.add_bos || vocab.add_eos { Some(template_processor(vocab)?) } else { None };
     let byte_level_step = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": vocab.add_space_prefix, "trim_offsets": true, "use_regex": use_regex});
     match vocab.kind {
         TokenizerKind::SentencePiece => {
-            let merges: Vec<Value> = derive_merges(vocab)
-                .into_iter()
-                .map(|(l, r)| json!([l, r]))
-                .collect();
+            let merges: Vec<Value> = derive_merges(vocab).into_iter().map(|(l, r)| json!([l, r])).collect();
             let mut normalizers = Vec::new();
             if vocab.add_space_prefix {
                 normalizers.push(json!({"type": "Prepend", "prepend": SPACE_PIECE}));
             }
-            normalizers.push(
-                json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_PIECE}),
-            );
+            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_PIECE}));
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": SPACE_PIECE}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -949,31 +783,21 @@ pub(super) fn tokenizer_json(vocab: &Vocab) -> Result<Value> {
                     {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
                     byte_level_step(false),
                 ]}),
-                PreTokenizer::None => bail!(
-                    "a byte-level vocabulary needs a pre-tokenizer to be written as tokenizer.json"
-                ),
+                PreTokenizer::None => {
+                    bail!("a byte-level vocabulary needs a pre-tokenizer to be written as tokenizer.json")
+                }
             };
             // The classic "left right" strings, unless a token holds a space.
             let mut pairs = Vec::with_capacity(vocab.merges.len());
             for &(left, right) in &vocab.merges {
                 pairs.push((token_text(vocab, left)?, token_text(vocab, right)?));
             }
-            let as_strings = pairs
-                .iter()
-                .all(|(l, r)| !l.contains(' ') && !r.contains(' '));
-            let merges: Vec<Value> = pairs
-                .iter()
-                .map(|(l, r)| {
-                    if as_strings {
-                        json!(format!("{l} {r}"))
-                    } else {
-                        json!([l, r])
-                    }
-                })
-                .collect();
-            let post_processor = post_processor.unwrap_or_else(|| {
-                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
-            });
+            let as_strings = pairs.iter().all(|(l, r)| !l.contains(' ') && !r.contains(' '));
+            let merges: Vec<Value> =
+                pairs.iter().map(|(l, r)| if as_strings { json!(format!("{l} {r}")) } else { json!([l, r]) }).collect();
+            let post_processor = post_processor.unwrap_or_else(
+                || json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+            );
             Ok(json!({
                 "version": "1.0",
                 "truncation": null,
@@ -1001,11 +825,7 @@ pub(super) fn sentencepiece_model_bytes(vocab: &Vocab) -> Result<Vec<u8>> {
     let id = |id: Option<u32>| id.map_or(-1, |id| id as i32);
     let model = SentencePieceModel {
         pieces: (0..vocab.len())
-            .map(|i| Piece {
-                text: vocab.tokens[i].clone(),
-                score: vocab.scores[i],
-                token_type: vocab.types[i],
-            })
+            .map(|i| Piece { text: vocab.tokens[i].clone(), score: vocab.scores[i], token_type: vocab.types[i] })
             .collect(),
         model_type: MODEL_TYPE_BPE,
         byte_fallback: vocab.types.contains(&TokenType::Byte),
