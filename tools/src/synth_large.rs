@@ -190,29 +190,7 @@ pub fn padded_vocab(vocab_size: usize) -> Result<Vocab> {
 
 /// The tensors of a Llama of `config`: GGUF name and shape (outermost first), in GGUF order.
 pub fn tensor_list(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (dim, vocab, ffn) = (config.dim as usize, config.vocab_size as usize, config.ffn_dim as usize);
-    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
-    let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
-    for layer in 0..config.n_layers {
-        for (part, shape) in [
-            ("attn_norm", vec![dim]),
-            ("attn_q", vec![q_dim, dim]),
-            ("attn_k", vec![kv_dim, dim]),
-            ("attn_v", vec![kv_dim, dim]),
-            ("attn_output", vec![dim, q_dim]),
-            ("ffn_norm", vec![dim]),
-            ("ffn_gate", vec![ffn, dim]),
-            ("ffn_up", vec![ffn, dim]),
-            ("ffn_down", vec![dim, ffn]),
-        ] {
-            list.push((format!("blk.{layer}.{part}.weight"), shape));
-        }
-    }
-    list.push(("output_norm.weight".to_string(), vec![dim]));
-    if config.tied_output == 0 {
-        list.push(("output.weight".to_string(), vec![vocab, dim]));
-    }
-    list
+    crate::source::llama_tensors(config)
 }
 
 /// Row `row` of tensor number `tensor` (in [`tensor_list`] order, rows in the

@@ -343,34 +343,6 @@ fn hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.weight"))
 }
 
-/// The GGUF names and shapes a model of `config` has, in GGUF order.
-fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let dim = config.dim as usize;
-    let (q_dim, kv_dim, ffn_dim) = (config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
-    let vocab = config.vocab_size as usize;
-    let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
-    for layer in 0..config.n_layers {
-        for (part, shape) in [
-            ("attn_norm", vec![dim]),
-            ("attn_q", vec![q_dim, dim]),
-            ("attn_k", vec![kv_dim, dim]),
-            ("attn_v", vec![kv_dim, dim]),
-            ("attn_output", vec![dim, q_dim]),
-            ("ffn_norm", vec![dim]),
-            ("ffn_gate", vec![ffn_dim, dim]),
-            ("ffn_up", vec![ffn_dim, dim]),
-            ("ffn_down", vec![dim, ffn_dim]),
-        ] {
-            list.push((format!("blk.{layer}.{part}.weight"), shape));
-        }
-    }
-    list.push(("output_norm.weight".to_string(), vec![dim]));
-    if config.tied_output == 0 {
-        list.push(("output.weight".to_string(), vec![vocab, dim]));
-    }
-    list
-}
-
 /// A shard file name from the index: a plain relative path inside the directory.
 fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let relative = Path::new(file);
@@ -518,7 +490,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     }
     let mut tensors = Vec::new();
     let mut locations = Vec::new();
-    for (name, shape) in expected_tensors(&config) {
+    for (name, shape) in super::llama_tensors(&config) {
         let Some(FoundTensor { mut location, shape: found_shape }) = found.remove(&name) else {
             bail!("{}: tensor {} is missing (looked in {})", dir.display(), hf_name(&name).unwrap_or(name), files());
         };

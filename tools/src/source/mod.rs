@@ -86,3 +86,31 @@ pub fn open(path: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Resu
     );
     Ok(Box::new(llama2c::Llama2cSource::open(path, &tokenizer)?))
 }
+
+/// The GGUF names and shapes (outermost first) of a Llama model of `config`, in GGUF order.
+pub fn llama_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let dim = config.dim as usize;
+    let (q_dim, kv_dim, ffn_dim) = (config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+    let vocab = config.vocab_size as usize;
+    let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
+    for layer in 0..config.n_layers {
+        for (part, shape) in [
+            ("attn_norm", vec![dim]),
+            ("attn_q", vec![q_dim, dim]),
+            ("attn_k", vec![kv_dim, dim]),
+            ("attn_v", vec![kv_dim, dim]),
+            ("attn_output", vec![dim, q_dim]),
+            ("ffn_norm", vec![dim]),
+            ("ffn_gate", vec![ffn_dim, dim]),
+            ("ffn_up", vec![ffn_dim, dim]),
+            ("ffn_down", vec![dim, ffn_dim]),
+        ] {
+            list.push((format!("blk.{layer}.{part}.weight"), shape));
+        }
+    }
+    list.push(("output_norm.weight".to_string(), vec![dim]));
+    if config.tied_output == 0 {
+        list.push(("output.weight".to_string(), vec![vocab, dim]));
+    }
+    list
+}
