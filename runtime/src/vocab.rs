@@ -152,6 +152,27 @@ pub struct Vocab {
 }
 
 impl Vocab {
+    /// A SentencePiece vocabulary with Llama-2's conventions: `<unk>` 0,
+    /// `<s>` 1, `</s>` 2, BOS added, a space prefix, no merges.
+    pub fn llama_sentencepiece(tokens: Vec<Vec<u8>>, scores: Vec<f32>, types: Vec<TokenType>) -> Self {
+        Vocab {
+            kind: TokenizerKind::SentencePiece,
+            pre_tokenizer: PreTokenizer::None,
+            tokens,
+            scores,
+            types,
+            merges: Vec::new(),
+            bos_id: Some(1),
+            eos_id: Some(2),
+            unk_id: Some(0),
+            pad_id: None,
+            eot_id: None,
+            add_bos: true,
+            add_eos: false,
+            add_space_prefix: true,
+        }
+    }
+
     /// Number of tokens.
     pub fn len(&self) -> usize {
         self.tokens.len()

@@ -112,22 +112,7 @@ pub fn sentencepiece_vocab() -> Vocab {
         types.push(TokenType::Normal);
         scores.push(-(i as f32));
     }
-    Vocab {
-        kind: TokenizerKind::SentencePiece,
-        pre_tokenizer: PreTokenizer::None,
-        scores,
-        types,
-        merges: Vec::new(),
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: None,
-        eot_id: None,
-        add_bos: true,
-        add_eos: false,
-        add_space_prefix: true,
-        tokens,
-    }
+    Vocab::llama_sentencepiece(tokens, scores, types)
 }
 
 /// A small byte-level BPE vocabulary: ChatML control tokens, the 256 byte

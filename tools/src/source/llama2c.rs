@@ -36,7 +36,7 @@ use super::{ModelSource, SourceTensor};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
 use bramble_runtime::config::ARCH_LLAMA;
-use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
+use bramble_runtime::vocab::{TokenType, TokenizerKind};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
 use bytemuck::Zeroable;
 use memmap2::Mmap;
@@ -485,22 +485,7 @@ fn read_tokenizer(path: &Path, vocab_size: usize) -> Result<Vocab> {
         tokens.push(token);
         types.push(token_type);
     }
-    Ok(Vocab {
-        kind: TokenizerKind::SentencePiece,
-        pre_tokenizer: PreTokenizer::None,
-        tokens,
-        scores,
-        types,
-        merges: Vec::new(),
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: None,
-        eot_id: None,
-        add_bos: true,
-        add_eos: false,
-        add_space_prefix: true,
-    })
+    Ok(Vocab::llama_sentencepiece(tokens, scores, types))
 }
 
 impl ModelSource for Llama2cSource {
