@@ -1,0 +1,553 @@
+//! The daemon's configuration: a TOML file (see `board/brambled.toml`), with
+//! defaults for everything but the model, and flags that override the file.
+//! Every validation error names the key at fault (`limits.queue_depth: ...`).
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Baud rates a UART can be set to (the standard termios rates).
+pub const BAUD_RATES: [u32; 19] = [
+    1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 500000, 576000, 921600, 1000000, 1152000,
+    1500000, 2000000, 3000000, 4000000,
+];
+
+/// A configuration error: the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key (`uart.baud`), or the file for errors of the whole file.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: &str, message: impl Into<String>) -> Self {
+        Self { key: key.to_string(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole configuration, as the daemon uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The model image.
+    pub model: PathBuf,
+    /// Worker threads of the matrix products (the inference thread included).
+    pub threads: usize,
+    /// KV-cache positions: the longest conversation, prompt and reply together.
+    pub context: usize,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: log::LevelFilter,
+    /// The serial console.
+    pub uart: UartConfig,
+    /// The TCP protocols.
+    pub tcp: TcpConfig,
+    /// Per-request and per-connection limits.
+    pub limits: Limits,
+    /// Sampling defaults for requests that do not set them.
+    pub sampling: SamplingDefaults,
+}
+
+/// The serial console's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UartConfig {
+    /// The device (`/dev/serial0`), or `None` for no console.
+    pub device: Option<PathBuf>,
+    /// Bits per second (8 data bits, no parity, 1 stop bit).
+    pub baud: u32,
+}
+
+/// The TCP listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// The OpenAI-compatible HTTP server, or `None`.
+    pub http: Option<SocketAddr>,
+    /// The NDJSON protocol, or `None`.
+    pub ndjson: Option<SocketAddr>,
+    /// The serial console over TCP (for a machine without a UART), or `None`.
+    pub console: Option<SocketAddr>,
+    /// The Bearer token every TCP request must carry; required when a
+    /// listener is bound to a non-loopback address.
+    pub auth_token: Option<String>,
+}
+
+/// Limits that keep one client from taking the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests that may wait while one generates; beyond them, "busy".
+    pub queue_depth: usize,
+    /// The largest `max_tokens` a request may ask for.
+    pub max_tokens: usize,
+    /// The longest NDJSON line, HTTP head or HTTP body, in bytes.
+    pub max_request_bytes: usize,
+    /// Time to receive a whole request once its first byte has arrived.
+    pub request_timeout: Duration,
+    /// Time a connection may sit idle between requests.
+    pub idle_timeout: Duration,
+    /// Open TCP connections at once; beyond them, "busy".
+    pub max_connections: usize,
+    /// On SIGTERM, time running and queued requests get to finish before they are cancelled.
+    pub drain_timeout: Duration,
+}
+
+/// Sampling settings for requests that do not give them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingDefaults {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus sampling (1: off).
+    pub top_p: f32,
+    /// Keep the k most likely (0: all).
+    pub top_k: usize,
+    /// Drop tokens less likely than this × the most likely (0: off).
+    pub min_p: f32,
+    /// Penalty on recent tokens (1: off).
+    pub repeat_penalty: f32,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// `max_tokens` of a request that does not give it.
+    pub max_tokens: usize,
+}
+
+impl Default for SamplingDefaults {
+    fn default() -> Self {
+        Self { temperature: 0.7, top_p: 0.95, top_k: 40, min_p: 0.05, repeat_penalty: 1.0, seed: 0, max_tokens: 256 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue_depth: 4,
+            max_tokens: 1024,
+            max_request_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 64,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The default HTTP address: loopback only.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+/// The default NDJSON address: loopback only.
+pub const DEFAULT_NDJSON: &str = "127.0.0.1:8081";
+/// The default UART: the Pi's primary serial port.
+pub const DEFAULT_UART: &str = "/dev/serial0";
+
+// The file as written: every field optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    model: Option<PathBuf>,
+    threads: Option<i64>,
+    context: Option<i64>,
+    log_level: Option<String>,
+    #[serde(default)]
+    uart: FileUart,
+    #[serde(default)]
+    tcp: FileTcp,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    sampling: FileSampling,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUart {
+    device: Option<String>,
+    baud: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTcp {
+    http: Option<String>,
+    ndjson: Option<String>,
+    console: Option<String>,
+    auth_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    queue_depth: Option<i64>,
+    max_tokens: Option<i64>,
+    max_request_bytes: Option<i64>,
+    request_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    max_connections: Option<i64>,
+    drain_timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSampling {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    repeat_penalty: Option<f64>,
+    seed: Option<i64>,
+    max_tokens: Option<i64>,
+}
+
+/// The flags of `brambled`, which override the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--model IMG`.
+    pub model: Option<PathBuf>,
+    /// `--http ADDR:PORT|none`.
+    pub http: Option<String>,
+    /// `--ndjson ADDR:PORT|none`.
+    pub ndjson: Option<String>,
+    /// `--console-tcp ADDR:PORT|none`.
+    pub console: Option<String>,
+    /// `--uart DEVICE|none`.
+    pub uart: Option<String>,
+    /// `--baud N`.
+    pub baud: Option<String>,
+    /// `--queue N`.
+    pub queue: Option<String>,
+    /// `--threads N`.
+    pub threads: Option<String>,
+    /// `--context N`.
+    pub context: Option<String>,
+    /// `--log-level LEVEL`.
+    pub log_level: Option<String>,
+}
+
+/// The usage text of `brambled`.
+pub const USAGE: &str =
+    "usage: brambled [--config FILE] [--model IMG] [--http ADDR:PORT|none] [--ndjson ADDR:PORT|none]
+                [--uart DEVICE|none] [--baud N] [--queue N] [--threads N] [--context N]
+                [--console-tcp ADDR:PORT|none] [--log-level LEVEL]
+
+Flags override the config file; with no file, flags alone suffice (--model is then required).
+The auth token can also be given as BRAMBLED_AUTH_TOKEN in the environment.";
+
+impl Overrides {
+    /// Parses the flags (without the program name).
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Self, ConfigError> {
+        let mut overrides = Overrides::default();
+        let mut args = args.into_iter();
+        while let Some(flag) = args.next() {
+            let (name, inline) = match flag.split_once('=') {
+                Some((name, value)) if name.starts_with("--") => (name.to_string(), Some(value.to_string())),
+                _ => (flag.clone(), None),
+            };
+            let mut value =
+                || inline.clone().or_else(|| args.next()).ok_or_else(|| ConfigError::new(&name, "needs a value"));
+            match name.as_str() {
+                "--config" => overrides.config = Some(PathBuf::from(value()?)),
+                "--model" => overrides.model = Some(PathBuf::from(value()?)),
+                "--http" => overrides.http = Some(value()?),
+                "--ndjson" => overrides.ndjson = Some(value()?),
+                "--console-tcp" => overrides.console = Some(value()?),
+                "--uart" => overrides.uart = Some(value()?),
+                "--baud" => overrides.baud = Some(value()?),
+                "--queue" => overrides.queue = Some(value()?),
+                "--threads" => overrides.threads = Some(value()?),
+                "--context" => overrides.context = Some(value()?),
+                "--log-level" => overrides.log_level = Some(value()?),
+                _ => return Err(ConfigError::new(&flag, "unknown flag (brambled --help lists them)")),
+            }
+        }
+        Ok(overrides)
+    }
+}
+
+fn integer(key: &str, value: i64, min: i64, max: i64) -> Result<usize, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::new(key, format!("{value} is out of range ({min} to {max})")));
+    }
+    Ok(value as usize)
+}
+
+fn flag_integer(key: &str, text: &str, min: i64, max: i64) -> Result<usize, ConfigError> {
+    let value = text.trim().parse::<i64>().map_err(|_| ConfigError::new(key, format!("{text:?} is not an integer")))?;
+    integer(key, value, min, max)
+}
+
+fn real(key: &str, value: f64, min: f64, max: f64) -> Result<f64, ConfigError> {
+    if !value.is_finite() || value < min || value > max {
+        return Err(ConfigError::new(key, format!("{value} is out of range ({min} to {max})")));
+    }
+    Ok(value)
+}
+
+fn seconds(key: &str, value: f64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs_f64(real(key, value, 0.001, 86_400.0)?))
+}
+
+/// `ADDR:PORT`, or `None` for `none`/`off`/empty.
+fn address(key: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    match text.trim() {
+        "" | "none" | "off" => Ok(None),
+        other => other.parse::<SocketAddr>().map(Some).map_err(|_| {
+            ConfigError::new(key, format!("{other:?} is not ADDR:PORT (for example 127.0.0.1:8080), or none"))
+        }),
+    }
+}
+
+fn level(key: &str, text: &str) -> Result<log::LevelFilter, ConfigError> {
+    text.parse::<log::LevelFilter>()
+        .map_err(|_| ConfigError::new(key, format!("{text:?} is not one of off, error, warn, info, debug, trace")))
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any) and applies the flags over it.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match &overrides.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::new(&path.display().to_string(), format!("cannot read: {e}")))?;
+                Some((path.as_path(), text))
+            }
+            None => None,
+        };
+        Self::from_parts(file.as_ref().map(|(p, t)| (*p, t.as_str())), overrides)
+    }
+
+    /// The configuration from a file's text (with its path, for messages) and flags.
+    pub fn from_parts(file: Option<(&Path, &str)>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let parsed: FileConfig = match file {
+            Some((path, text)) => toml::from_str(text).map_err(|e| {
+                // toml's message names the key and the line; keep it on one line.
+                let message = e.to_string().replace('\n', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+                ConfigError::new(&path.display().to_string(), message)
+            })?,
+            None => FileConfig::default(),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+        let model = overrides.model.clone().or(parsed.model).ok_or_else(|| {
+            ConfigError::new("model", "no model image: give --model IMG or `model = \"...\"` in the config file")
+        })?;
+        let max_threads = bramble_runtime::kernels::pool::MAX_THREADS as i64;
+        let threads = match (&overrides.threads, parsed.threads) {
+            (Some(text), _) => flag_integer("--threads", text, 1, max_threads)?,
+            (None, Some(value)) => integer("threads", value, 1, max_threads)?,
+            (None, None) => cores.min(max_threads as usize),
+        };
+        let context = match (&overrides.context, parsed.context) {
+            (Some(text), _) => flag_integer("--context", text, 8, 1 << 20)?,
+            (None, Some(value)) => integer("context", value, 8, 1 << 20)?,
+            (None, None) => 2048,
+        };
+        let log_level = match (&overrides.log_level, &parsed.log_level) {
+            (Some(text), _) => level("--log-level", text)?,
+            (None, Some(text)) => level("log_level", text)?,
+            (None, None) => log::LevelFilter::Info,
+        };
+
+        let device = match (&overrides.uart, &parsed.uart.device) {
+            (Some(text), _) | (None, Some(text)) => match text.trim() {
+                "" | "none" | "off" => None,
+                path => Some(PathBuf::from(path)),
+            },
+            (None, None) => Some(PathBuf::from(DEFAULT_UART)),
+        };
+        let baud = match (&overrides.baud, parsed.uart.baud) {
+            (Some(text), _) => flag_integer("--baud", text, 1, i64::from(u32::MAX))? as u32,
+            (None, Some(value)) => integer("uart.baud", value, 1, i64::from(u32::MAX))? as u32,
+            (None, None) => 115_200,
+        };
+        if !BAUD_RATES.contains(&baud) {
+            let key = if overrides.baud.is_some() { "--baud" } else { "uart.baud" };
+            return Err(ConfigError::new(key, format!("{baud} is not a standard rate (one of {BAUD_RATES:?})")));
+        }
+
+        let pick =
+            |flag: &Option<String>, file: &Option<String>, flag_key: &str, key: &str, default: Option<&str>| match (
+                flag, file,
+            ) {
+                (Some(text), _) => address(flag_key, text),
+                (None, Some(text)) => address(key, text),
+                (None, None) => default.map_or(Ok(None), |d| address(key, d)),
+            };
+        let http = pick(&overrides.http, &parsed.tcp.http, "--http", "tcp.http", Some(DEFAULT_HTTP))?;
+        let ndjson = pick(&overrides.ndjson, &parsed.tcp.ndjson, "--ndjson", "tcp.ndjson", Some(DEFAULT_NDJSON))?;
+        let console = pick(&overrides.console, &parsed.tcp.console, "--console-tcp", "tcp.console", None)?;
+        let auth_token = std::env::var("BRAMBLED_AUTH_TOKEN").ok().or(parsed.tcp.auth_token).filter(|t| !t.is_empty());
+        if let Some(token) = &auth_token {
+            if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::new(
+                    "tcp.auth_token",
+                    "must be at least 16 characters, without spaces or control characters",
+                ));
+            }
+        }
+        for (key, addr) in [("tcp.http", http), ("tcp.ndjson", ndjson), ("tcp.console", console)] {
+            if let Some(addr) = addr {
+                if !addr.ip().is_loopback() && auth_token.is_none() {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "{addr} is not a loopback address; binding it requires tcp.auth_token \
+                             (or BRAMBLED_AUTH_TOKEN) so that only clients with the token are served"
+                        ),
+                    ));
+                }
+            }
+        }
+
+        let defaults = Limits::default();
+        let l = &parsed.limits;
+        let queue_depth = match (&overrides.queue, l.queue_depth) {
+            (Some(text), _) => flag_integer("--queue", text, 0, 1024)?,
+            (None, Some(value)) => integer("limits.queue_depth", value, 0, 1024)?,
+            (None, None) => defaults.queue_depth,
+        };
+        let limits = Limits {
+            queue_depth,
+            max_tokens: l
+                .max_tokens
+                .map_or(Ok(defaults.max_tokens), |v| integer("limits.max_tokens", v, 1, 1 << 20))?,
+            max_request_bytes: l
+                .max_request_bytes
+                .map_or(Ok(defaults.max_request_bytes), |v| integer("limits.max_request_bytes", v, 1024, 1 << 24))?,
+            request_timeout: l
+                .request_timeout_secs
+                .map_or(Ok(defaults.request_timeout), |v| seconds("limits.request_timeout_secs", v))?,
+            idle_timeout: l
+                .idle_timeout_secs
+                .map_or(Ok(defaults.idle_timeout), |v| seconds("limits.idle_timeout_secs", v))?,
+            max_connections: l
+                .max_connections
+                .map_or(Ok(defaults.max_connections), |v| integer("limits.max_connections", v, 1, 4096))?,
+            drain_timeout: l
+                .drain_timeout_secs
+                .map_or(Ok(defaults.drain_timeout), |v| seconds("limits.drain_timeout_secs", v))?,
+        };
+
+        let s = &parsed.sampling;
+        let d = SamplingDefaults::default();
+        let sampling = SamplingDefaults {
+            temperature: s
+                .temperature
+                .map_or(Ok(d.temperature as f64), |v| real("sampling.temperature", v, 0.0, 100.0))?
+                as f32,
+            top_p: s.top_p.map_or(Ok(d.top_p as f64), |v| real("sampling.top_p", v, 0.0, 1.0))? as f32,
+            top_k: s.top_k.map_or(Ok(d.top_k), |v| integer("sampling.top_k", v, 0, 1 << 20))?,
+            min_p: s.min_p.map_or(Ok(d.min_p as f64), |v| real("sampling.min_p", v, 0.0, 1.0))? as f32,
+            repeat_penalty: s
+                .repeat_penalty
+                .map_or(Ok(d.repeat_penalty as f64), |v| real("sampling.repeat_penalty", v, 0.01, 100.0))?
+                as f32,
+            seed: s.seed.map_or(Ok(d.seed as usize), |v| integer("sampling.seed", v, 0, i64::MAX))? as u64,
+            max_tokens: s.max_tokens.map_or(Ok(d.max_tokens.min(limits.max_tokens)), |v| {
+                integer("sampling.max_tokens", v, 1, limits.max_tokens as i64)
+            })?,
+        };
+
+        Ok(Config {
+            model,
+            threads,
+            context,
+            log_level,
+            uart: UartConfig { device, baud },
+            tcp: TcpConfig { http, ndjson, console, auth_token },
+            limits,
+            sampling,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Overrides {
+        Overrides::parse(args.iter().map(|s| s.to_string())).unwrap()
+    }
+
+    fn from_file(text: &str, args: &[&str]) -> Result<Config, ConfigError> {
+        Config::from_parts(Some((Path::new("brambled.toml"), text)), &flags(args))
+    }
+
+    #[test]
+    fn flags_alone_suffice_and_defaults_are_loopback_and_serial0() {
+        let config = Config::from_parts(None, &flags(&["--model", "m.bramble"])).unwrap();
+        assert_eq!(config.model, PathBuf::from("m.bramble"));
+        assert_eq!(config.uart, UartConfig { device: Some(PathBuf::from("/dev/serial0")), baud: 115_200 });
+        assert!(config.tcp.http.unwrap().ip().is_loopback());
+        assert!(config.tcp.ndjson.unwrap().ip().is_loopback());
+        assert_eq!(config.tcp.console, None);
+        assert_eq!(config.limits.max_request_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let text = "model = \"a.bramble\"\n[uart]\ndevice = \"/dev/ttyAMA0\"\n[tcp]\nhttp = \"127.0.0.1:1\"\n[limits]\nqueue_depth = 9\n";
+        let config =
+            from_file(text, &["--model", "b.bramble", "--uart", "none", "--http", "127.0.0.1:2", "--queue", "3"])
+                .unwrap();
+        assert_eq!(config.model, PathBuf::from("b.bramble"));
+        assert_eq!(config.uart.device, None);
+        assert_eq!(config.tcp.http, Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(config.limits.queue_depth, 3);
+        let config = from_file(text, &[]).unwrap();
+        assert_eq!(config.uart.device, Some(PathBuf::from("/dev/ttyAMA0")));
+        assert_eq!(config.limits.queue_depth, 9);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: [(&str, &[&str], &str); 9] = [
+            ("[uart]\nbaud = 12345\n", &[], "uart.baud"),
+            ("[limits]\nqueue_depth = -1\n", &[], "limits.queue_depth"),
+            ("[tcp]\nhttp = \"localhost\"\n", &[], "tcp.http"),
+            ("[tcp]\nndjson = \"0.0.0.0:9000\"\n", &[], "tcp.ndjson"),
+            ("[sampling]\ntop_p = 2.0\n", &[], "sampling.top_p"),
+            ("context = 0\n", &[], "context"),
+            ("log_level = \"loud\"\n", &[], "log_level"),
+            ("", &["--queue", "many"], "--queue"),
+            ("[tcp]\nauth_token = \"short\"\n", &[], "tcp.auth_token"),
+        ];
+        for (text, args, key) in cases {
+            let mut all = vec!["--model", "m"];
+            all.extend_from_slice(args);
+            let error = from_file(text, &all).unwrap_err();
+            assert_eq!(error.key, key, "{text:?} {args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_with_the_key_named() {
+        let error = from_file("model = \"m\"\n[uart]\nspeed = 9600\n", &[]).unwrap_err();
+        assert!(error.message.contains("speed"), "{error}");
+        let error = from_file("model = \"m\"\nthreads = \"four\"\n", &[]).unwrap_err();
+        assert!(error.message.contains("threads"), "{error}");
+        let error = Config::from_parts(None, &Overrides::default()).unwrap_err();
+        assert_eq!(error.key, "model");
+    }
+
+    #[test]
+    fn non_loopback_with_a_token_is_allowed() {
+        let text = "model = \"m\"\n[tcp]\nhttp = \"0.0.0.0:8080\"\nauth_token = \"0123456789abcdef\"\n";
+        let config = from_file(text, &[]).unwrap();
+        assert_eq!(config.tcp.auth_token.as_deref(), Some("0123456789abcdef"));
+    }
+
+    #[test]
+    fn flag_errors() {
+        assert_eq!(Overrides::parse(["--model".to_string()]).unwrap_err().key, "--model");
+        assert_eq!(Overrides::parse(["--bogus".to_string()]).unwrap_err().key, "--bogus");
+        assert_eq!(flags(&["--http=none"]).http.as_deref(), Some("none"));
+    }
+}

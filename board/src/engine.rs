@@ -1,0 +1,592 @@
+//! The inference thread: it owns the model and one [`Session`] and runs one
+//! generation at a time, taking jobs from a bounded FIFO queue. A job carries
+//! its request, a [`TokenSink`] that writes straight to the client, and a
+//! cancel flag checked before every token.
+//!
+//! Every request, whichever transport it came from, is a token sequence to
+//! continue; the session keeps the KV cache of the last one, so a request that
+//! extends the previous conversation (the console's next turn, a chat client
+//! resending its history) only runs its new tokens.
+
+use crate::config::SamplingDefaults;
+use bramble_runtime::chat::{ChatMessage, ChatTemplate};
+use bramble_runtime::kernels::Kernels;
+use bramble_runtime::model::Model;
+use bramble_runtime::sampler::SamplerConfig;
+use bramble_runtime::session::{Session, TextStream, DEFAULT_BATCH};
+use bramble_runtime::tokenizer::Tokenizer;
+use bramble_runtime::ModelImage;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Plain text, after BOS when the model adds one.
+    Text(String),
+    /// A conversation, rendered with the model's chat template and ending
+    /// where the assistant's reply begins.
+    Chat {
+        /// The turns, oldest first.
+        messages: Vec<ChatMessage>,
+        /// Drop the oldest turns (never the system message, never the last)
+        /// until the conversation leaves room to reply, instead of refusing it.
+        trim_to_fit: bool,
+    },
+}
+
+/// One generation request, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    /// What to continue.
+    pub prompt: Prompt,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: SamplerConfig,
+    /// Restart the sampler's random sequence from `sampling.seed` (the request gave a seed).
+    pub reseed: bool,
+    /// Strings that end the generation (not included in the text).
+    pub stop: Vec<String>,
+}
+
+impl GenerationRequest {
+    /// A request with the configured sampling defaults.
+    pub fn new(prompt: Prompt, defaults: &SamplingDefaults) -> Self {
+        Self {
+            prompt,
+            max_tokens: defaults.max_tokens,
+            sampling: sampler_config(defaults),
+            reseed: false,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// The runtime's sampler settings for the configured defaults.
+pub fn sampler_config(defaults: &SamplingDefaults) -> SamplerConfig {
+    SamplerConfig {
+        temperature: defaults.temperature,
+        top_k: defaults.top_k,
+        top_p: defaults.top_p,
+        min_p: defaults.min_p,
+        repetition_penalty: defaults.repeat_penalty,
+        seed: defaults.seed,
+        ..SamplerConfig::default()
+    }
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model ended its turn (end-of-generation token).
+    EndOfTurn,
+    /// A stop string appeared.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The context is full.
+    Context,
+    /// The client cancelled (Ctrl-C, disconnect) or the daemon is shutting down.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The name used on the wire (`stop`, `length`, ...), as OpenAI and ollama name them.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::EndOfTurn | FinishReason::Stop => "stop",
+            FinishReason::Length | FinishReason::Context => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts and timings of one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Tokens of the prompt (those reused from the cache included).
+    pub prompt_tokens: usize,
+    /// Of those, tokens that were already in the cache and were not run again.
+    pub cached_tokens: usize,
+    /// Tokens generated (an end-of-turn token not counted).
+    pub completion_tokens: usize,
+    /// Time waiting in the queue.
+    pub queued: Duration,
+    /// Time running the prompt.
+    pub prefill: Duration,
+    /// Time generating.
+    pub decode: Duration,
+}
+
+impl Usage {
+    /// Generated tokens per second.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let seconds = self.decode.as_secs_f64();
+        if seconds > 0.0 {
+            self.completion_tokens as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Why a request was not run: an error for the client, with an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// HTTP status (400 bad request, 503 busy, ...).
+    pub status: u16,
+    /// OpenAI's error `type` (`invalid_request_error`, `server_busy`, ...).
+    pub kind: &'static str,
+    /// The field at fault, if one is.
+    pub param: Option<String>,
+    /// What was wrong, for a person.
+    pub message: String,
+}
+
+impl RequestError {
+    /// A 400 about `param`.
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self { status: 400, kind: "invalid_request_error", param: param.map(str::to_string), message: message.into() }
+    }
+    /// An error of any status.
+    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, param: None, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for RequestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.param {
+            Some(param) => write!(f, "{param}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Where a generation's output goes. Called on the inference thread; an
+/// error (the client went away) cancels the generation.
+pub trait TokenSink: Send {
+    /// The prompt fits and generation begins.
+    fn start(&mut self, prompt_tokens: usize) -> std::io::Result<()>;
+    /// A piece of generated text (whole UTF-8 characters). Must not allocate.
+    fn text(&mut self, piece: &str) -> std::io::Result<()>;
+    /// The generation ended.
+    fn finish(&mut self, reason: FinishReason, usage: &Usage) -> std::io::Result<()>;
+    /// The request could not be run (before [`start`](Self::start), or after it on a model error).
+    fn fail(&mut self, error: &RequestError) -> std::io::Result<()>;
+}
+
+/// How a job ended, sent back to the thread that submitted it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Generated (possibly cancelled part way).
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Counts and timings.
+        usage: Usage,
+        /// Chat messages dropped from the front to fit the context.
+        trimmed_messages: usize,
+    },
+    /// Refused or failed; the sink has been told.
+    Failed(RequestError),
+    /// The sink could not be written: the client is gone.
+    Disconnected,
+}
+
+struct Job {
+    request: GenerationRequest,
+    sink: Box<dyn TokenSink>,
+    cancel: Arc<AtomicBool>,
+    done: mpsc::Sender<Outcome>,
+    submitted: Instant,
+}
+
+/// What the model is, for `/v1/models`, `/health` and the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The image's file name without `.bramble`.
+    pub name: String,
+    /// KV-cache positions.
+    pub context: usize,
+    /// A one-line description (dimensions, kernels, threads).
+    pub summary: String,
+}
+
+/// Counters shared by the engine and everyone who reports on it.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Jobs waiting in the queue.
+    pub queued: AtomicUsize,
+    /// Whether a job is running.
+    pub running: AtomicBool,
+    /// Generations finished (cancelled ones included).
+    pub served: AtomicU64,
+    /// Requests refused busy.
+    pub refused: AtomicU64,
+    /// Requests that failed (bad prompt, model error).
+    pub failed: AtomicU64,
+    /// Generations cancelled.
+    pub cancelled: AtomicU64,
+    /// Tokens generated, all requests.
+    pub generated_tokens: AtomicU64,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The queue is full.
+    Busy,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// The error to send the client.
+    pub fn error(self, queue_depth: usize) -> RequestError {
+        match self {
+            Refusal::Busy => RequestError::new(
+                503,
+                "server_busy",
+                format!("busy: one generation is running and {queue_depth} are queued; try again later"),
+            ),
+            Refusal::ShuttingDown => RequestError::new(503, "server_shutting_down", "the daemon is shutting down"),
+        }
+    }
+}
+
+/// A handle to the inference thread; cheap to clone, one per connection.
+#[derive(Clone)]
+pub struct Engine {
+    queue: SyncSender<Job>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// The model.
+    pub info: Arc<ModelInfo>,
+    /// Set on SIGTERM: new jobs are refused.
+    pub stopping: Arc<AtomicBool>,
+    /// Set when draining ends: running and queued jobs are cancelled.
+    pub cancel_all: Arc<AtomicBool>,
+    /// Queue depth, for messages.
+    pub queue_depth: usize,
+}
+
+impl Engine {
+    /// Opens the image at `path` and starts the inference thread with a
+    /// model on `threads` threads, a context of `context` positions and a
+    /// queue of `queue_depth`. Returns when the model is ready (or failed to load).
+    pub fn start(
+        path: &std::path::Path,
+        threads: usize,
+        context: usize,
+        queue_depth: usize,
+    ) -> Result<(Engine, std::thread::JoinHandle<()>), String> {
+        let image = ModelImage::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let context = context.min(image.config().context_length as usize).max(2);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".bramble").to_string())
+            .unwrap_or_else(|| "model".to_string());
+        // The image lives as long as the process; leaking it gives the model and
+        // session on the inference thread a `'static` borrow.
+        let image: &'static ModelImage = Box::leak(Box::new(image));
+        let tokenizer = Tokenizer::new(image.vocab()).map_err(|e| format!("{}: tokenizer: {e}", path.display()))?;
+        let tokenizer: &'static Tokenizer = Box::leak(Box::new(tokenizer));
+        let (queue, jobs) = mpsc::sync_channel::<Job>(queue_depth);
+        let stats = Arc::new(Stats::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let cancel_all = Arc::new(AtomicBool::new(false));
+        let (ready_sender, ready) = mpsc::channel::<Result<String, String>>();
+        let thread_stats = Arc::clone(&stats);
+        let thread_stopping = Arc::clone(&stopping);
+        let thread_cancel_all = Arc::clone(&cancel_all);
+        let thread = std::thread::Builder::new()
+            .name("inference".to_string())
+            .spawn(move || {
+                let model = match Model::with_options(image, Kernels::detect(), threads) {
+                    Ok(model) => model,
+                    Err(e) => {
+                        let _ = ready_sender.send(Err(format!("{}: {e}", image.path().display())));
+                        return;
+                    }
+                };
+                let c = &model.config;
+                let summary = format!(
+                    "llama dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}",
+                    c.dim,
+                    c.n_layers,
+                    c.vocab_size,
+                    image.weight_bytes() as f64 / (1 << 20) as f64,
+                    model.kernels.name
+                );
+                let _ = ready_sender.send(Ok(summary));
+                let template = ChatTemplate::new(image.chat_template(), image.vocab());
+                let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
+                let mut worker = Worker { session, tokenizer, template, stats: thread_stats, cancel_all: thread_cancel_all };
+                worker.run(jobs, &thread_stopping);
+            })
+            .map_err(|e| format!("cannot start the inference thread: {e}"))?;
+        let summary = ready.recv().map_err(|_| "the inference thread died while loading".to_string())??;
+        let info = Arc::new(ModelInfo { name, context, summary });
+        Ok((Engine { queue, stats, info, stopping, cancel_all, queue_depth }, thread))
+    }
+
+    /// Queues a job. On success, the returned receiver gets its [`Outcome`].
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+        sink: Box<dyn TokenSink>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Receiver<Outcome>, Refusal> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(Refusal::ShuttingDown);
+        }
+        let (done, outcome) = mpsc::channel();
+        let job = Job { request, sink, cancel, done, submitted: Instant::now() };
+        // Counted before sending so the inference thread's decrement never comes first.
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(outcome),
+            Err(TrySendError::Full(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                Err(Refusal::Busy)
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(Refusal::ShuttingDown)
+            }
+        }
+    }
+
+    /// Whether nothing is running or queued.
+    pub fn idle(&self) -> bool {
+        self.stats.queued.load(Ordering::SeqCst) == 0 && !self.stats.running.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits for `outcome`, calling `check` every tick; when `check` says the
+/// client is gone (or asked to cancel), sets `cancel` and keeps waiting for the
+/// job to notice.
+pub fn wait(outcome: &Receiver<Outcome>, cancel: &AtomicBool, mut check: impl FnMut() -> bool) -> Outcome {
+    loop {
+        match outcome.recv_timeout(Duration::from_millis(50)) {
+            Ok(outcome) => return outcome,
+            Err(RecvTimeoutError::Disconnected) => return Outcome::Disconnected,
+            Err(RecvTimeoutError::Timeout) => {
+                if !cancel.load(Ordering::SeqCst) && check() {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+struct Worker<'m> {
+    session: Session<'m>,
+    tokenizer: &'m Tokenizer,
+    template: ChatTemplate,
+    stats: Arc<Stats>,
+    cancel_all: Arc<AtomicBool>,
+}
+
+impl Worker<'_> {
+    fn run(&mut self, jobs: Receiver<Job>, stopping: &AtomicBool) {
+        loop {
+            let job = match jobs.recv_timeout(Duration::from_millis(100)) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) if stopping.load(Ordering::SeqCst) => return,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            self.stats.running.store(true, Ordering::SeqCst);
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            let Job { request, mut sink, cancel, done, submitted } = job;
+            let outcome = self.generate(&request, sink.as_mut(), &cancel, submitted);
+            match &outcome {
+                Outcome::Finished { reason, usage, .. } => {
+                    self.stats.served.fetch_add(1, Ordering::Relaxed);
+                    self.stats.generated_tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+                    if *reason == FinishReason::Cancelled {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Outcome::Failed(_) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Outcome::Disconnected => {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // The sink (and its handle on the client) goes before the waiter is told.
+            drop(sink);
+            self.stats.running.store(false, Ordering::SeqCst);
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// The prompt's tokens, with chat turns dropped from the front if asked
+    /// to fit; returns the tokens and how many messages were dropped.
+    fn prompt_tokens(&self, request: &GenerationRequest) -> Result<(Vec<u32>, usize), RequestError> {
+        let context = self.session.context();
+        match &request.prompt {
+            Prompt::Text(text) => Ok((self.tokenizer.encode(text, true, false), 0)),
+            Prompt::Chat { messages, trim_to_fit } => {
+                // Room to reply: the request's max_tokens, but never more than half the context.
+                let reserve = request.max_tokens.min(context / 2).max(1);
+                let mut first = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+                let system = &messages[..first];
+                loop {
+                    let kept: Vec<ChatMessage> = system.iter().chain(&messages[first..]).cloned().collect();
+                    let rendered = self
+                        .template
+                        .render(&kept, true)
+                        .map_err(|e| RequestError::invalid(Some("messages"), e.to_string()))?;
+                    let tokens = self.tokenizer.encode(&rendered, false, true);
+                    let dropped = first - system.len();
+                    if !*trim_to_fit || tokens.len() + reserve <= context || first + 1 >= messages.len() {
+                        return Ok((tokens, dropped));
+                    }
+                    first += 1;
+                }
+            }
+        }
+    }
+
+    fn generate(
+        &mut self,
+        request: &GenerationRequest,
+        sink: &mut dyn TokenSink,
+        cancel: &AtomicBool,
+        submitted: Instant,
+    ) -> Outcome {
+        let mut usage = Usage { queued: submitted.elapsed(), ..Usage::default() };
+        let cancelled = || cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst);
+        if cancelled() {
+            return match sink.finish(FinishReason::Cancelled, &usage) {
+                Ok(()) => Outcome::Finished { reason: FinishReason::Cancelled, usage, trimmed_messages: 0 },
+                Err(_) => Outcome::Disconnected,
+            };
+        }
+        let fail = |sink: &mut dyn TokenSink, error: RequestError| match sink.fail(&error) {
+            Ok(()) => Outcome::Failed(error),
+            Err(_) => Outcome::Disconnected,
+        };
+        let (tokens, trimmed_messages) = match self.prompt_tokens(request) {
+            Ok(prompt) => prompt,
+            Err(error) => return fail(sink, error),
+        };
+        let context = self.session.context();
+        if tokens.is_empty() {
+            return fail(
+                sink,
+                RequestError::invalid(Some("prompt"), "the prompt is empty and the model adds no BOS token"),
+            );
+        }
+        if tokens.len() >= context {
+            return fail(
+                sink,
+                RequestError::invalid(
+                    Some("prompt"),
+                    format!(
+                        "the prompt is {} tokens; the context holds {context}, and one position must be left to reply",
+                        tokens.len()
+                    ),
+                ),
+            );
+        }
+        usage.prompt_tokens = tokens.len();
+
+        *self.session.sampler_config() = request.sampling;
+        if request.reseed {
+            // Only a reset restarts the sampler's random sequence; it empties the cache too.
+            self.session.reset();
+        }
+        // Keep the cached prefix this prompt shares with the last one, but run
+        // at least the prompt's last token so there are logits to sample.
+        let shared = self.session.history().iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+        let shared = shared.min(tokens.len() - 1);
+        self.session.truncate(shared);
+        usage.cached_tokens = shared;
+        if sink.start(tokens.len()).is_err() {
+            return Outcome::Disconnected;
+        }
+
+        let prefill_started = Instant::now();
+        for chunk in tokens[shared..].chunks(DEFAULT_BATCH) {
+            if cancelled() {
+                // A half-run prompt leaves the cache consistent with its history.
+                usage.prefill = prefill_started.elapsed();
+                return self.finish(sink, FinishReason::Cancelled, usage, trimmed_messages);
+            }
+            if let Err(e) = self.session.feed(chunk) {
+                self.session.reset();
+                return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
+            }
+        }
+        usage.prefill = prefill_started.elapsed();
+
+        // The decode loop: nothing in it allocates (the text stream's buffer and
+        // the sink's were sized before it).
+        let decode_started = Instant::now();
+        let mut stream = TextStream::new(&request.stop);
+        let mut write_failed = false;
+        let mut reason = FinishReason::Length;
+        while usage.completion_tokens < request.max_tokens {
+            if cancelled() {
+                reason = FinishReason::Cancelled;
+                break;
+            }
+            if self.session.remaining() == 0 {
+                reason = FinishReason::Context;
+                break;
+            }
+            let token = match self.session.step() {
+                Ok(token) => token,
+                Err(e) => {
+                    self.session.reset();
+                    return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
+                }
+            };
+            if self.tokenizer.is_end_of_generation(token) {
+                reason = FinishReason::EndOfTurn;
+                break;
+            }
+            usage.completion_tokens += 1;
+            let stopped = stream.push(self.tokenizer.token_bytes(token), &mut |piece| {
+                if !write_failed && sink.text(piece).is_err() {
+                    write_failed = true;
+                }
+            });
+            if write_failed {
+                return Outcome::Disconnected;
+            }
+            if stopped {
+                reason = FinishReason::Stop;
+                break;
+            }
+        }
+        if reason != FinishReason::Cancelled {
+            stream.finish(&mut |piece| {
+                if !write_failed && sink.text(piece).is_err() {
+                    write_failed = true;
+                }
+            });
+        }
+        usage.decode = decode_started.elapsed();
+        if write_failed {
+            return Outcome::Disconnected;
+        }
+        self.finish(sink, reason, usage, trimmed_messages)
+    }
+
+    fn finish(&self, sink: &mut dyn TokenSink, reason: FinishReason, usage: Usage, trimmed_messages: usize) -> Outcome {
+        match sink.finish(reason, &usage) {
+            Ok(()) => Outcome::Finished { reason, usage, trimmed_messages },
+            Err(_) => Outcome::Disconnected,
+        }
+    }
+}
