@@ -112,14 +112,20 @@ impl Connection {
     /// Whether the client has closed its end or reset the connection (looked
     /// at without reading: pending request bytes stay in the socket).
     pub fn peer_gone(&self) -> bool {
-        use nix::sys::socket::{recv, MsgFlags};
-        let mut byte = [0u8; 1];
-        match recv(self.stream.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => false,
-            Err(_) => true,
-        }
+        peer_gone(&self.stream)
+    }
+}
+
+/// Whether the client of `stream` has closed its end or reset the connection
+/// (looked at without reading: pending request bytes stay in the socket).
+pub fn peer_gone(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    match recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
     }
 }
 

@@ -149,7 +149,13 @@ pub struct RequestError {
 impl RequestError {
     /// A 400 about `param`.
     pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
-        Self { status: 400, kind: "invalid_request_error", param: param.map(str::to_string), message: message.into() }
+        // The message names the field too: NDJSON clients and people read only the message.
+        let message = message.into();
+        let message = match param {
+            Some(param) => format!("{param}: {message}"),
+            None => message,
+        };
+        Self { status: 400, kind: "invalid_request_error", param: param.map(str::to_string), message }
     }
     /// An error of any status.
     pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
@@ -159,10 +165,7 @@ impl RequestError {
 
 impl std::fmt::Display for RequestError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.param {
-            Some(param) => write!(f, "{param}: {}", self.message),
-            None => f.write_str(&self.message),
-        }
+        f.write_str(&self.message)
     }
 }
 
@@ -177,6 +180,11 @@ pub trait TokenSink: Send {
     fn finish(&mut self, reason: FinishReason, usage: &Usage) -> std::io::Result<()>;
     /// The request could not be run (before [`start`](Self::start), or after it on a model error).
     fn fail(&mut self, error: &RequestError) -> std::io::Result<()>;
+    /// Whether the client is still there; asked before a queued job starts,
+    /// so a client that left while waiting costs no prefill.
+    fn client_present(&self) -> bool {
+        true
+    }
 }
 
 /// How a job ended, sent back to the thread that submitted it.
@@ -465,6 +473,9 @@ impl Worker<'_> {
     ) -> Outcome {
         let mut usage = Usage { queued: submitted.elapsed(), ..Usage::default() };
         let cancelled = || cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst);
+        if !sink.client_present() {
+            return Outcome::Disconnected;
+        }
         if cancelled() {
             return match sink.finish(FinishReason::Cancelled, &usage) {
                 Ok(()) => Outcome::Finished { reason: FinishReason::Cancelled, usage, trimmed_messages: 0 },

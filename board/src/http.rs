@@ -326,6 +326,10 @@ impl TokenSink for CompletionSink {
         let keep_alive = self.keep_alive;
         respond_error(&mut PortWriter(&mut self.out), error, keep_alive)
     }
+
+    fn client_present(&self) -> bool {
+        !crate::connection::peer_gone(self.out.stream())
+    }
 }
 
 /// A transport as a `std::io::Write`, for the code that writes whole responses.
@@ -432,6 +436,7 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
                 "served": stats.served.load(Ordering::Relaxed),
                 "refused": stats.refused.load(Ordering::Relaxed),
                 "failed": stats.failed.load(Ordering::Relaxed),
+                "cancelled": stats.cancelled.load(Ordering::Relaxed),
                 "connections": shared.connections.open(),
             });
             respond(&mut connection.stream, 200, &body, keep_alive)?;

@@ -102,6 +102,10 @@ impl TokenSink for NdjsonSink {
     fn fail(&mut self, error: &RequestError) -> std::io::Result<()> {
         self.out.write_all(&error_line(error))
     }
+
+    fn client_present(&self) -> bool {
+        !crate::connection::peer_gone(self.out.stream())
+    }
 }
 
 /// Serves one NDJSON connection until it closes, idles out or misbehaves.

@@ -46,6 +46,11 @@ impl TcpPort {
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self(self.0.try_clone()?))
     }
+
+    /// The stream.
+    pub fn stream(&self) -> &TcpStream {
+        &self.0
+    }
 }
 
 impl ErrorType for TcpPort {

@@ -1,0 +1,607 @@
+//! `brambled` end to end: the real binary on real loopback sockets and a real
+//! pseudo-terminal, serving a small synthetic model.
+//!
+//! | module | what |
+//! |---|---|
+//! | `ndjson` | the NDJSON protocol: streamed lines, the final line's counts, chat, errors |
+//! | `http` | the OpenAI-compatible endpoints with our own client, SSE, errors, auth |
+//! | `openai_client` | the official `openai` Python client against the daemon (`tests/daemon_openai.py`) |
+//! | `scheduling` | queue depth, busy refusals, cancel on disconnect |
+//! | `load` | 32 clients × 10 requests: every request answered or refused busy, memory flat |
+//! | `bad_input` | the bad-input battery on NDJSON, HTTP and the console |
+//! | `console` | the serial console on an openpty pair: typing, editing, commands, chat, Ctrl-C, garbage, the device vanishing |
+//! | `operations` | config errors, sd_notify READY, SIGTERM drain and exit 0 |
+//!
+//! The model is synthetic (random weights, a byte-level BPE vocabulary with
+//! ChatML tokens), with a context of 2048 so a long generation lasts seconds:
+//! the scheduling tests need one to be running while they act. Timeouts here
+//! only keep a broken daemon from hanging the test; nothing checks speed.
+
+use bramble_runtime::vocab::TokenizerKind;
+use bramble_tests::*;
+use bramble_tools::synth::SyntheticShape;
+use serde_json::{json, Value};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Longest any single wait may take before the test calls the daemon hung.
+const HANG: Duration = Duration::from_secs(60);
+
+/// The `brambled` binary, built (or found up to date) once per process, as
+/// `bramble_tests::bramble_binary` does for `bramble`. `BRAMBLED_BIN` overrides it.
+fn brambled_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        if let Some(path) = std::env::var_os("BRAMBLED_BIN") {
+            return PathBuf::from(path);
+        }
+        let exe = std::env::current_exe().expect("test executable");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+        let profile = match profile_dir.file_name().and_then(OsStr::to_str).expect("profile directory") {
+            "debug" => "test",
+            other => other,
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(&cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "bramble-board",
+                "--bin",
+                "brambled",
+                "--profile",
+                profile,
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .status()
+            .expect("running cargo build for brambled");
+        assert!(status.success(), "cargo build -p bramble-board failed: {status}");
+        let binary = profile_dir.join("brambled");
+        assert!(binary.is_file(), "{} was not built", binary.display());
+        binary
+    })
+}
+
+/// The synthetic model image, converted once per process.
+fn model() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let shape = SyntheticShape {
+            dim: 256,
+            n_layers: 4,
+            ffn_dim: 640,
+            context_length: 2048,
+            tokenizer: TokenizerKind::ByteLevelBpe,
+            ..SyntheticShape::default()
+        };
+        let path = scratch_dir("daemon").join(format!("synthetic-{}.bramble", std::process::id()));
+        convert_synthetic(&synthetic(shape, 11), &path, "q8");
+        path
+    })
+}
+
+/// A running `brambled`, killed when dropped.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    http: Option<SocketAddr>,
+    ndjson: Option<SocketAddr>,
+    console: Option<SocketAddr>,
+}
+
+impl Daemon {
+    /// Starts `brambled --model MODEL --uart none` on ephemeral loopback ports plus `args`; waits for "ready".
+    fn start(args: &[&str]) -> Daemon {
+        Self::start_with(args, &[])
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut command = Command::new(brambled_binary());
+        command.arg("--model").arg(model());
+        command.args(["--uart", "none", "--http", "127.0.0.1:0", "--ndjson", "127.0.0.1:0", "--threads", "1"]);
+        command.args(args);
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child =
+            command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn brambled");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let started = Instant::now();
+        loop {
+            let text = log.lock().unwrap().clone();
+            if text.contains("brambled: info: ready") {
+                let address = |name: &str| {
+                    text.lines().find_map(|l| {
+                        l.split_once(&format!("{name} listening on ")).map(|(_, a)| a.trim().parse().unwrap())
+                    })
+                };
+                return Daemon {
+                    http: address("http"),
+                    ndjson: address("ndjson"),
+                    console: address("console"),
+                    child,
+                    log,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("brambled exited ({status}) before it was ready:\n{text}");
+            }
+            assert!(started.elapsed() < HANG, "brambled not ready after {HANG:?}:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn http(&self) -> SocketAddr {
+        self.http.expect("an HTTP listener")
+    }
+    fn ndjson(&self) -> SocketAddr {
+        self.ndjson.expect("an NDJSON listener")
+    }
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// (VmRSS, VmHWM) of the daemon in KiB.
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /proc status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM)
+            .expect("kill");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(started.elapsed() < HANG, "brambled did not exit after SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the daemon is still running, with its log for messages.
+    fn assert_alive(&mut self) {
+        assert!(self.child.try_wait().unwrap().is_none(), "brambled died:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(address: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(address).unwrap_or_else(|e| panic!("connect {address}: {e}"));
+    stream.set_read_timeout(Some(HANG)).unwrap();
+    stream
+}
+
+/// Reads NDJSON lines from `reader` until one has `"done": true`.
+fn read_until_done(reader: &mut BufReader<TcpStream>) -> Vec<Value> {
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = reader.read_line(&mut line).expect("an NDJSON line before the timeout");
+        assert!(n > 0, "connection closed before a done line; got {lines:?}");
+        let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        let done = value["done"] == json!(true);
+        lines.push(value);
+        if done {
+            return lines;
+        }
+    }
+}
+
+/// One NDJSON request on a fresh connection; the lines up to the done line.
+fn ndjson(address: SocketAddr, request: &Value) -> Vec<Value> {
+    let mut stream = connect(address);
+    writeln!(stream, "{request}").unwrap();
+    read_until_done(&mut BufReader::new(stream))
+}
+
+/// The text of a streamed NDJSON answer.
+fn streamed_text(lines: &[Value]) -> String {
+    lines.iter().filter_map(|l| l["response"].as_str()).collect()
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one HTTP response (Content-Length or chunked) from `reader`.
+fn read_response(reader: &mut BufReader<TcpStream>) -> Response {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line {status_line:?}"));
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("header line");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').expect("name: value");
+        headers.push((name.to_string(), value.trim().to_string()));
+    }
+    let mut response = Response { status, headers, body: Vec::new() };
+    if response.header("transfer-encoding") == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).expect("chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|_| panic!("chunk size {size:?}"));
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).expect("chunk");
+            if size == 0 {
+                break;
+            }
+            response.body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = response.header("content-length") {
+        let mut body = vec![0; length.parse().unwrap()];
+        reader.read_exact(&mut body).expect("body");
+        response.body = body;
+    }
+    response
+}
+
+/// One HTTP request on a fresh connection.
+fn http(address: SocketAddr, method: &str, path: &str, body: Option<&Value>, headers: &[&str]) -> Response {
+    let mut stream = connect(address);
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n", body.len());
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream.write_all(request.as_bytes()).unwrap();
+    read_response(&mut BufReader::new(stream))
+}
+
+/// The data of each SSE event.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+mod ndjson {
+    use super::*;
+
+    #[test]
+    fn streams_lines_then_a_done_line_with_counts_and_timings() {
+        let daemon = Daemon::start(&[]);
+        let request = json!({"prompt": "Hello world", "max_tokens": 8, "temperature": 0});
+        let lines = ndjson(daemon.ndjson(), &request);
+        let last = lines.last().unwrap();
+        assert_eq!(last["done_reason"], "length", "{last}");
+        assert_eq!(last["eval_count"], 8);
+        assert!(last["prompt_eval_count"].as_u64().unwrap() >= 2, "{last}");
+        for timing in ["total_duration", "prompt_eval_duration", "eval_duration"] {
+            assert!(last[timing].as_u64().is_some(), "{timing} in {last}");
+        }
+        assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false && l["response"].is_string()));
+        let streamed = streamed_text(&lines);
+        assert!(!streamed.is_empty());
+
+        // Greedy is deterministic, and the whole answer in one line is the streamed one.
+        let whole = ndjson(
+            daemon.ndjson(),
+            &json!({"prompt": "Hello world", "max_tokens": 8, "temperature": 0, "stream": false}),
+        );
+        assert_eq!(whole.len(), 1, "{whole:?}");
+        assert_eq!(whole[0]["response"].as_str().unwrap(), streamed);
+        // The second run reused the cached prompt.
+        assert!(whole[0]["prompt_cached_count"].as_u64().unwrap() > 0, "{}", whole[0]);
+
+        // A chat, and several requests on one connection.
+        let mut stream = connect(daemon.ndjson());
+        let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 4, "stop": ["zzz"]});
+        writeln!(stream, "{chat}\n{request}").unwrap();
+        let mut reader = BufReader::new(stream);
+        let first = read_until_done(&mut reader);
+        assert!(first.last().unwrap()["prompt_eval_count"].as_u64().unwrap() > 10, "the chat template was applied");
+        let second = read_until_done(&mut reader);
+        assert_eq!(streamed_text(&second), streamed);
+    }
+
+    #[test]
+    fn prompts_longer_than_the_context_and_bad_requests_get_errors_on_the_same_connection() {
+        let daemon = Daemon::start(&["--context", "64"]);
+        let mut stream = connect(daemon.ndjson());
+        let long = "hello world ".repeat(200);
+        writeln!(stream, "{}", json!({"prompt": long, "max_tokens": 4})).unwrap();
+        writeln!(stream, "{}", json!({"prompt": "Hi", "max_tokens": 100000})).unwrap();
+        writeln!(stream, "{}", json!({"prompt": "Hi", "max_tokens": 3})).unwrap();
+        let mut reader = BufReader::new(stream);
+        let too_long = read_until_done(&mut reader);
+        let message = too_long[0]["error"]["message"].as_str().unwrap();
+        assert!(message.contains("context holds 64"), "{message}");
+        let too_many = read_until_done(&mut reader);
+        assert_eq!(too_many[0]["error"]["param"], "max_tokens", "{:?}", too_many);
+        let fine = read_until_done(&mut reader);
+        assert_eq!(fine.last().unwrap()["eval_count"], 3);
+    }
+}
+
+mod http {
+    use super::*;
+
+    #[test]
+    fn openai_endpoints_with_our_own_client() {
+        let daemon = Daemon::start(&[]);
+        let address = daemon.http();
+
+        let health = http(address, "GET", "/health", None, &[]);
+        assert_eq!(health.status, 200);
+        assert_eq!(health.json()["status"], "ok");
+        let models = http(address, "GET", "/v1/models", None, &[]).json();
+        let name = models["data"][0]["id"].as_str().unwrap().to_string();
+        assert!(name.starts_with("synthetic"), "{models}");
+
+        let request = json!({"prompt": "Hello world", "max_tokens": 6, "temperature": 0});
+        let completion = http(address, "POST", "/v1/completions", Some(&request), &[]);
+        assert_eq!(completion.status, 200, "{}", completion.text());
+        let completion = completion.json();
+        assert_eq!(completion["object"], "text_completion");
+        assert_eq!(completion["model"], name.as_str());
+        assert_eq!(completion["choices"][0]["finish_reason"], "length");
+        assert_eq!(completion["usage"]["completion_tokens"], 6);
+        let usage = &completion["usage"];
+        assert_eq!(usage["total_tokens"].as_u64(), Some(usage["prompt_tokens"].as_u64().unwrap() + 6));
+        let text = completion["choices"][0]["text"].as_str().unwrap().to_string();
+
+        // Streamed: the same text, in SSE events ending with [DONE], usage in the last chunk.
+        let mut streamed_request = request.clone();
+        streamed_request["stream"] = json!(true);
+        let stream = http(address, "POST", "/v1/completions", Some(&streamed_request), &[]);
+        assert_eq!(stream.status, 200);
+        assert_eq!(stream.header("content-type"), Some("text/event-stream"));
+        let events = sse_events(&stream.text());
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(joined, text);
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(last["usage"]["completion_tokens"], 6);
+
+        // Chat, whole and streamed.
+        let chat = json!({"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 5, "temperature": 0});
+        let whole = http(address, "POST", "/v1/chat/completions", Some(&chat), &[]).json();
+        assert_eq!(whole["object"], "chat.completion");
+        assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+        let mut streamed_chat = chat.clone();
+        streamed_chat["stream"] = json!(true);
+        let events = sse_events(&http(address, "POST", "/v1/chat/completions", Some(&streamed_chat), &[]).text());
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+        let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(joined, content);
+
+        // Errors in OpenAI's shape.
+        let cases = [
+            ("GET", "/v1/nothing", None, 404),
+            ("DELETE", "/v1/completions", None, 405),
+            ("POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": "ten"})), 400),
+            ("POST", "/v1/chat/completions", Some(json!({"messages": [{"role": "robot", "content": "x"}]})), 400),
+            ("POST", "/v1/chat/completions", Some(json!({"prompt": "no messages"})), 400),
+        ];
+        for (method, path, body, status) in cases {
+            let response = http(address, method, path, body.as_ref(), &[]);
+            assert_eq!(response.status, status, "{method} {path}: {}", response.text());
+            let error = response.json();
+            assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{error}");
+            assert!(error["error"]["type"].is_string(), "{error}");
+        }
+    }
+
+    #[test]
+    fn keep_alive_serves_requests_one_after_another_on_one_connection() {
+        let daemon = Daemon::start(&[]);
+        let mut stream = connect(daemon.http());
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        for path in ["/health", "/v1/models", "/health"] {
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+            assert_eq!(read_response(&mut reader).status, 200);
+        }
+        let body = json!({"prompt": "Hi", "max_tokens": 2, "stream": true}).to_string();
+        write!(stream, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        assert!(read_response(&mut reader).text().ends_with("data: [DONE]\n\n"));
+        write!(stream, "GET /health HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_response(&mut reader).status, 200, "the connection survives a streamed answer");
+    }
+
+    #[test]
+    fn a_token_is_required_off_loopback_and_checked_everywhere() {
+        // Without a token, a non-loopback address is refused at startup, naming the key.
+        let output = Command::new(brambled_binary())
+            .args(["--uart", "none", "--http", "0.0.0.0:0", "--model"])
+            .arg(model())
+            .env_remove("BRAMBLED_AUTH_TOKEN")
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--http") && stderr.contains("auth_token"), "{stderr}");
+
+        let token = "test-token-0123456789";
+        let daemon = Daemon::start_with(&["--http", "0.0.0.0:0"], &[("BRAMBLED_AUTH_TOKEN", token)]);
+        let address: SocketAddr = format!("127.0.0.1:{}", daemon.http().port()).parse().unwrap();
+        let request = json!({"prompt": "Hi", "max_tokens": 2});
+        assert_eq!(http(address, "POST", "/v1/completions", Some(&request), &[]).status, 401);
+        let wrong =
+            http(address, "POST", "/v1/completions", Some(&request), &["Authorization: Bearer test-token-0123456788"]);
+        assert_eq!(wrong.status, 401);
+        assert_eq!(wrong.json()["error"]["type"], "authentication_error");
+        let bearer = format!("Authorization: Bearer {token}");
+        assert_eq!(http(address, "POST", "/v1/completions", Some(&request), &[&bearer]).status, 200);
+        assert_eq!(http(address, "GET", "/health", None, &[]).status, 200, "health needs no token");
+
+        let refused = ndjson(daemon.ndjson(), &request);
+        assert_eq!(refused[0]["error"]["code"], 401, "{refused:?}");
+        let served = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2, "auth": token}));
+        assert_eq!(served.last().unwrap()["eval_count"], 2, "{served:?}");
+    }
+}
+
+mod openai_client {
+    use super::*;
+
+    #[test]
+    fn the_official_python_client_completes_and_chats_streamed_and_whole() {
+        if std::env::var("BRAMBLE_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+            eprintln!("BRAMBLE_SKIP_PYTHON=1: skipping the openai client test");
+            return;
+        }
+        let probe = Command::new("python3").args(["-c", "import openai"]).output();
+        assert!(
+            probe.as_ref().is_ok_and(|o| o.status.success()),
+            "the openai client test needs python3 with the `openai` package: \
+             `python3 -m pip install -r tests/reference/requirements.txt` (or set BRAMBLE_SKIP_PYTHON=1)"
+        );
+        let daemon = Daemon::start(&[]);
+        let script = workspace_root().join("tests/daemon_openai.py");
+        let output =
+            Command::new("python3").arg(&script).arg(format!("http://{}/v1", daemon.http())).output().expect("python3");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{} failed:\n{stdout}\n{}\n--- daemon\n{}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr),
+            daemon.log()
+        );
+        assert!(stdout.contains("openai client: 6 checks passed"), "{stdout}");
+    }
+}
+
+/// Starts a long streamed NDJSON generation and returns its connection once the first token arrived.
+fn long_generation(address: SocketAddr) -> BufReader<TcpStream> {
+    let mut stream = connect(address);
+    writeln!(stream, "{}", json!({"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0})).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(first["done"], false, "the long generation is running: {first}");
+    reader
+}
+
+fn health(daemon: &Daemon) -> Value {
+    http(daemon.http(), "GET", "/health", None, &[]).json()
+}
+
+fn wait_for(what: &str, daemon: &Daemon, mut condition: impl FnMut(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let value = health(daemon);
+        if condition(&value) {
+            return value;
+        }
+        assert!(started.elapsed() < HANG, "{what}: still not after {HANG:?}: {value}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+mod scheduling {
+    use super::*;
+
+    #[test]
+    fn beyond_the_queue_requests_are_refused_busy_and_a_disconnect_cancels() {
+        let daemon = Daemon::start(&["--queue", "1"]);
+        let running = long_generation(daemon.ndjson());
+        // One waits in the queue...
+        let mut queued = connect(daemon.ndjson());
+        writeln!(queued, "{}", json!({"prompt": "Hi", "max_tokens": 2})).unwrap();
+        wait_for("one queued", &daemon, |h| h["queued"] == 1);
+        // ...and the next is refused at once, on both protocols.
+        let busy = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(busy[0]["error"]["code"], 503, "{busy:?}");
+        assert!(busy[0]["error"]["message"].as_str().unwrap().contains("busy"));
+        let response = http(daemon.http(), "POST", "/v1/completions", Some(&json!({"prompt": "Hi"})), &[]);
+        assert_eq!(response.status, 503);
+        assert_eq!(response.header("retry-after"), Some("1"));
+        assert_eq!(response.json()["error"]["type"], "server_busy");
+
+        // The running client hangs up: its generation is cancelled and the queued one runs.
+        drop(running);
+        let lines = read_until_done(&mut BufReader::new(queued));
+        assert_eq!(lines.last().unwrap()["eval_count"], 2);
+        let after = wait_for("the cancel counted", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
+        assert_eq!(after["refused"], 2, "{after}");
+    }
+
+    #[test]
+    fn a_client_that_disconnects_while_queued_is_skipped() {
+        let daemon = Daemon::start(&["--queue", "2"]);
+        let running = long_generation(daemon.ndjson());
+        let mut queued = connect(daemon.http());
+        let body = json!({"prompt": "Hi", "max_tokens": 5}).to_string();
+        write!(queued, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        wait_for("one queued", &daemon, |h| h["queued"] == 1);
+        drop(queued);
+        // The hang-up reaches the daemon's socket before the queued job can start.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(running);
+        // Both end cancelled (the queued one before it ran a token); nothing is left running.
+        wait_for("both cancelled", &daemon, |h| h["cancelled"] == 2 && h["running"] == false && h["queued"] == 0);
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(lines.last().unwrap()["eval_count"], 2, "the daemon serves on");
+    }
+}
