@@ -34,9 +34,15 @@ if [ "${1:-}" = "--images" ]; then
     root="$(cd "$(dirname "$0")/.." && pwd)"
     cargo build --quiet --release -p bramble-tools --manifest-path "$root/Cargo.toml"
     bramble="${CARGO_TARGET_DIR:-$root/target}/release/bramble"
+    # An image is rebuilt when missing, older than the model, or of an older
+    # block layout than this converter writes (it would run, but slower).
+    layout() { "$bramble" inspect "$1" --json 2>/dev/null | sed -n 's/.*"layout_version":\([0-9]*\).*/\1/p'; }
     for quant in q4 q8 f16; do
         image="$cache/smollm2-135m-$quant.bramble"
-        [ -s "$image" ] && [ "$image" -nt "$gguf" ] || "$bramble" convert --input "$gguf" --output "$image" --quant "$quant"
+        if [ -s "$image" ] && [ "$image" -nt "$gguf" ] && [ "$(layout "$image")" = 2 ]; then
+            continue
+        fi
+        "$bramble" convert --input "$gguf" --output "$image" --quant "$quant"
     done
 fi
 echo "$gguf"

@@ -15,7 +15,8 @@ use std::sync::Mutex;
 
 /// Rows a kernel step handles together (the dotprod kernels take 8); thread splits fall on multiples of it.
 const ROWS_PER_STEP: usize = 8;
-use crate::quant::{self, BlockQ8Act, Encoding, GROUP};
+const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
+use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
 
 /// A weight matrix `[rows, cols]` borrowed from the image.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,9 @@ impl Matrix<'_> {
             TensorView::Q8(_) => Encoding::Q8,
             TensorView::Q4(_) => Encoding::Q4,
             TensorView::Q4S(_) => Encoding::Q4S,
+            TensorView::Q8X4(_) => Encoding::Q8X4,
+            TensorView::Q4X4(_) => Encoding::Q4X4,
+            TensorView::Q4SX4(_) => Encoding::Q4SX4,
         }
     }
 
@@ -58,6 +62,15 @@ impl Matrix<'_> {
             TensorView::Q8(blocks) => quant::dequantize_q8(&blocks[block_start..block_end], out),
             TensorView::Q4(blocks) => quant::dequantize_q4(&blocks[block_start..block_end], out),
             TensorView::Q4S(blocks) => quant::dequantize_q4s(&blocks[block_start..block_end], out),
+            TensorView::Q8X4(blocks) => {
+                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q8(&[b], o))
+            }
+            TensorView::Q4X4(blocks) => {
+                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4(&[b], o))
+            }
+            TensorView::Q4SX4(blocks) => {
+                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4s(&[b], o))
+            }
         }
     }
 
@@ -90,6 +103,7 @@ impl Matrix<'_> {
             Mutex::new(Some((rows, mine)))
         });
         let (cols, blocks) = (self.cols, self.cols / GROUP);
+        let groups = |rows: &Range<usize>| rows.start / INTERLEAVE * blocks..rows.end / INTERLEAVE * blocks;
         pool.run(&|i| {
             let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let Some((rows, out)) = slot.as_mut() else { return };
@@ -103,6 +117,10 @@ impl Matrix<'_> {
                 TensorView::Q8(w) => (kernels.matmul_q8)(&w[blocked], cols, xq, out),
                 TensorView::Q4(w) => (kernels.matmul_q4)(&w[blocked], cols, xq, out),
                 TensorView::Q4S(w) => (kernels.matmul_q4s)(&w[blocked], cols, xq, out),
+                // Splits fall on multiples of ROWS_PER_STEP, so on whole groups.
+                TensorView::Q8X4(w) => (kernels.matmul_q8x4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q4X4(w) => (kernels.matmul_q4x4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q4SX4(w) => (kernels.matmul_q4sx4)(&w[groups(rows)], cols, xq, out),
             }
         });
         if batch > 1 {
@@ -112,6 +130,22 @@ impl Matrix<'_> {
                 }
             }
         }
+    }
+}
+
+/// Calls `expand(block, out_piece)` for each of row `row`'s blocks, taken
+/// out of the interleaved groups, with the matching 32 values of `out`.
+fn for_interleaved_row<X: Interleaved>(
+    blocks: &[X],
+    cols: usize,
+    row: usize,
+    out: &mut [f32],
+    expand: impl Fn(X::Row, &mut [f32]),
+) {
+    let per_row = cols / GROUP;
+    let group = &blocks[row / INTERLEAVE * per_row..(row / INTERLEAVE + 1) * per_row];
+    for (block, values) in group.iter().zip(out.chunks_exact_mut(GROUP)) {
+        expand(block.row(row % INTERLEAVE), values);
     }
 }
 
@@ -177,7 +211,7 @@ pub struct RunState {
     q: Vec<f32>,           // queries (batch, q_dim)
     hb: Vec<f32>,          // FFN gate (batch, ffn_dim)
     hb2: Vec<f32>,         // FFN up (batch, ffn_dim)
-    att: Vec<f32>,         // attention scores of one head (context)
+    att: Vec<f32>,         // attention scores of the heads sharing a KV head (heads_per_kv, context)
     logits: Vec<f32>,      // (batch, vocab)
     scratch: Vec<f32>,     // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
     key_cache: Vec<f32>,   // (layer, context, kv_dim)
@@ -214,7 +248,7 @@ impl RunState {
             q: vec![0.0; batch * q_dim],
             hb: vec![0.0; batch * ffn],
             hb2: vec![0.0; batch * ffn],
-            att: vec![0.0; context],
+            att: vec![0.0; (config.n_heads / config.n_kv_heads.max(1)) as usize * context],
             logits: vec![0.0; batch * config.vocab_size as usize],
             scratch: vec![0.0; if batch > 1 { batch * widest.max(config.vocab_size as usize) } else { 0 }],
             key_cache: vec![0.0; layers * context * kv_dim],
@@ -417,26 +451,24 @@ impl<'a> Model<'a> {
                 }
             }
 
-            // Causal grouped-query attention: token b sees positions 0 ..= pos + b.
+            // Causal grouped-query attention: token b sees positions 0 ..= pos + b;
+            // the query heads that share a key/value head go through the cache together.
             let scale = 1.0 / (head_dim as f32).sqrt();
             let layer_cache = l * context * kv_dim;
+            let group = heads_per_kv * head_dim;
             for b in 0..n {
                 let seen = pos + b + 1;
-                for h in 0..p.n_heads as usize {
-                    let query = &s.q[b * q_dim + h * head_dim..b * q_dim + (h + 1) * head_dim];
-                    let kv_offset = (h / heads_per_kv) * head_dim;
-                    let scores = &mut s.att[..seen];
-                    for (t, score) in scores.iter_mut().enumerate() {
-                        let key = layer_cache + t * kv_dim + kv_offset;
-                        *score = (k.dot)(query, &s.key_cache[key..key + head_dim]) * scale;
+                let cached = layer_cache..layer_cache + (seen - 1) * kv_dim + kv_dim;
+                for kv in 0..p.n_kv_heads as usize {
+                    let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;
+                    let (keys, values) = (&s.key_cache[cached.clone()], &s.value_cache[cached.clone()]);
+                    let (keys, values) = (&keys[kv * head_dim..], &values[kv * head_dim..]);
+                    let scores = &mut s.att[..heads_per_kv * seen];
+                    (k.attention_scores)(&s.q[heads.clone()], head_dim, keys, kv_dim, seen, scale, scores);
+                    for row in scores.chunks_exact_mut(seen) {
+                        (k.softmax)(row);
                     }
-                    (k.softmax)(scores);
-                    let out = &mut s.xb2[b * q_dim + h * head_dim..b * q_dim + (h + 1) * head_dim];
-                    out.fill(0.0);
-                    for (t, &weight) in scores.iter().enumerate() {
-                        let value = layer_cache + t * kv_dim + kv_offset;
-                        (k.axpy)(out, weight, &s.value_cache[value..value + head_dim]);
-                    }
+                    (k.attention_values)(scores, seen, values, kv_dim, head_dim, &mut s.xb2[heads]);
                 }
             }
 

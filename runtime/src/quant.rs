@@ -1,8 +1,12 @@
 //! Block types of the quantized encodings, and their reference quantizers.
 //!
 //! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`]) are byte-for-byte
-//! ggml's Q8_0, Q4_1 and Q4_0 (see `models/FORMAT.md`). [`BlockQ8Act`] is the
-//! runtime's int8 form of an activation vector, never stored in a file.
+//! ggml's Q8_0, Q4_1 and Q4_0 (see `models/FORMAT.md`). Their row-interleaved
+//! forms ([`BlockQ8x4`], [`BlockQ4x4`], [`BlockQ4Sx4`]) hold the same bytes of
+//! four rows at one column block, rearranged so that one activation load
+//! serves four rows and a vector's lanes are four rows' sums ([`Interleaved`]).
+//! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
+//! stored in a file.
 
 use bytemuck::{Pod, Zeroable};
 use half::f16;
@@ -23,11 +27,26 @@ pub enum Encoding {
     Q4,
     /// 4-bit, group 32, f16 scale only, zero point 8 ([`BlockQ4S`]).
     Q4S,
+    /// [`Encoding::Q8`], four rows interleaved ([`BlockQ8x4`]).
+    Q8X4,
+    /// [`Encoding::Q4`], four rows interleaved ([`BlockQ4x4`]).
+    Q4X4,
+    /// [`Encoding::Q4S`], four rows interleaved ([`BlockQ4Sx4`]).
+    Q4SX4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 5] = [Encoding::F32, Encoding::F16, Encoding::Q8, Encoding::Q4, Encoding::Q4S];
+    pub const ALL: [Encoding; 8] = [
+        Encoding::F32,
+        Encoding::F16,
+        Encoding::Q8,
+        Encoding::Q4,
+        Encoding::Q4S,
+        Encoding::Q8X4,
+        Encoding::Q4X4,
+        Encoding::Q4SX4,
+    ];
 
     /// The id stored in the tensor index.
     pub fn id(self) -> u32 {
@@ -37,6 +56,9 @@ impl Encoding {
             Encoding::Q8 => 2,
             Encoding::Q4 => 3,
             Encoding::Q4S => 4,
+            Encoding::Q8X4 => 5,
+            Encoding::Q4X4 => 6,
+            Encoding::Q4SX4 => 7,
         }
     }
     /// The encoding of a tensor-index id.
@@ -51,6 +73,9 @@ impl Encoding {
             Encoding::Q8 => "q8",
             Encoding::Q4 => "q4",
             Encoding::Q4S => "q4s",
+            Encoding::Q8X4 => "q8x4",
+            Encoding::Q4X4 => "q4x4",
+            Encoding::Q4SX4 => "q4sx4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -59,7 +84,32 @@ impl Encoding {
     }
     /// Whether rows are stored as blocks of [`GROUP`] values.
     pub fn is_blocked(self) -> bool {
-        matches!(self, Encoding::Q8 | Encoding::Q4 | Encoding::Q4S)
+        !matches!(self, Encoding::F32 | Encoding::F16)
+    }
+    /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings, else 1.
+    pub fn rows_interleaved(self) -> usize {
+        match self {
+            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 => INTERLEAVE,
+            _ => 1,
+        }
+    }
+    /// The row-major encoding of the same blocks (itself if it is one).
+    pub fn row_major(self) -> Encoding {
+        match self {
+            Encoding::Q8X4 => Encoding::Q8,
+            Encoding::Q4X4 => Encoding::Q4,
+            Encoding::Q4SX4 => Encoding::Q4S,
+            other => other,
+        }
+    }
+    /// The interleaved form of a row-major quantized encoding.
+    pub fn interleaved(self) -> Option<Encoding> {
+        match self {
+            Encoding::Q8 => Some(Encoding::Q8X4),
+            Encoding::Q4 => Some(Encoding::Q4X4),
+            Encoding::Q4S => Some(Encoding::Q4SX4),
+            _ => None,
+        }
     }
     /// Bytes taken by `n` values (`n` a multiple of [`GROUP`] for blocked encodings).
     pub fn bytes_for(self, n: usize) -> usize {
@@ -69,9 +119,14 @@ impl Encoding {
             Encoding::Q8 => n / GROUP * std::mem::size_of::<BlockQ8>(),
             Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
             Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
+            // The same bytes as the row-major blocks, rearranged.
+            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 => self.row_major().bytes_for(n),
         }
     }
 }
+
+/// Rows an interleaved block holds.
+pub const INTERLEAVE: usize = 4;
 
 /// int8 weights: value `j` is `d · q[j]`. ggml's Q8_0.
 #[repr(C)]
@@ -108,6 +163,153 @@ pub struct BlockQ4S {
     pub qs: [u8; GROUP / 2],
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4S>() == 18);
+
+/// Four rows' blocks at one column range, rearranged for the kernels
+/// (`models/FORMAT.md`, layout version 2): the rows' scales (and minimums)
+/// side by side, then their values four bytes at a time — bytes `4c .. 4c+4`
+/// of row `r` at `16c + 4r` — so that sixteen bytes are four rows' values
+/// at the same four columns, which is what one `sdot` by lane multiplies.
+pub trait Interleaved: Pod {
+    /// The row-major block.
+    type Row: Pod;
+    /// Interleaves four rows' blocks.
+    fn from_rows(rows: &[Self::Row; INTERLEAVE]) -> Self;
+    /// Row `r`'s block, as it was.
+    fn row(&self, r: usize) -> Self::Row;
+}
+
+/// Moves `n` bytes of each row, four at a time, between row-major order
+/// (`rows[r][4c + j]`) and interleaved order (`mixed[16c + 4r + j]`).
+#[inline(always)]
+fn spread<const N: usize>(rows: [&[u8; N]; INTERLEAVE], mixed: &mut [u8]) {
+    for c in 0..N / 4 {
+        for (r, row) in rows.iter().enumerate() {
+            mixed[16 * c + 4 * r..16 * c + 4 * r + 4].copy_from_slice(&row[4 * c..4 * c + 4]);
+        }
+    }
+}
+
+#[inline(always)]
+fn gather<const N: usize>(mixed: &[u8], r: usize) -> [u8; N] {
+    std::array::from_fn(|i| mixed[16 * (i / 4) + 4 * r + i % 4])
+}
+
+/// [`BlockQ8`] × 4 rows. 136 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8x4 {
+    /// Each row's scale.
+    pub d: [f16; INTERLEAVE],
+    /// Values, interleaved four bytes at a time.
+    pub qs: [i8; INTERLEAVE * GROUP],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8x4>() == 4 * 34);
+
+impl Interleaved for BlockQ8x4 {
+    type Row = BlockQ8;
+    fn from_rows(rows: &[BlockQ8; INTERLEAVE]) -> Self {
+        let mut block = Self { d: rows.map(|b| b.d), qs: [0; INTERLEAVE * GROUP] };
+        spread(rows.each_ref().map(|b| bytemuck::cast_ref::<_, [u8; GROUP]>(&b.qs)), bytemuck::cast_slice_mut(&mut block.qs));
+        block
+    }
+    fn row(&self, r: usize) -> BlockQ8 {
+        BlockQ8 { d: self.d[r], qs: bytemuck::cast(gather::<GROUP>(bytemuck::cast_slice(&self.qs), r)) }
+    }
+}
+
+/// [`BlockQ4`] × 4 rows. 80 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4x4 {
+    /// Each row's scale.
+    pub d: [f16; INTERLEAVE],
+    /// Each row's minimum.
+    pub m: [f16; INTERLEAVE],
+    /// Packed nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4x4>() == 4 * 20);
+
+impl Interleaved for BlockQ4x4 {
+    type Row = BlockQ4;
+    fn from_rows(rows: &[BlockQ4; INTERLEAVE]) -> Self {
+        let mut block = Self { d: rows.map(|b| b.d), m: rows.map(|b| b.m), qs: [0; INTERLEAVE * GROUP / 2] };
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    fn row(&self, r: usize) -> BlockQ4 {
+        BlockQ4 { d: self.d[r], m: self.m[r], qs: gather(&self.qs, r) }
+    }
+}
+
+/// [`BlockQ4S`] × 4 rows. 72 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4Sx4 {
+    /// Each row's scale.
+    pub d: [f16; INTERLEAVE],
+    /// Packed nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4Sx4>() == 4 * 18);
+
+impl Interleaved for BlockQ4Sx4 {
+    type Row = BlockQ4S;
+    fn from_rows(rows: &[BlockQ4S; INTERLEAVE]) -> Self {
+        let mut block = Self { d: rows.map(|b| b.d), qs: [0; INTERLEAVE * GROUP / 2] };
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    fn row(&self, r: usize) -> BlockQ4S {
+        BlockQ4S { d: self.d[r], qs: gather(&self.qs, r) }
+    }
+}
+
+/// Interleaves a row-major matrix of `blocks` blocks a row (a whole number
+/// of four-row groups): group `g`, column block `k` is rows `4g .. 4g+4`'s block `k`.
+pub fn interleave<X: Interleaved>(rows: &[X::Row], blocks: usize, out: &mut [X]) {
+    assert!(rows.len() == out.len() * INTERLEAVE && rows.len().is_multiple_of(blocks * INTERLEAVE));
+    for (group, mixed) in rows.chunks_exact(blocks * INTERLEAVE).zip(out.chunks_exact_mut(blocks)) {
+        for (k, block) in mixed.iter_mut().enumerate() {
+            *block = X::from_rows(&std::array::from_fn(|r| group[r * blocks + k]));
+        }
+    }
+}
+
+/// The inverse of [`interleave`].
+pub fn deinterleave<X: Interleaved>(mixed: &[X], blocks: usize, out: &mut [X::Row]) {
+    assert!(out.len() == mixed.len() * INTERLEAVE && mixed.len().is_multiple_of(blocks));
+    for (group, rows) in mixed.chunks_exact(blocks).zip(out.chunks_exact_mut(blocks * INTERLEAVE)) {
+        for (k, block) in group.iter().enumerate() {
+            for r in 0..INTERLEAVE {
+                rows[r * blocks + k] = block.row(r);
+            }
+        }
+    }
+}
+
+/// [`interleave`] on raw bytes: `row_major` in `encoding.row_major()`, `out`
+/// in `encoding` (an interleaved one), rows of `cols` values.
+pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: &mut [u8]) {
+    let blocks = cols / GROUP;
+    match encoding {
+        Encoding::Q8X4 => interleave::<BlockQ8x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        other => panic!("{other:?} is not an interleaved encoding"),
+    }
+}
+
+/// [`deinterleave`] on raw bytes (the inverse of [`interleave_bytes`]).
+pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &mut [u8]) {
+    let blocks = cols / GROUP;
+    match encoding {
+        Encoding::Q8X4 => deinterleave::<BlockQ8x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        other => panic!("{other:?} is not an interleaved encoding"),
+    }
+}
 
 /// An activation block quantized to int8 for the integer dot products:
 /// value `j` is `d · q[j]`; `s = d · Σ q[j]` serves the minimum term of [`BlockQ4`].
@@ -216,6 +418,7 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q8 => quantize_q8(x, cast_blocks_mut(out)),
         Encoding::Q4 => quantize_q4(x, cast_blocks_mut(out)),
         Encoding::Q4S => quantize_q4s(x, cast_blocks_mut(out)),
+        interleaved => panic!("{interleaved:?}: quantize to its row-major encoding, then interleave_bytes"),
     }
 }
 
@@ -235,7 +438,18 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q8 => dequantize_q8(&pod_blocks(bytes), out),
         Encoding::Q4 => dequantize_q4(&pod_blocks(bytes), out),
         Encoding::Q4S => dequantize_q4s(&pod_blocks(bytes), out),
+        interleaved => panic!("{interleaved:?}: deinterleave_bytes first"),
     }
+}
+
+/// Expands a tensor of any encoding to f32, rows of `cols` values.
+pub fn dequantize_rows(encoding: Encoding, bytes: &[u8], cols: usize, out: &mut [f32]) {
+    if encoding.rows_interleaved() == 1 {
+        return dequantize_from(encoding, bytes, out);
+    }
+    let mut row_major = vec![0u8; bytes.len()];
+    deinterleave_bytes(encoding, bytes, cols, &mut row_major);
+    dequantize_from(encoding.row_major(), &row_major, out)
 }
 
 /// Views a byte buffer as blocks. Blocks are 2-byte aligned; the byte buffers
@@ -280,6 +494,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn interleaving_is_a_lossless_permutation() {
+        let (rows, cols) = (8, 3 * GROUP);
+        let x = ramp(rows * cols);
+        for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+            let base = encoding.row_major();
+            let mut row_major = vec![0u8; base.bytes_for(x.len())];
+            quantize_into(base, &x, &mut row_major);
+            let mut mixed = vec![0u8; encoding.bytes_for(x.len())];
+            interleave_bytes(encoding, &row_major, cols, &mut mixed);
+            assert_ne!(mixed, row_major, "{encoding:?}: interleaving moved nothing");
+            let mut sorted = (mixed.clone(), row_major.clone());
+            sorted.0.sort_unstable();
+            sorted.1.sort_unstable();
+            assert_eq!(sorted.0, sorted.1, "{encoding:?}: not a permutation of the bytes");
+            let mut back = vec![0u8; mixed.len()];
+            deinterleave_bytes(encoding, &mixed, cols, &mut back);
+            assert_eq!(back, row_major, "{encoding:?}");
+            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            dequantize_from(base, &row_major, &mut a);
+            dequantize_rows(encoding, &mixed, cols, &mut b);
+            assert_eq!(a, b, "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn interleaved_block_puts_four_rows_columns_side_by_side() {
+        let rows: [BlockQ8; 4] = std::array::from_fn(|r| BlockQ8 {
+            d: f16::from_f32(r as f32),
+            qs: std::array::from_fn(|j| (r * 32 + j) as i8),
+        });
+        let mixed = BlockQ8x4::from_rows(&rows);
+        // Bytes 16c + 4r + j hold row r's value 4c + j.
+        assert_eq!(&mixed.qs[..8], &[0, 1, 2, 3, 32, 33, 34, 35]);
+        assert_eq!(mixed.qs[16 * 7 + 4 * 3 + 3], (3 * 32 + 31) as i8);
+        assert_eq!(mixed.d.map(|d| d.to_f32()), [0.0, 1.0, 2.0, 3.0]);
     }
 
     #[test]

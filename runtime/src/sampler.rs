@@ -94,11 +94,15 @@ impl Sampler {
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let c = self.config;
+        let penalized = c.repetition_penalty != 1.0 && c.repetition_penalty > 0.0;
+        if c.temperature <= 0.0 && !penalized {
+            return greatest(logits);
+        }
         self.candidates.clear();
         self.candidates.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
 
         // Repetition penalty on recently seen tokens (each once, as llama.cpp).
-        if c.repetition_penalty != 1.0 && c.repetition_penalty > 0.0 {
+        if penalized {
             for i in 0..self.recent_len {
                 let token = self.recent[i] as usize;
                 let seen_before = self.recent[..i].contains(&self.recent[i]);
@@ -165,8 +169,60 @@ impl Sampler {
     }
 }
 
+/// The index of the highest value, the lowest index on ties; NaN is never
+/// chosen and 0 comes back when nothing beats −∞ (as a fold with `>` from
+/// (−∞, 0) would). Greedy decoding runs it over the whole vocabulary every
+/// token: lane-wise maxima over blocks of 64 (which vectorize), then a scan
+/// of the one block that holds the winner.
+pub fn greatest(values: &[f32]) -> u32 {
+    const BLOCK: usize = 64;
+    const LANES: usize = 8;
+    let (mut best, mut best_block) = (f32::NEG_INFINITY, None);
+    for (b, block) in values.chunks(BLOCK).enumerate() {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        for chunk in chunks {
+            for (m, &v) in lanes.iter_mut().zip(chunk) {
+                *m = m.max(v);
+            }
+        }
+        let block_max = lanes.iter().fold(tail, |m, &v| m.max(v));
+        if block_max > best {
+            (best, best_block) = (block_max, Some(b));
+        }
+    }
+    let Some(b) = best_block else { return 0 };
+    let start = b * BLOCK;
+    let within = values[start..].iter().position(|&v| v == best).expect("the block holds its maximum");
+    (start + within) as u32
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn greatest_is_the_first_highest_and_skips_nan() {
+        let fold = |v: &[f32]| v.iter().enumerate().fold((f32::NEG_INFINITY, 0u32), |b, (i, &l)| if l > b.0 { (l, i as u32) } else { b }).1;
+        let mut seed = 7u32;
+        for len in [0, 1, 5, 63, 64, 65, 200, 4097] {
+            for case in 0..6 {
+                let v: Vec<f32> = (0..len)
+                    .map(|i| {
+                        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                        match (case, i % 7) {
+                            (1, _) => 3.0,                  // all tied
+                            (2, 0) => f32::NAN,             // NaNs among values
+                            (3, _) => f32::NEG_INFINITY,    // nothing beats −∞
+                            (4, _) => f32::NAN,             // all NaN
+                            _ => ((seed >> 16) % 50) as f32, // many ties
+                        }
+                    })
+                    .collect();
+                assert_eq!(super::greatest(&v), fold(&v), "length {len} case {case}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -115,6 +115,43 @@ fn wrong_versions_are_refused_by_kind() {
     assert!(open_bytes(&not_image).err().unwrap().message().contains("magic"));
 }
 
+/// Sets the header's layout version and its checksum.
+fn with_layout_version(bytes: &[u8], version: u32) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    out[12..16].copy_from_slice(&version.to_le_bytes());
+    let checksum = crc32fast::hash(&out[..60]);
+    out[60..64].copy_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+#[test]
+fn layout_one_files_are_read_but_not_with_interleaved_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let row_major = write_tiny(&dir.path().join("rows.bramble"), |_| {});
+    let image = open_bytes(&with_layout_version(&row_major, 1)).unwrap();
+    assert_eq!(image.layout_version(), 1);
+    let mixed = common::write_tiny_with_layout(&dir.path().join("x4.bramble"), true, |_| {});
+    assert_eq!(open_bytes(&mixed).unwrap().layout_version(), 2);
+    let error = open_bytes(&with_layout_version(&mixed, 1)).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.message().contains("q4x4") && error.message().contains("layout-1"), "{error}");
+}
+
+#[test]
+fn interleaved_tensors_need_whole_groups_of_four_rows() {
+    use bramble_runtime::quant::Encoding;
+    let dir = tempfile::tempdir().unwrap();
+    // Six rows cannot be groups of four: the tensor's bytes are the right size
+    // for six rows' blocks, but the encoding is refused.
+    let bytes = write_tiny(&dir.path().join("t.bramble"), |w| {
+        let enc = Encoding::Q8X4;
+        w.add_tensor("extra.weight", enc, &[6, 32], &vec![0u8; enc.bytes_for(6 * 32)]).unwrap()
+    });
+    let error = open_bytes(&bytes).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.message().contains("extra.weight") && error.message().contains("groups of 4"), "{error}");
+}
+
 #[test]
 fn unknown_sections_skipped_unless_required() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@
 //! logits, greedy tokens and token ids.
 
 use bramble_runtime::model::{Logits, Model};
+use bramble_runtime::quant::{deinterleave_bytes, Encoding};
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::Session;
 use bramble_runtime::tokenizer::Tokenizer;
@@ -54,7 +55,17 @@ fn tokenizer_name(kind: TokenizerKind) -> &'static str {
 /// (a ggml/safetensors type name) under `--quant quant`: vectors stay f32; at 4
 /// bits the embedding and output layer are kept at q8 (documented default of
 /// `ConvertOptions::new`), and native 4-bit blocks are kept (Q4_1 → q4, Q4_0 → q4s).
-fn expected_encoding(name: &str, dims: usize, source: &str, quant: &str) -> &'static str {
+/// Quantized matrices of whole groups of four rows are stored interleaved
+/// (`q4x4` …), the default `--layout x4`.
+fn expected_encoding(name: &str, shape: &[usize], source: &str, quant: &str) -> &'static str {
+    let base = expected_row_major_encoding(name, shape.len(), source, quant);
+    match base {
+        "q8" | "q4" | "q4s" if shape[0] % 4 == 0 => Encoding::from_name(base).unwrap().interleaved().unwrap().name(),
+        other => other,
+    }
+}
+
+fn expected_row_major_encoding(name: &str, dims: usize, source: &str, quant: &str) -> &'static str {
     if dims == 1 {
         return "f32";
     }
@@ -115,7 +126,7 @@ fn check_inspect(image: &Path, model: &SyntheticModel, expected: &[(String, Vec<
         "{}: vocabulary size",
         image.display()
     );
-    assert_eq!(info["layout_version"].as_u64(), Some(1), "{}: layout version", image.display());
+    assert_eq!(info["layout_version"].as_u64(), Some(2), "{}: layout version", image.display());
 
     let tensors = info["tensors"].as_array().expect("tensors array");
     assert_eq!(tensors.len(), expected.len(), "{}: tensor count", image.display());
@@ -217,10 +228,10 @@ fn convert_inspect_generate(
                 "{label} {quant}: {name} reported as source {} (expected {source})",
                 row[1]
             );
-            let encoding = expected_encoding(name, shape.len(), &source, quant);
+            let encoding = expected_encoding(name, shape, &source, quant);
             assert_eq!(row[2].as_str(), Some(encoding), "{label} {quant}: {name} from {source}");
             let carried = row[3].as_bool().expect("carried flag");
-            if native_encoding(&source) != Some(encoding) {
+            if native_encoding(&source) != Some(Encoding::from_name(encoding).unwrap().row_major().name()) {
                 assert!(!carried, "{label} {quant}: {name} ({source} → {encoding}) cannot be carried bit-exact");
             }
             carried_count += carried as u64;
@@ -285,15 +296,20 @@ fn gguf_chain(tokenizer: TokenizerKind) {
         };
         let images = convert_inspect_generate(&gguf, &model, &source_type, dir.path(), &label);
 
-        // Carried tensors are the GGUF's bytes, byte for byte.
+        // Carried tensors are the GGUF's bytes, byte for byte (once the
+        // interleaved ones are put back in row order).
         for (quant, path, _) in &images {
             let image = ModelImage::open(path).unwrap();
             for info in image.tensors() {
                 let source = source_type(&info.name);
-                if native_encoding(&source) == Some(info.encoding.name()) {
+                if native_encoding(&source) == Some(info.encoding.row_major().name()) {
                     let index = file.tensor_index(&info.name).unwrap();
+                    let mut stored = image.tensor_bytes(info).to_vec();
+                    if info.encoding != info.encoding.row_major() {
+                        deinterleave_bytes(info.encoding, image.tensor_bytes(info), info.cols(), &mut stored);
+                    }
                     assert!(
-                        image.tensor_bytes(info) == file.tensor_bytes(index),
+                        stored == file.tensor_bytes(index),
                         "{label} --quant {quant}: {} ({source} → {}) is not the GGUF's bytes",
                         info.name,
                         info.encoding.name()
@@ -307,7 +323,7 @@ fn gguf_chain(tokenizer: TokenizerKind) {
             let image = ModelImage::open(q4).unwrap();
             let want = if weights == "q4_1" { "q4" } else { "q4s" };
             for info in image.tensors().iter().filter(|t| t.name.starts_with("blk.") && t.shape.len() == 2) {
-                assert_eq!(info.encoding.name(), want, "{label} --quant q4: {}", info.name);
+                assert_eq!(info.encoding.row_major().name(), want, "{label} --quant q4: {}", info.name);
             }
         }
     }

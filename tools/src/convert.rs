@@ -3,14 +3,17 @@
 //! Tensors stream through one chunk of rows at a time. A tensor whose source
 //! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
 //! Q4_0 → Q4S, F16 → F16) is copied bit-exact; anything else is dequantized to
-//! f32 and quantized again. The image is written under a temporary name and
+//! f32 and quantized again. Quantized matrices of whole groups of four rows
+//! are then stored interleaved (layout 2, `models/FORMAT.md`), a lossless
+//! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
+//! row-major order. The image is written under a temporary name and
 //! renamed into place only when complete, so a failed conversion leaves no file.
 
 use crate::source::ModelSource;
 use anyhow::{bail, Context, Result};
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
-use bramble_runtime::quant::{quantize_into, Encoding};
+use bramble_runtime::quant::{interleave_bytes, quantize_into, Encoding, INTERLEAVE};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
@@ -62,6 +65,9 @@ pub struct ConvertOptions {
     pub quant: QuantTarget,
     /// `(pattern, target)` overrides, first match wins; `*` matches any run of characters.
     pub overrides: Vec<(String, QuantTarget)>,
+    /// Store quantized matrices four rows interleaved (the NEON kernels'
+    /// layout); `false` keeps ggml's row-major blocks.
+    pub interleave: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
 }
@@ -76,7 +82,7 @@ impl ConvertOptions {
             overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
             overrides.push(("output.weight".to_string(), QuantTarget::Q8));
         }
-        Self { quant, overrides, progress: false }
+        Self { quant, overrides, interleave: true, progress: false }
     }
 
     /// Parses an override `PATTERN=QUANT` and puts it before the others.
@@ -161,17 +167,32 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                 encoding.name()
             );
         }
-        writer.begin_tensor(&tensor.name, encoding, &tensor.shape)?;
+        // Chunks of whole groups of rows, so each can be interleaved on its own.
+        let stored = match encoding.interleaved() {
+            Some(interleaved) if options.interleave && tensor.shape.len() == 2 && rows % INTERLEAVE == 0 => interleaved,
+            _ => encoding,
+        };
+        let mut mixed: Vec<u8> = Vec::new();
+        let mut write = |writer: &mut ImageWriter, row_major: &[u8]| -> Result<()> {
+            if stored == encoding {
+                return Ok(writer.write_tensor_data(row_major)?);
+            }
+            mixed.resize(row_major.len(), 0);
+            interleave_bytes(stored, row_major, cols, &mut mixed);
+            Ok(writer.write_tensor_data(&mixed)?)
+        };
+        writer.begin_tensor(&tensor.name, stored, &tensor.shape)?;
         let carried = tensor.native == Some(encoding);
         if carried {
             let raw = source
                 .native_bytes(index)
                 .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?;
-            for chunk in raw.chunks(CHUNK_BYTES) {
-                writer.write_tensor_data(chunk)?;
+            let group_bytes = encoding.bytes_for(cols) * stored.rows_interleaved();
+            for chunk in raw.chunks((CHUNK_BYTES / group_bytes).max(1) * group_bytes) {
+                write(&mut writer, chunk)?;
             }
         } else {
-            let rows_per_chunk = (CHUNK_BYTES / 4 / cols).max(1);
+            let rows_per_chunk = (CHUNK_BYTES / 4 / cols / INTERLEAVE).max(1) * INTERLEAVE;
             let mut row = 0;
             while row < rows {
                 let n = rows_per_chunk.min(rows - row);
@@ -190,7 +211,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                 }
                 bytes.resize(encoding.bytes_for(values.len()), 0);
                 quantize_into(encoding, &values, &mut bytes);
-                writer.write_tensor_data(&bytes)?;
+                write(&mut writer, &bytes)?;
                 row += n;
             }
         }
@@ -203,13 +224,14 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         } else {
             report.requantized += 1;
         }
-        report.details.push((tensor.name.clone(), tensor.source_type.clone(), encoding.name().to_string(), carried));
+        report.details.push((tensor.name.clone(), tensor.source_type.clone(), stored.name().to_string(), carried));
     }
     bar.finish_and_clear();
 
     let description = serde_json::json!({
         "source": source.describe(),
         "quant": format!("{:?}", options.quant).to_lowercase(),
+        "layout": if options.interleave { "x4" } else { "rows" },
         "overrides": options.overrides.iter().map(|(p, q)| format!("{p}={q:?}").to_lowercase()).collect::<Vec<_>>(),
         "carried": report.carried,
         "requantized": report.requantized,

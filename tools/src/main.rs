@@ -101,6 +101,10 @@ struct ConvertArgs {
     /// The llama2.c `tokenizer.bin` (default: beside the checkpoint).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Block order of quantized matrices: `x4` (four rows interleaved, what
+    /// the NEON kernels read fastest) or `rows` (ggml's row-major order).
+    #[arg(long, default_value = "x4", value_parser = ["x4", "rows"])]
+    layout: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -289,6 +293,7 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     for spec in &args.tensor_quant {
         options.add_override(spec)?;
     }
+    options.interleave = args.layout == "x4";
     options.progress = std::io::stderr().is_terminal() && !args.json;
     let report = convert(source.as_ref(), &args.output, &options)
         .with_context(|| format!("converting {} into {}", args.input.display(), args.output.display()))?;

@@ -7,8 +7,8 @@ use bytemuck::{Pod, Zeroable};
 pub const MAGIC: [u8; 8] = *b"BRAMBLE\0";
 /// The container version this code reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
-/// The block layout version this code reads and writes.
-pub const LAYOUT_VERSION: u32 = 1;
+/// The block layout version this code writes (it reads 1 and 2).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Every section and every tensor starts on a multiple of this.
 pub const ALIGNMENT: u64 = 64;
 

@@ -15,7 +15,7 @@ pub use writer::ImageWriter;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, Encoding};
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8x4, Encoding};
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
@@ -62,6 +62,12 @@ pub enum TensorView<'a> {
     Q4(&'a [BlockQ4]),
     /// Symmetric Q4 blocks.
     Q4S(&'a [BlockQ4S]),
+    /// Q8 blocks, four rows interleaved.
+    Q8X4(&'a [BlockQ8x4]),
+    /// Asymmetric Q4 blocks, four rows interleaved.
+    Q4X4(&'a [BlockQ4x4]),
+    /// Symmetric Q4 blocks, four rows interleaved.
+    Q4SX4(&'a [BlockQ4Sx4]),
 }
 
 /// A section as listed in the section table.
@@ -215,6 +221,9 @@ impl ModelImage {
             Encoding::Q8 => TensorView::Q8(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4 => TensorView::Q4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4S => TensorView::Q4S(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q8X4 => TensorView::Q8X4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4X4 => TensorView::Q4X4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4SX4 => TensorView::Q4SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.
@@ -256,7 +265,8 @@ impl Parsed {
                 ),
             ));
         }
-        if header.layout_version != LAYOUT_VERSION {
+        // Layout 2 only added encodings; a layout-1 file means what it meant.
+        if !(1..=LAYOUT_VERSION).contains(&header.layout_version) {
             return Err(Error::new(
                 ErrorKind::Version,
                 format!(
@@ -370,6 +380,14 @@ impl Parsed {
         for (i, raw) in index.chunks_exact(std::mem::size_of::<TensorEntry>()).enumerate() {
             let entry: TensorEntry = bytemuck::pod_read_unaligned(raw);
             let tensor = Self::check_tensor(i, &entry, &data, bytes, options)?;
+            if header.layout_version < 2 && tensor.encoding.rows_interleaved() > 1 {
+                return Err(corrupt(format!(
+                    "tensor {}: {} is a layout-2 encoding in a layout-{} file",
+                    tensor.name,
+                    tensor.encoding.name(),
+                    header.layout_version
+                )));
+            }
             if tensors.iter().any(|t| t.name == tensor.name) {
                 return Err(corrupt(format!("tensor {} appears twice", tensor.name)));
             }
@@ -405,6 +423,10 @@ impl Parsed {
         let cols = *shape.last().unwrap();
         if encoding.is_blocked() && cols % crate::quant::GROUP != 0 {
             return Err(fail(format!("rows of {cols} values are not whole blocks")));
+        }
+        let interleave = encoding.rows_interleaved();
+        if interleave > 1 && (shape.len() != 2 || !shape[0].is_multiple_of(interleave)) {
+            return Err(fail(format!("{} needs a matrix of whole groups of {interleave} rows, not {shape:?}", encoding.name())));
         }
         let expected = encoding.bytes_for(values as usize) as u64;
         if entry.size != expected {

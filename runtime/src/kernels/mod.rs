@@ -10,19 +10,21 @@
 //! the CPU runs against the reference.
 
 pub mod activation;
+pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
 #[cfg(test)]
 mod tests;
 
-use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act};
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4};
 use half::f16;
 
 /// `out[r·batch + b] = W[r] · x[b]` for every row `r` of `weights` (some whole
-/// rows of `cols` values) and every activation `b` of a batch of
-/// `x.len() / (cols / 32)`. Rows outermost in `out`, so that a range of rows
-/// is a contiguous piece of it and workers can split a product by rows.
+/// rows of `cols` values; for the interleaved blocks, whole groups of four
+/// rows) and every activation `b` of a batch of `x.len() / (cols / 32)`. Rows
+/// outermost in `out`, so that a range of rows is a contiguous piece of it
+/// and workers can split a product by rows.
 pub type MatmulQuantized<Block> = fn(weights: &[Block], cols: usize, x: &[BlockQ8Act], out: &mut [f32]);
 /// As [`MatmulQuantized`] for float weights and f32 activations (batch `x.len() / cols`).
 pub type MatmulFloat<T> = fn(weights: &[T], cols: usize, x: &[f32], out: &mut [f32]);
@@ -40,6 +42,12 @@ pub struct Kernels {
     pub matmul_q4: MatmulQuantized<BlockQ4>,
     /// Symmetric Q4 weights × int8 activations.
     pub matmul_q4s: MatmulQuantized<BlockQ4S>,
+    /// Interleaved Q8 weights × int8 activations.
+    pub matmul_q8x4: MatmulQuantized<BlockQ8x4>,
+    /// Interleaved asymmetric Q4 weights × int8 activations.
+    pub matmul_q4x4: MatmulQuantized<BlockQ4x4>,
+    /// Interleaved symmetric Q4 weights × int8 activations.
+    pub matmul_q4sx4: MatmulQuantized<BlockQ4Sx4>,
     /// f16 weights × f32 activations.
     pub matmul_f16: MatmulFloat<f16>,
     /// f32 weights × f32 activations.
@@ -52,10 +60,12 @@ pub struct Kernels {
     pub silu_mul: fn(gate: &mut [f32], up: &[f32]),
     /// RoPE on one head: `(head, cos, sin, halves)`.
     pub rope: fn(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool),
-    /// f32 dot product (attention scores).
-    pub dot: fn(a: &[f32], b: &[f32]) -> f32,
-    /// `out += w · x` (attention-weighted values).
-    pub axpy: fn(out: &mut [f32], weight: f32, x: &[f32]),
+    /// Attention scores of a group of query heads against the cached keys
+    /// (`queries, head_dim, keys, stride, positions, scale, scores`).
+    pub attention_scores: fn(&[f32], usize, &[f32], usize, usize, f32, &mut [f32]),
+    /// Score-weighted sums of the cached values for a group of heads
+    /// (`weights, positions, values, stride, head_dim, out`).
+    pub attention_values: fn(&[f32], usize, &[f32], usize, usize, &mut [f32]),
 }
 
 impl Kernels {
@@ -66,14 +76,17 @@ impl Kernels {
         matmul_q8: matmul::scalar::matmul_q8,
         matmul_q4: matmul::scalar::matmul_q4,
         matmul_q4s: matmul::scalar::matmul_q4s,
+        matmul_q8x4: matmul::scalar::matmul_q8x4,
+        matmul_q4x4: matmul::scalar::matmul_q4x4,
+        matmul_q4sx4: matmul::scalar::matmul_q4sx4,
         matmul_f16: matmul::scalar::matmul_f16,
         matmul_f32: matmul::scalar::matmul_f32,
         rmsnorm: ops::scalar::rmsnorm,
         softmax: ops::scalar::softmax,
         silu_mul: ops::scalar::silu_mul,
         rope: ops::scalar::rope,
-        dot: ops::scalar::dot,
-        axpy: ops::scalar::axpy,
+        attention_scores: attention::scalar::scores,
+        attention_values: attention::scalar::values,
     };
 
     /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
@@ -84,14 +97,17 @@ impl Kernels {
         matmul_q8: matmul::neon::matmul_q8,
         matmul_q4: matmul::neon::matmul_q4,
         matmul_q4s: matmul::neon::matmul_q4s,
+        matmul_q8x4: matmul::interleaved::matmul_q8x4,
+        matmul_q4x4: matmul::interleaved::matmul_q4x4,
+        matmul_q4sx4: matmul::interleaved::matmul_q4sx4,
         matmul_f16: matmul::neon::matmul_f16,
         matmul_f32: matmul::neon::matmul_f32,
         rmsnorm: ops::neon::rmsnorm,
         softmax: ops::neon::softmax,
         silu_mul: ops::neon::silu_mul,
         rope: ops::neon::rope,
-        dot: ops::neon::dot,
-        axpy: ops::neon::axpy,
+        attention_scores: attention::neon::scores,
+        attention_values: attention::neon::values,
     };
 
     /// NEON with the dot-product extension for the integer products (the
@@ -104,6 +120,9 @@ impl Kernels {
         matmul_q8: matmul::dotprod::matmul_q8,
         matmul_q4: matmul::dotprod::matmul_q4,
         matmul_q4s: matmul::dotprod::matmul_q4s,
+        matmul_q8x4: matmul::interleaved::dotprod::matmul_q8x4,
+        matmul_q4x4: matmul::interleaved::dotprod::matmul_q4x4,
+        matmul_q4sx4: matmul::interleaved::dotprod::matmul_q4sx4,
         ..Self::NEON
     };
 

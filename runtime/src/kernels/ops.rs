@@ -48,13 +48,6 @@ pub mod scalar {
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         crate::kernels::matmul::scalar::dot_f32(a, b)
     }
-
-    /// `out += weight · x`.
-    pub fn axpy(out: &mut [f32], weight: f32, x: &[f32]) {
-        for (o, v) in out.iter_mut().zip(x) {
-            *o += weight * v;
-        }
-    }
 }
 
 /// NEON (ARMv8.0) versions. `exp` is a polynomial (`neon::exp`); the
@@ -148,43 +141,6 @@ pub mod neon {
             sum += a[j] * b[j];
         }
         sum
-    }
-
-    /// `out += weight · x`, fused multiply-add.
-    pub fn axpy(out: &mut [f32], weight: f32, x: &[f32]) {
-        // SAFETY: NEON is part of every aarch64 target.
-        unsafe { axpy_neon(out, weight, x) }
-    }
-
-    #[target_feature(enable = "neon")]
-    fn axpy_neon(out: &mut [f32], weight: f32, x: &[f32]) {
-        let n = out.len().min(x.len());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: `i + 16 ≤ n`, within both slices.
-            unsafe {
-                let (o, v) = (vld1q_f32_x4(out.as_ptr().add(i)), vld1q_f32_x4(x.as_ptr().add(i)));
-                let o = float32x4x4_t(
-                    vfmaq_n_f32(o.0, v.0, weight),
-                    vfmaq_n_f32(o.1, v.1, weight),
-                    vfmaq_n_f32(o.2, v.2, weight),
-                    vfmaq_n_f32(o.3, v.3, weight),
-                );
-                vst1q_f32_x4(out.as_mut_ptr().add(i), o);
-            }
-            i += 16;
-        }
-        while i + 4 <= n {
-            // SAFETY: `i + 4 ≤ n`, within both slices.
-            unsafe {
-                let o = vfmaq_n_f32(vld1q_f32(out.as_ptr().add(i)), vld1q_f32(x.as_ptr().add(i)), weight);
-                vst1q_f32(out.as_mut_ptr().add(i), o);
-            }
-            i += 4;
-        }
-        for j in i..n {
-            out[j] += weight * x[j];
-        }
     }
 
     /// `out = x / √(mean(x²) + eps) ⊙ weight`.

@@ -8,6 +8,7 @@
 
 use super::Kernels;
 use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};
+use bytemuck::Zeroable;
 use half::f16;
 
 /// Integer matrix products: the block sums are exact integers in every
@@ -16,8 +17,6 @@ use half::f16;
 const INTEGER_MATMUL_RELATIVE: f32 = 1e-5;
 /// f16 and f32 matrix products and dot products: summation order only.
 const FLOAT_DOT_RELATIVE: f32 = 1e-5;
-/// `axpy`: a fused multiply-add against a product then a sum (one rounding).
-const AXPY_RELATIVE: f32 = 1e-6;
 /// RMSNorm: the sum of squares in another order.
 const RMSNORM_RELATIVE: f32 = 1e-5;
 /// The polynomial `exp` against `f32::exp`: a few ulp.
@@ -109,16 +108,27 @@ fn quantize_activation_is_bit_exact() {
 
 /// One quantized weight matrix, the blocks of every row, and per block the
 /// stored integers `n[j]` and what a value is: `d·n + offset`.
+/// Interleaved encodings keep the row-major bytes too (`row_major`), for the
+/// reference and for the term sizes.
 struct QuantizedMatrix {
     encoding: Encoding,
     bytes: Vec<u8>,
+    row_major: Vec<u8>,
 }
 
 impl QuantizedMatrix {
-    fn new(encoding: Encoding, w: &[f32]) -> Self {
-        let mut bytes = vec![0u8; encoding.bytes_for(w.len())];
-        quant::quantize_into(encoding, w, &mut bytes);
-        Self { encoding, bytes }
+    fn new(encoding: Encoding, w: &[f32], cols: usize) -> Self {
+        let base = encoding.row_major();
+        let mut row_major = vec![0u8; base.bytes_for(w.len())];
+        quant::quantize_into(base, w, &mut row_major);
+        let bytes = if encoding == base {
+            row_major.clone()
+        } else {
+            let mut mixed = vec![0u8; row_major.len()];
+            quant::interleave_bytes(encoding, &row_major, cols, &mut mixed);
+            mixed
+        };
+        Self { encoding, bytes, row_major }
     }
 
     /// `(d, offset, n[32])` of each block.
@@ -126,16 +136,16 @@ impl QuantizedMatrix {
         let nibbles = |qs: &[u8; GROUP / 2]| -> [i32; GROUP] {
             std::array::from_fn(|j| if j < GROUP / 2 { (qs[j] & 0xF) as i32 } else { (qs[j - GROUP / 2] >> 4) as i32 })
         };
-        match self.encoding {
-            Encoding::Q8 => bytemuck::pod_collect_to_vec::<u8, BlockQ8>(&self.bytes)
+        match self.encoding.row_major() {
+            Encoding::Q8 => bytemuck::pod_collect_to_vec::<u8, BlockQ8>(&self.row_major)
                 .iter()
                 .map(|b| (b.d.to_f32(), 0.0, b.qs.map(|q| q as i32)))
                 .collect(),
-            Encoding::Q4 => bytemuck::pod_collect_to_vec::<u8, BlockQ4>(&self.bytes)
+            Encoding::Q4 => bytemuck::pod_collect_to_vec::<u8, BlockQ4>(&self.row_major)
                 .iter()
                 .map(|b| (b.d.to_f32(), b.m.to_f32(), nibbles(&b.qs)))
                 .collect(),
-            Encoding::Q4S => bytemuck::pod_collect_to_vec::<u8, BlockQ4S>(&self.bytes)
+            Encoding::Q4S => bytemuck::pod_collect_to_vec::<u8, BlockQ4S>(&self.row_major)
                 .iter()
                 .map(|b| (b.d.to_f32(), -8.0 * b.d.to_f32(), nibbles(&b.qs)))
                 .collect(),
@@ -148,6 +158,9 @@ impl QuantizedMatrix {
             Encoding::Q8 => (k.matmul_q8)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
             Encoding::Q4 => (k.matmul_q4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
             Encoding::Q4S => (k.matmul_q4s)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q8X4 => (k.matmul_q8x4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q4X4 => (k.matmul_q4x4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q4SX4 => (k.matmul_q4sx4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
             other => unreachable!("{other:?} is not blocked"),
         }
     }
@@ -166,10 +179,17 @@ fn term_magnitude(row: &[(f32, f32, [i32; GROUP])], x: &[BlockQ8Act]) -> f32 {
 
 fn check_quantized(encoding: Encoding, rows: usize, blocks: usize, batch: usize, w: &[f32], x: &[BlockQ8Act]) {
     let cols = blocks * GROUP;
-    let matrix = QuantizedMatrix::new(encoding, w);
+    let matrix = QuantizedMatrix::new(encoding, w, cols);
     let all_blocks = matrix.blocks();
     let mut expected = vec![0f32; rows * batch];
     matrix.run(&Kernels::SCALAR, cols, x, &mut expected);
+    if encoding != encoding.row_major() {
+        // The interleaved reference does the row-major reference's arithmetic in its order.
+        let row_major = QuantizedMatrix::new(encoding.row_major(), w, cols);
+        let mut by_rows = vec![0f32; rows * batch];
+        row_major.run(&Kernels::SCALAR, cols, x, &mut by_rows);
+        assert_eq!(expected, by_rows, "scalar {encoding:?} against its row-major reference");
+    }
     for k in Kernels::all_available() {
         let mut got = vec![f32::NAN; rows * batch];
         matrix.run(k, cols, x, &mut got);
@@ -198,6 +218,19 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
                 let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks) as u32));
                 for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
                     check_quantized(encoding, rows, blocks, batch, &w, &x);
+                }
+                // Interleaved: 1, 2, 3, 4, 5 and 7 groups of four rows (the
+                // kernels take four groups, then two, then one).
+                if rows % 4 == 0 || rows == 9 || rows == 17 {
+                    let rows = match rows {
+                        9 => 12,
+                        17 => 28,
+                        other => other,
+                    };
+                    let w = data(rows * blocks * GROUP, (rows * 100 + blocks + 7) as u32);
+                    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                        check_quantized(encoding, rows, blocks, batch, &w, &x);
+                    }
                 }
             }
         }
@@ -256,18 +289,75 @@ fn quantized_matmuls_do_not_overflow_at_extremes() {
     }
 }
 
+/// As above for the interleaved kernels: 28 rows (four groups, two, one) of
+/// extreme blocks, interleaved, against the row-major reference.
+#[test]
+fn interleaved_matmuls_do_not_overflow_at_extremes() {
+    use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
+    let (rows, blocks) = (28, 64);
+    let cols = blocks * GROUP;
+    let x: Vec<BlockQ8Act> = (0..blocks)
+        .map(|b| {
+            let sign = if b % 3 == 0 { -1 } else { 1 };
+            BlockQ8Act { d: 0.5, s: 0.5 * (127 * sign * GROUP as i32) as f32, qs: [(127 * sign) as i8; GROUP] }
+        })
+        .collect();
+    let q8: Vec<BlockQ8> = (0..rows * blocks)
+        .map(|i| BlockQ8 { d: f16::from_f32(0.25), qs: [if i % 3 == 0 { -128 } else { 127 }; GROUP] })
+        .collect();
+    let q4: Vec<BlockQ4> = (0..rows * blocks)
+        .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 5) as f32), qs: [0xFF; GROUP / 2] })
+        .collect();
+    let q4s: Vec<BlockQ4S> =
+        (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
+    let mut q8x4 = vec![BlockQ8x4::zeroed(); rows * blocks / INTERLEAVE];
+    let mut q4x4 = vec![BlockQ4x4::zeroed(); rows * blocks / INTERLEAVE];
+    let mut q4sx4 = vec![BlockQ4Sx4::zeroed(); rows * blocks / INTERLEAVE];
+    interleave(&q8, blocks, &mut q8x4);
+    interleave(&q4, blocks, &mut q4x4);
+    interleave(&q4s, blocks, &mut q4sx4);
+    let (mut expected, mut out) = (vec![0f32; rows], vec![0f32; rows]);
+    for k in Kernels::all_available() {
+        (Kernels::SCALAR.matmul_q8)(&q8, cols, &x, &mut expected);
+        (k.matmul_q8x4)(&q8x4, cols, &x, &mut out);
+        assert_eq!(out, expected, "{} q8x4", k.name);
+        for (name, run_expected, run) in [
+            (
+                "q4x4",
+                &(|e: &mut [f32]| (Kernels::SCALAR.matmul_q4)(&q4, cols, &x, e)) as &dyn Fn(&mut [f32]),
+                &(|o: &mut [f32]| (k.matmul_q4x4)(&q4x4, cols, &x, o)) as &dyn Fn(&mut [f32]),
+            ),
+            (
+                "q4sx4",
+                &|e: &mut [f32]| (Kernels::SCALAR.matmul_q4s)(&q4s, cols, &x, e),
+                &|o: &mut [f32]| (k.matmul_q4sx4)(&q4sx4, cols, &x, o),
+            ),
+        ] {
+            run_expected(&mut expected);
+            run(&mut out);
+            assert!(
+                out.iter().zip(&expected).all(|(g, e)| close(*g, *e, 1e-5 * e.abs())),
+                "{} {name}: {out:?} vs {expected:?}",
+                k.name
+            );
+        }
+    }
+}
+
 #[test]
 fn quantized_matmuls_match_f32_on_dequantized_weights() {
     /// The only error left is the rounding of the activations to int8.
     const ACTIVATION_ROUNDING_BUDGET: f32 = 0.01;
-    let (rows, cols, batch) = (7, 96, 3);
+    let (rows, cols, batch) = (13, 96, 3);
     let w = data(rows * cols, 1);
     let x = data(batch * cols, 2);
     let xq = quantize_activations(&x);
-    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
-        let matrix = QuantizedMatrix::new(encoding, &w);
+    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S, Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+        let rows = rows - rows % encoding.rows_interleaved();
+        let w = &w[..rows * cols];
+        let matrix = QuantizedMatrix::new(encoding, w, cols);
         let mut dequantized = vec![0f32; w.len()];
-        quant::dequantize_from(encoding, &matrix.bytes, &mut dequantized);
+        quant::dequantize_rows(encoding, &matrix.bytes, cols, &mut dequantized);
         let mut expected = vec![0f32; rows * batch];
         (Kernels::SCALAR.matmul_f32)(&dequantized, cols, &x, &mut expected);
         let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -324,25 +414,45 @@ fn float_matmuls_match_the_reference() {
 /// Lengths around every step the f32 kernels take (4, 8, 16) and model sizes.
 const LENGTHS: [usize; 20] = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 47, 63, 64, 65, 100, 576, 1537];
 
+/// Head sizes around the NEON kernels' pieces of 64 and their tails of 4 and 1.
+const HEAD_DIMS: [usize; 9] = [1, 4, 6, 16, 60, 64, 68, 128, 131];
+
 #[test]
-fn dot_and_axpy_match_the_reference() {
-    for n in LENGTHS {
-        let (a, b) = (data(n, 3), data(n, 4));
-        let magnitude: f32 = a.iter().zip(&b).map(|(x, y)| (x * y).abs()).sum();
-        let expected = (Kernels::SCALAR.dot)(&a, &b);
-        let mut expected_axpy = data(n, 5);
-        (Kernels::SCALAR.axpy)(&mut expected_axpy, 0.37, &a);
-        for k in Kernels::all_available() {
-            let got = (k.dot)(&a, &b);
-            assert!(close(got, expected, FLOAT_DOT_RELATIVE * magnitude), "{} dot n={n}: {got} vs {expected}", k.name);
-            let mut got = data(n, 5);
-            (k.axpy)(&mut got, 0.37, &a);
-            for ((g, e), (o, x)) in got.iter().zip(&expected_axpy).zip(data(n, 5).iter().zip(&a)) {
-                assert!(
-                    close(*g, *e, AXPY_RELATIVE * (o.abs() + (0.37 * x).abs())),
-                    "{} axpy n={n}: {g} vs {e}",
-                    k.name
-                );
+fn attention_matches_the_reference() {
+    for head_dim in HEAD_DIMS {
+        for heads in 1..=3 {
+            for positions in [1, 2, 5, 17, 40] {
+                let stride = head_dim * 3 + 4;
+                let cache_len = (positions - 1) * stride + head_dim;
+                let (queries, keys) = (data(heads * head_dim, 3), data(cache_len, 4));
+                let scale = 0.125;
+                let mut expected = vec![0f32; heads * positions];
+                (Kernels::SCALAR.attention_scores)(&queries, head_dim, &keys, stride, positions, scale, &mut expected);
+                // Score weights as a softmax would leave them (positive, summing to one).
+                let weights: Vec<f32> = data(heads * positions, 6).iter().map(|v| (v + 1.5) / positions as f32).collect();
+                let values = data(cache_len, 5);
+                let mut expected_out = vec![0f32; heads * head_dim];
+                (Kernels::SCALAR.attention_values)(&weights, positions, &values, stride, head_dim, &mut expected_out);
+                for k in Kernels::all_available() {
+                    let label = format!("{} head_dim {head_dim} heads {heads} positions {positions}", k.name);
+                    let mut got = vec![f32::NAN; heads * positions];
+                    (k.attention_scores)(&queries, head_dim, &keys, stride, positions, scale, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                        let (h, t) = (i / positions, i % positions);
+                        let magnitude: f32 = (0..head_dim)
+                            .map(|j| (queries[h * head_dim + j] * keys[t * stride + j] * scale).abs())
+                            .sum();
+                        assert!(close(*g, *e, FLOAT_DOT_RELATIVE * magnitude), "{label}: score {i}: {g} vs {e}");
+                    }
+                    let mut got = vec![f32::NAN; heads * head_dim];
+                    (k.attention_values)(&weights, positions, &values, stride, head_dim, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&expected_out).enumerate() {
+                        let (h, j) = (i / head_dim, i % head_dim);
+                        let magnitude: f32 =
+                            (0..positions).map(|t| (weights[h * positions + t] * values[t * stride + j]).abs()).sum();
+                        assert!(close(*g, *e, FLOAT_DOT_RELATIVE * magnitude), "{label}: value {i}: {g} vs {e}");
+                    }
+                }
             }
         }
     }

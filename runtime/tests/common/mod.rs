@@ -4,7 +4,7 @@
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
-use bramble_runtime::quant::{quantize_into, Encoding};
+use bramble_runtime::quant::{interleave_bytes, quantize_into, Encoding};
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
 use bramble_runtime::ModelConfig;
 use bytemuck::Zeroable;
@@ -57,6 +57,13 @@ pub fn tiny_vocab() -> Vocab {
 
 /// Writes a valid tiny image (q4 matrices, q8 embedding) and returns its bytes.
 pub fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
+    write_tiny_with_layout(path, false, extra)
+}
+
+/// As [`write_tiny`], the same values; with `interleave`, the quantized
+/// matrices of whole groups of four rows are stored four rows interleaved
+/// (the six-row embedding stays row-major).
+pub fn write_tiny_with_layout(path: &Path, interleave: bool, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
     let c = tiny_config();
     let mut w = ImageWriter::create(path).unwrap();
     w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
@@ -73,7 +80,14 @@ pub fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> 
             .collect();
         let mut bytes = vec![0u8; enc.bytes_for(n)];
         quantize_into(enc, &values, &mut bytes);
-        w.add_tensor(name, enc, shape, &bytes).unwrap();
+        match enc.interleaved() {
+            Some(mixed) if interleave && shape[0] % 4 == 0 => {
+                let mut interleaved = vec![0u8; bytes.len()];
+                interleave_bytes(mixed, &bytes, shape[1], &mut interleaved);
+                w.add_tensor(name, mixed, shape, &interleaved).unwrap();
+            }
+            _ => w.add_tensor(name, enc, shape, &bytes).unwrap(),
+        }
     };
     tensor(&mut w, "token_embd.weight", Encoding::Q8, &[6, 32]);
     tensor(&mut w, "blk.0.attn_norm.weight", Encoding::F32, &[32]);

@@ -7,7 +7,10 @@
 //! - `dotprod` (aarch64 with the dot-product extension): the same kernels
 //!   with `sdot`, for the Raspberry Pi 5's Cortex-A76.
 //!
-//! The integer kernels take four weight rows at a time against each
+//! - `interleaved` (aarch64): both of those for the four-row interleaved
+//!   blocks that images of layout 2 store (`crate::quant::Interleaved`).
+//!
+//! The row-major integer kernels take four weight rows at a time against each
 //! activation block, so one activation load serves four rows and the scale
 //! math of a block is done for the four rows in one vector.
 
@@ -19,6 +22,8 @@ pub mod scalar;
 pub mod neon;
 #[cfg(target_arch = "aarch64")]
 pub mod dotprod;
+#[cfg(target_arch = "aarch64")]
+pub mod interleaved;
 
 #[cfg(test)]
 mod tests {

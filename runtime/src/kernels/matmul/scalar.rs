@@ -1,7 +1,7 @@
 //! Reference implementations: plain loops, one weight row at a time against
 //! every activation of the batch, so a row is read from memory once.
 
-use crate::quant::{BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, GROUP};
+use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
 use half::f16;
 
 /// binary16 → binary32, exactly, without a call: the exponent and mantissa
@@ -113,6 +113,104 @@ pub fn matmul_q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [
 /// Symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_blocks(weights, cols, x, out, dot_q4s_q8)
+}
+
+/// Integer sums of four interleaved rows' values (`qs`, [`crate::quant::Interleaved`]
+/// order, already as int8) with one activation block: lane `r` is row `r`'s.
+#[inline(always)]
+fn block_dot4(qs: &[i8; INTERLEAVE * GROUP], a: &[i8; GROUP]) -> [i32; INTERLEAVE] {
+    let mut sums = [0i32; INTERLEAVE];
+    for c in 0..GROUP / 4 {
+        for (r, sum) in sums.iter_mut().enumerate() {
+            for j in 0..4 {
+                *sum += qs[16 * c + 4 * r + j] as i32 * a[4 * c + j] as i32;
+            }
+        }
+    }
+    sums
+}
+
+/// The 64 interleaved bytes of four rows' nibbles as int8 in the same
+/// interleaved order over 32 columns, minus `zero`: low nibbles are columns
+/// 0–15 (bytes `16c + 4r + j` → column `4c + j`), high nibbles columns 16–31.
+#[inline(always)]
+fn unpack_nibbles4(qs: &[u8; INTERLEAVE * GROUP / 2], zero: i8) -> [i8; INTERLEAVE * GROUP] {
+    let mut out = [0i8; INTERLEAVE * GROUP];
+    let half = INTERLEAVE * GROUP / 2;
+    for i in 0..half {
+        out[i] = (qs[i] & 0xF) as i8 - zero;
+        out[i + half] = (qs[i] >> 4) as i8 - zero;
+    }
+    out
+}
+
+/// Four interleaved Q8 rows · one activation.
+pub fn dot4_q8x4(group: &[BlockQ8x4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
+    let mut sums = [0f32; INTERLEAVE];
+    for (w, a) in group.iter().zip(x) {
+        let isums = block_dot4(&w.qs, &a.qs);
+        for r in 0..INTERLEAVE {
+            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32;
+        }
+    }
+    sums
+}
+
+/// Four interleaved asymmetric Q4 rows · one activation.
+pub fn dot4_q4x4(group: &[BlockQ4x4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
+    let mut sums = [0f32; INTERLEAVE];
+    for (w, a) in group.iter().zip(x) {
+        let isums = block_dot4(&unpack_nibbles4(&w.qs, 0), &a.qs);
+        for r in 0..INTERLEAVE {
+            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32 + f16_to_f32(w.m[r]) * a.s;
+        }
+    }
+    sums
+}
+
+/// Four interleaved symmetric Q4 rows · one activation.
+pub fn dot4_q4sx4(group: &[BlockQ4Sx4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
+    let mut sums = [0f32; INTERLEAVE];
+    for (w, a) in group.iter().zip(x) {
+        let isums = block_dot4(&unpack_nibbles4(&w.qs, 8), &a.qs);
+        for r in 0..INTERLEAVE {
+            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32;
+        }
+    }
+    sums
+}
+
+/// Runs `dot4` for every group of four interleaved rows and every activation.
+fn matmul_interleaved<X>(
+    weights: &[X],
+    cols: usize,
+    x: &[BlockQ8Act],
+    out: &mut [f32],
+    dot4: fn(&[X], &[BlockQ8Act]) -> [f32; INTERLEAVE],
+) {
+    let blocks = cols / GROUP;
+    let batch = x.len() / blocks;
+    debug_assert_eq!(weights.len() / blocks * INTERLEAVE * batch, out.len());
+    for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+        for (b, activation) in x.chunks_exact(blocks).enumerate() {
+            for (r, sum) in dot4(group, activation).into_iter().enumerate() {
+                outputs[r * batch + b] = sum;
+            }
+        }
+    }
+}
+
+/// Interleaved Q8 matrix × int8 activations.
+pub fn matmul_q8x4(weights: &[BlockQ8x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_interleaved(weights, cols, x, out, dot4_q8x4)
+}
+/// Interleaved asymmetric Q4 matrix × int8 activations.
+pub fn matmul_q4x4(weights: &[BlockQ4x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_interleaved(weights, cols, x, out, dot4_q4x4)
+}
+/// Interleaved symmetric Q4 matrix × int8 activations.
+pub fn matmul_q4sx4(weights: &[BlockQ4Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_interleaved(weights, cols, x, out, dot4_q4sx4)
 }
 
 /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to

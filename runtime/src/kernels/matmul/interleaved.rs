@@ -1,0 +1,503 @@
+//! NEON kernels for the four-row interleaved blocks ([`crate::quant::Interleaved`]):
+//! `neon` functions for every aarch64 core (the Raspberry Pi 4's Cortex-A72)
+//! and `dotprod` functions for cores with `sdot` (the Pi 5's Cortex-A76).
+//! The scalar reference is [`super::scalar::matmul_q8x4`] and its siblings.
+//!
+//! In an interleaved block, sixteen weight bytes are four rows' values at
+//! the same four columns, so a vector's four 32-bit lanes are the four rows'
+//! sums from the start, with no reduction across lanes:
+//!
+//! - dotprod: `sdot vS.4s, vW.16b, vA.4b[c]` multiplies those sixteen bytes
+//!   by the activation's four bytes at columns `4c .. 4c+4` (lane `c` of the
+//!   activation register) and adds four products into each row's lane —
+//!   eight `sdot`s a block of four rows, one activation load for eight rows;
+//! - ARMv8.0: the activation's four bytes are first broadcast (`dup` by
+//!   lane, once a block for eight rows), then widened products (`smull`,
+//!   `smlal2`) sum in 16-bit lanes as long as they cannot overflow, and two
+//!   pairwise adds leave one 32-bit sum a row.
+//!
+//! Then a block's four integer sums become floats, are scaled by the rows'
+//! scales times the activation's and added into the running float sums, all
+//! four rows in one instruction each. The asymmetric Q4 minimum adds
+//! `m · s` (`s = dₓ · Σq`, kept in the activation block); the symmetric Q4
+//! zero point subtracts `8 · s` before the scale, so nibbles go in unsigned.
+//!
+//! Sixteen rows (four groups) go together with `sdot`, eight on ARMv8.0
+//! (it has no registers left for more); the last groups go two or one at a time.
+
+use crate::quant::{BlockQ4Sx4, BlockQ4x4, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+/// Runs `dot16(groups, activation, blocks)` for every four consecutive
+/// four-row groups and every activation of the batch, then `dot8` and `dot4`
+/// for the one to three groups left, and stores the sums at
+/// `out[r·batch + b]`. The kernels may rely on every pointer they get being
+/// valid for `blocks` blocks.
+#[inline(always)]
+fn for_groups<X>(
+    weights: &[X],
+    cols: usize,
+    x: &[BlockQ8Act],
+    out: &mut [f32],
+    dot16: impl Fn([*const X; 4], *const BlockQ8Act, usize) -> [float32x4_t; 4],
+    dot8: impl Fn(*const X, *const X, *const BlockQ8Act, usize) -> (float32x4_t, float32x4_t),
+    dot4: impl Fn(*const X, *const BlockQ8Act, usize) -> float32x4_t,
+) {
+    let blocks = cols / GROUP;
+    assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
+    let (groups, batch) = (weights.len() / blocks, x.len() / blocks);
+    assert!(
+        weights.len() == groups * blocks && x.len() == batch * blocks && out.len() == groups * INTERLEAVE * batch,
+        "matmul shapes disagree: {} interleaved weight blocks, {} activation blocks, {} outputs, {blocks} blocks a row",
+        weights.len(),
+        x.len(),
+        out.len()
+    );
+    let (w, activations, results) = (weights.as_ptr(), x.as_ptr(), out.as_mut_ptr());
+    let store = |lanes: float32x4_t, group: usize, b: usize| {
+        let first_row = group * INTERLEAVE;
+        // SAFETY: `group < groups` and `b < batch`, so every index is below
+        // `out.len()` (checked above).
+        unsafe {
+            if batch == 1 {
+                vst1q_f32(results.add(first_row), lanes);
+            } else {
+                let mut values = [0f32; INTERLEAVE];
+                vst1q_f32(values.as_mut_ptr(), lanes);
+                for (i, v) in values.into_iter().enumerate() {
+                    *results.add((first_row + i) * batch + b) = v;
+                }
+            }
+        }
+    };
+    // SAFETY (for the pointer arithmetic below): every group index is below
+    // `groups` and every activation index below `batch`, inside the slices.
+    let group_at = |g: usize| unsafe { w.add(g * blocks) };
+    let activation = |b: usize| unsafe { activations.add(b * blocks) };
+    let mut group = 0;
+    while group + 4 <= groups {
+        for b in 0..batch {
+            let sums = dot16(std::array::from_fn(|i| group_at(group + i)), activation(b), blocks);
+            for (i, lanes) in sums.into_iter().enumerate() {
+                store(lanes, group + i, b);
+            }
+        }
+        group += 4;
+    }
+    if group + 2 <= groups {
+        for b in 0..batch {
+            let (low, high) = dot8(group_at(group), group_at(group + 1), activation(b), blocks);
+            store(low, group, b);
+            store(high, group + 1, b);
+        }
+        group += 2;
+    }
+    if group < groups {
+        for b in 0..batch {
+            store(dot4(group_at(group), activation(b), blocks), group, b);
+        }
+    }
+}
+
+/// The block loop: v0, v7, v28 and v29 the running float sums of groups A
+/// (`{wa}`), B (`{wb}`, for `two` and `four`), C and D (`{wc}`, `{wd}`, for
+/// `four`), v6 the activation's `d` and `s`, v16–v17 its
+/// 32 values, v31 the nibble mask, v30 eight (for the Q4S zero point).
+/// `$per_block!()` prepares the activation (the ARMv8.0 broadcasts).
+#[rustfmt::skip]
+macro_rules! block_loop {
+    ($per_block:ident, $block:ident, one) => { concat!(
+        loop_start!(), $per_block!(), $block!("wa", "v0"), loop_end!(),
+    )};
+    ($per_block:ident, $block:ident, two) => { concat!(
+        loop_start!(), $per_block!(), $block!("wa", "v0"), $block!("wb", "v7"), loop_end!(),
+    )};
+    ($per_block:ident, $block:ident, four) => { concat!(
+        "movi v28.16b, #0\n",
+        "movi v29.16b, #0\n",
+        loop_start!(), $per_block!(),
+        $block!("wa", "v0"), $block!("wb", "v7"), $block!("wc", "v28"), $block!("wd", "v29"),
+        loop_end!(),
+    )};
+}
+
+#[rustfmt::skip]
+macro_rules! loop_start {
+    () => { concat!(
+        "movi v0.16b, #0\n",
+        "movi v7.16b, #0\n",
+        "movi v31.16b, #0x0f\n",
+        "fmov v30.4s, #8.0\n",
+        "2:\n",
+        "ld1 {{v6.2s}}, [{x}], #8\n",
+        "ld1 {{v16.16b, v17.16b}}, [{x}], #32\n",
+    )};
+}
+
+#[rustfmt::skip]
+macro_rules! loop_end {
+    () => { concat!(
+        "subs {n}, {n}, #1\n",
+        "b.ne 2b\n",
+    )};
+}
+
+/// The `sdot` kernels use the activation as loaded.
+macro_rules! as_loaded {
+    () => {
+        ""
+    };
+}
+
+/// Integer sums (v1) to a float contribution for Q8 and Q4S: `d · dₓ · Σ`,
+/// less `8 · d · s` for Q4S (`$zero_point` = `"fmls v1.4s, v30.4s, v6.s[1]\n"`).
+#[rustfmt::skip]
+macro_rules! scale_d {
+    ($acc:literal, $d:literal, $zero_point:expr) => { concat!(
+        "scvtf v1.4s, v1.4s\n",
+        "fcvtl ", $d, ".4s, ", $d, ".4h\n",
+        "fmul v1.4s, v1.4s, v6.s[0]\n",
+        $zero_point,
+        "fmla ", $acc, ".4s, v1.4s, ", $d, ".4s\n",
+    )};
+}
+
+/// As [`scale_d`] for Q4: `d · dₓ · Σ + m · s`.
+#[rustfmt::skip]
+macro_rules! scale_dm {
+    ($acc:literal, $d:literal, $m:literal) => { concat!(
+        "scvtf v1.4s, v1.4s\n",
+        "fcvtl ", $d, ".4s, ", $d, ".4h\n",
+        "fcvtl ", $m, ".4s, ", $m, ".4h\n",
+        "fmul v1.4s, v1.4s, v6.s[0]\n",
+        "fmla ", $acc, ".4s, v1.4s, ", $d, ".4s\n",
+        "fmla ", $acc, ".4s, ", $m, ".4s, v6.s[1]\n",
+    )};
+}
+
+/// Splits 64 interleaved nibble bytes (v20–v23) into low nibbles (v24–v27:
+/// columns 0–15) and high nibbles (v20–v23: columns 16–31).
+#[rustfmt::skip]
+macro_rules! split_nibbles {
+    () => { concat!(
+        "and v24.16b, v20.16b, v31.16b\n", "ushr v20.16b, v20.16b, #4\n",
+        "and v25.16b, v21.16b, v31.16b\n", "ushr v21.16b, v21.16b, #4\n",
+        "and v26.16b, v22.16b, v31.16b\n", "ushr v22.16b, v22.16b, #4\n",
+        "and v27.16b, v23.16b, v31.16b\n", "ushr v23.16b, v23.16b, #4\n",
+    )};
+}
+
+/// dotprod: eight `sdot`s of the columns' vectors `$c0` … `$c7` (columns
+/// `4c .. 4c+4` for c = 0..8) against the activation's lanes, into v1.
+#[rustfmt::skip]
+macro_rules! sdot_columns {
+    ($c0:literal, $c1:literal, $c2:literal, $c3:literal, $c4:literal, $c5:literal, $c6:literal, $c7:literal) => { concat!(
+        "movi v1.4s, #0\n",
+        "sdot v1.4s, ", $c0, ".16b, v16.4b[0]\n", "sdot v1.4s, ", $c1, ".16b, v16.4b[1]\n",
+        "sdot v1.4s, ", $c2, ".16b, v16.4b[2]\n", "sdot v1.4s, ", $c3, ".16b, v16.4b[3]\n",
+        "sdot v1.4s, ", $c4, ".16b, v17.4b[0]\n", "sdot v1.4s, ", $c5, ".16b, v17.4b[1]\n",
+        "sdot v1.4s, ", $c6, ".16b, v17.4b[2]\n", "sdot v1.4s, ", $c7, ".16b, v17.4b[3]\n",
+    )};
+}
+
+/// One Q8 block of four rows from `{$w}` into `$acc`, with `sdot`.
+#[rustfmt::skip]
+macro_rules! sdot_q8x4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{", $w, "}], #64\n",
+        sdot_columns!("v20", "v21", "v22", "v23", "v24", "v25", "v26", "v27"),
+        scale_d!($acc, "v18", ""),
+    )};
+}
+
+/// One Q4 block of four rows, with `sdot`.
+#[rustfmt::skip]
+macro_rules! sdot_q4x4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h, v19.4h}}, [{", $w, "}], #16\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+        scale_dm!($acc, "v18", "v19"),
+    )};
+}
+
+/// One Q4S block of four rows, with `sdot`.
+#[rustfmt::skip]
+macro_rules! sdot_q4sx4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+        scale_d!($acc, "v18", "fmls v1.4s, v30.4s, v6.s[1]\n"),
+    )};
+}
+
+/// ARMv8.0: the activation's eight four-byte column groups broadcast to
+/// v8–v15, once a block for both groups of rows.
+#[rustfmt::skip]
+macro_rules! broadcast_columns {
+    () => { concat!(
+        "dup v8.4s, v16.s[0]\n", "dup v9.4s, v16.s[1]\n", "dup v10.4s, v16.s[2]\n", "dup v11.4s, v16.s[3]\n",
+        "dup v12.4s, v17.s[0]\n", "dup v13.4s, v17.s[1]\n", "dup v14.4s, v17.s[2]\n", "dup v15.4s, v17.s[3]\n",
+    )};
+}
+
+/// ARMv8.0, Q8: two columns' products (`$c`, `$d` against broadcasts `$bc`,
+/// `$bd`) in 16-bit lanes, v2 rows 0–1 and v3 rows 2–3. Two products of at
+/// most 128 · 127 fit a lane; `$add` is `saddlp` for the first pair (which
+/// starts v4/v5) and `sadalp` after.
+#[rustfmt::skip]
+macro_rules! smull_pair {
+    ($c:literal, $d:literal, $bc:literal, $bd:literal, $add:literal) => { concat!(
+        "smull v2.8h, ", $c, ".8b, ", $bc, ".8b\n",
+        "smull2 v3.8h, ", $c, ".16b, ", $bc, ".16b\n",
+        "smlal v2.8h, ", $d, ".8b, ", $bd, ".8b\n",
+        "smlal2 v3.8h, ", $d, ".16b, ", $bd, ".16b\n",
+        $add, " v4.4s, v2.8h\n",
+        $add, " v5.4s, v3.8h\n",
+    )};
+}
+
+/// One Q8 block of four rows, ARMv8.0. v4 ends as (row 0, row 0, row 1,
+/// row 1) partial sums, v5 the same for rows 2–3; `addp` makes one a row.
+#[rustfmt::skip]
+macro_rules! neon_q8x4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{", $w, "}], #64\n",
+        smull_pair!("v20", "v21", "v8", "v9", "saddlp"),
+        smull_pair!("v22", "v23", "v10", "v11", "sadalp"),
+        smull_pair!("v24", "v25", "v12", "v13", "sadalp"),
+        smull_pair!("v26", "v27", "v14", "v15", "sadalp"),
+        "addp v1.4s, v4.4s, v5.4s\n",
+        scale_d!($acc, "v18", ""),
+    )};
+}
+
+/// ARMv8.0, 4-bit: all eight columns' products in 16-bit lanes (nibbles are
+/// at most 15, so a lane holds 8 · 15 · 128 and, after the pairwise `addp`,
+/// twice that), then one widening pairwise add: v1 is the four rows' sums.
+#[rustfmt::skip]
+macro_rules! nibble_products4 {
+    () => { concat!(
+        "smull v2.8h, v24.8b, v8.8b\n", "smull2 v3.8h, v24.16b, v8.16b\n",
+        "smlal v2.8h, v25.8b, v9.8b\n", "smlal2 v3.8h, v25.16b, v9.16b\n",
+        "smlal v2.8h, v26.8b, v10.8b\n", "smlal2 v3.8h, v26.16b, v10.16b\n",
+        "smlal v2.8h, v27.8b, v11.8b\n", "smlal2 v3.8h, v27.16b, v11.16b\n",
+        "smlal v2.8h, v20.8b, v12.8b\n", "smlal2 v3.8h, v20.16b, v12.16b\n",
+        "smlal v2.8h, v21.8b, v13.8b\n", "smlal2 v3.8h, v21.16b, v13.16b\n",
+        "smlal v2.8h, v22.8b, v14.8b\n", "smlal2 v3.8h, v22.16b, v14.16b\n",
+        "smlal v2.8h, v23.8b, v15.8b\n", "smlal2 v3.8h, v23.16b, v15.16b\n",
+        "addp v2.8h, v2.8h, v3.8h\n",
+        "saddlp v1.4s, v2.8h\n",
+    )};
+}
+
+/// One Q4 block of four rows, ARMv8.0.
+#[rustfmt::skip]
+macro_rules! neon_q4x4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h, v19.4h}}, [{", $w, "}], #16\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        nibble_products4!(),
+        scale_dm!($acc, "v18", "v19"),
+    )};
+}
+
+/// One Q4S block of four rows, ARMv8.0.
+#[rustfmt::skip]
+macro_rules! neon_q4sx4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v18.4h}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        nibble_products4!(),
+        scale_d!($acc, "v18", "fmls v1.4s, v30.4s, v6.s[1]\n"),
+    )};
+}
+
+/// Runs a block loop over two groups (`$wa`, `$wb`) and returns (v0, v7).
+/// Needs `unsafe`, valid pointers for `$blocks ≥ 1` blocks, and, for the
+/// `sdot` loops, the dot-product extension.
+macro_rules! run_eight {
+    ($per_block:ident, $block:ident, $wa:expr, $wb:expr, $x:expr, $blocks:expr) => {{
+        let (low, high): (float32x4_t, float32x4_t);
+        asm!(
+            block_loop!($per_block, $block, two),
+            x = inout(reg) $x => _,
+            wa = inout(reg) $wa => _,
+            wb = inout(reg) $wb => _,
+            n = inout(reg) $blocks => _,
+            out("v0") low, out("v7") high,
+            out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _,
+            out("v14") _, out("v15") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _,
+            out("v20") _, out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _,
+            out("v26") _, out("v27") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        (low, high)
+    }};
+}
+
+/// As [`run_eight`] for four groups; returns (v0, v7, v28, v29).
+macro_rules! run_sixteen {
+    ($per_block:ident, $block:ident, $w:expr, $x:expr, $blocks:expr) => {{
+        let w = $w;
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        asm!(
+            block_loop!($per_block, $block, four),
+            x = inout(reg) $x => _,
+            wa = inout(reg) w[0] => _,
+            wb = inout(reg) w[1] => _,
+            wc = inout(reg) w[2] => _,
+            wd = inout(reg) w[3] => _,
+            n = inout(reg) $blocks => _,
+            out("v0") a, out("v7") b, out("v28") c, out("v29") d,
+            out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _,
+            out("v14") _, out("v15") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _,
+            out("v20") _, out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _,
+            out("v26") _, out("v27") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        [a, b, c, d]
+    }};
+}
+
+/// As [`run_eight`] for one group; returns v0.
+macro_rules! run_four {
+    ($per_block:ident, $block:ident, $wa:expr, $x:expr, $blocks:expr) => {{
+        let sums: float32x4_t;
+        asm!(
+            block_loop!($per_block, $block, one),
+            x = inout(reg) $x => _,
+            wa = inout(reg) $wa => _,
+            n = inout(reg) $blocks => _,
+            out("v0") sums,
+            out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _, out("v7") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _,
+            out("v14") _, out("v15") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _,
+            out("v20") _, out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _,
+            out("v26") _, out("v27") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        sums
+    }};
+}
+
+/// One public ARMv8.0 kernel: `$name(weights, cols, x, out)` over `$block`s.
+macro_rules! neon_kernel {
+    ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident) => {
+        $(#[$doc])*
+        pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+            // SAFETY (all three): `for_groups` hands over pointers valid for
+            // `blocks ≥ 1` blocks; the asm reads only those and NEON is part
+            // of every aarch64 core.
+            let eight = |wa: *const $blocks, wb: *const $blocks, a: *const BlockQ8Act, blocks: usize| unsafe {
+                run_eight!(broadcast_columns, $kernel, wa, wb, a, blocks)
+            };
+            for_groups(
+                weights,
+                cols,
+                x,
+                out,
+                // The ARMv8.0 loop has no registers left for four groups: two pairs.
+                |w: [*const $blocks; 4], a, blocks| {
+                    let ((s0, s1), (s2, s3)) = (eight(w[0], w[1], a, blocks), eight(w[2], w[3], a, blocks));
+                    [s0, s1, s2, s3]
+                },
+                eight,
+                // SAFETY: as above.
+                |wa, a, blocks| unsafe { run_four!(broadcast_columns, $kernel, wa, a, blocks) },
+            )
+        }
+    };
+}
+
+neon_kernel!(
+    /// Interleaved Q8 matrix × int8 activations, ARMv8.0.
+    matmul_q8x4, BlockQ8x4, neon_q8x4
+);
+neon_kernel!(
+    /// Interleaved asymmetric Q4 matrix × int8 activations, ARMv8.0.
+    matmul_q4x4, BlockQ4x4, neon_q4x4
+);
+neon_kernel!(
+    /// Interleaved symmetric Q4 matrix × int8 activations, ARMv8.0.
+    matmul_q4sx4, BlockQ4Sx4, neon_q4sx4
+);
+
+/// The `sdot` kernels, compiled with the dot-product extension enabled.
+pub mod dotprod {
+    use super::*;
+    use crate::kernels::matmul::dotprod::available;
+
+    /// One public `sdot` kernel: checks the extension once a call, then runs
+    /// an inner function compiled with it.
+    macro_rules! sdot_kernel {
+        ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident) => {
+            $(#[$doc])*
+            /// Panics on a CPU without the dot-product extension.
+            pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+                /// # Safety
+                /// Pointers valid for `blocks ≥ 1` blocks; the CPU has the extension.
+                #[target_feature(enable = "dotprod")]
+                unsafe fn sixteen(w: [*const $blocks; 4], a: *const BlockQ8Act, blocks: usize) -> [float32x4_t; 4] {
+                    run_sixteen!(as_loaded, $kernel, w, a, blocks)
+                }
+                /// # Safety
+                /// As `sixteen`.
+                #[target_feature(enable = "dotprod")]
+                unsafe fn eight(
+                    wa: *const $blocks,
+                    wb: *const $blocks,
+                    a: *const BlockQ8Act,
+                    blocks: usize,
+                ) -> (float32x4_t, float32x4_t) {
+                    run_eight!(as_loaded, $kernel, wa, wb, a, blocks)
+                }
+                /// # Safety
+                /// As `eight`.
+                #[target_feature(enable = "dotprod")]
+                unsafe fn four(wa: *const $blocks, a: *const BlockQ8Act, blocks: usize) -> float32x4_t {
+                    run_four!(as_loaded, $kernel, wa, a, blocks)
+                }
+                assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+                for_groups(
+                    weights,
+                    cols,
+                    x,
+                    out,
+                    // SAFETY (all three): `for_groups` hands over pointers valid
+                    // for `blocks ≥ 1` blocks, and the CPU has the extension
+                    // (checked above).
+                    |w, a, blocks| unsafe { sixteen(w, a, blocks) },
+                    |wa, wb, a, blocks| unsafe { eight(wa, wb, a, blocks) },
+                    // SAFETY: as above.
+                    |wa, a, blocks| unsafe { four(wa, a, blocks) },
+                )
+            }
+        };
+    }
+
+    sdot_kernel!(
+        /// Interleaved Q8 matrix × int8 activations, with `sdot`.
+        matmul_q8x4, BlockQ8x4, sdot_q8x4
+    );
+    sdot_kernel!(
+        /// Interleaved asymmetric Q4 matrix × int8 activations, with `sdot`.
+        matmul_q4x4, BlockQ4x4, sdot_q4x4
+    );
+    sdot_kernel!(
+        /// Interleaved symmetric Q4 matrix × int8 activations, with `sdot`.
+        matmul_q4sx4, BlockQ4Sx4, sdot_q4sx4
+    );
+}
