@@ -605,3 +605,265 @@ mod scheduling {
         assert_eq!(lines.last().unwrap()["eval_count"], 2, "the daemon serves on");
     }
 }
+
+/// A config file in a temporary directory (kept alive by the returned guard).
+fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("brambled.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+mod load {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// One request, NDJSON or HTTP by `n`'s parity: true if served, false if refused busy; panics on anything else.
+    fn one_request(daemon_http: SocketAddr, daemon_ndjson: SocketAddr, n: usize) -> bool {
+        let request = json!({"prompt": format!("Request {n}"), "max_tokens": 8, "temperature": 0.8, "seed": n});
+        if n % 2 == 0 {
+            let lines = ndjson(daemon_ndjson, &request);
+            let last = lines.last().unwrap();
+            match last["error"]["code"].as_u64() {
+                None => {
+                    // Sampling may end the turn before max_tokens.
+                    assert!(last["eval_count"].as_u64().is_some_and(|n| n <= 8), "{last}");
+                    assert!(last["done_reason"] == "length" || last["done_reason"] == "stop", "{last}");
+                    true
+                }
+                Some(503) => false,
+                Some(_) => panic!("request {n}: {last}"),
+            }
+        } else {
+            let response = http(daemon_http, "POST", "/v1/completions", Some(&request), &[]);
+            match response.status {
+                200 => {
+                    let tokens = response.json()["usage"]["completion_tokens"].as_u64();
+                    assert!(tokens.is_some_and(|n| n <= 8), "{}", response.text());
+                    true
+                }
+                503 => false,
+                other => panic!("request {n}: {other} {}", response.text()),
+            }
+        }
+    }
+
+    #[test]
+    fn thirty_two_clients_times_ten_requests_are_all_answered_or_refused_busy_and_memory_stays_flat() {
+        const CLIENTS: usize = 32;
+        const REQUESTS: usize = 10;
+        let daemon = Daemon::start(&["--queue", "4"]);
+        let (http_address, ndjson_address) = (daemon.http(), daemon.ndjson());
+        let round = |requests: usize| {
+            let (served, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            let clients: Vec<_> = (0..CLIENTS)
+                .map(|client| {
+                    let (served, refused) = (Arc::clone(&served), Arc::clone(&refused));
+                    std::thread::spawn(move || {
+                        for request in 0..requests {
+                            let counter = if one_request(http_address, ndjson_address, client * requests + request) {
+                                &served
+                            } else {
+                                &refused
+                            };
+                            counter.fetch_add(1, Ordering::SeqCst);
+                        }
+                    })
+                })
+                .collect();
+            let errors = clients.into_iter().map(|c| c.join()).filter(Result::is_err).count();
+            (served.load(Ordering::SeqCst), refused.load(Ordering::SeqCst), errors)
+        };
+        // A first round grows the allocator's arenas and thread stacks to their working size.
+        let (warm_served, warm_refused, warm_errors) = round(2);
+        assert_eq!((warm_served + warm_refused, warm_errors), (2 * CLIENTS as u64, 0));
+        let (rss_warm, _) = daemon.memory();
+        let (served, refused, errors) = round(REQUESTS);
+        let (rss_after, peak) = daemon.memory();
+        let after = health(&daemon);
+        println!(
+            "load figures: {CLIENTS} clients x {REQUESTS} requests: {served} served, {refused} refused busy, \
+             {errors} errors, {} lost; daemon VmRSS {rss_warm} KiB after warm-up, {rss_after} KiB after, VmHWM {peak} KiB",
+            (CLIENTS * REQUESTS) as u64 - served - refused
+        );
+        assert_eq!(errors, 0, "client threads that failed (an unanswered or wrong answer)");
+        assert_eq!(served + refused, (CLIENTS * REQUESTS) as u64, "every request answered or refused");
+        assert!(served > 0 && refused > 0, "with 32 clients and a queue of 4 some are served and some refused");
+        assert_eq!(after["queued"], 0);
+        assert_eq!(after["failed"], 0, "{after}");
+        // Flat: the second, five-times-longer round grows the resident set by less than 16 MiB.
+        assert!(rss_after < rss_warm + 16 * 1024, "VmRSS grew from {rss_warm} KiB to {rss_after} KiB");
+    }
+}
+
+mod bad_input {
+    use super::*;
+
+    /// A good request still works.
+    fn still_serving(daemon: &mut Daemon) {
+        daemon.assert_alive();
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(lines.last().unwrap()["eval_count"], 2, "{lines:?}");
+        let response =
+            http(daemon.http(), "POST", "/v1/completions", Some(&json!({"prompt": "Hi", "max_tokens": 2})), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+
+    /// Sends raw bytes and reads everything until the daemon closes or HANG.
+    fn exchange(address: SocketAddr, bytes: &[u8], close_write: bool) -> String {
+        let mut stream = connect(address);
+        let _ = stream.write_all(bytes);
+        if close_write {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn garbage(length: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        (0..length)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// Sends `bytes` one a second and returns what came back.
+    fn slow_client(address: SocketAddr, bytes: &[u8]) -> String {
+        let mut stream = connect(address);
+        let mut reader = stream.try_clone().unwrap();
+        reader.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+        let mut out = Vec::new();
+        for &byte in bytes {
+            if stream.write_all(&[byte]).is_err() {
+                break;
+            }
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn ndjson_battery() {
+        let (_dir, config) = config_file("[limits]\nrequest_timeout_secs = 2\n");
+        let mut daemon = Daemon::start(&["--config", config.to_str().unwrap()]);
+        let address = daemon.ndjson();
+        let mut errors = Vec::new();
+
+        // Malformed JSON, wrong types, invalid UTF-8, binary garbage: one error line each, on one connection that stays open.
+        let mut stream = connect(address);
+        let mut bad = Vec::new();
+        bad.extend_from_slice(b"{\"prompt\": \"Hi\"\n");
+        bad.extend_from_slice(b"{\"prompt\": 5, \"max_tokens\": true}\n");
+        bad.extend_from_slice(b"{\"prompt\": \"\xff\xfe\"}\n");
+        bad.extend(garbage(2000, 7).into_iter().map(|b| if b == b'\n' { b' ' } else { b }));
+        bad.push(b'\n');
+        bad.extend_from_slice(b"{\"prompt\": \"Hi\", \"max_tokens\": 2}\n");
+        stream.write_all(&bad).unwrap();
+        let mut reader = BufReader::new(stream);
+        for expected in ["malformed JSON", "prompt: expected a string", "not valid UTF-8", ""] {
+            let line = read_until_done(&mut reader);
+            let message =
+                line[0]["error"]["message"].as_str().unwrap_or_else(|| panic!("an error: {line:?}")).to_string();
+            assert!(message.contains(expected), "{message:?} should say {expected:?}");
+            assert_eq!(line[0]["error"]["code"], 400);
+            errors.push(message);
+        }
+        assert_eq!(read_until_done(&mut reader).last().unwrap()["eval_count"], 2, "the connection still serves");
+
+        // A 1 MiB line: one error, then the connection is closed.
+        let mut huge = vec![b'a'; 1 << 20];
+        huge.push(b'\n');
+        let reply = exchange(address, &huge, false);
+        assert!(reply.contains("longer than 65536 bytes"), "{reply:?}");
+        errors.push(reply.trim().to_string());
+
+        // A client sending one byte a second is cut off at the request timeout.
+        let reply = slow_client(address, b"{\"prompt\": \"Hi\"}");
+        assert!(reply.contains("\"code\":408") && reply.contains("within 2 s"), "{reply:?}");
+        errors.push(reply.trim().to_string());
+
+        // Abrupt disconnects: mid-stream, and in the middle of a request line.
+        drop(long_generation(address));
+        let _ = exchange(address, b"{\"prompt\": \"Hi", false);
+        wait_for("the dropped stream cancelled", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
+        still_serving(&mut daemon);
+        println!("ndjson bad-input errors:\n{}", errors.join("\n"));
+    }
+
+    #[test]
+    fn http_battery() {
+        let (_dir, config) = config_file("[limits]\nrequest_timeout_secs = 2\n");
+        let mut daemon = Daemon::start(&["--config", config.to_str().unwrap()]);
+        let address = daemon.http();
+        let post = |body: &[u8]| {
+            let mut request =
+                format!("POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            request.extend_from_slice(body);
+            request
+        };
+        let mut huge_header = b"GET /health HTTP/1.1\r\nX-Big: ".to_vec();
+        huge_header.extend(std::iter::repeat_n(b'a', 1 << 20));
+        huge_header.extend_from_slice(b"\r\n\r\n");
+        let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+            ("malformed JSON", post(b"{\"prompt\": "), "400 Bad Request", "malformed JSON"),
+            ("wrong type", post(b"{\"prompt\": \"Hi\", \"temperature\": \"hot\"}"), "400 Bad Request", "temperature"),
+            ("invalid UTF-8", post(b"{\"prompt\": \"\xff\"}"), "400 Bad Request", "UTF-8"),
+            ("garbage", [garbage(3000, 9), b"\r\n\r\n".to_vec()].concat(), "400 Bad Request", "not valid UTF-8"),
+            ("1 MiB header", huge_header, "431", "over 65536 bytes"),
+            (
+                "1 MiB body",
+                b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n".to_vec(),
+                "413",
+                "limit is 65536",
+            ),
+            (
+                "chunked",
+                b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                "501",
+                "Content-Length",
+            ),
+            (
+                "bad length",
+                b"POST /v1/completions HTTP/1.1\r\nContent-Length: lots\r\n\r\n".to_vec(),
+                "400",
+                "not a number",
+            ),
+        ];
+        let mut errors = Vec::new();
+        for (what, bytes, status, message) in cases {
+            // Closing our side lets a kept-alive connection end after the answer.
+            let reply = exchange(address, &bytes, true);
+            let first = reply.lines().next().unwrap_or_default().to_string();
+            assert!(first.contains(status), "{what}: status line {first:?}");
+            let body = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let error: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {reply:?}"));
+            let text = error["error"]["message"].as_str().unwrap();
+            assert!(text.contains(message), "{what}: {text:?} should say {message:?}");
+            errors.push(format!("{what}: {first} {text}"));
+        }
+        let reply = slow_client(address, b"GET /health HTTP/1.1\r\n\r\n");
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+        errors.push("slow client: HTTP/1.1 408".to_string());
+
+        // A streamed answer whose client hangs up is cancelled.
+        let mut stream = connect(address);
+        let body =
+            json!({"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0, "stream": true}).to_string();
+        write!(stream, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut first = [0u8; 64];
+        stream.read_exact(&mut first).unwrap();
+        drop(stream);
+        wait_for("the dropped stream cancelled", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
+        still_serving(&mut daemon);
+        println!("http bad-input errors:\n{}", errors.join("\n"));
+    }
+}
