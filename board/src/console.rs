@@ -237,6 +237,8 @@ pub struct Console<W> {
     messages: Vec<ChatMessage>,
     last: Option<Usage>,
     editor: LineEditor,
+    /// Bytes typed while a reply was streaming, taken as input after it (as a terminal's type-ahead).
+    typeahead: Vec<u8>,
 }
 
 const HELP: &str = "Type a message and press Enter to chat. Ctrl-C stops a reply, Ctrl-U clears the line.
@@ -267,6 +269,7 @@ impl<W: Write + Send + 'static> Console<W> {
             messages: Vec::new(),
             last: None,
             editor: LineEditor::default(),
+            typeahead: Vec::new(),
         }
     }
 
@@ -300,8 +303,13 @@ impl<W: Write + Send + 'static> Console<W> {
                 let _ = self.say("\n(brambled is shutting down)\n");
                 return Ok(());
             }
-            let n = read_some(reader, &mut buffer)?;
-            for &byte in &buffer[..n] {
+            let input: Vec<u8> = if self.typeahead.is_empty() {
+                let n = read_some(reader, &mut buffer)?;
+                buffer[..n].to_vec()
+            } else {
+                std::mem::take(&mut self.typeahead)
+            };
+            for &byte in &input {
                 let edit = self.editor.feed(byte, &mut echo);
                 if !echo.is_empty() {
                     self.send(&echo)?;
@@ -461,10 +469,13 @@ impl<W: Write + Send + 'static> Console<W> {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-            // Typing during a reply is dropped, except Ctrl-C.
+            // Ctrl-C cancels; other typing is kept (up to a line's worth) for after the reply.
             match read_some(reader, &mut buffer) {
                 Ok(n) if buffer[..n].contains(&CTRL_C) => cancel.store(true, Ordering::SeqCst),
-                Ok(_) => {}
+                Ok(n) => {
+                    let room = MAX_LINE_BYTES.saturating_sub(self.typeahead.len()).min(n);
+                    self.typeahead.extend_from_slice(&buffer[..room]);
+                }
                 Err(end) => {
                     cancel.store(true, Ordering::SeqCst);
                     gone = Some(end);
