@@ -281,9 +281,9 @@ pub fn parse(
 /// client cannot find the token byte by byte from response times.
 pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     let mut difference = (given.len() ^ expected.len()) as u64;
-    for i in 0..expected.len() {
+    for (i, &e) in expected.iter().enumerate() {
         let g = given.get(i).copied().unwrap_or(0);
-        difference |= u64::from(g ^ expected[i]);
+        difference |= u64::from(g ^ e);
     }
     difference == 0
 }
