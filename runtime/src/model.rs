@@ -93,7 +93,8 @@ impl Matrix<'_> {
         // Each thread's rows and its piece of the output, handed over through a
         // mutex per thread (uncontended: thread i locks only slot i).
         let mut rest = by_row;
-        let parts: [Mutex<Option<(Range<usize>, &mut [f32])>>; MAX_THREADS] = std::array::from_fn(|i| {
+        type Slot<'o> = Mutex<Option<(Range<usize>, &'o mut [f32])>>;
+        let parts: [Slot; MAX_THREADS] = std::array::from_fn(|i| {
             if i >= threads {
                 return Mutex::new(None);
             }

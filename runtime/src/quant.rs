@@ -189,9 +189,14 @@ fn spread<const N: usize>(rows: [&[u8; N]; INTERLEAVE], mixed: &mut [u8]) {
     }
 }
 
+/// Row `r`'s `N` bytes out of interleaved order (the inverse of [`spread`]).
 #[inline(always)]
 fn gather<const N: usize>(mixed: &[u8], r: usize) -> [u8; N] {
-    std::array::from_fn(|i| mixed[16 * (i / 4) + 4 * r + i % 4])
+    let mut row = [0u8; N];
+    for (c, four) in row.chunks_exact_mut(4).enumerate() {
+        four.copy_from_slice(&mixed[16 * c + 4 * r..16 * c + 4 * r + 4]);
+    }
+    row
 }
 
 /// [`BlockQ8`] × 4 rows. 136 bytes.
@@ -209,9 +214,13 @@ impl Interleaved for BlockQ8x4 {
     type Row = BlockQ8;
     fn from_rows(rows: &[BlockQ8; INTERLEAVE]) -> Self {
         let mut block = Self { d: rows.map(|b| b.d), qs: [0; INTERLEAVE * GROUP] };
-        spread(rows.each_ref().map(|b| bytemuck::cast_ref::<_, [u8; GROUP]>(&b.qs)), bytemuck::cast_slice_mut(&mut block.qs));
+        spread(
+            rows.each_ref().map(|b| bytemuck::cast_ref::<_, [u8; GROUP]>(&b.qs)),
+            bytemuck::cast_slice_mut(&mut block.qs),
+        );
         block
     }
+    #[inline(always)]
     fn row(&self, r: usize) -> BlockQ8 {
         BlockQ8 { d: self.d[r], qs: bytemuck::cast(gather::<GROUP>(bytemuck::cast_slice(&self.qs), r)) }
     }
@@ -237,6 +246,7 @@ impl Interleaved for BlockQ4x4 {
         spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
         block
     }
+    #[inline(always)]
     fn row(&self, r: usize) -> BlockQ4 {
         BlockQ4 { d: self.d[r], m: self.m[r], qs: gather(&self.qs, r) }
     }
@@ -260,6 +270,7 @@ impl Interleaved for BlockQ4Sx4 {
         spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
         block
     }
+    #[inline(always)]
     fn row(&self, r: usize) -> BlockQ4S {
         BlockQ4S { d: self.d[r], qs: gather(&self.qs, r) }
     }

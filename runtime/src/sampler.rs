@@ -202,7 +202,9 @@ pub fn greatest(values: &[f32]) -> u32 {
 mod tests {
     #[test]
     fn greatest_is_the_first_highest_and_skips_nan() {
-        let fold = |v: &[f32]| v.iter().enumerate().fold((f32::NEG_INFINITY, 0u32), |b, (i, &l)| if l > b.0 { (l, i as u32) } else { b }).1;
+        let fold = |v: &[f32]| {
+            v.iter().enumerate().fold((f32::NEG_INFINITY, 0u32), |b, (i, &l)| if l > b.0 { (l, i as u32) } else { b }).1
+        };
         let mut seed = 7u32;
         for len in [0, 1, 5, 63, 64, 65, 200, 4097] {
             for case in 0..6 {
@@ -210,10 +212,10 @@ mod tests {
                     .map(|i| {
                         seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
                         match (case, i % 7) {
-                            (1, _) => 3.0,                  // all tied
-                            (2, 0) => f32::NAN,             // NaNs among values
-                            (3, _) => f32::NEG_INFINITY,    // nothing beats −∞
-                            (4, _) => f32::NAN,             // all NaN
+                            (1, _) => 3.0,                   // all tied
+                            (2, 0) => f32::NAN,              // NaNs among values
+                            (3, _) => f32::NEG_INFINITY,     // nothing beats −∞
+                            (4, _) => f32::NAN,              // all NaN
                             _ => ((seed >> 16) % 50) as f32, // many ties
                         }
                     })

@@ -138,7 +138,16 @@ fn both_layouts_convert_and_generate_the_same() {
     assert!(!summary.contains("q4x4"), "no interleaved tensors with --layout rows:\n{summary}");
     let generate = |image: &Path| {
         let out = bramble_ok(&args![
-            "generate", "--model", image, "--prompt", "Hello world", "--max-tokens", "12", "--temperature", "0", "--json"
+            "generate",
+            "--model",
+            image,
+            "--prompt",
+            "Hello world",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--json"
         ]);
         first_json_line(&out)["tokens"].clone()
     };

@@ -60,7 +60,9 @@ fn tokenizer_name(kind: TokenizerKind) -> &'static str {
 fn expected_encoding(name: &str, shape: &[usize], source: &str, quant: &str) -> &'static str {
     let base = expected_row_major_encoding(name, shape.len(), source, quant);
     match base {
-        "q8" | "q4" | "q4s" if shape[0] % 4 == 0 => Encoding::from_name(base).unwrap().interleaved().unwrap().name(),
+        "q8" | "q4" | "q4s" if shape[0].is_multiple_of(4) => {
+            Encoding::from_name(base).unwrap().interleaved().unwrap().name()
+        }
         other => other,
     }
 }

@@ -426,7 +426,10 @@ impl Parsed {
         }
         let interleave = encoding.rows_interleaved();
         if interleave > 1 && (shape.len() != 2 || !shape[0].is_multiple_of(interleave)) {
-            return Err(fail(format!("{} needs a matrix of whole groups of {interleave} rows, not {shape:?}", encoding.name())));
+            return Err(fail(format!(
+                "{} needs a matrix of whole groups of {interleave} rows, not {shape:?}",
+                encoding.name()
+            )));
         }
         let expected = encoding.bytes_for(values as usize) as u64;
         if entry.size != expected {

@@ -130,7 +130,9 @@ pub mod neon {
                     let mut i = 0;
                     while i + 4 <= rest.len() {
                         // SAFETY: `i + 4 ≤ rest.len() = key.len()`.
-                        unsafe { acc = vfmaq_f32(acc, vld1q_f32(rest.as_ptr().add(i)), vld1q_f32(key.as_ptr().add(i))) };
+                        unsafe {
+                            acc = vfmaq_f32(acc, vld1q_f32(rest.as_ptr().add(i)), vld1q_f32(key.as_ptr().add(i)))
+                        };
                         i += 4;
                     }
                     let mut piece = vaddvq_f32(acc);
@@ -201,7 +203,8 @@ pub mod neon {
                     while i + 4 <= rest.len() {
                         // SAFETY: `i + 4 ≤ rest.len() = value.len()`.
                         unsafe {
-                            let o = vfmaq_n_f32(vld1q_f32(rest.as_ptr().add(i)), vld1q_f32(value.as_ptr().add(i)), weight);
+                            let o =
+                                vfmaq_n_f32(vld1q_f32(rest.as_ptr().add(i)), vld1q_f32(value.as_ptr().add(i)), weight);
                             vst1q_f32(rest.as_mut_ptr().add(i), o);
                         }
                         i += 4;

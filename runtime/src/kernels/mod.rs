@@ -29,6 +29,13 @@ pub type MatmulQuantized<Block> = fn(weights: &[Block], cols: usize, x: &[BlockQ
 /// As [`MatmulQuantized`] for float weights and f32 activations (batch `x.len() / cols`).
 pub type MatmulFloat<T> = fn(weights: &[T], cols: usize, x: &[f32], out: &mut [f32]);
 
+/// Attention scores of a group of query heads against the cached keys:
+/// `(queries, head_dim, keys, stride, positions, scale, scores)` ([`attention`]).
+pub type AttentionScores = fn(&[f32], usize, &[f32], usize, usize, f32, &mut [f32]);
+/// Score-weighted sums of the cached values for a group of heads:
+/// `(weights, positions, values, stride, head_dim, out)` ([`attention`]).
+pub type AttentionValues = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -60,12 +67,10 @@ pub struct Kernels {
     pub silu_mul: fn(gate: &mut [f32], up: &[f32]),
     /// RoPE on one head: `(head, cos, sin, halves)`.
     pub rope: fn(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool),
-    /// Attention scores of a group of query heads against the cached keys
-    /// (`queries, head_dim, keys, stride, positions, scale, scores`).
-    pub attention_scores: fn(&[f32], usize, &[f32], usize, usize, f32, &mut [f32]),
-    /// Score-weighted sums of the cached values for a group of heads
-    /// (`weights, positions, values, stride, head_dim, out`).
-    pub attention_values: fn(&[f32], usize, &[f32], usize, usize, &mut [f32]),
+    /// Attention scores over the KV cache.
+    pub attention_scores: AttentionScores,
+    /// Attention-weighted values over the KV cache.
+    pub attention_values: AttentionValues,
 }
 
 impl Kernels {

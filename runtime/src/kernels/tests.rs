@@ -327,11 +327,9 @@ fn interleaved_matmuls_do_not_overflow_at_extremes() {
                 &(|e: &mut [f32]| (Kernels::SCALAR.matmul_q4)(&q4, cols, &x, e)) as &dyn Fn(&mut [f32]),
                 &(|o: &mut [f32]| (k.matmul_q4x4)(&q4x4, cols, &x, o)) as &dyn Fn(&mut [f32]),
             ),
-            (
-                "q4sx4",
-                &|e: &mut [f32]| (Kernels::SCALAR.matmul_q4s)(&q4s, cols, &x, e),
-                &|o: &mut [f32]| (k.matmul_q4sx4)(&q4sx4, cols, &x, o),
-            ),
+            ("q4sx4", &|e: &mut [f32]| (Kernels::SCALAR.matmul_q4s)(&q4s, cols, &x, e), &|o: &mut [f32]| {
+                (k.matmul_q4sx4)(&q4sx4, cols, &x, o)
+            }),
         ] {
             run_expected(&mut expected);
             run(&mut out);
@@ -341,6 +339,18 @@ fn interleaved_matmuls_do_not_overflow_at_extremes() {
                 k.name
             );
         }
+    }
+}
+
+/// Rows longer than the scalar interleaved kernel's staging piece (64 blocks)
+/// still sum in the row-major reference's order, and the NEON kernels agree.
+#[test]
+fn interleaved_matmuls_on_long_rows() {
+    let (rows, blocks, batch) = (8, 130, 2);
+    let w = data(rows * blocks * GROUP, 77);
+    let x = quantize_activations(&activations(batch * blocks * GROUP, 78));
+    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+        check_quantized(encoding, rows, blocks, batch, &w, &x);
     }
 }
 
@@ -429,7 +439,8 @@ fn attention_matches_the_reference() {
                 let mut expected = vec![0f32; heads * positions];
                 (Kernels::SCALAR.attention_scores)(&queries, head_dim, &keys, stride, positions, scale, &mut expected);
                 // Score weights as a softmax would leave them (positive, summing to one).
-                let weights: Vec<f32> = data(heads * positions, 6).iter().map(|v| (v + 1.5) / positions as f32).collect();
+                let weights: Vec<f32> =
+                    data(heads * positions, 6).iter().map(|v| (v + 1.5) / positions as f32).collect();
                 let values = data(cache_len, 5);
                 let mut expected_out = vec![0f32; heads * head_dim];
                 (Kernels::SCALAR.attention_values)(&weights, positions, &values, stride, head_dim, &mut expected_out);

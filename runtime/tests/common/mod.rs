@@ -81,7 +81,7 @@ pub fn write_tiny_with_layout(path: &Path, interleave: bool, extra: impl FnOnce(
         let mut bytes = vec![0u8; enc.bytes_for(n)];
         quantize_into(enc, &values, &mut bytes);
         match enc.interleaved() {
-            Some(mixed) if interleave && shape[0] % 4 == 0 => {
+            Some(mixed) if interleave && shape[0].is_multiple_of(4) => {
                 let mut interleaved = vec![0u8; bytes.len()];
                 interleave_bytes(mixed, &bytes, shape[1], &mut interleaved);
                 w.add_tensor(name, mixed, shape, &interleaved).unwrap();

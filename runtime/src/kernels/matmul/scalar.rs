@@ -1,7 +1,10 @@
 //! Reference implementations: plain loops, one weight row at a time against
 //! every activation of the batch, so a row is read from memory once.
 
-use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
+use crate::quant::{
+    BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, Interleaved, GROUP, INTERLEAVE,
+};
+use bytemuck::Zeroable;
 use half::f16;
 
 /// binary16 → binary32, exactly, without a call: the exponent and mantissa
@@ -43,7 +46,12 @@ fn unpack_nibbles(qs: &[u8; GROUP / 2], zero: i8) -> [i8; GROUP] {
 
 /// Integer dot product of one Q8 row with one activation.
 pub fn dot_q8_q8(row: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q8_q8_from(0.0, row, x)
+}
+
+/// [`dot_q8_q8`] added to a running `sum`, block by block.
+#[inline(always)]
+fn dot_q8_q8_from(mut sum: f32, row: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
     for (w, a) in row.iter().zip(x) {
         sum += f16_to_f32(w.d) * a.d * block_dot(&w.qs, &a.qs) as f32;
     }
@@ -53,7 +61,12 @@ pub fn dot_q8_q8(row: &[BlockQ8], x: &[BlockQ8Act]) -> f32 {
 /// Dot product of one asymmetric Q4 row with one activation:
 /// Σ (d·n + m)·(dₓ·q) = d·dₓ·Σ n·q + m·(dₓ·Σq), the last factor being `s`.
 pub fn dot_q4_q8(row: &[BlockQ4], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q4_q8_from(0.0, row, x)
+}
+
+/// [`dot_q4_q8`] added to a running `sum`, block by block.
+#[inline(always)]
+fn dot_q4_q8_from(mut sum: f32, row: &[BlockQ4], x: &[BlockQ8Act]) -> f32 {
     for (w, a) in row.iter().zip(x) {
         let isum = block_dot(&unpack_nibbles(&w.qs, 0), &a.qs);
         sum += f16_to_f32(w.d) * a.d * isum as f32 + f16_to_f32(w.m) * a.s;
@@ -63,7 +76,12 @@ pub fn dot_q4_q8(row: &[BlockQ4], x: &[BlockQ8Act]) -> f32 {
 
 /// Dot product of one symmetric Q4 row with one activation.
 pub fn dot_q4s_q8(row: &[BlockQ4S], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q4s_q8_from(0.0, row, x)
+}
+
+/// [`dot_q4s_q8`] added to a running `sum`, block by block.
+#[inline(always)]
+fn dot_q4s_q8_from(mut sum: f32, row: &[BlockQ4S], x: &[BlockQ8Act]) -> f32 {
     for (w, a) in row.iter().zip(x) {
         sum += f16_to_f32(w.d) * a.d * block_dot(&unpack_nibbles(&w.qs, 8), &a.qs) as f32;
     }
@@ -115,86 +133,41 @@ pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut
     matmul_blocks(weights, cols, x, out, dot_q4s_q8)
 }
 
-/// Integer sums of four interleaved rows' values (`qs`, [`crate::quant::Interleaved`]
-/// order, already as int8) with one activation block: lane `r` is row `r`'s.
-#[inline(always)]
-fn block_dot4(qs: &[i8; INTERLEAVE * GROUP], a: &[i8; GROUP]) -> [i32; INTERLEAVE] {
-    let mut sums = [0i32; INTERLEAVE];
-    for c in 0..GROUP / 4 {
-        for (r, sum) in sums.iter_mut().enumerate() {
-            for j in 0..4 {
-                *sum += qs[16 * c + 4 * r + j] as i32 * a[4 * c + j] as i32;
-            }
-        }
-    }
-    sums
-}
+/// Blocks of a group's rows put back in row order at a time (on the stack:
+/// 4 × 64 blocks, at most 8.5 KiB).
+const STAGED_BLOCKS: usize = 64;
 
-/// The 64 interleaved bytes of four rows' nibbles as int8 in the same
-/// interleaved order over 32 columns, minus `zero`: low nibbles are columns
-/// 0–15 (bytes `16c + 4r + j` → column `4c + j`), high nibbles columns 16–31.
-#[inline(always)]
-fn unpack_nibbles4(qs: &[u8; INTERLEAVE * GROUP / 2], zero: i8) -> [i8; INTERLEAVE * GROUP] {
-    let mut out = [0i8; INTERLEAVE * GROUP];
-    let half = INTERLEAVE * GROUP / 2;
-    for i in 0..half {
-        out[i] = (qs[i] & 0xF) as i8 - zero;
-        out[i + half] = (qs[i] >> 4) as i8 - zero;
-    }
-    out
-}
-
-/// Four interleaved Q8 rows · one activation.
-pub fn dot4_q8x4(group: &[BlockQ8x4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
-    let mut sums = [0f32; INTERLEAVE];
-    for (w, a) in group.iter().zip(x) {
-        let isums = block_dot4(&w.qs, &a.qs);
-        for r in 0..INTERLEAVE {
-            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32;
-        }
-    }
-    sums
-}
-
-/// Four interleaved asymmetric Q4 rows · one activation.
-pub fn dot4_q4x4(group: &[BlockQ4x4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
-    let mut sums = [0f32; INTERLEAVE];
-    for (w, a) in group.iter().zip(x) {
-        let isums = block_dot4(&unpack_nibbles4(&w.qs, 0), &a.qs);
-        for r in 0..INTERLEAVE {
-            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32 + f16_to_f32(w.m[r]) * a.s;
-        }
-    }
-    sums
-}
-
-/// Four interleaved symmetric Q4 rows · one activation.
-pub fn dot4_q4sx4(group: &[BlockQ4Sx4], x: &[BlockQ8Act]) -> [f32; INTERLEAVE] {
-    let mut sums = [0f32; INTERLEAVE];
-    for (w, a) in group.iter().zip(x) {
-        let isums = block_dot4(&unpack_nibbles4(&w.qs, 8), &a.qs);
-        for r in 0..INTERLEAVE {
-            sums[r] += f16_to_f32(w.d[r]) * a.d * isums[r] as f32;
-        }
-    }
-    sums
-}
-
-/// Runs `dot4` for every group of four interleaved rows and every activation.
-fn matmul_interleaved<X>(
+/// Every group of four interleaved rows against every activation: a piece of
+/// the group's blocks is put back into four row-major rows
+/// ([`Interleaved::row`]), then each row goes through the row-major
+/// reference `dot` (continuing its running sum from the previous piece), so
+/// the results are the row-major reference's, bit for bit. Staging a whole
+/// piece before reading it keeps the copies out of the loads' way.
+fn matmul_interleaved<X: Interleaved>(
     weights: &[X],
     cols: usize,
     x: &[BlockQ8Act],
     out: &mut [f32],
-    dot4: fn(&[X], &[BlockQ8Act]) -> [f32; INTERLEAVE],
+    dot: fn(f32, &[X::Row], &[BlockQ8Act]) -> f32,
 ) {
     let blocks = cols / GROUP;
     let batch = x.len() / blocks;
     debug_assert_eq!(weights.len() / blocks * INTERLEAVE * batch, out.len());
+    let mut staged = [[X::Row::zeroed(); STAGED_BLOCKS]; INTERLEAVE];
     for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
-        for (b, activation) in x.chunks_exact(blocks).enumerate() {
-            for (r, sum) in dot4(group, activation).into_iter().enumerate() {
-                outputs[r * batch + b] = sum;
+        outputs.fill(0.0);
+        for first in (0..blocks).step_by(STAGED_BLOCKS) {
+            let n = STAGED_BLOCKS.min(blocks - first);
+            for (k, block) in group[first..first + n].iter().enumerate() {
+                for (r, row) in staged.iter_mut().enumerate() {
+                    row[k] = block.row(r);
+                }
+            }
+            for (r, row) in staged.iter().enumerate() {
+                for (b, activation) in x.chunks_exact(blocks).enumerate() {
+                    let sum = &mut outputs[r * batch + b];
+                    *sum = dot(*sum, &row[..n], &activation[first..first + n]);
+                }
             }
         }
     }
@@ -202,15 +175,15 @@ fn matmul_interleaved<X>(
 
 /// Interleaved Q8 matrix × int8 activations.
 pub fn matmul_q8x4(weights: &[BlockQ8x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot4_q8x4)
+    matmul_interleaved(weights, cols, x, out, dot_q8_q8_from)
 }
 /// Interleaved asymmetric Q4 matrix × int8 activations.
 pub fn matmul_q4x4(weights: &[BlockQ4x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot4_q4x4)
+    matmul_interleaved(weights, cols, x, out, dot_q4_q8_from)
 }
 /// Interleaved symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4sx4(weights: &[BlockQ4Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot4_q4sx4)
+    matmul_interleaved(weights, cols, x, out, dot_q4s_q8_from)
 }
 
 /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to
