@@ -599,7 +599,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
         "weight_bytes_per_token": model.weight_bytes_per_token(),
         "peak_rss_bytes": stats::peak_rss_bytes(),
-        "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16",
+        "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",
     });
     if args.json {
         outln!("{value}");
