@@ -284,6 +284,36 @@ impl RunState {
     }
 }
 
+/// Where a linear module's input is, for [`Model::forward_observed`]: the
+/// four distinct inputs of a layer's seven projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// The attention RMSNorm's output: input of q, k and v.
+    AttentionInput,
+    /// The attention's output: input of the output projection.
+    AttentionOutput,
+    /// The FFN RMSNorm's output: input of gate and up.
+    FfnInput,
+    /// `silu(gate) ⊙ up`: input of down.
+    FfnHidden,
+}
+
+impl Site {
+    /// The projections that read this input, by their tensor names' part.
+    pub fn modules(self) -> &'static [&'static str] {
+        match self {
+            Site::AttentionInput => &["attn_q", "attn_k", "attn_v"],
+            Site::AttentionOutput => &["attn_output"],
+            Site::FfnInput => &["ffn_gate", "ffn_up"],
+            Site::FfnHidden => &["ffn_down"],
+        }
+    }
+}
+
+/// Sees every linear module's input during [`Model::forward_observed`]:
+/// `(layer, site, values)`, `values` being the batch's vectors one after another.
+pub type Observer<'o> = &'o mut dyn FnMut(usize, Site, &[f32]);
+
 /// Which logits [`Model::forward`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -387,6 +417,24 @@ impl<'a> Model<'a> {
         pos: usize,
         logits: Logits,
     ) -> Result<&'s [f32]> {
+        self.forward_observed(state, tokens, pos, logits, None)
+    }
+
+    /// As [`Model::forward`], showing each linear module's input to
+    /// `observer` (calibration reads activations this way).
+    pub fn forward_observed<'s>(
+        &self,
+        state: &'s mut RunState,
+        tokens: &[u32],
+        pos: usize,
+        logits: Logits,
+        mut observer: Option<Observer>,
+    ) -> Result<&'s [f32]> {
+        let mut observe = |layer: usize, site: Site, values: &[f32]| {
+            if let Some(see) = observer.as_mut() {
+                see(layer, site, values);
+            }
+        };
         let p = &self.config;
         let k = self.kernels;
         let pool = &self.pool;
@@ -431,6 +479,7 @@ impl<'a> Model<'a> {
                     p.norm_eps,
                 );
             }
+            observe(l, Site::AttentionInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
             // q, k, v projections; k and v go straight into the cache at their positions.
@@ -474,6 +523,7 @@ impl<'a> Model<'a> {
             }
 
             // Output projection and residual.
+            observe(l, Site::AttentionOutput, &s.xb2[..n * q_dim]);
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
             layer.wo.matmul(k, pool, &s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP], &mut s.xb, &mut s.scratch);
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
@@ -489,6 +539,7 @@ impl<'a> Model<'a> {
                     p.norm_eps,
                 );
             }
+            observe(l, Site::FfnInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
             // SwiGLU: down(silu(gate(x)) ⊙ up(x)).
@@ -496,6 +547,7 @@ impl<'a> Model<'a> {
             layer.w_gate.matmul(k, pool, xb, xq, &mut s.hb, &mut s.scratch);
             layer.w_up.matmul(k, pool, xb, xq, &mut s.hb2, &mut s.scratch);
             (k.silu_mul)(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
+            observe(l, Site::FfnHidden, &s.hb[..n * ffn]);
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
             layer.w_down.matmul(k, pool, &s.hb[..n * ffn], &s.xq[..n * ffn / GROUP], &mut s.xb, &mut s.scratch);
 

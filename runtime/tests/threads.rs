@@ -72,3 +72,33 @@ fn one_to_four_threads_agree_exactly_with(interleave: bool) {
         assert_eq!(run(threads), single, "{threads} threads differ from one");
     }
 }
+
+#[test]
+fn the_observer_sees_every_module_input_and_changes_nothing() {
+    use bramble_runtime::model::Site;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let model = Model::with_options(&image, Kernels::detect(), 1).unwrap();
+    let c = model.config;
+    let mut state = model.new_state(16, 4);
+    let plain = model.forward(&mut state, &[1, 3, 4], 0, Logits::All).unwrap().to_vec();
+    let mut seen = Vec::new();
+    let mut observer = |layer: usize, site: Site, values: &[f32]| seen.push((layer, site, values.to_vec()));
+    let observed =
+        model.forward_observed(&mut state, &[1, 3, 4], 0, Logits::All, Some(&mut observer)).unwrap().to_vec();
+    assert_eq!(observed, plain);
+    let widths = [
+        (Site::AttentionInput, c.dim as usize),
+        (Site::AttentionOutput, c.q_dim()),
+        (Site::FfnInput, c.dim as usize),
+        (Site::FfnHidden, c.ffn_dim as usize),
+    ];
+    assert_eq!(seen.len(), 4 * c.n_layers as usize);
+    for (i, (layer, site, values)) in seen.iter().enumerate() {
+        assert_eq!((*layer, *site), (i / 4, widths[i % 4].0));
+        assert_eq!(values.len(), 3 * widths[i % 4].1, "{site:?}: a batch of three tokens");
+        assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|&v| v != 0.0), "{site:?}");
+    }
+}
