@@ -14,6 +14,7 @@ pub mod image;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod rsparse;
 pub mod sampler;
 pub mod session;
 pub mod tokenizer;
