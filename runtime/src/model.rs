@@ -17,6 +17,7 @@ use std::sync::Mutex;
 const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
 use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
+use crate::rsparse::{Rsparse, SparseModule};
 
 /// A weight matrix `[rows, cols]` borrowed from the image.
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +197,41 @@ pub struct Model<'a> {
     pub kernels: &'static Kernels,
     /// Worker threads for the matrix products.
     pub pool: ThreadPool,
+    /// The R-Sparse plan in use, if any ([`Model::set_sparsity`]).
+    sparse: Option<SparsePlan>,
+}
+
+/// When the R-Sparse path runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseMode {
+    /// Single-token decode steps only; prompts (batches) run dense (the paper's choice).
+    DecodeOnly,
+    /// Every forward pass (perplexity of the sparse model).
+    Always,
+}
+
+/// An [`Rsparse`] plan checked against the weights, with each layer's
+/// modules found once (q, k, v, output, gate, up, down).
+struct SparsePlan {
+    plan: Rsparse,
+    mode: SparseMode,
+    layers: Vec<[Option<usize>; 7]>,
+}
+
+/// The seven projections of a layer, in [`SparsePlan::layers`] order.
+const PROJECTIONS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// Scratch of the sparse path, allocated with the [`RunState`] (empty for dense models).
+#[derive(Default)]
+struct SparseScratch {
+    exact: Vec<f32>,          // x ⊙ m (batch, widest)
+    exact_q: Vec<BlockQ8Act>, // its int8 blocks
+    rest: Vec<f32>,           // x ⊙ (1 − m) (batch, widest)
+    low: Vec<f32>,            // SVᵀ · rest, then transposed (rank, batch) / (batch, rank)
+    low_t: Vec<f32>,          // (batch, rank)
+    correction: Vec<f32>,     // U · low, rows outermost (rows, batch)
+    masked: u64,              // channels sent to the low-rank path since the last reset
+    channels: u64,            // channels seen by sparse modules since the last reset
 }
 
 /// Every scratch buffer of the forward pass and the KV cache, for up to
@@ -219,6 +255,7 @@ pub struct RunState {
     value_cache: Vec<f32>, // (layer, context, kv_dim)
     rope_cos: Vec<f32>,    // (context, rope_dim / 2)
     rope_sin: Vec<f32>,    // (context, rope_dim / 2)
+    sparse: SparseScratch,
 }
 
 impl RunState {
@@ -256,7 +293,34 @@ impl RunState {
             value_cache: vec![0.0; layers * context * kv_dim],
             rope_cos,
             rope_sin,
+            sparse: SparseScratch::default(),
         }
+    }
+
+    /// As [`RunState::new`], with the scratch of the R-Sparse path.
+    fn with_sparse(config: &ModelConfig, context: usize, batch: usize) -> Self {
+        let mut state = Self::new(config, context, batch);
+        let widest = (config.dim as usize).max(config.q_dim()).max(config.ffn_dim as usize);
+        state.sparse = SparseScratch {
+            exact: vec![0.0; batch * widest],
+            exact_q: vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * widest / GROUP],
+            rest: vec![0.0; batch * widest],
+            low: vec![0.0; batch * widest],
+            low_t: vec![0.0; batch * widest],
+            correction: vec![0.0; batch * widest],
+            masked: 0,
+            channels: 0,
+        };
+        state
+    }
+
+    /// The share of input channels the R-Sparse path sent to the low-rank
+    /// path since the last call, and resets the count (`None` if none ran).
+    pub fn take_measured_sparsity(&mut self) -> Option<f64> {
+        let s = &mut self.sparse;
+        let share = (s.channels > 0).then(|| s.masked as f64 / s.channels as f64);
+        (s.masked, s.channels) = (0, 0);
+        share
     }
 
     /// The logits of the last [`Model::forward`] (the first `vocab` values are the last token's
@@ -385,12 +449,61 @@ impl<'a> Model<'a> {
             )));
         }
         let weights = Weights { token_embd, layers, output_norm: vector("output_norm.weight")?, output };
-        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads) })
+        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads), sparse: None })
+    }
+
+    /// Uses an R-Sparse plan (`None`: dense). Every module must name one of
+    /// the seven projections with its shape. States made before this call
+    /// lack the sparse path's scratch: make new ones.
+    pub fn set_sparsity(&mut self, plan: Option<Rsparse>, mode: SparseMode) -> Result<()> {
+        let Some(plan) = plan else {
+            self.sparse = None;
+            return Ok(());
+        };
+        let mut layers = vec![[None; 7]; self.weights.layers.len()];
+        for (index, module) in plan.modules.iter().enumerate() {
+            let unknown =
+                || Error::invalid(format!("rsparse module {} is not a projection of this model", module.name));
+            let rest = module.name.strip_prefix("blk.").ok_or_else(unknown)?;
+            let (layer, part) = rest.split_once('.').ok_or_else(unknown)?;
+            let part = part.strip_suffix(".weight").ok_or_else(unknown)?;
+            let layer: usize = layer.parse().map_err(|_| unknown())?;
+            let p = PROJECTIONS.iter().position(|&name| name == part).ok_or_else(unknown)?;
+            let weights = self.weights.layers.get(layer).ok_or_else(unknown)?;
+            let m =
+                [&weights.wq, &weights.wk, &weights.wv, &weights.wo, &weights.w_gate, &weights.w_up, &weights.w_down]
+                    [p];
+            if (m.rows, m.cols) != (module.rows, module.cols) {
+                return Err(Error::invalid(format!(
+                    "rsparse module {} is {} × {}, the weight is {} × {}",
+                    module.name, module.rows, module.cols, m.rows, m.cols
+                )));
+            }
+            layers[layer][p] = Some(index);
+        }
+        self.sparse = Some(SparsePlan { plan, mode, layers });
+        Ok(())
+    }
+
+    /// Uses the image's own `rsparse` section, if it has one; returns
+    /// whether it did.
+    pub fn use_image_sparsity(&mut self, image: &ModelImage, mode: SparseMode) -> Result<bool> {
+        let Some(bytes) = image.section(crate::rsparse::SECTION) else { return Ok(false) };
+        self.set_sparsity(Some(Rsparse::from_section(bytes)?), mode)?;
+        Ok(true)
+    }
+
+    /// The R-Sparse plan in use.
+    pub fn sparsity(&self) -> Option<(&Rsparse, SparseMode)> {
+        self.sparse.as_ref().map(|p| (&p.plan, p.mode))
     }
 
     /// A [`RunState`] for this model.
     pub fn new_state(&self, context: usize, batch: usize) -> RunState {
-        RunState::new(&self.config, context, batch)
+        match self.sparse {
+            Some(_) => RunState::with_sparse(&self.config, context, batch),
+            None => RunState::new(&self.config, context, batch),
+        }
     }
 
     /// Bytes of weights one decoded token reads (every matrix once, one embedding row).
@@ -405,6 +518,84 @@ impl<'a> Model<'a> {
             })
             .sum();
         layers + w.output.bytes() + w.token_embd.bytes() / w.token_embd.rows + 4 * w.output_norm.len()
+    }
+
+    /// `out = W · x` for projection `p` of layer `l` (x a batch, as f32 and
+    /// int8), through the R-Sparse path when the plan has this module and
+    /// its mode covers this batch: `W (x ⊙ m) + U (SVᵀ (x ⊙ (1 − m)))`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        l: usize,
+        p: usize,
+        w: &Matrix,
+        x: &[f32],
+        xq: &[BlockQ8Act],
+        out: &mut [f32],
+        scratch: &mut [f32],
+        sparse: &mut SparseScratch,
+    ) {
+        let n = x.len() / w.cols;
+        let module = self.sparse.as_ref().and_then(|plan| {
+            let covers = plan.mode == SparseMode::Always || n == 1;
+            plan.layers[l][p].filter(|_| covers).map(|i| &plan.plan.modules[i])
+        });
+        match module {
+            None => w.matmul(self.kernels, &self.pool, x, xq, out, scratch),
+            Some(module) => self.sparse_linear(module, w, x, out, scratch, sparse),
+        }
+    }
+
+    /// The R-Sparse product of [`Model::linear`]. The exact part runs the
+    /// dense kernels on `x ⊙ m` (skipped channels are zero, so the result is
+    /// `W (x ⊙ m)`); the low-rank part is two f16 products.
+    fn sparse_linear(
+        &self,
+        module: &SparseModule,
+        w: &Matrix,
+        x: &[f32],
+        out: &mut [f32],
+        scratch: &mut [f32],
+        s: &mut SparseScratch,
+    ) {
+        let k = self.kernels;
+        let (rows, cols, rank) = (w.rows, w.cols, module.rank);
+        let n = x.len() / cols;
+        // The split: m_i = |x_i · c_i| > τ.
+        let (exact, rest) = (&mut s.exact[..n * cols], &mut s.rest[..n * cols]);
+        let mut masked = 0;
+        for (token, (e, r)) in x.chunks_exact(cols).zip(exact.chunks_exact_mut(cols).zip(rest.chunks_exact_mut(cols))) {
+            for (((&v, &c), e), r) in token.iter().zip(&module.scores).zip(e.iter_mut()).zip(r.iter_mut()) {
+                let keep = (v * c).abs() > module.threshold;
+                (*e, *r) = if keep { (v, 0.0) } else { (0.0, v) };
+                masked += !keep as u64;
+            }
+        }
+        s.masked += masked;
+        s.channels += (n * cols) as u64;
+        // Exact channels through the weights.
+        let exact_q = &mut s.exact_q[..n * cols / GROUP];
+        (k.quantize_activation)(exact, exact_q);
+        w.matmul(k, &self.pool, exact, exact_q, out, scratch);
+        if rank == 0 {
+            return;
+        }
+        // The rest through U · (SVᵀ · rest); the kernels write rows outermost.
+        let low = &mut s.low[..rank * n];
+        (k.matmul_f16)(&module.sv, cols, rest, low);
+        let low_t = &mut s.low_t[..n * rank];
+        for (r, values) in low.chunks_exact(n).enumerate() {
+            for (b, &v) in values.iter().enumerate() {
+                low_t[b * rank + r] = v;
+            }
+        }
+        let correction = &mut s.correction[..rows * n];
+        (k.matmul_f16)(&module.u, rank, low_t, correction);
+        for (o, values) in correction.chunks_exact(n).enumerate() {
+            for (b, &v) in values.iter().enumerate() {
+                out[b * rows + o] += v;
+            }
+        }
     }
 
     /// Runs `tokens` at positions `pos ..`, filling the KV cache, and returns
@@ -484,9 +675,10 @@ impl<'a> Model<'a> {
 
             // q, k, v projections; k and v go straight into the cache at their positions.
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
-            layer.wq.matmul(k, pool, xb, xq, &mut s.q, &mut s.scratch);
-            layer.wk.matmul(k, pool, xb, xq, &mut s.key_cache[cache_batch.clone()], &mut s.scratch);
-            layer.wv.matmul(k, pool, xb, xq, &mut s.value_cache[cache_batch.clone()], &mut s.scratch);
+            let sp = &mut s.sparse;
+            self.linear(l, 0, &layer.wq, xb, xq, &mut s.q[..n * q_dim], &mut s.scratch, sp);
+            self.linear(l, 1, &layer.wk, xb, xq, &mut s.key_cache[cache_batch.clone()], &mut s.scratch, sp);
+            self.linear(l, 2, &layer.wv, xb, xq, &mut s.value_cache[cache_batch.clone()], &mut s.scratch, sp);
 
             // RoPE on every query and key head.
             for b in 0..n {
@@ -525,7 +717,8 @@ impl<'a> Model<'a> {
             // Output projection and residual.
             observe(l, Site::AttentionOutput, &s.xb2[..n * q_dim]);
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
-            layer.wo.matmul(k, pool, &s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP], &mut s.xb, &mut s.scratch);
+            let (xb2, xq) = (&s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP]);
+            self.linear(l, 3, &layer.wo, xb2, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
                 *x += o;
             }
@@ -544,12 +737,13 @@ impl<'a> Model<'a> {
 
             // SwiGLU: down(silu(gate(x)) ⊙ up(x)).
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
-            layer.w_gate.matmul(k, pool, xb, xq, &mut s.hb, &mut s.scratch);
-            layer.w_up.matmul(k, pool, xb, xq, &mut s.hb2, &mut s.scratch);
+            self.linear(l, 4, &layer.w_gate, xb, xq, &mut s.hb[..n * ffn], &mut s.scratch, &mut s.sparse);
+            self.linear(l, 5, &layer.w_up, xb, xq, &mut s.hb2[..n * ffn], &mut s.scratch, &mut s.sparse);
             (k.silu_mul)(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
             observe(l, Site::FfnHidden, &s.hb[..n * ffn]);
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
-            layer.w_down.matmul(k, pool, &s.hb[..n * ffn], &s.xq[..n * ffn / GROUP], &mut s.xb, &mut s.scratch);
+            let (hb, xq) = (&s.hb[..n * ffn], &s.xq[..n * ffn / GROUP]);
+            self.linear(l, 6, &layer.w_down, hb, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
 
             // Residual.
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {

@@ -1,0 +1,113 @@
+//! The R-Sparse forward path: with a low-rank part that reproduces the
+//! weights exactly (U = I, SVᵀ = W), any split of the channels between the
+//! exact and the low-rank path must give the dense model's logits, up to the
+//! low-rank path's f16 weights and f32 activations; τ = 0 is the dense path.
+
+mod common;
+
+use bramble_runtime::kernels::Kernels;
+use bramble_runtime::model::{Logits, Model, SparseMode};
+use bramble_runtime::rsparse::{Rsparse, SparseModule};
+use bramble_runtime::ModelImage;
+use half::f16;
+
+/// The low-rank path's error against the int8 dense path, relative to the largest logit.
+const LOW_RANK_RELATIVE: f32 = 0.03;
+
+const PARTS: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
+/// A plan for every projection with `SVᵀ = W` (dequantized) and `U = I`.
+fn identity_plan(model: &Model, threshold: f32) -> Rsparse {
+    let mut modules = Vec::new();
+    for (l, layer) in model.weights.layers.iter().enumerate() {
+        let matrices = [&layer.wq, &layer.wk, &layer.wv, &layer.wo, &layer.w_gate, &layer.w_up, &layer.w_down];
+        for (part, m) in PARTS.iter().zip(matrices) {
+            let mut sv = vec![f16::ZERO; m.rows * m.cols];
+            let mut row = vec![0f32; m.cols];
+            for r in 0..m.rows {
+                m.row_to_f32(r, &mut row);
+                for (o, &v) in sv[r * m.cols..(r + 1) * m.cols].iter_mut().zip(&row) {
+                    *o = f16::from_f32(v);
+                }
+            }
+            let u = (0..m.rows * m.rows).map(|i| if i / m.rows == i % m.rows { f16::ONE } else { f16::ZERO }).collect();
+            modules.push(SparseModule {
+                name: format!("blk.{l}.{part}.weight"),
+                rows: m.rows,
+                cols: m.cols,
+                sparsity: 0.5,
+                alpha: 0.95,
+                threshold,
+                scores: vec![1.0; m.cols],
+                rank: m.rows,
+                sv,
+                u,
+            });
+        }
+    }
+    Rsparse { target: 0.5, modules }
+}
+
+fn run(model: &Model) -> (Vec<f32>, Option<f64>) {
+    let mut state = model.new_state(16, 4);
+    let mut all = model.forward(&mut state, &[1, 3, 4, 5], 0, Logits::All).unwrap().to_vec();
+    for (pos, token) in [3u32, 4, 5].into_iter().enumerate() {
+        all.extend_from_slice(model.forward(&mut state, &[token], 4 + pos, Logits::Last).unwrap());
+    }
+    (all, state.take_measured_sparsity())
+}
+
+#[test]
+fn any_split_with_an_exact_low_rank_part_gives_the_dense_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny_with_layout(&path, true, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    for kernels in Kernels::all_available() {
+        let mut model = Model::with_options(&image, kernels, 2).unwrap();
+        let (dense, none) = run(&model);
+        assert_eq!(none, None, "a dense model measures no sparsity");
+        let scale = dense.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // τ = 0: every nonzero channel is exact, so it is the dense product itself.
+        model.set_sparsity(Some(identity_plan(&model, 0.0)), SparseMode::Always).unwrap();
+        let (same, share) = run(&model);
+        assert_eq!(same, dense, "{}: τ = 0", kernels.name);
+        assert!(share.unwrap() < 0.01, "{}: τ = 0 masks {share:?}", kernels.name);
+        for (threshold, low, high) in [(0.3, 0.2, 0.9), (f32::INFINITY, 1.0, 1.0)] {
+            for mode in [SparseMode::Always, SparseMode::DecodeOnly] {
+                model.set_sparsity(Some(identity_plan(&model, threshold)), mode).unwrap();
+                let (got, share) = run(&model);
+                let share = share.unwrap();
+                assert!((low..=high).contains(&share), "{} τ {threshold}: masked share {share}", kernels.name);
+                for (i, (g, d)) in got.iter().zip(&dense).enumerate() {
+                    assert!(
+                        (g - d).abs() <= LOW_RANK_RELATIVE * scale,
+                        "{} τ {threshold} {mode:?} [{i}]: {g} vs {d}",
+                        kernels.name
+                    );
+                }
+                if mode == SparseMode::DecodeOnly {
+                    // The prompt ran dense: its logits are the dense ones exactly.
+                    assert_eq!(got[..4 * 6], dense[..4 * 6], "{} {mode:?}: prompt", kernels.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn plans_that_do_not_fit_the_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let mut model = Model::new(&image).unwrap();
+    let mut plan = identity_plan(&model, 0.5);
+    plan.modules[0].name = "blk.7.attn_q.weight".into();
+    let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
+    assert!(error.message().contains("blk.7.attn_q.weight"), "{error}");
+    let mut plan = identity_plan(&model, 0.5);
+    plan.modules[1].rows += 1;
+    let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
+    assert!(error.message().contains("blk.0.attn_k.weight"), "{error}");
+}
