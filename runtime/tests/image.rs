@@ -210,7 +210,8 @@ fn structural_mutations_behind_valid_checksums_never_panic() {
     let bytes = write_tiny(&dir.path().join("tiny.bramble"), |_| {});
     let image = open_bytes(&bytes).unwrap();
     // The metadata: header, section table, config, tokenizer and tensor index.
-    let mut regions: Vec<std::ops::Range<usize>> = Vec::from([0..64]);
+    let mut regions: Vec<std::ops::Range<usize>> = Vec::new();
+    regions.push(0..64);
     for name in [section::CONFIG, section::TOKENIZER, section::TENSOR_INDEX] {
         let s = image.sections().iter().find(|s| s.name == name).unwrap();
         regions.push(s.offset..s.offset + s.size);
