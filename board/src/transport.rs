@@ -14,8 +14,9 @@ use std::fs::File;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
-use std::path::Path;
-use std::time::Duration;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub use embedded_io::{ErrorKind, ErrorType, Read, Write};
 
@@ -78,7 +79,16 @@ impl Write for TcpPort {
 /// A serial device (a UART, a USB adapter, a pseudo-terminal) in raw mode, 8N1.
 pub struct SerialPort {
     file: File,
+    /// The path it was opened by and the device number it named then, to
+    /// notice the path being re-pointed (see [`SerialPort::replaced`]).
+    path: PathBuf,
+    device: u64,
+    /// When the path was last compared with the open device.
+    checked: Instant,
 }
+
+/// How often a quiet serial port checks that its path still names the open device.
+pub const REPLACED_CHECK: Duration = Duration::from_secs(1);
 
 /// The termios speed for `baud` bits per second.
 pub fn baud_rate(baud: u32) -> Option<BaudRate> {
@@ -134,12 +144,28 @@ impl SerialPort {
         termios::tcsetattr(file.as_fd(), SetArg::TCSANOW, &settings).map_err(io::Error::from)?;
         // Drop whatever line noise queued up while nobody was reading.
         let _ = termios::tcflush(file.as_fd(), termios::FlushArg::TCIFLUSH);
-        Ok(Self { file })
+        let device = file.metadata()?.rdev();
+        Ok(Self { file, path: path.to_path_buf(), device, checked: Instant::now() })
     }
 
     /// A second handle to the same device (one thread reads, another writes).
     pub fn try_clone(&self) -> io::Result<Self> {
-        Ok(Self { file: self.file.try_clone()? })
+        Ok(Self { file: self.file.try_clone()?, path: self.path.clone(), device: self.device, checked: self.checked })
+    }
+
+    /// Why the path no longer names the open device, if it does not.
+    ///
+    /// An unplugged adapter or a closed pty hangs the line up, and a read
+    /// reports that. But the open device can also go quiet for good while
+    /// still open — some other process holds the far end of a pty, or udev
+    /// re-points `/dev/serial0` or a `by-id` link at a new adapter — and then
+    /// only the path tells that the console should move.
+    fn replaced(&self) -> Option<String> {
+        match std::fs::metadata(&self.path) {
+            Ok(now) if now.rdev() == self.device => None,
+            Ok(_) => Some(format!("{} now names another device", self.path.display())),
+            Err(e) => Some(format!("{}: {e}", self.path.display())),
+        }
     }
 }
 
@@ -165,7 +191,16 @@ impl Read for SerialPort {
         let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
         let tick = PollTimeout::try_from(READ_TICK.as_millis() as i32).unwrap_or(PollTimeout::MAX);
         match nix::poll::poll(&mut fds, tick) {
-            Ok(0) => return Err(tick_error()),
+            Ok(0) => {
+                // Quiet: a moment to check (once a second, a stat) that the path still names this device.
+                if self.checked.elapsed() >= REPLACED_CHECK {
+                    self.checked = Instant::now();
+                    if let Some(why) = self.replaced() {
+                        return Err(io::Error::new(io::ErrorKind::NotConnected, why));
+                    }
+                }
+                return Err(tick_error());
+            }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Err(tick_error()),
             Err(e) => return Err(e.into()),
@@ -231,6 +266,32 @@ mod tests {
             _ => None,
         });
         assert!(gone.is_some(), "a closed pty is reported as gone");
+    }
+
+    #[test]
+    fn a_quiet_port_whose_path_is_re_pointed_is_reported_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("serial");
+        // Both masters stay open, so neither line hangs up: only the path changes.
+        let (_first_master, first) = pty();
+        let (_second_master, second) = pty();
+        std::os::unix::fs::symlink(&first, &link).unwrap();
+        let mut port = SerialPort::open(&link, 115200).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(is_tick(&port.read(&mut buf).unwrap_err()), "the path unchanged: a tick");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&second, &link).unwrap();
+        // Within a few checks (each a tick of 100 ms, a check a second), not at once.
+        let started = std::time::Instant::now();
+        let error = loop {
+            match port.read(&mut buf) {
+                Err(e) if is_tick(&e) => {}
+                Err(e) => break e,
+                Ok(n) => panic!("read {n} bytes from a silent pty"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "the re-pointed path was never noticed");
+        };
+        assert!(error.to_string().contains("now names another device"), "{error}");
     }
 
     #[test]
