@@ -2,6 +2,7 @@
 //! converting them into packed images, and the `bramble` commands.
 #![warn(missing_docs)]
 
+pub mod calibrate;
 pub mod convert;
 pub mod generate;
 pub mod source;

@@ -43,6 +43,8 @@ struct Cli {
 enum Command {
     /// Convert a GGUF file, Hugging Face directory or llama2.c checkpoint into an image.
     Convert(ConvertArgs),
+    /// Calibrate R-Sparse (scores, thresholds, low-rank factors) and write an image with the plan.
+    Calibrate(CalibrateArgs),
     /// Show an image's config, tokenizer, sections and tensors.
     Inspect {
         /// The image.
@@ -105,6 +107,58 @@ struct ConvertArgs {
     /// the NEON kernels read fastest) or `rows` (ggml's row-major order).
     #[arg(long, default_value = "x4", value_parser = ["x4", "rows"])]
     layout: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// The image to calibrate (q4, q8, f16 or f32 weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration text (UTF-8), tokenized with the image's tokenizer.
+    #[arg(long)]
+    text: PathBuf,
+    /// Model-level sparsity in [0, 1): each module costs (1 − s) of dense.
+    #[arg(long, allow_negative_numbers = true)]
+    sparsity: f32,
+    /// Share of the kept budget spent on exact channels (1: pure input sparsity, no low-rank path).
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    alpha: f32,
+    /// Search per-layer (s, α) by an evolutionary search on calibration perplexity.
+    #[arg(long)]
+    search: bool,
+    /// Candidates per generation of the search.
+    #[arg(long, default_value_t = 32)]
+    population: usize,
+    /// Generations of the search.
+    #[arg(long, default_value_t = 5)]
+    generations: usize,
+    /// Calibration tokens each search candidate's perplexity is measured on.
+    #[arg(long, default_value_t = 1024)]
+    search_tokens: usize,
+    /// Calibration tokens (the first of the text).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Window length the text is run in.
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Entries sampled per layer input to estimate the thresholds.
+    #[arg(long, default_value_t = 1 << 17)]
+    samples: usize,
+    /// Power iterations of the randomized SVD.
+    #[arg(long, default_value_t = 2)]
+    power_iterations: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Threads (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The image to write.
+    #[arg(long)]
+    output: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -270,6 +324,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Convert(args) => run_convert(args),
+        Command::Calibrate(args) => run_calibrate(args),
         Command::Inspect { image, tensors, json } => run_inspect(&image, tensors, json),
         Command::Generate(args) => run_generate(args),
         Command::Chat(args) => run_chat(args),
@@ -318,6 +373,89 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_calibrate(args: CalibrateArgs) -> Result<()> {
+    use bramble_tools::calibrate::{calibrate, CalibrateOptions, SearchOptions};
+    let started = Instant::now();
+    let text = std::fs::read(&args.text).with_context(|| format!("{}: cannot read", args.text.display()))?;
+    let text = String::from_utf8(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (byte {}); calibration needs text",
+            args.text.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let options = CalibrateOptions {
+        sparsity: args.sparsity,
+        alpha: args.alpha,
+        tokens: args.tokens,
+        ctx: args.ctx,
+        samples: args.samples,
+        power_iterations: args.power_iterations,
+        search: args.search.then_some(SearchOptions {
+            population: args.population,
+            generations: args.generations,
+            tokens: args.search_tokens,
+        }),
+        threads: args.threads.unwrap_or(cores),
+        seed: args.seed,
+        progress: std::io::stderr().is_terminal() && !args.json,
+        ..CalibrateOptions::default()
+    };
+    let report = calibrate(&args.model, &text, &args.output, &options)
+        .with_context(|| format!("calibrating {} into {}", args.model.display(), args.output.display()))?;
+    let peak = stats::peak_rss_bytes();
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["peak_rss_bytes"] = serde_json::json!(peak);
+        value["seconds"] = serde_json::json!(seconds);
+        outln!("{value}");
+    } else {
+        let mean_rank = report.modules.iter().map(|m| m.rank as f64).sum::<f64>() / report.modules.len().max(1) as f64;
+        if let Some(search) = &report.search {
+            outln!(
+                "search: {} candidates, perplexity {:.3} (uniform {:.3})",
+                search.evaluations,
+                search.best_perplexity,
+                search.uniform_perplexity
+            );
+        }
+        outln!(
+            "wrote {} ({:.1} MiB): {} modules at sparsity {:.3} (target {}), mean rank {:.1}, {} calibration tokens; \
+             SVD {:.1} s, activations {:.1} s, search {:.1} s, {:.1} s in all, peak RSS {}",
+            args.output.display(),
+            report.image_bytes as f64 / (1 << 20) as f64,
+            report.modules.len(),
+            report.achieved,
+            report.target,
+            mean_rank,
+            report.tokens,
+            report.svd_seconds,
+            report.activation_seconds,
+            report.search_seconds,
+            seconds,
+            peak.map_or("unknown".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+        );
+    }
+    Ok(())
+}
+
+/// The `rsparse` section's summary for `inspect`: modules, target, mean s, α and rank.
+fn rsparse_summary(image: &ModelImage) -> Result<Option<serde_json::Value>> {
+    let Some(bytes) = image.section(bramble_runtime::rsparse::SECTION) else { return Ok(None) };
+    let plan = bramble_runtime::rsparse::Rsparse::from_section(bytes)?;
+    let n = plan.modules.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&bramble_runtime::rsparse::SparseModule) -> f64| plan.modules.iter().map(f).sum::<f64>() / n;
+    Ok(Some(serde_json::json!({
+        "modules": plan.modules.len(),
+        "target": plan.target,
+        "mean_sparsity": mean(&|m| m.sparsity as f64),
+        "mean_alpha": mean(&|m| m.alpha as f64),
+        "mean_rank": mean(&|m| m.rank as f64),
+    })))
+}
+
 fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
     let image = ModelImage::open(path)?;
     let c = image.config();
@@ -350,6 +488,7 @@ fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
             "encodings": by_encoding.iter().map(|(k, (n, b))| (k.to_string(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "tensors": image.tensors().iter().map(|t| serde_json::json!({"name": t.name, "encoding": t.encoding.name(), "shape": t.shape, "bytes": t.size})).collect::<Vec<_>>(),
             "source": source.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+            "rsparse": rsparse_summary(&image)?,
         });
         outln!("{value}");
         return Ok(());
@@ -400,6 +539,16 @@ fn run_inspect(path: &Path, list_tensors: bool, json: bool) -> Result<()> {
     }
     if let Some(source) = source {
         outln!("source: {source}");
+    }
+    if let Some(plan) = rsparse_summary(&image)? {
+        outln!(
+            "rsparse: {} modules, target {}, mean sparsity {:.3}, mean α {:.3}, mean rank {:.1}",
+            plan["modules"],
+            plan["target"],
+            plan["mean_sparsity"].as_f64().unwrap_or(f64::NAN),
+            plan["mean_alpha"].as_f64().unwrap_or(f64::NAN),
+            plan["mean_rank"].as_f64().unwrap_or(f64::NAN)
+        );
     }
     if list_tensors {
         for t in image.tensors() {
