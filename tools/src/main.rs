@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
-use bramble_runtime::model::Model;
+use bramble_runtime::model::{Model, SparseMode};
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::Session;
 use bramble_runtime::tokenizer::Tokenizer;
@@ -175,6 +175,10 @@ struct ModelArgs {
     /// Context length (default: the model's, at most 4096).
     #[arg(long)]
     ctx: Option<usize>,
+    /// R-Sparse: `auto` runs the image's `rsparse` plan if it has one
+    /// (`bramble calibrate` writes it), `off` runs dense.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+    sparsity: String,
 }
 
 #[derive(Args, Clone)]
@@ -572,8 +576,9 @@ fn load(args: &ModelArgs) -> Result<(Loaded, usize)> {
     Ok((Loaded { image, tokenizer }, context))
 }
 
-/// The model of a loaded image, with `--threads` workers.
-fn model<'a>(loaded: &'a Loaded, args: &ModelArgs) -> Result<Model<'a>> {
+/// The model of a loaded image, with `--threads` workers and, unless
+/// `--sparsity off`, the image's R-Sparse plan applied in `mode`.
+fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<Model<'a>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args.threads.unwrap_or(cores);
     anyhow::ensure!(
@@ -581,12 +586,18 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs) -> Result<Model<'a>> {
         "--threads {threads}: expected 1 to {}",
         bramble_runtime::kernels::pool::MAX_THREADS
     );
-    Ok(Model::with_options(&loaded.image, bramble_runtime::kernels::Kernels::detect(), threads)?)
+    let mut model = Model::with_options(&loaded.image, bramble_runtime::kernels::Kernels::detect(), threads)?;
+    if args.sparsity == "auto" {
+        model
+            .use_image_sparsity(&loaded.image, mode)
+            .with_context(|| format!("{}: rsparse section", args.model.display()))?;
+    }
+    Ok(model)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = model(&loaded, &args.model)?;
+    let model = model(&loaded, &args.model, SparseMode::DecodeOnly)?;
     let tokenizer = &loaded.tokenizer;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -622,7 +633,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn run_chat(args: ChatArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = model(&loaded, &args.model)?;
+    let model = model(&loaded, &args.model, SparseMode::DecodeOnly)?;
     let tokenizer = &loaded.tokenizer;
     let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
     let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
@@ -683,7 +694,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = model(&loaded, &args.model)?;
+    let model = model(&loaded, &args.model, SparseMode::Always)?;
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
     // As llama.cpp reads `-f`: one trailing newline is not part of the text.
     let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, text.strip_suffix('\n').unwrap_or(&text));
@@ -708,7 +719,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = model(&loaded, &args.model)?;
+    let model = model(&loaded, &args.model, SparseMode::DecodeOnly)?;
     let tokenizer = &loaded.tokenizer;
     anyhow::ensure!(
         args.prompt_tokens >= 1 && args.gen_tokens >= 1,
