@@ -431,6 +431,9 @@ impl<W: Write + Send + 'static> Console<W> {
                 usage.cached_tokens,
                 usage.prefill.as_secs_f64() * 1000.0
             ));
+            if let Some(allocations) = usage.decode_allocations {
+                text.push_str(&format!("last reply's decode loop: {allocations} heap allocations\n"));
+            }
         }
         text
     }
@@ -571,6 +574,7 @@ pub fn run_serial(
 pub fn serve_tcp(stream: std::net::TcpStream, shared: &crate::connection::Shared) {
     let Ok(mut reader) = TcpPort::new(stream) else { return };
     let Ok(mut writer) = reader.try_clone() else { return };
+    let mut typeahead = Vec::new();
     if let Some(token) = &shared.config.tcp.auth_token {
         if writer.write_all(b"token: ").is_err() {
             return;
@@ -585,8 +589,10 @@ pub fn serve_tcp(stream: std::net::TcpStream, shared: &crate::connection::Shared
                 return;
             }
             let Ok(n) = read_some(&mut reader, &mut buffer) else { return };
-            for &byte in &buffer[..n] {
+            for (at, &byte) in buffer[..n].iter().enumerate() {
                 if let Edit::Line(line) = editor.feed(byte, &mut hidden) {
+                    // What came after the token line (a script's first command) is the console's first input.
+                    typeahead.extend_from_slice(&buffer[at + 1..n]);
                     break 'read line.unwrap_or_default();
                 }
             }
@@ -600,6 +606,7 @@ pub fn serve_tcp(stream: std::net::TcpStream, shared: &crate::connection::Shared
     let config = &shared.config;
     let stopping = Arc::clone(&shared.engine.stopping);
     let mut console = Console::new(writer, shared.engine.clone(), &config.sampling, config.limits.max_tokens, stopping);
+    console.typeahead = typeahead;
     if let End::Gone(why) = console.run(&mut reader) {
         log::debug!("tcp console closed: {why}");
     }

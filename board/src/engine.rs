@@ -9,13 +9,15 @@
 //! resending its history) only runs its new tokens.
 
 use crate::config::SamplingDefaults;
+use bramble_runtime::allocations;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::kernels::Kernels;
 use bramble_runtime::model::Model;
 use bramble_runtime::sampler::SamplerConfig;
-use bramble_runtime::session::{Session, TextStream, DEFAULT_BATCH};
+use bramble_runtime::session::{Finish, GenerationSink, Session};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::ModelImage;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -119,6 +121,10 @@ pub struct Usage {
     pub prefill: Duration,
     /// Time generating.
     pub decode: Duration,
+    /// Heap allocations the inference thread made in the decode loop (the
+    /// sink's writes included; the promise is none), or `None` when the process
+    /// does not count allocations (only `brambled` installs the counting allocator).
+    pub decode_allocations: Option<u64>,
 }
 
 impl Usage {
@@ -241,6 +247,12 @@ pub struct Stats {
     pub cancelled: AtomicU64,
     /// Tokens generated, all requests.
     pub generated_tokens: AtomicU64,
+    /// Heap allocations in the decode loops of all generations (see [`Usage::decode_allocations`]).
+    pub decode_allocations: AtomicU64,
+    /// Those of the last generation.
+    pub last_decode_allocations: AtomicU64,
+    /// Generations whose decode-loop allocations were counted.
+    pub decode_loops: AtomicU64,
 }
 
 /// Why a job was not queued.
@@ -333,7 +345,14 @@ impl Engine {
                 let _ = ready_sender.send(Ok(summary));
                 let template = ChatTemplate::new(image.chat_template(), image.vocab());
                 let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
-                let mut worker = Worker { session, tokenizer, template, stats: thread_stats, cancel_all: thread_cancel_all };
+                let mut worker = Worker {
+                    session,
+                    tokenizer,
+                    template,
+                    stats: thread_stats,
+                    cancel_all: thread_cancel_all,
+                    counting_allocations: allocations::counting(),
+                };
                 worker.run(jobs, &thread_stopping);
             })
             .map_err(|e| format!("cannot start the inference thread: {e}"))?;
@@ -370,6 +389,22 @@ impl Engine {
         }
     }
 
+    /// Heap allocations in the decode loops, as `/health` reports them:
+    /// `{"total": N, "last": N}` over the generations so far (the promise is 0
+    /// and 0; `last` is null before the first), or null when this process does
+    /// not count allocations.
+    pub fn decode_allocations(&self) -> serde_json::Value {
+        if !bramble_runtime::allocations::counting() {
+            return serde_json::Value::Null;
+        }
+        let loops = self.stats.decode_loops.load(Ordering::Relaxed);
+        let last = (loops > 0).then(|| self.stats.last_decode_allocations.load(Ordering::Relaxed));
+        serde_json::json!({
+            "total": self.stats.decode_allocations.load(Ordering::Relaxed),
+            "last": last,
+        })
+    }
+
     /// Whether nothing is running or queued.
     pub fn idle(&self) -> bool {
         self.stats.queued.load(Ordering::SeqCst) == 0 && !self.stats.running.load(Ordering::SeqCst)
@@ -393,12 +428,28 @@ pub fn wait(outcome: &Receiver<Outcome>, cancel: &AtomicBool, mut check: impl Fn
     }
 }
 
+/// A [`TokenSink`] as the runtime's sink: a failed write (the client is gone) stops the generation.
+struct SinkWriter<'s> {
+    sink: &'s mut dyn TokenSink,
+}
+
+impl GenerationSink for SinkWriter<'_> {
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        match self.sink.text(piece) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+}
+
 struct Worker<'m> {
     session: Session<'m>,
     tokenizer: &'m Tokenizer,
     template: ChatTemplate,
     stats: Arc<Stats>,
     cancel_all: Arc<AtomicBool>,
+    /// Whether the process counts allocations (`brambled` does; a library user may not).
+    counting_allocations: bool,
 }
 
 impl Worker<'_> {
@@ -516,81 +567,44 @@ impl Worker<'_> {
             // Only a reset restarts the sampler's random sequence; it empties the cache too.
             self.session.reset();
         }
-        // Keep the cached prefix this prompt shares with the last one, but run
-        // at least the prompt's last token so there are logits to sample.
-        let shared = self.session.history().iter().zip(&tokens).take_while(|(a, b)| a == b).count();
-        let shared = shared.min(tokens.len() - 1);
-        self.session.truncate(shared);
-        usage.cached_tokens = shared;
+        // The cached prefix this prompt shares with the last one is not run again.
+        let cached = self.session.reuse_prefix(&tokens);
+        usage.cached_tokens = cached;
         if sink.start(tokens.len()).is_err() {
             return Outcome::Disconnected;
         }
 
-        let prefill_started = Instant::now();
-        for chunk in tokens[shared..].chunks(DEFAULT_BATCH) {
-            if cancelled() {
-                // A half-run prompt leaves the cache consistent with its history.
-                usage.prefill = prefill_started.elapsed();
-                return self.finish(sink, FinishReason::Cancelled, usage, trimmed_messages);
-            }
-            if let Err(e) = self.session.feed(chunk) {
+        // The runtime's generation loop; its decode loop allocates nothing,
+        // and neither may the sink (the text stream's buffer and the sink's
+        // were sized before it).
+        let mut writer = SinkWriter { sink };
+        let generated =
+            self.session.generate(&tokens[cached..], request.max_tokens, &request.stop, &cancelled, &mut writer);
+        let sink = writer.sink;
+        let generated = match generated {
+            Ok(generated) => generated,
+            Err(e) => {
                 self.session.reset();
                 return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
             }
+        };
+        usage.prefill = generated.prefill;
+        usage.decode = generated.decode;
+        usage.completion_tokens = generated.tokens;
+        if self.counting_allocations {
+            usage.decode_allocations = Some(generated.decode_allocations);
+            self.stats.decode_allocations.fetch_add(generated.decode_allocations, Ordering::Relaxed);
+            self.stats.last_decode_allocations.store(generated.decode_allocations, Ordering::Relaxed);
+            self.stats.decode_loops.fetch_add(1, Ordering::Relaxed);
         }
-        usage.prefill = prefill_started.elapsed();
-
-        // The decode loop: nothing in it allocates (the text stream's buffer and
-        // the sink's were sized before it).
-        let decode_started = Instant::now();
-        let mut stream = TextStream::new(&request.stop);
-        let mut write_failed = false;
-        let mut reason = FinishReason::Length;
-        while usage.completion_tokens < request.max_tokens {
-            if cancelled() {
-                reason = FinishReason::Cancelled;
-                break;
-            }
-            if self.session.remaining() == 0 {
-                reason = FinishReason::Context;
-                break;
-            }
-            let token = match self.session.step() {
-                Ok(token) => token,
-                Err(e) => {
-                    self.session.reset();
-                    return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
-                }
-            };
-            if self.tokenizer.is_end_of_generation(token) {
-                reason = FinishReason::EndOfTurn;
-                break;
-            }
-            usage.completion_tokens += 1;
-            let stopped = stream.push(self.tokenizer.token_bytes(token), &mut |piece| {
-                if !write_failed && sink.text(piece).is_err() {
-                    write_failed = true;
-                }
-            });
-            if write_failed {
-                return Outcome::Disconnected;
-            }
-            if stopped {
-                reason = FinishReason::Stop;
-                break;
-            }
-        }
-        if reason != FinishReason::Cancelled {
-            stream.finish(&mut |piece| {
-                if !write_failed && sink.text(piece).is_err() {
-                    write_failed = true;
-                }
-            });
-        }
-        usage.decode = decode_started.elapsed();
-        if write_failed {
-            return Outcome::Disconnected;
-        }
+        let reason = match generated.finish {
+            Finish::EndOfGeneration => FinishReason::EndOfTurn,
+            Finish::Stop => FinishReason::Stop,
+            Finish::Length => FinishReason::Length,
+            Finish::Context => FinishReason::Context,
+            Finish::Cancelled => FinishReason::Cancelled,
+            Finish::SinkStopped => return Outcome::Disconnected,
+        };
         self.finish(sink, reason, usage, trimmed_messages)
     }
 

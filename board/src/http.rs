@@ -438,6 +438,7 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
                 "failed": stats.failed.load(Ordering::Relaxed),
                 "cancelled": stats.cancelled.load(Ordering::Relaxed),
                 "connections": shared.connections.open(),
+                "decode_allocations": engine.decode_allocations(),
             });
             respond(&mut connection.stream, 200, &body, keep_alive)?;
             return Ok(true);

@@ -3,7 +3,14 @@
 //! for the configuration and the README's `brambled` section for the protocols.
 
 use bramble_board::config::{Config, Overrides, USAGE};
+use bramble_runtime::allocations::CountingAllocator;
 use std::process::ExitCode;
+
+// Counts allocations so the daemon can report, per generation, that its
+// decode loop made none (`/health`'s `decode_allocations`, the console's
+// `/stats`): the promise is checked where it matters, in the running daemon.
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -7,6 +7,7 @@
 //! allocates nothing.
 #![warn(missing_docs)]
 
+pub mod allocations;
 pub mod chat;
 pub mod config;
 pub mod error;

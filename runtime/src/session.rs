@@ -1,12 +1,16 @@
 //! A generation session: the KV cache, the sampler and the token history of
 //! one conversation, and the text stream that turns sampled tokens into UTF-8
 //! with stop strings held back. Used by `bramble generate`/`chat` and by
-//! `brambled`. After [`Session::feed`], each [`Session::step`] allocates nothing.
+//! `brambled`, both through [`Session::generate`]. After [`Session::feed`],
+//! each [`Session::step`] allocates nothing, and neither does the decode loop
+//! of [`Session::generate`].
 
 use crate::error::{Error, Result};
 use crate::model::{Logits, Model, RunState};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
 
 /// Largest prompt batch run through the forward pass at once.
 pub const DEFAULT_BATCH: usize = 32;
@@ -77,8 +81,8 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Runs `tokens` through the model after the history (prefill), in batches.
-    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+    /// An error unless `tokens` fit in the free positions.
+    fn check_fits(&self, tokens: &[u32]) -> Result<()> {
         if tokens.len() > self.remaining() {
             return Err(Error::invalid(format!(
                 "{} tokens do not fit: {} of the context of {} are free",
@@ -87,6 +91,12 @@ impl<'m> Session<'m> {
                 self.state.context
             )));
         }
+        Ok(())
+    }
+
+    /// Runs `tokens` through the model after the history (prefill), in batches.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.check_fits(tokens)?;
         for chunk in tokens.chunks(self.state.batch) {
             self.model.forward(&mut self.state, chunk, self.history.len(), Logits::Last)?;
             self.history.extend_from_slice(chunk);
@@ -125,6 +135,173 @@ impl<'m> Session<'m> {
     pub fn sample_only(&mut self) -> Option<u32> {
         let vocab = self.model.config.vocab_size as usize;
         self.has_logits.then(|| self.sampler.sample(&self.state.logits()[..vocab]))
+    }
+}
+
+/// Why [`Session::generate`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model produced an end-of-generation token (run, not counted).
+    EndOfGeneration,
+    /// A stop string appeared (it and what followed were not passed on).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The context is full.
+    Context,
+    /// The cancel check said so (before a prompt batch or a token).
+    Cancelled,
+    /// The sink asked to stop (its client went away).
+    SinkStopped,
+}
+
+/// Where [`Session::generate`] puts what it generates. Called inside the
+/// decode loop, so an implementation must not allocate if the loop is to stay
+/// allocation-free.
+pub trait GenerationSink {
+    /// A generated token, before its text reaches [`text`](Self::text);
+    /// end-of-generation tokens are not passed.
+    fn token(&mut self, _token: u32) {}
+    /// A piece of generated text (whole UTF-8 characters, stop strings held
+    /// back). [`ControlFlow::Break`] ends the generation ([`Finish::SinkStopped`]).
+    fn text(&mut self, piece: &str) -> ControlFlow<()>;
+}
+
+/// What [`Session::generate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generated {
+    /// Why it ended.
+    pub finish: Finish,
+    /// Tokens generated (an end-of-generation token not counted).
+    pub tokens: usize,
+    /// Prompt tokens run through the model.
+    pub prompt_tokens: usize,
+    /// Time running the prompt.
+    pub prefill: Duration,
+    /// Time in the decode loop.
+    pub decode: Duration,
+    /// Heap allocations this thread made in the decode loop (the sink's
+    /// included), as counted by [`CountingAllocator`](crate::allocations::CountingAllocator);
+    /// always 0 unless it is the global allocator (see [`counting`](crate::allocations::counting)).
+    pub decode_allocations: u64,
+}
+
+impl Generated {
+    /// Forward passes the decode loop ran: every generated token, and an end-of-generation token.
+    pub fn decode_steps(&self) -> usize {
+        self.tokens + usize::from(self.finish == Finish::EndOfGeneration)
+    }
+}
+
+impl Session<'_> {
+    /// Keeps the cached prefix `tokens` shares with the history and forgets
+    /// the rest, but never all of `tokens` (at least its last token must run
+    /// again, to have logits to sample from). Returns how many tokens are
+    /// cached: feed `tokens[cached..]` next.
+    pub fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+        let shared = self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        let shared = shared.min(tokens.len().saturating_sub(1));
+        self.truncate(shared);
+        shared
+    }
+
+    /// The generation loop shared by `bramble` and `brambled`: runs `prompt`
+    /// after the history in batches, then samples up to `max_tokens` tokens,
+    /// streaming them and their text (through a [`TextStream`] ending at the
+    /// first of `stops`) to `sink`. `cancelled` is asked before every prompt
+    /// batch and every token.
+    ///
+    /// Everything is allocated before the decode loop; the loop itself
+    /// allocates nothing (if `sink` does not). A cancelled or stopped sink's
+    /// held-back text is dropped; otherwise it is flushed at the end.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        max_tokens: usize,
+        stops: &[String],
+        cancelled: &dyn Fn() -> bool,
+        sink: &mut dyn GenerationSink,
+    ) -> Result<Generated> {
+        if prompt.is_empty() && !self.has_logits {
+            return Err(Error::invalid("nothing to continue: the prompt is empty"));
+        }
+        // Checked whole, before any of it runs, so a prompt that does not fit leaves the cache as it was.
+        self.check_fits(prompt)?;
+        let mut generated = Generated {
+            finish: Finish::Length,
+            tokens: 0,
+            prompt_tokens: prompt.len(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            decode_allocations: 0,
+        };
+        let prefill_started = Instant::now();
+        for chunk in prompt.chunks(self.state.batch) {
+            if cancelled() {
+                // A half-run prompt leaves the cache consistent with its history.
+                generated.finish = Finish::Cancelled;
+                generated.prefill = prefill_started.elapsed();
+                return Ok(generated);
+            }
+            self.feed(chunk)?;
+        }
+        generated.prefill = prefill_started.elapsed();
+
+        let tokenizer = self.tokenizer;
+        let mut stream = TextStream::new(stops);
+        let mut out = SinkState { sink, stopped: false };
+        let decode_started = Instant::now();
+        let allocations_before = crate::allocations::thread_allocations();
+        // The decode loop: nothing in it allocates.
+        while generated.tokens < max_tokens {
+            if cancelled() {
+                generated.finish = Finish::Cancelled;
+                break;
+            }
+            if self.remaining() == 0 {
+                generated.finish = Finish::Context;
+                break;
+            }
+            let token = self.step()?;
+            if tokenizer.is_end_of_generation(token) {
+                generated.finish = Finish::EndOfGeneration;
+                break;
+            }
+            generated.tokens += 1;
+            out.sink.token(token);
+            let stopped = stream.push(tokenizer.token_bytes(token), &mut |piece| out.text(piece));
+            if out.stopped {
+                generated.finish = Finish::SinkStopped;
+                break;
+            }
+            if stopped {
+                generated.finish = Finish::Stop;
+                break;
+            }
+        }
+        if !matches!(generated.finish, Finish::Cancelled | Finish::SinkStopped) {
+            stream.finish(&mut |piece| out.text(piece));
+            if out.stopped {
+                generated.finish = Finish::SinkStopped;
+            }
+        }
+        generated.decode = decode_started.elapsed();
+        generated.decode_allocations = crate::allocations::thread_allocations() - allocations_before;
+        Ok(generated)
+    }
+}
+
+/// A sink and whether it has asked to stop (after which it is told nothing more).
+struct SinkState<'s> {
+    sink: &'s mut dyn GenerationSink,
+    stopped: bool,
+}
+
+impl SinkState<'_> {
+    fn text(&mut self, piece: &str) {
+        if !self.stopped && self.sink.text(piece).is_break() {
+            self.stopped = true;
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! | `reference.rs` | the real model against the independent numpy reference (`tests/reference/reference.py`): logits, greedy tokens, tokenizer, perplexity |
 //! | `no_alloc.rs` | a decode step with a sampling configuration allocates nothing |
 //! | `cli.rs` | the command-line contract of `bramble`, error cases included |
+//! | `daemon.rs` | `brambled` end to end: NDJSON, HTTP, the serial and TCP consoles, scheduling, load, bad input, operations |
 //!
 //! # The `bramble` binary
 //!
@@ -18,7 +19,8 @@
 //! built with `--profile test`, as `cargo test` builds it, so nothing is built
 //! twice). Cargo does nothing when the binary is up to date, so a test never
 //! runs a stale binary. Set `BRAMBLE_BIN` to use another binary instead (and
-//! skip the build).
+//! skip the build). [`brambled_binary`] does the same for the daemon
+//! (`BRAMBLED_BIN`), both through [`workspace_binary`].
 //!
 //! # What the tests need from outside
 //!
@@ -60,35 +62,48 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// The binary `bin` of workspace package `package`, built (or found up to
+/// date) on first use in this process, as the crate documentation describes
+/// for `bramble`; the environment variable `override_variable`, when set,
+/// names a binary to use instead (and skips the build).
+pub fn workspace_binary(package: &str, bin: &str, override_variable: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_variable) {
+        let path = PathBuf::from(path);
+        assert!(path.is_file(), "{override_variable}={} is not a file", path.display());
+        return path;
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
+    let profile_name = profile_dir.file_name().and_then(OsStr::to_str).expect("profile directory name");
+    // `cargo test` puts test-profile builds in `debug`, bench/release builds in `release`.
+    let profile = match profile_name {
+        "debug" => "test",
+        other => other,
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package, "--bin", bin, "--profile", profile, "--target-dir"])
+        .arg(target_dir)
+        .status()
+        .unwrap_or_else(|e| panic!("running {cargo:?} build for the {bin} binary: {e}"));
+    assert!(status.success(), "cargo build -p {package} --bin {bin} --profile {profile} failed: {status}");
+    let binary = profile_dir.join(format!("{bin}{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.is_file(), "cargo built {bin}, but {} does not exist", binary.display());
+    binary
+}
+
 /// The `bramble` binary, built (or found up to date) on first use. See the crate documentation.
 pub fn bramble_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("BRAMBLE_BIN") {
-            let path = PathBuf::from(path);
-            assert!(path.is_file(), "BRAMBLE_BIN={} is not a file", path.display());
-            return path;
-        }
-        let profile_dir = profile_dir();
-        let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-        let profile_name = profile_dir.file_name().and_then(OsStr::to_str).expect("profile directory name");
-        // `cargo test` puts test-profile builds in `debug`, bench/release builds in `release`.
-        let profile = match profile_name {
-            "debug" => "test",
-            other => other,
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "-p", "bramble-tools", "--bin", "bramble", "--profile", profile, "--target-dir"])
-            .arg(target_dir)
-            .status()
-            .unwrap_or_else(|e| panic!("running {cargo:?} build for the bramble binary: {e}"));
-        assert!(status.success(), "cargo build -p bramble-tools --bin bramble --profile {profile} failed: {status}");
-        let binary = profile_dir.join(format!("bramble{}", std::env::consts::EXE_SUFFIX));
-        assert!(binary.is_file(), "cargo built bramble, but {} does not exist", binary.display());
-        binary
-    })
+    BINARY.get_or_init(|| workspace_binary("bramble-tools", "bramble", "BRAMBLE_BIN"))
+}
+
+/// The `brambled` binary (package `bramble-board`), built (or found up to
+/// date) on first use, as [`bramble_binary`] is; `BRAMBLED_BIN` overrides it.
+pub fn brambled_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| workspace_binary("bramble-board", "brambled", "BRAMBLED_BIN"))
 }
 
 /// Runs `bramble ARGS` and returns what it did, whatever the exit status.

@@ -21,7 +21,6 @@ use bramble_runtime::vocab::TokenizerKind;
 use bramble_tests::*;
 use bramble_tools::synth::SyntheticShape;
 use serde_json::{json, Value};
-use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -31,45 +30,6 @@ use std::time::{Duration, Instant};
 
 /// Longest any single wait may take before the test calls the daemon hung.
 const HANG: Duration = Duration::from_secs(60);
-
-/// The `brambled` binary, built (or found up to date) once per process, as
-/// `bramble_tests::bramble_binary` does for `bramble`. `BRAMBLED_BIN` overrides it.
-fn brambled_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        if let Some(path) = std::env::var_os("BRAMBLED_BIN") {
-            return PathBuf::from(path);
-        }
-        let exe = std::env::current_exe().expect("test executable");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
-        let target_dir = profile_dir.parent().expect("target/<profile> has a parent");
-        let profile = match profile_dir.file_name().and_then(OsStr::to_str).expect("profile directory") {
-            "debug" => "test",
-            other => other,
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(&cargo)
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "bramble-board",
-                "--bin",
-                "brambled",
-                "--profile",
-                profile,
-                "--target-dir",
-            ])
-            .arg(target_dir)
-            .status()
-            .expect("running cargo build for brambled");
-        assert!(status.success(), "cargo build -p bramble-board failed: {status}");
-        let binary = profile_dir.join("brambled");
-        assert!(binary.is_file(), "{} was not built", binary.display());
-        binary
-    })
-}
 
 /// The synthetic model image, converted once per process.
 fn model() -> &'static Path {
@@ -221,6 +181,24 @@ fn read_until_done(reader: &mut BufReader<TcpStream>) -> Vec<Value> {
             return lines;
         }
     }
+}
+
+/// Starting with `flag 0.0.0.0:0` and no token fails at once (exit 2), naming the flag and `auth_token`.
+fn refused_off_loopback_without_a_token(flag: &str) {
+    let output = Command::new(brambled_binary())
+        .args(["--uart", "none", flag, "0.0.0.0:0", "--model"])
+        .arg(model())
+        .env_remove("BRAMBLED_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(flag) && stderr.contains("auth_token"), "{stderr}");
+}
+
+/// A listener bound to 0.0.0.0, reached on loopback.
+fn on_loopback(address: SocketAddr) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], address.port()))
 }
 
 /// One NDJSON request on a fresh connection; the lines up to the done line.
@@ -469,20 +447,10 @@ mod http {
 
     #[test]
     fn a_token_is_required_off_loopback_and_checked_everywhere() {
-        // Without a token, a non-loopback address is refused at startup, naming the key.
-        let output = Command::new(brambled_binary())
-            .args(["--uart", "none", "--http", "0.0.0.0:0", "--model"])
-            .arg(model())
-            .env_remove("BRAMBLED_AUTH_TOKEN")
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(2));
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("--http") && stderr.contains("auth_token"), "{stderr}");
-
+        refused_off_loopback_without_a_token("--http");
         let token = "test-token-0123456789";
         let daemon = Daemon::start_with(&["--http", "0.0.0.0:0"], &[("BRAMBLED_AUTH_TOKEN", token)]);
-        let address: SocketAddr = format!("127.0.0.1:{}", daemon.http().port()).parse().unwrap();
+        let address = on_loopback(daemon.http());
         let request = json!({"prompt": "Hi", "max_tokens": 2});
         assert_eq!(http(address, "POST", "/v1/completions", Some(&request), &[]).status, 401);
         let wrong =
@@ -621,7 +589,7 @@ mod load {
     /// One request, NDJSON or HTTP by `n`'s parity: true if served, false if refused busy; panics on anything else.
     fn one_request(daemon_http: SocketAddr, daemon_ndjson: SocketAddr, n: usize) -> bool {
         let request = json!({"prompt": format!("Request {n}"), "max_tokens": 8, "temperature": 0.8, "seed": n});
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let lines = ndjson(daemon_ndjson, &request);
             let last = lines.last().unwrap();
             match last["error"]["code"].as_u64() {
@@ -868,14 +836,37 @@ mod bad_input {
     }
 }
 
-/// The test's end of a pseudo-terminal: what a person types and sees.
+/// What a terminal talks over: a pty's master end or a TCP connection.
+trait Line: Read + Write + std::os::fd::AsFd {}
+impl Line for std::fs::File {}
+impl Line for TcpStream {}
+
+/// The test's end of a console line (a pseudo-terminal, or the TCP console):
+/// what a person types and sees.
 struct Terminal {
-    master: std::fs::File,
+    master: Box<dyn Line>,
     seen: Vec<u8>,
     mark: usize,
+    /// The far end closed the connection (TCP only; a pty reports errors).
+    closed: bool,
 }
 
 impl Terminal {
+    /// The TCP console at `address`.
+    fn tcp(address: SocketAddr) -> Terminal {
+        Terminal { master: Box::new(connect(address)), seen: Vec::new(), mark: 0, closed: false }
+    }
+
+    /// Waits until the far end closes the connection; returns everything not yet matched.
+    fn expect_closed(&mut self) -> String {
+        let started = Instant::now();
+        while !self.closed {
+            assert!(started.elapsed() < HANG, "the connection stayed open: {:?}", String::from_utf8_lossy(&self.seen));
+            self.read_some();
+        }
+        String::from_utf8_lossy(&self.seen[self.mark..]).into_owned()
+    }
+
     /// A new pty; returns the terminal and the path of its device end.
     ///
     /// The master is opened close-on-exec, atomically. `openpty(3)` returns
@@ -891,7 +882,7 @@ impl Terminal {
         nix::pty::unlockpt(&master).expect("unlockpt");
         let path = PathBuf::from(nix::pty::ptsname_r(&master).expect("ptsname"));
         let master = std::fs::File::from(std::os::fd::OwnedFd::from(master));
-        (Terminal { master, seen: Vec::new(), mark: 0 }, path)
+        (Terminal { master: Box::new(master), seen: Vec::new(), mark: 0, closed: false }, path)
     }
 
     fn type_bytes(&mut self, bytes: &[u8]) {
@@ -900,8 +891,6 @@ impl Terminal {
 
     /// Waits until `needle` appears after what was already matched; returns the text up to it.
     fn expect(&mut self, needle: &str) -> String {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
         let started = Instant::now();
         loop {
             let window = &self.seen[self.mark..];
@@ -915,16 +904,26 @@ impl Terminal {
                 "{needle:?} did not appear; the terminal shows {:?}",
                 String::from_utf8_lossy(&self.seen[self.mark..])
             );
-            let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) > 0 {
-                let mut chunk = [0u8; 4096];
-                match self.master.read(&mut chunk) {
-                    Ok(n) => self.seen.extend_from_slice(&chunk[..n]),
-                    // No one has the device end open yet (or between the
-                    // daemon's reopens): the master reports a hangup at once,
-                    // so wait rather than spin.
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            self.read_some();
+        }
+    }
+
+    /// Reads what arrives within a tenth of a second.
+    fn read_some(&mut self) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) > 0 {
+            let mut chunk = [0u8; 4096];
+            match self.master.read(&mut chunk) {
+                Ok(0) => {
+                    self.closed = true;
+                    std::thread::sleep(Duration::from_millis(20));
                 }
+                Ok(n) => self.seen.extend_from_slice(&chunk[..n]),
+                // No one has the device end open yet (or between the
+                // daemon's reopens): the master reports a hangup at once,
+                // so wait rather than spin.
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
@@ -1018,6 +1017,139 @@ mod console {
         assert!(daemon.log().contains("device gone (end of file)"), "{}", daemon.log());
         terminal.type_bytes(b"/help\r");
         terminal.expect("/reset");
+    }
+}
+
+/// The serial console over TCP (`--console-tcp`), for a board without a UART.
+mod console_tcp {
+    use super::*;
+
+    #[test]
+    fn the_tcp_console_chats_like_the_serial_one() {
+        let daemon = Daemon::start(&["--console-tcp", "127.0.0.1:0"]);
+        let address = daemon.console.expect("a console listener");
+        let mut terminal = Terminal::tcp(address);
+        // No token configured: straight to the banner.
+        let banner = terminal.expect("/help for commands.\r\n> ");
+        assert!(!banner.contains("token"), "{banner:?}");
+        terminal.type_bytes(b"Hellx\x7fo\x15/set max_tokens 3\r");
+        terminal.expect("max_tokens = 3");
+        terminal.type_bytes(b"Hi there\r");
+        wait_for("the reply", &daemon, |h| h["served"] == 1 && h["running"] == false);
+        terminal.type_bytes(b"/stats\r");
+        terminal.expect("conversation: 2 messages");
+        let stats = terminal.expect("> ");
+        let tokens = last_reply_tokens(&stats);
+        assert!((1..=3).contains(&tokens), "{stats:?}");
+        // Each connection is its own console: a second one starts a new conversation.
+        let mut other = Terminal::tcp(address);
+        other.expect("/help for commands.\r\n> ");
+        other.type_bytes(b"/stats\r");
+        other.expect("conversation: 0 messages");
+        // A client that hangs up in the middle of a reply cancels it; the daemon serves on.
+        terminal.type_bytes(b"/set max_tokens 1024\r");
+        terminal.expect("max_tokens = 1024");
+        terminal.type_bytes(b"Tell me a long story\r");
+        wait_for("the long reply running", &daemon, |h| h["running"] == true);
+        drop(terminal);
+        wait_for("the hang-up cancelled the reply", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
+        other.type_bytes(b"/set max_tokens 2\rHello\r/stats\r");
+        other.expect("last reply: ");
+    }
+
+    #[test]
+    fn off_loopback_the_tcp_console_wants_the_token_first_and_hides_it() {
+        refused_off_loopback_without_a_token("--console-tcp");
+        let token = "console-token-0123456789";
+        let daemon = Daemon::start_with(&["--console-tcp", "0.0.0.0:0"], &[("BRAMBLED_AUTH_TOKEN", token)]);
+        let address = on_loopback(daemon.console.expect("a console listener"));
+
+        // A wrong token: an error, and the connection is closed before any console.
+        let mut wrong = Terminal::tcp(address);
+        wrong.expect("token: ");
+        wrong.type_bytes(b"console-token-0123456788\r");
+        wrong.expect("error: wrong token");
+        let rest = wrong.expect_closed();
+        assert!(!rest.contains("brambled:") && !rest.contains("console-token"), "{rest:?}");
+
+        // The right one (typed with an edit): the console, and the token was never echoed.
+        let mut right = Terminal::tcp(address);
+        right.expect("token: ");
+        right.type_bytes(format!("{token}x\x7f\r\n").as_bytes());
+        let shown = right.expect("/help for commands.\r\n> ");
+        assert!(!shown.contains(token), "the token was echoed: {shown:?}");
+        right.type_bytes(b"/set max_tokens 2\rHi\r/stats\r");
+        right.expect("last reply: ");
+    }
+
+    #[test]
+    fn lines_typed_right_after_the_token_are_not_lost() {
+        let token = "console-token-0123456789";
+        let daemon = Daemon::start_with(&["--console-tcp", "0.0.0.0:0"], &[("BRAMBLED_AUTH_TOKEN", token)]);
+        let address = on_loopback(daemon.console.expect("a console listener"));
+        let mut terminal = Terminal::tcp(address);
+        terminal.expect("token: ");
+        // As a script piping into `nc` sends it: the token and the first command in one packet.
+        terminal.type_bytes(format!("{token}\n/set max_tokens 5\n").as_bytes());
+        terminal.expect("max_tokens = 5");
+    }
+}
+
+/// The token count in the console's `/stats` "last reply: N tokens" line.
+fn last_reply_tokens(stats: &str) -> usize {
+    stats
+        .split_once("last reply: ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no \"last reply: N tokens\" in {stats:?}"))
+}
+
+/// The daemon's own check of the no-allocation promise: `brambled` counts
+/// heap allocations on the inference thread during each decode loop and
+/// reports them in `/health` (and the console's `/stats`).
+mod decode_allocations {
+    use super::*;
+
+    #[test]
+    fn no_transport_allocates_in_the_decode_loop() {
+        let daemon = Daemon::start(&["--console-tcp", "127.0.0.1:0"]);
+        let start = health(&daemon);
+        assert_eq!(start["decode_allocations"], json!({"total": 0, "last": null}), "{start}");
+
+        // Every sampling stage, and a stop string that never appears, so the text stream's hold-back runs on every token.
+        let sampling = json!({"max_tokens": 24, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.05,
+                              "repeat_penalty": 1.1, "seed": 3, "stop": ["<<never seen>>"]});
+        let with = |extra: Value| {
+            let mut request = sampling.clone();
+            request.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            request
+        };
+        let chat = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there \u{e9}\u{1f600}"}]);
+        // NDJSON streamed (JSON escaping per piece) and whole (text gathered for one line).
+        let streamed = ndjson(daemon.ndjson(), &with(json!({"prompt": "Hello \"world\"\n"})));
+        assert!(streamed.last().unwrap()["eval_count"].as_u64().unwrap() > 0, "{streamed:?}");
+        ndjson(daemon.ndjson(), &with(json!({"messages": chat, "stream": false})));
+        // HTTP: SSE and whole, completion and chat.
+        for (path, extra) in [
+            ("/v1/completions", json!({"prompt": "Once upon a time", "stream": true})),
+            ("/v1/chat/completions", json!({"messages": chat, "stream": true})),
+            ("/v1/chat/completions", json!({"messages": chat})),
+        ] {
+            let response = http(daemon.http(), "POST", path, Some(&with(extra)), &[]);
+            assert_eq!(response.status, 200, "{path}: {}", response.text());
+        }
+        // The TCP console: the reply is echoed with CR LF and kept for the conversation.
+        let mut terminal = Terminal::tcp(daemon.console.expect("a console listener"));
+        terminal.expect("/help for commands.\r\n> ");
+        terminal.type_bytes(b"/set max_tokens 24\rTell me about the sea\r");
+        wait_for("the console reply", &daemon, |h| h["served"] == 6 && h["running"] == false);
+        terminal.type_bytes(b"/stats\r");
+        let stats = terminal.expect("heap allocations");
+        assert!(stats.contains("last reply's decode loop: 0 heap allocations"), "{stats:?}");
+
+        let after = health(&daemon);
+        assert_eq!(after["served"], 6, "{after}");
+        assert_eq!(after["decode_allocations"], json!({"total": 0, "last": 0}), "{after}");
     }
 }
 

@@ -3,86 +3,34 @@
 //! then the forward pass) and `TextStream::push` of the token's bytes make no
 //! heap allocation, for every weight encoding and for the real model.
 //!
-//! This test binary installs a counting global allocator. It counts only
-//! allocations made on a thread that has switched counting on, so the test
-//! harness and tests running in parallel on other threads do not disturb it.
-//! `Model::new` runs on the calling thread alone, so that is every allocation
-//! of a step. Decoding on a thread pool is checked by `cli.rs`
-//! (`bench --threads 2`), where the binary's allocator counts every thread.
+//! This test binary installs the runtime's counting global allocator
+//! (`bramble_runtime::allocations`, the one `bramble` and `brambled` install)
+//! and reads the calling thread's count, so the test harness and tests
+//! running in parallel on other threads do not disturb it. `Model::new` runs
+//! on the calling thread alone, so that is every allocation of a step.
+//! Decoding on a thread pool is checked by `cli.rs` (`bench --threads 2`),
+//! where the binary's allocator counts every thread.
 
+use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::model::Model;
 use bramble_runtime::sampler::SamplerConfig;
-use bramble_runtime::session::{Session, TextStream};
+use bramble_runtime::session::{Finish, GenerationSink, Session, TextStream};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::ModelImage;
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, QuantTarget};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
+use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-/// The system allocator, counting the allocations of threads that ask for it.
-struct CountingAllocator;
-
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// Whether this thread's allocations are counted (const-initialized: reading it never allocates).
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn counting() -> bool {
-    COUNTING.try_with(Cell::get).unwrap_or(false)
-}
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the only
-// addition is reading a thread-local flag and a relaxed counter increment.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if counting() {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if counting() {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if counting() {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// Runs `f` with this thread's allocations counted; returns its result and the count.
-///
-/// The counter is global, but only this thread adds to it while the flag is
-/// set; another test thread counting at the same time could add too, so the
-/// count is read as a difference and every counting section here is short.
+/// Runs `f` and returns its result and the allocations this thread made in it.
 fn count_allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
-    COUNTING.with(|c| c.set(true));
+    let before = thread_allocations();
     let result = f();
-    COUNTING.with(|c| c.set(false));
-    (result, ALLOCATIONS.load(Ordering::Relaxed) - before)
+    (result, thread_allocations() - before)
 }
 
 /// Decode steps counted (the brief asks for at least 32).
@@ -161,4 +109,57 @@ fn real_model_q4_decode_steps_allocate_nothing() {
     eprintln!("SmolLM2 q4: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
     assert!(streamed > 0, "the real model streamed no text in {STEPS} steps");
     assert_eq!(allocations, 0, "SmolLM2 q4: {STEPS} decode steps allocated {allocations} times");
+}
+
+/// A sink that counts what it is given, without allocating (the daemon's sinks write to a socket the same way).
+#[derive(Default)]
+struct CountingSink {
+    tokens: usize,
+    bytes: usize,
+    /// Allocate a new string for every piece: a sink that breaks the promise.
+    allocate: bool,
+}
+
+impl GenerationSink for CountingSink {
+    fn token(&mut self, _token: u32) {
+        self.tokens += 1;
+    }
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        self.bytes += if self.allocate { std::hint::black_box(piece.to_string()).len() } else { piece.len() };
+        ControlFlow::Continue(())
+    }
+}
+
+#[test]
+fn the_shared_generation_loop_reports_its_decode_allocations_and_they_are_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(synth_cli_shape(64, 2, false, TokenizerKind::ByteLevelBpe), 3);
+    let path = dir.path().join("bpe-q4.bramble");
+    convert(&model, &path, &ConvertOptions::new(QuantTarget::parse("q4").unwrap())).unwrap();
+    let image = ModelImage::open(&path).unwrap();
+    let model = Model::new(&image).unwrap();
+    let tokenizer = Tokenizer::new(image.vocab()).unwrap();
+    let mut session = Session::new(&model, &tokenizer, 128, sampling());
+    let prompt = tokenizer.encode("Hello world, the hat", true, false);
+    let stops = vec!["<<never seen>>".to_string()];
+
+    let mut sink = CountingSink::default();
+    let generated = session.generate(&prompt, STEPS, &stops, &|| false, &mut sink).unwrap();
+    eprintln!("Session::generate: {generated:?}; sink saw {} tokens, {} bytes", sink.tokens, sink.bytes);
+    assert_eq!(generated.tokens, sink.tokens, "every counted token reached the sink");
+    assert!(generated.tokens > 0 && generated.finish != Finish::Cancelled, "{generated:?}");
+    assert_eq!(generated.decode_allocations, 0, "the decode loop allocated: {generated:?}");
+
+    // The count is live: a sink that allocates per piece is caught, from the same loop.
+    session.reset();
+    let mut allocating = CountingSink { allocate: true, ..CountingSink::default() };
+    let generated = session.generate(&prompt, STEPS, &stops, &|| false, &mut allocating).unwrap();
+    assert!(allocating.bytes > 0, "the allocating sink was given text: {generated:?}");
+    assert!(generated.decode_allocations > 0, "an allocating sink went uncounted: {generated:?}");
+
+    // Cancelled before the first token: nothing generated, and the cache holds the prompt only.
+    session.reset();
+    let generated = session.generate(&prompt, STEPS, &stops, &|| true, &mut CountingSink::default()).unwrap();
+    assert_eq!((generated.finish, generated.tokens), (Finish::Cancelled, 0));
+    assert_eq!(session.history().len(), 0, "cancelled before its first prompt batch");
 }

@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use bramble_runtime::model::{Logits, Model};
-use bramble_runtime::session::{Session, TextStream};
+use bramble_runtime::session::{Finish, GenerationSink, Session};
 use bramble_runtime::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// Why a generation ended.
@@ -47,8 +48,28 @@ fn per_second(count: usize, seconds: f64) -> f64 {
     }
 }
 
+/// Collects a generation's tokens and text for [`Generation`] while passing
+/// the text on as it forms.
+struct Collect<'a> {
+    text: String,
+    tokens: Vec<u32>,
+    on_text: &'a mut dyn FnMut(&str),
+}
+
+impl GenerationSink for Collect<'_> {
+    fn token(&mut self, token: u32) {
+        self.tokens.push(token);
+    }
+    fn text(&mut self, piece: &str) -> ControlFlow<()> {
+        self.text.push_str(piece);
+        (self.on_text)(piece);
+        ControlFlow::Continue(())
+    }
+}
+
 /// Feeds `prompt` after the session's history and generates up to
-/// `max_tokens`, passing text to `on_text` as it forms.
+/// `max_tokens`, passing text to `on_text` as it forms (the runtime's
+/// [`Session::generate`] loop, never cancelled).
 pub fn generate(
     session: &mut Session<'_>,
     prompt: &[u32],
@@ -56,47 +77,25 @@ pub fn generate(
     stops: &[String],
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    let tokenizer = session.tokenizer();
-    let started = Instant::now();
-    session.feed(prompt)?;
-    let prefill_seconds = started.elapsed().as_secs_f64();
-
-    let mut text = String::new();
-    let mut tokens = Vec::with_capacity(max_tokens);
-    let mut stream = TextStream::new(stops);
-    let mut stop_reason = StopReason::Length;
-    let decode_started = Instant::now();
-    let mut emit = |piece: &str| {
-        text.push_str(piece);
-        on_text(piece);
+    // Room for every token, so collecting them does not allocate in the loop.
+    let mut collect =
+        Collect { text: String::with_capacity(max_tokens * 8), tokens: Vec::with_capacity(max_tokens), on_text };
+    let generated = session.generate(prompt, max_tokens, stops, &|| false, &mut collect)?;
+    let stop_reason = match generated.finish {
+        Finish::EndOfGeneration => StopReason::Eos,
+        Finish::Stop => StopReason::Stop,
+        Finish::Length => StopReason::Length,
+        Finish::Context => StopReason::Context,
+        // Neither can happen here (nothing cancels, `Collect` never stops), but say so rather than guess.
+        Finish::Cancelled | Finish::SinkStopped => anyhow::bail!("the generation ended early ({:?})", generated.finish),
     };
-    while tokens.len() < max_tokens {
-        if session.remaining() == 0 {
-            stop_reason = StopReason::Context;
-            break;
-        }
-        let token = session.step()?;
-        if tokenizer.is_end_of_generation(token) {
-            stop_reason = StopReason::Eos;
-            break;
-        }
-        tokens.push(token);
-        if stream.push(tokenizer.token_bytes(token), &mut emit) {
-            stop_reason = StopReason::Stop;
-            break;
-        }
-    }
-    stream.finish(&mut emit);
-    let decode_seconds = decode_started.elapsed().as_secs_f64();
-    // Every generated token, and a final end-of-generation token, took one forward pass.
-    let steps = tokens.len() + usize::from(stop_reason == StopReason::Eos);
     Ok(Generation {
-        text,
-        generated_tokens: tokens.len(),
-        tokens,
+        text: collect.text,
+        generated_tokens: collect.tokens.len(),
+        tokens: collect.tokens,
         prompt_tokens: prompt.len(),
-        prefill_tok_s: per_second(prompt.len(), prefill_seconds),
-        decode_tok_s: per_second(steps, decode_seconds),
+        prefill_tok_s: per_second(prompt.len(), generated.prefill.as_secs_f64()),
+        decode_tok_s: per_second(generated.decode_steps(), generated.decode.as_secs_f64()),
         stop_reason,
     })
 }
