@@ -8,7 +8,8 @@
 #      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB;
 #   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
 #      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76),
-#      and checks the emulated `bramble` generates the host's greedy tokens.
+#      checks the emulated `bramble` generates the host's greedy tokens, and
+#      runs the emulated `brambled` end to end (tests/daemon-aarch64.sh).
 #
 #   scripts/test.sh              # everything
 #   scripts/test.sh --host-only  # skip the aarch64 runs
@@ -51,6 +52,10 @@ if ! $host_only; then
     done
     say "the aarch64 binary under qemu generates the host's greedy tokens (real model)"
     tests/emulated-greedy.sh 2>&1 | tee -a "$log"
+    # --- brambled on aarch64: its `N passed, M failed` line counts in the summary below.
+    say "the aarch64 brambled under qemu serves an NDJSON and an HTTP request and exits 0 on SIGTERM"
+    tests/daemon-aarch64.sh 2>&1 | tee -a "$log"
+    # --- end brambled on aarch64
 fi
 say "all tests passed"
 # One closing line over every cargo test run above.
