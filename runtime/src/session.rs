@@ -385,10 +385,19 @@ impl TextStream {
     }
 
     /// Emits whatever is held back (at the end of a generation).
+    /// An incomplete character left at the end becomes U+FFFD, as
+    /// `String::from_utf8_lossy` would make it, but piece by piece: this runs
+    /// inside the decode loop's allocation budget, which is none.
     pub fn finish(&mut self, emit: &mut dyn FnMut(&str)) {
-        if !self.stopped && !self.pending.is_empty() {
-            let text = String::from_utf8_lossy(&self.pending).into_owned();
-            emit(&text);
+        if !self.stopped {
+            for chunk in self.pending.utf8_chunks() {
+                if !chunk.valid().is_empty() {
+                    emit(chunk.valid());
+                }
+                if !chunk.invalid().is_empty() {
+                    emit("\u{FFFD}");
+                }
+            }
         }
         self.pending.clear();
     }
@@ -429,6 +438,13 @@ mod tests {
     #[test]
     fn near_miss_of_a_stop_string_is_emitted() {
         assert_eq!(run(&["\nUser:"], &[b"Hi", b"\nUs", b"ed"]), ("Hi\nUsed".to_string(), false));
+    }
+
+    #[test]
+    fn an_incomplete_character_at_the_end_becomes_one_replacement_character() {
+        let euro = "€".as_bytes();
+        assert_eq!(run(&[], &[b"a", &euro[..2]]), ("a\u{FFFD}".to_string(), false));
+        assert_eq!(run(&["zz"], &[b"z", &euro[..1]]), ("z\u{FFFD}".to_string(), false));
     }
 
     #[test]

@@ -163,3 +163,20 @@ fn the_shared_generation_loop_reports_its_decode_allocations_and_they_are_none()
     assert_eq!((generated.finish, generated.tokens), (Finish::Cancelled, 0));
     assert_eq!(session.history().len(), 0, "cancelled before its first prompt batch");
 }
+
+/// Regression: a generation that ended inside a UTF-8 character (found by
+/// `brambled`'s own count, on the aarch64 end-to-end run) made the stream's
+/// final flush allocate a lossy copy of the held bytes.
+#[test]
+fn finishing_a_stream_on_an_incomplete_character_allocates_nothing() {
+    let euro = "€".as_bytes();
+    let mut stream = TextStream::new(&["<<never seen>>".to_string()]);
+    let mut streamed = 0usize;
+    let ((), allocations) = count_allocations(|| {
+        stream.push(b"a", &mut |piece: &str| streamed += piece.len());
+        stream.push(&euro[..2], &mut |piece: &str| streamed += piece.len());
+        stream.finish(&mut |piece: &str| streamed += piece.len());
+    });
+    assert_eq!(streamed, 1 + '\u{FFFD}'.len_utf8(), "the incomplete character became one U+FFFD");
+    assert_eq!(allocations, 0, "finishing the stream allocated {allocations} times");
+}
