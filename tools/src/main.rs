@@ -676,9 +676,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             continue;
         }
         // Keep the cached prefix the new rendering shares with the history.
-        let shared = session.history().iter().zip(&tokens).take_while(|(a, b)| a == b).count();
-        let shared = shared.min(tokens.len() - 1);
-        session.truncate(shared);
+        let shared = session.reuse_prefix(&tokens);
         let stdout = std::io::stdout();
         let mut on_text = |piece: &str| {
             let mut out = stdout.lock();
