@@ -889,6 +889,13 @@ impl Terminal {
         self.master.write_all(bytes).expect("typing");
     }
 
+    /// Types `line` and Enter, then waits until `shown` appears; returns the text up to it.
+    fn command(&mut self, line: &str, shown: &str) -> String {
+        self.type_bytes(line.as_bytes());
+        self.type_bytes(b"\r");
+        self.expect(shown)
+    }
+
     /// Waits until `needle` appears after what was already matched; returns the text up to it.
     fn expect(&mut self, needle: &str) -> String {
         let started = Instant::now();
@@ -946,33 +953,25 @@ mod console {
         terminal.expect("Hellx\x08 \x08o");
         terminal.type_bytes(b"\x15");
         terminal.expect(&"\x08 \x08".repeat(5));
-        terminal.type_bytes(b"/help\r");
-        terminal.expect("/reset");
-        terminal.type_bytes(b"/set max_tokens 4\r");
-        terminal.expect("max_tokens = 4");
-        terminal.type_bytes(b"/set bogus 1\r");
-        terminal.expect("unknown setting bogus");
-        terminal.type_bytes(b"/launch rockets\r");
-        terminal.expect("unknown command /launch");
+        terminal.command("/help", "/reset");
+        terminal.command("/set max_tokens 4", "max_tokens = 4");
+        terminal.command("/set bogus 1", "unknown setting bogus");
+        terminal.command("/launch rockets", "unknown command /launch");
 
         // A chat turn; the conversation holds it.
         terminal.type_bytes(b"Hello there\r");
         terminal.type_bytes(b"");
         wait_for("the reply", &daemon, |h| h["served"] == 1 && h["running"] == false);
-        terminal.type_bytes(b"/stats\r");
-        terminal.expect("conversation: 2 messages");
+        terminal.command("/stats", "conversation: 2 messages");
 
         // Ctrl-C cancels a long reply.
-        terminal.type_bytes(b"/set max_tokens 1024\r");
-        terminal.expect("max_tokens = 1024");
-        terminal.type_bytes(b"/set temperature 0\r");
-        terminal.expect("temperature = 0");
+        terminal.command("/set max_tokens 1024", "max_tokens = 1024");
+        terminal.command("/set temperature 0", "temperature = 0");
         terminal.type_bytes(b"Tell me a long story\r");
         wait_for("the reply running", &daemon, |h| h["running"] == true);
         terminal.type_bytes(b"\x03");
         terminal.expect("(cancelled)");
-        terminal.type_bytes(b"/reset\r");
-        terminal.expect("(conversation cleared)");
+        terminal.command("/reset", "(conversation cleared)");
 
         // Line noise: invalid UTF-8, a very long line, binary garbage.
         terminal.type_bytes(b"\xff\xfe\r");
@@ -980,8 +979,7 @@ mod console {
         terminal.type_bytes(&[b'a'; 5000]);
         terminal.type_bytes(b"\r");
         terminal.expect("longer than 4096 bytes");
-        terminal.type_bytes(b"/set max_tokens 2\r");
-        terminal.expect("max_tokens = 2");
+        terminal.command("/set max_tokens 2", "max_tokens = 2");
         let mut state = 5u64;
         let noise: Vec<u8> = (0..3000)
             .map(|_| {
@@ -1015,8 +1013,7 @@ mod console {
         terminal.expect("/help for commands.\r\n> ");
         // Noticed by the hangup of the closed line, not only by the re-pointed path.
         assert!(daemon.log().contains("device gone (end of file)"), "{}", daemon.log());
-        terminal.type_bytes(b"/help\r");
-        terminal.expect("/reset");
+        terminal.command("/help", "/reset");
     }
 }
 
@@ -1036,19 +1033,16 @@ mod console_tcp {
         terminal.expect("max_tokens = 3");
         terminal.type_bytes(b"Hi there\r");
         wait_for("the reply", &daemon, |h| h["served"] == 1 && h["running"] == false);
-        terminal.type_bytes(b"/stats\r");
-        terminal.expect("conversation: 2 messages");
+        terminal.command("/stats", "conversation: 2 messages");
         let stats = terminal.expect("> ");
         let tokens = last_reply_tokens(&stats);
         assert!((1..=3).contains(&tokens), "{stats:?}");
         // Each connection is its own console: a second one starts a new conversation.
         let mut other = Terminal::tcp(address);
         other.expect("/help for commands.\r\n> ");
-        other.type_bytes(b"/stats\r");
-        other.expect("conversation: 0 messages");
+        other.command("/stats", "conversation: 0 messages");
         // A client that hangs up in the middle of a reply cancels it; the daemon serves on.
-        terminal.type_bytes(b"/set max_tokens 1024\r");
-        terminal.expect("max_tokens = 1024");
+        terminal.command("/set max_tokens 1024", "max_tokens = 1024");
         terminal.type_bytes(b"Tell me a long story\r");
         wait_for("the long reply running", &daemon, |h| h["running"] == true);
         drop(terminal);
@@ -1067,8 +1061,7 @@ mod console_tcp {
         // A wrong token: an error, and the connection is closed before any console.
         let mut wrong = Terminal::tcp(address);
         wrong.expect("token: ");
-        wrong.type_bytes(b"console-token-0123456788\r");
-        wrong.expect("error: wrong token");
+        wrong.command("console-token-0123456788", "error: wrong token");
         let rest = wrong.expect_closed();
         assert!(!rest.contains("brambled:") && !rest.contains("console-token"), "{rest:?}");
 
