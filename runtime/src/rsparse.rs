@@ -74,7 +74,11 @@ impl SparseModule {
                 self.rank
             ));
         }
-        if !(0.0..1.0).contains(&self.sparsity) || !(0.0..=1.0).contains(&self.alpha) || self.threshold.is_nan() || self.threshold < 0.0 {
+        if !(0.0..1.0).contains(&self.sparsity)
+            || !(0.0..=1.0).contains(&self.alpha)
+            || self.threshold.is_nan()
+            || self.threshold < 0.0
+        {
             return bad(format!("s {} α {} τ {} out of range", self.sparsity, self.alpha, self.threshold));
         }
         if self.scores.iter().any(|c| !c.is_finite() || *c < 0.0) {

@@ -45,6 +45,12 @@ impl<'m> Session<'m> {
     pub fn tokenizer(&self) -> &'m Tokenizer {
         self.tokenizer
     }
+    /// The share of input channels the R-Sparse path sent to its low-rank
+    /// part since the last call (`None` if no sparse module ran).
+    pub fn take_measured_sparsity(&mut self) -> Option<f64> {
+        self.state.take_measured_sparsity()
+    }
+
     /// The model.
     pub fn model(&self) -> &'m Model<'m> {
         self.model

@@ -321,4 +321,41 @@ fn bad_arguments_are_clear_errors() {
     assert!(inspect["rsparse"]["mean_rank"].as_f64().unwrap() > 0.0);
     let text_out = bramble_ok(&["inspect".as_ref(), out]);
     assert!(text_out.contains("rsparse: 14 modules, target 0.5"), "{text_out}");
+
+    // The calibrated image runs sparse by default: bench measures the share of
+    // channels sent to the low-rank part, allocation-free; `--sparsity off` is dense.
+    let bench = |sparsity: &str| {
+        bramble_json(&[
+            "bench".as_ref(),
+            "--model".as_ref(),
+            out,
+            "--prompt-tokens".as_ref(),
+            "8".as_ref(),
+            "--gen-tokens".as_ref(),
+            "16".as_ref(),
+            "--threads".as_ref(),
+            "2".as_ref(),
+            "--sparsity".as_ref(),
+            sparsity.as_ref(),
+            "--json".as_ref(),
+        ])
+    };
+    let sparse = bench("auto");
+    let share = sparse["measured_sparsity"].as_f64().expect("a measured sparsity");
+    assert!((0.2..0.9).contains(&share), "measured sparsity {share} for a 0.5 plan");
+    assert_eq!(sparse["allocations_per_token"].as_f64(), Some(0.0));
+    assert!(bench("off")["measured_sparsity"].is_null());
+    let generated = bramble_ok(&[
+        "generate".as_ref(),
+        "--model".as_ref(),
+        out,
+        "--prompt".as_ref(),
+        "Now is".as_ref(),
+        "--max-tokens".as_ref(),
+        "8".as_ref(),
+        "--temperature".as_ref(),
+        "0".as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert!(first_json_line(&generated)["generated_tokens"].as_u64().is_some_and(|n| n > 0), "{generated}");
 }

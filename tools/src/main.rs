@@ -738,6 +738,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let started = Instant::now();
     session.feed(&prompt)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
+    session.take_measured_sparsity();
     let allocations_before = stats::allocations();
     let decode_started = Instant::now();
     for _ in 0..args.gen_tokens {
@@ -745,6 +746,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     }
     let decode_seconds = decode_started.elapsed().as_secs_f64();
     let allocations = stats::allocations() - allocations_before;
+    let measured_sparsity = session.take_measured_sparsity();
 
     let value = serde_json::json!({
         "model": args.model.model,
@@ -756,6 +758,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "decode_tok_s": args.gen_tokens as f64 / decode_seconds,
         "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
         "weight_bytes_per_token": model.weight_bytes_per_token(),
+        // The share of linear-layer input channels the decode steps sent to
+        // R-Sparse's low-rank part (null: dense). The reference sparse path
+        // still reads every weight, so the bytes above do not drop yet.
+        "measured_sparsity": measured_sparsity,
         "peak_rss_bytes": stats::peak_rss_bytes(),
         "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",
     });
