@@ -237,6 +237,20 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
     }
 }
 
+/// Activations of ±127 and Q8 weights of 127 and −128, for the overflow tests.
+fn extreme_operands(rows: usize, blocks: usize) -> (Vec<BlockQ8Act>, Vec<BlockQ8>) {
+    let x = (0..blocks)
+        .map(|b| {
+            let sign = if b % 3 == 0 { -1 } else { 1 };
+            BlockQ8Act { d: 0.5, s: 0.5 * (127 * sign * GROUP as i32) as f32, qs: [(127 * sign) as i8; GROUP] }
+        })
+        .collect();
+    let q8 = (0..rows * blocks)
+        .map(|i| BlockQ8 { d: f16::from_f32(0.25), qs: [if i % 3 == 0 { -128 } else { 127 }; GROUP] })
+        .collect();
+    (x, q8)
+}
+
 /// The largest products a lane can meet: int8 weights of −128 (which a file
 /// may hold, though the quantizer never writes it) and 15-valued nibbles,
 /// against activations of ±127, so the 16-bit partial sums are at their
@@ -245,15 +259,7 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
 fn quantized_matmuls_do_not_overflow_at_extremes() {
     let (rows, blocks) = (5, 64);
     let cols = blocks * GROUP;
-    let x: Vec<BlockQ8Act> = (0..blocks)
-        .map(|b| {
-            let sign = if b % 3 == 0 { -1 } else { 1 };
-            BlockQ8Act { d: 0.5, s: 0.5 * (127 * sign * GROUP as i32) as f32, qs: [(127 * sign) as i8; GROUP] }
-        })
-        .collect();
-    let q8: Vec<BlockQ8> = (0..rows * blocks)
-        .map(|i| BlockQ8 { d: f16::from_f32(0.25), qs: [if i % 3 == 0 { -128 } else { 127 }; GROUP] })
-        .collect();
+    let (x, q8) = extreme_operands(rows, blocks);
     let q4: Vec<BlockQ4> = (0..rows * blocks)
         .map(|_| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0), qs: [0xFF; GROUP / 2] })
         .collect();
@@ -296,15 +302,7 @@ fn interleaved_matmuls_do_not_overflow_at_extremes() {
     use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
     let (rows, blocks) = (28, 64);
     let cols = blocks * GROUP;
-    let x: Vec<BlockQ8Act> = (0..blocks)
-        .map(|b| {
-            let sign = if b % 3 == 0 { -1 } else { 1 };
-            BlockQ8Act { d: 0.5, s: 0.5 * (127 * sign * GROUP as i32) as f32, qs: [(127 * sign) as i8; GROUP] }
-        })
-        .collect();
-    let q8: Vec<BlockQ8> = (0..rows * blocks)
-        .map(|i| BlockQ8 { d: f16::from_f32(0.25), qs: [if i % 3 == 0 { -128 } else { 127 }; GROUP] })
-        .collect();
+    let (x, q8) = extreme_operands(rows, blocks);
     let q4: Vec<BlockQ4> = (0..rows * blocks)
         .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 5) as f32), qs: [0xFF; GROUP / 2] })
         .collect();
