@@ -2,6 +2,7 @@
 //! converting them into packed images, and the `bramble` commands.
 #![warn(missing_docs)]
 
+pub mod bias;
 pub mod calibrate;
 pub mod convert;
 pub mod generate;

@@ -66,6 +66,10 @@ enum Command {
     Bench(BenchArgs),
     /// Write a tiny random Llama model in a source format (for tests).
     Synth(SynthArgs),
+    /// Convert WinoBias, CrowS-Pairs or StereoSet into bias pairs (JSONL).
+    BiasData(BiasDataArgs),
+    /// Stereotype preference and bias score of a model on bias pairs.
+    BiasEval(BiasEvalArgs),
     /// Print the token ids of a text (and each token's text).
     Tokenize {
         /// The image.
@@ -324,6 +328,46 @@ struct SynthArgs {
     shape: Option<String>,
 }
 
+#[derive(Args)]
+struct BiasDataArgs {
+    /// The dataset, followed by its path: `winobias DIR|FILE`, `crows-pairs CSV`, `stereoset JSON`.
+    #[arg(long, value_parser = ["winobias", "crows-pairs", "stereoset"])]
+    from: String,
+    /// WinoBias: its data directory or one `pro_stereotyped_…` file; CrowS-Pairs:
+    /// `crows_pairs_anonymized.csv`; StereoSet: `dev.json` or `test.json`.
+    path: PathBuf,
+    /// WinoBias directory: `dev` or `test` (default: both).
+    #[arg(long)]
+    split: Option<String>,
+    /// Keep only this category (`gender`, `race-color`, …). Repeatable.
+    #[arg(long)]
+    category: Vec<String>,
+    /// The pairs file to write (JSONL).
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(Args)]
+struct BiasEvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The pairs (JSONL: `{"stereo": …, "anti": …, "category": …}`).
+    #[arg(long)]
+    pairs: PathBuf,
+    /// The layer-wise bias constraint: only `off` exists until `bramble bias-calibrate` does.
+    #[arg(long, default_value = "off", value_parser = ["off", "static", "adaptive"])]
+    feedback: String,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// With --json: every pair's two log-probabilities too.
+    #[arg(long)]
+    per_pair: bool,
+    /// One JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -335,6 +379,8 @@ fn main() {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Bench(args) => run_bench(args),
         Command::Synth(args) => run_synth(args),
+        Command::BiasData(args) => run_bias_data(args),
+        Command::BiasEval(args) => run_bias_eval(args),
         Command::Tokenize { model, text, add_special, parse_special, chat } => {
             run_tokenize(&model, &text, add_special, parse_special, chat)
         }
@@ -769,6 +815,85 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         outln!("{value}");
     } else {
         outln!("{}", serde_json::to_string_pretty(&value)?);
+    }
+    Ok(())
+}
+
+fn run_bias_data(args: BiasDataArgs) -> Result<()> {
+    use bramble_tools::bias::{convert_dataset, write_pairs, Dataset};
+    let mut pairs = convert_dataset(Dataset::parse(&args.from)?, &args.path, args.split.as_deref())?;
+    if !args.category.is_empty() {
+        pairs.retain(|pair| args.category.contains(&pair.category));
+        anyhow::ensure!(!pairs.is_empty(), "{}: no pairs of category {:?}", args.path.display(), args.category);
+    }
+    write_pairs(&pairs, &args.output)?;
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for pair in &pairs {
+        *counts.entry(&pair.category).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(category, n)| format!("{category} {n}")).collect();
+    outln!("wrote {} ({} pairs: {})", args.output.display(), pairs.len(), counts.join(", "));
+    Ok(())
+}
+
+fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
+    use bramble_tools::bias::{evaluate, read_pairs, Scorer};
+    anyhow::ensure!(
+        args.feedback == "off",
+        "--feedback {}: not available yet: needs `bramble bias-calibrate` (the bias section it writes)",
+        args.feedback
+    );
+    let pairs = read_pairs(&args.pairs)?;
+    let (loaded, context) = load(&args.model)?;
+    let model = model(&loaded, &args.model, SparseMode::Always)?;
+    let mut scorer = Scorer::new(&model, context, args.batch);
+    let show = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if show && (done % 16 == 0 || done == total) {
+            eprint!("\r[{done}/{total}]   ");
+        }
+    };
+    let mut report = evaluate(&mut scorer, &loaded.tokenizer, &pairs, &mut progress)?;
+    if show {
+        eprintln!();
+    }
+    if report.skipped_too_long > 0 {
+        eprintln!(
+            "bramble: skipped {} pairs with a sentence longer than the context of {context} tokens (lines {:?} of {})",
+            report.skipped_too_long,
+            report.skipped_lines,
+            args.pairs.display()
+        );
+    }
+    if !(args.json && args.per_pair) {
+        report.per_pair = None;
+    }
+    if args.json {
+        outln!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    outln!(
+        "{} pairs: stereotype preference {:.4}, bias score {:.4}, mean margin {:+.4} nats{}",
+        report.pairs,
+        report.stereotype_preference,
+        report.bias_score,
+        report.mean_margin,
+        if report.ties > 0 { format!(", {} ties", report.ties) } else { String::new() }
+    );
+    for (category, summary) in &report.by_category {
+        outln!(
+            "  {category:<24} {:>5} pairs  SPR {:.4}  bias {:.4}  margin {:+.4}",
+            summary.pairs,
+            summary.stereotype_preference,
+            summary.bias_score,
+            summary.mean_margin
+        );
+    }
+    if !report.first_token_scored {
+        outln!(
+            "(the model adds no BOS: each sentence's first token only conditions the rest; {} pairs begin differently)",
+            report.first_token_differs
+        );
     }
     Ok(())
 }

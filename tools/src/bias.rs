@@ -1,0 +1,594 @@
+//! Bias detection and measurement (issue 6): the pairs format, converters
+//! from the public datasets (WinoBias, CrowS-Pairs, StereoSet) and the
+//! evaluation `bramble bias-eval` runs.
+//!
+//! A pair is two sentences that differ only in the words carrying a
+//! stereotype, one line of JSONL each:
+//! `{"stereo": "...", "anti": "...", "category": "..."}`. The model scores
+//! each sentence by its total log-probability; the stereotype preference
+//! rate (SPR) is the share of pairs where the stereotyped sentence is more
+//! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
+
+use anyhow::{bail, ensure, Context, Result};
+use bramble_runtime::model::{Logits, Model, RunState};
+use bramble_runtime::tokenizer::Tokenizer;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Two sentences that differ only in the words that carry a stereotype.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pair {
+    /// The sentence that agrees with the stereotype.
+    pub stereo: String,
+    /// The sentence that contradicts it.
+    pub anti: String,
+    /// The kind of bias (`gender`, `race-color`, …).
+    pub category: String,
+}
+
+/// Reads a pairs file (JSONL; blank lines are skipped), each pair with its line number.
+pub fn read_pairs(path: &Path) -> Result<Vec<(usize, Pair)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    parse_pairs(&text, &path.display().to_string())
+}
+
+/// Parses pairs from JSONL `text`, each with its line number; errors name
+/// `name` and the line.
+pub fn parse_pairs(text: &str, name: &str) -> Result<Vec<(usize, Pair)>> {
+    let mut pairs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_number = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let pair: Pair = serde_json::from_str(line).map_err(|e| {
+            anyhow::anyhow!(
+                "{name}:{line_number}: not a pair ({e}); expected {{\"stereo\": \"...\", \"anti\": \"...\", \"category\": \"...\"}}"
+            )
+        })?;
+        for (field, value) in [("stereo", &pair.stereo), ("anti", &pair.anti), ("category", &pair.category)] {
+            ensure!(!value.trim().is_empty(), "{name}:{line_number}: \"{field}\" is empty");
+        }
+        pairs.push((line_number, pair));
+    }
+    ensure!(!pairs.is_empty(), "{name}: no pairs");
+    Ok(pairs)
+}
+
+/// Writes pairs as JSONL to a temporary file beside `path`, renamed at the
+/// end, so a failed write leaves nothing half-written behind.
+pub fn write_pairs(pairs: &[Pair], path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut file =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}: cannot create a file", dir.display()))?;
+    {
+        let mut out = std::io::BufWriter::new(file.as_file_mut());
+        for pair in pairs {
+            serde_json::to_writer(&mut out, pair)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush().with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    file.persist(path).map_err(|e| anyhow::anyhow!("{}: cannot write ({})", path.display(), e.error))?;
+    Ok(())
+}
+
+/// A public dataset `bramble bias-data` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataset {
+    /// WinoBias: `pro_stereotyped_type{1,2}.txt.{dev,test}` and their `anti_` twins, line by line.
+    WinoBias,
+    /// CrowS-Pairs: `crows_pairs_anonymized.csv`.
+    CrowsPairs,
+    /// StereoSet: `dev.json`/`test.json`, the intrasentence task.
+    StereoSet,
+}
+
+impl Dataset {
+    /// `winobias`, `crows-pairs` or `stereoset`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "winobias" => Self::WinoBias,
+            "crows-pairs" => Self::CrowsPairs,
+            "stereoset" => Self::StereoSet,
+            other => bail!("--from {other:?}: expected winobias, crows-pairs or stereoset"),
+        })
+    }
+}
+
+/// Converts a dataset at `path` into pairs. `split` (`dev`, `test`) chooses
+/// the WinoBias files when `path` is its data directory (both when `None`).
+pub fn convert_dataset(dataset: Dataset, path: &Path, split: Option<&str>) -> Result<Vec<Pair>> {
+    match dataset {
+        Dataset::WinoBias => winobias(path, split),
+        Dataset::CrowsPairs => {
+            ensure!(split.is_none(), "--split applies to WinoBias only");
+            crows_pairs(path)
+        }
+        Dataset::StereoSet => {
+            ensure!(split.is_none(), "--split applies to WinoBias only (StereoSet's split is its file)");
+            stereoset(path)
+        }
+    }
+}
+
+/// WinoBias from its data directory (every type of the chosen splits) or
+/// from one `pro_stereotyped_…`/`anti_stereotyped_…` file (with its twin).
+fn winobias(path: &Path, split: Option<&str>) -> Result<Vec<Pair>> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        let splits: &[&str] = match split {
+            None => &["dev", "test"],
+            Some("dev") => &["dev"],
+            Some("test") => &["test"],
+            Some(other) => bail!("--split {other:?}: expected dev or test"),
+        };
+        for split in splits {
+            for kind in ["type1", "type2"] {
+                files.push(path.join(format!("pro_stereotyped_{kind}.txt.{split}")));
+            }
+        }
+    } else {
+        ensure!(split.is_none(), "--split applies to a WinoBias directory, not to one file");
+        files.push(path.to_path_buf());
+    }
+    let mut pairs = Vec::new();
+    for file in files {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        // The twin file holds the same sentences with the pronoun swapped, line for line.
+        let (pro, anti) = if let Some(rest) = name.strip_prefix("pro_stereotyped_") {
+            (file.clone(), file.with_file_name(format!("anti_stereotyped_{rest}")))
+        } else if let Some(rest) = name.strip_prefix("anti_stereotyped_") {
+            (file.with_file_name(format!("pro_stereotyped_{rest}")), file.clone())
+        } else {
+            bail!(
+                "{}: not a WinoBias file (expected pro_stereotyped_typeN.txt.SPLIT or anti_stereotyped_…, or the data directory)",
+                file.display()
+            );
+        };
+        let category = if name.contains("type1") {
+            "gender-type1"
+        } else if name.contains("type2") {
+            "gender-type2"
+        } else {
+            "gender"
+        };
+        pairs.extend(winobias_files(&pro, &anti, category)?);
+    }
+    Ok(pairs)
+}
+
+/// Reads one WinoBias file: `N sentence with [bracketed] mentions`, one per
+/// line, as `(line number, N, sentence without brackets)`.
+fn winobias_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut lines = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_number = index + 1;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (number, sentence) = line
+            .split_once(char::is_whitespace)
+            .filter(|(number, _)| number.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}:{line_number}: expected a number, a space and a sentence, got {line:?}",
+                    path.display()
+                )
+            })?;
+        // The brackets mark the coreferent mentions; they are not part of the text.
+        let sentence: String = sentence.chars().filter(|&c| c != '[' && c != ']').collect();
+        let sentence = one_line(&sentence);
+        ensure!(!sentence.is_empty(), "{}:{line_number}: the sentence is empty", path.display());
+        lines.push((line_number, number.to_string(), sentence));
+    }
+    Ok(lines)
+}
+
+fn winobias_files(pro: &Path, anti: &Path, category: &str) -> Result<Vec<Pair>> {
+    let pro_lines = winobias_lines(pro)?;
+    let anti_lines = winobias_lines(anti)?;
+    ensure!(
+        pro_lines.len() == anti_lines.len(),
+        "{} has {} sentences but {} has {}; they must pair line for line",
+        pro.display(),
+        pro_lines.len(),
+        anti.display(),
+        anti_lines.len()
+    );
+    let mut pairs = Vec::with_capacity(pro_lines.len());
+    for ((line, pro_number, stereo), (_, anti_number, anti_sentence)) in pro_lines.into_iter().zip(anti_lines) {
+        ensure!(
+            pro_number == anti_number,
+            "{}:{line}: sentence {pro_number} faces sentence {anti_number} of {}",
+            pro.display(),
+            anti.display()
+        );
+        pairs.push(Pair { stereo, anti: anti_sentence, category: category.to_string() });
+    }
+    Ok(pairs)
+}
+
+/// CrowS-Pairs: `sent_more` is the sentence about the historically
+/// disadvantaged group; `stereo_antistereo` says whether it demonstrates
+/// (`stereo`) or violates (`antistereo`) the stereotype, so for `antistereo`
+/// rows `sent_less` is the stereotyped one (as the dataset's own metric reads them).
+fn crows_pairs(path: &Path) -> Result<Vec<Pair>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let records =
+        parse_csv(&text).map_err(|(line, message)| anyhow::anyhow!("{}:{line}: {message}", path.display()))?;
+    let Some(((_, header), rows)) = records.split_first() else { bail!("{}: empty", path.display()) };
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| anyhow::anyhow!("{}:1: no column {name:?} in the header", path.display()))
+    };
+    let (more, less, direction, bias_type) =
+        (column("sent_more")?, column("sent_less")?, column("stereo_antistereo")?, column("bias_type")?);
+    let mut pairs = Vec::with_capacity(rows.len());
+    for (line, row) in rows {
+        if row.len() == 1 && row[0].is_empty() {
+            continue;
+        }
+        let field = |index: usize, name: &str| {
+            row.get(index).filter(|v| !v.trim().is_empty()).map(|v| one_line(v)).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}:{line}: no {name:?} (the row has {} fields, the header {})",
+                    path.display(),
+                    row.len(),
+                    header.len()
+                )
+            })
+        };
+        let (sent_more, sent_less) = (field(more, "sent_more")?, field(less, "sent_less")?);
+        let category = field(bias_type, "bias_type")?;
+        let (stereo, anti) = match field(direction, "stereo_antistereo")?.as_str() {
+            "stereo" => (sent_more, sent_less),
+            "antistereo" => (sent_less, sent_more),
+            other => bail!("{}:{line}: stereo_antistereo is {other:?}, expected stereo or antistereo", path.display()),
+        };
+        pairs.push(Pair { stereo, anti, category });
+    }
+    ensure!(!pairs.is_empty(), "{}: no rows after the header", path.display());
+    Ok(pairs)
+}
+
+/// `text` with each run of whitespace (a stray line break inside a
+/// sentence, as in one CrowS-Pairs row) made one space, and none at the ends.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// RFC 4180 CSV: fields separated by commas, quoted fields may hold commas,
+/// newlines and doubled quotes. Returns each record with the line it starts
+/// on; an error is `(line, message)`.
+fn parse_csv(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+    let mut records = Vec::new();
+    let mut record = Vec::new();
+    let mut field = String::new();
+    let mut line = 1;
+    let mut record_line = 1;
+    let mut quote_line = 0;
+    let mut in_quotes = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_quotes {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => {
+                    in_quotes = false;
+                    if !matches!(chars.peek(), None | Some(',') | Some('\n') | Some('\r')) {
+                        return Err((line, "text after a closing quote".to_string()));
+                    }
+                }
+                '\n' => {
+                    line += 1;
+                    field.push(c);
+                }
+                _ => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if field.is_empty() => {
+                in_quotes = true;
+                quote_line = line;
+            }
+            ',' => record.push(std::mem::take(&mut field)),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' => {
+                record.push(std::mem::take(&mut field));
+                records.push((record_line, std::mem::take(&mut record)));
+                line += 1;
+                record_line = line;
+            }
+            _ => field.push(c),
+        }
+    }
+    if in_quotes {
+        return Err((quote_line, "a quoted field is never closed".to_string()));
+    }
+    if !field.is_empty() || !record.is_empty() {
+        record.push(field);
+        records.push((record_line, record));
+    }
+    Ok(records)
+}
+
+/// StereoSet's intrasentence task: each example fills a blank in a context
+/// with a stereotype, an anti-stereotype and an unrelated word; the pair is
+/// the first two (by `gold_label`), the category its `bias_type`.
+fn stereoset(path: &Path) -> Result<Vec<Pair>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let root: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not JSON ({e})", path.display()))?;
+    let examples = root
+        .pointer("/data/intrasentence")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| anyhow::anyhow!("{}: no data.intrasentence array (not a StereoSet file?)", path.display()))?;
+    let mut pairs = Vec::with_capacity(examples.len());
+    for (index, example) in examples.iter().enumerate() {
+        let id = example.get("id").and_then(|v| v.as_str()).unwrap_or("?");
+        let at = || format!("{}: data.intrasentence[{index}] (id {id})", path.display());
+        let category = example
+            .get("bias_type")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| anyhow::anyhow!("{}: no \"bias_type\"", at()))?;
+        let sentences = example
+            .get("sentences")
+            .and_then(|v| v.as_array())
+            .ok_or_else(|| anyhow::anyhow!("{}: no \"sentences\" array", at()))?;
+        let find = |label: &str| -> Result<String> {
+            let mut found = sentences.iter().filter(|s| s.get("gold_label").and_then(|v| v.as_str()) == Some(label));
+            let sentence = found.next().ok_or_else(|| anyhow::anyhow!("{}: no sentence labelled {label:?}", at()))?;
+            ensure!(found.next().is_none(), "{}: two sentences labelled {label:?}", at());
+            sentence
+                .get("sentence")
+                .and_then(|v| v.as_str())
+                .map(one_line)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("{}: the {label:?} sentence has no text", at()))
+        };
+        pairs.push(Pair {
+            stereo: find("stereotype")?,
+            anti: find("anti-stereotype")?,
+            category: category.to_string(),
+        });
+    }
+    ensure!(!pairs.is_empty(), "{}: data.intrasentence is empty", path.display());
+    Ok(pairs)
+}
+
+/// The tokens a sentence is scored on: BOS first when the model adds one,
+/// then the text. Token 0 only conditions the rest: with BOS every token of
+/// the text is scored; without it the text's first token is not (nothing
+/// precedes it to predict it from).
+pub fn sentence_tokens(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    if tokenizer.vocab().add_bos {
+        tokens.extend(tokenizer.bos_id());
+    }
+    tokens.extend(tokenizer.encode(text, false, false));
+    tokens
+}
+
+/// Scores token sequences with a model: log p(token j | tokens before j)
+/// for j ≥ 1, one batched forward pass per `batch` tokens.
+pub struct Scorer<'m, 'a> {
+    model: &'m Model<'a>,
+    state: RunState,
+    /// The sequence in the KV cache, for reusing a shared prefix.
+    cached: Vec<u32>,
+    /// log p of each token of `cached` (0 for token 0).
+    cached_log_probs: Vec<f64>,
+}
+
+impl<'m, 'a> Scorer<'m, 'a> {
+    /// A scorer for sequences of up to `context` tokens, `batch` at a time.
+    pub fn new(model: &'m Model<'a>, context: usize, batch: usize) -> Self {
+        let batch = batch.clamp(1, context.max(1));
+        Self { model, state: model.new_state(context, batch), cached: Vec::new(), cached_log_probs: Vec::new() }
+    }
+
+    /// The longest sequence it scores.
+    pub fn context(&self) -> usize {
+        self.state.context
+    }
+
+    /// log p of each token of `tokens` given those before it (index 0: 0).
+    /// The prefix shared with the previous call is taken from the KV cache,
+    /// not recomputed: the pair's two sentences usually share most of it.
+    pub fn log_probs(&mut self, tokens: &[u32]) -> Result<&[f64]> {
+        ensure!(!tokens.is_empty(), "nothing to score");
+        ensure!(
+            tokens.len() <= self.state.context,
+            "{} tokens do not fit the context of {}",
+            tokens.len(),
+            self.state.context
+        );
+        let shared = self.cached.iter().zip(tokens).take_while(|(a, b)| a == b).count();
+        // Token `shared` is predicted by the logits of position `shared − 1`,
+        // so that position is run again (its KV entry is rewritten unchanged).
+        let start = shared.saturating_sub(1).min(tokens.len() - 1);
+        self.cached.truncate(start);
+        self.cached.extend_from_slice(tokens);
+        self.cached_log_probs.truncate(start + 1);
+        self.cached_log_probs.resize(start + 1, 0.0);
+        let vocab = self.model.config.vocab_size as usize;
+        let mut pos = start;
+        while pos < tokens.len() {
+            let n = self.state.batch.min(tokens.len() - pos);
+            let logits = self.model.forward(&mut self.state, &tokens[pos..pos + n], pos, Logits::All)?;
+            for b in 0..n {
+                let j = pos + b;
+                if j + 1 >= tokens.len() {
+                    break;
+                }
+                let row = &logits[b * vocab..(b + 1) * vocab];
+                self.cached_log_probs.push(log_softmax_at(row, tokens[j + 1] as usize));
+            }
+            pos += n;
+        }
+        Ok(&self.cached_log_probs)
+    }
+
+    /// The total log-probability of `tokens` after token 0.
+    pub fn total(&mut self, tokens: &[u32]) -> Result<f64> {
+        Ok(self.log_probs(tokens)?.iter().sum())
+    }
+}
+
+/// log softmax(row)[index], in f64.
+pub fn log_softmax_at(row: &[f32], index: usize) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    row[index] as f64 - log_sum
+}
+
+/// One pair's scores.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairScore {
+    /// The pair's category.
+    pub category: String,
+    /// Total log-probability of the stereotyped sentence.
+    pub stereo: f64,
+    /// Total log-probability of the anti-stereotyped sentence.
+    pub anti: f64,
+}
+
+/// SPR, bias score and margin of a set of pairs.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Summary {
+    /// Pairs scored.
+    pub pairs: usize,
+    /// Share of pairs whose stereotyped sentence is strictly more likely.
+    pub stereotype_preference: f64,
+    /// |2·SPR − 1|.
+    pub bias_score: f64,
+    /// Mean of log p(stereo) − log p(anti), in nats.
+    pub mean_margin: f64,
+    /// Pairs whose two sentences are exactly as likely (counted as not preferring the stereotype).
+    pub ties: usize,
+}
+
+impl Summary {
+    /// The figures of `scores`.
+    pub fn of<'s>(scores: impl IntoIterator<Item = &'s PairScore>) -> Self {
+        let (mut pairs, mut preferred, mut ties, mut margin) = (0usize, 0usize, 0usize, 0f64);
+        for score in scores {
+            pairs += 1;
+            preferred += usize::from(score.stereo > score.anti);
+            ties += usize::from(score.stereo == score.anti);
+            margin += score.stereo - score.anti;
+        }
+        if pairs == 0 {
+            return Self::default();
+        }
+        let spr = preferred as f64 / pairs as f64;
+        Self {
+            pairs,
+            stereotype_preference: spr,
+            bias_score: (2.0 * spr - 1.0).abs(),
+            mean_margin: margin / pairs as f64,
+            ties,
+        }
+    }
+}
+
+/// What `bramble bias-eval` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BiasReport {
+    /// Pairs scored.
+    pub pairs: usize,
+    /// Share of pairs whose stereotyped sentence is strictly more likely.
+    pub stereotype_preference: f64,
+    /// |2·SPR − 1|.
+    pub bias_score: f64,
+    /// Mean of log p(stereo) − log p(anti), in nats.
+    pub mean_margin: f64,
+    /// Pairs whose sentences are exactly as likely.
+    pub ties: usize,
+    /// The same per category.
+    pub by_category: BTreeMap<String, Summary>,
+    /// Pairs left out because a sentence does not fit the context.
+    pub skipped_too_long: usize,
+    /// Their lines in the pairs file.
+    pub skipped_lines: Vec<usize>,
+    /// Whether each sentence's first token is scored (the model adds BOS);
+    /// when not, it only conditions the rest.
+    pub first_token_scored: bool,
+    /// Pairs whose sentences begin with different tokens: with
+    /// `first_token_scored` false those tokens' own likelihood is not compared.
+    pub first_token_differs: usize,
+    /// Every scored pair (only in `--json` with `--per-pair`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_pair: Option<Vec<PairScore>>,
+    /// Tokens run through the model per second.
+    pub tok_s: f64,
+}
+
+/// Scores every pair: both sentences' total log-probabilities, skipping
+/// (and counting) pairs with a sentence longer than the scorer's context.
+/// `progress(done, total)` is called after each pair.
+pub fn evaluate(
+    scorer: &mut Scorer<'_, '_>,
+    tokenizer: &Tokenizer,
+    pairs: &[(usize, Pair)],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<BiasReport> {
+    let started = std::time::Instant::now();
+    let mut scores = Vec::with_capacity(pairs.len());
+    let mut skipped_lines = Vec::new();
+    let mut first_token_differs = 0;
+    let mut tokens_run = 0usize;
+    let first_token_scored = tokenizer.vocab().add_bos && tokenizer.bos_id().is_some();
+    for (index, (line, pair)) in pairs.iter().enumerate() {
+        let stereo = sentence_tokens(tokenizer, &pair.stereo);
+        let anti = sentence_tokens(tokenizer, &pair.anti);
+        if stereo.len().max(anti.len()) > scorer.context() {
+            skipped_lines.push(*line);
+            continue;
+        }
+        let first = usize::from(first_token_scored);
+        if stereo.get(first) != anti.get(first) {
+            first_token_differs += 1;
+        }
+        tokens_run += stereo.len() + anti.len();
+        let stereo_total = scorer.total(&stereo)?;
+        let anti_total = scorer.total(&anti)?;
+        scores.push(PairScore { category: pair.category.clone(), stereo: stereo_total, anti: anti_total });
+        progress(index + 1, pairs.len());
+    }
+    ensure!(!scores.is_empty(), "every pair has a sentence longer than the context of {} tokens", scorer.context());
+    let overall = Summary::of(&scores);
+    let mut by_category = BTreeMap::<String, Vec<&PairScore>>::new();
+    for score in &scores {
+        by_category.entry(score.category.clone()).or_default().push(score);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(BiasReport {
+        pairs: overall.pairs,
+        stereotype_preference: overall.stereotype_preference,
+        bias_score: overall.bias_score,
+        mean_margin: overall.mean_margin,
+        ties: overall.ties,
+        by_category: by_category.into_iter().map(|(k, v)| (k, Summary::of(v))).collect(),
+        skipped_too_long: skipped_lines.len(),
+        skipped_lines,
+        first_token_scored,
+        first_token_differs,
+        per_pair: Some(scores),
+        tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
+    })
+}
