@@ -649,6 +649,9 @@ impl<'a> Model<'a> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::invalid(format!("token id {bad} is not below the vocabulary size {vocab}")));
         }
+        if self.sparse.is_some() && state.sparse.exact.len() < state.batch * dim.max(q_dim).max(ffn) {
+            return Err(Error::invalid("this state was made before the model's R-Sparse plan was set; make a new one"));
+        }
         let s = state;
         let context = s.context;
 

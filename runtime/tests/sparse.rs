@@ -106,6 +106,12 @@ fn plans_that_do_not_fit_the_model_are_refused() {
     plan.modules[0].name = "blk.7.attn_q.weight".into();
     let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
     assert!(error.message().contains("blk.7.attn_q.weight"), "{error}");
+    // A state made before the plan has no scratch for it: an error, not a panic.
+    let mut old_state = model.new_state(16, 4);
+    model.set_sparsity(Some(identity_plan(&model, 0.5)), SparseMode::Always).unwrap();
+    let error = model.forward(&mut old_state, &[1, 3], 0, Logits::Last).err().unwrap();
+    assert!(error.message().contains("make a new one"), "{error}");
+    assert!(model.forward(&mut model.new_state(16, 4), &[1, 3], 0, Logits::Last).is_ok());
     let mut plan = identity_plan(&model, 0.5);
     plan.modules[1].rows += 1;
     let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
