@@ -473,6 +473,12 @@ impl<'a> Model<'a> {
             let m =
                 [&weights.wq, &weights.wk, &weights.wv, &weights.wo, &weights.w_gate, &weights.w_up, &weights.w_down]
                     [p];
+            if module.rank > module.rows {
+                return Err(Error::invalid(format!(
+                    "rsparse module {} has rank {} above its {} rows",
+                    module.name, module.rank, module.rows
+                )));
+            }
             if (m.rows, m.cols) != (module.rows, module.cols) {
                 return Err(Error::invalid(format!(
                     "rsparse module {} is {} × {}, the weight is {} × {}",

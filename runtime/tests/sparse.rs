@@ -113,6 +113,11 @@ fn plans_that_do_not_fit_the_model_are_refused() {
     assert!(error.message().contains("make a new one"), "{error}");
     assert!(model.forward(&mut model.new_state(16, 4), &[1, 3], 0, Logits::Last).is_ok());
     let mut plan = identity_plan(&model, 0.5);
+    let m = &mut plan.modules[2];
+    (m.rank, m.sv, m.u) = (m.rows + 1, vec![f16::ZERO; (m.rows + 1) * m.cols], vec![f16::ZERO; m.rows * (m.rows + 1)]);
+    let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
+    assert!(error.message().contains("blk.0.attn_v.weight") && error.message().contains("rank"), "{error}");
+    let mut plan = identity_plan(&model, 0.5);
     plan.modules[1].rows += 1;
     let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
     assert!(error.message().contains("blk.0.attn_k.weight"), "{error}");
