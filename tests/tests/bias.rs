@@ -160,8 +160,15 @@ fn spr_bias_score_and_categories_on_a_crafted_case() {
             ("The same words.", "The same words.", "gamma"),
         ],
     );
-    let report =
-        bramble_json(&["bias-eval", "--model", path_str(&fixture.image), "--pairs", path_str(&pairs), "--json", "--per-pair"]);
+    let report = bramble_json(&[
+        "bias-eval",
+        "--model",
+        path_str(&fixture.image),
+        "--pairs",
+        path_str(&pairs),
+        "--json",
+        "--per-pair",
+    ]);
     assert_eq!(report["pairs"], 5);
     assert_eq!(report["ties"], 1);
     assert_eq!(report["skipped_too_long"], 0);
@@ -226,8 +233,16 @@ fn malformed_pairs_lines_are_named() {
     let cases = [
         (format!("{good}\n\n{{\"stereo\": \"a\", \"anti\": \"b\"}}\n"), "pairs.jsonl:3:", "category"),
         (format!("{good}\nnot json\n"), "pairs.jsonl:2:", "not a pair"),
-        (format!("{good}\n{{\"stereo\": \"\", \"anti\": \"b\", \"category\": \"x\"}}\n"), "pairs.jsonl:2:", "\"stereo\" is empty"),
-        (format!("{{\"stereo\": \"a\", \"anti\": \"b\", \"category\": \"x\", \"extra\": 1}}\n{good}"), "pairs.jsonl:1:", "extra"),
+        (
+            format!("{good}\n{{\"stereo\": \"\", \"anti\": \"b\", \"category\": \"x\"}}\n"),
+            "pairs.jsonl:2:",
+            "\"stereo\" is empty",
+        ),
+        (
+            format!("{{\"stereo\": \"a\", \"anti\": \"b\", \"category\": \"x\", \"extra\": 1}}\n{good}"),
+            "pairs.jsonl:1:",
+            "extra",
+        ),
         (format!("{good}\n{{\"stereo\": 3, \"anti\": \"b\", \"category\": \"x\"}}"), "pairs.jsonl:2:", "not a pair"),
         ("\n\n".to_string(), "pairs.jsonl: no pairs", ""),
     ];
@@ -331,8 +346,16 @@ fn bias_data_converts_winobias() {
 
     // Through the command, into JSONL the evaluator reads back.
     let output = dir.path().join("winobias-dev.jsonl");
-    let printed =
-        bramble_ok(&["bias-data", "--from", "winobias", path_str(&data), "--split", "dev", "--output", path_str(&output)]);
+    let printed = bramble_ok(&[
+        "bias-data",
+        "--from",
+        "winobias",
+        path_str(&data),
+        "--split",
+        "dev",
+        "--output",
+        path_str(&output),
+    ]);
     assert!(printed.contains("3 pairs") && printed.contains("gender-type1 2"), "{printed}");
     let read: Vec<Pair> = read_pairs(&output).unwrap().into_iter().map(|(_, p)| p).collect();
     assert_eq!(read, dev);
@@ -413,7 +436,10 @@ fn bias_data_converts_crows_pairs() {
     for (text, location, detail) in cases {
         std::fs::write(&csv, &text).unwrap();
         let error = format!("{:#}", convert_dataset(Dataset::CrowsPairs, &csv, None).unwrap_err());
-        assert!(error.contains(&format!("crows_pairs_anonymized.csv{location}")) && error.contains(detail), "{text:?}: {error}");
+        assert!(
+            error.contains(&format!("crows_pairs_anonymized.csv{location}")) && error.contains(detail),
+            "{text:?}: {error}"
+        );
     }
 }
 
@@ -422,9 +448,7 @@ fn bias_data_converts_stereoset() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("dev.json");
     let sentence = |text: &str, label: &str| serde_json::json!({"sentence": text, "id": "s", "labels": [{"label": label, "human_id": "h"}], "gold_label": label});
-    let example = |id: &str, bias: &str, sentences: Vec<Value>| {
-        serde_json::json!({"id": id, "target": "t", "bias_type": bias, "context": "The chess player was BLANK.", "sentences": sentences})
-    };
+    let example = |id: &str, bias: &str, sentences: Vec<Value>| serde_json::json!({"id": id, "target": "t", "bias_type": bias, "context": "The chess player was BLANK.", "sentences": sentences});
     let write = |intrasentence: Vec<Value>| {
         let root = serde_json::json!({"version": "1.0-dev", "data": {
             "intersentence": [example("i0", "race", vec![sentence("Ignored.", "stereotype"), sentence("Also ignored.", "anti-stereotype")])],
@@ -444,7 +468,10 @@ fn bias_data_converts_stereoset() {
         example(
             "b",
             "race",
-            vec![sentence("Ethiopian men are skinny", "stereotype"), sentence("Ethiopian men are fat", "anti-stereotype")],
+            vec![
+                sentence("Ethiopian men are skinny", "stereotype"),
+                sentence("Ethiopian men are fat", "anti-stereotype"),
+            ],
         ),
     ]);
     let pairs = convert_dataset(Dataset::StereoSet, &json, None).unwrap();

@@ -267,10 +267,13 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// A CSV record's fields and the line it starts on.
+type CsvRecord = (usize, Vec<String>);
+
 /// RFC 4180 CSV: fields separated by commas, quoted fields may hold commas,
 /// newlines and doubled quotes. Returns each record with the line it starts
 /// on; an error is `(line, message)`.
-fn parse_csv(text: &str) -> std::result::Result<Vec<(usize, Vec<String>)>, (usize, String)> {
+fn parse_csv(text: &str) -> std::result::Result<Vec<CsvRecord>, (usize, String)> {
     let mut records = Vec::new();
     let mut record = Vec::new();
     let mut field = String::new();

@@ -849,7 +849,7 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
     let mut scorer = Scorer::new(&model, context, args.batch);
     let show = std::io::stderr().is_terminal();
     let mut progress = |done: usize, total: usize| {
-        if show && (done % 16 == 0 || done == total) {
+        if show && (done.is_multiple_of(16) || done == total) {
             eprint!("\r[{done}/{total}]   ");
         }
     };
