@@ -6,6 +6,7 @@ pub mod bias;
 pub mod calibrate;
 pub mod convert;
 pub mod generate;
+pub mod profiles;
 pub mod source;
 pub mod stats;
 pub mod synth;
