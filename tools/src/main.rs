@@ -70,6 +70,8 @@ enum Command {
     BiasData(BiasDataArgs),
     /// Stereotype preference and bias score of a model on bias pairs.
     BiasEval(BiasEvalArgs),
+    /// Install brambled, a model and its config into a mounted Raspberry Pi OS SD card.
+    Flash(bramble_tools::flash::FlashArgs),
     /// Print the token ids of a text (and each token's text).
     Tokenize {
         /// The image.
@@ -381,6 +383,7 @@ fn main() {
         Command::Synth(args) => run_synth(args),
         Command::BiasData(args) => run_bias_data(args),
         Command::BiasEval(args) => run_bias_eval(args),
+        Command::Flash(args) => bramble_tools::flash::run(args),
         Command::Tokenize { model, text, add_special, parse_special, chat } => {
             run_tokenize(&model, &text, add_special, parse_special, chat)
         }
