@@ -46,6 +46,8 @@ impl Matrix<'_> {
             TensorView::Q8X4(_) => Encoding::Q8X4,
             TensorView::Q4X4(_) => Encoding::Q4X4,
             TensorView::Q4SX4(_) => Encoding::Q4SX4,
+            TensorView::Q8C(_) => Encoding::Q8C,
+            TensorView::Q4C(_) => Encoding::Q4C,
         }
     }
 
@@ -72,6 +74,7 @@ impl Matrix<'_> {
             TensorView::Q4SX4(blocks) => {
                 for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4s(&[b], o))
             }
+            TensorView::Q8C(bytes) | TensorView::Q4C(bytes) => channel_major_row(self, bytes, row, out),
         }
     }
 
@@ -89,6 +92,14 @@ impl Matrix<'_> {
         scratch: &mut [f32],
     ) {
         let batch = x.len() / self.cols;
+        if self.encoding().is_channel_major() {
+            // One token at a time, every channel, straight into its outputs.
+            let blocks = self.cols / GROUP;
+            for (token, out) in xq.chunks_exact(blocks).zip(out.chunks_exact_mut(self.rows)).take(batch) {
+                self.matmul_channels(kernels, pool, token, None, out);
+            }
+            return;
+        }
         let by_row: &mut [f32] = if batch == 1 { &mut out[..self.rows] } else { &mut scratch[..self.rows * batch] };
         let threads = pool.threads();
         // Each thread's rows and its piece of the output, handed over through a
@@ -123,6 +134,7 @@ impl Matrix<'_> {
                 TensorView::Q8X4(w) => (kernels.matmul_q8x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q4X4(w) => (kernels.matmul_q4x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q4SX4(w) => (kernels.matmul_q4sx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
             }
         });
         if batch > 1 {
@@ -131,6 +143,81 @@ impl Matrix<'_> {
                     out[b * self.rows + r] = v;
                 }
             }
+        }
+    }
+}
+
+impl Matrix<'_> {
+    /// `out = W · x` for one activation `x` of a channel-major matrix, over
+    /// the input channels `mask` marks (bit `j` of `mask[b]`: channel
+    /// `32b + j`; `None`: all), whose others must be zero in `x`. The rows
+    /// are split across the pool's threads in whole tiles.
+    pub fn matmul_channels(
+        &self,
+        kernels: &Kernels,
+        pool: &ThreadPool,
+        x: &[BlockQ8Act],
+        mask: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        let (kernel, weights) = match self.data {
+            TensorView::Q8C(w) => (kernels.matmul_q8c, w),
+            TensorView::Q4C(w) => (kernels.matmul_q4c, w),
+            _ => panic!("matmul_channels on a {} matrix", self.encoding().name()),
+        };
+        let threads = pool.threads();
+        let mut rest = &mut out[..self.rows];
+        type Slot<'o> = Mutex<Option<(Range<usize>, &'o mut [f32])>>;
+        let parts: [Slot; MAX_THREADS] = std::array::from_fn(|i| {
+            if i >= threads {
+                return Mutex::new(None);
+            }
+            let rows = split_range(self.rows, threads, quant::CHANNEL_TILE, i);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows.len());
+            rest = tail;
+            Mutex::new(Some((rows, mine)))
+        });
+        pool.run(&|i| {
+            let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let Some((rows, out)) = slot.as_mut() else { return };
+            if rows.start < rows.end {
+                kernel(weights, self.rows, self.cols, rows.clone(), x, mask, out);
+            }
+        });
+    }
+
+    /// Bytes a channel-major product over `mask` reads: the scales (and
+    /// minimums) of every column block with an active channel, and the
+    /// active channels' columns.
+    pub fn channel_bytes(&self, mask: &[u32]) -> usize {
+        let encoding = self.encoding();
+        let at = quant::ChannelBlock::new(encoding, self.rows, 0);
+        let scales = at.columns;
+        mask[..self.cols / GROUP]
+            .iter()
+            .filter(|&&bits| bits != 0)
+            .map(|bits| scales + bits.count_ones() as usize * at.column_bytes)
+            .sum()
+    }
+}
+
+/// Row `row` of a channel-major matrix, dequantized.
+fn channel_major_row(m: &Matrix, bytes: &[u8], row: usize, out: &mut [f32]) {
+    let encoding = m.encoding();
+    let f16_at = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    for (b, values) in out[..m.cols].chunks_exact_mut(GROUP).enumerate() {
+        let at = quant::ChannelBlock::new(encoding, m.rows, b);
+        let d = f16_at(at.scales + 2 * row);
+        for (j, v) in values.iter_mut().enumerate() {
+            let column = at.columns + j * at.column_bytes;
+            *v = match encoding {
+                Encoding::Q8C => d * bytes[column + row] as i8 as f32,
+                _ => {
+                    let byte = bytes[column + row / quant::CHANNEL_TILE * 16 + row % 16];
+                    let stored = if row % quant::CHANNEL_TILE >= 16 { byte as i8 >> 4 } else { (byte << 4) as i8 >> 4 };
+                    d * (stored as i32 + 8) as f32 + f16_at(at.mins + 2 * row)
+                }
+            };
         }
     }
 }
@@ -230,8 +317,11 @@ struct SparseScratch {
     low: Vec<f32>,            // SVᵀ · rest, then transposed (rank, batch) / (batch, rank)
     low_t: Vec<f32>,          // (batch, rank)
     correction: Vec<f32>,     // U · low, rows outermost (rows, batch)
+    mask: Vec<u32>,           // m, a bit a channel (batch, widest / 32)
     masked: u64,              // channels sent to the low-rank path since the last reset
     channels: u64,            // channels seen by sparse modules since the last reset
+    bytes_read: u64,          // weight bytes the sparse modules read since the last reset
+    dense_bytes: u64,         // what the same modules read dense
 }
 
 /// Every scratch buffer of the forward pass and the KV cache, for up to
@@ -308,8 +398,11 @@ impl RunState {
             low: vec![0.0; batch * widest],
             low_t: vec![0.0; batch * widest],
             correction: vec![0.0; batch * widest],
+            mask: vec![0; batch * widest / GROUP],
             masked: 0,
             channels: 0,
+            bytes_read: 0,
+            dense_bytes: 0,
         };
         state
     }
@@ -321,6 +414,15 @@ impl RunState {
         let share = (s.channels > 0).then(|| s.masked as f64 / s.channels as f64);
         (s.masked, s.channels) = (0, 0);
         share
+    }
+
+    /// Weight bytes the R-Sparse modules read since the last call, and what
+    /// the same products read dense; resets both.
+    pub fn take_sparse_bytes(&mut self) -> (u64, u64) {
+        let s = &mut self.sparse;
+        let taken = (s.bytes_read, s.dense_bytes);
+        (s.bytes_read, s.dense_bytes) = (0, 0);
+        taken
     }
 
     /// The logits of the last [`Model::forward`] (the first `vocab` values are the last token's
@@ -552,9 +654,10 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// The R-Sparse product of [`Model::linear`]. The exact part runs the
-    /// dense kernels on `x ⊙ m` (skipped channels are zero, so the result is
-    /// `W (x ⊙ m)`); the low-rank part is two f16 products.
+    /// The R-Sparse product of [`Model::linear`]. The exact part reads only
+    /// the active channels' columns of a channel-major matrix (any other
+    /// encoding runs its dense kernels on `x ⊙ m`: the same result, every
+    /// weight read); the low-rank part is two f16 products.
     fn sparse_linear(
         &self,
         module: &SparseModule,
@@ -567,22 +670,43 @@ impl<'a> Model<'a> {
         let k = self.kernels;
         let (rows, cols, rank) = (w.rows, w.cols, module.rank);
         let n = x.len() / cols;
-        // The split: m_i = |x_i · c_i| > τ.
+        let blocks = cols / GROUP;
+        // The split: m_i = |x_i · c_i| > τ, as values and as mask bits.
         let (exact, rest) = (&mut s.exact[..n * cols], &mut s.rest[..n * cols]);
+        let mask = &mut s.mask[..n * blocks];
         let mut masked = 0;
-        for (token, (e, r)) in x.chunks_exact(cols).zip(exact.chunks_exact_mut(cols).zip(rest.chunks_exact_mut(cols))) {
-            for (((&v, &c), e), r) in token.iter().zip(&module.scores).zip(e.iter_mut()).zip(r.iter_mut()) {
-                let keep = (v * c).abs() > module.threshold;
-                (*e, *r) = if keep { (v, 0.0) } else { (0.0, v) };
-                masked += !keep as u64;
+        let token_values = x.chunks_exact(cols).zip(exact.chunks_exact_mut(cols).zip(rest.chunks_exact_mut(cols)));
+        for ((token, (e, r)), bits) in token_values.zip(mask.chunks_exact_mut(blocks)) {
+            for (b, bits) in bits.iter_mut().enumerate() {
+                *bits = 0;
+                for j in 0..GROUP {
+                    let i = b * GROUP + j;
+                    let v = token[i];
+                    let keep = (v * module.scores[i]).abs() > module.threshold;
+                    (e[i], r[i]) = if keep { (v, 0.0) } else { (0.0, v) };
+                    *bits |= (keep as u32) << j;
+                    masked += !keep as u64;
+                }
             }
         }
         s.masked += masked;
         s.channels += (n * cols) as u64;
+        let low_rank_bytes = 2 * rank * (rows + cols);
+        s.dense_bytes += (n * w.bytes()) as u64;
         // Exact channels through the weights.
-        let exact_q = &mut s.exact_q[..n * cols / GROUP];
+        let exact_q = &mut s.exact_q[..n * blocks];
         (k.quantize_activation)(exact, exact_q);
-        w.matmul(k, &self.pool, exact, exact_q, out, scratch);
+        if w.encoding().is_channel_major() {
+            for ((token, bits), out) in
+                exact_q.chunks_exact(blocks).zip(mask.chunks_exact(blocks)).zip(out.chunks_exact_mut(rows))
+            {
+                w.matmul_channels(k, &self.pool, token, Some(bits), out);
+                s.bytes_read += (w.channel_bytes(bits) + low_rank_bytes) as u64;
+            }
+        } else {
+            w.matmul(k, &self.pool, exact, exact_q, out, scratch);
+            s.bytes_read += (n * (w.bytes() + low_rank_bytes)) as u64;
+        }
         if rank == 0 {
             return;
         }

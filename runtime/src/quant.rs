@@ -33,11 +33,16 @@ pub enum Encoding {
     Q4X4,
     /// [`Encoding::Q4S`], four rows interleaved ([`BlockQ4Sx4`]).
     Q4SX4,
+    /// [`Encoding::Q8`] blocks stored channel-major for the R-Sparse kernels
+    /// ([`to_channel_major`]): each input channel's values contiguous.
+    Q8C,
+    /// [`Encoding::Q4`] blocks stored channel-major ([`to_channel_major`]).
+    Q4C,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 8] = [
+    pub const ALL: [Encoding; 10] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -46,6 +51,8 @@ impl Encoding {
         Encoding::Q8X4,
         Encoding::Q4X4,
         Encoding::Q4SX4,
+        Encoding::Q8C,
+        Encoding::Q4C,
     ];
 
     /// The id stored in the tensor index.
@@ -59,6 +66,8 @@ impl Encoding {
             Encoding::Q8X4 => 5,
             Encoding::Q4X4 => 6,
             Encoding::Q4SX4 => 7,
+            Encoding::Q8C => 8,
+            Encoding::Q4C => 9,
         }
     }
     /// The encoding of a tensor-index id.
@@ -76,6 +85,8 @@ impl Encoding {
             Encoding::Q8X4 => "q8x4",
             Encoding::Q4X4 => "q4x4",
             Encoding::Q4SX4 => "q4sx4",
+            Encoding::Q8C => "q8c",
+            Encoding::Q4C => "q4c",
         }
     }
     /// The encoding a CLI name stands for.
@@ -93,13 +104,36 @@ impl Encoding {
             _ => 1,
         }
     }
+    /// Whether each input channel's values are stored contiguously ([`to_channel_major`]).
+    pub fn is_channel_major(self) -> bool {
+        matches!(self, Encoding::Q8C | Encoding::Q4C)
+    }
+    /// The row count of a matrix in this encoding must be a multiple of
+    /// this: [`INTERLEAVE`] for the interleaved encodings, [`CHANNEL_TILE`]
+    /// for the channel-major ones, else 1.
+    pub fn row_multiple(self) -> usize {
+        if self.is_channel_major() {
+            CHANNEL_TILE
+        } else {
+            self.rows_interleaved()
+        }
+    }
     /// The row-major encoding of the same blocks (itself if it is one).
     pub fn row_major(self) -> Encoding {
         match self {
-            Encoding::Q8X4 => Encoding::Q8,
-            Encoding::Q4X4 => Encoding::Q4,
+            Encoding::Q8X4 | Encoding::Q8C => Encoding::Q8,
+            Encoding::Q4X4 | Encoding::Q4C => Encoding::Q4,
             Encoding::Q4SX4 => Encoding::Q4S,
             other => other,
+        }
+    }
+    /// The channel-major form of these blocks, if there is one (Q8 and Q4,
+    /// in either row order).
+    pub fn channel_major(self) -> Option<Encoding> {
+        match self.row_major() {
+            Encoding::Q8 => Some(Encoding::Q8C),
+            Encoding::Q4 => Some(Encoding::Q4C),
+            _ => None,
         }
     }
     /// The interleaved form of a row-major quantized encoding.
@@ -120,7 +154,9 @@ impl Encoding {
             Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
             Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
             // The same bytes as the row-major blocks, rearranged.
-            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 => self.row_major().bytes_for(n),
+            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 | Encoding::Q8C | Encoding::Q4C => {
+                self.row_major().bytes_for(n)
+            }
         }
     }
 }
@@ -455,12 +491,125 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
 
 /// Expands a tensor of any encoding to f32, rows of `cols` values.
 pub fn dequantize_rows(encoding: Encoding, bytes: &[u8], cols: usize, out: &mut [f32]) {
-    if encoding.rows_interleaved() == 1 {
+    if encoding.row_major() == encoding {
         return dequantize_from(encoding, bytes, out);
     }
     let mut row_major = vec![0u8; bytes.len()];
-    deinterleave_bytes(encoding, bytes, cols, &mut row_major);
+    if encoding.is_channel_major() {
+        from_channel_major(encoding, bytes, cols, &mut row_major);
+    } else {
+        deinterleave_bytes(encoding, bytes, cols, &mut row_major);
+    }
     dequantize_from(encoding.row_major(), &row_major, out)
+}
+
+/// Rows of a channel-major matrix come in tiles of this many; a column's
+/// values for one tile are 32 bytes (Q8) or 16 bytes (Q4).
+pub const CHANNEL_TILE: usize = 32;
+
+/// Byte offsets inside column block `b` of a channel-major matrix of `rows`
+/// rows: where the block starts, where its scales start and its minimums
+/// (Q4 only), and where column `j`'s values start (`+ j·column_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelBlock {
+    /// Start of the block's scales: `rows` f16 values, row order.
+    pub scales: usize,
+    /// Start of the block's minimums (Q4C): `rows` f16 values.
+    pub mins: usize,
+    /// Start of the block's first column.
+    pub columns: usize,
+    /// Bytes of one column: `rows` (Q8C) or `rows / 2` (Q4C).
+    pub column_bytes: usize,
+}
+
+impl ChannelBlock {
+    /// The offsets of column block `b` in a `rows`-row matrix of `encoding` (Q8C or Q4C).
+    #[inline(always)]
+    pub fn new(encoding: Encoding, rows: usize, b: usize) -> Self {
+        let per_row = encoding.bytes_for(GROUP);
+        let start = b * rows * per_row;
+        match encoding {
+            Encoding::Q8C => Self { scales: start, mins: start, columns: start + 2 * rows, column_bytes: rows },
+            _ => Self { scales: start, mins: start + 2 * rows, columns: start + 4 * rows, column_bytes: rows / 2 },
+        }
+    }
+}
+
+/// Rearranges a row-major Q8 or Q4 matrix (`rows × cols`, `rows` a
+/// multiple of [`CHANNEL_TILE`]) into `encoding`, its channel-major form,
+/// for the R-Sparse kernels, which read only the columns of active input
+/// channels. Lossless: the same scales and values, moved. Per column block
+/// `b` (input channels `32b .. 32b+32`), in order:
+/// - the `rows` scales (f16), then for Q4C the `rows` minimums (f16);
+/// - the 32 columns, each the block's values of one channel for every row:
+///   - Q8C: one int8 per row;
+///   - Q4C: per tile of 32 rows, 16 bytes; byte `k` holds row `k` in its low
+///     nibble and row `k + 16` in its high nibble, each stored as `n ^ 8`,
+///     i.e. `n − 8` in two's complement (the kernels sign-extend it and add
+///     `8·Σq` back, which keeps 32 products inside 16 bits).
+pub fn to_channel_major(encoding: Encoding, row_major: &[u8], cols: usize, out: &mut [u8]) {
+    let rows = row_major.len() / encoding.bytes_for(cols);
+    assert!(encoding.is_channel_major() && rows.is_multiple_of(CHANNEL_TILE) && out.len() == row_major.len());
+    out.fill(0);
+    channel_major_moves(encoding, rows, cols, |step| match step {
+        Move::Bytes(row_major_at, channel_at) => out[channel_at].copy_from_slice(&row_major[row_major_at]),
+        Move::Nibble((byte, high), (slot, slot_high)) => {
+            let n = (row_major[byte] >> (4 * high as u32)) & 0xF;
+            out[slot] |= (n ^ 8) << (4 * slot_high as u32);
+        }
+    });
+}
+
+/// The inverse of [`to_channel_major`]: `channel_major` in `encoding`, `out` row-major.
+pub fn from_channel_major(encoding: Encoding, channel_major: &[u8], cols: usize, out: &mut [u8]) {
+    let rows = channel_major.len() / encoding.bytes_for(cols);
+    assert!(encoding.is_channel_major() && rows.is_multiple_of(CHANNEL_TILE) && out.len() == channel_major.len());
+    out.fill(0);
+    channel_major_moves(encoding, rows, cols, |step| match step {
+        Move::Bytes(row_major_at, channel_at) => out[row_major_at].copy_from_slice(&channel_major[channel_at]),
+        Move::Nibble((byte, high), (slot, slot_high)) => {
+            let n = ((channel_major[slot] >> (4 * slot_high as u32)) & 0xF) ^ 8;
+            out[byte] |= n << (4 * high as u32);
+        }
+    });
+}
+
+/// One correspondence between row-major and channel-major bytes.
+enum Move {
+    /// Whole bytes: (row-major range, channel-major range).
+    Bytes(std::ops::Range<usize>, std::ops::Range<usize>),
+    /// A Q4 nibble: (row-major byte, high nibble?), (channel-major byte, high nibble?).
+    Nibble((usize, bool), (usize, bool)),
+}
+
+/// Every [`Move`] of a `rows × cols` matrix between the two orders.
+fn channel_major_moves(encoding: Encoding, rows: usize, cols: usize, mut each: impl FnMut(Move)) {
+    let blocks = cols / GROUP;
+    let block_bytes = encoding.bytes_for(GROUP);
+    for b in 0..blocks {
+        let at = ChannelBlock::new(encoding, rows, b);
+        for r in 0..rows {
+            let row_block = (r * blocks + b) * block_bytes;
+            each(Move::Bytes(row_block..row_block + 2, at.scales + 2 * r..at.scales + 2 * r + 2));
+            match encoding {
+                Encoding::Q8C => {
+                    for j in 0..GROUP {
+                        let slot = at.columns + j * at.column_bytes + r;
+                        each(Move::Bytes(row_block + 2 + j..row_block + 3 + j, slot..slot + 1));
+                    }
+                }
+                _ => {
+                    each(Move::Bytes(row_block + 2..row_block + 4, at.mins + 2 * r..at.mins + 2 * r + 2));
+                    let (tile, k) = (r / CHANNEL_TILE, r % CHANNEL_TILE);
+                    for j in 0..GROUP {
+                        let source = (row_block + 4 + j % 16, j >= 16);
+                        let slot = at.columns + j * at.column_bytes + tile * 16 + k % 16;
+                        each(Move::Nibble(source, (slot, k >= 16)));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Views a byte buffer as blocks. Blocks are 2-byte aligned; the byte buffers
@@ -529,6 +678,45 @@ mod tests {
             dequantize_from(base, &row_major, &mut a);
             dequantize_rows(encoding, &mixed, cols, &mut b);
             assert_eq!(a, b, "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn channel_major_is_a_lossless_rearrangement() {
+        let (rows, cols) = (2 * CHANNEL_TILE, 3 * GROUP);
+        let x: Vec<f32> = ramp(rows * cols).iter().enumerate().map(|(i, v)| v * (1.0 + (i % 7) as f32)).collect();
+        for encoding in [Encoding::Q8C, Encoding::Q4C] {
+            let base = encoding.row_major();
+            let mut row_major = vec![0u8; base.bytes_for(x.len())];
+            quantize_into(base, &x, &mut row_major);
+            let mut columns = vec![0u8; encoding.bytes_for(x.len())];
+            to_channel_major(encoding, &row_major, cols, &mut columns);
+            assert_ne!(columns, row_major, "{encoding:?}: moved nothing");
+            let mut back = vec![0u8; columns.len()];
+            from_channel_major(encoding, &columns, cols, &mut back);
+            assert_eq!(back, row_major, "{encoding:?}");
+            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            dequantize_from(base, &row_major, &mut a);
+            dequantize_rows(encoding, &columns, cols, &mut b);
+            assert_eq!(a, b, "{encoding:?}");
+            // Column 33 (block 1, channel 1) holds every row's value of that channel.
+            let at = ChannelBlock::new(encoding, rows, 1);
+            for r in 0..rows {
+                let stored = match encoding {
+                    Encoding::Q8C => columns[at.columns + at.column_bytes + r] as i8 as f32,
+                    _ => {
+                        let byte = columns[at.columns + at.column_bytes + r / 32 * 16 + r % 16];
+                        let nibble = (byte >> if r % 32 >= 16 { 4 } else { 0 }) & 0xF;
+                        (((nibble as i8) << 4) >> 4) as f32 + 8.0
+                    }
+                };
+                let scale = half::f16::from_le_bytes([columns[at.scales + 2 * r], columns[at.scales + 2 * r + 1]]);
+                let min = match encoding {
+                    Encoding::Q8C => 0.0,
+                    _ => half::f16::from_le_bytes([columns[at.mins + 2 * r], columns[at.mins + 2 * r + 1]]).to_f32(),
+                };
+                assert_eq!(scale.to_f32() * stored + min, a[r * cols + 33], "{encoding:?} row {r}");
+            }
         }
     }
 

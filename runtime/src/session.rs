@@ -50,6 +50,11 @@ impl<'m> Session<'m> {
     pub fn take_measured_sparsity(&mut self) -> Option<f64> {
         self.state.take_measured_sparsity()
     }
+    /// Weight bytes the R-Sparse modules read since the last call, and what
+    /// they would have read dense ([`RunState::take_sparse_bytes`]).
+    pub fn take_sparse_bytes(&mut self) -> (u64, u64) {
+        self.state.take_sparse_bytes()
+    }
 
     /// The model.
     pub fn model(&self) -> &'m Model<'m> {

@@ -257,3 +257,17 @@ fn structural_mutations_behind_valid_checksums_never_panic() {
     }
     assert!(refused > 1000, "only {refused} of the mutants were refused ({opened} opened)");
 }
+
+#[test]
+fn channel_major_tensors_need_whole_tiles_of_rows() {
+    use bramble_runtime::quant::Encoding;
+    let dir = tempfile::tempdir().unwrap();
+    // 48 rows are not whole tiles of 32.
+    let bytes = write_tiny(&dir.path().join("t.bramble"), |w| {
+        let enc = Encoding::Q4C;
+        w.add_tensor("extra.weight", enc, &[48, 32], &vec![0u8; enc.bytes_for(48 * 32)]).unwrap()
+    });
+    let error = open_bytes(&bytes).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.message().contains("extra.weight") && error.message().contains("groups of 32"), "{error}");
+}

@@ -122,3 +122,54 @@ fn plans_that_do_not_fit_the_model_are_refused() {
     let error = model.set_sparsity(Some(plan), SparseMode::Always).err().unwrap();
     assert!(error.message().contains("blk.0.attn_k.weight"), "{error}");
 }
+
+/// Channel-major against row-major storage of the same weights, relative to
+/// the largest logit: the NEON channel kernels sum the blocks' float terms
+/// in another order (the scalar ones give the same bits).
+const CHANNEL_MAJOR_RELATIVE: f32 = 1e-4;
+
+#[test]
+fn channel_major_weights_give_the_row_major_logits_and_read_fewer_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows_path, columns_path) = (dir.path().join("rows.bramble"), dir.path().join("columns.bramble"));
+    common::write_tiny_with_layout(&rows_path, true, |_| {});
+    common::write_tiny_stored(&columns_path, common::Store::Channels, |_| {});
+    let (by_rows, by_columns) = (ModelImage::open(&rows_path).unwrap(), ModelImage::open(&columns_path).unwrap());
+    let q = by_columns.tensor("blk.0.attn_q.weight").unwrap().encoding;
+    let up = by_columns.tensor("blk.0.ffn_up.weight").unwrap().encoding;
+    assert_eq!((q.name(), up.name()), ("q4c", "q8c"), "the fixture stores channel-major projections");
+    for kernels in Kernels::all_available() {
+        for threads in [1, 3] {
+            let what = format!("{} × {threads}", kernels.name);
+            let mut rows_model = Model::with_options(&by_rows, kernels, threads).unwrap();
+            let mut columns_model = Model::with_options(&by_columns, kernels, threads).unwrap();
+            let compare = |got: &[f32], expected: &[f32], case: &str| {
+                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+                    if kernels.name == "scalar" {
+                        assert_eq!(g.to_bits(), e.to_bits(), "{what} {case} [{i}]: {g} vs {e}");
+                    } else {
+                        assert!((g - e).abs() <= CHANNEL_MAJOR_RELATIVE * scale, "{what} {case} [{i}]: {g} vs {e}");
+                    }
+                }
+            };
+            // Dense: prompts and decode steps on every channel.
+            compare(&run(&columns_model).0, &run(&rows_model).0, "dense");
+            for threshold in [0.3, 1.5] {
+                rows_model.set_sparsity(Some(identity_plan(&rows_model, threshold)), SparseMode::Always).unwrap();
+                columns_model.set_sparsity(Some(identity_plan(&rows_model, threshold)), SparseMode::Always).unwrap();
+                let measure = |model: &Model| {
+                    let mut state = model.new_state(16, 4);
+                    let logits = model.forward(&mut state, &[1, 3, 4, 5], 0, Logits::All).unwrap().to_vec();
+                    (logits, state.take_measured_sparsity(), state.take_sparse_bytes())
+                };
+                let (expected, share, (rows_read, rows_dense)) = measure(&rows_model);
+                let (got, same_share, (columns_read, columns_dense)) = measure(&columns_model);
+                compare(&got, &expected, &format!("τ {threshold}"));
+                assert_eq!(share, same_share, "{what}: the same channels are masked");
+                assert_eq!(rows_dense, columns_dense, "{what}: the same dense bytes");
+                assert!(columns_read < rows_read, "{what} τ {threshold}: {columns_read} ≥ {rows_read} bytes");
+            }
+        }
+    }
+}

@@ -22,8 +22,9 @@
 
 use crate::generate::perplexity;
 use anyhow::{bail, Context, Result};
-use bramble_runtime::image::ImageWriter;
+use bramble_runtime::image::{ImageWriter, TensorInfo};
 use bramble_runtime::model::{Logits, Matrix, Model, Site, SparseMode};
+use bramble_runtime::quant::{self, Encoding};
 use bramble_runtime::rsparse::{self, Rsparse, SparseModule};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::ModelImage;
@@ -92,6 +93,35 @@ pub struct CalibrateOptions {
     pub seed: u64,
     /// Show progress bars on stderr.
     pub progress: bool,
+    /// How the output stores the sparse modules' weights.
+    pub layout: SparseLayout,
+}
+
+/// How a calibrated image stores the weights of the modules its plan covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SparseLayout {
+    /// Channel-major (`q8c`/`q4c`, `models/FORMAT.md`): each input channel's
+    /// values contiguous, so the sparse kernels read only the active
+    /// channels. Q8 and Q4 matrices whose rows are whole tiles of 32; other
+    /// encodings stay as they are. Dense products (prompts, `--sparsity off`)
+    /// run on the same tensors, a token at a time.
+    #[default]
+    Channels,
+    /// As the input stores them, channel-major tensors put back in row
+    /// order (interleaved by four, the converter's default): the sparse path
+    /// then runs the dense kernels on `x ⊙ m` and reads every weight.
+    Rows,
+}
+
+impl SparseLayout {
+    /// `channels` or `rows`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "channels" => Ok(Self::Channels),
+            "rows" => Ok(Self::Rows),
+            other => anyhow::bail!("unknown sparse layout {other:?}: expected channels or rows"),
+        }
+    }
 }
 
 impl Default for CalibrateOptions {
@@ -108,6 +138,7 @@ impl Default for CalibrateOptions {
             search: None,
             threads: 1,
             seed: 1,
+            layout: SparseLayout::Channels,
             progress: false,
         }
     }
@@ -647,7 +678,7 @@ pub fn calibrate(input: &Path, text: &str, output: &Path, options: &CalibrateOpt
     let (plan, modules) = plan_for(&choices);
     let achieved = weight_mean_sparsity(&modules, &sizes);
     drop(model);
-    let image_bytes = write_image(&image, &plan, output)?;
+    let image_bytes = write_image(&image, &plan, output, options.layout)?;
     Ok(CalibrateReport {
         target,
         achieved,
@@ -769,8 +800,10 @@ fn evolve(
     Ok((best, best_perplexity, uniform_perplexity, evaluations))
 }
 
-/// Writes `image`'s sections and tensors unchanged, with `plan` as its `rsparse` section.
-pub fn write_image(image: &ModelImage, plan: &Rsparse, output: &Path) -> Result<u64> {
+/// Writes `image`'s sections and tensors, with `plan` as its `rsparse`
+/// section and the weights of the modules it covers in `layout`; every
+/// other tensor is copied byte for byte.
+pub fn write_image(image: &ModelImage, plan: &Rsparse, output: &Path, layout: SparseLayout) -> Result<u64> {
     use bramble_runtime::image::layout::section;
     let mut writer = ImageWriter::create(output)?;
     // Small sections first (as the converter does), then the tensors, then `source` and the plan.
@@ -780,13 +813,67 @@ pub fn write_image(image: &ModelImage, plan: &Rsparse, output: &Path) -> Result<
         writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
     }
     for t in image.tensors() {
-        writer.add_tensor(&t.name, t.encoding, &t.shape, image.tensor_bytes(t))?;
+        let covered = plan.modules.iter().any(|m| m.name == t.name);
+        match relaid(t, image.tensor_bytes(t), covered, layout) {
+            Some((encoding, bytes)) => writer.add_tensor(&t.name, encoding, &t.shape, &bytes)?,
+            None => writer.add_tensor(&t.name, t.encoding, &t.shape, image.tensor_bytes(t))?,
+        }
     }
     for s in image.sections().iter().filter(|s| copied(&s.name) && late(&s.name)) {
         writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
     }
     writer.add_section(rsparse::SECTION, &plan.to_section()?, false)?;
     Ok(writer.finish()?)
+}
+
+/// A tensor's new encoding and bytes under `layout`, or `None` to keep it:
+/// covered Q8/Q4 matrices go channel-major (rows in whole tiles); with
+/// [`SparseLayout::Rows`], channel-major ones go back to interleaved rows.
+fn relaid(t: &TensorInfo, bytes: &[u8], covered: bool, layout: SparseLayout) -> Option<(Encoding, Vec<u8>)> {
+    let (rows, cols) = (t.rows(), t.cols());
+    let row_major = |bytes: &[u8]| -> Vec<u8> {
+        let mut out = vec![0u8; bytes.len()];
+        if t.encoding.is_channel_major() {
+            quant::from_channel_major(t.encoding, bytes, cols, &mut out);
+        } else if t.encoding.rows_interleaved() > 1 {
+            quant::deinterleave_bytes(t.encoding, bytes, cols, &mut out);
+        } else {
+            out.copy_from_slice(bytes);
+        }
+        out
+    };
+    match layout {
+        SparseLayout::Channels => {
+            let target = t.encoding.channel_major()?;
+            if !covered || target == t.encoding || t.shape.len() != 2 || !rows.is_multiple_of(quant::CHANNEL_TILE) {
+                return None;
+            }
+            let mut out = vec![0u8; bytes.len()];
+            quant::to_channel_major(target, &row_major(bytes), cols, &mut out);
+            Some((target, out))
+        }
+        SparseLayout::Rows => {
+            if !t.encoding.is_channel_major() {
+                return None;
+            }
+            let base = t.encoding.row_major();
+            let interleaved = base.interleaved().expect("Q8 and Q4 interleave");
+            let mut out = vec![0u8; bytes.len()];
+            quant::interleave_bytes(interleaved, &row_major(bytes), cols, &mut out);
+            Some((interleaved, out))
+        }
+    }
+}
+
+/// Rewrites the calibrated image `input` as `output` with its own plan and
+/// the sparse modules' weights in `layout` (no calibration).
+pub fn relayout(input: &Path, output: &Path, layout: SparseLayout) -> Result<u64> {
+    let image = ModelImage::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let section = image
+        .section(rsparse::SECTION)
+        .ok_or_else(|| anyhow::anyhow!("{} has no rsparse section: calibrate it first", input.display()))?;
+    let plan = Rsparse::from_section(section)?;
+    write_image(&image, &plan, output, layout)
 }
 
 #[cfg(test)]

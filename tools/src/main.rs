@@ -124,11 +124,20 @@ struct CalibrateArgs {
     #[arg(long)]
     model: PathBuf,
     /// Calibration text (UTF-8), tokenized with the image's tokenizer.
-    #[arg(long)]
-    text: PathBuf,
+    #[arg(long, required_unless_present = "reuse_plan")]
+    text: Option<PathBuf>,
     /// Model-level sparsity in [0, 1): each module costs (1 − s) of dense.
-    #[arg(long, allow_negative_numbers = true)]
-    sparsity: f32,
+    #[arg(long, allow_negative_numbers = true, required_unless_present = "reuse_plan")]
+    sparsity: Option<f32>,
+    /// How the sparse modules' weights are stored: `channels` (each input
+    /// channel's values contiguous, so inactive channels are never read) or
+    /// `rows` (the dense layout; the sparse path then reads every weight).
+    #[arg(long, default_value = "channels")]
+    sparse_layout: String,
+    /// Keep the model image's own R-Sparse plan (no calibration): rewrite it
+    /// with `--sparse-layout`.
+    #[arg(long, conflicts_with_all = ["text", "sparsity", "search"])]
+    reuse_plan: bool,
     /// Share of the kept budget spent on exact channels (1: pure input sparsity, no low-rank path).
     #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     alpha: f32,
@@ -427,19 +436,27 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
 }
 
 fn run_calibrate(args: CalibrateArgs) -> Result<()> {
-    use bramble_tools::calibrate::{calibrate, CalibrateOptions, SearchOptions};
+    use bramble_tools::calibrate::{calibrate, relayout, CalibrateOptions, SearchOptions, SparseLayout};
     let started = Instant::now();
-    let text = std::fs::read(&args.text).with_context(|| format!("{}: cannot read", args.text.display()))?;
+    let layout = SparseLayout::parse(&args.sparse_layout)?;
+    let (Some(text_path), Some(sparsity)) = (&args.text, args.sparsity) else {
+        let bytes = relayout(&args.model, &args.output, layout)
+            .with_context(|| format!("rewriting {} into {}", args.model.display(), args.output.display()))?;
+        outln!("wrote {} ({bytes} bytes, sparse layout {})", args.output.display(), args.sparse_layout);
+        return Ok(());
+    };
+    let text = std::fs::read(text_path).with_context(|| format!("{}: cannot read", text_path.display()))?;
     let text = String::from_utf8(text).map_err(|e| {
         anyhow::anyhow!(
             "{}: not UTF-8 text (byte {}); calibration needs text",
-            args.text.display(),
+            text_path.display(),
             e.utf8_error().valid_up_to()
         )
     })?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let options = CalibrateOptions {
-        sparsity: args.sparsity,
+        sparsity,
+        layout,
         alpha: args.alpha,
         tokens: args.tokens,
         ctx: args.ctx,
@@ -788,6 +805,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     session.feed(&prompt)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
     session.take_measured_sparsity();
+    session.take_sparse_bytes();
     let allocations_before = stats::allocations();
     let decode_started = Instant::now();
     for _ in 0..args.gen_tokens {
@@ -796,6 +814,11 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let decode_seconds = decode_started.elapsed().as_secs_f64();
     let allocations = stats::allocations() - allocations_before;
     let measured_sparsity = session.take_measured_sparsity();
+    // Weight bytes a decoded token read: the dense figure, with the sparse
+    // modules' dense bytes replaced by what their kernels read.
+    let (sparse_read, sparse_dense) = session.take_sparse_bytes();
+    let dense_bytes = model.weight_bytes_per_token() as f64;
+    let read_bytes = dense_bytes + (sparse_read as f64 - sparse_dense as f64) / args.gen_tokens as f64;
 
     let value = serde_json::json!({
         "model": args.model.model,
@@ -806,10 +829,14 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "prefill_tok_s": args.prompt_tokens as f64 / prefill_seconds,
         "decode_tok_s": args.gen_tokens as f64 / decode_seconds,
         "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
-        "weight_bytes_per_token": model.weight_bytes_per_token(),
+        // Weights read per decoded token, measured (R-Sparse reads only the
+        // active channels of channel-major modules, plus its low-rank
+        // factors), and what the dense products read.
+        "weight_bytes_per_token": read_bytes.round() as u64,
+        "dense_weight_bytes_per_token": model.weight_bytes_per_token(),
+        "weight_bytes_ratio": read_bytes / dense_bytes,
         // The share of linear-layer input channels the decode steps sent to
-        // R-Sparse's low-rank part (null: dense). The reference sparse path
-        // still reads every weight, so the bytes above do not drop yet.
+        // R-Sparse's low-rank part (null: dense).
         "measured_sparsity": measured_sparsity,
         "peak_rss_bytes": stats::peak_rss_bytes(),
         "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",

@@ -68,6 +68,10 @@ pub enum TensorView<'a> {
     Q4X4(&'a [BlockQ4x4]),
     /// Symmetric Q4 blocks, four rows interleaved.
     Q4SX4(&'a [BlockQ4Sx4]),
+    /// Q8 blocks, channel-major (`crate::quant::to_channel_major`).
+    Q8C(&'a [u8]),
+    /// Asymmetric Q4 blocks, channel-major.
+    Q4C(&'a [u8]),
 }
 
 /// A section as listed in the section table.
@@ -224,6 +228,8 @@ impl ModelImage {
             Encoding::Q8X4 => TensorView::Q8X4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4X4 => TensorView::Q4X4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4SX4 => TensorView::Q4SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q8C => TensorView::Q8C(bytes),
+            Encoding::Q4C => TensorView::Q4C(bytes),
         }
     }
     /// Total bytes of all tensors.
@@ -380,7 +386,7 @@ impl Parsed {
         for (i, raw) in index.chunks_exact(std::mem::size_of::<TensorEntry>()).enumerate() {
             let entry: TensorEntry = bytemuck::pod_read_unaligned(raw);
             let tensor = Self::check_tensor(i, &entry, &data, bytes, options)?;
-            if header.layout_version < 2 && tensor.encoding.rows_interleaved() > 1 {
+            if header.layout_version < 2 && tensor.encoding.row_multiple() > 1 {
                 return Err(corrupt(format!(
                     "tensor {}: {} is a layout-2 encoding in a layout-{} file",
                     tensor.name,
@@ -424,10 +430,10 @@ impl Parsed {
         if encoding.is_blocked() && cols % crate::quant::GROUP != 0 {
             return Err(fail(format!("rows of {cols} values are not whole blocks")));
         }
-        let interleave = encoding.rows_interleaved();
-        if interleave > 1 && (shape.len() != 2 || !shape[0].is_multiple_of(interleave)) {
+        let multiple = encoding.row_multiple();
+        if multiple > 1 && (shape.len() != 2 || !shape[0].is_multiple_of(multiple)) {
             return Err(fail(format!(
-                "{} needs a matrix of whole groups of {interleave} rows, not {shape:?}",
+                "{} needs a matrix of whole groups of {multiple} rows, not {shape:?}",
                 encoding.name()
             )));
         }

@@ -55,6 +55,10 @@ pub struct Kernels {
     pub matmul_q4x4: MatmulQuantized<BlockQ4x4>,
     /// Interleaved symmetric Q4 weights × int8 activations.
     pub matmul_q4sx4: MatmulQuantized<BlockQ4Sx4>,
+    /// Channel-major Q8 weights × one int8 activation, over the active channels.
+    pub matmul_q8c: matmul::channels::MatmulChannels,
+    /// Channel-major asymmetric Q4 weights × one int8 activation, over the active channels.
+    pub matmul_q4c: matmul::channels::MatmulChannels,
     /// f16 weights × f32 activations.
     pub matmul_f16: MatmulFloat<f16>,
     /// f32 weights × f32 activations.
@@ -84,6 +88,8 @@ impl Kernels {
         matmul_q8x4: matmul::scalar::matmul_q8x4,
         matmul_q4x4: matmul::scalar::matmul_q4x4,
         matmul_q4sx4: matmul::scalar::matmul_q4sx4,
+        matmul_q8c: matmul::channels::scalar::matmul_q8c,
+        matmul_q4c: matmul::channels::scalar::matmul_q4c,
         matmul_f16: matmul::scalar::matmul_f16,
         matmul_f32: matmul::scalar::matmul_f32,
         rmsnorm: ops::scalar::rmsnorm,
@@ -105,6 +111,8 @@ impl Kernels {
         matmul_q8x4: matmul::interleaved::matmul_q8x4,
         matmul_q4x4: matmul::interleaved::matmul_q4x4,
         matmul_q4sx4: matmul::interleaved::matmul_q4sx4,
+        matmul_q8c: matmul::channels::neon::matmul_q8c,
+        matmul_q4c: matmul::channels::neon::matmul_q4c,
         matmul_f16: matmul::neon::matmul_f16,
         matmul_f32: matmul::neon::matmul_f32,
         rmsnorm: ops::neon::rmsnorm,

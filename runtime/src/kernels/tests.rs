@@ -572,3 +572,102 @@ fn polynomial_exp_is_within_a_few_ulp() {
     };
     assert_eq!(lanes, [0.0, 0.0, 0.0, 1.0]);
 }
+
+/// Deterministic channel masks of about `percent` % active channels.
+fn channel_mask(blocks: usize, percent: u32, seed: u32) -> Vec<u32> {
+    (0..blocks)
+        .map(|b| {
+            (0..GROUP as u32).fold(0u32, |bits, j| {
+                let h = (b as u32 * 32 + j).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503);
+                bits | (((h.wrapping_mul(2_246_822_519) >> 8) % 100 < percent) as u32) << j
+            })
+        })
+        .collect()
+}
+
+/// Channel-major products over a mask against the row-major reference on
+/// the masked activation: the scalar kernels give its bits, every table
+/// stays within the integer-product bound; for whole and partial row ranges
+/// (threads split by tiles), one to five tiles (the NEON kernel takes two
+/// at a time, then one), masks from empty to full and `None`.
+#[test]
+fn channel_major_matmuls_match_the_row_major_reference() {
+    for tiles in 1..=5 {
+        let rows = tiles * quant::CHANNEL_TILE;
+        for blocks in [1, 2, 5] {
+            let cols = blocks * GROUP;
+            let w = data(rows * cols, (rows * 10 + blocks) as u32);
+            for encoding in [Encoding::Q8C, Encoding::Q4C] {
+                let row_major = QuantizedMatrix::new(encoding.row_major(), &w, cols);
+                let mut columns = vec![0u8; row_major.bytes.len()];
+                quant::to_channel_major(encoding, &row_major.bytes, cols, &mut columns);
+                let all_blocks = row_major.blocks();
+                for (percent, seed) in [(0, 1), (10, 2), (50, 3), (90, 4), (100, 5), (101, 6)] {
+                    // 101: no mask at all (every channel).
+                    let mask = (percent <= 100).then(|| channel_mask(blocks, percent, seed));
+                    let mut x = activations(cols, seed * 7 + blocks as u32);
+                    if let Some(mask) = &mask {
+                        for (i, v) in x.iter_mut().enumerate() {
+                            if mask[i / GROUP] >> (i % GROUP) & 1 == 0 {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                    let xq = quantize_activations(&x);
+                    let mut expected = vec![0f32; rows];
+                    row_major.run(&Kernels::SCALAR, cols, &xq, &mut expected);
+                    for range in [0..rows, quant::CHANNEL_TILE..rows, 0..quant::CHANNEL_TILE] {
+                        let run = |k: &Kernels| {
+                            let mut got = vec![f32::NAN; range.len()];
+                            let kernel = if encoding == Encoding::Q8C { k.matmul_q8c } else { k.matmul_q4c };
+                            kernel(&columns, rows, cols, range.clone(), &xq, mask.as_deref(), &mut got);
+                            got
+                        };
+                        let what = format!("{encoding:?} rows {rows} blocks {blocks} mask {percent}% range {range:?}");
+                        assert_eq!(run(&Kernels::SCALAR), expected[range.clone()], "scalar {what}");
+                        for k in Kernels::all_available() {
+                            for (r, g) in range.clone().zip(run(k)) {
+                                let bound = INTEGER_MATMUL_RELATIVE
+                                    * term_magnitude(&all_blocks[r * blocks..(r + 1) * blocks], &xq);
+                                assert!(
+                                    close(g, expected[r], bound),
+                                    "{} {what} row {r}: {g} vs {}",
+                                    k.name,
+                                    expected[r]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Channel-major Q4 at the 16-bit partial sums' bound: 32 active channels
+/// of ±127 against nibbles of 0 and 15 (stored −8 and 7).
+#[test]
+fn channel_major_q4_does_not_overflow_at_extremes() {
+    let (rows, blocks) = (2 * quant::CHANNEL_TILE, 3);
+    let cols = blocks * GROUP;
+    let row_major: Vec<BlockQ4> = (0..rows * blocks)
+        .map(|i| BlockQ4 {
+            d: f16::from_f32(0.25),
+            m: f16::from_f32(-1.0),
+            qs: [if i % 2 == 0 { 0x00 } else { 0xFF }; GROUP / 2],
+        })
+        .collect();
+    let (x, _) = extreme_operands(rows, blocks);
+    let bytes: &[u8] = bytemuck::cast_slice(&row_major);
+    let mut columns = vec![0u8; bytes.len()];
+    quant::to_channel_major(Encoding::Q4C, bytes, cols, &mut columns);
+    let mut expected = vec![0f32; rows];
+    (Kernels::SCALAR.matmul_q4)(&row_major, cols, &x, &mut expected);
+    for k in Kernels::all_available() {
+        let mut got = vec![f32::NAN; rows];
+        (k.matmul_q4c)(&columns, rows, cols, 0..rows, &x, None, &mut got);
+        for (r, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)), "{} row {r}: {g} vs {e}", k.name);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
-use bramble_runtime::quant::{interleave_bytes, quantize_into, Encoding};
+use bramble_runtime::quant::{interleave_bytes, quantize_into, to_channel_major, Encoding};
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
 use bramble_runtime::ModelConfig;
 use bytemuck::Zeroable;
@@ -64,6 +64,22 @@ pub fn write_tiny(path: &Path, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> 
 /// matrices of whole groups of four rows are stored four rows interleaved
 /// (the six-row embedding stays row-major).
 pub fn write_tiny_with_layout(path: &Path, interleave: bool, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
+    write_tiny_stored(path, if interleave { Store::Interleaved } else { Store::Rows }, extra)
+}
+
+/// How [`write_tiny_stored`] stores the Q8 and Q4 matrices.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Row-major.
+    Rows,
+    /// Four rows interleaved, where the rows are whole groups of four.
+    Interleaved,
+    /// Channel-major projections (`q8c`/`q4c`), where the rows are whole tiles of 32.
+    Channels,
+}
+
+/// The tiny image with its quantized matrices stored as `store` says.
+pub fn write_tiny_stored(path: &Path, store: Store, extra: impl FnOnce(&mut ImageWriter)) -> Vec<u8> {
     let c = tiny_config();
     let mut w = ImageWriter::create(path).unwrap();
     w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
@@ -80,11 +96,17 @@ pub fn write_tiny_with_layout(path: &Path, interleave: bool, extra: impl FnOnce(
             .collect();
         let mut bytes = vec![0u8; enc.bytes_for(n)];
         quantize_into(enc, &values, &mut bytes);
-        match enc.interleaved() {
-            Some(mixed) if interleave && shape[0].is_multiple_of(4) => {
+        let projection = name.starts_with("blk.");
+        match (store, enc.interleaved(), enc.channel_major()) {
+            (Store::Interleaved, Some(mixed), _) if shape[0].is_multiple_of(4) => {
                 let mut interleaved = vec![0u8; bytes.len()];
                 interleave_bytes(mixed, &bytes, shape[1], &mut interleaved);
                 w.add_tensor(name, mixed, shape, &interleaved).unwrap();
+            }
+            (Store::Channels, _, Some(columns)) if projection && shape[0].is_multiple_of(32) => {
+                let mut by_channel = vec![0u8; bytes.len()];
+                to_channel_major(columns, &bytes, shape[1], &mut by_channel);
+                w.add_tensor(name, columns, shape, &by_channel).unwrap();
             }
             _ => w.add_tensor(name, enc, shape, &bytes).unwrap(),
         }

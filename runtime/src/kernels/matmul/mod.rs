@@ -9,11 +9,14 @@
 //!
 //! - `interleaved` (aarch64): both of those for the four-row interleaved
 //!   blocks that images of layout 2 store (`crate::quant::Interleaved`).
+//! - [`channels`]: channel-major matrices over the active input channels
+//!   only (R-Sparse's exact part), scalar and NEON, in one file.
 //!
 //! The row-major integer kernels take four weight rows at a time against each
 //! activation block, so one activation load serves four rows and the scale
 //! math of a block is done for the four rows in one vector.
 
+pub mod channels;
 pub mod scalar;
 
 // `neon` first: its `asm!` text macros are in textual scope for `dotprod`.

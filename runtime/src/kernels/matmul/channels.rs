@@ -1,0 +1,334 @@
+//! Products of channel-major matrices (`crate::quant::to_channel_major`)
+//! with one activation, over the input channels a mask marks: the exact
+//! part of R-Sparse, `W (x ⊙ m)`, reading only the active channels' columns.
+//!
+//! The arithmetic is the row-major kernels', reordered: per column block
+//! `b`, `out[r] += d[r]·dₓ·Σⱼ n[r][j]·q[j] + m[r]·s`, the integer sum over
+//! the block's active channels only. With the inactive channels' activation
+//! values zero (as the model quantizes `x ⊙ m`), that is exactly the dense
+//! product of `x ⊙ m`; the scalar reference gives the row-major reference's
+//! bits.
+//!
+//! Loop order: column blocks outermost (so each block's active channels are
+//! found once), then tiles of rows, then the block's active channels. A
+//! tile keeps one 16-bit sum per row: Q4C values are stored as `n − 8`, so a
+//! product is at most 8·127 in magnitude and 32 of them fit in 16 bits;
+//! `8·Σq` is added back in 32 bits before the scales.
+//!
+//! - [`scalar`]: the reference.
+//! - `neon` (aarch64): one NEON version for the Cortex-A72 and the A76.
+//!   There is no reduction axis for `sdot` here (each channel adds one
+//!   product to every row), so widening multiply-accumulates by a
+//!   broadcast activation value (`smlal`, 8 rows a step) serve both cores.
+
+use crate::quant::{BlockQ8Act, ChannelBlock, Encoding, CHANNEL_TILE, GROUP};
+use std::ops::Range;
+
+/// `out[r − rows.start] = Σ_b` (block `b` of row `r`) · (block `b` of `x`)
+/// for the rows `rows` (whole tiles of [`CHANNEL_TILE`]) of a channel-major
+/// `weights` matrix of `total_rows × cols`, summing only the channels
+/// `mask` marks (bit `j` of `mask[b]` is channel `32b + j`; `None`: all).
+/// Channels the mask leaves out must be zero in `x`.
+pub type MatmulChannels = fn(
+    weights: &[u8],
+    total_rows: usize,
+    cols: usize,
+    rows: Range<usize>,
+    x: &[BlockQ8Act],
+    mask: Option<&[u32]>,
+    out: &mut [f32],
+);
+
+/// Checks the shapes every implementation relies on (its `unsafe` reads stay inside `weights`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn check(
+    encoding: Encoding,
+    weights: &[u8],
+    total_rows: usize,
+    cols: usize,
+    rows: &Range<usize>,
+    x: &[BlockQ8Act],
+    mask: Option<&[u32]>,
+    out: &[f32],
+) {
+    let blocks = cols / GROUP;
+    assert!(
+        cols.is_multiple_of(GROUP)
+            && total_rows.is_multiple_of(CHANNEL_TILE)
+            && weights.len() == encoding.bytes_for(total_rows * cols)
+            && rows.start.is_multiple_of(CHANNEL_TILE)
+            && rows.end.is_multiple_of(CHANNEL_TILE)
+            && rows.start <= rows.end
+            && rows.end <= total_rows
+            && x.len() == blocks
+            && mask.is_none_or(|m| m.len() >= blocks)
+            && out.len() == rows.len(),
+        "{} product shapes disagree: {} bytes for {total_rows} × {cols}, rows {rows:?}, {} activation blocks, {} outputs",
+        encoding.name(),
+        weights.len(),
+        x.len(),
+        out.len()
+    );
+}
+
+/// The block's active channels: their positions `j` in the block and their
+/// activation values, and `Σq` over them. Returns how many.
+#[inline(always)]
+fn active_channels(bits: u32, a: &BlockQ8Act, channels: &mut [usize; GROUP], values: &mut [i8; GROUP]) -> (usize, i32) {
+    let (mut n, mut sum, mut bits) = (0, 0i32, bits);
+    while bits != 0 {
+        let j = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        channels[n] = j;
+        values[n] = a.qs[j];
+        sum += a.qs[j] as i32;
+        n += 1;
+    }
+    (n, sum)
+}
+
+/// The f16 at byte `at` of `bytes`, as f32.
+#[inline(always)]
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    super::scalar::f16_to_f32(half::f16::from_le_bytes([bytes[at], bytes[at + 1]]))
+}
+
+pub mod scalar {
+    //! Reference loops.
+    use super::*;
+
+    /// Channel-major asymmetric Q4 ([`Encoding::Q4C`]).
+    pub fn matmul_q4c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        mask: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        check(Encoding::Q4C, weights, total_rows, cols, &rows, x, mask, out);
+        out.fill(0.0);
+        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
+        for (b, a) in x.iter().enumerate() {
+            let (n, sum_q) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
+            if n == 0 {
+                continue;
+            }
+            let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
+            for tile in rows.clone().step_by(CHANNEL_TILE) {
+                let mut sums = [0i32; CHANNEL_TILE];
+                for (&j, &q) in channels[..n].iter().zip(&values[..n]) {
+                    let column = &weights[at.columns + j * at.column_bytes + tile / 2..][..CHANNEL_TILE / 2];
+                    for (k, &byte) in column.iter().enumerate() {
+                        // Sign-extend the stored n − 8 from each nibble.
+                        sums[k] += ((byte << 4) as i8 >> 4) as i32 * q as i32;
+                        sums[k + 16] += (byte as i8 >> 4) as i32 * q as i32;
+                    }
+                }
+                for (k, &sum) in sums.iter().enumerate() {
+                    let r = tile + k;
+                    let isum = sum + 8 * sum_q;
+                    let (d, m) = (f16_at(weights, at.scales + 2 * r), f16_at(weights, at.mins + 2 * r));
+                    out[r - rows.start] += d * a.d * isum as f32 + m * a.s;
+                }
+            }
+        }
+    }
+
+    /// Channel-major Q8 ([`Encoding::Q8C`]).
+    pub fn matmul_q8c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        mask: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        check(Encoding::Q8C, weights, total_rows, cols, &rows, x, mask, out);
+        out.fill(0.0);
+        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
+        for (b, a) in x.iter().enumerate() {
+            let (n, _) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
+            if n == 0 {
+                continue;
+            }
+            let at = ChannelBlock::new(Encoding::Q8C, total_rows, b);
+            for r in rows.clone() {
+                let mut isum = 0i32;
+                for (&j, &q) in channels[..n].iter().zip(&values[..n]) {
+                    isum += weights[at.columns + j * at.column_bytes + r] as i8 as i32 * q as i32;
+                }
+                out[r - rows.start] += f16_at(weights, at.scales + 2 * r) * a.d * isum as f32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    //! NEON, ARMv8.0 (both Raspberry Pi cores).
+    use super::super::neon::{widen_f16, widen_f16_high};
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// Tiles of rows one pass over a block's active channels covers: two
+    /// (64 rows, 8 sixteen-bit accumulators), then one for an odd last tile.
+    const TILES_PER_PASS: usize = 2;
+
+    /// Adds block `at`'s contribution for `T` tiles of rows from `first` to
+    /// `out` (the rows' results, `out[0]` being row `first`).
+    ///
+    /// # Safety
+    /// `weights` holds the whole block `at` of a `total_rows`-row Q4C
+    /// matrix, rows `first .. first + 32·T` exist, `channels[..n]` are
+    /// below 32, and `out` has `32·T` values.
+    #[inline(always)]
+    unsafe fn q4c_tiles<const T: usize>(
+        weights: *const u8,
+        at: &ChannelBlock,
+        first: usize,
+        channels: &[usize; GROUP],
+        values: &[i8; GROUP],
+        n: usize,
+        sum_q: i32,
+        a: &BlockQ8Act,
+        out: *mut f32,
+    ) {
+        // SAFETY (whole body): the reads are inside the block's columns and
+        // scales for rows `first .. first + 32·T` (caller's contract), the
+        // writes inside `out[..32·T]`.
+        unsafe {
+            let mut sums = [[vdupq_n_s16(0); 4]; T];
+            let base = weights.add(at.columns + first / 2);
+            for i in 0..n {
+                let column = base.add(channels[i] * at.column_bytes);
+                let q = vdupq_n_s8(values[i]);
+                for (t, sums) in sums.iter_mut().enumerate() {
+                    let packed = vld1q_s8(column.add(16 * t) as *const i8);
+                    // Rows 0–15 from the low nibbles, 16–31 from the high, sign-extended.
+                    let low = vshrq_n_s8::<4>(vshlq_n_s8::<4>(packed));
+                    let high = vshrq_n_s8::<4>(packed);
+                    sums[0] = vmlal_s8(sums[0], vget_low_s8(low), vget_low_s8(q));
+                    sums[1] = vmlal_high_s8(sums[1], low, q);
+                    sums[2] = vmlal_s8(sums[2], vget_low_s8(high), vget_low_s8(q));
+                    sums[3] = vmlal_high_s8(sums[3], high, q);
+                }
+            }
+            // out[r] += d·dₓ·(sum + 8·Σq) + m·s, four rows a vector.
+            let (bias, dx, s) = (vdupq_n_s32(8 * sum_q), a.d, a.s);
+            for (t, sums) in sums.iter().enumerate() {
+                for (e, &sum) in sums.iter().enumerate() {
+                    let row = first + 32 * t + 8 * e;
+                    let d = vld1q_u16(weights.add(at.scales + 2 * row) as *const u16);
+                    let m = vld1q_u16(weights.add(at.mins + 2 * row) as *const u16);
+                    let halves = [
+                        (vmovl_s16(vget_low_s16(sum)), widen_f16(vget_low_u16(d)), widen_f16(vget_low_u16(m))),
+                        (vmovl_high_s16(sum), widen_f16_high(d), widen_f16_high(m)),
+                    ];
+                    for (h, (isum, d, m)) in halves.into_iter().enumerate() {
+                        let o = out.add(32 * t + 8 * e + 4 * h);
+                        let product = vmulq_f32(vmulq_n_f32(d, dx), vcvtq_f32_s32(vaddq_s32(isum, bias)));
+                        vst1q_f32(o, vaddq_f32(vld1q_f32(o), vfmaq_n_f32(product, m, s)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Channel-major asymmetric Q4 ([`Encoding::Q4C`]).
+    pub fn matmul_q4c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        mask: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        check(Encoding::Q4C, weights, total_rows, cols, &rows, x, mask, out);
+        out.fill(0.0);
+        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
+        let pass = TILES_PER_PASS * CHANNEL_TILE;
+        for (b, a) in x.iter().enumerate() {
+            let (n, sum_q) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
+            if n == 0 {
+                continue;
+            }
+            let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
+            let mut first = rows.start;
+            // SAFETY: `check` put block `b` and rows `rows` inside `weights`
+            // and `out` one value per row; the active channels are below 32.
+            unsafe {
+                while first + pass <= rows.end {
+                    let o = out.as_mut_ptr().add(first - rows.start);
+                    q4c_tiles::<TILES_PER_PASS>(weights.as_ptr(), &at, first, &channels, &values, n, sum_q, a, o);
+                    first += pass;
+                }
+                if first < rows.end {
+                    let o = out.as_mut_ptr().add(first - rows.start);
+                    q4c_tiles::<1>(weights.as_ptr(), &at, first, &channels, &values, n, sum_q, a, o);
+                }
+            }
+        }
+    }
+
+    /// Channel-major Q8 ([`Encoding::Q8C`]): 16 rows a step, the int8
+    /// values widened to 16 bits and multiply-accumulated into 32-bit sums
+    /// (`smlal` by the channel's value as a lane).
+    pub fn matmul_q8c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        mask: Option<&[u32]>,
+        out: &mut [f32],
+    ) {
+        check(Encoding::Q8C, weights, total_rows, cols, &rows, x, mask, out);
+        out.fill(0.0);
+        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
+        for (b, a) in x.iter().enumerate() {
+            let (n, _) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
+            if n == 0 {
+                continue;
+            }
+            let at = ChannelBlock::new(Encoding::Q8C, total_rows, b);
+            // SAFETY: `check` put block `b` and rows `rows` (whole tiles, so
+            // whole steps of 16) inside `weights`, and `out` one value per row.
+            unsafe {
+                let w = weights.as_ptr();
+                for first in rows.clone().step_by(16) {
+                    let mut sums = [vdupq_n_s32(0); 4];
+                    let base = w.add(at.columns + first);
+                    for i in 0..n {
+                        let wide = vld1q_s8(base.add(channels[i] * at.column_bytes) as *const i8);
+                        let q = vdup_n_s16(values[i] as i16);
+                        let (low, high) = (vmovl_s8(vget_low_s8(wide)), vmovl_high_s8(wide));
+                        sums[0] = vmlal_s16(sums[0], vget_low_s16(low), q);
+                        sums[1] = vmlal_high_s16(sums[1], low, vcombine_s16(q, q));
+                        sums[2] = vmlal_s16(sums[2], vget_low_s16(high), q);
+                        sums[3] = vmlal_high_s16(sums[3], high, vcombine_s16(q, q));
+                    }
+                    let d = [
+                        vld1q_u16(w.add(at.scales + 2 * first) as *const u16),
+                        vld1q_u16(w.add(at.scales + 2 * first + 16) as *const u16),
+                    ];
+                    let scales = [
+                        widen_f16(vget_low_u16(d[0])),
+                        widen_f16_high(d[0]),
+                        widen_f16(vget_low_u16(d[1])),
+                        widen_f16_high(d[1]),
+                    ];
+                    for (e, (sum, d)) in sums.into_iter().zip(scales).enumerate() {
+                        let o = out.as_mut_ptr().add(first - rows.start + 4 * e);
+                        let product = vmulq_f32(vmulq_n_f32(d, a.d), vcvtq_f32_s32(sum));
+                        vst1q_f32(o, vaddq_f32(vld1q_f32(o), product));
+                    }
+                }
+            }
+        }
+    }
+}
