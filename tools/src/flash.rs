@@ -244,7 +244,7 @@ pub struct AccountFiles {
     pub gshadow: Option<String>,
 }
 
-fn field<'a>(line: &'a str, index: usize) -> Option<&'a str> {
+fn field(line: &str, index: usize) -> Option<&str> {
     line.split(':').nth(index)
 }
 
@@ -357,7 +357,10 @@ pub fn missing_from_rootfs(rootfs: &Path) -> Vec<String> {
         .map(|f| f.to_string())
         .collect();
     if !rootfs.join("usr/lib/aarch64-linux-gnu").is_dir() {
-        missing.push("usr/lib/aarch64-linux-gnu (a 64-bit arm64 system; a 32-bit armhf one cannot run the aarch64 brambled)".to_string());
+        missing.push(
+            "usr/lib/aarch64-linux-gnu (a 64-bit arm64 system; a 32-bit armhf one cannot run the aarch64 brambled)"
+                .to_string(),
+        );
     }
     missing
 }
@@ -427,7 +430,8 @@ pub fn find_brambled(given: Option<&Path>) -> Result<PathBuf> {
         .context("running cargo metadata")?;
     let metadata: serde_json::Value =
         serde_json::from_slice(&metadata.stdout).context("reading cargo metadata's answer")?;
-    let target = metadata["target_directory"].as_str().ok_or_else(|| anyhow!("cargo metadata gave no target_directory"))?;
+    let target =
+        metadata["target_directory"].as_str().ok_or_else(|| anyhow!("cargo metadata gave no target_directory"))?;
     Ok(Path::new(target).join(TRIPLE).join("release").join("brambled"))
 }
 
@@ -520,9 +524,11 @@ impl Step {
     /// Makes the step true.
     pub fn apply(&self) -> Result<()> {
         match self {
-            Step::Directory { path } => {
-                fs::DirBuilder::new().recursive(true).mode(0o755).create(path).with_context(|| path.display().to_string())
-            }
+            Step::Directory { path } => fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(path)
+                .with_context(|| path.display().to_string()),
             Step::Copy { source, destination, mode } => {
                 let temporary = temporary_path(destination);
                 fs::copy(source, &temporary)
@@ -607,7 +613,8 @@ fn write_with_backup(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         Some(metadata) => (metadata.permissions().mode() & 0o7777, Some((metadata.uid(), metadata.gid()))),
         None => (mode, None),
     };
-    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode)).with_context(|| temporary.display().to_string())?;
+    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
+        .with_context(|| temporary.display().to_string())?;
     if let Some((uid, gid)) = owner {
         let made = fs::metadata(&temporary).with_context(|| temporary.display().to_string())?;
         if (made.uid(), made.gid()) != (uid, gid) {
@@ -637,11 +644,7 @@ pub fn board_model_path(model: &Path) -> Result<String> {
 pub fn plan(args: &FlashArgs, brambled: &Path, board: &BoardProfile) -> Result<(Vec<Step>, MemoryPlan)> {
     let missing = missing_from_boot(&args.boot);
     if !missing.is_empty() {
-        bail!(
-            "{} is not a Raspberry Pi OS boot partition: missing {}",
-            args.boot.display(),
-            missing.join(", ")
-        );
+        bail!("{} is not a Raspberry Pi OS boot partition: missing {}", args.boot.display(), missing.join(", "));
     }
     let missing = missing_from_rootfs(&args.rootfs);
     if !missing.is_empty() {
@@ -814,7 +817,10 @@ mod tests {
             "console=tty1 root=PARTUUID=4e639091-02 rootfstype=ext4 fsck.repair=yes rootwait quiet splash plymouth.ignore-udevd\n"
         );
         assert_eq!(edit_cmdline_txt(&edited).unwrap(), None);
-        assert_eq!(edit_cmdline_txt("console=ttyAMA0,115200 root=/dev/mmcblk0p2").unwrap().unwrap(), "root=/dev/mmcblk0p2\n");
+        assert_eq!(
+            edit_cmdline_txt("console=ttyAMA0,115200 root=/dev/mmcblk0p2").unwrap().unwrap(),
+            "root=/dev/mmcblk0p2\n"
+        );
         assert!(edit_cmdline_txt("root=a\nquiet\n").unwrap_err().contains("2 non-empty lines"));
     }
 
@@ -827,7 +833,9 @@ mod tests {
             gshadow: Some("root:*::\ndialout:*::pi\npi:!::\n".to_string()),
         };
         let with_user = add_system_user(&files, "brambled", "/var/lib/brambled", 20000).unwrap();
-        assert!(with_user.passwd.ends_with("brambled:x:997:997:Bramble LLM daemon:/var/lib/brambled:/usr/sbin/nologin\n"));
+        assert!(with_user
+            .passwd
+            .ends_with("brambled:x:997:997:Bramble LLM daemon:/var/lib/brambled:/usr/sbin/nologin\n"));
         assert!(with_user.group.contains("\ndialout:x:20:pi,brambled\n"));
         assert!(with_user.group.ends_with("brambled:x:997:\n"));
         assert!(with_user.shadow.ends_with("brambled:!:20000::::::\n"));

@@ -176,7 +176,10 @@ pub fn profile(name: &str, memory: Option<&str>) -> Result<BoardProfile, String>
         .ok_or_else(|| format!("unknown board profile {name:?}; the profiles are {}", profile_names()))?;
     let memory_bytes = match (named_memory.as_deref(), memory) {
         (Some(_), Some(_)) => {
-            return Err(format!("profile {name:?} already names a memory size; give --memory only with {}", family.name))
+            return Err(format!(
+                "profile {name:?} already names a memory size; give --memory only with {}",
+                family.name
+            ))
         }
         (Some(size), None) | (None, Some(size)) => parse_memory(size).map_err(|e| format!("profile {name:?}: {e}"))?,
         (None, None) => family.memory_variants[0],
@@ -366,7 +369,15 @@ mod tests {
     use super::*;
     use bramble_runtime::RunState;
 
-    fn llama_config(layers: u32, dim: u32, heads: u32, kv_heads: u32, ffn: u32, vocab: u32, context: u32) -> ModelConfig {
+    fn llama_config(
+        layers: u32,
+        dim: u32,
+        heads: u32,
+        kv_heads: u32,
+        ffn: u32,
+        vocab: u32,
+        context: u32,
+    ) -> ModelConfig {
         let mut config: ModelConfig = bytemuck::Zeroable::zeroed();
         config.arch = 1;
         config.dim = dim;
