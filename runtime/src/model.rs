@@ -677,17 +677,7 @@ impl<'a> Model<'a> {
         let mut masked = 0;
         let token_values = x.chunks_exact(cols).zip(exact.chunks_exact_mut(cols).zip(rest.chunks_exact_mut(cols)));
         for ((token, (e, r)), bits) in token_values.zip(mask.chunks_exact_mut(blocks)) {
-            for (b, bits) in bits.iter_mut().enumerate() {
-                *bits = 0;
-                for j in 0..GROUP {
-                    let i = b * GROUP + j;
-                    let v = token[i];
-                    let keep = (v * module.scores[i]).abs() > module.threshold;
-                    (e[i], r[i]) = if keep { (v, 0.0) } else { (0.0, v) };
-                    *bits |= (keep as u32) << j;
-                    masked += !keep as u64;
-                }
-            }
+            masked += (k.sparse_split)(token, &module.scores, module.threshold, e, r, bits) as u64;
         }
         s.masked += masked;
         s.channels += (n * cols) as u64;

@@ -14,6 +14,7 @@ pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod sparse;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +76,8 @@ pub struct Kernels {
     pub attention_scores: AttentionScores,
     /// Attention-weighted values over the KV cache.
     pub attention_values: AttentionValues,
+    /// R-Sparse's split of a layer input into exact and low-rank channels.
+    pub sparse_split: sparse::Split,
 }
 
 impl Kernels {
@@ -98,6 +101,7 @@ impl Kernels {
         rope: ops::scalar::rope,
         attention_scores: attention::scalar::scores,
         attention_values: attention::scalar::values,
+        sparse_split: sparse::scalar::split,
     };
 
     /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
@@ -121,6 +125,7 @@ impl Kernels {
         rope: ops::neon::rope,
         attention_scores: attention::neon::scores,
         attention_values: attention::neon::values,
+        sparse_split: sparse::neon::split,
     };
 
     /// NEON with the dot-product extension for the integer products (the
