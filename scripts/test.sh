@@ -9,7 +9,9 @@
 #   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
 #      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76),
 #      checks the emulated `bramble` generates the host's greedy tokens, and
-#      runs the emulated `brambled` end to end (tests/daemon-aarch64.sh).
+#      runs the emulated `brambled` end to end (tests/daemon-aarch64.sh),
+#      and flashes a fixture card whose installed `brambled` it then runs
+#      (tests/flash-aarch64.sh).
 #
 #   scripts/test.sh              # everything
 #   scripts/test.sh --host-only  # skip the aarch64 runs
@@ -56,6 +58,10 @@ if ! $host_only; then
     say "the aarch64 brambled under qemu serves an NDJSON and an HTTP request and exits 0 on SIGTERM"
     tests/daemon-aarch64.sh 2>&1 | tee -a "$log"
     # --- end brambled on aarch64
+    # --- flash: its `N passed, M failed` line counts in the summary below.
+    say "bramble flash onto a fixture card; the installed aarch64 brambled under qemu serves its installed config and model"
+    tests/flash-aarch64.sh 2>&1 | tee -a "$log"
+    # --- end flash
 fi
 say "all tests passed"
 # One closing line over every cargo test run above.
