@@ -389,3 +389,171 @@ fn the_host_brambled_serves_the_installed_config_and_model() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// A stand-in `ssh` and `scp` over a directory that plays the board: ssh logs
+/// its command line, answers the probe (`$FAKE_MACHINE`, 3884000 kB, /home/pi,
+/// /boot/firmware), `cat` of the boot files from the fixture, keeps what
+/// `sudo sh -s` reads, and fails the first `curl` of /health (the daemon is
+/// still starting) then answers it; scp copies what it is given into `uploaded/`.
+struct FakeBoard {
+    card: Card,
+    dir: PathBuf,
+}
+
+const FAKE_SSH: &str = r#"#!/bin/sh
+printf 'ssh %s\n' "$*" >> "$FAKE_BOARD/log"
+for remote; do :; done
+case "$remote" in
+    "uname -m"*) printf '%s\n' "${FAKE_MACHINE:-aarch64}" "3884000 kB" /home/pi /boot/firmware ;;
+    "cat /boot/firmware/config.txt") cat "$FAKE_BOARD/card/boot/config.txt" ;;
+    "cat /boot/firmware/cmdline.txt") cat "$FAKE_BOARD/card/boot/cmdline.txt" ;;
+    "mkdir -p /home/pi/.bramble-deploy") ;;
+    "sudo sh -s") cat > "$FAKE_BOARD/script.sh" ;;
+    curl*)
+        n=$(cat "$FAKE_BOARD/curls" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$FAKE_BOARD/curls"
+        if [ $n -lt 2 ]; then echo "curl: (7) Failed to connect to 127.0.0.1 port 8080" >&2; exit 7; fi
+        echo '{"status":"ok","model":"tiny","served":0}' ;;
+    *) echo "fake ssh: unexpected command: $remote" >&2; exit 1 ;;
+esac
+"#;
+
+const FAKE_SCP: &str = r#"#!/bin/sh
+printf 'scp %s\n' "$*" >> "$FAKE_BOARD/log"
+mkdir -p "$FAKE_BOARD/uploaded"
+count=$#; index=0; skip=no
+for argument; do
+    index=$((index + 1))
+    [ $index -lt $count ] || break
+    if [ $skip = yes ]; then skip=no; continue; fi
+    case "$argument" in -o) skip=yes; continue ;; -*) continue ;; esac
+    cp -L "$argument" "$FAKE_BOARD/uploaded/" || exit 1
+done
+"#;
+
+impl FakeBoard {
+    fn new() -> FakeBoard {
+        let card = Card::new();
+        let dir = card.dir.path().to_path_buf();
+        // The Card's trees double as the board's boot partition for `cat`.
+        std::fs::create_dir_all(dir.join("card")).unwrap();
+        copy_tree(&card.boot(), &dir.join("card/boot"));
+        for (name, text) in [("ssh", FAKE_SSH), ("scp", FAKE_SCP)] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        FakeBoard { card, dir }
+    }
+
+    fn deploy(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        self.deploy_with(&self.dir.join("ssh"), &self.dir.join("scp"), extra, env)
+    }
+
+    fn deploy_with(&self, ssh: &Path, scp: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut command = Command::new(bramble_tests::bramble_binary());
+        command
+            .args(["deploy", "--host", "pi@raspberrypi.local", "--health-timeout", "30"])
+            .arg("--model")
+            .arg(self.card.model())
+            .arg("--brambled")
+            .arg(self.card.brambled())
+            .arg("--ssh")
+            .arg(ssh)
+            .arg("--scp")
+            .arg(scp)
+            .args(extra)
+            .env("FAKE_BOARD", &self.dir)
+            .stdin(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.output().expect("run bramble deploy")
+    }
+
+    fn read(&self, path: &str) -> String {
+        let path = self.dir.join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+}
+
+#[test]
+fn deploy_probes_uploads_installs_restarts_and_waits_for_health() {
+    let board = FakeBoard::new();
+    let output = board.deploy(&[], &[]);
+    let stdout = succeeded(&output);
+    // MemTotal 3884000 kB: the 4 GB Pi 4.
+    assert!(stdout.contains("board: pi4-4gb"), "{stdout}");
+    assert!(stdout.contains("pi@raspberrypi.local: brambled is healthy: {\"status\":\"ok\""), "{stdout}");
+    assert!(stdout.contains("config.txt and cmdline.txt changed") && stdout.contains("sudo reboot"), "{stdout}");
+
+    // The commands, in order.
+    let log = board.read("log");
+    let commands: Vec<&str> = log.lines().map(|l| l.split_once(' ').unwrap().0).collect();
+    assert_eq!(commands, ["ssh", "ssh", "ssh", "ssh", "scp", "ssh", "ssh", "ssh"], "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines[0].ends_with("pi@raspberrypi.local uname -m; sed -n 's/^MemTotal: *//p' /proc/meminfo; echo \"$HOME\"; for d in /boot/firmware /boot; do if [ -f \"$d/config.txt\" ]; then echo \"$d\"; break; fi; done"), "{log}");
+    assert!(
+        lines[1].ends_with("cat /boot/firmware/config.txt") && lines[2].ends_with("cat /boot/firmware/cmdline.txt")
+    );
+    assert!(lines[4].ends_with("pi@raspberrypi.local:/home/pi/.bramble-deploy/"), "{log}");
+    assert!(lines[5].ends_with("sudo sh -s"));
+    assert!(lines[6].ends_with("curl -fsS --max-time 5 http://127.0.0.1:8080/health"), "{log}");
+    assert_eq!(board.read("curls").trim(), "2", "polled until the daemon answered");
+
+    // What went up: the binary, the model under its own name, the config, the unit, the edited boot files.
+    let uploaded = board.dir.join("uploaded");
+    assert_eq!(std::fs::read(uploaded.join("brambled")).unwrap(), fake_elf(183), "uploaded as brambled");
+    assert_eq!(std::fs::read(uploaded.join("tiny.bramble")).unwrap(), std::fs::read(board.card.model()).unwrap());
+    let config = board.read("uploaded/brambled.toml");
+    assert!(config.contains("model = \"/var/lib/brambled/tiny.bramble\"") && config.contains("threads = 4"));
+    bramble_tools::flash::check_board_config(&config).unwrap();
+    assert!(board.read("uploaded/config.txt").ends_with("enable_uart=1\ndtoverlay=disable-bt\n"));
+    assert!(board.read("uploaded/cmdline.txt").starts_with("console=tty1 root=PARTUUID="));
+
+    // The root script: the user, the files, the boot files with backups, the unit, the restart.
+    let script = board.read("script.sh");
+    for line in [
+        "staging=/home/pi/.bramble-deploy",
+        "id -u brambled >/dev/null 2>&1 || useradd --system",
+        "install -m 0755 \"$staging/brambled\" /usr/local/bin/brambled",
+        "install -m 0644 \"$staging/\"tiny.bramble /var/lib/brambled/tiny.bramble",
+        "install -m 0644 \"$staging/brambled.toml\" /etc/brambled.toml",
+        "[ -e /boot/firmware/cmdline.txt.bramble-bak ] || cp -p /boot/firmware/cmdline.txt /boot/firmware/cmdline.txt.bramble-bak",
+        "cat \"$staging/\"config.txt > /boot/firmware/config.txt",
+        "systemctl daemon-reload\nsystemctl enable brambled.service\nsystemctl restart brambled.service",
+    ] {
+        assert!(script.contains(line), "{line:?} not in the script:\n{script}");
+    }
+}
+
+#[test]
+fn deploy_dry_run_prints_the_commands_and_runs_nothing() {
+    let board = FakeBoard::new();
+    let output = board.deploy_with(Path::new("/nonexistent/ssh"), Path::new("/nonexistent/scp"), &["--dry-run"], &[]);
+    let stdout = succeeded(&output);
+    for expected in [
+        "plan (dry run: nothing runs on pi@raspberrypi.local):",
+        "/nonexistent/ssh -o BatchMode=yes pi@raspberrypi.local 'uname -m;",
+        "/nonexistent/ssh -o BatchMode=yes pi@raspberrypi.local 'mkdir -p /home/pi/.bramble-deploy'",
+        "/nonexistent/scp -q -o BatchMode=yes ",
+        " pi@raspberrypi.local:/home/pi/.bramble-deploy/",
+        "/nonexistent/ssh -o BatchMode=yes pi@raspberrypi.local 'sudo sh -s'",
+        "      | systemctl restart brambled.service",
+        "/nonexistent/ssh -o BatchMode=yes pi@raspberrypi.local 'curl -fsS --max-time 5 http://127.0.0.1:8080/health'",
+        "dry run: nothing was run",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} not in the plan:\n{stdout}");
+    }
+    assert!(!board.dir.join("log").exists(), "the dry run ran a command");
+}
+
+#[test]
+fn deploy_refuses_a_board_that_is_not_aarch64() {
+    let board = FakeBoard::new();
+    let stderr = failed(&board.deploy(&[], &[("FAKE_MACHINE", "armv7l")]));
+    assert!(
+        stderr.contains("pi@raspberrypi.local runs armv7l (uname -m); brambled needs a 64-bit Raspberry Pi OS"),
+        "{stderr}"
+    );
+    assert!(!board.dir.join("uploaded").exists() && !board.dir.join("script.sh").exists());
+}

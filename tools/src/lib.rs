@@ -5,6 +5,7 @@
 pub mod bias;
 pub mod calibrate;
 pub mod convert;
+pub mod deploy;
 pub mod flash;
 pub mod generate;
 pub mod profiles;

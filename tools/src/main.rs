@@ -72,6 +72,8 @@ enum Command {
     BiasEval(BiasEvalArgs),
     /// Install brambled, a model and its config into a mounted Raspberry Pi OS SD card.
     Flash(bramble_tools::flash::FlashArgs),
+    /// Install or update brambled, a model and its config on a running Pi over ssh; wait for /health.
+    Deploy(bramble_tools::deploy::DeployArgs),
     /// Print the token ids of a text (and each token's text).
     Tokenize {
         /// The image.
@@ -393,6 +395,7 @@ fn main() {
         Command::BiasData(args) => run_bias_data(args),
         Command::BiasEval(args) => run_bias_eval(args),
         Command::Flash(args) => bramble_tools::flash::run(args),
+        Command::Deploy(args) => bramble_tools::deploy::run(args),
         Command::Tokenize { model, text, add_special, parse_special, chat } => {
             run_tokenize(&model, &text, add_special, parse_special, chat)
         }
