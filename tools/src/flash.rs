@@ -145,8 +145,8 @@ pub fn check_board_config(text: &str) -> Result<()> {
 ///
 /// A line counts when it appears in the `[all]` scope (before any section
 /// filter, or after `[all]`). A `key=value` setting (`enable_uart=1`) whose key
-/// has another value there is changed in place (the firmware takes the last
-/// value); `dtoverlay=`/`dtparam=` lines, which accumulate, are only added.
+/// has another value there is changed in place, with a note on the line before (the
+/// firmware takes the last value, and config.txt has no trailing comments); `dtoverlay=`/`dtparam=` lines, which accumulate, are only added.
 pub fn edit_config_txt(text: &str, lines: &[&str]) -> Option<String> {
     let mut out: Vec<String> = text.lines().map(str::to_string).collect();
     let mut missing = Vec::new();
@@ -174,8 +174,11 @@ pub fn edit_config_txt(text: &str, lines: &[&str]) -> Option<String> {
         }
         match last_setting {
             // The last value in effect is another one: change it where it is.
+            // config.txt has no trailing comments: the note goes on a line of its own.
             Some(index) if !accumulates && out[index].split('#').next().unwrap_or("").trim() != *wanted => {
-                out[index] = format!("{wanted}  # was: {} (changed by bramble flash)", out[index].trim());
+                let note = format!("# bramble flash: was {}", out[index].trim());
+                out[index] = wanted.to_string();
+                out.insert(index, note);
             }
             _ if present => {}
             _ => missing.push(*wanted),
@@ -799,7 +802,7 @@ mod tests {
         let edited = edit_config_txt(text, &["enable_uart=1", "dtoverlay=disable-bt"]).unwrap();
         assert_eq!(
             edited,
-            "enable_uart=1  # was: enable_uart=0 (changed by bramble flash)\n[pi4]\narm_boost=1\n\n[all]\n\
+            "# bramble flash: was enable_uart=0\nenable_uart=1\n[pi4]\narm_boost=1\n\n[all]\n\
              # bramble flash: the PL011 UART on GPIO 14/15 for brambled's serial console\ndtoverlay=disable-bt\n"
         );
         assert_eq!(edit_config_txt(&edited, &["enable_uart=1", "dtoverlay=disable-bt"]), None);
