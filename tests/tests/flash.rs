@@ -510,7 +510,9 @@ fn deploy_probes_uploads_installs_restarts_and_waits_for_health() {
     assert!(board.read("uploaded/config.txt").ends_with("enable_uart=1\ndtoverlay=disable-bt\n"));
     assert!(board.read("uploaded/cmdline.txt").starts_with("console=tty1 root=PARTUUID="));
 
-    // The root script: the user, the files, the boot files with backups, the unit, the restart.
+    // The root script: valid sh; the user, the files, the boot files with backups, the unit, the restart.
+    let syntax = Command::new("sh").arg("-n").arg(board.dir.join("script.sh")).output().unwrap();
+    assert!(syntax.status.success(), "sh -n: {}", String::from_utf8_lossy(&syntax.stderr));
     let script = board.read("script.sh");
     for line in [
         "staging=/home/pi/.bramble-deploy",
