@@ -18,6 +18,7 @@ const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
 use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
 use crate::rsparse::{Rsparse, SparseModule};
+use half::f16;
 
 /// A weight matrix `[rows, cols]` borrowed from the image.
 #[derive(Debug, Clone, Copy)]
@@ -303,6 +304,9 @@ struct SparsePlan {
     plan: Rsparse,
     mode: SparseMode,
     layers: Vec<[Option<usize>; 7]>,
+    /// Each module's `U` transposed (`rank × rows`), so that `U · low` is
+    /// `rank` scaled additions of contiguous columns.
+    u_columns: Vec<Vec<f16>>,
 }
 
 /// The seven projections of a layer, in [`SparsePlan::layers`] order.
@@ -316,7 +320,6 @@ struct SparseScratch {
     rest: Vec<f32>,           // x ⊙ (1 − m) (batch, widest)
     low: Vec<f32>,            // SVᵀ · rest, then transposed (rank, batch) / (batch, rank)
     low_t: Vec<f32>,          // (batch, rank)
-    correction: Vec<f32>,     // U · low, rows outermost (rows, batch)
     mask: Vec<u32>,           // m, a bit a channel (batch, widest / 32)
     masked: u64,              // channels sent to the low-rank path since the last reset
     channels: u64,            // channels seen by sparse modules since the last reset
@@ -397,7 +400,6 @@ impl RunState {
             rest: vec![0.0; batch * widest],
             low: vec![0.0; batch * widest],
             low_t: vec![0.0; batch * widest],
-            correction: vec![0.0; batch * widest],
             mask: vec![0; batch * widest / GROUP],
             masked: 0,
             channels: 0,
@@ -589,7 +591,12 @@ impl<'a> Model<'a> {
             }
             layers[layer][p] = Some(index);
         }
-        self.sparse = Some(SparsePlan { plan, mode, layers });
+        let u_columns = plan
+            .modules
+            .iter()
+            .map(|m| (0..m.rank * m.rows).map(|i| m.u[(i % m.rows) * m.rank + i / m.rows]).collect())
+            .collect();
+        self.sparse = Some(SparsePlan { plan, mode, layers, u_columns });
         Ok(())
     }
 
@@ -646,11 +653,11 @@ impl<'a> Model<'a> {
         let n = x.len() / w.cols;
         let module = self.sparse.as_ref().and_then(|plan| {
             let covers = plan.mode == SparseMode::Always || n == 1;
-            plan.layers[l][p].filter(|_| covers).map(|i| &plan.plan.modules[i])
+            plan.layers[l][p].filter(|_| covers).map(|i| (&plan.plan.modules[i], &plan.u_columns[i][..]))
         });
         match module {
             None => w.matmul(self.kernels, &self.pool, x, xq, out, scratch),
-            Some(module) => self.sparse_linear(module, w, x, out, scratch, sparse),
+            Some((module, u_columns)) => self.sparse_linear(module, u_columns, w, x, out, scratch, sparse),
         }
     }
 
@@ -658,9 +665,11 @@ impl<'a> Model<'a> {
     /// the active channels' columns of a channel-major matrix (any other
     /// encoding runs its dense kernels on `x ⊙ m`: the same result, every
     /// weight read); the low-rank part is two f16 products.
+    #[allow(clippy::too_many_arguments)]
     fn sparse_linear(
         &self,
         module: &SparseModule,
+        u_columns: &[f16],
         w: &Matrix,
         x: &[f32],
         out: &mut [f32],
@@ -700,7 +709,8 @@ impl<'a> Model<'a> {
         if rank == 0 {
             return;
         }
-        // The rest through U · (SVᵀ · rest); the kernels write rows outermost.
+        // The rest through U · (SVᵀ · rest): SVᵀ · rest (rank values a token;
+        // the kernel writes them rank-outermost), then out += Σ_k low_k · U[:, k].
         let low = &mut s.low[..rank * n];
         (k.matmul_f16)(&module.sv, cols, rest, low);
         let low_t = &mut s.low_t[..n * rank];
@@ -709,12 +719,8 @@ impl<'a> Model<'a> {
                 low_t[b * rank + r] = v;
             }
         }
-        let correction = &mut s.correction[..rows * n];
-        (k.matmul_f16)(&module.u, rank, low_t, correction);
-        for (o, values) in correction.chunks_exact(n).enumerate() {
-            for (b, &v) in values.iter().enumerate() {
-                out[b * rows + o] += v;
-            }
+        for (token_low, out) in low_t.chunks_exact(rank).zip(out.chunks_exact_mut(rows)) {
+            (k.low_rank_add)(u_columns, token_low, out);
         }
     }
 

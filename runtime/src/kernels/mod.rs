@@ -78,6 +78,8 @@ pub struct Kernels {
     pub attention_values: AttentionValues,
     /// R-Sparse's split of a layer input into exact and low-rank channels.
     pub sparse_split: sparse::Split,
+    /// R-Sparse's `out += U · low`, `U` stored column by column.
+    pub low_rank_add: sparse::LowRankAdd,
 }
 
 impl Kernels {
@@ -102,6 +104,7 @@ impl Kernels {
         attention_scores: attention::scalar::scores,
         attention_values: attention::scalar::values,
         sparse_split: sparse::scalar::split,
+        low_rank_add: sparse::scalar::low_rank_add,
     };
 
     /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
@@ -126,6 +129,7 @@ impl Kernels {
         attention_scores: attention::neon::scores,
         attention_values: attention::neon::values,
         sparse_split: sparse::neon::split,
+        low_rank_add: sparse::neon::low_rank_add,
     };
 
     /// NEON with the dot-product extension for the integer products (the

@@ -587,14 +587,15 @@ fn channel_mask(blocks: usize, percent: u32, seed: u32) -> Vec<u32> {
 
 /// Channel-major products over a mask against the row-major reference on
 /// the masked activation: the scalar kernels give its bits, every table
-/// stays within the integer-product bound; for whole and partial row ranges
+/// stays within the integer-product bound; 1 to 18 column blocks (the NEON
+/// kernel gathers 16 at a time); for whole and partial row ranges
 /// (threads split by tiles), one to five tiles (the NEON kernel takes two
 /// at a time, then one), masks from empty to full and `None`.
 #[test]
 fn channel_major_matmuls_match_the_row_major_reference() {
     for tiles in 1..=5 {
         let rows = tiles * quant::CHANNEL_TILE;
-        for blocks in [1, 2, 5] {
+        for blocks in [1, 2, 5, 18] {
             let cols = blocks * GROUP;
             let w = data(rows * cols, (rows * 10 + blocks) as u32);
             for encoding in [Encoding::Q8C, Encoding::Q4C] {

@@ -173,72 +173,178 @@ pub mod neon {
     use super::super::neon::{widen_f16, widen_f16_high};
     use super::*;
     use std::arch::aarch64::*;
+    use std::arch::asm;
 
-    /// Tiles of rows one pass over a block's active channels covers: two
-    /// (64 rows, 8 sixteen-bit accumulators), then one for an odd last tile.
-    const TILES_PER_PASS: usize = 2;
+    /// Column blocks whose active channels are gathered at once: the rows'
+    /// results then stay in registers across these many blocks.
+    const CHUNK_BLOCKS: usize = 16;
 
-    /// Adds block `at`'s contribution for `T` tiles of rows from `first` to
-    /// `out` (the rows' results, `out[0]` being row `first`).
+    /// The active channels of up to [`CHUNK_BLOCKS`] column blocks: each
+    /// channel's column (a pointer to its first row) and activation value,
+    /// and per block with any, its channels' range, `Σq` and offsets.
+    struct Chunk {
+        columns: [*const u8; CHUNK_BLOCKS * GROUP],
+        values: [i8; CHUNK_BLOCKS * GROUP],
+        blocks: [(usize, usize, i32, usize); CHUNK_BLOCKS], // (first channel, end, Σq, block index)
+        n_blocks: usize,
+    }
+
+    /// Each row's 16-bit sum of its values times the activation values over
+    /// `n` (≥ 1) channels, for `T` (1 or 2) tiles of rows starting at byte
+    /// `offset` of each column: `[tile][rows 0–7, 8–15, 16–23, 24–31]`.
+    /// One `asm!` loop (20 instructions a channel): the compiler splits
+    /// `smlal2` into `ext` + `smlal` against a broadcast operand.
     ///
     /// # Safety
-    /// `weights` holds the whole block `at` of a `total_rows`-row Q4C
-    /// matrix, rows `first .. first + 32·T` exist, `channels[..n]` are
-    /// below 32, and `out` has `32·T` values.
+    /// `columns` and `values` have `n` entries, and each column holds
+    /// `offset + 16·T` bytes.
+    #[inline(always)]
+    unsafe fn channel_sums<const T: usize>(
+        columns: *const *const u8,
+        values: *const i8,
+        n: usize,
+        offset: usize,
+    ) -> [[int16x8_t; 4]; T] {
+        let zero = vdupq_n_s16(0);
+        let (mut s0, mut s1, mut s2, mut s3, mut s4, mut s5, mut s6, mut s7) =
+            (zero, zero, zero, zero, zero, zero, zero, zero);
+        // SAFETY: reads `n` pointers and values, and 16·T bytes at `offset`
+        // of each column (caller's contract); registers otherwise.
+        unsafe {
+            if T == 2 {
+                asm!(
+                    "2:",
+                    "ldr {p}, [{columns}], #8",
+                    "ld1r {{{q:v}.16b}}, [{values}], #1",
+                    "add {p}, {p}, {offset}",
+                    "ldp {a:q}, {b:q}, [{p}]",
+                    // Low nibbles: rows 0–15 of each tile; high: rows 16–31.
+                    "shl {la:v}.16b, {a:v}.16b, #4",
+                    "shl {lb:v}.16b, {b:v}.16b, #4",
+                    "sshr {a:v}.16b, {a:v}.16b, #4",
+                    "sshr {b:v}.16b, {b:v}.16b, #4",
+                    "sshr {la:v}.16b, {la:v}.16b, #4",
+                    "sshr {lb:v}.16b, {lb:v}.16b, #4",
+                    "smlal {s0:v}.8h, {la:v}.8b, {q:v}.8b",
+                    "smlal2 {s1:v}.8h, {la:v}.16b, {q:v}.16b",
+                    "smlal {s2:v}.8h, {a:v}.8b, {q:v}.8b",
+                    "smlal2 {s3:v}.8h, {a:v}.16b, {q:v}.16b",
+                    "smlal {s4:v}.8h, {lb:v}.8b, {q:v}.8b",
+                    "smlal2 {s5:v}.8h, {lb:v}.16b, {q:v}.16b",
+                    "smlal {s6:v}.8h, {b:v}.8b, {q:v}.8b",
+                    "smlal2 {s7:v}.8h, {b:v}.16b, {q:v}.16b",
+                    "subs {n}, {n}, #1",
+                    "b.ne 2b",
+                    columns = inout(reg) columns => _,
+                    values = inout(reg) values => _,
+                    n = inout(reg) n => _,
+                    offset = in(reg) offset,
+                    p = out(reg) _,
+                    q = out(vreg) _, a = out(vreg) _, b = out(vreg) _, la = out(vreg) _, lb = out(vreg) _,
+                    s0 = inout(vreg) s0, s1 = inout(vreg) s1, s2 = inout(vreg) s2, s3 = inout(vreg) s3,
+                    s4 = inout(vreg) s4, s5 = inout(vreg) s5, s6 = inout(vreg) s6, s7 = inout(vreg) s7,
+                    options(nostack, readonly),
+                );
+            } else {
+                asm!(
+                    "2:",
+                    "ldr {p}, [{columns}], #8",
+                    "ld1r {{{q:v}.16b}}, [{values}], #1",
+                    "ldr {a:q}, [{p}, {offset}]",
+                    "shl {la:v}.16b, {a:v}.16b, #4",
+                    "sshr {a:v}.16b, {a:v}.16b, #4",
+                    "sshr {la:v}.16b, {la:v}.16b, #4",
+                    "smlal {s0:v}.8h, {la:v}.8b, {q:v}.8b",
+                    "smlal2 {s1:v}.8h, {la:v}.16b, {q:v}.16b",
+                    "smlal {s2:v}.8h, {a:v}.8b, {q:v}.8b",
+                    "smlal2 {s3:v}.8h, {a:v}.16b, {q:v}.16b",
+                    "subs {n}, {n}, #1",
+                    "b.ne 2b",
+                    columns = inout(reg) columns => _,
+                    values = inout(reg) values => _,
+                    n = inout(reg) n => _,
+                    offset = in(reg) offset,
+                    p = out(reg) _,
+                    q = out(vreg) _, a = out(vreg) _, la = out(vreg) _,
+                    s0 = inout(vreg) s0, s1 = inout(vreg) s1, s2 = inout(vreg) s2, s3 = inout(vreg) s3,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        let all = [[s0, s1, s2, s3], [s4, s5, s6, s7]];
+        std::array::from_fn(|t| all[t])
+    }
+
+    /// Adds the chunk's blocks' contributions for `T` tiles of rows from
+    /// `first` to `out` (row `first` at `out[0]`), the results held in
+    /// registers across the blocks.
+    ///
+    /// # Safety
+    /// `weights` is a Q4C matrix of `total_rows` rows, the chunk's column
+    /// pointers point into it at channels of its blocks, rows
+    /// `first .. first + 32·T` exist, and `out` has `32·T` values.
     #[inline(always)]
     unsafe fn q4c_tiles<const T: usize>(
         weights: *const u8,
-        at: &ChannelBlock,
+        total_rows: usize,
+        chunk: &Chunk,
+        x: &[BlockQ8Act],
         first: usize,
-        channels: &[usize; GROUP],
-        values: &[i8; GROUP],
-        n: usize,
-        sum_q: i32,
-        a: &BlockQ8Act,
         out: *mut f32,
     ) {
-        // SAFETY (whole body): the reads are inside the block's columns and
-        // scales for rows `first .. first + 32·T` (caller's contract), the
-        // writes inside `out[..32·T]`.
+        // SAFETY (whole body): the reads are inside the chunk's columns and
+        // its blocks' scales for rows `first .. first + 32·T` (caller's
+        // contract), the writes inside `out[..32·T]`.
         unsafe {
-            let mut sums = [[vdupq_n_s16(0); 4]; T];
-            let base = weights.add(at.columns + first / 2);
-            for i in 0..n {
-                let column = base.add(channels[i] * at.column_bytes);
-                let q = vdupq_n_s8(values[i]);
-                for (t, sums) in sums.iter_mut().enumerate() {
-                    let packed = vld1q_s8(column.add(16 * t) as *const i8);
-                    // Rows 0–15 from the low nibbles, 16–31 from the high, sign-extended.
-                    let low = vshrq_n_s8::<4>(vshlq_n_s8::<4>(packed));
-                    let high = vshrq_n_s8::<4>(packed);
-                    sums[0] = vmlal_s8(sums[0], vget_low_s8(low), vget_low_s8(q));
-                    sums[1] = vmlal_high_s8(sums[1], low, q);
-                    sums[2] = vmlal_s8(sums[2], vget_low_s8(high), vget_low_s8(q));
-                    sums[3] = vmlal_high_s8(sums[3], high, q);
+            let mut results = [[vdupq_n_f32(0.0); 8]; T];
+            for (t, results) in results.iter_mut().enumerate() {
+                for (e, r) in results.iter_mut().enumerate() {
+                    *r = vld1q_f32(out.add(32 * t + 4 * e));
                 }
             }
-            // out[r] += d·dₓ·(sum + 8·Σq) + m·s, four rows a vector.
-            let (bias, dx, s) = (vdupq_n_s32(8 * sum_q), a.d, a.s);
-            for (t, sums) in sums.iter().enumerate() {
-                for (e, &sum) in sums.iter().enumerate() {
-                    let row = first + 32 * t + 8 * e;
-                    let d = vld1q_u16(weights.add(at.scales + 2 * row) as *const u16);
-                    let m = vld1q_u16(weights.add(at.mins + 2 * row) as *const u16);
-                    let halves = [
-                        (vmovl_s16(vget_low_s16(sum)), widen_f16(vget_low_u16(d)), widen_f16(vget_low_u16(m))),
-                        (vmovl_high_s16(sum), widen_f16_high(d), widen_f16_high(m)),
-                    ];
-                    for (h, (isum, d, m)) in halves.into_iter().enumerate() {
-                        let o = out.add(32 * t + 8 * e + 4 * h);
-                        let product = vmulq_f32(vmulq_n_f32(d, dx), vcvtq_f32_s32(vaddq_s32(isum, bias)));
-                        vst1q_f32(o, vaddq_f32(vld1q_f32(o), vfmaq_n_f32(product, m, s)));
+            for &(start, end, sum_q, b) in &chunk.blocks[..chunk.n_blocks] {
+                let sums = channel_sums::<T>(
+                    chunk.columns.as_ptr().add(start),
+                    chunk.values.as_ptr().add(start),
+                    end - start,
+                    first / 2,
+                );
+                // results[r] += d·dₓ·(sum + 8·Σq) + m·s, four rows a vector.
+                let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
+                let (bias, dx, s) = (vdupq_n_s32(8 * sum_q), x[b].d, x[b].s);
+                for (t, (sums, results)) in sums.iter().zip(results.iter_mut()).enumerate() {
+                    for (e, &sum) in sums.iter().enumerate() {
+                        let row = first + 32 * t + 8 * e;
+                        let d = vld1q_u16(weights.add(at.scales + 2 * row) as *const u16);
+                        let m = vld1q_u16(weights.add(at.mins + 2 * row) as *const u16);
+                        let halves = [
+                            (
+                                vaddw_s16(bias, vget_low_s16(sum)),
+                                widen_f16(vget_low_u16(d)),
+                                widen_f16(vget_low_u16(m)),
+                            ),
+                            (vaddw_high_s16(bias, sum), widen_f16_high(d), widen_f16_high(m)),
+                        ];
+                        for (h, (isum, d, m)) in halves.into_iter().enumerate() {
+                            let r = &mut results[2 * e + h];
+                            *r = vfmaq_f32(*r, vmulq_n_f32(d, dx), vcvtq_f32_s32(isum));
+                            *r = vfmaq_n_f32(*r, m, s);
+                        }
                     }
+                }
+            }
+            for (t, results) in results.iter().enumerate() {
+                for (e, &r) in results.iter().enumerate() {
+                    vst1q_f32(out.add(32 * t + 4 * e), r);
                 }
             }
         }
     }
 
-    /// Channel-major asymmetric Q4 ([`Encoding::Q4C`]).
+    /// Channel-major asymmetric Q4 ([`Encoding::Q4C`]): per chunk of column
+    /// blocks, the active channels gathered once, then 64 rows a pass (32
+    /// for an odd last tile), each row's 16-bit sum per block and f32
+    /// result in registers.
     pub fn matmul_q4c(
         weights: &[u8],
         total_rows: usize,
@@ -250,26 +356,47 @@ pub mod neon {
     ) {
         check(Encoding::Q4C, weights, total_rows, cols, &rows, x, mask, out);
         out.fill(0.0);
-        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
-        let pass = TILES_PER_PASS * CHANNEL_TILE;
-        for (b, a) in x.iter().enumerate() {
-            let (n, sum_q) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
-            if n == 0 {
+        let mut chunk = Chunk {
+            columns: [std::ptr::null(); CHUNK_BLOCKS * GROUP],
+            values: [0; CHUNK_BLOCKS * GROUP],
+            blocks: [(0, 0, 0, 0); CHUNK_BLOCKS],
+            n_blocks: 0,
+        };
+        let w = weights.as_ptr();
+        for chunk_start in (0..x.len()).step_by(CHUNK_BLOCKS) {
+            chunk.n_blocks = 0;
+            let mut n = 0;
+            for b in chunk_start..x.len().min(chunk_start + CHUNK_BLOCKS) {
+                let (start, mut bits, mut sum_q) = (n, mask.map_or(u32::MAX, |m| m[b]), 0);
+                let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    // SAFETY: channel `j` of block `b` is inside `weights` (`check`).
+                    chunk.columns[n] = unsafe { w.add(at.columns + j * at.column_bytes) };
+                    chunk.values[n] = x[b].qs[j];
+                    sum_q += x[b].qs[j] as i32;
+                    n += 1;
+                }
+                if n > start {
+                    chunk.blocks[chunk.n_blocks] = (start, n, sum_q, b);
+                    chunk.n_blocks += 1;
+                }
+            }
+            if chunk.n_blocks == 0 {
                 continue;
             }
-            let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
+            let pass = 2 * CHANNEL_TILE;
             let mut first = rows.start;
-            // SAFETY: `check` put block `b` and rows `rows` inside `weights`
-            // and `out` one value per row; the active channels are below 32.
+            // SAFETY: `check` put every block and the rows `rows` (whole
+            // tiles) inside `weights`, and gave `out` one value per row.
             unsafe {
                 while first + pass <= rows.end {
-                    let o = out.as_mut_ptr().add(first - rows.start);
-                    q4c_tiles::<TILES_PER_PASS>(weights.as_ptr(), &at, first, &channels, &values, n, sum_q, a, o);
+                    q4c_tiles::<2>(w, total_rows, &chunk, x, first, out.as_mut_ptr().add(first - rows.start));
                     first += pass;
                 }
                 if first < rows.end {
-                    let o = out.as_mut_ptr().add(first - rows.start);
-                    q4c_tiles::<1>(weights.as_ptr(), &at, first, &channels, &values, n, sum_q, a, o);
+                    q4c_tiles::<1>(w, total_rows, &chunk, x, first, out.as_mut_ptr().add(first - rows.start));
                 }
             }
         }
