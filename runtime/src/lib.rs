@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod allocations;
+pub mod bias;
 pub mod chat;
 pub mod config;
 pub mod error;

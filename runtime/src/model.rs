@@ -16,6 +16,7 @@ use std::sync::Mutex;
 /// Rows a kernel step handles together (the dotprod kernels take 8); thread splits fall on multiples of it.
 const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
+use crate::bias::{BiasConstraint, ProjectionStats};
 use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
 use crate::rsparse::{Rsparse, SparseModule};
 use half::f16;
@@ -287,6 +288,8 @@ pub struct Model<'a> {
     pub pool: ThreadPool,
     /// The R-Sparse plan in use, if any ([`Model::set_sparsity`]).
     sparse: Option<SparsePlan>,
+    /// The bias constraint in use, if any ([`Model::set_bias`]).
+    bias: Option<BiasConstraint>,
 }
 
 /// When the R-Sparse path runs.
@@ -349,6 +352,10 @@ pub struct RunState {
     rope_cos: Vec<f32>,    // (context, rope_dim / 2)
     rope_sin: Vec<f32>,    // (context, rope_dim / 2)
     sparse: SparseScratch,
+    /// The bias constraint's weights `w_l` in force for this state (layers).
+    bias_weights: Vec<f32>,
+    /// The projections `h · d_l` recorded since the last reset.
+    projections: ProjectionStats,
 }
 
 impl RunState {
@@ -387,6 +394,8 @@ impl RunState {
             rope_cos,
             rope_sin,
             sparse: SparseScratch::default(),
+            bias_weights: vec![0.0; layers],
+            projections: ProjectionStats::new(layers),
         }
     }
 
@@ -416,6 +425,31 @@ impl RunState {
         let share = (s.channels > 0).then(|| s.masked as f64 / s.channels as f64);
         (s.masked, s.channels) = (0, 0);
         share
+    }
+
+    /// The bias constraint's weights in force (one a layer; zero without a constraint).
+    pub fn bias_weights(&self) -> &[f32] {
+        &self.bias_weights
+    }
+    /// Sets the bias constraint's weights (one a layer, each in [0, 1]).
+    pub fn set_bias_weights(&mut self, weights: &[f32]) -> Result<()> {
+        if weights.len() != self.bias_weights.len() || !weights.iter().all(|w| (0.0..=1.0).contains(w)) {
+            return Err(Error::invalid(format!(
+                "bias weights: {} values for {} layers, each must be in [0, 1]",
+                weights.len(),
+                self.bias_weights.len()
+            )));
+        }
+        self.bias_weights.copy_from_slice(weights);
+        Ok(())
+    }
+    /// The projections `h · d_l` recorded since the last [`RunState::reset_projections`].
+    pub fn projections(&self) -> &ProjectionStats {
+        &self.projections
+    }
+    /// Starts a new record of projections (keeps the buffers).
+    pub fn reset_projections(&mut self) {
+        self.projections.reset();
     }
 
     /// Weight bytes the R-Sparse modules read since the last call, and what
@@ -464,6 +498,9 @@ pub enum Site {
     FfnInput,
     /// `silu(gate) ⊙ up`: input of down.
     FfnHidden,
+    /// The residual stream after the layer (and its bias constraint): no
+    /// module's input here, the next layer's RMSNorm reads it.
+    Residual,
 }
 
 impl Site {
@@ -474,6 +511,7 @@ impl Site {
             Site::AttentionOutput => &["attn_output"],
             Site::FfnInput => &["ffn_gate", "ffn_up"],
             Site::FfnHidden => &["ffn_down"],
+            Site::Residual => &[],
         }
     }
 }
@@ -553,7 +591,7 @@ impl<'a> Model<'a> {
             )));
         }
         let weights = Weights { token_embd, layers, output_norm: vector("output_norm.weight")?, output };
-        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads), sparse: None })
+        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads), sparse: None, bias: None })
     }
 
     /// Uses an R-Sparse plan (`None`: dense). Every module must name one of
@@ -600,6 +638,38 @@ impl<'a> Model<'a> {
         Ok(())
     }
 
+    /// Uses a bias constraint (`None`: none). Its directions must match the
+    /// model's layers and width. States made afterwards start with its
+    /// predefined weights.
+    pub fn set_bias(&mut self, constraint: Option<BiasConstraint>) -> Result<()> {
+        if let Some(c) = &constraint {
+            c.check()?;
+            if (c.layers, c.dim) != (self.weights.layers.len(), self.config.dim as usize) {
+                return Err(Error::invalid(format!(
+                    "bias constraint for {} layers of width {}, the model has {} of width {}",
+                    c.layers,
+                    c.dim,
+                    self.weights.layers.len(),
+                    self.config.dim
+                )));
+            }
+        }
+        self.bias = constraint;
+        Ok(())
+    }
+
+    /// Uses the image's own `bias` section, if it has one; returns whether it did.
+    pub fn use_image_bias(&mut self, image: &ModelImage) -> Result<bool> {
+        let Some(bytes) = image.section(crate::bias::SECTION) else { return Ok(false) };
+        self.set_bias(Some(BiasConstraint::from_section(bytes)?))?;
+        Ok(true)
+    }
+
+    /// The bias constraint in use.
+    pub fn bias(&self) -> Option<&BiasConstraint> {
+        self.bias.as_ref()
+    }
+
     /// Uses the image's own `rsparse` section, if it has one; returns
     /// whether it did.
     pub fn use_image_sparsity(&mut self, image: &ModelImage, mode: SparseMode) -> Result<bool> {
@@ -615,10 +685,14 @@ impl<'a> Model<'a> {
 
     /// A [`RunState`] for this model.
     pub fn new_state(&self, context: usize, batch: usize) -> RunState {
-        match self.sparse {
+        let mut state = match self.sparse {
             Some(_) => RunState::with_sparse(&self.config, context, batch),
             None => RunState::new(&self.config, context, batch),
+        };
+        if let Some(c) = &self.bias {
+            state.bias_weights.copy_from_slice(&c.weights);
         }
+        state
     }
 
     /// Bytes of weights one decoded token reads (every matrix once, one embedding row).
@@ -878,6 +952,20 @@ impl<'a> Model<'a> {
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
                 *x += o;
             }
+
+            // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l) d_l.
+            if let Some(c) = &self.bias {
+                let (d, w) = (c.direction(l), s.bias_weights[l]);
+                for h in s.x[..n * dim].chunks_exact_mut(dim) {
+                    let p = (k.project_out)(h, d, w) as f64;
+                    s.projections.sum[l] += p;
+                    s.projections.sum_squares[l] += p * p;
+                }
+            }
+            observe(l, Site::Residual, &s.x[..n * dim]);
+        }
+        if self.bias.is_some() {
+            s.projections.tokens += n as u64;
         }
 
         // Final RMSNorm and the output layer, for the tokens whose logits are wanted.

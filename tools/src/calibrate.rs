@@ -46,12 +46,14 @@ fn site_of(projection: usize) -> Site {
         .expect("every projection reads one of the four sites")
 }
 
-fn site_index(site: Site) -> usize {
+/// The site's index among the four module inputs (`None` for the residual stream).
+fn site_index(site: Site) -> Option<usize> {
     match site {
-        Site::AttentionInput => 0,
-        Site::AttentionOutput => 1,
-        Site::FfnInput => 2,
-        Site::FfnHidden => 3,
+        Site::AttentionInput => Some(0),
+        Site::AttentionOutput => Some(1),
+        Site::FfnInput => Some(2),
+        Site::FfnHidden => Some(3),
+        Site::Residual => None,
     }
 }
 
@@ -590,8 +592,9 @@ pub fn calibrate(input: &Path, text: &str, output: &Path, options: &CalibrateOpt
             while pos < window.len() {
                 let n = state.batch.min(window.len() - pos);
                 let mut see = |layer: usize, site: Site, values: &[f32]| {
-                    let s = site_index(site);
-                    reservoirs[layer][s].offer(values, widths[s]);
+                    if let Some(s) = site_index(site) {
+                        reservoirs[layer][s].offer(values, widths[s]);
+                    }
                 };
                 model.forward_observed(&mut state, &window[pos..pos + n], pos, Logits::Last, Some(&mut see))?;
                 pos += n;
@@ -614,7 +617,7 @@ pub fn calibrate(input: &Path, text: &str, output: &Path, options: &CalibrateOpt
             let rank = rank.min(m.max_rank);
             let pure = alpha >= 1.0;
             let scores = if pure { vec![1.0; m.cols] } else { m.scores.clone() };
-            let samples = &reservoirs[m.layer][site_index(site_of(m.projection))].samples;
+            let samples = &reservoirs[m.layer][site_index(site_of(m.projection)).expect("a module input")].samples;
             let tau =
                 *thresholds.entry((index, kept, pure)).or_insert_with(|| threshold(samples, &scores, kept, m.cols));
             let sv: Vec<f16> = m.sv[..rank * m.cols].iter().map(|&v| f16::from_f32(v)).collect();

@@ -80,6 +80,8 @@ pub struct Kernels {
     pub sparse_split: sparse::Split,
     /// R-Sparse's `out += U · low`, `U` stored column by column.
     pub low_rank_add: sparse::LowRankAdd,
+    /// The bias constraint on one hidden state: `(h, d, w) → h · d`, `h −= w·(h·d)·d`.
+    pub project_out: fn(&mut [f32], &[f32], f32) -> f32,
 }
 
 impl Kernels {
@@ -105,6 +107,7 @@ impl Kernels {
         attention_values: attention::scalar::values,
         sparse_split: sparse::scalar::split,
         low_rank_add: sparse::scalar::low_rank_add,
+        project_out: ops::scalar::project_out,
     };
 
     /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
@@ -130,6 +133,7 @@ impl Kernels {
         attention_values: attention::neon::values,
         sparse_split: sparse::neon::split,
         low_rank_add: sparse::neon::low_rank_add,
+        project_out: ops::neon::project_out,
     };
 
     /// NEON with the dot-product extension for the integer products (the

@@ -48,6 +48,19 @@ pub mod scalar {
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         crate::kernels::matmul::scalar::dot_f32(a, b)
     }
+
+    /// The bias constraint on one hidden state: `p = h · d`, then
+    /// `h ← h − w·p·d` (skipped for `w = 0`). Returns `p`.
+    pub fn project_out(h: &mut [f32], d: &[f32], w: f32) -> f32 {
+        let p = dot(h, d);
+        if w != 0.0 {
+            let c = w * p;
+            for (x, v) in h.iter_mut().zip(d) {
+                *x -= c * v;
+            }
+        }
+        p
+    }
 }
 
 /// NEON (ARMv8.0) versions. `exp` is a polynomial (`neon::exp`); the
@@ -107,6 +120,27 @@ pub mod neon {
             unsafe { vst1q_f32(padded.as_mut_ptr(), f(vld1q_f32(padded.as_ptr()))) };
             rest.copy_from_slice(&padded[..rest.len()]);
         }
+    }
+
+    /// See `scalar::project_out`: the dot product as [`dot`], the removal four lanes a step.
+    pub fn project_out(h: &mut [f32], d: &[f32], w: f32) -> f32 {
+        let p = dot(h, d);
+        if w != 0.0 {
+            let c = w * p;
+            let n = h.len().min(d.len());
+            let full = n - n % 4;
+            for i in (0..full).step_by(4) {
+                // SAFETY: `i + 4 ≤ full ≤ n`, within both slices.
+                unsafe {
+                    let x = vld1q_f32(h.as_ptr().add(i));
+                    vst1q_f32(h.as_mut_ptr().add(i), vfmsq_n_f32(x, vld1q_f32(d.as_ptr().add(i)), c));
+                }
+            }
+            for i in full..n {
+                h[i] -= c * d[i];
+            }
+        }
+        p
     }
 
     /// `Σ a·b`, sixteen products a step in four accumulators.

@@ -672,3 +672,40 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
         }
     }
 }
+
+/// The bias constraint: the projection is a dot product (summation order
+/// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·d|`), and the removal leaves `h`
+/// orthogonal to a unit `d` when `w = 1`.
+#[test]
+fn project_out_matches_the_reference() {
+    for n in [1, 3, 4, 17, 64, 577] {
+        let h = data(n, n as u32);
+        let mut d = data(n, 7 + n as u32);
+        let norm = d.iter().map(|v| v * v).sum::<f32>().sqrt();
+        d.iter_mut().for_each(|v| *v /= norm);
+        let magnitude: f32 = h.iter().zip(&d).map(|(a, b)| (a * b).abs()).sum();
+        for w in [0.0, 0.5, 1.0] {
+            let mut expected = h.clone();
+            let p_ref = (Kernels::SCALAR.project_out)(&mut expected, &d, w);
+            if w == 0.0 {
+                assert_eq!(expected, h, "w = 0 leaves h alone");
+            }
+            for k in Kernels::all_available() {
+                let mut got = h.clone();
+                let p = (k.project_out)(&mut got, &d, w);
+                assert!(close(p, p_ref, FLOAT_DOT_RELATIVE * magnitude + TINY), "{} n={n}: {p} vs {p_ref}", k.name);
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(
+                        close(*g, *e, 2.0 * FLOAT_DOT_RELATIVE * (magnitude + e.abs()) + TINY),
+                        "{} n={n} w={w}: {g} vs {e}",
+                        k.name
+                    );
+                }
+                if w == 1.0 {
+                    let left: f32 = got.iter().zip(&d).map(|(a, b)| a * b).sum();
+                    assert!(left.abs() <= 1e-4 * (1.0 + magnitude), "{} n={n}: {left} left along d", k.name);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! The bias constraint in the forward pass: after each layer the hidden
+//! state loses `w_l` of its component along `d_l`, and `h · d_l` is recorded.
+
+mod common;
+
+use bramble_runtime::bias::BiasConstraint;
+use bramble_runtime::kernels::Kernels;
+use bramble_runtime::model::{Logits, Model, Site};
+use bramble_runtime::ModelImage;
+
+fn constraint(dim: usize, weight: f32) -> BiasConstraint {
+    // A unit direction with every component nonzero.
+    let raw: Vec<f32> = (0..dim).map(|i| 1.0 + (i % 3) as f32).collect();
+    let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+    BiasConstraint {
+        layers: 1,
+        dim,
+        directions: raw.iter().map(|v| v / norm).collect(),
+        weights: vec![weight],
+        baseline_mean: vec![0.0],
+        baseline_std: vec![1.0],
+    }
+}
+
+#[test]
+fn the_constraint_removes_its_share_and_records_projections() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let tokens = [1u32, 3, 4, 5];
+    for kernels in Kernels::all_available() {
+        let mut model = Model::with_options(&image, kernels, 1).unwrap();
+        let dim = model.config.dim as usize;
+        let mut state = model.new_state(16, 4);
+        let plain = model.forward(&mut state, &tokens, 0, Logits::All).unwrap().to_vec();
+        assert_eq!(state.projections().tokens, 0, "no constraint, nothing recorded");
+
+        // w = 0: the same logits, bit for bit, and the projections recorded.
+        model.set_bias(Some(constraint(dim, 0.0))).unwrap();
+        let mut state = model.new_state(16, 4);
+        let mut residual = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                residual = values.to_vec();
+            }
+        };
+        let same = model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
+        assert_eq!(same, plain, "{}: w = 0 changes nothing", kernels.name);
+        let d = constraint(dim, 0.0).directions;
+        let expected: f64 =
+            residual.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>() as f64).sum();
+        let stats = state.projections();
+        assert_eq!(stats.tokens, 4);
+        assert!(
+            (stats.sum[0] - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+            "{}: {} vs {expected}",
+            kernels.name,
+            stats.sum[0]
+        );
+        assert!(expected.abs() > 1e-3, "the fixture's states have a component along d");
+
+        // w = 1 (the state's predefined weight): nothing is left along d.
+        model.set_bias(Some(constraint(dim, 1.0))).unwrap();
+        let mut state = model.new_state(16, 4);
+        assert_eq!(state.bias_weights(), &[1.0]);
+        let mut left = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                left = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
+            }
+        };
+        let changed = model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
+        assert!(left.iter().all(|p| p.abs() < 1e-4), "{}: {left:?}", kernels.name);
+        assert_ne!(changed, plain, "{}: removing a direction changes the logits", kernels.name);
+        // The weights are the state's: setting them back to 0 gives the plain logits.
+        state.set_bias_weights(&[0.0]).unwrap();
+        state.reset_projections();
+        let back = model.forward(&mut state, &tokens, 0, Logits::All).unwrap().to_vec();
+        assert_eq!(back, plain);
+        assert!(state.set_bias_weights(&[1.5]).unwrap_err().message().contains("[0, 1]"));
+        assert!(state.set_bias_weights(&[0.5, 0.5]).is_err());
+    }
+}
+
+#[test]
+fn a_constraint_of_the_wrong_shape_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let mut model = Model::new(&image).unwrap();
+    let error = model.set_bias(Some(constraint(16, 0.5))).unwrap_err();
+    assert!(error.message().contains("width 16"), "{error}");
+    let mut two = constraint(32, 0.5);
+    two.layers = 2;
+    assert!(model.set_bias(Some(two)).is_err());
+}
