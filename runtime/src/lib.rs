@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod kernels;
+pub mod kv;
 pub mod model;
 pub mod quant;
 pub mod rsparse;

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
 use crate::kernels::pool::{split_range, ThreadPool, MAX_THREADS};
 use crate::kernels::Kernels;
+use crate::kv::{KvCache, KvMode};
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -290,6 +291,8 @@ pub struct Model<'a> {
     sparse: Option<SparsePlan>,
     /// The bias constraint in use, if any ([`Model::set_bias`]).
     bias: Option<BiasConstraint>,
+    /// How the states' KV caches store keys and values ([`Model::set_kv_mode`]).
+    kv_mode: KvMode,
 }
 
 /// When the R-Sparse path runs.
@@ -337,20 +340,21 @@ pub struct RunState {
     pub batch: usize,
     /// Positions the KV cache holds.
     pub context: usize,
-    x: Vec<f32>,           // residual stream (batch, dim)
-    xb: Vec<f32>,          // normed input / projection output (batch, max(dim, q_dim))
-    xb2: Vec<f32>,         // attention output (batch, q_dim)
-    xq: Vec<BlockQ8Act>,   // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
-    q: Vec<f32>,           // queries (batch, q_dim)
-    hb: Vec<f32>,          // FFN gate (batch, ffn_dim)
-    hb2: Vec<f32>,         // FFN up (batch, ffn_dim)
-    att: Vec<f32>,         // attention scores of the heads sharing a KV head (heads_per_kv, context)
-    logits: Vec<f32>,      // (batch, vocab)
-    scratch: Vec<f32>,     // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
-    key_cache: Vec<f32>,   // (layer, context, kv_dim)
-    value_cache: Vec<f32>, // (layer, context, kv_dim)
-    rope_cos: Vec<f32>,    // (context, rope_dim / 2)
-    rope_sin: Vec<f32>,    // (context, rope_dim / 2)
+    x: Vec<f32>,         // residual stream (batch, dim)
+    xb: Vec<f32>,        // normed input / projection output (batch, max(dim, q_dim))
+    xb2: Vec<f32>,       // attention output (batch, q_dim)
+    xq: Vec<BlockQ8Act>, // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
+    q: Vec<f32>,         // queries (batch, q_dim)
+    hb: Vec<f32>,        // FFN gate (batch, ffn_dim)
+    hb2: Vec<f32>,       // FFN up (batch, ffn_dim)
+    att: Vec<f32>,       // attention scores of the heads sharing a KV head (heads_per_kv, context)
+    logits: Vec<f32>,    // (batch, vocab)
+    scratch: Vec<f32>,   // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
+    k: Vec<f32>,         // new keys, RoPE applied before they enter the cache (batch, kv_dim)
+    v: Vec<f32>,         // new values (batch, kv_dim)
+    kv: KvCache,         // keys and values of every layer (layer, context, kv_dim), maybe quantized
+    rope_cos: Vec<f32>,  // (context, rope_dim / 2)
+    rope_sin: Vec<f32>,  // (context, rope_dim / 2)
     sparse: SparseScratch,
     /// The bias constraint's weights `w_l` in force for this state (layers).
     bias_weights: Vec<f32>,
@@ -359,8 +363,13 @@ pub struct RunState {
 }
 
 impl RunState {
-    /// Allocates for `context` positions and batches of up to `batch` tokens.
+    /// Allocates for `context` positions and batches of up to `batch` tokens, with an f32 KV cache.
     pub fn new(config: &ModelConfig, context: usize, batch: usize) -> Self {
+        Self::with_kv(config, context, batch, KvMode::F32)
+    }
+
+    /// As [`RunState::new`] with a KV cache of `kv` (checked against the model with [`KvMode::check`]).
+    pub fn with_kv(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Self {
         let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
         let layers = config.n_layers as usize;
         let widest = dim.max(q_dim).max(ffn);
@@ -389,8 +398,9 @@ impl RunState {
             att: vec![0.0; (config.n_heads / config.n_kv_heads.max(1)) as usize * context],
             logits: vec![0.0; batch * config.vocab_size as usize],
             scratch: vec![0.0; if batch > 1 { batch * widest.max(config.vocab_size as usize) } else { 0 }],
-            key_cache: vec![0.0; layers * context * kv_dim],
-            value_cache: vec![0.0; layers * context * kv_dim],
+            k: vec![0.0; batch * kv_dim],
+            v: vec![0.0; batch * kv_dim],
+            kv: KvCache::new(kv, config, context),
             rope_cos,
             rope_sin,
             sparse: SparseScratch::default(),
@@ -400,8 +410,8 @@ impl RunState {
     }
 
     /// As [`RunState::new`], with the scratch of the R-Sparse path.
-    fn with_sparse(config: &ModelConfig, context: usize, batch: usize) -> Self {
-        let mut state = Self::new(config, context, batch);
+    fn with_sparse(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Self {
+        let mut state = Self::with_kv(config, context, batch, kv);
         let widest = (config.dim as usize).max(config.q_dim()).max(config.ffn_dim as usize);
         state.sparse = SparseScratch {
             exact: vec![0.0; batch * widest],
@@ -478,11 +488,17 @@ impl RunState {
             + self.att.len()
             + self.logits.len()
             + self.scratch.len()
-            + self.key_cache.len()
-            + self.value_cache.len()
+            + self.k.len()
+            + self.v.len()
             + self.rope_cos.len()
             + self.rope_sin.len())
             + self.xq.len() * std::mem::size_of::<BlockQ8Act>()
+            + self.kv.bytes()
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
     }
 }
 
@@ -591,7 +607,15 @@ impl<'a> Model<'a> {
             )));
         }
         let weights = Weights { token_embd, layers, output_norm: vector("output_norm.weight")?, output };
-        Ok(Self { config, weights, kernels, pool: ThreadPool::new(threads), sparse: None, bias: None })
+        Ok(Self {
+            config,
+            weights,
+            kernels,
+            pool: ThreadPool::new(threads),
+            sparse: None,
+            bias: None,
+            kv_mode: KvMode::F32,
+        })
     }
 
     /// Uses an R-Sparse plan (`None`: dense). Every module must name one of
@@ -683,11 +707,24 @@ impl<'a> Model<'a> {
         self.sparse.as_ref().map(|p| (&p.plan, p.mode))
     }
 
+    /// Makes the states made from now on store their KV caches as `mode`;
+    /// an error if this model's shape does not allow it.
+    pub fn set_kv_mode(&mut self, mode: KvMode) -> Result<()> {
+        mode.check(&self.config)?;
+        self.kv_mode = mode;
+        Ok(())
+    }
+
+    /// How new states store their KV caches.
+    pub fn kv_mode(&self) -> KvMode {
+        self.kv_mode
+    }
+
     /// A [`RunState`] for this model.
     pub fn new_state(&self, context: usize, batch: usize) -> RunState {
         let mut state = match self.sparse {
-            Some(_) => RunState::with_sparse(&self.config, context, batch),
-            None => RunState::new(&self.config, context, batch),
+            Some(_) => RunState::with_sparse(&self.config, context, batch, self.kv_mode),
+            None => RunState::with_kv(&self.config, context, batch, self.kv_mode),
         };
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
@@ -853,7 +890,6 @@ impl<'a> Model<'a> {
             return Err(Error::invalid("this state was made before the model's R-Sparse plan was set; make a new one"));
         }
         let s = state;
-        let context = s.context;
 
         // Token embeddings into the residual stream.
         for (b, &token) in tokens.iter().enumerate() {
@@ -861,9 +897,6 @@ impl<'a> Model<'a> {
         }
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
-            let cache_start = (l * context + pos) * kv_dim;
-            let cache_batch = cache_start..cache_start + n * kv_dim;
-
             // Attention RMSNorm, then int8 activations for the integer kernels.
             for b in 0..n {
                 (k.rmsnorm)(
@@ -876,12 +909,12 @@ impl<'a> Model<'a> {
             observe(l, Site::AttentionInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
-            // q, k, v projections; k and v go straight into the cache at their positions.
+            // q, k, v projections.
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
             let sp = &mut s.sparse;
             self.linear(l, 0, &layer.wq, xb, xq, &mut s.q[..n * q_dim], &mut s.scratch, sp);
-            self.linear(l, 1, &layer.wk, xb, xq, &mut s.key_cache[cache_batch.clone()], &mut s.scratch, sp);
-            self.linear(l, 2, &layer.wv, xb, xq, &mut s.value_cache[cache_batch.clone()], &mut s.scratch, sp);
+            self.linear(l, 1, &layer.wk, xb, xq, &mut s.k[..n * kv_dim], &mut s.scratch, sp);
+            self.linear(l, 2, &layer.wv, xb, xq, &mut s.v[..n * kv_dim], &mut s.scratch, sp);
 
             // RoPE on every query and key head.
             for b in 0..n {
@@ -890,30 +923,22 @@ impl<'a> Model<'a> {
                 for head in s.q[b * q_dim..(b + 1) * q_dim].chunks_exact_mut(head_dim) {
                     (k.rope)(&mut head[..2 * pairs], cos, sin, halves);
                 }
-                let key = cache_start + b * kv_dim;
-                for head in s.key_cache[key..key + kv_dim].chunks_exact_mut(head_dim) {
+                for head in s.k[b * kv_dim..(b + 1) * kv_dim].chunks_exact_mut(head_dim) {
                     (k.rope)(&mut head[..2 * pairs], cos, sin, halves);
                 }
             }
 
-            // Causal grouped-query attention: token b sees positions 0 ..= pos + b;
-            // the query heads that share a key/value head go through the cache together.
+            // Causal grouped-query attention, a token at a time: its key and value
+            // enter the cache, then it sees positions 0 ..= pos + b; the query heads
+            // that share a key/value head go through the cache together.
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let layer_cache = l * context * kv_dim;
             let group = heads_per_kv * head_dim;
             for b in 0..n {
-                let seen = pos + b + 1;
-                let cached = layer_cache..layer_cache + (seen - 1) * kv_dim + kv_dim;
+                let new = b * kv_dim..(b + 1) * kv_dim;
+                s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
                 for kv in 0..p.n_kv_heads as usize {
                     let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;
-                    let (keys, values) = (&s.key_cache[cached.clone()], &s.value_cache[cached.clone()]);
-                    let (keys, values) = (&keys[kv * head_dim..], &values[kv * head_dim..]);
-                    let scores = &mut s.att[..heads_per_kv * seen];
-                    (k.attention_scores)(&s.q[heads.clone()], head_dim, keys, kv_dim, seen, scale, scores);
-                    for row in scores.chunks_exact_mut(seen) {
-                        (k.softmax)(row);
-                    }
-                    (k.attention_values)(scores, seen, values, kv_dim, head_dim, &mut s.xb2[heads]);
+                    s.kv.attend(k, l, kv, &s.q[heads.clone()], scale, &mut s.att, &mut s.xb2[heads]);
                 }
             }
 

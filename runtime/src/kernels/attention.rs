@@ -11,10 +11,35 @@
 //! Shapes: `queries` and `out` are `heads × head_dim`, consecutive; position
 //! `t`'s key (value) is `cache[t·stride .. t·stride + head_dim]`; `scores`
 //! are `heads × positions`, head-major.
+//!
+//! The `*_q8` and `*_q4` kernels read the quantized KV cache of
+//! [`crate::kv`] directly (KIVI's layout, asymmetric min/max codes):
+//!
+//! - keys come in groups of [`KEY_GROUP`] tokens, each channel of a group
+//!   with its own f16 scale and minimum (`key = min + scale·code`), stored
+//!   channel-major: `codes[(g·head_dim + c)·bytes + …]` holds channel `c` of
+//!   the group's 32 tokens (32 bytes at q8; 16 at q4, byte `j` holding token
+//!   `j` in its low nibble and token `j + 16` in its high one);
+//! - values are per token, the whole head sharing one f16 scale and minimum:
+//!   `codes[t·bytes + …]` holds token `t`'s `head_dim` channels (q4: in each
+//!   run of 32 channels byte `j` holds channel `j` low, `j + 16` high).
+//!
+//! A score is then `Σ_c (q_c·scale_c)·code_ct + Σ_c q_c·min_c` and a value
+//! sum `Σ_t (w_t·scale_t)·code_t + Σ_t w_t·min_t`: the codes are widened to
+//! f32 and multiplied in, never dequantized into a buffer. `scores` rows of
+//! the quantized kernels are `row` apart (the caller's table also holds the
+//! scores of the full-precision window after them).
+
+/// Tokens whose keys share a scale and minimum per channel.
+pub const KEY_GROUP: usize = 32;
+/// Channels the quantized kernels handle together; `head_dim` must be a multiple.
+pub const CHANNEL_RUN: usize = 32;
 
 /// Reference implementations.
 pub mod scalar {
+    use super::KEY_GROUP;
     use crate::kernels::matmul::scalar::dot_f32;
+    use half::f16;
 
     /// `scores[h·positions + t] = scale · queries[h] · key[t]`.
     pub fn scores(
@@ -44,12 +69,157 @@ pub mod scalar {
             }
         }
     }
+
+    /// The code `index` of a run of codes at `bits` bits (q4: low nibbles
+    /// hold the first 16 of each 32, high nibbles the next 16).
+    #[inline]
+    pub fn code(codes: &[u8], bits: u32, index: usize) -> f32 {
+        if bits == 8 {
+            return codes[index] as f32;
+        }
+        let (run, j) = (index / 32, index % 32);
+        let byte = codes[run * 16 + j % 16];
+        (if j < 16 { byte & 0xF } else { byte >> 4 }) as f32
+    }
+
+    /// `scores[h·row + t] = scale · queries[h] · key[t]` for the `groups ·
+    /// KEY_GROUP` quantized keys of one KV head, at `bits` bits (8 or 4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_quantized(
+        bits: u32,
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        let bytes = KEY_GROUP * bits as usize / 8;
+        for (h, query) in queries.chunks_exact(head_dim).enumerate() {
+            for g in 0..groups {
+                let mut sums = [0f32; KEY_GROUP];
+                let mut offset = 0f32;
+                for (c, &q) in query.iter().enumerate() {
+                    let at = g * head_dim + c;
+                    let weight = q * key_scales[at].to_f32();
+                    offset += q * key_mins[at].to_f32();
+                    let channel = &codes[at * bytes..(at + 1) * bytes];
+                    for (t, sum) in sums.iter_mut().enumerate() {
+                        *sum += weight * code(channel, bits, t);
+                    }
+                }
+                for (t, sum) in sums.iter().enumerate() {
+                    scores[h * row + g * KEY_GROUP + t] = (sum + offset) * scale;
+                }
+            }
+        }
+    }
+
+    /// `out[h] = Σₜ weights[h·row + t] · value[t]` over the first
+    /// `positions` quantized values of one KV head, at `bits` bits (8 or 4).
+    #[allow(clippy::too_many_arguments)]
+    pub fn values_quantized(
+        bits: u32,
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        let bytes = head_dim * bits as usize / 8;
+        for (h, head) in out.chunks_exact_mut(head_dim).enumerate() {
+            head.fill(0.0);
+            let mut offset = 0f32;
+            for t in 0..positions {
+                let weight = weights[h * row + t];
+                let scaled = weight * value_scales[t].to_f32();
+                offset += weight * value_mins[t].to_f32();
+                let token = &codes[t * bytes..(t + 1) * bytes];
+                for (c, o) in head.iter_mut().enumerate() {
+                    *o += scaled * code(token, bits, c);
+                }
+            }
+            for o in head.iter_mut() {
+                *o += offset;
+            }
+        }
+    }
+
+    /// [`scores_quantized`] at 8 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_q8(
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        scores_quantized(8, queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)
+    }
+
+    /// [`scores_quantized`] at 4 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_q4(
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        scores_quantized(4, queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)
+    }
+
+    /// [`values_quantized`] at 8 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn values_q8(
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        values_quantized(8, weights, row, positions, codes, value_scales, value_mins, head_dim, out)
+    }
+
+    /// [`values_quantized`] at 4 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn values_q4(
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        values_quantized(4, weights, row, positions, codes, value_scales, value_mins, head_dim, out)
+    }
 }
 
 /// NEON versions (every aarch64 core). The dot products add in another
 /// order than the reference; the weighted sums use fused multiply-adds.
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
+    use super::{CHANNEL_RUN, KEY_GROUP};
+    use half::f16;
     use std::arch::aarch64::*;
 
     /// Values of a head held in registers at once (16 vectors).
@@ -212,6 +382,257 @@ pub mod neon {
                     for j in i..rest.len() {
                         rest[j] += weight * value[j];
                     }
+                }
+            }
+        }
+    }
+
+    /// Checks the quantized scores kernel's shapes (so the unchecked loads are in bounds).
+    #[allow(clippy::too_many_arguments)]
+    fn check_scores_quantized(
+        bits: u32,
+        queries: usize,
+        head_dim: usize,
+        codes: usize,
+        key_scales: usize,
+        key_mins: usize,
+        groups: usize,
+        scores: usize,
+        row: usize,
+    ) {
+        let heads = if head_dim == 0 { 0 } else { queries / head_dim };
+        assert!(
+            head_dim > 0
+                && head_dim.is_multiple_of(CHANNEL_RUN)
+                && queries.is_multiple_of(head_dim)
+                && codes >= groups * head_dim * KEY_GROUP * bits as usize / 8
+                && key_scales.min(key_mins) >= groups * head_dim
+                && row >= groups * KEY_GROUP
+                && (heads == 0 || scores >= (heads - 1) * row + groups * KEY_GROUP),
+            "quantized attention shapes disagree: {queries} query values of heads of {head_dim}, {codes} key code \
+             bytes at {bits} bits, {key_scales} scales and {key_mins} minimums for {groups} groups, {scores} scores \
+             in rows of {row}"
+        );
+    }
+
+    /// Checks the quantized values kernel's shapes.
+    #[allow(clippy::too_many_arguments)]
+    fn check_values_quantized(
+        bits: u32,
+        weights: usize,
+        row: usize,
+        positions: usize,
+        codes: usize,
+        value_scales: usize,
+        value_mins: usize,
+        head_dim: usize,
+        out: usize,
+    ) {
+        let heads = if head_dim == 0 { 0 } else { out / head_dim };
+        assert!(
+            head_dim > 0
+                && head_dim.is_multiple_of(CHANNEL_RUN)
+                && out.is_multiple_of(head_dim)
+                && row >= positions
+                && (heads == 0 || weights >= (heads - 1) * row + positions)
+                && codes >= positions * head_dim * bits as usize / 8
+                && value_scales.min(value_mins) >= positions,
+            "quantized attention shapes disagree: {weights} weights in rows of {row} for {positions} positions, \
+             {codes} value code bytes at {bits} bits, {value_scales} scales and {value_mins} minimums, {out} outputs \
+             of heads of {head_dim}"
+        );
+    }
+
+    /// 32 codes at `at` widened to f32, in order: 32 bytes at 8 bits; 16 at
+    /// 4 bits, low nibbles first (codes 0..16), then high nibbles (16..32).
+    ///
+    /// # Safety
+    /// `at` must be valid for reading `32·BITS/8` bytes.
+    #[inline(always)]
+    unsafe fn widen_codes<const BITS: u32>(at: *const u8) -> [float32x4_t; 8] {
+        // SAFETY: the caller's promise covers the 32 (8-bit) or 16 (4-bit) bytes read.
+        let (first, second) = unsafe {
+            if BITS == 8 {
+                (vld1q_u8(at), vld1q_u8(at.add(16)))
+            } else {
+                // Unpack nibbles: low ones are codes 0..16, high ones 16..32.
+                let packed = vld1q_u8(at);
+                (vandq_u8(packed, vdupq_n_u8(0x0F)), vshrq_n_u8::<4>(packed))
+            }
+        };
+        let mut widened = [vdupq_n_f32(0.0); 8];
+        for (i, sixteen) in [first, second].into_iter().enumerate() {
+            // Widen u8 → u16 → u32, convert to f32.
+            for (j, eight) in [vmovl_u8(vget_low_u8(sixteen)), vmovl_high_u8(sixteen)].into_iter().enumerate() {
+                widened[4 * i + 2 * j] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(eight)));
+                widened[4 * i + 2 * j + 1] = vcvtq_f32_u32(vmovl_high_u16(eight));
+            }
+        }
+        widened
+    }
+
+    /// As [`super::scalar::scores_q8`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_q8(
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        let shapes = (codes.len(), key_scales.len(), key_mins.len());
+        check_scores_quantized(8, queries.len(), head_dim, shapes.0, shapes.1, shapes.2, groups, scores.len(), row);
+        // SAFETY: NEON is part of every aarch64 target; shapes checked above.
+        unsafe { scores_quantized::<8>(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row) }
+    }
+
+    /// As [`super::scalar::scores_q4`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores_q4(
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        let shapes = (codes.len(), key_scales.len(), key_mins.len());
+        check_scores_quantized(4, queries.len(), head_dim, shapes.0, shapes.1, shapes.2, groups, scores.len(), row);
+        // SAFETY: NEON is part of every aarch64 target; shapes checked above.
+        unsafe { scores_quantized::<4>(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row) }
+    }
+
+    /// A group's 32 scores a head at a time, held in eight registers while
+    /// the group's channels stream past.
+    ///
+    /// # Safety
+    /// Shapes as [`check_scores_quantized`] accepts.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "neon")]
+    unsafe fn scores_quantized<const BITS: u32>(
+        queries: &[f32],
+        head_dim: usize,
+        codes: &[u8],
+        key_scales: &[f16],
+        key_mins: &[f16],
+        groups: usize,
+        scale: f32,
+        scores: &mut [f32],
+        row: usize,
+    ) {
+        let bytes = KEY_GROUP * BITS as usize / 8;
+        for g in 0..groups {
+            for (h, query) in queries.chunks_exact(head_dim).enumerate() {
+                let mut sums = [vdupq_n_f32(0.0); 8];
+                let mut offset = 0f32;
+                for (c, &q) in query.iter().enumerate() {
+                    let at = g * head_dim + c;
+                    // Fold the channel's scale into the query; its minimum into one offset.
+                    let weight = vdupq_n_f32(q * key_scales[at].to_f32());
+                    offset += q * key_mins[at].to_f32();
+                    // SAFETY: `(at + 1)·bytes ≤ groups·head_dim·bytes ≤ codes.len()` (checked).
+                    let keys = unsafe { widen_codes::<BITS>(codes.as_ptr().add(at * bytes)) };
+                    for (sum, key) in sums.iter_mut().zip(keys) {
+                        *sum = vfmaq_f32(*sum, key, weight);
+                    }
+                }
+                let (offset, scale) = (vdupq_n_f32(offset), vdupq_n_f32(scale));
+                let start = h * row + g * KEY_GROUP;
+                for (i, sum) in sums.into_iter().enumerate() {
+                    // SAFETY: `start + 32 ≤ (heads − 1)·row + groups·32 ≤ scores.len()` (checked).
+                    unsafe {
+                        vst1q_f32(scores.as_mut_ptr().add(start + 4 * i), vmulq_f32(vaddq_f32(sum, offset), scale))
+                    };
+                }
+            }
+        }
+    }
+
+    /// As [`super::scalar::values_q8`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn values_q8(
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        let shapes = (codes.len(), value_scales.len(), value_mins.len());
+        check_values_quantized(8, weights.len(), row, positions, shapes.0, shapes.1, shapes.2, head_dim, out.len());
+        // SAFETY: NEON is part of every aarch64 target; shapes checked above.
+        unsafe { values_quantized::<8>(weights, row, positions, codes, value_scales, value_mins, head_dim, out) }
+    }
+
+    /// As [`super::scalar::values_q4`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn values_q4(
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        let shapes = (codes.len(), value_scales.len(), value_mins.len());
+        check_values_quantized(4, weights.len(), row, positions, shapes.0, shapes.1, shapes.2, head_dim, out.len());
+        // SAFETY: NEON is part of every aarch64 target; shapes checked above.
+        unsafe { values_quantized::<4>(weights, row, positions, codes, value_scales, value_mins, head_dim, out) }
+    }
+
+    /// A head's output 32 channels at a time, held in eight registers while
+    /// the tokens stream past.
+    ///
+    /// # Safety
+    /// Shapes as [`check_values_quantized`] accepts.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "neon")]
+    unsafe fn values_quantized<const BITS: u32>(
+        weights: &[f32],
+        row: usize,
+        positions: usize,
+        codes: &[u8],
+        value_scales: &[f16],
+        value_mins: &[f16],
+        head_dim: usize,
+        out: &mut [f32],
+    ) {
+        let bytes = head_dim * BITS as usize / 8;
+        for (h, head) in out.chunks_exact_mut(head_dim).enumerate() {
+            let weights = &weights[h * row..h * row + positions];
+            // Every channel of a token shares its minimum: one offset for the head.
+            let mut offset = 0f32;
+            for (&weight, minimum) in weights.iter().zip(value_mins) {
+                offset += weight * minimum.to_f32();
+            }
+            for (run, channels) in head.chunks_exact_mut(CHANNEL_RUN).enumerate() {
+                let mut sums = [vdupq_n_f32(0.0); 8];
+                for (t, (&weight, token_scale)) in weights.iter().zip(value_scales).enumerate() {
+                    let scaled = vdupq_n_f32(weight * token_scale.to_f32());
+                    // SAFETY: `t < positions` and `run·32 + 32 ≤ head_dim`: inside token `t`'s
+                    // `bytes`, and `positions·bytes ≤ codes.len()` (checked).
+                    let values = unsafe {
+                        widen_codes::<BITS>(codes.as_ptr().add(t * bytes + run * CHANNEL_RUN * BITS as usize / 8))
+                    };
+                    for (sum, value) in sums.iter_mut().zip(values) {
+                        *sum = vfmaq_f32(*sum, value, scaled);
+                    }
+                }
+                let offset = vdupq_n_f32(offset);
+                for (i, sum) in sums.into_iter().enumerate() {
+                    // SAFETY: `4i + 4 ≤ 32 = channels.len()`.
+                    unsafe { vst1q_f32(channels.as_mut_ptr().add(4 * i), vaddq_f32(sum, offset)) };
                 }
             }
         }

@@ -36,6 +36,12 @@ pub type AttentionScores = fn(&[f32], usize, &[f32], usize, usize, f32, &mut [f3
 /// Score-weighted sums of the cached values for a group of heads:
 /// `(weights, positions, values, stride, head_dim, out)` ([`attention`]).
 pub type AttentionValues = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+/// Attention scores of a group of query heads against quantized keys:
+/// `(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)` ([`attention`]).
+pub type AttentionScoresQuantized = fn(&[f32], usize, &[u8], &[f16], &[f16], usize, f32, &mut [f32], usize);
+/// Score-weighted sums of quantized values for a group of heads:
+/// `(weights, row, positions, codes, value_scales, value_mins, head_dim, out)` ([`attention`]).
+pub type AttentionValuesQuantized = fn(&[f32], usize, usize, &[u8], &[f16], &[f16], usize, &mut [f32]);
 
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +82,14 @@ pub struct Kernels {
     pub attention_scores: AttentionScores,
     /// Attention-weighted values over the KV cache.
     pub attention_values: AttentionValues,
+    /// Attention scores over 8-bit quantized keys.
+    pub attention_scores_q8: AttentionScoresQuantized,
+    /// Attention scores over 4-bit quantized keys.
+    pub attention_scores_q4: AttentionScoresQuantized,
+    /// Attention-weighted 8-bit quantized values.
+    pub attention_values_q8: AttentionValuesQuantized,
+    /// Attention-weighted 4-bit quantized values.
+    pub attention_values_q4: AttentionValuesQuantized,
     /// R-Sparse's split of a layer input into exact and low-rank channels.
     pub sparse_split: sparse::Split,
     /// R-Sparse's `out += U · low`, `U` stored column by column.
@@ -105,6 +119,10 @@ impl Kernels {
         rope: ops::scalar::rope,
         attention_scores: attention::scalar::scores,
         attention_values: attention::scalar::values,
+        attention_scores_q8: attention::scalar::scores_q8,
+        attention_scores_q4: attention::scalar::scores_q4,
+        attention_values_q8: attention::scalar::values_q8,
+        attention_values_q4: attention::scalar::values_q4,
         sparse_split: sparse::scalar::split,
         low_rank_add: sparse::scalar::low_rank_add,
         project_out: ops::scalar::project_out,
@@ -131,6 +149,10 @@ impl Kernels {
         rope: ops::neon::rope,
         attention_scores: attention::neon::scores,
         attention_values: attention::neon::values,
+        attention_scores_q8: attention::neon::scores_q8,
+        attention_scores_q4: attention::neon::scores_q4,
+        attention_values_q8: attention::neon::values_q8,
+        attention_values_q4: attention::neon::values_q4,
         sparse_split: sparse::neon::split,
         low_rank_add: sparse::neon::low_rank_add,
         project_out: ops::neon::project_out,

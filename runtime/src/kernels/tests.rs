@@ -467,6 +467,185 @@ fn attention_matches_the_reference() {
     }
 }
 
+/// Synthetic quantized KV data: codes in their full range for `bits`
+/// (every byte is valid), f16 scales in (0, 0.02] and minimums in [−1, 1].
+fn kv_codes(count: usize, bits: u32, seed: u32) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
+    let (scaled, per) = (count, if bits == 8 { 1 } else { 2 });
+    let codes = data(scaled.div_ceil(per).max(1), seed).iter().map(|v| ((v + 1.0) * 127.5) as u8).collect();
+    let scales = data(count, seed + 1).iter().map(|v| f16::from_f32(0.01 * (v + 1.0) + 1e-4)).collect();
+    let mins = data(count, seed + 2).iter().map(|&v| f16::from_f32(v)).collect();
+    (codes, scales, mins)
+}
+
+/// The stored integer of code `index` (low nibbles first in each run of 32 at 4 bits).
+fn kv_code(codes: &[u8], bits: u32, index: usize) -> f32 {
+    super::attention::scalar::code(codes, bits, index)
+}
+
+/// Quantized attention (the KV cache's `*_q8`/`*_q4` kernels): every table
+/// against the reference, and the reference against the f32 kernels on the
+/// dequantized cache; score rows longer than the quantized part must keep
+/// what follows it.
+#[test]
+fn quantized_attention_matches_the_reference_and_f32() {
+    use super::attention::KEY_GROUP;
+    for bits in [8u32, 4] {
+        for head_dim in [32, 64, 96, 128] {
+            for heads in 1..=3 {
+                for groups in [0, 1, 2, 5] {
+                    let label = format!("q{bits} head_dim {head_dim} heads {heads} groups {groups}");
+                    let positions = groups * KEY_GROUP;
+                    let row = positions + 3;
+                    let queries = data(heads * head_dim, 7);
+                    let key_bytes = KEY_GROUP * bits as usize / 8;
+                    let (codes, key_scales, key_mins) =
+                        kv_codes(groups * head_dim * key_bytes * 8 / bits as usize, bits, 11);
+                    let (codes, key_scales, key_mins) = (
+                        &codes[..groups * head_dim * key_bytes],
+                        &key_scales[..groups * head_dim],
+                        &key_mins[..groups * head_dim],
+                    );
+                    let scale = 0.125;
+                    let scores_of = |k: &Kernels| {
+                        let mut scores = vec![-7.0f32; heads * row];
+                        let kernel = if bits == 8 { k.attention_scores_q8 } else { k.attention_scores_q4 };
+                        kernel(&queries, head_dim, codes, key_scales, key_mins, groups, scale, &mut scores, row);
+                        scores
+                    };
+                    let expected = scores_of(&Kernels::SCALAR);
+                    // The keys as f32, position-major, for the f32 kernel and the term sizes.
+                    let key = |t: usize, c: usize| {
+                        let at = (t / KEY_GROUP) * head_dim + c;
+                        key_mins[at].to_f32()
+                            + key_scales[at].to_f32() * kv_code(&codes[at * key_bytes..], bits, t % KEY_GROUP)
+                    };
+                    let magnitude = |h: usize, t: usize| -> f32 {
+                        (0..head_dim)
+                            .map(|c| {
+                                let at = (t / KEY_GROUP) * head_dim + c;
+                                let q = queries[h * head_dim + c];
+                                (q * key_scales[at].to_f32() * kv_code(&codes[at * key_bytes..], bits, t % KEY_GROUP))
+                                    .abs()
+                                    + (q * key_mins[at].to_f32()).abs()
+                            })
+                            .sum::<f32>()
+                            * scale
+                    };
+                    if positions > 0 {
+                        let keys: Vec<f32> =
+                            (0..positions * head_dim).map(|i| key(i / head_dim, i % head_dim)).collect();
+                        let mut f32_scores = vec![0f32; heads * positions];
+                        (Kernels::SCALAR.attention_scores)(
+                            &queries,
+                            head_dim,
+                            &keys,
+                            head_dim,
+                            positions,
+                            scale,
+                            &mut f32_scores,
+                        );
+                        for (i, f) in f32_scores.iter().enumerate() {
+                            let (h, t) = (i / positions, i % positions);
+                            let e = expected[h * row + t];
+                            assert!(
+                                close(e, *f, FLOAT_DOT_RELATIVE * magnitude(h, t)),
+                                "{label}: reference score {i}: {e} vs f32 {f}"
+                            );
+                        }
+                    }
+                    for k in Kernels::all_available() {
+                        let got = scores_of(k);
+                        for h in 0..heads {
+                            for t in 0..row {
+                                let (g, e) = (got[h * row + t], expected[h * row + t]);
+                                if t >= positions {
+                                    assert_eq!(
+                                        g, -7.0,
+                                        "{}: {label}: wrote past the quantized part at {h}, {t}",
+                                        k.name
+                                    );
+                                } else {
+                                    assert!(
+                                        close(g, e, FLOAT_DOT_RELATIVE * magnitude(h, t)),
+                                        "{}: {label}: score {h}, {t}: {g} vs {e}",
+                                        k.name
+                                    );
+                                }
+                            }
+                        }
+                    }
+
+                    // Values: per token, the head sharing one scale and minimum.
+                    for positions in [0, 1, 5, 33, positions] {
+                        let value_bytes = head_dim * bits as usize / 8;
+                        let (codes, value_scales, value_mins) = kv_codes(positions.max(1) * head_dim, bits, 13);
+                        let (codes, value_scales, value_mins) =
+                            (&codes[..positions * value_bytes], &value_scales[..positions], &value_mins[..positions]);
+                        let row = positions + 2;
+                        let weights: Vec<f32> =
+                            data(heads * row, 17).iter().map(|v| (v + 1.5) / (positions + 1) as f32).collect();
+                        let values_of = |k: &Kernels| {
+                            let mut out = vec![f32::NAN; heads * head_dim];
+                            let kernel = if bits == 8 { k.attention_values_q8 } else { k.attention_values_q4 };
+                            kernel(&weights, row, positions, codes, value_scales, value_mins, head_dim, &mut out);
+                            out
+                        };
+                        let expected = values_of(&Kernels::SCALAR);
+                        let value = |t: usize, c: usize| {
+                            value_mins[t].to_f32()
+                                + value_scales[t].to_f32() * kv_code(&codes[t * value_bytes..], bits, c)
+                        };
+                        let magnitude = |h: usize, c: usize| -> f32 {
+                            (0..positions)
+                                .map(|t| {
+                                    let w = weights[h * row + t];
+                                    (w * value_scales[t].to_f32() * kv_code(&codes[t * value_bytes..], bits, c)).abs()
+                                        + (w * value_mins[t].to_f32()).abs()
+                                })
+                                .sum()
+                        };
+                        let label = format!("{label} value positions {positions}");
+                        if positions > 0 {
+                            let values: Vec<f32> =
+                                (0..positions * head_dim).map(|i| value(i / head_dim, i % head_dim)).collect();
+                            let packed: Vec<f32> =
+                                (0..heads).flat_map(|h| weights[h * row..h * row + positions].to_vec()).collect();
+                            let mut f32_out = vec![0f32; heads * head_dim];
+                            (Kernels::SCALAR.attention_values)(
+                                &packed,
+                                positions,
+                                &values,
+                                head_dim,
+                                head_dim,
+                                &mut f32_out,
+                            );
+                            for (i, f) in f32_out.iter().enumerate() {
+                                let e = expected[i];
+                                assert!(
+                                    close(e, *f, FLOAT_DOT_RELATIVE * magnitude(i / head_dim, i % head_dim)),
+                                    "{label}: reference value {i}: {e} vs f32 {f}"
+                                );
+                            }
+                        } else {
+                            assert!(expected.iter().all(|&v| v == 0.0), "{label}: no positions must give zeros");
+                        }
+                        for k in Kernels::all_available() {
+                            let got = values_of(k);
+                            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                                assert!(
+                                    close(*g, *e, FLOAT_DOT_RELATIVE * magnitude(i / head_dim, i % head_dim)),
+                                    "{}: {label}: value {i}: {g} vs {e}",
+                                    k.name
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rmsnorm_matches_the_reference() {
     for n in LENGTHS {
