@@ -77,6 +77,11 @@ impl<'m> Session<'m> {
         &mut self.sampler.config
     }
 
+    /// Bytes held by the state's KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.state.kv_bytes()
+    }
+
     /// Empties the cache and restarts the sampler.
     pub fn reset(&mut self) {
         self.history.clear();

@@ -7,6 +7,7 @@
 //! | `no_alloc.rs` | a decode step with a sampling configuration allocates nothing |
 //! | `cli.rs` | the command-line contract of `bramble`, error cases included |
 //! | `daemon.rs` | `brambled` end to end: NDJSON, HTTP, the serial and TCP consoles, scheduling, load, bad input, operations |
+//! | `plan.rs` | `bramble plan`: the memory budget per board and KV mode, the verdict, the refusal with its arithmetic, bad boards, contexts and modes |
 //! | `flash.rs` | `bramble flash` onto copies of `tests/fixtures/rpi-os/`: installed files, permissions, edits, backups, idempotence, dry run, refusals; the installed config and model served by `brambled`; `bramble deploy` through a stand-in ssh/scp, and its dry run |
 //!
 //! # The `bramble` binary

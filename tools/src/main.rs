@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
+use bramble_runtime::kv::KvMode;
 use bramble_runtime::model::{Model, SparseMode};
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::Session;
@@ -74,6 +75,8 @@ enum Command {
     Flash(bramble_tools::flash::FlashArgs),
     /// Install or update brambled, a model and its config on a running Pi over ssh; wait for /health.
     Deploy(bramble_tools::deploy::DeployArgs),
+    /// The memory budget of a model on a board (weights, KV cache, buffers, OS) and whether it fits.
+    Plan(bramble_tools::plan::PlanArgs),
     /// Print the token ids of a text (and each token's text).
     Tokenize {
         /// The image.
@@ -196,6 +199,10 @@ struct ModelArgs {
     /// (`bramble calibrate` writes it), `off` runs dense.
     #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
     sparsity: String,
+    /// KV cache: `f32` (full precision), `q8` or `q4` (KIVI-style
+    /// quantization with an f32 window of recent tokens; docs/kv.md).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "q8", "q4"])]
+    kv: String,
 }
 
 #[derive(Args, Clone)]
@@ -396,6 +403,7 @@ fn main() {
         Command::BiasEval(args) => run_bias_eval(args),
         Command::Flash(args) => bramble_tools::flash::run(args),
         Command::Deploy(args) => bramble_tools::deploy::run(args),
+        Command::Plan(args) => bramble_tools::plan::run(args),
         Command::Tokenize { model, text, add_special, parse_special, chat } => {
             run_tokenize(&model, &text, add_special, parse_special, chat)
         }
@@ -661,6 +669,7 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
             .use_image_sparsity(&loaded.image, mode)
             .with_context(|| format!("{}: rsparse section", args.model.display()))?;
     }
+    model.set_kv_mode(args.kv.parse()?).with_context(|| format!("{}: --kv {}", args.model.display(), args.kv))?;
     Ok(model)
 }
 
@@ -803,6 +812,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     anyhow::ensure!(!text.is_empty(), "the tokenizer produced no tokens for the benchmark text");
     let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens).collect();
     let mut session = Session::new(&model, tokenizer, context, SamplerConfig::greedy());
+    let kv_bytes = session.kv_bytes();
 
     let started = Instant::now();
     session.feed(&prompt)?;
@@ -841,6 +851,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         // The share of linear-layer input channels the decode steps sent to
         // R-Sparse's low-rank part (null: dense).
         "measured_sparsity": measured_sparsity,
+        // The KV cache as allocated for the context, and what an f16 cache would take.
+        "kv": model.kv_mode().name(),
+        "kv_bytes": kv_bytes,
+        "kv_f16_bytes": (KvMode::f16_bytes_per_token(&model.config) * context as f64) as u64,
         "peak_rss_bytes": stats::peak_rss_bytes(),
         "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",
     });

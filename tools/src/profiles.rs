@@ -7,13 +7,15 @@
 //! on GPIO 14/15. [`MemoryPlan`] is the arithmetic that decides whether a
 //! model fits: weights (the image, memory-mapped) + KV cache + run buffers +
 //! OS headroom ≤ the board's memory. It is a pure function of the model's
-//! shape so that `bramble plan` (a later command) can reuse it.
+//! shape and the KV cache's mode (f32, or quantized: `bramble_runtime::kv`),
+//! which `bramble plan` prints.
 //!
 //! The runtime chooses its kernels at load by CPU feature detection (see
 //! `bramble_runtime::kernels`), so a profile does not select kernels; it
 //! states which ones the board will run (`expected_kernels`), for the plan and
 //! the docs (`docs/flash.md`).
 
+use bramble_runtime::kv::{KvCache, KvMode};
 use bramble_runtime::quant::BlockQ8Act;
 use bramble_runtime::session::DEFAULT_BATCH;
 use bramble_runtime::ModelConfig;
@@ -231,7 +233,10 @@ pub struct MemoryPlan {
     pub context: usize,
     /// The mapped image.
     pub weight_bytes: u64,
-    /// Keys and values: `layers × 2 × context × kv_dim × 4` (f32).
+    /// How the KV cache is stored.
+    pub kv: KvMode,
+    /// Keys and values: `layers × 2 × context × kv_dim × 4` at f32; codes,
+    /// scales and the f32 window when quantized (`KvCache::bytes_for`).
     pub kv_cache_bytes: u64,
     /// The rest of the run state (activations, logits, RoPE tables, batch scratch).
     pub buffer_bytes: u64,
@@ -258,10 +263,11 @@ impl fmt::Display for MemoryPlan {
         let gib = |bytes: u64| bytes as f64 / GIB;
         write!(
             f,
-            "model needs {:.2} GiB weights + {:.2} GiB KV cache (ctx {}) + {:.2} GiB buffers + {:.2} GiB OS headroom = {:.2} GiB {} {:.2} GiB on {}",
+            "model needs {:.2} GiB weights + {:.2} GiB KV cache (ctx {}{}) + {:.2} GiB buffers + {:.2} GiB OS headroom = {:.2} GiB {} {:.2} GiB on {}",
             gib(self.weight_bytes),
             gib(self.kv_cache_bytes),
             self.context,
+            if self.kv == KvMode::F32 { String::new() } else { format!(", kv {}", self.kv) },
             gib(self.buffer_bytes),
             gib(self.os_headroom_bytes),
             gib(self.total_bytes()),
@@ -272,10 +278,10 @@ impl fmt::Display for MemoryPlan {
     }
 }
 
-/// Bytes of the KV cache for `context` positions: keys and values, f32, per
-/// layer (as `RunState::new` allocates them).
-pub fn kv_cache_bytes(config: &ModelConfig, context: usize) -> u64 {
-    config.n_layers as u64 * 2 * context as u64 * config.kv_dim() as u64 * 4
+/// Bytes of the KV cache for `context` positions stored as `kv` (as the
+/// runtime's `KvCache::new` allocates them).
+pub fn kv_cache_bytes(config: &ModelConfig, context: usize, kv: KvMode) -> u64 {
+    KvCache::bytes_for(kv, config, context) as u64
 }
 
 /// Bytes of the run state other than the KV cache, for `context` positions
@@ -292,6 +298,7 @@ pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, sparse: 
         + batch * q_dim // xb2
         + batch * q_dim // q
         + 2 * batch * ffn // hb, hb2
+        + 2 * batch * config.kv_dim() as u64 // k, v
         + heads_per_kv * context // att
         + batch * vocab // logits
         + if batch > 1 { batch * widest.max(vocab) } else { 0 } // scratch
@@ -304,14 +311,20 @@ pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, sparse: 
 
 /// The memory plan of `model` on `board` with a KV cache of `context`
 /// positions (at most the model's own context, as the daemon allocates it),
-/// prompt batches as the daemon's sessions run them.
+/// prompt batches as the daemon's sessions run them; an f32 KV cache.
 pub fn memory_plan(model: &ModelFootprint, context: usize, board: &BoardProfile) -> MemoryPlan {
+    memory_plan_with_kv(model, context, board, KvMode::F32)
+}
+
+/// As [`memory_plan`] with the KV cache stored as `kv`.
+pub fn memory_plan_with_kv(model: &ModelFootprint, context: usize, board: &BoardProfile, kv: KvMode) -> MemoryPlan {
     let context = context.min(model.config.context_length as usize).max(2);
     MemoryPlan {
         board: board.name.clone(),
         context,
         weight_bytes: model.image_bytes,
-        kv_cache_bytes: kv_cache_bytes(&model.config, context),
+        kv,
+        kv_cache_bytes: kv_cache_bytes(&model.config, context, kv),
         buffer_bytes: buffer_bytes(&model.config, context, DEFAULT_BATCH, model.sparse),
         os_headroom_bytes: board.os_headroom_bytes,
         memory_bytes: board.memory_bytes,
@@ -398,10 +411,17 @@ mod tests {
     fn the_budget_matches_what_the_runtime_allocates() {
         // A small grouped-query model: the arithmetic must equal RunState's own count.
         let config = llama_config(3, 128, 8, 2, 352, 500, 256);
+        let mut wide_heads = config;
+        (wide_heads.n_heads, wide_heads.head_dim) = (4, 32);
         for (context, batch) in [(64, 32), (256, 1), (100, 7)] {
             let state = RunState::new(&config, context, batch);
-            let ours = kv_cache_bytes(&config, context) + buffer_bytes(&config, context, batch, false);
+            let ours = kv_cache_bytes(&config, context, KvMode::F32) + buffer_bytes(&config, context, batch, false);
             assert_eq!(ours, state.bytes() as u64, "context {context}, batch {batch}");
+            for kv in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
+                let state = RunState::with_kv(&wide_heads, context, batch, kv);
+                let ours = kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, false);
+                assert_eq!(ours, state.bytes() as u64, "{kv}, context {context}, batch {batch}");
+            }
         }
     }
 
@@ -418,7 +438,7 @@ mod tests {
         // The example of docs/flash.md.
         assert_eq!(
             message,
-            "model needs 3.61 GiB weights + 4.00 GiB KV cache (ctx 4096) + 0.01 GiB buffers + 0.16 GiB OS headroom \
+            "model needs 3.61 GiB weights + 4.00 GiB KV cache (ctx 4096) + 0.02 GiB buffers + 0.16 GiB OS headroom \
              = 7.78 GiB > 0.50 GiB on pi-zero-2w"
         );
         // With a 512-position context (0.50 GiB of KV cache) it fits an 8 GB Pi 4.
