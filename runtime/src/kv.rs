@@ -436,12 +436,20 @@ impl KvCache {
 /// Asymmetric min/max quantization of `values` to codes `0..=levels`
 /// (`codes` in the kernels' layout: bytes at 8 bits; at 4 bits, in each
 /// run of 32, byte `j` holds code `j` low and `j + 16` high). Returns the
-/// f16 scale and minimum; the codes are rounded against the f16 values, so
-/// `min + scale·code` is the nearest reconstruction the stored pair allows.
+/// f16 scale and minimum: the minimum rounded down and the scale up, so
+/// that every value lies inside `min + scale·[0, levels]` and no code is
+/// clipped; the codes are rounded against the stored pair.
 pub fn quantize(values: &[f32], levels: f32, codes: &mut [u8]) -> (f16, f16) {
     let (low, high) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    let min = f16::from_f32(low);
-    let scale = f16::from_f32((high - min.to_f32()) / levels);
+    let mut min = f16::from_f32(low);
+    if min.to_f32() > low {
+        min = next_toward_negative_infinity(min);
+    }
+    let step = (high - min.to_f32()) / levels;
+    let mut scale = f16::from_f32(step);
+    if scale.to_f32() < step {
+        scale = f16::from_bits(scale.to_bits() + 1);
+    }
     let (min_f, scale_f) = (min.to_f32(), scale.to_f32());
     let inverse = if scale_f > 0.0 && scale_f.is_finite() { 1.0 / scale_f } else { 0.0 };
     let code = |v: f32| ((v - min_f) * inverse).round().clamp(0.0, levels) as u8;
@@ -458,6 +466,16 @@ pub fn quantize(values: &[f32], levels: f32, codes: &mut [u8]) -> (f16, f16) {
         }
     }
     (scale, min)
+}
+
+/// The f16 just below `value` (a finite one).
+fn next_toward_negative_infinity(value: f16) -> f16 {
+    let bits = value.to_bits();
+    match bits {
+        0x0000 => f16::from_bits(0x8001),
+        _ if bits & 0x8000 != 0 => f16::from_bits(bits + 1),
+        _ => f16::from_bits(bits - 1),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! | `no_alloc.rs` | a decode step with a sampling configuration allocates nothing |
 //! | `cli.rs` | the command-line contract of `bramble`, error cases included |
 //! | `daemon.rs` | `brambled` end to end: NDJSON, HTTP, the serial and TCP consoles, scheduling, load, bad input, operations |
+//! | `kv.rs` | the quantized KV cache end to end: q8/q4 logits against the f32 cache (KL budgets, synthetic and SmolLM2), batches against single tokens, `perplexity --kv` |
 //! | `plan.rs` | `bramble plan`: the memory budget per board and KV mode, the verdict, the refusal with its arithmetic, bad boards, contexts and modes |
 //! | `flash.rs` | `bramble flash` onto copies of `tests/fixtures/rpi-os/`: installed files, permissions, edits, backups, idempotence, dry run, refusals; the installed config and model served by `brambled`; `bramble deploy` through a stand-in ssh/scp, and its dry run |
 //!

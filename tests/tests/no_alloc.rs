@@ -1,7 +1,9 @@
 //! A decode step allocates nothing: after a prompt is fed, `Session::step`
 //! (sampling with temperature, top-k, top-p, min-p and a repetition penalty,
 //! then the forward pass) and `TextStream::push` of the token's bytes make no
-//! heap allocation, for every weight encoding and for the real model.
+//! heap allocation, for every weight encoding and for the real model, with
+//! an f32 KV cache and with quantized ones (whose steps quantize a group of
+//! keys and values when the full-precision window fills).
 //!
 //! This test binary installs the runtime's counting global allocator
 //! (`bramble_runtime::allocations`, the one `bramble` and `brambled` install)
@@ -12,6 +14,7 @@
 //! where the binary's allocator counts every thread.
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
+use bramble_runtime::kv::{KvMode, KEY_GROUP, RESIDUAL_WINDOW};
 use bramble_runtime::model::Model;
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::{Finish, GenerationSink, Session, TextStream};
@@ -20,6 +23,7 @@ use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::ModelImage;
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, QuantTarget};
+use bramble_tools::synth::SyntheticShape;
 use std::ops::ControlFlow;
 use std::path::Path;
 
@@ -52,8 +56,14 @@ fn sampling() -> SamplerConfig {
 /// Feeds `prompt`, then counts the allocations of [`STEPS`] steps with text streaming.
 /// Returns the allocations, the tokens and the streamed byte count.
 fn decode_allocations(image: &Path, prompt: &str, context: usize) -> (u64, Vec<u32>, usize) {
+    decode_allocations_with_kv(image, prompt, context, KvMode::F32)
+}
+
+/// As [`decode_allocations`] with the KV cache stored as `kv`.
+fn decode_allocations_with_kv(image: &Path, prompt: &str, context: usize, kv: KvMode) -> (u64, Vec<u32>, usize) {
     let image = ModelImage::open(image).unwrap();
-    let model = Model::new(&image).unwrap();
+    let mut model = Model::new(&image).unwrap();
+    model.set_kv_mode(kv).unwrap();
     let tokenizer = Tokenizer::new(image.vocab()).unwrap();
     let mut session = Session::new(&model, &tokenizer, context, sampling());
     let prompt = tokenizer.encode(prompt, true, false);
@@ -109,6 +119,38 @@ fn real_model_q4_decode_steps_allocate_nothing() {
     eprintln!("SmolLM2 q4: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
     assert!(streamed > 0, "the real model streamed no text in {STEPS} steps");
     assert_eq!(allocations, 0, "SmolLM2 q4: {STEPS} decode steps allocated {allocations} times");
+}
+
+#[test]
+fn decode_steps_allocate_nothing_with_a_quantized_kv_cache() {
+    // A prompt that ends a few positions before the window first fills, so the
+    // counted steps quantize groups (at positions 64 and 96).
+    let prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. \
+                  Every morning he rowed out past the rocks, and every evening she waited on the shore with a \
+                  lantern and a basket of bread, watching the gulls wheel over the harbour until his small blue \
+                  boat came round the point again, heavy with mackerel, crabs and the odd lost boot";
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape { dim: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2, ..SyntheticShape::default() };
+    let synthetic_image = dir.path().join("heads-of-32.bramble");
+    convert_synthetic(&synthetic(shape, 9), &synthetic_image, "q8");
+    let mut images = vec![("synthetic", synthetic_image)];
+    images.extend(default_image("q4").map(|image| ("SmolLM2 q4", image)));
+    // Positions p.. are decoded: p ≤ 64 and p + STEPS − 1 ≥ 96.
+    let lengths = RESIDUAL_WINDOW + KEY_GROUP + 1 - STEPS..=RESIDUAL_WINDOW;
+    for (name, image) in images {
+        let tokenizer = Tokenizer::new(ModelImage::open(&image).unwrap().vocab()).unwrap();
+        // The shortest prefix of the text, at a word boundary, whose tokens are that many.
+        let ends = prompt.match_indices(' ').map(|(i, _)| i).chain([prompt.len()]);
+        let prompt = ends
+            .map(|end| &prompt[..end])
+            .find(|prefix| lengths.contains(&tokenizer.encode(prefix, true, false).len()))
+            .unwrap_or_else(|| panic!("{name}: no prefix of the prompt is {lengths:?} tokens"));
+        for kv in [KvMode::Q8, KvMode::Q4] {
+            let (allocations, tokens, _) = decode_allocations_with_kv(&image, prompt, 128, kv);
+            eprintln!("{name} kv {kv}: {allocations} allocations in {STEPS} steps; tokens {tokens:?}");
+            assert_eq!(allocations, 0, "{name} kv {kv}: {STEPS} decode steps allocated {allocations} times");
+        }
+    }
 }
 
 /// A sink that counts what it is given, without allocating (the daemon's sinks write to a socket the same way).
