@@ -169,6 +169,196 @@ impl ProjectionStats {
     }
 }
 
+/// The feedback loop (`--feedback adaptive`): after each response, its bias
+/// signal from the projections recorded while it was generated, and the
+/// constraint weights adjusted from it.
+///
+/// - Per layer, `z_l = (mean of h · d_l over the response − baseline mean) /
+///   baseline std`: how far toward the stereotyped side of the direction
+///   the response ran, in units of neutral text's spread.
+/// - The response's **signal** is the mean of `z_l` over the layers.
+/// - Above `target`: the weights of the quarter of the layers with the
+///   largest `z_l` rise by `step`, at most to `max_weight`. Otherwise every
+///   weight decays a share `decay` of the way back to its predefined value.
+/// - A signal above `hard_limit` asks the caller to regenerate (bounded by
+///   the caller's retries).
+///
+/// The state (weights, count, recent signals) persists with
+/// [`FeedbackLoop::save`]: a temporary file, fsync, rename, so a crash at
+/// any moment leaves the old state or the new one.
+#[derive(Debug, Clone)]
+pub struct FeedbackLoop {
+    /// The section's predefined weights.
+    pub predefined: Vec<f32>,
+    /// The weights in force.
+    pub weights: Vec<f32>,
+    /// Signal above which the weights rise.
+    pub target: f32,
+    /// Rise per response.
+    pub step: f32,
+    /// Highest weight the loop sets.
+    pub max_weight: f32,
+    /// Share of the way back to the predefined weights per calm response.
+    pub decay: f32,
+    /// Signal above which a response should be regenerated.
+    pub hard_limit: f32,
+    /// Responses seen.
+    pub responses: u64,
+    /// The last [`RECENT`] signals, oldest first.
+    pub recent: Vec<f32>,
+    /// Per-layer `z_l` of the last response (scratch, allocated once).
+    z: Vec<f32>,
+    order: Vec<f32>,
+}
+
+/// Signals kept in [`FeedbackLoop::recent`].
+pub const RECENT: usize = 16;
+const STATE_MAGIC: &str = "bramble-bias-state 1";
+
+impl FeedbackLoop {
+    /// A loop starting at the constraint's predefined weights, with the default settings.
+    pub fn new(constraint: &BiasConstraint) -> Self {
+        let layers = constraint.layers;
+        Self {
+            predefined: constraint.weights.clone(),
+            weights: constraint.weights.clone(),
+            target: 0.25,
+            step: 0.1,
+            max_weight: 1.0,
+            decay: 0.25,
+            hard_limit: 2.0,
+            responses: 0,
+            recent: Vec::with_capacity(RECENT),
+            z: vec![0.0; layers],
+            order: vec![0.0; layers],
+        }
+    }
+
+    /// The signal of the response whose projections `stats` holds (0 for none).
+    pub fn signal(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
+        if stats.tokens == 0 {
+            return 0.0;
+        }
+        for (l, z) in self.z.iter_mut().enumerate() {
+            *z = ((stats.mean(l) - constraint.baseline_mean[l] as f64) / constraint.baseline_std[l] as f64) as f32;
+        }
+        self.z.iter().sum::<f32>() / self.z.len() as f32
+    }
+
+    /// Takes a finished response: its signal, the weights adjusted, the
+    /// signal remembered. Returns the signal. Allocates nothing.
+    pub fn after_response(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
+        let signal = self.signal(stats, constraint);
+        if stats.tokens == 0 {
+            return signal;
+        }
+        if signal > self.target {
+            // The quarter of the layers with the largest excess.
+            self.order.copy_from_slice(&self.z);
+            let k = (self.z.len() / 4).max(1);
+            let (_, kth, _) = self.order.select_nth_unstable_by(self.z.len() - k, |a, b| a.total_cmp(b));
+            let cut = *kth;
+            for (w, &z) in self.weights.iter_mut().zip(&self.z) {
+                if z >= cut {
+                    *w = (*w + self.step).min(self.max_weight);
+                }
+            }
+        } else {
+            for (w, &p) in self.weights.iter_mut().zip(&self.predefined) {
+                *w += self.decay * (p - *w);
+            }
+        }
+        self.responses += 1;
+        if self.recent.len() == RECENT {
+            self.recent.remove(0);
+        }
+        self.recent.push(signal);
+        signal
+    }
+
+    /// Whether a response of this signal should be regenerated.
+    pub fn exceeds_hard_limit(&self, signal: f32) -> bool {
+        signal > self.hard_limit
+    }
+
+    fn to_text(&self) -> String {
+        let list = |v: &[f32]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" ");
+        let body = format!(
+            "{STATE_MAGIC}\nlayers {}\nresponses {}\nweights {}\nrecent {}\n",
+            self.weights.len(),
+            self.responses,
+            list(&self.weights),
+            list(&self.recent)
+        );
+        format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()))
+    }
+
+    /// Writes the state to `path` atomically: `path.tmp`, fsync, rename,
+    /// fsync of the directory.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        let io = |what: &str, e: std::io::Error| Error::new(crate::error::ErrorKind::Io, format!("{}: {what}: {e}", path.display()));
+        let temporary = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&temporary).map_err(|e| io("creating the temporary file", e))?;
+        file.write_all(self.to_text().as_bytes()).map_err(|e| io("writing", e))?;
+        file.sync_all().map_err(|e| io("fsync", e))?;
+        drop(file);
+        std::fs::rename(&temporary, path).map_err(|e| io("renaming into place", e))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Ok(dir) = std::fs::File::open(dir) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores a state saved by [`FeedbackLoop::save`] onto a loop made
+    /// for `constraint` (its settings kept); a missing file leaves it as is
+    /// and returns `false`.
+    pub fn restore(&mut self, path: &std::path::Path) -> Result<bool> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::new(crate::error::ErrorKind::Io, format!("{}: {e}", path.display()))),
+        };
+        let bad = |what: String| Error::corrupt(format!("bias state {}: {what}", path.display()));
+        let (body, last) = text.trim_end_matches('\n').rsplit_once('\n').ok_or_else(|| bad("too short".into()))?;
+        let body = format!("{body}\n");
+        let sum = last.strip_prefix("crc32 ").ok_or_else(|| bad("no checksum line".into()))?;
+        if u32::from_str_radix(sum, 16).ok() != Some(crc32fast::hash(body.as_bytes())) {
+            return Err(bad("checksum does not match its contents".into()));
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(STATE_MAGIC) {
+            return Err(bad(format!("does not begin with {STATE_MAGIC:?}")));
+        }
+        let mut field = |name: &str| -> Result<String> {
+            let line = lines.next().unwrap_or_default();
+            line.strip_prefix(name)
+                .map(|rest| rest.trim().to_string())
+                .ok_or_else(|| bad(format!("expected the {name:?} line, found {line:?}")))
+        };
+        let layers: usize = field("layers")?.parse().map_err(|_| bad("layers is not a number".into()))?;
+        let responses: u64 = field("responses")?.parse().map_err(|_| bad("responses is not a number".into()))?;
+        let floats = |text: String, what: &str| -> Result<Vec<f32>> {
+            text.split_whitespace().map(|v| v.parse::<f32>().map_err(|_| bad(format!("{what}: {v:?} is not a number")))).collect()
+        };
+        let weights = floats(field("weights")?, "weights")?;
+        let recent = floats(field("recent")?, "recent")?;
+        if layers != self.weights.len() || weights.len() != layers {
+            return Err(bad(format!("{} weights for {layers} layers; the model has {}", weights.len(), self.weights.len())));
+        }
+        if !weights.iter().all(|w| (0.0..=1.0).contains(w)) || recent.len() > RECENT {
+            return Err(bad("weights outside [0, 1] or too many recent signals".into()));
+        }
+        self.weights.copy_from_slice(&weights);
+        self.responses = responses;
+        self.recent.clear();
+        self.recent.extend_from_slice(&recent);
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +377,54 @@ mod tests {
             baseline_mean: vec![0.1, -0.2, 0.3],
             baseline_std: vec![1.0, 2.0, 0.5],
         }
+    }
+
+    fn stats(means: &[f64]) -> ProjectionStats {
+        ProjectionStats { tokens: 10, sum: means.iter().map(|m| m * 10.0).collect(), sum_squares: vec![0.0; means.len()] }
+    }
+
+    #[test]
+    fn the_loop_raises_the_most_biased_layers_and_decays_back() {
+        let c = sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        // Layer 2 far toward the stereotype: the signal is above target and only it rises.
+        let signal = feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &c);
+        assert!((signal - 1.0).abs() < 1e-5, "{signal}");
+        assert_eq!(feedback.weights, vec![0.0, 0.5, 1.0], "layer 2 is at the maximum already");
+        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c);
+        assert!(signal > feedback.target);
+        assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0]);
+        // Calm responses decay toward the predefined weights.
+        for _ in 0..40 {
+            feedback.after_response(&stats(&[0.1, -0.2, 0.3]), &c);
+        }
+        assert!((feedback.weights[0] - 0.0).abs() < 1e-4, "{:?}", feedback.weights);
+        assert_eq!(feedback.responses, 42);
+        assert_eq!(feedback.recent.len(), RECENT);
+        assert!(feedback.exceeds_hard_limit(2.5) && !feedback.exceeds_hard_limit(0.5));
+    }
+
+    #[test]
+    fn state_round_trips_and_refuses_damage() {
+        let c = sample();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bias.state");
+        let mut feedback = FeedbackLoop::new(&c);
+        assert!(!feedback.restore(&path).unwrap(), "no file: nothing restored");
+        feedback.after_response(&stats(&[3.0, 3.0, 3.0]), &c);
+        feedback.save(&path).unwrap();
+        let mut restored = FeedbackLoop::new(&c);
+        assert!(restored.restore(&path).unwrap());
+        assert_eq!(
+            (&restored.weights, restored.responses, &restored.recent),
+            (&feedback.weights, feedback.responses, &feedback.recent)
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("weights 0", "weights 1", 1)).unwrap();
+        let error = FeedbackLoop::new(&c).restore(&path).unwrap_err();
+        assert!(error.message().contains("checksum"), "{error}");
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        assert!(FeedbackLoop::new(&c).restore(&path).is_err(), "a torn file is refused");
     }
 
     #[test]

@@ -96,3 +96,52 @@ fn a_constraint_of_the_wrong_shape_is_refused() {
     two.layers = 2;
     assert!(model.set_bias(Some(two)).is_err());
 }
+
+/// The writer half of `a_crash_during_saves_leaves_a_whole_state`: saves
+/// alternating states as fast as it can until it is killed.
+#[test]
+fn saving_child() {
+    let Ok(path) = std::env::var("BRAMBLE_BIAS_STATE_CHILD") else { return };
+    let c = constraint(32, 0.0);
+    let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&c);
+    for i in 0u64.. {
+        feedback.weights[0] = if i % 2 == 0 { 0.25 } else { 0.75 };
+        feedback.responses = i;
+        feedback.save(std::path::Path::new(&path)).unwrap();
+    }
+}
+
+/// Kills a process at random moments while it saves the feedback state:
+/// every time, the file on disk restores as one of the states it wrote.
+/// (Host only: under qemu-user the test binary cannot re-execute itself;
+/// the property is the file system's, not the CPU's.)
+#[test]
+#[cfg_attr(target_arch = "aarch64", ignore = "re-executes its own binary: run on the host")]
+fn a_crash_during_saves_leaves_a_whole_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bias.state");
+    let c = constraint(32, 0.0);
+    for round in 0..8u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "saving_child", "--nocapture", "--test-threads", "1"])
+            .env("BRAMBLE_BIAS_STATE_CHILD", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a first save, then kill it at a moment that varies.
+        let started = std::time::Instant::now();
+        while !path.exists() {
+            assert!(started.elapsed().as_secs() < 30, "the saving child wrote nothing in 30 s");
+            assert!(child.try_wait().unwrap().is_none(), "the saving child exited before saving");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5 + 7 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&c);
+        assert!(feedback.restore(&path).unwrap(), "round {round}: the state is there");
+        let expected = if feedback.responses % 2 == 0 { 0.25 } else { 0.75 };
+        assert_eq!(feedback.weights[0], expected, "round {round}: a whole state");
+    }
+}
