@@ -50,6 +50,18 @@ impl<'m> Session<'m> {
     pub fn take_measured_sparsity(&mut self) -> Option<f64> {
         self.state.take_measured_sparsity()
     }
+    /// The bias projections recorded since the last [`Session::reset_projections`].
+    pub fn projections(&self) -> &crate::bias::ProjectionStats {
+        self.state.projections()
+    }
+    /// Starts a new record of bias projections.
+    pub fn reset_projections(&mut self) {
+        self.state.reset_projections()
+    }
+    /// Sets the bias constraint's weights for this session (one a layer, in [0, 1]).
+    pub fn set_bias_weights(&mut self, weights: &[f32]) -> Result<()> {
+        self.state.set_bias_weights(weights)
+    }
     /// Weight bytes the R-Sparse modules read since the last call, and what
     /// they would have read dense ([`RunState::take_sparse_bytes`]).
     pub fn take_sparse_bytes(&mut self) -> (u64, u64) {

@@ -273,20 +273,154 @@ fn feedback_other_than_off_needs_calibration() {
         let output = bramble(&args);
         assert_eq!(output.status.code(), Some(1), "{mode}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("not available yet") && stderr.contains("bramble bias-calibrate"), "{stderr}");
+        assert!(stderr.contains("no bias section") && stderr.contains("bramble bias-calibrate"), "{stderr}");
     }
-    let off = bramble_json(&[
+    for mode in ["off", "auto"] {
+        let args = [
+            "bias-eval",
+            "--model",
+            path_str(&fixture.image),
+            "--pairs",
+            path_str(&pairs),
+            "--feedback",
+            mode,
+            "--json",
+        ];
+        let report = bramble_json(&args);
+        assert_eq!(report["pairs"], 1);
+        assert_eq!(report["stereotype_preference"], 1.0);
+    }
+}
+
+/// `bias-calibrate` → an image with a bias section; `--feedback static`
+/// changes the scores (the constraint acts), `off` on the same image gives
+/// the uncalibrated scores, `adaptive` saves its state and restores it.
+#[test]
+fn bias_calibrate_then_static_and_adaptive_feedback() {
+    let fixture = fixture(TokenizerKind::ByteLevelBpe);
+    let pairs = write_pairs_file(
+        &fixture.dir,
+        "pairs.jsonl",
+        &[
+            ("he is a doctor", "she is a doctor", "gender"),
+            ("she is a nurse", "he is a nurse", "gender"),
+            ("he fixed the car", "she fixed the car", "gender"),
+            ("she cooked dinner", "he cooked dinner", "gender"),
+        ],
+    );
+    let text = fixture.dir.join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+    let calibrated = fixture.dir.join("calibrated.bramble");
+    let report = bramble_json(&[
+        "bias-calibrate",
+        "--model",
+        path_str(&fixture.image),
+        "--pairs",
+        path_str(&pairs),
+        "--text",
+        path_str(&text),
+        "--output",
+        path_str(&calibrated),
+        "--text-tokens",
+        "128",
+        "--budget",
+        "1000",
+        "--weights",
+        "1",
+        "--json",
+    ]);
+    let candidates = report["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3, "none, all at 1, top at 1: {report}");
+    assert_eq!(candidates[0]["layers"], "none");
+    // With an unlimited budget the lowest bias score wins.
+    let chosen = report["chosen"].as_u64().unwrap() as usize;
+    let best = candidates.iter().map(|c| c["bias_score"].as_f64().unwrap()).fold(f64::INFINITY, f64::min);
+    assert_eq!(candidates[chosen]["bias_score"].as_f64().unwrap(), best);
+    let image = ModelImage::open(&calibrated).unwrap();
+    let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    assert_eq!(
+        section.weights,
+        report["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect::<Vec<_>>()
+    );
+
+    let eval = |mode: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bias-eval",
+            "--model",
+            path_str(&calibrated),
+            "--pairs",
+            path_str(&pairs),
+            "--feedback",
+            mode,
+            "--json",
+            "--per-pair",
+        ];
+        args.extend_from_slice(extra);
+        bramble_json(&args)
+    };
+    let plain = bramble_json(&[
         "bias-eval",
         "--model",
         path_str(&fixture.image),
         "--pairs",
         path_str(&pairs),
+        "--json",
+        "--per-pair",
+    ]);
+    assert_eq!(eval("off", &[])["per_pair"], plain["per_pair"], "off ignores the section");
+    // A static run with every layer at weight 1 differs from the plain model.
+    let state = fixture.dir.join("bias.state");
+    let constrained = bramble_runtime::bias::BiasConstraint { weights: vec![1.0; section.layers], ..section.clone() };
+    let strong = fixture.dir.join("strong.bramble");
+    bramble_tools::bias::copy_with_section(&image, &strong, "bias", &constrained.to_section().unwrap()).unwrap();
+    let strong_eval = bramble_json(&[
+        "bias-eval",
+        "--model",
+        path_str(&strong),
+        "--pairs",
+        path_str(&pairs),
         "--feedback",
-        "off",
+        "static",
+        "--json",
+        "--per-pair",
+    ]);
+    assert_ne!(strong_eval["per_pair"], plain["per_pair"], "the constraint changes the scores");
+    // Adaptive: the state is written, and a second run restores it.
+    let first = eval("adaptive", &["--bias-state", path_str(&state)]);
+    assert_eq!(first["pairs"], 4);
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.starts_with("bramble-bias-state 1") && saved.contains("responses 4"), "{saved}");
+    eval("adaptive", &["--bias-state", path_str(&state)]);
+    assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");
+    // --bias-state without adaptive is refused.
+    let output = bramble(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--pairs",
+        path_str(&pairs),
+        "--feedback",
+        "static",
+        "--bias-state",
+        path_str(&state),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    // generate under adaptive reports the response's signal.
+    let generated = bramble_json(&[
+        "generate",
+        "--model",
+        path_str(&calibrated),
+        "--prompt",
+        "he is",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--feedback",
+        "adaptive",
         "--json",
     ]);
-    assert_eq!(off["pairs"], 1);
-    assert_eq!(off["stereotype_preference"], 1.0);
+    assert!(generated["bias_signal"].as_f64().unwrap().is_finite(), "{generated}");
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.

@@ -10,7 +10,7 @@
 //! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
 
 use anyhow::{bail, ensure, Context, Result};
-use bramble_runtime::model::{Logits, Model, RunState};
+use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -404,6 +404,11 @@ impl<'m, 'a> Scorer<'m, 'a> {
         Self { model, state: model.new_state(context, batch), cached: Vec::new(), cached_log_probs: Vec::new() }
     }
 
+    /// The state the sentences run in (bias weights and projections).
+    pub fn state_mut(&mut self) -> &mut RunState {
+        &mut self.state
+    }
+
     /// The longest sequence it scores.
     pub fn context(&self) -> usize {
         self.state.context
@@ -550,6 +555,18 @@ pub fn evaluate(
     pairs: &[(usize, Pair)],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<BiasReport> {
+    evaluate_with(scorer, tokenizer, pairs, progress, &mut |_| Ok(()))
+}
+
+/// [`evaluate`], calling `after_pair` on the scorer's state after each
+/// scored pair (the feedback loop reads its projections and sets weights).
+pub fn evaluate_with(
+    scorer: &mut Scorer<'_, '_>,
+    tokenizer: &Tokenizer,
+    pairs: &[(usize, Pair)],
+    progress: &mut dyn FnMut(usize, usize),
+    after_pair: &mut dyn FnMut(&mut RunState) -> Result<()>,
+) -> Result<BiasReport> {
     let started = std::time::Instant::now();
     let mut scores = Vec::with_capacity(pairs.len());
     let mut skipped_lines = Vec::new();
@@ -571,6 +588,7 @@ pub fn evaluate(
         let stereo_total = scorer.total(&stereo)?;
         let anti_total = scorer.total(&anti)?;
         scores.push(PairScore { category: pair.category.clone(), stereo: stereo_total, anti: anti_total });
+        after_pair(scorer.state_mut())?;
         progress(index + 1, pairs.len());
     }
     ensure!(!scores.is_empty(), "every pair has a sentence longer than the context of {} tokens", scorer.context());
@@ -594,4 +612,257 @@ pub fn evaluate(
         per_pair: Some(scores),
         tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
     })
+}
+
+/// Settings of [`bias_calibrate`].
+#[derive(Debug, Clone)]
+pub struct BiasCalibrateOptions {
+    /// Threads for the forward passes.
+    pub threads: usize,
+    /// Pairs the directions are computed from (0: all).
+    pub direction_pairs: usize,
+    /// Pairs each candidate's bias score is measured on (the first ones).
+    pub eval_pairs: usize,
+    /// Tokens of the text for the neutral baseline and the perplexity budget.
+    pub text_tokens: usize,
+    /// Window of the perplexity runs.
+    pub ctx: usize,
+    /// Allowed perplexity increase on the text (0.02: +2 %).
+    pub budget: f64,
+    /// Candidate constraint weights, each tried on every layer and on the
+    /// quarter of the layers whose direction separates the pairs most.
+    pub weights: Vec<f32>,
+}
+
+impl Default for BiasCalibrateOptions {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            direction_pairs: 0,
+            eval_pairs: 100,
+            text_tokens: 1024,
+            ctx: 256,
+            budget: 0.02,
+            weights: vec![0.5, 1.0],
+        }
+    }
+}
+
+/// One evaluated set of constraint weights.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BiasCandidate {
+    /// `"none"`, `"all"` or `"top"` (the most separating quarter of the layers).
+    pub layers: String,
+    /// The weight on those layers.
+    pub weight: f32,
+    /// Bias score on the evaluation pairs.
+    pub bias_score: f64,
+    /// Stereotype preference rate on them.
+    pub stereotype_preference: f64,
+    /// Perplexity on the text.
+    pub perplexity: f64,
+    /// Within the perplexity budget.
+    pub within_budget: bool,
+}
+
+/// What [`bias_calibrate`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BiasCalibrateReport {
+    /// Pairs the directions came from.
+    pub direction_pairs: usize,
+    /// Per layer: the pairs' mean stereo − anti projection on the direction, in baseline standard deviations.
+    pub separation: Vec<f32>,
+    /// Every candidate, the unconstrained model first.
+    pub candidates: Vec<BiasCandidate>,
+    /// The index of the chosen one.
+    pub chosen: usize,
+    /// The chosen predefined weights, per layer.
+    pub weights: Vec<f32>,
+    /// Seconds in all.
+    pub seconds: f64,
+}
+
+/// Mean of each layer's residual stream over `tokens` (one sentence),
+/// into `means` (`layers × dim`).
+fn residual_means(model: &Model<'_>, state: &mut RunState, tokens: &[u32], means: &mut [f64]) -> Result<()> {
+    let dim = model.config.dim as usize;
+    means.fill(0.0);
+    let mut pos = 0;
+    while pos < tokens.len() {
+        let n = state.batch.min(tokens.len() - pos);
+        let mut see = |layer: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                for h in values.chunks_exact(dim) {
+                    for (m, v) in means[layer * dim..(layer + 1) * dim].iter_mut().zip(h) {
+                        *m += *v as f64;
+                    }
+                }
+            }
+        };
+        model.forward_observed(state, &tokens[pos..pos + n], pos, Logits::Last, Some(&mut see))?;
+        pos += n;
+    }
+    means.iter_mut().for_each(|m| *m /= tokens.len() as f64);
+    Ok(())
+}
+
+/// `bramble bias-calibrate`: per layer a unit bias direction `d_l`, the
+/// normalized mean of (stereo − anti) over the pairs of each sentence's
+/// mean residual stream after layer `l`; the neutral baseline of `h · d_l`
+/// on `text`; and the predefined weights: among the candidates, the one
+/// with the lowest bias score on the pairs whose perplexity on `text` stays
+/// within the budget (none: all zero). Writes `input` plus a `bias` section
+/// to `output`.
+pub fn bias_calibrate(
+    input: &Path,
+    pairs_path: &Path,
+    text: &str,
+    output: &Path,
+    options: &BiasCalibrateOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BiasCalibrateReport> {
+    use bramble_runtime::bias::BiasConstraint;
+    let started = std::time::Instant::now();
+    let image = bramble_runtime::ModelImage::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let tokenizer = Tokenizer::new(image.vocab()).with_context(|| format!("{}: tokenizer", input.display()))?;
+    let mut model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), options.threads)?;
+    let (layers, dim) = (model.weights.layers.len(), model.config.dim as usize);
+    let pairs = read_pairs(pairs_path)?;
+    let direction_pairs =
+        if options.direction_pairs == 0 { pairs.len() } else { options.direction_pairs.min(pairs.len()) };
+    ensure!(direction_pairs > 0, "{}: no pairs", pairs_path.display());
+
+    // Directions: the mean difference of the sentences' mean hidden states.
+    let mut state = model.new_state(options.ctx, 64);
+    let (mut stereo, mut anti, mut difference) =
+        (vec![0f64; layers * dim], vec![0f64; layers * dim], vec![0f64; layers * dim]);
+    let mut used = 0;
+    for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
+        let (s, a) = (sentence_tokens(&tokenizer, &pair.stereo), sentence_tokens(&tokenizer, &pair.anti));
+        if s.is_empty() || a.is_empty() || s.len().max(a.len()) > options.ctx {
+            continue;
+        }
+        residual_means(&model, &mut state, &s, &mut stereo)?;
+        residual_means(&model, &mut state, &a, &mut anti)?;
+        for ((d, s), a) in difference.iter_mut().zip(&stereo).zip(&anti) {
+            *d += s - a;
+        }
+        used += 1;
+        if i % 32 == 0 {
+            progress(&format!("directions: {i}/{direction_pairs} pairs"));
+        }
+    }
+    ensure!(used > 0, "no pair fits the context of {} tokens", options.ctx);
+    let mut directions = vec![0f32; layers * dim];
+    let mut mean_separation = vec![0f64; layers];
+    for l in 0..layers {
+        let d = &difference[l * dim..(l + 1) * dim];
+        let norm = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+        ensure!(norm > 0.0 && norm.is_finite(), "layer {l}: the stereo and anti sentences do not differ");
+        for (o, v) in directions[l * dim..(l + 1) * dim].iter_mut().zip(d) {
+            *o = (v / norm) as f32;
+        }
+        mean_separation[l] = norm / used as f64;
+    }
+
+    // The neutral baseline of h · d_l on the text.
+    let (text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
+    let text_tokens = &text_tokens[..text_tokens.len().min(options.text_tokens)];
+    ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
+    let mut constraint = BiasConstraint {
+        layers,
+        dim,
+        directions,
+        weights: vec![0.0; layers],
+        baseline_mean: vec![0.0; layers],
+        baseline_std: vec![1.0; layers],
+    };
+    model.set_bias(Some(constraint.clone()))?;
+    let mut state = model.new_state(options.ctx, 64);
+    for window in text_tokens.chunks(options.ctx) {
+        let mut pos = 0;
+        while pos < window.len() {
+            let n = state.batch.min(window.len() - pos);
+            model.forward(&mut state, &window[pos..pos + n], pos, Logits::Last)?;
+            pos += n;
+        }
+    }
+    let stats = state.projections();
+    for l in 0..layers {
+        let mean = stats.mean(l);
+        let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
+        constraint.baseline_mean[l] = mean as f32;
+        constraint.baseline_std[l] = (variance.sqrt() as f32).max(1e-6);
+    }
+    let separation: Vec<f32> =
+        (0..layers).map(|l| (mean_separation[l] / constraint.baseline_std[l] as f64) as f32).collect();
+
+    // Candidates: none, then each weight on all layers and on the most separating quarter.
+    let mut top: Vec<usize> = (0..layers).collect();
+    top.sort_by(|&a, &b| separation[b].total_cmp(&separation[a]));
+    top.truncate((layers / 4).max(1));
+    let mut plans: Vec<(String, f32, Vec<f32>)> = vec![("none".into(), 0.0, vec![0.0; layers])];
+    for &w in &options.weights {
+        ensure!((0.0..=1.0).contains(&w), "candidate weight {w} is outside [0, 1]");
+        plans.push(("all".into(), w, vec![w; layers]));
+        plans.push(("top".into(), w, (0..layers).map(|l| if top.contains(&l) { w } else { 0.0 }).collect()));
+    }
+    let eval: Vec<(usize, Pair)> = pairs.iter().take(options.eval_pairs.max(1)).cloned().collect();
+    let mut candidates = Vec::new();
+    for (i, (layers_name, weight, weights)) in plans.iter().enumerate() {
+        progress(&format!("candidate {}/{}: {layers_name} layers at {weight}", i + 1, plans.len()));
+        constraint.weights.clone_from(weights);
+        model.set_bias(Some(constraint.clone()))?;
+        let mut scorer = Scorer::new(&model, options.ctx, 64);
+        let report = evaluate(&mut scorer, &tokenizer, &eval, &mut |_, _| {})?;
+        let ppl_ctx = options.ctx.min(text_tokens.len());
+        let ppl = crate::generate::perplexity(&model, text_tokens, bos, ppl_ctx, None, 64, &mut |_, _, _| {})?;
+        candidates.push(BiasCandidate {
+            layers: layers_name.clone(),
+            weight: *weight,
+            bias_score: report.bias_score,
+            stereotype_preference: report.stereotype_preference,
+            perplexity: ppl.perplexity,
+            within_budget: true,
+        });
+    }
+    let limit = candidates[0].perplexity * (1.0 + options.budget);
+    for c in &mut candidates {
+        c.within_budget = c.perplexity <= limit;
+    }
+    let chosen = (0..candidates.len())
+        .filter(|&i| candidates[i].within_budget)
+        .min_by(|&a, &b| candidates[a].bias_score.total_cmp(&candidates[b].bias_score))
+        .unwrap_or(0);
+    constraint.weights.clone_from(&plans[chosen].2);
+    copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
+    Ok(BiasCalibrateReport {
+        direction_pairs: used,
+        separation,
+        candidates,
+        chosen,
+        weights: constraint.weights,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes `image` to `output` with section `name` set to `bytes` (added, or
+/// replacing the image's own); every other section and tensor byte for byte.
+pub fn copy_with_section(image: &bramble_runtime::ModelImage, output: &Path, name: &str, bytes: &[u8]) -> Result<u64> {
+    use bramble_runtime::image::layout::section;
+    use bramble_runtime::image::ImageWriter;
+    let mut writer = ImageWriter::create(output)?;
+    let copied = |s: &str| s != section::TENSOR_INDEX && s != section::TENSOR_DATA && s != name;
+    let late = |s: &str| s == section::SOURCE || s == bramble_runtime::rsparse::SECTION;
+    for s in image.sections().iter().filter(|s| copied(&s.name) && !late(&s.name)) {
+        writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
+    }
+    for t in image.tensors() {
+        writer.add_tensor(&t.name, t.encoding, &t.shape, image.tensor_bytes(t))?;
+    }
+    for s in image.sections().iter().filter(|s| copied(&s.name) && late(&s.name)) {
+        writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
+    }
+    writer.add_section(name, bytes, false)?;
+    Ok(writer.finish()?)
 }

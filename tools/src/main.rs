@@ -71,6 +71,8 @@ enum Command {
     BiasData(BiasDataArgs),
     /// Stereotype preference and bias score of a model on bias pairs.
     BiasEval(BiasEvalArgs),
+    /// Per-layer bias directions and predefined constraint weights, into a copy of the image.
+    BiasCalibrate(BiasCalibrateArgs),
     /// Install brambled, a model and its config into a mounted Raspberry Pi OS SD card.
     Flash(bramble_tools::flash::FlashArgs),
     /// Install or update brambled, a model and its config on a running Pi over ssh; wait for /health.
@@ -203,6 +205,16 @@ struct ModelArgs {
     /// quantization with an f32 window of recent tokens; docs/kv.md).
     #[arg(long, default_value = "f32", value_parser = ["f32", "q8", "q4"])]
     kv: String,
+    /// The layer-wise bias constraint (`bramble bias-calibrate` writes it):
+    /// `static` applies the image's predefined weights, `adaptive` adjusts
+    /// them after each response from its bias signal, `off` runs without;
+    /// `auto` is `static` when the image has a bias section, else `off`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "off", "static", "adaptive"])]
+    feedback: String,
+    /// With `--feedback adaptive`: the loop's state (weights, recent
+    /// signals), restored at start and saved atomically after each response.
+    #[arg(long)]
+    bias_state: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -368,15 +380,49 @@ struct BiasDataArgs {
 }
 
 #[derive(Args)]
+struct BiasCalibrateArgs {
+    /// The image.
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration pairs (JSONL, as `bias-data` writes them), e.g. WinoBias dev.
+    #[arg(long)]
+    pairs: PathBuf,
+    /// Neutral text: the baseline of the projections and the perplexity budget.
+    #[arg(long)]
+    text: PathBuf,
+    /// The image to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Pairs the directions come from (0: all).
+    #[arg(long, default_value_t = 0)]
+    direction_pairs: usize,
+    /// Pairs each candidate's bias score is measured on.
+    #[arg(long, default_value_t = 100)]
+    eval_pairs: usize,
+    /// Tokens of the text used.
+    #[arg(long, default_value_t = 1024)]
+    text_tokens: usize,
+    /// Allowed perplexity increase on the text.
+    #[arg(long, default_value_t = 0.02)]
+    budget: f64,
+    /// Candidate weights (each on all layers and on the most separating quarter).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1")]
+    weights: Vec<f32>,
+    /// Threads (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct BiasEvalArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The pairs (JSONL: `{"stereo": …, "anti": …, "category": …}`).
     #[arg(long)]
     pairs: PathBuf,
-    /// The layer-wise bias constraint: only `off` exists until `bramble bias-calibrate` does.
-    #[arg(long, default_value = "off", value_parser = ["off", "static", "adaptive"])]
-    feedback: String,
     /// Tokens per forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -401,6 +447,7 @@ fn main() {
         Command::Synth(args) => run_synth(args),
         Command::BiasData(args) => run_bias_data(args),
         Command::BiasEval(args) => run_bias_eval(args),
+        Command::BiasCalibrate(args) => run_bias_calibrate(args),
         Command::Flash(args) => bramble_tools::flash::run(args),
         Command::Deploy(args) => bramble_tools::deploy::run(args),
         Command::Plan(args) => bramble_tools::plan::run(args),
@@ -670,7 +717,48 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
             .with_context(|| format!("{}: rsparse section", args.model.display()))?;
     }
     model.set_kv_mode(args.kv.parse()?).with_context(|| format!("{}: --kv {}", args.model.display(), args.kv))?;
+    if args.feedback != "off" {
+        let found =
+            model.use_image_bias(&loaded.image).with_context(|| format!("{}: bias section", args.model.display()))?;
+        anyhow::ensure!(
+            found || args.feedback == "auto",
+            "--feedback {}: {} has no bias section; write one with `bramble bias-calibrate`",
+            args.feedback,
+            args.model.display()
+        );
+    }
     Ok(model)
+}
+
+/// The feedback loop of `--feedback adaptive` (restored from `--bias-state`), if asked for.
+fn feedback_loop(model: &Model, args: &ModelArgs) -> Result<Option<bramble_runtime::bias::FeedbackLoop>> {
+    if args.feedback != "adaptive" {
+        anyhow::ensure!(args.bias_state.is_none(), "--bias-state goes with --feedback adaptive");
+        return Ok(None);
+    }
+    let constraint = model.bias().expect("adaptive feedback loaded the bias section");
+    let mut feedback = bramble_runtime::bias::FeedbackLoop::new(constraint);
+    if let Some(path) = &args.bias_state {
+        if feedback.restore(path)? {
+            eprintln!("bramble: bias state restored from {} ({} responses)", path.display(), feedback.responses);
+        }
+    }
+    Ok(Some(feedback))
+}
+
+/// After a response under `--feedback adaptive`: its signal, the weights
+/// adjusted, the state saved. Returns the signal.
+fn after_response(
+    feedback: &mut bramble_runtime::bias::FeedbackLoop,
+    model: &Model,
+    args: &ModelArgs,
+    projections: &bramble_runtime::bias::ProjectionStats,
+) -> Result<f32> {
+    let signal = feedback.after_response(projections, model.bias().expect("a bias section"));
+    if let Some(path) = &args.bias_state {
+        feedback.save(path)?;
+    }
+    Ok(signal)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
@@ -691,6 +779,10 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty and the model adds no BOS token");
     anyhow::ensure!(prompt.len() < context, "the prompt is {} tokens, the context {}", prompt.len(), context);
     let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
+    let mut feedback = feedback_loop(&model, &args.model)?;
+    if let Some(feedback) = &feedback {
+        session.set_bias_weights(&feedback.weights)?;
+    }
     let stdout = std::io::stdout();
     let json = args.json;
     let mut on_text = |piece: &str| {
@@ -701,10 +793,22 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         }
     };
     let result = generate(&mut session, &prompt, args.max_tokens, &args.sampling.stop, &mut on_text)?;
+    // The response's bias signal (its projections include the prompt's).
+    let signal = match feedback.as_mut() {
+        Some(feedback) => Some(after_response(feedback, &model, &args.model, session.projections())?),
+        None => None,
+    };
     if json {
-        outln!("{}", serde_json::to_string(&result)?);
+        let mut value = serde_json::to_value(&result)?;
+        if let Some(signal) = signal {
+            value["bias_signal"] = serde_json::json!(signal);
+        }
+        outln!("{value}");
     } else {
         outln!();
+        if let Some(signal) = signal {
+            eprintln!("bramble: bias signal {signal:+.3}");
+        }
     }
     Ok(())
 }
@@ -883,24 +987,83 @@ fn run_bias_data(args: BiasDataArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
-    use bramble_tools::bias::{evaluate, read_pairs, Scorer};
-    anyhow::ensure!(
-        args.feedback == "off",
-        "--feedback {}: not available yet: needs `bramble bias-calibrate` (the bias section it writes)",
-        args.feedback
+fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
+    use bramble_tools::bias::{bias_calibrate, BiasCalibrateOptions};
+    let text = std::fs::read_to_string(&args.text).with_context(|| format!("{}: cannot read", args.text.display()))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let options = BiasCalibrateOptions {
+        threads: args.threads.unwrap_or(cores).clamp(1, bramble_runtime::kernels::pool::MAX_THREADS),
+        direction_pairs: args.direction_pairs,
+        eval_pairs: args.eval_pairs,
+        text_tokens: args.text_tokens,
+        budget: args.budget,
+        weights: args.weights.clone(),
+        ..BiasCalibrateOptions::default()
+    };
+    let show = std::io::stderr().is_terminal() && !args.json;
+    let mut progress = |what: &str| {
+        if show {
+            eprint!("\r{what}            ");
+        }
+    };
+    let report = bias_calibrate(&args.model, &args.pairs, &text, &args.output, &options, &mut progress)
+        .with_context(|| format!("calibrating {} into {}", args.model.display(), args.output.display()))?;
+    if show {
+        eprintln!();
+    }
+    if args.json {
+        outln!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    for (i, c) in report.candidates.iter().enumerate() {
+        outln!(
+            "{} {:<4} w {:.2}: bias score {:.4} (SPR {:.4}), perplexity {:.3}{}",
+            if i == report.chosen { "*" } else { " " },
+            c.layers,
+            c.weight,
+            c.bias_score,
+            c.stereotype_preference,
+            c.perplexity,
+            if c.within_budget { "" } else { "  (over budget)" }
+        );
+    }
+    outln!(
+        "wrote {}: directions from {} pairs, {:.0} s",
+        args.output.display(),
+        report.direction_pairs,
+        report.seconds
     );
+    Ok(())
+}
+
+fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
+    use bramble_tools::bias::{evaluate_with, read_pairs, Scorer};
     let pairs = read_pairs(&args.pairs)?;
     let (loaded, context) = load(&args.model)?;
     let model = model(&loaded, &args.model, SparseMode::Always)?;
     let mut scorer = Scorer::new(&model, context, args.batch);
+    let mut feedback = feedback_loop(&model, &args.model)?;
+    if let Some(feedback) = &feedback {
+        scorer.state_mut().set_bias_weights(&feedback.weights)?;
+        scorer.state_mut().reset_projections();
+    }
+    // Under `--feedback adaptive` each pair is a response: its signal moves
+    // the weights the next pairs are scored with.
+    let mut after_pair = |state: &mut bramble_runtime::RunState| -> Result<()> {
+        if let Some(feedback) = feedback.as_mut() {
+            after_response(feedback, &model, &args.model, state.projections())?;
+            state.set_bias_weights(&feedback.weights)?;
+            state.reset_projections();
+        }
+        Ok(())
+    };
     let show = std::io::stderr().is_terminal();
     let mut progress = |done: usize, total: usize| {
         if show && (done.is_multiple_of(16) || done == total) {
             eprint!("\r[{done}/{total}]   ");
         }
     };
-    let mut report = evaluate(&mut scorer, &loaded.tokenizer, &pairs, &mut progress)?;
+    let mut report = evaluate_with(&mut scorer, &loaded.tokenizer, &pairs, &mut progress, &mut after_pair)?;
     if show {
         eprintln!();
     }
