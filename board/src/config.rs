@@ -56,6 +56,53 @@ pub struct Config {
     pub limits: Limits,
     /// Sampling defaults for requests that do not set them.
     pub sampling: SamplingDefaults,
+    /// The bias constraint's feedback loop.
+    pub bias: BiasConfig,
+}
+
+/// How the image's bias constraint (`bramble bias-calibrate`) is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Feedback {
+    /// `adaptive` when the image has a bias section, else `off`.
+    #[default]
+    Auto,
+    /// No constraint, no signal.
+    Off,
+    /// The section's predefined weights, never changed; each response's signal is reported.
+    Static,
+    /// The weights adjusted after each response from its signal.
+    Adaptive,
+}
+
+impl Feedback {
+    /// The name in the config and on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Feedback::Auto => "auto",
+            Feedback::Off => "off",
+            Feedback::Static => "static",
+            Feedback::Adaptive => "adaptive",
+        }
+    }
+
+    fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
+        match text.trim() {
+            "auto" => Ok(Feedback::Auto),
+            "off" | "none" => Ok(Feedback::Off),
+            "static" => Ok(Feedback::Static),
+            "adaptive" => Ok(Feedback::Adaptive),
+            other => Err(ConfigError::new(key, format!("{other:?} is not one of auto, off, static, adaptive"))),
+        }
+    }
+}
+
+/// The `[bias]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BiasConfig {
+    /// The feedback mode.
+    pub feedback: Feedback,
+    /// Where the adaptive loop's state persists (weights, recent signals), or `None`: not kept across restarts.
+    pub state: Option<PathBuf>,
 }
 
 /// The serial console's device.
@@ -162,6 +209,15 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     sampling: FileSampling,
+    #[serde(default)]
+    bias: FileBias,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBias {
+    feedback: Option<String>,
+    state: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -229,6 +285,10 @@ pub struct Overrides {
     pub context: Option<String>,
     /// `--log-level LEVEL`.
     pub log_level: Option<String>,
+    /// `--feedback auto|off|static|adaptive`.
+    pub feedback: Option<String>,
+    /// `--bias-state FILE|none`.
+    pub bias_state: Option<String>,
 }
 
 /// The usage text of `brambled`.
@@ -236,6 +296,7 @@ pub const USAGE: &str =
     "usage: brambled [--config FILE] [--model IMG] [--http ADDR:PORT|none] [--ndjson ADDR:PORT|none]
                 [--uart DEVICE|none] [--baud N] [--queue N] [--threads N] [--context N]
                 [--console-tcp ADDR:PORT|none] [--log-level LEVEL]
+                [--feedback auto|off|static|adaptive] [--bias-state FILE|none]
 
 Flags override the config file; with no file, flags alone suffice (--model is then required).
 The auth token can also be given as BRAMBLED_AUTH_TOKEN in the environment.";
@@ -264,6 +325,8 @@ impl Overrides {
                 "--threads" => overrides.threads = Some(value()?),
                 "--context" => overrides.context = Some(value()?),
                 "--log-level" => overrides.log_level = Some(value()?),
+                "--feedback" => overrides.feedback = Some(value()?),
+                "--bias-state" => overrides.bias_state = Some(value()?),
                 _ => return Err(ConfigError::new(&flag, "unknown flag (brambled --help lists them)")),
             }
         }
@@ -455,6 +518,43 @@ impl Config {
             })?,
         };
 
+        let feedback = match (&overrides.feedback, &parsed.bias.feedback) {
+            (Some(text), _) => Feedback::parse("--feedback", text)?,
+            (None, Some(text)) => Feedback::parse("bias.feedback", text)?,
+            (None, None) => Feedback::Auto,
+        };
+        let (state_key, state) = match (&overrides.bias_state, &parsed.bias.state) {
+            (Some(text), _) => ("--bias-state", Some(text)),
+            (None, Some(text)) => ("bias.state", Some(text)),
+            (None, None) => ("bias.state", None),
+        };
+        let state = match state.map(|t| t.trim()) {
+            None | Some("none" | "off") => None,
+            Some("") => return Err(ConfigError::new(state_key, "is empty; give a file, or none")),
+            Some(path) => {
+                let path = PathBuf::from(path);
+                if path.file_name().is_none() || path.is_dir() {
+                    return Err(ConfigError::new(state_key, format!("{} is not a file name", path.display())));
+                }
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if !dir.is_dir() {
+                        return Err(ConfigError::new(
+                            state_key,
+                            format!("{}: the directory {} does not exist", path.display(), dir.display()),
+                        ));
+                    }
+                }
+                Some(path)
+            }
+        };
+        if state.is_some() && matches!(feedback, Feedback::Off | Feedback::Static) {
+            return Err(ConfigError::new(
+                state_key,
+                format!("goes with feedback auto or adaptive, not {}: only the adaptive loop has state", feedback.name()),
+            ));
+        }
+        let bias = BiasConfig { feedback, state };
+
         Ok(Config {
             model,
             threads,
@@ -464,6 +564,7 @@ impl Config {
             tcp: TcpConfig { http, ndjson, console, auth_token },
             limits,
             sampling,
+            bias,
         })
     }
 }
@@ -542,6 +643,36 @@ mod tests {
         let text = "model = \"m\"\n[tcp]\nhttp = \"0.0.0.0:8080\"\nauth_token = \"0123456789abcdef\"\n";
         let config = from_file(text, &[]).unwrap();
         assert_eq!(config.tcp.auth_token.as_deref(), Some("0123456789abcdef"));
+    }
+
+    #[test]
+    fn bias_keys_from_the_file_and_flags_with_errors_naming_the_key() {
+        let config = from_file("model = \"m\"\n", &[]).unwrap();
+        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Auto, state: None });
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("bias.state");
+        let text = format!("model = \"m\"\n[bias]\nfeedback = \"adaptive\"\nstate = {:?}\n", state.display().to_string());
+        let config = from_file(&text, &[]).unwrap();
+        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Adaptive, state: Some(state.clone()) });
+        let config = from_file(&text, &["--feedback", "auto", "--bias-state", "none"]).unwrap();
+        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Auto, state: None });
+
+        let cases: [(&str, &[&str], &str); 6] = [
+            ("[bias]\nfeedback = \"sometimes\"\n", &[], "bias.feedback"),
+            ("", &["--feedback", "always"], "--feedback"),
+            ("[bias]\nstate = \"/no/such/dir/bias.state\"\n", &[], "bias.state"),
+            ("", &["--bias-state", "/no/such/dir/bias.state"], "--bias-state"),
+            ("[bias]\nfeedback = \"static\"\nstate = \"bias.state\"\n", &[], "bias.state"),
+            ("[bias]\nstate = \"\"\n", &[], "bias.state"),
+        ];
+        for (text, args, key) in cases {
+            let mut all = vec!["--model", "m"];
+            all.extend_from_slice(args);
+            let error = from_file(text, &all).unwrap_err();
+            assert_eq!(error.key, key, "{text:?} {args:?}: {error}");
+        }
+        let error = from_file("model = \"m\"\n[bias]\nweights = 1\n", &[]).unwrap_err();
+        assert!(error.message.contains("weights"), "{error}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! [`MAX_LINE_BYTES`] and lines that are not UTF-8 are refused with a message.
 //! Output newlines are sent as CR LF.
 //!
-//! Commands: `/help`, `/reset`, `/stats`, `/set [NAME VALUE]`. Anything else
+//! Commands: `/help`, `/reset`, `/stats`, `/bias`, `/set [NAME VALUE]`. Anything else
 //! is the user's next turn in a conversation rendered with the model's chat
 //! template; the oldest turns are dropped when it outgrows the context.
 
@@ -245,6 +245,7 @@ const HELP: &str = "Type a message and press Enter to chat. Ctrl-C stops a reply
 /help                 this text
 /reset                forget the conversation
 /stats                the model, the conversation, the daemon's counters, the last reply's speed
+/bias                 the bias feedback: its mode, the weights per layer, the recent signals
 /set                  show the settings
 /set NAME VALUE       temperature, top_p, top_k, min_p, repeat_penalty, seed, max_tokens, system (text, or none)
 ";
@@ -337,6 +338,10 @@ impl<W: Write + Send + 'static> Console<W> {
                 self.say("(conversation cleared)\n")
             }
             "/stats" => self.say(&self.stats()),
+            "/bias" => {
+                let text = self.engine.bias.lock().unwrap_or_else(|e| e.into_inner()).text();
+                self.say(&text)
+            }
             "/set" => self.say(&self.settings()),
             command if command.starts_with("/set ") => {
                 let message = match self.set(command["/set ".len()..].trim()) {

@@ -8,7 +8,8 @@
 //! extends the previous conversation (the console's next turn, a chat client
 //! resending its history) only runs its new tokens.
 
-use crate::config::SamplingDefaults;
+use crate::config::{BiasConfig, Feedback, SamplingDefaults};
+use bramble_runtime::bias::FeedbackLoop;
 use bramble_runtime::allocations;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::kernels::Kernels;
@@ -20,7 +21,7 @@ use bramble_runtime::ModelImage;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// What to continue.
@@ -125,6 +126,9 @@ pub struct Usage {
     /// sink's writes included; the promise is none), or `None` when the process
     /// does not count allocations (only `brambled` installs the counting allocator).
     pub decode_allocations: Option<u64>,
+    /// The response's bias signal (the mean z-score of its projections on
+    /// the bias directions), or `None` when the feedback is off.
+    pub bias_signal: Option<f32>,
 }
 
 impl Usage {
@@ -255,6 +259,62 @@ pub struct Stats {
     pub decode_loops: AtomicU64,
 }
 
+/// The bias feedback as `/bias` reports it; the inference thread updates it after each response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BiasStatus {
+    /// `off`, `static` or `adaptive` (`auto` resolved).
+    pub mode: &'static str,
+    /// The weights in force, one a layer (empty when off).
+    pub weights: Vec<f32>,
+    /// The last signals, oldest first.
+    pub recent: Vec<f32>,
+    /// Responses seen (restored ones included).
+    pub responses: u64,
+    /// Where the state persists, if it does.
+    pub state: Option<std::path::PathBuf>,
+}
+
+impl BiasStatus {
+    /// `/bias`'s JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "feedback": self.mode,
+            "weights": self.weights,
+            "recent_signals": self.recent,
+            "responses": self.responses,
+            "state": self.state.as_ref().map(|p| p.display().to_string()),
+        })
+    }
+
+    /// The console's few lines.
+    pub fn text(&self) -> String {
+        let list = |v: &[f32], signed: bool| {
+            v.iter().map(|x| if signed { format!("{x:+.2}") } else { format!("{x:.2}") }).collect::<Vec<_>>().join(" ")
+        };
+        let mut text = format!("bias feedback: {}", self.mode);
+        if self.mode == "off" {
+            text.push_str(" (the image has no bias section, or feedback is off)
+");
+            return text;
+        }
+        text.push_str(&format!(", {} responses", self.responses));
+        if let Some(state) = &self.state {
+            text.push_str(&format!(", state {}", state.display()));
+        }
+        text.push_str(&format!("
+weights ({} layers): {}
+", self.weights.len(), list(&self.weights, false)));
+        if self.recent.is_empty() {
+            text.push_str("recent signals: none yet
+");
+        } else {
+            text.push_str(&format!("recent signals (oldest first): {}
+", list(&self.recent, true)));
+        }
+        text
+    }
+}
+
 /// Why a job was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -292,17 +352,21 @@ pub struct Engine {
     pub cancel_all: Arc<AtomicBool>,
     /// Queue depth, for messages.
     pub queue_depth: usize,
+    /// The bias feedback.
+    pub bias: Arc<Mutex<BiasStatus>>,
 }
 
 impl Engine {
     /// Opens the image at `path` and starts the inference thread with a
-    /// model on `threads` threads, a context of `context` positions and a
-    /// queue of `queue_depth`. Returns when the model is ready (or failed to load).
+    /// model on `threads` threads, a context of `context` positions, a
+    /// queue of `queue_depth` and the bias feedback of `bias`. Returns when
+    /// the model is ready (or failed to load).
     pub fn start(
         path: &std::path::Path,
         threads: usize,
         context: usize,
         queue_depth: usize,
+        bias: &BiasConfig,
     ) -> Result<(Engine, std::thread::JoinHandle<()>), String> {
         let image = ModelImage::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let context = context.min(image.config().context_length as usize).max(2);
@@ -323,13 +387,23 @@ impl Engine {
         let thread_stats = Arc::clone(&stats);
         let thread_stopping = Arc::clone(&stopping);
         let thread_cancel_all = Arc::clone(&cancel_all);
+        let bias_status = Arc::new(Mutex::new(BiasStatus { mode: "off", ..BiasStatus::default() }));
+        let thread_bias_status = Arc::clone(&bias_status);
+        let bias = bias.clone();
         let thread = std::thread::Builder::new()
             .name("inference".to_string())
             .spawn(move || {
-                let model = match Model::with_options(image, Kernels::detect(), threads) {
+                let mut model = match Model::with_options(image, Kernels::detect(), threads) {
                     Ok(model) => model,
                     Err(e) => {
                         let _ = ready_sender.send(Err(format!("{}: {e}", image.path().display())));
+                        return;
+                    }
+                };
+                let feedback = match load_bias(&mut model, image, &bias) {
+                    Ok(feedback) => feedback,
+                    Err(e) => {
+                        let _ = ready_sender.send(Err(e));
                         return;
                     }
                 };
@@ -345,8 +419,21 @@ impl Engine {
                 let _ = ready_sender.send(Ok(summary));
                 let template = ChatTemplate::new(image.chat_template(), image.vocab());
                 let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
+                let bias = feedback.map(|(mode, feedback)| {
+                    let status = BiasStatus {
+                        mode: mode.name(),
+                        weights: feedback.weights.clone(),
+                        recent: feedback.recent.clone(),
+                        responses: feedback.responses,
+                        state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
+                    };
+                    *thread_bias_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+                    BiasFeedback { mode, feedback, state: bias.state.clone().filter(|_| mode == Feedback::Adaptive) }
+                });
                 let mut worker = Worker {
                     session,
+                    bias,
+                    bias_status: thread_bias_status,
                     tokenizer,
                     template,
                     stats: thread_stats,
@@ -358,7 +445,7 @@ impl Engine {
             .map_err(|e| format!("cannot start the inference thread: {e}"))?;
         let summary = ready.recv().map_err(|_| "the inference thread died while loading".to_string())??;
         let info = Arc::new(ModelInfo { name, context, summary });
-        Ok((Engine { queue, stats, info, stopping, cancel_all, queue_depth }, thread))
+        Ok((Engine { queue, stats, info, stopping, cancel_all, queue_depth, bias: bias_status }, thread))
     }
 
     /// Queues a job. On success, the returned receiver gets its [`Outcome`].
@@ -411,6 +498,57 @@ impl Engine {
     }
 }
 
+/// Applies the bias configuration to `model`: the image's bias section
+/// loaded unless the feedback is off, and the loop (restored from the state
+/// file for `adaptive`). Returns the resolved mode and its loop, or `None` when off.
+fn load_bias(
+    model: &mut Model<'_>,
+    image: &ModelImage,
+    bias: &BiasConfig,
+) -> Result<Option<(Feedback, FeedbackLoop)>, String> {
+    let path = image.path().display();
+    if bias.feedback == Feedback::Off {
+        return Ok(None);
+    }
+    let found = model.use_image_bias(image).map_err(|e| format!("{path}: bias section: {e}"))?;
+    let mode = match (bias.feedback, found) {
+        (Feedback::Auto, false) => {
+            if let Some(state) = &bias.state {
+                log::warn!(
+                    "bias.state {}: unused, {path} has no bias section (feedback auto is off)",
+                    state.display()
+                );
+            }
+            return Ok(None);
+        }
+        (Feedback::Auto, true) => Feedback::Adaptive,
+        (mode, false) => {
+            return Err(format!(
+                "bias.feedback {}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off",
+                mode.name()
+            ))
+        }
+        (mode, true) => mode,
+    };
+    let constraint = model.bias().ok_or_else(|| format!("{path}: the bias section did not load"))?;
+    let mut feedback = FeedbackLoop::new(constraint);
+    if mode == Feedback::Adaptive {
+        if let Some(state) = &bias.state {
+            match feedback.restore(state) {
+                Ok(true) => log::info!(
+                    "bias state restored from {} ({} responses)",
+                    state.display(),
+                    feedback.responses
+                ),
+                Ok(false) => log::info!("bias state {}: none yet, starting from the image's weights", state.display()),
+                Err(e) => return Err(format!("bias.state: {e}")),
+            }
+        }
+    }
+    log::info!("bias feedback {} over {} layers", mode.name(), feedback.weights.len());
+    Ok(Some((mode, feedback)))
+}
+
 /// Waits for `outcome`, calling `check` every tick; when `check` says the
 /// client is gone (or asked to cancel), sets `cancel` and keeps waiting for the
 /// job to notice.
@@ -442,8 +580,19 @@ impl GenerationSink for SinkWriter<'_> {
     }
 }
 
+/// The inference thread's bias feedback.
+struct BiasFeedback {
+    /// `Static` or `Adaptive`.
+    mode: Feedback,
+    feedback: FeedbackLoop,
+    /// The state file (adaptive only).
+    state: Option<std::path::PathBuf>,
+}
+
 struct Worker<'m> {
     session: Session<'m>,
+    bias: Option<BiasFeedback>,
+    bias_status: Arc<Mutex<BiasStatus>>,
     tokenizer: &'m Tokenizer,
     template: ChatTemplate,
     stats: Arc<Stats>,
@@ -570,6 +719,13 @@ impl Worker<'_> {
         // The cached prefix this prompt shares with the last one is not run again.
         let cached = self.session.reuse_prefix(&tokens);
         usage.cached_tokens = cached;
+        // This response's projections only (the prompt's new tokens and the reply), under the loop's weights.
+        if let Some(bias) = &self.bias {
+            self.session.reset_projections();
+            if let Err(e) = self.session.set_bias_weights(&bias.feedback.weights) {
+                return fail(sink, RequestError::new(500, "server_error", format!("bias weights: {e}")));
+            }
+        }
         if sink.start(tokens.len()).is_err() {
             return Outcome::Disconnected;
         }
@@ -605,7 +761,49 @@ impl Worker<'_> {
             Finish::Cancelled => FinishReason::Cancelled,
             Finish::SinkStopped => return Outcome::Disconnected,
         };
+        usage.bias_signal = self.after_response();
         self.finish(sink, reason, usage, trimmed_messages)
+    }
+
+    /// After a response: its bias signal; under `adaptive` the weights
+    /// adjusted and the state saved. `None` when the feedback is off.
+    fn after_response(&mut self) -> Option<f32> {
+        let bias = self.bias.as_mut()?;
+        let projections = self.session.projections();
+        let constraint = self.session.model().bias()?;
+        let feedback = &mut bias.feedback;
+        let signal = match bias.mode {
+            Feedback::Adaptive => {
+                let signal = feedback.after_response(projections, constraint);
+                if let Some(state) = &bias.state {
+                    if let Err(e) = feedback.save(state) {
+                        log::error!("bias.state: cannot save: {e}");
+                    }
+                }
+                signal
+            }
+            _ => {
+                // Static: the signal is reported and remembered; the weights stay.
+                let signal = feedback.signal(projections, constraint);
+                if projections.tokens > 0 {
+                    feedback.responses += 1;
+                    if feedback.recent.len() == bramble_runtime::bias::RECENT {
+                        feedback.recent.remove(0);
+                    }
+                    feedback.recent.push(signal);
+                }
+                signal
+            }
+        };
+        if feedback.exceeds_hard_limit(signal) {
+            log::warn!("bias signal {signal:+.3} is over the hard limit {:+.3}", feedback.hard_limit);
+        }
+        let mut status = self.bias_status.lock().unwrap_or_else(|e| e.into_inner());
+        status.weights.clone_from(&feedback.weights);
+        status.recent.clone_from(&feedback.recent);
+        status.responses = feedback.responses;
+        drop(status);
+        Some(signal)
     }
 
     fn finish(&self, sink: &mut dyn TokenSink, reason: FinishReason, usage: Usage, trimmed_messages: usize) -> Outcome {

@@ -1,5 +1,8 @@
 //! The OpenAI-compatible HTTP/1.1 server: `GET /health`, `GET /v1/models`,
-//! `POST /v1/completions`, `POST /v1/chat/completions`. Streaming answers are
+//! `POST /v1/completions`, `POST /v1/chat/completions`, and `GET /bias` (the
+//! bias feedback: `{"feedback", "weights", "recent_signals", "responses"}`).
+//! A completion carries its response's bias signal in an extra top-level
+//! field, `bias_signal` (null when the feedback is off). Streaming answers are
 //! Server-Sent Events (in a chunked body, so the connection can be kept)
 //! ending in `data: [DONE]`; errors are OpenAI's `{"error": {...}}`.
 //!
@@ -296,7 +299,8 @@ impl TokenSink for CompletionSink {
             } else {
                 json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason})
             };
-            let last = self.chunk_object(choice, Some(usage_json(usage)));
+            let mut last = self.chunk_object(choice, Some(usage_json(usage)));
+            last["bias_signal"] = json!(usage.bias_signal);
             self.send_json_event(&last)?;
             return self.end_stream();
         }
@@ -305,12 +309,14 @@ impl TokenSink for CompletionSink {
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": null, "finish_reason": finish_reason}],
                 "usage": usage_json(usage),
+                "bias_signal": usage.bias_signal,
             })
         } else {
             json!({
                 "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "text": self.text, "logprobs": null, "finish_reason": finish_reason}],
                 "usage": usage_json(usage),
+                "bias_signal": usage.bias_signal,
             })
         };
         let keep_alive = self.keep_alive;
@@ -443,8 +449,8 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
             respond(&mut connection.stream, 200, &body, keep_alive)?;
             return Ok(true);
         }
-        (_, "/health" | "/v1/models") if head.method != "GET" => None,
-        ("GET", "/v1/models") => Some(Endpoint::Ndjson), // answered below, after the token check
+        (_, "/health" | "/v1/models" | "/bias") if head.method != "GET" => None,
+        ("GET", "/v1/models" | "/bias") => Some(Endpoint::Ndjson), // answered below, after the token check
         ("POST", "/v1/completions") => Some(Endpoint::Completions),
         ("POST", "/v1/chat/completions") => Some(Endpoint::ChatCompletions),
         (_, "/v1/completions" | "/v1/chat/completions") => None,
@@ -453,7 +459,7 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
                 404,
                 "not_found",
                 format!(
-                    "no endpoint {path}; this daemon serves /health, /v1/models, /v1/completions, /v1/chat/completions"
+                    "no endpoint {path}; this daemon serves /health, /v1/models, /bias, /v1/completions, /v1/chat/completions"
                 ),
             );
             respond_error(&mut connection.stream, &error, keep_alive)?;
@@ -472,6 +478,11 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
         let error =
             RequestError::new(401, "authentication_error", "missing or wrong token: send Authorization: Bearer TOKEN");
         respond_error(&mut connection.stream, &error, keep_alive)?;
+        return Ok(true);
+    }
+    if endpoint == Endpoint::Ndjson && head.path == "/bias" {
+        let body = engine.bias.lock().unwrap_or_else(|e| e.into_inner()).json();
+        respond(&mut connection.stream, 200, &body, keep_alive)?;
         return Ok(true);
     }
     if endpoint == Endpoint::Ndjson {

@@ -14,7 +14,8 @@
 //! when the daemon has a token, `auth`. Errors are one line,
 //! `{"error":{"message":...,"type":...,"param":...},"done":true}`; the
 //! connection stays open after a bad request (it is line-framed), but not after
-//! a line over the byte cap or a timeout.
+//! a line over the byte cap or a timeout. The final line carries the
+//! response's `bias_signal` (null when the bias feedback is off).
 
 use crate::connection::{Connection, ReadFailure, Shared};
 use crate::engine::{self, FinishReason, Outcome, RequestError, TokenSink, Usage};
@@ -94,6 +95,7 @@ impl TokenSink for NdjsonSink {
             "prompt_eval_duration": nanos(usage.prefill),
             "eval_duration": nanos(usage.decode),
             "total_duration": nanos(usage.queued + usage.prefill + usage.decode),
+            "bias_signal": usage.bias_signal,
         }))?;
         line.push(b'\n');
         self.out.write_all(&line)
