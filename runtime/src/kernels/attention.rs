@@ -400,7 +400,7 @@ pub mod neon {
         scores: usize,
         row: usize,
     ) {
-        let heads = if head_dim == 0 { 0 } else { queries / head_dim };
+        let heads = queries.checked_div(head_dim).unwrap_or(0);
         assert!(
             head_dim > 0
                 && head_dim.is_multiple_of(CHANNEL_RUN)
@@ -428,7 +428,7 @@ pub mod neon {
         head_dim: usize,
         out: usize,
     ) {
-        let heads = if head_dim == 0 { 0 } else { out / head_dim };
+        let heads = out.checked_div(head_dim).unwrap_or(0);
         assert!(
             head_dim > 0
                 && head_dim.is_multiple_of(CHANNEL_RUN)
