@@ -11,6 +11,7 @@
 //! | `bad_input` | the bad-input battery on NDJSON, HTTP and the console |
 //! | `console` | the serial console on an openpty pair: typing, editing, commands, chat, Ctrl-C, garbage, the device vanishing |
 //! | `operations` | config errors, sd_notify READY, SIGTERM drain and exit 0 |
+//! | `bias` | the bias feedback: `bias_signal` on NDJSON and HTTP, `GET /bias`, the console's `/bias`, the state file |
 //!
 //! The model is synthetic (random weights, a byte-level BPE vocabulary with
 //! ChatML tokens), with a context of 2048 so a long generation lasts seconds:
@@ -1183,5 +1184,189 @@ mod operations {
         let n = socket.recv(&mut message).unwrap();
         assert!(String::from_utf8_lossy(&message[..n]).contains("STOPPING=1"));
         assert!(TcpStream::connect(daemon.ndjson()).is_err(), "the listener is closed");
+    }
+}
+
+/// The bias feedback: an image calibrated with `bramble bias-calibrate` (a
+/// `bias` section), served adaptive with a state file; and one without.
+mod bias {
+    use super::*;
+
+    /// The daemon's synthetic model with a bias section, written once per process.
+    fn calibrated() -> &'static Path {
+        static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+        IMAGE.get_or_init(|| {
+            let dir = scratch_dir("daemon");
+            let id = std::process::id();
+            let pairs = dir.join(format!("bias-pairs-{id}.jsonl"));
+            let lines: Vec<String> = [
+                ("he is a doctor", "she is a doctor"),
+                ("she is a nurse", "he is a nurse"),
+                ("he fixed the car", "she fixed the car"),
+                ("she cooked dinner", "he cooked dinner"),
+            ]
+            .iter()
+            .map(|(stereo, anti)| json!({"stereo": stereo, "anti": anti, "category": "gender"}).to_string())
+            .collect();
+            std::fs::write(&pairs, lines.join("\n") + "\n").unwrap();
+            let text = dir.join(format!("bias-text-{id}.txt"));
+            std::fs::write(&text, "The cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+            let output = dir.join(format!("synthetic-bias-{id}.bramble"));
+            let report = bramble_json(&[
+                "bias-calibrate".as_ref(),
+                "--model".as_ref(),
+                model().as_os_str(),
+                "--pairs".as_ref(),
+                pairs.as_os_str(),
+                "--text".as_ref(),
+                text.as_os_str(),
+                "--output".as_ref(),
+                output.as_os_str(),
+                "--text-tokens".as_ref(),
+                "128".as_ref(),
+                "--budget".as_ref(),
+                "1000".as_ref(),
+                "--weights".as_ref(),
+                "1".as_ref(),
+                "--json".as_ref(),
+            ] as &[&std::ffi::OsStr]);
+            assert!(report["weights"].as_array().is_some_and(|w| w.len() == 4), "{report}");
+            output
+        })
+    }
+
+    fn finite_signal(value: &Value, what: &str) -> f64 {
+        let signal = value["bias_signal"].as_f64().unwrap_or_else(|| panic!("{what}: no numeric bias_signal: {value}"));
+        assert!(signal.is_finite(), "{what}: {value}");
+        signal
+    }
+
+    fn bias_status(daemon: &Daemon) -> Value {
+        let response = http(daemon.http(), "GET", "/bias", None, &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        response.json()
+    }
+
+    #[test]
+    fn adaptive_feedback_reports_each_signal_keeps_its_state_and_restores_it() {
+        let image = calibrated();
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("bias.state");
+        let state_arg = state.to_str().unwrap();
+        let image_arg = image.to_str().unwrap();
+        let mut daemon = Daemon::start(&["--model", image_arg, "--bias-state", state_arg, "--console-tcp", "127.0.0.1:0"]);
+        assert!(daemon.log().contains("bias feedback adaptive over 4 layers"), "{}", daemon.log());
+        let before = bias_status(&daemon);
+        assert_eq!(before["feedback"], "adaptive", "{before}");
+        assert_eq!(before["responses"], 0, "{before}");
+        assert!(!state.exists(), "no response yet, no state written");
+
+        // NDJSON: the final line carries the signal; the token lines do not.
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "he is a doctor", "max_tokens": 4, "temperature": 0}));
+        let last = lines.last().unwrap();
+        assert_eq!(last["done"], true, "{last}");
+        let first = finite_signal(last, "ndjson");
+        assert!(lines[..lines.len() - 1].iter().all(|l| l.get("bias_signal").is_none()), "{lines:?}");
+
+        // HTTP chat completion: an extra top-level field.
+        let body = json!({"messages": [{"role": "user", "content": "she is a nurse"}], "max_tokens": 4, "temperature": 0});
+        let response = http(daemon.http(), "POST", "/v1/chat/completions", Some(&body), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let completion = response.json();
+        assert_eq!(completion["object"], "chat.completion");
+        let second = finite_signal(&completion, "http");
+
+        // GET /bias: the weights per layer, the signals in order, the count.
+        let status = bias_status(&daemon);
+        assert_eq!(status["feedback"], "adaptive", "{status}");
+        let weights = status["weights"].as_array().unwrap();
+        assert_eq!(weights.len(), 4, "one weight a layer: {status}");
+        assert!(weights.iter().all(|w| w.as_f64().is_some_and(|w| (0.0..=1.0).contains(&w))), "{status}");
+        assert_eq!(status["responses"], 2, "{status}");
+        let recent: Vec<f64> = status["recent_signals"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(recent, vec![first, second], "{status}");
+
+        // The state file, saved after each response.
+        let text = std::fs::read_to_string(&state).expect("the state file");
+        assert!(text.starts_with("bramble-bias-state 1\n"), "{text:?}");
+        assert!(text.contains("responses 2\n"), "{text:?}");
+
+        // The console's /bias.
+        let mut terminal = Terminal::tcp(daemon.console.expect("a console listener"));
+        terminal.expect("/help for commands.\r\n> ");
+        terminal.command("/bias", "bias feedback: adaptive, 2 responses");
+        let shown = terminal.expect("> ");
+        assert!(shown.contains("weights (4 layers): "), "{shown:?}");
+        assert!(shown.contains("recent signals (oldest first): "), "{shown:?}");
+        drop(terminal);
+
+        // A restart restores the loop from the state file.
+        assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
+        let daemon = Daemon::start(&["--model", image_arg, "--bias-state", state_arg]);
+        assert!(daemon.log().contains("bias state restored"), "{}", daemon.log());
+        let restored = bias_status(&daemon);
+        assert_eq!(restored["responses"], 2, "{restored}");
+        assert_eq!(restored["weights"], status["weights"], "{restored}");
+        assert_eq!(restored["recent_signals"], status["recent_signals"], "{restored}");
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2, "stream": false}));
+        finite_signal(lines.last().unwrap(), "after the restart");
+        assert_eq!(bias_status(&daemon)["responses"], 3);
+    }
+
+    #[test]
+    fn static_feedback_reports_signals_with_the_weights_fixed() {
+        let image = calibrated();
+        let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--feedback", "static"]);
+        let before = bias_status(&daemon);
+        assert_eq!(before["feedback"], "static", "{before}");
+        let request = json!({"prompt": "The cat", "max_tokens": 3, "temperature": 0});
+        let response = http(daemon.http(), "POST", "/v1/completions", Some(&request), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        finite_signal(&response.json(), "static completion");
+        let after = bias_status(&daemon);
+        assert_eq!(after["weights"], before["weights"], "static weights never move: {after}");
+        assert_eq!(after["responses"], 1, "{after}");
+    }
+
+    #[test]
+    fn an_image_without_a_bias_section_reports_null_and_off() {
+        let daemon = Daemon::start(&[]);
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        let last = lines.last().unwrap();
+        assert_eq!(last["done"], true, "{last}");
+        assert!(last.get("bias_signal").is_some_and(Value::is_null), "{last}");
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        let response = http(daemon.http(), "POST", "/v1/chat/completions", Some(&body), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let completion = response.json();
+        assert!(completion.get("bias_signal").is_some_and(Value::is_null), "{completion}");
+        let status = bias_status(&daemon);
+        assert_eq!(status["feedback"], "off", "{status}");
+        assert_eq!(status["weights"], json!([]), "{status}");
+        assert_eq!(status["recent_signals"], json!([]), "{status}");
+        let response = http(daemon.http(), "POST", "/bias", Some(&json!({})), &[]);
+        assert_eq!(response.status, 405, "{}", response.text());
+    }
+
+    #[test]
+    fn bias_settings_that_cannot_work_are_refused_at_start() {
+        // Adaptive asked for, but the image has no section: the model fails to load, naming why.
+        let output = Command::new(brambled_binary())
+            .arg("--model")
+            .arg(model())
+            .args(["--uart", "none", "--http", "none", "--ndjson", "none", "--feedback", "adaptive"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("bias.feedback adaptive") && stderr.contains("no bias section"), "{stderr}");
+        // A state file with static feedback, and a bad mode: config errors naming the key.
+        let (_dir, config) = config_file("model = \"m.bramble\"\n[bias]\nfeedback = \"static\"\nstate = \"bias.state\"\n");
+        let output = Command::new(brambled_binary()).arg("--config").arg(&config).output().unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("bias.state: goes with feedback"));
+        let output = Command::new(brambled_binary()).args(["--model", "m", "--feedback", "sometimes"]).output().unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--feedback: \"sometimes\" is not one of"));
     }
 }
