@@ -550,7 +550,10 @@ impl Config {
         if state.is_some() && matches!(feedback, Feedback::Off | Feedback::Static) {
             return Err(ConfigError::new(
                 state_key,
-                format!("goes with feedback auto or adaptive, not {}: only the adaptive loop has state", feedback.name()),
+                format!(
+                    "goes with feedback auto or adaptive, not {}: only the adaptive loop has state",
+                    feedback.name()
+                ),
             ));
         }
         let bias = BiasConfig { feedback, state };
@@ -651,7 +654,8 @@ mod tests {
         assert_eq!(config.bias, BiasConfig { feedback: Feedback::Auto, state: None });
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("bias.state");
-        let text = format!("model = \"m\"\n[bias]\nfeedback = \"adaptive\"\nstate = {:?}\n", state.display().to_string());
+        let text =
+            format!("model = \"m\"\n[bias]\nfeedback = \"adaptive\"\nstate = {:?}\n", state.display().to_string());
         let config = from_file(&text, &[]).unwrap();
         assert_eq!(config.bias, BiasConfig { feedback: Feedback::Adaptive, state: Some(state.clone()) });
         let config = from_file(&text, &["--feedback", "auto", "--bias-state", "none"]).unwrap();

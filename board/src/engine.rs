@@ -9,8 +9,8 @@
 //! resending its history) only runs its new tokens.
 
 use crate::config::{BiasConfig, Feedback, SamplingDefaults};
-use bramble_runtime::bias::FeedbackLoop;
 use bramble_runtime::allocations;
+use bramble_runtime::bias::FeedbackLoop;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::kernels::Kernels;
 use bramble_runtime::model::Model;
@@ -293,23 +293,34 @@ impl BiasStatus {
         };
         let mut text = format!("bias feedback: {}", self.mode);
         if self.mode == "off" {
-            text.push_str(" (the image has no bias section, or feedback is off)
-");
+            text.push_str(
+                " (the image has no bias section, or feedback is off)
+",
+            );
             return text;
         }
         text.push_str(&format!(", {} responses", self.responses));
         if let Some(state) = &self.state {
             text.push_str(&format!(", state {}", state.display()));
         }
-        text.push_str(&format!("
+        text.push_str(&format!(
+            "
 weights ({} layers): {}
-", self.weights.len(), list(&self.weights, false)));
+",
+            self.weights.len(),
+            list(&self.weights, false)
+        ));
         if self.recent.is_empty() {
-            text.push_str("recent signals: none yet
-");
+            text.push_str(
+                "recent signals: none yet
+",
+            );
         } else {
-            text.push_str(&format!("recent signals (oldest first): {}
-", list(&self.recent, true)));
+            text.push_str(&format!(
+                "recent signals (oldest first): {}
+",
+                list(&self.recent, true)
+            ));
         }
         text
     }
@@ -514,19 +525,16 @@ fn load_bias(
     let mode = match (bias.feedback, found) {
         (Feedback::Auto, false) => {
             if let Some(state) = &bias.state {
-                log::warn!(
-                    "bias.state {}: unused, {path} has no bias section (feedback auto is off)",
-                    state.display()
-                );
+                log::warn!("bias.state {}: unused, {path} has no bias section (feedback auto is off)", state.display());
             }
             return Ok(None);
         }
         (Feedback::Auto, true) => Feedback::Adaptive,
         (mode, false) => {
             return Err(format!(
-                "bias.feedback {}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off",
-                mode.name()
-            ))
+            "bias.feedback {}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off",
+            mode.name()
+        ))
         }
         (mode, true) => mode,
     };
@@ -535,11 +543,9 @@ fn load_bias(
     if mode == Feedback::Adaptive {
         if let Some(state) = &bias.state {
             match feedback.restore(state) {
-                Ok(true) => log::info!(
-                    "bias state restored from {} ({} responses)",
-                    state.display(),
-                    feedback.responses
-                ),
+                Ok(true) => {
+                    log::info!("bias state restored from {} ({} responses)", state.display(), feedback.responses)
+                }
                 Ok(false) => log::info!("bias state {}: none yet, starting from the image's weights", state.display()),
                 Err(e) => return Err(format!("bias.state: {e}")),
             }

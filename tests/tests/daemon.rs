@@ -1254,7 +1254,8 @@ mod bias {
         let state = dir.path().join("bias.state");
         let state_arg = state.to_str().unwrap();
         let image_arg = image.to_str().unwrap();
-        let mut daemon = Daemon::start(&["--model", image_arg, "--bias-state", state_arg, "--console-tcp", "127.0.0.1:0"]);
+        let mut daemon =
+            Daemon::start(&["--model", image_arg, "--bias-state", state_arg, "--console-tcp", "127.0.0.1:0"]);
         assert!(daemon.log().contains("bias feedback adaptive over 4 layers"), "{}", daemon.log());
         let before = bias_status(&daemon);
         assert_eq!(before["feedback"], "adaptive", "{before}");
@@ -1269,7 +1270,8 @@ mod bias {
         assert!(lines[..lines.len() - 1].iter().all(|l| l.get("bias_signal").is_none()), "{lines:?}");
 
         // HTTP chat completion: an extra top-level field.
-        let body = json!({"messages": [{"role": "user", "content": "she is a nurse"}], "max_tokens": 4, "temperature": 0});
+        let body =
+            json!({"messages": [{"role": "user", "content": "she is a nurse"}], "max_tokens": 4, "temperature": 0});
         let response = http(daemon.http(), "POST", "/v1/chat/completions", Some(&body), &[]);
         assert_eq!(response.status, 200, "{}", response.text());
         let completion = response.json();
@@ -1283,7 +1285,8 @@ mod bias {
         assert_eq!(weights.len(), 4, "one weight a layer: {status}");
         assert!(weights.iter().all(|w| w.as_f64().is_some_and(|w| (0.0..=1.0).contains(&w))), "{status}");
         assert_eq!(status["responses"], 2, "{status}");
-        let recent: Vec<f64> = status["recent_signals"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let recent: Vec<f64> =
+            status["recent_signals"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(recent, vec![first, second], "{status}");
 
         // The state file, saved after each response.
@@ -1361,11 +1364,13 @@ mod bias {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains("bias.feedback adaptive") && stderr.contains("no bias section"), "{stderr}");
         // A state file with static feedback, and a bad mode: config errors naming the key.
-        let (_dir, config) = config_file("model = \"m.bramble\"\n[bias]\nfeedback = \"static\"\nstate = \"bias.state\"\n");
+        let (_dir, config) =
+            config_file("model = \"m.bramble\"\n[bias]\nfeedback = \"static\"\nstate = \"bias.state\"\n");
         let output = Command::new(brambled_binary()).arg("--config").arg(&config).output().unwrap();
         assert_eq!(output.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&output.stderr).contains("bias.state: goes with feedback"));
-        let output = Command::new(brambled_binary()).args(["--model", "m", "--feedback", "sometimes"]).output().unwrap();
+        let output =
+            Command::new(brambled_binary()).args(["--model", "m", "--feedback", "sometimes"]).output().unwrap();
         assert_eq!(output.status.code(), Some(2));
         assert!(String::from_utf8_lossy(&output.stderr).contains("--feedback: \"sometimes\" is not one of"));
     }
