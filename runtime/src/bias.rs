@@ -66,7 +66,8 @@ impl BiasConstraint {
             if !(0.0..=1.0).contains(&self.weights[l]) {
                 return bad(format!("weight of layer {l} is {}, outside [0, 1]", self.weights[l]));
             }
-            if !self.baseline_mean[l].is_finite() || !(self.baseline_std[l] > 0.0 && self.baseline_std[l].is_finite()) {
+            let spread = self.baseline_std[l];
+            if !self.baseline_mean[l].is_finite() || spread.is_nan() || spread <= 0.0 || spread.is_infinite() {
                 return bad(format!(
                     "baseline of layer {l} is mean {} std {}",
                     self.baseline_mean[l], self.baseline_std[l]

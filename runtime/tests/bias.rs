@@ -141,7 +141,7 @@ fn a_crash_during_saves_leaves_a_whole_state() {
         child.wait().unwrap();
         let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&c);
         assert!(feedback.restore(&path).unwrap(), "round {round}: the state is there");
-        let expected = if feedback.responses % 2 == 0 { 0.25 } else { 0.75 };
+        let expected = if feedback.responses.is_multiple_of(2) { 0.25 } else { 0.75 };
         assert_eq!(feedback.weights[0], expected, "round {round}: a whole state");
     }
 }
