@@ -9,6 +9,8 @@
 //! | `daemon.rs` | `brambled` end to end: NDJSON, HTTP, the serial and TCP consoles, scheduling, load, bad input, operations |
 //! | `kv.rs` | the quantized KV cache end to end: q8/q4 logits against the f32 cache (KL budgets, synthetic and SmolLM2), batches against single tokens, `perplexity --kv` |
 //! | `plan.rs` | `bramble plan`: the memory budget per board and KV mode, the verdict, the refusal with its arithmetic, bad boards, contexts and modes |
+//! | `bias.rs` | bias pairs: log-probabilities against an independent sum, SPR and bias score, `bias-data` on each dataset's format, `bias-calibrate` and `--feedback static/adaptive` with a persisted state |
+//! | `calibrate.rs` | `bramble calibrate` (R-Sparse): the plan, the section, the search, the channel-major rewrite |
 //! | `flash.rs` | `bramble flash` onto copies of `tests/fixtures/rpi-os/`: installed files, permissions, edits, backups, idempotence, dry run, refusals; the installed config and model served by `brambled`; `bramble deploy` through a stand-in ssh/scp, and its dry run |
 //!
 //! # The `bramble` binary

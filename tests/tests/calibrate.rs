@@ -66,22 +66,44 @@ fn weight(image: &ModelImage, name: &str) -> (Vec<f32>, usize, usize) {
     (out, rows, cols)
 }
 
+/// With `--sparse-layout rows` every tensor is copied byte for byte; with
+/// the default `channels` the covered Q8/Q4 projections are channel-major
+/// and hold exactly the same values, every other tensor byte for byte.
 #[test]
-fn scores_are_column_norms_and_the_image_keeps_every_input_byte() {
-    for quant in ["q4", "q8", "f16", "f32"] {
+fn scores_are_column_norms_and_the_image_keeps_every_input_value() {
+    use bramble_tools::calibrate::SparseLayout;
+    for (quant, layout) in [
+        ("q4", SparseLayout::Channels),
+        ("q4", SparseLayout::Rows),
+        ("q8", SparseLayout::Channels),
+        ("f16", SparseLayout::Channels),
+        ("f32", SparseLayout::Channels),
+    ] {
         let f = fixture(quant, TokenizerKind::SentencePiece);
         let output = f.dir.join("sparse.bramble");
-        let report = calibrate(&f.image, &calibration_text(), &output, &options(0.5))
+        let report = calibrate(&f.image, &calibration_text(), &output, &CalibrateOptions { layout, ..options(0.5) })
             .unwrap_or_else(|e| panic!("{quant}: {e:#}"));
         let input = ModelImage::open(&f.image).unwrap();
         let written = ModelImage::open(&output).unwrap();
-        // Every tensor, byte for byte, and every section but the new one.
+        // Every tensor, byte for byte (or its values, channel-major), and every section but the new one.
         assert_eq!(input.tensors().len(), written.tensors().len());
+        let mut relaid = 0;
         for t in input.tensors() {
             let w = written.tensor(&t.name).unwrap_or_else(|| panic!("{quant}: {} missing", t.name));
-            assert_eq!((w.encoding, &w.shape), (t.encoding, &t.shape), "{quant}: {}", t.name);
+            assert_eq!(&w.shape, &t.shape, "{quant}: {}", t.name);
+            if w.encoding != t.encoding {
+                assert_eq!(layout, SparseLayout::Channels, "{quant}: {} changed with rows", t.name);
+                assert_eq!(Some(w.encoding), t.encoding.channel_major(), "{quant}: {}", t.name);
+                let (a, _, _) = weight(&input, &t.name);
+                let (b, _, _) = weight(&written, &t.name);
+                assert!(a == b, "{quant}: {} values differ", t.name);
+                relaid += 1;
+                continue;
+            }
             assert!(input.tensor_bytes(t) == written.tensor_bytes(w), "{quant}: {} bytes differ", t.name);
         }
+        let expected = if layout == SparseLayout::Channels && (quant == "q4" || quant == "q8") { 2 * 7 } else { 0 };
+        assert_eq!(relaid, expected, "{quant} {layout:?}: channel-major projections (every shape is whole tiles of 32)");
         for s in input.sections() {
             if s.name != "tensor_index" && s.name != "tensor_data" {
                 assert_eq!(input.section(&s.name), written.section(&s.name), "{quant}: section {}", s.name);
