@@ -443,6 +443,23 @@ pub mod neon {
         );
     }
 
+    /// An f16 as f32 with one `fcvt` (ARMv8.0 has the conversion; without
+    /// the fp16 extension `half` converts in software, ~20 instructions).
+    #[inline(always)]
+    fn to_f32(value: f16) -> f32 {
+        let converted: f32;
+        // SAFETY: `fcvt` between FP registers reads and writes only its operands.
+        unsafe {
+            std::arch::asm!(
+                "fcvt {out:s}, {value:h}",
+                value = in(vreg) value.to_bits() as i16,
+                out = lateout(vreg) converted,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+        converted
+    }
+
     /// 32 codes at `at` widened to f32, in order: 32 bytes at 8 bits; 16 at
     /// 4 bits, low nibbles first (codes 0..16), then high nibbles (16..32).
     ///
@@ -535,8 +552,8 @@ pub mod neon {
                 for (c, &q) in query.iter().enumerate() {
                     let at = g * head_dim + c;
                     // Fold the channel's scale into the query; its minimum into one offset.
-                    let weight = vdupq_n_f32(q * key_scales[at].to_f32());
-                    offset += q * key_mins[at].to_f32();
+                    let weight = vdupq_n_f32(q * to_f32(key_scales[at]));
+                    offset += q * to_f32(key_mins[at]);
                     // SAFETY: `(at + 1)·bytes ≤ groups·head_dim·bytes ≤ codes.len()` (checked).
                     let keys = unsafe { widen_codes::<BITS>(codes.as_ptr().add(at * bytes)) };
                     for (sum, key) in sums.iter_mut().zip(keys) {
@@ -614,12 +631,12 @@ pub mod neon {
             // Every channel of a token shares its minimum: one offset for the head.
             let mut offset = 0f32;
             for (&weight, minimum) in weights.iter().zip(value_mins) {
-                offset += weight * minimum.to_f32();
+                offset += weight * to_f32(*minimum);
             }
             for (run, channels) in head.chunks_exact_mut(CHANNEL_RUN).enumerate() {
                 let mut sums = [vdupq_n_f32(0.0); 8];
                 for (t, (&weight, token_scale)) in weights.iter().zip(value_scales).enumerate() {
-                    let scaled = vdupq_n_f32(weight * token_scale.to_f32());
+                    let scaled = vdupq_n_f32(weight * to_f32(*token_scale));
                     // SAFETY: `t < positions` and `run·32 + 32 ≤ head_dim`: inside token `t`'s
                     // `bytes`, and `positions·bytes ≤ codes.len()` (checked).
                     let values = unsafe {
