@@ -94,11 +94,12 @@ fn the_observer_sees_every_module_input_and_changes_nothing() {
         (Site::AttentionOutput, c.q_dim()),
         (Site::FfnInput, c.dim as usize),
         (Site::FfnHidden, c.ffn_dim as usize),
+        (Site::Residual, c.dim as usize),
     ];
-    assert_eq!(seen.len(), 4 * c.n_layers as usize);
+    assert_eq!(seen.len(), 5 * c.n_layers as usize);
     for (i, (layer, site, values)) in seen.iter().enumerate() {
-        assert_eq!((*layer, *site), (i / 4, widths[i % 4].0));
-        assert_eq!(values.len(), 3 * widths[i % 4].1, "{site:?}: a batch of three tokens");
+        assert_eq!((*layer, *site), (i / 5, widths[i % 5].0));
+        assert_eq!(values.len(), 3 * widths[i % 5].1, "{site:?}: a batch of three tokens");
         assert!(values.iter().all(|v| v.is_finite()) && values.iter().any(|&v| v != 0.0), "{site:?}");
     }
 }
