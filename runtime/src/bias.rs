@@ -298,7 +298,9 @@ impl FeedbackLoop {
     /// fsync of the directory.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
         use std::io::Write;
-        let io = |what: &str, e: std::io::Error| Error::new(crate::error::ErrorKind::Io, format!("{}: {what}: {e}", path.display()));
+        let io = |what: &str, e: std::io::Error| {
+            Error::new(crate::error::ErrorKind::Io, format!("{}: {what}: {e}", path.display()))
+        };
         let temporary = path.with_extension("tmp");
         let mut file = std::fs::File::create(&temporary).map_err(|e| io("creating the temporary file", e))?;
         file.write_all(self.to_text().as_bytes()).map_err(|e| io("writing", e))?;
@@ -342,12 +344,18 @@ impl FeedbackLoop {
         let layers: usize = field("layers")?.parse().map_err(|_| bad("layers is not a number".into()))?;
         let responses: u64 = field("responses")?.parse().map_err(|_| bad("responses is not a number".into()))?;
         let floats = |text: String, what: &str| -> Result<Vec<f32>> {
-            text.split_whitespace().map(|v| v.parse::<f32>().map_err(|_| bad(format!("{what}: {v:?} is not a number")))).collect()
+            text.split_whitespace()
+                .map(|v| v.parse::<f32>().map_err(|_| bad(format!("{what}: {v:?} is not a number"))))
+                .collect()
         };
         let weights = floats(field("weights")?, "weights")?;
         let recent = floats(field("recent")?, "recent")?;
         if layers != self.weights.len() || weights.len() != layers {
-            return Err(bad(format!("{} weights for {layers} layers; the model has {}", weights.len(), self.weights.len())));
+            return Err(bad(format!(
+                "{} weights for {layers} layers; the model has {}",
+                weights.len(),
+                self.weights.len()
+            )));
         }
         if !weights.iter().all(|w| (0.0..=1.0).contains(w)) || recent.len() > RECENT {
             return Err(bad("weights outside [0, 1] or too many recent signals".into()));
@@ -381,7 +389,11 @@ mod tests {
     }
 
     fn stats(means: &[f64]) -> ProjectionStats {
-        ProjectionStats { tokens: 10, sum: means.iter().map(|m| m * 10.0).collect(), sum_squares: vec![0.0; means.len()] }
+        ProjectionStats {
+            tokens: 10,
+            sum: means.iter().map(|m| m * 10.0).collect(),
+            sum_squares: vec![0.0; means.len()],
+        }
     }
 
     #[test]

@@ -103,7 +103,10 @@ fn scores_are_column_norms_and_the_image_keeps_every_input_value() {
             assert!(input.tensor_bytes(t) == written.tensor_bytes(w), "{quant}: {} bytes differ", t.name);
         }
         let expected = if layout == SparseLayout::Channels && (quant == "q4" || quant == "q8") { 2 * 7 } else { 0 };
-        assert_eq!(relaid, expected, "{quant} {layout:?}: channel-major projections (every shape is whole tiles of 32)");
+        assert_eq!(
+            relaid, expected,
+            "{quant} {layout:?}: channel-major projections (every shape is whole tiles of 32)"
+        );
         for s in input.sections() {
             if s.name != "tensor_index" && s.name != "tensor_data" {
                 assert_eq!(input.section(&s.name), written.section(&s.name), "{quant}: section {}", s.name);
