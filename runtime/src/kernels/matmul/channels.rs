@@ -88,6 +88,34 @@ fn active_channels(bits: u32, a: &BlockQ8Act, channels: &mut [usize; GROUP], val
     (n, sum)
 }
 
+/// The frame of a product over column blocks: checks the shapes, zeroes
+/// `out`, and calls `block(out, a, at, channels, values, Σq)` for each
+/// column block with an active channel (`a` its activation block, `at` its
+/// offsets, `channels`/`values` its active channels and their values).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn for_active_blocks(
+    encoding: Encoding,
+    weights: &[u8],
+    total_rows: usize,
+    cols: usize,
+    rows: &Range<usize>,
+    x: &[BlockQ8Act],
+    mask: Option<&[u32]>,
+    out: &mut [f32],
+    mut block: impl FnMut(&mut [f32], &BlockQ8Act, &ChannelBlock, &[usize], &[i8], i32),
+) {
+    check(encoding, weights, total_rows, cols, rows, x, mask, out);
+    out.fill(0.0);
+    let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
+    for (b, a) in x.iter().enumerate() {
+        let (n, sum_q) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
+        if n > 0 {
+            block(out, a, &ChannelBlock::new(encoding, total_rows, b), &channels[..n], &values[..n], sum_q);
+        }
+    }
+}
+
 /// The f16 at byte `at` of `bytes`, as f32.
 #[inline(always)]
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -108,33 +136,35 @@ pub mod scalar {
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        check(Encoding::Q4C, weights, total_rows, cols, &rows, x, mask, out);
-        out.fill(0.0);
-        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
-        for (b, a) in x.iter().enumerate() {
-            let (n, sum_q) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
-            if n == 0 {
-                continue;
-            }
-            let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
-            for tile in rows.clone().step_by(CHANNEL_TILE) {
-                let mut sums = [0i32; CHANNEL_TILE];
-                for (&j, &q) in channels[..n].iter().zip(&values[..n]) {
-                    let column = &weights[at.columns + j * at.column_bytes + tile / 2..][..CHANNEL_TILE / 2];
-                    for (k, &byte) in column.iter().enumerate() {
-                        // Sign-extend the stored n − 8 from each nibble.
-                        sums[k] += ((byte << 4) as i8 >> 4) as i32 * q as i32;
-                        sums[k + 16] += (byte as i8 >> 4) as i32 * q as i32;
+        for_active_blocks(
+            Encoding::Q4C,
+            weights,
+            total_rows,
+            cols,
+            &rows,
+            x,
+            mask,
+            out,
+            |out, a, at, channels, values, sum_q| {
+                for tile in rows.clone().step_by(CHANNEL_TILE) {
+                    let mut sums = [0i32; CHANNEL_TILE];
+                    for (&j, &q) in channels.iter().zip(values) {
+                        let column = &weights[at.columns + j * at.column_bytes + tile / 2..][..CHANNEL_TILE / 2];
+                        for (k, &byte) in column.iter().enumerate() {
+                            // Sign-extend the stored n − 8 from each nibble.
+                            sums[k] += ((byte << 4) as i8 >> 4) as i32 * q as i32;
+                            sums[k + 16] += (byte as i8 >> 4) as i32 * q as i32;
+                        }
+                    }
+                    for (k, &sum) in sums.iter().enumerate() {
+                        let r = tile + k;
+                        let isum = sum + 8 * sum_q;
+                        let (d, m) = (f16_at(weights, at.scales + 2 * r), f16_at(weights, at.mins + 2 * r));
+                        out[r - rows.start] += d * a.d * isum as f32 + m * a.s;
                     }
                 }
-                for (k, &sum) in sums.iter().enumerate() {
-                    let r = tile + k;
-                    let isum = sum + 8 * sum_q;
-                    let (d, m) = (f16_at(weights, at.scales + 2 * r), f16_at(weights, at.mins + 2 * r));
-                    out[r - rows.start] += d * a.d * isum as f32 + m * a.s;
-                }
-            }
-        }
+            },
+        );
     }
 
     /// Channel-major Q8 ([`Encoding::Q8C`]).
@@ -147,23 +177,25 @@ pub mod scalar {
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        check(Encoding::Q8C, weights, total_rows, cols, &rows, x, mask, out);
-        out.fill(0.0);
-        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
-        for (b, a) in x.iter().enumerate() {
-            let (n, _) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
-            if n == 0 {
-                continue;
-            }
-            let at = ChannelBlock::new(Encoding::Q8C, total_rows, b);
-            for r in rows.clone() {
-                let mut isum = 0i32;
-                for (&j, &q) in channels[..n].iter().zip(&values[..n]) {
-                    isum += weights[at.columns + j * at.column_bytes + r] as i8 as i32 * q as i32;
+        for_active_blocks(
+            Encoding::Q8C,
+            weights,
+            total_rows,
+            cols,
+            &rows,
+            x,
+            mask,
+            out,
+            |out, a, at, channels, values, _| {
+                for r in rows.clone() {
+                    let mut isum = 0i32;
+                    for (&j, &q) in channels.iter().zip(values) {
+                        isum += weights[at.columns + j * at.column_bytes + r] as i8 as i32 * q as i32;
+                    }
+                    out[r - rows.start] += f16_at(weights, at.scales + 2 * r) * a.d * isum as f32;
                 }
-                out[r - rows.start] += f16_at(weights, at.scales + 2 * r) * a.d * isum as f32;
-            }
-        }
+            },
+        );
     }
 }
 
@@ -414,48 +446,50 @@ pub mod neon {
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        check(Encoding::Q8C, weights, total_rows, cols, &rows, x, mask, out);
-        out.fill(0.0);
-        let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
-        for (b, a) in x.iter().enumerate() {
-            let (n, _) = active_channels(mask.map_or(u32::MAX, |m| m[b]), a, &mut channels, &mut values);
-            if n == 0 {
-                continue;
-            }
-            let at = ChannelBlock::new(Encoding::Q8C, total_rows, b);
-            // SAFETY: `check` put block `b` and rows `rows` (whole tiles, so
-            // whole steps of 16) inside `weights`, and `out` one value per row.
-            unsafe {
-                let w = weights.as_ptr();
-                for first in rows.clone().step_by(16) {
-                    let mut sums = [vdupq_n_s32(0); 4];
-                    let base = w.add(at.columns + first);
-                    for i in 0..n {
-                        let wide = vld1q_s8(base.add(channels[i] * at.column_bytes) as *const i8);
-                        let q = vdup_n_s16(values[i] as i16);
-                        let (low, high) = (vmovl_s8(vget_low_s8(wide)), vmovl_high_s8(wide));
-                        sums[0] = vmlal_s16(sums[0], vget_low_s16(low), q);
-                        sums[1] = vmlal_high_s16(sums[1], low, vcombine_s16(q, q));
-                        sums[2] = vmlal_s16(sums[2], vget_low_s16(high), q);
-                        sums[3] = vmlal_high_s16(sums[3], high, vcombine_s16(q, q));
-                    }
-                    let d = [
-                        vld1q_u16(w.add(at.scales + 2 * first) as *const u16),
-                        vld1q_u16(w.add(at.scales + 2 * first + 16) as *const u16),
-                    ];
-                    let scales = [
-                        widen_f16(vget_low_u16(d[0])),
-                        widen_f16_high(d[0]),
-                        widen_f16(vget_low_u16(d[1])),
-                        widen_f16_high(d[1]),
-                    ];
-                    for (e, (sum, d)) in sums.into_iter().zip(scales).enumerate() {
-                        let o = out.as_mut_ptr().add(first - rows.start + 4 * e);
-                        let product = vmulq_f32(vmulq_n_f32(d, a.d), vcvtq_f32_s32(sum));
-                        vst1q_f32(o, vaddq_f32(vld1q_f32(o), product));
+        for_active_blocks(
+            Encoding::Q8C,
+            weights,
+            total_rows,
+            cols,
+            &rows,
+            x,
+            mask,
+            out,
+            |out, a, at, channels, values, _| {
+                // SAFETY: `for_active_blocks` checked that the block and rows `rows` (whole tiles, so
+                // whole steps of 16) inside `weights`, and `out` one value per row.
+                unsafe {
+                    let w = weights.as_ptr();
+                    for first in rows.clone().step_by(16) {
+                        let mut sums = [vdupq_n_s32(0); 4];
+                        let base = w.add(at.columns + first);
+                        for (&j, &value) in channels.iter().zip(values) {
+                            let wide = vld1q_s8(base.add(j * at.column_bytes) as *const i8);
+                            let q = vdup_n_s16(value as i16);
+                            let (low, high) = (vmovl_s8(vget_low_s8(wide)), vmovl_high_s8(wide));
+                            sums[0] = vmlal_s16(sums[0], vget_low_s16(low), q);
+                            sums[1] = vmlal_high_s16(sums[1], low, vcombine_s16(q, q));
+                            sums[2] = vmlal_s16(sums[2], vget_low_s16(high), q);
+                            sums[3] = vmlal_high_s16(sums[3], high, vcombine_s16(q, q));
+                        }
+                        let d = [
+                            vld1q_u16(w.add(at.scales + 2 * first) as *const u16),
+                            vld1q_u16(w.add(at.scales + 2 * first + 16) as *const u16),
+                        ];
+                        let scales = [
+                            widen_f16(vget_low_u16(d[0])),
+                            widen_f16_high(d[0]),
+                            widen_f16(vget_low_u16(d[1])),
+                            widen_f16_high(d[1]),
+                        ];
+                        for (e, (sum, d)) in sums.into_iter().zip(scales).enumerate() {
+                            let o = out.as_mut_ptr().add(first - rows.start + 4 * e);
+                            let product = vmulq_f32(vmulq_n_f32(d, a.d), vcvtq_f32_s32(sum));
+                            vst1q_f32(o, vaddq_f32(vld1q_f32(o), product));
+                        }
                     }
                 }
-            }
-        }
+            },
+        );
     }
 }
