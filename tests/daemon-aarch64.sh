@@ -15,45 +15,9 @@
 # Timeouts only keep a broken daemon from hanging the run; nothing checks speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${CARGO_TARGET_DIR:-target}
-triple=aarch64-unknown-linux-gnu
-sysroot=/usr/aarch64-linux-gnu
-# Generous: qemu emulates every instruction, on a machine that may be busy.
-ready_timeout=120
-request_timeout=120
+source tests/aarch64-common.sh
 
-cargo build --quiet --release -p bramble-tools --bin bramble
-cargo build --quiet --release --target $triple -p bramble-board --bin brambled
-bramble=$target/release/bramble
-brambled=$target/$triple/release/brambled
-
-work=$(mktemp -d)
-daemon_pid=
-cleanup() {
-    # Only the daemon this script started, by its id.
-    [ -n "$daemon_pid" ] && kill -KILL "$daemon_pid" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-# A tiny model with a byte-level BPE vocabulary (the daemon tests' kind), as an image.
-"$bramble" synth --format gguf --tokenizer bpe --dim 64 --layers 2 --seed 5 --output "$work/tiny.gguf" >/dev/null
-"$bramble" convert --input "$work/tiny.gguf" --output "$work/tiny.bramble" --quant q8 >/dev/null
-
-passed=0
-failed=0
-check() { # NAME STATUS [DETAIL]
-    if [ "$2" = 0 ]; then
-        passed=$((passed + 1))
-        echo "ok:     $1"
-    else
-        failed=$((failed + 1))
-        echo "FAILED: $1${3:+: $3}" >&2
-    fi
-}
-
-# The address a listener of the daemon logged, or nothing yet.
-listening() { sed -n "s/^brambled: info: $1 listening on //p" "$work/log" | head -n 1; }
+tiny_model
 
 # One NDJSON request, streamed: every line but the last is a piece of text,
 # the last is the done line with the counts.
@@ -131,14 +95,7 @@ for cpu in cortex-a72 cortex-a76; do
         --uart none --ndjson 127.0.0.1:0 --http 127.0.0.1:0 --threads 2 2>"$work/log" &
     daemon_pid=$!
 
-    waited=0
-    until grep -q '^brambled: info: ready' "$work/log"; do
-        if ! kill -0 "$daemon_pid" 2>/dev/null || [ $waited -ge $((ready_timeout * 10)) ]; then
-            break
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
-    done
+    wait_ready
     ndjson=$(listening ndjson)
     http=$(listening http)
     if grep -q '^brambled: info: ready' "$work/log" && [ -n "$ndjson" ] && [ -n "$http" ]; then
@@ -158,13 +115,8 @@ for cpu in cortex-a72 cortex-a76; do
         check "$cpu: one HTTP request" 1 "${detail:-no listener}"
     fi
 
-    # SIGTERM: drain and exit 0 (qemu-user passes the signal to the guest and its exit status back).
-    kill -TERM "$daemon_pid" 2>/dev/null || true
-    waited=0
-    while kill -0 "$daemon_pid" 2>/dev/null && [ $waited -lt $((ready_timeout * 10)) ]; do
-        sleep 0.1
-        waited=$((waited + 1))
-    done
+    # SIGTERM: drain and exit 0.
+    terminate
     if kill -0 "$daemon_pid" 2>/dev/null; then
         check "$cpu: exits on SIGTERM" 1 "still running after ${ready_timeout} s"
         kill -KILL "$daemon_pid" 2>/dev/null || true

@@ -14,44 +14,12 @@
 # read from the daemon's log). Every other key comes from the installed config.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=${CARGO_TARGET_DIR:-target}
-triple=aarch64-unknown-linux-gnu
-sysroot=/usr/aarch64-linux-gnu
-# Generous: qemu emulates every instruction, on a machine that may be busy.
-ready_timeout=120
-request_timeout=120
-
-cargo build --quiet --release -p bramble-tools --bin bramble
-cargo build --quiet --release --target $triple -p bramble-board --bin brambled
-bramble=$target/release/bramble
-brambled=$target/$triple/release/brambled
-
-work=$(mktemp -d)
-daemon_pid=
-cleanup() {
-    # Only the daemon this script started, by its id.
-    [ -n "$daemon_pid" ] && kill -KILL "$daemon_pid" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-passed=0
-failed=0
-check() { # NAME STATUS [DETAIL]
-    if [ "$2" = 0 ]; then
-        passed=$((passed + 1))
-        echo "ok:     $1"
-    else
-        failed=$((failed + 1))
-        echo "FAILED: $1${3:+: $3}" >&2
-    fi
-}
+source tests/aarch64-common.sh
 
 cp -r tests/fixtures/rpi-os "$work/card"
 boot=$work/card/boot
 rootfs=$work/card/rootfs
-"$bramble" synth --format gguf --tokenizer bpe --dim 64 --layers 2 --seed 5 --output "$work/tiny.gguf" >/dev/null
-"$bramble" convert --input "$work/tiny.gguf" --output "$work/tiny.bramble" --quant q8 >/dev/null
+tiny_model
 
 # Flash: the installed binary is the cross-built one, executable.
 if out=$("$bramble" flash --boot "$boot" --rootfs "$rootfs" --model "$work/tiny.bramble" --brambled "$brambled" \
@@ -74,22 +42,13 @@ else
     check "a second flash changes nothing" 1 "$out"
 fi
 
-listening() { sed -n "s/^brambled: info: $1 listening on //p" "$work/log" | head -n 1; }
-
 echo "== the installed brambled under qemu -cpu cortex-a72, with the installed config"
 : >"$work/log"
 QEMU_CPU=cortex-a72 qemu-aarch64 -L $sysroot "$installed" --config "$rootfs/etc/brambled.toml" \
     --model "$rootfs/var/lib/brambled/tiny.bramble" --uart none --http 127.0.0.1:0 --ndjson 127.0.0.1:0 \
     2>"$work/log" &
 daemon_pid=$!
-waited=0
-until grep -q '^brambled: info: ready' "$work/log"; do
-    if ! kill -0 "$daemon_pid" 2>/dev/null || [ $waited -ge $((ready_timeout * 10)) ]; then
-        break
-    fi
-    sleep 0.1
-    waited=$((waited + 1))
-done
+wait_ready
 ndjson=$(listening ndjson)
 http=$(listening http)
 # threads = 4 (the profile's cores) and context = 2048, capped at the model's 128, come from the installed config.
@@ -142,12 +101,7 @@ else
     check "GET /health" 1 "${detail:-no listener}"
 fi
 
-kill -TERM "$daemon_pid" 2>/dev/null || true
-waited=0
-while kill -0 "$daemon_pid" 2>/dev/null && [ $waited -lt $((ready_timeout * 10)) ]; do
-    sleep 0.1
-    waited=$((waited + 1))
-done
+terminate
 status=0
 if kill -0 "$daemon_pid" 2>/dev/null; then
     check "exits on SIGTERM" 1 "still running after ${ready_timeout} s"
