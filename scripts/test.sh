@@ -5,7 +5,9 @@
 #      independent reference), unless already present;
 #   2. fetches the default model and The Tempest into ~/.cache/bramble;
 #   3. runs every host test (unit, integration, end-to-end), and converts a
-#      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB;
+#      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB
+#      (all 32 blocks when the disk holds ~19 GB more, else as many 7B-sized
+#      blocks as fit, at least 4; tests/convert-7b-rss.sh);
 #   4. cross-builds the runtime's tests for aarch64 and runs them under qemu
 #      as a Raspberry Pi 4 (cortex-a72) and a Raspberry Pi 5 (cortex-a76),
 #      checks the emulated `bramble` generates the host's greedy tokens, and

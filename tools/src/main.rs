@@ -344,9 +344,9 @@ struct SynthArgs {
     /// Model width.
     #[arg(long, default_value_t = 64)]
     dim: usize,
-    /// Blocks.
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
+    /// Blocks (2 by default; with --shape, the shape's own count unless given).
+    #[arg(long)]
+    layers: Option<usize>,
     /// Share the output layer with the embedding.
     #[arg(long)]
     tied: bool,
@@ -355,7 +355,8 @@ struct SynthArgs {
     seed: u64,
     /// Write a model of this shape (tiny, llama2-7b) tensor by tensor, never
     /// holding more than a chunk of rows in memory (gguf and hf; ignores
-    /// --dim, --layers, --tied and --tokenizer).
+    /// --dim, --tied and --tokenizer; --layers keeps every tensor's size and
+    /// only changes how many blocks there are).
     #[arg(long)]
     shape: Option<String>,
 }
@@ -1121,7 +1122,7 @@ fn run_synth(args: SynthArgs) -> Result<()> {
     };
     let shape = SyntheticShape {
         dim: args.dim,
-        n_layers: args.layers,
+        n_layers: args.layers.unwrap_or(2),
         ffn_dim: args.dim * 5 / 2 / 32 * 32,
         tied_output: args.tied,
         tokenizer,
@@ -1168,14 +1169,15 @@ fn run_synth_large(args: &SynthArgs, shape: &str) -> Result<()> {
     let shape = LargeShape::parse(shape)?;
     let weights = LargeWeights::parse(&args.weights).context("--weights")?;
     let report = match args.format.as_str() {
-        "gguf" => write_large_gguf(shape, &args.output, weights, args.seed)?,
-        "hf" => write_large_hf(shape, &args.output, weights, args.seed)?,
+        "gguf" => write_large_gguf(shape, args.layers, &args.output, weights, args.seed)?,
+        "hf" => write_large_hf(shape, args.layers, &args.output, weights, args.seed)?,
         other => bail!("--format {other:?} with --shape: expected gguf or hf"),
     };
     outln!(
-        "wrote {} ({} {}, {} tensors, {:.2} GB of tensor data) in {:.1} s",
+        "wrote {} ({} with {} blocks, {}, {} tensors, {:.2} GB of tensor data) in {:.1} s",
         args.output.display(),
         shape.name(),
+        shape.config_with_layers(args.layers)?.n_layers,
         args.weights,
         report.tensors,
         report.tensor_bytes as f64 / 1e9,

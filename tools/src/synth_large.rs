@@ -81,6 +81,19 @@ impl LargeShape {
         config
     }
 
+    /// The hyperparameters with `layers` blocks instead of the shape's own
+    /// count when given (every tensor keeps its size; only their number changes).
+    pub fn config_with_layers(self, layers: Option<usize>) -> Result<ModelConfig> {
+        let mut config = self.config();
+        if let Some(layers) = layers {
+            if layers == 0 || layers > config.n_layers as usize {
+                bail!("--layers {layers} with --shape {}: expected 1 to {}", self.name(), config.n_layers);
+            }
+            config.n_layers = layers as _;
+        }
+        Ok(config)
+    }
+
     /// Safetensors files of the Hugging Face layout (Llama-2-7B's own f16 release has two).
     pub fn shards(self) -> usize {
         match self {
@@ -249,8 +262,15 @@ fn stream_tensor(
 /// `weights`, norms in F32 (holding values rounded through `weights`, so every
 /// format holds the same numbers), the padded SentencePiece vocabulary and the
 /// Llama-2 chat template. Holds one chunk of rows in memory at a time.
-pub fn write_large_gguf(shape: LargeShape, path: &Path, weights: LargeWeights, seed: u64) -> Result<LargeReport> {
-    let config = shape.config();
+/// `layers` overrides the shape's number of blocks.
+pub fn write_large_gguf(
+    shape: LargeShape,
+    layers: Option<usize>,
+    path: &Path,
+    weights: LargeWeights,
+    seed: u64,
+) -> Result<LargeReport> {
+    let config = shape.config_with_layers(layers)?;
     let vocab = padded_vocab(config.vocab_size as usize)?;
     let at_fault = |e: anyhow::Error| anyhow!("{}: {e:#}", path.display());
     let mut writer = llama_writer(&config, &vocab).map_err(at_fault)?;
@@ -317,8 +337,15 @@ fn hf_name(gguf_name: &str) -> String {
 /// by `model.safetensors.index.json` (q/k rows permuted to Hugging Face's
 /// halves layout), `tokenizer.json` and `tokenizer_config.json` with the
 /// Llama-2 chat template. Holds one chunk of rows in memory at a time.
-pub fn write_large_hf(shape: LargeShape, dir: &Path, weights: LargeWeights, seed: u64) -> Result<LargeReport> {
-    let config = shape.config();
+/// `layers` overrides the shape's number of blocks.
+pub fn write_large_hf(
+    shape: LargeShape,
+    layers: Option<usize>,
+    dir: &Path,
+    weights: LargeWeights,
+    seed: u64,
+) -> Result<LargeReport> {
+    let config = shape.config_with_layers(layers)?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let tensors = tensor_list(&config);
     let sizes: Vec<u64> = tensors.iter().map(|(_, s)| (s.iter().product::<usize>() * weights.size()) as u64).collect();

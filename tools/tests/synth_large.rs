@@ -92,7 +92,7 @@ fn tiny_gguf_and_hf_hold_the_generated_model_and_convert() {
     let weights = LargeWeights::F16;
 
     let gguf_path = dir.path().join("tiny.gguf");
-    let report = write_large_gguf(shape, &gguf_path, weights, SEED).unwrap();
+    let report = write_large_gguf(shape, None, &gguf_path, weights, SEED).unwrap();
     assert_eq!(report.tensors, tensor_list(&shape.config()).len());
     let gguf = GgufSource::open(&gguf_path).unwrap();
     assert_source(&gguf, shape, weights);
@@ -100,7 +100,7 @@ fn tiny_gguf_and_hf_hold_the_generated_model_and_convert() {
     assert!(types.iter().all(|t| *t == "F16" || *t == "F32"), "{types:?}");
 
     let hf_dir = dir.path().join("tiny-hf");
-    write_large_hf(shape, &hf_dir, weights, SEED).unwrap();
+    write_large_hf(shape, None, &hf_dir, weights, SEED).unwrap();
     for file in ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"] {
         assert!(hf_dir.join(file).is_file(), "{file} is missing");
     }
@@ -127,11 +127,31 @@ fn bf16_and_f32_weights_stream_too() {
     let dir = tempfile::tempdir().unwrap();
     for weights in [LargeWeights::BF16, LargeWeights::F32] {
         let path = dir.path().join(format!("{weights:?}.gguf"));
-        write_large_gguf(LargeShape::Tiny, &path, weights, SEED).unwrap();
+        write_large_gguf(LargeShape::Tiny, None, &path, weights, SEED).unwrap();
         assert_source(&GgufSource::open(&path).unwrap(), LargeShape::Tiny, weights);
         let hf_dir = dir.path().join(format!("{weights:?}-hf"));
-        write_large_hf(LargeShape::Tiny, &hf_dir, weights, SEED).unwrap();
+        write_large_hf(LargeShape::Tiny, None, &hf_dir, weights, SEED).unwrap();
         assert_source(&HfSource::open(&hf_dir).unwrap(), LargeShape::Tiny, weights);
+    }
+}
+
+#[test]
+fn fewer_blocks_keep_every_tensor_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one-block.gguf");
+    let report = write_large_gguf(LargeShape::Tiny, Some(1), &path, LargeWeights::F16, SEED).unwrap();
+    let full = LargeShape::Tiny.config();
+    let source = GgufSource::open(&path).unwrap();
+    let one = source.config();
+    assert_eq!(one.n_layers, 1);
+    assert_eq!((one.dim, one.ffn_dim, one.vocab_size), (full.dim, full.ffn_dim, full.vocab_size));
+    assert_eq!(
+        report.tensors,
+        tensor_list(&full).len() - tensor_list(&full).iter().filter(|(n, _)| n.starts_with("blk.1.")).count()
+    );
+    for bad in [0, full.n_layers as usize + 1] {
+        let err = write_large_gguf(LargeShape::Tiny, Some(bad), &path, LargeWeights::F16, SEED).unwrap_err();
+        assert!(format!("{err:#}").contains("--layers"), "{err:#}");
     }
 }
 
@@ -226,7 +246,7 @@ fn cli_synth_shape_then_convert() {
             .unwrap();
         assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
         let stdout = String::from_utf8_lossy(&synth.stdout);
-        assert!(stdout.contains("tiny f16"), "{stdout}");
+        assert!(stdout.contains("tiny with 2 blocks, f16"), "{stdout}");
         let image = dir.path().join(format!("{format}.bramble"));
         let converted = Command::new(bramble)
             .args(["convert", "--quant", "q4", "--json", "--input"])
