@@ -2,6 +2,7 @@
 //! defaults for everything but the model, and flags that override the file.
 //! Every validation error names the key at fault (`limits.queue_depth: ...`).
 
+use bramble_runtime::kv::KvMode;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -46,6 +47,11 @@ pub struct Config {
     pub threads: usize,
     /// KV-cache positions: the longest conversation, prompt and reply together.
     pub context: usize,
+    /// How the KV cache is stored (`f32`, `q8`, `q4`; docs/kv.md).
+    pub kv: KvMode,
+    /// The most memory the model may take (mapped weights, KV cache, buffers):
+    /// the daemon refuses to start above it.
+    pub memory_limit: MemoryLimit,
     /// `error`, `warn`, `info`, `debug` or `trace`.
     pub log_level: log::LevelFilter,
     /// The serial console.
@@ -94,6 +100,84 @@ impl Feedback {
             other => Err(ConfigError::new(key, format!("{other:?} is not one of auto, off, static, adaptive"))),
         }
     }
+}
+
+/// The `memory_limit` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryLimit {
+    /// `MemTotal` of `/proc/meminfo` less [`OS_HEADROOM_BYTES`] for the system.
+    #[default]
+    Auto,
+    /// No check.
+    Off,
+    /// At most this many bytes.
+    Bytes(u64),
+}
+
+/// What `memory_limit = "auto"` leaves to the operating system and its
+/// services: the Pi 4 and Pi 5 profiles' headroom of `bramble flash`/`plan`.
+pub const OS_HEADROOM_BYTES: u64 = 256 << 20;
+
+impl MemoryLimit {
+    /// `auto`, `off`, or a size: bytes, or a number with K, M or G (binary units, `3.5G`).
+    fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
+        let text = text.trim();
+        match text {
+            "auto" => return Ok(MemoryLimit::Auto),
+            "off" | "none" => return Ok(MemoryLimit::Off),
+            _ => {}
+        }
+        let upper = text.to_ascii_uppercase();
+        let number = upper.trim_end_matches("IB").trim_end_matches('B');
+        let (number, unit) = match number.chars().last() {
+            Some('K') => (&number[..number.len() - 1], 1u64 << 10),
+            Some('M') => (&number[..number.len() - 1], 1 << 20),
+            Some('G') => (&number[..number.len() - 1], 1 << 30),
+            _ => (number, 1),
+        };
+        match number.trim().parse::<f64>() {
+            Ok(value) if value.is_finite() && value > 0.0 && value * unit as f64 <= (1u64 << 50) as f64 => {
+                Ok(MemoryLimit::Bytes((value * unit as f64) as u64))
+            }
+            _ => Err(ConfigError::new(
+                key,
+                format!("{text:?} is not auto, off or a size (bytes, or a number with K, M or G: 3.5G, 512M)"),
+            )),
+        }
+    }
+
+    /// The limit in bytes, with how it was found, or `None` when off.
+    /// `meminfo` is the text of `/proc/meminfo` (for `auto`).
+    pub fn resolve(self, meminfo: Option<&str>) -> Result<Option<(u64, String)>, String> {
+        match self {
+            MemoryLimit::Off => Ok(None),
+            MemoryLimit::Bytes(bytes) => Ok(Some((bytes, "memory_limit".to_string()))),
+            MemoryLimit::Auto => {
+                let meminfo = meminfo.ok_or("memory_limit = \"auto\" needs /proc/meminfo; set a size or off")?;
+                let total = meminfo
+                    .lines()
+                    .find_map(|line| line.strip_prefix("MemTotal:"))
+                    .and_then(|rest| rest.trim().strip_suffix("kB"))
+                    .and_then(|kib| kib.trim().parse::<u64>().ok())
+                    .ok_or("/proc/meminfo has no \"MemTotal: N kB\" line; set memory_limit to a size or off")?
+                    * 1024;
+                let limit = total.saturating_sub(OS_HEADROOM_BYTES);
+                Ok(Some((
+                    limit,
+                    format!(
+                        "memory_limit auto: MemTotal {:.2} GiB less {} MiB for the system",
+                        gib(total),
+                        OS_HEADROOM_BYTES >> 20
+                    ),
+                )))
+            }
+        }
+    }
+}
+
+/// Bytes as GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// The `[bias]` section.
@@ -200,6 +284,8 @@ struct FileConfig {
     model: Option<PathBuf>,
     threads: Option<i64>,
     context: Option<i64>,
+    kv: Option<String>,
+    memory_limit: Option<String>,
     log_level: Option<String>,
     #[serde(default)]
     uart: FileUart,
@@ -283,6 +369,10 @@ pub struct Overrides {
     pub threads: Option<String>,
     /// `--context N`.
     pub context: Option<String>,
+    /// `--kv f32|q8|q4`.
+    pub kv: Option<String>,
+    /// `--memory-limit auto|off|SIZE`.
+    pub memory_limit: Option<String>,
     /// `--log-level LEVEL`.
     pub log_level: Option<String>,
     /// `--feedback auto|off|static|adaptive`.
@@ -295,6 +385,7 @@ pub struct Overrides {
 pub const USAGE: &str =
     "usage: brambled [--config FILE] [--model IMG] [--http ADDR:PORT|none] [--ndjson ADDR:PORT|none]
                 [--uart DEVICE|none] [--baud N] [--queue N] [--threads N] [--context N]
+                [--kv f32|q8|q4] [--memory-limit auto|off|SIZE]
                 [--console-tcp ADDR:PORT|none] [--log-level LEVEL]
                 [--feedback auto|off|static|adaptive] [--bias-state FILE|none]
 
@@ -324,6 +415,8 @@ impl Overrides {
                 "--queue" => overrides.queue = Some(value()?),
                 "--threads" => overrides.threads = Some(value()?),
                 "--context" => overrides.context = Some(value()?),
+                "--kv" => overrides.kv = Some(value()?),
+                "--memory-limit" => overrides.memory_limit = Some(value()?),
                 "--log-level" => overrides.log_level = Some(value()?),
                 "--feedback" => overrides.feedback = Some(value()?),
                 "--bias-state" => overrides.bias_state = Some(value()?),
@@ -411,6 +504,19 @@ impl Config {
             (Some(text), _) => flag_integer("--context", text, 8, 1 << 20)?,
             (None, Some(value)) => integer("context", value, 8, 1 << 20)?,
             (None, None) => 2048,
+        };
+        let kv_mode = |key: &str, text: &str| {
+            text.parse::<KvMode>().map_err(|_| ConfigError::new(key, format!("{text:?} is not one of f32, q8, q4")))
+        };
+        let kv = match (&overrides.kv, &parsed.kv) {
+            (Some(text), _) => kv_mode("--kv", text)?,
+            (None, Some(text)) => kv_mode("kv", text)?,
+            (None, None) => KvMode::F32,
+        };
+        let memory_limit = match (&overrides.memory_limit, &parsed.memory_limit) {
+            (Some(text), _) => MemoryLimit::parse("--memory-limit", text)?,
+            (None, Some(text)) => MemoryLimit::parse("memory_limit", text)?,
+            (None, None) => MemoryLimit::Auto,
         };
         let log_level = match (&overrides.log_level, &parsed.log_level) {
             (Some(text), _) => level("--log-level", text)?,
@@ -562,6 +668,8 @@ impl Config {
             model,
             threads,
             context,
+            kv,
+            memory_limit,
             log_level,
             uart: UartConfig { device, baud },
             tcp: TcpConfig { http, ndjson, console, auth_token },
@@ -612,7 +720,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &[&str], &str); 9] = [
+        let cases: [(&str, &[&str], &str); 13] = [
+            ("kv = \"q2\"\n", &[], "kv"),
+            ("", &["--kv", "f16x"], "--kv"),
+            ("memory_limit = \"lots\"\n", &[], "memory_limit"),
+            ("", &["--memory-limit", "-3G"], "--memory-limit"),
             ("[uart]\nbaud = 12345\n", &[], "uart.baud"),
             ("[limits]\nqueue_depth = -1\n", &[], "limits.queue_depth"),
             ("[tcp]\nhttp = \"localhost\"\n", &[], "tcp.http"),
@@ -629,6 +741,36 @@ mod tests {
             let error = from_file(text, &all).unwrap_err();
             assert_eq!(error.key, key, "{text:?} {args:?}: {error}");
         }
+    }
+
+    #[test]
+    fn kv_mode_and_memory_limit_from_the_file_and_flags() {
+        let config = from_file("model = \"m\"\n", &[]).unwrap();
+        assert_eq!((config.kv, config.memory_limit), (KvMode::F32, MemoryLimit::Auto));
+        let config = from_file("model = \"m\"\nkv = \"q8\"\nmemory_limit = \"3.5G\"\n", &[]).unwrap();
+        assert_eq!((config.kv, config.memory_limit), (KvMode::Q8, MemoryLimit::Bytes(7 << 29)));
+        let config = from_file("model = \"m\"\nkv = \"q8\"\n", &["--kv", "q4", "--memory-limit=off"]).unwrap();
+        assert_eq!((config.kv, config.memory_limit), (KvMode::Q4, MemoryLimit::Off));
+        for (text, bytes) in
+            [("512M", 512u64 << 20), ("512MiB", 512 << 20), ("4g", 4 << 30), ("1000", 1000), ("64K", 65536)]
+        {
+            assert_eq!(MemoryLimit::parse("k", text).unwrap(), MemoryLimit::Bytes(bytes), "{text}");
+        }
+        for bad in ["", "G", "0", "1e30", "NaN", "3T"] {
+            assert!(MemoryLimit::parse("k", bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn memory_limit_auto_is_memtotal_less_the_headroom() {
+        let meminfo = "MemTotal:        3884428 kB\nMemFree:          123 kB\n";
+        let (limit, why) = MemoryLimit::Auto.resolve(Some(meminfo)).unwrap().unwrap();
+        assert_eq!(limit, 3_884_428 * 1024 - OS_HEADROOM_BYTES);
+        assert!(why.contains("MemTotal 3.70 GiB"), "{why}");
+        assert_eq!(MemoryLimit::Off.resolve(None).unwrap(), None);
+        assert_eq!(MemoryLimit::Bytes(5).resolve(None).unwrap().unwrap().0, 5);
+        assert!(MemoryLimit::Auto.resolve(None).unwrap_err().contains("/proc/meminfo"));
+        assert!(MemoryLimit::Auto.resolve(Some("MemFree: 1 kB\n")).unwrap_err().contains("MemTotal"));
     }
 
     #[test]

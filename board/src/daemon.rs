@@ -126,9 +126,7 @@ pub fn run(config: Config) -> Result<(), String> {
     signals.add(Signal::SIGINT);
     signals.thread_block().map_err(|e| format!("cannot block SIGTERM/SIGINT: {e}"))?;
 
-    let (engine, inference) =
-        Engine::start(&config.model, config.threads, config.context, config.limits.queue_depth, &config.bias)
-            .map_err(|e| format!("model: {e}"))?;
+    let (engine, inference) = Engine::start(&config).map_err(|e| format!("model: {e}"))?;
     log::info!("loaded {}: {}", engine.info.name, engine.info.summary);
     let config = Arc::new(config);
     let shared = Shared { engine: engine.clone(), config: Arc::clone(&config), connections: Arc::default() };

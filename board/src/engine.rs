@@ -8,11 +8,12 @@
 //! extends the previous conversation (the console's next turn, a chat client
 //! resending its history) only runs its new tokens.
 
-use crate::config::{BiasConfig, Feedback, SamplingDefaults};
+use crate::config::{gib, BiasConfig, Config, Feedback, SamplingDefaults};
 use bramble_runtime::allocations;
 use bramble_runtime::bias::FeedbackLoop;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::kernels::Kernels;
+use bramble_runtime::kv::KvMode;
 use bramble_runtime::model::Model;
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::{Finish, GenerationSink, Session};
@@ -368,19 +369,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the image at `path` and starts the inference thread with a
-    /// model on `threads` threads, a context of `context` positions, a
-    /// queue of `queue_depth` and the bias feedback of `bias`. Returns when
-    /// the model is ready (or failed to load).
-    pub fn start(
-        path: &std::path::Path,
-        threads: usize,
-        context: usize,
-        queue_depth: usize,
-        bias: &BiasConfig,
-    ) -> Result<(Engine, std::thread::JoinHandle<()>), String> {
+    /// Opens `config.model` and starts the inference thread with a model on
+    /// `threads` threads, a KV cache of `context` positions stored as `kv`,
+    /// a queue of `limits.queue_depth` and the bias feedback of `bias`.
+    /// Returns when the model is ready, or with an error when it failed to
+    /// load or its weights and state would exceed `memory_limit` (checked
+    /// before the state's memory is first touched).
+    pub fn start(config: &Config) -> Result<(Engine, std::thread::JoinHandle<()>), String> {
+        let (path, threads, queue_depth, bias, kv) =
+            (&config.model, config.threads, config.limits.queue_depth, &config.bias, config.kv);
+        let memory_limit = config.memory_limit.resolve(std::fs::read_to_string("/proc/meminfo").ok().as_deref())?;
         let image = ModelImage::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let context = context.min(image.config().context_length as usize).max(2);
+        let image_bytes = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+        let context = config.context.min(image.config().context_length as usize).max(2);
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().trim_end_matches(".bramble").to_string())
@@ -411,6 +412,10 @@ impl Engine {
                         return;
                     }
                 };
+                if let Err(e) = model.set_kv_mode(kv) {
+                    let _ = ready_sender.send(Err(format!("kv = \"{kv}\": {e}")));
+                    return;
+                }
                 let feedback = match load_bias(&mut model, image, &bias) {
                     Ok(feedback) => feedback,
                     Err(e) => {
@@ -418,18 +423,27 @@ impl Engine {
                         return;
                     }
                 };
+                let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
+                // The state's pages are not written yet: refuse before they are.
+                let needed = MemoryNeed { image_bytes, state_bytes: session.state_bytes() as u64, kv_bytes: session.kv_bytes() as u64 };
+                if let Some((limit, why)) = &memory_limit {
+                    if needed.total() > *limit {
+                        let _ = ready_sender.send(Err(needed.refusal(*limit, why, context, kv)));
+                        return;
+                    }
+                }
                 let c = &model.config;
                 let summary = format!(
-                    "llama dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}",
+                    "llama dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}, kv {kv}, {:.1} MiB of state",
                     c.dim,
                     c.n_layers,
                     c.vocab_size,
                     image.weight_bytes() as f64 / (1 << 20) as f64,
-                    model.kernels.name
+                    model.kernels.name,
+                    needed.state_bytes as f64 / (1 << 20) as f64,
                 );
                 let _ = ready_sender.send(Ok(summary));
                 let template = ChatTemplate::new(image.chat_template(), image.vocab());
-                let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
                 let bias = feedback.map(|(mode, feedback)| {
                     let status = BiasStatus {
                         mode: mode.name(),
@@ -512,6 +526,37 @@ impl Engine {
 /// Applies the bias configuration to `model`: the image's bias section
 /// loaded unless the feedback is off, and the loop (restored from the state
 /// file for `adaptive`). Returns the resolved mode and its loop, or `None` when off.
+/// What the model takes in memory, for the `memory_limit` check.
+#[derive(Debug, Clone, Copy)]
+struct MemoryNeed {
+    /// The image file, mapped (its pages are resident once read).
+    image_bytes: u64,
+    /// The session's state: KV cache and run buffers.
+    state_bytes: u64,
+    /// The KV cache alone (part of `state_bytes`).
+    kv_bytes: u64,
+}
+
+impl MemoryNeed {
+    fn total(&self) -> u64 {
+        self.image_bytes + self.state_bytes
+    }
+
+    /// The refusal, with the arithmetic and what to change.
+    fn refusal(&self, limit: u64, why: &str, context: usize, kv: KvMode) -> String {
+        format!(
+            "the model does not fit: {:.2} GiB weights + {:.2} GiB KV cache (context {context}, kv {kv}) + {:.2} GiB \
+             buffers = {:.2} GiB > {:.2} GiB ({why}); set a smaller context, kv = \"q4\", a smaller model, or \
+             memory_limit",
+            gib(self.image_bytes),
+            gib(self.kv_bytes),
+            gib(self.state_bytes - self.kv_bytes),
+            gib(self.total()),
+            gib(limit),
+        )
+    }
+}
+
 fn load_bias(
     model: &mut Model<'_>,
     image: &ModelImage,

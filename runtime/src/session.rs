@@ -94,6 +94,11 @@ impl<'m> Session<'m> {
         self.state.kv_bytes()
     }
 
+    /// Bytes held by the whole state: the KV cache and the run buffers.
+    pub fn state_bytes(&self) -> usize {
+        self.state.bytes()
+    }
+
     /// Empties the cache and restarts the sampler.
     pub fn reset(&mut self) {
         self.history.clear();

@@ -1375,3 +1375,68 @@ mod bias {
         assert!(String::from_utf8_lossy(&output.stderr).contains("--feedback: \"sometimes\" is not one of"));
     }
 }
+
+/// The KV cache's storage and the memory limit (`kv`, `memory_limit`).
+mod memory {
+    use super::*;
+    use bramble_runtime::kv::KvMode;
+    use bramble_runtime::session::DEFAULT_BATCH;
+    use bramble_runtime::{ModelImage, RunState};
+
+    /// What brambled needs for the test model at `context` with `kv`: the
+    /// image file and the state a session allocates.
+    fn needed(context: usize, kv: KvMode) -> u64 {
+        let image = ModelImage::open(model()).unwrap();
+        let state = RunState::with_kv(image.config(), context, DEFAULT_BATCH, kv).bytes() as u64;
+        std::fs::metadata(model()).unwrap().len() + state
+    }
+
+    /// Runs brambled to its exit (it must not get as far as serving).
+    fn refused(args: &[&str]) -> String {
+        let output = Command::new(brambled_binary())
+            .args(["--uart", "none", "--http", "127.0.0.1:0", "--ndjson", "none", "--threads", "1", "--model"])
+            .arg(model())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("ready"), "{stderr}");
+        stderr
+    }
+
+    #[test]
+    fn a_q4_cache_serves_past_its_window_and_the_log_names_it() {
+        let daemon = Daemon::start(&["--kv", "q4", "--context", "256"]);
+        assert!(daemon.log().contains("kv q4"), "{}", daemon.log());
+        // 100 generated tokens: the 64-position window is quantized twice over.
+        let request = json!({"prompt": "Hello world", "max_tokens": 100, "temperature": 0, "stream": false});
+        let lines = ndjson(daemon.ndjson(), &request);
+        let last = lines.last().unwrap();
+        assert_eq!((last["done_reason"].as_str(), last["eval_count"].as_u64()), (Some("length"), Some(100)), "{last}");
+        assert_eq!(health(&daemon)["decode_allocations"]["total"], 0);
+    }
+
+    #[test]
+    fn a_memory_limit_below_the_need_refuses_to_start_with_the_arithmetic() {
+        let stderr = refused(&["--memory-limit", "1M"]);
+        for part in
+            ["does not fit", "GiB weights", "GiB KV cache (context 2048, kv f32)", "GiB buffers", "memory_limit"]
+        {
+            assert!(stderr.contains(part), "{part:?} missing: {stderr}");
+        }
+        // Between what an f32 and a q4 cache need: f32 is refused, q4 serves.
+        let (f32_need, q4_need) = (needed(2048, KvMode::F32), needed(2048, KvMode::Q4));
+        assert!(q4_need < f32_need, "{q4_need} {f32_need}");
+        let limit = ((f32_need + q4_need) / 2).to_string();
+        refused(&["--memory-limit", &limit]);
+        let daemon = Daemon::start(&["--memory-limit", &limit, "--kv", "q4"]);
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0}));
+        assert_eq!(lines.last().unwrap()["eval_count"], 4);
+        // A bad value is a configuration error (exit 2) naming the flag.
+        let output =
+            Command::new(brambled_binary()).args(["--model", "m", "--memory-limit", "plenty"]).output().unwrap();
+        assert_eq!(output.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--memory-limit"));
+    }
+}

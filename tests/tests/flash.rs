@@ -326,9 +326,36 @@ fn a_model_that_does_not_fit_the_zero_2w_is_refused_with_the_arithmetic() {
     assert!(!card.rootfs().join("usr/local/bin/brambled").exists());
     // The same model with a short context fits.
     succeeded(&card.flash(&["--profile", "pi-zero-2w", "--context", "2048", "--dry-run"]));
+    // This model's heads (16 channels) cannot take a quantized cache: named before anything is written.
+    let stderr = failed(&card.flash(&["--profile", "pi-zero-2w", "--kv", "q4"]));
+    assert!(stderr.contains("--kv q4") && stderr.contains("head_dim"), "{stderr}");
     // An unknown profile is named.
     let stderr = failed(&card.flash(&["--profile", "pi3"]));
     assert!(stderr.contains("unknown board profile \"pi3\""), "{stderr}");
+}
+
+#[test]
+fn a_quantized_kv_cache_makes_a_long_context_fit_and_is_written_into_the_config() {
+    let card = Card::new();
+    // Heads of 32 channels; at 512 Ki positions an f32 cache is 0.5 GiB, a q4 one about 0.15.
+    let shape = SyntheticShape {
+        n_heads: 2,
+        n_kv_heads: 2,
+        context_length: 1 << 19,
+        tokenizer: TokenizerKind::ByteLevelBpe,
+        ..SyntheticShape::default()
+    };
+    convert_synthetic(&synthetic(shape, 5), &card.model(), "q8");
+    let zero = ["--profile", "pi-zero-2w", "--context", "524288"];
+    let stderr = failed(&card.flash(&zero));
+    assert!(stderr.contains("0.50 GiB KV cache (ctx 524288)") && stderr.contains("--kv q4"), "{stderr}");
+    let output = succeeded(&card.flash(&[&zero[..], &["--kv", "q4"]].concat()));
+    assert!(output.contains("GiB KV cache (ctx 524288, kv q4)") && output.contains("<= 0.50 GiB"), "{output}");
+    let config = card.read("rootfs/etc/brambled.toml");
+    assert!(config.contains("kv = \"q4\"") && config.contains("context = 524288"), "{config}");
+    bramble_tools::flash::check_board_config(&config).unwrap();
+    // A mode that is not one is refused by the flag's parser.
+    assert!(failed(&card.flash(&["--kv", "q3"])).contains("q3"));
 }
 
 /// The card's own config and model, served by the host's `brambled` (the

@@ -258,14 +258,19 @@ pub fn run(args: DeployArgs) -> Result<()> {
         Some(probe) => profile_for(&args.board, probe)?,
         None => named,
     };
-    let memory = flash::memory_preflight(&args.model, args.board.context, &board)?;
+    let memory = flash::memory_preflight(&args.model, args.board.context, args.board.kv, &board)?;
     println!("board: {} ({}), kernels {}", board.name, board.description, board.expected_kernels);
     println!("memory: {memory}");
 
     // The files to upload, made here.
     let local = tempfile::tempdir().context("a temporary directory")?;
-    let config =
-        flash::board_config(&board, &model_board_path, args.board.context, &args.board.http, &args.board.ndjson);
+    let config = flash::board_config(
+        &board,
+        &model_board_path,
+        (args.board.context, args.board.kv),
+        &args.board.http,
+        &args.board.ndjson,
+    );
     flash::check_board_config(&config)?;
     std::fs::write(local.path().join("brambled.toml"), &config).context("writing the config")?;
     std::fs::write(local.path().join("brambled.service"), flash::UNIT_TEXT).context("writing the unit")?;

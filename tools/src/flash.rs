@@ -28,6 +28,7 @@
 
 use crate::profiles::{self, BoardProfile, ElfArchitecture, MemoryPlan, ModelFootprint};
 use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::kv::KvMode;
 use bramble_runtime::ModelImage;
 use std::fs;
 use std::io::{Read, Write};
@@ -96,6 +97,10 @@ pub struct BoardArgs {
     /// KV-cache positions the daemon allocates (at most the model's context).
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
+    /// How the daemon stores the KV cache: f32, q8 or q4 (docs/kv.md); the
+    /// memory check plans this cache.
+    #[arg(long, default_value = "f32")]
+    pub kv: KvMode,
     /// The daemon's HTTP address on the board.
     #[arg(long, default_value = bramble_board::config::DEFAULT_HTTP)]
     pub http: String,
@@ -105,7 +110,13 @@ pub struct BoardArgs {
 }
 
 /// The board-side config file `brambled` reads, generated from the profile.
-pub fn board_config(profile: &BoardProfile, model_path: &str, context: usize, http: &str, ndjson: &str) -> String {
+pub fn board_config(
+    profile: &BoardProfile,
+    model_path: &str,
+    (context, kv): (usize, KvMode),
+    http: &str,
+    ndjson: &str,
+) -> String {
     format!(
         "# brambled's configuration, written by `bramble flash`/`bramble deploy` for the {name} profile
 # ({description}). Every key is explained in the repository's board/brambled.toml.
@@ -113,6 +124,7 @@ pub fn board_config(profile: &BoardProfile, model_path: &str, context: usize, ht
 model = \"{model_path}\"
 threads = {threads}         # the board's cores
 context = {context}      # KV-cache positions
+kv = \"{kv}\"             # how the KV cache is stored: f32, q8 or q4
 log_level = \"info\"
 
 [uart]
@@ -369,18 +381,19 @@ pub fn missing_from_rootfs(rootfs: &Path) -> Vec<String> {
 }
 
 /// The model's footprint and the memory plan on `board`, or an error showing the arithmetic.
-pub fn memory_preflight(model: &Path, context: usize, board: &BoardProfile) -> Result<MemoryPlan> {
+pub fn memory_preflight(model: &Path, context: usize, kv: KvMode, board: &BoardProfile) -> Result<MemoryPlan> {
     let image = ModelImage::open(model).with_context(|| format!("{}: not a valid model image", model.display()))?;
     let footprint = ModelFootprint {
         config: *image.config(),
         image_bytes: fs::metadata(model).with_context(|| model.display().to_string())?.len(),
         sparse: image.section(bramble_runtime::rsparse::SECTION).is_some(),
     };
-    let plan = profiles::memory_plan(&footprint, context, board);
+    kv.check(image.config()).with_context(|| format!("{}: --kv {kv}", model.display()))?;
+    let plan = profiles::memory_plan_with_kv(&footprint, context, board, kv);
     if !plan.fits() {
         bail!(
-            "{} does not fit the {}: {plan}. Give a smaller --context, a smaller model, or a board with more \
-             memory (--profile {}-8gb or --memory)",
+            "{} does not fit the {}: {plan}. Give a smaller --context, --kv q4, a smaller model, or a board with \
+             more memory (--profile {}-8gb or --memory)",
             model.display(),
             board.description,
             board.family
@@ -658,11 +671,12 @@ pub fn plan(args: &FlashArgs, brambled: &Path, board: &BoardProfile) -> Result<(
         );
     }
     architecture_preflight(brambled, board)?;
-    let memory = memory_preflight(&args.model, args.board.context, board)?;
+    let memory = memory_preflight(&args.model, args.board.context, args.board.kv, board)?;
 
     let read = |path: PathBuf| fs::read_to_string(&path).with_context(|| path.display().to_string());
     let model_path = board_model_path(&args.model)?;
-    let config = board_config(board, &model_path, args.board.context, &args.board.http, &args.board.ndjson);
+    let config =
+        board_config(board, &model_path, (args.board.context, args.board.kv), &args.board.http, &args.board.ndjson);
     check_board_config(&config)?;
 
     let root = &args.rootfs;
@@ -855,7 +869,13 @@ mod tests {
     fn the_generated_config_loads_as_the_daemon_loads_it() {
         for name in ["pi4", "pi5", "pi-zero-2w"] {
             let board = profiles::profile(name, None).unwrap();
-            let text = board_config(&board, "/var/lib/brambled/m.bramble", 2048, "127.0.0.1:8080", "127.0.0.1:8081");
+            let text = board_config(
+                &board,
+                "/var/lib/brambled/m.bramble",
+                (2048, KvMode::Q4),
+                "127.0.0.1:8080",
+                "127.0.0.1:8081",
+            );
             check_board_config(&text).unwrap();
             let config = bramble_board::config::Config::from_parts(
                 Some((Path::new("brambled.toml"), &text)),
@@ -865,9 +885,10 @@ mod tests {
             assert_eq!(config.threads, board.cores);
             assert_eq!(config.uart.device.as_deref(), Some(Path::new(board.uart_device)));
             assert_eq!(config.model, Path::new("/var/lib/brambled/m.bramble"));
+            assert_eq!((config.context, config.kv), (2048, KvMode::Q4));
         }
         let board = profiles::profile("pi4", None).unwrap();
-        let exposed = board_config(&board, "/m", 2048, "0.0.0.0:8080", "127.0.0.1:8081");
+        let exposed = board_config(&board, "/m", (2048, KvMode::F32), "0.0.0.0:8080", "127.0.0.1:8081");
         assert!(check_board_config(&exposed).unwrap_err().to_string().contains("auth_token"));
     }
 
