@@ -293,6 +293,8 @@ pub struct Model<'a> {
     bias: Option<BiasConstraint>,
     /// How the states' KV caches store keys and values ([`Model::set_kv_mode`]).
     kv_mode: KvMode,
+    /// The share of key channels the states' caches drop after the prompt ([`Model::set_kv_prune`]).
+    kv_prune: f32,
 }
 
 /// When the R-Sparse path runs.
@@ -500,6 +502,20 @@ impl RunState {
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
     }
+
+    /// Ends the prefill: with key-channel pruning on ([`Model::set_kv_prune`]),
+    /// the keys written so far are pruned, once per conversation
+    /// ([`KvCache::prune`]). [`crate::session::Session::step`] calls it before
+    /// each step (a no-op after the first); callers of [`Model::forward`]
+    /// call it between the prompt and the first decoded token. Allocates nothing.
+    pub fn end_prefill(&mut self) {
+        self.kv.prune();
+    }
+
+    /// The KV cache.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
 }
 
 /// Where a linear module's input is, for [`Model::forward_observed`]: the
@@ -615,6 +631,7 @@ impl<'a> Model<'a> {
             sparse: None,
             bias: None,
             kv_mode: KvMode::F32,
+            kv_prune: 0.0,
         })
     }
 
@@ -711,8 +728,23 @@ impl<'a> Model<'a> {
     /// an error if this model's shape does not allow it.
     pub fn set_kv_mode(&mut self, mode: KvMode) -> Result<()> {
         mode.check(&self.config)?;
+        crate::kv::check_prune(self.kv_prune, mode)?;
         self.kv_mode = mode;
         Ok(())
+    }
+
+    /// Makes the states made from now on prune a share `ratio` of each key
+    /// head's channels once their prompt has run (ThinK; `docs/kv.md`): 0
+    /// is off; an error outside [0, 1) or with a quantized cache.
+    pub fn set_kv_prune(&mut self, ratio: f32) -> Result<()> {
+        crate::kv::check_prune(ratio, self.kv_mode)?;
+        self.kv_prune = ratio;
+        Ok(())
+    }
+
+    /// The share of key channels new states drop after their prompt.
+    pub fn kv_prune(&self) -> f32 {
+        self.kv_prune
     }
 
     /// How new states store their KV caches.
@@ -729,6 +761,7 @@ impl<'a> Model<'a> {
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
         }
+        state.kv.enable_pruning(self.kv_prune).expect("the ratio was checked against the mode when set");
         state
     }
 
@@ -935,6 +968,7 @@ impl<'a> Model<'a> {
             let group = heads_per_kv * head_dim;
             for b in 0..n {
                 let new = b * kv_dim..(b + 1) * kv_dim;
+                s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
                 s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
                 for kv in 0..p.n_kv_heads as usize {
                     let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;

@@ -93,6 +93,11 @@ impl<'m> Session<'m> {
     pub fn kv_bytes(&self) -> usize {
         self.state.kv_bytes()
     }
+    /// Bytes the cached keys take, and what they would take unpruned
+    /// ([`crate::kv::KvCache::key_bytes_in_use`]).
+    pub fn key_bytes_in_use(&self) -> (usize, usize) {
+        self.state.kv().key_bytes_in_use()
+    }
 
     /// Bytes held by the whole state: the KV cache and the run buffers.
     pub fn state_bytes(&self) -> usize {
@@ -158,6 +163,8 @@ impl<'m> Session<'m> {
         let vocab = self.model.config.vocab_size as usize;
         let token = self.sampler.sample(&self.state.logits()[..vocab]);
         self.sampler.accept(token);
+        // The prompt is over: key-channel pruning, if on, prunes it (once).
+        self.state.end_prefill();
         self.model.forward(&mut self.state, &[token], self.history.len(), Logits::Last)?;
         self.history.push(token);
         Ok(token)

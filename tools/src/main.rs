@@ -205,6 +205,11 @@ struct ModelArgs {
     /// quantization with an f32 window of recent tokens; docs/kv.md).
     #[arg(long, default_value = "f32", value_parser = ["f32", "q8", "q4"])]
     kv: String,
+    /// Key-channel pruning (ThinK): after the prompt, drop this share of
+    /// each KV head's key channels for the prompt's keys, chosen by query
+    /// and key energy; in [0, 1), 0 is off; `--kv f32` only (docs/kv.md).
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    kv_prune: f32,
     /// The layer-wise bias constraint (`bramble bias-calibrate` writes it):
     /// `static` applies the image's predefined weights, `adaptive` adjusts
     /// them after each response from its bias signal, `off` runs without;
@@ -718,6 +723,14 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
             .with_context(|| format!("{}: rsparse section", args.model.display()))?;
     }
     model.set_kv_mode(args.kv.parse()?).with_context(|| format!("{}: --kv {}", args.model.display(), args.kv))?;
+    // Pruning applies to decode steps after a prompt; these commands run every token as a prompt.
+    anyhow::ensure!(
+        args.kv_prune == 0.0 || mode != SparseMode::Always,
+        "--kv-prune {}: this command runs every token as part of a prompt, where key-channel pruning never \
+         applies (it prunes at the first decoded token; docs/kv.md measures it with a prefill/decode split)",
+        args.kv_prune
+    );
+    model.set_kv_prune(args.kv_prune).with_context(|| format!("{}: --kv-prune", args.model.display()))?;
     if args.feedback != "off" {
         let found =
             model.use_image_bias(&loaded.image).with_context(|| format!("{}: bias section", args.model.display()))?;
