@@ -70,6 +70,9 @@ pub struct ConvertOptions {
     pub interleave: bool,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// `--mixed auto`'s choice: projections kept at a higher precision
+    /// (after `overrides`, before `quant`), recorded in the `source` section.
+    pub mixed: Option<crate::mixed::MixedPlan>,
 }
 
 impl ConvertOptions {
@@ -82,7 +85,7 @@ impl ConvertOptions {
             overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
             overrides.push(("output.weight".to_string(), QuantTarget::Q8));
         }
-        Self { quant, overrides, interleave: true, progress: false }
+        Self { quant, overrides, interleave: true, progress: false, mixed: None }
     }
 
     /// Parses an override `PATTERN=QUANT` and puts it before the others.
@@ -94,7 +97,13 @@ impl ConvertOptions {
     }
 
     fn target_for(&self, name: &str) -> QuantTarget {
-        self.overrides.iter().find(|(pattern, _)| wildcard_match(pattern, name)).map_or(self.quant, |o| o.1)
+        let mixed = || self.mixed.as_ref().and_then(|plan| plan.target_for(name));
+        self.overrides
+            .iter()
+            .find(|(pattern, _)| wildcard_match(pattern, name))
+            .map(|o| o.1)
+            .or_else(mixed)
+            .unwrap_or(self.quant)
     }
 }
 
@@ -228,7 +237,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
     }
     bar.finish_and_clear();
 
-    let description = serde_json::json!({
+    let mut description = serde_json::json!({
         "source": source.describe(),
         "quant": format!("{:?}", options.quant).to_lowercase(),
         "layout": if options.interleave { "x4" } else { "rows" },
@@ -237,6 +246,9 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         "requantized": report.requantized,
         "converter": concat!("bramble ", env!("CARGO_PKG_VERSION")),
     });
+    if let Some(plan) = &options.mixed {
+        description["mixed"] = serde_json::to_value(plan)?;
+    }
     writer.add_section(section::SOURCE, description.to_string().as_bytes(), false)?;
     report.image_bytes = writer.finish()?;
     Ok(report)

@@ -123,6 +123,31 @@ struct ConvertArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Spike-aware mixed precision (docs/mixed.md): `auto` measures each
+    /// linear input's max/median |x| on --calib-text and keeps the
+    /// projections reading spiky inputs at --mixed-precision; `off` (the
+    /// default) gives every matrix --quant.
+    #[arg(long, default_value = "off", value_parser = ["off", "auto"])]
+    mixed: String,
+    /// Calibration text (UTF-8) for --mixed auto.
+    #[arg(long)]
+    calib_text: Option<PathBuf>,
+    /// Calibration tokens for --mixed auto (the first ones of the text).
+    #[arg(long, default_value_t = 2048)]
+    calib_tokens: usize,
+    /// Encoding of the projections --mixed auto keeps: q8, f16 or f32.
+    #[arg(long, default_value = "q8")]
+    mixed_precision: String,
+    /// --mixed auto keeps inputs whose spike score is at least this many times
+    /// the median score of the same kind of input over the layers (default 4).
+    #[arg(long, conflicts_with = "mixed_keep")]
+    mixed_ratio: Option<f64>,
+    /// --mixed auto keeps the N inputs with the highest spike scores instead.
+    #[arg(long)]
+    mixed_keep: Option<usize>,
+    /// Threads for the --mixed auto calibration pass (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -476,6 +501,27 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     }
     options.interleave = args.layout == "x4";
     options.progress = std::io::stderr().is_terminal() && !args.json;
+    options.mixed = mixed_plan(&args, source.as_ref(), options.quant, options.progress)?;
+    if let (Some(plan), false) = (&options.mixed, args.json) {
+        outln!(
+            "mixed auto ({}, {} calibration tokens): {} kept at {}",
+            plan.rule,
+            plan.tokens,
+            plan.tensors.len(),
+            plan.precision
+        );
+        for input in &plan.chosen {
+            outln!(
+                "  layer {:>2} {:<17} max/median {:>8.1} (max {:.2}, median {:.4}): {}",
+                input.layer,
+                input.site,
+                input.score,
+                input.max,
+                input.median,
+                input.tensors().join(", ")
+            );
+        }
+    }
     let report = convert(source.as_ref(), &args.output, &options)
         .with_context(|| format!("converting {} into {}", args.input.display(), args.output.display()))?;
     let peak = stats::peak_rss_bytes();
@@ -483,6 +529,9 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
         let mut value = serde_json::to_value(&report)?;
         value["peak_rss_bytes"] = serde_json::json!(peak);
         value["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+        if let Some(plan) = &options.mixed {
+            value["mixed"] = serde_json::to_value(plan)?;
+        }
         outln!("{value}");
     } else {
         outln!(
@@ -497,6 +546,49 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--mixed auto`'s choice for `bramble convert`, or `None` for `--mixed off`.
+fn mixed_plan(
+    args: &ConvertArgs,
+    source: &dyn bramble_tools::source::ModelSource,
+    quant: QuantTarget,
+    progress: bool,
+) -> Result<Option<bramble_tools::mixed::MixedPlan>> {
+    use bramble_tools::mixed::{plan, MixedMode, MixedOptions, Selection, DEFAULT_RATIO};
+    if MixedMode::parse(&args.mixed)? == MixedMode::Off {
+        let given = [
+            ("--calib-text", args.calib_text.is_some()),
+            ("--mixed-ratio", args.mixed_ratio.is_some()),
+            ("--mixed-keep", args.mixed_keep.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|g| g.1) {
+            anyhow::bail!("{flag} only applies with --mixed auto");
+        }
+        return Ok(None);
+    }
+    let Some(path) = &args.calib_text else {
+        anyhow::bail!("--mixed auto needs --calib-text FILE (text to measure the activation spikes on)");
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("--calib-text {}", path.display()))?;
+    let options = MixedOptions {
+        precision: QuantTarget::parse(&args.mixed_precision).context("--mixed-precision")?,
+        selection: match args.mixed_keep {
+            Some(n) => Selection::Keep(n),
+            None => Selection::Ratio(args.mixed_ratio.unwrap_or(DEFAULT_RATIO)),
+        },
+        tokens: args.calib_tokens,
+        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        progress,
+        ..MixedOptions::default()
+    };
+    let scratch = match args.output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let plan = plan(source, &text, quant, &scratch, &options)
+        .with_context(|| format!("--mixed auto on {}", args.input.display()))?;
+    Ok(Some(plan))
 }
 
 fn run_calibrate(args: CalibrateArgs) -> Result<()> {
