@@ -3,7 +3,8 @@
 //! then the forward pass) and `TextStream::push` of the token's bytes make no
 //! heap allocation, for every weight encoding and for the real model, with
 //! an f32 KV cache and with quantized ones (whose steps quantize a group of
-//! keys and values when the full-precision window fills).
+//! keys and values when the full-precision window fills), and with key-channel
+//! pruning (whose first step prunes the prompt's keys in place).
 //!
 //! This test binary installs the runtime's counting global allocator
 //! (`bramble_runtime::allocations`, the one `bramble` and `brambled` install)
@@ -61,9 +62,21 @@ fn decode_allocations(image: &Path, prompt: &str, context: usize) -> (u64, Vec<u
 
 /// As [`decode_allocations`] with the KV cache stored as `kv`.
 fn decode_allocations_with_kv(image: &Path, prompt: &str, context: usize, kv: KvMode) -> (u64, Vec<u32>, usize) {
+    decode_allocations_with(image, prompt, context, kv, 0.0)
+}
+
+/// As [`decode_allocations_with_kv`] with `--kv-prune ratio`.
+fn decode_allocations_with(
+    image: &Path,
+    prompt: &str,
+    context: usize,
+    kv: KvMode,
+    prune: f32,
+) -> (u64, Vec<u32>, usize) {
     let image = ModelImage::open(image).unwrap();
     let mut model = Model::new(&image).unwrap();
     model.set_kv_mode(kv).unwrap();
+    model.set_kv_prune(prune).unwrap();
     let tokenizer = Tokenizer::new(image.vocab()).unwrap();
     let mut session = Session::new(&model, &tokenizer, context, sampling());
     let prompt = tokenizer.encode(prompt, true, false);
@@ -82,6 +95,8 @@ fn decode_allocations_with_kv(image: &Path, prompt: &str, context: usize, kv: Kv
         Ok::<(), bramble_runtime::Error>(())
     });
     result.unwrap();
+    let (used, full) = session.key_bytes_in_use();
+    assert_eq!(used < full, prune > 0.0, "keys in use {used} of {full} bytes with --kv-prune {prune}");
     (allocations, tokens.to_vec(), streamed)
 }
 
@@ -149,6 +164,25 @@ fn decode_steps_allocate_nothing_with_a_quantized_kv_cache() {
             let (allocations, tokens, _) = decode_allocations_with_kv(&image, prompt, 128, kv);
             eprintln!("{name} kv {kv}: {allocations} allocations in {STEPS} steps; tokens {tokens:?}");
             assert_eq!(allocations, 0, "{name} kv {kv}: {STEPS} decode steps allocated {allocations} times");
+        }
+    }
+}
+
+#[test]
+fn decode_steps_allocate_nothing_with_key_channel_pruning() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape { dim: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2, ..SyntheticShape::default() };
+    let synthetic_image = dir.path().join("heads-of-32.bramble");
+    convert_synthetic(&synthetic(shape, 9), &synthetic_image, "q8");
+    let mut images = vec![("synthetic", synthetic_image)];
+    images.extend(default_image("q4").map(|image| ("SmolLM2 q4", image)));
+    let prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife.";
+    for (name, image) in images {
+        for prune in [0.3, 0.5] {
+            // The first counted step prunes the prompt's keys; the rest attend over them.
+            let (allocations, tokens, _) = decode_allocations_with(&image, prompt, 128, KvMode::F32, prune);
+            eprintln!("{name} --kv-prune {prune}: {allocations} allocations in {STEPS} steps; tokens {tokens:?}");
+            assert_eq!(allocations, 0, "{name} --kv-prune {prune}: {STEPS} decode steps allocated {allocations} times");
         }
     }
 }

@@ -467,6 +467,32 @@ fn attention_matches_the_reference() {
     }
 }
 
+/// Key widths key-channel pruning leaves (`kv::kept_channels` of 32 and 64 at 0.3 and 0.5), each at the thin keys'
+/// stride of three KV heads (SmolLM2's), as `KvCache`'s pruned attention calls the f32 scores kernel.
+#[test]
+fn attention_scores_match_the_reference_at_pruned_widths() {
+    for kept in [16, 23, 32, 45] {
+        for positions in [1, 7, 64, 200] {
+            let (heads, stride) = (3, 3 * kept);
+            let queries = data(heads * kept, 7);
+            let keys = data((positions - 1) * stride + kept, 8);
+            let mut expected = vec![0f32; heads * positions];
+            (Kernels::SCALAR.attention_scores)(&queries, kept, &keys, stride, positions, 0.125, &mut expected);
+            for k in Kernels::all_available() {
+                let mut got = vec![f32::NAN; heads * positions];
+                (k.attention_scores)(&queries, kept, &keys, stride, positions, 0.125, &mut got);
+                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    let (h, t) = (i / positions, i % positions);
+                    let magnitude: f32 =
+                        (0..kept).map(|j| (queries[h * kept + j] * keys[t * stride + j] * 0.125).abs()).sum();
+                    let label = format!("{} kept {kept} positions {positions}", k.name);
+                    assert!(close(*g, *e, FLOAT_DOT_RELATIVE * magnitude), "{label}: score {i}: {g} vs {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Synthetic quantized KV data: codes in their full range for `bits`
 /// (every byte is valid), f16 scales in (0, 0.02] and minimums in [−1, 1].
 fn kv_codes(count: usize, bits: u32, seed: u32) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
