@@ -181,13 +181,26 @@ pub fn gib(bytes: u64) -> f64 {
 }
 
 /// The `[bias]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BiasConfig {
     /// The feedback mode.
     pub feedback: Feedback,
     /// Where the adaptive loop's state persists (weights, recent signals), or `None`: not kept across restarts.
     pub state: Option<PathBuf>,
+    /// A response whose signal is above this is regenerated (when it was not streamed).
+    pub hard_limit: f32,
+    /// At most this many regenerations per request (0: never).
+    pub regenerate: usize,
 }
+
+impl Default for BiasConfig {
+    fn default() -> Self {
+        Self { feedback: Feedback::Auto, state: None, hard_limit: DEFAULT_HARD_LIMIT, regenerate: 0 }
+    }
+}
+
+/// The default `bias.hard_limit`: two neutral standard deviations.
+pub const DEFAULT_HARD_LIMIT: f32 = 2.0;
 
 /// The serial console's device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +317,8 @@ struct FileConfig {
 struct FileBias {
     feedback: Option<String>,
     state: Option<String>,
+    hard_limit: Option<f64>,
+    regenerate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -662,7 +677,11 @@ impl Config {
                 ),
             ));
         }
-        let bias = BiasConfig { feedback, state };
+        let hard_limit =
+            parsed.bias.hard_limit.map_or(Ok(DEFAULT_HARD_LIMIT as f64), |v| real("bias.hard_limit", v, -1e6, 1e6))?
+                as f32;
+        let regenerate = parsed.bias.regenerate.map_or(Ok(0), |v| integer("bias.regenerate", v, 0, 8))?;
+        let bias = BiasConfig { feedback, state, hard_limit, regenerate };
 
         Ok(Config {
             model,
@@ -793,17 +812,25 @@ mod tests {
     #[test]
     fn bias_keys_from_the_file_and_flags_with_errors_naming_the_key() {
         let config = from_file("model = \"m\"\n", &[]).unwrap();
-        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Auto, state: None });
+        assert_eq!(config.bias, BiasConfig::default());
+        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (DEFAULT_HARD_LIMIT, 0));
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("bias.state");
         let text =
             format!("model = \"m\"\n[bias]\nfeedback = \"adaptive\"\nstate = {:?}\n", state.display().to_string());
         let config = from_file(&text, &[]).unwrap();
-        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Adaptive, state: Some(state.clone()) });
+        assert_eq!(
+            config.bias,
+            BiasConfig { feedback: Feedback::Adaptive, state: Some(state.clone()), ..BiasConfig::default() }
+        );
         let config = from_file(&text, &["--feedback", "auto", "--bias-state", "none"]).unwrap();
-        assert_eq!(config.bias, BiasConfig { feedback: Feedback::Auto, state: None });
+        assert_eq!(config.bias, BiasConfig::default());
+        let config = from_file("model = \"m\"\n[bias]\nhard_limit = 1.5\nregenerate = 3\n", &[]).unwrap();
+        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (1.5, 3));
 
-        let cases: [(&str, &[&str], &str); 6] = [
+        let cases: [(&str, &[&str], &str); 8] = [
+            ("[bias]\nregenerate = 9\n", &[], "bias.regenerate"),
+            ("[bias]\nhard_limit = nan\n", &[], "bias.hard_limit"),
             ("[bias]\nfeedback = \"sometimes\"\n", &[], "bias.feedback"),
             ("", &["--feedback", "always"], "--feedback"),
             ("[bias]\nstate = \"/no/such/dir/bias.state\"\n", &[], "bias.state"),

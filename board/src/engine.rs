@@ -130,6 +130,9 @@ pub struct Usage {
     /// The response's bias signal (the mean z-score of its projections on
     /// the bias directions), or `None` when the feedback is off.
     pub bias_signal: Option<f32>,
+    /// Times the response was generated again because its signal was above
+    /// `bias.hard_limit` (only responses that were not streamed).
+    pub bias_regenerations: usize,
 }
 
 impl Usage {
@@ -191,6 +194,12 @@ pub trait TokenSink: Send {
     fn finish(&mut self, reason: FinishReason, usage: &Usage) -> std::io::Result<()>;
     /// The request could not be run (before [`start`](Self::start), or after it on a model error).
     fn fail(&mut self, error: &RequestError) -> std::io::Result<()>;
+    /// Forgets the text received since [`start`](Self::start), so the
+    /// response can be generated again; `false` when it cannot be (the text
+    /// was already sent, as when streaming).
+    fn discard(&mut self) -> bool {
+        false
+    }
     /// Whether the client is still there; asked before a queued job starts,
     /// so a client that left while waiting costs no prefill.
     fn client_present(&self) -> bool {
@@ -453,7 +462,12 @@ impl Engine {
                         state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
                     };
                     *thread_bias_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
-                    BiasFeedback { mode, feedback, state: bias.state.clone().filter(|_| mode == Feedback::Adaptive) }
+                    BiasFeedback {
+                        mode,
+                        feedback,
+                        regenerate: bias.regenerate,
+                        state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
+                    }
                 });
                 let mut worker = Worker {
                     session,
@@ -585,6 +599,7 @@ fn load_bias(
     };
     let constraint = model.bias().ok_or_else(|| format!("{path}: the bias section did not load"))?;
     let mut feedback = FeedbackLoop::new(constraint);
+    feedback.hard_limit = bias.hard_limit;
     if mode == Feedback::Adaptive {
         if let Some(state) = &bias.state {
             match feedback.restore(state) {
@@ -636,6 +651,8 @@ struct BiasFeedback {
     /// `Static` or `Adaptive`.
     mode: Feedback,
     feedback: FeedbackLoop,
+    /// Regenerations allowed per request.
+    regenerate: usize,
     /// The state file (adaptive only).
     state: Option<std::path::PathBuf>,
 }
@@ -723,7 +740,8 @@ impl Worker<'_> {
         submitted: Instant,
     ) -> Outcome {
         let mut usage = Usage { queued: submitted.elapsed(), ..Usage::default() };
-        let cancelled = || cancel.load(Ordering::SeqCst) || self.cancel_all.load(Ordering::SeqCst);
+        let cancel_all = Arc::clone(&self.cancel_all);
+        let cancelled = || cancel.load(Ordering::SeqCst) || cancel_all.load(Ordering::SeqCst);
         if !sink.client_present() {
             return Outcome::Disconnected;
         }
@@ -770,50 +788,74 @@ impl Worker<'_> {
         // The cached prefix this prompt shares with the last one is not run again.
         let cached = self.session.reuse_prefix(&tokens);
         usage.cached_tokens = cached;
-        // This response's projections only (the prompt's new tokens and the reply), under the loop's weights.
-        if let Some(bias) = &self.bias {
-            self.session.reset_projections();
-            if let Err(e) = self.session.set_bias_weights(&bias.feedback.weights) {
-                return fail(sink, RequestError::new(500, "server_error", format!("bias weights: {e}")));
-            }
-        }
         if sink.start(tokens.len()).is_err() {
             return Outcome::Disconnected;
         }
-
-        // The runtime's generation loop; its decode loop allocates nothing,
-        // and neither may the sink (the text stream's buffer and the sink's
-        // were sized before it).
-        let mut writer = SinkWriter { sink };
-        let generated =
-            self.session.generate(&tokens[cached..], request.max_tokens, &request.stop, &cancelled, &mut writer);
-        let sink = writer.sink;
-        let generated = match generated {
-            Ok(generated) => generated,
-            Err(e) => {
-                self.session.reset();
-                return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
+        let mut first = cached;
+        loop {
+            // This response's projections only (the prompt's new tokens and the reply), under the loop's weights.
+            if let Some(bias) = &self.bias {
+                self.session.reset_projections();
+                if let Err(e) = self.session.set_bias_weights(&bias.feedback.weights) {
+                    return fail(sink, RequestError::new(500, "server_error", format!("bias weights: {e}")));
+                }
             }
-        };
-        usage.prefill = generated.prefill;
-        usage.decode = generated.decode;
-        usage.completion_tokens = generated.tokens;
-        if self.counting_allocations {
-            usage.decode_allocations = Some(generated.decode_allocations);
-            self.stats.decode_allocations.fetch_add(generated.decode_allocations, Ordering::Relaxed);
-            self.stats.last_decode_allocations.store(generated.decode_allocations, Ordering::Relaxed);
-            self.stats.decode_loops.fetch_add(1, Ordering::Relaxed);
+
+            // The runtime's generation loop; its decode loop allocates nothing,
+            // and neither may the sink (the text stream's buffer and the sink's
+            // were sized before it).
+            let mut writer = SinkWriter { sink };
+            let generated =
+                self.session.generate(&tokens[first..], request.max_tokens, &request.stop, &cancelled, &mut writer);
+            let sink = writer.sink;
+            let generated = match generated {
+                Ok(generated) => generated,
+                Err(e) => {
+                    self.session.reset();
+                    return fail(sink, RequestError::new(500, "server_error", format!("the model failed: {e}")));
+                }
+            };
+            usage.prefill += generated.prefill;
+            usage.decode += generated.decode;
+            usage.completion_tokens = generated.tokens;
+            if self.counting_allocations {
+                usage.decode_allocations = Some(generated.decode_allocations);
+                self.stats.decode_allocations.fetch_add(generated.decode_allocations, Ordering::Relaxed);
+                self.stats.last_decode_allocations.store(generated.decode_allocations, Ordering::Relaxed);
+                self.stats.decode_loops.fetch_add(1, Ordering::Relaxed);
+            }
+            let reason = match generated.finish {
+                Finish::EndOfGeneration => FinishReason::EndOfTurn,
+                Finish::Stop => FinishReason::Stop,
+                Finish::Length => FinishReason::Length,
+                Finish::Context => FinishReason::Context,
+                Finish::Cancelled => FinishReason::Cancelled,
+                Finish::SinkStopped => return Outcome::Disconnected,
+            };
+            usage.bias_signal = self.after_response();
+            // Over the hard limit: the same prompt again, under the weights the
+            // loop has just raised, unless the text is already with the client.
+            let over = match (&self.bias, usage.bias_signal) {
+                (Some(bias), Some(signal)) => {
+                    bias.feedback.exceeds_hard_limit(signal) && usage.bias_regenerations < bias.regenerate
+                }
+                _ => false,
+            };
+            if over && reason != FinishReason::Cancelled && sink.discard() {
+                usage.bias_regenerations += 1;
+                log::info!(
+                    "bias signal {:+.3} over the hard limit: regenerating ({} of at most {})",
+                    usage.bias_signal.unwrap_or_default(),
+                    usage.bias_regenerations,
+                    self.bias.as_ref().map_or(0, |b| b.regenerate)
+                );
+                // The whole prompt again, so its positions too are under the new weights.
+                self.session.truncate(0);
+                first = 0;
+                continue;
+            }
+            return self.finish(sink, reason, usage, trimmed_messages);
         }
-        let reason = match generated.finish {
-            Finish::EndOfGeneration => FinishReason::EndOfTurn,
-            Finish::Stop => FinishReason::Stop,
-            Finish::Length => FinishReason::Length,
-            Finish::Context => FinishReason::Context,
-            Finish::Cancelled => FinishReason::Cancelled,
-            Finish::SinkStopped => return Outcome::Disconnected,
-        };
-        usage.bias_signal = self.after_response();
-        self.finish(sink, reason, usage, trimmed_messages)
     }
 
     /// After a response: its bias signal; under `adaptive` the weights

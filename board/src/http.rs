@@ -301,6 +301,7 @@ impl TokenSink for CompletionSink {
             };
             let mut last = self.chunk_object(choice, Some(usage_json(usage)));
             last["bias_signal"] = json!(usage.bias_signal);
+            last["bias_regenerations"] = json!(usage.bias_regenerations);
             self.send_json_event(&last)?;
             return self.end_stream();
         }
@@ -310,6 +311,7 @@ impl TokenSink for CompletionSink {
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text}, "logprobs": null, "finish_reason": finish_reason}],
                 "usage": usage_json(usage),
                 "bias_signal": usage.bias_signal,
+                "bias_regenerations": usage.bias_regenerations,
             })
         } else {
             json!({
@@ -317,10 +319,16 @@ impl TokenSink for CompletionSink {
                 "choices": [{"index": 0, "text": self.text, "logprobs": null, "finish_reason": finish_reason}],
                 "usage": usage_json(usage),
                 "bias_signal": usage.bias_signal,
+                "bias_regenerations": usage.bias_regenerations,
             })
         };
         let keep_alive = self.keep_alive;
         respond(&mut PortWriter(&mut self.out), 200, &body, keep_alive)
+    }
+
+    fn discard(&mut self) -> bool {
+        self.text.clear();
+        !self.stream
     }
 
     fn fail(&mut self, error: &RequestError) -> std::io::Result<()> {

@@ -96,6 +96,7 @@ impl TokenSink for NdjsonSink {
             "eval_duration": nanos(usage.decode),
             "total_duration": nanos(usage.queued + usage.prefill + usage.decode),
             "bias_signal": usage.bias_signal,
+            "bias_regenerations": usage.bias_regenerations,
         }))?;
         line.push(b'\n');
         self.out.write_all(&line)
@@ -103,6 +104,12 @@ impl TokenSink for NdjsonSink {
 
     fn fail(&mut self, error: &RequestError) -> std::io::Result<()> {
         self.out.write_all(&error_line(error))
+    }
+
+    fn discard(&mut self) -> bool {
+        // Streamed lines are gone; a whole response is still here.
+        self.text.clear();
+        !self.stream
     }
 
     fn client_present(&self) -> bool {

@@ -1317,6 +1317,40 @@ mod bias {
     }
 
     #[test]
+    fn a_response_over_the_hard_limit_is_regenerated_unless_it_was_streamed() {
+        let image = calibrated();
+        // Every signal is over this limit: each whole response is generated 1 + 2 times.
+        let text = format!(
+            "model = {:?}\n[bias]\nfeedback = \"adaptive\"\nhard_limit = -1000000.0\nregenerate = 2\n",
+            image.display().to_string()
+        );
+        let (_dir, config) = config_file(&text);
+        // (Daemon::start gives the plain model with --model; this one overrides it.)
+        let daemon = Daemon::start(&["--config", config.to_str().unwrap(), "--model", image.to_str().unwrap()]);
+        let whole = json!({"prompt": "he is a doctor", "max_tokens": 6, "temperature": 0, "stream": false});
+        let lines = ndjson(daemon.ndjson(), &whole);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["bias_regenerations"], 2, "{}", lines[0]);
+        assert_eq!(lines[0]["eval_count"], 6, "{}", lines[0]);
+        finite_signal(&lines[0], "regenerated");
+        assert_eq!(bias_status(&daemon)["responses"], 3, "each attempt is a response to the loop");
+        assert_eq!(daemon.log().matches("over the hard limit: regenerating").count(), 2, "{}", daemon.log());
+
+        // Streamed: the text is already with the client, so it stands.
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "she is a nurse", "max_tokens": 3, "temperature": 0}));
+        assert_eq!(lines.last().unwrap()["bias_regenerations"], 0, "{lines:?}");
+        assert_eq!(bias_status(&daemon)["responses"], 4);
+
+        // HTTP, not streamed: regenerated too.
+        let body = json!({"prompt": "The cat", "max_tokens": 5, "temperature": 0});
+        let response = http(daemon.http(), "POST", "/v1/completions", Some(&body), &[]);
+        assert_eq!(response.status, 200, "{}", response.text());
+        let completion = response.json();
+        assert_eq!(completion["bias_regenerations"], 2, "{completion}");
+        assert_eq!(completion["usage"]["completion_tokens"], 5, "{completion}");
+    }
+
+    #[test]
     fn static_feedback_reports_signals_with_the_weights_fixed() {
         let image = calibrated();
         let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--feedback", "static"]);
