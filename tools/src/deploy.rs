@@ -405,6 +405,7 @@ mod tests {
             memory: memory.map(str::to_string),
             brambled: None,
             context: 2048,
+            kv: bramble_runtime::kv::KvMode::F32,
             http: "127.0.0.1:8080".to_string(),
             ndjson: "127.0.0.1:8081".to_string(),
         };
