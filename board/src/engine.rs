@@ -432,7 +432,7 @@ impl Engine {
                         return;
                     }
                 };
-                let session = Session::new(&model, tokenizer, context, SamplerConfig::default());
+                let mut session = Session::new(&model, tokenizer, context, SamplerConfig::default());
                 // The state's pages are not written yet: refuse before they are.
                 let needed = MemoryNeed { image_bytes, state_bytes: session.state_bytes() as u64, kv_bytes: session.kv_bytes() as u64 };
                 if let Some((limit, why)) = &memory_limit {
@@ -441,6 +441,8 @@ impl Engine {
                         return;
                     }
                 }
+                // Then make them resident, so a cache that fits now cannot fail for memory mid-reply.
+                session.commit_memory();
                 let c = &model.config;
                 let summary = format!(
                     "llama dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}, kv {kv}, {:.1} MiB of state",

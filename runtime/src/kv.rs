@@ -454,6 +454,21 @@ impl KvCache {
             + self.pruning.as_ref().map_or(0, Pruning::bytes)
     }
 
+    /// Writes every page of the cache's buffers, so the memory is the
+    /// process's from now on (see [`commit_pages`]).
+    pub fn commit_memory(&mut self) {
+        commit_pages(&mut self.keys);
+        commit_pages(&mut self.values);
+        commit_pages(&mut self.key_codes);
+        commit_pages(&mut self.key_scales);
+        commit_pages(&mut self.key_mins);
+        commit_pages(&mut self.value_codes);
+        commit_pages(&mut self.value_scales);
+        commit_pages(&mut self.value_mins);
+        commit_pages(&mut self.window_scores);
+        commit_pages(&mut self.window_out);
+    }
+
     /// Bytes [`KvCache::enable_pruning`] adds for these arguments (0 for a ratio of 0).
     pub fn pruning_bytes_for(config: &ModelConfig, context: usize, ratio: f32) -> usize {
         if ratio == 0.0 {
@@ -774,6 +789,20 @@ fn next_toward_negative_infinity(value: f16) -> f16 {
         0x0000 => f16::from_bits(0x8001),
         _ if bits & 0x8000 != 0 => f16::from_bits(bits + 1),
         _ => f16::from_bits(bits - 1),
+    }
+}
+
+/// Writes one element of every 4 KiB page of `buffer` with its own value.
+/// Zeroed allocations are mapped lazily: their pages cost nothing until first
+/// written, so a cache allocated for a long context only takes its memory as
+/// the conversation grows, and the kernel may refuse it then, mid-reply.
+/// Writing each page once at load makes the footprint real at start (and
+/// measurable as resident memory). `black_box` keeps the compiler from
+/// dropping stores it could prove change nothing.
+pub fn commit_pages<T: Copy>(buffer: &mut [T]) {
+    let step = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    for i in (0..buffer.len()).step_by(step) {
+        buffer[i] = std::hint::black_box(buffer[i]);
     }
 }
 

@@ -498,6 +498,31 @@ impl RunState {
             + self.kv.bytes()
     }
 
+    /// Writes every page of every buffer and of the KV cache, so the whole
+    /// state is resident from now on rather than as positions fill
+    /// ([`crate::kv::commit_pages`]). `brambled` does this at start, after
+    /// its memory check; `bench` before it measures.
+    pub fn commit_memory(&mut self) {
+        use crate::kv::commit_pages;
+        for buffer in [
+            &mut self.x,
+            &mut self.xb,
+            &mut self.xb2,
+            &mut self.q,
+            &mut self.hb,
+            &mut self.hb2,
+            &mut self.att,
+            &mut self.logits,
+            &mut self.scratch,
+            &mut self.k,
+            &mut self.v,
+        ] {
+            commit_pages(buffer);
+        }
+        commit_pages(&mut self.xq);
+        self.kv.commit_memory();
+    }
+
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()

@@ -99,6 +99,11 @@ impl<'m> Session<'m> {
         self.state.kv().key_bytes_in_use()
     }
 
+    /// Makes the state's memory resident now ([`crate::model::RunState::commit_memory`]).
+    pub fn commit_memory(&mut self) {
+        self.state.commit_memory();
+    }
+
     /// Bytes held by the whole state: the KV cache and the run buffers.
     pub fn state_bytes(&self) -> usize {
         self.state.bytes()

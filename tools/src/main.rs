@@ -1023,6 +1023,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens).collect();
     let mut session = Session::new(&model, tokenizer, context, SamplerConfig::greedy());
     let kv_bytes = session.kv_bytes();
+    // The whole state resident, as brambled holds it: peak_rss_bytes is then
+    // the footprint at the full context, not at the positions this run fills.
+    session.commit_memory();
 
     let started = Instant::now();
     session.feed(&prompt)?;
