@@ -562,13 +562,13 @@ impl MemoryNeed {
     fn refusal(&self, limit: u64, why: &str, context: usize, kv: KvMode) -> String {
         format!(
             "the model does not fit: {:.2} GiB weights + {:.2} GiB KV cache (context {context}, kv {kv}) + {:.2} GiB \
-             buffers = {:.2} GiB > {:.2} GiB ({why}); set a smaller context, kv = \"q4\", a smaller model, or \
-             memory_limit",
+             buffers = {:.2} GiB > {:.2} GiB ({why}); set a smaller context, {}a smaller model, or memory_limit",
             gib(self.image_bytes),
             gib(self.kv_bytes),
             gib(self.state_bytes - self.kv_bytes),
             gib(self.total()),
             gib(limit),
+            if kv == KvMode::Q4 { "" } else { "kv = \"q4\", " },
         )
     }
 }
