@@ -482,6 +482,40 @@ pub fn check_options(options: &CalibrateOptions) -> Result<()> {
     Ok(())
 }
 
+/// Runs `tokens` through `model` in windows of `ctx` positions (each begun
+/// as a text is, with BOS when the model adds one), `batch` tokens a forward
+/// pass, showing every linear module's input to `see` and advancing
+/// `progress` by the tokens run. R-Sparse calibration and `convert --mixed`
+/// read activations this way.
+pub fn observe_text(
+    model: &Model<'_>,
+    tokenizer: &Tokenizer,
+    tokens: &[u32],
+    (ctx, batch): (usize, usize),
+    progress: &ProgressBar,
+    see: &mut dyn FnMut(usize, Site, &[f32]),
+) -> Result<()> {
+    let ctx = ctx.min(tokens.len()).max(1);
+    let mut state = model.new_state(ctx, batch.clamp(1, ctx));
+    let bos = if tokenizer.vocab().add_bos { tokenizer.bos_id() } else { None };
+    let mut window = Vec::with_capacity(ctx);
+    for chunk in tokens.chunks(ctx) {
+        window.clear();
+        window.extend_from_slice(chunk);
+        if let Some(bos) = bos {
+            window[0] = bos;
+        }
+        let mut pos = 0;
+        while pos < window.len() {
+            let n = state.batch.min(window.len() - pos);
+            model.forward_observed(&mut state, &window[pos..pos + n], pos, Logits::Last, Some(&mut *see))?;
+            pos += n;
+            progress.inc(n as u64);
+        }
+    }
+    Ok(())
+}
+
 /// The calibration tokens of `text` for `tokenizer`: BOS first when the model adds one.
 pub fn calibration_tokens(tokenizer: &Tokenizer, text: &str, limit: usize) -> Result<Vec<u32>> {
     let vocab = tokenizer.vocab();
@@ -574,34 +608,13 @@ pub fn calibrate(input: &Path, text: &str, output: &Path, options: &CalibrateOpt
         .map(|l| std::array::from_fn(|s| Reservoir::new(options.samples, options.seed ^ ((l * 4 + s) as u64) << 20)))
         .collect();
     let progress = bar(options.progress, tokens.len() as u64, "activations");
-    {
-        let ctx = options.ctx.min(tokens.len());
-        let mut state = model.new_state(ctx, options.batch.clamp(1, ctx));
-        let p = &model.config;
-        let widths = [p.dim as usize, p.q_dim(), p.dim as usize, p.ffn_dim as usize];
-        let bos = if tokenizer.vocab().add_bos { tokenizer.bos_id() } else { None };
-        let mut window = Vec::with_capacity(ctx);
-        for chunk in tokens.chunks(ctx) {
-            window.clear();
-            window.extend_from_slice(chunk);
-            // Each window starts as a text does, with BOS when the model adds one.
-            if let Some(bos) = bos {
-                window[0] = bos;
-            }
-            let mut pos = 0;
-            while pos < window.len() {
-                let n = state.batch.min(window.len() - pos);
-                let mut see = |layer: usize, site: Site, values: &[f32]| {
-                    if let Some(s) = site_index(site) {
-                        reservoirs[layer][s].offer(values, widths[s]);
-                    }
-                };
-                model.forward_observed(&mut state, &window[pos..pos + n], pos, Logits::Last, Some(&mut see))?;
-                pos += n;
-                progress.inc(n as u64);
-            }
+    let p = &model.config;
+    let widths = [p.dim as usize, p.q_dim(), p.dim as usize, p.ffn_dim as usize];
+    observe_text(&model, &tokenizer, &tokens, (options.ctx, options.batch), &progress, &mut |layer, site, values| {
+        if let Some(s) = site_index(site) {
+            reservoirs[layer][s].offer(values, widths[s]);
         }
-    }
+    })?;
     progress.finish_and_clear();
     let activation_seconds = started.elapsed().as_secs_f64();
 

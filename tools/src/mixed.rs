@@ -33,11 +33,11 @@
 //! `source` section under `mixed` (`models/FORMAT.md`). `docs/mixed.md` has
 //! the measurements on SmolLM2.
 
-use crate::calibrate::{calibration_tokens, Reservoir};
+use crate::calibrate::{calibration_tokens, observe_text, Reservoir};
 use crate::convert::{convert, ConvertOptions, QuantTarget};
 use crate::source::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
-use bramble_runtime::model::{Logits, Model, Site};
+use bramble_runtime::model::{Model, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::ModelImage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -247,37 +247,18 @@ pub fn measure(image: &ModelImage, tokens: &[u32], options: &MixedOptions) -> Re
         .collect();
     let mut non_finite: Option<(usize, Site)> = None;
     let progress = bar(options.progress, tokens.len() as u64);
-    let ctx = options.ctx.min(tokens.len());
-    let mut state = model.new_state(ctx, options.batch.clamp(1, ctx));
-    let bos = if tokenizer.vocab().add_bos { tokenizer.bos_id() } else { None };
-    let mut window = Vec::with_capacity(ctx);
-    for chunk in tokens.chunks(ctx) {
-        window.clear();
-        window.extend_from_slice(chunk);
-        // Each window starts as a text does, with BOS when the model adds one.
-        if let Some(bos) = bos {
-            window[0] = bos;
+    observe_text(&model, &tokenizer, tokens, (options.ctx, options.batch), &progress, &mut |layer, site, values| {
+        let Some(s) = site_index(site) else { return };
+        for &v in values {
+            if !v.is_finite() {
+                non_finite.get_or_insert((layer, site));
+            } else if v.abs() > max[layer][s] {
+                max[layer][s] = v.abs();
+            }
         }
-        let mut pos = 0;
-        while pos < window.len() {
-            let n = state.batch.min(window.len() - pos);
-            let mut see = |layer: usize, site: Site, values: &[f32]| {
-                let Some(s) = site_index(site) else { return };
-                for &v in values {
-                    if !v.is_finite() {
-                        non_finite.get_or_insert((layer, site));
-                    } else if v.abs() > max[layer][s] {
-                        max[layer][s] = v.abs();
-                    }
-                }
-                // The sample's channel index is unused here; any width will do.
-                reservoirs[layer][s].offer(values, values.len().max(1));
-            };
-            model.forward_observed(&mut state, &window[pos..pos + n], pos, Logits::Last, Some(&mut see))?;
-            pos += n;
-            progress.inc(n as u64);
-        }
-    }
+        // The sample's channel index is unused here; any width will do.
+        reservoirs[layer][s].offer(values, values.len().max(1));
+    })?;
     progress.finish_and_clear();
     if let Some((layer, site)) = non_finite {
         bail!("layer {layer}: the {} activations are not finite on the calibration text", site_name(site));
