@@ -20,9 +20,49 @@ pub const SECTION: &str = "bias";
 pub const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 32;
 
+/// How the directions were found, which decides how a response's signal reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectionKind {
+    /// The normalized mean of stereo − anti: the direction points to the
+    /// stereotyped side, so the signal is signed (only a lean toward it counts).
+    #[default]
+    MeanDifference,
+    /// The top principal component of the token-level stereo − anti
+    /// differences (a gender axis): its sign carries no meaning, so the
+    /// signal is two-sided (a lean either way from the neutral baseline counts).
+    PrincipalComponent,
+}
+
+impl DirectionKind {
+    /// The header's code (`reserved[0]`; 0 in sections written before it existed).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::MeanDifference => 0,
+            Self::PrincipalComponent => 1,
+        }
+    }
+    /// The kind of a header code.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(Self::MeanDifference),
+            1 => Some(Self::PrincipalComponent),
+            _ => None,
+        }
+    }
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MeanDifference => "mean-difference",
+            Self::PrincipalComponent => "principal",
+        }
+    }
+}
+
 /// Directions, predefined weights and the neutral baseline, per layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BiasConstraint {
+    /// How the directions were found.
+    pub kind: DirectionKind,
     /// Layers.
     pub layers: usize,
     /// Width of the residual stream.
@@ -91,6 +131,8 @@ impl BiasConstraint {
             )));
         }
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
+        let kind = DirectionKind::from_code(u32_at(16))
+            .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
         let values = layers
             .checked_mul(dim)
             .and_then(|n| n.checked_add(3 * layers))
@@ -109,6 +151,7 @@ impl BiasConstraint {
         let floats: Vec<f32> = payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         let (directions, rest) = floats.split_at(layers * dim);
         let constraint = Self {
+            kind,
             layers,
             dim,
             directions: directions.to_vec(),
@@ -132,6 +175,7 @@ impl BiasConstraint {
         out[4..8].copy_from_slice(&(self.layers as u32).to_le_bytes());
         out[8..12].copy_from_slice(&(self.dim as u32).to_le_bytes());
         out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -176,7 +220,9 @@ impl ProjectionStats {
 ///
 /// - Per layer, `z_l = (mean of h · d_l over the response − baseline mean) /
 ///   baseline std`: how far toward the stereotyped side of the direction
-///   the response ran, in units of neutral text's spread.
+///   the response ran, in units of neutral text's spread. For a
+///   [`DirectionKind::PrincipalComponent`] direction, whose sign means
+///   nothing, `|z_l|`: how far it leaned either way.
 /// - The response's **signal** is the mean of `z_l` over the layers.
 /// - Above `target`: the weights of the quarter of the layers with the
 ///   largest `z_l` rise by `step`, at most to `max_weight`. Otherwise every
@@ -240,8 +286,10 @@ impl FeedbackLoop {
         if stats.tokens == 0 {
             return 0.0;
         }
+        let two_sided = constraint.kind == DirectionKind::PrincipalComponent;
         for (l, z) in self.z.iter_mut().enumerate() {
-            *z = ((stats.mean(l) - constraint.baseline_mean[l] as f64) / constraint.baseline_std[l] as f64) as f32;
+            let lean = (stats.mean(l) - constraint.baseline_mean[l] as f64) / constraint.baseline_std[l] as f64;
+            *z = if two_sided { lean.abs() } else { lean } as f32;
         }
         self.z.iter().sum::<f32>() / self.z.len() as f32
     }
@@ -379,6 +427,7 @@ mod tests {
             directions[l * dim + l] = 1.0;
         }
         BiasConstraint {
+            kind: DirectionKind::MeanDifference,
             layers,
             dim,
             directions,
@@ -418,6 +467,20 @@ mod tests {
     }
 
     #[test]
+    fn a_principal_direction_counts_a_lean_either_way() {
+        let signed = sample();
+        let two_sided = BiasConstraint { kind: DirectionKind::PrincipalComponent, ..signed.clone() };
+        // Every layer below its neutral mean: layer 0 by 3 baseline deviations, the others by 2.
+        let below = stats(&[0.1 - 3.0, -0.2 - 4.0, 0.3 - 1.0]);
+        let mut feedback = FeedbackLoop::new(&signed);
+        assert!((feedback.after_response(&below, &signed) + 7.0 / 3.0).abs() < 1e-5);
+        assert_eq!(feedback.weights, signed.weights, "a signed signal below the target decays");
+        let mut feedback = FeedbackLoop::new(&two_sided);
+        assert!((feedback.after_response(&below, &two_sided) - 7.0 / 3.0).abs() < 1e-5);
+        assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0], "the two-sided signal is above the target");
+    }
+
+    #[test]
     fn state_round_trips_and_refuses_damage() {
         let c = sample();
         let dir = tempfile::tempdir().unwrap();
@@ -445,6 +508,13 @@ mod tests {
         let c = sample();
         let bytes = c.to_section().unwrap();
         assert_eq!(BiasConstraint::from_section(&bytes).unwrap(), c);
+        let principal = BiasConstraint { kind: DirectionKind::PrincipalComponent, ..c.clone() };
+        let principal_bytes = principal.to_section().unwrap();
+        assert_eq!(BiasConstraint::from_section(&principal_bytes).unwrap(), principal);
+        let mut unknown = principal_bytes.clone();
+        unknown[16] = 7;
+        let error = BiasConstraint::from_section(&unknown).unwrap_err();
+        assert!(error.message().contains("direction kind 7"), "{error}");
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;

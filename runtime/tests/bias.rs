@@ -13,6 +13,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
     let raw: Vec<f32> = (0..dim).map(|i| 1.0 + (i % 3) as f32).collect();
     let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
     BiasConstraint {
+        kind: Default::default(),
         layers: 1,
         dim,
         directions: raw.iter().map(|v| v / norm).collect(),

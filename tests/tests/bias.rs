@@ -338,6 +338,9 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert_eq!(candidates[chosen]["bias_score"].as_f64().unwrap(), best);
     let image = ModelImage::open(&calibrated).unwrap();
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    assert_eq!(report["direction"], "principal", "the default");
+    assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
+    assert!(report["difference_rows"].as_u64().unwrap() >= 4, "every pair gives its swapped token: {report}");
     assert_eq!(
         section.weights,
         report["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect::<Vec<_>>()
@@ -421,6 +424,36 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "--json",
     ]);
     assert!(generated["bias_signal"].as_f64().unwrap().is_finite(), "{generated}");
+    assert!(
+        generated["bias_signal"].as_f64().unwrap() >= 0.0,
+        "a principal direction's signal is two-sided: {generated}"
+    );
+
+    // The older directions: the mean difference of sentence means, a signed signal.
+    let mean_difference = fixture.dir.join("mean-difference.bramble");
+    let report = bramble_json(&[
+        "bias-calibrate",
+        "--model",
+        path_str(&fixture.image),
+        "--pairs",
+        path_str(&pairs),
+        "--text",
+        path_str(&text),
+        "--output",
+        path_str(&mean_difference),
+        "--text-tokens",
+        "128",
+        "--weights",
+        "1",
+        "--direction",
+        "mean-difference",
+        "--json",
+    ]);
+    assert_eq!(report["direction"], "mean-difference");
+    assert_eq!(report["difference_rows"], 0);
+    let image = ModelImage::open(&mean_difference).unwrap();
+    let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::MeanDifference);
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.

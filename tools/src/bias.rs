@@ -10,6 +10,7 @@
 //! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
 
 use anyhow::{bail, ensure, Context, Result};
+use bramble_runtime::bias::DirectionKind;
 use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -632,6 +633,11 @@ pub struct BiasCalibrateOptions {
     /// Candidate constraint weights, each tried on every layer and on the
     /// quarter of the layers whose direction separates the pairs most.
     pub weights: Vec<f32>,
+    /// How the directions are found.
+    pub direction: DirectionKind,
+    /// Pairs whose sentences (both of each) give the neutral baseline of the
+    /// projections (the first ones; 0: all the direction pairs).
+    pub baseline_pairs: usize,
 }
 
 impl Default for BiasCalibrateOptions {
@@ -644,6 +650,8 @@ impl Default for BiasCalibrateOptions {
             ctx: 256,
             budget: 0.02,
             weights: vec![0.5, 1.0],
+            direction: DirectionKind::PrincipalComponent,
+            baseline_pairs: 100,
         }
     }
 }
@@ -668,10 +676,20 @@ pub struct BiasCandidate {
 /// What [`bias_calibrate`] did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BiasCalibrateReport {
+    /// How the directions were found (`mean-difference` or `principal`).
+    pub direction: &'static str,
     /// Pairs the directions came from.
     pub direction_pairs: usize,
-    /// Per layer: the pairs' mean stereo − anti projection on the direction, in baseline standard deviations.
+    /// Token-level differences the principal directions came from (0 for mean differences).
+    pub difference_rows: usize,
+    /// Per layer: how far the pairs' two sentences lie apart along the
+    /// direction, in baseline standard deviations (mean differences: the
+    /// mean stereo − anti projection of the sentence means; principal: the
+    /// root mean square of the token-level differences' projections).
     pub separation: Vec<f32>,
+    /// Per layer: the share of the token-level differences' energy along the
+    /// direction (principal only; 1 would be a single axis).
+    pub explained: Vec<f32>,
     /// Every candidate, the unconstrained model first.
     pub candidates: Vec<BiasCandidate>,
     /// The index of the chosen one.
@@ -706,6 +724,97 @@ fn residual_means(model: &Model<'_>, state: &mut RunState, tokens: &[u32], means
     Ok(())
 }
 
+/// Each layer's residual stream at every position of `tokens` (one
+/// sentence), into `rows` (`layers × tokens × dim`).
+fn residual_rows(model: &Model<'_>, state: &mut RunState, tokens: &[u32], rows: &mut Vec<f32>) -> Result<()> {
+    let (layers, dim, len) = (model.weights.layers.len(), model.config.dim as usize, tokens.len());
+    rows.clear();
+    rows.resize(layers * len * dim, 0.0);
+    let mut pos = 0;
+    while pos < len {
+        let n = state.batch.min(len - pos);
+        let mut see = |layer: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                let at = (layer * len + pos) * dim;
+                rows[at..at + n * dim].copy_from_slice(&values[..n * dim]);
+            }
+        };
+        model.forward_observed(state, &tokens[pos..pos + n], pos, Logits::Last, Some(&mut see))?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Tokens after a pair's last differing token whose hidden states still
+/// carry the swapped words (through attention) and join the differences.
+pub const FOLLOWING_TOKENS: usize = 3;
+
+/// The positions of a pair's two sentences whose hidden states differ
+/// because of the swapped words: `(stereo, anti)` position pairs, aligned
+/// from the end (so the tokens after the swap line up even when the swap
+/// changed the length), from the last differing token through
+/// [`FOLLOWING_TOKENS`] after it, and back through the differing tokens
+/// while both sentences still differ there. Empty when the two are equal.
+pub fn differing_positions(stereo: &[u32], anti: &[u32]) -> Vec<(usize, usize)> {
+    let prefix = stereo.iter().zip(anti).take_while(|(a, b)| a == b).count();
+    let shortest = stereo.len().min(anti.len());
+    if prefix == shortest && stereo.len() == anti.len() {
+        return Vec::new();
+    }
+    let suffix = stereo.iter().rev().zip(anti.iter().rev()).take_while(|(a, b)| a == b).count().min(shortest - prefix);
+    // k counts back from the last token of each sentence.
+    let last_differing = suffix; // k of the last differing token
+    let first = last_differing.saturating_sub(FOLLOWING_TOKENS);
+    (first..shortest - prefix)
+        .map(|k| (stereo.len() - 1 - k, anti.len() - 1 - k))
+        .filter(|&(s, a)| s >= prefix && a >= prefix)
+        .collect()
+}
+
+/// The top principal component (uncentred: the difference vectors' sign is
+/// arbitrary) of `rows` (`n × dim`), by power iteration on `XᵀX`; with the
+/// share of the rows' squared norm along it. The sign is chosen so the
+/// rows' mean projects positive.
+pub fn principal_direction(rows: &[f32], dim: usize) -> (Vec<f64>, f64) {
+    let n = rows.len() / dim;
+    // Start from the largest row: not orthogonal to the top component unless the data are degenerate.
+    let largest = (0..n)
+        .max_by(|&a, &b| {
+            let norm = |i: usize| rows[i * dim..(i + 1) * dim].iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+            norm(a).total_cmp(&norm(b))
+        })
+        .unwrap_or(0);
+    let mut v: Vec<f64> = rows[largest * dim..(largest + 1) * dim].iter().map(|&x| x as f64).collect();
+    let mut next = vec![0f64; dim];
+    let mut eigen = 0.0;
+    for _ in 0..200 {
+        next.fill(0.0);
+        for row in rows.chunks_exact(dim) {
+            let p: f64 = row.iter().zip(&v).map(|(a, b)| *a as f64 * b).sum();
+            for (o, a) in next.iter_mut().zip(row) {
+                *o += p * *a as f64;
+            }
+        }
+        let norm = next.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            break;
+        }
+        let change: f64 = next.iter().zip(&v).map(|(a, b)| (a / norm - b).powi(2)).sum();
+        v.iter_mut().zip(&next).for_each(|(o, x)| *o = x / norm);
+        eigen = norm;
+        if change < 1e-14 {
+            break;
+        }
+    }
+    let mean_projection: f64 =
+        rows.chunks_exact(dim).map(|r| r.iter().zip(&v).map(|(a, b)| *a as f64 * b).sum::<f64>()).sum();
+    if mean_projection < 0.0 {
+        v.iter_mut().for_each(|x| *x = -*x);
+    }
+    let total: f64 = rows.iter().map(|x| (*x as f64).powi(2)).sum();
+    (v, if total > 0.0 { eigen / total } else { 0.0 })
+}
+
 /// `bramble bias-calibrate`: per layer a unit bias direction `d_l`, the
 /// normalized mean of (stereo − anti) over the pairs of each sentence's
 /// mean residual stream after layer `l`; the neutral baseline of `h · d_l`
@@ -732,44 +841,98 @@ pub fn bias_calibrate(
         if options.direction_pairs == 0 { pairs.len() } else { options.direction_pairs.min(pairs.len()) };
     ensure!(direction_pairs > 0, "{}: no pairs", pairs_path.display());
 
-    // Directions: the mean difference of the sentences' mean hidden states.
-    let mut state = model.new_state(options.ctx, 64);
-    let (mut stereo, mut anti, mut difference) =
-        (vec![0f64; layers * dim], vec![0f64; layers * dim], vec![0f64; layers * dim]);
-    let mut used = 0;
-    for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
+    let usable = |pair: &Pair| {
         let (s, a) = (sentence_tokens(&tokenizer, &pair.stereo), sentence_tokens(&tokenizer, &pair.anti));
-        if s.is_empty() || a.is_empty() || s.len().max(a.len()) > options.ctx {
-            continue;
-        }
-        residual_means(&model, &mut state, &s, &mut stereo)?;
-        residual_means(&model, &mut state, &a, &mut anti)?;
-        for ((d, s), a) in difference.iter_mut().zip(&stereo).zip(&anti) {
-            *d += s - a;
-        }
-        used += 1;
-        if i % 32 == 0 {
-            progress(&format!("directions: {i}/{direction_pairs} pairs"));
-        }
-    }
-    ensure!(used > 0, "no pair fits the context of {} tokens", options.ctx);
+        (!s.is_empty() && !a.is_empty() && s.len().max(a.len()) <= options.ctx).then_some((s, a))
+    };
+    let mut state = model.new_state(options.ctx, 64);
     let mut directions = vec![0f32; layers * dim];
-    let mut mean_separation = vec![0f64; layers];
-    for l in 0..layers {
-        let d = &difference[l * dim..(l + 1) * dim];
+    // Per layer, the pairs' spread along the direction before the baseline scales it.
+    let mut raw_separation = vec![0f64; layers];
+    let mut explained = Vec::new();
+    let mut used = 0;
+    let mut difference_rows = 0;
+    let mut set_direction = |l: usize, d: &[f64]| -> Result<()> {
         let norm = d.iter().map(|v| v * v).sum::<f64>().sqrt();
         ensure!(norm > 0.0 && norm.is_finite(), "layer {l}: the stereo and anti sentences do not differ");
         for (o, v) in directions[l * dim..(l + 1) * dim].iter_mut().zip(d) {
             *o = (v / norm) as f32;
         }
-        mean_separation[l] = norm / used as f64;
+        Ok(())
+    };
+    match options.direction {
+        DirectionKind::MeanDifference => {
+            // The mean difference of the sentences' mean hidden states.
+            let (mut stereo, mut anti, mut difference) =
+                (vec![0f64; layers * dim], vec![0f64; layers * dim], vec![0f64; layers * dim]);
+            for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
+                let Some((s, a)) = usable(pair) else { continue };
+                residual_means(&model, &mut state, &s, &mut stereo)?;
+                residual_means(&model, &mut state, &a, &mut anti)?;
+                for ((d, s), a) in difference.iter_mut().zip(&stereo).zip(&anti) {
+                    *d += s - a;
+                }
+                used += 1;
+                if i % 32 == 0 {
+                    progress(&format!("directions: {i}/{direction_pairs} pairs"));
+                }
+            }
+            ensure!(used > 0, "no pair fits the context of {} tokens", options.ctx);
+            for l in 0..layers {
+                let d = &difference[l * dim..(l + 1) * dim];
+                set_direction(l, d)?;
+                raw_separation[l] = d.iter().map(|v| v * v).sum::<f64>().sqrt() / used as f64;
+            }
+        }
+        DirectionKind::PrincipalComponent => {
+            // The top principal component of the token-level differences
+            // where the swapped words are and just after them.
+            let mut differences: Vec<Vec<f32>> = vec![Vec::new(); layers];
+            let (mut stereo, mut anti) = (Vec::new(), Vec::new());
+            for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
+                let Some((s, a)) = usable(pair) else { continue };
+                let positions = differing_positions(&s, &a);
+                if positions.is_empty() {
+                    continue;
+                }
+                residual_rows(&model, &mut state, &s, &mut stereo)?;
+                residual_rows(&model, &mut state, &a, &mut anti)?;
+                for (l, rows) in differences.iter_mut().enumerate() {
+                    for &(ps, pa) in &positions {
+                        let hs = &stereo[(l * s.len() + ps) * dim..][..dim];
+                        let ha = &anti[(l * a.len() + pa) * dim..][..dim];
+                        rows.extend(hs.iter().zip(ha).map(|(x, y)| x - y));
+                    }
+                }
+                used += 1;
+                difference_rows += positions.len();
+                if i % 32 == 0 {
+                    progress(&format!("directions: {i}/{direction_pairs} pairs"));
+                }
+            }
+            ensure!(used > 0, "no pair fits the context of {} tokens and differs", options.ctx);
+            for (l, rows) in differences.iter().enumerate() {
+                progress(&format!("principal components: layer {l}/{layers}"));
+                let (d, share) = principal_direction(rows, dim);
+                set_direction(l, &d)?;
+                let n = (rows.len() / dim) as f64;
+                let energy: f64 = rows
+                    .chunks_exact(dim)
+                    .map(|r| r.iter().zip(&d).map(|(a, b)| *a as f64 * b).sum::<f64>().powi(2))
+                    .sum();
+                raw_separation[l] = (energy / n).sqrt();
+                explained.push(share as f32);
+            }
+        }
     }
 
-    // The neutral baseline of h · d_l on the text.
+    // The neutral baseline of h · d_l: both sentences of the first pairs,
+    // the two sides of each pair in equal measure.
     let (text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
     let text_tokens = &text_tokens[..text_tokens.len().min(options.text_tokens)];
     ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
     let mut constraint = BiasConstraint {
+        kind: options.direction,
         layers,
         dim,
         directions,
@@ -779,15 +942,20 @@ pub fn bias_calibrate(
     };
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.new_state(options.ctx, 64);
-    for window in text_tokens.chunks(options.ctx) {
-        let mut pos = 0;
-        while pos < window.len() {
-            let n = state.batch.min(window.len() - pos);
-            model.forward(&mut state, &window[pos..pos + n], pos, Logits::Last)?;
-            pos += n;
+    let baseline_pairs = if options.baseline_pairs == 0 { direction_pairs } else { options.baseline_pairs };
+    for (_, pair) in pairs.iter().take(baseline_pairs) {
+        let Some((s, a)) = usable(pair) else { continue };
+        for sentence in [s, a] {
+            let mut pos = 0;
+            while pos < sentence.len() {
+                let n = state.batch.min(sentence.len() - pos);
+                model.forward(&mut state, &sentence[pos..pos + n], pos, Logits::Last)?;
+                pos += n;
+            }
         }
     }
     let stats = state.projections();
+    ensure!(stats.tokens > 1, "no baseline pair fits the context of {} tokens", options.ctx);
     for l in 0..layers {
         let mean = stats.mean(l);
         let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
@@ -795,7 +963,7 @@ pub fn bias_calibrate(
         constraint.baseline_std[l] = (variance.sqrt() as f32).max(1e-6);
     }
     let separation: Vec<f32> =
-        (0..layers).map(|l| (mean_separation[l] / constraint.baseline_std[l] as f64) as f32).collect();
+        (0..layers).map(|l| (raw_separation[l] / constraint.baseline_std[l] as f64) as f32).collect();
 
     // Candidates: none, then each weight on all layers and on the most separating quarter.
     let mut top: Vec<usize> = (0..layers).collect();
@@ -807,7 +975,9 @@ pub fn bias_calibrate(
         plans.push(("all".into(), w, vec![w; layers]));
         plans.push(("top".into(), w, (0..layers).map(|l| if top.contains(&l) { w } else { 0.0 }).collect()));
     }
-    let eval: Vec<(usize, Pair)> = pairs.iter().take(options.eval_pairs.max(1)).cloned().collect();
+    // Evaluation pairs spread evenly over the file, so every category of it is in them.
+    let stride = (pairs.len() / options.eval_pairs.max(1)).max(1);
+    let eval: Vec<(usize, Pair)> = pairs.iter().step_by(stride).take(options.eval_pairs.max(1)).cloned().collect();
     let mut candidates = Vec::new();
     for (i, (layers_name, weight, weights)) in plans.iter().enumerate() {
         progress(&format!("candidate {}/{}: {layers_name} layers at {weight}", i + 1, plans.len()));
@@ -837,8 +1007,11 @@ pub fn bias_calibrate(
     constraint.weights.clone_from(&plans[chosen].2);
     copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
     Ok(BiasCalibrateReport {
+        direction: options.direction.name(),
         direction_pairs: used,
+        difference_rows,
         separation,
+        explained,
         candidates,
         chosen,
         weights: constraint.weights,
@@ -865,4 +1038,50 @@ pub fn copy_with_section(image: &bramble_runtime::ModelImage, output: &Path, nam
     }
     writer.add_section(name, bytes, false)?;
     Ok(writer.finish()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differing_positions_cover_the_swap_and_the_tokens_after_it() {
+        // Same length, one token swapped at 2: positions 2..=5 of both.
+        let positions = differing_positions(&[1, 2, 7, 3, 4, 5, 6, 8], &[1, 2, 9, 3, 4, 5, 6, 8]);
+        assert_eq!(positions, vec![(5, 5), (4, 4), (3, 3), (2, 2)]);
+        // The anti side one token longer ("his" → "her own"): aligned from the end.
+        let positions = differing_positions(&[1, 7, 3, 4], &[1, 9, 9, 3, 4]);
+        assert_eq!(positions, vec![(3, 4), (2, 3), (1, 2)]);
+        // Nothing differs, or one sentence is the other's prefix: nothing to compare.
+        assert!(differing_positions(&[1, 2, 3], &[1, 2, 3]).is_empty());
+        assert!(differing_positions(&[1, 2], &[1, 2, 3]).is_empty());
+        // The swap at the very start.
+        assert_eq!(differing_positions(&[7, 2], &[9, 2]), vec![(1, 1), (0, 0)]);
+    }
+
+    #[test]
+    fn the_principal_direction_is_found_whatever_the_signs_of_the_rows() {
+        // Rows ±3·axis + small noise: the axis, though the rows' signs cancel in a mean.
+        let dim = 8;
+        let axis: Vec<f64> = (0..dim).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
+        let mut rows = Vec::new();
+        let mut noise = 0x2545_f491_u32;
+        for r in 0..40 {
+            let sign = if r % 2 == 0 { 3.0 } else { -3.0 };
+            for a in &axis {
+                noise ^= noise << 13;
+                noise ^= noise >> 17;
+                noise ^= noise << 5;
+                rows.push((sign * a + (noise as f64 / u32::MAX as f64 - 0.5) * 0.2) as f32);
+            }
+        }
+        let mean: f64 = (0..dim).map(|i| rows.iter().skip(i).step_by(dim).map(|v| *v as f64).sum::<f64>().abs()).sum();
+        assert!(mean / 40.0 < 0.5, "the mean difference has almost nothing left of the axis");
+        let (d, share) = principal_direction(&rows, dim);
+        let cosine: f64 = d.iter().zip(&axis).map(|(a, b)| a * b).sum::<f64>().abs();
+        assert!(cosine > 0.999, "cosine {cosine}");
+        assert!(share > 0.95 && share <= 1.0, "share {share}");
+        let norm: f64 = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-9);
+    }
 }

@@ -418,7 +418,7 @@ struct BiasCalibrateArgs {
     /// Calibration pairs (JSONL, as `bias-data` writes them), e.g. WinoBias dev.
     #[arg(long)]
     pairs: PathBuf,
-    /// Neutral text: the baseline of the projections and the perplexity budget.
+    /// Text the perplexity budget is measured on (e.g. a play).
     #[arg(long)]
     text: PathBuf,
     /// The image to write.
@@ -439,6 +439,15 @@ struct BiasCalibrateArgs {
     /// Candidate weights (each on all layers and on the most separating quarter).
     #[arg(long, value_delimiter = ',', default_value = "0.5,1")]
     weights: Vec<f32>,
+    /// How the directions are found: `principal`, the top principal component
+    /// of the hidden-state differences at the swapped words and the tokens
+    /// just after them; `mean-difference`, the mean stereo − anti of the
+    /// sentences' mean hidden states.
+    #[arg(long, value_parser = ["principal", "mean-difference"], default_value = "principal")]
+    direction: String,
+    /// Pairs whose two sentences give the neutral baseline of the projections (0: the direction pairs).
+    #[arg(long, default_value_t = 100)]
+    baseline_pairs: usize,
     /// Threads (default: the number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -1107,6 +1116,12 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
         text_tokens: args.text_tokens,
         budget: args.budget,
         weights: args.weights.clone(),
+        direction: if args.direction == "principal" {
+            bramble_runtime::bias::DirectionKind::PrincipalComponent
+        } else {
+            bramble_runtime::bias::DirectionKind::MeanDifference
+        },
+        baseline_pairs: args.baseline_pairs,
         ..BiasCalibrateOptions::default()
     };
     let show = std::io::stderr().is_terminal() && !args.json;
@@ -1137,9 +1152,11 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
         );
     }
     outln!(
-        "wrote {}: directions from {} pairs, {:.0} s",
+        "wrote {}: {} directions from {} pairs ({} token differences), {:.0} s",
         args.output.display(),
+        report.direction,
         report.direction_pairs,
+        report.difference_rows,
         report.seconds
     );
     Ok(())
