@@ -388,6 +388,21 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "--per-pair",
     ]);
     assert_ne!(strong_eval["per_pair"], plain["per_pair"], "the constraint changes the scores");
+    // perplexity under adaptive uses the loop's current weights: a state at
+    // weight 1 everywhere measures as the static image at weight 1.
+    let raised = fixture.dir.join("raised.state");
+    let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&section);
+    feedback.weights.fill(1.0);
+    feedback.save(&raised).unwrap();
+    let perplexity = |image: &Path, extra: &[&str]| {
+        let mut args =
+            vec!["perplexity", "--model", path_str(image), "--file", path_str(&text), "--ctx", "32", "--json"];
+        args.extend_from_slice(extra);
+        bramble_json(&args)["perplexity"].as_f64().unwrap()
+    };
+    let under_state = perplexity(&calibrated, &["--feedback", "adaptive", "--bias-state", path_str(&raised)]);
+    assert_eq!(under_state, perplexity(&strong, &["--feedback", "static"]));
+    assert_ne!(under_state, perplexity(&calibrated, &["--feedback", "off"]), "weight 1 changes the perplexity");
     // Adaptive: the state is written, and a second run restores it.
     let first = eval("adaptive", &["--bias-state", path_str(&state)]);
     assert_eq!(first["pairs"], 4);

@@ -989,7 +989,14 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let (loaded, context) = load(&args.model)?;
-    let model = model(&loaded, &args.model, SparseMode::Always)?;
+    let mut model = model(&loaded, &args.model, SparseMode::Always)?;
+    // Adaptive: the text is measured under the loop's current weights (restored
+    // from --bias-state); a text is not a response, so they are not adjusted.
+    if let Some(feedback) = feedback_loop(&model, &args.model)? {
+        let constraint = model.bias().expect("adaptive feedback loaded the bias section");
+        let current = bramble_runtime::bias::BiasConstraint { weights: feedback.weights.clone(), ..constraint.clone() };
+        model.set_bias(Some(current))?;
+    }
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
     // As llama.cpp reads `-f`: one trailing newline is not part of the text.
     let (tokens, bos) = perplexity_tokens(&loaded.tokenizer, text.strip_suffix('\n').unwrap_or(&text));
