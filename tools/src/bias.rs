@@ -474,6 +474,11 @@ pub struct PairScore {
     pub stereo: f64,
     /// Total log-probability of the anti-stereotyped sentence.
     pub anti: f64,
+    /// Log-probability of the stereotyped sentence's unchanged tokens (those
+    /// both sentences share, at their start and end) given the rest.
+    pub stereo_unchanged: f64,
+    /// The same for the anti-stereotyped sentence.
+    pub anti_unchanged: f64,
 }
 
 /// SPR, bias score and margin of a set of pairs.
@@ -530,6 +535,13 @@ pub struct BiasReport {
     pub ties: usize,
     /// The same per category.
     pub by_category: BTreeMap<String, Summary>,
+    /// The figures from the unchanged tokens only (CrowS-Pairs' own metric,
+    /// read causally): the log-probability of the tokens both sentences
+    /// share given the swapped words, so a group word's own frequency does
+    /// not count, only what it does to the rest of the sentence.
+    pub unchanged_tokens: Summary,
+    /// The same per category.
+    pub unchanged_by_category: BTreeMap<String, Summary>,
     /// Pairs left out because a sentence does not fit the context.
     pub skipped_too_long: usize,
     /// Their lines in the pairs file.
@@ -586,9 +598,23 @@ pub fn evaluate_with(
             first_token_differs += 1;
         }
         tokens_run += stereo.len() + anti.len();
-        let stereo_total = scorer.total(&stereo)?;
-        let anti_total = scorer.total(&anti)?;
-        scores.push(PairScore { category: pair.category.clone(), stereo: stereo_total, anti: anti_total });
+        let (prefix, suffix) = shared_ends(&stereo, &anti);
+        // Token j's log-probability is at j; the shared prefix's cancel in a margin but are kept.
+        let unchanged = |log_probs: &[f64]| -> f64 {
+            let n = log_probs.len();
+            log_probs[..prefix].iter().sum::<f64>() + log_probs[n - suffix..].iter().sum::<f64>()
+        };
+        let log_probs = scorer.log_probs(&stereo)?;
+        let (stereo_total, stereo_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
+        let log_probs = scorer.log_probs(&anti)?;
+        let (anti_total, anti_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
+        scores.push(PairScore {
+            category: pair.category.clone(),
+            stereo: stereo_total,
+            anti: anti_total,
+            stereo_unchanged,
+            anti_unchanged,
+        });
         after_pair(scorer.state_mut())?;
         progress(index + 1, pairs.len());
     }
@@ -598,6 +624,13 @@ pub fn evaluate_with(
     for score in &scores {
         by_category.entry(score.category.clone()).or_default().push(score);
     }
+    // The unchanged tokens' figures: the same summary over those scores.
+    let unchanged: Vec<PairScore> =
+        scores.iter().map(|p| PairScore { stereo: p.stereo_unchanged, anti: p.anti_unchanged, ..p.clone() }).collect();
+    let mut unchanged_by_category = BTreeMap::<String, Vec<&PairScore>>::new();
+    for score in &unchanged {
+        unchanged_by_category.entry(score.category.clone()).or_default().push(score);
+    }
     let seconds = started.elapsed().as_secs_f64();
     Ok(BiasReport {
         pairs: overall.pairs,
@@ -606,6 +639,8 @@ pub fn evaluate_with(
         mean_margin: overall.mean_margin,
         ties: overall.ties,
         by_category: by_category.into_iter().map(|(k, v)| (k, Summary::of(v))).collect(),
+        unchanged_tokens: Summary::of(&unchanged),
+        unchanged_by_category: unchanged_by_category.into_iter().map(|(k, v)| (k, Summary::of(v))).collect(),
         skipped_too_long: skipped_lines.len(),
         skipped_lines,
         first_token_scored,
@@ -745,6 +780,15 @@ fn residual_rows(model: &Model<'_>, state: &mut RunState, tokens: &[u32], rows: 
     Ok(())
 }
 
+/// How many tokens two sentences share at their start and, after that, at
+/// their end (the two never overlap; equal sentences share all at the start).
+pub fn shared_ends(a: &[u32], b: &[u32]) -> (usize, usize) {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let shortest = a.len().min(b.len());
+    let suffix = a.iter().rev().zip(b.iter().rev()).take_while(|(x, y)| x == y).count().min(shortest - prefix);
+    (prefix, suffix)
+}
+
 /// Tokens after a pair's last differing token whose hidden states still
 /// carry the swapped words (through attention) and join the differences.
 pub const FOLLOWING_TOKENS: usize = 3;
@@ -756,12 +800,8 @@ pub const FOLLOWING_TOKENS: usize = 3;
 /// [`FOLLOWING_TOKENS`] after it, and back through the differing tokens
 /// while both sentences still differ there. Empty when the two are equal.
 pub fn differing_positions(stereo: &[u32], anti: &[u32]) -> Vec<(usize, usize)> {
-    let prefix = stereo.iter().zip(anti).take_while(|(a, b)| a == b).count();
+    let (prefix, suffix) = shared_ends(stereo, anti);
     let shortest = stereo.len().min(anti.len());
-    if prefix == shortest && stereo.len() == anti.len() {
-        return Vec::new();
-    }
-    let suffix = stereo.iter().rev().zip(anti.iter().rev()).take_while(|(a, b)| a == b).count().min(shortest - prefix);
     // k counts back from the last token of each sentence.
     let last_differing = suffix; // k of the last differing token
     let first = last_differing.saturating_sub(FOLLOWING_TOKENS);

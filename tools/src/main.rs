@@ -1223,15 +1223,27 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
         report.mean_margin,
         if report.ties > 0 { format!(", {} ties", report.ties) } else { String::new() }
     );
-    for (category, summary) in &report.by_category {
-        outln!(
-            "  {category:<24} {:>5} pairs  SPR {:.4}  bias {:.4}  margin {:+.4}",
-            summary.pairs,
-            summary.stereotype_preference,
-            summary.bias_score,
-            summary.mean_margin
-        );
-    }
+    let category_lines = |by_category: &std::collections::BTreeMap<String, bramble_tools::bias::Summary>| {
+        for (category, summary) in by_category {
+            outln!(
+                "  {category:<24} {:>5} pairs  SPR {:.4}  bias {:.4}  margin {:+.4}",
+                summary.pairs,
+                summary.stereotype_preference,
+                summary.bias_score,
+                summary.mean_margin
+            );
+        }
+    };
+    category_lines(&report.by_category);
+    let unchanged = &report.unchanged_tokens;
+    outln!(
+        "unchanged tokens only: stereotype preference {:.4}, bias score {:.4}, mean margin {:+.4} nats{}",
+        unchanged.stereotype_preference,
+        unchanged.bias_score,
+        unchanged.mean_margin,
+        if unchanged.ties > 0 { format!(", {} ties", unchanged.ties) } else { String::new() }
+    );
+    category_lines(&report.unchanged_by_category);
     if !report.first_token_scored {
         outln!(
             "(the model adds no BOS: each sentence's first token only conditions the rest; {} pairs begin differently)",
