@@ -8,9 +8,9 @@
 //! the hidden state's component along the direction,
 //! `h ← h − w_l · (h · d_l) · d_l`, and records the projection `h · d_l`
 //! (before the removal) for the feedback loop. The neutral baseline of each
-//! projection (its mean and standard deviation over ordinary text) is stored
-//! with the directions, so a response's bias signal can be measured against
-//! it. Byte layout in `models/FORMAT.md` (section `bias`).
+//! projection (its mean and standard deviation over the calibration pairs'
+//! own sentences, both sides of each) is stored with the directions, so a
+//! response's bias signal can be measured against it. Byte layout in `models/FORMAT.md` (section `bias`).
 
 use crate::error::{Error, Result};
 
@@ -71,7 +71,7 @@ pub struct BiasConstraint {
     pub directions: Vec<f32>,
     /// The predefined constraint weights `w_l` (`--feedback static`).
     pub weights: Vec<f32>,
-    /// Mean of `h · d_l` over neutral text, per layer.
+    /// Mean of `h · d_l` over the neutral baseline, per layer.
     pub baseline_mean: Vec<f32>,
     /// Its standard deviation over tokens, per layer (> 0).
     pub baseline_std: Vec<f32>,

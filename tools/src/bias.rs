@@ -855,12 +855,15 @@ pub fn principal_direction(rows: &[f32], dim: usize) -> (Vec<f64>, f64) {
     (v, if total > 0.0 { eigen / total } else { 0.0 })
 }
 
-/// `bramble bias-calibrate`: per layer a unit bias direction `d_l`, the
-/// normalized mean of (stereo − anti) over the pairs of each sentence's
-/// mean residual stream after layer `l`; the neutral baseline of `h · d_l`
-/// on `text`; and the predefined weights: among the candidates, the one
-/// with the lowest bias score on the pairs whose perplexity on `text` stays
-/// within the budget (none: all zero). Writes `input` plus a `bias` section
+/// `bramble bias-calibrate`: per layer a unit bias direction `d_l` after
+/// layer `l` (`principal`: the top principal component of the token-level
+/// stereo − anti differences at and just after the swapped words;
+/// `mean-difference`: the normalized mean of stereo − anti of each
+/// sentence's mean residual stream); the neutral baseline of `h · d_l` on
+/// both sentences of the first pairs; and the predefined weights: among the
+/// candidates, the one with the lowest bias score on evaluation pairs spread
+/// over the file whose perplexity on `text` stays within the budget (none:
+/// all zero). Writes `input` plus a `bias` section
 /// to `output`.
 pub fn bias_calibrate(
     input: &Path,
