@@ -63,6 +63,9 @@ impl DirectionKind {
 pub struct BiasConstraint {
     /// How the directions were found.
     pub kind: DirectionKind,
+    /// Whether the constraint moves `h · d_l` toward the baseline mean
+    /// (`h ← h − w_l (h · d_l − mean_l) d_l`) rather than toward 0.
+    pub centred: bool,
     /// Layers.
     pub layers: usize,
     /// Width of the residual stream.
@@ -81,6 +84,15 @@ impl BiasConstraint {
     /// Direction `l`.
     pub fn direction(&self, l: usize) -> &[f32] {
         &self.directions[l * self.dim..(l + 1) * self.dim]
+    }
+
+    /// The value layer `l`'s constraint moves `h · d_l` toward: the baseline mean when centred, else 0.
+    pub fn centre(&self, l: usize) -> f32 {
+        if self.centred {
+            self.baseline_mean[l]
+        } else {
+            0.0
+        }
     }
 
     /// Checks sizes, finiteness, unit directions, weights in [0, 1] and positive spreads.
@@ -133,6 +145,11 @@ impl BiasConstraint {
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
         let kind = DirectionKind::from_code(u32_at(16))
             .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
+        let centred = match u32_at(20) {
+            0 => false,
+            1 => true,
+            other => return Err(corrupt(format!("centre flag {other} is neither 0 nor 1"))),
+        };
         let values = layers
             .checked_mul(dim)
             .and_then(|n| n.checked_add(3 * layers))
@@ -152,6 +169,7 @@ impl BiasConstraint {
         let (directions, rest) = floats.split_at(layers * dim);
         let constraint = Self {
             kind,
+            centred,
             layers,
             dim,
             directions: directions.to_vec(),
@@ -176,6 +194,7 @@ impl BiasConstraint {
         out[8..12].copy_from_slice(&(self.dim as u32).to_le_bytes());
         out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
+        out[20..24].copy_from_slice(&u32::from(self.centred).to_le_bytes());
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -428,6 +447,7 @@ mod tests {
         }
         BiasConstraint {
             kind: DirectionKind::MeanDifference,
+            centred: false,
             layers,
             dim,
             directions,
@@ -515,6 +535,14 @@ mod tests {
         unknown[16] = 7;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
         assert!(error.message().contains("direction kind 7"), "{error}");
+        let centred = BiasConstraint { centred: true, ..principal };
+        let centred_bytes = centred.to_section().unwrap();
+        assert_eq!(BiasConstraint::from_section(&centred_bytes).unwrap(), centred);
+        assert_eq!((centred.centre(2), c.centre(2)), (0.3, 0.0));
+        let mut unknown = centred_bytes.clone();
+        unknown[20] = 2;
+        let error = BiasConstraint::from_section(&unknown).unwrap_err();
+        assert!(error.message().contains("centre flag 2"), "{error}");
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;

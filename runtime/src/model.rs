@@ -1037,11 +1037,12 @@ impl<'a> Model<'a> {
                 *x += o;
             }
 
-            // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l) d_l.
+            // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l − centre_l) d_l
+            // (centre_l: the neutral baseline's mean when the section says so, else 0).
             if let Some(c) = &self.bias {
-                let (d, w) = (c.direction(l), s.bias_weights[l]);
+                let (d, w, centre) = (c.direction(l), s.bias_weights[l], c.centre(l));
                 for h in s.x[..n * dim].chunks_exact_mut(dim) {
-                    let p = (k.project_out)(h, d, w) as f64;
+                    let p = (k.project_out)(h, d, w, centre) as f64;
                     s.projections.sum[l] += p;
                     s.projections.sum_squares[l] += p * p;
                 }

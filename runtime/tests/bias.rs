@@ -14,6 +14,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
     let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
     BiasConstraint {
         kind: Default::default(),
+        centred: false,
         layers: 1,
         dim,
         directions: raw.iter().map(|v| v / norm).collect(),
@@ -74,6 +75,19 @@ fn the_constraint_removes_its_share_and_records_projections() {
         let changed = model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
         assert!(left.iter().all(|p| p.abs() < 1e-4), "{}: {left:?}", kernels.name);
         assert_ne!(changed, plain, "{}: removing a direction changes the logits", kernels.name);
+        // Centred at the baseline mean: w = 1 leaves every token's projection at that mean.
+        let centred = BiasConstraint { centred: true, baseline_mean: vec![0.5], ..constraint(dim, 1.0) };
+        model.set_bias(Some(centred)).unwrap();
+        let mut centred_state = model.new_state(16, 4);
+        let mut left = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                left = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
+            }
+        };
+        model.forward_observed(&mut centred_state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        assert!(left.iter().all(|p| (p - 0.5).abs() < 1e-4), "{}: {left:?}", kernels.name);
+        model.set_bias(Some(constraint(dim, 1.0))).unwrap();
         // The weights are the state's: setting them back to 0 gives the plain logits.
         state.set_bias_weights(&[0.0]).unwrap();
         state.reset_projections();

@@ -673,6 +673,8 @@ pub struct BiasCalibrateOptions {
     /// Pairs whose sentences (both of each) give the neutral baseline of the
     /// projections (the first ones; 0: all the direction pairs).
     pub baseline_pairs: usize,
+    /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
+    pub centred: bool,
 }
 
 impl Default for BiasCalibrateOptions {
@@ -687,6 +689,7 @@ impl Default for BiasCalibrateOptions {
             weights: vec![0.5, 1.0],
             direction: DirectionKind::PrincipalComponent,
             baseline_pairs: 100,
+            centred: true,
         }
     }
 }
@@ -725,6 +728,8 @@ pub struct BiasCalibrateReport {
     /// Per layer: the share of the token-level differences' energy along the
     /// direction (principal only; 1 would be a single axis).
     pub explained: Vec<f32>,
+    /// Whether the constraint moves `h · d_l` toward the baseline mean (else toward 0).
+    pub centred: bool,
     /// Every candidate, the unconstrained model first.
     pub candidates: Vec<BiasCandidate>,
     /// The index of the chosen one.
@@ -976,6 +981,7 @@ pub fn bias_calibrate(
     ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
     let mut constraint = BiasConstraint {
         kind: options.direction,
+        centred: options.centred,
         layers,
         dim,
         directions,
@@ -1051,6 +1057,7 @@ pub fn bias_calibrate(
     copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
     Ok(BiasCalibrateReport {
         direction: options.direction.name(),
+        centred: options.centred,
         direction_pairs: used,
         difference_rows,
         separation,

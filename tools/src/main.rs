@@ -448,6 +448,10 @@ struct BiasCalibrateArgs {
     /// Pairs whose two sentences give the neutral baseline of the projections (0: the direction pairs).
     #[arg(long, default_value_t = 100)]
     baseline_pairs: usize,
+    /// Where the constraint moves each projection `h · d_l`: `baseline`, its
+    /// neutral mean (`h ← h − w (h·d − mean) d`); `zero`, 0 (`h ← h − w (h·d) d`).
+    #[arg(long, value_parser = ["baseline", "zero"], default_value = "baseline")]
+    centre: String,
     /// Threads (default: the number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -1129,6 +1133,7 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
             bramble_runtime::bias::DirectionKind::MeanDifference
         },
         baseline_pairs: args.baseline_pairs,
+        centred: args.centre == "baseline",
         ..BiasCalibrateOptions::default()
     };
     let show = std::io::stderr().is_terminal() && !args.json;

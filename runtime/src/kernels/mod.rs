@@ -95,7 +95,7 @@ pub struct Kernels {
     /// R-Sparse's `out += U · low`, `U` stored column by column.
     pub low_rank_add: sparse::LowRankAdd,
     /// The bias constraint on one hidden state: `(h, d, w) → h · d`, `h −= w·(h·d)·d`.
-    pub project_out: fn(&mut [f32], &[f32], f32) -> f32,
+    pub project_out: fn(&mut [f32], &[f32], f32, f32) -> f32,
 }
 
 impl Kernels {

@@ -50,11 +50,12 @@ pub mod scalar {
     }
 
     /// The bias constraint on one hidden state: `p = h · d`, then
-    /// `h ← h − w·p·d` (skipped for `w = 0`). Returns `p`.
-    pub fn project_out(h: &mut [f32], d: &[f32], w: f32) -> f32 {
+    /// `h ← h − w·(p − centre)·d` (skipped for `w = 0`): the component along
+    /// `d` moves a share `w` of the way to `centre`. Returns `p`.
+    pub fn project_out(h: &mut [f32], d: &[f32], w: f32, centre: f32) -> f32 {
         let p = dot(h, d);
         if w != 0.0 {
-            let c = w * p;
+            let c = w * (p - centre);
             for (x, v) in h.iter_mut().zip(d) {
                 *x -= c * v;
             }
@@ -123,10 +124,10 @@ pub mod neon {
     }
 
     /// See `scalar::project_out`: the dot product as [`dot`], the removal four lanes a step.
-    pub fn project_out(h: &mut [f32], d: &[f32], w: f32) -> f32 {
+    pub fn project_out(h: &mut [f32], d: &[f32], w: f32, centre: f32) -> f32 {
         let p = dot(h, d);
         if w != 0.0 {
-            let c = w * p;
+            let c = w * (p - centre);
             let n = h.len().min(d.len());
             let full = n - n % 4;
             for i in (0..full).step_by(4) {

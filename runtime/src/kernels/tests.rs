@@ -879,8 +879,8 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
 }
 
 /// The bias constraint: the projection is a dot product (summation order
-/// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·d|`), and the removal leaves `h`
-/// orthogonal to a unit `d` when `w = 1`.
+/// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·d|`), and the removal leaves the
+/// component of `h` along a unit `d` at `centre` when `w = 1`.
 #[test]
 fn project_out_matches_the_reference() {
     for n in [1, 3, 4, 17, 64, 577] {
@@ -889,26 +889,33 @@ fn project_out_matches_the_reference() {
         let norm = d.iter().map(|v| v * v).sum::<f32>().sqrt();
         d.iter_mut().for_each(|v| *v /= norm);
         let magnitude: f32 = h.iter().zip(&d).map(|(a, b)| (a * b).abs()).sum();
-        for w in [0.0, 0.5, 1.0] {
-            let mut expected = h.clone();
-            let p_ref = (Kernels::SCALAR.project_out)(&mut expected, &d, w);
-            if w == 0.0 {
-                assert_eq!(expected, h, "w = 0 leaves h alone");
-            }
-            for k in Kernels::all_available() {
-                let mut got = h.clone();
-                let p = (k.project_out)(&mut got, &d, w);
-                assert!(close(p, p_ref, FLOAT_DOT_RELATIVE * magnitude + TINY), "{} n={n}: {p} vs {p_ref}", k.name);
-                for (g, e) in got.iter().zip(&expected) {
-                    assert!(
-                        close(*g, *e, 2.0 * FLOAT_DOT_RELATIVE * (magnitude + e.abs()) + TINY),
-                        "{} n={n} w={w}: {g} vs {e}",
-                        k.name
-                    );
+        for centre in [0.0, 0.75] {
+            for w in [0.0, 0.5, 1.0] {
+                let mut expected = h.clone();
+                let p_ref = (Kernels::SCALAR.project_out)(&mut expected, &d, w, centre);
+                if w == 0.0 {
+                    assert_eq!(expected, h, "w = 0 leaves h alone");
                 }
-                if w == 1.0 {
-                    let left: f32 = got.iter().zip(&d).map(|(a, b)| a * b).sum();
-                    assert!(left.abs() <= 1e-4 * (1.0 + magnitude), "{} n={n}: {left} left along d", k.name);
+                for k in Kernels::all_available() {
+                    let mut got = h.clone();
+                    let p = (k.project_out)(&mut got, &d, w, centre);
+                    let tolerance = FLOAT_DOT_RELATIVE * magnitude + TINY;
+                    assert!(close(p, p_ref, tolerance), "{} n={n}: {p} vs {p_ref}", k.name);
+                    for (g, e) in got.iter().zip(&expected) {
+                        assert!(
+                            close(*g, *e, 2.0 * FLOAT_DOT_RELATIVE * (magnitude + centre + e.abs()) + TINY),
+                            "{} n={n} w={w} centre={centre}: {g} vs {e}",
+                            k.name
+                        );
+                    }
+                    if w == 1.0 {
+                        let left: f32 = got.iter().zip(&d).map(|(a, b)| a * b).sum();
+                        assert!(
+                            (left - centre).abs() <= 1e-4 * (1.0 + magnitude),
+                            "{} n={n}: {left} along d, not {centre}",
+                            k.name
+                        );
+                    }
                 }
             }
         }
