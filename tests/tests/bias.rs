@@ -401,7 +401,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(report["direction"], "principal", "the default");
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
-    assert!(section.centred && report["centred"] == true, "centred on the baseline by default");
+    assert!(!section.centred && report["centred"] == false, "the issue's formula (centre 0) by default");
     assert!(report["difference_rows"].as_u64().unwrap() >= 4, "every pair gives its swapped token: {report}");
     assert_eq!(
         section.weights,
@@ -525,7 +525,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "--direction",
         "mean-difference",
         "--centre",
-        "zero",
+        "baseline",
         "--json",
     ]);
     assert_eq!(report["direction"], "mean-difference");
@@ -533,7 +533,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let image = ModelImage::open(&mean_difference).unwrap();
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::MeanDifference);
-    assert!(!section.centred);
+    assert!(section.centred);
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.

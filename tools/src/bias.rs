@@ -689,7 +689,7 @@ impl Default for BiasCalibrateOptions {
             weights: vec![0.5, 1.0],
             direction: DirectionKind::PrincipalComponent,
             baseline_pairs: 100,
-            centred: true,
+            centred: false,
         }
     }
 }

@@ -448,9 +448,10 @@ struct BiasCalibrateArgs {
     /// Pairs whose two sentences give the neutral baseline of the projections (0: the direction pairs).
     #[arg(long, default_value_t = 100)]
     baseline_pairs: usize,
-    /// Where the constraint moves each projection `h · d_l`: `baseline`, its
-    /// neutral mean (`h ← h − w (h·d − mean) d`); `zero`, 0 (`h ← h − w (h·d) d`).
-    #[arg(long, value_parser = ["baseline", "zero"], default_value = "baseline")]
+    /// Where the constraint moves each projection `h · d_l`: `zero`, 0
+    /// (`h ← h − w (h·d) d`); `baseline`, its neutral mean (`h ← h − w (h·d −
+    /// mean) d`), which leaves a token at the baseline alone.
+    #[arg(long, value_parser = ["zero", "baseline"], default_value = "zero")]
     centre: String,
     /// Threads (default: the number of cores).
     #[arg(long)]
