@@ -3,7 +3,7 @@
 which gender each sentence names, and show how the second run moved each
 group: docs/bias.md, "Against the targets".
 
-    scripts/bias-by-gender.py PAIRS.jsonl OFF.json STATIC.json
+    scripts/bias-by-gender.py PAIRS.jsonl BEFORE.json AFTER.json   # e.g. --feedback off, then static
 """
 import json
 import re
