@@ -78,7 +78,17 @@ pub struct BiasConstraint {
     pub baseline_mean: Vec<f32>,
     /// Its standard deviation over tokens, per layer (> 0).
     pub baseline_std: Vec<f32>,
+    /// The feedback loop's target signal, measured at calibration (0: the
+    /// loop's default, [`DEFAULT_TARGET`]).
+    pub loop_target: f32,
+    /// The signal above which a response is regenerated (0: [`DEFAULT_HARD_LIMIT`]).
+    pub loop_hard_limit: f32,
 }
+
+/// The loop's target when the section does not set one.
+pub const DEFAULT_TARGET: f32 = 0.25;
+/// The loop's hard limit when the section does not set one.
+pub const DEFAULT_HARD_LIMIT: f32 = 2.0;
 
 impl BiasConstraint {
     /// Direction `l`.
@@ -108,6 +118,11 @@ impl BiasConstraint {
             || self.baseline_std.len() != layers
         {
             return bad(format!("arrays do not match {layers} layers of width {dim}"));
+        }
+        for (name, value) in [("loop target", self.loop_target), ("loop hard limit", self.loop_hard_limit)] {
+            if !value.is_finite() || value < 0.0 {
+                return bad(format!("{name} is {value}, not a finite value ≥ 0"));
+            }
         }
         for l in 0..layers {
             let d = self.direction(l);
@@ -176,6 +191,8 @@ impl BiasConstraint {
             weights: rest[..layers].to_vec(),
             baseline_mean: rest[layers..2 * layers].to_vec(),
             baseline_std: rest[2 * layers..].to_vec(),
+            loop_target: f32::from_bits(u32_at(24)),
+            loop_hard_limit: f32::from_bits(u32_at(28)),
         };
         constraint.check()?;
         Ok(constraint)
@@ -195,6 +212,8 @@ impl BiasConstraint {
         out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
         out[20..24].copy_from_slice(&u32::from(self.centred).to_le_bytes());
+        out[24..28].copy_from_slice(&self.loop_target.to_le_bytes());
+        out[28..32].copy_from_slice(&self.loop_hard_limit.to_le_bytes());
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -285,14 +304,15 @@ impl FeedbackLoop {
     /// A loop starting at the constraint's predefined weights, with the default settings.
     pub fn new(constraint: &BiasConstraint) -> Self {
         let layers = constraint.layers;
+        let or = |value: f32, default: f32| if value > 0.0 { value } else { default };
         Self {
             predefined: constraint.weights.clone(),
             weights: constraint.weights.clone(),
-            target: 0.25,
+            target: or(constraint.loop_target, DEFAULT_TARGET),
             step: 0.1,
             max_weight: 1.0,
             decay: 0.25,
-            hard_limit: 2.0,
+            hard_limit: or(constraint.loop_hard_limit, DEFAULT_HARD_LIMIT),
             responses: 0,
             recent: Vec::with_capacity(RECENT),
             z: vec![0.0; layers],
@@ -454,6 +474,8 @@ mod tests {
             weights: vec![0.0, 0.5, 1.0],
             baseline_mean: vec![0.1, -0.2, 0.3],
             baseline_std: vec![1.0, 2.0, 0.5],
+            loop_target: 0.0,
+            loop_hard_limit: 0.0,
         }
     }
 
@@ -498,6 +520,30 @@ mod tests {
         let mut feedback = FeedbackLoop::new(&two_sided);
         assert!((feedback.after_response(&below, &two_sided) - 7.0 / 3.0).abs() < 1e-5);
         assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0], "the two-sided signal is above the target");
+    }
+
+    #[test]
+    fn the_section_carries_the_loops_calibrated_target() {
+        let c = sample();
+        let defaults = FeedbackLoop::new(&c);
+        assert_eq!((defaults.target, defaults.hard_limit), (DEFAULT_TARGET, DEFAULT_HARD_LIMIT));
+        let tuned = BiasConstraint { loop_target: 0.6, loop_hard_limit: 1.5, ..c.clone() };
+        let read = BiasConstraint::from_section(&tuned.to_section().unwrap()).unwrap();
+        assert_eq!(read, tuned);
+        let feedback = FeedbackLoop::new(&read);
+        assert_eq!((feedback.target, feedback.hard_limit), (0.6, 1.5));
+        // A response at 0.5 (layer 2 at 1.5 deviations) is above the default target, not above this one.
+        let mut feedback = FeedbackLoop::new(&read);
+        feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &read);
+        assert_eq!(feedback.weights, c.weights, "below the calibrated target the weights stay");
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            let error = BiasConstraint { loop_target: bad, ..c.clone() }.to_section().unwrap_err();
+            assert!(error.message().contains("loop target"), "{error}");
+        }
+        let mut damaged = tuned.to_section().unwrap();
+        damaged[28..32].copy_from_slice(&(-2.0f32).to_le_bytes());
+        let error = BiasConstraint::from_section(&damaged).unwrap_err();
+        assert!(error.message().contains("loop hard limit"), "{error}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         weights: vec![weight],
         baseline_mean: vec![0.0],
         baseline_std: vec![1.0],
+        loop_target: 0.0,
+        loop_hard_limit: 0.0,
     }
 }
 

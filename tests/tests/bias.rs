@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 
 /// Scores agree with the independent sum to this (nats, f32 logits summed in f64).
 const LOG_PROB_TOLERANCE: f64 = 1e-3;
+/// A calibrated direction's component along the attention sink (unit-free:
+/// cosine), after removal in f64 and storage in f32.
+const SINK_TOLERANCE: f64 = 1e-5;
 
 /// A synthetic model converted to `quant` in a temporary directory.
 struct Fixture {
@@ -407,6 +410,43 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         section.weights,
         report["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect::<Vec<_>>()
     );
+    // The loop's target and hard limit were measured and stored.
+    assert!(section.loop_target > 0.0, "{report}");
+    assert_eq!(section.loop_target, report["loop_target"].as_f64().unwrap() as f32);
+    assert!(section.loop_hard_limit >= section.loop_target, "{report}");
+    let feedback = bramble_runtime::bias::FeedbackLoop::new(&section);
+    assert_eq!((feedback.target, feedback.hard_limit), (section.loop_target, section.loop_hard_limit));
+    // Every direction is orthogonal to the attention sink: the mean residual
+    // stream at position 0 over the pairs' distinct first tokens.
+    let original = ModelImage::open(&fixture.image).unwrap();
+    let plain_model = Model::with_options(&original, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
+    let tokenizer = Tokenizer::new(original.vocab()).unwrap();
+    let mut firsts: Vec<u32> = read_pairs(&pairs)
+        .unwrap()
+        .iter()
+        .flat_map(|(_, p)| [sentence_tokens(&tokenizer, &p.stereo)[0], sentence_tokens(&tokenizer, &p.anti)[0]])
+        .collect();
+    firsts.sort_unstable();
+    firsts.dedup();
+    let dim = section.dim;
+    let mut sink = vec![0f64; section.layers * dim];
+    let mut state = plain_model.new_state(8, 1);
+    for &token in &firsts {
+        let mut see = |layer: usize, site: bramble_runtime::model::Site, values: &[f32]| {
+            if site == bramble_runtime::model::Site::Residual {
+                sink[layer * dim..(layer + 1) * dim].iter_mut().zip(values).for_each(|(m, v)| *m += *v as f64);
+            }
+        };
+        plain_model.forward_observed(&mut state, &[token], 0, Logits::Last, Some(&mut see)).unwrap();
+    }
+    for l in 0..section.layers {
+        let u = &sink[l * dim..(l + 1) * dim];
+        let u_norm = u.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let along: f64 = section.direction(l).iter().zip(u).map(|(d, u)| *d as f64 * u).sum::<f64>() / u_norm;
+        assert!(along.abs() < SINK_TOLERANCE, "layer {l}: direction · sink / |sink| = {along}");
+    }
+    let cosines: Vec<f64> = report["sink_cosine"].as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).collect();
+    assert!(cosines.iter().any(|c| c.abs() > 1e-3), "the raw directions had a sink component to remove: {report}");
 
     let eval = |mode: &str, extra: &[&str]| {
         let mut args = vec![
@@ -526,9 +566,12 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "mean-difference",
         "--centre",
         "baseline",
+        "--sink",
+        "keep",
         "--json",
     ]);
     assert_eq!(report["direction"], "mean-difference");
+    assert!(report["sink_cosine"].as_array().unwrap().iter().all(|c| c == 0.0), "--sink keep: {report}");
     assert_eq!(report["difference_rows"], 0);
     let image = ModelImage::open(&mean_difference).unwrap();
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();

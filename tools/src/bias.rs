@@ -675,6 +675,9 @@ pub struct BiasCalibrateOptions {
     pub baseline_pairs: usize,
     /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
     pub centred: bool,
+    /// Keep the directions' component along the attention sink (the first
+    /// position's residual stream) instead of removing it.
+    pub keep_sink: bool,
 }
 
 impl Default for BiasCalibrateOptions {
@@ -690,6 +693,7 @@ impl Default for BiasCalibrateOptions {
             direction: DirectionKind::PrincipalComponent,
             baseline_pairs: 100,
             centred: false,
+            keep_sink: false,
         }
     }
 }
@@ -730,6 +734,14 @@ pub struct BiasCalibrateReport {
     pub explained: Vec<f32>,
     /// Whether the constraint moves `h · d_l` toward the baseline mean (else toward 0).
     pub centred: bool,
+    /// Per layer: the cosine between the raw direction and the attention
+    /// sink's residual stream, removed from it (all 0 with `--keep-sink`).
+    pub sink_cosine: Vec<f32>,
+    /// The feedback loop's target: the [`LOOP_TARGET_QUANTILE`] quantile of
+    /// the baseline sentences' signals under the chosen weights.
+    pub loop_target: f32,
+    /// Its hard limit: [`HARD_LIMIT_FACTOR`] times the largest of those signals.
+    pub loop_hard_limit: f32,
     /// Every candidate, the unconstrained model first.
     pub candidates: Vec<BiasCandidate>,
     /// The index of the chosen one.
@@ -762,6 +774,24 @@ fn residual_means(model: &Model<'_>, state: &mut RunState, tokens: &[u32], means
     }
     means.iter_mut().for_each(|m| *m /= tokens.len() as f64);
     Ok(())
+}
+
+/// Each layer's residual stream at position 0 (the attention sink), the
+/// mean over sequences of one token each, `first_tokens`, into `layers × dim`.
+fn first_position_means(model: &Model<'_>, state: &mut RunState, first_tokens: &[u32]) -> Result<Vec<f64>> {
+    let (layers, dim) = (model.weights.layers.len(), model.config.dim as usize);
+    let mut means = vec![0f64; layers * dim];
+    for &token in first_tokens {
+        let mut see = |layer: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                for (m, v) in means[layer * dim..(layer + 1) * dim].iter_mut().zip(&values[..dim]) {
+                    *m += *v as f64 / first_tokens.len() as f64;
+                }
+            }
+        };
+        model.forward_observed(state, &[token], 0, Logits::Last, Some(&mut see))?;
+    }
+    Ok(means)
 }
 
 /// Each layer's residual stream at every position of `tokens` (one
@@ -860,6 +890,12 @@ pub fn principal_direction(rows: &[f32], dim: usize) -> (Vec<f64>, f64) {
     (v, if total > 0.0 { eigen / total } else { 0.0 })
 }
 
+/// The quantile of neutral sentences' signals the feedback loop's target is
+/// set to: a response leaning further than nine neutral sentences in ten raises the weights.
+pub const LOOP_TARGET_QUANTILE: f64 = 0.9;
+/// The hard limit (regeneration) is this many times the largest neutral signal.
+pub const HARD_LIMIT_FACTOR: f32 = 1.5;
+
 /// `bramble bias-calibrate`: per layer a unit bias direction `d_l` after
 /// layer `l` (`principal`: the top principal component of the token-level
 /// stereo − anti differences at and just after the swapped words;
@@ -894,19 +930,53 @@ pub fn bias_calibrate(
         (!s.is_empty() && !a.is_empty() && s.len().max(a.len()) <= options.ctx).then_some((s, a))
     };
     let mut state = model.new_state(options.ctx, 64);
+    // The attention sink: the first position's residual stream, which from
+    // some layer on carries activations a hundred times the other
+    // positions' (SmolLM2: |h| ≈ 22700 from layer 11). A direction with even
+    // a few percent along it projects the sink far from every other token,
+    // so the constraint would move the sink and the baseline's spread would
+    // be the sink's; the directions are made orthogonal to it.
+    let sink = if options.keep_sink {
+        None
+    } else {
+        let mut firsts: Vec<u32> = pairs[..direction_pairs]
+            .iter()
+            .filter_map(|(_, pair)| usable(pair))
+            .flat_map(|(s, a)| [s[0], a[0]])
+            .collect();
+        firsts.sort_unstable();
+        firsts.dedup();
+        ensure!(!firsts.is_empty(), "no pair fits the context of {} tokens", options.ctx);
+        Some(first_position_means(&model, &mut state, &firsts)?)
+    };
     let mut directions = vec![0f32; layers * dim];
     // Per layer, the pairs' spread along the direction before the baseline scales it.
     let mut raw_separation = vec![0f64; layers];
+    let mut sink_cosine = vec![0f32; layers];
     let mut explained = Vec::new();
     let mut used = 0;
     let mut difference_rows = 0;
-    let mut set_direction = |l: usize, d: &[f64]| -> Result<()> {
+    // Normalizes d (orthogonal to the sink first, unless kept), stores it as d_l and returns it.
+    let mut set_direction = |l: usize, d: &[f64]| -> Result<Vec<f64>> {
+        let mut d = d.to_vec();
         let norm = d.iter().map(|v| v * v).sum::<f64>().sqrt();
         ensure!(norm > 0.0 && norm.is_finite(), "layer {l}: the stereo and anti sentences do not differ");
-        for (o, v) in directions[l * dim..(l + 1) * dim].iter_mut().zip(d) {
-            *o = (v / norm) as f32;
+        if let Some(sink) = &sink {
+            let u = &sink[l * dim..(l + 1) * dim];
+            let u_norm = u.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if u_norm > 0.0 {
+                let along = d.iter().zip(u).map(|(a, b)| a * b).sum::<f64>() / u_norm;
+                sink_cosine[l] = (along / norm) as f32;
+                d.iter_mut().zip(u).for_each(|(v, s)| *v -= along * s / u_norm);
+            }
         }
-        Ok(())
+        let norm = d.iter().map(|v| v * v).sum::<f64>().sqrt();
+        ensure!(norm > 0.0 && norm.is_finite(), "layer {l}: the direction lies along the attention sink");
+        d.iter_mut().for_each(|v| *v /= norm);
+        for (o, v) in directions[l * dim..(l + 1) * dim].iter_mut().zip(&d) {
+            *o = *v as f32;
+        }
+        Ok(d)
     };
     match options.direction {
         DirectionKind::MeanDifference => {
@@ -927,9 +997,9 @@ pub fn bias_calibrate(
             }
             ensure!(used > 0, "no pair fits the context of {} tokens", options.ctx);
             for l in 0..layers {
-                let d = &difference[l * dim..(l + 1) * dim];
-                set_direction(l, d)?;
-                raw_separation[l] = d.iter().map(|v| v * v).sum::<f64>().sqrt() / used as f64;
+                let raw = &difference[l * dim..(l + 1) * dim];
+                let d = set_direction(l, raw)?;
+                raw_separation[l] = raw.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>().abs() / used as f64;
             }
         }
         DirectionKind::PrincipalComponent => {
@@ -962,7 +1032,7 @@ pub fn bias_calibrate(
             for (l, rows) in differences.iter().enumerate() {
                 progress(&format!("principal components: layer {l}/{layers}"));
                 let (d, share) = principal_direction(rows, dim);
-                set_direction(l, &d)?;
+                let d = set_direction(l, &d)?;
                 let n = (rows.len() / dim) as f64;
                 let energy: f64 = rows
                     .chunks_exact(dim)
@@ -988,6 +1058,8 @@ pub fn bias_calibrate(
         weights: vec![0.0; layers],
         baseline_mean: vec![0.0; layers],
         baseline_std: vec![1.0; layers],
+        loop_target: 0.0,
+        loop_hard_limit: 0.0,
     };
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.new_state(options.ctx, 64);
@@ -1054,10 +1126,37 @@ pub fn bias_calibrate(
         .min_by(|&a, &b| candidates[a].bias_score.total_cmp(&candidates[b].bias_score))
         .unwrap_or(0);
     constraint.weights.clone_from(&plans[chosen].2);
+
+    // The loop's target: how far neutral sentences (the baseline's own)
+    // lean under the chosen weights, each read as one response.
+    model.set_bias(Some(constraint.clone()))?;
+    let mut state = model.new_state(options.ctx, 64);
+    let feedback = bramble_runtime::bias::FeedbackLoop::new(&constraint);
+    let mut signals = Vec::new();
+    for (_, pair) in pairs.iter().take(baseline_pairs) {
+        let Some((s, a)) = usable(pair) else { continue };
+        for sentence in [s, a] {
+            state.reset_projections();
+            let mut pos = 0;
+            while pos < sentence.len() {
+                let n = state.batch.min(sentence.len() - pos);
+                model.forward(&mut state, &sentence[pos..pos + n], pos, Logits::Last)?;
+                pos += n;
+            }
+            signals.push(feedback.clone().signal(state.projections(), &constraint));
+        }
+    }
+    signals.sort_by(f32::total_cmp);
+    let at = ((signals.len() - 1) as f64 * LOOP_TARGET_QUANTILE).round() as usize;
+    constraint.loop_target = signals[at].max(f32::MIN_POSITIVE);
+    constraint.loop_hard_limit = signals[signals.len() - 1].max(constraint.loop_target) * HARD_LIMIT_FACTOR;
     copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
     Ok(BiasCalibrateReport {
         direction: options.direction.name(),
         centred: options.centred,
+        sink_cosine,
+        loop_target: constraint.loop_target,
+        loop_hard_limit: constraint.loop_hard_limit,
         direction_pairs: used,
         difference_rows,
         separation,

@@ -437,7 +437,7 @@ struct BiasCalibrateArgs {
     #[arg(long, default_value_t = 0.02)]
     budget: f64,
     /// Candidate weights (each on all layers and on the most separating quarter).
-    #[arg(long, value_delimiter = ',', default_value = "0.5,1")]
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5")]
     weights: Vec<f32>,
     /// How the directions are found: `principal`, the top principal component
     /// of the hidden-state differences at the swapped words and the tokens
@@ -453,6 +453,12 @@ struct BiasCalibrateArgs {
     /// mean) d`), which leaves a token at the baseline alone.
     #[arg(long, value_parser = ["zero", "baseline"], default_value = "zero")]
     centre: String,
+    /// The attention sink (the first position's residual stream, a hundred
+    /// times the others' size in SmolLM2's middle layers): `orthogonal`
+    /// removes each direction's component along it, so the constraint
+    /// leaves the sink alone; `keep` leaves the directions as found.
+    #[arg(long, value_parser = ["orthogonal", "keep"], default_value = "orthogonal")]
+    sink: String,
     /// Threads (default: the number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -1135,6 +1141,7 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
         },
         baseline_pairs: args.baseline_pairs,
         centred: args.centre == "baseline",
+        keep_sink: args.sink == "keep",
         ..BiasCalibrateOptions::default()
     };
     let show = std::io::stderr().is_terminal() && !args.json;
@@ -1164,6 +1171,11 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
             if c.within_budget { "" } else { "  (over budget)" }
         );
     }
+    outln!(
+        "feedback loop: target signal {:.3}, hard limit {:.3} (from the baseline sentences)",
+        report.loop_target,
+        report.loop_hard_limit
+    );
     outln!(
         "wrote {}: {} directions from {} pairs ({} token differences), {:.0} s",
         args.output.display(),
