@@ -187,20 +187,18 @@ pub struct BiasConfig {
     pub feedback: Feedback,
     /// Where the adaptive loop's state persists (weights, recent signals), or `None`: not kept across restarts.
     pub state: Option<PathBuf>,
-    /// A response whose signal is above this is regenerated (when it was not streamed).
-    pub hard_limit: f32,
+    /// A response whose signal is above this is regenerated (when it was
+    /// not streamed); `None`: the image's, measured by `bias-calibrate`.
+    pub hard_limit: Option<f32>,
     /// At most this many regenerations per request (0: never).
     pub regenerate: usize,
 }
 
 impl Default for BiasConfig {
     fn default() -> Self {
-        Self { feedback: Feedback::Auto, state: None, hard_limit: DEFAULT_HARD_LIMIT, regenerate: 0 }
+        Self { feedback: Feedback::Auto, state: None, hard_limit: None, regenerate: 0 }
     }
 }
-
-/// The default `bias.hard_limit`: two neutral standard deviations.
-pub const DEFAULT_HARD_LIMIT: f32 = 2.0;
 
 /// The serial console's device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -678,8 +676,7 @@ impl Config {
             ));
         }
         let hard_limit =
-            parsed.bias.hard_limit.map_or(Ok(DEFAULT_HARD_LIMIT as f64), |v| real("bias.hard_limit", v, -1e6, 1e6))?
-                as f32;
+            parsed.bias.hard_limit.map(|v| real("bias.hard_limit", v, -1e6, 1e6)).transpose()?.map(|v| v as f32);
         let regenerate = parsed.bias.regenerate.map_or(Ok(0), |v| integer("bias.regenerate", v, 0, 8))?;
         let bias = BiasConfig { feedback, state, hard_limit, regenerate };
 
@@ -813,7 +810,7 @@ mod tests {
     fn bias_keys_from_the_file_and_flags_with_errors_naming_the_key() {
         let config = from_file("model = \"m\"\n", &[]).unwrap();
         assert_eq!(config.bias, BiasConfig::default());
-        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (DEFAULT_HARD_LIMIT, 0));
+        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (None, 0), "the image's limit, no regeneration");
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("bias.state");
         let text =
@@ -826,7 +823,7 @@ mod tests {
         let config = from_file(&text, &["--feedback", "auto", "--bias-state", "none"]).unwrap();
         assert_eq!(config.bias, BiasConfig::default());
         let config = from_file("model = \"m\"\n[bias]\nhard_limit = 1.5\nregenerate = 3\n", &[]).unwrap();
-        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (1.5, 3));
+        assert_eq!((config.bias.hard_limit, config.bias.regenerate), (Some(1.5), 3));
 
         let cases: [(&str, &[&str], &str); 8] = [
             ("[bias]\nregenerate = 9\n", &[], "bias.regenerate"),

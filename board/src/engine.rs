@@ -280,6 +280,10 @@ pub struct BiasStatus {
     pub recent: Vec<f32>,
     /// Responses seen (restored ones included).
     pub responses: u64,
+    /// The loop's target signal: above it the weights rise.
+    pub target: f32,
+    /// Signal above which a response is regenerated (when regeneration is on).
+    pub hard_limit: f32,
     /// Where the state persists, if it does.
     pub state: Option<std::path::PathBuf>,
 }
@@ -292,6 +296,8 @@ impl BiasStatus {
             "weights": self.weights,
             "recent_signals": self.recent,
             "responses": self.responses,
+            "target": self.target,
+            "hard_limit": self.hard_limit,
             "state": self.state.as_ref().map(|p| p.display().to_string()),
         })
     }
@@ -309,7 +315,10 @@ impl BiasStatus {
             );
             return text;
         }
-        text.push_str(&format!(", {} responses", self.responses));
+        text.push_str(&format!(
+            ", {} responses, target {:.3}, hard limit {:.3}",
+            self.responses, self.target, self.hard_limit
+        ));
         if let Some(state) = &self.state {
             text.push_str(&format!(", state {}", state.display()));
         }
@@ -461,6 +470,8 @@ impl Engine {
                         weights: feedback.weights.clone(),
                         recent: feedback.recent.clone(),
                         responses: feedback.responses,
+                        target: feedback.target,
+                        hard_limit: feedback.hard_limit,
                         state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
                     };
                     *thread_bias_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
@@ -601,7 +612,9 @@ fn load_bias(
     };
     let constraint = model.bias().ok_or_else(|| format!("{path}: the bias section did not load"))?;
     let mut feedback = FeedbackLoop::new(constraint);
-    feedback.hard_limit = bias.hard_limit;
+    if let Some(limit) = bias.hard_limit {
+        feedback.hard_limit = limit;
+    }
     if mode == Feedback::Adaptive {
         if let Some(state) = &bias.state {
             match feedback.restore(state) {

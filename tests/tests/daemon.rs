@@ -1288,6 +1288,12 @@ mod bias {
         let recent: Vec<f64> =
             status["recent_signals"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(recent, vec![first, second], "{status}");
+        // The loop runs with the target and hard limit the calibration measured.
+        let image = bramble_runtime::ModelImage::open(calibrated()).unwrap();
+        let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+        assert!(section.loop_target > 0.0 && section.loop_hard_limit > 0.0, "{section:?}");
+        assert_eq!(status["target"].as_f64().unwrap() as f32, section.loop_target, "{status}");
+        assert_eq!(status["hard_limit"].as_f64().unwrap() as f32, section.loop_hard_limit, "{status}");
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");
