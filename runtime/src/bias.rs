@@ -301,7 +301,8 @@ pub const RECENT: usize = 16;
 const STATE_MAGIC: &str = "bramble-bias-state 1";
 
 impl FeedbackLoop {
-    /// A loop starting at the constraint's predefined weights, with the default settings.
+    /// A loop starting at the constraint's predefined weights, with its
+    /// calibrated target and hard limit (or the defaults) and the default step and decay.
     pub fn new(constraint: &BiasConstraint) -> Self {
         let layers = constraint.layers;
         let or = |value: f32, default: f32| if value > 0.0 { value } else { default };

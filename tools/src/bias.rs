@@ -735,7 +735,7 @@ pub struct BiasCalibrateReport {
     /// Whether the constraint moves `h · d_l` toward the baseline mean (else toward 0).
     pub centred: bool,
     /// Per layer: the cosine between the raw direction and the attention
-    /// sink's residual stream, removed from it (all 0 with `--keep-sink`).
+    /// sink's residual stream, removed from it (all 0 with `--sink keep`).
     pub sink_cosine: Vec<f32>,
     /// The feedback loop's target: the [`LOOP_TARGET_QUANTILE`] quantile of
     /// the baseline sentences' signals under the chosen weights.
@@ -773,6 +773,17 @@ fn residual_means(model: &Model<'_>, state: &mut RunState, tokens: &[u32], means
         pos += n;
     }
     means.iter_mut().for_each(|m| *m /= tokens.len() as f64);
+    Ok(())
+}
+
+/// Runs `tokens` (one sentence, from position 0) through the model, a batch at a time.
+fn forward_sentence(model: &Model<'_>, state: &mut RunState, tokens: &[u32]) -> Result<()> {
+    let mut pos = 0;
+    while pos < tokens.len() {
+        let n = state.batch.min(tokens.len() - pos);
+        model.forward(state, &tokens[pos..pos + n], pos, Logits::Last)?;
+        pos += n;
+    }
     Ok(())
 }
 
@@ -1064,16 +1075,10 @@ pub fn bias_calibrate(
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.new_state(options.ctx, 64);
     let baseline_pairs = if options.baseline_pairs == 0 { direction_pairs } else { options.baseline_pairs };
-    for (_, pair) in pairs.iter().take(baseline_pairs) {
-        let Some((s, a)) = usable(pair) else { continue };
-        for sentence in [s, a] {
-            let mut pos = 0;
-            while pos < sentence.len() {
-                let n = state.batch.min(sentence.len() - pos);
-                model.forward(&mut state, &sentence[pos..pos + n], pos, Logits::Last)?;
-                pos += n;
-            }
-        }
+    let baseline_sentences: Vec<Vec<u32>> =
+        pairs.iter().take(baseline_pairs).filter_map(|(_, pair)| usable(pair)).flat_map(|(s, a)| [s, a]).collect();
+    for sentence in &baseline_sentences {
+        forward_sentence(&model, &mut state, sentence)?;
     }
     let stats = state.projections();
     ensure!(stats.tokens > 1, "no baseline pair fits the context of {} tokens", options.ctx);
@@ -1131,20 +1136,12 @@ pub fn bias_calibrate(
     // lean under the chosen weights, each read as one response.
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.new_state(options.ctx, 64);
-    let feedback = bramble_runtime::bias::FeedbackLoop::new(&constraint);
-    let mut signals = Vec::new();
-    for (_, pair) in pairs.iter().take(baseline_pairs) {
-        let Some((s, a)) = usable(pair) else { continue };
-        for sentence in [s, a] {
-            state.reset_projections();
-            let mut pos = 0;
-            while pos < sentence.len() {
-                let n = state.batch.min(sentence.len() - pos);
-                model.forward(&mut state, &sentence[pos..pos + n], pos, Logits::Last)?;
-                pos += n;
-            }
-            signals.push(feedback.clone().signal(state.projections(), &constraint));
-        }
+    let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&constraint);
+    let mut signals = Vec::with_capacity(baseline_sentences.len());
+    for sentence in &baseline_sentences {
+        state.reset_projections();
+        forward_sentence(&model, &mut state, sentence)?;
+        signals.push(feedback.signal(state.projections(), &constraint));
     }
     signals.sort_by(f32::total_cmp);
     let at = ((signals.len() - 1) as f64 * LOOP_TARGET_QUANTILE).round() as usize;
