@@ -16,9 +16,11 @@ use crate::error::{Error, Result};
 
 /// Section name.
 pub const SECTION: &str = "bias";
-/// Section version this code reads and writes.
-pub const VERSION: u32 = 1;
-const HEADER_BYTES: usize = 32;
+/// Section version this code writes (it also reads version 1, whose
+/// 32-byte header has no `signal` word: [`LoopSignal::MeanLean`]).
+pub const VERSION: u32 = 2;
+const HEADER_BYTES: usize = 48;
+const HEADER_BYTES_V1: usize = 32;
 
 /// How the directions were found, which decides how a response's signal reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,11 +60,58 @@ impl DirectionKind {
     }
 }
 
+/// How the feedback loop reads a response's projections, per layer, against
+/// the neutral baseline `(mean_l, std_l)`; the response's signal is the mean
+/// over the layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoopSignal {
+    /// `(mean of p over the response − mean_l) / std_l`, its absolute value
+    /// for a principal direction: how far the response's average ran along
+    /// the direction. Averaging dilutes the few gendered tokens of a
+    /// response, so it hardly tells gendered sentences from others (version
+    /// 1 sections, whose baseline was the calibration pairs' own sentences).
+    #[default]
+    MeanLean,
+    /// `sqrt(mean of (p − mean_l)² over the response) / std_l`: the root mean
+    /// square departure from neutral text, either way, in neutral text's
+    /// deviations. Neutral text reads about 1 at any length; tokens that
+    /// project far along the direction (gendered words and what follows
+    /// them) raise it. The baseline is neutral text, not the pairs.
+    Spread,
+}
+
+impl LoopSignal {
+    /// The header's code.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::MeanLean => 0,
+            Self::Spread => 1,
+        }
+    }
+    /// The signal of a header code.
+    pub fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(Self::MeanLean),
+            1 => Some(Self::Spread),
+            _ => None,
+        }
+    }
+    /// Its name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MeanLean => "mean-lean",
+            Self::Spread => "spread",
+        }
+    }
+}
+
 /// Directions, predefined weights and the neutral baseline, per layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BiasConstraint {
     /// How the directions were found.
     pub kind: DirectionKind,
+    /// How the feedback loop reads a response against the baseline.
+    pub signal: LoopSignal,
     /// Whether the constraint moves `h · d_l` toward the baseline mean
     /// (`h ← h − w_l (h · d_l − mean_l) d_l`) rather than toward 0.
     pub centred: bool,
@@ -147,16 +196,28 @@ impl BiasConstraint {
     /// Parses and checks a section.
     pub fn from_section(bytes: &[u8]) -> Result<Self> {
         let corrupt = |what: String| Error::corrupt(format!("section bias: {what}"));
-        if bytes.len() < HEADER_BYTES {
+        if bytes.len() < HEADER_BYTES_V1 {
             return Err(corrupt(format!("{} bytes is shorter than its header", bytes.len())));
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        if u32_at(0) != VERSION {
-            return Err(Error::unsupported(format!(
-                "section bias version {} (this reader knows {VERSION})",
-                u32_at(0)
-            )));
+        let header_bytes = match u32_at(0) {
+            1 => HEADER_BYTES_V1,
+            VERSION => HEADER_BYTES,
+            other => {
+                return Err(Error::unsupported(format!(
+                    "section bias version {other} (this reader knows 1 and {VERSION})"
+                )))
+            }
+        };
+        if bytes.len() < header_bytes {
+            return Err(corrupt(format!("{} bytes is shorter than its header", bytes.len())));
         }
+        let signal = if header_bytes == HEADER_BYTES_V1 {
+            LoopSignal::MeanLean
+        } else {
+            LoopSignal::from_code(u32_at(32))
+                .ok_or_else(|| corrupt(format!("loop signal {} is neither 0 nor 1", u32_at(32))))?
+        };
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
         let kind = DirectionKind::from_code(u32_at(16))
             .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
@@ -169,14 +230,14 @@ impl BiasConstraint {
             .checked_mul(dim)
             .and_then(|n| n.checked_add(3 * layers))
             .ok_or_else(|| corrupt(format!("{layers} × {dim} overflows")))?;
-        let expected = values.checked_mul(4).and_then(|n| n.checked_add(HEADER_BYTES));
+        let expected = values.checked_mul(4).and_then(|n| n.checked_add(header_bytes));
         if expected != Some(bytes.len()) {
             return Err(corrupt(format!(
                 "{} bytes, but {layers} layers of width {dim} take {expected:?}",
                 bytes.len()
             )));
         }
-        let payload = &bytes[HEADER_BYTES..];
+        let payload = &bytes[header_bytes..];
         if crc32fast::hash(payload) != u32_at(12) {
             return Err(corrupt("checksum does not match its contents".into()));
         }
@@ -184,6 +245,7 @@ impl BiasConstraint {
         let (directions, rest) = floats.split_at(layers * dim);
         let constraint = Self {
             kind,
+            signal,
             centred,
             layers,
             dim,
@@ -214,6 +276,7 @@ impl BiasConstraint {
         out[20..24].copy_from_slice(&u32::from(self.centred).to_le_bytes());
         out[24..28].copy_from_slice(&self.loop_target.to_le_bytes());
         out[28..32].copy_from_slice(&self.loop_hard_limit.to_le_bytes());
+        out[32..36].copy_from_slice(&self.signal.code().to_le_bytes());
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -256,11 +319,13 @@ impl ProjectionStats {
 /// signal from the projections recorded while it was generated, and the
 /// constraint weights adjusted from it.
 ///
-/// - Per layer, `z_l = (mean of h · d_l over the response − baseline mean) /
-///   baseline std`: how far toward the stereotyped side of the direction
-///   the response ran, in units of neutral text's spread. For a
-///   [`DirectionKind::PrincipalComponent`] direction, whose sign means
-///   nothing, `|z_l|`: how far it leaned either way.
+/// - Per layer, `z_l` as the section's [`LoopSignal`] says: with `Spread`
+///   (sections of version 2) the root mean square of
+///   `(h · d_l − baseline mean) / baseline std` over the response's tokens,
+///   how far it departed from neutral text either way; with `MeanLean`
+///   (version 1) `(mean of h · d_l − baseline mean) / baseline std`, how far
+///   toward the stereotyped side its average ran (`|z_l|` for a
+///   [`DirectionKind::PrincipalComponent`] direction, whose sign means nothing).
 /// - The response's **signal** is the mean of `z_l` over the layers.
 /// - Above `target`: the weights of the quarter of the layers with the
 ///   largest `z_l` rise by `step`, at most to `max_weight`. Otherwise every
@@ -327,9 +392,24 @@ impl FeedbackLoop {
             return 0.0;
         }
         let two_sided = constraint.kind == DirectionKind::PrincipalComponent;
+        let tokens = stats.tokens as f64;
         for (l, z) in self.z.iter_mut().enumerate() {
-            let lean = (stats.mean(l) - constraint.baseline_mean[l] as f64) / constraint.baseline_std[l] as f64;
-            *z = if two_sided { lean.abs() } else { lean } as f32;
+            let (centre, spread) = (constraint.baseline_mean[l] as f64, constraint.baseline_std[l] as f64);
+            *z = match constraint.signal {
+                LoopSignal::MeanLean => {
+                    let lean = (stats.mean(l) - centre) / spread;
+                    if two_sided {
+                        lean.abs()
+                    } else {
+                        lean
+                    }
+                }
+                // mean (p − c)² = mean p² − 2c · mean p + c².
+                LoopSignal::Spread => {
+                    let square = stats.sum_squares[l] / tokens - 2.0 * centre * stats.mean(l) + centre * centre;
+                    square.max(0.0).sqrt() / spread
+                }
+            } as f32;
         }
         self.z.iter().sum::<f32>() / self.z.len() as f32
     }
@@ -477,6 +557,7 @@ mod tests {
             baseline_std: vec![1.0, 2.0, 0.5],
             loop_target: 0.0,
             loop_hard_limit: 0.0,
+            signal: LoopSignal::MeanLean,
         }
     }
 
@@ -600,8 +681,51 @@ mod tests {
         let mut bad = c.clone();
         bad.weights[1] = 1.5;
         assert!(bad.to_section().unwrap_err().message().contains("outside [0, 1]"));
-        let mut bad = c;
+        let mut bad = c.clone();
         bad.directions[0] = 2.0;
         assert!(bad.to_section().unwrap_err().message().contains("unit vector"));
+        // The loop signal: version 2 carries it; an unknown code is refused.
+        let spread = BiasConstraint { signal: LoopSignal::Spread, ..c.clone() };
+        let spread_bytes = spread.to_section().unwrap();
+        assert_eq!(BiasConstraint::from_section(&spread_bytes).unwrap(), spread);
+        let mut unknown = spread_bytes.clone();
+        unknown[32] = 5;
+        let error = BiasConstraint::from_section(&unknown).unwrap_err();
+        assert!(error.message().contains("loop signal 5"), "{error}");
+        // A version 1 section (32-byte header, no signal word) reads as MeanLean.
+        let mut v1 = [&spread_bytes[..HEADER_BYTES_V1], &spread_bytes[HEADER_BYTES..]].concat();
+        v1[0..4].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(BiasConstraint::from_section(&v1).unwrap(), c);
+        let mut future = bytes;
+        future[0..4].copy_from_slice(&3u32.to_le_bytes());
+        let error = BiasConstraint::from_section(&future).unwrap_err();
+        assert!(error.message().contains("version 3"), "{error}");
+    }
+
+    #[test]
+    fn the_spread_signal_is_the_rms_departure_from_neutral_text() {
+        let c = BiasConstraint { signal: LoopSignal::Spread, ..sample() };
+        // Per layer, projections p_t; the signal is mean_l sqrt(mean_t (p − mean_l)²) / std_l.
+        let record = |per_layer: &[&[f64]]| ProjectionStats {
+            tokens: per_layer[0].len() as u64,
+            sum: per_layer.iter().map(|p| p.iter().sum()).collect(),
+            sum_squares: per_layer.iter().map(|p| p.iter().map(|v| v * v).sum()).collect(),
+        };
+        // Each layer's tokens one baseline deviation either side of its mean: 1 on every layer.
+        let neutral = record(&[&[1.1, -0.9], &[-2.2, 1.8], &[0.8, -0.2]]);
+        let mut feedback = FeedbackLoop::new(&c);
+        assert!((feedback.signal(&neutral, &c) - 1.0).abs() < 1e-5);
+        // The same departures on one side only: the mean lean would be 1 too, the spread is still 1.
+        let one_side = record(&[&[1.1, 1.1], &[1.8, 1.8], &[0.8, 0.8]]);
+        assert!((feedback.signal(&one_side, &c) - 1.0).abs() < 1e-5);
+        // One token 4 deviations out on layer 0 among three at the mean:
+        // layer 0 reads sqrt(16 / 4) = 2, the others 0; the mean lean would have cancelled it with a −4.
+        let spike = record(&[&[4.1, 0.1, 0.1, 0.1], &[-0.2; 4], &[0.3; 4]]);
+        assert!((feedback.signal(&spike, &c) - 2.0 / 3.0).abs() < 1e-5);
+        let spike_down = record(&[&[-3.9, 0.1, 0.1, 0.1], &[-0.2; 4], &[0.3; 4]]);
+        assert!((feedback.signal(&spike_down, &c) - 2.0 / 3.0).abs() < 1e-5, "either way counts");
+        // Above the target (default 0.25) it raises the layer that departed.
+        feedback.after_response(&spike, &c);
+        assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0]);
     }
 }

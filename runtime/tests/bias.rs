@@ -23,6 +23,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         baseline_std: vec![1.0],
         loop_target: 0.0,
         loop_hard_limit: 0.0,
+        signal: Default::default(),
     }
 }
 

@@ -5,14 +5,17 @@
 //! pairs, malformed pairs files, and `bias-data` on small fixtures written
 //! in each dataset's own format.
 
+use bramble_runtime::bias::BiasConstraint;
 use bramble_runtime::model::{Logits, Model};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::ModelImage;
 use bramble_tests::*;
 use bramble_tools::bias::{
-    convert_dataset, parse_pairs, read_pairs, sentence_tokens, Dataset, Pair, PairScore, Scorer, Summary,
+    convert_dataset, parse_pairs, read_pairs, sentence_tokens, text_pieces, Dataset, Pair, PairScore, Scorer, Summary,
+    MIN_PIECES,
 };
+use bramble_tools::generate::perplexity_tokens;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +24,9 @@ const LOG_PROB_TOLERANCE: f64 = 1e-3;
 /// A calibrated direction's component along the attention sink (unit-free:
 /// cosine), after removal in f64 and storage in f32.
 const SINK_TOLERANCE: f64 = 1e-5;
+/// The stored neutral baseline against one recomputed here (relative to
+/// 1 + its spread): the same forward passes, summed in another order.
+const BASELINE_TOLERANCE: f64 = 1e-4;
 
 /// A synthetic model converted to `quant` in a temporary directory.
 struct Fixture {
@@ -373,7 +379,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         ],
     );
     let text = fixture.dir.join("text.txt");
-    std::fs::write(&text, "The cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+    std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
     let calibrated = fixture.dir.join("calibrated.bramble");
     let report = bramble_json(&[
         "bias-calibrate",
@@ -416,6 +422,39 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert!(section.loop_hard_limit >= section.loop_target, "{report}");
     let feedback = bramble_runtime::bias::FeedbackLoop::new(&section);
     assert_eq!((feedback.target, feedback.hard_limit), (section.loop_target, section.loop_hard_limit));
+    // The loop reads a response's spread about neutral text: the stored
+    // baseline is the mean and spread of h · d_l over the text's pieces,
+    // read without the constraint.
+    assert_eq!(section.signal, bramble_runtime::bias::LoopSignal::Spread, "the default");
+    assert_eq!(report["loop_signal"], "spread");
+    {
+        let original = ModelImage::open(&fixture.image).unwrap();
+        let tokenizer = Tokenizer::new(original.vocab()).unwrap();
+        let mut model = Model::with_options(&original, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
+        model.set_bias(Some(BiasConstraint { weights: vec![0.0; section.layers], ..section.clone() })).unwrap();
+        let (tokens, bos) = perplexity_tokens(&tokenizer, &std::fs::read_to_string(&text).unwrap());
+        let pieces = text_pieces(tokens.strip_prefix(bos.as_slice()).unwrap_or(&tokens), bos, 200);
+        assert!(pieces.len() >= MIN_PIECES, "{} pieces", pieces.len());
+        assert_eq!(report["baseline_responses"].as_u64().unwrap() as usize, pieces.len(), "{report}");
+        let mut state = model.new_state(64, 64);
+        for piece in &pieces {
+            model.forward(&mut state, piece, 0, Logits::Last).unwrap();
+        }
+        let stats = state.projections();
+        for l in 0..section.layers {
+            let mean = stats.mean(l);
+            let std = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0).sqrt();
+            let (stored_mean, stored_std) = (section.baseline_mean[l] as f64, section.baseline_std[l] as f64);
+            assert!(
+                (stored_mean - mean).abs() <= BASELINE_TOLERANCE * (1.0 + std),
+                "layer {l}: mean {stored_mean} vs {mean}"
+            );
+            assert!(
+                (stored_std - std).abs() <= BASELINE_TOLERANCE * (1.0 + std),
+                "layer {l}: std {stored_std} vs {std}"
+            );
+        }
+    }
     // Every direction is orthogonal to the attention sink: the mean residual
     // stream at position 0 over the pairs' distinct first tokens.
     let original = ModelImage::open(&fixture.image).unwrap();
@@ -568,6 +607,8 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "baseline",
         "--sink",
         "keep",
+        "--loop-signal",
+        "mean-lean",
         "--json",
     ]);
     assert_eq!(report["direction"], "mean-difference");
@@ -577,6 +618,9 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::MeanDifference);
     assert!(section.centred);
+    // The mean lean reads against the pairs' own sentences: both of each of the 4.
+    assert_eq!(section.signal, bramble_runtime::bias::LoopSignal::MeanLean);
+    assert_eq!((report["loop_signal"].as_str(), report["baseline_responses"].as_u64()), (Some("mean-lean"), Some(8)));
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.

@@ -1210,7 +1210,7 @@ mod bias {
             .collect();
             std::fs::write(&pairs, lines.join("\n") + "\n").unwrap();
             let text = dir.join(format!("bias-text-{id}.txt"));
-            std::fs::write(&text, "The cat sat on the mat and looked at the dog. ".repeat(20)).unwrap();
+            std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
             let output = dir.join(format!("synthetic-bias-{id}.bramble"));
             let report = bramble_json(&[
                 "bias-calibrate".as_ref(),

@@ -10,7 +10,7 @@
 //! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
 
 use anyhow::{bail, ensure, Context, Result};
-use bramble_runtime::bias::DirectionKind;
+use bramble_runtime::bias::{DirectionKind, LoopSignal};
 use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -670,9 +670,17 @@ pub struct BiasCalibrateOptions {
     pub weights: Vec<f32>,
     /// How the directions are found.
     pub direction: DirectionKind,
-    /// Pairs whose sentences (both of each) give the neutral baseline of the
-    /// projections (the first ones; 0: all the direction pairs).
+    /// Pairs whose sentences (both of each) give the spread the layers'
+    /// separations are measured in, and with [`LoopSignal::MeanLean`] the
+    /// stored baseline (the first ones; 0: all the direction pairs).
     pub baseline_pairs: usize,
+    /// How the feedback loop reads a response. [`LoopSignal::Spread`] (the
+    /// default): the stored baseline is neutral text, pieces of the text.
+    pub loop_signal: LoopSignal,
+    /// With [`LoopSignal::Spread`]: the text's pieces (runs of lines of at
+    /// least [`PIECE_TOKENS`] tokens, the first ones) the baseline and the
+    /// loop's target are measured on.
+    pub baseline_pieces: usize,
     /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
     pub centred: bool,
     /// Keep the directions' component along the attention sink (the first
@@ -692,6 +700,8 @@ impl Default for BiasCalibrateOptions {
             weights: vec![0.5, 1.0],
             direction: DirectionKind::PrincipalComponent,
             baseline_pairs: 100,
+            loop_signal: LoopSignal::Spread,
+            baseline_pieces: 200,
             centred: false,
             keep_sink: false,
         }
@@ -734,11 +744,16 @@ pub struct BiasCalibrateReport {
     pub explained: Vec<f32>,
     /// Whether the constraint moves `h · d_l` toward the baseline mean (else toward 0).
     pub centred: bool,
+    /// How the loop reads a response (`spread` or `mean-lean`).
+    pub loop_signal: &'static str,
+    /// The responses the baseline and the loop's target were measured on:
+    /// the text's pieces (`spread`) or the pairs' sentences (`mean-lean`).
+    pub baseline_responses: usize,
     /// Per layer: the cosine between the raw direction and the attention
     /// sink's residual stream, removed from it (all 0 with `--sink keep`).
     pub sink_cosine: Vec<f32>,
     /// The feedback loop's target: the [`LOOP_TARGET_QUANTILE`] quantile of
-    /// the baseline sentences' signals under the chosen weights.
+    /// the baseline responses' signals under the chosen weights.
     pub loop_target: f32,
     /// Its hard limit: [`HARD_LIMIT_FACTOR`] times the largest of those signals.
     pub loop_hard_limit: f32,
@@ -906,6 +921,26 @@ pub fn principal_direction(rows: &[f32], dim: usize) -> (Vec<f64>, f64) {
 pub const LOOP_TARGET_QUANTILE: f64 = 0.9;
 /// The hard limit (regeneration) is this many times the largest neutral signal.
 pub const HARD_LIMIT_FACTOR: f32 = 1.5;
+/// The neutral text's pieces (the loop's baseline responses) are windows of
+/// this many tokens: about a sentence pair's length.
+pub const PIECE_TOKENS: usize = 24;
+/// Fewest pieces a 90th percentile is taken over.
+pub const MIN_PIECES: usize = 10;
+
+/// Up to `count` pieces of the text's tokens (`tokens`, without BOS):
+/// windows of [`PIECE_TOKENS`] spread evenly over it, each read as a
+/// sentence (`bos` first when the model adds one), so the baseline is not
+/// just the text's opening.
+pub fn text_pieces(tokens: &[u32], bos: Option<u32>, count: usize) -> Vec<Vec<u32>> {
+    let windows = tokens.len() / PIECE_TOKENS;
+    let stride = (windows / count.max(1)).max(1);
+    tokens
+        .chunks_exact(PIECE_TOKENS)
+        .step_by(stride)
+        .take(count)
+        .map(|window| bos.into_iter().chain(window.iter().copied()).collect())
+        .collect()
+}
 
 /// `bramble bias-calibrate`: per layer a unit bias direction `d_l` after
 /// layer `l` (`principal`: the top principal component of the token-level
@@ -1055,13 +1090,12 @@ pub fn bias_calibrate(
         }
     }
 
-    // The neutral baseline of h · d_l: both sentences of the first pairs,
-    // the two sides of each pair in equal measure.
-    let (text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
-    let text_tokens = &text_tokens[..text_tokens.len().min(options.text_tokens)];
+    let (all_text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
+    let text_tokens = &all_text_tokens[..all_text_tokens.len().min(options.text_tokens)];
     ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
     let mut constraint = BiasConstraint {
         kind: options.direction,
+        signal: options.loop_signal,
         centred: options.centred,
         layers,
         dim,
@@ -1077,19 +1111,51 @@ pub fn bias_calibrate(
     let baseline_pairs = if options.baseline_pairs == 0 { direction_pairs } else { options.baseline_pairs };
     let baseline_sentences: Vec<Vec<u32>> =
         pairs.iter().take(baseline_pairs).filter_map(|(_, pair)| usable(pair)).flat_map(|(s, a)| [s, a]).collect();
-    for sentence in &baseline_sentences {
-        forward_sentence(&model, &mut state, sentence)?;
+    // Per layer, the mean and spread of h · d_l over every token of `responses`.
+    let mut token_statistics = |responses: &[Vec<u32>]| -> Result<Vec<(f32, f32)>> {
+        state.reset_projections();
+        for response in responses {
+            forward_sentence(&model, &mut state, response)?;
+        }
+        let stats = state.projections();
+        ensure!(stats.tokens > 1, "no baseline sentence fits the context of {} tokens", options.ctx);
+        Ok((0..layers)
+            .map(|l| {
+                let mean = stats.mean(l);
+                let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
+                (mean as f32, (variance.sqrt() as f32).max(1e-6))
+            })
+            .collect())
+    };
+    // The pairs' own sentences, the two sides of each in equal measure: the
+    // spread each layer's separation is measured in.
+    let pair_statistics = token_statistics(&baseline_sentences)?;
+    // The loop's neutral baseline. `Spread` reads a response's departure
+    // either way from neutral text: pieces of the text. (`MeanLean`, signed
+    // or not, needs sentences like the pairs', or every gendered sentence
+    // reads as a lean.)
+    let baseline_responses = match options.loop_signal {
+        LoopSignal::Spread => {
+            let body = all_text_tokens.strip_prefix(bos.as_slice()).unwrap_or(&all_text_tokens);
+            let pieces = text_pieces(body, bos, options.baseline_pieces);
+            ensure!(
+                pieces.len() >= MIN_PIECES,
+                "the text has {} pieces of {PIECE_TOKENS} tokens; the loop's baseline needs {MIN_PIECES}",
+                pieces.len()
+            );
+            pieces
+        }
+        LoopSignal::MeanLean => baseline_sentences,
+    };
+    let loop_statistics = match options.loop_signal {
+        LoopSignal::Spread => token_statistics(&baseline_responses)?,
+        LoopSignal::MeanLean => pair_statistics.clone(),
+    };
+    for (l, (mean, std)) in loop_statistics.into_iter().enumerate() {
+        constraint.baseline_mean[l] = mean;
+        constraint.baseline_std[l] = std;
     }
-    let stats = state.projections();
-    ensure!(stats.tokens > 1, "no baseline pair fits the context of {} tokens", options.ctx);
-    for l in 0..layers {
-        let mean = stats.mean(l);
-        let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
-        constraint.baseline_mean[l] = mean as f32;
-        constraint.baseline_std[l] = (variance.sqrt() as f32).max(1e-6);
-    }
-    let separation: Vec<f32> =
-        (0..layers).map(|l| (raw_separation[l] / constraint.baseline_std[l] as f64) as f32).collect();
+    let separation: Vec<f32> = (0..layers).map(|l| (raw_separation[l] / pair_statistics[l].1 as f64) as f32).collect();
 
     // Candidates: none, then each weight on all layers and on the most separating quarter.
     let mut top: Vec<usize> = (0..layers).collect();
@@ -1132,13 +1198,13 @@ pub fn bias_calibrate(
         .unwrap_or(0);
     constraint.weights.clone_from(&plans[chosen].2);
 
-    // The loop's target: how far neutral sentences (the baseline's own)
-    // lean under the chosen weights, each read as one response.
+    // The loop's target: the baseline responses' signals under the chosen
+    // weights, each read as one response.
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.new_state(options.ctx, 64);
     let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&constraint);
-    let mut signals = Vec::with_capacity(baseline_sentences.len());
-    for sentence in &baseline_sentences {
+    let mut signals = Vec::with_capacity(baseline_responses.len());
+    for sentence in &baseline_responses {
         state.reset_projections();
         forward_sentence(&model, &mut state, sentence)?;
         signals.push(feedback.signal(state.projections(), &constraint));
@@ -1151,6 +1217,8 @@ pub fn bias_calibrate(
     Ok(BiasCalibrateReport {
         direction: options.direction.name(),
         centred: options.centred,
+        loop_signal: options.loop_signal.name(),
+        baseline_responses: baseline_responses.len(),
         sink_cosine,
         loop_target: constraint.loop_target,
         loop_hard_limit: constraint.loop_hard_limit,

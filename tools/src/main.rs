@@ -445,9 +445,20 @@ struct BiasCalibrateArgs {
     /// sentences' mean hidden states.
     #[arg(long, value_parser = ["principal", "mean-difference"], default_value = "principal")]
     direction: String,
-    /// Pairs whose two sentences give the neutral baseline of the projections (0: the direction pairs).
+    /// Pairs whose two sentences give the spread the layers' separations are
+    /// measured in, and with `--loop-signal mean-lean` the loop's baseline (0: the direction pairs).
     #[arg(long, default_value_t = 100)]
     baseline_pairs: usize,
+    /// How the feedback loop reads a response: `spread`, the root mean square
+    /// departure of each token's projection from neutral text (pieces of
+    /// TXT); `mean-lean`, how far the response's mean projection leans from
+    /// the pairs' own sentences (the calibrations before version 2 sections).
+    #[arg(long, value_parser = ["spread", "mean-lean"], default_value = "spread")]
+    loop_signal: String,
+    /// With `--loop-signal spread`: pieces of TXT (runs of lines of at least
+    /// 24 tokens) the baseline and the loop's target are measured on.
+    #[arg(long, default_value_t = 200)]
+    baseline_pieces: usize,
     /// Where the constraint moves each projection `h · d_l`: `zero`, 0
     /// (`h ← h − w (h·d) d`); `baseline`, its neutral mean (`h ← h − w (h·d −
     /// mean) d`), which leaves a token at the baseline alone.
@@ -1140,6 +1151,12 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
             bramble_runtime::bias::DirectionKind::MeanDifference
         },
         baseline_pairs: args.baseline_pairs,
+        loop_signal: if args.loop_signal == "spread" {
+            bramble_runtime::bias::LoopSignal::Spread
+        } else {
+            bramble_runtime::bias::LoopSignal::MeanLean
+        },
+        baseline_pieces: args.baseline_pieces,
         centred: args.centre == "baseline",
         keep_sink: args.sink == "keep",
         ..BiasCalibrateOptions::default()
@@ -1172,9 +1189,11 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
         );
     }
     outln!(
-        "feedback loop: target signal {:.3}, hard limit {:.3} (from the baseline sentences)",
+        "feedback loop ({}): target signal {:.3}, hard limit {:.3} (from {} baseline responses)",
+        report.loop_signal,
         report.loop_target,
-        report.loop_hard_limit
+        report.loop_hard_limit,
+        report.baseline_responses
     );
     outln!(
         "wrote {}: {} directions from {} pairs ({} token differences), {:.0} s",
