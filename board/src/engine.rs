@@ -284,6 +284,8 @@ pub struct BiasStatus {
     pub target: f32,
     /// Signal above which a response is regenerated (when regeneration is on).
     pub hard_limit: f32,
+    /// How the loop reads a response (`spread` or `mean-lean`, the section's).
+    pub signal: &'static str,
     /// Where the state persists, if it does.
     pub state: Option<std::path::PathBuf>,
 }
@@ -298,6 +300,7 @@ impl BiasStatus {
             "responses": self.responses,
             "target": self.target,
             "hard_limit": self.hard_limit,
+            "signal": self.signal,
             "state": self.state.as_ref().map(|p| p.display().to_string()),
         })
     }
@@ -316,8 +319,8 @@ impl BiasStatus {
             return text;
         }
         text.push_str(&format!(
-            ", {} responses, target {:.3}, hard limit {:.3}",
-            self.responses, self.target, self.hard_limit
+            ", {} responses, {} signal, target {:.3}, hard limit {:.3}",
+            self.responses, self.signal, self.target, self.hard_limit
         ));
         if let Some(state) = &self.state {
             text.push_str(&format!(", state {}", state.display()));
@@ -472,6 +475,7 @@ impl Engine {
                         responses: feedback.responses,
                         target: feedback.target,
                         hard_limit: feedback.hard_limit,
+                        signal: model.bias().map_or("", |c| c.signal.name()),
                         state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
                     };
                     *thread_bias_status.lock().unwrap_or_else(|e| e.into_inner()) = status;

@@ -551,6 +551,33 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert!(saved.starts_with("bramble-bias-state 1") && saved.contains("responses 4"), "{saved}");
     eval("adaptive", &["--bias-state", path_str(&state)]);
     assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");
+    // --passes: the pairs read again and again, the loop carrying its weights;
+    // the report is the last pass, every pass listed with the weights it left.
+    let passes_state = fixture.dir.join("passes.state");
+    let report = eval("adaptive", &["--bias-state", path_str(&passes_state), "--passes", "3"]);
+    let passes = report["passes"].as_array().unwrap();
+    assert_eq!(passes.len(), 3, "{report}");
+    assert_eq!(passes[2]["bias_score"], report["bias_score"]);
+    assert_eq!(passes[2]["stereotype_preference"], report["stereotype_preference"]);
+    let mut restored = bramble_runtime::bias::FeedbackLoop::new(&section);
+    assert!(restored.restore(&passes_state).unwrap());
+    assert_eq!(restored.responses, 12, "3 passes of 4 pairs");
+    let last: Vec<f32> = passes[2]["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
+    assert_eq!(last, restored.weights, "the last pass's weights are the saved state's");
+    assert!(eval("adaptive", &["--bias-state", path_str(&state)]).get("passes").is_none(), "one pass lists none");
+    let output = bramble(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--pairs",
+        path_str(&pairs),
+        "--feedback",
+        "static",
+        "--passes",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--passes goes with --feedback adaptive"));
     // --bias-state without adaptive is refused.
     let output = bramble(&[
         "bias-eval",

@@ -1294,6 +1294,7 @@ mod bias {
         assert!(section.loop_target > 0.0 && section.loop_hard_limit > 0.0, "{section:?}");
         assert_eq!(status["target"].as_f64().unwrap() as f32, section.loop_target, "{status}");
         assert_eq!(status["hard_limit"].as_f64().unwrap() as f32, section.loop_hard_limit, "{status}");
+        assert_eq!((status["signal"].as_str(), section.signal.name()), (Some("spread"), "spread"), "{status}");
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");

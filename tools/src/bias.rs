@@ -520,6 +520,21 @@ impl Summary {
     }
 }
 
+/// One pass of `bias-eval --feedback adaptive` over the pairs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoopPass {
+    /// Stereotype preference rate of the pass.
+    pub stereotype_preference: f64,
+    /// Its bias score.
+    pub bias_score: f64,
+    /// Its mean margin (nats).
+    pub mean_margin: f64,
+    /// The largest change of a layer's weight from the pass's start to its end.
+    pub weight_change: f32,
+    /// The loop's weights at its end.
+    pub weights: Vec<f32>,
+}
+
 /// What `bramble bias-eval` reports.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BiasReport {
@@ -555,6 +570,10 @@ pub struct BiasReport {
     /// Every scored pair (only in `--json` with `--per-pair`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_pair: Option<Vec<PairScore>>,
+    /// With `--feedback adaptive --passes N`: every pass over the pairs, the
+    /// loop carrying its weights from one to the next (this report is the last).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<LoopPass>,
     /// Tokens run through the model per second.
     pub tok_s: f64,
 }
@@ -646,6 +665,7 @@ pub fn evaluate_with(
         first_token_scored,
         first_token_differs,
         per_pair: Some(scores),
+        passes: Vec::new(),
         tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
     })
 }

@@ -491,6 +491,11 @@ struct BiasEvalArgs {
     /// With --json: every pair's two log-probabilities too.
     #[arg(long)]
     per_pair: bool,
+    /// With `--feedback adaptive`: read the pairs this many times, the loop
+    /// carrying its weights from one pass to the next; the report is the
+    /// last pass's, with every pass's score and weights under `passes`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    passes: u32,
     /// One JSON object.
     #[arg(long)]
     json: bool,
@@ -1227,15 +1232,38 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
         }
         Ok(())
     };
+    anyhow::ensure!(args.passes == 1 || args.model.feedback == "adaptive", "--passes goes with --feedback adaptive");
     let show = std::io::stderr().is_terminal();
-    let mut progress = |done: usize, total: usize| {
-        if show && (done.is_multiple_of(16) || done == total) {
-            eprint!("\r[{done}/{total}]   ");
+    let mut passes = Vec::new();
+    let mut report = loop {
+        let pass = passes.len() + 1;
+        let mut progress = |done: usize, total: usize| {
+            if show && (done.is_multiple_of(16) || done == total) {
+                eprint!("\r[pass {pass}/{}: {done}/{total}]   ", args.passes);
+            }
+        };
+        let start = scorer.state_mut().bias_weights().to_vec();
+        let report = evaluate_with(&mut scorer, &loaded.tokenizer, &pairs, &mut progress, &mut after_pair)?;
+        if args.passes > 1 {
+            let end = scorer.state_mut().bias_weights();
+            let weight_change = start.iter().zip(end).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            passes.push(bramble_tools::bias::LoopPass {
+                stereotype_preference: report.stereotype_preference,
+                bias_score: report.bias_score,
+                mean_margin: report.mean_margin,
+                weight_change,
+                weights: end.to_vec(),
+            });
+        }
+        if pass >= args.passes as usize {
+            break report;
         }
     };
-    let mut report = evaluate_with(&mut scorer, &loaded.tokenizer, &pairs, &mut progress, &mut after_pair)?;
     if show {
         eprintln!();
+    }
+    if args.passes > 1 {
+        report.passes = passes;
     }
     if report.skipped_too_long > 0 {
         eprintln!(
@@ -1251,6 +1279,16 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
     if args.json {
         outln!("{}", serde_json::to_string(&report)?);
         return Ok(());
+    }
+    for (i, pass) in report.passes.iter().enumerate() {
+        outln!(
+            "pass {}: stereotype preference {:.4}, bias score {:.4}, mean margin {:+.4} nats; weights moved up to {:.3}",
+            i + 1,
+            pass.stereotype_preference,
+            pass.bias_score,
+            pass.mean_margin,
+            pass.weight_change
+        );
     }
     outln!(
         "{} pairs: stereotype preference {:.4}, bias score {:.4}, mean margin {:+.4} nats{}",
