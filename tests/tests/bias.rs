@@ -529,6 +529,25 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         "--per-pair",
     ]);
     assert_ne!(strong_eval["per_pair"], plain["per_pair"], "the constraint changes the scores");
+    // --bias-weights: the same weights given on the command line score the same;
+    // one a layer is the same as one for all.
+    let layers = section.layers;
+    let ones = vec!["1"; layers].join(",");
+    let too_many = vec!["0.5"; layers + 1].join(",");
+    assert_eq!(eval("static", &["--bias-weights", "1"])["per_pair"], strong_eval["per_pair"]);
+    assert_eq!(eval("static", &["--bias-weights", &ones])["per_pair"], strong_eval["per_pair"]);
+    assert_eq!(eval("static", &["--bias-weights", "0"])["per_pair"], plain["per_pair"], "weight 0 is no constraint");
+    for (extra, complaint) in [
+        (vec!["--feedback", "static", "--bias-weights", "1.5"], "outside [0, 1]"),
+        (vec!["--feedback", "static", "--bias-weights", &too_many], "one for every layer"),
+        (vec!["--feedback", "adaptive", "--bias-weights", "0.5"], "--bias-weights goes with --feedback static"),
+    ] {
+        let mut args = vec!["bias-eval", "--model", path_str(&calibrated), "--pairs", path_str(&pairs)];
+        args.extend_from_slice(&extra);
+        let output = bramble(&args);
+        assert_eq!(output.status.code(), Some(1), "{extra:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains(complaint), "{extra:?}: {output:?}");
+    }
     // perplexity under adaptive uses the loop's current weights: a state at
     // weight 1 everywhere measures as the static image at weight 1.
     let raised = fixture.dir.join("raised.state");

@@ -245,6 +245,11 @@ struct ModelArgs {
     /// signals), restored at start and saved atomically after each response.
     #[arg(long)]
     bias_state: Option<PathBuf>,
+    /// With `--feedback static`: these constraint weights instead of the
+    /// image's predefined ones, one for every layer or one a layer
+    /// (comma-separated, each in [0, 1]); to see what other weights would do.
+    #[arg(long, value_delimiter = ',', value_name = "W")]
+    bias_weights: Option<Vec<f32>>,
 }
 
 #[derive(Args, Clone)]
@@ -868,6 +873,22 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
             args.feedback,
             args.model.display()
         );
+    }
+    if let Some(weights) = &args.bias_weights {
+        anyhow::ensure!(args.feedback == "static", "--bias-weights goes with --feedback static");
+        let mut constraint = model.bias().expect("static feedback loaded the bias section").clone();
+        let layers = constraint.layers;
+        anyhow::ensure!(
+            weights.len() == 1 || weights.len() == layers,
+            "--bias-weights: {} values; give one for every layer or one for each of the {layers} layers",
+            weights.len()
+        );
+        anyhow::ensure!(
+            weights.iter().all(|w| (0.0..=1.0).contains(w)),
+            "--bias-weights: {weights:?} has a value outside [0, 1]"
+        );
+        constraint.weights = if weights.len() == 1 { vec![weights[0]; layers] } else { weights.clone() };
+        model.set_bias(Some(constraint))?;
     }
     Ok(model)
 }
