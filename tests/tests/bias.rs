@@ -878,3 +878,58 @@ fn bias_data_converts_stereoset() {
     assert_eq!(output.status.code(), Some(1));
     assert!(!missing.exists());
 }
+
+/// `scripts/bias-compare.py`: the paired flips, McNemar's exact p and the
+/// bias score's change between two `--per-pair` runs, on runs made up here.
+#[test]
+fn bias_compare_counts_flips_and_tests_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten pairs: before, the stereotyped sentence wins pairs 0–6 (SPR 0.7,
+    // bias score 0.4); after, pairs 5 and 6 flip to the other and pair 9 ties.
+    let run = |stereo_wins: &[usize], ties: &[usize]| {
+        let per_pair: Vec<Value> = (0..10)
+            .map(|i| {
+                let anti = if ties.contains(&i) {
+                    -5.0
+                } else if stereo_wins.contains(&i) {
+                    -6.0
+                } else {
+                    -4.0
+                };
+                serde_json::json!({"category": "gender", "stereo": -5.0, "anti": anti,
+                                   "stereo_unchanged": 0.0, "anti_unchanged": 0.0})
+            })
+            .collect();
+        serde_json::json!({ "per_pair": per_pair })
+    };
+    let before = dir.path().join("before.json");
+    let after = dir.path().join("after.json");
+    std::fs::write(&before, run(&[0, 1, 2, 3, 4, 5, 6], &[]).to_string()).unwrap();
+    std::fs::write(&after, run(&[0, 1, 2, 3, 4], &[9]).to_string()).unwrap();
+    let output = std::process::Command::new("python3")
+        .arg(workspace_root().join("scripts/bias-compare.py"))
+        .args([&before, &after])
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["pairs"], 10);
+    assert!((result["before"]["bias_score"].as_f64().unwrap() - 0.4).abs() < 1e-12, "{result}");
+    assert!(result["after"]["bias_score"].as_f64().unwrap().abs() < 1e-12, "{result}");
+    assert_eq!((result["flips_to_stereo"].as_u64(), result["flips_to_anti"].as_u64()), (Some(0), Some(2)));
+    // Two discordant pairs, both one way: p = 2 · (1/2)² = 0.5.
+    assert!((result["mcnemar_p"].as_f64().unwrap() - 0.5).abs() < 1e-12, "{result}");
+    assert!((result["change"].as_f64().unwrap() + 1.0).abs() < 1e-12, "{result}");
+    let interval = result["after"]["interval"].as_array().unwrap();
+    assert!(interval[0].as_f64().unwrap() <= interval[1].as_f64().unwrap(), "{result}");
+    // Runs over different pairs are refused.
+    std::fs::write(&after, serde_json::json!({"per_pair": []}).to_string()).unwrap();
+    let output = std::process::Command::new("python3")
+        .arg(workspace_root().join("scripts/bias-compare.py"))
+        .args([&before, &after])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must score the same pairs"), "{output:?}");
+}
