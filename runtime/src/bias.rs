@@ -8,9 +8,9 @@
 //! the hidden state's component along the direction,
 //! `h ← h − w_l · (h · d_l) · d_l`, and records the projection `h · d_l`
 //! (before the removal) for the feedback loop. The neutral baseline of each
-//! projection (its mean and standard deviation over the calibration pairs'
-//! own sentences, both sides of each) is stored with the directions, so a
-//! response's bias signal can be measured against it. Byte layout in `models/FORMAT.md` (section `bias`).
+//! projection (its mean and standard deviation over neutral text, or in
+//! older sections over the calibration pairs' own sentences) is stored with
+//! the directions, so a response's bias signal can be measured against it. Byte layout in `models/FORMAT.md` (section `bias`).
 
 use crate::error::{Error, Result};
 
@@ -68,8 +68,9 @@ pub enum LoopSignal {
     /// `(mean of p over the response − mean_l) / std_l`, its absolute value
     /// for a principal direction: how far the response's average ran along
     /// the direction. Averaging dilutes the few gendered tokens of a
-    /// response, so it hardly tells gendered sentences from others (version
-    /// 1 sections, whose baseline was the calibration pairs' own sentences).
+    /// response, so it hardly tells gendered sentences from others. Every
+    /// version 1 section reads this way, against the calibration pairs' own
+    /// sentences (`bias-calibrate --loop-signal mean-lean` still writes it).
     #[default]
     MeanLean,
     /// `sqrt(mean of (p − mean_l)² over the response) / std_l`: the root mean
@@ -320,10 +321,10 @@ impl ProjectionStats {
 /// constraint weights adjusted from it.
 ///
 /// - Per layer, `z_l` as the section's [`LoopSignal`] says: with `Spread`
-///   (sections of version 2) the root mean square of
+///   (the default since section version 2) the root mean square of
 ///   `(h · d_l − baseline mean) / baseline std` over the response's tokens,
 ///   how far it departed from neutral text either way; with `MeanLean`
-///   (version 1) `(mean of h · d_l − baseline mean) / baseline std`, how far
+///   (every version 1 section) `(mean of h · d_l − baseline mean) / baseline std`, how far
 ///   toward the stereotyped side its average ran (`|z_l|` for a
 ///   [`DirectionKind::PrincipalComponent`] direction, whose sign means nothing).
 /// - The response's **signal** is the mean of `z_l` over the layers.
@@ -715,11 +716,11 @@ mod tests {
         let neutral = record(&[&[1.1, -0.9], &[-2.2, 1.8], &[0.8, -0.2]]);
         let mut feedback = FeedbackLoop::new(&c);
         assert!((feedback.signal(&neutral, &c) - 1.0).abs() < 1e-5);
-        // The same departures on one side only: the mean lean would be 1 too, the spread is still 1.
+        // The same departures, all on one side: still 1 (the mean lean would read 1 here and 0 above).
         let one_side = record(&[&[1.1, 1.1], &[1.8, 1.8], &[0.8, 0.8]]);
         assert!((feedback.signal(&one_side, &c) - 1.0).abs() < 1e-5);
         // One token 4 deviations out on layer 0 among three at the mean:
-        // layer 0 reads sqrt(16 / 4) = 2, the others 0; the mean lean would have cancelled it with a −4.
+        // layer 0 reads sqrt(16 / 4) = 2, the others 0.
         let spike = record(&[&[4.1, 0.1, 0.1, 0.1], &[-0.2; 4], &[0.3; 4]]);
         assert!((feedback.signal(&spike, &c) - 2.0 / 3.0).abs() < 1e-5);
         let spike_down = record(&[&[-3.9, 0.1, 0.1, 0.1], &[-0.2; 4], &[0.3; 4]]);

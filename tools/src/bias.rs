@@ -697,8 +697,8 @@ pub struct BiasCalibrateOptions {
     /// How the feedback loop reads a response. [`LoopSignal::Spread`] (the
     /// default): the stored baseline is neutral text, pieces of the text.
     pub loop_signal: LoopSignal,
-    /// With [`LoopSignal::Spread`]: the text's pieces (runs of lines of at
-    /// least [`PIECE_TOKENS`] tokens, the first ones) the baseline and the
+    /// With [`LoopSignal::Spread`]: how many pieces of the text (windows of
+    /// [`PIECE_TOKENS`] tokens spread evenly over it) the baseline and the
     /// loop's target are measured on.
     pub baseline_pieces: usize,
     /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
@@ -966,8 +966,10 @@ pub fn text_pieces(tokens: &[u32], bos: Option<u32>, count: usize) -> Vec<Vec<u3
 /// layer `l` (`principal`: the top principal component of the token-level
 /// stereo − anti differences at and just after the swapped words;
 /// `mean-difference`: the normalized mean of stereo − anti of each
-/// sentence's mean residual stream); the neutral baseline of `h · d_l` on
-/// both sentences of the first pairs; and the predefined weights: among the
+/// sentence's mean residual stream); the neutral baseline of `h · d_l`
+/// (windows of `text` for [`LoopSignal::Spread`], both sentences of the
+/// first pairs for [`LoopSignal::MeanLean`]); the loop's target and hard
+/// limit from the same responses; and the predefined weights: among the
 /// candidates, the one with the lowest bias score on evaluation pairs spread
 /// over the file whose perplexity on `text` stays within the budget (none:
 /// all zero). Writes `input` plus a `bias` section

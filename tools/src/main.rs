@@ -460,8 +460,8 @@ struct BiasCalibrateArgs {
     /// the pairs' own sentences (the calibrations before version 2 sections).
     #[arg(long, value_parser = ["spread", "mean-lean"], default_value = "spread")]
     loop_signal: String,
-    /// With `--loop-signal spread`: pieces of TXT (runs of lines of at least
-    /// 24 tokens) the baseline and the loop's target are measured on.
+    /// With `--loop-signal spread`: how many pieces of TXT (windows of 24
+    /// tokens spread evenly over it) the baseline and the loop's target are measured on.
     #[arg(long, default_value_t = 200)]
     baseline_pieces: usize,
     /// Where the constraint moves each projection `h · d_l`: `zero`, 0
