@@ -116,6 +116,11 @@ pub struct BiasConstraint {
     /// Whether the constraint moves `h · d_l` toward the baseline mean
     /// (`h ← h − w_l (h · d_l − mean_l) d_l`) rather than toward 0.
     pub centred: bool,
+    /// When set, the constraint moves `h · d_l` toward this value instead
+    /// (version 2 sections, centre word 2): the midpoint of the two sides of
+    /// the calibration pairs at the swapped word, where erasing the
+    /// direction leaves a token between the two genders, not at 0.
+    pub midpoint: Option<Vec<f32>>,
     /// Layers.
     pub layers: usize,
     /// Width of the residual stream.
@@ -146,9 +151,12 @@ impl BiasConstraint {
         &self.directions[l * self.dim..(l + 1) * self.dim]
     }
 
-    /// The value layer `l`'s constraint moves `h · d_l` toward: the baseline mean when centred, else 0.
+    /// The value layer `l`'s constraint moves `h · d_l` toward: the midpoint
+    /// when there is one, the baseline mean when centred, else 0.
     pub fn centre(&self, l: usize) -> f32 {
-        if self.centred {
+        if let Some(midpoint) = &self.midpoint {
+            midpoint[l]
+        } else if self.centred {
             self.baseline_mean[l]
         } else {
             0.0
@@ -166,8 +174,14 @@ impl BiasConstraint {
             || self.weights.len() != layers
             || self.baseline_mean.len() != layers
             || self.baseline_std.len() != layers
+            || self.midpoint.as_ref().is_some_and(|m| m.len() != layers)
         {
             return bad(format!("arrays do not match {layers} layers of width {dim}"));
+        }
+        if let Some(midpoint) = &self.midpoint {
+            if self.centred || !midpoint.iter().all(|v| v.is_finite()) {
+                return bad("a midpoint must be finite and excludes the baseline centre".into());
+            }
         }
         for (name, value) in [("loop target", self.loop_target), ("loop hard limit", self.loop_hard_limit)] {
             if !value.is_finite() || value < 0.0 {
@@ -222,14 +236,16 @@ impl BiasConstraint {
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
         let kind = DirectionKind::from_code(u32_at(16))
             .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
-        let centred = match u32_at(20) {
-            0 => false,
-            1 => true,
-            other => return Err(corrupt(format!("centre flag {other} is neither 0 nor 1"))),
+        let (centred, has_midpoint) = match u32_at(20) {
+            0 => (false, false),
+            1 => (true, false),
+            2 if header_bytes == HEADER_BYTES => (false, true),
+            other => return Err(corrupt(format!("centre flag {other} is neither 0, 1 nor 2 (version 2)"))),
         };
+        let per_layer = if has_midpoint { 4 } else { 3 };
         let values = layers
             .checked_mul(dim)
-            .and_then(|n| n.checked_add(3 * layers))
+            .and_then(|n| n.checked_add(per_layer * layers))
             .ok_or_else(|| corrupt(format!("{layers} × {dim} overflows")))?;
         let expected = values.checked_mul(4).and_then(|n| n.checked_add(header_bytes));
         if expected != Some(bytes.len()) {
@@ -253,7 +269,8 @@ impl BiasConstraint {
             directions: directions.to_vec(),
             weights: rest[..layers].to_vec(),
             baseline_mean: rest[layers..2 * layers].to_vec(),
-            baseline_std: rest[2 * layers..].to_vec(),
+            baseline_std: rest[2 * layers..3 * layers].to_vec(),
+            midpoint: has_midpoint.then(|| rest[3 * layers..].to_vec()),
             loop_target: f32::from_bits(u32_at(24)),
             loop_hard_limit: f32::from_bits(u32_at(28)),
         };
@@ -265,7 +282,15 @@ impl BiasConstraint {
     pub fn to_section(&self) -> Result<Vec<u8>> {
         self.check().map_err(|e| Error::invalid(e.message().to_string()))?;
         let mut payload = Vec::with_capacity(4 * (self.directions.len() + 3 * self.layers));
-        for v in self.directions.iter().chain(&self.weights).chain(&self.baseline_mean).chain(&self.baseline_std) {
+        let midpoint = self.midpoint.as_deref().unwrap_or(&[]);
+        for v in self
+            .directions
+            .iter()
+            .chain(&self.weights)
+            .chain(&self.baseline_mean)
+            .chain(&self.baseline_std)
+            .chain(midpoint)
+        {
             payload.extend_from_slice(&v.to_le_bytes());
         }
         let mut out = vec![0u8; HEADER_BYTES];
@@ -274,7 +299,8 @@ impl BiasConstraint {
         out[8..12].copy_from_slice(&(self.dim as u32).to_le_bytes());
         out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
-        out[20..24].copy_from_slice(&u32::from(self.centred).to_le_bytes());
+        let centre_word = if self.midpoint.is_some() { 2 } else { u32::from(self.centred) };
+        out[20..24].copy_from_slice(&centre_word.to_le_bytes());
         out[24..28].copy_from_slice(&self.loop_target.to_le_bytes());
         out[28..32].copy_from_slice(&self.loop_hard_limit.to_le_bytes());
         out[32..36].copy_from_slice(&self.signal.code().to_le_bytes());
@@ -559,6 +585,7 @@ mod tests {
             loop_target: 0.0,
             loop_hard_limit: 0.0,
             signal: LoopSignal::MeanLean,
+            midpoint: None,
         }
     }
 
@@ -669,9 +696,12 @@ mod tests {
         assert_eq!(BiasConstraint::from_section(&centred_bytes).unwrap(), centred);
         assert_eq!((centred.centre(2), c.centre(2)), (0.3, 0.0));
         let mut unknown = centred_bytes.clone();
+        unknown[20] = 3;
+        let error = BiasConstraint::from_section(&unknown).unwrap_err();
+        assert!(error.message().contains("centre flag 3"), "{error}");
         unknown[20] = 2;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
-        assert!(error.message().contains("centre flag 2"), "{error}");
+        assert!(error.message().contains("bytes"), "centre word 2 without its midpoints: {error}");
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
@@ -697,6 +727,22 @@ mod tests {
         let mut v1 = [&spread_bytes[..HEADER_BYTES_V1], &spread_bytes[HEADER_BYTES..]].concat();
         v1[0..4].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(BiasConstraint::from_section(&v1).unwrap(), c);
+        // A midpoint (centre word 2) round-trips, moves the centre, and a version 1 header cannot carry it.
+        let midpoint = BiasConstraint { midpoint: Some(vec![0.5, -1.5, 2.5]), ..spread.clone() };
+        let midpoint_bytes = midpoint.to_section().unwrap();
+        assert_eq!(u32::from_le_bytes(midpoint_bytes[20..24].try_into().unwrap()), 2);
+        assert_eq!(midpoint_bytes.len(), spread_bytes.len() + 3 * 4);
+        assert_eq!(BiasConstraint::from_section(&midpoint_bytes).unwrap(), midpoint);
+        assert_eq!((midpoint.centre(1), spread.centre(1)), (-1.5, 0.0));
+        let mut v1_midpoint = [&midpoint_bytes[..HEADER_BYTES_V1], &midpoint_bytes[HEADER_BYTES..]].concat();
+        v1_midpoint[0..4].copy_from_slice(&1u32.to_le_bytes());
+        let error = BiasConstraint::from_section(&v1_midpoint).unwrap_err();
+        assert!(error.message().contains("centre flag 2"), "{error}");
+        let mut short = midpoint.clone();
+        short.midpoint = Some(vec![0.5]);
+        assert!(short.to_section().unwrap_err().message().contains("arrays do not match"));
+        let both = BiasConstraint { centred: true, ..midpoint.clone() };
+        assert!(both.to_section().unwrap_err().message().contains("midpoint"));
         let mut future = bytes;
         future[0..4].copy_from_slice(&3u32.to_le_bytes());
         let error = BiasConstraint::from_section(&future).unwrap_err();

@@ -24,6 +24,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         loop_target: 0.0,
         loop_hard_limit: 0.0,
         signal: Default::default(),
+        midpoint: None,
     }
 }
 

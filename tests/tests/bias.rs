@@ -667,6 +667,85 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     // The mean lean reads against the pairs' own sentences: both of each of the 4.
     assert_eq!(section.signal, bramble_runtime::bias::LoopSignal::MeanLean);
     assert_eq!((report["loop_signal"].as_str(), report["baseline_responses"].as_u64()), (Some("mean-lean"), Some(8)));
+
+    // --centre midpoint: the constraint's centre is the mean of both sides'
+    // projections at the first swapped token, recomputed here without the constraint.
+    let midpoint_image = fixture.dir.join("midpoint.bramble");
+    let report = bramble_json(&[
+        "bias-calibrate",
+        "--model",
+        path_str(&fixture.image),
+        "--pairs",
+        path_str(&pairs),
+        "--text",
+        path_str(&text),
+        "--output",
+        path_str(&midpoint_image),
+        "--text-tokens",
+        "128",
+        "--weights",
+        "1",
+        "--centre",
+        "midpoint",
+        "--json",
+    ]);
+    let image = ModelImage::open(&midpoint_image).unwrap();
+    let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    let midpoint = section.midpoint.clone().expect("a midpoint section");
+    let reported: Vec<f32> =
+        report["midpoint"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    assert_eq!(midpoint, reported);
+    assert!(!section.centred);
+    {
+        let original = ModelImage::open(&fixture.image).unwrap();
+        let tokenizer = Tokenizer::new(original.vocab()).unwrap();
+        let model = Model::with_options(&original, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
+        let dim = section.dim;
+        let mut sums = vec![0f64; section.layers];
+        let mut count = 0;
+        let mut state = model.new_state(64, 64);
+        for (_, pair) in read_pairs(&pairs).unwrap() {
+            let (s, a) = (sentence_tokens(&tokenizer, &pair.stereo), sentence_tokens(&tokenizer, &pair.anti));
+            let first = (0..s.len().min(a.len())).find(|&i| s[i] != a[i]).unwrap();
+            for tokens in [&s, &a] {
+                let mut see = |layer: usize, site: bramble_runtime::model::Site, values: &[f32]| {
+                    if site == bramble_runtime::model::Site::Residual {
+                        let h = &values[first * dim..(first + 1) * dim];
+                        sums[layer] +=
+                            h.iter().zip(section.direction(layer)).map(|(x, d)| *x as f64 * *d as f64).sum::<f64>();
+                    }
+                };
+                model.forward_observed(&mut state, tokens, 0, Logits::All, Some(&mut see)).unwrap();
+            }
+            count += 2;
+        }
+        for l in 0..section.layers {
+            let expected = sums[l] / count as f64;
+            let scale = 1.0 + expected.abs();
+            assert!(
+                (midpoint[l] as f64 - expected).abs() <= BASELINE_TOLERANCE * scale,
+                "layer {l}: midpoint {} vs {expected}",
+                midpoint[l]
+            );
+        }
+    }
+    let output = bramble(&[
+        "bias-calibrate",
+        "--model",
+        path_str(&fixture.image),
+        "--pairs",
+        path_str(&pairs),
+        "--text",
+        path_str(&text),
+        "--output",
+        path_str(&fixture.dir.join("refused.bramble")),
+        "--direction",
+        "mean-difference",
+        "--centre",
+        "midpoint",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--centre midpoint needs --direction principal"));
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.

@@ -703,6 +703,9 @@ pub struct BiasCalibrateOptions {
     pub baseline_pieces: usize,
     /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
     pub centred: bool,
+    /// Move `h · d_l` toward the midpoint of the pairs' two sides at the
+    /// first swapped token instead (principal directions only).
+    pub midpoint: bool,
     /// Keep the directions' component along the attention sink (the first
     /// position's residual stream) instead of removing it.
     pub keep_sink: bool,
@@ -723,6 +726,7 @@ impl Default for BiasCalibrateOptions {
             loop_signal: LoopSignal::Spread,
             baseline_pieces: 200,
             centred: false,
+            midpoint: false,
             keep_sink: false,
         }
     }
@@ -764,6 +768,9 @@ pub struct BiasCalibrateReport {
     pub explained: Vec<f32>,
     /// Whether the constraint moves `h · d_l` toward the baseline mean (else toward 0).
     pub centred: bool,
+    /// Per layer, the value the constraint moves `h · d_l` toward, with `--centre midpoint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub midpoint: Option<Vec<f32>>,
     /// How the loop reads a response (`spread` or `mean-lean`).
     pub loop_signal: &'static str,
     /// The responses the baseline and the loop's target were measured on:
@@ -1024,6 +1031,12 @@ pub fn bias_calibrate(
     let mut explained = Vec::new();
     let mut used = 0;
     let mut difference_rows = 0;
+    ensure!(
+        !options.midpoint || options.direction == DirectionKind::PrincipalComponent,
+        "--centre midpoint needs --direction principal (the swapped tokens' hidden states)"
+    );
+    ensure!(!(options.midpoint && options.centred), "the constraint has one centre: midpoint or baseline");
+    let mut midpoint = options.midpoint.then(|| vec![0f32; layers]);
     // Normalizes d (orthogonal to the sink first, unless kept), stores it as d_l and returns it.
     let mut set_direction = |l: usize, d: &[f64]| -> Result<Vec<f64>> {
         let mut d = d.to_vec();
@@ -1075,6 +1088,9 @@ pub fn bias_calibrate(
             // where the swapped words are and just after them.
             let mut differences: Vec<Vec<f32>> = vec![Vec::new(); layers];
             let (mut stereo, mut anti) = (Vec::new(), Vec::new());
+            // Σ (h_stereo + h_anti) at the first swapped token, per layer: the midpoint's numerator.
+            let mut sides = vec![0f64; layers * dim];
+            let mut first_swaps = 0usize;
             for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
                 let Some((s, a)) = usable(pair) else { continue };
                 let positions = differing_positions(&s, &a);
@@ -1090,6 +1106,17 @@ pub fn bias_calibrate(
                         rows.extend(hs.iter().zip(ha).map(|(x, y)| x - y));
                     }
                 }
+                let first = shared_ends(&s, &a).0;
+                if first < s.len().min(a.len()) {
+                    for l in 0..layers {
+                        let hs = &stereo[(l * s.len() + first) * dim..][..dim];
+                        let ha = &anti[(l * a.len() + first) * dim..][..dim];
+                        for ((m, x), y) in sides[l * dim..(l + 1) * dim].iter_mut().zip(hs).zip(ha) {
+                            *m += (x + y) as f64;
+                        }
+                    }
+                    first_swaps += 1;
+                }
                 used += 1;
                 difference_rows += positions.len();
                 if i % 32 == 0 {
@@ -1101,6 +1128,11 @@ pub fn bias_calibrate(
                 progress(&format!("principal components: layer {l}/{layers}"));
                 let (d, share) = principal_direction(rows, dim);
                 let d = set_direction(l, &d)?;
+                if let Some(midpoint) = midpoint.as_mut() {
+                    ensure!(first_swaps > 0, "no pair has a swapped token to take the midpoint at");
+                    let along: f64 = sides[l * dim..(l + 1) * dim].iter().zip(&d).map(|(a, b)| a * b).sum();
+                    midpoint[l] = (along / (2 * first_swaps) as f64) as f32;
+                }
                 let n = (rows.len() / dim) as f64;
                 let energy: f64 = rows
                     .chunks_exact(dim)
@@ -1119,6 +1151,7 @@ pub fn bias_calibrate(
         kind: options.direction,
         signal: options.loop_signal,
         centred: options.centred,
+        midpoint: midpoint.clone(),
         layers,
         dim,
         directions,
@@ -1239,6 +1272,7 @@ pub fn bias_calibrate(
     Ok(BiasCalibrateReport {
         direction: options.direction.name(),
         centred: options.centred,
+        midpoint,
         loop_signal: options.loop_signal.name(),
         baseline_responses: baseline_responses.len(),
         sink_cosine,

@@ -466,8 +466,10 @@ struct BiasCalibrateArgs {
     baseline_pieces: usize,
     /// Where the constraint moves each projection `h · d_l`: `zero`, 0
     /// (`h ← h − w (h·d) d`); `baseline`, its neutral mean (`h ← h − w (h·d −
-    /// mean) d`), which leaves a token at the baseline alone.
-    #[arg(long, value_parser = ["zero", "baseline"], default_value = "zero")]
+    /// mean) d`), which leaves a token at the baseline alone; `midpoint`, the
+    /// mean of the pairs' two sides at the first swapped token, so erasing
+    /// leaves a token between the genders rather than at 0 (principal only).
+    #[arg(long, value_parser = ["zero", "baseline", "midpoint"], default_value = "zero")]
     centre: String,
     /// The attention sink (the first position's residual stream, a hundred
     /// times the others' size in SmolLM2's middle layers): `orthogonal`
@@ -1184,6 +1186,7 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
         },
         baseline_pieces: args.baseline_pieces,
         centred: args.centre == "baseline",
+        midpoint: args.centre == "midpoint",
         keep_sink: args.sink == "keep",
         ..BiasCalibrateOptions::default()
     };
