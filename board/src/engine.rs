@@ -465,8 +465,9 @@ impl Engine {
                     model.kernels.name,
                     needed.state_bytes as f64 / (1 << 20) as f64,
                 );
-                let _ = ready_sender.send(Ok(summary));
                 let template = ChatTemplate::new(image.chat_template(), image.vocab());
+                // The status is in place before the daemon says it is ready, so
+                // a `/bias` right after start never sees the placeholder.
                 let bias = feedback.map(|(mode, feedback)| {
                     let status = BiasStatus {
                         mode: mode.name(),
@@ -486,6 +487,7 @@ impl Engine {
                         state: bias.state.clone().filter(|_| mode == Feedback::Adaptive),
                     }
                 });
+                let _ = ready_sender.send(Ok(summary));
                 let mut worker = Worker {
                     session,
                     bias,
