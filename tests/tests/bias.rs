@@ -381,24 +381,13 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let text = fixture.dir.join("text.txt");
     std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
     let calibrated = fixture.dir.join("calibrated.bramble");
-    let report = bramble_json(&[
-        "bias-calibrate",
-        "--model",
-        path_str(&fixture.image),
-        "--pairs",
-        path_str(&pairs),
-        "--text",
-        path_str(&text),
-        "--output",
-        path_str(&calibrated),
-        "--text-tokens",
-        "128",
-        "--budget",
-        "1000",
-        "--weights",
-        "1",
-        "--json",
-    ]);
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &calibrated,
+        &["--text-tokens", "128", "--budget", "1000", "--weights", "1", "--json"],
+    ));
     let candidates = report["candidates"].as_array().unwrap();
     assert_eq!(candidates.len(), 3, "none, all at 1, top at 1: {report}");
     assert_eq!(candidates[0]["layers"], "none");
@@ -633,30 +622,27 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
 
     // The older directions: the mean difference of sentence means, a signed signal.
     let mean_difference = fixture.dir.join("mean-difference.bramble");
-    let report = bramble_json(&[
-        "bias-calibrate",
-        "--model",
-        path_str(&fixture.image),
-        "--pairs",
-        path_str(&pairs),
-        "--text",
-        path_str(&text),
-        "--output",
-        path_str(&mean_difference),
-        "--text-tokens",
-        "128",
-        "--weights",
-        "1",
-        "--direction",
-        "mean-difference",
-        "--centre",
-        "baseline",
-        "--sink",
-        "keep",
-        "--loop-signal",
-        "mean-lean",
-        "--json",
-    ]);
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &mean_difference,
+        &[
+            "--text-tokens",
+            "128",
+            "--weights",
+            "1",
+            "--direction",
+            "mean-difference",
+            "--centre",
+            "baseline",
+            "--sink",
+            "keep",
+            "--loop-signal",
+            "mean-lean",
+            "--json",
+        ],
+    ));
     assert_eq!(report["direction"], "mean-difference");
     assert!(report["sink_cosine"].as_array().unwrap().iter().all(|c| c == 0.0), "--sink keep: {report}");
     assert_eq!(report["difference_rows"], 0);
@@ -671,24 +657,13 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     // --centre midpoint: the constraint's centre is the mean of both sides'
     // projections at the first swapped token, recomputed here without the constraint.
     let midpoint_image = fixture.dir.join("midpoint.bramble");
-    let report = bramble_json(&[
-        "bias-calibrate",
-        "--model",
-        path_str(&fixture.image),
-        "--pairs",
-        path_str(&pairs),
-        "--text",
-        path_str(&text),
-        "--output",
-        path_str(&midpoint_image),
-        "--text-tokens",
-        "128",
-        "--weights",
-        "1",
-        "--centre",
-        "midpoint",
-        "--json",
-    ]);
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &midpoint_image,
+        &["--text-tokens", "128", "--weights", "1", "--centre", "midpoint", "--json"],
+    ));
     let image = ModelImage::open(&midpoint_image).unwrap();
     let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     let midpoint = section.midpoint.clone().expect("a midpoint section");
@@ -729,23 +704,29 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
             );
         }
     }
-    let output = bramble(&[
-        "bias-calibrate",
-        "--model",
-        path_str(&fixture.image),
-        "--pairs",
-        path_str(&pairs),
-        "--text",
-        path_str(&text),
-        "--output",
-        path_str(&fixture.dir.join("refused.bramble")),
-        "--direction",
-        "mean-difference",
-        "--centre",
-        "midpoint",
-    ]);
+    let output = bramble(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &fixture.dir.join("refused.bramble"),
+        &["--direction", "mean-difference", "--centre", "midpoint"],
+    ));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--centre midpoint needs --direction principal"));
+}
+
+/// `bias-calibrate` of `image` on `pairs` and `text` into `output`, then `extra`.
+fn calibrate_args<'a>(
+    image: &'a Path,
+    pairs: &'a Path,
+    text: &'a Path,
+    output: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec!["bias-calibrate", "--model", path_str(image), "--pairs", path_str(pairs), "--text"];
+    args.extend([path_str(text), "--output", path_str(output)]);
+    args.extend_from_slice(extra);
+    args
 }
 
 /// A WinoBias data directory in miniature: numbered lines, bracketed mentions.
