@@ -993,3 +993,76 @@ fn bias_compare_counts_flips_and_tests_them() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("must score the same pairs"), "{output:?}");
 }
+
+/// `scripts/gender-counterfactual.py`: `swap` swaps every gendered word
+/// (keeping capitals) and leaves out pairs that name no gender or swap
+/// unequally; `score` takes each pair's margin minus its twin's.
+#[test]
+fn gender_counterfactual_swaps_words_and_scores_the_gender_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = workspace_root().join("scripts/gender-counterfactual.py");
+    let python = |args: &[&Path]| std::process::Command::new("python3").arg(&script).args(args).output().unwrap();
+    let pairs = dir.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        concat!(
+            r#"{"stereo": "She told her mother about herself.", "anti": "She lied to her mother about herself.", "category": "gender"}"#,
+            "\n",
+            r#"{"stereo": "The chess player was shy.", "anti": "The chess player was bold.", "category": "gender"}"#,
+            "\n",
+            r#"{"stereo": "The caring Schoolboy left.", "anti": "The girl left him.", "category": "gender"}"#,
+            "\n",
+            r#"{"stereo": "A father is strong.", "anti": "A father is weak.", "category": "gender"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let (kept, swapped) = (dir.path().join("kept.jsonl"), dir.path().join("swapped.jsonl"));
+    let output = python(&[Path::new("swap"), &pairs, &kept, &swapped]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("2 pairs kept, 2 left out"), "{output:?}");
+    let read = |path: &Path| -> Vec<Value> {
+        std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (kept, swapped_pairs) = (read(&kept), read(&swapped));
+    assert_eq!(kept[0]["stereo"], "She told her mother about herself.");
+    assert_eq!(swapped_pairs[0]["stereo"], "He told his father about himself.");
+    assert_eq!(swapped_pairs[0]["anti"], "He lied to his father about himself.");
+    assert_eq!(swapped_pairs[1]["anti"], "A mother is weak.");
+    assert_eq!(swapped_pairs[1]["category"], "gender");
+
+    // Four pairs' margins (stereo − anti): kept 2, 1, 0.5, −1 and swapped
+    // 1, 1.5, 0, −2 give gender parts +1, −0.5, +0.5, +1: three of four
+    // positive (bias score 0.5), mean +0.5. After: parts +0.5, −0.5, −0.5,
+    // +0.5: bias score 0, mean 0.
+    let run = |name: &str, margins: &[f64]| {
+        let per_pair: Vec<Value> = margins
+            .iter()
+            .map(|m| serde_json::json!({"category": "gender", "stereo": m - 10.0, "anti": -10.0}))
+            .collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, serde_json::json!({ "per_pair": per_pair }).to_string()).unwrap();
+        path
+    };
+    let before_kept = run("bk.json", &[2.0, 1.0, 0.5, -1.0]);
+    let before_swapped = run("bs.json", &[1.0, 1.5, 0.0, -2.0]);
+    let after_kept = run("ak.json", &[1.5, 1.0, 0.0, -1.0]);
+    let after_swapped = run("as.json", &[1.0, 1.5, 0.5, -1.5]);
+    let output =
+        python(&[Path::new("score"), &before_kept, &before_swapped, &after_kept, &after_swapped, Path::new("--json")]);
+    assert!(output.status.success(), "{output:?}");
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let number = |v: &Value| v.as_f64().unwrap();
+    assert_eq!(result["pairs"], 4);
+    assert!((number(&result["before"]["bias_score"]) - 0.5).abs() < 1e-12, "{result}");
+    assert!((number(&result["before"]["mean"]) - 0.5).abs() < 1e-12, "{result}");
+    assert!(number(&result["after"]["bias_score"]).abs() < 1e-12, "{result}");
+    assert!((number(&result["mean_change"]) + 1.0).abs() < 1e-12, "{result}");
+    // Three positive against one: two-sided sign test p = 2 · 5/16.
+    assert!((number(&result["before"]["sign_test_p"]) - 0.625).abs() < 1e-12, "{result}");
+    // Runs over different pairs are refused.
+    let short = run("short.json", &[1.0]);
+    let output = python(&[Path::new("score"), &before_kept, &short]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("must score the same pairs"), "{output:?}");
+}
