@@ -23,6 +23,21 @@ RESAMPLES = 10_000
 SEED = 20261127
 
 
+def load_run(path):
+    """A `bias-eval --json --per-pair` run, or an exit naming what is wrong with it."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        [(p["stereo"], p["anti"]) for p in run["per_pair"]]
+    except OSError as error:
+        sys.exit(f"{path}: cannot read ({error.strerror})")
+    except ValueError as error:
+        sys.exit(f"{path}: not JSON ({error})")
+    except (KeyError, TypeError):
+        sys.exit(f"{path}: not a `bramble bias-eval --json --per-pair` run (no per_pair list of stereo/anti scores)")
+    return run
+
+
 def preferences(run):
     # A tie prefers neither sentence: it counts against SPR, as bramble's does.
     return [p["stereo"] > p["anti"] for p in run["per_pair"]]
@@ -81,7 +96,7 @@ def main():
     args = [a for a in sys.argv[1:] if a != "--json"]
     if len(args) != 2:
         sys.exit(__doc__)
-    result = compare(json.load(open(args[0])), json.load(open(args[1])))
+    result = compare(load_run(args[0]), load_run(args[1]))
     if "--json" in sys.argv:
         print(json.dumps(result))
         return

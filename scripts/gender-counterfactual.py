@@ -70,7 +70,11 @@ def swap_gender(sentence):
 
 def write_swapped(pairs_path, kept_path, swapped_path):
     kept, left_out = [], 0
-    for number, line in enumerate(open(pairs_path), 1):
+    try:
+        lines = open(pairs_path).read().splitlines()
+    except OSError as error:
+        sys.exit(f"{pairs_path}: cannot read ({error.strerror})")
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -92,7 +96,16 @@ def write_swapped(pairs_path, kept_path, swapped_path):
 
 
 def margins(path):
-    return [p["stereo"] - p["anti"] for p in json.load(open(path))["per_pair"]]
+    """Each pair's stereo − anti log-probability from a `bias-eval --json --per-pair` run."""
+    try:
+        with open(path) as f:
+            return [p["stereo"] - p["anti"] for p in json.load(f)["per_pair"]]
+    except OSError as error:
+        sys.exit(f"{path}: cannot read ({error.strerror})")
+    except ValueError as error:
+        sys.exit(f"{path}: not JSON ({error})")
+    except (KeyError, TypeError):
+        sys.exit(f"{path}: not a `bramble bias-eval --json --per-pair` run (no per_pair list of stereo/anti scores)")
 
 
 def gender_parts(kept_path, swapped_path):

@@ -992,6 +992,16 @@ fn bias_compare_counts_flips_and_tests_them() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("must score the same pairs"), "{output:?}");
+    // A file that is not a run is named, not a traceback.
+    std::fs::write(&after, "not json").unwrap();
+    let output = std::process::Command::new("python3")
+        .arg(workspace_root().join("scripts/bias-compare.py"))
+        .args([&before, &after])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("after.json: not JSON"), "{output:?}");
+    assert!(!stderr.contains("Traceback"), "{output:?}");
 }
 
 /// `scripts/gender-counterfactual.py`: `swap` swaps every gendered word
@@ -1065,4 +1075,14 @@ fn gender_counterfactual_swaps_words_and_scores_the_gender_part() {
     let output = python(&[Path::new("score"), &before_kept, &short]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("must score the same pairs"), "{output:?}");
+    // Files that cannot be read, or are not runs, are named, not a traceback.
+    let missing = dir.path().join("missing.json");
+    let output = python(&[Path::new("score"), &before_kept, &missing]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("missing.json: cannot read"), "{output:?}");
+    std::fs::write(&short, r#"{"pairs": 1}"#).unwrap();
+    let output = python(&[Path::new("score"), &before_kept, &short]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("short.json: not a `bramble bias-eval"), "{output:?}");
+    assert!(!stderr.contains("Traceback"), "{output:?}");
 }
