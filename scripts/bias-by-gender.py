@@ -9,6 +9,8 @@ import json
 import re
 import sys
 
+from bias_runs import load_run
+
 FEMALE = set("she her hers herself woman women girl girls mother mothers wife wives daughter daughters "
              "sister sisters lady ladies female females mom moms aunt grandmother girlfriend bride queen".split())
 MALE = set("he him his himself man men boy boys father fathers husband husbands son sons brother brothers "
@@ -26,8 +28,8 @@ def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
     pairs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-    before = json.load(open(sys.argv[2]))["per_pair"]
-    after = json.load(open(sys.argv[3]))["per_pair"]
+    before = load_run(sys.argv[2])["per_pair"]
+    after = load_run(sys.argv[3])["per_pair"]
     if not len(pairs) == len(before) == len(after):
         sys.exit(f"{len(pairs)} pairs but {len(before)} and {len(after)} scores: were pairs skipped as too long?")
     groups = {}

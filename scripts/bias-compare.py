@@ -19,23 +19,10 @@ import math
 import random
 import sys
 
+from bias_runs import load_run
+
 RESAMPLES = 10_000
 SEED = 20261127
-
-
-def load_run(path):
-    """A `bias-eval --json --per-pair` run, or an exit naming what is wrong with it."""
-    try:
-        with open(path) as f:
-            run = json.load(f)
-        [(p["stereo"], p["anti"]) for p in run["per_pair"]]
-    except OSError as error:
-        sys.exit(f"{path}: cannot read ({error.strerror})")
-    except ValueError as error:
-        sys.exit(f"{path}: not JSON ({error})")
-    except (KeyError, TypeError):
-        sys.exit(f"{path}: not a `bramble bias-eval --json --per-pair` run (no per_pair list of stereo/anti scores)")
-    return run
 
 
 def preferences(run):

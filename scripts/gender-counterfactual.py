@@ -28,6 +28,8 @@ import random
 import re
 import sys
 
+from bias_runs import load_run
+
 # Female and male forms; "her" is swapped to "his" (its possessive reading)
 # and "him" to "her", so some swapped sentences are ungrammatical in the same
 # way in both of a pair's sentences.
@@ -96,16 +98,7 @@ def write_swapped(pairs_path, kept_path, swapped_path):
 
 
 def margins(path):
-    """Each pair's stereo − anti log-probability from a `bias-eval --json --per-pair` run."""
-    try:
-        with open(path) as f:
-            return [p["stereo"] - p["anti"] for p in json.load(f)["per_pair"]]
-    except OSError as error:
-        sys.exit(f"{path}: cannot read ({error.strerror})")
-    except ValueError as error:
-        sys.exit(f"{path}: not JSON ({error})")
-    except (KeyError, TypeError):
-        sys.exit(f"{path}: not a `bramble bias-eval --json --per-pair` run (no per_pair list of stereo/anti scores)")
+    return [p["stereo"] - p["anti"] for p in load_run(path)["per_pair"]]
 
 
 def gender_parts(kept_path, swapped_path):
