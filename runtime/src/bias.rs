@@ -106,6 +106,33 @@ impl LoopSignal {
     }
 }
 
+/// The value the constraint moves each projection `h · d_l` toward
+/// (the section header's centre word: 0, 1 or 2).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Centre {
+    /// 0: `h ← h − w_l (h · d_l) d_l`, the formula.
+    #[default]
+    Zero,
+    /// The baseline mean: `h ← h − w_l (h · d_l − mean_l) d_l`, which
+    /// leaves a token at the baseline alone.
+    Baseline,
+    /// Per layer, the midpoint of the calibration pairs' two sides at the
+    /// swapped word (version 2 sections), where erasing the direction
+    /// leaves a token between the two genders, not at 0.
+    Midpoint(Vec<f32>),
+}
+
+impl Centre {
+    /// The header's centre word.
+    fn code(&self) -> u32 {
+        match self {
+            Self::Zero => 0,
+            Self::Baseline => 1,
+            Self::Midpoint(_) => 2,
+        }
+    }
+}
+
 /// Directions, predefined weights and the neutral baseline, per layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BiasConstraint {
@@ -113,14 +140,8 @@ pub struct BiasConstraint {
     pub kind: DirectionKind,
     /// How the feedback loop reads a response against the baseline.
     pub signal: LoopSignal,
-    /// Whether the constraint moves `h · d_l` toward the baseline mean
-    /// (`h ← h − w_l (h · d_l − mean_l) d_l`) rather than toward 0.
-    pub centred: bool,
-    /// When set, the constraint moves `h · d_l` toward this value instead
-    /// (version 2 sections, centre word 2): the midpoint of the two sides of
-    /// the calibration pairs at the swapped word, where erasing the
-    /// direction leaves a token between the two genders, not at 0.
-    pub midpoint: Option<Vec<f32>>,
+    /// What the constraint moves `h · d_l` toward.
+    pub centre: Centre,
     /// Layers.
     pub layers: usize,
     /// Width of the residual stream.
@@ -151,15 +172,12 @@ impl BiasConstraint {
         &self.directions[l * self.dim..(l + 1) * self.dim]
     }
 
-    /// The value layer `l`'s constraint moves `h · d_l` toward: the midpoint
-    /// when there is one, the baseline mean when centred, else 0.
+    /// The value layer `l`'s constraint moves `h · d_l` toward.
     pub fn centre(&self, l: usize) -> f32 {
-        if let Some(midpoint) = &self.midpoint {
-            midpoint[l]
-        } else if self.centred {
-            self.baseline_mean[l]
-        } else {
-            0.0
+        match &self.centre {
+            Centre::Zero => 0.0,
+            Centre::Baseline => self.baseline_mean[l],
+            Centre::Midpoint(midpoint) => midpoint[l],
         }
     }
 
@@ -174,14 +192,12 @@ impl BiasConstraint {
             || self.weights.len() != layers
             || self.baseline_mean.len() != layers
             || self.baseline_std.len() != layers
-            || self.midpoint.as_ref().is_some_and(|m| m.len() != layers)
+            || matches!(&self.centre, Centre::Midpoint(m) if m.len() != layers)
         {
             return bad(format!("arrays do not match {layers} layers of width {dim}"));
         }
-        if let Some(midpoint) = &self.midpoint {
-            if self.centred || !midpoint.iter().all(|v| v.is_finite()) {
-                return bad("a midpoint must be finite and excludes the baseline centre".into());
-            }
+        if matches!(&self.centre, Centre::Midpoint(m) if !m.iter().all(|v| v.is_finite())) {
+            return bad("a midpoint must be finite".into());
         }
         for (name, value) in [("loop target", self.loop_target), ("loop hard limit", self.loop_hard_limit)] {
             if !value.is_finite() || value < 0.0 {
@@ -236,10 +252,9 @@ impl BiasConstraint {
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
         let kind = DirectionKind::from_code(u32_at(16))
             .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
-        let (centred, has_midpoint) = match u32_at(20) {
-            0 => (false, false),
-            1 => (true, false),
-            2 if header_bytes == HEADER_BYTES => (false, true),
+        let has_midpoint = match u32_at(20) {
+            0 | 1 => false,
+            2 if header_bytes == HEADER_BYTES => true,
             other => return Err(corrupt(format!("centre flag {other} is neither 0, 1 nor 2 (version 2)"))),
         };
         let per_layer = if has_midpoint { 4 } else { 3 };
@@ -263,14 +278,17 @@ impl BiasConstraint {
         let constraint = Self {
             kind,
             signal,
-            centred,
+            centre: match u32_at(20) {
+                0 => Centre::Zero,
+                1 => Centre::Baseline,
+                _ => Centre::Midpoint(rest[3 * layers..].to_vec()),
+            },
             layers,
             dim,
             directions: directions.to_vec(),
             weights: rest[..layers].to_vec(),
             baseline_mean: rest[layers..2 * layers].to_vec(),
             baseline_std: rest[2 * layers..3 * layers].to_vec(),
-            midpoint: has_midpoint.then(|| rest[3 * layers..].to_vec()),
             loop_target: f32::from_bits(u32_at(24)),
             loop_hard_limit: f32::from_bits(u32_at(28)),
         };
@@ -281,8 +299,11 @@ impl BiasConstraint {
     /// The section's bytes.
     pub fn to_section(&self) -> Result<Vec<u8>> {
         self.check().map_err(|e| Error::invalid(e.message().to_string()))?;
-        let mut payload = Vec::with_capacity(4 * (self.directions.len() + 3 * self.layers));
-        let midpoint = self.midpoint.as_deref().unwrap_or(&[]);
+        let mut payload = Vec::with_capacity(4 * (self.directions.len() + 4 * self.layers));
+        let midpoint: &[f32] = match &self.centre {
+            Centre::Midpoint(midpoint) => midpoint,
+            _ => &[],
+        };
         for v in self
             .directions
             .iter()
@@ -299,8 +320,7 @@ impl BiasConstraint {
         out[8..12].copy_from_slice(&(self.dim as u32).to_le_bytes());
         out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
-        let centre_word = if self.midpoint.is_some() { 2 } else { u32::from(self.centred) };
-        out[20..24].copy_from_slice(&centre_word.to_le_bytes());
+        out[20..24].copy_from_slice(&self.centre.code().to_le_bytes());
         out[24..28].copy_from_slice(&self.loop_target.to_le_bytes());
         out[28..32].copy_from_slice(&self.loop_hard_limit.to_le_bytes());
         out[32..36].copy_from_slice(&self.signal.code().to_le_bytes());
@@ -575,7 +595,7 @@ mod tests {
         }
         BiasConstraint {
             kind: DirectionKind::MeanDifference,
-            centred: false,
+            centre: Centre::Zero,
             layers,
             dim,
             directions,
@@ -585,7 +605,6 @@ mod tests {
             loop_target: 0.0,
             loop_hard_limit: 0.0,
             signal: LoopSignal::MeanLean,
-            midpoint: None,
         }
     }
 
@@ -691,7 +710,7 @@ mod tests {
         unknown[16] = 7;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
         assert!(error.message().contains("direction kind 7"), "{error}");
-        let centred = BiasConstraint { centred: true, ..principal };
+        let centred = BiasConstraint { centre: Centre::Baseline, ..principal };
         let centred_bytes = centred.to_section().unwrap();
         assert_eq!(BiasConstraint::from_section(&centred_bytes).unwrap(), centred);
         assert_eq!((centred.centre(2), c.centre(2)), (0.3, 0.0));
@@ -728,7 +747,7 @@ mod tests {
         v1[0..4].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(BiasConstraint::from_section(&v1).unwrap(), c);
         // A midpoint (centre word 2) round-trips, moves the centre, and a version 1 header cannot carry it.
-        let midpoint = BiasConstraint { midpoint: Some(vec![0.5, -1.5, 2.5]), ..spread.clone() };
+        let midpoint = BiasConstraint { centre: Centre::Midpoint(vec![0.5, -1.5, 2.5]), ..spread.clone() };
         let midpoint_bytes = midpoint.to_section().unwrap();
         assert_eq!(u32::from_le_bytes(midpoint_bytes[20..24].try_into().unwrap()), 2);
         assert_eq!(midpoint_bytes.len(), spread_bytes.len() + 3 * 4);
@@ -739,10 +758,11 @@ mod tests {
         let error = BiasConstraint::from_section(&v1_midpoint).unwrap_err();
         assert!(error.message().contains("centre flag 2"), "{error}");
         let mut short = midpoint.clone();
-        short.midpoint = Some(vec![0.5]);
+        short.centre = Centre::Midpoint(vec![0.5]);
         assert!(short.to_section().unwrap_err().message().contains("arrays do not match"));
-        let both = BiasConstraint { centred: true, ..midpoint.clone() };
-        assert!(both.to_section().unwrap_err().message().contains("midpoint"));
+        // (A midpoint and the baseline centre at once cannot be written: one `Centre`.)
+        let not_finite = BiasConstraint { centre: Centre::Midpoint(vec![0.5, f32::NAN, 2.5]), ..midpoint.clone() };
+        assert!(not_finite.to_section().unwrap_err().message().contains("midpoint"));
         let mut future = bytes;
         future[0..4].copy_from_slice(&3u32.to_le_bytes());
         let error = BiasConstraint::from_section(&future).unwrap_err();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use bramble_runtime::bias::BiasConstraint;
+use bramble_runtime::bias::{BiasConstraint, Centre};
 use bramble_runtime::kernels::Kernels;
 use bramble_runtime::model::{Logits, Model, Site};
 use bramble_runtime::ModelImage;
@@ -14,7 +14,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
     let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
     BiasConstraint {
         kind: Default::default(),
-        centred: false,
+        centre: Centre::Zero,
         layers: 1,
         dim,
         directions: raw.iter().map(|v| v / norm).collect(),
@@ -24,7 +24,6 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         loop_target: 0.0,
         loop_hard_limit: 0.0,
         signal: Default::default(),
-        midpoint: None,
     }
 }
 
@@ -80,7 +79,7 @@ fn the_constraint_removes_its_share_and_records_projections() {
         assert!(left.iter().all(|p| p.abs() < 1e-4), "{}: {left:?}", kernels.name);
         assert_ne!(changed, plain, "{}: removing a direction changes the logits", kernels.name);
         // Centred at the baseline mean: w = 1 leaves every token's projection at that mean.
-        let centred = BiasConstraint { centred: true, baseline_mean: vec![0.5], ..constraint(dim, 1.0) };
+        let centred = BiasConstraint { centre: Centre::Baseline, baseline_mean: vec![0.5], ..constraint(dim, 1.0) };
         model.set_bias(Some(centred)).unwrap();
         let mut centred_state = model.new_state(16, 4);
         let mut left = Vec::new();

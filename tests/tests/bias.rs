@@ -5,7 +5,7 @@
 //! pairs, malformed pairs files, and `bias-data` on small fixtures written
 //! in each dataset's own format.
 
-use bramble_runtime::bias::BiasConstraint;
+use bramble_runtime::bias::{BiasConstraint, Centre};
 use bramble_runtime::model::{Logits, Model};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::vocab::TokenizerKind;
@@ -399,7 +399,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(report["direction"], "principal", "the default");
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
-    assert!(!section.centred && report["centred"] == false, "the issue's formula (centre 0) by default");
+    assert!(section.centre == Centre::Zero && report["centred"] == false, "the issue's formula (centre 0) by default");
     assert!(report["difference_rows"].as_u64().unwrap() >= 4, "every pair gives its swapped token: {report}");
     assert_eq!(
         section.weights,
@@ -649,7 +649,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let image = ModelImage::open(&mean_difference).unwrap();
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::MeanDifference);
-    assert!(section.centred);
+    assert!(section.centre == Centre::Baseline);
     // The mean lean reads against the pairs' own sentences: both of each of the 4.
     assert_eq!(section.signal, bramble_runtime::bias::LoopSignal::MeanLean);
     assert_eq!((report["loop_signal"].as_str(), report["baseline_responses"].as_u64()), (Some("mean-lean"), Some(8)));
@@ -666,11 +666,11 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     ));
     let image = ModelImage::open(&midpoint_image).unwrap();
     let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
-    let midpoint = section.midpoint.clone().expect("a midpoint section");
+    let Centre::Midpoint(midpoint) = section.centre.clone() else { panic!("a midpoint section") };
     let reported: Vec<f32> =
         report["midpoint"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
     assert_eq!(midpoint, reported);
-    assert!(!section.centred);
+    assert_eq!(report["centred"], false, "{report}");
     {
         let original = ModelImage::open(&fixture.image).unwrap();
         let tokenizer = Tokenizer::new(original.vocab()).unwrap();

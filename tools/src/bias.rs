@@ -10,7 +10,7 @@
 //! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
 
 use anyhow::{bail, ensure, Context, Result};
-use bramble_runtime::bias::{DirectionKind, LoopSignal};
+use bramble_runtime::bias::{Centre, DirectionKind, LoopSignal};
 use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -670,6 +670,20 @@ pub fn evaluate_with(
     })
 }
 
+/// Where `bias-calibrate` puts the constraint's centre ([`Centre`], whose
+/// midpoint values the calibration measures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CentreChoice {
+    /// 0: the formula.
+    #[default]
+    Zero,
+    /// The neutral baseline's mean.
+    Baseline,
+    /// The midpoint of the pairs' two sides at the first swapped token
+    /// (principal directions only).
+    Midpoint,
+}
+
 /// Settings of [`bias_calibrate`].
 #[derive(Debug, Clone)]
 pub struct BiasCalibrateOptions {
@@ -701,11 +715,8 @@ pub struct BiasCalibrateOptions {
     /// [`PIECE_TOKENS`] tokens spread evenly over it) the baseline and the
     /// loop's target are measured on.
     pub baseline_pieces: usize,
-    /// Move `h · d_l` toward the baseline mean (true) or toward 0 (false).
-    pub centred: bool,
-    /// Move `h · d_l` toward the midpoint of the pairs' two sides at the
-    /// first swapped token instead (principal directions only).
-    pub midpoint: bool,
+    /// What the constraint moves `h · d_l` toward.
+    pub centre: CentreChoice,
     /// Keep the directions' component along the attention sink (the first
     /// position's residual stream) instead of removing it.
     pub keep_sink: bool,
@@ -725,8 +736,7 @@ impl Default for BiasCalibrateOptions {
             baseline_pairs: 100,
             loop_signal: LoopSignal::Spread,
             baseline_pieces: 200,
-            centred: false,
-            midpoint: false,
+            centre: CentreChoice::Zero,
             keep_sink: false,
         }
     }
@@ -1032,11 +1042,10 @@ pub fn bias_calibrate(
     let mut used = 0;
     let mut difference_rows = 0;
     ensure!(
-        !options.midpoint || options.direction == DirectionKind::PrincipalComponent,
+        options.centre != CentreChoice::Midpoint || options.direction == DirectionKind::PrincipalComponent,
         "--centre midpoint needs --direction principal (the swapped tokens' hidden states)"
     );
-    ensure!(!(options.midpoint && options.centred), "the constraint has one centre: midpoint or baseline");
-    let mut midpoint = options.midpoint.then(|| vec![0f32; layers]);
+    let mut midpoint = (options.centre == CentreChoice::Midpoint).then(|| vec![0f32; layers]);
     // Normalizes d (orthogonal to the sink first, unless kept), stores it as d_l and returns it.
     let mut set_direction = |l: usize, d: &[f64]| -> Result<Vec<f64>> {
         let mut d = d.to_vec();
@@ -1089,7 +1098,7 @@ pub fn bias_calibrate(
             let mut differences: Vec<Vec<f32>> = vec![Vec::new(); layers];
             let (mut stereo, mut anti) = (Vec::new(), Vec::new());
             // Σ (h_stereo + h_anti) at the first swapped token, per layer: the midpoint's numerator.
-            let mut sides = vec![0f64; layers * dim];
+            let mut sides = if midpoint.is_some() { vec![0f64; layers * dim] } else { Vec::new() };
             let mut first_swaps = 0usize;
             for (i, (_, pair)) in pairs[..direction_pairs].iter().enumerate() {
                 let Some((s, a)) = usable(pair) else { continue };
@@ -1107,7 +1116,7 @@ pub fn bias_calibrate(
                     }
                 }
                 let first = shared_ends(&s, &a).0;
-                if first < s.len().min(a.len()) {
+                if midpoint.is_some() && first < s.len().min(a.len()) {
                     for l in 0..layers {
                         let hs = &stereo[(l * s.len() + first) * dim..][..dim];
                         let ha = &anti[(l * a.len() + first) * dim..][..dim];
@@ -1150,8 +1159,11 @@ pub fn bias_calibrate(
     let mut constraint = BiasConstraint {
         kind: options.direction,
         signal: options.loop_signal,
-        centred: options.centred,
-        midpoint: midpoint.clone(),
+        centre: match (options.centre, midpoint) {
+            (CentreChoice::Zero, _) => Centre::Zero,
+            (CentreChoice::Baseline, _) => Centre::Baseline,
+            (CentreChoice::Midpoint, midpoint) => Centre::Midpoint(midpoint.unwrap_or_default()),
+        },
         layers,
         dim,
         directions,
@@ -1271,8 +1283,11 @@ pub fn bias_calibrate(
     copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
     Ok(BiasCalibrateReport {
         direction: options.direction.name(),
-        centred: options.centred,
-        midpoint,
+        centred: constraint.centre == Centre::Baseline,
+        midpoint: match &constraint.centre {
+            Centre::Midpoint(midpoint) => Some(midpoint.clone()),
+            _ => None,
+        },
         loop_signal: options.loop_signal.name(),
         baseline_responses: baseline_responses.len(),
         sink_cosine,

@@ -1185,8 +1185,11 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
             bramble_runtime::bias::LoopSignal::MeanLean
         },
         baseline_pieces: args.baseline_pieces,
-        centred: args.centre == "baseline",
-        midpoint: args.centre == "midpoint",
+        centre: match args.centre.as_str() {
+            "baseline" => bramble_tools::bias::CentreChoice::Baseline,
+            "midpoint" => bramble_tools::bias::CentreChoice::Midpoint,
+            _ => bramble_tools::bias::CentreChoice::Zero,
+        },
         keep_sink: args.sink == "keep",
         ..BiasCalibrateOptions::default()
     };
