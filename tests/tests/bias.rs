@@ -557,7 +557,8 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert_eq!(first["pairs"], 4);
     let saved = std::fs::read_to_string(&state).unwrap();
     assert!(saved.starts_with("bramble-bias-state 1") && saved.contains("responses 4"), "{saved}");
-    eval("adaptive", &["--bias-state", path_str(&state)]);
+    // `--state`, the spelling, is the same option.
+    eval("adaptive", &["--state", path_str(&state)]);
     assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");
     // --passes: the pairs read again and again, the loop carrying its weights;
     // the report is the last pass, every pass listed with the weights it left.

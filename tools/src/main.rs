@@ -243,7 +243,8 @@ struct ModelArgs {
     feedback: String,
     /// With `--feedback adaptive`: the loop's state (weights, recent
     /// signals), restored at start and saved atomically after each response.
-    #[arg(long)]
+    /// `--state` is the same option.
+    #[arg(long, visible_alias = "state")]
     bias_state: Option<PathBuf>,
     /// With `--feedback static`: these constraint weights instead of the
     /// image's predefined ones, one for every layer or one a layer
