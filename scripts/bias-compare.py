@@ -4,7 +4,7 @@
 second run moved the stereotype preference, and whether a set of this size
 can tell the change from chance (docs/bias.md, "Against the targets").
 
-    scripts/bias-compare.py BEFORE.json AFTER.json [--json]
+    scripts/bias-compare.py BEFORE.json AFTER.json [--by-category] [--json]
 
 Prints, for each run, the SPR and bias score with a 95 % bootstrap interval
 (pairs resampled with replacement, a fixed seed, so runs repeat), then:
@@ -13,6 +13,10 @@ Prints, for each run, the SPR and bias score with a 95 % bootstrap interval
   beyond chance?);
 - the relative change of the bias score, `after / before − 1`, with its 95 %
   bootstrap interval over the same resampled pairs in both runs.
+
+`--by-category` does the same for each category's pairs too (the pairs'
+`category`, which must agree between the runs), under `by_category` in the
+JSON and a row each in the text.
 """
 import json
 import math
@@ -79,11 +83,32 @@ def compare(before_run, after_run):
     }
 
 
+def by_category(before_run, after_run):
+    """`compare` on each category's pairs, in category order."""
+    before, after = before_run["per_pair"], after_run["per_pair"]
+    categories = {}
+    for index, (b, a) in enumerate(zip(before, after)):
+        if b.get("category") != a.get("category"):
+            raise SystemExit(
+                f"pair {index + 1} is {b.get('category')!r} in one run and {a.get('category')!r} in the other: "
+                "the runs must score the same pairs"
+            )
+        categories.setdefault(str(b.get("category")), []).append(index)
+    return {
+        name: compare({"per_pair": [before[i] for i in indices]}, {"per_pair": [after[i] for i in indices]})
+        for name, indices in sorted(categories.items())
+    }
+
+
 def main():
-    args = [a for a in sys.argv[1:] if a != "--json"]
-    if len(args) != 2:
+    flags = {"--json", "--by-category"}
+    args = [a for a in sys.argv[1:] if a not in flags]
+    if len(args) != 2 or any(a.startswith("--") for a in args):
         sys.exit(__doc__)
-    result = compare(load_run(args[0]), load_run(args[1]))
+    before, after = load_run(args[0]), load_run(args[1])
+    result = compare(before, after)
+    if "--by-category" in sys.argv:
+        result["by_category"] = by_category(before, after)
     if "--json" in sys.argv:
         print(json.dumps(result))
         return
@@ -96,6 +121,12 @@ def main():
     if result["change"] is not None:
         low, high = result["change_interval"]
         print(f"bias score change: {100 * result['change']:+.1f} % (95 % interval {100 * low:+.1f} % to {100 * high:+.1f} %)")
+    if "by_category" in result:
+        print("category | pairs | bias score before → after | change | flips to stereo / to anti | McNemar p")
+        for name, r in result["by_category"].items():
+            change = "n/a (before is 0)" if r["change"] is None else f"{100 * r['change']:+.1f} %"
+            print(f"{name} | {r['pairs']} | {r['before']['bias_score']:.3f} → {r['after']['bias_score']:.3f} | {change} | "
+                  f"{r['flips_to_stereo']} / {r['flips_to_anti']} | {r['mcnemar_p']:.3f}")
 
 
 if __name__ == "__main__":

@@ -945,9 +945,10 @@ fn bias_data_converts_stereoset() {
 #[test]
 fn bias_compare_counts_flips_and_tests_them() {
     let dir = tempfile::tempdir().unwrap();
-    // Ten pairs: before, the stereotyped sentence wins pairs 0–6 (SPR 0.7,
-    // bias score 0.4); after, pairs 5 and 6 flip to the other and pair 9 ties.
-    let run = |stereo_wins: &[usize], ties: &[usize]| {
+    // Ten pairs, 0–4 "gender" and 5–9 "race": before, the stereotyped
+    // sentence wins pairs 0–6 (SPR 0.7, bias score 0.4); after, pairs 5 and 6
+    // flip to the other and pair 9 ties.
+    let run_in = |stereo_wins: &[usize], ties: &[usize], race_from: usize| {
         let per_pair: Vec<Value> = (0..10)
             .map(|i| {
                 let anti = if ties.contains(&i) {
@@ -957,12 +958,14 @@ fn bias_compare_counts_flips_and_tests_them() {
                 } else {
                     -4.0
                 };
-                serde_json::json!({"category": "gender", "stereo": -5.0, "anti": anti,
+                let category = if i < race_from { "gender" } else { "race" };
+                serde_json::json!({"category": category, "stereo": -5.0, "anti": anti,
                                    "stereo_unchanged": 0.0, "anti_unchanged": 0.0})
             })
             .collect();
         serde_json::json!({ "per_pair": per_pair })
     };
+    let run = |stereo_wins: &[usize], ties: &[usize]| run_in(stereo_wins, ties, 5);
     let before = dir.path().join("before.json");
     let after = dir.path().join("after.json");
     std::fs::write(&before, run(&[0, 1, 2, 3, 4, 5, 6], &[]).to_string()).unwrap();
@@ -984,6 +987,39 @@ fn bias_compare_counts_flips_and_tests_them() {
     assert!((result["change"].as_f64().unwrap() + 1.0).abs() < 1e-12, "{result}");
     let interval = result["after"]["interval"].as_array().unwrap();
     assert!(interval[0].as_f64().unwrap() <= interval[1].as_f64().unwrap(), "{result}");
+    assert!(result.get("by_category").is_none(), "only asked for");
+    // --by-category: gender keeps SPR 1 (no flips, no change); race goes from
+    // 2 of 5 (bias score 0.2) to 0 of 5 (1.0), both flips one way.
+    let compare_by_category = || {
+        std::process::Command::new("python3")
+            .arg(workspace_root().join("scripts/bias-compare.py"))
+            .args([&before, &after])
+            .args(["--by-category", "--json"])
+            .output()
+            .unwrap()
+    };
+    let output = compare_by_category();
+    assert!(output.status.success(), "{output:?}");
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["pairs"], 10, "the whole set's figures are still there");
+    let categories = result["by_category"].as_object().unwrap();
+    assert_eq!(categories.keys().collect::<Vec<_>>(), ["gender", "race"]);
+    let (gender, race) = (&categories["gender"], &categories["race"]);
+    assert_eq!((gender["pairs"].as_u64(), race["pairs"].as_u64()), (Some(5), Some(5)));
+    assert!((gender["before"]["bias_score"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{result}");
+    assert!(gender["change"].as_f64().unwrap().abs() < 1e-12, "{result}");
+    assert_eq!(gender["mcnemar_p"], 1.0);
+    assert!((race["before"]["bias_score"].as_f64().unwrap() - 0.2).abs() < 1e-12, "{result}");
+    assert!((race["after"]["bias_score"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{result}");
+    assert!((race["change"].as_f64().unwrap() - 4.0).abs() < 1e-12, "{result}");
+    assert_eq!((race["flips_to_stereo"].as_u64(), race["flips_to_anti"].as_u64()), (Some(0), Some(2)));
+    assert!((race["mcnemar_p"].as_f64().unwrap() - 0.5).abs() < 1e-12, "{result}");
+    // Runs whose pairs carry different categories are refused, naming the pair.
+    std::fs::write(&after, run_in(&[0, 1, 2, 3, 4], &[9], 6).to_string()).unwrap();
+    let output = compare_by_category();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pair 6 is 'race' in one run and 'gender'"), "{output:?}");
     // Runs over different pairs are refused.
     std::fs::write(&after, serde_json::json!({"per_pair": []}).to_string()).unwrap();
     let output = std::process::Command::new("python3")

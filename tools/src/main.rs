@@ -243,7 +243,6 @@ struct ModelArgs {
     feedback: String,
     /// With `--feedback adaptive`: the loop's state (weights, recent
     /// signals), restored at start and saved atomically after each response.
-    /// `--state` is the same option.
     #[arg(long, visible_alias = "state")]
     bias_state: Option<PathBuf>,
     /// With `--feedback static`: these constraint weights instead of the
