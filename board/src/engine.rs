@@ -276,6 +276,8 @@ pub struct BiasStatus {
     pub mode: &'static str,
     /// The weights in force, one a layer (empty when off).
     pub weights: Vec<f32>,
+    /// The image's predefined weights, which the loop decays back toward.
+    pub predefined: Vec<f32>,
     /// The last signals, oldest first.
     pub recent: Vec<f32>,
     /// Responses seen (restored ones included).
@@ -296,6 +298,7 @@ impl BiasStatus {
         serde_json::json!({
             "feedback": self.mode,
             "weights": self.weights,
+            "predefined_weights": self.predefined,
             "recent_signals": self.recent,
             "responses": self.responses,
             "target": self.target,
@@ -328,9 +331,11 @@ impl BiasStatus {
         text.push_str(&format!(
             "
 weights ({} layers): {}
+predefined weights:  {}
 ",
             self.weights.len(),
-            list(&self.weights, false)
+            list(&self.weights, false),
+            list(&self.predefined, false)
         ));
         if self.recent.is_empty() {
             text.push_str(
@@ -472,6 +477,7 @@ impl Engine {
                     let status = BiasStatus {
                         mode: mode.name(),
                         weights: feedback.weights.clone(),
+                        predefined: feedback.predefined.clone(),
                         recent: feedback.recent.clone(),
                         responses: feedback.responses,
                         target: feedback.target,

@@ -1295,6 +1295,10 @@ mod bias {
         assert_eq!(status["target"].as_f64().unwrap() as f32, section.loop_target, "{status}");
         assert_eq!(status["hard_limit"].as_f64().unwrap() as f32, section.loop_hard_limit, "{status}");
         assert_eq!((status["signal"].as_str(), section.signal.name()), (Some("spread"), "spread"), "{status}");
+        // Beside the weights in force, the predefined ones they decay back toward.
+        let predefined: Vec<f32> =
+            status["predefined_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
+        assert_eq!(predefined, section.weights, "{status}");
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");
@@ -1307,6 +1311,7 @@ mod bias {
         terminal.command("/bias", "bias feedback: adaptive, 2 responses");
         let shown = terminal.expect("> ");
         assert!(shown.contains("weights (4 layers): "), "{shown:?}");
+        assert!(shown.contains("predefined weights: "), "{shown:?}");
         assert!(shown.contains("recent signals (oldest first): "), "{shown:?}");
         drop(terminal);
 
