@@ -274,6 +274,52 @@ fn spr_bias_score_and_categories_on_a_crafted_case() {
     assert!(text.contains("alpha") && text.contains("beta") && text.contains("gamma"), "{text}");
 }
 
+/// `--start-token` puts a token before each sentence that only conditions
+/// it: every token of the sentence is scored, the first included, so a pair
+/// that differs in its first word is compared on that word. The totals
+/// match an independent token-by-token sum over start + sentence.
+#[test]
+fn a_start_token_scores_each_sentences_first_token() {
+    let fixture = fixture(TokenizerKind::ByteLevelBpe);
+    let image = ModelImage::open(&fixture.image).unwrap();
+    let tokenizer = Tokenizer::new(image.vocab()).unwrap();
+    let model = Model::new(&image).unwrap();
+    let (stereo, anti) = ("She said it would help.", "He said it would help.");
+    let pairs = write_pairs_file(&fixture.dir, "first.jsonl", &[(stereo, anti, "gender")]);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["bias-eval", "--model", path_str(&fixture.image), "--pairs", path_str(&pairs)];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--json", "--per-pair"]);
+        first_json_line(&bramble_ok(&args))
+    };
+    let end_of_text = tokenizer.encode("<|endoftext|>", false, true);
+    assert_eq!(end_of_text.len(), 1, "the synthetic BPE vocabulary has <|endoftext|>");
+    let with_start = run(&["--start-token", "<|endoftext|>"]);
+    assert_eq!(with_start["first_token_scored"], true);
+    assert_eq!(with_start["start_token"], "<|endoftext|>");
+    assert_eq!(with_start["first_token_differs"], 1);
+    let without = run(&[]);
+    assert_eq!(without["first_token_scored"], false);
+    assert_eq!(without["start_token"], Value::Null);
+    for (sentence, side) in [(stereo, "stereo"), (anti, "anti")] {
+        let text = tokenizer.encode(sentence, false, false);
+        let started: Vec<u32> = end_of_text.iter().chain(&text).copied().collect();
+        let scored = |report: &Value| report["per_pair"][0][side].as_f64().unwrap();
+        assert_close(scored(&with_start), token_by_token(&model, &started), &format!("{side} after the start token"));
+        assert_close(scored(&without), token_by_token(&model, &text), &format!("{side} without it"));
+        // The first token's own term is what the start adds (besides conditioning the rest).
+        let first_term = token_log_probs(&model, &started)[1];
+        assert!(first_term < 0.0, "{side}: the first token is scored ({first_term})");
+    }
+    // A start that is not one token is refused, naming it.
+    let args =
+        ["bias-eval", "--model", path_str(&fixture.image), "--pairs", path_str(&pairs), "--start-token", "a b c"];
+    let output = bramble(&args);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--start-token \"a b c\" is not one token"), "{stderr}");
+}
+
 #[test]
 fn over_long_pairs_are_skipped_and_counted() {
     let fixture = fixture(TokenizerKind::ByteLevelBpe);

@@ -379,12 +379,36 @@ fn stereoset(path: &Path) -> Result<Vec<Pair>> {
 /// the text is scored; without it the text's first token is not (nothing
 /// precedes it to predict it from).
 pub fn sentence_tokens(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
-    let mut tokens = Vec::new();
+    sentence_tokens_after(model_start(tokenizer), tokenizer, text)
+}
+
+/// The token a sentence is scored after by default: BOS when the model adds
+/// one, else none.
+pub fn model_start(tokenizer: &Tokenizer) -> Option<u32> {
     if tokenizer.vocab().add_bos {
-        tokens.extend(tokenizer.bos_id());
+        tokenizer.bos_id()
+    } else {
+        None
     }
-    tokens.extend(tokenizer.encode(text, false, false));
-    tokens
+}
+
+/// `start` (which only conditions) followed by the text's tokens: with a
+/// start every token of the text is scored.
+pub fn sentence_tokens_after(start: Option<u32>, tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
+    start.into_iter().chain(tokenizer.encode(text, false, false)).collect()
+}
+
+/// The id of `text` as one token of the vocabulary (a control token such as
+/// `<|endoftext|>` included), for `bias-eval --start-token`.
+pub fn single_token(tokenizer: &Tokenizer, text: &str) -> Result<u32> {
+    let ids = tokenizer.encode(text, false, true);
+    match ids.as_slice() {
+        [id] => Ok(*id),
+        _ => anyhow::bail!(
+            "--start-token {text:?} is not one token of the model's vocabulary: it encodes as {} tokens {ids:?}",
+            ids.len()
+        ),
+    }
 }
 
 /// Scores token sequences with a model: log p(token j | tokens before j)
@@ -561,9 +585,13 @@ pub struct BiasReport {
     pub skipped_too_long: usize,
     /// Their lines in the pairs file.
     pub skipped_lines: Vec<usize>,
-    /// Whether each sentence's first token is scored (the model adds BOS);
-    /// when not, it only conditions the rest.
+    /// Whether each sentence's first token is scored (a start token precedes
+    /// it: the model's BOS, or `--start-token`); when not, it only
+    /// conditions the rest.
     pub first_token_scored: bool,
+    /// The token each sentence was scored after, as text (none: the first
+    /// token only conditions).
+    pub start_token: Option<String>,
     /// Pairs whose sentences begin with different tokens: with
     /// `first_token_scored` false those tokens' own likelihood is not compared.
     pub first_token_differs: usize,
@@ -587,14 +615,17 @@ pub fn evaluate(
     pairs: &[(usize, Pair)],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<BiasReport> {
-    evaluate_with(scorer, tokenizer, pairs, progress, &mut |_| Ok(()))
+    evaluate_with(scorer, tokenizer, model_start(tokenizer), pairs, progress, &mut |_| Ok(()))
 }
 
-/// [`evaluate`], calling `after_pair` on the scorer's state after each
-/// scored pair (the feedback loop reads its projections and sets weights).
+/// [`evaluate`] with each sentence scored after `start` (which only
+/// conditions; [`model_start`] is the default), calling `after_pair` on the
+/// scorer's state after each scored pair (the feedback loop reads its
+/// projections and sets weights).
 pub fn evaluate_with(
     scorer: &mut Scorer<'_, '_>,
     tokenizer: &Tokenizer,
+    start: Option<u32>,
     pairs: &[(usize, Pair)],
     progress: &mut dyn FnMut(usize, usize),
     after_pair: &mut dyn FnMut(&mut RunState) -> Result<()>,
@@ -604,10 +635,10 @@ pub fn evaluate_with(
     let mut skipped_lines = Vec::new();
     let mut first_token_differs = 0;
     let mut tokens_run = 0usize;
-    let first_token_scored = tokenizer.vocab().add_bos && tokenizer.bos_id().is_some();
+    let first_token_scored = start.is_some();
     for (index, (line, pair)) in pairs.iter().enumerate() {
-        let stereo = sentence_tokens(tokenizer, &pair.stereo);
-        let anti = sentence_tokens(tokenizer, &pair.anti);
+        let stereo = sentence_tokens_after(start, tokenizer, &pair.stereo);
+        let anti = sentence_tokens_after(start, tokenizer, &pair.anti);
         if stereo.len().max(anti.len()) > scorer.context() {
             skipped_lines.push(*line);
             continue;
@@ -663,6 +694,7 @@ pub fn evaluate_with(
         skipped_too_long: skipped_lines.len(),
         skipped_lines,
         first_token_scored,
+        start_token: start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()),
         first_token_differs,
         per_pair: Some(scores),
         passes: Vec::new(),

@@ -503,6 +503,12 @@ struct BiasEvalArgs {
     /// last pass's, with every pass's score and weights under `passes`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     passes: u32,
+    /// Score each sentence after this token, which only conditions it, so
+    /// the sentence's first token is scored too (`<|endoftext|>` for
+    /// SmolLM2, which adds no BOS). Default: the model's BOS when it adds
+    /// one, else none (the first token is not scored).
+    #[arg(long, value_name = "TOKEN")]
+    start_token: Option<String>,
     /// One JSON object.
     #[arg(long)]
     json: bool,
@@ -1239,9 +1245,13 @@ fn run_bias_calibrate(args: BiasCalibrateArgs) -> Result<()> {
 }
 
 fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
-    use bramble_tools::bias::{evaluate_with, read_pairs, Scorer};
+    use bramble_tools::bias::{evaluate_with, model_start, read_pairs, single_token, Scorer};
     let pairs = read_pairs(&args.pairs)?;
     let (loaded, context) = load(&args.model)?;
+    let start_token = match &args.start_token {
+        Some(text) => Some(single_token(&loaded.tokenizer, text)?),
+        None => model_start(&loaded.tokenizer),
+    };
     let model = model(&loaded, &args.model, SparseMode::Always)?;
     let mut scorer = Scorer::new(&model, context, args.batch);
     let mut feedback = feedback_loop(&model, &args.model)?;
@@ -1270,7 +1280,8 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
             }
         };
         let start = scorer.state_mut().bias_weights().to_vec();
-        let report = evaluate_with(&mut scorer, &loaded.tokenizer, &pairs, &mut progress, &mut after_pair)?;
+        let report =
+            evaluate_with(&mut scorer, &loaded.tokenizer, start_token, &pairs, &mut progress, &mut after_pair)?;
         if args.passes > 1 {
             let end = scorer.state_mut().bias_weights();
             let weight_change = start.iter().zip(end).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -1348,7 +1359,7 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
     category_lines(&report.unchanged_by_category);
     if !report.first_token_scored {
         outln!(
-            "(the model adds no BOS: each sentence's first token only conditions the rest; {} pairs begin differently)",
+            "(the model adds no BOS and no --start-token was given: each sentence's first token only conditions the rest; {} pairs begin differently)",
             report.first_token_differs
         );
     }
