@@ -301,15 +301,25 @@ fn a_start_token_scores_each_sentences_first_token() {
     let without = run(&[]);
     assert_eq!(without["first_token_scored"], false);
     assert_eq!(without["start_token"], Value::Null);
-    for (sentence, side) in [(stereo, "stereo"), (anti, "anti")] {
-        let text = tokenizer.encode(sentence, false, false);
-        let started: Vec<u32> = end_of_text.iter().chain(&text).copied().collect();
-        let scored = |report: &Value| report["per_pair"][0][side].as_f64().unwrap();
-        assert_close(scored(&with_start), token_by_token(&model, &started), &format!("{side} after the start token"));
-        assert_close(scored(&without), token_by_token(&model, &text), &format!("{side} without it"));
-        // The first token's own term is what the start adds (besides conditioning the rest).
-        let first_term = token_log_probs(&model, &started)[1];
-        assert!(first_term < 0.0, "{side}: the first token is scored ({first_term})");
+    let started = |sentence: &str| -> Vec<u32> {
+        end_of_text.iter().copied().chain(tokenizer.encode(sentence, false, false)).collect()
+    };
+    let (s, a) = (started(stereo), started(anti));
+    // The swap is the first word: only the start token is shared before it.
+    let prefix = s.iter().zip(&a).take_while(|(x, y)| x == y).count();
+    let suffix = s.iter().rev().zip(a.iter().rev()).take_while(|(x, y)| x == y).count();
+    assert_eq!(prefix, 1, "{s:?} / {a:?}");
+    for (tokens, side) in [(&s, "stereo"), (&a, "anti")] {
+        let scored = |report: &Value, key: &str| report["per_pair"][0][key].as_f64().unwrap();
+        let reference = token_log_probs(&model, tokens);
+        assert_close(scored(&with_start, side), reference.iter().sum(), &format!("{side} after the start token"));
+        assert_close(scored(&without, side), token_by_token(&model, &tokens[1..]), &format!("{side} without it"));
+        // The swapped first word counts in the total, not in the unchanged tokens.
+        let swapped = prefix..tokens.len() - suffix;
+        let without_swap: f64 =
+            reference.iter().enumerate().filter(|(j, _)| !swapped.contains(j)).map(|(_, p)| p).sum();
+        let unchanged = scored(&with_start, &format!("{side}_unchanged"));
+        assert_close(unchanged, without_swap, &format!("{side} unchanged after the start token"));
     }
     // A start that is not one token is refused, naming it.
     let args =
