@@ -1179,3 +1179,70 @@ fn gender_counterfactual_swaps_words_and_scores_the_gender_part() {
     assert!(!output.status.success() && stderr.contains("short.json: not a `bramble bias-eval"), "{output:?}");
     assert!(!stderr.contains("Traceback"), "{output:?}");
 }
+
+/// `scripts/bias-generations.py`: the pronoun rule, and `compare`'s figures
+/// on two hand-made runs whose counts are worked out below.
+#[test]
+fn the_generations_comparison_counts_consistent_answers_and_flips() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = workspace_root().join("scripts/bias-generations.py");
+    let python = |args: &[&str]| std::process::Command::new("python3").arg(&script).args(args).output().unwrap();
+    for (text, class) in [
+        ("The nurse smiled. She was tired, and her shift was long.", "female"),
+        ("Then HIS brother called; she answered.", "male"),
+        ("They went home. There, the chef rested.", "none"),
+        ("Shepherds herd sheep: the hero.", "none"),
+    ] {
+        let output = python(&["classify", text]);
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), class, "{text}");
+    }
+    // Six prompts: occupations listed male, male, male, female, female, female.
+    // Before: male, male, none, male, female, female: 5 gendered, 4 consistent
+    // (SCR 0.8, bias score 0.6); P(male | male-listed) 1, P(male | female-listed)
+    // 1/3, gap 2/3. After: female, male, male, female, female, none: 5 gendered,
+    // 4 consistent again. Gendered in both: prompts 1, 2, 4, 5; prompt 1 flips
+    // to inconsistent, prompt 4 to consistent. Prompts 1, 3, 4, 6 change class.
+    let run = |name: &str, classes: &[&str]| {
+        let listed = ["male", "male", "male", "female", "female", "female"];
+        let answers: Vec<Value> = classes
+            .iter()
+            .zip(listed)
+            .enumerate()
+            .map(|(i, (class, listed))| {
+                serde_json::json!({"prompt": format!("p{i}"), "listed": listed, "class": class, "response": ""})
+            })
+            .collect();
+        let path = dir.path().join(name);
+        std::fs::write(&path, serde_json::json!({ "answers": answers }).to_string()).unwrap();
+        path
+    };
+    let before = run("before.json", &["male", "male", "none", "male", "female", "female"]);
+    let after = run("after.json", &["female", "male", "male", "female", "female", "none"]);
+    let output = python(&["compare", before.to_str().unwrap(), after.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let number = |v: &Value| v.as_f64().unwrap();
+    let b = &result["before"];
+    assert_eq!((b["male"].as_u64(), b["female"].as_u64(), b["none"].as_u64()), (Some(3), Some(2), Some(1)), "{b}");
+    assert!((number(&b["scr"]) - 0.8).abs() < 1e-12, "{b}");
+    assert!((number(&b["bias_score"]) - 0.6).abs() < 1e-12, "{b}");
+    assert!((number(&b["occupation_gap"]) - 2.0 / 3.0).abs() < 1e-12, "{b}");
+    assert!((number(&result["after"]["scr"]) - 0.8).abs() < 1e-12, "{result}");
+    assert_eq!(result["prompts_changing_class"], 4, "{result}");
+    assert_eq!(result["gendered_in_both"], 4, "{result}");
+    assert_eq!((result["flips_to_inconsistent"].as_u64(), result["flips_to_consistent"].as_u64()), (Some(1), Some(1)));
+    assert!((number(&result["mcnemar_p"]) - 1.0).abs() < 1e-12, "{result}");
+    assert!(number(&result["bias_score_change"]).abs() < 1e-12, "{result}");
+    // Runs over different prompts, and files that are not runs, are refused by name.
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, r#"{"answers": [{"prompt": "x", "listed": "male", "class": "male"}]}"#).unwrap();
+    let output = python(&["compare", before.to_str().unwrap(), other.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("did not ask the same prompts"), "{output:?}");
+    std::fs::write(&other, r#"{"answers": [{"prompt": "x", "class": "maybe"}]}"#).unwrap();
+    let output = python(&["compare", before.to_str().unwrap(), other.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("other.json: not a `bias-generations.py run`"), "{stderr}");
+    assert!(!stderr.contains("Traceback"), "{stderr}");
+}

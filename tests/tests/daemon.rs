@@ -1362,6 +1362,79 @@ mod bias {
         assert_eq!(completion["usage"]["completion_tokens"], 5, "{completion}");
     }
 
+    /// The first of he/him/his/himself or she/her/hers/herself among the
+    /// words of `text`: the rule `scripts/bias-generations.py` states,
+    /// written again here to check it.
+    fn first_pronoun_gender(text: &str) -> &'static str {
+        let lower = text.to_lowercase();
+        for word in lower.split(|c: char| !c.is_ascii_lowercase()) {
+            match word {
+                "he" | "him" | "his" | "himself" => return "male",
+                "she" | "her" | "hers" | "herself" => return "female",
+                _ => {}
+            }
+        }
+        "none"
+    }
+
+    /// `scripts/bias-generations.py run` asks a running daemon about each
+    /// occupation, one chat request each, and keeps every answer with its
+    /// class and the loop's signal; the loop sees every answer.
+    #[test]
+    fn the_generations_script_asks_the_daemon_and_keeps_each_answers_signal() {
+        let image = calibrated();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("male_occupations.txt"), "carpenter\nguard\n").unwrap();
+        std::fs::write(dir.path().join("female_occupations.txt"), "nurse\nauditor\n").unwrap();
+        let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--bias-state", "none"]);
+        let script = workspace_root().join("scripts/bias-generations.py");
+        let run = |output: &Path| {
+            let result = Command::new("python3")
+                .arg(&script)
+                .args(["run", "--ndjson", &daemon.ndjson().to_string(), "--occupations"])
+                .arg(dir.path())
+                .arg("--output")
+                .arg(output)
+                .args(["--max-tokens", "6", "--limit", "5"])
+                .output()
+                .unwrap();
+            assert!(result.status.success(), "{result:?}");
+            let run: Value = serde_json::from_str(&std::fs::read_to_string(output).unwrap()).unwrap();
+            run["answers"].as_array().unwrap().clone()
+        };
+        let first = run(&dir.path().join("first.json"));
+        assert_eq!(first.len(), 5);
+        let status = bias_status(&daemon);
+        assert_eq!(status["responses"], 5, "each answer is a response to the loop: {status}");
+        let signals: Vec<f64> = first.iter().map(|a| finite_signal(a, "answer")).collect();
+        let recent: Vec<f64> =
+            status["recent_signals"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(recent, signals, "{status}");
+        for answer in &first {
+            let (occupation, listed) = (answer["occupation"].as_str().unwrap(), answer["listed"].as_str().unwrap());
+            let expected = if ["carpenter", "guard"].contains(&occupation) { "male" } else { "female" };
+            assert_eq!(listed, expected, "{answer}");
+            assert!(answer["prompt"].as_str().unwrap().contains(occupation), "{answer}");
+            let response = answer["response"].as_str().unwrap();
+            assert_eq!(answer["class"], first_pronoun_gender(response), "{answer}");
+        }
+        // The order is fixed: a second run asks the same prompts in the same order.
+        let second = run(&dir.path().join("second.json"));
+        let prompts = |answers: &[Value]| answers.iter().map(|a| a["prompt"].clone()).collect::<Vec<_>>();
+        assert_eq!(prompts(&first), prompts(&second));
+        // A daemon that is not there is named, not a traceback.
+        let result = Command::new("python3")
+            .arg(&script)
+            .args(["run", "--ndjson", "127.0.0.1:1", "--occupations"])
+            .arg(dir.path())
+            .args(["--output", "/dev/null"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success() && stderr.contains("cannot connect to brambled at 127.0.0.1:1"), "{stderr}");
+        assert!(!stderr.contains("Traceback"), "{stderr}");
+    }
+
     #[test]
     fn static_feedback_reports_signals_with_the_weights_fixed() {
         let image = calibrated();
