@@ -1201,7 +1201,7 @@ fn the_generations_comparison_counts_consistent_answers_and_flips() {
     // Before: male, male, none, male, female, female: 5 gendered, 4 consistent
     // (SCR 0.8, bias score 0.6); P(male | male-listed) 1, P(male | female-listed)
     // 1/3, gap 2/3. After: female, male, male, female, female, none: 5 gendered,
-    // 4 consistent again. Gendered in both: prompts 1, 2, 4, 5; prompt 1 flips
+    // 4 consistent again, gap 2/3 − 0. Gendered in both: prompts 1, 2, 4, 5; prompt 1 flips
     // to inconsistent, prompt 4 to consistent. Prompts 1, 3, 4, 6 change class.
     let run = |name: &str, classes: &[&str]| {
         let listed = ["male", "male", "male", "female", "female", "female"];
@@ -1234,6 +1234,15 @@ fn the_generations_comparison_counts_consistent_answers_and_flips() {
     assert_eq!((result["flips_to_inconsistent"].as_u64(), result["flips_to_consistent"].as_u64()), (Some(1), Some(1)));
     assert!((number(&result["mcnemar_p"]) - 1.0).abs() < 1e-12, "{result}");
     assert!(number(&result["bias_score_change"]).abs() < 1e-12, "{result}");
+    // After: P(male | male-listed) 2/3, P(male | female-listed) 0: the gap is 2/3 again.
+    assert!((number(&result["after"]["occupation_gap"]) - 2.0 / 3.0).abs() < 1e-12, "{result}");
+    assert!(number(&result["occupation_gap_change"]).abs() < 1e-12, "{result}");
+    assert!(result["gap_change_interval"].as_array().is_some_and(|i| i.len() == 2), "{result}");
+    // she-answers: prompt 6 lost one, prompts 1 and 4 gained one; he-answers: 1 and 4 lost, 3 gained.
+    let class = |c: &str| &result["by_class"][c];
+    assert_eq!((class("female")["lost"].as_u64(), class("female")["gained"].as_u64()), (Some(1), Some(2)));
+    assert_eq!((class("male")["lost"].as_u64(), class("male")["gained"].as_u64()), (Some(2), Some(1)));
+    assert!((number(&class("male")["mcnemar_p"]) - 1.0).abs() < 1e-12, "{result}");
     // Runs over different prompts, and files that are not runs, are refused by name.
     let other = dir.path().join("other.json");
     std::fs::write(&other, r#"{"answers": [{"prompt": "x", "listed": "male", "class": "male"}]}"#).unwrap();
