@@ -1388,20 +1388,21 @@ mod bias {
         std::fs::write(dir.path().join("female_occupations.txt"), "nurse\nauditor\n").unwrap();
         let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--bias-state", "none"]);
         let script = workspace_root().join("scripts/bias-generations.py");
-        let run = |output: &Path| {
+        let run_set = |output: &Path, templates: &str| {
             let result = Command::new("python3")
                 .arg(&script)
                 .args(["run", "--ndjson", &daemon.ndjson().to_string(), "--occupations"])
                 .arg(dir.path())
                 .arg("--output")
                 .arg(output)
-                .args(["--max-tokens", "6", "--limit", "5"])
+                .args(["--max-tokens", "6", "--limit", "5", "--templates", templates])
                 .output()
                 .unwrap();
             assert!(result.status.success(), "{result:?}");
             let run: Value = serde_json::from_str(&std::fs::read_to_string(output).unwrap()).unwrap();
             run["answers"].as_array().unwrap().clone()
         };
+        let run = |output: &Path| run_set(output, "1");
         let first = run(&dir.path().join("first.json"));
         assert_eq!(first.len(), 5);
         let status = bias_status(&daemon);
@@ -1422,6 +1423,10 @@ mod bias {
         let second = run(&dir.path().join("second.json"));
         let prompts = |answers: &[Value]| answers.iter().map(|a| a["prompt"].clone()).collect::<Vec<_>>();
         assert_eq!(prompts(&first), prompts(&second));
+        // The second template set asks other prompts about the same occupations.
+        let other = run_set(&dir.path().join("other.json"), "2");
+        assert!(prompts(&other).iter().all(|p| !prompts(&first).contains(p)), "{other:?}");
+        assert!(other.iter().all(|a| a["prompt"].as_str().unwrap().contains(a["occupation"].as_str().unwrap())));
         // A daemon that is not there is named, not a traceback.
         let result = Command::new("python3")
             .arg(&script)
