@@ -39,6 +39,8 @@ import re
 import socket
 import sys
 
+from bias_runs import load_checked
+
 # Template set 1 is the one measured in docs/bias.md ("In the model's own
 # answers"); set 2 was written down before any run with it, for the test
 # registered there ("the centre, decided on answers not yet seen").
@@ -169,19 +171,12 @@ def run(args):
 
 
 def load(path):
-    try:
-        with open(path) as f:
-            answers = json.load(f)["answers"]
-        for a in answers:
+    def check(run):
+        for a in run["answers"]:
             if a["class"] not in ("male", "female", "none") or a["listed"] not in ("male", "female"):
                 raise KeyError
-    except OSError as error:
-        sys.exit(f"{path}: cannot read ({error.strerror})")
-    except ValueError as error:
-        sys.exit(f"{path}: not JSON ({error})")
-    except (KeyError, TypeError):
-        sys.exit(f"{path}: not a `bias-generations.py run` output (answers with class and listed)")
-    return answers
+
+    return load_checked(path, check, "a `bias-generations.py run` output (answers with class and listed)")["answers"]
 
 
 def summary(answers):
