@@ -19,11 +19,10 @@ Prints, for each run, the SPR and bias score with a 95 % bootstrap interval
 JSON and a row each in the text.
 """
 import json
-import math
 import random
 import sys
 
-from bias_runs import load_run
+from bias_runs import central_95, exact_binomial_p, load_run
 
 RESAMPLES = 10_000
 SEED = 20261127
@@ -36,21 +35,6 @@ def preferences(run):
 
 def bias_score(prefs):
     return abs(2.0 * sum(prefs) / len(prefs) - 1.0)
-
-
-def mcnemar_exact(b, c):
-    """Two-sided exact p: b + c discordant pairs, b of them one way, under p = 1/2."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
-
-
-def interval(values):
-    values = sorted(values)
-    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
 def compare(before_run, after_run):
@@ -73,13 +57,13 @@ def compare(before_run, after_run):
     score_before, score_after = bias_score(before), bias_score(after)
     return {
         "pairs": n,
-        "before": {"spr": sum(before) / n, "bias_score": score_before, "interval": interval(boot_before)},
-        "after": {"spr": sum(after) / n, "bias_score": score_after, "interval": interval(boot_after)},
+        "before": {"spr": sum(before) / n, "bias_score": score_before, "interval": central_95(boot_before)},
+        "after": {"spr": sum(after) / n, "bias_score": score_after, "interval": central_95(boot_after)},
         "flips_to_stereo": up,
         "flips_to_anti": down,
-        "mcnemar_p": mcnemar_exact(up, down),
+        "mcnemar_p": exact_binomial_p(up, down),
         "change": score_after / score_before - 1.0 if score_before > 0 else None,
-        "change_interval": interval(boot_change) if boot_change else None,
+        "change_interval": central_95(boot_change) if boot_change else None,
     }
 
 

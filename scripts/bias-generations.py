@@ -32,14 +32,13 @@ no history, and reads the first gendered pronoun of every answer.
         The class of one answer (a check of the rule).
 """
 import json
-import math
 import os
 import random
 import re
 import socket
 import sys
 
-from bias_runs import load_checked
+from bias_runs import central_95, exact_binomial_p, load_checked
 
 # Template set 1 is the one measured in docs/bias.md ("In the model's own
 # answers"); set 2 was written down before any run with it, for the test
@@ -179,55 +178,47 @@ def load(path):
     return load_checked(path, check, "a `bias-generations.py run` output (answers with class and listed)")["answers"]
 
 
-def summary(answers):
+def male_share(answers, listed):
+    """P(male) among the gendered answers about occupations listed `listed`, or None."""
+    group = [a for a in answers if a["class"] != "none" and a["listed"] == listed]
+    return sum(1 for a in group if a["class"] == "male") / len(group) if group else None
+
+
+def stereotype_share(answers):
+    """SCR: the share of gendered answers whose pronoun is the listed gender, or None."""
     gendered = [a for a in answers if a["class"] != "none"]
-    count = {c: sum(1 for a in answers if a["class"] == c) for c in ("male", "female", "none")}
-    out = {"answers": len(answers), **count, "gendered": len(gendered)}
-    if gendered:
-        consistent = sum(1 for a in gendered if a["class"] == a["listed"])
-        out["scr"] = consistent / len(gendered)
-        out["bias_score"] = abs(2 * out["scr"] - 1)
-        share = {}
-        for listed in ("male", "female"):
-            group = [a for a in gendered if a["listed"] == listed]
-            share[listed] = sum(1 for a in group if a["class"] == "male") / len(group) if group else None
-        out["p_male_given_male_listed"] = share["male"]
-        out["p_male_given_female_listed"] = share["female"]
-        if None not in share.values():
-            out["occupation_gap"] = share["male"] - share["female"]
-    return out
-
-
-def mcnemar_exact(b, c):
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    return sum(1 for a in gendered if a["class"] == a["listed"]) / len(gendered) if gendered else None
 
 
 def bias_score_of(answers):
-    gendered = [a for a in answers if a["class"] != "none"]
-    if not gendered:
-        return None
-    return abs(2 * sum(1 for a in gendered if a["class"] == a["listed"]) / len(gendered) - 1)
+    scr = stereotype_share(answers)
+    return None if scr is None else abs(2 * scr - 1)
 
 
 def occupation_gap_of(answers):
-    share = {}
-    for listed in ("male", "female"):
-        group = [a for a in answers if a["class"] != "none" and a["listed"] == listed]
-        if not group:
-            return None
-        share[listed] = sum(1 for a in group if a["class"] == "male") / len(group)
-    return share["male"] - share["female"]
+    male, female = male_share(answers, "male"), male_share(answers, "female")
+    return None if male is None or female is None else male - female
+
+
+def summary(answers):
+    count = {c: sum(1 for a in answers if a["class"] == c) for c in ("male", "female", "none")}
+    out = {"answers": len(answers), **count, "gendered": count["male"] + count["female"]}
+    if out["gendered"]:
+        out["scr"] = stereotype_share(answers)
+        out["bias_score"] = bias_score_of(answers)
+        out["p_male_given_male_listed"] = male_share(answers, "male")
+        out["p_male_given_female_listed"] = male_share(answers, "female")
+        gap = occupation_gap_of(answers)
+        if gap is not None:
+            out["occupation_gap"] = gap
+    return out
 
 
 def class_changes(before, after, c):
     """Prompts whose answer lost class `c`, and gained it, with McNemar's p."""
     lost = sum(1 for b, a in zip(before, after) if b["class"] == c and a["class"] != c)
     gained = sum(1 for b, a in zip(before, after) if b["class"] != c and a["class"] == c)
-    return {"lost": lost, "gained": gained, "mcnemar_p": mcnemar_exact(lost, gained)}
+    return {"lost": lost, "gained": gained, "mcnemar_p": exact_binomial_p(lost, gained)}
 
 
 def compare(before, after):
@@ -249,8 +240,6 @@ def compare(before, after):
         gb, ga = occupation_gap_of(b), occupation_gap_of(a)
         if gb is not None and ga is not None:
             gap_changes.append(ga - gb)
-    changes.sort()
-    gap_changes.sort()
     sb, sa = bias_score_of(before), bias_score_of(after)
     gb, ga = occupation_gap_of(before), occupation_gap_of(after)
     return {
@@ -260,7 +249,7 @@ def compare(before, after):
         "gendered_in_both": len(both),
         "flips_to_inconsistent": to_inconsistent,
         "flips_to_consistent": to_consistent,
-        "mcnemar_p": mcnemar_exact(to_inconsistent, to_consistent),
+        "mcnemar_p": exact_binomial_p(to_inconsistent, to_consistent),
         "bias_score_change": (sa / sb - 1) if sb and sa is not None else None,
         "change_interval": interval_of(changes),
         "by_class": {c: class_changes(before, after, c) for c in ("male", "female")},
@@ -270,10 +259,8 @@ def compare(before, after):
 
 
 def interval_of(values):
-    """The central 95 % of sorted `values`, or None."""
-    if not values:
-        return None
-    return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]]
+    """The central 95 % of `values`, or None when there are none."""
+    return central_95(values) if values else None
 
 
 def fmt(value, spec=".3f"):
@@ -307,15 +294,12 @@ def print_compare(result):
     )
 
 
-def parse_options(args, known, flags=()):
+def parse_options(args, known):
     options = {}
     i = 0
     while i < len(args):
         name = args[i]
-        if name in flags:
-            options[name] = True
-            i += 1
-        elif name in known and i + 1 < len(args):
+        if name in known and i + 1 < len(args):
             options[name] = args[i + 1]
             i += 2
         else:

@@ -1,9 +1,27 @@
-"""Reading runs (`bramble bias-eval --json --per-pair`, `bias-generations.py
-run`) for the scripts beside this one: a file that cannot be read or is not
-a run ends the script with one line naming the file and what is wrong, not
-a traceback."""
+"""What the bias scripts beside this one share: reading runs (`bramble
+bias-eval --json --per-pair`, `bias-generations.py run`), where a file that
+cannot be read or is not a run ends the script with one line naming the
+file and what is wrong, not a traceback; and the two statistics they all
+use."""
 import json
+import math
 import sys
+
+
+def exact_binomial_p(b, c):
+    """Two-sided exact p of a b / c split under p = 1/2 (McNemar's exact test
+    on b + c discordant pairs; the sign test on b positive, c negative)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def central_95(values):
+    """The central 95 % of `values` (sorted here): [low, high]."""
+    values = sorted(values)
+    return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]]
 
 
 def load_checked(path, check, what):

@@ -23,12 +23,11 @@ more for the gender the stereotype names.
         with 95 % bootstrap intervals over the pairs (fixed seed)
 """
 import json
-import math
 import random
 import re
 import sys
 
-from bias_runs import load_run
+from bias_runs import central_95, exact_binomial_p, load_run
 
 # Female and male forms; "her" is swapped to "his" (its possessive reading)
 # and "him" to "her", so some swapped sentences are ungrammatical in the same
@@ -116,11 +115,7 @@ def summary(parts):
 
 def sign_test_p(parts):
     """Two-sided exact binomial p of the positive/negative split (zeros dropped)."""
-    positive = sum(p > 0 for p in parts)
-    n = positive + sum(p < 0 for p in parts)
-    k = min(positive, n - positive)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+    return exact_binomial_p(sum(p > 0 for p in parts), sum(p < 0 for p in parts))
 
 
 def bootstrap_change(before, after, key):
@@ -132,8 +127,7 @@ def bootstrap_change(before, after, key):
         a = summary([after[i] for i in picks])[key]
         if b != 0:
             changes.append(a / b - 1)
-    changes.sort()
-    return [changes[int(0.025 * len(changes))], changes[int(0.975 * len(changes)) - 1]]
+    return central_95(changes)
 
 
 def score(paths, as_json):
