@@ -36,6 +36,8 @@
 //!   need it fail when it is missing, unless `BRAMBLE_SKIP_PYTHON=1`.
 #![warn(missing_docs)]
 
+pub mod daemon;
+
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
 use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use serde_json::Value;
