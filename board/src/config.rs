@@ -240,6 +240,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// On SIGTERM, time running and queued requests get to finish before they are cancelled.
     pub drain_timeout: Duration,
+    /// Time one write to a client may take (a streamed token, a whole
+    /// response); a client that reads nothing for this long is cancelled, so
+    /// it cannot hold the inference thread.
+    pub send_timeout: Duration,
 }
 
 /// Sampling settings for requests that do not give them.
@@ -277,6 +281,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(120),
             max_connections: 64,
             drain_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -345,6 +350,7 @@ struct FileLimits {
     idle_timeout_secs: Option<f64>,
     max_connections: Option<i64>,
     drain_timeout_secs: Option<f64>,
+    send_timeout_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -478,15 +484,55 @@ fn level(key: &str, text: &str) -> Result<log::LevelFilter, ConfigError> {
         .map_err(|_| ConfigError::new(key, format!("{text:?} is not one of off, error, warn, info, debug, trace")))
 }
 
+/// The largest configuration file read: a real one is a few KiB, and a
+/// device such as `/dev/zero` given by mistake must not be read forever.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file: a regular file (not a FIFO, which would block
+/// the start, nor a device) of at most [`MAX_CONFIG_BYTES`].
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let name = path.display().to_string();
+    let fail = |message: String| ConfigError::new(&name, message);
+    let metadata = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if !metadata.is_file() {
+        return Err(fail(format!("cannot read: not a regular file ({})", file_kind(&metadata))));
+    }
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!("is over {MAX_CONFIG_BYTES} bytes; a configuration is a few KiB")));
+    }
+    String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text (at byte {})", e.utf8_error().valid_up_to())))
+}
+
+/// What kind of file `metadata` describes, for messages.
+pub fn file_kind(metadata: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = metadata.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_file() {
+        "a regular file"
+    } else {
+        "not a regular file"
+    }
+}
+
 impl Config {
     /// Reads the file named by `--config` (if any) and applies the flags over it.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = match &overrides.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::new(&path.display().to_string(), format!("cannot read: {e}")))?;
-                Some((path.as_path(), text))
-            }
+            Some(path) => Some((path.as_path(), read_config_file(path)?)),
             None => None,
         };
         Self::from_parts(file.as_ref().map(|(p, t)| (*p, t.as_str())), overrides)
@@ -615,6 +661,9 @@ impl Config {
             drain_timeout: l
                 .drain_timeout_secs
                 .map_or(Ok(defaults.drain_timeout), |v| seconds("limits.drain_timeout_secs", v))?,
+            send_timeout: l
+                .send_timeout_secs
+                .map_or(Ok(defaults.send_timeout), |v| seconds("limits.send_timeout_secs", v))?,
         };
 
         let s = &parsed.sampling;

@@ -7,8 +7,8 @@ use crate::config::Limits;
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why no request could be read.
@@ -32,13 +32,34 @@ pub struct Connection {
     pub stream: TcpStream,
     pending: Vec<u8>,
     limits: Limits,
+    /// Its place in the connection table, marked idle while it waits for a request.
+    slot: Option<ConnectionGuard>,
+    /// Admitted in the slot kept for `GET /health`: other requests are refused busy.
+    pub health_only: bool,
 }
 
 impl Connection {
-    /// Wraps an accepted stream.
+    /// Wraps an accepted stream. Writes to it wait at most `limits.send_timeout`.
     pub fn new(stream: TcpStream, limits: &Limits) -> Self {
         let _ = stream.set_nodelay(true);
-        Self { stream, pending: Vec::with_capacity(4096), limits: limits.clone() }
+        let _ = stream.set_write_timeout(Some(limits.send_timeout));
+        Self { stream, pending: Vec::with_capacity(4096), limits: limits.clone(), slot: None, health_only: false }
+    }
+
+    /// Wraps an accepted stream admitted to the connection table.
+    pub fn admitted(stream: TcpStream, limits: &Limits, admission: Admission) -> Option<Self> {
+        let (slot, health_only) = match admission {
+            Admission::Full(slot) => (slot, false),
+            Admission::HealthOnly(slot) => (slot, true),
+            Admission::Refused => return None,
+        };
+        Some(Self { slot: Some(slot), health_only, ..Self::new(stream, limits) })
+    }
+
+    fn set_idle(&self, idle: bool) {
+        if let Some(slot) = &self.slot {
+            slot.set_idle(idle);
+        }
     }
 
     /// The limits in force.
@@ -77,6 +98,8 @@ impl Connection {
     pub fn read_until(&mut self, delimiter: &[u8], max: usize) -> Result<Vec<u8>, ReadFailure> {
         let idle_deadline = Instant::now() + self.limits.idle_timeout;
         let mut request_deadline = (!self.pending.is_empty()).then(|| Instant::now() + self.limits.request_timeout);
+        // Between requests the connection may be closed to make room for another.
+        self.set_idle(request_deadline.is_none());
         let mut searched = 0;
         loop {
             if let Some(at) = find(&self.pending[searched..], delimiter) {
@@ -96,6 +119,7 @@ impl Connection {
             self.fill(request_deadline.unwrap_or(idle_deadline), began)?;
             if request_deadline.is_none() && !self.pending.is_empty() {
                 request_deadline = Some(Instant::now() + self.limits.request_timeout);
+                self.set_idle(false);
             }
         }
     }
@@ -129,37 +153,125 @@ pub fn peer_gone(stream: &TcpStream) -> bool {
     }
 }
 
+/// Whether bytes from the client wait unread in `stream` (looked at without reading).
+fn has_input(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut byte = [0u8; 1];
+    matches!(recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT), Ok(n) if n > 0)
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Counts open connections; each accepted one holds a guard until it closes.
+/// The open TCP connections, so that the limit on them cannot be held by
+/// clients that send nothing: at the limit, the connection idle the longest
+/// (between requests, or never having sent one) is closed to make room; the
+/// last slot is kept for `GET /health`; and connections already closing (shut
+/// down by us, or whose client has hung up) are not counted.
 #[derive(Debug, Default)]
-pub struct ConnectionCount(AtomicUsize);
+pub struct ConnectionTable {
+    slots: Mutex<Vec<Slot>>,
+    next_id: AtomicU64,
+}
 
-/// One counted connection.
-pub struct ConnectionGuard(Arc<ConnectionCount>);
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    /// A handle on the socket, to shut it down when it is evicted.
+    stream: TcpStream,
+    /// Since when it has been waiting for a request; `None` while one is read or answered.
+    idle_since: Option<Instant>,
+    /// Shut down by us or hung up by the client: its thread is on its way out.
+    closing: bool,
+}
 
-impl ConnectionCount {
-    /// A guard if fewer than `max` connections are open.
-    pub fn enter(count: &Arc<ConnectionCount>, max: usize) -> Option<ConnectionGuard> {
-        let previous = count.0.fetch_add(1, Ordering::SeqCst);
-        if previous >= max {
-            count.0.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(ConnectionGuard(Arc::clone(count)))
+/// How long a connection must have waited for a request before it may be
+/// closed to make room: a client that has just connected is about to send.
+pub const IDLE_BEFORE_CLOSING: Duration = Duration::from_millis(200);
+
+/// How an accepted connection was let in.
+pub enum Admission {
+    /// As any connection.
+    Full(ConnectionGuard),
+    /// In the slot kept for `GET /health`: anything else is refused busy.
+    HealthOnly(ConnectionGuard),
+    /// Not at all: every slot is busy with a request.
+    Refused,
+}
+
+/// One admitted connection; its slot is freed when the guard drops.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    table: Arc<ConnectionTable>,
+    id: u64,
+}
+
+impl ConnectionTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connections open now.
+    /// Admits `stream` if the table has room under `max`, making room by
+    /// closing the connection idle the longest when it has not.
+    pub fn admit(table: &Arc<ConnectionTable>, stream: &TcpStream, max: usize) -> Admission {
+        let Ok(handle) = stream.try_clone() else { return Admission::Refused };
+        let mut slots = table.lock();
+        let mut open = slots.iter().filter(|s| !s.closing).count();
+        if open + 1 >= max {
+            // Full, or at the kept slot: those whose client hung up do not count.
+            for slot in slots.iter_mut().filter(|s| !s.closing && peer_gone(&s.stream)) {
+                slot.closing = true;
+                open -= 1;
+            }
+        }
+        if open + 1 >= max {
+            // Still full: close the connection that has waited longest for a request.
+            // One whose next request has already arrived (unread) is not idle.
+            let oldest = slots
+                .iter_mut()
+                .filter(|s| !s.closing && s.idle_since.is_some_and(|t| t.elapsed() >= IDLE_BEFORE_CLOSING))
+                .filter(|s| !has_input(&s.stream))
+                .min_by_key(|s| s.idle_since);
+            if let Some(slot) = oldest {
+                log::debug!("connection limit {max}: closing the connection idle the longest to make room");
+                let _ = slot.stream.shutdown(std::net::Shutdown::Both);
+                slot.closing = true;
+                open -= 1;
+            }
+        }
+        if open >= max {
+            return Admission::Refused;
+        }
+        let id = table.next_id.fetch_add(1, Ordering::Relaxed);
+        slots.push(Slot { id, stream: handle, idle_since: Some(Instant::now()), closing: false });
+        let guard = ConnectionGuard { table: Arc::clone(table), id };
+        // `max` > 1: the last slot is kept for the health check.
+        if open + 1 == max && max > 1 {
+            Admission::HealthOnly(guard)
+        } else {
+            Admission::Full(guard)
+        }
+    }
+
+    /// Connections open now (those closing not counted).
     pub fn open(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.lock().iter().filter(|s| !s.closing).count()
+    }
+}
+
+impl ConnectionGuard {
+    /// Marks the connection as waiting for a request (evictable) or not.
+    pub fn set_idle(&self, idle: bool) {
+        if let Some(slot) = self.table.lock().iter_mut().find(|s| s.id == self.id) {
+            slot.idle_since = if idle { slot.idle_since.or_else(|| Some(Instant::now())) } else { None };
+        }
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+        self.table.lock().retain(|s| s.id != self.id);
     }
 }
 
@@ -171,7 +283,7 @@ pub struct Shared {
     /// The configuration.
     pub config: Arc<crate::config::Config>,
     /// Open TCP connections.
-    pub connections: Arc<ConnectionCount>,
+    pub connections: Arc<ConnectionTable>,
 }
 
 impl Shared {

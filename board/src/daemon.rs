@@ -2,15 +2,15 @@
 //! console, tell systemd we are ready, then wait for SIGTERM/SIGINT and drain.
 
 use crate::config::Config;
-use crate::connection::{Connection, ConnectionCount, Shared};
+use crate::connection::{Admission, Connection, ConnectionTable, Shared};
 use crate::engine::{Engine, RequestError};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Sends `state` (`READY=1`, `STOPPING=1`, `STATUS=...`) to systemd's
@@ -95,20 +95,40 @@ fn accept_loop(listener: TcpListener, protocol: Protocol, shared: Shared) {
                 continue;
             }
         };
+        // Writes to this client (its streamed tokens among them) wait at most the send timeout.
+        let _ = stream.set_write_timeout(Some(shared.config.limits.send_timeout));
         let limit = shared.config.limits.max_connections;
-        let Some(guard) = ConnectionCount::enter(&shared.connections, limit) else {
-            log::warn!("{}: refusing {peer}: {limit} connections are open", protocol.name());
+        let admission = ConnectionTable::admit(&shared.connections, &stream, limit);
+        let admission = match (admission, protocol) {
+            (Admission::Refused, _) => None,
+            // The kept slot is for `GET /health`, which only HTTP has.
+            (Admission::HealthOnly(_), Protocol::Ndjson | Protocol::Console) => None,
+            (admission, _) => Some(admission),
+        };
+        let Some(admission) = admission else {
+            log::warn!("{}: refusing {peer}: {limit} connections are open and busy", protocol.name());
             refuse(stream, protocol, limit);
             continue;
         };
         let shared = shared.clone();
         let spawned = std::thread::Builder::new().name(format!("{}-{peer}", protocol.name())).spawn(move || {
-            let _guard = guard;
             log::debug!("{}: connection from {peer}", protocol.name());
+            let limits = &shared.config.limits;
             match protocol {
-                Protocol::Http => crate::http::serve(Connection::new(stream, &shared.config.limits), &shared),
-                Protocol::Ndjson => crate::ndjson::serve(Connection::new(stream, &shared.config.limits), &shared),
-                Protocol::Console => crate::console::serve_tcp(stream, &shared),
+                Protocol::Http => {
+                    if let Some(connection) = Connection::admitted(stream, limits, admission) {
+                        crate::http::serve(connection, &shared)
+                    }
+                }
+                Protocol::Ndjson => {
+                    if let Some(connection) = Connection::admitted(stream, limits, admission) {
+                        crate::ndjson::serve(connection, &shared)
+                    }
+                }
+                Protocol::Console => {
+                    let _slot = admission;
+                    crate::console::serve_tcp(stream, &shared)
+                }
             }
         });
         if let Err(e) = spawned {
@@ -117,14 +137,71 @@ fn accept_loop(listener: TcpListener, protocol: Protocol, shared: Shared) {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; returns after draining.
+/// After the drain time, how long cancelled work gets to notice and tell its
+/// client before the process ends regardless (a client that stopped reading
+/// must not keep the daemon alive).
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for signals on its own thread from before the model is opened, so
+/// the daemon can be stopped while it loads: SIGTERM or SIGINT then ends the
+/// process at once; once it serves, they are passed on to drain. SIGHUP (a
+/// closed terminal, or `systemctl reload`) is logged and ignored: the
+/// configuration is read once, at start.
+fn watch_signals(signals: SigSet, serving: Arc<AtomicBool>) -> Result<mpsc::Receiver<Signal>, String> {
+    let (sender, receiver) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || loop {
+            match signals.wait() {
+                Ok(Signal::SIGHUP) => log::info!("SIGHUP: ignored; restart brambled to apply a changed configuration"),
+                Ok(signal) if !serving.load(Ordering::SeqCst) => {
+                    log::info!("{signal:?} while starting: exiting");
+                    notify("STOPPING=1");
+                    std::process::exit(0);
+                }
+                Ok(signal) => {
+                    if sender.send(signal).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::error!("waiting for signals: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(receiver)
+}
+
+/// Waits until every thread in `threads` has finished or `deadline` passes; returns those still running.
+fn join_until(threads: Vec<std::thread::JoinHandle<()>>, deadline: Instant) -> usize {
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut running = 0;
+    for thread in threads {
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            running += 1;
+        }
+    }
+    running
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns after draining, within
+/// `limits.drain_timeout` plus [`CANCEL_GRACE`] whatever the clients do.
 pub fn run(config: Config) -> Result<(), String> {
-    // Block the stop signals in this thread before any other starts (threads
-    // inherit the mask), so only the `sigwait` below receives them — no handler, no unsafe.
+    // Block the signals in this thread before any other starts (threads
+    // inherit the mask), so only the signal thread's `sigwait` receives them — no handler, no unsafe.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    signals.thread_block().map_err(|e| format!("cannot block SIGTERM/SIGINT: {e}"))?;
+    signals.add(Signal::SIGHUP);
+    signals.thread_block().map_err(|e| format!("cannot block SIGTERM/SIGINT/SIGHUP: {e}"))?;
+    let serving = Arc::new(AtomicBool::new(false));
+    let stop_signals = watch_signals(signals, Arc::clone(&serving))?;
 
     let (engine, inference) = Engine::start(&config).map_err(|e| format!("model: {e}"))?;
     log::info!("loaded {}: {}", engine.info.name, engine.info.summary);
@@ -161,27 +238,38 @@ pub fn run(config: Config) -> Result<(), String> {
     let console = console.transpose().map_err(|e| format!("cannot start the console thread: {e}"))?;
 
     log::info!("ready");
+    serving.store(true, Ordering::SeqCst);
     notify("READY=1\nSTATUS=serving");
-    let signal = signals.wait().map_err(|e| format!("waiting for signals: {e}"))?;
+    let signal = stop_signals.recv().map_err(|_| "the signal thread ended".to_string())?;
     log::info!("{signal:?}: draining (up to {:.1} s), then exiting", config.limits.drain_timeout.as_secs_f64());
     notify("STOPPING=1");
 
-    // Stop taking work, give what is running or queued the drain time, then cancel it.
+    // Stop taking work, give what is running or queued the drain time (a
+    // second signal cuts it short), then cancel it.
     engine.stopping.store(true, Ordering::SeqCst);
     let deadline = Instant::now() + config.limits.drain_timeout;
     while !engine.idle() && Instant::now() < deadline {
+        if let Ok(again) = stop_signals.try_recv() {
+            log::info!("{again:?} again: cancelling now");
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     if !engine.idle() {
         log::warn!("drain time is up: cancelling what is left");
         engine.cancel_all.store(true, Ordering::SeqCst);
     }
-    for acceptor in acceptors {
-        let _ = acceptor.join();
-    }
-    let _ = inference.join();
-    if let Some(console) = console {
-        let _ = console.join();
+    // A hard deadline: threads still held (a write to a client that stopped
+    // reading waits up to the send timeout) are left behind when the process ends.
+    let mut threads = acceptors;
+    threads.push(inference);
+    threads.extend(console);
+    let left = join_until(threads, Instant::now() + CANCEL_GRACE);
+    if left > 0 {
+        log::warn!(
+            "{left} threads did not stop within {:.1} s of the cancel: exiting without them",
+            CANCEL_GRACE.as_secs_f64()
+        );
     }
     let stats = &engine.stats;
     log::info!(

@@ -668,7 +668,13 @@ impl GenerationSink for SinkWriter<'_> {
     fn text(&mut self, piece: &str) -> ControlFlow<()> {
         match self.sink.text(piece) {
             Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    // A client that stopped reading: cancelled, so the others are served.
+                    log::warn!("cancelling a generation: {e}");
+                }
+                ControlFlow::Break(())
+            }
         }
     }
 }

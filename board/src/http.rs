@@ -437,6 +437,14 @@ fn handle(connection: &mut Connection, head: &Head, shared: &Shared) -> std::io:
     };
 
     let engine = &shared.engine;
+    if connection.health_only && !(head.method == "GET" && head.path == "/health") {
+        // Admitted in the slot kept for the health check, when every other slot is busy.
+        let open = shared.connections.open();
+        let error =
+            RequestError::new(503, "server_busy", format!("busy: {open} connections are open; try again later"));
+        respond_error(&mut connection.stream, &error, false)?;
+        return Ok(false);
+    }
     let endpoint = match (head.method.as_str(), head.path.as_str()) {
         ("GET", "/health") => {
             let stats = &engine.stats;

@@ -194,7 +194,7 @@ pub fn parse(
         RequestError::invalid(None, format!("the request is not valid UTF-8 (at byte {})", e.valid_up_to()))
     })?;
     let value: Value =
-        serde_json::from_str(text).map_err(|e| RequestError::invalid(None, format!("malformed JSON: {e}")))?;
+        crate::json::parse_strict(text).map_err(|e| RequestError::invalid(None, format!("malformed JSON: {e}")))?;
     let object = value.as_object().ok_or_else(|| {
         RequestError::invalid(None, format!("the request must be a JSON object, got {}", type_name(&value)))
     })?;

@@ -67,9 +67,58 @@ impl Read for TcpPort {
     }
 }
 
+/// Sends all of `bytes` on `stream` within its write timeout (`SO_SNDTIMEO`,
+/// set per connection from `limits.send_timeout`), counted from the call: a
+/// client that stops reading fails the write with [`io::ErrorKind::TimedOut`]
+/// instead of holding the caller, even if it reads a byte now and then. With
+/// no timeout set, waits as long as the client does.
+pub fn send_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let timeout = stream.write_timeout()?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                // The socket's buffer is full: wait for room, until the deadline.
+                let wait = match deadline {
+                    None => PollTimeout::NONE,
+                    Some(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(send_timed_out(timeout.unwrap_or_default()));
+                        }
+                        PollTimeout::try_from(left.max(Duration::from_millis(1))).unwrap_or(PollTimeout::MAX)
+                    }
+                };
+                let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+                match nix::poll::poll(&mut fds, wait) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn send_timed_out(timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the client read nothing for {:.1} s (limits.send_timeout_secs)", timeout.as_secs_f64()),
+    )
+}
+
 impl Write for TcpPort {
     fn write(&mut self, buf: &[u8]) -> Result<usize, io::Error> {
+        // One write waits at most the write timeout (`SO_SNDTIMEO`), as `send_all` does.
         io::Write::write(&mut self.0, buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), io::Error> {
+        send_all(&self.0, buf)
     }
     fn flush(&mut self) -> Result<(), io::Error> {
         io::Write::flush(&mut self.0)

@@ -333,3 +333,18 @@ pub fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, text).unwrap();
     (dir, path)
 }
+
+/// A connection to `address` that reads almost nothing: a receive buffer as
+/// small as the kernel allows and a small segment size, as a phone app sent
+/// to the background or a stalled Wi-Fi link looks to the daemon. The caller
+/// sends its request and then never reads.
+pub fn stalled_connection(address: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(v4) = address else { panic!("{address}: the daemon listens on IPv4 loopback here") };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).expect("socket");
+    setsockopt(&fd, sockopt::RcvBuf, &1).expect("SO_RCVBUF");
+    setsockopt(&fd, sockopt::TcpMaxSeg, &536).expect("TCP_MAXSEG");
+    connect(fd.as_raw_fd(), &SockaddrIn::from(v4)).unwrap_or_else(|e| panic!("connect {address}: {e}"));
+    TcpStream::from(fd)
+}

@@ -1,4 +1,85 @@
-//! See the table in `main.rs`.
+//! Signals and odd inputs at start: SIGHUP used to kill the daemon without a
+//! drain; SIGTERM was ignored while the model was being opened (a FIFO as
+//! `--model` blocked forever); `--config /dev/zero` was read without bound.
 
-#[allow(unused_imports)]
 use bramble_tests::daemon::*;
+use bramble_tests::*;
+use serde_json::json;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Waits for `child` to exit, at most `limit`; `None` if it is still running (then it is killed).
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn sighup_is_ignored_and_the_daemon_serves_on() {
+    let mut daemon = Daemon::start(&[]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.assert_alive();
+    let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(lines.last().unwrap()["eval_count"], 2, "{lines:?}");
+    assert!(daemon.log().contains("SIGHUP: ignored"), "{}", daemon.log());
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn a_device_as_the_config_file_is_refused_at_once() {
+    for device in ["/dev/zero", "/dev/urandom"] {
+        let mut child = Command::new(brambled_binary())
+            .args(["--uart", "none", "--config", device, "--model"])
+            .arg(model())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status =
+            exit_within(&mut child, Duration::from_secs(10)).unwrap_or_else(|| panic!("{device}: still reading"));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(2), "{device}: {stderr}");
+        assert!(stderr.contains(device) && stderr.contains("not a regular file"), "{device}: {stderr}");
+    }
+    // A regular file over the cap is refused too, by its size.
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+    let output = Command::new(brambled_binary()).args(["--uart", "none", "--config"]).arg(&big).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bytes"), "{stderr}");
+}
+
+#[test]
+fn sigterm_while_the_model_is_being_opened_ends_the_process() {
+    // Opening a FIFO blocks until a writer comes: the daemon is stuck in its load.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.bramble");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut child = Command::new(brambled_binary())
+        .args(["--uart", "none", "--http", "127.0.0.1:0", "--ndjson", "127.0.0.1:0", "--model"])
+        .arg(&fifo)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = exit_within(&mut child, Duration::from_secs(10));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = status.unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{stderr}"));
+    // Stopped by the signal while loading, or refused the FIFO before it came: either way, promptly and cleanly.
+    assert!(status.code().is_some(), "killed by a signal: {status}\n{stderr}");
+}
