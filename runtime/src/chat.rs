@@ -88,8 +88,11 @@ impl ChatTemplate {
 const ESCAPE_START: char = '\u{FDD0}';
 /// Marks where an escaped piece ends.
 const ESCAPE_END: char = '\u{FDD1}';
-/// The sixteen hexadecimal digits of a piece's number are U+FDE0–U+FDEF.
-const ESCAPE_DIGIT_ZERO: u32 = 0xFDE0;
+/// The hexadecimal digits of a mark's number.
+const ESCAPE_DIGITS: [char; 16] = [
+    '\u{FDE0}', '\u{FDE1}', '\u{FDE2}', '\u{FDE3}', '\u{FDE4}', '\u{FDE5}', '\u{FDE6}', '\u{FDE7}', '\u{FDE8}',
+    '\u{FDE9}', '\u{FDEA}', '\u{FDEB}', '\u{FDEC}', '\u{FDED}', '\u{FDEE}', '\u{FDEF}',
+];
 
 /// Whether `c` is one of the noncharacters the escaping uses.
 fn is_reserved(c: char) -> bool {
@@ -138,15 +141,39 @@ impl EscapedRendering<'_> {
             loop {
                 match chars.next() {
                     Some(ESCAPE_END) => break,
-                    Some(digit) if (ESCAPE_DIGIT_ZERO..ESCAPE_DIGIT_ZERO + 16).contains(&(digit as u32)) => {
-                        number = number.checked_mul(16).ok_or_else(cut)? + (digit as u32 - ESCAPE_DIGIT_ZERO) as usize;
+                    Some(c) => {
+                        let digit = ESCAPE_DIGITS.iter().position(|&digit| digit == c).ok_or_else(cut)?;
+                        number = number.checked_mul(16).ok_or_else(cut)? + digit;
                     }
-                    _ => return Err(cut()),
+                    None => return Err(cut()),
                 }
             }
             out.push_str(self.originals.get(number).ok_or_else(cut)?);
         }
         Ok(())
+    }
+}
+
+/// The control-token spellings to escape, longest first, and which bytes begin one.
+struct ControlSpellings<'c> {
+    spellings: Vec<&'c str>,
+    first_bytes: [bool; 256],
+}
+
+impl<'c> ControlSpellings<'c> {
+    /// `spellings` (longest first) less any made with the marks' characters,
+    /// which could be found inside a mark.
+    fn new(spellings: &[&'c str]) -> Self {
+        let spellings: Vec<&str> = spellings
+            .iter()
+            .copied()
+            .filter(|spelling| !spelling.is_empty() && !spelling.contains(is_reserved))
+            .collect();
+        let mut first_bytes = [false; 256];
+        for spelling in &spellings {
+            first_bytes[spelling.as_bytes()[0] as usize] = true;
+        }
+        Self { spellings, first_bytes }
     }
 }
 
@@ -160,12 +187,18 @@ impl EscapedRendering<'_> {
 ///   spelling: the end of the text that begins one, the start of the text
 ///   that ends one;
 /// - the noncharacters the marks are made of.
-fn escape<'m>(text: &'m str, control: &[&str], originals: &mut Vec<&'m str>) -> String {
+fn escape<'m>(text: &'m str, control: &ControlSpellings, originals: &mut Vec<&'m str>) -> String {
+    let (first_bytes, control) = (&control.first_bytes, control.spellings.as_slice());
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut position = 0;
     while let Some(c) = text[position..].chars().next() {
         let rest = &text[position..];
-        let length = match control.iter().find(|spelling| rest.starts_with(**spelling)) {
+        let spelling = if first_bytes[rest.as_bytes()[0] as usize] {
+            control.iter().find(|spelling| rest.starts_with(**spelling))
+        } else {
+            None
+        };
+        let length = match spelling {
             Some(spelling) => spelling.len(),
             None if is_reserved(c) => c.len_utf8(),
             None => 0,
@@ -222,8 +255,7 @@ fn escape<'m>(text: &'m str, control: &[&str], originals: &mut Vec<&'m str>) -> 
         let number = originals.len();
         let digits = (usize::BITS - number.leading_zeros()).div_ceil(4).max(1);
         for shift in (0..digits).rev() {
-            let digit = (number >> (4 * shift)) as u32 & 0xF;
-            out.push(char::from_u32(ESCAPE_DIGIT_ZERO + digit).expect("U+FDE0–U+FDEF are chars"));
+            out.push(ESCAPE_DIGITS[(number >> (4 * shift)) & 0xF]);
         }
         out.push(ESCAPE_END);
         originals.push(&text[piece.clone()]);
@@ -259,8 +291,7 @@ impl ChatTemplate {
                 ));
             }
         }
-        // A spelling made of the marks' characters could be found in a mark.
-        let control: Vec<&str> = control.iter().copied().filter(|spelling| !spelling.contains(is_reserved)).collect();
+        let control = ControlSpellings::new(control);
         let mut originals = Vec::new();
         let escaped: Vec<ChatMessage> = messages
             .iter()

@@ -216,10 +216,11 @@ impl Tokenizer {
     /// only if the template writes it.
     ///
     /// A conversation whose messages spell no control token gets exactly the
-    /// ids of encoding the rendered text with special tokens parsed: message
-    /// text is escaped before rendering and put back after (see
-    /// [`ChatTemplate::render_escaped`]), so templates that trim or join
-    /// message text still work. Errors: the template fails, or it cut into
+    /// ids of encoding the rendered text with special tokens parsed: where
+    /// message text spells a control token (or, at its trimmed ends, part of
+    /// one that the markup beside it could complete), it is swapped for a
+    /// mark before rendering and put back after, so templates that trim or
+    /// join message text still work. Errors: the template fails, or it cut into
     /// escaped message text (a template that slices message text).
     pub fn encode_chat(
         &self,

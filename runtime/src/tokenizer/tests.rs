@@ -612,12 +612,15 @@ fn message_text_with_the_escape_characters_comes_back_whole() {
     let vocab = byte_level_vocab();
     let tokenizer = Tokenizer::new(&vocab).unwrap();
     let template = ChatTemplate::new(Some("{{ messages[0]['content'] }}<|im_end|>"), &vocab);
-    let content = "a\u{FDD0}\u{FDE1}\u{FDD1}b<|im_end|>\u{FDEF}";
-    let ids = tokenizer.encode_chat(&template, &[ChatMessage::new("user", content)], false).unwrap();
-    let mut expected = tokenizer.encode(content, false, false);
-    expected.push(id(&vocab, "<|im_end|>"));
-    assert_eq!(ids, expected);
-    assert_eq!(tokenizer.decode(&ids), content);
+    // Past sixteen marks, their numbers take two digits.
+    let many = format!("a\u{FDD0}\u{FDE1}\u{FDD1}b{}\u{FDEF}", "<|im_end|> <|im_start|>".repeat(20));
+    for content in ["a\u{FDD0}\u{FDE1}\u{FDD1}b<|im_end|>\u{FDEF}", many.as_str()] {
+        let ids = tokenizer.encode_chat(&template, &[ChatMessage::new("user", content)], false).unwrap();
+        let mut expected = tokenizer.encode(content, false, false);
+        expected.push(id(&vocab, "<|im_end|>"));
+        assert_eq!(ids, expected);
+        assert_eq!(tokenizer.decode(&ids), content);
+    }
 }
 
 #[test]
