@@ -750,11 +750,10 @@ impl Worker<'_> {
                 let system = &messages[..first];
                 loop {
                     let kept: Vec<ChatMessage> = system.iter().chain(&messages[first..]).cloned().collect();
-                    let rendered = self
-                        .template
-                        .render(&kept, true)
+                    let tokens = self
+                        .tokenizer
+                        .encode_chat(&self.template, &kept, true)
                         .map_err(|e| RequestError::invalid(Some("messages"), e.to_string()))?;
-                    let tokens = self.tokenizer.encode(&rendered, false, true);
                     let dropped = first - system.len();
                     if !*trim_to_fit || tokens.len() + reserve <= context || first + 1 >= messages.len() {
                         return Ok((tokens, dropped));

@@ -5,6 +5,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::vocab::Vocab;
 use serde::Serialize;
+use std::ops::Range;
 
 /// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,8 +57,10 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the
-    /// assistant's reply begins. Control tokens appear as text (`<|im_start|>`)
-    /// and are turned into their ids by encoding with special tokens parsed.
+    /// assistant's reply begins. Control tokens appear as text (`<|im_start|>`),
+    /// and so would any that the messages spell: to feed a conversation to a
+    /// model, use [`Tokenizer::encode_chat`](crate::tokenizer::Tokenizer::encode_chat),
+    /// which encodes what the messages say as plain text.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let fail = |e: minijinja::Error| Error::new(ErrorKind::Template, format!("chat template: {e:#}"));
         let mut env = minijinja::Environment::new();
@@ -75,6 +78,230 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
             })
             .map_err(fail)
+    }
+}
+
+/// Marks where an escaped piece of message text starts in a rendering. The
+/// marks are Unicode noncharacters (U+FDD0–U+FDEF), which the standard keeps
+/// for a program's internal use: no template, vocabulary or text means
+/// anything by them, and any in message text are escaped in turn.
+const ESCAPE_START: char = '\u{FDD0}';
+/// Marks where an escaped piece ends.
+const ESCAPE_END: char = '\u{FDD1}';
+/// The hexadecimal digits of a mark's number.
+const ESCAPE_DIGITS: [char; 16] = [
+    '\u{FDE0}', '\u{FDE1}', '\u{FDE2}', '\u{FDE3}', '\u{FDE4}', '\u{FDE5}', '\u{FDE6}', '\u{FDE7}', '\u{FDE8}',
+    '\u{FDE9}', '\u{FDEA}', '\u{FDEB}', '\u{FDEC}', '\u{FDED}', '\u{FDEE}', '\u{FDEF}',
+];
+
+/// Whether `c` is one of the noncharacters the escaping uses.
+fn is_reserved(c: char) -> bool {
+    ('\u{FDD0}'..='\u{FDEF}').contains(&c)
+}
+
+/// Whether `text` (a piece of a rendering) holds escaped message text.
+pub(crate) fn is_escaped(text: &str) -> bool {
+    text.contains(is_reserved)
+}
+
+/// A conversation rendered with the pieces of message text that could be
+/// read as control tokens swapped for numbered marks.
+pub(crate) struct EscapedRendering<'m> {
+    text: String,
+    /// What each mark stands for, by number.
+    originals: Vec<&'m str>,
+}
+
+impl EscapedRendering<'_> {
+    /// The rendering, marks included.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Appends `piece` (a piece of [`text`](Self::text)) to `out` with every
+    /// mark replaced by the message text it stands for.
+    pub(crate) fn unescape(&self, piece: &str, out: &mut String) -> Result<()> {
+        let cut = || {
+            Error::new(
+                ErrorKind::Template,
+                "chat template: the template cut into a message's text where that text spells a control token \
+                 (bramble marks such text to encode it as plain text)",
+            )
+        };
+        let mut chars = piece.chars();
+        while let Some(c) = chars.next() {
+            if !is_reserved(c) {
+                out.push(c);
+                continue;
+            }
+            if c != ESCAPE_START {
+                return Err(cut());
+            }
+            let mut number = 0usize;
+            loop {
+                match chars.next() {
+                    Some(ESCAPE_END) => break,
+                    Some(c) => {
+                        let digit = ESCAPE_DIGITS.iter().position(|&digit| digit == c).ok_or_else(cut)?;
+                        number = number.checked_mul(16).ok_or_else(cut)? + digit;
+                    }
+                    None => return Err(cut()),
+                }
+            }
+            out.push_str(self.originals.get(number).ok_or_else(cut)?);
+        }
+        Ok(())
+    }
+}
+
+/// The control-token spellings to escape, longest first, and which bytes begin one.
+struct ControlSpellings<'c> {
+    spellings: Vec<&'c str>,
+    first_bytes: [bool; 256],
+}
+
+impl<'c> ControlSpellings<'c> {
+    /// `spellings` (longest first) less any made with the marks' characters,
+    /// which could be found inside a mark.
+    fn new(spellings: &[&'c str]) -> Self {
+        let spellings: Vec<&str> = spellings
+            .iter()
+            .copied()
+            .filter(|spelling| !spelling.is_empty() && !spelling.contains(is_reserved))
+            .collect();
+        let mut first_bytes = [false; 256];
+        for spelling in &spellings {
+            first_bytes[spelling.as_bytes()[0] as usize] = true;
+        }
+        Self { spellings, first_bytes }
+    }
+}
+
+/// `text` with every piece that could be read as one of the `control`
+/// spellings (longest first) swapped for a mark numbered by its place in
+/// `originals`:
+///
+/// - every control spelling in it;
+/// - at either end of its trimmed text (templates often trim), the longest
+///   piece that, with the markup next to it, could complete a control
+///   spelling: the end of the text that begins one, the start of the text
+///   that ends one;
+/// - the noncharacters the marks are made of.
+fn escape<'m>(text: &'m str, control: &ControlSpellings, originals: &mut Vec<&'m str>) -> String {
+    let (first_bytes, control) = (&control.first_bytes, control.spellings.as_slice());
+    let mut pieces: Vec<Range<usize>> = Vec::new();
+    let mut position = 0;
+    while let Some(c) = text[position..].chars().next() {
+        let rest = &text[position..];
+        let spelling = if first_bytes[rest.as_bytes()[0] as usize] {
+            control.iter().find(|spelling| rest.starts_with(**spelling))
+        } else {
+            None
+        };
+        let length = match spelling {
+            Some(spelling) => spelling.len(),
+            None if is_reserved(c) => c.len_utf8(),
+            None => 0,
+        };
+        if length > 0 {
+            pieces.push(position..position + length);
+            position += length;
+        } else {
+            position += c.len_utf8();
+        }
+    }
+    let trimmed_start = text.len() - text.trim_start().len();
+    let trimmed_end = text.trim_end().len();
+    if trimmed_start < trimmed_end {
+        let core = &text[trimmed_start..trimmed_end];
+        // The longest proper prefix of a spelling that the text ends with.
+        let ends_with = control
+            .iter()
+            .flat_map(|spelling| (1..spelling.len()).filter(|&k| spelling.is_char_boundary(k)).map(|k| &spelling[..k]))
+            .filter(|prefix| core.ends_with(*prefix))
+            .map(str::len)
+            .max();
+        if let Some(length) = ends_with {
+            pieces.push(trimmed_end - length..trimmed_end);
+        }
+        // The longest proper suffix of a spelling that the text starts with.
+        let starts_with = control
+            .iter()
+            .flat_map(|spelling| (1..spelling.len()).filter(|&k| spelling.is_char_boundary(k)).map(|k| &spelling[k..]))
+            .filter(|suffix| core.starts_with(*suffix))
+            .map(str::len)
+            .max();
+        if let Some(length) = starts_with {
+            pieces.push(trimmed_start..trimmed_start + length);
+        }
+    }
+    if pieces.is_empty() {
+        return text.to_string();
+    }
+    // Overlapping pieces become one.
+    pieces.sort_by_key(|piece| piece.start);
+    let mut merged: Vec<Range<usize>> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match merged.last_mut() {
+            Some(last) if piece.start < last.end => last.end = last.end.max(piece.end),
+            _ => merged.push(piece),
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 8 * merged.len());
+    let mut copied = 0;
+    for piece in merged {
+        out.push_str(&text[copied..piece.start]);
+        out.push(ESCAPE_START);
+        let number = originals.len();
+        let digits = (usize::BITS - number.leading_zeros()).div_ceil(4).max(1);
+        for shift in (0..digits).rev() {
+            out.push(ESCAPE_DIGITS[(number >> (4 * shift)) & 0xF]);
+        }
+        out.push(ESCAPE_END);
+        originals.push(&text[piece.clone()]);
+        copied = piece.end;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+impl ChatTemplate {
+    /// Renders `messages` as [`render`](Self::render) does, with the pieces
+    /// of their roles and text that could be read as one of the `control`
+    /// token spellings (longest first) marked, so that encoding the
+    /// rendering with special tokens parsed finds only the template's own.
+    /// [`EscapedRendering::unescape`] puts the text back.
+    ///
+    /// A conversation that spells no control token renders exactly as with
+    /// [`render`](Self::render). The marks are not whitespace, so a template
+    /// that trims or joins message text works as before; one that slices it
+    /// may cut a mark, which unescaping reports.
+    pub(crate) fn render_escaped<'m>(
+        &self,
+        messages: &'m [ChatMessage],
+        add_generation_prompt: bool,
+        control: &[&str],
+    ) -> Result<EscapedRendering<'m>> {
+        let sources = [("template", &self.source), ("BOS token", &self.bos_token), ("EOS token", &self.eos_token)];
+        for (what, text) in sources {
+            if text.contains(is_reserved) {
+                return Err(Error::new(
+                    ErrorKind::Template,
+                    format!("chat template: the {what} holds noncharacters U+FDD0–U+FDEF, which mark message text"),
+                ));
+            }
+        }
+        let control = ControlSpellings::new(control);
+        let mut originals = Vec::new();
+        let escaped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|message| ChatMessage {
+                role: escape(&message.role, &control, &mut originals),
+                content: escape(&message.content, &control, &mut originals),
+            })
+            .collect();
+        let text = self.render(&escaped, add_generation_prompt)?;
+        Ok(EscapedRendering { text, originals })
     }
 }
 

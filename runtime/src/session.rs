@@ -429,18 +429,23 @@ impl TextStream {
         false
     }
 
-    /// Emits whatever is held back (at the end of a generation).
-    /// An incomplete character left at the end becomes U+FFFD, as
-    /// `String::from_utf8_lossy` would make it, but piece by piece: this runs
-    /// inside the decode loop's allocation budget, which is none.
+    /// Emits whatever is held back (at the end of a generation). A character
+    /// left incomplete at the end (the reply was cut by `max_tokens` or the
+    /// context between two of its byte tokens) is dropped: the model never
+    /// produced that character, so no U+FFFD stands in for it. Invalid bytes
+    /// earlier in the reply are the model's own and [`push`](Self::push) has
+    /// already emitted them as U+FFFD, so only such a cut tail is left here.
+    /// Emits one slice of what is held: this runs inside the decode loop's
+    /// allocation budget, which is none.
     pub fn finish(&mut self, emit: &mut dyn FnMut(&str)) {
         if !self.stopped {
-            for chunk in self.pending.utf8_chunks() {
-                if !chunk.valid().is_empty() {
-                    emit(chunk.valid());
-                }
-                if !chunk.invalid().is_empty() {
-                    emit("\u{FFFD}");
+            let complete = match std::str::from_utf8(&self.pending) {
+                Ok(text) => text.len(),
+                Err(error) => error.valid_up_to(),
+            };
+            if let Ok(text) = std::str::from_utf8(&self.pending[..complete]) {
+                if !text.is_empty() {
+                    emit(text);
                 }
             }
         }
@@ -486,10 +491,18 @@ mod tests {
     }
 
     #[test]
-    fn an_incomplete_character_at_the_end_becomes_one_replacement_character() {
+    fn an_incomplete_character_at_the_end_is_dropped() {
         let euro = "€".as_bytes();
-        assert_eq!(run(&[], &[b"a", &euro[..2]]), ("a\u{FFFD}".to_string(), false));
-        assert_eq!(run(&["zz"], &[b"z", &euro[..1]]), ("z\u{FFFD}".to_string(), false));
+        assert_eq!(run(&[], &[b"a", &euro[..2]]), ("a".to_string(), false));
+        // Text held back for a stop string still goes out before the cut character.
+        assert_eq!(run(&["zz"], &[b"z", &euro[..1]]), ("z".to_string(), false));
+        assert_eq!(run(&[], &[&euro[..1]]), (String::new(), false));
+    }
+
+    #[test]
+    fn invalid_bytes_before_a_cut_character_stay_replacement_characters() {
+        let euro = "€".as_bytes();
+        assert_eq!(run(&[], &[b"a", &[0xFF], &euro[..2]]), ("a\u{FFFD}".to_string(), false));
     }
 
     #[test]

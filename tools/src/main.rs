@@ -93,7 +93,8 @@ enum Command {
         /// Turn control-token texts such as `<|im_start|>` into their ids.
         #[arg(long)]
         parse_special: bool,
-        /// Render TEXT as a user message in the chat template first.
+        /// Render TEXT as a user message in the chat template first (TEXT is
+        /// plain text there: only the template's markup makes control tokens).
         #[arg(long)]
         chat: bool,
     },
@@ -943,7 +944,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         }
         messages.push(ChatMessage::new("user", &args.prompt));
         let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
-        tokenizer.encode(&template.render(&messages, true)?, false, true)
+        tokenizer.encode_chat(&template, &messages, true)?
     } else {
         tokenizer.encode(&args.prompt, true, false)
     };
@@ -1021,8 +1022,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
             _ => {}
         }
         messages.push(ChatMessage::new("user", input));
-        let rendered = template.render(&messages, true)?;
-        let tokens = tokenizer.encode(&rendered, false, true);
+        let tokens = tokenizer.encode_chat(&template, &messages, true)?;
         if tokens.len() + 1 >= context {
             eprintln!("(the conversation no longer fits the context of {context} tokens; /reset to start again)");
             messages.pop();
@@ -1446,13 +1446,18 @@ fn run_synth_large(args: &SynthArgs, shape: &str) -> Result<()> {
 fn run_tokenize(path: &Path, text: &str, add_special: bool, parse_special: bool, chat: bool) -> Result<()> {
     let image = ModelImage::open(path)?;
     let tokenizer = Tokenizer::new(image.vocab())?;
-    let (text, parse_special) = if chat {
+    let ids = if chat {
+        // The message is plain text inside the template's markup; BOS and
+        // EOS as the model adds them, only if asked, as for plain text.
         let template = ChatTemplate::new(image.chat_template(), image.vocab());
-        (template.render(&[ChatMessage::new("user", text)], true)?, true)
+        let vocab = tokenizer.vocab();
+        let bos = vocab.bos_id.filter(|_| add_special && vocab.add_bos);
+        let eos = vocab.eos_id.filter(|_| add_special && vocab.add_eos);
+        let chat = tokenizer.encode_chat(&template, &[ChatMessage::new("user", text)], true)?;
+        bos.into_iter().chain(chat).chain(eos).collect()
     } else {
-        (text.to_string(), parse_special)
+        tokenizer.encode(text, add_special, parse_special)
     };
-    let ids = tokenizer.encode(&text, add_special, parse_special);
     let pieces: Vec<String> =
         ids.iter().map(|&id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()).collect();
     outln!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));

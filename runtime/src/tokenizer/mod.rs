@@ -31,6 +31,7 @@ use byte_level::ByteLevelModel;
 use fast_hash::FastMap;
 use sentencepiece::SentencePieceModel;
 
+use crate::chat::{self, ChatMessage, ChatTemplate};
 use crate::vocab::{TokenType, TokenizerKind, Vocab};
 use crate::{Error, Result};
 
@@ -197,48 +198,64 @@ impl Tokenizer {
         if add_special && self.vocab.add_bos {
             out.extend(self.vocab.bos_id);
         }
-        let fragments = self.partition(text, parse_special);
-        match &self.model {
-            Model::SentencePiece(model) => {
-                // llama.cpp puts the space prefix before the text at the start
-                // and before text that follows a special token.
-                let mut after_special = true;
-                for fragment in fragments {
-                    match fragment {
-                        Fragment::Text(range) => {
-                            model.encode(&text[range], self.vocab.add_space_prefix && after_special, &mut out);
-                            after_special = false;
-                        }
-                        Fragment::Token(id) => {
-                            out.push(id);
-                            after_special = true;
-                        }
-                    }
-                }
-            }
-            Model::ByteLevel(model) => {
-                let mut chars = Vec::new();
-                let mut words = Vec::new();
-                let mut scratch = byte_level::Scratch::default();
-                for fragment in fragments {
-                    match fragment {
-                        Fragment::Text(range) => {
-                            let fragment_text = &text[range];
-                            words.clear();
-                            pretokenize::split_words(self.vocab.pre_tokenizer, fragment_text, &mut chars, &mut words);
-                            for word in &words {
-                                model.encode_word(fragment_text[word.clone()].as_bytes(), &mut scratch, &mut out);
-                            }
-                        }
-                        Fragment::Token(id) => out.push(id),
-                    }
-                }
-            }
+        let mut encoder = FragmentEncoder::new(self);
+        for fragment in self.partition(text, parse_special) {
+            encoder.encode(text, fragment, &mut out);
         }
         if add_special && self.vocab.add_eos {
             out.extend(self.vocab.eos_id);
         }
         out
+    }
+
+    /// The ids of a conversation rendered with `template`, as every front
+    /// end feeds it to the model: only the template's own markup (its
+    /// `<|im_start|>`, its `bos_token`) yields control tokens; what the
+    /// messages say is encoded as plain text, so a user who types
+    /// `<|im_end|>` cannot close their turn and forge another. BOS is added
+    /// only if the template writes it.
+    ///
+    /// A conversation whose messages spell no control token gets exactly the
+    /// ids of encoding the rendered text with special tokens parsed: where
+    /// message text spells a control token (or, at its trimmed ends, part of
+    /// one that the markup beside it could complete), it is swapped for a
+    /// mark before rendering and put back after, so templates that trim or
+    /// join message text still work. Errors: the template fails, or it cut into
+    /// escaped message text (a template that slices message text).
+    pub fn encode_chat(
+        &self,
+        template: &ChatTemplate,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let control: Vec<&str> = self
+            .special_tokens
+            .iter()
+            .filter(|special| special.only_when_parsing)
+            .map(|special| special.text.as_str())
+            .collect();
+        let rendered = template.render_escaped(messages, add_generation_prompt, &control)?;
+        let text = rendered.text();
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        let mut encoder = FragmentEncoder::new(self);
+        let mut unescaped = String::new();
+        // Message text holds no control spelling now, so every control token
+        // found here is the template's.
+        for fragment in self.partition(text, true) {
+            match fragment {
+                Fragment::Text(range) if chat::is_escaped(&text[range.clone()]) => {
+                    // Message text goes back as it was and is encoded as plain
+                    // text, together with the markup around it in this fragment.
+                    unescaped.clear();
+                    rendered.unescape(&text[range], &mut unescaped)?;
+                    for piece in self.partition(&unescaped, false) {
+                        encoder.encode(&unescaped, piece, &mut out);
+                    }
+                }
+                fragment => encoder.encode(text, fragment, &mut out),
+            }
+        }
+        Ok(out)
     }
 
     /// Cuts the special tokens out of `text`, longest first, as llama.cpp's
@@ -334,6 +351,57 @@ impl Tokenizer {
     /// for inspection and debugging; empty past the vocabulary.
     pub fn token_text(&self, id: u32) -> &[u8] {
         self.vocab.tokens.get(id as usize).map_or(&[], |spelling| spelling.as_slice())
+    }
+}
+
+/// Encodes the fragments of one input in order, with what carries from one
+/// to the next and the buffers reused between them.
+struct FragmentEncoder<'t> {
+    tokenizer: &'t Tokenizer,
+    /// Whether the next text begins the input or follows a special token:
+    /// there llama.cpp puts SentencePiece's space prefix.
+    after_special: bool,
+    chars: Vec<pretokenize::Char>,
+    words: Vec<Range<usize>>,
+    scratch: byte_level::Scratch,
+}
+
+impl<'t> FragmentEncoder<'t> {
+    fn new(tokenizer: &'t Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            after_special: true,
+            chars: Vec::new(),
+            words: Vec::new(),
+            scratch: byte_level::Scratch::default(),
+        }
+    }
+
+    /// Appends the ids of `fragment`, a piece of `text`.
+    fn encode(&mut self, text: &str, fragment: Fragment, out: &mut Vec<u32>) {
+        let range = match fragment {
+            Fragment::Token(id) => {
+                out.push(id);
+                self.after_special = true;
+                return;
+            }
+            Fragment::Text(range) => range,
+        };
+        let fragment_text = &text[range];
+        let vocab = &self.tokenizer.vocab;
+        match &self.tokenizer.model {
+            Model::SentencePiece(model) => {
+                model.encode(fragment_text, vocab.add_space_prefix && self.after_special, out);
+            }
+            Model::ByteLevel(model) => {
+                self.words.clear();
+                pretokenize::split_words(vocab.pre_tokenizer, fragment_text, &mut self.chars, &mut self.words);
+                for word in &self.words {
+                    model.encode_word(fragment_text[word.clone()].as_bytes(), &mut self.scratch, out);
+                }
+            }
+        }
+        self.after_special = false;
     }
 }
 
