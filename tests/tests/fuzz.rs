@@ -6,7 +6,7 @@
 //! | module | reader | inputs | what must hold |
 //! |---|---|---|---|
 //! | `image` | `ModelImage::from_bytes`, then the image's tokenizer and chat template, `Model::new` and one forward step | six tiny synthetic images (both tokenizers × q4/q8/f16) with bytes flipped, fields set to boundary values, truncations, section and tensor table edits, head counts whose products wrap; the checksums are recomputed after most mutations so the deeper checks are reached | no panic; every typed view of an image that opened works; a step gives `vocab_size` logits |
-//! | `gguf` | `GgufFile::open`, then `source::open` and `convert` | six small GGUF files (both tokenizers, F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K, one with `general.alignment`) with header, metadata, tensor info and data fields set to boundary values, bytes flipped, inserted, deleted and cut | no panic; errors name the file; every tensor of a file that opened lies in it; an image the converter writes opens |
+//! | `gguf` | `GgufFile::open`, then `source::open` and `convert` | six small GGUF files (both tokenizers, F16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights, one with `general.alignment`) with header, metadata and tensor info fields set to boundary values, bytes flipped (tensor data too), inserted, deleted and cut | no panic; errors name the file; every tensor of a file that opened lies in it; an image the converter writes opens |
 //! | `ndjson` | `bramble_board::request::parse`, on every endpoint | valid requests using every field, mutated as JSON (wrong types, huge numbers, deep nesting, duplicate keys) and as bytes (invalid UTF-8, cuts, flips) | no panic; an accepted request is within the limits and says what the body said |
 //! | `tokenizers` | `Tokenizer::encode` and `decode` | the synthetic byte-level BPE and SentencePiece vocabularies, Llama-2's (`shared/data/llama-spm-vocab`) and SmolLM2's; random UTF-8 of many scripts, lossy random bytes, runs of spaces and newlines, special-token spellings; random id sequences with ids past the vocabulary | no panic; ids below the vocabulary size; `decode(encode(s)) == s` (SentencePiece: with `▁` read as a space) unless special tokens were parsed; ids past the vocabulary decode to nothing |
 //!
@@ -14,8 +14,8 @@
 //!
 //! Each target first replays every input kept in `tests/fixtures/fuzz/TARGET/`
 //! (see its README), then runs its budget of mutants from a fixed seed, so a
-//! pass is the same on every machine; the budgets keep the whole file at
-//! about a minute on CI's two cores. For a longer pass, or another one:
+//! pass is the same on every machine; the budgets keep the whole file under
+//! a minute on CI's two cores (about 35 s of work on busy ones). For a longer pass, or another one:
 //!
 //! ```text
 //! BRAMBLE_FUZZ_SEED=7 BRAMBLE_FUZZ_ITERATIONS=100000 cargo test -p bramble-tests --test fuzz -- --nocapture
@@ -48,9 +48,9 @@ use std::time::Instant;
 const DEFAULT_SEED: u64 = 0x0022_F022;
 
 /// One iteration's random choices.
-struct Rng(SplitMix64);
+struct Random(SplitMix64);
 
-impl Rng {
+impl Random {
     /// The generator of iteration `iteration` of the pass seeded `seed`: each
     /// iteration has a stream of its own, so its input depends on nothing else.
     fn for_iteration(seed: u64, iteration: u64) -> Self {
@@ -171,14 +171,14 @@ impl Pass {
 
     /// Replays the kept inputs, then runs `self.iterations` inputs made by
     /// `make`, each through `check`; prints what ran and how long it took.
-    fn run(&self, mut make: impl FnMut(&mut Rng) -> Vec<u8>, mut check: impl FnMut(&[u8])) {
+    fn run(&self, mut make: impl FnMut(&mut Random) -> Vec<u8>, mut check: impl FnMut(&[u8])) {
         let start = Instant::now();
         let kept = self.kept_inputs();
         for (name, input) in &kept {
             self.guard(&format!("kept input tests/fixtures/fuzz/{}/{name}", self.target), name, input, &mut check);
         }
         for iteration in 0..self.iterations {
-            let input = make(&mut Rng::for_iteration(self.seed, iteration));
+            let input = make(&mut Random::for_iteration(self.seed, iteration));
             self.guard(
                 &format!("iteration {iteration} of seed {:#x} (BRAMBLE_FUZZ_SEED={:#x})", self.seed, self.seed),
                 &format!("seed-{:#x}-iteration-{iteration}", self.seed),
@@ -277,13 +277,13 @@ const EDGE_F32: [f32; 11] =
 
 /// A boundary value for `field`, whose current value is read from `bytes`,
 /// in its width: an edge value, or the current one nudged.
-fn edge_value(rng: &mut Rng, field: Field, bytes: &[u8]) -> Vec<u8> {
+fn edge_value(random: &mut Random, field: Field, bytes: &[u8]) -> Vec<u8> {
     let current = match field.width {
         8 => read_u64(bytes, field.at).unwrap_or(0),
         4 => read_u32(bytes, field.at).unwrap_or(0) as u64,
         _ => bytes.get(field.at).copied().unwrap_or(0) as u64,
     };
-    let nudged = |rng: &mut Rng| match rng.below(4) {
+    let nudged = |random: &mut Random| match random.below(4) {
         0 => current.wrapping_add(1),
         1 => current.wrapping_sub(1),
         2 => current.wrapping_mul(2),
@@ -292,55 +292,56 @@ fn edge_value(rng: &mut Rng, field: Field, bytes: &[u8]) -> Vec<u8> {
     match (field.width, field.float) {
         (8, true) => {
             let edges = [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e300, f64::MIN_POSITIVE];
-            rng.pick(&edges).to_le_bytes().to_vec()
+            random.pick(&edges).to_le_bytes().to_vec()
         }
-        (4, true) => rng.pick(&EDGE_F32).to_le_bytes().to_vec(),
-        (8, false) => match rng.below(3) {
-            0 => nudged(rng).to_le_bytes().to_vec(),
-            _ => rng.pick(&EDGE_U64).to_le_bytes().to_vec(),
+        (4, true) => random.pick(&EDGE_F32).to_le_bytes().to_vec(),
+        (8, false) => match random.below(3) {
+            0 => nudged(random).to_le_bytes().to_vec(),
+            _ => random.pick(&EDGE_U64).to_le_bytes().to_vec(),
         },
-        (4, false) => match rng.below(3) {
-            0 => (nudged(rng) as u32).to_le_bytes().to_vec(),
-            _ => rng.pick(&EDGE_U32).to_le_bytes().to_vec(),
+        (4, false) => match random.below(3) {
+            0 => (nudged(random) as u32).to_le_bytes().to_vec(),
+            _ => random.pick(&EDGE_U32).to_le_bytes().to_vec(),
         },
-        (2, _) => rng.pick(&[0u16, 1, 0x7FFF, 0x8000, 0xFFFF]).to_le_bytes().to_vec(),
-        _ => vec![*rng.pick(&[0u8, 1, 2, 0x7F, 0x80, 0xFF])],
+        (2, _) => random.pick(&[0u16, 1, 0x7FFF, 0x8000, 0xFFFF]).to_le_bytes().to_vec(),
+        _ => vec![*random.pick(&[0u8, 1, 2, 0x7F, 0x80, 0xFF])],
     }
 }
 
 /// Mutations every byte format gets: flipped bits, a cut, bytes added at the
 /// end, a range copied over another, an edge value at a random aligned place.
-fn mutate_bytes(rng: &mut Rng, bytes: &mut Vec<u8>) {
+fn mutate_bytes(random: &mut Random, bytes: &mut Vec<u8>) {
     let length = bytes.len();
-    match rng.below(5) {
+    match random.below(5) {
         0 => {
-            for _ in 0..1 + rng.below(8) {
+            for _ in 0..1 + random.below(8) {
                 if !bytes.is_empty() {
-                    let at = rng.below(bytes.len());
-                    bytes[at] ^= 1 << rng.below(8);
+                    let at = random.below(bytes.len());
+                    bytes[at] ^= 1 << random.below(8);
                 }
             }
         }
         1 => {
             // Mostly near the end, where a short write cuts a file.
-            let keep = if rng.one_in(2) { length.saturating_sub(1 + rng.below(256)) } else { rng.below(length + 1) };
+            let keep =
+                if random.one_in(2) { length.saturating_sub(1 + random.below(256)) } else { random.below(length + 1) };
             bytes.truncate(keep);
         }
         2 => {
-            let length = 1 + rng.below(256);
-            let extra = if rng.one_in(2) { vec![0; length] } else { rng.bytes(length) };
+            let length = 1 + random.below(256);
+            let extra = if random.one_in(2) { vec![0; length] } else { random.bytes(length) };
             bytes.extend_from_slice(&extra);
         }
         3 => {
-            let size = 1 + rng.below(256);
+            let size = 1 + random.below(256);
             if length > size {
-                let (from, to) = (rng.below(length - size), rng.below(length - size));
+                let (from, to) = (random.below(length - size), random.below(length - size));
                 bytes.copy_within(from..from + size, to);
             }
         }
         _ => {
-            let field = Field { at: rng.below(length / 4) * 4, width: 4, float: false };
-            let value = edge_value(rng, field, bytes);
+            let field = Field { at: random.below(length / 4) * 4, width: 4, float: false };
+            let value = edge_value(random, field, bytes);
             write_at(bytes, field.at, &value);
         }
     }
@@ -547,20 +548,21 @@ mod image {
     const SECTION_NAMES: [&str; 8] =
         ["config", "tokenizer", "chat_template", "tensor_index", "tensor_data", "source", "bias", "\u{e9}"];
 
-    fn mutate(rng: &mut Rng, base: &Base) -> Vec<u8> {
+    fn mutate(random: &mut Random, base: &Base) -> Vec<u8> {
         let mut bytes = base.bytes.clone();
-        for _ in 0..1 + rng.below(3) {
-            match rng.below(10) {
+        for _ in 0..1 + random.below(3) {
+            match random.below(10) {
                 0..=3 => {
-                    let field = *rng.pick(&base.fields);
-                    let value = edge_value(rng, field, &bytes);
+                    let field = *random.pick(&base.fields);
+                    let value = edge_value(random, field, &bytes);
                     write_at(&mut bytes, field.at, &value);
                 }
-                4 => mutate_bytes(rng, &mut bytes),
+                4 => mutate_bytes(random, &mut bytes),
                 5 => {
                     // The section table: entries swapped, copied over each other, renamed, flagged.
                     let (table, count) = base.section_table;
-                    let (a, b) = (table + rng.below(count) * SECTION_ENTRY, table + rng.below(count) * SECTION_ENTRY);
+                    let (a, b) =
+                        (table + random.below(count) * SECTION_ENTRY, table + random.below(count) * SECTION_ENTRY);
                     // An earlier cut may have taken them.
                     let (Some(entry_a), Some(entry_b)) =
                         (bytes.get(a..a + SECTION_ENTRY), bytes.get(b..b + SECTION_ENTRY))
@@ -568,7 +570,7 @@ mod image {
                         continue;
                     };
                     let (entry_a, entry_b) = (entry_a.to_vec(), entry_b.to_vec());
-                    match rng.below(4) {
+                    match random.below(4) {
                         0 => {
                             write_at(&mut bytes, a, &entry_b);
                             write_at(&mut bytes, b, &entry_a);
@@ -576,22 +578,23 @@ mod image {
                         1 => write_at(&mut bytes, a, &entry_b),
                         2 => {
                             let mut name = [0u8; 32];
-                            let new = rng.pick(&SECTION_NAMES).as_bytes();
+                            let new = random.pick(&SECTION_NAMES).as_bytes();
                             name[..new.len()].copy_from_slice(new);
                             write_at(&mut bytes, a, &name);
                         }
-                        _ => write_at(&mut bytes, a + SECTION_FLAGS, &(rng.below(8) as u32).to_le_bytes()),
+                        _ => write_at(&mut bytes, a + SECTION_FLAGS, &(random.below(8) as u32).to_le_bytes()),
                     }
                 }
                 6 => {
                     // The tensor index: entries copied over each other, shapes swapped, encodings changed.
                     let (index, count) = base.tensor_index;
-                    let (a, b) = (index + rng.below(count) * TENSOR_ENTRY, index + rng.below(count) * TENSOR_ENTRY);
+                    let (a, b) =
+                        (index + random.below(count) * TENSOR_ENTRY, index + random.below(count) * TENSOR_ENTRY);
                     let Some(entry_b) = bytes.get(b..b + TENSOR_ENTRY).map(<[u8]>::to_vec) else { continue };
-                    match rng.below(3) {
+                    match random.below(3) {
                         0 => write_at(&mut bytes, a, &entry_b),
                         1 => write_at(&mut bytes, a + TENSOR_N_DIMS, &entry_b[TENSOR_N_DIMS..TENSOR_OFFSET]),
-                        _ => write_at(&mut bytes, a + TENSOR_ENCODING, &(rng.below(16) as u32).to_le_bytes()),
+                        _ => write_at(&mut bytes, a + TENSOR_ENCODING, &(random.below(16) as u32).to_le_bytes()),
                     }
                 }
                 7 => {
@@ -606,10 +609,10 @@ mod image {
                 }
                 _ => {
                     // A few bytes anywhere, flipped.
-                    for _ in 0..1 + rng.below(4) {
-                        let at = rng.below(bytes.len());
+                    for _ in 0..1 + random.below(4) {
+                        let at = random.below(bytes.len());
                         if let Some(byte) = bytes.get_mut(at) {
-                            *byte ^= 1 + rng.below(255) as u8;
+                            *byte ^= 1 + random.below(255) as u8;
                         }
                     }
                 }
@@ -617,7 +620,7 @@ mod image {
         }
         // Mostly with valid checksums, to reach the checks behind them; the
         // rest test the checksums themselves.
-        if !rng.one_in(5) {
+        if !random.one_in(5) {
             fix_checksums(&mut bytes);
         }
         bytes
@@ -679,9 +682,9 @@ mod image {
         let pass = Pass::new("image", ITERATIONS);
         let mut reached = Reached::default();
         pass.run(
-            |rng| {
-                let base = rng.pick(&bases);
-                mutate(rng, base)
+            |random| {
+                let base = random.pick(&bases);
+                mutate(random, base)
             },
             |bytes| check(bytes, &mut reached),
         );
@@ -822,28 +825,28 @@ mod gguf {
             .collect()
     }
 
-    fn mutate(rng: &mut Rng, base: &(Vec<u8>, Vec<Field>)) -> Vec<u8> {
+    fn mutate(random: &mut Random, base: &(Vec<u8>, Vec<Field>)) -> Vec<u8> {
         let (mut bytes, fields) = (base.0.clone(), &base.1);
-        for _ in 0..1 + rng.below(3) {
-            match rng.below(8) {
+        for _ in 0..1 + random.below(3) {
+            match random.below(8) {
                 0..=4 => {
-                    let field = *rng.pick(fields);
-                    let value = edge_value(rng, field, &bytes);
+                    let field = *random.pick(fields);
+                    let value = edge_value(random, field, &bytes);
                     write_at(&mut bytes, field.at, &value);
                 }
                 5 => {
                     // Bytes inserted or deleted inside: everything after shifts.
-                    let at = rng.below(bytes.len());
-                    if rng.one_in(2) {
-                        let length = 1 + rng.below(16);
-                        let extra = rng.bytes(length);
+                    let at = random.below(bytes.len());
+                    if random.one_in(2) {
+                        let length = 1 + random.below(16);
+                        let extra = random.bytes(length);
                         bytes.splice(at..at, extra);
                     } else {
-                        let end = (at + 1 + rng.below(16)).min(bytes.len());
+                        let end = (at + 1 + random.below(16)).min(bytes.len());
                         bytes.drain(at..end);
                     }
                 }
-                _ => mutate_bytes(rng, &mut bytes),
+                _ => mutate_bytes(random, &mut bytes),
             }
         }
         bytes
@@ -909,9 +912,9 @@ mod gguf {
         let mut reached = Reached::default();
         let scratch = pass.scratch.clone();
         pass.run(
-            |rng| {
-                let base = rng.pick(&bases);
-                mutate(rng, base)
+            |random| {
+                let base = random.pick(&bases);
+                mutate(random, base)
             },
             |bytes| check(bytes, &scratch, &mut reached),
         );
@@ -973,76 +976,78 @@ mod ndjson {
     ];
 
     /// Numbers at the edges of every range the parser checks, and past them.
-    fn edge_number(rng: &mut Rng) -> Value {
-        match rng.below(3) {
-            0 => json!(*rng.pick(&[0u64, 1, 2, 16, 17, 1024, 1025, 1 << 20, (1 << 20) + 1, 1 << 53, u64::MAX])),
-            1 => json!(*rng.pick(&[-1i64, -2, i64::MIN, -(1 << 53)])),
-            _ => json!(*rng.pick(&[0.5f64, -0.0, 1e308, -1e308, 5e-324, 100.000001, 0.0099, 1.0000001, 1e-7])),
+    fn edge_number(random: &mut Random) -> Value {
+        match random.below(3) {
+            0 => json!(*random.pick(&[0u64, 1, 2, 16, 17, 1024, 1025, 1 << 20, (1 << 20) + 1, 1 << 53, u64::MAX])),
+            1 => json!(*random.pick(&[-1i64, -2, i64::MIN, -(1 << 53)])),
+            _ => json!(*random.pick(&[0.5f64, -0.0, 1e308, -1e308, 5e-324, 100.000001, 0.0099, 1.0000001, 1e-7])),
         }
     }
 
-    fn random_text(rng: &mut Rng) -> String {
-        match rng.below(5) {
+    fn random_text(random: &mut Random) -> String {
+        match random.below(5) {
             0 => String::new(),
-            1 => "x".repeat(rng.below(600)),
-            2 => rng.pick(&["<|im_end|>", "\u{0}", "\u{fffd}", "é中🙂", "\n", "\\", "\""]).to_string(),
+            1 => "x".repeat(random.below(600)),
+            2 => random.pick(&["<|im_end|>", "\u{0}", "\u{fffd}", "é中🙂", "\n", "\\", "\""]).to_string(),
             _ => {
-                let length = rng.below(24);
-                String::from_utf8_lossy(&rng.bytes(length)).into_owned()
+                let length = random.below(24);
+                String::from_utf8_lossy(&random.bytes(length)).into_owned()
             }
         }
     }
 
-    fn random_value(rng: &mut Rng, depth: usize) -> Value {
+    fn random_value(random: &mut Random, depth: usize) -> Value {
         let leaf = depth > 3;
-        match rng.below(if leaf { 5 } else { 9 }) {
+        match random.below(if leaf { 5 } else { 9 }) {
             0 => Value::Null,
-            1 => Value::Bool(rng.one_in(2)),
-            2 => edge_number(rng),
-            3 | 4 => Value::String(random_text(rng)),
-            5 => Value::Array((0..rng.below(12)).map(|_| random_value(rng, depth + 1)).collect()),
+            1 => Value::Bool(random.one_in(2)),
+            2 => edge_number(random),
+            3 | 4 => Value::String(random_text(random)),
+            5 => Value::Array((0..random.below(12)).map(|_| random_value(random, depth + 1)).collect()),
             6 => {
                 let mut object = Map::new();
-                for _ in 0..rng.below(4) {
-                    object.insert(rng.pick(&FIELDS).to_string(), random_value(rng, depth + 1));
+                for _ in 0..random.below(4) {
+                    object.insert(random.pick(&FIELDS).to_string(), random_value(random, depth + 1));
                 }
                 Value::Object(object)
             }
             7 => {
                 // A message list, many messages long at times.
-                let count = if rng.one_in(8) { MAX_MESSAGES + rng.below(3) - 1 } else { rng.below(4) };
-                let role = *rng.pick(&["system", "user", "assistant", "developer", "tool", ""]);
-                Value::Array((0..count).map(|_| json!({"role": role, "content": random_text(rng)})).collect())
+                let count = if random.one_in(8) { MAX_MESSAGES + random.below(3) - 1 } else { random.below(4) };
+                let role = *random.pick(&["system", "user", "assistant", "developer", "tool", ""]);
+                Value::Array((0..count).map(|_| json!({"role": role, "content": random_text(random)})).collect())
             }
             _ => {
                 // Content parts.
-                let kind = *rng.pick(&["text", "image_url", ""]);
-                Value::Array((0..rng.below(4)).map(|_| json!({"type": kind, "text": random_value(rng, 4)})).collect())
+                let kind = *random.pick(&["text", "image_url", ""]);
+                Value::Array(
+                    (0..random.below(4)).map(|_| json!({"type": kind, "text": random_value(random, 4)})).collect(),
+                )
             }
         }
     }
 
     /// Changes the request as JSON: a field set to another value, removed, or
     /// added; a message's part replaced.
-    fn mutate_value(rng: &mut Rng, request: &mut Value) {
+    fn mutate_value(random: &mut Random, request: &mut Value) {
         let object = request.as_object_mut().expect("the valid requests are objects");
-        match rng.below(4) {
+        match random.below(4) {
             0 => {
-                let key = rng.pick(&FIELDS).to_string();
+                let key = random.pick(&FIELDS).to_string();
                 object.remove(&key);
             }
             1 => {
                 if let Some(Value::Array(messages)) = object.get_mut("messages") {
-                    let at = rng.below(messages.len());
+                    let at = random.below(messages.len());
                     if let Some(message) = messages.get_mut(at).and_then(Value::as_object_mut) {
-                        let part = *rng.pick(&["role", "content"]);
-                        message.insert(part.to_string(), random_value(rng, 2));
+                        let part = *random.pick(&["role", "content"]);
+                        message.insert(part.to_string(), random_value(random, 2));
                     }
                 }
             }
             _ => {
-                let key = rng.pick(&FIELDS).to_string();
-                object.insert(key, random_value(rng, 0));
+                let key = random.pick(&FIELDS).to_string();
+                object.insert(key, random_value(random, 0));
             }
         }
     }
@@ -1050,26 +1055,27 @@ mod ndjson {
     /// Changes the request as text: a key given twice, nesting too deep to
     /// follow, invalid UTF-8, escapes of lone surrogates, a byte order mark,
     /// line ends, or any of the byte mutations.
-    fn mutate_text(rng: &mut Rng, text: &mut Vec<u8>) {
-        match rng.below(8) {
+    fn mutate_text(random: &mut Random, text: &mut Vec<u8>) {
+        match random.below(8) {
             0 => {
-                let duplicate = format!("{{\"{}\":{},", rng.pick(&FIELDS), random_value(rng, 3));
+                let duplicate = format!("{{\"{}\":{},", random.pick(&FIELDS), random_value(random, 3));
                 text.splice(0..1.min(text.len()), duplicate.into_bytes());
             }
             1 => {
-                let depth = *rng.pick(&[64, 127, 128, 129, 10_000, 100_000]);
+                let depth = *random.pick(&[64, 127, 128, 129, 10_000, 100_000]);
                 let nested = format!("{{\"prompt\":\"x\",\"stop\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
                 *text = nested.into_bytes();
             }
             2 => {
-                let at = rng.below(text.len() + 1);
+                let at = random.below(text.len() + 1);
                 let invalid: [&[u8]; 5] = [b"\xFF", b"\xC0\x80", b"\xED\xA0\x80", b"\xF4\x90\x80\x80", b"\xE2\x82"];
-                let bad = *rng.pick(&invalid);
+                let bad = *random.pick(&invalid);
                 text.splice(at..at, bad.iter().copied());
             }
             3 => {
-                let escape = *rng.pick(&["\"\\ud800\"", "\"\\udc00x\"", "\"\\u0000\"", "1e400", "-1e400", "1.0e-400"]);
-                let field = format!("{{\"{}\":{escape},", rng.pick(&FIELDS));
+                let escape =
+                    *random.pick(&["\"\\ud800\"", "\"\\udc00x\"", "\"\\u0000\"", "1e400", "-1e400", "1.0e-400"]);
+                let field = format!("{{\"{}\":{escape},", random.pick(&FIELDS));
                 text.splice(0..1.min(text.len()), field.into_bytes());
             }
             4 => {
@@ -1077,22 +1083,22 @@ mod ndjson {
             }
             5 => {
                 let endings: [&[u8]; 5] = [b"\n", b"\r\n", b"\n{}", b" garbage", b"\0"];
-                let ending = *rng.pick(&endings);
+                let ending = *random.pick(&endings);
                 text.extend_from_slice(ending);
             }
-            _ => mutate_bytes(rng, text),
+            _ => mutate_bytes(random, text),
         }
     }
 
-    fn make(rng: &mut Rng, requests: &[Value]) -> Vec<u8> {
-        let mut request = rng.pick(requests).clone();
-        for _ in 0..rng.below(4) {
-            mutate_value(rng, &mut request);
+    fn make(random: &mut Random, requests: &[Value]) -> Vec<u8> {
+        let mut request = random.pick(requests).clone();
+        for _ in 0..random.below(4) {
+            mutate_value(random, &mut request);
         }
         let mut text = serde_json::to_vec(&request).expect("a JSON value serializes");
-        if rng.one_in(2) {
-            for _ in 0..1 + rng.below(2) {
-                mutate_text(rng, &mut text);
+        if random.one_in(2) {
+            for _ in 0..1 + random.below(2) {
+                mutate_text(random, &mut text);
             }
         }
         text
@@ -1153,7 +1159,7 @@ mod ndjson {
         let mut accepted = 0u64;
         let requests = valid_requests();
         pass.run(
-            |rng| make(rng, &requests),
+            |random| make(random, &requests),
             |body| {
                 for (defaults, limits) in &settings {
                     for endpoint in [Endpoint::Ndjson, Endpoint::Completions, Endpoint::ChatCompletions] {
@@ -1255,26 +1261,26 @@ mod tokenizers {
     const ALPHABET: &str =
         "aZ09 \t\n\r'’sé\u{301}ßЖλ中한ع५½🙂\u{200d}🇬!?.,<>|_-\u{0}\u{a0}\u{3000}\u{2028}\u{ffff}\u{10ffff}\u{feff}אב٣";
 
-    fn text(rng: &mut Rng) -> Vec<u8> {
+    fn text(random: &mut Random) -> Vec<u8> {
         let alphabet: Vec<char> = ALPHABET.chars().collect();
         let mut text = String::new();
-        for _ in 0..1 + rng.below(6) {
-            match rng.below(6) {
-                0 => text.extend((0..rng.below(40)).map(|_| *rng.pick(&alphabet))),
+        for _ in 0..1 + random.below(6) {
+            match random.below(6) {
+                0 => text.extend((0..random.below(40)).map(|_| *random.pick(&alphabet))),
                 1 => {
-                    let special = *rng.pick(&SPECIAL_TEXTS);
+                    let special = *random.pick(&SPECIAL_TEXTS);
                     text.push_str(special)
                 }
                 2 => {
-                    let run = *rng.pick(&[" ", "\n", "\t", " \n", "\r\n", "  \u{2581}"]);
-                    text.push_str(&run.repeat(rng.below(3000)))
+                    let run = *random.pick(&[" ", "\n", "\t", " \n", "\r\n", "  \u{2581}"]);
+                    text.push_str(&run.repeat(random.below(3000)))
                 }
                 3 => {
-                    let length = rng.below(64);
-                    text.push_str(&String::from_utf8_lossy(&rng.bytes(length)))
+                    let length = random.below(64);
+                    text.push_str(&String::from_utf8_lossy(&random.bytes(length)))
                 }
                 4 => {
-                    let sentence = *rng.pick(&[
+                    let sentence = *random.pick(&[
                         "Hello world",
                         " the and in er",
                         "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
@@ -1283,27 +1289,27 @@ mod tokenizers {
                     ]);
                     text.push_str(sentence)
                 }
-                _ => text.extend((0..rng.below(40)).filter_map(|_| char::from_u32(rng.below(0x11_0000) as u32))),
+                _ => text.extend((0..random.below(40)).filter_map(|_| char::from_u32(random.below(0x11_0000) as u32))),
             }
         }
         text.into_bytes()
     }
 
-    fn make(rng: &mut Rng, available: &[usize]) -> Vec<u8> {
-        let tokenizer = *rng.pick(available) as u8;
-        if rng.one_in(4) {
+    fn make(random: &mut Random, available: &[usize]) -> Vec<u8> {
+        let tokenizer = *random.pick(available) as u8;
+        if random.one_in(4) {
             let mut input = vec![tokenizer, DECODE];
-            for _ in 0..rng.below(64) {
-                let id = match rng.below(4) {
-                    0 => *rng.pick(&[u32::MAX, u32::MAX - 1, 0x8000_0000, 32_000, 49_152, 300, 0]),
-                    _ => rng.below(50_000) as u32,
+            for _ in 0..random.below(64) {
+                let id = match random.below(4) {
+                    0 => *random.pick(&[u32::MAX, u32::MAX - 1, 0x8000_0000, 32_000, 49_152, 300, 0]),
+                    _ => random.below(50_000) as u32,
                 };
                 input.extend_from_slice(&id.to_le_bytes());
             }
             input
         } else {
             let mut input = vec![tokenizer, ENCODE];
-            input.extend(text(rng));
+            input.extend(text(random));
             input
         }
     }
@@ -1396,6 +1402,6 @@ mod tokenizers {
             tokenizers.iter().map(|t| t.as_ref().map_or([false; 256], byte_tokens)).collect();
         let available: Vec<usize> = (0..tokenizers.len()).filter(|&i| tokenizers[i].is_some()).collect();
         let pass = Pass::new("tokenizers", ITERATIONS);
-        pass.run(|rng| make(rng, &available), |input| check(input, &tokenizers, &specials, &byte_tokens));
+        pass.run(|random| make(random, &available), |input| check(input, &tokenizers, &specials, &byte_tokens));
     }
 }
