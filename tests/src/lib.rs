@@ -11,6 +11,7 @@
 //! | `plan.rs` | `bramble plan`: the memory budget per board and KV mode, the verdict, the refusal with its arithmetic, bad boards, contexts and modes |
 //! | `bias.rs` | bias pairs: log-probabilities against an independent sum, SPR and bias score, `bias-data` on each dataset's format, `bias-calibrate` and `--feedback static/adaptive` with a persisted state |
 //! | `calibrate.rs` | `bramble calibrate` (R-Sparse): the plan, the section, the search, the channel-major rewrite |
+//! | `fuzz.rs` | seeded mutation fuzzing of the image reader, the GGUF reader and converter, the request parser and both tokenizers; replays the inputs kept in `tests/fixtures/fuzz/` |
 //! | `flash.rs` | `bramble flash` onto copies of `tests/fixtures/rpi-os/`: installed files, permissions, edits, backups, idempotence, dry run, refusals; the installed config and model served by `brambled`; `bramble deploy` through a stand-in ssh/scp, and its dry run |
 //!
 //! # The `bramble` binary
