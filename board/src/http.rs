@@ -1075,6 +1075,36 @@ mod tests {
         assert_eq!(parse_head(b"").unwrap(), None);
     }
 
+    /// Which checks httparse makes by itself, and which `parse_head` adds on top.
+    #[test]
+    fn httparse_alone_refuses_some_framing_and_parse_head_the_rest() {
+        let httparse = |bytes: &[u8]| {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            httparse::Request::new(&mut fields).parse(bytes).map(|status| status.is_complete())
+        };
+        let get = |headers: &str| format!("GET / HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
+        for (headers, error) in [
+            ("Transfer-Encoding : chunked\r\n", httparse::Error::HeaderName),
+            ("X: a\r\n Transfer-Encoding: chunked\r\n", httparse::Error::HeaderName),
+            ("X(y): z\r\n", httparse::Error::HeaderName),
+            ("X: a\0b\r\n", httparse::Error::HeaderValue),
+            ("X: a\rb\r\n", httparse::Error::HeaderValue),
+        ] {
+            assert_eq!(httparse(get(headers).as_bytes()), Err(error), "{headers:?}");
+            assert!(parse_head(get(headers).as_bytes()).is_err(), "{headers:?}");
+        }
+        for bytes in [
+            get("Content-Length: 1\r\nContent-Length: 2\r\n"),
+            get("Content-Length: +1\r\n"),
+            get("Host: b\r\n"),
+            "GET / HTTP/1.1\r\n\r\n".to_string(),
+            "GET / HTTP/1.1\nHost: a\n\n".to_string(),
+        ] {
+            assert_eq!(httparse(bytes.as_bytes()), Ok(true), "httparse takes {bytes:?}");
+            assert_eq!(parse_head(bytes.as_bytes()).unwrap_err().status, 400, "{bytes:?}");
+        }
+    }
+
     #[test]
     fn framing_that_two_parsers_could_read_two_ways_is_refused() {
         let get = |headers: &str| format!("GET / HTTP/1.1\r\nHost: a\r\n{headers}\r\n");
