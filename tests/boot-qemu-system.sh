@@ -134,7 +134,7 @@ if [ "$(on_board systemctl is-enabled brambled.service 2>&1)" = enabled ] \
 else
     check "unit enabled, user in dialout" 1 "$(on_board 'systemctl status brambled; id brambled' 2>&1)"
 fi
-answer=$(on_board "curl -fsS --max-time 600 http://127.0.0.1:8080/v1/completions \
+answer=$(on_board "curl -fsS --max-time 600 http://127.0.0.1:8080/v1/completions -H 'Content-Type: application/json' \
     -d '{\"prompt\":\"Hello\",\"max_tokens\":3,\"temperature\":0}'" 2>&1) || true
 if grep -q '"completion_tokens"' <<<"$answer"; then
     check "a completion over the board's loopback HTTP" 0

@@ -221,6 +221,9 @@ pub struct TcpConfig {
     /// The Bearer token every TCP request must carry; required when a
     /// listener is bound to a non-loopback address.
     pub auth_token: Option<String>,
+    /// Origins (`scheme://host[:port]`, lower case) of web pages outside this
+    /// machine that may call the HTTP server (CORS); others are refused.
+    pub cors_origins: Vec<String>,
 }
 
 /// Limits that keep one client from taking the daemon.
@@ -338,6 +341,7 @@ struct FileTcp {
     ndjson: Option<String>,
     console: Option<String>,
     auth_token: Option<String>,
+    cors_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -477,6 +481,23 @@ fn address(key: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
             ConfigError::new(key, format!("{other:?} is not ADDR:PORT (for example 127.0.0.1:8080), or none"))
         }),
     }
+}
+
+/// An entry of `tcp.cors_origins`: an origin as a browser sends it, lower case.
+fn cors_origin(text: &str) -> Result<String, ConfigError> {
+    const KEY: &str = "tcp.cors_origins";
+    if text.trim() == "*" {
+        return Err(ConfigError::new(KEY, "\"*\" is not allowed: name each origin that may call brambled"));
+    }
+    if crate::http::split_origin(text).is_none() {
+        return Err(ConfigError::new(
+            KEY,
+            format!(
+                "{text:?} is not an origin: scheme://host[:port], no path or trailing slash (\"https://app.example\")"
+            ),
+        ));
+    }
+    Ok(text.to_ascii_lowercase())
 }
 
 fn level(key: &str, text: &str) -> Result<log::LevelFilter, ConfigError> {
@@ -634,6 +655,11 @@ impl Config {
             }
         }
 
+        let mut cors_origins = Vec::new();
+        for entry in parsed.tcp.cors_origins.iter().flatten() {
+            cors_origins.push(cors_origin(entry)?);
+        }
+
         let defaults = Limits::default();
         let l = &parsed.limits;
         let queue_depth = match (&overrides.queue, l.queue_depth) {
@@ -737,7 +763,7 @@ impl Config {
             memory_limit,
             log_level,
             uart: UartConfig { device, baud },
-            tcp: TcpConfig { http, ndjson, console, auth_token },
+            tcp: TcpConfig { http, ndjson, console, auth_token, cors_origins },
             limits,
             sampling,
             bias,
@@ -853,6 +879,28 @@ mod tests {
         let text = "model = \"m\"\n[tcp]\nhttp = \"0.0.0.0:8080\"\nauth_token = \"0123456789abcdef\"\n";
         let config = from_file(text, &[]).unwrap();
         assert_eq!(config.tcp.auth_token.as_deref(), Some("0123456789abcdef"));
+    }
+
+    #[test]
+    fn cors_origins_are_origins_named_one_by_one() {
+        let text = "model = \"m\"\n[tcp]\ncors_origins = [\"https://App.Example\", \"http://192.168.1.20:3000\"]\n";
+        let config = from_file(text, &[]).unwrap();
+        assert_eq!(config.tcp.cors_origins, ["https://app.example", "http://192.168.1.20:3000"]);
+        assert!(from_file("model = \"m\"\n", &[]).unwrap().tcp.cors_origins.is_empty());
+        for (entry, says) in [
+            ("*", "name each origin"),
+            ("https://app.example/", "not an origin"),
+            ("app.example", "not an origin"),
+            ("https://app.example:65536", "not an origin"),
+            ("https://user@app.example", "not an origin"),
+            ("null", "not an origin"),
+        ] {
+            let text = format!("model = \"m\"\n[tcp]\ncors_origins = [\"{entry}\"]\n");
+            let error = from_file(&text, &[]).unwrap_err().to_string();
+            assert!(error.contains("tcp.cors_origins") && error.contains(says), "{entry}: {error}");
+        }
+        let error = from_file("model = \"m\"\n[tcp]\ncors_origins = \"https://a\"\n", &[]).unwrap_err();
+        assert!(error.to_string().contains("cors_origins"), "{error}");
     }
 
     #[test]

@@ -124,6 +124,44 @@ impl Connection {
         }
     }
 
+    /// Reads a message head whose end `parse` finds. After each read, `parse`
+    /// is shown every byte received so far and how many of them it was shown
+    /// before; it answers `Ok(None)` (not complete yet), `Ok(Some((head,
+    /// length)))` (the first `length` bytes are the head: they are consumed),
+    /// or an error, returned at once: bytes that cannot begin a valid head are
+    /// refused as soon as they arrive, not at the request timeout. At most
+    /// `max` bytes; the timeouts are those of [`Connection::read_until`].
+    pub fn read_head<T, E>(
+        &mut self,
+        max: usize,
+        mut parse: impl FnMut(&[u8], usize) -> Result<Option<(T, usize)>, E>,
+    ) -> Result<Result<T, E>, ReadFailure> {
+        let idle_deadline = Instant::now() + self.limits.idle_timeout;
+        let mut request_deadline = (!self.pending.is_empty()).then(|| Instant::now() + self.limits.request_timeout);
+        let mut shown = 0;
+        loop {
+            if self.pending.len() > shown {
+                match parse(&self.pending, shown) {
+                    Err(error) => return Ok(Err(error)),
+                    Ok(Some((_, length))) if length > max => return Err(ReadFailure::TooLarge),
+                    Ok(Some((head, length))) => {
+                        self.pending.drain(..length);
+                        return Ok(Ok(head));
+                    }
+                    Ok(None) => shown = self.pending.len(),
+                }
+            }
+            if self.pending.len() > max {
+                return Err(ReadFailure::TooLarge);
+            }
+            let began = request_deadline.is_some();
+            self.fill(request_deadline.unwrap_or(idle_deadline), began)?;
+            if request_deadline.is_none() && !self.pending.is_empty() {
+                request_deadline = Some(Instant::now() + self.limits.request_timeout);
+            }
+        }
+    }
+
     /// Reads exactly `length` bytes (an HTTP body), within the request timeout.
     pub fn read_exact(&mut self, length: usize) -> Result<Vec<u8>, ReadFailure> {
         let deadline = Instant::now() + self.limits.request_timeout;

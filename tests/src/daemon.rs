@@ -276,11 +276,17 @@ pub fn read_response(reader: &mut BufReader<TcpStream>) -> Response {
     response
 }
 
-/// One HTTP request on a fresh connection.
+/// One HTTP request on a fresh connection, as a client library sends it:
+/// `Host` is the address connected to and a body is `application/json`,
+/// unless `headers` give another `Host` or `Content-Type`.
 pub fn http(address: SocketAddr, method: &str, path: &str, body: Option<&Value>, headers: &[&str]) -> Response {
     let mut stream = connect(address);
+    let given = |name: &str| headers.iter().any(|h| h.to_ascii_lowercase().starts_with(name));
+    let host = if given("host:") { String::new() } else { format!("Host: {address}\r\n") };
+    let content_type =
+        if body.is_some() && !given("content-type:") { "Content-Type: application/json\r\n" } else { "" };
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n", body.len());
+    let mut request = format!("{method} {path} HTTP/1.1\r\n{host}{content_type}Content-Length: {}\r\n", body.len());
     for header in headers {
         request.push_str(header);
         request.push_str("\r\n");

@@ -165,16 +165,22 @@ mod http {
     #[test]
     fn keep_alive_serves_requests_one_after_another_on_one_connection() {
         let daemon = Daemon::start(&[]);
-        let mut stream = connect(daemon.http());
+        let address = daemon.http();
+        let mut stream = connect(address);
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         for path in ["/health", "/v1/models", "/health"] {
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
             assert_eq!(read_response(&mut reader).status, 200);
         }
         let body = json!({"prompt": "Hi", "max_tokens": 2, "stream": true}).to_string();
-        write!(stream, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(
+            stream,
+            "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
         assert!(read_response(&mut reader).text().ends_with("data: [DONE]\n\n"));
-        write!(stream, "GET /health HTTP/1.1\r\n\r\n").unwrap();
+        write!(stream, "GET /health HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
         assert_eq!(read_response(&mut reader).status, 200, "the connection survives a streamed answer");
     }
 
@@ -264,9 +270,15 @@ mod scheduling {
     fn a_client_that_disconnects_while_queued_is_skipped() {
         let daemon = Daemon::start(&["--queue", "2"]);
         let running = long_generation(daemon.ndjson());
-        let mut queued = connect(daemon.http());
+        let address = daemon.http();
+        let mut queued = connect(address);
         let body = json!({"prompt": "Hi", "max_tokens": 5}).to_string();
-        write!(queued, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(
+            queued,
+            "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
         wait_for("one queued", &daemon, |h| h["queued"] == 1);
         drop(queued);
         // The hang-up reaches the daemon's socket before the queued job can start.
@@ -470,35 +482,46 @@ mod bad_input {
         let mut daemon = Daemon::start(&["--config", config.to_str().unwrap()]);
         let address = daemon.http();
         let post = |body: &[u8]| {
-            let mut request =
-                format!("POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            let mut request = format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
             request.extend_from_slice(body);
             request
         };
-        let mut huge_header = b"GET /health HTTP/1.1\r\nX-Big: ".to_vec();
+        let mut huge_header = format!("GET /health HTTP/1.1\r\nHost: {address}\r\nX-Big: ").into_bytes();
         huge_header.extend(std::iter::repeat_n(b'a', 1 << 20));
         huge_header.extend_from_slice(b"\r\n\r\n");
         let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
             ("malformed JSON", post(b"{\"prompt\": "), "400 Bad Request", "malformed JSON"),
             ("wrong type", post(b"{\"prompt\": \"Hi\", \"temperature\": \"hot\"}"), "400 Bad Request", "temperature"),
             ("invalid UTF-8", post(b"{\"prompt\": \"\xff\"}"), "400 Bad Request", "UTF-8"),
-            ("garbage", [garbage(3000, 9), b"\r\n\r\n".to_vec()].concat(), "400 Bad Request", "not valid UTF-8"),
+            (
+                "garbage",
+                [garbage(3000, 9), b"\r\n\r\n".to_vec()].concat(),
+                "400 Bad Request",
+                "not an HTTP/1.x request",
+            ),
             ("1 MiB header", huge_header, "431", "over 65536 bytes"),
             (
                 "1 MiB body",
-                b"POST /v1/completions HTTP/1.1\r\nContent-Length: 1048576\r\n\r\n".to_vec(),
+                format!("POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Length: 1048576\r\n\r\n")
+                    .into_bytes(),
                 "413",
                 "limit is 65536",
             ),
             (
                 "chunked",
-                b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                format!("POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .into_bytes(),
                 "501",
                 "Content-Length",
             ),
             (
                 "bad length",
-                b"POST /v1/completions HTTP/1.1\r\nContent-Length: lots\r\n\r\n".to_vec(),
+                format!("POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Length: lots\r\n\r\n")
+                    .into_bytes(),
                 "400",
                 "not a number",
             ),
@@ -515,7 +538,7 @@ mod bad_input {
             assert!(text.contains(message), "{what}: {text:?} should say {message:?}");
             errors.push(format!("{what}: {first} {text}"));
         }
-        let reply = slow_client(address, b"GET /health HTTP/1.1\r\n\r\n");
+        let reply = slow_client(address, format!("GET /health HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes());
         assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
         errors.push("slow client: HTTP/1.1 408".to_string());
 
@@ -523,7 +546,12 @@ mod bad_input {
         let mut stream = connect(address);
         let body =
             json!({"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0, "stream": true}).to_string();
-        write!(stream, "POST /v1/completions HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(
+            stream,
+            "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
         let mut first = [0u8; 64];
         stream.read_exact(&mut first).unwrap();
         drop(stream);

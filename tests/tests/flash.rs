@@ -404,7 +404,8 @@ fn the_host_brambled_serves_the_installed_config_and_model() {
         let address = http.clone().unwrap_or_else(|| panic!("no HTTP listener:\n{log}"));
         let mut stream = TcpStream::connect(&address).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        stream.write_all(b"GET /health HTTP/1.1\r\nHost: board\r\nConnection: close\r\n\r\n").unwrap();
+        // Host names the loopback address connected to: brambled on loopback serves no other name.
+        write!(stream, "GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
