@@ -96,32 +96,14 @@ impl Connection {
     /// Reads up to `delimiter` (not included, and consumed). At most `max`
     /// bytes before it; a request that has begun must end within the request timeout.
     pub fn read_until(&mut self, delimiter: &[u8], max: usize) -> Result<Vec<u8>, ReadFailure> {
-        let idle_deadline = Instant::now() + self.limits.idle_timeout;
-        let mut request_deadline = (!self.pending.is_empty()).then(|| Instant::now() + self.limits.request_timeout);
-        // Between requests the connection may be closed to make room for another.
-        self.set_idle(request_deadline.is_none());
-        let mut searched = 0;
-        loop {
-            if let Some(at) = find(&self.pending[searched..], delimiter) {
-                let end = searched + at;
-                if end > max {
-                    return Err(ReadFailure::TooLarge);
-                }
-                let line = self.pending[..end].to_vec();
-                self.pending.drain(..end + delimiter.len());
-                return Ok(line);
-            }
-            if self.pending.len() > max + delimiter.len() {
-                return Err(ReadFailure::TooLarge);
-            }
-            searched = self.pending.len().saturating_sub(delimiter.len() - 1);
-            let began = request_deadline.is_some();
-            self.fill(request_deadline.unwrap_or(idle_deadline), began)?;
-            if request_deadline.is_none() && !self.pending.is_empty() {
-                request_deadline = Some(Instant::now() + self.limits.request_timeout);
-                self.set_idle(false);
-            }
-        }
+        let found = self.read_head(max + delimiter.len(), |pending: &[u8], shown| {
+            // Only the bytes new since the last look (and a delimiter's worth before them) are searched.
+            let from = shown.saturating_sub(delimiter.len() - 1);
+            Ok::<_, std::convert::Infallible>(
+                find(&pending[from..], delimiter).map(|at| (pending[..from + at].to_vec(), from + at + delimiter.len())),
+            )
+        })?;
+        Ok(found.unwrap_or_else(|never| match never {}))
     }
 
     /// Reads a message head whose end `parse` finds. After each read, `parse`
@@ -138,6 +120,8 @@ impl Connection {
     ) -> Result<Result<T, E>, ReadFailure> {
         let idle_deadline = Instant::now() + self.limits.idle_timeout;
         let mut request_deadline = (!self.pending.is_empty()).then(|| Instant::now() + self.limits.request_timeout);
+        // Between requests the connection may be closed to make room for another.
+        self.set_idle(request_deadline.is_none());
         let mut shown = 0;
         loop {
             if self.pending.len() > shown {
@@ -158,6 +142,7 @@ impl Connection {
             self.fill(request_deadline.unwrap_or(idle_deadline), began)?;
             if request_deadline.is_none() && !self.pending.is_empty() {
                 request_deadline = Some(Instant::now() + self.limits.request_timeout);
+                self.set_idle(false);
             }
         }
     }

@@ -97,7 +97,8 @@ struct Merge {
 /// The byte-level BPE tables.
 #[derive(Debug, Clone)]
 pub(crate) struct ByteLevelModel {
-    /// The token of each byte's GPT-2 character, or the unknown token.
+    /// The token of each byte's GPT-2 character, or the unknown token (or
+    /// [`NO_TOKEN`] when the unknown token is a control token).
     byte_tokens: [u32; 256],
     /// `(left, right)` → rank and merged token.
     merges: FastMap<u64, Merge>,
@@ -150,6 +151,9 @@ pub(crate) struct Scratch {
 
 const NONE: usize = usize::MAX;
 
+/// In `byte_tokens`: the byte has no token of its own and is dropped.
+const NO_TOKEN: u32 = u32::MAX;
+
 impl ByteLevelModel {
     /// Builds the tables. `ids` maps every spelling to its id.
     pub(crate) fn new(vocab: &Vocab, ids: &FastMap<&[u8], u32>, decoded: impl Fn(u32) -> Vec<u8>) -> Result<Self> {
@@ -157,7 +161,11 @@ impl ByteLevelModel {
         for byte in 0..=255u8 {
             let spelling = byte_to_char(byte).to_string();
             byte_tokens[byte as usize] = match (ids.get(spelling.as_bytes()), vocab.unk_id) {
-                (Some(&id), _) | (None, Some(id)) => id,
+                (Some(&id), _) => id,
+                // SmolLM2's unknown token is `<|endoftext|>`, a control token:
+                // plain text must never produce one, so such a byte is dropped.
+                (None, Some(id)) if vocab.types.get(id as usize) == Some(&TokenType::Control) => NO_TOKEN,
+                (None, Some(id)) => id,
                 (None, None) => {
                     return Err(Error::unsupported(format!(
                         "tokenizer: byte-level vocabulary has no token for byte 0x{byte:02X} ({spelling:?}) and no unknown token"
@@ -210,17 +218,25 @@ impl ByteLevelModel {
             return;
         }
         if let [byte] = word {
-            out.push(self.byte_tokens[*byte as usize]);
+            if self.byte_tokens[*byte as usize] != NO_TOKEN {
+                out.push(self.byte_tokens[*byte as usize]);
+            }
             return;
         }
         let Scratch { symbols, queue } = scratch;
         symbols.clear();
         queue.clear();
-        for (index, &byte) in word.iter().enumerate() {
+        let kept = word.iter().filter(|&&byte| self.byte_tokens[byte as usize] != NO_TOKEN).count();
+        for &byte in word {
+            let token = self.byte_tokens[byte as usize];
+            if token == NO_TOKEN {
+                continue;
+            }
+            let index = symbols.len();
             symbols.push(Symbol {
-                token: self.byte_tokens[byte as usize],
+                token,
                 previous: if index == 0 { NONE } else { index - 1 },
-                next: if index + 1 == word.len() { NONE } else { index + 1 },
+                next: if index + 1 == kept { NONE } else { index + 1 },
                 live: true,
             });
         }
