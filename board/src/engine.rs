@@ -449,7 +449,13 @@ impl Engine {
                         return;
                     }
                 };
-                let mut session = Session::new(&model, tokenizer, context, SamplerConfig::default());
+                let mut session = match Session::try_new(&model, tokenizer, context, SamplerConfig::default()) {
+                    Ok(session) => session,
+                    Err(e) => {
+                        let _ = ready_sender.send(Err(format!("{}: context {context}: {e}", image.path().display())));
+                        return;
+                    }
+                };
                 // The state's pages are not written yet: refuse before they are.
                 let needed = MemoryNeed { image_bytes, state_bytes: session.state_bytes() as u64, kv_bytes: session.kv_bytes() as u64 };
                 if let Some((limit, why)) = &memory_limit {

@@ -18,6 +18,12 @@ pub enum ErrorKind {
     InvalidInput,
     /// Rendering a chat template failed.
     Template,
+    /// A buffer could not be allocated: its size overflows, or the allocator
+    /// cannot provide it.
+    OutOfMemory,
+    /// The model computed a value that is not a finite number (its weights
+    /// hold NaN or infinity, or its activations overflow).
+    NonFinite,
 }
 
 /// An error of the runtime, with a message naming the file, section, tensor or field at fault.

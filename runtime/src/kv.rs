@@ -35,8 +35,9 @@
 //! the kept channels of the query only; keys written after it keep every
 //! channel. Pruning and attending allocate nothing.
 
+use crate::buffers::{filled, filled_product};
 use crate::config::ModelConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernels::attention::CHANNEL_RUN;
 pub use crate::kernels::attention::KEY_GROUP;
 use crate::kernels::Kernels;
@@ -225,15 +226,17 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn new(mode: KvMode, config: &ModelConfig, context: usize) -> Self {
+    /// The sizes, with every product checked: an error naming the buffer if one overflows.
+    fn new(mode: KvMode, config: &ModelConfig, context: usize) -> Result<Self> {
         let (layers, kv_heads, head_dim) =
             (config.n_layers as usize, config.n_kv_heads as usize, config.head_dim as usize);
-        let kv_dim = kv_heads * head_dim;
+        let kv_dim = config.kv_dim();
         let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as usize;
-        match mode.bits() {
+        let size = crate::buffers::checked_size;
+        Ok(match mode.bits() {
             None => Sizes {
                 window: context,
-                floats: layers * context * kv_dim,
+                floats: size("KV cache (n_layers × context × kv_dim)", &[layers, context, kv_dim])?,
                 key_codes: 0,
                 key_scales: 0,
                 value_codes: 0,
@@ -245,56 +248,72 @@ impl Sizes {
                 let window = RESIDUAL_WINDOW.min(context);
                 let groups = context.div_ceil(KEY_GROUP);
                 let bits = bits as usize;
+                let key_scales = "KV cache key scales (n_layers × n_kv_heads × groups × head_dim)";
                 Sizes {
                     window,
-                    floats: layers * window * kv_dim,
-                    key_codes: layers * kv_heads * groups * head_dim * KEY_GROUP * bits / 8,
-                    key_scales: layers * kv_heads * groups * head_dim,
-                    value_codes: layers * context * kv_dim * bits / 8,
-                    value_scales: layers * kv_heads * context,
-                    window_scores: heads_per_kv * window,
-                    window_out: heads_per_kv * head_dim,
+                    floats: size("KV cache window (n_layers × window × kv_dim)", &[layers, window, kv_dim])?,
+                    key_codes: size(
+                        "KV cache key codes (n_layers × n_kv_heads × context × head_dim)",
+                        &[layers, kv_heads, groups, head_dim, KEY_GROUP * bits],
+                    )? / 8,
+                    key_scales: size(key_scales, &[layers, kv_heads, groups, head_dim])?,
+                    value_codes: size(
+                        "KV cache value codes (n_layers × context × kv_dim)",
+                        &[layers, context, kv_dim, bits],
+                    )? / 8,
+                    value_scales: size(
+                        "KV cache value scales (n_layers × n_kv_heads × context)",
+                        &[layers, kv_heads, context],
+                    )?,
+                    window_scores: size("KV cache window scores", &[heads_per_kv, window])?,
+                    window_out: size("KV cache window output", &[heads_per_kv, head_dim])?,
                 }
             }
-        }
+        })
     }
 
-    fn bytes(&self) -> usize {
-        4 * (2 * self.floats + self.window_scores + self.window_out)
-            + self.key_codes
-            + 2 * 2 * self.key_scales
-            + self.value_codes
-            + 2 * 2 * self.value_scales
+    /// Bytes of all the buffers; an error if the sum overflows.
+    fn bytes(&self) -> Result<usize> {
+        let bytes = 4 * (2 * self.floats as u128 + self.window_scores as u128 + self.window_out as u128)
+            + self.key_codes as u128
+            + 2 * 2 * self.key_scales as u128
+            + self.value_codes as u128
+            + 2 * 2 * self.value_scales as u128;
+        usize::try_from(bytes)
+            .map_err(|_| Error::new(ErrorKind::OutOfMemory, format!("KV cache: {bytes} bytes overflow")))
     }
 }
 
 impl KvCache {
     /// Allocates a cache of `mode` for `context` positions of a model of
-    /// this shape (check the shape first with [`KvMode::check`]).
-    pub fn new(mode: KvMode, config: &ModelConfig, context: usize) -> Self {
-        let sizes = Sizes::new(mode, config, context);
+    /// this shape (check the shape first with [`KvMode::check`]); an
+    /// [`ErrorKind::OutOfMemory`] error naming the buffer whose size
+    /// overflows or cannot be allocated.
+    pub fn new(mode: KvMode, config: &ModelConfig, context: usize) -> Result<Self> {
+        let sizes = Sizes::new(mode, config, context)?;
+        sizes.bytes()?;
         let layers = config.n_layers as usize;
-        Self {
+        Ok(Self {
             mode,
             context,
             kv_heads: config.n_kv_heads as usize,
             head_dim: config.head_dim as usize,
             window: sizes.window,
-            keys: vec![0.0; sizes.floats],
-            values: vec![0.0; sizes.floats],
-            key_codes: vec![0; sizes.key_codes],
-            key_scales: vec![f16::ZERO; sizes.key_scales],
-            key_mins: vec![f16::ZERO; sizes.key_scales],
-            value_codes: vec![0; sizes.value_codes],
-            value_scales: vec![f16::ZERO; sizes.value_scales],
-            value_mins: vec![f16::ZERO; sizes.value_scales],
-            quantized: vec![0; layers],
-            written: vec![0; layers],
-            window_scores: vec![0.0; sizes.window_scores],
-            window_out: vec![0.0; sizes.window_out],
+            keys: filled("KV cache keys", sizes.floats, 0.0)?,
+            values: filled("KV cache values", sizes.floats, 0.0)?,
+            key_codes: filled("KV cache key codes", sizes.key_codes, 0)?,
+            key_scales: filled("KV cache key scales", sizes.key_scales, f16::ZERO)?,
+            key_mins: filled("KV cache key minimums", sizes.key_scales, f16::ZERO)?,
+            value_codes: filled("KV cache value codes", sizes.value_codes, 0)?,
+            value_scales: filled("KV cache value scales", sizes.value_scales, f16::ZERO)?,
+            value_mins: filled("KV cache value minimums", sizes.value_scales, f16::ZERO)?,
+            quantized: filled("KV cache positions", layers, 0)?,
+            written: filled("KV cache positions", layers, 0)?,
+            window_scores: filled("KV cache window scores", sizes.window_scores, 0.0)?,
+            window_out: filled("KV cache window output", sizes.window_out, 0.0)?,
             heads_per_kv: (config.n_heads / config.n_kv_heads.max(1)) as usize,
             pruning: None,
-        }
+        })
     }
 
     /// Turns on key-channel pruning with a share `ratio` of each head's key
@@ -309,14 +328,18 @@ impl KvCache {
         }
         let (layers, kv_dim, head_dim) = (self.written.len(), self.kv_dim(), self.head_dim);
         let kept = kept_channels(head_dim, ratio);
+        let mut channels = filled_product("pruned key channels", &[layers, self.kv_heads, kept], 0)?;
+        for (i, channel) in channels.iter_mut().enumerate() {
+            *channel = i % kept;
+        }
         self.pruning = Some(Pruning {
             ratio,
             kept,
-            channels: (0..layers * self.kv_heads).flat_map(|_| 0..kept).collect(),
-            queries: vec![0.0; layers * PRUNE_QUERIES * kv_dim],
+            channels,
+            queries: filled_product("pruning queries", &[layers, PRUNE_QUERIES, kv_dim], 0.0)?,
             pruned: vec![0; layers],
-            gathered: vec![0.0; self.heads_per_kv * kept],
-            split_scores: vec![0.0; self.heads_per_kv * self.context],
+            gathered: filled_product("pruning query channels", &[self.heads_per_kv, kept], 0.0)?,
+            split_scores: filled_product("pruning scores", &[self.heads_per_kv, self.context], 0.0)?,
             channel_scores: vec![0.0; head_dim],
             order: vec![0; head_dim],
         });
@@ -439,9 +462,10 @@ impl KvCache {
         }
     }
 
-    /// Bytes [`KvCache::new`] allocates for these arguments.
-    pub fn bytes_for(mode: KvMode, config: &ModelConfig, context: usize) -> usize {
-        Sizes::new(mode, config, context).bytes()
+    /// Bytes [`KvCache::new`] allocates for these arguments, computed
+    /// without allocating; an error when a size overflows.
+    pub fn bytes_for(mode: KvMode, config: &ModelConfig, context: usize) -> Result<usize> {
+        Sizes::new(mode, config, context)?.bytes()
     }
 
     /// Bytes held.
@@ -862,11 +886,40 @@ mod tests {
     }
 
     #[test]
+    fn sizes_that_overflow_or_cannot_be_had_are_errors_naming_the_buffer() {
+        // Every field within range, their product not: 2²⁴ layers × 2⁴⁰ positions × 32 values.
+        let mut huge = config();
+        huge.n_layers = 1 << 24;
+        for mode in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
+            for error in [
+                KvCache::bytes_for(mode, &huge, 1 << 40).unwrap_err(),
+                KvCache::new(mode, &huge, 1 << 40).err().unwrap(),
+            ] {
+                assert_eq!(error.kind(), ErrorKind::OutOfMemory, "{mode}: {error}");
+                assert!(error.message().contains("KV cache") && error.message().contains("overflow"), "{error}");
+            }
+        }
+        // A size that fits in 64 bits but no allocator can provide (2⁶⁰ bytes).
+        let error = KvCache::new(KvMode::F32, &config(), 1 << 52).err().unwrap();
+        assert_eq!(error.kind(), ErrorKind::OutOfMemory);
+        assert!(
+            error.message().contains("KV cache keys") && error.message().contains("cannot be allocated"),
+            "{error}"
+        );
+        // The run state reports it rather than aborting.
+        let error = crate::model::RunState::try_with_kv(&config(), 1 << 52, 1, KvMode::F32).err().unwrap();
+        assert_eq!(error.kind(), ErrorKind::OutOfMemory, "{error}");
+    }
+
+    #[test]
     fn bytes_match_the_allocation_and_q4_is_under_a_third_of_f16_a_token() {
         let c = config();
         for mode in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
             for context in [1, 31, 64, 100, 256] {
-                assert_eq!(KvCache::new(mode, &c, context).bytes(), KvCache::bytes_for(mode, &c, context));
+                assert_eq!(
+                    KvCache::new(mode, &c, context).unwrap().bytes(),
+                    KvCache::bytes_for(mode, &c, context).unwrap()
+                );
             }
         }
         let f16 = KvMode::f16_bytes_per_token(&c);
@@ -874,7 +927,7 @@ mod tests {
         // q4: 0.5 + 4/32 bytes a key channel, 0.5 + 4/32 a value channel at head_dim 32.
         assert_eq!(KvMode::Q4.bytes_per_token(&c) / f16, (0.625 + 0.625) / 4.0);
         // Long contexts approach the per-token rate (the window is a fixed cost).
-        let long = KvCache::bytes_for(KvMode::Q4, &c, 32768) as f64 / (32768.0 * f16);
+        let long = KvCache::bytes_for(KvMode::Q4, &c, 32768).unwrap() as f64 / (32768.0 * f16);
         assert!((long - KvMode::Q4.bytes_per_token(&c) / f16).abs() < 0.01, "{long}");
     }
 
@@ -884,7 +937,7 @@ mod tests {
         let c = config();
         let kernels = Kernels::detect();
         let (kv_dim, head_dim, heads_per_kv) = (c.kv_dim(), 32, 2);
-        let mut cache = KvCache::new(mode, &c, 128);
+        let mut cache = KvCache::new(mode, &c, 128).unwrap();
         let mut scores = vec![0f32; heads_per_kv * 128];
         let mut outputs = Vec::new();
         let mut order: Vec<usize> = (0..positions).collect();
@@ -950,7 +1003,7 @@ mod tests {
     ) -> (Vec<f32>, KvCache, Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let c = config();
         let (kv_dim, head_dim, q_dim) = (c.kv_dim(), 32, 4 * 32);
-        let mut cache = KvCache::new(KvMode::F32, &c, 128);
+        let mut cache = KvCache::new(KvMode::F32, &c, 128).unwrap();
         cache.enable_pruning(ratio).unwrap();
         let mut scores = vec![0f32; 2 * 128];
         let (mut outputs, mut keys, mut queries) = (Vec::new(), Vec::new(), Vec::new());
@@ -1107,7 +1160,7 @@ mod tests {
     #[test]
     fn a_rewind_to_the_start_unprunes_and_the_next_prompt_prunes_again() {
         let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 64);
+        let mut cache = KvCache::new(KvMode::F32, &c, 64).unwrap();
         cache.enable_pruning(0.5).unwrap();
         let (key, query) = (data(64, 1), data(128, 2));
         for pos in 0..10 {
@@ -1147,7 +1200,7 @@ mod tests {
         assert_eq!((kept_channels(64, 0.5), kept_channels(64, 0.3), kept_channels(64, 0.0)), (32, 45, 64));
         assert_eq!(kept_channels(64, 0.999), 1);
         let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 100);
+        let mut cache = KvCache::new(KvMode::F32, &c, 100).unwrap();
         let before = cache.bytes();
         cache.enable_pruning(0.25).unwrap();
         assert_eq!(cache.bytes() - before, KvCache::pruning_bytes_for(&c, 100, 0.25));

@@ -9,6 +9,7 @@
 
 pub mod allocations;
 pub mod bias;
+pub mod buffers;
 pub mod chat;
 pub mod config;
 pub mod error;

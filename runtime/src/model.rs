@@ -5,6 +5,7 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
+use crate::buffers::filled_product;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
@@ -365,19 +366,37 @@ pub struct RunState {
 }
 
 impl RunState {
-    /// Allocates for `context` positions and batches of up to `batch` tokens, with an f32 KV cache.
+    /// Allocates for `context` positions and batches of up to `batch` tokens,
+    /// with an f32 KV cache. Panics when a buffer cannot be allocated; see
+    /// [`RunState::try_with_kv`].
     pub fn new(config: &ModelConfig, context: usize, batch: usize) -> Self {
         Self::with_kv(config, context, batch, KvMode::F32)
     }
 
-    /// As [`RunState::new`] with a KV cache of `kv` (checked against the model with [`KvMode::check`]).
+    /// As [`RunState::new`] with a KV cache of `kv` (checked against the
+    /// model with [`KvMode::check`]). Panics when a buffer cannot be
+    /// allocated, for callers whose sizes are known to fit (tests, estimates);
+    /// [`RunState::try_with_kv`] returns the error instead.
     pub fn with_kv(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Self {
+        Self::try_with_kv(config, context, batch, kv).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`RunState::with_kv`], with every size computed with checked
+    /// arithmetic and every buffer allocated fallibly: a size that overflows
+    /// or that the allocator cannot provide is an
+    /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
+    /// naming the buffer.
+    pub fn try_with_kv(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Result<Self> {
         let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
-        let layers = config.n_layers as usize;
+        let (layers, vocab) = (config.n_layers as usize, config.vocab_size as usize);
         let widest = dim.max(q_dim).max(ffn);
         let pairs = config.rope_dim as usize / 2;
-        let mut rope_cos = vec![0f32; context * pairs];
-        let mut rope_sin = vec![0f32; context * pairs];
+        let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as usize;
+        let no_activation = BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] };
+        // The KV cache first: it is the largest, and nothing has been written yet if it cannot be had.
+        let kv = KvCache::new(kv, config, context)?;
+        let mut rope_cos = filled_product("RoPE table (context × rope_dim / 2)", &[context, pairs], 0f32)?;
+        let mut rope_sin = filled_product("RoPE table (context × rope_dim / 2)", &[context, pairs], 0f32)?;
         for pos in 0..context {
             for i in 0..pairs {
                 // θ_i = pos · base^(−2i / rope_dim), computed in f64 so long contexts keep their precision.
@@ -387,47 +406,53 @@ impl RunState {
                 rope_sin[pos * pairs + i] = angle.sin() as f32;
             }
         }
-        Self {
+        Ok(Self {
             batch,
             context,
-            x: vec![0.0; batch * dim],
-            xb: vec![0.0; batch * dim.max(q_dim)],
-            xb2: vec![0.0; batch * q_dim],
-            xq: vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * widest / GROUP],
-            q: vec![0.0; batch * q_dim],
-            hb: vec![0.0; batch * ffn],
-            hb2: vec![0.0; batch * ffn],
-            att: vec![0.0; (config.n_heads / config.n_kv_heads.max(1)) as usize * context],
-            logits: vec![0.0; batch * config.vocab_size as usize],
-            scratch: vec![0.0; if batch > 1 { batch * widest.max(config.vocab_size as usize) } else { 0 }],
-            k: vec![0.0; batch * kv_dim],
-            v: vec![0.0; batch * kv_dim],
-            kv: KvCache::new(kv, config, context),
+            x: filled_product("residual stream (batch × dim)", &[batch, dim], 0.0)?,
+            xb: filled_product("activations (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)], 0.0)?,
+            xb2: filled_product("attention output (batch × q_dim)", &[batch, q_dim], 0.0)?,
+            xq: filled_product("int8 activations (batch × widest / 32)", &[batch, widest / GROUP], no_activation)?,
+            q: filled_product("queries (batch × q_dim)", &[batch, q_dim], 0.0)?,
+            hb: filled_product("FFN gate (batch × ffn_dim)", &[batch, ffn], 0.0)?,
+            hb2: filled_product("FFN up (batch × ffn_dim)", &[batch, ffn], 0.0)?,
+            att: filled_product("attention scores (n_heads / n_kv_heads × context)", &[heads_per_kv, context], 0.0)?,
+            logits: filled_product("logits (batch × vocab_size)", &[batch, vocab], 0.0)?,
+            // Only batches of more than one token go through the scratch.
+            scratch: filled_product(
+                "batch products (batch × max(widest, vocab_size))",
+                &[if batch > 1 { batch } else { 0 }, widest.max(vocab)],
+                0.0,
+            )?,
+            k: filled_product("new keys (batch × kv_dim)", &[batch, kv_dim], 0.0)?,
+            v: filled_product("new values (batch × kv_dim)", &[batch, kv_dim], 0.0)?,
+            kv,
             rope_cos,
             rope_sin,
             sparse: SparseScratch::default(),
-            bias_weights: vec![0.0; layers],
+            bias_weights: filled_product("bias weights (n_layers)", &[layers], 0.0)?,
             projections: ProjectionStats::new(layers),
-        }
+        })
     }
 
-    /// As [`RunState::new`], with the scratch of the R-Sparse path.
-    fn with_sparse(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Self {
-        let mut state = Self::with_kv(config, context, batch, kv);
+    /// As [`RunState::try_with_kv`], with the scratch of the R-Sparse path.
+    fn with_sparse(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Result<Self> {
+        let mut state = Self::try_with_kv(config, context, batch, kv)?;
         let widest = (config.dim as usize).max(config.q_dim()).max(config.ffn_dim as usize);
+        let what = "R-Sparse scratch (batch × widest)";
         state.sparse = SparseScratch {
-            exact: vec![0.0; batch * widest],
-            exact_q: vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * widest / GROUP],
-            rest: vec![0.0; batch * widest],
-            low: vec![0.0; batch * widest],
-            low_t: vec![0.0; batch * widest],
-            mask: vec![0; batch * widest / GROUP],
+            exact: filled_product(what, &[batch, widest], 0.0)?,
+            exact_q: filled_product(what, &[batch, widest / GROUP], BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] })?,
+            rest: filled_product(what, &[batch, widest], 0.0)?,
+            low: filled_product(what, &[batch, widest], 0.0)?,
+            low_t: filled_product(what, &[batch, widest], 0.0)?,
+            mask: filled_product(what, &[batch, widest / GROUP], 0)?,
             masked: 0,
             channels: 0,
             bytes_read: 0,
             dense_bytes: 0,
         };
-        state
+        Ok(state)
     }
 
     /// The share of input channels the R-Sparse path sent to the low-rank
@@ -620,6 +645,16 @@ impl<'a> Model<'a> {
                 ))),
             }
         };
+        // Nine tensors a layer: a config claiming more layers than the image
+        // holds is refused before anything is sized by it.
+        let layers_held = image.tensors().len() / 9;
+        if config.n_layers as usize > layers_held {
+            return Err(Error::corrupt(format!(
+                "config n_layers = {} but the image holds {} tensors, enough for at most {layers_held} layers of 9",
+                config.n_layers,
+                image.tensors().len()
+            )));
+        }
         let mut layers = Vec::with_capacity(config.n_layers as usize);
         for l in 0..config.n_layers {
             let name = |part: &str| format!("blk.{l}.{part}.weight");
@@ -777,17 +812,26 @@ impl<'a> Model<'a> {
         self.kv_mode
     }
 
-    /// A [`RunState`] for this model.
+    /// A [`RunState`] for this model. Panics when a buffer cannot be
+    /// allocated, for callers whose sizes are known to fit (tests);
+    /// [`Model::try_new_state`] returns the error instead.
     pub fn new_state(&self, context: usize, batch: usize) -> RunState {
+        self.try_new_state(context, batch).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A [`RunState`] for this model, or an
+    /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
+    /// naming the buffer whose size overflows or cannot be allocated.
+    pub fn try_new_state(&self, context: usize, batch: usize) -> Result<RunState> {
         let mut state = match self.sparse {
-            Some(_) => RunState::with_sparse(&self.config, context, batch, self.kv_mode),
-            None => RunState::with_kv(&self.config, context, batch, self.kv_mode),
+            Some(_) => RunState::with_sparse(&self.config, context, batch, self.kv_mode)?,
+            None => RunState::try_with_kv(&self.config, context, batch, self.kv_mode)?,
         };
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
         }
-        state.kv.enable_pruning(self.kv_prune).expect("the ratio was checked against the mode when set");
-        state
+        state.kv.enable_pruning(self.kv_prune)?;
+        Ok(state)
     }
 
     /// Bytes of weights one decoded token reads (every matrix once, one embedding row).

@@ -5,7 +5,7 @@
 //! each [`Session::step`] allocates nothing, and neither does the decode loop
 //! of [`Session::generate`].
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::model::{Logits, Model, RunState};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
@@ -28,17 +28,33 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// A session with a KV cache of `context` positions.
+    /// A session with a KV cache of `context` positions. Panics when its
+    /// state cannot be allocated, for callers whose sizes are known to fit
+    /// (tests); [`Session::try_new`] returns the error instead.
     pub fn new(model: &'m Model<'m>, tokenizer: &'m Tokenizer, context: usize, sampler: SamplerConfig) -> Self {
+        Self::try_new(model, tokenizer, context, sampler).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A session with a KV cache of `context` positions, or an
+    /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
+    /// naming the buffer that cannot be allocated ([`Model::try_new_state`]).
+    pub fn try_new(
+        model: &'m Model<'m>,
+        tokenizer: &'m Tokenizer,
+        context: usize,
+        sampler: SamplerConfig,
+    ) -> Result<Self> {
         let vocab = model.config.vocab_size as usize;
-        Self {
+        let state = model.try_new_state(context, DEFAULT_BATCH)?;
+        Ok(Self {
             model,
             tokenizer,
-            state: model.new_state(context, DEFAULT_BATCH),
+            state,
             sampler: Sampler::new(vocab, sampler),
+            // The state holds `context` positions, so their history fits too.
             history: Vec::with_capacity(context),
             has_logits: false,
-        }
+        })
     }
 
     /// The tokenizer.
@@ -166,7 +182,19 @@ impl<'m> Session<'m> {
             return Err(Error::invalid(format!("the context of {} tokens is full", self.state.context)));
         }
         let vocab = self.model.config.vocab_size as usize;
-        let token = self.sampler.sample(&self.state.logits()[..vocab]);
+        let logits = &self.state.logits()[..vocab];
+        if !all_finite(logits) {
+            // NaN is never sampled and infinity always is: either way the text would be noise.
+            let (position, token) = (self.history.len().saturating_sub(1), self.history.last().copied().unwrap_or(0));
+            return Err(Error::new(
+                ErrorKind::NonFinite,
+                format!(
+                    "the logits at position {position} (after token {token}) are not finite: the model's weights \
+                     or activations hold NaN or infinity"
+                ),
+            ));
+        }
+        let token = self.sampler.sample(logits);
         self.sampler.accept(token);
         // The prompt is over: key-channel pruning, if on, prunes it (once).
         self.state.end_prefill();
@@ -181,6 +209,12 @@ impl<'m> Session<'m> {
         let vocab = self.model.config.vocab_size as usize;
         self.has_logits.then(|| self.sampler.sample(&self.state.logits()[..vocab]))
     }
+}
+
+/// Whether every value is finite. A fold with `&` rather than `all`: without
+/// an early exit the loop vectorizes, and a model that works never exits early.
+fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |finite, value| finite & value.is_finite())
 }
 
 /// Why [`Session::generate`] ended.
@@ -472,6 +506,25 @@ mod tests {
             stream.finish(&mut |t| out.push_str(t));
         }
         (out, stopped)
+    }
+
+    #[test]
+    fn only_finite_logits_pass() {
+        for length in [0usize, 1, 7, 8, 9, 64, 100] {
+            let mut values: Vec<f32> = (0..length).map(|i| 3e38 - i as f32 * 1e36).collect();
+            assert!(all_finite(&values), "{length} finite values near f32::MAX");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, length / 2, length.saturating_sub(1)] {
+                    if length == 0 {
+                        continue;
+                    }
+                    let kept = values[at];
+                    values[at] = bad;
+                    assert!(!all_finite(&values), "{bad} at {at} of {length}");
+                    values[at] = kept;
+                }
+            }
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub fn perplexity(
     let chunks = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
     anyhow::ensure!(chunks > 0, "the text has {} tokens, fewer than one window of {ctx}", tokens.len());
     let vocab = model.config.vocab_size as usize;
-    let mut state = model.new_state(ctx, batch);
+    let mut state = model.try_new_state(ctx, batch)?;
     let first = ctx / 2;
     let mut nll = 0f64;
     let mut scored = 0usize;

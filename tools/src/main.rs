@@ -950,7 +950,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty and the model adds no BOS token");
     anyhow::ensure!(prompt.len() < context, "the prompt is {} tokens, the context {}", prompt.len(), context);
-    let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
+    let mut session = Session::try_new(&model, tokenizer, context, args.sampling.config())?;
     let mut feedback = feedback_loop(&model, &args.model)?;
     if let Some(feedback) = &feedback {
         session.set_bias_weights(&feedback.weights)?;
@@ -990,7 +990,7 @@ fn run_chat(args: ChatArgs) -> Result<()> {
     let model = model(&loaded, &args.model, SparseMode::DecodeOnly)?;
     let tokenizer = &loaded.tokenizer;
     let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
-    let mut session = Session::new(&model, tokenizer, context, args.sampling.config());
+    let mut session = Session::try_new(&model, tokenizer, context, args.sampling.config())?;
     let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
@@ -1093,7 +1093,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let text = tokenizer.encode("The quick brown fox jumps over the lazy dog. ", false, false);
     anyhow::ensure!(!text.is_empty(), "the tokenizer produced no tokens for the benchmark text");
     let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens).collect();
-    let mut session = Session::new(&model, tokenizer, context, SamplerConfig::greedy());
+    let mut session = Session::try_new(&model, tokenizer, context, SamplerConfig::greedy())?;
     let kv_bytes = session.kv_bytes();
     // The whole state resident, as brambled holds it: peak_rss_bytes is then
     // the footprint at the full context, not at the positions this run fills.

@@ -249,7 +249,11 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     /// Every term added up.
     pub fn total_bytes(&self) -> u64 {
-        self.weight_bytes + self.kv_cache_bytes + self.buffer_bytes + self.os_headroom_bytes
+        // Saturating: an overflowing KV cache counts as u64::MAX, and must not wrap to a size that fits.
+        self.weight_bytes
+            .saturating_add(self.kv_cache_bytes)
+            .saturating_add(self.buffer_bytes)
+            .saturating_add(self.os_headroom_bytes)
     }
 
     /// Whether the model fits the board.
@@ -279,9 +283,10 @@ impl fmt::Display for MemoryPlan {
 }
 
 /// Bytes of the KV cache for `context` positions stored as `kv` (as the
-/// runtime's `KvCache::new` allocates them).
+/// runtime's `KvCache::new` allocates them); `u64::MAX`, which fits no
+/// board, when the size overflows.
 pub fn kv_cache_bytes(config: &ModelConfig, context: usize, kv: KvMode) -> u64 {
-    KvCache::bytes_for(kv, config, context) as u64
+    KvCache::bytes_for(kv, config, context).map_or(u64::MAX, |bytes| bytes as u64)
 }
 
 /// Bytes of the run state other than the KV cache, for `context` positions

@@ -135,9 +135,22 @@ impl ModelImage {
         Self::open_with(path, OpenOptions::default())
     }
 
-    /// Maps and validates the image at `path`.
+    /// Maps and validates the image at `path`, which must be a regular file.
     pub fn open_with(path: &Path, options: OpenOptions) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::new(ErrorKind::Io, format!("{}: {e}", path.display())))?;
+        let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("{}: {e}", path.display()));
+        // Before opening: opening a FIFO for reading blocks until a writer
+        // comes, perhaps forever, and a device or directory cannot be an image.
+        let regular = |metadata: std::fs::Metadata| match metadata.is_file() {
+            true => Ok(()),
+            false => Err(Error::new(
+                ErrorKind::Io,
+                format!("{}: not a regular file but {}", path.display(), file_kind(&metadata.file_type())),
+            )),
+        };
+        regular(std::fs::metadata(path).map_err(io)?)?;
+        let file = File::open(path).map_err(io)?;
+        // Again on what was opened, in case the path changed in between.
+        regular(file.metadata().map_err(io)?)?;
         // SAFETY: the map is read-only and private to this process. Bramble's
         // images are written once (to a temporary name, then renamed into
         // place) and never modified in place, so the bytes do not change
@@ -235,6 +248,28 @@ impl ModelImage {
     /// Total bytes of all tensors.
     pub fn weight_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.size).sum()
+    }
+}
+
+/// What a file that is not a regular file is, for messages.
+fn file_kind(file_type: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if file_type.is_socket() {
+            return "a socket";
+        }
+        if file_type.is_block_device() || file_type.is_char_device() {
+            return "a device";
+        }
+    }
+    if file_type.is_dir() {
+        "a directory"
+    } else {
+        "another kind of file"
     }
 }
 

@@ -3,8 +3,15 @@
 //! nothing through a channel: the job is a borrowed closure published under a
 //! mutex with a generation counter; workers spin briefly, then sleep on a
 //! condition variable, and the caller takes part as worker 0.
+//!
+//! [`ThreadPool::run`] is scoped like `std::thread::scope`: it is not left,
+//! by return or by unwinding, before every worker is done with the borrowed
+//! job, and a worker's panic is caught in the worker (which lives on) and
+//! resumed in the caller.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -50,6 +57,47 @@ struct Shared {
     wake: Condvar,
     finished: Mutex<()>,
     finished_signal: Condvar,
+    /// Set when a worker's share of the current job panicked, before its
+    /// `remaining` decrement (so `run` reads it without a lock when none did).
+    worker_panicked: AtomicBool,
+    /// The first such panic's payload, for `run` to resume.
+    worker_panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+impl Shared {
+    /// The payload of a worker's panic during the last job, if one panicked.
+    fn take_worker_panic(&self) -> Option<Box<dyn Any + Send>> {
+        if !self.worker_panicked.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.worker_panic.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The job [`ThreadPool::run`] has published. Dropping it, when `run`
+/// returns or unwinds, waits until every worker is done with the job (they
+/// hold a pointer to it, borrowed from the caller's stack), then withdraws it.
+struct PublishedJob<'p>(&'p Shared);
+
+impl Drop for PublishedJob<'_> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        // Spin first, as the workers are usually nearly done.
+        let mut round = 0u32;
+        while shared.remaining.load(Ordering::Acquire) != 0 {
+            if !wait_round(&mut round) {
+                let guard = shared.finished.lock().unwrap_or_else(|e| e.into_inner());
+                if shared.remaining.load(Ordering::Acquire) != 0 {
+                    let _ = shared.finished_signal.wait_timeout(guard, std::time::Duration::from_millis(1));
+                }
+            }
+        }
+        shared.job.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+        if std::thread::panicking() {
+            // The caller's own panic is unwinding: a worker's, if any, is dropped with the job.
+            drop(shared.take_worker_panic());
+        }
+    }
 }
 
 /// Worker threads for splitting kernels by rows.
@@ -72,6 +120,8 @@ impl ThreadPool {
             wake: Condvar::new(),
             finished: Mutex::new(()),
             finished_signal: Condvar::new(),
+            worker_panicked: AtomicBool::new(false),
+            worker_panic: Mutex::new(None),
         });
         let workers = (1..threads)
             .map(|index| {
@@ -91,7 +141,9 @@ impl ThreadPool {
     }
 
     /// Runs `job(i)` for every worker index `i` in `0..threads`, the caller
-    /// doing index 0, and returns when all are done.
+    /// doing index 0, and returns when all are done. If a share panics, the
+    /// panic is resumed here once all are done (the caller's own first,
+    /// else the first worker's); the pool stays usable.
     pub fn run(&self, job: &(dyn Fn(usize) + Sync)) {
         if self.threads == 1 {
             job(0);
@@ -100,7 +152,8 @@ impl ThreadPool {
         let _one_at_a_time = self.running.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY (lifetime erasure): workers use the pointer only until they
         // decrement `remaining`, and this function waits for it to reach zero
-        // before returning, so the borrow outlives every use.
+        // before it is left, by return or by unwinding (`PublishedJob`), so
+        // the borrow outlives every use.
         let pointer = JobPointer(unsafe {
             std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(job)
         });
@@ -110,19 +163,14 @@ impl ThreadPool {
             slot.0 = Some(pointer);
             self.shared.generation.fetch_add(1, Ordering::AcqRel);
         }
+        let published = PublishedJob(&self.shared);
         self.shared.wake.notify_all();
         job(0);
-        // Wait for the others: spin first, as they are usually nearly done.
-        let mut round = 0u32;
-        while self.shared.remaining.load(Ordering::Acquire) != 0 {
-            if !wait_round(&mut round) {
-                let guard = self.shared.finished.lock().unwrap_or_else(|e| e.into_inner());
-                if self.shared.remaining.load(Ordering::Acquire) != 0 {
-                    let _ = self.shared.finished_signal.wait_timeout(guard, std::time::Duration::from_millis(1));
-                }
-            }
+        // Wait for the others (also done by the drop if `job(0)` unwinds).
+        drop(published);
+        if let Some(payload) = self.shared.take_worker_panic() {
+            std::panic::resume_unwind(payload);
         }
-        self.shared.job.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
     }
 }
 
@@ -155,7 +203,13 @@ fn worker(index: usize, shared: &Shared) {
         };
         // SAFETY: see `JobPointer`: `run` keeps the closure alive until
         // `remaining` reaches zero, which happens only after this call.
-        unsafe { (*job.0)(index) };
+        // A panic is caught so that the worker lives on and still reports
+        // back; `run` resumes it in the caller.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*job.0)(index) }));
+        if let Err(payload) = outcome {
+            shared.worker_panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(payload);
+            shared.worker_panicked.store(true, Ordering::Release);
+        }
         if shared.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let _guard = shared.finished.lock().unwrap_or_else(|e| e.into_inner());
             shared.finished_signal.notify_one();
@@ -204,6 +258,81 @@ mod tests {
                 });
                 assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
             }
+        }
+    }
+
+    /// The message of a panic payload (`panic!` with or without arguments).
+    fn panic_message(payload: &(dyn Any + Send)) -> String {
+        payload
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_panic_of_the_caller_waits_for_the_workers_before_unwinding() {
+        let pool = ThreadPool::new(3);
+        let finished = AtomicUsize::new(0);
+        // A named closure, alive to the end of the test, so that a pool that
+        // unwinds too early lets its workers finish on live data (and the
+        // assertion below fails) rather than on a dead stack.
+        let job = |i: usize| {
+            if i == 0 {
+                // Unwinds at once: `panic!` would first run the panic hook,
+                // whose backtrace can take longer than the workers' sleep.
+                std::panic::resume_unwind(Box::new("the caller's share fails"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            finished.fetch_add(1, Ordering::SeqCst);
+        };
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| pool.run(&job)));
+        let finished_when_unwound = finished.load(Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert_eq!(panic_message(&*result.unwrap_err()), "the caller's share fails");
+        assert_eq!(finished_when_unwound, 2, "run unwound while its workers still ran the borrowed job");
+        // The pool goes on.
+        let counts: Vec<AtomicU32> = (0..3).map(|_| AtomicU32::new(0)).collect();
+        pool.run(&|i| {
+            counts[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn a_panic_of_a_worker_is_resumed_in_the_caller_and_the_pool_goes_on() {
+        // On a thread, so that a caller spinning forever fails the test instead of hanging it.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = ThreadPool::new(3);
+            let mut outcomes = Vec::new();
+            for round in 0..3 {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    pool.run(&|i| {
+                        if i == 2 {
+                            panic!("worker 2 fails in round {round}");
+                        }
+                    })
+                }));
+                outcomes.push(result.map_err(|payload| panic_message(&*payload)));
+                let counts: Vec<AtomicU32> = (0..3).map(|_| AtomicU32::new(0)).collect();
+                pool.run(&|i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                });
+                outcomes.push(if counts.iter().all(|c| c.load(Ordering::Relaxed) == 1) {
+                    Ok(())
+                } else {
+                    Err(format!("round {round}: a job after the panic ran {counts:?}"))
+                });
+            }
+            let _ = sender.send(outcomes);
+        });
+        let outcomes = receiver
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("run returned after a worker panicked (it used to wait forever)");
+        for (round, pair) in outcomes.chunks(2).enumerate() {
+            assert_eq!(pair[0], Err(format!("worker 2 fails in round {round}")));
+            assert_eq!(pair[1], Ok(()));
         }
     }
 
