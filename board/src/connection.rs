@@ -100,7 +100,8 @@ impl Connection {
             // Only the bytes new since the last look (and a delimiter's worth before them) are searched.
             let from = shown.saturating_sub(delimiter.len() - 1);
             Ok::<_, std::convert::Infallible>(
-                find(&pending[from..], delimiter).map(|at| (pending[..from + at].to_vec(), from + at + delimiter.len())),
+                find(&pending[from..], delimiter)
+                    .map(|at| (pending[..from + at].to_vec(), from + at + delimiter.len())),
             )
         })?;
         Ok(found.unwrap_or_else(|never| match never {}))

@@ -82,6 +82,7 @@ fn sigterm_while_the_model_is_being_opened_ends_the_process() {
     let status = status.unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{stderr}"));
     // Stopped by the signal while loading, or refused the FIFO before it came: either way, promptly and cleanly.
     assert!(status.code().is_some(), "killed by a signal: {status}\n{stderr}");
+}
 
 /// A FIFO as the model: opening it for reading blocks until a writer comes,
 /// so `bramble` and `brambled` hung forever (and SIGTERM went unheard).
