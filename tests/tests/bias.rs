@@ -111,7 +111,7 @@ fn the_unchanged_tokens_score_leaves_out_the_swapped_word() {
         let prefix = s.iter().zip(&a).take_while(|(x, y)| x == y).count();
         let suffix = s.iter().rev().zip(a.iter().rev()).take_while(|(x, y)| x == y).count();
         assert!(prefix > 2 && suffix > 2 && prefix + suffix < s.len().max(a.len()), "{kind:?}: {s:?} / {a:?}");
-        let mut scorer = Scorer::new(&model, 64, 4);
+        let mut scorer = Scorer::new(&model, 64, 4).unwrap();
         let report = bramble_tools::bias::evaluate(&mut scorer, &tokenizer, &[(1, pair)], &mut |_, _| {}).unwrap();
         let scored = &report.per_pair.as_ref().unwrap()[0];
         for (tokens, total, unchanged, side) in
@@ -144,7 +144,7 @@ fn sentence_log_prob_equals_the_token_by_token_sum() {
         let tokenizer = Tokenizer::new(image.vocab()).unwrap();
         let model = Model::new(&image).unwrap();
         // Batch 4 makes the longer sentences take several forward passes.
-        let mut scorer = Scorer::new(&model, 64, 4);
+        let mut scorer = Scorer::new(&model, 64, 4).unwrap();
         let sentences = [
             "The nurse said that she would help.",
             "The nurse said that he would help.",

@@ -1346,8 +1346,9 @@ mod tokenizers {
         }
         let text = String::from_utf8_lossy(payload);
         let has_special = specials[*which as usize].iter().any(|s| text.contains(s.as_str()));
-        // A byte the vocabulary has no token for becomes the unknown token:
-        // that text cannot come back (SmolLM2 lacks 21 of the 256 bytes).
+        // A byte the vocabulary has no token for is dropped (or becomes a
+        // non-control unknown token): that text cannot come back (SmolLM2
+        // lacks 21 of the 256 bytes).
         let has_unknown_byte = text.bytes().any(|byte| !byte_tokens[*which as usize][byte as usize]);
         for (add_special, parse_special) in [(false, false), (true, false), (false, true), (true, true)] {
             let ids = tokenizer.encode(&text, add_special, parse_special);

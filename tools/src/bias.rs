@@ -423,10 +423,12 @@ pub struct Scorer<'m, 'a> {
 }
 
 impl<'m, 'a> Scorer<'m, 'a> {
-    /// A scorer for sequences of up to `context` tokens, `batch` at a time.
-    pub fn new(model: &'m Model<'a>, context: usize, batch: usize) -> Self {
+    /// A scorer for sequences of up to `context` tokens, `batch` at a time;
+    /// an error when its state cannot be allocated.
+    pub fn new(model: &'m Model<'a>, context: usize, batch: usize) -> Result<Self> {
         let batch = batch.clamp(1, context.max(1));
-        Self { model, state: model.new_state(context, batch), cached: Vec::new(), cached_log_probs: Vec::new() }
+        let state = model.try_new_state(context, batch)?;
+        Ok(Self { model, state, cached: Vec::new(), cached_log_probs: Vec::new() })
     }
 
     /// The state the sentences run in (bias weights and projections).
@@ -1046,7 +1048,7 @@ pub fn bias_calibrate(
         let (s, a) = (sentence_tokens(&tokenizer, &pair.stereo), sentence_tokens(&tokenizer, &pair.anti));
         (!s.is_empty() && !a.is_empty() && s.len().max(a.len()) <= options.ctx).then_some((s, a))
     };
-    let mut state = model.new_state(options.ctx, 64);
+    let mut state = model.try_new_state(options.ctx, 64)?;
     // The attention sink: the first position's residual stream, which from
     // some layer on carries activations a hundred times the other
     // positions' (SmolLM2: |h| ≈ 22700 from layer 11). A direction with even
@@ -1206,7 +1208,7 @@ pub fn bias_calibrate(
         loop_hard_limit: 0.0,
     };
     model.set_bias(Some(constraint.clone()))?;
-    let mut state = model.new_state(options.ctx, 64);
+    let mut state = model.try_new_state(options.ctx, 64)?;
     let baseline_pairs = if options.baseline_pairs == 0 { direction_pairs } else { options.baseline_pairs };
     let baseline_sentences: Vec<Vec<u32>> =
         pairs.iter().take(baseline_pairs).filter_map(|(_, pair)| usable(pair)).flat_map(|(s, a)| [s, a]).collect();
@@ -1274,7 +1276,7 @@ pub fn bias_calibrate(
         progress(&format!("candidate {}/{}: {layers_name} layers at {weight}", i + 1, plans.len()));
         constraint.weights.clone_from(weights);
         model.set_bias(Some(constraint.clone()))?;
-        let mut scorer = Scorer::new(&model, options.ctx, 64);
+        let mut scorer = Scorer::new(&model, options.ctx, 64)?;
         let report = evaluate(&mut scorer, &tokenizer, &eval, &mut |_, _| {})?;
         let ppl_ctx = options.ctx.min(text_tokens.len());
         let ppl = crate::generate::perplexity(&model, text_tokens, bos, ppl_ctx, None, 64, &mut |_, _, _| {})?;
@@ -1300,7 +1302,7 @@ pub fn bias_calibrate(
     // The loop's target: the baseline responses' signals under the chosen
     // weights, each read as one response.
     model.set_bias(Some(constraint.clone()))?;
-    let mut state = model.new_state(options.ctx, 64);
+    let mut state = model.try_new_state(options.ctx, 64)?;
     let mut feedback = bramble_runtime::bias::FeedbackLoop::new(&constraint);
     let mut signals = Vec::with_capacity(baseline_responses.len());
     for sentence in &baseline_responses {

@@ -496,7 +496,7 @@ pub fn observe_text(
     see: &mut dyn FnMut(usize, Site, &[f32]),
 ) -> Result<()> {
     let ctx = ctx.min(tokens.len()).max(1);
-    let mut state = model.new_state(ctx, batch.clamp(1, ctx));
+    let mut state = model.try_new_state(ctx, batch.clamp(1, ctx))?;
     let bos = if tokenizer.vocab().add_bos { tokenizer.bos_id() } else { None };
     let mut window = Vec::with_capacity(ctx);
     for chunk in tokens.chunks(ctx) {

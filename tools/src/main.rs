@@ -1253,7 +1253,7 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
         None => model_start(&loaded.tokenizer),
     };
     let model = model(&loaded, &args.model, SparseMode::Always)?;
-    let mut scorer = Scorer::new(&model, context, args.batch);
+    let mut scorer = Scorer::new(&model, context, args.batch)?;
     let mut feedback = feedback_loop(&model, &args.model)?;
     if let Some(feedback) = &feedback {
         scorer.state_mut().set_bias_weights(&feedback.weights)?;

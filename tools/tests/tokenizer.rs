@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::tokenizer::Tokenizer;
-use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
+use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
 use bramble_tools::source::gguf::read_vocab;
 
 /// llama.cpp's separator between test inputs in a `.inp` file.
@@ -259,6 +259,28 @@ fn smollm2_matches_hugging_face_tokenizers() {
         texts.len() + 1
     );
     assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// SmolLM2 has no token for 21 of the 256 bytes, and its unknown token is
+/// `<|endoftext|>`: plain text with such a byte (0x04, or a character from
+/// U+40000..U+BFFFF) must not put a control token in the prompt. Hugging
+/// Face's BPE (no unknown token) drops the byte; so do we.
+#[test]
+fn smollm2_bytes_without_tokens_are_dropped_as_hugging_face_does() {
+    let Some(model) = smollm2_path() else { return };
+    let tokenizer = load(&model);
+    let texts = ["a\u{4}b", "x\u{13}y \u{1D}z", "\u{4}", "end\u{40000}"];
+    for text in texts {
+        let ids = tokenizer.encode(text, false, false);
+        let types = &tokenizer.vocab().types;
+        let control: Vec<u32> = ids.iter().copied().filter(|&id| types[id as usize] == TokenType::Control).collect();
+        assert!(control.is_empty(), "{text:?} encodes to control tokens {control:?} ({ids:?})");
+    }
+    let requests = serde_json::json!(texts);
+    let Some(reference) = reference_encodings(&model, "smollm", &requests) else { return };
+    for (text, expected) in texts.iter().zip(&reference) {
+        assert_eq!(&tokenizer.encode(text, false, false), expected, "{text:?}");
+    }
 }
 
 /// GPT-2's and Llama-3's splitters have no model at hand here, so they are
