@@ -105,20 +105,27 @@ fn assert_clean_failure(what: &str, output: &Output, words: &[&str]) {
     }
 }
 
+/// `bramble generate` of a few tokens on one thread, to its exit.
+fn generate(image: &str) -> Output {
+    run_bounded(Command::new(bramble_binary()).args([
+        "generate",
+        "--model",
+        image,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "4",
+        "--threads",
+        "1",
+    ]))
+}
+
 #[test]
 fn wrapping_head_products_are_refused_by_bramble_not_aborted() {
     let directory = tempfile::tempdir().unwrap();
     let image = wrapping_heads_image(directory.path());
     let path = image.to_str().unwrap();
-    let output = run_bounded(Command::new(bramble_binary()).args([
-        "generate",
-        "--model",
-        path,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "2",
-    ]));
+    let output = generate(path);
     assert_clean_failure("bramble generate", &output, &[path, "n_heads", "n_kv_heads", "head_dim"]);
     let output = run_bounded(Command::new(bramble_binary()).args(["inspect", path]));
     assert_clean_failure("bramble inspect", &output, &[path, "n_heads", "head_dim"]);
@@ -161,17 +168,7 @@ fn nan_weights_make_bramble_generate_fail() {
     let directory = tempfile::tempdir().unwrap();
     let image = nan_weights_image(directory.path());
     let path = image.to_str().unwrap();
-    let output = run_bounded(Command::new(bramble_binary()).args([
-        "generate",
-        "--model",
-        path,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "4",
-        "--threads",
-        "1",
-    ]));
+    let output = generate(path);
     assert_clean_failure("bramble generate", &output, &["not finite", "position"]);
     assert!(output.stdout.iter().all(u8::is_ascii_whitespace), "no text: {}", String::from_utf8_lossy(&output.stdout));
 }
