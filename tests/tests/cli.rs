@@ -282,6 +282,10 @@ fn check_bench(image: &Path, prompt_tokens: usize, gen_tokens: usize, threads: u
     for key in ["prefill_tok_s", "decode_tok_s", "weight_bytes_per_token"] {
         assert!(json[key].as_f64().is_some_and(|v| v.is_finite() && v > 0.0), "bench {key}: {json}");
     }
+    // The first token comes after the whole prompt: no sooner than the prompt's own time.
+    let prompt_ms = prompt_tokens as f64 / json["prefill_tok_s"].as_f64().unwrap() * 1e3;
+    let first_ms = json["time_to_first_token_ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(first_ms.is_finite() && first_ms >= prompt_ms * 0.999, "bench time_to_first_token_ms: {json}");
     assert_eq!(json["allocations_per_token"].as_f64(), Some(0.0), "bench: a decode step allocated: {json}");
     if cfg!(target_os = "linux") {
         assert!(json["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0), "bench peak_rss_bytes: {json}");

@@ -1106,7 +1106,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     session.take_sparse_bytes();
     let allocations_before = stats::allocations();
     let decode_started = Instant::now();
-    for _ in 0..args.gen_tokens {
+    session.step()?;
+    // What a user waits for: the prompt, then the first token sampled.
+    let first_token_seconds = prefill_seconds + decode_started.elapsed().as_secs_f64();
+    for _ in 1..args.gen_tokens {
         session.step()?;
     }
     let decode_seconds = decode_started.elapsed().as_secs_f64();
@@ -1125,6 +1128,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "prefill_tok_s": args.prompt_tokens as f64 / prefill_seconds,
+        "time_to_first_token_ms": first_token_seconds * 1e3,
         "decode_tok_s": args.gen_tokens as f64 / decode_seconds,
         "allocations_per_token": allocations as f64 / args.gen_tokens as f64,
         // Weights read per decoded token, measured (R-Sparse reads only the
