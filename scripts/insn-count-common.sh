@@ -2,11 +2,16 @@
 # not run): builds the qemu counting plugin of ../shared/tools/qemu-insn-count
 # and the aarch64 release `bramble`, and counts guest instructions of one
 # single-threaded `bramble bench` run. Expects to be sourced from the
-# repository root.
+# repository root. BRAMBLE=path counts that aarch64 `bramble` instead of
+# building one (a build of another commit, for a before/after comparison).
 
 plugin=$(bash ../shared/tools/qemu-insn-count/build.sh)
-cargo build --quiet --release --target aarch64-unknown-linux-gnu -p bramble-tools
-bramble=${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-gnu/release/bramble
+if [ -n "${BRAMBLE:-}" ]; then
+    bramble=$BRAMBLE
+else
+    cargo build --quiet --release --target aarch64-unknown-linux-gnu -p bramble-tools
+    bramble=${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-gnu/release/bramble
+fi
 
 # count CPU IMAGE BENCH_OPTIONS... → guest instructions of the whole run
 # (BENCH_ARGS adds options, e.g. BENCH_ARGS="--feedback off" or "--kv q4").
