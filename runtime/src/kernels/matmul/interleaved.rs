@@ -59,25 +59,25 @@ impl Shape {
     }
 }
 
-/// Stores one group's four row sums for token `b` at `out[r·batch + b]`.
+/// Stores one group's four row sums for token `b` at `results[r·batch + b]`.
 ///
 /// # Safety
-/// `group < shape.groups`, `b < shape.batch`, and `shape` checked against
-/// `out` ([`Shape::check`]).
+/// `results` is the start of the matmul's `out`, checked against a shape
+/// ([`Shape::check`]) with `batch` tokens and more than `group` groups, and
+/// `b < batch`.
 #[inline(always)]
-unsafe fn store(out: &mut [f32], shape: Shape, lanes: float32x4_t, group: usize, b: usize) {
+unsafe fn store(results: *mut f32, batch: usize, lanes: float32x4_t, group: usize, b: usize) {
     let first_row = group * INTERLEAVE;
-    debug_assert!(group < shape.groups && b < shape.batch);
     // SAFETY: `group < groups` and `b < batch` (the caller's promise), so
-    // every index is below `out.len()` (checked by `Shape::check`).
+    // every index is below `out.len()`.
     unsafe {
-        if shape.batch == 1 {
-            vst1q_f32(out.as_mut_ptr().add(first_row), lanes);
+        if batch == 1 {
+            vst1q_f32(results.add(first_row), lanes);
         } else {
             let mut values = [0f32; INTERLEAVE];
             vst1q_f32(values.as_mut_ptr(), lanes);
             for (i, v) in values.into_iter().enumerate() {
-                *out.get_unchecked_mut((first_row + i) * shape.batch + b) = v;
+                *results.add((first_row + i) * batch + b) = v;
             }
         }
     }
@@ -108,6 +108,7 @@ fn for_tiles<X, const TILE: usize>(
     // `groups` and every activation index below `batch`, inside the slices.
     let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
     let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
+    let results = out.as_mut_ptr();
     // Group outermost: a group's weights (a few kilobytes) stay in the L1
     // cache while every tile of tokens passes over them.
     for group in 0..groups {
@@ -116,7 +117,7 @@ fn for_tiles<X, const TILE: usize>(
             let sums = tile(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
             for (i, lanes) in sums.into_iter().enumerate() {
                 // SAFETY: `group < groups`, `b + i < b + TILE ≤ batch`.
-                unsafe { store(out, shape, lanes, group, b + i) };
+                unsafe { store(results, batch, lanes, group, b + i) };
             }
             b += TILE;
         }
@@ -124,7 +125,7 @@ fn for_tiles<X, const TILE: usize>(
             let sums = quad(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
             for (i, lanes) in sums.into_iter().enumerate() {
                 // SAFETY: `group < groups`, `b + i < b + 4 ≤ batch`.
-                unsafe { store(out, shape, lanes, group, b + i) };
+                unsafe { store(results, batch, lanes, group, b + i) };
             }
             b += 4;
         }
@@ -153,13 +154,14 @@ fn for_groups<X>(
     // `groups` and every activation index below `batch`, inside the slices.
     let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
     let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
+    let results = out.as_mut_ptr();
     let mut group = 0;
     while group + 4 <= groups {
         for b in first..batch {
             let sums = dot16(std::array::from_fn(|i| group_at(group + i)), activation(b), blocks);
             for (i, lanes) in sums.into_iter().enumerate() {
                 // SAFETY: `group + i < group + 4 ≤ groups`, `b < batch`.
-                unsafe { store(out, shape, lanes, group + i, b) };
+                unsafe { store(results, batch, lanes, group + i, b) };
             }
         }
         group += 4;
@@ -169,8 +171,8 @@ fn for_groups<X>(
             let (low, high) = dot8(group_at(group), group_at(group + 1), activation(b), blocks);
             // SAFETY: `group + 1 < group + 2 ≤ groups`, `b < batch`.
             unsafe {
-                store(out, shape, low, group, b);
-                store(out, shape, high, group + 1, b);
+                store(results, batch, low, group, b);
+                store(results, batch, high, group + 1, b);
             }
         }
         group += 2;
@@ -179,7 +181,7 @@ fn for_groups<X>(
         for b in first..batch {
             let sums = dot4(group_at(group), activation(b), blocks);
             // SAFETY: `group < groups`, `b < batch`.
-            unsafe { store(out, shape, sums, group, b) };
+            unsafe { store(results, batch, sums, group, b) };
         }
     }
 }
