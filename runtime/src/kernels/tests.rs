@@ -237,6 +237,27 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
     }
 }
 
+/// The interleaved kernels' GEMM tiles (eight tokens a tile with `sdot`,
+/// four on ARMv8.0, then a tile of four, then the tokens left over one at a
+/// time): every batch from 1 to 17 (two tiles of eight and one token left),
+/// so every mix of tiles and leftovers, on 1, 2, 3, 5 and 7 groups of four
+/// rows and rows of 1, 2, 5 and 17 blocks.
+#[test]
+fn interleaved_gemm_tiles_match_the_reference_at_every_batch() {
+    for groups in [1, 2, 3, 5, 7] {
+        let rows = groups * quant::INTERLEAVE;
+        for blocks in [1, 2, 5, 17] {
+            let w = data(rows * blocks * GROUP, (rows * 100 + blocks + 11) as u32);
+            for batch in 1..=17 {
+                let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks + 3) as u32));
+                for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                    check_quantized(encoding, rows, blocks, batch, &w, &x);
+                }
+            }
+        }
+    }
+}
+
 /// Activations of ±127 and Q8 weights of 127 and −128, for the overflow tests.
 fn extreme_operands(rows: usize, blocks: usize) -> (Vec<BlockQ8Act>, Vec<BlockQ8>) {
     let x = (0..blocks)
@@ -296,13 +317,15 @@ fn quantized_matmuls_do_not_overflow_at_extremes() {
 }
 
 /// As above for the interleaved kernels: 28 rows (four groups, two, one) of
-/// extreme blocks, interleaved, against the row-major reference.
+/// extreme blocks, interleaved, against the row-major reference, for one
+/// token (the per-token kernels) and for 13 (a GEMM tile of eight, one of
+/// four, one token left), every token its own sign pattern.
 #[test]
 fn interleaved_matmuls_do_not_overflow_at_extremes() {
     use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
     let (rows, blocks) = (28, 64);
     let cols = blocks * GROUP;
-    let (x, q8) = extreme_operands(rows, blocks);
+    let (one, q8) = extreme_operands(rows, blocks);
     let q4: Vec<BlockQ4> = (0..rows * blocks)
         .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 5) as f32), qs: [0xFF; GROUP / 2] })
         .collect();
@@ -314,11 +337,26 @@ fn interleaved_matmuls_do_not_overflow_at_extremes() {
     interleave(&q8, blocks, &mut q8x4);
     interleave(&q4, blocks, &mut q4x4);
     interleave(&q4s, blocks, &mut q4sx4);
-    let (mut expected, mut out) = (vec![0f32; rows], vec![0f32; rows]);
-    for k in Kernels::all_available() {
+    for (batch, k) in
+        [1, 13].into_iter().flat_map(|batch| Kernels::all_available().into_iter().map(move |k| (batch, k)))
+    {
+        // Token t is the extreme activation with the signs of every
+        // (t+1)-th block flipped.
+        let x: Vec<BlockQ8Act> = (0..batch)
+            .flat_map(|t| {
+                one.iter().enumerate().map(move |(b, a)| {
+                    if t > 0 && b % (t + 1) == 0 {
+                        BlockQ8Act { d: a.d, s: -a.s, qs: a.qs.map(|q| -q) }
+                    } else {
+                        *a
+                    }
+                })
+            })
+            .collect();
+        let (mut expected, mut out) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
         (Kernels::SCALAR.matmul_q8)(&q8, cols, &x, &mut expected);
         (k.matmul_q8x4)(&q8x4, cols, &x, &mut out);
-        assert_eq!(out, expected, "{} q8x4", k.name);
+        assert_eq!(out, expected, "{} q8x4 batch {batch}", k.name);
         for (name, run_expected, run) in [
             (
                 "q4x4",
@@ -333,7 +371,7 @@ fn interleaved_matmuls_do_not_overflow_at_extremes() {
             run(&mut out);
             assert!(
                 out.iter().zip(&expected).all(|(g, e)| close(*g, *e, 1e-5 * e.abs())),
-                "{} {name}: {out:?} vs {expected:?}",
+                "{} {name} batch {batch}: {out:?} vs {expected:?}",
                 k.name
             );
         }

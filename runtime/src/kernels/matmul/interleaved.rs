@@ -24,78 +24,164 @@
 //!
 //! Sixteen rows (four groups) go together with `sdot`, eight on ARMv8.0
 //! (it has no registers left for more); the last groups go two or one at a time.
+//!
+//! A batch of four tokens or more (a prompt) goes through GEMM tiles first:
+//! one group of four rows against eight tokens (`sdot`) or four (ARMv8.0,
+//! 4-bit only), a weight block loaded, its nibbles split and its scales
+//! widened once for every token of the tile; then a tile of four, and the
+//! tokens left over (fewer than four) one at a time as above.
 
 use crate::quant::{BlockQ4Sx4, BlockQ4x4, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
 use std::arch::aarch64::*;
 use std::arch::asm;
 
-/// Runs `dot16(groups, activation, blocks)` for every four consecutive
-/// four-row groups and every activation of the batch, then `dot8` and `dot4`
-/// for the one to three groups left, and stores the sums at
-/// `out[r·batch + b]`. The kernels may rely on every pointer they get being
-/// valid for `blocks` blocks.
+/// The matmul's shape, checked once: blocks a row, four-row groups, tokens.
+#[derive(Clone, Copy)]
+struct Shape {
+    blocks: usize,
+    groups: usize,
+    batch: usize,
+}
+
+impl Shape {
+    fn check<X>(weights: &[X], cols: usize, x: &[BlockQ8Act], out: &[f32]) -> Shape {
+        let blocks = cols / GROUP;
+        assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
+        let (groups, batch) = (weights.len() / blocks, x.len() / blocks);
+        assert!(
+            weights.len() == groups * blocks && x.len() == batch * blocks && out.len() == groups * INTERLEAVE * batch,
+            "matmul shapes disagree: {} interleaved weight blocks, {} activation blocks, {} outputs, {blocks} blocks a row",
+            weights.len(),
+            x.len(),
+            out.len()
+        );
+        Shape { blocks, groups, batch }
+    }
+}
+
+/// Stores one group's four row sums for token `b` at `results[r·batch + b]`.
+///
+/// # Safety
+/// `results` is the start of the matmul's `out`, checked against a shape
+/// ([`Shape::check`]) with `batch` tokens and more than `group` groups, and
+/// `b < batch`.
 #[inline(always)]
-fn for_groups<X>(
+unsafe fn store(results: *mut f32, batch: usize, lanes: float32x4_t, group: usize, b: usize) {
+    let first_row = group * INTERLEAVE;
+    // SAFETY: `group < groups` and `b < batch` (the caller's promise), so
+    // every index is below `out.len()`.
+    unsafe {
+        if batch == 1 {
+            vst1q_f32(results.add(first_row), lanes);
+        } else {
+            let mut values = [0f32; INTERLEAVE];
+            vst1q_f32(values.as_mut_ptr(), lanes);
+            for (i, v) in values.into_iter().enumerate() {
+                *results.add((first_row + i) * batch + b) = v;
+            }
+        }
+    }
+}
+
+/// The GEMM part of a batch: tiles of `TILE` tokens, then of four, for
+/// every four-row group. `tile` and `quad` get one group and the activations
+/// of `TILE` (four) tokens and return each token's four row sums, so a
+/// weight block is loaded and unpacked once for all the tokens of a tile.
+/// Returns how many tokens (from the first) it took: the rest, fewer than
+/// four (every token of a decode step), are for [`for_groups`].
+#[inline(always)]
+fn for_tiles<X, const TILE: usize>(
     weights: &[X],
-    cols: usize,
     x: &[BlockQ8Act],
     out: &mut [f32],
+    shape: Shape,
+    tile: impl Fn(*const X, [*const BlockQ8Act; TILE], usize) -> [float32x4_t; TILE],
+    quad: impl Fn(*const X, [*const BlockQ8Act; 4], usize) -> [float32x4_t; 4],
+) -> usize {
+    const { assert!(TILE.is_multiple_of(4)) };
+    let Shape { blocks, groups, batch } = shape;
+    let tiled = batch - batch % 4;
+    if tiled == 0 {
+        return 0;
+    }
+    // SAFETY (for the pointer arithmetic below): every group index is below
+    // `groups` and every activation index below `batch`, inside the slices.
+    let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
+    let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
+    let results = out.as_mut_ptr();
+    // Group outermost: a group's weights (a few kilobytes) stay in the L1
+    // cache while every tile of tokens passes over them.
+    for group in 0..groups {
+        let mut b = 0;
+        while b + TILE <= batch {
+            let sums = tile(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
+            for (i, lanes) in sums.into_iter().enumerate() {
+                // SAFETY: `group < groups`, `b + i < b + TILE ≤ batch`.
+                unsafe { store(results, batch, lanes, group, b + i) };
+            }
+            b += TILE;
+        }
+        while b + 4 <= batch {
+            let sums = quad(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
+            for (i, lanes) in sums.into_iter().enumerate() {
+                // SAFETY: `group < groups`, `b + i < b + 4 ≤ batch`.
+                unsafe { store(results, batch, lanes, group, b + i) };
+            }
+            b += 4;
+        }
+    }
+    tiled
+}
+
+/// One token at a time, for tokens `first..batch`: `dot16(groups,
+/// activation, blocks)` for every four consecutive four-row groups, then
+/// `dot8` and `dot4` for the one to three groups left. The kernels may rely
+/// on every pointer they get being valid for `blocks` blocks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn for_groups<X>(
+    weights: &[X],
+    x: &[BlockQ8Act],
+    out: &mut [f32],
+    shape: Shape,
+    first: usize,
     dot16: impl Fn([*const X; 4], *const BlockQ8Act, usize) -> [float32x4_t; 4],
     dot8: impl Fn(*const X, *const X, *const BlockQ8Act, usize) -> (float32x4_t, float32x4_t),
     dot4: impl Fn(*const X, *const BlockQ8Act, usize) -> float32x4_t,
 ) {
-    let blocks = cols / GROUP;
-    assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
-    let (groups, batch) = (weights.len() / blocks, x.len() / blocks);
-    assert!(
-        weights.len() == groups * blocks && x.len() == batch * blocks && out.len() == groups * INTERLEAVE * batch,
-        "matmul shapes disagree: {} interleaved weight blocks, {} activation blocks, {} outputs, {blocks} blocks a row",
-        weights.len(),
-        x.len(),
-        out.len()
-    );
-    let (w, activations, results) = (weights.as_ptr(), x.as_ptr(), out.as_mut_ptr());
-    let store = |lanes: float32x4_t, group: usize, b: usize| {
-        let first_row = group * INTERLEAVE;
-        // SAFETY: `group < groups` and `b < batch`, so every index is below
-        // `out.len()` (checked above).
-        unsafe {
-            if batch == 1 {
-                vst1q_f32(results.add(first_row), lanes);
-            } else {
-                let mut values = [0f32; INTERLEAVE];
-                vst1q_f32(values.as_mut_ptr(), lanes);
-                for (i, v) in values.into_iter().enumerate() {
-                    *results.add((first_row + i) * batch + b) = v;
-                }
-            }
-        }
-    };
+    let Shape { blocks, groups, batch } = shape;
     // SAFETY (for the pointer arithmetic below): every group index is below
     // `groups` and every activation index below `batch`, inside the slices.
-    let group_at = |g: usize| unsafe { w.add(g * blocks) };
-    let activation = |b: usize| unsafe { activations.add(b * blocks) };
+    let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
+    let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
+    let results = out.as_mut_ptr();
     let mut group = 0;
     while group + 4 <= groups {
-        for b in 0..batch {
+        for b in first..batch {
             let sums = dot16(std::array::from_fn(|i| group_at(group + i)), activation(b), blocks);
             for (i, lanes) in sums.into_iter().enumerate() {
-                store(lanes, group + i, b);
+                // SAFETY: `group + i < group + 4 ≤ groups`, `b < batch`.
+                unsafe { store(results, batch, lanes, group + i, b) };
             }
         }
         group += 4;
     }
     if group + 2 <= groups {
-        for b in 0..batch {
+        for b in first..batch {
             let (low, high) = dot8(group_at(group), group_at(group + 1), activation(b), blocks);
-            store(low, group, b);
-            store(high, group + 1, b);
+            // SAFETY: `group + 1 < group + 2 ≤ groups`, `b < batch`.
+            unsafe {
+                store(results, batch, low, group, b);
+                store(results, batch, high, group + 1, b);
+            }
         }
         group += 2;
     }
     if group < groups {
-        for b in 0..batch {
-            store(dot4(group_at(group), activation(b), blocks), group, b);
+        for b in first..batch {
+            let sums = dot4(group_at(group), activation(b), blocks);
+            // SAFETY: `group < groups`, `b < batch`.
+            unsafe { store(results, batch, sums, group, b) };
         }
     }
 }
@@ -393,12 +479,235 @@ macro_rules! run_four {
     }};
 }
 
-/// One public ARMv8.0 kernel: `$name(weights, cols, x, out)` over `$block`s.
+/// The GEMM tile loop: one group of four rows (`{w}`) against four or eight
+/// tokens (`{ta}` … `{th}`), whose running float sums are v0, v7, v28, v29
+/// and, for eight (`sdot` only: ARMv8.0 has no registers left), v2–v5.
+/// `$unpack!()` loads a weight block once into v20–v27 (columns 0–15 in
+/// v24–v27, 16–31 in v20–v23, as bytes) and its scales as floats into v18
+/// (and v19, the Q4 minimum); `$token!(pointer, sum)` then takes one
+/// token's activation block against them.
+#[rustfmt::skip]
+macro_rules! tile_loop {
+    ($unpack:ident, $token:ident, four) => { concat!(
+        tile_start!(),
+        $unpack!(),
+        $token!("ta", "v0"), $token!("tb", "v7"), $token!("tc", "v28"), $token!("td", "v29"),
+        loop_end!(),
+    )};
+    ($unpack:ident, $token:ident, eight) => { concat!(
+        "movi v2.16b, #0\n", "movi v3.16b, #0\n", "movi v4.16b, #0\n", "movi v5.16b, #0\n",
+        tile_start!(),
+        $unpack!(),
+        $token!("ta", "v0"), $token!("tb", "v7"), $token!("tc", "v28"), $token!("td", "v29"),
+        $token!("te", "v2"), $token!("tf", "v3"), $token!("tg", "v4"), $token!("th", "v5"),
+        loop_end!(),
+    )};
+}
+
+#[rustfmt::skip]
+macro_rules! tile_start {
+    () => { concat!(
+        "movi v0.16b, #0\n", "movi v7.16b, #0\n", "movi v28.16b, #0\n", "movi v29.16b, #0\n",
+        "movi v31.16b, #0x0f\n",
+        "fmov v30.4s, #8.0\n",
+        "2:\n",
+    )};
+}
+
+/// A Q8 weight block: scales widened to f32, 128 bytes as they are.
+#[rustfmt::skip]
+macro_rules! unpack_q8x4 {
+    () => { concat!(
+        "ld1 {{v18.4h}}, [{w}], #8\n",
+        "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{w}], #64\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
+        "fcvtl v18.4s, v18.4h\n",
+    )};
+}
+
+/// A Q4 weight block: scales and minimums widened, nibbles split to bytes.
+#[rustfmt::skip]
+macro_rules! unpack_q4x4 {
+    () => { concat!(
+        "ld1 {{v18.4h, v19.4h}}, [{w}], #16\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
+        split_nibbles!(),
+        "fcvtl v18.4s, v18.4h\n",
+        "fcvtl v19.4s, v19.4h\n",
+    )};
+}
+
+/// A Q4S weight block: scales widened, nibbles split to bytes (unsigned; the
+/// zero point is taken out in float, per token).
+#[rustfmt::skip]
+macro_rules! unpack_q4sx4 {
+    () => { concat!(
+        "ld1 {{v18.4h}}, [{w}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
+        split_nibbles!(),
+        "fcvtl v18.4s, v18.4h\n",
+    )};
+}
+
+/// One token's activation block: `d`, `s` to v6, its 32 values to v16–v17.
+#[rustfmt::skip]
+macro_rules! load_token {
+    ($x:literal) => { concat!(
+        "ld1 {{v6.2s}}, [{", $x, "}], #8\n",
+        "ld1 {{v16.16b, v17.16b}}, [{", $x, "}], #32\n",
+    )};
+}
+
+/// The four rows' integer sums (v1) of one token into its float sum `$acc`:
+/// `d · dₓ · Σ`, then `$offset` (Q4: `+ m · s`; Q4S: `− 8 · d · s`, taken
+/// out before the scale; Q8: nothing), with the weight scales already f32.
+#[rustfmt::skip]
+macro_rules! tile_scale {
+    ($acc:literal, q8) => { concat!(
+        "scvtf v1.4s, v1.4s\n",
+        "fmul v1.4s, v1.4s, v6.s[0]\n",
+        "fmla ", $acc, ".4s, v1.4s, v18.4s\n",
+    )};
+    ($acc:literal, q4) => { concat!(
+        tile_scale!($acc, q8),
+        "fmla ", $acc, ".4s, v19.4s, v6.s[1]\n",
+    )};
+    ($acc:literal, q4s) => { concat!(
+        "scvtf v1.4s, v1.4s\n",
+        "fmul v1.4s, v1.4s, v6.s[0]\n",
+        "fmls v1.4s, v30.4s, v6.s[1]\n",
+        "fmla ", $acc, ".4s, v1.4s, v18.4s\n",
+    )};
+}
+
+/// dotprod: one token against the unpacked block, eight `sdot`s.
+macro_rules! sdot_token_q8 {
+    ($x:literal, $acc:literal) => {
+        concat!(
+            load_token!($x),
+            sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+            tile_scale!($acc, q8),
+        )
+    };
+}
+macro_rules! sdot_token_q4 {
+    ($x:literal, $acc:literal) => {
+        concat!(
+            load_token!($x),
+            sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+            tile_scale!($acc, q4),
+        )
+    };
+}
+macro_rules! sdot_token_q4s {
+    ($x:literal, $acc:literal) => {
+        concat!(
+            load_token!($x),
+            sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+            tile_scale!($acc, q4s),
+        )
+    };
+}
+
+/// ARMv8.0, 4-bit: one token against the split nibbles, all eight columns'
+/// products in 16-bit lanes ([`nibble_products4`]).
+macro_rules! neon_token_q4 {
+    ($x:literal, $acc:literal) => {
+        concat!(load_token!($x), broadcast_columns!(), nibble_products4!(), tile_scale!($acc, q4))
+    };
+}
+macro_rules! neon_token_q4s {
+    ($x:literal, $acc:literal) => {
+        concat!(load_token!($x), broadcast_columns!(), nibble_products4!(), tile_scale!($acc, q4s))
+    };
+}
+
+/// Runs the tile loop over one group (`$w`) and four tokens (`$x`, four
+/// activation pointers); returns the four tokens' row sums. Needs `unsafe`,
+/// pointers valid for `$blocks ≥ 1` blocks, and, for the `sdot` tokens, the
+/// dot-product extension.
+macro_rules! run_tile_four {
+    ($unpack:ident, $token:ident, $w:expr, $x:expr, $blocks:expr) => {{
+        let x = $x;
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        asm!(
+            tile_loop!($unpack, $token, four),
+            w = inout(reg) $w => _,
+            ta = inout(reg) x[0] => _,
+            tb = inout(reg) x[1] => _,
+            tc = inout(reg) x[2] => _,
+            td = inout(reg) x[3] => _,
+            n = inout(reg) $blocks => _,
+            out("v0") a, out("v7") b, out("v28") c, out("v29") d,
+            out("v1") _, out("v2") _, out("v3") _, out("v4") _, out("v5") _, out("v6") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _,
+            out("v14") _, out("v15") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _,
+            out("v20") _, out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _,
+            out("v26") _, out("v27") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        [a, b, c, d]
+    }};
+}
+
+/// As [`run_tile_four`] for eight tokens (`sdot` only).
+macro_rules! run_tile_eight {
+    ($unpack:ident, $token:ident, $w:expr, $x:expr, $blocks:expr) => {{
+        let x = $x;
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        let (e, f, g, h): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        asm!(
+            tile_loop!($unpack, $token, eight),
+            w = inout(reg) $w => _,
+            ta = inout(reg) x[0] => _,
+            tb = inout(reg) x[1] => _,
+            tc = inout(reg) x[2] => _,
+            td = inout(reg) x[3] => _,
+            te = inout(reg) x[4] => _,
+            tf = inout(reg) x[5] => _,
+            tg = inout(reg) x[6] => _,
+            th = inout(reg) x[7] => _,
+            n = inout(reg) $blocks => _,
+            out("v0") a, out("v7") b, out("v28") c, out("v29") d,
+            out("v2") e, out("v3") f, out("v4") g, out("v5") h,
+            out("v1") _, out("v6") _,
+            out("v8") _, out("v9") _, out("v10") _, out("v11") _, out("v12") _, out("v13") _,
+            out("v14") _, out("v15") _, out("v16") _, out("v17") _, out("v18") _, out("v19") _,
+            out("v20") _, out("v21") _, out("v22") _, out("v23") _, out("v24") _, out("v25") _,
+            out("v26") _, out("v27") _, out("v30") _, out("v31") _,
+            options(nostack, readonly),
+        );
+        [a, b, c, d, e, f, g, h]
+    }};
+}
+
+/// The ARMv8.0 GEMM part of a batch: the number of tokens it took, none
+/// for a kernel without a tile.
+macro_rules! neon_tiles {
+    ($blocks:ty, $weights:ident, $x:ident, $out:ident, $shape:ident) => {
+        0
+    };
+    ($blocks:ty, $weights:ident, $x:ident, $out:ident, $shape:ident, $unpack:ident, $token:ident) => {{
+        // SAFETY: `for_tiles` hands over pointers valid for `blocks ≥ 1`
+        // blocks; the asm reads only those and NEON is part of every
+        // aarch64 core.
+        let tile = |w: *const $blocks, a: [*const BlockQ8Act; 4], blocks: usize| unsafe {
+            run_tile_four!($unpack, $token, w, a, blocks)
+        };
+        for_tiles::<_, 4>($weights, $x, $out, $shape, tile, tile)
+    }};
+}
+
+/// One public ARMv8.0 kernel: `$name(weights, cols, x, out)` over `$block`s;
+/// with `$unpack` and `$token`, batches of four tokens and more go through
+/// the GEMM tile of four tokens (with eight the loop runs out of registers).
 macro_rules! neon_kernel {
-    ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident) => {
+    ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident $(, $unpack:ident, $token:ident)?) => {
         $(#[$doc])*
         pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-            // SAFETY (all three): `for_groups` hands over pointers valid for
+            let shape = Shape::check(weights, cols, x, out);
+            let first = neon_tiles!($blocks, weights, x, out, shape $(, $unpack, $token)?);
+            // SAFETY (both): `for_groups` hands over pointers valid for
             // `blocks ≥ 1` blocks; the asm reads only those and NEON is part
             // of every aarch64 core.
             let eight = |wa: *const $blocks, wb: *const $blocks, a: *const BlockQ8Act, blocks: usize| unsafe {
@@ -406,9 +715,10 @@ macro_rules! neon_kernel {
             };
             for_groups(
                 weights,
-                cols,
                 x,
                 out,
+                shape,
+                first,
                 // The ARMv8.0 loop has no registers left for four groups: two pairs.
                 |w: [*const $blocks; 4], a, blocks| {
                     let ((s0, s1), (s2, s3)) = (eight(w[0], w[1], a, blocks), eight(w[2], w[3], a, blocks));
@@ -422,17 +732,23 @@ macro_rules! neon_kernel {
     };
 }
 
+// No GEMM tile for Q8 on ARMv8.0: a tile of one group and four tokens
+// broadcasts every token's activation for four rows only, eight `dup`s a
+// token and block, where the two-group loop shares them with eight rows; with
+// no unpacking to save (Q8 bytes are used as loaded) that costs more than the
+// three weight loads it saves (measured: 38.2 M against 37.0 M guest
+// instructions a prompt token, SmolLM2-135M q8 on a Cortex-A72).
 neon_kernel!(
     /// Interleaved Q8 matrix × int8 activations, ARMv8.0.
     matmul_q8x4, BlockQ8x4, neon_q8x4
 );
 neon_kernel!(
     /// Interleaved asymmetric Q4 matrix × int8 activations, ARMv8.0.
-    matmul_q4x4, BlockQ4x4, neon_q4x4
+    matmul_q4x4, BlockQ4x4, neon_q4x4, unpack_q4x4, neon_token_q4
 );
 neon_kernel!(
     /// Interleaved symmetric Q4 matrix × int8 activations, ARMv8.0.
-    matmul_q4sx4, BlockQ4Sx4, neon_q4sx4
+    matmul_q4sx4, BlockQ4Sx4, neon_q4sx4, unpack_q4sx4, neon_token_q4s
 );
 
 /// The `sdot` kernels, compiled with the dot-product extension enabled.
@@ -443,7 +759,7 @@ pub mod dotprod {
     /// One public `sdot` kernel: checks the extension once a call, then runs
     /// an inner function compiled with it.
     macro_rules! sdot_kernel {
-        ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident) => {
+        ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident, $unpack:ident, $token:ident) => {
             $(#[$doc])*
             /// Panics on a CPU without the dot-product extension.
             pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
@@ -470,16 +786,41 @@ pub mod dotprod {
                 unsafe fn four(wa: *const $blocks, a: *const BlockQ8Act, blocks: usize) -> float32x4_t {
                     run_four!(as_loaded, $kernel, wa, a, blocks)
                 }
+                /// # Safety
+                /// As `sixteen`.
+                #[target_feature(enable = "dotprod")]
+                unsafe fn tile8(w: *const $blocks, a: [*const BlockQ8Act; 8], blocks: usize) -> [float32x4_t; 8] {
+                    run_tile_eight!($unpack, $token, w, a, blocks)
+                }
+                /// # Safety
+                /// As `sixteen`.
+                #[target_feature(enable = "dotprod")]
+                unsafe fn tile4(w: *const $blocks, a: [*const BlockQ8Act; 4], blocks: usize) -> [float32x4_t; 4] {
+                    run_tile_four!($unpack, $token, w, a, blocks)
+                }
                 assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
-                for_groups(
+                let shape = Shape::check(weights, cols, x, out);
+                let first = for_tiles::<_, 8>(
                     weights,
-                    cols,
                     x,
                     out,
-                    // SAFETY (all three): `for_groups` hands over pointers valid
-                    // for `blocks ≥ 1` blocks, and the CPU has the extension
-                    // (checked above).
+                    shape,
+                    // SAFETY (all five): `for_tiles` and `for_groups` hand over
+                    // pointers valid for `blocks ≥ 1` blocks, and the CPU has
+                    // the extension (checked above).
+                    |w, a, blocks| unsafe { tile8(w, a, blocks) },
+                    // SAFETY: as above.
+                    |w, a, blocks| unsafe { tile4(w, a, blocks) },
+                );
+                for_groups(
+                    weights,
+                    x,
+                    out,
+                    shape,
+                    first,
+                    // SAFETY: as above.
                     |w, a, blocks| unsafe { sixteen(w, a, blocks) },
+                    // SAFETY: as above.
                     |wa, wb, a, blocks| unsafe { eight(wa, wb, a, blocks) },
                     // SAFETY: as above.
                     |wa, a, blocks| unsafe { four(wa, a, blocks) },
@@ -490,14 +831,14 @@ pub mod dotprod {
 
     sdot_kernel!(
         /// Interleaved Q8 matrix × int8 activations, with `sdot`.
-        matmul_q8x4, BlockQ8x4, sdot_q8x4
+        matmul_q8x4, BlockQ8x4, sdot_q8x4, unpack_q8x4, sdot_token_q8
     );
     sdot_kernel!(
         /// Interleaved asymmetric Q4 matrix × int8 activations, with `sdot`.
-        matmul_q4x4, BlockQ4x4, sdot_q4x4
+        matmul_q4x4, BlockQ4x4, sdot_q4x4, unpack_q4x4, sdot_token_q4
     );
     sdot_kernel!(
         /// Interleaved symmetric Q4 matrix × int8 activations, with `sdot`.
-        matmul_q4sx4, BlockQ4Sx4, sdot_q4sx4
+        matmul_q4sx4, BlockQ4Sx4, sdot_q4sx4, unpack_q4sx4, sdot_token_q4s
     );
 }
