@@ -14,14 +14,20 @@
 //!
 //! Kernels work on a tile of rows × activations: one block of a row is
 //! loaded and unpacked once for every activation of the tile, one
-//! activation block once for every row. Float sums stay in vectors until the
-//! end of the row.
+//! activation block once for every row. Each block's integer sum is exact,
+//! and its float contribution is computed and added in the reference's
+//! order with the reference's roundings (no fused multiply-add), four rows
+//! in a vector: the results are the scalar kernels' bit for bit. That is
+//! deliberate: the forward pass quantizes every layer's input to int8, so
+//! a last-bit difference in one product can flip a rounding there and move
+//! the logits by as much as the weights' quantization does.
 //!
 //! Interleaved blocks ([`crate::quant::Interleaved`]) hold four rows' values
 //! four bytes at a time, so a 32-byte load is four rows at eight columns and
 //! the activation's matching four-byte words are spread to fit it
 //! (`vpermd`): every 32-bit lane of the sums is one row's, and no
 //! horizontal reduction is needed but one add of the two 128-bit halves.
+//! Row-major rows get there with two rounds of horizontal adds.
 
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
 use std::arch::x86_64::*;
@@ -40,13 +46,6 @@ const TILE_GROUPS_SINGLE: usize = 4;
 /// Four-row groups of an interleaved tile for a batch.
 const TILE_GROUPS_BATCH: usize = 2;
 
-/// binary16 (as its bits) to f32 with `vcvtph2ps`: exact, subnormals included.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn widen_f16(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
 /// Four binary16 values to f32.
 ///
 /// # Safety
@@ -57,13 +56,12 @@ unsafe fn widen_f16x4(values: *const half::f16) -> __m128 {
     _mm_cvtph_ps(_mm_loadl_epi64(values.cast()))
 }
 
-/// The sum of a vector's eight lanes.
+/// Four binary16 values given as bits (four rows' scales or minimums) to f32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn horizontal_sum(v: __m256) -> f32 {
-    let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+unsafe fn widen_f16_bits(bits: [u16; 4]) -> __m128 {
+    let packed = bits[0] as i64 | (bits[1] as i64) << 16 | (bits[2] as i64) << 32 | (bits[3] as i64) << 48;
+    _mm_cvtph_ps(_mm_cvtsi64_si128(packed))
 }
 
 /// 16 bytes of packed nibbles as 32 bytes 0..=15 in column order: value `j`
@@ -81,72 +79,126 @@ unsafe fn unpack_nibbles(packed: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
 }
 
-/// A row-major weight block as the kernels read it: value `j` is `d·n[j] + c`.
+/// How a block's integer sum and scales make its float contribution, in the
+/// reference's order ([`super::scalar`]): `(d·dₓ)·Σ`, plus `m·s` for the
+/// minimum of asymmetric Q4, and Σ is `Σ(n − 8)·q` for symmetric Q4.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// int8 values: the sign trick.
+    Signed,
+    /// Nibbles with a minimum `m` (value `d·n + m`).
+    Minimum,
+    /// Nibbles with the zero point 8 (value `d·(n − 8)`).
+    ZeroPoint,
+}
+
+/// A row-major weight block as the kernels read it.
 trait RowBlock {
-    /// int8 values (the sign trick) rather than nibbles 0..=15.
-    const SIGNED: bool;
-    /// Whether `c` is ever non-zero.
-    const OFFSET: bool;
-    /// The 32 `n[j]` in column order.
+    /// What its values are.
+    const VALUES: Values;
+    /// The 32 stored values in column order (nibbles unpacked, 0..=15).
     ///
     /// # Safety
-    /// `block` is readable; AVX2 and F16C are available.
+    /// `block` is readable; AVX2 is available.
     unsafe fn values(block: *const Self) -> __m256i;
-    /// `(d, c)`.
-    ///
-    /// # Safety
-    /// As [`RowBlock::values`].
-    unsafe fn scales(block: *const Self) -> (f32, f32);
+    /// The bits of `d` and of `m` (0 where there is none).
+    fn scale_bits(&self) -> (u16, u16);
 }
 
 impl RowBlock for BlockQ8 {
-    const SIGNED: bool = true;
-    const OFFSET: bool = false;
+    const VALUES: Values = Values::Signed;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn values(block: *const Self) -> __m256i {
         _mm256_loadu_si256((&raw const (*block).qs).cast())
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales(block: *const Self) -> (f32, f32) {
-        (widen_f16((*block).d.to_bits()), 0.0)
+    #[inline(always)]
+    fn scale_bits(&self) -> (u16, u16) {
+        (self.d.to_bits(), 0)
     }
 }
 
 impl RowBlock for BlockQ4 {
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
+    const VALUES: Values = Values::Minimum;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn values(block: *const Self) -> __m256i {
         unpack_nibbles((&raw const (*block).qs).cast())
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales(block: *const Self) -> (f32, f32) {
-        (widen_f16((*block).d.to_bits()), widen_f16((*block).m.to_bits()))
+    #[inline(always)]
+    fn scale_bits(&self) -> (u16, u16) {
+        (self.d.to_bits(), self.m.to_bits())
     }
 }
 
 impl RowBlock for BlockQ4S {
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
+    const VALUES: Values = Values::ZeroPoint;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn values(block: *const Self) -> __m256i {
         unpack_nibbles((&raw const (*block).qs).cast())
     }
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn scales(block: *const Self) -> (f32, f32) {
-        // d·(n − 8) = d·n − 8d: the zero point comes out as an offset.
-        let d = widen_f16((*block).d.to_bits());
-        (d, -8.0 * d)
+    #[inline(always)]
+    fn scale_bits(&self) -> (u16, u16) {
+        (self.d.to_bits(), 0)
     }
 }
 
-/// `R` rows × `T` activations of `blocks` blocks each: `out[r·batch + t] =
+/// `Σq` of an activation block's 32 values, in all four lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn activation_sum(q: __m256i) -> __m128i {
+    // Pairs (× 1) into 16-bit lanes, pairs of those into 32-bit lanes.
+    let pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q), _mm256_set1_epi16(1));
+    // The halves, then the 64-bit halves swapped and added, then neighbours.
+    let four = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+    let two = _mm_add_epi32(four, _mm_shuffle_epi32(four, 0b01_00_11_10));
+    _mm_add_epi32(two, _mm_shuffle_epi32(two, 0b10_11_00_01))
+}
+
+/// Four rows' block contributions added to their running sums `sums`, in
+/// the reference's arithmetic: `sums += (d·dₓ)·Σ (+ m·s)`, each product and
+/// sum rounded as the scalar code rounds it (no fused multiply-add), so the
+/// results are the reference's bit for bit. `integers` are the four rows'
+/// exact `Σ n·q`; `sum_q` is the activation's `Σq` (for the zero point).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn add_block(
+    values: Values,
+    sums: __m128,
+    integers: __m128i,
+    sum_q: __m128i,
+    d: __m128,
+    m: __m128,
+    activation: *const BlockQ8Act,
+) -> __m128 {
+    // Σ(n − 8)·q = Σ n·q − 8·Σq, exact in integers.
+    let integers =
+        if values == Values::ZeroPoint { _mm_sub_epi32(integers, _mm_slli_epi32(sum_q, 3)) } else { integers };
+    let scale = _mm_mul_ps(d, _mm_set1_ps((*activation).d));
+    let mut term = _mm_mul_ps(scale, _mm_cvtepi32_ps(integers));
+    if values == Values::Minimum {
+        // Σ m·dₓ·q = m·s.
+        term = _mm_add_ps(term, _mm_mul_ps(m, _mm_set1_ps((*activation).s)));
+    }
+    _mm_add_ps(sums, term)
+}
+
+/// Stores four rows' sums at `out[r·batch]` for `r < present`.
+///
+/// # Safety
+/// `out` is valid for those writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn store_rows(sums: __m128, out: *mut f32, batch: usize, present: usize) {
+    let mut lanes = [0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), sums);
+    for (r, &v) in lanes[..present].iter().enumerate() {
+        *out.add(r * batch) = v;
+    }
+}
+
+/// Four rows × `T` activations of `blocks` blocks each: `out[r·batch + t] =
 /// rows[r] · tokens[t]` for `r < present_rows` (the other rows are repeats
 /// of a present one, computed and dropped).
 ///
@@ -155,8 +207,8 @@ impl RowBlock for BlockQ4S {
 /// for writes at `r·batch + t` (`r < present_rows`, `t < T`); AVX2, FMA and
 /// F16C are available.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_tile<B: RowBlock, const R: usize, const T: usize>(
-    rows: [*const B; R],
+unsafe fn row_tile<B: RowBlock, const T: usize>(
+    rows: [*const B; TILE_ROWS],
     tokens: [*const BlockQ8Act; T],
     blocks: usize,
     out: *mut f32,
@@ -164,37 +216,45 @@ unsafe fn row_tile<B: RowBlock, const R: usize, const T: usize>(
     present_rows: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
-    let mut sums = [[_mm256_setzero_ps(); T]; R];
-    let mut offsets = [[0f32; T]; R];
+    let mut sums = [_mm_setzero_ps(); T];
     for k in 0..blocks {
-        for r in 0..R {
-            let block = rows[r].add(k);
-            let values = B::values(block);
-            let (d, c) = B::scales(block);
-            // Sign trick, weight side: |w| as the unsigned operand (|−128|
-            // wraps to 128, right as unsigned).
-            let unsigned = if B::SIGNED { _mm256_sign_epi8(values, values) } else { values };
-            for t in 0..T {
-                let activation = tokens[t].add(k);
-                let q = _mm256_loadu_si256((&raw const (*activation).qs).cast());
-                // Sign trick, activation side: q with the weight's sign (0 where w is 0).
-                let q = if B::SIGNED { _mm256_sign_epi8(q, values) } else { q };
-                // Pairs of products into 16-bit lanes, pairs of those into 32-bit sums.
-                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, q), ones);
-                // Into the float sums with the block's scale d·dₓ.
-                let scale = _mm256_set1_ps(d * (*activation).d);
-                sums[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), scale, sums[r][t]);
-                if B::OFFSET {
-                    // Σ c·dₓ·q = c·s.
-                    offsets[r][t] += c * (*activation).s;
-                }
+        let mut q = [_mm256_setzero_si256(); T];
+        let mut sum_q = [_mm_setzero_si128(); T];
+        for t in 0..T {
+            q[t] = _mm256_loadu_si256((&raw const (*tokens[t].add(k)).qs).cast());
+            if B::VALUES == Values::ZeroPoint {
+                sum_q[t] = activation_sum(q[t]);
             }
         }
-    }
-    for r in 0..present_rows {
-        for t in 0..T {
-            *out.add(r * batch + t) = horizontal_sum(sums[r][t]) + offsets[r][t];
+        let mut products = [[_mm256_setzero_si256(); TILE_ROWS]; T];
+        let (mut d_bits, mut m_bits) = ([0u16; TILE_ROWS], [0u16; TILE_ROWS]);
+        for r in 0..TILE_ROWS {
+            let block = rows[r].add(k);
+            (d_bits[r], m_bits[r]) = (*block).scale_bits();
+            let values = B::values(block);
+            // Sign trick, weight side: |w| as the unsigned operand (|−128|
+            // wraps to 128, right as unsigned).
+            let unsigned = if B::VALUES == Values::Signed { _mm256_sign_epi8(values, values) } else { values };
+            for t in 0..T {
+                // Sign trick, activation side: q with the weight's sign (0 where w is 0).
+                let q = if B::VALUES == Values::Signed { _mm256_sign_epi8(q[t], values) } else { q[t] };
+                // Pairs of products into 16-bit lanes, pairs of those into 32-bit sums.
+                products[t][r] = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned, q), ones);
+            }
         }
+        let (d, m) = (widen_f16_bits(d_bits), widen_f16_bits(m_bits));
+        for t in 0..T {
+            let p = &products[t];
+            // Horizontal adds, twice: rows 0–3 of the low 16 columns in the
+            // lower half, of the high 16 in the upper half; then the halves:
+            // each row's exact block sum in its lane.
+            let both = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            let integers = _mm_add_epi32(_mm256_castsi256_si128(both), _mm256_extracti128_si256(both, 1));
+            sums[t] = add_block(B::VALUES, sums[t], integers, sum_q[t], d, m, tokens[t].add(k));
+        }
+    }
+    for t in 0..T {
+        store_rows(sums[t], out.add(t), batch, present_rows);
     }
 }
 
@@ -233,40 +293,36 @@ unsafe fn matmul_rows<B: RowBlock>(weights: &[B], cols: usize, x: &[BlockQ8Act],
                 *pointer = activations.add((token + t) * blocks);
             }
             let out = results.add(first * batch + token);
-            row_tile::<B, TILE_ROWS, TILE_TOKENS>(four, tokens, blocks, out, batch, present);
+            row_tile::<B, TILE_TOKENS>(four, tokens, blocks, out, batch, present);
             token += TILE_TOKENS;
         }
         for token in token..batch {
             let out = results.add(first * batch + token);
-            row_tile::<B, TILE_ROWS, 1>(four, [activations.add(token * blocks)], blocks, out, batch, present);
+            row_tile::<B, 1>(four, [activations.add(token * blocks)], blocks, out, batch, present);
         }
     }
 }
 
-/// An interleaved block of four rows as the kernels read it: row `r`'s
-/// value `j` is `d[r]·n[j] + c[r]`.
+/// An interleaved block of four rows as the kernels read it.
 trait InterleavedBlock {
-    /// int8 values (the sign trick) rather than nibbles 0..=15.
-    const SIGNED: bool;
-    /// Whether `c` is ever non-zero.
-    const OFFSET: bool;
-    /// Piece `i` of four: the four rows' `n` at the columns of the
-    /// activation's four-byte words `2i` (lower half) and `2i + 1` (upper
-    /// half), row `r` at bytes `4r .. 4r+4` of each half.
+    /// What its values are.
+    const VALUES: Values;
+    /// Piece `i` of four: the four rows' stored values at the columns of
+    /// the activation's four-byte words `2i` (lower half) and `2i + 1`
+    /// (upper half), row `r` at bytes `4r .. 4r+4` of each half.
     ///
     /// # Safety
-    /// `block` is readable; AVX2 and F16C are available.
+    /// `block` is readable; AVX2 is available.
     unsafe fn piece(block: *const Self, i: usize) -> __m256i;
-    /// `(d, c)` of the four rows.
+    /// `(d, m)` of the four rows (`m` zero where there is none).
     ///
     /// # Safety
-    /// As [`InterleavedBlock::piece`].
+    /// `block` is readable; F16C is available.
     unsafe fn scales(block: *const Self) -> (__m128, __m128);
 }
 
 impl InterleavedBlock for BlockQ8x4 {
-    const SIGNED: bool = true;
-    const OFFSET: bool = false;
+    const VALUES: Values = Values::Signed;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn piece(block: *const Self, i: usize) -> __m256i {
@@ -296,8 +352,7 @@ unsafe fn nibble_piece(qs: *const u8, i: usize) -> __m256i {
 }
 
 impl InterleavedBlock for BlockQ4x4 {
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
+    const VALUES: Values = Values::Minimum;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn piece(block: *const Self, i: usize) -> __m256i {
@@ -311,8 +366,7 @@ impl InterleavedBlock for BlockQ4x4 {
 }
 
 impl InterleavedBlock for BlockQ4Sx4 {
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
+    const VALUES: Values = Values::ZeroPoint;
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn piece(block: *const Self, i: usize) -> __m256i {
@@ -321,9 +375,7 @@ impl InterleavedBlock for BlockQ4Sx4 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     unsafe fn scales(block: *const Self) -> (__m128, __m128) {
-        let d = widen_f16x4((&raw const (*block).d).cast());
-        // d·(n − 8) = d·n − 8d.
-        (d, _mm_mul_ps(d, _mm_set1_ps(-8.0)))
+        (widen_f16x4((&raw const (*block).d).cast()), _mm_setzero_ps())
     }
 }
 
@@ -344,11 +396,12 @@ unsafe fn interleaved_tile<B: InterleavedBlock, const G: usize, const T: usize>(
     present_groups: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
-    // Eight lanes a group and activation: rows 0..4 over the even column
-    // groups in the lower half, over the odd ones in the upper half.
-    let mut sums = [[_mm256_setzero_ps(); T]; G];
+    let mut sums = [[_mm_setzero_ps(); T]; G];
     for k in 0..blocks {
+        // Eight lanes a group and activation: rows 0..4 over the even column
+        // groups in the lower half, over the odd ones in the upper half.
         let mut integers = [[_mm256_setzero_si256(); T]; G];
+        let mut sum_q = [_mm_setzero_si128(); T];
         for i in 0..4 {
             // The activation's words 2i (lower half) and 2i+1 (upper half),
             // each repeated for the four rows.
@@ -357,14 +410,18 @@ unsafe fn interleaved_tile<B: InterleavedBlock, const G: usize, const T: usize>(
             let mut q = [_mm256_setzero_si256(); T];
             for t in 0..T {
                 let activation = _mm256_loadu_si256((&raw const (*tokens[t].add(k)).qs).cast());
+                if i == 0 && B::VALUES == Values::ZeroPoint {
+                    sum_q[t] = activation_sum(activation);
+                }
                 q[t] = _mm256_permutevar8x32_epi32(activation, spread);
             }
             for g in 0..G {
                 let values = B::piece(groups[g].add(k), i);
                 // Sign trick, weight side: |w| as the unsigned operand.
-                let unsigned = if B::SIGNED { _mm256_sign_epi8(values, values) } else { values };
+                let signed = B::VALUES == Values::Signed;
+                let unsigned = if signed { _mm256_sign_epi8(values, values) } else { values };
                 for t in 0..T {
-                    if B::SIGNED {
+                    if signed {
                         // Activation with the weight's sign; two products of
                         // up to 128·127 fill a 16-bit lane, so widen at once.
                         let products = _mm256_maddubs_epi16(unsigned, _mm256_sign_epi8(q[t], values));
@@ -378,33 +435,20 @@ unsafe fn interleaved_tile<B: InterleavedBlock, const G: usize, const T: usize>(
             }
         }
         for g in 0..G {
-            let (d, c) = B::scales(groups[g].add(k));
-            let d = _mm256_set_m128(d, d);
-            // The offset goes into the lower half only: the halves are added at the end.
-            let c = _mm256_set_m128(_mm_setzero_ps(), c);
+            let (d, m) = B::scales(groups[g].add(k));
             for t in 0..T {
-                let activation = tokens[t].add(k);
-                // Adjacent 16-bit lanes into 32-bit sums (nibbles).
-                let whole = if B::SIGNED { integers[g][t] } else { _mm256_madd_epi16(integers[g][t], ones) };
-                // Into the float sums with the rows' scales times the activation's.
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps((*activation).d));
-                sums[g][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole), scale, sums[g][t]);
-                if B::OFFSET {
-                    // Σ c·dₓ·q = c·s.
-                    sums[g][t] = _mm256_fmadd_ps(c, _mm256_set1_ps((*activation).s), sums[g][t]);
-                }
+                // Adjacent 16-bit lanes into 32-bit sums (nibbles), then the
+                // even and odd column groups: each row's exact block sum.
+                let whole =
+                    if B::VALUES == Values::Signed { integers[g][t] } else { _mm256_madd_epi16(integers[g][t], ones) };
+                let rows = _mm_add_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1));
+                sums[g][t] = add_block(B::VALUES, sums[g][t], rows, sum_q[t], d, m, tokens[t].add(k));
             }
         }
     }
     for g in 0..present_groups {
         for t in 0..T {
-            // Even and odd column groups together: one sum a row.
-            let rows = _mm_add_ps(_mm256_castps256_ps128(sums[g][t]), _mm256_extractf128_ps(sums[g][t], 1));
-            let mut lanes = [0f32; INTERLEAVE];
-            _mm_storeu_ps(lanes.as_mut_ptr(), rows);
-            for (r, &v) in lanes.iter().enumerate() {
-                *out.add((g * INTERLEAVE + r) * batch + t) = v;
-            }
+            store_rows(sums[g][t], out.add(g * INTERLEAVE * batch + t), batch, INTERLEAVE);
         }
     }
 }
