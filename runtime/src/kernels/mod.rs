@@ -176,14 +176,16 @@ impl Kernels {
         ..Self::NEON
     };
 
-    /// AVX2 integer matrix products for x86-64 hosts (with FMA and F16C,
-    /// which every AVX2 CPU has); the other kernels are the reference's,
+    /// AVX2 integer matrix products and activation quantization for x86-64
+    /// hosts (with FMA and F16C, which every AVX2 CPU has), bit for bit the
+    /// reference's results; the other kernels are the reference's,
     /// which the compiler vectorizes. Its matrix kernels panic on a CPU
     /// without the features: take it from [`Kernels::detect`] or
     /// [`Kernels::all_available`], which hand it out only where it runs.
     #[cfg(target_arch = "x86_64")]
     pub const AVX2: Kernels = Kernels {
         name: "avx2",
+        quantize_activation: activation::avx2::quantize_activation,
         matmul_q8: matmul::avx2::matmul_q8,
         matmul_q4: matmul::avx2::matmul_q4,
         matmul_q4s: matmul::avx2::matmul_q4s,

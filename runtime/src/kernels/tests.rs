@@ -965,6 +965,41 @@ mod avx2 {
         }
     }
 
+    /// Activation quantization, bit for bit, where the rounding and the
+    /// casts have their edge cases: ties at .5 either side of zero (rounded
+    /// away from zero, as `f32::round`), zero blocks, ±0, a scale so small
+    /// that 1/d overflows (`as i8` saturates), NaN and infinities (`as i8`
+    /// of NaN is 0; `f32::max` skips NaN).
+    #[test]
+    fn quantize_activation_is_bit_exact_at_the_edges() {
+        let Some(avx2) = Kernels::all_available().into_iter().find(|k| k.name == "avx2") else { return };
+        let ties: Vec<f32> = (0..GROUP).map(|j| if j == 0 { 127.0 } else { (j as f32 - 16.0) + 0.5 }).collect();
+        let mut edges: Vec<Vec<f32>> = vec![
+            ties.clone(),
+            ties.iter().map(|v| -v).collect(),
+            vec![0.0; GROUP],
+            (0..GROUP).map(|j| if j % 2 == 0 { 0.0 } else { -0.0 }).collect(),
+            (0..GROUP).map(|j| f32::from_bits(1 + j as u32)).collect(),
+            (0..GROUP).map(|j| (j as f32 - 16.0) * 1e-38).collect(),
+        ];
+        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut block = data(GROUP, 5);
+            block[3] = special;
+            edges.push(block);
+        }
+        let x: Vec<f32> = edges.concat();
+        let blocks = x.len() / GROUP;
+        let expected = quantize_activations(&x);
+        let mut got = vec![BlockQ8Act { d: 1.0, s: 1.0, qs: [1; GROUP] }; blocks];
+        (avx2.quantize_activation)(&x, &mut got);
+        for (b, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                g.qs == e.qs && g.d.to_bits() == e.d.to_bits() && g.s.to_bits() == e.s.to_bits(),
+                "block {b}: {g:?} vs {e:?}"
+            );
+        }
+    }
+
     /// Row-major rows in tiles of four (1..=9 and 13: every tail), interleaved
     /// groups in tiles of four for one activation and two for a batch (1..=5
     /// and 9 groups), activations in tiles of two with a last one alone

@@ -253,8 +253,8 @@ unsafe fn row_tile<B: RowBlock, const T: usize>(
             sums[t] = add_block(B::VALUES, sums[t], integers, sum_q[t], d, m, tokens[t].add(k));
         }
     }
-    for t in 0..T {
-        store_rows(sums[t], out.add(t), batch, present_rows);
+    for (t, &rows) in sums.iter().enumerate() {
+        store_rows(rows, out.add(t), batch, present_rows);
     }
 }
 
@@ -446,9 +446,9 @@ unsafe fn interleaved_tile<B: InterleavedBlock, const G: usize, const T: usize>(
             }
         }
     }
-    for g in 0..present_groups {
-        for t in 0..T {
-            store_rows(sums[g][t], out.add(g * INTERLEAVE * batch + t), batch, INTERLEAVE);
+    for (g, group) in sums[..present_groups].iter().enumerate() {
+        for (t, &rows) in group.iter().enumerate() {
+            store_rows(rows, out.add(g * INTERLEAVE * batch + t), batch, INTERLEAVE);
         }
     }
 }
