@@ -1001,10 +1001,10 @@ mod avx2 {
     }
 
     /// Row-major rows in tiles of four (1..=9 and 13: every tail), interleaved
-    /// groups in tiles of four for one activation and two for a batch (1..=5
-    /// and 9 groups), activations in tiles of two with a last one alone
-    /// (batches 1..=9, 16, 17, 33), at the model's row lengths (18 and 48
-    /// blocks: 576 and 1536 columns) and short ones; bit for bit.
+    /// groups in tiles of eight for one activation and two for a batch (1..=5,
+    /// 8, 9, 15 and 17 groups), activations in tiles of four with the last
+    /// ones alone (batches 1..=9, 16, 17, 33), at the model's row lengths (18
+    /// and 48 blocks: 576 and 1536 columns) and short ones; bit for bit.
     #[test]
     fn quantized_gemm_matches_the_reference_at_every_tile_and_tail() {
         for blocks in [1, 3, 18, 48] {
@@ -1016,7 +1016,7 @@ mod avx2 {
                         check_bit_exact(encoding, rows, blocks, batch, &w, &x);
                     }
                 }
-                for groups in (1..=5).chain([9]) {
+                for groups in (1..=5).chain([8, 9, 15, 17]) {
                     let rows = groups * quant::INTERLEAVE;
                     let w = data(rows * blocks * GROUP, (rows * 37 + blocks * 3 + batch) as u32);
                     for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {

@@ -37,12 +37,17 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
+// Tile shapes, measured on SmolLM2-135M q4 (one thread, 128-token prompt,
+// 64 decoded): eight groups for one activation decode about 1.4× as fast as
+// four and 2× as fast as two (sixteen spill); four activations a tile
+// prefill a little faster than two.
+
 /// Rows of a row-major tile.
 const TILE_ROWS: usize = 4;
 /// Activations of a tile when the batch has more than one.
-const TILE_TOKENS: usize = 2;
+const TILE_TOKENS: usize = 4;
 /// Four-row groups of an interleaved tile for one activation.
-const TILE_GROUPS_SINGLE: usize = 4;
+const TILE_GROUPS_SINGLE: usize = 8;
 /// Four-row groups of an interleaved tile for a batch.
 const TILE_GROUPS_BATCH: usize = 2;
 
