@@ -5,9 +5,11 @@
 //!
 //! Tables: [`Kernels::SCALAR`] everywhere; on aarch64 `Kernels::NEON`
 //! (ARMv8.0, the Raspberry Pi 4) and `Kernels::NEON_DOTPROD` (with `sdot`,
-//! the Raspberry Pi 5). [`Kernels::detect`] picks one with
-//! `is_aarch64_feature_detected!("dotprod")`; `tests.rs` checks every table
-//! the CPU runs against the reference.
+//! the Raspberry Pi 5); on x86-64 `Kernels::AVX2` (the host tools, with FMA
+//! and F16C). [`Kernels::detect`] picks one with
+//! `is_aarch64_feature_detected!("dotprod")` or
+//! `is_x86_feature_detected!("avx2")` (and "fma", "f16c"); `tests.rs` checks
+//! every table the CPU runs against the reference.
 
 pub mod activation;
 pub mod attention;
@@ -46,7 +48,7 @@ pub type AttentionValuesQuantized = fn(&[f32], usize, usize, &[u8], &[f16], &[f1
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
-    /// Which implementation: `"scalar"`, `"neon"` or `"neon-dotprod"`.
+    /// Which implementation: `"scalar"`, `"neon"`, `"neon-dotprod"` or `"avx2"`.
     pub name: &'static str,
     /// Quantizes f32 activations to int8 blocks.
     pub quantize_activation: fn(x: &[f32], out: &mut [BlockQ8Act]),
@@ -174,6 +176,25 @@ impl Kernels {
         ..Self::NEON
     };
 
+    /// AVX2 integer matrix products and activation quantization for x86-64
+    /// hosts (with FMA and F16C, which every AVX2 CPU has), bit for bit the
+    /// reference's results; the other kernels are the reference's,
+    /// which the compiler vectorizes. Its matrix kernels panic on a CPU
+    /// without the features: take it from [`Kernels::detect`] or
+    /// [`Kernels::all_available`], which hand it out only where it runs.
+    #[cfg(target_arch = "x86_64")]
+    pub const AVX2: Kernels = Kernels {
+        name: "avx2",
+        quantize_activation: activation::avx2::quantize_activation,
+        matmul_q8: matmul::avx2::matmul_q8,
+        matmul_q4: matmul::avx2::matmul_q4,
+        matmul_q4s: matmul::avx2::matmul_q4s,
+        matmul_q8x4: matmul::avx2::matmul_q8x4,
+        matmul_q4x4: matmul::avx2::matmul_q4x4,
+        matmul_q4sx4: matmul::avx2::matmul_q4sx4,
+        ..Self::SCALAR
+    };
+
     /// The best kernels for this CPU, decided once from its features.
     pub fn detect() -> &'static Kernels {
         #[cfg(target_arch = "aarch64")]
@@ -183,7 +204,14 @@ impl Kernels {
             }
             &Self::NEON
         }
-        #[cfg(not(target_arch = "aarch64"))]
+        #[cfg(target_arch = "x86_64")]
+        {
+            if matmul::avx2::available() {
+                return &Self::AVX2;
+            }
+            &Self::SCALAR
+        }
+        #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
         {
             &Self::SCALAR
         }
@@ -200,7 +228,15 @@ impl Kernels {
             }
             tables
         }
-        #[cfg(not(target_arch = "aarch64"))]
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut tables = vec![&Self::SCALAR];
+            if matmul::avx2::available() {
+                tables.push(&Self::AVX2);
+            }
+            tables
+        }
+        #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
         {
             vec![&Self::SCALAR]
         }

@@ -83,7 +83,9 @@ fn detect_picks_the_table_for_this_cpu() {
             _ => {}
         }
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(chosen.name, if super::matmul::avx2::available() { "avx2" } else { "scalar" });
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     assert_eq!(chosen.name, "scalar");
 }
 
@@ -955,6 +957,162 @@ fn project_out_matches_the_reference() {
                         );
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The x86-64 host table: every test above runs it through
+/// [`Kernels::all_available`]; these add the batch and tile shapes its
+/// GEMM kernels special-case.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+
+    /// On a CPU with AVX2, FMA and F16C (`grep avx2 /proc/cpuinfo`), the
+    /// table is chosen and held to the reference by every test here; on one
+    /// without, it is handed out nowhere.
+    #[test]
+    fn the_avx2_table_is_chosen_and_tested_where_the_cpu_has_it() {
+        let available = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c");
+        let names: Vec<_> = Kernels::all_available().iter().map(|k| k.name).collect();
+        assert_eq!(names.contains(&"avx2"), available, "{names:?}");
+        assert_eq!(Kernels::detect().name == "avx2", available);
+    }
+
+    /// The AVX2 table's products are the reference's bit for bit (its kernels
+    /// promise it: a last-bit difference moves the logits through the next
+    /// layer's int8 rounding), on top of [`check_quantized`]'s bound.
+    fn check_bit_exact(encoding: Encoding, rows: usize, blocks: usize, batch: usize, w: &[f32], x: &[BlockQ8Act]) {
+        check_quantized(encoding, rows, blocks, batch, w, x);
+        let Some(avx2) = Kernels::all_available().into_iter().find(|k| k.name == "avx2") else { return };
+        let cols = blocks * GROUP;
+        let matrix = QuantizedMatrix::new(encoding, w, cols);
+        let (mut expected, mut got) = (vec![0f32; rows * batch], vec![f32::NAN; rows * batch]);
+        matrix.run(&Kernels::SCALAR, cols, x, &mut expected);
+        matrix.run(avx2, cols, x, &mut got);
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                g.to_bits() == e.to_bits(),
+                "avx2 {encoding:?} rows {rows} blocks {blocks} batch {batch} [{}, {}]: {g} vs {e}",
+                i / batch,
+                i % batch
+            );
+        }
+    }
+
+    /// Activation quantization, bit for bit, where the rounding and the
+    /// casts have their edge cases: ties at .5 either side of zero (rounded
+    /// away from zero, as `f32::round`), zero blocks, ±0, a scale so small
+    /// that 1/d overflows (`as i8` saturates), NaN and infinities (`as i8`
+    /// of NaN is 0; `f32::max` skips NaN).
+    #[test]
+    fn quantize_activation_is_bit_exact_at_the_edges() {
+        let Some(avx2) = Kernels::all_available().into_iter().find(|k| k.name == "avx2") else { return };
+        let ties: Vec<f32> = (0..GROUP).map(|j| if j == 0 { 127.0 } else { (j as f32 - 16.0) + 0.5 }).collect();
+        let mut edges: Vec<Vec<f32>> = vec![
+            ties.clone(),
+            ties.iter().map(|v| -v).collect(),
+            vec![0.0; GROUP],
+            (0..GROUP).map(|j| if j % 2 == 0 { 0.0 } else { -0.0 }).collect(),
+            (0..GROUP).map(|j| f32::from_bits(1 + j as u32)).collect(),
+            (0..GROUP).map(|j| (j as f32 - 16.0) * 1e-38).collect(),
+        ];
+        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut block = data(GROUP, 5);
+            block[3] = special;
+            edges.push(block);
+        }
+        let x: Vec<f32> = edges.concat();
+        let blocks = x.len() / GROUP;
+        let expected = quantize_activations(&x);
+        let mut got = vec![BlockQ8Act { d: 1.0, s: 1.0, qs: [1; GROUP] }; blocks];
+        (avx2.quantize_activation)(&x, &mut got);
+        for (b, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!(
+                g.qs == e.qs && g.d.to_bits() == e.d.to_bits() && g.s.to_bits() == e.s.to_bits(),
+                "block {b}: {g:?} vs {e:?}"
+            );
+        }
+    }
+
+    /// Row-major rows in tiles of four (1..=9 and 13: every tail), interleaved
+    /// groups in tiles of eight for one activation and two for a batch (1..=5,
+    /// 8, 9, 15 and 17 groups), activations in tiles of four with the last
+    /// ones alone (batches 1..=9, 16, 17, 33), at the model's row lengths (18
+    /// and 48 blocks: 576 and 1536 columns) and short ones; bit for bit.
+    #[test]
+    fn quantized_gemm_matches_the_reference_at_every_tile_and_tail() {
+        for blocks in [1, 3, 18, 48] {
+            for batch in (1..=9).chain([16, 17, 33]) {
+                let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 7919 + blocks) as u32));
+                for rows in (1..=9).chain([13]) {
+                    let w = data(rows * blocks * GROUP, (rows * 31 + blocks * 5 + batch) as u32);
+                    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
+                        check_bit_exact(encoding, rows, blocks, batch, &w, &x);
+                    }
+                }
+                for groups in (1..=5).chain([8, 9, 15, 17]) {
+                    let rows = groups * quant::INTERLEAVE;
+                    let w = data(rows * blocks * GROUP, (rows * 37 + blocks * 3 + batch) as u32);
+                    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                        check_bit_exact(encoding, rows, blocks, batch, &w, &x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Extreme operands (int8 weights of −128 and 127, nibbles of 15,
+    /// activations of ±127) through the batched tiles, not only through
+    /// one activation: the 16-bit partial sums at their bounds for every
+    /// tile shape.
+    #[test]
+    fn batched_products_do_not_overflow_at_extremes() {
+        use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
+        let (rows, blocks, batch) = (12, 40, 5);
+        let cols = blocks * GROUP;
+        let (one, q8) = extreme_operands(rows, blocks);
+        // Each activation its own sign pattern: the first `blocks` blocks, rotated.
+        let x: Vec<BlockQ8Act> =
+            (0..batch).flat_map(|b| (0..blocks).map(move |k| (b, k))).map(|(b, k)| one[(k + b) % blocks]).collect();
+        let q4: Vec<BlockQ4> = (0..rows * blocks)
+            .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 3) as f32), qs: [0xFF; GROUP / 2] })
+            .collect();
+        let q4s: Vec<BlockQ4S> =
+            (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
+        let mut q8x4 = vec![BlockQ8x4::zeroed(); rows * blocks / INTERLEAVE];
+        let mut q4x4 = vec![BlockQ4x4::zeroed(); rows * blocks / INTERLEAVE];
+        let mut q4sx4 = vec![BlockQ4Sx4::zeroed(); rows * blocks / INTERLEAVE];
+        interleave(&q8, blocks, &mut q8x4);
+        interleave(&q4, blocks, &mut q4x4);
+        interleave(&q4s, blocks, &mut q4sx4);
+        let reference = |run: &dyn Fn(&mut [f32])| {
+            let mut out = vec![f32::NAN; rows * batch];
+            run(&mut out);
+            out
+        };
+        let scalar = Kernels::SCALAR;
+        let expected_q8 = reference(&|o| (scalar.matmul_q8)(&q8, cols, &x, o));
+        let expected_q4 = reference(&|o| (scalar.matmul_q4)(&q4, cols, &x, o));
+        let expected_q4s = reference(&|o| (scalar.matmul_q4s)(&q4s, cols, &x, o));
+        for k in Kernels::all_available() {
+            let runs: [(&str, &[f32], Vec<f32>); 6] = [
+                ("q8", &expected_q8, reference(&|o| (k.matmul_q8)(&q8, cols, &x, o))),
+                ("q8x4", &expected_q8, reference(&|o| (k.matmul_q8x4)(&q8x4, cols, &x, o))),
+                ("q4", &expected_q4, reference(&|o| (k.matmul_q4)(&q4, cols, &x, o))),
+                ("q4x4", &expected_q4, reference(&|o| (k.matmul_q4x4)(&q4x4, cols, &x, o))),
+                ("q4s", &expected_q4s, reference(&|o| (k.matmul_q4s)(&q4s, cols, &x, o))),
+                ("q4sx4", &expected_q4s, reference(&|o| (k.matmul_q4sx4)(&q4sx4, cols, &x, o))),
+            ];
+            for (name, expected, got) in runs {
+                assert!(
+                    got.iter().zip(expected).all(|(g, e)| close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs())),
+                    "{} {name}: {got:?} vs {expected:?}",
+                    k.name
+                );
             }
         }
     }

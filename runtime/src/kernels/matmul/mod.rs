@@ -9,6 +9,9 @@
 //!
 //! - `interleaved` (aarch64): both of those for the four-row interleaved
 //!   blocks that images of layout 2 store (`crate::quant::Interleaved`).
+//! - `avx2` (x86-64 with AVX2, FMA and F16C): the integer kernels for the
+//!   host tools, `vpmaddubsw` with the sign trick for int8 weights, tiles of
+//!   rows × activations for a batch.
 //! - [`channels`]: channel-major matrices over the active input channels
 //!   only (R-Sparse's exact part), scalar and NEON, in one file.
 //!
@@ -27,6 +30,9 @@ pub mod neon;
 pub mod dotprod;
 #[cfg(target_arch = "aarch64")]
 pub mod interleaved;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 
 #[cfg(test)]
 mod tests {
