@@ -768,7 +768,12 @@ mod console_tcp {
         other.command("/stats", "conversation: 0 messages");
         // A client that hangs up in the middle of a reply cancels it; the daemon serves on.
         terminal.command("/set max_tokens 1024", "max_tokens = 1024");
-        terminal.type_bytes(b"Tell me a long story\r");
+        // Greedy, alone in its conversation, this request's reply runs to its
+        // 1024 tokens (a reply that ends its turn sooner may be over within
+        // milliseconds on the host's AVX2 kernels, before /health sees it run).
+        terminal.command("/reset", "(conversation cleared)");
+        terminal.command("/set temperature 0", "temperature = 0");
+        terminal.type_bytes(b"Write a long poem\r");
         wait_for("the long reply running", &daemon, |h| h["running"] == true);
         drop(terminal);
         wait_for("the hang-up cancelled the reply", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
