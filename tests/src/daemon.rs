@@ -354,3 +354,32 @@ pub fn stalled_connection(address: SocketAddr) -> TcpStream {
     connect(fd.as_raw_fd(), &SockaddrIn::from(v4)).unwrap_or_else(|e| panic!("connect {address}: {e}"));
     TcpStream::from(fd)
 }
+
+/// Waits for `child` to exit, at most `limit`; `None` if it is still running
+/// (then it is killed), so a hang fails a test instead of stalling it.
+pub fn exit_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Runs `command` (no input, its output captured) to its exit; panics, with
+/// what it wrote to standard error, when it is still running after `limit`.
+pub fn run_bounded(command: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let status = exit_within(&mut child, limit);
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        status.is_some(),
+        "{command:?} still running after {limit:?}:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}

@@ -274,6 +274,37 @@ fn extreme_operands(rows: usize, blocks: usize) -> (Vec<BlockQ8Act>, Vec<BlockQ8
     (x, q8)
 }
 
+/// The extreme weights of [`extreme_operands`] in every integer encoding:
+/// `q8` as given, Q4 and Q4S nibbles of 15 (Q4's minimum −1 − (i mod
+/// `spread`)), and the three interleaved; `rows` a multiple of four.
+struct ExtremeWeights {
+    q4: Vec<BlockQ4>,
+    q4s: Vec<BlockQ4S>,
+    q8x4: Vec<quant::BlockQ8x4>,
+    q4x4: Vec<quant::BlockQ4x4>,
+    q4sx4: Vec<quant::BlockQ4Sx4>,
+}
+
+fn extreme_weights(q8: &[BlockQ8], rows: usize, blocks: usize, spread: usize) -> ExtremeWeights {
+    use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
+    let q4: Vec<BlockQ4> = (0..rows * blocks)
+        .map(|i| BlockQ4 {
+            d: f16::from_f32(0.25),
+            m: f16::from_f32(-1.0 - (i % spread) as f32),
+            qs: [0xFF; GROUP / 2],
+        })
+        .collect();
+    let q4s: Vec<BlockQ4S> =
+        (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
+    let mut q8x4 = vec![BlockQ8x4::zeroed(); rows * blocks / INTERLEAVE];
+    let mut q4x4 = vec![BlockQ4x4::zeroed(); rows * blocks / INTERLEAVE];
+    let mut q4sx4 = vec![BlockQ4Sx4::zeroed(); rows * blocks / INTERLEAVE];
+    interleave(q8, blocks, &mut q8x4);
+    interleave(&q4, blocks, &mut q4x4);
+    interleave(&q4s, blocks, &mut q4sx4);
+    ExtremeWeights { q4, q4s, q8x4, q4x4, q4sx4 }
+}
+
 /// The largest products a lane can meet: int8 weights of −128 (which a file
 /// may hold, though the quantizer never writes it) and 15-valued nibbles,
 /// against activations of ±127, so the 16-bit partial sums are at their
@@ -324,21 +355,10 @@ fn quantized_matmuls_do_not_overflow_at_extremes() {
 /// four, one token left), every token its own sign pattern.
 #[test]
 fn interleaved_matmuls_do_not_overflow_at_extremes() {
-    use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
     let (rows, blocks) = (28, 64);
     let cols = blocks * GROUP;
     let (one, q8) = extreme_operands(rows, blocks);
-    let q4: Vec<BlockQ4> = (0..rows * blocks)
-        .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 5) as f32), qs: [0xFF; GROUP / 2] })
-        .collect();
-    let q4s: Vec<BlockQ4S> =
-        (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
-    let mut q8x4 = vec![BlockQ8x4::zeroed(); rows * blocks / INTERLEAVE];
-    let mut q4x4 = vec![BlockQ4x4::zeroed(); rows * blocks / INTERLEAVE];
-    let mut q4sx4 = vec![BlockQ4Sx4::zeroed(); rows * blocks / INTERLEAVE];
-    interleave(&q8, blocks, &mut q8x4);
-    interleave(&q4, blocks, &mut q4x4);
-    interleave(&q4s, blocks, &mut q4sx4);
+    let ExtremeWeights { q4, q4s, q8x4, q4x4, q4sx4 } = extreme_weights(&q8, rows, blocks, 5);
     for (batch, k) in
         [1, 13].into_iter().flat_map(|batch| Kernels::all_available().into_iter().map(move |k| (batch, k)))
     {
@@ -1071,24 +1091,13 @@ mod avx2 {
     /// tile shape.
     #[test]
     fn batched_products_do_not_overflow_at_extremes() {
-        use crate::quant::{interleave, BlockQ4Sx4, BlockQ4x4, BlockQ8x4, INTERLEAVE};
         let (rows, blocks, batch) = (12, 40, 5);
         let cols = blocks * GROUP;
         let (one, q8) = extreme_operands(rows, blocks);
         // Each activation its own sign pattern: the first `blocks` blocks, rotated.
         let x: Vec<BlockQ8Act> =
             (0..batch).flat_map(|b| (0..blocks).map(move |k| (b, k))).map(|(b, k)| one[(k + b) % blocks]).collect();
-        let q4: Vec<BlockQ4> = (0..rows * blocks)
-            .map(|i| BlockQ4 { d: f16::from_f32(0.25), m: f16::from_f32(-1.0 - (i % 3) as f32), qs: [0xFF; GROUP / 2] })
-            .collect();
-        let q4s: Vec<BlockQ4S> =
-            (0..rows * blocks).map(|_| BlockQ4S { d: f16::from_f32(0.25), qs: [0xFF; GROUP / 2] }).collect();
-        let mut q8x4 = vec![BlockQ8x4::zeroed(); rows * blocks / INTERLEAVE];
-        let mut q4x4 = vec![BlockQ4x4::zeroed(); rows * blocks / INTERLEAVE];
-        let mut q4sx4 = vec![BlockQ4Sx4::zeroed(); rows * blocks / INTERLEAVE];
-        interleave(&q8, blocks, &mut q8x4);
-        interleave(&q4, blocks, &mut q4x4);
-        interleave(&q4s, blocks, &mut q4sx4);
+        let ExtremeWeights { q4, q4s, q8x4, q4x4, q4sx4 } = extreme_weights(&q8, rows, blocks, 3);
         let reference = |run: &dyn Fn(&mut [f32])| {
             let mut out = vec![f32::NAN; rows * batch];
             run(&mut out);

@@ -9,8 +9,7 @@ use bramble_tests::daemon::*;
 use bramble_tests::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 /// Writes `source` again as `destination` with the config `config` and each
 /// tensor's bytes passed through `patch(name, bytes)`, through the ordinary
@@ -77,20 +76,6 @@ fn nan_weights_image(directory: &Path) -> PathBuf {
     path
 }
 
-/// Runs `command` to its exit, killing it (and failing) after [`HANG`].
-fn run_bounded(command: &mut Command) -> Output {
-    let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > HANG {
-            let _ = child.kill();
-            panic!("{command:?} still running after {HANG:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// An exit with a non-zero code (not a signal such as SIGABRT) whose
 /// standard error holds every one of `words`.
 fn assert_clean_failure(what: &str, output: &Output, words: &[&str]) {
@@ -107,17 +92,20 @@ fn assert_clean_failure(what: &str, output: &Output, words: &[&str]) {
 
 /// `bramble generate` of a few tokens on one thread, to its exit.
 fn generate(image: &str) -> Output {
-    run_bounded(Command::new(bramble_binary()).args([
-        "generate",
-        "--model",
-        image,
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "4",
-        "--threads",
-        "1",
-    ]))
+    run_bounded(
+        Command::new(bramble_binary()).args([
+            "generate",
+            "--model",
+            image,
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "4",
+            "--threads",
+            "1",
+        ]),
+        HANG,
+    )
 }
 
 #[test]
@@ -127,7 +115,7 @@ fn wrapping_head_products_are_refused_by_bramble_not_aborted() {
     let path = image.to_str().unwrap();
     let output = generate(path);
     assert_clean_failure("bramble generate", &output, &[path, "n_heads", "n_kv_heads", "head_dim"]);
-    let output = run_bounded(Command::new(bramble_binary()).args(["inspect", path]));
+    let output = run_bounded(Command::new(bramble_binary()).args(["inspect", path]), HANG);
     assert_clean_failure("bramble inspect", &output, &[path, "n_heads", "head_dim"]);
 }
 
@@ -139,6 +127,7 @@ fn wrapping_head_products_are_refused_by_brambled_not_aborted() {
         Command::new(brambled_binary())
             .args(["--uart", "none", "--http", "127.0.0.1:0", "--ndjson", "none", "--threads", "1", "--model"])
             .arg(&image),
+        HANG,
     );
     assert_clean_failure("brambled", &output, &[image.to_str().unwrap(), "n_heads", "n_kv_heads", "head_dim"]);
 }

@@ -6,21 +6,7 @@ use bramble_tests::daemon::*;
 use bramble_tests::*;
 use serde_json::json;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// Waits for `child` to exit, at most `limit`; `None` if it is still running (then it is killed).
-fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
+use std::time::Duration;
 
 #[test]
 fn sighup_is_ignored_and_the_daemon_serves_on() {
@@ -88,28 +74,10 @@ fn sigterm_while_the_model_is_being_opened_ends_the_process() {
 /// so `bramble` and `brambled` hung forever (and SIGTERM went unheard).
 /// Anything but a regular file is refused before it is opened.
 mod fifo_model {
-    use bramble_tests::daemon::HANG;
+    use bramble_tests::daemon::{run_bounded, HANG};
     use bramble_tests::{bramble_binary, brambled_binary};
-    use std::process::{Command, Output, Stdio};
-    use std::time::{Duration, Instant};
-
-    /// Runs `command` to its exit; a child still running after `limit` is killed and the test fails.
-    fn run_bounded(command: &mut Command, limit: Duration) -> Output {
-        let mut child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let started = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let output = child.wait_with_output().unwrap();
-                panic!(
-                    "{command:?} still running after {limit:?} (blocked opening the FIFO?):\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    }
+    use std::process::{Command, Output};
+    use std::time::Duration;
 
     /// An error exit (not a signal) naming the path and saying what it is.
     fn assert_refused(what: &str, output: &Output, path: &str, kind: &str) {
