@@ -188,21 +188,21 @@ fn for_groups<X>(
 
 /// The block loop: v0, v7, v28 and v29 the running float sums of groups A
 /// (`{wa}`), B (`{wb}`, for `two` and `four`), C and D (`{wc}`, `{wd}`, for
-/// `four`), v6 the activation's `d` and `s`, v16–v17 its
-/// 32 values, v31 the nibble mask, v30 eight (for the Q4S zero point).
-/// `$per_block!()` prepares the activation (the ARMv8.0 broadcasts).
+/// `four`), v31 the nibble mask, v30 eight (for the Q4S zero point).
+/// `$load!("x")` loads the activation block ([`load_bytes`] for `sdot`,
+/// [`load_broadcast`] for ARMv8.0).
 #[rustfmt::skip]
 macro_rules! block_loop {
-    ($per_block:ident, $block:ident, one) => { concat!(
-        loop_start!(), $per_block!(), $block!("wa", "v0"), loop_end!(),
+    ($load:ident, $block:ident, one) => { concat!(
+        loop_start!(), $load!("x"), $block!("wa", "v0"), loop_end!(),
     )};
-    ($per_block:ident, $block:ident, two) => { concat!(
-        loop_start!(), $per_block!(), $block!("wa", "v0"), $block!("wb", "v7"), loop_end!(),
+    ($load:ident, $block:ident, two) => { concat!(
+        loop_start!(), $load!("x"), $block!("wa", "v0"), $block!("wb", "v7"), loop_end!(),
     )};
-    ($per_block:ident, $block:ident, four) => { concat!(
+    ($load:ident, $block:ident, four) => { concat!(
         "movi v28.16b, #0\n",
         "movi v29.16b, #0\n",
-        loop_start!(), $per_block!(),
+        loop_start!(), $load!("x"),
         $block!("wa", "v0"), $block!("wb", "v7"), $block!("wc", "v28"), $block!("wd", "v29"),
         loop_end!(),
     )};
@@ -216,8 +216,6 @@ macro_rules! loop_start {
         "movi v31.16b, #0x0f\n",
         "fmov v30.4s, #8.0\n",
         "2:\n",
-        "ld1 {{v6.2s}}, [{x}], #8\n",
-        "ld1 {{v16.16b, v17.16b}}, [{x}], #32\n",
     )};
 }
 
@@ -229,11 +227,28 @@ macro_rules! loop_end {
     )};
 }
 
-/// The `sdot` kernels use the activation as loaded.
-macro_rules! as_loaded {
-    () => {
-        ""
-    };
+/// `sdot`: one activation block from `{$x}`, its `d` and `s` to v6, its 32
+/// values as bytes to v16–v17 (`sdot` by lane picks the four it needs).
+#[rustfmt::skip]
+macro_rules! load_bytes {
+    ($x:literal) => { concat!(
+        "ld1 {{v6.2s}}, [{", $x, "}], #8\n",
+        "ld1 {{v16.16b, v17.16b}}, [{", $x, "}], #32\n",
+    )};
+}
+
+/// ARMv8.0: one activation block from `{$x}`, its `d` and `s` to v6 and its
+/// eight four-byte column groups each broadcast to a whole register, v8–v15,
+/// ready to multiply four rows' bytes at once. `ld4r` loads four 32-bit
+/// values and replicates each into its own register: two loads instead of
+/// a load and eight `dup`s by lane, and no scratch to arrange them in.
+#[rustfmt::skip]
+macro_rules! load_broadcast {
+    ($x:literal) => { concat!(
+        "ld1 {{v6.2s}}, [{", $x, "}], #8\n",
+        "ld4r {{v8.4s, v9.4s, v10.4s, v11.4s}}, [{", $x, "}], #16\n",
+        "ld4r {{v12.4s, v13.4s, v14.4s, v15.4s}}, [{", $x, "}], #16\n",
+    )};
 }
 
 /// Integer sums (v1) to a float contribution for Q8 and Q4S: `d · dₓ · Σ`,
@@ -323,65 +338,67 @@ macro_rules! sdot_q4sx4 {
     )};
 }
 
-/// ARMv8.0: the activation's eight four-byte column groups broadcast to
-/// v8–v15, once a block for both groups of rows.
-#[rustfmt::skip]
-macro_rules! broadcast_columns {
-    () => { concat!(
-        "dup v8.4s, v16.s[0]\n", "dup v9.4s, v16.s[1]\n", "dup v10.4s, v16.s[2]\n", "dup v11.4s, v16.s[3]\n",
-        "dup v12.4s, v17.s[0]\n", "dup v13.4s, v17.s[1]\n", "dup v14.4s, v17.s[2]\n", "dup v15.4s, v17.s[3]\n",
-    )};
-}
-
-/// ARMv8.0, Q8: two columns' products (`$c`, `$d` against broadcasts `$bc`,
-/// `$bd`) in 16-bit lanes, v2 rows 0–1 and v3 rows 2–3. Two products of at
-/// most 128 · 127 fit a lane; `$add` is `saddlp` for the first pair (which
-/// starts v4/v5) and `sadalp` after.
+/// ARMv8.0, Q8: two column groups' products (`$c`, `$d` against broadcasts
+/// `$bc`, `$bd`) in 16-bit lanes, v16 rows 0–1 and v17 rows 2–3. Two
+/// products of at most 128 · 127 fit a lane, three would not; `$add` is
+/// `saddlp` for the first pair (which starts v1 and v19) and `sadalp` after.
 #[rustfmt::skip]
 macro_rules! smull_pair {
     ($c:literal, $d:literal, $bc:literal, $bd:literal, $add:literal) => { concat!(
-        "smull v2.8h, ", $c, ".8b, ", $bc, ".8b\n",
-        "smull2 v3.8h, ", $c, ".16b, ", $bc, ".16b\n",
-        "smlal v2.8h, ", $d, ".8b, ", $bd, ".8b\n",
-        "smlal2 v3.8h, ", $d, ".16b, ", $bd, ".16b\n",
-        $add, " v4.4s, v2.8h\n",
-        $add, " v5.4s, v3.8h\n",
+        "smull v16.8h, ", $c, ".8b, ", $bc, ".8b\n",
+        "smull2 v17.8h, ", $c, ".16b, ", $bc, ".16b\n",
+        "smlal v16.8h, ", $d, ".8b, ", $bd, ".8b\n",
+        "smlal2 v17.8h, ", $d, ".16b, ", $bd, ".16b\n",
+        $add, " v1.4s, v16.8h\n",
+        $add, " v19.4s, v17.8h\n",
     )};
 }
 
-/// One Q8 block of four rows, ARMv8.0. v4 ends as (row 0, row 0, row 1,
-/// row 1) partial sums, v5 the same for rows 2–3; `addp` makes one a row.
+/// ARMv8.0, Q8: a block's 128 weight bytes (columns 0–15 in v24–v27, 16–31
+/// in v20–v23) against the broadcasts v8–v15. v1 gathers (row 0, row 0,
+/// row 1, row 1) partial sums, v19 the same for rows 2–3; `addp` leaves
+/// the four rows' sums in v1.
+#[rustfmt::skip]
+macro_rules! q8_products {
+    () => { concat!(
+        smull_pair!("v24", "v25", "v8", "v9", "saddlp"),
+        smull_pair!("v26", "v27", "v10", "v11", "sadalp"),
+        smull_pair!("v20", "v21", "v12", "v13", "sadalp"),
+        smull_pair!("v22", "v23", "v14", "v15", "sadalp"),
+        "addp v1.4s, v1.4s, v19.4s\n",
+    )};
+}
+
+/// One Q8 block of four rows, ARMv8.0.
 #[rustfmt::skip]
 macro_rules! neon_q8x4 {
     ($w:literal, $acc:literal) => { concat!(
         "ld1 {{v18.4h}}, [{", $w, "}], #8\n",
-        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
         "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{", $w, "}], #64\n",
-        smull_pair!("v20", "v21", "v8", "v9", "saddlp"),
-        smull_pair!("v22", "v23", "v10", "v11", "sadalp"),
-        smull_pair!("v24", "v25", "v12", "v13", "sadalp"),
-        smull_pair!("v26", "v27", "v14", "v15", "sadalp"),
-        "addp v1.4s, v4.4s, v5.4s\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        q8_products!(),
         scale_d!($acc, "v18", ""),
     )};
 }
 
-/// ARMv8.0, 4-bit: all eight columns' products in 16-bit lanes (nibbles are
-/// at most 15, so a lane holds 8 · 15 · 128 and, after the pairwise `addp`,
-/// twice that), then one widening pairwise add: v1 is the four rows' sums.
+/// ARMv8.0, 4-bit: all eight column groups' products (low nibbles v24–v27,
+/// high v20–v23, against the broadcasts v8–v15) in 16-bit lanes, v16 rows
+/// 0–1 and v17 rows 2–3. Nibbles are at most 15, so a lane holds its eight
+/// products (8 · 15 · 128) and, after the pairwise `addp` across columns,
+/// twice that; one widening pairwise add leaves the four rows' sums in v1.
 #[rustfmt::skip]
 macro_rules! nibble_products4 {
     () => { concat!(
-        "smull v2.8h, v24.8b, v8.8b\n", "smull2 v3.8h, v24.16b, v8.16b\n",
-        "smlal v2.8h, v25.8b, v9.8b\n", "smlal2 v3.8h, v25.16b, v9.16b\n",
-        "smlal v2.8h, v26.8b, v10.8b\n", "smlal2 v3.8h, v26.16b, v10.16b\n",
-        "smlal v2.8h, v27.8b, v11.8b\n", "smlal2 v3.8h, v27.16b, v11.16b\n",
-        "smlal v2.8h, v20.8b, v12.8b\n", "smlal2 v3.8h, v20.16b, v12.16b\n",
-        "smlal v2.8h, v21.8b, v13.8b\n", "smlal2 v3.8h, v21.16b, v13.16b\n",
-        "smlal v2.8h, v22.8b, v14.8b\n", "smlal2 v3.8h, v22.16b, v14.16b\n",
-        "smlal v2.8h, v23.8b, v15.8b\n", "smlal2 v3.8h, v23.16b, v15.16b\n",
-        "addp v2.8h, v2.8h, v3.8h\n",
-        "saddlp v1.4s, v2.8h\n",
+        "smull v16.8h, v24.8b, v8.8b\n", "smull2 v17.8h, v24.16b, v8.16b\n",
+        "smlal v16.8h, v25.8b, v9.8b\n", "smlal2 v17.8h, v25.16b, v9.16b\n",
+        "smlal v16.8h, v26.8b, v10.8b\n", "smlal2 v17.8h, v26.16b, v10.16b\n",
+        "smlal v16.8h, v27.8b, v11.8b\n", "smlal2 v17.8h, v27.16b, v11.16b\n",
+        "smlal v16.8h, v20.8b, v12.8b\n", "smlal2 v17.8h, v20.16b, v12.16b\n",
+        "smlal v16.8h, v21.8b, v13.8b\n", "smlal2 v17.8h, v21.16b, v13.16b\n",
+        "smlal v16.8h, v22.8b, v14.8b\n", "smlal2 v17.8h, v22.16b, v14.16b\n",
+        "smlal v16.8h, v23.8b, v15.8b\n", "smlal2 v17.8h, v23.16b, v15.16b\n",
+        "addp v16.8h, v16.8h, v17.8h\n",
+        "saddlp v1.4s, v16.8h\n",
     )};
 }
 
@@ -413,10 +430,10 @@ macro_rules! neon_q4sx4 {
 /// Needs `unsafe`, valid pointers for `$blocks ≥ 1` blocks, and, for the
 /// `sdot` loops, the dot-product extension.
 macro_rules! run_eight {
-    ($per_block:ident, $block:ident, $wa:expr, $wb:expr, $x:expr, $blocks:expr) => {{
+    ($load:ident, $block:ident, $wa:expr, $wb:expr, $x:expr, $blocks:expr) => {{
         let (low, high): (float32x4_t, float32x4_t);
         asm!(
-            block_loop!($per_block, $block, two),
+            block_loop!($load, $block, two),
             x = inout(reg) $x => _,
             wa = inout(reg) $wa => _,
             wb = inout(reg) $wb => _,
@@ -435,11 +452,11 @@ macro_rules! run_eight {
 
 /// As [`run_eight`] for four groups; returns (v0, v7, v28, v29).
 macro_rules! run_sixteen {
-    ($per_block:ident, $block:ident, $w:expr, $x:expr, $blocks:expr) => {{
+    ($load:ident, $block:ident, $w:expr, $x:expr, $blocks:expr) => {{
         let w = $w;
         let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
         asm!(
-            block_loop!($per_block, $block, four),
+            block_loop!($load, $block, four),
             x = inout(reg) $x => _,
             wa = inout(reg) w[0] => _,
             wb = inout(reg) w[1] => _,
@@ -460,10 +477,10 @@ macro_rules! run_sixteen {
 
 /// As [`run_eight`] for one group; returns v0.
 macro_rules! run_four {
-    ($per_block:ident, $block:ident, $wa:expr, $x:expr, $blocks:expr) => {{
+    ($load:ident, $block:ident, $wa:expr, $x:expr, $blocks:expr) => {{
         let sums: float32x4_t;
         asm!(
-            block_loop!($per_block, $block, one),
+            block_loop!($load, $block, one),
             x = inout(reg) $x => _,
             wa = inout(reg) $wa => _,
             n = inout(reg) $blocks => _,
@@ -481,11 +498,11 @@ macro_rules! run_four {
 
 /// The GEMM tile loop: one group of four rows (`{w}`) against four or eight
 /// tokens (`{ta}` … `{th}`), whose running float sums are v0, v7, v28, v29
-/// and, for eight (`sdot` only: ARMv8.0 has no registers left), v2–v5.
-/// `$unpack!()` loads a weight block once into v20–v27 (columns 0–15 in
-/// v24–v27, 16–31 in v20–v23, as bytes) and its scales as floats into v18
-/// (and v19, the Q4 minimum); `$token!(pointer, sum)` then takes one
-/// token's activation block against them.
+/// and, for eight, v2–v5. `$unpack!()` loads a weight block once into
+/// v20–v27 (columns 0–15 in v24–v27, 16–31 in v20–v23, as bytes) and its
+/// scales as floats into v18 (and v19, the Q4 minimum); `$token!(pointer,
+/// sum)` then takes one token's activation block against them, with v1,
+/// v6, v8–v17 and (but for Q4) v19 its own.
 #[rustfmt::skip]
 macro_rules! tile_loop {
     ($unpack:ident, $token:ident, four) => { concat!(
@@ -549,15 +566,6 @@ macro_rules! unpack_q4sx4 {
     )};
 }
 
-/// One token's activation block: `d`, `s` to v6, its 32 values to v16–v17.
-#[rustfmt::skip]
-macro_rules! load_token {
-    ($x:literal) => { concat!(
-        "ld1 {{v6.2s}}, [{", $x, "}], #8\n",
-        "ld1 {{v16.16b, v17.16b}}, [{", $x, "}], #32\n",
-    )};
-}
-
 /// The four rows' integer sums (v1) of one token into its float sum `$acc`:
 /// `d · dₓ · Σ`, then `$offset` (Q4: `+ m · s`; Q4S: `− 8 · d · s`, taken
 /// out before the scale; Q8: nothing), with the weight scales already f32.
@@ -584,7 +592,7 @@ macro_rules! tile_scale {
 macro_rules! sdot_token_q8 {
     ($x:literal, $acc:literal) => {
         concat!(
-            load_token!($x),
+            load_bytes!($x),
             sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
             tile_scale!($acc, q8),
         )
@@ -593,7 +601,7 @@ macro_rules! sdot_token_q8 {
 macro_rules! sdot_token_q4 {
     ($x:literal, $acc:literal) => {
         concat!(
-            load_token!($x),
+            load_bytes!($x),
             sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
             tile_scale!($acc, q4),
         )
@@ -602,23 +610,29 @@ macro_rules! sdot_token_q4 {
 macro_rules! sdot_token_q4s {
     ($x:literal, $acc:literal) => {
         concat!(
-            load_token!($x),
+            load_bytes!($x),
             sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
             tile_scale!($acc, q4s),
         )
     };
 }
 
-/// ARMv8.0, 4-bit: one token against the split nibbles, all eight columns'
-/// products in 16-bit lanes ([`nibble_products4`]).
+/// ARMv8.0: one token against the unpacked block, its column groups
+/// broadcast by `ld4r`, all sixteen products of a weight register in 16-bit
+/// lanes ([`q8_products`], [`nibble_products4`]).
+macro_rules! neon_token_q8 {
+    ($x:literal, $acc:literal) => {
+        concat!(load_broadcast!($x), q8_products!(), tile_scale!($acc, q8))
+    };
+}
 macro_rules! neon_token_q4 {
     ($x:literal, $acc:literal) => {
-        concat!(load_token!($x), broadcast_columns!(), nibble_products4!(), tile_scale!($acc, q4))
+        concat!(load_broadcast!($x), nibble_products4!(), tile_scale!($acc, q4))
     };
 }
 macro_rules! neon_token_q4s {
     ($x:literal, $acc:literal) => {
-        concat!(load_token!($x), broadcast_columns!(), nibble_products4!(), tile_scale!($acc, q4s))
+        concat!(load_broadcast!($x), nibble_products4!(), tile_scale!($acc, q4s))
     };
 }
 
@@ -650,7 +664,7 @@ macro_rules! run_tile_four {
     }};
 }
 
-/// As [`run_tile_four`] for eight tokens (`sdot` only).
+/// As [`run_tile_four`] for eight tokens.
 macro_rules! run_tile_eight {
     ($unpack:ident, $token:ident, $w:expr, $x:expr, $blocks:expr) => {{
         let x = $x;
@@ -681,66 +695,57 @@ macro_rules! run_tile_eight {
     }};
 }
 
-/// The ARMv8.0 GEMM part of a batch: the number of tokens it took, none
-/// for a kernel without a tile.
-macro_rules! neon_tiles {
-    ($blocks:ty, $weights:ident, $x:ident, $out:ident, $shape:ident) => {
-        0
-    };
-    ($blocks:ty, $weights:ident, $x:ident, $out:ident, $shape:ident, $unpack:ident, $token:ident) => {{
-        // SAFETY: `for_tiles` hands over pointers valid for `blocks ≥ 1`
-        // blocks; the asm reads only those and NEON is part of every
-        // aarch64 core.
-        let tile = |w: *const $blocks, a: [*const BlockQ8Act; 4], blocks: usize| unsafe {
-            run_tile_four!($unpack, $token, w, a, blocks)
-        };
-        for_tiles::<_, 4>($weights, $x, $out, $shape, tile, tile)
-    }};
-}
-
-/// One public ARMv8.0 kernel: `$name(weights, cols, x, out)` over `$block`s;
-/// with `$unpack` and `$token`, batches of four tokens and more go through
-/// the GEMM tile of four tokens (with eight the loop runs out of registers).
+/// One public ARMv8.0 kernel: `$name(weights, cols, x, out)` over
+/// `$blocks`. Batches of four tokens and more go through the GEMM tiles of
+/// eight tokens and of four (`$unpack`, `$token`), the tokens left over one
+/// at a time through the block loops of four groups, two and one (`$kernel`).
 macro_rules! neon_kernel {
-    ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident $(, $unpack:ident, $token:ident)?) => {
+    ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident, $unpack:ident, $token:ident) => {
         $(#[$doc])*
         pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
             let shape = Shape::check(weights, cols, x, out);
-            let first = neon_tiles!($blocks, weights, x, out, shape $(, $unpack, $token)?);
-            // SAFETY (both): `for_groups` hands over pointers valid for
-            // `blocks ≥ 1` blocks; the asm reads only those and NEON is part
-            // of every aarch64 core.
-            let eight = |wa: *const $blocks, wb: *const $blocks, a: *const BlockQ8Act, blocks: usize| unsafe {
-                run_eight!(broadcast_columns, $kernel, wa, wb, a, blocks)
-            };
+            // SAFETY (all five): `for_tiles` and `for_groups` hand over
+            // pointers valid for `blocks ≥ 1` blocks; the asm reads only
+            // those and NEON is part of every aarch64 core.
+            let first = for_tiles::<_, 8>(
+                weights,
+                x,
+                out,
+                shape,
+                |w: *const $blocks, a: [*const BlockQ8Act; 8], blocks: usize| unsafe {
+                    run_tile_eight!($unpack, $token, w, a, blocks)
+                },
+                // SAFETY: as above.
+                |w: *const $blocks, a: [*const BlockQ8Act; 4], blocks: usize| unsafe {
+                    run_tile_four!($unpack, $token, w, a, blocks)
+                },
+            );
             for_groups(
                 weights,
                 x,
                 out,
                 shape,
                 first,
-                // The ARMv8.0 loop has no registers left for four groups: two pairs.
-                |w: [*const $blocks; 4], a, blocks| {
-                    let ((s0, s1), (s2, s3)) = (eight(w[0], w[1], a, blocks), eight(w[2], w[3], a, blocks));
-                    [s0, s1, s2, s3]
-                },
-                eight,
                 // SAFETY: as above.
-                |wa, a, blocks| unsafe { run_four!(broadcast_columns, $kernel, wa, a, blocks) },
+                |w: [*const $blocks; 4], a: *const BlockQ8Act, blocks: usize| unsafe {
+                    run_sixteen!(load_broadcast, $kernel, w, a, blocks)
+                },
+                // SAFETY: as above.
+                |wa: *const $blocks, wb: *const $blocks, a: *const BlockQ8Act, blocks: usize| unsafe {
+                    run_eight!(load_broadcast, $kernel, wa, wb, a, blocks)
+                },
+                // SAFETY: as above.
+                |wa: *const $blocks, a: *const BlockQ8Act, blocks: usize| unsafe {
+                    run_four!(load_broadcast, $kernel, wa, a, blocks)
+                },
             )
         }
     };
 }
 
-// No GEMM tile for Q8 on ARMv8.0: a tile of one group and four tokens
-// broadcasts every token's activation for four rows only, eight `dup`s a
-// token and block, where the two-group loop shares them with eight rows; with
-// no unpacking to save (Q8 bytes are used as loaded) that costs more than the
-// three weight loads it saves (measured: 38.2 M against 37.0 M guest
-// instructions a prompt token, SmolLM2-135M q8 on a Cortex-A72).
 neon_kernel!(
     /// Interleaved Q8 matrix × int8 activations, ARMv8.0.
-    matmul_q8x4, BlockQ8x4, neon_q8x4
+    matmul_q8x4, BlockQ8x4, neon_q8x4, unpack_q8x4, neon_token_q8
 );
 neon_kernel!(
     /// Interleaved asymmetric Q4 matrix × int8 activations, ARMv8.0.
@@ -767,7 +772,7 @@ pub mod dotprod {
                 /// Pointers valid for `blocks ≥ 1` blocks; the CPU has the extension.
                 #[target_feature(enable = "dotprod")]
                 unsafe fn sixteen(w: [*const $blocks; 4], a: *const BlockQ8Act, blocks: usize) -> [float32x4_t; 4] {
-                    run_sixteen!(as_loaded, $kernel, w, a, blocks)
+                    run_sixteen!(load_bytes, $kernel, w, a, blocks)
                 }
                 /// # Safety
                 /// As `sixteen`.
@@ -778,13 +783,13 @@ pub mod dotprod {
                     a: *const BlockQ8Act,
                     blocks: usize,
                 ) -> (float32x4_t, float32x4_t) {
-                    run_eight!(as_loaded, $kernel, wa, wb, a, blocks)
+                    run_eight!(load_bytes, $kernel, wa, wb, a, blocks)
                 }
                 /// # Safety
                 /// As `eight`.
                 #[target_feature(enable = "dotprod")]
                 unsafe fn four(wa: *const $blocks, a: *const BlockQ8Act, blocks: usize) -> float32x4_t {
-                    run_four!(as_loaded, $kernel, wa, a, blocks)
+                    run_four!(load_bytes, $kernel, wa, a, blocks)
                 }
                 /// # Safety
                 /// As `sixteen`.
