@@ -83,6 +83,31 @@ unsafe fn store(results: *mut f32, batch: usize, lanes: float32x4_t, group: usiz
     }
 }
 
+/// Stores one group's four row sums for four tokens `b .. b + 4` (`quad[t]`
+/// token `b + t`'s): a 4 × 4 transpose in registers, then each row's four
+/// results with one store, as they lie side by side in `out`.
+///
+/// # Safety
+/// As [`store`], with `b + 4 ≤ batch`.
+#[inline(always)]
+unsafe fn store_quad(results: *mut f32, batch: usize, quad: &[float32x4_t], group: usize, b: usize) {
+    let first_row = group * INTERLEAVE;
+    // Pairs of tokens, row by row: (r0 t0, r0 t1, r2 t0, r2 t1) and so on.
+    let (t01_even, t01_odd) = (vtrn1q_f32(quad[0], quad[1]), vtrn2q_f32(quad[0], quad[1]));
+    let (t23_even, t23_odd) = (vtrn1q_f32(quad[2], quad[3]), vtrn2q_f32(quad[2], quad[3]));
+    let halves = |low: float32x4_t, high: float32x4_t| {
+        let (low, high) = (vreinterpretq_f64_f32(low), vreinterpretq_f64_f32(high));
+        (vreinterpretq_f32_f64(vtrn1q_f64(low, high)), vreinterpretq_f32_f64(vtrn2q_f64(low, high)))
+    };
+    let (row0, row2) = halves(t01_even, t23_even);
+    let (row1, row3) = halves(t01_odd, t23_odd);
+    for (i, row) in [row0, row1, row2, row3].into_iter().enumerate() {
+        // SAFETY: `group < groups` and `b + 4 ≤ batch` (the caller's
+        // promise): `out[(first_row + i)·batch + b ..][..4]` is inside it.
+        unsafe { vst1q_f32(results.add((first_row + i) * batch + b), row) };
+    }
+}
+
 /// The GEMM part of a batch: tiles of `TILE` tokens, then of four, for
 /// every four-row group. `tile` and `quad` get one group and the activations
 /// of `TILE` (four) tokens and return each token's four row sums, so a
@@ -115,18 +140,16 @@ fn for_tiles<X, const TILE: usize>(
         let mut b = 0;
         while b + TILE <= batch {
             let sums = tile(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
-            for (i, lanes) in sums.into_iter().enumerate() {
-                // SAFETY: `group < groups`, `b + i < b + TILE ≤ batch`.
-                unsafe { store(results, batch, lanes, group, b + i) };
+            for (i, quad) in sums.chunks_exact(4).enumerate() {
+                // SAFETY: `group < groups`, `b + 4i + 4 ≤ b + TILE ≤ batch`.
+                unsafe { store_quad(results, batch, quad, group, b + 4 * i) };
             }
             b += TILE;
         }
         while b + 4 <= batch {
             let sums = quad(group_at(group), std::array::from_fn(|i| activation(b + i)), blocks);
-            for (i, lanes) in sums.into_iter().enumerate() {
-                // SAFETY: `group < groups`, `b + i < b + 4 ≤ batch`.
-                unsafe { store(results, batch, lanes, group, b + i) };
-            }
+            // SAFETY: `group < groups`, `b + 4 ≤ batch`.
+            unsafe { store_quad(results, batch, &sums, group, b) };
             b += 4;
         }
     }
