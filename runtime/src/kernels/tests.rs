@@ -239,18 +239,19 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
     }
 }
 
-/// The interleaved kernels' GEMM tiles (eight tokens a tile with `sdot`,
-/// four on ARMv8.0, then a tile of four, then the tokens left over one at a
-/// time): every batch from 1 to 17 (two tiles of eight and one token left),
-/// so every mix of tiles and leftovers, on 1, 2, 3, 5 and 7 groups of four
-/// rows and rows of 1, 2, 5 and 17 blocks.
+/// The interleaved kernels' GEMM tiles (eight tokens a tile, then a tile of
+/// four, then the tokens left over one at a time, on both NEON tables):
+/// every batch from 1 to 25 (three tiles of eight and one token left), so
+/// every mix of tiles and leftovers, on 1, 2, 3, 4, 5, 7 and 8 groups of
+/// four rows (the leftovers take four groups at a time, then two, then one)
+/// and rows of 1, 2, 5 and 17 blocks.
 #[test]
 fn interleaved_gemm_tiles_match_the_reference_at_every_batch() {
-    for groups in [1, 2, 3, 5, 7] {
+    for groups in [1, 2, 3, 4, 5, 7, 8] {
         let rows = groups * quant::INTERLEAVE;
         for blocks in [1, 2, 5, 17] {
             let w = data(rows * blocks * GROUP, (rows * 100 + blocks + 11) as u32);
-            for batch in 1..=17 {
+            for batch in 1..=25 {
                 let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks + 3) as u32));
                 for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
                     check_quantized(encoding, rows, blocks, batch, &w, &x);
