@@ -3,8 +3,9 @@
 //! kernels special-case: rows 1..=9 and 16..=20 (groups of four and eight
 //! and the tails), 1..=16
 //! blocks a row, batches 1..=5, and f32 lengths that are not multiples of
-//! 4, 8 or 16. On x86 this compares the reference with itself; under
-//! `qemu-aarch64` it checks `neon` (cortex-a72) and `neon-dotprod` (cortex-a76).
+//! 4, 8 or 16. On x86-64 it checks `avx2` and `avx512-vnni` where the CPU
+//! has them; under `qemu-aarch64` `neon` (cortex-a72) and `neon-dotprod`
+//! (cortex-a76).
 
 use super::Kernels;
 use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};

@@ -34,6 +34,10 @@
 //!   a group's four rows at four activation words (word `c` in 128-bit lane
 //!   `c`, row `r` at 32-bit lane `r`), so the activation word `c` is spread
 //!   over lane `c` (`vpermd`) and the tree adds across 128-bit lanes.
+//!
+//! Tiles: two units (32 rows) for one activation, which prefetch the next
+//! tile as they go (decode is bound by memory: SmolLM2-135M's 92 MiB of
+//! weights a token); one unit × four activations for a batch.
 
 use super::avx2::shapes;
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, INTERLEAVE};
