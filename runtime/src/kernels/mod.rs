@@ -6,10 +6,12 @@
 //! Tables: [`Kernels::SCALAR`] everywhere; on aarch64 `Kernels::NEON`
 //! (ARMv8.0, the Raspberry Pi 4) and `Kernels::NEON_DOTPROD` (with `sdot`,
 //! the Raspberry Pi 5); on x86-64 `Kernels::AVX2` (the host tools, with FMA
-//! and F16C). [`Kernels::detect`] picks one with
+//! and F16C) and `Kernels::AVX512_VNNI` (with AVX-512 F, BW, VL and VNNI).
+//! [`Kernels::detect`] picks one with
 //! `is_aarch64_feature_detected!("dotprod")` or
-//! `is_x86_feature_detected!("avx2")` (and "fma", "f16c"); `tests.rs` checks
-//! every table the CPU runs against the reference.
+//! `is_x86_feature_detected!` ("avx512vnni" and the rest, else "avx2",
+//! "fma", "f16c"); `tests.rs` checks every table the CPU runs against the
+//! reference.
 
 pub mod activation;
 pub mod attention;
@@ -48,7 +50,7 @@ pub type AttentionValuesQuantized = fn(&[f32], usize, usize, &[u8], &[f16], &[f1
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
-    /// Which implementation: `"scalar"`, `"neon"`, `"neon-dotprod"` or `"avx2"`.
+    /// Which implementation: `"scalar"`, `"neon"`, `"neon-dotprod"`, `"avx2"` or `"avx512-vnni"`.
     pub name: &'static str,
     /// Quantizes f32 activations to int8 blocks.
     pub quantize_activation: fn(x: &[f32], out: &mut [BlockQ8Act]),
@@ -195,6 +197,23 @@ impl Kernels {
         ..Self::SCALAR
     };
 
+    /// AVX-512 VNNI integer matrix products (`vpdpbusd`, 16 rows a vector)
+    /// for x86-64 hosts that have AVX-512 F, BW, VL and VNNI, bit for bit the
+    /// reference's results as AVX2's are; the rest is the AVX2 table. Its
+    /// matrix kernels panic on a CPU without the features: take it from
+    /// [`Kernels::detect`] or [`Kernels::all_available`].
+    #[cfg(target_arch = "x86_64")]
+    pub const AVX512_VNNI: Kernels = Kernels {
+        name: "avx512-vnni",
+        matmul_q8: matmul::avx512::matmul_q8,
+        matmul_q4: matmul::avx512::matmul_q4,
+        matmul_q4s: matmul::avx512::matmul_q4s,
+        matmul_q8x4: matmul::avx512::matmul_q8x4,
+        matmul_q4x4: matmul::avx512::matmul_q4x4,
+        matmul_q4sx4: matmul::avx512::matmul_q4sx4,
+        ..Self::AVX2
+    };
+
     /// The best kernels for this CPU, decided once from its features.
     pub fn detect() -> &'static Kernels {
         #[cfg(target_arch = "aarch64")]
@@ -206,6 +225,9 @@ impl Kernels {
         }
         #[cfg(target_arch = "x86_64")]
         {
+            if matmul::avx512::available() {
+                return &Self::AVX512_VNNI;
+            }
             if matmul::avx2::available() {
                 return &Self::AVX2;
             }
@@ -233,6 +255,9 @@ impl Kernels {
             let mut tables = vec![&Self::SCALAR];
             if matmul::avx2::available() {
                 tables.push(&Self::AVX2);
+            }
+            if matmul::avx512::available() {
+                tables.push(&Self::AVX512_VNNI);
             }
             tables
         }

@@ -3,8 +3,9 @@
 //! kernels special-case: rows 1..=9 and 16..=20 (groups of four and eight
 //! and the tails), 1..=16
 //! blocks a row, batches 1..=5, and f32 lengths that are not multiples of
-//! 4, 8 or 16. On x86 this compares the reference with itself; under
-//! `qemu-aarch64` it checks `neon` (cortex-a72) and `neon-dotprod` (cortex-a76).
+//! 4, 8 or 16. On x86-64 it checks `avx2` and `avx512-vnni` where the CPU
+//! has them; under `qemu-aarch64` `neon` (cortex-a72) and `neon-dotprod`
+//! (cortex-a76).
 
 use super::Kernels;
 use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};
@@ -84,7 +85,16 @@ fn detect_picks_the_table_for_this_cpu() {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    assert_eq!(chosen.name, if super::matmul::avx2::available() { "avx2" } else { "scalar" });
+    assert_eq!(
+        chosen.name,
+        if super::matmul::avx512::available() {
+            "avx512-vnni"
+        } else if super::matmul::avx2::available() {
+            "avx2"
+        } else {
+            "scalar"
+        }
+    );
     #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
     assert_eq!(chosen.name, "scalar");
 }
@@ -1000,24 +1010,34 @@ mod avx2 {
             && std::arch::is_x86_feature_detected!("f16c");
         let names: Vec<_> = Kernels::all_available().iter().map(|k| k.name).collect();
         assert_eq!(names.contains(&"avx2"), available, "{names:?}");
-        assert_eq!(Kernels::detect().name == "avx2", available);
+        let vnni = super::super::matmul::avx512::available();
+        assert_eq!(Kernels::detect().name == "avx2", available && !vnni);
     }
 
-    /// The AVX2 table's products are the reference's bit for bit (its kernels
-    /// promise it: a last-bit difference moves the logits through the next
-    /// layer's int8 rounding), on top of [`check_quantized`]'s bound.
-    fn check_bit_exact(encoding: Encoding, rows: usize, blocks: usize, batch: usize, w: &[f32], x: &[BlockQ8Act]) {
+    /// The table named `table` computes the products as the reference does,
+    /// bit for bit (the x86 kernels promise it: a last-bit difference moves
+    /// the logits through the next layer's int8 rounding), on top of
+    /// [`check_quantized`]'s bound; nothing when this CPU lacks the table.
+    pub(super) fn check_bit_exact(
+        table: &str,
+        encoding: Encoding,
+        rows: usize,
+        blocks: usize,
+        batch: usize,
+        w: &[f32],
+        x: &[BlockQ8Act],
+    ) {
         check_quantized(encoding, rows, blocks, batch, w, x);
-        let Some(avx2) = Kernels::all_available().into_iter().find(|k| k.name == "avx2") else { return };
+        let Some(kernels) = Kernels::all_available().into_iter().find(|k| k.name == table) else { return };
         let cols = blocks * GROUP;
         let matrix = QuantizedMatrix::new(encoding, w, cols);
         let (mut expected, mut got) = (vec![0f32; rows * batch], vec![f32::NAN; rows * batch]);
         matrix.run(&Kernels::SCALAR, cols, x, &mut expected);
-        matrix.run(avx2, cols, x, &mut got);
+        matrix.run(kernels, cols, x, &mut got);
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(
                 g.to_bits() == e.to_bits(),
-                "avx2 {encoding:?} rows {rows} blocks {blocks} batch {batch} [{}, {}]: {g} vs {e}",
+                "{table} {encoding:?} rows {rows} blocks {blocks} batch {batch} [{}, {}]: {g} vs {e}",
                 i / batch,
                 i % batch
             );
@@ -1072,14 +1092,14 @@ mod avx2 {
                 for rows in (1..=9).chain([13]) {
                     let w = data(rows * blocks * GROUP, (rows * 31 + blocks * 5 + batch) as u32);
                     for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
-                        check_bit_exact(encoding, rows, blocks, batch, &w, &x);
+                        check_bit_exact("avx2", encoding, rows, blocks, batch, &w, &x);
                     }
                 }
                 for groups in (1..=5).chain([8, 9, 15, 17]) {
                     let rows = groups * quant::INTERLEAVE;
                     let w = data(rows * blocks * GROUP, (rows * 37 + blocks * 3 + batch) as u32);
                     for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
-                        check_bit_exact(encoding, rows, blocks, batch, &w, &x);
+                        check_bit_exact("avx2", encoding, rows, blocks, batch, &w, &x);
                     }
                 }
             }
@@ -1123,6 +1143,128 @@ mod avx2 {
                     "{} {name}: {got:?} vs {expected:?}",
                     k.name
                 );
+            }
+        }
+    }
+}
+
+/// The x86-64 AVX-512 VNNI table: every test above runs it through
+/// [`Kernels::all_available`] where the CPU has it; these add its tile
+/// shapes and the operands only it takes exactly. Each says when it skipped.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::check_bit_exact;
+    use super::*;
+
+    const TABLE: &str = "avx512-vnni";
+
+    /// The table, or `None` after saying why this test checks nothing here.
+    fn table(test: &str) -> Option<&'static Kernels> {
+        let found = Kernels::all_available().into_iter().find(|k| k.name == TABLE);
+        if found.is_none() {
+            println!("{test}: skipped, this CPU lacks AVX-512 F, BW, VL or VNNI (grep avx512 /proc/cpuinfo)");
+        }
+        found
+    }
+
+    /// On a CPU with AVX-512 F, BW, VL and VNNI (and AVX2, FMA, F16C), the
+    /// table is handed out and chosen; on one without, nowhere.
+    #[test]
+    fn the_avx512_vnni_table_is_chosen_where_the_cpu_has_it() {
+        let available = ["avx512f", "avx512bw", "avx512vl", "avx512vnni"].iter().all(|f| match *f {
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+            "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+            _ => std::arch::is_x86_feature_detected!("avx512vnni"),
+        }) && super::super::matmul::avx2::available();
+        let names: Vec<_> = Kernels::all_available().iter().map(|k| k.name).collect();
+        println!("AVX-512 VNNI {}: tables {names:?}", if available { "present" } else { "absent" });
+        assert_eq!(names.contains(&TABLE), available, "{names:?}");
+        assert_eq!(Kernels::detect().name == TABLE, available);
+    }
+
+    /// Row-major rows in units of 16, two units a tile for one activation
+    /// and one for a batch (1..=17, 31..=33, 47..=49: every tail of both),
+    /// interleaved groups four to a unit (1..=9, 12, 13, 16, 17), activations
+    /// in tiles of four with the last ones alone (batches 1..=9, 16, 17), at
+    /// the model's row lengths (18 and 48 blocks) and short ones; bit for bit.
+    #[test]
+    fn quantized_products_match_the_reference_bit_for_bit_at_every_tile_and_tail() {
+        if table("quantized_products_match_the_reference_bit_for_bit_at_every_tile_and_tail").is_none() {
+            return;
+        }
+        for blocks in [1, 3, 18, 48] {
+            for batch in (1..=9).chain([16, 17]) {
+                let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 7907 + blocks) as u32));
+                for rows in (1..=17).chain(31..=33).chain(47..=49) {
+                    let w = data(rows * blocks * GROUP, (rows * 29 + blocks * 5 + batch) as u32);
+                    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
+                        check_bit_exact(TABLE, encoding, rows, blocks, batch, &w, &x);
+                    }
+                }
+                for groups in (1..=9).chain([12, 13, 16, 17]) {
+                    let rows = groups * quant::INTERLEAVE;
+                    let w = data(rows * blocks * GROUP, (rows * 41 + blocks * 3 + batch) as u32);
+                    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                        check_bit_exact(TABLE, encoding, rows, blocks, batch, &w, &x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every int8 operand the kernels can meet, against the reference bit
+    /// for bit: Q8 weights of −128 and 127 (a file may hold −128), nibbles
+    /// of 0 and 15, and activations of −128 (`quantize_activation` saturates
+    /// to it where 1/d overflows), −127 and 127, so the zero-point
+    /// corrections (−128·Σq for Q8, −8·Σq for Q4S) and the 32-bit sums are
+    /// at their bounds; one activation and a batch of five.
+    #[test]
+    fn extreme_operands_are_exact() {
+        let Some(vnni) = table("extreme_operands_are_exact") else { return };
+        let (rows, blocks) = (36, 40);
+        let cols = blocks * GROUP;
+        let q8: Vec<BlockQ8> = (0..rows * blocks)
+            .map(|i| BlockQ8 {
+                d: f16::from_f32(0.25 + (i % 5) as f32),
+                qs: std::array::from_fn(|j| if (i + j) % 3 == 0 { -128 } else { 127 }),
+            })
+            .collect();
+        let ExtremeWeights { q4, q4s, q8x4, q4x4, q4sx4 } = extreme_weights(&q8, rows, blocks, 3);
+        for batch in [1, 5] {
+            let x: Vec<BlockQ8Act> = (0..batch * blocks)
+                .map(|b| {
+                    let qs: [i8; GROUP] = std::array::from_fn(|j| match (b + j) % 4 {
+                        0 => -128,
+                        1 => -127,
+                        2 => 127,
+                        _ => (j as i8) - 16,
+                    });
+                    let d = 0.5 + (b % 3) as f32;
+                    BlockQ8Act { d, s: d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32, qs }
+                })
+                .collect();
+            let run = |f: &dyn Fn(&mut [f32])| {
+                let mut out = vec![f32::NAN; rows * batch];
+                f(&mut out);
+                out
+            };
+            let s = Kernels::SCALAR;
+            let pairs: [(&str, Vec<f32>, Vec<f32>); 6] = [
+                ("q8", run(&|o| (s.matmul_q8)(&q8, cols, &x, o)), run(&|o| (vnni.matmul_q8)(&q8, cols, &x, o))),
+                ("q8x4", run(&|o| (s.matmul_q8)(&q8, cols, &x, o)), run(&|o| (vnni.matmul_q8x4)(&q8x4, cols, &x, o))),
+                ("q4", run(&|o| (s.matmul_q4)(&q4, cols, &x, o)), run(&|o| (vnni.matmul_q4)(&q4, cols, &x, o))),
+                ("q4x4", run(&|o| (s.matmul_q4)(&q4, cols, &x, o)), run(&|o| (vnni.matmul_q4x4)(&q4x4, cols, &x, o))),
+                ("q4s", run(&|o| (s.matmul_q4s)(&q4s, cols, &x, o)), run(&|o| (vnni.matmul_q4s)(&q4s, cols, &x, o))),
+                (
+                    "q4sx4",
+                    run(&|o| (s.matmul_q4s)(&q4s, cols, &x, o)),
+                    run(&|o| (vnni.matmul_q4sx4)(&q4sx4, cols, &x, o)),
+                ),
+            ];
+            for (name, expected, got) in pairs {
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&expected), "{name} batch {batch}: {got:?} vs {expected:?}");
             }
         }
     }

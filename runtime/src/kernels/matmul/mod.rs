@@ -12,6 +12,9 @@
 //! - `avx2` (x86-64 with AVX2, FMA and F16C): the integer kernels for the
 //!   host tools, `vpmaddubsw` with the sign trick for int8 weights, tiles of
 //!   rows × activations for a batch.
+//! - `avx512` (x86-64 with AVX-512 F, BW, VL and VNNI): the same products
+//!   with `vpdpbusd`, weights as the unsigned operand with a zero point,
+//!   16 rows a vector.
 //! - [`channels`]: channel-major matrices over the active input channels
 //!   only (R-Sparse's exact part), scalar and NEON, in one file.
 //!
@@ -33,6 +36,8 @@ pub mod interleaved;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 
 #[cfg(test)]
 mod tests {
