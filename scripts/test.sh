@@ -34,6 +34,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# Cargo.toml's rust-version (1.89: the AVX-512 intrinsics) or newer.
+rustc_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+[ "$rustc_minor" -ge 89 ] || rustup update stable
 rustup target list --installed | grep -q aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
 python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || python3 -m pip install --quiet -r tests/reference/requirements.txt
 
