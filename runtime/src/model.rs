@@ -142,11 +142,7 @@ impl Matrix<'_> {
             }
         });
         if batch > 1 {
-            for (r, outputs) in scratch[..self.rows * batch].chunks_exact(batch).enumerate() {
-                for (b, &v) in outputs.iter().enumerate() {
-                    out[b * self.rows + r] = v;
-                }
-            }
+            (kernels.transpose)(&scratch[..self.rows * batch], self.rows, &mut out[..self.rows * batch]);
         }
     }
 }

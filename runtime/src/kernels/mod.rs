@@ -100,6 +100,8 @@ pub struct Kernels {
     pub low_rank_add: sparse::LowRankAdd,
     /// The bias constraint on one hidden state: `(h, d, w) → h · d`, `h −= w·(h·d)·d`.
     pub project_out: fn(&mut [f32], &[f32], f32, f32) -> f32,
+    /// `(src, rows, dst)`: a batch's products from rows outermost to tokens outermost.
+    pub transpose: fn(src: &[f32], rows: usize, dst: &mut [f32]),
 }
 
 impl Kernels {
@@ -130,6 +132,7 @@ impl Kernels {
         sparse_split: sparse::scalar::split,
         low_rank_add: sparse::scalar::low_rank_add,
         project_out: ops::scalar::project_out,
+        transpose: ops::scalar::transpose,
     };
 
     /// ARMv8.0 NEON kernels: every aarch64 CPU (the Raspberry Pi 4's Cortex-A72).
@@ -160,6 +163,7 @@ impl Kernels {
         sparse_split: sparse::neon::split,
         low_rank_add: sparse::neon::low_rank_add,
         project_out: ops::neon::project_out,
+        transpose: ops::neon::transpose,
     };
 
     /// NEON with the dot-product extension for the integer products (the

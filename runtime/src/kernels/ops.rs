@@ -62,6 +62,19 @@ pub mod scalar {
         }
         p
     }
+
+    /// `dst[c·rows + r] = src[r·cols + c]`: a `rows × cols` matrix (`cols =
+    /// src.len() / rows`) turned `cols × rows`, as a batch's products go from
+    /// rows outermost (how workers split them) to tokens outermost.
+    pub fn transpose(src: &[f32], rows: usize, dst: &mut [f32]) {
+        assert!(rows > 0 && src.len().is_multiple_of(rows) && dst.len() == src.len(), "transpose shapes disagree");
+        let cols = src.len() / rows;
+        for (r, row) in src.chunks_exact(cols).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                dst[c * rows + r] = v;
+            }
+        }
+    }
 }
 
 /// NEON (ARMv8.0) versions. `exp` is a polynomial (`neon::exp`); the
@@ -142,6 +155,57 @@ pub mod neon {
             }
         }
         p
+    }
+
+    /// As `scalar::transpose`, in 4 × 4 blocks: four rows' four values
+    /// loaded, swapped in registers (`trn1`/`trn2` on lanes, then on pairs of
+    /// lanes), stored as four columns; the edges (rows or columns not a
+    /// multiple of four) one value at a time.
+    pub fn transpose(src: &[f32], rows: usize, dst: &mut [f32]) {
+        assert!(rows > 0 && src.len().is_multiple_of(rows) && dst.len() == src.len(), "transpose shapes disagree");
+        // SAFETY: NEON is part of every aarch64 target; shapes checked above.
+        unsafe { transpose_neon(src, rows, dst) }
+    }
+
+    /// # Safety
+    /// `src.len() == dst.len()`, a multiple of `rows > 0`.
+    #[target_feature(enable = "neon")]
+    unsafe fn transpose_neon(src: &[f32], rows: usize, dst: &mut [f32]) {
+        let cols = src.len() / rows;
+        let (whole_rows, whole_cols) = (rows - rows % 4, cols - cols % 4);
+        for r in (0..whole_rows).step_by(4) {
+            for c in (0..whole_cols).step_by(4) {
+                // SAFETY: `r + 3 < rows` and `c + 3 < cols`, so every load
+                // `(r + i)·cols + c .. + 4` is inside `src` and every store
+                // `(c + i)·rows + r .. + 4` inside `dst` (same length).
+                unsafe {
+                    let at = src.as_ptr().add(r * cols + c);
+                    let [a, b, x, y] = [0, 1, 2, 3].map(|i| vld1q_f32(at.add(i * cols)));
+                    // (a0 b0 a2 b2), (a1 b1 a3 b3), (x0 y0 x2 y2), (x1 y1 x3 y3)
+                    let (ab0, ab1) = (vtrn1q_f32(a, b), vtrn2q_f32(a, b));
+                    let (xy0, xy1) = (vtrn1q_f32(x, y), vtrn2q_f32(x, y));
+                    let pairs = |p: float32x4_t, q: float32x4_t, high: bool| {
+                        let (p, q) = (vreinterpretq_f64_f32(p), vreinterpretq_f64_f32(q));
+                        vreinterpretq_f32_f64(if high { vtrn2q_f64(p, q) } else { vtrn1q_f64(p, q) })
+                    };
+                    let columns = [pairs(ab0, xy0, false), pairs(ab1, xy1, false), pairs(ab0, xy0, true), pairs(ab1, xy1, true)];
+                    let to = dst.as_mut_ptr().add(c * rows + r);
+                    for (i, column) in columns.into_iter().enumerate() {
+                        vst1q_f32(to.add(i * rows), column);
+                    }
+                }
+            }
+            for i in r..r + 4 {
+                for c in whole_cols..cols {
+                    dst[c * rows + i] = src[i * cols + c];
+                }
+            }
+        }
+        for r in whole_rows..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
     }
 
     /// `Σ a·b`, sixteen products a step in four accumulators.

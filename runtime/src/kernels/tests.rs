@@ -822,6 +822,23 @@ fn rope_is_identical_to_the_reference() {
     }
 }
 
+#[test]
+fn transpose_is_identical_to_the_reference() {
+    // Every edge of the 4 × 4 blocks in both dimensions, and a batch's shape.
+    let shapes = (1..=9).flat_map(|r| (1..=9).map(move |c| (r, c))).chain([(576, 32), (1536, 17), (33, 64)]);
+    for (rows, cols) in shapes {
+        let src = data(rows * cols, 21);
+        let mut expected = vec![0f32; rows * cols];
+        (Kernels::SCALAR.transpose)(&src, rows, &mut expected);
+        assert_eq!(expected[rows.min(2) - 1 + (cols - 1) * rows], src[(rows.min(2) - 1) * cols + cols - 1]);
+        for k in Kernels::all_available() {
+            let mut got = vec![f32::NAN; rows * cols];
+            (k.transpose)(&src, rows, &mut got);
+            assert_eq!(got, expected, "{} {rows} × {cols}", k.name);
+        }
+    }
+}
+
 #[cfg(target_arch = "aarch64")]
 #[test]
 fn polynomial_exp_is_within_a_few_ulp() {
