@@ -676,6 +676,95 @@ pub mod neon {
         }
     }
 
+    /// The 16-bit sums of one column block's 32 channels for a tile of 32
+    /// rows and `T` tokens: `[token][rows 0–7, 8–15, 16–23, 24–31]`. Each
+    /// channel's 16 bytes are split once (low nibbles rows 0–15, high
+    /// 16–31, sign-extended from `n − 8`), then multiplied by each token's
+    /// broadcast value. Four tokens run as one `asm!` loop (26 instructions
+    /// a channel, the activation pointers post-incremented), others as
+    /// intrinsics.
+    ///
+    /// # Safety
+    /// `columns` points at the tile's first byte of the block's first
+    /// column, 32 columns `column_bytes` apart, 16 readable bytes each.
+    #[inline(always)]
+    unsafe fn q4c_sums<const T: usize>(
+        columns: *const i8,
+        column_bytes: usize,
+        tokens: &[&BlockQ8Act; T],
+    ) -> [[int16x8_t; 4]; T] {
+        let zero = vdupq_n_s16(0);
+        let mut sums = [[zero; 4]; T];
+        if T == 4 {
+            let (mut s0, mut s1, mut s2, mut s3) = ([zero; 4], [zero; 4], [zero; 4], [zero; 4]);
+            // SAFETY: reads 16 bytes of each of the 32 columns and the 32
+            // values of each token's block (caller's contract); registers
+            // otherwise.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ld1 {{{v:v}.16b}}, [{column}], {column_bytes}",
+                    "ld1r {{{q0:v}.16b}}, [{t0}], #1",
+                    "ld1r {{{q1:v}.16b}}, [{t1}], #1",
+                    "ld1r {{{q2:v}.16b}}, [{t2}], #1",
+                    "ld1r {{{q3:v}.16b}}, [{t3}], #1",
+                    // Low nibbles (rows 0–15) and high (rows 16–31), sign-extended.
+                    "shl {low:v}.16b, {v:v}.16b, #4",
+                    "sshr {v:v}.16b, {v:v}.16b, #4",
+                    "sshr {low:v}.16b, {low:v}.16b, #4",
+                    "smlal {a0:v}.8h, {low:v}.8b, {q0:v}.8b",
+                    "smlal2 {a1:v}.8h, {low:v}.16b, {q0:v}.16b",
+                    "smlal {a2:v}.8h, {v:v}.8b, {q0:v}.8b",
+                    "smlal2 {a3:v}.8h, {v:v}.16b, {q0:v}.16b",
+                    "smlal {b0:v}.8h, {low:v}.8b, {q1:v}.8b",
+                    "smlal2 {b1:v}.8h, {low:v}.16b, {q1:v}.16b",
+                    "smlal {b2:v}.8h, {v:v}.8b, {q1:v}.8b",
+                    "smlal2 {b3:v}.8h, {v:v}.16b, {q1:v}.16b",
+                    "smlal {c0:v}.8h, {low:v}.8b, {q2:v}.8b",
+                    "smlal2 {c1:v}.8h, {low:v}.16b, {q2:v}.16b",
+                    "smlal {c2:v}.8h, {v:v}.8b, {q2:v}.8b",
+                    "smlal2 {c3:v}.8h, {v:v}.16b, {q2:v}.16b",
+                    "smlal {d0:v}.8h, {low:v}.8b, {q3:v}.8b",
+                    "smlal2 {d1:v}.8h, {low:v}.16b, {q3:v}.16b",
+                    "smlal {d2:v}.8h, {v:v}.8b, {q3:v}.8b",
+                    "smlal2 {d3:v}.8h, {v:v}.16b, {q3:v}.16b",
+                    "subs {n}, {n}, #1",
+                    "b.ne 2b",
+                    column = inout(reg) columns => _,
+                    column_bytes = in(reg) column_bytes,
+                    t0 = inout(reg) tokens[0].qs.as_ptr() => _,
+                    t1 = inout(reg) tokens[1].qs.as_ptr() => _,
+                    t2 = inout(reg) tokens[2].qs.as_ptr() => _,
+                    t3 = inout(reg) tokens[3].qs.as_ptr() => _,
+                    n = inout(reg) GROUP => _,
+                    v = out(vreg) _, low = out(vreg) _,
+                    q0 = out(vreg) _, q1 = out(vreg) _, q2 = out(vreg) _, q3 = out(vreg) _,
+                    a0 = inout(vreg) s0[0], a1 = inout(vreg) s0[1], a2 = inout(vreg) s0[2], a3 = inout(vreg) s0[3],
+                    b0 = inout(vreg) s1[0], b1 = inout(vreg) s1[1], b2 = inout(vreg) s1[2], b3 = inout(vreg) s1[3],
+                    c0 = inout(vreg) s2[0], c1 = inout(vreg) s2[1], c2 = inout(vreg) s2[2], c3 = inout(vreg) s2[3],
+                    d0 = inout(vreg) s3[0], d1 = inout(vreg) s3[1], d2 = inout(vreg) s3[2], d3 = inout(vreg) s3[3],
+                    options(nostack, readonly),
+                );
+            }
+            let all = [s0, s1, s2, s3];
+            return std::array::from_fn(|t| all[t]);
+        }
+        for j in 0..GROUP {
+            // SAFETY: 16 bytes of column `j` (caller's contract).
+            let v = unsafe { vld1q_s8(columns.add(j * column_bytes)) };
+            let (low, high) = (vshrq_n_s8::<4>(vshlq_n_s8::<4>(v)), vshrq_n_s8::<4>(v));
+            for (sums, a) in sums.iter_mut().zip(tokens) {
+                // SAFETY: `a.qs[j]` is one readable byte.
+                let q = unsafe { vld1q_dup_s8(&a.qs[j]) };
+                sums[0] = vmlal_s8(sums[0], vget_low_s8(low), vget_low_s8(q));
+                sums[1] = smlal2(sums[1], low, q);
+                sums[2] = vmlal_s8(sums[2], vget_low_s8(high), vget_low_s8(q));
+                sums[3] = smlal2(sums[3], high, q);
+            }
+        }
+        sums
+    }
+
     /// Adds `T` tokens' products with one tile of 32 rows of a Q4C matrix to
     /// their results, `out[t·n + k]` for the tile's row `k`: per column
     /// block, each channel's nibbles are split once (rows 0–15 low, 16–31
@@ -707,18 +796,7 @@ pub mod neon {
                 let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
                 let columns = weights.add(at.columns + first / 2) as *const i8;
                 let tokens: [&BlockQ8Act; T] = std::array::from_fn(|t| &*x.add(t * blocks + b));
-                let mut sums = [[vdupq_n_s16(0); 4]; T];
-                for j in 0..GROUP {
-                    let v = vld1q_s8(columns.add(j * at.column_bytes));
-                    let (low, high) = (vshrq_n_s8::<4>(vshlq_n_s8::<4>(v)), vshrq_n_s8::<4>(v));
-                    for (sums, a) in sums.iter_mut().zip(&tokens) {
-                        let q = vld1q_dup_s8(&a.qs[j]);
-                        sums[0] = vmlal_s8(sums[0], vget_low_s8(low), vget_low_s8(q));
-                        sums[1] = smlal2(sums[1], low, q);
-                        sums[2] = vmlal_s8(sums[2], vget_low_s8(high), vget_low_s8(q));
-                        sums[3] = smlal2(sums[3], high, q);
-                    }
-                }
+                let sums = q4c_sums(columns, at.column_bytes, &tokens);
                 // The 32 rows' scales and minimums, four rows a vector.
                 let (mut d, mut m) = ([vdupq_n_f32(0.0); 8], [vdupq_n_f32(0.0); 8]);
                 for h in 0..4 {
@@ -1072,15 +1150,43 @@ pub mod dotprod {
         acc
     }
 
-    /// Adds `T` tokens' products with rows `4·quad .. +4` of the panel's
-    /// first `blocks` blocks to their results (`out[t·n ..][..4]`): per
-    /// block the quad's eight vectors, then per token eight `sdot`s and
-    /// `d·dₓ·Σ (+ m·s)`.
+    /// One token's block against a quad's eight vectors `w`: eight `sdot`s,
+    /// then `result + d·dₓ·Σ (+ m·s)`.
+    #[inline]
+    #[target_feature(enable = "dotprod")]
+    fn token_block<const MINS: bool>(
+        w: &[int8x16_t; GROUPS],
+        [d, m]: [float32x4_t; 2],
+        a: &BlockQ8Act,
+        result: float32x4_t,
+    ) -> float32x4_t {
+        // SAFETY: `a.qs` is 32 bytes, two loads of 16.
+        let (low, high) = unsafe { (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16))) };
+        let mut sum = vdupq_n_s32(0);
+        sum = sdot::<0>(sum, w[0], low);
+        sum = sdot::<1>(sum, w[1], low);
+        sum = sdot::<2>(sum, w[2], low);
+        sum = sdot::<3>(sum, w[3], low);
+        sum = sdot::<0>(sum, w[4], high);
+        sum = sdot::<1>(sum, w[5], high);
+        sum = sdot::<2>(sum, w[6], high);
+        sum = sdot::<3>(sum, w[7], high);
+        let result = vfmaq_n_f32(result, vmulq_f32(vcvtq_f32_s32(sum), d), a.d);
+        if MINS {
+            vfmaq_n_f32(result, m, a.s)
+        } else {
+            result
+        }
+    }
+
+    /// Adds `T` (at most [`TOKENS`]) tokens' products with rows
+    /// `4·quad .. +4` of the panel's first `blocks` blocks to their results
+    /// (`out[t·n ..][..4]`), held in registers across the blocks: per block
+    /// the quad's eight vectors loaded once for the `T` tokens.
     ///
     /// # Safety
     /// `x` points at `T` tokens' activations for the panel's blocks,
-    /// `stride` blocks apart, and `out` at `T` runs of 4 results, `n` apart;
-    /// `blocks ≤ PANEL_BLOCKS`.
+    /// `stride` blocks apart, and `out` at `T` runs of 4 results, `n` apart.
     #[inline]
     #[target_feature(enable = "dotprod")]
     unsafe fn quad_tile<const T: usize, const MINS: bool>(
@@ -1092,30 +1198,25 @@ pub mod dotprod {
         out: *mut f32,
         n: usize,
     ) {
+        const { assert!(T <= TOKENS) };
         // SAFETY (whole body): reads the tokens' blocks and the results,
         // writes the results (caller's contract).
         unsafe {
             let mut results: [float32x4_t; T] = std::array::from_fn(|t| vld1q_f32(out.add(t * n)));
-            for b in 0..blocks {
-                let w = &panel.values[b][quad];
-                let [d, m] = panel.scales[b][quad];
-                for (t, result) in results.iter_mut().enumerate() {
-                    let a = &*x.add(t * stride + b);
-                    let (low, high) = (vld1q_s8(a.qs.as_ptr()), vld1q_s8(a.qs.as_ptr().add(16)));
-                    let mut sum = vdupq_n_s32(0);
-                    sum = sdot::<0>(sum, w[0], low);
-                    sum = sdot::<1>(sum, w[1], low);
-                    sum = sdot::<2>(sum, w[2], low);
-                    sum = sdot::<3>(sum, w[3], low);
-                    sum = sdot::<0>(sum, w[4], high);
-                    sum = sdot::<1>(sum, w[5], high);
-                    sum = sdot::<2>(sum, w[6], high);
-                    sum = sdot::<3>(sum, w[7], high);
-                    *result = vfmaq_n_f32(*result, vmulq_f32(vcvtq_f32_s32(sum), d), a.d);
-                    if MINS {
-                        *result = vfmaq_n_f32(*result, m, a.s);
-                    }
+            let blocks = panel.values.iter().zip(&panel.scales).take(blocks).enumerate();
+            for (b, (values, scales)) in blocks {
+                let (w, scales) = (&values[quad], scales[quad]);
+                // Written out token by token (`t < T` is decided at compile
+                // time): as a loop over eight tokens the compiler keeps the
+                // results in memory.
+                macro_rules! tokens {
+                    ($($t:literal)*) => {$(
+                        if $t < T {
+                            results[$t] = token_block::<MINS>(w, scales, &*x.add($t * stride + b), results[$t]);
+                        }
+                    )*};
                 }
+                tokens!(0 1 2 3 4 5 6 7);
             }
             for (t, &result) in results.iter().enumerate() {
                 vst1q_f32(out.add(t * n), result);
