@@ -1020,9 +1020,9 @@ pub mod dotprod {
     use std::arch::aarch64::*;
     use std::arch::asm;
 
-    /// Column blocks of a tile transposed at a time (a [`Panel`], 10 KiB of
-    /// stack); the results are loaded and stored once per this many blocks.
-    const PANEL_BLOCKS: usize = 8;
+    /// Column blocks of a tile transposed at a time, at most (a [`Panel`],
+    /// 20 KiB of stack); the results are loaded and stored once a run.
+    const PANEL_BLOCKS: usize = 16;
     /// Groups of four rows in a tile.
     const QUADS: usize = CHANNEL_TILE / 4;
     /// Groups of four channels in a block: one `sdot` each.
@@ -1179,6 +1179,95 @@ pub mod dotprod {
         }
     }
 
+    /// `+ m·s` for Q4C (`mins`): the rows' minimums (v25) times the
+    /// token's `s` (lane 1 of `$ds`); nothing for Q8C (`none`).
+    #[rustfmt::skip]
+    macro_rules! min_term {
+        (mins, $r:literal, $ds:literal) => { concat!("fmla v", $r, ".4s, v25.4s, v", $ds, ".s[1]\n") };
+        (none, $r:literal, $ds:literal) => { "" };
+    }
+
+    /// One token's block in [`eight_token_loop`]: its 32 values (two loads)
+    /// and `dₓ, s` (one, which moves the token's pointer `{$t}` on to its
+    /// next block), eight `sdot`s against the quad's vectors (v16–v23),
+    /// then `v$r += d·dₓ·Σ` (v24 the rows' d) and the minimum's term.
+    /// `$acc $low $high $ds` are the token's scratch registers.
+    #[rustfmt::skip]
+    macro_rules! sdot_token {
+        ($mins:ident, $t:literal, $r:literal, $acc:literal, $low:literal, $high:literal, $ds:literal) => { concat!(
+            "ldr q", $low, ", [{", $t, "}, #8]\n",
+            "ldr q", $high, ", [{", $t, "}, #24]\n",
+            "ld1 {{v", $ds, ".2s}}, [{", $t, "}], {step}\n",
+            "movi v", $acc, ".4s, #0\n",
+            "sdot v", $acc, ".4s, v16.16b, v", $low, ".4b[0]\n",
+            "sdot v", $acc, ".4s, v17.16b, v", $low, ".4b[1]\n",
+            "sdot v", $acc, ".4s, v18.16b, v", $low, ".4b[2]\n",
+            "sdot v", $acc, ".4s, v19.16b, v", $low, ".4b[3]\n",
+            "sdot v", $acc, ".4s, v20.16b, v", $high, ".4b[0]\n",
+            "sdot v", $acc, ".4s, v21.16b, v", $high, ".4b[1]\n",
+            "sdot v", $acc, ".4s, v22.16b, v", $high, ".4b[2]\n",
+            "sdot v", $acc, ".4s, v23.16b, v", $high, ".4b[3]\n",
+            "scvtf v", $acc, ".4s, v", $acc, ".4s\n",
+            "fmul v", $acc, ".4s, v", $acc, ".4s, v24.4s\n",
+            "fmla v", $r, ".4s, v", $acc, ".4s, v", $ds, ".s[0]\n",
+            min_term!($mins, $r, $ds),
+        )};
+    }
+
+    /// The eight-token quad tile over `{blocks}` panel blocks: per block the
+    /// quad's eight vectors (`{w}`, then a block on) and its scales and
+    /// minimums (`{scales}`), then the eight tokens (`{t0}`…`{t7}`, their
+    /// results v0–v7), two sets of scratch registers taking turns.
+    #[rustfmt::skip]
+    macro_rules! eight_token_loop {
+        ($mins:ident) => { concat!(
+            "2:\n",
+            "ldp q16, q17, [{w}]\n",
+            "ldp q18, q19, [{w}, #32]\n",
+            "ldp q20, q21, [{w}, #64]\n",
+            "ldp q22, q23, [{w}, #96]\n",
+            "add {w}, {w}, {panel_step}\n",
+            "ldp q24, q25, [{scales}], #256\n",
+            sdot_token!($mins, "t0", "0", "26", "27", "28", "29"),
+            sdot_token!($mins, "t1", "1", "30", "31", "10", "11"),
+            sdot_token!($mins, "t2", "2", "26", "27", "28", "29"),
+            sdot_token!($mins, "t3", "3", "30", "31", "10", "11"),
+            sdot_token!($mins, "t4", "4", "26", "27", "28", "29"),
+            sdot_token!($mins, "t5", "5", "30", "31", "10", "11"),
+            sdot_token!($mins, "t6", "6", "26", "27", "28", "29"),
+            sdot_token!($mins, "t7", "7", "30", "31", "10", "11"),
+            "subs {blocks}, {blocks}, #1\n",
+            "b.ne 2b\n",
+        )};
+    }
+
+    /// Runs [`eight_token_loop`] (`mins` or `none`) on results `r`, the
+    /// quad's vectors from `w` and scales from `scales` (a block apart:
+    /// 1024 and 256 bytes), the tokens' blocks from `t`.
+    macro_rules! run_eight_tokens {
+        ($mins:ident, $r:ident, $w:expr, $scales:expr, $t:ident, $blocks:expr) => {
+            asm!(
+                eight_token_loop!($mins),
+                w = inout(reg) $w => _,
+                scales = inout(reg) $scales => _,
+                panel_step = in(reg) QUADS * GROUPS * 16,
+                step = in(reg) std::mem::size_of::<BlockQ8Act>(),
+                t0 = inout(reg) $t[0] => _, t1 = inout(reg) $t[1] => _,
+                t2 = inout(reg) $t[2] => _, t3 = inout(reg) $t[3] => _,
+                t4 = inout(reg) $t[4] => _, t5 = inout(reg) $t[5] => _,
+                t6 = inout(reg) $t[6] => _, t7 = inout(reg) $t[7] => _,
+                blocks = inout(reg) $blocks => _,
+                inout("v0") $r[0], inout("v1") $r[1], inout("v2") $r[2], inout("v3") $r[3],
+                inout("v4") $r[4], inout("v5") $r[5], inout("v6") $r[6], inout("v7") $r[7],
+                out("v10") _, out("v11") _,
+                out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _, out("v21") _,
+                out("v22") _, out("v23") _, out("v24") _, out("v25") _, out("v26") _, out("v27") _,
+                out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+                options(nostack, readonly),
+            )
+        };
+    }
+
     /// Adds `T` (at most [`TOKENS`]) tokens' products with rows
     /// `4·quad .. +4` of the panel's first `blocks` blocks to their results
     /// (`out[t·n ..][..4]`), held in registers across the blocks: per block
@@ -1203,6 +1292,19 @@ pub mod dotprod {
         // writes the results (caller's contract).
         unsafe {
             let mut results: [float32x4_t; T] = std::array::from_fn(|t| vld1q_f32(out.add(t * n)));
+            if T == TOKENS && blocks > 0 {
+                let tokens: [*const BlockQ8Act; TOKENS] = std::array::from_fn(|t| x.add(t * stride));
+                let (w, scales) = (panel.values[0][quad].as_ptr(), panel.scales[0][quad].as_ptr());
+                if MINS {
+                    run_eight_tokens!(mins, results, w, scales, tokens, blocks);
+                } else {
+                    run_eight_tokens!(none, results, w, scales, tokens, blocks);
+                }
+                for (t, &result) in results.iter().enumerate() {
+                    vst1q_f32(out.add(t * n), result);
+                }
+                return;
+            }
             let blocks = panel.values.iter().zip(&panel.scales).take(blocks).enumerate();
             for (b, (values, scales)) in blocks {
                 let (w, scales) = (&values[quad], scales[quad]);
@@ -1246,8 +1348,10 @@ pub mod dotprod {
             Panel { values: [[[zero.0; GROUPS]; QUADS]; PANEL_BLOCKS], scales: [[[zero.1; 2]; QUADS]; PANEL_BLOCKS] };
         let (w, results) = (weights.as_ptr(), out.as_mut_ptr());
         for first in rows.clone().step_by(CHANNEL_TILE) {
-            for start in (0..blocks).step_by(PANEL_BLOCKS) {
-                let count = PANEL_BLOCKS.min(blocks - start);
+            // Runs of equal length (18 blocks: two of 9, not 16 and 2).
+            let per_run = blocks.div_ceil(blocks.div_ceil(PANEL_BLOCKS));
+            for start in (0..blocks).step_by(per_run) {
+                let count = per_run.min(blocks - start);
                 for (i, (values, scales)) in panel.values.iter_mut().zip(&mut panel.scales).take(count).enumerate() {
                     // SAFETY: `check_batch` put the tile's rows and every
                     // block inside `weights`.
