@@ -26,8 +26,10 @@
 //! The GEMM (every channel, a batch of tokens) loads and unpacks each
 //! weight column once for a tile of tokens:
 //! - `neon` (ARMv8.0, the Cortex-A72): a tile of 32 rows (one
-//!   [`CHANNEL_TILE`]) × 4 tokens; Q4C as above, each column's nibbles split
-//!   once and multiplied by every token's broadcast value into 16-bit sums;
+//!   [`CHANNEL_TILE`]) × 6 or 4 tokens; Q4C as above, each column's nibbles
+//!   split once and multiplied by every token's broadcast value into 16-bit
+//!   sums (the `8·Σq` taken as `8·d·s` in float, which needs no sum of the
+//!   token's values);
 //!   Q8C 16 rows × 4 tokens, the values widened to 16 bits once and
 //!   multiplied by each token's value as a lane (`smlal` by element) into
 //!   32-bit sums.
@@ -644,8 +646,9 @@ pub mod neon {
         );
     }
 
-    /// Tokens an ARMv8.0 GEMM tile takes: four 16-bit sums a token (Q4C)
-    /// or four 32-bit ones (Q8C), sixteen registers.
+    /// Tokens an ARMv8.0 Q8C tile takes: four 32-bit sums a token, sixteen
+    /// registers. (Q4C tiles take six tokens, 24 registers of 16-bit sums,
+    /// then four: [`tiles_of_six`].)
     const TOKENS: usize = 4;
 
     /// `smlal2 acc.8h, w.16b, q.16b`: the high eight lanes' products. An
@@ -662,8 +665,8 @@ pub mod neon {
         acc
     }
 
-    /// Runs `tile::<T>(token, tokens)` over the batch: [`TOKENS`] at a time,
-    /// then the rest one by one.
+    /// Runs `four(t)` for tiles of [`TOKENS`] tokens from `t`, then `one(t)`
+    /// for each token left.
     #[inline(always)]
     fn for_token_tiles(batch: usize, mut four: impl FnMut(usize), mut one: impl FnMut(usize)) {
         let mut t = 0;
@@ -676,13 +679,56 @@ pub mod neon {
         }
     }
 
+    /// One token's products in [`q4c_channel_loop`]: its values at the two
+    /// channels broadcast (`ld2r` into v30 and v31, the pointer `{$t}` moved
+    /// on by two channels), times each channel's 32 rows into the token's
+    /// four 16-bit sums `{$s0}`…`{$s3}`.
+    #[rustfmt::skip]
+    macro_rules! q4c_token {
+        ($t:literal, $s:literal) => { concat!(
+            "ld2r {{v30.16b, v31.16b}}, [{", $t, "}], #2\n",
+            "smlal {", $s, "0:v}.8h, {low0:v}.8b, v30.8b\n",
+            "smlal2 {", $s, "1:v}.8h, {low0:v}.16b, v30.16b\n",
+            "smlal {", $s, "2:v}.8h, {high0:v}.8b, v30.8b\n",
+            "smlal2 {", $s, "3:v}.8h, {high0:v}.16b, v30.16b\n",
+            "smlal {", $s, "0:v}.8h, {low1:v}.8b, v31.8b\n",
+            "smlal2 {", $s, "1:v}.8h, {low1:v}.16b, v31.16b\n",
+            "smlal {", $s, "2:v}.8h, {high1:v}.8b, v31.8b\n",
+            "smlal2 {", $s, "3:v}.8h, {high1:v}.16b, v31.16b\n",
+        )};
+    }
+
+    /// The loop over a block's 32 channels, two at a time (`{n}` = 16):
+    /// each channel's 16 bytes loaded (`{column}` moved on by
+    /// `{column_bytes}`) and split into low nibbles (rows 0–15, `{low0}`,
+    /// `{low1}`) and high (rows 16–31, `{high0}`, `{high1}`),
+    /// sign-extended, then the tokens' products ([`q4c_token`]).
+    #[rustfmt::skip]
+    macro_rules! q4c_channel_loop {
+        ($($token:expr),*) => { concat!(
+            "2:\n",
+            "ld1 {{{high0:v}.16b}}, [{column}], {column_bytes}\n",
+            "ld1 {{{high1:v}.16b}}, [{column}], {column_bytes}\n",
+            "shl {low0:v}.16b, {high0:v}.16b, #4\n",
+            "shl {low1:v}.16b, {high1:v}.16b, #4\n",
+            "sshr {high0:v}.16b, {high0:v}.16b, #4\n",
+            "sshr {high1:v}.16b, {high1:v}.16b, #4\n",
+            "sshr {low0:v}.16b, {low0:v}.16b, #4\n",
+            "sshr {low1:v}.16b, {low1:v}.16b, #4\n",
+            $($token,)*
+            "subs {n}, {n}, #1\n",
+            "b.ne 2b\n",
+        )};
+    }
+
     /// The 16-bit sums of one column block's 32 channels for a tile of 32
     /// rows and `T` tokens: `[token][rows 0–7, 8–15, 16–23, 24–31]`. Each
     /// channel's 16 bytes are split once (low nibbles rows 0–15, high
     /// 16–31, sign-extended from `n − 8`), then multiplied by each token's
-    /// broadcast value. Four tokens run as one `asm!` loop (26 instructions
-    /// a channel, the activation pointers post-incremented), others as
-    /// intrinsics.
+    /// broadcast value. Six and four tokens run as one `asm!` loop over
+    /// pairs of channels (64 and 44 instructions a pair: each token's two
+    /// values broadcast by one `ld2r`, the pointers post-incremented),
+    /// others as intrinsics.
     ///
     /// # Safety
     /// `columns` points at the tile's first byte of the block's first
@@ -695,58 +741,72 @@ pub mod neon {
     ) -> [[int16x8_t; 4]; T] {
         let zero = vdupq_n_s16(0);
         let mut sums = [[zero; 4]; T];
-        if T == 4 {
-            let (mut s0, mut s1, mut s2, mut s3) = ([zero; 4], [zero; 4], [zero; 4], [zero; 4]);
+        if T == 6 {
+            let [a, b, c, d, e, f] = &mut [[zero; 4]; 6];
             // SAFETY: reads 16 bytes of each of the 32 columns and the 32
             // values of each token's block (caller's contract); registers
             // otherwise.
             unsafe {
                 asm!(
-                    "2:",
-                    "ld1 {{{v:v}.16b}}, [{column}], {column_bytes}",
-                    "ld1r {{{q0:v}.16b}}, [{t0}], #1",
-                    "ld1r {{{q1:v}.16b}}, [{t1}], #1",
-                    "ld1r {{{q2:v}.16b}}, [{t2}], #1",
-                    "ld1r {{{q3:v}.16b}}, [{t3}], #1",
-                    // Low nibbles (rows 0–15) and high (rows 16–31), sign-extended.
-                    "shl {low:v}.16b, {v:v}.16b, #4",
-                    "sshr {v:v}.16b, {v:v}.16b, #4",
-                    "sshr {low:v}.16b, {low:v}.16b, #4",
-                    "smlal {a0:v}.8h, {low:v}.8b, {q0:v}.8b",
-                    "smlal2 {a1:v}.8h, {low:v}.16b, {q0:v}.16b",
-                    "smlal {a2:v}.8h, {v:v}.8b, {q0:v}.8b",
-                    "smlal2 {a3:v}.8h, {v:v}.16b, {q0:v}.16b",
-                    "smlal {b0:v}.8h, {low:v}.8b, {q1:v}.8b",
-                    "smlal2 {b1:v}.8h, {low:v}.16b, {q1:v}.16b",
-                    "smlal {b2:v}.8h, {v:v}.8b, {q1:v}.8b",
-                    "smlal2 {b3:v}.8h, {v:v}.16b, {q1:v}.16b",
-                    "smlal {c0:v}.8h, {low:v}.8b, {q2:v}.8b",
-                    "smlal2 {c1:v}.8h, {low:v}.16b, {q2:v}.16b",
-                    "smlal {c2:v}.8h, {v:v}.8b, {q2:v}.8b",
-                    "smlal2 {c3:v}.8h, {v:v}.16b, {q2:v}.16b",
-                    "smlal {d0:v}.8h, {low:v}.8b, {q3:v}.8b",
-                    "smlal2 {d1:v}.8h, {low:v}.16b, {q3:v}.16b",
-                    "smlal {d2:v}.8h, {v:v}.8b, {q3:v}.8b",
-                    "smlal2 {d3:v}.8h, {v:v}.16b, {q3:v}.16b",
-                    "subs {n}, {n}, #1",
-                    "b.ne 2b",
+                    q4c_channel_loop!(
+                        q4c_token!("t0", "a"),
+                        q4c_token!("t1", "b"),
+                        q4c_token!("t2", "c"),
+                        q4c_token!("t3", "d"),
+                        q4c_token!("t4", "e"),
+                        q4c_token!("t5", "f")
+                    ),
                     column = inout(reg) columns => _,
                     column_bytes = in(reg) column_bytes,
                     t0 = inout(reg) tokens[0].qs.as_ptr() => _,
                     t1 = inout(reg) tokens[1].qs.as_ptr() => _,
                     t2 = inout(reg) tokens[2].qs.as_ptr() => _,
                     t3 = inout(reg) tokens[3].qs.as_ptr() => _,
-                    n = inout(reg) GROUP => _,
-                    v = out(vreg) _, low = out(vreg) _,
-                    q0 = out(vreg) _, q1 = out(vreg) _, q2 = out(vreg) _, q3 = out(vreg) _,
-                    a0 = inout(vreg) s0[0], a1 = inout(vreg) s0[1], a2 = inout(vreg) s0[2], a3 = inout(vreg) s0[3],
-                    b0 = inout(vreg) s1[0], b1 = inout(vreg) s1[1], b2 = inout(vreg) s1[2], b3 = inout(vreg) s1[3],
-                    c0 = inout(vreg) s2[0], c1 = inout(vreg) s2[1], c2 = inout(vreg) s2[2], c3 = inout(vreg) s2[3],
-                    d0 = inout(vreg) s3[0], d1 = inout(vreg) s3[1], d2 = inout(vreg) s3[2], d3 = inout(vreg) s3[3],
+                    t4 = inout(reg) tokens[4].qs.as_ptr() => _,
+                    t5 = inout(reg) tokens[5].qs.as_ptr() => _,
+                    n = inout(reg) GROUP / 2 => _,
+                    high0 = out(vreg) _, low0 = out(vreg) _, high1 = out(vreg) _, low1 = out(vreg) _,
+                    out("v30") _, out("v31") _,
+                    a0 = inout(vreg) a[0], a1 = inout(vreg) a[1], a2 = inout(vreg) a[2], a3 = inout(vreg) a[3],
+                    b0 = inout(vreg) b[0], b1 = inout(vreg) b[1], b2 = inout(vreg) b[2], b3 = inout(vreg) b[3],
+                    c0 = inout(vreg) c[0], c1 = inout(vreg) c[1], c2 = inout(vreg) c[2], c3 = inout(vreg) c[3],
+                    d0 = inout(vreg) d[0], d1 = inout(vreg) d[1], d2 = inout(vreg) d[2], d3 = inout(vreg) d[3],
+                    e0 = inout(vreg) e[0], e1 = inout(vreg) e[1], e2 = inout(vreg) e[2], e3 = inout(vreg) e[3],
+                    f0 = inout(vreg) f[0], f1 = inout(vreg) f[1], f2 = inout(vreg) f[2], f3 = inout(vreg) f[3],
                     options(nostack, readonly),
                 );
             }
-            let all = [s0, s1, s2, s3];
+            let all = [*a, *b, *c, *d, *e, *f];
+            return std::array::from_fn(|t| all[t]);
+        }
+        if T == 4 {
+            let [a, b, c, d] = &mut [[zero; 4]; 4];
+            // SAFETY: as above.
+            unsafe {
+                asm!(
+                    q4c_channel_loop!(
+                        q4c_token!("t0", "a"),
+                        q4c_token!("t1", "b"),
+                        q4c_token!("t2", "c"),
+                        q4c_token!("t3", "d")
+                    ),
+                    column = inout(reg) columns => _,
+                    column_bytes = in(reg) column_bytes,
+                    t0 = inout(reg) tokens[0].qs.as_ptr() => _,
+                    t1 = inout(reg) tokens[1].qs.as_ptr() => _,
+                    t2 = inout(reg) tokens[2].qs.as_ptr() => _,
+                    t3 = inout(reg) tokens[3].qs.as_ptr() => _,
+                    n = inout(reg) GROUP / 2 => _,
+                    high0 = out(vreg) _, low0 = out(vreg) _, high1 = out(vreg) _, low1 = out(vreg) _,
+                    out("v30") _, out("v31") _,
+                    a0 = inout(vreg) a[0], a1 = inout(vreg) a[1], a2 = inout(vreg) a[2], a3 = inout(vreg) a[3],
+                    b0 = inout(vreg) b[0], b1 = inout(vreg) b[1], b2 = inout(vreg) b[2], b3 = inout(vreg) b[3],
+                    c0 = inout(vreg) c[0], c1 = inout(vreg) c[1], c2 = inout(vreg) c[2], c3 = inout(vreg) c[3],
+                    d0 = inout(vreg) d[0], d1 = inout(vreg) d[1], d2 = inout(vreg) d[2], d3 = inout(vreg) d[3],
+                    options(nostack, readonly),
+                );
+            }
+            let all = [*a, *b, *c, *d];
             return std::array::from_fn(|t| all[t]);
         }
         for j in 0..GROUP {
@@ -765,13 +825,40 @@ pub mod neon {
         sums
     }
 
+    /// Adds one token's block to its 32 results (`results[k]` for the
+    /// tile's row `k`): `d·dₓ·Σ + (m + 8·d)·s`, four rows a vector, from
+    /// the token's 16-bit sums of `(n − 8)·q` (`sums`, rows 0–7, 8–15,
+    /// 16–23, 24–31), the rows' scales `d` and `m + 8·d` (`m8`), and the
+    /// token's `dₓ` and `s = dₓ·Σq`. (`8·d·s` stands for `d·dₓ·8·Σq`, one
+    /// rounding apart, and costs no sum of the token's values.)
+    ///
+    /// # Safety
+    /// `results` points at 32 readable and writable values.
+    #[inline(always)]
+    unsafe fn q4c_finish(
+        sums: &[int16x8_t; 4],
+        d: &[float32x4_t; 8],
+        m8: &[float32x4_t; 8],
+        (dx, s): (f32, f32),
+        results: *mut f32,
+    ) {
+        for (e, &sum) in sums.iter().enumerate() {
+            for (h, isum) in [vmovl_s16(vget_low_s16(sum)), vmovl_high_s16(sum)].into_iter().enumerate() {
+                let quad = 2 * e + h;
+                // SAFETY: four of the 32 results (caller's contract).
+                unsafe {
+                    let r = results.add(4 * quad);
+                    let sum = vfmaq_n_f32(vld1q_f32(r), vmulq_f32(vcvtq_f32_s32(isum), d[quad]), dx);
+                    vst1q_f32(r, vfmaq_n_f32(sum, m8[quad], s));
+                }
+            }
+        }
+    }
+
     /// Adds `T` tokens' products with one tile of 32 rows of a Q4C matrix to
     /// their results, `out[t·n + k]` for the tile's row `k`: per column
-    /// block, each channel's nibbles are split once (rows 0–15 low, 16–31
-    /// high, sign-extended from `n − 8`) and multiplied by each token's
-    /// broadcast value into 16-bit sums, 32 channels of them fitting; then
-    /// `8·Σq` is added back in 32 bits and the block scaled into the
-    /// results.
+    /// block, the 16-bit sums of every channel ([`q4c_sums`]), then the
+    /// block scaled into the results ([`q4c_finish`]).
     ///
     /// # Safety
     /// `weights` is a Q4C matrix of `total_rows` rows and `blocks` column
@@ -788,6 +875,7 @@ pub mod neon {
         out: *mut f32,
         n: usize,
     ) {
+        const { assert!(T <= 6) };
         // SAFETY (whole body): reads inside the tile's columns, scales and
         // minimums and the tokens' blocks, writes inside the `T` runs of
         // `out` (caller's contract).
@@ -796,41 +884,44 @@ pub mod neon {
                 let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
                 let columns = weights.add(at.columns + first / 2) as *const i8;
                 let tokens: [&BlockQ8Act; T] = std::array::from_fn(|t| &*x.add(t * blocks + b));
+                // Each token's dₓ and s, read before any result is written.
+                let scales: [(f32, f32); T] = tokens.map(|a| (a.d, a.s));
                 let sums = q4c_sums(columns, at.column_bytes, &tokens);
-                // The 32 rows' scales and minimums, four rows a vector.
-                let (mut d, mut m) = ([vdupq_n_f32(0.0); 8], [vdupq_n_f32(0.0); 8]);
+                // The 32 rows' scales and m + 8·d, four rows a vector.
+                let (mut d, mut m8) = ([vdupq_n_f32(0.0); 8], [vdupq_n_f32(0.0); 8]);
                 for h in 0..4 {
                     let (dh, mh) = (
                         vld1q_u16(weights.add(at.scales + 2 * (first + 8 * h)) as *const u16),
                         vld1q_u16(weights.add(at.mins + 2 * (first + 8 * h)) as *const u16),
                     );
                     (d[2 * h], d[2 * h + 1]) = (widen_f16(vget_low_u16(dh)), widen_f16_high(dh));
-                    (m[2 * h], m[2 * h + 1]) = (widen_f16(vget_low_u16(mh)), widen_f16_high(mh));
+                    m8[2 * h] = vfmaq_n_f32(widen_f16(vget_low_u16(mh)), d[2 * h], 8.0);
+                    m8[2 * h + 1] = vfmaq_n_f32(widen_f16_high(mh), d[2 * h + 1], 8.0);
                 }
-                for (t, (sums, a)) in sums.iter().zip(&tokens).enumerate() {
-                    let sum_q =
-                        vaddlvq_s8(vld1q_s8(a.qs.as_ptr())) as i32 + vaddlvq_s8(vld1q_s8(a.qs.as_ptr().add(16))) as i32;
-                    let bias = vdupq_n_s32(8 * sum_q);
-                    let results = out.add(t * n);
-                    for (e, &sum) in sums.iter().enumerate() {
-                        let halves = [vaddw_s16(bias, vget_low_s16(sum)), vaddw_high_s16(bias, sum)];
-                        for (h, isum) in halves.into_iter().enumerate() {
-                            // results += d·dₓ·(Σ + 8·Σq) + m·s, four rows.
-                            let quad = 2 * e + h;
-                            let r = results.add(4 * quad);
-                            let scaled = vmulq_f32(vcvtq_f32_s32(isum), d[quad]);
-                            let sum = vfmaq_n_f32(vld1q_f32(r), scaled, a.d);
-                            vst1q_f32(r, vfmaq_n_f32(sum, m[quad], a.s));
+                // Written out token by token (`t < T` is decided at compile
+                // time): as a loop the compiler keeps the sums in memory.
+                macro_rules! tokens {
+                    ($($t:literal)*) => {$(
+                        if $t < T {
+                            q4c_finish(&sums[$t], &d, &m8, scales[$t], out.add($t * n));
                         }
-                    }
+                    )*};
                 }
+                tokens!(0 1 2 3 4 5);
             }
         }
     }
 
+    /// How many tiles of six tokens a Q4C batch takes before its tiles of
+    /// four: as many as leave a multiple of four (32 = 4·6 + 2·4), else as
+    /// many as fit.
+    fn tiles_of_six(batch: usize) -> usize {
+        (0..=batch / 6).rev().find(|six| (batch - 6 * six).is_multiple_of(4)).unwrap_or(batch / 6)
+    }
+
     /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
-    /// [`GemmChannels`]), ARMv8.0: tiles of 32 rows × [`TOKENS`] tokens
-    /// (`q4c_gemm_tile`).
+    /// [`GemmChannels`]), ARMv8.0: tiles of 32 rows × 6 tokens, then 4
+    /// ([`tiles_of_six`]), then one by one (`q4c_gemm_tile`).
     pub fn gemm_q4c(
         weights: &[u8],
         total_rows: usize,
@@ -843,37 +934,25 @@ pub mod neon {
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         let (w, results) = (weights.as_ptr(), out.as_mut_ptr());
+        let sixes = tiles_of_six(batch);
+        let fours = (batch - 6 * sixes) / 4;
         for first in rows.clone().step_by(CHANNEL_TILE) {
-            let row = first - rows.start;
-            // SAFETY: `check_batch` put the tile's rows and every block
-            // inside `weights`, `batch` tokens in `x` and `batch` runs of `n`
-            // results in `out`; tiles stop at `batch`.
-            for_token_tiles(
-                batch,
-                |t| unsafe {
-                    q4c_gemm_tile::<TOKENS>(
-                        w,
-                        total_rows,
-                        blocks,
-                        first,
-                        x.as_ptr().add(t * blocks),
-                        results.add(t * n + row),
-                        n,
-                    )
-                },
-                // SAFETY: as above.
-                |t| unsafe {
-                    q4c_gemm_tile::<1>(
-                        w,
-                        total_rows,
-                        blocks,
-                        first,
-                        x.as_ptr().add(t * blocks),
-                        results.add(t * n + row),
-                        n,
-                    )
-                },
-            );
+            let tile = |t: usize, tokens: usize| {
+                let (x, out) = (x.as_ptr().wrapping_add(t * blocks), results.wrapping_add(t * n + first - rows.start));
+                // SAFETY: `check_batch` put the tile's rows and every block
+                // inside `weights`, `batch` tokens in `x` and `batch` runs of
+                // `n` results in `out`; tokens `t .. t + tokens ≤ batch`.
+                unsafe {
+                    match tokens {
+                        6 => q4c_gemm_tile::<6>(w, total_rows, blocks, first, x, out, n),
+                        4 => q4c_gemm_tile::<4>(w, total_rows, blocks, first, x, out, n),
+                        _ => q4c_gemm_tile::<1>(w, total_rows, blocks, first, x, out, n),
+                    }
+                }
+            };
+            (0..sixes).for_each(|i| tile(6 * i, 6));
+            (0..fours).for_each(|i| tile(6 * sixes + 4 * i, 4));
+            (6 * sixes + 4 * fours..batch).for_each(|t| tile(t, 1));
         }
     }
 
