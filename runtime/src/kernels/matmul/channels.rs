@@ -1266,17 +1266,18 @@ pub mod dotprod {
         (none, $r:literal, $ds:literal) => { "" };
     }
 
-    /// One token's block in [`eight_token_loop`]: its 32 values (two loads)
-    /// and `dₓ, s` (one, which moves the token's pointer `{$t}` on to its
+    /// One token's block in [`eight_token_loop`]: its `dₓ, s` (the eight
+    /// bytes before the values `{$t}` points at) and its 32 values (one
+    /// load into two consecutive registers, which moves `{$t}` on to its
     /// next block), eight `sdot`s against the quad's vectors (v16–v23),
     /// then `v$r += d·dₓ·Σ` (v24 the rows' d) and the minimum's term.
-    /// `$acc $low $high $ds` are the token's scratch registers.
+    /// `$acc $low $high $ds` are the token's scratch registers (`$high` =
+    /// `$low + 1`).
     #[rustfmt::skip]
     macro_rules! sdot_token {
         ($mins:ident, $t:literal, $r:literal, $acc:literal, $low:literal, $high:literal, $ds:literal) => { concat!(
-            "ldr q", $low, ", [{", $t, "}, #8]\n",
-            "ldr q", $high, ", [{", $t, "}, #24]\n",
-            "ld1 {{v", $ds, ".2s}}, [{", $t, "}], {step}\n",
+            "ldur d", $ds, ", [{", $t, "}, #-8]\n",
+            "ld1 {{v", $low, ".16b, v", $high, ".16b}}, [{", $t, "}], {step}\n",
             "movi v", $acc, ".4s, #0\n",
             "sdot v", $acc, ".4s, v16.16b, v", $low, ".4b[0]\n",
             "sdot v", $acc, ".4s, v17.16b, v", $low, ".4b[1]\n",
@@ -1308,13 +1309,13 @@ pub mod dotprod {
             "add {w}, {w}, {panel_step}\n",
             "ldp q24, q25, [{scales}], #256\n",
             sdot_token!($mins, "t0", "0", "26", "27", "28", "29"),
-            sdot_token!($mins, "t1", "1", "30", "31", "10", "11"),
+            sdot_token!($mins, "t1", "1", "30", "8", "9", "31"),
             sdot_token!($mins, "t2", "2", "26", "27", "28", "29"),
-            sdot_token!($mins, "t3", "3", "30", "31", "10", "11"),
+            sdot_token!($mins, "t3", "3", "30", "8", "9", "31"),
             sdot_token!($mins, "t4", "4", "26", "27", "28", "29"),
-            sdot_token!($mins, "t5", "5", "30", "31", "10", "11"),
+            sdot_token!($mins, "t5", "5", "30", "8", "9", "31"),
             sdot_token!($mins, "t6", "6", "26", "27", "28", "29"),
-            sdot_token!($mins, "t7", "7", "30", "31", "10", "11"),
+            sdot_token!($mins, "t7", "7", "30", "8", "9", "31"),
             "subs {blocks}, {blocks}, #1\n",
             "b.ne 2b\n",
         )};
@@ -1322,7 +1323,8 @@ pub mod dotprod {
 
     /// Runs [`eight_token_loop`] (`mins` or `none`) on results `r`, the
     /// quad's vectors from `w` and scales from `scales` (a block apart:
-    /// 1024 and 256 bytes), the tokens' blocks from `t`.
+    /// 1024 and 256 bytes), the tokens' values (`qs` of their first
+    /// blocks) from `t`.
     macro_rules! run_eight_tokens {
         ($mins:ident, $r:ident, $w:expr, $scales:expr, $t:ident, $blocks:expr) => {
             asm!(
@@ -1338,7 +1340,7 @@ pub mod dotprod {
                 blocks = inout(reg) $blocks => _,
                 inout("v0") $r[0], inout("v1") $r[1], inout("v2") $r[2], inout("v3") $r[3],
                 inout("v4") $r[4], inout("v5") $r[5], inout("v6") $r[6], inout("v7") $r[7],
-                out("v10") _, out("v11") _,
+                out("v8") _, out("v9") _,
                 out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _, out("v21") _,
                 out("v22") _, out("v23") _, out("v24") _, out("v25") _, out("v26") _, out("v27") _,
                 out("v28") _, out("v29") _, out("v30") _, out("v31") _,
@@ -1372,7 +1374,8 @@ pub mod dotprod {
         unsafe {
             let mut results: [float32x4_t; T] = std::array::from_fn(|t| vld1q_f32(out.add(t * n)));
             if T == TOKENS && blocks > 0 {
-                let tokens: [*const BlockQ8Act; TOKENS] = std::array::from_fn(|t| x.add(t * stride));
+                // Each token's values: its pointer is `qs` of its first block.
+                let tokens: [*const i8; TOKENS] = std::array::from_fn(|t| (*x.add(t * stride)).qs.as_ptr());
                 let (w, scales) = (panel.values[0][quad].as_ptr(), panel.scales[0][quad].as_ptr());
                 if MINS {
                     run_eight_tokens!(mins, results, w, scales, tokens, blocks);
