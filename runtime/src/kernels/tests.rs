@@ -961,7 +961,9 @@ fn channel_major_gemms_match_the_one_token_reference() {
             let gemm = |k: &Kernels| if encoding == Encoding::Q8C { k.gemm_q8c } else { k.gemm_q4c };
             for batch in batches.clone() {
                 let xq = quantize_activations(&activations(batch * cols, (batch * 31 + blocks) as u32));
-                let mut ranges = vec![0..rows];
+                // Every row, and with more than one tile, the parts threads take.
+                let mut ranges = Vec::new();
+                ranges.push(0..rows);
                 if tiles > 1 {
                     ranges.extend([quant::CHANNEL_TILE..rows, 0..quant::CHANNEL_TILE]);
                 }

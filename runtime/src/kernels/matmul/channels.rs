@@ -1161,6 +1161,8 @@ pub mod dotprod {
         unsafe {
             let columns = weights.add(at.columns + first / 2);
             let (flip, nibble) = (vdupq_n_u8(0x88), vdupq_n_u8(0x0F));
+            // `g` picks four columns and every quad's vector for them.
+            #[allow(clippy::needless_range_loop)]
             for g in 0..GROUPS {
                 let c: [uint8x16_t; 4] = std::array::from_fn(|k| vld1q_u8(columns.add((4 * g + k) * at.column_bytes)));
                 for (i, q) in transpose(c).into_iter().enumerate() {
@@ -1197,6 +1199,8 @@ pub mod dotprod {
         // block's columns and its 32 rows' scales (caller's contract).
         unsafe {
             let columns = weights.add(at.columns + first);
+            // `g` picks four columns and every quad's vector for them.
+            #[allow(clippy::needless_range_loop)]
             for g in 0..GROUPS {
                 for half in 0..2 {
                     let c: [uint8x16_t; 4] =
