@@ -97,12 +97,10 @@ impl Matrix<'_> {
     ) {
         let batch = x.len() / self.cols;
         if self.encoding().is_channel_major() {
-            // One token at a time, every channel, straight into its outputs.
-            let blocks = self.cols / GROUP;
-            for (token, out) in xq.chunks_exact(blocks).zip(out.chunks_exact_mut(self.rows)).take(batch) {
-                self.matmul_channels(kernels, pool, token, None, out);
+            if batch == 1 {
+                return self.matmul_channels(kernels, pool, xq, None, &mut out[..self.rows]);
             }
-            return;
+            return self.gemm_channels(kernels, pool, xq, batch, out, scratch);
         }
         let by_row: &mut [f32] = if batch == 1 { &mut out[..self.rows] } else { &mut scratch[..self.rows * batch] };
         let threads = pool.threads();
@@ -184,6 +182,61 @@ impl Matrix<'_> {
                 kernel(weights, self.rows, self.cols, rows.clone(), x, mask, out);
             }
         });
+    }
+
+    /// `out[b·rows + r] = W[r] · x[b]` for a batch of `batch` activations of
+    /// a channel-major matrix, every channel, through the GEMM kernels: the
+    /// rows split across the pool's threads in whole tiles, each thread's
+    /// results token by token for its rows (one thread writes `out` itself;
+    /// more, their pieces of `scratch`, then copied into place).
+    fn gemm_channels(
+        &self,
+        kernels: &Kernels,
+        pool: &ThreadPool,
+        xq: &[BlockQ8Act],
+        batch: usize,
+        out: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        let (kernel, weights) = match self.data {
+            TensorView::Q8C(w) => (kernels.gemm_q8c, w),
+            TensorView::Q4C(w) => (kernels.gemm_q4c, w),
+            _ => panic!("gemm_channels on a {} matrix", self.encoding().name()),
+        };
+        let xq = &xq[..batch * self.cols / GROUP];
+        let threads = pool.threads();
+        if threads == 1 {
+            return kernel(weights, self.rows, self.cols, 0..self.rows, xq, &mut out[..batch * self.rows]);
+        }
+        let by_thread = &mut scratch[..batch * self.rows];
+        let mut rest = &mut *by_thread;
+        type Slot<'o> = Mutex<Option<(Range<usize>, &'o mut [f32])>>;
+        let parts: [Slot; MAX_THREADS] = std::array::from_fn(|i| {
+            if i >= threads {
+                return Mutex::new(None);
+            }
+            let rows = split_range(self.rows, threads, quant::CHANNEL_TILE, i);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows.len() * batch);
+            rest = tail;
+            Mutex::new(Some((rows, mine)))
+        });
+        pool.run(&|i| {
+            let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let Some((rows, out)) = slot.as_mut() else { return };
+            if rows.start < rows.end {
+                kernel(weights, self.rows, self.cols, rows.clone(), xq, out);
+            }
+        });
+        // Thread i's piece is its rows' results token by token.
+        let mut pieces = &by_thread[..];
+        for i in 0..threads {
+            let rows = split_range(self.rows, threads, quant::CHANNEL_TILE, i);
+            let (piece, tail) = pieces.split_at(rows.len() * batch);
+            pieces = tail;
+            for (token, results) in piece.chunks_exact(rows.len().max(1)).enumerate() {
+                out[token * self.rows + rows.start..][..rows.len()].copy_from_slice(results);
+            }
+        }
     }
 
     /// Bytes a channel-major product over `mask` reads: the scales (and

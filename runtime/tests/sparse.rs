@@ -173,3 +173,49 @@ fn channel_major_weights_give_the_row_major_logits_and_read_fewer_bytes() {
         }
     }
 }
+
+/// A calibrated image's prompt, as `generate` and `brambled` run it: with a
+/// plan on decode steps only, a batch of tokens goes through the
+/// channel-major GEMM, a single token through the one-token channel
+/// kernels. Both must give the same logits for the same tokens, within
+/// [`CHANNEL_MAJOR_RELATIVE`]: prompts of 2 to 16 tokens (the GEMM's tiles
+/// of 8, 4, 2 and 1 tokens and every mix of them) in one batch against
+/// the same tokens one at a time, on one thread and on three, without a
+/// plan and with one at τ = 0 (its decode steps are then the dense
+/// product, `any_split_with_an_exact_low_rank_part_gives_the_dense_logits`).
+#[test]
+fn channel_major_prompts_give_the_token_by_token_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("columns.bramble");
+    common::write_tiny_stored(&path, common::Store::Channels, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let tokens: Vec<u32> = (0..16u32).map(|i| (i * 7 + 1) % 6).collect();
+    for kernels in Kernels::all_available() {
+        for threads in [1, 3] {
+            let mut model = Model::with_options(&image, kernels, threads).unwrap();
+            for plan in [false, true] {
+                let plan = plan.then(|| identity_plan(&model, 0.0));
+                model.set_sparsity(plan, SparseMode::DecodeOnly).unwrap();
+                for n in 2..=tokens.len() {
+                    let prompt = &tokens[..n];
+                    let mut state = model.new_state(16, 16);
+                    let batched = model.forward(&mut state, prompt, 0, Logits::All).unwrap().to_vec();
+                    let mut state = model.new_state(16, 16);
+                    let mut one_by_one = Vec::new();
+                    for (pos, &token) in prompt.iter().enumerate() {
+                        one_by_one.extend_from_slice(model.forward(&mut state, &[token], pos, Logits::Last).unwrap());
+                    }
+                    let scale = one_by_one.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for (i, (b, o)) in batched.iter().zip(&one_by_one).enumerate() {
+                        assert!(
+                            (b - o).abs() <= CHANNEL_MAJOR_RELATIVE * scale,
+                            "{} × {threads}, plan {}, {n} tokens [{i}]: batched {b} vs one by one {o}",
+                            kernels.name,
+                            model.sparsity().is_some()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

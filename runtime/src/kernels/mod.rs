@@ -70,6 +70,10 @@ pub struct Kernels {
     pub matmul_q8c: matmul::channels::MatmulChannels,
     /// Channel-major asymmetric Q4 weights × one int8 activation, over the active channels.
     pub matmul_q4c: matmul::channels::MatmulChannels,
+    /// Channel-major Q8 weights × a batch of int8 activations, every channel (a prompt's GEMM).
+    pub gemm_q8c: matmul::channels::GemmChannels,
+    /// Channel-major asymmetric Q4 weights × a batch of int8 activations, every channel.
+    pub gemm_q4c: matmul::channels::GemmChannels,
     /// f16 weights × f32 activations.
     pub matmul_f16: MatmulFloat<f16>,
     /// f32 weights × f32 activations.
@@ -117,6 +121,8 @@ impl Kernels {
         matmul_q4sx4: matmul::scalar::matmul_q4sx4,
         matmul_q8c: matmul::channels::scalar::matmul_q8c,
         matmul_q4c: matmul::channels::scalar::matmul_q4c,
+        gemm_q8c: matmul::channels::scalar::gemm_q8c,
+        gemm_q4c: matmul::channels::scalar::gemm_q4c,
         matmul_f16: matmul::scalar::matmul_f16,
         matmul_f32: matmul::scalar::matmul_f32,
         rmsnorm: ops::scalar::rmsnorm,
@@ -148,6 +154,8 @@ impl Kernels {
         matmul_q4sx4: matmul::interleaved::matmul_q4sx4,
         matmul_q8c: matmul::channels::neon::matmul_q8c,
         matmul_q4c: matmul::channels::neon::matmul_q4c,
+        gemm_q8c: matmul::channels::neon::gemm_q8c,
+        gemm_q4c: matmul::channels::neon::gemm_q4c,
         matmul_f16: matmul::neon::matmul_f16,
         matmul_f32: matmul::neon::matmul_f32,
         rmsnorm: ops::neon::rmsnorm,
@@ -179,6 +187,8 @@ impl Kernels {
         matmul_q8x4: matmul::interleaved::dotprod::matmul_q8x4,
         matmul_q4x4: matmul::interleaved::dotprod::matmul_q4x4,
         matmul_q4sx4: matmul::interleaved::dotprod::matmul_q4sx4,
+        gemm_q8c: matmul::channels::dotprod::gemm_q8c,
+        gemm_q4c: matmul::channels::dotprod::gemm_q4c,
         ..Self::NEON
     };
 

@@ -966,6 +966,124 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
     }
 }
 
+/// The channel-major GEMMs (every channel, a batch of tokens) against the
+/// one-token reference, token by token: the scalar GEMM gives its bits,
+/// every table stays within the integer-product bound. Batches 1 to 17 (the
+/// `sdot` tiles take 8, 4, 2 and 1 tokens, the ARMv8.0 ones 4 and 1), 1 to
+/// 33 column blocks (the `sdot` GEMM packs up to 16 at a time, in runs of
+/// equal length: 17 as 9 + 8, 33 as 3 × 11), one to three tiles of rows,
+/// whole and partial row ranges (threads split by tiles).
+#[test]
+fn channel_major_gemms_match_the_one_token_reference() {
+    let shapes = [(1, 1, 1..=17), (2, 8, 1..=17), (1, 9, 1..=17), (3, 17, 1..=10), (2, 16, 15..=17), (1, 33, 7..=9)];
+    for (tiles, blocks, batches) in shapes {
+        let rows = tiles * quant::CHANNEL_TILE;
+        let cols = blocks * GROUP;
+        let w = data(rows * cols, (rows * 100 + blocks) as u32);
+        for encoding in [Encoding::Q8C, Encoding::Q4C] {
+            let row_major = QuantizedMatrix::new(encoding.row_major(), &w, cols);
+            let mut columns = vec![0u8; row_major.bytes.len()];
+            quant::to_channel_major(encoding, &row_major.bytes, cols, &mut columns);
+            let all_blocks = row_major.blocks();
+            let one = |k: &Kernels| if encoding == Encoding::Q8C { k.matmul_q8c } else { k.matmul_q4c };
+            let gemm = |k: &Kernels| if encoding == Encoding::Q8C { k.gemm_q8c } else { k.gemm_q4c };
+            for batch in batches.clone() {
+                let xq = quantize_activations(&activations(batch * cols, (batch * 31 + blocks) as u32));
+                // Every row, and with more than one tile, the parts threads take.
+                let mut ranges = Vec::new();
+                ranges.push(0..rows);
+                if tiles > 1 {
+                    ranges.extend([quant::CHANNEL_TILE..rows, 0..quant::CHANNEL_TILE]);
+                }
+                for range in ranges {
+                    let n = range.len();
+                    let mut expected = vec![0f32; batch * n];
+                    for (token, out) in xq.chunks_exact(blocks).zip(expected.chunks_exact_mut(n)) {
+                        one(&Kernels::SCALAR)(&columns, rows, cols, range.clone(), token, None, out);
+                    }
+                    let run = |k: &Kernels| {
+                        let mut got = vec![f32::NAN; batch * n];
+                        gemm(k)(&columns, rows, cols, range.clone(), &xq, &mut got);
+                        got
+                    };
+                    let what = format!("{encoding:?} rows {rows} blocks {blocks} batch {batch} range {range:?}");
+                    let scalar = run(&Kernels::SCALAR);
+                    assert!(
+                        scalar.iter().zip(&expected).all(|(g, e)| g.to_bits() == e.to_bits()),
+                        "scalar {what}: {scalar:?} vs {expected:?}"
+                    );
+                    for k in Kernels::all_available() {
+                        for (i, (g, e)) in run(k).into_iter().zip(&expected).enumerate() {
+                            let (token, r) = (i / n, range.start + i % n);
+                            let bound = INTEGER_MATMUL_RELATIVE
+                                * term_magnitude(
+                                    &all_blocks[r * blocks..(r + 1) * blocks],
+                                    &xq[token * blocks..(token + 1) * blocks],
+                                );
+                            assert!(close(g, *e, bound), "{} {what} token {token} row {r}: {g} vs {e}", k.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The channel-major GEMMs at the bounds of their integer sums: Q4 nibbles
+/// of 0 and 15 (stored −8 and 7, the ARMv8.0 16-bit sums' extremes) and Q8
+/// values of −128 and 127, against blocks of ±127, for a batch of eleven
+/// (every tile size).
+#[test]
+fn channel_major_gemms_do_not_overflow_at_extremes() {
+    let (rows, blocks, batch) = (2 * quant::CHANNEL_TILE, 10, 11);
+    let cols = blocks * GROUP;
+    let (one_token, q8) = extreme_operands(rows, blocks);
+    let one_token = &one_token;
+    // Each token its own signs: block b of token t negative when (b + t) % 3 == 0.
+    let x: Vec<BlockQ8Act> = (0..batch)
+        .flat_map(|t| {
+            (0..blocks).map(move |b| {
+                let a = one_token[(b + t) % blocks];
+                BlockQ8Act { d: 0.5 + t as f32 * 0.125, s: (0.5 + t as f32 * 0.125) / 0.5 * a.s, qs: a.qs }
+            })
+        })
+        .collect();
+    let q4: Vec<BlockQ4> = (0..rows * blocks)
+        .map(|i| BlockQ4 {
+            d: f16::from_f32(0.25),
+            m: f16::from_f32(-1.0),
+            qs: [if i % 2 == 0 { 0x00 } else { 0xFF }; GROUP / 2],
+        })
+        .collect();
+    for (encoding, bytes) in
+        [(Encoding::Q4C, bytemuck::cast_slice::<BlockQ4, u8>(&q4)), (Encoding::Q8C, bytemuck::cast_slice(&q8))]
+    {
+        let mut columns = vec![0u8; bytes.len()];
+        quant::to_channel_major(encoding, bytes, cols, &mut columns);
+        let mut expected = vec![0f32; rows * batch];
+        for (token, out) in x.chunks_exact(blocks).zip(expected.chunks_exact_mut(rows)) {
+            match encoding {
+                Encoding::Q4C => (Kernels::SCALAR.matmul_q4)(&q4, cols, token, out),
+                _ => (Kernels::SCALAR.matmul_q8)(&q8, cols, token, out),
+            }
+        }
+        for k in Kernels::all_available() {
+            let gemm = if encoding == Encoding::Q4C { k.gemm_q4c } else { k.gemm_q8c };
+            let mut got = vec![f32::NAN; rows * batch];
+            gemm(&columns, rows, cols, 0..rows, &x, &mut got);
+            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)),
+                    "{} {encoding:?} token {} row {}: {g} vs {e}",
+                    k.name,
+                    i / rows,
+                    i % rows
+                );
+            }
+        }
+    }
+}
+
 /// The bias constraint: the projection is a dot product (summation order
 /// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·d|`), and the removal leaves the
 /// component of `h` along a unit `d` at `centre` when `w = 1`.
