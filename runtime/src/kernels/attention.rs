@@ -751,21 +751,19 @@ pub mod neon {
     /// [`TILE_ROWS`] at a time, the last tile of 4 or 8 rows if fewer remain.
     /// Per tile:
     ///
-    /// 1. the tile's queries, times `scale`, transposed into the scratch:
-    ///    for each run of four channels, each channel's value of every row
-    ///    (a vector a run of four rows);
-    /// 2. scores: four cached keys at a time, each key's four-channel piece
-    ///    multiplied by lane into the rows' vectors (`fmla` by element), so a
-    ///    key is loaded once for the whole tile and no sum crosses lanes.
-    ///    Stored position-major (`positions × rows`); a position past what a
-    ///    row's token sees scores −∞; each row's maximum kept in lanes;
-    /// 3. `exp(score − maximum)` in place and each row's sum, in lanes;
+    /// 1. the tile's queries, times `scale·log₂e`, transposed into the
+    ///    scratch: for each run of four channels, each channel's value of
+    ///    every row (a vector a run of four rows);
+    /// 2. scores (in base 2): four cached keys at a time, each key's
+    ///    four-channel piece multiplied by lane into the rows' vectors (`fmla`
+    ///    by element), so a key is loaded once for the whole tile and no sum
+    ///    crosses lanes. Stored position-major (`positions × rows`); a
+    ///    position past what a row's token sees scores −∞; each row's maximum
+    ///    kept in lanes;
+    /// 3. `2^(score − maximum)` in place and each row's sum, in lanes;
     /// 4. values: for eight channels at a time, the weights of the whole
     ///    tile by lane against each cached value's eight channels; each row's
     ///    sum divided out once, at the end.
-    ///
-    /// Measured on SmolLM2-135M (3 heads a KV head, head_dim 64) against
-    /// tiles of 8 and 4 rows: see the commit that chose `TILE_ROWS`.
     pub fn causal(
         shape: &super::Causal,
         queries: &[f32],
@@ -794,11 +792,13 @@ pub mod neon {
 
     /// Rows `start .. start + count` of a [`causal`] call, `count ≤ 4·V`;
     /// the lanes past `count` repeat the tile's first row (finite data whose
-    /// results are dropped).
+    /// results are dropped). Not inlined: each tile width gets the whole
+    /// register file.
     ///
     /// # Safety
     /// Shapes as [`super::check_causal`] accepts; `start + count ≤ tokens·heads`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     #[target_feature(enable = "neon")]
     unsafe fn causal_tile<const V: usize>(
         shape: &super::Causal,
@@ -813,11 +813,17 @@ pub mod neon {
         let (head_dim, heads, stride) = (shape.head_dim, shape.heads, shape.stride);
         let lanes = 4 * V;
         let (full, chunks) = (head_dim / 4, head_dim.div_ceil(4));
-        // Where each lane's row is in the queries (and the output), and the last position its token sees.
-        let row_at = |m: usize| {
+        // Each lane's row: where it is in the queries (and the output), and the
+        // last position its token sees (padding lanes: every position).
+        let mut at = [0usize; TILE_ROWS];
+        let mut last = [u32::MAX; TILE_ROWS];
+        for m in 0..lanes {
             let row = start + if m < count { m } else { 0 };
-            (row / heads * shape.query_stride + row % heads * head_dim, shape.first + row / heads)
-        };
+            at[m] = row / heads * shape.query_stride + row % heads * head_dim;
+            if m < count {
+                last[m] = (shape.first + row / heads) as u32;
+            }
+        }
         let seen = shape.first + (start + count - 1) / heads + 1;
         let unmasked = shape.first + start / heads + 1;
         let (transposed, scores) = scratch.split_at_mut(chunks * 4 * lanes);
@@ -825,58 +831,200 @@ pub mod neon {
 
         // 1. Queries transposed: chunk c, row vector v, channel l of the chunk
         // at ((c·V + v)·4 + l)·4, one lane a row.
+        let factor = shape.scale * std::f32::consts::LOG2_E;
         for v in 0..V {
-            let at: [usize; 4] = std::array::from_fn(|j| row_at(4 * v + j).0);
             let q = queries.as_ptr();
+            let row = &at[4 * v..4 * v + 4];
             for c in 0..full {
                 // SAFETY: each row's channels `4c .. 4c + 4 ≤ head_dim` lie inside the queries (checked);
                 // the store is inside `transposed` (`(c·V + v + 1)·16 ≤ chunks·4·lanes`).
                 unsafe {
                     let zero = vdupq_n_f32(0.0);
                     let mut t = float32x4x4_t(zero, zero, zero, zero);
-                    t = vld4q_lane_f32::<0>(q.add(at[0] + 4 * c), t);
-                    t = vld4q_lane_f32::<1>(q.add(at[1] + 4 * c), t);
-                    t = vld4q_lane_f32::<2>(q.add(at[2] + 4 * c), t);
-                    t = vld4q_lane_f32::<3>(q.add(at[3] + 4 * c), t);
+                    t = vld4q_lane_f32::<0>(q.add(row[0] + 4 * c), t);
+                    t = vld4q_lane_f32::<1>(q.add(row[1] + 4 * c), t);
+                    t = vld4q_lane_f32::<2>(q.add(row[2] + 4 * c), t);
+                    t = vld4q_lane_f32::<3>(q.add(row[3] + 4 * c), t);
                     let scaled = float32x4x4_t(
-                        vmulq_n_f32(t.0, shape.scale),
-                        vmulq_n_f32(t.1, shape.scale),
-                        vmulq_n_f32(t.2, shape.scale),
-                        vmulq_n_f32(t.3, shape.scale),
+                        vmulq_n_f32(t.0, factor),
+                        vmulq_n_f32(t.1, factor),
+                        vmulq_n_f32(t.2, factor),
+                        vmulq_n_f32(t.3, factor),
                     );
                     vst1q_f32_x4(transposed.as_mut_ptr().add((c * V + v) * 16), scaled);
                 }
             }
             // A last chunk of one to three channels, zero-padded.
             if full < chunks {
-                for (j, &row) in at.iter().enumerate() {
+                for (j, &row) in row.iter().enumerate() {
                     for l in 0..4 {
                         let channel = 4 * full + l;
-                        let value = if channel < head_dim { queries[row + channel] * shape.scale } else { 0.0 };
+                        let value = if channel < head_dim { queries[row + channel] * factor } else { 0.0 };
                         transposed[((full * V + v) * 4 + l) * 4 + j] = value;
                     }
                 }
             }
         }
 
-        // 2. Scores, four positions at a time, then one.
-        let limits: [uint32x4_t; V] = std::array::from_fn(|v| {
-            let last: [u32; 4] =
-                std::array::from_fn(|j| if 4 * v + j < count { row_at(4 * v + j).1 as u32 } else { u32::MAX });
-            // SAFETY: `last` is four values.
-            unsafe { vld1q_u32(last.as_ptr()) }
-        });
+        // 2. Scores: positions a block at a time (as many as the registers hold beside the tile), then one.
+        // SAFETY: positions below `seen ≤ first + tokens` are in the cache (checked); `scores` holds
+        // `seen·lanes` values and `transposed` the tile's `chunks` chunks.
+        let maxima = unsafe {
+            match V {
+                3 => score_pass::<V, 4>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+                2 => score_pass::<V, 6>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+                _ => score_pass::<V, 8>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+            }
+        };
+
+        // 3. Weights 2^(score − maximum), and their sums.
+        let mut totals = [vdupq_n_f32(0.0); V];
+        for position in scores.chunks_exact_mut(lanes) {
+            for (v, total) in totals.iter_mut().enumerate() {
+                // SAFETY: `4v + 4 ≤ lanes = position.len()`.
+                unsafe {
+                    let e = exp2_nonpositive(vsubq_f32(vld1q_f32(position.as_ptr().add(4 * v)), maxima[v]));
+                    *total = vaddq_f32(*total, e);
+                    vst1q_f32(position.as_mut_ptr().add(4 * v), e);
+                }
+            }
+        }
+        let mut inverse = [0f32; TILE_ROWS];
+        for (v, total) in totals.iter().enumerate() {
+            // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS`.
+            unsafe { vst1q_f32(inverse.as_mut_ptr().add(4 * v), vdivq_f32(vdupq_n_f32(1.0), *total)) };
+        }
+
+        // 4. Values: as many channels at a time as the registers hold beside the tile, then four, then one.
+        let rows = Rows { at: &at, inverse: &inverse, count };
+        // SAFETY: positions below `seen ≤ first + tokens` are in the cache and every row's
+        // `head_dim` outputs in `out` (checked); `scores` holds `seen·lanes` weights.
+        let channel = unsafe {
+            match V {
+                3 => value_pass::<V, 2>(scores, values, stride, head_dim, &rows, out),
+                2 => value_pass::<V, 3>(scores, values, stride, head_dim, &rows, out),
+                _ => value_pass::<V, 6>(scores, values, stride, head_dim, &rows, out),
+            }
+        };
+        for channel in channel..head_dim {
+            for m in 0..count {
+                let mut sum = 0f32;
+                for (position, weights) in scores.chunks_exact(lanes).enumerate() {
+                    sum += weights[m] * values[position * stride + channel];
+                }
+                out[at[m] + channel] = sum * inverse[m];
+            }
+        }
+    }
+
+    /// Where a tile's rows go: each row's place in the output and the inverse of its weights' sum.
+    struct Rows<'a> {
+        at: &'a [usize; TILE_ROWS],
+        inverse: &'a [f32; TILE_ROWS],
+        count: usize,
+    }
+
+    /// A tile's outputs, `4·W` channels at a time, then four; returns the
+    /// first channel left (fewer than four remain).
+    ///
+    /// # Safety
+    /// As [`value_block`] for every channel below `head_dim` and every
+    /// position `weights` holds (`4·V` a position); each row's `head_dim`
+    /// outputs lie inside `out` from `rows.at`.
+    #[inline(always)]
+    unsafe fn value_pass<const V: usize, const W: usize>(
+        weights: &[f32],
+        values: &[f32],
+        stride: usize,
+        head_dim: usize,
+        rows: &Rows,
+        out: &mut [f32],
+    ) -> usize {
+        let seen = weights.len() / (4 * V);
+        let mut channel = 0;
+        while channel + 4 * W <= head_dim {
+            // SAFETY: channels `channel .. channel + 4·W ≤ head_dim`, positions below `seen` (the caller's promise).
+            let sums = unsafe { value_block::<V, W>(weights, values, seen, stride, channel) };
+            for (m, sum) in sums.iter().enumerate().take(rows.count) {
+                for (i, piece) in sum.iter().enumerate() {
+                    // SAFETY: the row's channels `channel + 4i .. + 4 ≤ head_dim` lie inside `out`.
+                    unsafe {
+                        let o = out.as_mut_ptr().add(rows.at[m] + channel + 4 * i);
+                        vst1q_f32(o, vmulq_n_f32(*piece, rows.inverse[m]));
+                    }
+                }
+            }
+            channel += 4 * W;
+        }
+        while channel + 4 <= head_dim {
+            // SAFETY: channels `channel .. channel + 4 ≤ head_dim`, positions below `seen`.
+            let sums = unsafe { value_block::<V, 1>(weights, values, seen, stride, channel) };
+            for (m, sum) in sums.iter().enumerate().take(rows.count) {
+                // SAFETY: the row's channels `channel .. channel + 4 ≤ head_dim` lie inside `out`.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(rows.at[m] + channel), vmulq_n_f32(sum[0], rows.inverse[m])) };
+            }
+            channel += 4;
+        }
+        channel
+    }
+
+    /// 2ˣ in four lanes for `x ≤ 0` (−∞ included), within a few ulp of the
+    /// exact value down to 2⁻¹²⁶ and 0 below 2⁻¹²⁷: x = n + f with |f| ≤ ½,
+    /// 2ᶠ − 1 by the degree-5 polynomial of [`crate::kernels::ops::neon`]'s
+    /// `exp` in `f·ln 2` (its coefficients times powers of ln 2), 2ⁿ built in
+    /// the exponent field. At the clamp, −127, that field is zero and so is
+    /// the result: no select for underflow, and none for overflow (x ≤ 0).
+    #[inline(always)]
+    fn exp2_nonpositive(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target (arithmetic on registers only).
+        unsafe {
+            let clamped = vmaxq_f32(x, vdupq_n_f32(-127.0));
+            let n = vrndnq_f32(clamped);
+            let f = vsubq_f32(clamped, n);
+            // 2ᶠ − 1 ≈ b1·f + b2·f² + b3·f³ + b4·f⁴ + b5·f⁵, in two halves by f².
+            let f2 = vmulq_f32(f, f);
+            let high = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3c1e_770b)), vdupq_n_f32(f32::from_bits(0x3aac_f696)), f);
+            let low = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3e75_fcd6)), vdupq_n_f32(f32::from_bits(0x3d63_5e50)), f);
+            let low = vfmaq_f32(low, high, f2);
+            let poly = vfmaq_f32(vmulq_n_f32(f, f32::from_bits(0x3f31_7211)), low, f2);
+            // 2ⁿ: n + 127 in the exponent field (0 ..= 127 after the clamp; 0 is the value 0).
+            let scale = vreinterpretq_f32_s32(vaddq_s32(vshlq_n_s32::<23>(vcvtq_s32_f32(n)), vdupq_n_s32(0x3f80_0000)));
+            vfmaq_f32(scale, scale, poly)
+        }
+    }
+
+    /// A tile's scores at every position `scores` has room for (`4·V` a
+    /// position), `K` positions a block, then one: positions from `unmasked`
+    /// on score −∞ in the lanes whose row's last position (`last`) is before
+    /// them. Returns each row's maximum (a lane a row).
+    ///
+    /// # Safety
+    /// As [`score_block`] for every position below `scores.len() / (4·V)`.
+    #[inline(always)]
+    unsafe fn score_pass<const V: usize, const K: usize>(
+        transposed: &[f32],
+        keys: &[f32],
+        stride: usize,
+        head_dim: usize,
+        unmasked: usize,
+        last: &[u32; TILE_ROWS],
+        scores: &mut [f32],
+    ) -> [float32x4_t; V] {
+        let lanes = 4 * V;
+        let seen = scores.len() / lanes;
+        // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS = last.len()`.
+        let limits: [uint32x4_t; V] = std::array::from_fn(|v| unsafe { vld1q_u32(last.as_ptr().add(4 * v)) });
         let mut maxima = [vdupq_n_f32(f32::NEG_INFINITY); V];
         let mut t = 0;
         while t < seen {
-            let block = if t + 4 <= seen { 4 } else { 1 };
-            // SAFETY: positions `t .. t + block ≤ seen ≤ first + tokens` are in the cache (checked).
-            let sums: [[float32x4_t; V]; 4] = unsafe {
-                if block == 4 {
-                    score_block::<V, 4>(transposed, keys, t, stride, head_dim)
+            let block = if t + K <= seen { K } else { 1 };
+            // SAFETY: positions `t .. t + block ≤ seen` are in the cache (the caller's promise).
+            let sums: [[float32x4_t; V]; K] = unsafe {
+                if block == K {
+                    score_block::<V, K>(transposed, keys, t, stride, head_dim)
                 } else {
                     let one = score_block::<V, 1>(transposed, keys, t, stride, head_dim);
-                    [one[0]; 4]
+                    [one[0]; K]
                 }
             };
             for (k, mut sum) in sums.into_iter().enumerate().take(block) {
@@ -896,61 +1044,7 @@ pub mod neon {
             }
             t += block;
         }
-
-        // 3. Weights exp(score − maximum), and their sums.
-        let mut totals = [vdupq_n_f32(0.0); V];
-        for position in scores.chunks_exact_mut(lanes) {
-            for (v, total) in totals.iter_mut().enumerate() {
-                // SAFETY: `4v + 4 ≤ lanes = position.len()`.
-                unsafe {
-                    let e =
-                        crate::kernels::ops::neon::exp(vsubq_f32(vld1q_f32(position.as_ptr().add(4 * v)), maxima[v]));
-                    *total = vaddq_f32(*total, e);
-                    vst1q_f32(position.as_mut_ptr().add(4 * v), e);
-                }
-            }
-        }
-        let mut inverse = [0f32; TILE_ROWS];
-        for (v, total) in totals.iter().enumerate() {
-            // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS`.
-            unsafe { vst1q_f32(inverse.as_mut_ptr().add(4 * v), vdivq_f32(vdupq_n_f32(1.0), *total)) };
-        }
-
-        // 4. Values: eight channels at a time, then four, then one.
-        let mut channel = 0;
-        while channel < head_dim {
-            if channel + 8 <= head_dim {
-                // SAFETY: channels `channel .. channel + 8 ≤ head_dim`; positions below `seen` (checked).
-                let sums = unsafe { value_block::<V, 2>(scores, values, seen, stride, channel) };
-                for (m, sum) in sums.iter().enumerate().take(count) {
-                    let at = row_at(m).0 + channel;
-                    // SAFETY: the row's channels `channel .. channel + 8 ≤ head_dim` lie inside `out` (checked).
-                    unsafe {
-                        vst1q_f32(out.as_mut_ptr().add(at), vmulq_n_f32(sum[0], inverse[m]));
-                        vst1q_f32(out.as_mut_ptr().add(at + 4), vmulq_n_f32(sum[1], inverse[m]));
-                    }
-                }
-                channel += 8;
-            } else if channel + 4 <= head_dim {
-                // SAFETY: channels `channel .. channel + 4 ≤ head_dim`; positions below `seen` (checked).
-                let sums = unsafe { value_block::<V, 1>(scores, values, seen, stride, channel) };
-                for (m, sum) in sums.iter().enumerate().take(count) {
-                    let at = row_at(m).0 + channel;
-                    // SAFETY: the row's channels `channel .. channel + 4 ≤ head_dim` lie inside `out` (checked).
-                    unsafe { vst1q_f32(out.as_mut_ptr().add(at), vmulq_n_f32(sum[0], inverse[m])) };
-                }
-                channel += 4;
-            } else {
-                for m in 0..count {
-                    let mut sum = 0f32;
-                    for (position, weights) in scores.chunks_exact(lanes).enumerate() {
-                        sum += weights[m] * values[position * stride + channel];
-                    }
-                    out[row_at(m).0 + channel] = sum * inverse[m];
-                }
-                channel += 1;
-            }
-        }
+        maxima
     }
 
     /// The scores of `K` positions from `first` against a tile's `4·V`
@@ -1015,7 +1109,7 @@ pub mod neon {
 
     /// `Σ_t weight[t][m] · value[t][channel .. channel + 4·W]` over `seen`
     /// positions for each of a tile's `4·V` rows (`weights` position-major,
-    /// `4·V` a position).
+    /// `4·V` a position), two positions a step.
     ///
     /// # Safety
     /// Channels `channel .. channel + 4·W` of positions below `seen` are in
@@ -1029,26 +1123,32 @@ pub mod neon {
         stride: usize,
         channel: usize,
     ) -> [[float32x4_t; W]; TILE_ROWS] {
-        let zero = vdupq_n_f32(0.0);
-        let mut sums = [[zero; W]; TILE_ROWS];
-        let (mut w, mut value) = (weights.as_ptr(), values.as_ptr().wrapping_add(channel));
-        for _ in 0..seen {
+        let mut sums = [[vdupq_n_f32(0.0); W]; TILE_ROWS];
+        // One position: its weights (a lane a row) times its values.
+        let step = |sums: &mut [[float32x4_t; W]; TILE_ROWS], w: *const f32, value: *const f32| {
             // SAFETY: as the caller promises: this position's 4·V weights and 4·W values.
             unsafe {
                 let lanes: [float32x4_t; V] = std::array::from_fn(|v| vld1q_f32(w.add(4 * v)));
                 let piece: [float32x4_t; W] = std::array::from_fn(|i| vld1q_f32(value.add(4 * i)));
                 for (v, weight) in lanes.iter().enumerate() {
                     for (i, p) in piece.iter().enumerate() {
-                        // Row 4v + j's weight (lane j) times the value's channels.
                         sums[4 * v][i] = vfmaq_laneq_f32::<0>(sums[4 * v][i], *p, *weight);
                         sums[4 * v + 1][i] = vfmaq_laneq_f32::<1>(sums[4 * v + 1][i], *p, *weight);
                         sums[4 * v + 2][i] = vfmaq_laneq_f32::<2>(sums[4 * v + 2][i], *p, *weight);
                         sums[4 * v + 3][i] = vfmaq_laneq_f32::<3>(sums[4 * v + 3][i], *p, *weight);
                     }
                 }
-                w = w.add(4 * V);
-                value = value.wrapping_add(stride);
             }
+        };
+        let (mut w, mut value) = (weights.as_ptr(), values.as_ptr().wrapping_add(channel));
+        for _ in 0..seen / 2 {
+            step(&mut sums, w, value);
+            step(&mut sums, w.wrapping_add(4 * V), value.wrapping_add(stride));
+            w = w.wrapping_add(8 * V);
+            value = value.wrapping_add(2 * stride);
+        }
+        if seen % 2 == 1 {
+            step(&mut sums, w, value);
         }
         sums
     }
