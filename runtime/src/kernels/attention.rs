@@ -1066,9 +1066,9 @@ pub mod neon {
         // SAFETY: as the caller promises.
         let key: [*const f32; K] = std::array::from_fn(|k| unsafe { keys.as_ptr().add((first + k) * stride) });
         let mut q = transposed.as_ptr();
-        for c in 0..full {
-            // SAFETY: chunk `c` of the transposed queries (16·V values at `q`), and
-            // channels `4c .. 4c + 4 ≤ head_dim` of each key.
+        // Chunk `c`: the transposed queries' 16·V values at `q`, each key's channels `4c .. 4c + 4`.
+        let chunk = |sums: &mut [[float32x4_t; V]; K], q: *const f32, c: usize| {
+            // SAFETY: `c < full`: inside every key (the caller's promise) and inside `transposed`.
             unsafe {
                 let pieces: [float32x4x4_t; V] = std::array::from_fn(|v| vld1q_f32_x4(q.add(16 * v)));
                 for k in 0..K {
@@ -1081,8 +1081,17 @@ pub mod neon {
                         *sum = vfmaq_laneq_f32::<3>(*sum, p.3, piece);
                     }
                 }
-                q = q.add(16 * V);
             }
+        };
+        // Two chunks a step, then one.
+        for c in (0..full / 2).map(|i| 2 * i) {
+            chunk(&mut sums, q, c);
+            chunk(&mut sums, q.wrapping_add(16 * V), c + 1);
+            q = q.wrapping_add(32 * V);
+        }
+        if full % 2 == 1 {
+            chunk(&mut sums, q, full - 1);
+            q = q.wrapping_add(16 * V);
         }
         if full * 4 < head_dim {
             // One to three channels left: the key's zero-padded (the queries' are zero there).
@@ -1109,7 +1118,7 @@ pub mod neon {
 
     /// `Σ_t weight[t][m] · value[t][channel .. channel + 4·W]` over `seen`
     /// positions for each of a tile's `4·V` rows (`weights` position-major,
-    /// `4·V` a position), two positions a step.
+    /// `4·V` a position), four positions a step.
     ///
     /// # Safety
     /// Channels `channel .. channel + 4·W` of positions below `seen` are in
@@ -1141,14 +1150,17 @@ pub mod neon {
             }
         };
         let (mut w, mut value) = (weights.as_ptr(), values.as_ptr().wrapping_add(channel));
-        for _ in 0..seen / 2 {
-            step(&mut sums, w, value);
-            step(&mut sums, w.wrapping_add(4 * V), value.wrapping_add(stride));
-            w = w.wrapping_add(8 * V);
-            value = value.wrapping_add(2 * stride);
+        for _ in 0..seen / 4 {
+            for i in 0..4 {
+                step(&mut sums, w.wrapping_add(4 * V * i), value.wrapping_add(stride * i));
+            }
+            w = w.wrapping_add(16 * V);
+            value = value.wrapping_add(4 * stride);
         }
-        if seen % 2 == 1 {
+        for _ in 0..seen % 4 {
             step(&mut sums, w, value);
+            w = w.wrapping_add(4 * V);
+            value = value.wrapping_add(stride);
         }
         sums
     }
