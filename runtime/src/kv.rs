@@ -38,8 +38,8 @@
 use crate::buffers::{filled, filled_product};
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernels::attention::CHANNEL_RUN;
 pub use crate::kernels::attention::KEY_GROUP;
+use crate::kernels::attention::{Causal, CHANNEL_RUN};
 use crate::kernels::Kernels;
 use half::f16;
 use std::fmt;
@@ -715,6 +715,54 @@ impl KvCache {
         for (o, w) in out.iter_mut().zip(window_out.iter()) {
             *o += w;
         }
+    }
+
+    /// Whether [`KvCache::attend_batch`] runs layer `layer`: the f32 cache
+    /// while the layer is not pruned. A quantized cache moves its
+    /// full-precision window as tokens arrive (a token's view of the cache
+    /// exists only between its append and the next), and a pruned layer's
+    /// keys are split in two with the scores of both joined per query: those
+    /// run a token at a time, appending then [`KvCache::attend`].
+    pub fn attends_in_batches(&self, layer: usize) -> bool {
+        self.mode == KvMode::F32 && self.pruned_positions(layer) == 0
+    }
+
+    /// Causal attention of `tokens` consecutive positions from `first`, all
+    /// appended already, for the query heads that share KV head `kv_head`
+    /// over layer `layer` ([`KvCache::attends_in_batches`] must hold): token
+    /// `i`'s heads (`heads_per_kv × head_dim` values at `queries[i·query_stride ..]`)
+    /// see positions `0 ..= first + i`; their outputs go to the same places
+    /// of `out`. `scratch` holds [`Causal::scratch_len`] values for
+    /// `first + tokens` positions. Each cached key and value is read once for
+    /// a whole tile of queries ([`crate::kernels::attention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_batch(
+        &self,
+        kernels: &Kernels,
+        layer: usize,
+        kv_head: usize,
+        first: usize,
+        tokens: usize,
+        queries: &[f32],
+        query_stride: usize,
+        scale: f32,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        assert!(
+            self.attends_in_batches(layer) && tokens > 0 && first + tokens <= self.written[layer],
+            "batched attention of positions {first}..{} over {} written ones of a {} cache{}",
+            first + tokens,
+            self.written[layer],
+            self.mode,
+            if self.pruned_positions(layer) > 0 { ", pruned" } else { "" }
+        );
+        let (kv_dim, head_dim) = (self.kv_dim(), self.head_dim);
+        let shape = Causal { tokens, heads: self.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
+        // The whole cache is the window in f32 mode: position t of this head at t·kv_dim.
+        let start = layer * self.window * kv_dim + kv_head * head_dim;
+        let end = start + (first + tokens - 1) * kv_dim + head_dim;
+        (kernels.attention_causal)(&shape, queries, &self.keys[start..end], &self.values[start..end], scratch, out);
     }
 
     /// [`KvCache::attend`] over a pruned layer of the f32 cache: the

@@ -5,10 +5,11 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
-use crate::buffers::filled_product;
+use crate::buffers::{filled, filled_product};
 use crate::config::{ModelConfig, RopeStyle};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::image::{ModelImage, TensorView};
+use crate::kernels::attention::Causal;
 use crate::kernels::pool::{split_range, ThreadPool, MAX_THREADS};
 use crate::kernels::Kernels;
 use crate::kv::{KvCache, KvMode};
@@ -400,6 +401,7 @@ pub struct RunState {
     hb: Vec<f32>,        // FFN gate (batch, ffn_dim)
     hb2: Vec<f32>,       // FFN up (batch, ffn_dim)
     att: Vec<f32>,       // attention scores of the heads sharing a KV head (heads_per_kv, context)
+    att_tile: Vec<f32>,  // a batch's attention tile: scores, queries (TILE_ROWS, context + head_dim); 0 for batch 1
     logits: Vec<f32>,    // (batch, vocab)
     scratch: Vec<f32>,   // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
     k: Vec<f32>,         // new keys, RoPE applied before they enter the cache (batch, kv_dim)
@@ -466,6 +468,20 @@ impl RunState {
             hb: filled_product("FFN gate (batch × ffn_dim)", &[batch, ffn], 0.0)?,
             hb2: filled_product("FFN up (batch × ffn_dim)", &[batch, ffn], 0.0)?,
             att: filled_product("attention scores (n_heads / n_kv_heads × context)", &[heads_per_kv, context], 0.0)?,
+            // Only batches of more than one token attend in tiles.
+            att_tile: match batch {
+                0 | 1 => Vec::new(),
+                _ => {
+                    let what = "batched attention scratch (TILE_ROWS × (context + head_dim))";
+                    let len = Causal::scratch_len(context, config.head_dim as usize).ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::OutOfMemory,
+                            format!("{what}: the size for {context} positions overflows"),
+                        )
+                    })?;
+                    filled(what, len, 0.0)?
+                }
+            },
             logits: filled_product("logits (batch × vocab_size)", &[batch, vocab], 0.0)?,
             // Only batches of more than one token go through the scratch.
             scratch: filled_product(
@@ -562,6 +578,7 @@ impl RunState {
             + self.hb.len()
             + self.hb2.len()
             + self.att.len()
+            + self.att_tile.len()
             + self.logits.len()
             + self.scratch.len()
             + self.k.len()
@@ -586,6 +603,7 @@ impl RunState {
             &mut self.hb,
             &mut self.hb2,
             &mut self.att,
+            &mut self.att_tile,
             &mut self.logits,
             &mut self.scratch,
             &mut self.k,
@@ -1079,18 +1097,34 @@ impl<'a> Model<'a> {
                 }
             }
 
-            // Causal grouped-query attention, a token at a time: its key and value
-            // enter the cache, then it sees positions 0 ..= pos + b; the query heads
-            // that share a key/value head go through the cache together.
+            // Causal grouped-query attention: token b sees positions 0 ..= pos + b; the
+            // query heads that share a key/value head go through the cache together.
             let scale = 1.0 / (head_dim as f32).sqrt();
             let group = heads_per_kv * head_dim;
-            for b in 0..n {
-                let new = b * kv_dim..(b + 1) * kv_dim;
-                s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
-                s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
+            if n > 1 && s.kv.attends_in_batches(l) {
+                // A prompt batch over the f32 cache: every key and value enters the cache,
+                // then each KV head's queries of the whole batch attend in tiles.
+                for b in 0..n {
+                    let new = b * kv_dim..(b + 1) * kv_dim;
+                    s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
+                    s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
+                }
                 for kv in 0..p.n_kv_heads as usize {
-                    let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;
-                    s.kv.attend(k, l, kv, &s.q[heads.clone()], scale, &mut s.att, &mut s.xb2[heads]);
+                    let heads = kv * group..(n - 1) * q_dim + (kv + 1) * group;
+                    let (queries, out) = (&s.q[heads.clone()], &mut s.xb2[heads]);
+                    s.kv.attend_batch(k, l, kv, pos, n, queries, q_dim, scale, &mut s.att_tile, out);
+                }
+            } else {
+                // A token at a time (decode, quantized caches, pruned layers): its key and
+                // value enter the cache, then it attends.
+                for b in 0..n {
+                    let new = b * kv_dim..(b + 1) * kv_dim;
+                    s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
+                    s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
+                    for kv in 0..p.n_kv_heads as usize {
+                        let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;
+                        s.kv.attend(k, l, kv, &s.q[heads.clone()], scale, &mut s.att, &mut s.xb2[heads]);
+                    }
                 }
             }
 

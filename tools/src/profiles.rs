@@ -15,6 +15,7 @@
 //! states which ones the board will run (`expected_kernels`), for the plan and
 //! the docs (`docs/flash.md`).
 
+use bramble_runtime::kernels::attention::TILE_ROWS;
 use bramble_runtime::kv::{KvCache, KvMode};
 use bramble_runtime::quant::BlockQ8Act;
 use bramble_runtime::session::DEFAULT_BATCH;
@@ -305,6 +306,7 @@ pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, sparse: 
         + 2 * batch * ffn // hb, hb2
         + 2 * batch * config.kv_dim() as u64 // k, v
         + heads_per_kv * context // att
+        + if batch > 1 { TILE_ROWS as u64 * (context + (config.head_dim as u64).div_ceil(4) * 4) } else { 0 } // att_tile
         + batch * vocab // logits
         + if batch > 1 { batch * widest.max(vocab) } else { 0 } // scratch
         + 2 * context * (config.rope_dim as u64 / 2); // rope_cos, rope_sin

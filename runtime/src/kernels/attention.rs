@@ -29,11 +29,78 @@
 //! f32 and multiplied in, never dequantized into a buffer. `scores` rows of
 //! the quantized kernels are `row` apart (the caller's table also holds the
 //! scores of the full-precision window after them).
+//!
+//! `causal` is a prompt's attention over the f32 cache for one KV head:
+//! every query head of every token of a batch that shares it ([`Causal`]),
+//! token `i` seeing positions `0 ..= first + i`. The NEON version takes the
+//! queries [`TILE_ROWS`] at a time (rows token-major, head-minor, across
+//! token boundaries) and streams each cached key and value past the whole
+//! tile once; the reference runs each query through `scores`, softmax and
+//! `values`.
 
 /// Tokens whose keys share a scale and minimum per channel.
 pub const KEY_GROUP: usize = 32;
 /// Channels the quantized kernels handle together; `head_dim` must be a multiple.
 pub const CHANNEL_RUN: usize = 32;
+
+/// Query rows a tile of the NEON `causal` kernel holds: three vectors of four
+/// lanes. Measured against 8 and 4 (see `neon::causal`).
+pub const TILE_ROWS: usize = 12;
+
+/// The shape of one [`causal`](scalar::causal) call: `tokens` consecutive
+/// tokens at positions `first ..`, each with `heads` query heads of
+/// `head_dim` values that share one KV head; token `i`'s head `h` is at
+/// `i·query_stride + h·head_dim` of the queries (and of the output), and
+/// sees the cached positions `0 ..= first + i`, position `t` at `t·stride`
+/// of the keys (and of the values).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Causal {
+    /// Tokens of the batch.
+    pub tokens: usize,
+    /// Query heads a token has for this KV head.
+    pub heads: usize,
+    /// Values of a head.
+    pub head_dim: usize,
+    /// Position of the batch's first token.
+    pub first: usize,
+    /// Values from one token's queries (outputs) to the next's.
+    pub query_stride: usize,
+    /// Values from one cached position to the next (`kv_dim`).
+    pub stride: usize,
+    /// The factor on every score (`1/√head_dim`).
+    pub scale: f32,
+}
+
+impl Causal {
+    /// Scratch values any table's `causal` needs for batches that end at or
+    /// before position `positions` with heads of `head_dim` (a tile's scores,
+    /// `TILE_ROWS × positions`, and its queries transposed, `TILE_ROWS ×
+    /// head_dim` rounded up to 4); `None` if the size overflows.
+    pub fn scratch_len(positions: usize, head_dim: usize) -> Option<usize> {
+        positions.checked_add(head_dim.div_ceil(4).checked_mul(4)?)?.checked_mul(TILE_ROWS)
+    }
+}
+
+/// Checks the shapes every `causal` caller must give (so the unchecked loads are in bounds).
+fn check_causal(shape: &Causal, queries: usize, keys: usize, values: usize, scratch: usize, out: usize) {
+    let Causal { tokens, heads, head_dim, first, query_stride, stride, .. } = *shape;
+    let group = heads.checked_mul(head_dim);
+    let batch = group.and_then(|g| tokens.checked_sub(1)?.checked_mul(query_stride)?.checked_add(g));
+    let cache = (first.checked_add(tokens).and_then(|p| p.checked_sub(1)))
+        .and_then(|last| last.checked_mul(stride)?.checked_add(head_dim));
+    let needed = first.checked_add(tokens).and_then(|p| Causal::scratch_len(p, head_dim));
+    assert!(
+        heads > 0
+            && head_dim > 0
+            && group.is_some_and(|g| query_stride >= g)
+            && stride >= head_dim
+            && batch.is_some_and(|b| queries >= b && out >= b)
+            && cache.is_some_and(|c| keys >= c && values >= c)
+            && needed.is_some_and(|n| scratch >= n),
+        "causal attention shapes disagree: {shape:?} with {queries} query values, {out} outputs, {keys} keys, \
+         {values} values and {scratch} scratch values"
+    );
+}
 
 /// Reference implementations.
 pub mod scalar {
@@ -66,6 +133,31 @@ pub mod scalar {
                 for (o, v) in head.iter_mut().zip(&values[t * stride..t * stride + head_dim]) {
                     *o += weight * v;
                 }
+            }
+        }
+    }
+
+    /// As [`super::Causal`] describes: each query's scores into `scratch`,
+    /// [`softmax`](crate::kernels::ops::scalar::softmax), then its weighted
+    /// values, a query at a time.
+    pub fn causal(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        super::check_causal(shape, queries.len(), keys.len(), values.len(), scratch.len(), out.len());
+        let head_dim = shape.head_dim;
+        for token in 0..shape.tokens {
+            let seen = shape.first + token + 1;
+            for head in 0..shape.heads {
+                let at = token * shape.query_stride + head * head_dim;
+                let row = &mut scratch[..seen];
+                scores(&queries[at..at + head_dim], head_dim, keys, shape.stride, seen, shape.scale, row);
+                crate::kernels::ops::scalar::softmax(row);
+                self::values(row, seen, values, shape.stride, head_dim, &mut out[at..at + head_dim]);
             }
         }
     }
@@ -218,7 +310,7 @@ pub mod scalar {
 /// order than the reference; the weighted sums use fused multiply-adds.
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
-    use super::{CHANNEL_RUN, KEY_GROUP};
+    use super::{CHANNEL_RUN, KEY_GROUP, TILE_ROWS};
     use half::f16;
     use std::arch::aarch64::*;
 
@@ -653,5 +745,423 @@ pub mod neon {
                 }
             }
         }
+    }
+
+    /// As [`super::scalar::causal`]: the query rows (token-major, head-minor)
+    /// [`TILE_ROWS`] at a time, the last tile of 4 or 8 rows if fewer remain.
+    /// Per tile:
+    ///
+    /// 1. the tile's queries, times `scale·log₂e`, transposed into the
+    ///    scratch: for each run of four channels, each channel's value of
+    ///    every row (a vector a run of four rows);
+    /// 2. scores (in base 2): four cached keys at a time, each key's
+    ///    four-channel piece multiplied by lane into the rows' vectors (`fmla`
+    ///    by element), so a key is loaded once for the whole tile and no sum
+    ///    crosses lanes. Stored position-major (`positions × rows`); a
+    ///    position past what a row's token sees scores −∞; each row's maximum
+    ///    kept in lanes;
+    /// 3. `2^(score − maximum)` in place and each row's sum, in lanes;
+    /// 4. values: for eight channels at a time, the weights of the whole
+    ///    tile by lane against each cached value's eight channels; each row's
+    ///    sum divided out once, at the end.
+    pub fn causal(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        super::check_causal(shape, queries.len(), keys.len(), values.len(), scratch.len(), out.len());
+        let rows = shape.tokens * shape.heads;
+        let mut start = 0;
+        while start < rows {
+            let count = (rows - start).min(TILE_ROWS);
+            // SAFETY: NEON is part of every aarch64 target; shapes checked above,
+            // and rows `start .. start + count` are rows of the batch.
+            unsafe {
+                match count.div_ceil(4) {
+                    1 => causal_tile::<1>(shape, start, count, queries, keys, values, scratch, out),
+                    2 => causal_tile::<2>(shape, start, count, queries, keys, values, scratch, out),
+                    _ => causal_tile::<3>(shape, start, count, queries, keys, values, scratch, out),
+                }
+            }
+            start += count;
+        }
+    }
+
+    /// Rows `start .. start + count` of a [`causal`] call, `count ≤ 4·V`;
+    /// the lanes past `count` repeat the tile's first row (finite data whose
+    /// results are dropped). Not inlined: each tile width gets the whole
+    /// register file.
+    ///
+    /// # Safety
+    /// Shapes as [`super::check_causal`] accepts; `start + count ≤ tokens·heads`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    #[target_feature(enable = "neon")]
+    unsafe fn causal_tile<const V: usize>(
+        shape: &super::Causal,
+        start: usize,
+        count: usize,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (head_dim, heads, stride) = (shape.head_dim, shape.heads, shape.stride);
+        let lanes = 4 * V;
+        let (full, chunks) = (head_dim / 4, head_dim.div_ceil(4));
+        // Each lane's row: where it is in the queries (and the output), and the
+        // last position its token sees (padding lanes: every position).
+        let mut at = [0usize; TILE_ROWS];
+        let mut last = [u32::MAX; TILE_ROWS];
+        for m in 0..lanes {
+            let row = start + if m < count { m } else { 0 };
+            at[m] = row / heads * shape.query_stride + row % heads * head_dim;
+            if m < count {
+                last[m] = (shape.first + row / heads) as u32;
+            }
+        }
+        let seen = shape.first + (start + count - 1) / heads + 1;
+        let unmasked = shape.first + start / heads + 1;
+        let (transposed, scores) = scratch.split_at_mut(chunks * 4 * lanes);
+        let scores = &mut scores[..seen * lanes];
+
+        // 1. Queries transposed: chunk c, row vector v, channel l of the chunk
+        // at ((c·V + v)·4 + l)·4, one lane a row.
+        let factor = shape.scale * std::f32::consts::LOG2_E;
+        for v in 0..V {
+            let q = queries.as_ptr();
+            let row = &at[4 * v..4 * v + 4];
+            for c in 0..full {
+                // SAFETY: each row's channels `4c .. 4c + 4 ≤ head_dim` lie inside the queries (checked);
+                // the store is inside `transposed` (`(c·V + v + 1)·16 ≤ chunks·4·lanes`).
+                unsafe {
+                    let zero = vdupq_n_f32(0.0);
+                    let mut t = float32x4x4_t(zero, zero, zero, zero);
+                    t = vld4q_lane_f32::<0>(q.add(row[0] + 4 * c), t);
+                    t = vld4q_lane_f32::<1>(q.add(row[1] + 4 * c), t);
+                    t = vld4q_lane_f32::<2>(q.add(row[2] + 4 * c), t);
+                    t = vld4q_lane_f32::<3>(q.add(row[3] + 4 * c), t);
+                    let scaled = float32x4x4_t(
+                        vmulq_n_f32(t.0, factor),
+                        vmulq_n_f32(t.1, factor),
+                        vmulq_n_f32(t.2, factor),
+                        vmulq_n_f32(t.3, factor),
+                    );
+                    vst1q_f32_x4(transposed.as_mut_ptr().add((c * V + v) * 16), scaled);
+                }
+            }
+            // A last chunk of one to three channels, zero-padded.
+            if full < chunks {
+                for (j, &row) in row.iter().enumerate() {
+                    for l in 0..4 {
+                        let channel = 4 * full + l;
+                        let value = if channel < head_dim { queries[row + channel] * factor } else { 0.0 };
+                        transposed[((full * V + v) * 4 + l) * 4 + j] = value;
+                    }
+                }
+            }
+        }
+
+        // 2. Scores: positions a block at a time (as many as the registers hold beside the tile), then one.
+        // SAFETY: positions below `seen ≤ first + tokens` are in the cache (checked); `scores` holds
+        // `seen·lanes` values and `transposed` the tile's `chunks` chunks.
+        let maxima = unsafe {
+            match V {
+                3 => score_pass::<V, 4>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+                2 => score_pass::<V, 6>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+                _ => score_pass::<V, 8>(transposed, keys, stride, head_dim, unmasked, &last, scores),
+            }
+        };
+
+        // 3. Weights 2^(score − maximum), and their sums.
+        let mut totals = [vdupq_n_f32(0.0); V];
+        for position in scores.chunks_exact_mut(lanes) {
+            for (v, total) in totals.iter_mut().enumerate() {
+                // SAFETY: `4v + 4 ≤ lanes = position.len()`.
+                unsafe {
+                    let e = exp2_nonpositive(vsubq_f32(vld1q_f32(position.as_ptr().add(4 * v)), maxima[v]));
+                    *total = vaddq_f32(*total, e);
+                    vst1q_f32(position.as_mut_ptr().add(4 * v), e);
+                }
+            }
+        }
+        let mut inverse = [0f32; TILE_ROWS];
+        for (v, total) in totals.iter().enumerate() {
+            // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS`.
+            unsafe { vst1q_f32(inverse.as_mut_ptr().add(4 * v), vdivq_f32(vdupq_n_f32(1.0), *total)) };
+        }
+
+        // 4. Values: as many channels at a time as the registers hold beside the tile, then four, then one.
+        let rows = Rows { at: &at, inverse: &inverse, count };
+        // SAFETY: positions below `seen ≤ first + tokens` are in the cache and every row's
+        // `head_dim` outputs in `out` (checked); `scores` holds `seen·lanes` weights.
+        let channel = unsafe {
+            match V {
+                3 => value_pass::<V, 2>(scores, values, stride, head_dim, &rows, out),
+                2 => value_pass::<V, 3>(scores, values, stride, head_dim, &rows, out),
+                _ => value_pass::<V, 6>(scores, values, stride, head_dim, &rows, out),
+            }
+        };
+        for channel in channel..head_dim {
+            for m in 0..count {
+                let mut sum = 0f32;
+                for (position, weights) in scores.chunks_exact(lanes).enumerate() {
+                    sum += weights[m] * values[position * stride + channel];
+                }
+                out[at[m] + channel] = sum * inverse[m];
+            }
+        }
+    }
+
+    /// Where a tile's rows go: each row's place in the output and the inverse of its weights' sum.
+    struct Rows<'a> {
+        at: &'a [usize; TILE_ROWS],
+        inverse: &'a [f32; TILE_ROWS],
+        count: usize,
+    }
+
+    /// A tile's outputs, `4·W` channels at a time, then four; returns the
+    /// first channel left (fewer than four remain).
+    ///
+    /// # Safety
+    /// As [`value_block`] for every channel below `head_dim` and every
+    /// position `weights` holds (`4·V` a position); each row's `head_dim`
+    /// outputs lie inside `out` from `rows.at`.
+    #[inline(always)]
+    unsafe fn value_pass<const V: usize, const W: usize>(
+        weights: &[f32],
+        values: &[f32],
+        stride: usize,
+        head_dim: usize,
+        rows: &Rows,
+        out: &mut [f32],
+    ) -> usize {
+        let seen = weights.len() / (4 * V);
+        let mut channel = 0;
+        while channel + 4 * W <= head_dim {
+            // SAFETY: channels `channel .. channel + 4·W ≤ head_dim`, positions below `seen` (the caller's promise).
+            let sums = unsafe { value_block::<V, W>(weights, values, seen, stride, channel) };
+            for (m, sum) in sums.iter().enumerate().take(rows.count) {
+                for (i, piece) in sum.iter().enumerate() {
+                    // SAFETY: the row's channels `channel + 4i .. + 4 ≤ head_dim` lie inside `out`.
+                    unsafe {
+                        let o = out.as_mut_ptr().add(rows.at[m] + channel + 4 * i);
+                        vst1q_f32(o, vmulq_n_f32(*piece, rows.inverse[m]));
+                    }
+                }
+            }
+            channel += 4 * W;
+        }
+        while channel + 4 <= head_dim {
+            // SAFETY: channels `channel .. channel + 4 ≤ head_dim`, positions below `seen`.
+            let sums = unsafe { value_block::<V, 1>(weights, values, seen, stride, channel) };
+            for (m, sum) in sums.iter().enumerate().take(rows.count) {
+                // SAFETY: the row's channels `channel .. channel + 4 ≤ head_dim` lie inside `out`.
+                unsafe { vst1q_f32(out.as_mut_ptr().add(rows.at[m] + channel), vmulq_n_f32(sum[0], rows.inverse[m])) };
+            }
+            channel += 4;
+        }
+        channel
+    }
+
+    /// 2ˣ in four lanes for `x ≤ 0` (−∞ included), within a few ulp of the
+    /// exact value down to 2⁻¹²⁶ and 0 below 2⁻¹²⁷: x = n + f with |f| ≤ ½,
+    /// 2ᶠ − 1 by the degree-5 polynomial of [`crate::kernels::ops::neon`]'s
+    /// `exp` in `f·ln 2` (its coefficients times powers of ln 2), 2ⁿ built in
+    /// the exponent field. At the clamp, −127, that field is zero and so is
+    /// the result: no select for underflow, and none for overflow (x ≤ 0).
+    #[inline(always)]
+    fn exp2_nonpositive(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of every aarch64 target (arithmetic on registers only).
+        unsafe {
+            let clamped = vmaxq_f32(x, vdupq_n_f32(-127.0));
+            let n = vrndnq_f32(clamped);
+            let f = vsubq_f32(clamped, n);
+            // 2ᶠ − 1 ≈ b1·f + b2·f² + b3·f³ + b4·f⁴ + b5·f⁵, in two halves by f².
+            let f2 = vmulq_f32(f, f);
+            let high = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3c1e_770b)), vdupq_n_f32(f32::from_bits(0x3aac_f696)), f);
+            let low = vfmaq_f32(vdupq_n_f32(f32::from_bits(0x3e75_fcd6)), vdupq_n_f32(f32::from_bits(0x3d63_5e50)), f);
+            let low = vfmaq_f32(low, high, f2);
+            let poly = vfmaq_f32(vmulq_n_f32(f, f32::from_bits(0x3f31_7211)), low, f2);
+            // 2ⁿ: n + 127 in the exponent field (0 ..= 127 after the clamp; 0 is the value 0).
+            let scale = vreinterpretq_f32_s32(vaddq_s32(vshlq_n_s32::<23>(vcvtq_s32_f32(n)), vdupq_n_s32(0x3f80_0000)));
+            vfmaq_f32(scale, scale, poly)
+        }
+    }
+
+    /// A tile's scores at every position `scores` has room for (`4·V` a
+    /// position), `K` positions a block, then one: positions from `unmasked`
+    /// on score −∞ in the lanes whose row's last position (`last`) is before
+    /// them. Returns each row's maximum (a lane a row).
+    ///
+    /// # Safety
+    /// As [`score_block`] for every position below `scores.len() / (4·V)`.
+    #[inline(always)]
+    unsafe fn score_pass<const V: usize, const K: usize>(
+        transposed: &[f32],
+        keys: &[f32],
+        stride: usize,
+        head_dim: usize,
+        unmasked: usize,
+        last: &[u32; TILE_ROWS],
+        scores: &mut [f32],
+    ) -> [float32x4_t; V] {
+        let lanes = 4 * V;
+        let seen = scores.len() / lanes;
+        // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS = last.len()`.
+        let limits: [uint32x4_t; V] = std::array::from_fn(|v| unsafe { vld1q_u32(last.as_ptr().add(4 * v)) });
+        let mut maxima = [vdupq_n_f32(f32::NEG_INFINITY); V];
+        let mut t = 0;
+        while t < seen {
+            let block = if t + K <= seen { K } else { 1 };
+            // SAFETY: positions `t .. t + block ≤ seen` are in the cache (the caller's promise).
+            let sums: [[float32x4_t; V]; K] = unsafe {
+                if block == K {
+                    score_block::<V, K>(transposed, keys, t, stride, head_dim)
+                } else {
+                    let one = score_block::<V, 1>(transposed, keys, t, stride, head_dim);
+                    [one[0]; K]
+                }
+            };
+            for (k, mut sum) in sums.into_iter().enumerate().take(block) {
+                let position = t + k;
+                if position >= unmasked {
+                    // Past what a row's token sees: −∞, weight 0.
+                    let hidden = vdupq_n_u32(position as u32);
+                    for (s, limit) in sum.iter_mut().zip(&limits) {
+                        *s = vbslq_f32(vcgtq_u32(hidden, *limit), vdupq_n_f32(f32::NEG_INFINITY), *s);
+                    }
+                }
+                for (v, s) in sum.iter().enumerate() {
+                    maxima[v] = vmaxq_f32(maxima[v], *s);
+                    // SAFETY: `(position + 1)·lanes ≤ seen·lanes = scores.len()`.
+                    unsafe { vst1q_f32(scores.as_mut_ptr().add(position * lanes + 4 * v), *s) };
+                }
+            }
+            t += block;
+        }
+        maxima
+    }
+
+    /// The scores of `K` positions from `first` against a tile's `4·V`
+    /// transposed queries: for each position, a vector a run of four rows.
+    ///
+    /// # Safety
+    /// Positions `first .. first + K` are in `keys` (`t·stride + head_dim ≤
+    /// keys.len()`); `transposed` holds `head_dim.div_ceil(4)` chunks of `16·V`.
+    #[inline(always)]
+    unsafe fn score_block<const V: usize, const K: usize>(
+        transposed: &[f32],
+        keys: &[f32],
+        first: usize,
+        stride: usize,
+        head_dim: usize,
+    ) -> [[float32x4_t; V]; K] {
+        let mut sums = [[vdupq_n_f32(0.0); V]; K];
+        let full = head_dim / 4;
+        // SAFETY: as the caller promises.
+        let key: [*const f32; K] = std::array::from_fn(|k| unsafe { keys.as_ptr().add((first + k) * stride) });
+        let mut q = transposed.as_ptr();
+        // Chunk `c`: the transposed queries' 16·V values at `q`, each key's channels `4c .. 4c + 4`.
+        let chunk = |sums: &mut [[float32x4_t; V]; K], q: *const f32, c: usize| {
+            // SAFETY: `c < full`: inside every key (the caller's promise) and inside `transposed`.
+            unsafe {
+                let pieces: [float32x4x4_t; V] = std::array::from_fn(|v| vld1q_f32_x4(q.add(16 * v)));
+                for k in 0..K {
+                    let piece = vld1q_f32(key[k].add(4 * c));
+                    for (sum, p) in sums[k].iter_mut().zip(&pieces) {
+                        // Channel l of the key times channel l of every row.
+                        *sum = vfmaq_laneq_f32::<0>(*sum, p.0, piece);
+                        *sum = vfmaq_laneq_f32::<1>(*sum, p.1, piece);
+                        *sum = vfmaq_laneq_f32::<2>(*sum, p.2, piece);
+                        *sum = vfmaq_laneq_f32::<3>(*sum, p.3, piece);
+                    }
+                }
+            }
+        };
+        // Two chunks a step, then one.
+        for c in (0..full / 2).map(|i| 2 * i) {
+            chunk(&mut sums, q, c);
+            chunk(&mut sums, q.wrapping_add(16 * V), c + 1);
+            q = q.wrapping_add(32 * V);
+        }
+        if full % 2 == 1 {
+            chunk(&mut sums, q, full - 1);
+            q = q.wrapping_add(16 * V);
+        }
+        if full * 4 < head_dim {
+            // One to three channels left: the key's zero-padded (the queries' are zero there).
+            // SAFETY: the last chunk of the transposed queries; channels `4·full .. head_dim` of each key.
+            unsafe {
+                let pieces: [float32x4x4_t; V] = std::array::from_fn(|v| vld1q_f32_x4(q.add(16 * v)));
+                for k in 0..K {
+                    let mut padded = [0f32; 4];
+                    for (l, p) in padded.iter_mut().enumerate().take(head_dim - 4 * full) {
+                        *p = *key[k].add(4 * full + l);
+                    }
+                    let piece = vld1q_f32(padded.as_ptr());
+                    for (sum, p) in sums[k].iter_mut().zip(&pieces) {
+                        *sum = vfmaq_laneq_f32::<0>(*sum, p.0, piece);
+                        *sum = vfmaq_laneq_f32::<1>(*sum, p.1, piece);
+                        *sum = vfmaq_laneq_f32::<2>(*sum, p.2, piece);
+                        *sum = vfmaq_laneq_f32::<3>(*sum, p.3, piece);
+                    }
+                }
+            }
+        }
+        sums
+    }
+
+    /// `Σ_t weight[t][m] · value[t][channel .. channel + 4·W]` over `seen`
+    /// positions for each of a tile's `4·V` rows (`weights` position-major,
+    /// `4·V` a position), four positions a step.
+    ///
+    /// # Safety
+    /// Channels `channel .. channel + 4·W` of positions below `seen` are in
+    /// `values` (`t·stride + channel + 4·W ≤ values.len()`); `weights` holds
+    /// `seen·4·V` values.
+    #[inline(always)]
+    unsafe fn value_block<const V: usize, const W: usize>(
+        weights: &[f32],
+        values: &[f32],
+        seen: usize,
+        stride: usize,
+        channel: usize,
+    ) -> [[float32x4_t; W]; TILE_ROWS] {
+        let mut sums = [[vdupq_n_f32(0.0); W]; TILE_ROWS];
+        // One position: its weights (a lane a row) times its values.
+        let step = |sums: &mut [[float32x4_t; W]; TILE_ROWS], w: *const f32, value: *const f32| {
+            // SAFETY: as the caller promises: this position's 4·V weights and 4·W values.
+            unsafe {
+                let lanes: [float32x4_t; V] = std::array::from_fn(|v| vld1q_f32(w.add(4 * v)));
+                let piece: [float32x4_t; W] = std::array::from_fn(|i| vld1q_f32(value.add(4 * i)));
+                for (v, weight) in lanes.iter().enumerate() {
+                    for (i, p) in piece.iter().enumerate() {
+                        sums[4 * v][i] = vfmaq_laneq_f32::<0>(sums[4 * v][i], *p, *weight);
+                        sums[4 * v + 1][i] = vfmaq_laneq_f32::<1>(sums[4 * v + 1][i], *p, *weight);
+                        sums[4 * v + 2][i] = vfmaq_laneq_f32::<2>(sums[4 * v + 2][i], *p, *weight);
+                        sums[4 * v + 3][i] = vfmaq_laneq_f32::<3>(sums[4 * v + 3][i], *p, *weight);
+                    }
+                }
+            }
+        };
+        let (mut w, mut value) = (weights.as_ptr(), values.as_ptr().wrapping_add(channel));
+        for _ in 0..seen / 4 {
+            for i in 0..4 {
+                step(&mut sums, w.wrapping_add(4 * V * i), value.wrapping_add(stride * i));
+            }
+            w = w.wrapping_add(16 * V);
+            value = value.wrapping_add(4 * stride);
+        }
+        for _ in 0..seen % 4 {
+            step(&mut sums, w, value);
+            w = w.wrapping_add(4 * V);
+            value = value.wrapping_add(stride);
+        }
+        sums
     }
 }

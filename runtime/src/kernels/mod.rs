@@ -46,6 +46,9 @@ pub type AttentionScoresQuantized = fn(&[f32], usize, &[u8], &[f16], &[f16], usi
 /// Score-weighted sums of quantized values for a group of heads:
 /// `(weights, row, positions, codes, value_scales, value_mins, head_dim, out)` ([`attention`]).
 pub type AttentionValuesQuantized = fn(&[f32], usize, usize, &[u8], &[f16], &[f16], usize, &mut [f32]);
+/// Causal attention of a batch of tokens' query heads that share a KV head, over the f32 cache:
+/// `(shape, queries, keys, values, scratch, out)` ([`attention::Causal`]).
+pub type AttentionCausal = fn(&attention::Causal, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
 
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +101,8 @@ pub struct Kernels {
     pub attention_values_q8: AttentionValuesQuantized,
     /// Attention-weighted 4-bit quantized values.
     pub attention_values_q4: AttentionValuesQuantized,
+    /// A prompt batch's causal attention over the f32 cache, a KV head at a time.
+    pub attention_causal: AttentionCausal,
     /// R-Sparse's split of a layer input into exact and low-rank channels.
     pub sparse_split: sparse::Split,
     /// R-Sparse's `out += U · low`, `U` stored column by column.
@@ -135,6 +140,7 @@ impl Kernels {
         attention_scores_q4: attention::scalar::scores_q4,
         attention_values_q8: attention::scalar::values_q8,
         attention_values_q4: attention::scalar::values_q4,
+        attention_causal: attention::scalar::causal,
         sparse_split: sparse::scalar::split,
         low_rank_add: sparse::scalar::low_rank_add,
         project_out: ops::scalar::project_out,
@@ -168,6 +174,7 @@ impl Kernels {
         attention_scores_q4: attention::neon::scores_q4,
         attention_values_q8: attention::neon::values_q8,
         attention_values_q4: attention::neon::values_q4,
+        attention_causal: attention::neon::causal,
         sparse_split: sparse::neon::split,
         low_rank_add: sparse::neon::low_rank_add,
         project_out: ops::neon::project_out,

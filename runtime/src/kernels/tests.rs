@@ -564,6 +564,141 @@ fn attention_scores_match_the_reference_at_pruned_widths() {
     }
 }
 
+/// Batched causal attention against the reference, and the reference against
+/// f64: the scores differ by summation order (and the NEON kernel's scale is
+/// applied to the query, not the sum), the weights by `exp`'s few ulp, the
+/// weighted sums by order. Relative to `Σₜ pₜ·|vₜ|` times one plus the
+/// largest `scale·Σ|q·k|` of the row (a score's error moves every weight).
+const CAUSAL_RELATIVE: f32 = 2e-6;
+
+/// Head sizes around the batched kernel's runs of 8 and 4 channels and their tails (48 and 40: not multiples of 16).
+const CAUSAL_HEAD_DIMS: [usize; 7] = [64, 48, 40, 12, 6, 3, 131];
+
+/// A causal attention problem: queries of `tokens` tokens × `heads` heads
+/// (token stride `query_stride`, with a gap), the cache of `first + tokens`
+/// positions (stride `stride`, with a gap).
+struct CausalCase {
+    shape: super::attention::Causal,
+    queries: Vec<f32>,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl CausalCase {
+    fn new(tokens: usize, heads: usize, head_dim: usize, first: usize, spread: f32, seed: u32) -> Self {
+        let query_stride = heads * head_dim * 2 + 3;
+        let stride = head_dim * 3 + 4;
+        let positions = first + tokens;
+        let shape = super::attention::Causal {
+            tokens,
+            heads,
+            head_dim,
+            first,
+            query_stride,
+            stride,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let queries = data((tokens - 1) * query_stride + heads * head_dim, seed).iter().map(|v| v * spread).collect();
+        let cache = (positions - 1) * stride + head_dim;
+        CausalCase { shape, queries, keys: data(cache, seed + 1), values: data(cache, seed + 2) }
+    }
+
+    /// The outputs of `k` (NaN where the layout has gaps), with the scratch
+    /// exactly as long as [`super::attention::Causal::scratch_len`] asks and
+    /// checked for writes past it.
+    fn run(&self, k: &Kernels) -> Vec<f32> {
+        let s = &self.shape;
+        let needed = super::attention::Causal::scratch_len(s.first + s.tokens, s.head_dim).unwrap();
+        let mut scratch = vec![f32::NAN; needed + 16];
+        scratch[needed..].fill(-9.0);
+        let mut out = vec![f32::NAN; self.queries.len()];
+        (k.attention_causal)(s, &self.queries, &self.keys, &self.values, &mut scratch[..needed], &mut out);
+        assert!(scratch[needed..].iter().all(|&v| v == -9.0), "{}: wrote past the scratch", k.name);
+        out
+    }
+
+    /// The outputs of `(token, head)` in f64, each with its error scale (see [`CAUSAL_RELATIVE`]).
+    fn exact(&self, token: usize, head: usize) -> Vec<(f64, f32)> {
+        let s = &self.shape;
+        let query = &self.queries[token * s.query_stride + head * s.head_dim..][..s.head_dim];
+        let seen = s.first + token + 1;
+        let key = |t: usize| &self.keys[t * s.stride..][..s.head_dim];
+        let terms = |t: usize| query.iter().zip(key(t)).map(|(&q, &k)| s.scale as f64 * q as f64 * k as f64);
+        let scores: Vec<f64> = (0..seen).map(|t| terms(t).sum::<f64>()).collect();
+        let largest = (0..seen).map(|t| terms(t).map(f64::abs).sum::<f64>()).fold(0.0, f64::max);
+        let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        (0..s.head_dim)
+            .map(|channel| {
+                let value = |t: usize| self.values[t * s.stride + channel] as f64;
+                let output = (0..seen).map(|t| weights[t] / total * value(t)).sum::<f64>();
+                let magnitude = (0..seen).map(|t| weights[t] / total * value(t).abs()).sum::<f64>();
+                (output, (magnitude * (1.0 + largest)) as f32)
+            })
+            .collect()
+    }
+}
+
+/// Every table's batched causal attention against the scalar reference, and
+/// the reference against f64: heads of 64, 48, 40 and tails down to 3; one to
+/// four heads a KV head; batches from one token to more than a tile of rows
+/// plus every tail (rows cross tokens); first positions 0 and above, so that
+/// the positions a tile reads end at every remainder of its blocks of four.
+#[test]
+fn causal_attention_matches_the_reference_and_f64() {
+    use super::attention::TILE_ROWS;
+    // The largest error seen as a share of its bound, per table (the reference: against f64).
+    let mut worst = vec![0f32; Kernels::all_available().len()];
+    for head_dim in CAUSAL_HEAD_DIMS {
+        for heads in 1..=4 {
+            let most_tokens = (TILE_ROWS + 3) / heads + 2;
+            for tokens in 1..=most_tokens {
+                for first in [0, 1, 2, 3, 6, 37] {
+                    for spread in [1.0, 6.0] {
+                        let label =
+                            format!("head_dim {head_dim} heads {heads} tokens {tokens} first {first} spread {spread}");
+                        let case = CausalCase::new(tokens, heads, head_dim, first, spread, (head_dim + tokens) as u32);
+                        let expected = case.run(&Kernels::SCALAR);
+                        let s = &case.shape;
+                        let exact: Vec<Vec<(f64, f32)>> =
+                            (0..tokens * heads).map(|row| case.exact(row / heads, row % heads)).collect();
+                        for (table, k) in Kernels::all_available().into_iter().enumerate() {
+                            let got = if k.name == "scalar" { expected.clone() } else { case.run(k) };
+                            for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                                let (token, within) = (i / s.query_stride, i % s.query_stride);
+                                if within >= heads * head_dim {
+                                    assert!(g.is_nan(), "{}: {label}: wrote into the gap at {i}", k.name);
+                                    continue;
+                                }
+                                let (head, channel) = (within / head_dim, within % head_dim);
+                                let (exact, bound) = exact[token * heads + head][channel];
+                                let error = if k.name == "scalar" { (e - exact as f32).abs() } else { (g - e).abs() };
+                                worst[table] = worst[table].max(error / (CAUSAL_RELATIVE * bound));
+                                if k.name == "scalar" {
+                                    assert!(
+                                        close(*e, exact as f32, CAUSAL_RELATIVE * bound),
+                                        "{label}: reference {token}, {head}, {channel}: {e} vs f64 {exact}"
+                                    );
+                                } else {
+                                    assert!(
+                                        close(*g, *e, CAUSAL_RELATIVE * bound),
+                                        "{}: {label}: output {token}, {head}, {channel}: {g} vs {e}",
+                                        k.name
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (k, worst) in Kernels::all_available().into_iter().zip(worst) {
+        eprintln!("{}: the largest error is {worst:.3} of its bound", k.name);
+    }
+}
+
 /// Synthetic quantized KV data: codes in their full range for `bits`
 /// (every byte is valid), f16 scales in (0, 0.02] and minimums in [−1, 1].
 fn kv_codes(count: usize, bits: u32, seed: u32) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
