@@ -44,7 +44,10 @@ pub const KEY_GROUP: usize = 32;
 pub const CHANNEL_RUN: usize = 32;
 
 /// Query rows a tile of the NEON `causal` kernel holds: three vectors of four
-/// lanes. Measured against 8 and 4 (see `neon::causal`).
+/// lanes (four tokens of SmolLM2's three heads a KV head). Measured on
+/// SmolLM2-135M q4, cortex-a76, prompts of 64 → 192 tokens, the kernel's
+/// guest instructions per prompt token: 1.70 M at 12 rows, 1.76 M at 8,
+/// 2.01 M at 4 (the per-token kernels it replaces: 2.77 M).
 pub const TILE_ROWS: usize = 12;
 
 /// The shape of one [`causal`](scalar::causal) call: `tokens` consecutive
