@@ -4,7 +4,8 @@
 //! heap allocation, for every weight encoding and for the real model, with
 //! an f32 KV cache and with quantized ones (whose steps quantize a group of
 //! keys and values when the full-precision window fills), and with key-channel
-//! pruning (whose first step prunes the prompt's keys in place).
+//! pruning (whose first step prunes the prompt's keys in place). Nor does a
+//! prompt batch, in any KV mode (the f32 cache's attends in tiles).
 //!
 //! This test binary installs the runtime's counting global allocator
 //! (`bramble_runtime::allocations`, the one `bramble` and `brambled` install)
@@ -255,4 +256,28 @@ fn finishing_a_stream_on_an_incomplete_character_allocates_nothing() {
     });
     assert_eq!(streamed, 1, "the text before the incomplete character, and no U+FFFD for it (issue 22)");
     assert_eq!(allocations, 0, "finishing the stream allocated {allocations} times");
+}
+
+#[test]
+fn prompt_batches_allocate_nothing_in_every_kv_mode() {
+    use bramble_runtime::model::Logits;
+    // Three query heads a KV head, heads of 32 (every KV mode runs): f32 batches attend in tiles.
+    let shape = SyntheticShape { dim: 192, n_layers: 2, n_heads: 6, n_kv_heads: 2, ..SyntheticShape::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three-heads-a-kv-head.bramble");
+    convert(&synthetic(shape, 5), &path, &ConvertOptions::new(QuantTarget::parse("q8").unwrap())).unwrap();
+    let image = ModelImage::open(&path).unwrap();
+    let tokens: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % image.config().vocab_size).collect();
+    for kv in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
+        let mut model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
+        model.set_kv_mode(kv).unwrap();
+        let mut state = model.new_state(128, 32);
+        // Batches of 32, 32, 32 and 4, every position's logits.
+        let (_, allocations) = count_allocations(|| {
+            for (i, batch) in tokens.chunks(32).enumerate() {
+                model.forward(&mut state, batch, i * 32, Logits::All).unwrap();
+            }
+        });
+        assert_eq!(allocations, 0, "{kv}: four prompt batches allocated {allocations} times");
+    }
 }
