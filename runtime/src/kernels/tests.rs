@@ -1104,13 +1104,23 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
 /// The channel-major GEMMs (every channel, a batch of tokens) against the
 /// one-token reference, token by token: the scalar GEMM gives its bits,
 /// every table stays within the integer-product bound. Batches 1 to 17 (the
-/// `sdot` tiles take 8, 4, 2 and 1 tokens, the ARMv8.0 ones 4 and 1), 1 to
-/// 33 column blocks (the `sdot` GEMM packs up to 16 at a time, in runs of
-/// equal length: 17 as 9 + 8, 33 as 3 × 11), one to three tiles of rows,
-/// whole and partial row ranges (threads split by tiles).
+/// `sdot` tiles take 8, 4, 2 and 1 tokens, the ARMv8.0 ones 6, 4 and 1 for
+/// Q4C and 4 and 1 for Q8C) and 32 (a prompt's micro-batch, on SmolLM2's
+/// 192 × 576 keys and values), 1 to 33 column blocks (the `sdot` GEMM packs
+/// up to 16 at a time, in runs of equal length: 17 as 9 + 8, 33 as 3 × 11),
+/// one to six tiles of rows, whole and partial row ranges (threads split by
+/// tiles).
 #[test]
 fn channel_major_gemms_match_the_one_token_reference() {
-    let shapes = [(1, 1, 1..=17), (2, 8, 1..=17), (1, 9, 1..=17), (3, 17, 1..=10), (2, 16, 15..=17), (1, 33, 7..=9)];
+    let shapes = [
+        (6, 18, 32..=32),
+        (1, 1, 1..=17),
+        (2, 8, 1..=17),
+        (1, 9, 1..=17),
+        (3, 17, 1..=10),
+        (2, 16, 15..=17),
+        (1, 33, 7..=9),
+    ];
     for (tiles, blocks, batches) in shapes {
         let rows = tiles * quant::CHANNEL_TILE;
         let cols = blocks * GROUP;
