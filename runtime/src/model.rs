@@ -7,7 +7,7 @@
 
 use crate::buffers::{filled, filled_product};
 use crate::config::{ModelConfig, RopeStyle};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
 use crate::kernels::attention::Causal;
 use crate::kernels::pool::{split_range, ThreadPool, MAX_THREADS};
@@ -473,12 +473,9 @@ impl RunState {
                 0 | 1 => Vec::new(),
                 _ => {
                     let what = "batched attention scratch (TILE_ROWS × (context + head_dim))";
-                    let len = Causal::scratch_len(context, config.head_dim as usize).ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::OutOfMemory,
-                            format!("{what}: the size for {context} positions overflows"),
-                        )
-                    })?;
+                    let overflow = format!("{what}: the size for {context} positions overflows");
+                    let len = Causal::scratch_len(context, config.head_dim as usize)
+                        .ok_or_else(|| Error::new(crate::error::ErrorKind::OutOfMemory, overflow))?;
                     filled(what, len, 0.0)?
                 }
             },

@@ -92,8 +92,11 @@ fn check_causal(shape: &Causal, queries: usize, keys: usize, values: usize, scra
     let cache = (first.checked_add(tokens).and_then(|p| p.checked_sub(1)))
         .and_then(|last| last.checked_mul(stride)?.checked_add(head_dim));
     let needed = first.checked_add(tokens).and_then(|p| Causal::scratch_len(p, head_dim));
+    // Positions fit 32 bits: the NEON kernel's mask compares them in 32-bit lanes.
+    let positions = first.checked_add(tokens).is_some_and(|p| p <= u32::MAX as usize);
     assert!(
-        heads > 0
+        positions
+            && heads > 0
             && head_dim > 0
             && group.is_some_and(|g| query_stride >= g)
             && stride >= head_dim
@@ -863,13 +866,13 @@ pub mod neon {
         }
 
         // 2. Scores: positions a block at a time (as many as the registers hold beside the tile), then one.
+        // In base 2, the scale applied to each sum as the reference and the per-token kernels do.
+        // (Folded into the queries it costs a little less; the logits then move by rounding as far as
+        // here, but tests/emulated-greedy.sh's prompt reaches a near-tie, two logits 0.18 apart on the
+        // host, that the emulated run then breaks the other way.)
+        let factor = shape.scale * std::f32::consts::LOG2_E;
         // SAFETY: positions below `seen ≤ first + tokens` are in the cache (checked); `scores` holds
         // `seen·lanes` values and `transposed` the tile's `chunks` chunks.
-        // Scores in base 2, the scale applied to each sum as the reference and the per-token kernels
-        // do. (Folded into the queries it costs a little less; the logits then move by rounding as far
-        // as here, but tests/emulated-greedy.sh's prompt reaches a near-tie, two logits 0.18 apart on
-        // the host, that the emulated run then breaks the other way.)
-        let factor = shape.scale * std::f32::consts::LOG2_E;
         let maxima = unsafe {
             match V {
                 3 => score_pass::<V, 4>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
