@@ -13,7 +13,8 @@
 //!   host tools, `vpmaddubsw` with the sign trick for int8 weights, tiles of
 //!   rows × activations for a batch.
 //! - [`channels`]: channel-major matrices over the active input channels
-//!   only (R-Sparse's exact part), scalar and NEON, in one file.
+//!   only (R-Sparse's exact part), scalar and NEON, and their GEMM for a
+//!   prompt (scalar, ARMv8.0, `sdot`, AVX2), in one file.
 //!
 //! The row-major integer kernels take four weight rows at a time against each
 //! activation block, so one activation load serves four rows and the scale
