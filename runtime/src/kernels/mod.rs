@@ -215,6 +215,8 @@ impl Kernels {
         matmul_q8x4: matmul::avx2::matmul_q8x4,
         matmul_q4x4: matmul::avx2::matmul_q4x4,
         matmul_q4sx4: matmul::avx2::matmul_q4sx4,
+        gemm_q8c: matmul::channels::avx2::gemm_q8c,
+        gemm_q4c: matmul::channels::avx2::gemm_q4c,
         ..Self::SCALAR
     };
 

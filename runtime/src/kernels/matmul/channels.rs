@@ -39,6 +39,9 @@
 //!   and the interleaved images store; then each four rows meet eight
 //!   tokens, eight `sdot`s a token and block. The transposition costs once
 //!   per tile and block for the whole batch.
+//! - `avx2` (x86-64 hosts): a tile's block transposed into rows of 32
+//!   channel bytes, then `vpmaddubsw` eight rows a token; the reference's
+//!   bits, as the other AVX2 kernels.
 use crate::quant::{BlockQ8Act, ChannelBlock, Encoding, CHANNEL_TILE, GROUP};
 use std::ops::Range;
 
@@ -1514,6 +1517,233 @@ pub mod dotprod {
     ) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the extension (checked above).
+        unsafe { gemm::<false>(weights, total_rows, cols, rows, x, out) }
+    }
+}
+
+/// The GEMM with AVX2 (x86-64 hosts, with FMA and F16C): bit for bit the
+/// scalar reference, as the other AVX2 kernels ([`super::avx2`]).
+///
+/// Per tile of 32 rows and column block, the block is transposed into 32
+/// rows of 32 channel bytes (two 16 × 16 byte transposes a half, `punpck*`),
+/// once for the batch; then per token and eight rows, `vpmaddubsw` (4-bit
+/// values unsigned; int8 with the sign trick) and `vpmaddwd` by ones, two
+/// rounds of horizontal adds for the eight rows' sums, and the block's
+/// float terms in the reference's order and roundings.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use super::super::avx2::available;
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// A 16 × 16 byte transpose: `out[c]` byte `r` is `rows[r]` byte `c`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn transpose16(rows: [__m128i; 16]) -> [__m128i; 16] {
+        // Pairs of rows byte by byte (16-bit lanes: columns 8h..8h+8), then
+        // fours (32-bit lanes: columns 4c..4c+4), eights (64-bit: 2c..2c+2),
+        // all sixteen (one column a vector).
+        let pairs: [[__m128i; 2]; 8] = std::array::from_fn(|p| {
+            [_mm_unpacklo_epi8(rows[2 * p], rows[2 * p + 1]), _mm_unpackhi_epi8(rows[2 * p], rows[2 * p + 1])]
+        });
+        let fours: [[__m128i; 4]; 4] = std::array::from_fn(|q| {
+            std::array::from_fn(|c| {
+                let (a, b) = (pairs[2 * q][c / 2], pairs[2 * q + 1][c / 2]);
+                if c % 2 == 0 {
+                    _mm_unpacklo_epi16(a, b)
+                } else {
+                    _mm_unpackhi_epi16(a, b)
+                }
+            })
+        });
+        let eights: [[__m128i; 8]; 2] = std::array::from_fn(|o| {
+            std::array::from_fn(|c| {
+                let (a, b) = (fours[2 * o][c / 2], fours[2 * o + 1][c / 2]);
+                if c % 2 == 0 {
+                    _mm_unpacklo_epi32(a, b)
+                } else {
+                    _mm_unpackhi_epi32(a, b)
+                }
+            })
+        });
+        std::array::from_fn(|c| {
+            let (a, b) = (eights[0][c / 2], eights[1][c / 2]);
+            if c % 2 == 0 {
+                _mm_unpacklo_epi64(a, b)
+            } else {
+                _mm_unpackhi_epi64(a, b)
+            }
+        })
+    }
+
+    /// One tile's block: each row's 32 channel values, its scale and (Q4C)
+    /// minimum.
+    struct Tile {
+        rows: [[__m128i; 2]; CHANNEL_TILE],
+        d: [f32; CHANNEL_TILE],
+        m: [f32; CHANNEL_TILE],
+    }
+
+    /// Transposes block `b` of the tile from row `first` into `tile`: Q4C's
+    /// stored `n ^ 8` back to `n` (0–15), Q8C's bytes as they are.
+    ///
+    /// # Safety
+    /// `weights` is a matrix of `encoding` (Q4C or Q8C) with `total_rows`
+    /// rows, block `b` and rows `first .. first + 32`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pack(encoding: Encoding, weights: *const u8, total_rows: usize, first: usize, b: usize, tile: &mut Tile) {
+        let at = ChannelBlock::new(encoding, total_rows, b);
+        let first_byte = first * at.column_bytes / total_rows;
+        // SAFETY (whole body): reads the tile's bytes of the block's 32
+        // columns and its 32 rows' scales and minimums (caller's contract).
+        unsafe {
+            let column = |j: usize, byte: usize| {
+                _mm_loadu_si128(weights.add(at.columns + j * at.column_bytes + first_byte + byte) as *const __m128i)
+            };
+            for half in 0..2 {
+                if encoding == Encoding::Q4C {
+                    // Bytes k of sixteen channels: row k low, row k + 16 high.
+                    let bytes = transpose16(std::array::from_fn(|j| column(16 * half + j, 0)));
+                    let (flip, nibble) = (_mm_set1_epi8(0x88u8 as i8), _mm_set1_epi8(0x0F));
+                    for (k, byte) in bytes.into_iter().enumerate() {
+                        let n = _mm_xor_si128(byte, flip);
+                        tile.rows[k][half] = _mm_and_si128(n, nibble);
+                        tile.rows[k + 16][half] = _mm_and_si128(_mm_srli_epi16::<4>(n), nibble);
+                    }
+                } else {
+                    for rows in 0..2 {
+                        let bytes = transpose16(std::array::from_fn(|j| column(16 * half + j, 16 * rows)));
+                        for (k, byte) in bytes.into_iter().enumerate() {
+                            tile.rows[16 * rows + k][half] = byte;
+                        }
+                    }
+                }
+            }
+            for k in 0..CHANNEL_TILE {
+                tile.d[k] = f16_at_ptr(weights, at.scales + 2 * (first + k));
+                tile.m[k] =
+                    if encoding == Encoding::Q4C { f16_at_ptr(weights, at.mins + 2 * (first + k)) } else { 0.0 };
+            }
+        }
+    }
+
+    /// The f16 at byte `at` of `bytes`, as f32.
+    ///
+    /// # Safety
+    /// Two readable bytes at `bytes + at`.
+    #[inline(always)]
+    unsafe fn f16_at_ptr(bytes: *const u8, at: usize) -> f32 {
+        // SAFETY: two bytes (caller's contract).
+        let pair = unsafe { [*bytes.add(at), *bytes.add(at + 1)] };
+        super::super::scalar::f16_to_f32(half::f16::from_le_bytes(pair))
+    }
+
+    /// Eight rows' integer sums against one token's 32 values `a`: per row
+    /// `vpmaddubsw` and `vpmaddwd` by ones (eight 32-bit partial sums), then
+    /// two rounds of horizontal adds and the two halves added.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn eight_rows<const Q4: bool>(rows: &[[__m128i; 2]], a: __m256i) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let partial: [__m256i; 8] = std::array::from_fn(|r| {
+            let w = _mm256_set_m128i(rows[r][1], rows[r][0]);
+            let products = if Q4 {
+                _mm256_maddubs_epi16(w, a)
+            } else {
+                // |w| unsigned, the value with w's sign: |w|·sign(w)·q = w·q.
+                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+            };
+            _mm256_madd_epi16(products, ones)
+        });
+        let pairs = [
+            _mm256_hadd_epi32(partial[0], partial[1]),
+            _mm256_hadd_epi32(partial[2], partial[3]),
+            _mm256_hadd_epi32(partial[4], partial[5]),
+            _mm256_hadd_epi32(partial[6], partial[7]),
+        ];
+        // Rows 0–3 and 4–7, each 128-bit half a part of every row's sum.
+        let (low, high) = (_mm256_hadd_epi32(pairs[0], pairs[1]), _mm256_hadd_epi32(pairs[2], pairs[3]));
+        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(low, high), _mm256_permute2x128_si256::<0x31>(low, high))
+    }
+
+    /// The GEMM's loops for `encoding` (Q4C with `Q4`, else Q8C).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn gemm<const Q4: bool>(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+    ) {
+        let encoding = if Q4 { Encoding::Q4C } else { Encoding::Q8C };
+        let batch = check_batch(encoding, weights, total_rows, cols, &rows, x, out);
+        let (blocks, n) = (cols / GROUP, rows.len());
+        out.fill(0.0);
+        let zero = _mm_setzero_si128();
+        let mut tile = Tile { rows: [[zero; 2]; CHANNEL_TILE], d: [0.0; CHANNEL_TILE], m: [0.0; CHANNEL_TILE] };
+        for first in rows.clone().step_by(CHANNEL_TILE) {
+            for b in 0..blocks {
+                // SAFETY: `check_batch` put the tile's rows and every block inside `weights`.
+                unsafe { pack(encoding, weights.as_ptr(), total_rows, first, b, &mut tile) };
+                for t in 0..batch {
+                    let a = &x[t * blocks + b];
+                    // SAFETY: `a.qs` is 32 bytes.
+                    let values = unsafe { _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i) };
+                    let (dx, s) = (_mm256_set1_ps(a.d), _mm256_set1_ps(a.s));
+                    let results = &mut out[t * n + first - rows.start..][..CHANNEL_TILE];
+                    for (e, results) in results.chunks_exact_mut(8).enumerate() {
+                        let isum = _mm256_cvtepi32_ps(eight_rows::<Q4>(&tile.rows[8 * e..8 * e + 8], values));
+                        // SAFETY (the loads and the store): eight values
+                        // each of `tile.d`, `tile.m` and `results`.
+                        unsafe {
+                            let d = _mm256_loadu_ps(tile.d.as_ptr().add(8 * e));
+                            // The reference's d·dₓ·Σ (+ m·s), rounding for rounding.
+                            let mut term = _mm256_mul_ps(_mm256_mul_ps(d, dx), isum);
+                            if Q4 {
+                                let m = _mm256_loadu_ps(tile.m.as_ptr().add(8 * e));
+                                term = _mm256_add_ps(term, _mm256_mul_ps(m, s));
+                            }
+                            let sum = _mm256_add_ps(_mm256_loadu_ps(results.as_ptr()), term);
+                            _mm256_storeu_ps(results.as_mut_ptr(), sum);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
+    /// [`GemmChannels`]) with AVX2, the reference's bits. Panics on a CPU
+    /// without AVX2, FMA and F16C.
+    pub fn gemm_q4c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+    ) {
+        assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
+        // SAFETY: the CPU has the features (checked above).
+        unsafe { gemm::<true>(weights, total_rows, cols, rows, x, out) }
+    }
+
+    /// The GEMM over channel-major Q8 ([`Encoding::Q8C`], [`GemmChannels`])
+    /// with AVX2, the reference's bits. Panics on a CPU without AVX2, FMA
+    /// and F16C.
+    pub fn gemm_q8c(
+        weights: &[u8],
+        total_rows: usize,
+        cols: usize,
+        rows: Range<usize>,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+    ) {
+        assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
+        // SAFETY: the CPU has the features (checked above).
         unsafe { gemm::<false>(weights, total_rows, cols, rows, x, out) }
     }
 }

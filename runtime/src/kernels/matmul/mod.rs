@@ -16,7 +16,8 @@
 //!   with `vpdpbusd`, weights as the unsigned operand with a zero point,
 //!   16 rows a vector.
 //! - [`channels`]: channel-major matrices over the active input channels
-//!   only (R-Sparse's exact part), scalar and NEON, in one file.
+//!   only (R-Sparse's exact part), scalar and NEON, and their GEMM for a
+//!   prompt (scalar, ARMv8.0, `sdot`, AVX2), in one file.
 //!
 //! The row-major integer kernels take four weight rows at a time against each
 //! activation block, so one activation load serves four rows and the scale
