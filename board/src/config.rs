@@ -69,7 +69,8 @@ pub struct Config {
 /// How the image's bias constraint (`bramble bias-calibrate`) is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Feedback {
-    /// `adaptive` when the image has a bias section, else `off`.
+    /// Off until a calibration records that it passed the bias gates (the
+    /// first design erased "she" from answers, issue 26); none does yet.
     #[default]
     Auto,
     /// No constraint, no signal.

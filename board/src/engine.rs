@@ -611,15 +611,22 @@ fn load_bias(
     if bias.feedback == Feedback::Off {
         return Ok(None);
     }
+    // The constraint as first calibrated (erasing toward h·d = 0) writes
+    // "she" out of the model's answers (issue 26): `auto`, the default,
+    // leaves the loop off until a calibration records that it passed that
+    // issue's gates, which none does yet; static and adaptive stay on request.
+    if bias.feedback == Feedback::Auto {
+        log::info!(
+            "bias feedback off: `auto` turns it on only for a calibration that passed the bias gates, which \
+             {path} does not record; --feedback static|adaptive turns it on"
+        );
+        if let Some(state) = &bias.state {
+            log::warn!("bias.state {}: unused, feedback auto is off", state.display());
+        }
+        return Ok(None);
+    }
     let found = model.use_image_bias(image).map_err(|e| format!("{path}: bias section: {e}"))?;
     let mode = match (bias.feedback, found) {
-        (Feedback::Auto, false) => {
-            if let Some(state) = &bias.state {
-                log::warn!("bias.state {}: unused, {path} has no bias section (feedback auto is off)", state.display());
-            }
-            return Ok(None);
-        }
-        (Feedback::Auto, true) => Feedback::Adaptive,
         (mode, false) => {
             return Err(format!(
             "bias.feedback {}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off",

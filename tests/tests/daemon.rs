@@ -983,8 +983,16 @@ mod bias {
         let state = dir.path().join("bias.state");
         let state_arg = state.to_str().unwrap();
         let image_arg = image.to_str().unwrap();
-        let mut daemon =
-            Daemon::start(&["--model", image_arg, "--bias-state", state_arg, "--console-tcp", "127.0.0.1:0"]);
+        let mut daemon = Daemon::start(&[
+            "--model",
+            image_arg,
+            "--feedback",
+            "adaptive",
+            "--bias-state",
+            state_arg,
+            "--console-tcp",
+            "127.0.0.1:0",
+        ]);
         assert!(daemon.log().contains("bias feedback adaptive over 4 layers"), "{}", daemon.log());
         let before = bias_status(&daemon);
         assert_eq!(before["feedback"], "adaptive", "{before}");
@@ -1046,7 +1054,7 @@ mod bias {
 
         // A restart restores the loop from the state file.
         assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
-        let daemon = Daemon::start(&["--model", image_arg, "--bias-state", state_arg]);
+        let daemon = Daemon::start(&["--model", image_arg, "--feedback", "adaptive", "--bias-state", state_arg]);
         assert!(daemon.log().contains("bias state restored"), "{}", daemon.log());
         let restored = bias_status(&daemon);
         assert_eq!(restored["responses"], 2, "{restored}");
@@ -1115,7 +1123,8 @@ mod bias {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("male_occupations.txt"), "carpenter\nguard\n").unwrap();
         std::fs::write(dir.path().join("female_occupations.txt"), "nurse\nauditor\n").unwrap();
-        let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--bias-state", "none"]);
+        let daemon =
+            Daemon::start(&["--model", image.to_str().unwrap(), "--feedback", "adaptive", "--bias-state", "none"]);
         let script = workspace_root().join("scripts/bias-generations.py");
         let run_set = |output: &Path, templates: &str| {
             let result = Command::new("python3")
@@ -1167,6 +1176,21 @@ mod bias {
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(!result.status.success() && stderr.contains("cannot connect to brambled at 127.0.0.1:1"), "{stderr}");
         assert!(!stderr.contains("Traceback"), "{stderr}");
+    }
+
+    /// Issue 26: the first constraint writes "she" out of answers, so a
+    /// calibrated image served without `--feedback` runs without it.
+    #[test]
+    fn a_calibrated_image_serves_with_the_loop_off_by_default_and_says_why() {
+        let image = calibrated();
+        let daemon = Daemon::start(&["--model", image.to_str().unwrap()]);
+        assert!(daemon.log().contains("bias feedback off: `auto`"), "{}", daemon.log());
+        let status = bias_status(&daemon);
+        assert_eq!(status["feedback"], "off", "{status}");
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        let last = lines.last().unwrap();
+        assert_eq!(last["done"], true, "{last}");
+        assert!(last.get("bias_signal").is_none_or(Value::is_null), "{last}");
     }
 
     #[test]

@@ -239,7 +239,8 @@ struct ModelArgs {
     /// The layer-wise bias constraint (`bramble bias-calibrate` writes it):
     /// `static` applies the image's predefined weights, `adaptive` adjusts
     /// them after each response from its bias signal, `off` runs without;
-    /// `auto` is `static` when the image has a bias section, else `off`.
+    /// `auto` (the default) is `off` until a calibration records that it
+    /// passed the bias gates (the first design erased "she", issue 26).
     #[arg(long, default_value = "auto", value_parser = ["auto", "off", "static", "adaptive"])]
     feedback: String,
     /// With `--feedback adaptive`: the loop's state (weights, recent
@@ -873,11 +874,13 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
         args.kv_prune
     );
     model.set_kv_prune(args.kv_prune).with_context(|| format!("{}: --kv-prune", args.model.display()))?;
-    if args.feedback != "off" {
+    // `auto` (the default) is off: the constraint as first calibrated writes
+    // "she" out of answers (issue 26); static and adaptive stay on request.
+    if args.feedback != "off" && args.feedback != "auto" {
         let found =
             model.use_image_bias(&loaded.image).with_context(|| format!("{}: bias section", args.model.display()))?;
         anyhow::ensure!(
-            found || args.feedback == "auto",
+            found,
             "--feedback {}: {} has no bias section; write one with `bramble bias-calibrate`",
             args.feedback,
             args.model.display()

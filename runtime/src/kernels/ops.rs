@@ -188,7 +188,8 @@ pub mod neon {
                         let (p, q) = (vreinterpretq_f64_f32(p), vreinterpretq_f64_f32(q));
                         vreinterpretq_f32_f64(if high { vtrn2q_f64(p, q) } else { vtrn1q_f64(p, q) })
                     };
-                    let columns = [pairs(ab0, xy0, false), pairs(ab1, xy1, false), pairs(ab0, xy0, true), pairs(ab1, xy1, true)];
+                    let columns =
+                        [pairs(ab0, xy0, false), pairs(ab1, xy1, false), pairs(ab0, xy0, true), pairs(ab1, xy1, true)];
                     let to = dst.as_mut_ptr().add(c * rows + r);
                     for (i, column) in columns.into_iter().enumerate() {
                         vst1q_f32(to.add(i * rows), column);

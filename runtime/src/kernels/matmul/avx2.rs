@@ -291,7 +291,13 @@ unsafe fn row_tile<B: RowBlock, const T: usize>(
 
 /// Checks the shapes of a product (weights in blocks of `rows_per_block`
 /// rows) and returns `(blocks a row, rows, batch)`.
-pub(super) fn shapes(weights: usize, rows_per_block: usize, cols: usize, x: usize, out: usize) -> (usize, usize, usize) {
+pub(super) fn shapes(
+    weights: usize,
+    rows_per_block: usize,
+    cols: usize,
+    x: usize,
+    out: usize,
+) -> (usize, usize, usize) {
     let blocks = cols / GROUP;
     assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
     let (rows, batch) = (weights / blocks * rows_per_block, x / blocks);
