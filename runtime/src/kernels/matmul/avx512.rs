@@ -162,6 +162,24 @@ fn quad<T: Copy>(rows: &[T; UNIT_ROWS], r: usize) -> [T; 4] {
     [rows[r], rows[r + 4], rows[r + 8], rows[r + 12]]
 }
 
+/// A unit of row-major 4-bit blocks (Q4 and Q4S alike): each row's packed
+/// nibbles (`runs`) split into columns 0–15 (low nibbles) and 16–31 (high),
+/// and the blocks' scales (for Q4S the "minimum" is its first two value
+/// bytes, unused).
+///
+/// # Safety
+/// Every block and run is readable for 16 bytes; AVX-512 F/BW is available.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn nibble_unit(blocks: &[*const u8; UNIT_ROWS], runs: [*const u8; UNIT_ROWS]) -> Unit {
+    let (mut low, mut high) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
+    for r in 0..4 {
+        (low[r], high[r]) = nibbles(four_runs(quad(&runs, r)));
+    }
+    let (d, m) = row_scales(blocks);
+    Unit { low, high, d, m }
+}
+
 impl Weights for BlockQ8 {
     const LAYOUT: Layout = Layout::Rows;
     const ZERO: u8 = 128;
@@ -188,14 +206,7 @@ impl Weights for BlockQ4 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[inline]
     unsafe fn unit(blocks: &[*const Self; UNIT_ROWS]) -> Unit {
-        let runs: [*const u8; UNIT_ROWS] = blocks.map(|b| (&raw const (*b).qs).cast());
-        let (mut low, mut high) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
-        for r in 0..4 {
-            // Low nibbles are columns 0–15, high nibbles 16–31.
-            (low[r], high[r]) = nibbles(four_runs(quad(&runs, r)));
-        }
-        let (d, m) = row_scales(&blocks.map(|b| b.cast()));
-        Unit { low, high, d, m }
+        nibble_unit(&blocks.map(|b| b.cast()), blocks.map(|b| (&raw const (*b).qs).cast()))
     }
 }
 
@@ -206,14 +217,7 @@ impl Weights for BlockQ4S {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[inline]
     unsafe fn unit(blocks: &[*const Self; UNIT_ROWS]) -> Unit {
-        let runs: [*const u8; UNIT_ROWS] = blocks.map(|b| (&raw const (*b).qs).cast());
-        let (mut low, mut high) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
-        for r in 0..4 {
-            (low[r], high[r]) = nibbles(four_runs(quad(&runs, r)));
-        }
-        // The high halves are the first two value bytes: unused.
-        let (d, m) = row_scales(&blocks.map(|b| b.cast()));
-        Unit { low, high, d, m }
+        nibble_unit(&blocks.map(|b| b.cast()), blocks.map(|b| (&raw const (*b).qs).cast()))
     }
 }
 
