@@ -302,9 +302,20 @@ pub fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
 }
 
-/// Starts a long streamed NDJSON generation and returns its connection once the first token arrived.
+/// Starts a streamed NDJSON generation that lasts until the test lets it
+/// end, and returns its connection once the first token arrived.
+///
+/// The synthetic model writes 1024 tokens in a fraction of a second, so a
+/// generation that is merely long can end before the test's next step on a
+/// fast machine, or while it waits on a slow one. This one is held by its
+/// client instead: the connection is [`stalled_connection`]'s, so once the
+/// test stops reading, the daemon's writes fill the few kilobytes the kernel
+/// buffers and block. The generation then runs until the client reads on
+/// ([`read_until_done`]) or hangs up (its generation is cancelled), or the
+/// daemon's send timeout (30 s by default) passes.
 pub fn long_generation(address: SocketAddr) -> BufReader<TcpStream> {
-    let mut stream = connect(address);
+    let mut stream = stalled_connection(address);
+    stream.set_read_timeout(Some(HANG)).unwrap();
     writeln!(stream, "{}", json!({"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0})).unwrap();
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -330,6 +341,45 @@ pub fn wait_for(what: &str, daemon: &Daemon, mut condition: impl FnMut(&Value) -
         assert!(started.elapsed() < HANG, "{what}: still not after {HANG:?}: {value}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Closes `client` and waits until the kernel has delivered the hang-up to
+/// the daemon's end of the connection (that socket leaves ESTABLISHED in
+/// `/proc/net/tcp`), so a test can rely on the daemon being able to see it.
+/// A fixed sleep is not enough on a loaded machine, where loopback packets
+/// may wait for a starved softirq thread.
+pub fn hang_up(client: TcpStream) {
+    let client_end = client.local_addr().unwrap();
+    let daemon_end = client.peer_addr().unwrap();
+    drop(client);
+    let started = Instant::now();
+    loop {
+        match daemon_socket_state(daemon_end, client_end) {
+            Some(ESTABLISHED) => {}
+            _ => return,
+        }
+        assert!(started.elapsed() < HANG, "the hang-up of {client_end} never reached the daemon's {daemon_end}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `/proc/net/tcp`'s code for an established connection.
+const ESTABLISHED: u8 = 0x01;
+
+/// The TCP state of the IPv4 socket `local` ↔ `remote` (`None` once it is gone).
+fn daemon_socket_state(local: SocketAddr, remote: SocketAddr) -> Option<u8> {
+    let hex = |address: SocketAddr| match address {
+        // The kernel prints the address as the raw network-order word read as a host integer.
+        SocketAddr::V4(v4) => format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port()),
+        SocketAddr::V6(_) => panic!("hang_up: the test daemons listen on IPv4 loopback, not {address}"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp (the daemon tests run on Linux)");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| u8::from_str_radix(fields[3], 16).expect("a TCP state in /proc/net/tcp"))
+    })
 }
 
 /// A config file in a temporary directory (kept alive by the returned guard).

@@ -280,9 +280,8 @@ mod scheduling {
         )
         .unwrap();
         wait_for("one queued", &daemon, |h| h["queued"] == 1);
-        drop(queued);
         // The hang-up reaches the daemon's socket before the queued job can start.
-        std::thread::sleep(Duration::from_millis(200));
+        hang_up(queued);
         drop(running);
         // Both end cancelled (the queued one before it ran a token); nothing is left running.
         wait_for("both cancelled", &daemon, |h| h["cancelled"] == 2 && h["running"] == false && h["queued"] == 0);
@@ -542,8 +541,10 @@ mod bad_input {
         assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
         errors.push("slow client: HTTP/1.1 408".to_string());
 
-        // A streamed answer whose client hangs up is cancelled.
-        let mut stream = connect(address);
+        // A streamed answer whose client hangs up is cancelled (the client
+        // reads little, so the answer is still being written when it goes).
+        let mut stream = stalled_connection(address);
+        stream.set_read_timeout(Some(HANG)).unwrap();
         let body =
             json!({"prompt": "Once upon a time", "max_tokens": 1024, "temperature": 0, "stream": true}).to_string();
         write!(
@@ -904,12 +905,20 @@ mod operations {
         let n = socket.recv(&mut message).unwrap();
         assert!(String::from_utf8_lossy(&message[..n]).contains("READY=1"));
 
+        // A generation held by its client is running when SIGTERM arrives.
         let mut running = long_generation(daemon.ndjson());
-        let status = daemon.terminate();
-        assert_eq!(status.code(), Some(0), "{}", daemon.log());
-        // The running generation was finished, not cut off.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let started = Instant::now();
+        while !daemon.log().contains("draining") {
+            assert!(started.elapsed() < HANG, "no drain after SIGTERM:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon.assert_alive();
+        // The client reads on: the generation is finished, not cut off, and then the daemon exits.
         let lines = read_until_done(&mut running);
         assert_eq!(lines.last().unwrap()["done_reason"], "length", "{:?}", lines.last());
+        let status = exit_within(&mut daemon.child, HANG).expect("brambled exits once the drained generation ends");
+        assert_eq!(status.code(), Some(0), "{}", daemon.log());
         let n = socket.recv(&mut message).unwrap();
         assert!(String::from_utf8_lossy(&message[..n]).contains("STOPPING=1"));
         assert!(TcpStream::connect(daemon.ndjson()).is_err(), "the listener is closed");
