@@ -2,6 +2,7 @@
 //! defaults for everything but the model, and flags that override the file.
 //! Every validation error names the key at fault (`limits.queue_depth: ...`).
 
+pub use bramble_runtime::bias::Feedback;
 use bramble_runtime::kv::KvMode;
 use serde::Deserialize;
 use std::fmt;
@@ -66,41 +67,8 @@ pub struct Config {
     pub bias: BiasConfig,
 }
 
-/// How the image's bias constraint (`bramble bias-calibrate`) is used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Feedback {
-    /// Off until a calibration records that it passed the bias gates (the
-    /// first design erased "she" from answers, issue 26); none does yet.
-    #[default]
-    Auto,
-    /// No constraint, no signal.
-    Off,
-    /// The section's predefined weights, never changed; each response's signal is reported.
-    Static,
-    /// The weights adjusted after each response from its signal.
-    Adaptive,
-}
-
-impl Feedback {
-    /// The name in the config and on the wire.
-    pub fn name(self) -> &'static str {
-        match self {
-            Feedback::Auto => "auto",
-            Feedback::Off => "off",
-            Feedback::Static => "static",
-            Feedback::Adaptive => "adaptive",
-        }
-    }
-
-    fn parse(key: &str, text: &str) -> Result<Self, ConfigError> {
-        match text.trim() {
-            "auto" => Ok(Feedback::Auto),
-            "off" | "none" => Ok(Feedback::Off),
-            "static" => Ok(Feedback::Static),
-            "adaptive" => Ok(Feedback::Adaptive),
-            other => Err(ConfigError::new(key, format!("{other:?} is not one of auto, off, static, adaptive"))),
-        }
-    }
+fn parse_feedback(key: &str, text: &str) -> Result<Feedback, ConfigError> {
+    text.parse().map_err(|e: String| ConfigError::new(key, e))
 }
 
 /// The `memory_limit` setting.
@@ -714,8 +682,8 @@ impl Config {
         };
 
         let feedback = match (&overrides.feedback, &parsed.bias.feedback) {
-            (Some(text), _) => Feedback::parse("--feedback", text)?,
-            (None, Some(text)) => Feedback::parse("bias.feedback", text)?,
+            (Some(text), _) => parse_feedback("--feedback", text)?,
+            (None, Some(text)) => parse_feedback("bias.feedback", text)?,
             (None, None) => Feedback::Auto,
         };
         let (state_key, state) = match (&overrides.bias_state, &parsed.bias.state) {

@@ -608,33 +608,25 @@ fn load_bias(
     bias: &BiasConfig,
 ) -> Result<Option<(Feedback, FeedbackLoop)>, String> {
     let path = image.path().display();
-    if bias.feedback == Feedback::Off {
-        return Ok(None);
-    }
-    // The constraint as first calibrated (erasing toward h·d = 0) writes
-    // "she" out of the model's answers (issue 26): `auto`, the default,
-    // leaves the loop off until a calibration records that it passed that
-    // issue's gates, which none does yet; static and adaptive stay on request.
-    if bias.feedback == Feedback::Auto {
-        log::info!(
-            "bias feedback off: `auto` turns it on only for a calibration that passed the bias gates, which \
-             {path} does not record; --feedback static|adaptive turns it on"
-        );
-        if let Some(state) = &bias.state {
-            log::warn!("bias.state {}: unused, feedback auto is off", state.display());
+    let mode = match bias.feedback.resolve() {
+        (_, Some(reason)) => {
+            log::info!(
+                "bias feedback off: {reason}; {path} is served without it (--feedback static|adaptive turns it on)"
+            );
+            if let Some(state) = &bias.state {
+                log::warn!("bias.state {}: unused, the feedback is off", state.display());
+            }
+            return Ok(None);
         }
-        return Ok(None);
-    }
-    let found = model.use_image_bias(image).map_err(|e| format!("{path}: bias section: {e}"))?;
-    let mode = match (bias.feedback, found) {
-        (mode, false) => {
-            return Err(format!(
-            "bias.feedback {}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off",
-            mode.name()
-        ))
-        }
-        (mode, true) => mode,
+        (Feedback::Off, None) => return Ok(None),
+        (mode, None) => mode,
     };
+    let found = model.use_image_bias(image).map_err(|e| format!("{path}: bias section: {e}"))?;
+    if !found {
+        return Err(format!(
+            "bias.feedback {mode}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off"
+        ));
+    }
     let constraint = model.bias().ok_or_else(|| format!("{path}: the bias section did not load"))?;
     let mut feedback = FeedbackLoop::new(constraint);
     if let Some(limit) = bias.hard_limit {

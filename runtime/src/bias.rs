@@ -408,6 +408,73 @@ pub struct FeedbackLoop {
     order: Vec<f32>,
 }
 
+/// How an image's bias constraint is used: the one policy `bramble`'s
+/// `--feedback` and `brambled`'s `bias.feedback` both name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Feedback {
+    /// Off until a calibration records that it passed the bias gates (erasing
+    /// toward h·d = 0 wrote "she" out of answers); none does yet.
+    #[default]
+    Auto,
+    /// No constraint, no signal.
+    Off,
+    /// The section's predefined weights, never changed; each response's signal is reported.
+    Static,
+    /// The weights adjusted after each response from its signal.
+    Adaptive,
+}
+
+impl Feedback {
+    /// Every policy, in the order they are listed to users.
+    pub const ALL: [Feedback; 4] = [Feedback::Auto, Feedback::Off, Feedback::Static, Feedback::Adaptive];
+
+    /// The name in configs, flags and on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Feedback::Auto => "auto",
+            Feedback::Off => "off",
+            Feedback::Static => "static",
+            Feedback::Adaptive => "adaptive",
+        }
+    }
+
+    /// What `auto` comes to for an image: off, with the reason, while no
+    /// calibration records passed gates; any other policy stays as asked.
+    pub fn resolve(self) -> (Feedback, Option<&'static str>) {
+        match self {
+            Feedback::Auto => (
+                Feedback::Off,
+                Some(
+                    "`auto` turns it on only for an image whose calibration passed the bias gates, \
+                     and none records that yet (the first design wrote \"she\" out of answers)",
+                ),
+            ),
+            other => (other, None),
+        }
+    }
+}
+
+impl std::fmt::Display for Feedback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Feedback {
+    type Err = String;
+
+    /// A policy by name (`none` is `off`).
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text.trim() {
+            "none" => Ok(Feedback::Off),
+            name => Feedback::ALL
+                .into_iter()
+                .find(|f| f.name() == name)
+                .ok_or_else(|| format!("{name:?} is not one of auto, off, static, adaptive")),
+        }
+    }
+}
+
 /// Signals kept in [`FeedbackLoop::recent`].
 pub const RECENT: usize = 16;
 const STATE_MAGIC: &str = "bramble-bias-state 1";
@@ -586,6 +653,19 @@ impl FeedbackLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feedback_policies_parse_by_name_and_auto_resolves_off_with_a_reason() {
+        for policy in Feedback::ALL {
+            assert_eq!(policy.name().parse::<Feedback>(), Ok(policy));
+        }
+        assert_eq!(" none ".parse::<Feedback>(), Ok(Feedback::Off));
+        assert!("on".parse::<Feedback>().unwrap_err().contains("\"on\" is not one of auto, off, static, adaptive"));
+        let (resolved, reason) = Feedback::Auto.resolve();
+        assert_eq!(resolved, Feedback::Off);
+        assert!(reason.unwrap().contains("bias gates"));
+        assert_eq!(Feedback::Adaptive.resolve(), (Feedback::Adaptive, None));
+    }
 
     fn sample() -> BiasConstraint {
         let (layers, dim) = (3, 4);

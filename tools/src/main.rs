@@ -2,6 +2,7 @@
 //! measure perplexity and benchmark.
 
 use anyhow::{bail, Context, Result};
+use bramble_runtime::bias::Feedback;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::kv::KvMode;
 use bramble_runtime::model::{Model, SparseMode};
@@ -241,8 +242,8 @@ struct ModelArgs {
     /// them after each response from its bias signal, `off` runs without;
     /// `auto` (the default) is `off` until a calibration records that it
     /// passed the bias gates (the first design erased "she", issue 26).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "off", "static", "adaptive"])]
-    feedback: String,
+    #[arg(long, default_value = "auto", value_parser = feedback_parser())]
+    feedback: Feedback,
     /// With `--feedback adaptive`: the loop's state (weights, recent
     /// signals), restored at start and saved atomically after each response.
     #[arg(long, visible_alias = "state")]
@@ -874,9 +875,9 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
         args.kv_prune
     );
     model.set_kv_prune(args.kv_prune).with_context(|| format!("{}: --kv-prune", args.model.display()))?;
-    // `auto` (the default) is off: the constraint as first calibrated writes
-    // "she" out of answers (issue 26); static and adaptive stay on request.
-    if args.feedback != "off" && args.feedback != "auto" {
+    // `auto` (the default) is off until a calibration passed the bias gates;
+    // static and adaptive stay on request.
+    if args.feedback.resolve().0 != Feedback::Off {
         let found =
             model.use_image_bias(&loaded.image).with_context(|| format!("{}: bias section", args.model.display()))?;
         anyhow::ensure!(
@@ -887,7 +888,7 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
         );
     }
     if let Some(weights) = &args.bias_weights {
-        anyhow::ensure!(args.feedback == "static", "--bias-weights goes with --feedback static");
+        anyhow::ensure!(args.feedback == Feedback::Static, "--bias-weights goes with --feedback static");
         let mut constraint = model.bias().expect("static feedback loaded the bias section").clone();
         let layers = constraint.layers;
         anyhow::ensure!(
@@ -905,9 +906,16 @@ fn model<'a>(loaded: &'a Loaded, args: &ModelArgs, mode: SparseMode) -> Result<M
     Ok(model)
 }
 
+/// `--feedback`'s parser: the runtime's policy names, listed in `--help`.
+fn feedback_parser() -> impl clap::builder::TypedValueParser<Value = Feedback> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Feedback::ALL.map(Feedback::name))
+        .map(|name| name.parse::<Feedback>().expect("a listed policy"))
+}
+
 /// The feedback loop of `--feedback adaptive` (restored from `--bias-state`), if asked for.
 fn feedback_loop(model: &Model, args: &ModelArgs) -> Result<Option<bramble_runtime::bias::FeedbackLoop>> {
-    if args.feedback != "adaptive" {
+    if args.feedback != Feedback::Adaptive {
         anyhow::ensure!(args.bias_state.is_none(), "--bias-state goes with --feedback adaptive");
         return Ok(None);
     }
@@ -1276,7 +1284,10 @@ fn run_bias_eval(args: BiasEvalArgs) -> Result<()> {
         }
         Ok(())
     };
-    anyhow::ensure!(args.passes == 1 || args.model.feedback == "adaptive", "--passes goes with --feedback adaptive");
+    anyhow::ensure!(
+        args.passes == 1 || args.model.feedback == Feedback::Adaptive,
+        "--passes goes with --feedback adaptive"
+    );
     let show = std::io::stderr().is_terminal();
     let mut passes = Vec::new();
     let mut report = loop {
