@@ -408,6 +408,24 @@ pub struct FeedbackLoop {
     order: Vec<f32>,
 }
 
+/// A [`FeedbackLoop`]'s state as reports show it (`brambled`'s `/bias`),
+/// copied out so the loop itself stays with the thread that runs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FeedbackSnapshot {
+    /// The weights in force, one a layer.
+    pub weights: Vec<f32>,
+    /// The section's predefined weights, which the loop decays back toward.
+    pub predefined: Vec<f32>,
+    /// The last signals, oldest first.
+    pub recent: Vec<f32>,
+    /// Responses seen (restored ones included).
+    pub responses: u64,
+    /// Signal above which the weights rise.
+    pub target: f32,
+    /// Signal above which a response should be regenerated.
+    pub hard_limit: f32,
+}
+
 /// How an image's bias constraint is used: the one policy `bramble`'s
 /// `--feedback` and `brambled`'s `bias.feedback` both name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -528,6 +546,23 @@ impl FeedbackLoop {
         self.z.iter().sum::<f32>() / self.z.len() as f32
     }
 
+    /// The loop with `hard_limit` in place of the section's (a front end's setting).
+    pub fn with_hard_limit(mut self, hard_limit: f32) -> Self {
+        self.hard_limit = hard_limit;
+        self
+    }
+
+    /// Takes a finished response without adjusting the weights (the static
+    /// policy): its signal, counted and remembered. Returns the signal.
+    /// Allocates nothing.
+    pub fn observe(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
+        let signal = self.signal(stats, constraint);
+        if stats.tokens > 0 {
+            self.remember(signal);
+        }
+        signal
+    }
+
     /// Takes a finished response: its signal, the weights adjusted, the
     /// signal remembered. Returns the signal. Allocates nothing.
     pub fn after_response(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
@@ -551,17 +586,39 @@ impl FeedbackLoop {
                 *w += self.decay * (p - *w);
             }
         }
+        self.remember(signal);
+        signal
+    }
+
+    /// Counts a response and keeps its signal among the last [`RECENT`].
+    fn remember(&mut self, signal: f32) {
         self.responses += 1;
         if self.recent.len() == RECENT {
             self.recent.remove(0);
         }
         self.recent.push(signal);
-        signal
     }
 
     /// Whether a response of this signal should be regenerated.
     pub fn exceeds_hard_limit(&self, signal: f32) -> bool {
         signal > self.hard_limit
+    }
+
+    /// A copy of the loop's state, for a report.
+    pub fn snapshot(&self) -> FeedbackSnapshot {
+        let mut snapshot = FeedbackSnapshot::default();
+        self.update_snapshot(&mut snapshot);
+        snapshot
+    }
+
+    /// Brings `snapshot` up to date, reusing its buffers (after each response).
+    pub fn update_snapshot(&self, snapshot: &mut FeedbackSnapshot) {
+        snapshot.weights.clone_from(&self.weights);
+        snapshot.predefined.clone_from(&self.predefined);
+        snapshot.recent.clone_from(&self.recent);
+        snapshot.responses = self.responses;
+        snapshot.target = self.target;
+        snapshot.hard_limit = self.hard_limit;
     }
 
     fn to_text(&self) -> String {
@@ -715,6 +772,68 @@ mod tests {
         assert_eq!(feedback.responses, 42);
         assert_eq!(feedback.recent.len(), RECENT);
         assert!(feedback.exceeds_hard_limit(2.5) && !feedback.exceeds_hard_limit(0.5));
+    }
+
+    #[test]
+    fn observing_remembers_the_signal_and_leaves_the_weights() {
+        let c = sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        let biased = stats(&[0.1 + 3.0, -0.2, 0.3]);
+        let signal = feedback.observe(&biased, &c);
+        assert!(signal > feedback.target, "{signal}");
+        assert_eq!(feedback.weights, c.weights, "observing never adjusts");
+        assert_eq!((feedback.responses, feedback.recent.clone()), (1, vec![signal]));
+        // A response with no projections is not counted.
+        let empty = ProjectionStats::new(c.layers);
+        assert_eq!(feedback.observe(&empty, &c), 0.0);
+        assert_eq!(feedback.responses, 1);
+        // Only the last RECENT signals are kept, oldest first, as after_response keeps them.
+        let mut adjusting = FeedbackLoop::new(&c);
+        adjusting.after_response(&biased, &c);
+        for i in 0..RECENT + 3 {
+            let response = stats(&[0.1 + i as f64, -0.2, 0.3]);
+            feedback.observe(&response, &c);
+            adjusting.after_response(&response, &c);
+        }
+        assert_eq!(feedback.responses, RECENT as u64 + 4);
+        assert_eq!(feedback.recent, adjusting.recent);
+        assert_eq!(feedback.responses, adjusting.responses);
+        assert_ne!(feedback.weights, adjusting.weights, "only after_response adjusts");
+    }
+
+    #[test]
+    fn a_front_end_hard_limit_replaces_the_sections() {
+        let c = BiasConstraint { loop_hard_limit: 1.5, ..sample() };
+        let feedback = FeedbackLoop::new(&c);
+        assert!(feedback.exceeds_hard_limit(1.75));
+        let feedback = feedback.with_hard_limit(3.0);
+        assert_eq!((feedback.hard_limit, feedback.target), (3.0, DEFAULT_TARGET));
+        assert!(!feedback.exceeds_hard_limit(1.75) && feedback.exceeds_hard_limit(3.25));
+    }
+
+    #[test]
+    fn a_snapshot_copies_the_state_and_follows_it() {
+        let c = BiasConstraint { loop_target: 0.5, ..sample() };
+        let mut feedback = FeedbackLoop::new(&c).with_hard_limit(1.25);
+        let mut snapshot = feedback.snapshot();
+        assert_eq!(
+            snapshot,
+            FeedbackSnapshot {
+                weights: c.weights.clone(),
+                predefined: c.weights.clone(),
+                recent: Vec::new(),
+                responses: 0,
+                target: 0.5,
+                hard_limit: 1.25,
+            }
+        );
+        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c);
+        assert_ne!(snapshot.weights, feedback.weights, "a snapshot is a copy");
+        feedback.update_snapshot(&mut snapshot);
+        assert_eq!(snapshot, feedback.snapshot());
+        assert_eq!((snapshot.weights.clone(), snapshot.recent.clone()), (vec![0.1, 0.5, 1.0], vec![signal]));
+        assert_eq!(snapshot.predefined, c.weights);
+        assert_eq!(snapshot.responses, 1);
     }
 
     #[test]
