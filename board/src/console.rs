@@ -63,7 +63,9 @@ enum Escape {
 /// Line editing in raw mode: the line so far and what to echo.
 #[derive(Debug)]
 pub struct LineEditor {
-    line: Vec<u8>,
+    /// The line typed so far, in a buffer of the longest line: typing allocates nothing.
+    line: heapless::Vec<u8, MAX_LINE_BYTES>,
+    /// Bytes were typed past the longest line: the line is refused at Enter.
     overflow: bool,
     escape: Escape,
     after_carriage_return: bool,
@@ -71,12 +73,7 @@ pub struct LineEditor {
 
 impl Default for LineEditor {
     fn default() -> Self {
-        Self {
-            line: Vec::with_capacity(MAX_LINE_BYTES),
-            overflow: false,
-            escape: Escape::None,
-            after_carriage_return: false,
-        }
+        Self { line: heapless::Vec::new(), overflow: false, escape: Escape::None, after_carriage_return: false }
     }
 }
 
@@ -113,14 +110,15 @@ impl LineEditor {
                 }
                 self.after_carriage_return = byte == b'\r';
                 echo.extend_from_slice(b"\r\n");
-                let line = std::mem::replace(&mut self.line, Vec::with_capacity(MAX_LINE_BYTES));
-                let overflow = std::mem::replace(&mut self.overflow, false);
-                if overflow {
-                    return Edit::Line(Err(format!("the line is longer than {MAX_LINE_BYTES} bytes; it was ignored")));
-                }
-                Edit::Line(String::from_utf8(line).map_err(|e| {
-                    format!("the line is not valid UTF-8 (at byte {}); it was ignored", e.utf8_error().valid_up_to())
-                }))
+                let line = if std::mem::replace(&mut self.overflow, false) {
+                    Err(format!("the line is longer than {MAX_LINE_BYTES} bytes; it was ignored"))
+                } else {
+                    std::str::from_utf8(&self.line).map(str::to_string).map_err(|e| {
+                        format!("the line is not valid UTF-8 (at byte {}); it was ignored", e.valid_up_to())
+                    })
+                };
+                self.line.clear();
+                Edit::Line(line)
             }
             CTRL_C => {
                 echo.extend_from_slice(b"^C\r\n");
@@ -157,14 +155,14 @@ impl LineEditor {
     }
 
     fn insert(&mut self, byte: u8, echo: &mut Vec<u8>) -> Edit {
-        if self.line.len() >= MAX_LINE_BYTES {
+        if self.line.push(byte).is_ok() {
+            echo.push(byte);
+        } else {
+            // Full: one bell, and the rest of the line is dropped.
             if !self.overflow {
                 echo.extend_from_slice(BELL);
             }
             self.overflow = true;
-        } else {
-            self.line.push(byte);
-            echo.push(byte);
         }
         Edit::Pending
     }
@@ -614,5 +612,48 @@ pub fn serve_tcp(stream: std::net::TcpStream, shared: &crate::connection::Shared
     console.typeahead = typeahead;
     if let End::Gone(why) = console.run(&mut reader) {
         log::debug!("tcp console closed: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn type_line(editor: &mut LineEditor, bytes: &[u8], echo: &mut Vec<u8>) -> Edit {
+        for &byte in bytes {
+            assert_eq!(editor.feed(byte, echo), Edit::Pending);
+        }
+        editor.feed(b'\r', echo)
+    }
+
+    #[test]
+    fn the_line_holds_exactly_the_longest_line_and_refuses_one_byte_more() {
+        let mut editor = LineEditor::default();
+        let mut echo = Vec::new();
+        let longest = vec![b'a'; MAX_LINE_BYTES];
+        assert_eq!(type_line(&mut editor, &longest, &mut echo), Edit::Line(Ok("a".repeat(MAX_LINE_BYTES))));
+        assert!(!echo.contains(&BELL[0]));
+        echo.clear();
+        let edit = type_line(&mut editor, &[longest.as_slice(), b"bc"].concat(), &mut echo);
+        assert_eq!(edit, Edit::Line(Err(format!("the line is longer than {MAX_LINE_BYTES} bytes; it was ignored"))));
+        assert_eq!(echo.iter().filter(|&&b| b == BELL[0]).count(), 1, "one bell for the overflow");
+        // The next line starts empty.
+        assert_eq!(type_line(&mut editor, b"next", &mut echo), Edit::Line(Ok("next".to_string())));
+    }
+
+    #[test]
+    fn backspace_erases_a_whole_character_and_bad_utf8_is_refused() {
+        let mut editor = LineEditor::default();
+        let mut echo = Vec::new();
+        let edit = type_line(&mut editor, &["é".as_bytes(), b"x", &[DELETE, BACKSPACE], b"e"].concat(), &mut echo);
+        assert_eq!(edit, Edit::Line(Ok("e".to_string())), "x, then both bytes of é, erased");
+        let edit = type_line(&mut editor, &[b'a', 0xFF, b'b'], &mut echo);
+        assert_eq!(edit, Edit::Line(Err("the line is not valid UTF-8 (at byte 1); it was ignored".to_string())));
+        // Ctrl-C abandons the line.
+        for &byte in b"abandoned" {
+            editor.feed(byte, &mut echo);
+        }
+        assert_eq!(editor.feed(CTRL_C, &mut echo), Edit::Interrupt);
+        assert_eq!(editor.feed(b'\r', &mut echo), Edit::Line(Ok(String::new())));
     }
 }
