@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`config`] | the TOML configuration, its defaults and validation, and the flags that override it |
 //! | [`transport`] | the one transport abstraction (embedded-io `Read`/`Write`) over a UART/pty and a TCP stream |
-//! | [`engine`] | the inference thread: one model, one generation at a time, a bounded FIFO queue, cancellation |
+//! | [`engine`] | the inference thread: one model, one generation at a time, a bounded FIFO queue, cancellation; the types the protocols share, loading, the memory check and the bias feedback in its submodules |
 //! | [`connection`] | reading requests from TCP within the byte caps and timeouts |
 //! | [`request`] | the generation request shared by both TCP protocols, parsed from JSON with errors naming the field |
 //! | [`json`] | JSON string escaping into a reused buffer, so streaming a token allocates nothing |

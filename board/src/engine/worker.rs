@@ -97,7 +97,8 @@ impl<'m> Worker<'m> {
         Self { session, bias, tokenizer, template, shared, counting_allocations: allocations::counting() }
     }
 
-    /// Runs jobs until the queue is closed, or empty once the daemon is stopping.
+    /// Runs jobs until the queue is closed, or until a tick passes with none
+    /// once the daemon is stopping.
     pub(super) fn run(&mut self, jobs: Receiver<Job>) {
         loop {
             let job = match jobs.recv_timeout(Duration::from_millis(100)) {
@@ -159,6 +160,10 @@ impl<'m> Worker<'m> {
         }
     }
 
+    /// Runs one job: the prompt checked against the context, the cached
+    /// prefix reused, the reply generated into `sink` (again, from the whole
+    /// prompt, while the bias signal is over the hard limit and the sink can
+    /// forget what it got), and the sink told how it ended.
     fn generate(
         &mut self,
         request: &GenerationRequest,
