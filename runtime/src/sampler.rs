@@ -2,6 +2,8 @@
 //! top-p and min-p, after a repetition penalty, from a seeded generator.
 //! Every buffer is allocated in [`Sampler::new`]; sampling allocates nothing.
 
+use crate::rng::SplitMix64;
+
 /// Sampling settings. The defaults are llama.cpp's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {
@@ -46,7 +48,7 @@ impl SamplerConfig {
 pub struct Sampler {
     /// Settings.
     pub config: SamplerConfig,
-    rng: u64,
+    rng: SplitMix64,
     candidates: Vec<(f32, u32)>,
     recent: Vec<u32>,
     recent_next: usize,
@@ -58,7 +60,7 @@ impl Sampler {
     pub fn new(vocab_size: usize, config: SamplerConfig) -> Self {
         Self {
             config,
-            rng: config.seed,
+            rng: SplitMix64(config.seed),
             candidates: Vec::with_capacity(vocab_size),
             recent: vec![0; config.repeat_last_n.max(1)],
             recent_next: 0,
@@ -68,7 +70,7 @@ impl Sampler {
 
     /// Forgets recent tokens and restarts the random sequence from the seed.
     pub fn reset(&mut self) {
-        self.rng = self.config.seed;
+        self.rng = SplitMix64(self.config.seed);
         self.recent_len = 0;
         self.recent_next = 0;
     }
@@ -79,16 +81,6 @@ impl Sampler {
         self.recent[self.recent_next] = token;
         self.recent_next = (self.recent_next + 1) % n;
         self.recent_len = (self.recent_len + 1).min(n);
-    }
-
-    /// A uniform number in [0, 1) (SplitMix64).
-    fn next_uniform(&mut self) -> f32 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// Picks the next token from `logits`.
@@ -158,7 +150,7 @@ impl Sampler {
 
         // Draw.
         let total: f32 = self.candidates.iter().map(|cand| cand.0).sum();
-        let mut target = self.next_uniform() * total;
+        let mut target = self.rng.next_f32() * total;
         for &(p, id) in &self.candidates {
             target -= p;
             if target < 0.0 {
@@ -253,6 +245,22 @@ mod tests {
         let top1 = draw(SamplerConfig { top_k: 1, ..config });
         let argmax = Sampler::new(100, SamplerConfig::greedy()).sample(&logits);
         assert!(top1.iter().all(|&t| t == argmax));
+    }
+
+    /// Tokens a seed draws, recorded before the generator moved to
+    /// [`crate::rng`]: a seed must go on drawing the same sequence.
+    #[test]
+    fn a_seed_draws_the_tokens_it_always_has() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 7919) % 101) as f32 / 10.0).collect();
+        let config =
+            SamplerConfig { temperature: 1.5, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 42, ..Default::default() };
+        let mut sampler = Sampler::new(100, config);
+        let drawn: Vec<u32> = (0..24).map(|_| sampler.sample(&logits)).collect();
+        sampler.reset();
+        let again: Vec<u32> = (0..24).map(|_| sampler.sample(&logits)).collect();
+        assert_eq!(again, drawn, "reset restarts the sequence from the seed");
+        let expected = [66, 96, 59, 22, 32, 51, 27, 61, 22, 76, 27, 49, 49, 49, 39, 27, 64, 49, 64, 71, 90, 64, 44, 76];
+        assert_eq!(drawn, expected);
     }
 
     #[test]

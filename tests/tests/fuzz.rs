@@ -35,8 +35,8 @@
 //! The Llama-2 vocabulary and SmolLM2 follow the other tests' rules: missing
 //! files fail the test unless `BRAMBLE_SKIP_MODEL=1`.
 
+use bramble_runtime::rng::SplitMix64;
 use bramble_tests::*;
-use bramble_tools::synth::SplitMix64;
 use std::any::Any;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -1170,10 +1170,11 @@ mod tokenizers {
     //! Both tokenizer kinds, on arbitrary text and arbitrary ids.
 
     use super::*;
+    use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, sentencepiece_vocab};
     use bramble_runtime::tokenizer::Tokenizer;
     use bramble_runtime::vocab::{TokenType, TokenizerKind};
     use bramble_tools::source::gguf::read_vocab;
-    use bramble_tools::synth::{byte_level_vocab, gpt2_byte_to_char, sentencepiece_vocab};
+    use bramble_tools::synth::gpt2_byte_to_char;
 
     /// Inputs per pass (about 5 s on a busy two-core machine).
     const ITERATIONS: u64 = 10_000;

@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use bramble_runtime::image::{ImageWriter, TensorInfo};
 use bramble_runtime::model::{Logits, Matrix, Model, Site, SparseMode};
 use bramble_runtime::quant::{self, Encoding};
+use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::rsparse::{self, Rsparse, SparseModule};
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::ModelImage;
@@ -199,27 +200,24 @@ pub struct CalibrateReport {
     pub image_bytes: u64,
 }
 
-/// A small, seedable generator (SplitMix64): reproducible SVD directions,
-/// reservoirs and searches without another dependency.
+/// The calibration's draws (reproducible SVD directions, reservoirs and
+/// searches): the workspace's [`SplitMix64`] with the distributions the
+/// search needs.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     /// Seeded.
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
+        Self(SplitMix64(seed ^ SplitMix64::GOLDEN_GAMMA))
     }
     /// Uniform 64 bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in (0, 1): never 0, so its logarithm is finite.
     pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        self.0.next_open_f64()
     }
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
@@ -816,30 +814,16 @@ fn evolve(
     Ok((best, best_perplexity, uniform_perplexity, evaluations))
 }
 
-/// Writes `image`'s sections and tensors, with `plan` as its `rsparse`
-/// section and the weights of the modules it covers in `layout`; every
-/// other tensor is copied byte for byte.
+/// Writes `image` with `plan` as its `rsparse` section and the weights of
+/// the modules it covers in `layout`; every other section and tensor is
+/// copied byte for byte, in the order [`ImageWriter::rewrite`] keeps.
 pub fn write_image(image: &ModelImage, plan: &Rsparse, output: &Path, layout: SparseLayout) -> Result<u64> {
-    use bramble_runtime::image::layout::section;
-    let mut writer = ImageWriter::create(output)?;
-    // Small sections first (as the converter does), then the tensors, then `source` and the plan.
-    let copied = |name: &str| name != section::TENSOR_INDEX && name != section::TENSOR_DATA && name != rsparse::SECTION;
-    let late = |name: &str| name == section::SOURCE;
-    for s in image.sections().iter().filter(|s| copied(&s.name) && !late(&s.name)) {
-        writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
-    }
-    for t in image.tensors() {
+    let section = plan.to_section()?;
+    let relayout = |t: &TensorInfo, bytes: &[u8]| {
         let covered = plan.modules.iter().any(|m| m.name == t.name);
-        match relaid(t, image.tensor_bytes(t), covered, layout) {
-            Some((encoding, bytes)) => writer.add_tensor(&t.name, encoding, &t.shape, &bytes)?,
-            None => writer.add_tensor(&t.name, t.encoding, &t.shape, image.tensor_bytes(t))?,
-        }
-    }
-    for s in image.sections().iter().filter(|s| copied(&s.name) && late(&s.name)) {
-        writer.add_section(&s.name, image.section(&s.name).expect("listed section"), s.required)?;
-    }
-    writer.add_section(rsparse::SECTION, &plan.to_section()?, false)?;
-    Ok(writer.finish()?)
+        relaid(t, bytes, covered, layout)
+    };
+    Ok(ImageWriter::rewrite(image, output, &[(rsparse::SECTION, &section)], relayout)?)
 }
 
 /// A tensor's new encoding and bytes under `layout`, or `None` to keep it:

@@ -155,9 +155,7 @@ pub fn perplexity(
                         continue;
                     }
                     let row = &logits[b * vocab..(b + 1) * vocab];
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                    let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-                    nll += log_sum - row[window[j + 1] as usize] as f64;
+                    nll -= bramble_runtime::logits::log_softmax_at(row, window[j + 1] as usize);
                     scored += 1;
                 }
             }

@@ -4,29 +4,11 @@
 //! directory or a llama2.c checkpoint.
 
 use bramble_runtime::config::ARCH_LLAMA;
-use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
+use bramble_runtime::rng::SplitMix64;
+use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, sentencepiece_vocab};
+use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::{ModelConfig, Vocab};
 use bytemuck::Zeroable;
-
-/// A small, deterministic pseudo-random generator (SplitMix64); no dependency,
-/// same numbers on every machine.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn next_signed(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 /// A synthetic model: config, vocabulary and f32 tensors under GGUF names,
 /// shapes outermost first (`[out, in]`), rows in the adjacent-pairs RoPE layout.
@@ -87,89 +69,6 @@ pub fn gpt2_byte_to_char(byte: u8) -> char {
     }
     let shifted = (0..byte).filter(|&b| !printable(b)).count() as u32;
     char::from_u32(256 + shifted).expect("valid code point")
-}
-
-/// A small SentencePiece vocabulary: `<unk> <s> </s>`, the 256 byte tokens,
-/// then a few dozen common pieces with descending scores.
-pub fn sentencepiece_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![b"<unk>".to_vec(), b"<s>".to_vec(), b"</s>".to_vec()];
-    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
-    let mut scores = vec![0.0, 0.0, 0.0];
-    for b in 0..=255u8 {
-        tokens.push(format!("<0x{b:02X}>").into_bytes());
-        types.push(TokenType::Byte);
-        scores.push(0.0);
-    }
-    let pieces = [
-        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the", "er", "an", "▁s",
-        "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c", "▁m", "or", "is", "▁and", "ll",
-        "▁Hello", "▁world", "H", "W", "w", ",", ".", "!",
-        // The steps by which pair merges reach ▁Hello and ▁world.
-        "▁H", "▁He", "▁Hell", "▁wor", "ld",
-    ];
-    for (i, piece) in pieces.iter().enumerate() {
-        tokens.push(piece.as_bytes().to_vec());
-        types.push(TokenType::Normal);
-        scores.push(-(i as f32));
-    }
-    Vocab::llama_sentencepiece(tokens, scores, types)
-}
-
-/// A small byte-level BPE vocabulary: ChatML control tokens, the 256 byte
-/// characters, then tokens made by a few merges.
-pub fn byte_level_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![b"<|endoftext|>".to_vec(), b"<|im_start|>".to_vec(), b"<|im_end|>".to_vec()];
-    let mut types = vec![TokenType::Control; 3];
-    for b in 0..=255u8 {
-        tokens.push(gpt2_byte_to_char(b).to_string().into_bytes());
-        types.push(TokenType::Normal);
-    }
-    let id = |tokens: &Vec<Vec<u8>>, s: &str| tokens.iter().position(|t| t == s.as_bytes()).unwrap() as u32;
-    let mut merges = Vec::new();
-    for (left, right) in [
-        ("Ġ", "t"),
-        ("h", "e"),
-        ("i", "n"),
-        ("Ġt", "he"),
-        ("e", "r"),
-        ("o", "n"),
-        ("Ġ", "a"),
-        ("r", "e"),
-        ("Ġ", "w"),
-        ("o", "r"),
-        ("l", "l"),
-        ("H", "e"),
-        ("He", "ll"),
-        ("Ġw", "or"),
-        ("Hell", "o"),
-        ("Ġwor", "l"),
-        ("Ġworl", "d"),
-    ] {
-        let (l, r) = (id(&tokens, left), id(&tokens, right));
-        let merged = format!("{left}{right}");
-        if !tokens.iter().any(|t| t == merged.as_bytes()) {
-            tokens.push(merged.into_bytes());
-            types.push(TokenType::Normal);
-        }
-        merges.push((l, r));
-    }
-    let n = tokens.len();
-    Vocab {
-        kind: TokenizerKind::ByteLevelBpe,
-        pre_tokenizer: PreTokenizer::SmolLm,
-        scores: vec![0.0; n],
-        types,
-        merges,
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: Some(2),
-        eot_id: Some(2),
-        add_bos: false,
-        add_eos: false,
-        add_space_prefix: false,
-        tokens,
-    }
 }
 
 impl SyntheticModel {

@@ -12,9 +12,11 @@
 
 use crate::source::gguf::{llama_writer, GgmlType, Value, LLAMA2_TEMPLATE};
 use crate::source::hf::{permuted_target_row, write_hf_dir, HfDtype, HfTokenizerForm, HfWriteOptions};
-use crate::synth::{sentencepiece_vocab, SplitMix64, SyntheticModel, SyntheticShape};
+use crate::synth::{SyntheticModel, SyntheticShape};
 use anyhow::{anyhow, bail, Context, Result};
 use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::rng::SplitMix64;
+use bramble_runtime::tokenizer::synthetic::sentencepiece_vocab;
 use bramble_runtime::vocab::TokenType;
 use bramble_runtime::{ModelConfig, Vocab};
 use bytemuck::Zeroable;

@@ -7,13 +7,14 @@
 //! - robustness: thousands of corrupted files, none of which may panic.
 
 use bramble_runtime::quant::{dequantize_from, Encoding};
+use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
 use bramble_tools::source::gguf::{
     quantize, read_vocab, vocab_from_gguf, weight_type_for, write_gguf, Array, GgmlType, GgufFile, GgufSource,
     GgufWriter, Value, CHATML_TEMPLATE, LLAMA2_TEMPLATE,
 };
 use bramble_tools::source::ModelSource;
-use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
+use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -13,6 +13,7 @@
 //! Google `sentencepiece` through `tests/reference/hf_tokenizers.py`, and are
 //! skipped (with a message) where Python or those modules are missing.
 
+use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::tokenizer::Tokenizer;
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
 use bramble_runtime::{Encoding, Vocab};
@@ -20,7 +21,7 @@ use bramble_tools::source::hf::{
     self, permuted_source_row, permuted_target_row, sentencepiece_model, HfDtype, HfTokenizerForm, HfWriteOptions,
 };
 use bramble_tools::source::ModelSource;
-use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
+use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use half::{bf16, f16};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};

@@ -13,11 +13,12 @@
 //! SentencePiece vocabulary uses only what the format carries, so it reads
 //! back equal in every field.
 
+use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::vocab::{TokenType, TokenizerKind};
 use bramble_runtime::Encoding;
 use bramble_tools::source::llama2c::{self, write_llama2c, Llama2cSource};
 use bramble_tools::source::ModelSource;
-use bramble_tools::synth::{SplitMix64, SyntheticModel, SyntheticShape};
+use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use std::path::{Path, PathBuf};
 
 fn model(tied: bool, seed: u64) -> SyntheticModel {

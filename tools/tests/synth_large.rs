@@ -51,7 +51,7 @@ fn assert_source(source: &dyn ModelSource, shape: LargeShape, weights: LargeWeig
     let want = padded_vocab(config.vocab_size as usize).unwrap();
     assert_eq!(vocab.tokens, want.tokens);
     assert_eq!((vocab.bos_id, vocab.eos_id, vocab.unk_id), (want.bos_id, want.eos_id, want.unk_id));
-    let base = bramble_tools::synth::sentencepiece_vocab().len();
+    let base = bramble_runtime::tokenizer::synthetic::sentencepiece_vocab().len();
     assert!(vocab.types[base..].iter().all(|t| *t == TokenType::Unused));
     if source.describe().starts_with("GGUF") {
         // tokenizer.json holds no types; the Hugging Face reader infers them (see its tests).

@@ -1,8 +1,11 @@
 //! Writes images. Tensors stream through in pieces, so a converter never
 //! holds more than one chunk of a tensor; the file appears under its name only
 //! when [`ImageWriter::finish`] has written and synced everything.
+//! [`ImageWriter::rewrite`] copies an image with some sections set, the one
+//! way the tools add calibration sections to a converted image.
 
 use super::layout::*;
+use super::{ModelImage, TensorInfo};
 use crate::error::{Error, ErrorKind, Result};
 use crate::quant::Encoding;
 use std::fs::File;
@@ -216,6 +219,63 @@ impl ImageWriter {
     }
 }
 
+impl ImageWriter {
+    /// Writes a copy of `image` to `destination` with each of `sections`
+    /// (name, bytes) set: replacing the image's section of that name, or
+    /// added. `tensor` may give a tensor a new encoding and bytes (`None`
+    /// copies it byte for byte); the tensors keep their order and shapes.
+    /// Returns the new image's size in bytes.
+    ///
+    /// Section order, the one rule of every rewrite: the image's other
+    /// sections keep their order and their side of the tensors (those before
+    /// the tensor data, such as `config`, `tokenizer` and `chat_template`,
+    /// stay before it, so a reader's first pages still hold what it parses
+    /// at open; those after it, such as `source` and the calibration
+    /// sections, stay after); the given sections come last, after every
+    /// other, in the order given. They are written optional: a reader that
+    /// does not know them skips them. Every copied section keeps its bytes
+    /// and its required flag.
+    pub fn rewrite(
+        image: &ModelImage,
+        destination: &Path,
+        sections: &[(&str, &[u8])],
+        mut tensor: impl FnMut(&TensorInfo, &[u8]) -> Option<(Encoding, Vec<u8>)>,
+    ) -> Result<u64> {
+        let data_offset = image
+            .sections()
+            .iter()
+            .find(|s| s.name == section::TENSOR_DATA)
+            .map(|s| s.offset)
+            .ok_or_else(|| Error::corrupt(format!("{}: section tensor_data is missing", image.path().display())))?;
+        // The writer makes the tensor index and data itself; the given sections are written last.
+        let copied = |s: &&super::SectionInfo| {
+            s.name != section::TENSOR_INDEX
+                && s.name != section::TENSOR_DATA
+                && !sections.iter().any(|(name, _)| *name == s.name)
+        };
+        let (before, after): (Vec<_>, Vec<_>) =
+            image.sections().iter().filter(copied).partition(|s| s.offset < data_offset);
+        let mut writer = Self::create(destination)?;
+        for s in before {
+            writer.add_section(&s.name, image.section(&s.name).expect("a listed section"), s.required)?;
+        }
+        for t in image.tensors() {
+            let bytes = image.tensor_bytes(t);
+            match tensor(t, bytes) {
+                Some((encoding, bytes)) => writer.add_tensor(&t.name, encoding, &t.shape, &bytes)?,
+                None => writer.add_tensor(&t.name, t.encoding, &t.shape, bytes)?,
+            }
+        }
+        for s in after {
+            writer.add_section(&s.name, image.section(&s.name).expect("a listed section"), s.required)?;
+        }
+        for (name, bytes) in sections {
+            writer.add_section(name, bytes, false)?;
+        }
+        writer.finish()
+    }
+}
+
 impl Drop for ImageWriter {
     /// An unfinished image leaves nothing behind.
     fn drop(&mut self) {
@@ -223,5 +283,91 @@ impl Drop for ImageWriter {
         if !self.renamed {
             let _ = std::fs::remove_file(&self.temporary);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ARCH_LLAMA;
+    use crate::image::encode_vocab;
+    use crate::tokenizer::synthetic::sentencepiece_vocab;
+    use crate::ModelConfig;
+    use bytemuck::Zeroable;
+
+    const DIM: usize = 32;
+
+    /// An image laid out as a converted and then calibrated one is: small
+    /// sections, the tensors, then `source` and a calibration section.
+    fn write_calibrated_image(path: &Path) {
+        let vocab = sentencepiece_vocab();
+        let mut config = ModelConfig::zeroed();
+        config.arch = ARCH_LLAMA;
+        (config.dim, config.n_layers, config.n_heads, config.n_kv_heads) = (DIM as u32, 1, 2, 1);
+        (config.head_dim, config.rope_dim, config.ffn_dim) = (16, 16, 64);
+        (config.vocab_size, config.context_length, config.tied_output) = (vocab.len() as u32, 16, 1);
+        (config.rope_theta, config.norm_eps) = (10000.0, 1e-5);
+        let values = |n: usize| -> Vec<u8> {
+            let floats: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+            bytemuck::cast_slice(&floats).to_vec()
+        };
+        let mut writer = ImageWriter::create(path).unwrap();
+        writer.add_section(section::CONFIG, bytemuck::bytes_of(&config), true).unwrap();
+        writer.add_section(section::TOKENIZER, &encode_vocab(&vocab).unwrap(), true).unwrap();
+        writer.add_section(section::CHAT_TEMPLATE, b"{{ messages }}", false).unwrap();
+        writer.add_tensor("token_embd.weight", Encoding::F32, &[vocab.len(), DIM], &values(vocab.len() * DIM)).unwrap();
+        writer.add_tensor("output_norm.weight", Encoding::F32, &[DIM], &values(DIM)).unwrap();
+        writer.add_section(section::SOURCE, br#"{"from": "a test"}"#, false).unwrap();
+        writer.add_section("rsparse", b"the first plan", false).unwrap();
+        writer.finish().unwrap();
+    }
+
+    /// Section names in the order their bytes lie in the file.
+    fn names_by_offset(image: &ModelImage) -> Vec<String> {
+        let mut sections = image.sections().to_vec();
+        sections.sort_by_key(|s| s.offset);
+        sections.into_iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn rewrite_replaces_and_adds_sections_and_copies_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (original_path, rewritten_path) = (dir.path().join("a.bramble"), dir.path().join("b.bramble"));
+        write_calibrated_image(&original_path);
+        let original = ModelImage::open(&original_path).unwrap();
+        let norm_f16: Vec<u8> = (0..DIM).flat_map(|i| half::f16::from_f32(i as f32).to_le_bytes()).collect();
+        let new_sections: [(&str, &[u8]); 2] = [("rsparse", b"the second plan"), ("bias", b"a constraint")];
+        ImageWriter::rewrite(&original, &rewritten_path, &new_sections, |tensor, _| {
+            (tensor.name == "output_norm.weight").then(|| (Encoding::F16, norm_f16.clone()))
+        })
+        .unwrap();
+
+        let rewritten = ModelImage::open(&rewritten_path).unwrap();
+        assert_eq!(
+            names_by_offset(&rewritten),
+            ["config", "tokenizer", "chat_template", "tensor_data", "source", "rsparse", "bias", "tensor_index"]
+        );
+        for name in [section::CONFIG, section::TOKENIZER, section::CHAT_TEMPLATE, section::SOURCE] {
+            assert_eq!(rewritten.section(name), original.section(name), "section {name}");
+            let required = |image: &ModelImage| image.sections().iter().find(|s| s.name == name).unwrap().required;
+            assert_eq!(required(&rewritten), required(&original), "section {name}");
+        }
+        assert_eq!(rewritten.section("rsparse"), Some(&b"the second plan"[..]));
+        assert_eq!(rewritten.section("bias"), Some(&b"a constraint"[..]));
+        let embedding = |image: &ModelImage| image.tensor_bytes(image.tensor("token_embd.weight").unwrap()).to_vec();
+        assert_eq!(embedding(&rewritten), embedding(&original));
+        let norm = rewritten.tensor("output_norm.weight").unwrap();
+        assert_eq!((norm.encoding, norm.shape.as_slice()), (Encoding::F16, &[DIM][..]));
+        assert_eq!(rewritten.tensor_bytes(norm), norm_f16.as_slice());
+    }
+
+    #[test]
+    fn rewriting_with_nothing_to_change_gives_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (original_path, copy_path) = (dir.path().join("a.bramble"), dir.path().join("b.bramble"));
+        write_calibrated_image(&original_path);
+        let original = ModelImage::open(&original_path).unwrap();
+        ImageWriter::rewrite(&original, &copy_path, &[], |_, _| None).unwrap();
+        assert!(std::fs::read(&copy_path).unwrap() == std::fs::read(&original_path).unwrap());
     }
 }

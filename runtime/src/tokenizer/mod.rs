@@ -20,6 +20,7 @@ mod byte_level;
 mod fast_hash;
 mod pretokenize;
 mod sentencepiece;
+pub mod synthetic;
 mod unicode;
 
 #[cfg(test)]

@@ -1,109 +1,14 @@
-//! Tests of the whole tokenizer on small synthetic vocabularies (the same
-//! shapes as `bramble_tools::synth`, rebuilt here since the runtime cannot
-//! depend on the tools). The conformance tests against llama.cpp's vectors and
-//! Hugging Face `tokenizers` are in `tools/tests/tokenizer.rs`.
+//! Tests of the whole tokenizer on the small synthetic vocabularies of
+//! [`super::synthetic`] (the ones the tools' synthetic models use). The
+//! conformance tests against llama.cpp's vectors and Hugging Face
+//! `tokenizers` are in `tools/tests/tokenizer.rs`.
 
 use super::byte_level::byte_to_char;
+use super::synthetic::{byte_level_vocab, sentencepiece_vocab};
 use super::*;
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::vocab::PreTokenizer;
 use crate::ErrorKind;
-
-/// `<unk> <s> </s>`, the 256 byte tokens, then pieces with descending scores:
-/// synth.rs's, plus the steps that make "▁Hello" and "▁world" reachable by
-/// pairwise merges (without them BPE can never form those two).
-fn sentencepiece_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![b"<unk>".to_vec(), b"<s>".to_vec(), b"</s>".to_vec()];
-    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
-    let mut scores = vec![0.0, 0.0, 0.0];
-    for byte in 0..=255u8 {
-        tokens.push(format!("<0x{byte:02X}>").into_bytes());
-        types.push(TokenType::Byte);
-        scores.push(0.0);
-    }
-    let pieces = [
-        "▁", "e", "t", "a", "o", "n", "i", "s", "h", "r", "l", "d", "▁t", "he", "▁a", "in", "▁the", "er", "an", "▁s",
-        "on", "▁w", "re", "at", "en", "▁o", "nd", "▁h", "▁b", "es", "▁f", "▁c", "▁m", "or", "is", "▁and", "ll",
-        "▁Hello", "▁world", "H", "W", "w", ",", ".", "!", "▁H", "▁He", "▁Hell", "▁wor", "ld",
-    ];
-    for (index, piece) in pieces.iter().enumerate() {
-        tokens.push(piece.as_bytes().to_vec());
-        types.push(TokenType::Normal);
-        scores.push(-(index as f32));
-    }
-    Vocab {
-        kind: TokenizerKind::SentencePiece,
-        pre_tokenizer: PreTokenizer::None,
-        scores,
-        types,
-        merges: Vec::new(),
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: None,
-        eot_id: None,
-        add_bos: true,
-        add_eos: false,
-        add_space_prefix: true,
-        tokens,
-    }
-}
-
-/// ChatML control tokens, the 256 byte characters, then tokens made by merges.
-fn byte_level_vocab() -> Vocab {
-    let mut tokens: Vec<Vec<u8>> = vec![b"<|endoftext|>".to_vec(), b"<|im_start|>".to_vec(), b"<|im_end|>".to_vec()];
-    let mut types = vec![TokenType::Control; 3];
-    for byte in 0..=255u8 {
-        tokens.push(byte_to_char(byte).to_string().into_bytes());
-        types.push(TokenType::Normal);
-    }
-    let mut merges = Vec::new();
-    for (left, right) in [
-        ("Ġ", "t"),
-        ("h", "e"),
-        ("i", "n"),
-        ("Ġt", "he"),
-        ("e", "r"),
-        ("o", "n"),
-        ("Ġ", "a"),
-        ("r", "e"),
-        ("Ġ", "w"),
-        ("o", "r"),
-        ("l", "l"),
-        ("H", "e"),
-        ("He", "ll"),
-        ("Ġw", "or"),
-        ("Hell", "o"),
-        ("Ġwor", "l"),
-        ("Ġworl", "d"),
-    ] {
-        let id = |tokens: &Vec<Vec<u8>>, text: &str| tokens.iter().position(|t| t == text.as_bytes()).unwrap() as u32;
-        let (left_id, right_id) = (id(&tokens, left), id(&tokens, right));
-        let merged = format!("{left}{right}");
-        if !tokens.iter().any(|t| t == merged.as_bytes()) {
-            tokens.push(merged.into_bytes());
-            types.push(TokenType::Normal);
-        }
-        merges.push((left_id, right_id));
-    }
-    let count = tokens.len();
-    Vocab {
-        kind: TokenizerKind::ByteLevelBpe,
-        pre_tokenizer: PreTokenizer::SmolLm,
-        scores: vec![0.0; count],
-        types,
-        merges,
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: Some(2),
-        eot_id: Some(2),
-        add_bos: false,
-        add_eos: false,
-        add_space_prefix: false,
-        tokens,
-    }
-}
 
 /// A SentencePiece vocabulary of exactly `pieces` (spelling, score, type),
 /// after `<unk>` and without byte tokens or a space prefix.

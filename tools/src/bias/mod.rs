@@ -1,0 +1,34 @@
+//! Bias detection and measurement: the pairs format, converters from the
+//! public datasets (WinoBias, CrowS-Pairs, StereoSet), the evaluation
+//! `bramble bias-eval` runs and the calibration `bramble bias-calibrate` runs.
+//!
+//! A pair is two sentences that differ only in the words carrying a
+//! stereotype, one line of JSONL each:
+//! `{"stereo": "...", "anti": "...", "category": "..."}`. The model scores
+//! each sentence by its total log-probability; the stereotype preference
+//! rate (SPR) is the share of pairs where the stereotyped sentence is more
+//! likely, and the bias score is |2·SPR − 1| (0: no preference either way).
+//!
+//! One module per step: `pairs` reads and writes the pairs
+//! file, `datasets` converts the public datasets into it, `scoring` gives a
+//! sentence's log-probabilities, `evaluation` turns pairs' scores into the
+//! report, and `calibration` (with `residuals` and `directions`) finds the
+//! constraint and writes it into an image.
+
+mod calibration;
+mod datasets;
+mod directions;
+mod evaluation;
+mod pairs;
+mod residuals;
+mod scoring;
+
+pub use calibration::{
+    bias_calibrate, copy_with_section, text_pieces, BiasCalibrateOptions, BiasCalibrateReport, BiasCandidate,
+    CentreChoice, HARD_LIMIT_FACTOR, LOOP_TARGET_QUANTILE, MIN_PIECES, PIECE_TOKENS,
+};
+pub use datasets::{convert_dataset, Dataset};
+pub use directions::{differing_positions, principal_direction, FOLLOWING_TOKENS};
+pub use evaluation::{evaluate, evaluate_with, shared_ends, BiasReport, LoopPass, PairScore, Summary};
+pub use pairs::{parse_pairs, read_pairs, write_pairs, Pair};
+pub use scoring::{model_start, sentence_tokens, sentence_tokens_after, single_token, Scorer};
