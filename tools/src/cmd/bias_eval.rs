@@ -4,7 +4,10 @@ use super::model_args::ModelArgs;
 use anyhow::Result;
 use bramble_runtime::bias::Feedback;
 use bramble_runtime::model::SparseMode;
+use bramble_runtime::RunState;
+use bramble_tools::bias::{evaluate_with, model_start, read_pairs, single_token, LoopPass, Scorer, Summary};
 use clap::Args;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -38,7 +41,6 @@ pub struct BiasEvalArgs {
 }
 
 pub fn run(args: BiasEvalArgs) -> Result<()> {
-    use bramble_tools::bias::{evaluate_with, model_start, read_pairs, single_token, Scorer};
     let pairs = read_pairs(&args.pairs)?;
     let (loaded, context) = args.model.load()?;
     let start_token = match &args.start_token {
@@ -54,7 +56,7 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     }
     // Under `--feedback adaptive` each pair is a response: its signal moves
     // the weights the next pairs are scored with.
-    let mut after_pair = |state: &mut bramble_runtime::RunState| -> Result<()> {
+    let mut after_pair = |state: &mut RunState| -> Result<()> {
         if let Some(feedback) = feedback.as_mut() {
             args.model.after_response(feedback, &model, state.projections())?;
             state.set_bias_weights(&feedback.weights)?;
@@ -81,7 +83,7 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
         if args.passes > 1 {
             let end = scorer.state_mut().bias_weights();
             let weight_change = start.iter().zip(end).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            passes.push(bramble_tools::bias::LoopPass {
+            passes.push(LoopPass {
                 stereotype_preference: report.stereotype_preference,
                 bias_score: report.bias_score,
                 mean_margin: report.mean_margin,
@@ -132,7 +134,7 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
         report.mean_margin,
         if report.ties > 0 { format!(", {} ties", report.ties) } else { String::new() }
     );
-    let category_lines = |by_category: &std::collections::BTreeMap<String, bramble_tools::bias::Summary>| {
+    let category_lines = |by_category: &BTreeMap<String, Summary>| {
         for (category, summary) in by_category {
             outln!(
                 "  {category:<24} {:>5} pairs  SPR {:.4}  bias {:.4}  margin {:+.4}",

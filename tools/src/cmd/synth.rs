@@ -3,7 +3,8 @@
 
 use anyhow::{bail, Context, Result};
 use bramble_runtime::vocab::TokenizerKind;
-use bramble_tools::synth_large::LargeShape;
+use bramble_tools::synth::{SyntheticModel, SyntheticShape};
+use bramble_tools::synth_large::{write_large_gguf, write_large_hf, LargeShape, LargeWeights};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,7 +76,6 @@ pub struct SynthArgs {
 }
 
 pub fn run(args: SynthArgs) -> Result<()> {
-    use bramble_tools::synth::{SyntheticModel, SyntheticShape};
     if let Some(shape) = args.shape {
         return run_large(&args, shape);
     }
@@ -123,7 +123,6 @@ pub fn run(args: SynthArgs) -> Result<()> {
 
 /// `synth --shape`: a large model streamed to disk.
 fn run_large(args: &SynthArgs, shape: LargeShape) -> Result<()> {
-    use bramble_tools::synth_large::{write_large_gguf, write_large_hf, LargeWeights};
     let started = Instant::now();
     let weights = LargeWeights::parse(&args.weights).context("--weights")?;
     let report = match args.format {
