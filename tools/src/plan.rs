@@ -42,7 +42,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let image =
         ModelImage::open(&args.model).with_context(|| format!("{}: not a valid model image", args.model.display()))?;
     let config = *image.config();
-    kv.check(&config).with_context(|| format!("{}", args.model.display()))?;
+    kv.check(&config).with_context(|| format!("{}: --kv {kv}", args.model.display()))?;
     let footprint = ModelFootprint {
         config,
         image_bytes: std::fs::metadata(&args.model).with_context(|| args.model.display().to_string())?.len(),

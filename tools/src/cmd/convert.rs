@@ -1,0 +1,232 @@
+//! `bramble convert`: a GGUF file, Hugging Face directory or llama2.c
+//! checkpoint into an image, optionally with spike-aware mixed precision.
+
+use anyhow::{Context, Result};
+use bramble_tools::convert::{convert, ConvertOptions, QuantTarget};
+use bramble_tools::mixed::{MixedMode, MixedPlan};
+use bramble_tools::source::ModelSource;
+use bramble_tools::stats;
+use clap::{Args, ValueEnum};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// `--quant` and `--mixed-precision`: the converter's [`QuantTarget`] by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantArg {
+    Q4,
+    #[value(name = "q4s")]
+    Q4S,
+    Q8,
+    F16,
+    F32,
+}
+
+impl From<QuantArg> for QuantTarget {
+    fn from(quant: QuantArg) -> Self {
+        match quant {
+            QuantArg::Q4 => QuantTarget::Q4,
+            QuantArg::Q4S => QuantTarget::Q4S,
+            QuantArg::Q8 => QuantTarget::Q8,
+            QuantArg::F16 => QuantTarget::F16,
+            QuantArg::F32 => QuantTarget::F32,
+        }
+    }
+}
+
+/// `--layout`: the block order of quantized matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    X4,
+    Rows,
+}
+
+/// `--mixed`: the converter's [`MixedMode`] by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MixedArg {
+    Off,
+    Auto,
+}
+
+impl From<MixedArg> for MixedMode {
+    fn from(mixed: MixedArg) -> Self {
+        match mixed {
+            MixedArg::Off => MixedMode::Off,
+            MixedArg::Auto => MixedMode::Auto,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// GGUF file, Hugging Face directory, or llama2.c `.bin`.
+    #[arg(long)]
+    input: PathBuf,
+    /// The image to write.
+    #[arg(long)]
+    output: PathBuf,
+    /// Weight encoding: q4, q4s, q8, f16 or f32.
+    #[arg(long, value_enum, default_value_t = QuantArg::Q4)]
+    quant: QuantArg,
+    /// Per-tensor override PATTERN=QUANT (`*` is a wildcard), e.g. `blk.*.ffn_down.weight=q8`. Repeatable.
+    #[arg(long = "tensor-quant")]
+    tensor_quant: Vec<String>,
+    /// The llama2.c `tokenizer.bin` (default: beside the checkpoint).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Block order of quantized matrices: `x4` (four rows interleaved, what
+    /// the NEON kernels read fastest) or `rows` (ggml's row-major order).
+    #[arg(long, value_enum, default_value_t = LayoutArg::X4)]
+    layout: LayoutArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Spike-aware mixed precision (docs/mixed.md): `auto` measures each
+    /// linear input's max/median |x| on --calib-text and keeps the
+    /// projections reading spiky inputs at --mixed-precision; `off` (the
+    /// default) gives every matrix --quant.
+    #[arg(long, value_enum, default_value_t = MixedArg::Off)]
+    mixed: MixedArg,
+    /// Calibration text (UTF-8) for --mixed auto.
+    #[arg(long)]
+    calib_text: Option<PathBuf>,
+    /// Calibration tokens for --mixed auto (the first ones of the text).
+    #[arg(long, default_value_t = 2048)]
+    calib_tokens: usize,
+    /// Encoding of the projections --mixed auto keeps: q8, f16 or f32.
+    #[arg(long, value_enum, default_value_t = QuantArg::Q8)]
+    mixed_precision: QuantArg,
+    /// --mixed auto keeps inputs whose spike score is at least this many times
+    /// the median score of the same kind of input over the layers (default 4).
+    #[arg(long, conflicts_with = "mixed_keep")]
+    mixed_ratio: Option<f64>,
+    /// --mixed auto keeps the N inputs with the highest spike scores instead.
+    #[arg(long)]
+    mixed_keep: Option<usize>,
+    /// Threads for the --mixed auto calibration pass (default: the number of cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run(args: ConvertArgs) -> Result<()> {
+    let started = Instant::now();
+    let source = bramble_tools::source::open(&args.input, args.tokenizer.as_deref())?;
+    let mut options = ConvertOptions::new(args.quant.into());
+    for spec in &args.tensor_quant {
+        options.add_override(spec)?;
+    }
+    options.interleave = args.layout == LayoutArg::X4;
+    options.progress = std::io::stderr().is_terminal() && !args.json;
+    options.mixed = mixed_plan(&args, source.as_ref(), options.quant, options.progress)?;
+    if let (Some(plan), false) = (&options.mixed, args.json) {
+        outln!(
+            "mixed auto ({}, {} calibration tokens): {} kept at {}",
+            plan.rule,
+            plan.tokens,
+            plan.tensors.len(),
+            plan.precision
+        );
+        for input in &plan.chosen {
+            outln!(
+                "  layer {:>2} {:<17} max/median {:>8.1} (max {:.2}, median {:.4}): {}",
+                input.layer,
+                input.site,
+                input.score,
+                input.max,
+                input.median,
+                input.tensors().join(", ")
+            );
+        }
+    }
+    let report = convert(source.as_ref(), &args.output, &options)
+        .with_context(|| format!("converting {} into {}", args.input.display(), args.output.display()))?;
+    let peak = stats::peak_rss_bytes();
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["peak_rss_bytes"] = serde_json::json!(peak);
+        value["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
+        if let Some(plan) = &options.mixed {
+            value["mixed"] = serde_json::to_value(plan)?;
+        }
+        outln!("{value}");
+    } else {
+        outln!(
+            "wrote {} ({:.1} MiB): {} tensors, {} carried bit-exact, {} re-quantized; {:.1} s, peak RSS {}",
+            args.output.display(),
+            report.image_bytes as f64 / (1 << 20) as f64,
+            report.tensors,
+            report.carried,
+            report.requantized,
+            started.elapsed().as_secs_f64(),
+            peak.map_or("unknown".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
+        );
+    }
+    Ok(())
+}
+
+/// `--mixed auto`'s choice, or `None` for `--mixed off`.
+fn mixed_plan(
+    args: &ConvertArgs,
+    source: &dyn ModelSource,
+    quant: QuantTarget,
+    progress: bool,
+) -> Result<Option<MixedPlan>> {
+    use bramble_tools::mixed::{plan, MixedOptions, Selection, DEFAULT_RATIO};
+    if MixedMode::from(args.mixed) == MixedMode::Off {
+        let given = [
+            ("--calib-text", args.calib_text.is_some()),
+            ("--mixed-ratio", args.mixed_ratio.is_some()),
+            ("--mixed-keep", args.mixed_keep.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|g| g.1) {
+            anyhow::bail!("{flag} only applies with --mixed auto");
+        }
+        return Ok(None);
+    }
+    let Some(path) = &args.calib_text else {
+        anyhow::bail!("--mixed auto needs --calib-text FILE (text to measure the activation spikes on)");
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("--calib-text {}", path.display()))?;
+    let options = MixedOptions {
+        precision: args.mixed_precision.into(),
+        selection: match args.mixed_keep {
+            Some(n) => Selection::Keep(n),
+            None => Selection::Ratio(args.mixed_ratio.unwrap_or(DEFAULT_RATIO)),
+        },
+        tokens: args.calib_tokens,
+        threads: args.threads.unwrap_or_else(super::cores),
+        progress,
+        ..MixedOptions::default()
+    };
+    let scratch = match args.output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let plan = plan(source, &text, quant, &scratch, &options)
+        .with_context(|| format!("--mixed auto on {}", args.input.display()))?;
+    Ok(Some(plan))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each `--quant` value is the converter's target of that name.
+    #[test]
+    fn quant_values_are_the_converter_targets() {
+        for quant in QuantArg::value_variants() {
+            let name = quant.to_possible_value().expect("every value is listed");
+            let parsed = QuantTarget::parse(name.get_name()).expect("a converter name");
+            assert_eq!(QuantTarget::from(*quant), parsed, "--quant {}", name.get_name());
+        }
+    }
+
+    /// Each `--mixed` value is the mode of that name.
+    #[test]
+    fn mixed_values_are_the_modes() {
+        for mixed in MixedArg::value_variants() {
+            let name = mixed.to_possible_value().expect("every value is listed");
+            assert_eq!(MixedMode::from(*mixed), MixedMode::parse(name.get_name()).expect("a mode name"));
+        }
+    }
+}

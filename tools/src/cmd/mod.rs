@@ -1,0 +1,37 @@
+//! The `bramble` subcommands, one module each: its options (`…Args`) and
+//! `run(args)`. Option groups several subcommands share have their own
+//! modules: [`model_args`] (loading a model) and [`sampling_args`].
+
+/// `println!` that ends the program quietly when stdout is a closed pipe
+/// (`bramble … | head -1`) instead of panicking.
+// Defined before the modules below so that each of them can use it.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
+pub mod bench;
+pub mod bias_calibrate;
+pub mod bias_data;
+pub mod bias_eval;
+pub mod calibrate;
+pub mod chat;
+pub mod convert;
+pub mod generate;
+pub mod inspect;
+pub mod model_args;
+pub mod perplexity;
+pub mod sampling_args;
+pub mod synth;
+pub mod tokenize;
+
+/// The number of cores: what every `--threads` defaults to.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
