@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Guest instructions per prompt token on an emulated Raspberry Pi core, the
-# way issue 23 measures prompt processing (companion of scripts/insn-count.sh).
+# way docs/status.md reports prompt processing (companion of scripts/insn-count.sh).
 #
 #   scripts/insn-count-prefill.sh IMAGE [CPU...]   # CPU: cortex-a72 (Pi 4), cortex-a76 (Pi 5)
 #

@@ -19,7 +19,7 @@
 # The image is Debian's, not Raspberry Pi OS (which has no qemu machine): it
 # has no config.txt, so deploy leaves the UART settings alone (it says so),
 # and no /dev/serial0, so the daemon's console waits for a device that never
-# appears while TCP serves. Status: written with the rest of issue 7 on a
+# appears while TCP serves. Status: written with the rest of the deployment work on a
 # machine without access to cloud.debian.org, so it has not been run yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -110,7 +110,7 @@ impl LoopSignal {
 /// (the section header's centre word: 0, 1 or 2).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Centre {
-    /// 0: `h ← h − w_l (h · d_l) d_l`, the formula.
+    /// 0: `h ← h − w_l (h · d_l) d_l`, the first design's formula.
     #[default]
     Zero,
     /// The baseline mean: `h ← h − w_l (h · d_l − mean_l) d_l`, which

@@ -1,4 +1,4 @@
-//! Bias detection and measurement (issue 6) on tiny synthetic models and
+//! Bias detection and measurement on tiny synthetic models and
 //! hand-written pairs: a sentence's log-probability against an independent
 //! token-by-token sum, the SPR / bias score / margin arithmetic on pairs
 //! whose outcome is known in advance, per-category aggregation, over-long
@@ -455,7 +455,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(report["direction"], "principal", "the default");
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
-    assert!(section.centre == Centre::Zero && report["centred"] == false, "the issue's formula (centre 0) by default");
+    assert!(section.centre == Centre::Zero && report["centred"] == false, "the first design's formula (centre 0) by default");
     assert!(report["difference_rows"].as_u64().unwrap() >= 4, "every pair gives its swapped token: {report}");
     assert_eq!(
         section.weights,
@@ -613,7 +613,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert_eq!(first["pairs"], 4);
     let saved = std::fs::read_to_string(&state).unwrap();
     assert!(saved.starts_with("bramble-bias-state 1") && saved.contains("responses 4"), "{saved}");
-    // `--state`, the issue's spelling, is the same option.
+    // `--state`, the first spelling, is the same option.
     eval("adaptive", &["--state", path_str(&state)]);
     assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");
     // --passes: the pairs read again and again, the loop carrying its weights;

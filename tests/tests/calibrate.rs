@@ -1,4 +1,4 @@
-//! `bramble calibrate` (R-Sparse, issue 4) on tiny synthetic models: the
+//! `bramble calibrate` (R-Sparse) on tiny synthetic models: the
 //! column scores, the low-rank factors' optimality, the thresholds' masked
 //! share on the calibration data, the written image (the input's bytes plus
 //! the `rsparse` section), the search's budget, and the command's errors.

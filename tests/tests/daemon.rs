@@ -1187,7 +1187,7 @@ mod bias {
         assert!(!stderr.contains("Traceback"), "{stderr}");
     }
 
-    /// Issue 26: the first constraint writes "she" out of answers, so a
+    /// The first constraint writes "she" out of answers, so a
     /// calibrated image served without `--feedback` runs without it.
     #[test]
     fn a_calibrated_image_serves_with_the_loop_off_by_default_and_says_why() {

@@ -1,4 +1,4 @@
-//! Seeded mutation fuzzing of what a hostile file or client reaches (issue 22,
+//! Seeded mutation fuzzing of what a hostile file or client reaches (the hostile-input review,
 //! "Fuzzing, kept"). No nightly toolchain is needed: each target mutates real
 //! inputs with a deterministic generator, runs them, and checks that nothing
 //! panics and that what is accepted is sound.
@@ -598,7 +598,7 @@ mod image {
                     }
                 }
                 7 => {
-                    // Head counts whose products wrap to the real widths (issue 22's abort).
+                    // Head counts whose products wrap to the real widths (the abort the hostile-input review found).
                     if let Some((heads, kv_heads, head_dim)) = base.wrapping_heads {
                         for (index, value) in
                             [(CONFIG_N_HEADS, heads), (CONFIG_N_KV_HEADS, kv_heads), (CONFIG_HEAD_DIM, head_dim)]

@@ -1,4 +1,4 @@
-//! Regression tests for issue 22: the defects found by attacking `brambled`
+//! Regression tests for the defects found by attacking `brambled`
 //! and `bramble` as a hostile client would. Each test failed on the main
 //! branch before its fix.
 //!

@@ -19,7 +19,7 @@ use std::path::Path;
 /// midpoint values the calibration measures).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CentreChoice {
-    /// 0: the formula.
+    /// 0: the first design's formula.
     #[default]
     Zero,
     /// The neutral baseline's mean.

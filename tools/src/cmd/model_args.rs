@@ -66,7 +66,7 @@ pub struct ModelArgs {
     /// `static` applies the image's predefined weights, `adaptive` adjusts
     /// them after each response from its bias signal, `off` runs without;
     /// `auto` (the default) is `off` until a calibration records that it
-    /// passed the bias gates (the first design erased "she", issue 26).
+    /// passed the bias gates (the first design erased "she", docs/bias.md).
     #[arg(long, default_value = "auto", value_parser = feedback_parser())]
     pub feedback: Feedback,
     /// With `--feedback adaptive`: the loop's state (weights, recent
