@@ -468,6 +468,43 @@ impl KvCache {
         Sizes::new(mode, config, context)?.bytes()
     }
 
+    /// Bytes of the per-layer position counters a cache of this model keeps
+    /// beside its storage, which [`KvCache::bytes`] and [`KvCache::bytes_for`]
+    /// leave out (their figure is the keys and values); the run state counts them.
+    pub fn bookkeeping_bytes(config: &ModelConfig) -> usize {
+        2 * config.n_layers as usize * std::mem::size_of::<usize>()
+    }
+
+    /// Bytes of every buffer the cache holds, counted from the buffers
+    /// themselves (the position counters included), to hold the computed
+    /// sizes to the allocation.
+    #[cfg(test)]
+    pub(crate) fn allocated_bytes(&self) -> usize {
+        use std::mem::size_of_val;
+        let pruning = self.pruning.as_ref().map_or(0, |p| {
+            size_of_val(&p.channels[..])
+                + size_of_val(&p.queries[..])
+                + size_of_val(&p.pruned[..])
+                + size_of_val(&p.gathered[..])
+                + size_of_val(&p.split_scores[..])
+                + size_of_val(&p.channel_scores[..])
+                + size_of_val(&p.order[..])
+        });
+        size_of_val(&self.keys[..])
+            + size_of_val(&self.values[..])
+            + size_of_val(&self.key_codes[..])
+            + size_of_val(&self.key_scales[..])
+            + size_of_val(&self.key_mins[..])
+            + size_of_val(&self.value_codes[..])
+            + size_of_val(&self.value_scales[..])
+            + size_of_val(&self.value_mins[..])
+            + size_of_val(&self.quantized[..])
+            + size_of_val(&self.written[..])
+            + size_of_val(&self.window_scores[..])
+            + size_of_val(&self.window_out[..])
+            + pruning
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         4 * (self.keys.len() + self.values.len() + self.window_scores.len() + self.window_out.len())
@@ -491,6 +528,12 @@ impl KvCache {
         commit_pages(&mut self.value_mins);
         commit_pages(&mut self.window_scores);
         commit_pages(&mut self.window_out);
+        if let Some(p) = self.pruning.as_mut() {
+            commit_pages(&mut p.queries);
+            commit_pages(&mut p.channels);
+            commit_pages(&mut p.gathered);
+            commit_pages(&mut p.split_scores);
+        }
     }
 
     /// Bytes [`KvCache::enable_pruning`] adds for these arguments (0 for a ratio of 0).

@@ -5,7 +5,7 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
-use crate::buffers::{filled, filled_product};
+use crate::buffers::filled;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
@@ -386,6 +386,19 @@ struct SparseScratch {
     dense_bytes: u64,         // what the same modules read dense
 }
 
+/// How a [`RunState`] is allocated beyond its context and batch: the
+/// choices a [`Model`] makes for its states ([`Model::state_options`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StateOptions {
+    /// How the KV cache stores keys and values.
+    pub kv: KvMode,
+    /// The share of key channels the KV cache drops after the prompt (0:
+    /// off; otherwise pruning's scratch is allocated, [`KvCache::enable_pruning`]).
+    pub kv_prune: f32,
+    /// Whether the R-Sparse path's scratch is allocated (a model with an R-Sparse plan).
+    pub sparse: bool,
+}
+
 /// Every scratch buffer of the forward pass and the KV cache, for up to
 /// `batch` tokens at a time and `context` positions. Shapes in comments.
 pub struct RunState {
@@ -414,6 +427,124 @@ pub struct RunState {
     bias_weights: Vec<f32>,
     /// The projections `h · d_l` recorded since the last reset.
     projections: ProjectionStats,
+    /// What the state holds, from [`RunState::bytes_for`] when it was allocated.
+    bytes: usize,
+}
+
+/// A buffer's name, for errors, and its length in elements.
+#[derive(Debug, Clone, Copy)]
+struct BufferSize {
+    what: &'static str,
+    len: usize,
+}
+
+impl BufferSize {
+    /// The product of `factors`; an error naming the buffer if it overflows.
+    fn of(what: &'static str, factors: &[usize]) -> Result<Self> {
+        Ok(Self { what, len: crate::buffers::checked_size(what, factors)? })
+    }
+
+    /// The buffer, `len` copies of `value` ([`filled`]).
+    fn filled<T: Clone>(self, value: T) -> Result<Vec<T>> {
+        filled(self.what, self.len, value)
+    }
+
+    /// Bytes of the buffer with elements of type `T`.
+    fn bytes<T>(self) -> u128 {
+        self.len as u128 * std::mem::size_of::<T>() as u128
+    }
+}
+
+/// The length of every buffer of a [`RunState`] outside its KV cache: what
+/// [`RunState::try_with_options`] allocates and [`RunState::bytes_for`]
+/// counts, computed once so that the two cannot disagree.
+struct StateSizes {
+    x: BufferSize,
+    xb: BufferSize,
+    xb2: BufferSize,
+    xq: BufferSize,
+    q: BufferSize,
+    hb: BufferSize, // and hb2
+    att: BufferSize,
+    att_tile: BufferSize,
+    logits: BufferSize,
+    scratch: BufferSize,
+    k: BufferSize,    // and v
+    rope: BufferSize, // rope_cos and rope_sin each
+    bias_weights: BufferSize,
+    /// The projection statistics' two sums (f64 each, one a layer).
+    projections: BufferSize,
+    /// The R-Sparse path's `exact`, `rest`, `low` and `low_t` each (0 without it).
+    sparse_values: BufferSize,
+    /// The R-Sparse path's `exact_q` and `mask` each (0 without it).
+    sparse_blocks: BufferSize,
+}
+
+impl StateSizes {
+    /// The sizes, with every product checked: an error naming the buffer if one overflows.
+    fn new(config: &ModelConfig, context: usize, batch: usize, sparse: bool) -> Result<Self> {
+        let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
+        let (layers, vocab) = (config.n_layers as usize, config.vocab_size as usize);
+        let widest = dim.max(q_dim).max(ffn);
+        let pairs = config.rope_dim as usize / 2;
+        let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as usize;
+        let size = BufferSize::of;
+        let sparse_batch = if sparse { batch } else { 0 };
+        let sparse_scratch = "R-Sparse scratch (batch × widest)";
+        Ok(Self {
+            x: size("residual stream (batch × dim)", &[batch, dim])?,
+            xb: size("activations (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)])?,
+            xb2: size("attention output (batch × q_dim)", &[batch, q_dim])?,
+            xq: size("int8 activations (batch × widest / 32)", &[batch, widest / GROUP])?,
+            q: size("queries (batch × q_dim)", &[batch, q_dim])?,
+            hb: size("FFN gate (batch × ffn_dim)", &[batch, ffn])?,
+            att: size("attention scores (n_heads / n_kv_heads × context)", &[heads_per_kv, context])?,
+            // Only batches of more than one token attend in tiles.
+            att_tile: match batch {
+                0 | 1 => size("batched attention scratch", &[0])?,
+                _ => {
+                    let what = "batched attention scratch (TILE_ROWS × (context + head_dim))";
+                    let overflow = format!("{what}: the size for {context} positions overflows");
+                    let len = Causal::scratch_len(context, config.head_dim as usize)
+                        .ok_or_else(|| Error::new(crate::error::ErrorKind::OutOfMemory, overflow))?;
+                    BufferSize { what, len }
+                }
+            },
+            logits: size("logits (batch × vocab_size)", &[batch, vocab])?,
+            // Only batches of more than one token go through the scratch.
+            scratch: size(
+                "batch products (batch × max(widest, vocab_size))",
+                &[if batch > 1 { batch } else { 0 }, widest.max(vocab)],
+            )?,
+            k: size("new keys (batch × kv_dim)", &[batch, kv_dim])?,
+            rope: size("RoPE table (context × rope_dim / 2)", &[context, pairs])?,
+            bias_weights: size("bias weights (n_layers)", &[layers])?,
+            projections: size("bias projections (n_layers)", &[layers])?,
+            sparse_values: size(sparse_scratch, &[sparse_batch, widest])?,
+            sparse_blocks: size(sparse_scratch, &[sparse_batch, widest / GROUP])?,
+        })
+    }
+
+    /// Bytes of every buffer, in 128 bits (no sum of `usize` sizes overflows it).
+    fn bytes(&self) -> u128 {
+        self.x.bytes::<f32>()
+            + self.xb.bytes::<f32>()
+            + self.xb2.bytes::<f32>()
+            + self.xq.bytes::<BlockQ8Act>()
+            + self.q.bytes::<f32>()
+            + 2 * self.hb.bytes::<f32>()
+            + self.att.bytes::<f32>()
+            + self.att_tile.bytes::<f32>()
+            + self.logits.bytes::<f32>()
+            + self.scratch.bytes::<f32>()
+            + 2 * self.k.bytes::<f32>()
+            + 2 * self.rope.bytes::<f32>()
+            + self.bias_weights.bytes::<f32>()
+            + 2 * self.projections.bytes::<f64>()
+            + 4 * self.sparse_values.bytes::<f32>()
+            + self.sparse_blocks.bytes::<BlockQ8Act>()
+            + self.sparse_blocks.bytes::<u32>()
+    }
 }
 
 impl RunState {
@@ -438,16 +569,21 @@ impl RunState {
     /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
     /// naming the buffer.
     pub fn try_with_kv(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Result<Self> {
-        let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
-        let (layers, vocab) = (config.n_layers as usize, config.vocab_size as usize);
-        let widest = dim.max(q_dim).max(ffn);
-        let pairs = config.rope_dim as usize / 2;
-        let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as usize;
-        let no_activation = BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] };
+        Self::try_with_options(config, context, batch, StateOptions { kv, ..StateOptions::default() })
+    }
+
+    /// As [`RunState::try_with_kv`], with the KV cache's pruning scratch and
+    /// the R-Sparse path's scratch as `options` say.
+    pub fn try_with_options(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<Self> {
         // The KV cache first: it is the largest, and nothing has been written yet if it cannot be had.
-        let kv = KvCache::new(kv, config, context)?;
-        let mut rope_cos = filled_product("RoPE table (context × rope_dim / 2)", &[context, pairs], 0f32)?;
-        let mut rope_sin = filled_product("RoPE table (context × rope_dim / 2)", &[context, pairs], 0f32)?;
+        let mut kv = KvCache::new(options.kv, config, context)?;
+        kv.enable_pruning(options.kv_prune)?;
+        let bytes = Self::bytes_for(config, context, batch, options)?;
+        let sizes = StateSizes::new(config, context, batch, options.sparse)?;
+        let pairs = config.rope_dim as usize / 2;
+        let no_activation = BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] };
+        let mut rope_cos = sizes.rope.filled(0f32)?;
+        let mut rope_sin = sizes.rope.filled(0f32)?;
         for pos in 0..context {
             for i in 0..pairs {
                 // θ_i = pos · base^(−2i / rope_dim), computed in f64 so long contexts keep their precision.
@@ -460,61 +596,52 @@ impl RunState {
         Ok(Self {
             batch,
             context,
-            x: filled_product("residual stream (batch × dim)", &[batch, dim], 0.0)?,
-            xb: filled_product("activations (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)], 0.0)?,
-            xb2: filled_product("attention output (batch × q_dim)", &[batch, q_dim], 0.0)?,
-            xq: filled_product("int8 activations (batch × widest / 32)", &[batch, widest / GROUP], no_activation)?,
-            q: filled_product("queries (batch × q_dim)", &[batch, q_dim], 0.0)?,
-            hb: filled_product("FFN gate (batch × ffn_dim)", &[batch, ffn], 0.0)?,
-            hb2: filled_product("FFN up (batch × ffn_dim)", &[batch, ffn], 0.0)?,
-            att: filled_product("attention scores (n_heads / n_kv_heads × context)", &[heads_per_kv, context], 0.0)?,
-            // Only batches of more than one token attend in tiles.
-            att_tile: match batch {
-                0 | 1 => Vec::new(),
-                _ => {
-                    let what = "batched attention scratch (TILE_ROWS × (context + head_dim))";
-                    let overflow = format!("{what}: the size for {context} positions overflows");
-                    let len = Causal::scratch_len(context, config.head_dim as usize)
-                        .ok_or_else(|| Error::new(crate::error::ErrorKind::OutOfMemory, overflow))?;
-                    filled(what, len, 0.0)?
-                }
-            },
-            logits: filled_product("logits (batch × vocab_size)", &[batch, vocab], 0.0)?,
-            // Only batches of more than one token go through the scratch.
-            scratch: filled_product(
-                "batch products (batch × max(widest, vocab_size))",
-                &[if batch > 1 { batch } else { 0 }, widest.max(vocab)],
-                0.0,
-            )?,
-            k: filled_product("new keys (batch × kv_dim)", &[batch, kv_dim], 0.0)?,
-            v: filled_product("new values (batch × kv_dim)", &[batch, kv_dim], 0.0)?,
+            x: sizes.x.filled(0.0)?,
+            xb: sizes.xb.filled(0.0)?,
+            xb2: sizes.xb2.filled(0.0)?,
+            xq: sizes.xq.filled(no_activation)?,
+            q: sizes.q.filled(0.0)?,
+            hb: sizes.hb.filled(0.0)?,
+            hb2: sizes.hb.filled(0.0)?,
+            att: sizes.att.filled(0.0)?,
+            att_tile: sizes.att_tile.filled(0.0)?,
+            logits: sizes.logits.filled(0.0)?,
+            scratch: sizes.scratch.filled(0.0)?,
+            k: sizes.k.filled(0.0)?,
+            v: sizes.k.filled(0.0)?,
             kv,
             rope_cos,
             rope_sin,
-            sparse: SparseScratch::default(),
-            bias_weights: filled_product("bias weights (n_layers)", &[layers], 0.0)?,
-            projections: ProjectionStats::new(layers),
+            sparse: SparseScratch {
+                exact: sizes.sparse_values.filled(0.0)?,
+                exact_q: sizes.sparse_blocks.filled(no_activation)?,
+                rest: sizes.sparse_values.filled(0.0)?,
+                low: sizes.sparse_values.filled(0.0)?,
+                low_t: sizes.sparse_values.filled(0.0)?,
+                mask: sizes.sparse_blocks.filled(0)?,
+                ..SparseScratch::default()
+            },
+            bias_weights: sizes.bias_weights.filled(0.0)?,
+            projections: ProjectionStats::new(sizes.projections.len),
+            bytes,
         })
     }
 
-    /// As [`RunState::try_with_kv`], with the scratch of the R-Sparse path.
-    fn with_sparse(config: &ModelConfig, context: usize, batch: usize, kv: KvMode) -> Result<Self> {
-        let mut state = Self::try_with_kv(config, context, batch, kv)?;
-        let widest = (config.dim as usize).max(config.q_dim()).max(config.ffn_dim as usize);
-        let what = "R-Sparse scratch (batch × widest)";
-        state.sparse = SparseScratch {
-            exact: filled_product(what, &[batch, widest], 0.0)?,
-            exact_q: filled_product(what, &[batch, widest / GROUP], BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] })?,
-            rest: filled_product(what, &[batch, widest], 0.0)?,
-            low: filled_product(what, &[batch, widest], 0.0)?,
-            low_t: filled_product(what, &[batch, widest], 0.0)?,
-            mask: filled_product(what, &[batch, widest / GROUP], 0)?,
-            masked: 0,
-            channels: 0,
-            bytes_read: 0,
-            dense_bytes: 0,
-        };
-        Ok(state)
+    /// Bytes a [`RunState`] of these arguments holds, its KV cache
+    /// included: every buffer [`RunState::try_with_options`] allocates,
+    /// computed without allocating; an
+    /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory)
+    /// error naming the buffer whose size overflows. The one count of a
+    /// model's memory: `bramble plan` and `bramble flash` add it to the
+    /// image, `brambled` checks it against its memory limit
+    /// ([`Model::state_bytes`] for a model's own options).
+    pub fn bytes_for(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<usize> {
+        let kv = KvCache::bytes_for(options.kv, config, context)? as u128
+            + KvCache::bookkeeping_bytes(config) as u128
+            + KvCache::pruning_bytes_for(config, context, options.kv_prune) as u128;
+        let bytes = kv + StateSizes::new(config, context, batch, options.sparse)?.bytes();
+        usize::try_from(bytes)
+            .map_err(|_| Error::new(crate::error::ErrorKind::OutOfMemory, format!("run state: {bytes} bytes overflow")))
     }
 
     /// The share of input channels the R-Sparse path sent to the low-rank
@@ -566,24 +693,45 @@ impl RunState {
         &self.logits
     }
 
-    /// Bytes held by the state (the KV cache dominates).
+    /// Bytes held by the state (the KV cache dominates): [`RunState::bytes_for`] of its arguments.
     pub fn bytes(&self) -> usize {
-        4 * (self.x.len()
-            + self.xb.len()
-            + self.xb2.len()
-            + self.q.len()
-            + self.hb.len()
-            + self.hb2.len()
-            + self.att.len()
-            + self.att_tile.len()
-            + self.logits.len()
-            + self.scratch.len()
-            + self.k.len()
-            + self.v.len()
-            + self.rope_cos.len()
-            + self.rope_sin.len())
-            + self.xq.len() * std::mem::size_of::<BlockQ8Act>()
-            + self.kv.bytes()
+        self.bytes
+    }
+
+    /// Bytes of every buffer the state holds, counted from the buffers
+    /// themselves, to hold [`RunState::bytes_for`] to the allocation.
+    #[cfg(test)]
+    fn allocated_bytes(&self) -> usize {
+        use std::mem::size_of_val;
+        let s = &self.sparse;
+        let floats = [
+            &self.x,
+            &self.xb,
+            &self.xb2,
+            &self.q,
+            &self.hb,
+            &self.hb2,
+            &self.att,
+            &self.att_tile,
+            &self.logits,
+            &self.scratch,
+            &self.k,
+            &self.v,
+            &self.rope_cos,
+            &self.rope_sin,
+            &self.bias_weights,
+            &s.exact,
+            &s.rest,
+            &s.low,
+            &s.low_t,
+        ];
+        floats.iter().map(|buffer| size_of_val(&buffer[..])).sum::<usize>()
+            + size_of_val(&self.xq[..])
+            + size_of_val(&s.exact_q[..])
+            + size_of_val(&s.mask[..])
+            + size_of_val(&self.projections.sum[..])
+            + size_of_val(&self.projections.sum_squares[..])
+            + self.kv.allocated_bytes()
     }
 
     /// Writes every page of every buffer and of the KV cache, so the whole
@@ -605,10 +753,16 @@ impl RunState {
             &mut self.scratch,
             &mut self.k,
             &mut self.v,
+            &mut self.sparse.exact,
+            &mut self.sparse.rest,
+            &mut self.sparse.low,
+            &mut self.sparse.low_t,
         ] {
             commit_pages(buffer);
         }
         commit_pages(&mut self.xq);
+        commit_pages(&mut self.sparse.exact_q);
+        commit_pages(&mut self.sparse.mask);
         self.kv.commit_memory();
     }
 
@@ -887,15 +1041,24 @@ impl<'a> Model<'a> {
     /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
     /// naming the buffer whose size overflows or cannot be allocated.
     pub fn try_new_state(&self, context: usize, batch: usize) -> Result<RunState> {
-        let mut state = match self.sparse {
-            Some(_) => RunState::with_sparse(&self.config, context, batch, self.kv_mode)?,
-            None => RunState::try_with_kv(&self.config, context, batch, self.kv_mode)?,
-        };
+        let mut state = RunState::try_with_options(&self.config, context, batch, self.state_options())?;
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
         }
-        state.kv.enable_pruning(self.kv_prune)?;
         Ok(state)
+    }
+
+    /// How this model's states are allocated: its KV mode, its key-channel
+    /// pruning, and the R-Sparse scratch when it has a plan.
+    pub fn state_options(&self) -> StateOptions {
+        StateOptions { kv: self.kv_mode, kv_prune: self.kv_prune, sparse: self.sparse.is_some() }
+    }
+
+    /// Bytes [`Model::try_new_state`] would allocate for these arguments
+    /// ([`RunState::bytes_for`] with [`Model::state_options`]), computed
+    /// without allocating: what a memory limit is checked against.
+    pub fn state_bytes(&self, context: usize, batch: usize) -> Result<usize> {
+        RunState::bytes_for(&self.config, context, batch, self.state_options())
     }
 
     /// Bytes of weights one decoded token reads (every matrix once, one embedding row).
@@ -1202,5 +1365,52 @@ impl<'a> Model<'a> {
             &mut s.scratch,
         );
         Ok(&s.logits[..wanted * vocab])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+    use bytemuck::Zeroable;
+
+    /// A small grouped-query model whose heads suit every KV mode (head_dim 32).
+    fn config() -> ModelConfig {
+        let mut c = ModelConfig::zeroed();
+        (c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.dim) = (3, 4, 2, 32, 128);
+        (c.ffn_dim, c.vocab_size, c.context_length, c.rope_dim, c.rope_theta) = (352, 500, 256, 32, 10000.0);
+        c
+    }
+
+    #[test]
+    fn bytes_for_is_what_every_kind_of_state_allocates() {
+        let c = config();
+        for sparse in [false, true] {
+            for (kv, kv_prune) in [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)] {
+                for (context, batch) in [(64, 1), (100, 7), (256, 32)] {
+                    let options = StateOptions { kv, kv_prune, sparse };
+                    let state = RunState::try_with_options(&c, context, batch, options).unwrap();
+                    let expected = RunState::bytes_for(&c, context, batch, options).unwrap();
+                    assert_eq!(state.allocated_bytes(), expected, "{options:?}, context {context}, batch {batch}");
+                    assert_eq!(state.bytes(), expected, "{options:?}, context {context}, batch {batch}");
+                }
+            }
+        }
+        // The R-Sparse scratch is counted: 4 f32 buffers, int8 blocks and mask words, batch × widest (352).
+        let dense = RunState::bytes_for(&c, 64, 4, StateOptions::default()).unwrap();
+        let sparse = RunState::bytes_for(&c, 64, 4, StateOptions { sparse: true, ..StateOptions::default() }).unwrap();
+        let blocks = 4 * 352 / GROUP;
+        assert_eq!(sparse - dense, 4 * 4 * 4 * 352 + blocks * std::mem::size_of::<BlockQ8Act>() + blocks * 4);
+    }
+
+    #[test]
+    fn bytes_for_an_overflowing_state_is_an_error_naming_the_buffer() {
+        let mut huge = config();
+        huge.vocab_size = 1 << 24;
+        let error = RunState::bytes_for(&huge, 64, usize::MAX / 2, StateOptions::default()).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::OutOfMemory, "{error}");
+        assert!(error.message().contains("overflow"), "{error}");
+        let error = RunState::bytes_for(&huge, usize::MAX / 2, 1, StateOptions::default()).unwrap_err();
+        assert!(error.message().contains("KV cache") && error.message().contains("overflow"), "{error}");
     }
 }

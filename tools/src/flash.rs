@@ -383,11 +383,8 @@ pub fn missing_from_rootfs(rootfs: &Path) -> Vec<String> {
 /// The model's footprint and the memory plan on `board`, or an error showing the arithmetic.
 pub fn memory_preflight(model: &Path, context: usize, kv: KvMode, board: &BoardProfile) -> Result<MemoryPlan> {
     let image = ModelImage::open(model).with_context(|| format!("{}: not a valid model image", model.display()))?;
-    let footprint = ModelFootprint {
-        config: *image.config(),
-        image_bytes: fs::metadata(model).with_context(|| model.display().to_string())?.len(),
-        sparse: image.section(bramble_runtime::rsparse::SECTION).is_some(),
-    };
+    let image_bytes = fs::metadata(model).with_context(|| model.display().to_string())?.len();
+    let footprint = ModelFootprint::of(&image, image_bytes);
     kv.check(image.config()).with_context(|| format!("{}: --kv {kv}", model.display()))?;
     let plan = profiles::memory_plan_with_kv(&footprint, context, board, kv);
     if !plan.fits() {

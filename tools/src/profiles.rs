@@ -15,11 +15,10 @@
 //! states which ones the board will run (`expected_kernels`), for the plan and
 //! the docs (`docs/flash.md`).
 
-use bramble_runtime::kernels::attention::TILE_ROWS;
 use bramble_runtime::kv::{KvCache, KvMode};
-use bramble_runtime::quant::BlockQ8Act;
+use bramble_runtime::model::StateOptions;
 use bramble_runtime::session::DEFAULT_BATCH;
-use bramble_runtime::ModelConfig;
+use bramble_runtime::{ModelConfig, ModelImage, RunState};
 use std::fmt;
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -225,6 +224,18 @@ pub struct ModelFootprint {
     pub sparse: bool,
 }
 
+impl ModelFootprint {
+    /// The footprint of `image`, whose file holds `image_bytes`: an image
+    /// with an R-Sparse section runs with that plan, and so with its scratch.
+    pub fn of(image: &ModelImage, image_bytes: u64) -> Self {
+        Self {
+            config: *image.config(),
+            image_bytes,
+            sparse: image.section(bramble_runtime::rsparse::SECTION).is_some(),
+        }
+    }
+}
+
 /// The memory a model takes on a board, term by term.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryPlan {
@@ -291,29 +302,16 @@ pub fn kv_cache_bytes(config: &ModelConfig, context: usize, kv: KvMode) -> u64 {
 }
 
 /// Bytes of the run state other than the KV cache, for `context` positions
-/// and prompt batches of `batch` tokens: the same buffers `RunState::new`
-/// allocates (a unit test holds the two together), plus the R-Sparse
-/// scratch when `sparse`.
-pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, sparse: bool) -> u64 {
-    let (dim, q_dim, ffn) = (config.dim as u64, config.q_dim() as u64, config.ffn_dim as u64);
-    let (batch, context, vocab) = (batch as u64, context as u64, config.vocab_size as u64);
-    let widest = dim.max(q_dim).max(ffn);
-    let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as u64;
-    let floats = batch * dim // x
-        + batch * dim.max(q_dim) // xb
-        + batch * q_dim // xb2
-        + batch * q_dim // q
-        + 2 * batch * ffn // hb, hb2
-        + 2 * batch * config.kv_dim() as u64 // k, v
-        + heads_per_kv * context // att
-        + if batch > 1 { TILE_ROWS as u64 * (context + (config.head_dim as u64).div_ceil(4) * 4) } else { 0 } // att_tile
-        + batch * vocab // logits
-        + if batch > 1 { batch * widest.max(vocab) } else { 0 } // scratch
-        + 2 * context * (config.rope_dim as u64 / 2); // rope_cos, rope_sin
-    let activation_blocks = batch * widest / 32 * std::mem::size_of::<BlockQ8Act>() as u64;
-    // R-Sparse: exact, rest, low, low_t, correction (f32) and exact_q (blocks).
-    let sparse_bytes = if sparse { 4 * 5 * batch * widest + activation_blocks } else { 0 };
-    4 * floats + activation_blocks + sparse_bytes
+/// and prompt batches of `batch` tokens: what `RunState::bytes_for` counts
+/// (the buffers `RunState::new` allocates, the R-Sparse scratch when
+/// `sparse`) less the KV cache's share; `u64::MAX`, which fits no board,
+/// when the size overflows.
+pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, kv: KvMode, sparse: bool) -> u64 {
+    let options = StateOptions { kv, kv_prune: 0.0, sparse };
+    match RunState::bytes_for(config, context, batch, options) {
+        Ok(state) => (state as u64).saturating_sub(kv_cache_bytes(config, context, kv)),
+        Err(_) => u64::MAX,
+    }
 }
 
 /// The memory plan of `model` on `board` with a KV cache of `context`
@@ -332,7 +330,7 @@ pub fn memory_plan_with_kv(model: &ModelFootprint, context: usize, board: &Board
         weight_bytes: model.image_bytes,
         kv,
         kv_cache_bytes: kv_cache_bytes(&model.config, context, kv),
-        buffer_bytes: buffer_bytes(&model.config, context, DEFAULT_BATCH, model.sparse),
+        buffer_bytes: buffer_bytes(&model.config, context, DEFAULT_BATCH, kv, model.sparse),
         os_headroom_bytes: board.os_headroom_bytes,
         memory_bytes: board.memory_bytes,
     }
@@ -387,7 +385,6 @@ impl ElfArchitecture {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bramble_runtime::RunState;
 
     fn llama_config(
         layers: u32,
@@ -422,12 +419,20 @@ mod tests {
         (wide_heads.n_heads, wide_heads.head_dim) = (4, 32);
         for (context, batch) in [(64, 32), (256, 1), (100, 7)] {
             let state = RunState::new(&config, context, batch);
-            let ours = kv_cache_bytes(&config, context, KvMode::F32) + buffer_bytes(&config, context, batch, false);
+            let ours = kv_cache_bytes(&config, context, KvMode::F32)
+                + buffer_bytes(&config, context, batch, KvMode::F32, false);
             assert_eq!(ours, state.bytes() as u64, "context {context}, batch {batch}");
             for kv in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
                 let state = RunState::with_kv(&wide_heads, context, batch, kv);
-                let ours = kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, false);
+                let ours =
+                    kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, false);
                 assert_eq!(ours, state.bytes() as u64, "{kv}, context {context}, batch {batch}");
+                // With an R-Sparse plan the state holds its scratch too.
+                let options = StateOptions { kv, kv_prune: 0.0, sparse: true };
+                let state = RunState::try_with_options(&wide_heads, context, batch, options).unwrap();
+                let ours =
+                    kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, true);
+                assert_eq!(ours, state.bytes() as u64, "sparse, {kv}, context {context}, batch {batch}");
             }
         }
     }

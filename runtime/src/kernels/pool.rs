@@ -150,7 +150,7 @@ impl ThreadPool {
             return;
         }
         let _one_at_a_time = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY (lifetime erasure): workers use the pointer only until they
+        // SAFETY: (lifetime erasure) workers use the pointer only until they
         // decrement `remaining`, and this function waits for it to reach zero
         // before it is left, by return or by unwinding (`PublishedJob`), so
         // the borrow outlives every use.

@@ -1595,7 +1595,7 @@ pub mod avx2 {
     unsafe fn pack(encoding: Encoding, weights: *const u8, total_rows: usize, first: usize, b: usize, tile: &mut Tile) {
         let at = ChannelBlock::new(encoding, total_rows, b);
         let first_byte = first * at.column_bytes / total_rows;
-        // SAFETY (whole body): reads the tile's bytes of the block's 32
+        // SAFETY: (whole body) reads the tile's bytes of the block's 32
         // columns and its 32 rows' scales and minimums (caller's contract).
         unsafe {
             let column = |j: usize, byte: usize| {
@@ -1696,7 +1696,7 @@ pub mod avx2 {
                     let results = &mut out[t * n + first - rows.start..][..CHANNEL_TILE];
                     for (e, results) in results.chunks_exact_mut(8).enumerate() {
                         let isum = _mm256_cvtepi32_ps(eight_rows::<Q4>(&tile.rows[8 * e..8 * e + 8], values));
-                        // SAFETY (the loads and the store): eight values
+                        // SAFETY: (the loads and the store) eight values
                         // each of `tile.d`, `tile.m` and `results`.
                         unsafe {
                             let d = _mm256_loadu_ps(tile.d.as_ptr().add(8 * e));
