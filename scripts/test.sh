@@ -3,6 +3,8 @@
 #   1. installs what it needs (apt: qemu-user, the aarch64 cross compiler;
 #      rustup: the aarch64 target; pip: numpy, gguf, tokenizers for the
 #      independent reference), unless already present;
+#      then checks formatting (rustfmt) and lints (clippy with warnings as
+#      errors, host and aarch64; [workspace.lints] adds to clippy's defaults);
 #   2. fetches the default model and The Tempest into ~/.cache/bramble;
 #   3. runs every host test (unit, integration, end-to-end), and converts a
 #      Llama-2-7B-shaped f16 GGUF checking the converter's peak RSS < 2 GiB
@@ -39,6 +41,13 @@ rustc_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
 [ "$rustc_minor" -ge 89 ] || rustup update stable
 rustup target list --installed | grep -q aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
 python3 -c "import numpy, gguf, tokenizers" 2>/dev/null || python3 -m pip install --quiet -r tests/reference/requirements.txt
+
+say "format and lints (rustfmt; clippy -D warnings for the host and for aarch64)"
+rustup component list --installed | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed | grep -q '^clippy' || rustup component add clippy
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy -p bramble-runtime --target aarch64-unknown-linux-gnu --all-targets --quiet -- -D warnings
 
 say "default model and texts"
 models/fetch-default.sh --images >/dev/null

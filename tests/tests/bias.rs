@@ -455,7 +455,10 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
     assert_eq!(report["direction"], "principal", "the default");
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
-    assert!(section.centre == Centre::Zero && report["centred"] == false, "the first design's formula (centre 0) by default");
+    assert!(
+        section.centre == Centre::Zero && report["centred"] == false,
+        "the first design's formula (centre 0) by default"
+    );
     assert!(report["difference_rows"].as_u64().unwrap() >= 4, "every pair gives its swapped token: {report}");
     assert_eq!(
         section.weights,

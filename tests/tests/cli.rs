@@ -296,6 +296,11 @@ fn check_bench(image: &Path, prompt_tokens: usize, gen_tokens: usize, threads: u
     let opened = ModelImage::open(image).unwrap();
     let model = Model::new(&opened).unwrap();
     assert_eq!(json["weight_bytes_per_token"].as_u64(), Some(model.weight_bytes_per_token() as u64), "{json}");
+    // So is the run state's size, the count memory limits are checked against.
+    let context = json["context"].as_u64().expect("bench context") as usize;
+    let state = model.state_bytes(context, bramble_runtime::session::DEFAULT_BATCH).unwrap();
+    assert_eq!(json["state_bytes"].as_u64(), Some(state as u64), "{json}");
+    assert!(state as u64 > json["kv_bytes"].as_u64().unwrap(), "the state holds the KV cache and more: {json}");
     json
 }
 

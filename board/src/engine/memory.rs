@@ -19,8 +19,9 @@ pub(super) struct MemoryNeed {
 }
 
 /// What serving takes in memory: the image file of `image_bytes`, mapped,
-/// and `session`'s state. The one place the daemon estimates it, so a
-/// runtime estimate can take its place here alone.
+/// and `session`'s state as the runtime counts it (`RunState::bytes_for`,
+/// the count `bramble plan`, `flash` and `bench` use: KV cache, run
+/// buffers, R-Sparse scratch). The session's pages are not touched yet.
 pub(super) fn memory_needed(image_bytes: u64, session: &Session<'_>) -> MemoryNeed {
     MemoryNeed { image_bytes, state_bytes: session.state_bytes() as u64, kv_bytes: session.kv_bytes() as u64 }
 }

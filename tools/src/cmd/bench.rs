@@ -45,6 +45,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens).collect();
     let mut session = Session::try_new(&model, tokenizer, context, SamplerConfig::greedy())?;
     let kv_bytes = session.kv_bytes();
+    // The whole run state, KV cache included: RunState::bytes_for, the count
+    // `plan`, `flash` and brambled's memory_limit check use too.
+    let state_bytes = session.state_bytes();
     // The whole state resident, as brambled holds it: peak_rss_bytes is then
     // the footprint at the full context, not at the positions this run fills.
     session.commit_memory();
@@ -77,6 +80,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "threads": model.pool.threads(),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
+        "context": context,
         "prefill_tok_s": args.prompt_tokens as f64 / prefill_seconds,
         "time_to_first_token_ms": first_token_seconds * 1e3,
         "decode_tok_s": args.gen_tokens as f64 / decode_seconds,
@@ -94,6 +98,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "kv": model.kv_mode().name(),
         "kv_bytes": kv_bytes,
         "kv_f16_bytes": (KvMode::f16_bytes_per_token(&model.config) * context as f64) as u64,
+        "state_bytes": state_bytes,
         "peak_rss_bytes": stats::peak_rss_bytes(),
         "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",
     });
