@@ -82,10 +82,7 @@ mod tests {
     /// Each `--from` value is the dataset of that name.
     #[test]
     fn from_values_are_the_datasets() {
-        for dataset in DatasetArg::value_variants() {
-            let name = dataset.to_possible_value().expect("every value is listed");
-            assert_eq!(Dataset::from(*dataset), Dataset::parse(name.get_name()).expect("a dataset name"));
-        }
+        crate::cmd::assert_values_parse_alike::<DatasetArg, Dataset>(|name| Dataset::parse(name).ok());
     }
 
     /// Each `--split` value's name is the one clap parses.

@@ -35,3 +35,18 @@ pub mod tokenize;
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// Test helper: every value clap lists for the `ValueEnum` `A` converts to
+/// the library value `parse` reads from the same name, so a flag and the
+/// library cannot disagree on what a name means.
+#[cfg(test)]
+pub fn assert_values_parse_alike<A, L>(parse: impl Fn(&str) -> Option<L>)
+where
+    A: clap::ValueEnum + Copy,
+    L: From<A> + PartialEq + std::fmt::Debug,
+{
+    for value in A::value_variants() {
+        let name = value.to_possible_value().expect("every value is listed");
+        assert_eq!(parse(name.get_name()), Some(L::from(*value)), "the value {:?}", name.get_name());
+    }
+}
