@@ -637,7 +637,7 @@ impl RunState {
     /// ([`Model::state_bytes`] for a model's own options).
     pub fn bytes_for(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<usize> {
         let kv = KvCache::bytes_for(options.kv, config, context)? as u128
-            + KvCache::bookkeeping_bytes(config) as u128
+            + KvCache::bookkeeping_bytes(options.kv, config) as u128
             + KvCache::pruning_bytes_for(config, context, options.kv_prune) as u128;
         let bytes = kv + StateSizes::new(config, context, batch, options.sparse)?.bytes();
         usize::try_from(bytes)
