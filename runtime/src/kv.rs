@@ -34,7 +34,7 @@ use crate::buffers::filled;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 pub use crate::kernels::attention::KEY_GROUP;
-use crate::kernels::attention::{Causal, CHANNEL_RUN};
+use crate::kernels::attention::{CachedVectors, Causal, CHANNEL_RUN};
 use crate::kernels::Kernels;
 pub use quantized::quantize;
 use quantized::Quantized;
@@ -229,11 +229,18 @@ impl Full {
         let start = layer * shape.context * kv_dim + kv_head * head_dim;
         let end = start + (seen.max(1) - 1) * kv_dim + head_dim;
         let (keys, values) = (&self.keys[start..end], &self.values[start..end]);
-        (kernels.attention_scores)(queries, head_dim, keys, kv_dim, seen, scale, scores);
+        (kernels.attention_scores)(
+            queries,
+            head_dim,
+            &CachedVectors { data: keys, stride: kv_dim, positions: seen },
+            scale,
+            scores,
+        );
         for row in scores.chunks_exact_mut(seen) {
             (kernels.softmax)(row);
         }
-        (kernels.attention_values)(scores, seen, values, kv_dim, head_dim, out);
+        let values = CachedVectors { data: values, stride: kv_dim, positions: seen };
+        (kernels.attention_values)(scores, &values, head_dim, out);
     }
 }
 

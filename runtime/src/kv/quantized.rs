@@ -10,6 +10,7 @@ use super::RESIDUAL_WINDOW;
 use super::{Attention, Shape, Sizes, KEY_GROUP};
 use crate::buffers::filled;
 use crate::error::Result;
+use crate::kernels::attention::{CachedVectors, QuantizedKeys, QuantizedValues};
 use half::f16;
 
 /// Codes of every position below the window, and the window in f32. Shapes in comments.
@@ -209,38 +210,33 @@ impl Quantized {
         let value_bytes = self.code_bytes(head_dim);
         let window_scores = &mut self.window_scores[..heads * recent];
         // Scores: the quantized groups straight into each row, the window after them.
-        score_codes(
-            queries,
-            head_dim,
-            &self.key_codes[key_at * key_bytes..(key_at + coded / KEY_GROUP * head_dim) * key_bytes],
-            &self.key_scales[key_at..],
-            &self.key_mins[key_at..],
-            coded / KEY_GROUP,
-            scale,
-            scores,
-            seen,
-        );
-        (kernels.attention_scores)(queries, head_dim, keys, kv_dim, recent, scale, window_scores);
+        let coded_keys = QuantizedKeys {
+            codes: &self.key_codes[key_at * key_bytes..(key_at + coded / KEY_GROUP * head_dim) * key_bytes],
+            scales: &self.key_scales[key_at..],
+            mins: &self.key_mins[key_at..],
+            groups: coded / KEY_GROUP,
+        };
+        score_codes(queries, head_dim, &coded_keys, scale, scores, seen);
+        let window_keys = CachedVectors { data: keys, stride: kv_dim, positions: recent };
+        (kernels.attention_scores)(queries, head_dim, &window_keys, scale, window_scores);
         for (row, window_row) in scores.chunks_exact_mut(seen).zip(window_scores.chunks_exact(recent)) {
             row[coded..].copy_from_slice(window_row);
             (kernels.softmax)(row);
         }
         // Values: the quantized tokens into `out`, the window's share added.
-        value_codes(
-            scores,
-            seen,
-            coded,
-            &self.value_codes[value_at * value_bytes..(value_at + coded) * value_bytes],
-            &self.value_scales[value_at..value_at + coded],
-            &self.value_mins[value_at..value_at + coded],
-            head_dim,
-            out,
-        );
+        let coded_values = QuantizedValues {
+            codes: &self.value_codes[value_at * value_bytes..(value_at + coded) * value_bytes],
+            scales: &self.value_scales[value_at..value_at + coded],
+            mins: &self.value_mins[value_at..value_at + coded],
+            positions: coded,
+        };
+        value_codes(scores, seen, &coded_values, head_dim, out);
         for (row, window_row) in scores.chunks_exact(seen).zip(window_scores.chunks_exact_mut(recent)) {
             window_row.copy_from_slice(&row[coded..]);
         }
         let window_out = &mut self.window_out[..heads * head_dim];
-        (kernels.attention_values)(window_scores, recent, values, kv_dim, head_dim, window_out);
+        let window_values = CachedVectors { data: values, stride: kv_dim, positions: recent };
+        (kernels.attention_values)(window_scores, &window_values, head_dim, window_out);
         for (o, w) in out.iter_mut().zip(window_out.iter()) {
             *o += w;
         }

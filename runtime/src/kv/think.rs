@@ -13,6 +13,7 @@
 use super::{Attention, KvMode, Shape};
 use crate::buffers::filled_product;
 use crate::error::{Error, Result};
+use crate::kernels::attention::CachedVectors;
 
 /// Positions whose queries score the key channels when the cache is pruned
 /// (the last ones of the prompt: ThinK's observation window).
@@ -247,14 +248,16 @@ impl Pruning {
         let thin_start = base + kv_head * kept;
         let thin_keys = &keys[thin_start..thin_start + (pruned - 1) * thin_stride + kept];
         let split = &mut self.split_scores[..heads * pruned];
-        (kernels.attention_scores)(gathered, kept, thin_keys, thin_stride, pruned, scale, split);
+        let thin_keys = CachedVectors { data: thin_keys, stride: thin_stride, positions: pruned };
+        (kernels.attention_scores)(gathered, kept, &thin_keys, scale, split);
         for (row, part) in scores.chunks_exact_mut(seen).zip(split.chunks_exact(pruned)) {
             row[..pruned].copy_from_slice(part);
         }
         let full_start = base + pruned * thin_stride + kv_head * head_dim;
         let full_keys = &keys[full_start..full_start + (recent - 1) * kv_dim + head_dim];
         let split = &mut self.split_scores[..heads * recent];
-        (kernels.attention_scores)(queries, head_dim, full_keys, kv_dim, recent, scale, split);
+        let full_keys = CachedVectors { data: full_keys, stride: kv_dim, positions: recent };
+        (kernels.attention_scores)(queries, head_dim, &full_keys, scale, split);
         for (row, part) in scores.chunks_exact_mut(seen).zip(split.chunks_exact(recent)) {
             row[pruned..].copy_from_slice(part);
             (kernels.softmax)(row);
@@ -262,7 +265,8 @@ impl Pruning {
         // Values keep every channel, at their positions.
         let value_start = base + kv_head * head_dim;
         let values = &values[value_start..value_start + (seen - 1) * kv_dim + head_dim];
-        (kernels.attention_values)(scores, seen, values, kv_dim, head_dim, out);
+        let values = CachedVectors { data: values, stride: kv_dim, positions: seen };
+        (kernels.attention_values)(scores, &values, head_dim, out);
     }
 }
 

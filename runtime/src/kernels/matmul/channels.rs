@@ -480,7 +480,7 @@ pub mod neon {
         first: usize,
         out: *mut f32,
     ) {
-        // SAFETY (whole body): the reads are inside the chunk's columns and
+        // SAFETY: (whole body) the reads are inside the chunk's columns and
         // its blocks' scales for rows `first .. first + 32·T` (caller's
         // contract), the writes inside `out[..32·T]`.
         unsafe {
@@ -879,7 +879,7 @@ pub mod neon {
         n: usize,
     ) {
         const { assert!(T <= 6) };
-        // SAFETY (whole body): reads inside the tile's columns, scales and
+        // SAFETY: (whole body) reads inside the tile's columns, scales and
         // minimums and the tokens' blocks, writes inside the `T` runs of
         // `out` (caller's contract).
         unsafe {
@@ -1002,7 +1002,7 @@ pub mod neon {
         out: *mut f32,
         n: usize,
     ) {
-        // SAFETY (whole body): reads inside the 16 rows' columns and scales
+        // SAFETY: (whole body) reads inside the 16 rows' columns and scales
         // and the tokens' blocks, writes inside the `T` runs of `out`
         // (caller's contract).
         unsafe {
@@ -1158,7 +1158,7 @@ pub mod dotprod {
         scales: &mut [[float32x4_t; 2]; QUADS],
     ) {
         let at = ChannelBlock::new(Encoding::Q4C, total_rows, b);
-        // SAFETY (whole body): reads the tile's 16 bytes of each of the
+        // SAFETY: (whole body) reads the tile's 16 bytes of each of the
         // block's columns and its 32 rows' scales and minimums (caller's
         // contract).
         unsafe {
@@ -1198,7 +1198,7 @@ pub mod dotprod {
         scales: &mut [[float32x4_t; 2]; QUADS],
     ) {
         let at = ChannelBlock::new(Encoding::Q8C, total_rows, b);
-        // SAFETY (whole body): reads the tile's 32 bytes of each of the
+        // SAFETY: (whole body) reads the tile's 32 bytes of each of the
         // block's columns and its 32 rows' scales (caller's contract).
         unsafe {
             let columns = weights.add(at.columns + first);
@@ -1376,7 +1376,7 @@ pub mod dotprod {
         n: usize,
     ) {
         const { assert!(T <= TOKENS) };
-        // SAFETY (whole body): reads the tokens' blocks and the results,
+        // SAFETY: (whole body) reads the tokens' blocks and the results,
         // writes the results (caller's contract).
         unsafe {
             let mut results: [float32x4_t; T] = std::array::from_fn(|t| vld1q_f32(out.add(t * n)));
@@ -1453,7 +1453,7 @@ pub mod dotprod {
                     };
                 }
                 for quad in 0..QUADS {
-                    // SAFETY (every tile below): tokens `t .. t + T ≤ batch`
+                    // SAFETY: (every tile below) tokens `t .. t + T ≤ batch`
                     // of `x` from block `start` (`count` blocks of each
                     // inside it) and their results for the quad's rows,
                     // inside `out` (`check_batch`).

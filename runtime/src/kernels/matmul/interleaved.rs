@@ -137,9 +137,10 @@ fn for_tiles<X, const TILE: usize>(
     if tiled == 0 {
         return 0;
     }
-    // SAFETY (for the pointer arithmetic below): every group index is below
+    // SAFETY: (for the pointer arithmetic below) every group index is below
     // `groups` and every activation index below `batch`, inside the slices.
     let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
+    // SAFETY: as above.
     let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
     let results = out.as_mut_ptr();
     // Group outermost: a group's weights (a few kilobytes) stay in the L1
@@ -181,9 +182,10 @@ fn for_groups<X>(
     dot4: impl Fn(*const X, *const BlockQ8Act, usize) -> float32x4_t,
 ) {
     let Shape { blocks, groups, batch } = shape;
-    // SAFETY (for the pointer arithmetic below): every group index is below
+    // SAFETY: (for the pointer arithmetic below) every group index is below
     // `groups` and every activation index below `batch`, inside the slices.
     let group_at = |g: usize| unsafe { weights.as_ptr().add(g * blocks) };
+    // SAFETY: as above.
     let activation = |b: usize| unsafe { x.as_ptr().add(b * blocks) };
     let results = out.as_mut_ptr();
     let mut group = 0;
@@ -735,14 +737,14 @@ macro_rules! neon_kernel {
         $(#[$doc])*
         pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
             let shape = Shape::check(weights, cols, x, out);
-            // SAFETY (all five): `for_tiles` and `for_groups` hand over
-            // pointers valid for `blocks ≥ 1` blocks; the asm reads only
-            // those and NEON is part of every aarch64 core.
             let first = for_tiles::<_, 8>(
                 weights,
                 x,
                 out,
                 shape,
+                // SAFETY: (all five) `for_tiles` and `for_groups` hand over
+                // pointers valid for `blocks ≥ 1` blocks; the asm reads only
+                // those and NEON is part of every aarch64 core.
                 |w: *const $blocks, a: [*const BlockQ8Act; 8], blocks: usize| unsafe {
                     run_tile_eight!($unpack, $token, w, a, blocks)
                 },
@@ -841,7 +843,7 @@ pub mod dotprod {
                     x,
                     out,
                     shape,
-                    // SAFETY (all five): `for_tiles` and `for_groups` hand over
+                    // SAFETY: (all five) `for_tiles` and `for_groups` hand over
                     // pointers valid for `blocks ≥ 1` blocks, and the CPU has
                     // the extension (checked above).
                     |w, a, blocks| unsafe { tile8(w, a, blocks) },
