@@ -8,6 +8,7 @@
 //! (cortex-a76).
 
 use super::attention::{CachedVectors, QuantizedKeys, QuantizedValues};
+use super::matmul::channels::ChannelMatrix;
 use super::Kernels;
 use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};
 use bytemuck::Zeroable;
@@ -1042,7 +1043,13 @@ fn channel_major_matmuls_match_the_row_major_reference() {
                         let run = |k: &Kernels| {
                             let mut got = vec![f32::NAN; range.len()];
                             let kernel = if encoding == Encoding::Q8C { k.matmul_q8c } else { k.matmul_q4c };
-                            kernel(&columns, rows, cols, range.clone(), &xq, mask.as_deref(), &mut got);
+                            kernel(
+                                &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                                range.clone(),
+                                &xq,
+                                mask.as_deref(),
+                                &mut got,
+                            );
                             got
                         };
                         let what = format!("{encoding:?} rows {rows} blocks {blocks} mask {percent}% range {range:?}");
@@ -1087,7 +1094,7 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
     (Kernels::SCALAR.matmul_q4)(&row_major, cols, &x, &mut expected);
     for k in Kernels::all_available() {
         let mut got = vec![f32::NAN; rows];
-        (k.matmul_q4c)(&columns, rows, cols, 0..rows, &x, None, &mut got);
+        (k.matmul_q4c)(&ChannelMatrix { weights: &columns, total_rows: rows, cols }, 0..rows, &x, None, &mut got);
         for (r, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)), "{} row {r}: {g} vs {e}", k.name);
         }
@@ -1137,11 +1144,22 @@ fn channel_major_gemms_match_the_one_token_reference() {
                     let n = range.len();
                     let mut expected = vec![0f32; batch * n];
                     for (token, out) in xq.chunks_exact(blocks).zip(expected.chunks_exact_mut(n)) {
-                        one(&Kernels::SCALAR)(&columns, rows, cols, range.clone(), token, None, out);
+                        one(&Kernels::SCALAR)(
+                            &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                            range.clone(),
+                            token,
+                            None,
+                            out,
+                        );
                     }
                     let run = |k: &Kernels| {
                         let mut got = vec![f32::NAN; batch * n];
-                        gemm(k)(&columns, rows, cols, range.clone(), &xq, &mut got);
+                        gemm(k)(
+                            &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                            range.clone(),
+                            &xq,
+                            &mut got,
+                        );
                         got
                     };
                     let what = format!("{encoding:?} rows {rows} blocks {blocks} batch {batch} range {range:?}");
@@ -1214,7 +1232,7 @@ fn channel_major_gemms_do_not_overflow_at_extremes() {
         for k in Kernels::all_available() {
             let gemm = if encoding == Encoding::Q4C { k.gemm_q4c } else { k.gemm_q8c };
             let mut got = vec![f32::NAN; rows * batch];
-            gemm(&columns, rows, cols, 0..rows, &x, &mut got);
+            gemm(&ChannelMatrix { weights: &columns, total_rows: rows, cols }, 0..rows, &x, &mut got);
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert!(
                     close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)),
