@@ -4,7 +4,7 @@
 //! [`KvMode::F32`] keeps every key and value as f32 (`(layer, context,
 //! kv_dim)`), as llama2.c does. [`KvMode::Q8`] and [`KvMode::Q4`] store
 //! asymmetric min/max codes (`x ≈ min + scale·code`, scale and minimum in
-//! f16):
+//! f16; module `quantized`):
 //!
 //! - keys per channel over a group of [`KEY_GROUP`] tokens (keys have
 //!   outlier channels; grouping along tokens keeps one channel's range to
@@ -24,56 +24,28 @@
 //! when it reuses a prefix) is allowed: the quantized tokens of the group the
 //! position falls in are dequantized back into the window.
 //!
-//! Key-channel pruning ("ThinK: Thinner Key Cache by Query-Driven Pruning",
-//! Xu et al. 2024; f32 cache only, [`KvCache::enable_pruning`]): while the
-//! prompt runs, the cache keeps each layer's squared queries of the last
-//! [`PRUNE_QUERIES`] positions; [`KvCache::prune`] (called at the first
-//! decode step) scores every key channel of every KV head by (mean q_c² over
-//! those queries, summed over the heads sharing the KV head) × (mean k_c²
-//! over the prompt's keys), keeps the best ⌈(1 − R)·head_dim⌉ and stores the
-//! prompt's keys compacted to them, in place. Scores against those keys use
-//! the kept channels of the query only; keys written after it keep every
-//! channel. Pruning and attending allocate nothing.
+//! The f32 cache can prune key channels after the prompt (ThinK,
+//! [`KvCache::enable_pruning`]; module `think`).
 
-use crate::buffers::{filled, filled_product};
+mod quantized;
+mod think;
+
+use crate::buffers::filled;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 pub use crate::kernels::attention::KEY_GROUP;
-use crate::kernels::attention::{Causal, CHANNEL_RUN};
+use crate::kernels::attention::{CachedVectors, Causal, CHANNEL_RUN};
 use crate::kernels::Kernels;
-use half::f16;
+pub use quantized::quantize;
+use quantized::Quantized;
 use std::fmt;
 use std::str::FromStr;
+use think::Pruning;
+pub use think::{check_prune, kept_channels, PRUNE_QUERIES};
 
 /// Positions the full-precision window of a quantized cache holds.
 pub const RESIDUAL_WINDOW: usize = 2 * KEY_GROUP;
 const _: () = assert!(RESIDUAL_WINDOW >= KEY_GROUP && RESIDUAL_WINDOW.is_multiple_of(KEY_GROUP));
-
-/// Positions whose queries score the key channels when the cache is pruned
-/// (the last ones of the prompt: ThinK's observation window).
-pub const PRUNE_QUERIES: usize = 32;
-
-/// Key channels a head keeps when a share `ratio` of them is dropped: ⌈(1 − ratio)·head_dim⌉, at least one.
-pub fn kept_channels(head_dim: usize, ratio: f32) -> usize {
-    let kept = ((1.0 - ratio as f64) * head_dim as f64 - 1e-9).ceil() as usize;
-    kept.clamp(1.min(head_dim), head_dim)
-}
-
-/// An error unless `ratio` is a share of key channels to drop that runs with `mode`.
-pub fn check_prune(ratio: f32, mode: KvMode) -> Result<()> {
-    if !(0.0..1.0).contains(&ratio) {
-        return Err(Error::invalid(format!(
-            "--kv-prune {ratio}: the share of key channels to drop must be at least 0 and below 1"
-        )));
-    }
-    if ratio > 0.0 && mode != KvMode::F32 {
-        return Err(Error::unsupported(format!(
-            "--kv-prune {ratio} with --kv {}: key-channel pruning runs on the f32 cache only (use --kv f32)",
-            mode.name()
-        )));
-    }
-    Ok(())
-}
 
 /// How the KV cache stores keys and values, chosen when the state is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -163,53 +135,112 @@ impl fmt::Display for KvMode {
     }
 }
 
-/// Keys and values of every layer for `context` positions. Shapes in comments.
+/// Keys and values of every layer for `context` positions, stored as its
+/// [`KvMode`] says.
 pub struct KvCache {
     mode: KvMode,
+    shape: Shape,
+    written: Vec<usize>, // positions written (layer)
+    storage: Storage,
+}
+
+/// The model's and the context's sizes a cache's storage is laid out by.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    layers: usize,
     context: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// Positions of the f32 part: `context` in f32 mode, the window otherwise.
-    window: usize,
-    keys: Vec<f32>,          // f32 keys (layer, window, kv_dim), position p at slot p − quantized
-    values: Vec<f32>,        // f32 values (layer, window, kv_dim)
-    key_codes: Vec<u8>,      // (layer, kv_head, group, head_dim, KEY_GROUP·bits/8)
-    key_scales: Vec<f16>,    // (layer, kv_head, group, head_dim)
-    key_mins: Vec<f16>,      // (layer, kv_head, group, head_dim)
-    value_codes: Vec<u8>,    // (layer, kv_head, context, head_dim·bits/8)
-    value_scales: Vec<f16>,  // (layer, kv_head, context)
-    value_mins: Vec<f16>,    // (layer, kv_head, context)
-    quantized: Vec<usize>,   // positions held as codes, a multiple of KEY_GROUP (layer)
-    written: Vec<usize>,     // positions written (layer)
-    window_scores: Vec<f32>, // the window's scores, then weights (heads_per_kv, window)
-    window_out: Vec<f32>,    // the window's share of the output (heads_per_kv, head_dim)
+    /// Query heads sharing a KV head.
     heads_per_kv: usize,
+}
+
+impl Shape {
+    fn new(config: &ModelConfig, context: usize) -> Self {
+        Self {
+            layers: config.n_layers as usize,
+            context,
+            kv_heads: config.n_kv_heads as usize,
+            head_dim: config.head_dim as usize,
+            heads_per_kv: (config.n_heads / config.n_kv_heads.max(1)) as usize,
+        }
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// One call of [`KvCache::attend`]: the query heads (`queries`, `heads ×
+/// head_dim`) that share KV head `kv_head` over the `seen` positions of layer `layer`.
+#[derive(Clone, Copy)]
+struct Attention<'a> {
+    kernels: &'a Kernels,
+    layer: usize,
+    kv_head: usize,
+    queries: &'a [f32],
+    scale: f32,
+    seen: usize,
+}
+
+/// Each mode's buffers.
+enum Storage {
+    /// [`KvMode::F32`]: every position in full precision.
+    Full(Full),
+    /// [`KvMode::Q8`] and [`KvMode::Q4`] (the same buffers, codes of 8 or 4 bits):
+    /// codes, with an f32 window of the recent positions.
+    Quantized(Quantized),
+}
+
+/// The f32 storage. Shapes in comments.
+struct Full {
+    keys: Vec<f32>,   // (layer, context, kv_dim); a pruned layer's first positions thin ([`Pruning`])
+    values: Vec<f32>, // (layer, context, kv_dim)
     pruning: Option<Pruning>,
 }
 
-/// Key-channel pruning's state and scratch, allocated by [`KvCache::enable_pruning`].
-///
-/// A pruned layer stores its first `pruned` positions' keys thin and
-/// position-major, the rest as before after them: position `t < pruned` at
-/// `t·kv_heads·kept + kv_head·kept` (its kept channels, in channel order),
-/// position `t ≥ pruned` at `pruned·kv_heads·kept + (t − pruned)·kv_dim`,
-/// both from the layer's start.
-struct Pruning {
-    ratio: f32,
-    kept: usize,
-    channels: Vec<usize>,     // the kept channels, ascending (layer, kv_head, kept)
-    queries: Vec<f32>,        // Σ over a KV head's query heads of q_c², a ring (layer, PRUNE_QUERIES, kv_dim)
-    pruned: Vec<usize>,       // positions stored thin (layer); 0: not pruned
-    gathered: Vec<f32>,       // a group's queries at the kept channels (heads_per_kv, kept)
-    split_scores: Vec<f32>,   // scores of the thin part, then of the full part (heads_per_kv, context)
-    channel_scores: Vec<f32>, // one head's channel scores (head_dim)
-    order: Vec<usize>,        // channels by score (head_dim)
-}
+impl Full {
+    /// Stores position `pos`'s key and value of layer `layer`: the value at
+    /// its position, the key there too unless the layer is pruned, whose thin
+    /// keys come first.
+    fn append(&mut self, shape: &Shape, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
+        let kv_dim = shape.kv_dim();
+        let base = layer * shape.context * kv_dim;
+        let key_at = base
+            + match self.pruning.as_mut() {
+                Some(p) => p.key_offset(shape, layer, pos),
+                None => pos * kv_dim,
+            };
+        self.keys[key_at..key_at + kv_dim].copy_from_slice(key);
+        let value_at = base + pos * kv_dim;
+        self.values[value_at..value_at + kv_dim].copy_from_slice(value);
+    }
 
-impl Pruning {
-    fn bytes(&self) -> usize {
-        4 * (self.queries.len() + self.gathered.len() + self.split_scores.len() + self.channel_scores.len())
-            + std::mem::size_of::<usize>() * (self.channels.len() + self.pruned.len() + self.order.len())
+    /// [`KvCache::attend`] over every position in full precision (split in
+    /// two when the layer is pruned).
+    fn attend(&mut self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
+        if let Some(p) = self.pruning.as_mut().filter(|p| p.pruned_positions(call.layer) > 0) {
+            p.attend(shape, (&self.keys, &self.values), call, scores, out);
+            return;
+        }
+        let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
+        let Attention { kernels, layer, kv_head, queries, scale, seen } = *call;
+        let scores = &mut scores[..queries.len() / head_dim * seen];
+        let start = layer * shape.context * kv_dim + kv_head * head_dim;
+        let end = start + (seen.max(1) - 1) * kv_dim + head_dim;
+        let (keys, values) = (&self.keys[start..end], &self.values[start..end]);
+        (kernels.attention_scores)(
+            queries,
+            head_dim,
+            &CachedVectors { data: keys, stride: kv_dim, positions: seen },
+            scale,
+            scores,
+        );
+        for row in scores.chunks_exact_mut(seen) {
+            (kernels.softmax)(row);
+        }
+        let values = CachedVectors { data: values, stride: kv_dim, positions: seen };
+        (kernels.attention_values)(scores, &values, head_dim, out);
     }
 }
 
@@ -292,28 +323,16 @@ impl KvCache {
     pub fn new(mode: KvMode, config: &ModelConfig, context: usize) -> Result<Self> {
         let sizes = Sizes::new(mode, config, context)?;
         sizes.bytes()?;
-        let layers = config.n_layers as usize;
-        Ok(Self {
-            mode,
-            context,
-            kv_heads: config.n_kv_heads as usize,
-            head_dim: config.head_dim as usize,
-            window: sizes.window,
-            keys: filled("KV cache keys", sizes.floats, 0.0)?,
-            values: filled("KV cache values", sizes.floats, 0.0)?,
-            key_codes: filled("KV cache key codes", sizes.key_codes, 0)?,
-            key_scales: filled("KV cache key scales", sizes.key_scales, f16::ZERO)?,
-            key_mins: filled("KV cache key minimums", sizes.key_scales, f16::ZERO)?,
-            value_codes: filled("KV cache value codes", sizes.value_codes, 0)?,
-            value_scales: filled("KV cache value scales", sizes.value_scales, f16::ZERO)?,
-            value_mins: filled("KV cache value minimums", sizes.value_scales, f16::ZERO)?,
-            quantized: filled("KV cache positions", layers, 0)?,
-            written: filled("KV cache positions", layers, 0)?,
-            window_scores: filled("KV cache window scores", sizes.window_scores, 0.0)?,
-            window_out: filled("KV cache window output", sizes.window_out, 0.0)?,
-            heads_per_kv: (config.n_heads / config.n_kv_heads.max(1)) as usize,
-            pruning: None,
-        })
+        let shape = Shape::new(config, context);
+        let storage = match mode.bits() {
+            None => Storage::Full(Full {
+                keys: filled("KV cache keys", sizes.floats, 0.0)?,
+                values: filled("KV cache values", sizes.floats, 0.0)?,
+                pruning: None,
+            }),
+            Some(bits) => Storage::Quantized(Quantized::new(bits, &shape, &sizes)?),
+        };
+        Ok(Self { mode, shape, written: filled("KV cache positions", shape.layers, 0)?, storage })
     }
 
     /// Turns on key-channel pruning with a share `ratio` of each head's key
@@ -322,52 +341,43 @@ impl KvCache {
     /// scores read the queries [`KvCache::observe_queries`] saw.
     pub fn enable_pruning(&mut self, ratio: f32) -> Result<()> {
         check_prune(ratio, self.mode)?;
-        if ratio == 0.0 {
-            self.pruning = None;
-            return Ok(());
+        // A quantized cache passes the check only with a ratio of 0: nothing to turn off.
+        if let Storage::Full(full) = &mut self.storage {
+            full.pruning = match ratio {
+                0.0 => None,
+                _ => Some(Pruning::new(&self.shape, ratio)?),
+            };
         }
-        let (layers, kv_dim, head_dim) = (self.written.len(), self.kv_dim(), self.head_dim);
-        let kept = kept_channels(head_dim, ratio);
-        let mut channels = filled_product("pruned key channels", &[layers, self.kv_heads, kept], 0)?;
-        for (i, channel) in channels.iter_mut().enumerate() {
-            *channel = i % kept;
-        }
-        self.pruning = Some(Pruning {
-            ratio,
-            kept,
-            channels,
-            queries: filled_product("pruning queries", &[layers, PRUNE_QUERIES, kv_dim], 0.0)?,
-            pruned: vec![0; layers],
-            gathered: filled_product("pruning query channels", &[self.heads_per_kv, kept], 0.0)?,
-            split_scores: filled_product("pruning scores", &[self.heads_per_kv, self.context], 0.0)?,
-            channel_scores: vec![0.0; head_dim],
-            order: vec![0; head_dim],
-        });
         Ok(())
+    }
+
+    /// The pruning state, when the f32 cache prunes.
+    fn pruning(&self) -> Option<&Pruning> {
+        match &self.storage {
+            Storage::Full(full) => full.pruning.as_ref(),
+            Storage::Quantized(_) => None,
+        }
     }
 
     /// The share of key channels pruning drops (0: off).
     pub fn prune_ratio(&self) -> f32 {
-        self.pruning.as_ref().map_or(0.0, |p| p.ratio)
+        self.pruning().map_or(0.0, |p| p.ratio)
     }
 
     /// Key channels a head keeps for its pruned positions (`head_dim` without pruning).
     pub fn kept_channels(&self) -> usize {
-        self.pruning.as_ref().map_or(self.head_dim, |p| p.kept)
+        self.pruning().map_or(self.shape.head_dim, |p| p.kept)
     }
 
     /// Positions of layer `layer` whose keys are stored pruned.
     pub fn pruned_positions(&self, layer: usize) -> usize {
-        self.pruning.as_ref().map_or(0, |p| p.pruned[layer])
+        self.pruning().map_or(0, |p| p.pruned_positions(layer))
     }
 
     /// The channels KV head `kv_head` of layer `layer` keeps for its pruned positions
     /// (meaningful once [`KvCache::pruned_positions`] is above 0).
     pub fn pruned_channels(&self, layer: usize, kv_head: usize) -> &[usize] {
-        match &self.pruning {
-            Some(p) => &p.channels[(layer * self.kv_heads + kv_head) * p.kept..][..p.kept],
-            None => &[],
-        }
+        self.pruning().map_or(&[], |p| p.channels(&self.shape, layer, kv_head))
     }
 
     /// Bytes the written keys of the f32 cache take (all layers), and what
@@ -376,7 +386,7 @@ impl KvCache {
         if self.mode != KvMode::F32 {
             return (0, 0);
         }
-        let (kv_dim, thin) = (self.kv_dim(), self.kv_heads * self.kept_channels());
+        let (kv_dim, thin) = (self.shape.kv_dim(), self.shape.kv_heads * self.kept_channels());
         let mut used = 0;
         for (layer, &written) in self.written.iter().enumerate() {
             let pruned = self.pruned_positions(layer);
@@ -389,21 +399,8 @@ impl KvCache {
     /// head_dim`, after RoPE) for the channel scores, while the layer is not
     /// yet pruned; nothing without pruning.
     pub fn observe_queries(&mut self, layer: usize, pos: usize, queries: &[f32]) {
-        let (kv_dim, head_dim, heads_per_kv) = (self.kv_dim(), self.head_dim, self.heads_per_kv);
-        let Some(p) = self.pruning.as_mut() else { return };
-        if p.pruned[layer] > 0 {
-            return;
-        }
-        let slot = &mut p.queries[(layer * PRUNE_QUERIES + pos % PRUNE_QUERIES) * kv_dim..][..kv_dim];
-        for (kv, sums) in slot.chunks_exact_mut(head_dim).enumerate() {
-            sums.fill(0.0);
-            for query in
-                queries[kv * heads_per_kv * head_dim..(kv + 1) * heads_per_kv * head_dim].chunks_exact(head_dim)
-            {
-                for (sum, q) in sums.iter_mut().zip(query) {
-                    *sum += q * q;
-                }
-            }
+        if let Storage::Full(Full { pruning: Some(p), .. }) = &mut self.storage {
+            p.observe(&self.shape, layer, pos, queries);
         }
     }
 
@@ -412,53 +409,8 @@ impl KvCache {
     /// kept channels only. Once per conversation: a layer is pruned again
     /// only after a rewind to position 0. Allocates nothing; nothing without pruning.
     pub fn prune(&mut self) {
-        let (kv_dim, head_dim, kv_heads, context) = (self.kv_dim(), self.head_dim, self.kv_heads, self.context);
-        let Some(p) = self.pruning.as_mut() else { return };
-        let kept = p.kept;
-        for (layer, &written) in self.written.iter().enumerate() {
-            if written == 0 || p.pruned[layer] > 0 {
-                continue;
-            }
-            let base = layer * context * kv_dim;
-            let observed = written.min(PRUNE_QUERIES);
-            for kv in 0..kv_heads {
-                // Channel scores: mean q_c² over the observed queries × mean k_c² over the keys.
-                for (c, score) in p.channel_scores.iter_mut().enumerate() {
-                    let mut queries = 0f64;
-                    for t in written - observed..written {
-                        queries +=
-                            p.queries[(layer * PRUNE_QUERIES + t % PRUNE_QUERIES) * kv_dim + kv * head_dim + c] as f64;
-                    }
-                    let mut keys = 0f64;
-                    for t in 0..written {
-                        let k = self.keys[base + t * kv_dim + kv * head_dim + c] as f64;
-                        keys += k * k;
-                    }
-                    *score = (queries / observed as f64 * keys / written as f64) as f32;
-                }
-                // The best `kept`, ties to the lower channel; then in channel order.
-                for (c, o) in p.order.iter_mut().enumerate() {
-                    *o = c;
-                }
-                let scores = &p.channel_scores;
-                p.order.sort_unstable_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-                let channels = &mut p.channels[(layer * kv_heads + kv) * kept..][..kept];
-                channels.copy_from_slice(&p.order[..kept]);
-                channels.sort_unstable();
-            }
-            // Compact in place, position-major: position t, head kv, kept channel i goes to
-            // t·kv_heads·kept + kv·kept + i ≤ t·kv_dim + kv·head_dim + channel, where it was:
-            // every write lands at or below its read and above every earlier write.
-            for t in 0..written {
-                for kv in 0..kv_heads {
-                    let channels = &p.channels[(layer * kv_heads + kv) * kept..][..kept];
-                    for (i, &c) in channels.iter().enumerate() {
-                        self.keys[base + (t * kv_heads + kv) * kept + i] =
-                            self.keys[base + t * kv_dim + kv * head_dim + c];
-                    }
-                }
-            }
-            p.pruned[layer] = written;
+        if let Storage::Full(Full { keys, pruning: Some(p), .. }) = &mut self.storage {
+            p.prune(&self.shape, keys, &self.written);
         }
     }
 
@@ -468,11 +420,13 @@ impl KvCache {
         Sizes::new(mode, config, context)?.bytes()
     }
 
-    /// Bytes of the per-layer position counters a cache of this model keeps
+    /// Bytes of the per-layer position counters a cache of `mode` keeps
     /// beside its storage, which [`KvCache::bytes`] and [`KvCache::bytes_for`]
     /// leave out (their figure is the keys and values); the run state counts them.
-    pub fn bookkeeping_bytes(config: &ModelConfig) -> usize {
-        2 * config.n_layers as usize * std::mem::size_of::<usize>()
+    pub fn bookkeeping_bytes(mode: KvMode, config: &ModelConfig) -> usize {
+        // Positions written, and for a quantized cache the positions held as codes.
+        let counters = if mode == KvMode::F32 { 1 } else { 2 };
+        counters * config.n_layers as usize * std::mem::size_of::<usize>()
     }
 
     /// Bytes of every buffer the cache holds, counted from the buffers
@@ -480,73 +434,45 @@ impl KvCache {
     /// sizes to the allocation.
     #[cfg(test)]
     pub(crate) fn allocated_bytes(&self) -> usize {
-        use std::mem::size_of_val;
-        let pruning = self.pruning.as_ref().map_or(0, |p| {
-            size_of_val(&p.channels[..])
-                + size_of_val(&p.queries[..])
-                + size_of_val(&p.pruned[..])
-                + size_of_val(&p.gathered[..])
-                + size_of_val(&p.split_scores[..])
-                + size_of_val(&p.channel_scores[..])
-                + size_of_val(&p.order[..])
-        });
-        size_of_val(&self.keys[..])
-            + size_of_val(&self.values[..])
-            + size_of_val(&self.key_codes[..])
-            + size_of_val(&self.key_scales[..])
-            + size_of_val(&self.key_mins[..])
-            + size_of_val(&self.value_codes[..])
-            + size_of_val(&self.value_scales[..])
-            + size_of_val(&self.value_mins[..])
-            + size_of_val(&self.quantized[..])
-            + size_of_val(&self.written[..])
-            + size_of_val(&self.window_scores[..])
-            + size_of_val(&self.window_out[..])
-            + pruning
+        std::mem::size_of_val(&self.written[..])
+            + match &self.storage {
+                Storage::Full(full) => {
+                    std::mem::size_of_val(&full.keys[..])
+                        + std::mem::size_of_val(&full.values[..])
+                        + full.pruning.as_ref().map_or(0, Pruning::allocated_bytes)
+                }
+                Storage::Quantized(q) => q.allocated_bytes(),
+            }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.keys.len() + self.values.len() + self.window_scores.len() + self.window_out.len())
-            + self.key_codes.len()
-            + 2 * (self.key_scales.len() + self.key_mins.len())
-            + self.value_codes.len()
-            + 2 * (self.value_scales.len() + self.value_mins.len())
-            + self.pruning.as_ref().map_or(0, Pruning::bytes)
+        match &self.storage {
+            Storage::Full(full) => {
+                4 * (full.keys.len() + full.values.len()) + full.pruning.as_ref().map_or(0, Pruning::bytes)
+            }
+            Storage::Quantized(q) => q.bytes(),
+        }
     }
 
     /// Writes every page of the cache's buffers, so the memory is the
     /// process's from now on (see [`commit_pages`]).
     pub fn commit_memory(&mut self) {
-        commit_pages(&mut self.keys);
-        commit_pages(&mut self.values);
-        commit_pages(&mut self.key_codes);
-        commit_pages(&mut self.key_scales);
-        commit_pages(&mut self.key_mins);
-        commit_pages(&mut self.value_codes);
-        commit_pages(&mut self.value_scales);
-        commit_pages(&mut self.value_mins);
-        commit_pages(&mut self.window_scores);
-        commit_pages(&mut self.window_out);
-        if let Some(p) = self.pruning.as_mut() {
-            commit_pages(&mut p.queries);
-            commit_pages(&mut p.channels);
-            commit_pages(&mut p.gathered);
-            commit_pages(&mut p.split_scores);
+        match &mut self.storage {
+            Storage::Full(full) => {
+                commit_pages(&mut full.keys);
+                commit_pages(&mut full.values);
+                if let Some(p) = full.pruning.as_mut() {
+                    p.commit_memory();
+                }
+            }
+            Storage::Quantized(q) => q.commit_memory(),
         }
     }
 
     /// Bytes [`KvCache::enable_pruning`] adds for these arguments (0 for a ratio of 0).
     pub fn pruning_bytes_for(config: &ModelConfig, context: usize, ratio: f32) -> usize {
-        if ratio == 0.0 {
-            return 0;
-        }
-        let (layers, kv_heads, head_dim) =
-            (config.n_layers as usize, config.n_kv_heads as usize, config.head_dim as usize);
-        let heads_per_kv = (config.n_heads / config.n_kv_heads.max(1)) as usize;
-        let kept = kept_channels(head_dim, ratio);
-        4 * (layers * PRUNE_QUERIES * kv_heads * head_dim + heads_per_kv * (kept + context) + head_dim)
-            + std::mem::size_of::<usize>() * (layers * kv_heads * kept + layers + head_dim)
+        Pruning::bytes_for(&Shape::new(config, context), ratio)
     }
 
     /// The mode.
@@ -556,121 +482,23 @@ impl KvCache {
 
     /// Positions of layer `layer` held as codes.
     pub fn quantized_positions(&self, layer: usize) -> usize {
-        self.quantized[layer]
-    }
-
-    fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
-    /// Bytes of one channel of one key group, or of one token's value head.
-    fn code_bytes(&self, count: usize) -> usize {
-        count * self.mode.bits().unwrap_or(0) as usize / 8
+        match &self.storage {
+            Storage::Full(_) => 0,
+            Storage::Quantized(q) => q.quantized[layer],
+        }
     }
 
     /// Stores position `pos`'s key and value (`kv_dim` each, the key after
     /// RoPE) for layer `layer`. Positions are written in order; writing
     /// below the last one rewinds to it.
     pub fn append(&mut self, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
-        let kv_dim = self.kv_dim();
-        assert!(pos < self.context && key.len() == kv_dim && value.len() == kv_dim, "KV append out of shape");
-        if pos < self.quantized[layer] {
-            self.rewind(layer, pos);
+        let kv_dim = self.shape.kv_dim();
+        assert!(pos < self.shape.context && key.len() == kv_dim && value.len() == kv_dim, "KV append out of shape");
+        match &mut self.storage {
+            Storage::Full(full) => full.append(&self.shape, layer, pos, key, value),
+            Storage::Quantized(q) => q.append(&self.shape, layer, pos, key, value),
         }
-        // A full window sends its oldest group to the codes.
-        while pos - self.quantized[layer] >= self.window {
-            self.quantize_oldest_group(layer);
-        }
-        let slot = (layer * self.window + pos - self.quantized[layer]) * kv_dim;
-        let key_slot = self.key_slot(layer, pos);
-        self.keys[key_slot..key_slot + kv_dim].copy_from_slice(key);
-        self.values[slot..slot + kv_dim].copy_from_slice(value);
         self.written[layer] = pos + 1;
-    }
-
-    /// Where position `pos`'s key goes in `keys` (layer `layer`): as its
-    /// value, unless the layer is pruned, whose thin keys come first. Writing
-    /// below the pruned positions rewinds them to `pos` (the keys before it
-    /// stay thin, where they are).
-    fn key_slot(&mut self, layer: usize, pos: usize) -> usize {
-        let kv_dim = self.kv_dim();
-        let thin = self.kv_heads * self.kept_channels();
-        let pruned = match self.pruning.as_mut() {
-            Some(p) => {
-                p.pruned[layer] = p.pruned[layer].min(pos);
-                p.pruned[layer]
-            }
-            None => 0,
-        };
-        layer * self.window * kv_dim + pruned * thin + (pos - self.quantized[layer] - pruned) * kv_dim
-    }
-
-    /// Quantizes the window's first [`KEY_GROUP`] positions of `layer` and
-    /// moves the rest of the window down.
-    fn quantize_oldest_group(&mut self, layer: usize) {
-        let (kv_dim, head_dim, window) = (self.kv_dim(), self.head_dim, self.window);
-        let levels = ((1u32 << self.mode.bits().expect("the f32 cache never fills")) - 1) as f32;
-        let first = self.quantized[layer];
-        let group = first / KEY_GROUP;
-        let groups = self.context.div_ceil(KEY_GROUP);
-        let base = layer * window * kv_dim;
-        let (key_bytes, value_bytes) = (self.code_bytes(KEY_GROUP), self.code_bytes(head_dim));
-        let mut channel = [0f32; KEY_GROUP];
-        for kv in 0..self.kv_heads {
-            // Keys: each channel over the group's tokens.
-            for c in 0..head_dim {
-                for (t, v) in channel.iter_mut().enumerate() {
-                    *v = self.keys[base + t * kv_dim + kv * head_dim + c];
-                }
-                let at = ((layer * self.kv_heads + kv) * groups + group) * head_dim + c;
-                let codes = &mut self.key_codes[at * key_bytes..(at + 1) * key_bytes];
-                (self.key_scales[at], self.key_mins[at]) = quantize(&channel, levels, codes);
-            }
-            // Values: each token over the head's channels.
-            for t in 0..KEY_GROUP {
-                let head = &self.values[base + t * kv_dim + kv * head_dim..][..head_dim];
-                let at = (layer * self.kv_heads + kv) * self.context + first + t;
-                let codes = &mut self.value_codes[at * value_bytes..(at + 1) * value_bytes];
-                (self.value_scales[at], self.value_mins[at]) = quantize(head, levels, codes);
-            }
-        }
-        let layer_window = base..base + window * kv_dim;
-        self.keys[layer_window.clone()].copy_within(KEY_GROUP * kv_dim.., 0);
-        self.values[layer_window].copy_within(KEY_GROUP * kv_dim.., 0);
-        self.quantized[layer] += KEY_GROUP;
-    }
-
-    /// Makes `pos` writable again: the quantized tokens of its group before
-    /// it go back into the window, dequantized.
-    fn rewind(&mut self, layer: usize, pos: usize) {
-        let (kv_dim, head_dim) = (self.kv_dim(), self.head_dim);
-        let first = pos / KEY_GROUP * KEY_GROUP;
-        let group = first / KEY_GROUP;
-        let groups = self.context.div_ceil(KEY_GROUP);
-        let bits = self.mode.bits().expect("only a quantized cache rewinds into codes");
-        let base = layer * self.window * kv_dim;
-        let (key_bytes, value_bytes) = (self.code_bytes(KEY_GROUP), self.code_bytes(head_dim));
-        for kv in 0..self.kv_heads {
-            for c in 0..head_dim {
-                let at = ((layer * self.kv_heads + kv) * groups + group) * head_dim + c;
-                let codes = &self.key_codes[at * key_bytes..(at + 1) * key_bytes];
-                let (scale, min) = (self.key_scales[at].to_f32(), self.key_mins[at].to_f32());
-                for t in 0..pos - first {
-                    let code = crate::kernels::attention::scalar::code(codes, bits, t);
-                    self.keys[base + t * kv_dim + kv * head_dim + c] = min + scale * code;
-                }
-            }
-            for t in 0..pos - first {
-                let at = (layer * self.kv_heads + kv) * self.context + first + t;
-                let codes = &self.value_codes[at * value_bytes..(at + 1) * value_bytes];
-                let (scale, min) = (self.value_scales[at].to_f32(), self.value_mins[at].to_f32());
-                for c in 0..head_dim {
-                    let code = crate::kernels::attention::scalar::code(codes, bits, c);
-                    self.values[base + t * kv_dim + kv * head_dim + c] = min + scale * code;
-                }
-            }
-        }
-        self.quantized[layer] = first;
     }
 
     /// Attention of a group of query heads (`queries`, `heads × head_dim`)
@@ -688,75 +516,10 @@ impl KvCache {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let (kv_dim, head_dim) = (self.kv_dim(), self.head_dim);
-        let heads = queries.len() / head_dim;
-        let seen = self.written[layer];
-        let coded = self.quantized[layer];
-        let recent = seen - coded;
-        let scores = &mut scores[..heads * seen];
-        let window_start = layer * self.window * kv_dim + kv_head * head_dim;
-        let window_end = window_start + (recent.max(1) - 1) * kv_dim + head_dim;
-        let (keys, values) = (&self.keys[window_start..window_end], &self.values[window_start..window_end]);
-        let pruned = self.pruned_positions(layer);
-        let Some(bits) = self.mode.bits() else {
-            // Full precision: the whole cache is the window.
-            if pruned > 0 {
-                self.attend_pruned(kernels, layer, kv_head, queries, scale, scores, out);
-                return;
-            }
-            (kernels.attention_scores)(queries, head_dim, keys, kv_dim, seen, scale, scores);
-            for row in scores.chunks_exact_mut(seen) {
-                (kernels.softmax)(row);
-            }
-            (kernels.attention_values)(scores, seen, values, kv_dim, head_dim, out);
-            return;
-        };
-        let (score_codes, value_codes) = match bits {
-            8 => (kernels.attention_scores_q8, kernels.attention_values_q8),
-            _ => (kernels.attention_scores_q4, kernels.attention_values_q4),
-        };
-        let head = layer * self.kv_heads + kv_head;
-        let groups = self.context.div_ceil(KEY_GROUP);
-        let key_at = head * groups * head_dim;
-        let key_bytes = self.code_bytes(KEY_GROUP);
-        let value_at = head * self.context;
-        let value_bytes = self.code_bytes(head_dim);
-        let window_scores = &mut self.window_scores[..heads * recent];
-        // Scores: the quantized groups straight into each row, the window after them.
-        score_codes(
-            queries,
-            head_dim,
-            &self.key_codes[key_at * key_bytes..(key_at + coded / KEY_GROUP * head_dim) * key_bytes],
-            &self.key_scales[key_at..],
-            &self.key_mins[key_at..],
-            coded / KEY_GROUP,
-            scale,
-            scores,
-            seen,
-        );
-        (kernels.attention_scores)(queries, head_dim, keys, kv_dim, recent, scale, window_scores);
-        for (row, window_row) in scores.chunks_exact_mut(seen).zip(window_scores.chunks_exact(recent)) {
-            row[coded..].copy_from_slice(window_row);
-            (kernels.softmax)(row);
-        }
-        // Values: the quantized tokens into `out`, the window's share added.
-        value_codes(
-            scores,
-            seen,
-            coded,
-            &self.value_codes[value_at * value_bytes..(value_at + coded) * value_bytes],
-            &self.value_scales[value_at..value_at + coded],
-            &self.value_mins[value_at..value_at + coded],
-            head_dim,
-            out,
-        );
-        for (row, window_row) in scores.chunks_exact(seen).zip(window_scores.chunks_exact_mut(recent)) {
-            window_row.copy_from_slice(&row[coded..]);
-        }
-        let window_out = &mut self.window_out[..heads * head_dim];
-        (kernels.attention_values)(window_scores, recent, values, kv_dim, head_dim, window_out);
-        for (o, w) in out.iter_mut().zip(window_out.iter()) {
-            *o += w;
+        let call = Attention { kernels, layer, kv_head, queries, scale, seen: self.written[layer] };
+        match &mut self.storage {
+            Storage::Full(full) => full.attend(&self.shape, &call, scores, out),
+            Storage::Quantized(q) => q.attend(&self.shape, &call, scores, out),
         }
     }
 
@@ -792,118 +555,23 @@ impl KvCache {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        assert!(
-            self.attends_in_batches(layer) && tokens > 0 && first + tokens <= self.written[layer],
-            "batched attention of positions {first}..{} over {} written ones of a {} cache{}",
-            first + tokens,
-            self.written[layer],
-            self.mode,
-            if self.pruned_positions(layer) > 0 { ", pruned" } else { "" }
-        );
-        let (kv_dim, head_dim) = (self.kv_dim(), self.head_dim);
-        let shape = Causal { tokens, heads: self.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
+        let written = self.written[layer];
+        let full = match &self.storage {
+            Storage::Full(full) if self.pruned_positions(layer) == 0 && tokens > 0 && first + tokens <= written => full,
+            _ => panic!(
+                "batched attention of positions {first}..{} over {written} written ones of a {} cache{}",
+                first + tokens,
+                self.mode,
+                if self.pruned_positions(layer) > 0 { ", pruned" } else { "" }
+            ),
+        };
+        let (kv_dim, head_dim) = (self.shape.kv_dim(), self.shape.head_dim);
+        let shape =
+            Causal { tokens, heads: self.shape.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
         // The whole cache is the window in f32 mode: position t of this head at t·kv_dim.
-        let start = layer * self.window * kv_dim + kv_head * head_dim;
+        let start = layer * self.shape.context * kv_dim + kv_head * head_dim;
         let end = start + (first + tokens - 1) * kv_dim + head_dim;
-        (kernels.attention_causal)(&shape, queries, &self.keys[start..end], &self.values[start..end], scratch, out);
-    }
-
-    /// [`KvCache::attend`] over a pruned layer of the f32 cache: the
-    /// queries' kept channels against the thin keys, every channel against
-    /// the keys after them, one softmax over both, then the values.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_pruned(
-        &mut self,
-        kernels: &Kernels,
-        layer: usize,
-        kv_head: usize,
-        queries: &[f32],
-        scale: f32,
-        scores: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let (kv_dim, head_dim, kv_heads) = (self.kv_dim(), self.head_dim, self.kv_heads);
-        let p = self.pruning.as_mut().expect("a pruned layer has pruning state");
-        let (kept, pruned) = (p.kept, p.pruned[layer]);
-        let heads = queries.len() / head_dim;
-        let seen = self.written[layer];
-        let recent = seen - pruned;
-        let scores = &mut scores[..heads * seen];
-        let base = layer * self.context * kv_dim;
-        // Gather each query's kept channels.
-        let channels = &p.channels[(layer * kv_heads + kv_head) * kept..][..kept];
-        let gathered = &mut p.gathered[..heads * kept];
-        for (query, thin) in queries.chunks_exact(head_dim).zip(gathered.chunks_exact_mut(kept)) {
-            for (g, &c) in thin.iter_mut().zip(channels) {
-                *g = query[c];
-            }
-        }
-        // Scores of the thin keys (stride kv_heads·kept), then of the full ones after them.
-        let thin_stride = kv_heads * kept;
-        let thin_start = base + kv_head * kept;
-        let thin_keys = &self.keys[thin_start..thin_start + (pruned - 1) * thin_stride + kept];
-        let split = &mut p.split_scores[..heads * pruned];
-        (kernels.attention_scores)(gathered, kept, thin_keys, thin_stride, pruned, scale, split);
-        for (row, part) in scores.chunks_exact_mut(seen).zip(split.chunks_exact(pruned)) {
-            row[..pruned].copy_from_slice(part);
-        }
-        let full_start = base + pruned * thin_stride + kv_head * head_dim;
-        let full_keys = &self.keys[full_start..full_start + (recent - 1) * kv_dim + head_dim];
-        let split = &mut p.split_scores[..heads * recent];
-        (kernels.attention_scores)(queries, head_dim, full_keys, kv_dim, recent, scale, split);
-        for (row, part) in scores.chunks_exact_mut(seen).zip(split.chunks_exact(recent)) {
-            row[pruned..].copy_from_slice(part);
-            (kernels.softmax)(row);
-        }
-        // Values keep every channel, at their positions.
-        let value_start = base + kv_head * head_dim;
-        let values = &self.values[value_start..value_start + (seen - 1) * kv_dim + head_dim];
-        (kernels.attention_values)(scores, seen, values, kv_dim, head_dim, out);
-    }
-}
-
-/// Asymmetric min/max quantization of `values` to codes `0..=levels`
-/// (`codes` in the kernels' layout: bytes at 8 bits; at 4 bits, in each
-/// run of 32, byte `j` holds code `j` low and `j + 16` high). Returns the
-/// f16 scale and minimum: the minimum rounded down and the scale up, so
-/// that every value lies inside `min + scale·[0, levels]` and no code is
-/// clipped; the codes are rounded against the stored pair.
-pub fn quantize(values: &[f32], levels: f32, codes: &mut [u8]) -> (f16, f16) {
-    let (low, high) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    let mut min = f16::from_f32(low);
-    if min.to_f32() > low {
-        min = next_toward_negative_infinity(min);
-    }
-    let step = (high - min.to_f32()) / levels;
-    let mut scale = f16::from_f32(step);
-    if scale.to_f32() < step {
-        scale = f16::from_bits(scale.to_bits() + 1);
-    }
-    let (min_f, scale_f) = (min.to_f32(), scale.to_f32());
-    let inverse = if scale_f > 0.0 && scale_f.is_finite() { 1.0 / scale_f } else { 0.0 };
-    let code = |v: f32| ((v - min_f) * inverse).round().clamp(0.0, levels) as u8;
-    if levels > 15.0 {
-        for (c, &v) in codes.iter_mut().zip(values) {
-            *c = code(v);
-        }
-    } else {
-        for (run, bytes) in values.chunks(32).zip(codes.chunks_mut(16)) {
-            for (j, byte) in bytes.iter_mut().enumerate() {
-                let high = run.get(j + 16).map_or(0, |&v| code(v));
-                *byte = code(run[j]) | (high << 4);
-            }
-        }
-    }
-    (scale, min)
-}
-
-/// The f16 just below `value` (a finite one).
-fn next_toward_negative_infinity(value: f16) -> f16 {
-    let bits = value.to_bits();
-    match bits {
-        0x0000 => f16::from_bits(0x8001),
-        _ if bits & 0x8000 != 0 => f16::from_bits(bits + 1),
-        _ => f16::from_bits(bits - 1),
+        (kernels.attention_causal)(&shape, queries, &full.keys[start..end], &full.values[start..end], scratch, out);
     }
 }
 
@@ -927,7 +595,7 @@ mod tests {
     use bytemuck::Zeroable;
 
     /// Deterministic values in [-1, 1].
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    pub(super) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503);
@@ -936,30 +604,10 @@ mod tests {
             .collect()
     }
 
-    fn config() -> ModelConfig {
+    pub(super) fn config() -> ModelConfig {
         let mut c = ModelConfig::zeroed();
         (c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.dim) = (2, 4, 2, 32, 128);
         c
-    }
-
-    #[test]
-    fn quantize_reconstructs_within_half_a_step() {
-        for (levels, bits) in [(255.0, 8), (15.0, 4)] {
-            let values: Vec<f32> = data(64, 3).iter().map(|v| 3.0 * v + 0.5).collect();
-            let mut codes = vec![0u8; 64 * bits / 8];
-            let (scale, min) = quantize(&values, levels, &mut codes);
-            let step = scale.to_f32();
-            for (i, v) in values.iter().enumerate() {
-                let back = min.to_f32() + step * crate::kernels::attention::scalar::code(&codes, bits as u32, i);
-                // Half a step, plus the f16 rounding of the minimum and of the scale over `levels` steps.
-                let bound = 0.5 * step + (min.to_f32().abs() + levels * step) * 1e-3;
-                assert!((back - v).abs() <= bound, "q{bits} value {i}: {v} came back as {back}");
-            }
-        }
-        // A constant run: scale zero, every value exact.
-        let mut codes = [0u8; 16];
-        let (scale, min) = quantize(&[0.25; 32], 15.0, &mut codes);
-        assert_eq!((scale.to_f32(), min.to_f32()), (0.0, 0.25));
     }
 
     #[test]
@@ -1076,224 +724,5 @@ mod tests {
         assert_eq!(cache.quantized_positions(0), 64);
         let worst = got.iter().zip(&exact).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
         assert!(worst <= 0.01, "worst difference {worst}");
-    }
-
-    /// A pruned run of the cache: `positions` tokens of synthetic keys,
-    /// values and queries (`zero` channels of every key below `prompt` set
-    /// to 0), pruned after `prompt`; with `rewind_to`, positions from there
-    /// to the end written again. Returns every output (position, layer,
-    /// kv head), the cache, and the data: keys and queries (position, layer).
-    #[allow(clippy::type_complexity)]
-    fn run_pruned(
-        kernels: &Kernels,
-        ratio: f32,
-        prompt: usize,
-        positions: usize,
-        zero: &dyn Fn(usize) -> bool,
-        rewind_to: Option<usize>,
-    ) -> (Vec<f32>, KvCache, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let c = config();
-        let (kv_dim, head_dim, q_dim) = (c.kv_dim(), 32, 4 * 32);
-        let mut cache = KvCache::new(KvMode::F32, &c, 128).unwrap();
-        cache.enable_pruning(ratio).unwrap();
-        let mut scores = vec![0f32; 2 * 128];
-        let (mut outputs, mut keys, mut queries) = (Vec::new(), Vec::new(), Vec::new());
-        let mut order: Vec<usize> = (0..positions).collect();
-        if let Some(start) = rewind_to {
-            order.extend(start..positions);
-        }
-        for (step, pos) in order.into_iter().enumerate() {
-            if step == prompt {
-                cache.prune();
-            }
-            for layer in 0..2 {
-                let mut key = data(kv_dim, (pos * 7 + layer) as u32);
-                if pos < prompt {
-                    for (i, k) in key.iter_mut().enumerate() {
-                        if zero(i % head_dim) {
-                            *k = 0.0;
-                        }
-                    }
-                }
-                let value = data(kv_dim, (pos * 7 + layer + 3) as u32);
-                let query = data(q_dim, (pos * 5 + layer) as u32 + 99);
-                cache.observe_queries(layer, pos, &query);
-                cache.append(layer, pos, &key, &value);
-                for kv in 0..2 {
-                    let mut out = vec![0f32; 2 * head_dim];
-                    let group = &query[kv * 2 * head_dim..(kv + 1) * 2 * head_dim];
-                    cache.attend(kernels, layer, kv, group, 0.5, &mut scores, &mut out);
-                    outputs.extend(out);
-                }
-                keys.push(key);
-                queries.push(query);
-            }
-        }
-        (outputs, cache, keys, queries)
-    }
-
-    /// Channels where every prompt key of a planted run is zero: the odd ones.
-    fn odd(c: usize) -> bool {
-        c % 2 == 1
-    }
-
-    #[test]
-    fn pruning_drops_planted_zero_channels_and_changes_nothing_else() {
-        let never = |_: usize| false;
-        for kernels in Kernels::all_available() {
-            let (exact, ..) = run_pruned(kernels, 0.0, 40, 90, &odd, None);
-            let (got, cache, ..) = run_pruned(kernels, 0.5, 40, 90, &odd, None);
-            assert_eq!((cache.pruned_positions(0), cache.pruned_positions(1), cache.kept_channels()), (40, 40, 16));
-            for (layer, kv) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-                let even: Vec<usize> = (0..32).step_by(2).collect();
-                assert_eq!(cache.pruned_channels(layer, kv), &even[..], "{}: layer {layer} head {kv}", kernels.name);
-            }
-            // Before pruning: bit-identical. After: the dropped channels held zeros only.
-            let before = 40 * 2 * 2 * 64;
-            assert_eq!(got[..before], exact[..before], "{}", kernels.name);
-            let worst = got.iter().zip(&exact).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
-            assert!(worst <= PLANTED_TOLERANCE, "{}: worst difference {worst}", kernels.name);
-            // Keys without zero channels: pruning changes the outputs after the prompt, not before.
-            let (exact, ..) = run_pruned(kernels, 0.0, 40, 90, &never, None);
-            let (got, ..) = run_pruned(kernels, 0.5, 40, 90, &never, None);
-            assert_eq!(got[..before], exact[..before], "{}", kernels.name);
-            assert!(got[before..] != exact[before..], "{}: pruning changed nothing", kernels.name);
-        }
-    }
-
-    /// Planted zero channels dropped: only the order of the sums differs.
-    const PLANTED_TOLERANCE: f32 = 1e-5;
-    /// Pruned attention against an f64 reference of the same rule.
-    const PRUNED_REFERENCE_TOLERANCE: f32 = 1e-5;
-    /// Pruned attention of the NEON tables against the scalar one on the same data.
-    const PRUNED_PARITY_TOLERANCE: f32 = 1e-5;
-
-    /// What a pruned cache must give: the thin positions' scores over the
-    /// kept channels, every other one over all, in f64.
-    fn reference_output(
-        cache: &KvCache,
-        keys: &[Vec<f32>],
-        queries: &[Vec<f32>],
-        order: &[usize],
-        step: usize,
-        pruned_before: usize,
-    ) -> Vec<f32> {
-        let (head_dim, kv_dim) = (32, 64);
-        let pos = order[step];
-        let mut out = Vec::new();
-        for layer in 0..2 {
-            // The latest write of each position up to `step`.
-            let key_of = |t: usize| {
-                let last = (0..=step).rev().find(|&s| order[s] == t).unwrap();
-                &keys[last * 2 + layer]
-            };
-            let query = &queries[step * 2 + layer];
-            for kv in 0..2 {
-                let kept = cache.pruned_channels(layer, kv);
-                for h in 0..2 {
-                    let q = &query[(kv * 2 + h) * head_dim..][..head_dim];
-                    let scores: Vec<f64> = (0..=pos)
-                        .map(|t| {
-                            let k = &key_of(t)[kv * head_dim..][..head_dim];
-                            let channels: Vec<usize> =
-                                if t < pruned_before { kept.to_vec() } else { (0..head_dim).collect() };
-                            0.5 * channels.iter().map(|&c| q[c] as f64 * k[c] as f64).sum::<f64>()
-                        })
-                        .collect();
-                    let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    for c in 0..head_dim {
-                        let sum: f64 = (0..=pos)
-                            .map(|t| {
-                                let last = (0..=step).rev().find(|&s| order[s] == t).unwrap();
-                                let value = data(kv_dim, (order[last] * 7 + layer + 3) as u32);
-                                weights[t] / total * value[kv * head_dim + c] as f64
-                            })
-                            .sum();
-                        out.push(sum as f32);
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn pruned_attention_matches_a_reference_on_every_table_and_after_a_rewind() {
-        let never = |_: usize| false;
-        let scalar = run_pruned(&Kernels::SCALAR, 0.3, 40, 90, &never, Some(20));
-        let cache = &scalar.1;
-        assert_eq!(cache.kept_channels(), 23, "⌈0.7 · 32⌉");
-        // Rewound to 20 inside the pruned 40: 0..20 stay thin, 20.. are written again in full.
-        assert_eq!(cache.pruned_positions(0), 20);
-        let mut order: Vec<usize> = (0..90).collect();
-        order.extend(20..90);
-        for step in (0..order.len()).step_by(7) {
-            let pruned_before = match step {
-                s if s < 40 => 0,
-                s if s < 90 => 40,
-                _ => 20,
-            };
-            let expected = reference_output(cache, &scalar.2, &scalar.3, &order, step, pruned_before);
-            let got = &scalar.0[step * 2 * 2 * 64..(step + 1) * 2 * 2 * 64];
-            let worst = got.iter().zip(&expected).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
-            assert!(worst <= PRUNED_REFERENCE_TOLERANCE, "step {step}: worst difference {worst}");
-        }
-        for kernels in Kernels::all_available() {
-            let (got, cache, ..) = run_pruned(kernels, 0.3, 40, 90, &never, Some(20));
-            assert_eq!(cache.pruned_channels(1, 1), scalar.1.pruned_channels(1, 1), "{}", kernels.name);
-            let worst = got.iter().zip(&scalar.0).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
-            assert!(worst <= PRUNED_PARITY_TOLERANCE, "{}: worst difference {worst} from scalar", kernels.name);
-        }
-    }
-
-    #[test]
-    fn a_rewind_to_the_start_unprunes_and_the_next_prompt_prunes_again() {
-        let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 64).unwrap();
-        cache.enable_pruning(0.5).unwrap();
-        let (key, query) = (data(64, 1), data(128, 2));
-        for pos in 0..10 {
-            for layer in 0..2 {
-                cache.observe_queries(layer, pos, &query);
-                cache.append(layer, pos, &key, &key);
-            }
-        }
-        cache.prune();
-        assert_eq!(cache.pruned_positions(1), 10);
-        let (used, full) = cache.key_bytes_in_use();
-        assert_eq!((used, full), (2 * 10 * 2 * 16 * 4, 2 * 10 * 64 * 4));
-        cache.prune();
-        assert_eq!(cache.pruned_positions(1), 10, "pruned once");
-        for layer in 0..2 {
-            cache.append(layer, 0, &key, &key);
-        }
-        assert_eq!(cache.pruned_positions(1), 0);
-        for pos in 1..5 {
-            for layer in 0..2 {
-                cache.append(layer, pos, &key, &key);
-            }
-        }
-        cache.prune();
-        assert_eq!(cache.pruned_positions(0), 5);
-    }
-
-    #[test]
-    fn prune_ratios_outside_zero_to_one_and_quantized_caches_are_refused() {
-        for bad in [-0.1, 1.0, 1.5, f32::NAN] {
-            let error = check_prune(bad, KvMode::F32).unwrap_err().to_string();
-            assert!(error.contains("--kv-prune") && error.contains("below 1"), "{error}");
-        }
-        let error = check_prune(0.5, KvMode::Q4).unwrap_err().to_string();
-        assert!(error.contains("--kv q4") && error.contains("f32"), "{error}");
-        assert!(check_prune(0.0, KvMode::Q8).is_ok());
-        assert_eq!((kept_channels(64, 0.5), kept_channels(64, 0.3), kept_channels(64, 0.0)), (32, 45, 64));
-        assert_eq!(kept_channels(64, 0.999), 1);
-        let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 100).unwrap();
-        let before = cache.bytes();
-        cache.enable_pruning(0.25).unwrap();
-        assert_eq!(cache.bytes() - before, KvCache::pruning_bytes_for(&c, 100, 0.25));
     }
 }

@@ -10,6 +10,7 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::image::{ModelImage, TensorView};
 use crate::kernels::attention::Causal;
+use crate::kernels::matmul::channels::ChannelMatrix;
 use crate::kernels::pool::{split_range, ThreadPool, MAX_THREADS};
 use crate::kernels::Kernels;
 use crate::kv::{KvCache, KvMode};
@@ -180,7 +181,7 @@ impl Matrix<'_> {
             let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let Some((rows, out)) = slot.as_mut() else { return };
             if rows.start < rows.end {
-                kernel(weights, self.rows, self.cols, rows.clone(), x, mask, out);
+                kernel(&ChannelMatrix { weights, total_rows: self.rows, cols: self.cols }, rows.clone(), x, mask, out);
             }
         });
     }
@@ -207,7 +208,8 @@ impl Matrix<'_> {
         let xq = &xq[..batch * self.cols / GROUP];
         let threads = pool.threads();
         if threads == 1 {
-            return kernel(weights, self.rows, self.cols, 0..self.rows, xq, &mut out[..batch * self.rows]);
+            let matrix = ChannelMatrix { weights, total_rows: self.rows, cols: self.cols };
+            return kernel(&matrix, 0..self.rows, xq, &mut out[..batch * self.rows]);
         }
         let by_thread = &mut scratch[..batch * self.rows];
         let mut rest = &mut *by_thread;
@@ -225,7 +227,7 @@ impl Matrix<'_> {
             let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let Some((rows, out)) = slot.as_mut() else { return };
             if rows.start < rows.end {
-                kernel(weights, self.rows, self.cols, rows.clone(), xq, out);
+                kernel(&ChannelMatrix { weights, total_rows: self.rows, cols: self.cols }, rows.clone(), xq, out);
             }
         });
         // Thread i's piece is its rows' results token by token.
@@ -637,7 +639,7 @@ impl RunState {
     /// ([`Model::state_bytes`] for a model's own options).
     pub fn bytes_for(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<usize> {
         let kv = KvCache::bytes_for(options.kv, config, context)? as u128
-            + KvCache::bookkeeping_bytes(config) as u128
+            + KvCache::bookkeeping_bytes(options.kv, config) as u128
             + KvCache::pruning_bytes_for(config, context, options.kv_prune) as u128;
         let bytes = kv + StateSizes::new(config, context, batch, options.sparse)?.bytes();
         usize::try_from(bytes)

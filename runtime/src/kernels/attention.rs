@@ -38,6 +38,8 @@
 //! tile once; the reference runs each query through `scores`, softmax and
 //! `values`.
 
+use half::f16;
+
 /// Tokens whose keys share a scale and minimum per channel.
 pub const KEY_GROUP: usize = 32;
 /// Channels the quantized kernels handle together; `head_dim` must be a multiple.
@@ -84,6 +86,49 @@ impl Causal {
     }
 }
 
+/// `positions` cached vectors of one KV head in the f32 cache, keys or
+/// values: position `t`'s `head_dim` values at `data[t·stride ..]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedVectors<'a> {
+    /// The head's part of the cache from position 0 on (at least
+    /// `(positions − 1)·stride + head_dim` values).
+    pub data: &'a [f32],
+    /// Values from one position to the next (`kv_dim`; less for pruned keys).
+    pub stride: usize,
+    /// Positions to read.
+    pub positions: usize,
+}
+
+/// One KV head's quantized keys, as the `*_q8`/`*_q4` score kernels read
+/// them: `groups` groups of [`KEY_GROUP`] tokens, each channel of a group
+/// with its codes, f16 scale and f16 minimum (layout in the module documentation).
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedKeys<'a> {
+    /// Codes, channel-major within a group: `groups × head_dim` runs of `KEY_GROUP·bits/8` bytes.
+    pub codes: &'a [u8],
+    /// A scale a channel of a group (`groups × head_dim`).
+    pub scales: &'a [f16],
+    /// A minimum a channel of a group (`groups × head_dim`).
+    pub mins: &'a [f16],
+    /// Groups of [`KEY_GROUP`] tokens.
+    pub groups: usize,
+}
+
+/// One KV head's first `positions` quantized values, as the `*_q8`/`*_q4`
+/// value kernels read them: per token, `head_dim` codes and one f16 scale
+/// and minimum for the whole head.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedValues<'a> {
+    /// Codes, token-major: `positions` runs of `head_dim·bits/8` bytes.
+    pub codes: &'a [u8],
+    /// A scale a token (`positions`).
+    pub scales: &'a [f16],
+    /// A minimum a token (`positions`).
+    pub mins: &'a [f16],
+    /// Tokens to read.
+    pub positions: usize,
+}
+
 /// Checks the shapes every `causal` caller must give (so the unchecked loads are in bounds).
 fn check_causal(shape: &Causal, queries: usize, keys: usize, values: usize, scratch: usize, out: usize) {
     let Causal { tokens, heads, head_dim, first, query_stride, stride, .. } = *shape;
@@ -110,20 +155,12 @@ fn check_causal(shape: &Causal, queries: usize, keys: usize, values: usize, scra
 
 /// Reference implementations.
 pub mod scalar {
-    use super::KEY_GROUP;
+    use super::{CachedVectors, QuantizedKeys, QuantizedValues, KEY_GROUP};
     use crate::kernels::matmul::scalar::dot_f32;
-    use half::f16;
 
     /// `scores[h·positions + t] = scale · queries[h] · key[t]`.
-    pub fn scores(
-        queries: &[f32],
-        head_dim: usize,
-        keys: &[f32],
-        stride: usize,
-        positions: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
+    pub fn scores(queries: &[f32], head_dim: usize, keys: &CachedVectors, scale: f32, scores: &mut [f32]) {
+        let CachedVectors { data: keys, stride, positions } = *keys;
         for (query, row) in queries.chunks_exact(head_dim).zip(scores.chunks_exact_mut(positions)) {
             for (t, score) in row.iter_mut().enumerate() {
                 *score = dot_f32(query, &keys[t * stride..t * stride + head_dim]) * scale;
@@ -132,7 +169,8 @@ pub mod scalar {
     }
 
     /// `out[h] = Σₜ weights[h·positions + t] · value[t]`.
-    pub fn values(weights: &[f32], positions: usize, values: &[f32], stride: usize, head_dim: usize, out: &mut [f32]) {
+    pub fn values(weights: &[f32], values: &CachedVectors, head_dim: usize, out: &mut [f32]) {
+        let CachedVectors { data: values, stride, positions } = *values;
         for (head, row) in out.chunks_exact_mut(head_dim).zip(weights.chunks_exact(positions)) {
             head.fill(0.0);
             for (t, &weight) in row.iter().enumerate() {
@@ -161,9 +199,11 @@ pub mod scalar {
             for head in 0..shape.heads {
                 let at = token * shape.query_stride + head * head_dim;
                 let row = &mut scratch[..seen];
-                scores(&queries[at..at + head_dim], head_dim, keys, shape.stride, seen, shape.scale, row);
+                let keys = CachedVectors { data: keys, stride: shape.stride, positions: seen };
+                scores(&queries[at..at + head_dim], head_dim, &keys, shape.scale, row);
                 crate::kernels::ops::scalar::softmax(row);
-                self::values(row, seen, values, shape.stride, head_dim, &mut out[at..at + head_dim]);
+                let values = CachedVectors { data: values, stride: shape.stride, positions: seen };
+                self::values(row, &values, head_dim, &mut out[at..at + head_dim]);
             }
         }
     }
@@ -182,19 +222,16 @@ pub mod scalar {
 
     /// `scores[h·row + t] = scale · queries[h] · key[t]` for the `groups ·
     /// KEY_GROUP` quantized keys of one KV head, at `bits` bits (8 or 4).
-    #[allow(clippy::too_many_arguments)]
     pub fn scores_quantized(
         bits: u32,
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
+        let QuantizedKeys { codes, scales: key_scales, mins: key_mins, groups } = *keys;
         let bytes = KEY_GROUP * bits as usize / 8;
         for (h, query) in queries.chunks_exact(head_dim).enumerate() {
             for g in 0..groups {
@@ -218,18 +255,15 @@ pub mod scalar {
 
     /// `out[h] = Σₜ weights[h·row + t] · value[t]` over the first
     /// `positions` quantized values of one KV head, at `bits` bits (8 or 4).
-    #[allow(clippy::too_many_arguments)]
     pub fn values_quantized(
         bits: u32,
         weights: &[f32],
         row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
+        values: &QuantizedValues,
         head_dim: usize,
         out: &mut [f32],
     ) {
+        let QuantizedValues { codes, scales: value_scales, mins: value_mins, positions } = *values;
         let bytes = head_dim * bits as usize / 8;
         for (h, head) in out.chunks_exact_mut(head_dim).enumerate() {
             head.fill(0.0);
@@ -250,65 +284,37 @@ pub mod scalar {
     }
 
     /// [`scores_quantized`] at 8 bits.
-    #[allow(clippy::too_many_arguments)]
     pub fn scores_q8(
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
-        scores_quantized(8, queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)
+        scores_quantized(8, queries, head_dim, keys, scale, scores, row)
     }
 
     /// [`scores_quantized`] at 4 bits.
-    #[allow(clippy::too_many_arguments)]
     pub fn scores_q4(
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
-        scores_quantized(4, queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)
+        scores_quantized(4, queries, head_dim, keys, scale, scores, row)
     }
 
     /// [`values_quantized`] at 8 bits.
-    #[allow(clippy::too_many_arguments)]
-    pub fn values_q8(
-        weights: &[f32],
-        row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
-        values_quantized(8, weights, row, positions, codes, value_scales, value_mins, head_dim, out)
+    pub fn values_q8(weights: &[f32], row: usize, values: &QuantizedValues, head_dim: usize, out: &mut [f32]) {
+        values_quantized(8, weights, row, values, head_dim, out)
     }
 
     /// [`values_quantized`] at 4 bits.
-    #[allow(clippy::too_many_arguments)]
-    pub fn values_q4(
-        weights: &[f32],
-        row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
-        values_quantized(4, weights, row, positions, codes, value_scales, value_mins, head_dim, out)
+    pub fn values_q4(weights: &[f32], row: usize, values: &QuantizedValues, head_dim: usize, out: &mut [f32]) {
+        values_quantized(4, weights, row, values, head_dim, out)
     }
 }
 
@@ -316,7 +322,7 @@ pub mod scalar {
 /// order than the reference; the weighted sums use fused multiply-adds.
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
-    use super::{CHANNEL_RUN, KEY_GROUP, TILE_ROWS};
+    use super::{CachedVectors, QuantizedKeys, QuantizedValues, CHANNEL_RUN, KEY_GROUP, TILE_ROWS};
     use half::f16;
     use std::arch::aarch64::*;
 
@@ -338,32 +344,17 @@ pub mod neon {
     }
 
     /// As [`super::scalar::scores`].
-    pub fn scores(
-        queries: &[f32],
-        head_dim: usize,
-        keys: &[f32],
-        stride: usize,
-        positions: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        check(queries.len(), head_dim, keys.len(), stride, positions, scores.len());
+    pub fn scores(queries: &[f32], head_dim: usize, keys: &CachedVectors, scale: f32, scores: &mut [f32]) {
+        check(queries.len(), head_dim, keys.data.len(), keys.stride, keys.positions, scores.len());
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { scores_neon(queries, head_dim, keys, stride, positions, scale, scores) }
+        unsafe { scores_neon(queries, head_dim, keys, scale, scores) }
     }
 
     /// # Safety
     /// Shapes as [`check`] accepts.
     #[target_feature(enable = "neon")]
-    unsafe fn scores_neon(
-        queries: &[f32],
-        head_dim: usize,
-        keys: &[f32],
-        stride: usize,
-        positions: usize,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
+    unsafe fn scores_neon(queries: &[f32], head_dim: usize, keys: &CachedVectors, scale: f32, scores: &mut [f32]) {
+        let CachedVectors { data: keys, stride, positions } = *keys;
         for (query, row) in queries.chunks_exact(head_dim).zip(scores.chunks_exact_mut(positions)) {
             let mut start = 0;
             // Whole pieces of 64, the query's piece in registers across positions.
@@ -417,23 +408,17 @@ pub mod neon {
     }
 
     /// As [`super::scalar::values`].
-    pub fn values(weights: &[f32], positions: usize, values: &[f32], stride: usize, head_dim: usize, out: &mut [f32]) {
-        check(out.len(), head_dim, values.len(), stride, positions, weights.len());
+    pub fn values(weights: &[f32], values: &CachedVectors, head_dim: usize, out: &mut [f32]) {
+        check(out.len(), head_dim, values.data.len(), values.stride, values.positions, weights.len());
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { values_neon(weights, positions, values, stride, head_dim, out) }
+        unsafe { values_neon(weights, values, head_dim, out) }
     }
 
     /// # Safety
     /// Shapes as [`check`] accepts.
     #[target_feature(enable = "neon")]
-    unsafe fn values_neon(
-        weights: &[f32],
-        positions: usize,
-        values: &[f32],
-        stride: usize,
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn values_neon(weights: &[f32], values: &CachedVectors, head_dim: usize, out: &mut [f32]) {
+        let CachedVectors { data: values, stride, positions } = *values;
         for (head, row) in out.chunks_exact_mut(head_dim).zip(weights.chunks_exact(positions)) {
             let mut start = 0;
             // Whole pieces of 64: the output piece in registers across positions.
@@ -486,18 +471,15 @@ pub mod neon {
     }
 
     /// Checks the quantized scores kernel's shapes (so the unchecked loads are in bounds).
-    #[allow(clippy::too_many_arguments)]
     fn check_scores_quantized(
         bits: u32,
         queries: usize,
         head_dim: usize,
-        codes: usize,
-        key_scales: usize,
-        key_mins: usize,
-        groups: usize,
+        keys: &QuantizedKeys,
         scores: usize,
         row: usize,
     ) {
+        let (codes, key_scales, key_mins, groups) = (keys.codes.len(), keys.scales.len(), keys.mins.len(), keys.groups);
         let heads = queries.checked_div(head_dim).unwrap_or(0);
         assert!(
             head_dim > 0
@@ -514,18 +496,16 @@ pub mod neon {
     }
 
     /// Checks the quantized values kernel's shapes.
-    #[allow(clippy::too_many_arguments)]
     fn check_values_quantized(
         bits: u32,
         weights: usize,
         row: usize,
-        positions: usize,
-        codes: usize,
-        value_scales: usize,
-        value_mins: usize,
+        values: &QuantizedValues,
         head_dim: usize,
         out: usize,
     ) {
+        let (codes, value_scales, value_mins) = (values.codes.len(), values.scales.len(), values.mins.len());
+        let positions = values.positions;
         let heads = out.checked_div(head_dim).unwrap_or(0);
         assert!(
             head_dim > 0
@@ -587,41 +567,31 @@ pub mod neon {
     }
 
     /// As [`super::scalar::scores_q8`].
-    #[allow(clippy::too_many_arguments)]
     pub fn scores_q8(
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
-        let shapes = (codes.len(), key_scales.len(), key_mins.len());
-        check_scores_quantized(8, queries.len(), head_dim, shapes.0, shapes.1, shapes.2, groups, scores.len(), row);
+        check_scores_quantized(8, queries.len(), head_dim, keys, scores.len(), row);
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { scores_quantized::<8>(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row) }
+        unsafe { scores_quantized::<8>(queries, head_dim, keys, scale, scores, row) }
     }
 
     /// As [`super::scalar::scores_q4`].
-    #[allow(clippy::too_many_arguments)]
     pub fn scores_q4(
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
-        let shapes = (codes.len(), key_scales.len(), key_mins.len());
-        check_scores_quantized(4, queries.len(), head_dim, shapes.0, shapes.1, shapes.2, groups, scores.len(), row);
+        check_scores_quantized(4, queries.len(), head_dim, keys, scores.len(), row);
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { scores_quantized::<4>(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row) }
+        unsafe { scores_quantized::<4>(queries, head_dim, keys, scale, scores, row) }
     }
 
     /// A group's 32 scores a head at a time, held in eight registers while
@@ -629,19 +599,16 @@ pub mod neon {
     ///
     /// # Safety
     /// Shapes as [`check_scores_quantized`] accepts.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "neon")]
     unsafe fn scores_quantized<const BITS: u32>(
         queries: &[f32],
         head_dim: usize,
-        codes: &[u8],
-        key_scales: &[f16],
-        key_mins: &[f16],
-        groups: usize,
+        keys: &QuantizedKeys,
         scale: f32,
         scores: &mut [f32],
         row: usize,
     ) {
+        let QuantizedKeys { codes, scales: key_scales, mins: key_mins, groups } = *keys;
         let bytes = KEY_GROUP * BITS as usize / 8;
         for g in 0..groups {
             for (h, query) in queries.chunks_exact(head_dim).enumerate() {
@@ -671,39 +638,17 @@ pub mod neon {
     }
 
     /// As [`super::scalar::values_q8`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn values_q8(
-        weights: &[f32],
-        row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
-        let shapes = (codes.len(), value_scales.len(), value_mins.len());
-        check_values_quantized(8, weights.len(), row, positions, shapes.0, shapes.1, shapes.2, head_dim, out.len());
+    pub fn values_q8(weights: &[f32], row: usize, values: &QuantizedValues, head_dim: usize, out: &mut [f32]) {
+        check_values_quantized(8, weights.len(), row, values, head_dim, out.len());
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { values_quantized::<8>(weights, row, positions, codes, value_scales, value_mins, head_dim, out) }
+        unsafe { values_quantized::<8>(weights, row, values, head_dim, out) }
     }
 
     /// As [`super::scalar::values_q4`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn values_q4(
-        weights: &[f32],
-        row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
-        head_dim: usize,
-        out: &mut [f32],
-    ) {
-        let shapes = (codes.len(), value_scales.len(), value_mins.len());
-        check_values_quantized(4, weights.len(), row, positions, shapes.0, shapes.1, shapes.2, head_dim, out.len());
+    pub fn values_q4(weights: &[f32], row: usize, values: &QuantizedValues, head_dim: usize, out: &mut [f32]) {
+        check_values_quantized(4, weights.len(), row, values, head_dim, out.len());
         // SAFETY: NEON is part of every aarch64 target; shapes checked above.
-        unsafe { values_quantized::<4>(weights, row, positions, codes, value_scales, value_mins, head_dim, out) }
+        unsafe { values_quantized::<4>(weights, row, values, head_dim, out) }
     }
 
     /// A head's output 32 channels at a time, held in eight registers while
@@ -711,18 +656,15 @@ pub mod neon {
     ///
     /// # Safety
     /// Shapes as [`check_values_quantized`] accepts.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "neon")]
     unsafe fn values_quantized<const BITS: u32>(
         weights: &[f32],
         row: usize,
-        positions: usize,
-        codes: &[u8],
-        value_scales: &[f16],
-        value_mins: &[f16],
+        values: &QuantizedValues,
         head_dim: usize,
         out: &mut [f32],
     ) {
+        let QuantizedValues { codes, scales: value_scales, mins: value_mins, positions } = *values;
         let bytes = head_dim * BITS as usize / 8;
         for (h, head) in out.chunks_exact_mut(head_dim).enumerate() {
             let weights = &weights[h * row..h * row + positions];

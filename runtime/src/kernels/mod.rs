@@ -35,17 +35,17 @@ pub type MatmulQuantized<Block> = fn(weights: &[Block], cols: usize, x: &[BlockQ
 pub type MatmulFloat<T> = fn(weights: &[T], cols: usize, x: &[f32], out: &mut [f32]);
 
 /// Attention scores of a group of query heads against the cached keys:
-/// `(queries, head_dim, keys, stride, positions, scale, scores)` ([`attention`]).
-pub type AttentionScores = fn(&[f32], usize, &[f32], usize, usize, f32, &mut [f32]);
+/// `(queries, head_dim, keys, scale, scores)` ([`attention`]).
+pub type AttentionScores = fn(&[f32], usize, &attention::CachedVectors, f32, &mut [f32]);
 /// Score-weighted sums of the cached values for a group of heads:
-/// `(weights, positions, values, stride, head_dim, out)` ([`attention`]).
-pub type AttentionValues = fn(&[f32], usize, &[f32], usize, usize, &mut [f32]);
+/// `(weights, values, head_dim, out)` ([`attention`]).
+pub type AttentionValues = fn(&[f32], &attention::CachedVectors, usize, &mut [f32]);
 /// Attention scores of a group of query heads against quantized keys:
-/// `(queries, head_dim, codes, key_scales, key_mins, groups, scale, scores, row)` ([`attention`]).
-pub type AttentionScoresQuantized = fn(&[f32], usize, &[u8], &[f16], &[f16], usize, f32, &mut [f32], usize);
+/// `(queries, head_dim, keys, scale, scores, row)` ([`attention`]).
+pub type AttentionScoresQuantized = fn(&[f32], usize, &attention::QuantizedKeys, f32, &mut [f32], usize);
 /// Score-weighted sums of quantized values for a group of heads:
-/// `(weights, row, positions, codes, value_scales, value_mins, head_dim, out)` ([`attention`]).
-pub type AttentionValuesQuantized = fn(&[f32], usize, usize, &[u8], &[f16], &[f16], usize, &mut [f32]);
+/// `(weights, row, values, head_dim, out)` ([`attention`]).
+pub type AttentionValuesQuantized = fn(&[f32], usize, &attention::QuantizedValues, usize, &mut [f32]);
 /// Causal attention of a batch of tokens' query heads that share a KV head, over the f32 cache:
 /// `(shape, queries, keys, values, scratch, out)` ([`attention::Causal`]).
 pub type AttentionCausal = fn(&attention::Causal, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);

@@ -7,6 +7,8 @@
 //! has them; under `qemu-aarch64` `neon` (cortex-a72) and `neon-dotprod`
 //! (cortex-a76).
 
+use super::attention::{CachedVectors, QuantizedKeys, QuantizedValues};
+use super::matmul::channels::ChannelMatrix;
 use super::Kernels;
 use crate::quant::{self, BlockQ4, BlockQ4S, BlockQ8, BlockQ8Act, Encoding, GROUP};
 use bytemuck::Zeroable;
@@ -506,17 +508,19 @@ fn attention_matches_the_reference() {
                 let (queries, keys) = (data(heads * head_dim, 3), data(cache_len, 4));
                 let scale = 0.125;
                 let mut expected = vec![0f32; heads * positions];
-                (Kernels::SCALAR.attention_scores)(&queries, head_dim, &keys, stride, positions, scale, &mut expected);
+                let cached_keys = CachedVectors { data: &keys, stride, positions };
+                (Kernels::SCALAR.attention_scores)(&queries, head_dim, &cached_keys, scale, &mut expected);
                 // Score weights as a softmax would leave them (positive, summing to one).
                 let weights: Vec<f32> =
                     data(heads * positions, 6).iter().map(|v| (v + 1.5) / positions as f32).collect();
                 let values = data(cache_len, 5);
                 let mut expected_out = vec![0f32; heads * head_dim];
-                (Kernels::SCALAR.attention_values)(&weights, positions, &values, stride, head_dim, &mut expected_out);
+                let cached_values = CachedVectors { data: &values, stride, positions };
+                (Kernels::SCALAR.attention_values)(&weights, &cached_values, head_dim, &mut expected_out);
                 for k in Kernels::all_available() {
                     let label = format!("{} head_dim {head_dim} heads {heads} positions {positions}", k.name);
                     let mut got = vec![f32::NAN; heads * positions];
-                    (k.attention_scores)(&queries, head_dim, &keys, stride, positions, scale, &mut got);
+                    (k.attention_scores)(&queries, head_dim, &cached_keys, scale, &mut got);
                     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                         let (h, t) = (i / positions, i % positions);
                         let magnitude: f32 = (0..head_dim)
@@ -525,7 +529,7 @@ fn attention_matches_the_reference() {
                         assert!(close(*g, *e, FLOAT_DOT_RELATIVE * magnitude), "{label}: score {i}: {g} vs {e}");
                     }
                     let mut got = vec![f32::NAN; heads * head_dim];
-                    (k.attention_values)(&weights, positions, &values, stride, head_dim, &mut got);
+                    (k.attention_values)(&weights, &cached_values, head_dim, &mut got);
                     for (i, (g, e)) in got.iter().zip(&expected_out).enumerate() {
                         let (h, j) = (i / head_dim, i % head_dim);
                         let magnitude: f32 =
@@ -548,10 +552,11 @@ fn attention_scores_match_the_reference_at_pruned_widths() {
             let queries = data(heads * kept, 7);
             let keys = data((positions - 1) * stride + kept, 8);
             let mut expected = vec![0f32; heads * positions];
-            (Kernels::SCALAR.attention_scores)(&queries, kept, &keys, stride, positions, 0.125, &mut expected);
+            let cached_keys = CachedVectors { data: &keys, stride, positions };
+            (Kernels::SCALAR.attention_scores)(&queries, kept, &cached_keys, 0.125, &mut expected);
             for k in Kernels::all_available() {
                 let mut got = vec![f32::NAN; heads * positions];
-                (k.attention_scores)(&queries, kept, &keys, stride, positions, 0.125, &mut got);
+                (k.attention_scores)(&queries, kept, &cached_keys, 0.125, &mut got);
                 for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                     let (h, t) = (i / positions, i % positions);
                     let magnitude: f32 =
@@ -741,7 +746,8 @@ fn quantized_attention_matches_the_reference_and_f32() {
                     let scores_of = |k: &Kernels| {
                         let mut scores = vec![-7.0f32; heads * row];
                         let kernel = if bits == 8 { k.attention_scores_q8 } else { k.attention_scores_q4 };
-                        kernel(&queries, head_dim, codes, key_scales, key_mins, groups, scale, &mut scores, row);
+                        let keys = QuantizedKeys { codes, scales: key_scales, mins: key_mins, groups };
+                        kernel(&queries, head_dim, &keys, scale, &mut scores, row);
                         scores
                     };
                     let expected = scores_of(&Kernels::SCALAR);
@@ -767,15 +773,8 @@ fn quantized_attention_matches_the_reference_and_f32() {
                         let keys: Vec<f32> =
                             (0..positions * head_dim).map(|i| key(i / head_dim, i % head_dim)).collect();
                         let mut f32_scores = vec![0f32; heads * positions];
-                        (Kernels::SCALAR.attention_scores)(
-                            &queries,
-                            head_dim,
-                            &keys,
-                            head_dim,
-                            positions,
-                            scale,
-                            &mut f32_scores,
-                        );
+                        let keys = CachedVectors { data: &keys, stride: head_dim, positions };
+                        (Kernels::SCALAR.attention_scores)(&queries, head_dim, &keys, scale, &mut f32_scores);
                         for (i, f) in f32_scores.iter().enumerate() {
                             let (h, t) = (i / positions, i % positions);
                             let e = expected[h * row + t];
@@ -819,7 +818,8 @@ fn quantized_attention_matches_the_reference_and_f32() {
                         let values_of = |k: &Kernels| {
                             let mut out = vec![f32::NAN; heads * head_dim];
                             let kernel = if bits == 8 { k.attention_values_q8 } else { k.attention_values_q4 };
-                            kernel(&weights, row, positions, codes, value_scales, value_mins, head_dim, &mut out);
+                            let values = QuantizedValues { codes, scales: value_scales, mins: value_mins, positions };
+                            kernel(&weights, row, &values, head_dim, &mut out);
                             out
                         };
                         let expected = values_of(&Kernels::SCALAR);
@@ -843,14 +843,8 @@ fn quantized_attention_matches_the_reference_and_f32() {
                             let packed: Vec<f32> =
                                 (0..heads).flat_map(|h| weights[h * row..h * row + positions].to_vec()).collect();
                             let mut f32_out = vec![0f32; heads * head_dim];
-                            (Kernels::SCALAR.attention_values)(
-                                &packed,
-                                positions,
-                                &values,
-                                head_dim,
-                                head_dim,
-                                &mut f32_out,
-                            );
+                            let values = CachedVectors { data: &values, stride: head_dim, positions };
+                            (Kernels::SCALAR.attention_values)(&packed, &values, head_dim, &mut f32_out);
                             for (i, f) in f32_out.iter().enumerate() {
                                 let e = expected[i];
                                 assert!(
@@ -1049,7 +1043,13 @@ fn channel_major_matmuls_match_the_row_major_reference() {
                         let run = |k: &Kernels| {
                             let mut got = vec![f32::NAN; range.len()];
                             let kernel = if encoding == Encoding::Q8C { k.matmul_q8c } else { k.matmul_q4c };
-                            kernel(&columns, rows, cols, range.clone(), &xq, mask.as_deref(), &mut got);
+                            kernel(
+                                &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                                range.clone(),
+                                &xq,
+                                mask.as_deref(),
+                                &mut got,
+                            );
                             got
                         };
                         let what = format!("{encoding:?} rows {rows} blocks {blocks} mask {percent}% range {range:?}");
@@ -1094,7 +1094,7 @@ fn channel_major_q4_does_not_overflow_at_extremes() {
     (Kernels::SCALAR.matmul_q4)(&row_major, cols, &x, &mut expected);
     for k in Kernels::all_available() {
         let mut got = vec![f32::NAN; rows];
-        (k.matmul_q4c)(&columns, rows, cols, 0..rows, &x, None, &mut got);
+        (k.matmul_q4c)(&ChannelMatrix { weights: &columns, total_rows: rows, cols }, 0..rows, &x, None, &mut got);
         for (r, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert!(close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)), "{} row {r}: {g} vs {e}", k.name);
         }
@@ -1144,11 +1144,22 @@ fn channel_major_gemms_match_the_one_token_reference() {
                     let n = range.len();
                     let mut expected = vec![0f32; batch * n];
                     for (token, out) in xq.chunks_exact(blocks).zip(expected.chunks_exact_mut(n)) {
-                        one(&Kernels::SCALAR)(&columns, rows, cols, range.clone(), token, None, out);
+                        one(&Kernels::SCALAR)(
+                            &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                            range.clone(),
+                            token,
+                            None,
+                            out,
+                        );
                     }
                     let run = |k: &Kernels| {
                         let mut got = vec![f32::NAN; batch * n];
-                        gemm(k)(&columns, rows, cols, range.clone(), &xq, &mut got);
+                        gemm(k)(
+                            &ChannelMatrix { weights: &columns, total_rows: rows, cols },
+                            range.clone(),
+                            &xq,
+                            &mut got,
+                        );
                         got
                     };
                     let what = format!("{encoding:?} rows {rows} blocks {blocks} batch {batch} range {range:?}");
@@ -1221,7 +1232,7 @@ fn channel_major_gemms_do_not_overflow_at_extremes() {
         for k in Kernels::all_available() {
             let gemm = if encoding == Encoding::Q4C { k.gemm_q4c } else { k.gemm_q8c };
             let mut got = vec![f32::NAN; rows * batch];
-            gemm(&columns, rows, cols, 0..rows, &x, &mut got);
+            gemm(&ChannelMatrix { weights: &columns, total_rows: rows, cols }, 0..rows, &x, &mut got);
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 assert!(
                     close(*g, *e, INTEGER_MATMUL_RELATIVE * e.abs().max(1.0)),

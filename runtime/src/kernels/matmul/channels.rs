@@ -45,34 +45,38 @@
 use crate::quant::{BlockQ8Act, ChannelBlock, Encoding, CHANNEL_TILE, GROUP};
 use std::ops::Range;
 
+/// A channel-major matrix of `total_rows × cols` ([`Encoding::Q8C`] or
+/// [`Encoding::Q4C`] bytes, laid out as [`ChannelBlock`] says), as the
+/// channel kernels take it.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelMatrix<'a> {
+    /// The stored bytes.
+    pub weights: &'a [u8],
+    /// Rows of the whole matrix (a call's `rows` are some of them).
+    pub total_rows: usize,
+    /// Columns (inputs), a multiple of 32.
+    pub cols: usize,
+}
+
 /// `out[r − rows.start] = Σ_b` (block `b` of row `r`) · (block `b` of `x`)
 /// for the rows `rows` (whole tiles of [`CHANNEL_TILE`]) of a channel-major
 /// `weights` matrix of `total_rows × cols`, summing only the channels
 /// `mask` marks (bit `j` of `mask[b]` is channel `32b + j`; `None`: all).
 /// Channels the mask leaves out must be zero in `x`.
-pub type MatmulChannels = fn(
-    weights: &[u8],
-    total_rows: usize,
-    cols: usize,
-    rows: Range<usize>,
-    x: &[BlockQ8Act],
-    mask: Option<&[u32]>,
-    out: &mut [f32],
-);
+pub type MatmulChannels =
+    fn(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], mask: Option<&[u32]>, out: &mut [f32]);
 
 /// Checks the shapes every implementation relies on (its `unsafe` reads stay inside `weights`).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn check(
     encoding: Encoding,
-    weights: &[u8],
-    total_rows: usize,
-    cols: usize,
+    matrix: &ChannelMatrix,
     rows: &Range<usize>,
     x: &[BlockQ8Act],
     mask: Option<&[u32]>,
     out: &[f32],
 ) {
+    let ChannelMatrix { weights, total_rows, cols } = *matrix;
     let blocks = cols / GROUP;
     assert!(
         cols.is_multiple_of(GROUP)
@@ -99,21 +103,19 @@ fn check(
 /// `x.len() / (cols / 32)` activations, over every channel. Tokens
 /// outermost in `out`, so a thread's rows are one contiguous piece of it
 /// and one thread over all rows writes the model's token-major layout.
-pub type GemmChannels =
-    fn(weights: &[u8], total_rows: usize, cols: usize, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]);
+pub type GemmChannels = fn(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]);
 
 /// Checks a GEMM's shapes (its `unsafe` reads stay inside `weights`, `x`
 /// and `out`); returns the batch.
 #[inline(always)]
 fn check_batch(
     encoding: Encoding,
-    weights: &[u8],
-    total_rows: usize,
-    cols: usize,
+    matrix: &ChannelMatrix,
     rows: &Range<usize>,
     x: &[BlockQ8Act],
     out: &[f32],
 ) -> usize {
+    let ChannelMatrix { weights, total_rows, cols } = *matrix;
     let blocks = cols / GROUP;
     let batch = x.len() / blocks.max(1);
     assert!(
@@ -156,20 +158,18 @@ fn active_channels(bits: u32, a: &BlockQ8Act, channels: &mut [usize; GROUP], val
 /// `out`, and calls `block(out, a, at, channels, values, Σq)` for each
 /// column block with an active channel (`a` its activation block, `at` its
 /// offsets, `channels`/`values` its active channels and their values).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn for_active_blocks(
     encoding: Encoding,
-    weights: &[u8],
-    total_rows: usize,
-    cols: usize,
+    matrix: &ChannelMatrix,
     rows: &Range<usize>,
     x: &[BlockQ8Act],
     mask: Option<&[u32]>,
     out: &mut [f32],
     mut block: impl FnMut(&mut [f32], &BlockQ8Act, &ChannelBlock, &[usize], &[i8], i32),
 ) {
-    check(encoding, weights, total_rows, cols, rows, x, mask, out);
+    let ChannelMatrix { total_rows, .. } = *matrix;
+    check(encoding, matrix, rows, x, mask, out);
     out.fill(0.0);
     let (mut channels, mut values) = ([0usize; GROUP], [0i8; GROUP]);
     for (b, a) in x.iter().enumerate() {
@@ -192,74 +192,52 @@ pub mod scalar {
 
     /// Channel-major asymmetric Q4 ([`Encoding::Q4C`]).
     pub fn matmul_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
+        matrix: &ChannelMatrix,
         rows: Range<usize>,
         x: &[BlockQ8Act],
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        for_active_blocks(
-            Encoding::Q4C,
-            weights,
-            total_rows,
-            cols,
-            &rows,
-            x,
-            mask,
-            out,
-            |out, a, at, channels, values, sum_q| {
-                for tile in rows.clone().step_by(CHANNEL_TILE) {
-                    let mut sums = [0i32; CHANNEL_TILE];
-                    for (&j, &q) in channels.iter().zip(values) {
-                        let column = &weights[at.columns + j * at.column_bytes + tile / 2..][..CHANNEL_TILE / 2];
-                        for (k, &byte) in column.iter().enumerate() {
-                            // Sign-extend the stored n − 8 from each nibble.
-                            sums[k] += ((byte << 4) as i8 >> 4) as i32 * q as i32;
-                            sums[k + 16] += (byte as i8 >> 4) as i32 * q as i32;
-                        }
-                    }
-                    for (k, &sum) in sums.iter().enumerate() {
-                        let r = tile + k;
-                        let isum = sum + 8 * sum_q;
-                        let (d, m) = (f16_at(weights, at.scales + 2 * r), f16_at(weights, at.mins + 2 * r));
-                        out[r - rows.start] += d * a.d * isum as f32 + m * a.s;
+        let ChannelMatrix { weights, .. } = *matrix;
+        for_active_blocks(Encoding::Q4C, matrix, &rows, x, mask, out, |out, a, at, channels, values, sum_q| {
+            for tile in rows.clone().step_by(CHANNEL_TILE) {
+                let mut sums = [0i32; CHANNEL_TILE];
+                for (&j, &q) in channels.iter().zip(values) {
+                    let column = &weights[at.columns + j * at.column_bytes + tile / 2..][..CHANNEL_TILE / 2];
+                    for (k, &byte) in column.iter().enumerate() {
+                        // Sign-extend the stored n − 8 from each nibble.
+                        sums[k] += ((byte << 4) as i8 >> 4) as i32 * q as i32;
+                        sums[k + 16] += (byte as i8 >> 4) as i32 * q as i32;
                     }
                 }
-            },
-        );
+                for (k, &sum) in sums.iter().enumerate() {
+                    let r = tile + k;
+                    let isum = sum + 8 * sum_q;
+                    let (d, m) = (f16_at(weights, at.scales + 2 * r), f16_at(weights, at.mins + 2 * r));
+                    out[r - rows.start] += d * a.d * isum as f32 + m * a.s;
+                }
+            }
+        });
     }
 
     /// Channel-major Q8 ([`Encoding::Q8C`]).
     pub fn matmul_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
+        matrix: &ChannelMatrix,
         rows: Range<usize>,
         x: &[BlockQ8Act],
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        for_active_blocks(
-            Encoding::Q8C,
-            weights,
-            total_rows,
-            cols,
-            &rows,
-            x,
-            mask,
-            out,
-            |out, a, at, channels, values, _| {
-                for r in rows.clone() {
-                    let mut isum = 0i32;
-                    for (&j, &q) in channels.iter().zip(values) {
-                        isum += weights[at.columns + j * at.column_bytes + r] as i8 as i32 * q as i32;
-                    }
-                    out[r - rows.start] += f16_at(weights, at.scales + 2 * r) * a.d * isum as f32;
+        let ChannelMatrix { weights, .. } = *matrix;
+        for_active_blocks(Encoding::Q8C, matrix, &rows, x, mask, out, |out, a, at, channels, values, _| {
+            for r in rows.clone() {
+                let mut isum = 0i32;
+                for (&j, &q) in channels.iter().zip(values) {
+                    isum += weights[at.columns + j * at.column_bytes + r] as i8 as i32 * q as i32;
                 }
-            },
-        );
+                out[r - rows.start] += f16_at(weights, at.scales + 2 * r) * a.d * isum as f32;
+            }
+        });
     }
 
     /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
@@ -267,15 +245,8 @@ pub mod scalar {
     /// unpacked once (as `n`, the row-major blocks' nibbles) for every token.
     /// Each output is [`matmul_q4c`]'s sum for its token, in its order: the
     /// same bits.
-    pub fn gemm_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
-        gemm(Encoding::Q4C, weights, total_rows, cols, rows, x, out, |column, values| {
+    pub fn gemm_q4c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        gemm(Encoding::Q4C, matrix, rows, x, out, |column, values| {
             for (k, &byte) in column[..CHANNEL_TILE / 2].iter().enumerate() {
                 // Stored as n ^ 8: row k in the low nibble, row k + 16 in the high.
                 values[k] = ((byte & 0xF) ^ 8) as i8;
@@ -286,15 +257,8 @@ pub mod scalar {
 
     /// The GEMM over channel-major Q8 ([`Encoding::Q8C`], [`GemmChannels`]),
     /// [`matmul_q8c`]'s bits for every token.
-    pub fn gemm_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
-        gemm(Encoding::Q8C, weights, total_rows, cols, rows, x, out, |column, values| {
+    pub fn gemm_q8c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        gemm(Encoding::Q8C, matrix, rows, x, out, |column, values| {
             for (v, &byte) in values.iter_mut().zip(&column[..CHANNEL_TILE]) {
                 *v = byte as i8;
             }
@@ -304,19 +268,17 @@ pub mod scalar {
     /// The reference GEMM's loops; `unpack(column, values)` writes one
     /// column's values for a tile's 32 rows (the column starting at the
     /// tile's first byte).
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn gemm(
         encoding: Encoding,
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
+        matrix: &ChannelMatrix,
         rows: Range<usize>,
         x: &[BlockQ8Act],
         out: &mut [f32],
         unpack: impl Fn(&[u8], &mut [i8; CHANNEL_TILE]),
     ) {
-        let batch = check_batch(encoding, weights, total_rows, cols, &rows, x, out);
+        let ChannelMatrix { weights, total_rows, cols } = *matrix;
+        let batch = check_batch(encoding, matrix, &rows, x, out);
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         // One tile's block, unpacked: [channel][row] values, each row's scale and minimum.
@@ -534,15 +496,14 @@ pub mod neon {
     /// for an odd last tile), each row's 16-bit sum per block and f32
     /// result in registers.
     pub fn matmul_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
+        matrix: &ChannelMatrix,
         rows: Range<usize>,
         x: &[BlockQ8Act],
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        check(Encoding::Q4C, weights, total_rows, cols, &rows, x, mask, out);
+        let ChannelMatrix { weights, total_rows, .. } = *matrix;
+        check(Encoding::Q4C, matrix, &rows, x, mask, out);
         out.fill(0.0);
         let mut chunk = Chunk {
             columns: [std::ptr::null(); CHUNK_BLOCKS * GROUP],
@@ -594,59 +555,48 @@ pub mod neon {
     /// values widened to 16 bits and multiply-accumulated into 32-bit sums
     /// (`smlal` by the channel's value as a lane).
     pub fn matmul_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
+        matrix: &ChannelMatrix,
         rows: Range<usize>,
         x: &[BlockQ8Act],
         mask: Option<&[u32]>,
         out: &mut [f32],
     ) {
-        for_active_blocks(
-            Encoding::Q8C,
-            weights,
-            total_rows,
-            cols,
-            &rows,
-            x,
-            mask,
-            out,
-            |out, a, at, channels, values, _| {
-                // SAFETY: `for_active_blocks` checked that the block and rows `rows` (whole tiles, so
-                // whole steps of 16) inside `weights`, and `out` one value per row.
-                unsafe {
-                    let w = weights.as_ptr();
-                    for first in rows.clone().step_by(16) {
-                        let mut sums = [vdupq_n_s32(0); 4];
-                        let base = w.add(at.columns + first);
-                        for (&j, &value) in channels.iter().zip(values) {
-                            let wide = vld1q_s8(base.add(j * at.column_bytes) as *const i8);
-                            let q = vdup_n_s16(value as i16);
-                            let (low, high) = (vmovl_s8(vget_low_s8(wide)), vmovl_high_s8(wide));
-                            sums[0] = vmlal_s16(sums[0], vget_low_s16(low), q);
-                            sums[1] = vmlal_high_s16(sums[1], low, vcombine_s16(q, q));
-                            sums[2] = vmlal_s16(sums[2], vget_low_s16(high), q);
-                            sums[3] = vmlal_high_s16(sums[3], high, vcombine_s16(q, q));
-                        }
-                        let d = [
-                            vld1q_u16(w.add(at.scales + 2 * first) as *const u16),
-                            vld1q_u16(w.add(at.scales + 2 * first + 16) as *const u16),
-                        ];
-                        let scales = [
-                            widen_f16(vget_low_u16(d[0])),
-                            widen_f16_high(d[0]),
-                            widen_f16(vget_low_u16(d[1])),
-                            widen_f16_high(d[1]),
-                        ];
-                        for (e, (sum, d)) in sums.into_iter().zip(scales).enumerate() {
-                            let o = out.as_mut_ptr().add(first - rows.start + 4 * e);
-                            let product = vmulq_f32(vmulq_n_f32(d, a.d), vcvtq_f32_s32(sum));
-                            vst1q_f32(o, vaddq_f32(vld1q_f32(o), product));
-                        }
+        let ChannelMatrix { weights, .. } = *matrix;
+        for_active_blocks(Encoding::Q8C, matrix, &rows, x, mask, out, |out, a, at, channels, values, _| {
+            // SAFETY: `for_active_blocks` checked that the block and rows `rows` (whole tiles, so
+            // whole steps of 16) inside `weights`, and `out` one value per row.
+            unsafe {
+                let w = weights.as_ptr();
+                for first in rows.clone().step_by(16) {
+                    let mut sums = [vdupq_n_s32(0); 4];
+                    let base = w.add(at.columns + first);
+                    for (&j, &value) in channels.iter().zip(values) {
+                        let wide = vld1q_s8(base.add(j * at.column_bytes) as *const i8);
+                        let q = vdup_n_s16(value as i16);
+                        let (low, high) = (vmovl_s8(vget_low_s8(wide)), vmovl_high_s8(wide));
+                        sums[0] = vmlal_s16(sums[0], vget_low_s16(low), q);
+                        sums[1] = vmlal_high_s16(sums[1], low, vcombine_s16(q, q));
+                        sums[2] = vmlal_s16(sums[2], vget_low_s16(high), q);
+                        sums[3] = vmlal_high_s16(sums[3], high, vcombine_s16(q, q));
+                    }
+                    let d = [
+                        vld1q_u16(w.add(at.scales + 2 * first) as *const u16),
+                        vld1q_u16(w.add(at.scales + 2 * first + 16) as *const u16),
+                    ];
+                    let scales = [
+                        widen_f16(vget_low_u16(d[0])),
+                        widen_f16_high(d[0]),
+                        widen_f16(vget_low_u16(d[1])),
+                        widen_f16_high(d[1]),
+                    ];
+                    for (e, (sum, d)) in sums.into_iter().zip(scales).enumerate() {
+                        let o = out.as_mut_ptr().add(first - rows.start + 4 * e);
+                        let product = vmulq_f32(vmulq_n_f32(d, a.d), vcvtq_f32_s32(sum));
+                        vst1q_f32(o, vaddq_f32(vld1q_f32(o), product));
                     }
                 }
-            },
-        );
+            }
+        });
     }
 
     /// Tokens an ARMv8.0 Q8C tile takes: four 32-bit sums a token, sixteen
@@ -925,15 +875,9 @@ pub mod neon {
     /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
     /// [`GemmChannels`]), ARMv8.0: tiles of 32 rows × 6 tokens, then 4
     /// ([`tiles_of_six`]), then one by one (`q4c_gemm_tile`).
-    pub fn gemm_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
-        let batch = check_batch(Encoding::Q4C, weights, total_rows, cols, &rows, x, out);
+    pub fn gemm_q4c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        let ChannelMatrix { weights, total_rows, cols } = *matrix;
+        let batch = check_batch(Encoding::Q4C, matrix, &rows, x, out);
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         let (w, results) = (weights.as_ptr(), out.as_mut_ptr());
@@ -1046,15 +990,9 @@ pub mod neon {
 
     /// The GEMM over channel-major Q8 ([`Encoding::Q8C`], [`GemmChannels`]),
     /// ARMv8.0: tiles of 16 rows × [`TOKENS`] tokens (`q8c_gemm_tile`).
-    pub fn gemm_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
-        let batch = check_batch(Encoding::Q8C, weights, total_rows, cols, &rows, x, out);
+    pub fn gemm_q8c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        let ChannelMatrix { weights, total_rows, cols } = *matrix;
+        let batch = check_batch(Encoding::Q8C, matrix, &rows, x, out);
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         let (w, results) = (weights.as_ptr(), out.as_mut_ptr());
@@ -1420,16 +1358,10 @@ pub mod dotprod {
     /// rows against tiles of [`TOKENS`], 4, 2 and 1 tokens.
     #[inline]
     #[target_feature(enable = "dotprod")]
-    fn gemm<const Q4: bool>(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    fn gemm<const Q4: bool>(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        let ChannelMatrix { weights, total_rows, cols } = *matrix;
         let encoding = if Q4 { Encoding::Q4C } else { Encoding::Q8C };
-        let batch = check_batch(encoding, weights, total_rows, cols, &rows, x, out);
+        let batch = check_batch(encoding, matrix, &rows, x, out);
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         let zero = (vdupq_n_s8(0), vdupq_n_f32(0.0));
@@ -1492,32 +1424,18 @@ pub mod dotprod {
     /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
     /// [`GemmChannels`]) with `sdot`. Panics on a CPU without the
     /// dot-product extension.
-    pub fn gemm_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    pub fn gemm_q4c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the extension (checked above).
-        unsafe { gemm::<true>(weights, total_rows, cols, rows, x, out) }
+        unsafe { gemm::<true>(matrix, rows, x, out) }
     }
 
     /// The GEMM over channel-major Q8 ([`Encoding::Q8C`], [`GemmChannels`])
     /// with `sdot`. Panics on a CPU without the dot-product extension.
-    pub fn gemm_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    pub fn gemm_q8c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the extension (checked above).
-        unsafe { gemm::<false>(weights, total_rows, cols, rows, x, out) }
+        unsafe { gemm::<false>(matrix, rows, x, out) }
     }
 }
 
@@ -1670,16 +1588,10 @@ pub mod avx2 {
     /// The GEMM's loops for `encoding` (Q4C with `Q4`, else Q8C).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn gemm<const Q4: bool>(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    fn gemm<const Q4: bool>(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
+        let ChannelMatrix { weights, total_rows, cols } = *matrix;
         let encoding = if Q4 { Encoding::Q4C } else { Encoding::Q8C };
-        let batch = check_batch(encoding, weights, total_rows, cols, &rows, x, out);
+        let batch = check_batch(encoding, matrix, &rows, x, out);
         let (blocks, n) = (cols / GROUP, rows.len());
         out.fill(0.0);
         let zero = _mm_setzero_si128();
@@ -1718,32 +1630,18 @@ pub mod avx2 {
     /// The GEMM over channel-major asymmetric Q4 ([`Encoding::Q4C`],
     /// [`GemmChannels`]) with AVX2, the reference's bits. Panics on a CPU
     /// without AVX2, FMA and F16C.
-    pub fn gemm_q4c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    pub fn gemm_q4c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
         // SAFETY: the CPU has the features (checked above).
-        unsafe { gemm::<true>(weights, total_rows, cols, rows, x, out) }
+        unsafe { gemm::<true>(matrix, rows, x, out) }
     }
 
     /// The GEMM over channel-major Q8 ([`Encoding::Q8C`], [`GemmChannels`])
     /// with AVX2, the reference's bits. Panics on a CPU without AVX2, FMA
     /// and F16C.
-    pub fn gemm_q8c(
-        weights: &[u8],
-        total_rows: usize,
-        cols: usize,
-        rows: Range<usize>,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
+    pub fn gemm_q8c(matrix: &ChannelMatrix, rows: Range<usize>, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
         // SAFETY: the CPU has the features (checked above).
-        unsafe { gemm::<false>(weights, total_rows, cols, rows, x, out) }
+        unsafe { gemm::<false>(matrix, rows, x, out) }
     }
 }
