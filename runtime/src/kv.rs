@@ -84,7 +84,8 @@ impl KvMode {
         let head_dim = config.head_dim as usize;
         if self != KvMode::F32 && (head_dim == 0 || !head_dim.is_multiple_of(CHANNEL_RUN)) {
             return Err(Error::unsupported(format!(
-                "--kv {} needs a head_dim that is a multiple of {CHANNEL_RUN}; this model's is {head_dim} (use --kv f32)",
+                "a {} KV cache needs a head_dim that is a multiple of {CHANNEL_RUN}; this model's is {head_dim} \
+                 (an f32 cache takes any)",
                 self.name()
             )));
         }

@@ -29,12 +29,12 @@ pub fn kept_channels(head_dim: usize, ratio: f32) -> usize {
 pub fn check_prune(ratio: f32, mode: KvMode) -> Result<()> {
     if !(0.0..1.0).contains(&ratio) {
         return Err(Error::invalid(format!(
-            "--kv-prune {ratio}: the share of key channels to drop must be at least 0 and below 1"
+            "key-channel pruning of {ratio}: the share of key channels to drop must be at least 0 and below 1"
         )));
     }
     if ratio > 0.0 && mode != KvMode::F32 {
         return Err(Error::unsupported(format!(
-            "--kv-prune {ratio} with --kv {}: key-channel pruning runs on the f32 cache only (use --kv f32)",
+            "key-channel pruning of {ratio} with a {} KV cache: pruning runs on the f32 cache only",
             mode.name()
         )));
     }
@@ -482,10 +482,10 @@ mod tests {
     fn prune_ratios_outside_zero_to_one_and_quantized_caches_are_refused() {
         for bad in [-0.1, 1.0, 1.5, f32::NAN] {
             let error = check_prune(bad, KvMode::F32).unwrap_err().to_string();
-            assert!(error.contains("--kv-prune") && error.contains("below 1"), "{error}");
+            assert!(error.contains("pruning") && error.contains("below 1"), "{error}");
         }
         let error = check_prune(0.5, KvMode::Q4).unwrap_err().to_string();
-        assert!(error.contains("--kv q4") && error.contains("f32"), "{error}");
+        assert!(error.contains("q4 KV cache") && error.contains("f32 cache only"), "{error}");
         assert!(check_prune(0.0, KvMode::Q8).is_ok());
         assert_eq!((kept_channels(64, 0.5), kept_channels(64, 0.3), kept_channels(64, 0.0)), (32, 45, 64));
         assert_eq!(kept_channels(64, 0.999), 1);
