@@ -43,11 +43,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
         ModelImage::open(&args.model).with_context(|| format!("{}: not a valid model image", args.model.display()))?;
     let config = *image.config();
     kv.check(&config).with_context(|| format!("{}: --kv {kv}", args.model.display()))?;
-    let footprint = ModelFootprint {
-        config,
-        image_bytes: std::fs::metadata(&args.model).with_context(|| args.model.display().to_string())?.len(),
-        sparse: image.section(bramble_runtime::rsparse::SECTION).is_some(),
-    };
+    let image_bytes = std::fs::metadata(&args.model).with_context(|| args.model.display().to_string())?.len();
+    let footprint = ModelFootprint::of(&image, image_bytes);
     let plan = profiles::memory_plan_with_kv(&footprint, args.ctx, &board, kv);
     let f16_kv_bytes = (KvMode::f16_bytes_per_token(&config) * plan.context as f64) as u64;
     let verdict = if plan.fits() { "fits" } else { "does not fit" };
