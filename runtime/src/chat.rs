@@ -308,25 +308,15 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vocab::{PreTokenizer, TokenType, TokenizerKind};
+    use crate::vocab::TokenType;
 
     fn vocab(tokens: &[&str]) -> Vocab {
-        Vocab {
-            kind: TokenizerKind::SentencePiece,
-            pre_tokenizer: PreTokenizer::None,
-            tokens: tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
-            scores: vec![0.0; tokens.len()],
-            types: vec![TokenType::Normal; tokens.len()],
-            merges: vec![],
-            bos_id: Some(1),
-            eos_id: Some(2),
-            unk_id: Some(0),
-            pad_id: None,
-            eot_id: None,
-            add_bos: true,
-            add_eos: false,
-            add_space_prefix: true,
-        }
+        let n = tokens.len();
+        Vocab::llama_sentencepiece(
+            tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
+            vec![0.0; n],
+            vec![TokenType::Normal; n],
+        )
     }
 
     #[test]

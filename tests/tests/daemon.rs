@@ -1300,7 +1300,9 @@ mod memory {
         let lines = ndjson(daemon.ndjson(), &request);
         let last = lines.last().unwrap();
         assert_eq!((last["done_reason"].as_str(), last["eval_count"].as_u64()), (Some("length"), Some(100)), "{last}");
-        assert_eq!(health(&daemon)["decode_allocations"]["total"], 0);
+        // Counted once the worker is idle (the last line reaches the client first).
+        let idle = wait_for("the reply counted", &daemon, |h| h["served"] == 1 && h["running"] == false);
+        assert_eq!(idle["decode_allocations"]["total"], 0, "{idle}");
     }
 
     #[test]

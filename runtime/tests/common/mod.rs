@@ -5,7 +5,7 @@ use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
 use bramble_runtime::quant::{interleave_bytes, quantize_into, to_channel_major, Encoding};
-use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
+use bramble_runtime::vocab::{TokenType, Vocab};
 use bramble_runtime::ModelConfig;
 use bytemuck::Zeroable;
 use std::path::Path;
@@ -30,12 +30,10 @@ pub fn tiny_config() -> ModelConfig {
 
 pub fn tiny_vocab() -> Vocab {
     let tokens = ["<unk>", "<s>", "</s>", "▁a", "b", "▁ab"];
-    Vocab {
-        kind: TokenizerKind::SentencePiece,
-        pre_tokenizer: PreTokenizer::None,
-        tokens: tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
-        scores: vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
-        types: vec![
+    Vocab::llama_sentencepiece(
+        tokens.iter().map(|t| t.as_bytes().to_vec()).collect(),
+        vec![0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
+        vec![
             TokenType::Unknown,
             TokenType::Control,
             TokenType::Control,
@@ -43,16 +41,7 @@ pub fn tiny_vocab() -> Vocab {
             TokenType::Normal,
             TokenType::Normal,
         ],
-        merges: vec![],
-        bos_id: Some(1),
-        eos_id: Some(2),
-        unk_id: Some(0),
-        pad_id: None,
-        eot_id: None,
-        add_bos: true,
-        add_eos: false,
-        add_space_prefix: true,
-    }
+    )
 }
 
 /// Writes a valid tiny image (q4 matrices, q8 embedding) and returns its bytes.

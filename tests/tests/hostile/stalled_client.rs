@@ -32,7 +32,9 @@ fn a_client_that_stops_reading_is_cancelled_after_the_send_timeout_and_the_other
     let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2, "temperature": 0}));
     assert_eq!(lines.last().unwrap()["eval_count"], 2, "{lines:?}");
     assert!(started.elapsed() < Duration::from_secs(20), "served only after {:?}", started.elapsed());
-    let after = wait_for("the stalled one counted cancelled", &daemon, |h| h["cancelled"] == 1);
+    // The reply's last line reaches its client before the worker counts it: wait until it is idle.
+    let after =
+        wait_for("the stalled one counted cancelled", &daemon, |h| h["cancelled"] == 1 && h["running"] == false);
     assert_eq!(after["served"], 1, "{after}");
     assert!(daemon.log().contains("read nothing for 1.0 s"), "{}", daemon.log());
     daemon.assert_alive();
