@@ -16,11 +16,12 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["pairs", "fill"])))]
 pub struct BiasEvalArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// The pairs (JSONL: `{"stereo": …, "anti": …, "category": …}`).
-    #[arg(long, required_unless_present = "fill", conflicts_with = "fill")]
+    #[arg(long)]
     pairs: Option<PathBuf>,
     /// Pronoun-fill items instead of pairs (JSONL: `{"text": "… [PRONOUN] …",
     /// "occupation": …, "listed": "female"|"male"|null, "gender":
@@ -34,10 +35,10 @@ pub struct BiasEvalArgs {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// With --json: every pair's two log-probabilities too.
-    #[arg(long, requires = "pairs")]
+    #[arg(long)]
     per_pair: bool,
     /// With --json and --fill: every item's three log-probabilities and p_f too.
-    #[arg(long, requires = "fill")]
+    #[arg(long)]
     per_item: bool,
     /// With `--feedback adaptive`: read the pairs (or items) this many times, the loop
     /// carrying its weights from one pass to the next; the report is the
@@ -56,6 +57,8 @@ pub struct BiasEvalArgs {
 }
 
 pub fn run(args: BiasEvalArgs) -> Result<()> {
+    anyhow::ensure!(!args.per_item || args.fill.is_some(), "--per-item goes with --fill");
+    anyhow::ensure!(!args.per_pair || args.pairs.is_some(), "--per-pair goes with --pairs");
     // Read before the model loads, so a bad file fails fast.
     let pairs = args.pairs.as_deref().map(read_pairs).transpose()?;
     let items = args.fill.as_deref().map(read_fill_items).transpose()?;
