@@ -3,7 +3,10 @@
 
 use super::pairs::Pair;
 use anyhow::{bail, ensure, Context, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// WinoBias's two kinds of sentence: resolved by world knowledge (`type1`) or by syntax (`type2`).
+pub(super) const WINOBIAS_TYPES: [&str; 2] = ["type1", "type2"];
 
 /// A public dataset `bramble bias-data` reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,16 +17,20 @@ pub enum Dataset {
     CrowsPairs,
     /// StereoSet: `dev.json`/`test.json`, the intrasentence task.
     StereoSet,
+    /// Pronoun-fill items (not pairs) from WinoBias's data directory and
+    /// templates over its occupations: `super::fill::pronoun_fill_items`.
+    PronounFill,
 }
 
 impl Dataset {
-    /// `winobias`, `crows-pairs` or `stereoset`.
+    /// `winobias`, `crows-pairs`, `stereoset` or `pronoun-fill`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "winobias" => Self::WinoBias,
             "crows-pairs" => Self::CrowsPairs,
             "stereoset" => Self::StereoSet,
-            other => bail!("--from {other:?}: expected winobias, crows-pairs or stereoset"),
+            "pronoun-fill" => Self::PronounFill,
+            other => bail!("--from {other:?}: expected winobias, crows-pairs, stereoset or pronoun-fill"),
         })
     }
 }
@@ -41,6 +48,7 @@ pub fn convert_dataset(dataset: Dataset, path: &Path, split: Option<&str>) -> Re
             ensure!(split.is_none(), "--split applies to WinoBias only (StereoSet's split is its file)");
             stereoset(path)
         }
+        Dataset::PronounFill => bail!("pronoun-fill makes fill items, not pairs (bramble bias-data writes them)"),
     }
 }
 
@@ -56,8 +64,8 @@ fn winobias(path: &Path, split: Option<&str>) -> Result<Vec<Pair>> {
             Some(other) => bail!("--split {other:?}: expected dev or test"),
         };
         for split in splits {
-            for kind in ["type1", "type2"] {
-                files.push(path.join(format!("pro_stereotyped_{kind}.txt.{split}")));
+            for kind in WINOBIAS_TYPES {
+                files.push(winobias_twin_files(path, kind, split).0);
             }
         }
     } else {
@@ -93,6 +101,25 @@ fn winobias(path: &Path, split: Option<&str>) -> Result<Vec<Pair>> {
 /// Reads one WinoBias file: `N sentence with [bracketed] mentions`, one per
 /// line, as `(line number, N, sentence without brackets)`.
 fn winobias_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
+    let mut lines = winobias_bracketed_lines(path)?;
+    for (line_number, _, sentence) in &mut lines {
+        // The brackets mark the coreferent mentions; they are not part of the text.
+        let plain: String = sentence.chars().filter(|&c| c != '[' && c != ']').collect();
+        *sentence = one_line(&plain);
+        ensure!(!sentence.is_empty(), "{}:{line_number}: the sentence is empty", path.display());
+    }
+    Ok(lines)
+}
+
+/// The pro- and anti-stereotyped files of one WinoBias type (`type1`,
+/// `type2`) and split (`dev`, `test`) in its data directory.
+pub(super) fn winobias_twin_files(dir: &Path, kind: &str, split: &str) -> (PathBuf, PathBuf) {
+    (dir.join(format!("pro_stereotyped_{kind}.txt.{split}")), dir.join(format!("anti_stereotyped_{kind}.txt.{split}")))
+}
+
+/// Reads one WinoBias file as [`winobias_lines`] does, the brackets that
+/// mark the coreferent mentions kept.
+pub(super) fn winobias_bracketed_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut lines = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -110,11 +137,7 @@ fn winobias_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
                     path.display()
                 )
             })?;
-        // The brackets mark the coreferent mentions; they are not part of the text.
-        let sentence: String = sentence.chars().filter(|&c| c != '[' && c != ']').collect();
-        let sentence = one_line(&sentence);
-        ensure!(!sentence.is_empty(), "{}:{line_number}: the sentence is empty", path.display());
-        lines.push((line_number, number.to_string(), sentence));
+        lines.push((line_number, number.to_string(), one_line(sentence)));
     }
     Ok(lines)
 }

@@ -13,12 +13,14 @@
 //! file, `datasets` converts the public datasets into it, `scoring` gives a
 //! sentence's log-probabilities, `evaluation` turns pairs' scores into the
 //! report, and `calibration` (with `residuals` and `directions`) finds the
-//! constraint and writes it into an image.
+//! constraint and writes it into an image. `fill` is the other measure: a
+//! sentence with its pronoun left blank, filled with she, he and they.
 
 mod calibration;
 mod datasets;
 mod directions;
 mod evaluation;
+mod fill;
 mod pairs;
 mod residuals;
 mod scoring;
@@ -30,5 +32,12 @@ pub use calibration::{
 pub use datasets::{convert_dataset, Dataset};
 pub use directions::{differing_positions, principal_direction, FOLLOWING_TOKENS};
 pub use evaluation::{evaluate, evaluate_with, shared_ends, BiasReport, LoopPass, PairScore, Summary};
+pub use fill::{
+    blanks, evaluate_fill, female_probability, fill_blanks, least_squares_slope, occupation_gap, parse_fill_items,
+    pronoun_fill_items, read_fill_items, read_occupation_shares, rms_deviation, share_slope, skew, they_probability,
+    write_fill_items, Estimate, FillFigures, FillItem, FillPass, FillReport, Gender, IntervalMethod, ItemScore,
+    OccupationFill, PronounFillSet, PronounForm, PronounOption, SourceFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+    GENDERED_PRONOUNS, INTERVAL_LEVEL, MIN_SLOPE_OCCUPATIONS,
+};
 pub use pairs::{parse_pairs, read_pairs, write_pairs, Pair};
 pub use scoring::{model_start, sentence_tokens, sentence_tokens_after, single_token, Scorer};

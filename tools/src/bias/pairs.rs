@@ -49,6 +49,11 @@ pub fn parse_pairs(text: &str, name: &str) -> Result<Vec<(usize, Pair)>> {
 /// Writes pairs as JSONL to a temporary file beside `path`, renamed at the
 /// end, so a failed write leaves nothing half-written behind.
 pub fn write_pairs(pairs: &[Pair], path: &Path) -> Result<()> {
+    write_jsonl(pairs, path)
+}
+
+/// Writes `records` as JSONL, one a line, atomically (as [`write_pairs`]).
+pub(super) fn write_jsonl<T: serde::Serialize>(records: &[T], path: &Path) -> Result<()> {
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
@@ -57,8 +62,8 @@ pub fn write_pairs(pairs: &[Pair], path: &Path) -> Result<()> {
         tempfile::NamedTempFile::new_in(dir).with_context(|| format!("{}: cannot create a file", dir.display()))?;
     {
         let mut out = std::io::BufWriter::new(file.as_file_mut());
-        for pair in pairs {
-            serde_json::to_writer(&mut out, pair)?;
+        for record in records {
+            serde_json::to_writer(&mut out, record)?;
             out.write_all(b"\n")?;
         }
         out.flush().with_context(|| format!("{}: cannot write", path.display()))?;

@@ -1,7 +1,8 @@
-//! `bramble bias-data`: WinoBias, CrowS-Pairs or StereoSet as bias pairs (JSONL).
+//! `bramble bias-data`: WinoBias, CrowS-Pairs or StereoSet as bias pairs
+//! (JSONL), or WinoBias as pronoun-fill items.
 
 use anyhow::Result;
-use bramble_tools::bias::{convert_dataset, write_pairs, Dataset};
+use bramble_tools::bias::{convert_dataset, pronoun_fill_items, write_fill_items, write_pairs, Dataset};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ pub enum DatasetArg {
     Winobias,
     CrowsPairs,
     Stereoset,
+    PronounFill,
 }
 
 impl From<DatasetArg> for Dataset {
@@ -19,6 +21,7 @@ impl From<DatasetArg> for Dataset {
             DatasetArg::Winobias => Dataset::WinoBias,
             DatasetArg::CrowsPairs => Dataset::CrowsPairs,
             DatasetArg::Stereoset => Dataset::StereoSet,
+            DatasetArg::PronounFill => Dataset::PronounFill,
         }
     }
 }
@@ -42,24 +45,35 @@ impl SplitArg {
 
 #[derive(Args)]
 pub struct BiasDataArgs {
-    /// The dataset, followed by its path: `winobias DIR|FILE`, `crows-pairs CSV`, `stereoset JSON`.
+    /// The dataset, followed by its path: `winobias DIR|FILE`, `crows-pairs CSV`,
+    /// `stereoset JSON`, or `pronoun-fill DIR` (WinoBias's data directory; fill
+    /// items for `bias-eval --fill`, not pairs).
     #[arg(long, value_enum)]
     from: DatasetArg,
     /// WinoBias: its data directory or one `pro_stereotyped_…` file; CrowS-Pairs:
     /// `crows_pairs_anonymized.csv`; StereoSet: `dev.json` or `test.json`.
     path: PathBuf,
-    /// WinoBias directory: `dev` or `test` (default: both).
+    /// WinoBias directory: `dev` or `test` (default: both; pronoun-fill needs one,
+    /// which also chooses its templates).
     #[arg(long, value_enum)]
     split: Option<SplitArg>,
     /// Keep only this category (`gender`, `race-color`, …). Repeatable.
     #[arg(long)]
     category: Vec<String>,
-    /// The pairs file to write (JSONL).
+    /// pronoun-fill: each occupation's share of women from Winogender's
+    /// `occupations-stats.tsv` (its `bls_pct_female`), into the items' `female_share`.
+    #[arg(long, value_name = "TSV")]
+    occupation_stats: Option<PathBuf>,
+    /// The pairs (or items) file to write (JSONL).
     #[arg(long)]
     output: PathBuf,
 }
 
 pub fn run(args: BiasDataArgs) -> Result<()> {
+    if args.from == DatasetArg::PronounFill {
+        return run_pronoun_fill(&args);
+    }
+    anyhow::ensure!(args.occupation_stats.is_none(), "--occupation-stats goes with --from pronoun-fill");
     let mut pairs = convert_dataset(args.from.into(), &args.path, args.split.map(SplitArg::name))?;
     if !args.category.is_empty() {
         pairs.retain(|pair| args.category.contains(&pair.category));
@@ -72,6 +86,34 @@ pub fn run(args: BiasDataArgs) -> Result<()> {
     }
     let counts: Vec<String> = counts.iter().map(|(category, n)| format!("{category} {n}")).collect();
     outln!("wrote {} ({} pairs: {})", args.output.display(), pairs.len(), counts.join(", "));
+    Ok(())
+}
+
+/// `--from pronoun-fill`: the fill items of one split.
+fn run_pronoun_fill(args: &BiasDataArgs) -> Result<()> {
+    anyhow::ensure!(args.category.is_empty(), "--category applies to pairs, not to --from pronoun-fill");
+    let Some(split) = args.split else { anyhow::bail!("--from pronoun-fill needs --split dev or --split test") };
+    let set = pronoun_fill_items(&args.path, split.name(), args.occupation_stats.as_deref())?;
+    write_fill_items(&set.items, &args.output)?;
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for item in &set.items {
+        *counts.entry(&item.source).or_default() += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(source, n)| format!("{source} {n}")).collect();
+    let cue_free = set.items.iter().filter(|item| item.gender.is_none()).count();
+    let with_share = set.items.iter().filter(|item| item.female_share.is_some()).count();
+    outln!(
+        "wrote {} ({} items: {}; {cue_free} cue-free, {} factual, {with_share} with a female_share; {} WinoBias duplicates merged, {} left out)",
+        args.output.display(),
+        set.items.len(),
+        counts.join(", "),
+        set.items.len() - cue_free,
+        set.duplicates,
+        set.left_out.len()
+    );
+    for reason in &set.left_out {
+        eprintln!("bramble: left out {reason}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,152 @@
+//! The pronoun-fill measure (`bramble bias-eval --fill`): a sentence about
+//! an occupation with its referent's pronoun left blank is filled with
+//! *she*, *he* and *they* (in the blank's form: her/him/them, her/his/their,
+//! …), each filling scored by its total log-probability as pairs are, and
+//! p_f = P(she) / (P(she) + P(he)) read from the first two.
+//!
+//! Unlike a pair's preference, p_f shows both ways a model can be unfair
+//! to an occupation's women: the stereotype (p_f follows the occupation's
+//! list: the occupation gap) and erasure (p_f low everywhere: the skew),
+//! and R, the root mean square of p_f − 0.5, counts both. Items that state
+//! the referent's gender (a kinship word, a name, a title) check that the
+//! model still follows the facts: the factual-gender accuracy.
+//!
+//! `items` reads and writes the items file and fills its blanks, `figures`
+//! turns the scores into the figures, `generation` makes the item set from
+//! WinoBias and templates; this module scores the items.
+
+mod figures;
+mod generation;
+mod items;
+
+pub use figures::{
+    female_probability, least_squares_slope, occupation_gap, rms_deviation, share_slope, skew, they_probability,
+    Estimate, FillFigures, IntervalMethod, ItemScore, OccupationFill, SourceFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+    INTERVAL_LEVEL, MIN_SLOPE_OCCUPATIONS,
+};
+pub use generation::{pronoun_fill_items, read_occupation_shares, PronounFillSet};
+pub use items::{
+    blanks, fill_blanks, parse_fill_items, read_fill_items, write_fill_items, FillItem, Gender, PronounForm,
+    PronounOption, GENDERED_PRONOUNS,
+};
+
+use super::scoring::{sentence_tokens_after, Scorer};
+use anyhow::{ensure, Result};
+use bramble_runtime::model::RunState;
+use bramble_runtime::tokenizer::Tokenizer;
+
+/// What `bramble bias-eval --fill` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FillReport {
+    /// The figures.
+    #[serde(flatten)]
+    pub figures: FillFigures,
+    /// Items left out because a filling does not fit the context.
+    pub skipped_too_long: usize,
+    /// Their lines in the items file.
+    pub skipped_lines: Vec<usize>,
+    /// Whether each sentence's first token is scored (a start token precedes it).
+    pub first_token_scored: bool,
+    /// The token each sentence was scored after, as text.
+    pub start_token: Option<String>,
+    /// Items whose *she* and *he* fillings begin with different tokens: with
+    /// `first_token_scored` false the pronoun itself is not compared there.
+    pub first_token_differs: usize,
+    /// Every item's scores (only in `--json` with `--per-item`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_item: Option<Vec<ItemScore>>,
+    /// With `--feedback adaptive --passes N`: every pass over the items (this report is the last).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<FillPass>,
+    /// Tokens run through the model per second.
+    pub tok_s: f64,
+}
+
+/// One pass of `bias-eval --fill --feedback adaptive` over the items.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FillPass {
+    /// The pass's occupation gap.
+    pub occupation_gap: Option<f64>,
+    /// Its skew.
+    pub skew: Option<f64>,
+    /// Its R.
+    pub rms_deviation: Option<f64>,
+    /// Its factual-gender accuracy.
+    pub factual_accuracy: Option<f64>,
+    /// The largest change of a layer's weight from the pass's start to its end.
+    pub weight_change: f32,
+    /// The loop's weights at its end.
+    pub weights: Vec<f32>,
+}
+
+impl FillPass {
+    /// The pass whose report is `report`, its weights moved by `weight_change` to `weights`.
+    pub fn of(report: &FillReport, weight_change: f32, weights: Vec<f32>) -> Self {
+        let figures = &report.figures;
+        Self {
+            occupation_gap: figures.occupation_gap.map(|e| e.value),
+            skew: figures.skew.map(|e| e.value),
+            rms_deviation: figures.rms_deviation.map(|e| e.value),
+            factual_accuracy: figures.factual_accuracy.map(|e| e.value),
+            weight_change,
+            weights,
+        }
+    }
+}
+
+/// Scores every item: each filling's total log-probability after `start`
+/// (which only conditions, as for pairs), skipping (and counting) items
+/// with a filling longer than the scorer's context. `progress(done, total)`
+/// is called after each item, `after_item` on the scorer's state after each
+/// scored one (the feedback loop reads its projections and sets weights).
+pub fn evaluate_fill(
+    scorer: &mut Scorer<'_, '_>,
+    tokenizer: &Tokenizer,
+    start: Option<u32>,
+    items: &[(usize, FillItem)],
+    progress: &mut dyn FnMut(usize, usize),
+    after_item: &mut dyn FnMut(&mut RunState) -> Result<()>,
+) -> Result<FillReport> {
+    let started = std::time::Instant::now();
+    let mut scores = Vec::with_capacity(items.len());
+    let mut skipped_lines = Vec::new();
+    let mut first_token_differs = 0;
+    let mut tokens_run = 0usize;
+    let first_token_scored = start.is_some();
+    for (index, (line, item)) in items.iter().enumerate() {
+        let mut fillings = Vec::with_capacity(PronounOption::ALL.len());
+        for option in PronounOption::ALL {
+            fillings.push(sentence_tokens_after(start, tokenizer, &fill_blanks(&item.text, option)?));
+        }
+        if fillings.iter().any(|tokens| tokens.len() > scorer.context()) {
+            skipped_lines.push(*line);
+            continue;
+        }
+        let first = usize::from(first_token_scored);
+        if fillings[0].get(first) != fillings[1].get(first) {
+            first_token_differs += 1;
+        }
+        let mut totals = [0.0; 3];
+        for (total, tokens) in totals.iter_mut().zip(&fillings) {
+            tokens_run += tokens.len();
+            *total = scorer.total(tokens)?;
+        }
+        let [she, he, they] = totals;
+        scores.push(ItemScore::new(*line, item, she, he, they));
+        after_item(scorer.state_mut())?;
+        progress(index + 1, items.len());
+    }
+    ensure!(!scores.is_empty(), "every item has a filling longer than the context of {} tokens", scorer.context());
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(FillReport {
+        figures: FillFigures::of(&scores),
+        skipped_too_long: skipped_lines.len(),
+        skipped_lines,
+        first_token_scored,
+        start_token: start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()),
+        first_token_differs,
+        per_item: Some(scores),
+        passes: Vec::new(),
+        tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
+    })
+}
