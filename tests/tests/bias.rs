@@ -1258,3 +1258,17 @@ fn the_generations_comparison_counts_consistent_answers_and_flips() {
     assert!(!output.status.success() && stderr.contains("other.json: not a `bias-generations.py run`"), "{stderr}");
     assert!(!stderr.contains("Traceback"), "{stderr}");
 }
+
+/// `scripts/bias-generations.py`'s own tests (tests/scripts/): the pronoun
+/// rule and its they-count, the summary's figures and the Wilson interval,
+/// and `run` against a stand-in daemon that fails on purpose (retry, errors,
+/// `--resume`).
+#[test]
+fn the_generations_script_passes_its_python_tests() {
+    let output = std::process::Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(workspace_root().join("tests/scripts"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
