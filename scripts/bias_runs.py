@@ -1,8 +1,7 @@
 """What the bias scripts beside this one share: reading runs (`bramble
 bias-eval --json --per-pair`, `bias-generations.py run`), where a file that
 cannot be read or is not a run ends the script with one line naming the
-file and what is wrong, not a traceback; and the two statistics they all
-use."""
+file and what is wrong, not a traceback; and the statistics they use."""
 import json
 import math
 import sys
@@ -22,6 +21,20 @@ def central_95(values):
     """The central 95 % of `values` (sorted here): [low, high]."""
     values = sorted(values)
     return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]]
+
+
+def wilson_95(successes, n):
+    """The 95 % Wilson score interval [low, high] of a proportion
+    `successes` / `n`, or None when n is 0. Unlike p ± 1.96 SE it stays
+    inside [0, 1] and keeps its coverage near 0 and 1."""
+    if n == 0:
+        return None
+    z = 1.959963984540054
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def load_checked(path, check, what):

@@ -1670,3 +1670,17 @@ fn malformed_fill_items_are_named() {
     assert!(stderr.contains(&format!("{}:2:", path.display())) && stderr.contains("no [PRONOUN] blank"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `scripts/bias-generations.py`'s own tests (tests/scripts/): the pronoun
+/// rule and its they-count, the summary's figures and the Wilson interval,
+/// and `run` against a stand-in daemon that fails on purpose (retry, errors,
+/// `--resume`).
+#[test]
+fn the_generations_script_passes_its_python_tests() {
+    let output = std::process::Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(workspace_root().join("tests/scripts"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
