@@ -98,9 +98,13 @@ fn winobias(path: &Path, split: Option<&str>) -> Result<Vec<Pair>> {
     Ok(pairs)
 }
 
+/// One sentence of a WinoBias file: the line it stands on, its number `N`
+/// in the file, and the sentence.
+type WinoBiasLine = (usize, String, String);
+
 /// Reads one WinoBias file: `N sentence with [bracketed] mentions`, one per
 /// line, as `(line number, N, sentence without brackets)`.
-fn winobias_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
+fn winobias_lines(path: &Path) -> Result<Vec<WinoBiasLine>> {
     let mut lines = winobias_bracketed_lines(path)?;
     for (line_number, _, sentence) in &mut lines {
         // The brackets mark the coreferent mentions; they are not part of the text.
@@ -119,7 +123,7 @@ pub(super) fn winobias_twin_files(dir: &Path, kind: &str, split: &str) -> (PathB
 
 /// Reads one WinoBias file as [`winobias_lines`] does, the brackets that
 /// mark the coreferent mentions kept.
-pub(super) fn winobias_bracketed_lines(path: &Path) -> Result<Vec<(usize, String, String)>> {
+pub(super) fn winobias_bracketed_lines(path: &Path) -> Result<Vec<WinoBiasLine>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut lines = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -142,9 +146,28 @@ pub(super) fn winobias_bracketed_lines(path: &Path) -> Result<Vec<(usize, String
     Ok(lines)
 }
 
-fn winobias_files(pro: &Path, anti: &Path, category: &str) -> Result<Vec<Pair>> {
-    let pro_lines = winobias_lines(pro)?;
-    let anti_lines = winobias_lines(anti)?;
+/// One line of a WinoBias file and its twin: the line's number and its
+/// sentence in each file.
+pub(super) struct WinoBiasTwin {
+    /// The line in the pro-stereotyped file.
+    pub line: usize,
+    /// Its pro-stereotyped sentence.
+    pub pro: String,
+    /// The anti-stereotyped sentence of the same number.
+    pub anti: String,
+}
+
+/// Reads the twin files `pro` and `anti` with `read_lines` ([`winobias_lines`]
+/// or [`winobias_bracketed_lines`]) and pairs their sentences line for line;
+/// an error names the files when they hold different numbers of sentences
+/// or a line's sentence numbers differ.
+pub(super) fn winobias_twins(
+    pro: &Path,
+    anti: &Path,
+    read_lines: fn(&Path) -> Result<Vec<WinoBiasLine>>,
+) -> Result<Vec<WinoBiasTwin>> {
+    let pro_lines = read_lines(pro)?;
+    let anti_lines = read_lines(anti)?;
     ensure!(
         pro_lines.len() == anti_lines.len(),
         "{} has {} sentences but {} has {}; they must pair line for line",
@@ -153,17 +176,25 @@ fn winobias_files(pro: &Path, anti: &Path, category: &str) -> Result<Vec<Pair>> 
         anti.display(),
         anti_lines.len()
     );
-    let mut pairs = Vec::with_capacity(pro_lines.len());
-    for ((line, pro_number, stereo), (_, anti_number, anti_sentence)) in pro_lines.into_iter().zip(anti_lines) {
+    let mut twins = Vec::with_capacity(pro_lines.len());
+    for ((line, pro_number, pro_sentence), (_, anti_number, anti_sentence)) in pro_lines.into_iter().zip(anti_lines) {
         ensure!(
             pro_number == anti_number,
             "{}:{line}: sentence {pro_number} faces sentence {anti_number} of {}",
             pro.display(),
             anti.display()
         );
-        pairs.push(Pair { stereo, anti: anti_sentence, category: category.to_string() });
+        twins.push(WinoBiasTwin { line, pro: pro_sentence, anti: anti_sentence });
     }
-    Ok(pairs)
+    Ok(twins)
+}
+
+fn winobias_files(pro: &Path, anti: &Path, category: &str) -> Result<Vec<Pair>> {
+    let twins = winobias_twins(pro, anti, winobias_lines)?;
+    Ok(twins
+        .into_iter()
+        .map(|twin| Pair { stereo: twin.pro, anti: twin.anti, category: category.to_string() })
+        .collect())
 }
 
 /// CrowS-Pairs: `sent_more` is the sentence about the historically
@@ -334,6 +365,50 @@ fn stereoset(path: &Path) -> Result<Vec<Pair>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writes WinoBias twin files with these contents into `dir`.
+    fn twin_files(dir: &Path, pro: &str, anti: &str) -> (PathBuf, PathBuf) {
+        let (pro_path, anti_path) = winobias_twin_files(dir, "type1", "dev");
+        std::fs::write(&pro_path, pro).unwrap();
+        std::fs::write(&anti_path, anti).unwrap();
+        (pro_path, anti_path)
+    }
+
+    #[test]
+    fn winobias_twins_pair_the_files_line_for_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pro, anti) = twin_files(
+            dir.path(),
+            "1 [The nurse] said [she] would help.\n\n2 [The cook] sang.\n",
+            "1 [The nurse] said [he] would help.\n\n2 [The cook]  sang.\n",
+        );
+        let plain = winobias_twins(&pro, &anti, winobias_lines).unwrap();
+        let lines: Vec<_> = plain.iter().map(|t| (t.line, t.pro.as_str(), t.anti.as_str())).collect();
+        assert_eq!(
+            lines,
+            [
+                (1, "The nurse said she would help.", "The nurse said he would help."),
+                (3, "The cook sang.", "The cook sang.")
+            ]
+        );
+        let bracketed = winobias_twins(&pro, &anti, winobias_bracketed_lines).unwrap();
+        assert_eq!(bracketed[0].pro, "[The nurse] said [she] would help.");
+        assert_eq!(bracketed[1].anti, "[The cook] sang.");
+    }
+
+    #[test]
+    fn winobias_twins_refuse_files_that_do_not_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pro, anti) = twin_files(dir.path(), "1 A [she].\n2 B [she].\n", "1 A [he].\n");
+        let error = winobias_twins(&pro, &anti, winobias_lines).err().unwrap().to_string();
+        assert_eq!(
+            error,
+            format!("{} has 2 sentences but {} has 1; they must pair line for line", pro.display(), anti.display())
+        );
+        let (pro, anti) = twin_files(dir.path(), "1 A [she].\n2 B [she].\n", "1 A [he].\n3 B [he].\n");
+        let error = winobias_twins(&pro, &anti, winobias_bracketed_lines).err().unwrap().to_string();
+        assert_eq!(error, format!("{}:2: sentence 2 faces sentence 3 of {}", pro.display(), anti.display()));
+    }
 
     #[test]
     fn csv_records_carry_the_line_they_start_on() {

@@ -3,7 +3,7 @@
 //! WinoBias's occupations, cue-free and factual.
 
 use super::items::{FillItem, Gender, PronounForm, GENDERED_PRONOUNS};
-use crate::bias::datasets::{winobias_bracketed_lines, winobias_twin_files, WINOBIAS_TYPES};
+use crate::bias::datasets::{winobias_bracketed_lines, winobias_twin_files, winobias_twins, WINOBIAS_TYPES};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -139,24 +139,9 @@ pub fn pronoun_fill_items(dir: &Path, split: &str, occupation_stats: Option<&Pat
     let mut seen = HashSet::new();
     for kind in WINOBIAS_TYPES {
         let (pro, anti) = winobias_twin_files(dir, kind, split);
-        let (pro_lines, anti_lines) = (winobias_bracketed_lines(&pro)?, winobias_bracketed_lines(&anti)?);
-        ensure!(
-            pro_lines.len() == anti_lines.len(),
-            "{} has {} sentences but {} has {}; they must pair line for line",
-            pro.display(),
-            pro_lines.len(),
-            anti.display(),
-            anti_lines.len()
-        );
         let source = format!("winobias-{split}-{kind}");
-        for ((line, pro_number, pro_sentence), (_, anti_number, anti_sentence)) in pro_lines.iter().zip(&anti_lines) {
-            ensure!(
-                pro_number == anti_number,
-                "{}:{line}: sentence {pro_number} faces sentence {anti_number} of {}",
-                pro.display(),
-                anti.display()
-            );
-            match blank_twins(pro_sentence, anti_sentence, &occupations) {
+        for twin in winobias_twins(&pro, &anti, winobias_bracketed_lines)? {
+            match blank_twins(&twin.pro, &twin.anti, &occupations) {
                 Ok((text, occupation)) => {
                     if !seen.insert(text.clone()) {
                         set.duplicates += 1;
@@ -171,7 +156,7 @@ pub fn pronoun_fill_items(dir: &Path, split: &str, occupation_stats: Option<&Pat
                         source: source.clone(),
                     });
                 }
-                Err(reason) => set.left_out.push(format!("{}:{line}: {reason}", pro.display())),
+                Err(reason) => set.left_out.push(format!("{}:{}: {reason}", pro.display(), twin.line)),
             }
         }
     }
