@@ -3,10 +3,11 @@
 //! unchanged tokens alone.
 
 use super::pairs::Pair;
-use super::scoring::{model_start, sentence_tokens_after, Scorer};
+use super::scoring::{model_start, score_entries, Scorer, ScoringRun};
 use anyhow::{ensure, Result};
 use bramble_runtime::model::RunState;
 use bramble_runtime::tokenizer::Tokenizer;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// One pair's scores.
@@ -101,20 +102,10 @@ pub struct BiasReport {
     pub unchanged_tokens: Summary,
     /// The same per category.
     pub unchanged_by_category: BTreeMap<String, Summary>,
-    /// Pairs left out because a sentence does not fit the context.
-    pub skipped_too_long: usize,
-    /// Their lines in the pairs file.
-    pub skipped_lines: Vec<usize>,
-    /// Whether each sentence's first token is scored (a start token precedes
-    /// it: the model's BOS, or `--start-token`); when not, it only
-    /// conditions the rest.
-    pub first_token_scored: bool,
-    /// The token each sentence was scored after, as text (none: the first
-    /// token only conditions).
-    pub start_token: Option<String>,
-    /// Pairs whose sentences begin with different tokens: with
-    /// `first_token_scored` false those tokens' own likelihood is not compared.
-    pub first_token_differs: usize,
+    /// Pairs left out for a sentence longer than the context, first tokens
+    /// and speed.
+    #[serde(flatten)]
+    pub scoring: ScoringRun,
     /// Every scored pair (only in `--json` with `--per-pair`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_pair: Option<Vec<PairScore>>,
@@ -122,8 +113,6 @@ pub struct BiasReport {
     /// loop carrying its weights from one to the next (this report is the last).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<LoopPass>,
-    /// Tokens run through the model per second.
-    pub tok_s: f64,
 }
 
 /// Scores every pair: both sentences' total log-probabilities, skipping
@@ -150,44 +139,34 @@ pub fn evaluate_with(
     progress: &mut dyn FnMut(usize, usize),
     after_pair: &mut dyn FnMut(&mut RunState) -> Result<()>,
 ) -> Result<BiasReport> {
-    let started = std::time::Instant::now();
-    let mut scores = Vec::with_capacity(pairs.len());
-    let mut skipped_lines = Vec::new();
-    let mut first_token_differs = 0;
-    let mut tokens_run = 0usize;
-    let first_token_scored = start.is_some();
-    for (index, (line, pair)) in pairs.iter().enumerate() {
-        let stereo = sentence_tokens_after(start, tokenizer, &pair.stereo);
-        let anti = sentence_tokens_after(start, tokenizer, &pair.anti);
-        if stereo.len().max(anti.len()) > scorer.context() {
-            skipped_lines.push(*line);
-            continue;
-        }
-        let first = usize::from(first_token_scored);
-        if stereo.get(first) != anti.get(first) {
-            first_token_differs += 1;
-        }
-        tokens_run += stereo.len() + anti.len();
-        let (prefix, suffix) = shared_ends(&stereo, &anti);
-        // Token j's log-probability is at j; the shared prefix's cancel in a margin but are kept.
-        let unchanged = |log_probs: &[f64]| -> f64 {
-            let n = log_probs.len();
-            log_probs[..prefix].iter().sum::<f64>() + log_probs[n - suffix..].iter().sum::<f64>()
-        };
-        let log_probs = scorer.log_probs(&stereo)?;
-        let (stereo_total, stereo_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
-        let log_probs = scorer.log_probs(&anti)?;
-        let (anti_total, anti_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
-        scores.push(PairScore {
-            category: pair.category.clone(),
-            stereo: stereo_total,
-            anti: anti_total,
-            stereo_unchanged,
-            anti_unchanged,
-        });
-        after_pair(scorer.state_mut())?;
-        progress(index + 1, pairs.len());
-    }
+    let (scores, scoring) = score_entries(
+        scorer,
+        tokenizer,
+        start,
+        pairs,
+        |pair| Ok([Cow::from(&pair.stereo), Cow::from(&pair.anti)]),
+        |scorer, _line, pair, [stereo, anti]| {
+            let (prefix, suffix) = shared_ends(stereo, anti);
+            // Token j's log-probability is at j; the shared prefix's cancel in a margin but are kept.
+            let unchanged = |log_probs: &[f64]| -> f64 {
+                let n = log_probs.len();
+                log_probs[..prefix].iter().sum::<f64>() + log_probs[n - suffix..].iter().sum::<f64>()
+            };
+            let log_probs = scorer.log_probs(stereo)?;
+            let (stereo_total, stereo_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
+            let log_probs = scorer.log_probs(anti)?;
+            let (anti_total, anti_unchanged) = (log_probs.iter().sum(), unchanged(log_probs));
+            Ok(PairScore {
+                category: pair.category.clone(),
+                stereo: stereo_total,
+                anti: anti_total,
+                stereo_unchanged,
+                anti_unchanged,
+            })
+        },
+        progress,
+        after_pair,
+    )?;
     ensure!(!scores.is_empty(), "every pair has a sentence longer than the context of {} tokens", scorer.context());
     let overall = Summary::of(&scores);
     let mut by_category = BTreeMap::<String, Vec<&PairScore>>::new();
@@ -201,7 +180,6 @@ pub fn evaluate_with(
     for score in &unchanged {
         unchanged_by_category.entry(score.category.clone()).or_default().push(score);
     }
-    let seconds = started.elapsed().as_secs_f64();
     Ok(BiasReport {
         pairs: overall.pairs,
         stereotype_preference: overall.stereotype_preference,
@@ -211,14 +189,9 @@ pub fn evaluate_with(
         by_category: by_category.into_iter().map(|(k, v)| (k, Summary::of(v))).collect(),
         unchanged_tokens: Summary::of(&unchanged),
         unchanged_by_category: unchanged_by_category.into_iter().map(|(k, v)| (k, Summary::of(v))).collect(),
-        skipped_too_long: skipped_lines.len(),
-        skipped_lines,
-        first_token_scored,
-        start_token: start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()),
-        first_token_differs,
+        scoring,
         per_pair: Some(scores),
         passes: Vec::new(),
-        tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
     })
 }
 

@@ -30,10 +30,11 @@ pub use items::{
     PronounOption, GENDERED_PRONOUNS,
 };
 
-use super::scoring::{sentence_tokens_after, Scorer};
+use super::scoring::{score_entries, Scorer, ScoringRun};
 use anyhow::{ensure, Result};
 use bramble_runtime::model::RunState;
 use bramble_runtime::tokenizer::Tokenizer;
+use std::borrow::Cow;
 
 /// What `bramble bias-eval --fill` reports.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,25 +42,17 @@ pub struct FillReport {
     /// The figures.
     #[serde(flatten)]
     pub figures: FillFigures,
-    /// Items left out because a filling does not fit the context.
-    pub skipped_too_long: usize,
-    /// Their lines in the items file.
-    pub skipped_lines: Vec<usize>,
-    /// Whether each sentence's first token is scored (a start token precedes it).
-    pub first_token_scored: bool,
-    /// The token each sentence was scored after, as text.
-    pub start_token: Option<String>,
-    /// Items whose *she* and *he* fillings begin with different tokens: with
-    /// `first_token_scored` false the pronoun itself is not compared there.
-    pub first_token_differs: usize,
+    /// Items left out for a filling longer than the context, first tokens
+    /// (with `first_token_scored` false, an item whose *she* and *he*
+    /// fillings begin differently does not compare the pronoun itself) and speed.
+    #[serde(flatten)]
+    pub scoring: ScoringRun,
     /// Every item's scores (only in `--json` with `--per-item`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_item: Option<Vec<ItemScore>>,
     /// With `--feedback adaptive --passes N`: every pass over the items (this report is the last).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<FillPass>,
-    /// Tokens run through the model per second.
-    pub tok_s: f64,
 }
 
 /// One pass of `bias-eval --fill --feedback adaptive` over the items.
@@ -107,46 +100,21 @@ pub fn evaluate_fill(
     progress: &mut dyn FnMut(usize, usize),
     after_item: &mut dyn FnMut(&mut RunState) -> Result<()>,
 ) -> Result<FillReport> {
-    let started = std::time::Instant::now();
-    let mut scores = Vec::with_capacity(items.len());
-    let mut skipped_lines = Vec::new();
-    let mut first_token_differs = 0;
-    let mut tokens_run = 0usize;
-    let first_token_scored = start.is_some();
-    for (index, (line, item)) in items.iter().enumerate() {
-        let mut fillings = Vec::with_capacity(PronounOption::ALL.len());
-        for option in PronounOption::ALL {
-            fillings.push(sentence_tokens_after(start, tokenizer, &fill_blanks(&item.text, option)?));
-        }
-        if fillings.iter().any(|tokens| tokens.len() > scorer.context()) {
-            skipped_lines.push(*line);
-            continue;
-        }
-        let first = usize::from(first_token_scored);
-        if fillings[0].get(first) != fillings[1].get(first) {
-            first_token_differs += 1;
-        }
-        let mut totals = [0.0; 3];
-        for (total, tokens) in totals.iter_mut().zip(&fillings) {
-            tokens_run += tokens.len();
-            *total = scorer.total(tokens)?;
-        }
-        let [she, he, they] = totals;
-        scores.push(ItemScore::new(*line, item, she, he, they));
-        after_item(scorer.state_mut())?;
-        progress(index + 1, items.len());
-    }
+    let (scores, scoring) = score_entries(
+        scorer,
+        tokenizer,
+        start,
+        items,
+        |item| {
+            let [she, he, they] = PronounOption::ALL.map(|option| fill_blanks(&item.text, option));
+            Ok([she?, he?, they?].map(Cow::from))
+        },
+        |scorer, line, item, [she, he, they]| {
+            Ok(ItemScore::new(line, item, scorer.total(she)?, scorer.total(he)?, scorer.total(they)?))
+        },
+        progress,
+        after_item,
+    )?;
     ensure!(!scores.is_empty(), "every item has a filling longer than the context of {} tokens", scorer.context());
-    let seconds = started.elapsed().as_secs_f64();
-    Ok(FillReport {
-        figures: FillFigures::of(&scores),
-        skipped_too_long: skipped_lines.len(),
-        skipped_lines,
-        first_token_scored,
-        start_token: start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()),
-        first_token_differs,
-        per_item: Some(scores),
-        passes: Vec::new(),
-        tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
-    })
+    Ok(FillReport { figures: FillFigures::of(&scores), scoring, per_item: Some(scores), passes: Vec::new() })
 }

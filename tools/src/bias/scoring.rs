@@ -1,10 +1,12 @@
 //! Scoring sentences: the tokens a sentence is scored on and their
-//! log-probabilities under a model, a shared prefix taken from the KV cache.
+//! log-probabilities under a model, a shared prefix taken from the KV cache,
+//! and the run over a file's entries (pairs, fill items) both measures make.
 
 use anyhow::{ensure, Result};
 use bramble_runtime::logits::log_softmax_at;
 use bramble_runtime::model::{Logits, Model, RunState};
 use bramble_runtime::tokenizer::Tokenizer;
+use std::borrow::Cow;
 
 /// The tokens a sentence is scored on: BOS first when the model adds one,
 /// then the text. Token 0 only conditions the rest: with BOS every token of
@@ -113,5 +115,202 @@ impl<'m, 'a> Scorer<'m, 'a> {
     /// The total log-probability of `tokens` after token 0.
     pub fn total(&mut self, tokens: &[u32]) -> Result<f64> {
         Ok(self.log_probs(tokens)?.iter().sum())
+    }
+}
+
+/// How a run over a file's entries (pairs, or fill items) was scored: what
+/// was left out, how each sentence's first token was treated, and how fast.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ScoringRun {
+    /// Entries left out because one of their sentences does not fit the context.
+    pub skipped_too_long: usize,
+    /// Their lines in the input file.
+    pub skipped_lines: Vec<usize>,
+    /// Whether each sentence's first token is scored (a start token precedes
+    /// it: the model's BOS, or `--start-token`); when not, it only
+    /// conditions the rest.
+    pub first_token_scored: bool,
+    /// The token each sentence was scored after, as text (none: the first
+    /// token only conditions).
+    pub start_token: Option<String>,
+    /// Entries whose first two sentences (a pair's two, an item's *she* and
+    /// *he* fillings) begin with different tokens: with `first_token_scored`
+    /// false those tokens' own likelihood is not compared.
+    pub first_token_differs: usize,
+    /// Tokens run through the model per second.
+    pub tok_s: f64,
+}
+
+/// Scores each entry of `entries` (each with its line in the input file):
+/// its `N` sentences (`sentences`, N ≥ 2) are tokenized after `start` and
+/// handed to `score`, which runs them through the scorer and gives the
+/// entry's score. An entry with a sentence longer than the scorer's context
+/// is skipped and its line recorded. After each scored entry, `after_entry`
+/// gets the scorer's state (the feedback loop reads its projections and sets
+/// weights) and `progress(done, total)` is called. The scores come in the
+/// entries' order, with how the run went.
+#[allow(clippy::too_many_arguments)]
+pub fn score_entries<'m, 'a, T, S, const N: usize>(
+    scorer: &mut Scorer<'m, 'a>,
+    tokenizer: &Tokenizer,
+    start: Option<u32>,
+    entries: &[(usize, T)],
+    sentences: impl Fn(&T) -> Result<[Cow<'_, str>; N]>,
+    mut score: impl FnMut(&mut Scorer<'m, 'a>, usize, &T, &[Vec<u32>; N]) -> Result<S>,
+    progress: &mut dyn FnMut(usize, usize),
+    after_entry: &mut dyn FnMut(&mut RunState) -> Result<()>,
+) -> Result<(Vec<S>, ScoringRun)> {
+    const { assert!(N >= 2, "an entry compares at least two sentences") };
+    let started = std::time::Instant::now();
+    let mut scores = Vec::with_capacity(entries.len());
+    let mut skipped_lines = Vec::new();
+    let mut first_token_differs = 0;
+    let mut tokens_run = 0usize;
+    let first_token_scored = start.is_some();
+    // The text's first token: after the start token when there is one.
+    let first = usize::from(first_token_scored);
+    for (index, (line, entry)) in entries.iter().enumerate() {
+        let tokens = sentences(entry)?.map(|text| sentence_tokens_after(start, tokenizer, &text));
+        if tokens.iter().any(|sentence| sentence.len() > scorer.context()) {
+            skipped_lines.push(*line);
+            continue;
+        }
+        if tokens[0].get(first) != tokens[1].get(first) {
+            first_token_differs += 1;
+        }
+        tokens_run += tokens.iter().map(Vec::len).sum::<usize>();
+        scores.push(score(scorer, *line, entry, &tokens)?);
+        after_entry(scorer.state_mut())?;
+        progress(index + 1, entries.len());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let run = ScoringRun {
+        skipped_too_long: skipped_lines.len(),
+        skipped_lines,
+        first_token_scored,
+        start_token: start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned()),
+        first_token_differs,
+        tok_s: if seconds > 0.0 { tokens_run as f64 / seconds } else { 0.0 },
+    };
+    Ok((scores, run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::{convert, ConvertOptions, QuantTarget};
+    use crate::synth::{SyntheticModel, SyntheticShape};
+    use bramble_runtime::ModelImage;
+
+    /// The longest sequence the test's scorer takes.
+    const CONTEXT: usize = 64;
+
+    /// What the test's `score` saw of one entry: its line and its sentences' tokens.
+    type Seen = (usize, [Vec<u32>; 2]);
+
+    /// A small synthetic model's image, in a directory that lives as long as the first value.
+    fn synthetic_image() -> (tempfile::TempDir, ModelImage) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.bramble");
+        let options = ConvertOptions::new(QuantTarget::parse("q8").unwrap());
+        convert(&SyntheticModel::generate(SyntheticShape::default(), 3), &path, &options).unwrap();
+        let image = ModelImage::open(&path).unwrap();
+        (dir, image)
+    }
+
+    #[test]
+    fn score_entries_skips_too_long_entries_and_reports_the_run() {
+        let (_dir, image) = synthetic_image();
+        let tokenizer = Tokenizer::new(image.vocab()).unwrap();
+        let model = Model::new(&image).unwrap();
+        let mut scorer = Scorer::new(&model, CONTEXT, 8).unwrap();
+        let long = "word ".repeat(CONTEXT);
+        // Lines 3 and 9 fit; line 5's second sentence does not. Only line 3's sentences begin differently.
+        let entries = [
+            (3, ["She left.".to_string(), "He left.".to_string()]),
+            (5, ["Short.".to_string(), long]),
+            (9, ["The cook sang.".to_string(), "The cook sat.".to_string()]),
+        ];
+        for start in [None, tokenizer.bos_id()] {
+            let tokens = |text: &str| sentence_tokens_after(start, &tokenizer, text);
+            assert!(tokens(&entries[1].1[1]).len() > CONTEXT, "the long sentence must not fit");
+            let (mut seen, mut progress, mut after) = (Vec::<Seen>::new(), Vec::new(), 0);
+            let (scores, run) = score_entries(
+                &mut scorer,
+                &tokenizer,
+                start,
+                &entries,
+                |sentences| Ok(sentences.each_ref().map(|s| Cow::from(s.as_str()))),
+                |scorer, line, _, tokens| {
+                    seen.push((line, tokens.clone()));
+                    scorer.total(&tokens[0])
+                },
+                &mut |done, total| progress.push((done, total)),
+                &mut |_| {
+                    after += 1;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let expected: Vec<Seen> =
+                [&entries[0], &entries[2]].iter().map(|(line, [a, b])| (*line, [tokens(a), tokens(b)])).collect();
+            assert_eq!(seen, expected, "start {start:?}: each fitting entry's tokens, in order");
+            assert_eq!(scores.len(), 2);
+            assert!(scores.iter().all(|total| total.is_finite() && *total < 0.0), "{scores:?}");
+            assert_eq!(progress, [(1, 3), (3, 3)], "progress after each scored entry");
+            assert_eq!(after, 2, "after_entry once per scored entry");
+            let start_text = start.map(|id| String::from_utf8_lossy(tokenizer.token_text(id)).into_owned());
+            assert_eq!(run.skipped_too_long, 1);
+            assert_eq!(run.skipped_lines, [5]);
+            assert_eq!(run.first_token_scored, start.is_some());
+            assert_eq!(run.start_token, start_text);
+            assert_eq!(run.first_token_differs, 1, "start {start:?}");
+            assert!(run.tok_s > 0.0);
+        }
+    }
+
+    #[test]
+    fn score_entries_passes_on_a_sentence_error_and_scores_nothing_when_nothing_fits() {
+        let (_dir, image) = synthetic_image();
+        let tokenizer = Tokenizer::new(image.vocab()).unwrap();
+        let model = Model::new(&image).unwrap();
+        let mut scorer = Scorer::new(&model, CONTEXT, 8).unwrap();
+        let entries = [(1, "word ".repeat(CONTEXT)), (2, "bad".to_string())];
+        let mut scored = 0;
+        let error = score_entries(
+            &mut scorer,
+            &tokenizer,
+            None,
+            &entries,
+            |text| {
+                ensure!(text != "bad", "no sentences in {text:?}");
+                Ok([Cow::from(text.as_str()), Cow::from(text.as_str())])
+            },
+            |_, _, _, _| {
+                scored += 1;
+                Ok(())
+            },
+            &mut |_, _| {},
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
+        assert_eq!(error.to_string(), "no sentences in \"bad\"");
+        let (scores, run) = score_entries(
+            &mut scorer,
+            &tokenizer,
+            None,
+            &entries[..1],
+            |text| Ok([Cow::from(text.as_str()), Cow::from(text.as_str())]),
+            |_, _, _, _| {
+                scored += 1;
+                Ok(())
+            },
+            &mut |_, _| {},
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert!(scores.is_empty());
+        assert_eq!(scored, 0);
+        assert_eq!((run.skipped_too_long, run.skipped_lines), (1, vec![1]));
     }
 }

@@ -98,11 +98,11 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
             |report, weight_change, weights| passes.push(FillPass::of(report, weight_change, weights)),
         )?;
         report.passes = passes;
-        if report.skipped_too_long > 0 {
+        if report.scoring.skipped_too_long > 0 {
             eprintln!(
                 "bramble: skipped {} items with a filling longer than the context of {context} tokens (lines {:?} of {})",
-                report.skipped_too_long,
-                report.skipped_lines,
+                report.scoring.skipped_too_long,
+                report.scoring.skipped_lines,
                 args.fill.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
             );
         }
@@ -128,11 +128,11 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
         },
     )?;
     report.passes = passes;
-    if report.skipped_too_long > 0 {
+    if report.scoring.skipped_too_long > 0 {
         eprintln!(
             "bramble: skipped {} pairs with a sentence longer than the context of {context} tokens (lines {:?} of {})",
-            report.skipped_too_long,
-            report.skipped_lines,
+            report.scoring.skipped_too_long,
+            report.scoring.skipped_lines,
             args.pairs.as_deref().map(|p| p.display().to_string()).unwrap_or_default()
         );
     }
@@ -222,10 +222,10 @@ fn print_pairs_report(report: &BiasReport, json: bool) -> Result<()> {
         if unchanged.ties > 0 { format!(", {} ties", unchanged.ties) } else { String::new() }
     );
     category_lines(&report.unchanged_by_category);
-    if !report.first_token_scored {
+    if !report.scoring.first_token_scored {
         outln!(
             "(the model adds no BOS and no --start-token was given: each sentence's first token only conditions the rest; {} pairs begin differently)",
-            report.first_token_differs
+            report.scoring.first_token_differs
         );
     }
     Ok(())
@@ -317,10 +317,10 @@ fn print_fill_report(report: &FillReport, json: bool) -> Result<()> {
             option_text(fill.factual_accuracy)
         );
     }
-    if !report.first_token_scored {
+    if !report.scoring.first_token_scored {
         outln!(
             "(the model adds no BOS and no --start-token was given: each sentence's first token only conditions the rest; {} items begin with the pronoun's token)",
-            report.first_token_differs
+            report.scoring.first_token_differs
         );
     }
     Ok(())
