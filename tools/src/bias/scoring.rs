@@ -276,41 +276,24 @@ mod tests {
         let model = Model::new(&image).unwrap();
         let mut scorer = Scorer::new(&model, CONTEXT, 8).unwrap();
         let entries = [(1, "word ".repeat(CONTEXT)), (2, "bad".to_string())];
-        let mut scored = 0;
-        let error = score_entries(
-            &mut scorer,
-            &tokenizer,
-            None,
-            &entries,
-            |text| {
-                ensure!(text != "bad", "no sentences in {text:?}");
-                Ok([Cow::from(text.as_str()), Cow::from(text.as_str())])
-            },
-            |_, _, _, _| {
-                scored += 1;
-                Ok(())
-            },
-            &mut |_, _| {},
-            &mut |_| Ok(()),
-        )
-        .unwrap_err();
-        assert_eq!(error.to_string(), "no sentences in \"bad\"");
-        let (scores, run) = score_entries(
-            &mut scorer,
-            &tokenizer,
-            None,
-            &entries[..1],
-            |text| Ok([Cow::from(text.as_str()), Cow::from(text.as_str())]),
-            |_, _, _, _| {
-                scored += 1;
-                Ok(())
-            },
-            &mut |_, _| {},
-            &mut |_| Ok(()),
-        )
-        .unwrap();
+        let mut score = |entries: &[(usize, String)]| {
+            score_entries(
+                &mut scorer,
+                &tokenizer,
+                None,
+                entries,
+                |text| {
+                    ensure!(text != "bad", "no sentences in {text:?}");
+                    Ok([Cow::from(text.as_str()), Cow::from(text.as_str())])
+                },
+                |_, line, _, _| -> Result<()> { panic!("line {line} does not fit, so it is not scored") },
+                &mut |_, _| {},
+                &mut |_| Ok(()),
+            )
+        };
+        assert_eq!(score(&entries).unwrap_err().to_string(), "no sentences in \"bad\"");
+        let (scores, run) = score(&entries[..1]).unwrap();
         assert!(scores.is_empty());
-        assert_eq!(scored, 0);
         assert_eq!((run.skipped_too_long, run.skipped_lines), (1, vec![1]));
     }
 }
