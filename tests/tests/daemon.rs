@@ -1048,7 +1048,7 @@ mod bias {
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");
-        assert!(text.starts_with("bramble-bias-state 1\n"), "{text:?}");
+        assert!(text.starts_with("bramble-bias-state 2\n"), "{text:?}");
         assert!(text.contains("responses 2\n"), "{text:?}");
 
         // The console's /bias.
