@@ -171,19 +171,19 @@ impl Centre {
 /// `gate::ALL` evaluated and passed is what lets `--feedback auto` turn the
 /// loop on ([`Feedback::resolve`]).
 pub mod gate {
-    /// The occupation gap narrows by the required share.
+    /// `gap-cut`: on the cut in the occupation gap (the calibration sets the test).
     pub const GAP_CUT: u32 = 1;
-    /// The slope on the occupations' share of women falls by the required share.
+    /// `slope-cut`: on the cut in the slope against the occupations' share of women.
     pub const SLOPE_CUT: u32 = 2;
-    /// The skew stays within its bound.
+    /// `skew`: on the skew toward either pronoun.
     pub const SKEW: u32 = 4;
-    /// The answers do not turn more male.
+    /// `not-more-male`: that the constraint does not turn answers more male.
     pub const NOT_MORE_MALE: u32 = 8;
-    /// R falls by the required share.
+    /// `r-cut`: on the cut in R, the distance from even either way.
     pub const R_CUT: u32 = 16;
-    /// Factual-gender accuracy stays.
+    /// `factual`: on factual-gender accuracy.
     pub const FACTUAL: u32 = 32;
-    /// Perplexity stays within its budget.
+    /// `perplexity`: on the perplexity cost.
     pub const PERPLEXITY: u32 = 64;
     /// Every gate.
     pub const ALL: u32 = 127;
