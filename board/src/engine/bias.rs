@@ -54,7 +54,10 @@ impl BiasStatus {
         let feedback = &self.feedback;
         let mut text = format!("bias feedback: {}", self.mode);
         if self.mode == "off" {
-            text.push_str(" (the image has no bias section, or feedback is off)\n");
+            text.push_str(
+                " (feedback off, no bias section, or, under auto, a calibration that did not pass the bias gates: \
+                 the log says which)\n",
+            );
             return text;
         }
         let pronoun_share = feedback.signal == LoopSignal::PronounShare.name();
