@@ -2,27 +2,32 @@
 //! forward pass needs of it.
 //!
 //! Per layer `l`, a unit bias direction `d_l` of the residual stream, found
-//! by `bramble bias-calibrate` from pairs of stereotyped and
-//! anti-stereotyped sentences, and a predefined constraint weight
-//! `w_l ∈ [0, 1]`. After layer `l` the forward pass removes that share of
-//! the hidden state's component along the direction,
-//! `h ← h − w_l · (h · d_l) · d_l`, and records the projection `h · d_l`
-//! (before the removal) for the feedback loop. The neutral baseline of each
+//! by `bramble bias-calibrate`, and a predefined constraint weight
+//! `w_l ∈ [0, 1]`. After layer `l` the forward pass moves that share of the
+//! hidden state's component along the direction to the layer's centre `c_l`,
+//! `h ← h − w_l · (h · d_l − c_l) · d_l`, and records the projection `h · d_l`
+//! (before the change) for the feedback loop. The neutral baseline of each
 //! projection (its mean and standard deviation over neutral text, or in
 //! older sections over the calibration pairs' own sentences) is stored with
-//! the directions, so a response's bias signal can be measured against it. Byte layout in `models/FORMAT.md` (section `bias`).
+//! the directions, so a response's projections can be measured against it.
+//! Since section version 3 the section also carries, per layer, the highest
+//! weight the loop may set, the token ids of the gendered pronouns (which the
+//! pronoun-share loop counts in the model's answers) and which calibration
+//! gates were evaluated and passed. Byte layout in `models/FORMAT.md` (section `bias`).
 
 use crate::error::{Error, Result};
 
 /// Section name.
 pub const SECTION: &str = "bias";
-/// Section version this code writes (it also reads version 1, whose
-/// 32-byte header has no `signal` word: [`LoopSignal::MeanLean`]).
-pub const VERSION: u32 = 2;
-const HEADER_BYTES: usize = 48;
+/// Section version this code writes. It also reads version 2 (a 48-byte
+/// header, no loop caps, pronoun ids or gates) and version 1 (a 32-byte
+/// header without the `signal` word: [`LoopSignal::MeanLean`]).
+pub const VERSION: u32 = 3;
+const HEADER_BYTES: usize = 64;
+const HEADER_BYTES_V2: usize = 48;
 const HEADER_BYTES_V1: usize = 32;
 
-/// How the directions were found, which decides how a response's signal reads them.
+/// How the directions were found, which decides how a response's projections read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirectionKind {
     /// The normalized mean of stereo − anti: the direction points to the
@@ -33,14 +38,20 @@ pub enum DirectionKind {
     /// differences (a gender axis): its sign carries no meaning, so the
     /// signal is two-sided (a lean either way from the neutral baseline counts).
     PrincipalComponent,
+    /// Fitted on the model's own states at the pronoun position of
+    /// occupation prompts with no gender cue, against its own lean
+    /// P(he) − P(she): its sign means something (positive is toward *he*).
+    /// Section version 3 only.
+    Stereotype,
 }
 
 impl DirectionKind {
-    /// The header's code (`reserved[0]`; 0 in sections written before it existed).
+    /// The header's code (`kind`; 0 in sections written before it existed).
     pub fn code(self) -> u32 {
         match self {
             Self::MeanDifference => 0,
             Self::PrincipalComponent => 1,
+            Self::Stereotype => 2,
         }
     }
     /// The kind of a header code.
@@ -48,6 +59,7 @@ impl DirectionKind {
         match code {
             0 => Some(Self::MeanDifference),
             1 => Some(Self::PrincipalComponent),
+            2 => Some(Self::Stereotype),
             _ => None,
         }
     }
@@ -56,13 +68,15 @@ impl DirectionKind {
         match self {
             Self::MeanDifference => "mean-difference",
             Self::PrincipalComponent => "principal",
+            Self::Stereotype => "stereotype",
         }
     }
 }
 
-/// How the feedback loop reads a response's projections, per layer, against
-/// the neutral baseline `(mean_l, std_l)`; the response's signal is the mean
-/// over the layers.
+/// How the feedback loop reads a response. The first two read its
+/// projections, per layer, against the neutral baseline `(mean_l, std_l)`,
+/// and the response's signal is the mean over the layers; the third counts
+/// the gendered pronouns of the model's own answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoopSignal {
     /// `(mean of p over the response − mean_l) / std_l`, its absolute value
@@ -79,6 +93,11 @@ pub enum LoopSignal {
     /// project far along the direction (gendered words and what follows
     /// them) raise it. The baseline is neutral text, not the pairs.
     Spread,
+    /// The share of *she* among the gendered pronouns of the model's answers,
+    /// as a signed running deviation from one half ([`FeedbackLoop`]):
+    /// answers about a woman and about a man cancel, and a run too male or
+    /// too female either way raises the weights. Section version 3 only.
+    PronounShare,
 }
 
 impl LoopSignal {
@@ -87,6 +106,7 @@ impl LoopSignal {
         match self {
             Self::MeanLean => 0,
             Self::Spread => 1,
+            Self::PronounShare => 2,
         }
     }
     /// The signal of a header code.
@@ -94,6 +114,7 @@ impl LoopSignal {
         match code {
             0 => Some(Self::MeanLean),
             1 => Some(Self::Spread),
+            2 => Some(Self::PronounShare),
             _ => None,
         }
     }
@@ -102,24 +123,28 @@ impl LoopSignal {
         match self {
             Self::MeanLean => "mean-lean",
             Self::Spread => "spread",
+            Self::PronounShare => "pronoun-share",
         }
     }
 }
 
 /// The value the constraint moves each projection `h · d_l` toward
-/// (the section header's centre word: 0, 1 or 2).
+/// (the section header's centre word: 0, 1, 2 or 3).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Centre {
     /// 0: `h ← h − w_l (h · d_l) d_l`, the first design's formula.
     #[default]
     Zero,
-    /// The baseline mean: `h ← h − w_l (h · d_l − mean_l) d_l`, which
+    /// 1, the baseline mean: `h ← h − w_l (h · d_l − mean_l) d_l`, which
     /// leaves a token at the baseline alone.
     Baseline,
-    /// Per layer, the midpoint of the calibration pairs' two sides at the
-    /// swapped word (version 2 sections), where erasing the direction
+    /// 2, per layer, the midpoint of the calibration pairs' two sides at the
+    /// swapped word (version 2 sections on), where erasing the direction
     /// leaves a token between the two genders, not at 0.
     Midpoint(Vec<f32>),
+    /// 3, per layer, the value of `h · d_l` at which the model's pronoun lean
+    /// is at parity (an affine fit at calibration; version 3 sections).
+    Parity(Vec<f32>),
 }
 
 impl Centre {
@@ -129,6 +154,91 @@ impl Centre {
             Self::Zero => 0,
             Self::Baseline => 1,
             Self::Midpoint(_) => 2,
+            Self::Parity(_) => 3,
+        }
+    }
+
+    /// The per-layer values the section stores (empty for 0 and the baseline).
+    fn values(&self) -> &[f32] {
+        match self {
+            Self::Zero | Self::Baseline => &[],
+            Self::Midpoint(values) | Self::Parity(values) => values,
+        }
+    }
+}
+
+/// The calibration's gates: named checks a calibration runs on its result.
+/// `gate::ALL` evaluated and passed is what lets `--feedback auto` turn the
+/// loop on ([`Feedback::resolve`]).
+pub mod gate {
+    /// `gap-cut`: on the cut in the occupation gap (the calibration sets the test).
+    pub const GAP_CUT: u32 = 1;
+    /// `slope-cut`: on the cut in the slope against the occupations' share of women.
+    pub const SLOPE_CUT: u32 = 2;
+    /// `skew`: on the skew toward either pronoun.
+    pub const SKEW: u32 = 4;
+    /// `not-more-male`: that the constraint does not turn answers more male.
+    pub const NOT_MORE_MALE: u32 = 8;
+    /// `r-cut`: on the cut in R, the distance from even either way.
+    pub const R_CUT: u32 = 16;
+    /// `factual`: on factual-gender accuracy.
+    pub const FACTUAL: u32 = 32;
+    /// `perplexity`: on the perplexity cost.
+    pub const PERPLEXITY: u32 = 64;
+    /// Every gate.
+    pub const ALL: u32 = 127;
+    /// Each gate's bit and name, in report order.
+    pub const NAMES: [(u32, &str); 7] = [
+        (GAP_CUT, "gap-cut"),
+        (SLOPE_CUT, "slope-cut"),
+        (SKEW, "skew"),
+        (NOT_MORE_MALE, "not-more-male"),
+        (R_CUT, "r-cut"),
+        (FACTUAL, "factual"),
+        (PERPLEXITY, "perplexity"),
+    ];
+}
+
+/// Which of the calibration's [`gate`]s were evaluated and which passed
+/// (bit sets; sections before version 3 read as none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CalibrationGates {
+    /// Gates the calibration evaluated.
+    pub evaluated: u32,
+    /// Gates that passed (of those evaluated).
+    pub passed: u32,
+}
+
+impl CalibrationGates {
+    /// Whether every gate was evaluated and passed.
+    pub fn all_passed(&self) -> bool {
+        self.evaluated == gate::ALL && self.passed == gate::ALL
+    }
+
+    /// The gates that failed and those not evaluated, by name
+    /// ("failed: gap-cut, factual; not evaluated: perplexity"); bits this
+    /// reader has no name for are given in hex.
+    pub fn describe(&self) -> String {
+        let names = |bits: u32| {
+            gate::NAMES.iter().filter(|(bit, _)| bits & bit != 0).map(|(_, name)| *name).collect::<Vec<_>>().join(", ")
+        };
+        let failed = self.evaluated & !self.passed & gate::ALL;
+        let not_evaluated = gate::ALL & !self.evaluated;
+        let unknown = (self.evaluated | self.passed) & !gate::ALL;
+        let mut parts = Vec::new();
+        if failed != 0 {
+            parts.push(format!("failed: {}", names(failed)));
+        }
+        if not_evaluated != 0 {
+            parts.push(format!("not evaluated: {}", names(not_evaluated)));
+        }
+        if unknown != 0 {
+            parts.push(format!("unknown gates: {unknown:#x}"));
+        }
+        if parts.is_empty() {
+            "all passed".to_string()
+        } else {
+            parts.join("; ")
         }
     }
 }
@@ -138,7 +248,7 @@ impl Centre {
 pub struct BiasConstraint {
     /// How the directions were found.
     pub kind: DirectionKind,
-    /// How the feedback loop reads a response against the baseline.
+    /// How the feedback loop reads a response.
     pub signal: LoopSignal,
     /// What the constraint moves `h · d_l` toward.
     pub centre: Centre,
@@ -155,16 +265,34 @@ pub struct BiasConstraint {
     /// Its standard deviation over tokens, per layer (> 0).
     pub baseline_std: Vec<f32>,
     /// The feedback loop's target signal, measured at calibration (0: the
-    /// loop's default, [`DEFAULT_TARGET`]).
+    /// loop's default, [`DEFAULT_TARGET`], or [`DEFAULT_SHARE_TARGET`] for
+    /// [`LoopSignal::PronounShare`]).
     pub loop_target: f32,
     /// The signal above which a response is regenerated (0: [`DEFAULT_HARD_LIMIT`]).
     pub loop_hard_limit: f32,
+    /// Per layer, the highest weight the loop may set: in [0, 1] and at
+    /// least the layer's predefined weight (sections before version 3: 1).
+    pub max_weights: Vec<f32>,
+    /// Token ids of the female pronouns (she, her, hers, herself, with and
+    /// without a leading space, capitalized), counted in the model's answers
+    /// by [`LoopSignal::PronounShare`] (sections before version 3: none).
+    pub she_tokens: Vec<u32>,
+    /// Token ids of the male pronouns (he, him, his, himself, likewise).
+    pub he_tokens: Vec<u32>,
+    /// The calibration gates it evaluated and passed (before version 3: none).
+    pub gates: CalibrationGates,
 }
 
 /// The loop's target when the section does not set one.
 pub const DEFAULT_TARGET: f32 = 0.25;
+/// The [`LoopSignal::PronounShare`] loop's target when the section does not
+/// set one: a running she-share outside 0.40–0.60.
+pub const DEFAULT_SHARE_TARGET: f32 = 0.10;
 /// The loop's hard limit when the section does not set one.
 pub const DEFAULT_HARD_LIMIT: f32 = 2.0;
+/// How far each answer with a gendered pronoun moves the running she-share
+/// deviation toward its own ([`LoopSignal::PronounShare`]).
+pub const SHARE_RATE: f32 = 0.25;
 
 impl BiasConstraint {
     /// Direction `l`.
@@ -177,27 +305,53 @@ impl BiasConstraint {
         match &self.centre {
             Centre::Zero => 0.0,
             Centre::Baseline => self.baseline_mean[l],
-            Centre::Midpoint(midpoint) => midpoint[l],
+            Centre::Midpoint(values) | Centre::Parity(values) => values[l],
         }
     }
 
-    /// Checks sizes, finiteness, unit directions, weights in [0, 1] and positive spreads.
+    /// How many of `answer`'s tokens are female and male pronouns
+    /// ([`she_tokens`](Self::she_tokens), [`he_tokens`](Self::he_tokens)).
+    /// Allocates nothing.
+    pub fn count_pronouns(&self, answer: &[u32]) -> (usize, usize) {
+        answer.iter().fold((0, 0), |(she, he), token| {
+            (she + usize::from(self.she_tokens.contains(token)), he + usize::from(self.he_tokens.contains(token)))
+        })
+    }
+
+    /// The response's lean along the directions, measured from the centre:
+    /// the mean over layers of `(mean of h · d_l − centre_l) / std_l`
+    /// (signed; 0 for no projections). With [`DirectionKind::Stereotype`]
+    /// directions and the parity centre, positive leans toward *he*.
+    pub fn lean(&self, stats: &ProjectionStats) -> f32 {
+        if stats.tokens == 0 {
+            return 0.0;
+        }
+        let sum: f64 =
+            (0..self.layers).map(|l| (stats.mean(l) - self.centre(l) as f64) / self.baseline_std[l] as f64).sum();
+        (sum / self.layers as f64) as f32
+    }
+
+    /// Checks sizes, finiteness, unit directions, weights and their caps in
+    /// [0, 1], positive spreads, and the pronoun ids the pronoun-share loop needs.
     pub fn check(&self) -> Result<()> {
         let bad = |what: String| Err(Error::corrupt(format!("section bias: {what}")));
         let (layers, dim) = (self.layers, self.dim);
         if layers == 0 || dim == 0 {
             return bad(format!("{layers} layers of width {dim}"));
         }
+        let centre_values = self.centre.values();
         if self.directions.len() != layers * dim
             || self.weights.len() != layers
             || self.baseline_mean.len() != layers
             || self.baseline_std.len() != layers
-            || matches!(&self.centre, Centre::Midpoint(m) if m.len() != layers)
+            || self.max_weights.len() != layers
+            || (self.centre.code() >= 2 && centre_values.len() != layers)
         {
             return bad(format!("arrays do not match {layers} layers of width {dim}"));
         }
-        if matches!(&self.centre, Centre::Midpoint(m) if !m.iter().all(|v| v.is_finite())) {
-            return bad("a midpoint must be finite".into());
+        if !centre_values.iter().all(|v| v.is_finite()) {
+            let name = if matches!(self.centre, Centre::Parity(_)) { "parity centre" } else { "midpoint" };
+            return bad(format!("a {name} must be finite"));
         }
         for (name, value) in [("loop target", self.loop_target), ("loop hard limit", self.loop_hard_limit)] {
             if !value.is_finite() || value < 0.0 {
@@ -210,8 +364,15 @@ impl BiasConstraint {
             if !d.iter().all(|v| v.is_finite()) || (norm - 1.0).abs() > 1e-3 {
                 return bad(format!("direction of layer {l} is not a finite unit vector (norm {norm})"));
             }
-            if !(0.0..=1.0).contains(&self.weights[l]) {
-                return bad(format!("weight of layer {l} is {}, outside [0, 1]", self.weights[l]));
+            let (weight, cap) = (self.weights[l], self.max_weights[l]);
+            if !(0.0..=1.0).contains(&weight) {
+                return bad(format!("weight of layer {l} is {weight}, outside [0, 1]"));
+            }
+            if !(0.0..=1.0).contains(&cap) {
+                return bad(format!("max weight of layer {l} is {cap}, outside [0, 1]"));
+            }
+            if cap < weight {
+                return bad(format!("max weight of layer {l} is {cap}, below its predefined weight {weight}"));
             }
             let spread = self.baseline_std[l];
             if !self.baseline_mean[l].is_finite() || spread.is_nan() || spread <= 0.0 || spread.is_infinite() {
@@ -221,51 +382,88 @@ impl BiasConstraint {
                 ));
             }
         }
+        if self.signal == LoopSignal::PronounShare && (self.she_tokens.is_empty() || self.he_tokens.is_empty()) {
+            return bad(format!(
+                "loop signal pronoun-share with {} she and {} he token ids: it needs both",
+                self.she_tokens.len(),
+                self.he_tokens.len()
+            ));
+        }
+        if let Some(both) = self.she_tokens.iter().find(|t| self.he_tokens.contains(t)) {
+            return bad(format!("token id {both} is both a she and a he pronoun"));
+        }
         Ok(())
     }
 
-    /// Parses and checks a section.
+    /// Parses and checks a section (version 1, 2 or 3).
     pub fn from_section(bytes: &[u8]) -> Result<Self> {
         let corrupt = |what: String| Error::corrupt(format!("section bias: {what}"));
         if bytes.len() < HEADER_BYTES_V1 {
             return Err(corrupt(format!("{} bytes is shorter than its header", bytes.len())));
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
-        let header_bytes = match u32_at(0) {
+        let version = u32_at(0);
+        let header_bytes = match version {
             1 => HEADER_BYTES_V1,
+            2 => HEADER_BYTES_V2,
             VERSION => HEADER_BYTES,
             other => {
                 return Err(Error::unsupported(format!(
-                    "section bias version {other} (this reader knows 1 and {VERSION})"
+                    "section bias version {other} (this reader knows 1 to {VERSION})"
                 )))
             }
         };
         if bytes.len() < header_bytes {
-            return Err(corrupt(format!("{} bytes is shorter than its header", bytes.len())));
-        }
-        let signal = if header_bytes == HEADER_BYTES_V1 {
-            LoopSignal::MeanLean
-        } else {
-            LoopSignal::from_code(u32_at(32))
-                .ok_or_else(|| corrupt(format!("loop signal {} is neither 0 nor 1", u32_at(32))))?
-        };
-        let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
-        let kind = DirectionKind::from_code(u32_at(16))
-            .ok_or_else(|| corrupt(format!("direction kind {} is neither 0 nor 1", u32_at(16))))?;
-        let has_midpoint = match u32_at(20) {
-            0 | 1 => false,
-            2 if header_bytes == HEADER_BYTES => true,
-            other => return Err(corrupt(format!("centre flag {other} is neither 0, 1 nor 2 (version 2)"))),
-        };
-        let per_layer = if has_midpoint { 4 } else { 3 };
-        let values = layers
-            .checked_mul(dim)
-            .and_then(|n| n.checked_add(per_layer * layers))
-            .ok_or_else(|| corrupt(format!("{layers} × {dim} overflows")))?;
-        let expected = values.checked_mul(4).and_then(|n| n.checked_add(header_bytes));
-        if expected != Some(bytes.len()) {
             return Err(corrupt(format!(
-                "{} bytes, but {layers} layers of width {dim} take {expected:?}",
+                "{} bytes is shorter than its version {version} header of {header_bytes}",
+                bytes.len()
+            )));
+        }
+        // Each version reads only the codes that existed when it was current.
+        let known = |code: u32, highest: u32, what: &str| -> Result<u32> {
+            if code <= highest {
+                Ok(code)
+            } else {
+                Err(corrupt(format!("{what} {code} is not one of 0 to {highest} (section version {version})")))
+            }
+        };
+        let (highest_kind, highest_centre, highest_signal) = match version {
+            1 => (1, 1, 0),
+            2 => (1, 2, 1),
+            _ => (2, 3, 2),
+        };
+        let signal = if version == 1 { 0 } else { u32_at(32) };
+        let signal = LoopSignal::from_code(known(signal, highest_signal, "loop signal")?).expect("a known code");
+        let kind = DirectionKind::from_code(known(u32_at(16), highest_kind, "direction kind")?).expect("a known code");
+        let centre_word = known(u32_at(20), highest_centre, "centre flag")?;
+        let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
+        let (gates, she_count, he_count) = if version == VERSION {
+            (CalibrationGates { evaluated: u32_at(36), passed: u32_at(40) }, u32_at(44) as usize, u32_at(48) as usize)
+        } else {
+            (CalibrationGates::default(), 0, 0)
+        };
+        // Per layer: weights, baseline mean and std; the centre's values
+        // (words 2 and 3); the loop's caps (version 3).
+        let per_layer = 3 + usize::from(centre_word >= 2) + usize::from(version == VERSION);
+        let expected = layers
+            .checked_mul(dim)
+            .and_then(|n| n.checked_add(layers.checked_mul(per_layer)?))
+            .and_then(|n| n.checked_add(she_count)?.checked_add(he_count))
+            .and_then(|n| n.checked_mul(4)?.checked_add(header_bytes));
+        if expected != Some(bytes.len()) {
+            let expected = expected.map_or("more than fits in memory".to_string(), |n| format!("{n} bytes"));
+            let centre = if centre_word >= 2 {
+                format!(", per-layer values of centre word {centre_word}")
+            } else {
+                String::new()
+            };
+            let tokens = if version == VERSION {
+                format!(", {she_count} she and {he_count} he token ids")
+            } else {
+                String::new()
+            };
+            return Err(corrupt(format!(
+                "{} bytes, but {layers} layers of width {dim}{centre}{tokens} take {expected}",
                 bytes.len()
             )));
         }
@@ -273,57 +471,76 @@ impl BiasConstraint {
         if crc32fast::hash(payload) != u32_at(12) {
             return Err(corrupt("checksum does not match its contents".into()));
         }
-        let floats: Vec<f32> = payload.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let words: Vec<[u8; 4]> = payload.chunks_exact(4).map(|c| c.try_into().unwrap()).collect();
+        let (floats, ids) = words.split_at(words.len() - she_count - he_count);
+        let floats: Vec<f32> = floats.iter().map(|w| f32::from_le_bytes(*w)).collect();
+        let ids: Vec<u32> = ids.iter().map(|w| u32::from_le_bytes(*w)).collect();
         let (directions, rest) = floats.split_at(layers * dim);
+        let mut per_layer = rest.chunks_exact(layers.max(1)).map(<[f32]>::to_vec);
+        let mut next = || per_layer.next().unwrap_or_default();
+        let (weights, baseline_mean, baseline_std) = (next(), next(), next());
+        let centre = match centre_word {
+            0 => Centre::Zero,
+            1 => Centre::Baseline,
+            2 => Centre::Midpoint(next()),
+            _ => Centre::Parity(next()),
+        };
+        let max_weights = if version == VERSION { next() } else { vec![1.0; layers] };
         let constraint = Self {
             kind,
             signal,
-            centre: match u32_at(20) {
-                0 => Centre::Zero,
-                1 => Centre::Baseline,
-                _ => Centre::Midpoint(rest[3 * layers..].to_vec()),
-            },
+            centre,
             layers,
             dim,
             directions: directions.to_vec(),
-            weights: rest[..layers].to_vec(),
-            baseline_mean: rest[layers..2 * layers].to_vec(),
-            baseline_std: rest[2 * layers..3 * layers].to_vec(),
+            weights,
+            baseline_mean,
+            baseline_std,
             loop_target: f32::from_bits(u32_at(24)),
             loop_hard_limit: f32::from_bits(u32_at(28)),
+            max_weights,
+            she_tokens: ids[..she_count].to_vec(),
+            he_tokens: ids[she_count..].to_vec(),
+            gates,
         };
         constraint.check()?;
         Ok(constraint)
     }
 
-    /// The section's bytes.
+    /// The section's bytes (always the current version).
     pub fn to_section(&self) -> Result<Vec<u8>> {
         self.check().map_err(|e| Error::invalid(e.message().to_string()))?;
-        let mut payload = Vec::with_capacity(4 * (self.directions.len() + 4 * self.layers));
-        let midpoint: &[f32] = match &self.centre {
-            Centre::Midpoint(midpoint) => midpoint,
-            _ => &[],
-        };
+        let tokens = self.she_tokens.len() + self.he_tokens.len();
+        let mut payload = Vec::with_capacity(4 * (self.directions.len() + 5 * self.layers + tokens));
         for v in self
             .directions
             .iter()
             .chain(&self.weights)
             .chain(&self.baseline_mean)
             .chain(&self.baseline_std)
-            .chain(midpoint)
+            .chain(self.centre.values())
+            .chain(&self.max_weights)
         {
             payload.extend_from_slice(&v.to_le_bytes());
         }
+        for id in self.she_tokens.iter().chain(&self.he_tokens) {
+            payload.extend_from_slice(&id.to_le_bytes());
+        }
         let mut out = vec![0u8; HEADER_BYTES];
-        out[0..4].copy_from_slice(&VERSION.to_le_bytes());
-        out[4..8].copy_from_slice(&(self.layers as u32).to_le_bytes());
-        out[8..12].copy_from_slice(&(self.dim as u32).to_le_bytes());
-        out[12..16].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out[16..20].copy_from_slice(&self.kind.code().to_le_bytes());
-        out[20..24].copy_from_slice(&self.centre.code().to_le_bytes());
-        out[24..28].copy_from_slice(&self.loop_target.to_le_bytes());
-        out[28..32].copy_from_slice(&self.loop_hard_limit.to_le_bytes());
-        out[32..36].copy_from_slice(&self.signal.code().to_le_bytes());
+        let mut put = |at: usize, word: u32| out[at..at + 4].copy_from_slice(&word.to_le_bytes());
+        put(0, VERSION);
+        put(4, self.layers as u32);
+        put(8, self.dim as u32);
+        put(12, crc32fast::hash(&payload));
+        put(16, self.kind.code());
+        put(20, self.centre.code());
+        put(24, self.loop_target.to_bits());
+        put(28, self.loop_hard_limit.to_bits());
+        put(32, self.signal.code());
+        put(36, self.gates.evaluated);
+        put(40, self.gates.passed);
+        put(44, self.she_tokens.len() as u32);
+        put(48, self.he_tokens.len() as u32);
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -363,11 +580,12 @@ impl ProjectionStats {
 }
 
 /// The feedback loop (`--feedback adaptive`): after each response, its bias
-/// signal from the projections recorded while it was generated, and the
-/// constraint weights adjusted from it.
+/// signal, and the constraint weights adjusted from it.
+///
+/// For the projection signals ([`LoopSignal::Spread`], [`LoopSignal::MeanLean`]):
 ///
 /// - Per layer, `z_l` as the section's [`LoopSignal`] says: with `Spread`
-///   (the default since section version 2) the root mean square of
+///   (the default of section version 2) the root mean square of
 ///   `(h · d_l − baseline mean) / baseline std` over the response's tokens,
 ///   how far it departed from neutral text either way; with `MeanLean`
 ///   (every version 1 section) `(mean of h · d_l − baseline mean) / baseline std`, how far
@@ -375,34 +593,65 @@ impl ProjectionStats {
 ///   [`DirectionKind::PrincipalComponent`] direction, whose sign means nothing).
 /// - The response's **signal** is the mean of `z_l` over the layers.
 /// - Above `target`: the weights of the quarter of the layers with the
-///   largest `z_l` rise by `step`, at most to `max_weight`. Otherwise every
-///   weight decays a share `decay` of the way back to its predefined value.
+///   largest `z_l` rise by `step`, each at most to its `max_weights[l]`.
+///   Otherwise every weight decays a share `decay` of the way back to its
+///   predefined value.
 /// - A signal above `hard_limit` asks the caller to regenerate (bounded by
 ///   the caller's retries).
 ///
-/// The state (weights, count, recent signals) persists with
-/// [`FeedbackLoop::save`]: a temporary file, fsync, rename, so a crash at
-/// any moment leaves the old state or the new one.
+/// For [`LoopSignal::PronounShare`], the answer's own tokens drive it:
+///
+/// - An answer with `she` female and `he` male pronouns (the section's ids)
+///   reads `s = she / (she + he) − 0.5` (positive leans female), and the
+///   running deviation moves [`SHARE_RATE`] of the way toward it. The
+///   response's **signal** is that running deviation, signed: answers about
+///   a woman and about a man cancel in it instead of each counting as bias.
+/// - If `|running deviation| > target` (a running she-share outside
+///   0.40–0.60 by default), every layer whose cap `max_weights[l]` is above 0
+///   rises by `step`, at most to its cap: too male and too female both pull
+///   harder toward the parity centre. Otherwise every weight decays as above.
+/// - An answer with no gendered pronoun says nothing about the share: the
+///   running deviation, the weights, the count and the recent signals stay
+///   as they were, and the current running deviation is returned.
+/// - The hard limit never applies: an answer about a woman is rightly all
+///   *she*, and generating it again would not make it less so.
+/// - Each response's lean along the directions from the centre
+///   ([`BiasConstraint::lean`]) is kept in `last_lean` for reports; it does
+///   not drive the loop.
+///
+/// The state (weights, count, recent signals, running share deviation)
+/// persists with [`FeedbackLoop::save`]: a temporary file, fsync, rename, so
+/// a crash at any moment leaves the old state or the new one.
 #[derive(Debug, Clone)]
 pub struct FeedbackLoop {
+    /// How the section reads a response.
+    pub signal: LoopSignal,
     /// The section's predefined weights.
     pub predefined: Vec<f32>,
     /// The weights in force.
     pub weights: Vec<f32>,
-    /// Signal above which the weights rise.
+    /// Signal above which the weights rise (for [`LoopSignal::PronounShare`]:
+    /// the running deviation's size above which they rise).
     pub target: f32,
     /// Rise per response.
     pub step: f32,
-    /// Highest weight the loop sets.
-    pub max_weight: f32,
+    /// Per layer, the highest weight the loop sets (the section's caps).
+    pub max_weights: Vec<f32>,
     /// Share of the way back to the predefined weights per calm response.
     pub decay: f32,
-    /// Signal above which a response should be regenerated.
+    /// Signal above which a response should be regenerated (never for
+    /// [`LoopSignal::PronounShare`]).
     pub hard_limit: f32,
-    /// Responses seen.
+    /// Responses taken (for [`LoopSignal::PronounShare`], those with a gendered pronoun).
     pub responses: u64,
     /// The last [`RECENT`] signals, oldest first.
     pub recent: Vec<f32>,
+    /// The running deviation of the answers' she-share from one half
+    /// (signed, positive leans female; [`LoopSignal::PronounShare`]).
+    pub share_deviation: f32,
+    /// The last response's lean along the directions from the centre
+    /// ([`BiasConstraint::lean`]), for reports.
+    pub last_lean: f32,
     /// Per-layer `z_l` of the last response (scratch, allocated once).
     z: Vec<f32>,
     order: Vec<f32>,
@@ -418,20 +667,29 @@ pub struct FeedbackSnapshot {
     pub predefined: Vec<f32>,
     /// The last signals, oldest first.
     pub recent: Vec<f32>,
-    /// Responses seen (restored ones included).
+    /// Responses taken (restored ones included).
     pub responses: u64,
     /// Signal above which the weights rise.
     pub target: f32,
     /// Signal above which a response should be regenerated.
     pub hard_limit: f32,
+    /// The running she-share deviation (0 unless the signal is `pronoun-share`).
+    pub share_deviation: f32,
+    /// The last response's lean along the directions from the centre.
+    pub lean: f32,
+    /// The signal's name (`spread`, `mean-lean`, `pronoun-share`; empty when off).
+    pub signal: &'static str,
 }
 
 /// How an image's bias constraint is used: the one policy `bramble`'s
 /// `--feedback` and `brambled`'s `bias.feedback` both name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Feedback {
-    /// Off until a calibration records that it passed the bias gates (erasing
-    /// toward h·d = 0 wrote "she" out of answers); none does yet.
+    /// Adaptive for an image whose bias section records that its calibration
+    /// evaluated and passed every gate ([`CalibrationGates::all_passed`]);
+    /// off otherwise, with the reason (no section, a section written before
+    /// the gates existed, whose constraint wrote "she" out of answers, or
+    /// the gates that failed). See [`Feedback::resolve`].
     #[default]
     Auto,
     /// No constraint, no signal.
@@ -456,19 +714,27 @@ impl Feedback {
         }
     }
 
-    /// What `auto` comes to for an image: off, with the reason, while no
-    /// calibration records passed gates; any other policy stays as asked.
-    pub fn resolve(self) -> (Feedback, Option<&'static str>) {
-        match self {
-            Feedback::Auto => (
-                Feedback::Off,
-                Some(
-                    "`auto` turns it on only for an image whose calibration passed the bias gates, \
-                     and none records that yet (the first design wrote \"she\" out of answers)",
-                ),
-            ),
-            other => (other, None),
+    /// What the policy comes to for an image whose bias section reads as
+    /// `constraint` (`None`: it has none). `auto` is adaptive when the
+    /// section records every calibration gate passed, and off otherwise,
+    /// with the reason; any other policy stays as asked, with no reason.
+    pub fn resolve(self, constraint: Option<&BiasConstraint>) -> (Feedback, Option<String>) {
+        if self != Feedback::Auto {
+            return (self, None);
         }
+        let reason = match constraint {
+            None => "the image has no bias section".to_string(),
+            Some(c) if c.gates == CalibrationGates::default() => {
+                "the image's bias section records no calibration gates (written before they existed; \
+                 the first design wrote \"she\" out of answers)"
+                    .to_string()
+            }
+            Some(c) if !c.gates.all_passed() => {
+                format!("the image's calibration did not pass the bias gates: {}", c.gates.describe())
+            }
+            Some(_) => return (Feedback::Adaptive, None),
+        };
+        (Feedback::Off, Some(reason))
     }
 }
 
@@ -495,30 +761,41 @@ impl std::str::FromStr for Feedback {
 
 /// Signals kept in [`FeedbackLoop::recent`].
 pub const RECENT: usize = 16;
-const STATE_MAGIC: &str = "bramble-bias-state 1";
+/// The state file's first line; version 2 adds the `share` line.
+const STATE_MAGIC: &str = "bramble-bias-state 2";
+const STATE_MAGIC_V1: &str = "bramble-bias-state 1";
 
 impl FeedbackLoop {
-    /// A loop starting at the constraint's predefined weights, with its
-    /// calibrated target and hard limit (or the defaults) and the default step and decay.
+    /// A loop starting at the constraint's predefined weights, with its caps,
+    /// its calibrated target and hard limit (or the defaults) and the default
+    /// step and decay.
     pub fn new(constraint: &BiasConstraint) -> Self {
         let layers = constraint.layers;
         let or = |value: f32, default: f32| if value > 0.0 { value } else { default };
+        let default_target =
+            if constraint.signal == LoopSignal::PronounShare { DEFAULT_SHARE_TARGET } else { DEFAULT_TARGET };
         Self {
+            signal: constraint.signal,
             predefined: constraint.weights.clone(),
             weights: constraint.weights.clone(),
-            target: or(constraint.loop_target, DEFAULT_TARGET),
+            target: or(constraint.loop_target, default_target),
             step: 0.1,
-            max_weight: 1.0,
+            max_weights: constraint.max_weights.clone(),
             decay: 0.25,
             hard_limit: or(constraint.loop_hard_limit, DEFAULT_HARD_LIMIT),
             responses: 0,
             recent: Vec::with_capacity(RECENT),
+            share_deviation: 0.0,
+            last_lean: 0.0,
             z: vec![0.0; layers],
             order: vec![0.0; layers],
         }
     }
 
-    /// The signal of the response whose projections `stats` holds (0 for none).
+    /// The projection signal of the response whose projections `stats`
+    /// holds (0 for none), as the section's [`LoopSignal`] reads them; for
+    /// [`LoopSignal::PronounShare`], which reads the answer instead, the
+    /// response's lean ([`BiasConstraint::lean`]).
     pub fn signal(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
         if stats.tokens == 0 {
             return 0.0;
@@ -541,6 +818,7 @@ impl FeedbackLoop {
                     let square = stats.sum_squares[l] / tokens - 2.0 * centre * stats.mean(l) + centre * centre;
                     square.max(0.0).sqrt() / spread
                 }
+                LoopSignal::PronounShare => return constraint.lean(stats),
             } as f32;
         }
         self.z.iter().sum::<f32>() / self.z.len() as f32
@@ -553,9 +831,18 @@ impl FeedbackLoop {
     }
 
     /// Takes a finished response without adjusting the weights (the static
-    /// policy): its signal, counted and remembered. Returns the signal.
-    /// Allocates nothing.
-    pub fn observe(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
+    /// policy): its signal, counted and remembered (for
+    /// [`LoopSignal::PronounShare`], the running deviation moved by the
+    /// answer's pronouns). `answer` is the response's generated tokens
+    /// (`&[]` without one; only the pronoun-share signal reads them).
+    /// Returns the signal. Allocates nothing.
+    pub fn observe(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint, answer: &[u32]) -> f32 {
+        if stats.tokens > 0 {
+            self.last_lean = constraint.lean(stats);
+        }
+        if self.signal == LoopSignal::PronounShare {
+            return self.take_pronouns(constraint, answer, false);
+        }
         let signal = self.signal(stats, constraint);
         if stats.tokens > 0 {
             self.remember(signal);
@@ -564,8 +851,16 @@ impl FeedbackLoop {
     }
 
     /// Takes a finished response: its signal, the weights adjusted, the
-    /// signal remembered. Returns the signal. Allocates nothing.
-    pub fn after_response(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint) -> f32 {
+    /// signal remembered (see [`FeedbackLoop`]). `answer` is the response's
+    /// generated tokens (`&[]` without one; only the pronoun-share signal
+    /// reads them). Returns the signal. Allocates nothing.
+    pub fn after_response(&mut self, stats: &ProjectionStats, constraint: &BiasConstraint, answer: &[u32]) -> f32 {
+        if stats.tokens > 0 {
+            self.last_lean = constraint.lean(stats);
+        }
+        if self.signal == LoopSignal::PronounShare {
+            return self.take_pronouns(constraint, answer, true);
+        }
         let signal = self.signal(stats, constraint);
         if stats.tokens == 0 {
             return signal;
@@ -576,18 +871,49 @@ impl FeedbackLoop {
             let k = (self.z.len() / 4).max(1);
             let (_, kth, _) = self.order.select_nth_unstable_by(self.z.len() - k, |a, b| a.total_cmp(b));
             let cut = *kth;
-            for (w, &z) in self.weights.iter_mut().zip(&self.z) {
+            for ((w, &z), &cap) in self.weights.iter_mut().zip(&self.z).zip(&self.max_weights) {
                 if z >= cut {
-                    *w = (*w + self.step).min(self.max_weight);
+                    *w = (*w + self.step).min(cap);
                 }
             }
         } else {
-            for (w, &p) in self.weights.iter_mut().zip(&self.predefined) {
-                *w += self.decay * (p - *w);
+            self.decay_weights();
+        }
+        self.remember(signal);
+        signal
+    }
+
+    /// The pronoun-share loop's response: the running deviation moved by the
+    /// answer's pronouns and, when `adjust`, the weights with it. An answer
+    /// without a gendered pronoun changes nothing.
+    fn take_pronouns(&mut self, constraint: &BiasConstraint, answer: &[u32], adjust: bool) -> f32 {
+        let (she, he) = constraint.count_pronouns(answer);
+        if she + he == 0 {
+            return self.share_deviation;
+        }
+        let share = she as f32 / (she + he) as f32 - 0.5;
+        self.share_deviation += SHARE_RATE * (share - self.share_deviation);
+        let signal = self.share_deviation;
+        if adjust {
+            if signal.abs() > self.target {
+                for (w, &cap) in self.weights.iter_mut().zip(&self.max_weights) {
+                    if cap > 0.0 {
+                        *w = (*w + self.step).min(cap);
+                    }
+                }
+            } else {
+                self.decay_weights();
             }
         }
         self.remember(signal);
         signal
+    }
+
+    /// Every weight a share `decay` of the way back to its predefined value.
+    fn decay_weights(&mut self) {
+        for (w, &p) in self.weights.iter_mut().zip(&self.predefined) {
+            *w += self.decay * (p - *w);
+        }
     }
 
     /// Counts a response and keeps its signal among the last [`RECENT`].
@@ -599,9 +925,11 @@ impl FeedbackLoop {
         self.recent.push(signal);
     }
 
-    /// Whether a response of this signal should be regenerated.
+    /// Whether a response of this signal should be regenerated. Never for
+    /// [`LoopSignal::PronounShare`]: an answer about a woman is rightly all
+    /// *she*, so no single answer's pronouns are a reason to generate it again.
     pub fn exceeds_hard_limit(&self, signal: f32) -> bool {
-        signal > self.hard_limit
+        self.signal != LoopSignal::PronounShare && signal > self.hard_limit
     }
 
     /// A copy of the loop's state, for a report.
@@ -619,16 +947,20 @@ impl FeedbackLoop {
         snapshot.responses = self.responses;
         snapshot.target = self.target;
         snapshot.hard_limit = self.hard_limit;
+        snapshot.share_deviation = self.share_deviation;
+        snapshot.lean = self.last_lean;
+        snapshot.signal = self.signal.name();
     }
 
     fn to_text(&self) -> String {
         let list = |v: &[f32]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" ");
         let body = format!(
-            "{STATE_MAGIC}\nlayers {}\nresponses {}\nweights {}\nrecent {}\n",
+            "{STATE_MAGIC}\nlayers {}\nresponses {}\nweights {}\nrecent {}\nshare {:?}\n",
             self.weights.len(),
             self.responses,
             list(&self.weights),
-            list(&self.recent)
+            list(&self.recent),
+            self.share_deviation
         );
         format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()))
     }
@@ -656,7 +988,8 @@ impl FeedbackLoop {
 
     /// Restores a state saved by [`FeedbackLoop::save`] onto a loop made
     /// for `constraint` (its settings kept); a missing file leaves it as is
-    /// and returns `false`.
+    /// and returns `false`. A version 1 file (before the `share` line)
+    /// restores with a running share deviation of 0.
     pub fn restore(&mut self, path: &std::path::Path) -> Result<bool> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
@@ -671,9 +1004,11 @@ impl FeedbackLoop {
             return Err(bad("checksum does not match its contents".into()));
         }
         let mut lines = body.lines();
-        if lines.next() != Some(STATE_MAGIC) {
-            return Err(bad(format!("does not begin with {STATE_MAGIC:?}")));
-        }
+        let has_share = match lines.next() {
+            Some(STATE_MAGIC) => true,
+            Some(STATE_MAGIC_V1) => false,
+            _ => return Err(bad(format!("does not begin with {STATE_MAGIC:?} or {STATE_MAGIC_V1:?}"))),
+        };
         let mut field = |name: &str| -> Result<String> {
             let line = lines.next().unwrap_or_default();
             line.strip_prefix(name)
@@ -689,6 +1024,11 @@ impl FeedbackLoop {
         };
         let weights = floats(field("weights")?, "weights")?;
         let recent = floats(field("recent")?, "recent")?;
+        let share = if has_share {
+            field("share")?.parse::<f32>().map_err(|_| bad("share is not a number".into()))?
+        } else {
+            0.0
+        };
         if layers != self.weights.len() || weights.len() != layers {
             return Err(bad(format!(
                 "{} weights for {layers} layers; the model has {}",
@@ -699,10 +1039,20 @@ impl FeedbackLoop {
         if !weights.iter().all(|w| (0.0..=1.0).contains(w)) || recent.len() > RECENT {
             return Err(bad("weights outside [0, 1] or too many recent signals".into()));
         }
+        if let Some(l) = (0..layers).find(|&l| weights[l] > self.max_weights[l]) {
+            return Err(bad(format!(
+                "weight of layer {l} is {}, above the section's cap {}",
+                weights[l], self.max_weights[l]
+            )));
+        }
+        if !(-0.5..=0.5).contains(&share) {
+            return Err(bad(format!("share deviation {share} is outside [−0.5, 0.5]")));
+        }
         self.weights.copy_from_slice(&weights);
         self.responses = responses;
         self.recent.clear();
         self.recent.extend_from_slice(&recent);
+        self.share_deviation = share;
         Ok(true)
     }
 }
@@ -718,10 +1068,56 @@ mod tests {
         }
         assert_eq!(" none ".parse::<Feedback>(), Ok(Feedback::Off));
         assert!("on".parse::<Feedback>().unwrap_err().contains("\"on\" is not one of auto, off, static, adaptive"));
-        let (resolved, reason) = Feedback::Auto.resolve();
+    }
+
+    #[test]
+    fn auto_is_adaptive_only_for_a_calibration_that_passed_every_gate() {
+        let passed = BiasConstraint { gates: CalibrationGates { evaluated: gate::ALL, passed: gate::ALL }, ..sample() };
+        assert!(passed.gates.all_passed());
+        assert_eq!(Feedback::Auto.resolve(Some(&passed)), (Feedback::Adaptive, None));
+        // One gate failed: off, naming it.
+        let failed = BiasConstraint {
+            gates: CalibrationGates { evaluated: gate::ALL, passed: gate::ALL & !gate::FACTUAL },
+            ..sample()
+        };
+        let (resolved, reason) = Feedback::Auto.resolve(Some(&failed));
         assert_eq!(resolved, Feedback::Off);
-        assert!(reason.unwrap().contains("bias gates"));
-        assert_eq!(Feedback::Adaptive.resolve(), (Feedback::Adaptive, None));
+        assert_eq!(reason.unwrap(), "the image's calibration did not pass the bias gates: failed: factual");
+        // No section; a section from before the gates.
+        let (resolved, reason) = Feedback::Auto.resolve(None);
+        assert_eq!((resolved, reason.as_deref()), (Feedback::Off, Some("the image has no bias section")));
+        let (resolved, reason) = Feedback::Auto.resolve(Some(&sample()));
+        assert_eq!(resolved, Feedback::Off);
+        assert!(reason.unwrap().contains("records no calibration gates"));
+        // Every other policy stays as asked, whatever the gates.
+        for policy in [Feedback::Off, Feedback::Static, Feedback::Adaptive] {
+            assert_eq!(policy.resolve(None), (policy, None));
+            assert_eq!(policy.resolve(Some(&failed)), (policy, None));
+            assert_eq!(policy.resolve(Some(&passed)), (policy, None));
+        }
+    }
+
+    #[test]
+    fn gates_describe_the_failed_and_the_unevaluated_by_name() {
+        let all = CalibrationGates { evaluated: gate::ALL, passed: gate::ALL };
+        assert_eq!((all.all_passed(), all.describe().as_str()), (true, "all passed"));
+        let some = CalibrationGates {
+            evaluated: gate::ALL & !gate::PERPLEXITY & !gate::SKEW,
+            passed: gate::SLOPE_CUT | gate::NOT_MORE_MALE | gate::R_CUT,
+        };
+        assert!(!some.all_passed());
+        assert_eq!(some.describe(), "failed: gap-cut, factual; not evaluated: skew, perplexity");
+        let none = CalibrationGates::default();
+        assert_eq!(
+            none.describe(),
+            "not evaluated: gap-cut, slope-cut, skew, not-more-male, r-cut, factual, perplexity"
+        );
+        // A gate this reader does not know keeps `auto` off, and is named.
+        let future = CalibrationGates { evaluated: gate::ALL | 128, passed: gate::ALL | 128 };
+        assert!(!future.all_passed());
+        assert_eq!(future.describe(), "unknown gates: 0x80");
+        // Passing every gate without evaluating them is not passing.
+        assert!(!CalibrationGates { evaluated: 0, passed: gate::ALL }.all_passed());
     }
 
     fn sample() -> BiasConstraint {
@@ -742,6 +1138,10 @@ mod tests {
             loop_target: 0.0,
             loop_hard_limit: 0.0,
             signal: LoopSignal::MeanLean,
+            max_weights: vec![1.0; layers],
+            she_tokens: Vec::new(),
+            he_tokens: Vec::new(),
+            gates: CalibrationGates::default(),
         }
     }
 
@@ -758,15 +1158,15 @@ mod tests {
         let c = sample();
         let mut feedback = FeedbackLoop::new(&c);
         // Layer 2 far toward the stereotype: the signal is above target and only it rises.
-        let signal = feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &c);
+        let signal = feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &c, &[]);
         assert!((signal - 1.0).abs() < 1e-5, "{signal}");
         assert_eq!(feedback.weights, vec![0.0, 0.5, 1.0], "layer 2 is at the maximum already");
-        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c);
+        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c, &[]);
         assert!(signal > feedback.target);
         assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0]);
         // Calm responses decay toward the predefined weights.
         for _ in 0..40 {
-            feedback.after_response(&stats(&[0.1, -0.2, 0.3]), &c);
+            feedback.after_response(&stats(&[0.1, -0.2, 0.3]), &c, &[]);
         }
         assert!((feedback.weights[0] - 0.0).abs() < 1e-4, "{:?}", feedback.weights);
         assert_eq!(feedback.responses, 42);
@@ -779,21 +1179,21 @@ mod tests {
         let c = sample();
         let mut feedback = FeedbackLoop::new(&c);
         let biased = stats(&[0.1 + 3.0, -0.2, 0.3]);
-        let signal = feedback.observe(&biased, &c);
+        let signal = feedback.observe(&biased, &c, &[]);
         assert!(signal > feedback.target, "{signal}");
         assert_eq!(feedback.weights, c.weights, "observing never adjusts");
         assert_eq!((feedback.responses, feedback.recent.clone()), (1, vec![signal]));
         // A response with no projections is not counted.
         let empty = ProjectionStats::new(c.layers);
-        assert_eq!(feedback.observe(&empty, &c), 0.0);
+        assert_eq!(feedback.observe(&empty, &c, &[]), 0.0);
         assert_eq!(feedback.responses, 1);
         // Only the last RECENT signals are kept, oldest first, as after_response keeps them.
         let mut adjusting = FeedbackLoop::new(&c);
-        adjusting.after_response(&biased, &c);
+        adjusting.after_response(&biased, &c, &[]);
         for i in 0..RECENT + 3 {
             let response = stats(&[0.1 + i as f64, -0.2, 0.3]);
-            feedback.observe(&response, &c);
-            adjusting.after_response(&response, &c);
+            feedback.observe(&response, &c, &[]);
+            adjusting.after_response(&response, &c, &[]);
         }
         assert_eq!(feedback.responses, RECENT as u64 + 4);
         assert_eq!(feedback.recent, adjusting.recent);
@@ -825,15 +1225,21 @@ mod tests {
                 responses: 0,
                 target: 0.5,
                 hard_limit: 1.25,
+                share_deviation: 0.0,
+                lean: 0.0,
+                signal: "mean-lean",
             }
         );
-        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c);
+        let signal = feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c, &[]);
         assert_ne!(snapshot.weights, feedback.weights, "a snapshot is a copy");
         feedback.update_snapshot(&mut snapshot);
         assert_eq!(snapshot, feedback.snapshot());
         assert_eq!((snapshot.weights.clone(), snapshot.recent.clone()), (vec![0.1, 0.5, 1.0], vec![signal]));
         assert_eq!(snapshot.predefined, c.weights);
         assert_eq!(snapshot.responses, 1);
+        // The lean from the centre (0 here), in baseline deviations: layer 0 at 3.1 / 1.
+        let lean = (3.1 + -0.2 / 2.0 + 0.3 / 0.5) / 3.0;
+        assert!((snapshot.lean - lean).abs() < 1e-5, "{snapshot:?}");
     }
 
     #[test]
@@ -843,10 +1249,10 @@ mod tests {
         // Every layer below its neutral mean: layer 0 by 3 baseline deviations, the others by 2.
         let below = stats(&[0.1 - 3.0, -0.2 - 4.0, 0.3 - 1.0]);
         let mut feedback = FeedbackLoop::new(&signed);
-        assert!((feedback.after_response(&below, &signed) + 7.0 / 3.0).abs() < 1e-5);
+        assert!((feedback.after_response(&below, &signed, &[]) + 7.0 / 3.0).abs() < 1e-5);
         assert_eq!(feedback.weights, signed.weights, "a signed signal below the target decays");
         let mut feedback = FeedbackLoop::new(&two_sided);
-        assert!((feedback.after_response(&below, &two_sided) - 7.0 / 3.0).abs() < 1e-5);
+        assert!((feedback.after_response(&below, &two_sided, &[]) - 7.0 / 3.0).abs() < 1e-5);
         assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0], "the two-sided signal is above the target");
     }
 
@@ -862,7 +1268,7 @@ mod tests {
         assert_eq!((feedback.target, feedback.hard_limit), (0.6, 1.5));
         // A response at 0.5 (layer 2 at 1.5 deviations) is above the default target, not above this one.
         let mut feedback = FeedbackLoop::new(&read);
-        feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &read);
+        feedback.after_response(&stats(&[0.1, -0.2, 0.3 + 0.5 * 3.0]), &read, &[]);
         assert_eq!(feedback.weights, c.weights, "below the calibrated target the weights stay");
         for bad in [-1.0, f32::NAN, f32::INFINITY] {
             let error = BiasConstraint { loop_target: bad, ..c.clone() }.to_section().unwrap_err();
@@ -881,7 +1287,7 @@ mod tests {
         let path = dir.path().join("bias.state");
         let mut feedback = FeedbackLoop::new(&c);
         assert!(!feedback.restore(&path).unwrap(), "no file: nothing restored");
-        feedback.after_response(&stats(&[3.0, 3.0, 3.0]), &c);
+        feedback.after_response(&stats(&[3.0, 3.0, 3.0]), &c, &[]);
         feedback.save(&path).unwrap();
         let mut restored = FeedbackLoop::new(&c);
         assert!(restored.restore(&path).unwrap());
@@ -897,10 +1303,62 @@ mod tests {
         assert!(FeedbackLoop::new(&c).restore(&path).is_err(), "a torn file is refused");
     }
 
+    /// The bytes an older build wrote for `c` as section `version` 1 or 2:
+    /// a 32- or 48-byte header, then directions, weights, baseline mean and
+    /// std, and (version 2, centre word 2) the midpoints. Written out here
+    /// rather than by the code under test, so it stays what those builds wrote.
+    fn legacy_section(c: &BiasConstraint, version: u32) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for v in c.directions.iter().chain(&c.weights).chain(&c.baseline_mean).chain(&c.baseline_std) {
+            payload.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Centre::Midpoint(midpoint) = &c.centre {
+            midpoint.iter().for_each(|v| payload.extend_from_slice(&v.to_le_bytes()));
+        }
+        let centre = match c.centre {
+            Centre::Zero => 0u32,
+            Centre::Baseline => 1,
+            _ => 2,
+        };
+        let mut words = vec![version, c.layers as u32, c.dim as u32, crc32fast::hash(&payload)];
+        words.extend([c.kind.code(), centre, c.loop_target.to_bits(), c.loop_hard_limit.to_bits()]);
+        if version == 2 {
+            words.extend([c.signal.code(), 0, 0, 0]);
+        }
+        let mut out: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// `bytes` with the header's checksum made to match its payload again
+    /// (to reach the checks after it).
+    fn resealed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let sum = crc32fast::hash(&bytes[HEADER_BYTES..]);
+        bytes[12..16].copy_from_slice(&sum.to_le_bytes());
+        bytes
+    }
+
+    /// A version 3 constraint with every new field set.
+    fn pronoun_sample() -> BiasConstraint {
+        BiasConstraint {
+            kind: DirectionKind::Stereotype,
+            signal: LoopSignal::PronounShare,
+            centre: Centre::Parity(vec![0.25, -0.5, 1.5]),
+            max_weights: vec![0.4, 0.5, 1.0],
+            weights: vec![0.0, 0.5, 0.75],
+            she_tokens: vec![10, 11, 12],
+            he_tokens: vec![20, 21],
+            gates: CalibrationGates { evaluated: gate::ALL, passed: gate::ALL & !gate::SKEW },
+            loop_target: 0.15,
+            ..sample()
+        }
+    }
+
     #[test]
     fn section_round_trips_and_refuses_damage() {
         let c = sample();
         let bytes = c.to_section().unwrap();
+        assert_eq!(u32::from_le_bytes(bytes[0..4].try_into().unwrap()), VERSION);
         assert_eq!(BiasConstraint::from_section(&bytes).unwrap(), c);
         let principal = BiasConstraint { kind: DirectionKind::PrincipalComponent, ..c.clone() };
         let principal_bytes = principal.to_section().unwrap();
@@ -914,9 +1372,9 @@ mod tests {
         assert_eq!(BiasConstraint::from_section(&centred_bytes).unwrap(), centred);
         assert_eq!((centred.centre(2), c.centre(2)), (0.3, 0.0));
         let mut unknown = centred_bytes.clone();
-        unknown[20] = 3;
+        unknown[20] = 4;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
-        assert!(error.message().contains("centre flag 3"), "{error}");
+        assert!(error.message().contains("centre flag 4"), "{error}");
         unknown[20] = 2;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
         assert!(error.message().contains("bytes"), "centre word 2 without its midpoints: {error}");
@@ -933,7 +1391,7 @@ mod tests {
         let mut bad = c.clone();
         bad.directions[0] = 2.0;
         assert!(bad.to_section().unwrap_err().message().contains("unit vector"));
-        // The loop signal: version 2 carries it; an unknown code is refused.
+        // The loop signal; an unknown code is refused.
         let spread = BiasConstraint { signal: LoopSignal::Spread, ..c.clone() };
         let spread_bytes = spread.to_section().unwrap();
         assert_eq!(BiasConstraint::from_section(&spread_bytes).unwrap(), spread);
@@ -941,21 +1399,13 @@ mod tests {
         unknown[32] = 5;
         let error = BiasConstraint::from_section(&unknown).unwrap_err();
         assert!(error.message().contains("loop signal 5"), "{error}");
-        // A version 1 section (32-byte header, no signal word) reads as MeanLean.
-        let mut v1 = [&spread_bytes[..HEADER_BYTES_V1], &spread_bytes[HEADER_BYTES..]].concat();
-        v1[0..4].copy_from_slice(&1u32.to_le_bytes());
-        assert_eq!(BiasConstraint::from_section(&v1).unwrap(), c);
-        // A midpoint (centre word 2) round-trips, moves the centre, and a version 1 header cannot carry it.
+        // A midpoint (centre word 2) round-trips and moves the centre.
         let midpoint = BiasConstraint { centre: Centre::Midpoint(vec![0.5, -1.5, 2.5]), ..spread.clone() };
         let midpoint_bytes = midpoint.to_section().unwrap();
         assert_eq!(u32::from_le_bytes(midpoint_bytes[20..24].try_into().unwrap()), 2);
         assert_eq!(midpoint_bytes.len(), spread_bytes.len() + 3 * 4);
         assert_eq!(BiasConstraint::from_section(&midpoint_bytes).unwrap(), midpoint);
         assert_eq!((midpoint.centre(1), spread.centre(1)), (-1.5, 0.0));
-        let mut v1_midpoint = [&midpoint_bytes[..HEADER_BYTES_V1], &midpoint_bytes[HEADER_BYTES..]].concat();
-        v1_midpoint[0..4].copy_from_slice(&1u32.to_le_bytes());
-        let error = BiasConstraint::from_section(&v1_midpoint).unwrap_err();
-        assert!(error.message().contains("centre flag 2"), "{error}");
         let mut short = midpoint.clone();
         short.centre = Centre::Midpoint(vec![0.5]);
         assert!(short.to_section().unwrap_err().message().contains("arrays do not match"));
@@ -963,9 +1413,309 @@ mod tests {
         let not_finite = BiasConstraint { centre: Centre::Midpoint(vec![0.5, f32::NAN, 2.5]), ..midpoint.clone() };
         assert!(not_finite.to_section().unwrap_err().message().contains("midpoint"));
         let mut future = bytes;
-        future[0..4].copy_from_slice(&3u32.to_le_bytes());
+        future[0..4].copy_from_slice(&4u32.to_le_bytes());
         let error = BiasConstraint::from_section(&future).unwrap_err();
-        assert!(error.message().contains("version 3"), "{error}");
+        assert!(error.message().contains("version 4"), "{error}");
+    }
+
+    #[test]
+    fn sections_of_versions_1_and_2_still_read_as_before() {
+        let spread = BiasConstraint { signal: LoopSignal::Spread, ..sample() };
+        // Version 2 reads with caps of 1, no pronoun ids, no gates.
+        let read = BiasConstraint::from_section(&legacy_section(&spread, 2)).unwrap();
+        assert_eq!(read, spread);
+        assert_eq!(
+            (read.max_weights.as_slice(), read.she_tokens.len(), read.he_tokens.len(), read.gates),
+            (&[1.0, 1.0, 1.0][..], 0, 0, CalibrationGates { evaluated: 0, passed: 0 })
+        );
+        let midpoint = BiasConstraint { centre: Centre::Midpoint(vec![0.5, -1.5, 2.5]), ..spread.clone() };
+        assert_eq!(BiasConstraint::from_section(&legacy_section(&midpoint, 2)).unwrap(), midpoint);
+        // Version 1 (a 32-byte header, no signal word) reads as MeanLean.
+        let v1 = legacy_section(&spread, 1);
+        assert_eq!(v1.len(), HEADER_BYTES_V1 + 4 * (3 * 4 + 3 * 3));
+        assert_eq!(BiasConstraint::from_section(&v1).unwrap(), sample());
+        // Each version knows only the codes of its time.
+        let error = BiasConstraint::from_section(&legacy_section(&midpoint, 1)).unwrap_err();
+        assert!(error.message().contains("centre flag 2"), "{error}");
+        let mut v2 = legacy_section(&spread, 2);
+        v2[20] = 3;
+        let error = BiasConstraint::from_section(&v2).unwrap_err();
+        assert!(error.message().contains("centre flag 3") && error.message().contains("version 2"), "{error}");
+        let mut v2 = legacy_section(&spread, 2);
+        v2[32] = LoopSignal::PronounShare.code() as u8;
+        let error = BiasConstraint::from_section(&v2).unwrap_err();
+        assert!(error.message().contains("loop signal 2"), "{error}");
+        let mut v2 = legacy_section(&spread, 2);
+        v2[16] = DirectionKind::Stereotype.code() as u8;
+        let error = BiasConstraint::from_section(&v2).unwrap_err();
+        assert!(error.message().contains("direction kind 2"), "{error}");
+        let error = BiasConstraint::from_section(&legacy_section(&spread, 2)[..40]).unwrap_err();
+        assert!(error.message().contains("shorter than its version 2 header"), "{error}");
+        // An old section written again is version 3, and reads back the same.
+        let again = BiasConstraint::from_section(&read.to_section().unwrap()).unwrap();
+        assert_eq!(again, spread);
+    }
+
+    #[test]
+    fn a_version_3_section_round_trips_every_new_field() {
+        let c = pronoun_sample();
+        let bytes = c.to_section().unwrap();
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!((word(0), word(16), word(20), word(32)), (3, 2, 3, 2), "version, kind, centre, signal");
+        assert_eq!((word(36), word(40), word(44), word(48)), (gate::ALL, gate::ALL & !gate::SKEW, 3, 2));
+        assert!(bytes[52..64].iter().all(|b| *b == 0));
+        // Directions, weights, mean, std, parity, caps (f32), then 3 + 2 ids (u32).
+        assert_eq!(bytes.len(), HEADER_BYTES + 4 * (3 * 4 + 5 * 3 + 5));
+        assert_eq!(bytes[bytes.len() - 8..], [20, 0, 0, 0, 21, 0, 0, 0], "the he ids last, in order");
+        let read = BiasConstraint::from_section(&bytes).unwrap();
+        assert_eq!(read, c);
+        assert_eq!((read.centre(0), read.centre(2)), (0.25, 1.5));
+        assert_eq!(read.count_pronouns(&[10, 5, 20, 21, 12, 12, 99]), (3, 2));
+        // Unknown gate bits are kept as they are, not refused.
+        let future = BiasConstraint { gates: CalibrationGates { evaluated: 0xff00, passed: 0x0f00 }, ..c.clone() };
+        assert_eq!(BiasConstraint::from_section(&future.to_section().unwrap()).unwrap(), future);
+    }
+
+    #[test]
+    fn damaged_version_3_sections_are_refused_by_name() {
+        let c = pronoun_sample();
+        let bytes = c.to_section().unwrap();
+        let message = |bytes: &[u8]| BiasConstraint::from_section(bytes).unwrap_err().message().to_string();
+        // Truncated anywhere: in the header, in the payload, in the ids.
+        for cut in [0, 20, 40, 63, 64, 100, bytes.len() - 4, bytes.len() - 1] {
+            let error = message(&bytes[..cut]);
+            assert!(error.contains("bytes"), "cut at {cut}: {error}");
+        }
+        // Id counts that do not match the payload.
+        let mut more = bytes.clone();
+        more[44] = 4;
+        let error = message(&more);
+        assert!(error.contains("4 she and 2 he token ids"), "{error}");
+        let mut huge = bytes.clone();
+        huge[48..52].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(message(&huge).contains("bytes"), "no overflow, no panic");
+        // Centre word 3 without its values.
+        let zero = BiasConstraint { centre: Centre::Zero, ..c.clone() }.to_section().unwrap();
+        let mut parity = zero.clone();
+        parity[20] = 3;
+        let error = message(&parity);
+        assert!(error.contains("values of centre word 3"), "{error}");
+        // A cap below its layer's weight (layer 2: 0.75 under a cap of 0.5).
+        let caps_at = HEADER_BYTES + 4 * (3 * 4 + 4 * 3);
+        let mut capped = bytes.clone();
+        capped[caps_at + 8..caps_at + 12].copy_from_slice(&0.5f32.to_le_bytes());
+        let error = message(&resealed(capped));
+        assert!(error.contains("max weight of layer 2 is 0.5, below its predefined weight 0.75"), "{error}");
+        let mut capped = bytes.clone();
+        capped[caps_at..caps_at + 4].copy_from_slice(&1.5f32.to_le_bytes());
+        assert!(message(&resealed(capped)).contains("max weight of layer 0 is 1.5, outside [0, 1]"));
+        // A parity value that is not finite.
+        let mut parity = bytes.clone();
+        let parity_at = HEADER_BYTES + 4 * (3 * 4 + 3 * 3);
+        parity[parity_at..parity_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(message(&resealed(parity)).contains("parity centre must be finite"));
+        // Pronoun share without the ids it counts, and an id on both lists.
+        let mut none = bytes.clone();
+        none[44..52].fill(0);
+        let ids = 5 * 4;
+        let none = resealed(none[..none.len() - ids].to_vec());
+        assert!(message(&none).contains("pronoun-share with 0 she and 0 he token ids"), "{}", message(&none));
+        let both = BiasConstraint { he_tokens: vec![20, 11], ..c.clone() };
+        assert!(both.to_section().unwrap_err().message().contains("token id 11 is both"));
+        // A bad code in the new words.
+        let mut unknown = bytes.clone();
+        unknown[32] = 3;
+        assert!(message(&unknown).contains("loop signal 3 is not one of 0 to 2"));
+        let mut unknown = bytes;
+        unknown[16] = 3;
+        assert!(message(&unknown).contains("direction kind 3"));
+    }
+
+    /// Answers of `she` female and `he` male pronoun tokens (ids of
+    /// [`pronoun_sample`]) among other tokens.
+    fn answer(she: usize, he: usize) -> Vec<u32> {
+        let mut tokens = vec![5, 6, 7];
+        tokens.extend((0..she).map(|i| [10, 11, 12][i % 3]));
+        tokens.extend((0..he).map(|i| [20, 21][i % 2]));
+        tokens.push(8);
+        tokens
+    }
+
+    /// The pronoun-share loop's section: the default target (0.10).
+    fn share_sample() -> BiasConstraint {
+        BiasConstraint { loop_target: 0.0, ..pronoun_sample() }
+    }
+
+    #[test]
+    fn all_he_answers_raise_every_capped_layer_to_its_cap_and_read_negative() {
+        let c = BiasConstraint { max_weights: vec![0.0, 0.5, 1.0], weights: vec![0.0, 0.5, 0.75], ..share_sample() };
+        let mut feedback = FeedbackLoop::new(&c);
+        assert_eq!((feedback.target, feedback.signal), (DEFAULT_SHARE_TARGET, LoopSignal::PronounShare));
+        let projections = stats(&[0.1, -0.2, 0.3]);
+        let first = feedback.after_response(&projections, &c, &answer(0, 2));
+        assert_eq!(first, -0.125, "a quarter of the way from 0 to −0.5");
+        assert_eq!(feedback.weights, vec![0.0, 0.5, 0.85], "layer 0 is capped at 0, layer 1 is at its cap");
+        let mut last = first;
+        for _ in 0..10 {
+            let signal = feedback.after_response(&projections, &c, &answer(0, 1));
+            assert!(signal < last && signal < 0.0, "{signal} after {last}");
+            last = signal;
+        }
+        assert_eq!(feedback.weights, vec![0.0, 0.5, 1.0], "each at its cap, none beyond");
+        assert_eq!(feedback.responses, 11);
+        assert_eq!(feedback.recent.last(), Some(&feedback.share_deviation));
+        assert!(!feedback.exceeds_hard_limit(-0.5) && !feedback.exceeds_hard_limit(100.0), "no hard limit");
+        // Observing moves the share the same way and never the weights.
+        let mut observing = FeedbackLoop::new(&c);
+        assert_eq!(observing.observe(&projections, &c, &answer(0, 2)), -0.125);
+        assert_eq!((observing.weights.clone(), observing.responses), (c.weights.clone(), 1));
+    }
+
+    #[test]
+    fn answers_about_women_and_men_in_turn_cancel_and_leave_the_weights() {
+        let c = share_sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        let projections = stats(&[0.1, -0.2, 0.3]);
+        // From a cold start one answer alone moves the deviation by 0.125,
+        // past the target of 0.10, and the third (she after he) reaches
+        // 0.1016: those two raise the weights. From then on the turns hold it
+        // within ±1/14 (the cycle of x → ¾x ± ⅛) and the weights decay back.
+        let mut over = Vec::new();
+        for i in 0..40 {
+            let turn = if i % 2 == 0 { answer(2, 0) } else { answer(0, 3) };
+            let signal = feedback.after_response(&projections, &c, &turn);
+            if signal.abs() > feedback.target {
+                over.push(i);
+            }
+            if i == 0 {
+                assert_eq!((signal, feedback.weights.clone()), (0.125, vec![0.1, 0.5, 0.85]));
+            }
+        }
+        assert_eq!(over, vec![0, 2], "only the cold start's transient is over the target");
+        assert!((feedback.share_deviation.abs() - 1.0 / 14.0).abs() < 1e-3, "{}", feedback.share_deviation);
+        for (w, p) in feedback.weights.iter().zip(&c.weights) {
+            assert!((w - p).abs() < 1e-4, "{:?}", feedback.weights);
+        }
+    }
+
+    #[test]
+    fn a_male_run_raises_the_weights_and_a_balanced_run_decays_them_back() {
+        let c = share_sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        let projections = stats(&[0.1, -0.2, 0.3]);
+        for _ in 0..8 {
+            feedback.after_response(&projections, &c, &answer(0, 1));
+        }
+        assert_eq!(feedback.weights, c.max_weights, "at the caps");
+        assert!(feedback.share_deviation < -0.4);
+        for i in 0..60 {
+            feedback.after_response(&projections, &c, &if i % 2 == 0 { answer(1, 0) } else { answer(0, 1) });
+        }
+        assert!(feedback.share_deviation.abs() < feedback.target, "{}", feedback.share_deviation);
+        for (w, p) in feedback.weights.iter().zip(&c.weights) {
+            assert!((w - p).abs() < 1e-3, "{:?}", feedback.weights);
+        }
+        // An answer with as many she as he pronouns reads 0 and pulls the deviation toward it.
+        let before = feedback.share_deviation;
+        assert_eq!(feedback.after_response(&projections, &c, &answer(2, 2)), 0.75 * before);
+    }
+
+    #[test]
+    fn a_too_female_running_share_raises_the_weights_too() {
+        let c = share_sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        let projections = stats(&[0.1, -0.2, 0.3]);
+        for _ in 0..8 {
+            let signal = feedback.after_response(&projections, &c, &answer(3, 0));
+            assert!(signal > 0.0);
+        }
+        assert_eq!(feedback.weights, c.max_weights, "two-sided: too female pulls as hard as too male");
+        // Mostly female answers (3 she to 1 he: s = +0.25) stay over the target too.
+        let mut mostly = FeedbackLoop::new(&c);
+        for _ in 0..8 {
+            mostly.after_response(&projections, &c, &answer(3, 1));
+        }
+        assert!((mostly.share_deviation - 0.25 * (1.0 - 0.75f32.powi(8))).abs() < 1e-6);
+        assert_eq!(mostly.weights, c.max_weights);
+    }
+
+    #[test]
+    fn answers_without_a_gendered_pronoun_change_nothing() {
+        let c = share_sample();
+        let mut feedback = FeedbackLoop::new(&c);
+        let projections = stats(&[0.1 + 2.0, -0.2, 0.3]);
+        feedback.after_response(&projections, &c, &answer(0, 1));
+        let before = (feedback.weights.clone(), feedback.share_deviation, feedback.responses, feedback.recent.clone());
+        for none in [answer(0, 0), Vec::new()] {
+            assert_eq!(feedback.after_response(&projections, &c, &none), before.1, "the running deviation");
+            assert_eq!(feedback.observe(&projections, &c, &none), before.1);
+        }
+        assert_eq!(
+            (feedback.weights.clone(), feedback.share_deviation, feedback.responses, feedback.recent.clone()),
+            before
+        );
+        // The lean is still measured, for reports: from the parity centre, in baseline deviations.
+        let lean = ((2.1 - 0.25) / 1.0 + (-0.2 + 0.5) / 2.0 + (0.3 - 1.5) / 0.5) / 3.0;
+        assert!((feedback.last_lean - lean).abs() < 1e-5, "{}", feedback.last_lean);
+        assert!((feedback.signal(&projections, &c) - lean).abs() < 1e-5);
+        let snapshot = feedback.snapshot();
+        assert_eq!(
+            (snapshot.signal, snapshot.share_deviation, snapshot.lean),
+            ("pronoun-share", before.1, feedback.last_lean)
+        );
+    }
+
+    #[test]
+    fn the_loop_caps_each_layer_for_the_projection_signals_too() {
+        let c = BiasConstraint { max_weights: vec![0.05, 0.5, 1.0], ..sample() };
+        let mut feedback = FeedbackLoop::new(&c);
+        // Layer 0 far toward the stereotype: the only layer of the top quarter, capped at 0.05.
+        feedback.after_response(&stats(&[0.1 + 3.0, -0.2, 0.3]), &c, &[]);
+        assert_eq!(feedback.weights, vec![0.05, 0.5, 1.0]);
+    }
+
+    #[test]
+    fn state_version_2_keeps_the_share_and_version_1_restores_with_none() {
+        let c = share_sample();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bias.state");
+        let mut feedback = FeedbackLoop::new(&c);
+        for _ in 0..3 {
+            feedback.after_response(&stats(&[0.1, -0.2, 0.3]), &c, &answer(0, 1));
+        }
+        feedback.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("bramble-bias-state 2\n") && text.contains("\nshare -0.2890625\ncrc32 "), "{text}");
+        let mut restored = FeedbackLoop::new(&c);
+        assert!(restored.restore(&path).unwrap());
+        assert_eq!(
+            (&restored.weights, restored.responses, &restored.recent, restored.share_deviation),
+            (&feedback.weights, feedback.responses, &feedback.recent, feedback.share_deviation)
+        );
+        // A version 1 file, as older builds wrote it: no share line.
+        let body = "bramble-bias-state 1\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent 0.5 -0.25\n";
+        std::fs::write(&path, format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()))).unwrap();
+        let mut old = FeedbackLoop::new(&c);
+        old.share_deviation = 0.3;
+        assert!(old.restore(&path).unwrap());
+        assert_eq!(
+            (old.weights.clone(), old.responses, old.recent.clone()),
+            (vec![0.1, 0.5, 0.75], 7, vec![0.5, -0.25])
+        );
+        assert_eq!(old.share_deviation, 0.0);
+        // A share out of range, a weight over its cap: refused, by name.
+        let reseal = |body: &str| format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()));
+        let body = "bramble-bias-state 2\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\nshare 0.75\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        assert!(FeedbackLoop::new(&c).restore(&path).unwrap_err().message().contains("share deviation 0.75"));
+        let body = "bramble-bias-state 2\nlayers 3\nresponses 7\nweights 0.5 0.5 0.75\nrecent\nshare 0\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        let error = FeedbackLoop::new(&c).restore(&path).unwrap_err();
+        assert!(error.message().contains("weight of layer 0 is 0.5, above the section's cap 0.4"), "{error}");
+        let body = "bramble-bias-state 2\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        assert!(FeedbackLoop::new(&c).restore(&path).unwrap_err().message().contains("\"share\" line"));
     }
 
     #[test]
@@ -991,7 +1741,7 @@ mod tests {
         let spike_down = record(&[&[-3.9, 0.1, 0.1, 0.1], &[-0.2; 4], &[0.3; 4]]);
         assert!((feedback.signal(&spike_down, &c) - 2.0 / 3.0).abs() < 1e-5, "either way counts");
         // Above the target (default 0.25) it raises the layer that departed.
-        feedback.after_response(&spike, &c);
+        feedback.after_response(&spike, &c, &[]);
         assert_eq!(feedback.weights, vec![0.1, 0.5, 1.0]);
     }
 }

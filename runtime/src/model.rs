@@ -1327,7 +1327,7 @@ impl<'a> Model<'a> {
             }
 
             // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l − centre_l) d_l
-            // (centre_l: the neutral baseline's mean when the section says so, else 0).
+            // (centre_l: the section's centre, `BiasConstraint::centre`: 0, the baseline mean, a midpoint or the parity value).
             if let Some(c) = &self.bias {
                 let (d, w, centre) = (c.direction(l), s.bias_weights[l], c.centre(l));
                 for h in s.x[..n * dim].chunks_exact_mut(dim) {

@@ -24,6 +24,10 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         loop_target: 0.0,
         loop_hard_limit: 0.0,
         signal: Default::default(),
+        max_weights: vec![1.0],
+        she_tokens: Vec::new(),
+        he_tokens: Vec::new(),
+        gates: Default::default(),
     }
 }
 

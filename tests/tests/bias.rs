@@ -617,10 +617,28 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let first = eval("adaptive", &["--bias-state", path_str(&state)]);
     assert_eq!(first["pairs"], 4);
     let saved = std::fs::read_to_string(&state).unwrap();
-    assert!(saved.starts_with("bramble-bias-state 1") && saved.contains("responses 4"), "{saved}");
+    assert!(saved.starts_with("bramble-bias-state 2") && saved.contains("responses 4"), "{saved}");
     // `--state`, the first spelling, is the same option.
     eval("adaptive", &["--state", path_str(&state)]);
     assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");
+    // chat under adaptive: each reply is a response to the loop, saved after it.
+    let chat_state = fixture.dir.join("chat.state");
+    let chat = [
+        "chat",
+        "--model",
+        path_str(&calibrated),
+        "--feedback",
+        "adaptive",
+        "--bias-state",
+        path_str(&chat_state),
+        "--max-tokens",
+        "3",
+    ];
+    let output = bramble_with_input(&chat, "hello\nshe is a nurse\n");
+    assert_success(&chat, &output);
+    let mut restored = bramble_runtime::bias::FeedbackLoop::new(&section);
+    assert!(restored.restore(&chat_state).unwrap());
+    assert_eq!(restored.responses, 2, "two replies");
     // --passes: the pairs read again and again, the loop carrying its weights;
     // the report is the last pass, every pass listed with the weights it left.
     let passes_state = fixture.dir.join("passes.state");

@@ -929,6 +929,7 @@ mod operations {
 /// `bias` section), served adaptive with a state file; and one without.
 mod bias {
     use super::*;
+    use bramble_runtime::bias::{gate, BiasConstraint, CalibrationGates, LoopSignal};
 
     /// The daemon's synthetic model with a bias section, written once per process.
     fn calibrated() -> &'static Path {
@@ -1041,6 +1042,9 @@ mod bias {
         assert_eq!(status["target"].as_f64().unwrap() as f32, section.loop_target, "{status}");
         assert_eq!(status["hard_limit"].as_f64().unwrap() as f32, section.loop_hard_limit, "{status}");
         assert_eq!((status["signal"].as_str(), section.signal.name()), (Some("spread"), "spread"), "{status}");
+        // The pronoun share moves only under the pronoun-share signal; the lean is reported for every signal.
+        assert_eq!(status["share_deviation"], 0.0, "{status}");
+        assert!(status["lean"].as_f64().is_some_and(f64::is_finite), "{status}");
         // Beside the weights in force, the predefined ones they decay back toward.
         let predefined: Vec<f32> =
             status["predefined_weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
@@ -1048,7 +1052,7 @@ mod bias {
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");
-        assert!(text.starts_with("bramble-bias-state 1\n"), "{text:?}");
+        assert!(text.starts_with("bramble-bias-state 2\n"), "{text:?}");
         assert!(text.contains("responses 2\n"), "{text:?}");
 
         // The console's /bias.
@@ -1187,19 +1191,117 @@ mod bias {
         assert!(!stderr.contains("Traceback"), "{stderr}");
     }
 
-    /// The first constraint writes "she" out of answers, so a
-    /// calibrated image served without `--feedback` runs without it.
+    /// The first constraint writes "she" out of answers, so a calibrated
+    /// image whose section records no gates, served without `--feedback`,
+    /// runs without it.
     #[test]
     fn a_calibrated_image_serves_with_the_loop_off_by_default_and_says_why() {
         let image = calibrated();
         let daemon = Daemon::start(&["--model", image.to_str().unwrap()]);
-        assert!(daemon.log().contains("bias feedback off: `auto`"), "{}", daemon.log());
+        assert!(
+            daemon
+                .log()
+                .contains("serving with the bias loop off: the image's bias section records no calibration gates"),
+            "{}",
+            daemon.log()
+        );
         let status = bias_status(&daemon);
         assert_eq!(status["feedback"], "off", "{status}");
         let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
         let last = lines.last().unwrap();
         assert_eq!(last["done"], true, "{last}");
         assert!(last.get("bias_signal").is_none_or(Value::is_null), "{last}");
+    }
+
+    /// `calibrated()` with its bias section changed by `change`, written
+    /// once per process as a new image named after `name`.
+    fn recalibrated(name: &str, change: impl FnOnce(&mut BiasConstraint)) -> PathBuf {
+        let image = bramble_runtime::ModelImage::open(calibrated()).unwrap();
+        let mut section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+        change(&mut section);
+        let bytes = section.to_section().unwrap();
+        let output = scratch_dir("daemon").join(format!("synthetic-bias-{name}-{}.bramble", std::process::id()));
+        bramble_runtime::image::ImageWriter::rewrite(&image, &output, &[("bias", &bytes)], |_, _| None).unwrap();
+        output
+    }
+
+    /// `auto` turns the loop on for a calibration that records every gate
+    /// passed, and serves with it off, naming the failed gate, otherwise.
+    #[test]
+    fn auto_serves_adaptive_only_when_the_calibration_passed_every_gate() {
+        let passed = recalibrated("passed", |c| c.gates = CalibrationGates { evaluated: gate::ALL, passed: gate::ALL });
+        let daemon = Daemon::start(&["--model", passed.to_str().unwrap()]);
+        let log = daemon.log();
+        assert!(
+            log.contains("bias feedback adaptive over 4 layers, spread signal (auto: the calibration passed"),
+            "{log}"
+        );
+        assert_eq!(bias_status(&daemon)["feedback"], "adaptive");
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "he is a doctor", "max_tokens": 3, "temperature": 0}));
+        finite_signal(lines.last().unwrap(), "auto, all gates passed");
+        assert_eq!(bias_status(&daemon)["responses"], 1);
+        drop(daemon);
+
+        let failed = recalibrated("failed", |c| {
+            c.gates = CalibrationGates { evaluated: gate::ALL & !gate::PERPLEXITY, passed: gate::ALL & !gate::FACTUAL }
+        });
+        let daemon = Daemon::start(&["--model", failed.to_str().unwrap()]);
+        let log = daemon.log();
+        assert!(
+            log.contains(
+                "serving with the bias loop off: the image's calibration did not pass the bias gates: \
+                 failed: factual; not evaluated: perplexity"
+            ),
+            "{log}"
+        );
+        assert_eq!(bias_status(&daemon)["feedback"], "off");
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "Hi", "max_tokens": 2}));
+        assert!(lines.last().unwrap().get("bias_signal").is_none_or(Value::is_null), "{lines:?}");
+    }
+
+    /// The pronoun-share loop reads the answer's own tokens: here every token
+    /// of the vocabulary counts as *she* (and an id no answer can hold as
+    /// *he*), so one answer moves the running share a quarter of the way to
+    /// all-female, over the target, and every capped layer rises by a step.
+    #[test]
+    fn the_pronoun_share_loop_counts_the_answer_and_bias_shows_it() {
+        let vocab = bramble_runtime::ModelImage::open(calibrated()).unwrap().config().vocab_size;
+        let image = recalibrated("pronoun-share", |c| {
+            c.signal = LoopSignal::PronounShare;
+            c.loop_target = 0.0;
+            c.loop_hard_limit = 0.0;
+            c.weights = vec![0.0; 4];
+            c.max_weights = vec![0.0, 0.5, 0.5, 1.0];
+            c.she_tokens = (0..vocab).collect();
+            c.he_tokens = vec![vocab];
+            c.gates = CalibrationGates { evaluated: gate::ALL, passed: gate::ALL };
+        });
+        let daemon = Daemon::start(&["--model", image.to_str().unwrap(), "--console-tcp", "127.0.0.1:0"]);
+        let before = bias_status(&daemon);
+        assert_eq!((before["signal"].as_str(), before["responses"].as_u64()), (Some("pronoun-share"), Some(0)));
+        assert_eq!(before["share_deviation"], 0.0, "{before}");
+        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "he is a doctor", "max_tokens": 4, "temperature": 0}));
+        let last = lines.last().unwrap();
+        assert!(last["eval_count"].as_u64().is_some_and(|n| n > 0), "an answer to count: {last}");
+        assert_eq!(finite_signal(last, "pronoun share"), 0.125, "{last}");
+        let status = bias_status(&daemon);
+        assert_eq!(status["share_deviation"], 0.125, "{status}");
+        assert_eq!(status["responses"], 1, "{status}");
+        assert_eq!(status["target"].as_f64().unwrap() as f32, 0.1, "the default share target: {status}");
+        assert!(status["lean"].as_f64().is_some_and(f64::is_finite), "{status}");
+        let weights: Vec<f32> =
+            status["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
+        assert_eq!(weights, vec![0.0, 0.1, 0.1, 0.1], "each capped layer up a step: {status}");
+        // Never regenerated, whatever the signal.
+        assert_eq!(last["bias_regenerations"], 0, "{last}");
+        let mut terminal = Terminal::tcp(daemon.console.expect("a console listener"));
+        terminal.expect("/help for commands.\r\n> ");
+        terminal.command(
+            "/bias",
+            "bias feedback: adaptive, 1 responses, pronoun-share signal, target 0.100, no hard limit",
+        );
+        let shown = terminal.expect("> ");
+        assert!(shown.contains("running she-share 0.625 (share deviation +0.125)"), "{shown:?}");
     }
 
     #[test]

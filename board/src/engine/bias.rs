@@ -3,7 +3,7 @@
 //! `/bias` and the console report.
 
 use crate::config::{BiasConfig, Feedback};
-use bramble_runtime::bias::{BiasConstraint, FeedbackLoop, FeedbackSnapshot, ProjectionStats};
+use bramble_runtime::bias::{BiasConstraint, FeedbackLoop, FeedbackSnapshot, LoopSignal, ProjectionStats, SECTION};
 use bramble_runtime::model::Model;
 use bramble_runtime::ModelImage;
 use std::path::PathBuf;
@@ -14,10 +14,10 @@ use std::sync::Mutex;
 pub struct BiasStatus {
     /// `off`, `static` or `adaptive` (`auto` resolved).
     pub mode: &'static str,
-    /// The loop's weights, signals and limits (all empty or zero when off).
+    /// The loop's weights, signals and limits, and how it reads a response
+    /// (`signal`: the section's `spread`, `mean-lean` or `pronoun-share`);
+    /// all empty or zero when off.
     pub feedback: FeedbackSnapshot,
-    /// How the loop reads a response (`spread` or `mean-lean`, the section's).
-    pub signal: &'static str,
     /// Where the state persists, if it does.
     pub state: Option<PathBuf>,
 }
@@ -39,7 +39,9 @@ impl BiasStatus {
             "responses": feedback.responses,
             "target": feedback.target,
             "hard_limit": feedback.hard_limit,
-            "signal": self.signal,
+            "signal": feedback.signal,
+            "share_deviation": feedback.share_deviation,
+            "lean": feedback.lean,
             "state": self.state.as_ref().map(|p| p.display().to_string()),
         })
     }
@@ -52,13 +54,23 @@ impl BiasStatus {
         let feedback = &self.feedback;
         let mut text = format!("bias feedback: {}", self.mode);
         if self.mode == "off" {
-            text.push_str(" (the image has no bias section, or feedback is off)\n");
+            text.push_str(
+                " (feedback off, no bias section, or, under auto, a calibration that did not pass the bias gates: \
+                 the log says which)\n",
+            );
             return text;
         }
+        let pronoun_share = feedback.signal == LoopSignal::PronounShare.name();
         text.push_str(&format!(
-            ", {} responses, {} signal, target {:.3}, hard limit {:.3}",
-            feedback.responses, self.signal, feedback.target, feedback.hard_limit
+            ", {} responses, {} signal, target {:.3}",
+            feedback.responses, feedback.signal, feedback.target
         ));
+        if pronoun_share {
+            // Never regenerated: an answer about a woman is rightly all "she".
+            text.push_str(", no hard limit");
+        } else {
+            text.push_str(&format!(", hard limit {:.3}", feedback.hard_limit));
+        }
         if let Some(state) = &self.state {
             text.push_str(&format!(", state {}", state.display()));
         }
@@ -73,38 +85,70 @@ impl BiasStatus {
         } else {
             text.push_str(&format!("recent signals (oldest first): {}\n", list(&feedback.recent, true)));
         }
+        if pronoun_share {
+            text.push_str(&format!(
+                "running she-share {:.3} (share deviation {:+.3}); ",
+                0.5 + feedback.share_deviation,
+                feedback.share_deviation
+            ));
+        }
+        text.push_str(&format!("last lean from the centre {:+.3}\n", feedback.lean));
         text
     }
 }
 
 /// Applies the bias configuration to `model`: the image's bias section
-/// loaded unless the feedback is off, and the loop (restored from the state
-/// file for `adaptive`). Returns the resolved mode and its loop, or `None` when off.
+/// read unless the feedback is off, `auto` resolved against its calibration
+/// gates, the section loaded into the model, and the loop (restored from the
+/// state file for `adaptive`). Returns the resolved mode and its loop, or
+/// `None` when off (logging why, for `auto`).
 pub(super) fn load_bias(
     model: &mut Model<'_>,
     image: &ModelImage,
     bias: &BiasConfig,
 ) -> Result<Option<(Feedback, FeedbackLoop)>, String> {
     let path = image.path().display();
-    let mode = match bias.feedback.resolve() {
+    if bias.feedback == Feedback::Off {
+        return Ok(None);
+    }
+    let serve_off = |reason: &str, has_section: bool| {
+        let message = format!(
+            "serving with the bias loop off: {reason}; {path} is served without it (--feedback static|adaptive turns it on)"
+        );
+        // A calibrated image served without its constraint is worth a warning.
+        if has_section {
+            log::warn!("{message}");
+        } else {
+            log::info!("{message}");
+        }
+        if let Some(state) = &bias.state {
+            log::warn!("bias.state {}: unused, the feedback is off", state.display());
+        }
+    };
+    let section = match image.section(SECTION).map(BiasConstraint::from_section) {
+        None => None,
+        Some(Ok(section)) => Some(section),
+        // `auto` uses the section only if it is usable.
+        Some(Err(e)) if bias.feedback == Feedback::Auto => {
+            serve_off(&format!("the image's bias section cannot be read: {e}"), true);
+            return Ok(None);
+        }
+        Some(Err(e)) => return Err(format!("{path}: bias section: {e}")),
+    };
+    let mode = match bias.feedback.resolve(section.as_ref()) {
         (_, Some(reason)) => {
-            log::info!(
-                "bias feedback off: {reason}; {path} is served without it (--feedback static|adaptive turns it on)"
-            );
-            if let Some(state) = &bias.state {
-                log::warn!("bias.state {}: unused, the feedback is off", state.display());
-            }
+            serve_off(&reason, section.is_some());
             return Ok(None);
         }
         (Feedback::Off, None) => return Ok(None),
         (mode, None) => mode,
     };
-    let found = model.use_image_bias(image).map_err(|e| format!("{path}: bias section: {e}"))?;
-    if !found {
+    let Some(section) = section else {
         return Err(format!(
             "bias.feedback {mode}: {path} has no bias section; write one with `bramble bias-calibrate`, or use auto or off"
         ));
-    }
+    };
+    model.set_bias(Some(section)).map_err(|e| format!("{path}: bias section: {e}"))?;
     let constraint = model.bias().ok_or_else(|| format!("{path}: the bias section did not load"))?;
     let mut feedback = FeedbackLoop::new(constraint);
     if let Some(limit) = bias.hard_limit {
@@ -121,7 +165,13 @@ pub(super) fn load_bias(
             }
         }
     }
-    log::info!("bias feedback {} over {} layers", mode.name(), feedback.weights.len());
+    let why = if bias.feedback == Feedback::Auto { " (auto: the calibration passed every bias gate)" } else { "" };
+    log::info!(
+        "bias feedback {} over {} layers, {} signal{why}",
+        mode.name(),
+        feedback.weights.len(),
+        feedback.signal.name()
+    );
     Ok(Some((mode, feedback)))
 }
 
@@ -138,30 +188,27 @@ pub(super) struct BiasFeedback {
 
 impl BiasFeedback {
     /// The feedback `load_bias` resolved to `mode`, with the settings of
-    /// `config`, and its first status (`signal` names how the section reads a response).
-    pub(super) fn new(
-        mode: Feedback,
-        feedback: FeedbackLoop,
-        config: &BiasConfig,
-        signal: &'static str,
-    ) -> (Self, BiasStatus) {
+    /// `config`, and its first status.
+    pub(super) fn new(mode: Feedback, feedback: FeedbackLoop, config: &BiasConfig) -> (Self, BiasStatus) {
         let state = config.state.clone().filter(|_| mode == Feedback::Adaptive);
-        let status = BiasStatus { mode: mode.name(), feedback: feedback.snapshot(), signal, state: state.clone() };
+        let status = BiasStatus { mode: mode.name(), feedback: feedback.snapshot(), state: state.clone() };
         (Self { mode, feedback, regenerate: config.regenerate, state }, status)
     }
 
-    /// After a response whose projections `projections` holds: its signal;
-    /// under `adaptive` the weights adjusted and the state saved; `status` brought up to date.
+    /// After a response whose projections `projections` holds and whose
+    /// generated tokens are `answer`: its signal; under `adaptive` the
+    /// weights adjusted and the state saved; `status` brought up to date.
     pub(super) fn after_response(
         &mut self,
         projections: &ProjectionStats,
         constraint: &BiasConstraint,
+        answer: &[u32],
         status: &Mutex<BiasStatus>,
     ) -> f32 {
         let feedback = &mut self.feedback;
         let signal = match self.mode {
             Feedback::Adaptive => {
-                let signal = feedback.after_response(projections, constraint);
+                let signal = feedback.after_response(projections, constraint, answer);
                 if let Some(state) = &self.state {
                     if let Err(e) = feedback.save(state) {
                         log::error!("bias.state: cannot save: {e}");
@@ -170,7 +217,7 @@ impl BiasFeedback {
                 signal
             }
             // Static: the signal is reported and remembered; the weights stay.
-            _ => feedback.observe(projections, constraint),
+            _ => feedback.observe(projections, constraint, answer),
         };
         if feedback.exceeds_hard_limit(signal) {
             log::warn!("bias signal {signal:+.3} is over the hard limit {:+.3}", feedback.hard_limit);

@@ -131,8 +131,7 @@ impl Loader {
         // The status is in place before the daemon says it is ready, so
         // a `/bias` right after start never sees the placeholder.
         let bias = feedback.map(|(mode, feedback)| {
-            let signal = model.bias().map_or("", |c| c.signal.name());
-            let (bias, status) = BiasFeedback::new(mode, feedback, &self.bias, signal);
+            let (bias, status) = BiasFeedback::new(mode, feedback, &self.bias);
             *shared.bias_status.lock().unwrap_or_else(|e| e.into_inner()) = status;
             bias
         });

@@ -264,7 +264,10 @@ impl<'m> Worker<'m> {
                 Finish::Cancelled => FinishReason::Cancelled,
                 Finish::SinkStopped => return Outcome::Disconnected,
             };
-            usage.bias_signal = self.after_response();
+            // The answer: the tokens this run generated, the last of the
+            // history but an end-of-generation token (a slice, no allocation).
+            let answer_end = self.session.history().len() - usize::from(generated.finish == Finish::EndOfGeneration);
+            usage.bias_signal = self.after_response(answer_end.saturating_sub(generated.tokens)..answer_end);
             // Over the hard limit: the same prompt again, under the weights the
             // loop has just raised, unless the text is already with the client.
             let over = match (&self.bias, usage.bias_signal) {
@@ -290,12 +293,14 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// After a response: its bias signal, the loop run (see
+    /// After a response whose generated tokens are `answer` of the session's
+    /// history: its bias signal, the loop run (see
     /// [`BiasFeedback::after_response`]). `None` when the feedback is off.
-    fn after_response(&mut self) -> Option<f32> {
+    fn after_response(&mut self, answer: std::ops::Range<usize>) -> Option<f32> {
         let bias = self.bias.as_mut()?;
         let constraint = self.session.model().bias()?;
-        Some(bias.after_response(self.session.projections(), constraint, &self.shared.bias_status))
+        let answer = &self.session.history()[answer];
+        Some(bias.after_response(self.session.projections(), constraint, answer, &self.shared.bias_status))
     }
 
     fn finish(&self, sink: &mut dyn TokenSink, reason: FinishReason, usage: Usage, trimmed_messages: usize) -> Outcome {

@@ -265,6 +265,7 @@ pub fn bias_calibrate(
         Ok(d)
     };
     match options.direction {
+        DirectionKind::Stereotype => anyhow::bail!("stereotype directions are not fitted from pairs"),
         DirectionKind::MeanDifference => {
             // The mean difference of the sentences' mean hidden states.
             let (mut stereo, mut anti, mut difference) =
@@ -368,6 +369,10 @@ pub fn bias_calibrate(
         baseline_std: vec![1.0; layers],
         loop_target: 0.0,
         loop_hard_limit: 0.0,
+        max_weights: vec![1.0; layers],
+        she_tokens: Vec::new(),
+        he_tokens: Vec::new(),
+        gates: Default::default(),
     };
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.try_new_state(options.ctx, 64)?;
@@ -409,10 +414,11 @@ pub fn bias_calibrate(
             pieces
         }
         LoopSignal::MeanLean => baseline_sentences,
+        LoopSignal::PronounShare => anyhow::bail!("the pronoun-share loop has no baseline from pairs"),
     };
     let loop_statistics = match options.loop_signal {
         LoopSignal::Spread => token_statistics(&baseline_responses)?,
-        LoopSignal::MeanLean => pair_statistics.clone(),
+        LoopSignal::MeanLean | LoopSignal::PronounShare => pair_statistics.clone(),
     };
     for (l, (mean, std)) in loop_statistics.into_iter().enumerate() {
         constraint.baseline_mean[l] = mean;

@@ -78,14 +78,14 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     // signal moves the weights the next ones are scored with.
     let mut after_response = |state: &mut RunState| -> Result<()> {
         if let Some(feedback) = feedback.as_mut() {
-            args.model.after_response(feedback, &model, state.projections())?;
+            args.model.after_response(feedback, &model, state.projections(), &[])?;
             state.set_bias_weights(&feedback.weights)?;
             state.reset_projections();
         }
         Ok(())
     };
     anyhow::ensure!(
-        args.passes == 1 || args.model.feedback == Feedback::Adaptive,
+        args.passes == 1 || args.model.resolved_feedback(&model) == Feedback::Adaptive,
         "--passes goes with --feedback adaptive"
     );
     let tokenizer = &loaded.tokenizer;

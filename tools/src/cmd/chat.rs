@@ -30,6 +30,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let tokenizer = &loaded.tokenizer;
     let template = ChatTemplate::new(loaded.image.chat_template(), loaded.image.vocab());
     let mut session = Session::try_new(&model, tokenizer, context, args.sampling.config())?;
+    // Under `--feedback adaptive` each reply is a response to the loop.
+    let mut feedback = args.model.feedback_loop(&model)?;
     let mut messages: Vec<ChatMessage> = args.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     if interactive {
@@ -75,8 +77,20 @@ pub fn run(args: ChatArgs) -> Result<()> {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
         };
+        if let Some(feedback) = &feedback {
+            // This reply's projections only, under the loop's weights (the
+            // cached prefix keeps the positions it was run with).
+            session.reset_projections();
+            session.set_bias_weights(&feedback.weights)?;
+        }
         let reply = generate(&mut session, &tokens[shared..], args.max_tokens, &args.sampling.stop, &mut on_text)?;
         outln!();
+        if let Some(feedback) = feedback.as_mut() {
+            let signal = args.model.after_response(feedback, &model, session.projections(), &reply.tokens)?;
+            if interactive {
+                eprintln!("(bias signal {signal:+.3})");
+            }
+        }
         messages.push(ChatMessage::new("assistant", reply.text.trim()));
     }
     Ok(())

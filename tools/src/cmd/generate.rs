@@ -67,7 +67,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let result = generate(&mut session, &prompt, args.max_tokens, &args.sampling.stop, &mut on_text)?;
     // The response's bias signal (its projections include the prompt's).
     let signal = match feedback.as_mut() {
-        Some(feedback) => Some(args.model.after_response(feedback, &model, session.projections())?),
+        Some(feedback) => Some(args.model.after_response(feedback, &model, session.projections(), &result.tokens)?),
         None => None,
     };
     if json {

@@ -3,7 +3,7 @@
 //! feedback; and the loading they describe.
 
 use anyhow::{Context, Result};
-use bramble_runtime::bias::{Feedback, FeedbackLoop, ProjectionStats};
+use bramble_runtime::bias::{BiasConstraint, Feedback, FeedbackLoop, ProjectionStats};
 use bramble_runtime::kernels::{pool::MAX_THREADS, Kernels};
 use bramble_runtime::kv::KvMode;
 use bramble_runtime::model::{Model, SparseMode};
@@ -65,8 +65,9 @@ pub struct ModelArgs {
     /// The layer-wise bias constraint (`bramble bias-calibrate` writes it):
     /// `static` applies the image's predefined weights, `adaptive` adjusts
     /// them after each response from its bias signal, `off` runs without;
-    /// `auto` (the default) is `off` until a calibration records that it
-    /// passed the bias gates (the first design erased "she", docs/bias.md).
+    /// `auto` (the default) is `adaptive` for an image whose calibration
+    /// records that it passed every bias gate, `off` otherwise (the first
+    /// design erased "she", docs/bias.md).
     #[arg(long, default_value = "auto", value_parser = feedback_parser())]
     pub feedback: Feedback,
     /// With `--feedback adaptive`: the loop's state (weights, recent
@@ -127,18 +128,10 @@ impl ModelArgs {
             self.kv_prune
         );
         model.set_kv_prune(self.kv_prune).with_context(|| format!("{}: --kv-prune", self.model.display()))?;
-        // `auto` (the default) is off until a calibration passed the bias gates;
-        // static and adaptive stay on request.
-        if self.feedback.resolve().0 != Feedback::Off {
-            let found = model
-                .use_image_bias(&loaded.image)
-                .with_context(|| format!("{}: bias section", self.model.display()))?;
-            anyhow::ensure!(
-                found,
-                "--feedback {}: {} has no bias section; write one with `bramble bias-calibrate`",
-                self.feedback,
-                self.model.display()
-            );
+        // `auto` (the default) is adaptive only for a calibration that passed
+        // every bias gate; static and adaptive stay on request.
+        if let Some(section) = self.bias_section(loaded)? {
+            model.set_bias(Some(section)).with_context(|| format!("{}: bias section", self.model.display()))?;
         }
         if let Some(weights) = &self.bias_weights {
             anyhow::ensure!(self.feedback == Feedback::Static, "--bias-weights goes with --feedback static");
@@ -154,14 +147,65 @@ impl ModelArgs {
                 "--bias-weights: {weights:?} has a value outside [0, 1]"
             );
             constraint.weights = if weights.len() == 1 { vec![weights[0]; layers] } else { weights.clone() };
+            // The loop's caps mean nothing under static feedback; they only must not sit below the weights.
+            for (cap, weight) in constraint.max_weights.iter_mut().zip(&constraint.weights) {
+                *cap = cap.max(*weight);
+            }
             model.set_bias(Some(constraint))?;
         }
         Ok(model)
     }
 
-    /// The feedback loop of `--feedback adaptive` (restored from `--bias-state`), if asked for.
+    /// The image's bias section as `--feedback` resolves for it: `None` when
+    /// the feedback is off (for `auto`, with a note on stderr saying why,
+    /// unless the image has no section), an error when `static` or
+    /// `adaptive` is asked of an image without one.
+    fn bias_section(&self, loaded: &Loaded) -> Result<Option<BiasConstraint>> {
+        if self.feedback == Feedback::Off {
+            return Ok(None);
+        }
+        let image = self.model.display();
+        let section = match loaded.image.section(bramble_runtime::bias::SECTION) {
+            None => None,
+            Some(bytes) => match BiasConstraint::from_section(bytes) {
+                Ok(section) => Some(section),
+                // `auto` asks for the section only if it is usable.
+                Err(e) if self.feedback == Feedback::Auto => {
+                    eprintln!("bramble: serving with the bias loop off: {image}: the bias section cannot be read: {e}");
+                    return Ok(None);
+                }
+                Err(e) => return Err(e).with_context(|| format!("{image}: bias section")),
+            },
+        };
+        match self.feedback.resolve(section.as_ref()) {
+            (Feedback::Off, Some(reason)) => {
+                if section.is_some() {
+                    eprintln!("bramble: serving with the bias loop off: {reason}");
+                }
+                Ok(None)
+            }
+            (Feedback::Off, None) => Ok(None),
+            (_, _) => {
+                let feedback = self.feedback;
+                anyhow::ensure!(
+                    section.is_some(),
+                    "--feedback {feedback}: {image} has no bias section; write one with `bramble bias-calibrate`"
+                );
+                Ok(section)
+            }
+        }
+    }
+
+    /// What `--feedback` came to for `model` (built by [`build_model`](Self::build_model)):
+    /// `auto` is adaptive when it loaded the image's bias section, off otherwise.
+    pub fn resolved_feedback(&self, model: &Model) -> Feedback {
+        self.feedback.resolve(model.bias()).0
+    }
+
+    /// The feedback loop of `--feedback adaptive` (or `auto` resolved to it;
+    /// restored from `--bias-state`), if asked for.
     pub fn feedback_loop(&self, model: &Model) -> Result<Option<FeedbackLoop>> {
-        if self.feedback != Feedback::Adaptive {
+        if self.resolved_feedback(model) != Feedback::Adaptive {
             anyhow::ensure!(self.bias_state.is_none(), "--bias-state goes with --feedback adaptive");
             return Ok(None);
         }
@@ -176,14 +220,17 @@ impl ModelArgs {
     }
 
     /// After a response under `--feedback adaptive`: its signal, the weights
-    /// adjusted, the state saved to `--bias-state`. Returns the signal.
+    /// adjusted, the state saved to `--bias-state`. `answer` is the
+    /// response's generated tokens (`&[]` when there are none, as for a
+    /// scored pair; the pronoun-share loop counts their pronouns). Returns the signal.
     pub fn after_response(
         &self,
         feedback: &mut FeedbackLoop,
         model: &Model,
         projections: &ProjectionStats,
+        answer: &[u32],
     ) -> Result<f32> {
-        let signal = feedback.after_response(projections, model.bias().expect("a bias section"));
+        let signal = feedback.after_response(projections, model.bias().expect("a bias section"), answer);
         if let Some(path) = &self.bias_state {
             feedback.save(path)?;
         }
