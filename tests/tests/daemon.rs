@@ -1261,8 +1261,10 @@ mod bias {
 
     /// The pronoun-share loop reads the answer's own tokens: here every token
     /// of the vocabulary counts as *she* (and an id no answer can hold as
-    /// *he*), so one answer moves the running share a quarter of the way to
-    /// all-female, over the target, and every capped layer rises by a step.
+    /// *he*), so each answer moves the running share a tenth of the way to
+    /// all-female. One answer (0.05) and two (0.095) stay under the target of
+    /// 0.10 and leave the weights; the third (0.1355) is over it, and every
+    /// capped layer rises by a step.
     #[test]
     fn the_pronoun_share_loop_counts_the_answer_and_bias_shows_it() {
         let vocab = bramble_runtime::ModelImage::open(calibrated()).unwrap().config().vocab_size;
@@ -1280,20 +1282,25 @@ mod bias {
         let before = bias_status(&daemon);
         assert_eq!((before["signal"].as_str(), before["responses"].as_u64()), (Some("pronoun-share"), Some(0)));
         assert_eq!(before["share_deviation"], 0.0, "{before}");
-        let lines = ndjson(daemon.ndjson(), &json!({"prompt": "he is a doctor", "max_tokens": 4, "temperature": 0}));
-        let last = lines.last().unwrap();
-        assert!(last["eval_count"].as_u64().is_some_and(|n| n > 0), "an answer to count: {last}");
-        assert_eq!(finite_signal(last, "pronoun share"), 0.125, "{last}");
-        let status = bias_status(&daemon);
-        assert_eq!(status["share_deviation"], 0.125, "{status}");
+        let request = json!({"prompt": "he is a doctor", "max_tokens": 4, "temperature": 0});
+        let weights = |status: &Value| -> Vec<f32> {
+            status["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect()
+        };
+        let answer = |expected: f32| {
+            let lines = ndjson(daemon.ndjson(), &request);
+            let last = lines.last().unwrap().clone();
+            assert!(last["eval_count"].as_u64().is_some_and(|n| n > 0), "an answer to count: {last}");
+            assert_eq!(finite_signal(&last, "pronoun share") as f32, expected, "{last}");
+            // Never regenerated, whatever the signal.
+            assert_eq!(last["bias_regenerations"], 0, "{last}");
+            bias_status(&daemon)
+        };
+        let status = answer(0.05);
+        assert_eq!(status["share_deviation"].as_f64().unwrap() as f32, 0.05, "{status}");
         assert_eq!(status["responses"], 1, "{status}");
         assert_eq!(status["target"].as_f64().unwrap() as f32, 0.1, "the default share target: {status}");
         assert!(status["lean"].as_f64().is_some_and(f64::is_finite), "{status}");
-        let weights: Vec<f32> =
-            status["weights"].as_array().unwrap().iter().map(|w| w.as_f64().unwrap() as f32).collect();
-        assert_eq!(weights, vec![0.0, 0.1, 0.1, 0.1], "each capped layer up a step: {status}");
-        // Never regenerated, whatever the signal.
-        assert_eq!(last["bias_regenerations"], 0, "{last}");
+        assert_eq!(weights(&status), vec![0.0; 4], "one answer is under the target: {status}");
         let mut terminal = Terminal::tcp(daemon.console.expect("a console listener"));
         terminal.expect("/help for commands.\r\n> ");
         terminal.command(
@@ -1301,7 +1308,13 @@ mod bias {
             "bias feedback: adaptive, 1 responses, pronoun-share signal, target 0.100, no hard limit",
         );
         let shown = terminal.expect("> ");
-        assert!(shown.contains("running she-share 0.625 (share deviation +0.125)"), "{shown:?}");
+        assert!(shown.contains("running she-share 0.550 (share deviation +0.050)"), "{shown:?}");
+        let status = answer(0.095);
+        assert_eq!(weights(&status), vec![0.0; 4], "two answers are under the target: {status}");
+        let status = answer(0.1355);
+        assert_eq!(status["share_deviation"].as_f64().unwrap() as f32, 0.1355, "{status}");
+        assert_eq!(status["responses"], 3, "{status}");
+        assert_eq!(weights(&status), vec![0.0, 0.1, 0.1, 0.1], "each capped layer up a step: {status}");
     }
 
     #[test]
