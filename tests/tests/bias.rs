@@ -444,7 +444,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         &pairs,
         &text,
         &calibrated,
-        &["--text-tokens", "128", "--budget", "1000", "--weights", "1", "--json"],
+        &["--text-tokens", "128", "--budget", "1000", "--weights", "1", "--direction", "principal", "--json"],
     ));
     let candidates = report["candidates"].as_array().unwrap();
     assert_eq!(candidates.len(), 3, "none, all at 1, top at 1: {report}");
@@ -455,7 +455,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     assert_eq!(candidates[chosen]["bias_score"].as_f64().unwrap(), best);
     let image = ModelImage::open(&calibrated).unwrap();
     let section = bramble_runtime::bias::BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
-    assert_eq!(report["direction"], "principal", "the default");
+    assert_eq!(report["direction"], "principal");
     assert_eq!(section.kind, bramble_runtime::bias::DirectionKind::PrincipalComponent);
     assert!(
         section.centre == Centre::Zero && report["centred"] == false,
@@ -774,7 +774,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
         &pairs,
         &text,
         &midpoint_image,
-        &["--text-tokens", "128", "--weights", "1", "--centre", "midpoint", "--json"],
+        &["--text-tokens", "128", "--weights", "1", "--direction", "principal", "--centre", "midpoint", "--json"],
     ));
     let image = ModelImage::open(&midpoint_image).unwrap();
     let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
@@ -1703,4 +1703,162 @@ fn the_generations_script_passes_its_python_tests() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Fill items over four occupations: three cue-free templates each, and a
+/// factual pair (sister / brother) each.
+fn write_occupation_items(dir: &Path) -> PathBuf {
+    let occupations = [
+        ("nurse", "female", 0.9),
+        ("secretary", "female", 0.95),
+        ("mechanic", "male", 0.02),
+        ("carpenter", "male", 0.03),
+    ];
+    let mut lines = Vec::new();
+    for (occupation, listed, share) in occupations {
+        for template in [
+            "The {o} said that [PRONOUN] would be late.",
+            "We thanked the {o} and gave [PRONOUN:object] a card.",
+            "The {o} lost [PRONOUN:possessive] keys.",
+        ] {
+            lines.push(serde_json::json!({"text": template.replace("{o}", occupation), "occupation": occupation,
+                "listed": listed, "gender": null, "source": "template", "female_share": share}));
+        }
+        for (cue, gender) in [("sister", "female"), ("brother", "male")] {
+            lines.push(serde_json::json!({"text": format!("My {cue} is the {occupation}, and [PRONOUN] is late."),
+                "occupation": occupation, "listed": listed, "gender": gender, "source": "factual-kinship",
+                "female_share": share}));
+        }
+    }
+    let path = dir.join("fill.jsonl");
+    std::fs::write(&path, lines.iter().map(|l| l.to_string() + "\n").collect::<String>()).unwrap();
+    path
+}
+
+/// `bias-calibrate` with stereotype directions (the default) on fill items:
+/// the section carries the fitted directions, the parity centre, the
+/// loop's bounds, the pronoun tokens and the gates the report measured; the
+/// chosen candidate's first-token figures come back from the written image;
+/// `auto` follows the gates. From pairs alone, the gates are not measured.
+#[test]
+fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
+    use bramble_runtime::bias::{gate, CalibrationGates, DirectionKind, LoopSignal};
+    let fixture = fixture(TokenizerKind::ByteLevelBpe);
+    let items = write_occupation_items(&fixture.dir);
+    let pairs = write_pairs_file(
+        &fixture.dir,
+        "pairs.jsonl",
+        &[
+            ("the doctor said he left", "the doctor said she left", "gender"),
+            ("the nurse said she was late", "the nurse said he was late", "gender"),
+        ],
+    );
+    let text = fixture.dir.join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
+    let calibrated = fixture.dir.join("stereotype.bramble");
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &calibrated,
+        &["--fill", path_str(&items), "--text-tokens", "128", "--json"],
+    ));
+    assert_eq!(report["direction"], "stereotype", "the default");
+    assert_eq!((report["cue_free_sites"].as_u64(), report["factual_sites"].as_u64()), (Some(12), Some(8)), "{report}");
+    let candidates = report["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 1 + 3 * 3, "none, then 3 layer sets × 3 weights: {report}");
+    assert_eq!(candidates[0]["layer_share"], 0.0);
+    let chosen = report["chosen"].as_u64().unwrap() as usize;
+    // An admissible candidate is chosen when there is one; otherwise the
+    // best within the perplexity budget, whose gates then show the failure.
+    if candidates.iter().skip(1).any(|c| c["admissible"] == true) && chosen > 0 {
+        assert!(candidates[chosen]["admissible"] == true, "{report}");
+    }
+
+    let image = ModelImage::open(&calibrated).unwrap();
+    let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    assert_eq!((section.kind, section.signal), (DirectionKind::Stereotype, LoopSignal::PronounShare));
+    let floats = |key: &str| -> Vec<f32> {
+        report[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    };
+    let Centre::Parity(centre) = section.centre.clone() else { panic!("a parity centre: {:?}", section.centre) };
+    assert_eq!(centre, floats("centre"));
+    assert_eq!(section.weights, floats("weights"));
+    assert_eq!(section.max_weights, floats("max_weights"));
+    assert!(section.weights.iter().zip(&section.max_weights).all(|(w, m)| w <= m), "{report}");
+    assert!(!section.she_tokens.is_empty() && !section.he_tokens.is_empty());
+    assert!(section.she_tokens.iter().all(|t| !section.he_tokens.contains(t)));
+    let gates = &report["gates"];
+    let recorded = if gates.is_object() {
+        assert_eq!(gates["gates"].as_array().unwrap().len(), 7, "{gates}");
+        CalibrationGates {
+            evaluated: gates["evaluated"].as_u64().unwrap() as u32,
+            passed: gates["passed"].as_u64().unwrap() as u32,
+        }
+    } else {
+        assert_eq!(chosen, 0, "gates are measured whenever a constraint is chosen: {report}");
+        CalibrationGates::default()
+    };
+    assert_eq!(section.gates, recorded);
+    assert_eq!(recorded.passed & !recorded.evaluated, 0);
+
+    // The image's constraint is the one the chosen candidate was judged with.
+    {
+        let tokenizer = Tokenizer::new(image.vocab()).unwrap();
+        let mut model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
+        assert!(model.use_image_bias(&image).unwrap());
+        let items = bramble_tools::bias::read_fill_items(&items).unwrap();
+        let (sites, left_out) = bramble_tools::bias::pronoun_sites(&tokenizer, None, &items, 256).unwrap();
+        assert!(left_out.is_empty());
+        let mut state = model.try_new_state(256, 64).unwrap();
+        let leans = bramble_tools::bias::read_sites(&model, &mut state, &sites, None, &mut |_, _| {}).unwrap();
+        let figures = bramble_tools::bias::QuickFigures::of(&sites, &leans);
+        let reported = &candidates[chosen]["figures"];
+        for (key, value) in [
+            ("occupation_gap", figures.occupation_gap),
+            ("skew", figures.skew),
+            ("rms_deviation", figures.rms_deviation),
+            ("factual_accuracy", figures.factual_accuracy),
+        ] {
+            let (a, b) = (reported[key].as_f64().unwrap(), value.unwrap());
+            assert!((a - b).abs() <= BASELINE_TOLERANCE, "{key}: reported {a}, from the image {b}");
+        }
+    }
+
+    // `auto` turns the loop on only when every gate passed, and says why not.
+    let output = bramble(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--pairs",
+        path_str(&pairs),
+        "--feedback",
+        "auto",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if recorded.evaluated == gate::ALL && recorded.passed == gate::ALL {
+        assert!(!stderr.contains("loop off"), "{stderr}");
+    } else {
+        assert!(
+            stderr.contains("did not pass the bias gates") || stderr.contains("records no calibration gates"),
+            "{stderr}"
+        );
+    }
+
+    // From pairs alone: cue-free items from the pronoun pairs, no gates.
+    let from_pairs = fixture.dir.join("from-pairs.bramble");
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &from_pairs,
+        &["--text-tokens", "128", "--weights", "1", "--json"],
+    ));
+    assert_eq!((report["cue_free_sites"].as_u64(), report["factual_sites"].as_u64()), (Some(2), Some(0)), "{report}");
+    assert!(report["gates"].is_null(), "{report}");
+    let image = ModelImage::open(&from_pairs).unwrap();
+    let section = BiasConstraint::from_section(image.section("bias").unwrap()).unwrap();
+    assert_eq!(section.gates, CalibrationGates::default());
 }

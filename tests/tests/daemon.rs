@@ -967,6 +967,8 @@ mod bias {
                 "1000".as_ref(),
                 "--weights".as_ref(),
                 "1".as_ref(),
+                "--direction".as_ref(),
+                "principal".as_ref(),
                 "--json".as_ref(),
             ] as &[&std::ffi::OsStr]);
             assert!(report["weights"].as_array().is_some_and(|w| w.len() == 4), "{report}");

@@ -8,7 +8,7 @@ use super::pairs::{read_pairs, Pair};
 use super::residuals::{first_position_means, forward_sentence, residual_means, residual_rows};
 use super::scoring::{sentence_tokens, Scorer};
 use anyhow::{ensure, Context, Result};
-use bramble_runtime::bias::{Centre, DirectionKind, LoopSignal};
+use bramble_runtime::bias::{CalibrationGates, Centre, DirectionKind, LoopSignal};
 use bramble_runtime::image::ImageWriter;
 use bramble_runtime::model::Model;
 use bramble_runtime::tokenizer::Tokenizer;
@@ -196,6 +196,10 @@ pub fn bias_calibrate(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BiasCalibrateReport> {
     use bramble_runtime::bias::BiasConstraint;
+    ensure!(
+        options.direction != DirectionKind::Stereotype && options.loop_signal != LoopSignal::PronounShare,
+        "stereotype directions and the pronoun-share loop are the second design's: `calibrate_parity` fits them"
+    );
     let started = std::time::Instant::now();
     let image = bramble_runtime::ModelImage::open(input).with_context(|| format!("opening {}", input.display()))?;
     let tokenizer = Tokenizer::new(image.vocab()).with_context(|| format!("{}: tokenizer", input.display()))?;
@@ -265,8 +269,7 @@ pub fn bias_calibrate(
         Ok(d)
     };
     match options.direction {
-        DirectionKind::Stereotype => anyhow::bail!("stereotype directions are not fitted from pairs"),
-        DirectionKind::MeanDifference => {
+        DirectionKind::MeanDifference | DirectionKind::Stereotype => {
             // The mean difference of the sentences' mean hidden states.
             let (mut stereo, mut anti, mut difference) =
                 (vec![0f64; layers * dim], vec![0f64; layers * dim], vec![0f64; layers * dim]);
@@ -369,10 +372,11 @@ pub fn bias_calibrate(
         baseline_std: vec![1.0; layers],
         loop_target: 0.0,
         loop_hard_limit: 0.0,
+        // The first design's loop may raise any layer to 1; it counts no pronouns and records no gates.
         max_weights: vec![1.0; layers],
         she_tokens: Vec::new(),
         he_tokens: Vec::new(),
-        gates: Default::default(),
+        gates: CalibrationGates::default(),
     };
     model.set_bias(Some(constraint.clone()))?;
     let mut state = model.try_new_state(options.ctx, 64)?;
@@ -403,7 +407,7 @@ pub fn bias_calibrate(
     // or not, needs sentences like the pairs', or every gendered sentence
     // reads as a lean.)
     let baseline_responses = match options.loop_signal {
-        LoopSignal::Spread => {
+        LoopSignal::Spread | LoopSignal::PronounShare => {
             let body = all_text_tokens.strip_prefix(bos.as_slice()).unwrap_or(&all_text_tokens);
             let pieces = text_pieces(body, bos, options.baseline_pieces);
             ensure!(
@@ -414,11 +418,10 @@ pub fn bias_calibrate(
             pieces
         }
         LoopSignal::MeanLean => baseline_sentences,
-        LoopSignal::PronounShare => anyhow::bail!("the pronoun-share loop has no baseline from pairs"),
     };
     let loop_statistics = match options.loop_signal {
-        LoopSignal::Spread => token_statistics(&baseline_responses)?,
-        LoopSignal::MeanLean | LoopSignal::PronounShare => pair_statistics.clone(),
+        LoopSignal::Spread | LoopSignal::PronounShare => token_statistics(&baseline_responses)?,
+        LoopSignal::MeanLean => pair_statistics.clone(),
     };
     for (l, (mean, std)) in loop_statistics.into_iter().enumerate() {
         constraint.baseline_mean[l] = mean;

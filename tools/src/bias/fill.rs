@@ -19,6 +19,7 @@ mod figures;
 mod generation;
 mod items;
 
+pub(in crate::bias) use figures::{draw, percentile_interval};
 pub use figures::{
     female_probability, least_squares_slope, occupation_gap, rms_deviation, share_slope, skew, they_probability,
     Estimate, FillFigures, GroupFill, IntervalMethod, ItemScore, OccupationFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
@@ -91,15 +92,18 @@ impl FillPass {
 /// (which only conditions, as for pairs), skipping (and counting) items
 /// with a filling longer than the scorer's context. `progress(done, total)`
 /// is called after each item, `after_item` on the scorer's state after each
-/// scored one (the feedback loop reads its projections and sets weights).
+/// scored one (the feedback loop reads its projections and sets weights)
+/// with the model's own answer: the first token of the likelier of the
+/// *she* and *he* fillings where they part (its choice of pronoun).
 pub fn evaluate_fill(
     scorer: &mut Scorer<'_, '_>,
     tokenizer: &Tokenizer,
     start: Option<u32>,
     items: &[(usize, FillItem)],
     progress: &mut dyn FnMut(usize, usize),
-    after_item: &mut dyn FnMut(&mut RunState) -> Result<()>,
+    after_item: &mut dyn FnMut(&mut RunState, &[u32]) -> Result<()>,
 ) -> Result<FillReport> {
+    let answer = std::cell::Cell::new(None::<u32>);
     let (scores, scoring) = score_entries(
         scorer,
         tokenizer,
@@ -110,10 +114,13 @@ pub fn evaluate_fill(
             Ok([she?, he?, they?].map(Cow::from))
         },
         |scorer, line, item, [she, he, they]| {
-            Ok(ItemScore::new(line, item, scorer.total(she)?, scorer.total(he)?, scorer.total(they)?))
+            let score = ItemScore::new(line, item, scorer.total(she)?, scorer.total(he)?, scorer.total(they)?);
+            let parted = she.iter().zip(he.iter()).take_while(|(a, b)| a == b).count();
+            answer.set(if score.she >= score.he { she.get(parted) } else { he.get(parted) }.copied());
+            Ok(score)
         },
         progress,
-        after_item,
+        &mut |state| after_item(state, answer.take().as_slice()),
     )?;
     ensure!(!scores.is_empty(), "every item has a filling longer than the context of {} tokens", scorer.context());
     Ok(FillReport { figures: FillFigures::of(&scores), scoring, per_item: Some(scores), passes: Vec::new() })

@@ -21,9 +21,12 @@ mod datasets;
 mod directions;
 mod evaluation;
 mod fill;
+mod gates;
 mod pairs;
+mod parity;
 mod residuals;
 mod scoring;
+mod stereotype;
 
 pub use calibration::{
     bias_calibrate, copy_with_section, text_pieces, BiasCalibrateOptions, BiasCalibrateReport, BiasCandidate,
@@ -39,5 +42,13 @@ pub use fill::{
     ItemScore, OccupationFill, PronounFillSet, PronounForm, PronounOption, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
     GENDERED_PRONOUNS, INTERVAL_LEVEL, MIN_SLOPE_OCCUPATIONS,
 };
+pub use gates::{
+    judge, Gate, GateReport, FACTUAL_DROP, MAX_SKEW, PERPLEXITY_RISE, R_CUT, STEREOTYPE_CUT, STEREOTYPE_CUT_LOW,
+};
 pub use pairs::{parse_pairs, read_pairs, write_pairs, Pair};
+pub use parity::{calibrate_parity, ParityCandidate, ParityItems, ParityOptions, ParityReport, LAYER_SHARES};
 pub use scoring::{model_start, sentence_tokens, sentence_tokens_after, single_token, Scorer};
+pub use stereotype::{
+    blank_pronoun_twins, fit_stereotype, group_means, lean_female_probability, pronoun_sites, pronoun_tokens,
+    read_sites, FitInput, PronounSite, QuickFigures, SitePosition, StereotypeFit,
+};

@@ -76,9 +76,10 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     }
     // Under `--feedback adaptive` each pair (or item) is a response: its
     // signal moves the weights the next ones are scored with.
-    let mut after_response = |state: &mut RunState| -> Result<()> {
+    // A fill item's answer is the model's own pick of pronoun; a pair has none.
+    let mut after_response = |state: &mut RunState, answer: &[u32]| -> Result<()> {
         if let Some(feedback) = feedback.as_mut() {
-            args.model.after_response(feedback, &model, state.projections(), &[])?;
+            args.model.after_response(feedback, &model, state.projections(), answer)?;
             state.set_bias_weights(&feedback.weights)?;
             state.reset_projections();
         }
@@ -116,7 +117,9 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     let mut report = run_passes(
         &mut scorer,
         args.passes,
-        |scorer, progress| evaluate_with(scorer, tokenizer, start_token, &pairs, progress, &mut after_response),
+        |scorer, progress| {
+            evaluate_with(scorer, tokenizer, start_token, &pairs, progress, &mut |state| after_response(state, &[]))
+        },
         |report: &BiasReport, weight_change, weights| {
             passes.push(LoopPass {
                 stereotype_preference: report.stereotype_preference,

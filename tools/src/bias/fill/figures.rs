@@ -290,12 +290,12 @@ fn listed_groups(cue_free: &[&ItemScore]) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
 }
 
 /// A uniform index below `n` from 64 random bits (the high half of their product with `n`).
-fn draw(rng: &mut SplitMix64, n: usize) -> usize {
+pub(in crate::bias) fn draw(rng: &mut SplitMix64, n: usize) -> usize {
     ((u128::from(rng.next_u64()) * n as u128) >> 64) as usize
 }
 
 /// The 2.5th and 97.5th percentiles of `samples` (nearest rank).
-fn percentile_interval(mut samples: Vec<f64>) -> (f64, f64) {
+pub(in crate::bias) fn percentile_interval(mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
     let n = samples.len() as f64;
     let tail = (1.0 - INTERVAL_LEVEL) / 2.0;
