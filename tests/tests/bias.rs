@@ -1847,6 +1847,17 @@ fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
         );
     }
 
+    // Each design's settings are refused with the other's, not ignored.
+    for (extra, message) in [
+        (&["--centre", "midpoint"][..], "--centre is for --direction principal or mean-difference"),
+        (&["--direction", "principal", "--fill", path_str(&items)][..], "--fill is for --direction stereotype"),
+    ] {
+        let output =
+            bramble(&calibrate_args(&fixture.image, &pairs, &text, &fixture.dir.join("refused.bramble"), extra));
+        assert_eq!(output.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&output.stderr).contains(message), "{extra:?}");
+    }
+
     // From pairs alone: cue-free items from the pronoun pairs, no gates.
     let from_pairs = fixture.dir.join("from-pairs.bramble");
     let report = bramble_json(&calibrate_args(

@@ -209,18 +209,34 @@ pub fn calibrate_parity(
     let stated_female = gather(&|s| s.gender == Some(Gender::Female));
     let stated_male = gather(&|s| s.gender == Some(Gender::Male));
     drop(states);
+    // The factual sites read at the pronoun too, when the fit reads the
+    // occupation: what states the gender there is kept as well.
+    let factual_sites: Vec<PronounSite> = sites.iter().filter(|s| s.gender.is_some()).cloned().collect();
+    let mut at_pronoun = Vec::new();
+    if options.position != SitePosition::Pronoun && !factual_sites.is_empty() {
+        read_sites(&model, &mut state, &factual_sites, Some((&mut at_pronoun, SitePosition::Pronoun)), &mut |_, _| {})?;
+    }
+    let pronoun_side = |gender: Gender| -> Vec<f32> {
+        factual_sites
+            .iter()
+            .zip(at_pronoun.chunks_exact(row))
+            .filter(|(s, _)| s.gender == Some(gender))
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect()
+    };
+    let (pronoun_female, pronoun_male) = (pronoun_side(Gender::Female), pronoun_side(Gender::Male));
+    let stated = [(&stated_female[..], &stated_male[..]), (&pronoun_female[..], &pronoun_male[..])];
     let fit = fit_stereotype(&FitInput {
         layers,
         dim,
         cue_free: &cue_free_states,
         leans: &cue_free_leans,
         targets: &targets,
-        stated_female: &stated_female,
-        stated_male: &stated_male,
+        stated: &stated,
         orthogonal_to_stated: options.orthogonal_to_stated,
         sink: Some(&sink),
     })?;
-    drop((cue_free_states, stated_female, stated_male));
+    drop((cue_free_states, stated_female, stated_male, pronoun_female, pronoun_male, at_pronoun));
 
     let (all_text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
     let text_tokens = &all_text_tokens[..all_text_tokens.len().min(options.text_tokens)];

@@ -265,11 +265,10 @@ pub struct FitInput<'a> {
     /// themselves, or each site's occupation's mean lean (the lean the
     /// occupation explains, not the template's or the blank's form's).
     pub targets: &'a [f64],
-    /// Factual sites' states stating *female* and *male* (may be empty).
-    pub stated_female: &'a [f32],
-    /// The same stating *male*.
-    pub stated_male: &'a [f32],
-    /// Remove the stated-gender direction from each direction.
+    /// Factual sites' states stating *female* and stating *male*, one pair
+    /// a position read (the first gives `factual_cosine`; may be empty).
+    pub stated: &'a [(&'a [f32], &'a [f32])],
+    /// Remove the stated-gender directions from each direction.
     pub orthogonal_to_stated: bool,
     /// The attention sink's mean residual stream (`layers × dim`), removed from each direction.
     pub sink: Option<&'a [f64]>,
@@ -320,16 +319,31 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
             }
         }
         ensure!(norm(&d) > 0.0 && norm(&d).is_finite(), "layer {l}: the lean does not vary with the state");
-        if !input.stated_female.is_empty() && !input.stated_male.is_empty() {
-            let f = mean_of(input.stated_female, l);
-            let g: Vec<f64> = f.iter().zip(mean_of(input.stated_male, l)).map(|(a, b)| a - b).collect();
+        // The stated-gender directions (one a position read), made
+        // orthonormal, then removed from d together.
+        let mut basis: Vec<Vec<f64>> = Vec::new();
+        for (i, (female, male)) in input.stated.iter().enumerate() {
+            if female.is_empty() || male.is_empty() {
+                continue;
+            }
+            let mut g: Vec<f64> = mean_of(female, l).iter().zip(mean_of(male, l)).map(|(a, b)| a - b).collect();
+            if i == 0 && norm(&g) > 0.0 {
+                fit.factual_cosine[l] = (dot(&d, &g) / (norm(&d) * norm(&g))) as f32;
+            }
+            for b in &basis {
+                let along = dot(&g, b);
+                g.iter_mut().zip(b).for_each(|(v, b)| *v -= along * b);
+            }
             let g_norm = norm(&g);
-            if g_norm > 0.0 {
-                let along = dot(&d, &g) / g_norm;
-                fit.factual_cosine[l] = (along / norm(&d)) as f32;
-                if input.orthogonal_to_stated {
-                    d.iter_mut().zip(&g).for_each(|(v, g)| *v -= along * g / g_norm);
-                }
+            if g_norm > 1e-9 * (1.0 + norm(&d)) {
+                g.iter_mut().for_each(|v| *v /= g_norm);
+                basis.push(g);
+            }
+        }
+        if input.orthogonal_to_stated {
+            for b in &basis {
+                let along = dot(&d, b);
+                d.iter_mut().zip(b).for_each(|(v, b)| *v -= along * b);
             }
         }
         if let Some(sink) = input.sink {
@@ -486,8 +500,7 @@ mod tests {
             cue_free: &cue_free,
             leans: &leans,
             targets: &leans,
-            stated_female: &female,
-            stated_male: &male,
+            stated: &[(&female, &male)],
             orthogonal_to_stated: false,
             sink: None,
         };

@@ -111,40 +111,42 @@ pub struct BiasCalibrateArgs {
     /// With `--direction stereotype`: `orthogonal` removes from each
     /// direction its component along the stated-gender direction of the
     /// factual items (female minus male), so a sentence that says who the
-    /// referent is keeps its pronoun; `keep` leaves it.
-    #[arg(long, value_enum, default_value_t = StatedArg::Orthogonal)]
-    stated: StatedArg,
+    /// referent is keeps its pronoun (the default; at the occupation and, when
+    /// the states are read there, at the pronoun); `keep` leaves it.
+    #[arg(long, value_enum)]
+    stated: Option<StatedArg>,
     /// With `--direction stereotype`: what the direction is fitted against,
-    /// `occupation`, each occupation's mean lean (what the occupation
+    /// `occupation` (the default), each occupation's mean lean (what the occupation
     /// explains of the lean, not the template or the blank's form), or
     /// `item`, each site's own lean.
-    #[arg(long, value_enum, default_value_t = FitArg::Occupation)]
-    fit_against: FitArg,
+    #[arg(long, value_enum)]
+    fit_against: Option<FitArg>,
     /// With `--direction stereotype`: where the states are read, `pronoun`,
     /// the token before the blank (whose logits choose the pronoun), or
     /// `occupation` (the default), the occupation's last token, where the
     /// model keeps what it associates with the occupation (on SmolLM2-135M
     /// q4 a direction read there narrows the gap four times as much).
-    #[arg(long, value_enum, default_value_t = PositionArg::Occupation)]
-    position: PositionArg,
+    #[arg(long, value_enum)]
+    position: Option<PositionArg>,
     /// Text the perplexity budget is measured on (e.g. a play).
     #[arg(long)]
     text: PathBuf,
     /// The image to write.
     #[arg(long)]
     output: PathBuf,
-    /// Pairs the directions come from (0: all).
-    #[arg(long, default_value_t = 0)]
-    direction_pairs: usize,
-    /// Pairs each candidate's bias score is measured on.
-    #[arg(long, default_value_t = 100)]
-    eval_pairs: usize,
+    /// First design: pairs the directions come from (0, the default: all).
+    #[arg(long)]
+    direction_pairs: Option<usize>,
+    /// First design: pairs each candidate's bias score is measured on (default 100).
+    #[arg(long)]
+    eval_pairs: Option<usize>,
     /// Tokens of the text used.
     #[arg(long, default_value_t = 1024)]
     text_tokens: usize,
-    /// Allowed perplexity increase on the text.
-    #[arg(long, default_value_t = 0.02)]
-    budget: f64,
+    /// First design: allowed perplexity increase on the text (default 0.02; the
+    /// stereotype calibration's perplexity gate is +2 %, fixed).
+    #[arg(long)]
+    budget: Option<f64>,
     /// Candidate weights: with `stereotype`, each on the quarter, the half
     /// and all of the layers whose projections follow the lean most (default
     /// 0.5,0.75,1); otherwise each on all layers and on the most separating
@@ -161,33 +163,34 @@ pub struct BiasCalibrateArgs {
     /// sentences' mean hidden states.
     #[arg(long, value_enum, default_value_t = DirectionArg::Stereotype)]
     direction: DirectionArg,
-    /// Pairs whose two sentences give the spread the layers' separations are
-    /// measured in, and with `--loop-signal mean-lean` the loop's baseline (0: the direction pairs).
-    #[arg(long, default_value_t = 100)]
-    baseline_pairs: usize,
-    /// How the feedback loop reads a response: `spread`, the root mean square
+    /// First design: pairs whose two sentences give the spread the layers' separations are
+    /// measured in, and with `--loop-signal mean-lean` the loop's baseline (default 100; 0: the direction pairs).
+    #[arg(long)]
+    baseline_pairs: Option<usize>,
+    /// First design: how the feedback loop reads a response: `spread` (the default), the root mean square
     /// departure of each token's projection from neutral text (pieces of
     /// TXT); `mean-lean`, how far the response's mean projection leans from
     /// the pairs' own sentences (the calibrations before version 2 sections).
-    #[arg(long, value_enum, default_value_t = LoopSignalArg::Spread)]
-    loop_signal: LoopSignalArg,
+    #[arg(long, value_enum)]
+    loop_signal: Option<LoopSignalArg>,
     /// With `--loop-signal spread`: how many pieces of TXT (windows of 24
     /// tokens spread evenly over it) the baseline and the loop's target are measured on.
     #[arg(long, default_value_t = 200)]
     baseline_pieces: usize,
-    /// Where the constraint moves each projection `h · d_l`: `zero`, 0
+    /// First design: where the constraint moves each projection `h · d_l`: `zero` (the default), 0
     /// (`h ← h − w (h·d) d`); `baseline`, its neutral mean (`h ← h − w (h·d −
     /// mean) d`), which leaves a token at the baseline alone; `midpoint`, the
     /// mean of the pairs' two sides at the first swapped token, so erasing
     /// leaves a token between the genders rather than at 0 (principal only).
-    #[arg(long, value_enum, default_value_t = CentreArg::Zero)]
-    centre: CentreArg,
-    /// The attention sink (the first position's residual stream, a hundred
+    #[arg(long, value_enum)]
+    centre: Option<CentreArg>,
+    /// First design: the attention sink (the first position's residual stream, a hundred
     /// times the others' size in SmolLM2's middle layers): `orthogonal`
     /// removes each direction's component along it, so the constraint
-    /// leaves the sink alone; `keep` leaves the directions as found.
-    #[arg(long, value_enum, default_value_t = SinkArg::Orthogonal)]
-    sink: SinkArg,
+    /// leaves the sink alone (the default; stereotype directions always are);
+    /// `keep` leaves the directions as found.
+    #[arg(long, value_enum)]
+    sink: Option<SinkArg>,
     /// Threads (default: the number of cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -199,25 +202,46 @@ pub struct BiasCalibrateArgs {
 pub fn run(args: BiasCalibrateArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.text).with_context(|| format!("{}: cannot read", args.text.display()))?;
     let threads = args.threads.unwrap_or_else(super::cores).clamp(1, MAX_THREADS);
+    // Each design's own settings, refused with the other's rather than ignored.
+    let first_design = [
+        ("--direction-pairs", args.direction_pairs.is_some()),
+        ("--eval-pairs", args.eval_pairs.is_some()),
+        ("--budget", args.budget.is_some()),
+        ("--baseline-pairs", args.baseline_pairs.is_some()),
+        ("--loop-signal", args.loop_signal.is_some()),
+        ("--centre", args.centre.is_some()),
+        ("--sink", args.sink.is_some()),
+    ];
+    let second_design = [
+        ("--fill", args.fill.is_some()),
+        ("--stated", args.stated.is_some()),
+        ("--fit-against", args.fit_against.is_some()),
+        ("--position", args.position.is_some()),
+    ];
+    let (others, design): (&[(&str, bool)], &str) = if args.direction == DirectionArg::Stereotype {
+        (&first_design, "--direction principal or mean-difference")
+    } else {
+        (&second_design, "--direction stereotype")
+    };
+    if let Some((flag, _)) = others.iter().find(|(_, given)| *given) {
+        bail!("{flag} is for {design}");
+    }
     if args.direction == DirectionArg::Stereotype {
         return run_stereotype(&args, &text, threads);
     }
-    if args.fill.is_some() {
-        bail!("--fill is for --direction stereotype");
-    }
     let options = BiasCalibrateOptions {
         threads,
-        direction_pairs: args.direction_pairs,
-        eval_pairs: args.eval_pairs,
+        direction_pairs: args.direction_pairs.unwrap_or(0),
+        eval_pairs: args.eval_pairs.unwrap_or(100),
         text_tokens: args.text_tokens,
-        budget: args.budget,
+        budget: args.budget.unwrap_or(0.02),
         weights: args.weights.clone().unwrap_or_else(|| vec![0.1, 0.25, 0.5]),
         direction: args.direction.into(),
-        baseline_pairs: args.baseline_pairs,
-        loop_signal: args.loop_signal.into(),
+        baseline_pairs: args.baseline_pairs.unwrap_or(100),
+        loop_signal: args.loop_signal.unwrap_or(LoopSignalArg::Spread).into(),
         baseline_pieces: args.baseline_pieces,
-        centre: args.centre.into(),
-        keep_sink: args.sink == SinkArg::Keep,
+        centre: args.centre.unwrap_or(CentreArg::Zero).into(),
+        keep_sink: args.sink == Some(SinkArg::Keep),
         ..BiasCalibrateOptions::default()
     };
     let show = std::io::stderr().is_terminal() && !args.json;
@@ -272,11 +296,11 @@ fn run_stereotype(args: &BiasCalibrateArgs, text: &str, threads: usize) -> Resul
         threads,
         text_tokens: args.text_tokens,
         weights: args.weights.clone().unwrap_or(defaults.weights),
-        orthogonal_to_stated: args.stated == StatedArg::Orthogonal,
-        occupation_means: args.fit_against == FitArg::Occupation,
+        orthogonal_to_stated: args.stated != Some(StatedArg::Keep),
+        occupation_means: args.fit_against != Some(FitArg::Item),
         position: match args.position {
-            PositionArg::Pronoun => SitePosition::Pronoun,
-            PositionArg::Occupation => SitePosition::Occupation,
+            Some(PositionArg::Pronoun) => SitePosition::Pronoun,
+            _ => SitePosition::Occupation,
         },
         baseline_pieces: args.baseline_pieces,
         ..defaults
