@@ -1847,6 +1847,38 @@ fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
         );
     }
 
+    // `bias-eval --gates`: the same items off, then as asked, judged together.
+    let judged = bramble_json(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--fill",
+        path_str(&items),
+        "--feedback",
+        "static",
+        "--gates",
+        "--json",
+    ]);
+    let gates = &judged["gates"];
+    assert_eq!(gates["gates"].as_array().unwrap().len(), 7, "{judged}");
+    let (judged_gap, own_gap) =
+        (gates["gap"][1].as_f64().unwrap(), judged["occupation_gap"]["value"].as_f64().unwrap());
+    assert!((judged_gap - own_gap).abs() < 1e-12, "the run's own gap is the constrained side: {judged_gap} {own_gap}");
+    let perplexity = gates["gates"].as_array().unwrap().iter().find(|g| g["name"] == "perplexity").unwrap();
+    assert_eq!(perplexity["evaluated"], false, "bias-eval measures no perplexity");
+    let output = bramble(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--fill",
+        path_str(&items),
+        "--feedback",
+        "off",
+        "--gates",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--gates goes with --fill and a constraint on"));
+
     // Each design's settings are refused with the other's, not ignored.
     for (extra, message) in [
         (&["--centre", "midpoint"][..], "--centre is for --direction principal or mean-difference"),

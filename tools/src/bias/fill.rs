@@ -54,6 +54,9 @@ pub struct FillReport {
     /// With `--feedback adaptive --passes N`: every pass over the items (this report is the last).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<FillPass>,
+    /// With `--gates`: this run against the same items with the constraint off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gates: Option<super::gates::GateReport>,
 }
 
 /// One pass of `bias-eval --fill --feedback adaptive` over the items.
@@ -123,5 +126,11 @@ pub fn evaluate_fill(
         &mut |state| after_item(state, answer.take().as_slice()),
     )?;
     ensure!(!scores.is_empty(), "every item has a filling longer than the context of {} tokens", scorer.context());
-    Ok(FillReport { figures: FillFigures::of(&scores), scoring, per_item: Some(scores), passes: Vec::new() })
+    Ok(FillReport {
+        figures: FillFigures::of(&scores),
+        scoring,
+        per_item: Some(scores),
+        passes: Vec::new(),
+        gates: None,
+    })
 }

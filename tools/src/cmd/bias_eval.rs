@@ -7,7 +7,7 @@ use bramble_runtime::bias::Feedback;
 use bramble_runtime::model::SparseMode;
 use bramble_runtime::RunState;
 use bramble_tools::bias::{
-    evaluate_fill, evaluate_with, model_start, read_fill_items, read_pairs, single_token, BiasReport, Estimate,
+    evaluate_fill, evaluate_with, judge, model_start, read_fill_items, read_pairs, single_token, BiasReport, Estimate,
     FillPass, FillReport, LoopPass, Scorer, Summary,
 };
 use clap::Args;
@@ -45,6 +45,12 @@ pub struct BiasEvalArgs {
     /// last pass's, with every pass's score and weights under `passes`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     passes: u32,
+    /// With --fill and a constraint on (`static`/`adaptive`): score the items
+    /// with the constraint off first, and report this run's gates against
+    /// that run (`gates`: the gap, slope and R cuts with paired intervals,
+    /// the skew and the factual-accuracy change; perplexity is not measured here).
+    #[arg(long)]
+    gates: bool,
     /// Score each sentence after this token, which only conditions it, so
     /// the sentence's first token is scored too (`<|endoftext|>` for
     /// SmolLM2, which adds no BOS). Default: the model's BOS when it adds
@@ -70,6 +76,11 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     let model = args.model.build_model(&loaded, SparseMode::Always)?;
     let mut scorer = Scorer::new(&model, context, args.batch)?;
     let mut feedback = args.model.feedback_loop(&model)?;
+    anyhow::ensure!(
+        !args.gates
+            || (items.is_some() && model.bias().is_some() && args.model.resolved_feedback(&model) != Feedback::Off),
+        "--gates goes with --fill and a constraint on (--feedback static or adaptive)"
+    );
     if let Some(feedback) = &feedback {
         scorer.state_mut().set_bias_weights(&feedback.weights)?;
         scorer.state_mut().reset_projections();
@@ -91,6 +102,18 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     );
     let tokenizer = &loaded.tokenizer;
     if let Some(items) = items {
+        // The same items with the constraint off, for the gates.
+        let off = if args.gates {
+            let state = scorer.state_mut();
+            let weights = state.bias_weights().to_vec();
+            state.set_bias_weights(&vec![0.0; weights.len()])?;
+            let off = evaluate_fill(&mut scorer, tokenizer, start_token, &items, &mut |_, _| {}, &mut |_, _| Ok(()))?;
+            scorer.state_mut().set_bias_weights(&weights)?;
+            scorer.state_mut().reset_projections();
+            off.per_item
+        } else {
+            None
+        };
         let mut passes = Vec::new();
         let mut report = run_passes(
             &mut scorer,
@@ -99,6 +122,9 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
             |report, weight_change, weights| passes.push(FillPass::of(report, weight_change, weights)),
         )?;
         report.passes = passes;
+        if let (Some(off), Some(on)) = (&off, &report.per_item) {
+            report.gates = Some(judge(off, on, (f64::NAN, f64::NAN))?);
+        }
         if report.scoring.skipped_too_long > 0 {
             eprintln!(
                 "bramble: skipped {} items with a filling longer than the context of {context} tokens (lines {:?} of {})",
