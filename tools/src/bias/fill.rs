@@ -19,7 +19,7 @@ mod figures;
 mod generation;
 mod items;
 
-pub(in crate::bias) use figures::{draw, percentile_interval};
+pub(in crate::bias) use figures::{draw, item_interval, percentile_interval};
 pub use figures::{
     female_probability, least_squares_slope, occupation_gap, rms_deviation, share_slope, skew, they_probability,
     Estimate, FillFigures, GroupFill, IntervalMethod, ItemScore, OccupationFill, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,

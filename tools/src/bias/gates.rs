@@ -6,8 +6,10 @@
 //! so the interval of a change reflects how the items vary, not how two
 //! independent samples would.
 
-use super::fill::{draw, percentile_interval, Estimate, Gender, ItemScore, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED};
-use anyhow::{ensure, Result};
+use super::fill::{
+    draw, item_interval, percentile_interval, Estimate, Gender, ItemScore, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED,
+};
+use anyhow::{ensure, Context, Result};
 use bramble_runtime::bias::gate;
 use bramble_runtime::rng::SplitMix64;
 use std::collections::BTreeMap;
@@ -104,9 +106,9 @@ pub fn judge(off: &[ItemScore], on: &[ItemScore], perplexity: (f64, f64)) -> Res
     let (first, second) = (OFF, ON);
     let skew = (mean(&cue_free, first) - 0.5, mean(&cue_free, second) - 0.5);
     let rms_deviation = (rms(&cue_free, first), rms(&cue_free, second));
-    let rms_cut = item_interval(&cue_free, |v| 1.0 - rms(v, second) / rms(v, first));
-    let skew_change = item_interval(&cue_free, |v| mean(v, second) - mean(v, first));
-    let factual_change = (!factual.is_empty()).then(|| item_interval(&factual, |v| mean(v, second) - mean(v, first)));
+    let rms_cut = item_interval(&cue_free, |v| 1.0 - rms(v, second) / rms(v, first)).context("no cue-free item")?;
+    let skew_change = item_interval(&cue_free, |v| mean(v, second) - mean(v, first)).context("no cue-free item")?;
+    let factual_change = item_interval(&factual, |v| mean(v, second) - mean(v, first));
     let factual_accuracy =
         if factual.is_empty() { (None, None) } else { (Some(mean(&factual, first)), Some(mean(&factual, second))) };
 
@@ -121,7 +123,16 @@ pub fn judge(off: &[ItemScore], on: &[ItemScore], perplexity: (f64, f64)) -> Res
     };
     let all: Vec<&Occupation> = occupations.iter().collect();
     let gap = (gap_of(&all, first), gap_of(&all, second));
-    let gap_cut = gap_cut_interval(&occupations, gap, &gap_of);
+    let female: Vec<&Occupation> = occupations.iter().filter(|o| o.listed == Gender::Female).collect();
+    let male: Vec<&Occupation> = occupations.iter().filter(|o| o.listed == Gender::Male).collect();
+    let gap_cut = cut_interval(
+        gap,
+        |rng, picked| {
+            picked.extend((0..female.len()).map(|_| female[draw(rng, female.len())]));
+            picked.extend((0..male.len()).map(|_| male[draw(rng, male.len())]));
+        },
+        |picked| Some((gap_of(picked, first)?, gap_of(picked, second)?)),
+    );
     let slope_points: Vec<&Occupation> = occupations.iter().filter(|o| o.share.is_some()).collect();
     let slope_of = |picked: &[&Occupation], side: Side| -> Option<f64> {
         let points: Vec<(f64, f64)> = picked
@@ -135,8 +146,11 @@ pub fn judge(off: &[ItemScore], on: &[ItemScore], perplexity: (f64, f64)) -> Res
     } else {
         (None, None)
     };
-    let slope_cut =
-        ratio_cut_interval(&slope_points, slope, |picked| Some((slope_of(picked, first)?, slope_of(picked, second)?)));
+    let slope_cut = cut_interval(
+        slope,
+        |rng, picked| picked.extend((0..slope_points.len()).map(|_| slope_points[draw(rng, slope_points.len())])),
+        |picked| Some((slope_of(picked, first)?, slope_of(picked, second)?)),
+    );
 
     let mut gates = Vec::new();
     let cut_gate = |name, cut: Option<Estimate>| Gate {
@@ -234,62 +248,14 @@ fn occupations(off: &[ItemScore], on: &[ItemScore]) -> Vec<Occupation> {
     grouped.into_values().collect()
 }
 
-/// `statistic` of the pairs with an interval from resampling them.
-fn item_interval(values: &[(f64, f64)], statistic: impl Fn(&[(f64, f64)]) -> f64) -> Estimate {
-    let mut rng = SplitMix64(BOOTSTRAP_SEED);
-    let mut resample = vec![(0.0, 0.0); values.len()];
-    let samples = (0..BOOTSTRAP_RESAMPLES)
-        .map(|_| {
-            for slot in resample.iter_mut() {
-                *slot = values[draw(&mut rng, values.len())];
-            }
-            statistic(&resample)
-        })
-        .collect();
-    let (low, high) = percentile_interval(samples);
-    Estimate { value: statistic(values), low, high }
-}
-
-/// 1 − on / off of the occupation gap, occupations resampled within each list.
-fn gap_cut_interval(
-    occupations: &[Occupation],
-    gap: (Option<f64>, Option<f64>),
-    gap_of: &dyn Fn(&[&Occupation], Side) -> Option<f64>,
-) -> Option<Estimate> {
-    let (Some(off), Some(on)) = gap else { return None };
-    if off < MIN_RESAMPLED_GAP {
-        return None;
-    }
-    let female: Vec<&Occupation> = occupations.iter().filter(|o| o.listed == Gender::Female).collect();
-    let male: Vec<&Occupation> = occupations.iter().filter(|o| o.listed == Gender::Male).collect();
-    let mut rng = SplitMix64(BOOTSTRAP_SEED);
-    let mut samples = Vec::with_capacity(BOOTSTRAP_RESAMPLES);
-    let mut picked = Vec::with_capacity(occupations.len());
-    for _ in 0..BOOTSTRAP_RESAMPLES * 4 {
-        picked.clear();
-        picked.extend((0..female.len()).map(|_| female[draw(&mut rng, female.len())]));
-        picked.extend((0..male.len()).map(|_| male[draw(&mut rng, male.len())]));
-        if let (Some(a), Some(b)) = (gap_of(&picked, OFF), gap_of(&picked, ON)) {
-            if a >= MIN_RESAMPLED_GAP {
-                samples.push(1.0 - b / a);
-            }
-        }
-        if samples.len() == BOOTSTRAP_RESAMPLES {
-            break;
-        }
-    }
-    if samples.is_empty() {
-        return None;
-    }
-    let (low, high) = percentile_interval(samples);
-    Some(Estimate { value: 1.0 - on / off, low, high })
-}
-
-/// 1 − on / off of a figure of occupations (the slope), occupations resampled.
-fn ratio_cut_interval(
-    occupations: &[&Occupation],
+/// 1 − on / off of a figure of occupations (the gap, the slope), with an
+/// interval from resampling occupations: `pick` draws one resample, and
+/// resamples whose unconstrained figure is under [`MIN_RESAMPLED_GAP`]
+/// are drawn again (up to four times the resamples in all).
+fn cut_interval<'o>(
     value: (Option<f64>, Option<f64>),
-    figure: impl Fn(&[&Occupation]) -> Option<(f64, f64)>,
+    mut pick: impl FnMut(&mut SplitMix64, &mut Vec<&'o Occupation>),
+    figure: impl Fn(&[&'o Occupation]) -> Option<(f64, f64)>,
 ) -> Option<Estimate> {
     let (Some(off), Some(on)) = value else { return None };
     if off < MIN_RESAMPLED_GAP {
@@ -297,14 +263,12 @@ fn ratio_cut_interval(
     }
     let mut rng = SplitMix64(BOOTSTRAP_SEED);
     let mut samples = Vec::with_capacity(BOOTSTRAP_RESAMPLES);
-    let mut picked = Vec::with_capacity(occupations.len());
+    let mut picked = Vec::new();
     for _ in 0..BOOTSTRAP_RESAMPLES * 4 {
         picked.clear();
-        picked.extend((0..occupations.len()).map(|_| occupations[draw(&mut rng, occupations.len())]));
-        if let Some((a, b)) = figure(&picked) {
-            if a >= MIN_RESAMPLED_GAP {
-                samples.push(1.0 - b / a);
-            }
+        pick(&mut rng, &mut picked);
+        if let Some((a, b)) = figure(&picked).filter(|(a, _)| *a >= MIN_RESAMPLED_GAP) {
+            samples.push(1.0 - b / a);
         }
         if samples.len() == BOOTSTRAP_RESAMPLES {
             break;

@@ -244,17 +244,9 @@ pub fn run(args: BiasCalibrateArgs) -> Result<()> {
         keep_sink: args.sink == Some(SinkArg::Keep),
         ..BiasCalibrateOptions::default()
     };
-    let show = std::io::stderr().is_terminal() && !args.json;
-    let mut progress = |what: &str| {
-        if show {
-            eprint!("\r{what}            ");
-        }
-    };
-    let report = bias_calibrate(&args.model, &args.pairs, &text, &args.output, &options, &mut progress)
-        .with_context(|| format!("calibrating {} into {}", args.model.display(), args.output.display()))?;
-    if show {
-        eprintln!();
-    }
+    let report = with_progress(&args, |progress| {
+        bias_calibrate(&args.model, &args.pairs, &text, &args.output, &options, progress)
+    })?;
     if args.json {
         outln!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -309,20 +301,8 @@ fn run_stereotype(args: &BiasCalibrateArgs, text: &str, threads: usize) -> Resul
         Some(path) => ParityItems::Fill(path),
         None => ParityItems::Pairs(&args.pairs),
     };
-    let show = std::io::stderr().is_terminal() && !args.json;
-    let log = std::env::var_os("BRAMBLE_PROGRESS").is_some();
-    let mut progress = |what: &str| {
-        if show {
-            eprint!("\r{what}            ");
-        } else if log {
-            eprintln!("{what}");
-        }
-    };
-    let report = calibrate_parity(&args.model, items, text, &args.output, &options, &mut progress)
-        .with_context(|| format!("calibrating {} into {}", args.model.display(), args.output.display()))?;
-    if show {
-        eprintln!();
-    }
+    let report =
+        with_progress(args, |progress| calibrate_parity(&args.model, items, text, &args.output, &options, progress))?;
     if args.json {
         outln!("{}", serde_json::to_string(&report)?);
         return Ok(());
@@ -373,4 +353,22 @@ fn run_stereotype(args: &BiasCalibrateArgs, text: &str, threads: usize) -> Resul
         report.seconds
     );
     Ok(())
+}
+
+/// Runs a calibration with its progress on stderr: one line rewritten in a
+/// terminal, a line a step otherwise (a log), nothing with `--json`; the
+/// error names the images.
+fn with_progress<R>(args: &BiasCalibrateArgs, calibrate: impl FnOnce(&mut dyn FnMut(&str)) -> Result<R>) -> Result<R> {
+    let terminal = std::io::stderr().is_terminal();
+    let mut progress = |what: &str| match (args.json, terminal) {
+        (true, _) => {}
+        (false, true) => eprint!("\r{what}            "),
+        (false, false) => eprintln!("{what}"),
+    };
+    let result = calibrate(&mut progress)
+        .with_context(|| format!("calibrating {} into {}", args.model.display(), args.output.display()));
+    if terminal && !args.json {
+        eprintln!();
+    }
+    result
 }

@@ -305,12 +305,12 @@ pub(in crate::bias) fn percentile_interval(mut samples: Vec<f64>) -> (f64, f64) 
 }
 
 /// `statistic` of `values` with an interval from resampling the values; none when there are none.
-fn item_interval(values: &[f64], statistic: fn(&[f64]) -> f64) -> Option<Estimate> {
+pub(in crate::bias) fn item_interval<T: Copy>(values: &[T], statistic: impl Fn(&[T]) -> f64) -> Option<Estimate> {
     if values.is_empty() {
         return None;
     }
     let mut rng = SplitMix64(BOOTSTRAP_SEED);
-    let mut resample = vec![0.0; values.len()];
+    let mut resample = values.to_vec();
     let samples = (0..BOOTSTRAP_RESAMPLES)
         .map(|_| {
             for slot in resample.iter_mut() {
