@@ -1800,28 +1800,60 @@ fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
         CalibrationGates::default()
     };
     assert_eq!(section.gates, recorded);
+    if gates.is_object() {
+        // The centre was taken on whole sentences too, and the perplexity gate is the written constraint's.
+        assert!(!report["centre_steps"].as_array().unwrap().is_empty(), "{report}");
+        assert_eq!(gates["perplexity"][1], report["perplexity"]);
+    }
     assert_eq!(recorded.passed & !recorded.evaluated, 0);
 
-    // The image's constraint is the one the chosen candidate was judged with.
+    // The image's constraint is the one judged: with the centre taken on
+    // whole sentences, the cue-free items' skew under it is the best step's;
+    // otherwise the chosen candidate's first-token figures come back.
     {
         let tokenizer = Tokenizer::new(image.vocab()).unwrap();
         let mut model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
         assert!(model.use_image_bias(&image).unwrap());
         let items = bramble_tools::bias::read_fill_items(&items).unwrap();
-        let (sites, left_out) = bramble_tools::bias::pronoun_sites(&tokenizer, None, &items, 256).unwrap();
-        assert!(left_out.is_empty());
-        let mut state = model.try_new_state(256, 64).unwrap();
-        let leans = bramble_tools::bias::read_sites(&model, &mut state, &sites, None, &mut |_, _| {}).unwrap();
-        let figures = bramble_tools::bias::QuickFigures::of(&sites, &leans);
-        let reported = &candidates[chosen]["figures"];
-        for (key, value) in [
-            ("occupation_gap", figures.occupation_gap),
-            ("skew", figures.skew),
-            ("rms_deviation", figures.rms_deviation),
-            ("factual_accuracy", figures.factual_accuracy),
-        ] {
-            let (a, b) = (reported[key].as_f64().unwrap(), value.unwrap());
-            assert!((a - b).abs() <= BASELINE_TOLERANCE, "{key}: reported {a}, from the image {b}");
+        let steps: Vec<(f64, f64)> = report["centre_steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s[0].as_f64().unwrap(), s[1].as_f64().unwrap()))
+            .collect();
+        if let Some(best) = steps.iter().map(|s| s.1).min_by(|a, b| a.abs().total_cmp(&b.abs())) {
+            let cue_free: Vec<(usize, FillItem)> = items.into_iter().filter(|(_, i)| i.gender.is_none()).collect();
+            let mut scorer = Scorer::new(&model, 256, 64).unwrap();
+            let fill = bramble_tools::bias::evaluate_fill(
+                &mut scorer,
+                &tokenizer,
+                None,
+                &cue_free,
+                &mut |_, _| {},
+                &mut |_, _| Ok(()),
+            )
+            .unwrap();
+            let skew = fill.figures.skew.unwrap().value;
+            assert!(
+                (skew - best).abs() <= BASELINE_TOLERANCE,
+                "whole-sentence skew {skew}, the best step {best}: {steps:?}"
+            );
+        } else {
+            let (sites, left_out) = bramble_tools::bias::pronoun_sites(&tokenizer, None, &items, 256).unwrap();
+            assert!(left_out.is_empty());
+            let mut state = model.try_new_state(256, 64).unwrap();
+            let leans = bramble_tools::bias::read_sites(&model, &mut state, &sites, None, &mut |_, _| {}).unwrap();
+            let figures = bramble_tools::bias::QuickFigures::of(&sites, &leans);
+            let reported = &candidates[chosen]["figures"];
+            for (key, value) in [
+                ("occupation_gap", figures.occupation_gap),
+                ("skew", figures.skew),
+                ("rms_deviation", figures.rms_deviation),
+                ("factual_accuracy", figures.factual_accuracy),
+            ] {
+                let (a, b) = (reported[key].as_f64().unwrap(), value.unwrap());
+                assert!((a - b).abs() <= BASELINE_TOLERANCE, "{key}: reported {a}, from the image {b}");
+            }
         }
     }
 

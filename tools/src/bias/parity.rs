@@ -68,6 +68,10 @@ pub const LAYER_SHARES: [f64; 3] = [0.25, 0.5, 1.0];
 const SKEW_TOLERANCE: f64 = 0.005;
 /// At most this many centre shifts are tried per candidate.
 const CENTRE_STEPS: usize = 6;
+/// Newton steps of the centre on whole sentences after the search.
+const WHOLE_SENTENCE_STEPS: usize = 2;
+/// They stop when the whole-sentence skew is within this of 0.
+const WHOLE_SKEW_TOLERANCE: f64 = 0.01;
 /// The first guess of the first-token skew's change per spread of shift
 /// (SmolLM2-135M: about −0.3; later candidates use the slope measured).
 const INITIAL_SKEW_SLOPE: f64 = -0.3;
@@ -114,6 +118,10 @@ pub struct ParityReport {
     pub sink_cosine: Vec<f32>,
     /// Per layer: the centre.
     pub centre: Vec<f32>,
+    /// The centre's steps on whole sentences: (shift, cue-free skew) each.
+    pub centre_steps: Vec<(f64, f64)>,
+    /// Perplexity on the text under the written constraint.
+    pub perplexity: f64,
     /// Every candidate, the unconstrained model first.
     pub candidates: Vec<ParityCandidate>,
     /// The index of the chosen one.
@@ -362,6 +370,54 @@ pub fn calibrate_parity(
         .unwrap_or(0);
     constraint.weights.clone_from(&plans[chosen]);
     constraint.centre = Centre::Parity(centre_at(candidates[chosen].shift));
+    let listed = items.iter().any(|(_, i)| i.listed.is_some() && i.gender.is_none());
+    let factual = items.iter().any(|(_, i)| i.gender.is_some());
+
+    // The centre again, on whole sentences: the first token's skew is not
+    // the sentence's (on SmolLM2 the sentence leans further to *he*), so the
+    // shift takes Newton steps (the first-token slope to start) until the
+    // cue-free items' whole-sentence skew is near 0.
+    let mut centre_steps = Vec::new();
+    let mut final_perplexity = candidates[chosen].perplexity;
+    if chosen > 0 && listed {
+        let cue_free_items: Vec<(usize, FillItem)> =
+            items.iter().filter(|(_, item)| item.gender.is_none()).cloned().collect();
+        let whole_skew = |model: &mut Model<'_>, shift: f64, progress: &mut dyn FnMut(&str)| -> Result<f64> {
+            let mut c = constraint.clone();
+            c.centre = Centre::Parity(centre_at(shift));
+            c.max_weights = c.weights.clone();
+            model.set_bias(Some(c))?;
+            let mut scorer = Scorer::new(model, options.ctx, 64)?;
+            let report =
+                evaluate_fill(&mut scorer, &tokenizer, None, &cue_free_items, &mut |_, _| {}, &mut |_, _| Ok(()))?;
+            let skew = report.figures.skew.map_or(0.0, |e| e.value);
+            progress(&format!("  whole sentences, shift {shift:+.3}: skew {skew:+.4}"));
+            Ok(skew)
+        };
+        let (mut shift, mut skew) =
+            (candidates[chosen].shift, whole_skew(&mut model, candidates[chosen].shift, progress)?);
+        centre_steps.push((shift, skew));
+        for _ in 0..WHOLE_SENTENCE_STEPS {
+            if skew.abs() <= WHOLE_SKEW_TOLERANCE || slope.abs() < 1e-9 {
+                break;
+            }
+            let next = (shift - skew / slope).clamp(-MAX_SHIFT, MAX_SHIFT);
+            let next_skew = whole_skew(&mut model, next, progress)?;
+            centre_steps.push((next, next_skew));
+            if next != shift && (next_skew - skew).abs() > 1e-9 {
+                slope = (next_skew - skew) / (next - shift);
+            }
+            if next_skew.abs() < skew.abs() {
+                (shift, skew) = (next, next_skew);
+            }
+        }
+        constraint.centre = Centre::Parity(centre_at(shift));
+        let mut c = constraint.clone();
+        c.max_weights = c.weights.clone();
+        model.set_bias(Some(c))?;
+        final_perplexity =
+            crate::generate::perplexity(&model, text_tokens, bos, ppl_ctx, None, 64, &mut |_, _, _| {})?.perplexity;
+    }
     // The loop's bound: the highest weight on the chosen layers that was admissible too.
     let bound = (1..candidates.len())
         .filter(|&i| {
@@ -395,8 +451,6 @@ pub fn calibrate_parity(
     }
 
     // The gates: whole sentences, unconstrained against chosen, on every item.
-    let listed = items.iter().any(|(_, i)| i.listed.is_some() && i.gender.is_none());
-    let factual = items.iter().any(|(_, i)| i.gender.is_some());
     let (gates, gates_not_measured) = if chosen == 0 {
         (None, Some("no candidate narrowed the gap within the perplexity budget".to_string()))
     } else if !listed || !factual {
@@ -422,7 +476,7 @@ pub fn calibrate_parity(
             )?;
             scores.push(report.per_item.unwrap_or_default());
         }
-        let report = judge(&scores[0], &scores[1], (off_ppl, candidates[chosen].perplexity))?;
+        let report = judge(&scores[0], &scores[1], (off_ppl, final_perplexity))?;
         constraint.gates = CalibrationGates { evaluated: report.evaluated, passed: report.passed };
         (Some(report), None)
     };
@@ -441,6 +495,8 @@ pub fn calibrate_parity(
             Centre::Parity(c) => c.clone(),
             _ => Vec::new(),
         },
+        centre_steps,
+        perplexity: final_perplexity,
         chosen,
         weights: constraint.weights.clone(),
         max_weights: constraint.max_weights.clone(),
