@@ -1735,6 +1735,36 @@ fn write_occupation_items(dir: &Path) -> PathBuf {
     path
 }
 
+/// The fixture with "she" one token of the vocabulary: the synthetic
+/// byte-level vocabulary spells it s + he, and the pronoun-share loop counts
+/// single-token pronouns. The new token's embedding and output rows are
+/// half of "he"'s.
+fn fixture_with_she() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let image = path.join("model.bramble");
+    let mut model = synthetic(synth_cli_shape(64, 2, false, TokenizerKind::ByteLevelBpe), 11);
+    let id = |text: &str| model.vocab.tokens.iter().position(|t| t == text.as_bytes()).unwrap();
+    let (s, he) = (id("s"), id("he"));
+    let vocab = &mut model.vocab;
+    vocab.tokens.push(b"she".to_vec());
+    vocab.scores.push(0.0);
+    vocab.types.push(vocab.types[he]);
+    vocab.merges.push((s as u32, he as u32));
+    let n_vocab = vocab.tokens.len();
+    model.config.vocab_size = n_vocab as u32;
+    for (name, shape, values) in &mut model.tensors {
+        if name == "token_embd.weight" || name == "output.weight" {
+            let dim = shape[1];
+            let row: Vec<f32> = values[he * dim..(he + 1) * dim].iter().map(|v| v * 0.5).collect();
+            values.extend(row);
+            shape[0] = n_vocab;
+        }
+    }
+    convert_synthetic(&model, &image, "q8");
+    Fixture { _dir: dir, dir: path, image }
+}
+
 /// `bias-calibrate` with stereotype directions (the default) on fill items:
 /// the section carries the fitted directions, the parity centre, the
 /// loop's bounds, the pronoun tokens and the gates the report measured; the
@@ -1743,7 +1773,7 @@ fn write_occupation_items(dir: &Path) -> PathBuf {
 #[test]
 fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
     use bramble_runtime::bias::{gate, CalibrationGates, DirectionKind, LoopSignal};
-    let fixture = fixture(TokenizerKind::ByteLevelBpe);
+    let fixture = fixture_with_she();
     let items = write_occupation_items(&fixture.dir);
     let pairs = write_pairs_file(
         &fixture.dir,
@@ -1910,6 +1940,22 @@ fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
     ]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--gates goes with --fill and a constraint on"));
+
+    // A vocabulary that spells no she-pronoun as one token cannot run the loop: a clear error.
+    let plain = self::fixture(TokenizerKind::ByteLevelBpe);
+    let output = bramble(&calibrate_args(
+        &plain.image,
+        &pairs,
+        &text,
+        &plain.dir.join("no-she.bramble"),
+        &["--fill", path_str(&items)],
+    ));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("spells 0 of she/her/hers/herself"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // Each design's settings are refused with the other's, not ignored.
     for (extra, message) in [

@@ -35,8 +35,7 @@ pub fn sentencepiece_vocab() -> Vocab {
 
 /// A small byte-level BPE vocabulary: the ChatML control tokens
 /// `<|endoftext|> <|im_start|> <|im_end|>`, the 256 byte characters (GPT-2's
-/// mapping), then the tokens a few merges make, up to "Hello" and "Ġworld",
-/// and "she".
+/// mapping), then the tokens a few merges make, up to "Hello" and "Ġworld".
 pub fn byte_level_vocab() -> Vocab {
     let mut tokens: Vec<Vec<u8>> = vec![b"<|endoftext|>".to_vec(), b"<|im_start|>".to_vec(), b"<|im_end|>".to_vec()];
     let mut types = vec![TokenType::Control; 3];
@@ -63,8 +62,6 @@ pub fn byte_level_vocab() -> Vocab {
         ("Hell", "o"),
         ("Ġwor", "l"),
         ("Ġworl", "d"),
-        // "she" as one token (the pronoun-share loop counts single-token pronouns; "he" and "He" are).
-        ("s", "he"),
     ] {
         let id = |tokens: &[Vec<u8>], text: &str| {
             tokens.iter().position(|t| t == text.as_bytes()).expect("the merge's parts come first") as u32
