@@ -118,8 +118,10 @@ pub struct ParityReport {
     pub sink_cosine: Vec<f32>,
     /// Per layer: the centre.
     pub centre: Vec<f32>,
-    /// The centre's steps on whole sentences: (shift, cue-free skew) each.
-    pub centre_steps: Vec<(f64, f64)>,
+    /// The centre's steps on whole sentences: (shift, cue-free skew,
+    /// perplexity) each; the written centre is the step of smallest |skew|
+    /// within the perplexity budget.
+    pub centre_steps: Vec<(f64, f64, f64)>,
     /// Perplexity on the text under the written constraint.
     pub perplexity: f64,
     /// Every candidate, the unconstrained model first.
@@ -382,7 +384,8 @@ pub fn calibrate_parity(
     if chosen > 0 && listed {
         let cue_free_items: Vec<(usize, FillItem)> =
             items.iter().filter(|(_, item)| item.gender.is_none()).cloned().collect();
-        let whole_skew = |model: &mut Model<'_>, shift: f64, progress: &mut dyn FnMut(&str)| -> Result<f64> {
+        // The cue-free items' whole-sentence skew and the text's perplexity at a shift.
+        let at_shift = |model: &mut Model<'_>, shift: f64, progress: &mut dyn FnMut(&str)| -> Result<(f64, f64)> {
             let mut c = constraint.clone();
             c.centre = Centre::Parity(centre_at(shift));
             c.max_weights = c.weights.clone();
@@ -391,32 +394,37 @@ pub fn calibrate_parity(
             let report =
                 evaluate_fill(&mut scorer, &tokenizer, None, &cue_free_items, &mut |_, _| {}, &mut |_, _| Ok(()))?;
             let skew = report.figures.skew.map_or(0.0, |e| e.value);
-            progress(&format!("  whole sentences, shift {shift:+.3}: skew {skew:+.4}"));
-            Ok(skew)
+            let ppl = crate::generate::perplexity(model, text_tokens, bos, ppl_ctx, None, 64, &mut |_, _, _| {})?;
+            progress(&format!(
+                "  whole sentences, shift {shift:+.3}: skew {skew:+.4}, perplexity {:.3}",
+                ppl.perplexity
+            ));
+            Ok((skew, ppl.perplexity))
         };
-        let (mut shift, mut skew) =
-            (candidates[chosen].shift, whole_skew(&mut model, candidates[chosen].shift, progress)?);
-        centre_steps.push((shift, skew));
+        // A step is kept only within the perplexity budget: the skew is not
+        // bought with the perplexity gate.
+        let budget = off_ppl * (1.0 + PERPLEXITY_RISE);
+        let start = candidates[chosen].shift;
+        let (mut shift, (mut skew, mut ppl)) = (start, at_shift(&mut model, start, progress)?);
+        centre_steps.push((shift, skew, ppl));
+        let (mut last_shift, mut last_skew) = (shift, skew);
         for _ in 0..WHOLE_SENTENCE_STEPS {
-            if skew.abs() <= WHOLE_SKEW_TOLERANCE || slope.abs() < 1e-9 {
+            if last_skew.abs() <= WHOLE_SKEW_TOLERANCE || slope.abs() < 1e-9 {
                 break;
             }
-            let next = (shift - skew / slope).clamp(-MAX_SHIFT, MAX_SHIFT);
-            let next_skew = whole_skew(&mut model, next, progress)?;
-            centre_steps.push((next, next_skew));
-            if next != shift && (next_skew - skew).abs() > 1e-9 {
-                slope = (next_skew - skew) / (next - shift);
+            let next = (last_shift - last_skew / slope).clamp(-MAX_SHIFT, MAX_SHIFT);
+            let (next_skew, next_ppl) = at_shift(&mut model, next, progress)?;
+            centre_steps.push((next, next_skew, next_ppl));
+            if next != last_shift && (next_skew - last_skew).abs() > 1e-9 {
+                slope = (next_skew - last_skew) / (next - last_shift);
             }
-            if next_skew.abs() < skew.abs() {
-                (shift, skew) = (next, next_skew);
+            (last_shift, last_skew) = (next, next_skew);
+            if next_skew.abs() < skew.abs() && next_ppl <= budget {
+                (shift, skew, ppl) = (next, next_skew, next_ppl);
             }
         }
         constraint.centre = Centre::Parity(centre_at(shift));
-        let mut c = constraint.clone();
-        c.max_weights = c.weights.clone();
-        model.set_bias(Some(c))?;
-        final_perplexity =
-            crate::generate::perplexity(&model, text_tokens, bos, ppl_ctx, None, 64, &mut |_, _, _| {})?.perplexity;
+        final_perplexity = ppl;
     }
     // The loop's bound: the highest weight on the chosen layers that was admissible too.
     let bound = (1..candidates.len())
