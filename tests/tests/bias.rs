@@ -436,8 +436,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
             ("she cooked dinner", "he cooked dinner", "gender"),
         ],
     );
-    let text = fixture.dir.join("text.txt");
-    std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
+    let text = neutral_text(&fixture.dir);
     let calibrated = fixture.dir.join("calibrated.bramble");
     let report = bramble_json(&calibrate_args(
         &fixture.image,
@@ -825,6 +824,13 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     ));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--centre midpoint needs --direction principal"));
+}
+
+/// The calibrations' neutral text: one sentence forty times, in `dir`.
+fn neutral_text(dir: &Path) -> PathBuf {
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
+    text
 }
 
 /// `bias-calibrate` of `image` on `pairs` and `text` into `output`, then `extra`.
@@ -1783,8 +1789,7 @@ fn stereotype_calibration_records_its_gates_and_auto_follows_them() {
             ("the nurse said she was late", "the nurse said he was late", "gender"),
         ],
     );
-    let text = fixture.dir.join("text.txt");
-    std::fs::write(&text, "The cat sat on the mat and looked at the dog.\n".repeat(40)).unwrap();
+    let text = neutral_text(&fixture.dir);
     let calibrated = fixture.dir.join("stereotype.bramble");
     let report = bramble_json(&calibrate_args(
         &fixture.image,
