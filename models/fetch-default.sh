@@ -10,7 +10,7 @@
 #   models/fetch-default.sh --bias     # --images and --bias-data, then calibrate the bias constraint
 #                                      # (stereotype directions) on the dev fill items (WinoBias dev
 #                                      # and the dev templates) into smollm2-135m-q4-stereotype.bramble
-#                                      # (about 25 minutes on 2 cores); brambled turns its loop on by
+#                                      # (about 10 minutes on 2 cores); brambled turns its loop on by
 #                                      # default only if the image records every bias gate passed
 #
 # Prints the GGUF path on its last line.
