@@ -5,7 +5,7 @@
 use super::directions::{differing_positions, principal_direction};
 use super::evaluation::{evaluate, shared_ends};
 use super::pairs::{read_pairs, Pair};
-use super::residuals::{first_position_means, forward_sentence, residual_means, residual_rows};
+use super::residuals::{first_position_means, forward_sentence, projection_statistics, residual_means, residual_rows};
 use super::scoring::{sentence_tokens, Scorer};
 use anyhow::{ensure, Context, Result};
 use bramble_runtime::bias::{CalibrationGates, Centre, DirectionKind, LoopSignal};
@@ -384,21 +384,7 @@ pub fn bias_calibrate(
     let baseline_sentences: Vec<Vec<u32>> =
         pairs.iter().take(baseline_pairs).filter_map(|(_, pair)| usable(pair)).flat_map(|(s, a)| [s, a]).collect();
     // Per layer, the mean and spread of h · d_l over every token of `responses`.
-    let mut token_statistics = |responses: &[Vec<u32>]| -> Result<Vec<(f32, f32)>> {
-        state.reset_projections();
-        for response in responses {
-            forward_sentence(&model, &mut state, response)?;
-        }
-        let stats = state.projections();
-        ensure!(stats.tokens > 1, "no baseline sentence fits the context of {} tokens", options.ctx);
-        Ok((0..layers)
-            .map(|l| {
-                let mean = stats.mean(l);
-                let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
-                (mean as f32, (variance.sqrt() as f32).max(1e-6))
-            })
-            .collect())
-    };
+    let mut token_statistics = |responses: &[Vec<u32>]| projection_statistics(&model, &mut state, responses);
     // The pairs' own sentences, the two sides of each in equal measure: the
     // spread each layer's separation is measured in.
     let pair_statistics = token_statistics(&baseline_sentences)?;

@@ -10,7 +10,7 @@ use super::calibration::{copy_with_section, text_pieces, MIN_PIECES};
 use super::fill::{evaluate_fill, read_fill_items, FillItem, FillReport, Gender};
 use super::gates::{judge, GateReport, FACTUAL_DROP, MAX_SKEW, PERPLEXITY_RISE};
 use super::pairs::read_pairs;
-use super::residuals::{first_position_means, forward_sentence};
+use super::residuals::{first_position_means, projection_statistics};
 use super::scoring::Scorer;
 use super::stereotype::{
     fit_stereotype, group_means, pronoun_sites, pronoun_tokens, read_sites, FitInput, PronounSite, QuickFigures,
@@ -446,16 +446,9 @@ pub fn calibrate_parity(
     neutral.max_weights = vec![0.0; layers];
     model.set_bias(Some(neutral))?;
     let mut state = model.try_new_state(options.ctx, 64)?;
-    state.reset_projections();
-    for piece in &pieces {
-        forward_sentence(&model, &mut state, piece)?;
-    }
-    let stats = state.projections();
-    for l in 0..layers {
-        let mean = stats.mean(l);
-        let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
-        constraint.baseline_mean[l] = mean as f32;
-        constraint.baseline_std[l] = (variance.sqrt() as f32).max(1e-6);
+    for (l, (mean, std)) in projection_statistics(&model, &mut state, &pieces)?.into_iter().enumerate() {
+        constraint.baseline_mean[l] = mean;
+        constraint.baseline_std[l] = std;
     }
 
     // The gates: whole sentences, unconstrained against chosen, on every item.

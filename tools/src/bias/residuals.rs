@@ -1,7 +1,7 @@
 //! Reading a model's residual stream for calibration: per-layer hidden
 //! states of one sentence, their means, and the attention sink's.
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use bramble_runtime::model::{Logits, Model, RunState, Site};
 
 /// Mean of each layer's residual stream over `tokens` (one sentence),
@@ -81,4 +81,27 @@ pub(super) fn residual_rows(
         pos += n;
     }
     Ok(())
+}
+
+/// Per layer, the mean and standard deviation (at least 1e-6) of the
+/// projections `h · d_l` over every token of `responses`, run from position
+/// 0 each under the state's constraint; an error when fewer than two tokens ran.
+pub(super) fn projection_statistics(
+    model: &Model<'_>,
+    state: &mut RunState,
+    responses: &[Vec<u32>],
+) -> Result<Vec<(f32, f32)>> {
+    state.reset_projections();
+    for response in responses {
+        forward_sentence(model, state, response)?;
+    }
+    let stats = state.projections();
+    ensure!(stats.tokens > 1, "no baseline sentence fits the context of {} tokens", state.context);
+    Ok((0..model.weights.layers.len())
+        .map(|l| {
+            let mean = stats.mean(l);
+            let variance = (stats.sum_squares[l] / stats.tokens as f64 - mean * mean).max(0.0);
+            (mean as f32, (variance.sqrt() as f32).max(1e-6))
+        })
+        .collect())
 }
