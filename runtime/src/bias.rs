@@ -303,6 +303,20 @@ pub const DEFAULT_HARD_LIMIT: f32 = 2.0;
 /// the weights, even from a cold start. (At 0.25 one answer moved it 0.125,
 /// over the target: the first answer about a woman raised the weights.)
 pub const SHARE_RATE: f32 = 0.1;
+/// How far, in each layer's baseline spreads, one answer moves the
+/// [`LoopSignal::PronounShare`] loop's centre while the running she-share
+/// is outside its band.
+///
+/// On SmolLM2-135M q4 a shift of 0.1 spreads moved the she-share of the
+/// model's answers by about 0.07 (docs/bias.md); 0.02 is about 1.5 points of
+/// share an answer, so a run of answers outside the band corrects over about
+/// ten of them, inside the running share's own window (about 19).
+pub const CENTRE_STEP: f32 = 0.02;
+/// The most the [`LoopSignal::PronounShare`] loop moves the centre either
+/// way, in each layer's baseline spreads (about ±0.35 of she-share on
+/// SmolLM2-135M q4: enough to cross the band from either side, not enough
+/// to turn the constraint into a gender switch).
+pub const MAX_CENTRE_SHIFT: f32 = 0.5;
 
 impl BiasConstraint {
     /// Direction `l`.
@@ -617,9 +631,21 @@ impl ProjectionStats {
 ///   response's **signal** is that running deviation, signed: answers about
 ///   a woman and about a man cancel in it instead of each counting as bias.
 /// - If `|running deviation| > target` (a running she-share outside
-///   0.40–0.60 by default), every layer whose cap `max_weights[l]` is above 0
-///   rises by `step`, at most to its cap: too male and too female both pull
-///   harder toward the parity centre. Otherwise every weight decays as above.
+///   0.40–0.60 by default), the **centre** moves [`CENTRE_STEP`] of each
+///   layer's baseline spread toward the other side: up (toward *he*, the
+///   direction's positive side) when too female, down when too male, at
+///   most [`MAX_CENTRE_SHIFT`] either way. Inside the band it holds: it is
+///   the loop's integral term, and letting it decay would walk the share
+///   back out of the band and in again. The centre, not the weights, sets
+///   where the constrained tokens land, so it is what can mend a share that
+///   is off to one side; a centre fitted on fill blanks need not be at
+///   parity for free answers (docs/bias.md).
+/// - The weights, which set how much of the occupation's lean is removed,
+///   rise by `step` (every layer whose cap `max_weights[l]` is above 0, at
+///   most to its cap) only while the share is too male: then the lean the
+///   constraint removes is the one showing. Otherwise they decay as above;
+///   pulling harder toward a centre that is too female would make the
+///   answers more so.
 /// - An answer with no gendered pronoun says nothing about the share: the
 ///   running deviation, the weights, the count and the recent signals stay
 ///   as they were, and the current running deviation is returned.
@@ -629,8 +655,8 @@ impl ProjectionStats {
 ///   ([`BiasConstraint::lean`]) is kept in `last_lean` for reports; it does
 ///   not drive the loop.
 ///
-/// The state (weights, count, recent signals, running share deviation)
-/// persists with [`FeedbackLoop::save`]: a temporary file, fsync, rename, so
+/// The state (weights, count, recent signals, running share deviation,
+/// centre shift) persists with [`FeedbackLoop::save`]: a temporary file, fsync, rename, so
 /// a crash at any moment leaves the old state or the new one.
 #[derive(Debug, Clone)]
 pub struct FeedbackLoop {
@@ -662,6 +688,18 @@ pub struct FeedbackLoop {
     /// The last response's lean along the directions from the centre
     /// ([`BiasConstraint::lean`]), for reports.
     pub last_lean: f32,
+    /// How far the loop has moved the centre, in each layer's baseline
+    /// spreads (signed, positive toward *he*; [`LoopSignal::PronounShare`]
+    /// only, within ±[`MAX_CENTRE_SHIFT`]).
+    pub centre_shift: f32,
+    /// The centres in force, one a layer: the section's
+    /// ([`BiasConstraint::centre`]) plus `centre_shift` of each layer's
+    /// baseline spread. [`RunState::apply_feedback`](crate::model::RunState::apply_feedback)
+    /// puts them and the weights in force.
+    pub centres: Vec<f32>,
+    /// The section's centres and baseline spreads, for `centres`.
+    section_centres: Vec<f32>,
+    spreads: Vec<f32>,
     /// Per-layer `z_l` of the last response (scratch, allocated once).
     z: Vec<f32>,
     order: Vec<f32>,
@@ -687,6 +725,8 @@ pub struct FeedbackSnapshot {
     pub share_deviation: f32,
     /// The last response's lean along the directions from the centre.
     pub lean: f32,
+    /// How far the loop has moved the centre, in baseline spreads (positive toward *he*).
+    pub centre_shift: f32,
     /// The signal's name (`spread`, `mean-lean`, `pronoun-share`; empty when off).
     pub signal: &'static str,
 }
@@ -771,8 +811,9 @@ impl std::str::FromStr for Feedback {
 
 /// Signals kept in [`FeedbackLoop::recent`].
 pub const RECENT: usize = 16;
-/// The state file's first line; version 2 adds the `share` line.
-const STATE_MAGIC: &str = "bramble-bias-state 2";
+/// The state file's first line; version 2 adds the `share` line, version 3 the `centre` line.
+const STATE_MAGIC: &str = "bramble-bias-state 3";
+const STATE_MAGIC_V2: &str = "bramble-bias-state 2";
 const STATE_MAGIC_V1: &str = "bramble-bias-state 1";
 
 impl FeedbackLoop {
@@ -784,6 +825,7 @@ impl FeedbackLoop {
         let or = |value: f32, default: f32| if value > 0.0 { value } else { default };
         let default_target =
             if constraint.signal == LoopSignal::PronounShare { DEFAULT_SHARE_TARGET } else { DEFAULT_TARGET };
+        let section_centres: Vec<f32> = (0..layers).map(|l| constraint.centre(l)).collect();
         Self {
             signal: constraint.signal,
             predefined: constraint.weights.clone(),
@@ -797,6 +839,10 @@ impl FeedbackLoop {
             recent: Vec::with_capacity(RECENT),
             share_deviation: 0.0,
             last_lean: 0.0,
+            centre_shift: 0.0,
+            centres: section_centres.clone(),
+            section_centres,
+            spreads: constraint.baseline_std.clone(),
             z: vec![0.0; layers],
             order: vec![0.0; layers],
         }
@@ -906,6 +952,11 @@ impl FeedbackLoop {
         let signal = self.share_deviation;
         if adjust {
             if signal.abs() > self.target {
+                // Too female moves the centre toward he (up), too male toward she.
+                let shift = self.centre_shift + CENTRE_STEP * signal.signum();
+                self.set_centre_shift(shift.clamp(-MAX_CENTRE_SHIFT, MAX_CENTRE_SHIFT));
+            }
+            if signal < -self.target {
                 for (w, &cap) in self.weights.iter_mut().zip(&self.max_weights) {
                     if cap > 0.0 {
                         *w = (*w + self.step).min(cap);
@@ -917,6 +968,14 @@ impl FeedbackLoop {
         }
         self.remember(signal);
         signal
+    }
+
+    /// Moves the centres in force to the section's plus `shift` baseline spreads.
+    fn set_centre_shift(&mut self, shift: f32) {
+        self.centre_shift = shift;
+        for ((centre, &base), &spread) in self.centres.iter_mut().zip(&self.section_centres).zip(&self.spreads) {
+            *centre = base + shift * spread;
+        }
     }
 
     /// Every weight a share `decay` of the way back to its predefined value.
@@ -959,18 +1018,20 @@ impl FeedbackLoop {
         snapshot.hard_limit = self.hard_limit;
         snapshot.share_deviation = self.share_deviation;
         snapshot.lean = self.last_lean;
+        snapshot.centre_shift = self.centre_shift;
         snapshot.signal = self.signal.name();
     }
 
     fn to_text(&self) -> String {
         let list = |v: &[f32]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" ");
         let body = format!(
-            "{STATE_MAGIC}\nlayers {}\nresponses {}\nweights {}\nrecent {}\nshare {:?}\n",
+            "{STATE_MAGIC}\nlayers {}\nresponses {}\nweights {}\nrecent {}\nshare {:?}\ncentre {:?}\n",
             self.weights.len(),
             self.responses,
             list(&self.weights),
             list(&self.recent),
-            self.share_deviation
+            self.share_deviation,
+            self.centre_shift
         );
         format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()))
     }
@@ -999,7 +1060,8 @@ impl FeedbackLoop {
     /// Restores a state saved by [`FeedbackLoop::save`] onto a loop made
     /// for `constraint` (its settings kept); a missing file leaves it as is
     /// and returns `false`. A version 1 file (before the `share` line)
-    /// restores with a running share deviation of 0.
+    /// restores with a running share deviation of 0, versions 1 and 2
+    /// (before the `centre` line) with the section's centres.
     pub fn restore(&mut self, path: &std::path::Path) -> Result<bool> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
@@ -1014,10 +1076,15 @@ impl FeedbackLoop {
             return Err(bad("checksum does not match its contents".into()));
         }
         let mut lines = body.lines();
-        let has_share = match lines.next() {
-            Some(STATE_MAGIC) => true,
-            Some(STATE_MAGIC_V1) => false,
-            _ => return Err(bad(format!("does not begin with {STATE_MAGIC:?} or {STATE_MAGIC_V1:?}"))),
+        let version = match lines.next() {
+            Some(STATE_MAGIC) => 3,
+            Some(STATE_MAGIC_V2) => 2,
+            Some(STATE_MAGIC_V1) => 1,
+            _ => {
+                return Err(bad(format!(
+                    "does not begin with {STATE_MAGIC:?}, {STATE_MAGIC_V2:?} or {STATE_MAGIC_V1:?}"
+                )))
+            }
         };
         let mut field = |name: &str| -> Result<String> {
             let line = lines.next().unwrap_or_default();
@@ -1034,8 +1101,13 @@ impl FeedbackLoop {
         };
         let weights = floats(field("weights")?, "weights")?;
         let recent = floats(field("recent")?, "recent")?;
-        let share = if has_share {
+        let share = if version >= 2 {
             field("share")?.parse::<f32>().map_err(|_| bad("share is not a number".into()))?
+        } else {
+            0.0
+        };
+        let centre_shift = if version >= 3 {
+            field("centre")?.parse::<f32>().map_err(|_| bad("centre is not a number".into()))?
         } else {
             0.0
         };
@@ -1058,11 +1130,20 @@ impl FeedbackLoop {
         if !(-0.5..=0.5).contains(&share) {
             return Err(bad(format!("share deviation {share} is outside [−0.5, 0.5]")));
         }
+        if !(-MAX_CENTRE_SHIFT..=MAX_CENTRE_SHIFT).contains(&centre_shift)
+            || (centre_shift != 0.0 && self.signal != LoopSignal::PronounShare)
+        {
+            return Err(bad(format!(
+                "centre shift {centre_shift} is outside [−{MAX_CENTRE_SHIFT}, {MAX_CENTRE_SHIFT}] \
+                 or set for a loop that does not move its centre"
+            )));
+        }
         self.weights.copy_from_slice(&weights);
         self.responses = responses;
         self.recent.clear();
         self.recent.extend_from_slice(&recent);
         self.share_deviation = share;
+        self.set_centre_shift(centre_shift);
         Ok(true)
     }
 }
@@ -1237,6 +1318,7 @@ mod tests {
                 hard_limit: 1.25,
                 share_deviation: 0.0,
                 lean: 0.0,
+                centre_shift: 0.0,
                 signal: "mean-lean",
             }
         );
@@ -1577,13 +1659,23 @@ mod tests {
             last = signal;
         }
         assert_eq!(feedback.weights, vec![0.0, 0.5, 1.0], "each at its cap, none beyond");
+        // Answers 3 to 11 were over the target: nine steps of the centre toward she.
+        assert!((feedback.centre_shift + 9.0 * CENTRE_STEP).abs() < 1e-5, "{}", feedback.centre_shift);
+        for l in 0..3 {
+            let expected = c.centre(l) + feedback.centre_shift * c.baseline_std[l];
+            assert!((feedback.centres[l] - expected).abs() < 1e-6, "layer {l}: {:?}", feedback.centres);
+        }
         assert_eq!(feedback.responses, 11);
         assert_eq!(feedback.recent.last(), Some(&feedback.share_deviation));
         assert!(!feedback.exceeds_hard_limit(-0.5) && !feedback.exceeds_hard_limit(100.0), "no hard limit");
         // Observing moves the share the same way and never the weights.
         let mut observing = FeedbackLoop::new(&c);
-        assert_eq!(observing.observe(&projections, &c, &answer(0, 2)), -0.05);
-        assert_eq!((observing.weights.clone(), observing.responses), (c.weights.clone(), 1));
+        for _ in 0..5 {
+            observing.observe(&projections, &c, &answer(0, 2));
+        }
+        assert!(observing.share_deviation < -DEFAULT_SHARE_TARGET);
+        assert_eq!((observing.weights.clone(), observing.responses), (c.weights.clone(), 5));
+        assert_eq!((observing.centre_shift, &observing.centres), (0.0, &FeedbackLoop::new(&c).centres));
     }
 
     #[test]
@@ -1606,6 +1698,7 @@ mod tests {
                 assert_eq!(signal, 0.05);
             }
             assert_eq!(feedback.weights, c.weights, "after answer {i}");
+            assert_eq!(feedback.centre_shift, 0.0, "after answer {i}");
         }
         assert_eq!(over, Vec::<usize>::new(), "not even the cold start is over the target");
         assert!((feedback.share_deviation.abs() - 0.05 / 1.9).abs() < 1e-5, "{}", feedback.share_deviation);
@@ -1629,6 +1722,14 @@ mod tests {
         for (w, p) in feedback.weights.iter().zip(&c.weights) {
             assert!((w - p).abs() < 1e-3, "{:?}", feedback.weights);
         }
+        // The centre moved toward she while the share was out of the band and
+        // holds where it got to once it is back in (an integral term).
+        let shift = feedback.centre_shift;
+        assert!(shift <= -14.0 * CENTRE_STEP + 1e-5, "answers 3 to 16 at least: {shift}");
+        for i in 0..20 {
+            feedback.after_response(&projections, &c, &if i % 2 == 0 { answer(1, 0) } else { answer(0, 1) });
+        }
+        assert_eq!(feedback.centre_shift, shift, "inside the band the centre holds");
         // An answer with as many she as he pronouns reads 0 and pulls the
         // deviation a tenth of the way toward it (written as the loop rounds
         // it in f32: 0.9 · before can differ in the last bit).
@@ -1637,7 +1738,7 @@ mod tests {
     }
 
     #[test]
-    fn a_too_female_running_share_raises_the_weights_too() {
+    fn a_too_female_running_share_moves_the_centre_toward_he_and_leaves_the_weights() {
         let c = share_sample();
         let mut feedback = FeedbackLoop::new(&c);
         let projections = stats(&[0.1, -0.2, 0.3]);
@@ -1645,15 +1746,28 @@ mod tests {
             let signal = feedback.after_response(&projections, &c, &answer(3, 0));
             assert!(signal > 0.0);
         }
-        assert_eq!(feedback.weights, c.max_weights, "two-sided: too female pulls as hard as too male");
+        // Over the target from the third answer (0.1355): six steps up.
+        assert!((feedback.centre_shift - 6.0 * CENTRE_STEP).abs() < 1e-5, "{}", feedback.centre_shift);
+        for l in 0..3 {
+            let expected = c.centre(l) + feedback.centre_shift * c.baseline_std[l];
+            assert!((feedback.centres[l] - expected).abs() < 1e-6, "layer {l}: {:?}", feedback.centres);
+        }
+        assert_eq!(feedback.weights, c.weights, "pulling harder toward a centre that is too female would not help");
         // Mostly female answers (3 she to 1 he: s = +0.25) go over the target
-        // too, from the fifth (0.25 (1 − 0.9⁵) = 0.102).
+        // too, from the fifth (0.25 (1 − 0.9⁵) = 0.102): eight steps in twelve answers.
         let mut mostly = FeedbackLoop::new(&c);
         for _ in 0..12 {
             mostly.after_response(&projections, &c, &answer(3, 1));
         }
         assert!((mostly.share_deviation - 0.25 * (1.0 - 0.9f32.powi(12))).abs() < 1e-6);
-        assert_eq!(mostly.weights, c.max_weights);
+        assert!((mostly.centre_shift - 8.0 * CENTRE_STEP).abs() < 1e-5, "{}", mostly.centre_shift);
+        assert_eq!(mostly.weights, c.weights);
+        // However long it runs, the centre moves at most MAX_CENTRE_SHIFT.
+        for _ in 0..100 {
+            feedback.after_response(&projections, &c, &answer(1, 0));
+        }
+        assert_eq!(feedback.centre_shift, MAX_CENTRE_SHIFT);
+        assert_eq!(feedback.snapshot().centre_shift, MAX_CENTRE_SHIFT);
     }
 
     #[test]
@@ -1692,7 +1806,7 @@ mod tests {
     }
 
     #[test]
-    fn state_version_2_keeps_the_share_and_version_1_restores_with_none() {
+    fn state_version_3_keeps_the_share_and_the_centre_and_older_versions_restore_without() {
         let c = share_sample();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bias.state");
@@ -1702,13 +1816,24 @@ mod tests {
         }
         feedback.save(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("bramble-bias-state 2\n") && text.contains("\nshare -0.1355\ncrc32 "), "{text}");
+        assert!(
+            text.starts_with("bramble-bias-state 3\n") && text.contains("\nshare -0.1355\ncentre -0.02\ncrc32 "),
+            "{text}"
+        );
         let mut restored = FeedbackLoop::new(&c);
         assert!(restored.restore(&path).unwrap());
         assert_eq!(
             (&restored.weights, restored.responses, &restored.recent, restored.share_deviation),
             (&feedback.weights, feedback.responses, &feedback.recent, feedback.share_deviation)
         );
+        assert_eq!((restored.centre_shift, &restored.centres), (feedback.centre_shift, &feedback.centres));
+        // A version 2 file: the share, and the section's centres.
+        let reseal = |body: &str| format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()));
+        let body = "bramble-bias-state 2\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\nshare -0.25\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        let mut two = FeedbackLoop::new(&c);
+        assert!(two.restore(&path).unwrap());
+        assert_eq!((two.share_deviation, two.centre_shift, &two.centres), (-0.25, 0.0, &FeedbackLoop::new(&c).centres));
         // A version 1 file, as older builds wrote it: no share line.
         let body = "bramble-bias-state 1\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent 0.5 -0.25\n";
         std::fs::write(&path, format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()))).unwrap();
@@ -1720,8 +1845,13 @@ mod tests {
             (vec![0.1, 0.5, 0.75], 7, vec![0.5, -0.25])
         );
         assert_eq!(old.share_deviation, 0.0);
-        // A share out of range, a weight over its cap: refused, by name.
-        let reseal = |body: &str| format!("{body}crc32 {:08x}\n", crc32fast::hash(body.as_bytes()));
+        // A share or a centre shift out of range, a weight over its cap: refused, by name.
+        let body = "bramble-bias-state 3\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\nshare 0\ncentre 0.75\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        assert!(FeedbackLoop::new(&c).restore(&path).unwrap_err().message().contains("centre shift 0.75"));
+        let body = "bramble-bias-state 3\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\nshare 0\n";
+        std::fs::write(&path, reseal(body)).unwrap();
+        assert!(FeedbackLoop::new(&c).restore(&path).unwrap_err().message().contains("\"centre\" line"));
         let body = "bramble-bias-state 2\nlayers 3\nresponses 7\nweights 0.1 0.5 0.75\nrecent\nshare 0.75\n";
         std::fs::write(&path, reseal(body)).unwrap();
         assert!(FeedbackLoop::new(&c).restore(&path).unwrap_err().message().contains("share deviation 0.75"));

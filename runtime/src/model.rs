@@ -427,6 +427,10 @@ pub struct RunState {
     sparse: SparseScratch,
     /// The bias constraint's weights `w_l` in force for this state (layers).
     bias_weights: Vec<f32>,
+    /// The values the constraint moves `h · d_l` toward in this state
+    /// (layers): the section's centres, moved by the feedback loop's
+    /// centre shift ([`crate::bias::FeedbackLoop::centres`]).
+    bias_centres: Vec<f32>,
     /// The projections `h · d_l` recorded since the last reset.
     projections: ProjectionStats,
     /// What the state holds, from [`RunState::bytes_for`] when it was allocated.
@@ -541,7 +545,7 @@ impl StateSizes {
             + self.scratch.bytes::<f32>()
             + 2 * self.k.bytes::<f32>()
             + 2 * self.rope.bytes::<f32>()
-            + self.bias_weights.bytes::<f32>()
+            + 2 * self.bias_weights.bytes::<f32>()
             + 2 * self.projections.bytes::<f64>()
             + 4 * self.sparse_values.bytes::<f32>()
             + self.sparse_blocks.bytes::<BlockQ8Act>()
@@ -624,6 +628,7 @@ impl RunState {
                 ..SparseScratch::default()
             },
             bias_weights: sizes.bias_weights.filled(0.0)?,
+            bias_centres: sizes.bias_weights.filled(0.0)?,
             projections: ProjectionStats::new(sizes.projections.len),
             bytes,
         })
@@ -670,6 +675,28 @@ impl RunState {
         }
         self.bias_weights.copy_from_slice(weights);
         Ok(())
+    }
+    /// The values the bias constraint moves `h · d_l` toward (one a layer).
+    pub fn bias_centres(&self) -> &[f32] {
+        &self.bias_centres
+    }
+    /// Sets the values the bias constraint moves `h · d_l` toward (one a
+    /// layer, finite).
+    pub fn set_bias_centres(&mut self, centres: &[f32]) -> Result<()> {
+        if centres.len() != self.bias_centres.len() || !centres.iter().all(|c| c.is_finite()) {
+            return Err(Error::invalid(format!(
+                "bias centres: {} values for {} layers, each must be finite",
+                centres.len(),
+                self.bias_centres.len()
+            )));
+        }
+        self.bias_centres.copy_from_slice(centres);
+        Ok(())
+    }
+    /// Puts the feedback loop's weights and centres in force. Allocates nothing.
+    pub fn apply_feedback(&mut self, feedback: &crate::bias::FeedbackLoop) -> Result<()> {
+        self.set_bias_weights(&feedback.weights)?;
+        self.set_bias_centres(&feedback.centres)
     }
     /// The projections `h · d_l` recorded since the last [`RunState::reset_projections`].
     pub fn projections(&self) -> &ProjectionStats {
@@ -722,6 +749,7 @@ impl RunState {
             &self.rope_cos,
             &self.rope_sin,
             &self.bias_weights,
+            &self.bias_centres,
             &s.exact,
             &s.rest,
             &s.low,
@@ -961,7 +989,7 @@ impl<'a> Model<'a> {
 
     /// Uses a bias constraint (`None`: none). Its directions must match the
     /// model's layers and width. States made afterwards start with its
-    /// predefined weights.
+    /// predefined weights and its centres.
     pub fn set_bias(&mut self, constraint: Option<BiasConstraint>) -> Result<()> {
         if let Some(c) = &constraint {
             c.check()?;
@@ -1046,6 +1074,9 @@ impl<'a> Model<'a> {
         let mut state = RunState::try_with_options(&self.config, context, batch, self.state_options())?;
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
+            for (l, centre) in state.bias_centres.iter_mut().enumerate() {
+                *centre = c.centre(l);
+            }
         }
         Ok(state)
     }
@@ -1327,9 +1358,10 @@ impl<'a> Model<'a> {
             }
 
             // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l − centre_l) d_l
-            // (centre_l: the section's centre, `BiasConstraint::centre`: 0, the baseline mean, a midpoint or the parity value).
+            // (centre_l: the section's centre, `BiasConstraint::centre`: 0, the baseline mean, a midpoint or
+            // the parity value, as the feedback loop may have moved it).
             if let Some(c) = &self.bias {
-                let (d, w, centre) = (c.direction(l), s.bias_weights[l], c.centre(l));
+                let (d, w, centre) = (c.direction(l), s.bias_weights[l], s.bias_centres[l]);
                 for h in s.x[..n * dim].chunks_exact_mut(dim) {
                     let p = (k.project_out)(h, d, w, centre) as f64;
                     s.projections.sum[l] += p;

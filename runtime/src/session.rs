@@ -78,6 +78,10 @@ impl<'m> Session<'m> {
     pub fn set_bias_weights(&mut self, weights: &[f32]) -> Result<()> {
         self.state.set_bias_weights(weights)
     }
+    /// Puts the feedback loop's weights and centres in force for this session.
+    pub fn apply_feedback(&mut self, feedback: &crate::bias::FeedbackLoop) -> Result<()> {
+        self.state.apply_feedback(feedback)
+    }
     /// Weight bytes the R-Sparse modules read since the last call, and what
     /// they would have read dense ([`RunState::take_sparse_bytes`]).
     pub fn take_sparse_bytes(&mut self) -> (u64, u64) {

@@ -94,6 +94,21 @@ fn the_constraint_removes_its_share_and_records_projections() {
         };
         model.forward_observed(&mut centred_state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
         assert!(left.iter().all(|p| (p - 0.5).abs() < 1e-4), "{}: {left:?}", kernels.name);
+        // The centres are the state's too (the feedback loop moves them): a
+        // state told −0.25 lands every projection there, the section's 0.5 notwithstanding.
+        assert_eq!(centred_state.bias_centres(), &[0.5]);
+        centred_state.set_bias_centres(&[-0.25]).unwrap();
+        centred_state.reset_projections();
+        let mut moved = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                moved = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
+            }
+        };
+        model.forward_observed(&mut centred_state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        assert!(moved.len() == 4 && moved.iter().all(|p| (p + 0.25).abs() < 1e-4), "{}: {moved:?}", kernels.name);
+        assert!(centred_state.set_bias_centres(&[f32::NAN]).unwrap_err().message().contains("finite"));
+        assert!(centred_state.set_bias_centres(&[0.0, 0.0]).is_err());
         model.set_bias(Some(constraint(dim, 1.0))).unwrap();
         // The weights are the state's: setting them back to 0 gives the plain logits.
         state.set_bias_weights(&[0.0]).unwrap();

@@ -616,7 +616,7 @@ fn bias_calibrate_then_static_and_adaptive_feedback() {
     let first = eval("adaptive", &["--bias-state", path_str(&state)]);
     assert_eq!(first["pairs"], 4);
     let saved = std::fs::read_to_string(&state).unwrap();
-    assert!(saved.starts_with("bramble-bias-state 2") && saved.contains("responses 4"), "{saved}");
+    assert!(saved.starts_with("bramble-bias-state 3") && saved.contains("responses 4"), "{saved}");
     // `--state`, the first spelling, is the same option.
     eval("adaptive", &["--state", path_str(&state)]);
     assert!(std::fs::read_to_string(&state).unwrap().contains("responses 8"), "the second run went on from the first");

@@ -1054,7 +1054,7 @@ mod bias {
 
         // The state file, saved after each response.
         let text = std::fs::read_to_string(&state).expect("the state file");
-        assert!(text.starts_with("bramble-bias-state 2\n"), "{text:?}");
+        assert!(text.starts_with("bramble-bias-state 3\n"), "{text:?}");
         assert!(text.contains("responses 2\n"), "{text:?}");
 
         // The console's /bias.
@@ -1265,8 +1265,9 @@ mod bias {
     /// of the vocabulary counts as *she* (and an id no answer can hold as
     /// *he*), so each answer moves the running share a tenth of the way to
     /// all-female. One answer (0.05) and two (0.095) stay under the target of
-    /// 0.10 and leave the weights; the third (0.1355) is over it, and every
-    /// capped layer rises by a step.
+    /// 0.10 and leave the centre where it was; the third (0.1355) is over it,
+    /// and the centre moves a step toward *he*; the weights, which would pull
+    /// toward a centre that is too female, stay.
     #[test]
     fn the_pronoun_share_loop_counts_the_answer_and_bias_shows_it() {
         let vocab = bramble_runtime::ModelImage::open(calibrated()).unwrap().config().vocab_size;
@@ -1310,13 +1311,24 @@ mod bias {
             "bias feedback: adaptive, 1 responses, pronoun-share signal, target 0.100, no hard limit",
         );
         let shown = terminal.expect("> ");
-        assert!(shown.contains("running she-share 0.550 (share deviation +0.050)"), "{shown:?}");
+        assert!(
+            shown.contains("running she-share 0.550 (share deviation +0.050); centre moved +0.000 spreads"),
+            "{shown:?}"
+        );
         let status = answer(0.095);
-        assert_eq!(weights(&status), vec![0.0; 4], "two answers are under the target: {status}");
+        assert_eq!(status["centre_shift"], 0.0, "two answers are under the target: {status}");
         let status = answer(0.1355);
         assert_eq!(status["share_deviation"].as_f64().unwrap() as f32, 0.1355, "{status}");
         assert_eq!(status["responses"], 3, "{status}");
-        assert_eq!(weights(&status), vec![0.0, 0.1, 0.1, 0.1], "each capped layer up a step: {status}");
+        assert_eq!(
+            status["centre_shift"].as_f64().unwrap() as f32,
+            bramble_runtime::bias::CENTRE_STEP,
+            "a step toward he: {status}"
+        );
+        assert_eq!(weights(&status), vec![0.0; 4], "too female leaves the weights: {status}");
+        terminal.command("/bias", "bias feedback: adaptive, 3 responses");
+        let shown = terminal.expect("> ");
+        assert!(shown.contains("centre moved +0.020 spreads (+: toward he)"), "{shown:?}");
     }
 
     #[test]

@@ -41,6 +41,7 @@ impl BiasStatus {
             "hard_limit": feedback.hard_limit,
             "signal": feedback.signal,
             "share_deviation": feedback.share_deviation,
+            "centre_shift": feedback.centre_shift,
             "lean": feedback.lean,
             "state": self.state.as_ref().map(|p| p.display().to_string()),
         })
@@ -87,9 +88,10 @@ impl BiasStatus {
         }
         if pronoun_share {
             text.push_str(&format!(
-                "running she-share {:.3} (share deviation {:+.3}); ",
+                "running she-share {:.3} (share deviation {:+.3}); centre moved {:+.3} spreads (+: toward he); ",
                 0.5 + feedback.share_deviation,
-                feedback.share_deviation
+                feedback.share_deviation,
+                feedback.centre_shift
             ));
         }
         text.push_str(&format!("last lean from the centre {:+.3}\n", feedback.lean));

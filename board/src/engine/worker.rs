@@ -228,8 +228,8 @@ impl<'m> Worker<'m> {
             // This response's projections only (the prompt's new tokens and the reply), under the loop's weights.
             if let Some(bias) = &self.bias {
                 self.session.reset_projections();
-                if let Err(e) = self.session.set_bias_weights(&bias.feedback.weights) {
-                    return fail(sink, RequestError::new(500, "server_error", format!("bias weights: {e}")));
+                if let Err(e) = self.session.apply_feedback(&bias.feedback) {
+                    return fail(sink, RequestError::new(500, "server_error", format!("bias constraint: {e}")));
                 }
             }
 

@@ -82,7 +82,7 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
         "--gates goes with --fill and a constraint on (--feedback static or adaptive)"
     );
     if let Some(feedback) = &feedback {
-        scorer.state_mut().set_bias_weights(&feedback.weights)?;
+        scorer.state_mut().apply_feedback(feedback)?;
         scorer.state_mut().reset_projections();
     }
     // Under `--feedback adaptive` each pair (or item) is a response: its
@@ -91,7 +91,7 @@ pub fn run(args: BiasEvalArgs) -> Result<()> {
     let mut after_response = |state: &mut RunState, answer: &[u32]| -> Result<()> {
         if let Some(feedback) = feedback.as_mut() {
             args.model.after_response(feedback, &model, state.projections(), answer)?;
-            state.set_bias_weights(&feedback.weights)?;
+            state.apply_feedback(feedback)?;
             state.reset_projections();
         }
         Ok(())

@@ -81,7 +81,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             // This reply's projections only, under the loop's weights (the
             // cached prefix keeps the positions it was run with).
             session.reset_projections();
-            session.set_bias_weights(&feedback.weights)?;
+            session.apply_feedback(feedback)?;
         }
         let reply = generate(&mut session, &tokens[shared..], args.max_tokens, &args.sampling.stop, &mut on_text)?;
         outln!();

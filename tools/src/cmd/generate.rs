@@ -53,7 +53,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut session = Session::try_new(&model, tokenizer, context, args.sampling.config())?;
     let mut feedback = args.model.feedback_loop(&model)?;
     if let Some(feedback) = &feedback {
-        session.set_bias_weights(&feedback.weights)?;
+        session.apply_feedback(feedback)?;
     }
     let stdout = std::io::stdout();
     let json = args.json;

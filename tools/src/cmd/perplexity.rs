@@ -29,11 +29,16 @@ pub struct PerplexityArgs {
 pub fn run(args: PerplexityArgs) -> Result<()> {
     let (loaded, context) = args.model.load()?;
     let mut model = args.model.build_model(&loaded, SparseMode::Always)?;
-    // Adaptive: the text is measured under the loop's current weights (restored
-    // from --bias-state); a text is not a response, so they are not adjusted.
+    // Adaptive: the text is measured under the loop's current weights and
+    // centres (restored from --bias-state); a text is not a response, so
+    // they are not adjusted.
     if let Some(feedback) = args.model.feedback_loop(&model)? {
         let constraint = model.bias().expect("adaptive feedback loaded the bias section");
-        let current = bramble_runtime::bias::BiasConstraint { weights: feedback.weights.clone(), ..constraint.clone() };
+        let mut current =
+            bramble_runtime::bias::BiasConstraint { weights: feedback.weights.clone(), ..constraint.clone() };
+        if feedback.centre_shift != 0.0 {
+            current.centre = bramble_runtime::bias::Centre::Parity(feedback.centres.clone());
+        }
         model.set_bias(Some(current))?;
     }
     let text = std::fs::read_to_string(&args.file).with_context(|| format!("{}: cannot read", args.file.display()))?;
