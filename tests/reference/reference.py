@@ -6,8 +6,9 @@ Written from the maths, not from the Rust runtime, so the Rust end-to-end tests
 can compare logits and perplexity against it.
 
 * Metadata and raw tensor bytes come from `gguf.GGUFReader`; dequantization is
-  our own numpy code for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K
-  (`selfcheck` compares it with `gguf.quants.dequantize`). Pass
+  our own numpy code for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K,
+  Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS (`selfcheck` compares it with
+  `gguf.quants.dequantize`, bit for bit). Pass
   `--gguf-dequant` to use gguf-py's dequantizer instead (not independent).
 * Numerics: weights are dequantized once to float32 and cached. Every weight
   matmul (q/k/v/o, gate/up/down, logits) is float32 x float32 with BLAS. The
@@ -46,9 +47,16 @@ GGML_F32 = 0
 GGML_F16 = 1
 GGML_Q4_0 = 2
 GGML_Q4_1 = 3
+GGML_Q5_0 = 6
+GGML_Q5_1 = 7
 GGML_Q8_0 = 8
+GGML_Q2_K = 10
+GGML_Q3_K = 11
 GGML_Q4_K = 12
+GGML_Q5_K = 13
 GGML_Q6_K = 14
+GGML_IQ4_NL = 20
+GGML_IQ4_XS = 23
 GGML_BF16 = 30
 
 TYPE_NAMES = {
@@ -56,9 +64,16 @@ TYPE_NAMES = {
     GGML_F16: "F16",
     GGML_Q4_0: "Q4_0",
     GGML_Q4_1: "Q4_1",
+    GGML_Q5_0: "Q5_0",
+    GGML_Q5_1: "Q5_1",
     GGML_Q8_0: "Q8_0",
+    GGML_Q2_K: "Q2_K",
+    GGML_Q3_K: "Q3_K",
     GGML_Q4_K: "Q4_K",
+    GGML_Q5_K: "Q5_K",
     GGML_Q6_K: "Q6_K",
+    GGML_IQ4_NL: "IQ4_NL",
+    GGML_IQ4_XS: "IQ4_XS",
     GGML_BF16: "BF16",
 }
 
@@ -138,13 +153,7 @@ def dequant_q4_k(raw, n):
     nb = b.shape[0]
     d = _f16(b, 0, 2)
     dmin = _f16(b, 2, 4)
-    s = b[:, 4:16].astype(np.uint8)
-    sc = np.empty((nb, 8), np.uint8)
-    mn = np.empty((nb, 8), np.uint8)
-    sc[:, :4] = s[:, 0:4] & 63
-    mn[:, :4] = s[:, 4:8] & 63
-    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
-    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    sc, mn = _k4_scale_min(b[:, 4:16])
     qs = b[:, 16:144].reshape(nb, 4, 32)
     # chunk j of 64 values: low nibbles are sub-block 2j, high nibbles 2j+1
     q = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32).astype(np.float32)
@@ -178,6 +187,132 @@ def dequant_q6_k(raw, n):
     return (scale * q).reshape(-1)
 
 
+def _bits32(qh):
+    """4 bytes per block -> 32 bits per block (bit j of the little-endian u32 is element j)."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def dequant_q5_0(raw, n):
+    # block_q5_0 { ggml_half d; uint8_t qh[4]; uint8_t qs[16]; }   value = d * (q - 16),
+    # q = nibble (as Q4_0) | bit j of qh << 4
+    b = _blocks(raw, n, 32, 22)
+    d = _f16(b, 0, 2)
+    q = _nibbles32(b[:, 6:22]) | (_bits32(b[:, 2:6]) << 4)
+    return (d * (q.astype(np.float32) - 16.0)).reshape(-1)
+
+
+def dequant_q5_1(raw, n):
+    # block_q5_1 { ggml_half d; ggml_half m; uint8_t qh[4]; uint8_t qs[16]; }   value = d * q + m
+    b = _blocks(raw, n, 32, 24)
+    d = _f16(b, 0, 2)
+    m = _f16(b, 2, 4)
+    q = _nibbles32(b[:, 8:24]) | (_bits32(b[:, 4:8]) << 4)
+    return (d * q.astype(np.float32) + m).reshape(-1)
+
+
+def _two_bit_planes(qs):
+    """block_q2_K / block_q3_K qs[64] -> 256 values of 2 bits: for half n and
+    shift j, 32 values are bits 2j..2j+2 of qs[32n:32n+32]."""
+    nb = qs.shape[0]
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return ((qs.reshape(nb, 2, 1, 32) >> shifts) & 3).reshape(nb, 256)
+
+
+def dequant_q2_k(raw, n):
+    # block_q2_K { uint8_t scales[16]; uint8_t qs[64]; ggml_half d; ggml_half dmin; }
+    # 16 sub-blocks of 16: scale = low nibble, min = high nibble of scales[i];
+    # value = (d * scale) * q - (dmin * min)
+    b = _blocks(raw, n, 256, 84)
+    nb = b.shape[0]
+    sc = b[:, 0:16]
+    d = _f16(b, 80, 82)
+    dmin = _f16(b, 82, 84)
+    q = _two_bit_planes(b[:, 16:80]).reshape(nb, 16, 16).astype(np.float32)
+    scale = (d * (sc & 0x0F).astype(np.float32))[:, :, None]
+    minimum = (dmin * (sc >> 4).astype(np.float32))[:, :, None]
+    return (scale * q - minimum).reshape(-1)
+
+
+def dequant_q3_k(raw, n):
+    # block_q3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; ggml_half d; }
+    # q = low 2 bits (as Q2_K) - 4 unless the high bit is set; the high bit of
+    # value 32k + l (k = 4n + j) is bit k of hmask[l]. Scale i (6 bits): low
+    # nibble from byte i % 8 (low nibble if i < 8), top 2 bits from byte
+    # 8 + i % 4 at bit 2 * (i // 4). value = (d * (scale - 32)) * q
+    b = _blocks(raw, n, 256, 110)
+    nb = b.shape[0]
+    hmask = b[:, 0:32]
+    s = b[:, 96:108]
+    d = _f16(b, 108, 110)
+    i = np.arange(16)
+    low = np.where(i < 8, s[:, i % 8] & 0x0F, s[:, i % 8] >> 4)
+    high = (s[:, 8 + i % 4] >> (2 * (i // 4)).astype(np.uint8)) & 3
+    scale = (low | (high << 4)).astype(np.float32) - 32.0
+    bit = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (nb, 8, 32)
+    q = _two_bit_planes(b[:, 32:96]).astype(np.int16) - 4 * (1 - bit.reshape(nb, 256).astype(np.int16))
+    step = (d * scale)[:, :, None]
+    return (step * q.reshape(nb, 16, 16).astype(np.float32)).reshape(-1)
+
+
+def _k4_scale_min(s):
+    """The 8 six-bit scales and minimums packed in 12 bytes (Q4_K, Q5_K)."""
+    nb = s.shape[0]
+    sc = np.empty((nb, 8), np.uint8)
+    mn = np.empty((nb, 8), np.uint8)
+    sc[:, :4] = s[:, 0:4] & 63
+    mn[:, :4] = s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def dequant_q5_k(raw, n):
+    # block_q5_K { ggml_half d; ggml_half dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; }
+    # As Q4_K, plus a fifth bit: value 32s + l has bit s of qh[l].
+    b = _blocks(raw, n, 256, 176)
+    nb = b.shape[0]
+    d = _f16(b, 0, 2)
+    dmin = _f16(b, 2, 4)
+    sc, mn = _k4_scale_min(b[:, 4:16])
+    qh = b[:, 16:48]
+    qs = b[:, 48:176].reshape(nb, 4, 32)
+    low = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(nb, 8, 32)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (nb, 8, 32)
+    q = (low | (high << 4)).astype(np.float32)
+    scale = (d * sc.astype(np.float32))[:, :, None]
+    minimum = (dmin * mn.astype(np.float32))[:, :, None]
+    return (scale * q - minimum).reshape(-1)
+
+
+# kvalues_iq4nl: the 16 levels a 4-bit IQ4 index selects
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+
+
+def dequant_iq4_nl(raw, n):
+    # block_iq4_nl { ggml_half d; uint8_t qs[16]; }   value = d * IQ4_LEVELS[index],
+    # indices ordered as Q4_0's nibbles
+    b = _blocks(raw, n, 32, 18)
+    d = _f16(b, 0, 2)
+    return (d * IQ4_LEVELS[_nibbles32(b[:, 2:18])]).reshape(-1)
+
+
+def dequant_iq4_xs(raw, n):
+    # block_iq4_xs { ggml_half d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; }
+    # 8 sub-blocks of 32, each as IQ4_NL with step d * (scale - 32); scale j's low
+    # nibble is nibble j % 2 of scales_l[j // 2], its top 2 bits bits 2j..2j+2 of scales_h.
+    b = _blocks(raw, n, 256, 136)
+    nb = b.shape[0]
+    d = _f16(b, 0, 2)
+    scales_h = np.ascontiguousarray(b[:, 2:4]).view("<u2").astype(np.uint32)  # (nb, 1)
+    j = np.arange(8)
+    low = (b[:, 4 + j // 2] >> (4 * (j % 2)).astype(np.uint8)) & 0x0F
+    high = (scales_h >> (2 * j).astype(np.uint32)) & 3
+    scale = (low.astype(np.uint32) | (high << 4)).astype(np.float32) - 32.0
+    indices = _nibbles32(b[:, 8:136].reshape(nb * 8, 16)).reshape(nb, 8, 32)
+    step = (d * scale)[:, :, None]
+    return (step * IQ4_LEVELS[indices]).reshape(-1)
+
+
 DEQUANT = {
     GGML_F32: dequant_f32,
     GGML_F16: dequant_f16,
@@ -185,8 +320,15 @@ DEQUANT = {
     GGML_Q8_0: dequant_q8_0,
     GGML_Q4_0: dequant_q4_0,
     GGML_Q4_1: dequant_q4_1,
+    GGML_Q5_0: dequant_q5_0,
+    GGML_Q5_1: dequant_q5_1,
+    GGML_Q2_K: dequant_q2_k,
+    GGML_Q3_K: dequant_q3_k,
     GGML_Q4_K: dequant_q4_k,
+    GGML_Q5_K: dequant_q5_k,
     GGML_Q6_K: dequant_q6_k,
+    GGML_IQ4_NL: dequant_iq4_nl,
+    GGML_IQ4_XS: dequant_iq4_xs,
 }
 
 
@@ -662,8 +804,15 @@ BLOCK_INFO = {  # type: (elements, bytes, byte offsets of f16 fields)
     GGML_Q8_0: (32, 34, [0]),
     GGML_Q4_0: (32, 18, [0]),
     GGML_Q4_1: (32, 20, [0, 2]),
+    GGML_Q5_0: (32, 22, [0]),
+    GGML_Q5_1: (32, 24, [0, 2]),
+    GGML_Q2_K: (256, 84, [80, 82]),
+    GGML_Q3_K: (256, 110, [108]),
     GGML_Q4_K: (256, 144, [0, 2]),
+    GGML_Q5_K: (256, 176, [0, 2]),
     GGML_Q6_K: (256, 210, [208]),
+    GGML_IQ4_NL: (32, 18, [0]),
+    GGML_IQ4_XS: (256, 136, [0]),
 }
 
 
@@ -686,11 +835,12 @@ def selfcheck_dequant(rng):
         raw, n = random_blocks(ggml_type, 64, rng)
         ours = dequantize(raw, ggml_type, n)
         ref = gg_dequant(raw, GGMLQuantizationType(ggml_type)).astype(np.float32).reshape(-1)
-        diff = float(np.max(np.abs(ours - ref)))
-        good = ours.shape == ref.shape and diff <= 1e-6 * max(1.0, float(np.max(np.abs(ref))))
+        # The same float operations in the same order: equal bit for bit.
+        good = ours.shape == ref.shape and bool(np.array_equal(ours.view(np.uint32), ref.view(np.uint32)))
+        diff = float(np.max(np.abs(ours - ref))) if ours.shape == ref.shape else float("inf")
         ok &= good
-        log(f"dequant {TYPE_NAMES[ggml_type]:5s} random blocks: max |ours - gguf| = {diff:.3g} "
-            f"{'ok' if good else 'MISMATCH'}")
+        log(f"dequant {TYPE_NAMES[ggml_type]:6s} random blocks: max |ours - gguf| = {diff:.3g} "
+            f"{'bit-exact' if good else 'MISMATCH'}")
     # F16 / BF16 / F32
     x = rng.standard_normal(256).astype(np.float32)
     ok &= bool(np.array_equal(dequant_f32(x.view(np.uint8), 256), x))
@@ -849,7 +999,7 @@ def selfcheck_model(rng, tmpdir):
 
 
 def selfcheck_real(path):
-    """Our dequantization of a few tensors of a real GGUF vs gguf-py's."""
+    """Our dequantization of the first tensor of each type in a GGUF vs gguf-py's, bit for bit."""
     from gguf import GGUFReader
     from gguf.quants import dequantize as gg_dequant
 
@@ -865,11 +1015,11 @@ def selfcheck_real(path):
         raw = np.asarray(t.data).reshape(-1).view(np.uint8)
         ours = dequantize(raw, tt, n)
         ref = np.asarray(gg_dequant(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(-1)
-        diff = float(np.max(np.abs(ours - ref)))
-        good = diff == 0.0
+        good = ours.shape == ref.shape and bool(np.array_equal(ours.view(np.uint32), ref.view(np.uint32)))
+        diff = float(np.max(np.abs(ours - ref))) if ours.shape == ref.shape else float("inf")
         ok &= good
         log(f"{path}: {t.name} ({TYPE_NAMES[tt]}, {n} values): max |ours - gguf| = {diff:.3g} "
-            f"{'ok' if good else 'MISMATCH'}")
+            f"{'bit-exact' if good else 'MISMATCH'}")
     return ok
 
 

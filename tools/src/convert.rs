@@ -131,6 +131,88 @@ pub struct ConvertReport {
     pub image_bytes: u64,
     /// Per tensor: name, source type, image encoding, carried.
     pub details: Vec<(String, String, String, bool)>,
+    /// Per tensor family and source type, what was done, in file order.
+    pub families: Vec<FamilyReport>,
+}
+
+/// What a conversion did to the tensors of one family (`ffn_down`, every
+/// layer's) that had one source type and went to one encoding.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FamilyReport {
+    /// The tensor name without `blk.N.` and `.weight`: `ffn_down`, `token_embd`.
+    pub family: String,
+    /// How many tensors.
+    pub tensors: usize,
+    /// Their type in the source: `Q5_0`, `F32`.
+    pub source_type: String,
+    /// Their encoding in the image, without the block order: `q4`, `f32`.
+    pub encoding: String,
+    /// Copied bit-exact, or expanded to f32 and encoded again.
+    pub carried: bool,
+}
+
+impl FamilyReport {
+    /// The family of tensor `name`: without a `blk.N.` prefix and a `.weight` suffix.
+    pub fn family_of(name: &str) -> &str {
+        let name = name.strip_suffix(".weight").unwrap_or(name);
+        match name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')) {
+            Some((layer, part)) if !layer.is_empty() && layer.bytes().all(|b| b.is_ascii_digit()) => part,
+            _ => name,
+        }
+    }
+
+    /// `details` grouped by family, source type, encoding and carried: families
+    /// in order of first appearance, each family's groups together.
+    fn group(details: &[(String, String, String, bool)]) -> Vec<FamilyReport> {
+        let mut families: Vec<FamilyReport> = Vec::new();
+        for (name, source_type, stored, carried) in details {
+            // The family's encoding, not its block order (q4x4 is q4 interleaved).
+            let encoding = Encoding::from_name(stored).map_or(stored.as_str(), |e| e.row_major().name());
+            let family = Self::family_of(name);
+            let same = |f: &&mut FamilyReport| {
+                f.family == family && &f.source_type == source_type && f.encoding == encoding && f.carried == *carried
+            };
+            match families.iter_mut().find(same) {
+                Some(group) => group.tensors += 1,
+                None => {
+                    // Beside the family's other groups, so a family reads as one block.
+                    let at = families.iter().rposition(|f| f.family == family).map_or(families.len(), |i| i + 1);
+                    let group = FamilyReport {
+                        family: family.to_string(),
+                        tensors: 1,
+                        source_type: source_type.clone(),
+                        encoding: encoding.to_string(),
+                        carried: *carried,
+                    };
+                    families.insert(at, group);
+                }
+            }
+        }
+        families
+    }
+
+    /// What was done, in words: `carried bit-exact as q8`, `dequantized, re-quantized to q4`.
+    pub fn action(&self) -> String {
+        let encoding = &self.encoding;
+        if self.carried {
+            return format!("carried bit-exact as {encoding}");
+        }
+        let from_float = ["F32", "F16", "BF16", "F64"].iter().any(|t| t.eq_ignore_ascii_case(&self.source_type));
+        let to_blocks = Encoding::from_name(encoding).is_some_and(Encoding::is_blocked);
+        match (from_float, to_blocks) {
+            (true, true) => format!("quantized to {encoding}"),
+            (true, false) => format!("converted to {encoding}"),
+            (false, true) => format!("dequantized, re-quantized to {encoding}"),
+            (false, false) => format!("dequantized to {encoding}"),
+        }
+    }
+}
+
+impl std::fmt::Display for FamilyReport {
+    /// `ffn_down: 30 × Q5_0 → dequantized, re-quantized to q4`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} × {} → {}", self.family, self.tensors, self.source_type, self.action())
+    }
 }
 
 /// Largest chunk of f32 rows converted at once (bounds memory for any tensor size).
@@ -156,7 +238,14 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
             .progress_chars("=> "),
     );
 
-    let mut report = ConvertReport { tensors: 0, carried: 0, requantized: 0, image_bytes: 0, details: Vec::new() };
+    let mut report = ConvertReport {
+        tensors: 0,
+        carried: 0,
+        requantized: 0,
+        image_bytes: 0,
+        details: Vec::new(),
+        families: Vec::new(),
+    };
     let mut values: Vec<f32> = Vec::new();
     let mut bytes: Vec<u8> = Vec::new();
     for (index, tensor) in tensors.iter().enumerate() {
@@ -236,6 +325,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         report.details.push((tensor.name.clone(), tensor.source_type.clone(), stored.name().to_string(), carried));
     }
     bar.finish_and_clear();
+    report.families = FamilyReport::group(&report.details);
 
     let mut description = serde_json::json!({
         "source": source.describe(),
@@ -265,6 +355,58 @@ mod tests {
         assert!(wildcard_match("*", "anything"));
         assert!(wildcard_match("token_embd.weight", "token_embd.weight"));
         assert!(!wildcard_match("token_embd", "token_embd.weight"));
+    }
+
+    #[test]
+    fn families_are_names_without_layer_and_suffix() {
+        assert_eq!(FamilyReport::family_of("blk.12.ffn_down.weight"), "ffn_down");
+        assert_eq!(FamilyReport::family_of("token_embd.weight"), "token_embd");
+        assert_eq!(FamilyReport::family_of("output_norm.weight"), "output_norm");
+        assert_eq!(FamilyReport::family_of("blk.x.attn_q.weight"), "blk.x.attn_q");
+        assert_eq!(FamilyReport::family_of("model.layers.0.mlp.weight"), "model.layers.0.mlp");
+    }
+
+    #[test]
+    fn families_group_by_type_and_encoding_in_order() {
+        let row = |name: &str, source: &str, stored: &str, carried: bool| {
+            (name.to_string(), source.to_string(), stored.to_string(), carried)
+        };
+        let details = [
+            row("token_embd.weight", "Q8_0", "q8", true),
+            row("blk.0.attn_v.weight", "Q5_0", "q4x4", false),
+            row("blk.0.ffn_down.weight", "Q6_K", "q4x4", false),
+            row("blk.0.attn_norm.weight", "F32", "f32", true),
+            row("blk.1.attn_v.weight", "Q8_0", "q4x4", false),
+            row("blk.1.ffn_down.weight", "Q6_K", "q4", false),
+            row("blk.1.attn_norm.weight", "F32", "f32", true),
+            row("blk.2.attn_v.weight", "Q5_0", "q4x4", false),
+        ];
+        let lines: Vec<String> = FamilyReport::group(&details).iter().map(|f| f.to_string()).collect();
+        assert_eq!(
+            lines,
+            [
+                "token_embd: 1 × Q8_0 → carried bit-exact as q8",
+                "attn_v: 2 × Q5_0 → dequantized, re-quantized to q4",
+                "attn_v: 1 × Q8_0 → dequantized, re-quantized to q4",
+                "ffn_down: 2 × Q6_K → dequantized, re-quantized to q4",
+                "attn_norm: 2 × F32 → carried bit-exact as f32",
+            ]
+        );
+    }
+
+    #[test]
+    fn actions_say_what_was_expanded() {
+        let family = |source: &str, encoding: &str| FamilyReport {
+            family: "attn_q".to_string(),
+            tensors: 1,
+            source_type: source.to_string(),
+            encoding: encoding.to_string(),
+            carried: false,
+        };
+        assert_eq!(family("BF16", "q8").action(), "quantized to q8");
+        assert_eq!(family("F32", "f16").action(), "converted to f16");
+        assert_eq!(family("Q4_K", "f32").action(), "dequantized to f32");
+        assert_eq!(family("IQ4_XS", "q4s").action(), "dequantized, re-quantized to q4s");
     }
 
     #[test]

@@ -511,17 +511,18 @@ fn errors_name_the_file_and_the_fault() {
     let dir = temp_dir();
     let dir = dir.path();
 
-    let message = open_error(dir, "q5.gguf", |writer, model| {
+    let message = open_error(dir, "mxfp4.gguf", |writer, model| {
         add_model_tensors(writer, model, "blk.1.ffn_up.weight");
         let (_, shape, _) = model.tensors.iter().find(|t| t.0 == "blk.1.ffn_up.weight").unwrap();
         let count: usize = shape.iter().product();
         writer
-            .add_tensor("blk.1.ffn_up.weight", shape, GgmlType::Q5_0, vec![0; GgmlType::Q5_0.bytes_for(count)])
+            .add_tensor("blk.1.ffn_up.weight", shape, GgmlType::MXFP4, vec![0; GgmlType::MXFP4.bytes_for(count)])
             .unwrap();
     });
     assert!(
-        message.contains("unsupported tensor type Q5_0 in tensor 'blk.1.ffn_up.weight' of")
-            && message.contains("q5.gguf"),
+        message.contains("unsupported tensor type MXFP4 in tensor 'blk.1.ffn_up.weight' of")
+            && message.contains("mxfp4.gguf")
+            && message.contains("(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)"),
         "{message}"
     );
 

@@ -2,7 +2,7 @@
 //! checkpoint into an image, optionally with spike-aware mixed precision.
 
 use anyhow::{Context, Result};
-use bramble_tools::convert::{convert, ConvertOptions, QuantTarget};
+use bramble_tools::convert::{convert, ConvertOptions, FamilyReport, QuantTarget};
 use bramble_tools::mixed::{MixedMode, MixedPlan};
 use bramble_tools::source::ModelSource;
 use bramble_tools::stats;
@@ -160,8 +160,25 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             started.elapsed().as_secs_f64(),
             peak.map_or("unknown".to_string(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64)),
         );
+        print_families(&report.families);
     }
     Ok(())
+}
+
+/// One line per tensor family and source type, columns aligned:
+/// `  ffn_down     30 × Q5_0   → dequantized, re-quantized to q4`.
+fn print_families(families: &[FamilyReport]) {
+    let name_width = families.iter().map(|f| f.family.len()).max().unwrap_or(0);
+    let type_width = families.iter().map(|f| f.source_type.len()).max().unwrap_or(0);
+    for family in families {
+        outln!(
+            "  {:<name_width$} {:>3} × {:<type_width$} → {}",
+            family.family,
+            family.tensors,
+            family.source_type,
+            family.action()
+        );
+    }
 }
 
 /// `--mixed auto`'s choice, or `None` for `--mixed off`.

@@ -271,19 +271,31 @@ impl GgmlType {
         values / block_values * block_bytes
     }
 
-    /// Whether [`GgufSource`] can read tensors of this type as numbers.
+    /// The types [`GgufSource`] can read as numbers: ours byte for byte (F32,
+    /// F16, Q8_0, Q4_0, Q4_1), and the others llama.cpp's common mixes use,
+    /// expanded to f32 as ggml does. Not readable: the codebook i-quants
+    /// (IQ1_*, IQ2_*, IQ3_*), the ternary TQ*, MXFP4, Q8_1, Q8_K and the integer types.
+    pub const READABLE: [GgmlType; 15] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ];
+
+    /// Whether [`GgufSource`] can read tensors of this type as numbers ([`GgmlType::READABLE`]).
     pub fn is_readable(self) -> bool {
-        matches!(
-            self,
-            GgmlType::F32
-                | GgmlType::F16
-                | GgmlType::BF16
-                | GgmlType::Q8_0
-                | GgmlType::Q4_0
-                | GgmlType::Q4_1
-                | GgmlType::Q4_K
-                | GgmlType::Q6_K
-        )
+        Self::READABLE.contains(&self)
     }
 
     /// Our image encoding with byte-identical blocks, when there is one.
@@ -465,10 +477,11 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
             bail!("{path}: unexpected tensor '{name}': this Llama variant is not supported");
         };
         if !info.ggml_type.is_readable() {
+            let supported: Vec<&str> = GgmlType::READABLE.iter().map(|t| t.name()).collect();
             bail!(
-                "unsupported tensor type {} in tensor '{name}' of {path} \
-                 (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
-                info.ggml_type
+                "unsupported tensor type {} in tensor '{name}' of {path} (supported: {})",
+                info.ggml_type,
+                supported.join(", ")
             );
         }
         if info.shape() != shape {
