@@ -37,7 +37,7 @@ pub fn check_prune(ratio: f32, mode: KvMode) -> Result<()> {
     }
     if ratio > 0.0 && mode != KvMode::F32 {
         return Err(Error::unsupported(format!(
-            "key-channel pruning of {ratio} with a {} KV cache: pruning runs on the f32 cache only",
+            "key-channel pruning of {ratio} with the {} KV cache: pruning runs on the f32 cache only",
             mode.name()
         )));
     }
