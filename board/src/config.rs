@@ -361,7 +361,7 @@ pub struct Overrides {
     pub threads: Option<String>,
     /// `--context N`.
     pub context: Option<String>,
-    /// `--kv f32|q8|q4`.
+    /// `--kv f32|f16|q8|q4`.
     pub kv: Option<String>,
     /// `--memory-limit auto|off|SIZE`.
     pub memory_limit: Option<String>,
@@ -377,7 +377,7 @@ pub struct Overrides {
 pub const USAGE: &str =
     "usage: brambled [--config FILE] [--model IMG] [--http ADDR:PORT|none] [--ndjson ADDR:PORT|none]
                 [--uart DEVICE|none] [--baud N] [--queue N] [--threads N] [--context N]
-                [--kv f32|q8|q4] [--memory-limit auto|off|SIZE]
+                [--kv f32|f16|q8|q4] [--memory-limit auto|off|SIZE]
                 [--console-tcp ADDR:PORT|none] [--log-level LEVEL]
                 [--feedback auto|off|static|adaptive] [--bias-state FILE|none]
 
@@ -555,7 +555,8 @@ impl Config {
             (None, None) => 2048,
         };
         let kv_mode = |key: &str, text: &str| {
-            text.parse::<KvMode>().map_err(|_| ConfigError::new(key, format!("{text:?} is not one of f32, q8, q4")))
+            text.parse::<KvMode>()
+                .map_err(|_| ConfigError::new(key, format!("{text:?} is not one of f32, f16, q8, q4")))
         };
         let kv = match (&overrides.kv, &parsed.kv) {
             (Some(text), _) => kv_mode("--kv", text)?,
@@ -811,6 +812,10 @@ mod tests {
         assert_eq!((config.kv, config.memory_limit), (KvMode::Q8, MemoryLimit::Bytes(7 << 29)));
         let config = from_file("model = \"m\"\nkv = \"q8\"\n", &["--kv", "q4", "--memory-limit=off"]).unwrap();
         assert_eq!((config.kv, config.memory_limit), (KvMode::Q4, MemoryLimit::Off));
+        let config = from_file("model = \"m\"\nkv = \"q8\"\n", &["--kv", "f16"]).unwrap();
+        assert_eq!(config.kv, KvMode::F16);
+        let error = from_file("model = \"m\"\nkv = \"f8\"\n", &[]).unwrap_err().to_string();
+        assert!(error.contains("\"f8\" is not one of f32, f16, q8, q4"), "{error}");
         for (text, bytes) in
             [("512M", 512u64 << 20), ("512MiB", 512 << 20), ("4g", 4 << 30), ("1000", 1000), ("64K", 65536)]
         {

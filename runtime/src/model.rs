@@ -1300,7 +1300,7 @@ impl<'a> Model<'a> {
                 for b in 0..n {
                     let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
-                    s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
+                    s.kv.append(k, l, pos + b, &s.k[new.clone()], &s.v[new]);
                 }
                 for kv in 0..p.n_kv_heads as usize {
                     let heads = kv * group..(n - 1) * q_dim + (kv + 1) * group;
@@ -1313,7 +1313,7 @@ impl<'a> Model<'a> {
                 for b in 0..n {
                     let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
-                    s.kv.append(l, pos + b, &s.k[new.clone()], &s.v[new]);
+                    s.kv.append(k, l, pos + b, &s.k[new.clone()], &s.v[new]);
                     for kv in 0..p.n_kv_heads as usize {
                         let heads = b * q_dim + kv * group..b * q_dim + (kv + 1) * group;
                         s.kv.attend(k, l, kv, &s.q[heads.clone()], scale, &mut s.att, &mut s.xb2[heads]);
@@ -1420,7 +1420,9 @@ mod tests {
     fn bytes_for_is_what_every_kind_of_state_allocates() {
         let c = config();
         for sparse in [false, true] {
-            for (kv, kv_prune) in [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)] {
+            for (kv, kv_prune) in
+                [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::F16, 0.0), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)]
+            {
                 for (context, batch) in [(64, 1), (100, 7), (256, 32)] {
                     let options = StateOptions { kv, kv_prune, sparse };
                     let state = RunState::try_with_options(&c, context, batch, options).unwrap();

@@ -1,8 +1,9 @@
-//! The quantized KV cache end to end: logits with `--kv q8` and `q4` stay
-//! close to those of the f32 cache (identical until the full-precision window
-//! first fills), a prompt fed in batches gives the logits of one token at a
-//! time (in every mode: the f32 cache's batches attend in tiles), and
-//! `bramble perplexity --kv` runs every mode.
+//! The f16 and quantized KV caches end to end: logits with `--kv f16` stay
+//! close to those of the f32 cache from the first position, with `--kv q8`
+//! and `q4` too (identical until the full-precision window first fills), a
+//! prompt fed in batches gives the logits of one token at a time (in every
+//! mode: the f32 cache's batches attend in tiles), and `bramble perplexity
+//! --kv` runs every mode.
 //!
 //! Key-channel pruning (`--kv-prune`): 0 is bit-identical to no pruning, a
 //! prompt's logits never change, the decoded ones stay close (synthetic
@@ -31,6 +32,17 @@ const SMOLLM2_Q8_KL: f64 = 6e-3;
 const SMOLLM2_Q4_KL: f64 = 1.1e-2;
 /// Of 160 positions, the quantized caches keep the f32 cache's top token at this many at least (measured: 156, 155).
 const SMOLLM2_TOP_TOKEN_KEPT: usize = 150;
+
+/// Budgets of the mean KL divergence KL(f32 ‖ f16) of the next-token distributions, nats, from the first
+/// position: about three times what was measured when the cache was written (synthetic, 120 positions: 8.5e-5, top
+/// token kept at 120; SmolLM2 on The Tempest, 160 tokens: 3.8e-3, top token kept at 155). SmolLM2's is near q8's,
+/// although an f16 rounds 2⁻¹¹ where a q8 code steps 1/255 of a range: q8's window keeps the first 64 positions and
+/// every token's last 32 exact, f16 rounds them all, and through 30 layers of int8 activations any perturbation
+/// costs that much (the f32 cache's batched prompt against single tokens, only summation order apart: 5.7e-3 on
+/// NEON, [`SMOLLM2_BATCHED_F32_KL`]).
+const SYNTHETIC_F16_KL: f64 = 3e-4;
+/// As [`SYNTHETIC_F16_KL`], SmolLM2.
+const SMOLLM2_F16_KL: f64 = 1.2e-2;
 
 /// Mean KL divergence KL(f32 ‖ quantized) of the next-token distributions, nats.
 fn mean_kl(got: &[f32], expected: &[f32], vocab: usize) -> f64 {
@@ -99,6 +111,44 @@ fn quantized_kv_logits_stay_close_to_f32_on_a_synthetic_model() {
         let share = worst_share(&single, &got, vocab);
         assert!(share <= 1e-5, "{kv}: batches of 8 against single tokens differ by {share} of the spread");
     }
+}
+
+#[test]
+fn f16_kv_logits_stay_close_to_f32_from_the_first_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape = SyntheticShape { dim: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2, ..SyntheticShape::default() };
+    let image = dir.path().join("heads-of-32.bramble");
+    convert_synthetic(&synthetic(shape, 21), &image, "q8");
+    let vocab = ModelImage::open(&image).unwrap().config().vocab_size as usize;
+    let tokens: Vec<u32> = (0..120u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    let exact = logits(&image, &tokens, 8, KvMode::F32);
+    let got = logits(&image, &tokens, 8, KvMode::F16);
+    let kl = mean_kl(&got, &exact, vocab);
+    let top_kept =
+        got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+    eprintln!("synthetic f16: mean KL {kl:.3e}; top token kept at {top_kept}/120");
+    assert!(kl <= SYNTHETIC_F16_KL, "f16: mean KL {kl} above {SYNTHETIC_F16_KL}");
+    assert!(got != exact, "f16: rounding changed nothing");
+    // The f16 cache attends a token at a time: a prompt in batches gives the logits of single steps.
+    let single = logits(&image, &tokens, 1, KvMode::F16);
+    let share = worst_share(&single, &got, vocab);
+    assert!(share <= 1e-5, "f16: batches of 8 against single tokens differ by {share} of the spread");
+
+    let (Some(image), Some(text)) = (default_image("q4"), tempest_text()) else { return };
+    let loaded = ModelImage::open(&image).unwrap();
+    let tokenizer = bramble_runtime::tokenizer::Tokenizer::new(loaded.vocab()).unwrap();
+    let vocab = loaded.config().vocab_size as usize;
+    let text = std::fs::read_to_string(text).unwrap();
+    let tokens: Vec<u32> = tokenizer.encode(&text[4000..], true, false).into_iter().take(160).collect();
+    // The f32 prompt a token at a time too, so that only the cache's precision differs.
+    let exact = logits(&image, &tokens, 1, KvMode::F32);
+    let got = logits(&image, &tokens, 32, KvMode::F16);
+    let kl = mean_kl(&got, &exact, vocab);
+    let top_kept =
+        got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+    eprintln!("SmolLM2 f16: mean KL {kl:.3e}; top token kept at {top_kept}/160");
+    assert!(kl <= SMOLLM2_F16_KL, "SmolLM2 f16: mean KL {kl} above {SMOLLM2_F16_KL}");
+    assert!(top_kept >= SMOLLM2_TOP_TOKEN_KEPT, "SmolLM2 f16: top token kept at {top_kept}/160");
 }
 
 #[test]
@@ -185,7 +235,7 @@ fn perplexity_runs_with_every_kv_mode() {
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "the quick brown fox jumps over the lazy dog and runs far away ".repeat(30)).unwrap();
     let mut results = Vec::new();
-    for kv in ["f32", "q8", "q4"] {
+    for kv in ["f32", "q8", "q4", "f16"] {
         let args = ["perplexity", "--model", image.to_str().unwrap(), "--file", text.to_str().unwrap(), "--ctx", "128"];
         let mut args: Vec<&str> = args.to_vec();
         args.extend(["--kv", kv, "--max-chunks", "2", "--json"]);
@@ -195,6 +245,9 @@ fn perplexity_runs_with_every_kv_mode() {
     // Windows of 128 score positions 64..128: the q8 and q4 caches have quantized some by then.
     assert!(results[1] != results[0] && results[2] != results[0], "{results:?}");
     assert!((results[1] / results[0] - 1.0).abs() < 0.01, "q8 moved perplexity by more than 1 %: {results:?}");
+    // f16 rounds every position from the first: a change, and a smaller one than q8's.
+    let change = |i: usize| (results[i] / results[0] - 1.0).abs();
+    assert!(results[3] != results[0] && change(3) < change(1), "f16 against q8: {results:?}");
 }
 
 /// Mean KL divergence KL(unpruned ‖ pruned) of the decoded positions' next-token distributions on the synthetic
@@ -357,6 +410,7 @@ fn the_command_line_takes_kv_prune_and_refuses_what_cannot_run() {
         (&["--kv-prune", "1"][..], "below 1"),
         (&["--kv-prune=-0.2"][..], "below 1"),
         (&["--kv-prune", "0.5", "--kv", "q8"][..], "f32 cache only"),
+        (&["--kv-prune", "0.5", "--kv", "f16"][..], "with the f16 KV cache"),
     ] {
         let output = run(extra);
         let stderr = String::from_utf8_lossy(&output.stderr);

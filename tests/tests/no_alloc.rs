@@ -2,7 +2,8 @@
 //! (sampling with temperature, top-k, top-p, min-p and a repetition penalty,
 //! then the forward pass) and `TextStream::push` of the token's bytes make no
 //! heap allocation, for every weight encoding and for the real model, with
-//! an f32 KV cache and with quantized ones (whose steps quantize a group of
+//! an f32 KV cache, an f16 one (whose steps round each key and value), and
+//! quantized ones (whose steps quantize a group of
 //! keys and values when the full-precision window fills), and with key-channel
 //! pruning (whose first step prunes the prompt's keys in place). Nor does a
 //! prompt batch, in any KV mode (the f32 cache's attends in tiles).
@@ -138,6 +139,34 @@ fn real_model_q4_decode_steps_allocate_nothing() {
 }
 
 #[test]
+fn decode_steps_allocate_nothing_with_an_f16_kv_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    // Heads of 32 (the NEON kernels' pieces of 16) and of 24 (their steps of four): both kinds of loop run.
+    let mut images = Vec::new();
+    for (name, shape) in [
+        (
+            "synthetic, heads of 32",
+            SyntheticShape { dim: 128, n_layers: 2, n_heads: 4, n_kv_heads: 2, ..SyntheticShape::default() },
+        ),
+        (
+            "synthetic, heads of 24",
+            SyntheticShape { dim: 96, n_layers: 2, n_heads: 4, n_kv_heads: 2, ..SyntheticShape::default() },
+        ),
+    ] {
+        let image = dir.path().join(format!("{}.bramble", images.len()));
+        convert_synthetic(&synthetic(shape, 9), &image, "q8");
+        images.push((name, image));
+    }
+    images.extend(default_image("q4").map(|image| ("SmolLM2 q4", image)));
+    let prompt = "Once upon a time, in a small village by the sea, there lived an old fisherman and his wife.";
+    for (name, image) in images {
+        let (allocations, tokens, _) = decode_allocations_with_kv(&image, prompt, 128, KvMode::F16);
+        eprintln!("{name} kv f16: {allocations} allocations in {STEPS} steps; tokens {tokens:?}");
+        assert_eq!(allocations, 0, "{name} kv f16: {STEPS} decode steps allocated {allocations} times");
+    }
+}
+
+#[test]
 fn decode_steps_allocate_nothing_with_a_quantized_kv_cache() {
     // A prompt that ends a few positions before the window first fills, so the
     // counted steps quantize groups (at positions 64 and 96).
@@ -268,7 +297,7 @@ fn prompt_batches_allocate_nothing_in_every_kv_mode() {
     convert(&synthetic(shape, 5), &path, &ConvertOptions::new(QuantTarget::parse("q8").unwrap())).unwrap();
     let image = ModelImage::open(&path).unwrap();
     let tokens: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % image.config().vocab_size).collect();
-    for kv in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
+    for kv in KvMode::ALL {
         let mut model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), 1).unwrap();
         model.set_kv_mode(kv).unwrap();
         let mut state = model.new_state(128, 32);

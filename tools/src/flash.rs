@@ -97,7 +97,7 @@ pub struct BoardArgs {
     /// KV-cache positions the daemon allocates (at most the model's context).
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
-    /// How the daemon stores the KV cache: f32, q8 or q4 (docs/kv.md); the
+    /// How the daemon stores the KV cache: f32, f16, q8 or q4 (docs/kv.md); the
     /// memory check plans this cache.
     #[arg(long, default_value = "f32")]
     pub kv: KvMode,
@@ -124,7 +124,7 @@ pub fn board_config(
 model = \"{model_path}\"
 threads = {threads}         # the board's cores
 context = {context}      # KV-cache positions
-kv = \"{kv}\"             # how the KV cache is stored: f32, q8 or q4
+kv = \"{kv}\"             # how the KV cache is stored: f32, f16, q8 or q4
 log_level = \"info\"
 
 [uart]

@@ -26,8 +26,8 @@ pub struct PlanArgs {
     /// KV-cache positions (at most the model's context).
     #[arg(long)]
     pub ctx: usize,
-    /// KV cache: f32, q8 or q4.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "q8", "q4"])]
+    /// KV cache: f32, f16, q8 or q4.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "q8", "q4"])]
     pub kv: String,
     /// Print one JSON object instead of the lines.
     #[arg(long)]
@@ -83,7 +83,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     }
     anyhow::ensure!(
         plan.fits(),
-        "{} does not fit the {}: {plan}. Give a smaller --ctx, --kv q8 or q4, a smaller model, or a board with more memory",
+        "{} does not fit the {}: {plan}. Give a smaller --ctx, a smaller KV cache (--kv f16; --kv q8 or q4), a smaller model, or a board with more memory",
         args.model.display(),
         board.description
     );

@@ -247,7 +247,7 @@ pub struct MemoryPlan {
     pub weight_bytes: u64,
     /// How the KV cache is stored.
     pub kv: KvMode,
-    /// Keys and values: `layers × 2 × context × kv_dim × 4` at f32; codes,
+    /// Keys and values: `layers × 2 × context × kv_dim × 4` at f32 (× 2 at f16); codes,
     /// scales and the f32 window when quantized (`KvCache::bytes_for`).
     pub kv_cache_bytes: u64,
     /// The rest of the run state (activations, logits, RoPE tables, batch scratch).
@@ -422,7 +422,7 @@ mod tests {
             let ours = kv_cache_bytes(&config, context, KvMode::F32)
                 + buffer_bytes(&config, context, batch, KvMode::F32, false);
             assert_eq!(ours, state.bytes() as u64, "context {context}, batch {batch}");
-            for kv in [KvMode::F32, KvMode::Q8, KvMode::Q4] {
+            for kv in KvMode::ALL {
                 let state = RunState::with_kv(&wide_heads, context, batch, kv);
                 let ours =
                     kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, false);

@@ -30,6 +30,15 @@
 //! the quantized kernels are `row` apart (the caller's table also holds the
 //! scores of the full-precision window after them).
 //!
+//! The `*_f16` kernels read the f16 cache ([`CachedVectors`] of `f16`, the
+//! f32 kernels' layout): each key or value is widened to f32 as it is read
+//! (`fcvtl` on NEON, part of ARMv8.0: no fp16 arithmetic is needed) and the
+//! sums are f32, so the only error against the f32 cache is the rounding of
+//! what was stored. On NEON a key (value) is widened once for up to
+//! [`HALF_HEADS`] query heads, whose sums stay in registers. `round_to_f16`
+//! is what writes a position into that cache: f32 to f16, rounding to
+//! nearest, ties to even.
+//!
 //! `causal` is a prompt's attention over the f32 cache for one KV head:
 //! every query head of every token of a batch that shares it ([`Causal`]),
 //! token `i` seeing positions `0 ..= first + i`. The NEON version takes the
@@ -44,6 +53,10 @@ use half::f16;
 pub const KEY_GROUP: usize = 32;
 /// Channels the quantized kernels handle together; `head_dim` must be a multiple.
 pub const CHANNEL_RUN: usize = 32;
+
+/// Query heads the NEON `*_f16` kernels take together: each cached vector is
+/// widened once for all of them; their sums fill 16 of the 32 registers.
+pub const HALF_HEADS: usize = 4;
 
 /// Query rows a tile of the NEON `causal` kernel holds: three vectors of four
 /// lanes (four tokens of SmolLM2's three heads a KV head). Measured on
@@ -86,13 +99,14 @@ impl Causal {
     }
 }
 
-/// `positions` cached vectors of one KV head in the f32 cache, keys or
-/// values: position `t`'s `head_dim` values at `data[t·stride ..]`.
+/// `positions` cached vectors of one KV head in the f32 cache (or, with
+/// `T = f16`, the f16 cache), keys or values: position `t`'s `head_dim`
+/// values at `data[t·stride ..]`.
 #[derive(Debug, Clone, Copy)]
-pub struct CachedVectors<'a> {
+pub struct CachedVectors<'a, T = f32> {
     /// The head's part of the cache from position 0 on (at least
     /// `(positions − 1)·stride + head_dim` values).
-    pub data: &'a [f32],
+    pub data: &'a [T],
     /// Values from one position to the next (`kv_dim`; less for pruned keys).
     pub stride: usize,
     /// Positions to read.
@@ -157,6 +171,7 @@ fn check_causal(shape: &Causal, queries: usize, keys: usize, values: usize, scra
 pub mod scalar {
     use super::{CachedVectors, QuantizedKeys, QuantizedValues, KEY_GROUP};
     use crate::kernels::matmul::scalar::dot_f32;
+    use half::f16;
 
     /// `scores[h·positions + t] = scale · queries[h] · key[t]`.
     pub fn scores(queries: &[f32], head_dim: usize, keys: &CachedVectors, scale: f32, scores: &mut [f32]) {
@@ -178,6 +193,53 @@ pub mod scalar {
                     *o += weight * v;
                 }
             }
+        }
+    }
+
+    /// As [`scores`] over keys stored as f16, each widened to f32 (exactly) before its product.
+    pub fn scores_f16(queries: &[f32], head_dim: usize, keys: &CachedVectors<f16>, scale: f32, scores: &mut [f32]) {
+        let CachedVectors { data: keys, stride, positions } = *keys;
+        for (query, row) in queries.chunks_exact(head_dim).zip(scores.chunks_exact_mut(positions)) {
+            for (t, score) in row.iter_mut().enumerate() {
+                let key = &keys[t * stride..t * stride + head_dim];
+                *score = dot_f32_f16(query, key) * scale;
+            }
+        }
+    }
+
+    /// `a · b` with `b` widened to f32, in eight partial sums as [`dot_f32`]
+    /// adds (so that the compiler can vectorize it on the host).
+    fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
+        let mut partial = [0f32; 8];
+        let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y.to_f32_const()).sum();
+        for (x, y) in a_chunks.zip(b_chunks) {
+            for k in 0..8 {
+                partial[k] += x[k] * y[k].to_f32_const();
+            }
+        }
+        partial.iter().sum::<f32>() + tail
+    }
+
+    /// As [`values`] over values stored as f16, each widened to f32 (exactly) before its product.
+    pub fn values_f16(weights: &[f32], values: &CachedVectors<f16>, head_dim: usize, out: &mut [f32]) {
+        let CachedVectors { data: values, stride, positions } = *values;
+        for (head, row) in out.chunks_exact_mut(head_dim).zip(weights.chunks_exact(positions)) {
+            head.fill(0.0);
+            for (t, &weight) in row.iter().enumerate() {
+                for (o, v) in head.iter_mut().zip(&values[t * stride..t * stride + head_dim]) {
+                    *o += weight * v.to_f32_const();
+                }
+            }
+        }
+    }
+
+    /// `out[i] = values[i]` rounded to the nearest f16, ties to even (beyond
+    /// ±65504: infinity), as the f16 cache stores a position.
+    pub fn round_to_f16(values: &[f32], out: &mut [f16]) {
+        assert_eq!(values.len(), out.len(), "rounding {} values to f16 into {} places", values.len(), out.len());
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = f16::from_f32(v);
         }
     }
 
@@ -322,7 +384,7 @@ pub mod scalar {
 /// order than the reference; the weighted sums use fused multiply-adds.
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
-    use super::{CachedVectors, QuantizedKeys, QuantizedValues, CHANNEL_RUN, KEY_GROUP, TILE_ROWS};
+    use super::{CachedVectors, QuantizedKeys, QuantizedValues, CHANNEL_RUN, HALF_HEADS, KEY_GROUP, TILE_ROWS};
     use half::f16;
     use std::arch::aarch64::*;
 
@@ -467,6 +529,267 @@ pub mod neon {
                     }
                 }
             }
+        }
+    }
+
+    /// Eight f16 at `at` widened to f32, in order (two `fcvtl`).
+    ///
+    /// # Safety
+    /// `at` must be valid for reading eight f16.
+    #[inline(always)]
+    unsafe fn widen_eight(at: *const f16) -> (float32x4_t, float32x4_t) {
+        // SAFETY: the caller's promise; `f16` is a `repr(transparent)` u16.
+        let halves = unsafe { vld1q_u16(at.cast::<u16>()) };
+        (vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(halves))), vcvt_high_f32_f16(vreinterpretq_f16_u16(halves)))
+    }
+
+    /// Four f16 at `at` widened to f32 (one `fcvtl`).
+    ///
+    /// # Safety
+    /// `at` must be valid for reading four f16.
+    #[inline(always)]
+    unsafe fn widen_four(at: *const f16) -> float32x4_t {
+        // SAFETY: the caller's promise; `f16` is a `repr(transparent)` u16.
+        unsafe { vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(at.cast::<u16>()))) }
+    }
+
+    /// As [`super::scalar::scores_f16`]: the heads [`HALF_HEADS`] at a time.
+    pub fn scores_f16(queries: &[f32], head_dim: usize, keys: &CachedVectors<f16>, scale: f32, scores: &mut [f32]) {
+        check(queries.len(), head_dim, keys.data.len(), keys.stride, keys.positions, scores.len());
+        let heads = queries.len() / head_dim;
+        let mut first = 0;
+        while first < heads {
+            let count = (heads - first).min(HALF_HEADS);
+            // SAFETY: NEON is part of every aarch64 target; shapes checked above, heads
+            // `first .. first + count` are heads of the call.
+            unsafe {
+                match count {
+                    1 => scores_f16_heads::<1>(queries, head_dim, keys, scale, scores, first),
+                    2 => scores_f16_heads::<2>(queries, head_dim, keys, scale, scores, first),
+                    3 => scores_f16_heads::<3>(queries, head_dim, keys, scale, scores, first),
+                    _ => scores_f16_heads::<4>(queries, head_dim, keys, scale, scores, first),
+                }
+            }
+            first += count;
+        }
+    }
+
+    /// The scores of `H` heads from `first` at every position: each key
+    /// widened once for the `H` queries, sixteen channels a step (four sums
+    /// a head, read from the registers only at the end), then four, then one.
+    ///
+    /// # Safety
+    /// Shapes as [`check`] accepts; `first + H` heads.
+    #[target_feature(enable = "neon")]
+    unsafe fn scores_f16_heads<const H: usize>(
+        queries: &[f32],
+        head_dim: usize,
+        keys: &CachedVectors<f16>,
+        scale: f32,
+        scores: &mut [f32],
+        first: usize,
+    ) {
+        let CachedVectors { data: keys, stride, positions } = *keys;
+        let query: [*const f32; H] = std::array::from_fn(|h| queries.as_ptr().wrapping_add((first + h) * head_dim));
+        for t in 0..positions {
+            let key = keys.as_ptr().wrapping_add(t * stride);
+            let mut sums = [[vdupq_n_f32(0.0); 4]; H];
+            let mut c = 0;
+            // SAFETY: channels below `head_dim` of position `t < positions` lie in the keys
+            // (`t·stride + head_dim ≤ keys.len()`, checked), and of heads `first .. first + H`
+            // in the queries (the caller's promise).
+            unsafe {
+                while c + 16 <= head_dim {
+                    // Widen sixteen channels of the key, then multiply-add them into every head's sums.
+                    let ((k0, k1), (k2, k3)) = (widen_eight(key.add(c)), widen_eight(key.add(c + 8)));
+                    for (sum, q) in sums.iter_mut().zip(&query) {
+                        let q = vld1q_f32_x4(q.add(c));
+                        sum[0] = vfmaq_f32(sum[0], q.0, k0);
+                        sum[1] = vfmaq_f32(sum[1], q.1, k1);
+                        sum[2] = vfmaq_f32(sum[2], q.2, k2);
+                        sum[3] = vfmaq_f32(sum[3], q.3, k3);
+                    }
+                    c += 16;
+                }
+                while c + 4 <= head_dim {
+                    let k = widen_four(key.add(c));
+                    for (sum, q) in sums.iter_mut().zip(&query) {
+                        sum[0] = vfmaq_f32(sum[0], vld1q_f32(q.add(c)), k);
+                    }
+                    c += 4;
+                }
+                for (h, (sum, q)) in sums.iter().zip(&query).enumerate() {
+                    let mut score = vaddvq_f32(vaddq_f32(vaddq_f32(sum[0], sum[1]), vaddq_f32(sum[2], sum[3])));
+                    // The last one to three channels.
+                    for j in c..head_dim {
+                        score += *q.add(j) * to_f32(keys[t * stride + j]);
+                    }
+                    scores[(first + h) * positions + t] = score * scale;
+                }
+            }
+        }
+    }
+
+    /// As [`super::scalar::values_f16`]: the heads [`HALF_HEADS`] at a time.
+    pub fn values_f16(weights: &[f32], values: &CachedVectors<f16>, head_dim: usize, out: &mut [f32]) {
+        check(out.len(), head_dim, values.data.len(), values.stride, values.positions, weights.len());
+        let heads = out.len() / head_dim;
+        let mut first = 0;
+        while first < heads {
+            let count = (heads - first).min(HALF_HEADS);
+            // SAFETY: NEON is part of every aarch64 target; shapes checked above, heads
+            // `first .. first + count` are heads of the call.
+            unsafe {
+                match count {
+                    1 => values_f16_heads::<1>(weights, values, head_dim, out, first),
+                    2 => values_f16_heads::<2>(weights, values, head_dim, out, first),
+                    3 => values_f16_heads::<3>(weights, values, head_dim, out, first),
+                    _ => values_f16_heads::<4>(weights, values, head_dim, out, first),
+                }
+            }
+            first += count;
+        }
+    }
+
+    /// Adds `W` widened vectors of one position, times lane `L` of each
+    /// head's weights, to the heads' sums.
+    #[inline(always)]
+    fn add_weighted<const H: usize, const W: usize, const L: i32>(
+        sums: &mut [[float32x4_t; W]; H],
+        value: &[float32x4_t; W],
+        weights: &[float32x4_t; H],
+    ) {
+        for (sum, weight) in sums.iter_mut().zip(weights) {
+            for (s, v) in sum.iter_mut().zip(value) {
+                // SAFETY: NEON is part of every aarch64 target (arithmetic on registers only).
+                *s = unsafe { vfmaq_laneq_f32::<L>(*s, *v, *weight) };
+            }
+        }
+    }
+
+    /// The outputs of `H` heads from `first`, sixteen channels at a time
+    /// and then four, the sums of the `H` heads in registers while the
+    /// positions stream past (each value widened once for all of them, each
+    /// head's weights loaded four positions at a time); one to three last
+    /// channels one at a time.
+    ///
+    /// # Safety
+    /// Shapes as [`check`] accepts; `first + H` heads.
+    #[target_feature(enable = "neon")]
+    unsafe fn values_f16_heads<const H: usize>(
+        weights: &[f32],
+        values: &CachedVectors<f16>,
+        head_dim: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let CachedVectors { data: values, stride, positions } = *values;
+        // SAFETY: heads `first .. first + H` have their rows of weights (the caller's promise).
+        let weight: [*const f32; H] = std::array::from_fn(|h| unsafe { weights.as_ptr().add((first + h) * positions) });
+        let mut c = 0;
+        while c + 16 <= head_dim {
+            // SAFETY: channels `c .. c + 16 ≤ head_dim` of every position and of every head's outputs.
+            let sums = unsafe { values_f16_block::<H, 4>(&weight, values, positions, stride, c) };
+            for (h, sum) in sums.iter().enumerate() {
+                // SAFETY: `(first + h)·head_dim + c + 16 ≤ out.len()`.
+                unsafe {
+                    let o = out.as_mut_ptr().add((first + h) * head_dim + c);
+                    vst1q_f32_x4(o, float32x4x4_t(sum[0], sum[1], sum[2], sum[3]));
+                }
+            }
+            c += 16;
+        }
+        while c + 4 <= head_dim {
+            // SAFETY: as above, four channels.
+            let sums = unsafe { values_f16_block::<H, 1>(&weight, values, positions, stride, c) };
+            for (h, sum) in sums.iter().enumerate() {
+                // SAFETY: `(first + h)·head_dim + c + 4 ≤ out.len()`.
+                unsafe { vst1q_f32(out.as_mut_ptr().add((first + h) * head_dim + c), sum[0]) };
+            }
+            c += 4;
+        }
+        for j in c..head_dim {
+            for (h, w) in weight.iter().enumerate() {
+                let mut sum = 0f32;
+                for t in 0..positions {
+                    // SAFETY: `t < positions`, the head's row of weights.
+                    sum += unsafe { *w.add(t) } * to_f32(values[t * stride + j]);
+                }
+                out[(first + h) * head_dim + j] = sum;
+            }
+        }
+    }
+
+    /// `Σ_t weight[h][t] · value[t][channel .. channel + 4·W]` for `H` heads,
+    /// `W` = 4 (sixteen channels) or 1 (four): four positions a step, then one.
+    ///
+    /// # Safety
+    /// Channels `channel .. channel + 4·W` of positions below `positions` lie
+    /// in `values`; each `weight[h]` holds `positions` weights.
+    #[inline(always)]
+    unsafe fn values_f16_block<const H: usize, const W: usize>(
+        weight: &[*const f32; H],
+        values: &[f16],
+        positions: usize,
+        stride: usize,
+        channel: usize,
+    ) -> [[float32x4_t; W]; H] {
+        let mut sums = [[vdupq_n_f32(0.0); W]; H];
+        // Position `t`'s channels widened.
+        let widen = |t: usize| -> [float32x4_t; W] {
+            let at = values.as_ptr().wrapping_add(t * stride + channel);
+            // SAFETY: channels `channel .. channel + 4·W` of a position below `positions` (the caller's promise).
+            unsafe {
+                if W == 4 {
+                    let ((v0, v1), (v2, v3)) = (widen_eight(at), widen_eight(at.add(8)));
+                    std::array::from_fn(|i| [v0, v1, v2, v3][i])
+                } else {
+                    [widen_four(at); W]
+                }
+            }
+        };
+        let mut t = 0;
+        while t + 4 <= positions {
+            // Four positions' weights of each head, a lane a position.
+            // SAFETY: `t + 4 ≤ positions`, inside each head's weights (the caller's promise).
+            let lanes: [float32x4_t; H] = std::array::from_fn(|h| unsafe { vld1q_f32(weight[h].add(t)) });
+            add_weighted::<H, W, 0>(&mut sums, &widen(t), &lanes);
+            add_weighted::<H, W, 1>(&mut sums, &widen(t + 1), &lanes);
+            add_weighted::<H, W, 2>(&mut sums, &widen(t + 2), &lanes);
+            add_weighted::<H, W, 3>(&mut sums, &widen(t + 3), &lanes);
+            t += 4;
+        }
+        while t < positions {
+            // SAFETY: `t < positions`, inside each head's weights.
+            let lanes: [float32x4_t; H] = std::array::from_fn(|h| vdupq_n_f32(unsafe { *weight[h].add(t) }));
+            add_weighted::<H, W, 0>(&mut sums, &widen(t), &lanes);
+            t += 1;
+        }
+        sums
+    }
+
+    /// As [`super::scalar::round_to_f16`]: `fcvtn`, eight values at a time
+    /// (rounding as the FPCR says: nearest, ties to even, which Linux leaves
+    /// set; subnormals kept), the last one to seven through a padded vector.
+    pub fn round_to_f16(values: &[f32], out: &mut [f16]) {
+        assert_eq!(values.len(), out.len(), "rounding {} values to f16 into {} places", values.len(), out.len());
+        let mut chunks = values.chunks_exact(8);
+        let mut places = out.chunks_exact_mut(8);
+        for (eight, place) in (&mut chunks).zip(&mut places) {
+            // SAFETY: eight values and eight places; `f16` is a `repr(transparent)` u16.
+            unsafe {
+                let low = vcvt_f16_f32(vld1q_f32(eight.as_ptr()));
+                let both = vcvt_high_f16_f32(low, vld1q_f32(eight.as_ptr().add(4)));
+                vst1q_u16(place.as_mut_ptr().cast::<u16>(), vreinterpretq_u16_f16(both));
+            }
+        }
+        let (rest, places) = (chunks.remainder(), places.into_remainder());
+        if !rest.is_empty() {
+            let mut padded = [0f32; 8];
+            padded[..rest.len()].copy_from_slice(rest);
+            let mut rounded = [f16::ZERO; 8];
+            round_to_f16(&padded, &mut rounded);
+            places.copy_from_slice(&rounded[..rest.len()]);
         }
     }
 

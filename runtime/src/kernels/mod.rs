@@ -46,6 +46,10 @@ pub type AttentionScoresQuantized = fn(&[f32], usize, &attention::QuantizedKeys,
 /// Score-weighted sums of quantized values for a group of heads:
 /// `(weights, row, values, head_dim, out)` ([`attention`]).
 pub type AttentionValuesQuantized = fn(&[f32], usize, &attention::QuantizedValues, usize, &mut [f32]);
+/// As [`AttentionScores`] over keys stored as f16 (the f16 KV cache).
+pub type AttentionScoresF16 = fn(&[f32], usize, &attention::CachedVectors<f16>, f32, &mut [f32]);
+/// As [`AttentionValues`] over values stored as f16.
+pub type AttentionValuesF16 = fn(&[f32], &attention::CachedVectors<f16>, usize, &mut [f32]);
 /// Causal attention of a batch of tokens' query heads that share a KV head, over the f32 cache:
 /// `(shape, queries, keys, values, scratch, out)` ([`attention::Causal`]).
 pub type AttentionCausal = fn(&attention::Causal, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
@@ -103,6 +107,12 @@ pub struct Kernels {
     pub attention_values_q4: AttentionValuesQuantized,
     /// A prompt batch's causal attention over the f32 cache, a KV head at a time.
     pub attention_causal: AttentionCausal,
+    /// Attention scores over f16 keys.
+    pub attention_scores_f16: AttentionScoresF16,
+    /// Attention-weighted f16 values.
+    pub attention_values_f16: AttentionValuesF16,
+    /// `(values, out)`: a position's keys or values rounded to f16 as the f16 cache stores them.
+    pub round_to_f16: fn(values: &[f32], out: &mut [f16]),
     /// R-Sparse's split of a layer input into exact and low-rank channels.
     pub sparse_split: sparse::Split,
     /// R-Sparse's `out += U · low`, `U` stored column by column.
@@ -141,6 +151,9 @@ impl Kernels {
         attention_values_q8: attention::scalar::values_q8,
         attention_values_q4: attention::scalar::values_q4,
         attention_causal: attention::scalar::causal,
+        attention_scores_f16: attention::scalar::scores_f16,
+        attention_values_f16: attention::scalar::values_f16,
+        round_to_f16: attention::scalar::round_to_f16,
         sparse_split: sparse::scalar::split,
         low_rank_add: sparse::scalar::low_rank_add,
         project_out: ops::scalar::project_out,
@@ -175,6 +188,9 @@ impl Kernels {
         attention_values_q8: attention::neon::values_q8,
         attention_values_q4: attention::neon::values_q4,
         attention_causal: attention::neon::causal,
+        attention_scores_f16: attention::neon::scores_f16,
+        attention_values_f16: attention::neon::values_f16,
+        round_to_f16: attention::neon::round_to_f16,
         sparse_split: sparse::neon::split,
         low_rank_add: sparse::neon::low_rank_add,
         project_out: ops::neon::project_out,

@@ -542,6 +542,123 @@ fn attention_matches_the_reference() {
     }
 }
 
+/// The f16 cache's kernels against their reference: summation order only
+/// (both widen each stored f16 exactly). Relative to `Σ |terms|`.
+const F16_ATTENTION_RELATIVE: f32 = 1e-5;
+
+/// The f16 KV cache's kernels (`*_f16`): every table against the reference at
+/// every head size (the NEON pieces of 16, 4 and the last 1 to 3 channels)
+/// and lengths around its steps of four positions, one to five heads (its
+/// groups of [`super::attention::HALF_HEADS`] and what is left); and the
+/// reference against the f32 kernels on the widened values.
+#[test]
+fn f16_attention_matches_the_reference_and_f32() {
+    for head_dim in HEAD_DIMS.into_iter().chain([17, 20, 35]) {
+        for heads in 1..=5 {
+            for positions in [1, 2, 3, 4, 5, 8, 17, 40] {
+                let stride = head_dim * 3 + 4;
+                let cache_len = (positions - 1) * stride + head_dim;
+                let halves =
+                    |seed| -> Vec<f16> { data(cache_len, seed).iter().map(|&v| f16::from_f32(4.0 * v)).collect() };
+                let (queries, keys, values) = (data(heads * head_dim, 3), halves(4), halves(5));
+                let widened = |h: &[f16]| -> Vec<f32> { h.iter().map(|v| v.to_f32()).collect() };
+                let (keys_f32, values_f32) = (widened(&keys), widened(&values));
+                let scale = 0.125;
+                let weights: Vec<f32> =
+                    data(heads * positions, 6).iter().map(|v| (v + 1.5) / positions as f32).collect();
+                let cached_keys = CachedVectors { data: &keys[..], stride, positions };
+                let cached_values = CachedVectors { data: &values[..], stride, positions };
+                let mut expected = vec![0f32; heads * positions];
+                (Kernels::SCALAR.attention_scores_f16)(&queries, head_dim, &cached_keys, scale, &mut expected);
+                let mut expected_out = vec![0f32; heads * head_dim];
+                (Kernels::SCALAR.attention_values_f16)(&weights, &cached_values, head_dim, &mut expected_out);
+                let score_magnitude = |i: usize| -> f32 {
+                    let (h, t) = (i / positions, i % positions);
+                    (0..head_dim).map(|j| (queries[h * head_dim + j] * keys_f32[t * stride + j] * scale).abs()).sum()
+                };
+                let value_magnitude = |i: usize| -> f32 {
+                    let (h, j) = (i / head_dim, i % head_dim);
+                    (0..positions).map(|t| (weights[h * positions + t] * values_f32[t * stride + j]).abs()).sum()
+                };
+                // The reference against the f32 kernels on the same values, widened.
+                let mut f32_scores = vec![0f32; heads * positions];
+                let keys_as_f32 = CachedVectors { data: &keys_f32[..], stride, positions };
+                (Kernels::SCALAR.attention_scores)(&queries, head_dim, &keys_as_f32, scale, &mut f32_scores);
+                let mut f32_out = vec![0f32; heads * head_dim];
+                let values_as_f32 = CachedVectors { data: &values_f32[..], stride, positions };
+                (Kernels::SCALAR.attention_values)(&weights, &values_as_f32, head_dim, &mut f32_out);
+                let label = format!("head_dim {head_dim} heads {heads} positions {positions}");
+                for (i, (e, f)) in expected.iter().zip(&f32_scores).enumerate() {
+                    let bound = F16_ATTENTION_RELATIVE * score_magnitude(i);
+                    assert!(close(*e, *f, bound), "reference {label}: score {i}: {e} vs f32 {f}");
+                }
+                for (i, (e, f)) in expected_out.iter().zip(&f32_out).enumerate() {
+                    let bound = F16_ATTENTION_RELATIVE * value_magnitude(i);
+                    assert!(close(*e, *f, bound), "reference {label}: value {i}: {e} vs f32 {f}");
+                }
+                for k in Kernels::all_available() {
+                    let label = format!("{} {label}", k.name);
+                    let mut got = vec![f32::NAN; heads * positions];
+                    (k.attention_scores_f16)(&queries, head_dim, &cached_keys, scale, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                        let bound = F16_ATTENTION_RELATIVE * score_magnitude(i);
+                        assert!(close(*g, *e, bound), "{label}: score {i}: {g} vs {e}");
+                    }
+                    let mut got = vec![f32::NAN; heads * head_dim];
+                    (k.attention_values_f16)(&weights, &cached_values, head_dim, &mut got);
+                    for (i, (g, e)) in got.iter().zip(&expected_out).enumerate() {
+                        let bound = F16_ATTENTION_RELATIVE * value_magnitude(i);
+                        assert!(close(*g, *e, bound), "{label}: value {i}: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rounding a position to f16 as the cache stores it: every table bit for bit
+/// `half`'s round to nearest, ties to even, at every length around the NEON
+/// steps of eight and four, on values that include ties, subnormals, values
+/// that overflow to infinity, infinities and signed zeros; NaN stays NaN.
+#[test]
+fn round_to_f16_is_bit_exact_against_half() {
+    let specials = [
+        0.0,
+        -0.0,
+        1.0 + 1.0 / 2048.0, // a tie between 1 and the next f16: to even (1)
+        1.0 + 3.0 / 2048.0, // a tie: to even (upward)
+        65504.0,            // the largest f16
+        65520.0,            // halfway to the next binade: rounds to infinity
+        -1e6,               // overflows to −∞
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        5.96e-8,           // about the smallest subnormal f16
+        2.9e-8,            // below half of it: to zero
+        -3.0e-5,           // a subnormal f16
+        6.1e-5,            // near the smallest normal
+        f32::MIN_POSITIVE, // far below every f16: zero
+        0.1,
+        -1234.5678,
+    ];
+    for length in [0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 23, 64, 100] {
+        let values: Vec<f32> = (0..length)
+            .map(|i| if i % 3 == 0 { specials[i / 3 % specials.len()] } else { 100.0 * data(length, 7)[i] })
+            .collect();
+        let expected: Vec<u16> = values.iter().map(|&v| f16::from_f32(v).to_bits()).collect();
+        for k in Kernels::all_available() {
+            let mut got = vec![f16::from_bits(0x7E01); length];
+            (k.round_to_f16)(&values, &mut got);
+            let got: Vec<u16> = got.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, expected, "{}: {length} values", k.name);
+        }
+    }
+    for k in Kernels::all_available() {
+        let mut got = [f16::ZERO; 9];
+        (k.round_to_f16)(&[f32::NAN; 9], &mut got);
+        assert!(got.iter().all(|v| v.is_nan()), "{}: NaN rounded to {got:?}", k.name);
+    }
+}
+
 /// Key widths key-channel pruning leaves (`kv::kept_channels` of 32 and 64 at 0.3 and 0.5), each at the thin keys'
 /// stride of three KV heads (SmolLM2's), as `KvCache`'s pruned attention calls the f32 scores kernel.
 #[test]

@@ -26,6 +26,9 @@ pub fn kept_channels(head_dim: usize, ratio: f32) -> usize {
 }
 
 /// An error unless `ratio` is a share of key channels to drop that runs with `mode`.
+/// Pruning compacts f32 keys in place and scores them with the f32 kernels: the
+/// quantized caches (keys grouped over tokens) and the f16 cache (which would
+/// need thin f16 keys and their kernels) refuse any ratio above 0.
 pub fn check_prune(ratio: f32, mode: KvMode) -> Result<()> {
     if !(0.0..1.0).contains(&ratio) {
         return Err(Error::invalid(format!(
@@ -34,7 +37,7 @@ pub fn check_prune(ratio: f32, mode: KvMode) -> Result<()> {
     }
     if ratio > 0.0 && mode != KvMode::F32 {
         return Err(Error::unsupported(format!(
-            "key-channel pruning of {ratio} with a {} KV cache: pruning runs on the f32 cache only",
+            "key-channel pruning of {ratio} with the {} KV cache: pruning runs on the f32 cache only",
             mode.name()
         )));
     }
@@ -317,7 +320,7 @@ mod tests {
                 let value = data(kv_dim, (pos * 7 + layer + 3) as u32);
                 let query = data(q_dim, (pos * 5 + layer) as u32 + 99);
                 cache.observe_queries(layer, pos, &query);
-                cache.append(layer, pos, &key, &value);
+                cache.append(kernels, layer, pos, &key, &value);
                 for kv in 0..2 {
                     let mut out = vec![0f32; 2 * head_dim];
                     let group = &query[kv * 2 * head_dim..(kv + 1) * 2 * head_dim];
@@ -453,10 +456,11 @@ mod tests {
         let mut cache = KvCache::new(KvMode::F32, &c, 64).unwrap();
         cache.enable_pruning(0.5).unwrap();
         let (key, query) = (data(64, 1), data(128, 2));
+        let kernels = Kernels::detect();
         for pos in 0..10 {
             for layer in 0..2 {
                 cache.observe_queries(layer, pos, &query);
-                cache.append(layer, pos, &key, &key);
+                cache.append(kernels, layer, pos, &key, &key);
             }
         }
         cache.prune();
@@ -466,12 +470,12 @@ mod tests {
         cache.prune();
         assert_eq!(cache.pruned_positions(1), 10, "pruned once");
         for layer in 0..2 {
-            cache.append(layer, 0, &key, &key);
+            cache.append(kernels, layer, 0, &key, &key);
         }
         assert_eq!(cache.pruned_positions(1), 0);
         for pos in 1..5 {
             for layer in 0..2 {
-                cache.append(layer, pos, &key, &key);
+                cache.append(kernels, layer, pos, &key, &key);
             }
         }
         cache.prune();
@@ -479,13 +483,20 @@ mod tests {
     }
 
     #[test]
-    fn prune_ratios_outside_zero_to_one_and_quantized_caches_are_refused() {
+    fn prune_ratios_outside_zero_to_one_and_quantized_and_f16_caches_are_refused() {
         for bad in [-0.1, 1.0, 1.5, f32::NAN] {
             let error = check_prune(bad, KvMode::F32).unwrap_err().to_string();
             assert!(error.contains("pruning") && error.contains("below 1"), "{error}");
         }
-        let error = check_prune(0.5, KvMode::Q4).unwrap_err().to_string();
-        assert!(error.contains("q4 KV cache") && error.contains("f32 cache only"), "{error}");
+        for (mode, name) in [(KvMode::Q4, "q4 KV cache"), (KvMode::F16, "f16 KV cache")] {
+            let error = check_prune(0.5, mode).unwrap_err().to_string();
+            assert!(error.contains(name) && error.contains("f32 cache only"), "{error}");
+            // Refused where the state is made too, not only by the front ends' check.
+            let mut cache = KvCache::new(mode, &config(), 64).unwrap();
+            let error = cache.enable_pruning(0.5).unwrap_err().to_string();
+            assert!(error.contains(name), "{error}");
+            assert!(cache.enable_pruning(0.0).is_ok() && cache.prune_ratio() == 0.0);
+        }
         assert!(check_prune(0.0, KvMode::Q8).is_ok());
         assert_eq!((kept_channels(64, 0.5), kept_channels(64, 0.3), kept_channels(64, 0.0)), (32, 45, 64));
         assert_eq!(kept_channels(64, 0.999), 1);

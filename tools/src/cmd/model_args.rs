@@ -24,6 +24,7 @@ pub enum SparsityArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvArg {
     F32,
+    F16,
     Q8,
     Q4,
 }
@@ -32,6 +33,7 @@ impl From<KvArg> for KvMode {
     fn from(kv: KvArg) -> Self {
         match kv {
             KvArg::F32 => KvMode::F32,
+            KvArg::F16 => KvMode::F16,
             KvArg::Q8 => KvMode::Q8,
             KvArg::Q4 => KvMode::Q4,
         }
@@ -53,8 +55,9 @@ pub struct ModelArgs {
     /// (`bramble calibrate` writes it), `off` runs dense.
     #[arg(long, value_enum, default_value_t = SparsityArg::Auto)]
     pub sparsity: SparsityArg,
-    /// KV cache: `f32` (full precision), `q8` or `q4` (KIVI-style
-    /// quantization with an f32 window of recent tokens; docs/kv.md).
+    /// KV cache: `f32` (full precision), `f16` (half precision, half the
+    /// bytes, llama.cpp's default), `q8` or `q4` (KIVI-style quantization
+    /// with an f32 window of recent tokens; docs/kv.md).
     #[arg(long, value_enum, default_value_t = KvArg::F32)]
     pub kv: KvArg,
     /// Key-channel pruning (ThinK): after the prompt, drop this share of
@@ -242,13 +245,15 @@ impl ModelArgs {
 mod tests {
     use super::*;
 
-    /// Each `--kv` value is the runtime mode of that name.
+    /// Each `--kv` value is the runtime mode of that name, and every runtime mode has its value.
     #[test]
     fn kv_values_are_the_runtime_modes() {
         crate::cmd::assert_values_parse_alike::<KvArg, KvMode>(|name| name.parse().ok());
         for kv in KvArg::value_variants() {
             assert_eq!(Some(KvMode::from(*kv).name()), kv.to_possible_value().as_ref().map(|v| v.get_name()));
         }
+        let listed: Vec<KvMode> = KvArg::value_variants().iter().map(|&kv| KvMode::from(kv)).collect();
+        assert_eq!(listed, KvMode::ALL);
     }
 
     /// `--feedback` lists and parses every runtime policy.

@@ -1,0 +1,89 @@
+//! The f16 storage of the KV cache ([`KvMode::F16`](super::KvMode::F16)),
+//! llama.cpp's default: every key and value as IEEE half, every position,
+//! in the f32 cache's layout (`(layer, context, kv_dim)`), half its bytes.
+//!
+//! There is no f32 window of recent positions, as the quantized modes keep:
+//! an f16 keeps 11 significant bits, so a stored value is within 2⁻¹¹ of
+//! itself (relative; keys and values of a trained model are far inside f16's
+//! range, ±65504). A score `q·k` then moves by at most `2⁻¹¹·Σ|q_c·k_c|`, a
+//! few thousandths for SmolLM2's heads of 64 (the quantized codes' step is
+//! 1/255 or 1/15 of a channel's whole range, which is why those keep the
+//! recent tokens exact), and an output by at most `2⁻¹¹·Σ_t w_t·|v_t|`.
+//! `tests/tests/kv.rs` bounds what that does to the logits.
+//!
+//! Writing a position rounds its f32 key and value once
+//! ([`Kernels::round_to_f16`]); attention widens them back as it reads
+//! (the `*_f16` kernels of [`crate::kernels::attention`]).
+
+use super::{Attention, Shape, Sizes};
+use crate::buffers::filled;
+use crate::error::Result;
+use crate::kernels::attention::CachedVectors;
+use crate::kernels::Kernels;
+use half::f16;
+
+/// Keys and values of every position in f16. Shapes in comments.
+pub(super) struct Half {
+    keys: Vec<f16>,   // (layer, context, kv_dim)
+    values: Vec<f16>, // (layer, context, kv_dim)
+}
+
+impl Half {
+    /// Allocates the buffers of `sizes`.
+    pub(super) fn new(sizes: &Sizes) -> Result<Self> {
+        Ok(Self {
+            keys: filled("KV cache keys", sizes.halves, f16::ZERO)?,
+            values: filled("KV cache values", sizes.halves, f16::ZERO)?,
+        })
+    }
+
+    /// Bytes held.
+    pub(super) fn bytes(&self) -> usize {
+        2 * (self.keys.len() + self.values.len())
+    }
+
+    /// Bytes of every buffer, counted from the buffers themselves.
+    #[cfg(test)]
+    pub(super) fn allocated_bytes(&self) -> usize {
+        std::mem::size_of_val(&self.keys[..]) + std::mem::size_of_val(&self.values[..])
+    }
+
+    /// Writes every page of both buffers ([`super::commit_pages`]).
+    pub(super) fn commit_memory(&mut self) {
+        super::commit_pages(&mut self.keys);
+        super::commit_pages(&mut self.values);
+    }
+
+    /// Stores position `pos`'s key and value of layer `layer`, rounded to f16.
+    pub(super) fn append(
+        &mut self,
+        kernels: &Kernels,
+        shape: &Shape,
+        layer: usize,
+        pos: usize,
+        key: &[f32],
+        value: &[f32],
+    ) {
+        let kv_dim = shape.kv_dim();
+        let at = (layer * shape.context + pos) * kv_dim;
+        (kernels.round_to_f16)(key, &mut self.keys[at..at + kv_dim]);
+        (kernels.round_to_f16)(value, &mut self.values[at..at + kv_dim]);
+    }
+
+    /// [`super::KvCache::attend`] over every position: the f16 kernels'
+    /// scores, softmax, weighted values.
+    pub(super) fn attend(&self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
+        let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
+        let Attention { kernels, layer, kv_head, queries, scale, seen } = *call;
+        let scores = &mut scores[..queries.len() / head_dim * seen];
+        let start = layer * shape.context * kv_dim + kv_head * head_dim;
+        let end = start + (seen.max(1) - 1) * kv_dim + head_dim;
+        let keys = CachedVectors { data: &self.keys[start..end], stride: kv_dim, positions: seen };
+        (kernels.attention_scores_f16)(queries, head_dim, &keys, scale, scores);
+        for row in scores.chunks_exact_mut(seen) {
+            (kernels.softmax)(row);
+        }
+        let values = CachedVectors { data: &self.values[start..end], stride: kv_dim, positions: seen };
+        (kernels.attention_values_f16)(scores, &values, head_dim, out);
+    }
+}
