@@ -63,6 +63,29 @@ fn scale_min_k4(j: usize, scales: &[u8; 12]) -> (u8, u8) {
     }
 }
 
+/// The walk Q4_K and Q5_K share: per sub-block of 32, `d · scale · level −
+/// dmin · min`, where `level(sub, l, low)` completes the 4-bit `low` read from
+/// `qs` (sub-blocks 2c and 2c + 1 in the low and high nibbles of
+/// `qs[32c..32c + 32]`) with whatever else the format stores.
+fn dequantize_k4(
+    d: [u8; 2],
+    dmin: [u8; 2],
+    scales: &[u8; 12],
+    qs: &[u8],
+    out: &mut [f32],
+    level: impl Fn(usize, usize, u8) -> u8,
+) {
+    let (d, dmin) = (f16_value(d), f16_value(dmin));
+    for (sub, y) in out.chunks_exact_mut(32).enumerate() {
+        let (chunk, high) = (sub / 2, sub % 2);
+        let (scale, min) = scale_min_k4(sub, scales);
+        let (step, shift) = (d * scale as f32, dmin * min as f32);
+        for (l, (value, &byte)) in y.iter_mut().zip(&qs[32 * chunk..32 * chunk + 32]).enumerate() {
+            *value = step * level(sub, l, (byte >> (4 * high)) & 0xF) as f32 - shift;
+        }
+    }
+}
+
 /// The inverse of [`scale_min_k4`] for sub-block `j` (`packed` starts zeroed).
 fn pack_scale_min_k4(j: usize, scale: u8, min: u8, packed: &mut [u8; 12]) {
     if j < 4 {
@@ -259,15 +282,7 @@ impl Block for BlockQ4K {
 
     /// ggml's `dequantize_row_q4_K`.
     fn dequantize(&self, out: &mut [f32]) {
-        let (d, dmin) = (f16_value(self.d), f16_value(self.dmin));
-        for (sub, y) in out.chunks_exact_mut(32).enumerate() {
-            let (chunk, high) = (sub / 2, sub % 2);
-            let (scale, min) = scale_min_k4(sub, &self.scales);
-            let (step, shift) = (d * scale as f32, dmin * min as f32);
-            for (value, &byte) in y.iter_mut().zip(&self.qs[32 * chunk..32 * chunk + 32]) {
-                *value = step * ((byte >> (4 * high)) & 0xF) as f32 - shift;
-            }
-        }
+        dequantize_k4(self.d, self.dmin, &self.scales, &self.qs, out, |_, _, low| low);
     }
 
     /// Min/max per sub-block of 32: 15 steps, 6-bit scale and minimum.
@@ -311,17 +326,10 @@ impl Block for BlockQ5K {
 
     /// ggml's `dequantize_row_q5_K`.
     fn dequantize(&self, out: &mut [f32]) {
-        let (d, dmin) = (f16_value(self.d), f16_value(self.dmin));
-        for (sub, y) in out.chunks_exact_mut(32).enumerate() {
-            let (chunk, high) = (sub / 2, sub % 2);
-            let (scale, min) = scale_min_k4(sub, &self.scales);
-            let (step, shift) = (d * scale as f32, dmin * min as f32);
-            let low_bits = &self.qs[32 * chunk..32 * chunk + 32];
-            for ((value, &low), &top) in y.iter_mut().zip(low_bits).zip(&self.qh) {
-                let level = ((low >> (4 * high)) & 0xF) + if top & (1 << sub) != 0 { 16 } else { 0 };
-                *value = step * level as f32 - shift;
-            }
-        }
+        let qh = &self.qh;
+        dequantize_k4(self.d, self.dmin, &self.scales, &self.qs, out, |sub, l, low| {
+            low + if qh[l] & (1 << sub) != 0 { 16 } else { 0 }
+        });
     }
 
     /// Min/max per sub-block of 32: 31 steps, 6-bit scale and minimum.
