@@ -136,21 +136,11 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    /// The block-format types (everything readable but the element types).
-    const BLOCK_TYPES: [GgmlType; 12] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q2_K,
-        GgmlType::Q3_K,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-        GgmlType::IQ4_NL,
-        GgmlType::IQ4_XS,
-    ];
+    /// The block-format types: everything readable but the element types
+    /// (F32, F16, BF16), whose blocks are one value.
+    fn block_types() -> impl Iterator<Item = GgmlType> {
+        GgmlType::READABLE.into_iter().filter(|t| t.block_layout().0 > 1)
+    }
 
     fn wave(n: usize) -> Vec<f32> {
         (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 + (i as f32 * 0.01).sin()).collect()
@@ -194,7 +184,7 @@ mod tests {
             GgmlType::Q2_K => 3.0,
             other => panic!("no level count for {other}"),
         };
-        for ggml_type in BLOCK_TYPES {
+        for ggml_type in block_types() {
             let bytes = quantize(ggml_type, &x).unwrap();
             let mut y = vec![0f32; x.len()];
             dequantize(ggml_type, &bytes, &mut y).unwrap();
@@ -208,7 +198,7 @@ mod tests {
     #[test]
     fn zero_blocks_stay_zero() {
         let x = vec![0f32; QK_K];
-        for ggml_type in BLOCK_TYPES {
+        for ggml_type in block_types() {
             let bytes = quantize(ggml_type, &x).unwrap();
             let mut y = vec![1f32; QK_K];
             dequantize(ggml_type, &bytes, &mut y).unwrap();
