@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod image;
 pub mod kernels;
+pub mod kquant;
 pub mod kv;
 pub mod logits;
 pub mod model;

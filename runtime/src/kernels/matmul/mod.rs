@@ -24,6 +24,7 @@
 //! math of a block is done for the four rows in one vector.
 
 pub mod channels;
+pub mod kquant;
 pub mod scalar;
 
 // `neon` first: its `asm!` text macros are in textual scope for `dotprod`.

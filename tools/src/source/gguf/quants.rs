@@ -18,7 +18,6 @@ use super::GgmlType;
 use anyhow::{bail, Result};
 use bramble_runtime::quant::{dequantize_from, quantize_into};
 use bytemuck::Pod;
-use half::f16;
 use iq::{BlockIq4Nl, BlockIq4Xs};
 use k::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use legacy::{BlockQ5_0, BlockQ5_1};
@@ -35,20 +34,7 @@ trait Block: Pod {
     fn quantize(values: &[f32]) -> Self;
 }
 
-/// The f16 stored little-endian in `bytes`, as f32 (exact).
-fn f16_value(bytes: [u8; 2]) -> f32 {
-    f16::from_le_bytes(bytes).to_f32()
-}
-
-/// `value` rounded to f16, little-endian.
-fn f16_bytes(value: f32) -> [u8; 2] {
-    f16::from_f32(value).to_le_bytes()
-}
-
-/// The value of largest magnitude, with its sign (0 for an empty or all-zero slice).
-fn extreme(values: &[f32]) -> f32 {
-    values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
-}
+use bramble_runtime::kquant::{extreme, f16_bytes, f16_value};
 
 fn dequantize_blocks<B: Block>(bytes: &[u8], out: &mut [f32]) {
     for (raw, values) in bytes.chunks_exact(size_of::<B>()).zip(out.chunks_exact_mut(B::VALUES)) {

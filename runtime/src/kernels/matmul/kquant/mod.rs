@@ -1,0 +1,73 @@
+//! Products of k-quant matrices (ggml's Q3_K, Q4_K, Q5_K, Q6_K blocks, carried
+//! bit-exact from a GGUF file) with int8 activations.
+//!
+//! - [`scalar`]: the reference, compiled everywhere.
+//!
+//! Rows must be a whole number of 256-value super-blocks; activations stay
+//! in the runtime's 32-value blocks ([`crate::quant::BlockQ8Act`]), so a
+//! super-block meets eight of them, and each of its sub-blocks' scales meets
+//! exactly one activation scale.
+
+pub mod scalar;
+
+#[cfg(test)]
+mod tests {
+    use super::scalar::*;
+    use crate::kernels::activation::scalar::quantize_activation;
+    use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+    use crate::quant::{BlockQ8Act, GROUP};
+
+    /// The reference against a plain f32 product of the dequantized weights
+    /// and the dequantized activations: the same numbers, summed in another
+    /// order, so only float rounding separates them (relative to the sum of
+    /// the products' magnitudes).
+    const REORDERING_BUDGET: f32 = 1e-5;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn check<B: Copy>(
+        name: &str,
+        quantize: fn(&[f32]) -> B,
+        dequantize: fn(&B, &mut [f32]),
+        matmul: fn(&[B], usize, &[BlockQ8Act], &mut [f32]),
+    ) {
+        for (rows, cols, batch) in [(1, QK_K, 1), (5, 3 * QK_K, 2), (8, 6 * QK_K, 3)] {
+            let w = data(rows * cols, 7);
+            let blocks: Vec<B> = w.chunks_exact(QK_K).map(quantize).collect();
+            let mut wd = vec![0f32; w.len()];
+            for (b, out) in blocks.iter().zip(wd.chunks_exact_mut(QK_K)) {
+                dequantize(b, out);
+            }
+            let x = data(batch * cols, 11);
+            let mut xq = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
+            quantize_activation(&x, &mut xq);
+            let xd: Vec<f32> = xq.iter().flat_map(|a| a.qs.map(|q| q as f32 * a.d)).collect();
+            let mut got = vec![0f32; rows * batch];
+            matmul(&blocks, cols, &xq, &mut got);
+            for r in 0..rows {
+                for b in 0..batch {
+                    let (row, act) = (&wd[r * cols..][..cols], &xd[b * cols..][..cols]);
+                    let expected: f32 = row.iter().zip(act).map(|(a, b)| a * b).sum();
+                    let magnitude: f32 = row.iter().zip(act).map(|(a, b)| (a * b).abs()).sum();
+                    let g = got[r * batch + b];
+                    assert!(
+                        (g - expected).abs() <= REORDERING_BUDGET * magnitude,
+                        "{name} {rows}×{cols} batch {batch} [{r}, {b}]: {g} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reference_products_equal_the_dequantized_product() {
+        check("q4k", BlockQ4K::quantize, BlockQ4K::dequantize, matmul_q4k);
+        check("q5k", BlockQ5K::quantize, BlockQ5K::dequantize, matmul_q5k);
+        check("q6k", BlockQ6K::quantize, BlockQ6K::dequantize, matmul_q6k);
+        check("q3k", BlockQ3K::quantize, BlockQ3K::dequantize, matmul_q3k);
+    }
+}
