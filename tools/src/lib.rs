@@ -11,6 +11,7 @@ pub mod generate;
 pub mod mixed;
 pub mod plan;
 pub mod profiles;
+pub mod rounding;
 pub mod source;
 pub mod stats;
 pub mod synth;
