@@ -26,7 +26,7 @@
 //!
 //! Only the float grouping differs from the reference (the integer sums are
 //! exact), so results agree with it to rounding. `vdotq_s32` is still unstable
-//! in Rust; `sdot` is one `asm!` instruction ([`dot32`]).
+//! in Rust; `sdot` is one `asm!` instruction (`dot32`, `dot16`).
 
 use crate::kernels::matmul::dotprod::available;
 use crate::kernels::matmul::neon::widen_f16;
