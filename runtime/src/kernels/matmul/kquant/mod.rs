@@ -2,6 +2,8 @@
 //! bit-exact from a GGUF file) with int8 activations.
 //!
 //! - [`scalar`]: the reference, compiled everywhere.
+//! - `dotprod` (aarch64 with the dot-product extension): `sdot` kernels, four
+//!   rows against each activation block, for the Raspberry Pi 5's Cortex-A76.
 //!
 //! Rows must be a whole number of 256-value super-blocks; activations stay
 //! in the runtime's 32-value blocks ([`crate::quant::BlockQ8Act`]), so a
@@ -9,6 +11,9 @@
 //! exactly one activation scale.
 
 pub mod scalar;
+
+#[cfg(target_arch = "aarch64")]
+pub mod dotprod;
 
 #[cfg(test)]
 mod tests {
