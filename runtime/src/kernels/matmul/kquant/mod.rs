@@ -2,12 +2,16 @@
 //! bit-exact from a GGUF file) with int8 activations.
 //!
 //! - [`scalar`]: the reference, compiled everywhere.
+//! - `neon` (aarch64): ARMv8.0 NEON for the Raspberry Pi 4's Cortex-A72, four
+//!   rows at a time, widening multiplies into 16-bit lanes.
 //!
 //! Rows must be a whole number of 256-value super-blocks; activations stay
 //! in the runtime's 32-value blocks ([`crate::quant::BlockQ8Act`]), so a
 //! super-block meets eight of them, and each of its sub-blocks' scales meets
 //! exactly one activation scale.
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 
 #[cfg(test)]
