@@ -29,6 +29,7 @@ use crate::kernels::matmul::neon::widen_f16;
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use std::arch::aarch64::*;
+use std::arch::asm;
 
 /// Rows one kernel step multiplies together.
 const ROWS: usize = 4;
@@ -99,6 +100,32 @@ fn lanes<const N: usize>(sums: [float32x4_t; N]) -> [[f32; ROWS]; TILE] {
     out
 }
 
+/// `per_row!(|r| e)` is `[e, e, e, e]` with `r` = 0, 1, 2, 3: one value per
+/// row of a group, written out in the kernel's own `neon` context (through
+/// `array::map`'s closures the compiler does not inline the vector code).
+macro_rules! per_row {
+    (|$r:ident| $value:expr) => {
+        [
+            {
+                let $r: usize = 0;
+                $value
+            },
+            {
+                let $r: usize = 1;
+                $value
+            },
+            {
+                let $r: usize = 2;
+                $value
+            },
+            {
+                let $r: usize = 3;
+                $value
+            },
+        ]
+    };
+}
+
 /// 32 bytes as two vectors.
 #[target_feature(enable = "neon")]
 #[inline]
@@ -133,9 +160,49 @@ fn load_activation(a: &BlockQ8Act) -> (float32x2_t, [int8x16_t; 2]) {
 #[target_feature(enable = "neon")]
 #[inline]
 fn units(bytes: [[u8; 2]; ROWS]) -> float32x4_t {
-    let bits = bytes.map(u16::from_le_bytes);
+    let bits = [0, 1, 2, 3].map(|r| u16::from_le_bytes(bytes[r]));
     // SAFETY: `bits` is four readable u16.
     widen_f16(unsafe { vld1_u16(bits.as_ptr()) })
+}
+
+/// The low nibble of each byte (0..15).
+#[target_feature(enable = "neon")]
+#[inline]
+fn low_nibbles(v: [uint8x16_t; 2]) -> [uint8x16_t; 2] {
+    let mask = vdupq_n_u8(0x0F);
+    [vandq_u8(v[0], mask), vandq_u8(v[1], mask)]
+}
+
+/// The high nibble of each byte (0..15).
+#[target_feature(enable = "neon")]
+#[inline]
+fn high_nibbles(v: [uint8x16_t; 2]) -> [uint8x16_t; 2] {
+    [vshrq_n_u8::<4>(v[0]), vshrq_n_u8::<4>(v[1])]
+}
+
+/// The two bits of each byte that `shift` (negative: right) moves to bits 0, 1.
+#[target_feature(enable = "neon")]
+#[inline]
+fn two_bits(v: [uint8x16_t; 2], shift: int8x16_t) -> [uint8x16_t; 2] {
+    let mask = vdupq_n_u8(3);
+    [vandq_u8(vshlq_u8(v[0], shift), mask), vandq_u8(vshlq_u8(v[1], shift), mask)]
+}
+
+/// `low` with the bits of `mask` taken from `high` shifted by `shift`
+/// (negative: right): the high bits of a level put on top of its low bits
+/// (`low` is clear under `mask`).
+#[target_feature(enable = "neon")]
+#[inline]
+fn with_high_bits(low: [uint8x16_t; 2], high: [uint8x16_t; 2], shift: int8x16_t, mask: uint8x16_t) -> [uint8x16_t; 2] {
+    [vbslq_u8(mask, vshlq_u8(high[0], shift), low[0]), vbslq_u8(mask, vshlq_u8(high[1], shift), low[1])]
+}
+
+/// Unsigned levels as signed bytes, minus `zero_point`.
+#[target_feature(enable = "neon")]
+#[inline]
+fn signed(v: [uint8x16_t; 2], zero_point: u8) -> [int8x16_t; 2] {
+    let z = vdupq_n_u8(zero_point);
+    [vreinterpretq_s8_u8(vsubq_u8(v[0], z)), vreinterpretq_s8_u8(vsubq_u8(v[1], z))]
 }
 
 /// 16 bytes of each of four rows, transposed: vector `i` holds bytes
@@ -147,12 +214,14 @@ fn units(bytes: [[u8; 2]; ROWS]) -> float32x4_t {
 fn transpose_rows(rows: [uint8x16_t; ROWS]) -> [uint8x16_t; 4] {
     let (ab_low, ab_high) = (vzip1q_u8(rows[0], rows[1]), vzip2q_u8(rows[0], rows[1]));
     let (cd_low, cd_high) = (vzip1q_u8(rows[2], rows[3]), vzip2q_u8(rows[2], rows[3]));
-    let pairs = |ab: uint8x16_t, cd: uint8x16_t| {
-        let (ab, cd) = (vreinterpretq_u16_u8(ab), vreinterpretq_u16_u8(cd));
-        (vreinterpretq_u8_u16(vzip1q_u16(ab, cd)), vreinterpretq_u8_u16(vzip2q_u16(ab, cd)))
-    };
-    let ((t0, t1), (t2, t3)) = (pairs(ab_low, cd_low), pairs(ab_high, cd_high));
-    [t0, t1, t2, t3]
+    let w = |v: uint8x16_t| vreinterpretq_u16_u8(v);
+    let b = |v: uint16x8_t| vreinterpretq_u8_u16(v);
+    [
+        b(vzip1q_u16(w(ab_low), w(cd_low))),
+        b(vzip2q_u16(w(ab_low), w(cd_low))),
+        b(vzip1q_u16(w(ab_high), w(cd_high))),
+        b(vzip2q_u16(w(ab_high), w(cd_high))),
+    ]
 }
 
 /// A vector of 16 unsigned bytes as four vectors of four f32 (lanes
@@ -161,58 +230,95 @@ fn transpose_rows(rows: [uint8x16_t; ROWS]) -> [uint8x16_t; 4] {
 #[inline]
 fn bytes_to_f32(v: uint8x16_t) -> [float32x4_t; 4] {
     let (low, high) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
-    [vmovl_u16(vget_low_u16(low)), vmovl_high_u16(low), vmovl_u16(vget_low_u16(high)), vmovl_high_u16(high)]
-        .map(|v| vcvtq_f32_u32(v))
+    [
+        vcvtq_f32_u32(vmovl_u16(vget_low_u16(low))),
+        vcvtq_f32_u32(vmovl_high_u16(low)),
+        vcvtq_f32_u32(vmovl_u16(vget_low_u16(high))),
+        vcvtq_f32_u32(vmovl_high_u16(high)),
+    ]
 }
 
-/// Scales `2k` and `2k + 1` of the four rows, from a table of signed scales
-/// made by [`transpose_rows`], as two int32 vectors.
+/// Per activation block `k`, the four rows' signed scales `2k` and `2k + 1`
+/// as int32, from a table of signed bytes made by [`transpose_rows`].
 #[target_feature(enable = "neon")]
 #[inline]
-fn scale_pair(table: &[uint8x16_t; 4], k: usize) -> (int32x4_t, int32x4_t) {
-    let v = vreinterpretq_s8_u8(table[k / 2]);
-    let wide = if k.is_multiple_of(2) { vmovl_s8(vget_low_s8(v)) } else { vmovl_high_s8(v) };
-    (vmovl_s16(vget_low_s16(wide)), vmovl_high_s16(wide))
+fn scale_pairs(table: [uint8x16_t; 4]) -> [(int32x4_t, int32x4_t); ACTIVATION_BLOCKS] {
+    let mut pairs = [(vdupq_n_s32(0), vdupq_n_s32(0)); ACTIVATION_BLOCKS];
+    for (i, &bytes) in table.iter().enumerate() {
+        let v = vreinterpretq_s8_u8(bytes);
+        let (low, high) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+        pairs[2 * i] = (vmovl_s16(vget_low_s16(low)), vmovl_high_s16(low));
+        pairs[2 * i + 1] = (vmovl_s16(vget_low_s16(high)), vmovl_high_s16(high));
+    }
+    pairs
 }
+
+// The widening products are written as instructions: given
+// `vmlal_high_s8(p, levels, q)` the compiler extracts each row's high half
+// with an `ext` and multiplies the halves (two instructions where `smlal2`
+// is one).
 
 /// `level·q` over 32 values, four products to a 16-bit lane.
-#[target_feature(enable = "neon")]
-#[inline]
+#[inline(always)]
 fn products32(levels: [int8x16_t; 2], q: [int8x16_t; 2]) -> int16x8_t {
-    let p = vmull_s8(vget_low_s8(levels[0]), vget_low_s8(q[0]));
-    let p = vmlal_high_s8(p, levels[0], q[0]);
-    let p = vmlal_s8(p, vget_low_s8(levels[1]), vget_low_s8(q[1]));
-    vmlal_high_s8(p, levels[1], q[1])
+    let p: int16x8_t;
+    // SAFETY: register arithmetic only; NEON is part of every aarch64 target.
+    unsafe {
+        asm!(
+            "smull {p:v}.8h, {l0:v}.8b, {q0:v}.8b",
+            "smlal2 {p:v}.8h, {l0:v}.16b, {q0:v}.16b",
+            "smlal {p:v}.8h, {l1:v}.8b, {q1:v}.8b",
+            "smlal2 {p:v}.8h, {l1:v}.16b, {q1:v}.16b",
+            p = out(vreg) p,
+            l0 = in(vreg) levels[0],
+            l1 = in(vreg) levels[1],
+            q0 = in(vreg) q[0],
+            q1 = in(vreg) q[1],
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    p
 }
 
 /// `level·q` over 16 values, two products to a 16-bit lane.
-#[target_feature(enable = "neon")]
-#[inline]
+#[inline(always)]
 fn products16(levels: int8x16_t, q: int8x16_t) -> int16x8_t {
-    vmlal_high_s8(vmull_s8(vget_low_s8(levels), vget_low_s8(q)), levels, q)
+    let p: int16x8_t;
+    // SAFETY: register arithmetic only; NEON is part of every aarch64 target.
+    unsafe {
+        asm!(
+            "smull {p:v}.8h, {l:v}.8b, {q:v}.8b",
+            "smlal2 {p:v}.8h, {l:v}.16b, {q:v}.16b",
+            p = out(vreg) p,
+            l = in(vreg) levels,
+            q = in(vreg) q,
+            options(pure, nomem, nostack, preserves_flags),
+        )
+    };
+    p
 }
 
-/// The sum of each row's eight 16-bit lanes, for lanes of magnitude below
-/// 2¹³: two rounds of pairwise adds across rows stay in 16 bits (below 2¹⁵),
-/// giving `[r0 r0 r1 r1 r2 r2 r3 r3]`, and one widening pairwise add the four sums.
+/// The sum of each row's eight 16-bit lanes. Lanes below 2¹³ in magnitude
+/// (`SMALL`): two rounds of pairwise adds across rows stay in 16 bits (below
+/// 2¹⁵), giving `[r0 r0 r1 r1 r2 r2 r3 r3]`, and one widening pairwise add
+/// the four sums. Lanes up to 2¹⁴: one round in 16 bits, the second in 32.
 #[target_feature(enable = "neon")]
 #[inline]
-fn sum_rows_small(p: [int16x8_t; ROWS]) -> int32x4_t {
-    vpaddlq_s16(vpaddq_s16(vpaddq_s16(p[0], p[1]), vpaddq_s16(p[2], p[3])))
+fn sum_rows<const SMALL: bool>(p: [int16x8_t; ROWS]) -> int32x4_t {
+    if SMALL {
+        vpaddlq_s16(vpaddq_s16(vpaddq_s16(p[0], p[1]), vpaddq_s16(p[2], p[3])))
+    } else {
+        vpaddq_s32(vpaddlq_s16(vpaddq_s16(p[0], p[1])), vpaddlq_s16(vpaddq_s16(p[2], p[3])))
+    }
 }
 
-/// As [`sum_rows_small`] for lanes of magnitude up to 2¹⁴: one round of
-/// pairwise adds in 16 bits, the second in 32.
-#[target_feature(enable = "neon")]
+/// Super-block `superblock` of each of four rows.
 #[inline]
-fn sum_rows(p: [int16x8_t; ROWS]) -> int32x4_t {
-    let first = vpaddlq_s16(vpaddq_s16(p[0], p[1]));
-    let second = vpaddlq_s16(vpaddq_s16(p[2], p[3]));
-    vpaddq_s32(first, second)
+fn row_blocks<'a, B>(rows: &[&'a [B]; ROWS], superblock: usize) -> [&'a B; ROWS] {
+    [&rows[0][superblock], &rows[1][superblock], &rows[2][superblock], &rows[3][superblock]]
 }
 
-/// The four rows' activation blocks of super-block `superblock` for each activation.
-#[target_feature(enable = "neon")]
+/// Each activation's eight blocks that meet super-block `superblock`.
 #[inline]
 fn activation_blocks<'a, const N: usize>(
     x: &[&'a [BlockQ8Act]; N],
@@ -267,46 +373,61 @@ fn scales_q3k(packed: &[u8; 12]) -> uint8x16_t {
 #[target_feature(enable = "neon")]
 #[inline]
 fn steps_k4(d: float32x4_t, dmin: float32x4_t, packed: [&[u8; 12]; ROWS]) -> ([float32x4_t; 8], [float32x4_t; 8]) {
-    let table = transpose_rows(packed.map(|p| scales_and_mins_k4(p)));
+    let table = transpose_rows(per_row!(|r| scales_and_mins_k4(packed[r])));
     let [s0, s1, s2, s3] = bytes_to_f32(table[0]);
     let [s4, s5, s6, s7] = bytes_to_f32(table[1]);
     let [m0, m1, m2, m3] = bytes_to_f32(table[2]);
     let [m4, m5, m6, m7] = bytes_to_f32(table[3]);
     let negative_dmin = vnegq_f32(dmin);
+    let step = |s| vmulq_f32(d, s);
+    let shift = |m| vmulq_f32(negative_dmin, m);
     (
-        [s0, s1, s2, s3, s4, s5, s6, s7].map(|s| vmulq_f32(d, s)),
-        [m0, m1, m2, m3, m4, m5, m6, m7].map(|m| vmulq_f32(negative_dmin, m)),
+        [step(s0), step(s1), step(s2), step(s3), step(s4), step(s5), step(s6), step(s7)],
+        [shift(m0), shift(m1), shift(m2), shift(m3), shift(m4), shift(m5), shift(m6), shift(m7)],
     )
 }
 
-/// Adds one sub-block of 32 of a Q4_K / Q5_K row group to `acc`:
-/// `(d·scale·dₓ)·Σn·q − (dmin·min)·sₓ` (the reference's order of products).
+/// One sub-block of 32 of a Q4_K / Q5_K row group against activation block
+/// `sub` of each activation: `acc += (d·scale·dₓ)·Σn·q − (dmin·min)·sₓ` (the
+/// reference's order of products). `SMALL`: see [`sum_rows`].
 #[target_feature(enable = "neon")]
 #[inline]
-fn accumulate_k4(
-    acc: float32x4_t,
-    isum: int32x4_t,
+fn accumulate_k4<const N: usize, const SMALL: bool>(
+    acc: &mut [float32x4_t; N],
+    activations: &[&[BlockQ8Act; ACTIVATION_BLOCKS]; N],
+    sub: usize,
+    levels: [[int8x16_t; 2]; ROWS],
     step: float32x4_t,
     negative_min: float32x4_t,
-    units: float32x2_t,
-) -> float32x4_t {
-    let acc = vfmaq_f32(acc, vmulq_lane_f32::<0>(step, units), vcvtq_f32_s32(isum));
-    vfmaq_lane_f32::<1>(acc, negative_min, units)
+) {
+    for (acc, a) in acc.iter_mut().zip(activations) {
+        let (units, q) = load_activation(&a[sub]);
+        let isum = sum_rows::<SMALL>(per_row!(|r| products32(levels[r], q)));
+        let sum = vfmaq_f32(*acc, vmulq_lane_f32::<0>(step, units), vcvtq_f32_s32(isum));
+        *acc = vfmaq_lane_f32::<1>(sum, negative_min, units);
+    }
 }
 
-/// Adds one activation block of a Q6_K / Q3_K row group to `acc`:
-/// `(d·dₓ)·(s₀·Σ₀ + s₁·Σ₁)`, the scales applied in int32.
+/// Activation block `k` of a Q6_K / Q3_K row group against activation block
+/// `k` of each activation: `acc += (d·dₓ)·(s₀·Σ₀ + s₁·Σ₁)` over its two
+/// sub-blocks of 16, the scales applied in int32 (as the reference).
 #[target_feature(enable = "neon")]
 #[inline]
-fn accumulate_signed(
-    acc: float32x4_t,
-    sums: (int32x4_t, int32x4_t),
+fn accumulate_signed<const N: usize, const SMALL: bool>(
+    acc: &mut [float32x4_t; N],
+    activations: &[&[BlockQ8Act; ACTIVATION_BLOCKS]; N],
+    k: usize,
+    levels: [[int8x16_t; 2]; ROWS],
     scales: (int32x4_t, int32x4_t),
     d: float32x4_t,
-    units: float32x2_t,
-) -> float32x4_t {
-    let isum = vmlaq_s32(vmulq_s32(sums.0, scales.0), sums.1, scales.1);
-    vfmaq_f32(acc, vmulq_lane_f32::<0>(d, units), vcvtq_f32_s32(isum))
+) {
+    for (acc, a) in acc.iter_mut().zip(activations) {
+        let (units, q) = load_activation(&a[k]);
+        let first = sum_rows::<SMALL>(per_row!(|r| products16(levels[r][0], q[0])));
+        let second = sum_rows::<SMALL>(per_row!(|r| products16(levels[r][1], q[1])));
+        let isum = vmlaq_s32(vmulq_s32(first, scales.0), second, scales.1);
+        *acc = vfmaq_f32(*acc, vmulq_lane_f32::<0>(d, units), vcvtq_f32_s32(isum));
+    }
 }
 
 /// Q4_K: levels 0..15, the low nibbles of `qs[32c..32c + 32]` for sub-block
@@ -320,29 +441,22 @@ impl FourRows for Q4K {
     #[inline]
     unsafe fn dot4<const N: usize>(rows: [&[BlockQ4K]; ROWS], x: [&[BlockQ8Act]; N]) -> [float32x4_t; N] {
         let mut acc = [vdupq_n_f32(0.0); N];
-        let low_nibbles = vdupq_n_u8(0x0F);
         for superblock in 0..rows[0].len() {
-            let blocks = rows.map(|row| &row[superblock]);
+            let blocks = row_blocks(&rows, superblock);
             let activations = activation_blocks(&x, superblock);
-            let (steps, negative_mins) =
-                steps_k4(units(blocks.map(|b| b.d)), units(blocks.map(|b| b.dmin)), blocks.map(|b| &b.scales));
+            let (steps, negative_mins) = steps_k4(
+                units(per_row!(|r| blocks[r].d)),
+                units(per_row!(|r| blocks[r].dmin)),
+                per_row!(|r| &blocks[r].scales),
+            );
             for chunk in 0..4 {
-                let bytes = blocks.map(|b| load32(&b.qs.as_chunks::<32>().0[chunk]));
-                for high in [false, true] {
-                    let sub = 2 * chunk + high as usize;
-                    // Unpack: the low or high nibble of each byte (0..15, valid as signed bytes).
-                    let levels = bytes.map(|pair| {
-                        pair.map(|v| {
-                            vreinterpretq_s8_u8(if high { vshrq_n_u8::<4>(v) } else { vandq_u8(v, low_nibbles) })
-                        })
-                    });
-                    for (acc, a) in acc.iter_mut().zip(&activations) {
-                        let (units, q) = load_activation(&a[sub]);
-                        // |n·q| ≤ 15·127: four to a lane stay below 2¹³.
-                        let isum = sum_rows_small(levels.map(|l| products32(l, q)));
-                        *acc = accumulate_k4(*acc, isum, steps[sub], negative_mins[sub], units);
-                    }
-                }
+                let bytes = per_row!(|r| load32(&blocks[r].qs.as_chunks::<32>().0[chunk]));
+                // |n·q| ≤ 15·127: four products to a lane stay below 2¹³.
+                let (low, high) = (2 * chunk, 2 * chunk + 1);
+                let levels = per_row!(|r| signed(low_nibbles(bytes[r]), 0));
+                accumulate_k4::<N, true>(&mut acc, &activations, low, levels, steps[low], negative_mins[low]);
+                let levels = per_row!(|r| signed(high_nibbles(bytes[r]), 0));
+                accumulate_k4::<N, true>(&mut acc, &activations, high, levels, steps[high], negative_mins[high]);
             }
         }
         acc
@@ -359,28 +473,29 @@ impl FourRows for Q5K {
     #[inline]
     unsafe fn dot4<const N: usize>(rows: [&[BlockQ5K]; ROWS], x: [&[BlockQ8Act]; N]) -> [float32x4_t; N] {
         let mut acc = [vdupq_n_f32(0.0); N];
-        let (low_nibbles, fifth_bit) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x10));
+        let fifth_bit = vdupq_n_u8(0x10);
         for superblock in 0..rows[0].len() {
-            let blocks = rows.map(|row| &row[superblock]);
+            let blocks = row_blocks(&rows, superblock);
             let activations = activation_blocks(&x, superblock);
-            let (steps, negative_mins) =
-                steps_k4(units(blocks.map(|b| b.d)), units(blocks.map(|b| b.dmin)), blocks.map(|b| &b.scales));
-            for sub in 0..8 {
+            let (steps, negative_mins) = steps_k4(
+                units(per_row!(|r| blocks[r].d)),
+                units(per_row!(|r| blocks[r].dmin)),
+                per_row!(|r| &blocks[r].scales),
+            );
+            for chunk in 0..4 {
+                let bytes = per_row!(|r| load32(&blocks[r].qs.as_chunks::<32>().0[chunk]));
+                let high_bits = per_row!(|r| load32(&blocks[r].qh));
+                // |n·q| ≤ 31·127: four products to a lane stay below 2¹⁴.
                 // Bit `sub` of qh moves to bit 4 (a right shift for sub > 4).
-                let to_fifth_bit = vdupq_n_s8(4 - sub as i8);
-                let levels = blocks.map(|b| {
-                    let (low, high) = (load32(&b.qs.as_chunks::<32>().0[sub / 2]), load32(&b.qh));
-                    std::array::from_fn(|h| {
-                        let nibble = if sub % 2 == 1 { vshrq_n_u8::<4>(low[h]) } else { vandq_u8(low[h], low_nibbles) };
-                        vreinterpretq_s8_u8(vbslq_u8(fifth_bit, vshlq_u8(high[h], to_fifth_bit), nibble))
-                    })
-                });
-                for (acc, a) in acc.iter_mut().zip(&activations) {
-                    let (units, q) = load_activation(&a[sub]);
-                    // |n·q| ≤ 31·127: four to a lane stay below 2¹⁴.
-                    let isum = sum_rows(levels.map(|l| products32(l, q)));
-                    *acc = accumulate_k4(*acc, isum, steps[sub], negative_mins[sub], units);
-                }
+                let (low, high) = (2 * chunk, 2 * chunk + 1);
+                let shift = vdupq_n_s8(4 - low as i8);
+                let levels =
+                    per_row!(|r| signed(with_high_bits(low_nibbles(bytes[r]), high_bits[r], shift, fifth_bit), 0));
+                accumulate_k4::<N, false>(&mut acc, &activations, low, levels, steps[low], negative_mins[low]);
+                let shift = vdupq_n_s8(4 - high as i8);
+                let levels =
+                    per_row!(|r| signed(with_high_bits(high_nibbles(bytes[r]), high_bits[r], shift, fifth_bit), 0));
+                accumulate_k4::<N, false>(&mut acc, &activations, high, levels, steps[high], negative_mins[high]);
             }
         }
         acc
@@ -397,34 +512,34 @@ impl FourRows for Q6K {
     #[inline]
     unsafe fn dot4<const N: usize>(rows: [&[BlockQ6K]; ROWS], x: [&[BlockQ8Act]; N]) -> [float32x4_t; N] {
         let mut acc = [vdupq_n_f32(0.0); N];
-        let (low_nibbles, top_bits, zero_point) = (vdupq_n_u8(0x0F), vdupq_n_u8(0x30), vdupq_n_s8(32));
+        let top_bits = vdupq_n_u8(0x30);
         for superblock in 0..rows[0].len() {
-            let blocks = rows.map(|row| &row[superblock]);
+            let blocks = row_blocks(&rows, superblock);
             let activations = activation_blocks(&x, superblock);
-            let d = units(blocks.map(|b| b.d));
-            let scales = transpose_rows(blocks.map(|b| load16(&b.scales)));
-            for k in 0..ACTIVATION_BLOCKS {
-                let (half, quarter) = (k / 4, k % 4);
-                // Bits 2·quarter, 2·quarter + 1 of qh move to bits 4, 5.
-                let to_top_bits = vdupq_n_s8(4 - 2 * quarter as i8);
-                let levels = blocks.map(|b| {
-                    let low = load32(&b.ql.as_chunks::<32>().0[2 * half + quarter % 2]);
-                    let high = load32(&b.qh.as_chunks::<32>().0[half]);
-                    std::array::from_fn(|h| {
-                        let nibble = if quarter >= 2 { vshrq_n_u8::<4>(low[h]) } else { vandq_u8(low[h], low_nibbles) };
-                        let level = vbslq_u8(top_bits, vshlq_u8(high[h], to_top_bits), nibble);
-                        vsubq_s8(vreinterpretq_s8_u8(level), zero_point)
-                    })
-                });
-                let pair = scale_pair(&scales, k);
-                for (acc, a) in acc.iter_mut().zip(&activations) {
-                    let (units, q) = load_activation(&a[k]);
-                    // |n·q| ≤ 32·127: two to a lane, below 2¹⁴ after one pairwise add.
-                    let sums = (
-                        sum_rows(levels.map(|l: [int8x16_t; 2]| products16(l[0], q[0]))),
-                        sum_rows(levels.map(|l: [int8x16_t; 2]| products16(l[1], q[1]))),
-                    );
-                    *acc = accumulate_signed(*acc, sums, pair, d, units);
+            let d = units(per_row!(|r| blocks[r].d));
+            let scales = scale_pairs(transpose_rows(per_row!(|r| load16(&blocks[r].scales))));
+            // Half h of the super-block, quarters p and p + 2 (activation
+            // blocks 4h + p, 4h + p + 2): the low and high nibbles of
+            // ql[64h + 32p..][..32], under bits 2·quarter, 2·quarter + 1 of
+            // qh[32h..][..32] moved to bits 4, 5.
+            for half in 0..2 {
+                for quarter in 0..2 {
+                    let low_bits = per_row!(|r| load32(&blocks[r].ql.as_chunks::<32>().0[2 * half + quarter]));
+                    let high_bits = per_row!(|r| load32(&blocks[r].qh.as_chunks::<32>().0[half]));
+                    // |n·q| ≤ 32·127: two products to a lane, below 2¹⁴ after one pairwise add.
+                    let k = 4 * half + quarter;
+                    let shift = vdupq_n_s8(4 - 2 * quarter as i8);
+                    let levels = per_row!(|r| signed(
+                        with_high_bits(low_nibbles(low_bits[r]), high_bits[r], shift, top_bits),
+                        32
+                    ));
+                    accumulate_signed::<N, false>(&mut acc, &activations, k, levels, scales[k], d);
+                    let shift = vdupq_n_s8(4 - 2 * (quarter + 2) as i8);
+                    let levels = per_row!(|r| signed(
+                        with_high_bits(high_nibbles(low_bits[r]), high_bits[r], shift, top_bits),
+                        32
+                    ));
+                    accumulate_signed::<N, false>(&mut acc, &activations, k + 2, levels, scales[k + 2], d);
                 }
             }
         }
@@ -443,34 +558,24 @@ impl FourRows for Q3K {
     #[inline]
     unsafe fn dot4<const N: usize>(rows: [&[BlockQ3K]; ROWS], x: [&[BlockQ8Act]; N]) -> [float32x4_t; N] {
         let mut acc = [vdupq_n_f32(0.0); N];
-        let (low_bits, third_bit, offset) = (vdupq_n_u8(3), vdupq_n_u8(4), vdupq_n_s8(4));
+        let third_bit = vdupq_n_u8(4);
         for superblock in 0..rows[0].len() {
-            let blocks = rows.map(|row| &row[superblock]);
+            let blocks = row_blocks(&rows, superblock);
             let activations = activation_blocks(&x, superblock);
-            let d = units(blocks.map(|b| b.d));
-            let scales = transpose_rows(blocks.map(|b| scales_q3k(&b.scales)));
-            for k in 0..ACTIVATION_BLOCKS {
-                let (n, j) = (k / 4, k % 4);
-                // Bits 2j, 2j + 1 of qs move to bits 0, 1; bit 4n + j of hmask to bit 2.
-                let to_low_bits = vdupq_n_s8(-2 * j as i8);
-                let to_third_bit = vdupq_n_s8(2 - (4 * n + j) as i8);
-                let levels = blocks.map(|b| {
-                    let (low, high) = (load32(&b.qs.as_chunks::<32>().0[n]), load32(&b.hmask));
-                    std::array::from_fn(|h| {
-                        let two_bits = vandq_u8(vshlq_u8(low[h], to_low_bits), low_bits);
-                        let level = vbslq_u8(third_bit, vshlq_u8(high[h], to_third_bit), two_bits);
-                        vsubq_s8(vreinterpretq_s8_u8(level), offset)
-                    })
-                });
-                let pair = scale_pair(&scales, k);
-                for (acc, a) in acc.iter_mut().zip(&activations) {
-                    let (units, q) = load_activation(&a[k]);
-                    // |n·q| ≤ 4·127: two to a lane stay far below 2¹³.
-                    let sums = (
-                        sum_rows_small(levels.map(|l: [int8x16_t; 2]| products16(l[0], q[0]))),
-                        sum_rows_small(levels.map(|l: [int8x16_t; 2]| products16(l[1], q[1]))),
-                    );
-                    *acc = accumulate_signed(*acc, sums, pair, d, units);
+            let d = units(per_row!(|r| blocks[r].d));
+            let scales = scale_pairs(transpose_rows(per_row!(|r| scales_q3k(&blocks[r].scales))));
+            let high_bits = per_row!(|r| load32(&blocks[r].hmask));
+            for n in 0..2 {
+                let low_bits = per_row!(|r| load32(&blocks[r].qs.as_chunks::<32>().0[n]));
+                for j in 0..4 {
+                    let k = 4 * n + j;
+                    // Bits 2j, 2j + 1 of qs move to bits 0, 1; bit 4n + j of hmask to bit 2.
+                    let (low_shift, high_shift) = (vdupq_n_s8(-2 * j as i8), vdupq_n_s8(2 - k as i8));
+                    let levels = per_row!(|r| {
+                        signed(with_high_bits(two_bits(low_bits[r], low_shift), high_bits[r], high_shift, third_bit), 4)
+                    });
+                    // |n·q| ≤ 4·127: two products to a lane stay far below 2¹³.
+                    accumulate_signed::<N, true>(&mut acc, &activations, k, levels, scales[k], d);
                 }
             }
         }
