@@ -18,7 +18,7 @@
 //!   two 16-value sums in int32 (`s₀·Σ₀ + s₁·Σ₁`, as the reference), then
 //!   `d·dₓ` times that.
 //!
-//! A batch of activations is walked in tiles of up to [`TILE`] inside the
+//! A batch of activations is walked in tiles of up to four inside the
 //! super-block loop: a block's levels are unpacked once and serve every
 //! activation of the tile. A last group of one to three rows repeats its last
 //! row to make four and stores only the rows that exist (as the other NEON
