@@ -2,6 +2,8 @@
 //! bit-exact from a GGUF file) with int8 activations.
 //!
 //! - [`scalar`]: the reference, compiled everywhere.
+//! - `neon` (aarch64): ARMv8.0 NEON for the Raspberry Pi 4's Cortex-A72, four
+//!   rows at a time, widening multiplies into 16-bit lanes.
 //! - `dotprod` (aarch64 with the dot-product extension): `sdot` kernels, four
 //!   rows against each activation block, for the Raspberry Pi 5's Cortex-A76.
 //!
@@ -14,6 +16,8 @@ pub mod scalar;
 
 #[cfg(target_arch = "aarch64")]
 pub mod dotprod;
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 #[cfg(test)]
 mod tests {
