@@ -6,6 +6,9 @@
 //!   rows at a time, widening multiplies into 16-bit lanes.
 //! - `dotprod` (aarch64 with the dot-product extension): `sdot` kernels, four
 //!   rows against each activation block, for the Raspberry Pi 5's Cortex-A76.
+//! - `avx2` (x86-64 with AVX2, FMA and F16C): `vpmaddubsw` kernels, four rows
+//!   against each activation block, for the host tools (perplexity,
+//!   conversion, calibration).
 //!
 //! Rows must be a whole number of 256-value super-blocks; activations stay
 //! in the runtime's 32-value blocks ([`crate::quant::BlockQ8Act`]), so a
@@ -13,6 +16,9 @@
 //! exactly one activation scale.
 
 pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 
 #[cfg(target_arch = "aarch64")]
 pub mod dotprod;
