@@ -287,7 +287,7 @@ unsafe fn k4_sub_block<const T: usize>(
         }
         let halves = halves_by_row(sums);
         let isum = _mm_add_epi32(_mm256_castsi256_si128(halves), _mm256_extracti128_si256::<1>(halves));
-        // scale · Σ is an integer below 2²², exact in f32.
+        // scale · Σ n·q is an integer below 2²³ (63 · 32·31·128), exact in f32.
         let term = _mm_mul_ps(_mm_cvtepi32_ps(isum), scale);
         scaled[t] = _mm_fmadd_ps(term, _mm_set1_ps((*activation).d), scaled[t]);
     }
@@ -340,7 +340,8 @@ unsafe fn pair_of_sub_blocks<const T: usize>(
             sums[r] = _mm256_madd_epi16(pairs, ones);
         }
         // Σ₀ of the rows in the lower half, Σ₁ in the upper; times s₀ and s₁
-        // (below 2²³ each, their sum at most 2²⁴: exact), then the halves added.
+        // (at most 2²³ each, 128 · 16·32·128, their sum at most 2²⁴: exact),
+        // then the halves added.
         let weighted = _mm256_mul_ps(_mm256_cvtepi32_ps(halves_by_row(sums)), pair);
         let isum = _mm_add_ps(_mm256_castps256_ps128(weighted), _mm256_extractf128_ps::<1>(weighted));
         scaled[t] = _mm_fmadd_ps(isum, _mm_set1_ps((*activation).d), scaled[t]);
