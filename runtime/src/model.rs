@@ -21,6 +21,7 @@ use std::sync::Mutex;
 const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
 use crate::bias::{BiasConstraint, ProjectionStats};
+use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
 use crate::rsparse::{Rsparse, SparseModule};
 use half::f16;
@@ -54,6 +55,10 @@ impl Matrix<'_> {
             TensorView::Q4SX4(_) => Encoding::Q4SX4,
             TensorView::Q8C(_) => Encoding::Q8C,
             TensorView::Q4C(_) => Encoding::Q4C,
+            TensorView::Q4K(_) => Encoding::Q4K,
+            TensorView::Q5K(_) => Encoding::Q5K,
+            TensorView::Q6K(_) => Encoding::Q6K,
+            TensorView::Q3K(_) => Encoding::Q3K,
         }
     }
 
@@ -61,6 +66,8 @@ impl Matrix<'_> {
     pub fn row_to_f32(&self, row: usize, out: &mut [f32]) {
         let (start, end) = (row * self.cols, (row + 1) * self.cols);
         let (block_start, block_end) = (start / GROUP, end / GROUP);
+        // A k-quant row is cols / 256 super-blocks.
+        let super_blocks = start / QK_K..end / QK_K;
         match self.data {
             TensorView::F32(values) => out.copy_from_slice(&values[start..end]),
             TensorView::F16(values) => {
@@ -81,6 +88,10 @@ impl Matrix<'_> {
                 for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4s(&[b], o))
             }
             TensorView::Q8C(bytes) | TensorView::Q4C(bytes) => channel_major_row(self, bytes, row, out),
+            TensorView::Q4K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ4K::dequantize),
+            TensorView::Q5K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ5K::dequantize),
+            TensorView::Q6K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ6K::dequantize),
+            TensorView::Q3K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ3K::dequantize),
         }
     }
 
@@ -119,7 +130,8 @@ impl Matrix<'_> {
             rest = tail;
             Mutex::new(Some((rows, mine)))
         });
-        let (cols, blocks) = (self.cols, self.cols / GROUP);
+        // Blocks a row: cols / 32, or cols / 256 super-blocks for a k-quant.
+        let (cols, blocks) = (self.cols, self.cols / self.encoding().block_values());
         let groups = |rows: &Range<usize>| rows.start / INTERLEAVE * blocks..rows.end / INTERLEAVE * blocks;
         pool.run(&|i| {
             let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
@@ -138,6 +150,10 @@ impl Matrix<'_> {
                 TensorView::Q8X4(w) => (kernels.matmul_q8x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q4X4(w) => (kernels.matmul_q4x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q4SX4(w) => (kernels.matmul_q4sx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q4K(w) => (kernels.matmul_q4k)(&w[blocked], cols, xq, out),
+                TensorView::Q5K(w) => (kernels.matmul_q5k)(&w[blocked], cols, xq, out),
+                TensorView::Q6K(w) => (kernels.matmul_q6k)(&w[blocked], cols, xq, out),
+                TensorView::Q3K(w) => (kernels.matmul_q3k)(&w[blocked], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
             }
         });
@@ -921,7 +937,7 @@ impl<'a> Model<'a> {
         let token_embd = matrix("token_embd.weight", vocab, dim)?;
         let output = if config.tied_output != 0 { token_embd } else { matrix("output.weight", vocab, dim)? };
         for m in [&token_embd, &output] {
-            if m.cols % GROUP != 0 && m.encoding().is_blocked() {
+            if !m.cols.is_multiple_of(m.encoding().block_values()) {
                 return Err(Error::corrupt("embedding width is not whole blocks"));
             }
         }
@@ -1448,5 +1464,78 @@ mod tests {
         assert!(error.message().contains("overflow"), "{error}");
         let error = RunState::bytes_for(&huge, usize::MAX / 2, 1, StateOptions::default()).unwrap_err();
         assert!(error.message().contains("KV cache") && error.message().contains("overflow"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod kquant_tests {
+    use super::*;
+    use crate::kernels::matmul::kquant::scalar;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    /// A k-quant matrix's rows come out of `row_to_f32` as its own blocks
+    /// expand, and its product split over threads (20 rows: a split inside
+    /// the rows, on multiples of 8) and over a batch is the reference's,
+    /// row for row: every row is one call of the same dot product.
+    #[test]
+    fn kquant_matrices_expand_and_multiply_by_super_blocks() {
+        let (rows, cols) = (20, 3 * QK_K);
+        let w = data(rows * cols, 5);
+        let q4k: Vec<BlockQ4K> = w.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
+        let q5k: Vec<BlockQ5K> = w.chunks_exact(QK_K).map(BlockQ5K::quantize).collect();
+        let q6k: Vec<BlockQ6K> = w.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
+        let q3k: Vec<BlockQ3K> = w.chunks_exact(QK_K).map(BlockQ3K::quantize).collect();
+        let views = [TensorView::Q4K(&q4k), TensorView::Q5K(&q5k), TensorView::Q6K(&q6k), TensorView::Q3K(&q3k)];
+        for view in views {
+            let m = Matrix { rows, cols, data: view };
+            let encoding = m.encoding();
+            assert_eq!(m.bytes(), rows * cols / QK_K * encoding.bytes_for(QK_K), "{encoding:?}");
+            let bytes: &[u8] = match view {
+                TensorView::Q4K(b) => bytemuck::cast_slice(b),
+                TensorView::Q5K(b) => bytemuck::cast_slice(b),
+                TensorView::Q6K(b) => bytemuck::cast_slice(b),
+                TensorView::Q3K(b) => bytemuck::cast_slice(b),
+                _ => unreachable!(),
+            };
+            let mut all = vec![0f32; rows * cols];
+            quant::dequantize_rows(encoding, bytes, cols, &mut all);
+            let mut row = vec![0f32; cols];
+            for r in [0, 7, 19] {
+                m.row_to_f32(r, &mut row);
+                assert_eq!(row, all[r * cols..(r + 1) * cols], "{encoding:?} row {r}");
+            }
+            for batch in [1, 3] {
+                let x = data(batch * cols, 9 + batch as u32);
+                let mut xq = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
+                (Kernels::SCALAR.quantize_activation)(&x, &mut xq);
+                let mut expected = vec![0f32; rows * batch];
+                match view {
+                    TensorView::Q4K(b) => scalar::matmul_q4k(b, cols, &xq, &mut expected),
+                    TensorView::Q5K(b) => scalar::matmul_q5k(b, cols, &xq, &mut expected),
+                    TensorView::Q6K(b) => scalar::matmul_q6k(b, cols, &xq, &mut expected),
+                    TensorView::Q3K(b) => scalar::matmul_q3k(b, cols, &xq, &mut expected),
+                    _ => unreachable!(),
+                }
+                for threads in [1, 2] {
+                    let pool = ThreadPool::new(threads);
+                    let (mut out, mut scratch) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
+                    m.matmul(&Kernels::SCALAR, &pool, &x, &xq, &mut out, &mut scratch);
+                    for r in 0..rows {
+                        for b in 0..batch {
+                            assert_eq!(
+                                out[b * rows + r],
+                                expected[r * batch + b],
+                                "{encoding:?} threads {threads} batch {batch} [{r}, {b}]"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -6,12 +6,17 @@
 //! four rows at one column block, rearranged so that one activation load
 //! serves four rows and a vector's lanes are four rows' sums ([`Interleaved`]).
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
-//! stored in a file.
+//! stored in a file. ggml's k-quant super-blocks of 256 values
+//! ([`crate::kquant`]: Q4_K, Q5_K, Q6_K, Q3_K) are encodings too, carried
+//! byte for byte from a GGUF file and always stored row-major.
 
+use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
-/// Values per quantization block.
+/// Values per quantization block of the 32-value encodings (Q8, Q4, Q4S and
+/// their rearrangements); the k-quants' super-blocks hold [`QK_K`]
+/// ([`Encoding::block_values`]).
 pub const GROUP: usize = 32;
 
 /// Tensor encodings, with their ids in the image's tensor index.
@@ -38,11 +43,19 @@ pub enum Encoding {
     Q8C,
     /// [`Encoding::Q4`] blocks stored channel-major ([`to_channel_major`]).
     Q4C,
+    /// ggml's Q4_K: 4-bit, super-blocks of 256 ([`BlockQ4K`]), row-major.
+    Q4K,
+    /// ggml's Q5_K: 5-bit, super-blocks of 256 ([`BlockQ5K`]), row-major.
+    Q5K,
+    /// ggml's Q6_K: 6-bit, super-blocks of 256 ([`BlockQ6K`]), row-major.
+    Q6K,
+    /// ggml's Q3_K: 3-bit, super-blocks of 256 ([`BlockQ3K`]), row-major.
+    Q3K,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 10] = [
+    pub const ALL: [Encoding; 14] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -53,6 +66,10 @@ impl Encoding {
         Encoding::Q4SX4,
         Encoding::Q8C,
         Encoding::Q4C,
+        Encoding::Q4K,
+        Encoding::Q5K,
+        Encoding::Q6K,
+        Encoding::Q3K,
     ];
 
     /// The id stored in the tensor index.
@@ -68,6 +85,10 @@ impl Encoding {
             Encoding::Q4SX4 => 7,
             Encoding::Q8C => 8,
             Encoding::Q4C => 9,
+            Encoding::Q4K => 10,
+            Encoding::Q5K => 11,
+            Encoding::Q6K => 12,
+            Encoding::Q3K => 13,
         }
     }
     /// The encoding of a tensor-index id.
@@ -87,15 +108,33 @@ impl Encoding {
             Encoding::Q4SX4 => "q4sx4",
             Encoding::Q8C => "q8c",
             Encoding::Q4C => "q4c",
+            Encoding::Q4K => "q4k",
+            Encoding::Q5K => "q5k",
+            Encoding::Q6K => "q6k",
+            Encoding::Q3K => "q3k",
         }
     }
     /// The encoding a CLI name stands for.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|e| e.name() == name)
     }
-    /// Whether rows are stored as blocks of [`GROUP`] values.
+    /// Whether rows are stored as blocks ([`Encoding::block_values`] values each).
     pub fn is_blocked(self) -> bool {
         !matches!(self, Encoding::F32 | Encoding::F16)
+    }
+    /// Whether this is one of ggml's k-quants (super-blocks of [`QK_K`]).
+    pub fn is_kquant(self) -> bool {
+        matches!(self, Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K)
+    }
+    /// Values one block holds: 1 for the float encodings, [`QK_K`] (256)
+    /// for the k-quants, [`GROUP`] (32) for the others. A row's length must
+    /// be a multiple of it.
+    pub fn block_values(self) -> usize {
+        match self {
+            Encoding::F32 | Encoding::F16 => 1,
+            _ if self.is_kquant() => QK_K,
+            _ => GROUP,
+        }
     }
     /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings, else 1.
     pub fn rows_interleaved(self) -> usize {
@@ -145,9 +184,13 @@ impl Encoding {
             _ => None,
         }
     }
-    /// Bytes taken by `n` values (`n` a multiple of [`GROUP`] for blocked encodings).
+    /// Bytes taken by `n` values (`n` a multiple of [`Encoding::block_values`]).
     pub fn bytes_for(self, n: usize) -> usize {
         match self {
+            Encoding::Q4K => n / QK_K * std::mem::size_of::<BlockQ4K>(),
+            Encoding::Q5K => n / QK_K * std::mem::size_of::<BlockQ5K>(),
+            Encoding::Q6K => n / QK_K * std::mem::size_of::<BlockQ6K>(),
+            Encoding::Q3K => n / QK_K * std::mem::size_of::<BlockQ3K>(),
             Encoding::F32 => n * 4,
             Encoding::F16 => n * 2,
             Encoding::Q8 => n / GROUP * std::mem::size_of::<BlockQ8>(),
@@ -421,6 +464,46 @@ pub fn quantize_q4s(x: &[f32], out: &mut [BlockQ4S]) {
     }
 }
 
+/// Quantizes `x` to Q8 keeping every value exactly where a block allows it:
+/// when each of a block's values is one f16 scale times integers in
+/// −127..=127 (a Q5_0 or IQ4_NL block expanded to f32 is: its own scale
+/// times 5-bit levels or IQ4_NL's table of int8 values), that scale and
+/// those integers; otherwise ggml's rounding ([`quantize_q8`]). Returns how
+/// many blocks could not be kept exactly.
+pub fn quantize_q8_lossless(x: &[f32], out: &mut [BlockQ8]) -> usize {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    let mut inexact = 0;
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        quantize_q8(values, std::slice::from_mut(block));
+        if q8_reproduces(block, values) {
+            continue;
+        }
+        // The scale is the largest magnitude over its level k; try every k.
+        let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let exact = (1..=127).find_map(|k| {
+            let d = f16::from_f32(amax / k as f32);
+            if d.to_f32() * k as f32 != amax {
+                return None;
+            }
+            let id = 1.0 / d.to_f32();
+            let candidate =
+                BlockQ8 { d, qs: std::array::from_fn(|j| (values[j] * id).round().clamp(-127.0, 127.0) as i8) };
+            q8_reproduces(&candidate, values).then_some(candidate)
+        });
+        match exact {
+            Some(candidate) => *block = candidate,
+            None => inexact += 1,
+        }
+    }
+    inexact
+}
+
+/// Whether `block` expands to exactly `values` (as [`dequantize_q8`] computes them).
+fn q8_reproduces(block: &BlockQ8, values: &[f32]) -> bool {
+    let d = block.d.to_f32();
+    block.qs.iter().zip(values).all(|(&q, &v)| d * q as f32 == v)
+}
+
 /// Expands Q8 blocks to f32.
 pub fn dequantize_q8(blocks: &[BlockQ8], out: &mut [f32]) {
     for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
@@ -453,6 +536,22 @@ pub fn dequantize_q4s(blocks: &[BlockQ4S], out: &mut [f32]) {
     }
 }
 
+/// Quantizes `x` (a multiple of [`QK_K`] long) into k-quant super-blocks
+/// with `quantize` (the simple min/max quantizers of [`crate::kquant`]).
+pub fn quantize_k<B>(x: &[f32], out: &mut [B], quantize: fn(&[f32]) -> B) {
+    debug_assert_eq!(x.len(), out.len() * QK_K);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        *block = quantize(values);
+    }
+}
+
+/// Expands k-quant super-blocks to f32 with `dequantize` (ggml's `dequantize_row_*`).
+pub fn dequantize_k<B>(blocks: &[B], out: &mut [f32], dequantize: fn(&B, &mut [f32])) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        dequantize(block, values);
+    }
+}
+
 /// Quantizes `x` to `encoding` into raw bytes (`out` exactly [`Encoding::bytes_for`] long).
 pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
     match encoding {
@@ -465,6 +564,10 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q8 => quantize_q8(x, cast_blocks_mut(out)),
         Encoding::Q4 => quantize_q4(x, cast_blocks_mut(out)),
         Encoding::Q4S => quantize_q4s(x, cast_blocks_mut(out)),
+        Encoding::Q4K => quantize_k(x, cast_blocks_mut(out), BlockQ4K::quantize),
+        Encoding::Q5K => quantize_k(x, cast_blocks_mut(out), BlockQ5K::quantize),
+        Encoding::Q6K => quantize_k(x, cast_blocks_mut(out), BlockQ6K::quantize),
+        Encoding::Q3K => quantize_k(x, cast_blocks_mut(out), BlockQ3K::quantize),
         interleaved => panic!("{interleaved:?}: quantize to its row-major encoding, then interleave_bytes"),
     }
 }
@@ -485,6 +588,11 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q8 => dequantize_q8(&pod_blocks(bytes), out),
         Encoding::Q4 => dequantize_q4(&pod_blocks(bytes), out),
         Encoding::Q4S => dequantize_q4s(&pod_blocks(bytes), out),
+        // Alignment 1: the bytes are the blocks, wherever they start.
+        Encoding::Q4K => dequantize_k(cast_blocks::<BlockQ4K>(bytes), out, BlockQ4K::dequantize),
+        Encoding::Q5K => dequantize_k(cast_blocks::<BlockQ5K>(bytes), out, BlockQ5K::dequantize),
+        Encoding::Q6K => dequantize_k(cast_blocks::<BlockQ6K>(bytes), out, BlockQ6K::dequantize),
+        Encoding::Q3K => dequantize_k(cast_blocks::<BlockQ3K>(bytes), out, BlockQ3K::dequantize),
         interleaved => panic!("{interleaved:?}: deinterleave_bytes first"),
     }
 }
@@ -618,6 +726,11 @@ fn cast_blocks_mut<T: Pod>(bytes: &mut [u8]) -> &mut [T] {
     bytemuck::try_cast_slice_mut(bytes).expect("quantization buffer is block-aligned and block-sized")
 }
 
+/// Views bytes as blocks of alignment 1 (the k-quants), in place.
+fn cast_blocks<T: Pod>(bytes: &[u8]) -> &[T] {
+    bytemuck::try_cast_slice(bytes).expect("k-quant bytes are whole blocks")
+}
+
 /// Copies bytes into blocks (works whatever the alignment of `bytes`).
 fn pod_blocks<T: Pod>(bytes: &[u8]) -> Vec<T> {
     bytemuck::pod_collect_to_vec(bytes)
@@ -741,5 +854,71 @@ mod tests {
         let mut y = vec![1f32; GROUP];
         dequantize_q4s(&q, &mut y);
         assert!(y.iter().all(|&v| v == 0.0));
+    }
+}
+
+#[cfg(test)]
+mod kquant_tests {
+    use super::*;
+
+    #[test]
+    fn kquant_encodings_count_super_blocks_of_256() {
+        for (encoding, id, name, block_bytes) in [
+            (Encoding::Q4K, 10, "q4k", 144),
+            (Encoding::Q5K, 11, "q5k", 176),
+            (Encoding::Q6K, 12, "q6k", 210),
+            (Encoding::Q3K, 13, "q3k", 110),
+        ] {
+            assert_eq!((encoding.id(), encoding.name()), (id, name));
+            assert_eq!(Encoding::from_id(id), Some(encoding));
+            assert_eq!(Encoding::from_name(name), Some(encoding));
+            assert_eq!(encoding.block_values(), 256);
+            assert_eq!(encoding.bytes_for(3 * 256), 3 * block_bytes);
+            assert!(encoding.is_blocked() && encoding.is_kquant());
+            // Row-major only: not interleaved, no channel-major form.
+            assert_eq!((encoding.row_major(), encoding.rows_interleaved(), encoding.row_multiple()), (encoding, 1, 1));
+            assert_eq!((encoding.interleaved(), encoding.channel_major()), (None, None));
+            let x: Vec<f32> = (0..2 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+            let mut bytes = vec![0u8; encoding.bytes_for(x.len())];
+            quantize_into(encoding, &x, &mut bytes);
+            let (mut y, mut z) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            dequantize_from(encoding, &bytes, &mut y);
+            // From an odd offset too: the blocks have alignment 1.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            dequantize_rows(encoding, &shifted[1..], 256, &mut z);
+            assert_eq!(y, z, "{encoding:?}");
+            let range = 100.0 / 17.0;
+            let worst = x.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst < range / 4.0, "{encoding:?}: worst error {worst}");
+        }
+        for other in [Encoding::Q8, Encoding::Q4X4, Encoding::Q4C] {
+            assert_eq!(other.block_values(), GROUP);
+        }
+        assert_eq!((Encoding::F32.block_values(), Encoding::F16.block_values()), (1, 1));
+    }
+
+    /// Values that are one f16 scale times small integers (a Q5_0 block,
+    /// scale negative as ggml's quantizer makes them) come back exactly;
+    /// values that are not fall back to ggml's rounding.
+    #[test]
+    fn lossless_q8_keeps_scaled_integers_exactly() {
+        let d = f16::from_f32(-0.0123).to_f32();
+        let levels: Vec<i32> = (0..GROUP as i32).map(|j| (j * 7) % 32 - 16).collect();
+        let exact: Vec<f32> = levels.iter().map(|&k| d * k as f32).collect();
+        let mut out = [BlockQ8::zeroed()];
+        assert_eq!(quantize_q8_lossless(&exact, &mut out), 0);
+        let mut back = vec![0f32; GROUP];
+        dequantize_q8(&out, &mut back);
+        assert_eq!(back, exact);
+        // ggml's rounding alone would not have kept them.
+        quantize_q8(&exact, &mut out);
+        dequantize_q8(&out, &mut back);
+        assert_ne!(back, exact);
+        let irregular: Vec<f32> = (0..GROUP).map(|j| (j as f32 * 0.37).sin()).collect();
+        let mut rounded = [BlockQ8::zeroed()];
+        quantize_q8(&irregular, &mut rounded);
+        assert_eq!(quantize_q8_lossless(&irregular, &mut out), 1);
+        assert_eq!(out, rounded);
     }
 }

@@ -2,18 +2,23 @@
 //!
 //! Tensors stream through one chunk of rows at a time. A tensor whose source
 //! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
-//! Q4_0 → Q4S, F16 → F16) is copied bit-exact; anything else is dequantized to
-//! f32 and quantized again. Quantized matrices of whole groups of four rows
+//! Q4_0 → Q4S, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
+//! bit-exact; anything else is dequantized to f32 and quantized again.
+//! `--quant keep` gives every tensor its source encoding where the image has
+//! it and the nearest one where it does not ([`keep_encoding`]). Quantized matrices of whole groups of four rows
 //! are then stored interleaved (layout 2, `models/FORMAT.md`), a lossless
 //! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
 //! row-major order. The image is written under a temporary name and
 //! renamed into place only when complete, so a failed conversion leaves no file.
 
-use crate::source::ModelSource;
+use crate::source::{ModelSource, SourceTensor};
 use anyhow::{bail, Context, Result};
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
-use bramble_runtime::quant::{interleave_bytes, quantize_into, Encoding, INTERLEAVE};
+use bramble_runtime::kquant::QK_K;
+use bramble_runtime::quant::{
+    interleave_bytes, quantize_into, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
@@ -30,10 +35,21 @@ pub enum QuantTarget {
     F16,
     /// binary32 (no quantization).
     F32,
+    /// ggml's Q4_K super-blocks (rows of a multiple of 256 values; others get Q4).
+    Q4K,
+    /// ggml's Q5_K super-blocks (others get Q8).
+    Q5K,
+    /// ggml's Q6_K super-blocks (others get Q8).
+    Q6K,
+    /// ggml's Q3_K super-blocks (others get Q4).
+    Q3K,
+    /// Each tensor in its source encoding where the image has it, else the
+    /// nearest one ([`keep_encoding`]).
+    Keep,
 }
 
 impl QuantTarget {
-    /// Parses `q4`, `q4s`, `q8`, `f16`, `f32`.
+    /// Parses `q4`, `q4s`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "q4" => QuantTarget::Q4,
@@ -41,20 +57,56 @@ impl QuantTarget {
             "q8" => QuantTarget::Q8,
             "f16" => QuantTarget::F16,
             "f32" => QuantTarget::F32,
-            other => bail!("unknown quantization {other:?}: expected q4, q4s, q8, f16 or f32"),
+            "q4k" => QuantTarget::Q4K,
+            "q5k" => QuantTarget::Q5K,
+            "q6k" => QuantTarget::Q6K,
+            "q3k" => QuantTarget::Q3K,
+            "keep" => QuantTarget::Keep,
+            other => {
+                bail!("unknown quantization {other:?}: expected q4, q4s, q8, f16, f32, q4k, q5k, q6k, q3k or keep")
+            }
         })
     }
 
-    /// The encoding a tensor gets, given what the source holds natively.
-    fn encoding_for(self, native: Option<Encoding>) -> Encoding {
-        match (self, native) {
+    /// The encoding a matrix of `tensor` gets, and the k-quant it was
+    /// meant to get when its rows are not whole super-blocks of 256.
+    fn encoding_for(self, tensor: &SourceTensor) -> (Encoding, Option<Encoding>) {
+        let wanted = match (self, tensor.native) {
             (QuantTarget::Q4, Some(native @ (Encoding::Q4 | Encoding::Q4S))) => native,
             (QuantTarget::Q4, _) => Encoding::Q4,
             (QuantTarget::Q4S, _) => Encoding::Q4S,
             (QuantTarget::Q8, _) => Encoding::Q8,
             (QuantTarget::F16, _) => Encoding::F16,
             (QuantTarget::F32, _) => Encoding::F32,
+            (QuantTarget::Q4K, _) => Encoding::Q4K,
+            (QuantTarget::Q5K, _) => Encoding::Q5K,
+            (QuantTarget::Q6K, _) => Encoding::Q6K,
+            (QuantTarget::Q3K, _) => Encoding::Q3K,
+            (QuantTarget::Keep, Some(native)) => native,
+            (QuantTarget::Keep, None) => keep_encoding(&tensor.source_type),
+        };
+        match wanted {
+            // The k-quants need rows of whole super-blocks: the 4- and 3-bit
+            // ones fall back to Q4, the 5- and 6-bit ones to Q8.
+            Encoding::Q4K | Encoding::Q3K if !tensor.cols().is_multiple_of(QK_K) => (Encoding::Q4, Some(wanted)),
+            Encoding::Q5K | Encoding::Q6K if !tensor.cols().is_multiple_of(QK_K) => (Encoding::Q8, Some(wanted)),
+            _ => (wanted, None),
         }
+    }
+}
+
+/// `--quant keep`'s encoding for a matrix whose source type the image has
+/// no encoding for: Q5_0, Q5_1, IQ4_NL and IQ4_XS go to Q8 (their values
+/// are a block scale times small integers: Q5_0's and IQ4_NL's are exactly
+/// Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
+/// k-quant the image has), BF16 to F16 (the same 16 bits a value, exact
+/// for every value inside f16's normal range); anything else to F32.
+pub fn keep_encoding(source_type: &str) -> Encoding {
+    match source_type.to_ascii_uppercase().as_str() {
+        "Q5_0" | "Q5_1" | "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
+        "Q2_K" => Encoding::Q3K,
+        "BF16" => Encoding::F16,
+        _ => Encoding::F32,
     }
 }
 
@@ -77,11 +129,12 @@ pub struct ConvertOptions {
 
 impl ConvertOptions {
     /// `quant` for the matrices, with the embedding and output layer kept at
-    /// q8 when the matrices go to 4 bits (as llama.cpp's Q4 presets do: they
-    /// are the most sensitive and a small share of the bytes).
+    /// q8 when the matrices go to 4 bits or fewer (as llama.cpp's Q4 presets
+    /// do: they are the most sensitive and a small share of the bytes).
+    /// `keep` keeps them as the source has them too.
     pub fn new(quant: QuantTarget) -> Self {
         let mut overrides = Vec::new();
-        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S) {
+        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K | QuantTarget::Q3K) {
             overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
             overrides.push(("output.weight".to_string(), QuantTarget::Q8));
         }
@@ -149,6 +202,11 @@ pub struct FamilyReport {
     pub encoding: String,
     /// Copied bit-exact, or expanded to f32 and encoded again.
     pub carried: bool,
+    /// What else the reader should know: a k-quant that fell back (rows
+    /// not whole super-blocks), or whether `--quant keep`'s conversion kept
+    /// every value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl FamilyReport {
@@ -163,14 +221,18 @@ impl FamilyReport {
 
     /// `details` grouped by family, source type, encoding and carried: families
     /// in order of first appearance, each family's groups together.
-    fn group(details: &[(String, String, String, bool)]) -> Vec<FamilyReport> {
+    fn group(details: &[(String, String, String, bool)], notes: &[Option<String>]) -> Vec<FamilyReport> {
         let mut families: Vec<FamilyReport> = Vec::new();
-        for (name, source_type, stored, carried) in details {
+        for ((name, source_type, stored, carried), note) in details.iter().zip(notes) {
             // The family's encoding, not its block order (q4x4 is q4 interleaved).
             let encoding = Encoding::from_name(stored).map_or(stored.as_str(), |e| e.row_major().name());
             let family = Self::family_of(name);
             let same = |f: &&mut FamilyReport| {
-                f.family == family && &f.source_type == source_type && f.encoding == encoding && f.carried == *carried
+                f.family == family
+                    && &f.source_type == source_type
+                    && f.encoding == encoding
+                    && f.carried == *carried
+                    && &f.note == note
             };
             match families.iter_mut().find(same) {
                 Some(group) => group.tensors += 1,
@@ -183,6 +245,7 @@ impl FamilyReport {
                         source_type: source_type.clone(),
                         encoding: encoding.to_string(),
                         carried: *carried,
+                        note: note.clone(),
                     };
                     families.insert(at, group);
                 }
@@ -211,7 +274,17 @@ impl FamilyReport {
 impl std::fmt::Display for FamilyReport {
     /// `ffn_down: 30 × Q5_0 → dequantized, re-quantized to q4`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} × {} → {}", self.family, self.tensors, self.source_type, self.action())
+        write!(f, "{}: {} × {} → {}", self.family, self.tensors, self.source_type, self.action_with_note())
+    }
+}
+
+impl FamilyReport {
+    /// [`FamilyReport::action`] with the note, if any, after it.
+    pub fn action_with_note(&self) -> String {
+        match &self.note {
+            Some(note) => format!("{} ({note})", self.action()),
+            None => self.action(),
+        }
     }
 }
 
@@ -248,18 +321,18 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
     };
     let mut values: Vec<f32> = Vec::new();
     let mut bytes: Vec<u8> = Vec::new();
+    let mut notes: Vec<Option<String>> = Vec::new();
     for (index, tensor) in tensors.iter().enumerate() {
         bar.set_message(tensor.name.clone());
         let (rows, cols) = (tensor.rows(), tensor.cols());
         // Vectors (norms) stay f32: they are tiny and the forward pass reads them as f32.
-        let encoding = if tensor.shape.len() == 1 {
-            Encoding::F32
-        } else {
-            options.target_for(&tensor.name).encoding_for(tensor.native)
-        };
-        if encoding.is_blocked() && cols % bramble_runtime::quant::GROUP != 0 {
+        let target = options.target_for(&tensor.name);
+        let (encoding, fell_back) =
+            if tensor.shape.len() == 1 { (Encoding::F32, None) } else { target.encoding_for(tensor) };
+        let block_values = encoding.block_values();
+        if !cols.is_multiple_of(block_values) {
             bail!(
-                "{}: tensor {}: rows of {cols} values cannot be stored as {} (blocks of 32)",
+                "{}: tensor {}: rows of {cols} values cannot be stored as {} (blocks of {block_values})",
                 source.describe(),
                 tensor.name,
                 encoding.name()
@@ -281,6 +354,9 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         };
         writer.begin_tensor(&tensor.name, stored, &tensor.shape)?;
         let carried = tensor.native == Some(encoding);
+        // `keep` says whether what it converted kept every value.
+        let check_exact = target == QuantTarget::Keep && !carried && matches!(encoding, Encoding::Q8 | Encoding::F16);
+        let mut exact = true;
         if carried {
             let raw = source
                 .native_bytes(index)
@@ -308,7 +384,19 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                     );
                 }
                 bytes.resize(encoding.bytes_for(values.len()), 0);
-                quantize_into(encoding, &values, &mut bytes);
+                match encoding {
+                    Encoding::Q8 if check_exact => {
+                        let mut blocks = vec![BlockQ8 { d: half::f16::ZERO, qs: [0; GROUP] }; values.len() / GROUP];
+                        exact &= quantize_q8_lossless(&values, &mut blocks) == 0;
+                        bytes.copy_from_slice(bytemuck::cast_slice(&blocks));
+                    }
+                    _ => {
+                        quantize_into(encoding, &values, &mut bytes);
+                        if check_exact {
+                            exact &= values.iter().all(|&v| half::f16::from_f32(v).to_f32() == v);
+                        }
+                    }
+                }
                 write(&mut writer, &bytes)?;
                 row += n;
             }
@@ -323,9 +411,17 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
             report.requantized += 1;
         }
         report.details.push((tensor.name.clone(), tensor.source_type.clone(), stored.name().to_string(), carried));
+        notes.push(match (fell_back, check_exact, exact) {
+            (Some(wanted), _, _) => {
+                Some(format!("{} asked, but rows of {cols} values are not whole super-blocks of {QK_K}", wanted.name()))
+            }
+            (None, true, true) => Some("every value kept exactly".to_string()),
+            (None, true, false) => Some(format!("not every value fits {}: rounded", encoding.name())),
+            (None, false, _) => None,
+        });
     }
     bar.finish_and_clear();
-    report.families = FamilyReport::group(&report.details);
+    report.families = FamilyReport::group(&report.details, &notes);
 
     let mut description = serde_json::json!({
         "source": source.describe(),
@@ -381,7 +477,8 @@ mod tests {
             row("blk.1.attn_norm.weight", "F32", "f32", true),
             row("blk.2.attn_v.weight", "Q5_0", "q4x4", false),
         ];
-        let lines: Vec<String> = FamilyReport::group(&details).iter().map(|f| f.to_string()).collect();
+        let notes = vec![None; details.len()];
+        let lines: Vec<String> = FamilyReport::group(&details, &notes).iter().map(|f| f.to_string()).collect();
         assert_eq!(
             lines,
             [
@@ -402,6 +499,7 @@ mod tests {
             source_type: source.to_string(),
             encoding: encoding.to_string(),
             carried: false,
+            note: None,
         };
         assert_eq!(family("BF16", "q8").action(), "quantized to q8");
         assert_eq!(family("F32", "f16").action(), "converted to f16");
@@ -409,10 +507,49 @@ mod tests {
         assert_eq!(family("IQ4_XS", "q4s").action(), "dequantized, re-quantized to q4s");
     }
 
+    fn tensor(source_type: &str, native: Option<Encoding>, cols: usize) -> SourceTensor {
+        SourceTensor {
+            name: "blk.0.ffn_up.weight".into(),
+            shape: vec![64, cols],
+            source_type: source_type.into(),
+            native,
+        }
+    }
+
     #[test]
     fn q4_keeps_native_4_bit_blocks() {
-        assert_eq!(QuantTarget::Q4.encoding_for(Some(Encoding::Q4S)), Encoding::Q4S);
-        assert_eq!(QuantTarget::Q4.encoding_for(Some(Encoding::Q8)), Encoding::Q4);
-        assert_eq!(QuantTarget::Q4S.encoding_for(Some(Encoding::Q4)), Encoding::Q4S);
+        let encoding = |target: QuantTarget, native| target.encoding_for(&tensor("Q4_0", native, 256)).0;
+        assert_eq!(encoding(QuantTarget::Q4, Some(Encoding::Q4S)), Encoding::Q4S);
+        assert_eq!(encoding(QuantTarget::Q4, Some(Encoding::Q8)), Encoding::Q4);
+        assert_eq!(encoding(QuantTarget::Q4S, Some(Encoding::Q4)), Encoding::Q4S);
+        assert_eq!(encoding(QuantTarget::Q4, Some(Encoding::Q4K)), Encoding::Q4);
+    }
+
+    #[test]
+    fn kquant_targets_fall_back_on_rows_that_are_not_whole_super_blocks() {
+        let at = |target: QuantTarget, cols| target.encoding_for(&tensor("F32", Some(Encoding::F32), cols));
+        assert_eq!(at(QuantTarget::Q4K, 512), (Encoding::Q4K, None));
+        assert_eq!(at(QuantTarget::Q4K, 576), (Encoding::Q4, Some(Encoding::Q4K)));
+        assert_eq!(at(QuantTarget::Q3K, 576), (Encoding::Q4, Some(Encoding::Q3K)));
+        assert_eq!(at(QuantTarget::Q5K, 576), (Encoding::Q8, Some(Encoding::Q5K)));
+        assert_eq!(at(QuantTarget::Q6K, 96), (Encoding::Q8, Some(Encoding::Q6K)));
+        assert_eq!(at(QuantTarget::Q6K, 1536), (Encoding::Q6K, None));
+    }
+
+    #[test]
+    fn keep_carries_what_the_image_has_and_converts_the_rest_once() {
+        let keep = |source: &str, native| QuantTarget::Keep.encoding_for(&tensor(source, native, 512)).0;
+        for native in [Encoding::F32, Encoding::F16, Encoding::Q8, Encoding::Q4, Encoding::Q4S, Encoding::Q4K] {
+            assert_eq!(keep("whatever", Some(native)), native);
+        }
+        assert_eq!(keep("Q6_K", Some(Encoding::Q6K)), Encoding::Q6K);
+        assert_eq!(keep("Q5_0", None), Encoding::Q8);
+        assert_eq!(keep("Q5_1", None), Encoding::Q8);
+        assert_eq!(keep("IQ4_NL", None), Encoding::Q8);
+        assert_eq!(keep("IQ4_XS", None), Encoding::Q8);
+        assert_eq!(keep("Q2_K", None), Encoding::Q3K);
+        assert_eq!(keep("BF16", None), Encoding::F16);
+        // Keep never quantizes the embedding behind the source's back.
+        assert!(ConvertOptions::new(QuantTarget::Keep).overrides.is_empty());
     }
 }

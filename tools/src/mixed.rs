@@ -133,13 +133,19 @@ impl Default for MixedOptions {
     }
 }
 
-/// Bits a value takes in an encoding family (4-bit ones alike).
-fn bits(quant: QuantTarget) -> u32 {
+/// Bits a value takes in an encoding family (4-bit ones alike, a k-quant
+/// counted by its levels' bits); `None` for `keep`, whose bits are the
+/// source's, tensor by tensor.
+fn bits(quant: QuantTarget) -> Option<u32> {
     match quant {
-        QuantTarget::Q4 | QuantTarget::Q4S => 4,
-        QuantTarget::Q8 => 8,
-        QuantTarget::F16 => 16,
-        QuantTarget::F32 => 32,
+        QuantTarget::Q3K => Some(3),
+        QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4),
+        QuantTarget::Q5K => Some(5),
+        QuantTarget::Q6K => Some(6),
+        QuantTarget::Q8 => Some(8),
+        QuantTarget::F16 => Some(16),
+        QuantTarget::F32 => Some(32),
+        QuantTarget::Keep => None,
     }
 }
 
@@ -151,8 +157,16 @@ pub fn quant_name(quant: QuantTarget) -> String {
 impl MixedOptions {
     /// Checks the options against the conversion's `--quant` before any work.
     pub fn check(&self, quant: QuantTarget) -> Result<()> {
+        let (Some(kept), Some(rest)) = (bits(self.precision), bits(quant)) else {
+            anyhow::bail!(
+                "--mixed auto with --quant {} --mixed-precision {}: keep carries each tensor as the source has it, \
+                 so there is no one precision to raise; give --quant an encoding",
+                quant_name(quant),
+                quant_name(self.precision)
+            );
+        };
         ensure!(
-            bits(self.precision) > bits(quant),
+            kept > rest,
             "--mixed-precision {}: the kept projections must be more precise than --quant {}",
             quant_name(self.precision),
             quant_name(quant)

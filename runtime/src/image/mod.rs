@@ -15,6 +15,7 @@ pub use writer::ImageWriter;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
+use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8x4, Encoding};
 use crate::vocab::Vocab;
 use half::f16;
@@ -50,7 +51,7 @@ impl TensorInfo {
 }
 
 /// A tensor's bytes as typed values or blocks, borrowed from the map.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum TensorView<'a> {
     /// binary32 values.
     F32(&'a [f32]),
@@ -72,6 +73,38 @@ pub enum TensorView<'a> {
     Q8C(&'a [u8]),
     /// Asymmetric Q4 blocks, channel-major.
     Q4C(&'a [u8]),
+    /// ggml Q4_K super-blocks, row-major.
+    Q4K(&'a [BlockQ4K]),
+    /// ggml Q5_K super-blocks, row-major.
+    Q5K(&'a [BlockQ5K]),
+    /// ggml Q6_K super-blocks, row-major.
+    Q6K(&'a [BlockQ6K]),
+    /// ggml Q3_K super-blocks, row-major.
+    Q3K(&'a [BlockQ3K]),
+}
+
+impl std::fmt::Debug for TensorView<'_> {
+    /// The variant and its length (the k-quant blocks have no `Debug` of
+    /// their own, and a tensor's contents are too long to print anyway).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (variant, len) = match self {
+            TensorView::F32(v) => ("F32", v.len()),
+            TensorView::F16(v) => ("F16", v.len()),
+            TensorView::Q8(v) => ("Q8", v.len()),
+            TensorView::Q4(v) => ("Q4", v.len()),
+            TensorView::Q4S(v) => ("Q4S", v.len()),
+            TensorView::Q8X4(v) => ("Q8X4", v.len()),
+            TensorView::Q4X4(v) => ("Q4X4", v.len()),
+            TensorView::Q4SX4(v) => ("Q4SX4", v.len()),
+            TensorView::Q8C(v) => ("Q8C", v.len()),
+            TensorView::Q4C(v) => ("Q4C", v.len()),
+            TensorView::Q4K(v) => ("Q4K", v.len()),
+            TensorView::Q5K(v) => ("Q5K", v.len()),
+            TensorView::Q6K(v) => ("Q6K", v.len()),
+            TensorView::Q3K(v) => ("Q3K", v.len()),
+        };
+        write!(f, "{variant}([{len} items])")
+    }
 }
 
 /// A section as listed in the section table.
@@ -243,6 +276,11 @@ impl ModelImage {
             Encoding::Q4SX4 => TensorView::Q4SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q8C => TensorView::Q8C(bytes),
             Encoding::Q4C => TensorView::Q4C(bytes),
+            // Alignment 1: any offset views as blocks; the size was checked at open.
+            Encoding::Q4K => TensorView::Q4K(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5K => TensorView::Q5K(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q6K => TensorView::Q6K(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q3K => TensorView::Q3K(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.
@@ -462,8 +500,12 @@ impl Parsed {
             shape.push(d as usize);
         }
         let cols = *shape.last().unwrap();
-        if encoding.is_blocked() && cols % crate::quant::GROUP != 0 {
-            return Err(fail(format!("rows of {cols} values are not whole blocks")));
+        let block_values = encoding.block_values();
+        if !cols.is_multiple_of(block_values) {
+            return Err(fail(format!(
+                "rows of {cols} values are not whole {} blocks of {block_values}",
+                encoding.name()
+            )));
         }
         let multiple = encoding.row_multiple();
         if multiple > 1 && (shape.len() != 2 || !shape[0].is_multiple_of(multiple)) {

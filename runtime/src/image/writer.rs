@@ -104,11 +104,11 @@ impl ImageWriter {
             return Err(Error::invalid(format!("tensor {name}: {} dimensions", shape.len())));
         }
         let cols = *shape.last().unwrap();
-        if encoding.is_blocked() && !cols.is_multiple_of(crate::quant::GROUP) {
+        if !cols.is_multiple_of(encoding.block_values()) {
             return Err(Error::invalid(format!(
                 "tensor {name}: rows of {cols} values cannot be {} blocks of {}",
                 encoding.name(),
-                crate::quant::GROUP
+                encoding.block_values()
             )));
         }
         let name_field = fixed_name::<56>(name)

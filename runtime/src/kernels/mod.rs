@@ -22,6 +22,7 @@ pub mod sparse;
 #[cfg(test)]
 mod tests;
 
+use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4};
 use half::f16;
 
@@ -73,6 +74,14 @@ pub struct Kernels {
     pub matmul_q4x4: MatmulQuantized<BlockQ4x4>,
     /// Interleaved symmetric Q4 weights × int8 activations.
     pub matmul_q4sx4: MatmulQuantized<BlockQ4Sx4>,
+    /// ggml Q4_K weights (row-major super-blocks of 256) × int8 activations.
+    pub matmul_q4k: MatmulQuantized<BlockQ4K>,
+    /// ggml Q5_K weights × int8 activations.
+    pub matmul_q5k: MatmulQuantized<BlockQ5K>,
+    /// ggml Q6_K weights × int8 activations.
+    pub matmul_q6k: MatmulQuantized<BlockQ6K>,
+    /// ggml Q3_K weights × int8 activations.
+    pub matmul_q3k: MatmulQuantized<BlockQ3K>,
     /// Channel-major Q8 weights × one int8 activation, over the active channels.
     pub matmul_q8c: matmul::channels::MatmulChannels,
     /// Channel-major asymmetric Q4 weights × one int8 activation, over the active channels.
@@ -134,6 +143,10 @@ impl Kernels {
         matmul_q8x4: matmul::scalar::matmul_q8x4,
         matmul_q4x4: matmul::scalar::matmul_q4x4,
         matmul_q4sx4: matmul::scalar::matmul_q4sx4,
+        matmul_q4k: matmul::kquant::scalar::matmul_q4k,
+        matmul_q5k: matmul::kquant::scalar::matmul_q5k,
+        matmul_q6k: matmul::kquant::scalar::matmul_q6k,
+        matmul_q3k: matmul::kquant::scalar::matmul_q3k,
         matmul_q8c: matmul::channels::scalar::matmul_q8c,
         matmul_q4c: matmul::channels::scalar::matmul_q4c,
         gemm_q8c: matmul::channels::scalar::gemm_q8c,
@@ -171,6 +184,10 @@ impl Kernels {
         matmul_q8x4: matmul::interleaved::matmul_q8x4,
         matmul_q4x4: matmul::interleaved::matmul_q4x4,
         matmul_q4sx4: matmul::interleaved::matmul_q4sx4,
+        matmul_q4k: matmul::kquant::scalar::matmul_q4k,
+        matmul_q5k: matmul::kquant::scalar::matmul_q5k,
+        matmul_q6k: matmul::kquant::scalar::matmul_q6k,
+        matmul_q3k: matmul::kquant::scalar::matmul_q3k,
         matmul_q8c: matmul::channels::neon::matmul_q8c,
         matmul_q4c: matmul::channels::neon::matmul_q4c,
         gemm_q8c: matmul::channels::neon::gemm_q8c,

@@ -20,6 +20,16 @@ pub enum QuantArg {
     Q8,
     F16,
     F32,
+    #[value(name = "q4k")]
+    Q4K,
+    #[value(name = "q5k")]
+    Q5K,
+    #[value(name = "q6k")]
+    Q6K,
+    #[value(name = "q3k")]
+    Q3K,
+    /// Every tensor as the source stores it where the image has that encoding.
+    Keep,
 }
 
 impl From<QuantArg> for QuantTarget {
@@ -30,6 +40,11 @@ impl From<QuantArg> for QuantTarget {
             QuantArg::Q8 => QuantTarget::Q8,
             QuantArg::F16 => QuantTarget::F16,
             QuantArg::F32 => QuantTarget::F32,
+            QuantArg::Q4K => QuantTarget::Q4K,
+            QuantArg::Q5K => QuantTarget::Q5K,
+            QuantArg::Q6K => QuantTarget::Q6K,
+            QuantArg::Q3K => QuantTarget::Q3K,
+            QuantArg::Keep => QuantTarget::Keep,
         }
     }
 }
@@ -65,7 +80,10 @@ pub struct ConvertArgs {
     /// The image to write.
     #[arg(long)]
     output: PathBuf,
-    /// Weight encoding: q4, q4s, q8, f16 or f32.
+    /// Weight encoding: q4, q4s, q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
+    /// q3k (rows not whole 256-value super-blocks get q4 or q8), or keep
+    /// (each tensor as the source stores it, bit-exact, where the image has
+    /// that encoding; Q5_0/Q5_1/IQ4 → q8, Q2_K → q3k, BF16 → f16).
     #[arg(long, value_enum, default_value_t = QuantArg::Q4)]
     quant: QuantArg,
     /// Per-tensor override PATTERN=QUANT (`*` is a wildcard), e.g. `blk.*.ffn_down.weight=q8`. Repeatable.
@@ -176,7 +194,7 @@ fn print_families(families: &[FamilyReport]) {
             family.family,
             family.tensors,
             family.source_type,
-            family.action()
+            family.action_with_note()
         );
     }
 }

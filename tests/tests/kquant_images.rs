@@ -1,0 +1,258 @@
+//! ggml's k-quants as image encodings (q4k, q5k, q6k, q3k):
+//!
+//! - a synthetic Llama GGUF whose matrices are Q4_K, Q5_K, Q6_K and Q3_K,
+//!   converted with `--quant keep`, holds every k-quant tensor's bytes
+//!   unchanged, runs to the independent numpy reference's logits, and
+//!   decodes without allocating;
+//! - an image whose q4k tensor has the wrong byte length, or rows that are
+//!   not whole super-blocks, is refused with an error naming the tensor;
+//! - the real Q4_K_M mix of the default model (`models/make-quant-mixes.sh`,
+//!   skipped when absent) keeps its Q4_K and Q6_K `ffn_down` tensors
+//!   bit-exact, and the report says what became of its Q5_0 tensors.
+
+use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
+use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
+use bramble_runtime::image::OpenOptions;
+use bramble_runtime::model::{Logits, Model};
+use bramble_runtime::{Encoding, ModelImage};
+use bramble_tests::*;
+use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
+use bramble_tools::source::gguf::{llama_writer, GgmlType, GgufFile, GgufSource};
+use bramble_tools::synth::SyntheticShape;
+use std::path::Path;
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The type each tensor family of the synthetic file is written in: all four
+/// k-quants among the projections, the embedding and the output layer.
+fn kquant_type(family: &str) -> GgmlType {
+    match family {
+        "token_embd" | "attn_q" | "ffn_gate" => GgmlType::Q4_K,
+        "attn_k" | "ffn_up" => GgmlType::Q5_K,
+        "attn_v" | "ffn_down" | "output" => GgmlType::Q6_K,
+        "attn_output" => GgmlType::Q3_K,
+        _ => GgmlType::F32, // the norms
+    }
+}
+
+/// The family of a GGUF tensor name: `blk.3.attn_q.weight` → `attn_q`.
+fn family(name: &str) -> &str {
+    let stem = name.strip_suffix(".weight").unwrap_or(name);
+    stem.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).map_or(stem, |(_, family)| family)
+}
+
+/// Writes the synthetic k-quant GGUF into `dir`: widths 256 and 512, whole
+/// super-blocks of 256 in every row.
+fn kquant_gguf(dir: &Path) -> std::path::PathBuf {
+    let shape = SyntheticShape { dim: 256, n_heads: 4, n_kv_heads: 2, ffn_dim: 512, n_layers: 2, ..Default::default() };
+    let model = synthetic(shape, 11);
+    let mut writer = llama_writer(&model.config, &model.vocab).unwrap();
+    for (name, shape, values) in &model.tensors {
+        writer.add_values(name, shape, kquant_type(family(name)), values).unwrap();
+    }
+    let path = dir.join("kquants.gguf");
+    writer.write(&path).unwrap();
+    path
+}
+
+fn convert_keep(gguf: &Path, image: &Path) -> ConvertReport {
+    let source = GgufSource::open(gguf).unwrap();
+    convert(&source, image, &ConvertOptions::new(QuantTarget::Keep)).unwrap()
+}
+
+/// Logit error budgets of the synthetic k-quant image against the reference,
+/// as shares of the reference's largest |logit|. The weights are the same
+/// bits on both sides, so what separates them is the int8 activations (per
+/// block of 32, as llama.cpp does) and f32 summation order: the error the
+/// q4 image of the real model shows against the same reference
+/// (`reference.rs`: max 3.5 and RMS 0.55 on logits up to ≈ 37, so 9.5 % and
+/// 1.5 % of the range), here on a 2-layer model.
+const MAX_ABS_OF_RANGE: f64 = 3.5 / 37.0;
+/// See [`MAX_ABS_OF_RANGE`].
+const RMS_OF_RANGE: f64 = 0.55 / 37.0;
+
+#[test]
+fn kquant_gguf_converted_keep_is_bit_exact_matches_the_reference_and_decodes_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = kquant_gguf(dir.path());
+    let image_path = dir.path().join("kquants.bramble");
+    let report = convert_keep(&gguf, &image_path);
+    assert_eq!(report.requantized, 0, "keep converted something: {:?}", report.families);
+
+    // Every tensor carried: the k-quants' bytes are the GGUF's, row-major.
+    let file = GgufFile::open(&gguf).unwrap();
+    let image = ModelImage::open(&image_path).unwrap();
+    let mut seen = Vec::new();
+    for (index, info) in file.tensors().iter().enumerate() {
+        let stored = image.tensor(&info.name).unwrap_or_else(|| panic!("{}: not in the image", info.name));
+        let expected = match info.ggml_type {
+            GgmlType::Q4_K => Encoding::Q4K,
+            GgmlType::Q5_K => Encoding::Q5K,
+            GgmlType::Q6_K => Encoding::Q6K,
+            GgmlType::Q3_K => Encoding::Q3K,
+            _ => Encoding::F32,
+        };
+        assert_eq!(stored.encoding, expected, "{}", info.name);
+        assert!(image.tensor_bytes(stored) == file.tensor_bytes(index), "{}: bytes differ from the GGUF's", info.name);
+        if !seen.contains(&expected) {
+            seen.push(expected);
+        }
+    }
+    assert_eq!(seen.len(), 5, "every k-quant and f32: {seen:?}");
+    for family in &report.families {
+        assert!(family.carried && family.action().starts_with("carried bit-exact"), "{family}");
+    }
+
+    // The forward pass against the numpy reference, which expands the same
+    // blocks with its own code.
+    let model = Model::new(&image).unwrap();
+    let tokens: Vec<u32> = vec![1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 11, 200];
+    let mut state = model.new_state(64, tokens.len());
+    let ours = model.forward(&mut state, &tokens, 0, Logits::All).unwrap().to_vec();
+    if let Some(reference) = Reference::get() {
+        let expected = reference.logits_all(&gguf, &tokens, dir.path());
+        let stats = error_stats(&ours, &expected);
+        eprintln!(
+            "k-quant image: max |Δlogit| {:.4}, RMS {:.5}, |logit| up to {:.2}",
+            stats.max_abs, stats.rms, stats.reference_max
+        );
+        assert!(
+            stats.max_abs <= MAX_ABS_OF_RANGE * stats.reference_max,
+            "max |Δlogit| {:.4} exceeds {:.4}",
+            stats.max_abs,
+            MAX_ABS_OF_RANGE * stats.reference_max
+        );
+        assert!(
+            stats.rms <= RMS_OF_RANGE * stats.reference_max,
+            "RMS Δlogit {:.5} exceeds {:.5}",
+            stats.rms,
+            RMS_OF_RANGE * stats.reference_max
+        );
+        let vocab = image.config().vocab_size as usize;
+        for position in 0..tokens.len() {
+            let row = position * vocab..(position + 1) * vocab;
+            if top2_gap(&expected[row.clone()]) as f64 > 2.0 * stats.max_abs {
+                assert_eq!(argmax(&ours[row.clone()]), argmax(&expected[row]), "position {position}");
+            }
+        }
+    }
+
+    // Decode steps, one token at a time after the prompt, allocate nothing
+    // (this thread's count: the model runs on the calling thread alone).
+    let mut state = model.new_state(64, tokens.len());
+    model.forward(&mut state, &tokens, 0, Logits::Last).unwrap();
+    let mut token = argmax(state.logits()) as u32;
+    let before = thread_allocations();
+    for pos in tokens.len()..tokens.len() + 16 {
+        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
+    }
+    let allocations = thread_allocations() - before;
+    assert_eq!(allocations, 0, "16 decode steps of the k-quant image allocated {allocations} times");
+}
+
+/// The image's bytes with tensor `name`'s index entry changed by `damage`,
+/// the index's checksum made right again, so only the entry itself is wrong.
+fn damaged(image: &ModelImage, name: &str, damage: impl Fn(&mut TensorEntry)) -> Vec<u8> {
+    let mut bytes = image.bytes().to_vec();
+    let index = image.sections().iter().find(|s| s.name == "tensor_index").unwrap().clone();
+    let entry_size = size_of::<TensorEntry>();
+    let at = (0..index.size / entry_size)
+        .map(|i| index.offset + i * entry_size)
+        .find(|&at| {
+            let entry: TensorEntry = bytemuck::pod_read_unaligned(&bytes[at..at + entry_size]);
+            bramble_runtime::image::layout::read_fixed_name(&entry.name) == Some(name)
+        })
+        .unwrap_or_else(|| panic!("{name}: no index entry"));
+    let mut entry: TensorEntry = bytemuck::pod_read_unaligned(&bytes[at..at + entry_size]);
+    damage(&mut entry);
+    bytes[at..at + entry_size].copy_from_slice(bytemuck::bytes_of(&entry));
+    let checksum = crc32fast::hash(&bytes[index.offset..index.offset + index.size]);
+    let header: Header = bytemuck::pod_read_unaligned(&bytes[..64]);
+    let table = header.section_table_offset as usize;
+    for slot in (0..header.section_count as usize).map(|i| table + 64 * i) {
+        let mut section: SectionEntry = bytemuck::pod_read_unaligned(&bytes[slot..slot + 64]);
+        if section.offset as usize == index.offset {
+            section.checksum = checksum;
+            bytes[slot..slot + 64].copy_from_slice(bytemuck::bytes_of(&section));
+        }
+    }
+    bytes
+}
+
+#[test]
+fn damaged_kquant_tensors_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = kquant_gguf(dir.path());
+    let image_path = dir.path().join("kquants.bramble");
+    convert_keep(&gguf, &image_path);
+    let image = ModelImage::open(&image_path).unwrap();
+    let name = "blk.1.attn_q.weight";
+    let info = image.tensor(name).unwrap();
+    assert_eq!((info.encoding, info.cols()), (Encoding::Q4K, 256));
+    let open = |bytes: &[u8]| ModelImage::from_bytes("damaged", bytes, OpenOptions::default()).err();
+
+    // One super-block short.
+    let short = damaged(&image, name, |entry| entry.size -= 144);
+    let error = open(&short).expect("a q4k tensor one block short opened");
+    eprintln!("one block short: {error}");
+    assert!(error.to_string().contains(name) && error.to_string().contains("bytes"), "{error}");
+
+    // The same values as rows of 128: not whole super-blocks of 256.
+    let narrow = damaged(&image, name, |entry| {
+        entry.shape[0] *= 2;
+        entry.shape[1] /= 2;
+    });
+    let error = open(&narrow).expect("q4k rows of 128 opened");
+    eprintln!("rows of 128: {error}");
+    let message = error.to_string();
+    assert!(message.contains(name) && message.contains("128") && message.contains("256"), "{error}");
+
+    // Undamaged, the same bytes open.
+    assert!(open(image.bytes()).is_none());
+}
+
+#[test]
+fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
+    if std::env::var("BRAMBLE_SKIP_MODEL").is_ok_and(|v| v == "1") {
+        eprintln!("BRAMBLE_SKIP_MODEL=1: skipping the real Q4_K_M mix");
+        return;
+    }
+    let gguf = cache_dir().join("quants/SmolLM2-135M-Instruct.Q4_K_M.gguf");
+    if !gguf.is_file() {
+        eprintln!("{} is absent (models/make-quant-mixes.sh makes it): skipped", gguf.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("q4km-keep.bramble");
+    let report = convert_keep(&gguf, &image_path);
+    let file = GgufFile::open(&gguf).unwrap();
+    let image = ModelImage::open(&image_path).unwrap();
+    let mut kept = [0usize; 2];
+    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| family(&t.name) == "ffn_down") {
+        let stored = image.tensor(&info.name).unwrap();
+        let slot = match info.ggml_type {
+            GgmlType::Q4_K => 0,
+            GgmlType::Q6_K => 1,
+            other => panic!("{}: {other}, expected Q4_K or Q6_K in a Q4_K_M mix", info.name),
+        };
+        assert_eq!(stored.encoding, [Encoding::Q4K, Encoding::Q6K][slot], "{}", info.name);
+        assert!(image.tensor_bytes(stored) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+        kept[slot] += 1;
+    }
+    assert!(kept[0] > 0 && kept[1] > 0, "Q4_K and Q6_K ffn_down tensors kept: {kept:?}");
+    // Q5_0 (llama.cpp's choice for rows of 576, not whole super-blocks)
+    // becomes q8, every value kept: a Q5_0 value is its f16 scale times an
+    // integer in −16..15, which a Q8 block with the same scale holds exactly.
+    let q5_0: Vec<_> = report.families.iter().filter(|f| f.source_type == "Q5_0").collect();
+    assert!(!q5_0.is_empty(), "no Q5_0 family in {:?}", report.families);
+    for family in q5_0 {
+        assert_eq!(family.encoding, "q8", "{family}");
+        assert_eq!(family.note.as_deref(), Some("every value kept exactly"), "{family}");
+    }
+    // It runs: a few tokens' logits are finite.
+    let model = Model::new(&image).unwrap();
+    let mut state = model.new_state(8, 4);
+    let logits = model.forward(&mut state, &[1, 2, 3, 4], 0, Logits::Last).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
