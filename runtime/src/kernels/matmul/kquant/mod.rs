@@ -85,4 +85,43 @@ mod tests {
         check("q6k", BlockQ6K::quantize, BlockQ6K::dequantize, matmul_q6k);
         check("q3k", BlockQ3K::quantize, BlockQ3K::dequantize, matmul_q3k);
     }
+
+    /// Every kernel table this CPU runs (the wiring, not the kernels, is
+    /// what this checks: each file tests its own kernels against the
+    /// reference at every size) gives the reference's products on a
+    /// 256-wide and a 1536-wide matrix, within float reassociation.
+    #[test]
+    fn every_table_runs_its_k_quant_kernels() {
+        use crate::kernels::Kernels;
+        /// Sums of the same integer products in another order, relative to Σ|terms|.
+        const TABLE_BUDGET: f32 = 1e-5;
+        for (rows, cols, batch) in [(5, QK_K, 1), (8, 6 * QK_K, 3)] {
+            let w = data(rows * cols, 3);
+            let x = data(batch * cols, 5);
+            let mut xq = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
+            quantize_activation(&x, &mut xq);
+            let magnitude: f32 = w.iter().map(|v| v.abs()).sum::<f32>() * x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let q4k: Vec<BlockQ4K> = w.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
+            let q5k: Vec<BlockQ5K> = w.chunks_exact(QK_K).map(BlockQ5K::quantize).collect();
+            let q6k: Vec<BlockQ6K> = w.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
+            let q3k: Vec<BlockQ3K> = w.chunks_exact(QK_K).map(BlockQ3K::quantize).collect();
+            let run = |k: &Kernels| -> Vec<f32> {
+                let mut out = vec![0f32; 4 * rows * batch];
+                let (a, rest) = out.split_at_mut(rows * batch);
+                let (b, rest) = rest.split_at_mut(rows * batch);
+                let (c, d) = rest.split_at_mut(rows * batch);
+                (k.matmul_q4k)(&q4k, cols, &xq, a);
+                (k.matmul_q5k)(&q5k, cols, &xq, b);
+                (k.matmul_q6k)(&q6k, cols, &xq, c);
+                (k.matmul_q3k)(&q3k, cols, &xq, d);
+                out
+            };
+            let expected = run(&Kernels::SCALAR);
+            for k in Kernels::all_available() {
+                for (i, (g, e)) in run(k).iter().zip(&expected).enumerate() {
+                    assert!((g - e).abs() <= TABLE_BUDGET * magnitude, "{} [{i}]: {g} vs {e}", k.name);
+                }
+            }
+        }
+    }
 }
