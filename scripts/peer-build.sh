@@ -28,6 +28,8 @@
 #   BUILD_SHARED_LIBS=OFF, LLAMA_CURL=OFF, LLAMA_OPENSSL=OFF: static binaries
 #     that never touch the network.
 # The machine is shared: -j2 (PEER_JOBS overrides) and only the four targets.
+# Needs cmake, gcc/g++, and for the Pi builds the Debian packages
+# gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user.
 set -euo pipefail
 
 version=0.3.36
@@ -96,8 +98,14 @@ for variant in "${variants[@]}"; do
         exit 1
         ;;
     esac
-    cmake -S "$src" -B "$build" "${common[@]}" "${flags[@]}" >"$build.cmake.log"
-    cmake --build "$build" --target "${targets[@]}" -j "$jobs" >"$build.build.log"
+    if ! cmake -S "$src" -B "$build" "${common[@]}" "${flags[@]}" >"$build.cmake.log" 2>&1; then
+        tail -20 "$build.cmake.log" >&2
+        exit 1
+    fi
+    if ! cmake --build "$build" --target "${targets[@]}" -j "$jobs" >"$build.build.log" 2>&1; then
+        tail -20 "$build.build.log" >&2
+        exit 1
+    fi
     if [ "$variant" != x86-64 ]; then
         # The binaries must start on the emulated Pi cores.
         cpu=cortex-a72
