@@ -39,13 +39,18 @@ pub enum LargeShape {
     Tiny,
     /// Llama-2-7B: width 4096, 32 layers, 32 heads, FFN 11008, 32000 tokens, untied output.
     Llama2_7B,
+    /// TinyLlama-1.1B: width 2048, 22 layers, 32 heads sharing 4 KV heads,
+    /// FFN 5632, 32000 tokens, untied output. With fewer `--layers` it keeps
+    /// every matrix's shape: a small file that runs the same kernels.
+    TinyLlama,
 }
 
 impl LargeShape {
     /// Every shape, with its `--shape` name.
-    pub const ALL: [(LargeShape, &'static str); 2] = [(LargeShape::Tiny, "tiny"), (LargeShape::Llama2_7B, "llama2-7b")];
+    pub const ALL: [(LargeShape, &'static str); 3] =
+        [(LargeShape::Tiny, "tiny"), (LargeShape::Llama2_7B, "llama2-7b"), (LargeShape::TinyLlama, "tinyllama")];
 
-    /// The shape called `name` (`tiny`, `llama2-7b`).
+    /// The shape called `name` (`tiny`, `llama2-7b`, `tinyllama`).
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL.iter().find(|(_, n)| *n == name).map(|(shape, _)| *shape).ok_or_else(|| {
             let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
@@ -64,6 +69,7 @@ impl LargeShape {
         let (dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size, context_length) = match self {
             LargeShape::Tiny => (128, 2, 4, 2, 352, 512, 256),
             LargeShape::Llama2_7B => (4096, 32, 32, 32, 11008, 32000, 4096),
+            LargeShape::TinyLlama => (2048, 22, 32, 4, 5632, 32000, 2048),
         };
         let mut config = ModelConfig::zeroed();
         config.arch = ARCH_LLAMA;
@@ -96,11 +102,13 @@ impl LargeShape {
         Ok(config)
     }
 
-    /// Safetensors files of the Hugging Face layout (Llama-2-7B's own f16 release has two).
+    /// Safetensors files of the Hugging Face layout (Llama-2-7B's own f16
+    /// release has two, TinyLlama's one).
     pub fn shards(self) -> usize {
         match self {
             LargeShape::Tiny => 2,
             LargeShape::Llama2_7B => 3,
+            LargeShape::TinyLlama => 1,
         }
     }
 }

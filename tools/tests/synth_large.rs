@@ -174,8 +174,16 @@ fn shapes_and_weight_types_parse() {
     );
     let bytes: usize = tensor_list(&big).iter().map(|(_, s)| s.iter().product::<usize>() * 2).sum();
     assert_eq!(bytes, 6_738_415_616 * 2, "Llama-2-7B has 6,738,415,616 parameters");
+    let tinyllama = LargeShape::parse("tinyllama").unwrap().config();
+    assert_eq!(
+        (tinyllama.dim, tinyllama.n_layers, tinyllama.n_heads, tinyllama.n_kv_heads, tinyllama.ffn_dim),
+        (2048, 22, 32, 4, 5632)
+    );
+    assert_eq!((tinyllama.head_dim, tinyllama.vocab_size, tinyllama.tied_output), (64, 32000, 0));
+    let params: usize = tensor_list(&tinyllama).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    assert_eq!(params, 1_100_048_384, "TinyLlama-1.1B has 1,100,048,384 parameters");
     let error = LargeShape::parse("llama2-70b").unwrap_err().to_string();
-    assert!(error.contains("tiny, llama2-7b"), "{error}");
+    assert!(error.contains("tiny, llama2-7b, tinyllama"), "{error}");
     assert!(LargeWeights::parse("q4_0").is_err());
 }
 

@@ -67,7 +67,7 @@ pub struct SynthArgs {
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Write a model of this shape (tiny, llama2-7b) tensor by tensor, never
+    /// Write a model of this shape (tiny, llama2-7b, tinyllama) tensor by tensor, never
     /// holding more than a chunk of rows in memory (gguf and hf; ignores
     /// --dim, --tied and --tokenizer; --layers keeps every tensor's size and
     /// only changes how many blocks there are).

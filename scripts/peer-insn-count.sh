@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Guest instructions per decoded token of llama.cpp on an emulated Raspberry Pi
+# core: the peer figure beside scripts/insn-count.sh's for Bramble.
+#
+#   scripts/peer-insn-count.sh GGUF [CPU...]     # CPU: cortex-a72 (Pi 4), cortex-a76 (Pi 5)
+#
+# Counted as scripts/insn-count.sh counts Bramble: the qemu plugin of
+# ../shared/tools/qemu-insn-count, one thread, two runs generating 8 and 24
+# tokens after a 32-token prompt, per token = (count(24) − count(8)) / 16, so
+# loading, weight repacking and the prompt cancel out and the context depth is
+# 32–56. The program is scripts/peer-build.sh's llama-bench:
+#   llama-bench -m GGUF -t 1 -r 1 --no-warmup -p 0 -d 32 -n N
+# (-d 32 decodes the 32-token prompt into the KV cache before the timed
+# generation; -p 0 runs no separate prompt test). cortex-a72 runs the
+# -march=armv8-a build, cortex-a76 the -march=armv8.2-a+dotprod build.
+# PEER_DIR is scripts/peer-build.sh's directory (~/.cache/bramble/peer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gguf=${1:?usage: scripts/peer-insn-count.sh GGUF [CPU...]}
+shift
+[ -f "$gguf" ] || { echo "peer-insn-count: $gguf: no such file" >&2; exit 1; }
+cpus=("$@")
+[ ${#cpus[@]} -gt 0 ] || cpus=(cortex-a72 cortex-a76)
+peer=${PEER_DIR:-$HOME/.cache/bramble/peer}
+plugin=$(bash ../shared/tools/qemu-insn-count/build.sh)
+
+# bench CPU → the llama-bench built for that core.
+bench() {
+    local build
+    case $1 in
+    cortex-a72) build=armv8-a ;;
+    cortex-a76) build=armv8.2-a+dotprod ;;
+    *)
+        echo "peer-insn-count: unknown CPU $1 (cortex-a72, cortex-a76)" >&2
+        return 1
+        ;;
+    esac
+    local path=$peer/build-$build/bin/llama-bench
+    [ -x "$path" ] || { echo "peer-insn-count: $path missing: run scripts/peer-build.sh $build" >&2; return 1; }
+    echo "$path"
+}
+
+# count CPU TOKENS → guest instructions of one llama-bench run.
+count() {
+    local cpu=$1 tokens=$2 program output
+    program=$(bench "$cpu")
+    output=$(QEMU_CPU=$cpu qemu-aarch64 -L /usr/aarch64-linux-gnu -plugin "$plugin" \
+        "$program" -m "$gguf" -t 1 -r 1 --no-warmup -p 0 -d 32 -n "$tokens" 2>&1 >/dev/null)
+    local n
+    n=$(sed -n 's/^guest-instructions: //p' <<<"$output")
+    if [ -z "$n" ]; then
+        echo "peer-insn-count: llama-bench failed on $cpu:" >&2
+        echo "$output" | tail -5 >&2
+        return 1
+    fi
+    echo "$n"
+}
+
+for cpu in "${cpus[@]}"; do
+    short=$(count "$cpu" 8)
+    long=$(count "$cpu" 24)
+    awk -v cpu="$cpu" -v a="$short" -v b="$long" -v f="$(basename "$gguf")" \
+        'BEGIN { printf "%s %s (llama.cpp): %.2f M guest instructions per token\n", f, cpu, (b - a) / 16 / 1e6 }'
+done
