@@ -336,23 +336,23 @@ mod arm {
     /// Q4_K levels: the low nibbles of eight interleaved vectors (sub-block
     /// `2c`) or their high nibbles (`2c + 1`).
     #[inline(always)]
-    pub(super) unsafe fn q4k_levels(bytes: [uint8x16_t; 8], high: bool) -> [int8x16_t; 8] {
+    pub(super) unsafe fn q4k_levels<const HIGH: bool>(bytes: [uint8x16_t; 8]) -> [int8x16_t; 8] {
         let nibble = vdupq_n_u8(15);
-        bytes.map(|v| vreinterpretq_s8_u8(if high { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
+        bytes.map(|v| vreinterpretq_s8_u8(if HIGH { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
     }
 
-    /// Q6_K levels of quarter `k` (0..4) of a half: `low` the eight vectors
-    /// of `ql` it reads (bytes `32·(k mod 2)` of the half's 64 per row),
-    /// `high` the half's eight vectors of `qh`. A level is the low (k < 2) or
-    /// high nibble under bits `2k, 2k + 1` of `qh` moved to bits 4, 5, less 32.
+    /// Q6_K levels of quarter `K` (0..4) of a half: `low` the eight vectors
+    /// of `ql` it reads (bytes `32·(K mod 2)` of the half's 64 per row),
+    /// `high` the half's eight vectors of `qh`. A level is the low (K < 2) or
+    /// high nibble under bits `2K, 2K + 1` of `qh` moved to bits 4, 5, less 32.
     #[inline(always)]
-    pub(super) unsafe fn q6k_levels(low: [uint8x16_t; 8], high: [uint8x16_t; 8], k: usize) -> [int8x16_t; 8] {
+    pub(super) unsafe fn q6k_levels<const K: usize>(low: [uint8x16_t; 8], high: [uint8x16_t; 8]) -> [int8x16_t; 8] {
         let (nibble, top_two, zero_point) = (vdupq_n_u8(15), vdupq_n_u8(0x30), vdupq_n_s8(32));
         let mut levels = [vdupq_n_s8(0); 8];
         for i in 0..8 {
             let (l, h) = (low[i], high[i]);
-            let nibbles = if k < 2 { vandq_u8(l, nibble) } else { vshrq_n_u8::<4>(l) };
-            let top = match k {
+            let nibbles = if K < 2 { vandq_u8(l, nibble) } else { vshrq_n_u8::<4>(l) };
+            let top = match K {
                 0 => vshlq_n_u8::<4>(h),
                 1 => vshlq_n_u8::<2>(h),
                 2 => h,
@@ -466,17 +466,21 @@ pub mod neon {
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
                 let k4 = q4k_scales(block);
                 let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                for chunk in 0..4 {
-                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
-                    for (high, sub) in [(false, 2 * chunk), (true, 2 * chunk + 1)] {
-                        let levels = q4k_levels(bytes, high);
-                        for t in 0..N {
+                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                        unsafe {
                             let a = activations[t].add(sub);
                             let isum = sum32(&levels, &broadcasts(a));
                             let pair = (k4.scales[sub], k4.mins[sub]);
                             accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
                         }
                     }
+                };
+                for chunk in 0..4 {
+                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
+                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
+                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
                 }
                 for t in 0..N {
                     acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
@@ -503,19 +507,26 @@ pub mod neon {
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
                 let (d, pairs) = q6k_scales(block);
                 let mut scaled = [vdupq_n_f32(0.0); N];
-                for half in 0..2 {
-                    let high = load128((*block).qh.as_ptr().add(128 * half));
-                    for k in 0..4 {
-                        let low = load128((*block).ql.as_ptr().add(256 * half + 128 * (k % 2)));
-                        let levels = q6k_levels(low, high, k);
-                        let index = 4 * half + k;
-                        for t in 0..N {
+                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                        unsafe {
                             let a = activations[t].add(index);
                             let b = broadcasts(a);
                             let sums = (sum16(&levels[..4], &b[..4]), sum16(&levels[4..], &b[4..]));
                             accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
                         }
                     }
+                };
+                for half in 0..2 {
+                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
+                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
+                    let (low, high) = (load128(ql), load128(qh));
+                    quarter(q6k_levels::<0>(low, high), 4 * half);
+                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    let (low, high) = (load128(ql.add(128)), load128(qh));
+                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
+                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
                 }
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
@@ -622,17 +633,22 @@ pub mod dotprod {
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
                 let k4 = q4k_scales(block);
                 let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                for chunk in 0..4 {
-                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
-                    for (high, sub) in [(false, 2 * chunk), (true, 2 * chunk + 1)] {
-                        let levels = q4k_levels(bytes, high);
-                        for t in 0..N {
+                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
+                        // promise), and the CPU has the dot-product extension.
+                        unsafe {
                             let a = activations[t].add(sub);
                             let isum = sum32(&levels, values(a));
                             let pair = (k4.scales[sub], k4.mins[sub]);
                             accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
                         }
                     }
+                };
+                for chunk in 0..4 {
+                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
+                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
+                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
                 }
                 for t in 0..N {
                     acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
@@ -660,19 +676,27 @@ pub mod dotprod {
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
                 let (d, pairs) = q6k_scales(block);
                 let mut scaled = [vdupq_n_f32(0.0); N];
-                for half in 0..2 {
-                    let high = load128((*block).qh.as_ptr().add(128 * half));
-                    for k in 0..4 {
-                        let low = load128((*block).ql.as_ptr().add(256 * half + 128 * (k % 2)));
-                        let levels = q6k_levels(low, high, k);
-                        let index = 4 * half + k;
-                        for t in 0..N {
+                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
+                        // promise), and the CPU has the dot-product extension.
+                        unsafe {
                             let a = activations[t].add(index);
                             let q = values(a);
                             let sums = (sum16(&levels[..4], q.0), sum16(&levels[4..], q.1));
                             accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
                         }
                     }
+                };
+                for half in 0..2 {
+                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
+                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
+                    let (low, high) = (load128(ql), load128(qh));
+                    quarter(q6k_levels::<0>(low, high), 4 * half);
+                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    let (low, high) = (load128(ql.add(128)), load128(qh));
+                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
+                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
                 }
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
