@@ -59,6 +59,8 @@ impl Matrix<'_> {
             TensorView::Q5K(_) => Encoding::Q5K,
             TensorView::Q6K(_) => Encoding::Q6K,
             TensorView::Q3K(_) => Encoding::Q3K,
+            TensorView::Q4KX4(_) => Encoding::Q4KX4,
+            TensorView::Q6KX4(_) => Encoding::Q6KX4,
         }
     }
 
@@ -79,19 +81,25 @@ impl Matrix<'_> {
             TensorView::Q4(blocks) => quant::dequantize_q4(&blocks[block_start..block_end], out),
             TensorView::Q4S(blocks) => quant::dequantize_q4s(&blocks[block_start..block_end], out),
             TensorView::Q8X4(blocks) => {
-                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q8(&[b], o))
+                for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q8(&[b], o))
             }
             TensorView::Q4X4(blocks) => {
-                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4(&[b], o))
+                for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q4(&[b], o))
             }
             TensorView::Q4SX4(blocks) => {
-                for_interleaved_row(blocks, self.cols, row, out, |b, o| quant::dequantize_q4s(&[b], o))
+                for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q4s(&[b], o))
             }
             TensorView::Q8C(bytes) | TensorView::Q4C(bytes) => channel_major_row(self, bytes, row, out),
             TensorView::Q4K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ4K::dequantize),
             TensorView::Q5K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ5K::dequantize),
             TensorView::Q6K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ6K::dequantize),
             TensorView::Q3K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ3K::dequantize),
+            TensorView::Q4KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ4K::dequantize(&b, o))
+            }
+            TensorView::Q6KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ6K::dequantize(&b, o))
+            }
         }
     }
 
@@ -154,6 +162,8 @@ impl Matrix<'_> {
                 TensorView::Q5K(w) => (kernels.matmul_q5k)(&w[blocked], cols, xq, out),
                 TensorView::Q6K(w) => (kernels.matmul_q6k)(&w[blocked], cols, xq, out),
                 TensorView::Q3K(w) => (kernels.matmul_q3k)(&w[blocked], cols, xq, out),
+                TensorView::Q4KX4(w) => (kernels.matmul_q4kx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q6KX4(w) => (kernels.matmul_q6kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
             }
         });
@@ -294,18 +304,18 @@ fn channel_major_row(m: &Matrix, bytes: &[u8], row: usize, out: &mut [f32]) {
     }
 }
 
-/// Calls `expand(block, out_piece)` for each of row `row`'s blocks, taken
-/// out of the interleaved groups, with the matching 32 values of `out`.
+/// Calls `expand(block, out_piece)` for each of row `row`'s `per_row`
+/// blocks, taken out of the interleaved groups, with the matching values of
+/// `out` (32 a block, 256 a k-quant super-block).
 fn for_interleaved_row<X: Interleaved>(
     blocks: &[X],
-    cols: usize,
+    per_row: usize,
     row: usize,
     out: &mut [f32],
     expand: impl Fn(X::Row, &mut [f32]),
 ) {
-    let per_row = cols / GROUP;
     let group = &blocks[row / INTERLEAVE * per_row..(row / INTERLEAVE + 1) * per_row];
-    for (block, values) in group.iter().zip(out.chunks_exact_mut(GROUP)) {
+    for (block, values) in group.iter().zip(out.chunks_exact_mut(out.len() / per_row)) {
         expand(block.row(row % INTERLEAVE), values);
     }
 }

@@ -8,7 +8,8 @@
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
 //! stored in a file. ggml's k-quant super-blocks of 256 values
 //! ([`crate::kquant`]: Q4_K, Q5_K, Q6_K, Q3_K) are encodings too, carried
-//! byte for byte from a GGUF file and always stored row-major.
+//! byte for byte from a GGUF file, row-major or (Q4_K and Q6_K) four rows
+//! interleaved ([`BlockQ4Kx4`], [`BlockQ6Kx4`]).
 
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bytemuck::{Pod, Zeroable};
@@ -51,11 +52,15 @@ pub enum Encoding {
     Q6K,
     /// ggml's Q3_K: 3-bit, super-blocks of 256 ([`BlockQ3K`]), row-major.
     Q3K,
+    /// [`Encoding::Q4K`], four rows interleaved ([`BlockQ4Kx4`]).
+    Q4KX4,
+    /// [`Encoding::Q6K`], four rows interleaved ([`BlockQ6Kx4`]).
+    Q6KX4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 14] = [
+    pub const ALL: [Encoding; 16] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -70,6 +75,8 @@ impl Encoding {
         Encoding::Q5K,
         Encoding::Q6K,
         Encoding::Q3K,
+        Encoding::Q4KX4,
+        Encoding::Q6KX4,
     ];
 
     /// The id stored in the tensor index.
@@ -89,6 +96,8 @@ impl Encoding {
             Encoding::Q5K => 11,
             Encoding::Q6K => 12,
             Encoding::Q3K => 13,
+            Encoding::Q4KX4 => 14,
+            Encoding::Q6KX4 => 15,
         }
     }
     /// The encoding of a tensor-index id.
@@ -112,6 +121,8 @@ impl Encoding {
             Encoding::Q5K => "q5k",
             Encoding::Q6K => "q6k",
             Encoding::Q3K => "q3k",
+            Encoding::Q4KX4 => "q4kx4",
+            Encoding::Q6KX4 => "q6kx4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -122,9 +133,10 @@ impl Encoding {
     pub fn is_blocked(self) -> bool {
         !matches!(self, Encoding::F32 | Encoding::F16)
     }
-    /// Whether this is one of ggml's k-quants (super-blocks of [`QK_K`]).
+    /// Whether this is one of ggml's k-quants (super-blocks of [`QK_K`]),
+    /// in either row order.
     pub fn is_kquant(self) -> bool {
-        matches!(self, Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K)
+        matches!(self.row_major(), Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K)
     }
     /// Values one block holds: 1 for the float encodings, [`QK_K`] (256)
     /// for the k-quants, [`GROUP`] (32) for the others. A row's length must
@@ -139,7 +151,7 @@ impl Encoding {
     /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings, else 1.
     pub fn rows_interleaved(self) -> usize {
         match self {
-            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 => INTERLEAVE,
+            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 | Encoding::Q4KX4 | Encoding::Q6KX4 => INTERLEAVE,
             _ => 1,
         }
     }
@@ -163,6 +175,8 @@ impl Encoding {
             Encoding::Q8X4 | Encoding::Q8C => Encoding::Q8,
             Encoding::Q4X4 | Encoding::Q4C => Encoding::Q4,
             Encoding::Q4SX4 => Encoding::Q4S,
+            Encoding::Q4KX4 => Encoding::Q4K,
+            Encoding::Q6KX4 => Encoding::Q6K,
             other => other,
         }
     }
@@ -181,6 +195,8 @@ impl Encoding {
             Encoding::Q8 => Some(Encoding::Q8X4),
             Encoding::Q4 => Some(Encoding::Q4X4),
             Encoding::Q4S => Some(Encoding::Q4SX4),
+            Encoding::Q4K => Some(Encoding::Q4KX4),
+            Encoding::Q6K => Some(Encoding::Q6KX4),
             _ => None,
         }
     }
@@ -197,9 +213,13 @@ impl Encoding {
             Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
             Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
             // The same bytes as the row-major blocks, rearranged.
-            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 | Encoding::Q8C | Encoding::Q4C => {
-                self.row_major().bytes_for(n)
-            }
+            Encoding::Q8X4
+            | Encoding::Q4X4
+            | Encoding::Q4SX4
+            | Encoding::Q8C
+            | Encoding::Q4C
+            | Encoding::Q4KX4
+            | Encoding::Q6KX4 => self.row_major().bytes_for(n),
         }
     }
 }
@@ -248,6 +268,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ4S>() == 18);
 /// side by side, then their values four bytes at a time — bytes `4c .. 4c+4`
 /// of row `r` at `16c + 4r` — so that sixteen bytes are four rows' values
 /// at the same four columns, which is what one `sdot` by lane multiplies.
+/// The k-quants' packed sub-block scales are interleaved a byte at a time
+/// ([`BlockQ4Kx4`]), so that they unpack for four rows at once.
 pub trait Interleaved: Pod {
     /// The row-major block.
     type Row: Pod;
@@ -257,23 +279,37 @@ pub trait Interleaved: Pod {
     fn row(&self, r: usize) -> Self::Row;
 }
 
-/// Moves `n` bytes of each row, four at a time, between row-major order
+/// Moves the `N` bytes of each row, four at a time, between row-major order
 /// (`rows[r][4c + j]`) and interleaved order (`mixed[16c + 4r + j]`).
 #[inline(always)]
 fn spread<const N: usize>(rows: [&[u8; N]; INTERLEAVE], mixed: &mut [u8]) {
-    for c in 0..N / 4 {
-        for (r, row) in rows.iter().enumerate() {
-            mixed[16 * c + 4 * r..16 * c + 4 * r + 4].copy_from_slice(&row[4 * c..4 * c + 4]);
-        }
-    }
+    spread_by::<N, 4>(rows, mixed)
 }
 
 /// Row `r`'s `N` bytes out of interleaved order (the inverse of [`spread`]).
 #[inline(always)]
 fn gather<const N: usize>(mixed: &[u8], r: usize) -> [u8; N] {
+    gather_by::<N, 4>(mixed, r)
+}
+
+/// [`spread`] `W` bytes at a time: `rows[r][W·c + j]` to `mixed[4W·c + W·r + j]`.
+#[inline(always)]
+fn spread_by<const N: usize, const W: usize>(rows: [&[u8; N]; INTERLEAVE], mixed: &mut [u8]) {
+    for c in 0..N / W {
+        for (r, row) in rows.iter().enumerate() {
+            let at = INTERLEAVE * W * c + W * r;
+            mixed[at..at + W].copy_from_slice(&row[W * c..W * c + W]);
+        }
+    }
+}
+
+/// The inverse of [`spread_by`] for row `r`.
+#[inline(always)]
+fn gather_by<const N: usize, const W: usize>(mixed: &[u8], r: usize) -> [u8; N] {
     let mut row = [0u8; N];
-    for (c, four) in row.chunks_exact_mut(4).enumerate() {
-        four.copy_from_slice(&mixed[16 * c + 4 * r..16 * c + 4 * r + 4]);
+    for (c, piece) in row.chunks_exact_mut(W).enumerate() {
+        let at = INTERLEAVE * W * c + W * r;
+        piece.copy_from_slice(&mixed[at..at + W]);
     }
     row
 }
@@ -355,6 +391,109 @@ impl Interleaved for BlockQ4Sx4 {
     }
 }
 
+/// [`BlockQ4K`] × 4 rows: 576 bytes, read front to back by the kernels
+/// (`crate::kernels::matmul::kquant::interleaved`).
+///
+/// - `d`, `dmin`: the four rows' f16 units side by side (one 16-byte load,
+///   two conversions give both as four lanes);
+/// - `scales`: the rows' 12 packed scale bytes interleaved one byte at a
+///   time, byte `i` of row `r` at `4i + r`. ggml's unpacking of the 6-bit
+///   scales and minimums works on each byte position alone (masks and
+///   shifts of bytes `i`, `i + 4`, `i + 8`), so the three 16-byte vectors
+///   unpack with the same few vector operations into all four rows' values,
+///   already in `[sub-block][row]` order: a vector's lanes are four rows.
+/// - `qs`: the nibbles interleaved four bytes at a time as [`spread`] does
+///   (bytes `4c .. 4c+4` of row `r` at `16c + 4r`): sixteen bytes are four
+///   rows' nibbles at four columns, what one `sdot` by lane multiplies;
+///   bytes `128k .. 128k+128` hold the four rows' sub-blocks `2k` (low
+///   nibbles) and `2k + 1` (high nibbles).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4Kx4 {
+    /// Each row's f16 scale unit, little-endian.
+    pub d: [[u8; 2]; INTERLEAVE],
+    /// Each row's f16 minimum unit, little-endian.
+    pub dmin: [[u8; 2]; INTERLEAVE],
+    /// The rows' packed 6-bit scales and minimums, interleaved a byte at a time.
+    pub scales: [u8; INTERLEAVE * 12],
+    /// The rows' nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4Kx4>() == 4 * 144);
+
+impl Interleaved for BlockQ4Kx4 {
+    type Row = BlockQ4K;
+    fn from_rows(rows: &[BlockQ4K; INTERLEAVE]) -> Self {
+        let mut block = Self {
+            d: rows.map(|b| b.d),
+            dmin: rows.map(|b| b.dmin),
+            scales: [0; INTERLEAVE * 12],
+            qs: [0; INTERLEAVE * QK_K / 2],
+        };
+        spread_by::<12, 1>(rows.each_ref().map(|b| &b.scales), &mut block.scales);
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ4K {
+        BlockQ4K {
+            d: self.d[r],
+            dmin: self.dmin[r],
+            scales: gather_by::<12, 1>(&self.scales, r),
+            qs: gather(&self.qs, r),
+        }
+    }
+}
+
+/// [`BlockQ6K`] × 4 rows: 840 bytes, laid out as [`BlockQ4Kx4`]:
+///
+/// - `d`: the four rows' f16 units side by side;
+/// - `scales`: the rows' sixteen signed 8-bit scales interleaved a byte at a
+///   time (scale `i` of row `r` at `4i + r`), so a 16-byte vector is four
+///   sub-blocks' scales of the four rows, `[sub-block][row]`;
+/// - `ql`, `qh`: the low nibbles and the high two bits, each interleaved four
+///   bytes at a time as [`spread`] does; bytes `4l .. 4l+4` of a row's `ql`
+///   and of its `qh` land at the same offsets of their interleaved arrays, so
+///   a level's two parts are unpacked from matching vectors.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ6Kx4 {
+    /// Each row's f16 scale unit, little-endian.
+    pub d: [[u8; 2]; INTERLEAVE],
+    /// The rows' signed sub-block scales, interleaved a byte at a time.
+    pub scales: [u8; INTERLEAVE * QK_K / 16],
+    /// The rows' low four bits, interleaved four bytes at a time.
+    pub ql: [u8; INTERLEAVE * QK_K / 2],
+    /// The rows' high two bits, interleaved four bytes at a time.
+    pub qh: [u8; INTERLEAVE * QK_K / 4],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ6Kx4>() == 4 * 210);
+
+impl Interleaved for BlockQ6Kx4 {
+    type Row = BlockQ6K;
+    fn from_rows(rows: &[BlockQ6K; INTERLEAVE]) -> Self {
+        let mut block = Self {
+            d: rows.map(|b| b.d),
+            scales: [0; INTERLEAVE * QK_K / 16],
+            ql: [0; INTERLEAVE * QK_K / 2],
+            qh: [0; INTERLEAVE * QK_K / 4],
+        };
+        spread_by::<16, 1>(rows.each_ref().map(|b| &b.scales), &mut block.scales);
+        spread(rows.each_ref().map(|b| &b.ql), &mut block.ql);
+        spread(rows.each_ref().map(|b| &b.qh), &mut block.qh);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ6K {
+        BlockQ6K {
+            ql: gather(&self.ql, r),
+            qh: gather(&self.qh, r),
+            scales: gather_by::<16, 1>(&self.scales, r),
+            d: self.d[r],
+        }
+    }
+}
+
 /// Interleaves a row-major matrix of `blocks` blocks a row (a whole number
 /// of four-row groups): group `g`, column block `k` is rows `4g .. 4g+4`'s block `k`.
 pub fn interleave<X: Interleaved>(rows: &[X::Row], blocks: usize, out: &mut [X]) {
@@ -381,8 +520,11 @@ pub fn deinterleave<X: Interleaved>(mixed: &[X], blocks: usize, out: &mut [X::Ro
 /// [`interleave`] on raw bytes: `row_major` in `encoding.row_major()`, `out`
 /// in `encoding` (an interleaved one), rows of `cols` values.
 pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: &mut [u8]) {
-    let blocks = cols / GROUP;
+    let blocks = cols / encoding.block_values();
     match encoding {
+        // Alignment 1: the byte buffers are the blocks in place.
+        Encoding::Q4KX4 => interleave::<BlockQ4Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q6KX4 => interleave::<BlockQ6Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => interleave::<BlockQ8x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
@@ -392,8 +534,10 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
 
 /// [`deinterleave`] on raw bytes (the inverse of [`interleave_bytes`]).
 pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &mut [u8]) {
-    let blocks = cols / GROUP;
+    let blocks = cols / encoding.block_values();
     match encoding {
+        Encoding::Q4KX4 => deinterleave::<BlockQ4Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q6KX4 => deinterleave::<BlockQ6Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => deinterleave::<BlockQ8x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
@@ -875,9 +1019,9 @@ mod kquant_tests {
             assert_eq!(encoding.block_values(), 256);
             assert_eq!(encoding.bytes_for(3 * 256), 3 * block_bytes);
             assert!(encoding.is_blocked() && encoding.is_kquant());
-            // Row-major only: not interleaved, no channel-major form.
+            // Row-major, no channel-major form.
             assert_eq!((encoding.row_major(), encoding.rows_interleaved(), encoding.row_multiple()), (encoding, 1, 1));
-            assert_eq!((encoding.interleaved(), encoding.channel_major()), (None, None));
+            assert_eq!(encoding.channel_major(), None);
             let x: Vec<f32> = (0..2 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
             let mut bytes = vec![0u8; encoding.bytes_for(x.len())];
             quantize_into(encoding, &x, &mut bytes);
@@ -920,5 +1064,64 @@ mod kquant_tests {
         quantize_q8(&irregular, &mut rounded);
         assert_eq!(quantize_q8_lossless(&irregular, &mut out), 1);
         assert_eq!(out, rounded);
+    }
+
+    /// The interleaved k-quants hold the row-major super-blocks' bytes,
+    /// moved: random bytes (every field, any value) come back byte for byte,
+    /// the 6-bit scales sit `[byte][row]` and the values `[4 columns][row]`.
+    #[test]
+    fn kquant_interleaving_is_a_lossless_permutation() {
+        let mut seed = 0x9E37_79B9u32;
+        let mut random_bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (seed >> 24) as u8
+                })
+                .collect()
+        };
+        for (encoding, id, name) in [(Encoding::Q4KX4, 14, "q4kx4"), (Encoding::Q6KX4, 15, "q6kx4")] {
+            assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(id)), (id, name, Some(encoding)));
+            assert_eq!(encoding.row_major().interleaved(), Some(encoding));
+            assert_eq!((encoding.block_values(), encoding.rows_interleaved(), encoding.row_multiple()), (QK_K, 4, 4));
+            assert!(encoding.is_kquant() && encoding.is_blocked());
+            for (rows, cols) in [(4, QK_K), (8, 3 * QK_K), (12, 2 * QK_K)] {
+                let row_major = random_bytes(encoding.bytes_for(rows * cols));
+                let mut mixed = vec![0u8; row_major.len()];
+                interleave_bytes(encoding, &row_major, cols, &mut mixed);
+                assert_ne!(mixed, row_major, "{encoding:?}: interleaving moved nothing");
+                let mut back = vec![0u8; mixed.len()];
+                deinterleave_bytes(encoding, &mixed, cols, &mut back);
+                assert_eq!(back, row_major, "{encoding:?} {rows}×{cols}");
+                let mut sorted = (mixed.clone(), row_major.clone());
+                sorted.0.sort_unstable();
+                sorted.1.sort_unstable();
+                assert_eq!(sorted.0, sorted.1, "{encoding:?}: not a permutation of the bytes");
+            }
+        }
+        // Where the bytes go, on one group of four rows of one super-block.
+        let rows: [BlockQ4K; 4] = std::array::from_fn(|r| {
+            let mut block: BlockQ4K = bytemuck::pod_read_unaligned(&random_bytes(144));
+            block.scales = std::array::from_fn(|i| (16 * r + i) as u8);
+            block.qs = std::array::from_fn(|i| (i + r) as u8);
+            block
+        });
+        let mixed = BlockQ4Kx4::from_rows(&rows);
+        assert_eq!(&mixed.scales[..8], &[0, 16, 32, 48, 1, 17, 33, 49]);
+        assert_eq!(&mixed.qs[..8], &[0, 1, 2, 3, 1, 2, 3, 4]);
+        assert_eq!(mixed.qs[16 * 31 + 4 * 3 + 3], 127 + 3);
+        assert_eq!(mixed.d, rows.map(|b| b.d));
+        let rows: [BlockQ6K; 4] = std::array::from_fn(|r| {
+            let mut block: BlockQ6K = bytemuck::pod_read_unaligned(&random_bytes(210));
+            block.scales = std::array::from_fn(|i| (16 * r + i) as u8);
+            block.qh = std::array::from_fn(|i| (2 * i + r) as u8);
+            block
+        });
+        let mixed = BlockQ6Kx4::from_rows(&rows);
+        assert_eq!(&mixed.scales[60..], &[15, 31, 47, 63]);
+        assert_eq!(&mixed.qh[16..24], &[8, 10, 12, 14, 9, 11, 13, 15]);
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
+        }
     }
 }

@@ -1,9 +1,14 @@
-//! ggml's k-quants as image encodings (q4k, q5k, q6k, q3k):
+//! ggml's k-quants as image encodings (q4k, q5k, q6k, q3k, and q4kx4,
+//! q6kx4 four rows interleaved):
 //!
 //! - a synthetic Llama GGUF whose matrices are Q4_K, Q5_K, Q6_K and Q3_K,
-//!   converted with `--quant keep`, holds every k-quant tensor's bytes
-//!   unchanged, runs to the independent numpy reference's logits, and
-//!   decodes without allocating;
+//!   converted with `--quant keep --layout rows`, holds every k-quant
+//!   tensor's bytes unchanged, runs to the independent numpy reference's
+//!   logits, and decodes without allocating;
+//! - converted with the default `--layout x4`, its Q4_K and Q6_K tensors
+//!   are interleaved, deinterleave to the GGUF's bytes, and give the rows
+//!   image's logits within the kernels' reordering budget, again decoding
+//!   without allocating;
 //! - an image whose q4k tensor has the wrong byte length, or rows that are
 //!   not whole super-blocks, is refused with an error naming the tensor;
 //! - the real Q4_K_M mix of the default model (`models/make-quant-mixes.sh`,
@@ -14,6 +19,7 @@ use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
 use bramble_runtime::image::OpenOptions;
 use bramble_runtime::model::{Logits, Model};
+use bramble_runtime::quant::deinterleave_bytes;
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
@@ -56,9 +62,24 @@ fn kquant_gguf(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn convert_keep(gguf: &Path, image: &Path) -> ConvertReport {
+/// `--quant keep`, four rows interleaved (`--layout x4`, the default) or
+/// not (`--layout rows`).
+fn convert_keep(gguf: &Path, image: &Path, interleave: bool) -> ConvertReport {
     let source = GgufSource::open(gguf).unwrap();
-    convert(&source, image, &ConvertOptions::new(QuantTarget::Keep)).unwrap()
+    convert(&source, image, &ConvertOptions { interleave, ..ConvertOptions::new(QuantTarget::Keep) }).unwrap()
+}
+
+/// A tensor's bytes in row order: deinterleaved if it is stored four rows
+/// interleaved.
+fn row_major_bytes(image: &ModelImage, name: &str) -> Vec<u8> {
+    let info = image.tensor(name).unwrap();
+    let bytes = image.tensor_bytes(info);
+    if info.encoding.rows_interleaved() == 1 {
+        return bytes.to_vec();
+    }
+    let mut rows = vec![0u8; bytes.len()];
+    deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
+    rows
 }
 
 /// Logit error budgets of the synthetic k-quant image against the reference,
@@ -77,7 +98,7 @@ fn kquant_gguf_converted_keep_is_bit_exact_matches_the_reference_and_decodes_wit
     let dir = tempfile::tempdir().unwrap();
     let gguf = kquant_gguf(dir.path());
     let image_path = dir.path().join("kquants.bramble");
-    let report = convert_keep(&gguf, &image_path);
+    let report = convert_keep(&gguf, &image_path, false);
     assert_eq!(report.requantized, 0, "keep converted something: {:?}", report.families);
 
     // Every tensor carried: the k-quants' bytes are the GGUF's, row-major.
@@ -151,6 +172,84 @@ fn kquant_gguf_converted_keep_is_bit_exact_matches_the_reference_and_decodes_wit
     assert_eq!(allocations, 0, "16 decode steps of the k-quant image allocated {allocations} times");
 }
 
+/// Logits of the x4 image against the rows image, as a share of the
+/// largest |logit|. Both multiply the same blocks with the same int8
+/// activations; only the kernels' order of float additions differs (each
+/// product within about 10⁻⁶ of Σ|terms| of the reference, the kernel tests'
+/// budget), and two layers of attention, norms and SwiGLU amplify that a
+/// little: 10⁻⁴ of the range leaves a wide margin over that and is still a
+/// thousandth of the reference budget above, which a wrongly interleaved or
+/// decoded block would exceed by far.
+const X4_AGAINST_ROWS_OF_RANGE: f32 = 1e-4;
+
+#[test]
+fn kquant_gguf_converted_x4_interleaves_q4_k_and_q6_k_and_gives_the_rows_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = kquant_gguf(dir.path());
+    let (rows_path, x4_path) = (dir.path().join("rows.bramble"), dir.path().join("x4.bramble"));
+    convert_keep(&gguf, &rows_path, false);
+    let report = convert_keep(&gguf, &x4_path, true);
+    assert_eq!(report.requantized, 0, "keep converted something: {:?}", report.families);
+
+    // Q4_K and Q6_K matrices of whole groups of four rows interleaved (not
+    // the embedding: the synthetic vocabulary is not a multiple of 4), Q5_K
+    // and Q3_K row-major; every tensor's bytes, in row order, the GGUF's.
+    let file = GgufFile::open(&gguf).unwrap();
+    let image = ModelImage::open(&x4_path).unwrap();
+    let mut interleaved = Vec::new();
+    for (index, info) in file.tensors().iter().enumerate() {
+        let stored = image.tensor(&info.name).unwrap();
+        let groups_of_four = stored.shape.len() == 2 && stored.rows().is_multiple_of(4);
+        let expected = match info.ggml_type {
+            GgmlType::Q4_K if groups_of_four => Encoding::Q4KX4,
+            GgmlType::Q4_K => Encoding::Q4K,
+            GgmlType::Q5_K => Encoding::Q5K,
+            GgmlType::Q6_K if groups_of_four => Encoding::Q6KX4,
+            GgmlType::Q6_K => Encoding::Q6K,
+            GgmlType::Q3_K => Encoding::Q3K,
+            _ => Encoding::F32,
+        };
+        assert_eq!(stored.encoding, expected, "{}", info.name);
+        if expected.rows_interleaved() > 1 {
+            assert_ne!(image.tensor_bytes(stored), file.tensor_bytes(index), "{}: not interleaved", info.name);
+            interleaved.push(expected);
+        }
+        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+    }
+    assert!(interleaved.contains(&Encoding::Q4KX4) && interleaved.contains(&Encoding::Q6KX4), "{interleaved:?}");
+
+    // The same logits as the rows image, token embedding rows and the
+    // output layer included.
+    let tokens: Vec<u32> = vec![1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 11, 200];
+    let rows_image = ModelImage::open(&rows_path).unwrap();
+    let logits = |image: &ModelImage| -> Vec<f32> {
+        let model = Model::new(image).unwrap();
+        let mut state = model.new_state(64, tokens.len());
+        model.forward(&mut state, &tokens, 0, Logits::All).unwrap().to_vec()
+    };
+    let (expected, ours) = (logits(&rows_image), logits(&image));
+    let range = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = ours.iter().zip(&expected).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    eprintln!("x4 against rows: max |Δlogit| {worst:e}, |logit| up to {range:.2}");
+    assert!(
+        worst <= X4_AGAINST_ROWS_OF_RANGE * range,
+        "max |Δlogit| {worst} exceeds {}",
+        X4_AGAINST_ROWS_OF_RANGE * range
+    );
+
+    // Decode steps allocate nothing.
+    let model = Model::new(&image).unwrap();
+    let mut state = model.new_state(64, tokens.len());
+    model.forward(&mut state, &tokens, 0, Logits::Last).unwrap();
+    let mut token = argmax(state.logits()) as u32;
+    let before = thread_allocations();
+    for pos in tokens.len()..tokens.len() + 16 {
+        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
+    }
+    let allocations = thread_allocations() - before;
+    assert_eq!(allocations, 0, "16 decode steps of the x4 k-quant image allocated {allocations} times");
+}
+
 /// The image's bytes with tensor `name`'s index entry changed by `damage`,
 /// the index's checksum made right again, so only the entry itself is wrong.
 fn damaged(image: &ModelImage, name: &str, damage: impl Fn(&mut TensorEntry)) -> Vec<u8> {
@@ -185,7 +284,7 @@ fn damaged_kquant_tensors_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = kquant_gguf(dir.path());
     let image_path = dir.path().join("kquants.bramble");
-    convert_keep(&gguf, &image_path);
+    convert_keep(&gguf, &image_path, false);
     let image = ModelImage::open(&image_path).unwrap();
     let name = "blk.1.attn_q.weight";
     let info = image.tensor(name).unwrap();
@@ -225,7 +324,7 @@ fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image_path = dir.path().join("q4km-keep.bramble");
-    let report = convert_keep(&gguf, &image_path);
+    let report = convert_keep(&gguf, &image_path, true);
     let file = GgufFile::open(&gguf).unwrap();
     let image = ModelImage::open(&image_path).unwrap();
     let mut kept = [0usize; 2];
@@ -236,8 +335,9 @@ fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
             GgmlType::Q6_K => 1,
             other => panic!("{}: {other}, expected Q4_K or Q6_K in a Q4_K_M mix", info.name),
         };
-        assert_eq!(stored.encoding, [Encoding::Q4K, Encoding::Q6K][slot], "{}", info.name);
-        assert!(image.tensor_bytes(stored) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+        // Rows of 576: whole groups of four, interleaved (the default layout).
+        assert_eq!(stored.encoding, [Encoding::Q4KX4, Encoding::Q6KX4][slot], "{}", info.name);
+        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
         kept[slot] += 1;
     }
     assert!(kept[0] > 0 && kept[1] > 0, "Q4_K and Q6_K ffn_down tensors kept: {kept:?}");

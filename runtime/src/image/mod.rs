@@ -16,7 +16,7 @@ pub use writer::ImageWriter;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
-use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8x4, Encoding};
+use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
@@ -81,6 +81,10 @@ pub enum TensorView<'a> {
     Q6K(&'a [BlockQ6K]),
     /// ggml Q3_K super-blocks, row-major.
     Q3K(&'a [BlockQ3K]),
+    /// ggml Q4_K super-blocks, four rows interleaved.
+    Q4KX4(&'a [BlockQ4Kx4]),
+    /// ggml Q6_K super-blocks, four rows interleaved.
+    Q6KX4(&'a [BlockQ6Kx4]),
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -102,6 +106,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q5K(v) => ("Q5K", v.len()),
             TensorView::Q6K(v) => ("Q6K", v.len()),
             TensorView::Q3K(v) => ("Q3K", v.len()),
+            TensorView::Q4KX4(v) => ("Q4KX4", v.len()),
+            TensorView::Q6KX4(v) => ("Q6KX4", v.len()),
         };
         write!(f, "{variant}([{len} items])")
     }
@@ -281,6 +287,8 @@ impl ModelImage {
             Encoding::Q5K => TensorView::Q5K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q6K => TensorView::Q6K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q3K => TensorView::Q3K(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4KX4 => TensorView::Q4KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q6KX4 => TensorView::Q6KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.

@@ -15,6 +15,7 @@
 //! super-block meets eight of them, and each of its sub-blocks' scales meets
 //! exactly one activation scale.
 
+pub mod interleaved;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]

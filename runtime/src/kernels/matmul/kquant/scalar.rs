@@ -71,7 +71,12 @@ pub fn levels_q3k(block: &BlockQ3K, k: usize) -> [i8; GROUP] {
 
 /// Q4_K row · activation: per sub-block `d·scale·dₓ·Σ n·q − dmin·min·(dₓ·Σ q)`.
 pub fn dot_q4k_q8(row: &[BlockQ4K], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q4k_q8_from(0.0, row, x)
+}
+
+/// [`dot_q4k_q8`] added to a running `sum`, super-block by super-block (the
+/// interleaved reference continues a row's sum piece by piece).
+pub fn dot_q4k_q8_from(mut sum: f32, row: &[BlockQ4K], x: &[BlockQ8Act]) -> f32 {
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let (d, dmin) = (unit(block.d), unit(block.dmin));
         for (sub, a) in activations.iter().enumerate() {
@@ -100,7 +105,11 @@ pub fn dot_q5k_q8(row: &[BlockQ5K], x: &[BlockQ8Act]) -> f32 {
 /// Q6_K row · activation: per activation block `d·dₓ·(s₀·Σ₀ + s₁·Σ₁)` over
 /// its two sub-blocks of 16 with signed 8-bit scales.
 pub fn dot_q6k_q8(row: &[BlockQ6K], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q6k_q8_from(0.0, row, x)
+}
+
+/// [`dot_q6k_q8`] added to a running `sum`, super-block by super-block.
+pub fn dot_q6k_q8_from(mut sum: f32, row: &[BlockQ6K], x: &[BlockQ8Act]) -> f32 {
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let d = unit(block.d);
         for (k, a) in activations.iter().enumerate() {

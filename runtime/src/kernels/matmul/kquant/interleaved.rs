@@ -1,0 +1,1033 @@
+//! Products of four-row interleaved k-quant matrices ([`BlockQ4Kx4`],
+//! [`BlockQ6Kx4`]) with int8 activations.
+//!
+//! - [`scalar`]: the reference, compiled everywhere: a piece of each group's
+//!   super-blocks put back in row order on the stack and multiplied by the
+//!   row-major reference, so the results are its results bit for bit.
+//! - `neon` (aarch64, ARMv8.0, the Raspberry Pi 4's Cortex-A72) and
+//!   `dotprod` (with `sdot`, the Pi 5's Cortex-A76).
+//!
+//! In an interleaved super-block sixteen value bytes are four rows' values
+//! at the same four columns, so a vector's four 32-bit lanes are the four
+//! rows' sums from the start, with no reduction across rows:
+//!
+//! - dotprod: `sdot vS.4s, vW.16b, vA.4b[c]` multiplies those sixteen bytes
+//!   by the activation's four values at columns `4c .. 4c+4` and adds four
+//!   products into each row's lane: eight `sdot`s a sub-block of 32 for four
+//!   rows;
+//! - ARMv8.0: each four-byte column group of the activation is loaded
+//!   broadcast to a whole register (`ld4r`), widening multiplies (`smull`,
+//!   `smlal2`) sum the column groups in 16-bit lanes, and two pairwise adds
+//!   leave one 32-bit sum a row.
+//!
+//! The rows' packed scales are interleaved a byte at a time, so ggml's
+//! unpacking (masks and shifts of byte `i` with bytes `i + 4`, `i + 8`)
+//! runs once for the four rows on whole vectors and leaves each sub-block's
+//! four scales side by side, one vector of lanes `[row]` after widening:
+//! no per-row decoding and no transposes.
+//!
+//! Then, as the row-major `sdot` kernels do, per super-block:
+//!
+//! - Q4_K: `d·Σⱼ dₓ·(scaleⱼ·isumⱼ) − dmin·Σⱼ minⱼ·sₓ`, the integer scales
+//!   multiplying the exact integer sums, `d` and `dmin` applied once after
+//!   the eight sub-blocks;
+//! - Q6_K: `d·Σₖ dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)` over each activation block's two
+//!   sub-blocks of 16 with signed scales.
+//!
+//! A batch goes in tiles of up to four activations inside the super-block
+//! loop: a super-block's scales are decoded once for every activation of
+//! the tile, its levels once per sub-block.
+
+use crate::kquant::{BlockQ4K, BlockQ6K, QK_K};
+use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8Act, GROUP, INTERLEAVE};
+
+/// The reference: deinterleave, then the row-major reference products.
+pub mod scalar {
+    use super::*;
+    use crate::kernels::matmul::kquant::scalar::{dot_q4k_q8_from, dot_q6k_q8_from, ACTIVATION_BLOCKS};
+    use crate::quant::Interleaved;
+    use bytemuck::Zeroable;
+
+    /// Super-blocks of a group's rows put back in row order at a time (on
+    /// the stack: 4 × 16 Q6_K super-blocks, 13 KiB).
+    const STAGED: usize = 16;
+
+    /// Every group of four interleaved rows against every activation: a
+    /// piece of the group's super-blocks is put back into four row-major
+    /// rows ([`Interleaved::row`]), then each row goes through the row-major
+    /// reference `dot`, continuing its running sum from the previous piece,
+    /// so the results are the row-major reference's, bit for bit.
+    fn matmul_interleaved<X: Interleaved>(
+        weights: &[X],
+        cols: usize,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+        dot: fn(f32, &[X::Row], &[BlockQ8Act]) -> f32,
+    ) {
+        assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
+        let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
+        let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
+        assert!(
+            weights.len() == groups * superblocks
+                && x.len() == batch * activation_blocks
+                && out.len() == groups * INTERLEAVE * batch,
+            "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
+            weights.len(),
+            x.len(),
+            out.len()
+        );
+        if batch == 0 {
+            return;
+        }
+        let mut staged = [[X::Row::zeroed(); STAGED]; INTERLEAVE];
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            outputs.fill(0.0);
+            for first in (0..superblocks).step_by(STAGED) {
+                let n = STAGED.min(superblocks - first);
+                for (k, block) in group[first..first + n].iter().enumerate() {
+                    for (r, row) in staged.iter_mut().enumerate() {
+                        row[k] = block.row(r);
+                    }
+                }
+                let piece = first * ACTIVATION_BLOCKS..(first + n) * ACTIVATION_BLOCKS;
+                for (r, row) in staged.iter().enumerate() {
+                    for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
+                        let sum = &mut outputs[r * batch + b];
+                        *sum = dot(*sum, &row[..n], &activation[piece.clone()]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_interleaved(weights, cols, x, out, dot_q4k_q8_from)
+    }
+
+    /// Interleaved Q6_K matrix × int8 activations.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_interleaved(weights, cols, x, out, dot_q6k_q8_from)
+    }
+
+    // Both row-major blocks are what the interleaved ones hold.
+    const _: () = assert!(size_of::<BlockQ4K>() * INTERLEAVE == size_of::<BlockQ4Kx4>());
+    const _: () = assert!(size_of::<BlockQ6K>() * INTERLEAVE == size_of::<BlockQ6Kx4>());
+}
+
+/// What the ARMv8.0 and `sdot` kernels share: the walk over groups and
+/// tiles, the scale decoding and the float accumulation.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    pub(super) use super::*;
+    pub(super) use crate::kernels::matmul::neon::widen_f16;
+    pub(super) use std::arch::aarch64::*;
+    pub(super) use std::arch::asm;
+
+    /// Activation blocks per super-block.
+    pub(super) const ACTIVATION_BLOCKS: usize = QK_K / GROUP;
+
+    /// Activations of a batch one kernel step takes together.
+    pub(super) const TILE: usize = 4;
+
+    /// A kernel step: one group of four rows against `N` activations.
+    pub(super) trait Group {
+        /// The interleaved super-block.
+        type Block;
+        /// Per activation `t`, the four rows' sums (lane `r`: row `r`).
+        ///
+        /// # Safety
+        /// `group` points at `superblocks` readable blocks, each `x[t]` at
+        /// `superblocks · 8` readable activation blocks, and the CPU has the
+        /// kernel's features.
+        unsafe fn dot<const N: usize>(
+            group: *const Self::Block,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N];
+    }
+
+    /// Every group of `weights` against every activation of `x`, row `4g + r`
+    /// against activation `b` into `out[(4g + r)·batch + b]`.
+    ///
+    /// # Safety
+    /// The CPU has `K`'s features.
+    pub(super) unsafe fn matmul<K: Group>(weights: &[K::Block], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
+        let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
+        let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
+        assert!(
+            weights.len() == groups * superblocks
+                && x.len() == batch * activation_blocks
+                && out.len() == groups * INTERLEAVE * batch,
+            "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
+            weights.len(),
+            x.len(),
+            out.len()
+        );
+        if batch == 0 {
+            return;
+        }
+        let activation = |b: usize| x[b * activation_blocks..].as_ptr();
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            let w = group.as_ptr();
+            let mut start = 0;
+            while start < batch {
+                let tile = (batch - start).min(TILE);
+                let at = |t: usize| activation(start + t);
+                // SAFETY: `w` is a whole group of `superblocks` blocks, each
+                // activation `start + t < batch` has `superblocks · 8`
+                // blocks (both checked above), and the caller promises the CPU.
+                let sums = unsafe {
+                    match tile {
+                        1 => lanes(K::dot::<1>(w, superblocks, [at(0)])),
+                        2 => lanes(K::dot::<2>(w, superblocks, [at(0), at(1)])),
+                        3 => lanes(K::dot::<3>(w, superblocks, [at(0), at(1), at(2)])),
+                        _ => lanes(K::dot::<TILE>(w, superblocks, [at(0), at(1), at(2), at(3)])),
+                    }
+                };
+                for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
+                    for (o, sums) in row[start..start + tile].iter_mut().zip(&sums) {
+                        *o = sums[r];
+                    }
+                }
+                start += tile;
+            }
+        }
+    }
+
+    /// The lanes of up to [`TILE`] vectors of four row sums.
+    #[inline(always)]
+    fn lanes<const N: usize>(sums: [float32x4_t; N]) -> [[f32; INTERLEAVE]; TILE] {
+        let mut out = [[0f32; INTERLEAVE]; TILE];
+        for (lanes, &v) in out.iter_mut().zip(&sums) {
+            // SAFETY: `lanes` is four writable f32; NEON is part of every aarch64 target.
+            unsafe { vst1q_f32(lanes.as_mut_ptr(), v) };
+        }
+        out
+    }
+
+    /// 128 bytes from `p` as eight vectors.
+    ///
+    /// # Safety
+    /// `p` points at 128 readable bytes.
+    #[inline(always)]
+    pub(super) unsafe fn load128(p: *const u8) -> [uint8x16_t; 8] {
+        let (a, b) = (vld1q_u8_x4(p), vld1q_u8_x4(p.add(64)));
+        [a.0, a.1, a.2, a.3, b.0, b.1, b.2, b.3]
+    }
+
+    /// An activation block's `[d, s]`.
+    ///
+    /// # Safety
+    /// `a` points at a readable activation block.
+    #[inline(always)]
+    pub(super) unsafe fn activation_units(a: *const BlockQ8Act) -> float32x2_t {
+        // `d` and `s` are the first two f32 of the `repr(C)` block.
+        vld1_f32(a.cast::<f32>())
+    }
+
+    /// Sixteen unsigned bytes `[j][r]` widened to four vectors of 32-bit lanes, one per `j`.
+    #[inline(always)]
+    pub(super) unsafe fn widen_unsigned(v: uint8x16_t) -> [int32x4_t; 4] {
+        let (low, high) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
+        [vmovl_u16(vget_low_u16(low)), vmovl_high_u16(low), vmovl_u16(vget_low_u16(high)), vmovl_high_u16(high)]
+            .map(|w| vreinterpretq_s32_u32(w))
+    }
+
+    /// Sixteen signed bytes `[j][r]` widened to four vectors of 32-bit lanes, one per `j`.
+    #[inline(always)]
+    pub(super) unsafe fn widen_signed(v: int8x16_t) -> [int32x4_t; 4] {
+        let (low, high) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
+        [vmovl_s16(vget_low_s16(low)), vmovl_high_s16(low), vmovl_s16(vget_low_s16(high)), vmovl_high_s16(high)]
+    }
+
+    /// A Q4_K group's super-block units and sub-block scales, lane `r` for row `r`.
+    pub(super) struct K4Scales {
+        /// The rows' `d`.
+        pub d: float32x4_t,
+        /// The rows' `dmin`.
+        pub dmin: float32x4_t,
+        /// Sub-block `j`'s 6-bit scales, as integers.
+        pub scales: [int32x4_t; 8],
+        /// Sub-block `j`'s 6-bit minimums, as floats.
+        pub mins: [float32x4_t; 8],
+    }
+
+    /// The units and the eight scales and minimums of four rows' Q4_K
+    /// super-blocks (ggml's `get_scale_min_k4`, see
+    /// [`crate::kquant::scale_min_k4`]) from the interleaved block: bytes
+    /// `0..4`, `4..8`, `8..12` of the rows are the vectors `a`, `b`, `c`
+    /// (lanes `[byte][row]`). Sub-blocks 0–3: the low 6 bits of `a`
+    /// (scales) and `b` (minimums); 4–7: the low (scales) and high
+    /// (minimums) nibbles of `c` under the top 2 bits of `a` and `b`.
+    ///
+    /// # Safety
+    /// `block` points at a readable block.
+    #[inline(always)]
+    pub(super) unsafe fn q4k_scales(block: *const BlockQ4Kx4) -> K4Scales {
+        let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
+        let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16(vget_high_u16(units)));
+        let packed = vld1q_u8_x3((*block).scales.as_ptr());
+        let (a, b, c) = (packed.0, packed.1, packed.2);
+        let six_bits = vdupq_n_u8(63);
+        let scales_low = vandq_u8(a, six_bits);
+        let mins_low = vandq_u8(b, six_bits);
+        // `sli` puts the top two bits (shifted down to 0, 1) above the nibble.
+        let scales_high = vsliq_n_u8::<4>(vandq_u8(c, vdupq_n_u8(15)), vshrq_n_u8::<6>(a));
+        let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c), vshrq_n_u8::<6>(b));
+        let (sl, sh) = (widen_unsigned(scales_low), widen_unsigned(scales_high));
+        let (ml, mh) = (widen_unsigned(mins_low), widen_unsigned(mins_high));
+        K4Scales {
+            d,
+            dmin,
+            scales: [sl[0], sl[1], sl[2], sl[3], sh[0], sh[1], sh[2], sh[3]],
+            mins: [ml[0], ml[1], ml[2], ml[3], mh[0], mh[1], mh[2], mh[3]].map(|m| vcvtq_f32_s32(m)),
+        }
+    }
+
+    /// The rows' units and the sixteen signed 8-bit scales of four rows'
+    /// Q6_K super-blocks: pairs `(s₂ₖ, s₂ₖ₊₁)` for activation block `k`.
+    ///
+    /// # Safety
+    /// `block` points at a readable block.
+    #[inline(always)]
+    pub(super) unsafe fn q6k_scales(block: *const BlockQ6Kx4) -> (float32x4_t, [(int32x4_t, int32x4_t); 8]) {
+        let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
+        let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
+        let mut pairs = [(vdupq_n_s32(0), vdupq_n_s32(0)); 8];
+        for (g, v) in [packed.0, packed.1, packed.2, packed.3].into_iter().enumerate() {
+            // Scales 4g .. 4g + 4: activation blocks 2g and 2g + 1.
+            let wide = widen_signed(v);
+            pairs[2 * g] = (wide[0], wide[1]);
+            pairs[2 * g + 1] = (wide[2], wide[3]);
+        }
+        (d, pairs)
+    }
+
+    /// One Q4_K sub-block's integer sums `isum` (lanes rows) against an
+    /// activation block with units `[dₓ, sₓ]`: `scaled += dₓ·(scale·isum)`,
+    /// `minimums += min·sₓ`.
+    #[inline(always)]
+    pub(super) unsafe fn accumulate_k4(
+        isum: int32x4_t,
+        units: float32x2_t,
+        (scale, min): (int32x4_t, float32x4_t),
+        scaled: &mut float32x4_t,
+        minimums: &mut float32x4_t,
+    ) {
+        *scaled = vfmaq_lane_f32::<0>(*scaled, vcvtq_f32_s32(vmulq_s32(isum, scale)), units);
+        *minimums = vfmaq_lane_f32::<1>(*minimums, min, units);
+    }
+
+    /// One Q6_K activation block's two half sums against an activation with
+    /// units `[dₓ, sₓ]`: `scaled += dₓ·(s₀·Σ₀ + s₁·Σ₁)`.
+    #[inline(always)]
+    pub(super) unsafe fn accumulate_pair(
+        (first, second): (int32x4_t, int32x4_t),
+        units: float32x2_t,
+        (s0, s1): (int32x4_t, int32x4_t),
+        scaled: &mut float32x4_t,
+    ) {
+        let isum = vmlaq_s32(vmulq_s32(first, s0), second, s1);
+        *scaled = vfmaq_lane_f32::<0>(*scaled, vcvtq_f32_s32(isum), units);
+    }
+
+    /// Q4_K levels: the low nibbles of eight interleaved vectors (sub-block
+    /// `2c`) or their high nibbles (`2c + 1`).
+    #[inline(always)]
+    pub(super) unsafe fn q4k_levels<const HIGH: bool>(bytes: [uint8x16_t; 8]) -> [int8x16_t; 8] {
+        let nibble = vdupq_n_u8(15);
+        bytes.map(|v| vreinterpretq_s8_u8(if HIGH { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
+    }
+
+    /// Q6_K levels of quarter `K` (0..4) of a half: `low` the eight vectors
+    /// of `ql` it reads (bytes `32·(K mod 2)` of the half's 64 per row),
+    /// `high` the half's eight vectors of `qh`. A level is the low (K < 2) or
+    /// high nibble under bits `2K, 2K + 1` of `qh` moved to bits 4, 5, less 32.
+    #[inline(always)]
+    pub(super) unsafe fn q6k_levels<const K: usize>(low: [uint8x16_t; 8], high: [uint8x16_t; 8]) -> [int8x16_t; 8] {
+        let (nibble, top_two, zero_point) = (vdupq_n_u8(15), vdupq_n_u8(0x30), vdupq_n_s8(32));
+        let mut levels = [vdupq_n_s8(0); 8];
+        for i in 0..8 {
+            let (l, h) = (low[i], high[i]);
+            let nibbles = if K < 2 { vandq_u8(l, nibble) } else { vshrq_n_u8::<4>(l) };
+            let top = match K {
+                0 => vshlq_n_u8::<4>(h),
+                1 => vshlq_n_u8::<2>(h),
+                2 => h,
+                _ => vshrq_n_u8::<2>(h),
+            };
+            levels[i] = vsubq_s8(vreinterpretq_s8_u8(vbslq_u8(top_two, top, nibbles)), zero_point);
+        }
+        levels
+    }
+}
+
+/// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    use super::arm::*;
+
+    /// Eight four-byte column groups of an activation block, each broadcast
+    /// to a whole register (two `ld4r`).
+    ///
+    /// # Safety
+    /// `a` points at a readable activation block.
+    #[inline(always)]
+    unsafe fn broadcasts(a: *const BlockQ8Act) -> [int8x16_t; 8] {
+        let q = (*a).qs.as_ptr().cast::<i32>();
+        let (first, second) = (vld4q_dup_s32(q), vld4q_dup_s32(q.add(4)));
+        [first.0, first.1, first.2, first.3, second.0, second.1, second.2, second.3].map(|v| vreinterpretq_s8_s32(v))
+    }
+
+    /// The four rows' `Σ level·q` over eight column groups (32 columns):
+    /// products of rows 0–1 (low halves) and 2–3 (high halves) summed in
+    /// 16-bit lanes, eight products a lane (|n·q| ≤ 15·128 for Q4_K's
+    /// levels: below 2¹⁴), then one pairwise add in 16 bits (below 2¹⁵) and
+    /// one widening pairwise add leave `[r0, r1, r2, r3]`.
+    #[inline(always)]
+    unsafe fn sum32(w: &[int8x16_t; 8], b: &[int8x16_t; 8]) -> int32x4_t {
+        let sum: int32x4_t;
+        asm!(
+            "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
+            "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
+            "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
+            "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
+            "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
+            "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
+            "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
+            "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
+            "smlal {lo:v}.8h, {w4:v}.8b, {b4:v}.8b",
+            "smlal2 {hi:v}.8h, {w4:v}.16b, {b4:v}.16b",
+            "smlal {lo:v}.8h, {w5:v}.8b, {b5:v}.8b",
+            "smlal2 {hi:v}.8h, {w5:v}.16b, {b5:v}.16b",
+            "smlal {lo:v}.8h, {w6:v}.8b, {b6:v}.8b",
+            "smlal2 {hi:v}.8h, {w6:v}.16b, {b6:v}.16b",
+            "smlal {lo:v}.8h, {w7:v}.8b, {b7:v}.8b",
+            "smlal2 {hi:v}.8h, {w7:v}.16b, {b7:v}.16b",
+            "addp {lo:v}.8h, {lo:v}.8h, {hi:v}.8h",
+            "saddlp {sum:v}.4s, {lo:v}.8h",
+            sum = out(vreg) sum,
+            lo = out(vreg) _,
+            hi = out(vreg) _,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
+            b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
+            b4 = in(vreg) b[4], b5 = in(vreg) b[5], b6 = in(vreg) b[6], b7 = in(vreg) b[7],
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// The four rows' `Σ level·q` over four column groups (16 columns), for
+    /// Q6_K's signed levels: four products a 16-bit lane (|n·q| ≤ 32·128,
+    /// so at most 2¹⁴), then widened before the pairwise add (eight could
+    /// reach 2¹⁵ with an activation of −128).
+    #[inline(always)]
+    unsafe fn sum16(w: &[int8x16_t], b: &[int8x16_t]) -> int32x4_t {
+        let sum: int32x4_t;
+        asm!(
+            "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
+            "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
+            "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
+            "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
+            "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
+            "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
+            "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
+            "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
+            "saddlp {lo:v}.4s, {lo:v}.8h",
+            "saddlp {hi:v}.4s, {hi:v}.8h",
+            "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
+            sum = out(vreg) sum,
+            lo = out(vreg) _,
+            hi = out(vreg) _,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// Q4_K, four rows a step.
+    struct Q4K;
+
+    impl Group for Q4K {
+        type Block = BlockQ4Kx4;
+
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ4Kx4,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            for s in 0..superblocks {
+                let block = group.add(s);
+                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
+                let k4 = q4k_scales(block);
+                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                        unsafe {
+                            let a = activations[t].add(sub);
+                            let isum = sum32(&levels, &broadcasts(a));
+                            let pair = (k4.scales[sub], k4.mins[sub]);
+                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                        }
+                    }
+                };
+                for chunk in 0..4 {
+                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
+                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
+                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
+                }
+                for t in 0..N {
+                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Q6_K, four rows a step.
+    struct Q6K;
+
+    impl Group for Q6K {
+        type Block = BlockQ6Kx4;
+
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ6Kx4,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            for s in 0..superblocks {
+                let block = group.add(s);
+                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
+                let (d, pairs) = q6k_scales(block);
+                let mut scaled = [vdupq_n_f32(0.0); N];
+                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                        unsafe {
+                            let a = activations[t].add(index);
+                            let b = broadcasts(a);
+                            let sums = (sum16(&levels[..4], &b[..4]), sum16(&levels[4..], &b[4..]));
+                            accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
+                        }
+                    }
+                };
+                for half in 0..2 {
+                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
+                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
+                    let (low, high) = (load128(ql), load128(qh));
+                    quarter(q6k_levels::<0>(low, high), 4 * half);
+                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    let (low, high) = (load128(ql.add(128)), load128(qh));
+                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
+                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
+                }
+                for t in 0..N {
+                    acc[t] = vfmaq_f32(acc[t], scaled[t], d);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { matmul::<Q4K>(weights, cols, x, out) }
+    }
+
+    /// Interleaved Q6_K matrix × int8 activations.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { matmul::<Q6K>(weights, cols, x, out) }
+    }
+}
+
+/// `sdot` kernels (ARMv8.2's dot-product extension): the Raspberry Pi 5's Cortex-A76.
+#[cfg(target_arch = "aarch64")]
+pub mod dotprod {
+    use super::arm::*;
+    use crate::kernels::matmul::dotprod::available;
+
+    /// An activation block's 32 values as two vectors (lanes `c`: columns `4c .. 4c+4`).
+    ///
+    /// # Safety
+    /// `a` points at a readable activation block.
+    #[inline(always)]
+    unsafe fn values(a: *const BlockQ8Act) -> (int8x16_t, int8x16_t) {
+        let q = vld1q_s8_x2((*a).qs.as_ptr());
+        (q.0, q.1)
+    }
+
+    /// The four rows' `Σ level·q` over 32 columns: eight `sdot`s by lane,
+    /// vector `c` (four rows × columns `4c .. 4c+4`) against the
+    /// activation's lane `c`.
+    ///
+    /// # Safety
+    /// The CPU has the dot-product extension.
+    #[target_feature(enable = "dotprod")]
+    #[inline]
+    unsafe fn sum32(w: &[int8x16_t; 8], q: (int8x16_t, int8x16_t)) -> int32x4_t {
+        let mut sum = vdupq_n_s32(0);
+        asm!(
+            "sdot {sum:v}.4s, {w0:v}.16b, {q0:v}.4b[0]",
+            "sdot {sum:v}.4s, {w1:v}.16b, {q0:v}.4b[1]",
+            "sdot {sum:v}.4s, {w2:v}.16b, {q0:v}.4b[2]",
+            "sdot {sum:v}.4s, {w3:v}.16b, {q0:v}.4b[3]",
+            "sdot {sum:v}.4s, {w4:v}.16b, {q1:v}.4b[0]",
+            "sdot {sum:v}.4s, {w5:v}.16b, {q1:v}.4b[1]",
+            "sdot {sum:v}.4s, {w6:v}.16b, {q1:v}.4b[2]",
+            "sdot {sum:v}.4s, {w7:v}.16b, {q1:v}.4b[3]",
+            sum = inout(vreg) sum,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
+            q0 = in(vreg) q.0, q1 = in(vreg) q.1,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// The four rows' `Σ level·q` over 16 columns (four `sdot`s by lane)
+    /// against the four lanes of `q`.
+    ///
+    /// # Safety
+    /// The CPU has the dot-product extension.
+    #[target_feature(enable = "dotprod")]
+    #[inline]
+    unsafe fn sum16(w: &[int8x16_t], q: int8x16_t) -> int32x4_t {
+        let mut sum = vdupq_n_s32(0);
+        asm!(
+            "sdot {sum:v}.4s, {w0:v}.16b, {q:v}.4b[0]",
+            "sdot {sum:v}.4s, {w1:v}.16b, {q:v}.4b[1]",
+            "sdot {sum:v}.4s, {w2:v}.16b, {q:v}.4b[2]",
+            "sdot {sum:v}.4s, {w3:v}.16b, {q:v}.4b[3]",
+            sum = inout(vreg) sum,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            q = in(vreg) q,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// Q4_K, four rows a step.
+    struct Q4K;
+
+    impl Group for Q4K {
+        type Block = BlockQ4Kx4;
+
+        #[target_feature(enable = "dotprod")]
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ4Kx4,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            for s in 0..superblocks {
+                let block = group.add(s);
+                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
+                let k4 = q4k_scales(block);
+                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
+                        // promise), and the CPU has the dot-product extension.
+                        unsafe {
+                            let a = activations[t].add(sub);
+                            let isum = sum32(&levels, values(a));
+                            let pair = (k4.scales[sub], k4.mins[sub]);
+                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                        }
+                    }
+                };
+                for chunk in 0..4 {
+                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
+                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
+                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
+                }
+                for t in 0..N {
+                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Q6_K, four rows a step.
+    struct Q6K;
+
+    impl Group for Q6K {
+        type Block = BlockQ6Kx4;
+
+        #[target_feature(enable = "dotprod")]
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ6Kx4,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            for s in 0..superblocks {
+                let block = group.add(s);
+                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
+                let (d, pairs) = q6k_scales(block);
+                let mut scaled = [vdupq_n_f32(0.0); N];
+                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
+                    for t in 0..N {
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
+                        // promise), and the CPU has the dot-product extension.
+                        unsafe {
+                            let a = activations[t].add(index);
+                            let q = values(a);
+                            let sums = (sum16(&levels[..4], q.0), sum16(&levels[4..], q.1));
+                            accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
+                        }
+                    }
+                };
+                for half in 0..2 {
+                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
+                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
+                    let (low, high) = (load128(ql), load128(qh));
+                    quarter(q6k_levels::<0>(low, high), 4 * half);
+                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    let (low, high) = (load128(ql.add(128)), load128(qh));
+                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
+                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
+                }
+                for t in 0..N {
+                    acc[t] = vfmaq_f32(acc[t], scaled[t], d);
+                }
+            }
+            acc
+        }
+    }
+
+    /// Interleaved Q4_K matrix × int8 activations. Panics on a CPU without
+    /// the dot-product extension.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: the CPU has the dot-product extension (checked just above).
+        unsafe { matmul::<Q4K>(weights, cols, x, out) }
+    }
+
+    /// Interleaved Q6_K matrix × int8 activations. Panics on a CPU without
+    /// the dot-product extension.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: the CPU has the dot-product extension (checked just above).
+        unsafe { matmul::<Q6K>(weights, cols, x, out) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::activation::scalar::quantize_activation;
+    use crate::kernels::matmul::kquant::scalar as row_major;
+    use crate::kquant::{f16_value, scale_min_k4};
+    use crate::quant::{interleave, Interleaved};
+    use bytemuck::Pod;
+    use std::mem::offset_of;
+
+    /// Kernel against reference: both form the same exact integer sums and
+    /// differ only in how the float terms built from them are grouped and
+    /// rounded (the kernels group them as the row-major `sdot` kernels do).
+    /// Each side rounds every term through at most four operations and adds
+    /// it into a running sum of at most `cols/16 + 8` terms, so the two are
+    /// within `(n + 8)·2u` = `(n + 8)·ε` of each other (u = 2⁻²⁴), relative
+    /// to the sum of the terms' magnitudes.
+    const ROUNDING_PER_TERM: f32 = f32::EPSILON;
+
+    /// The terms a row's sum is made of, at most (see [`ROUNDING_PER_TERM`]).
+    fn terms(cols: usize) -> f32 {
+        (cols / 16 + 8) as f32
+    }
+
+    const ROW_COUNTS: [usize; 4] = [4, 8, 12, 16];
+    const COLUMNS: [usize; 5] = [256, 512, 1536, 2048, 5632];
+    const BATCHES: [usize; 4] = [1, 2, 3, 5];
+
+    /// xorshift64*: deterministic test data.
+    struct Random(u64);
+
+    impl Random {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        /// Uniform in [−1, 1).
+        fn unit(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn bytes(&mut self, out: &mut [u8]) {
+            out.iter_mut().for_each(|b| *b = self.next() as u8);
+        }
+    }
+
+    /// Weights with varied structure per 16 values: zero runs, tiny, unit and
+    /// large amplitudes, one-signed runs (positive minimums) and single spikes.
+    fn varied_data(n: usize, random: &mut Random) -> Vec<f32> {
+        let mut values = Vec::with_capacity(n);
+        while values.len() < n {
+            let amplitude = [0.0, 1e-3, 0.05, 1.0, 40.0][(random.next() % 5) as usize];
+            let kind = random.next() % 4;
+            for i in 0..16 {
+                let u = random.unit();
+                values.push(match kind {
+                    0 => amplitude * u,
+                    1 => amplitude * (u.abs() + 0.5),
+                    2 => -amplitude * (u.abs() + 0.1),
+                    _ => amplitude * if i == 7 { 10.0 } else { 0.01 * u },
+                });
+            }
+        }
+        values.truncate(n);
+        values
+    }
+
+    /// A block of random bytes with its f16 units (at byte offsets `units`)
+    /// kept finite; now and then all 0x00, 0x80 or 0xFF (Q6_K scales of
+    /// −128, every high bit set or clear).
+    fn random_block<B: Pod>(random: &mut Random, units: &[usize]) -> B {
+        let mut block = B::zeroed();
+        let bytes = bytemuck::bytes_of_mut(&mut block);
+        match random.next() % 16 {
+            0 => bytes.fill(0x00),
+            1 => bytes.fill(0x80),
+            2 => bytes.fill(0xFF),
+            _ => random.bytes(bytes),
+        }
+        for &at in units {
+            let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+            let finite = if bits & 0x7C00 == 0x7C00 { bits & !0x0400 } else { bits };
+            bytes[at..at + 2].copy_from_slice(&finite.to_le_bytes());
+        }
+        block
+    }
+
+    /// Activations with random int8 values (−128 included) and scales.
+    fn random_activations(n: usize, random: &mut Random) -> Vec<BlockQ8Act> {
+        (0..n)
+            .map(|_| {
+                let mut qs = [0i8; GROUP];
+                random.bytes(bytemuck::cast_slice_mut(&mut qs));
+                let d = random.unit() * 0.05;
+                BlockQ8Act { d, s: d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32, qs }
+            })
+            .collect()
+    }
+
+    fn absolute_dot(levels: &[i8; GROUP], a: &BlockQ8Act, range: std::ops::Range<usize>) -> f64 {
+        range.map(|l| (levels[l] as i32 * a.qs[l] as i32).unsigned_abs() as f64).sum()
+    }
+
+    /// Σ|terms| of a Q4_K row against an activation.
+    fn magnitude_q4k(row: &[BlockQ4K], x: &[BlockQ8Act]) -> f64 {
+        let mut sum = 0.0;
+        for (block, activations) in row.iter().zip(x.chunks_exact(QK_K / GROUP)) {
+            let (d, dmin) = (f16_value(block.d) as f64, f16_value(block.dmin) as f64);
+            for (sub, a) in activations.iter().enumerate() {
+                let (scale, min) = scale_min_k4(sub, &block.scales);
+                let dx = a.d.abs() as f64;
+                let sum_q: f64 = a.qs.iter().map(|&q| (q as i32).unsigned_abs() as f64).sum();
+                sum += (d * scale as f64).abs() * dx * absolute_dot(&row_major::levels_q4k(block, sub), a, 0..GROUP)
+                    + (dmin * min as f64).abs() * dx * sum_q;
+            }
+        }
+        sum
+    }
+
+    /// Σ|terms| of a Q6_K row against an activation.
+    fn magnitude_q6k(row: &[BlockQ6K], x: &[BlockQ8Act]) -> f64 {
+        let mut sum = 0.0;
+        for (block, activations) in row.iter().zip(x.chunks_exact(QK_K / GROUP)) {
+            let unit = f16_value(block.d).abs() as f64;
+            for (k, a) in activations.iter().enumerate() {
+                let levels = row_major::levels_q6k(block, k);
+                let s = |i: usize| (block.scales[i] as i8 as i32).unsigned_abs() as f64;
+                sum += unit
+                    * a.d.abs() as f64
+                    * (s(2 * k) * absolute_dot(&levels, a, 0..16) + s(2 * k + 1) * absolute_dot(&levels, a, 16..32));
+            }
+        }
+        sum
+    }
+
+    type Matmul<B> = fn(&[B], usize, &[BlockQ8Act], &mut [f32]);
+
+    /// One format: its row-major and interleaved blocks, kernels and reference.
+    struct Format<B: Pod, X: Interleaved<Row = B>> {
+        name: &'static str,
+        quantize: fn(&[f32]) -> B,
+        /// Byte offsets of the f16 units in a row-major block.
+        units: &'static [usize],
+        reference: Matmul<B>,
+        interleaved_reference: Matmul<X>,
+        /// The kernels under test on this CPU, by table name.
+        kernels: Vec<(&'static str, Matmul<X>)>,
+        magnitude: fn(&[B], &[BlockQ8Act]) -> f64,
+    }
+
+    /// The interleaved reference equals the row-major one bit for bit, and
+    /// each kernel is within the rounding budget of it.
+    fn compare<B: Pod, X: Interleaved<Row = B>>(
+        format: &Format<B, X>,
+        what: &str,
+        rows: &[B],
+        cols: usize,
+        x: &[BlockQ8Act],
+    ) {
+        let superblocks = cols / QK_K;
+        let row_count = rows.len() / superblocks;
+        let batch = x.len() / (cols / GROUP);
+        let mut mixed = vec![X::zeroed(); rows.len() / INTERLEAVE];
+        interleave(rows, superblocks, &mut mixed);
+        let mut expected = vec![f32::NAN; row_count * batch];
+        (format.reference)(rows, cols, x, &mut expected);
+        let mut staged = vec![f32::NAN; row_count * batch];
+        (format.interleaved_reference)(&mixed, cols, x, &mut staged);
+        assert_eq!(
+            staged.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            expected.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{} {what} {row_count}×{cols} batch {batch}: the interleaved reference is not the row-major one",
+            format.name
+        );
+        for (table, kernel) in &format.kernels {
+            let mut got = vec![f32::NAN; row_count * batch];
+            kernel(&mixed, cols, x, &mut got);
+            for r in 0..row_count {
+                for b in 0..batch {
+                    let row = &rows[r * superblocks..][..superblocks];
+                    let activation = &x[b * cols / GROUP..][..cols / GROUP];
+                    let tolerance = ROUNDING_PER_TERM * terms(cols) * (format.magnitude)(row, activation) as f32;
+                    let (g, e) = (got[r * batch + b], expected[r * batch + b]);
+                    assert!(
+                        (g - e).abs() <= tolerance,
+                        "{} {table} {what} {row_count}×{cols} batch {batch} [{r}, {b}]: {g} vs reference {e} (tolerance {tolerance})",
+                        format.name
+                    );
+                }
+            }
+        }
+    }
+
+    fn check<B: Pod, X: Interleaved<Row = B>>(format: Format<B, X>) {
+        let mut random = Random(0x9E37_79B9_7F4A_7C15);
+        for rows in ROW_COUNTS {
+            for cols in COLUMNS {
+                for batch in BATCHES {
+                    let values = varied_data(rows * cols, &mut random);
+                    let quantized: Vec<B> = values.chunks_exact(QK_K).map(format.quantize).collect();
+                    let mut x = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
+                    quantize_activation(&varied_data(batch * cols, &mut random), &mut x);
+                    compare(&format, "quantized", &quantized, cols, &x);
+
+                    let noise: Vec<B> =
+                        (0..rows * cols / QK_K).map(|_| random_block(&mut random, format.units)).collect();
+                    let x = random_activations(batch * cols / GROUP, &mut random);
+                    compare(&format, "random bytes", &noise, cols, &x);
+                }
+            }
+        }
+    }
+
+    /// The kernels of every table this CPU runs (the scalar one included:
+    /// the tables hand out the reference where there is nothing faster).
+    fn kernels<X>(pick: fn(&crate::kernels::Kernels) -> Matmul<X>) -> Vec<(&'static str, Matmul<X>)> {
+        crate::kernels::Kernels::all_available().into_iter().map(|k| (k.name, pick(k))).collect()
+    }
+
+    #[test]
+    fn q4kx4_kernels_match_the_reference() {
+        check(Format {
+            name: "q4kx4",
+            quantize: BlockQ4K::quantize,
+            units: &[offset_of!(BlockQ4K, d), offset_of!(BlockQ4K, dmin)],
+            reference: row_major::matmul_q4k,
+            interleaved_reference: scalar::matmul_q4kx4,
+            kernels: kernels(|k| k.matmul_q4kx4),
+            magnitude: magnitude_q4k,
+        });
+    }
+
+    #[test]
+    fn q6kx4_kernels_match_the_reference() {
+        check(Format {
+            name: "q6kx4",
+            quantize: BlockQ6K::quantize,
+            units: &[offset_of!(BlockQ6K, d)],
+            reference: row_major::matmul_q6k,
+            interleaved_reference: scalar::matmul_q6kx4,
+            kernels: kernels(|k| k.matmul_q6kx4),
+            magnitude: magnitude_q6k,
+        });
+    }
+
+    /// The comparison can fail: one level changed in one row (a nibble of
+    /// Q4_K's last sub-block, a Q6_K high bit) moves that row's product
+    /// beyond the budget, and only that row's.
+    #[test]
+    fn one_changed_level_is_caught() {
+        let mut random = Random(7);
+        let (rows, cols) = (8, 1536);
+        let values = varied_data(rows * cols, &mut random);
+        let mut x = random_activations(cols / GROUP, &mut random);
+        // Row 5, super-block 2: value 255 (sub-block 7, the high nibble of
+        // qs[127]), with a unit, a scale and an activation that let it count.
+        let mut q4k: Vec<BlockQ4K> = values.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
+        let block = &mut q4k[5 * 6 + 2];
+        block.d = crate::kquant::f16_bytes(1.0);
+        block.scales[11] |= 0x0F;
+        x[2 * 8 + 7].qs[31] = 100;
+        let mut changed = q4k.clone();
+        changed[5 * 6 + 2].qs[127] ^= 0x80;
+        for (name, kernel) in kernels(|k| k.matmul_q4kx4) {
+            let mut mixed = vec![<BlockQ4Kx4 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / INTERLEAVE];
+            interleave(&changed, cols / QK_K, &mut mixed);
+            let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+            kernel(&mixed, cols, &x, &mut got);
+            row_major::matmul_q4k(&q4k, cols, &x, &mut expected);
+            for r in 0..rows {
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * magnitude_q4k(&q4k[r * 6..][..6], &x) as f32;
+                assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q4kx4 row {r}");
+            }
+        }
+        // Row 2, super-block 4: the top bit of value 31 (bit 1 of qh[31]).
+        let mut q6k: Vec<BlockQ6K> = values.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
+        let block = &mut q6k[2 * 6 + 4];
+        block.d = crate::kquant::f16_bytes(1.0);
+        block.scales[1] = 100;
+        x[4 * 8].qs[31] = 100;
+        let mut changed = q6k.clone();
+        changed[2 * 6 + 4].qh[31] ^= 0x02;
+        for (name, kernel) in kernels(|k| k.matmul_q6kx4) {
+            let mut mixed = vec![<BlockQ6Kx4 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / INTERLEAVE];
+            interleave(&changed, cols / QK_K, &mut mixed);
+            let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+            kernel(&mixed, cols, &x, &mut got);
+            row_major::matmul_q6k(&q6k, cols, &x, &mut expected);
+            for r in 0..rows {
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * magnitude_q6k(&q6k[r * 6..][..6], &x) as f32;
+                assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 2, "{name} q6kx4 row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_groups_or_an_empty_batch_write_nothing() {
+        let x = vec![BlockQ8Act { d: 1.0, s: 0.0, qs: [1; GROUP] }; QK_K / GROUP];
+        let group = [BlockQ6Kx4::from_rows(&[BlockQ6K::quantize(&[0.5; QK_K]); INTERLEAVE])];
+        for (_, kernel) in kernels(|k| k.matmul_q4kx4) {
+            kernel(&[], QK_K, &x, &mut []);
+        }
+        for (_, kernel) in kernels(|k| k.matmul_q6kx4) {
+            kernel(&group, QK_K, &[], &mut []);
+        }
+    }
+}
