@@ -294,6 +294,36 @@ mod tests {
         crate::cmd::assert_values_parse_alike::<QuantArg, QuantTarget>(|name| QuantTarget::parse(name).ok());
     }
 
+    /// `--imatrix` with a text that is missing or empty fails before any
+    /// work, naming the flag and the file, and leaves no image.
+    #[test]
+    fn imatrix_text_missing_or_empty_is_refused() {
+        use bramble_tools::source::gguf::{write_gguf, GgmlType};
+        use bramble_tools::synth::{SyntheticModel, SyntheticShape};
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ConvertArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("model.gguf");
+        write_gguf(&SyntheticModel::generate(SyntheticShape::default(), 1), &gguf, GgmlType::F32).unwrap();
+        let (missing, empty, output) =
+            (dir.path().join("missing.txt"), dir.path().join("empty.txt"), dir.path().join("out.bramble"));
+        std::fs::write(&empty, "").unwrap();
+        for (text, expected) in
+            [(&missing, "cannot read the calibration text"), (&empty, "the calibration text is empty")]
+        {
+            let argv = ["convert", "--input", gguf.to_str().unwrap(), "--output", output.to_str().unwrap()];
+            let cli = Cli::try_parse_from(argv.into_iter().chain(["--imatrix", text.to_str().unwrap()])).unwrap();
+            let message = format!("{:#}", run(cli.args).unwrap_err());
+            assert!(message.starts_with("--imatrix: ") && message.contains(expected), "{message}");
+            assert!(message.contains(text.file_name().unwrap().to_str().unwrap()), "{message}");
+            assert!(!output.exists());
+        }
+    }
+
     /// Each `--mixed` value is the mode of that name.
     #[test]
     fn mixed_values_are_the_modes() {
