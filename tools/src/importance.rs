@@ -234,6 +234,9 @@ pub fn importance_matrix(
     // The text is checked before any work: the source's own tokenizer is the image's.
     let tokenizer = Tokenizer::new(source.vocab()).context("the source's tokenizer")?;
     let tokens = calibration_tokens(&tokenizer, text, options.tokens)?;
+    // Windows no longer than the model was trained on, nor than the text.
+    let trained = source.config().context_length as usize;
+    let ctx = options.ctx.min(if trained > 0 { trained } else { options.ctx }).min(tokens.len());
     let dir = tempfile::Builder::new()
         .prefix(".bramble-imatrix-")
         .tempdir_in(scratch)
@@ -247,12 +250,12 @@ pub fn importance_matrix(
     let model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), threads)?;
     let image_tokenizer = Tokenizer::new(image.vocab()).context("the calibration image's tokenizer")?;
     let progress = bar(options.progress, tokens.len() as u64);
-    let sums = measure(&model, &image_tokenizer, &tokens, (options.ctx, options.batch), &progress)?;
+    let sums = measure(&model, &image_tokenizer, &tokens, (ctx, options.batch), &progress)?;
     progress.finish_and_clear();
     Ok(ImportanceMatrix {
         text: text_name.to_string(),
         tokens: tokens.len(),
-        ctx: options.ctx.min(tokens.len()),
+        ctx,
         vectors: sums.means(output_tensor(source.config())),
     })
 }
@@ -553,9 +556,10 @@ mod tests {
     fn importance_matrix_covers_every_projection() {
         let model = wide_model();
         let dir = tempfile::tempdir().unwrap();
-        let options = ImportanceOptions { tokens: 40, ctx: 16, ..ImportanceOptions::default() };
+        // Windows of the default 512 are cut to the model's 128 positions.
+        let options = ImportanceOptions { tokens: 200, ..ImportanceOptions::default() };
         let matrix = importance_matrix(&model, &text(), "mercy.txt", dir.path(), &options).unwrap();
-        assert_eq!(matrix.tokens, 40);
+        assert_eq!((matrix.tokens, matrix.ctx), (200, 128));
         let matrices: Vec<_> = model.tensors.iter().filter(|t| t.1.len() == 2 && t.0 != "token_embd.weight").collect();
         assert_eq!(matrix.vectors.len(), matrices.len());
         for (name, shape, _) in matrices {
