@@ -17,9 +17,7 @@ use anyhow::{bail, Context, Result};
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
 use bramble_runtime::kquant::QK_K;
-use bramble_runtime::quant::{
-    interleave_bytes, quantize_into, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE,
-};
+use bramble_runtime::quant::{interleave_bytes, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
@@ -126,6 +124,9 @@ pub struct ConvertOptions {
     /// `--mixed auto`'s choice: projections kept at a higher precision
     /// (after `overrides`, before `quant`), recorded in the `source` section.
     pub mixed: Option<crate::mixed::MixedPlan>,
+    /// `--imatrix`'s importance vectors: the rounding searches weigh each
+    /// column by them (`crate::importance`), recorded in the `source` section.
+    pub importance: Option<crate::importance::ImportanceMatrix>,
 }
 
 impl ConvertOptions {
@@ -139,7 +140,7 @@ impl ConvertOptions {
             overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
             overrides.push(("output.weight".to_string(), QuantTarget::Q8));
         }
-        Self { quant, overrides, interleave: true, progress: false, mixed: None }
+        Self { quant, overrides, interleave: true, progress: false, mixed: None, importance: None }
     }
 
     /// Parses an override `PATTERN=QUANT` and puts it before the others.
@@ -187,6 +188,8 @@ pub struct ConvertReport {
     pub details: Vec<(String, String, String, bool)>,
     /// Per tensor family and source type, what was done, in file order.
     pub families: Vec<FamilyReport>,
+    /// Matrices quantized with an importance vector (`--imatrix`).
+    pub importance_tensors: usize,
 }
 
 /// What a conversion did to the tensors of one family (`ffn_down`, every
@@ -319,10 +322,12 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         image_bytes: 0,
         details: Vec::new(),
         families: Vec::new(),
+        importance_tensors: 0,
     };
     let mut values: Vec<f32> = Vec::new();
     let mut bytes: Vec<u8> = Vec::new();
     let mut notes: Vec<Option<String>> = Vec::new();
+    let mut weighed = 0;
     for (index, tensor) in tensors.iter().enumerate() {
         bar.set_message(tensor.name.clone());
         let (rows, cols) = (tensor.rows(), tensor.cols());
@@ -358,6 +363,19 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         // `keep` says whether what it converted kept every value.
         let check_exact = target == QuantTarget::Keep && !carried && matches!(encoding, Encoding::Q8 | Encoding::F16);
         let mut exact = true;
+        let importance = match options.importance.as_ref().and_then(|m| m.for_tensor(&tensor.name)) {
+            Some(vector) if vector.len() != cols => bail!(
+                "{}: tensor {}: the importance matrix has {} values for its {cols} columns",
+                source.describe(),
+                tensor.name,
+                vector.len()
+            ),
+            Some(vector) if !carried && crate::importance::weighs(encoding) => {
+                weighed += 1;
+                Some(vector)
+            }
+            _ => None,
+        };
         if carried {
             let raw = source
                 .native_bytes(index)
@@ -392,7 +410,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                         bytes.copy_from_slice(bytemuck::cast_slice(&blocks));
                     }
                     _ => {
-                        quantize_into(encoding, &values, &mut bytes);
+                        crate::importance::quantize_rows(encoding, &values, cols, importance, &mut bytes);
                         if check_exact {
                             exact &= values.iter().all(|&v| half::f16::from_f32(v).to_f32() == v);
                         }
@@ -436,6 +454,10 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
     if let Some(plan) = &options.mixed {
         description["mixed"] = serde_json::to_value(plan)?;
     }
+    if let Some(matrix) = &options.importance {
+        description["importance"] = matrix.record(weighed);
+    }
+    report.importance_tensors = weighed;
     writer.add_section(section::SOURCE, description.to_string().as_bytes(), false)?;
     report.image_bytes = writer.finish()?;
     Ok(report)

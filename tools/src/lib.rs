@@ -8,6 +8,7 @@ pub mod convert;
 pub mod deploy;
 pub mod flash;
 pub mod generate;
+pub mod importance;
 pub mod mixed;
 pub mod plan;
 pub mod profiles;

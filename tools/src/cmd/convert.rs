@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use bramble_tools::convert::{convert, ConvertOptions, FamilyReport, QuantTarget};
+use bramble_tools::importance::{self, ImportanceMatrix, ImportanceOptions};
 use bramble_tools::mixed::{MixedMode, MixedPlan};
 use bramble_tools::source::ModelSource;
 use bramble_tools::stats;
@@ -121,9 +122,17 @@ pub struct ConvertArgs {
     /// --mixed auto keeps the N inputs with the highest spike scores instead.
     #[arg(long)]
     mixed_keep: Option<usize>,
-    /// Threads for the --mixed auto calibration pass (default: the number of cores).
+    /// Threads for the --mixed auto and --imatrix calibration passes (default: the number of cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Importance matrix (docs/quants.md): measure each weight matrix's
+    /// input channels' mean squares on this calibration text (UTF-8) and
+    /// weigh the rounding searches of q4, q4k, q5k, q6k and q3k by them.
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
+    /// Calibration tokens for --imatrix (the first ones of the text).
+    #[arg(long, default_value_t = 8192)]
+    imatrix_tokens: usize,
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
@@ -156,6 +165,16 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             );
         }
     }
+    options.importance = importance_matrix(&args, source.as_ref(), options.progress)?;
+    if let (Some(matrix), false) = (&options.importance, args.json) {
+        outln!(
+            "importance matrix: {} tokens of {} (windows of {}), {} matrices",
+            matrix.tokens,
+            matrix.text,
+            matrix.ctx,
+            matrix.vectors.len()
+        );
+    }
     let report = convert(source.as_ref(), &args.output, &options)
         .with_context(|| format!("converting {} into {}", args.input.display(), args.output.display()))?;
     let peak = stats::peak_rss_bytes();
@@ -165,6 +184,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         value["seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
         if let Some(plan) = &options.mixed {
             value["mixed"] = serde_json::to_value(plan)?;
+        }
+        if let Some(matrix) = &options.importance {
+            value["importance"] = matrix.record(report.importance_tensors);
         }
         outln!("{value}");
     } else {
@@ -197,6 +219,30 @@ fn print_families(families: &[FamilyReport]) {
             family.action_with_note()
         );
     }
+}
+
+/// The directory of the output, for temporary calibration images.
+fn scratch_dir(output: &std::path::Path) -> PathBuf {
+    match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `--imatrix`'s importance vectors, or `None` without it.
+fn importance_matrix(args: &ConvertArgs, source: &dyn ModelSource, progress: bool) -> Result<Option<ImportanceMatrix>> {
+    let Some(path) = &args.imatrix else { return Ok(None) };
+    let text = importance::read_text(path).context("--imatrix")?;
+    let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let options = ImportanceOptions {
+        tokens: args.imatrix_tokens,
+        threads: args.threads.unwrap_or_else(super::cores),
+        progress,
+        ..ImportanceOptions::default()
+    };
+    let matrix = importance::importance_matrix(source, &text, &name, &scratch_dir(&args.output), &options)
+        .with_context(|| format!("--imatrix {} on {}", path.display(), args.input.display()))?;
+    Ok(Some(matrix))
 }
 
 /// `--mixed auto`'s choice, or `None` for `--mixed off`.
@@ -233,11 +279,7 @@ fn mixed_plan(
         progress,
         ..MixedOptions::default()
     };
-    let scratch = match args.output.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let plan = plan(source, &text, quant, &scratch, &options)
+    let plan = plan(source, &text, quant, &scratch_dir(&args.output), &options)
         .with_context(|| format!("--mixed auto on {}", args.input.display()))?;
     Ok(Some(plan))
 }
@@ -250,6 +292,36 @@ mod tests {
     #[test]
     fn quant_values_are_the_converter_targets() {
         crate::cmd::assert_values_parse_alike::<QuantArg, QuantTarget>(|name| QuantTarget::parse(name).ok());
+    }
+
+    /// `--imatrix` with a text that is missing or empty fails before any
+    /// work, naming the flag and the file, and leaves no image.
+    #[test]
+    fn imatrix_text_missing_or_empty_is_refused() {
+        use bramble_tools::source::gguf::{write_gguf, GgmlType};
+        use bramble_tools::synth::{SyntheticModel, SyntheticShape};
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ConvertArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("model.gguf");
+        write_gguf(&SyntheticModel::generate(SyntheticShape::default(), 1), &gguf, GgmlType::F32).unwrap();
+        let (missing, empty, output) =
+            (dir.path().join("missing.txt"), dir.path().join("empty.txt"), dir.path().join("out.bramble"));
+        std::fs::write(&empty, "").unwrap();
+        for (text, expected) in
+            [(&missing, "cannot read the calibration text"), (&empty, "the calibration text is empty")]
+        {
+            let argv = ["convert", "--input", gguf.to_str().unwrap(), "--output", output.to_str().unwrap()];
+            let cli = Cli::try_parse_from(argv.into_iter().chain(["--imatrix", text.to_str().unwrap()])).unwrap();
+            let message = format!("{:#}", run(cli.args).unwrap_err());
+            assert!(message.starts_with("--imatrix: ") && message.contains(expected), "{message}");
+            assert!(message.contains(text.file_name().unwrap().to_str().unwrap()), "{message}");
+            assert!(!output.exists());
+        }
     }
 
     /// Each `--mixed` value is the mode of that name.
