@@ -266,6 +266,8 @@ impl Kernels {
         matmul_q5k: matmul::kquant::avx2::matmul_q5k,
         matmul_q6k: matmul::kquant::avx2::matmul_q6k,
         matmul_q3k: matmul::kquant::avx2::matmul_q3k,
+        matmul_q4kx4: matmul::kquant::interleaved::avx2::matmul_q4kx4,
+        matmul_q6kx4: matmul::kquant::interleaved::avx2::matmul_q6kx4,
         gemm_q8c: matmul::channels::avx2::gemm_q8c,
         gemm_q4c: matmul::channels::avx2::gemm_q4c,
         ..Self::SCALAR

@@ -6,6 +6,8 @@
 //!   row-major reference, so the results are its results bit for bit.
 //! - `neon` (aarch64, ARMv8.0, the Raspberry Pi 4's Cortex-A72) and
 //!   `dotprod` (with `sdot`, the Pi 5's Cortex-A76).
+//! - `avx2` (x86-64 hosts): the row-major AVX2 kernels over pieces put back
+//!   in row order ([`through_rows`]).
 //!
 //! In an interleaved super-block sixteen value bytes are four rows' values
 //! at the same four columns, so a vector's four 32-bit lanes are the four
@@ -113,6 +115,86 @@ pub mod scalar {
     // Both row-major blocks are what the interleaved ones hold.
     const _: () = assert!(size_of::<BlockQ4K>() * INTERLEAVE == size_of::<BlockQ4Kx4>());
     const _: () = assert!(size_of::<BlockQ6K>() * INTERLEAVE == size_of::<BlockQ6Kx4>());
+}
+
+/// Interleaved super-blocks through a row-major kernel, for tables that
+/// have row-major k-quant kernels but no interleaved ones (x86-64 hosts): a
+/// piece of each group is put back in row order on the stack and handed to
+/// the row-major kernel one activation at a time, its four results added to
+/// the group's running sums. Images are interleaved by default, so host
+/// tools (perplexity, calibration) would otherwise run the scalar reference.
+pub mod through_rows {
+    use super::*;
+    use crate::kernels::matmul::kquant::scalar::ACTIVATION_BLOCKS;
+    use crate::kernels::MatmulQuantized;
+    use crate::quant::Interleaved;
+    use bytemuck::Zeroable;
+
+    /// Super-blocks of a group's rows staged at a time (4 × 16 Q6_K: 13 KiB).
+    const STAGED: usize = 16;
+
+    /// `rows_kernel` over the interleaved `weights`, with the contract of
+    /// [`MatmulQuantized`].
+    pub fn matmul<X: Interleaved>(
+        weights: &[X],
+        cols: usize,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+        rows_kernel: MatmulQuantized<X::Row>,
+    ) {
+        assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
+        let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
+        let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
+        assert!(
+            weights.len() == groups * superblocks
+                && x.len() == batch * activation_blocks
+                && out.len() == groups * INTERLEAVE * batch,
+            "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
+            weights.len(),
+            x.len(),
+            out.len()
+        );
+        if batch == 0 {
+            return;
+        }
+        let mut staged = [X::Row::zeroed(); STAGED * INTERLEAVE];
+        let mut four = [0f32; INTERLEAVE];
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            outputs.fill(0.0);
+            for first in (0..superblocks).step_by(STAGED) {
+                let n = STAGED.min(superblocks - first);
+                for (k, block) in group[first..first + n].iter().enumerate() {
+                    for r in 0..INTERLEAVE {
+                        staged[r * n + k] = block.row(r);
+                    }
+                }
+                let piece = first * ACTIVATION_BLOCKS..(first + n) * ACTIVATION_BLOCKS;
+                for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
+                    rows_kernel(&staged[..INTERLEAVE * n], n * QK_K, &activation[piece.clone()], &mut four);
+                    for (r, sum) in four.iter().enumerate() {
+                        outputs[r * batch + b] += sum;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 row-major k-quant kernels over interleaved matrices ([`through_rows`]).
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use super::*;
+    use crate::kernels::matmul::kquant::avx2 as rows;
+
+    /// Interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        through_rows::matmul(weights, cols, x, out, rows::matmul_q4k)
+    }
+
+    /// Interleaved Q6_K matrix × int8 activations.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        through_rows::matmul(weights, cols, x, out, rows::matmul_q6k)
+    }
 }
 
 /// What the ARMv8.0 and `sdot` kernels share: the walk over groups and
