@@ -160,9 +160,23 @@ pub(super) enum Weights {
     RandomBytes,
 }
 
+/// In which order [`check`] visits its shapes and weight kinds.
+pub(super) enum Sweep {
+    /// Each shape on quantized weights, then on random bytes.
+    ShapeMajor,
+    /// Every shape on quantized weights, then every shape on random bytes
+    /// (the NEON kernels' data, built only for aarch64).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    KindMajor,
+}
+
 /// Deterministic test data: weight blocks of a kind, and activations to
 /// multiply them with.
 pub(super) trait TestData {
+    /// The order the data is drawn in: each source keeps the one its
+    /// kernels' tolerances were measured against, so the same draws meet
+    /// the same shapes.
+    const SWEEP: Sweep;
     /// `count` blocks of `kind`.
     fn weights<B: Format>(&mut self, kind: Weights, count: usize) -> Vec<B>;
     /// The activation blocks of `n` values, to meet weights of `kind`.
@@ -230,6 +244,8 @@ impl VariedRuns {
 }
 
 impl TestData for VariedRuns {
+    const SWEEP: Sweep = Sweep::ShapeMajor;
+
     fn weights<B: Format>(&mut self, kind: Weights, count: usize) -> Vec<B> {
         match kind {
             Weights::Quantized => self.values(count * QK_K).chunks_exact(QK_K).map(B::quantize).collect(),
@@ -322,6 +338,8 @@ impl SuperBlockStyles {
 
 #[cfg(target_arch = "aarch64")]
 impl TestData for SuperBlockStyles {
+    const SWEEP: Sweep = Sweep::KindMajor;
+
     fn weights<B: Format>(&mut self, kind: Weights, count: usize) -> Vec<B> {
         let random = &mut self.0;
         match kind {
@@ -415,8 +433,10 @@ fn compare<B: Format>(
 /// Every shape: rows 1, 3, 4, 5, 8, 13 (groups of four rows, a short last
 /// group, a single row), batches 1, 2, 3, 5 (tiles of four, two, one), cols
 /// from one super-block to 5632, and once 11008 (LLaMA-7B's feed-forward
-/// width); each shape on quantized weights, then on random bytes.
-pub(super) fn check<B: Format>(kernel: Matmul<B>, relative_tolerance: fn(usize) -> f32, data: &mut impl TestData) {
+/// width); on quantized weights and on random bytes, in the order of the
+/// data's [`Sweep`].
+pub(super) fn check<B: Format, D: TestData>(kernel: Matmul<B>, relative_tolerance: fn(usize) -> f32, data: &mut D) {
+    const KINDS: [Weights; 2] = [Weights::Quantized, Weights::RandomBytes];
     let mut shapes: Vec<(usize, usize, usize)> = Vec::new();
     for rows in [1, 3, 4, 5, 8, 13] {
         for cols in [256, 512, 1536, 2048, 5632] {
@@ -426,11 +446,13 @@ pub(super) fn check<B: Format>(kernel: Matmul<B>, relative_tolerance: fn(usize) 
         }
     }
     shapes.push((5, 11008, 3));
-    for shape @ (rows, cols, batch) in shapes {
-        for kind in [Weights::Quantized, Weights::RandomBytes] {
-            let weights: Vec<B> = data.weights(kind, rows * cols / QK_K);
-            let x = data.activations(kind, batch * cols);
-            compare(kernel, relative_tolerance, kind, &weights, shape, &x);
-        }
+    let cases: Vec<(Weights, (usize, usize, usize))> = match D::SWEEP {
+        Sweep::ShapeMajor => shapes.iter().flat_map(|&shape| KINDS.map(|kind| (kind, shape))).collect(),
+        Sweep::KindMajor => KINDS.iter().flat_map(|&kind| shapes.iter().map(move |&shape| (kind, shape))).collect(),
+    };
+    for (kind, shape @ (rows, cols, batch)) in cases {
+        let weights: Vec<B> = data.weights(kind, rows * cols / QK_K);
+        let x = data.activations(kind, batch * cols);
+        compare(kernel, relative_tolerance, kind, &weights, shape, &x);
     }
 }
