@@ -456,3 +456,12 @@ pub(super) fn check<B: Format, D: TestData>(kernel: Matmul<B>, relative_toleranc
         compare(kernel, relative_tolerance, kind, &weights, shape, &x);
     }
 }
+
+/// Degenerate shapes: zero rows against one super-block of activations, and
+/// one row against an empty batch; each writes nothing, into an empty `out`.
+pub(super) fn check_empty(zero_rows: Matmul<BlockQ4K>, empty_batch: Matmul<BlockQ6K>) {
+    let x = vec![BlockQ8Act { d: 1.0, s: 0.0, qs: [1; GROUP] }; ACTIVATION_BLOCKS];
+    zero_rows(&[], QK_K, &x, &mut []);
+    let weights = [BlockQ6K::quantize(&[0.5; QK_K])];
+    empty_batch(&weights, QK_K, &[], &mut []);
+}
