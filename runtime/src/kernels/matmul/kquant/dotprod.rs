@@ -683,10 +683,7 @@ pub fn matmul_q3k(weights: &[BlockQ3K], cols: usize, x: &[BlockQ8Act], out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::activation::scalar::quantize_activation;
-    use crate::kernels::matmul::kquant::scalar;
-    use crate::kquant::{f16_value, scale_min_k4};
-    use bytemuck::Pod;
+    use crate::kernels::matmul::kquant::test_support::{self, Format, Matmul, VariedRuns};
 
     /// Kernel against reference: both compute the same exact integer sums and
     /// differ only in how the float terms built from them are grouped and
@@ -695,7 +692,7 @@ mod tests {
     /// two per 32 values, plus a few per super-block), so each is within
     /// `(n + 4)·u·Σ|terms|` of the exact value (u = 2⁻²⁴) and the two within
     /// `(n + 4)·2u` = `(n + 4)·ε` of each other, ε = f32::EPSILON per term
-    /// counted, relative to the sum of the terms' magnitudes ([`Magnitude`]).
+    /// counted, relative to the sum of the terms' magnitudes ([`Format::magnitude`]).
     const ROUNDING_PER_TERM: f32 = f32::EPSILON;
 
     /// The terms a row's sum is made of may be at most this many per column / 16, plus this.
@@ -703,261 +700,39 @@ mod tests {
         (cols / 16 + 8) as f32
     }
 
-    /// xorshift64*: deterministic test data.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        /// Uniform in [−1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn bytes(&mut self, out: &mut [u8]) {
-            out.iter_mut().for_each(|b| *b = self.next() as u8);
-        }
-    }
-
-    /// Weights with varied structure per 16 values: zero runs, tiny, unit and
-    /// large amplitudes, one-signed runs (positive minimums) and single spikes.
-    fn varied_data(n: usize, random: &mut Random) -> Vec<f32> {
-        let mut values = Vec::with_capacity(n);
-        while values.len() < n {
-            let amplitude = [0.0, 1e-3, 0.05, 1.0, 40.0][(random.next() % 5) as usize];
-            let kind = random.next() % 4;
-            for i in 0..16 {
-                let u = random.unit();
-                values.push(match kind {
-                    0 => amplitude * u,
-                    1 => amplitude * (u.abs() + 0.5),
-                    2 => -amplitude * (u.abs() + 0.1),
-                    _ => amplitude * if i == 7 { 10.0 } else { 0.01 * u },
-                });
-            }
-        }
-        values.truncate(n);
-        values
-    }
-
-    /// A block of random bytes, with its f16 units kept finite (an all-ones
-    /// exponent cleared by one bit): every level, scale and mask pattern.
-    fn random_block<B: Pod>(random: &mut Random, units: &[usize]) -> B {
-        let mut block = B::zeroed();
-        let bytes = bytemuck::bytes_of_mut(&mut block);
-        random.bytes(bytes);
-        for &at in units {
-            let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-            let finite = if bits & 0x7C00 == 0x7C00 { bits & !0x0400 } else { bits };
-            bytes[at..at + 2].copy_from_slice(&finite.to_le_bytes());
-        }
-        block
-    }
-
-    /// Activations with random int8 values (−128 included) and scales.
-    fn random_activations(n: usize, random: &mut Random) -> Vec<BlockQ8Act> {
-        (0..n)
-            .map(|_| {
-                let mut qs = [0i8; GROUP];
-                random.bytes(bytemuck::cast_slice_mut(&mut qs));
-                let d = random.unit() * 0.05;
-                BlockQ8Act { d, s: d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32, qs }
-            })
-            .collect()
-    }
-
-    /// Σ|terms| of one row against one activation, in f64: what the float
-    /// rounding of the sum is relative to.
-    type Magnitude<B> = fn(&[B], &[BlockQ8Act]) -> f64;
-
-    fn absolute_dot(levels: &[i8; GROUP], a: &BlockQ8Act, range: std::ops::Range<usize>) -> f64 {
-        range.map(|l| (levels[l] as i32 * a.qs[l] as i32).unsigned_abs() as f64).sum()
-    }
-
-    /// A Q4_K / Q5_K block's `d`, `dmin` and packed scales.
-    type K4Fields<B> = fn(&B) -> ([u8; 2], [u8; 2], &[u8; 12]);
-
-    fn magnitude_k4<B>(row: &[B], x: &[BlockQ8Act], fields: K4Fields<B>, levels: fn(&B, usize) -> [i8; GROUP]) -> f64 {
-        let mut sum = 0.0;
-        for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
-            let (d, dmin, packed) = fields(block);
-            let (d, dmin) = (f16_value(d) as f64, f16_value(dmin) as f64);
-            for (sub, a) in activations.iter().enumerate() {
-                let (scale, min) = scale_min_k4(sub, packed);
-                let dx = a.d.abs() as f64;
-                let sum_q: f64 = a.qs.iter().map(|&q| (q as i32).unsigned_abs() as f64).sum();
-                sum += (d * scale as f64).abs() * dx * absolute_dot(&levels(block, sub), a, 0..GROUP)
-                    + (dmin * min as f64).abs() * dx * sum_q;
-            }
-        }
-        sum
-    }
-
-    fn magnitude_q4k(row: &[BlockQ4K], x: &[BlockQ8Act]) -> f64 {
-        magnitude_k4(row, x, |b| (b.d, b.dmin, &b.scales), scalar::levels_q4k)
-    }
-
-    fn magnitude_q5k(row: &[BlockQ5K], x: &[BlockQ8Act]) -> f64 {
-        magnitude_k4(row, x, |b| (b.d, b.dmin, &b.scales), scalar::levels_q5k)
-    }
-
-    fn magnitude_pairs<B>(
-        row: &[B],
-        x: &[BlockQ8Act],
-        d: fn(&B) -> [u8; 2],
-        scale: fn(&B, usize) -> i32,
-        levels: fn(&B, usize) -> [i8; GROUP],
-    ) -> f64 {
-        let mut sum = 0.0;
-        for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
-            let unit = f16_value(d(block)).abs() as f64;
-            for (k, a) in activations.iter().enumerate() {
-                let lv = levels(block, k);
-                let (s0, s1) =
-                    (scale(block, 2 * k).unsigned_abs() as f64, scale(block, 2 * k + 1).unsigned_abs() as f64);
-                sum += unit * a.d.abs() as f64 * (s0 * absolute_dot(&lv, a, 0..16) + s1 * absolute_dot(&lv, a, 16..32));
-            }
-        }
-        sum
-    }
-
-    fn magnitude_q6k(row: &[BlockQ6K], x: &[BlockQ8Act]) -> f64 {
-        magnitude_pairs(row, x, |b| b.d, |b, i| b.scales[i] as i8 as i32, scalar::levels_q6k)
-    }
-
-    fn magnitude_q3k(row: &[BlockQ3K], x: &[BlockQ8Act]) -> f64 {
-        magnitude_pairs(row, x, |b| b.d, |b, i| b.scale(i) as i32 - 32, scalar::levels_q3k)
-    }
-
-    /// One format's kernel, reference and ways to make blocks.
-    struct Format<B> {
-        name: &'static str,
-        quantize: fn(&[f32]) -> B,
-        /// Byte offsets of the f16 units in a block.
-        units: &'static [usize],
-        kernel: fn(&[B], usize, &[BlockQ8Act], &mut [f32]),
-        reference: fn(&[B], usize, &[BlockQ8Act], &mut [f32]),
-        magnitude: Magnitude<B>,
-    }
-
-    /// The kernel against the reference on the same blocks and activations.
-    fn compare<B: Pod>(format: &Format<B>, what: &str, weights: &[B], rows: usize, cols: usize, x: &[BlockQ8Act]) {
-        let batch = x.len() / (cols / GROUP);
-        let (mut got, mut expected) = (vec![f32::NAN; rows * batch], vec![f32::NAN; rows * batch]);
-        (format.kernel)(weights, cols, x, &mut got);
-        (format.reference)(weights, cols, x, &mut expected);
-        let superblocks = cols / QK_K;
-        for r in 0..rows {
-            for b in 0..batch {
-                let row = &weights[r * superblocks..][..superblocks];
-                let activation = &x[b * cols / GROUP..][..cols / GROUP];
-                let tolerance = ROUNDING_PER_TERM * terms(cols) * (format.magnitude)(row, activation) as f32;
-                let (g, e) = (got[r * batch + b], expected[r * batch + b]);
-                assert!(
-                    (g - e).abs() <= tolerance,
-                    "{} {what} {rows}×{cols} batch {batch} [{r}, {b}]: {g} vs reference {e} (tolerance {tolerance})",
-                    format.name
-                );
-            }
-        }
-    }
-
-    /// Every size: rows 1, 3, 4, 5, 8, 13 (groups of four and the one-row
-    /// path), batches 1, 2, 3, 5 (tiles of four, two, one), cols from one
-    /// super-block to 5632, and once 11008; quantized varied data and random bytes.
-    fn check<B: Pod>(format: Format<B>) {
+    /// The kernel against the reference at every shape of [`test_support::check`].
+    fn check<B: Format>(kernel: Matmul<B>) {
         if !available() {
-            eprintln!("{}: no dot-product extension on this CPU, skipped", format.name);
+            eprintln!("{}: no dot-product extension on this CPU, skipped", B::NAME);
             return;
         }
-        let mut random = Random(0x9E37_79B9_7F4A_7C15);
-        let mut sizes: Vec<(usize, usize, usize)> = Vec::new();
-        for rows in [1, 3, 4, 5, 8, 13] {
-            for cols in [256, 512, 1536, 2048, 5632] {
-                for batch in [1, 2, 3, 5] {
-                    sizes.push((rows, cols, batch));
-                }
-            }
-        }
-        sizes.push((5, 11008, 3));
-        for (rows, cols, batch) in sizes {
-            let values = varied_data(rows * cols, &mut random);
-            let quantized: Vec<B> = values.chunks_exact(QK_K).map(format.quantize).collect();
-            let mut x = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
-            quantize_activation(&varied_data(batch * cols, &mut random), &mut x);
-            compare(&format, "quantized", &quantized, rows, cols, &x);
-
-            let noise: Vec<B> = (0..rows * cols / QK_K).map(|_| random_block(&mut random, format.units)).collect();
-            compare(
-                &format,
-                "random bytes",
-                &noise,
-                rows,
-                cols,
-                &random_activations(batch * cols / GROUP, &mut random),
-            );
-        }
+        test_support::check(kernel, |cols| ROUNDING_PER_TERM * terms(cols), &mut VariedRuns::new());
     }
 
     #[test]
     fn q4k_matches_the_reference() {
-        check(Format {
-            name: "q4k",
-            quantize: BlockQ4K::quantize,
-            units: &[offset_of!(BlockQ4K, d), offset_of!(BlockQ4K, dmin)],
-            kernel: matmul_q4k,
-            reference: scalar::matmul_q4k,
-            magnitude: magnitude_q4k,
-        });
+        check(matmul_q4k);
     }
 
     #[test]
     fn q5k_matches_the_reference() {
-        check(Format {
-            name: "q5k",
-            quantize: BlockQ5K::quantize,
-            units: &[offset_of!(BlockQ5K, d), offset_of!(BlockQ5K, dmin)],
-            kernel: matmul_q5k,
-            reference: scalar::matmul_q5k,
-            magnitude: magnitude_q5k,
-        });
+        check(matmul_q5k);
     }
 
     #[test]
     fn q6k_matches_the_reference() {
-        check(Format {
-            name: "q6k",
-            quantize: BlockQ6K::quantize,
-            units: &[offset_of!(BlockQ6K, d)],
-            kernel: matmul_q6k,
-            reference: scalar::matmul_q6k,
-            magnitude: magnitude_q6k,
-        });
+        check(matmul_q6k);
     }
 
     #[test]
     fn q3k_matches_the_reference() {
-        check(Format {
-            name: "q3k",
-            quantize: BlockQ3K::quantize,
-            units: &[offset_of!(BlockQ3K, d)],
-            kernel: matmul_q3k,
-            reference: scalar::matmul_q3k,
-            magnitude: magnitude_q3k,
-        });
+        check(matmul_q3k);
     }
 
     #[test]
     fn zero_rows_and_an_empty_batch_write_nothing() {
-        if !available() {
-            return;
+        if available() {
+            test_support::check_empty(matmul_q4k, matmul_q6k);
         }
-        let x = vec![BlockQ8Act { d: 1.0, s: 0.0, qs: [1; GROUP] }; ACTIVATION_BLOCKS];
-        matmul_q4k(&[], QK_K, &x, &mut []);
-        let weights = [BlockQ6K::quantize(&[0.5; QK_K])];
-        matmul_q6k(&weights, QK_K, &[], &mut []);
     }
 }

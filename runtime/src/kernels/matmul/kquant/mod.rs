@@ -27,8 +27,11 @@ pub mod dotprod;
 pub mod neon;
 
 #[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
 mod tests {
-    use super::scalar::*;
+    use super::test_support::Format;
     use crate::kernels::activation::scalar::quantize_activation;
     use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
     use crate::quant::{BlockQ8Act, GROUP};
@@ -45,25 +48,20 @@ mod tests {
             .collect()
     }
 
-    fn check<B: Copy>(
-        name: &str,
-        quantize: fn(&[f32]) -> B,
-        dequantize: fn(&B, &mut [f32]),
-        matmul: fn(&[B], usize, &[BlockQ8Act], &mut [f32]),
-    ) {
+    fn check<B: Format>() {
         for (rows, cols, batch) in [(1, QK_K, 1), (5, 3 * QK_K, 2), (8, 6 * QK_K, 3)] {
             let w = data(rows * cols, 7);
-            let blocks: Vec<B> = w.chunks_exact(QK_K).map(quantize).collect();
+            let blocks: Vec<B> = w.chunks_exact(QK_K).map(B::quantize).collect();
             let mut wd = vec![0f32; w.len()];
             for (b, out) in blocks.iter().zip(wd.chunks_exact_mut(QK_K)) {
-                dequantize(b, out);
+                b.dequantize(out);
             }
             let x = data(batch * cols, 11);
             let mut xq = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
             quantize_activation(&x, &mut xq);
             let xd: Vec<f32> = xq.iter().flat_map(|a| a.qs.map(|q| q as f32 * a.d)).collect();
             let mut got = vec![0f32; rows * batch];
-            matmul(&blocks, cols, &xq, &mut got);
+            B::reference(&blocks, cols, &xq, &mut got);
             for r in 0..rows {
                 for b in 0..batch {
                     let (row, act) = (&wd[r * cols..][..cols], &xd[b * cols..][..cols]);
@@ -72,7 +70,8 @@ mod tests {
                     let g = got[r * batch + b];
                     assert!(
                         (g - expected).abs() <= REORDERING_BUDGET * magnitude,
-                        "{name} {rows}×{cols} batch {batch} [{r}, {b}]: {g} vs {expected}"
+                        "{} {rows}×{cols} batch {batch} [{r}, {b}]: {g} vs {expected}",
+                        B::NAME
                     );
                 }
             }
@@ -81,10 +80,10 @@ mod tests {
 
     #[test]
     fn reference_products_equal_the_dequantized_product() {
-        check("q4k", BlockQ4K::quantize, BlockQ4K::dequantize, matmul_q4k);
-        check("q5k", BlockQ5K::quantize, BlockQ5K::dequantize, matmul_q5k);
-        check("q6k", BlockQ6K::quantize, BlockQ6K::dequantize, matmul_q6k);
-        check("q3k", BlockQ3K::quantize, BlockQ3K::dequantize, matmul_q3k);
+        check::<BlockQ4K>();
+        check::<BlockQ5K>();
+        check::<BlockQ6K>();
+        check::<BlockQ3K>();
     }
 
     /// Every kernel table this CPU runs (the wiring, not the kernels, is

@@ -605,11 +605,7 @@ pub fn matmul_q3k(weights: &[BlockQ3K], cols: usize, x: &[BlockQ8Act], out: &mut
 
 #[cfg(all(test, target_arch = "aarch64"))]
 mod tests {
-    use super::super::scalar::{self, levels_q3k, levels_q4k, levels_q5k, levels_q6k, ACTIVATION_BLOCKS};
-    use crate::kernels::activation::scalar::quantize_activation;
-    use crate::kquant::{f16_value, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
-    use crate::quant::{BlockQ8Act, GROUP};
-    use bytemuck::Pod;
+    use super::super::test_support::{self, Format, Matmul, SuperBlockStyles};
 
     /// Kernel and reference form the same integer sums and multiply the same
     /// scales in the same order; only the order of the float additions differs
@@ -622,273 +618,28 @@ mod tests {
     /// catches one wrong product in a row of 11008 columns (≈ 10⁻⁵ of it).
     const REORDERING_BUDGET: f32 = 1e-6;
 
-    const ROW_COUNTS: [usize; 6] = [1, 3, 4, 5, 8, 13];
-    const COLUMNS: [usize; 5] = [256, 512, 1536, 2048, 5632];
-    const BATCHES: [usize; 4] = [1, 2, 3, 5];
-    /// One long row (LLaMA-7B's feed-forward width): rows, columns, batch.
-    const LONG: (usize, usize, usize) = (5, 11008, 3);
-
-    /// SplitMix64: deterministic test data.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-
-        /// Uniform in [−1, 1).
-        fn signed_unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-
-        /// A power of ten from 10⁻³ to 10².
-        fn amplitude(&mut self) -> f32 {
-            10f32.powi(self.below(6) as i32 - 3)
-        }
-
-        fn fill(&mut self, bytes: &mut [u8]) {
-            for byte in bytes {
-                *byte = self.next() as u8;
-            }
-        }
-
-        /// Any finite f16 (either sign, subnormals and zero included), little-endian.
-        fn finite_f16(&mut self) -> [u8; 2] {
-            let mut bits = self.next() as u16;
-            if bits & 0x7C00 == 0x7C00 {
-                bits &= !0x4000;
-            }
-            bits.to_le_bytes()
-        }
-    }
-
-    /// How the weight blocks of a test are made.
-    #[derive(Clone, Copy, Debug)]
-    enum Weights {
-        /// The format's quantizer on data of a different style in each super-block.
-        Quantized,
-        /// Random bytes in every field (units kept finite), and now and then a
-        /// block of all 0x00, 0x80 or 0xFF bytes (Q6_K scales of −128, every
-        /// high bit set or clear).
-        RandomBytes,
-    }
-
-    /// Values for a quantizer, each super-block in its own style.
-    fn weight_values(random: &mut Random, n: usize) -> Vec<f32> {
-        let mut values = vec![0f32; n];
-        for block in values.chunks_exact_mut(QK_K) {
-            let (style, amplitude) = (random.below(5), random.amplitude());
-            for v in block.iter_mut() {
-                let u = random.signed_unit();
-                *v = amplitude
-                    * match style {
-                        0 => u,
-                        1 => 1.0 + u / 2.0,
-                        2 => -1.0 + u / 2.0,
-                        3 if random.below(16) == 0 => 20.0 * u,
-                        3 => 0.0,
-                        _ => 1.0,
-                    };
-            }
-        }
-        values
-    }
-
-    /// `batch · cols` activations, quantized; each block of 32 at its own
-    /// amplitude (zero now and then), some all at the extremes ±127.
-    fn activations(random: &mut Random, n: usize) -> Vec<BlockQ8Act> {
-        let mut values = vec![0f32; n];
-        for block in values.chunks_exact_mut(GROUP) {
-            let amplitude = if random.below(8) == 0 { 0.0 } else { random.amplitude() };
-            let extreme = random.below(4) == 0;
-            for v in block.iter_mut() {
-                let u = random.signed_unit();
-                *v = amplitude * if extreme { u.signum() } else { u };
-            }
-        }
-        let mut blocks = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; n / GROUP];
-        quantize_activation(&values, &mut blocks);
-        blocks
-    }
-
-    type Matmul<B> = fn(&[B], usize, &[BlockQ8Act], &mut [f32]);
-
-    /// A format under test.
-    struct Format<B> {
-        name: &'static str,
-        quantize: fn(&[f32]) -> B,
-        /// Makes the f16 units of a block of random bytes finite.
-        finite_units: fn(&mut B, &mut Random),
-        reference: Matmul<B>,
-        kernel: Matmul<B>,
-        /// The sum of the magnitudes of the terms a block's dot product adds,
-        /// against its eight activation blocks.
-        magnitude: fn(&B, &[BlockQ8Act]) -> f32,
-    }
-
-    fn weights<B: Pod>(format: &Format<B>, kind: Weights, count: usize, random: &mut Random) -> Vec<B> {
-        match kind {
-            Weights::Quantized => weight_values(random, count * QK_K).chunks_exact(QK_K).map(format.quantize).collect(),
-            Weights::RandomBytes => (0..count)
-                .map(|_| {
-                    let mut block = B::zeroed();
-                    let bytes = bytemuck::bytes_of_mut(&mut block);
-                    match random.below(16) {
-                        0 => bytes.fill(0x00),
-                        1 => bytes.fill(0x80),
-                        2 => bytes.fill(0xFF),
-                        _ => random.fill(bytes),
-                    }
-                    (format.finite_units)(&mut block, random);
-                    block
-                })
-                .collect(),
-        }
-    }
-
-    /// The kernel against the reference at one shape, each output within
-    /// the budget of the magnitude of its terms.
-    fn check_shape<B: Pod>(
-        format: &Format<B>,
-        kind: Weights,
-        (rows, cols, batch): (usize, usize, usize),
-        random: &mut Random,
-    ) {
-        let blocks = cols / QK_K;
-        let w = weights(format, kind, rows * blocks, random);
-        let x = activations(random, batch * cols);
-        let (mut expected, mut got) = (vec![0f32; rows * batch], vec![f32::NAN; rows * batch]);
-        (format.reference)(&w, cols, &x, &mut expected);
-        (format.kernel)(&w, cols, &x, &mut got);
-        for r in 0..rows {
-            for b in 0..batch {
-                let row = &w[r * blocks..][..blocks];
-                let activation = &x[b * cols / GROUP..][..cols / GROUP];
-                let magnitude: f32 = row
-                    .iter()
-                    .zip(activation.chunks_exact(ACTIVATION_BLOCKS))
-                    .map(|(block, a)| (format.magnitude)(block, a))
-                    .sum();
-                let (g, e) = (got[r * batch + b], expected[r * batch + b]);
-                assert!(
-                    (g - e).abs() <= REORDERING_BUDGET * magnitude,
-                    "{} {kind:?} {rows}×{cols} batch {batch} [{r}, {b}]: {g} vs reference {e} (magnitude {magnitude})",
-                    format.name
-                );
-            }
-        }
-    }
-
-    fn check<B: Pod>(format: Format<B>) {
-        let mut random = Random(0x6b71_6e65_6f6e);
-        for kind in [Weights::Quantized, Weights::RandomBytes] {
-            for rows in ROW_COUNTS {
-                for cols in COLUMNS {
-                    for batch in BATCHES {
-                        check_shape(&format, kind, (rows, cols, batch), &mut random);
-                    }
-                }
-            }
-            check_shape(&format, kind, LONG, &mut random);
-        }
-    }
-
-    /// `Σ|n·q|` over `range` of a block's levels and an activation's values.
-    fn absolute_products(levels: &[i8; GROUP], a: &BlockQ8Act, range: std::ops::Range<usize>) -> f32 {
-        range.map(|j| (levels[j] as i32 * a.qs[j] as i32).abs()).sum::<i32>() as f32
-    }
-
-    /// Q4_K and Q5_K: per sub-block, `|d·scale·dₓ|·Σ|n·q| + |dmin·min·dₓ|·Σ|q|`.
-    fn magnitude_k4(
-        (d, dmin): ([u8; 2], [u8; 2]),
-        scales: &[u8; 12],
-        levels: impl Fn(usize) -> [i8; GROUP],
-        x: &[BlockQ8Act],
-    ) -> f32 {
-        let (d, dmin) = (f16_value(d), f16_value(dmin));
-        let ones = [1i8; GROUP];
-        x.iter()
-            .enumerate()
-            .map(|(sub, a)| {
-                let (scale, min) = scale_min_k4(sub, scales);
-                (d * scale as f32 * a.d).abs() * absolute_products(&levels(sub), a, 0..GROUP)
-                    + (dmin * min as f32 * a.d).abs() * absolute_products(&ones, a, 0..GROUP)
-            })
-            .sum()
-    }
-
-    /// Q6_K and Q3_K: per sub-block of 16, `|d·scale·dₓ|·Σ|n·q|`.
-    fn magnitude_signed(
-        d: [u8; 2],
-        scale: impl Fn(usize) -> i32,
-        levels: impl Fn(usize) -> [i8; GROUP],
-        x: &[BlockQ8Act],
-    ) -> f32 {
-        let d = f16_value(d);
-        x.iter()
-            .enumerate()
-            .map(|(k, a)| {
-                let n = levels(k);
-                (d * a.d).abs()
-                    * (scale(2 * k).abs() as f32 * absolute_products(&n, a, 0..16)
-                        + scale(2 * k + 1).abs() as f32 * absolute_products(&n, a, 16..32))
-            })
-            .sum()
+    /// The kernel against the reference at every shape of [`test_support::check`].
+    fn check<B: Format>(kernel: Matmul<B>) {
+        test_support::check(kernel, |_| REORDERING_BUDGET, &mut SuperBlockStyles::new());
     }
 
     #[test]
     fn q4k_matches_the_reference() {
-        check(Format {
-            name: "q4k",
-            quantize: BlockQ4K::quantize,
-            finite_units: |b, random| (b.d, b.dmin) = (random.finite_f16(), random.finite_f16()),
-            reference: scalar::matmul_q4k,
-            kernel: super::matmul_q4k,
-            magnitude: |b, x| magnitude_k4((b.d, b.dmin), &b.scales, |sub| levels_q4k(b, sub), x),
-        });
+        check(super::matmul_q4k);
     }
 
     #[test]
     fn q5k_matches_the_reference() {
-        check(Format {
-            name: "q5k",
-            quantize: BlockQ5K::quantize,
-            finite_units: |b, random| (b.d, b.dmin) = (random.finite_f16(), random.finite_f16()),
-            reference: scalar::matmul_q5k,
-            kernel: super::matmul_q5k,
-            magnitude: |b, x| magnitude_k4((b.d, b.dmin), &b.scales, |sub| levels_q5k(b, sub), x),
-        });
+        check(super::matmul_q5k);
     }
 
     #[test]
     fn q6k_matches_the_reference() {
-        check(Format {
-            name: "q6k",
-            quantize: BlockQ6K::quantize,
-            finite_units: |b, random| b.d = random.finite_f16(),
-            reference: scalar::matmul_q6k,
-            kernel: super::matmul_q6k,
-            magnitude: |b, x| magnitude_signed(b.d, |i| b.scales[i] as i8 as i32, |k| levels_q6k(b, k), x),
-        });
+        check(super::matmul_q6k);
     }
 
     #[test]
     fn q3k_matches_the_reference() {
-        check(Format {
-            name: "q3k",
-            quantize: BlockQ3K::quantize,
-            finite_units: |b, random| b.d = random.finite_f16(),
-            reference: scalar::matmul_q3k,
-            kernel: super::matmul_q3k,
-            magnitude: |b, x| magnitude_signed(b.d, |i| b.scale(i) as i32 - 32, |k| levels_q3k(b, k), x),
-        });
+        check(super::matmul_q3k);
     }
 }
