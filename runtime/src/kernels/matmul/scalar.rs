@@ -137,36 +137,53 @@ pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut
 /// 4 × 64 blocks, at most 8.5 KiB).
 const STAGED_BLOCKS: usize = 64;
 
-/// Every group of four interleaved rows against every activation: a piece of
-/// the group's blocks is put back into four row-major rows
-/// ([`Interleaved::row`]), then each row goes through the row-major
-/// reference `dot` (continuing its running sum from the previous piece), so
-/// the results are the row-major reference's, bit for bit. Staging a whole
-/// piece before reading it keeps the copies out of the loads' way.
-fn matmul_interleaved<X: Interleaved>(
+/// Every group of four interleaved rows against every activation, for
+/// weight blocks of `VALUES` values (`VALUES / GROUP` activation blocks
+/// each): `STAGED` of the group's blocks at a time are put back into four
+/// row-major rows ([`Interleaved::row`]), then each row goes through the
+/// row-major reference `dot` (continuing its running sum from the previous
+/// piece), so the results are the row-major reference's, bit for bit.
+/// Staging a whole piece before reading it keeps the copies out of the
+/// loads' way. The reference of the q4x4 family and of the k-quant x4
+/// blocks alike.
+pub(crate) fn matmul_interleaved<X: Interleaved, const VALUES: usize, const STAGED: usize>(
     weights: &[X],
     cols: usize,
     x: &[BlockQ8Act],
     out: &mut [f32],
     dot: fn(f32, &[X::Row], &[BlockQ8Act]) -> f32,
 ) {
-    let blocks = cols / GROUP;
-    let batch = x.len() / blocks;
-    debug_assert_eq!(weights.len() / blocks * INTERLEAVE * batch, out.len());
-    let mut staged = [[X::Row::zeroed(); STAGED_BLOCKS]; INTERLEAVE];
+    let per_block = VALUES / GROUP;
+    assert!(cols > 0 && cols.is_multiple_of(VALUES), "{cols} columns are not whole blocks of {VALUES}");
+    let (blocks, activation_blocks) = (cols / VALUES, cols / GROUP);
+    let (groups, batch) = (weights.len() / blocks, x.len() / activation_blocks);
+    assert!(
+        weights.len() == groups * blocks
+            && x.len() == batch * activation_blocks
+            && out.len() == groups * INTERLEAVE * batch,
+        "matmul shapes disagree: {} interleaved blocks, {} activation blocks, {} outputs, {cols} columns",
+        weights.len(),
+        x.len(),
+        out.len()
+    );
+    if batch == 0 {
+        return;
+    }
+    let mut staged = [[X::Row::zeroed(); STAGED]; INTERLEAVE];
     for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
         outputs.fill(0.0);
-        for first in (0..blocks).step_by(STAGED_BLOCKS) {
-            let n = STAGED_BLOCKS.min(blocks - first);
+        for first in (0..blocks).step_by(STAGED) {
+            let n = STAGED.min(blocks - first);
             for (k, block) in group[first..first + n].iter().enumerate() {
                 for (r, row) in staged.iter_mut().enumerate() {
                     row[k] = block.row(r);
                 }
             }
+            let piece = first * per_block..(first + n) * per_block;
             for (r, row) in staged.iter().enumerate() {
-                for (b, activation) in x.chunks_exact(blocks).enumerate() {
+                for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
                     let sum = &mut outputs[r * batch + b];
-                    *sum = dot(*sum, &row[..n], &activation[first..first + n]);
+                    *sum = dot(*sum, &row[..n], &activation[piece.clone()]);
                 }
             }
         }
@@ -175,15 +192,15 @@ fn matmul_interleaved<X: Interleaved>(
 
 /// Interleaved Q8 matrix × int8 activations.
 pub fn matmul_q8x4(weights: &[BlockQ8x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot_q8_q8_from)
+    matmul_interleaved::<_, GROUP, STAGED_BLOCKS>(weights, cols, x, out, dot_q8_q8_from)
 }
 /// Interleaved asymmetric Q4 matrix × int8 activations.
 pub fn matmul_q4x4(weights: &[BlockQ4x4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot_q4_q8_from)
+    matmul_interleaved::<_, GROUP, STAGED_BLOCKS>(weights, cols, x, out, dot_q4_q8_from)
 }
 /// Interleaved symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4sx4(weights: &[BlockQ4Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-    matmul_interleaved(weights, cols, x, out, dot_q4s_q8_from)
+    matmul_interleaved::<_, GROUP, STAGED_BLOCKS>(weights, cols, x, out, dot_q4s_q8_from)
 }
 
 /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to

@@ -46,70 +46,21 @@ use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8Act, GROUP, INTERLEAVE};
 /// The reference: deinterleave, then the row-major reference products.
 pub mod scalar {
     use super::*;
-    use crate::kernels::matmul::kquant::scalar::{dot_q4k_q8_from, dot_q6k_q8_from, ACTIVATION_BLOCKS};
-    use crate::quant::Interleaved;
-    use bytemuck::Zeroable;
+    use crate::kernels::matmul::kquant::scalar::{dot_q4k_q8_from, dot_q6k_q8_from};
+    use crate::kernels::matmul::scalar::matmul_interleaved;
 
     /// Super-blocks of a group's rows put back in row order at a time (on
     /// the stack: 4 × 16 Q6_K super-blocks, 13 KiB).
     const STAGED: usize = 16;
 
-    /// Every group of four interleaved rows against every activation: a
-    /// piece of the group's super-blocks is put back into four row-major
-    /// rows ([`Interleaved::row`]), then each row goes through the row-major
-    /// reference `dot`, continuing its running sum from the previous piece,
-    /// so the results are the row-major reference's, bit for bit.
-    fn matmul_interleaved<X: Interleaved>(
-        weights: &[X],
-        cols: usize,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-        dot: fn(f32, &[X::Row], &[BlockQ8Act]) -> f32,
-    ) {
-        assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
-        let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
-        let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
-        assert!(
-            weights.len() == groups * superblocks
-                && x.len() == batch * activation_blocks
-                && out.len() == groups * INTERLEAVE * batch,
-            "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
-            weights.len(),
-            x.len(),
-            out.len()
-        );
-        if batch == 0 {
-            return;
-        }
-        let mut staged = [[X::Row::zeroed(); STAGED]; INTERLEAVE];
-        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
-            outputs.fill(0.0);
-            for first in (0..superblocks).step_by(STAGED) {
-                let n = STAGED.min(superblocks - first);
-                for (k, block) in group[first..first + n].iter().enumerate() {
-                    for (r, row) in staged.iter_mut().enumerate() {
-                        row[k] = block.row(r);
-                    }
-                }
-                let piece = first * ACTIVATION_BLOCKS..(first + n) * ACTIVATION_BLOCKS;
-                for (r, row) in staged.iter().enumerate() {
-                    for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
-                        let sum = &mut outputs[r * batch + b];
-                        *sum = dot(*sum, &row[..n], &activation[piece.clone()]);
-                    }
-                }
-            }
-        }
-    }
-
     /// Interleaved Q4_K matrix × int8 activations.
     pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        matmul_interleaved(weights, cols, x, out, dot_q4k_q8_from)
+        matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q4k_q8_from)
     }
 
     /// Interleaved Q6_K matrix × int8 activations.
     pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        matmul_interleaved(weights, cols, x, out, dot_q6k_q8_from)
+        matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q6k_q8_from)
     }
 
     // Both row-major blocks are what the interleaved ones hold.
@@ -808,12 +759,8 @@ pub mod dotprod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::activation::scalar::quantize_activation;
-    use crate::kernels::matmul::kquant::scalar as row_major;
-    use crate::kquant::{f16_value, scale_min_k4};
+    use crate::kernels::matmul::kquant::test_support::{row_magnitude, Format, Matmul, TestData, VariedRuns, Weights};
     use crate::quant::{interleave, Interleaved};
-    use bytemuck::Pod;
-    use std::mem::offset_of;
 
     /// Kernel against reference: both form the same exact integer sums and
     /// differ only in how the float terms built from them are grouped and
@@ -833,133 +780,19 @@ mod tests {
     const COLUMNS: [usize; 5] = [256, 512, 1536, 2048, 5632];
     const BATCHES: [usize; 4] = [1, 2, 3, 5];
 
-    /// xorshift64*: deterministic test data.
-    struct Random(u64);
-
-    impl Random {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        /// Uniform in [−1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-        fn bytes(&mut self, out: &mut [u8]) {
-            out.iter_mut().for_each(|b| *b = self.next() as u8);
-        }
-    }
-
-    /// Weights with varied structure per 16 values: zero runs, tiny, unit and
-    /// large amplitudes, one-signed runs (positive minimums) and single spikes.
-    fn varied_data(n: usize, random: &mut Random) -> Vec<f32> {
-        let mut values = Vec::with_capacity(n);
-        while values.len() < n {
-            let amplitude = [0.0, 1e-3, 0.05, 1.0, 40.0][(random.next() % 5) as usize];
-            let kind = random.next() % 4;
-            for i in 0..16 {
-                let u = random.unit();
-                values.push(match kind {
-                    0 => amplitude * u,
-                    1 => amplitude * (u.abs() + 0.5),
-                    2 => -amplitude * (u.abs() + 0.1),
-                    _ => amplitude * if i == 7 { 10.0 } else { 0.01 * u },
-                });
-            }
-        }
-        values.truncate(n);
-        values
-    }
-
-    /// A block of random bytes with its f16 units (at byte offsets `units`)
-    /// kept finite; now and then all 0x00, 0x80 or 0xFF (Q6_K scales of
-    /// −128, every high bit set or clear).
-    fn random_block<B: Pod>(random: &mut Random, units: &[usize]) -> B {
-        let mut block = B::zeroed();
-        let bytes = bytemuck::bytes_of_mut(&mut block);
-        match random.next() % 16 {
-            0 => bytes.fill(0x00),
-            1 => bytes.fill(0x80),
-            2 => bytes.fill(0xFF),
-            _ => random.bytes(bytes),
-        }
-        for &at in units {
-            let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-            let finite = if bits & 0x7C00 == 0x7C00 { bits & !0x0400 } else { bits };
-            bytes[at..at + 2].copy_from_slice(&finite.to_le_bytes());
-        }
-        block
-    }
-
-    /// Activations with random int8 values (−128 included) and scales.
-    fn random_activations(n: usize, random: &mut Random) -> Vec<BlockQ8Act> {
-        (0..n)
-            .map(|_| {
-                let mut qs = [0i8; GROUP];
-                random.bytes(bytemuck::cast_slice_mut(&mut qs));
-                let d = random.unit() * 0.05;
-                BlockQ8Act { d, s: d * qs.iter().map(|&q| q as i32).sum::<i32>() as f32, qs }
-            })
-            .collect()
-    }
-
-    fn absolute_dot(levels: &[i8; GROUP], a: &BlockQ8Act, range: std::ops::Range<usize>) -> f64 {
-        range.map(|l| (levels[l] as i32 * a.qs[l] as i32).unsigned_abs() as f64).sum()
-    }
-
-    /// Σ|terms| of a Q4_K row against an activation.
-    fn magnitude_q4k(row: &[BlockQ4K], x: &[BlockQ8Act]) -> f64 {
-        let mut sum = 0.0;
-        for (block, activations) in row.iter().zip(x.chunks_exact(QK_K / GROUP)) {
-            let (d, dmin) = (f16_value(block.d) as f64, f16_value(block.dmin) as f64);
-            for (sub, a) in activations.iter().enumerate() {
-                let (scale, min) = scale_min_k4(sub, &block.scales);
-                let dx = a.d.abs() as f64;
-                let sum_q: f64 = a.qs.iter().map(|&q| (q as i32).unsigned_abs() as f64).sum();
-                sum += (d * scale as f64).abs() * dx * absolute_dot(&row_major::levels_q4k(block, sub), a, 0..GROUP)
-                    + (dmin * min as f64).abs() * dx * sum_q;
-            }
-        }
-        sum
-    }
-
-    /// Σ|terms| of a Q6_K row against an activation.
-    fn magnitude_q6k(row: &[BlockQ6K], x: &[BlockQ8Act]) -> f64 {
-        let mut sum = 0.0;
-        for (block, activations) in row.iter().zip(x.chunks_exact(QK_K / GROUP)) {
-            let unit = f16_value(block.d).abs() as f64;
-            for (k, a) in activations.iter().enumerate() {
-                let levels = row_major::levels_q6k(block, k);
-                let s = |i: usize| (block.scales[i] as i8 as i32).unsigned_abs() as f64;
-                sum += unit
-                    * a.d.abs() as f64
-                    * (s(2 * k) * absolute_dot(&levels, a, 0..16) + s(2 * k + 1) * absolute_dot(&levels, a, 16..32));
-            }
-        }
-        sum
-    }
-
-    type Matmul<B> = fn(&[B], usize, &[BlockQ8Act], &mut [f32]);
-
-    /// One format: its row-major and interleaved blocks, kernels and reference.
-    struct Format<B: Pod, X: Interleaved<Row = B>> {
+    /// One interleaved format: its reference and kernels (the row-major
+    /// block `B` brings its quantizer, reference and term magnitudes).
+    struct Interleaving<B: Format, X: Interleaved<Row = B>> {
         name: &'static str,
-        quantize: fn(&[f32]) -> B,
-        /// Byte offsets of the f16 units in a row-major block.
-        units: &'static [usize],
-        reference: Matmul<B>,
         interleaved_reference: Matmul<X>,
         /// The kernels under test on this CPU, by table name.
         kernels: Vec<(&'static str, Matmul<X>)>,
-        magnitude: fn(&[B], &[BlockQ8Act]) -> f64,
     }
 
     /// The interleaved reference equals the row-major one bit for bit, and
     /// each kernel is within the rounding budget of it.
-    fn compare<B: Pod, X: Interleaved<Row = B>>(
-        format: &Format<B, X>,
+    fn compare<B: Format, X: Interleaved<Row = B>>(
+        format: &Interleaving<B, X>,
         what: &str,
         rows: &[B],
         cols: usize,
@@ -971,7 +804,7 @@ mod tests {
         let mut mixed = vec![X::zeroed(); rows.len() / INTERLEAVE];
         interleave(rows, superblocks, &mut mixed);
         let mut expected = vec![f32::NAN; row_count * batch];
-        (format.reference)(rows, cols, x, &mut expected);
+        B::reference(rows, cols, x, &mut expected);
         let mut staged = vec![f32::NAN; row_count * batch];
         (format.interleaved_reference)(&mixed, cols, x, &mut staged);
         assert_eq!(
@@ -987,7 +820,7 @@ mod tests {
                 for b in 0..batch {
                     let row = &rows[r * superblocks..][..superblocks];
                     let activation = &x[b * cols / GROUP..][..cols / GROUP];
-                    let tolerance = ROUNDING_PER_TERM * terms(cols) * (format.magnitude)(row, activation) as f32;
+                    let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(row, activation) as f32;
                     let (g, e) = (got[r * batch + b], expected[r * batch + b]);
                     assert!(
                         (g - e).abs() <= tolerance,
@@ -999,20 +832,17 @@ mod tests {
         }
     }
 
-    fn check<B: Pod, X: Interleaved<Row = B>>(format: Format<B, X>) {
-        let mut random = Random(0x9E37_79B9_7F4A_7C15);
+    fn check<B: Format, X: Interleaved<Row = B>>(format: Interleaving<B, X>) {
+        let mut data = VariedRuns::new();
         for rows in ROW_COUNTS {
             for cols in COLUMNS {
                 for batch in BATCHES {
-                    let values = varied_data(rows * cols, &mut random);
-                    let quantized: Vec<B> = values.chunks_exact(QK_K).map(format.quantize).collect();
-                    let mut x = vec![BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] }; batch * cols / GROUP];
-                    quantize_activation(&varied_data(batch * cols, &mut random), &mut x);
+                    let quantized: Vec<B> = data.weights(Weights::Quantized, rows * cols / QK_K);
+                    let x = data.activations(Weights::Quantized, batch * cols);
                     compare(&format, "quantized", &quantized, cols, &x);
 
-                    let noise: Vec<B> =
-                        (0..rows * cols / QK_K).map(|_| random_block(&mut random, format.units)).collect();
-                    let x = random_activations(batch * cols / GROUP, &mut random);
+                    let noise: Vec<B> = data.filled_or_random_bytes(rows * cols / QK_K);
+                    let x = data.activations(Weights::RandomBytes, batch * cols);
                     compare(&format, "random bytes", &noise, cols, &x);
                 }
             }
@@ -1027,27 +857,19 @@ mod tests {
 
     #[test]
     fn q4kx4_kernels_match_the_reference() {
-        check(Format {
+        check(Interleaving {
             name: "q4kx4",
-            quantize: BlockQ4K::quantize,
-            units: &[offset_of!(BlockQ4K, d), offset_of!(BlockQ4K, dmin)],
-            reference: row_major::matmul_q4k,
             interleaved_reference: scalar::matmul_q4kx4,
             kernels: kernels(|k| k.matmul_q4kx4),
-            magnitude: magnitude_q4k,
         });
     }
 
     #[test]
     fn q6kx4_kernels_match_the_reference() {
-        check(Format {
+        check(Interleaving {
             name: "q6kx4",
-            quantize: BlockQ6K::quantize,
-            units: &[offset_of!(BlockQ6K, d)],
-            reference: row_major::matmul_q6k,
             interleaved_reference: scalar::matmul_q6kx4,
             kernels: kernels(|k| k.matmul_q6kx4),
-            magnitude: magnitude_q6k,
         });
     }
 
@@ -1056,10 +878,10 @@ mod tests {
     /// beyond the budget, and only that row's.
     #[test]
     fn one_changed_level_is_caught() {
-        let mut random = Random(7);
+        let mut data = VariedRuns::seeded(7);
         let (rows, cols) = (8, 1536);
-        let values = varied_data(rows * cols, &mut random);
-        let mut x = random_activations(cols / GROUP, &mut random);
+        let values = data.values(rows * cols);
+        let mut x = data.activations(Weights::RandomBytes, cols);
         // Row 5, super-block 2: value 255 (sub-block 7, the high nibble of
         // qs[127]), with a unit, a scale and an activation that let it count.
         let mut q4k: Vec<BlockQ4K> = values.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
@@ -1074,9 +896,9 @@ mod tests {
             interleave(&changed, cols / QK_K, &mut mixed);
             let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
             kernel(&mixed, cols, &x, &mut got);
-            row_major::matmul_q4k(&q4k, cols, &x, &mut expected);
+            BlockQ4K::reference(&q4k, cols, &x, &mut expected);
             for r in 0..rows {
-                let tolerance = ROUNDING_PER_TERM * terms(cols) * magnitude_q4k(&q4k[r * 6..][..6], &x) as f32;
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q4k[r * 6..][..6], &x) as f32;
                 assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q4kx4 row {r}");
             }
         }
@@ -1093,9 +915,9 @@ mod tests {
             interleave(&changed, cols / QK_K, &mut mixed);
             let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
             kernel(&mixed, cols, &x, &mut got);
-            row_major::matmul_q6k(&q6k, cols, &x, &mut expected);
+            BlockQ6K::reference(&q6k, cols, &x, &mut expected);
             for r in 0..rows {
-                let tolerance = ROUNDING_PER_TERM * terms(cols) * magnitude_q6k(&q6k[r * 6..][..6], &x) as f32;
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q6k[r * 6..][..6], &x) as f32;
                 assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 2, "{name} q6kx4 row {r}");
             }
         }

@@ -195,6 +195,27 @@ trait Generator {
     fn fill(&mut self, bytes: &mut [u8]) {
         bytes.iter_mut().for_each(|b| *b = self.next() as u8);
     }
+
+    /// Random bytes, or one time in sixteen all 0x00, 0x80 or 0xFF (Q6_K
+    /// scales of −128, every high bit set or clear).
+    fn fill_or_uniform(&mut self, bytes: &mut [u8]) {
+        match self.next() % 16 {
+            0 => bytes.fill(0x00),
+            1 => bytes.fill(0x80),
+            2 => bytes.fill(0xFF),
+            _ => self.fill(bytes),
+        }
+    }
+}
+
+/// The block's f16 units with an all-ones exponent (infinities, NaNs)
+/// cleared by one bit, so they are finite.
+fn keep_units_finite<B: Format>(bytes: &mut [u8]) {
+    for &at in B::UNITS {
+        let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        let finite = if bits & 0x7C00 == 0x7C00 { bits & !0x0400 } else { bits };
+        bytes[at..at + 2].copy_from_slice(&finite.to_le_bytes());
+    }
 }
 
 /// xorshift64*.
@@ -214,15 +235,35 @@ impl Generator for XorShift64Star {
 /// their f16 units' all-ones exponents cleared by one bit; activations
 /// quantized from the same kind of data, or (against random bytes) random
 /// int8 values, −128 included, with random scales. Used by the AVX2 and
-/// dotprod kernels.
+/// dotprod kernels, and (with [`VariedRuns::filled_or_random_bytes`] for
+/// the random bytes) by the x4 kernels.
 pub(super) struct VariedRuns(XorShift64Star);
 
 impl VariedRuns {
     pub(super) fn new() -> Self {
-        VariedRuns(XorShift64Star(0x9E37_79B9_7F4A_7C15))
+        Self::seeded(0x9E37_79B9_7F4A_7C15)
     }
 
-    fn values(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn seeded(seed: u64) -> Self {
+        VariedRuns(XorShift64Star(seed))
+    }
+
+    /// `count` blocks of random bytes, one time in sixteen all 0x00, 0x80
+    /// or 0xFF instead, f16 units kept finite.
+    pub(super) fn filled_or_random_bytes<B: Format>(&mut self, count: usize) -> Vec<B> {
+        (0..count)
+            .map(|_| {
+                let mut block = B::zeroed();
+                let bytes = bytemuck::bytes_of_mut(&mut block);
+                self.0.fill_or_uniform(bytes);
+                keep_units_finite::<B>(bytes);
+                block
+            })
+            .collect()
+    }
+
+    /// `n` values whose structure changes every 16.
+    pub(super) fn values(&mut self, n: usize) -> Vec<f32> {
         let random = &mut self.0;
         let mut values = Vec::with_capacity(n);
         while values.len() < n {
@@ -254,11 +295,7 @@ impl TestData for VariedRuns {
                     let mut block = B::zeroed();
                     let bytes = bytemuck::bytes_of_mut(&mut block);
                     self.0.fill(bytes);
-                    for &at in B::UNITS {
-                        let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-                        let finite = if bits & 0x7C00 == 0x7C00 { bits & !0x0400 } else { bits };
-                        bytes[at..at + 2].copy_from_slice(&finite.to_le_bytes());
-                    }
+                    keep_units_finite::<B>(bytes);
                     block
                 })
                 .collect(),
@@ -366,12 +403,7 @@ impl TestData for SuperBlockStyles {
                 .map(|_| {
                     let mut block = B::zeroed();
                     let bytes = bytemuck::bytes_of_mut(&mut block);
-                    match random.below(16) {
-                        0 => bytes.fill(0x00),
-                        1 => bytes.fill(0x80),
-                        2 => bytes.fill(0xFF),
-                        _ => random.fill(bytes),
-                    }
+                    random.fill_or_uniform(bytes);
                     for &at in B::UNITS {
                         bytes[at..at + 2].copy_from_slice(&random.finite_f16());
                     }
@@ -417,9 +449,7 @@ fn compare<B: Format>(
         for b in 0..batch {
             let row = &weights[r * superblocks..][..superblocks];
             let activation = &x[b * cols / GROUP..][..cols / GROUP];
-            let magnitude: f64 =
-                row.iter().zip(activation.chunks_exact(ACTIVATION_BLOCKS)).map(|(block, a)| block.magnitude(a)).sum();
-            let tolerance = relative_tolerance(cols) * magnitude as f32;
+            let tolerance = relative_tolerance(cols) * row_magnitude(row, activation) as f32;
             let (g, e) = (got[r * batch + b], expected[r * batch + b]);
             assert!(
                 (g - e).abs() <= tolerance,
@@ -428,6 +458,12 @@ fn compare<B: Format>(
             );
         }
     }
+}
+
+/// Σ|terms| of a row's dot product with an activation, block by block
+/// ([`Format::magnitude`]).
+pub(super) fn row_magnitude<B: Format>(row: &[B], x: &[BlockQ8Act]) -> f64 {
+    row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)).map(|(block, a)| block.magnitude(a)).sum()
 }
 
 /// Every shape: rows 1, 3, 4, 5, 8, 13 (groups of four rows, a short last
