@@ -20,7 +20,9 @@
 //! the `rsparse` section (`models/FORMAT.md`), written under a temporary name
 //! and renamed into place when complete.
 
+use crate::convert::{convert, ConvertOptions, QuantTarget};
 use crate::generate::perplexity;
+use crate::source::ModelSource;
 use anyhow::{bail, Context, Result};
 use bramble_runtime::image::{ImageWriter, TensorInfo};
 use bramble_runtime::model::{Logits, Matrix, Model, Site, SparseMode};
@@ -512,6 +514,28 @@ pub fn observe_text(
         }
     }
     Ok(())
+}
+
+/// A temporary f16 copy of `source` to calibrate on (the high-precision
+/// model), written under `scratch` in a directory named `prefix…` that is
+/// removed when the returned guard drops (after the image: bind them in
+/// this order).
+pub fn f16_calibration_image(
+    source: &dyn ModelSource,
+    scratch: &Path,
+    prefix: &str,
+    progress: bool,
+) -> Result<(tempfile::TempDir, ModelImage)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(scratch)
+        .with_context(|| format!("{}: cannot make a temporary directory", scratch.display()))?;
+    let calibration = dir.path().join("calibration-f16.bramble");
+    let mut f16 = ConvertOptions::new(QuantTarget::F16);
+    f16.progress = progress;
+    convert(source, &calibration, &f16).context("writing the f16 calibration image")?;
+    let image = ModelImage::open(&calibration).with_context(|| format!("opening {}", calibration.display()))?;
+    Ok((dir, image))
 }
 
 /// The calibration tokens of `text` for `tokenizer`: BOS first when the model adds one.

@@ -30,8 +30,7 @@
 //! rounding, as `llama-quantize` leaves Q4_1), everything else through
 //! [`quantize_into`].
 
-use crate::calibrate::{calibration_tokens, observe_text};
-use crate::convert::{convert, ConvertOptions, QuantTarget};
+use crate::calibrate::{calibration_tokens, f16_calibration_image, observe_text};
 use crate::rounding;
 use crate::source::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
@@ -39,7 +38,6 @@ use bramble_runtime::kquant::QK_K;
 use bramble_runtime::model::{Model, Site};
 use bramble_runtime::quant::{quantize_into, Encoding, GROUP};
 use bramble_runtime::tokenizer::Tokenizer;
-use bramble_runtime::ModelImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -237,15 +235,7 @@ pub fn importance_matrix(
     // Windows no longer than the model was trained on, nor than the text.
     let trained = source.config().context_length as usize;
     let ctx = options.ctx.min(if trained > 0 { trained } else { options.ctx }).min(tokens.len());
-    let dir = tempfile::Builder::new()
-        .prefix(".bramble-imatrix-")
-        .tempdir_in(scratch)
-        .with_context(|| format!("{}: cannot make a temporary directory", scratch.display()))?;
-    let calibration = dir.path().join("calibration-f16.bramble");
-    let mut f16 = ConvertOptions::new(QuantTarget::F16);
-    f16.progress = options.progress;
-    convert(source, &calibration, &f16).context("writing the f16 calibration image")?;
-    let image = ModelImage::open(&calibration).with_context(|| format!("opening {}", calibration.display()))?;
+    let (_dir, image) = f16_calibration_image(source, scratch, ".bramble-imatrix-", options.progress)?;
     let threads = options.threads.clamp(1, bramble_runtime::kernels::pool::MAX_THREADS);
     let model = Model::with_options(&image, bramble_runtime::kernels::Kernels::detect(), threads)?;
     let image_tokenizer = Tokenizer::new(image.vocab()).context("the calibration image's tokenizer")?;
@@ -328,10 +318,12 @@ fn quantize_row(encoding: Encoding, row: &[f32], importance: Option<&[f32]>, out
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::convert::{convert, ConvertOptions, QuantTarget};
     use crate::synth::{SyntheticModel, SyntheticShape};
     use bramble_runtime::kquant::{BlockQ4K, QK_K};
     use bramble_runtime::model::Logits;
     use bramble_runtime::quant::{dequantize_from, BlockQ4};
+    use bramble_runtime::ModelImage;
 
     /// Relative agreement of two means of squares summed in different orders
     /// (f64 here, one vector at a time) over activations the model computed

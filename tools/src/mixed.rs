@@ -33,8 +33,8 @@
 //! `source` section under `mixed` (`models/FORMAT.md`). `docs/mixed.md` has
 //! the measurements on SmolLM2.
 
-use crate::calibrate::{calibration_tokens, observe_text, Reservoir};
-use crate::convert::{convert, ConvertOptions, QuantTarget};
+use crate::calibrate::{calibration_tokens, f16_calibration_image, observe_text, Reservoir};
+use crate::convert::QuantTarget;
 use crate::source::ModelSource;
 use anyhow::{bail, ensure, Context, Result};
 use bramble_runtime::model::{Model, Site};
@@ -367,15 +367,7 @@ pub fn plan(
     // The text is checked before any work: the source's own tokenizer is the image's.
     let tokenizer = Tokenizer::new(source.vocab()).context("the source's tokenizer")?;
     let tokens = calibration_tokens(&tokenizer, text, options.tokens).context("--calib-text")?;
-    let dir = tempfile::Builder::new()
-        .prefix(".bramble-mixed-")
-        .tempdir_in(scratch)
-        .with_context(|| format!("{}: cannot make a temporary directory", scratch.display()))?;
-    let calibration = dir.path().join("calibration-f16.bramble");
-    let mut f16 = ConvertOptions::new(QuantTarget::F16);
-    f16.progress = options.progress;
-    convert(source, &calibration, &f16).context("writing the f16 calibration image")?;
-    let image = ModelImage::open(&calibration).with_context(|| format!("opening {}", calibration.display()))?;
+    let (_dir, image) = f16_calibration_image(source, scratch, ".bramble-mixed-", options.progress)?;
     let scores = measure(&image, &tokens, options)?;
     drop(image);
     let chosen = choose(&scores, options.selection)?;
