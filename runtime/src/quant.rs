@@ -97,7 +97,7 @@ impl Encoding {
             Encoding::Q6K => 12,
             Encoding::Q3K => 13,
             Encoding::Q4KX4 => 14,
-            Encoding::Q6KX4 => 15,
+            Encoding::Q6KX4 => 16,
         }
     }
     /// The encoding of a tensor-index id.
@@ -455,6 +455,11 @@ impl Interleaved for BlockQ4Kx4 {
 ///   bytes at a time as [`spread`] does; bytes `4l .. 4l+4` of a row's `ql`
 ///   and of its `qh` land at the same offsets of their interleaved arrays, so
 ///   a level's two parts are unpacked from matching vectors.
+/// - `qh` is stored XOR [`Q6K_HIGH_FLIP`]: each two-bit field `t` as `t ^ 2`,
+///   whose value as a signed two-bit number is `t − 2`. Put on top of a
+///   level's nibble shifted up by two, the byte read as `i8` is then
+///   `4·(level − 32)`: the kernels build the signed level with one insert
+///   (`sli`/`sri`) and no subtraction of ggml's zero point 32.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 pub struct BlockQ6Kx4 {
@@ -469,6 +474,9 @@ pub struct BlockQ6Kx4 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ6Kx4>() == 4 * 210);
 
+/// What [`BlockQ6Kx4`] stores `qh` XOR: bit 1 of every two-bit field.
+pub const Q6K_HIGH_FLIP: u8 = 0xAA;
+
 impl Interleaved for BlockQ6Kx4 {
     type Row = BlockQ6K;
     fn from_rows(rows: &[BlockQ6K; INTERLEAVE]) -> Self {
@@ -481,13 +489,14 @@ impl Interleaved for BlockQ6Kx4 {
         spread_by::<16, 1>(rows.each_ref().map(|b| &b.scales), &mut block.scales);
         spread(rows.each_ref().map(|b| &b.ql), &mut block.ql);
         spread(rows.each_ref().map(|b| &b.qh), &mut block.qh);
+        block.qh.iter_mut().for_each(|b| *b ^= Q6K_HIGH_FLIP);
         block
     }
     #[inline(always)]
     fn row(&self, r: usize) -> BlockQ6K {
         BlockQ6K {
             ql: gather(&self.ql, r),
-            qh: gather(&self.qh, r),
+            qh: gather(&self.qh, r).map(|b| b ^ Q6K_HIGH_FLIP),
             scales: gather_by::<16, 1>(&self.scales, r),
             d: self.d[r],
         }
@@ -1080,7 +1089,7 @@ mod kquant_tests {
                 })
                 .collect()
         };
-        for (encoding, id, name) in [(Encoding::Q4KX4, 14, "q4kx4"), (Encoding::Q6KX4, 15, "q6kx4")] {
+        for (encoding, id, name) in [(Encoding::Q4KX4, 14, "q4kx4"), (Encoding::Q6KX4, 16, "q6kx4")] {
             assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(id)), (id, name, Some(encoding)));
             assert_eq!(encoding.row_major().interleaved(), Some(encoding));
             assert_eq!((encoding.block_values(), encoding.rows_interleaved(), encoding.row_multiple()), (QK_K, 4, 4));
@@ -1093,7 +1102,15 @@ mod kquant_tests {
                 let mut back = vec![0u8; mixed.len()];
                 deinterleave_bytes(encoding, &mixed, cols, &mut back);
                 assert_eq!(back, row_major, "{encoding:?} {rows}×{cols}");
-                let mut sorted = (mixed.clone(), row_major.clone());
+                // Moved bytes, but for Q6KX4's `qh`, stored XOR its flip.
+                let mut moved = mixed.clone();
+                if encoding == Encoding::Q6KX4 {
+                    let qh = std::mem::offset_of!(BlockQ6Kx4, qh);
+                    for block in moved.chunks_exact_mut(size_of::<BlockQ6Kx4>()) {
+                        block[qh..].iter_mut().for_each(|b| *b ^= Q6K_HIGH_FLIP);
+                    }
+                }
+                let mut sorted = (moved, row_major.clone());
                 sorted.0.sort_unstable();
                 sorted.1.sort_unstable();
                 assert_eq!(sorted.0, sorted.1, "{encoding:?}: not a permutation of the bytes");
@@ -1119,7 +1136,7 @@ mod kquant_tests {
         });
         let mixed = BlockQ6Kx4::from_rows(&rows);
         assert_eq!(&mixed.scales[60..], &[15, 31, 47, 63]);
-        assert_eq!(&mixed.qh[16..24], &[8, 10, 12, 14, 9, 11, 13, 15]);
+        assert_eq!(&mixed.qh[16..24], &[8, 10, 12, 14, 9, 11, 13, 15].map(|b| b ^ Q6K_HIGH_FLIP));
         for (r, row) in rows.iter().enumerate() {
             assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
         }

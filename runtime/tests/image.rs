@@ -153,6 +153,25 @@ fn interleaved_tensors_need_whole_groups_of_four_rows() {
 }
 
 #[test]
+fn the_first_q6kx4_layout_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let enc = Encoding::Q6KX4;
+    let bytes = write_tiny(&dir.path().join("t.bramble"), |w| {
+        w.add_tensor("extra.weight", enc, &[4, 256], &vec![0u8; enc.bytes_for(4 * 256)]).unwrap()
+    });
+    assert!(open_bytes(&bytes).is_ok());
+    // The same tensor under the id the first Q6KX4 layout had.
+    let name = bytes.windows(12).position(|w| w == b"extra.weight").unwrap();
+    let mut old = bytes.clone();
+    assert_eq!(old[name + 56..name + 60], 16u32.to_le_bytes());
+    old[name + 56..name + 60].copy_from_slice(&15u32.to_le_bytes());
+    reseal(&mut old);
+    let error = open_bytes(&old).err().unwrap();
+    assert_eq!(error.kind(), ErrorKind::Corrupt, "{error}");
+    assert!(error.message().contains("extra.weight") && error.message().contains("convert the model again"), "{error}");
+}
+
+#[test]
 fn unknown_sections_skipped_unless_required() {
     let dir = tempfile::tempdir().unwrap();
     let optional = write_tiny(&dir.path().join("a.bramble"), |w| w.add_section("rsparse_v9", b"later", false).unwrap());

@@ -20,6 +20,10 @@ use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
+
+/// The id the first Q6KX4 layout had (its `qh` stored as ggml's). Nothing
+/// reads it now; it is refused by name rather than as unknown.
+const RETIRED_Q6KX4: u32 = 15;
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -493,6 +497,12 @@ impl Parsed {
         let name =
             read_fixed_name(&entry.name).ok_or_else(|| corrupt(format!("tensor {i}: name is not ASCII")))?.to_string();
         let fail = |what: String| corrupt(format!("tensor {name}: {what}"));
+        if entry.encoding == RETIRED_Q6KX4 {
+            return Err(fail(format!(
+                "encoding {RETIRED_Q6KX4} is the first Q6KX4 layout (before its high bits were stored flipped, \
+                 now id 16), which this reader no longer runs: convert the model again"
+            )));
+        }
         let encoding =
             Encoding::from_id(entry.encoding).ok_or_else(|| fail(format!("unknown encoding {}", entry.encoding)))?;
         if !(1..=4).contains(&entry.n_dims) {

@@ -374,24 +374,30 @@ mod arm {
         bytes.map(|v| vreinterpretq_s8_u8(if HIGH { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
     }
 
-    /// Q6_K levels of quarter `K` (0..4) of a half: `low` the eight vectors
-    /// of `ql` it reads (bytes `32·(K mod 2)` of the half's 64 per row),
-    /// `high` the half's eight vectors of `qh`. A level is the low (K < 2) or
-    /// high nibble under bits `2K, 2K + 1` of `qh` moved to bits 4, 5, less 32.
+    /// Q6_K levels of quarter `K` (0..4) of a half, times four:
+    /// `4·(level − 32)` as `i8`. `low` are the eight vectors of `ql` it
+    /// reads (bytes `32·(K mod 2)` of the half's 64 per row), `high` the
+    /// half's eight vectors of `qh` (stored flipped, [`crate::quant::Q6K_HIGH_FLIP`]: the
+    /// field's signed value is `t − 2`). The nibble goes to bits 2–5, the
+    /// flipped field to bits 6–7, so the byte is `4·nibble + 64·(t − 2)`:
+    /// one insert a vector, two where the field must first be shifted down
+    /// (`sli` keeps a source's bits 0–1) or up (`sri` keeps the
+    /// destination's bits 6–7).
     #[inline(always)]
-    pub(super) unsafe fn q6k_levels<const K: usize>(low: [uint8x16_t; 8], high: [uint8x16_t; 8]) -> [int8x16_t; 8] {
-        let (nibble, top_two, zero_point) = (vdupq_n_u8(15), vdupq_n_u8(0x30), vdupq_n_s8(32));
+    pub(super) unsafe fn q6k_levels_x4<const K: usize>(low: [uint8x16_t; 8], high: [uint8x16_t; 8]) -> [int8x16_t; 8] {
+        let high_nibble = vdupq_n_u8(0xF0);
         let mut levels = [vdupq_n_s8(0); 8];
         for i in 0..8 {
             let (l, h) = (low[i], high[i]);
-            let nibbles = if K < 2 { vandq_u8(l, nibble) } else { vshrq_n_u8::<4>(l) };
-            let top = match K {
-                0 => vshlq_n_u8::<4>(h),
-                1 => vshlq_n_u8::<2>(h),
-                2 => h,
-                _ => vshrq_n_u8::<2>(h),
+            let byte = match K {
+                // The low nibble shifted up by two under the field at bits 0–1 (2–3).
+                0 => vsliq_n_u8::<6>(vshlq_n_u8::<2>(l), h),
+                1 => vsliq_n_u8::<6>(vshlq_n_u8::<2>(l), vshrq_n_u8::<2>(h)),
+                // The high nibble shifted down by two under the field at bits 4–5 (6–7).
+                2 => vsriq_n_u8::<2>(vshlq_n_u8::<2>(h), vandq_u8(l, high_nibble)),
+                _ => vsriq_n_u8::<2>(h, vandq_u8(l, high_nibble)),
             };
-            levels[i] = vsubq_s8(vreinterpretq_s8_u8(vbslq_u8(top_two, top, nibbles)), zero_point);
+            levels[i] = vreinterpretq_s8_u8(byte);
         }
         levels
     }
@@ -554,12 +560,14 @@ pub mod neon {
                 for half in 0..2 {
                     // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
                     let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
+                    // `level − 32` from the levels times four (the 16-bit sums below need it small).
+                    let exact = |x4: [int8x16_t; 8]| x4.map(|v| vshrq_n_s8::<2>(v));
                     let (low, high) = (load128(ql), load128(qh));
-                    quarter(q6k_levels::<0>(low, high), 4 * half);
-                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    quarter(exact(q6k_levels_x4::<0>(low, high)), 4 * half);
+                    quarter(exact(q6k_levels_x4::<2>(low, high)), 4 * half + 2);
                     let (low, high) = (load128(ql.add(128)), load128(qh));
-                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
-                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
+                    quarter(exact(q6k_levels_x4::<1>(low, high)), 4 * half + 1);
+                    quarter(exact(q6k_levels_x4::<3>(low, high)), 4 * half + 3);
                 }
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
@@ -725,12 +733,14 @@ pub mod dotprod {
                     // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
                     let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
                     let (low, high) = (load128(ql), load128(qh));
-                    quarter(q6k_levels::<0>(low, high), 4 * half);
-                    quarter(q6k_levels::<2>(low, high), 4 * half + 2);
+                    quarter(q6k_levels_x4::<0>(low, high), 4 * half);
+                    quarter(q6k_levels_x4::<2>(low, high), 4 * half + 2);
                     let (low, high) = (load128(ql.add(128)), load128(qh));
-                    quarter(q6k_levels::<1>(low, high), 4 * half + 1);
-                    quarter(q6k_levels::<3>(low, high), 4 * half + 3);
+                    quarter(q6k_levels_x4::<1>(low, high), 4 * half + 1);
+                    quarter(q6k_levels_x4::<3>(low, high), 4 * half + 3);
                 }
+                // The sums are of four times the levels.
+                let d = vmulq_n_f32(d, 0.25);
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
                 }
