@@ -375,31 +375,60 @@ mod arm {
     }
 
     /// Q6_K levels of quarter `K` (0..4) of a half, times four:
-    /// `4·(level − 32)` as `i8`. `low` are the eight vectors of `ql` it
-    /// reads (bytes `32·(K mod 2)` of the half's 64 per row), `high` the
-    /// half's eight vectors of `qh` (stored flipped, [`crate::quant::Q6K_HIGH_FLIP`]: the
+    /// `4·(level − 32)` as `i8`. `low` are vectors of `ql` it reads (bytes
+    /// `32·(K mod 2)` of the half's 64 per row), `high` the matching vectors
+    /// of the half's `qh` (stored flipped, [`crate::quant::Q6K_HIGH_FLIP`]: the
     /// field's signed value is `t − 2`). The nibble goes to bits 2–5, the
     /// flipped field to bits 6–7, so the byte is `4·nibble + 64·(t − 2)`:
     /// one insert a vector, two where the field must first be shifted down
     /// (`sli` keeps a source's bits 0–1) or up (`sri` keeps the
     /// destination's bits 6–7).
     #[inline(always)]
-    pub(super) unsafe fn q6k_levels_x4<const K: usize>(low: [uint8x16_t; 8], high: [uint8x16_t; 8]) -> [int8x16_t; 8] {
+    pub(super) unsafe fn q6k_levels_x4<const K: usize, const V: usize>(
+        low: [uint8x16_t; V],
+        high: [uint8x16_t; V],
+    ) -> [int8x16_t; V] {
         let high_nibble = vdupq_n_u8(0xF0);
-        let mut levels = [vdupq_n_s8(0); 8];
-        for i in 0..8 {
+        let mut levels = [vdupq_n_s8(0); V];
+        for i in 0..V {
             let (l, h) = (low[i], high[i]);
             let byte = match K {
                 // The low nibble shifted up by two under the field at bits 0–1 (2–3).
-                0 => vsliq_n_u8::<6>(vshlq_n_u8::<2>(l), h),
-                1 => vsliq_n_u8::<6>(vshlq_n_u8::<2>(l), vshrq_n_u8::<2>(h)),
+                0 => insert::<true>(vshlq_n_u8::<2>(l), h),
+                1 => insert::<true>(vshlq_n_u8::<2>(l), vshrq_n_u8::<2>(h)),
                 // The high nibble shifted down by two under the field at bits 4–5 (6–7).
-                2 => vsriq_n_u8::<2>(vshlq_n_u8::<2>(h), vandq_u8(l, high_nibble)),
-                _ => vsriq_n_u8::<2>(h, vandq_u8(l, high_nibble)),
+                2 => insert::<false>(vshlq_n_u8::<2>(h), vandq_u8(l, high_nibble)),
+                _ => insert::<false>(h, vandq_u8(l, high_nibble)),
             };
             levels[i] = vreinterpretq_s8_u8(byte);
         }
         levels
+    }
+
+    /// `sli dst, src, #6` (`LEFT`: `src`'s bits 0–1 over `dst`'s 6–7) or
+    /// `sri dst, src, #2` (`src >> 2` under `dst`'s bits 6–7), as written:
+    /// LLVM turns the intrinsics into masks, shifts and `orr`s.
+    #[inline(always)]
+    unsafe fn insert<const LEFT: bool>(dst: uint8x16_t, src: uint8x16_t) -> uint8x16_t {
+        let mut out = dst;
+        if LEFT {
+            asm!("sli {o:v}.16b, {s:v}.16b, #6", o = inout(vreg) out, s = in(vreg) src,
+                options(pure, nomem, nostack, preserves_flags));
+        } else {
+            asm!("sri {o:v}.16b, {s:v}.16b, #2", o = inout(vreg) out, s = in(vreg) src,
+                options(pure, nomem, nostack, preserves_flags));
+        }
+        out
+    }
+
+    /// 64 bytes from `p` as four vectors.
+    ///
+    /// # Safety
+    /// `p` points at 64 readable bytes.
+    #[inline(always)]
+    pub(super) unsafe fn load64(p: *const u8) -> [uint8x16_t; 4] {
+        let v = vld1q_u8_x4(p);
+        [v.0, v.1, v.2, v.3]
     }
 }
 
@@ -459,12 +488,12 @@ pub mod neon {
         sum
     }
 
-    /// The four rows' `Σ level·q` over four column groups (16 columns), for
-    /// Q6_K's signed levels: four products a 16-bit lane (|n·q| ≤ 32·128,
-    /// so at most 2¹⁴), then widened before the pairwise add (eight could
-    /// reach 2¹⁵ with an activation of −128).
+    /// The four rows' `Σ (level − 32)·q` over four column groups (16
+    /// columns), for Q6_K's signed levels: four products a 16-bit lane
+    /// (|n·q| ≤ 32·128, so at most 2¹⁴), then widened before the pairwise
+    /// add (eight could reach 2¹⁵ with an activation of −128).
     #[inline(always)]
-    unsafe fn sum16(w: &[int8x16_t], b: &[int8x16_t]) -> int32x4_t {
+    unsafe fn sum16(w: &[int8x16_t; 4], b: &[int8x16_t; 4]) -> int32x4_t {
         let sum: int32x4_t;
         asm!(
             "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
@@ -552,7 +581,8 @@ pub mod neon {
                         unsafe {
                             let a = activations[t].add(index);
                             let b = broadcasts(a);
-                            let sums = (sum16(&levels[..4], &b[..4]), sum16(&levels[4..], &b[4..]));
+                            let (w, b) = (levels.as_chunks::<4>().0, b.as_chunks::<4>().0);
+                            let sums = (sum16(&w[0], &b[0]), sum16(&w[1], &b[1]));
                             accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
                         }
                     }
@@ -560,14 +590,14 @@ pub mod neon {
                 for half in 0..2 {
                     // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
                     let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
-                    // `level − 32` from the levels times four (the 16-bit sums below need it small).
+                    // `level − 32` from the levels times four (four products a 16-bit lane need it small).
                     let exact = |x4: [int8x16_t; 8]| x4.map(|v| vshrq_n_s8::<2>(v));
                     let (low, high) = (load128(ql), load128(qh));
-                    quarter(exact(q6k_levels_x4::<0>(low, high)), 4 * half);
-                    quarter(exact(q6k_levels_x4::<2>(low, high)), 4 * half + 2);
+                    quarter(exact(q6k_levels_x4::<0, 8>(low, high)), 4 * half);
+                    quarter(exact(q6k_levels_x4::<2, 8>(low, high)), 4 * half + 2);
                     let (low, high) = (load128(ql.add(128)), load128(qh));
-                    quarter(exact(q6k_levels_x4::<1>(low, high)), 4 * half + 1);
-                    quarter(exact(q6k_levels_x4::<3>(low, high)), 4 * half + 3);
+                    quarter(exact(q6k_levels_x4::<1, 8>(low, high)), 4 * half + 1);
+                    quarter(exact(q6k_levels_x4::<3, 8>(low, high)), 4 * half + 3);
                 }
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
@@ -699,6 +729,66 @@ pub mod dotprod {
         }
     }
 
+    /// One Q6_K super-block of a group against `N` activations: per half,
+    /// quarters `K` and `K + 2` (`K` = 0, 1) read the same `ql` bytes, so
+    /// each 64-byte piece of `ql` and `qh` (sixteen columns of four rows)
+    /// gives both quarters' levels, multiplied at once while few registers
+    /// are live. `sum16(levels, a, piece)` is `Σ 4·(level −
+    /// 32)·q` of four rows over columns `16·piece ..` of activation block
+    /// `a` (four `sdot`s). Adds `d·Σ dₓ·(s₀·Σ₀ + s₁·Σ₁)` into `acc`. (The
+    /// ARMv8.0 kernel keeps whole 128-byte halves instead: with its
+    /// broadcast activations, this walk spills more than it saves.)
+    ///
+    /// # Safety
+    /// `block` is readable, each `activations[t]` has the super-block's
+    /// eight activation blocks, and `sum16` is safe to call on them.
+    #[inline(always)]
+    unsafe fn q6k_superblock<const N: usize>(
+        block: *const BlockQ6Kx4,
+        activations: [*const BlockQ8Act; N],
+        sum16: impl Fn(&[int8x16_t; 4], *const BlockQ8Act, usize) -> int32x4_t,
+        acc: &mut [float32x4_t; N],
+    ) {
+        let (d, pairs) = q6k_scales(block);
+        let mut scaled = [vdupq_n_f32(0.0); N];
+        let zero = vdupq_n_s32(0);
+        for half in 0..2 {
+            let qh = (*block).qh.as_ptr().add(128 * half);
+            for k in 0..2 {
+                // `ql` bytes `32k ..` of the half's 64 a row: 128 interleaved bytes from `128k`.
+                let ql = (*block).ql.as_ptr().add(256 * half + 128 * k);
+                let (first, second) = (4 * half + k, 4 * half + k + 2);
+                let mut sums = [[[zero; 2]; 2]; N];
+                // `piece` also offsets the loads and the activation columns.
+                #[allow(clippy::needless_range_loop)]
+                for piece in 0..2 {
+                    let (low, high) = (load64(ql.add(64 * piece)), load64(qh.add(64 * piece)));
+                    let levels = if k == 0 {
+                        (q6k_levels_x4::<0, 4>(low, high), q6k_levels_x4::<2, 4>(low, high))
+                    } else {
+                        (q6k_levels_x4::<1, 4>(low, high), q6k_levels_x4::<3, 4>(low, high))
+                    };
+                    for t in 0..N {
+                        sums[t][0][piece] = sum16(&levels.0, activations[t].add(first), piece);
+                        sums[t][1][piece] = sum16(&levels.1, activations[t].add(second), piece);
+                    }
+                }
+                for t in 0..N {
+                    for (quarter, index) in [first, second].into_iter().enumerate() {
+                        let [s0, s1] = sums[t][quarter];
+                        let units = activation_units(activations[t].add(index));
+                        accumulate_pair((s0, s1), units, pairs[index], &mut scaled[t]);
+                    }
+                }
+            }
+        }
+        // The sums are of four times the levels.
+        let d = vmulq_n_f32(d, 0.25);
+        for t in 0..N {
+            acc[t] = vfmaq_f32(acc[t], scaled[t], d);
+        }
+    }
+
     /// Q6_K, four rows a step.
     struct Q6K;
 
@@ -713,37 +803,13 @@ pub mod dotprod {
         ) -> [float32x4_t; N] {
             let mut acc = [vdupq_n_f32(0.0); N];
             for s in 0..superblocks {
-                let block = group.add(s);
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
-                let (d, pairs) = q6k_scales(block);
-                let mut scaled = [vdupq_n_f32(0.0); N];
-                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
-                    for t in 0..N {
-                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
-                        // promise), and the CPU has the dot-product extension.
-                        unsafe {
-                            let a = activations[t].add(index);
-                            let q = values(a);
-                            let sums = (sum16(&levels[..4], q.0), sum16(&levels[4..], q.1));
-                            accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
-                        }
-                    }
+                let sum = |levels: &[int8x16_t; 4], a: *const BlockQ8Act, piece: usize| {
+                    // SAFETY: `a` is one of the super-block's activation blocks (the caller's
+                    // promise), and the CPU has the dot-product extension.
+                    unsafe { sum16(levels, vld1q_s8((*a).qs.as_ptr().add(16 * piece))) }
                 };
-                for half in 0..2 {
-                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
-                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
-                    let (low, high) = (load128(ql), load128(qh));
-                    quarter(q6k_levels_x4::<0>(low, high), 4 * half);
-                    quarter(q6k_levels_x4::<2>(low, high), 4 * half + 2);
-                    let (low, high) = (load128(ql.add(128)), load128(qh));
-                    quarter(q6k_levels_x4::<1>(low, high), 4 * half + 1);
-                    quarter(q6k_levels_x4::<3>(low, high), 4 * half + 3);
-                }
-                // The sums are of four times the levels.
-                let d = vmulq_n_f32(d, 0.25);
-                for t in 0..N {
-                    acc[t] = vfmaq_f32(acc[t], scaled[t], d);
-                }
+                q6k_superblock(group.add(s), activations, sum, &mut acc);
             }
             acc
         }
