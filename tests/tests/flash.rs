@@ -547,7 +547,7 @@ fn deploy_probes_uploads_installs_restarts_and_waits_for_health() {
         "id -u brambled >/dev/null 2>&1 || useradd --system",
         "install -m 0755 \"$staging/brambled\" /usr/local/bin/brambled",
         "install -m 0644 \"$staging/\"tiny.bramble /var/lib/brambled/tiny.bramble",
-        "install -m 0644 \"$staging/brambled.toml\" /etc/brambled.toml",
+        "install -m 0640 -g brambled \"$staging/brambled.toml\" /etc/brambled.toml",
         "[ -e /boot/firmware/cmdline.txt.bramble-bak ] || cp -p /boot/firmware/cmdline.txt /boot/firmware/cmdline.txt.bramble-bak",
         "cat \"$staging/\"config.txt > /boot/firmware/config.txt",
         "systemctl daemon-reload\nsystemctl enable brambled.service\nsystemctl restart brambled.service",

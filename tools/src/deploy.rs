@@ -54,6 +54,24 @@ pub struct DeployArgs {
     /// The scp program.
     #[arg(long, default_value = "scp")]
     pub scp: String,
+    /// A file holding the Bearer token the daemon will require of every TCP
+    /// request (`tcp.auth_token`; needed when `--http` or `--ndjson` is off loopback).
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+/// The token in `path`: one line of 16 or more printable ASCII characters
+/// (no quotes or backslashes, which the TOML string would have to escape).
+pub fn read_token(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 || !token.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '\\') {
+        bail!(
+            "{}: the token must be one line of at least 16 printable ASCII characters without quotes or backslashes",
+            path.display()
+        );
+    }
+    Ok(token.to_string())
 }
 
 /// The staging directory on the board, under the ssh user's home.
@@ -147,7 +165,8 @@ pub fn install_script(
          # The first config this replaces is kept.\n\
          if [ -e {config} ] && [ ! -e {config}{backup} ] && ! cmp -s \"$staging/brambled.toml\" {config}; then \
          cp -p {config} {config}{backup}; fi\n\
-         install -m 0644 \"$staging/brambled.toml\" {config}\n\
+         # The config may hold the auth token: readable by the daemon's group only.\n\
+         install -m 0640 -g {user} \"$staging/brambled.toml\" {config}\n\
          install -m 0644 \"$staging/brambled.service\" {unit}\n",
         staging = q(staging),
         home = board_paths::HOME,
@@ -271,6 +290,11 @@ pub fn run(args: DeployArgs) -> Result<()> {
         &args.board.http,
         &args.board.ndjson,
     );
+    let config = match &args.auth_token_file {
+        // `[tcp]` is the generated config's last table.
+        Some(path) => format!("{config}auth_token = \"{}\"  # from --auth-token-file\n", read_token(path)?),
+        None => config,
+    };
     flash::check_board_config(&config)?;
     std::fs::write(local.path().join("brambled.toml"), &config).context("writing the config")?;
     std::fs::write(local.path().join("brambled.service"), flash::UNIT_TEXT).context("writing the unit")?;

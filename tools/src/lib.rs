@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod convert;
 pub mod deploy;
 pub mod flash;
+pub mod fleet;
 pub mod generate;
 pub mod importance;
 pub mod mixed;

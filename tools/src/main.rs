@@ -47,6 +47,8 @@ enum Command {
     Flash(bramble_tools::flash::FlashArgs),
     /// Install or update brambled, a model and its config on a running Pi over ssh; wait for /health.
     Deploy(bramble_tools::deploy::DeployArgs),
+    /// Deploy to several boards and configure HAProxy or nginx in front of them (or only configure it).
+    Fleet(bramble_tools::fleet::FleetArgs),
     /// The memory budget of a model on a board (weights, KV cache, buffers, OS) and whether it fits.
     Plan(bramble_tools::plan::PlanArgs),
     /// Print the token ids of a text (and each token's text).
@@ -69,6 +71,7 @@ fn main() {
         Command::BiasCalibrate(args) => cmd::bias_calibrate::run(args),
         Command::Flash(args) => bramble_tools::flash::run(args),
         Command::Deploy(args) => bramble_tools::deploy::run(args),
+        Command::Fleet(args) => bramble_tools::fleet::run(args),
         Command::Plan(args) => bramble_tools::plan::run(args),
         Command::Tokenize(args) => cmd::tokenize::run(args),
     };
