@@ -244,10 +244,12 @@ backend boards
     # rest wait here (timeout queue) for the first board to free.
     balance leastconn
     option httpchk
-    http-check send meth GET uri /health ver HTTP/1.1 hdr Host bramble-fleet
+    http-check send meth GET uri /health ver HTTP/1.1 hdr Host localhost
     # \"stopping\" (draining after SIGTERM) takes a board out before it closes.
     http-check expect string \"status\\\":\\\"ok\\\"\"
-    default-server check inter {check_interval}s fall 2 rise 2 maxconn 1
+    # A refused connection marks a board down at once (leastconn would
+    # otherwise keep choosing a dead board: it has the fewest connections).
+    default-server check inter {check_interval}s fall 2 rise 2 maxconn 1 observe layer4 error-limit 1 on-error mark-down
 ",
         n = plan.backends.len()
     );
@@ -449,6 +451,7 @@ mod tests {
             "retry-on conn-failure 503",
             "option redispatch",
             "maxconn 1",
+            "observe layer4 error-limit 1 on-error mark-down",
             "inter 2s",
             "timeout server 600s",
             "timeout queue 600s",
