@@ -104,6 +104,14 @@ impl Encoding {
     pub fn from_id(id: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|e| e.id() == id)
     }
+    /// What a retired tensor-index id was, for ids this reader refuses by
+    /// name rather than as unknown (their bytes meant something else once).
+    pub fn retired(id: u32) -> Option<&'static str> {
+        match id {
+            15 => Some("the first Q6KX4 layout (before its high bits were stored flipped, now id 16)"),
+            _ => None,
+        }
+    }
     /// Lower-case name, as the CLI spells it.
     pub fn name(self) -> &'static str {
         match self {
@@ -1089,6 +1097,9 @@ mod kquant_tests {
                 })
                 .collect()
         };
+        // A retired id is never given to a live encoding again.
+        assert!(Encoding::retired(15).is_some() && Encoding::from_id(15).is_none());
+        assert!(Encoding::ALL.iter().all(|e| Encoding::retired(e.id()).is_none()));
         for (encoding, id, name) in [(Encoding::Q4KX4, 14, "q4kx4"), (Encoding::Q6KX4, 16, "q6kx4")] {
             assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(id)), (id, name, Some(encoding)));
             assert_eq!(encoding.row_major().interleaved(), Some(encoding));

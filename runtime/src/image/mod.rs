@@ -20,10 +20,6 @@ use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
-
-/// The id the first Q6KX4 layout had (its `qh` stored as ggml's). Nothing
-/// reads it now; it is refused by name rather than as unknown.
-const RETIRED_Q6KX4: u32 = 15;
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -497,10 +493,10 @@ impl Parsed {
         let name =
             read_fixed_name(&entry.name).ok_or_else(|| corrupt(format!("tensor {i}: name is not ASCII")))?.to_string();
         let fail = |what: String| corrupt(format!("tensor {name}: {what}"));
-        if entry.encoding == RETIRED_Q6KX4 {
+        if let Some(was) = Encoding::retired(entry.encoding) {
             return Err(fail(format!(
-                "encoding {RETIRED_Q6KX4} is the first Q6KX4 layout (before its high bits were stored flipped, \
-                 now id 16), which this reader no longer runs: convert the model again"
+                "encoding {} is {was}, which this reader no longer runs: convert the model again",
+                entry.encoding
             )));
         }
         let encoding =
