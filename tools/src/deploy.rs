@@ -45,6 +45,18 @@ pub struct DeployArgs {
     /// Leave config.txt and cmdline.txt alone (the serial console stays as it is).
     #[arg(long)]
     pub no_uart: bool,
+    /// How the board is reached and how long its restart may take.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// A file holding the Bearer token the daemon will require of every TCP
+    /// request (`tcp.auth_token`; needed when `--http` or `--ndjson` is off loopback).
+    #[arg(long)]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+/// What `deploy` and `fleet --hosts` need to reach a board.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
     /// Seconds to wait for /health after the restart.
     #[arg(long, default_value_t = 120)]
     pub health_timeout: u64,
@@ -54,10 +66,6 @@ pub struct DeployArgs {
     /// The scp program.
     #[arg(long, default_value = "scp")]
     pub scp: String,
-    /// A file holding the Bearer token the daemon will require of every TCP
-    /// request (`tcp.auth_token`; needed when `--http` or `--ndjson` is off loopback).
-    #[arg(long)]
-    pub auth_token_file: Option<PathBuf>,
 }
 
 /// The token in `path`: one line of 16 or more printable ASCII characters
@@ -222,7 +230,13 @@ struct Runner<'a> {
 
 impl Runner<'_> {
     fn ssh(&self, remote: &str) -> Vec<String> {
-        vec![self.args.ssh.clone(), "-o".into(), "BatchMode=yes".into(), self.args.host.clone(), remote.to_string()]
+        vec![
+            self.args.remote.ssh.clone(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            self.args.host.clone(),
+            remote.to_string(),
+        ]
     }
 
     fn show(argv: &[String]) -> String {
@@ -336,7 +350,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
         println!("{}: no config.txt in /boot/firmware or /boot; the UART settings are left as they are", args.host);
     }
 
-    let mut upload: Vec<String> = vec![args.scp.clone(), "-q".into(), "-o".into(), "BatchMode=yes".into()];
+    let mut upload: Vec<String> = vec![args.remote.scp.clone(), "-q".into(), "-o".into(), "BatchMode=yes".into()];
     // scp names the remote file after the local one: links give the binary and the model their board names.
     let model_link = local.path().join(&model_file);
     std::os::unix::fs::symlink(std::fs::canonicalize(&args.model).context("the model")?, &model_link)
@@ -373,7 +387,7 @@ pub fn run(args: DeployArgs) -> Result<()> {
         return Ok(());
     };
     let check = runner.ssh(&format!("curl -fsS --max-time 5 {url}"));
-    println!("  {}   # until it answers, at most {} s", Runner::show(&check), args.health_timeout);
+    println!("  {}   # until it answers, at most {} s", Runner::show(&check), args.remote.health_timeout);
     if args.dry_run {
         println!("dry run: nothing was run");
         return Ok(());
@@ -382,14 +396,14 @@ pub fn run(args: DeployArgs) -> Result<()> {
     let answer = loop {
         match runner.run(&check, None) {
             Ok(answer) if answer.contains("\"status\":\"ok\"") => break answer,
-            Ok(answer) if started.elapsed().as_secs() >= args.health_timeout => {
-                bail!("{}: brambled's /health said {answer:?} after {} s", args.host, args.health_timeout)
+            Ok(answer) if started.elapsed().as_secs() >= args.remote.health_timeout => {
+                bail!("{}: brambled's /health said {answer:?} after {} s", args.host, args.remote.health_timeout)
             }
-            Err(error) if started.elapsed().as_secs() >= args.health_timeout => {
+            Err(error) if started.elapsed().as_secs() >= args.remote.health_timeout => {
                 bail!(
                     "{}: brambled did not answer /health within {} s ({error}); see `journalctl -u brambled` there",
                     args.host,
-                    args.health_timeout
+                    args.remote.health_timeout
                 )
             }
             _ => std::thread::sleep(Duration::from_secs(2)),

@@ -42,7 +42,7 @@
 //!   goes to the board unchanged (both balancers forward it); `/health` needs
 //!   none.
 
-use crate::deploy::{self, DeployArgs};
+use crate::deploy::{self, DeployArgs, RemoteArgs};
 use crate::flash::BoardArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt::Write as _;
@@ -110,15 +110,9 @@ pub struct FleetArgs {
     /// Print everything it would do (deploys and the configuration) and do nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Seconds to wait for each board's /health after its deploy.
-    #[arg(long, default_value_t = 120)]
-    pub health_timeout: u64,
-    /// The ssh program (with --hosts).
-    #[arg(long, default_value = "ssh")]
-    pub ssh: String,
-    /// The scp program (with --hosts).
-    #[arg(long, default_value = "scp")]
-    pub scp: String,
+    /// With --hosts: how the boards are reached, and how long each restart may take.
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 /// A board behind the balancer: where it serves HTTP, and its name in logs.
@@ -271,6 +265,11 @@ frontend stats
     text
 }
 
+/// Failures (refused connections, timeouts, busy 503s) within `fail_timeout`
+/// that take a board out of nginx's rotation: more than one, so that a board
+/// merely busy for a moment stays in.
+const NGINX_MAX_FAILS: u32 = 3;
+
 /// `DIR/nginx.conf` for `plan`, its pid file and temporary files under `dir` (absolute).
 pub fn nginx_config(plan: &Plan, dir: &Path) -> String {
     let Plan { listen, check_interval, timeout, .. } = *plan;
@@ -297,15 +296,18 @@ http {{
 
     upstream boards {{
         # The board with the fewest open requests. nginx's open-source build
-        # checks passively: {max_fails} failures within {check_interval} s take a board
+        # checks passively: {NGINX_MAX_FAILS} failures within {check_interval} s take a board
         # out for {check_interval} s. A busy board's 503 counts as one.
         least_conn;
 ",
         n = plan.backends.len(),
-        max_fails = 3,
     );
     for backend in &plan.backends {
-        let _ = writeln!(text, "        server {} max_fails=3 fail_timeout={check_interval}s;", backend.address);
+        let _ = writeln!(
+            text,
+            "        server {} max_fails={NGINX_MAX_FAILS} fail_timeout={check_interval}s;",
+            backend.address
+        );
     }
     let _ = write!(
         text,
@@ -380,9 +382,7 @@ pub fn run(args: FleetArgs) -> Result<()> {
                 board,
                 dry_run: args.dry_run,
                 no_uart: false,
-                health_timeout: args.health_timeout,
-                ssh: args.ssh.clone(),
-                scp: args.scp.clone(),
+                remote: args.remote.clone(),
                 auth_token_file: Some(token_file.clone()),
             })
             .with_context(|| format!("deploying to {host}"))?;
