@@ -1,8 +1,9 @@
 //! Block types of the quantized encodings, and their reference quantizers.
 //!
-//! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`]) are byte-for-byte
-//! ggml's Q8_0, Q4_1 and Q4_0 (see `models/FORMAT.md`). Their row-interleaved
-//! forms ([`BlockQ8x4`], [`BlockQ4x4`], [`BlockQ4Sx4`]) hold the same bytes of
+//! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`], [`BlockQ5S`]) are
+//! byte-for-byte ggml's Q8_0, Q4_1, Q4_0 and Q5_0 (see `models/FORMAT.md`). Their
+//! row-interleaved forms ([`BlockQ8x4`], [`BlockQ4x4`], [`BlockQ4Sx4`],
+//! [`BlockQ5Sx4`]) hold the same bytes of
 //! four rows at one column block, rearranged so that one activation load
 //! serves four rows and a vector's lanes are four rows' sums ([`Interleaved`]).
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
@@ -56,11 +57,15 @@ pub enum Encoding {
     Q4KX4,
     /// [`Encoding::Q6K`], four rows interleaved ([`BlockQ6Kx4`]).
     Q6KX4,
+    /// 5-bit, group 32, f16 scale only, zero point 16 ([`BlockQ5S`]). ggml's Q5_0.
+    Q5S,
+    /// [`Encoding::Q5S`], four rows interleaved ([`BlockQ5Sx4`]).
+    Q5SX4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 16] = [
+    pub const ALL: [Encoding; 18] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -77,6 +82,8 @@ impl Encoding {
         Encoding::Q3K,
         Encoding::Q4KX4,
         Encoding::Q6KX4,
+        Encoding::Q5S,
+        Encoding::Q5SX4,
     ];
 
     /// The id stored in the tensor index.
@@ -98,6 +105,8 @@ impl Encoding {
             Encoding::Q3K => 13,
             Encoding::Q4KX4 => 14,
             Encoding::Q6KX4 => 16,
+            Encoding::Q5S => 19,
+            Encoding::Q5SX4 => 20,
         }
     }
     /// The encoding of a tensor-index id.
@@ -131,6 +140,8 @@ impl Encoding {
             Encoding::Q3K => "q3k",
             Encoding::Q4KX4 => "q4kx4",
             Encoding::Q6KX4 => "q6kx4",
+            Encoding::Q5S => "q5s",
+            Encoding::Q5SX4 => "q5sx4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -160,6 +171,7 @@ impl Encoding {
     pub fn rows_interleaved(self) -> usize {
         match self {
             Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 | Encoding::Q4KX4 | Encoding::Q6KX4 => INTERLEAVE,
+            Encoding::Q5SX4 => INTERLEAVE,
             _ => 1,
         }
     }
@@ -185,6 +197,7 @@ impl Encoding {
             Encoding::Q4SX4 => Encoding::Q4S,
             Encoding::Q4KX4 => Encoding::Q4K,
             Encoding::Q6KX4 => Encoding::Q6K,
+            Encoding::Q5SX4 => Encoding::Q5S,
             other => other,
         }
     }
@@ -205,6 +218,7 @@ impl Encoding {
             Encoding::Q4S => Some(Encoding::Q4SX4),
             Encoding::Q4K => Some(Encoding::Q4KX4),
             Encoding::Q6K => Some(Encoding::Q6KX4),
+            Encoding::Q5S => Some(Encoding::Q5SX4),
             _ => None,
         }
     }
@@ -220,6 +234,7 @@ impl Encoding {
             Encoding::Q8 => n / GROUP * std::mem::size_of::<BlockQ8>(),
             Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
             Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
+            Encoding::Q5S => n / GROUP * std::mem::size_of::<BlockQ5S>(),
             // The same bytes as the row-major blocks, rearranged.
             Encoding::Q8X4
             | Encoding::Q4X4
@@ -227,7 +242,8 @@ impl Encoding {
             | Encoding::Q8C
             | Encoding::Q4C
             | Encoding::Q4KX4
-            | Encoding::Q6KX4 => self.row_major().bytes_for(n),
+            | Encoding::Q6KX4
+            | Encoding::Q5SX4 => self.row_major().bytes_for(n),
         }
     }
 }
@@ -399,6 +415,98 @@ impl Interleaved for BlockQ4Sx4 {
     }
 }
 
+/// Symmetric 5-bit weights: value `j` is `d · (n − 16)`, with `n`'s low
+/// four bits the nibble of `qs` as in [`BlockQ4`] (low nibble of `qs[j]` for
+/// `j < 16`, high nibble of `qs[j − 16]` otherwise) and its fifth bit bit
+/// `j` of `qh` read as a little-endian `u32`. ggml's Q5_0, byte for byte.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ5S {
+    /// Scale.
+    pub d: f16,
+    /// Fifth bits: value `j`'s in bit `j % 8` of byte `j / 8`.
+    pub qh: [u8; 4],
+    /// Packed low nibbles.
+    pub qs: [u8; GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5S>() == 22);
+
+impl BlockQ5S {
+    /// Value `j`'s level `n` (0..=31; the value is `d · (n − 16)`).
+    #[inline(always)]
+    pub fn level(&self, j: usize) -> u8 {
+        let low = if j < GROUP / 2 { self.qs[j] & 0xF } else { self.qs[j - GROUP / 2] >> 4 };
+        let high = (u32::from_le_bytes(self.qh) >> j) & 1;
+        low | (high as u8) << 4
+    }
+}
+
+/// [`BlockQ5S`] × 4 rows. 88 bytes, laid out for the kernels (`models/FORMAT.md`):
+///
+/// - `d`: the four rows' scales side by side;
+/// - `qh`: the rows' fifth bits transposed and flipped, so that one
+///   comparison of the 16 bytes against one bit gives a whole column
+///   group's mask: byte `4r + j`, bit `c` is `1 − h`, `h` the fifth bit of
+///   row `r`'s value `4c + j` (`c` = 0..8). Byte `4r + j` of this is thus
+///   aligned with byte `4r + j` of each column group's sixteen value bytes
+///   below. Flipped, the bit says whether the signed level `n − 16` is
+///   negative: `n − 16` is the nibble alone (bit 0) or the nibble with
+///   `0xF0` on top (bit 1, read as `i8`), so the kernels build the signed
+///   5-bit value with a mask and one bitwise insert, no subtraction;
+/// - `qs`: the nibbles interleaved four bytes at a time as [`spread`] does
+///   (bytes `4c .. 4c+4` of row `r` at `16c + 4r`): vector `c` of 16 bytes
+///   holds column group `c` (columns `4c .. 4c+4`) in its low nibbles and
+///   column group `c + 4` in its high ones, for the four rows.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ5Sx4 {
+    /// Each row's scale.
+    pub d: [f16; INTERLEAVE],
+    /// The rows' fifth bits, transposed to `[row][column in group]` bytes of
+    /// one bit a column group, flipped.
+    pub qh: [u8; INTERLEAVE * 4],
+    /// Packed nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5Sx4>() == 4 * 22);
+
+/// A [`BlockQ5S`] row's 32 fifth bits as [`BlockQ5Sx4::qh`] stores them:
+/// byte `j`, bit `c` is `1 −` bit `4c + j` of `qh`.
+#[inline(always)]
+fn transpose_high_bits(qh: [u8; 4]) -> [u8; 4] {
+    let bits = !u32::from_le_bytes(qh);
+    std::array::from_fn(|j| (0..8).fold(0u8, |byte, c| byte | (((bits >> (4 * c + j)) & 1) as u8) << c))
+}
+
+/// The inverse of [`transpose_high_bits`].
+#[inline(always)]
+fn untranspose_high_bits(bytes: [u8; 4]) -> [u8; 4] {
+    let mut bits = 0u32;
+    for (j, byte) in bytes.into_iter().enumerate() {
+        for c in 0..8 {
+            bits |= (((byte >> c) & 1) as u32) << (4 * c + j);
+        }
+    }
+    (!bits).to_le_bytes()
+}
+
+impl Interleaved for BlockQ5Sx4 {
+    type Row = BlockQ5S;
+    fn from_rows(rows: &[BlockQ5S; INTERLEAVE]) -> Self {
+        let mut block = Self { d: rows.map(|b| b.d), qh: [0; INTERLEAVE * 4], qs: [0; INTERLEAVE * GROUP / 2] };
+        for (r, row) in rows.iter().enumerate() {
+            block.qh[4 * r..4 * r + 4].copy_from_slice(&transpose_high_bits(row.qh));
+        }
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ5S {
+        let transposed = [self.qh[4 * r], self.qh[4 * r + 1], self.qh[4 * r + 2], self.qh[4 * r + 3]];
+        BlockQ5S { d: self.d[r], qh: untranspose_high_bits(transposed), qs: gather(&self.qs, r) }
+    }
+}
+
 /// [`BlockQ4K`] × 4 rows: 576 bytes, read front to back by the kernels
 /// (`crate::kernels::matmul::kquant::interleaved`).
 ///
@@ -545,6 +653,7 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
         Encoding::Q8X4 => interleave::<BlockQ8x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q5SX4 => interleave::<BlockQ5Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
@@ -558,6 +667,7 @@ pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &m
         Encoding::Q8X4 => deinterleave::<BlockQ8x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q5SX4 => deinterleave::<BlockQ5Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
@@ -622,6 +732,27 @@ pub fn quantize_q4s(x: &[f32], out: &mut [BlockQ4S]) {
             let hi = ((values[j + GROUP / 2] * id + 8.5) as i8).clamp(0, 15) as u8;
             block.qs[j] = lo | (hi << 4);
         }
+    }
+}
+
+/// Quantizes `x` to symmetric Q5, as ggml's `quantize_row_q5_0_ref`.
+pub fn quantize_q5s(x: &[f32], out: &mut [BlockQ5S]) {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        // The signed value of largest magnitude maps to −16, so its sign decides the scale's.
+        let max = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = max / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        block.d = f16::from_f32(d);
+        let mut high = 0u32;
+        for j in 0..GROUP / 2 {
+            // ggml truncates to int8 after adding 16.5, then caps at 31.
+            let lo = ((values[j] * id + 16.5) as i8).clamp(0, 31) as u8;
+            let hi = ((values[j + GROUP / 2] * id + 16.5) as i8).clamp(0, 31) as u8;
+            block.qs[j] = (lo & 0xF) | (hi & 0xF) << 4;
+            high |= ((lo >> 4) as u32) << j | ((hi >> 4) as u32) << (j + GROUP / 2);
+        }
+        block.qh = high.to_le_bytes();
     }
 }
 
@@ -697,6 +828,16 @@ pub fn dequantize_q4s(blocks: &[BlockQ4S], out: &mut [f32]) {
     }
 }
 
+/// Expands symmetric Q5 blocks to f32, as ggml's `dequantize_row_q5_0`.
+pub fn dequantize_q5s(blocks: &[BlockQ5S], out: &mut [f32]) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let d = block.d.to_f32();
+        for (j, v) in values.iter_mut().enumerate() {
+            *v = (block.level(j) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
 /// Quantizes `x` (a multiple of [`QK_K`] long) into k-quant super-blocks
 /// with `quantize` (the simple min/max quantizers of [`crate::kquant`]).
 pub fn quantize_k<B>(x: &[f32], out: &mut [B], quantize: fn(&[f32]) -> B) {
@@ -725,6 +866,7 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q8 => quantize_q8(x, cast_blocks_mut(out)),
         Encoding::Q4 => quantize_q4(x, cast_blocks_mut(out)),
         Encoding::Q4S => quantize_q4s(x, cast_blocks_mut(out)),
+        Encoding::Q5S => quantize_q5s(x, cast_blocks_mut(out)),
         Encoding::Q4K => quantize_k(x, cast_blocks_mut(out), BlockQ4K::quantize),
         Encoding::Q5K => quantize_k(x, cast_blocks_mut(out), BlockQ5K::quantize),
         Encoding::Q6K => quantize_k(x, cast_blocks_mut(out), BlockQ6K::quantize),
@@ -749,6 +891,7 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q8 => dequantize_q8(&pod_blocks(bytes), out),
         Encoding::Q4 => dequantize_q4(&pod_blocks(bytes), out),
         Encoding::Q4S => dequantize_q4s(&pod_blocks(bytes), out),
+        Encoding::Q5S => dequantize_q5s(&pod_blocks(bytes), out),
         // Alignment 1: the bytes are the blocks, wherever they start.
         Encoding::Q4K => dequantize_k(cast_blocks::<BlockQ4K>(bytes), out, BlockQ4K::dequantize),
         Encoding::Q5K => dequantize_k(cast_blocks::<BlockQ5K>(bytes), out, BlockQ5K::dequantize),
@@ -1150,6 +1293,108 @@ mod kquant_tests {
         assert_eq!(&mixed.qh[16..24], &[8, 10, 12, 14, 9, 11, 13, 15].map(|b| b ^ Q6K_HIGH_FLIP));
         for (r, row) in rows.iter().enumerate() {
             assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
+        }
+    }
+}
+
+#[cfg(test)]
+mod q5s_tests {
+    use super::*;
+
+    fn random_bytes(seed: &mut u32, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q5s_encodings_are_ggml_q5_0_blocks_of_32() {
+        for (encoding, id, name) in [(Encoding::Q5S, 19, "q5s"), (Encoding::Q5SX4, 20, "q5sx4")] {
+            assert_eq!((encoding.id(), encoding.name()), (id, name));
+            assert_eq!((Encoding::from_id(id), Encoding::from_name(name)), (Some(encoding), Some(encoding)));
+            assert_eq!((encoding.block_values(), encoding.bytes_for(3 * GROUP)), (GROUP, 3 * 22));
+            assert!(encoding.is_blocked() && !encoding.is_kquant() && Encoding::retired(id).is_none());
+            assert_eq!(encoding.row_major(), Encoding::Q5S);
+        }
+        assert_eq!(Encoding::Q5S.interleaved(), Some(Encoding::Q5SX4));
+        assert_eq!((Encoding::Q5SX4.rows_interleaved(), Encoding::Q5SX4.row_multiple()), (4, 4));
+        assert_eq!(Encoding::Q5S.channel_major(), None);
+    }
+
+    /// ggml's reference rounding: the value of largest magnitude maps to
+    /// level 0 (−16), and every value comes back within half a step (the
+    /// other end, +16, is clipped at 15: a whole step there).
+    #[test]
+    fn q5s_round_trip_stays_within_half_a_step() {
+        let x: Vec<f32> =
+            (0..GROUP * 8).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0 * (1 + i / GROUP) as f32).collect();
+        let mut bytes = vec![0u8; Encoding::Q5S.bytes_for(x.len())];
+        quantize_into(Encoding::Q5S, &x, &mut bytes);
+        let mut y = vec![0f32; x.len()];
+        dequantize_from(Encoding::Q5S, &bytes, &mut y);
+        let blocks: Vec<BlockQ5S> = pod_blocks(&bytes);
+        for ((block_x, block_y), block) in x.chunks(GROUP).zip(y.chunks(GROUP)).zip(&blocks) {
+            let extreme = block_x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let at = block_x.iter().position(|&v| v == extreme).unwrap();
+            assert_eq!(block.level(at), 0);
+            let step = extreme.abs() / 16.0;
+            for (a, b) in block_x.iter().zip(block_y) {
+                let bound = if (a / extreme) < -15.5 / 16.0 { step } else { step * 0.5 };
+                assert!((a - b).abs() <= bound * 1.01 + 1e-6, "{a} vs {b} (step {step})");
+            }
+        }
+        // A zero block stays zero.
+        let mut zero = [BlockQ5S::zeroed()];
+        quantize_q5s(&[0.0; GROUP], &mut zero);
+        let mut back = [1f32; GROUP];
+        dequantize_q5s(&zero, &mut back);
+        assert!(back.iter().all(|&v| v == 0.0));
+    }
+
+    /// Where the bytes go, and back: any bytes (every field, any value)
+    /// come back byte for byte from the interleaved blocks; the nibbles are
+    /// moved as Q4S's, the fifth bits transposed and flipped.
+    #[test]
+    fn q5sx4_interleaving_is_lossless_and_transposes_the_fifth_bits() {
+        let mut seed = 0x5EED_0005u32;
+        for (rows, cols) in [(4, GROUP), (8, 3 * GROUP), (12, 18 * GROUP)] {
+            let row_major = random_bytes(&mut seed, Encoding::Q5S.bytes_for(rows * cols));
+            let mut mixed = vec![0u8; row_major.len()];
+            interleave_bytes(Encoding::Q5SX4, &row_major, cols, &mut mixed);
+            assert_ne!(mixed, row_major);
+            let mut back = vec![0u8; mixed.len()];
+            deinterleave_bytes(Encoding::Q5SX4, &mixed, cols, &mut back);
+            assert_eq!(back, row_major, "{rows}×{cols}");
+            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            dequantize_from(Encoding::Q5S, &row_major, &mut a);
+            dequantize_rows(Encoding::Q5SX4, &mixed, cols, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        let rows: [BlockQ5S; 4] = std::array::from_fn(|r| {
+            let mut block: BlockQ5S = bytemuck::pod_read_unaligned(&random_bytes(&mut seed, 22));
+            block.qs = std::array::from_fn(|i| (16 * r + i) as u8);
+            // Row r: only value 4c + j = 9 + r has its fifth bit set.
+            block.qh = (1u32 << (9 + r)).to_le_bytes();
+            block
+        });
+        let mixed = BlockQ5Sx4::from_rows(&rows);
+        assert_eq!(&mixed.qs[..8], &[0, 1, 2, 3, 16, 17, 18, 19]);
+        assert_eq!(mixed.d, rows.map(|b| b.d));
+        // Value 9 + r is column group c = (9 + r) / 4, j = (9 + r) % 4:
+        // byte 4r + j has every bit (flipped) but bit c.
+        for (r, row) in rows.iter().enumerate() {
+            let (c, j) = ((9 + r) / 4, (9 + r) % 4);
+            for jj in 0..4 {
+                let expected = if jj == j { !(1u8 << c) } else { 0xFF };
+                assert_eq!(mixed.qh[4 * r + jj], expected, "row {r} byte {jj}");
+            }
+            assert_eq!(mixed.row(r), *row);
         }
     }
 }

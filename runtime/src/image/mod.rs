@@ -17,6 +17,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
+use crate::quant::{BlockQ5S, BlockQ5Sx4};
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
@@ -85,6 +86,10 @@ pub enum TensorView<'a> {
     Q4KX4(&'a [BlockQ4Kx4]),
     /// ggml Q6_K super-blocks, four rows interleaved.
     Q6KX4(&'a [BlockQ6Kx4]),
+    /// Symmetric Q5 blocks (ggml's Q5_0).
+    Q5S(&'a [BlockQ5S]),
+    /// Symmetric Q5 blocks, four rows interleaved.
+    Q5SX4(&'a [BlockQ5Sx4]),
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -108,6 +113,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q3K(v) => ("Q3K", v.len()),
             TensorView::Q4KX4(v) => ("Q4KX4", v.len()),
             TensorView::Q6KX4(v) => ("Q6KX4", v.len()),
+            TensorView::Q5S(v) => ("Q5S", v.len()),
+            TensorView::Q5SX4(v) => ("Q5SX4", v.len()),
         };
         write!(f, "{variant}([{len} items])")
     }
@@ -289,6 +296,8 @@ impl ModelImage {
             Encoding::Q3K => TensorView::Q3K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4KX4 => TensorView::Q4KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q6KX4 => TensorView::Q6KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5S => TensorView::Q5S(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5SX4 => TensorView::Q5SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.

@@ -25,6 +25,7 @@
 
 pub mod channels;
 pub mod kquant;
+pub mod q5;
 pub mod scalar;
 
 // `neon` first: its `asm!` text macros are in textual scope for `dotprod`.
