@@ -13,7 +13,7 @@
 //!   not whole super-blocks, is refused with an error naming the tensor;
 //! - the real Q4_K_M mix of the default model (`models/make-quant-mixes.sh`,
 //!   skipped when absent) keeps its Q4_K and Q6_K `ffn_down` tensors
-//!   bit-exact, and the report says what became of its Q5_0 tensors.
+//!   bit-exact, and its Q5_0 tensors as q5s, bit-exact too.
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
@@ -342,13 +342,16 @@ fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
     }
     assert!(kept[0] > 0 && kept[1] > 0, "Q4_K and Q6_K ffn_down tensors kept: {kept:?}");
     // Q5_0 (llama.cpp's choice for rows of 576, not whole super-blocks)
-    // becomes q8, every value kept: a Q5_0 value is its f16 scale times an
-    // integer in −16..15, which a Q8 block with the same scale holds exactly.
+    // is carried bit-exact as q5s (ggml's Q5_0 blocks), interleaved.
     let q5_0: Vec<_> = report.families.iter().filter(|f| f.source_type == "Q5_0").collect();
     assert!(!q5_0.is_empty(), "no Q5_0 family in {:?}", report.families);
     for family in q5_0 {
-        assert_eq!(family.encoding, "q8", "{family}");
-        assert_eq!(family.note.as_deref(), Some("every value kept exactly"), "{family}");
+        assert_eq!((family.encoding.as_str(), family.carried), ("q5s", true), "{family}");
+    }
+    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == GgmlType::Q5_0) {
+        let stored = image.tensor(&info.name).unwrap();
+        assert_eq!(stored.encoding.row_major(), Encoding::Q5S, "{}", info.name);
+        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
     }
     // It runs: a few tokens' logits are finite.
     let model = Model::new(&image).unwrap();

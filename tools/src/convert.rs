@@ -2,11 +2,11 @@
 //!
 //! Tensors stream through one chunk of rows at a time. A tensor whose source
 //! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
-//! Q4_0 → Q4S, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
+//! Q4_0 → Q4S, Q5_0 → Q5S, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
 //! bit-exact; anything else is dequantized to f32 and quantized again.
 //! `--quant keep` gives every tensor its source encoding where the image has
 //! it and the nearest one where it does not ([`keep_encoding`]). Quantized matrices of whole groups of four rows
-//! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S,
+//! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S, Q5S,
 //! and the k-quants Q4K and Q6K; [`Encoding::interleaved`]), a lossless
 //! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
 //! row-major order. The image is written under a temporary name and
@@ -28,6 +28,8 @@ pub enum QuantTarget {
     Q4,
     /// 4-bit symmetric (Q4S) only.
     Q4S,
+    /// 5-bit symmetric (Q5S, ggml's Q5_0).
+    Q5S,
     /// int8.
     Q8,
     /// binary16.
@@ -48,11 +50,12 @@ pub enum QuantTarget {
 }
 
 impl QuantTarget {
-    /// Parses `q4`, `q4s`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
+    /// Parses `q4`, `q4s`, `q5s`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "q4" => QuantTarget::Q4,
             "q4s" => QuantTarget::Q4S,
+            "q5s" => QuantTarget::Q5S,
             "q8" => QuantTarget::Q8,
             "f16" => QuantTarget::F16,
             "f32" => QuantTarget::F32,
@@ -62,7 +65,7 @@ impl QuantTarget {
             "q3k" => QuantTarget::Q3K,
             "keep" => QuantTarget::Keep,
             other => {
-                bail!("unknown quantization {other:?}: expected q4, q4s, q8, f16, f32, q4k, q5k, q6k, q3k or keep")
+                bail!("unknown quantization {other:?}: expected q4, q4s, q5s, q8, f16, f32, q4k, q5k, q6k, q3k or keep")
             }
         })
     }
@@ -74,6 +77,7 @@ impl QuantTarget {
             (QuantTarget::Q4, Some(native @ (Encoding::Q4 | Encoding::Q4S))) => native,
             (QuantTarget::Q4, _) => Encoding::Q4,
             (QuantTarget::Q4S, _) => Encoding::Q4S,
+            (QuantTarget::Q5S, _) => Encoding::Q5S,
             (QuantTarget::Q8, _) => Encoding::Q8,
             (QuantTarget::F16, _) => Encoding::F16,
             (QuantTarget::F32, _) => Encoding::F32,
@@ -95,14 +99,14 @@ impl QuantTarget {
 }
 
 /// `--quant keep`'s encoding for a matrix whose source type the image has
-/// no encoding for: Q5_0, Q5_1, IQ4_NL and IQ4_XS go to Q8 (their values
-/// are a block scale times small integers: Q5_0's and IQ4_NL's are exactly
-/// Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
+/// no encoding for (Q5_0 has one: Q5S, carried): Q5_1, IQ4_NL and IQ4_XS go
+/// to Q8 (their values are a block scale times small integers: IQ4_NL's are
+/// exactly Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
 /// k-quant the image has), BF16 to F16 (the same 16 bits a value, exact
 /// for every value inside f16's normal range); anything else to F32.
 pub fn keep_encoding(source_type: &str) -> Encoding {
     match source_type.to_ascii_uppercase().as_str() {
-        "Q5_0" | "Q5_1" | "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
+        "Q5_1" | "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
         "Q2_K" => Encoding::Q3K,
         "BF16" => Encoding::F16,
         _ => Encoding::F32,
@@ -566,7 +570,14 @@ mod tests {
             assert_eq!(keep("whatever", Some(native)), native);
         }
         assert_eq!(keep("Q6_K", Some(Encoding::Q6K)), Encoding::Q6K);
-        assert_eq!(keep("Q5_0", None), Encoding::Q8);
+        assert_eq!(keep("Q5_0", Some(Encoding::Q5S)), Encoding::Q5S);
+        // A 4-bit target does not keep 5-bit blocks; q5s asks for them.
+        let at = |target: QuantTarget| target.encoding_for(&tensor("Q5_0", Some(Encoding::Q5S), 576)).0;
+        assert_eq!(
+            (at(QuantTarget::Q4), at(QuantTarget::Q5S), at(QuantTarget::Q8)),
+            (Encoding::Q4, Encoding::Q5S, Encoding::Q8)
+        );
+        assert_eq!(QuantTarget::parse("q5s").unwrap(), QuantTarget::Q5S);
         assert_eq!(keep("Q5_1", None), Encoding::Q8);
         assert_eq!(keep("IQ4_NL", None), Encoding::Q8);
         assert_eq!(keep("IQ4_XS", None), Encoding::Q8);

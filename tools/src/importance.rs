@@ -251,9 +251,9 @@ pub fn importance_matrix(
 }
 
 /// Whether [`quantize_rows`] weighs `encoding`'s rounding by an importance
-/// vector: the K-quants and Q4 (Q8, f16 and f32 round each value to nearest).
+/// vector: the K-quants, Q4 and Q5S (Q8, f16 and f32 round each value to nearest).
 pub fn weighs(encoding: Encoding) -> bool {
-    encoding.is_kquant() || encoding == Encoding::Q4
+    encoding.is_kquant() || matches!(encoding, Encoding::Q4 | Encoding::Q5S)
 }
 
 /// Quantizes whole rows of `cols` values (`values.len()` a multiple of
@@ -298,6 +298,13 @@ fn quantize_row(encoding: Encoding, row: &[f32], importance: Option<&[f32]>, out
             let row_mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
             for (b, group) in row.chunks_exact(GROUP).enumerate() {
                 put(out, b, rounding::q4_block(group, row_mean_square, slice(b * GROUP, GROUP)));
+            }
+        }
+        Encoding::Q5S => {
+            // Q5_0 with an importance vector weighs by the row's mean square, as llama.cpp does.
+            let row_mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            for (b, group) in row.chunks_exact(GROUP).enumerate() {
+                put(out, b, rounding::q5s_block(group, row_mean_square, slice(b * GROUP, GROUP)));
             }
         }
         Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K => {

@@ -140,7 +140,7 @@ fn bits(quant: QuantTarget) -> Option<u32> {
     match quant {
         QuantTarget::Q3K => Some(3),
         QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4),
-        QuantTarget::Q5K => Some(5),
+        QuantTarget::Q5K | QuantTarget::Q5S => Some(5),
         QuantTarget::Q6K => Some(6),
         QuantTarget::Q8 => Some(8),
         QuantTarget::F16 => Some(16),

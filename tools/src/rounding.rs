@@ -13,7 +13,7 @@
 //! `llama-imatrix` measures), `importance[j]·√(σ² + x²)`.
 
 use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
-use bramble_runtime::quant::{BlockQ4, GROUP};
+use bramble_runtime::quant::{BlockQ4, BlockQ5S, GROUP};
 use half::f16;
 
 /// Below this magnitude a block is all zero.
@@ -199,6 +199,26 @@ pub fn q4_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) -> 
         *q = levels[j] | (levels[j + GROUP / 2] << 4);
     }
     BlockQ4 { d: f16::from_f32(scale), m: f16::from_f32(-offset), qs }
+}
+
+/// One symmetric 5-bit block (Q5_0, our `q5s`) by the weighted search
+/// (llama.cpp's `quantize_row_q5_0_impl`: `make_qx_quants` over levels
+/// −16..15 weighted by `importance[j]·√(σ² + x²)`). Without an importance
+/// vector `convert` uses ggml's reference rounding instead, as llama.cpp does.
+pub fn q5s_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) -> BlockQ5S {
+    let mut w = [0f32; GROUP];
+    weights(x, row_mean_square, importance, &mut w);
+    let mut levels = [0i8; GROUP];
+    let scale = fit_symmetric(x, importance.map(|_| &w[..]), 16, &mut levels);
+    let n = levels.map(|l| (l + 16) as u8);
+    let mut block = BlockQ5S { d: f16::from_f32(scale), qh: [0; 4], qs: [0; GROUP / 2] };
+    let mut high = 0u32;
+    for j in 0..GROUP / 2 {
+        block.qs[j] = (n[j] & 0xF) | (n[j + GROUP / 2] & 0xF) << 4;
+        high |= ((n[j] >> 4) as u32) << j | ((n[j + GROUP / 2] >> 4) as u32) << (j + GROUP / 2);
+    }
+    block.qh = high.to_le_bytes();
+    block
 }
 
 /// Q4_K / Q5_K's shared part: per sub-block of 32 a fitted scale and
@@ -419,6 +439,29 @@ mod tests {
             let (e_search, e_plain) = (objective(name, &x, &searched), objective(name, &x, &plain));
             assert!(e_search < 0.9 * e_plain, "{name}: searched {e_search} vs min/max {e_plain}");
         }
+    }
+
+    /// Q5_0's weighted search: with an importance vector the values it
+    /// marks are reproduced more closely than by ggml's reference rounding
+    /// (what `convert` uses without one), and the levels stay in −16..15.
+    #[test]
+    fn q5s_importance_moves_the_error_off_important_channels() {
+        use bramble_runtime::quant::{dequantize_q5s, quantize_q5s};
+        let n = GROUP * 256;
+        let x = wave(n, 9);
+        let importance: Vec<f32> = (0..GROUP).map(|j| if j % 8 == 0 { 100.0 } else { 1.0 }).collect();
+        let important = |y: &[f32]| -> f64 {
+            x.iter().zip(y).enumerate().filter(|(i, _)| i % 8 == 0).map(|(_, (a, b))| ((a - b) as f64).powi(2)).sum()
+        };
+        let (mut with, mut without) = (vec![0f32; n], vec![0f32; n]);
+        let ms = mean_square(&x);
+        for (c, y) in x.chunks_exact(GROUP).zip(with.chunks_exact_mut(GROUP)) {
+            dequantize_q5s(&[q5s_block(c, ms, Some(&importance))], y);
+        }
+        let mut reference = vec![BlockQ5S { d: f16::ZERO, qh: [0; 4], qs: [0; 16] }; n / GROUP];
+        quantize_q5s(&x, &mut reference);
+        dequantize_q5s(&reference, &mut without);
+        assert!(important(&with) < 0.8 * important(&without), "{} vs {}", important(&with), important(&without));
     }
 
     /// With an importance vector, the values it marks as important are

@@ -2,11 +2,11 @@
 //! ggml's `dequantize_row_*` does, and simple quantizers for writing test
 //! models.
 //!
-//! Q8_0, Q4_0, Q4_1, F16 and F32 are our own encodings byte for byte and go
+//! Q8_0, Q4_0, Q4_1, Q5_0, F16 and F32 are our own encodings byte for byte and go
 //! through `bramble_runtime::quant`; BF16 is expanded here. The other block
 //! formats live by family, one `#[repr(C)]` struct per block with the C layout
-//! in its doc: [`legacy`] (Q5_0, Q5_1), [`k`] (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)
-//! and [`iq`] (IQ4_NL, IQ4_XS).
+//! in its doc: [`legacy`] (Q5_1, and Q5_0 as an independent reference for
+//! the runtime's Q5S), [`k`] (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and [`iq`] (IQ4_NL, IQ4_XS).
 
 mod iq;
 mod k;
@@ -205,6 +205,34 @@ mod tests {
         let mut y = vec![0f32; 32];
         dequantize(GgmlType::Q5_0, &bytes, &mut y).unwrap();
         assert_eq!(y[17], -4.0);
+    }
+
+    /// The runtime's Q5S (what GGUF Q5_0 tensors are read and quantized as)
+    /// is the separately written ggml Q5_0 here, bit for bit: any block's
+    /// bytes expand to the same values, and values quantize to the same bytes.
+    #[test]
+    fn runtime_q5s_is_ggml_q5_0() {
+        let mut seed = 0x0005_0005u32;
+        let mut bytes: Vec<u8> = (0..22 * 64)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 24) as u8
+            })
+            .collect();
+        for block in bytes.chunks_exact_mut(22) {
+            block[1] &= 0xBB; // a finite scale
+        }
+        let (mut ours, mut theirs) = (vec![0f32; 64 * 32], vec![0f32; 64 * 32]);
+        dequantize(GgmlType::Q5_0, &bytes, &mut ours).unwrap();
+        dequantize_blocks::<BlockQ5_0>(&bytes, &mut theirs);
+        assert_eq!(
+            ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            theirs.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let x = wave(QK_K * 3);
+        let mut reference = vec![0u8; GgmlType::Q5_0.bytes_for(x.len())];
+        quantize_blocks::<BlockQ5_0>(&x, &mut reference);
+        assert_eq!(quantize(GgmlType::Q5_0, &x).unwrap(), reference);
     }
 
     #[test]
