@@ -197,7 +197,7 @@ qemu-system-aarch64 -M virt -cpu cortex-a72 -smp "$cpus" -m 2048 \
 qemu_pid=$!
 
 # deploy's --ssh and --scp: the system's, pointed at the forwarded port with this run's key.
-options="-i $work/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10"
+options="-i $work/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3"
 printf '#!/bin/sh\nexec ssh -p %s %s "$@"\n' "$port" "$options" >"$work/ssh"
 printf '#!/bin/sh\nexec scp -P %s %s "$@"\n' "$port" "$options" >"$work/scp"
 chmod +x "$work/ssh" "$work/scp"
@@ -308,7 +308,8 @@ fi
 
 # A reboot: the unit is enabled, so the daemon serves again.
 boot_id=$(on_board cat /proc/sys/kernel/random/boot_id)
-on_board sudo systemctl reboot >/dev/null 2>&1 || true
+# (The session may never see its end: the guest vanishes under qemu's user network without a FIN.)
+timeout 30 "$work/ssh" -o BatchMode=yes pi@127.0.0.1 sudo systemctl reboot >/dev/null 2>&1 || true
 started=$(date +%s)
 healthy=
 if wait_for_ssh "$boot_id" >/dev/null; then
@@ -326,7 +327,7 @@ else
     check "after a reboot" 1 "$(tail -n 30 "$work/console.log")"
 fi
 
-on_board sudo systemctl poweroff >/dev/null 2>&1 || true
+timeout 30 "$work/ssh" -o BatchMode=yes pi@127.0.0.1 sudo systemctl poweroff >/dev/null 2>&1 || true
 waited=0
 while kill -0 "$qemu_pid" 2>/dev/null && [ $waited -lt 120 ]; do
     sleep 1
