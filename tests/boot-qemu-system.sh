@@ -10,8 +10,8 @@
 # stand-in ssh that records the root script without running it; this script
 # runs it. Prints `N passed, M failed`.
 #
-#   sudo tests/boot-qemu-system.sh            # as root: debootstrap, chroot
-#   BOARD_VM_DIR=/work/board-vm tests/boot-qemu-system.sh   # keep the disk, the console log, the logs
+#   sudo tests/boot-qemu-system.sh                                # as root: debootstrap, chroot
+#   sudo BOARD_VM_DIR=/work/board-vm tests/boot-qemu-system.sh    # keeps the disk, the console log, the logs
 #
 # Needs: root, apt-get install --no-install-recommends debootstrap qemu-system-arm
 # e2fsprogs openssh-client curl python3, the cross toolchain of README.md,
@@ -26,11 +26,12 @@
 # cached as a tar in $BRAMBLE_CACHE/board-vm (about 700 MB), so only the
 # first run debootstraps.
 #
-# Takes: first run about 15 to 30 minutes (download 30 s; the second stage
-# is emulated instruction by instruction: 24 min on a loaded 2-core machine
-# with the default initramfs, which builds one of 35 MB twice; the small
-# virtio-only initramfs configured below takes 34 s to build); later runs
-# about 5 minutes (boot to ssh 40 to 70 s, each deploy 30 to 40 s).
+# Takes: first run 11 minutes (the download and first stage 25 s, the
+# emulated second stage about 8 minutes: with Debian's default initramfs,
+# 35 MB and built twice, it took 24; the virtio-only one configured below
+# builds in 34 s), later runs 4 to 6 minutes (boot to ssh 40 to 60 s, each
+# deploy 30 to 50 s, the reboot 50 to 70 s), on a 2-core host busy with
+# other builds.
 #
 # The system is Debian's, not Raspberry Pi OS (which has no qemu machine):
 # it has no config.txt, so deploy leaves the UART settings alone (it says
@@ -39,8 +40,8 @@
 # runs on it; qemu puts it on a loopback TCP socket (and logs it), and the
 # kernel's console shares it.
 #
-# Status: run on 2026-12-05, 10 passed (the figures are in docs/flash.md,
-# "An emulated board").
+# Status: run on 2026-12-05, 10 passed, 0 failed, once uncached and once
+# cached (the figures are in docs/flash.md, "An emulated board").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
