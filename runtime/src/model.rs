@@ -61,6 +61,8 @@ impl Matrix<'_> {
             TensorView::Q3K(_) => Encoding::Q3K,
             TensorView::Q4KX4(_) => Encoding::Q4KX4,
             TensorView::Q6KX4(_) => Encoding::Q6KX4,
+            TensorView::Q3KX4(_) => Encoding::Q3KX4,
+            TensorView::Q5KX4(_) => Encoding::Q5KX4,
             TensorView::Q5S(_) => Encoding::Q5S,
             TensorView::Q5SX4(_) => Encoding::Q5SX4,
         }
@@ -101,6 +103,12 @@ impl Matrix<'_> {
             }
             TensorView::Q6KX4(blocks) => {
                 for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ6K::dequantize(&b, o))
+            }
+            TensorView::Q3KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ3K::dequantize(&b, o))
+            }
+            TensorView::Q5KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ5K::dequantize(&b, o))
             }
             TensorView::Q5S(blocks) => quant::dequantize_q5s(&blocks[block_start..block_end], out),
             TensorView::Q5SX4(blocks) => {
@@ -170,6 +178,8 @@ impl Matrix<'_> {
                 TensorView::Q3K(w) => (kernels.matmul_q3k)(&w[blocked], cols, xq, out),
                 TensorView::Q4KX4(w) => (kernels.matmul_q4kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q6KX4(w) => (kernels.matmul_q6kx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q3KX4(w) => (kernels.matmul_q3kx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q5KX4(w) => (kernels.matmul_q5kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q5S(w) => (kernels.matmul_q5s)(&w[blocked], cols, xq, out),
                 TensorView::Q5SX4(w) => (kernels.matmul_q5sx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),

@@ -9,8 +9,8 @@
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
 //! stored in a file. ggml's k-quant super-blocks of 256 values
 //! ([`crate::kquant`]: Q4_K, Q5_K, Q6_K, Q3_K) are encodings too, carried
-//! byte for byte from a GGUF file, row-major or (Q4_K and Q6_K) four rows
-//! interleaved ([`BlockQ4Kx4`], [`BlockQ6Kx4`]).
+//! byte for byte from a GGUF file, row-major or four rows interleaved
+//! ([`BlockQ4Kx4`], [`BlockQ6Kx4`], [`BlockQ3Kx4`], [`BlockQ5Kx4`]).
 
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bytemuck::{Pod, Zeroable};
@@ -57,6 +57,10 @@ pub enum Encoding {
     Q4KX4,
     /// [`Encoding::Q6K`], four rows interleaved ([`BlockQ6Kx4`]).
     Q6KX4,
+    /// [`Encoding::Q3K`], four rows interleaved ([`BlockQ3Kx4`]).
+    Q3KX4,
+    /// [`Encoding::Q5K`], four rows interleaved ([`BlockQ5Kx4`]).
+    Q5KX4,
     /// 5-bit, group 32, f16 scale only, zero point 16 ([`BlockQ5S`]). ggml's Q5_0.
     Q5S,
     /// [`Encoding::Q5S`], four rows interleaved ([`BlockQ5Sx4`]).
@@ -65,7 +69,7 @@ pub enum Encoding {
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 18] = [
+    pub const ALL: [Encoding; 20] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -82,6 +86,8 @@ impl Encoding {
         Encoding::Q3K,
         Encoding::Q4KX4,
         Encoding::Q6KX4,
+        Encoding::Q3KX4,
+        Encoding::Q5KX4,
         Encoding::Q5S,
         Encoding::Q5SX4,
     ];
@@ -105,6 +111,8 @@ impl Encoding {
             Encoding::Q3K => 13,
             Encoding::Q4KX4 => 14,
             Encoding::Q6KX4 => 16,
+            Encoding::Q3KX4 => 17,
+            Encoding::Q5KX4 => 18,
             Encoding::Q5S => 19,
             Encoding::Q5SX4 => 20,
         }
@@ -140,6 +148,8 @@ impl Encoding {
             Encoding::Q3K => "q3k",
             Encoding::Q4KX4 => "q4kx4",
             Encoding::Q6KX4 => "q6kx4",
+            Encoding::Q3KX4 => "q3kx4",
+            Encoding::Q5KX4 => "q5kx4",
             Encoding::Q5S => "q5s",
             Encoding::Q5SX4 => "q5sx4",
         }
@@ -170,8 +180,14 @@ impl Encoding {
     /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings, else 1.
     pub fn rows_interleaved(self) -> usize {
         match self {
-            Encoding::Q8X4 | Encoding::Q4X4 | Encoding::Q4SX4 | Encoding::Q4KX4 | Encoding::Q6KX4 => INTERLEAVE,
-            Encoding::Q5SX4 => INTERLEAVE,
+            Encoding::Q8X4
+            | Encoding::Q4X4
+            | Encoding::Q4SX4
+            | Encoding::Q4KX4
+            | Encoding::Q6KX4
+            | Encoding::Q3KX4
+            | Encoding::Q5KX4
+            | Encoding::Q5SX4 => INTERLEAVE,
             _ => 1,
         }
     }
@@ -197,6 +213,8 @@ impl Encoding {
             Encoding::Q4SX4 => Encoding::Q4S,
             Encoding::Q4KX4 => Encoding::Q4K,
             Encoding::Q6KX4 => Encoding::Q6K,
+            Encoding::Q3KX4 => Encoding::Q3K,
+            Encoding::Q5KX4 => Encoding::Q5K,
             Encoding::Q5SX4 => Encoding::Q5S,
             other => other,
         }
@@ -218,6 +236,8 @@ impl Encoding {
             Encoding::Q4S => Some(Encoding::Q4SX4),
             Encoding::Q4K => Some(Encoding::Q4KX4),
             Encoding::Q6K => Some(Encoding::Q6KX4),
+            Encoding::Q3K => Some(Encoding::Q3KX4),
+            Encoding::Q5K => Some(Encoding::Q5KX4),
             Encoding::Q5S => Some(Encoding::Q5SX4),
             _ => None,
         }
@@ -243,6 +263,8 @@ impl Encoding {
             | Encoding::Q4C
             | Encoding::Q4KX4
             | Encoding::Q6KX4
+            | Encoding::Q3KX4
+            | Encoding::Q5KX4
             | Encoding::Q5SX4 => self.row_major().bytes_for(n),
         }
     }
@@ -619,6 +641,169 @@ impl Interleaved for BlockQ6Kx4 {
     }
 }
 
+/// [`BlockQ3K`] × 4 rows: 440 bytes, its levels stored as three planes of
+/// packed signed levels rather than ggml's `qs` and `hmask`, so that the
+/// kernels get each level with one or two vector operations. The units come
+/// last, as in ggml's block, so that the planes start 48 bytes in (a
+/// multiple of 16: the kernels load them in pairs of vectors, `ldp`, from
+/// the block's address).
+///
+/// - `scales`: the rows' 12 packed scale bytes interleaved a byte at a time
+///   (byte `i` of row `r` at `4i + r`), as [`BlockQ4Kx4`]; bytes 8–11 (the
+///   scales' high two bits) stored XOR [`Q3K_SCALE_FLIP`]: bit 5 of every
+///   6-bit scale flipped, so that the 6-bit field read as a signed number is
+///   ggml's `scale − 32`, with no subtraction;
+/// - `planes`: value `32k + l` of a row (`k` = 0..8, `l` = 0..32) as its
+///   level `q − 4·(1 − h)` (`q` its two bits in `qs`, `h` its `hmask` bit)
+///   in three-bit two's complement, `t_k`; each row's column `l` holds
+///   its eight `t_k` in three bytes ([`q3k_planes`]):
+///   - plane 0: `t₀` in bits 5–7, `t₁` in bits 2–4, `t₆`'s low two bits in 0–1;
+///   - plane 1: `t₂`, `t₃`, `t₇`'s low two bits, in the same places;
+///   - plane 2: `t₄`, `t₅`, then `t₆`'s sign bit in bit 0 and `t₇`'s in bit 1.
+///
+///   Each plane's 32 bytes a row are interleaved four bytes at a time as
+///   [`spread`] does (16 bytes: four rows at four columns). A field in
+///   bits 5–7 is `32·t` once the bits below are cleared (one `and`, or `t`
+///   itself after one arithmetic shift right by 5), one in bits 2–4 after a
+///   shift left by 3 first; `t₆` is one insert (`sli`) of its sign bit
+///   above its low two bits and a shift left by 5, `t₇` the same after a
+///   shift right by 1 puts its sign bit in bit 0.
+/// - `d`: the four rows' f16 units side by side.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ3Kx4 {
+    /// The rows' packed 6-bit scales, interleaved a byte at a time, bytes 8–11 flipped.
+    pub scales: [u8; INTERLEAVE * 12],
+    /// The rows' three-bit signed levels in three planes, each interleaved four bytes at a time.
+    pub planes: [[u8; INTERLEAVE * 32]; 3],
+    /// Each row's f16 scale unit, little-endian.
+    pub d: [[u8; 2]; INTERLEAVE],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ3Kx4>() == 4 * 110);
+
+/// What [`BlockQ3Kx4`] stores bytes 8–11 of each row's `scales` XOR: the
+/// top bit of every two-bit field (bit 5 of each 6-bit scale).
+pub const Q3K_SCALE_FLIP: u8 = 0xAA;
+
+/// Where [`BlockQ3Kx4`]'s planes keep value `32k + l`'s three-bit level:
+/// `(plane, shift)` of its field for `k` = 0..6 (whole), and for `k` = 6, 7
+/// its low two bits at `(plane, 0)` and its sign at bit `k − 6` of plane 2.
+const Q3K_FIELDS: [(usize, u32); 8] = [(0, 5), (0, 2), (1, 5), (1, 2), (2, 5), (2, 2), (0, 0), (1, 0)];
+
+/// A row's Q3_K super-block as [`BlockQ3Kx4`]'s three planes, row-major:
+/// column `l`'s byte of each at `l`.
+pub fn q3k_planes(block: &BlockQ3K) -> [[u8; 32]; 3] {
+    let mut planes = [[0u8; 32]; 3];
+    for (l, &high_bits) in block.hmask.iter().enumerate() {
+        for (k, &(plane, shift)) in Q3K_FIELDS.iter().enumerate() {
+            let q = (block.qs[32 * (k / 4) + l] >> (2 * (k % 4))) & 3;
+            let h = (high_bits >> k) & 1;
+            // `q − 4·(1 − h)` in three-bit two's complement: the flipped high bit is the sign.
+            let t = q | ((h ^ 1) << 2);
+            if k < 6 {
+                planes[plane][l] |= t << shift;
+            } else {
+                planes[plane][l] |= t & 3;
+                planes[2][l] |= (t >> 2) << (k - 6);
+            }
+        }
+    }
+    planes
+}
+
+/// The inverse of [`q3k_planes`]: a row's `(hmask, qs)`.
+fn q3k_from_planes(planes: &[[u8; 32]; 3]) -> ([u8; 32], [u8; 64]) {
+    let (mut hmask, mut qs) = ([0u8; 32], [0u8; 64]);
+    for (l, high_bits) in hmask.iter_mut().enumerate() {
+        for (k, &(plane, shift)) in Q3K_FIELDS.iter().enumerate() {
+            let t = if k < 6 {
+                (planes[plane][l] >> shift) & 7
+            } else {
+                (planes[plane][l] & 3) | (((planes[2][l] >> (k - 6)) & 1) << 2)
+            };
+            qs[32 * (k / 4) + l] |= (t & 3) << (2 * (k % 4));
+            *high_bits |= ((t >> 2) ^ 1) << k;
+        }
+    }
+    (hmask, qs)
+}
+
+impl Interleaved for BlockQ3Kx4 {
+    type Row = BlockQ3K;
+    fn from_rows(rows: &[BlockQ3K; INTERLEAVE]) -> Self {
+        let mut block = Self { scales: [0; INTERLEAVE * 12], planes: [[0; INTERLEAVE * 32]; 3], d: rows.map(|b| b.d) };
+        let scales = rows.map(|b| {
+            let mut scales = b.scales;
+            scales[8..].iter_mut().for_each(|s| *s ^= Q3K_SCALE_FLIP);
+            scales
+        });
+        spread_by::<12, 1>(scales.each_ref(), &mut block.scales);
+        let planes = rows.each_ref().map(q3k_planes);
+        for (p, mixed) in block.planes.iter_mut().enumerate() {
+            spread(planes.each_ref().map(|row| &row[p]), mixed);
+        }
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ3K {
+        let mut scales = gather_by::<12, 1>(&self.scales, r);
+        scales[8..].iter_mut().for_each(|s| *s ^= Q3K_SCALE_FLIP);
+        let (hmask, qs) = q3k_from_planes(&self.planes.each_ref().map(|p| gather(p, r)));
+        BlockQ3K { hmask, qs, scales, d: self.d[r] }
+    }
+}
+
+/// [`BlockQ5K`] × 4 rows: 704 bytes, laid out as [`BlockQ4Kx4`] with the
+/// fifth bits between the scales and the nibbles:
+///
+/// - `d`, `dmin`, `scales`, `qs`: as [`BlockQ4Kx4`];
+/// - `qh`: the rows' 32 bytes of fifth bits interleaved four bytes at a
+///   time as [`spread`] does, so that the sixteen bytes at `16c` are the
+///   fifth bits of the same four rows and four columns as the sixteen
+///   nibble bytes at `128j + 16c` of `qs`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ5Kx4 {
+    /// Each row's f16 scale unit, little-endian.
+    pub d: [[u8; 2]; INTERLEAVE],
+    /// Each row's f16 minimum unit, little-endian.
+    pub dmin: [[u8; 2]; INTERLEAVE],
+    /// The rows' packed 6-bit scales and minimums, interleaved a byte at a time.
+    pub scales: [u8; INTERLEAVE * 12],
+    /// The rows' fifth bits, interleaved four bytes at a time.
+    pub qh: [u8; INTERLEAVE * QK_K / 8],
+    /// The rows' low four bits, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5Kx4>() == 4 * 176);
+
+impl Interleaved for BlockQ5Kx4 {
+    type Row = BlockQ5K;
+    fn from_rows(rows: &[BlockQ5K; INTERLEAVE]) -> Self {
+        let mut block = Self {
+            d: rows.map(|b| b.d),
+            dmin: rows.map(|b| b.dmin),
+            scales: [0; INTERLEAVE * 12],
+            qh: [0; INTERLEAVE * QK_K / 8],
+            qs: [0; INTERLEAVE * QK_K / 2],
+        };
+        spread_by::<12, 1>(rows.each_ref().map(|b| &b.scales), &mut block.scales);
+        spread(rows.each_ref().map(|b| &b.qh), &mut block.qh);
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ5K {
+        BlockQ5K {
+            d: self.d[r],
+            dmin: self.dmin[r],
+            scales: gather_by::<12, 1>(&self.scales, r),
+            qh: gather(&self.qh, r),
+            qs: gather(&self.qs, r),
+        }
+    }
+}
+
 /// Interleaves a row-major matrix of `blocks` blocks a row (a whole number
 /// of four-row groups): group `g`, column block `k` is rows `4g .. 4g+4`'s block `k`.
 pub fn interleave<X: Interleaved>(rows: &[X::Row], blocks: usize, out: &mut [X]) {
@@ -650,6 +835,8 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
         // Alignment 1: the byte buffers are the blocks in place.
         Encoding::Q4KX4 => interleave::<BlockQ4Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q6KX4 => interleave::<BlockQ6Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q3KX4 => interleave::<BlockQ3Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q5KX4 => interleave::<BlockQ5Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => interleave::<BlockQ8x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
@@ -664,6 +851,8 @@ pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &m
     match encoding {
         Encoding::Q4KX4 => deinterleave::<BlockQ4Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q6KX4 => deinterleave::<BlockQ6Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q3KX4 => deinterleave::<BlockQ3Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q5KX4 => deinterleave::<BlockQ5Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => deinterleave::<BlockQ8x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
@@ -1243,7 +1432,12 @@ mod kquant_tests {
         // A retired id is never given to a live encoding again.
         assert!(Encoding::retired(15).is_some() && Encoding::from_id(15).is_none());
         assert!(Encoding::ALL.iter().all(|e| Encoding::retired(e.id()).is_none()));
-        for (encoding, id, name) in [(Encoding::Q4KX4, 14, "q4kx4"), (Encoding::Q6KX4, 16, "q6kx4")] {
+        for (encoding, id, name) in [
+            (Encoding::Q4KX4, 14, "q4kx4"),
+            (Encoding::Q6KX4, 16, "q6kx4"),
+            (Encoding::Q3KX4, 17, "q3kx4"),
+            (Encoding::Q5KX4, 18, "q5kx4"),
+        ] {
             assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(id)), (id, name, Some(encoding)));
             assert_eq!(encoding.row_major().interleaved(), Some(encoding));
             assert_eq!((encoding.block_values(), encoding.rows_interleaved(), encoding.row_multiple()), (QK_K, 4, 4));
@@ -1256,6 +1450,10 @@ mod kquant_tests {
                 let mut back = vec![0u8; mixed.len()];
                 deinterleave_bytes(encoding, &mixed, cols, &mut back);
                 assert_eq!(back, row_major, "{encoding:?} {rows}×{cols}");
+                if encoding == Encoding::Q3KX4 {
+                    // Its levels are repacked, not moved: checked below.
+                    continue;
+                }
                 // Moved bytes, but for Q6KX4's `qh`, stored XOR its flip.
                 let mut moved = mixed.clone();
                 if encoding == Encoding::Q6KX4 {
@@ -1291,6 +1489,46 @@ mod kquant_tests {
         let mixed = BlockQ6Kx4::from_rows(&rows);
         assert_eq!(&mixed.scales[60..], &[15, 31, 47, 63]);
         assert_eq!(&mixed.qh[16..24], &[8, 10, 12, 14, 9, 11, 13, 15].map(|b| b ^ Q6K_HIGH_FLIP));
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
+        }
+        // Q3KX4's planes hold each level as a three-bit signed number where
+        // its documentation says, and its scales' high bits flipped.
+        let rows: [BlockQ3K; 4] = std::array::from_fn(|_| bytemuck::pod_read_unaligned(&random_bytes(110)));
+        let mixed = BlockQ3Kx4::from_rows(&rows);
+        let signed = |bits: u8| ((bits << 5) as i8 >> 5) as i32;
+        for (r, row) in rows.iter().enumerate() {
+            for l in 0..32 {
+                let at = 16 * (l / 4) + 4 * r + l % 4;
+                let [p0, p1, p2] = mixed.planes.map(|p| p[at]);
+                let stored = [
+                    p0 >> 5,
+                    p0 >> 2,
+                    p1 >> 5,
+                    p1 >> 2,
+                    p2 >> 5,
+                    p2 >> 2,
+                    (p0 & 3) | (p2 & 1) << 2,
+                    (p1 & 3) | (p2 & 2) << 1,
+                ];
+                for (k, &bits) in stored.iter().enumerate() {
+                    let level = crate::kernels::matmul::kquant::scalar::levels_q3k(row, k)[l] as i32;
+                    assert_eq!(signed(bits & 7), level, "row {r}, value {}", 32 * k + l);
+                }
+            }
+            for i in 0..12 {
+                let flip = if i >= 8 { Q3K_SCALE_FLIP } else { 0 };
+                assert_eq!(mixed.scales[4 * i + r], row.scales[i] ^ flip);
+            }
+            assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
+        }
+        let rows: [BlockQ5K; 4] = std::array::from_fn(|r| {
+            let mut block: BlockQ5K = bytemuck::pod_read_unaligned(&random_bytes(176));
+            block.qh = std::array::from_fn(|i| (i + 8 * r) as u8);
+            block
+        });
+        let mixed = BlockQ5Kx4::from_rows(&rows);
+        assert_eq!(&mixed.qh[16..24], &[4, 5, 6, 7, 12, 13, 14, 15]);
         for (r, row) in rows.iter().enumerate() {
             assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
         }

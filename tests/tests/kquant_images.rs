@@ -1,12 +1,13 @@
 //! ggml's k-quants as image encodings (q4k, q5k, q6k, q3k, and q4kx4,
-//! q6kx4 four rows interleaved):
+//! q6kx4, q3kx4, q5kx4 four rows interleaved):
 //!
 //! - a synthetic Llama GGUF whose matrices are Q4_K, Q5_K, Q6_K and Q3_K,
 //!   converted with `--quant keep --layout rows`, holds every k-quant
 //!   tensor's bytes unchanged, runs to the independent numpy reference's
 //!   logits, and decodes without allocating;
-//! - converted with the default `--layout x4`, its Q4_K and Q6_K tensors
-//!   are interleaved, deinterleave to the GGUF's bytes, and give the rows
+//! - converted with the default `--layout x4`, its Q4_K, Q6_K, Q3_K and
+//!   Q5_K tensors are interleaved, deinterleave to the GGUF's bytes (Q3_K's
+//!   levels repacked into planes and back), and give the rows
 //!   image's logits within the kernels' reordering budget, again decoding
 //!   without allocating;
 //! - an image whose q4k tensor has the wrong byte length, or rows that are
@@ -183,7 +184,7 @@ fn kquant_gguf_converted_keep_is_bit_exact_matches_the_reference_and_decodes_wit
 const X4_AGAINST_ROWS_OF_RANGE: f32 = 1e-4;
 
 #[test]
-fn kquant_gguf_converted_x4_interleaves_q4_k_and_q6_k_and_gives_the_rows_logits() {
+fn kquant_gguf_converted_x4_interleaves_every_k_quant_and_gives_the_rows_logits() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = kquant_gguf(dir.path());
     let (rows_path, x4_path) = (dir.path().join("rows.bramble"), dir.path().join("x4.bramble"));
@@ -191,9 +192,10 @@ fn kquant_gguf_converted_x4_interleaves_q4_k_and_q6_k_and_gives_the_rows_logits(
     let report = convert_keep(&gguf, &x4_path, true);
     assert_eq!(report.requantized, 0, "keep converted something: {:?}", report.families);
 
-    // Q4_K and Q6_K matrices of whole groups of four rows interleaved (not
-    // the embedding: the synthetic vocabulary is not a multiple of 4), Q5_K
-    // and Q3_K row-major; every tensor's bytes, in row order, the GGUF's.
+    // Matrices of whole groups of four rows interleaved, whatever their
+    // k-quant (not the embedding: the synthetic vocabulary is not a
+    // multiple of 4); every tensor's bytes, in row order, the GGUF's.
+    // `attn_k` (Q5_K) and `attn_output` (Q3_K) have 128 and 256 rows.
     let file = GgufFile::open(&gguf).unwrap();
     let image = ModelImage::open(&x4_path).unwrap();
     let mut interleaved = Vec::new();
@@ -203,9 +205,11 @@ fn kquant_gguf_converted_x4_interleaves_q4_k_and_q6_k_and_gives_the_rows_logits(
         let expected = match info.ggml_type {
             GgmlType::Q4_K if groups_of_four => Encoding::Q4KX4,
             GgmlType::Q4_K => Encoding::Q4K,
+            GgmlType::Q5_K if groups_of_four => Encoding::Q5KX4,
             GgmlType::Q5_K => Encoding::Q5K,
             GgmlType::Q6_K if groups_of_four => Encoding::Q6KX4,
             GgmlType::Q6_K => Encoding::Q6K,
+            GgmlType::Q3_K if groups_of_four => Encoding::Q3KX4,
             GgmlType::Q3_K => Encoding::Q3K,
             _ => Encoding::F32,
         };
@@ -216,7 +220,9 @@ fn kquant_gguf_converted_x4_interleaves_q4_k_and_q6_k_and_gives_the_rows_logits(
         }
         assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
     }
-    assert!(interleaved.contains(&Encoding::Q4KX4) && interleaved.contains(&Encoding::Q6KX4), "{interleaved:?}");
+    for encoding in [Encoding::Q4KX4, Encoding::Q6KX4, Encoding::Q3KX4, Encoding::Q5KX4] {
+        assert!(interleaved.contains(&encoding), "no {encoding:?} among {interleaved:?}");
+    }
 
     // The same logits as the rows image, token embedding rows and the
     // output layer included.

@@ -7,7 +7,7 @@
 //! `--quant keep` gives every tensor its source encoding where the image has
 //! it and the nearest one where it does not ([`keep_encoding`]). Quantized matrices of whole groups of four rows
 //! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S, Q5S,
-//! and the k-quants Q4K and Q6K; [`Encoding::interleaved`]), a lossless
+//! and the k-quants Q4K, Q6K, Q3K and Q5K; [`Encoding::interleaved`]), a lossless
 //! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
 //! row-major order. The image is written under a temporary name and
 //! renamed into place only when complete, so a failed conversion leaves no file.

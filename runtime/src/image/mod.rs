@@ -16,6 +16,7 @@ pub use writer::ImageWriter;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
 use crate::quant::{BlockQ5S, BlockQ5Sx4};
 use crate::vocab::Vocab;
@@ -86,6 +87,10 @@ pub enum TensorView<'a> {
     Q4KX4(&'a [BlockQ4Kx4]),
     /// ggml Q6_K super-blocks, four rows interleaved.
     Q6KX4(&'a [BlockQ6Kx4]),
+    /// ggml Q3_K super-blocks, four rows interleaved (levels repacked, `BlockQ3Kx4`).
+    Q3KX4(&'a [BlockQ3Kx4]),
+    /// ggml Q5_K super-blocks, four rows interleaved.
+    Q5KX4(&'a [BlockQ5Kx4]),
     /// Symmetric Q5 blocks (ggml's Q5_0).
     Q5S(&'a [BlockQ5S]),
     /// Symmetric Q5 blocks, four rows interleaved.
@@ -113,6 +118,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q3K(v) => ("Q3K", v.len()),
             TensorView::Q4KX4(v) => ("Q4KX4", v.len()),
             TensorView::Q6KX4(v) => ("Q6KX4", v.len()),
+            TensorView::Q3KX4(v) => ("Q3KX4", v.len()),
+            TensorView::Q5KX4(v) => ("Q5KX4", v.len()),
             TensorView::Q5S(v) => ("Q5S", v.len()),
             TensorView::Q5SX4(v) => ("Q5SX4", v.len()),
         };
@@ -296,6 +303,8 @@ impl ModelImage {
             Encoding::Q3K => TensorView::Q3K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4KX4 => TensorView::Q4KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q6KX4 => TensorView::Q6KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q3KX4 => TensorView::Q3KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5KX4 => TensorView::Q5KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5S => TensorView::Q5S(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5SX4 => TensorView::Q5SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }

@@ -23,6 +23,7 @@ pub mod sparse;
 mod tests;
 
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8x4};
 use crate::quant::{BlockQ5S, BlockQ5Sx4};
 use half::f16;
@@ -87,6 +88,10 @@ pub struct Kernels {
     pub matmul_q4kx4: MatmulQuantized<BlockQ4Kx4>,
     /// ggml Q6_K weights, four rows interleaved, × int8 activations.
     pub matmul_q6kx4: MatmulQuantized<BlockQ6Kx4>,
+    /// ggml Q3_K weights, four rows interleaved, × int8 activations.
+    pub matmul_q3kx4: MatmulQuantized<BlockQ3Kx4>,
+    /// ggml Q5_K weights, four rows interleaved, × int8 activations.
+    pub matmul_q5kx4: MatmulQuantized<BlockQ5Kx4>,
     /// Symmetric Q5 weights (ggml's Q5_0) × int8 activations.
     pub matmul_q5s: MatmulQuantized<BlockQ5S>,
     /// Interleaved symmetric Q5 weights × int8 activations.
@@ -158,6 +163,8 @@ impl Kernels {
         matmul_q3k: matmul::kquant::scalar::matmul_q3k,
         matmul_q4kx4: matmul::kquant::interleaved::scalar::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::scalar::matmul_q6kx4,
+        matmul_q3kx4: matmul::kquant::interleaved35::scalar::matmul_q3kx4,
+        matmul_q5kx4: matmul::kquant::interleaved35::scalar::matmul_q5kx4,
         matmul_q5s: matmul::q5::scalar::matmul_q5s,
         matmul_q5sx4: matmul::q5::scalar::matmul_q5sx4,
         matmul_q8c: matmul::channels::scalar::matmul_q8c,
@@ -203,6 +210,8 @@ impl Kernels {
         matmul_q3k: matmul::kquant::neon::matmul_q3k,
         matmul_q4kx4: matmul::kquant::interleaved::neon::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::neon::matmul_q6kx4,
+        matmul_q3kx4: matmul::kquant::interleaved35::neon::matmul_q3kx4,
+        matmul_q5kx4: matmul::kquant::interleaved35::neon::matmul_q5kx4,
         matmul_q5s: matmul::q5::neon::matmul_q5s,
         matmul_q5sx4: matmul::q5::neon::matmul_q5sx4,
         matmul_q8c: matmul::channels::neon::matmul_q8c,
@@ -250,6 +259,8 @@ impl Kernels {
         matmul_q3k: matmul::kquant::dotprod::matmul_q3k,
         matmul_q4kx4: matmul::kquant::interleaved::dotprod::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::dotprod::matmul_q6kx4,
+        matmul_q3kx4: matmul::kquant::interleaved35::dotprod::matmul_q3kx4,
+        matmul_q5kx4: matmul::kquant::interleaved35::dotprod::matmul_q5kx4,
         matmul_q5s: matmul::q5::dotprod::matmul_q5s,
         matmul_q5sx4: matmul::q5::dotprod::matmul_q5sx4,
         gemm_q8c: matmul::channels::dotprod::gemm_q8c,
@@ -279,6 +290,8 @@ impl Kernels {
         matmul_q3k: matmul::kquant::avx2::matmul_q3k,
         matmul_q4kx4: matmul::kquant::interleaved::avx2::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::avx2::matmul_q6kx4,
+        matmul_q3kx4: matmul::kquant::interleaved35::avx2::matmul_q3kx4,
+        matmul_q5kx4: matmul::kquant::interleaved35::avx2::matmul_q5kx4,
         matmul_q5s: matmul::q5::avx2::matmul_q5s,
         matmul_q5sx4: matmul::q5::avx2::matmul_q5sx4,
         gemm_q8c: matmul::channels::avx2::gemm_q8c,

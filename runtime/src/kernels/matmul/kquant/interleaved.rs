@@ -151,20 +151,20 @@ pub mod avx2 {
 /// What the ARMv8.0 and `sdot` kernels share: the walk over groups and
 /// tiles, the scale decoding and the float accumulation.
 #[cfg(target_arch = "aarch64")]
-mod arm {
-    pub(super) use super::*;
-    pub(super) use crate::kernels::matmul::neon::widen_f16;
-    pub(super) use std::arch::aarch64::*;
-    pub(super) use std::arch::asm;
+pub(in crate::kernels::matmul::kquant) mod arm {
+    pub(in crate::kernels::matmul::kquant) use super::*;
+    pub(in crate::kernels::matmul::kquant) use crate::kernels::matmul::neon::widen_f16;
+    pub(in crate::kernels::matmul::kquant) use std::arch::aarch64::*;
+    pub(in crate::kernels::matmul::kquant) use std::arch::asm;
 
     /// Activation blocks per super-block.
-    pub(super) const ACTIVATION_BLOCKS: usize = QK_K / GROUP;
+    pub(in crate::kernels::matmul::kquant) const ACTIVATION_BLOCKS: usize = QK_K / GROUP;
 
     /// Activations of a batch one kernel step takes together.
-    pub(super) const TILE: usize = 4;
+    pub(in crate::kernels::matmul::kquant) const TILE: usize = 4;
 
     /// A kernel step: one group of four rows against `N` activations.
-    pub(super) trait Group {
+    pub(in crate::kernels::matmul::kquant) trait Group {
         /// The interleaved super-block.
         type Block;
         /// Per activation `t`, the four rows' sums (lane `r`: row `r`).
@@ -185,7 +185,12 @@ mod arm {
     ///
     /// # Safety
     /// The CPU has `K`'s features.
-    pub(super) unsafe fn matmul<K: Group>(weights: &[K::Block], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    pub(in crate::kernels::matmul::kquant) unsafe fn matmul<K: Group>(
+        weights: &[K::Block],
+        cols: usize,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+    ) {
         assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
         let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
         let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
@@ -245,7 +250,7 @@ mod arm {
     /// # Safety
     /// `p` points at 128 readable bytes.
     #[inline(always)]
-    pub(super) unsafe fn load128(p: *const u8) -> [uint8x16_t; 8] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn load128(p: *const u8) -> [uint8x16_t; 8] {
         let (a, b) = (vld1q_u8_x4(p), vld1q_u8_x4(p.add(64)));
         [a.0, a.1, a.2, a.3, b.0, b.1, b.2, b.3]
     }
@@ -255,14 +260,14 @@ mod arm {
     /// # Safety
     /// `a` points at a readable activation block.
     #[inline(always)]
-    pub(super) unsafe fn activation_units(a: *const BlockQ8Act) -> float32x2_t {
+    pub(in crate::kernels::matmul::kquant) unsafe fn activation_units(a: *const BlockQ8Act) -> float32x2_t {
         // `d` and `s` are the first two f32 of the `repr(C)` block.
         vld1_f32(a.cast::<f32>())
     }
 
     /// Sixteen unsigned bytes `[j][r]` widened to four vectors of 32-bit lanes, one per `j`.
     #[inline(always)]
-    pub(super) unsafe fn widen_unsigned(v: uint8x16_t) -> [int32x4_t; 4] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn widen_unsigned(v: uint8x16_t) -> [int32x4_t; 4] {
         let (low, high) = (vmovl_u8(vget_low_u8(v)), vmovl_high_u8(v));
         [vmovl_u16(vget_low_u16(low)), vmovl_high_u16(low), vmovl_u16(vget_low_u16(high)), vmovl_high_u16(high)]
             .map(|w| vreinterpretq_s32_u32(w))
@@ -270,13 +275,13 @@ mod arm {
 
     /// Sixteen signed bytes `[j][r]` widened to four vectors of 32-bit lanes, one per `j`.
     #[inline(always)]
-    pub(super) unsafe fn widen_signed(v: int8x16_t) -> [int32x4_t; 4] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn widen_signed(v: int8x16_t) -> [int32x4_t; 4] {
         let (low, high) = (vmovl_s8(vget_low_s8(v)), vmovl_high_s8(v));
         [vmovl_s16(vget_low_s16(low)), vmovl_high_s16(low), vmovl_s16(vget_low_s16(high)), vmovl_high_s16(high)]
     }
 
     /// A Q4_K group's super-block units and sub-block scales, lane `r` for row `r`.
-    pub(super) struct K4Scales {
+    pub(in crate::kernels::matmul::kquant) struct K4Scales {
         /// The rows' `d`.
         pub d: float32x4_t,
         /// The rows' `dmin`.
@@ -298,7 +303,7 @@ mod arm {
     /// # Safety
     /// `block` points at a readable block.
     #[inline(always)]
-    pub(super) unsafe fn q4k_scales(block: *const BlockQ4Kx4) -> K4Scales {
+    pub(in crate::kernels::matmul::kquant) unsafe fn q4k_scales(block: *const BlockQ4Kx4) -> K4Scales {
         let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
         let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16(vget_high_u16(units)));
         let packed = vld1q_u8_x3((*block).scales.as_ptr());
@@ -325,7 +330,9 @@ mod arm {
     /// # Safety
     /// `block` points at a readable block.
     #[inline(always)]
-    pub(super) unsafe fn q6k_scales(block: *const BlockQ6Kx4) -> (float32x4_t, [(int32x4_t, int32x4_t); 8]) {
+    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_scales(
+        block: *const BlockQ6Kx4,
+    ) -> (float32x4_t, [(int32x4_t, int32x4_t); 8]) {
         let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
         let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
         let mut pairs = [(vdupq_n_s32(0), vdupq_n_s32(0)); 8];
@@ -342,7 +349,7 @@ mod arm {
     /// activation block with units `[dₓ, sₓ]`: `scaled += dₓ·(scale·isum)`,
     /// `minimums += min·sₓ`.
     #[inline(always)]
-    pub(super) unsafe fn accumulate_k4(
+    pub(in crate::kernels::matmul::kquant) unsafe fn accumulate_k4(
         isum: int32x4_t,
         units: float32x2_t,
         (scale, min): (int32x4_t, float32x4_t),
@@ -356,7 +363,7 @@ mod arm {
     /// One Q6_K activation block's two half sums against an activation with
     /// units `[dₓ, sₓ]`: `scaled += dₓ·(s₀·Σ₀ + s₁·Σ₁)`.
     #[inline(always)]
-    pub(super) unsafe fn accumulate_pair(
+    pub(in crate::kernels::matmul::kquant) unsafe fn accumulate_pair(
         (first, second): (int32x4_t, int32x4_t),
         units: float32x2_t,
         (s0, s1): (int32x4_t, int32x4_t),
@@ -369,7 +376,9 @@ mod arm {
     /// Q4_K levels: the low nibbles of eight interleaved vectors (sub-block
     /// `2c`) or their high nibbles (`2c + 1`).
     #[inline(always)]
-    pub(super) unsafe fn q4k_levels<const HIGH: bool>(bytes: [uint8x16_t; 8]) -> [int8x16_t; 8] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn q4k_levels<const HIGH: bool>(
+        bytes: [uint8x16_t; 8],
+    ) -> [int8x16_t; 8] {
         let nibble = vdupq_n_u8(15);
         bytes.map(|v| vreinterpretq_s8_u8(if HIGH { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
     }
@@ -384,7 +393,7 @@ mod arm {
     /// (`sli` keeps a source's bits 0–1) or up (`sri` keeps the
     /// destination's bits 6–7).
     #[inline(always)]
-    pub(super) unsafe fn q6k_levels_x4<const K: usize, const V: usize>(
+    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_levels_x4<const K: usize, const V: usize>(
         low: [uint8x16_t; V],
         high: [uint8x16_t; V],
     ) -> [int8x16_t; V] {
@@ -426,7 +435,7 @@ mod arm {
     /// # Safety
     /// `p` points at 64 readable bytes.
     #[inline(always)]
-    pub(super) unsafe fn load64(p: *const u8) -> [uint8x16_t; 4] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn load64(p: *const u8) -> [uint8x16_t; 4] {
         let v = vld1q_u8_x4(p);
         [v.0, v.1, v.2, v.3]
     }
@@ -909,9 +918,14 @@ mod tests {
     }
 
     fn check<B: Format, X: Interleaved<Row = B>>(format: Interleaving<B, X>) {
+        check_at(format, &COLUMNS)
+    }
+
+    /// [`check`] at the given row lengths.
+    fn check_at<B: Format, X: Interleaved<Row = B>>(format: Interleaving<B, X>, columns: &[usize]) {
         let mut data = VariedRuns::new();
         for rows in ROW_COUNTS {
-            for cols in COLUMNS {
+            for &cols in columns {
                 for batch in BATCHES {
                     let quantized: Vec<B> = data.weights(Weights::Quantized, rows * cols / QK_K);
                     let x = data.activations(Weights::Quantized, batch * cols);
@@ -947,6 +961,87 @@ mod tests {
             interleaved_reference: scalar::matmul_q6kx4,
             kernels: kernels(|k| k.matmul_q6kx4),
         });
+    }
+
+    /// Row lengths of Llama-2-7B's matrices (4096, 11008) among others:
+    /// Q3_K is the bulk of the Q3_K_M mix a 4 GB board runs it in.
+    const COLUMNS_35: [usize; 5] = [256, 512, 2048, 4096, 11008];
+
+    #[test]
+    fn q3kx4_kernels_match_the_reference() {
+        use crate::kernels::matmul::kquant::interleaved35::scalar;
+        check_at(
+            Interleaving {
+                name: "q3kx4",
+                interleaved_reference: scalar::matmul_q3kx4,
+                kernels: kernels(|k| k.matmul_q3kx4),
+            },
+            &COLUMNS_35,
+        );
+    }
+
+    #[test]
+    fn q5kx4_kernels_match_the_reference() {
+        use crate::kernels::matmul::kquant::interleaved35::scalar;
+        check_at(
+            Interleaving {
+                name: "q5kx4",
+                interleaved_reference: scalar::matmul_q5kx4,
+                kernels: kernels(|k| k.matmul_q5kx4),
+            },
+            &COLUMNS_35,
+        );
+    }
+
+    /// As [`one_changed_level_is_caught`] for the Q3_K and Q5_K kernels:
+    /// Q3_K's `hmask` bit of value 255 (sub-block 15, the last plane-2
+    /// sign bit `t₇` takes), Q5_K's fifth bit of value 255 (bit 7 of
+    /// `qh[31]`, the largest shift), each in one row only.
+    #[test]
+    fn one_changed_q3k_or_q5k_level_is_caught() {
+        use crate::kquant::{BlockQ3K, BlockQ5K};
+        use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
+        let mut data = VariedRuns::seeded(11);
+        let (rows, cols) = (8, 1536);
+        let values = data.values(rows * cols);
+        let mut x = data.activations(Weights::RandomBytes, cols);
+        x[2 * 8 + 7].qs[31] = 100;
+        let mut q3k: Vec<BlockQ3K> = values.chunks_exact(QK_K).map(BlockQ3K::quantize).collect();
+        let block = &mut q3k[5 * 6 + 2];
+        block.d = crate::kquant::f16_bytes(1.0);
+        // Scale 15 at 63 (31 once 32 is taken off).
+        block.scales[7] |= 0xF0;
+        block.scales[11] |= 0xC0;
+        let mut changed = q3k.clone();
+        changed[5 * 6 + 2].hmask[31] ^= 0x80;
+        for (name, kernel) in kernels(|k| k.matmul_q3kx4) {
+            let mut mixed = vec![<BlockQ3Kx4 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / INTERLEAVE];
+            interleave(&changed, cols / QK_K, &mut mixed);
+            let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+            kernel(&mixed, cols, &x, &mut got);
+            BlockQ3K::reference(&q3k, cols, &x, &mut expected);
+            for r in 0..rows {
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q3k[r * 6..][..6], &x) as f32;
+                assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q3kx4 row {r}");
+            }
+        }
+        let mut q5k: Vec<BlockQ5K> = values.chunks_exact(QK_K).map(BlockQ5K::quantize).collect();
+        let block = &mut q5k[5 * 6 + 2];
+        block.d = crate::kquant::f16_bytes(1.0);
+        block.scales[11] |= 0x0F;
+        let mut changed = q5k.clone();
+        changed[5 * 6 + 2].qh[31] ^= 0x80;
+        for (name, kernel) in kernels(|k| k.matmul_q5kx4) {
+            let mut mixed = vec![<BlockQ5Kx4 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / INTERLEAVE];
+            interleave(&changed, cols / QK_K, &mut mixed);
+            let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+            kernel(&mixed, cols, &x, &mut got);
+            BlockQ5K::reference(&q5k, cols, &x, &mut expected);
+            for r in 0..rows {
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q5k[r * 6..][..6], &x) as f32;
+                assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q5kx4 row {r}");
+            }
+        }
     }
 
     /// The comparison can fail: one level changed in one row (a nibble of

@@ -16,6 +16,7 @@
 //! exactly one activation scale.
 
 pub mod interleaved;
+pub mod interleaved35;
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]

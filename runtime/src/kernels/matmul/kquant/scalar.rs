@@ -90,7 +90,11 @@ pub fn dot_q4k_q8_from(mut sum: f32, row: &[BlockQ4K], x: &[BlockQ8Act]) -> f32 
 
 /// Q5_K row · activation, as [`dot_q4k_q8`] with five-bit levels.
 pub fn dot_q5k_q8(row: &[BlockQ5K], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q5k_q8_from(0.0, row, x)
+}
+
+/// [`dot_q5k_q8`] added to a running `sum`, super-block by super-block.
+pub fn dot_q5k_q8_from(mut sum: f32, row: &[BlockQ5K], x: &[BlockQ8Act]) -> f32 {
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let (d, dmin) = (unit(block.d), unit(block.dmin));
         for (sub, a) in activations.iter().enumerate() {
@@ -124,7 +128,11 @@ pub fn dot_q6k_q8_from(mut sum: f32, row: &[BlockQ6K], x: &[BlockQ8Act]) -> f32 
 
 /// Q3_K row · activation: as [`dot_q6k_q8`], the 6-bit scales offset by 32.
 pub fn dot_q3k_q8(row: &[BlockQ3K], x: &[BlockQ8Act]) -> f32 {
-    let mut sum = 0f32;
+    dot_q3k_q8_from(0.0, row, x)
+}
+
+/// [`dot_q3k_q8`] added to a running `sum`, super-block by super-block.
+pub fn dot_q3k_q8_from(mut sum: f32, row: &[BlockQ3K], x: &[BlockQ8Act]) -> f32 {
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let d = unit(block.d);
         for (k, a) in activations.iter().enumerate() {
