@@ -3,6 +3,7 @@
 # core: the peer figure beside scripts/insn-count.sh's for Bramble.
 #
 #   scripts/peer-insn-count.sh GGUF [CPU...]     # CPU: cortex-a72 (Pi 4), cortex-a76 (Pi 5)
+#   PEER_PREFILL=1 scripts/peer-insn-count.sh GGUF [CPU...]   # per prompt token instead
 #
 # Counted as scripts/insn-count.sh counts Bramble: the qemu plugin of
 # ../shared/tools/qemu-insn-count, one thread, two runs generating 8 and 24
@@ -13,6 +14,9 @@
 # (-d 32 decodes the 32-token prompt into the KV cache before the timed
 # generation; -p 0 runs no separate prompt test). cortex-a72 runs the
 # -march=armv8-a build, cortex-a76 the -march=armv8.2-a+dotprod build.
+# With PEER_PREFILL=1 it counts prompt processing as scripts/insn-count-prefill.sh
+# counts Bramble's: `llama-bench -p N -n 0` for prompts of 64 and 192 tokens,
+# per prompt token = (count(192) − count(64)) / 128.
 # PEER_DIR is scripts/peer-build.sh's directory (~/.cache/bramble/peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +44,18 @@ bench() {
     echo "$path"
 }
 
-# count CPU TOKENS → guest instructions of one llama-bench run.
+# count CPU TOKENS → guest instructions of one llama-bench run (TOKENS
+# generated after a 32-token context, or with PEER_PREFILL=1 a TOKENS-token prompt).
 count() {
-    local cpu=$1 tokens=$2 program output
+    local cpu=$1 tokens=$2 program output args
     program=$(bench "$cpu")
+    if [ "${PEER_PREFILL:-0}" = 1 ]; then
+        args=(-p "$tokens" -n 0)
+    else
+        args=(-p 0 -d 32 -n "$tokens")
+    fi
     output=$(QEMU_CPU=$cpu qemu-aarch64 -L /usr/aarch64-linux-gnu -plugin "$plugin" \
-        "$program" -m "$gguf" -t 1 -r 1 --no-warmup -p 0 -d 32 -n "$tokens" 2>&1 >/dev/null)
+        "$program" -m "$gguf" -t 1 -r 1 --no-warmup "${args[@]}" 2>&1 >/dev/null)
     local n
     n=$(sed -n 's/^guest-instructions: //p' <<<"$output")
     if [ -z "$n" ]; then
@@ -56,9 +66,15 @@ count() {
     echo "$n"
 }
 
+if [ "${PEER_PREFILL:-0}" = 1 ]; then
+    lengths=(64 192) unit="prompt token"
+else
+    lengths=(8 24) unit=token
+fi
 for cpu in "${cpus[@]}"; do
-    short=$(count "$cpu" 8)
-    long=$(count "$cpu" 24)
-    awk -v cpu="$cpu" -v a="$short" -v b="$long" -v f="$(basename "$gguf")" \
-        'BEGIN { printf "%s %s (llama.cpp): %.2f M guest instructions per token\n", f, cpu, (b - a) / 16 / 1e6 }'
+    short=$(count "$cpu" "${lengths[0]}")
+    long=$(count "$cpu" "${lengths[1]}")
+    awk -v cpu="$cpu" -v a="$short" -v b="$long" -v n=$((lengths[1] - lengths[0])) -v u="$unit" \
+        -v f="$(basename "$gguf")" \
+        'BEGIN { printf "%s %s (llama.cpp): %.2f M guest instructions per %s\n", f, cpu, (b - a) / n / 1e6, u }'
 done
