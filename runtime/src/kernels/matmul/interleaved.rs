@@ -45,14 +45,14 @@ use std::arch::asm;
 
 /// The matmul's shape, checked once: blocks a row, four-row groups, tokens.
 #[derive(Clone, Copy)]
-struct Shape {
+pub(super) struct Shape {
     blocks: usize,
     groups: usize,
     batch: usize,
 }
 
 impl Shape {
-    fn check<X>(weights: &[X], cols: usize, x: &[BlockQ8Act], out: &[f32]) -> Shape {
+    pub(super) fn check<X>(weights: &[X], cols: usize, x: &[BlockQ8Act], out: &[f32]) -> Shape {
         let blocks = cols / GROUP;
         assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
         let (groups, batch) = (weights.len() / blocks, x.len() / blocks);
@@ -123,7 +123,7 @@ unsafe fn store_quad(results: *mut f32, batch: usize, quad: &[float32x4_t], grou
 /// Returns how many tokens (from the first) it took: the rest, fewer than
 /// four (every token of a decode step), are for [`for_groups`].
 #[inline(always)]
-fn for_tiles<X, const TILE: usize>(
+pub(super) fn for_tiles<X, const TILE: usize>(
     weights: &[X],
     x: &[BlockQ8Act],
     out: &mut [f32],
@@ -171,7 +171,7 @@ fn for_tiles<X, const TILE: usize>(
 /// on every pointer they get being valid for `blocks` blocks.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn for_groups<X>(
+pub(super) fn for_groups<X>(
     weights: &[X],
     x: &[BlockQ8Act],
     out: &mut [f32],

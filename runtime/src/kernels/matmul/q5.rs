@@ -26,24 +26,28 @@
 //!   16 value bytes;
 //!
 //! and then a negative level is its nibble with `0xF0` on top, read as `i8`:
-//! one bitwise insert a vector (`bit` of the low nibbles into the mask,
-//! `sri` of the high nibbles under it), no subtraction.
+//! one bitwise insert a vector (`bif` of the mask over the low nibbles,
+//! `sri` of the high nibbles under it), no subtraction. That is 16
+//! instructions a block of four rows (a `cmtst` and an insert for each of
+//! its eight column groups) where q4x4 needs 8 (an `and` or a shift each):
+//! the fifth bit's price, paid once a block and token in a decode step.
 //!
-//! The interleaved kernels take a batch in tiles of up to [`TILE`] tokens,
-//! a group's block unpacked once for the tile; the row-major ones go four
-//! rows against one token at a time ([`super::neon::for_row_groups`]), as
-//! the other row-major kernels do (row-major Q5_0 matrices are rare: `convert`
+//! The interleaved kernels are `asm!` loops on the drivers of q8x4's and
+//! q4x4's ([`super::interleaved`]): a decode step's token against four
+//! groups of four rows (16 rows) a step, so one activation load serves
+//! them, each group's column groups unpacked and multiplied in turn; a
+//! prompt's batch in GEMM tiles (eight tokens, then four, with `sdot`;
+//! four on ARMv8.0, whose tile needs every register), a group's block
+//! unpacked once for the tile. The row-major kernels go four rows against
+//! one token at a time ([`super::neon::for_row_groups`]), as the other
+//! row-major kernels do (row-major Q5_0 matrices are rare: `convert`
 //! interleaves every matrix of whole groups of four rows).
 
-use crate::quant::{BlockQ5S, BlockQ5Sx4, BlockQ8Act, GROUP, INTERLEAVE};
-
-/// Tokens of a batch the interleaved kernels multiply against one group's
-/// block at a time.
-pub const TILE: usize = 4;
+use crate::quant::{BlockQ5S, BlockQ5Sx4, BlockQ8Act, GROUP};
 
 /// Checks a product's shape against the [`crate::kernels::MatmulQuantized`]
 /// contract for blocks of 32 values that hold `rows_per_block` rows
-/// (1, or [`INTERLEAVE`]); returns (blocks a row, row groups, batch).
+/// (1, or [`crate::quant::INTERLEAVE`]); returns (blocks a row, row groups, batch).
 fn shape<B>(weights: &[B], cols: usize, x: &[BlockQ8Act], out: &[f32], rows_per_block: usize) -> (usize, usize, usize) {
     let blocks = cols / GROUP;
     assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
@@ -107,11 +111,24 @@ pub mod scalar {
     }
 }
 
-/// What the ARMv8.0 and `sdot` kernels share: unpacking levels, the float
-/// step, the loops over rows and tiles of tokens.
+/// What the ARMv8.0 and `sdot` kernels share: the row-major unpacking and
+/// float step (intrinsics), and the interleaved kernels' `asm!` text.
+///
+/// The interleaved kernels are `asm!` loops, as q8x4's and q4x4's are
+/// ([`super::interleaved`], whose drivers they share: one token at a time
+/// through four groups, two or one a step, a prompt's batch through GEMM
+/// tiles). Their fixed registers:
+///
+/// - v31: `0x0F` in every byte; v24–v30: bit 0–6 of every byte, what
+///   `cmtst` tests the fifth bits against (bit 7 needs no constant: `cmlt
+///   #0`). The ARMv8.0 tile needs v30 for the scales and shifts bit 6 up
+///   to bit 7 instead.
+/// - v15: a block's fifth bits; v16–v19: its nibbles, then, in place, the
+///   levels of column groups 0–3; v20–v23: those of column groups 4–7.
 #[cfg(target_arch = "aarch64")]
 mod arm {
     pub(super) use super::*;
+    pub(super) use crate::kernels::matmul::interleaved::{for_groups, for_tiles, Shape};
     pub(super) use crate::kernels::matmul::neon::{for_row_groups, widen_f16, ROWS};
     pub(super) use std::arch::aarch64::*;
     pub(super) use std::arch::asm;
@@ -135,44 +152,6 @@ mod arm {
         asm!("sri {o:v}.16b, {n:v}.16b, #4", o = inout(vreg) out, n = in(vreg) nibbles,
             options(pure, nomem, nostack, preserves_flags));
         vreinterpretq_s8_u8(out)
-    }
-
-    /// Bit `c` of every byte, for `cmtst` with the fifth bits.
-    const fn bit_masks() -> [[u8; 16]; 8] {
-        let mut masks = [[0u8; 16]; 8];
-        let mut c = 0;
-        while c < 8 {
-            masks[c] = [1 << c; 16];
-            c += 1;
-        }
-        masks
-    }
-    const BIT_MASKS: [[u8; 16]; 8] = bit_masks();
-
-    /// The 32 signed levels of four rows' interleaved block, eight vectors
-    /// of four rows × four columns: column groups 0–3 from the low nibbles,
-    /// 4–7 from the high ones, each under its mask of negative levels
-    /// (`cmtst` of the transposed, flipped fifth bits with bit `c`).
-    ///
-    /// # Safety
-    /// `block` points at a readable block.
-    #[inline(always)]
-    pub(super) unsafe fn interleaved_levels(block: *const BlockQ5Sx4) -> [int8x16_t; 8] {
-        let qh = vld1q_u8((*block).qh.as_ptr());
-        let qs = vld1q_u8_x4((*block).qs.as_ptr());
-        let qs = [qs.0, qs.1, qs.2, qs.3];
-        let low_nibble = vdupq_n_u8(0x0F);
-        let mask = |c: usize| vtstq_u8(qh, vld1q_u8(BIT_MASKS[c].as_ptr()));
-        [
-            low_levels(mask(0), qs[0], low_nibble),
-            low_levels(mask(1), qs[1], low_nibble),
-            low_levels(mask(2), qs[2], low_nibble),
-            low_levels(mask(3), qs[3], low_nibble),
-            high_levels(mask(4), qs[0]),
-            high_levels(mask(5), qs[1]),
-            high_levels(mask(6), qs[2]),
-            high_levels(mask(7), qs[3]),
-        ]
     }
 
     /// Which byte of the fifth bits (as a `u32` in every lane) each value of
@@ -213,159 +192,326 @@ mod arm {
         widen_f16(vld1_u16(bits.as_ptr()))
     }
 
-    /// One interleaved group's block against up to [`TILE`] tokens.
-    pub(super) trait GroupKernel {
-        /// The four rows' sums of `blocks` blocks from `group` against
-        /// each of `N` activations (`x[t]`, `blocks` blocks each).
-        ///
-        /// # Safety
-        /// `group` and every `x[t]` point at `blocks` readable blocks, and
-        /// the CPU has the kernel's features.
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Sx4,
-            blocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N];
+    /// The unpacking's constants (see the module): all eight, or (`no_v30`)
+    /// without bit 6, for a loop that needs v30.
+    #[rustfmt::skip]
+    macro_rules! unpack_constants {
+        () => { concat!(unpack_constants!(no_v30), "movi v30.16b, #64\n") };
+        (no_v30) => { concat!(
+            "movi v24.16b, #1\n", "movi v25.16b, #2\n", "movi v26.16b, #4\n", "movi v27.16b, #8\n",
+            "movi v28.16b, #16\n", "movi v29.16b, #32\n", "movi v31.16b, #0x0f\n",
+        )};
     }
+    pub(super) use unpack_constants;
 
-    /// Every group of `weights` against every token of `x` in tiles of up
-    /// to [`TILE`], row `4g + r` against token `b` into `out[(4g + r)·batch + b]`.
-    ///
-    /// # Safety
-    /// The CPU has `K`'s features.
-    #[inline(always)]
-    pub(super) unsafe fn matmul_groups<K: GroupKernel>(
-        weights: &[BlockQ5Sx4],
-        cols: usize,
-        x: &[BlockQ8Act],
-        out: &mut [f32],
-    ) {
-        let (blocks, _, batch) = shape(weights, cols, x, out, INTERLEAVE);
-        if batch == 0 {
-            return;
-        }
-        let activation = |b: usize| x[b * blocks..].as_ptr();
-        for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
-            let w = group.as_ptr();
-            let mut start = 0;
-            while start < batch {
-                let tile = (batch - start).min(TILE);
-                let at = |t: usize| activation(start + t);
-                // SAFETY: `w` is a whole group of `blocks` blocks, each token
-                // `start + t < batch` has `blocks` blocks (both checked by
-                // `shape`), and the caller promises the CPU.
-                let sums = unsafe {
-                    match tile {
-                        1 => lanes(K::dot::<1>(w, blocks, [at(0)])),
-                        2 => lanes(K::dot::<2>(w, blocks, [at(0), at(1)])),
-                        3 => lanes(K::dot::<3>(w, blocks, [at(0), at(1), at(2)])),
-                        _ => lanes(K::dot::<TILE>(w, blocks, [at(0), at(1), at(2), at(3)])),
-                    }
-                };
-                if batch == 1 {
-                    outputs.copy_from_slice(&sums[0]);
-                } else {
-                    for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
-                        for (o, sums) in row[start..start + tile].iter_mut().zip(&sums) {
-                            *o = sums[r];
-                        }
-                    }
-                }
-                start += tile;
-            }
-        }
+    /// `$mask`: 0xFF in the bytes whose fifth bit (v15) `$bit` is set, that
+    /// is, whose level at column group `$bit` is negative; `6 shifted`
+    /// moves bit 6 to the sign first (for the loop without v30).
+    #[rustfmt::skip]
+    macro_rules! test_bit {
+        ($mask:literal, 0) => { concat!("cmtst ", $mask, ".16b, v15.16b, v24.16b\n") };
+        ($mask:literal, 1) => { concat!("cmtst ", $mask, ".16b, v15.16b, v25.16b\n") };
+        ($mask:literal, 2) => { concat!("cmtst ", $mask, ".16b, v15.16b, v26.16b\n") };
+        ($mask:literal, 3) => { concat!("cmtst ", $mask, ".16b, v15.16b, v27.16b\n") };
+        ($mask:literal, 4) => { concat!("cmtst ", $mask, ".16b, v15.16b, v28.16b\n") };
+        ($mask:literal, 5) => { concat!("cmtst ", $mask, ".16b, v15.16b, v29.16b\n") };
+        ($mask:literal, 6) => { concat!("cmtst ", $mask, ".16b, v15.16b, v30.16b\n") };
+        ($mask:literal, 6 shifted) => { concat!(
+            "add ", $mask, ".16b, v15.16b, v15.16b\n",
+            "cmlt ", $mask, ".16b, ", $mask, ".16b, #0\n",
+        )};
+        ($mask:literal, 7) => { concat!("cmlt ", $mask, ".16b, v15.16b, #0\n") };
     }
+    pub(super) use test_bit;
 
-    /// The lanes of up to [`TILE`] vectors of four row sums.
-    #[inline(always)]
-    fn lanes<const N: usize>(sums: [float32x4_t; N]) -> [[f32; INTERLEAVE]; TILE] {
-        let mut out = [[0f32; INTERLEAVE]; TILE];
-        for (lanes, &v) in out.iter_mut().zip(&sums) {
-            // SAFETY: `lanes` is four writable f32; NEON is part of every aarch64 target.
-            unsafe { vst1q_f32(lanes.as_mut_ptr(), v) };
-        }
-        out
+    /// The signed levels of column groups `c` and `c + 4` from nibble
+    /// register `$nibbles` (v16 + c): the mask of the high group's negative
+    /// levels with the high nibbles shifted in under it (`sri`) into
+    /// `$high`, then the low group's mask (into the scratch `$mask`) put
+    /// over the low nibbles in place (`bif`), so a negative level is its
+    /// nibble with `0xF0` on top, `n − 16` as `i8`.
+    #[rustfmt::skip]
+    macro_rules! column_pair {
+        ($nibbles:literal, $high:literal, $mask:literal, $c:tt, $($c4:tt)+) => { concat!(
+            test_bit!($high, $($c4)+),
+            "sri ", $high, ".16b, ", $nibbles, ".16b, #4\n",
+            test_bit!($mask, $c),
+            "bif ", $nibbles, ".16b, ", $mask, ".16b, v31.16b\n",
+        )};
     }
+    pub(super) use column_pair;
+
+    /// Loads one interleaved block from `{$w}`: its four f16 scales to
+    /// `$d`, its fifth bits to v15, its nibbles to v16–v19.
+    #[rustfmt::skip]
+    macro_rules! load_block {
+        ($w:literal, $d:literal) => { concat!(
+            "ld1 {{", $d, ".4h}}, [{", $w, "}], #8\n",
+            "ld1 {{v15.16b}}, [{", $w, "}], #16\n",
+            "ld1 {{v16.16b, v17.16b, v18.16b, v19.16b}}, [{", $w, "}], #64\n",
+        )};
+    }
+    pub(super) use load_block;
+
+    /// A whole block unpacked for a GEMM tile: the 32 levels of four rows
+    /// in v16–v23 (column groups 0–7), `$mask` the scratch, the scales
+    /// widened to f32 in `$d`.
+    #[rustfmt::skip]
+    macro_rules! unpack_block {
+        ($d:literal, $mask:literal, $($bit6:tt)+) => { concat!(
+            load_block!("w", $d),
+            column_pair!("v16", "v20", $mask, 0, 4),
+            column_pair!("v17", "v21", $mask, 1, 5),
+            column_pair!("v18", "v22", $mask, 2, $($bit6)+),
+            column_pair!("v19", "v23", $mask, 3, 7),
+            "fcvtl ", $d, ".4s, ", $d, ".4h\n",
+        )};
+    }
+    pub(super) use unpack_block;
+
+    /// The float step, the reference's operations in its order: `$sum` (four
+    /// rows' integer sums) to floats, times (`$d` · `dₓ`, v6 lane 0, into
+    /// `$scale`), added to `$acc`. No fused multiply-add: bit for bit the
+    /// scalar `sum += d·dₓ·Σ`.
+    #[rustfmt::skip]
+    macro_rules! scale_exact {
+        ($sum:literal, $d:literal, $scale:literal, $acc:literal) => { concat!(
+            "scvtf ", $sum, ".4s, ", $sum, ".4s\n",
+            "fmul ", $scale, ".4s, ", $d, ".4s, v6.s[0]\n",
+            "fmul ", $sum, ".4s, ", $scale, ".4s, ", $sum, ".4s\n",
+            "fadd ", $acc, ".4s, ", $acc, ".4s, ", $sum, ".4s\n",
+        )};
+    }
+    pub(super) use scale_exact;
+
+    /// The decode loop: one activation block (`$load!()`) a step against
+    /// one, two or four groups (`{wa}` … `{wd}`) into v0–v3, each group's
+    /// block by `$block!(pointer, sum)`; `{n}` blocks.
+    #[rustfmt::skip]
+    macro_rules! block_loop {
+        ($load:ident, $block:ident, one) => { concat!(
+            "movi v0.16b, #0\n", unpack_constants!(), "2:\n",
+            $load!(), $block!("wa", "v0"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+        ($load:ident, $block:ident, two) => { concat!(
+            "movi v0.16b, #0\n", "movi v1.16b, #0\n", unpack_constants!(), "2:\n",
+            $load!(), $block!("wa", "v0"), $block!("wb", "v1"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+        ($load:ident, $block:ident, four) => { concat!(
+            "movi v0.16b, #0\n", "movi v1.16b, #0\n", "movi v2.16b, #0\n", "movi v3.16b, #0\n",
+            unpack_constants!(), "2:\n",
+            $load!(), $block!("wa", "v0"), $block!("wb", "v1"), $block!("wc", "v2"), $block!("wd", "v3"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+    }
+    pub(super) use block_loop;
+
+    /// `asm!` (`nostack`, `readonly`) with `$text`, `$operands` and its
+    /// outputs, the sums of one group (v0), two (v0, v1), four (v0–v3) or,
+    /// for the eight-token tile, eight (v0–v5, v7, v8); every other vector
+    /// register clobbered.
+    #[rustfmt::skip]
+    macro_rules! run_asm {
+        ($text:expr, [$($operand:tt)*], v16_to_v31) => {
+            asm!(
+                $text,
+                $($operand)*
+                out("v16") _, out("v17") _, out("v18") _, out("v19") _, out("v20") _, out("v21") _,
+                out("v22") _, out("v23") _, out("v24") _, out("v25") _, out("v26") _, out("v27") _,
+                out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+                options(nostack, readonly),
+            )
+        };
+        ($text:expr, [$($operand:tt)*], one($a:ident)) => {
+            run_asm!($text, [$($operand)* out("v0") $a, out("v1") _, out("v2") _, out("v3") _,
+                out("v4") _, out("v5") _, out("v6") _, out("v7") _, out("v8") _, out("v9") _,
+                out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,], v16_to_v31)
+        };
+        ($text:expr, [$($operand:tt)*], two($a:ident, $b:ident)) => {
+            run_asm!($text, [$($operand)* out("v0") $a, out("v1") $b, out("v2") _, out("v3") _,
+                out("v4") _, out("v5") _, out("v6") _, out("v7") _, out("v8") _, out("v9") _,
+                out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,], v16_to_v31)
+        };
+        ($text:expr, [$($operand:tt)*], four($a:ident, $b:ident, $c:ident, $d:ident)) => {
+            run_asm!($text, [$($operand)* out("v0") $a, out("v1") $b, out("v2") $c, out("v3") $d,
+                out("v4") _, out("v5") _, out("v6") _, out("v7") _, out("v8") _, out("v9") _,
+                out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,], v16_to_v31)
+        };
+        ($text:expr, [$($operand:tt)*],
+         eight($a:ident, $b:ident, $c:ident, $d:ident, $e:ident, $f:ident, $g:ident, $h:ident)) => {
+            run_asm!($text, [$($operand)* out("v0") $a, out("v1") $b, out("v2") $c, out("v3") $d,
+                out("v4") $e, out("v5") $f, out("v6") _, out("v7") $g, out("v8") $h, out("v9") _,
+                out("v10") _, out("v11") _, out("v12") _, out("v13") _, out("v14") _, out("v15") _,], v16_to_v31)
+        };
+    }
+    pub(super) use run_asm;
+
+    /// Runs a decode loop over four groups against one token; returns their
+    /// four rows' sums (v0–v3). Needs `unsafe`, pointers valid for
+    /// `$blocks ≥ 1` blocks and the loop's CPU features.
+    macro_rules! run_sixteen {
+        ($load:ident, $block:ident, $w:expr, $x:expr, $blocks:expr) => {{
+            let w = $w;
+            let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+            run_asm!(
+                block_loop!($load, $block, four),
+                [x = inout(reg) $x => _, wa = inout(reg) w[0] => _, wb = inout(reg) w[1] => _,
+                 wc = inout(reg) w[2] => _, wd = inout(reg) w[3] => _, n = inout(reg) $blocks => _,],
+                four(a, b, c, d)
+            );
+            [a, b, c, d]
+        }};
+    }
+    pub(super) use run_sixteen;
+
+    /// As [`run_sixteen`] for two groups.
+    macro_rules! run_eight {
+        ($load:ident, $block:ident, $wa:expr, $wb:expr, $x:expr, $blocks:expr) => {{
+            let (a, b): (float32x4_t, float32x4_t);
+            run_asm!(
+                block_loop!($load, $block, two),
+                [x = inout(reg) $x => _, wa = inout(reg) $wa => _, wb = inout(reg) $wb => _,
+                 n = inout(reg) $blocks => _,],
+                two(a, b)
+            );
+            (a, b)
+        }};
+    }
+    pub(super) use run_eight;
+
+    /// As [`run_sixteen`] for one group.
+    macro_rules! run_four {
+        ($load:ident, $block:ident, $wa:expr, $x:expr, $blocks:expr) => {{
+            let a: float32x4_t;
+            run_asm!(
+                block_loop!($load, $block, one),
+                [x = inout(reg) $x => _, wa = inout(reg) $wa => _, n = inout(reg) $blocks => _,],
+                one(a)
+            );
+            a
+        }};
+    }
+    pub(super) use run_four;
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
+///
+/// The interleaved kernel multiplies each column group's levels by the
+/// activation's four bytes at those columns, broadcast to every lane
+/// (`ld4r`), in widening multiplies (`smull`, `smlal2`): rows 0–1 in the
+/// low halves, 2–3 in the high ones, eight products a 16-bit lane
+/// (|(n − 16)·q| ≤ 16·128 = 2¹¹, eight ≤ 2¹⁴; sixteen could reach 2¹⁵, so
+/// each half widens on its own, `saddlp`, before the pairwise add that
+/// leaves `[r0, r1, r2, r3]`).
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use super::arm::*;
 
-    /// Eight four-byte column groups of an activation block, each broadcast
-    /// to a whole register (two `ld4r`).
+    /// One activation block from `{x}`: `dₓ` to v6, its eight four-byte
+    /// column groups each broadcast to a whole register, v7–v14.
+    #[rustfmt::skip]
+    macro_rules! load_broadcast {
+        () => { concat!(
+            "ldr s6, [{x}], #8\n",
+            "ld4r {{v7.4s, v8.4s, v9.4s, v10.4s}}, [{x}], #16\n",
+            "ld4r {{v11.4s, v12.4s, v13.4s, v14.4s}}, [{x}], #16\n",
+        )};
+    }
+
+    /// The products of column groups `c` (`$low`, broadcast `$bc`) and
+    /// `c + 4` (`$high`, broadcast `$bd`) added into v4 (rows 0–1) and v5
+    /// (rows 2–3); `smull` for the first pair.
+    #[rustfmt::skip]
+    macro_rules! products {
+        (first, $low:literal, $bc:literal, $high:literal, $bd:literal) => { concat!(
+            "smull v4.8h, ", $low, ".8b, ", $bc, ".8b\n",
+            "smull2 v5.8h, ", $low, ".16b, ", $bc, ".16b\n",
+            products!($high, $bd),
+        )};
+        ($low:literal, $bc:literal, $high:literal, $bd:literal) => { concat!(
+            products!($low, $bc), products!($high, $bd),
+        )};
+        ($levels:literal, $b:literal) => { concat!(
+            "smlal v4.8h, ", $levels, ".8b, ", $b, ".8b\n",
+            "smlal2 v5.8h, ", $levels, ".16b, ", $b, ".16b\n",
+        )};
+    }
+
+    /// Rows 0–1 and 2–3 of v4 and v5 widened and added pairwise: v4 =
+    /// `[r0, r1, r2, r3]`.
+    #[rustfmt::skip]
+    macro_rules! row_sums {
+        () => { concat!(
+            "saddlp v4.4s, v4.8h\n",
+            "saddlp v5.4s, v5.8h\n",
+            "addp v4.4s, v4.4s, v5.4s\n",
+        )};
+    }
+
+    /// One group's block (`{$w}`) against the broadcast activation, into
+    /// `$acc`: each column pair unpacked (v20 the high group, v21 the
+    /// scratch) and multiplied straight away, the scales in v22.
+    #[rustfmt::skip]
+    macro_rules! group_block {
+        ($w:literal, $acc:literal) => { concat!(
+            load_block!($w, "v22"),
+            column_pair!("v16", "v20", "v21", 0, 4), products!(first, "v16", "v7", "v20", "v11"),
+            column_pair!("v17", "v20", "v21", 1, 5), products!("v17", "v8", "v20", "v12"),
+            column_pair!("v18", "v20", "v21", 2, 6), products!("v18", "v9", "v20", "v13"),
+            column_pair!("v19", "v20", "v21", 3, 7), products!("v19", "v10", "v20", "v14"),
+            row_sums!(),
+            "fcvtl v22.4s, v22.4h\n",
+            scale_exact!("v4", "v22", "v22", $acc),
+        )};
+    }
+
+    /// The GEMM tile: one group (`{w}`) against four tokens (`{ta}` …
+    /// `{td}`, sums v0–v3), the block unpacked once (scales in v30, so bit
+    /// 6 is shifted to the sign instead of tested).
+    #[rustfmt::skip]
+    macro_rules! tile_loop {
+        () => { concat!(
+            "movi v0.16b, #0\n", "movi v1.16b, #0\n", "movi v2.16b, #0\n", "movi v3.16b, #0\n",
+            unpack_constants!(no_v30),
+            "2:\n",
+            unpack_block!("v30", "v4", 6 shifted),
+            tile_token!("ta", "v0"), tile_token!("tb", "v1"), tile_token!("tc", "v2"), tile_token!("td", "v3"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+    }
+
+    /// One token (`{$t}`) against the unpacked block, into `$acc`.
+    #[rustfmt::skip]
+    macro_rules! tile_token {
+        ($t:literal, $acc:literal) => { concat!(
+            "ldr s6, [{", $t, "}], #8\n",
+            "ld4r {{v7.4s, v8.4s, v9.4s, v10.4s}}, [{", $t, "}], #16\n",
+            "ld4r {{v11.4s, v12.4s, v13.4s, v14.4s}}, [{", $t, "}], #16\n",
+            products!(first, "v16", "v7", "v20", "v11"),
+            products!("v17", "v8", "v21", "v12"),
+            products!("v18", "v9", "v22", "v13"),
+            products!("v19", "v10", "v23", "v14"),
+            row_sums!(),
+            scale_exact!("v4", "v30", "v5", $acc),
+        )};
+    }
+
+    /// One group against four tokens; each token's four rows' sums.
     ///
     /// # Safety
-    /// `a` points at a readable activation block.
+    /// `w` and every `x[t]` point at `blocks ≥ 1` readable blocks.
     #[inline(always)]
-    unsafe fn broadcasts(a: *const BlockQ8Act) -> [int8x16_t; 8] {
-        let q = (*a).qs.as_ptr().cast::<i32>();
-        let (first, second) = (vld4q_dup_s32(q), vld4q_dup_s32(q.add(4)));
-        [first.0, first.1, first.2, first.3, second.0, second.1, second.2, second.3].map(|v| vreinterpretq_s8_s32(v))
-    }
-
-    /// The four rows' `Σ (n − 16)·q` over a block's eight column groups:
-    /// products of rows 0–1 (low halves) and 2–3 (high halves) summed in
-    /// 16-bit lanes, eight a lane (|(n − 16)·q| ≤ 16·128 = 2¹¹, eight ≤ 2¹⁴),
-    /// widened pairwise (sixteen could reach 2¹⁵), then one pairwise add
-    /// leaves `[r0, r1, r2, r3]`.
-    #[inline(always)]
-    unsafe fn sum32(w: &[int8x16_t; 8], b: &[int8x16_t; 8]) -> int32x4_t {
-        let sum: int32x4_t;
-        asm!(
-            "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
-            "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
-            "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
-            "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
-            "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
-            "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
-            "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
-            "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
-            "smlal {lo:v}.8h, {w4:v}.8b, {b4:v}.8b",
-            "smlal2 {hi:v}.8h, {w4:v}.16b, {b4:v}.16b",
-            "smlal {lo:v}.8h, {w5:v}.8b, {b5:v}.8b",
-            "smlal2 {hi:v}.8h, {w5:v}.16b, {b5:v}.16b",
-            "smlal {lo:v}.8h, {w6:v}.8b, {b6:v}.8b",
-            "smlal2 {hi:v}.8h, {w6:v}.16b, {b6:v}.16b",
-            "smlal {lo:v}.8h, {w7:v}.8b, {b7:v}.8b",
-            "smlal2 {hi:v}.8h, {w7:v}.16b, {b7:v}.16b",
-            "saddlp {lo:v}.4s, {lo:v}.8h",
-            "saddlp {hi:v}.4s, {hi:v}.8h",
-            "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
-            sum = out(vreg) sum,
-            lo = out(vreg) _,
-            hi = out(vreg) _,
-            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
-            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-            b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
-            b4 = in(vreg) b[4], b5 = in(vreg) b[5], b6 = in(vreg) b[6], b7 = in(vreg) b[7],
-            options(pure, nomem, nostack, preserves_flags),
+    unsafe fn tile4(w: *const BlockQ5Sx4, x: [*const BlockQ8Act; 4], blocks: usize) -> [float32x4_t; 4] {
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        run_asm!(
+            tile_loop!(),
+            [w = inout(reg) w => _, ta = inout(reg) x[0] => _, tb = inout(reg) x[1] => _,
+             tc = inout(reg) x[2] => _, td = inout(reg) x[3] => _, n = inout(reg) blocks => _,],
+            four(a, b, c, d)
         );
-        sum
-    }
-
-    struct Interleaved;
-
-    impl GroupKernel for Interleaved {
-        #[inline(always)]
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Sx4,
-            blocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for k in 0..blocks {
-                let block = group.add(k);
-                let levels = interleaved_levels(block);
-                let d = widen_f16(vld1_u16((*block).d.as_ptr().cast()));
-                for t in 0..N {
-                    let a = x[t].add(k);
-                    acc[t] = accumulate(acc[t], sum32(&levels, &broadcasts(a)), d, (*a).d);
-                }
-            }
-            acc
-        }
+        [a, b, c, d]
     }
 
     /// One row's `Σ (n − 16)·q` as four partial sums: four products a
@@ -405,45 +551,177 @@ pub mod neon {
         for_row_groups(weights, cols, x, out, |rows, a, blocks| unsafe { dot4(rows, a, blocks) })
     }
 
-    /// Interleaved symmetric Q5 matrix × int8 activations, ARMv8.0.
+    /// Interleaved symmetric Q5 matrix × int8 activations, ARMv8.0: a
+    /// prompt's batch in tiles of four tokens (the tile needs every
+    /// register: eight for the levels, eight for the broadcasts, four
+    /// sums), the tokens left over (every token of a decode step) one at a
+    /// time against four groups a step, then two, then one.
     pub fn matmul_q5sx4(weights: &[BlockQ5Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul_groups::<Interleaved>(weights, cols, x, out) }
+        let shape = Shape::check(weights, cols, x, out);
+        // SAFETY: (all five) `for_tiles` and `for_groups` hand over pointers
+        // valid for `blocks ≥ 1` blocks; the asm reads only those, and NEON
+        // is part of every aarch64 core.
+        let tile = |w, a, blocks| unsafe { tile4(w, a, blocks) };
+        let first = for_tiles::<_, 4>(weights, x, out, shape, tile, tile);
+        for_groups(
+            weights,
+            x,
+            out,
+            shape,
+            first,
+            // SAFETY: as above.
+            |w: [*const BlockQ5Sx4; 4], a: *const BlockQ8Act, blocks: usize| unsafe {
+                run_sixteen!(load_broadcast, group_block, w, a, blocks)
+            },
+            // SAFETY: as above.
+            |wa: *const BlockQ5Sx4, wb: *const BlockQ5Sx4, a: *const BlockQ8Act, blocks: usize| unsafe {
+                run_eight!(load_broadcast, group_block, wa, wb, a, blocks)
+            },
+            // SAFETY: as above.
+            |wa: *const BlockQ5Sx4, a: *const BlockQ8Act, blocks: usize| unsafe {
+                run_four!(load_broadcast, group_block, wa, a, blocks)
+            },
+        )
     }
 }
 
 /// `sdot` kernels (ARMv8.2's dot-product extension): the Raspberry Pi 5's Cortex-A76.
+///
+/// The interleaved kernel: `sdot vS.4s, vL.16b, vA.4b[c]` multiplies a
+/// column group's sixteen levels (four rows × four columns) by the
+/// activation's four bytes at those columns and adds four products into
+/// each row's lane, eight `sdot`s a block of four rows.
 #[cfg(target_arch = "aarch64")]
 pub mod dotprod {
     use super::arm::*;
     use crate::kernels::matmul::dotprod::available;
 
-    /// The four rows' `Σ (n − 16)·q` over 32 columns: eight `sdot`s by lane,
-    /// column group `c` (four rows × columns `4c .. 4c+4`) against lane `c`
-    /// of the activation's values.
-    ///
+    /// One activation block from `{x}`: `dₓ` to v6, its 32 values to
+    /// v12–v13 (`sdot` by lane picks the four it needs).
+    #[rustfmt::skip]
+    macro_rules! load_bytes {
+        () => { load_bytes!("x") };
+        ($x:literal) => { concat!(
+            "ldr s6, [{", $x, "}], #8\n",
+            "ld1 {{v12.16b, v13.16b}}, [{", $x, "}], #32\n",
+        )};
+    }
+
+    /// One group's block (`{$w}`) against the activation, into `$acc`:
+    /// each column pair unpacked (v20 the high group, v21 the scratch) and
+    /// multiplied straight away into v9, the scales in v14.
+    #[rustfmt::skip]
+    macro_rules! group_block {
+        ($w:literal, $acc:literal) => { concat!(
+            load_block!($w, "v14"),
+            "movi v9.4s, #0\n",
+            column_pair!("v16", "v20", "v21", 0, 4),
+            "sdot v9.4s, v16.16b, v12.4b[0]\n", "sdot v9.4s, v20.16b, v13.4b[0]\n",
+            column_pair!("v17", "v20", "v21", 1, 5),
+            "sdot v9.4s, v17.16b, v12.4b[1]\n", "sdot v9.4s, v20.16b, v13.4b[1]\n",
+            column_pair!("v18", "v20", "v21", 2, 6),
+            "sdot v9.4s, v18.16b, v12.4b[2]\n", "sdot v9.4s, v20.16b, v13.4b[2]\n",
+            column_pair!("v19", "v20", "v21", 3, 7),
+            "sdot v9.4s, v19.16b, v12.4b[3]\n", "sdot v9.4s, v20.16b, v13.4b[3]\n",
+            "fcvtl v14.4s, v14.4h\n",
+            scale_exact!("v9", "v14", "v14", $acc),
+        )};
+    }
+
+    /// One token (`{$t}`) against the unpacked block (v16–v23, scales in
+    /// v14), into `$acc`: eight `sdot`s into v9, the scale in v10.
+    #[rustfmt::skip]
+    macro_rules! tile_token {
+        ($t:literal, $acc:literal) => { concat!(
+            load_bytes!($t),
+            "movi v9.4s, #0\n",
+            "sdot v9.4s, v16.16b, v12.4b[0]\n", "sdot v9.4s, v17.16b, v12.4b[1]\n",
+            "sdot v9.4s, v18.16b, v12.4b[2]\n", "sdot v9.4s, v19.16b, v12.4b[3]\n",
+            "sdot v9.4s, v20.16b, v13.4b[0]\n", "sdot v9.4s, v21.16b, v13.4b[1]\n",
+            "sdot v9.4s, v22.16b, v13.4b[2]\n", "sdot v9.4s, v23.16b, v13.4b[3]\n",
+            scale_exact!("v9", "v14", "v10", $acc),
+        )};
+    }
+
+    /// The GEMM tile: one group (`{w}`) against four tokens (sums v0–v3)
+    /// or eight (and v4, v5, v7, v8), the block unpacked once.
+    #[rustfmt::skip]
+    macro_rules! tile_loop {
+        (four) => { concat!(
+            "movi v0.16b, #0\n", "movi v1.16b, #0\n", "movi v2.16b, #0\n", "movi v3.16b, #0\n",
+            unpack_constants!(),
+            "2:\n",
+            unpack_block!("v14", "v9", 6),
+            tile_token!("ta", "v0"), tile_token!("tb", "v1"), tile_token!("tc", "v2"), tile_token!("td", "v3"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+        (eight) => { concat!(
+            "movi v0.16b, #0\n", "movi v1.16b, #0\n", "movi v2.16b, #0\n", "movi v3.16b, #0\n",
+            "movi v4.16b, #0\n", "movi v5.16b, #0\n", "movi v7.16b, #0\n", "movi v8.16b, #0\n",
+            unpack_constants!(),
+            "2:\n",
+            unpack_block!("v14", "v9", 6),
+            tile_token!("ta", "v0"), tile_token!("tb", "v1"), tile_token!("tc", "v2"), tile_token!("td", "v3"),
+            tile_token!("te", "v4"), tile_token!("tf", "v5"), tile_token!("tg", "v7"), tile_token!("th", "v8"),
+            "subs {n}, {n}, #1\n", "b.ne 2b\n",
+        )};
+    }
+
     /// # Safety
-    /// The CPU has the dot-product extension.
+    /// Pointers valid for `blocks ≥ 1` blocks; the CPU has the extension.
     #[target_feature(enable = "dotprod")]
-    #[inline]
-    unsafe fn sum32(w: &[int8x16_t; 8], q: int8x16x2_t) -> int32x4_t {
-        let mut sum = vdupq_n_s32(0);
-        asm!(
-            "sdot {sum:v}.4s, {w0:v}.16b, {q0:v}.4b[0]",
-            "sdot {sum:v}.4s, {w1:v}.16b, {q0:v}.4b[1]",
-            "sdot {sum:v}.4s, {w2:v}.16b, {q0:v}.4b[2]",
-            "sdot {sum:v}.4s, {w3:v}.16b, {q0:v}.4b[3]",
-            "sdot {sum:v}.4s, {w4:v}.16b, {q1:v}.4b[0]",
-            "sdot {sum:v}.4s, {w5:v}.16b, {q1:v}.4b[1]",
-            "sdot {sum:v}.4s, {w6:v}.16b, {q1:v}.4b[2]",
-            "sdot {sum:v}.4s, {w7:v}.16b, {q1:v}.4b[3]",
-            sum = inout(vreg) sum,
-            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
-            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-            q0 = in(vreg) q.0, q1 = in(vreg) q.1,
-            options(pure, nomem, nostack, preserves_flags),
+    unsafe fn sixteen(w: [*const BlockQ5Sx4; 4], a: *const BlockQ8Act, blocks: usize) -> [float32x4_t; 4] {
+        run_sixteen!(load_bytes, group_block, w, a, blocks)
+    }
+
+    /// # Safety
+    /// As [`sixteen`].
+    #[target_feature(enable = "dotprod")]
+    unsafe fn eight(
+        wa: *const BlockQ5Sx4,
+        wb: *const BlockQ5Sx4,
+        a: *const BlockQ8Act,
+        blocks: usize,
+    ) -> (float32x4_t, float32x4_t) {
+        run_eight!(load_bytes, group_block, wa, wb, a, blocks)
+    }
+
+    /// # Safety
+    /// As [`sixteen`].
+    #[target_feature(enable = "dotprod")]
+    unsafe fn four(wa: *const BlockQ5Sx4, a: *const BlockQ8Act, blocks: usize) -> float32x4_t {
+        run_four!(load_bytes, group_block, wa, a, blocks)
+    }
+
+    /// # Safety
+    /// As [`sixteen`].
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tile4(w: *const BlockQ5Sx4, x: [*const BlockQ8Act; 4], blocks: usize) -> [float32x4_t; 4] {
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        run_asm!(
+            tile_loop!(four),
+            [w = inout(reg) w => _, ta = inout(reg) x[0] => _, tb = inout(reg) x[1] => _,
+             tc = inout(reg) x[2] => _, td = inout(reg) x[3] => _, n = inout(reg) blocks => _,],
+            four(a, b, c, d)
         );
-        sum
+        [a, b, c, d]
+    }
+
+    /// # Safety
+    /// As [`sixteen`].
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tile8(w: *const BlockQ5Sx4, x: [*const BlockQ8Act; 8], blocks: usize) -> [float32x4_t; 8] {
+        let (a, b, c, d): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        let (e, f, g, h): (float32x4_t, float32x4_t, float32x4_t, float32x4_t);
+        run_asm!(
+            tile_loop!(eight),
+            [w = inout(reg) w => _, ta = inout(reg) x[0] => _, tb = inout(reg) x[1] => _,
+             tc = inout(reg) x[2] => _, td = inout(reg) x[3] => _, te = inout(reg) x[4] => _,
+             tf = inout(reg) x[5] => _, tg = inout(reg) x[6] => _, th = inout(reg) x[7] => _,
+             n = inout(reg) blocks => _,],
+            eight(a, b, c, d, e, f, g, h)
+        );
+        [a, b, c, d, e, f, g, h]
     }
 
     /// One row's `Σ (n − 16)·q` as four partial sums: two `sdot`s.
@@ -462,30 +740,6 @@ pub mod dotprod {
             options(pure, nomem, nostack, preserves_flags),
         );
         sum
-    }
-
-    struct Interleaved;
-
-    impl GroupKernel for Interleaved {
-        #[target_feature(enable = "dotprod")]
-        #[inline]
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Sx4,
-            blocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for k in 0..blocks {
-                let block = group.add(k);
-                let levels = interleaved_levels(block);
-                let d = widen_f16(vld1_u16((*block).d.as_ptr().cast()));
-                for t in 0..N {
-                    let a = x[t].add(k);
-                    acc[t] = accumulate(acc[t], sum32(&levels, vld1q_s8_x2((*a).qs.as_ptr())), d, (*a).d);
-                }
-            }
-            acc
-        }
     }
 
     /// Four row-major rows · one activation.
@@ -524,12 +778,39 @@ pub mod dotprod {
         unsafe { q5s(weights, cols, x, out) }
     }
 
-    /// Interleaved symmetric Q5 matrix × int8 activations, with `sdot`.
-    /// Panics on a CPU without the dot-product extension.
+    /// Interleaved symmetric Q5 matrix × int8 activations, with `sdot`: a
+    /// prompt's batch in tiles of eight tokens, then four, the tokens left
+    /// over (every token of a decode step) one at a time against four
+    /// groups a step, then two, then one. Panics on a CPU without the
+    /// dot-product extension.
     pub fn matmul_q5sx4(weights: &[BlockQ5Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
-        // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul_groups::<Interleaved>(weights, cols, x, out) }
+        let shape = Shape::check(weights, cols, x, out);
+        // SAFETY: (all five) `for_tiles` and `for_groups` hand over pointers
+        // valid for `blocks ≥ 1` blocks, and the CPU has the extension
+        // (checked above).
+        let first = for_tiles::<_, 8>(
+            weights,
+            x,
+            out,
+            shape,
+            |w, a, blocks| unsafe { tile8(w, a, blocks) },
+            // SAFETY: as above.
+            |w, a, blocks| unsafe { tile4(w, a, blocks) },
+        );
+        for_groups(
+            weights,
+            x,
+            out,
+            shape,
+            first,
+            // SAFETY: as above.
+            |w, a, blocks| unsafe { sixteen(w, a, blocks) },
+            // SAFETY: as above.
+            |wa, wb, a, blocks| unsafe { eight(wa, wb, a, blocks) },
+            // SAFETY: as above.
+            |wa, a, blocks| unsafe { four(wa, a, blocks) },
+        )
     }
 }
 
@@ -543,6 +824,7 @@ pub mod avx2 {
     use super::*;
     use crate::kernels::matmul::avx2::available;
     use crate::kernels::matmul::scalar::f16_to_f32;
+    use crate::quant::INTERLEAVE;
     use std::arch::x86_64::*;
 
     /// 16 bytes of packed nibbles under 32 bytes of fifth-bit masks (0xFF

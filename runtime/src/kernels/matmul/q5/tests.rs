@@ -5,7 +5,7 @@
 use super::*;
 use crate::kernels::activation::scalar::quantize_activation;
 use crate::kernels::{Kernels, MatmulQuantized};
-use crate::quant::{interleave, quantize_q5s};
+use crate::quant::{interleave, quantize_q5s, INTERLEAVE};
 use bytemuck::Zeroable;
 use half::f16;
 
@@ -16,11 +16,14 @@ use half::f16;
 const KERNEL_TOLERANCE: f32 = 0.0;
 
 const ROW_COUNTS: [usize; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 9];
-const GROUPED_ROW_COUNTS: [usize; 4] = [4, 8, 12, 16];
+/// One, two and three groups of four rows (the decode loop's ends), four
+/// (one step of sixteen rows) and seven (a step, then two, then one).
+const GROUPED_ROW_COUNTS: [usize; 5] = [4, 8, 12, 16, 28];
 const COLUMNS: [usize; 5] = [32, 64, 576, 1536, 2048];
-/// Tails of the interleaved kernels' tiles of [`TILE`] tokens, a whole
-/// tile and more than one.
-const BATCHES: [usize; 6] = [1, 2, 3, 5, 8, 9];
+/// The interleaved kernels' ways through a batch: one to three tokens (one
+/// at a time), a tile of four, of four and one left, of eight (`sdot`; two
+/// of four on ARMv8.0), eight and one, eight and four, and all three.
+const BATCHES: [usize; 9] = [1, 2, 3, 4, 5, 8, 9, 12, 13];
 
 /// A small deterministic generator (64-bit LCG, high bits out).
 struct Random(u64);
