@@ -362,14 +362,14 @@ mod tests {
         let (mut plain_cos, mut plain_sin) = (cos.clone(), sin.clone());
         fill_tables(&c, None, &mut plain_cos, &mut plain_sin);
         for pos in [0, 63, 64, 1000, 4097, 4999] {
-            for i in 0..pairs {
-                let direct = pos as f64 * 10000f64.powf(-(2.0 * i as f64) / 16.0) / factors[i] as f64;
+            for (i, &factor) in factors.iter().enumerate() {
+                let direct = pos as f64 * 10000f64.powf(-(2.0 * i as f64) / 16.0) / factor as f64;
                 let at = pos * pairs + i;
                 assert!((cos[at] as f64 - direct.cos()).abs() < 1e-6, "cos at {pos}, pair {i}");
                 assert!((sin[at] as f64 - direct.sin()).abs() < 1e-6, "sin at {pos}, pair {i}");
                 let plain = pos as f64 * 10000f64.powf(-(2.0 * i as f64) / 16.0);
                 assert!((plain_cos[at] as f64 - plain.cos()).abs() < 1e-6, "plain cos at {pos}, pair {i}");
-                if pos > 0 && factors[i] != 1.0 {
+                if pos > 0 && factor != 1.0 {
                     assert!(
                         (cos[at] - plain_cos[at]).abs() > 1e-3 || (sin[at] - plain_sin[at]).abs() > 1e-3,
                         "pair {i} at {pos} is not scaled"

@@ -825,6 +825,7 @@ fn corrupt_files_never_panic() {
             context_length: 64,
             tied_output: tokenizer == TokenizerKind::ByteLevelBpe,
             tokenizer,
+            llama3: false,
         };
         let model = SyntheticModel::generate(shape, 1);
         write_gguf(&model, &base_path, weight_type).unwrap();
