@@ -1,6 +1,7 @@
 //! Chat templates: the model's own Jinja template rendered with minijinja
 //! (with Python string methods such as `.strip()` that Hugging Face templates
-//! use), or a built-in ChatML / Llama-2 `[INST]` template when the image has none.
+//! use), or a built-in Llama-3 / ChatML / Llama-2 `[INST]` template when the
+//! image has none.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::vocab::Vocab;
@@ -29,6 +30,24 @@ pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + messa
 /// Llama-2 chat: `[INST] <<SYS>> … <</SYS>> … [/INST]`, as Meta's reference formats it.
 pub const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
 
+/// Llama-3.x chat, as Meta's template formats it: `<|begin_of_text|>`
+/// first, then each turn `<|start_header_id|>ROLE<|end_header_id|>\n\n`,
+/// its trimmed text and `<|eot_id|>`, which ends the turn (and generation).
+pub const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// The built-in template for a vocabulary whose model brought none:
+/// Llama-3 when it has `<|start_header_id|>`, ChatML when it has
+/// `<|im_start|>`, Llama-2 otherwise.
+pub fn builtin_for(vocab: &Vocab) -> &'static str {
+    if vocab.find("<|start_header_id|>").is_some() {
+        LLAMA3
+    } else if vocab.find("<|im_start|>").is_some() {
+        CHATML
+    } else {
+        LLAMA2
+    }
+}
+
 /// A chat template ready to render.
 pub struct ChatTemplate {
     source: String,
@@ -37,17 +56,13 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// The image's template, or the built-in one that suits the vocabulary:
-    /// ChatML when it has `<|im_start|>`, Llama-2 otherwise.
+    /// The image's template, or the built-in one that suits the vocabulary
+    /// ([`builtin_for`]).
     pub fn new(template: Option<&str>, vocab: &Vocab) -> Self {
         let text = |id: Option<u32>| {
             id.map(|i| String::from_utf8_lossy(&vocab.tokens[i as usize]).into_owned()).unwrap_or_default()
         };
-        let source = match template {
-            Some(t) => t.to_string(),
-            None if vocab.find("<|im_start|>").is_some() => CHATML.to_string(),
-            None => LLAMA2.to_string(),
-        };
+        let source = template.unwrap_or_else(|| builtin_for(vocab)).to_string();
         Self { source, bos_token: text(vocab.bos_id), eos_token: text(vocab.eos_id) }
     }
 
@@ -328,6 +343,34 @@ mod tests {
             text,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn llama3_is_chosen_by_its_header_token_and_renders_meta_s_format() {
+        let tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"];
+        let mut llama3 = vocab(&tokens);
+        (llama3.bos_id, llama3.eos_id) = (Some(0), Some(1));
+        let template = ChatTemplate::new(None, &llama3);
+        assert_eq!(template.source(), LLAMA3);
+        let messages = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", " Hi\n"),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "Bye"),
+        ];
+        assert_eq!(
+            template.render(&messages, true).unwrap(),
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\
+             <|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        // Without the generation prompt the text ends with the last turn.
+        let text = template.render(&messages[..2], false).unwrap();
+        assert!(text.ends_with("Hi<|eot_id|>"), "{text}");
+        // The image's own template wins over the built-in one.
+        assert_eq!(ChatTemplate::new(Some(CHATML), &llama3).source(), CHATML);
     }
 
     #[test]

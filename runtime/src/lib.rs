@@ -21,6 +21,7 @@ pub mod logits;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod rope;
 pub mod rsparse;
 pub mod sampler;
 pub mod session;

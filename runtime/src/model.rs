@@ -382,6 +382,9 @@ pub struct Model<'a> {
     pub weights: Weights<'a>,
     /// Kernels.
     pub kernels: &'static Kernels,
+    /// RoPE's per-pair frequency factors (`rope_scaling` section; `None`:
+    /// plain RoPE), applied to the tables of every state made.
+    pub rope_factors: Option<&'a [f32]>,
     /// Worker threads for the matrix products.
     pub pool: ThreadPool,
     /// The R-Sparse plan in use, if any ([`Model::set_sparsity`]).
@@ -625,24 +628,32 @@ impl RunState {
     /// As [`RunState::try_with_kv`], with the KV cache's pruning scratch and
     /// the R-Sparse path's scratch as `options` say.
     pub fn try_with_options(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<Self> {
+        Self::try_with_rope(config, None, context, batch, options)
+    }
+
+    /// As [`RunState::try_with_options`], with RoPE's frequencies divided by
+    /// `rope_factors` (one a pair; [`crate::rope`]) in the tables of angles,
+    /// as a model with a `rope_scaling` section needs ([`Model::try_new_state`]).
+    pub fn try_with_rope(
+        config: &ModelConfig,
+        rope_factors: Option<&[f32]>,
+        context: usize,
+        batch: usize,
+        options: StateOptions,
+    ) -> Result<Self> {
+        if let Some(factors) = rope_factors {
+            crate::rope::check_factors(factors, config.rope_dim)?;
+        }
         // The KV cache first: it is the largest, and nothing has been written yet if it cannot be had.
         let mut kv = KvCache::new(options.kv, config, context)?;
         kv.enable_pruning(options.kv_prune)?;
         let bytes = Self::bytes_for(config, context, batch, options)?;
         let sizes = StateSizes::new(config, context, batch, options.sparse)?;
-        let pairs = config.rope_dim as usize / 2;
         let no_activation = BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] };
         let mut rope_cos = sizes.rope.filled(0f32)?;
         let mut rope_sin = sizes.rope.filled(0f32)?;
-        for pos in 0..context {
-            for i in 0..pairs {
-                // θ_i = pos · base^(−2i / rope_dim), computed in f64 so long contexts keep their precision.
-                let frequency = (config.rope_theta as f64).powf(-((2 * i) as f64) / config.rope_dim as f64);
-                let angle = pos as f64 * frequency;
-                rope_cos[pos * pairs + i] = angle.cos() as f32;
-                rope_sin[pos * pairs + i] = angle.sin() as f32;
-            }
-        }
+        // θ_i = pos · base^(−2i / rope_dim) / factor_i, once, here: nothing changes per token.
+        crate::rope::fill_tables(config, rope_factors, &mut rope_cos, &mut rope_sin);
         Ok(Self {
             batch,
             context,
@@ -979,6 +990,7 @@ impl<'a> Model<'a> {
             config,
             weights,
             kernels,
+            rope_factors: image.rope_scaling().map(|scaling| scaling.factors.as_slice()),
             pool: ThreadPool::new(threads),
             sparse: None,
             bias: None,
@@ -1115,7 +1127,7 @@ impl<'a> Model<'a> {
     /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
     /// naming the buffer whose size overflows or cannot be allocated.
     pub fn try_new_state(&self, context: usize, batch: usize) -> Result<RunState> {
-        let mut state = RunState::try_with_options(&self.config, context, batch, self.state_options())?;
+        let mut state = RunState::try_with_rope(&self.config, self.rope_factors, context, batch, self.state_options())?;
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
             for (l, centre) in state.bias_centres.iter_mut().enumerate() {

@@ -2,6 +2,7 @@
 //!
 //! | test file | what it checks |
 //! |---|---|
+//! | `llama3.rs` | Llama-3.x: the synthetic model's GGUF and HF forms give one image; its logits against the numpy reference past the original context; `rope_scaling` refusals; the Llama-3 chat template and `<|eot_id|>` |
 //! | `formats.rs` | every input format (GGUF in each weight type, Hugging Face, llama2.c v0/v1) through `convert`, `inspect` and `generate`; the same model in three formats gives the same logits |
 //! | `reference.rs` | the real model against the independent numpy reference (`tests/reference/reference.py`): logits, greedy tokens, tokenizer, perplexity |
 //! | `no_alloc.rs` | a decode step with a sampling configuration allocates nothing |

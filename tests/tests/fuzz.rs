@@ -461,6 +461,7 @@ mod image {
                     context_length: 64,
                     tied_output: tied,
                     tokenizer: kind,
+                    llama3: false,
                 };
                 let path = dir.join(format!("{tokenizer}-{quant}.bramble"));
                 convert_synthetic(&synthetic(shape, 22), &path, quant);
@@ -795,6 +796,7 @@ mod gguf {
                     context_length: 64,
                     tied_output: tied,
                     tokenizer,
+                    llama3: false,
                 };
                 let model = synthetic(shape, 22);
                 // As `write_gguf`, with `general.alignment` when asked.

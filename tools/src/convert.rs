@@ -305,6 +305,11 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
     config.validate().map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))?;
     let mut writer = ImageWriter::create(output)?;
     writer.add_section(section::CONFIG, bytemuck::bytes_of(config), true)?;
+    if let Some(scaling) = source.rope_scaling() {
+        scaling.check(config).map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))?;
+        // Required: a reader that does not know it refuses the file rather than run plain RoPE.
+        writer.add_section(section::ROPE_SCALING, &scaling.to_section(), true)?;
+    }
     writer.add_section(section::TOKENIZER, &encode_vocab(source.vocab())?, true)?;
     if let Some(template) = source.chat_template() {
         writer.add_section(section::CHAT_TEMPLATE, template.as_bytes(), false)?;

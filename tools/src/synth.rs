@@ -1,11 +1,14 @@
 //! Tiny synthetic Llama models with seeded random weights, for fast tests of
 //! every input format. A [`SyntheticModel`] is the format-neutral description;
 //! the writers in each source module lay it out as GGUF, a Hugging Face
-//! directory or a llama2.c checkpoint.
+//! directory or a llama2.c checkpoint. A Llama-3.x-shaped one
+//! ([`SyntheticShape::llama3`]) scales RoPE as Llama-3.1 does and has
+//! Llama-3's control tokens.
 
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rng::SplitMix64;
-use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, sentencepiece_vocab};
+use bramble_runtime::rope::{Llama3Params, RopeScaling};
+use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, llama3_vocab, sentencepiece_vocab};
 use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::{ModelConfig, Vocab};
 use bytemuck::Zeroable;
@@ -20,6 +23,10 @@ pub struct SyntheticModel {
     pub vocab: Vocab,
     /// `(name, shape, values)`, in GGUF order.
     pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// Llama-3.x's `rope_scaling` parameters, when the model scales RoPE.
+    pub llama3_rope: Option<Llama3Params>,
+    /// The factors they make, as the image carries them.
+    pub rope_scaling: Option<RopeScaling>,
     /// The tensors as a [`crate::source::ModelSource`] lists them, made on first use.
     pub source_tensors: std::sync::OnceLock<Vec<crate::source::SourceTensor>>,
 }
@@ -43,6 +50,11 @@ pub struct SyntheticShape {
     pub tied_output: bool,
     /// SentencePiece (Llama-2-like) or byte-level BPE (SmolLM2-like) vocabulary.
     pub tokenizer: TokenizerKind,
+    /// Llama-3.x: RoPE base 500000 scaled as `rope_type: "llama3"` (factor
+    /// 8, low/high frequency factors 1 and 4, an original context of half
+    /// `context_length`, so that later positions run scaled), and the
+    /// Llama-3 vocabulary ([`llama3_vocab`]) whatever `tokenizer` says.
+    pub llama3: bool,
 }
 
 impl Default for SyntheticShape {
@@ -56,6 +68,7 @@ impl Default for SyntheticShape {
             context_length: 128,
             tied_output: false,
             tokenizer: TokenizerKind::SentencePiece,
+            llama3: false,
         }
     }
 }
@@ -75,9 +88,10 @@ impl SyntheticModel {
     /// A model of `shape` with weights drawn from `seed`. Weights are scaled
     /// like a trained model's (about 1/√in) so activations stay in range.
     pub fn generate(shape: SyntheticShape, seed: u64) -> Self {
-        let vocab = match shape.tokenizer {
-            TokenizerKind::SentencePiece => sentencepiece_vocab(),
-            TokenizerKind::ByteLevelBpe => byte_level_vocab(),
+        let vocab = match (shape.llama3, shape.tokenizer) {
+            (true, _) => llama3_vocab(),
+            (false, TokenizerKind::SentencePiece) => sentencepiece_vocab(),
+            (false, TokenizerKind::ByteLevelBpe) => byte_level_vocab(),
         };
         let head_dim = shape.dim / shape.n_heads;
         let mut config = ModelConfig::zeroed();
@@ -95,6 +109,18 @@ impl SyntheticModel {
         config.rope_dim = head_dim as u32;
         config.norm_eps = 1e-5;
         config.tied_output = shape.tied_output as u32;
+        let llama3_rope = shape.llama3.then(|| Llama3Params {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context_length: (shape.context_length as u32 / 2).max(1),
+        });
+        if shape.llama3 {
+            config.rope_theta = 500000.0;
+        }
+        let rope_scaling = llama3_rope.map(|params| {
+            params.scaling(config.rope_theta, config.rope_dim).expect("the synthetic llama3 parameters are valid")
+        });
 
         let mut rng = SplitMix64(seed);
         let mut tensors = Vec::new();
@@ -130,7 +156,7 @@ impl SyntheticModel {
         if !shape.tied_output {
             tensors.push(matrix("output.weight".to_string(), n_vocab, dim, &mut rng));
         }
-        Self { config, vocab, tensors, source_tensors: Default::default() }
+        Self { config, vocab, tensors, llama3_rope, rope_scaling, source_tensors: Default::default() }
     }
 
     /// The tensor called `name`.
@@ -145,6 +171,9 @@ impl crate::source::ModelSource for SyntheticModel {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn rope_scaling(&self) -> Option<&RopeScaling> {
+        self.rope_scaling.as_ref()
     }
     fn chat_template(&self) -> Option<&str> {
         None

@@ -541,9 +541,34 @@ fn errors_name_the_file_and_the_fault() {
 
     let message = open_error(dir, "extra.gguf", |writer, model| {
         add_model_tensors(writer, model, "");
-        writer.add_values("rope_freqs.weight", &[8], GgmlType::F32, &[1.0; 8]).unwrap();
+        writer.add_values("blk.0.attn_q.bias", &[64], GgmlType::F32, &[0.0; 64]).unwrap();
     });
-    assert!(message.contains("unexpected tensor 'rope_freqs.weight'"), "{message}");
+    assert!(message.contains("unexpected tensor 'blk.0.attn_q.bias'"), "{message}");
+
+    // Llama-3.x's RoPE factors: one a rotated pair (head_dim 16: 8), each a positive number.
+    let message = open_error(dir, "rope-freqs-length.gguf", |writer, model| {
+        add_model_tensors(writer, model, "");
+        writer.add_values("rope_freqs.weight", &[6], GgmlType::F32, &[1.0; 6]).unwrap();
+    });
+    assert!(
+        message.contains("rope-freqs-length.gguf: tensor 'rope_freqs.weight' has shape [6], expected [8]"),
+        "{message}"
+    );
+    let message = open_error(dir, "rope-freqs-zero.gguf", |writer, model| {
+        add_model_tensors(writer, model, "");
+        writer.add_values("rope_freqs.weight", &[8], GgmlType::F32, &[1.0, 1.0, 2.0, 0.0, 8.0, 8.0, 8.0, 8.0]).unwrap();
+    });
+    assert!(message.contains("'rope_freqs.weight': RoPE factor 3 is 0, not a positive number"), "{message}");
+    let message = open_error(dir, "rope-freqs-f16.gguf", |writer, model| {
+        add_model_tensors(writer, model, "");
+        writer.add_values("rope_freqs.weight", &[8], GgmlType::F16, &[1.0; 8]).unwrap();
+    });
+    assert!(message.contains("tensor 'rope_freqs.weight' is F16, expected F32"), "{message}");
+    let message = open_error(dir, "yarn.gguf", |writer, model| {
+        writer.set("llama.rope.scaling.type", Value::String(b"yarn".to_vec()));
+        add_model_tensors(writer, model, "");
+    });
+    assert!(message.contains("yarn.gguf: llama.rope.scaling.type is 'yarn'"), "{message}");
 
     let message = open_error(dir, "arch.gguf", |writer, model| {
         writer.set("general.architecture", Value::String(b"qwen2".to_vec()));
@@ -800,6 +825,7 @@ fn corrupt_files_never_panic() {
             context_length: 64,
             tied_output: tokenizer == TokenizerKind::ByteLevelBpe,
             tokenizer,
+            llama3: false,
         };
         let model = SyntheticModel::generate(shape, 1);
         write_gguf(&model, &base_path, weight_type).unwrap();

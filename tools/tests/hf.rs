@@ -379,10 +379,25 @@ fn config_json_rejections_name_the_file_and_key() {
     type Edit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
     let cases: Vec<(&str, Edit)> = vec![
         (
-            "rope_scaling",
+            "rope_scaling type `llama3` needs a number `original_max_position_embeddings`",
             Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"rope_type": "llama3", "factor": 8.0})))),
         ),
-        ("rope_scaling", Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}))))),
+        (
+            "rope_scaling type `yarn`",
+            Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"type": "yarn", "factor": 2.0})))),
+        ),
+        (
+            "rope_scaling type `dynamic` is not supported",
+            Box::new(|c| drop(c.insert("rope_scaling".into(), json!({"rope_type": "dynamic", "factor": 2.0})))),
+        ),
+        (
+            "high_freq_factor 1 is not above low_freq_factor 1",
+            Box::new(|c| {
+                let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 1.0, "original_max_position_embeddings": 64});
+                drop(c.insert("rope_scaling".into(), scaling))
+            }),
+        ),
         (
             "not a Llama",
             Box::new(|c| {

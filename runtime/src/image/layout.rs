@@ -31,8 +31,11 @@ pub mod section {
     pub const TENSOR_DATA: &str = "tensor_data";
     /// JSON describing the conversion.
     pub const SOURCE: &str = "source";
+    /// RoPE's per-pair frequency factors (`crate::rope`); required, so that a
+    /// reader from before it refuses the file by this name.
+    pub const ROPE_SCALING: &str = crate::rope::SECTION;
     /// All of the above.
-    pub const KNOWN: [&str; 6] = [CONFIG, TOKENIZER, CHAT_TEMPLATE, TENSOR_INDEX, TENSOR_DATA, SOURCE];
+    pub const KNOWN: [&str; 7] = [CONFIG, TOKENIZER, CHAT_TEMPLATE, TENSOR_INDEX, TENSOR_DATA, SOURCE, ROPE_SCALING];
 }
 
 /// The first 64 bytes of an image.

@@ -19,6 +19,7 @@ use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
 use crate::quant::{BlockQ5S, BlockQ5Sx4};
+use crate::rope::RopeScaling;
 use crate::vocab::Vocab;
 use half::f16;
 use layout::*;
@@ -164,6 +165,7 @@ pub struct ModelImage {
     layout_version: u32,
     sections: Vec<SectionInfo>,
     config: ModelConfig,
+    rope_scaling: Option<RopeScaling>,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<TensorInfo>,
@@ -228,6 +230,7 @@ impl ModelImage {
             layout_version: parsed.layout_version,
             sections: parsed.sections,
             config: parsed.config,
+            rope_scaling: parsed.rope_scaling,
             vocab: parsed.vocab,
             chat_template: parsed.chat_template,
             tensors: parsed.tensors,
@@ -250,6 +253,11 @@ impl ModelImage {
     /// The model's hyperparameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+    /// RoPE's per-pair frequency factors (the `rope_scaling` section), if
+    /// the model scales its frequencies (Llama-3.x).
+    pub fn rope_scaling(&self) -> Option<&RopeScaling> {
+        self.rope_scaling.as_ref()
     }
     /// The tokenizer vocabulary.
     pub fn vocab(&self) -> &Vocab {
@@ -342,6 +350,7 @@ struct Parsed {
     layout_version: u32,
     sections: Vec<SectionInfo>,
     config: ModelConfig,
+    rope_scaling: Option<RopeScaling>,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<TensorInfo>,
@@ -453,6 +462,16 @@ impl Parsed {
         }
         let config: ModelConfig = bytemuck::pod_read_unaligned(config_bytes);
         config.validate()?;
+        // RoPE's frequency factors: required wherever they are, so that a
+        // reader that does not know them refuses the file instead of running
+        // plain RoPE.
+        let rope_scaling = match sections.iter().find(|s| s.name == section::ROPE_SCALING) {
+            Some(info) if !info.required => {
+                return Err(corrupt(format!("section {} is not marked required", section::ROPE_SCALING)));
+            }
+            Some(_) => Some(RopeScaling::from_section(section_bytes(section::ROPE_SCALING)?, &config)?),
+            None => None,
+        };
 
         // Tokenizer and chat template.
         let vocab = decode_vocab(section_bytes(section::TOKENIZER)?)?;
@@ -498,7 +517,15 @@ impl Parsed {
             }
             tensors.push(tensor);
         }
-        Ok(Self { layout_version: header.layout_version, sections, config, vocab, chat_template, tensors })
+        Ok(Self {
+            layout_version: header.layout_version,
+            sections,
+            config,
+            rope_scaling,
+            vocab,
+            chat_template,
+            tensors,
+        })
     }
 
     fn check_tensor(

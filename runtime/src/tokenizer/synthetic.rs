@@ -1,7 +1,7 @@
 //! Small synthetic vocabularies of both kinds, Llama-2-like SentencePiece
-//! and SmolLM2-like byte-level BPE: the tokenizer's own tests, the tools'
-//! synthetic models and the end-to-end tests all build on these two, so a
-//! token id means the same in each.
+//! and SmolLM2-like byte-level BPE (and a Llama-3-like variant of the
+//! latter): the tokenizer's own tests, the tools' synthetic models and the
+//! end-to-end tests all build on these, so a token id means the same in each.
 
 use super::byte_level::byte_to_char;
 use crate::vocab::{PreTokenizer, TokenType, TokenizerKind, Vocab};
@@ -91,4 +91,25 @@ pub fn byte_level_vocab() -> Vocab {
         add_space_prefix: false,
         tokens,
     }
+}
+
+/// The byte-level vocabulary of [`byte_level_vocab`] as Llama-3.x's: the
+/// same bytes and merges, Llama-3's word splitting, and its control tokens
+/// `<|begin_of_text|> <|end_of_text|> <|eot_id|>` in place of the ChatML
+/// ones (ids 0–2), `<|start_header_id|> <|end_header_id|>` last. BOS is
+/// added, as Llama-3 does; `<|eot_id|>` ends a turn.
+pub fn llama3_vocab() -> Vocab {
+    let mut vocab = byte_level_vocab();
+    for (id, text) in ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"].into_iter().enumerate() {
+        vocab.tokens[id] = text.as_bytes().to_vec();
+    }
+    for text in ["<|start_header_id|>", "<|end_header_id|>"] {
+        vocab.tokens.push(text.as_bytes().to_vec());
+        vocab.types.push(TokenType::Control);
+        vocab.scores.push(0.0);
+    }
+    vocab.pre_tokenizer = PreTokenizer::Llama3;
+    (vocab.bos_id, vocab.eos_id, vocab.eot_id, vocab.unk_id, vocab.pad_id) = (Some(0), Some(1), Some(2), None, None);
+    vocab.add_bos = true;
+    vocab
 }

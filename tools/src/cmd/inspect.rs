@@ -54,6 +54,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 "head_dim": c.head_dim, "ffn_dim": c.ffn_dim, "vocab_size": c.vocab_size,
                 "context_length": c.context_length, "rope_theta": c.rope_theta, "rope_style": c.rope_style,
                 "norm_eps": c.norm_eps, "tied_output": c.tied_output != 0,
+                "rope_scaling": image.rope_scaling().map(|r| serde_json::json!({"kind": r.kind.name(), "factors": r.factors})),
             },
             "tokenizer": {
                 "kind": format!("{:?}", v.kind), "pre_tokenizer": format!("{:?}", v.pre_tokenizer),
@@ -90,6 +91,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
         c.norm_eps,
         if c.tied_output != 0 { ", tied output" } else { "" }
     );
+    if let Some(scaling) = image.rope_scaling() {
+        let (low, high) = scaling.factors.iter().fold((f32::INFINITY, 0f32), |(l, h), &f| (l.min(f), h.max(f)));
+        outln!(
+            "rope scaling: {}, {} pair frequencies divided by {low} to {high}",
+            scaling.kind.name(),
+            scaling.factors.len()
+        );
+    }
     let name = |id: Option<u32>| {
         id.map_or("-".to_string(), |i| format!("{i} {:?}", String::from_utf8_lossy(&v.tokens[i as usize])))
     };

@@ -64,6 +64,11 @@ pub struct SynthArgs {
     /// Share the output layer with the embedding.
     #[arg(long)]
     tied: bool,
+    /// A Llama-3.x model: RoPE scaled as Llama-3.1's (`rope_freqs.weight` in
+    /// GGUF, `rope_scaling` in config.json) and Llama-3's vocabulary and chat
+    /// tokens (ignores --tokenizer).
+    #[arg(long)]
+    llama3: bool,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -86,6 +91,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         ffn_dim: args.dim * 5 / 2 / 32 * 32,
         tied_output: args.tied,
         tokenizer,
+        llama3: args.llama3,
         ..SyntheticShape::default()
     };
     let model = SyntheticModel::generate(shape, args.seed);
@@ -103,10 +109,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
                 "bf16" => HfDtype::BF16,
                 other => bail!("--weights {other:?}: a Hugging Face directory holds f32, f16 or bf16"),
             };
-            let template = match tokenizer {
-                TokenizerKind::SentencePiece => bramble_runtime::chat::LLAMA2,
-                TokenizerKind::ByteLevelBpe => bramble_runtime::chat::CHATML,
-            };
+            let template = bramble_runtime::chat::builtin_for(&model.vocab);
             let options =
                 HfWriteOptions { dtype, chat_template: Some(template.to_string()), ..HfWriteOptions::default() };
             write_hf_dir(&model, &args.output, options)?;

@@ -18,6 +18,7 @@ pub use writer::{llama_writer, weight_type_for, write_gguf, GgufWriter, CHATML_T
 use super::{ModelSource, SourceTensor};
 use anyhow::{anyhow, bail, Result};
 use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::rope::{RopeScaling, ScalingKind};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
 use bytemuck::Zeroable;
 use std::path::Path;
@@ -328,6 +329,7 @@ impl std::fmt::Display for GgmlType {
 pub struct GgufSource {
     file: GgufFile,
     config: ModelConfig,
+    rope_scaling: Option<RopeScaling>,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<SourceTensor>,
@@ -344,7 +346,8 @@ impl GgufSource {
         let config = config_from_gguf(&file, vocab.len())?;
         let chat_template = file.string("tokenizer.chat_template")?.map(str::to_string);
         let (tensors, file_indices) = check_tensors(&file, &config)?;
-        Ok(GgufSource { file, config, vocab, chat_template, tensors, file_indices })
+        let rope_scaling = rope_scaling_from_gguf(&file, &config)?;
+        Ok(GgufSource { file, config, rope_scaling, vocab, chat_template, tensors, file_indices })
     }
 
     /// The parsed file, for its metadata.
@@ -378,8 +381,11 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
         }
     }
     if let Some(scaling) = file.string("llama.rope.scaling.type")? {
-        if scaling != "none" {
-            bail!("{path}: llama.rope.scaling.type is '{scaling}'; RoPE scaling is not supported");
+        if !["none", "linear"].contains(&scaling) {
+            bail!(
+                "{path}: llama.rope.scaling.type is '{scaling}'; only linear RoPE scaling (and Llama-3's \
+                 rope_freqs.weight) is supported"
+            );
         }
     }
 
@@ -416,6 +422,49 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
     config.tied_output = file.tensor("output.weight").is_none() as u32;
     config.validate().map_err(|e| anyhow!("{path}: {e}"))?;
     Ok(config)
+}
+
+/// Llama-3.x's per-pair RoPE frequency factors, as llama.cpp's converter writes them.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// RoPE's frequency factors of a GGUF Llama of `config`: Llama-3.x's
+/// `rope_freqs.weight` (F32, `rope_dim / 2` finite positive values, which
+/// divide each pair's frequency), or linear scaling's
+/// `llama.rope.scaling.factor`; `None` for plain RoPE.
+fn rope_scaling_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Option<RopeScaling>> {
+    let path = file.path().display();
+    let linear = match file.string("llama.rope.scaling.type")? {
+        Some("linear") => {
+            let factor = file
+                .f32("llama.rope.scaling.factor")?
+                .ok_or_else(|| anyhow!("{path}: linear RoPE scaling without llama.rope.scaling.factor"))?;
+            Some(RopeScaling::linear(factor, config.rope_dim).map_err(|e| anyhow!("{path}: {e}"))?)
+        }
+        _ => None,
+    };
+    let Some(index) = file.tensors().iter().position(|t| t.name == ROPE_FREQS) else {
+        return Ok(linear);
+    };
+    if linear.is_some() {
+        bail!("{path}: both linear RoPE scaling and {ROPE_FREQS}; not supported");
+    }
+    let info = &file.tensors()[index];
+    let pairs = config.rope_dim as usize / 2;
+    if info.ggml_type != GgmlType::F32 {
+        bail!("{path}: tensor '{ROPE_FREQS}' is {}, expected F32", info.ggml_type);
+    }
+    if info.shape() != [pairs] {
+        bail!(
+            "{path}: tensor '{ROPE_FREQS}' has shape {:?}, expected [{pairs}] (rope_dim {} / 2)",
+            info.shape(),
+            config.rope_dim
+        );
+    }
+    let factors: Vec<f32> =
+        file.tensor_bytes(index).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let scaling = RopeScaling { kind: ScalingKind::Llama3, factors };
+    scaling.check(config).map_err(|e| anyhow!("{path}: tensor '{ROPE_FREQS}': {e}"))?;
+    Ok(Some(scaling))
 }
 
 /// The per-layer tensors of a Llama block, `blk.N.{part}.weight`.
@@ -476,7 +525,11 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
     let mut file_indices = Vec::with_capacity(file.tensors().len());
     for (file_index, info) in file.tensors().iter().enumerate() {
         let name = &info.name;
-        // An unknown tensor (biases, rope_freqs, experts) changes the maths: refuse
+        if name == ROPE_FREQS {
+            // Not a weight: RoPE's factors, read by rope_scaling_from_gguf.
+            continue;
+        }
+        // An unknown tensor (biases, experts) changes the maths: refuse
         // rather than convert a model that would compute something else.
         let Some(shape) = expected_shape(config, name) else {
             bail!("{path}: unexpected tensor '{name}': this Llama variant is not supported");
@@ -512,6 +565,9 @@ impl ModelSource for GgufSource {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn rope_scaling(&self) -> Option<&RopeScaling> {
+        self.rope_scaling.as_ref()
     }
     fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()

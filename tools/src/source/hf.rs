@@ -17,6 +17,7 @@ use super::{ModelSource, SourceTensor};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
 use bramble_runtime::config::ARCH_LLAMA;
+use bramble_runtime::rope::{Llama3Params, RopeScaling};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
 use bytemuck::Zeroable;
 use half::{bf16, f16};
@@ -163,6 +164,7 @@ struct TensorLocation {
 pub struct HfSource {
     dir: PathBuf,
     config: ModelConfig,
+    rope_scaling: Option<RopeScaling>,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<SourceTensor>,
@@ -184,6 +186,7 @@ impl std::fmt::Debug for HfSource {
 /// `config.json`, read.
 struct HfConfig {
     config: ModelConfig,
+    rope_scaling: Option<RopeScaling>,
     tie_word_embeddings: bool,
     tokenizer_facts: ModelFacts,
 }
@@ -237,6 +240,42 @@ fn special_id(path: &Path, json: &Value, key: &str) -> Result<Option<u32>> {
         .ok_or_else(|| anyhow!("{}: `{key}` = {value} is not a token id", path.display()))
 }
 
+/// RoPE's frequency factors from `rope_scaling` (or transformers 5's
+/// `rope_parameters`) for a model of `config`: `None` for plain RoPE
+/// (`default`), factors for `llama3` (llama.cpp's formula, all four
+/// parameters required, as transformers requires them) and `linear`; any
+/// other type is refused by its name.
+fn rope_scaling(path: &Path, scaling: &Value, config: &ModelConfig) -> Result<Option<RopeScaling>> {
+    let name = path.display();
+    let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str);
+    let parameter = |key: &str| -> Result<f64> {
+        scaling
+            .get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| anyhow!("{name}: rope_scaling type `{}` needs a number `{key}`", kind.unwrap_or("?")))
+    };
+    let scaling = match kind {
+        Some("default") => return Ok(None),
+        Some("linear") => RopeScaling::linear(parameter("factor")? as f32, config.rope_dim),
+        Some("llama3") => {
+            let original = parameter("original_max_position_embeddings")?;
+            if !(original >= 1.0 && original <= MAX_DIMENSION as f64 && original.fract() == 0.0) {
+                bail!("{name}: rope_scaling `original_max_position_embeddings` = {original} is not a context length");
+            }
+            let params = Llama3Params {
+                factor: parameter("factor")? as f32,
+                low_freq_factor: parameter("low_freq_factor")? as f32,
+                high_freq_factor: parameter("high_freq_factor")? as f32,
+                original_context_length: original as u32,
+            };
+            params.scaling(config.rope_theta, config.rope_dim)
+        }
+        Some(other) => bail!("{name}: rope_scaling type `{other}` is not supported (only default, linear and llama3)"),
+        None => bail!("{name}: rope_scaling {scaling} has no `rope_type`"),
+    };
+    scaling.map(Some).map_err(|e| anyhow!("{name}: rope_scaling: {e}"))
+}
+
 fn read_config(path: &Path) -> Result<HfConfig> {
     let json = tokenizer::read_json(path)?;
     if !json.is_object() {
@@ -253,19 +292,6 @@ fn read_config(path: &Path) -> Result<HfConfig> {
              expected LlamaForCausalLM / llama",
             path.display()
         );
-    }
-    match json.get("rope_scaling") {
-        None | Some(Value::Null) => {}
-        Some(scaling) => {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str);
-            if kind != Some("default") {
-                bail!(
-                    "{}: rope_scaling {} is not supported (only plain RoPE: null or \"default\")",
-                    path.display(),
-                    kind.map_or_else(|| scaling.to_string(), |k| format!("type `{k}`"))
-                );
-            }
-        }
     }
     if let Some(activation) = json.get("hidden_act").filter(|v| !v.is_null()) {
         if activation.as_str() != Some("silu") {
@@ -294,14 +320,24 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     config.ffn_dim = dimension(path, &json, "intermediate_size", None)?;
     config.vocab_size = dimension(path, &json, "vocab_size", None)?;
     config.context_length = dimension(path, &json, "max_position_embeddings", None)?;
-    config.rope_theta = number(path, &json, "rope_theta", 10000.0)?;
+    // transformers 5 keeps RoPE's parameters, θ included, in `rope_parameters`.
+    let rope_parameters = json.get("rope_parameters").filter(|p| p.is_object());
+    config.rope_theta = match (json.get("rope_theta").filter(|t| !t.is_null()), rope_parameters) {
+        (None, Some(parameters)) => number(path, parameters, "rope_theta", 10000.0)?,
+        _ => number(path, &json, "rope_theta", 10000.0)?,
+    };
     config.rope_style = 0;
     config.rope_dim = head_dim;
     // transformers' LlamaConfig default.
     config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
     config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let rope_scaling = match json.get("rope_scaling").filter(|s| !s.is_null()).or(rope_parameters) {
+        Some(scaling) => rope_scaling(path, scaling, &config)?,
+        None => None,
+    };
     Ok(HfConfig {
         config,
+        rope_scaling,
         tie_word_embeddings: flag(path, &json, "tie_word_embeddings", false)?,
         tokenizer_facts: ModelFacts {
             bos_id: special_id(path, &json, "bos_token_id")?,
@@ -406,7 +442,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     if !config_path.is_file() {
         bail!("{}: no config.json; not a Hugging Face model directory", dir.display());
     }
-    let HfConfig { mut config, tie_word_embeddings, tokenizer_facts } = read_config(&config_path)?;
+    let HfConfig { mut config, rope_scaling, tie_word_embeddings, tokenizer_facts } = read_config(&config_path)?;
 
     // The shards: one file, or those the index lists.
     let single = dir.join("model.safetensors");
@@ -538,7 +574,7 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         vocab.scores.push(0.0);
         vocab.types.push(bramble_runtime::vocab::TokenType::Unused);
     }
-    Ok(HfSource { dir: dir.to_path_buf(), config, vocab, chat_template, tensors, locations, shards })
+    Ok(HfSource { dir: dir.to_path_buf(), config, rope_scaling, vocab, chat_template, tensors, locations, shards })
 }
 
 impl HfSource {
@@ -561,6 +597,9 @@ impl ModelSource for HfSource {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn rope_scaling(&self) -> Option<&RopeScaling> {
+        self.rope_scaling.as_ref()
     }
     fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
@@ -763,7 +802,17 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         "vocab_size": config.vocab_size,
         "max_position_embeddings": config.context_length,
         "rope_theta": json_f32(config.rope_theta),
-        "rope_scaling": null,
+        "rope_scaling": match (&model.llama3_rope, &model.rope_scaling) {
+            (Some(p), _) => json!({
+                "rope_type": "llama3",
+                "factor": json_f32(p.factor),
+                "low_freq_factor": json_f32(p.low_freq_factor),
+                "high_freq_factor": json_f32(p.high_freq_factor),
+                "original_max_position_embeddings": p.original_context_length,
+            }),
+            (None, Some(linear)) => json!({"rope_type": "linear", "factor": json_f32(linear.factors[0])}),
+            (None, None) => Value::Null,
+        },
         "rms_norm_eps": json_f32(config.norm_eps),
         "tie_word_embeddings": tied,
         "hidden_act": "silu",

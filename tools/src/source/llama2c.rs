@@ -562,6 +562,9 @@ pub fn write_llama2c(model: &SyntheticModel, checkpoint: &Path, tokenizer: &Path
     if version > 1 {
         bail!("writing {name}: version {version} is not a float32 llama2.c layout (0 or 1)");
     }
+    if model.rope_scaling.is_some() {
+        bail!("writing {name}: llama2.c checkpoints have no place for RoPE scaling");
+    }
     if vocab.kind != TokenizerKind::SentencePiece {
         bail!("writing {name}: llama2.c holds SentencePiece vocabularies only, not byte-level BPE");
     }

@@ -4,6 +4,7 @@
 //! row so conversion streams with bounded memory.
 
 use anyhow::Result;
+use bramble_runtime::rope::RopeScaling;
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
 
 /// One tensor of a source model.
@@ -38,6 +39,11 @@ pub trait ModelSource {
     fn config(&self) -> &ModelConfig;
     /// The tokenizer vocabulary.
     fn vocab(&self) -> &Vocab;
+    /// RoPE's per-pair frequency factors, when the model scales them
+    /// (Llama-3.x's `rope_freqs.weight` or `rope_scaling`).
+    fn rope_scaling(&self) -> Option<&RopeScaling> {
+        None
+    }
     /// The Jinja chat template, when the source has one.
     fn chat_template(&self) -> Option<&str>;
     /// The tensors, under GGUF names.

@@ -6,6 +6,7 @@ use super::quants::quantize;
 use super::{Array, GgmlType, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::rope::ScalingKind;
 use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
 use bramble_runtime::{ModelConfig, Vocab};
 use std::io::Write;
@@ -337,14 +338,28 @@ fn pre_tokenizer_name(pre: PreTokenizer) -> &'static str {
 }
 
 /// Writes `model` as a GGUF v3 file at `path`: `llama.*` hyperparameters, the
-/// full tokenizer, a chat template (ChatML for byte-level vocabularies, Llama-2
-/// `[INST]` for SentencePiece) and the tensors, norms in F32 and 2-D weights in
-/// `weight_type` (see [`weight_type_for`] for rows it cannot hold).
+/// full tokenizer, a chat template (ChatML for byte-level vocabularies, Llama-3
+/// for Llama-3's, Llama-2 `[INST]` for SentencePiece) and the tensors, norms
+/// in F32 and 2-D weights in `weight_type` (see [`weight_type_for`] for rows it
+/// cannot hold); a Llama-3.x model's RoPE factors as `rope_freqs.weight`.
 pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) -> Result<()> {
     if !GgmlType::WRITABLE.contains(&weight_type) {
         bail!("{}: cannot write weights as {weight_type}", path.display());
     }
     let mut writer = llama_writer(&model.config, &model.vocab).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    match &model.rope_scaling {
+        // Llama-3.x: the factors as llama.cpp's converter writes them.
+        Some(scaling) if scaling.kind == ScalingKind::Llama3 => {
+            let pairs = [scaling.factors.len()];
+            writer.add_values("rope_freqs.weight", &pairs, GgmlType::F32, &scaling.factors)?;
+        }
+        Some(scaling) => {
+            writer
+                .set("llama.rope.scaling.type", Value::String(b"linear".to_vec()))
+                .set("llama.rope.scaling.factor", Value::F32(scaling.factors[0]));
+        }
+        None => {}
+    }
     for (name, shape, values) in &model.tensors {
         let ggml_type = match shape.len() {
             1 => GgmlType::F32,
@@ -380,6 +395,9 @@ pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
 
     let (model_name, template) = match vocab.kind {
         TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),
+        TokenizerKind::ByteLevelBpe if vocab.find("<|start_header_id|>").is_some() => {
+            ("gpt2", bramble_runtime::chat::LLAMA3)
+        }
         TokenizerKind::ByteLevelBpe => ("gpt2", CHATML_TEMPLATE),
     };
     writer.set("tokenizer.ggml.model", Value::String(model_name.as_bytes().to_vec()));
