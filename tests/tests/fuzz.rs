@@ -5,7 +5,7 @@
 //!
 //! | module | reader | inputs | what must hold |
 //! |---|---|---|---|
-//! | `image` | `ModelImage::from_bytes`, then the image's tokenizer and chat template, `Model::new` and one forward step | six tiny synthetic images (both tokenizers × q4/q8/f16) with bytes flipped, fields set to boundary values, truncations, section and tensor table edits, head counts whose products wrap; the checksums are recomputed after most mutations so the deeper checks are reached | no panic; every typed view of an image that opened works; a step gives `vocab_size` logits |
+//! | `image` | `ModelImage::from_bytes`, then the image's tokenizer and chat template, `Model::new` and one forward step | seven tiny synthetic images (both tokenizers × q4/q8/f16, and a Llama-3.x one with its `rope_scaling` section) with bytes flipped, fields set to boundary values, truncations, section and tensor table edits, head counts whose products wrap; the checksums are recomputed after most mutations so the deeper checks are reached | no panic; every typed view of an image that opened works; a step gives `vocab_size` logits |
 //! | `gguf` | `GgufFile::open`, then `source::open` and `convert` | six small GGUF files (both tokenizers, F16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights, one with `general.alignment`) with header, metadata and tensor info fields set to boundary values, bytes flipped (tensor data too), inserted, deleted and cut | no panic; errors name the file; every tensor of a file that opened lies in it; an image the converter writes opens |
 //! | `ndjson` | `bramble_board::request::parse`, on every endpoint | valid requests using every field, mutated as JSON (wrong types, huge numbers, deep nesting, duplicate keys) and as bytes (invalid UTF-8, cuts, flips) | no panic; an accepted request is within the limits and says what the body said |
 //! | `tokenizers` | `Tokenizer::encode` and `decode` | the synthetic byte-level BPE and SentencePiece vocabularies, Llama-2's (`shared/data/llama-spm-vocab`) and SmolLM2's; random UTF-8 of many scripts, lossy random bytes, runs of spaces and newlines, special-token spellings; random id sequences with ids past the vocabulary | no panic; ids below the vocabulary size; `decode(encode(s)) == s` (SentencePiece: with `▁` read as a space) unless special tokens were parsed; ids past the vocabulary decode to nothing |
@@ -429,6 +429,15 @@ mod image {
             for token in [0, 1, 2, n_tokens / 2, n_tokens] {
                 fields.push(integer(tokenizer_at + 64 + 4 * token, 4));
             }
+            // Llama-3.x RoPE scaling: the header's words and a few factors.
+            if let Some(info) = image.sections().iter().find(|s| s.name == "rope_scaling") {
+                let at = info.offset;
+                fields.extend((0..8).map(|word| integer(at + 4 * word, 4)));
+                let factors = read_u32(&bytes, at + 8).unwrap_or(0) as usize;
+                for factor in [0, 1, factors / 2, factors.saturating_sub(1)] {
+                    fields.push(Field { at: at + 32 + 4 * factor, width: 4, float: true });
+                }
+            }
             let (index_at, index_size) = section("tensor_index");
             for entry in (index_at..index_at + index_size).step_by(TENSOR_ENTRY) {
                 fields.extend([integer(entry + TENSOR_ENCODING, 4), integer(entry + TENSOR_N_DIMS, 4)]);
@@ -468,6 +477,28 @@ mod image {
                 bases.push(Base::new(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))));
             }
         }
+        // A Llama-3.x image: its required `rope_scaling` section, mutated too.
+        let shape = SyntheticShape {
+            dim: 64,
+            n_layers: 1,
+            n_heads: 4,
+            n_kv_heads: 2,
+            ffn_dim: 96,
+            context_length: 64,
+            tied_output: true,
+            tokenizer: TokenizerKind::ByteLevelBpe,
+            llama3: true,
+        };
+        let path = dir.join("llama3-q4.bramble");
+        convert_synthetic(&synthetic(shape, 22), &path, "q4");
+        let base = Base::new(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+        let image =
+            ModelImage::from_bytes("llama3", &base.bytes, OpenOptions::default()).expect("the llama3 base opens");
+        assert!(
+            image.sections().iter().any(|s| s.name == "rope_scaling"),
+            "the llama3 base has no rope_scaling section"
+        );
+        bases.push(base);
         bases
     }
 
