@@ -454,3 +454,36 @@ pub fn ids_of(value: &Value) -> Vec<u32> {
         .map(|v| v.as_u64().unwrap_or_else(|| panic!("expected an id, got {v}")) as u32)
         .collect()
 }
+
+/// Runs `tests/reference/gguf_dequant.py MODEL OUT_DIR`: gguf-py's expansion
+/// of every tensor into `OUT_DIR/<name>.f32`.
+pub fn gguf_py_dequantize(model: &Path, out_dir: &Path) {
+    let script = workspace_root().join("tests/reference/gguf_dequant.py");
+    let output = Command::new("python3")
+        .arg(&script)
+        .arg(model)
+        .arg(out_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running python3 {}: {e}", script.display()));
+    assert!(
+        output.status.success(),
+        "{} {} failed ({}): {}",
+        script.display(),
+        model.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A tensor's bytes in row order: deinterleaved if it is stored four rows
+/// interleaved.
+pub fn row_major_bytes(image: &bramble_runtime::ModelImage, name: &str) -> Vec<u8> {
+    let info = image.tensor(name).unwrap_or_else(|| panic!("the image has no tensor {name}"));
+    let bytes = image.tensor_bytes(info);
+    if info.encoding.rows_interleaved() == 1 {
+        return bytes.to_vec();
+    }
+    let mut rows = vec![0u8; bytes.len()];
+    bramble_runtime::quant::deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
+    rows
+}

@@ -20,7 +20,6 @@ use bramble_tools::source::gguf::{dequantize, llama_writer, GgmlType, GgufFile, 
 use bramble_tools::source::ModelSource;
 use bramble_tools::synth::SyntheticShape;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Byte offsets of the f16 fields in one block of `ggml_type` (ggml-common.h),
 /// which must be finite for a block to be valid; every other byte may be anything.
@@ -62,26 +61,6 @@ fn random_blocks(ggml_type: GgmlType, count: usize, rng: &mut SplitMix64) -> Vec
         }
     }
     bytes
-}
-
-/// Runs `tests/reference/gguf_dequant.py MODEL OUT_DIR`: gguf-py's expansion
-/// of every tensor into `OUT_DIR/<name>.f32`.
-fn gguf_py_dequantize(model: &Path, out_dir: &Path) {
-    let script = workspace_root().join("tests/reference/gguf_dequant.py");
-    let output = Command::new("python3")
-        .arg(&script)
-        .arg(model)
-        .arg(out_dir)
-        .output()
-        .unwrap_or_else(|e| panic!("running python3 {}: {e}", script.display()));
-    assert!(
-        output.status.success(),
-        "{} {} failed ({}): {}",
-        script.display(),
-        model.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Our expansion of tensor `index` of `file`.

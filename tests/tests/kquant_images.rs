@@ -20,7 +20,6 @@ use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
 use bramble_runtime::image::OpenOptions;
 use bramble_runtime::model::{Logits, Model};
-use bramble_runtime::quant::deinterleave_bytes;
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
@@ -68,19 +67,6 @@ fn kquant_gguf(dir: &Path) -> std::path::PathBuf {
 fn convert_keep(gguf: &Path, image: &Path, interleave: bool) -> ConvertReport {
     let source = GgufSource::open(gguf).unwrap();
     convert(&source, image, &ConvertOptions { interleave, ..ConvertOptions::new(QuantTarget::Keep) }).unwrap()
-}
-
-/// A tensor's bytes in row order: deinterleaved if it is stored four rows
-/// interleaved.
-fn row_major_bytes(image: &ModelImage, name: &str) -> Vec<u8> {
-    let info = image.tensor(name).unwrap();
-    let bytes = image.tensor_bytes(info);
-    if info.encoding.rows_interleaved() == 1 {
-        return bytes.to_vec();
-    }
-    let mut rows = vec![0u8; bytes.len()];
-    deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
-    rows
 }
 
 /// Logit error budgets of the synthetic k-quant image against the reference,

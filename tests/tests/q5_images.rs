@@ -13,14 +13,13 @@
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::model::{Logits, Model};
-use bramble_runtime::quant::{deinterleave_bytes, dequantize_rows, quantize_into};
+use bramble_runtime::quant::{dequantize_rows, quantize_into};
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
 use bramble_tools::source::gguf::{llama_writer, GgmlType, GgufFile, GgufSource};
 use bramble_tools::synth::SyntheticShape;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
@@ -46,31 +45,6 @@ fn convert_with(gguf: &Path, image: &Path, quant: QuantTarget, interleave: bool)
     convert(&source, image, &ConvertOptions { interleave, ..ConvertOptions::new(quant) }).unwrap()
 }
 
-/// A tensor's bytes in row order: deinterleaved if it is stored four rows interleaved.
-fn row_major_bytes(image: &ModelImage, name: &str) -> Vec<u8> {
-    let info = image.tensor(name).unwrap();
-    let bytes = image.tensor_bytes(info);
-    if info.encoding.rows_interleaved() == 1 {
-        return bytes.to_vec();
-    }
-    let mut rows = vec![0u8; bytes.len()];
-    deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
-    rows
-}
-
-/// gguf-py's expansion of every tensor of `model` into `out_dir/<name>.f32`
-/// (`tests/reference/gguf_dequant.py`), or `false` when the Python
-/// reference is skipped.
-fn gguf_py_dequantize(model: &Path, out_dir: &Path) -> bool {
-    if Reference::get().is_none() {
-        return false;
-    }
-    let script = workspace_root().join("tests/reference/gguf_dequant.py");
-    let output = Command::new("python3").arg(&script).arg(model).arg(out_dir).output().unwrap();
-    assert!(output.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&output.stderr));
-    true
-}
-
 fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
@@ -92,7 +66,11 @@ fn q5_0_gguf_converted_keep_carries_its_blocks_and_runs() {
     let file = GgufFile::open(&gguf).unwrap();
     let (rows_image, image) = (ModelImage::open(&rows_path).unwrap(), ModelImage::open(&x4_path).unwrap());
     let reference_dir = dir.path().join("gguf-py");
-    let with_python = gguf_py_dequantize(&gguf, &reference_dir);
+    // gguf-py's expansion, unless the Python reference is skipped.
+    let with_python = Reference::get().is_some();
+    if with_python {
+        gguf_py_dequantize(&gguf, &reference_dir);
+    }
     let mut seen = Vec::new();
     for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == GgmlType::Q5_0) {
         let stored = image.tensor(&info.name).unwrap();
