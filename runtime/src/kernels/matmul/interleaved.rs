@@ -45,14 +45,14 @@ use std::arch::asm;
 
 /// The matmul's shape, checked once: blocks a row, four-row groups, tokens.
 #[derive(Clone, Copy)]
-pub(super) struct Shape {
+struct Shape {
     blocks: usize,
     groups: usize,
     batch: usize,
 }
 
 impl Shape {
-    pub(super) fn check<X>(weights: &[X], cols: usize, x: &[BlockQ8Act], out: &[f32]) -> Shape {
+    fn check<X>(weights: &[X], cols: usize, x: &[BlockQ8Act], out: &[f32]) -> Shape {
         let blocks = cols / GROUP;
         assert!(blocks > 0 && cols.is_multiple_of(GROUP), "{cols} columns are not whole blocks of {GROUP}");
         let (groups, batch) = (weights.len() / blocks, x.len() / blocks);
@@ -123,7 +123,7 @@ unsafe fn store_quad(results: *mut f32, batch: usize, quad: &[float32x4_t], grou
 /// Returns how many tokens (from the first) it took: the rest, fewer than
 /// four (every token of a decode step), are for [`for_groups`].
 #[inline(always)]
-pub(super) fn for_tiles<X, const TILE: usize>(
+fn for_tiles<X, const TILE: usize>(
     weights: &[X],
     x: &[BlockQ8Act],
     out: &mut [f32],
@@ -171,7 +171,7 @@ pub(super) fn for_tiles<X, const TILE: usize>(
 /// on every pointer they get being valid for `blocks` blocks.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) fn for_groups<X>(
+fn for_groups<X>(
     weights: &[X],
     x: &[BlockQ8Act],
     out: &mut [f32],
@@ -217,6 +217,28 @@ pub(super) fn for_groups<X>(
             unsafe { store(results, batch, sums, group, b) };
         }
     }
+}
+
+/// A whole interleaved product `weights × x` into `out`: the batch's tiles
+/// of `TILE` tokens, then of four, by [`for_tiles`] (`tile`, `quad`), and
+/// the tokens left over by [`for_groups`] (`dot16`, `dot8`, `dot4`). Panics
+/// when the shapes disagree ([`Shape::check`]).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tiles_then_groups<X, const TILE: usize>(
+    weights: &[X],
+    cols: usize,
+    x: &[BlockQ8Act],
+    out: &mut [f32],
+    tile: impl Fn(*const X, [*const BlockQ8Act; TILE], usize) -> [float32x4_t; TILE],
+    quad: impl Fn(*const X, [*const BlockQ8Act; 4], usize) -> [float32x4_t; 4],
+    dot16: impl Fn([*const X; 4], *const BlockQ8Act, usize) -> [float32x4_t; 4],
+    dot8: impl Fn(*const X, *const X, *const BlockQ8Act, usize) -> (float32x4_t, float32x4_t),
+    dot4: impl Fn(*const X, *const BlockQ8Act, usize) -> float32x4_t,
+) {
+    let shape = Shape::check(weights, cols, x, out);
+    let first = for_tiles::<_, TILE>(weights, x, out, shape, tile, quad);
+    for_groups(weights, x, out, shape, first, dot16, dot8, dot4)
 }
 
 /// The block loop: v0, v7, v28 and v29 the running float sums of groups A
@@ -736,12 +758,11 @@ macro_rules! neon_kernel {
     ($(#[$doc:meta])* $name:ident, $blocks:ty, $kernel:ident, $unpack:ident, $token:ident) => {
         $(#[$doc])*
         pub fn $name(weights: &[$blocks], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-            let shape = Shape::check(weights, cols, x, out);
-            let first = for_tiles::<_, 8>(
+            tiles_then_groups::<_, 8>(
                 weights,
+                cols,
                 x,
                 out,
-                shape,
                 // SAFETY: (all five) `for_tiles` and `for_groups` hand over
                 // pointers valid for `blocks ≥ 1` blocks; the asm reads only
                 // those and NEON is part of every aarch64 core.
@@ -752,13 +773,6 @@ macro_rules! neon_kernel {
                 |w: *const $blocks, a: [*const BlockQ8Act; 4], blocks: usize| unsafe {
                     run_tile_four!($unpack, $token, w, a, blocks)
                 },
-            );
-            for_groups(
-                weights,
-                x,
-                out,
-                shape,
-                first,
                 // SAFETY: as above.
                 |w: [*const $blocks; 4], a: *const BlockQ8Act, blocks: usize| unsafe {
                     run_sixteen!(load_broadcast, $kernel, w, a, blocks)
@@ -837,25 +851,17 @@ pub mod dotprod {
                     run_tile_four!($unpack, $token, w, a, blocks)
                 }
                 assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
-                let shape = Shape::check(weights, cols, x, out);
-                let first = for_tiles::<_, 8>(
+                tiles_then_groups::<_, 8>(
                     weights,
+                    cols,
                     x,
                     out,
-                    shape,
                     // SAFETY: (all five) `for_tiles` and `for_groups` hand over
                     // pointers valid for `blocks ≥ 1` blocks, and the CPU has
                     // the extension (checked above).
                     |w, a, blocks| unsafe { tile8(w, a, blocks) },
                     // SAFETY: as above.
                     |w, a, blocks| unsafe { tile4(w, a, blocks) },
-                );
-                for_groups(
-                    weights,
-                    x,
-                    out,
-                    shape,
-                    first,
                     // SAFETY: as above.
                     |w, a, blocks| unsafe { sixteen(w, a, blocks) },
                     // SAFETY: as above.

@@ -128,7 +128,7 @@ pub mod scalar {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     pub(super) use super::*;
-    pub(super) use crate::kernels::matmul::interleaved::{for_groups, for_tiles, Shape};
+    pub(super) use crate::kernels::matmul::interleaved::tiles_then_groups;
     pub(super) use crate::kernels::matmul::neon::{for_row_groups, widen_f16, ROWS};
     pub(super) use std::arch::aarch64::*;
     pub(super) use std::arch::asm;
@@ -557,18 +557,17 @@ pub mod neon {
     /// sums), the tokens left over (every token of a decode step) one at a
     /// time against four groups a step, then two, then one.
     pub fn matmul_q5sx4(weights: &[BlockQ5Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
-        let shape = Shape::check(weights, cols, x, out);
         // SAFETY: (all five) `for_tiles` and `for_groups` hand over pointers
         // valid for `blocks ≥ 1` blocks; the asm reads only those, and NEON
         // is part of every aarch64 core.
         let tile = |w, a, blocks| unsafe { tile4(w, a, blocks) };
-        let first = for_tiles::<_, 4>(weights, x, out, shape, tile, tile);
-        for_groups(
+        tiles_then_groups::<_, 4>(
             weights,
+            cols,
             x,
             out,
-            shape,
-            first,
+            tile,
+            tile,
             // SAFETY: as above.
             |w: [*const BlockQ5Sx4; 4], a: *const BlockQ8Act, blocks: usize| unsafe {
                 run_sixteen!(load_broadcast, group_block, w, a, blocks)
@@ -785,25 +784,17 @@ pub mod dotprod {
     /// dot-product extension.
     pub fn matmul_q5sx4(weights: &[BlockQ5Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
-        let shape = Shape::check(weights, cols, x, out);
         // SAFETY: (all five) `for_tiles` and `for_groups` hand over pointers
         // valid for `blocks ≥ 1` blocks, and the CPU has the extension
         // (checked above).
-        let first = for_tiles::<_, 8>(
+        tiles_then_groups::<_, 8>(
             weights,
+            cols,
             x,
             out,
-            shape,
             |w, a, blocks| unsafe { tile8(w, a, blocks) },
             // SAFETY: as above.
             |w, a, blocks| unsafe { tile4(w, a, blocks) },
-        );
-        for_groups(
-            weights,
-            x,
-            out,
-            shape,
-            first,
             // SAFETY: as above.
             |w, a, blocks| unsafe { sixteen(w, a, blocks) },
             // SAFETY: as above.
