@@ -461,6 +461,20 @@ impl BlockQ5S {
         let high = (u32::from_le_bytes(self.qh) >> j) & 1;
         low | (high as u8) << 4
     }
+
+    /// The block of scale `d` and levels `n` (0..=31, value `j`'s at `j`):
+    /// the inverse of [`BlockQ5S::level`].
+    pub fn from_levels(d: f16, n: &[u8; GROUP]) -> Self {
+        let mut block = BlockQ5S { d, qh: [0; 4], qs: [0; GROUP / 2] };
+        let mut high = 0u32;
+        for j in 0..GROUP / 2 {
+            let (lo, hi) = (n[j], n[j + GROUP / 2]);
+            block.qs[j] = (lo & 0xF) | (hi & 0xF) << 4;
+            high |= ((lo >> 4) as u32) << j | ((hi >> 4) as u32) << (j + GROUP / 2);
+        }
+        block.qh = high.to_le_bytes();
+        block
+    }
 }
 
 /// [`BlockQ5S`] × 4 rows. 88 bytes, laid out for the kernels (`models/FORMAT.md`):
@@ -932,16 +946,9 @@ pub fn quantize_q5s(x: &[f32], out: &mut [BlockQ5S]) {
         let max = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        block.d = f16::from_f32(d);
-        let mut high = 0u32;
-        for j in 0..GROUP / 2 {
-            // ggml truncates to int8 after adding 16.5, then caps at 31.
-            let lo = ((values[j] * id + 16.5) as i8).clamp(0, 31) as u8;
-            let hi = ((values[j + GROUP / 2] * id + 16.5) as i8).clamp(0, 31) as u8;
-            block.qs[j] = (lo & 0xF) | (hi & 0xF) << 4;
-            high |= ((lo >> 4) as u32) << j | ((hi >> 4) as u32) << (j + GROUP / 2);
-        }
-        block.qh = high.to_le_bytes();
+        // ggml truncates to int8 after adding 16.5, then caps at 31.
+        let levels = std::array::from_fn(|j| ((values[j] * id + 16.5) as i8).clamp(0, 31) as u8);
+        *block = BlockQ5S::from_levels(f16::from_f32(d), &levels);
     }
 }
 

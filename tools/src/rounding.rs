@@ -210,15 +210,7 @@ pub fn q5s_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) ->
     weights(x, row_mean_square, importance, &mut w);
     let mut levels = [0i8; GROUP];
     let scale = fit_symmetric(x, importance.map(|_| &w[..]), 16, &mut levels);
-    let n = levels.map(|l| (l + 16) as u8);
-    let mut block = BlockQ5S { d: f16::from_f32(scale), qh: [0; 4], qs: [0; GROUP / 2] };
-    let mut high = 0u32;
-    for j in 0..GROUP / 2 {
-        block.qs[j] = (n[j] & 0xF) | (n[j + GROUP / 2] & 0xF) << 4;
-        high |= ((n[j] >> 4) as u32) << j | ((n[j + GROUP / 2] >> 4) as u32) << (j + GROUP / 2);
-    }
-    block.qh = high.to_le_bytes();
-    block
+    BlockQ5S::from_levels(f16::from_f32(scale), &levels.map(|l| (l + 16) as u8))
 }
 
 /// Q4_K / Q5_K's shared part: per sub-block of 32 a fitted scale and
