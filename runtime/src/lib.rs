@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod allocations;
+pub mod architecture;
 pub mod bias;
 pub mod buffers;
 pub mod chat;

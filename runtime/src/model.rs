@@ -5,6 +5,7 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
+use crate::architecture::{Architecture, Features};
 use crate::buffers::filled;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
@@ -359,6 +360,15 @@ pub struct LayerWeights<'a> {
     pub w_up: Matrix<'a>,
     /// SwiGLU down `(dim, ffn_dim)`.
     pub w_down: Matrix<'a>,
+    /// Biases of q, k and v `(q_dim)`, `(kv_dim)`, `(kv_dim)`
+    /// ([`Features::QKV_BIAS`]).
+    pub qkv_bias: Option<[&'a [f32]; 3]>,
+    /// RMSNorm weights of each query and each key head `(head_dim)`
+    /// ([`Features::QK_NORM`]).
+    pub qk_norm: Option<[&'a [f32]; 2]>,
+    /// RMSNorm weights of the attention's and the FFN's outputs `(dim)`
+    /// ([`Features::POST_NORMS`]).
+    pub post_norms: Option<[&'a [f32]; 2]>,
 }
 
 /// All weights, borrowed from the image.
@@ -385,6 +395,8 @@ pub struct Model<'a> {
     /// RoPE's per-pair frequency factors (`rope_scaling` section; `None`:
     /// plain RoPE), applied to the tables of every state made.
     pub rope_factors: Option<&'a [f32]>,
+    /// The block's differences from Llama's (`architecture` section).
+    pub architecture: Architecture,
     /// Worker threads for the matrix products.
     pub pool: ThreadPool,
     /// The R-Sparse plan in use, if any ([`Model::set_sparsity`]).
@@ -446,6 +458,9 @@ pub struct StateOptions {
     pub kv_prune: f32,
     /// Whether the R-Sparse path's scratch is allocated (a model with an R-Sparse plan).
     pub sparse: bool,
+    /// The RoPE base of the sliding-window layers, which then get tables of
+    /// their own (Gemma-3); `None`: every layer turns by the global tables.
+    pub local_rope_theta: Option<f32>,
 }
 
 /// Every scratch buffer of the forward pass and the KV cache, for up to
@@ -455,22 +470,24 @@ pub struct RunState {
     pub batch: usize,
     /// Positions the KV cache holds.
     pub context: usize,
-    x: Vec<f32>,         // residual stream (batch, dim)
-    xb: Vec<f32>,        // normed input / projection output (batch, max(dim, q_dim))
-    xb2: Vec<f32>,       // attention output (batch, q_dim)
+    x: Vec<f32>,              // residual stream (batch, dim)
+    xb: Vec<f32>,             // normed input / projection output (batch, max(dim, q_dim))
+    xb2: Vec<f32>, // attention output, projections before q/k norms, outputs before post norms (batch, max(dim, q_dim))
     xq: Vec<BlockQ8Act>, // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
-    q: Vec<f32>,         // queries (batch, q_dim)
-    hb: Vec<f32>,        // FFN gate (batch, ffn_dim)
-    hb2: Vec<f32>,       // FFN up (batch, ffn_dim)
-    att: Vec<f32>,       // attention scores of the heads sharing a KV head (heads_per_kv, context)
-    att_tile: Vec<f32>,  // a batch's attention tile: scores, queries (TILE_ROWS, context + head_dim); 0 for batch 1
-    logits: Vec<f32>,    // (batch, vocab)
-    scratch: Vec<f32>,   // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
-    k: Vec<f32>,         // new keys, RoPE applied before they enter the cache (batch, kv_dim)
-    v: Vec<f32>,         // new values (batch, kv_dim)
-    kv: KvCache,         // keys and values of every layer (layer, context, kv_dim), maybe quantized
-    rope_cos: Vec<f32>,  // (context, rope_dim / 2)
-    rope_sin: Vec<f32>,  // (context, rope_dim / 2)
+    q: Vec<f32>,   // queries (batch, q_dim)
+    hb: Vec<f32>,  // FFN gate (batch, ffn_dim)
+    hb2: Vec<f32>, // FFN up (batch, ffn_dim)
+    att: Vec<f32>, // attention scores of the heads sharing a KV head (heads_per_kv, context)
+    att_tile: Vec<f32>, // a batch's attention tile: scores, queries (TILE_ROWS, context + head_dim); 0 for batch 1
+    logits: Vec<f32>, // (batch, vocab)
+    scratch: Vec<f32>, // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
+    k: Vec<f32>,   // new keys, RoPE applied before they enter the cache (batch, kv_dim)
+    v: Vec<f32>,   // new values (batch, kv_dim)
+    kv: KvCache,   // keys and values of every layer (layer, context, kv_dim), maybe quantized
+    rope_cos: Vec<f32>, // (context, rope_dim / 2)
+    rope_sin: Vec<f32>, // (context, rope_dim / 2)
+    rope_local_cos: Vec<f32>, // sliding-window layers' own table (context, rope_dim / 2), or empty
+    rope_local_sin: Vec<f32>, // (context, rope_dim / 2), or empty
     sparse: SparseScratch,
     /// The bias constraint's weights `w_l` in force for this state (layers).
     bias_weights: Vec<f32>,
@@ -522,8 +539,9 @@ struct StateSizes {
     att_tile: BufferSize,
     logits: BufferSize,
     scratch: BufferSize,
-    k: BufferSize,    // and v
-    rope: BufferSize, // rope_cos and rope_sin each
+    k: BufferSize,          // and v
+    rope: BufferSize,       // rope_cos and rope_sin each
+    rope_local: BufferSize, // rope_local_cos and rope_local_sin each (0 without local tables)
     bias_weights: BufferSize,
     /// The projection statistics' two sums (f64 each, one a layer).
     projections: BufferSize,
@@ -535,7 +553,8 @@ struct StateSizes {
 
 impl StateSizes {
     /// The sizes, with every product checked: an error naming the buffer if one overflows.
-    fn new(config: &ModelConfig, context: usize, batch: usize, sparse: bool) -> Result<Self> {
+    fn new(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<Self> {
+        let (sparse, local_rope) = (options.sparse, options.local_rope_theta.is_some());
         let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
         let (layers, vocab) = (config.n_layers as usize, config.vocab_size as usize);
         let widest = dim.max(q_dim).max(ffn);
@@ -547,7 +566,7 @@ impl StateSizes {
         Ok(Self {
             x: size("residual stream (batch × dim)", &[batch, dim])?,
             xb: size("activations (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)])?,
-            xb2: size("attention output (batch × q_dim)", &[batch, q_dim])?,
+            xb2: size("attention output (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)])?,
             xq: size("int8 activations (batch × widest / 32)", &[batch, widest / GROUP])?,
             q: size("queries (batch × q_dim)", &[batch, q_dim])?,
             hb: size("FFN gate (batch × ffn_dim)", &[batch, ffn])?,
@@ -571,6 +590,10 @@ impl StateSizes {
             )?,
             k: size("new keys (batch × kv_dim)", &[batch, kv_dim])?,
             rope: size("RoPE table (context × rope_dim / 2)", &[context, pairs])?,
+            rope_local: size(
+                "local layers' RoPE table (context × rope_dim / 2)",
+                &[context, pairs * local_rope as usize],
+            )?,
             bias_weights: size("bias weights (n_layers)", &[layers])?,
             projections: size("bias projections (n_layers)", &[layers])?,
             sparse_values: size(sparse_scratch, &[sparse_batch, widest])?,
@@ -592,6 +615,7 @@ impl StateSizes {
             + self.scratch.bytes::<f32>()
             + 2 * self.k.bytes::<f32>()
             + 2 * self.rope.bytes::<f32>()
+            + 2 * self.rope_local.bytes::<f32>()
             + 2 * self.bias_weights.bytes::<f32>()
             + 2 * self.projections.bytes::<f64>()
             + 4 * self.sparse_values.bytes::<f32>()
@@ -648,12 +672,19 @@ impl RunState {
         let mut kv = KvCache::new(options.kv, config, context)?;
         kv.enable_pruning(options.kv_prune)?;
         let bytes = Self::bytes_for(config, context, batch, options)?;
-        let sizes = StateSizes::new(config, context, batch, options.sparse)?;
+        let sizes = StateSizes::new(config, context, batch, options)?;
         let no_activation = BlockQ8Act { d: 0.0, s: 0.0, qs: [0; GROUP] };
         let mut rope_cos = sizes.rope.filled(0f32)?;
         let mut rope_sin = sizes.rope.filled(0f32)?;
         // θ_i = pos · base^(−2i / rope_dim) / factor_i, once, here: nothing changes per token.
         crate::rope::fill_tables(config, rope_factors, &mut rope_cos, &mut rope_sin);
+        // Local layers turn by their own base, unscaled (Gemma-3's local rotary embedding).
+        let mut rope_local_cos = sizes.rope_local.filled(0f32)?;
+        let mut rope_local_sin = sizes.rope_local.filled(0f32)?;
+        if let Some(theta) = options.local_rope_theta {
+            let local = ModelConfig { rope_theta: theta, ..*config };
+            crate::rope::fill_tables(&local, None, &mut rope_local_cos, &mut rope_local_sin);
+        }
         Ok(Self {
             batch,
             context,
@@ -673,6 +704,8 @@ impl RunState {
             kv,
             rope_cos,
             rope_sin,
+            rope_local_cos,
+            rope_local_sin,
             sparse: SparseScratch {
                 exact: sizes.sparse_values.filled(0.0)?,
                 exact_q: sizes.sparse_blocks.filled(no_activation)?,
@@ -701,7 +734,7 @@ impl RunState {
         let kv = KvCache::bytes_for(options.kv, config, context)? as u128
             + KvCache::bookkeeping_bytes(options.kv, config) as u128
             + KvCache::pruning_bytes_for(config, context, options.kv_prune) as u128;
-        let bytes = kv + StateSizes::new(config, context, batch, options.sparse)?.bytes();
+        let bytes = kv + StateSizes::new(config, context, batch, options)?.bytes();
         usize::try_from(bytes)
             .map_err(|_| Error::new(crate::error::ErrorKind::OutOfMemory, format!("run state: {bytes} bytes overflow")))
     }
@@ -803,6 +836,8 @@ impl RunState {
             &self.v,
             &self.rope_cos,
             &self.rope_sin,
+            &self.rope_local_cos,
+            &self.rope_local_sin,
             &self.bias_weights,
             &self.bias_centres,
             &s.exact,
@@ -937,31 +972,57 @@ impl<'a> Model<'a> {
             }
             Ok(Matrix { rows, cols, data: image.tensor_view(info) })
         };
-        let vector = |name: &str| -> Result<&'a [f32]> {
+        let sized_vector = |name: &str, len: usize| -> Result<&'a [f32]> {
             let info = image.tensor(name).ok_or_else(|| Error::corrupt(format!("tensor {name} is missing")))?;
             match image.tensor_view(info) {
-                TensorView::F32(values) if info.shape == [dim] => Ok(values),
+                TensorView::F32(values) if info.shape == [len] => Ok(values),
                 _ => Err(Error::corrupt(format!(
-                    "tensor {name} is {:?} {}, expected [{dim}] f32",
+                    "tensor {name} is {:?} {}, expected [{len}] f32",
                     info.shape,
                     info.encoding.name()
                 ))),
             }
         };
-        // Nine tensors a layer: a config claiming more layers than the image
-        // holds is refused before anything is sized by it.
-        let layers_held = image.tensors().len() / 9;
+        let vector = |name: &str| sized_vector(name, dim);
+        let architecture = image.architecture().clone();
+        // A config claiming more layers than the image holds is refused
+        // before anything is sized by it.
+        let per_layer = architecture.layer_parts(&config).len();
+        let layers_held = image.tensors().len() / per_layer;
         if config.n_layers as usize > layers_held {
             return Err(Error::corrupt(format!(
-                "config n_layers = {} but the image holds {} tensors, enough for at most {layers_held} layers of 9",
+                "config n_layers = {} but the image holds {} tensors, enough for at most {layers_held} layers of {per_layer}",
                 config.n_layers,
                 image.tensors().len()
             )));
         }
+        if architecture.has_local_layers() {
+            return Err(Error::unsupported(format!(
+                "{}: sliding-window layers are not supported by this runtime yet",
+                architecture.family.name()
+            )));
+        }
+        let head_dim = config.head_dim as usize;
         let mut layers = Vec::with_capacity(config.n_layers as usize);
         for l in 0..config.n_layers {
             let name = |part: &str| format!("blk.{l}.{part}.weight");
+            let bias = |part: &str, len: usize| sized_vector(&format!("blk.{l}.{part}.bias"), len);
             layers.push(LayerWeights {
+                qkv_bias: match architecture.has(Features::QKV_BIAS) {
+                    true => Some([bias("attn_q", q_dim)?, bias("attn_k", kv_dim)?, bias("attn_v", kv_dim)?]),
+                    false => None,
+                },
+                qk_norm: match architecture.has(Features::QK_NORM) {
+                    true => Some([
+                        sized_vector(&name("attn_q_norm"), head_dim)?,
+                        sized_vector(&name("attn_k_norm"), head_dim)?,
+                    ]),
+                    false => None,
+                },
+                post_norms: match architecture.has(Features::POST_NORMS) {
+                    true => Some([vector(&name("post_attention_norm"))?, vector(&name("post_ffw_norm"))?]),
+                    false => None,
+                },
                 attn_norm: vector(&name("attn_norm"))?,
                 wq: matrix(&name("attn_q"), q_dim, dim)?,
                 wk: matrix(&name("attn_k"), kv_dim, dim)?,
@@ -991,6 +1052,7 @@ impl<'a> Model<'a> {
             weights,
             kernels,
             rope_factors: image.rope_scaling().map(|scaling| scaling.factors.as_slice()),
+            architecture,
             pool: ThreadPool::new(threads),
             sparse: None,
             bias: None,
@@ -1140,7 +1202,12 @@ impl<'a> Model<'a> {
     /// How this model's states are allocated: its KV mode, its key-channel
     /// pruning, and the R-Sparse scratch when it has a plan.
     pub fn state_options(&self) -> StateOptions {
-        StateOptions { kv: self.kv_mode, kv_prune: self.kv_prune, sparse: self.sparse.is_some() }
+        StateOptions {
+            kv: self.kv_mode,
+            kv_prune: self.kv_prune,
+            sparse: self.sparse.is_some(),
+            local_rope_theta: self.architecture.local_rope_theta(),
+        }
     }
 
     /// Bytes [`Model::try_new_state`] would allocate for these arguments
@@ -1253,6 +1320,27 @@ impl<'a> Model<'a> {
         }
     }
 
+    /// `out = RMSNorm(x)` of each head (`head_dim` values) of a batch of
+    /// projections `x`, with the head-wide `weight`: Qwen3's and Gemma's q/k norms.
+    fn rms_norm_heads(&self, out: &mut [f32], x: &[f32], weight: &[f32]) {
+        let head_dim = weight.len();
+        for (o, v) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)) {
+            (self.kernels.rmsnorm)(o, v, weight, self.config.norm_eps);
+        }
+    }
+
+    /// `rows[b] ← RMSNorm(rows[b]) ⊙ weight` for the first `n` rows of
+    /// `dim` values, through `spare` (at least as long): Gemma's norms on
+    /// the attention's and the FFN's outputs.
+    fn rms_norm_rows(&self, rows: &mut [f32], spare: &mut [f32], n: usize, weight: &[f32]) {
+        let dim = weight.len();
+        for b in 0..n {
+            let row = b * dim..(b + 1) * dim;
+            (self.kernels.rmsnorm)(&mut spare[row.clone()], &rows[row.clone()], weight, self.config.norm_eps);
+            rows[row.clone()].copy_from_slice(&spare[row]);
+        }
+    }
+
     /// Runs `tokens` at positions `pos ..`, filling the KV cache, and returns
     /// the logits of the last token (`vocab`) or of all of them
     /// (`tokens.len() × vocab`). Allocates nothing.
@@ -1309,9 +1397,13 @@ impl<'a> Model<'a> {
         }
         let s = state;
 
-        // Token embeddings into the residual stream.
+        // Token embeddings into the residual stream (scaled by √dim in Gemma).
+        let arch = &self.architecture;
         for (b, &token) in tokens.iter().enumerate() {
             self.weights.token_embd.row_to_f32(token as usize, &mut s.x[b * dim..(b + 1) * dim]);
+        }
+        if arch.embedding_scale != 1.0 {
+            s.x[..n * dim].iter_mut().for_each(|x| *x *= arch.embedding_scale);
         }
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
@@ -1327,17 +1419,36 @@ impl<'a> Model<'a> {
             observe(l, Site::AttentionInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
-            // q, k, v projections.
+            // q, k, v projections, each plus its bias (Qwen2); with q/k norms (Qwen3,
+            // Gemma), q and k go through xb2 (free until attention writes it) and
+            // each head is normalized into place.
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
             let sp = &mut s.sparse;
-            self.linear(l, 0, &layer.wq, xb, xq, &mut s.q[..n * q_dim], &mut s.scratch, sp);
-            self.linear(l, 1, &layer.wk, xb, xq, &mut s.k[..n * kv_dim], &mut s.scratch, sp);
+            let bias = |i: usize| layer.qkv_bias.map(|b| b[i]);
+            for (i, w, out, width) in [(0, &layer.wq, &mut s.q, q_dim), (1, &layer.wk, &mut s.k, kv_dim)] {
+                match layer.qk_norm {
+                    None => {
+                        self.linear(l, i, w, xb, xq, &mut out[..n * width], &mut s.scratch, sp);
+                        add_bias(&mut out[..n * width], bias(i));
+                    }
+                    Some(norms) => {
+                        self.linear(l, i, w, xb, xq, &mut s.xb2[..n * width], &mut s.scratch, sp);
+                        add_bias(&mut s.xb2[..n * width], bias(i));
+                        self.rms_norm_heads(&mut out[..n * width], &s.xb2[..n * width], norms[i]);
+                    }
+                }
+            }
             self.linear(l, 2, &layer.wv, xb, xq, &mut s.v[..n * kv_dim], &mut s.scratch, sp);
+            add_bias(&mut s.v[..n * kv_dim], bias(2));
 
-            // RoPE on every query and key head.
+            // RoPE on every query and key head (a local layer's own base in Gemma).
+            let (rope_cos, rope_sin) = match arch.layers[l].is_local() && !s.rope_local_cos.is_empty() {
+                true => (&s.rope_local_cos, &s.rope_local_sin),
+                false => (&s.rope_cos, &s.rope_sin),
+            };
             for b in 0..n {
                 let angles = (pos + b) * pairs..(pos + b + 1) * pairs;
-                let (cos, sin) = (&s.rope_cos[angles.clone()], &s.rope_sin[angles]);
+                let (cos, sin) = (&rope_cos[angles.clone()], &rope_sin[angles]);
                 for head in s.q[b * q_dim..(b + 1) * q_dim].chunks_exact_mut(head_dim) {
                     (k.rope)(&mut head[..2 * pairs], cos, sin, halves);
                 }
@@ -1348,7 +1459,7 @@ impl<'a> Model<'a> {
 
             // Causal grouped-query attention: token b sees positions 0 ..= pos + b; the
             // query heads that share a key/value head go through the cache together.
-            let scale = 1.0 / (head_dim as f32).sqrt();
+            let scale = arch.attention_scale;
             let group = heads_per_kv * head_dim;
             if n > 1 && s.kv.attends_in_batches(l) {
                 // A prompt batch over the f32 cache: every key and value enters the cache,
@@ -1382,6 +1493,10 @@ impl<'a> Model<'a> {
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
             let (xb2, xq) = (&s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP]);
             self.linear(l, 3, &layer.wo, xb2, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
+            if let Some([post_attention_norm, _]) = layer.post_norms {
+                // Gemma: the attention's output is normalized before it joins the stream.
+                self.rms_norm_rows(&mut s.xb, &mut s.xb2, n, post_attention_norm);
+            }
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
                 *x += o;
             }
@@ -1398,15 +1513,20 @@ impl<'a> Model<'a> {
             observe(l, Site::FfnInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
 
-            // SwiGLU: down(silu(gate(x)) ⊙ up(x)).
+            // SwiGLU: down(silu(gate(x)) ⊙ up(x)); GeGLU with gelu in Gemma.
             let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
             self.linear(l, 4, &layer.w_gate, xb, xq, &mut s.hb[..n * ffn], &mut s.scratch, &mut s.sparse);
             self.linear(l, 5, &layer.w_up, xb, xq, &mut s.hb2[..n * ffn], &mut s.scratch, &mut s.sparse);
-            (k.silu_mul)(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
+            let gate = if arch.has(Features::GELU_TANH) { k.gelu_mul } else { k.silu_mul };
+            gate(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
             observe(l, Site::FfnHidden, &s.hb[..n * ffn]);
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
             let (hb, xq) = (&s.hb[..n * ffn], &s.xq[..n * ffn / GROUP]);
             self.linear(l, 6, &layer.w_down, hb, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
+            if let Some([_, post_ffw_norm]) = layer.post_norms {
+                // Gemma: so is the FFN's.
+                self.rms_norm_rows(&mut s.xb, &mut s.xb2, n, post_ffw_norm);
+            }
 
             // Residual.
             for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
@@ -1458,6 +1578,15 @@ impl<'a> Model<'a> {
     }
 }
 
+/// Adds `bias` (one row's width) to every row of a batch `values`; nothing without one.
+fn add_bias(values: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(bias) = bias {
+        for row in values.chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1480,7 +1609,7 @@ mod tests {
                 [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::F16, 0.0), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)]
             {
                 for (context, batch) in [(64, 1), (100, 7), (256, 32)] {
-                    let options = StateOptions { kv, kv_prune, sparse };
+                    let options = StateOptions { kv, kv_prune, sparse, local_rope_theta: None };
                     let state = RunState::try_with_options(&c, context, batch, options).unwrap();
                     let expected = RunState::bytes_for(&c, context, batch, options).unwrap();
                     assert_eq!(state.allocated_bytes(), expected, "{options:?}, context {context}, batch {batch}");

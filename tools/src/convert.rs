@@ -310,6 +310,11 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         // Required: a reader that does not know it refuses the file rather than run plain RoPE.
         writer.add_section(section::ROPE_SCALING, &scaling.to_section(), true)?;
     }
+    if let Some(architecture) = source.architecture().filter(|a| a.needs_section(config)) {
+        architecture.check(config).map_err(|e| anyhow::anyhow!("{}: {e}", source.describe()))?;
+        // Required: a reader that does not know it refuses the file rather than run the Llama block.
+        writer.add_section(section::ARCHITECTURE, &architecture.to_section(), true)?;
+    }
     writer.add_section(section::TOKENIZER, &encode_vocab(source.vocab())?, true)?;
     if let Some(template) = source.chat_template() {
         writer.add_section(section::CHAT_TEMPLATE, template.as_bytes(), false)?;

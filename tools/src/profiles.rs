@@ -307,7 +307,7 @@ pub fn kv_cache_bytes(config: &ModelConfig, context: usize, kv: KvMode) -> u64 {
 /// `sparse`) less the KV cache's share; `u64::MAX`, which fits no board,
 /// when the size overflows.
 pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, kv: KvMode, sparse: bool) -> u64 {
-    let options = StateOptions { kv, kv_prune: 0.0, sparse };
+    let options = StateOptions { kv, kv_prune: 0.0, sparse, local_rope_theta: None };
     match RunState::bytes_for(config, context, batch, options) {
         Ok(state) => (state as u64).saturating_sub(kv_cache_bytes(config, context, kv)),
         Err(_) => u64::MAX,
@@ -428,7 +428,7 @@ mod tests {
                     kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, false);
                 assert_eq!(ours, state.bytes() as u64, "{kv}, context {context}, batch {batch}");
                 // With an R-Sparse plan the state holds its scratch too.
-                let options = StateOptions { kv, kv_prune: 0.0, sparse: true };
+                let options = StateOptions { kv, kv_prune: 0.0, sparse: true, local_rope_theta: None };
                 let state = RunState::try_with_options(&wide_heads, context, batch, options).unwrap();
                 let ours =
                     kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, true);

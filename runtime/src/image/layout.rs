@@ -34,8 +34,12 @@ pub mod section {
     /// RoPE's per-pair frequency factors (`crate::rope`); required, so that a
     /// reader from before it refuses the file by this name.
     pub const ROPE_SCALING: &str = crate::rope::SECTION;
+    /// The block's differences from Llama's (`crate::architecture`);
+    /// required, so that a reader from before it refuses the file by this name.
+    pub const ARCHITECTURE: &str = crate::architecture::SECTION;
     /// All of the above.
-    pub const KNOWN: [&str; 7] = [CONFIG, TOKENIZER, CHAT_TEMPLATE, TENSOR_INDEX, TENSOR_DATA, SOURCE, ROPE_SCALING];
+    pub const KNOWN: [&str; 8] =
+        [CONFIG, TOKENIZER, CHAT_TEMPLATE, TENSOR_INDEX, TENSOR_DATA, SOURCE, ROPE_SCALING, ARCHITECTURE];
 }
 
 /// The first 64 bytes of an image.

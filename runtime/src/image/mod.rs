@@ -13,6 +13,7 @@ mod writer;
 pub use vocab_section::{decode_vocab, encode_vocab};
 pub use writer::ImageWriter;
 
+use crate::architecture::Architecture;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
@@ -166,6 +167,7 @@ pub struct ModelImage {
     sections: Vec<SectionInfo>,
     config: ModelConfig,
     rope_scaling: Option<RopeScaling>,
+    architecture: Architecture,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<TensorInfo>,
@@ -231,6 +233,7 @@ impl ModelImage {
             sections: parsed.sections,
             config: parsed.config,
             rope_scaling: parsed.rope_scaling,
+            architecture: parsed.architecture,
             vocab: parsed.vocab,
             chat_template: parsed.chat_template,
             tensors: parsed.tensors,
@@ -258,6 +261,10 @@ impl ModelImage {
     /// the model scales its frequencies (Llama-3.x).
     pub fn rope_scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref()
+    }
+    /// The block (the `architecture` section; the Llama block without one).
+    pub fn architecture(&self) -> &Architecture {
+        &self.architecture
     }
     /// The tokenizer vocabulary.
     pub fn vocab(&self) -> &Vocab {
@@ -351,6 +358,7 @@ struct Parsed {
     sections: Vec<SectionInfo>,
     config: ModelConfig,
     rope_scaling: Option<RopeScaling>,
+    architecture: Architecture,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<TensorInfo>,
@@ -472,6 +480,14 @@ impl Parsed {
             Some(_) => Some(RopeScaling::from_section(section_bytes(section::ROPE_SCALING)?, &config)?),
             None => None,
         };
+        // The block: required for the same reason.
+        let architecture = match sections.iter().find(|s| s.name == section::ARCHITECTURE) {
+            Some(info) if !info.required => {
+                return Err(corrupt(format!("section {} is not marked required", section::ARCHITECTURE)));
+            }
+            Some(_) => Architecture::from_section(section_bytes(section::ARCHITECTURE)?, &config)?,
+            None => Architecture::llama(&config),
+        };
 
         // Tokenizer and chat template.
         let vocab = decode_vocab(section_bytes(section::TOKENIZER)?)?;
@@ -522,6 +538,7 @@ impl Parsed {
             sections,
             config,
             rope_scaling,
+            architecture,
             vocab,
             chat_template,
             tensors,

@@ -114,6 +114,8 @@ pub struct Kernels {
     pub softmax: fn(x: &mut [f32]),
     /// `gate = silu(gate) ⊙ up`.
     pub silu_mul: fn(gate: &mut [f32], up: &[f32]),
+    /// `gate = gelu(gate) ⊙ up` (GELU's tanh approximation; Gemma's GeGLU).
+    pub gelu_mul: fn(gate: &mut [f32], up: &[f32]),
     /// RoPE on one head: `(head, cos, sin, halves)`.
     pub rope: fn(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool),
     /// Attention scores over the KV cache.
@@ -176,6 +178,7 @@ impl Kernels {
         rmsnorm: ops::scalar::rmsnorm,
         softmax: ops::scalar::softmax,
         silu_mul: ops::scalar::silu_mul,
+        gelu_mul: ops::scalar::gelu_mul,
         rope: ops::scalar::rope,
         attention_scores: attention::scalar::scores,
         attention_values: attention::scalar::values,
@@ -223,6 +226,7 @@ impl Kernels {
         rmsnorm: ops::neon::rmsnorm,
         softmax: ops::neon::softmax,
         silu_mul: ops::neon::silu_mul,
+        gelu_mul: ops::neon::gelu_mul,
         rope: ops::neon::rope,
         attention_scores: attention::neon::scores,
         attention_values: attention::neon::values,

@@ -32,6 +32,20 @@ pub mod scalar {
         }
     }
 
+    /// GeGLU gate: `gate = gelu(gate) ⊙ up`, GELU's tanh approximation
+    /// `½g(1 + tanh(t))`, `t = √(2/π)(g + 0.044715g³)`, as Gemma computes it.
+    /// Written as `g / (1 + e⁻²ᵗ)` (the same function, since
+    /// `1 + tanh(t) = 2 / (1 + e⁻²ᵗ)`): `1 + tanh(t)` loses the digits of a
+    /// negative `g`'s small result to cancellation, the sigmoid form does not.
+    pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+        const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+        for (g, u) in gate.iter_mut().zip(up) {
+            let x = *g;
+            let z = TWO_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+            *g = x / (1.0 + (-z).exp()) * u;
+        }
+    }
+
     /// Rotates one head's vector by RoPE with precomputed `cos`/`sin` of each
     /// pair's angle. `halves` pairs (i, i + n/2), otherwise (2i, 2i + 1).
     pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32], halves: bool) {
@@ -322,6 +336,43 @@ pub mod neon {
             u[..n - i].copy_from_slice(&up[i..n]);
             // SAFETY: `g` and `u` are four values.
             unsafe { vst1q_f32(g.as_mut_ptr(), silu_times(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
+            gate[i..n].copy_from_slice(&g[..n - i]);
+        }
+    }
+
+    /// GeGLU gate: `gate = gelu(gate) ⊙ up`. With `1 + tanh(t) = 2 / (1 + e⁻²ᵗ)`,
+    /// GELU's tanh form is `g / (1 + e⁻ᶻ)`, `z = 2√(2/π)(g + 0.044715g³)`:
+    /// SiLU's shape at another argument, through the same [`exp`].
+    pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { gelu_mul_neon(gate, up) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn gelu_mul_neon(gate: &mut [f32], up: &[f32]) {
+        const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+        let n = gate.len().min(up.len());
+        let gelu_times = |g: float32x4_t, u: float32x4_t| {
+            let cubic = vmulq_f32(vmulq_f32(g, g), vmulq_n_f32(g, 0.044715));
+            let z = vmulq_n_f32(vaddq_f32(g, cubic), TWO_SQRT_2_OVER_PI);
+            vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(z)))), u)
+        };
+        let mut i = 0;
+        while i + 4 <= n {
+            // SAFETY: `i + 4 ≤ n`, within both slices.
+            unsafe {
+                let v = gelu_times(vld1q_f32(gate.as_ptr().add(i)), vld1q_f32(up.as_ptr().add(i)));
+                vst1q_f32(gate.as_mut_ptr().add(i), v);
+            }
+            i += 4;
+        }
+        if i < n {
+            // The last one to three values through padded copies.
+            let (mut g, mut u) = ([0f32; 4], [0f32; 4]);
+            g[..n - i].copy_from_slice(&gate[i..n]);
+            u[..n - i].copy_from_slice(&up[i..n]);
+            // SAFETY: `g` and `u` are four values.
+            unsafe { vst1q_f32(g.as_mut_ptr(), gelu_times(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
             gate[i..n].copy_from_slice(&g[..n - i]);
         }
     }

@@ -1029,6 +1029,40 @@ fn softmax_matches_the_reference() {
 }
 
 #[test]
+fn gelu_mul_matches_the_reference() {
+    // The reference's tanh and the kernels' exp-based sigmoid form are the
+    // same function; they differ by exp's few ulp, as SiLU's kernels do.
+    for n in LENGTHS {
+        for spread in [1.0, 10.0, 100.0] {
+            let gate: Vec<f32> = data(n, 11).iter().map(|v| v * spread).collect();
+            let up = data(n, 12);
+            let mut expected = gate.clone();
+            (Kernels::SCALAR.gelu_mul)(&mut expected, &up);
+            for k in Kernels::all_available() {
+                let mut got = gate.clone();
+                (k.gelu_mul)(&mut got, &up);
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(
+                        close(*g, *e, EXP_BASED_RELATIVE * e.abs() + TINY),
+                        "{} n={n} spread {spread}: {g} vs {e}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+    // GELU itself, at points whose values are known: gelu(0) = 0, gelu(1) ≈ 0.841192,
+    // gelu(−1) ≈ −0.158808, and gelu(x) → x, 0 far out.
+    for k in Kernels::all_available() {
+        let mut gate = [0.0, 1.0, -1.0, 12.0, -12.0];
+        (k.gelu_mul)(&mut gate, &[1.0; 5]);
+        for (got, want) in gate.iter().zip([0.0, 0.841192, -0.158808, 12.0, 0.0]) {
+            assert!((got - want).abs() < 1e-5, "{}: {gate:?}", k.name);
+        }
+    }
+}
+
+#[test]
 fn silu_mul_matches_the_reference() {
     for n in LENGTHS {
         for spread in [1.0, 10.0, 100.0] {

@@ -17,6 +17,7 @@ pub use writer::{llama_writer, weight_type_for, write_gguf, GgufWriter, CHATML_T
 
 use super::{ModelSource, SourceTensor};
 use anyhow::{anyhow, bail, Result};
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rope::{RopeScaling, ScalingKind};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
@@ -330,6 +331,7 @@ pub struct GgufSource {
     file: GgufFile,
     config: ModelConfig,
     rope_scaling: Option<RopeScaling>,
+    architecture: Architecture,
     vocab: Vocab,
     chat_template: Option<String>,
     tensors: Vec<SourceTensor>,
@@ -343,11 +345,11 @@ impl GgufSource {
     pub fn open(path: &Path) -> Result<GgufSource> {
         let file = GgufFile::open(path)?;
         let vocab = vocab_from_gguf(&file)?;
-        let config = config_from_gguf(&file, vocab.len())?;
+        let (config, architecture) = config_from_gguf(&file, vocab.len())?;
         let chat_template = file.string("tokenizer.chat_template")?.map(str::to_string);
-        let (tensors, file_indices) = check_tensors(&file, &config)?;
+        let (tensors, file_indices) = check_tensors(&file, &config, &architecture)?;
         let rope_scaling = rope_scaling_from_gguf(&file, &config)?;
-        Ok(GgufSource { file, config, rope_scaling, vocab, chat_template, tensors, file_indices })
+        Ok(GgufSource { file, config, rope_scaling, architecture, vocab, chat_template, tensors, file_indices })
     }
 
     /// The parsed file, for its metadata.
@@ -364,64 +366,80 @@ impl GgufSource {
     }
 }
 
-/// The model config of a GGUF Llama file whose vocabulary has `n_tokens` tokens.
-fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<ModelConfig> {
+/// The families this reader converts, by `general.architecture`.
+const READABLE_FAMILIES: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Qwen3];
+
+/// The model config and block of a GGUF file whose vocabulary has
+/// `n_tokens` tokens: its `general.architecture` names the family, whose
+/// name prefixes the hyperparameters' keys (`llama.block_count`,
+/// `qwen2.block_count`, …).
+fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<(ModelConfig, Architecture)> {
     let path = file.path().display();
-    let architecture = file
+    let name = file
         .string("general.architecture")?
         .ok_or_else(|| anyhow!("{path}: metadata key 'general.architecture' is missing"))?;
-    if architecture != "llama" {
-        bail!("{path}: general.architecture is '{architecture}'; only 'llama' models are supported");
-    }
-    let required =
-        |key: &str| -> Result<u32> { file.u32(key)?.ok_or_else(|| anyhow!("{path}: metadata key '{key}' is missing")) };
-    if let Some(experts) = file.u32("llama.expert_count")? {
+    let family = Family::from_name(name).filter(|f| READABLE_FAMILIES.contains(f)).ok_or_else(|| {
+        let known: Vec<&str> = READABLE_FAMILIES.iter().map(|f| f.name()).collect();
+        anyhow!("{path}: general.architecture is '{name}'; supported: {}", known.join(", "))
+    })?;
+    let key = |k: &str| format!("{name}.{k}");
+    let required = |k: &str| -> Result<u32> {
+        let k = key(k);
+        file.u32(&k)?.ok_or_else(|| anyhow!("{path}: metadata key '{k}' is missing"))
+    };
+    if let Some(experts) = file.u32(&key("expert_count"))? {
         if experts > 0 {
-            bail!("{path}: llama.expert_count is {experts}; mixture-of-experts models are not supported");
+            bail!("{path}: {} is {experts}; mixture-of-experts models are not supported", key("expert_count"));
         }
     }
-    if let Some(scaling) = file.string("llama.rope.scaling.type")? {
+    if let Some(scaling) = file.string(&key("rope.scaling.type"))? {
         if !["none", "linear"].contains(&scaling) {
             bail!(
-                "{path}: llama.rope.scaling.type is '{scaling}'; only linear RoPE scaling (and Llama-3's \
-                 rope_freqs.weight) is supported"
+                "{path}: {} is '{scaling}'; only linear RoPE scaling (and Llama-3's \
+                 rope_freqs.weight) is supported",
+                key("rope.scaling.type")
             );
         }
     }
 
     let mut config = ModelConfig::zeroed();
     config.arch = ARCH_LLAMA;
-    config.dim = required("llama.embedding_length")?;
-    config.n_layers = required("llama.block_count")?;
-    config.n_heads = required("llama.attention.head_count")?;
-    config.n_kv_heads = file.u32("llama.attention.head_count_kv")?.unwrap_or(config.n_heads);
-    config.head_dim = match file.u32("llama.attention.key_length")? {
+    config.dim = required("embedding_length")?;
+    config.n_layers = required("block_count")?;
+    config.n_heads = required("attention.head_count")?;
+    config.n_kv_heads = file.u32(&key("attention.head_count_kv"))?.unwrap_or(config.n_heads);
+    config.head_dim = match file.u32(&key("attention.key_length"))? {
         Some(length) => length,
         None if config.n_heads != 0 && config.dim % config.n_heads == 0 => config.dim / config.n_heads,
         None => bail!(
-            "{path}: embedding length {} is not a multiple of head count {} and llama.attention.key_length is missing",
+            "{path}: embedding length {} is not a multiple of head count {} and {} is missing",
             config.dim,
-            config.n_heads
+            config.n_heads,
+            key("attention.key_length")
         ),
     };
-    if let Some(value_length) = file.u32("llama.attention.value_length")? {
+    if let Some(value_length) = file.u32(&key("attention.value_length"))? {
         if value_length != config.head_dim {
             bail!(
-                "{path}: llama.attention.value_length {value_length} differs from the key length {}; not supported",
+                "{path}: {} {value_length} differs from the key length {}; not supported",
+                key("attention.value_length"),
                 config.head_dim
             );
         }
     }
-    config.ffn_dim = required("llama.feed_forward_length")?;
+    config.ffn_dim = required("feed_forward_length")?;
     config.vocab_size = u32::try_from(n_tokens).map_err(|_| anyhow!("{path}: {n_tokens} tokens are too many"))?;
-    config.context_length = required("llama.context_length")?;
-    config.rope_theta = file.f32("llama.rope.freq_base")?.unwrap_or(10000.0);
-    config.rope_style = 0;
-    config.rope_dim = file.u32("llama.rope.dimension_count")?.unwrap_or(config.head_dim);
-    config.norm_eps = file.f32("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5);
+    config.context_length = required("context_length")?;
+    config.rope_theta = file.f32(&key("rope.freq_base"))?.unwrap_or(10000.0);
+    // llama.cpp's converter permutes Llama's q/k rows into adjacent pairs;
+    // the other families keep Hugging Face's halves (llama.cpp's NEOX RoPE).
+    config.rope_style = (family != Family::Llama) as u32;
+    config.rope_dim = file.u32(&key("rope.dimension_count"))?.unwrap_or(config.head_dim);
+    config.norm_eps = file.f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
     config.tied_output = file.tensor("output.weight").is_none() as u32;
     config.validate().map_err(|e| anyhow!("{path}: {e}"))?;
-    Ok(config)
+    let architecture = Architecture::plain(family, &config);
+    Ok((config, architecture))
 }
 
 /// Llama-3.x's per-pair RoPE frequency factors, as llama.cpp's converter writes them.
@@ -433,11 +451,12 @@ const ROPE_FREQS: &str = "rope_freqs.weight";
 /// `llama.rope.scaling.factor`; `None` for plain RoPE.
 fn rope_scaling_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Option<RopeScaling>> {
     let path = file.path().display();
-    let linear = match file.string("llama.rope.scaling.type")? {
+    let prefix = file.string("general.architecture")?.unwrap_or("llama");
+    let linear = match file.string(&format!("{prefix}.rope.scaling.type"))? {
         Some("linear") => {
             let factor = file
-                .f32("llama.rope.scaling.factor")?
-                .ok_or_else(|| anyhow!("{path}: linear RoPE scaling without llama.rope.scaling.factor"))?;
+                .f32(&format!("{prefix}.rope.scaling.factor"))?
+                .ok_or_else(|| anyhow!("{path}: linear RoPE scaling without {prefix}.rope.scaling.factor"))?;
             Some(RopeScaling::linear(factor, config.rope_dim).map_err(|e| anyhow!("{path}: {e}"))?)
         }
         _ => None,
@@ -467,53 +486,13 @@ fn rope_scaling_from_gguf(file: &GgufFile, config: &ModelConfig) -> Result<Optio
     Ok(Some(scaling))
 }
 
-/// The per-layer tensors of a Llama block, `blk.N.{part}.weight`.
-const LAYER_TENSORS: [&str; 9] =
-    ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
-
-/// Names of the tensors a Llama of `config` has, made one at a time so a
-/// corrupt block count costs time only until the first missing tensor.
-fn expected_names(config: &ModelConfig) -> impl Iterator<Item = String> + '_ {
-    let layers = (0..config.n_layers)
-        .flat_map(|layer| LAYER_TENSORS.iter().map(move |part| format!("blk.{layer}.{part}.weight")));
-    let output = (config.tied_output == 0).then(|| "output.weight".to_string());
-    ["token_embd.weight".to_string()].into_iter().chain(layers).chain(["output_norm.weight".to_string()]).chain(output)
-}
-
-/// Shape (outermost first) a Llama of `config` has for tensor `name`, or `None`
-/// when it has no such tensor. Widths are multiplied in `usize` from `u32`s, so
-/// they cannot overflow on a 64-bit host (`ModelConfig::q_dim` multiplies in `u32`).
-fn expected_shape(config: &ModelConfig, name: &str) -> Option<Vec<usize>> {
-    let (dim, vocab) = (config.dim as usize, config.vocab_size as usize);
-    let head_dim = config.head_dim as usize;
-    let (q_dim, kv_dim) = (config.n_heads as usize * head_dim, config.n_kv_heads as usize * head_dim);
-    let ffn = config.ffn_dim as usize;
-    match name {
-        "token_embd.weight" => return Some(vec![vocab, dim]),
-        "output_norm.weight" => return Some(vec![dim]),
-        "output.weight" => return (config.tied_output == 0).then(|| vec![vocab, dim]),
-        _ => {}
-    }
-    let (layer, part) = name.strip_prefix("blk.")?.strip_suffix(".weight")?.split_once('.')?;
-    // Only the canonical spelling: "blk.01" is not layer 1.
-    let layer_number: u32 = layer.parse().ok()?;
-    if layer_number >= config.n_layers || layer_number.to_string() != layer {
-        return None;
-    }
-    Some(match part {
-        "attn_norm" | "ffn_norm" => vec![dim],
-        "attn_q" => vec![q_dim, dim],
-        "attn_k" | "attn_v" => vec![kv_dim, dim],
-        "attn_output" => vec![dim, q_dim],
-        "ffn_gate" | "ffn_up" => vec![ffn, dim],
-        "ffn_down" => vec![dim, ffn],
-        _ => return None,
-    })
-}
-
 /// Checks the file's tensors against what `config` needs; returns them as
 /// source tensors, in file order, with their indices in the file.
-fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTensor>, Vec<usize>)> {
+fn check_tensors(
+    file: &GgufFile,
+    config: &ModelConfig,
+    architecture: &Architecture,
+) -> Result<(Vec<SourceTensor>, Vec<usize>)> {
     let path = file.path().display();
     if let Some(embedding) = file.tensor("token_embd.weight") {
         let rows = embedding.shape()[0];
@@ -531,8 +510,11 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
         }
         // An unknown tensor (biases, experts) changes the maths: refuse
         // rather than convert a model that would compute something else.
-        let Some(shape) = expected_shape(config, name) else {
-            bail!("{path}: unexpected tensor '{name}': this Llama variant is not supported");
+        let Some(shape) = architecture.tensor_shape(config, name) else {
+            bail!(
+                "{path}: unexpected tensor '{name}': a {} block has no such tensor (this variant is not supported)",
+                architecture.family.name()
+            );
         };
         if !info.ggml_type.is_readable() {
             let supported: Vec<&str> = GgmlType::READABLE.iter().map(|t| t.name()).collect();
@@ -553,7 +535,11 @@ fn check_tensors(file: &GgufFile, config: &ModelConfig) -> Result<(Vec<SourceTen
         });
         file_indices.push(file_index);
     }
-    if let Some(name) = expected_names(config).find(|name| file.tensor(name).is_none()) {
+    // One layer at a time, so a corrupt block count costs time only until the first missing tensor.
+    let layers = (0..config.n_layers).flat_map(|layer| architecture.layer_tensors(config, layer));
+    let ends = ["token_embd.weight", "output_norm.weight", "output.weight"];
+    let ends = ends.iter().filter_map(|name| architecture.tensor_shape(config, name).map(|s| (name.to_string(), s)));
+    if let Some((name, _)) = ends.chain(layers).find(|(name, _)| file.tensor(name).is_none()) {
         bail!("{path}: tensor '{name}' is missing");
     }
     Ok((tensors, file_indices))
@@ -565,6 +551,9 @@ impl ModelSource for GgufSource {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn architecture(&self) -> Option<&Architecture> {
+        Some(&self.architecture)
     }
     fn rope_scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref()

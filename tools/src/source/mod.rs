@@ -4,6 +4,7 @@
 //! row so conversion streams with bounded memory.
 
 use anyhow::Result;
+use bramble_runtime::architecture::Architecture;
 use bramble_runtime::rope::RopeScaling;
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
 
@@ -39,6 +40,11 @@ pub trait ModelSource {
     fn config(&self) -> &ModelConfig;
     /// The tokenizer vocabulary.
     fn vocab(&self) -> &Vocab;
+    /// The block, when it is not the plain Llama block of [`ModelSource::config`]
+    /// (`None`: Llama's).
+    fn architecture(&self) -> Option<&Architecture> {
+        None
+    }
     /// RoPE's per-pair frequency factors, when the model scales them
     /// (Llama-3.x's `rope_freqs.weight` or `rope_scaling`).
     fn rope_scaling(&self) -> Option<&RopeScaling> {
@@ -95,28 +101,5 @@ pub fn open(path: &std::path::Path, tokenizer: Option<&std::path::Path>) -> Resu
 
 /// The GGUF names and shapes (outermost first) of a Llama model of `config`, in GGUF order.
 pub fn llama_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let dim = config.dim as usize;
-    let (q_dim, kv_dim, ffn_dim) = (config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
-    let vocab = config.vocab_size as usize;
-    let mut list = vec![("token_embd.weight".to_string(), vec![vocab, dim])];
-    for layer in 0..config.n_layers {
-        for (part, shape) in [
-            ("attn_norm", vec![dim]),
-            ("attn_q", vec![q_dim, dim]),
-            ("attn_k", vec![kv_dim, dim]),
-            ("attn_v", vec![kv_dim, dim]),
-            ("attn_output", vec![dim, q_dim]),
-            ("ffn_norm", vec![dim]),
-            ("ffn_gate", vec![ffn_dim, dim]),
-            ("ffn_up", vec![ffn_dim, dim]),
-            ("ffn_down", vec![dim, ffn_dim]),
-        ] {
-            list.push((format!("blk.{layer}.{part}.weight"), shape));
-        }
-    }
-    list.push(("output_norm.weight".to_string(), vec![dim]));
-    if config.tied_output == 0 {
-        list.push(("output.weight".to_string(), vec![vocab, dim]));
-    }
-    list
+    Architecture::llama(config).tensors(config)
 }
