@@ -571,10 +571,16 @@ fn errors_name_the_file_and_the_fault() {
     assert!(message.contains("yarn.gguf: llama.rope.scaling.type is 'yarn'"), "{message}");
 
     let message = open_error(dir, "arch.gguf", |writer, model| {
+        writer.set("general.architecture", Value::String(b"phi3".to_vec()));
+        add_model_tensors(writer, model, "");
+    });
+    assert!(message.contains("arch.gguf: general.architecture is 'phi3'; supported: llama, qwen2, qwen3"), "{message}");
+    // A known family's keys are read under its own name.
+    let message = open_error(dir, "qwen-keys.gguf", |writer, model| {
         writer.set("general.architecture", Value::String(b"qwen2".to_vec()));
         add_model_tensors(writer, model, "");
     });
-    assert!(message.contains("arch.gguf: general.architecture is 'qwen2'"), "{message}");
+    assert!(message.contains("metadata key 'qwen2.embedding_length' is missing"), "{message}");
 
     let message = open_error(dir, "merge.gguf", |writer, model| {
         writer.set("tokenizer.ggml.model", Value::String(b"gpt2".to_vec()));
