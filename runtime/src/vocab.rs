@@ -42,6 +42,8 @@ pub enum PreTokenizer {
     SmolLm,
     /// Llama-3's regex (case-insensitive contractions, numbers in runs of up to 3).
     Llama3,
+    /// Qwen2's (also Qwen2.5's and Qwen3's): Llama-3's regex with every digit alone.
+    Qwen2,
 }
 
 impl PreTokenizer {
@@ -52,6 +54,7 @@ impl PreTokenizer {
             PreTokenizer::Gpt2 => 1,
             PreTokenizer::SmolLm => 2,
             PreTokenizer::Llama3 => 3,
+            PreTokenizer::Qwen2 => 4,
         }
     }
     /// The pre-tokenizer an image id stands for.
@@ -61,6 +64,7 @@ impl PreTokenizer {
             1 => Some(PreTokenizer::Gpt2),
             2 => Some(PreTokenizer::SmolLm),
             3 => Some(PreTokenizer::Llama3),
+            4 => Some(PreTokenizer::Qwen2),
             _ => None,
         }
     }
@@ -70,6 +74,7 @@ impl PreTokenizer {
             "default" | "gpt-2" | "gpt2" => Some(PreTokenizer::Gpt2),
             "smollm" | "starcoder" | "refact" | "codeshell" => Some(PreTokenizer::SmolLm),
             "llama3" | "llama-bpe" | "llama-v3" => Some(PreTokenizer::Llama3),
+            "qwen2" | "deepseek-r1-qwen" => Some(PreTokenizer::Qwen2),
             _ => None,
         }
     }

@@ -371,8 +371,8 @@ class GGUFModel:
         self._cache = {}
 
         arch = self.meta("general.architecture", "llama")
-        if arch != "llama":
-            log(f"warning: general.architecture is {arch!r}; treating it as llama")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{path}: general.architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
         self.arch = arch
         a = arch + "."
         self.dim = int(self.meta(a + "embedding_length"))
@@ -390,8 +390,9 @@ class GGUFModel:
             self.rope_scale = 1.0 / float(self.meta(a + "rope.scaling.factor", 1.0))
         elif scaling not in (None, "none"):
             log(f"warning: rope scaling {scaling!r} is not implemented; ignored")
-        # llama.cpp uses NORM (adjacent pairs) RoPE for LLM_ARCH_LLAMA.
-        self.rope_style = rope_style or "norm"
+        # llama.cpp uses NORM (adjacent pairs) RoPE for LLM_ARCH_LLAMA and
+        # NEOX (halves) for Qwen2 and Qwen3, whose q/k rows it does not permute.
+        self.rope_style = rope_style or ("norm" if arch == "llama" else "neox")
         if self.n_heads % self.n_kv_heads:
             raise ValueError("head_count is not a multiple of head_count_kv")
 
@@ -478,6 +479,11 @@ class GGUFModel:
 # ---------------------------------------------------------------------------
 
 
+# The architectures the reference computes: Llama, and Qwen2's q/k/v biases
+# and Qwen3's per-head RMSNorm of q and k (before RoPE) on top of it.
+ARCHITECTURES = {"llama", "qwen2", "qwen3"}
+
+
 def rms_norm(x, w, eps):
     """x / sqrt(mean(x^2) + eps) * w, in float64."""
     x = x.astype(np.float64, copy=False)
@@ -540,9 +546,19 @@ def forward(model, tokens, logit_rows=None, start_pos=0):
         w = lambda part: m.weight(f"blk.{layer}.{part}.weight")  # noqa: E731
         # --- attention ---
         h = rms_norm(x, w("attn_norm"), m.eps).astype(dt)
-        q = (h @ w("attn_q").T).astype(np.float64).reshape(T, H, hd)
-        k = (h @ w("attn_k").T).astype(np.float64).reshape(T, KV, hd)
-        v = (h @ w("attn_v").T).astype(np.float64).reshape(T, KV, hd)
+        q = (h @ w("attn_q").T).astype(np.float64)
+        k = (h @ w("attn_k").T).astype(np.float64)
+        v = (h @ w("attn_v").T).astype(np.float64)
+        if m.arch == "qwen2":  # q/k/v biases
+            q = q + m.weight(f"blk.{layer}.attn_q.bias").astype(np.float64)
+            k = k + m.weight(f"blk.{layer}.attn_k.bias").astype(np.float64)
+            v = v + m.weight(f"blk.{layer}.attn_v.bias").astype(np.float64)
+        q = q.reshape(T, H, hd)
+        k = k.reshape(T, KV, hd)
+        v = v.reshape(T, KV, hd)
+        if m.arch == "qwen3":  # RMSNorm of each head, before RoPE
+            q = rms_norm(q, w("attn_q_norm"), m.eps)
+            k = rms_norm(k, w("attn_k_norm"), m.eps)
         q = apply_rope(q, cos, sin, m.n_rot, m.rope_style)
         k = apply_rope(k, cos, sin, m.n_rot, m.rope_style)
         # query head h uses kv head h // group

@@ -487,3 +487,21 @@ pub fn row_major_bytes(image: &bramble_runtime::ModelImage, name: &str) -> Vec<u
     bramble_runtime::quant::deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
     rows
 }
+
+/// Mean KL divergence KL(f32 ‖ quantized) of the next-token distributions, nats.
+pub fn mean_kl(got: &[f32], expected: &[f32], vocab: usize) -> f64 {
+    let log_softmax = |x: &[f32]| -> Vec<f64> {
+        let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+        x.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+    };
+    let positions = got.len() / vocab;
+    got.chunks_exact(vocab)
+        .zip(expected.chunks_exact(vocab))
+        .map(|(g, e)| {
+            let (lg, le) = (log_softmax(g), log_softmax(e));
+            le.iter().zip(&lg).map(|(p, q)| p.exp() * (p - q)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / positions as f64
+}

@@ -35,6 +35,7 @@
 //! The Llama-2 vocabulary and SmolLM2 follow the other tests' rules: missing
 //! files fail the test unless `BRAMBLE_SKIP_MODEL=1`.
 
+use bramble_runtime::architecture::Family;
 use bramble_runtime::rng::SplitMix64;
 use bramble_tests::*;
 use std::any::Any;
@@ -456,20 +457,22 @@ mod image {
     }
 
     /// The bases: both tokenizers in q4, q8 and f16, one with a tied output,
-    /// and a Llama-3.x q4 image, whose required `rope_scaling` section is
-    /// mutated too.
+    /// a Llama-3.x q4 image, whose required `rope_scaling` section is
+    /// mutated too, and Qwen2 and Qwen3 images, whose `architecture` is.
     fn bases() -> Vec<Base> {
         let dir = scratch_dir("fuzz/image-bases");
         let (bpe, spm) = (TokenizerKind::ByteLevelBpe, TokenizerKind::SentencePiece);
-        let mut variants: Vec<(&str, TokenizerKind, &str, bool, bool)> = Vec::new();
+        let mut variants: Vec<(&str, TokenizerKind, &str, bool, bool, Family)> = Vec::new();
         for (tokenizer, kind) in [("bpe", bpe), ("spm", spm)] {
             for (quant, tied) in [("q4", false), ("q8", true), ("f16", false)] {
-                variants.push((tokenizer, kind, quant, tied, false));
+                variants.push((tokenizer, kind, quant, tied, false, Family::Llama));
             }
         }
-        variants.push(("llama3", bpe, "q4", true, true));
+        variants.push(("llama3", bpe, "q4", true, true, Family::Llama));
+        variants.push(("qwen2", bpe, "q4", true, false, Family::Qwen2));
+        variants.push(("qwen3", bpe, "q8", false, false, Family::Qwen3));
         let mut bases = Vec::new();
-        for (tokenizer, kind, quant, tied, llama3) in variants {
+        for (tokenizer, kind, quant, tied, llama3, family) in variants {
             let shape = SyntheticShape {
                 dim: 64,
                 n_layers: 1,
@@ -480,6 +483,7 @@ mod image {
                 tied_output: tied,
                 tokenizer: kind,
                 llama3,
+                family,
             };
             let path = dir.join(format!("{tokenizer}-{quant}.bramble"));
             convert_synthetic(&synthetic(shape, 22), &path, quant);
@@ -491,6 +495,11 @@ mod image {
                     image.sections().iter().any(|s| s.name == "rope_scaling"),
                     "the llama3 base has no rope_scaling section"
                 );
+            }
+            if family != Family::Llama {
+                let image = ModelImage::from_bytes(tokenizer, &base.bytes, OpenOptions::default())
+                    .expect("the Qwen bases open");
+                assert_eq!(image.architecture().family, family, "the {tokenizer} base's block");
             }
             bases.push(base);
         }
@@ -823,6 +832,7 @@ mod gguf {
                     tied_output: tied,
                     tokenizer,
                     llama3: false,
+                    family: Family::Llama,
                 };
                 let model = synthetic(shape, 22);
                 // As `write_gguf`, with `general.alignment` when asked.

@@ -44,24 +44,6 @@ const SYNTHETIC_F16_KL: f64 = 3e-4;
 /// As [`SYNTHETIC_F16_KL`], SmolLM2.
 const SMOLLM2_F16_KL: f64 = 1.2e-2;
 
-/// Mean KL divergence KL(f32 ‖ quantized) of the next-token distributions, nats.
-fn mean_kl(got: &[f32], expected: &[f32], vocab: usize) -> f64 {
-    let log_softmax = |x: &[f32]| -> Vec<f64> {
-        let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
-        x.iter().map(|&v| v as f64 - max - sum.ln()).collect()
-    };
-    let positions = got.len() / vocab;
-    got.chunks_exact(vocab)
-        .zip(expected.chunks_exact(vocab))
-        .map(|(g, e)| {
-            let (lg, le) = (log_softmax(g), log_softmax(e));
-            le.iter().zip(&lg).map(|(p, q)| p.exp() * (p - q)).sum::<f64>()
-        })
-        .sum::<f64>()
-        / positions as f64
-}
-
 /// The logits of every position of `tokens`, fed `batch` at a time, with the KV cache as `kv`.
 fn logits(image: &Path, tokens: &[u32], batch: usize, kv: KvMode) -> Vec<f32> {
     let image = ModelImage::open(image).unwrap();

@@ -5,6 +5,7 @@
 //! ([`SyntheticShape::llama3`]) scales RoPE as Llama-3.1 does and has
 //! Llama-3's control tokens.
 
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
@@ -27,6 +28,8 @@ pub struct SyntheticModel {
     pub llama3_rope: Option<Llama3Params>,
     /// The factors they make, as the image carries them.
     pub rope_scaling: Option<RopeScaling>,
+    /// The block (the Llama block, or a Qwen one).
+    pub architecture: Architecture,
     /// The tensors as a [`crate::source::ModelSource`] lists them, made on first use.
     pub source_tensors: std::sync::OnceLock<Vec<crate::source::SourceTensor>>,
 }
@@ -55,6 +58,10 @@ pub struct SyntheticShape {
     /// `context_length`, so that later positions run scaled), and the
     /// Llama-3 vocabulary ([`llama3_vocab`]) whatever `tokenizer` says.
     pub llama3: bool,
+    /// The block's family: Llama, or Qwen2 (q/k/v biases) or Qwen3 (q/k
+    /// norms), which take a byte-level vocabulary split by Qwen2's
+    /// pre-tokenizer whatever `tokenizer` says, and halves RoPE.
+    pub family: Family,
 }
 
 impl Default for SyntheticShape {
@@ -69,6 +76,7 @@ impl Default for SyntheticShape {
             tied_output: false,
             tokenizer: TokenizerKind::SentencePiece,
             llama3: false,
+            family: Family::Llama,
         }
     }
 }
@@ -88,11 +96,17 @@ impl SyntheticModel {
     /// A model of `shape` with weights drawn from `seed`. Weights are scaled
     /// like a trained model's (about 1/√in) so activations stay in range.
     pub fn generate(shape: SyntheticShape, seed: u64) -> Self {
-        let vocab = match (shape.llama3, shape.tokenizer) {
+        let qwen = matches!(shape.family, Family::Qwen2 | Family::Qwen3);
+        let mut vocab = match (shape.llama3, shape.tokenizer) {
             (true, _) => llama3_vocab(),
-            (false, TokenizerKind::SentencePiece) => sentencepiece_vocab(),
             (false, TokenizerKind::ByteLevelBpe) => byte_level_vocab(),
+            (false, TokenizerKind::SentencePiece) if qwen => byte_level_vocab(),
+            (false, TokenizerKind::SentencePiece) => sentencepiece_vocab(),
         };
+        if qwen {
+            // Qwen's vocabularies are byte-level, split by Qwen2's regex.
+            vocab.pre_tokenizer = bramble_runtime::vocab::PreTokenizer::Qwen2;
+        }
         let head_dim = shape.dim / shape.n_heads;
         let mut config = ModelConfig::zeroed();
         config.arch = ARCH_LLAMA;
@@ -105,7 +119,8 @@ impl SyntheticModel {
         config.vocab_size = vocab.len() as u32;
         config.context_length = shape.context_length as u32;
         config.rope_theta = 10000.0;
-        config.rope_style = 0;
+        // Qwen keeps Hugging Face's halves RoPE layout, as llama.cpp's converter does.
+        config.rope_style = (shape.family != Family::Llama) as u32;
         config.rope_dim = head_dim as u32;
         config.norm_eps = 1e-5;
         config.tied_output = shape.tied_output as u32;
@@ -133,30 +148,32 @@ impl SyntheticModel {
             let values = (0..n).map(|_| 1.0 + 0.2 * rng.next_signed()).collect();
             (name, vec![n], values)
         };
-        let (dim, kv_dim, ffn) = (shape.dim, shape.n_kv_heads * head_dim, shape.ffn_dim);
+        let dim = shape.dim;
         let n_vocab = vocab.len();
         let embedding = {
             let values = (0..n_vocab * dim).map(|_| rng.next_signed()).collect();
             ("token_embd.weight".to_string(), vec![n_vocab, dim], values)
         };
         tensors.push(embedding);
-        for layer in 0..shape.n_layers {
-            let name = |part: &str| format!("blk.{layer}.{part}.weight");
-            tensors.push(norm(name("attn_norm"), dim, &mut rng));
-            tensors.push(matrix(name("attn_q"), dim, dim, &mut rng));
-            tensors.push(matrix(name("attn_k"), kv_dim, dim, &mut rng));
-            tensors.push(matrix(name("attn_v"), kv_dim, dim, &mut rng));
-            tensors.push(matrix(name("attn_output"), dim, dim, &mut rng));
-            tensors.push(norm(name("ffn_norm"), dim, &mut rng));
-            tensors.push(matrix(name("ffn_gate"), ffn, dim, &mut rng));
-            tensors.push(matrix(name("ffn_up"), ffn, dim, &mut rng));
-            tensors.push(matrix(name("ffn_down"), dim, ffn, &mut rng));
+        let architecture = Architecture::plain(shape.family, &config);
+        for layer in 0..config.n_layers {
+            for (name, tensor_shape) in architecture.layer_tensors(&config, layer) {
+                tensors.push(match tensor_shape[..] {
+                    // Biases: small, of either sign.
+                    [n] if name.ends_with(".bias") => {
+                        (name, vec![n], (0..n).map(|_| 0.3 * rng.next_signed()).collect())
+                    }
+                    [n] => norm(name, n, &mut rng),
+                    [rows, cols] => matrix(name, rows, cols, &mut rng),
+                    _ => unreachable!("a block's tensors are vectors and matrices"),
+                });
+            }
         }
         tensors.push(norm("output_norm.weight".to_string(), dim, &mut rng));
         if !shape.tied_output {
             tensors.push(matrix("output.weight".to_string(), n_vocab, dim, &mut rng));
         }
-        Self { config, vocab, tensors, llama3_rope, rope_scaling, source_tensors: Default::default() }
+        Self { config, vocab, tensors, llama3_rope, rope_scaling, architecture, source_tensors: Default::default() }
     }
 
     /// The tensor called `name`.
@@ -171,6 +188,9 @@ impl crate::source::ModelSource for SyntheticModel {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn architecture(&self) -> Option<&Architecture> {
+        Some(&self.architecture)
     }
     fn rope_scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref()

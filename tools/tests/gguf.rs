@@ -6,6 +6,7 @@
 //! - error messages for the faults a user meets;
 //! - robustness: thousands of corrupted files, none of which may panic.
 
+use bramble_runtime::architecture::Family;
 use bramble_runtime::quant::{dequantize_from, Encoding};
 use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::vocab::{PreTokenizer, TokenType, TokenizerKind};
@@ -832,6 +833,8 @@ fn corrupt_files_never_panic() {
             tied_output: tokenizer == TokenizerKind::ByteLevelBpe,
             tokenizer,
             llama3: false,
+            // The byte-level base a Qwen2 block: its biases and key prefix are mutated too.
+            family: if tokenizer == TokenizerKind::ByteLevelBpe { Family::Qwen2 } else { Family::Llama },
         };
         let model = SyntheticModel::generate(shape, 1);
         write_gguf(&model, &base_path, weight_type).unwrap();

@@ -40,7 +40,8 @@ pub(crate) fn split_words(
         PreTokenizer::None => ends.push(chars.len()),
         PreTokenizer::Gpt2 => split_gpt2(chars, 0, &mut ends),
         PreTokenizer::SmolLm => split_smollm(chars, &mut ends),
-        PreTokenizer::Llama3 => split_llama3(chars, 0, &mut ends),
+        PreTokenizer::Llama3 => split_llama3(chars, 0, 3, &mut ends),
+        PreTokenizer::Qwen2 => split_llama3(chars, 0, 1, &mut ends),
     }
     let byte_offset = |index: usize| chars.get(index).map_or(text.len(), |c| c.offset);
     let mut start = 0;
@@ -135,8 +136,9 @@ fn split_smollm(chars: &[Char], ends: &mut Vec<usize>) {
 }
 
 /// Llama-3: `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
-/// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
-fn split_llama3(chars: &[Char], base: usize, ends: &mut Vec<usize>) {
+/// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`, with numbers in runs
+/// of up to `max_digits` (3; Qwen2's regex is the same with `\p{N}`: 1).
+fn split_llama3(chars: &[Char], base: usize, max_digits: usize, ends: &mut Vec<usize>) {
     let is_newline = |c: char| c == '\r' || c == '\n';
     let mut position = 0;
     while position < chars.len() {
@@ -153,7 +155,7 @@ fn split_llama3(chars: &[Char], base: usize, ends: &mut Vec<usize>) {
             position = run_end(chars, position + 1, CharClass::Letter);
         } else if class == CharClass::Number {
             // `\p{N}{1,3}`: the next run of at most three; the loop takes the rest.
-            position = run_end(chars, position, CharClass::Number).min(position + 3);
+            position = run_end(chars, position, CharClass::Number).min(position + max_digits);
         } else {
             let (run_start, run_class) = if value == ' ' {
                 (position + 1, chars.get(position + 1).map(|c| c.class))
@@ -243,6 +245,12 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_is_llama3_with_single_digits() {
+        assert_eq!(words(PreTokenizer::Qwen2, "x 2024's"), ["x", " ", "2", "0", "2", "4", "'s"]);
+        assert_eq!(words(PreTokenizer::Qwen2, "I'VE (hi)\n\n"), ["I", "'VE", " (", "hi", ")\n\n"]);
+    }
+
+    #[test]
     fn llama3_newlines() {
         assert_eq!(words(PreTokenizer::Llama3, "a\n\n  b"), ["a", "\n\n", " ", " b"]);
         assert_eq!(words(PreTokenizer::Llama3, "x;\n\ny"), ["x", ";\n\n", "y"]);
@@ -253,7 +261,9 @@ mod tests {
     #[test]
     fn words_cover_the_text() {
         let text = "  Hello,\tworld!! 12345 ünïcödé 中文 🙂🙂 it's\r\n\n  end  ";
-        for pre_tokenizer in [PreTokenizer::None, PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3] {
+        for pre_tokenizer in
+            [PreTokenizer::None, PreTokenizer::Gpt2, PreTokenizer::SmolLm, PreTokenizer::Llama3, PreTokenizer::Qwen2]
+        {
             let pieces = words(pre_tokenizer, text);
             assert!(pieces.iter().all(|piece| !piece.is_empty()), "{pre_tokenizer:?}");
             assert_eq!(pieces.concat(), text, "{pre_tokenizer:?}");

@@ -44,6 +44,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         entry.0 += 1;
         entry.1 += t.size;
     }
+    let a = image.architecture();
     if args.json {
         let value = serde_json::json!({
             "path": path,
@@ -55,6 +56,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 "context_length": c.context_length, "rope_theta": c.rope_theta, "rope_style": c.rope_style,
                 "norm_eps": c.norm_eps, "tied_output": c.tied_output != 0,
                 "rope_scaling": image.rope_scaling().map(|r| serde_json::json!({"kind": r.kind.name(), "factors": r.factors})),
+            },
+            "architecture": {
+                "family": a.family.name(), "features": a.features.names(), "embedding_scale": a.embedding_scale,
+                "attention_scale": a.attention_scale,
+                "layers": a.layers.iter().map(|l| serde_json::json!({"window": l.window, "rope_theta": l.rope_theta})).collect::<Vec<_>>(),
             },
             "tokenizer": {
                 "kind": format!("{:?}", v.kind), "pre_tokenizer": format!("{:?}", v.pre_tokenizer),
@@ -78,7 +84,8 @@ pub fn run(args: InspectArgs) -> Result<()> {
         image.layout_version()
     );
     outln!(
-        "llama: dim {} layers {} heads {} (kv {}) head_dim {} ffn {} vocab {} context {} rope θ {} eps {:e}{}",
+        "{}: dim {} layers {} heads {} (kv {}) head_dim {} ffn {} vocab {} context {} rope θ {} eps {:e}{}",
+        a.family.name(),
         c.dim,
         c.n_layers,
         c.n_heads,
@@ -91,6 +98,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         c.norm_eps,
         if c.tied_output != 0 { ", tied output" } else { "" }
     );
+    if a.needs_section(c) {
+        outln!("block: {}", a.describe(c));
+    }
     if let Some(scaling) = image.rope_scaling() {
         let (low, high) = scaling.factors.iter().fold((f32::INFINITY, 0f32), |(l, h), &f| (l.min(f), h.max(f)));
         outln!(

@@ -2,6 +2,7 @@
 //! or with `--shape` a large one streamed to disk.
 
 use anyhow::{bail, Context, Result};
+use bramble_runtime::architecture::Family;
 use bramble_runtime::vocab::TokenizerKind;
 use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use bramble_tools::synth_large::{write_large_gguf, write_large_hf, LargeShape, LargeWeights};
@@ -32,6 +33,16 @@ impl From<TokenizerArg> for TokenizerKind {
         }
     }
 }
+
+/// `--family`'s parser: the families `synth` writes, by their GGUF names.
+fn family_parser() -> impl clap::builder::TypedValueParser<Value = Family> {
+    use clap::builder::TypedValueParser;
+    let names = SYNTH_FAMILIES.map(Family::name);
+    clap::builder::PossibleValuesParser::new(names).map(|name| Family::from_name(&name).expect("a listed family"))
+}
+
+/// The families `synth` writes.
+const SYNTH_FAMILIES: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Qwen3];
 
 /// `--shape`'s parser: the names of [`LargeShape::ALL`], listed in `--help`.
 fn shape_parser() -> impl clap::builder::TypedValueParser<Value = LargeShape> {
@@ -69,6 +80,10 @@ pub struct SynthArgs {
     /// tokens (ignores --tokenizer).
     #[arg(long)]
     llama3: bool,
+    /// The block: llama, qwen2 (q/k/v biases) or qwen3 (per-head q/k norms);
+    /// the Qwen families take a byte-level vocabulary split as Qwen2's (ignores --tokenizer).
+    #[arg(long, value_parser = family_parser(), default_value = "llama")]
+    family: Family,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -84,7 +99,13 @@ pub fn run(args: SynthArgs) -> Result<()> {
     if let Some(shape) = args.shape {
         return run_large(&args, shape);
     }
-    let tokenizer = TokenizerKind::from(args.tokenizer);
+    let tokenizer = match args.family {
+        Family::Llama => TokenizerKind::from(args.tokenizer),
+        _ => TokenizerKind::ByteLevelBpe,
+    };
+    if args.llama3 && args.family != Family::Llama {
+        bail!("--llama3 is a Llama model; it does not go with --family {}", args.family.name());
+    }
     let shape = SyntheticShape {
         dim: args.dim,
         n_layers: args.layers.unwrap_or(2),
@@ -92,6 +113,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         tied_output: args.tied,
         tokenizer,
         llama3: args.llama3,
+        family: args.family,
         ..SyntheticShape::default()
     };
     let model = SyntheticModel::generate(shape, args.seed);

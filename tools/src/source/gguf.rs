@@ -13,7 +13,9 @@ mod writer;
 pub use file::{Array, GgufFile, TensorInfo, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 pub use quants::{dequantize, quantize, QK_K};
 pub use vocab::{read_vocab, vocab_from_gguf};
-pub use writer::{llama_writer, weight_type_for, write_gguf, GgufWriter, CHATML_TEMPLATE, LLAMA2_TEMPLATE};
+pub use writer::{
+    family_writer, llama_writer, weight_type_for, write_gguf, GgufWriter, CHATML_TEMPLATE, LLAMA2_TEMPLATE,
+};
 
 use super::{ModelSource, SourceTensor};
 use anyhow::{anyhow, bail, Result};

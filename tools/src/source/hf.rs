@@ -16,6 +16,7 @@ mod tokenizer;
 use super::{ModelSource, SourceTensor};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
@@ -28,21 +29,62 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Component, Path, PathBuf};
 use tokenizer::{ModelFacts, TemplateForm};
 
+/// The model classes read, with the family each is: `architectures[0]` or `model_type`.
+const HF_FAMILIES: [(&str, Family); 3] =
+    [("LlamaForCausalLM", Family::Llama), ("Qwen2ForCausalLM", Family::Qwen2), ("Qwen3ForCausalLM", Family::Qwen3)];
+
 /// Largest dimension accepted from `config.json`, as [`ModelConfig::validate`] does.
 const MAX_DIMENSION: u64 = 1 << 24;
 
-/// Per-layer tensors: Hugging Face's name inside `model.layers.N.` and GGUF's inside `blk.N.`.
+/// Per-layer tensors of the Llama block: Hugging Face's name inside
+/// `model.layers.N.` and GGUF's inside `blk.N.`.
 const LAYER_TENSORS: [(&str, &str); 9] = [
-    ("input_layernorm", "attn_norm"),
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("post_attention_layernorm", "ffn_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
 ];
+
+/// Qwen2's biases of q, k and v.
+const QKV_BIAS_TENSORS: [(&str, &str); 3] = [
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+];
+
+/// Qwen3's and Gemma-3's per-head norms of q and k.
+const QK_NORM_TENSORS: [(&str, &str); 2] =
+    [("self_attn.q_norm.weight", "attn_q_norm.weight"), ("self_attn.k_norm.weight", "attn_k_norm.weight")];
+
+/// Gemma-3's four norms: its `post_attention_layernorm` normalizes the
+/// attention's output, where Llama's is the FFN's input norm.
+const GEMMA_NORM_TENSORS: [(&str, &str); 4] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+];
+
+/// The per-layer name pairs `(Hugging Face, GGUF)` of `family`.
+fn layer_tensor_names(family: Family) -> Vec<(&'static str, &'static str)> {
+    let mut names: Vec<(&str, &str)> = LAYER_TENSORS.to_vec();
+    match family {
+        Family::Llama => {}
+        Family::Qwen2 => names.extend(QKV_BIAS_TENSORS),
+        Family::Qwen3 => names.extend(QK_NORM_TENSORS),
+        Family::Gemma3 => {
+            names.retain(|(hf, _)| !hf.ends_with("layernorm.weight"));
+            names.extend(QK_NORM_TENSORS);
+            names.extend(GEMMA_NORM_TENSORS);
+        }
+    }
+    names
+}
 
 /// The Hugging Face row that row `row` of a permuted q/k weight comes from.
 ///
@@ -158,12 +200,15 @@ struct TensorLocation {
     hf_name: String,
     /// `Some(head_dim)` for q/k weights, whose rows are permuted.
     permuted_head_dim: Option<usize>,
+    /// Gemma's RMSNorm weights: the model multiplies by `1 + w`, the image stores `1 + w`.
+    plus_one: bool,
 }
 
 /// A Hugging Face Llama directory, opened.
 pub struct HfSource {
     dir: PathBuf,
     config: ModelConfig,
+    architecture: Architecture,
     rope_scaling: Option<RopeScaling>,
     vocab: Vocab,
     chat_template: Option<String>,
@@ -186,6 +231,7 @@ impl std::fmt::Debug for HfSource {
 /// `config.json`, read.
 struct HfConfig {
     config: ModelConfig,
+    architecture: Architecture,
     rope_scaling: Option<RopeScaling>,
     tie_word_embeddings: bool,
     tokenizer_facts: ModelFacts,
@@ -286,21 +332,35 @@ fn read_config(path: &Path) -> Result<HfConfig> {
         .and_then(Value::as_array)
         .map_or(Vec::new(), |list| list.iter().filter_map(Value::as_str).collect());
     let model_type = json.get("model_type").and_then(Value::as_str);
-    if !architectures.contains(&"LlamaForCausalLM") && model_type != Some("llama") {
-        bail!(
-            "{}: not a Llama model (architectures {architectures:?}, model_type {model_type:?}); \
-             expected LlamaForCausalLM / llama",
-            path.display()
-        );
-    }
-    if let Some(activation) = json.get("hidden_act").filter(|v| !v.is_null()) {
-        if activation.as_str() != Some("silu") {
-            bail!("{}: hidden_act {activation} is not supported (only silu)", path.display());
+    let family = HF_FAMILIES
+        .iter()
+        .find(|(class, family)| architectures.contains(class) || model_type == Some(family.name()))
+        .map(|&(_, family)| family)
+        .ok_or_else(|| {
+            let known: Vec<String> = HF_FAMILIES.iter().map(|(class, f)| format!("{class} / {}", f.name())).collect();
+            anyhow!(
+                "{}: not a supported model (architectures {architectures:?}, model_type {model_type:?}); \
+                 expected one of {}",
+                path.display(),
+                known.join(", ")
+            )
+        })?;
+    let activation_key = if family == Family::Gemma3 { "hidden_activation" } else { "hidden_act" };
+    let expected_activation = if family == Family::Gemma3 { "gelu_pytorch_tanh" } else { "silu" };
+    if let Some(activation) = json.get(activation_key).filter(|v| !v.is_null()) {
+        if activation.as_str() != Some(expected_activation) {
+            bail!(
+                "{}: {activation_key} {activation} is not supported (a {} block runs {expected_activation})",
+                path.display(),
+                family.name()
+            );
         }
     }
+    // Qwen2 always has q/k/v biases and says nothing; the others must have none.
+    let biases_allowed: &[&str] = if family == Family::Qwen2 { &["attention_bias"] } else { &[] };
     for key in ["attention_bias", "mlp_bias"] {
-        if flag(path, &json, key, false)? {
-            bail!("{}: `{key}` is true; Llama weights without biases are supported only", path.display());
+        if !biases_allowed.contains(&key) && flag(path, &json, key, false)? {
+            bail!("{}: `{key}` is true; a {} block has no such biases", path.display(), family.name());
         }
     }
     let dim = dimension(path, &json, "hidden_size", None)?;
@@ -326,17 +386,20 @@ fn read_config(path: &Path) -> Result<HfConfig> {
         (None, Some(parameters)) => number(path, parameters, "rope_theta", 10000.0)?,
         _ => number(path, &json, "rope_theta", 10000.0)?,
     };
-    config.rope_style = 0;
+    // Llama's q/k rows are permuted to adjacent pairs; the others keep halves.
+    config.rope_style = (family != Family::Llama) as u32;
     config.rope_dim = head_dim;
     // transformers' LlamaConfig default.
     config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
     config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let architecture = Architecture::plain(family, &config);
     let rope_scaling = match json.get("rope_scaling").filter(|s| !s.is_null()).or(rope_parameters) {
         Some(scaling) => rope_scaling(path, scaling, &config)?,
         None => None,
     };
     Ok(HfConfig {
         config,
+        architecture,
         rope_scaling,
         tie_word_embeddings: flag(path, &json, "tie_word_embeddings", false)?,
         tokenizer_facts: ModelFacts {
@@ -347,8 +410,9 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     })
 }
 
-/// GGUF's name for a Hugging Face tensor name, or `None` when it is not a Llama weight.
-fn gguf_name(hf_name: &str) -> Option<String> {
+/// GGUF's name for a Hugging Face tensor name of a `family` model, or `None`
+/// when the family has no such weight.
+fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
     match hf_name {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -358,13 +422,12 @@ fn gguf_name(hf_name: &str) -> Option<String> {
     let rest = hf_name.strip_prefix("model.layers.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: u32 = layer.parse().ok()?;
-    let part = part.strip_suffix(".weight")?;
-    let (_, gguf) = LAYER_TENSORS.iter().find(|(hf, _)| *hf == part)?;
-    Some(format!("blk.{layer}.{gguf}.weight"))
+    let (_, gguf) = layer_tensor_names(family).into_iter().find(|(hf, _)| *hf == part)?;
+    Some(format!("blk.{layer}.{gguf}"))
 }
 
-/// Hugging Face's name for a GGUF tensor name.
-fn hf_name(gguf_name: &str) -> Option<String> {
+/// Hugging Face's name for a GGUF tensor name of a `family` model.
+fn hf_name(family: Family, gguf_name: &str) -> Option<String> {
     match gguf_name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -374,9 +437,8 @@ fn hf_name(gguf_name: &str) -> Option<String> {
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: u32 = layer.parse().ok()?;
-    let part = part.strip_suffix(".weight")?;
-    let (hf, _) = LAYER_TENSORS.iter().find(|(_, gguf)| *gguf == part)?;
-    Some(format!("model.layers.{layer}.{hf}.weight"))
+    let (hf, _) = layer_tensor_names(family).into_iter().find(|(_, gguf)| *gguf == part)?;
+    Some(format!("model.layers.{layer}.{hf}"))
 }
 
 /// A shard file name from the index: a plain relative path inside the directory.
@@ -402,7 +464,12 @@ fn map_shard(path: &Path) -> Result<Mmap> {
 }
 
 /// Reads one shard's header and records where each of its tensors is.
-fn index_shard(shard_index: usize, shard: &Shard, found: &mut HashMap<String, FoundTensor>) -> Result<()> {
+fn index_shard(
+    family: Family,
+    shard_index: usize,
+    shard: &Shard,
+    found: &mut HashMap<String, FoundTensor>,
+) -> Result<()> {
     let name = shard.path.display();
     let (header_length, metadata) = safetensors::SafeTensors::read_metadata(&shard.map)
         .map_err(|e| anyhow!("{name}: not a valid safetensors file: {e}"))?;
@@ -412,8 +479,11 @@ fn index_shard(shard_index: usize, shard: &Shard, found: &mut HashMap<String, Fo
             // Old checkpoints store RoPE's frequencies; they are recomputed from rope_theta.
             continue;
         }
-        let Some(gguf) = gguf_name(&tensor_name) else {
-            bail!("{name}: tensor {tensor_name} is not part of a Llama model (a bias, or another architecture?)");
+        let Some(gguf) = gguf_name(family, &tensor_name) else {
+            bail!(
+                "{name}: tensor {tensor_name} is not part of a {} model (a bias, or another architecture?)",
+                family.name()
+            );
         };
         let dtype = HfDtype::from_safetensors(info.dtype).ok_or_else(|| {
             anyhow!("{name}: tensor {tensor_name} has dtype {:?}; only F32, F16 and BF16 are supported", info.dtype)
@@ -427,6 +497,7 @@ fn index_shard(shard_index: usize, shard: &Shard, found: &mut HashMap<String, Fo
             dtype,
             hf_name: tensor_name.clone(),
             permuted_head_dim: None,
+            plus_one: false,
         };
         let tensor = FoundTensor { location, shape: info.shape.clone() };
         if let Some(previous) = found.insert(gguf, tensor) {
@@ -442,7 +513,9 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     if !config_path.is_file() {
         bail!("{}: no config.json; not a Hugging Face model directory", dir.display());
     }
-    let HfConfig { mut config, rope_scaling, tie_word_embeddings, tokenizer_facts } = read_config(&config_path)?;
+    let HfConfig { mut config, architecture, rope_scaling, tie_word_embeddings, tokenizer_facts } =
+        read_config(&config_path)?;
+    let family = architecture.family;
 
     // The shards: one file, or those the index lists.
     let single = dir.join("model.safetensors");
@@ -485,13 +558,13 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     let mut found = HashMap::new();
     for (shard_index, path) in shard_paths.into_iter().enumerate() {
         let shard = Shard { map: map_shard(&path)?, path };
-        index_shard(shard_index, &shard, &mut found)?;
+        index_shard(family, shard_index, &shard, &mut found)?;
         shards.push(shard);
     }
     if let Some(map) = &index_map {
         // The index and the shards must agree on where each tensor is.
         for (tensor, file) in map {
-            let Some(gguf) = gguf_name(tensor) else {
+            let Some(gguf) = gguf_name(family, tensor) else {
                 continue;
             };
             let Some(found) = found.get(&gguf) else {
@@ -526,9 +599,10 @@ pub fn open(dir: &Path) -> Result<HfSource> {
     }
     let mut tensors = Vec::new();
     let mut locations = Vec::new();
-    for (name, shape) in super::llama_tensors(&config) {
+    for (name, shape) in architecture.tensors(&config) {
         let Some(FoundTensor { mut location, shape: found_shape }) = found.remove(&name) else {
-            bail!("{}: tensor {} is missing (looked in {})", dir.display(), hf_name(&name).unwrap_or(name), files());
+            let hf = hf_name(family, &name).unwrap_or(name);
+            bail!("{}: tensor {hf} is missing (looked in {})", dir.display(), files());
         };
         if found_shape != shape {
             bail!(
@@ -537,11 +611,15 @@ pub fn open(dir: &Path) -> Result<HfSource> {
                 location.hf_name
             );
         }
-        let permuted = name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight");
+        // Llama's q/k rows go to adjacent pairs as llama.cpp's converter puts
+        // them; the other families keep Hugging Face's halves (rope_style 1).
+        let permuted =
+            family == Family::Llama && (name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight"));
         if permuted {
             location.permuted_head_dim = Some(config.head_dim as usize);
         }
-        let native = match (location.dtype, permuted) {
+        location.plus_one = family == Family::Gemma3 && name.ends_with("norm.weight");
+        let native = match (location.dtype, permuted || location.plus_one) {
             (_, true) => None,
             (HfDtype::F32, false) => Some(Encoding::F32),
             (HfDtype::F16, false) => Some(Encoding::F16),
@@ -574,7 +652,17 @@ pub fn open(dir: &Path) -> Result<HfSource> {
         vocab.scores.push(0.0);
         vocab.types.push(bramble_runtime::vocab::TokenType::Unused);
     }
-    Ok(HfSource { dir: dir.to_path_buf(), config, rope_scaling, vocab, chat_template, tensors, locations, shards })
+    Ok(HfSource {
+        dir: dir.to_path_buf(),
+        config,
+        architecture,
+        rope_scaling,
+        vocab,
+        chat_template,
+        tensors,
+        locations,
+        shards,
+    })
 }
 
 impl HfSource {
@@ -597,6 +685,9 @@ impl ModelSource for HfSource {
     }
     fn vocab(&self) -> &Vocab {
         &self.vocab
+    }
+    fn architecture(&self) -> Option<&Architecture> {
+        Some(&self.architecture)
     }
     fn rope_scaling(&self) -> Option<&RopeScaling> {
         self.rope_scaling.as_ref()
@@ -626,6 +717,9 @@ impl ModelSource for HfSource {
             let row = first_row + offset;
             let source = location.permuted_head_dim.map_or(row, |head_dim| permuted_source_row(row, head_dim));
             location.dtype.decode(&data[source * row_bytes..(source + 1) * row_bytes], row_out);
+            if location.plus_one {
+                row_out.iter_mut().for_each(|w| *w += 1.0);
+            }
         }
         Ok(())
     }
@@ -727,18 +821,19 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         bail!("writing {}: shards must be at least 1", dir.display());
     }
     let head_dim = config.head_dim as usize;
+    let family = model.architecture.family;
 
     // The tensors, renamed, permuted and encoded.
     let mut encoded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.tensors.len());
     for (name, shape, values) in &model.tensors {
-        let hf = hf_name(name)
+        let hf = hf_name(family, name)
             .ok_or_else(|| anyhow!("writing {}: tensor {name} has no Hugging Face name", dir.display()))?;
         let expected: usize = shape.iter().product();
         if values.len() != expected {
             bail!("writing {}: tensor {name} has {} values for shape {shape:?}", dir.display(), values.len());
         }
         let mut bytes = Vec::with_capacity(expected * options.dtype.size());
-        if name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight") {
+        if family == Family::Llama && (name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight")) {
             let (rows, cols) = (shape[0], shape[1]);
             if head_dim == 0 || !head_dim.is_multiple_of(2) || !rows.is_multiple_of(head_dim) {
                 bail!("writing {}: tensor {name} has {rows} rows, not whole heads of {head_dim}", dir.display());
@@ -748,6 +843,10 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
                 let ours = permuted_target_row(hf_row, head_dim);
                 options.dtype.encode(&values[ours * cols..(ours + 1) * cols], &mut bytes);
             }
+        } else if family == Family::Gemma3 && name.ends_with("norm.weight") {
+            // Gemma's checkpoints store w of its (1 + w) norms.
+            let stored: Vec<f32> = values.iter().map(|w| w - 1.0).collect();
+            options.dtype.encode(&stored, &mut bytes);
         } else {
             options.dtype.encode(values, &mut bytes);
         }
@@ -790,9 +889,14 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
 
     let vocab = &model.vocab;
     let tied = config.tied_output != 0;
+    let class = HF_FAMILIES
+        .iter()
+        .find(|(_, f)| *f == family)
+        .map(|(class, _)| *class)
+        .ok_or_else(|| anyhow!("writing {}: no Hugging Face class for a {} model", dir.display(), family.name()))?;
     let config_json = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [class],
+        "model_type": family.name(),
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
         "num_attention_heads": config.n_heads,
@@ -816,7 +920,7 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         "rms_norm_eps": json_f32(config.norm_eps),
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
-        "attention_bias": false,
+        "attention_bias": family == Family::Qwen2,
         "mlp_bias": false,
         "bos_token_id": vocab.bos_id,
         "eos_token_id": vocab.eos_id,

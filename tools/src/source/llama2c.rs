@@ -565,6 +565,12 @@ pub fn write_llama2c(model: &SyntheticModel, checkpoint: &Path, tokenizer: &Path
     if model.rope_scaling.is_some() {
         bail!("writing {name}: llama2.c checkpoints have no place for RoPE scaling");
     }
+    if model.architecture.family != bramble_runtime::architecture::Family::Llama {
+        bail!(
+            "writing {name}: llama2.c checkpoints hold the Llama block only, not {}",
+            model.architecture.family.name()
+        );
+    }
     if vocab.kind != TokenizerKind::SentencePiece {
         bail!("writing {name}: llama2.c holds SentencePiece vocabularies only, not byte-level BPE");
     }

@@ -6,6 +6,7 @@ use super::quants::quantize;
 use super::{Array, GgmlType, Value, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
+use bramble_runtime::architecture::Family;
 use bramble_runtime::rope::ScalingKind;
 use bramble_runtime::vocab::{PreTokenizer, TokenizerKind};
 use bramble_runtime::{ModelConfig, Vocab};
@@ -334,6 +335,7 @@ fn pre_tokenizer_name(pre: PreTokenizer) -> &'static str {
         PreTokenizer::Gpt2 => "gpt-2",
         PreTokenizer::SmolLm => "smollm",
         PreTokenizer::Llama3 => "llama-bpe",
+        PreTokenizer::Qwen2 => "qwen2",
     }
 }
 
@@ -346,7 +348,9 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
     if !GgmlType::WRITABLE.contains(&weight_type) {
         bail!("{}: cannot write weights as {weight_type}", path.display());
     }
-    let mut writer = llama_writer(&model.config, &model.vocab).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+    let family = model.architecture.family;
+    let mut writer =
+        family_writer(family, &model.config, &model.vocab).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
     match &model.rope_scaling {
         // Llama-3.x: the factors as llama.cpp's converter writes them.
         Some(scaling) if scaling.kind == ScalingKind::Llama3 => {
@@ -354,9 +358,10 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
             writer.add_values("rope_freqs.weight", &pairs, GgmlType::F32, &scaling.factors)?;
         }
         Some(scaling) => {
+            let key = |k: &str| format!("{}.{k}", family.name());
             writer
-                .set("llama.rope.scaling.type", Value::String(b"linear".to_vec()))
-                .set("llama.rope.scaling.factor", Value::F32(scaling.factors[0]));
+                .set(&key("rope.scaling.type"), Value::String(b"linear".to_vec()))
+                .set(&key("rope.scaling.factor"), Value::F32(scaling.factors[0]));
         }
         None => {}
     }
@@ -373,25 +378,35 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
 /// A writer holding the metadata of a Llama of `config` with tokenizer `vocab`
 /// (as [`write_gguf`] writes it), and no tensors yet.
 pub fn llama_writer(config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
-    if config.rope_style != 0 {
-        bail!("GGUF llama models use adjacent-pairs RoPE (rope_style 0), not {}", config.rope_style);
+    family_writer(Family::Llama, config, vocab)
+}
+
+/// As [`llama_writer`] for a model of `family`: its hyperparameters under
+/// its own name (`qwen2.block_count`, …), as llama.cpp's converter writes them.
+pub fn family_writer(family: Family, config: &ModelConfig, vocab: &Vocab) -> Result<GgufWriter> {
+    // llama.cpp permutes Llama's q/k rows into adjacent pairs and keeps the others' halves.
+    let rope_style = (family != Family::Llama) as u32;
+    if config.rope_style != rope_style {
+        bail!("GGUF {} models use rope_style {rope_style}, not {}", family.name(), config.rope_style);
     }
+    let name = family.name();
+    let key = |k: &str| format!("{name}.{k}");
     let mut writer = GgufWriter::new();
     writer
-        .set("general.architecture", Value::String(b"llama".to_vec()))
+        .set("general.architecture", Value::String(name.as_bytes().to_vec()))
         .set("general.name", Value::String(b"bramble synthetic".to_vec()))
-        .set("llama.context_length", Value::U32(config.context_length))
-        .set("llama.embedding_length", Value::U32(config.dim))
-        .set("llama.block_count", Value::U32(config.n_layers))
-        .set("llama.feed_forward_length", Value::U32(config.ffn_dim))
-        .set("llama.attention.head_count", Value::U32(config.n_heads))
-        .set("llama.attention.head_count_kv", Value::U32(config.n_kv_heads))
-        .set("llama.attention.key_length", Value::U32(config.head_dim))
-        .set("llama.attention.value_length", Value::U32(config.head_dim))
-        .set("llama.rope.freq_base", Value::F32(config.rope_theta))
-        .set("llama.rope.dimension_count", Value::U32(config.rope_dim))
-        .set("llama.attention.layer_norm_rms_epsilon", Value::F32(config.norm_eps))
-        .set("llama.vocab_size", Value::U32(vocab.len() as u32));
+        .set(&key("context_length"), Value::U32(config.context_length))
+        .set(&key("embedding_length"), Value::U32(config.dim))
+        .set(&key("block_count"), Value::U32(config.n_layers))
+        .set(&key("feed_forward_length"), Value::U32(config.ffn_dim))
+        .set(&key("attention.head_count"), Value::U32(config.n_heads))
+        .set(&key("attention.head_count_kv"), Value::U32(config.n_kv_heads))
+        .set(&key("attention.key_length"), Value::U32(config.head_dim))
+        .set(&key("attention.value_length"), Value::U32(config.head_dim))
+        .set(&key("rope.freq_base"), Value::F32(config.rope_theta))
+        .set(&key("rope.dimension_count"), Value::U32(config.rope_dim))
+        .set(&key("attention.layer_norm_rms_epsilon"), Value::F32(config.norm_eps))
+        .set(&key("vocab_size"), Value::U32(vocab.len() as u32));
 
     let (model_name, template) = match vocab.kind {
         TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),

@@ -41,6 +41,9 @@ const MAX_TOKENIZER_FILE_BYTES: u64 = 1 << 29;
 
 /// Llama-3's pre-tokenizer regex, as its `tokenizer.json` spells it.
 pub(super) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's (Qwen2.5's, Qwen3's) split regex in `tokenizer.json`: Llama-3's with single digits.
+pub(super) const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Tokens that end a chat turn, in the order they are looked for.
 const END_OF_TURN_TOKENS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"];
@@ -320,6 +323,13 @@ fn byte_level_pre_tokenizer(pre_tokenizer: &Value) -> PreTokenizer {
     });
     if llama3.is_some() {
         return PreTokenizer::Llama3;
+    }
+    let qwen2 = position(&|step| {
+        type_of(step) == Some("Split")
+            && step.pointer("/pattern/Regex").and_then(Value::as_str).is_some_and(|regex| regex == QWEN2_REGEX)
+    });
+    if qwen2.is_some() {
+        return PreTokenizer::Qwen2;
     }
     let digits = position(&|step| {
         type_of(step) == Some("Digits") && step.get("individual_digits").and_then(Value::as_bool) == Some(true)
@@ -781,6 +791,10 @@ pub(super) fn tokenizer_json(vocab: &Vocab) -> Result<Value> {
                 ]}),
                 PreTokenizer::Llama3 => json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": false},
+                    byte_level_step(false),
+                ]}),
+                PreTokenizer::Qwen2 => json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated", "invert": false},
                     byte_level_step(false),
                 ]}),
                 PreTokenizer::None => {
