@@ -35,12 +35,19 @@ pub const LLAMA2: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_me
 /// its trimmed text and `<|eot_id|>`, which ends the turn (and generation).
 pub const LLAMA3: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
 
+/// Gemma's turns: BOS, a system message (if any) put before the first user
+/// turn's text, each turn `<start_of_turn>ROLE\n…<end_of_turn>\n` with the
+/// assistant called `model`.
+pub const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
 /// The built-in template for a vocabulary whose model brought none:
-/// Llama-3 when it has `<|start_header_id|>`, ChatML when it has
-/// `<|im_start|>`, Llama-2 otherwise.
+/// Llama-3 when it has `<|start_header_id|>`, Gemma's when it has
+/// `<start_of_turn>`, ChatML when it has `<|im_start|>`, Llama-2 otherwise.
 pub fn builtin_for(vocab: &Vocab) -> &'static str {
     if vocab.find("<|start_header_id|>").is_some() {
         LLAMA3
+    } else if vocab.find("<start_of_turn>").is_some() {
+        GEMMA
     } else if vocab.find("<|im_start|>").is_some() {
         CHATML
     } else {
@@ -371,6 +378,24 @@ mod tests {
         assert!(text.ends_with("Hi<|eot_id|>"), "{text}");
         // The image's own template wins over the built-in one.
         assert_eq!(ChatTemplate::new(Some(CHATML), &llama3).source(), CHATML);
+    }
+
+    #[test]
+    fn gemma_is_chosen_by_its_turn_token_and_folds_the_system_prompt_into_the_first_turn() {
+        let template =
+            ChatTemplate::new(None, &vocab(&["<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]));
+        assert_eq!(template.source(), GEMMA);
+        let messages = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", " Hi "),
+            ChatMessage::new("assistant", "Hello."),
+            ChatMessage::new("user", "Bye"),
+        ];
+        assert_eq!(
+            template.render(&messages, true).unwrap(),
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
     }
 
     #[test]

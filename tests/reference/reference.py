@@ -391,8 +391,31 @@ class GGUFModel:
         elif scaling not in (None, "none"):
             log(f"warning: rope scaling {scaling!r} is not implemented; ignored")
         # llama.cpp uses NORM (adjacent pairs) RoPE for LLM_ARCH_LLAMA and
-        # NEOX (halves) for Qwen2 and Qwen3, whose q/k rows it does not permute.
+        # NEOX (halves) for Qwen2, Qwen3 and Gemma-3, whose q/k rows it does not permute.
         self.rope_style = rope_style or ("norm" if arch == "llama" else "neox")
+        # Gemma-3 (as llama.cpp's gemma3 model reads it): the embedding times
+        # sqrt(dim), queries times 1/sqrt(head_dim) (1/sqrt(dim/heads) for the
+        # 62-layer 27B), and with a sliding window, layer l local unless
+        # l % pattern == pattern - 1 (or per a bool array), local layers
+        # turning RoPE by freq_base_swa (10000 unless given), unscaled.
+        self.embedding_scale = 1.0
+        self.attention_scale = 1.0 / math.sqrt(self.head_dim)
+        self.windows = [0] * self.n_layers
+        self.local_theta = self.rope_theta
+        if arch == "gemma3":
+            self.embedding_scale = math.sqrt(self.dim)
+            if self.n_layers == 62:
+                self.attention_scale = 1.0 / math.sqrt(self.dim // self.n_heads)
+            window = int(self.meta(a + "attention.sliding_window", 0) or 0)
+            if window:
+                pattern = self.meta(a + "attention.sliding_window_pattern", 6)
+                if isinstance(pattern, (list, tuple)):
+                    local = [bool(p) for p in pattern]
+                else:
+                    pattern = int(pattern)
+                    local = [pattern == 0 or (l % pattern) < pattern - 1 for l in range(self.n_layers)]
+                self.windows = [window if is_local else 0 for is_local in local]
+                self.local_theta = float(self.meta(a + "rope.freq_base_swa", 10000.0))
         if self.n_heads % self.n_kv_heads:
             raise ValueError("head_count is not a multiple of head_count_kv")
 
@@ -480,8 +503,10 @@ class GGUFModel:
 
 
 # The architectures the reference computes: Llama, and Qwen2's q/k/v biases
-# and Qwen3's per-head RMSNorm of q and k (before RoPE) on top of it.
-ARCHITECTURES = {"llama", "qwen2", "qwen3"}
+# and Qwen3's per-head RMSNorm of q and k (before RoPE) on top of it; Gemma-3
+# adds to Qwen3's norms a scaled embedding, GELU (tanh) gate, norms of the
+# attention's and FFN's outputs, a query scale and sliding-window layers.
+ARCHITECTURES = {"llama", "qwen2", "qwen3", "gemma3"}
 
 
 def rms_norm(x, w, eps):
@@ -491,13 +516,16 @@ def rms_norm(x, w, eps):
     return x / np.sqrt(ms + eps) * w.astype(np.float64)
 
 
-def rope_tables(model, positions):
-    """cos/sin of shape (T, n_rot/2): angle_i = pos * theta^(-2i/n_rot)."""
+def rope_tables(model, positions, local=False):
+    """cos/sin of shape (T, n_rot/2): angle_i = pos * theta^(-2i/n_rot); a
+    local (sliding-window) layer's at its own base, with no scaling."""
     half = model.n_rot // 2
-    inv_freq = model.rope_theta ** (-2.0 * np.arange(half, dtype=np.float64) / model.n_rot)
-    if "rope_freqs.weight" in model.tensors:  # llama3-style per-frequency factors
+    theta = model.local_theta if local else model.rope_theta
+    inv_freq = theta ** (-2.0 * np.arange(half, dtype=np.float64) / model.n_rot)
+    scale = 1.0 if local else model.rope_scale
+    if "rope_freqs.weight" in model.tensors and not local:  # llama3-style per-frequency factors
         inv_freq = inv_freq / model.weight("rope_freqs.weight").astype(np.float64)[:half]
-    ang = (np.asarray(positions, np.float64) * model.rope_scale)[:, None] * inv_freq[None, :]
+    ang = (np.asarray(positions, np.float64) * scale)[:, None] * inv_freq[None, :]
     return np.cos(ang), np.sin(ang)
 
 
@@ -536,13 +564,20 @@ def forward(model, tokens, logit_rows=None, start_pos=0):
     emb = m.weight("token_embd.weight")
     if tokens.min() < 0 or tokens.max() >= emb.shape[0]:
         raise ValueError(f"token id out of range 0..{emb.shape[0] - 1}")
-    x = emb[tokens].astype(np.float64)  # residual stream, float64
+    x = emb[tokens].astype(np.float64) * m.embedding_scale  # residual stream, float64
 
-    cos, sin = rope_tables(m, np.arange(start_pos, start_pos + T))
+    positions = np.arange(start_pos, start_pos + T)
+    tables = {False: rope_tables(m, positions), True: rope_tables(m, positions, local=True)}
     mask = np.triu(np.full((T, T), -np.inf), k=1)  # causal: j > i is masked
-    scale = 1.0 / math.sqrt(hd)
+    scale = m.attention_scale
 
     for layer in range(m.n_layers):
+        window = m.windows[layer]
+        cos, sin = tables[window > 0]
+        layer_mask = mask
+        if window:  # a token sees itself and the window - 1 before it
+            distance = positions[:, None] - positions[None, :]
+            layer_mask = np.where(distance >= window, -np.inf, mask)
         w = lambda part: m.weight(f"blk.{layer}.{part}.weight")  # noqa: E731
         # --- attention ---
         h = rms_norm(x, w("attn_norm"), m.eps).astype(dt)
@@ -556,7 +591,7 @@ def forward(model, tokens, logit_rows=None, start_pos=0):
         q = q.reshape(T, H, hd)
         k = k.reshape(T, KV, hd)
         v = v.reshape(T, KV, hd)
-        if m.arch == "qwen3":  # RMSNorm of each head, before RoPE
+        if m.arch in ("qwen3", "gemma3"):  # RMSNorm of each head, before RoPE
             q = rms_norm(q, w("attn_q_norm"), m.eps)
             k = rms_norm(k, w("attn_k_norm"), m.eps)
         q = apply_rope(q, cos, sin, m.n_rot, m.rope_style)
@@ -565,19 +600,28 @@ def forward(model, tokens, logit_rows=None, start_pos=0):
         qg = q.transpose(1, 0, 2).reshape(KV, group, T, hd)
         kt = k.transpose(1, 2, 0)[:, None]  # (KV, 1, hd, T)
         vv = v.transpose(1, 0, 2)[:, None]  # (KV, 1, T, hd)
-        scores = (qg @ kt) * scale + mask  # (KV, group, T, T)
+        scores = (qg @ kt) * scale + layer_mask  # (KV, group, T, T)
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         att = (p @ vv).reshape(H, T, hd).transpose(1, 0, 2).reshape(T, H * hd)
-        x = x + (att.astype(dt) @ w("attn_output").T)
-        # --- SwiGLU feed-forward ---
+        out = (att.astype(dt) @ w("attn_output").T).astype(np.float64)
+        if m.arch == "gemma3":  # the attention's output normalized before the residual
+            out = rms_norm(out, w("post_attention_norm"), m.eps)
+        x = x + out
+        # --- SwiGLU (GeGLU for Gemma) feed-forward ---
         h = rms_norm(x, w("ffn_norm"), m.eps).astype(dt)
         gate = (h @ w("ffn_gate").T).astype(np.float64)
         up = (h @ w("ffn_up").T).astype(np.float64)
-        with np.errstate(over="ignore"):  # exp overflow -> inf -> silu = -0, correct
-            act = gate / (1.0 + np.exp(-gate)) * up  # silu(gate) * up
-        x = x + (act.astype(dt) @ w("ffn_down").T)
+        if m.arch == "gemma3":  # GELU, tanh approximation
+            act = 0.5 * gate * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate**3))) * up
+        else:
+            with np.errstate(over="ignore"):  # exp overflow -> inf -> silu = -0, correct
+                act = gate / (1.0 + np.exp(-gate)) * up  # silu(gate) * up
+        out = (act.astype(dt) @ w("ffn_down").T).astype(np.float64)
+        if m.arch == "gemma3":
+            out = rms_norm(out, w("post_ffw_norm"), m.eps)
+        x = x + out
 
     if logit_rows is not None:
         x = x[logit_rows]

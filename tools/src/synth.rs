@@ -5,11 +5,11 @@
 //! ([`SyntheticShape::llama3`]) scales RoPE as Llama-3.1 does and has
 //! Llama-3's control tokens.
 
-use bramble_runtime::architecture::{Architecture, Family};
+use bramble_runtime::architecture::{Architecture, Family, LayerAttention};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
-use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, llama3_vocab, sentencepiece_vocab};
+use bramble_runtime::tokenizer::synthetic::{byte_level_vocab, gemma_vocab, llama3_vocab, sentencepiece_vocab};
 use bramble_runtime::vocab::TokenizerKind;
 use bramble_runtime::{ModelConfig, Vocab};
 use bytemuck::Zeroable;
@@ -60,7 +60,9 @@ pub struct SyntheticShape {
     pub llama3: bool,
     /// The block's family: Llama, or Qwen2 (q/k/v biases) or Qwen3 (q/k
     /// norms), which take a byte-level vocabulary split by Qwen2's
-    /// pre-tokenizer whatever `tokenizer` says, and halves RoPE.
+    /// pre-tokenizer whatever `tokenizer` says, and halves RoPE; or Gemma-3
+    /// ([`SyntheticModel::generate`] says how), with Gemma's SentencePiece
+    /// vocabulary.
     pub family: Family,
 }
 
@@ -99,6 +101,7 @@ impl SyntheticModel {
         let qwen = matches!(shape.family, Family::Qwen2 | Family::Qwen3);
         let mut vocab = match (shape.llama3, shape.tokenizer) {
             (true, _) => llama3_vocab(),
+            _ if shape.family == Family::Gemma3 => gemma_vocab(),
             (false, TokenizerKind::ByteLevelBpe) => byte_level_vocab(),
             (false, TokenizerKind::SentencePiece) if qwen => byte_level_vocab(),
             (false, TokenizerKind::SentencePiece) => sentencepiece_vocab(),
@@ -155,7 +158,13 @@ impl SyntheticModel {
             ("token_embd.weight".to_string(), vec![n_vocab, dim], values)
         };
         tensors.push(embedding);
-        let architecture = Architecture::plain(shape.family, &config);
+        if shape.family == Family::Gemma3 {
+            config.rope_theta = 1_000_000.0;
+        }
+        let architecture = match shape.family {
+            Family::Gemma3 => gemma3_block(&config),
+            family => Architecture::plain(family, &config),
+        };
         for layer in 0..config.n_layers {
             for (name, tensor_shape) in architecture.layer_tensors(&config, layer) {
                 tensors.push(match tensor_shape[..] {
@@ -181,6 +190,26 @@ impl SyntheticModel {
         self.tensors.iter().find(|t| t.0 == name).map(|t| (t.1.as_slice(), t.2.as_slice()))
     }
 }
+
+/// Gemma-3's block for a synthetic `config`: the embedding scaled by √dim,
+/// queries by `1/√head_dim`, and every third layer global, the others
+/// local with a window of a quarter of the context (so that a test runs
+/// well past it) turning RoPE by Gemma's local base, 10000, beside the
+/// global 1000000.
+pub fn gemma3_block(config: &ModelConfig) -> Architecture {
+    let mut architecture = Architecture::plain(Family::Gemma3, config);
+    architecture.embedding_scale = (config.dim as f32).sqrt();
+    let window = (config.context_length / 4).max(1);
+    for (l, layer) in architecture.layers.iter_mut().enumerate() {
+        if l % GEMMA3_PATTERN < GEMMA3_PATTERN - 1 {
+            *layer = LayerAttention { window, rope_theta: 10000.0 };
+        }
+    }
+    architecture
+}
+
+/// Synthetic Gemma-3 models' period of layers: two local, then a global one.
+pub const GEMMA3_PATTERN: usize = 3;
 
 impl crate::source::ModelSource for SyntheticModel {
     fn config(&self) -> &ModelConfig {

@@ -93,6 +93,24 @@ pub fn byte_level_vocab() -> Vocab {
     }
 }
 
+/// The SentencePiece vocabulary of [`sentencepiece_vocab`] as Gemma's: its
+/// control tokens spelled `<unk> <bos> <eos>` (ids 0–2), Gemma's turn
+/// tokens `<start_of_turn> <end_of_turn>` last, no space put before the
+/// text (Gemma's tokenizer does not), BOS added, `<end_of_turn>` ending a turn.
+pub fn gemma_vocab() -> Vocab {
+    let mut vocab = sentencepiece_vocab();
+    vocab.tokens[1] = b"<bos>".to_vec();
+    vocab.tokens[2] = b"<eos>".to_vec();
+    for text in ["<start_of_turn>", "<end_of_turn>"] {
+        vocab.tokens.push(text.as_bytes().to_vec());
+        vocab.types.push(TokenType::Control);
+        vocab.scores.push(0.0);
+    }
+    vocab.eot_id = Some(vocab.tokens.len() as u32 - 1);
+    vocab.add_space_prefix = false;
+    vocab
+}
+
 /// The byte-level vocabulary of [`byte_level_vocab`] as Llama-3.x's: the
 /// same bytes and merges, Llama-3's word splitting, and its control tokens
 /// `<|begin_of_text|> <|end_of_text|> <|eot_id|>` in place of the ChatML

@@ -42,7 +42,7 @@ fn family_parser() -> impl clap::builder::TypedValueParser<Value = Family> {
 }
 
 /// The families `synth` writes.
-const SYNTH_FAMILIES: [Family; 3] = [Family::Llama, Family::Qwen2, Family::Qwen3];
+const SYNTH_FAMILIES: [Family; 4] = [Family::Llama, Family::Qwen2, Family::Qwen3, Family::Gemma3];
 
 /// `--shape`'s parser: the names of [`LargeShape::ALL`], listed in `--help`.
 fn shape_parser() -> impl clap::builder::TypedValueParser<Value = LargeShape> {
@@ -80,8 +80,11 @@ pub struct SynthArgs {
     /// tokens (ignores --tokenizer).
     #[arg(long)]
     llama3: bool,
-    /// The block: llama, qwen2 (q/k/v biases) or qwen3 (per-head q/k norms);
-    /// the Qwen families take a byte-level vocabulary split as Qwen2's (ignores --tokenizer).
+    /// The block: llama, qwen2 (q/k/v biases), qwen3 (per-head q/k norms) or
+    /// gemma3 (GeGLU, √dim embedding, q/k and post norms, every third layer
+    /// global and the others local with a window of a quarter of the context);
+    /// the Qwen families take a byte-level vocabulary split as Qwen2's, Gemma
+    /// Gemma's SentencePiece one (both ignore --tokenizer).
     #[arg(long, value_parser = family_parser(), default_value = "llama")]
     family: Family,
     /// Random seed.
@@ -101,6 +104,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
     }
     let tokenizer = match args.family {
         Family::Llama => TokenizerKind::from(args.tokenizer),
+        Family::Gemma3 => TokenizerKind::SentencePiece,
         _ => TokenizerKind::ByteLevelBpe,
     };
     if args.llama3 && args.family != Family::Llama {

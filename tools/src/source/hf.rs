@@ -16,7 +16,7 @@ mod tokenizer;
 use super::{ModelSource, SourceTensor};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
-use bramble_runtime::architecture::{Architecture, Family};
+use bramble_runtime::architecture::{Architecture, Family, LayerAttention};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
@@ -30,8 +30,13 @@ use std::path::{Component, Path, PathBuf};
 use tokenizer::{ModelFacts, TemplateForm};
 
 /// The model classes read, with the family each is: `architectures[0]` or `model_type`.
-const HF_FAMILIES: [(&str, Family); 3] =
-    [("LlamaForCausalLM", Family::Llama), ("Qwen2ForCausalLM", Family::Qwen2), ("Qwen3ForCausalLM", Family::Qwen3)];
+/// `(class, model_type, family)`.
+const HF_FAMILIES: [(&str, &str, Family); 4] = [
+    ("LlamaForCausalLM", "llama", Family::Llama),
+    ("Qwen2ForCausalLM", "qwen2", Family::Qwen2),
+    ("Qwen3ForCausalLM", "qwen3", Family::Qwen3),
+    ("Gemma3ForCausalLM", "gemma3_text", Family::Gemma3),
+];
 
 /// Largest dimension accepted from `config.json`, as [`ModelConfig::validate`] does.
 const MAX_DIMENSION: u64 = 1 << 24;
@@ -334,10 +339,10 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     let model_type = json.get("model_type").and_then(Value::as_str);
     let family = HF_FAMILIES
         .iter()
-        .find(|(class, family)| architectures.contains(class) || model_type == Some(family.name()))
-        .map(|&(_, family)| family)
+        .find(|(class, type_name, _)| architectures.contains(class) || model_type == Some(type_name))
+        .map(|&(_, _, family)| family)
         .ok_or_else(|| {
-            let known: Vec<String> = HF_FAMILIES.iter().map(|(class, f)| format!("{class} / {}", f.name())).collect();
+            let known: Vec<String> = HF_FAMILIES.iter().map(|(class, name, _)| format!("{class} / {name}")).collect();
             anyhow!(
                 "{}: not a supported model (architectures {architectures:?}, model_type {model_type:?}); \
                  expected one of {}",
@@ -392,7 +397,10 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     // transformers' LlamaConfig default.
     config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
     config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let architecture = Architecture::plain(family, &config);
+    let mut architecture = Architecture::plain(family, &config);
+    if family == Family::Gemma3 {
+        gemma3_block(path, &json, &config, &mut architecture)?;
+    }
     let rope_scaling = match json.get("rope_scaling").filter(|s| !s.is_null()).or(rope_parameters) {
         Some(scaling) => rope_scaling(path, scaling, &config)?,
         None => None,
@@ -408,6 +416,57 @@ fn read_config(path: &Path) -> Result<HfConfig> {
             vocab_size: config.vocab_size,
         },
     })
+}
+
+/// Gemma-3's numbers from `config.json`: the embedding scaled by √dim (in
+/// f32, as llama.cpp does), queries by `query_pre_attn_scalar^(−½)`, and
+/// the sliding-window layers (`layer_types`, or every layer but each
+/// `sliding_window_pattern`-th) turning RoPE by `rope_local_base_freq`.
+/// Soft-capping of logits or attention scores is refused.
+fn gemma3_block(path: &Path, json: &Value, config: &ModelConfig, architecture: &mut Architecture) -> Result<()> {
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if let Some(cap) = json.get(key).filter(|v| !v.is_null()) {
+            bail!("{}: {key} is {cap}; soft-capping is not supported", path.display());
+        }
+    }
+    architecture.embedding_scale = (config.dim as f32).sqrt();
+    let scalar = number(path, json, "query_pre_attn_scalar", config.head_dim as f64)?;
+    if !(scalar.is_finite() && scalar > 0.0) {
+        bail!("{}: query_pre_attn_scalar {scalar} is not a positive number", path.display());
+    }
+    architecture.attention_scale = 1.0 / scalar.sqrt();
+    let window = dimension(path, json, "sliding_window", Some(0))?;
+    if window == 0 {
+        return Ok(());
+    }
+    let layers = config.n_layers as usize;
+    let local: Vec<bool> = match json.get("layer_types").filter(|v| !v.is_null()) {
+        Some(types) => {
+            let types = types
+                .as_array()
+                .filter(|t| t.len() == layers)
+                .ok_or_else(|| anyhow!("{}: layer_types is not a list of {layers} layer types", path.display()))?;
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(anyhow!("{}: layer type {t} is not sliding_attention or full_attention", path.display())),
+                })
+                .collect::<Result<_>>()?
+        }
+        None => {
+            let period = dimension(path, json, "sliding_window_pattern", Some(6))? as usize;
+            (0..layers).map(|l| l % period < period - 1).collect()
+        }
+    };
+    let local_theta = number(path, json, "rope_local_base_freq", 10000.0)?;
+    for (layer, is_local) in architecture.layers.iter_mut().zip(local) {
+        if is_local {
+            *layer = LayerAttention { window, rope_theta: local_theta };
+        }
+    }
+    Ok(())
 }
 
 /// GGUF's name for a Hugging Face tensor name of a `family` model, or `None`
@@ -889,14 +948,14 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
 
     let vocab = &model.vocab;
     let tied = config.tied_output != 0;
-    let class = HF_FAMILIES
+    let (class, model_type) = HF_FAMILIES
         .iter()
-        .find(|(_, f)| *f == family)
-        .map(|(class, _)| *class)
+        .find(|(_, _, f)| *f == family)
+        .map(|&(class, model_type, _)| (class, model_type))
         .ok_or_else(|| anyhow!("writing {}: no Hugging Face class for a {} model", dir.display(), family.name()))?;
-    let config_json = json!({
+    let mut config_json = json!({
         "architectures": [class],
-        "model_type": family.name(),
+        "model_type": model_type,
         "hidden_size": config.dim,
         "intermediate_size": config.ffn_dim,
         "num_attention_heads": config.n_heads,
@@ -926,6 +985,22 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         "eos_token_id": vocab.eos_id,
         "torch_dtype": options.dtype.torch_name(),
     });
+    if family == Family::Gemma3 {
+        let a = &model.architecture;
+        let extra = config_json.as_object_mut().expect("an object");
+        extra.remove("hidden_act");
+        extra.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+        extra.insert("query_pre_attn_scalar".into(), json_f32((1.0 / (a.attention_scale * a.attention_scale)).round()));
+        extra.insert("final_logit_softcapping".into(), Value::Null);
+        extra.insert("attn_logit_softcapping".into(), Value::Null);
+        if let Some(local) = a.layers.iter().find(|l| l.is_local()) {
+            extra.insert("sliding_window".into(), json!(local.window));
+            extra.insert("rope_local_base_freq".into(), json_f32(local.rope_theta));
+            let types: Vec<&str> =
+                a.layers.iter().map(|l| if l.is_local() { "sliding_attention" } else { "full_attention" }).collect();
+            extra.insert("layer_types".into(), json!(types));
+        }
+    }
     write_json(&dir.join("config.json"), &config_json)?;
 
     let context = |what: &str| format!("writing {} in {}", what, dir.display());

@@ -365,6 +365,18 @@ pub fn write_gguf(model: &SyntheticModel, path: &Path, weight_type: GgmlType) ->
         }
         None => {}
     }
+    if family == Family::Gemma3 {
+        // As llama.cpp reads them: the window, the period of layers (the
+        // last of each global) and the local layers' RoPE base.
+        let architecture = &model.architecture;
+        if let Some(local) = architecture.layers.iter().find(|l| l.is_local()) {
+            let period = architecture.layers.iter().position(|l| !l.is_local()).map_or(0, |global| global + 1);
+            writer
+                .set("gemma3.attention.sliding_window", Value::U32(local.window))
+                .set("gemma3.attention.sliding_window_pattern", Value::U32(period as u32))
+                .set("gemma3.rope.freq_base_swa", Value::F32(local.rope_theta));
+        }
+    }
     for (name, shape, values) in &model.tensors {
         let ggml_type = match shape.len() {
             1 => GgmlType::F32,
@@ -409,6 +421,9 @@ pub fn family_writer(family: Family, config: &ModelConfig, vocab: &Vocab) -> Res
         .set(&key("vocab_size"), Value::U32(vocab.len() as u32));
 
     let (model_name, template) = match vocab.kind {
+        TokenizerKind::SentencePiece if vocab.find("<start_of_turn>").is_some() => {
+            ("llama", bramble_runtime::chat::GEMMA)
+        }
         TokenizerKind::SentencePiece => ("llama", LLAMA2_TEMPLATE),
         TokenizerKind::ByteLevelBpe if vocab.find("<|start_header_id|>").is_some() => {
             ("gpt2", bramble_runtime::chat::LLAMA3)
