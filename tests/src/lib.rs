@@ -505,3 +505,28 @@ pub fn mean_kl(got: &[f32], expected: &[f32], vocab: usize) -> f64 {
         .sum::<f64>()
         / positions as f64
 }
+
+/// The image's bytes with the section table entry of `name` changed by `edit`.
+pub fn with_section_entry(
+    bytes: &[u8],
+    name: &str,
+    edit: impl FnOnce(&mut bramble_runtime::image::layout::SectionEntry, &mut [u8]),
+) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    let header: bramble_runtime::image::layout::Header = bytemuck::pod_read_unaligned(&bytes[..64]);
+    let table = header.section_table_offset as usize;
+    for i in 0..header.section_count as usize {
+        let at = table + 64 * i;
+        let mut entry: bramble_runtime::image::layout::SectionEntry = bytemuck::pod_read_unaligned(&bytes[at..at + 64]);
+        if bramble_runtime::image::layout::read_fixed_name(&entry.name) == Some(name) {
+            let (start, end) = (entry.offset as usize, (entry.offset + entry.size) as usize);
+            let mut section = bytes[start..end].to_vec();
+            edit(&mut entry, &mut section);
+            entry.checksum = crc32fast::hash(&section);
+            bytes[start..end].copy_from_slice(&section);
+            bytes[at..at + 64].copy_from_slice(bytemuck::bytes_of(&entry));
+            return bytes;
+        }
+    }
+    panic!("no section {name}");
+}

@@ -13,7 +13,7 @@
 //! - the built-in Llama-3 chat rendering and `<|eot_id|>` ending generation.
 
 use bramble_runtime::chat::{ChatMessage, ChatTemplate, LLAMA3};
-use bramble_runtime::image::layout::{read_fixed_name, Header, SectionEntry, SECTION_REQUIRED};
+use bramble_runtime::image::layout::SECTION_REQUIRED;
 use bramble_runtime::image::OpenOptions;
 use bramble_runtime::model::{Logits, Model};
 use bramble_runtime::rope::ScalingKind;
@@ -143,27 +143,6 @@ fn synth_convert_and_inspect_show_the_scaling() {
     assert_eq!(info["chat_template"].as_str(), Some(LLAMA3));
     let text = bramble_ok(&["inspect", &path(&image)]);
     assert!(text.contains("rope scaling: llama3, 8 pair frequencies divided by 1 to 8"), "{text}");
-}
-
-/// The image's bytes with the section table entry of `name` changed by `edit`.
-fn with_section_entry(bytes: &[u8], name: &str, edit: impl FnOnce(&mut SectionEntry, &mut [u8])) -> Vec<u8> {
-    let mut bytes = bytes.to_vec();
-    let header: Header = bytemuck::pod_read_unaligned(&bytes[..64]);
-    let table = header.section_table_offset as usize;
-    for i in 0..header.section_count as usize {
-        let at = table + 64 * i;
-        let mut entry: SectionEntry = bytemuck::pod_read_unaligned(&bytes[at..at + 64]);
-        if read_fixed_name(&entry.name) == Some(name) {
-            let (start, end) = (entry.offset as usize, (entry.offset + entry.size) as usize);
-            let mut section = bytes[start..end].to_vec();
-            edit(&mut entry, &mut section);
-            entry.checksum = crc32fast::hash(&section);
-            bytes[start..end].copy_from_slice(&section);
-            bytes[at..at + 64].copy_from_slice(bytemuck::bytes_of(&entry));
-            return bytes;
-        }
-    }
-    panic!("no section {name}");
 }
 
 #[test]

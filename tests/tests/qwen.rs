@@ -13,7 +13,7 @@
 //!   run on each.
 
 use bramble_runtime::architecture::{Family, Features};
-use bramble_runtime::image::layout::{fixed_name, read_fixed_name, Header, SectionEntry, SECTION_REQUIRED};
+use bramble_runtime::image::layout::{fixed_name, SECTION_REQUIRED};
 use bramble_runtime::image::OpenOptions;
 use bramble_runtime::kv::{KvMode, RESIDUAL_WINDOW};
 use bramble_runtime::model::{Logits, Model};
@@ -165,27 +165,6 @@ fn qwen2_gguf_and_hf_give_one_image_whose_logits_match_the_reference() {
 #[test]
 fn qwen3_gguf_and_hf_give_one_image_whose_logits_match_the_reference() {
     check_family(Family::Qwen3, Features::QK_NORM, "blk.1.attn_q_norm.weight");
-}
-
-/// The image's bytes with the section table entry of `name` changed by `edit`.
-fn with_section_entry(bytes: &[u8], name: &str, edit: impl FnOnce(&mut SectionEntry, &mut [u8])) -> Vec<u8> {
-    let mut bytes = bytes.to_vec();
-    let header: Header = bytemuck::pod_read_unaligned(&bytes[..64]);
-    let table = header.section_table_offset as usize;
-    for i in 0..header.section_count as usize {
-        let at = table + 64 * i;
-        let mut entry: SectionEntry = bytemuck::pod_read_unaligned(&bytes[at..at + 64]);
-        if read_fixed_name(&entry.name) == Some(name) {
-            let (start, end) = (entry.offset as usize, (entry.offset + entry.size) as usize);
-            let mut section = bytes[start..end].to_vec();
-            edit(&mut entry, &mut section);
-            entry.checksum = crc32fast::hash(&section);
-            bytes[start..end].copy_from_slice(&section);
-            bytes[at..at + 64].copy_from_slice(bytemuck::bytes_of(&entry));
-            return bytes;
-        }
-    }
-    panic!("no section {name}");
 }
 
 #[test]

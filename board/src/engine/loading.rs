@@ -119,7 +119,8 @@ impl Loader {
         session.commit_memory();
         let c = &model.config;
         let summary = format!(
-            "llama dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}, kv {kv}, {:.1} MiB of state",
+            "{} dim {} layers {} vocab {}, {:.1} MiB of weights, kernels {}, {threads} threads, context {context}, kv {kv}, {:.1} MiB of state",
+            model.architecture.family.name(),
             c.dim,
             c.n_layers,
             c.vocab_size,

@@ -317,25 +317,32 @@ pub mod neon {
 
     #[target_feature(enable = "neon")]
     fn silu_mul_neon(gate: &mut [f32], up: &[f32]) {
-        let n = gate.len().min(up.len());
         let silu_times =
             |g: float32x4_t, u: float32x4_t| vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(g)))), u);
+        gate_times_up(gate, up, silu_times);
+    }
+
+    /// `gate[i] = f(gate[i], up[i])` four lanes at a time, the last one to
+    /// three values through padded copies, so every value sees the same
+    /// arithmetic: the loop of the GLU gates.
+    #[inline(always)]
+    fn gate_times_up(gate: &mut [f32], up: &[f32], f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) {
+        let n = gate.len().min(up.len());
         let mut i = 0;
         while i + 4 <= n {
             // SAFETY: `i + 4 ≤ n`, within both slices.
             unsafe {
-                let v = silu_times(vld1q_f32(gate.as_ptr().add(i)), vld1q_f32(up.as_ptr().add(i)));
+                let v = f(vld1q_f32(gate.as_ptr().add(i)), vld1q_f32(up.as_ptr().add(i)));
                 vst1q_f32(gate.as_mut_ptr().add(i), v);
             }
             i += 4;
         }
         if i < n {
-            // The last one to three values through padded copies.
             let (mut g, mut u) = ([0f32; 4], [0f32; 4]);
             g[..n - i].copy_from_slice(&gate[i..n]);
             u[..n - i].copy_from_slice(&up[i..n]);
             // SAFETY: `g` and `u` are four values.
-            unsafe { vst1q_f32(g.as_mut_ptr(), silu_times(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
+            unsafe { vst1q_f32(g.as_mut_ptr(), f(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
             gate[i..n].copy_from_slice(&g[..n - i]);
         }
     }
@@ -351,30 +358,12 @@ pub mod neon {
     #[target_feature(enable = "neon")]
     fn gelu_mul_neon(gate: &mut [f32], up: &[f32]) {
         const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
-        let n = gate.len().min(up.len());
         let gelu_times = |g: float32x4_t, u: float32x4_t| {
             let cubic = vmulq_f32(vmulq_f32(g, g), vmulq_n_f32(g, 0.044715));
             let z = vmulq_n_f32(vaddq_f32(g, cubic), TWO_SQRT_2_OVER_PI);
             vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0), exp(vnegq_f32(z)))), u)
         };
-        let mut i = 0;
-        while i + 4 <= n {
-            // SAFETY: `i + 4 ≤ n`, within both slices.
-            unsafe {
-                let v = gelu_times(vld1q_f32(gate.as_ptr().add(i)), vld1q_f32(up.as_ptr().add(i)));
-                vst1q_f32(gate.as_mut_ptr().add(i), v);
-            }
-            i += 4;
-        }
-        if i < n {
-            // The last one to three values through padded copies.
-            let (mut g, mut u) = ([0f32; 4], [0f32; 4]);
-            g[..n - i].copy_from_slice(&gate[i..n]);
-            u[..n - i].copy_from_slice(&up[i..n]);
-            // SAFETY: `g` and `u` are four values.
-            unsafe { vst1q_f32(g.as_mut_ptr(), gelu_times(vld1q_f32(g.as_ptr()), vld1q_f32(u.as_ptr()))) };
-            gate[i..n].copy_from_slice(&g[..n - i]);
-        }
+        gate_times_up(gate, up, gelu_times);
     }
 
     /// Rotates one head's vector by RoPE, four pairs a step; products and
