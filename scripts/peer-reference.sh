@@ -9,6 +9,9 @@
 #   perplexity.txt   scripts/peer-perplexity.sh GGUF 256's line, and its wall time
 #   greedy.json      [{prompt, prompt_ids, ids, text, eog, ids_checked}, ...]
 #   peer.txt         the llama.cpp build and the commands
+#   llama-info.txt   how llama.cpp reads the file: its print_info lines (hparams
+#                    with its defaults filled in, e.g. freq_base_swa, f_attn_scale;
+#                    vocab type; BOS/EOS/EOT and every end-of-generation id)
 #
 # The x86-64 build of scripts/peer-build.sh runs it (PEER_DIR as there), with
 # THREADS threads (2). PEER_SKIP_PPL=1 skips the perplexity.
@@ -58,6 +61,9 @@ mkdir -p "$outdir"
     echo "ids: llama-tokenize -m GGUF --stdin --ids --no-escape  (of prompt + text)"
     echo "perplexity: scripts/peer-perplexity.sh GGUF 256  (THREADS=$threads)"
 } >"$outdir/peer.txt"
+
+"$bin/llama-completion" -m "$gguf" -p hi -n 1 -t 1 -c 32 -no-cnv --no-warmup -v </dev/null 2>&1 >/dev/null |
+    sed -n 's/^.* I print_info: //p' | awk '!seen[$0]++' | grep -v -e '^no_alloc' -e '^vocab_only' >"$outdir/llama-info.txt"
 
 python3 - "$gguf" "$outdir/greedy.json" "$bin" "$threads" <<'PY'
 import json, re, subprocess, sys
