@@ -50,6 +50,11 @@ const END_OF_GENERATION_SPELLINGS: &[&str] = &[
     "<EOT>",
     "_<EOT>",
     "<end_of_utterance>",
+    // Qwen2.5-Coder's fill-in-the-middle separators, which llama.cpp also
+    // stops at: a completion that reaches one has ended its piece of code.
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ];
 
 /// A token matched whole in the input before BPE.

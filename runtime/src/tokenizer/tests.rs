@@ -273,6 +273,18 @@ fn end_of_generation_tokens() {
     assert!(tokenizer.is_end_of_generation(2));
     assert!(!tokenizer.is_end_of_generation(1));
     assert!(!tokenizer.is_end_of_generation(0));
+
+    // Qwen2.5-Coder's fill-in-the-middle separators end a completion, as in llama.cpp.
+    let mut vocab = byte_level_vocab();
+    for spelling in ["<|fim_prefix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"] {
+        vocab.tokens.push(spelling.as_bytes().to_vec());
+        vocab.types.push(TokenType::Control);
+        vocab.scores.push(0.0);
+    }
+    let tokenizer = Tokenizer::new(&vocab).unwrap();
+    let last = vocab.len() as u32 - 1;
+    assert!(!tokenizer.is_end_of_generation(last - 3), "<|fim_prefix|> starts a piece");
+    assert!((last - 2..=last).all(|id| tokenizer.is_end_of_generation(id)));
 }
 
 #[test]
