@@ -502,6 +502,19 @@ impl KvCache {
         Self::with_rings(mode, config, context, layers, true)
     }
 
+    /// As [`KvCache::new`], keeping every position of a windowed layer and
+    /// masking those outside its window instead of keeping a ring: what the
+    /// tests hold the rings to.
+    #[cfg(test)]
+    pub(crate) fn keeping_every_position(
+        mode: KvMode,
+        config: &ModelConfig,
+        context: usize,
+        layers: &[LayerAttention],
+    ) -> Result<Self> {
+        Self::with_rings(mode, config, context, layers, false)
+    }
+
     /// As [`KvCache::new`]; `ring: false` keeps every position of a windowed
     /// layer and masks those outside the window instead (tests compare the rings with it).
     fn with_rings(
@@ -1020,5 +1033,206 @@ mod tests {
         assert_eq!(cache.quantized_positions(0), 64);
         let worst = got.iter().zip(&exact).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
         assert!(worst <= 0.01, "worst difference {worst}");
+    }
+
+    /// Layers of the windowed tests: layer 0 global, layer 1 sliding over `window` positions.
+    fn windowed(window: u32) -> [LayerAttention; 2] {
+        [LayerAttention { window: 0, rope_theta: 1e4 }, LayerAttention { window, rope_theta: 1e4 }]
+    }
+
+    /// Appends `order`'s positions of synthetic keys and values (as [`run`]) to `cache`
+    /// and returns every position's attention output, all layers and KV heads.
+    fn run_cache(cache: &mut KvCache, kernels: &Kernels, order: &[usize]) -> Vec<f32> {
+        let c = config();
+        let (kv_dim, head_dim, heads_per_kv) = (c.kv_dim(), 32, 2);
+        let mut scores = vec![0f32; heads_per_kv * cache.shape.context];
+        let mut outputs = Vec::new();
+        for &pos in order {
+            for layer in 0..2 {
+                let key = data(kv_dim, (pos * 7 + layer) as u32);
+                let value = data(kv_dim, (pos * 7 + layer + 3) as u32);
+                cache.append(kernels, layer, pos, &key, &value);
+                for kv in 0..2 {
+                    let queries = data(heads_per_kv * head_dim, (pos * 5 + kv) as u32 + 99);
+                    let mut out = vec![0f32; heads_per_kv * head_dim];
+                    cache.attend(kernels, layer, kv, &queries, 0.5, &mut scores, &mut out);
+                    outputs.extend(out);
+                }
+            }
+        }
+        outputs
+    }
+
+    /// What the windowed layer (1) must give at position `pos` from the maths, in f64: each query
+    /// head against the keys of positions `pos − window + 1 ..= pos` only (`window` 0: all), the
+    /// keys and values as `stored` keeps them (f32 unchanged; f16 rounded).
+    fn masked_reference(pos: usize, window: usize, stored: &dyn Fn(f32) -> f64) -> Vec<f32> {
+        let (kv_dim, head_dim) = (64, 32);
+        let first = if window == 0 { 0 } else { (pos + 1).saturating_sub(window) };
+        let mut out = Vec::new();
+        for kv in 0..2 {
+            let queries = data(2 * head_dim, (pos * 5 + kv) as u32 + 99);
+            for q in queries.chunks_exact(head_dim) {
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|t| {
+                        let key = data(kv_dim, (t * 7 + 1) as u32);
+                        let k = &key[kv * head_dim..][..head_dim];
+                        0.5 * q.iter().zip(k).map(|(&q, &k)| q as f64 * stored(k)).sum::<f64>()
+                    })
+                    .collect();
+                let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for c in 0..head_dim {
+                    let sum: f64 = (first..=pos)
+                        .zip(&weights)
+                        .map(|(t, w)| w / total * stored(data(kv_dim, (t * 7 + 4) as u32)[kv * head_dim + c]))
+                        .sum();
+                    out.push(sum as f32);
+                }
+            }
+        }
+        out
+    }
+
+    /// A ring against the full history masked, same mode: the same scores and values, read in
+    /// another order, so only the f32 sums' order differs (values in [-1, 1], weights summing
+    /// to 1, up to 200 positions: a few ulps of 1). Measured 6.0e-7 when written.
+    const RING_ORDER_TOLERANCE: f32 = 2e-6;
+    /// The f32 and f16 caches' windowed attention against the f64 reference of the masked maths
+    /// (the f16 one with the stored values rounded as the reference rounds them): f32 sums of up
+    /// to 32 products and 200 weights. Measured 8.9e-8 when written.
+    const WINDOW_REFERENCE_TOLERANCE: f32 = 1e-6;
+
+    #[test]
+    fn a_ring_attends_exactly_as_the_full_history_masked_to_the_window() {
+        let c = config();
+        let context = 200;
+        let order: Vec<usize> = (0..context).collect();
+        let per_position = 2 * 2 * 2 * 32;
+        for kernels in Kernels::all_available() {
+            let mut f32_rings = Vec::new();
+            for mode in KvMode::ALL {
+                let plain = run_cache(&mut KvCache::new(mode, &c, context, &[]).unwrap(), kernels, &order);
+                // 5: no group of codes is ever seen (the f32 window covers it); 40: one group in the
+                // ring; 100: three; 199: a window shorter than the context by one.
+                for window in [5, 40, 100, 199] {
+                    let layers = windowed(window);
+                    let mut ring = KvCache::new(mode, &c, context, &layers).unwrap();
+                    let got = run_cache(&mut ring, kernels, &order);
+                    let mut full = KvCache::keeping_every_position(mode, &c, context, &layers).unwrap();
+                    let masked = run_cache(&mut full, kernels, &order);
+                    let name = format!("{} {mode} window {window}", kernels.name);
+                    // Until the window first slides, the ring is the plain cache, bit for bit.
+                    let inside = window as usize * per_position;
+                    assert_eq!(got[..inside], plain[..inside], "{name}");
+                    let worst = got.iter().zip(&masked).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
+                    assert!(worst <= RING_ORDER_TOLERANCE, "{name}: worst difference {worst} from the masked history");
+                    // And the window matters: the global run differs once it slides.
+                    assert!(got[inside..] != plain[inside..], "{name}: the window changed nothing");
+                    // A quantized ring stays as close to the f32 ring as the codes allow (the bounds of
+                    // quantized_attention_stays_close_to_f32_and_the_window_moves_a_group_at_a_time): a
+                    // mask that let the positions before the window in would be far outside them.
+                    if mode == KvMode::F32 {
+                        f32_rings.push(got.clone());
+                    } else if let Some(bound) = [(KvMode::Q8, 0.01), (KvMode::Q4, 0.15)].iter().find(|m| m.0 == mode) {
+                        let exact = &f32_rings[[5, 40, 100, 199].iter().position(|&w| w == window).unwrap()];
+                        let worst = got.iter().zip(exact).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
+                        assert!(worst <= bound.1, "{name}: worst difference {worst} from the f32 ring");
+                    }
+                    // The float modes against the maths too (the quantized ones have the masked history).
+                    let stored: fn(f32) -> f64 = match mode {
+                        KvMode::F32 => |v| v as f64,
+                        KvMode::F16 => |v| half::f16::from_f32(v).to_f64(),
+                        KvMode::Q8 | KvMode::Q4 => continue,
+                    };
+                    for pos in (0..context).step_by(3) {
+                        let expected = masked_reference(pos, window as usize, &stored);
+                        // Layer 1's outputs of position `pos`: after layer 0's two KV heads.
+                        let at = pos * per_position + per_position / 2;
+                        let worst = got[at..at + per_position / 2]
+                            .iter()
+                            .zip(&expected)
+                            .map(|(g, e)| (g - e).abs())
+                            .fold(0f32, f32::max);
+                        assert!(worst <= WINDOW_REFERENCE_TOLERANCE, "{name} position {pos}: worst difference {worst}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rewinds_are_exact_while_the_ring_holds_what_the_token_sees_and_refused_after() {
+        let c = config();
+        let kernels = Kernels::detect();
+        let layers = windowed(100);
+        for mode in KvMode::ALL {
+            let mut ring = KvCache::new(mode, &c, 200, &layers).unwrap();
+            let mut full = KvCache::keeping_every_position(mode, &c, 200, &layers).unwrap();
+            // Before the ring turns every rewind is exact; after, an f32 or f16 ring rewrites only its
+            // last position, while a quantized one also keeps the groups before the window's start.
+            let straight: Vec<usize> = (0..90).collect();
+            run_cache(&mut ring, kernels, &straight);
+            assert!((0..90).all(|pos| ring.can_rewind_to(pos)), "{mode}");
+            run_cache(&mut ring, kernels, &(90..190).collect::<Vec<_>>());
+            run_cache(&mut full, kernels, &(0..190).collect::<Vec<_>>());
+            let deepest = match mode {
+                // Written 0..190: the slots hold 90..190; position 189 sees 90..189.
+                KvMode::F32 | KvMode::F16 => 189,
+                // Codes below 128 (pos 189 − 128 = 61 in the f32 window), three groups of the ring: 32..128
+                // held, and position p sees p − 99 ..= p.
+                KvMode::Q8 | KvMode::Q4 => 32 + 99,
+            };
+            assert!(ring.can_rewind_to(deepest) && !ring.can_rewind_to(deepest - 1), "{mode}");
+            assert!(ring.can_rewind_to(0) && ring.can_rewind_to(190) && full.can_rewind_to(1), "{mode}");
+            // A rewind the ring allows gives what the full history gives.
+            let again: Vec<usize> = (deepest..200).collect();
+            let got = run_cache(&mut ring, kernels, &again);
+            let expected = run_cache(&mut full, kernels, &again);
+            let worst = got.iter().zip(&expected).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
+            assert!(worst <= RING_ORDER_TOLERANCE, "{mode}: worst difference {worst} after a rewind to {deepest}");
+            // A rewind to 0 starts the ring afresh: every rewind is exact again until it turns.
+            run_cache(&mut ring, kernels, &[0, 1, 2]);
+            assert!(ring.can_rewind_to(1), "{mode}");
+        }
+    }
+
+    #[test]
+    fn a_windowed_cache_holds_its_window_only_to_the_byte() {
+        let c = config();
+        let (context, window) = (256, 100);
+        let layers = windowed(window);
+        for mode in KvMode::ALL {
+            let cache = KvCache::new(mode, &c, context, &layers).unwrap();
+            assert_eq!(cache.bytes(), KvCache::bytes_for(mode, &c, context, &layers).unwrap(), "{mode}");
+            assert_eq!(cache.allocated_bytes(), cache.bytes() + KvCache::bookkeeping_bytes(mode, &c), "{mode}");
+            let global = KvCache::bytes_for(mode, &c, context, &[]).unwrap();
+            let local = KvCache::bytes_for(mode, &c, context, &layers).unwrap();
+            // One layer of 2 KV heads × 32 channels keeps 100 positions of 256 (f32, f16); the quantized
+            // caches keep three groups of codes (ring_groups(100)) of eight, and the same f32 window.
+            let (kv_dim, kv_heads) = (64, 2);
+            let saved = match mode {
+                KvMode::F32 => 2 * (256 - 100) * kv_dim * 4,
+                KvMode::F16 => 2 * (256 - 100) * kv_dim * 2,
+                KvMode::Q8 | KvMode::Q4 => {
+                    let bits = mode.bits().unwrap() as usize;
+                    let groups = 256 / KEY_GROUP - 3;
+                    let keys = groups * kv_dim * (KEY_GROUP * bits / 8 + 2 + 2);
+                    let values = groups * KEY_GROUP * (kv_dim * bits / 8 + kv_heads * (2 + 2));
+                    keys + values
+                }
+            };
+            assert_eq!(global - local, saved, "{mode}");
+            // A window no shorter than the context keeps every position.
+            assert_eq!(
+                KvCache::bytes_for(mode, &c, 100, &layers).unwrap(),
+                KvCache::bytes_for(mode, &c, 100, &[]).unwrap()
+            );
+        }
+        assert_eq!(ring_groups(100), 3);
+        assert_eq!((ring_groups(5), ring_groups(33), ring_groups(34), ring_groups(512)), (0, 0, 1, 15));
+        let error = KvCache::bytes_for(KvMode::F32, &c, 64, &layers[..1]).unwrap_err().to_string();
+        assert!(error.contains("1 layer windows") && error.contains("2 layers"), "{error}");
     }
 }
