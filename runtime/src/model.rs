@@ -1641,6 +1641,9 @@ mod tests {
 }
 
 #[cfg(test)]
+mod window_tests;
+
+#[cfg(test)]
 mod kquant_tests {
     use super::*;
     use crate::kernels::matmul::kquant::scalar;
