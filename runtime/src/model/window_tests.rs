@@ -291,4 +291,19 @@ fn a_rewind_past_what_the_ring_holds_is_refused_and_one_within_it_is_exact() {
     // From 0, everything runs again.
     let rerun = logits_token_by_token(&model, &mut state, &prompt);
     assert_eq!(rerun, straight);
+    // A session keeps a prefix only where the rings can go on from it.
+    let tokenizer = crate::tokenizer::Tokenizer::new(image.vocab()).unwrap();
+    let sampler = crate::sampler::SamplerConfig::default();
+    let mut session = crate::session::Session::new(&model, &tokenizer, 40, sampler);
+    session.feed(&prompt).unwrap();
+    let mut longer = prompt.clone();
+    longer.extend([5, 6]);
+    assert_eq!(session.reuse_prefix(&longer), 30, "the whole history is a prefix: nothing to rewind");
+    let mut edited = prompt[..25].to_vec();
+    edited.extend([5, 6]);
+    assert_eq!(session.reuse_prefix(&edited), 0, "25 of 30 shared, but the rings no longer hold 21..25");
+    session.feed(&edited).unwrap();
+    // Fed in batches (the global layer's tiles): the logits of one token at a time, up to the sums' order.
+    let difference = worst(session.logits().unwrap(), &logits_token_by_token(&model, &mut state, &edited)[26]);
+    assert!(difference <= ORDER_TOLERANCE, "worst difference {difference}");
 }
