@@ -5,7 +5,7 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
-use crate::architecture::{Architecture, Features};
+use crate::architecture::{Architecture, Features, LayerAttention};
 use crate::buffers::filled;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
@@ -450,7 +450,7 @@ struct SparseScratch {
 /// How a [`RunState`] is allocated beyond its context and batch: the
 /// choices a [`Model`] makes for its states ([`Model::state_options`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct StateOptions {
+pub struct StateOptions<'a> {
     /// How the KV cache stores keys and values.
     pub kv: KvMode,
     /// The share of key channels the KV cache drops after the prompt (0:
@@ -461,6 +461,9 @@ pub struct StateOptions {
     /// The RoPE base of the sliding-window layers, which then get tables of
     /// their own (Gemma-3); `None`: every layer turns by the global tables.
     pub local_rope_theta: Option<f32>,
+    /// How each layer attends (the architecture's layers; empty: every
+    /// layer global): a sliding-window layer's KV cache holds its window only.
+    pub layers: &'a [LayerAttention],
 }
 
 /// Every scratch buffer of the forward pass and the KV cache, for up to
@@ -669,7 +672,7 @@ impl RunState {
             crate::rope::check_factors(factors, config.rope_dim)?;
         }
         // The KV cache first: it is the largest, and nothing has been written yet if it cannot be had.
-        let mut kv = KvCache::new(options.kv, config, context)?;
+        let mut kv = KvCache::new(options.kv, config, context, options.layers)?;
         kv.enable_pruning(options.kv_prune)?;
         let bytes = Self::bytes_for(config, context, batch, options)?;
         let sizes = StateSizes::new(config, context, batch, options)?;
@@ -731,7 +734,7 @@ impl RunState {
     /// image, `brambled` checks it against its memory limit
     /// ([`Model::state_bytes`] for a model's own options).
     pub fn bytes_for(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<usize> {
-        let kv = KvCache::bytes_for(options.kv, config, context)? as u128
+        let kv = KvCache::bytes_for(options.kv, config, context, options.layers)? as u128
             + KvCache::bookkeeping_bytes(options.kv, config) as u128
             + KvCache::pruning_bytes_for(config, context, options.kv_prune) as u128;
         let bytes = kv + StateSizes::new(config, context, batch, options)?.bytes();
@@ -1183,16 +1186,6 @@ impl<'a> Model<'a> {
     /// [`ErrorKind::OutOfMemory`](crate::error::ErrorKind::OutOfMemory) error
     /// naming the buffer whose size overflows or cannot be allocated.
     pub fn try_new_state(&self, context: usize, batch: usize) -> Result<RunState> {
-        // Windowed attention is not written yet: a context no longer than the
-        // narrowest window, in which every token sees every earlier one, is exact.
-        if let Some(window) = self.architecture.layers.iter().filter(|l| l.is_local()).map(|l| l.window).min() {
-            if context > window as usize {
-                return Err(Error::unsupported(format!(
-                    "a context of {context} positions is longer than the sliding window of {window}; \
-                     this runtime runs sliding-window layers only within their window"
-                )));
-            }
-        }
         let mut state = RunState::try_with_rope(&self.config, self.rope_factors, context, batch, self.state_options())?;
         if let Some(c) = &self.bias {
             state.bias_weights.copy_from_slice(&c.weights);
@@ -1204,13 +1197,15 @@ impl<'a> Model<'a> {
     }
 
     /// How this model's states are allocated: its KV mode, its key-channel
-    /// pruning, and the R-Sparse scratch when it has a plan.
-    pub fn state_options(&self) -> StateOptions {
+    /// pruning, the R-Sparse scratch when it has a plan, and its layers'
+    /// windows and local RoPE base.
+    pub fn state_options(&self) -> StateOptions<'_> {
         StateOptions {
             kv: self.kv_mode,
             kv_prune: self.kv_prune,
             sparse: self.sparse.is_some(),
             local_rope_theta: self.architecture.local_rope_theta(),
+            layers: &self.architecture.layers,
         }
     }
 
@@ -1391,6 +1386,11 @@ impl<'a> Model<'a> {
                 "positions {pos}..{} run past the context of {} tokens",
                 pos + n,
                 state.context
+            )));
+        }
+        if !state.kv.can_rewind_to(pos) {
+            return Err(Error::invalid(format!(
+                "position {pos} is behind what the sliding-window layers' caches still hold; run the tokens again from 0"
             )));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -1613,7 +1613,7 @@ mod tests {
                 [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::F16, 0.0), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)]
             {
                 for (context, batch) in [(64, 1), (100, 7), (256, 32)] {
-                    let options = StateOptions { kv, kv_prune, sparse, local_rope_theta: None };
+                    let options = StateOptions { kv, kv_prune, sparse, local_rope_theta: None, layers: &[] };
                     let state = RunState::try_with_options(&c, context, batch, options).unwrap();
                     let expected = RunState::bytes_for(&c, context, batch, options).unwrap();
                     assert_eq!(state.allocated_bytes(), expected, "{options:?}, context {context}, batch {batch}");
@@ -1639,6 +1639,9 @@ mod tests {
         assert!(error.message().contains("KV cache") && error.message().contains("overflow"), "{error}");
     }
 }
+
+#[cfg(test)]
+mod window_tests;
 
 #[cfg(test)]
 mod kquant_tests {

@@ -279,11 +279,16 @@ impl Generated {
 impl Session<'_> {
     /// Keeps the cached prefix `tokens` shares with the history and forgets
     /// the rest, but never all of `tokens` (at least its last token must run
-    /// again, to have logits to sample from). Returns how many tokens are
+    /// again, to have logits to sample from), and nothing when a sliding
+    /// window's cache no longer holds what the next token sees
+    /// ([`crate::kv::KvCache::can_rewind_to`]). Returns how many tokens are
     /// cached: feed `tokens[cached..]` next.
     pub fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
         let shared = self.history.iter().zip(tokens).take_while(|(a, b)| a == b).count();
-        let shared = shared.min(tokens.len().saturating_sub(1));
+        let mut shared = shared.min(tokens.len().saturating_sub(1));
+        if !self.state.kv().can_rewind_to(shared) {
+            shared = 0;
+        }
         self.truncate(shared);
         shared
     }

@@ -46,7 +46,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let image_bytes = std::fs::metadata(&args.model).with_context(|| args.model.display().to_string())?.len();
     let footprint = ModelFootprint::of(&image, image_bytes);
     let plan = profiles::memory_plan_with_kv(&footprint, args.ctx, &board, kv);
-    let f16_kv_bytes = (KvMode::f16_bytes_per_token(&config) * plan.context as f64) as u64;
+    // An f16 cache of the same layers (a sliding-window layer's is its window).
+    let f16_kv_bytes = profiles::kv_cache_bytes(&config, &footprint.architecture.layers, plan.context, KvMode::F16);
     let verdict = if plan.fits() { "fits" } else { "does not fit" };
     if args.json {
         let value = serde_json::json!({

@@ -15,6 +15,7 @@
 //! states which ones the board will run (`expected_kernels`), for the plan and
 //! the docs (`docs/flash.md`).
 
+use bramble_runtime::architecture::{Architecture, LayerAttention};
 use bramble_runtime::kv::{KvCache, KvMode};
 use bramble_runtime::model::StateOptions;
 use bramble_runtime::session::DEFAULT_BATCH;
@@ -213,11 +214,14 @@ pub fn profile(name: &str, memory: Option<&str>) -> Result<BoardProfile, String>
     })
 }
 
-/// What the memory budget needs of a model: its hyperparameters and the size of its image.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the memory budget needs of a model: its hyperparameters, its block and the size of its image.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelFootprint {
     /// The image's hyperparameters.
     pub config: ModelConfig,
+    /// The image's block: its sliding-window layers keep shorter KV caches,
+    /// and a local RoPE base of their own adds tables.
+    pub architecture: Architecture,
     /// The image file's size, bytes: all of it is mapped and read.
     pub image_bytes: u64,
     /// Whether the image carries an R-Sparse plan (its run buffers are larger).
@@ -230,6 +234,7 @@ impl ModelFootprint {
     pub fn of(image: &ModelImage, image_bytes: u64) -> Self {
         Self {
             config: *image.config(),
+            architecture: image.architecture().clone(),
             image_bytes,
             sparse: image.section(bramble_runtime::rsparse::SECTION).is_some(),
         }
@@ -248,7 +253,8 @@ pub struct MemoryPlan {
     /// How the KV cache is stored.
     pub kv: KvMode,
     /// Keys and values: `layers × 2 × context × kv_dim × 4` at f32 (× 2 at f16); codes,
-    /// scales and the f32 window when quantized (`KvCache::bytes_for`).
+    /// scales and the f32 window when quantized; a sliding-window layer's
+    /// window rather than the context (`KvCache::bytes_for`).
     pub kv_cache_bytes: u64,
     /// The rest of the run state (activations, logits, RoPE tables, batch scratch).
     pub buffer_bytes: u64,
@@ -294,22 +300,35 @@ impl fmt::Display for MemoryPlan {
     }
 }
 
-/// Bytes of the KV cache for `context` positions stored as `kv` (as the
-/// runtime's `KvCache::new` allocates them); `u64::MAX`, which fits no
-/// board, when the size overflows.
-pub fn kv_cache_bytes(config: &ModelConfig, context: usize, kv: KvMode) -> u64 {
-    KvCache::bytes_for(kv, config, context).map_or(u64::MAX, |bytes| bytes as u64)
+/// Bytes of the KV cache for `context` positions stored as `kv`, of a model
+/// whose layers attend as `layers` say (as the runtime's `KvCache::new`
+/// allocates them); `u64::MAX`, which fits no board, when the size overflows.
+pub fn kv_cache_bytes(config: &ModelConfig, layers: &[LayerAttention], context: usize, kv: KvMode) -> u64 {
+    KvCache::bytes_for(kv, config, context, layers).map_or(u64::MAX, |bytes| bytes as u64)
 }
 
 /// Bytes of the run state other than the KV cache, for `context` positions
-/// and prompt batches of `batch` tokens: what `RunState::bytes_for` counts
-/// (the buffers `RunState::new` allocates, the R-Sparse scratch when
-/// `sparse`) less the KV cache's share; `u64::MAX`, which fits no board,
-/// when the size overflows.
-pub fn buffer_bytes(config: &ModelConfig, context: usize, batch: usize, kv: KvMode, sparse: bool) -> u64 {
-    let options = StateOptions { kv, kv_prune: 0.0, sparse, local_rope_theta: None };
+/// and prompt batches of `batch` tokens of a model with this block: what
+/// `RunState::bytes_for` counts (the buffers `RunState::new` allocates, the
+/// R-Sparse scratch when `sparse`, local RoPE tables) less the KV cache's
+/// share; `u64::MAX`, which fits no board, when the size overflows.
+pub fn buffer_bytes(
+    config: &ModelConfig,
+    architecture: &Architecture,
+    context: usize,
+    batch: usize,
+    kv: KvMode,
+    sparse: bool,
+) -> u64 {
+    let options = StateOptions {
+        kv,
+        kv_prune: 0.0,
+        sparse,
+        local_rope_theta: architecture.local_rope_theta(),
+        layers: &architecture.layers,
+    };
     match RunState::bytes_for(config, context, batch, options) {
-        Ok(state) => (state as u64).saturating_sub(kv_cache_bytes(config, context, kv)),
+        Ok(state) => (state as u64).saturating_sub(kv_cache_bytes(config, &architecture.layers, context, kv)),
         Err(_) => u64::MAX,
     }
 }
@@ -329,8 +348,8 @@ pub fn memory_plan_with_kv(model: &ModelFootprint, context: usize, board: &Board
         context,
         weight_bytes: model.image_bytes,
         kv,
-        kv_cache_bytes: kv_cache_bytes(&model.config, context, kv),
-        buffer_bytes: buffer_bytes(&model.config, context, DEFAULT_BATCH, kv, model.sparse),
+        kv_cache_bytes: kv_cache_bytes(&model.config, &model.architecture.layers, context, kv),
+        buffer_bytes: buffer_bytes(&model.config, &model.architecture, context, DEFAULT_BATCH, kv, model.sparse),
         os_headroom_bytes: board.os_headroom_bytes,
         memory_bytes: board.memory_bytes,
     }
@@ -417,22 +436,51 @@ mod tests {
         let config = llama_config(3, 128, 8, 2, 352, 500, 256);
         let mut wide_heads = config;
         (wide_heads.n_heads, wide_heads.head_dim) = (4, 32);
+        let plain = Architecture::llama(&wide_heads);
+        // Gemma-3's pattern on three layers: two sliding-window layers with a RoPE base of their own.
+        let mut windowed = Architecture::plain(bramble_runtime::architecture::Family::Gemma3, &wide_heads);
+        for layer in &mut windowed.layers[..2] {
+            *layer = LayerAttention { window: 40, rope_theta: 1e6 };
+        }
         for (context, batch) in [(64, 32), (256, 1), (100, 7)] {
             let state = RunState::new(&config, context, batch);
-            let ours = kv_cache_bytes(&config, context, KvMode::F32)
-                + buffer_bytes(&config, context, batch, KvMode::F32, false);
+            let llama = Architecture::llama(&config);
+            let ours = kv_cache_bytes(&config, &[], context, KvMode::F32)
+                + buffer_bytes(&config, &llama, context, batch, KvMode::F32, false);
             assert_eq!(ours, state.bytes() as u64, "context {context}, batch {batch}");
             for kv in KvMode::ALL {
                 let state = RunState::with_kv(&wide_heads, context, batch, kv);
-                let ours =
-                    kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, false);
+                let ours = kv_cache_bytes(&wide_heads, &plain.layers, context, kv)
+                    + buffer_bytes(&wide_heads, &plain, context, batch, kv, false);
                 assert_eq!(ours, state.bytes() as u64, "{kv}, context {context}, batch {batch}");
-                // With an R-Sparse plan the state holds its scratch too.
-                let options = StateOptions { kv, kv_prune: 0.0, sparse: true, local_rope_theta: None };
-                let state = RunState::try_with_options(&wide_heads, context, batch, options).unwrap();
-                let ours =
-                    kv_cache_bytes(&wide_heads, context, kv) + buffer_bytes(&wide_heads, context, batch, kv, true);
-                assert_eq!(ours, state.bytes() as u64, "sparse, {kv}, context {context}, batch {batch}");
+                for (architecture, sparse) in [(&plain, true), (&windowed, false), (&windowed, true)] {
+                    // With an R-Sparse plan the state holds its scratch too; with windows, shorter caches
+                    // and local RoPE tables.
+                    let options = StateOptions {
+                        kv,
+                        kv_prune: 0.0,
+                        sparse,
+                        local_rope_theta: architecture.local_rope_theta(),
+                        layers: &architecture.layers,
+                    };
+                    let state = RunState::try_with_options(&wide_heads, context, batch, options).unwrap();
+                    let ours = kv_cache_bytes(&wide_heads, &architecture.layers, context, kv)
+                        + buffer_bytes(&wide_heads, architecture, context, batch, kv, sparse);
+                    assert_eq!(ours, state.bytes() as u64, "sparse {sparse}, {kv}, context {context}, batch {batch}");
+                }
+                // Two of three layers keep 40 positions instead of the context (f32 and f16: exactly).
+                let global = kv_cache_bytes(&wide_heads, &plain.layers, context, kv);
+                let local = kv_cache_bytes(&wide_heads, &windowed.layers, context, kv);
+                let per_position = match kv {
+                    KvMode::F32 => 2 * 64 * 4,
+                    KvMode::F16 => 2 * 64 * 2,
+                    KvMode::Q8 | KvMode::Q4 => 0,
+                };
+                if per_position > 0 {
+                    assert_eq!(global - local, 2 * (context as u64 - 40) * per_position, "{kv}, context {context}");
+                } else {
+                    assert!(local < global, "{kv}, context {context}: {local} of {global}");
+                }
             }
         }
     }
@@ -440,7 +488,12 @@ mod tests {
     #[test]
     fn a_llama2_7b_does_not_fit_a_zero_2w_and_the_message_shows_the_arithmetic() {
         let config = llama_config(32, 4096, 32, 32, 11008, 32000, 4096);
-        let model = ModelFootprint { config, image_bytes: 3_876_000_000, sparse: false };
+        let model = ModelFootprint {
+            config,
+            architecture: Architecture::llama(&config),
+            image_bytes: 3_876_000_000,
+            sparse: false,
+        };
         let zero = profile("pi-zero-2w", None).unwrap();
         let plan = memory_plan(&model, 4096, &zero);
         assert!(!plan.fits());
@@ -462,7 +515,8 @@ mod tests {
     #[test]
     fn context_is_capped_at_the_models() {
         let config = llama_config(2, 64, 4, 4, 128, 100, 128);
-        let model = ModelFootprint { config, image_bytes: 1 << 20, sparse: false };
+        let model =
+            ModelFootprint { config, architecture: Architecture::llama(&config), image_bytes: 1 << 20, sparse: false };
         let plan = memory_plan(&model, 4096, &profile("pi4", None).unwrap());
         assert_eq!(plan.context, 128);
         assert_eq!(plan.kv_cache_bytes, 2 * 2 * 128 * 64 * 4);

@@ -15,7 +15,7 @@
 //! ([`Kernels::round_to_f16`]); attention widens them back as it reads
 //! (the `*_f16` kernels of [`crate::kernels::attention`]).
 
-use super::{Attention, Shape, Sizes};
+use super::{Attention, LayerSlots, Shape, Sizes};
 use crate::buffers::filled;
 use crate::error::Result;
 use crate::kernels::attention::CachedVectors;
@@ -24,8 +24,8 @@ use half::f16;
 
 /// Keys and values of every position in f16. Shapes in comments.
 pub(super) struct Half {
-    keys: Vec<f16>,   // (layer, context, kv_dim)
-    values: Vec<f16>, // (layer, context, kv_dim)
+    keys: Vec<f16>,   // (layer, slots, kv_dim)
+    values: Vec<f16>, // (layer, slots, kv_dim)
 }
 
 impl Half {
@@ -54,36 +54,39 @@ impl Half {
         super::commit_pages(&mut self.values);
     }
 
-    /// Stores position `pos`'s key and value of layer `layer`, rounded to f16.
+    /// Stores position `pos`'s key and value of a layer kept as `layer`
+    /// says, rounded to f16, in its slot.
     pub(super) fn append(
         &mut self,
         kernels: &Kernels,
         shape: &Shape,
-        layer: usize,
+        layer: LayerSlots,
         pos: usize,
         key: &[f32],
         value: &[f32],
     ) {
         let kv_dim = shape.kv_dim();
-        let at = (layer * shape.context + pos) * kv_dim;
+        let at = (layer.first_slot + layer.slot(pos)) * kv_dim;
         (kernels.round_to_f16)(key, &mut self.keys[at..at + kv_dim]);
         (kernels.round_to_f16)(value, &mut self.values[at..at + kv_dim]);
     }
 
-    /// [`super::KvCache::attend`] over every position: the f16 kernels'
-    /// scores, softmax, weighted values.
+    /// [`super::KvCache::attend`] over every position the token sees: the
+    /// f16 kernels' scores, softmax, weighted values.
     pub(super) fn attend(&self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let Attention { kernels, layer, kv_head, queries, scale, seen } = *call;
-        let scores = &mut scores[..queries.len() / head_dim * seen];
-        let start = layer * shape.context * kv_dim + kv_head * head_dim;
-        let end = start + (seen.max(1) - 1) * kv_dim + head_dim;
-        let keys = CachedVectors { data: &self.keys[start..end], stride: kv_dim, positions: seen };
+        let Attention { kernels, at, kv_head, queries, scale, seen, .. } = *call;
+        let slots = at.seen_slots(seen);
+        let positions = slots.len();
+        let scores = &mut scores[..queries.len() / head_dim * positions];
+        let start = (at.first_slot + slots.start) * kv_dim + kv_head * head_dim;
+        let end = start + (positions.max(1) - 1) * kv_dim + head_dim;
+        let keys = CachedVectors { data: &self.keys[start..end], stride: kv_dim, positions };
         (kernels.attention_scores_f16)(queries, head_dim, &keys, scale, scores);
-        for row in scores.chunks_exact_mut(seen) {
+        for row in scores.chunks_exact_mut(positions) {
             (kernels.softmax)(row);
         }
-        let values = CachedVectors { data: &self.values[start..end], stride: kv_dim, positions: seen };
+        let values = CachedVectors { data: &self.values[start..end], stride: kv_dim, positions };
         (kernels.attention_values_f16)(scores, &values, head_dim, out);
     }
 }

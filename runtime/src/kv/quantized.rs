@@ -4,10 +4,19 @@
 //! a group of [`KEY_GROUP`] tokens, values per token over the head's
 //! channels, and the most recent tokens in an f32 window of
 //! [`RESIDUAL_WINDOW`] positions (see the [`super`] module for why).
+//!
+//! A sliding-window layer shorter than the context keeps its key groups in a
+//! ring of groups (group `g` in slot `g % groups`, its tokens' value codes
+//! beside it in the same order) just long enough for what its window sees
+//! beside the f32 window ([`super::ring_groups`]). Codes are grouped
+//! whatever the window, so a token's view starts inside a group: attention
+//! reads the ring's groups and gives the positions before the window a score
+//! of −∞ (a weight of exactly 0), and reads the f32 window from the window's
+//! first position.
 
 #[cfg(doc)]
 use super::RESIDUAL_WINDOW;
-use super::{Attention, Shape, Sizes, KEY_GROUP};
+use super::{Attention, LayerSlots, Shape, Sizes, KEY_GROUP};
 use crate::buffers::filled;
 use crate::error::Result;
 use crate::kernels::attention::{CachedVectors, QuantizedKeys, QuantizedValues};
@@ -21,12 +30,12 @@ pub(super) struct Quantized {
     window: usize,
     keys: Vec<f32>,         // the window's keys (layer, window, kv_dim), position p at slot p − quantized
     values: Vec<f32>,       // the window's values (layer, window, kv_dim)
-    key_codes: Vec<u8>,     // (layer, kv_head, group, head_dim, KEY_GROUP·bits/8)
-    key_scales: Vec<f16>,   // (layer, kv_head, group, head_dim)
-    key_mins: Vec<f16>,     // (layer, kv_head, group, head_dim)
-    value_codes: Vec<u8>,   // (layer, kv_head, context, head_dim·bits/8)
-    value_scales: Vec<f16>, // (layer, kv_head, context)
-    value_mins: Vec<f16>,   // (layer, kv_head, context)
+    key_codes: Vec<u8>,     // (layer, kv_head, groups, head_dim, KEY_GROUP·bits/8); a layer's groups in LayerSlots
+    key_scales: Vec<f16>,   // (layer, kv_head, groups, head_dim)
+    key_mins: Vec<f16>,     // (layer, kv_head, groups, head_dim)
+    value_codes: Vec<u8>,   // (layer, kv_head, coded_slots, head_dim·bits/8)
+    value_scales: Vec<f16>, // (layer, kv_head, coded_slots)
+    value_mins: Vec<f16>,   // (layer, kv_head, coded_slots)
     /// Positions held as codes, a multiple of KEY_GROUP (layer).
     pub(super) quantized: Vec<usize>,
     window_scores: Vec<f32>, // the window's scores, then weights (heads_per_kv, window)
@@ -99,50 +108,71 @@ impl Quantized {
         count * self.bits as usize / 8
     }
 
-    /// Stores position `pos`'s key and value in the window of layer
-    /// `layer`; below the codes, rewinds first, and at a full window sends
-    /// its oldest group to the codes.
-    pub(super) fn append(&mut self, shape: &Shape, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
+    /// Where KV head `kv_head`'s channel `c` of key group `group` of a layer
+    /// kept as `at` says is, counted in channels of a group (its scale's
+    /// index; its codes start `code_bytes(KEY_GROUP)` times further).
+    fn key_at(shape: &Shape, at: LayerSlots, kv_head: usize, group: usize, c: usize) -> usize {
+        ((at.first_group * shape.kv_heads + kv_head * at.groups + group % at.groups) * shape.head_dim) + c
+    }
+
+    /// Where KV head `kv_head`'s value of position `pos` of a layer kept as
+    /// `at` says is, counted in tokens' heads (its scale's index).
+    fn value_at(shape: &Shape, at: LayerSlots, kv_head: usize, pos: usize) -> usize {
+        at.first_coded_slot * shape.kv_heads + kv_head * at.coded_slots + pos % at.coded_slots
+    }
+
+    /// Stores position `pos`'s key and value in the window of layer `layer`
+    /// (kept as `at` says); below the codes, rewinds first, and at a full
+    /// window sends its oldest group to the codes.
+    pub(super) fn append(
+        &mut self,
+        shape: &Shape,
+        layer: usize,
+        at: LayerSlots,
+        pos: usize,
+        key: &[f32],
+        value: &[f32],
+    ) {
         let kv_dim = shape.kv_dim();
         if pos < self.quantized[layer] {
-            self.rewind(shape, layer, pos);
+            self.rewind(shape, layer, at, pos);
         }
         // A full window sends its oldest group to the codes.
         while pos - self.quantized[layer] >= self.window {
-            self.quantize_oldest_group(shape, layer);
+            self.quantize_oldest_group(shape, layer, at);
         }
         let slot = (layer * self.window + pos - self.quantized[layer]) * kv_dim;
         self.keys[slot..slot + kv_dim].copy_from_slice(key);
         self.values[slot..slot + kv_dim].copy_from_slice(value);
     }
 
-    /// Quantizes the window's first [`KEY_GROUP`] positions of `layer` and
-    /// moves the rest of the window down.
-    fn quantize_oldest_group(&mut self, shape: &Shape, layer: usize) {
+    /// Quantizes the window's first [`KEY_GROUP`] positions of `layer` into
+    /// their group's slot (a ring with no groups keeps none: its window
+    /// sees only the f32 window) and moves the rest of the window down.
+    fn quantize_oldest_group(&mut self, shape: &Shape, layer: usize, at: LayerSlots) {
         let (kv_dim, head_dim, kv_heads, window) = (shape.kv_dim(), shape.head_dim, shape.kv_heads, self.window);
         let levels = ((1u32 << self.bits) - 1) as f32;
         let first = self.quantized[layer];
         let group = first / KEY_GROUP;
-        let groups = shape.context.div_ceil(KEY_GROUP);
         let base = layer * window * kv_dim;
         let (key_bytes, value_bytes) = (self.code_bytes(KEY_GROUP), self.code_bytes(head_dim));
         let mut channel = [0f32; KEY_GROUP];
-        for kv in 0..kv_heads {
+        for kv in (0..kv_heads).filter(|_| at.groups > 0) {
             // Keys: each channel over the group's tokens.
             for c in 0..head_dim {
                 for (t, v) in channel.iter_mut().enumerate() {
                     *v = self.keys[base + t * kv_dim + kv * head_dim + c];
                 }
-                let at = ((layer * kv_heads + kv) * groups + group) * head_dim + c;
-                let codes = &mut self.key_codes[at * key_bytes..(at + 1) * key_bytes];
-                (self.key_scales[at], self.key_mins[at]) = quantize(&channel, levels, codes);
+                let key_at = Self::key_at(shape, at, kv, group, c);
+                let codes = &mut self.key_codes[key_at * key_bytes..(key_at + 1) * key_bytes];
+                (self.key_scales[key_at], self.key_mins[key_at]) = quantize(&channel, levels, codes);
             }
             // Values: each token over the head's channels.
             for t in 0..KEY_GROUP {
                 let head = &self.values[base + t * kv_dim + kv * head_dim..][..head_dim];
-                let at = (layer * kv_heads + kv) * shape.context + first + t;
-                let codes = &mut self.value_codes[at * value_bytes..(at + 1) * value_bytes];
-                (self.value_scales[at], self.value_mins[at]) = quantize(head, levels, codes);
+                let value_at = Self::value_at(shape, at, kv, first + t);
+                let codes = &mut self.value_codes[value_at * value_bytes..(value_at + 1) * value_bytes];
+                (self.value_scales[value_at], self.value_mins[value_at]) = quantize(head, levels, codes);
             }
         }
         let layer_window = base..base + window * kv_dim;
@@ -152,29 +182,30 @@ impl Quantized {
     }
 
     /// Makes `pos` writable again: the quantized tokens of its group before
-    /// it go back into the window, dequantized.
-    fn rewind(&mut self, shape: &Shape, layer: usize, pos: usize) {
+    /// it go back into the window, dequantized (from the ring, which
+    /// [`super::KvCache::can_rewind_to`] says still holds the group when the
+    /// token at `pos` sees them).
+    fn rewind(&mut self, shape: &Shape, layer: usize, at: LayerSlots, pos: usize) {
         let (kv_dim, head_dim, kv_heads) = (shape.kv_dim(), shape.head_dim, shape.kv_heads);
         let first = pos / KEY_GROUP * KEY_GROUP;
         let group = first / KEY_GROUP;
-        let groups = shape.context.div_ceil(KEY_GROUP);
         let bits = self.bits;
         let base = layer * self.window * kv_dim;
         let (key_bytes, value_bytes) = (self.code_bytes(KEY_GROUP), self.code_bytes(head_dim));
-        for kv in 0..kv_heads {
+        for kv in (0..kv_heads).filter(|_| at.groups > 0) {
             for c in 0..head_dim {
-                let at = ((layer * kv_heads + kv) * groups + group) * head_dim + c;
-                let codes = &self.key_codes[at * key_bytes..(at + 1) * key_bytes];
-                let (scale, min) = (self.key_scales[at].to_f32(), self.key_mins[at].to_f32());
+                let key_at = Self::key_at(shape, at, kv, group, c);
+                let codes = &self.key_codes[key_at * key_bytes..(key_at + 1) * key_bytes];
+                let (scale, min) = (self.key_scales[key_at].to_f32(), self.key_mins[key_at].to_f32());
                 for t in 0..pos - first {
                     let code = crate::kernels::attention::scalar::code(codes, bits, t);
                     self.keys[base + t * kv_dim + kv * head_dim + c] = min + scale * code;
                 }
             }
             for t in 0..pos - first {
-                let at = (layer * kv_heads + kv) * shape.context + first + t;
-                let codes = &self.value_codes[at * value_bytes..(at + 1) * value_bytes];
-                let (scale, min) = (self.value_scales[at].to_f32(), self.value_mins[at].to_f32());
+                let value_at = Self::value_at(shape, at, kv, first + t);
+                let codes = &self.value_codes[value_at * value_bytes..(value_at + 1) * value_bytes];
+                let (scale, min) = (self.value_scales[value_at].to_f32(), self.value_mins[value_at].to_f32());
                 for c in 0..head_dim {
                     let code = crate::kernels::attention::scalar::code(codes, bits, c);
                     self.values[base + t * kv_dim + kv * head_dim + c] = min + scale * code;
@@ -185,54 +216,75 @@ impl Quantized {
     }
 
     /// [`super::KvCache::attend`] over the codes and the window: scores of
-    /// the quantized groups straight into each row and of the window after
+    /// the quantized groups straight into each row (−∞ for the positions
+    /// before a sliding window) and of the window's seen positions after
     /// them, one softmax, then the quantized tokens' values into `out` with
     /// the window's share added.
     pub(super) fn attend(&mut self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let Attention { kernels, layer, kv_head, queries, scale, seen } = *call;
+        let Attention { kernels, layer, at, kv_head, queries, scale, seen: written } = *call;
         let heads = queries.len() / head_dim;
         let coded = self.quantized[layer];
-        let recent = seen - coded;
+        let first_seen = at.first_seen(written);
+        // The f32 window from the first position seen; the codes' groups unless the view starts above them.
+        let window_from = coded.max(first_seen);
+        let recent = written - window_from;
+        let groups = if first_seen < coded { (coded / KEY_GROUP).min(at.groups) } else { 0 };
+        let coded_seen = groups * KEY_GROUP;
+        let seen = coded_seen + recent;
         let scores = &mut scores[..heads * seen];
-        let window_start = layer * self.window * kv_dim + kv_head * head_dim;
+        let window_start = (layer * self.window + window_from - coded) * kv_dim + kv_head * head_dim;
         let window_end = window_start + (recent.max(1) - 1) * kv_dim + head_dim;
         let (keys, values) = (&self.keys[window_start..window_end], &self.values[window_start..window_end]);
         let (score_codes, value_codes) = match self.bits {
             8 => (kernels.attention_scores_q8, kernels.attention_values_q8),
             _ => (kernels.attention_scores_q4, kernels.attention_values_q4),
         };
-        let head = layer * shape.kv_heads + kv_head;
-        let groups = shape.context.div_ceil(KEY_GROUP);
-        let key_at = head * groups * head_dim;
+        // The head's groups and value codes from its first slot on (a layer without groups reads none).
+        let (key_at, value_at) = match at.groups {
+            0 => (0, 0),
+            _ => (Self::key_at(shape, at, kv_head, 0, 0), Self::value_at(shape, at, kv_head, 0)),
+        };
         let key_bytes = self.code_bytes(KEY_GROUP);
-        let value_at = head * shape.context;
         let value_bytes = self.code_bytes(head_dim);
         let window_scores = &mut self.window_scores[..heads * recent];
         // Scores: the quantized groups straight into each row, the window after them.
         let coded_keys = QuantizedKeys {
-            codes: &self.key_codes[key_at * key_bytes..(key_at + coded / KEY_GROUP * head_dim) * key_bytes],
+            codes: &self.key_codes[key_at * key_bytes..(key_at + groups * head_dim) * key_bytes],
             scales: &self.key_scales[key_at..],
             mins: &self.key_mins[key_at..],
-            groups: coded / KEY_GROUP,
+            groups,
         };
         score_codes(queries, head_dim, &coded_keys, scale, scores, seen);
         let window_keys = CachedVectors { data: keys, stride: kv_dim, positions: recent };
         (kernels.attention_scores)(queries, head_dim, &window_keys, scale, window_scores);
+        // Slot j of the codes holds position 32·g + j % 32 of the newest group g below the codes' end
+        // with g ≡ j / 32 (mod groups): the older groups of a ring, before the window, are masked.
+        let newest_group = coded / KEY_GROUP;
         for (row, window_row) in scores.chunks_exact_mut(seen).zip(window_scores.chunks_exact(recent)) {
-            row[coded..].copy_from_slice(window_row);
+            row[coded_seen..].copy_from_slice(window_row);
+            if first_seen > 0 {
+                for (slot, group_scores) in row[..coded_seen].chunks_exact_mut(KEY_GROUP).enumerate() {
+                    let group = newest_group - 1 - (newest_group - 1 - slot) % at.groups;
+                    for (i, score) in group_scores.iter_mut().enumerate() {
+                        if group * KEY_GROUP + i < first_seen {
+                            *score = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
             (kernels.softmax)(row);
         }
         // Values: the quantized tokens into `out`, the window's share added.
         let coded_values = QuantizedValues {
-            codes: &self.value_codes[value_at * value_bytes..(value_at + coded) * value_bytes],
-            scales: &self.value_scales[value_at..value_at + coded],
-            mins: &self.value_mins[value_at..value_at + coded],
-            positions: coded,
+            codes: &self.value_codes[value_at * value_bytes..(value_at + coded_seen) * value_bytes],
+            scales: &self.value_scales[value_at..value_at + coded_seen],
+            mins: &self.value_mins[value_at..value_at + coded_seen],
+            positions: coded_seen,
         };
         value_codes(scores, seen, &coded_values, head_dim, out);
         for (row, window_row) in scores.chunks_exact(seen).zip(window_scores.chunks_exact_mut(recent)) {
-            window_row.copy_from_slice(&row[coded..]);
+            window_row.copy_from_slice(&row[coded_seen..]);
         }
         let window_out = &mut self.window_out[..heads * head_dim];
         let window_values = CachedVectors { data: values, stride: kv_dim, positions: recent };

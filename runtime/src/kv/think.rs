@@ -10,7 +10,7 @@
 //! those keys use the kept channels of the query only; keys written after it
 //! keep every channel. Pruning and attending allocate nothing.
 
-use super::{Attention, KvMode, Shape};
+use super::{Attention, KvMode, LayerSlots, Shape};
 use crate::buffers::filled_product;
 use crate::error::{Error, Result};
 use crate::kernels::attention::CachedVectors;
@@ -166,17 +166,18 @@ impl Pruning {
 
     /// Ends the prefill: each layer not pruned yet, with positions written
     /// (`written`, a layer), has its key channels scored and its written keys
-    /// (in `keys`, `(layer, context, kv_dim)`) stored with the kept channels
-    /// only. Once per conversation: a layer is pruned again only after a
-    /// rewind to position 0. Allocates nothing.
-    pub(super) fn prune(&mut self, shape: &Shape, keys: &mut [f32], written: &[usize]) {
-        let (kv_dim, head_dim, kv_heads, context) = (shape.kv_dim(), shape.head_dim, shape.kv_heads, shape.context);
+    /// (in `keys`, each layer's positions where `layers` says) stored with
+    /// the kept channels only. Windowed layers are left whole. Once per
+    /// conversation: a layer is pruned again only after a rewind to position
+    /// 0. Allocates nothing.
+    pub(super) fn prune(&mut self, shape: &Shape, layers: &[LayerSlots], keys: &mut [f32], written: &[usize]) {
+        let (kv_dim, head_dim, kv_heads) = (shape.kv_dim(), shape.head_dim, shape.kv_heads);
         let kept = self.kept;
-        for (layer, &written) in written.iter().enumerate() {
-            if written == 0 || self.pruned[layer] > 0 {
+        for (layer, (&written, at)) in written.iter().zip(layers).enumerate() {
+            if written == 0 || self.pruned[layer] > 0 || at.window != 0 {
                 continue;
             }
-            let base = layer * context * kv_dim;
+            let base = at.first_slot * kv_dim;
             let observed = written.min(PRUNE_QUERIES);
             for kv in 0..kv_heads {
                 // Channel scores: mean q_c² over the observed queries × mean k_c² over the keys.
@@ -220,7 +221,7 @@ impl Pruning {
     }
 
     /// Attention over a pruned layer of the f32 cache (`keys` and `values`,
-    /// `(layer, context, kv_dim)`): the queries' kept channels against the
+    /// `(layer, slots, kv_dim)`): the queries' kept channels against the
     /// thin keys, every channel against the keys after them, one softmax
     /// over both, then the values.
     pub(super) fn attend(
@@ -232,12 +233,12 @@ impl Pruning {
         out: &mut [f32],
     ) {
         let (kv_dim, head_dim, kv_heads) = (shape.kv_dim(), shape.head_dim, shape.kv_heads);
-        let Attention { kernels, layer, kv_head, queries, scale, seen } = *call;
+        let Attention { kernels, layer, at, kv_head, queries, scale, seen } = *call;
         let (kept, pruned) = (self.kept, self.pruned[layer]);
         let heads = queries.len() / head_dim;
         let recent = seen - pruned;
         let scores = &mut scores[..heads * seen];
-        let base = layer * shape.context * kv_dim;
+        let base = at.first_slot * kv_dim;
         // Gather each query's kept channels.
         let channels = &self.channels[(layer * kv_heads + kv_head) * kept..][..kept];
         let gathered = &mut self.gathered[..heads * kept];
@@ -296,7 +297,7 @@ mod tests {
     ) -> (Vec<f32>, KvCache, Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let c = config();
         let (kv_dim, head_dim, q_dim) = (c.kv_dim(), 32, 4 * 32);
-        let mut cache = KvCache::new(KvMode::F32, &c, 128).unwrap();
+        let mut cache = KvCache::new(KvMode::F32, &c, 128, &[]).unwrap();
         cache.enable_pruning(ratio).unwrap();
         let mut scores = vec![0f32; 2 * 128];
         let (mut outputs, mut keys, mut queries) = (Vec::new(), Vec::new(), Vec::new());
@@ -453,7 +454,7 @@ mod tests {
     #[test]
     fn a_rewind_to_the_start_unprunes_and_the_next_prompt_prunes_again() {
         let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 64).unwrap();
+        let mut cache = KvCache::new(KvMode::F32, &c, 64, &[]).unwrap();
         cache.enable_pruning(0.5).unwrap();
         let (key, query) = (data(64, 1), data(128, 2));
         let kernels = Kernels::detect();
@@ -492,7 +493,7 @@ mod tests {
             let error = check_prune(0.5, mode).unwrap_err().to_string();
             assert!(error.contains(name) && error.contains("f32 cache only"), "{error}");
             // Refused where the state is made too, not only by the front ends' check.
-            let mut cache = KvCache::new(mode, &config(), 64).unwrap();
+            let mut cache = KvCache::new(mode, &config(), 64, &[]).unwrap();
             let error = cache.enable_pruning(0.5).unwrap_err().to_string();
             assert!(error.contains(name), "{error}");
             assert!(cache.enable_pruning(0.0).is_ok() && cache.prune_ratio() == 0.0);
@@ -501,7 +502,7 @@ mod tests {
         assert_eq!((kept_channels(64, 0.5), kept_channels(64, 0.3), kept_channels(64, 0.0)), (32, 45, 64));
         assert_eq!(kept_channels(64, 0.999), 1);
         let c = config();
-        let mut cache = KvCache::new(KvMode::F32, &c, 100).unwrap();
+        let mut cache = KvCache::new(KvMode::F32, &c, 100, &[]).unwrap();
         let before = cache.bytes();
         cache.enable_pruning(0.25).unwrap();
         assert_eq!(cache.bytes() - before, KvCache::pruning_bytes_for(&c, 100, 0.25));
