@@ -530,3 +530,43 @@ pub fn with_section_entry(
     }
     panic!("no section {name}");
 }
+
+/// `bramble synth --family FAMILY` (width 128: heads of 32, which every KV
+/// mode takes), converted to q4, then through the tools a user runs on it:
+/// `generate` with every KV cache mode, R-Sparse calibration and a
+/// generation on its plan, `plan` for a Pi 4, and `generate --chat` with the
+/// family's chat format. Random weights may say EOS early: what is checked is
+/// that each path runs and decodes.
+pub fn check_family_cli(family: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let text = dir.path().join("calibration.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let gguf = dir.path().join(format!("{family}.gguf"));
+    let image = dir.path().join(format!("{family}.bramble"));
+    let sparse = dir.path().join(format!("{family}-sparse.bramble"));
+    bramble_ok(&["synth", "--format", "gguf", "--family", family, "--dim", "128", "--output", &path(&gguf)]);
+    bramble_ok(&["convert", "--input", &path(&gguf), "--output", &path(&image), "--quant", "q4"]);
+    let info = bramble_json(&["inspect", &path(&image), "--json"]);
+    assert_eq!(info["architecture"]["family"], family, "{info}");
+    let generate = |model: &Path, extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "The quick"];
+        args.extend(["--max-tokens", "6", "--temperature", "0", "--json"]);
+        args.extend(extra);
+        bramble_json(&args)
+    };
+    let decoded = |out: &Value| out["generated_tokens"].as_u64().is_some_and(|n| n >= 1);
+    for kv in ["f32", "f16", "q8", "q4"] {
+        let out = generate(&image, &["--kv", kv]);
+        assert!(decoded(&out), "{family} --kv {kv}: {out}");
+    }
+    let calibrate = ["calibrate", "--model", &path(&image), "--text", &path(&text), "--sparsity", "0.5"];
+    bramble_ok(&[&calibrate[..], &["--output", &path(&sparse)]].concat());
+    let out = generate(&sparse, &[]);
+    assert!(decoded(&out), "{family} R-Sparse: {out}");
+    let plan = bramble_json(&["plan", "--model", &path(&sparse), "--board", "pi4-4gb", "--ctx", "128", "--json"]);
+    assert_eq!(plan["fits"], true, "{family}: {plan}");
+    let chat = ["generate", "--model", &path(&image), "--chat", "--prompt", "Hello", "--max-tokens", "4"];
+    let chat = bramble_json(&[&chat[..], &["--temperature", "0", "--json"]].concat());
+    assert!(chat["prompt_tokens"].as_u64().unwrap() > 4, "{family} chat: {chat}");
+}

@@ -6,8 +6,10 @@
 //! - the GGUF form (norms stored as `1 + w`, the window and pattern in
 //!   `gemma3.*` keys) and the Hugging Face form (`w` stored, `layer_types`,
 //!   `rope_local_base_freq`) become the same image;
-//! - its logits match the independent numpy reference, and each of
-//!   Gemma's differences, taken away alone, moves them far outside the budget;
+//! - its logits over 100 positions (the local layers' rings wrap twice)
+//!   match the independent numpy reference, which masks the window, and
+//!   each of Gemma's differences, taken away alone (the window too), moves
+//!   them far outside the budget;
 //! - Gemma's turn template is built in and `<end_of_turn>` ends generation;
 //! - what the runtime cannot run (soft-capping) is refused by name.
 
@@ -25,9 +27,9 @@ use std::path::Path;
 
 /// Seed of the synthetic model.
 const SEED: u64 = 53;
-/// Positions run: as many as the local layers' window (the context's
-/// quarter, 32); past it is the sliding window's own test.
-const POSITIONS: usize = 32;
+/// Positions run: three times the local layers' window (the context's
+/// quarter, 32), so the local layers' rings wrap twice.
+const POSITIONS: usize = 100;
 
 /// Logit budgets against the reference, as in `qwen.rs` and `llama3.rs`:
 /// `reference.rs`'s f16 budgets as shares of the largest |logit|.
@@ -115,11 +117,16 @@ fn gguf_and_hf_give_one_image_whose_logits_match_the_reference() {
 
     // Each difference from the Llama block, taken away alone, is far outside the budget.
     type Change = Box<dyn Fn(&mut Model)>;
-    let changes: [(&str, Change); 5] = [
+    let changes: [(&str, Change); 6] = [
         ("SiLU gate", Box::new(|m| m.architecture.features.0 &= !Features::GELU_TANH.0)),
         ("no embedding scale", Box::new(|m| m.architecture.embedding_scale = 1.0)),
         ("no post norms", Box::new(|m| m.weights.layers.iter_mut().for_each(|l| l.post_norms = None))),
         ("no q/k norms", Box::new(|m| m.weights.layers.iter_mut().for_each(|l| l.qk_norm = None))),
+        (
+            // Still local (their own RoPE base), but seeing everything.
+            "windows wider than the context",
+            Box::new(|m| m.architecture.layers.iter_mut().filter(|l| l.is_local()).for_each(|l| l.window = 1 << 20)),
+        ),
         (
             "global RoPE base everywhere",
             Box::new(|m| m.architecture.layers.iter_mut().for_each(|l| l.rope_theta = 1_000_000.0)),
@@ -175,4 +182,10 @@ fn soft_capping_and_unknown_layer_types_are_refused_by_name() {
         error.contains("hidden_activation \"silu\" is not supported (a gemma3 block runs gelu_pytorch_tanh)"),
         "{error}"
     );
+}
+
+#[test]
+fn kv_modes_rsparse_plan_and_chat_run_on_a_gemma_image() {
+    // Context 128, window 32: the local layers' caches are rings of 32 positions in every mode.
+    check_family_cli("gemma3");
 }

@@ -208,59 +208,7 @@ fn readers_refuse_a_block_they_cannot_run_by_name() {
 
 #[test]
 fn kv_modes_rsparse_plan_and_chat_run_on_qwen_images() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = |p: &Path| p.to_str().unwrap().to_string();
-    let text = dir.path().join("calibration.txt");
-    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
     for family in ["qwen2", "qwen3"] {
-        let gguf = dir.path().join(format!("{family}.gguf"));
-        let image = dir.path().join(format!("{family}.bramble"));
-        let sparse = dir.path().join(format!("{family}-sparse.bramble"));
-        bramble_ok(&["synth", "--format", "gguf", "--family", family, "--dim", "128", "--output", &path(&gguf)]);
-        bramble_ok(&["convert", "--input", &path(&gguf), "--output", &path(&image), "--quant", "q4"]);
-        let info = bramble_json(&["inspect", &path(&image), "--json"]);
-        assert_eq!(info["architecture"]["family"], family, "{info}");
-        let generate = |model: &Path, extra: &[&str]| {
-            let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "The quick"];
-            args.extend(["--max-tokens", "6", "--temperature", "0", "--json"]);
-            args.extend(extra);
-            bramble_json(&args)
-        };
-        // Random weights may say EOS early; what matters is that each cache runs and decodes.
-        let decoded = |out: &serde_json::Value| out["generated_tokens"].as_u64().is_some_and(|n| n >= 1);
-        for kv in ["f32", "f16", "q8", "q4"] {
-            let out = generate(&image, &["--kv", kv]);
-            assert!(decoded(&out), "{family} --kv {kv}: {out}");
-        }
-        bramble_ok(&[
-            "calibrate",
-            "--model",
-            &path(&image),
-            "--text",
-            &path(&text),
-            "--sparsity",
-            "0.5",
-            "--output",
-            &path(&sparse),
-        ]);
-        let out = generate(&sparse, &[]);
-        assert!(decoded(&out), "{family} R-Sparse: {out}");
-        let plan = bramble_json(&["plan", "--model", &path(&sparse), "--board", "pi4-4gb", "--ctx", "128", "--json"]);
-        assert_eq!(plan["fits"], true, "{family}: {plan}");
-        // ChatML: the vocabulary's <|im_start|> picks it.
-        let chat = bramble_json(&[
-            "generate",
-            "--model",
-            &path(&image),
-            "--chat",
-            "--prompt",
-            "Hello",
-            "--max-tokens",
-            "4",
-            "--temperature",
-            "0",
-            "--json",
-        ]);
-        assert!(chat["prompt_tokens"].as_u64().unwrap() > 4, "{family} chat: {chat}");
+        check_family_cli(family);
     }
 }
