@@ -2,7 +2,7 @@
 
 use super::model_args::ModelArgs;
 use anyhow::Result;
-use bramble_runtime::kv::KvMode;
+use bramble_runtime::kv::{KvCache, KvMode};
 use bramble_runtime::model::SparseMode;
 use bramble_runtime::sampler::SamplerConfig;
 use bramble_runtime::session::Session;
@@ -97,7 +97,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // The KV cache as allocated for the context, and what an f16 cache would take.
         "kv": model.kv_mode().name(),
         "kv_bytes": kv_bytes,
-        "kv_f16_bytes": (KvMode::f16_bytes_per_token(&model.config) * context as f64) as u64,
+        "kv_f16_bytes": KvCache::bytes_for(KvMode::F16, &model.config, context, &model.architecture.layers)?,
         "state_bytes": state_bytes,
         "peak_rss_bytes": stats::peak_rss_bytes(),
         "guest_instructions": "aarch64 cost: scripts/insn-count.sh IMAGE [cortex-a72 cortex-a76] runs this bench under qemu with ../shared/tools/qemu-insn-count for 8 and 24 generated tokens; per token = Δcount / 16; scripts/insn-profile.sh IMAGE CPU splits it by function",
