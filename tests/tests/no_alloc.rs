@@ -5,8 +5,10 @@
 //! an f32 KV cache, an f16 one (whose steps round each key and value), and
 //! quantized ones (whose steps quantize a group of
 //! keys and values when the full-precision window fills), and with key-channel
-//! pruning (whose first step prunes the prompt's keys in place). Nor does a
-//! prompt batch, in any KV mode (the f32 cache's attends in tiles).
+//! pruning (whose first step prunes the prompt's keys in place), and on
+//! every family's block (Qwen2, Qwen3, Gemma-3 with its sliding-window
+//! rings). Nor does a prompt batch, in any KV mode (the f32 cache's attends
+//! in tiles).
 //!
 //! This test binary installs the runtime's counting global allocator
 //! (`bramble_runtime::allocations`, the one `bramble` and `brambled` install)
@@ -17,6 +19,7 @@
 //! where the binary's allocator counts every thread.
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
+use bramble_runtime::architecture::Family;
 use bramble_runtime::kv::{KvMode, KEY_GROUP, RESIDUAL_WINDOW};
 use bramble_runtime::model::Model;
 use bramble_runtime::sampler::SamplerConfig;
@@ -122,6 +125,24 @@ fn synthetic_decode_steps_allocate_nothing_in_any_encoding() {
             let (allocations, tokens, streamed) = decode_allocations(&path, "Hello world, the hat", 128);
             eprintln!("{tokenizer:?} {quant}: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
             assert_eq!(allocations, 0, "{tokenizer:?} {quant}: {STEPS} decode steps allocated {allocations} times");
+        }
+    }
+}
+
+#[test]
+fn every_family_decodes_without_allocating() {
+    // Qwen2's biases, Qwen3's q/k norms, Gemma-3's GeGLU, post norms and
+    // sliding-window rings (window 32 of a context of 128: the prompt and 40
+    // steps wrap them), in q4 and with an f32 and a q8 cache.
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Qwen2, Family::Qwen3, Family::Gemma3] {
+        let shape = SyntheticShape { family, dim: 128, ffn_dim: 320, n_layers: 3, ..SyntheticShape::default() };
+        let path = dir.path().join(format!("{}.bramble", family.name()));
+        convert(&synthetic(shape, 5), &path, &ConvertOptions::new(QuantTarget::parse("q4").unwrap())).unwrap();
+        for kv in [KvMode::F32, KvMode::Q8] {
+            let (allocations, tokens, _) = decode_allocations_with_kv(&path, "Hello world, the hat", 128, kv);
+            eprintln!("{} kv {kv}: {allocations} allocations in {STEPS} steps; tokens {tokens:?}", family.name());
+            assert_eq!(allocations, 0, "{} kv {kv}: {STEPS} decode steps allocated {allocations} times", family.name());
         }
     }
 }
