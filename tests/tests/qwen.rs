@@ -207,6 +207,27 @@ fn readers_refuse_a_block_they_cannot_run_by_name() {
 }
 
 #[test]
+fn a_qwen_checkpoint_using_its_sliding_window_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("qwen2-hf");
+    write_hf_dir(&qwen_model(Family::Qwen2), &hf, HfWriteOptions::default()).unwrap();
+    let config_path = hf.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    // As Qwen2.5's own configs say it: a window that is not used.
+    config["use_sliding_window"] = serde_json::json!(false);
+    config["sliding_window"] = serde_json::json!(4096);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    assert!(HfSource::open(&hf).is_ok());
+    config["use_sliding_window"] = serde_json::json!(true);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let error = format!("{:#}", HfSource::open(&hf).err().unwrap());
+    assert!(
+        error.contains("use_sliding_window is true; a qwen2 block with sliding windows is not supported"),
+        "{error}"
+    );
+}
+
+#[test]
 fn kv_modes_rsparse_plan_and_chat_run_on_qwen_images() {
     for family in ["qwen2", "qwen3"] {
         check_family_cli(family);

@@ -361,6 +361,14 @@ fn read_config(path: &Path) -> Result<HfConfig> {
             );
         }
     }
+    // Qwen's configs carry a sliding window they do not use unless told to.
+    if matches!(family, Family::Qwen2 | Family::Qwen3) && flag(path, &json, "use_sliding_window", false)? {
+        bail!(
+            "{}: use_sliding_window is true; a {} block with sliding windows is not supported",
+            path.display(),
+            family.name()
+        );
+    }
     // Qwen2 always has q/k/v biases and says nothing; the others must have none.
     let biases_allowed: &[&str] = if family == Family::Qwen2 { &["attention_bias"] } else { &[] };
     for key in ["attention_bias", "mlp_bias"] {
