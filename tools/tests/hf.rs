@@ -399,14 +399,15 @@ fn config_json_rejections_name_the_file_and_key() {
             }),
         ),
         (
-            "not a Llama",
+            "not a supported model (architectures [\"MistralForCausalLM\"], model_type Some(\"mistral\")); expected one of \
+             LlamaForCausalLM / llama, Qwen2ForCausalLM / qwen2",
             Box::new(|c| {
                 c.insert("architectures".into(), json!(["MistralForCausalLM"]));
                 c.insert("model_type".into(), json!("mistral"));
             }),
         ),
         ("hidden_act", Box::new(|c| drop(c.insert("hidden_act".into(), json!("gelu"))))),
-        ("attention_bias", Box::new(|c| drop(c.insert("attention_bias".into(), json!(true))))),
+        ("`attention_bias` is true; a llama block has no such biases", Box::new(|c| drop(c.insert("attention_bias".into(), json!(true))))),
         ("hidden_size", Box::new(|c| drop(c.remove("hidden_size")))),
         ("num_hidden_layers", Box::new(|c| drop(c.insert("num_hidden_layers".into(), json!(-2))))),
         ("intermediate_size", Box::new(|c| drop(c.insert("intermediate_size".into(), json!("160"))))),
