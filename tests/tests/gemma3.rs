@@ -161,6 +161,38 @@ fn gemma_turns_are_built_in_and_end_of_turn_ends_generation() {
 }
 
 #[test]
+fn a_multimodal_checkpoint_converts_as_its_language_model() {
+    // Eight query heads over four KV heads: Gemma3TextConfig's defaults, which
+    // the multimodal layout leaves out of text_config as the 4B's config does.
+    let shape = SyntheticShape {
+        family: Family::Gemma3,
+        dim: 128,
+        ffn_dim: 320,
+        n_layers: 3,
+        n_heads: 8,
+        n_kv_heads: 4,
+        ..Default::default()
+    };
+    let model = synthetic(shape, SEED);
+    let dir = tempfile::tempdir().unwrap();
+    let (text, multimodal) = (dir.path().join("text"), dir.path().join("multimodal"));
+    write_hf_dir(&model, &text, HfWriteOptions::default()).unwrap();
+    write_hf_dir(&model, &multimodal, HfWriteOptions { gemma3_multimodal: true, ..Default::default() }).unwrap();
+    let config = std::fs::read_to_string(multimodal.join("config.json")).unwrap();
+    assert!(config.contains("Gemma3ForConditionalGeneration") && !config.contains("num_attention_heads"), "{config}");
+    let from_text = convert_f32(&HfSource::open(&text).unwrap(), &dir.path().join("text.bramble"));
+    let from_multimodal = convert_f32(&HfSource::open(&multimodal).unwrap(), &dir.path().join("multimodal.bramble"));
+    assert_eq!(from_multimodal.config(), from_text.config());
+    assert_eq!((from_multimodal.config().n_heads, from_multimodal.config().n_kv_heads), (8, 4));
+    assert_eq!(from_multimodal.architecture(), from_text.architecture());
+    assert_eq!(from_multimodal.tensors().len(), from_text.tensors().len(), "the vision tower is left out");
+    for t in from_text.tensors() {
+        let other = from_multimodal.tensor(&t.name).unwrap_or_else(|| panic!("{} missing", t.name));
+        assert!(from_text.tensor_bytes(t) == from_multimodal.tensor_bytes(other), "{}: bytes differ", t.name);
+    }
+}
+
+#[test]
 fn soft_capping_and_unknown_layer_types_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("gemma3-hf");

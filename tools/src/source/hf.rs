@@ -30,13 +30,74 @@ use std::path::{Component, Path, PathBuf};
 use tokenizer::{ModelFacts, TemplateForm};
 
 /// The model classes read, with the family each is: `architectures[0]` or `model_type`.
-/// `(class, model_type, family)`.
-const HF_FAMILIES: [(&str, &str, Family); 4] = [
+/// `(class, model_type, family)`. Gemma-3's multimodal checkpoints (4B and
+/// up) convert as their language model: `text_config` and the
+/// `language_model` weights; the vision tower is left out.
+const HF_FAMILIES: [(&str, &str, Family); 5] = [
     ("LlamaForCausalLM", "llama", Family::Llama),
     ("Qwen2ForCausalLM", "qwen2", Family::Qwen2),
     ("Qwen3ForCausalLM", "qwen3", Family::Qwen3),
     ("Gemma3ForCausalLM", "gemma3_text", Family::Gemma3),
+    ("Gemma3ForConditionalGeneration", "gemma3", Family::Gemma3),
 ];
+
+/// `Gemma3TextConfig`'s defaults for the keys Gemma-3's checkpoints may
+/// leave out (the 4B's `text_config` gives only its width, depth, FFN,
+/// window and RoPE scaling).
+const GEMMA3_TEXT_DEFAULTS: [(&str, f64); 10] = [
+    ("num_attention_heads", 8.0),
+    ("num_key_value_heads", 4.0),
+    ("head_dim", 256.0),
+    ("vocab_size", 262_208.0),
+    ("max_position_embeddings", 131_072.0),
+    ("rms_norm_eps", 1e-6),
+    ("rope_theta", 1_000_000.0),
+    ("rope_local_base_freq", 10_000.0),
+    ("query_pre_attn_scalar", 256.0),
+    ("sliding_window", 4096.0),
+];
+
+/// Gemma-3's language-model config: `text_config` for a multimodal
+/// checkpoint (with the special token ids of the outer config where it has
+/// none), the config itself otherwise, with `Gemma3TextConfig`'s defaults
+/// under both (output tied to the embedding unless said otherwise).
+fn gemma3_text_config(json: &Value) -> Value {
+    let mut text = json.get("text_config").filter(|t| t.is_object()).unwrap_or(json).clone();
+    let object = text.as_object_mut().expect("an object");
+    for (key, value) in GEMMA3_TEXT_DEFAULTS {
+        let value = if value.fract() == 0.0 { json!(value as u64) } else { json!(value) };
+        object.entry(key).or_insert(value);
+    }
+    object.entry("tie_word_embeddings").or_insert(json.get("tie_word_embeddings").cloned().unwrap_or(json!(true)));
+    for key in ["bos_token_id", "eos_token_id"] {
+        if let Some(id) = json.get(key).filter(|_| !object.contains_key(key)) {
+            object.insert(key.into(), id.clone());
+        }
+    }
+    text
+}
+
+/// The name a multimodal Gemma-3 checkpoint's language-model tensor has in
+/// a text-only one (`language_model.model.X` and, in newer checkpoints,
+/// `model.language_model.X` are `model.X`); `None` for the vision tower and
+/// its projector, which the converter leaves out.
+fn language_model_name(hf_name: &str) -> Option<std::borrow::Cow<'_, str>> {
+    const VISION: [&str; 4] =
+        ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."];
+    if VISION.iter().any(|prefix| hf_name.starts_with(prefix)) {
+        return None;
+    }
+    for (prefix, plain) in [
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ] {
+        if let Some(rest) = hf_name.strip_prefix(prefix) {
+            return Some(format!("{plain}{rest}").into());
+        }
+    }
+    Some(hf_name.into())
+}
 
 /// Largest dimension accepted from `config.json`, as [`ModelConfig::validate`] does.
 const MAX_DIMENSION: u64 = 1 << 24;
@@ -350,6 +411,7 @@ fn read_config(path: &Path) -> Result<HfConfig> {
                 known.join(", ")
             )
         })?;
+    let json = if family == Family::Gemma3 { gemma3_text_config(&json) } else { json.clone() };
     let activation_key = if family == Family::Gemma3 { "hidden_activation" } else { "hidden_act" };
     let expected_activation = if family == Family::Gemma3 { "gelu_pytorch_tanh" } else { "silu" };
     if let Some(activation) = json.get(activation_key).filter(|v| !v.is_null()) {
@@ -480,6 +542,11 @@ fn gemma3_block(path: &Path, json: &Value, config: &ModelConfig, architecture: &
 /// GGUF's name for a Hugging Face tensor name of a `family` model, or `None`
 /// when the family has no such weight.
 fn gguf_name(family: Family, hf_name: &str) -> Option<String> {
+    let plain = match family {
+        Family::Gemma3 => language_model_name(hf_name)?,
+        _ => hf_name.into(),
+    };
+    let hf_name: &str = &plain;
     match hf_name {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -544,6 +611,10 @@ fn index_shard(
     for (tensor_name, info) in metadata.tensors() {
         if tensor_name.ends_with(".rotary_emb.inv_freq") {
             // Old checkpoints store RoPE's frequencies; they are recomputed from rope_theta.
+            continue;
+        }
+        if family == Family::Gemma3 && language_model_name(&tensor_name).is_none() {
+            // A multimodal Gemma-3's vision tower: the image is its language model.
             continue;
         }
         let Some(gguf) = gguf_name(family, &tensor_name) else {
@@ -852,6 +923,11 @@ pub struct HfWriteOptions {
     pub chat_template: Option<String>,
     /// Write the template as a list of named templates (`[{"name": "default", ...}]`) instead of a string.
     pub chat_template_as_list: bool,
+    /// A Gemma-3 model laid out as the multimodal checkpoints (4B and up) are:
+    /// `Gemma3ForConditionalGeneration`, the config under `text_config` with
+    /// the keys `Gemma3TextConfig` defaults left out, the weights under
+    /// `language_model.model.`, and a token vision tower beside them.
+    pub gemma3_multimodal: bool,
 }
 
 impl Default for HfWriteOptions {
@@ -862,6 +938,7 @@ impl Default for HfWriteOptions {
             tokenizer: HfTokenizerForm::TokenizerJson,
             chat_template: None,
             chat_template_as_list: false,
+            gemma3_multimodal: false,
         }
     }
 }
@@ -917,7 +994,25 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
         } else {
             options.dtype.encode(values, &mut bytes);
         }
+        let hf = match options.gemma3_multimodal {
+            true => hf.replacen("model.", "language_model.model.", 1),
+            false => hf,
+        };
         encoded.push((hf, shape.clone(), bytes));
+    }
+    if options.gemma3_multimodal {
+        if family != Family::Gemma3 {
+            bail!("writing {}: only a Gemma-3 model has a multimodal layout", dir.display());
+        }
+        // What a converter must leave out: a vision tower's first tensor and the projector.
+        let mut bytes = Vec::new();
+        options.dtype.encode(&[0.5; 8], &mut bytes);
+        for name in [
+            "vision_tower.vision_model.embeddings.patch_embedding.weight",
+            "multi_modal_projector.mm_input_projection_weight",
+        ] {
+            encoded.push((name.to_string(), vec![2, 4], bytes.clone()));
+        }
     }
     if options.shards > encoded.len() {
         bail!("writing {}: {} shards for {} tensors", dir.display(), options.shards, encoded.len());
@@ -1008,6 +1103,26 @@ pub fn write_hf_dir(model: &SyntheticModel, dir: &Path, options: HfWriteOptions)
                 a.layers.iter().map(|l| if l.is_local() { "sliding_attention" } else { "full_attention" }).collect();
             extra.insert("layer_types".into(), json!(types));
         }
+    }
+    if options.gemma3_multimodal {
+        let mut text = config_json.take();
+        let text_object = text.as_object_mut().expect("an object");
+        // Left to Gemma3TextConfig's defaults, as the 4B's config leaves them.
+        for key in ["num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps"] {
+            if GEMMA3_TEXT_DEFAULTS.iter().any(|&(k, v)| k == key && text_object[key].as_f64() == Some(v)) {
+                text_object.remove(key);
+            }
+        }
+        text_object.insert("model_type".into(), json!("gemma3_text"));
+        text_object.remove("architectures");
+        config_json = json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": text,
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 4},
+            "bos_token_id": vocab.bos_id,
+            "eos_token_id": vocab.eos_id,
+        });
     }
     write_json(&dir.join("config.json"), &config_json)?;
 
