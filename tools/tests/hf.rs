@@ -210,6 +210,7 @@ fn f16_three_shards_tied_tokenizer_model_round_trips() {
         tokenizer: HfTokenizerForm::SentencePieceModel,
         chat_template: Some(LLAMA2_CHAT.into()),
         chat_template_as_list: true,
+        gemma3_multimodal: false,
     };
     let (_temp, dir) = write(&model, options);
     assert!(!dir.join("model.safetensors").exists());
