@@ -300,6 +300,19 @@ struct Attention<'a> {
     seen: usize,
 }
 
+impl Attention<'_> {
+    /// The stretch of a layer-major buffer of keys or values (`kv_dim` a
+    /// slot) that holds this call's KV head at every slot the token sees,
+    /// from the first's head to the last's, and the number of those slots.
+    fn seen_span(&self, shape: &Shape) -> (std::ops::Range<usize>, usize) {
+        let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
+        let slots = self.at.seen_slots(self.seen);
+        let positions = slots.len();
+        let start = (self.at.first_slot + slots.start) * kv_dim + self.kv_head * head_dim;
+        (start..start + (positions.max(1) - 1) * kv_dim + head_dim, positions)
+    }
+}
+
 /// Each mode's buffers.
 enum Storage {
     /// [`KvMode::F32`]: every position in full precision.
@@ -344,13 +357,10 @@ impl Full {
             return;
         }
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let Attention { kernels, at, kv_head, queries, scale, seen, .. } = *call;
-        let slots = at.seen_slots(seen);
-        let positions = slots.len();
+        let Attention { kernels, queries, scale, .. } = *call;
+        let (span, positions) = call.seen_span(shape);
         let scores = &mut scores[..queries.len() / head_dim * positions];
-        let start = (at.first_slot + slots.start) * kv_dim + kv_head * head_dim;
-        let end = start + (positions.max(1) - 1) * kv_dim + head_dim;
-        let (keys, values) = (&self.keys[start..end], &self.values[start..end]);
+        let (keys, values) = (&self.keys[span.clone()], &self.values[span]);
         (kernels.attention_scores)(
             queries,
             head_dim,
@@ -962,29 +972,12 @@ mod tests {
     /// Appends `positions` tokens of synthetic keys and values and returns the
     /// attention output of every position's query, all layers.
     fn run(mode: KvMode, positions: usize, rewind_to: Option<usize>) -> (Vec<f32>, KvCache) {
-        let c = config();
-        let kernels = Kernels::detect();
-        let (kv_dim, head_dim, heads_per_kv) = (c.kv_dim(), 32, 2);
-        let mut cache = KvCache::new(mode, &c, 128, &[]).unwrap();
-        let mut scores = vec![0f32; heads_per_kv * 128];
-        let mut outputs = Vec::new();
+        let mut cache = KvCache::new(mode, &config(), 128, &[]).unwrap();
         let mut order: Vec<usize> = (0..positions).collect();
         if let Some(start) = rewind_to {
             order.extend(start..positions);
         }
-        for pos in order {
-            for layer in 0..2 {
-                let key = data(kv_dim, (pos * 7 + layer) as u32);
-                let value = data(kv_dim, (pos * 7 + layer + 3) as u32);
-                cache.append(kernels, layer, pos, &key, &value);
-                for kv in 0..2 {
-                    let queries = data(heads_per_kv * head_dim, (pos * 5 + kv) as u32 + 99);
-                    let mut out = vec![0f32; heads_per_kv * head_dim];
-                    cache.attend(kernels, layer, kv, &queries, 0.5, &mut scores, &mut out);
-                    outputs.extend(out);
-                }
-            }
-        }
+        let outputs = run_cache(&mut cache, Kernels::detect(), &order);
         (outputs, cache)
     }
 

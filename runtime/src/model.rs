@@ -466,6 +466,21 @@ pub struct StateOptions<'a> {
     pub layers: &'a [LayerAttention],
 }
 
+impl<'a> StateOptions<'a> {
+    /// The options of a state for a model of `architecture`: its windows and
+    /// local RoPE base, a KV cache of `kv` unpruned, and the R-Sparse scratch
+    /// when `sparse` (what `bramble plan` and `flash` count for an image).
+    pub fn for_architecture(architecture: &'a Architecture, kv: KvMode, sparse: bool) -> Self {
+        StateOptions {
+            kv,
+            kv_prune: 0.0,
+            sparse,
+            local_rope_theta: architecture.local_rope_theta(),
+            layers: &architecture.layers,
+        }
+    }
+}
+
 /// Every scratch buffer of the forward pass and the KV cache, for up to
 /// `batch` tokens at a time and `context` positions. Shapes in comments.
 pub struct RunState {
@@ -1200,13 +1215,8 @@ impl<'a> Model<'a> {
     /// pruning, the R-Sparse scratch when it has a plan, and its layers'
     /// windows and local RoPE base.
     pub fn state_options(&self) -> StateOptions<'_> {
-        StateOptions {
-            kv: self.kv_mode,
-            kv_prune: self.kv_prune,
-            sparse: self.sparse.is_some(),
-            local_rope_theta: self.architecture.local_rope_theta(),
-            layers: &self.architecture.layers,
-        }
+        let options = StateOptions::for_architecture(&self.architecture, self.kv_mode, self.sparse.is_some());
+        StateOptions { kv_prune: self.kv_prune, ..options }
     }
 
     /// Bytes [`Model::try_new_state`] would allocate for these arguments

@@ -320,13 +320,7 @@ pub fn buffer_bytes(
     kv: KvMode,
     sparse: bool,
 ) -> u64 {
-    let options = StateOptions {
-        kv,
-        kv_prune: 0.0,
-        sparse,
-        local_rope_theta: architecture.local_rope_theta(),
-        layers: &architecture.layers,
-    };
+    let options = StateOptions::for_architecture(architecture, kv, sparse);
     match RunState::bytes_for(config, context, batch, options) {
         Ok(state) => (state as u64).saturating_sub(kv_cache_bytes(config, &architecture.layers, context, kv)),
         Err(_) => u64::MAX,
@@ -456,13 +450,7 @@ mod tests {
                 for (architecture, sparse) in [(&plain, true), (&windowed, false), (&windowed, true)] {
                     // With an R-Sparse plan the state holds its scratch too; with windows, shorter caches
                     // and local RoPE tables.
-                    let options = StateOptions {
-                        kv,
-                        kv_prune: 0.0,
-                        sparse,
-                        local_rope_theta: architecture.local_rope_theta(),
-                        layers: &architecture.layers,
-                    };
+                    let options = StateOptions::for_architecture(architecture, kv, sparse);
                     let state = RunState::try_with_options(&wide_heads, context, batch, options).unwrap();
                     let ours = kv_cache_bytes(&wide_heads, &architecture.layers, context, kv)
                         + buffer_bytes(&wide_heads, architecture, context, batch, kv, sparse);

@@ -75,18 +75,15 @@ impl Half {
     /// f16 kernels' scores, softmax, weighted values.
     pub(super) fn attend(&self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let Attention { kernels, at, kv_head, queries, scale, seen, .. } = *call;
-        let slots = at.seen_slots(seen);
-        let positions = slots.len();
+        let Attention { kernels, queries, scale, .. } = *call;
+        let (span, positions) = call.seen_span(shape);
         let scores = &mut scores[..queries.len() / head_dim * positions];
-        let start = (at.first_slot + slots.start) * kv_dim + kv_head * head_dim;
-        let end = start + (positions.max(1) - 1) * kv_dim + head_dim;
-        let keys = CachedVectors { data: &self.keys[start..end], stride: kv_dim, positions };
+        let keys = CachedVectors { data: &self.keys[span.clone()], stride: kv_dim, positions };
         (kernels.attention_scores_f16)(queries, head_dim, &keys, scale, scores);
         for row in scores.chunks_exact_mut(positions) {
             (kernels.softmax)(row);
         }
-        let values = CachedVectors { data: &self.values[start..end], stride: kv_dim, positions };
+        let values = CachedVectors { data: &self.values[span], stride: kv_dim, positions };
         (kernels.attention_values_f16)(scores, &values, head_dim, out);
     }
 }
