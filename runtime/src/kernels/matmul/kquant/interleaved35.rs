@@ -610,7 +610,7 @@ pub mod dotprod {
 
     impl Group for Q3K<Dot> {
         type Block = BlockQ3Kx4;
-        const TILE: usize = 4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
@@ -628,7 +628,7 @@ pub mod dotprod {
 
     impl Group for Q5K<Dot> {
         type Block = BlockQ5Kx4;
-        const TILE: usize = 4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
