@@ -36,9 +36,10 @@
 //! - Q6_K: `d·Σₖ dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)` over each activation block's two
 //!   sub-blocks of 16 with signed scales.
 //!
-//! A batch goes in tiles of up to four activations inside the super-block
-//! loop: a super-block's scales are decoded once for every activation of
-//! the tile, its levels once per sub-block.
+//! A batch goes in tiles of activations inside the super-block loop (up to
+//! eight with `sdot`, four on ARMv8.0, whose broadcast activations take
+//! twice the registers): a super-block's scales are decoded once for every
+//! activation of the tile, its levels once per sub-block.
 
 use crate::kquant::{BlockQ4K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8Act, GROUP, INTERLEAVE};
@@ -160,13 +161,18 @@ pub(in crate::kernels::matmul::kquant) mod arm {
     /// Activation blocks per super-block.
     pub(in crate::kernels::matmul::kquant) const ACTIVATION_BLOCKS: usize = QK_K / GROUP;
 
-    /// Activations of a batch one kernel step takes together.
-    pub(in crate::kernels::matmul::kquant) const TILE: usize = 4;
+    /// The most activations of a batch any kernel step takes together.
+    pub(in crate::kernels::matmul::kquant) const MAX_TILE: usize = 8;
 
     /// A kernel step: one group of four rows against `N` activations.
     pub(in crate::kernels::matmul::kquant) trait Group {
         /// The interleaved super-block.
         type Block;
+        /// Activations of a batch one step takes together (1 ..= [`MAX_TILE`]):
+        /// a super-block's levels are unpacked once per tile, so a larger
+        /// tile unpacks less per activation as long as the tile's running
+        /// sums still fit in the 32 vector registers beside the levels.
+        const TILE: usize;
         /// Per activation `t`, the four rows' sums (lane `r`: row `r`).
         ///
         /// # Safety
@@ -206,24 +212,28 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         if batch == 0 {
             return;
         }
+        const { assert!(K::TILE >= 1 && K::TILE <= MAX_TILE) };
         let activation = |b: usize| x[b * activation_blocks..].as_ptr();
         for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
             let w = group.as_ptr();
             let mut start = 0;
             while start < batch {
-                let tile = (batch - start).min(TILE);
+                // A batch's tail that does not fill a tile goes in one smaller step.
+                let tile = (batch - start).min(K::TILE);
                 let at = |t: usize| activation(start + t);
+                // `K::dot` at the tile's size, up to `K::TILE` (larger sizes are never taken).
+                macro_rules! step {
+                    ($($n:literal)*) => {
+                        match tile {
+                            $($n if $n <= K::TILE => lanes(K::dot::<$n>(w, superblocks, std::array::from_fn(at))),)*
+                            _ => unreachable!("tile of {tile} beyond {}", K::TILE),
+                        }
+                    };
+                }
                 // SAFETY: `w` is a whole group of `superblocks` blocks, each
                 // activation `start + t < batch` has `superblocks · 8`
                 // blocks (both checked above), and the caller promises the CPU.
-                let sums = unsafe {
-                    match tile {
-                        1 => lanes(K::dot::<1>(w, superblocks, [at(0)])),
-                        2 => lanes(K::dot::<2>(w, superblocks, [at(0), at(1)])),
-                        3 => lanes(K::dot::<3>(w, superblocks, [at(0), at(1), at(2)])),
-                        _ => lanes(K::dot::<TILE>(w, superblocks, [at(0), at(1), at(2), at(3)])),
-                    }
-                };
+                let sums = unsafe { step!(1 2 3 4 5 6 7 8) };
                 for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
                     for (o, sums) in row[start..start + tile].iter_mut().zip(&sums) {
                         *o = sums[r];
@@ -234,10 +244,10 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         }
     }
 
-    /// The lanes of up to [`TILE`] vectors of four row sums.
+    /// The lanes of up to [`MAX_TILE`] vectors of four row sums.
     #[inline(always)]
-    fn lanes<const N: usize>(sums: [float32x4_t; N]) -> [[f32; INTERLEAVE]; TILE] {
-        let mut out = [[0f32; INTERLEAVE]; TILE];
+    fn lanes<const N: usize>(sums: [float32x4_t; N]) -> [[f32; INTERLEAVE]; MAX_TILE] {
+        let mut out = [[0f32; INTERLEAVE]; MAX_TILE];
         for (lanes, &v) in out.iter_mut().zip(&sums) {
             // SAFETY: `lanes` is four writable f32; NEON is part of every aarch64 target.
             unsafe { vst1q_f32(lanes.as_mut_ptr(), v) };
@@ -531,6 +541,7 @@ pub mod neon {
 
     impl Group for Q4K {
         type Block = BlockQ4Kx4;
+        const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
             group: *const BlockQ4Kx4,
@@ -572,6 +583,7 @@ pub mod neon {
 
     impl Group for Q6K {
         type Block = BlockQ6Kx4;
+        const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
             group: *const BlockQ6Kx4,
@@ -700,6 +712,7 @@ pub mod dotprod {
 
     impl Group for Q4K {
         type Block = BlockQ4Kx4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
@@ -803,6 +816,7 @@ pub mod dotprod {
 
     impl Group for Q6K {
         type Block = BlockQ6Kx4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
@@ -937,6 +951,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Batches through every tile size and tail: 1..=4 one tile of four or
+    /// fewer, 5..=9 one tile of eight or fewer (or four and a tail), 16 and
+    /// 17 whole tiles of eight (and one more activation).
+    const TILED_BATCHES: [usize; 11] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17];
+
+    /// Each kernel on a whole batch against the reference, and bit for bit
+    /// against itself on one activation at a time: an activation's sums do
+    /// not depend on the tile it goes in or its place there.
+    fn check_tiles<B: Format, X: Interleaved<Row = B>>(format: &Interleaving<B, X>) {
+        let mut data = VariedRuns::seeded(3);
+        for rows in [4, 12] {
+            for cols in [256, 1536] {
+                let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
+                for batch in TILED_BATCHES {
+                    for kind in [Weights::Quantized, Weights::RandomBytes] {
+                        let weights: Vec<B> = data.weights(kind, rows * superblocks);
+                        let x = data.activations(kind, batch * cols);
+                        compare(format, "tiled", &weights, cols, &x);
+                        let mut mixed = vec![X::zeroed(); weights.len() / INTERLEAVE];
+                        interleave(&weights, superblocks, &mut mixed);
+                        for (table, kernel) in &format.kernels {
+                            let mut whole = vec![f32::NAN; rows * batch];
+                            kernel(&mixed, cols, &x, &mut whole);
+                            for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
+                                let mut alone = vec![f32::NAN; rows];
+                                kernel(&mixed, cols, activation, &mut alone);
+                                for (r, one) in alone.iter().enumerate() {
+                                    let tiled = whole[r * batch + b];
+                                    assert_eq!(
+                                        tiled.to_bits(),
+                                        one.to_bits(),
+                                        "{} {table} {rows}×{cols} batch {batch} [{r}, {b}]: {tiled} in the batch, {one} alone",
+                                        format.name
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_tile_and_tail_matches_one_activation_at_a_time() {
+        use crate::kernels::matmul::kquant::interleaved35::scalar as scalar35;
+        check_tiles(&Interleaving {
+            name: "q4kx4",
+            interleaved_reference: scalar::matmul_q4kx4,
+            kernels: kernels(|k| k.matmul_q4kx4),
+        });
+        check_tiles(&Interleaving {
+            name: "q6kx4",
+            interleaved_reference: scalar::matmul_q6kx4,
+            kernels: kernels(|k| k.matmul_q6kx4),
+        });
+        check_tiles(&Interleaving {
+            name: "q3kx4",
+            interleaved_reference: scalar35::matmul_q3kx4,
+            kernels: kernels(|k| k.matmul_q3kx4),
+        });
+        check_tiles(&Interleaving {
+            name: "q5kx4",
+            interleaved_reference: scalar35::matmul_q5kx4,
+            kernels: kernels(|k| k.matmul_q5kx4),
+        });
     }
 
     /// The kernels of every table this CPU runs (the scalar one included:

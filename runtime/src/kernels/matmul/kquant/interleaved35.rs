@@ -494,6 +494,7 @@ pub mod neon {
 
     impl Group for Q3K<Widening> {
         type Block = BlockQ3Kx4;
+        const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
             group: *const BlockQ3Kx4,
@@ -510,6 +511,7 @@ pub mod neon {
 
     impl Group for Q5K<Widening> {
         type Block = BlockQ5Kx4;
+        const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
             group: *const BlockQ5Kx4,
@@ -608,6 +610,7 @@ pub mod dotprod {
 
     impl Group for Q3K<Dot> {
         type Block = BlockQ3Kx4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
@@ -625,6 +628,7 @@ pub mod dotprod {
 
     impl Group for Q5K<Dot> {
         type Block = BlockQ5Kx4;
+        const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
