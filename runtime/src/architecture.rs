@@ -142,6 +142,14 @@ impl LayerAttention {
     }
 }
 
+/// [`Architecture::local_rope_theta`] of a block whose layers are `layers`
+/// (none when empty: every layer global).
+pub fn local_rope_theta(layers: &[LayerAttention]) -> Option<f32> {
+    let local = layers.iter().find(|l| l.is_local())?;
+    let global = layers.iter().find(|l| !l.is_local()).map(|l| l.rope_theta);
+    (global != Some(local.rope_theta)).then_some(local.rope_theta)
+}
+
 /// The fixed part of the `architecture` section; `n_layers` [`LayerAttention`] follow it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -199,6 +207,29 @@ impl Architecture {
         }
     }
 
+    /// Gemma-3's block for `config`: the embedding scaled by √dim (in f32,
+    /// as llama.cpp does), scores by `attention_scale`, and the layers
+    /// `local` marks attending through `window` positions at RoPE base
+    /// `local_theta` (the others global).
+    pub fn gemma3(config: &ModelConfig, attention_scale: f32, window: u32, local_theta: f32, local: &[bool]) -> Self {
+        let mut architecture = Self::plain(Family::Gemma3, config);
+        architecture.embedding_scale = (config.dim as f32).sqrt();
+        architecture.attention_scale = attention_scale;
+        for (layer, &is_local) in architecture.layers.iter_mut().zip(local) {
+            if is_local && window > 0 {
+                *layer = LayerAttention { window, rope_theta: local_theta };
+            }
+        }
+        architecture
+    }
+
+    /// Which of `n_layers` layers are local in Gemma's pattern of `period`:
+    /// each period's last layer is global, the others local (every layer
+    /// local for a period of 0, as llama.cpp reads it).
+    pub fn gemma3_pattern(n_layers: u32, period: usize) -> Vec<bool> {
+        (0..n_layers as usize).map(|l| period == 0 || l % period < period - 1).collect()
+    }
+
     /// Whether the image needs the section: anything but the plain Llama block.
     pub fn needs_section(&self, config: &ModelConfig) -> bool {
         *self != Self::llama(config)
@@ -213,9 +244,7 @@ impl Architecture {
     /// one (they then get tables of their own); `None` otherwise. Local
     /// layers share one base ([`Architecture::check`]).
     pub fn local_rope_theta(&self) -> Option<f32> {
-        let local = self.layers.iter().find(|l| l.is_local())?;
-        let global = self.layers.iter().find(|l| !l.is_local()).map(|l| l.rope_theta);
-        (global != Some(local.rope_theta)).then_some(local.rope_theta)
+        local_rope_theta(&self.layers)
     }
 
     /// Whether any layer attends through a window.

@@ -5,7 +5,7 @@
 //! and the KV cache, allocated once). [`Model::forward`] runs a batch of
 //! tokens at consecutive positions and allocates nothing.
 
-use crate::architecture::{Architecture, Features, LayerAttention};
+use crate::architecture::{local_rope_theta, Architecture, Features, LayerAttention};
 use crate::buffers::filled;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
@@ -458,11 +458,10 @@ pub struct StateOptions<'a> {
     pub kv_prune: f32,
     /// Whether the R-Sparse path's scratch is allocated (a model with an R-Sparse plan).
     pub sparse: bool,
-    /// The RoPE base of the sliding-window layers, which then get tables of
-    /// their own (Gemma-3); `None`: every layer turns by the global tables.
-    pub local_rope_theta: Option<f32>,
     /// How each layer attends (the architecture's layers; empty: every
-    /// layer global): a sliding-window layer's KV cache holds its window only.
+    /// layer global): a sliding-window layer's KV cache holds its window
+    /// only, and local layers with a RoPE base of their own get their own
+    /// table of angles.
     pub layers: &'a [LayerAttention],
 }
 
@@ -471,13 +470,7 @@ impl<'a> StateOptions<'a> {
     /// local RoPE base, a KV cache of `kv` unpruned, and the R-Sparse scratch
     /// when `sparse` (what `bramble plan` and `flash` count for an image).
     pub fn for_architecture(architecture: &'a Architecture, kv: KvMode, sparse: bool) -> Self {
-        StateOptions {
-            kv,
-            kv_prune: 0.0,
-            sparse,
-            local_rope_theta: architecture.local_rope_theta(),
-            layers: &architecture.layers,
-        }
+        StateOptions { kv, kv_prune: 0.0, sparse, layers: &architecture.layers }
     }
 }
 
@@ -572,7 +565,7 @@ struct StateSizes {
 impl StateSizes {
     /// The sizes, with every product checked: an error naming the buffer if one overflows.
     fn new(config: &ModelConfig, context: usize, batch: usize, options: StateOptions) -> Result<Self> {
-        let (sparse, local_rope) = (options.sparse, options.local_rope_theta.is_some());
+        let (sparse, local_rope) = (options.sparse, local_rope_theta(options.layers).is_some());
         let (dim, q_dim, kv_dim, ffn) = (config.dim as usize, config.q_dim(), config.kv_dim(), config.ffn_dim as usize);
         let (layers, vocab) = (config.n_layers as usize, config.vocab_size as usize);
         let widest = dim.max(q_dim).max(ffn);
@@ -699,7 +692,7 @@ impl RunState {
         // Local layers turn by their own base, unscaled (Gemma-3's local rotary embedding).
         let mut rope_local_cos = sizes.rope_local.filled(0f32)?;
         let mut rope_local_sin = sizes.rope_local.filled(0f32)?;
-        if let Some(theta) = options.local_rope_theta {
+        if let Some(theta) = local_rope_theta(options.layers) {
             let local = ModelConfig { rope_theta: theta, ..*config };
             crate::rope::fill_tables(&local, None, &mut rope_local_cos, &mut rope_local_sin);
         }
@@ -1338,15 +1331,22 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// `rows[b] ← RMSNorm(rows[b]) ⊙ weight` for the first `n` rows of
-    /// `dim` values, through `spare` (at least as long): Gemma's norms on
-    /// the attention's and the FFN's outputs.
-    fn rms_norm_rows(&self, rows: &mut [f32], spare: &mut [f32], n: usize, weight: &[f32]) {
-        let dim = weight.len();
-        for b in 0..n {
-            let row = b * dim..(b + 1) * dim;
-            (self.kernels.rmsnorm)(&mut spare[row.clone()], &rows[row.clone()], weight, self.config.norm_eps);
-            rows[row.clone()].copy_from_slice(&spare[row]);
+    /// The residual: `x += out` for the batch's rows, or with a post norm
+    /// (Gemma's on the attention's and the FFN's outputs) `x += RMSNorm(out)
+    /// ⊙ norm`, normalized through `spare` (at least as long as `x`).
+    fn add_to_stream(&self, x: &mut [f32], out: &[f32], spare: &mut [f32], norm: Option<&[f32]>) {
+        let out = match norm {
+            None => out,
+            Some(weight) => {
+                let spare = &mut spare[..x.len()];
+                for (normed, row) in spare.chunks_exact_mut(weight.len()).zip(out.chunks_exact(weight.len())) {
+                    (self.kernels.rmsnorm)(normed, row, weight, self.config.norm_eps);
+                }
+                spare
+            }
+        };
+        for (x, o) in x.iter_mut().zip(out) {
+            *x += o;
         }
     }
 
@@ -1507,13 +1507,9 @@ impl<'a> Model<'a> {
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
             let (xb2, xq) = (&s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP]);
             self.linear(l, 3, &layer.wo, xb2, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
-            if let Some([post_attention_norm, _]) = layer.post_norms {
-                // Gemma: the attention's output is normalized before it joins the stream.
-                self.rms_norm_rows(&mut s.xb, &mut s.xb2, n, post_attention_norm);
-            }
-            for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
-                *x += o;
-            }
+            // (Gemma normalizes the attention's output before it joins the stream.)
+            let post_norm = layer.post_norms.map(|[attention, _]| attention);
+            self.add_to_stream(&mut s.x[..n * dim], &s.xb[..n * dim], &mut s.xb2, post_norm);
 
             // FFN RMSNorm.
             for b in 0..n {
@@ -1537,15 +1533,10 @@ impl<'a> Model<'a> {
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
             let (hb, xq) = (&s.hb[..n * ffn], &s.xq[..n * ffn / GROUP]);
             self.linear(l, 6, &layer.w_down, hb, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
-            if let Some([_, post_ffw_norm]) = layer.post_norms {
-                // Gemma: so is the FFN's.
-                self.rms_norm_rows(&mut s.xb, &mut s.xb2, n, post_ffw_norm);
-            }
 
-            // Residual.
-            for (x, o) in s.x[..n * dim].iter_mut().zip(&s.xb[..n * dim]) {
-                *x += o;
-            }
+            // Residual (the FFN's output normalized first in Gemma).
+            let post_norm = layer.post_norms.map(|[_, ffn]| ffn);
+            self.add_to_stream(&mut s.x[..n * dim], &s.xb[..n * dim], &mut s.xb2, post_norm);
 
             // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l − centre_l) d_l
             // (centre_l: the section's centre, `BiasConstraint::centre`: 0, the baseline mean, a midpoint or
@@ -1623,7 +1614,7 @@ mod tests {
                 [(KvMode::F32, 0.0), (KvMode::F32, 0.25), (KvMode::F16, 0.0), (KvMode::Q8, 0.0), (KvMode::Q4, 0.0)]
             {
                 for (context, batch) in [(64, 1), (100, 7), (256, 32)] {
-                    let options = StateOptions { kv, kv_prune, sparse, local_rope_theta: None, layers: &[] };
+                    let options = StateOptions { kv, kv_prune, sparse, layers: &[] };
                     let state = RunState::try_with_options(&c, context, batch, options).unwrap();
                     let expected = RunState::bytes_for(&c, context, batch, options).unwrap();
                     assert_eq!(state.allocated_bytes(), expected, "{options:?}, context {context}, batch {batch}");

@@ -5,7 +5,7 @@
 //! ([`SyntheticShape::llama3`]) scales RoPE as Llama-3.1 does and has
 //! Llama-3's control tokens.
 
-use bramble_runtime::architecture::{Architecture, Family, LayerAttention};
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rng::SplitMix64;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
@@ -197,15 +197,9 @@ impl SyntheticModel {
 /// well past it) turning RoPE by Gemma's local base, 10000, beside the
 /// global 1000000.
 pub fn gemma3_block(config: &ModelConfig) -> Architecture {
-    let mut architecture = Architecture::plain(Family::Gemma3, config);
-    architecture.embedding_scale = (config.dim as f32).sqrt();
+    let local = Architecture::gemma3_pattern(config.n_layers, GEMMA3_PATTERN);
     let window = (config.context_length / 4).max(1);
-    for (l, layer) in architecture.layers.iter_mut().enumerate() {
-        if l % GEMMA3_PATTERN < GEMMA3_PATTERN - 1 {
-            *layer = LayerAttention { window, rope_theta: 10000.0 };
-        }
-    }
-    architecture
+    Architecture::gemma3(config, 1.0 / (config.head_dim as f32).sqrt(), window, 10000.0, &local)
 }
 
 /// Synthetic Gemma-3 models' period of layers: two local, then a global one.

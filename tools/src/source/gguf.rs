@@ -19,7 +19,7 @@ pub use writer::{
 
 use super::{ModelSource, SourceTensor};
 use anyhow::{anyhow, bail, Result};
-use bramble_runtime::architecture::{Architecture, Family, LayerAttention};
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rope::{RopeScaling, ScalingKind};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
@@ -440,10 +440,10 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<(ModelConfig, Ar
     config.norm_eps = file.f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
     config.tied_output = file.tensor("output.weight").is_none() as u32;
     config.validate().map_err(|e| anyhow!("{path}: {e}"))?;
-    let mut architecture = Architecture::plain(family, &config);
-    if family == Family::Gemma3 {
-        gemma3_block(file, &config, &mut architecture)?;
-    }
+    let architecture = match family {
+        Family::Gemma3 => gemma3_block(file, &config)?,
+        _ => Architecture::plain(family, &config),
+    };
     Ok((config, architecture))
 }
 
@@ -453,18 +453,13 @@ fn config_from_gguf(file: &GgufFile, n_tokens: usize) -> Result<(ModelConfig, Ar
 /// set, sliding-window layers by `gemma3.attention.sliding_window_pattern`
 /// (a period, 6 unless given, whose last layer is global; or one flag a
 /// layer) turning RoPE by `gemma3.rope.freq_base_swa` (10000 unless given).
-fn gemma3_block(file: &GgufFile, config: &ModelConfig, architecture: &mut Architecture) -> Result<()> {
+fn gemma3_block(file: &GgufFile, config: &ModelConfig) -> Result<Architecture> {
     let path = file.path().display();
     if let Some(cap) = file.f32("gemma3.final_logit_softcapping")?.filter(|&cap| cap != 0.0) {
         bail!("{path}: gemma3.final_logit_softcapping is {cap}; logit soft-capping is not supported");
     }
-    architecture.embedding_scale = (config.dim as f32).sqrt();
     let query_width = if config.n_layers == 62 { config.dim / config.n_heads } else { config.head_dim };
-    architecture.attention_scale = 1.0 / (query_width as f32).sqrt();
     let window = file.u32("gemma3.attention.sliding_window")?.unwrap_or(0);
-    if window == 0 {
-        return Ok(());
-    }
     let layers = config.n_layers as usize;
     let pattern_key = "gemma3.attention.sliding_window_pattern";
     let local: Vec<bool> = match file.get(pattern_key) {
@@ -476,18 +471,10 @@ fn gemma3_block(file: &GgufFile, config: &ModelConfig, architecture: &mut Archit
                 array.element_type_name()
             )
         }
-        _ => {
-            let period = file.u32(pattern_key)?.unwrap_or(6) as usize;
-            (0..layers).map(|l| period == 0 || l % period < period - 1).collect()
-        }
+        _ => Architecture::gemma3_pattern(config.n_layers, file.u32(pattern_key)?.unwrap_or(6) as usize),
     };
     let local_theta = file.f32("gemma3.rope.freq_base_swa")?.unwrap_or(10000.0);
-    for (layer, is_local) in architecture.layers.iter_mut().zip(local) {
-        if is_local {
-            *layer = LayerAttention { window, rope_theta: local_theta };
-        }
-    }
-    Ok(())
+    Ok(Architecture::gemma3(config, 1.0 / (query_width as f32).sqrt(), window, local_theta, &local))
 }
 
 /// Llama-3.x's per-pair RoPE frequency factors, as llama.cpp's converter writes them.

@@ -16,7 +16,7 @@ mod tokenizer;
 use super::{ModelSource, SourceTensor};
 use crate::synth::SyntheticModel;
 use anyhow::{anyhow, bail, Context, Result};
-use bramble_runtime::architecture::{Architecture, Family, LayerAttention};
+use bramble_runtime::architecture::{Architecture, Family};
 use bramble_runtime::config::ARCH_LLAMA;
 use bramble_runtime::rope::{Llama3Params, RopeScaling};
 use bramble_runtime::{Encoding, ModelConfig, Vocab};
@@ -467,10 +467,10 @@ fn read_config(path: &Path) -> Result<HfConfig> {
     // transformers' LlamaConfig default.
     config.norm_eps = number(path, &json, "rms_norm_eps", 1e-6)?;
     config.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let mut architecture = Architecture::plain(family, &config);
-    if family == Family::Gemma3 {
-        gemma3_block(path, &json, &config, &mut architecture)?;
-    }
+    let architecture = match family {
+        Family::Gemma3 => gemma3_block(path, &json, &config)?,
+        _ => Architecture::plain(family, &config),
+    };
     let rope_scaling = match json.get("rope_scaling").filter(|s| !s.is_null()).or(rope_parameters) {
         Some(scaling) => rope_scaling(path, scaling, &config)?,
         None => None,
@@ -493,22 +493,20 @@ fn read_config(path: &Path) -> Result<HfConfig> {
 /// the sliding-window layers (`layer_types`, or every layer but each
 /// `sliding_window_pattern`-th) turning RoPE by `rope_local_base_freq`.
 /// Soft-capping of logits or attention scores is refused.
-fn gemma3_block(path: &Path, json: &Value, config: &ModelConfig, architecture: &mut Architecture) -> Result<()> {
+fn gemma3_block(path: &Path, json: &Value, config: &ModelConfig) -> Result<Architecture> {
     for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
         if let Some(cap) = json.get(key).filter(|v| !v.is_null()) {
             bail!("{}: {key} is {cap}; soft-capping is not supported", path.display());
         }
     }
-    architecture.embedding_scale = (config.dim as f32).sqrt();
     let scalar = number(path, json, "query_pre_attn_scalar", config.head_dim as f64)?;
     if !(scalar.is_finite() && scalar > 0.0) {
         bail!("{}: query_pre_attn_scalar {scalar} is not a positive number", path.display());
     }
-    architecture.attention_scale = 1.0 / scalar.sqrt();
-    let window = dimension(path, json, "sliding_window", Some(0))?;
-    if window == 0 {
-        return Ok(());
-    }
+    let window = match json.get("sliding_window").filter(|v| !v.is_null()) {
+        Some(_) => dimension(path, json, "sliding_window", None)?,
+        None => 0,
+    };
     let layers = config.n_layers as usize;
     let local: Vec<bool> = match json.get("layer_types").filter(|v| !v.is_null()) {
         Some(types) => {
@@ -527,16 +525,11 @@ fn gemma3_block(path: &Path, json: &Value, config: &ModelConfig, architecture: &
         }
         None => {
             let period = dimension(path, json, "sliding_window_pattern", Some(6))? as usize;
-            (0..layers).map(|l| l % period < period - 1).collect()
+            Architecture::gemma3_pattern(config.n_layers, period)
         }
     };
     let local_theta = number(path, json, "rope_local_base_freq", 10000.0)?;
-    for (layer, is_local) in architecture.layers.iter_mut().zip(local) {
-        if is_local {
-            *layer = LayerAttention { window, rope_theta: local_theta };
-        }
-    }
-    Ok(())
+    Ok(Architecture::gemma3(config, 1.0 / scalar.sqrt(), window, local_theta, &local))
 }
 
 /// GGUF's name for a Hugging Face tensor name of a `family` model, or `None`
