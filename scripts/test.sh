@@ -29,6 +29,9 @@ say() { printf '\n== %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 say "dependencies"
+# The build and tests take about 5.7 GB under target/ (the 7B converter check
+# then uses what is free, 4.3 GB at least); say what there is.
+df -h "${CARGO_TARGET_DIR:-$root/target}" /tmp 2>/dev/null || df -h .
 need_apt=()
 command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
