@@ -274,7 +274,8 @@ impl Kernels {
 
     /// AVX2 integer matrix products and activation quantization for x86-64
     /// hosts (with FMA and F16C, which every AVX2 CPU has), bit for bit the
-    /// reference's results; the other kernels are the reference's,
+    /// reference's results, and float (f16, f32) matrix products within
+    /// the float budget; the other kernels are the reference's,
     /// which the compiler vectorizes. Its matrix kernels panic on a CPU
     /// without the features: take it from [`Kernels::detect`] or
     /// [`Kernels::all_available`], which hand it out only where it runs.
@@ -288,6 +289,8 @@ impl Kernels {
         matmul_q8x4: matmul::avx2::matmul_q8x4,
         matmul_q4x4: matmul::avx2::matmul_q4x4,
         matmul_q4sx4: matmul::avx2::matmul_q4sx4,
+        matmul_f16: matmul::avx2::matmul_f16,
+        matmul_f32: matmul::avx2::matmul_f32,
         matmul_q4k: matmul::kquant::avx2::matmul_q4k,
         matmul_q5k: matmul::kquant::avx2::matmul_q5k,
         matmul_q6k: matmul::kquant::avx2::matmul_q6k,

@@ -455,7 +455,7 @@ fn quantized_matmuls_match_f32_on_dequantized_weights() {
 #[test]
 fn float_matmuls_match_the_reference() {
     for rows in 1..=9 {
-        for cols in [1, 3, 8, 15, 16, 17, 31, 32, 33, 64, 100, 257, 512] {
+        for cols in [1, 3, 8, 15, 16, 17, 31, 32, 33, 64, 100, 257, 512, 1100] {
             for batch in 1..=5 {
                 let w = data(rows * cols, (rows * 31 + cols) as u32);
                 let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();

@@ -30,6 +30,7 @@
 //! Row-major rows get there with two rounds of horizontal adds.
 
 use crate::quant::{BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
+use half::f16;
 use std::arch::x86_64::*;
 
 /// Whether this CPU runs these kernels.
@@ -592,3 +593,165 @@ avx2_kernel!(
     /// Interleaved symmetric Q4 matrix × int8 activations.
     matmul_q4sx4, BlockQ4Sx4, matmul_interleaved
 );
+
+// The float products (f16 and f32 weights × f32 activations: the f16 image
+// that calibration, `--imatrix` and the bias tools run on the host). Unlike
+// the integer kernels they are not the reference's bit for bit: they use
+// fused multiply-adds and their own summation order, as the NEON ones do,
+// within the float-dot budget the kernel tests name.
+
+/// Values of an f16 row widened to f32 at a time (on the stack, 4 KiB), so
+/// that every activation of a tile multiplies the widened piece.
+const FLOAT_PIECE: usize = 1024;
+/// Activations of a float tile: each weight vector loaded (and widened) once
+/// serves this many.
+const FLOAT_TILE_TOKENS: usize = 4;
+
+/// The eight lanes of `v` added.
+#[target_feature(enable = "avx2")]
+fn lanes_sum(v: __m256) -> f32 {
+    let four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)))
+}
+
+/// `out[k] += Σ_j w[j]·x[(first + k)·cols + offset + j]` for the `T`
+/// activations from `first`: sixteen values a step in two accumulators an
+/// activation, each weight load shared by the tile.
+#[target_feature(enable = "avx2,fma")]
+fn float_tile<const T: usize>(w: &[f32], x: &[f32], cols: usize, offset: usize, first: usize, out: &mut [f32]) {
+    let n = w.len();
+    let rows: [&[f32]; T] = std::array::from_fn(|k| &x[(first + k) * cols + offset..][..n]);
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    let mut j = 0;
+    while j + 16 <= n {
+        // SAFETY: `j + 16 ≤ n`, the length of `w` and of every row.
+        unsafe {
+            let (w0, w1) = (_mm256_loadu_ps(w.as_ptr().add(j)), _mm256_loadu_ps(w.as_ptr().add(j + 8)));
+            for k in 0..T {
+                let xp = rows[k].as_ptr().add(j);
+                acc[k][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[k][0]);
+                acc[k][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[k][1]);
+            }
+        }
+        j += 16;
+    }
+    for k in 0..T {
+        let tail: f32 = w[j..].iter().zip(&rows[k][j..]).map(|(a, b)| a * b).sum();
+        out[k] += lanes_sum(_mm256_add_ps(acc[k][0], acc[k][1])) + tail;
+    }
+}
+
+/// `out[b] += Σ w·x_b` over one piece of a row (`offset` its first column)
+/// for every activation `b` of the batch, in tiles of [`FLOAT_TILE_TOKENS`].
+#[target_feature(enable = "avx2,fma")]
+fn float_piece(w: &[f32], x: &[f32], cols: usize, offset: usize, out: &mut [f32]) {
+    let mut first = 0;
+    while first < out.len() {
+        let tile = &mut out[first..];
+        match tile.len().min(FLOAT_TILE_TOKENS) {
+            4 => float_tile::<4>(w, x, cols, offset, first, tile),
+            3 => float_tile::<3>(w, x, cols, offset, first, tile),
+            2 => float_tile::<2>(w, x, cols, offset, first, tile),
+            _ => float_tile::<1>(w, x, cols, offset, first, tile),
+        }
+        first += FLOAT_TILE_TOKENS;
+    }
+}
+
+/// Checks a float product's shape: `weights` whole rows of `cols`, `x` whole
+/// activations, `out` one value a row and activation. Returns the batch.
+fn float_shape(weights: usize, cols: usize, x: usize, out: usize) -> usize {
+    assert!(
+        cols > 0 && weights.is_multiple_of(cols) && x.is_multiple_of(cols),
+        "float matmul: {weights} weights and {x} activation values are not whole rows of {cols}"
+    );
+    let batch = x / cols;
+    assert_eq!(
+        out,
+        weights / cols * batch,
+        "float matmul: {out} outputs for {} rows × {batch} activations",
+        weights / cols
+    );
+    batch
+}
+
+/// f16 matrix × f32 activations: each row widened a piece at a time
+/// (`vcvtph2ps`), the piece multiplied into every activation.
+///
+/// Panics on a CPU without AVX2, FMA and F16C (take the table from
+/// `Kernels::detect`, which hands it out only where it runs).
+pub fn matmul_f16(weights: &[f16], cols: usize, x: &[f32], out: &mut [f32]) {
+    assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
+    let batch = float_shape(weights.len(), cols, x.len(), out.len());
+    // SAFETY: the CPU has the features (checked above).
+    unsafe { f16_rows(weights, cols, x, batch, out) }
+}
+
+/// `Σ w·x` over an f16 row and one activation, widened as it is read:
+/// thirty-two values a step in four accumulators.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_dot(w: &[f16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut j = 0;
+    while j + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `j + 8k + 8 ≤ j + 32 ≤ n`, within both slices.
+            unsafe {
+                let h = _mm_loadu_si128(w.as_ptr().add(j + 8 * k).cast());
+                *a = _mm256_fmadd_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.as_ptr().add(j + 8 * k)), *a);
+            }
+        }
+        j += 32;
+    }
+    let tail: f32 = w[j..n].iter().zip(&x[j..n]).map(|(&a, b)| super::scalar::f16_to_f32(a) * b).sum();
+    lanes_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + tail
+}
+
+/// [`matmul_f16`] once the CPU is known to have the features: one
+/// activation reads each row widened as it goes; a batch widens a piece of
+/// a row once for all its activations.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_rows(weights: &[f16], cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
+    if batch == 1 {
+        for (row, o) in weights.chunks_exact(cols).zip(out.iter_mut()) {
+            *o = f16_dot(row, x);
+        }
+        return;
+    }
+    let mut widened = [0f32; FLOAT_PIECE];
+    for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(batch)) {
+        outputs.fill(0.0);
+        for (p, piece) in row.chunks(FLOAT_PIECE).enumerate() {
+            let w = &mut widened[..piece.len()];
+            let mut j = 0;
+            while j + 8 <= piece.len() {
+                // SAFETY: `j + 8 ≤ piece.len() = w.len()`: eight f16 read, eight f32 written.
+                unsafe {
+                    let h = _mm_loadu_si128(piece.as_ptr().add(j).cast());
+                    _mm256_storeu_ps(w.as_mut_ptr().add(j), _mm256_cvtph_ps(h));
+                }
+                j += 8;
+            }
+            for (o, &v) in w[j..].iter_mut().zip(&piece[j..]) {
+                *o = super::scalar::f16_to_f32(v);
+            }
+            float_piece(w, x, cols, p * FLOAT_PIECE, outputs);
+        }
+    }
+}
+
+/// f32 matrix × f32 activations.
+///
+/// Panics on a CPU without AVX2, FMA and F16C (take the table from
+/// `Kernels::detect`, which hands it out only where it runs).
+pub fn matmul_f32(weights: &[f32], cols: usize, x: &[f32], out: &mut [f32]) {
+    assert!(available(), "AVX2 kernel on a CPU without AVX2, FMA and F16C");
+    let batch = float_shape(weights.len(), cols, x.len(), out.len());
+    for (row, outputs) in weights.chunks_exact(cols).zip(out.chunks_exact_mut(batch)) {
+        outputs.fill(0.0);
+        // SAFETY: the CPU has the features (checked above).
+        unsafe { float_piece(row, x, cols, 0, outputs) }
+    }
+}
