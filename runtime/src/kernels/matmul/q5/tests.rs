@@ -209,7 +209,12 @@ fn row_major_kernels_match_the_reference_for<C: Case>(seed: u64) {
                     C::reference().0(&weights, cols, &x, &mut expected);
                     for k in Kernels::all_available() {
                         let wrong = differing_rows(C::kernels(k).0, &weights, cols, &x, &expected);
-                        assert!(wrong.is_empty(), "{} {} {what} {rows}×{cols} batch {batch}: rows {wrong:?}", k.name, C::NAME);
+                        assert!(
+                            wrong.is_empty(),
+                            "{} {} {what} {rows}×{cols} batch {batch}: rows {wrong:?}",
+                            k.name,
+                            C::NAME
+                        );
                     }
                 }
             }
@@ -233,7 +238,11 @@ fn interleaved_kernels_match_the_reference_for<C: Case>(seed: u64) {
                     let mut expected = vec![f32::NAN; rows * batch];
                     C::reference().0(&weights, cols, &x, &mut expected);
                     let staged = differing_rows(C::reference().1, &mixed, cols, &x, &expected);
-                    assert!(staged.is_empty(), "{}x4 reference {what} {rows}×{cols} batch {batch}: rows {staged:?}", C::NAME);
+                    assert!(
+                        staged.is_empty(),
+                        "{}x4 reference {what} {rows}×{cols} batch {batch}: rows {staged:?}",
+                        C::NAME
+                    );
                     for k in Kernels::all_available() {
                         let wrong = differing_rows(C::kernels(k).1, &mixed, cols, &x, &expected);
                         assert!(
@@ -277,7 +286,12 @@ fn kernels_do_not_overflow_at_extremes_for<C: Case>() {
             assert!(expected.iter().all(|&e| e == exact), "{} {expected:?} vs {exact}", C::NAME);
             for k in Kernels::all_available() {
                 let (row_major, x4) = C::kernels(k);
-                assert!(differing_rows(row_major, &weights, cols, &x, &expected).is_empty(), "{} {} {q}", k.name, C::NAME);
+                assert!(
+                    differing_rows(row_major, &weights, cols, &x, &expected).is_empty(),
+                    "{} {} {q}",
+                    k.name,
+                    C::NAME
+                );
                 assert!(differing_rows(x4, &mixed, cols, &x, &expected).is_empty(), "{} {}x4 {q}", k.name, C::NAME);
             }
         }
