@@ -263,8 +263,8 @@ pub mod scalar {
 ///   for the minimums) and shifts bit 6 (and bit 5) up to bit 7 instead.
 /// - v15: a block's fifth bits; v16–v19: its nibbles, then, in place, the
 ///   levels of column groups 0–3; v20–v23: those of column groups 4–7.
-/// - v6: the activation block's `dₓ` (lane 0); for Q5_1 also its `s` (lane
-///   1) and `16.0` in lane 2, set before the loop and kept by the
+/// - v6: the activation block's `dₓ` in lane 0; for Q5_1 also its `s` in
+///   lane 1 and `16.0` in lane 2, set before the loop and kept by the
 ///   activation loads, which insert lanes 0–1 only (`ld1 {v6.d}[0]`).
 #[cfg(target_arch = "aarch64")]
 mod arm {
@@ -1055,14 +1055,14 @@ pub mod dotprod {
             /// the dot-product extension.
             pub fn $name(weights: &[$block], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
                 assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
-                // SAFETY: (all five) `for_tiles` and `for_groups` hand over pointers
-                // valid for `blocks ≥ 1` blocks, and the CPU has the extension
-                // (checked above).
                 tiles_then_groups::<_, 8>(
                     weights,
                     cols,
                     x,
                     out,
+                    // SAFETY: (all five) `for_tiles` and `for_groups` hand over
+                    // pointers valid for `blocks ≥ 1` blocks, and the CPU has the
+                    // extension (checked above).
                     |w, a, blocks| unsafe { $kind::tile8(w, a, blocks) },
                     // SAFETY: as above.
                     |w, a, blocks| unsafe { $kind::tile4(w, a, blocks) },
