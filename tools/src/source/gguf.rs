@@ -137,13 +137,15 @@ impl GgmlType {
     ];
 
     /// The types [`write_gguf`] can write weights in.
-    pub const WRITABLE: [GgmlType; 8] = [
+    pub const WRITABLE: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ];
