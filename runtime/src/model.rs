@@ -66,6 +66,8 @@ impl Matrix<'_> {
             TensorView::Q5KX4(_) => Encoding::Q5KX4,
             TensorView::Q5S(_) => Encoding::Q5S,
             TensorView::Q5SX4(_) => Encoding::Q5SX4,
+            TensorView::Q5(_) => Encoding::Q5,
+            TensorView::Q5X4(_) => Encoding::Q5X4,
         }
     }
 
@@ -114,6 +116,10 @@ impl Matrix<'_> {
             TensorView::Q5S(blocks) => quant::dequantize_q5s(&blocks[block_start..block_end], out),
             TensorView::Q5SX4(blocks) => {
                 for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q5s(&[b], o))
+            }
+            TensorView::Q5(blocks) => quant::dequantize_q5(&blocks[block_start..block_end], out),
+            TensorView::Q5X4(blocks) => {
+                for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q5(&[b], o))
             }
         }
     }
@@ -183,6 +189,8 @@ impl Matrix<'_> {
                 TensorView::Q5KX4(w) => (kernels.matmul_q5kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q5S(w) => (kernels.matmul_q5s)(&w[blocked], cols, xq, out),
                 TensorView::Q5SX4(w) => (kernels.matmul_q5sx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q5(w) => (kernels.matmul_q5)(&w[blocked], cols, xq, out),
+                TensorView::Q5X4(w) => (kernels.matmul_q5x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
             }
         });

@@ -1,9 +1,9 @@
 //! Block types of the quantized encodings, and their reference quantizers.
 //!
-//! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`], [`BlockQ5S`]) are
-//! byte-for-byte ggml's Q8_0, Q4_1, Q4_0 and Q5_0 (see `models/FORMAT.md`). Their
-//! row-interleaved forms ([`BlockQ8x4`], [`BlockQ4x4`], [`BlockQ4Sx4`],
-//! [`BlockQ5Sx4`]) hold the same bytes of
+//! The in-file blocks ([`BlockQ8`], [`BlockQ4`], [`BlockQ4S`], [`BlockQ5S`],
+//! [`BlockQ5`]) are byte-for-byte ggml's Q8_0, Q4_1, Q4_0, Q5_0 and Q5_1 (see
+//! `models/FORMAT.md`). Their row-interleaved forms ([`BlockQ8x4`],
+//! [`BlockQ4x4`], [`BlockQ4Sx4`], [`BlockQ5Sx4`], [`BlockQ5x4`]) hold the same bytes of
 //! four rows at one column block, rearranged so that one activation load
 //! serves four rows and a vector's lanes are four rows' sums ([`Interleaved`]).
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
@@ -65,11 +65,15 @@ pub enum Encoding {
     Q5S,
     /// [`Encoding::Q5S`], four rows interleaved ([`BlockQ5Sx4`]).
     Q5SX4,
+    /// 5-bit, group 32, f16 scale and f16 minimum ([`BlockQ5`]). ggml's Q5_1.
+    Q5,
+    /// [`Encoding::Q5`], four rows interleaved ([`BlockQ5x4`]).
+    Q5X4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 20] = [
+    pub const ALL: [Encoding; 22] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -90,6 +94,8 @@ impl Encoding {
         Encoding::Q5KX4,
         Encoding::Q5S,
         Encoding::Q5SX4,
+        Encoding::Q5,
+        Encoding::Q5X4,
     ];
 
     /// The id stored in the tensor index.
@@ -115,6 +121,8 @@ impl Encoding {
             Encoding::Q5KX4 => 18,
             Encoding::Q5S => 19,
             Encoding::Q5SX4 => 20,
+            Encoding::Q5 => 21,
+            Encoding::Q5X4 => 22,
         }
     }
     /// The encoding of a tensor-index id.
@@ -152,6 +160,8 @@ impl Encoding {
             Encoding::Q5KX4 => "q5kx4",
             Encoding::Q5S => "q5s",
             Encoding::Q5SX4 => "q5sx4",
+            Encoding::Q5 => "q5",
+            Encoding::Q5X4 => "q5x4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -187,7 +197,8 @@ impl Encoding {
             | Encoding::Q6KX4
             | Encoding::Q3KX4
             | Encoding::Q5KX4
-            | Encoding::Q5SX4 => INTERLEAVE,
+            | Encoding::Q5SX4
+            | Encoding::Q5X4 => INTERLEAVE,
             _ => 1,
         }
     }
@@ -216,6 +227,7 @@ impl Encoding {
             Encoding::Q3KX4 => Encoding::Q3K,
             Encoding::Q5KX4 => Encoding::Q5K,
             Encoding::Q5SX4 => Encoding::Q5S,
+            Encoding::Q5X4 => Encoding::Q5,
             other => other,
         }
     }
@@ -239,6 +251,7 @@ impl Encoding {
             Encoding::Q3K => Some(Encoding::Q3KX4),
             Encoding::Q5K => Some(Encoding::Q5KX4),
             Encoding::Q5S => Some(Encoding::Q5SX4),
+            Encoding::Q5 => Some(Encoding::Q5X4),
             _ => None,
         }
     }
@@ -255,6 +268,7 @@ impl Encoding {
             Encoding::Q4 => n / GROUP * std::mem::size_of::<BlockQ4>(),
             Encoding::Q4S => n / GROUP * std::mem::size_of::<BlockQ4S>(),
             Encoding::Q5S => n / GROUP * std::mem::size_of::<BlockQ5S>(),
+            Encoding::Q5 => n / GROUP * std::mem::size_of::<BlockQ5>(),
             // The same bytes as the row-major blocks, rearranged.
             Encoding::Q8X4
             | Encoding::Q4X4
@@ -265,7 +279,8 @@ impl Encoding {
             | Encoding::Q6KX4
             | Encoding::Q3KX4
             | Encoding::Q5KX4
-            | Encoding::Q5SX4 => self.row_major().bytes_for(n),
+            | Encoding::Q5SX4
+            | Encoding::Q5X4 => self.row_major().bytes_for(n),
         }
     }
 }
@@ -453,27 +468,73 @@ pub struct BlockQ5S {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ5S>() == 22);
 
+/// Level `n` (0..=31) of value `j` of a ggml 5-bit block (Q5_0 and Q5_1
+/// alike): the nibble of `qs` as in [`BlockQ4`] with bit `j` of `qh` (a
+/// little-endian `u32`) on top.
+#[inline(always)]
+fn five_bit_level(qh: [u8; 4], qs: &[u8; GROUP / 2], j: usize) -> u8 {
+    let low = if j < GROUP / 2 { qs[j] & 0xF } else { qs[j - GROUP / 2] >> 4 };
+    let high = (u32::from_le_bytes(qh) >> j) & 1;
+    low | (high as u8) << 4
+}
+
+/// Levels `n` (their low five bits; value `j`'s at `j`) packed as ggml's
+/// 5-bit blocks hold them: `(qh, qs)`, the inverse of [`five_bit_level`].
+fn pack_five_bit_levels(n: &[u8; GROUP]) -> ([u8; 4], [u8; GROUP / 2]) {
+    let mut qs = [0u8; GROUP / 2];
+    let mut high = 0u32;
+    for j in 0..GROUP / 2 {
+        let (lo, hi) = (n[j], n[j + GROUP / 2]);
+        qs[j] = (lo & 0xF) | (hi & 0xF) << 4;
+        high |= (((lo >> 4) & 1) as u32) << j | (((hi >> 4) & 1) as u32) << (j + GROUP / 2);
+    }
+    (high.to_le_bytes(), qs)
+}
+
 impl BlockQ5S {
     /// Value `j`'s level `n` (0..=31; the value is `d · (n − 16)`).
     #[inline(always)]
     pub fn level(&self, j: usize) -> u8 {
-        let low = if j < GROUP / 2 { self.qs[j] & 0xF } else { self.qs[j - GROUP / 2] >> 4 };
-        let high = (u32::from_le_bytes(self.qh) >> j) & 1;
-        low | (high as u8) << 4
+        five_bit_level(self.qh, &self.qs, j)
     }
 
     /// The block of scale `d` and levels `n` (0..=31, value `j`'s at `j`):
     /// the inverse of [`BlockQ5S::level`].
     pub fn from_levels(d: f16, n: &[u8; GROUP]) -> Self {
-        let mut block = BlockQ5S { d, qh: [0; 4], qs: [0; GROUP / 2] };
-        let mut high = 0u32;
-        for j in 0..GROUP / 2 {
-            let (lo, hi) = (n[j], n[j + GROUP / 2]);
-            block.qs[j] = (lo & 0xF) | (hi & 0xF) << 4;
-            high |= ((lo >> 4) as u32) << j | ((hi >> 4) as u32) << (j + GROUP / 2);
-        }
-        block.qh = high.to_le_bytes();
-        block
+        let (qh, qs) = pack_five_bit_levels(n);
+        BlockQ5S { d, qh, qs }
+    }
+}
+
+/// Asymmetric 5-bit weights: value `j` is `d · n + m`, with `n` (0..=31)
+/// as in [`BlockQ5S`]: the nibble of `qs` with bit `j` of `qh` on top.
+/// ggml's Q5_1, byte for byte.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ5 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum (the value of level 0).
+    pub m: f16,
+    /// Fifth bits: value `j`'s in bit `j % 8` of byte `j / 8`.
+    pub qh: [u8; 4],
+    /// Packed low nibbles.
+    pub qs: [u8; GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5>() == 24);
+
+impl BlockQ5 {
+    /// Value `j`'s level `n` (0..=31; the value is `d · n + m`).
+    #[inline(always)]
+    pub fn level(&self, j: usize) -> u8 {
+        five_bit_level(self.qh, &self.qs, j)
+    }
+
+    /// The block of scale `d`, minimum `m` and levels `n` (their low five
+    /// bits, value `j`'s at `j`): the inverse of [`BlockQ5::level`].
+    pub fn from_levels(d: f16, m: f16, n: &[u8; GROUP]) -> Self {
+        let (qh, qs) = pack_five_bit_levels(n);
+        BlockQ5 { d, m, qh, qs }
     }
 }
 
@@ -506,8 +567,8 @@ pub struct BlockQ5Sx4 {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ5Sx4>() == 4 * 22);
 
-/// A [`BlockQ5S`] row's 32 fifth bits as [`BlockQ5Sx4::qh`] stores them:
-/// byte `j`, bit `c` is `1 −` bit `4c + j` of `qh`.
+/// A 5-bit row block's 32 fifth bits as [`BlockQ5Sx4::qh`] and
+/// [`BlockQ5x4::qh`] store them: byte `j`, bit `c` is `1 −` bit `4c + j` of `qh`.
 #[inline(always)]
 fn transpose_high_bits(qh: [u8; 4]) -> [u8; 4] {
     let bits = !u32::from_le_bytes(qh);
@@ -526,20 +587,75 @@ fn untranspose_high_bits(bytes: [u8; 4]) -> [u8; 4] {
     (!bits).to_le_bytes()
 }
 
+/// Four rows' fifth bits and nibbles as the interleaved 5-bit blocks hold
+/// them: each row's bits [`transpose_high_bits`]ed into its four bytes of
+/// `qh`, the nibbles [`spread`].
+fn interleave_five_bits(
+    rows: [([u8; 4], &[u8; GROUP / 2]); INTERLEAVE],
+) -> ([u8; INTERLEAVE * 4], [u8; INTERLEAVE * GROUP / 2]) {
+    let (mut qh, mut qs) = ([0u8; INTERLEAVE * 4], [0u8; INTERLEAVE * GROUP / 2]);
+    for (r, (bits, _)) in rows.iter().enumerate() {
+        qh[4 * r..4 * r + 4].copy_from_slice(&transpose_high_bits(*bits));
+    }
+    spread(rows.map(|(_, nibbles)| nibbles), &mut qs);
+    (qh, qs)
+}
+
+/// Row `r`'s fifth bits and nibbles back in ggml's order (the inverse of
+/// [`interleave_five_bits`]).
+#[inline(always)]
+fn row_five_bits(qh: &[u8; INTERLEAVE * 4], qs: &[u8; INTERLEAVE * GROUP / 2], r: usize) -> ([u8; 4], [u8; GROUP / 2]) {
+    let transposed = [qh[4 * r], qh[4 * r + 1], qh[4 * r + 2], qh[4 * r + 3]];
+    (untranspose_high_bits(transposed), gather(qs, r))
+}
+
 impl Interleaved for BlockQ5Sx4 {
     type Row = BlockQ5S;
     fn from_rows(rows: &[BlockQ5S; INTERLEAVE]) -> Self {
-        let mut block = Self { d: rows.map(|b| b.d), qh: [0; INTERLEAVE * 4], qs: [0; INTERLEAVE * GROUP / 2] };
-        for (r, row) in rows.iter().enumerate() {
-            block.qh[4 * r..4 * r + 4].copy_from_slice(&transpose_high_bits(row.qh));
-        }
-        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
-        block
+        let (qh, qs) = interleave_five_bits(rows.each_ref().map(|b| (b.qh, &b.qs)));
+        Self { d: rows.map(|b| b.d), qh, qs }
     }
     #[inline(always)]
     fn row(&self, r: usize) -> BlockQ5S {
-        let transposed = [self.qh[4 * r], self.qh[4 * r + 1], self.qh[4 * r + 2], self.qh[4 * r + 3]];
-        BlockQ5S { d: self.d[r], qh: untranspose_high_bits(transposed), qs: gather(&self.qs, r) }
+        let (qh, qs) = row_five_bits(&self.qh, &self.qs, r);
+        BlockQ5S { d: self.d[r], qh, qs }
+    }
+}
+
+/// [`BlockQ5`] × 4 rows. 96 bytes, laid out as [`BlockQ5Sx4`] with the
+/// four rows' minimums after their scales (`models/FORMAT.md`):
+///
+/// - `d`, `m`: the four rows' scales, then their minimums (one 16-byte
+///   load, two conversions give both as four lanes);
+/// - `qh`: the fifth bits transposed and flipped exactly as
+///   [`BlockQ5Sx4::qh`], so the kernels build the same signed levels
+///   `n − 16` (the minimum then enters as `m + 16·d`);
+/// - `qs`: the nibbles interleaved four bytes at a time ([`spread`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ5x4 {
+    /// Each row's scale.
+    pub d: [f16; INTERLEAVE],
+    /// Each row's minimum.
+    pub m: [f16; INTERLEAVE],
+    /// The rows' fifth bits, transposed to `[row][column in group]` bytes of
+    /// one bit a column group, flipped.
+    pub qh: [u8; INTERLEAVE * 4],
+    /// Packed nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5x4>() == 4 * 24);
+
+impl Interleaved for BlockQ5x4 {
+    type Row = BlockQ5;
+    fn from_rows(rows: &[BlockQ5; INTERLEAVE]) -> Self {
+        let (qh, qs) = interleave_five_bits(rows.each_ref().map(|b| (b.qh, &b.qs)));
+        Self { d: rows.map(|b| b.d), m: rows.map(|b| b.m), qh, qs }
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ5 {
+        let (qh, qs) = row_five_bits(&self.qh, &self.qs, r);
+        BlockQ5 { d: self.d[r], m: self.m[r], qh, qs }
     }
 }
 
@@ -855,6 +971,7 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
         Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q5SX4 => interleave::<BlockQ5Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q5X4 => interleave::<BlockQ5x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
@@ -871,12 +988,14 @@ pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &m
         Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q5SX4 => deinterleave::<BlockQ5Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q5X4 => deinterleave::<BlockQ5x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
 
 /// An activation block quantized to int8 for the integer dot products:
-/// value `j` is `d · q[j]`; `s = d · Σ q[j]` serves the minimum term of [`BlockQ4`].
+/// value `j` is `d · q[j]`; `s = d · Σ q[j]` serves the minimum term of
+/// [`BlockQ4`] and [`BlockQ5`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ8Act {
@@ -949,6 +1068,21 @@ pub fn quantize_q5s(x: &[f32], out: &mut [BlockQ5S]) {
         // ggml truncates to int8 after adding 16.5, then caps at 31.
         let levels = std::array::from_fn(|j| ((values[j] * id + 16.5) as i8).clamp(0, 31) as u8);
         *block = BlockQ5S::from_levels(f16::from_f32(d), &levels);
+    }
+}
+
+/// Quantizes `x` to asymmetric Q5, as ggml's `quantize_row_q5_1_ref`.
+pub fn quantize_q5(x: &[f32], out: &mut [BlockQ5]) {
+    debug_assert_eq!(x.len(), out.len() * GROUP);
+    for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
+        let min = values.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // ggml truncates to uint8 after adding 0.5 and keeps the low five
+        // bits (no cap: the largest value lands on 31 at most).
+        let levels = std::array::from_fn(|j| ((values[j] - min) * id + 0.5) as u8);
+        *block = BlockQ5::from_levels(f16::from_f32(d), f16::from_f32(min), &levels);
     }
 }
 
@@ -1034,6 +1168,16 @@ pub fn dequantize_q5s(blocks: &[BlockQ5S], out: &mut [f32]) {
     }
 }
 
+/// Expands asymmetric Q5 blocks to f32, as ggml's `dequantize_row_q5_1`.
+pub fn dequantize_q5(blocks: &[BlockQ5], out: &mut [f32]) {
+    for (block, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let (d, m) = (block.d.to_f32(), block.m.to_f32());
+        for (j, v) in values.iter_mut().enumerate() {
+            *v = block.level(j) as f32 * d + m;
+        }
+    }
+}
+
 /// Quantizes `x` (a multiple of [`QK_K`] long) into k-quant super-blocks
 /// with `quantize` (the simple min/max quantizers of [`crate::kquant`]).
 pub fn quantize_k<B>(x: &[f32], out: &mut [B], quantize: fn(&[f32]) -> B) {
@@ -1063,6 +1207,7 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q4 => quantize_q4(x, cast_blocks_mut(out)),
         Encoding::Q4S => quantize_q4s(x, cast_blocks_mut(out)),
         Encoding::Q5S => quantize_q5s(x, cast_blocks_mut(out)),
+        Encoding::Q5 => quantize_q5(x, cast_blocks_mut(out)),
         Encoding::Q4K => quantize_k(x, cast_blocks_mut(out), BlockQ4K::quantize),
         Encoding::Q5K => quantize_k(x, cast_blocks_mut(out), BlockQ5K::quantize),
         Encoding::Q6K => quantize_k(x, cast_blocks_mut(out), BlockQ6K::quantize),
@@ -1088,6 +1233,7 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q4 => dequantize_q4(&pod_blocks(bytes), out),
         Encoding::Q4S => dequantize_q4s(&pod_blocks(bytes), out),
         Encoding::Q5S => dequantize_q5s(&pod_blocks(bytes), out),
+        Encoding::Q5 => dequantize_q5(&pod_blocks(bytes), out),
         // Alignment 1: the bytes are the blocks, wherever they start.
         Encoding::Q4K => dequantize_k(cast_blocks::<BlockQ4K>(bytes), out, BlockQ4K::dequantize),
         Encoding::Q5K => dequantize_k(cast_blocks::<BlockQ5K>(bytes), out, BlockQ5K::dequantize),
@@ -1639,6 +1785,101 @@ mod q5s_tests {
                 let expected = if jj == j { !(1u8 << c) } else { 0xFF };
                 assert_eq!(mixed.qh[4 * r + jj], expected, "row {r} byte {jj}");
             }
+            assert_eq!(mixed.row(r), *row);
+        }
+    }
+}
+
+#[cfg(test)]
+mod q5_tests {
+    use super::*;
+
+    fn random_bytes(seed: &mut u32, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q5_encodings_are_ggml_q5_1_blocks_of_32() {
+        for (encoding, id, name) in [(Encoding::Q5, 21, "q5"), (Encoding::Q5X4, 22, "q5x4")] {
+            assert_eq!((encoding.id(), encoding.name()), (id, name));
+            assert_eq!((Encoding::from_id(id), Encoding::from_name(name)), (Some(encoding), Some(encoding)));
+            assert_eq!((encoding.block_values(), encoding.bytes_for(3 * GROUP)), (GROUP, 3 * 24));
+            assert!(encoding.is_blocked() && !encoding.is_kquant() && Encoding::retired(id).is_none());
+            assert_eq!(encoding.row_major(), Encoding::Q5);
+        }
+        assert_eq!(Encoding::Q5.interleaved(), Some(Encoding::Q5X4));
+        assert_eq!((Encoding::Q5X4.rows_interleaved(), Encoding::Q5X4.row_multiple()), (4, 4));
+        assert_eq!(Encoding::Q5.channel_major(), None);
+    }
+
+    /// ggml's reference rounding: the minimum is level 0 (its f16 the
+    /// block's `m`), the maximum level 31, and every value comes back within
+    /// half a step plus the f16 roundings of `d` and `m`.
+    #[test]
+    fn q5_round_trip_stays_within_half_a_step() {
+        let x: Vec<f32> = (0..GROUP * 8)
+            .map(|i| ((i * 37 % 101) as f32 - 30.0) / 17.0 * (1 + i / GROUP) as f32 + (i / GROUP) as f32)
+            .collect();
+        let mut bytes = vec![0u8; Encoding::Q5.bytes_for(x.len())];
+        quantize_into(Encoding::Q5, &x, &mut bytes);
+        let mut y = vec![0f32; x.len()];
+        dequantize_from(Encoding::Q5, &bytes, &mut y);
+        let blocks: Vec<BlockQ5> = pod_blocks(&bytes);
+        for ((block_x, block_y), block) in x.chunks(GROUP).zip(y.chunks(GROUP)).zip(&blocks) {
+            let min = block_x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+            let max = block_x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            assert_eq!(block.m, f16::from_f32(min));
+            assert_eq!(block.level(block_x.iter().position(|&v| v == min).unwrap()), 0);
+            assert_eq!(block.level(block_x.iter().position(|&v| v == max).unwrap()), 31);
+            let step = (max - min) / 31.0;
+            // f16's relative rounding of d (times 31 levels) and of m.
+            let f16_error = 31.0 * step * 2f32.powi(-11) + min.abs() * 2f32.powi(-11);
+            for (a, b) in block_x.iter().zip(block_y) {
+                assert!((a - b).abs() <= step * 0.5 + f16_error + 1e-6, "{a} vs {b} (step {step})");
+            }
+        }
+        // A constant block is its minimum, every level 0.
+        let mut constant = [BlockQ5::zeroed()];
+        quantize_q5(&[1.5; GROUP], &mut constant);
+        let mut back = [0f32; GROUP];
+        dequantize_q5(&constant, &mut back);
+        assert!(back.iter().all(|&v| v == 1.5) && (0..GROUP).all(|j| constant[0].level(j) == 0));
+    }
+
+    /// Any bytes come back byte for byte from the interleaved blocks; the
+    /// scales and minimums sit side by side, and the fifth bits and nibbles
+    /// are laid out exactly as Q5SX4 lays out Q5_0's (one kernel text
+    /// unpacks both).
+    #[test]
+    fn q5x4_interleaving_is_lossless_and_lays_bits_out_as_q5sx4() {
+        let mut seed = 0x5EED_0051u32;
+        for (rows, cols) in [(4, GROUP), (8, 3 * GROUP), (12, 18 * GROUP)] {
+            let row_major = random_bytes(&mut seed, Encoding::Q5.bytes_for(rows * cols));
+            let mut mixed = vec![0u8; row_major.len()];
+            interleave_bytes(Encoding::Q5X4, &row_major, cols, &mut mixed);
+            assert_ne!(mixed, row_major);
+            let mut back = vec![0u8; mixed.len()];
+            deinterleave_bytes(Encoding::Q5X4, &mixed, cols, &mut back);
+            assert_eq!(back, row_major, "{rows}×{cols}");
+            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            dequantize_from(Encoding::Q5, &row_major, &mut a);
+            dequantize_rows(Encoding::Q5X4, &mixed, cols, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        let rows: [BlockQ5; 4] = std::array::from_fn(|_| bytemuck::pod_read_unaligned(&random_bytes(&mut seed, 24)));
+        let mixed = BlockQ5x4::from_rows(&rows);
+        let symmetric = BlockQ5Sx4::from_rows(&rows.map(|b| BlockQ5S { d: b.d, qh: b.qh, qs: b.qs }));
+        assert_eq!((mixed.d, mixed.m), (rows.map(|b| b.d), rows.map(|b| b.m)));
+        assert_eq!((mixed.qh, mixed.qs), (symmetric.qh, symmetric.qs));
+        for (r, row) in rows.iter().enumerate() {
             assert_eq!(mixed.row(r), *row);
         }
     }

@@ -27,7 +27,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// The GGUF weight types `bramble synth --weights` writes.
-const GGUF_WEIGHT_TYPES: [&str; 7] = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"];
+const GGUF_WEIGHT_TYPES: [&str; 9] = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"];
 /// The `--quant` targets of the converter exercised here.
 const QUANTS: [&str; 4] = ["f32", "f16", "q8", "q4"];
 /// Tokens `bramble generate --max-tokens` asks for.
@@ -90,6 +90,8 @@ fn native_encoding(source: &str) -> Option<&'static str> {
         "Q8_0" => Some("q8"),
         "Q4_1" => Some("q4"),
         "Q4_0" => Some("q4s"),
+        "Q5_0" => Some("q5s"),
+        "Q5_1" => Some("q5"),
         _ => None,
     }
 }

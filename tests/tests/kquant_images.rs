@@ -14,7 +14,8 @@
 //!   not whole super-blocks, is refused with an error naming the tensor;
 //! - the real Q4_K_M mix of the default model (`models/make-quant-mixes.sh`,
 //!   skipped when absent) keeps its Q4_K and Q6_K `ffn_down` tensors
-//!   bit-exact, and its Q5_0 tensors as q5s, bit-exact too.
+//!   bit-exact, and its Q5_0 tensors as q5s, bit-exact too; the real Q5_K_M
+//!   mix keeps every tensor, its Q5_1 ones as q5.
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
@@ -346,6 +347,43 @@ fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
         assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
     }
     // It runs: a few tokens' logits are finite.
+    let model = Model::new(&image).unwrap();
+    let mut state = model.new_state(8, 4);
+    let logits = model.forward(&mut state, &[1, 2, 3, 4], 0, Logits::Last).unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+/// The real Q5_K_M mix (`models/make-quant-mixes.sh`, skipped when absent):
+/// every tensor is carried bit-exact, its Q5_1 tensors (llama.cpp's choice
+/// for the rows of 576 there, where Q4_K_M has Q5_0) as q5, interleaved.
+#[test]
+fn real_q5_k_m_mix_keeps_every_tensor() {
+    if std::env::var("BRAMBLE_SKIP_MODEL").is_ok_and(|v| v == "1") {
+        eprintln!("BRAMBLE_SKIP_MODEL=1: skipping the real Q5_K_M mix");
+        return;
+    }
+    let gguf = cache_dir().join("quants/SmolLM2-135M-Instruct.Q5_K_M.gguf");
+    if !gguf.is_file() {
+        eprintln!("{} is absent (models/make-quant-mixes.sh makes it): skipped", gguf.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("q5km-keep.bramble");
+    let report = convert_keep(&gguf, &image_path, true);
+    assert_eq!(report.requantized, 0, "{:?}", report.families);
+    let q5_1: Vec<_> = report.families.iter().filter(|f| f.source_type == "Q5_1").collect();
+    assert!(!q5_1.is_empty(), "no Q5_1 family in {:?}", report.families);
+    for family in q5_1 {
+        assert_eq!((family.encoding.as_str(), family.carried), ("q5", true), "{family}");
+    }
+    let file = GgufFile::open(&gguf).unwrap();
+    let image = ModelImage::open(&image_path).unwrap();
+    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == GgmlType::Q5_1) {
+        let stored = image.tensor(&info.name).unwrap();
+        // Rows of 192 or more, whole groups of four: interleaved.
+        assert_eq!(stored.encoding, Encoding::Q5X4, "{}", info.name);
+        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+    }
     let model = Model::new(&image).unwrap();
     let mut state = model.new_state(8, 4);
     let logits = model.forward(&mut state, &[1, 2, 3, 4], 0, Logits::Last).unwrap();

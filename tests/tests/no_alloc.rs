@@ -119,7 +119,7 @@ fn synthetic_decode_steps_allocate_nothing_in_any_encoding() {
     for tokenizer in [TokenizerKind::ByteLevelBpe, TokenizerKind::SentencePiece] {
         // Untied: a tied synthetic model keeps sampling one token, an untied one varies, so more of the stream runs.
         let model = synthetic(synth_cli_shape(64, 2, false, tokenizer), 3);
-        for quant in ["q4", "q4s", "q8", "f16", "f32"] {
+        for quant in ["q4", "q4s", "q5s", "q5", "q8", "f16", "f32"] {
             let path = dir.path().join(format!("{tokenizer:?}-{quant}.bramble"));
             convert(&model, &path, &ConvertOptions::new(QuantTarget::parse(quant).unwrap())).unwrap();
             let (allocations, tokens, streamed) = decode_allocations(&path, "Hello world, the hat", 128);

@@ -1,15 +1,16 @@
-//! ggml's Q5_0 as an image encoding (q5s, and q5sx4 four rows interleaved):
+//! ggml's 5-bit blocks as image encodings: Q5_0 as q5s (and q5sx4 four rows
+//! interleaved), Q5_1 as q5 (and q5x4). For each:
 //!
-//! - a synthetic Llama GGUF whose matrices are Q5_0, converted with
-//!   `--quant keep`, carries every Q5_0 tensor: the image's blocks (put
+//! - a synthetic Llama GGUF whose matrices are of that type, converted with
+//!   `--quant keep`, carries every such tensor: the image's blocks (put
 //!   back in row order where they are interleaved) are the GGUF's bytes, and
 //!   expand to the values gguf-py (llama.cpp's own Python reader) gives, bit
 //!   for bit; the report says so; the x4 and rows images give the same
-//!   logits bit for bit (every q5s kernel is the reference's, bit for bit)
+//!   logits bit for bit (every 5-bit kernel is the reference's, bit for bit)
 //!   and decode without allocating;
-//! - `--quant q5s` of an f32 GGUF quantizes every matrix with ggml's
-//!   reference rounding (the same bytes llama.cpp's `quantize_row_q5_0_ref`
-//!   writes).
+//! - `--quant q5s` / `--quant q5` of an f32 GGUF quantizes every matrix with
+//!   ggml's reference rounding (the same bytes llama.cpp's
+//!   `quantize_row_q5_0_ref` / `quantize_row_q5_1_ref` writes).
 
 use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
 use bramble_runtime::model::{Logits, Model};
@@ -26,7 +27,8 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Writes a synthetic Llama GGUF into `dir` with every matrix in `matrices`
 /// (the norms F32). Width 96 (three blocks of 32 a row, no whole
-/// super-block), so that only Q5_0 among ggml's 5-bit types fits.
+/// super-block), so that of ggml's 5-bit types only Q5_0 and Q5_1 fit, as
+/// on SmolLM2's 576-wide rows.
 fn gguf_of(dir: &Path, matrices: GgmlType) -> PathBuf {
     let shape = SyntheticShape { dim: 96, n_heads: 3, n_kv_heads: 1, ffn_dim: 160, n_layers: 2, ..Default::default() };
     let model = synthetic(shape, 5);
@@ -51,15 +53,30 @@ fn bits(values: &[f32]) -> Vec<u32> {
 
 #[test]
 fn q5_0_gguf_converted_keep_carries_its_blocks_and_runs() {
+    kept_gguf_carries_its_blocks_and_runs(GgmlType::Q5_0, Encoding::Q5S);
+}
+
+#[test]
+fn q5_1_gguf_converted_keep_carries_its_blocks_and_runs() {
+    kept_gguf_carries_its_blocks_and_runs(GgmlType::Q5_1, Encoding::Q5);
+}
+
+/// A GGUF of `ggml_type` matrices, kept: carried as `encoding` (and its
+/// interleaved form), the GGUF's bytes, gguf-py's values, one set of logits.
+fn kept_gguf_carries_its_blocks_and_runs(ggml_type: GgmlType, encoding: Encoding) {
+    let interleaved = encoding.interleaved().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let gguf = gguf_of(dir.path(), GgmlType::Q5_0);
+    let gguf = gguf_of(dir.path(), ggml_type);
     let (rows_path, x4_path) = (dir.path().join("rows.bramble"), dir.path().join("x4.bramble"));
     let rows_report = convert_with(&gguf, &rows_path, QuantTarget::Keep, false);
     let report = convert_with(&gguf, &x4_path, QuantTarget::Keep, true);
     for r in [&rows_report, &report] {
         assert_eq!(r.requantized, 0, "keep converted something: {:?}", r.families);
-        for family in r.families.iter().filter(|f| f.source_type == "Q5_0") {
-            assert_eq!(family.action(), "carried bit-exact as q5s", "{family}");
+        let families: Vec<_> = r.families.iter().filter(|f| f.source_type == ggml_type.name()).collect();
+        assert!(!families.is_empty(), "no {ggml_type} family in {:?}", r.families);
+        for family in families {
+            assert_eq!(family.action(), format!("carried bit-exact as {}", encoding.name()), "{family}");
+            assert_eq!(family.note, None, "{family}");
         }
     }
 
@@ -72,13 +89,13 @@ fn q5_0_gguf_converted_keep_carries_its_blocks_and_runs() {
         gguf_py_dequantize(&gguf, &reference_dir);
     }
     let mut seen = Vec::new();
-    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == GgmlType::Q5_0) {
+    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == ggml_type) {
         let stored = image.tensor(&info.name).unwrap();
         let rows = stored.rows();
         // The default layout interleaves matrices of whole groups of four rows.
-        let expected = if rows % 4 == 0 { Encoding::Q5SX4 } else { Encoding::Q5S };
+        let expected = if rows % 4 == 0 { interleaved } else { encoding };
         assert_eq!(stored.encoding, expected, "{} ({rows} rows)", info.name);
-        assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, Encoding::Q5S, "{}", info.name);
+        assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, encoding, "{}", info.name);
         assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
         assert!(row_major_bytes(&rows_image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
         if with_python {
@@ -113,29 +130,41 @@ fn q5_0_gguf_converted_keep_carries_its_blocks_and_runs() {
     for pos in tokens.len()..tokens.len() + 8 {
         token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
     }
-    assert_eq!(thread_allocations() - before, 0, "decode steps of the q5s image allocated");
+    assert_eq!(thread_allocations() - before, 0, "decode steps of the {} image allocated", encoding.name());
 }
 
 #[test]
 fn quant_q5s_rounds_as_ggml_does() {
+    quant_rounds_as_ggml_does(QuantTarget::Q5S, Encoding::Q5S);
+}
+
+#[test]
+fn quant_q5_rounds_as_ggml_does() {
+    quant_rounds_as_ggml_does(QuantTarget::Q5, Encoding::Q5);
+}
+
+/// `--quant target` of an f32 GGUF: every matrix is `encoding`, ggml's
+/// reference rounding byte for byte.
+fn quant_rounds_as_ggml_does(target: QuantTarget, encoding: Encoding) {
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_of(dir.path(), GgmlType::F32);
-    let image_path = dir.path().join("q5s.bramble");
-    let report = convert_with(&gguf, &image_path, QuantTarget::Q5S, false);
+    let image_path = dir.path().join(format!("{}.bramble", encoding.name()));
+    let report = convert_with(&gguf, &image_path, target, false);
     let file = GgufFile::open(&gguf).unwrap();
     let image = ModelImage::open(&image_path).unwrap();
     let mut matrices = 0;
     for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.dims.len() == 2) {
         let stored = image.tensor(&info.name).unwrap();
-        assert_eq!(stored.encoding, Encoding::Q5S, "{}", info.name);
+        assert_eq!(stored.encoding, encoding, "{}", info.name);
         let values: Vec<f32> =
             file.tensor_bytes(index).chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-        let mut expected = vec![0u16; Encoding::Q5S.bytes_for(values.len()) / 2];
+        let mut expected = vec![0u16; encoding.bytes_for(values.len()) / 2];
         let expected: &mut [u8] = bytemuck::cast_slice_mut(&mut expected);
-        quantize_into(Encoding::Q5S, &values, expected);
+        quantize_into(encoding, &values, expected);
         assert!(image.tensor_bytes(stored) == expected, "{}: not ggml's rounding", info.name);
         matrices += 1;
     }
     assert!(matrices > 0);
-    assert!(report.families.iter().filter(|f| f.encoding == "q5s").all(|f| f.action() == "quantized to q5s"));
+    let families: Vec<_> = report.families.iter().filter(|f| f.encoding == encoding.name()).collect();
+    assert!(!families.is_empty() && families.iter().all(|f| f.action() == format!("quantized to {}", encoding.name())));
 }

@@ -2,11 +2,11 @@
 //!
 //! Tensors stream through one chunk of rows at a time. A tensor whose source
 //! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
-//! Q4_0 → Q4S, Q5_0 → Q5S, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
+//! Q4_0 → Q4S, Q5_0 → Q5S, Q5_1 → Q5, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
 //! bit-exact; anything else is dequantized to f32 and quantized again.
 //! `--quant keep` gives every tensor its source encoding where the image has
 //! it and the nearest one where it does not ([`keep_encoding`]). Quantized matrices of whole groups of four rows
-//! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S, Q5S,
+//! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S, Q5S, Q5,
 //! and the k-quants Q4K, Q6K, Q3K and Q5K; [`Encoding::interleaved`]), a lossless
 //! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
 //! row-major order. The image is written under a temporary name and
@@ -30,6 +30,8 @@ pub enum QuantTarget {
     Q4S,
     /// 5-bit symmetric (Q5S, ggml's Q5_0).
     Q5S,
+    /// 5-bit with a minimum (Q5, ggml's Q5_1).
+    Q5,
     /// int8.
     Q8,
     /// binary16.
@@ -50,12 +52,13 @@ pub enum QuantTarget {
 }
 
 impl QuantTarget {
-    /// Parses `q4`, `q4s`, `q5s`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
+    /// Parses `q4`, `q4s`, `q5s`, `q5`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "q4" => QuantTarget::Q4,
             "q4s" => QuantTarget::Q4S,
             "q5s" => QuantTarget::Q5S,
+            "q5" => QuantTarget::Q5,
             "q8" => QuantTarget::Q8,
             "f16" => QuantTarget::F16,
             "f32" => QuantTarget::F32,
@@ -65,7 +68,9 @@ impl QuantTarget {
             "q3k" => QuantTarget::Q3K,
             "keep" => QuantTarget::Keep,
             other => {
-                bail!("unknown quantization {other:?}: expected q4, q4s, q5s, q8, f16, f32, q4k, q5k, q6k, q3k or keep")
+                bail!(
+                    "unknown quantization {other:?}: expected q4, q4s, q5s, q5, q8, f16, f32, q4k, q5k, q6k, q3k or keep"
+                )
             }
         })
     }
@@ -78,6 +83,7 @@ impl QuantTarget {
             (QuantTarget::Q4, _) => Encoding::Q4,
             (QuantTarget::Q4S, _) => Encoding::Q4S,
             (QuantTarget::Q5S, _) => Encoding::Q5S,
+            (QuantTarget::Q5, _) => Encoding::Q5,
             (QuantTarget::Q8, _) => Encoding::Q8,
             (QuantTarget::F16, _) => Encoding::F16,
             (QuantTarget::F32, _) => Encoding::F32,
@@ -99,14 +105,14 @@ impl QuantTarget {
 }
 
 /// `--quant keep`'s encoding for a matrix whose source type the image has
-/// no encoding for (Q5_0 has one: Q5S, carried): Q5_1, IQ4_NL and IQ4_XS go
-/// to Q8 (their values are a block scale times small integers: IQ4_NL's are
-/// exactly Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
+/// no encoding for (Q5_0 and Q5_1 have one each: Q5S and Q5, carried):
+/// IQ4_NL and IQ4_XS go to Q8 (their values are a block scale times small
+/// integers: IQ4_NL's are exactly Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
 /// k-quant the image has), BF16 to F16 (the same 16 bits a value, exact
 /// for every value inside f16's normal range); anything else to F32.
 pub fn keep_encoding(source_type: &str) -> Encoding {
     match source_type.to_ascii_uppercase().as_str() {
-        "Q5_1" | "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
+        "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
         "Q2_K" => Encoding::Q3K,
         "BF16" => Encoding::F16,
         _ => Encoding::F32,
@@ -588,7 +594,14 @@ mod tests {
             (Encoding::Q4, Encoding::Q5S, Encoding::Q8)
         );
         assert_eq!(QuantTarget::parse("q5s").unwrap(), QuantTarget::Q5S);
-        assert_eq!(keep("Q5_1", None), Encoding::Q8);
+        // Q5_1 likewise is carried as q5; q5 asks for it, and q5s is not q5.
+        assert_eq!(keep("Q5_1", Some(Encoding::Q5)), Encoding::Q5);
+        let at = |target: QuantTarget| target.encoding_for(&tensor("Q5_1", Some(Encoding::Q5), 576)).0;
+        assert_eq!(
+            (at(QuantTarget::Q4), at(QuantTarget::Q5), at(QuantTarget::Q5S)),
+            (Encoding::Q4, Encoding::Q5, Encoding::Q5S)
+        );
+        assert_eq!(QuantTarget::parse("q5").unwrap(), QuantTarget::Q5);
         assert_eq!(keep("IQ4_NL", None), Encoding::Q8);
         assert_eq!(keep("IQ4_XS", None), Encoding::Q8);
         assert_eq!(keep("Q2_K", None), Encoding::Q3K);

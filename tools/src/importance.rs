@@ -251,9 +251,9 @@ pub fn importance_matrix(
 }
 
 /// Whether [`quantize_rows`] weighs `encoding`'s rounding by an importance
-/// vector: the K-quants, Q4 and Q5S (Q8, f16 and f32 round each value to nearest).
+/// vector: the K-quants, Q4, Q5S and Q5 (Q8, f16 and f32 round each value to nearest).
 pub fn weighs(encoding: Encoding) -> bool {
-    encoding.is_kquant() || matches!(encoding, Encoding::Q4 | Encoding::Q5S)
+    encoding.is_kquant() || matches!(encoding, Encoding::Q4 | Encoding::Q5S | Encoding::Q5)
 }
 
 /// Quantizes whole rows of `cols` values (`values.len()` a multiple of
@@ -293,11 +293,15 @@ fn quantize_row(encoding: Encoding, row: &[f32], importance: Option<&[f32]>, out
     }
     let slice = |start: usize, len: usize| importance.map(|imp| &imp[start..start + len]);
     match encoding {
-        Encoding::Q4 => {
-            // Q4_1 weighs by the whole row's mean square, as llama.cpp does.
+        Encoding::Q4 | Encoding::Q5 => {
+            // Q4_1 and Q5_1 weigh by the whole row's mean square, as llama.cpp does.
             let row_mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
             for (b, group) in row.chunks_exact(GROUP).enumerate() {
-                put(out, b, rounding::q4_block(group, row_mean_square, slice(b * GROUP, GROUP)));
+                let importance = slice(b * GROUP, GROUP);
+                match encoding {
+                    Encoding::Q4 => put(out, b, rounding::q4_block(group, row_mean_square, importance)),
+                    _ => put(out, b, rounding::q5_block(group, row_mean_square, importance)),
+                }
             }
         }
         Encoding::Q5S => {

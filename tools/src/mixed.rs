@@ -141,7 +141,8 @@ fn bits(quant: QuantTarget) -> Option<u32> {
         QuantTarget::Q3K => Some(3),
         QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4),
         QuantTarget::Q5K | QuantTarget::Q5S => Some(5),
-        QuantTarget::Q6K => Some(6),
+        // Q5_1: five bits and a minimum a block, 24 bytes for 32 values.
+        QuantTarget::Q5 | QuantTarget::Q6K => Some(6),
         QuantTarget::Q8 => Some(8),
         QuantTarget::F16 => Some(16),
         QuantTarget::F32 => Some(32),

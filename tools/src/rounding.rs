@@ -13,7 +13,7 @@
 //! `llama-imatrix` measures), `importance[j]·√(σ² + x²)`.
 
 use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
-use bramble_runtime::quant::{BlockQ4, BlockQ5S, GROUP};
+use bramble_runtime::quant::{BlockQ4, BlockQ5, BlockQ5S, GROUP};
 use half::f16;
 
 /// Below this magnitude a block is all zero.
@@ -188,17 +188,34 @@ fn mean_square(x: &[f32]) -> f32 {
     x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32
 }
 
-/// One asymmetric 4-bit block (Q4_1, our `q4`) by the weighted search.
-pub fn q4_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) -> BlockQ4 {
+/// One asymmetric block of 32 by the weighted search over levels
+/// `0..=top` (llama.cpp's `make_qkx3_quants` for Q4_1 and Q5_1): the f16
+/// scale, the f16 minimum and the levels.
+fn affine_block(x: &[f32], top: u8, row_mean_square: f32, importance: Option<&[f32]>) -> (f16, f16, [u8; GROUP]) {
     let mut w = [0f32; GROUP];
     weights(x, row_mean_square, importance, &mut w);
     let mut levels = [0u8; GROUP];
-    let (scale, offset) = fit_affine(x, &w, 15, &mut levels);
+    let (scale, offset) = fit_affine(x, &w, top, &mut levels);
+    (f16::from_f32(scale), f16::from_f32(-offset), levels)
+}
+
+/// One asymmetric 4-bit block (Q4_1, our `q4`) by the weighted search.
+pub fn q4_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) -> BlockQ4 {
+    let (d, m, levels) = affine_block(x, 15, row_mean_square, importance);
     let mut qs = [0u8; GROUP / 2];
     for (j, q) in qs.iter_mut().enumerate() {
         *q = levels[j] | (levels[j + GROUP / 2] << 4);
     }
-    BlockQ4 { d: f16::from_f32(scale), m: f16::from_f32(-offset), qs }
+    BlockQ4 { d, m, qs }
+}
+
+/// One asymmetric 5-bit block (Q5_1, our `q5`) by the weighted search
+/// (llama.cpp's `quantize_row_q5_1_impl`: `make_qkx3_quants` over levels
+/// 0..=31 weighted by `importance[j]·√(σ² + x²)`). Without an importance
+/// vector `convert` uses ggml's reference rounding instead, as llama.cpp does.
+pub fn q5_block(x: &[f32], row_mean_square: f32, importance: Option<&[f32]>) -> BlockQ5 {
+    let (d, m, levels) = affine_block(x, 31, row_mean_square, importance);
+    BlockQ5::from_levels(d, m, &levels)
 }
 
 /// One symmetric 5-bit block (Q5_0, our `q5s`) by the weighted search
@@ -453,6 +470,29 @@ mod tests {
         let mut reference = vec![BlockQ5S { d: f16::ZERO, qh: [0; 4], qs: [0; 16] }; n / GROUP];
         quantize_q5s(&x, &mut reference);
         dequantize_q5s(&reference, &mut without);
+        assert!(important(&with) < 0.8 * important(&without), "{} vs {}", important(&with), important(&without));
+    }
+
+    /// Q5_1's weighted search: with an importance vector the values it
+    /// marks are reproduced more closely than by ggml's reference rounding
+    /// (what `convert` uses without one).
+    #[test]
+    fn q5_importance_moves_the_error_off_important_channels() {
+        use bramble_runtime::quant::{dequantize_q5, quantize_q5};
+        let n = GROUP * 256;
+        let x = wave(n, 11);
+        let importance: Vec<f32> = (0..GROUP).map(|j| if j % 8 == 0 { 100.0 } else { 1.0 }).collect();
+        let important = |y: &[f32]| -> f64 {
+            x.iter().zip(y).enumerate().filter(|(i, _)| i % 8 == 0).map(|(_, (a, b))| ((a - b) as f64).powi(2)).sum()
+        };
+        let (mut with, mut without) = (vec![0f32; n], vec![0f32; n]);
+        let ms = mean_square(&x);
+        for (c, y) in x.chunks_exact(GROUP).zip(with.chunks_exact_mut(GROUP)) {
+            dequantize_q5(&[q5_block(c, ms, Some(&importance))], y);
+        }
+        let mut reference = vec![BlockQ5 { d: f16::ZERO, m: f16::ZERO, qh: [0; 4], qs: [0; 16] }; n / GROUP];
+        quantize_q5(&x, &mut reference);
+        dequantize_q5(&reference, &mut without);
         assert!(important(&with) < 0.8 * important(&without), "{} vs {}", important(&with), important(&without));
     }
 

@@ -47,6 +47,10 @@ const Q8_0_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.006);
 const Q4_0_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.13);
 /// Half a step of range/15, range at most twice the largest magnitude.
 const Q4_1_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.07);
+/// Q5_0 maps the largest magnitude to −16 and clips the other side at +15: up to a whole step of 1/16.
+const Q5_0_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.066);
+/// Half a step of range/31, range at most twice the largest magnitude, plus the f16 scale's and minimum's rounding.
+const Q5_1_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.035);
 /// Half a step of range/15, plus 6-bit rounding of the sub-block scale and minimum.
 const Q4_K_TOLERANCE: Tolerance = Tolerance::new(0.0, 0.1);
 /// Half a step of 1/32, a clipped step on the +31 side, plus 8-bit rounding of the scale.
@@ -62,6 +66,8 @@ fn tolerance(ggml_type: GgmlType) -> Tolerance {
         GgmlType::Q8_0 => Q8_0_TOLERANCE,
         GgmlType::Q4_0 => Q4_0_TOLERANCE,
         GgmlType::Q4_1 => Q4_1_TOLERANCE,
+        GgmlType::Q5_0 => Q5_0_TOLERANCE,
+        GgmlType::Q5_1 => Q5_1_TOLERANCE,
         GgmlType::Q4_K => Q4_K_TOLERANCE,
         GgmlType::Q6_K => Q6_K_TOLERANCE,
         other => panic!("no tolerance for {other}"),

@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
-use crate::quant::{BlockQ5S, BlockQ5Sx4};
+use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use crate::rope::RopeScaling;
 use crate::vocab::Vocab;
 use half::f16;
@@ -97,6 +97,10 @@ pub enum TensorView<'a> {
     Q5S(&'a [BlockQ5S]),
     /// Symmetric Q5 blocks, four rows interleaved.
     Q5SX4(&'a [BlockQ5Sx4]),
+    /// Asymmetric Q5 blocks (ggml's Q5_1).
+    Q5(&'a [BlockQ5]),
+    /// Asymmetric Q5 blocks, four rows interleaved.
+    Q5X4(&'a [BlockQ5x4]),
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -124,6 +128,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q5KX4(v) => ("Q5KX4", v.len()),
             TensorView::Q5S(v) => ("Q5S", v.len()),
             TensorView::Q5SX4(v) => ("Q5SX4", v.len()),
+            TensorView::Q5(v) => ("Q5", v.len()),
+            TensorView::Q5X4(v) => ("Q5X4", v.len()),
         };
         write!(f, "{variant}([{len} items])")
     }
@@ -322,6 +328,8 @@ impl ModelImage {
             Encoding::Q5KX4 => TensorView::Q5KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5S => TensorView::Q5S(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5SX4 => TensorView::Q5SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5 => TensorView::Q5(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q5X4 => TensorView::Q5X4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.

@@ -25,7 +25,7 @@ mod tests;
 use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8x4};
-use crate::quant::{BlockQ5S, BlockQ5Sx4};
+use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use half::f16;
 
 /// `out[r·batch + b] = W[r] · x[b]` for every row `r` of `weights` (some whole
@@ -96,6 +96,10 @@ pub struct Kernels {
     pub matmul_q5s: MatmulQuantized<BlockQ5S>,
     /// Interleaved symmetric Q5 weights × int8 activations.
     pub matmul_q5sx4: MatmulQuantized<BlockQ5Sx4>,
+    /// Asymmetric Q5 weights (ggml's Q5_1) × int8 activations.
+    pub matmul_q5: MatmulQuantized<BlockQ5>,
+    /// Interleaved asymmetric Q5 weights × int8 activations.
+    pub matmul_q5x4: MatmulQuantized<BlockQ5x4>,
     /// Channel-major Q8 weights × one int8 activation, over the active channels.
     pub matmul_q8c: matmul::channels::MatmulChannels,
     /// Channel-major asymmetric Q4 weights × one int8 activation, over the active channels.
@@ -169,6 +173,8 @@ impl Kernels {
         matmul_q5kx4: matmul::kquant::interleaved35::scalar::matmul_q5kx4,
         matmul_q5s: matmul::q5::scalar::matmul_q5s,
         matmul_q5sx4: matmul::q5::scalar::matmul_q5sx4,
+        matmul_q5: matmul::q5::scalar::matmul_q5,
+        matmul_q5x4: matmul::q5::scalar::matmul_q5x4,
         matmul_q8c: matmul::channels::scalar::matmul_q8c,
         matmul_q4c: matmul::channels::scalar::matmul_q4c,
         gemm_q8c: matmul::channels::scalar::gemm_q8c,
@@ -217,6 +223,8 @@ impl Kernels {
         matmul_q5kx4: matmul::kquant::interleaved35::neon::matmul_q5kx4,
         matmul_q5s: matmul::q5::neon::matmul_q5s,
         matmul_q5sx4: matmul::q5::neon::matmul_q5sx4,
+        matmul_q5: matmul::q5::neon::matmul_q5,
+        matmul_q5x4: matmul::q5::neon::matmul_q5x4,
         matmul_q8c: matmul::channels::neon::matmul_q8c,
         matmul_q4c: matmul::channels::neon::matmul_q4c,
         gemm_q8c: matmul::channels::neon::gemm_q8c,
@@ -267,6 +275,8 @@ impl Kernels {
         matmul_q5kx4: matmul::kquant::interleaved35::dotprod::matmul_q5kx4,
         matmul_q5s: matmul::q5::dotprod::matmul_q5s,
         matmul_q5sx4: matmul::q5::dotprod::matmul_q5sx4,
+        matmul_q5: matmul::q5::dotprod::matmul_q5,
+        matmul_q5x4: matmul::q5::dotprod::matmul_q5x4,
         gemm_q8c: matmul::channels::dotprod::gemm_q8c,
         gemm_q4c: matmul::channels::dotprod::gemm_q4c,
         ..Self::NEON
@@ -301,6 +311,8 @@ impl Kernels {
         matmul_q5kx4: matmul::kquant::interleaved35::avx2::matmul_q5kx4,
         matmul_q5s: matmul::q5::avx2::matmul_q5s,
         matmul_q5sx4: matmul::q5::avx2::matmul_q5sx4,
+        matmul_q5: matmul::q5::avx2::matmul_q5,
+        matmul_q5x4: matmul::q5::avx2::matmul_q5x4,
         gemm_q8c: matmul::channels::avx2::gemm_q8c,
         gemm_q4c: matmul::channels::avx2::gemm_q4c,
         ..Self::SCALAR

@@ -20,6 +20,7 @@ pub enum QuantArg {
     Q4S,
     #[value(name = "q5s")]
     Q5S,
+    Q5,
     Q8,
     F16,
     F32,
@@ -41,6 +42,7 @@ impl From<QuantArg> for QuantTarget {
             QuantArg::Q4 => QuantTarget::Q4,
             QuantArg::Q4S => QuantTarget::Q4S,
             QuantArg::Q5S => QuantTarget::Q5S,
+            QuantArg::Q5 => QuantTarget::Q5,
             QuantArg::Q8 => QuantTarget::Q8,
             QuantArg::F16 => QuantTarget::F16,
             QuantArg::F32 => QuantTarget::F32,
@@ -84,10 +86,10 @@ pub struct ConvertArgs {
     /// The image to write.
     #[arg(long)]
     output: PathBuf,
-    /// Weight encoding: q4, q4s, q5s (ggml's Q5_0), q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
+    /// Weight encoding: q4, q4s, q5s (ggml's Q5_0), q5 (ggml's Q5_1), q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
     /// q3k (rows not whole 256-value super-blocks get q4 or q8), or keep
     /// (each tensor as the source stores it, bit-exact, where the image has
-    /// that encoding; Q5_1/IQ4 → q8, Q2_K → q3k, BF16 → f16).
+    /// that encoding; IQ4 → q8, Q2_K → q3k, BF16 → f16).
     #[arg(long, value_enum, default_value_t = QuantArg::Q4)]
     quant: QuantArg,
     /// Per-tensor override PATTERN=QUANT (`*` is a wildcard), e.g. `blk.*.ffn_down.weight=q8`. Repeatable.
@@ -130,7 +132,7 @@ pub struct ConvertArgs {
     threads: Option<usize>,
     /// Importance matrix (docs/quants.md): measure each weight matrix's
     /// input channels' mean squares on this calibration text (UTF-8) and
-    /// weigh the rounding searches of q4, q5s, q4k, q5k, q6k and q3k by them.
+    /// weigh the rounding searches of q4, q5s, q5, q4k, q5k, q6k and q3k by them.
     #[arg(long)]
     imatrix: Option<PathBuf>,
     /// Calibration tokens for --imatrix (the first ones of the text).

@@ -62,7 +62,7 @@ pub struct SynthArgs {
     /// spm (Llama-2-like) or bpe (SmolLM2-like).
     #[arg(long, value_enum, default_value_t = TokenizerArg::Spm)]
     tokenizer: TokenizerArg,
-    /// Weight type of the matrices (gguf: f32 f16 q8_0 q4_0 q4_1 q4_k q6_k; hf: f32 f16 bf16;
+    /// Weight type of the matrices (gguf: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k; hf: f32 f16 bf16;
     /// with --shape: f16 (the default there), bf16 or f32).
     #[arg(long, default_value = "f32", default_value_if("shape", clap::builder::ArgPredicate::IsPresent, "f16"))]
     weights: String,

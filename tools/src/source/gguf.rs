@@ -137,13 +137,15 @@ impl GgmlType {
     ];
 
     /// The types [`write_gguf`] can write weights in.
-    pub const WRITABLE: [GgmlType; 8] = [
+    pub const WRITABLE: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ];
@@ -276,7 +278,7 @@ impl GgmlType {
     }
 
     /// The types [`GgufSource`] can read as numbers: ours byte for byte (F32,
-    /// F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K, Q3_K), and the others llama.cpp's common mixes use,
+    /// F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K), and the others llama.cpp's common mixes use,
     /// expanded to f32 as ggml does. Not readable: the codebook i-quants
     /// (IQ1_*, IQ2_*, IQ3_*), the ternary TQ*, MXFP4, Q8_1, Q8_K and the integer types.
     pub const READABLE: [GgmlType; 15] = [
@@ -311,6 +313,7 @@ impl GgmlType {
             GgmlType::Q4_1 => Some(Encoding::Q4),
             GgmlType::Q4_0 => Some(Encoding::Q4S),
             GgmlType::Q5_0 => Some(Encoding::Q5S),
+            GgmlType::Q5_1 => Some(Encoding::Q5),
             GgmlType::Q4_K => Some(Encoding::Q4K),
             GgmlType::Q5_K => Some(Encoding::Q5K),
             GgmlType::Q6_K => Some(Encoding::Q6K),

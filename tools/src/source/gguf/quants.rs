@@ -2,11 +2,11 @@
 //! ggml's `dequantize_row_*` does, and simple quantizers for writing test
 //! models.
 //!
-//! Q8_0, Q4_0, Q4_1, Q5_0, F16 and F32 are our own encodings byte for byte and go
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16 and F32 are our own encodings byte for byte and go
 //! through `bramble_runtime::quant`; BF16 is expanded here. The other block
 //! formats live by family, one `#[repr(C)]` struct per block with the C layout
-//! in its doc: [`legacy`] (Q5_1, and Q5_0 as an independent reference for
-//! the runtime's Q5S), [`k`] (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and [`iq`] (IQ4_NL, IQ4_XS).
+//! in its doc: [`legacy`] (Q5_0 and Q5_1, independent references for the
+//! runtime's Q5S and Q5), [`k`] (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and [`iq`] (IQ4_NL, IQ4_XS).
 
 mod iq;
 mod k;
@@ -233,6 +233,35 @@ mod tests {
         let mut reference = vec![0u8; GgmlType::Q5_0.bytes_for(x.len())];
         quantize_blocks::<BlockQ5_0>(&x, &mut reference);
         assert_eq!(quantize(GgmlType::Q5_0, &x).unwrap(), reference);
+    }
+
+    /// The runtime's Q5 (what GGUF Q5_1 tensors are read and quantized as)
+    /// is the separately written ggml Q5_1 here, bit for bit: any block's
+    /// bytes expand to the same values, and values quantize to the same bytes.
+    #[test]
+    fn runtime_q5_is_ggml_q5_1() {
+        let mut seed = 0x0005_0001u32;
+        let mut bytes: Vec<u8> = (0..24 * 64)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 24) as u8
+            })
+            .collect();
+        for block in bytes.chunks_exact_mut(24) {
+            block[1] &= 0xBB; // a finite scale
+            block[3] &= 0xBB; // and minimum
+        }
+        let (mut ours, mut theirs) = (vec![0f32; 64 * 32], vec![0f32; 64 * 32]);
+        dequantize(GgmlType::Q5_1, &bytes, &mut ours).unwrap();
+        dequantize_blocks::<BlockQ5_1>(&bytes, &mut theirs);
+        assert_eq!(
+            ours.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            theirs.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let x = wave(QK_K * 3);
+        let mut reference = vec![0u8; GgmlType::Q5_1.bytes_for(x.len())];
+        quantize_blocks::<BlockQ5_1>(&x, &mut reference);
+        assert_eq!(quantize(GgmlType::Q5_1, &x).unwrap(), reference);
     }
 
     #[test]

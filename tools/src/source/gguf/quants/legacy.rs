@@ -1,6 +1,7 @@
-//! ggml's first block formats that are not ours: 5-bit Q5_0 and Q5_1, blocks
-//! of 32 with the fifth bit of every value packed in one `u32`. (Q4_0, Q4_1
-//! and Q8_0 are our own Q4S, Q4 and Q8 byte for byte.)
+//! ggml's 5-bit block formats Q5_0 and Q5_1, blocks of 32 with the fifth bit
+//! of every value packed in one `u32`, written here independently of the
+//! runtime's Q5S and Q5 (which are the same bytes), as their reference.
+//! (Q4_0, Q4_1 and Q8_0 are our own Q4S, Q4 and Q8 byte for byte.)
 
 use super::{f16_bytes, f16_value, Block};
 use bytemuck::{Pod, Zeroable};
@@ -101,7 +102,9 @@ impl Block for BlockQ5_1 {
         }
     }
 
-    /// ggml's `quantize_row_q5_1_ref`: 31 steps from the minimum to the maximum.
+    /// ggml's `quantize_row_q5_1_ref`: 31 steps from the minimum to the
+    /// maximum, each level truncated to `uint8` after adding 0.5 (no cap; its
+    /// low five bits are stored).
     fn quantize(values: &[f32]) -> Self {
         let min = values.iter().fold(f32::INFINITY, |m, &v| m.min(v));
         let max = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -109,7 +112,7 @@ impl Block for BlockQ5_1 {
         let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut levels = [0u8; QK5];
         for (level, &x) in levels.iter_mut().zip(values) {
-            *level = (((x - min) * inverse + 0.5) as u8).min(31);
+            *level = ((x - min) * inverse + 0.5) as u8;
         }
         let mut block = BlockQ5_1 { d: f16_bytes(d), m: f16_bytes(min), ..Zeroable::zeroed() };
         pack_levels(&levels, &mut block.qs, &mut block.qh);
