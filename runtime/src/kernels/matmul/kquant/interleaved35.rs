@@ -20,13 +20,13 @@
 //! row-major references; on x86-64 the row-major AVX2 kernels run over such
 //! pieces ([`super::interleaved::through_rows`]).
 
-use crate::kquant::{BlockQ3K, BlockQ5K, QK_K};
-use crate::quant::{BlockQ3Kx4, BlockQ5Kx4, BlockQ8Act, INTERLEAVE};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ5K, QK_K};
+use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4, BlockQ8Act, INTERLEAVE};
 
 /// The references: deinterleave, then the row-major reference products.
 pub mod scalar {
     use super::*;
-    use crate::kernels::matmul::kquant::scalar::{dot_q3k_q8_from, dot_q5k_q8_from};
+    use crate::kernels::matmul::kquant::scalar::{dot_q2k_q8_from, dot_q3k_q8_from, dot_q5k_q8_from};
     use crate::kernels::matmul::scalar::matmul_interleaved;
 
     /// Super-blocks of a group's rows put back in row order at a time (on
@@ -43,9 +43,15 @@ pub mod scalar {
         matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q5k_q8_from)
     }
 
-    // Both interleaved blocks hold as many bytes as four row-major ones.
+    /// Interleaved Q2_K matrix × int8 activations.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q2k_q8_from)
+    }
+
+    // The interleaved blocks hold as many bytes as four row-major ones.
     const _: () = assert!(size_of::<BlockQ3K>() * INTERLEAVE == size_of::<BlockQ3Kx4>());
     const _: () = assert!(size_of::<BlockQ5K>() * INTERLEAVE == size_of::<BlockQ5Kx4>());
+    const _: () = assert!(size_of::<BlockQ2K>() * INTERLEAVE == size_of::<BlockQ2Kx4>());
 }
 
 /// The AVX2 row-major k-quant kernels over interleaved matrices.
@@ -63,6 +69,11 @@ pub mod avx2 {
     /// Interleaved Q5_K matrix × int8 activations.
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         through_rows::matmul(weights, cols, x, out, rows::matmul_q5k)
+    }
+
+    /// Interleaved Q2_K matrix × int8 activations.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        through_rows::matmul(weights, cols, x, out, rows::matmul_q2k)
     }
 }
 
