@@ -449,6 +449,26 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         let v = vld1q_u8_x4(p);
         [v.0, v.1, v.2, v.3]
     }
+
+    /// A Q2_K activation block's minimum terms in int32, `m₀·Σ₀q + m₁·Σ₁q`
+    /// (lanes rows: the four rows' minimums of the block's two sub-blocks
+    /// of 16), `Σₕq` the sum of the activation's values `q` over half `h`.
+    /// Every kernel family's Q2_K (row-major and interleaved, ARMv8.0 and
+    /// `sdot`) takes its minimums through this: pairwise widening adds
+    /// leave `[Σ₀, Σ₁, Σ₀, Σ₁]`, multiplied by lane.
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) fn q2k_minimum_sums(
+        q: [int8x16_t; 2],
+        (m0, m1): (int32x4_t, int32x4_t),
+    ) -> int32x4_t {
+        // SAFETY: register-only NEON operations, part of every aarch64 target.
+        unsafe {
+            let eights = vpaddq_s16(vpaddlq_s8(q[0]), vpaddlq_s8(q[1]));
+            let quarters = vpaddlq_s16(eights);
+            let halves = vpaddq_s32(quarters, quarters);
+            vmlaq_laneq_s32::<1>(vmulq_laneq_s32::<0>(m0, halves), m1, halves)
+        }
+    }
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
