@@ -4,7 +4,9 @@
 //! levels it rounds to, judged by `Σ w·(x − x̂)²`. The same searches as
 //! llama.cpp's `make_qkx3_quants`, `make_qx_quants` and `make_qp_quants`
 //! (re-derived here, not copied), so a `--quant q4k` image rounds as
-//! `llama-quantize` does.
+//! `llama-quantize` does. Q2_K without an importance matrix rounds as
+//! ggml's reference `quantize_row_q2_K_ref` does instead (`make_qkx2_quants`:
+//! fewer candidate scales, judged by `Σ w·|x − x̂|` with `w = |x|`).
 //!
 //! The weights say which values matter: by default a value's own magnitude
 //! (`av_x + |x|` for the affine K-quants, `x²` for the symmetric ones, as
@@ -12,7 +14,7 @@
 //! (the mean square of each input channel over calibration text, what
 //! `llama-imatrix` measures), `importance[j]·√(σ² + x²)`.
 
-use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bramble_runtime::quant::{BlockQ4, BlockQ5S, GROUP};
 use half::f16;
 
@@ -23,12 +25,38 @@ fn nearest(v: f32) -> i32 {
     v.round() as i32
 }
 
+/// Which candidate scales [`fit_affine_by`] tries and how it judges them.
+#[derive(Debug, Clone, Copy)]
+pub struct AffineSearch {
+    /// The candidates are `(top + first + step·i) / (max − min)` for `i` in `0..=steps`.
+    pub first: f32,
+    /// See [`AffineSearch::first`].
+    pub step: f32,
+    /// See [`AffineSearch::first`].
+    pub steps: u32,
+    /// Judge by `Σ w·|x − x̂|` instead of `Σ w·(x − x̂)²`.
+    pub absolute: bool,
+}
+
+impl AffineSearch {
+    /// llama.cpp's `make_qkx3_quants(…, -0.9, 0.05, 36, false)`: the K-quants' search.
+    pub const QKX3: AffineSearch = AffineSearch { first: -0.9, step: 0.05, steps: 36, absolute: false };
+    /// `make_qkx2_quants(…, -0.5, 0.1, 15, true)`: ggml's reference Q2_K rounding.
+    pub const QKX2_Q2K: AffineSearch = AffineSearch { first: -0.5, step: 0.1, steps: 15, absolute: true };
+}
+
 /// Levels `0..=top` and a scale and offset with `x̂ = scale·l − offset`
 /// (offset ≥ 0, so 0 is always representable), fitted by weighted least
-/// squares over the candidate scales `(top + first + step·i) / (max − min)`
-/// for `i` in `0..=steps`. Returns `(scale, offset)`; `levels` as long as `x`.
+/// squares over the candidate scales of [`AffineSearch::QKX3`]. Returns
+/// `(scale, offset)`; `levels` as long as `x`.
 pub fn fit_affine(x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32) {
-    let (first, step, steps) = (-0.9f32, 0.05f32, 36);
+    fit_affine_by(AffineSearch::QKX3, x, w, top, levels)
+}
+
+/// [`fit_affine`] over the candidate scales of `search`, each judged by its
+/// error measure.
+pub fn fit_affine_by(search: AffineSearch, x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32) {
+    let AffineSearch { first, step, steps, absolute } = search;
     let min = x.iter().fold(0f32, |m, &v| m.min(v));
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max <= min {
@@ -42,7 +70,14 @@ pub fn fit_affine(x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32
         }
     };
     let error = |scale: f32, low: f32, ls: &[u8]| -> f32 {
-        ls.iter().zip(x).zip(w).map(|((&l, &v), &wi)| wi * (scale * l as f32 + low - v).powi(2)).sum()
+        ls.iter()
+            .zip(x)
+            .zip(w)
+            .map(|((&l, &v), &wi)| {
+                let difference = scale * l as f32 + low - v;
+                wi * if absolute { difference.abs() } else { difference * difference }
+            })
+            .sum()
     };
     let inverse = top as f32 / (max - min);
     round_all(inverse, levels);
@@ -326,6 +361,79 @@ fn signed_block(
     (d, scale_levels)
 }
 
+/// One Q2_K super-block (256 values): per sub-block of 16 a fitted scale and
+/// offset for levels 0..=3, both stored as 4-bit multiples of `d` and
+/// `dmin`, then every value's level taken against its stored scale.
+/// Without an importance vector as ggml's `quantize_row_q2_K_ref`
+/// ([`AffineSearch::QKX2_Q2K`] weighted by `|x|`, the units the largest
+/// scale and offset over 15, each rounded to nearest); with one as
+/// llama.cpp's `quantize_row_q2_K_impl` ([`AffineSearch::QKX3`] weighted by
+/// `importance[j]·√(σ² + x²)`, the units fitted by [`fit_unsigned`] weighted
+/// by each sub-block's total weight).
+pub fn q2k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ2K {
+    let row_mean_square = mean_square(x);
+    let mut levels = [0u8; QK_K];
+    let (mut scales, mut offsets, mut totals) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+    for j in 0..16 {
+        let sub = &x[16 * j..16 * j + 16];
+        let mut w = [0f32; 16];
+        let search = match importance {
+            Some(imp) => {
+                weights(sub, row_mean_square, Some(&imp[16 * j..16 * j + 16]), &mut w);
+                AffineSearch::QKX3
+            }
+            None => {
+                w.iter_mut().zip(sub).for_each(|(w, v)| *w = v.abs());
+                AffineSearch::QKX2_Q2K
+            }
+        };
+        totals[j] = w.iter().sum();
+        (scales[j], offsets[j]) = fit_affine_by(search, sub, &w, 3, &mut levels[16 * j..16 * j + 16]);
+    }
+    let (mut scale_levels, mut offset_levels) = ([0u8; 16], [0u8; 16]);
+    let (d, dmin) = match importance {
+        Some(_) => (
+            f16_bytes(fit_unsigned(&scales, &totals, 15, &mut scale_levels)),
+            f16_bytes(fit_unsigned(&offsets, &totals, 15, &mut offset_levels)),
+        ),
+        None => (unit_of_largest(&scales, &mut scale_levels), unit_of_largest(&offsets, &mut offset_levels)),
+    };
+    let mut block = BlockQ2K { scales: [0; 16], qs: [0; QK_K / 4], d, dmin };
+    for j in 0..16 {
+        let (s, m) = (scale_levels[j], offset_levels[j]);
+        block.scales[j] = s | (m << 4);
+        let (step, shift) = (f16_value(d) * s as f32, f16_value(dmin) * m as f32);
+        let run = &mut levels[16 * j..16 * j + 16];
+        if step != 0.0 {
+            for (l, &v) in run.iter_mut().zip(&x[16 * j..16 * j + 16]) {
+                *l = nearest((v + shift) / step).clamp(0, 3) as u8;
+            }
+        }
+        // Value 128n + 32j' + 16h + l (sub-block 8n + 2j' + h) at bits 2j' of qs[32n + 16h + l].
+        let (n, field, h) = (j / 8, j % 8 / 2, j % 2);
+        for (l, &level) in run.iter().enumerate() {
+            block.qs[32 * n + 16 * h + l] |= level << (2 * field);
+        }
+    }
+    block
+}
+
+/// ggml's reference units for 4-bit sub-block scales (or offsets): the
+/// largest over 15, each rounded to the nearest multiple of it (of the
+/// unrounded unit, as `quantize_row_q2_K_ref` does). The unit as stored.
+fn unit_of_largest(values: &[f32; 16], levels: &mut [u8; 16]) -> [u8; 2] {
+    let max = values.iter().fold(0f32, |m, &v| m.max(v));
+    if max <= 0.0 {
+        levels.fill(0);
+        return f16_bytes(0.0);
+    }
+    let inverse = 15.0 / max;
+    for (level, &v) in levels.iter_mut().zip(values) {
+        *level = nearest(inverse * v).clamp(0, 15) as u8;
+    }
+    f16_bytes(max / 15.0)
+}
+
 /// One Q6_K super-block by the weighted search.
 pub fn q6k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ6K {
     let mut levels = [0i8; QK_K];
@@ -378,14 +486,19 @@ mod tests {
             .collect()
     }
 
-    /// `Σ w·(x − y)²` with the weights the search of `name` uses by default.
+    /// `Σ w·(x − y)²` with the weights the search of `name` uses by default
+    /// (for Q2_K, ggml's reference: `Σ |x|·|x − y|`).
     fn objective(name: &str, x: &[f32], y: &[f32]) -> f64 {
         let mut total = 0f64;
         for (xs, ys) in x.chunks_exact(QK_K).zip(y.chunks_exact(QK_K)) {
             let av = (2.0 * mean_square(xs)).sqrt();
             for (&a, &b) in xs.iter().zip(ys) {
-                let w = if matches!(name, "q6k" | "q3k") { a * a } else { av + a.abs() };
-                total += w as f64 * ((a - b) as f64).powi(2);
+                let (w, error) = match name {
+                    "q2k" => (a.abs(), (a - b).abs() as f64),
+                    "q6k" | "q3k" => (a * a, ((a - b) as f64).powi(2)),
+                    _ => (av + a.abs(), ((a - b) as f64).powi(2)),
+                };
+                total += w as f64 * error;
             }
         }
         total
@@ -433,6 +546,25 @@ mod tests {
         }
     }
 
+    /// ggml's reference Q2_K search does better than min/max rounding on its
+    /// own objective, `Σ |x|·|x − x̂|`, but by less than the searches above
+    /// do on theirs: its 4-bit sub-block scales and minimums, rounded after
+    /// the search, take back much of what it found (5 % lower here).
+    const Q2K_SEARCH_GAIN: f64 = 0.97;
+
+    #[test]
+    fn q2k_reference_search_beats_min_max_rounding() {
+        let n = QK_K * 64;
+        let x = wave(n, 3);
+        let (mut searched, mut plain) = (vec![0f32; n], vec![0f32; n]);
+        for (c, (s, p)) in x.chunks_exact(QK_K).zip(searched.chunks_exact_mut(QK_K).zip(plain.chunks_exact_mut(QK_K))) {
+            q2k_block(c, None).dequantize(s);
+            BlockQ2K::quantize(c).dequantize(p);
+        }
+        let (e_search, e_plain) = (objective("q2k", &x, &searched), objective("q2k", &x, &plain));
+        assert!(e_search < Q2K_SEARCH_GAIN * e_plain, "searched {e_search} vs min/max {e_plain}");
+    }
+
     /// Q5_0's weighted search: with an importance vector the values it
     /// marks are reproduced more closely than by ggml's reference rounding
     /// (what `convert` uses without one), and the levels stay in −16..15.
@@ -470,6 +602,7 @@ mod tests {
             ("q4k", (|x, imp, y| q4k_block(x, imp).dequantize(y)) as fn(&[f32], Option<&[f32]>, &mut [f32])),
             ("q6k", |x, imp, y| q6k_block(x, imp).dequantize(y)),
             ("q3k", |x, imp, y| q3k_block(x, imp).dequantize(y)),
+            ("q2k", |x, imp, y| q2k_block(x, imp).dequantize(y)),
         ] {
             let (mut with, mut without) = (vec![0f32; n], vec![0f32; n]);
             for (c, (a, b)) in x.chunks_exact(QK_K).zip(with.chunks_exact_mut(QK_K).zip(without.chunks_exact_mut(QK_K)))
@@ -496,5 +629,41 @@ mod tests {
         assert!(y.iter().all(|&v| v == 0.0));
         q3k_block(&x, None).dequantize(&mut y);
         assert!(y.iter().all(|&v| v == 0.0));
+        for importance in [None, Some(&[1f32; QK_K][..])] {
+            q2k_block(&x, importance).dequantize(&mut y);
+            assert!(y.iter().all(|&v| v == 0.0));
+        }
+    }
+
+    /// ggml's reference Q2_K rounding, worked by hand on one super-block:
+    /// sub-block 0 holds 0, 1, 2, 3 (and zeros), whose best fit is scale 1
+    /// and offset 0, levels the values; every other sub-block is zero. The
+    /// largest scale sets `d` = 1/15 (scale level 15), no sub-block has an
+    /// offset (`dmin` 0), and the levels land in `qs` as ggml packs them:
+    /// value `l` of sub-block 0 at bits 0–1 of `qs[l]`.
+    #[test]
+    fn q2k_reference_rounding_packs_as_ggml() {
+        let mut x = [0f32; QK_K];
+        x[..4].copy_from_slice(&[0.0, 1.0, 2.0, 3.0]);
+        let block = q2k_block(&x, None);
+        assert_eq!(block.scales[0], 15);
+        assert!(block.scales[1..].iter().all(|&s| s == 0), "{:?}", block.scales);
+        assert_eq!((f16_value(block.d), f16_value(block.dmin)), (f16_value(f16_bytes(1.0 / 15.0)), 0.0));
+        assert_eq!(&block.qs[..4], &[0, 1, 2, 3]);
+        assert!(block.qs[4..].iter().all(|&q| q == 0));
+        let mut y = [0f32; QK_K];
+        block.dequantize(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+        // A negative run: the offset takes the minimum, in the high nibble.
+        let mut x = [0f32; QK_K];
+        x[16..32].iter_mut().enumerate().for_each(|(i, v)| *v = -1.0 + (i % 4) as f32 / 3.0);
+        let block = q2k_block(&x, None);
+        assert_eq!(block.scales[1] >> 4, 15, "{:?}", block.scales);
+        block.dequantize(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
     }
 }
