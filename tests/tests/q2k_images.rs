@@ -111,7 +111,7 @@ fn q2_k_gguf_converted_keep_carries_its_blocks_and_runs() {
         let rows = stored.rows();
         // The default layout interleaves matrices of whole groups of four
         // rows (not the embedding: the synthetic vocabulary is not a multiple of 4).
-        let expected = if rows % 4 == 0 { Encoding::Q2KX4 } else { Encoding::Q2K };
+        let expected = if rows.is_multiple_of(4) { Encoding::Q2KX4 } else { Encoding::Q2K };
         assert_eq!(stored.encoding, expected, "{} ({rows} rows)", info.name);
         assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, Encoding::Q2K, "{}", info.name);
         if expected == Encoding::Q2KX4 {
@@ -186,7 +186,7 @@ fn quant_q2k_rounds_with_the_reference_search_and_falls_back_where_it_must() {
         if info.name == "token_embd.weight" || info.name == "output.weight" {
             // A 2-bit target keeps the embedding and the output layer at q8.
             assert_eq!(stored.encoding, Encoding::Q8, "{}", info.name);
-        } else if stored.cols() % 256 == 0 {
+        } else if stored.cols().is_multiple_of(256) {
             assert_eq!(stored.encoding, Encoding::Q2K, "{}", info.name);
             assert!(image.tensor_bytes(stored) == searched(&values), "{}: not the reference search", info.name);
             counted[0] += 1;

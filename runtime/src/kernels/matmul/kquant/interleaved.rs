@@ -1140,7 +1140,8 @@ mod tests {
         }
         x[2 * 8 + 7].qs[16..].fill(100);
         x[2 * 8 + 5].qs[0] = 100;
-        let changes: [(usize, fn(&mut BlockQ2K)); 3] =
+        type Change = fn(&mut BlockQ2K);
+        let changes: [(usize, Change); 3] =
             [(1, |b| b.qs[63] ^= 0x80), (3, |b| b.qs[32] ^= 0x08), (6, |b| b.scales[15] ^= 0x80)];
         for (row, change) in changes {
             let mut changed = q2k.clone();

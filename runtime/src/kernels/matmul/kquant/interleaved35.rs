@@ -428,16 +428,15 @@ mod arm {
     }
 
     impl Q2KScales {
-        /// Activation block `K`'s scales `(s₂ₖ, s₂ₖ₊₁)` and minimums.
+        /// Activation block `K`'s scales `(s₂ₖ, s₂ₖ₊₁)` and minimums `(m₂ₖ, m₂ₖ₊₁)`.
         #[inline(always)]
-        #[allow(clippy::type_complexity)]
-        pub(super) unsafe fn pairs<const K: usize>(&self) -> ((int32x4_t, int32x4_t), (int32x4_t, int32x4_t)) {
+        pub(super) unsafe fn pairs<const K: usize>(&self) -> [(int32x4_t, int32x4_t); 2] {
             let pair = |v: uint8x16_t| {
                 let half = if K.is_multiple_of(2) { vmovl_u8(vget_low_u8(v)) } else { vmovl_high_u8(v) };
                 let wide = (vmovl_u16(vget_low_u16(half)), vmovl_high_u16(half));
                 (vreinterpretq_s32_u32(wide.0), vreinterpretq_s32_u32(wide.1))
             };
-            (pair(self.scales[K / 2]), pair(self.mins[K / 2]))
+            [pair(self.scales[K / 2]), pair(self.mins[K / 2])]
         }
     }
 
@@ -517,7 +516,7 @@ mod arm {
         (scaled, minimums): (&mut [float32x4_t; N], &mut [float32x4_t; N]),
     ) {
         let levels = q2k_levels::<K, M>(block);
-        let (pair, mins) = scales.pairs::<K>();
+        let [pair, mins] = scales.pairs::<K>();
         for t in 0..N {
             let a = activations[t].add(K);
             let units = activation_units(a);
