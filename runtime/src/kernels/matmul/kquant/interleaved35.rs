@@ -553,14 +553,73 @@ mod arm {
         }
     }
 
-    /// Q3_K, four rows a step, multiplied by `M`.
-    pub(super) struct Q3K<M>(std::marker::PhantomData<M>);
+    /// A format's interleaved super-block and its walk, whatever multiplies.
+    pub(super) trait Superblock {
+        /// The interleaved super-block.
+        type Block;
+        /// One super-block of a group against `N` activations into `acc`.
+        ///
+        /// # Safety
+        /// As [`q3k_superblock`].
+        unsafe fn superblock<M: Multiply, const N: usize>(
+            block: *const Self::Block,
+            activations: [*const BlockQ8Act; N],
+            acc: &mut [float32x4_t; N],
+        );
+    }
 
-    /// Q2_K, four rows a step, multiplied by `M`.
-    pub(super) struct Q2K<M>(std::marker::PhantomData<M>);
+    /// `Superblock` for a format whose walk is the function `$walk`.
+    macro_rules! superblock {
+        ($(#[$doc:meta])* $format:ident, $block:ty, $walk:ident) => {
+            $(#[$doc])*
+            pub(super) struct $format;
 
-    /// Q5_K, four rows a step, multiplied by `M`.
-    pub(super) struct Q5K<M>(std::marker::PhantomData<M>);
+            impl Superblock for $format {
+                type Block = $block;
+                #[inline(always)]
+                unsafe fn superblock<M: Multiply, const N: usize>(
+                    block: *const $block,
+                    activations: [*const BlockQ8Act; N],
+                    acc: &mut [float32x4_t; N],
+                ) {
+                    $walk::<M, N>(block, activations, acc)
+                }
+            }
+        };
+    }
+    superblock!(
+        /// Q3_K.
+        Q3K, BlockQ3Kx4, q3k_superblock
+    );
+    superblock!(
+        /// Q5_K.
+        Q5K, BlockQ5Kx4, q5k_superblock
+    );
+    superblock!(
+        /// Q2_K.
+        Q2K, BlockQ2Kx4, q2k_superblock
+    );
+
+    /// Format `F`, four rows a step, multiplied by `M`: each kernel's `Group`.
+    pub(super) struct Kernel<F, M>(std::marker::PhantomData<(F, M)>);
+
+    /// A group's super-blocks one after another against `N` activations
+    /// (every kernel's `Group::dot`).
+    ///
+    /// # Safety
+    /// As `Group::dot`.
+    #[inline(always)]
+    pub(super) unsafe fn walk<F: Superblock, M: Multiply, const N: usize>(
+        group: *const F::Block,
+        superblocks: usize,
+        x: [*const BlockQ8Act; N],
+    ) -> [float32x4_t; N] {
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for s in 0..superblocks {
+            F::superblock::<M, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
+        }
+        acc
+    }
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
@@ -675,73 +734,35 @@ pub mod neon {
         }
     }
 
-    impl Group for Q3K<Widening> {
-        type Block = BlockQ3Kx4;
+    impl<F: Superblock> Group for Kernel<F, Widening> {
+        type Block = F::Block;
         const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
-            group: *const BlockQ3Kx4,
+            group: *const F::Block,
             superblocks: usize,
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q3k_superblock::<Widening, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q5K<Widening> {
-        type Block = BlockQ5Kx4;
-        const TILE: usize = 4;
-
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q5k_superblock::<Widening, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q2K<Widening> {
-        type Block = BlockQ2Kx4;
-        const TILE: usize = 4;
-
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ2Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q2k_superblock::<Widening, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
+            walk::<F, Widening, N>(group, superblocks, x)
         }
     }
 
     /// Interleaved Q3_K matrix × int8 activations.
     pub fn matmul_q3kx4(weights: &[BlockQ3Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul::<Q3K<Widening>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q3K, Widening>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q2_K matrix × int8 activations.
     pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul::<Q2K<Widening>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q2K, Widening>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q5_K matrix × int8 activations.
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul::<Q5K<Widening>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q5K, Widening>>(weights, cols, x, out) }
     }
 }
 
@@ -814,57 +835,17 @@ pub mod dotprod {
         }
     }
 
-    impl Group for Q3K<Dot> {
-        type Block = BlockQ3Kx4;
+    impl<F: Superblock> Group for Kernel<F, Dot> {
+        type Block = F::Block;
         const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
-            group: *const BlockQ3Kx4,
+            group: *const F::Block,
             superblocks: usize,
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q3k_superblock::<Dot, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q5K<Dot> {
-        type Block = BlockQ5Kx4;
-        const TILE: usize = 8;
-
-        #[target_feature(enable = "dotprod")]
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q5k_superblock::<Dot, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q2K<Dot> {
-        type Block = BlockQ2Kx4;
-        const TILE: usize = 8;
-
-        #[target_feature(enable = "dotprod")]
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ2Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q2k_superblock::<Dot, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
+            walk::<F, Dot, N>(group, superblocks, x)
         }
     }
 
@@ -873,7 +854,7 @@ pub mod dotprod {
     pub fn matmul_q3kx4(weights: &[BlockQ3Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul::<Q3K<Dot>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q3K, Dot>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q2_K matrix × int8 activations. Panics on a CPU without
@@ -881,7 +862,7 @@ pub mod dotprod {
     pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul::<Q2K<Dot>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q2K, Dot>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q5_K matrix × int8 activations. Panics on a CPU without
@@ -889,6 +870,6 @@ pub mod dotprod {
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul::<Q5K<Dot>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q5K, Dot>>(weights, cols, x, out) }
     }
 }
