@@ -22,7 +22,7 @@ use std::sync::Mutex;
 const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
 use crate::bias::{BiasConstraint, ProjectionStats};
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
 use crate::rsparse::{Rsparse, SparseModule};
 use half::f16;
@@ -68,6 +68,8 @@ impl Matrix<'_> {
             TensorView::Q5SX4(_) => Encoding::Q5SX4,
             TensorView::Q5(_) => Encoding::Q5,
             TensorView::Q5X4(_) => Encoding::Q5X4,
+            TensorView::Q2K(_) => Encoding::Q2K,
+            TensorView::Q2KX4(_) => Encoding::Q2KX4,
         }
     }
 
@@ -120,6 +122,10 @@ impl Matrix<'_> {
             TensorView::Q5(blocks) => quant::dequantize_q5(&blocks[block_start..block_end], out),
             TensorView::Q5X4(blocks) => {
                 for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| quant::dequantize_q5(&[b], o))
+            }
+            TensorView::Q2K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ2K::dequantize),
+            TensorView::Q2KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ2K::dequantize(&b, o))
             }
         }
     }
@@ -191,6 +197,8 @@ impl Matrix<'_> {
                 TensorView::Q5SX4(w) => (kernels.matmul_q5sx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q5(w) => (kernels.matmul_q5)(&w[blocked], cols, xq, out),
                 TensorView::Q5X4(w) => (kernels.matmul_q5x4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q2K(w) => (kernels.matmul_q2k)(&w[blocked], cols, xq, out),
+                TensorView::Q2KX4(w) => (kernels.matmul_q2kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
             }
         });
@@ -1675,7 +1683,14 @@ mod kquant_tests {
         let q5k: Vec<BlockQ5K> = w.chunks_exact(QK_K).map(BlockQ5K::quantize).collect();
         let q6k: Vec<BlockQ6K> = w.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
         let q3k: Vec<BlockQ3K> = w.chunks_exact(QK_K).map(BlockQ3K::quantize).collect();
-        let views = [TensorView::Q4K(&q4k), TensorView::Q5K(&q5k), TensorView::Q6K(&q6k), TensorView::Q3K(&q3k)];
+        let q2k: Vec<BlockQ2K> = w.chunks_exact(QK_K).map(BlockQ2K::quantize).collect();
+        let views = [
+            TensorView::Q4K(&q4k),
+            TensorView::Q5K(&q5k),
+            TensorView::Q6K(&q6k),
+            TensorView::Q3K(&q3k),
+            TensorView::Q2K(&q2k),
+        ];
         for view in views {
             let m = Matrix { rows, cols, data: view };
             let encoding = m.encoding();
@@ -1685,6 +1700,7 @@ mod kquant_tests {
                 TensorView::Q5K(b) => bytemuck::cast_slice(b),
                 TensorView::Q6K(b) => bytemuck::cast_slice(b),
                 TensorView::Q3K(b) => bytemuck::cast_slice(b),
+                TensorView::Q2K(b) => bytemuck::cast_slice(b),
                 _ => unreachable!(),
             };
             let mut all = vec![0f32; rows * cols];
@@ -1704,6 +1720,7 @@ mod kquant_tests {
                     TensorView::Q5K(b) => scalar::matmul_q5k(b, cols, &xq, &mut expected),
                     TensorView::Q6K(b) => scalar::matmul_q6k(b, cols, &xq, &mut expected),
                     TensorView::Q3K(b) => scalar::matmul_q3k(b, cols, &xq, &mut expected),
+                    TensorView::Q2K(b) => scalar::matmul_q2k(b, cols, &xq, &mut expected),
                     _ => unreachable!(),
                 }
                 for threads in [1, 2] {

@@ -8,11 +8,11 @@
 //! serves four rows and a vector's lanes are four rows' sums ([`Interleaved`]).
 //! [`BlockQ8Act`] is the runtime's int8 form of an activation vector, never
 //! stored in a file. ggml's k-quant super-blocks of 256 values
-//! ([`crate::kquant`]: Q4_K, Q5_K, Q6_K, Q3_K) are encodings too, carried
+//! ([`crate::kquant`]: Q4_K, Q5_K, Q6_K, Q3_K, Q2_K) are encodings too, carried
 //! byte for byte from a GGUF file, row-major or four rows interleaved
-//! ([`BlockQ4Kx4`], [`BlockQ6Kx4`], [`BlockQ3Kx4`], [`BlockQ5Kx4`]).
+//! ([`BlockQ4Kx4`], [`BlockQ6Kx4`], [`BlockQ3Kx4`], [`BlockQ5Kx4`], [`BlockQ2Kx4`]).
 
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
@@ -69,11 +69,15 @@ pub enum Encoding {
     Q5,
     /// [`Encoding::Q5`], four rows interleaved ([`BlockQ5x4`]).
     Q5X4,
+    /// ggml's Q2_K: 2-bit, super-blocks of 256 ([`BlockQ2K`]), row-major.
+    Q2K,
+    /// [`Encoding::Q2K`], four rows interleaved ([`BlockQ2Kx4`]).
+    Q2KX4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 22] = [
+    pub const ALL: [Encoding; 24] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -96,6 +100,8 @@ impl Encoding {
         Encoding::Q5SX4,
         Encoding::Q5,
         Encoding::Q5X4,
+        Encoding::Q2K,
+        Encoding::Q2KX4,
     ];
 
     /// The id stored in the tensor index.
@@ -123,6 +129,8 @@ impl Encoding {
             Encoding::Q5SX4 => 20,
             Encoding::Q5 => 21,
             Encoding::Q5X4 => 22,
+            Encoding::Q2K => 23,
+            Encoding::Q2KX4 => 24,
         }
     }
     /// The encoding of a tensor-index id.
@@ -162,6 +170,8 @@ impl Encoding {
             Encoding::Q5SX4 => "q5sx4",
             Encoding::Q5 => "q5",
             Encoding::Q5X4 => "q5x4",
+            Encoding::Q2K => "q2k",
+            Encoding::Q2KX4 => "q2kx4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -175,7 +185,7 @@ impl Encoding {
     /// Whether this is one of ggml's k-quants (super-blocks of [`QK_K`]),
     /// in either row order.
     pub fn is_kquant(self) -> bool {
-        matches!(self.row_major(), Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K)
+        matches!(self.row_major(), Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K | Encoding::Q2K)
     }
     /// Values one block holds: 1 for the float encodings, [`QK_K`] (256)
     /// for the k-quants, [`GROUP`] (32) for the others. A row's length must
@@ -199,6 +209,7 @@ impl Encoding {
             | Encoding::Q5KX4
             | Encoding::Q5SX4
             | Encoding::Q5X4 => INTERLEAVE,
+            Encoding::Q2KX4 => INTERLEAVE,
             _ => 1,
         }
     }
@@ -228,6 +239,7 @@ impl Encoding {
             Encoding::Q5KX4 => Encoding::Q5K,
             Encoding::Q5SX4 => Encoding::Q5S,
             Encoding::Q5X4 => Encoding::Q5,
+            Encoding::Q2KX4 => Encoding::Q2K,
             other => other,
         }
     }
@@ -252,6 +264,7 @@ impl Encoding {
             Encoding::Q5K => Some(Encoding::Q5KX4),
             Encoding::Q5S => Some(Encoding::Q5SX4),
             Encoding::Q5 => Some(Encoding::Q5X4),
+            Encoding::Q2K => Some(Encoding::Q2KX4),
             _ => None,
         }
     }
@@ -262,6 +275,7 @@ impl Encoding {
             Encoding::Q5K => n / QK_K * std::mem::size_of::<BlockQ5K>(),
             Encoding::Q6K => n / QK_K * std::mem::size_of::<BlockQ6K>(),
             Encoding::Q3K => n / QK_K * std::mem::size_of::<BlockQ3K>(),
+            Encoding::Q2K => n / QK_K * std::mem::size_of::<BlockQ2K>(),
             Encoding::F32 => n * 4,
             Encoding::F16 => n * 2,
             Encoding::Q8 => n / GROUP * std::mem::size_of::<BlockQ8>(),
@@ -281,6 +295,7 @@ impl Encoding {
             | Encoding::Q5KX4
             | Encoding::Q5SX4
             | Encoding::Q5X4 => self.row_major().bytes_for(n),
+            Encoding::Q2KX4 => self.row_major().bytes_for(n),
         }
     }
 }
@@ -934,6 +949,59 @@ impl Interleaved for BlockQ5Kx4 {
     }
 }
 
+/// [`BlockQ2K`] × 4 rows: 336 bytes, laid out as [`BlockQ4Kx4`]: ggml's
+/// bytes moved, none changed.
+///
+/// - `d`, `dmin`: the four rows' f16 units side by side (one 16-byte load);
+/// - `scales`: the rows' sixteen scale bytes (scale in the low nibble,
+///   minimum in the high one) interleaved a byte at a time (byte `i` of row
+///   `r` at `4i + r`), so a 16-byte vector is four sub-blocks' scales and
+///   minimums of the four rows, `[sub-block][row]`;
+/// - `qs`: the rows' 64 bytes interleaved four bytes at a time as [`spread`]
+///   does. A row's byte `32n + l` holds the two-bit levels of values
+///   `128n + 32j + l` (`j` = 0..4) at bits `2j`, so the 128 bytes at `128n`
+///   are, for every `j`, the four rows' levels of activation block `4n + j`
+///   at bits `2j`: one `and` (or a shift right for `j = 3`) a vector gives
+///   `4^j` times the levels, which the kernels multiply as they are and put
+///   right by scaling the sub-block scales (exactly: powers of two).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ2Kx4 {
+    /// Each row's f16 scale unit, little-endian.
+    pub d: [[u8; 2]; INTERLEAVE],
+    /// Each row's f16 minimum unit, little-endian.
+    pub dmin: [[u8; 2]; INTERLEAVE],
+    /// The rows' 4-bit scales and minimums, interleaved a byte at a time.
+    pub scales: [u8; INTERLEAVE * QK_K / 16],
+    /// The rows' two-bit levels, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * QK_K / 4],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ2Kx4>() == 4 * 84);
+
+impl Interleaved for BlockQ2Kx4 {
+    type Row = BlockQ2K;
+    fn from_rows(rows: &[BlockQ2K; INTERLEAVE]) -> Self {
+        let mut block = Self {
+            d: rows.map(|b| b.d),
+            dmin: rows.map(|b| b.dmin),
+            scales: [0; INTERLEAVE * QK_K / 16],
+            qs: [0; INTERLEAVE * QK_K / 4],
+        };
+        spread_by::<16, 1>(rows.each_ref().map(|b| &b.scales), &mut block.scales);
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ2K {
+        BlockQ2K {
+            scales: gather_by::<16, 1>(&self.scales, r),
+            qs: gather(&self.qs, r),
+            d: self.d[r],
+            dmin: self.dmin[r],
+        }
+    }
+}
+
 /// Interleaves a row-major matrix of `blocks` blocks a row (a whole number
 /// of four-row groups): group `g`, column block `k` is rows `4g .. 4g+4`'s block `k`.
 pub fn interleave<X: Interleaved>(rows: &[X::Row], blocks: usize, out: &mut [X]) {
@@ -967,6 +1035,7 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
         Encoding::Q6KX4 => interleave::<BlockQ6Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q3KX4 => interleave::<BlockQ3Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q5KX4 => interleave::<BlockQ5Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q2KX4 => interleave::<BlockQ2Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => interleave::<BlockQ8x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => interleave::<BlockQ4x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
@@ -984,6 +1053,7 @@ pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &m
         Encoding::Q6KX4 => deinterleave::<BlockQ6Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q3KX4 => deinterleave::<BlockQ3Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q5KX4 => deinterleave::<BlockQ5Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q2KX4 => deinterleave::<BlockQ2Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q8X4 => deinterleave::<BlockQ8x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4X4 => deinterleave::<BlockQ4x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
@@ -1212,6 +1282,7 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q5K => quantize_k(x, cast_blocks_mut(out), BlockQ5K::quantize),
         Encoding::Q6K => quantize_k(x, cast_blocks_mut(out), BlockQ6K::quantize),
         Encoding::Q3K => quantize_k(x, cast_blocks_mut(out), BlockQ3K::quantize),
+        Encoding::Q2K => quantize_k(x, cast_blocks_mut(out), BlockQ2K::quantize),
         interleaved => panic!("{interleaved:?}: quantize to its row-major encoding, then interleave_bytes"),
     }
 }
@@ -1239,6 +1310,7 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q5K => dequantize_k(cast_blocks::<BlockQ5K>(bytes), out, BlockQ5K::dequantize),
         Encoding::Q6K => dequantize_k(cast_blocks::<BlockQ6K>(bytes), out, BlockQ6K::dequantize),
         Encoding::Q3K => dequantize_k(cast_blocks::<BlockQ3K>(bytes), out, BlockQ3K::dequantize),
+        Encoding::Q2K => dequantize_k(cast_blocks::<BlockQ2K>(bytes), out, BlockQ2K::dequantize),
         interleaved => panic!("{interleaved:?}: deinterleave_bytes first"),
     }
 }
@@ -1514,6 +1586,7 @@ mod kquant_tests {
             (Encoding::Q5K, 11, "q5k", 176),
             (Encoding::Q6K, 12, "q6k", 210),
             (Encoding::Q3K, 13, "q3k", 110),
+            (Encoding::Q2K, 23, "q2k", 84),
         ] {
             assert_eq!((encoding.id(), encoding.name()), (id, name));
             assert_eq!(Encoding::from_id(id), Some(encoding));
@@ -1590,6 +1663,7 @@ mod kquant_tests {
             (Encoding::Q6KX4, 16, "q6kx4"),
             (Encoding::Q3KX4, 17, "q3kx4"),
             (Encoding::Q5KX4, 18, "q5kx4"),
+            (Encoding::Q2KX4, 24, "q2kx4"),
         ] {
             assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(id)), (id, name, Some(encoding)));
             assert_eq!(encoding.row_major().interleaved(), Some(encoding));
@@ -1682,6 +1756,21 @@ mod kquant_tests {
         });
         let mixed = BlockQ5Kx4::from_rows(&rows);
         assert_eq!(&mixed.qh[16..24], &[4, 5, 6, 7, 12, 13, 14, 15]);
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
+        }
+        // Q2KX4: scales a byte at a time, levels four bytes at a time.
+        let rows: [BlockQ2K; 4] = std::array::from_fn(|r| {
+            let mut block: BlockQ2K = bytemuck::pod_read_unaligned(&random_bytes(84));
+            block.scales = std::array::from_fn(|i| (16 * r + i) as u8);
+            block.qs = std::array::from_fn(|i| (i + 64 * r) as u8);
+            block
+        });
+        let mixed = BlockQ2Kx4::from_rows(&rows);
+        assert_eq!(&mixed.scales[..8], &[0, 16, 32, 48, 1, 17, 33, 49]);
+        assert_eq!(&mixed.qs[..8], &[0, 1, 2, 3, 64, 65, 66, 67]);
+        assert_eq!(mixed.qs[16 * 15 + 4 * 3 + 3], 63 + 3 * 64);
+        assert_eq!((mixed.d, mixed.dmin), (rows.map(|b| b.d), rows.map(|b| b.dmin)));
         for (r, row) in rows.iter().enumerate() {
             assert_eq!(bytemuck::bytes_of(&mixed.row(r)), bytemuck::bytes_of(row));
         }

@@ -250,6 +250,45 @@ pub fn synthetic(shape: SyntheticShape, seed: u64) -> SyntheticModel {
     SyntheticModel::generate(shape, seed)
 }
 
+/// Writes `model` as a Llama GGUF at `path`, each tensor in the type
+/// `type_of(name, shape)` gives.
+pub fn write_gguf_as(
+    model: &SyntheticModel,
+    path: &Path,
+    type_of: impl Fn(&str, &[usize]) -> bramble_tools::source::gguf::GgmlType,
+) {
+    let mut writer = bramble_tools::source::gguf::llama_writer(&model.config, &model.vocab).unwrap();
+    for (name, shape, values) in &model.tensors {
+        writer.add_values(name, shape, type_of(name, shape), values).unwrap();
+    }
+    writer.write(path).unwrap_or_else(|e| panic!("writing {}: {e:#}", path.display()));
+}
+
+/// Feeds `prompt` to `image`'s model, then runs `steps` decode steps a
+/// token at a time and asserts that they allocate nothing: the calling
+/// thread's count, so the test binary must install
+/// `bramble_runtime::allocations::CountingAllocator` (the model runs on the
+/// calling thread alone). `what` names the image in the failure.
+pub fn assert_decodes_without_allocating(
+    image: &bramble_runtime::ModelImage,
+    prompt: &[u32],
+    steps: usize,
+    what: &str,
+) {
+    use bramble_runtime::allocations::thread_allocations;
+    use bramble_runtime::model::{Logits, Model};
+    let model = Model::new(image).unwrap();
+    let mut state = model.new_state(prompt.len() + steps, prompt.len());
+    model.forward(&mut state, prompt, 0, Logits::Last).unwrap();
+    let mut token = argmax(state.logits()) as u32;
+    let before = thread_allocations();
+    for pos in prompt.len()..prompt.len() + steps {
+        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
+    }
+    let allocations = thread_allocations() - before;
+    assert_eq!(allocations, 0, "{steps} decode steps of the {what} image allocated {allocations} times");
+}
+
 /// The [`SyntheticShape`] `bramble synth --dim DIM --layers LAYERS [--tied]` uses.
 pub fn synth_cli_shape(
     dim: usize,

@@ -17,14 +17,14 @@
 //!   bit-exact, and its Q5_0 tensors as q5s, bit-exact too; the real Q5_K_M
 //!   mix keeps every tensor, its Q5_1 ones as q5.
 
-use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
+use bramble_runtime::allocations::CountingAllocator;
 use bramble_runtime::image::layout::{Header, SectionEntry, TensorEntry};
 use bramble_runtime::image::OpenOptions;
 use bramble_runtime::model::{Logits, Model};
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
-use bramble_tools::source::gguf::{llama_writer, GgmlType, GgufFile, GgufSource};
+use bramble_tools::source::gguf::{GgmlType, GgufFile, GgufSource};
 use bramble_tools::synth::SyntheticShape;
 use std::path::Path;
 
@@ -53,13 +53,8 @@ fn family(name: &str) -> &str {
 /// super-blocks of 256 in every row.
 fn kquant_gguf(dir: &Path) -> std::path::PathBuf {
     let shape = SyntheticShape { dim: 256, n_heads: 4, n_kv_heads: 2, ffn_dim: 512, n_layers: 2, ..Default::default() };
-    let model = synthetic(shape, 11);
-    let mut writer = llama_writer(&model.config, &model.vocab).unwrap();
-    for (name, shape, values) in &model.tensors {
-        writer.add_values(name, shape, kquant_type(family(name)), values).unwrap();
-    }
     let path = dir.join("kquants.gguf");
-    writer.write(&path).unwrap();
+    write_gguf_as(&synthetic(shape, 11), &path, |name, _| kquant_type(family(name)));
     path
 }
 
@@ -147,17 +142,8 @@ fn kquant_gguf_converted_keep_is_bit_exact_matches_the_reference_and_decodes_wit
         }
     }
 
-    // Decode steps, one token at a time after the prompt, allocate nothing
-    // (this thread's count: the model runs on the calling thread alone).
-    let mut state = model.new_state(64, tokens.len());
-    model.forward(&mut state, &tokens, 0, Logits::Last).unwrap();
-    let mut token = argmax(state.logits()) as u32;
-    let before = thread_allocations();
-    for pos in tokens.len()..tokens.len() + 16 {
-        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
-    }
-    let allocations = thread_allocations() - before;
-    assert_eq!(allocations, 0, "16 decode steps of the k-quant image allocated {allocations} times");
+    // Decode steps, one token at a time after the prompt, allocate nothing.
+    assert_decodes_without_allocating(&image, &tokens, 16, "k-quant");
 }
 
 /// Logits of the x4 image against the rows image, as a share of the
@@ -231,16 +217,7 @@ fn kquant_gguf_converted_x4_interleaves_every_k_quant_and_gives_the_rows_logits(
     );
 
     // Decode steps allocate nothing.
-    let model = Model::new(&image).unwrap();
-    let mut state = model.new_state(64, tokens.len());
-    model.forward(&mut state, &tokens, 0, Logits::Last).unwrap();
-    let mut token = argmax(state.logits()) as u32;
-    let before = thread_allocations();
-    for pos in tokens.len()..tokens.len() + 16 {
-        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
-    }
-    let allocations = thread_allocations() - before;
-    assert_eq!(allocations, 0, "16 decode steps of the x4 k-quant image allocated {allocations} times");
+    assert_decodes_without_allocating(&image, &tokens, 16, "x4 k-quant");
 }
 
 /// The image's bytes with tensor `name`'s index entry changed by `damage`,

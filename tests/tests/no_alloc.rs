@@ -129,6 +129,27 @@ fn synthetic_decode_steps_allocate_nothing_in_any_encoding() {
     }
 }
 
+/// The k-quant encodings on a model whose every matrix is whole
+/// super-blocks of 256 (width 256, FFN 512), stored four rows interleaved
+/// where the rows allow (the default layout) and row-major elsewhere.
+#[test]
+fn k_quant_decode_steps_allocate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let shape =
+        SyntheticShape { dim: 256, ffn_dim: 512, ..synth_cli_shape(256, 2, false, TokenizerKind::ByteLevelBpe) };
+    let model = synthetic(shape, 3);
+    for quant in ["q4k", "q5k", "q6k", "q3k", "q2k"] {
+        let path = dir.path().join(format!("{quant}.bramble"));
+        convert(&model, &path, &ConvertOptions::new(QuantTarget::parse(quant).unwrap())).unwrap();
+        let image = ModelImage::open(&path).unwrap();
+        let kquant = image.tensors().iter().filter(|t| t.encoding.row_major().name() == quant).count();
+        assert!(kquant > 0, "{quant}: no matrix stored as {quant}");
+        let (allocations, tokens, streamed) = decode_allocations(&path, "Hello world, the hat", 128);
+        eprintln!("{quant}: {allocations} allocations in {STEPS} steps; {streamed} bytes streamed; tokens {tokens:?}");
+        assert_eq!(allocations, 0, "{quant}: {STEPS} decode steps allocated {allocations} times");
+    }
+}
+
 #[test]
 fn every_family_decodes_without_allocating() {
     // Qwen2's biases, Qwen3's q/k norms, Gemma-3's GeGLU, post norms and

@@ -2,12 +2,12 @@
 //!
 //! Tensors stream through one chunk of rows at a time. A tensor whose source
 //! blocks already are the target encoding (GGUF Q4_1 → Q4, Q8_0 → Q8,
-//! Q4_0 → Q4S, Q5_0 → Q5S, Q5_1 → Q5, Q4_K/Q5_K/Q6_K/Q3_K → Q4K/Q5K/Q6K/Q3K, F16 → F16) is copied
+//! Q4_0 → Q4S, Q5_0 → Q5S, Q5_1 → Q5, Q4_K/Q5_K/Q6_K/Q3_K/Q2_K → Q4K/Q5K/Q6K/Q3K/Q2K, F16 → F16) is copied
 //! bit-exact; anything else is dequantized to f32 and quantized again.
 //! `--quant keep` gives every tensor its source encoding where the image has
 //! it and the nearest one where it does not ([`keep_encoding`]). Quantized matrices of whole groups of four rows
 //! are then stored interleaved (layout 2, `models/FORMAT.md`: Q8, Q4, Q4S, Q5S, Q5,
-//! and the k-quants Q4K, Q6K, Q3K and Q5K; [`Encoding::interleaved`]), a lossless
+//! and the k-quants Q4K, Q6K, Q3K, Q5K and Q2K; [`Encoding::interleaved`]), a lossless
 //! rearrangement of the same blocks, unless `--layout rows` asks for ggml's
 //! row-major order. The image is written under a temporary name and
 //! renamed into place only when complete, so a failed conversion leaves no file.
@@ -46,13 +46,15 @@ pub enum QuantTarget {
     Q6K,
     /// ggml's Q3_K super-blocks (others get Q4).
     Q3K,
+    /// ggml's Q2_K super-blocks (others get Q4).
+    Q2K,
     /// Each tensor in its source encoding where the image has it, else the
     /// nearest one ([`keep_encoding`]).
     Keep,
 }
 
 impl QuantTarget {
-    /// Parses `q4`, `q4s`, `q5s`, `q5`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `keep`.
+    /// Parses `q4`, `q4s`, `q5s`, `q5`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `q2k`, `keep`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "q4" => QuantTarget::Q4,
@@ -66,10 +68,11 @@ impl QuantTarget {
             "q5k" => QuantTarget::Q5K,
             "q6k" => QuantTarget::Q6K,
             "q3k" => QuantTarget::Q3K,
+            "q2k" => QuantTarget::Q2K,
             "keep" => QuantTarget::Keep,
             other => {
                 bail!(
-                    "unknown quantization {other:?}: expected q4, q4s, q5s, q5, q8, f16, f32, q4k, q5k, q6k, q3k or keep"
+                    "unknown quantization {other:?}: expected q4, q4s, q5s, q5, q8, f16, f32, q4k, q5k, q6k, q3k, q2k or keep"
                 )
             }
         })
@@ -91,13 +94,16 @@ impl QuantTarget {
             (QuantTarget::Q5K, _) => Encoding::Q5K,
             (QuantTarget::Q6K, _) => Encoding::Q6K,
             (QuantTarget::Q3K, _) => Encoding::Q3K,
+            (QuantTarget::Q2K, _) => Encoding::Q2K,
             (QuantTarget::Keep, Some(native)) => native,
             (QuantTarget::Keep, None) => keep_encoding(&tensor.source_type),
         };
         match wanted {
-            // The k-quants need rows of whole super-blocks: the 4- and 3-bit
-            // ones fall back to Q4, the 5- and 6-bit ones to Q8.
-            Encoding::Q4K | Encoding::Q3K if !tensor.cols().is_multiple_of(QK_K) => (Encoding::Q4, Some(wanted)),
+            // The k-quants need rows of whole super-blocks: the 4-, 3- and
+            // 2-bit ones fall back to Q4, the 5- and 6-bit ones to Q8.
+            Encoding::Q4K | Encoding::Q3K | Encoding::Q2K if !tensor.cols().is_multiple_of(QK_K) => {
+                (Encoding::Q4, Some(wanted))
+            }
             Encoding::Q5K | Encoding::Q6K if !tensor.cols().is_multiple_of(QK_K) => (Encoding::Q8, Some(wanted)),
             _ => (wanted, None),
         }
@@ -105,15 +111,14 @@ impl QuantTarget {
 }
 
 /// `--quant keep`'s encoding for a matrix whose source type the image has
-/// no encoding for (Q5_0 and Q5_1 have one each: Q5S and Q5, carried):
-/// IQ4_NL and IQ4_XS go to Q8 (their values are a block scale times small
-/// integers: IQ4_NL's are exactly Q8 values, see [`quantize_q8_lossless`]), Q2_K to Q3K (the smallest
-/// k-quant the image has), BF16 to F16 (the same 16 bits a value, exact
-/// for every value inside f16's normal range); anything else to F32.
+/// no encoding for (Q5_0, Q5_1 and Q2_K have one each: Q5S, Q5 and Q2K,
+/// carried): IQ4_NL and IQ4_XS go to Q8 (their values are a block scale times
+/// small integers: IQ4_NL's are exactly Q8 values, see [`quantize_q8_lossless`]),
+/// BF16 to F16 (the same 16 bits a value, exact for every value inside
+/// f16's normal range); anything else to F32.
 pub fn keep_encoding(source_type: &str) -> Encoding {
     match source_type.to_ascii_uppercase().as_str() {
         "IQ4_NL" | "IQ4_XS" => Encoding::Q8,
-        "Q2_K" => Encoding::Q3K,
         "BF16" => Encoding::F16,
         _ => Encoding::F32,
     }
@@ -146,7 +151,8 @@ impl ConvertOptions {
     /// `keep` keeps them as the source has them too.
     pub fn new(quant: QuantTarget) -> Self {
         let mut overrides = Vec::new();
-        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K | QuantTarget::Q3K) {
+        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K | QuantTarget::Q3K | QuantTarget::Q2K)
+        {
             overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
             overrides.push(("output.weight".to_string(), QuantTarget::Q8));
         }
@@ -574,6 +580,8 @@ mod tests {
         assert_eq!(at(QuantTarget::Q4K, 512), (Encoding::Q4K, None));
         assert_eq!(at(QuantTarget::Q4K, 576), (Encoding::Q4, Some(Encoding::Q4K)));
         assert_eq!(at(QuantTarget::Q3K, 576), (Encoding::Q4, Some(Encoding::Q3K)));
+        assert_eq!(at(QuantTarget::Q2K, 576), (Encoding::Q4, Some(Encoding::Q2K)));
+        assert_eq!(at(QuantTarget::Q2K, 768), (Encoding::Q2K, None));
         assert_eq!(at(QuantTarget::Q5K, 576), (Encoding::Q8, Some(Encoding::Q5K)));
         assert_eq!(at(QuantTarget::Q6K, 96), (Encoding::Q8, Some(Encoding::Q6K)));
         assert_eq!(at(QuantTarget::Q6K, 1536), (Encoding::Q6K, None));
@@ -586,6 +594,8 @@ mod tests {
             assert_eq!(keep("whatever", Some(native)), native);
         }
         assert_eq!(keep("Q6_K", Some(Encoding::Q6K)), Encoding::Q6K);
+        assert_eq!(keep("Q2_K", Some(Encoding::Q2K)), Encoding::Q2K);
+        assert_eq!(QuantTarget::parse("q2k").unwrap(), QuantTarget::Q2K);
         assert_eq!(keep("Q5_0", Some(Encoding::Q5S)), Encoding::Q5S);
         // A 4-bit target does not keep 5-bit blocks; q5s asks for them.
         let at = |target: QuantTarget| target.encoding_for(&tensor("Q5_0", Some(Encoding::Q5S), 576)).0;
@@ -604,7 +614,6 @@ mod tests {
         assert_eq!(QuantTarget::parse("q5").unwrap(), QuantTarget::Q5);
         assert_eq!(keep("IQ4_NL", None), Encoding::Q8);
         assert_eq!(keep("IQ4_XS", None), Encoding::Q8);
-        assert_eq!(keep("Q2_K", None), Encoding::Q3K);
         assert_eq!(keep("BF16", None), Encoding::F16);
         // Keep never quantizes the embedding behind the source's back.
         assert!(ConvertOptions::new(QuantTarget::Keep).overrides.is_empty());

@@ -311,14 +311,15 @@ fn quantize_row(encoding: Encoding, row: &[f32], importance: Option<&[f32]>, out
                 put(out, b, rounding::q5s_block(group, row_mean_square, slice(b * GROUP, GROUP)));
             }
         }
-        Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K => {
+        Encoding::Q4K | Encoding::Q5K | Encoding::Q6K | Encoding::Q3K | Encoding::Q2K => {
             for (b, block) in row.chunks_exact(QK_K).enumerate() {
                 let importance = slice(b * QK_K, QK_K);
                 match encoding {
                     Encoding::Q4K => put(out, b, rounding::q4k_block(block, importance)),
                     Encoding::Q5K => put(out, b, rounding::q5k_block(block, importance)),
                     Encoding::Q6K => put(out, b, rounding::q6k_block(block, importance)),
-                    _ => put(out, b, rounding::q3k_block(block, importance)),
+                    Encoding::Q3K => put(out, b, rounding::q3k_block(block, importance)),
+                    _ => put(out, b, rounding::q2k_block(block, importance)),
                 }
             }
         }
@@ -450,7 +451,8 @@ mod tests {
     }
 
     /// `convert` writes exactly the blocks the searches of `rounding` give,
-    /// with and without an importance matrix, for each K-quant and for Q4;
+    /// with and without an importance matrix, for each K-quant (Q2_K's
+    /// reference rounding without one) and for Q4;
     /// Q4 without one keeps the reference rounding.
     #[test]
     fn convert_quantizes_with_the_searches() {
@@ -466,6 +468,7 @@ mod tests {
                 "*.attn_k.weight=q5k",
                 "*.attn_v.weight=q6k",
                 "*.attn_output.weight=q3k",
+                "*.ffn_up.weight=q2k",
             ] {
                 options.add_override(spec).unwrap();
             }
@@ -483,6 +486,7 @@ mod tests {
                 ("blk.1.attn_k.weight", QK_K),
                 ("blk.1.attn_v.weight", QK_K),
                 ("blk.1.attn_output.weight", QK_K),
+                ("blk.1.ffn_up.weight", QK_K),
                 ("blk.1.ffn_down.weight", QK_K),
                 ("output.weight", QK_K),
             ] {
@@ -514,6 +518,9 @@ mod tests {
                             }
                             n if n.ends_with("attn_output.weight") => {
                                 bytemuck::bytes_of(&rounding::q3k_block(block, part)).to_vec()
+                            }
+                            n if n.ends_with("ffn_up.weight") => {
+                                bytemuck::bytes_of(&rounding::q2k_block(block, part)).to_vec()
                             }
                             _ => bytemuck::bytes_of(&rounding::q4k_block(block, part)).to_vec(),
                         };

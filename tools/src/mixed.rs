@@ -134,18 +134,20 @@ impl Default for MixedOptions {
 }
 
 /// Bits a value takes in an encoding family (4-bit ones alike, a k-quant
-/// counted by its levels' bits); `None` for `keep`, whose bits are the
-/// source's, tensor by tensor.
-fn bits(quant: QuantTarget) -> Option<u32> {
+/// counted by its levels' bits, but Q2_K by what it stores, 2.625: its
+/// 4-bit scale and minimum per 16 values are a third of its bytes); `None`
+/// for `keep`, whose bits are the source's, tensor by tensor.
+fn bits(quant: QuantTarget) -> Option<f32> {
     match quant {
-        QuantTarget::Q3K => Some(3),
-        QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4),
-        QuantTarget::Q5K | QuantTarget::Q5S => Some(5),
+        QuantTarget::Q2K => Some(2.625),
+        QuantTarget::Q3K => Some(3.0),
+        QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4.0),
+        QuantTarget::Q5K | QuantTarget::Q5S => Some(5.0),
         // Q5_1: five bits and a minimum a block, 24 bytes for 32 values.
-        QuantTarget::Q5 | QuantTarget::Q6K => Some(6),
-        QuantTarget::Q8 => Some(8),
-        QuantTarget::F16 => Some(16),
-        QuantTarget::F32 => Some(32),
+        QuantTarget::Q5 | QuantTarget::Q6K => Some(6.0),
+        QuantTarget::Q8 => Some(8.0),
+        QuantTarget::F16 => Some(16.0),
+        QuantTarget::F32 => Some(32.0),
         QuantTarget::Keep => None,
     }
 }
@@ -446,6 +448,9 @@ mod tests {
         let options = MixedOptions::default();
         assert!(options.check(QuantTarget::Q4S).is_ok());
         assert!(options.check(QuantTarget::Q8).is_err());
+        // Q2_K (2.625 bits a value) below Q3_K: q3k may keep what q2k rounds.
+        let q3k = MixedOptions { precision: QuantTarget::Q3K, ..MixedOptions::default() };
+        assert!(q3k.check(QuantTarget::Q2K).is_ok() && q3k.check(QuantTarget::Q3K).is_err());
         let options = MixedOptions { selection: Selection::Ratio(1.0), ..MixedOptions::default() };
         assert!(options.check(QuantTarget::Q4).is_err());
     }

@@ -4,7 +4,9 @@
 //! levels it rounds to, judged by `Σ w·(x − x̂)²`. The same searches as
 //! llama.cpp's `make_qkx3_quants`, `make_qx_quants` and `make_qp_quants`
 //! (re-derived here, not copied), so a `--quant q4k` image rounds as
-//! `llama-quantize` does.
+//! `llama-quantize` does. Q2_K without an importance matrix rounds as
+//! ggml's reference `quantize_row_q2_K_ref` does instead (`make_qkx2_quants`:
+//! fewer candidate scales, judged by `Σ w·|x − x̂|` with `w = |x|`).
 //!
 //! The weights say which values matter: by default a value's own magnitude
 //! (`av_x + |x|` for the affine K-quants, `x²` for the symmetric ones, as
@@ -12,23 +14,55 @@
 //! (the mean square of each input channel over calibration text, what
 //! `llama-imatrix` measures), `importance[j]·√(σ² + x²)`.
 
-use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use bramble_runtime::kquant::{f16_bytes, f16_value, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use bramble_runtime::quant::{BlockQ4, BlockQ5, BlockQ5S, GROUP};
 use half::f16;
 
 /// Below this magnitude a block is all zero.
 const ZERO: f32 = 1e-15;
 
+/// `v` rounded to the nearest integer, halves to even, as ggml's
+/// `nearest_int` does: the searches' candidate scales put the largest value
+/// exactly on a half (`top − 0.5` times its step) once each, and which way
+/// it goes decides that candidate.
 fn nearest(v: f32) -> i32 {
-    v.round() as i32
+    v.round_ties_even() as i32
+}
+
+/// Which candidate scales [`fit_affine_by`] tries and how it judges them.
+#[derive(Debug, Clone, Copy)]
+pub struct AffineSearch {
+    /// The candidates are `(top + first + step·i) / (max − min)` for `i` in `0..=steps`.
+    pub first: f32,
+    /// See [`AffineSearch::first`].
+    pub step: f32,
+    /// See [`AffineSearch::first`].
+    pub steps: u32,
+    /// Judge by `Σ w·|x − x̂|` instead of `Σ w·(x − x̂)²`.
+    pub absolute: bool,
+}
+
+impl AffineSearch {
+    /// llama.cpp's `make_qkx3_quants(…, -0.9, 0.05, 36, false)`: the K-quants' search.
+    pub const QKX3: AffineSearch = AffineSearch { first: -0.9, step: 0.05, steps: 36, absolute: false };
+    /// `make_qkx2_quants(…, -0.5, 0.1, 15, true)`: ggml's reference Q2_K rounding.
+    pub const QKX2_Q2K: AffineSearch = AffineSearch { first: -0.5, step: 0.1, steps: 15, absolute: true };
 }
 
 /// Levels `0..=top` and a scale and offset with `x̂ = scale·l − offset`
 /// (offset ≥ 0, so 0 is always representable), fitted by weighted least
-/// squares over the candidate scales `(top + first + step·i) / (max − min)`
-/// for `i` in `0..=steps`. Returns `(scale, offset)`; `levels` as long as `x`.
+/// squares over the candidate scales of [`AffineSearch::QKX3`]. Returns
+/// `(scale, offset)`; `levels` as long as `x`.
 pub fn fit_affine(x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32) {
-    let (first, step, steps) = (-0.9f32, 0.05f32, 36);
+    fit_affine_by(AffineSearch::QKX3, x, w, top, levels)
+}
+
+/// [`fit_affine`] over the candidate scales of `search`, each judged by its
+/// error measure. As in llama.cpp, once a candidate fits better its
+/// minimum replaces the data's as the bottom of the span the next
+/// candidates divide (`(max − min)` and `x − min`).
+pub fn fit_affine_by(search: AffineSearch, x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32) {
+    let AffineSearch { first, step, steps, absolute } = search;
     let min = x.iter().fold(0f32, |m, &v| m.min(v));
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max <= min {
@@ -36,22 +70,31 @@ pub fn fit_affine(x: &[f32], w: &[f32], top: u8, levels: &mut [u8]) -> (f32, f32
         return (0.0, -min);
     }
     let (sum_w, sum_x) = x.iter().zip(w).fold((0f32, 0f32), |(sw, sx), (&v, &wi)| (sw + wi, sx + wi * v));
-    let round_all = |inverse: f32, out: &mut [u8]| {
+    let round_all = |inverse: f32, low: f32, out: &mut [u8]| {
         for (l, &v) in out.iter_mut().zip(x) {
-            *l = nearest(inverse * (v - min)).clamp(0, top as i32) as u8;
+            *l = nearest(inverse * (v - low)).clamp(0, top as i32) as u8;
         }
     };
     let error = |scale: f32, low: f32, ls: &[u8]| -> f32 {
-        ls.iter().zip(x).zip(w).map(|((&l, &v), &wi)| wi * (scale * l as f32 + low - v).powi(2)).sum()
+        ls.iter()
+            .zip(x)
+            .zip(w)
+            .map(|((&l, &v), &wi)| {
+                let difference = scale * l as f32 + low - v;
+                wi * if absolute { difference.abs() } else { difference * difference }
+            })
+            .sum()
     };
     let inverse = top as f32 / (max - min);
-    round_all(inverse, levels);
+    round_all(inverse, min, levels);
     let (mut scale, mut low) = (1.0 / inverse, min);
     let mut best = error(scale, low, levels);
     let mut trial = [0u8; QK_K];
     let trial = &mut trial[..x.len()];
     for i in 0..=steps {
-        round_all((first + step * i as f32 + top as f32) / (max - min), trial);
+        // Each candidate spans from the best fit's minimum so far, not the
+        // data's (llama.cpp's searches reuse one `min` for both).
+        round_all((first + step * i as f32 + top as f32) / (max - low), low, trial);
         let (mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32);
         for ((&l, &v), &wi) in trial.iter().zip(x).zip(w) {
             let l = l as f32;
@@ -343,6 +386,79 @@ fn signed_block(
     (d, scale_levels)
 }
 
+/// One Q2_K super-block (256 values): per sub-block of 16 a fitted scale and
+/// offset for levels 0..=3, both stored as 4-bit multiples of `d` and
+/// `dmin`, then every value's level taken against its stored scale.
+/// Without an importance vector as ggml's `quantize_row_q2_K_ref`
+/// ([`AffineSearch::QKX2_Q2K`] weighted by `|x|`, the units the largest
+/// scale and offset over 15, each rounded to nearest); with one as
+/// llama.cpp's `quantize_row_q2_K_impl` ([`AffineSearch::QKX3`] weighted by
+/// `importance[j]·√(σ² + x²)`, the units fitted by [`fit_unsigned`] weighted
+/// by each sub-block's total weight).
+pub fn q2k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ2K {
+    let row_mean_square = mean_square(x);
+    let mut levels = [0u8; QK_K];
+    let (mut scales, mut offsets, mut totals) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+    for j in 0..16 {
+        let sub = &x[16 * j..16 * j + 16];
+        let mut w = [0f32; 16];
+        let search = match importance {
+            Some(imp) => {
+                weights(sub, row_mean_square, Some(&imp[16 * j..16 * j + 16]), &mut w);
+                AffineSearch::QKX3
+            }
+            None => {
+                w.iter_mut().zip(sub).for_each(|(w, v)| *w = v.abs());
+                AffineSearch::QKX2_Q2K
+            }
+        };
+        totals[j] = w.iter().sum();
+        (scales[j], offsets[j]) = fit_affine_by(search, sub, &w, 3, &mut levels[16 * j..16 * j + 16]);
+    }
+    let (mut scale_levels, mut offset_levels) = ([0u8; 16], [0u8; 16]);
+    let (d, dmin) = match importance {
+        Some(_) => (
+            f16_bytes(fit_unsigned(&scales, &totals, 15, &mut scale_levels)),
+            f16_bytes(fit_unsigned(&offsets, &totals, 15, &mut offset_levels)),
+        ),
+        None => (unit_of_largest(&scales, &mut scale_levels), unit_of_largest(&offsets, &mut offset_levels)),
+    };
+    let mut block = BlockQ2K { scales: [0; 16], qs: [0; QK_K / 4], d, dmin };
+    for j in 0..16 {
+        let (s, m) = (scale_levels[j], offset_levels[j]);
+        block.scales[j] = s | (m << 4);
+        let (step, shift) = (f16_value(d) * s as f32, f16_value(dmin) * m as f32);
+        let run = &mut levels[16 * j..16 * j + 16];
+        if step != 0.0 {
+            for (l, &v) in run.iter_mut().zip(&x[16 * j..16 * j + 16]) {
+                *l = nearest((v + shift) / step).clamp(0, 3) as u8;
+            }
+        }
+        // Value 128n + 32j' + 16h + l (sub-block 8n + 2j' + h) at bits 2j' of qs[32n + 16h + l].
+        let (n, field, h) = (j / 8, j % 8 / 2, j % 2);
+        for (l, &level) in run.iter().enumerate() {
+            block.qs[32 * n + 16 * h + l] |= level << (2 * field);
+        }
+    }
+    block
+}
+
+/// ggml's reference units for 4-bit sub-block scales (or offsets): the
+/// largest over 15, each rounded to the nearest multiple of it (of the
+/// unrounded unit, as `quantize_row_q2_K_ref` does). The unit as stored.
+fn unit_of_largest(values: &[f32; 16], levels: &mut [u8; 16]) -> [u8; 2] {
+    let max = values.iter().fold(0f32, |m, &v| m.max(v));
+    if max <= 0.0 {
+        levels.fill(0);
+        return f16_bytes(0.0);
+    }
+    let inverse = 15.0 / max;
+    for (level, &v) in levels.iter_mut().zip(values) {
+        *level = nearest(inverse * v).clamp(0, 15) as u8;
+    }
+    f16_bytes(max / 15.0)
+}
+
 /// One Q6_K super-block by the weighted search.
 pub fn q6k_block(x: &[f32], importance: Option<&[f32]>) -> BlockQ6K {
     let mut levels = [0i8; QK_K];
@@ -395,14 +511,19 @@ mod tests {
             .collect()
     }
 
-    /// `Σ w·(x − y)²` with the weights the search of `name` uses by default.
+    /// `Σ w·(x − y)²` with the weights the search of `name` uses by default
+    /// (for Q2_K, ggml's reference: `Σ |x|·|x − y|`).
     fn objective(name: &str, x: &[f32], y: &[f32]) -> f64 {
         let mut total = 0f64;
         for (xs, ys) in x.chunks_exact(QK_K).zip(y.chunks_exact(QK_K)) {
             let av = (2.0 * mean_square(xs)).sqrt();
             for (&a, &b) in xs.iter().zip(ys) {
-                let w = if matches!(name, "q6k" | "q3k") { a * a } else { av + a.abs() };
-                total += w as f64 * ((a - b) as f64).powi(2);
+                let (w, error) = match name {
+                    "q2k" => (a.abs(), (a - b).abs() as f64),
+                    "q6k" | "q3k" => (a * a, ((a - b) as f64).powi(2)),
+                    _ => (av + a.abs(), ((a - b) as f64).powi(2)),
+                };
+                total += w as f64 * error;
             }
         }
         total
@@ -448,6 +569,25 @@ mod tests {
             let (e_search, e_plain) = (objective(name, &x, &searched), objective(name, &x, &plain));
             assert!(e_search < 0.9 * e_plain, "{name}: searched {e_search} vs min/max {e_plain}");
         }
+    }
+
+    /// ggml's reference Q2_K search does better than min/max rounding on its
+    /// own objective, `Σ |x|·|x − x̂|`, but by less than the searches above
+    /// do on theirs: its 4-bit sub-block scales and minimums, rounded after
+    /// the search, take back much of what it found (5 % lower here).
+    const Q2K_SEARCH_GAIN: f64 = 0.97;
+
+    #[test]
+    fn q2k_reference_search_beats_min_max_rounding() {
+        let n = QK_K * 64;
+        let x = wave(n, 3);
+        let (mut searched, mut plain) = (vec![0f32; n], vec![0f32; n]);
+        for (c, (s, p)) in x.chunks_exact(QK_K).zip(searched.chunks_exact_mut(QK_K).zip(plain.chunks_exact_mut(QK_K))) {
+            q2k_block(c, None).dequantize(s);
+            BlockQ2K::quantize(c).dequantize(p);
+        }
+        let (e_search, e_plain) = (objective("q2k", &x, &searched), objective("q2k", &x, &plain));
+        assert!(e_search < Q2K_SEARCH_GAIN * e_plain, "searched {e_search} vs min/max {e_plain}");
     }
 
     /// Q5_0's weighted search: with an importance vector the values it
@@ -510,6 +650,7 @@ mod tests {
             ("q4k", (|x, imp, y| q4k_block(x, imp).dequantize(y)) as fn(&[f32], Option<&[f32]>, &mut [f32])),
             ("q6k", |x, imp, y| q6k_block(x, imp).dequantize(y)),
             ("q3k", |x, imp, y| q3k_block(x, imp).dequantize(y)),
+            ("q2k", |x, imp, y| q2k_block(x, imp).dequantize(y)),
         ] {
             let (mut with, mut without) = (vec![0f32; n], vec![0f32; n]);
             for (c, (a, b)) in x.chunks_exact(QK_K).zip(with.chunks_exact_mut(QK_K).zip(without.chunks_exact_mut(QK_K)))
@@ -536,5 +677,64 @@ mod tests {
         assert!(y.iter().all(|&v| v == 0.0));
         q3k_block(&x, None).dequantize(&mut y);
         assert!(y.iter().all(|&v| v == 0.0));
+        for importance in [None, Some(&[1f32; QK_K][..])] {
+            q2k_block(&x, importance).dequantize(&mut y);
+            assert!(y.iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn nearest_rounds_halves_to_even_as_ggml() {
+        assert_eq!([2.5, 3.5, -2.5, 14.5, 2.4999998].map(nearest), [2, 4, -2, 14, 2]);
+    }
+
+    /// `q2k_block` without an importance vector writes the bytes of ggml's
+    /// `quantize_row_q2_K_ref`: two super-blocks of [`wave`], whose bytes
+    /// here come from a float-for-float Python port of it, which gave
+    /// llama-quantize's (llama.cpp of llama-cpp-python 0.3.36) bytes on 560
+    /// of 560 blocks of a synthetic model.
+    #[test]
+    fn q2k_block_is_ggml_reference_rounding() {
+        const EXPECTED: [&str; 2] = [
+            "dbceedffbbaabadfdede9aa9dafffeaca9d5a3978f523e4afa6ae9a9a497979e527a4df939a9a5a85497565e5a4e6939a6539e5e7a7df935e9a5a4a493924e5a2e69e9a9e5a45453574e523e49e929a58a2c212f",
+            "bba98decddac99bacaeefd7aaaa9efde524a6639e5e5a5d1a7509f524a463625e9a9e5959497535e4e6a79ea19a895944a3a6aa9a9a497975e537e4efa3aaaa9a4a593525e5a4e7a39a5f5a495a3504e8b2cef2e",
+        ];
+        let x = wave(2 * QK_K, 3);
+        for (values, expected) in x.chunks_exact(QK_K).zip(EXPECTED) {
+            let hex: String = bytemuck::bytes_of(&q2k_block(values, None)).iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, expected);
+        }
+    }
+
+    /// ggml's reference Q2_K rounding, worked by hand on one super-block:
+    /// sub-block 0 holds 0, 1, 2, 3 (and zeros), whose best fit is scale 1
+    /// and offset 0, levels the values; every other sub-block is zero. The
+    /// largest scale sets `d` = 1/15 (scale level 15), no sub-block has an
+    /// offset (`dmin` 0), and the levels land in `qs` as ggml packs them:
+    /// value `l` of sub-block 0 at bits 0–1 of `qs[l]`.
+    #[test]
+    fn q2k_reference_rounding_packs_as_ggml() {
+        let mut x = [0f32; QK_K];
+        x[..4].copy_from_slice(&[0.0, 1.0, 2.0, 3.0]);
+        let block = q2k_block(&x, None);
+        assert_eq!(block.scales[0], 15);
+        assert!(block.scales[1..].iter().all(|&s| s == 0), "{:?}", block.scales);
+        assert_eq!((f16_value(block.d), f16_value(block.dmin)), (f16_value(f16_bytes(1.0 / 15.0)), 0.0));
+        assert_eq!(&block.qs[..4], &[0, 1, 2, 3]);
+        assert!(block.qs[4..].iter().all(|&q| q == 0));
+        let mut y = [0f32; QK_K];
+        block.dequantize(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+        // A negative run: the offset takes the minimum, in the high nibble.
+        let mut x = [0f32; QK_K];
+        x[16..32].iter_mut().enumerate().for_each(|(i, v)| *v = -1.0 + (i % 4) as f32 / 3.0);
+        let block = q2k_block(&x, None);
+        assert_eq!(block.scales[1] >> 4, 15, "{:?}", block.scales);
+        block.dequantize(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
     }
 }

@@ -16,8 +16,8 @@ pub use writer::ImageWriter;
 use crate::architecture::Architecture;
 use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
-use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
 use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use crate::rope::RopeScaling;
@@ -101,6 +101,10 @@ pub enum TensorView<'a> {
     Q5(&'a [BlockQ5]),
     /// Asymmetric Q5 blocks, four rows interleaved.
     Q5X4(&'a [BlockQ5x4]),
+    /// ggml Q2_K super-blocks, row-major.
+    Q2K(&'a [BlockQ2K]),
+    /// ggml Q2_K super-blocks, four rows interleaved.
+    Q2KX4(&'a [BlockQ2Kx4]),
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -130,6 +134,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q5SX4(v) => ("Q5SX4", v.len()),
             TensorView::Q5(v) => ("Q5", v.len()),
             TensorView::Q5X4(v) => ("Q5X4", v.len()),
+            TensorView::Q2K(v) => ("Q2K", v.len()),
+            TensorView::Q2KX4(v) => ("Q2KX4", v.len()),
         };
         write!(f, "{variant}([{len} items])")
     }
@@ -330,6 +336,8 @@ impl ModelImage {
             Encoding::Q5SX4 => TensorView::Q5SX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5 => TensorView::Q5(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5X4 => TensorView::Q5X4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q2K => TensorView::Q2K(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q2KX4 => TensorView::Q2KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
         }
     }
     /// Total bytes of all tensors.

@@ -22,8 +22,8 @@ pub mod sparse;
 #[cfg(test)]
 mod tests;
 
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
-use crate::quant::{BlockQ3Kx4, BlockQ5Kx4};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
+use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8x4};
 use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use half::f16;
@@ -84,6 +84,8 @@ pub struct Kernels {
     pub matmul_q6k: MatmulQuantized<BlockQ6K>,
     /// ggml Q3_K weights × int8 activations.
     pub matmul_q3k: MatmulQuantized<BlockQ3K>,
+    /// ggml Q2_K weights × int8 activations.
+    pub matmul_q2k: MatmulQuantized<BlockQ2K>,
     /// ggml Q4_K weights, four rows interleaved, × int8 activations.
     pub matmul_q4kx4: MatmulQuantized<BlockQ4Kx4>,
     /// ggml Q6_K weights, four rows interleaved, × int8 activations.
@@ -92,6 +94,8 @@ pub struct Kernels {
     pub matmul_q3kx4: MatmulQuantized<BlockQ3Kx4>,
     /// ggml Q5_K weights, four rows interleaved, × int8 activations.
     pub matmul_q5kx4: MatmulQuantized<BlockQ5Kx4>,
+    /// ggml Q2_K weights, four rows interleaved, × int8 activations.
+    pub matmul_q2kx4: MatmulQuantized<BlockQ2Kx4>,
     /// Symmetric Q5 weights (ggml's Q5_0) × int8 activations.
     pub matmul_q5s: MatmulQuantized<BlockQ5S>,
     /// Interleaved symmetric Q5 weights × int8 activations.
@@ -167,10 +171,12 @@ impl Kernels {
         matmul_q5k: matmul::kquant::scalar::matmul_q5k,
         matmul_q6k: matmul::kquant::scalar::matmul_q6k,
         matmul_q3k: matmul::kquant::scalar::matmul_q3k,
+        matmul_q2k: matmul::kquant::scalar::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::scalar::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::scalar::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::scalar::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::scalar::matmul_q5kx4,
+        matmul_q2kx4: matmul::kquant::interleaved35::scalar::matmul_q2kx4,
         matmul_q5s: matmul::q5::scalar::matmul_q5s,
         matmul_q5sx4: matmul::q5::scalar::matmul_q5sx4,
         matmul_q5: matmul::q5::scalar::matmul_q5,
@@ -217,10 +223,12 @@ impl Kernels {
         matmul_q5k: matmul::kquant::neon::matmul_q5k,
         matmul_q6k: matmul::kquant::neon::matmul_q6k,
         matmul_q3k: matmul::kquant::neon::matmul_q3k,
+        matmul_q2k: matmul::kquant::neon::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::neon::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::neon::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::neon::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::neon::matmul_q5kx4,
+        matmul_q2kx4: matmul::kquant::interleaved35::neon::matmul_q2kx4,
         matmul_q5s: matmul::q5::neon::matmul_q5s,
         matmul_q5sx4: matmul::q5::neon::matmul_q5sx4,
         matmul_q5: matmul::q5::neon::matmul_q5,
@@ -269,10 +277,12 @@ impl Kernels {
         matmul_q5k: matmul::kquant::dotprod::matmul_q5k,
         matmul_q6k: matmul::kquant::dotprod::matmul_q6k,
         matmul_q3k: matmul::kquant::dotprod::matmul_q3k,
+        matmul_q2k: matmul::kquant::dotprod::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::dotprod::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::dotprod::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::dotprod::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::dotprod::matmul_q5kx4,
+        matmul_q2kx4: matmul::kquant::interleaved35::dotprod::matmul_q2kx4,
         matmul_q5s: matmul::q5::dotprod::matmul_q5s,
         matmul_q5sx4: matmul::q5::dotprod::matmul_q5sx4,
         matmul_q5: matmul::q5::dotprod::matmul_q5,
@@ -305,10 +315,12 @@ impl Kernels {
         matmul_q5k: matmul::kquant::avx2::matmul_q5k,
         matmul_q6k: matmul::kquant::avx2::matmul_q6k,
         matmul_q3k: matmul::kquant::avx2::matmul_q3k,
+        matmul_q2k: matmul::kquant::avx2::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::avx2::matmul_q4kx4,
         matmul_q6kx4: matmul::kquant::interleaved::avx2::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::avx2::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::avx2::matmul_q5kx4,
+        matmul_q2kx4: matmul::kquant::interleaved35::avx2::matmul_q2kx4,
         matmul_q5s: matmul::q5::avx2::matmul_q5s,
         matmul_q5sx4: matmul::q5::avx2::matmul_q5sx4,
         matmul_q5: matmul::q5::avx2::matmul_q5,

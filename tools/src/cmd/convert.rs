@@ -32,6 +32,8 @@ pub enum QuantArg {
     Q6K,
     #[value(name = "q3k")]
     Q3K,
+    #[value(name = "q2k")]
+    Q2K,
     /// Every tensor as the source stores it where the image has that encoding.
     Keep,
 }
@@ -50,6 +52,7 @@ impl From<QuantArg> for QuantTarget {
             QuantArg::Q5K => QuantTarget::Q5K,
             QuantArg::Q6K => QuantTarget::Q6K,
             QuantArg::Q3K => QuantTarget::Q3K,
+            QuantArg::Q2K => QuantTarget::Q2K,
             QuantArg::Keep => QuantTarget::Keep,
         }
     }
@@ -87,9 +90,9 @@ pub struct ConvertArgs {
     #[arg(long)]
     output: PathBuf,
     /// Weight encoding: q4, q4s, q5s (ggml's Q5_0), q5 (ggml's Q5_1), q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
-    /// q3k (rows not whole 256-value super-blocks get q4 or q8), or keep
+    /// q3k, q2k (rows not whole 256-value super-blocks get q4 or q8), or keep
     /// (each tensor as the source stores it, bit-exact, where the image has
-    /// that encoding; IQ4 → q8, Q2_K → q3k, BF16 → f16).
+    /// that encoding; IQ4 → q8, BF16 → f16).
     #[arg(long, value_enum, default_value_t = QuantArg::Q4)]
     quant: QuantArg,
     /// Per-tensor override PATTERN=QUANT (`*` is a wildcard), e.g. `blk.*.ffn_down.weight=q8`. Repeatable.
@@ -132,7 +135,7 @@ pub struct ConvertArgs {
     threads: Option<usize>,
     /// Importance matrix (docs/quants.md): measure each weight matrix's
     /// input channels' mean squares on this calibration text (UTF-8) and
-    /// weigh the rounding searches of q4, q5s, q5, q4k, q5k, q6k and q3k by them.
+    /// weigh the rounding searches of q4, q5s, q5, q4k, q5k, q6k, q3k and q2k by them.
     #[arg(long)]
     imatrix: Option<PathBuf>,
     /// Calibration tokens for --imatrix (the first ones of the text).

@@ -318,6 +318,7 @@ impl GgmlType {
             GgmlType::Q5_K => Some(Encoding::Q5K),
             GgmlType::Q6_K => Some(Encoding::Q6K),
             GgmlType::Q3_K => Some(Encoding::Q3K),
+            GgmlType::Q2_K => Some(Encoding::Q2K),
             _ => None,
         }
     }

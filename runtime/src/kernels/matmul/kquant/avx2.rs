@@ -21,6 +21,10 @@
 //!   lane: `Σ level·q = Σ u·q − z·Σq`, exact in the lane (|level·q| ≤ 32·128,
 //!   two of them fit). The sign trick (`vpsignb`) would not be exact here: an
 //!   activation of −128 cannot take a weight's minus sign in int8.
+//! - Q2_K: the levels are 0..4 and go in as they are, with Q6_K's pairs of
+//!   scales; the minimums meet the activation's sums over each half of its
+//!   block (`vpmaddubsw` of ones, shared by the four rows):
+//!   `d·Σₖ dₓ·(s₀·Σ₀ + s₁·Σ₁) − dmin·Σₖ dₓ·(m₀·Σ₀q + m₁·Σ₁q)`.
 //!
 //! The four rows' 32-bit sums go through two rounds of horizontal adds
 //! (`vphaddd`) into one vector: the lower half holds the rows' sums over the
@@ -36,7 +40,7 @@
 //! from the reference, so results agree with it to rounding.
 
 use crate::kernels::matmul::avx2::available;
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use std::arch::x86_64::*;
 use std::mem::offset_of;
@@ -310,10 +314,11 @@ unsafe fn k4_minimum_terms<const T: usize>(minimums: &[__m128; 8], x: &[*const B
     terms
 }
 
-/// One Q6_K / Q3_K activation block (`levels` of four rows as unsigned
-/// values `level + z`, z in every byte of `zero_point`; two sub-blocks of 16
-/// with the scales of `pair`, see [`scale_pairs`]) against activation block
-/// `k` of each of `T` activations: `scaled[t]` += dₓ · (s₀·Σ₀ + s₁·Σ₁).
+/// One Q6_K / Q3_K / Q2_K activation block (`levels` of four rows as
+/// unsigned values `level + z`, z in every byte of `zero_point`, none for
+/// Q2_K's unsigned levels; two sub-blocks of 16 with the scales of `pair`,
+/// see [`scale_pairs`]) against activation block `k` of each of `T`
+/// activations: `scaled[t]` += dₓ · (s₀·Σ₀ + s₁·Σ₁).
 ///
 /// # Safety
 /// Each `x[t]` points at `k + 1` readable blocks; AVX2 and FMA are available.
@@ -321,7 +326,7 @@ unsafe fn k4_minimum_terms<const T: usize>(minimums: &[__m128; 8], x: &[*const B
 #[inline]
 unsafe fn pair_of_sub_blocks<const T: usize>(
     levels: &[__m256i; ROWS],
-    zero_point: __m256i,
+    zero_point: Option<__m256i>,
     x: &[*const BlockQ8Act; T],
     k: usize,
     pair: __m256,
@@ -332,11 +337,12 @@ unsafe fn pair_of_sub_blocks<const T: usize>(
         let activation = x[t].add(k);
         let q = load32((&raw const (*activation).qs).cast());
         // z·(q₀ + q₁) per pair, the same for every row.
-        let offset = _mm256_maddubs_epi16(zero_point, q);
+        let offset = zero_point.map(|z| _mm256_maddubs_epi16(z, q));
         let mut sums = [_mm256_setzero_si256(); ROWS];
         for r in 0..ROWS {
             // (u₀·q₀ + u₁·q₁) − z·(q₀ + q₁) = level₀·q₀ + level₁·q₁, exact in 16 bits.
-            let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(levels[r], q), offset);
+            let products = _mm256_maddubs_epi16(levels[r], q);
+            let pairs = offset.map_or(products, |offset| _mm256_sub_epi16(products, offset));
             sums[r] = _mm256_madd_epi16(pairs, ones);
         }
         // Σ₀ of the rows in the lower half, Σ₁ in the upper; times s₀ and s₁
@@ -506,7 +512,7 @@ unsafe fn q6k_quarter<const QUARTER: usize, const T: usize>(
         levels[r] = _mm256_or_si256(_mm256_and_si256(low, nibble), q6k_top_bits::<QUARTER>(high_bits));
     }
     let k = 4 * half + QUARTER;
-    pair_of_sub_blocks(&levels, _mm256_set1_epi8(32), x, k, pairs[k], scaled);
+    pair_of_sub_blocks(&levels, Some(_mm256_set1_epi8(32)), x, k, pairs[k], scaled);
 }
 
 /// The sixteen signed 8-bit scales of four Q6_K super-blocks, from the 16
@@ -591,7 +597,7 @@ unsafe fn q3k_scales(start: [*const u8; ROWS]) -> [__m256; 8] {
 /// others cleared.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn q3k_low_bits<const J: usize>(v: __m256i) -> __m256i {
+fn two_bits<const J: usize>(v: __m256i) -> __m256i {
     let moved = match J {
         0 => v,
         1 => _mm256_srli_epi16::<2>(v),
@@ -620,13 +626,13 @@ unsafe fn q3k_quarter<const J: usize, const T: usize>(
     let (bit, four) = (_mm256_set1_epi8((1u8 << k) as i8), _mm256_set1_epi8(4));
     let mut levels = [_mm256_setzero_si256(); ROWS];
     for r in 0..ROWS {
-        let low = q3k_low_bits::<J>(load32(blocks[r].add(offset_of!(BlockQ3K, qs) + 32 * n)));
+        let low = two_bits::<J>(load32(blocks[r].add(offset_of!(BlockQ3K, qs) + 32 * n)));
         let high_bits = load32(blocks[r].add(offset_of!(BlockQ3K, hmask)));
         // 4 where bit k of the hmask byte is set: the stored 3-bit value is level + 4.
         let set = _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, bit), bit);
         levels[r] = _mm256_or_si256(low, _mm256_and_si256(set, four));
     }
-    pair_of_sub_blocks(&levels, four, x, k, pairs[k], scaled);
+    pair_of_sub_blocks(&levels, Some(four), x, k, pairs[k], scaled);
 }
 
 /// Q3_K: value `32k + l` of a half `n` (k = 4n + j) has two bits at bit 2j
@@ -656,6 +662,113 @@ impl Kernel for Q3K {
             }
             for t in 0..T {
                 acc[t] = _mm_fmadd_ps(scaled[t], d, acc[t]);
+            }
+        }
+        acc
+    }
+}
+
+/// Q2_K's minimum terms of activation block `k` (minimums `m₀`, `m₁` of
+/// its two sub-blocks of 16 in `pair`, as [`scale_pairs`] lays out scales)
+/// against each of `T` activations: `minimums[t]` += dₓ · (m₀·Σ₀q + m₁·Σ₁q),
+/// `Σₕq` the sum of the activation's values over half `h` of the block.
+///
+/// # Safety
+/// Each `x[t]` points at `k + 1` readable blocks; AVX2 and FMA are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q2k_minimums<const T: usize>(x: &[*const BlockQ8Act; T], k: usize, pair: __m256, minimums: &mut [__m128; T]) {
+    let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+    for t in 0..T {
+        let activation = x[t].add(k);
+        let q = load32((&raw const (*activation).qs).cast());
+        // Sums of four values (the first 16 values' in the lower half), then
+        // of sixteen, in every lane of each half: [Σ₀ × 4 | Σ₁ × 4].
+        let fours = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q), ones16);
+        let pairs = _mm256_hadd_epi32(fours, fours);
+        let halves = _mm256_hadd_epi32(pairs, pairs);
+        // m·Σq ≤ 15 · 16·128 and the pair's sum are exact in f32.
+        let weighted = _mm256_mul_ps(_mm256_cvtepi32_ps(halves), pair);
+        let msum = _mm_add_ps(_mm256_castps256_ps128(weighted), _mm256_extractf128_ps::<1>(weighted));
+        minimums[t] = _mm_fmadd_ps(msum, _mm_set1_ps((*activation).d), minimums[t]);
+    }
+}
+
+/// The sixteen 4-bit scales and minimums of four Q2_K super-blocks, from the
+/// 16 bytes at each `start[r]` (scale in the low nibble, minimum in the
+/// high one), each as [`scale_pairs`].
+///
+/// # Safety
+/// Each `start[r]` points at 16 readable bytes; AVX2 is available.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q2k_scales(start: [*const u8; ROWS]) -> ([__m256; 8], [__m256; 8]) {
+    let nibble = _mm_set1_epi8(0x0F);
+    let (mut scales, mut minimums) = ([_mm_setzero_si128(); ROWS], [_mm_setzero_si128(); ROWS]);
+    for r in 0..ROWS {
+        let packed = load16(start[r]);
+        scales[r] = _mm_and_si128(packed, nibble);
+        // 16-bit shifts: the mask drops what crosses from the neighbouring byte.
+        minimums[r] = _mm_and_si128(_mm_srli_epi16::<4>(packed), nibble);
+    }
+    (scale_pairs(scales), scale_pairs(minimums))
+}
+
+/// Q2_K: the 32 values `32·(4n + J)..` of four rows' super-blocks `blocks`
+/// against activation block `4n + J`: levels are bits `2J, 2J + 1` of
+/// `qs[32n + l]`, as Q3_K's low bits.
+///
+/// # Safety
+/// Each `blocks[r]` points at a readable [`BlockQ2K`], each `x[t]` at eight
+/// readable activation blocks; AVX2 and FMA are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q2k_quarter<const J: usize, const T: usize>(
+    blocks: &[*const u8; ROWS],
+    x: &[*const BlockQ8Act; T],
+    n: usize,
+    (pairs, minimum_pairs): (&[__m256; 8], &[__m256; 8]),
+    (scaled, minimums): (&mut [__m128; T], &mut [__m128; T]),
+) {
+    let k = 4 * n + J;
+    let mut levels = [_mm256_setzero_si256(); ROWS];
+    for r in 0..ROWS {
+        levels[r] = two_bits::<J>(load32(blocks[r].add(offset_of!(BlockQ2K, qs) + 32 * n)));
+    }
+    pair_of_sub_blocks(&levels, None, x, k, pairs[k], scaled);
+    q2k_minimums(x, k, minimum_pairs[k], minimums);
+}
+
+/// Q2_K: value `32k + l` of a half `n` (k = 4n + j) has its level at bits
+/// 2j of `qs[32n + l]`; sub-block `i` of 16 its scale and minimum in the
+/// low and high nibbles of `scales[i]`.
+struct Q2K;
+
+impl Kernel for Q2K {
+    type Block = BlockQ2K;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        rows: [*const BlockQ2K; ROWS],
+        x: [*const BlockQ8Act; T],
+        superblocks: usize,
+    ) -> [__m128; T] {
+        let mut acc = [_mm_setzero_ps(); T];
+        for block in 0..superblocks {
+            let (blocks, activations) = at(rows, x, block);
+            let d = units([0, 1, 2, 3].map(|r| (*rows[r].add(block)).d));
+            let dmin = units([0, 1, 2, 3].map(|r| (*rows[r].add(block)).dmin));
+            let (pairs, minimum_pairs) = q2k_scales(blocks.map(|b| b.add(offset_of!(BlockQ2K, scales))));
+            let (mut scaled, mut minimums) = ([_mm_setzero_ps(); T], [_mm_setzero_ps(); T]);
+            let (scales, sums) = ((&pairs, &minimum_pairs), (&mut scaled, &mut minimums));
+            for n in 0..2 {
+                q2k_quarter::<0, T>(&blocks, &activations, n, scales, (sums.0, sums.1));
+                q2k_quarter::<1, T>(&blocks, &activations, n, scales, (sums.0, sums.1));
+                q2k_quarter::<2, T>(&blocks, &activations, n, scales, (sums.0, sums.1));
+                q2k_quarter::<3, T>(&blocks, &activations, n, scales, (sums.0, sums.1));
+            }
+            for t in 0..T {
+                acc[t] = _mm_fnmadd_ps(minimums[t], dmin, _mm_fmadd_ps(scaled[t], d, acc[t]));
             }
         }
         acc
@@ -692,6 +805,10 @@ avx2_kernel!(
 avx2_kernel!(
     /// Q3_K matrix × int8 activations.
     matmul_q3k, BlockQ3K, Q3K
+);
+avx2_kernel!(
+    /// Q2_K matrix × int8 activations.
+    matmul_q2k, BlockQ2K, Q2K
 );
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
@@ -745,6 +862,11 @@ mod tests {
     #[test]
     fn q3k_matches_the_reference() {
         check(matmul_q3k);
+    }
+
+    #[test]
+    fn q2k_matches_the_reference() {
+        check(matmul_q2k);
     }
 
     #[test]

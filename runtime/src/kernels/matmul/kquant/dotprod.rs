@@ -19,6 +19,8 @@
 //! - Q6_K, Q3_K: `d·Σₖ dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)`: two sub-blocks of 16 with
 //!   signed scales per activation block, each half's `sdot` kept apart and
 //!   the scales folded into the int32 sums before converting (as llama.cpp).
+//! - Q2_K: as Q3_K, less `dmin·Σₖ dₓ·(m₂ₖ·Σ₀q + m₂ₖ₊₁·Σ₁q)`, the minimums
+//!   meeting the activation's sums over each half of its block.
 //!
 //! The sub-block scales of a super-block are decoded once for its four rows
 //! (a table lookup, `tbl`, gathers them row-interleaved, `[sub-block][row]`,
@@ -28,9 +30,10 @@
 //! exact), so results agree with it to rounding. `vdotq_s32` is still unstable
 //! in Rust; `sdot` is one `asm!` instruction (`dot32`, `dot16`).
 
+use super::interleaved::arm::q2k_minimum_sums;
 use crate::kernels::matmul::dotprod::available;
 use crate::kernels::matmul::neon::widen_f16;
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -652,6 +655,84 @@ impl Kernel for Q3K {
     }
 }
 
+/// The sixteen 4-bit scales and minimums of `R` Q2_K super-blocks from the
+/// 16 bytes at each `start[r]` (scale `i` in the low nibble of byte `i`,
+/// minimum `i` in the high one): pairs `(s₂ₖ, s₂ₖ₊₁)` and `(m₂ₖ, m₂ₖ₊₁)`
+/// for activation block k, lane r for row r.
+///
+/// # Safety
+/// Each `start[r]` points at 16 readable bytes.
+#[inline(always)]
+unsafe fn q2k_scales<const R: usize>(start: [*const u8; R]) -> [[(int32x4_t, int32x4_t); 8]; 2] {
+    let rows = table(start);
+    let nibble = vdupq_n_u8(15);
+    let mut pairs = [[(vdupq_n_s32(0), vdupq_n_s32(0)); 8]; 2];
+    for group in 0..4 {
+        // Scales and minimums 4g..4g + 4 of the four rows: activation blocks 2g and 2g + 1.
+        let bytes = gathered(rows, 4 * group as u8);
+        for (kind, nibbles) in [vandq_u8(bytes, nibble), vshrq_n_u8::<4>(bytes)].into_iter().enumerate() {
+            let wide = widen_unsigned(nibbles);
+            pairs[kind][2 * group] = (wide[0], wide[1]);
+            pairs[kind][2 * group + 1] = (wide[2], wide[3]);
+        }
+    }
+    pairs
+}
+
+/// Q2_K: value `32k + l` of a half `n` (k = 4n + j) has its level at bit 2j
+/// of `qs[32n + l]` (as Q3_K's low bits).
+struct Q2K;
+
+impl Kernel for Q2K {
+    type Block = BlockQ2K;
+
+    #[target_feature(enable = "dotprod")]
+    unsafe fn rows<const R: usize, const T: usize>(
+        rows: [*const BlockQ2K; R],
+        x: [*const BlockQ8Act; T],
+        superblocks: usize,
+    ) -> [float32x4_t; T] {
+        let two_bits = vdupq_n_u8(3);
+        let mut acc = [vdupq_n_f32(0.0); T];
+        for block in 0..superblocks {
+            let blocks: [*const u8; R] = std::array::from_fn(|r| rows[r].add(block).cast::<u8>());
+            let activations: [*const BlockQ8Act; T] = std::array::from_fn(|t| x[t].add(block * ACTIVATION_BLOCKS));
+            let d = units::<R>(std::array::from_fn(|r| (*rows[r].add(block)).d));
+            let dmin = units::<R>(std::array::from_fn(|r| (*rows[r].add(block)).dmin));
+            let [scales, mins] = q2k_scales(blocks.map(|b| b.add(offset_of!(BlockQ2K, scales))));
+            let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); T], [vdupq_n_f32(0.0); T]);
+            for half in 0..2 {
+                let mut low_bits = [(vdupq_n_u8(0), vdupq_n_u8(0)); R];
+                for r in 0..R {
+                    low_bits[r] = load32(blocks[r].add(offset_of!(BlockQ2K, qs) + 32 * half));
+                }
+                for j in 0..4 {
+                    let k = 4 * half + j;
+                    let mut levels = [(vdupq_n_s8(0), vdupq_n_s8(0)); R];
+                    for r in 0..R {
+                        let (q0, q1) = low_bits[r];
+                        let to_bit_0 = -2 * j as i8;
+                        levels[r] = (
+                            vreinterpretq_s8_u8(vandq_u8(shift(q0, to_bit_0), two_bits)),
+                            vreinterpretq_s8_u8(vandq_u8(shift(q1, to_bit_0), two_bits)),
+                        );
+                    }
+                    pair_of_sub_blocks(&levels, &activations, k, scales[k], &mut scaled);
+                    for t in 0..T {
+                        let (q, d, _) = activation(activations[t].add(k));
+                        let msum = q2k_minimum_sums([q.0, q.1], mins[k]);
+                        minimums[t] = vfmaq_n_f32(minimums[t], vcvtq_f32_s32(msum), d);
+                    }
+                }
+            }
+            for t in 0..T {
+                acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], d), minimums[t], dmin);
+            }
+        }
+        acc
+    }
+}
+
 /// Q4_K matrix × int8 activations. Panics on a CPU without the dot-product extension.
 pub fn matmul_q4k(weights: &[BlockQ4K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
@@ -678,6 +759,13 @@ pub fn matmul_q3k(weights: &[BlockQ3K], cols: usize, x: &[BlockQ8Act], out: &mut
     assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
     // SAFETY: the CPU has the dot-product extension (checked just above).
     unsafe { matmul::<Q3K>(weights, cols, x, out) }
+}
+
+/// Q2_K matrix × int8 activations. Panics on a CPU without the dot-product extension.
+pub fn matmul_q2k(weights: &[BlockQ2K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+    // SAFETY: the CPU has the dot-product extension (checked just above).
+    unsafe { matmul::<Q2K>(weights, cols, x, out) }
 }
 
 #[cfg(test)]
@@ -727,6 +815,11 @@ mod tests {
     #[test]
     fn q3k_matches_the_reference() {
         check(matmul_q3k);
+    }
+
+    #[test]
+    fn q2k_matches_the_reference() {
+        check(matmul_q2k);
     }
 
     #[test]

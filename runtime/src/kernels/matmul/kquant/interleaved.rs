@@ -449,6 +449,26 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         let v = vld1q_u8_x4(p);
         [v.0, v.1, v.2, v.3]
     }
+
+    /// A Q2_K activation block's minimum terms in int32, `m₀·Σ₀q + m₁·Σ₁q`
+    /// (lanes rows: the four rows' minimums of the block's two sub-blocks
+    /// of 16), `Σₕq` the sum of the activation's values `q` over half `h`.
+    /// Every kernel family's Q2_K (row-major and interleaved, ARMv8.0 and
+    /// `sdot`) takes its minimums through this: pairwise widening adds
+    /// leave `[Σ₀, Σ₁, Σ₀, Σ₁]`, multiplied by lane.
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) fn q2k_minimum_sums(
+        q: [int8x16_t; 2],
+        (m0, m1): (int32x4_t, int32x4_t),
+    ) -> int32x4_t {
+        // SAFETY: register-only NEON operations, part of every aarch64 target.
+        unsafe {
+            let eights = vpaddq_s16(vpaddlq_s8(q[0]), vpaddlq_s8(q[1]));
+            let quarters = vpaddlq_s16(eights);
+            let halves = vpaddq_s32(quarters, quarters);
+            vmlaq_laneq_s32::<1>(vmulq_laneq_s32::<0>(m0, halves), m1, halves)
+        }
+    }
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
@@ -1019,6 +1039,11 @@ mod tests {
             interleaved_reference: scalar35::matmul_q5kx4,
             kernels: kernels(|k| k.matmul_q5kx4),
         });
+        check_tiles(&Interleaving {
+            name: "q2kx4",
+            interleaved_reference: scalar35::matmul_q2kx4,
+            kernels: kernels(|k| k.matmul_q2kx4),
+        });
     }
 
     /// The kernels of every table this CPU runs (the scalar one included:
@@ -1073,6 +1098,66 @@ mod tests {
             },
             &COLUMNS_35,
         );
+    }
+
+    /// Row lengths for Q2_K: one super-block, a few, and Llama-2-7B's
+    /// (4096, 11008), the model a 4 GB board runs at Q2_K.
+    const COLUMNS_2: [usize; 5] = [256, 768, 2048, 4096, 11008];
+
+    #[test]
+    fn q2kx4_kernels_match_the_reference() {
+        use crate::kernels::matmul::kquant::interleaved35::scalar;
+        check_at(
+            Interleaving {
+                name: "q2kx4",
+                interleaved_reference: scalar::matmul_q2kx4,
+                kernels: kernels(|k| k.matmul_q2kx4),
+            },
+            &COLUMNS_2,
+        );
+    }
+
+    /// As [`one_changed_level_is_caught`] for the Q2_K kernels, one row
+    /// each: a level in the top field of `qs` (value 255, bits 6–7 of
+    /// `qs[63]`), a level in a middle field (value 160, bits 2–3 of
+    /// `qs[32]`: the field the kernels scale by four), and the minimum of
+    /// sub-block 15 (the high nibble of `scales[15]`).
+    #[test]
+    fn one_changed_q2k_level_or_minimum_is_caught() {
+        use crate::kquant::BlockQ2K;
+        use crate::quant::BlockQ2Kx4;
+        let mut data = VariedRuns::seeded(13);
+        let (rows, cols) = (8, 1536);
+        let values = data.values(rows * cols);
+        let mut x = data.activations(Weights::RandomBytes, cols);
+        let mut q2k: Vec<BlockQ2K> = values.chunks_exact(QK_K).map(BlockQ2K::quantize).collect();
+        // Row r, super-block 2: unit 1, every scale and minimum 15, and
+        // activations that make the changed values count.
+        for r in [1, 3, 6] {
+            let block = &mut q2k[r * 6 + 2];
+            (block.d, block.dmin) = (crate::kquant::f16_bytes(1.0), crate::kquant::f16_bytes(1.0));
+            block.scales = [0xFF; 16];
+        }
+        x[2 * 8 + 7].qs[16..].fill(100);
+        x[2 * 8 + 5].qs[0] = 100;
+        type Change = fn(&mut BlockQ2K);
+        let changes: [(usize, Change); 3] =
+            [(1, |b| b.qs[63] ^= 0x80), (3, |b| b.qs[32] ^= 0x08), (6, |b| b.scales[15] ^= 0x80)];
+        for (row, change) in changes {
+            let mut changed = q2k.clone();
+            change(&mut changed[row * 6 + 2]);
+            for (name, kernel) in kernels(|k| k.matmul_q2kx4) {
+                let mut mixed = vec![<BlockQ2Kx4 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / INTERLEAVE];
+                interleave(&changed, cols / QK_K, &mut mixed);
+                let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+                kernel(&mixed, cols, &x, &mut got);
+                BlockQ2K::reference(&q2k, cols, &x, &mut expected);
+                for r in 0..rows {
+                    let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q2k[r * 6..][..6], &x) as f32;
+                    assert_eq!((got[r] - expected[r]).abs() > tolerance, r == row, "{name} q2kx4 row {r}");
+                }
+            }
+        }
     }
 
     /// As [`one_changed_level_is_caught`] for the Q3_K and Q5_K kernels:

@@ -1,8 +1,9 @@
-//! Products of four-row interleaved Q3_K and Q5_K matrices ([`BlockQ3Kx4`],
-//! [`BlockQ5Kx4`]) with int8 activations: the walk, the scale decoding and
-//! the float accumulation are those of the Q4_K and Q6_K kernels beside
-//! them ([`super::interleaved`], which describes the layout's idea); what
-//! is new is how the levels come out of the bytes.
+//! Products of four-row interleaved Q3_K, Q5_K and Q2_K matrices
+//! ([`BlockQ3Kx4`], [`BlockQ5Kx4`], [`BlockQ2Kx4`]) with int8 activations:
+//! the walk, the scale decoding and the float accumulation are those of the
+//! Q4_K and Q6_K kernels beside them ([`super::interleaved`], which
+//! describes the layout's idea); what is new is how the levels come out of
+//! the bytes.
 //!
 //! - Q3_K: each level is stored as a three-bit signed number `t` in one of
 //!   three planes ([`BlockQ3Kx4`]), so one or two operations a vector give
@@ -15,18 +16,27 @@
 //! - Q5_K: Q4_K's nibbles with the fifth bit put above them by one
 //!   bit-select a vector (`bit`, after a shift of the fifth-bit bytes), and
 //!   Q4_K's `d·Σⱼ dₓ·(scaleⱼ·isumⱼ) − dmin·Σⱼ minⱼ·sₓ`.
+//! - Q2_K: ggml's bytes, moved. Activation block `k = 4n + j` has its
+//!   levels at bits `2j` of the 128 `qs` bytes at `128n`: one `and` a
+//!   vector keeps them in place, `4^j` times the levels, a shift right by
+//!   6 gives them for `j = 3`, and the A72's kernel, whose 16-bit sums hold
+//!   levels up to 12 at most, shifts `j = 2`'s down first. Each block's
+//!   scales are shifted left to match, so that every integer sum is the
+//!   same power of two times the reference's, taken off `d` once a
+//!   super-block. Per activation block, as Q3_K's with the minimums:
+//!   `d·dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁) − dmin·dₓ·(m₂ₖ·Σ₀q + m₂ₖ₊₁·Σ₁q)`.
 //!
 //! The scalar references put pieces back in row order and call the
 //! row-major references; on x86-64 the row-major AVX2 kernels run over such
 //! pieces ([`super::interleaved::through_rows`]).
 
-use crate::kquant::{BlockQ3K, BlockQ5K, QK_K};
-use crate::quant::{BlockQ3Kx4, BlockQ5Kx4, BlockQ8Act, INTERLEAVE};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ5K, QK_K};
+use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4, BlockQ8Act, INTERLEAVE};
 
 /// The references: deinterleave, then the row-major reference products.
 pub mod scalar {
     use super::*;
-    use crate::kernels::matmul::kquant::scalar::{dot_q3k_q8_from, dot_q5k_q8_from};
+    use crate::kernels::matmul::kquant::scalar::{dot_q2k_q8_from, dot_q3k_q8_from, dot_q5k_q8_from};
     use crate::kernels::matmul::scalar::matmul_interleaved;
 
     /// Super-blocks of a group's rows put back in row order at a time (on
@@ -43,9 +53,15 @@ pub mod scalar {
         matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q5k_q8_from)
     }
 
-    // Both interleaved blocks hold as many bytes as four row-major ones.
+    /// Interleaved Q2_K matrix × int8 activations.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q2k_q8_from)
+    }
+
+    // The interleaved blocks hold as many bytes as four row-major ones.
     const _: () = assert!(size_of::<BlockQ3K>() * INTERLEAVE == size_of::<BlockQ3Kx4>());
     const _: () = assert!(size_of::<BlockQ5K>() * INTERLEAVE == size_of::<BlockQ5Kx4>());
+    const _: () = assert!(size_of::<BlockQ2K>() * INTERLEAVE == size_of::<BlockQ2Kx4>());
 }
 
 /// The AVX2 row-major k-quant kernels over interleaved matrices.
@@ -64,6 +80,11 @@ pub mod avx2 {
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         through_rows::matmul(weights, cols, x, out, rows::matmul_q5k)
     }
+
+    /// Interleaved Q2_K matrix × int8 activations.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        through_rows::matmul(weights, cols, x, out, rows::matmul_q2k)
+    }
 }
 
 /// What the ARMv8.0 and `sdot` kernels share.
@@ -73,6 +94,10 @@ mod arm {
     pub(super) use crate::kernels::matmul::kquant::interleaved::arm::*;
 
     /// How a kernel multiplies four rows' levels by an activation block.
+    ///
+    /// `EXACT` kernels (the ARMv8.0 one) sum products in 16-bit lanes, so
+    /// their levels must stay small: Q3_K's `t` rather than `32·t`, Q2_K's
+    /// levels at most four times over.
     ///
     /// Its `asm` blocks are memory barriers on purpose (neither `pure` nor
     /// `nomem`): with the eight activation blocks of a super-block written
@@ -374,11 +399,227 @@ mod arm {
         }
     }
 
-    /// Q3_K, four rows a step, multiplied by `M`.
-    pub(super) struct Q3K<M>(std::marker::PhantomData<M>);
+    /// The shift left of each Q2_K activation block's scales, by its field
+    /// `j` (`k mod 4`): the `and` of field `j` leaves `4^j` times the levels
+    /// (`j` < 3, and for `EXACT` kernels `j` < 2, whose field 2 is shifted
+    /// down first), field 3 is shifted down to the levels themselves; the
+    /// scales make up the difference to the largest multiple, 16 (4 for
+    /// `EXACT`).
+    const fn q2k_scale_shifts(exact: bool) -> [u8; 4] {
+        if exact {
+            [2, 0, 2, 2]
+        } else {
+            [4, 2, 0, 4]
+        }
+    }
 
-    /// Q5_K, four rows a step, multiplied by `M`.
-    pub(super) struct Q5K<M>(std::marker::PhantomData<M>);
+    /// Four rows' Q2_K units, scales and minimums, kept packed (lanes
+    /// `[sub-block mod 4][row]`) and widened one activation block at a time.
+    pub(super) struct Q2KScales {
+        /// The rows' `d`, divided by the power of two the sums carry.
+        pub d: float32x4_t,
+        /// The rows' `dmin`.
+        pub dmin: float32x4_t,
+        /// Scales `4g … 4g + 4` of the four rows, shifted left by their
+        /// block's [`q2k_scale_shifts`].
+        pub scales: [uint8x16_t; 4],
+        /// Minimums `4g … 4g + 4` of the four rows.
+        pub mins: [uint8x16_t; 4],
+    }
+
+    impl Q2KScales {
+        /// Activation block `K`'s scales `(s₂ₖ, s₂ₖ₊₁)` and minimums `(m₂ₖ, m₂ₖ₊₁)`.
+        #[inline(always)]
+        pub(super) unsafe fn pairs<const K: usize>(&self) -> [(int32x4_t, int32x4_t); 2] {
+            let pair = |v: uint8x16_t| {
+                let half = if K.is_multiple_of(2) { vmovl_u8(vget_low_u8(v)) } else { vmovl_high_u8(v) };
+                let wide = (vmovl_u16(vget_low_u16(half)), vmovl_high_u16(half));
+                (vreinterpretq_s32_u32(wide.0), vreinterpretq_s32_u32(wide.1))
+            };
+            [pair(self.scales[K / 2]), pair(self.mins[K / 2])]
+        }
+    }
+
+    /// The units, scales and minimums of four rows' Q2_K super-blocks:
+    /// scale `i` in the low nibble of the rows' byte `i`, minimum `i` in the
+    /// high one. Vectors `g` = 0, 2 hold activation blocks of fields 0
+    /// (bytes 0–7) and 1 (8–15), vectors 1, 3 fields 2 and 3; one shift a
+    /// vector (`ushl`, by bytes) applies [`q2k_scale_shifts`] (a 4-bit scale
+    /// shifted by 4 still fits a byte).
+    ///
+    /// # Safety
+    /// `block` points at a readable block.
+    #[inline(always)]
+    pub(super) unsafe fn q2k_scales<M: Multiply>(block: *const BlockQ2Kx4) -> Q2KScales {
+        let shifts = const {
+            let by_field = q2k_scale_shifts(M::EXACT);
+            let mut vectors = [[0i8; 16]; 2];
+            let mut i = 0;
+            while i < 16 {
+                vectors[0][i] = by_field[i / 8] as i8;
+                vectors[1][i] = by_field[2 + i / 8] as i8;
+                i += 1;
+            }
+            vectors
+        };
+        let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
+        let multiple = if M::EXACT { 4.0 } else { 16.0 };
+        let d = vmulq_n_f32(widen_f16(vget_low_u16(units)), 1.0 / multiple);
+        let packed = vld1q_u8_x4((*block).scales.as_ptr());
+        let (even, odd) = (vld1q_s8(shifts[0].as_ptr()), vld1q_s8(shifts[1].as_ptr()));
+        let nibble = vdupq_n_u8(15);
+        Q2KScales {
+            d,
+            dmin: widen_f16(vget_high_u16(units)),
+            scales: [
+                vshlq_u8(vandq_u8(packed.0, nibble), even),
+                vshlq_u8(vandq_u8(packed.1, nibble), odd),
+                vshlq_u8(vandq_u8(packed.2, nibble), even),
+                vshlq_u8(vandq_u8(packed.3, nibble), odd),
+            ],
+            mins: [
+                vshrq_n_u8::<4>(packed.0),
+                vshrq_n_u8::<4>(packed.1),
+                vshrq_n_u8::<4>(packed.2),
+                vshrq_n_u8::<4>(packed.3),
+            ],
+        }
+    }
+
+    /// The four rows' levels of activation block `K` (eight vectors of four
+    /// columns) from the 128 `qs` bytes at `128·(K / 4)`, times the power
+    /// of two its field leaves (see [`q2k_scale_shifts`]).
+    ///
+    /// # Safety
+    /// `block` points at a readable block.
+    #[inline(always)]
+    pub(super) unsafe fn q2k_levels<const K: usize, M: Multiply>(block: *const BlockQ2Kx4) -> [int8x16_t; 8] {
+        let bytes = load128((*block).qs.as_ptr().add(128 * (K / 4)));
+        bytes.map(|v| {
+            vreinterpretq_s8_u8(match K % 4 {
+                0 => vandq_u8(v, vdupq_n_u8(0x03)),
+                1 => vandq_u8(v, vdupq_n_u8(0x0C)),
+                2 if M::EXACT => vandq_u8(vshrq_n_u8::<4>(v), vdupq_n_u8(0x03)),
+                2 => vandq_u8(v, vdupq_n_u8(0x30)),
+                _ => vshrq_n_u8::<6>(v),
+            })
+        })
+    }
+
+    /// Activation block `K` of a Q2_K super-block against `N` activations:
+    /// `scaled[t] += dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)`, `minimums[t] += dₓ·(m₂ₖ·Σ₀q + m₂ₖ₊₁·Σ₁q)`.
+    #[inline(always)]
+    unsafe fn q2k_block<M: Multiply, const K: usize, const N: usize>(
+        block: *const BlockQ2Kx4,
+        activations: &[*const BlockQ8Act; N],
+        scales: &Q2KScales,
+        (scaled, minimums): (&mut [float32x4_t; N], &mut [float32x4_t; N]),
+    ) {
+        let levels = q2k_levels::<K, M>(block);
+        let [pair, mins] = scales.pairs::<K>();
+        for t in 0..N {
+            let a = activations[t].add(K);
+            let units = activation_units(a);
+            accumulate_pair(M::halves(&levels, a), units, pair, &mut scaled[t]);
+            let q = vld1q_s8_x2((*a).qs.as_ptr());
+            let msum = q2k_minimum_sums([q.0, q.1], mins);
+            minimums[t] = vfmaq_lane_f32::<0>(minimums[t], vcvtq_f32_s32(msum), units);
+        }
+    }
+
+    /// One Q2_K super-block of a group against `N` activations into `acc`.
+    ///
+    /// # Safety
+    /// As [`q3k_superblock`].
+    #[inline(always)]
+    pub(super) unsafe fn q2k_superblock<M: Multiply, const N: usize>(
+        block: *const BlockQ2Kx4,
+        activations: [*const BlockQ8Act; N],
+        acc: &mut [float32x4_t; N],
+    ) {
+        let scales = q2k_scales::<M>(block);
+        let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+        let sums = (&mut scaled, &mut minimums);
+        q2k_block::<M, 0, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 1, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 2, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 3, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 4, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 5, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 6, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 7, N>(block, &activations, &scales, (sums.0, sums.1));
+        for t in 0..N {
+            acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], scales.d), minimums[t], scales.dmin);
+        }
+    }
+
+    /// A format's interleaved super-block and its walk, whatever multiplies.
+    pub(super) trait Superblock {
+        /// The interleaved super-block.
+        type Block;
+        /// One super-block of a group against `N` activations into `acc`.
+        ///
+        /// # Safety
+        /// As [`q3k_superblock`].
+        unsafe fn superblock<M: Multiply, const N: usize>(
+            block: *const Self::Block,
+            activations: [*const BlockQ8Act; N],
+            acc: &mut [float32x4_t; N],
+        );
+    }
+
+    /// `Superblock` for a format whose walk is the function `$walk`.
+    macro_rules! superblock {
+        ($(#[$doc:meta])* $format:ident, $block:ty, $walk:ident) => {
+            $(#[$doc])*
+            pub(super) struct $format;
+
+            impl Superblock for $format {
+                type Block = $block;
+                #[inline(always)]
+                unsafe fn superblock<M: Multiply, const N: usize>(
+                    block: *const $block,
+                    activations: [*const BlockQ8Act; N],
+                    acc: &mut [float32x4_t; N],
+                ) {
+                    $walk::<M, N>(block, activations, acc)
+                }
+            }
+        };
+    }
+    superblock!(
+        /// Q3_K.
+        Q3K, BlockQ3Kx4, q3k_superblock
+    );
+    superblock!(
+        /// Q5_K.
+        Q5K, BlockQ5Kx4, q5k_superblock
+    );
+    superblock!(
+        /// Q2_K.
+        Q2K, BlockQ2Kx4, q2k_superblock
+    );
+
+    /// Format `F`, four rows a step, multiplied by `M`: each kernel's `Group`.
+    pub(super) struct Kernel<F, M>(std::marker::PhantomData<(F, M)>);
+
+    /// A group's super-blocks one after another against `N` activations
+    /// (every kernel's `Group::dot`).
+    ///
+    /// # Safety
+    /// As `Group::dot`.
+    #[inline(always)]
+    pub(super) unsafe fn walk<F: Superblock, M: Multiply, const N: usize>(
+        group: *const F::Block,
+        superblocks: usize,
+        x: [*const BlockQ8Act; N],
+    ) -> [float32x4_t; N] {
+        let mut acc = [vdupq_n_f32(0.0); N];
+        for s in 0..superblocks {
+            F::superblock::<M, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
+        }
+        acc
+    }
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
@@ -406,9 +647,10 @@ pub mod neon {
     impl Multiply for Widening {
         const EXACT: bool = true;
 
-        /// Q3_K's levels are −4..4: a 16-bit lane takes four products
-        /// (|t·q| ≤ 512), then two pairwise adds in 16 bits (≤ 2¹³) leave
-        /// both halves' four row sums in one vector, widened to two.
+        /// Q3_K's levels are −4..4, Q2_K's at most 12 (four times 0..3):
+        /// a 16-bit lane takes four products (|t·q| ≤ 12·128), then two
+        /// pairwise adds in 16 bits (sixteen products, ≤ 24576 < 2¹⁵)
+        /// leave both halves' four row sums in one vector, widened to two.
         #[inline(always)]
         unsafe fn halves(w: &[int8x16_t; 8], a: *const BlockQ8Act) -> (int32x4_t, int32x4_t) {
             let b = broadcasts(a);
@@ -492,50 +734,35 @@ pub mod neon {
         }
     }
 
-    impl Group for Q3K<Widening> {
-        type Block = BlockQ3Kx4;
+    impl<F: Superblock> Group for Kernel<F, Widening> {
+        type Block = F::Block;
         const TILE: usize = 4;
 
         unsafe fn dot<const N: usize>(
-            group: *const BlockQ3Kx4,
+            group: *const F::Block,
             superblocks: usize,
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q3k_superblock::<Widening, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q5K<Widening> {
-        type Block = BlockQ5Kx4;
-        const TILE: usize = 4;
-
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q5k_superblock::<Widening, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
+            walk::<F, Widening, N>(group, superblocks, x)
         }
     }
 
     /// Interleaved Q3_K matrix × int8 activations.
     pub fn matmul_q3kx4(weights: &[BlockQ3Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul::<Q3K<Widening>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q3K, Widening>>(weights, cols, x, out) }
+    }
+
+    /// Interleaved Q2_K matrix × int8 activations.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { matmul::<Kernel<Q2K, Widening>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q5_K matrix × int8 activations.
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         // SAFETY: NEON is part of every aarch64 target.
-        unsafe { matmul::<Q5K<Widening>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q5K, Widening>>(weights, cols, x, out) }
     }
 }
 
@@ -608,39 +835,17 @@ pub mod dotprod {
         }
     }
 
-    impl Group for Q3K<Dot> {
-        type Block = BlockQ3Kx4;
+    impl<F: Superblock> Group for Kernel<F, Dot> {
+        type Block = F::Block;
         const TILE: usize = 8;
 
         #[target_feature(enable = "dotprod")]
         unsafe fn dot<const N: usize>(
-            group: *const BlockQ3Kx4,
+            group: *const F::Block,
             superblocks: usize,
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q3k_superblock::<Dot, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
-        }
-    }
-
-    impl Group for Q5K<Dot> {
-        type Block = BlockQ5Kx4;
-        const TILE: usize = 8;
-
-        #[target_feature(enable = "dotprod")]
-        unsafe fn dot<const N: usize>(
-            group: *const BlockQ5Kx4,
-            superblocks: usize,
-            x: [*const BlockQ8Act; N],
-        ) -> [float32x4_t; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                q5k_superblock::<Dot, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
-            }
-            acc
+            walk::<F, Dot, N>(group, superblocks, x)
         }
     }
 
@@ -649,7 +854,15 @@ pub mod dotprod {
     pub fn matmul_q3kx4(weights: &[BlockQ3Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul::<Q3K<Dot>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q3K, Dot>>(weights, cols, x, out) }
+    }
+
+    /// Interleaved Q2_K matrix × int8 activations. Panics on a CPU without
+    /// the dot-product extension.
+    pub fn matmul_q2kx4(weights: &[BlockQ2Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: the CPU has the dot-product extension (checked just above).
+        unsafe { matmul::<Kernel<Q2K, Dot>>(weights, cols, x, out) }
     }
 
     /// Interleaved Q5_K matrix × int8 activations. Panics on a CPU without
@@ -657,6 +870,6 @@ pub mod dotprod {
     pub fn matmul_q5kx4(weights: &[BlockQ5Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
         // SAFETY: the CPU has the dot-product extension (checked just above).
-        unsafe { matmul::<Q5K<Dot>>(weights, cols, x, out) }
+        unsafe { matmul::<Kernel<Q5K, Dot>>(weights, cols, x, out) }
     }
 }

@@ -1,4 +1,4 @@
-//! Products of k-quant matrices (ggml's Q3_K, Q4_K, Q5_K, Q6_K blocks, carried
+//! Products of k-quant matrices (ggml's Q2_K, Q3_K, Q4_K, Q5_K, Q6_K blocks, carried
 //! bit-exact from a GGUF file) with int8 activations.
 //!
 //! - [`scalar`]: the reference, compiled everywhere.
@@ -13,7 +13,9 @@
 //! Rows must be a whole number of 256-value super-blocks; activations stay
 //! in the runtime's 32-value blocks ([`crate::quant::BlockQ8Act`]), so a
 //! super-block meets eight of them, and each of its sub-blocks' scales meets
-//! exactly one activation scale.
+//! exactly one activation scale. Q2_K's minimums, one per sub-block of 16,
+//! meet the sums of the activation's int8 values over each half of a block
+//! (the block's `s` covers all 32), which the kernels add up as they go.
 
 pub mod interleaved;
 pub mod interleaved35;
@@ -34,7 +36,7 @@ mod test_support;
 mod tests {
     use super::test_support::Format;
     use crate::kernels::activation::scalar::quantize_activation;
-    use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+    use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
     use crate::quant::{BlockQ8Act, GROUP};
 
     /// The reference against a plain f32 product of the dequantized weights
@@ -85,6 +87,7 @@ mod tests {
         check::<BlockQ5K>();
         check::<BlockQ6K>();
         check::<BlockQ3K>();
+        check::<BlockQ2K>();
     }
 
     /// Every kernel table this CPU runs (the wiring, not the kernels, is
@@ -106,15 +109,15 @@ mod tests {
             let q5k: Vec<BlockQ5K> = w.chunks_exact(QK_K).map(BlockQ5K::quantize).collect();
             let q6k: Vec<BlockQ6K> = w.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
             let q3k: Vec<BlockQ3K> = w.chunks_exact(QK_K).map(BlockQ3K::quantize).collect();
+            let q2k: Vec<BlockQ2K> = w.chunks_exact(QK_K).map(BlockQ2K::quantize).collect();
             let run = |k: &Kernels| -> Vec<f32> {
-                let mut out = vec![0f32; 4 * rows * batch];
-                let (a, rest) = out.split_at_mut(rows * batch);
-                let (b, rest) = rest.split_at_mut(rows * batch);
-                let (c, d) = rest.split_at_mut(rows * batch);
-                (k.matmul_q4k)(&q4k, cols, &xq, a);
-                (k.matmul_q5k)(&q5k, cols, &xq, b);
-                (k.matmul_q6k)(&q6k, cols, &xq, c);
-                (k.matmul_q3k)(&q3k, cols, &xq, d);
+                let mut out = vec![0f32; 5 * rows * batch];
+                let mut parts = out.chunks_exact_mut(rows * batch);
+                (k.matmul_q4k)(&q4k, cols, &xq, parts.next().unwrap());
+                (k.matmul_q5k)(&q5k, cols, &xq, parts.next().unwrap());
+                (k.matmul_q6k)(&q6k, cols, &xq, parts.next().unwrap());
+                (k.matmul_q3k)(&q3k, cols, &xq, parts.next().unwrap());
+                (k.matmul_q2k)(&q2k, cols, &xq, parts.next().unwrap());
                 out
             };
             let expected = run(&Kernels::SCALAR);

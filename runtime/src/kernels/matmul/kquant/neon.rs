@@ -16,7 +16,9 @@
 //! - Q4_K, Q5_K (one scale and minimum per 32): `d·scale·dₓ·Σn·q − dmin·min·sₓ`;
 //! - Q6_K, Q3_K (two signed scales per 32): the integer scales multiply the
 //!   two 16-value sums in int32 (`s₀·Σ₀ + s₁·Σ₁`, as the reference), then
-//!   `d·dₓ` times that.
+//!   `d·dₓ` times that;
+//! - Q2_K: as Q3_K, less `dmin·dₓ·(m₀·Σ₀q + m₁·Σ₁q)`, the minimums meeting
+//!   the activation's sums over the halves of its block.
 //!
 //! A batch of activations is walked in tiles of up to four inside the
 //! super-block loop: a block's levels are unpacked once and serve every
@@ -24,9 +26,10 @@
 //! row to make four and stores only the rows that exist (as the other NEON
 //! kernels do), so the remainder uses the same tested four-row path.
 
+use super::interleaved::arm::q2k_minimum_sums;
 use super::scalar::ACTIVATION_BLOCKS;
 use crate::kernels::matmul::neon::widen_f16;
-use crate::kquant::{BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use std::arch::aarch64::*;
 use std::arch::asm;
@@ -430,6 +433,28 @@ fn accumulate_signed<const N: usize, const SMALL: bool>(
     }
 }
 
+/// Activation block `k` of a Q2_K row group against activation block `k`
+/// of each activation: as [`accumulate_signed`] with the scales, then
+/// `acc −= (dmin·dₓ)·(m₀·Σ₀q + m₁·Σ₁q)` with the minimums.
+#[target_feature(enable = "neon")]
+#[inline]
+fn accumulate_q2k<const N: usize>(
+    acc: &mut [float32x4_t; N],
+    activations: &[&[BlockQ8Act; ACTIVATION_BLOCKS]; N],
+    k: usize,
+    levels: [[int8x16_t; 2]; ROWS],
+    (scales, mins): ((int32x4_t, int32x4_t), (int32x4_t, int32x4_t)),
+    (d, dmin): (float32x4_t, float32x4_t),
+) {
+    // |n·q| ≤ 3·128: two products to a lane stay far below 2¹³.
+    accumulate_signed::<N, true>(acc, activations, k, levels, scales, d);
+    for (acc, a) in acc.iter_mut().zip(activations) {
+        let (units, q) = load_activation(&a[k]);
+        let msum = q2k_minimum_sums(q, mins);
+        *acc = vfmsq_f32(*acc, vmulq_lane_f32::<0>(dmin, units), vcvtq_f32_s32(msum));
+    }
+}
+
 /// Q4_K: levels 0..15, the low nibbles of `qs[32c..32c + 32]` for sub-block
 /// 2c and the high ones for 2c + 1.
 struct Q4K;
@@ -583,6 +608,40 @@ impl FourRows for Q3K {
     }
 }
 
+/// Q2_K: levels 0..3, two bits of `qs`; a 4-bit scale and minimum per
+/// sub-block of 16.
+struct Q2K;
+
+impl FourRows for Q2K {
+    type Block = BlockQ2K;
+
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn dot4<const N: usize>(rows: [&[BlockQ2K]; ROWS], x: [&[BlockQ8Act]; N]) -> [float32x4_t; N] {
+        let mut acc = [vdupq_n_f32(0.0); N];
+        let nibble = vdupq_n_u8(15);
+        for superblock in 0..rows[0].len() {
+            let blocks = row_blocks(&rows, superblock);
+            let activations = activation_blocks(&x, superblock);
+            let units = (units(per_row!(|r| blocks[r].d)), units(per_row!(|r| blocks[r].dmin)));
+            // Scale i of a row in the low nibble of its byte i, minimum i in the high one.
+            let table = transpose_rows(per_row!(|r| load16(&blocks[r].scales)));
+            let scales = scale_pairs([0, 1, 2, 3].map(|i| vandq_u8(table[i], nibble)));
+            let mins = scale_pairs([0, 1, 2, 3].map(|i| vshrq_n_u8::<4>(table[i])));
+            for n in 0..2 {
+                let low_bits = per_row!(|r| load32(&blocks[r].qs.as_chunks::<32>().0[n]));
+                for j in 0..4 {
+                    // Bits 2j, 2j + 1 of qs move to bits 0, 1.
+                    let (k, shift) = (4 * n + j, vdupq_n_s8(-2 * j as i8));
+                    let levels = per_row!(|r| signed(two_bits(low_bits[r], shift), 0));
+                    accumulate_q2k::<N>(&mut acc, &activations, k, levels, (scales[k], mins[k]), units);
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// Q4_K matrix × int8 activations.
 pub fn matmul_q4k(weights: &[BlockQ4K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_k::<Q4K>(weights, cols, x, out)
@@ -601,6 +660,11 @@ pub fn matmul_q6k(weights: &[BlockQ6K], cols: usize, x: &[BlockQ8Act], out: &mut
 /// Q3_K matrix × int8 activations.
 pub fn matmul_q3k(weights: &[BlockQ3K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_k::<Q3K>(weights, cols, x, out)
+}
+
+/// Q2_K matrix × int8 activations.
+pub fn matmul_q2k(weights: &[BlockQ2K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_k::<Q2K>(weights, cols, x, out)
 }
 
 #[cfg(all(test, target_arch = "aarch64"))]
@@ -641,5 +705,10 @@ mod tests {
     #[test]
     fn q3k_matches_the_reference() {
         check(super::matmul_q3k);
+    }
+
+    #[test]
+    fn q2k_matches_the_reference() {
+        check(super::matmul_q2k);
     }
 }

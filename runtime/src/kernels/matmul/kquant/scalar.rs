@@ -4,9 +4,11 @@
 //!
 //! A super-block of 256 weights covers 8 activation blocks. Q4_K and Q5_K
 //! have one scale and one minimum per 32 values (one activation block);
-//! Q6_K and Q3_K one signed scale per 16 (two per activation block).
+//! Q6_K and Q3_K one signed scale per 16 (two per activation block); Q2_K
+//! one scale and one minimum per 16, the minimums meeting the sums of the
+//! activation's values over each half of its block.
 
-use crate::kquant::{scale_min_k4, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use half::f16;
 
@@ -57,16 +59,40 @@ pub fn levels_q6k(block: &BlockQ6K, k: usize) -> [i8; GROUP] {
     })
 }
 
+/// The two-bit fields of values `32k..32k + 32` in Q2_K's and Q3_K's `qs`
+/// (0..4): value `128n + 32j + l` (`k = 4n + j`) at bits `2j` of `qs[32n + l]`.
+#[inline(always)]
+fn two_bit_levels(qs: &[u8; QK_K / 4], k: usize) -> [i8; GROUP] {
+    let (n, j) = (k / 4, k % 4);
+    std::array::from_fn(|l| ((qs[32 * n + l] >> (2 * j)) & 3) as i8)
+}
+
+/// The 32 levels of values `32k..32k + 32` of a Q2_K super-block (0..4).
+#[inline(always)]
+pub fn levels_q2k(block: &BlockQ2K, k: usize) -> [i8; GROUP] {
+    two_bit_levels(&block.qs, k)
+}
+
 /// The 32 levels of values `32k..32k + 32` of a Q3_K super-block (−4..4):
 /// two bits from `qs`, and 4 subtracted where the `hmask` bit is clear.
 #[inline(always)]
 pub fn levels_q3k(block: &BlockQ3K, k: usize) -> [i8; GROUP] {
-    let (n, j) = (k / 4, k % 4);
-    let mask = 1u8 << (4 * n + j);
-    std::array::from_fn(|l| {
-        let low = ((block.qs[32 * n + l] >> (2 * j)) & 3) as i8;
-        low - if block.hmask[l] & mask != 0 { 0 } else { 4 }
-    })
+    let mask = 1u8 << k;
+    let low = two_bit_levels(&block.qs, k);
+    std::array::from_fn(|l| low[l] - if block.hmask[l] & mask != 0 { 0 } else { 4 })
+}
+
+/// Sub-block `i` of 16 of a Q2_K super-block: its 4-bit scale and minimum.
+#[inline(always)]
+pub fn scale_min_q2k(block: &BlockQ2K, i: usize) -> (i32, i32) {
+    ((block.scales[i] & 0xF) as i32, (block.scales[i] >> 4) as i32)
+}
+
+/// `s₀·Σ₀ + s₁·Σ₁`: `Σₕ` the sum of `a·b` over half `h` (16 values) of two
+/// blocks, each weighted by its sub-block's integer scale.
+#[inline(always)]
+fn pair_sum(a: &[i8; GROUP], b: &[i8; GROUP], (s0, s1): (i32, i32)) -> i32 {
+    s0 * dot_range(a, b, 0..16) + s1 * dot_range(a, b, 16..32)
 }
 
 /// Q4_K row · activation: per sub-block `d·scale·dₓ·Σ n·q − dmin·min·(dₓ·Σ q)`.
@@ -117,9 +143,8 @@ pub fn dot_q6k_q8_from(mut sum: f32, row: &[BlockQ6K], x: &[BlockQ8Act]) -> f32 
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let d = unit(block.d);
         for (k, a) in activations.iter().enumerate() {
-            let levels = levels_q6k(block, k);
-            let (s0, s1) = (block.scales[2 * k] as i8 as i32, block.scales[2 * k + 1] as i8 as i32);
-            let isum = s0 * dot_range(&levels, &a.qs, 0..16) + s1 * dot_range(&levels, &a.qs, 16..32);
+            let scales = (block.scales[2 * k] as i8 as i32, block.scales[2 * k + 1] as i8 as i32);
+            let isum = pair_sum(&levels_q6k(block, k), &a.qs, scales);
             sum += d * a.d * isum as f32;
         }
     }
@@ -136,10 +161,31 @@ pub fn dot_q3k_q8_from(mut sum: f32, row: &[BlockQ3K], x: &[BlockQ8Act]) -> f32 
     for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
         let d = unit(block.d);
         for (k, a) in activations.iter().enumerate() {
-            let levels = levels_q3k(block, k);
-            let (s0, s1) = (block.scale(2 * k) as i32 - 32, block.scale(2 * k + 1) as i32 - 32);
-            let isum = s0 * dot_range(&levels, &a.qs, 0..16) + s1 * dot_range(&levels, &a.qs, 16..32);
+            let scales = (block.scale(2 * k) as i32 - 32, block.scale(2 * k + 1) as i32 - 32);
+            let isum = pair_sum(&levels_q3k(block, k), &a.qs, scales);
             sum += d * a.d * isum as f32;
+        }
+    }
+    sum
+}
+
+/// Q2_K row · activation: per activation block, its two sub-blocks of 16
+/// with scales `s` and minimums `m`, `d·dₓ·(s₀·Σ₀n·q + s₁·Σ₁n·q) −
+/// dmin·dₓ·(m₀·Σ₀q + m₁·Σ₁q)`, the scales and minimums applied in int32.
+pub fn dot_q2k_q8(row: &[BlockQ2K], x: &[BlockQ8Act]) -> f32 {
+    dot_q2k_q8_from(0.0, row, x)
+}
+
+/// [`dot_q2k_q8`] added to a running `sum`, super-block by super-block.
+pub fn dot_q2k_q8_from(mut sum: f32, row: &[BlockQ2K], x: &[BlockQ8Act]) -> f32 {
+    const ONES: [i8; GROUP] = [1; GROUP];
+    for (block, activations) in row.iter().zip(x.chunks_exact(ACTIVATION_BLOCKS)) {
+        let (d, dmin) = (unit(block.d), unit(block.dmin));
+        for (k, a) in activations.iter().enumerate() {
+            let ((s0, m0), (s1, m1)) = (scale_min_q2k(block, 2 * k), scale_min_q2k(block, 2 * k + 1));
+            let isum = pair_sum(&levels_q2k(block, k), &a.qs, (s0, s1));
+            let msum = pair_sum(&ONES, &a.qs, (m0, m1));
+            sum += d * a.d * isum as f32 - dmin * a.d * msum as f32;
         }
     }
     sum
@@ -173,4 +219,8 @@ pub fn matmul_q6k(weights: &[BlockQ6K], cols: usize, x: &[BlockQ8Act], out: &mut
 /// Q3_K matrix × int8 activations.
 pub fn matmul_q3k(weights: &[BlockQ3K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_k(weights, cols, x, out, dot_q3k_q8)
+}
+/// Q2_K matrix × int8 activations.
+pub fn matmul_q2k(weights: &[BlockQ2K], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_k(weights, cols, x, out, dot_q2k_q8)
 }

@@ -11,9 +11,11 @@
 // Only the x86-64 and aarch64 kernel files call the harness.
 #![cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 
-use super::scalar::{self, levels_q3k, levels_q4k, levels_q5k, levels_q6k, ACTIVATION_BLOCKS};
+use super::scalar::{
+    self, levels_q2k, levels_q3k, levels_q4k, levels_q5k, levels_q6k, scale_min_q2k, ACTIVATION_BLOCKS,
+};
 use crate::kernels::activation::scalar::quantize_activation;
-use crate::kquant::{f16_value, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
+use crate::kquant::{f16_value, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{BlockQ8Act, GROUP};
 use bytemuck::Pod;
 use std::mem::offset_of;
@@ -147,6 +149,33 @@ impl Format for BlockQ3K {
     }
     fn magnitude(&self, x: &[BlockQ8Act]) -> f64 {
         magnitude_pairs(self.d, |i| self.scale(i) as i32 - 32, |k| levels_q3k(self, k), x)
+    }
+}
+
+impl Format for BlockQ2K {
+    const NAME: &'static str = "q2k";
+    const UNITS: &'static [usize] = &[offset_of!(BlockQ2K, d), offset_of!(BlockQ2K, dmin)];
+    fn quantize(values: &[f32]) -> Self {
+        BlockQ2K::quantize(values)
+    }
+    fn dequantize(&self, out: &mut [f32]) {
+        BlockQ2K::dequantize(self, out)
+    }
+    fn reference(weights: &[Self], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        scalar::matmul_q2k(weights, cols, x, out)
+    }
+    /// The scales' terms as Q3_K's, plus per sub-block of 16
+    /// `|dmin·min|·|dₓ|·Σ|q|`.
+    fn magnitude(&self, x: &[BlockQ8Act]) -> f64 {
+        let scales = magnitude_pairs(self.d, |i| scale_min_q2k(self, i).0, |k| levels_q2k(self, k), x);
+        let dmin = f16_value(self.dmin).abs() as f64;
+        let mut minimums = 0.0;
+        for (k, a) in x.iter().enumerate() {
+            let sum_q = |range: Range<usize>| -> f64 { range.map(|l| (a.qs[l] as i32).unsigned_abs() as f64).sum() };
+            let (m0, m1) = (scale_min_q2k(self, 2 * k).1 as f64, scale_min_q2k(self, 2 * k + 1).1 as f64);
+            minimums += dmin * a.d.abs() as f64 * (m0 * sum_q(0..16) + m1 * sum_q(16..32));
+        }
+        scales + minimums
     }
 }
 
