@@ -657,26 +657,28 @@ impl Kernel for Q3K {
 
 /// The sixteen 4-bit scales and minimums of `R` Q2_K super-blocks from the
 /// 16 bytes at each `start[r]` (scale `i` in the low nibble of byte `i`,
-/// minimum `i` in the high one): pairs `(s₂ₖ, s₂ₖ₊₁)` and `(m₂ₖ, m₂ₖ₊₁)`
-/// for activation block k, lane r for row r.
+/// minimum `i` in the high one): per activation block k, the pair
+/// `(s₂ₖ, s₂ₖ₊₁)` (lane r for row r) and the minimums `m₂ₖ`, `m₂ₖ₊₁` of
+/// the rows in the low and high four 16-bit lanes.
 ///
 /// # Safety
 /// Each `start[r]` points at 16 readable bytes.
 #[inline(always)]
-unsafe fn q2k_scales<const R: usize>(start: [*const u8; R]) -> [[(int32x4_t, int32x4_t); 8]; 2] {
+unsafe fn q2k_scales<const R: usize>(start: [*const u8; R]) -> ([(int32x4_t, int32x4_t); 8], [int16x8_t; 8]) {
     let rows = table(start);
     let nibble = vdupq_n_u8(15);
-    let mut pairs = [[(vdupq_n_s32(0), vdupq_n_s32(0)); 8]; 2];
+    let (mut scales, mut mins) = ([(vdupq_n_s32(0), vdupq_n_s32(0)); 8], [vdupq_n_s16(0); 8]);
     for group in 0..4 {
         // Scales and minimums 4g..4g + 4 of the four rows: activation blocks 2g and 2g + 1.
         let bytes = gathered(rows, 4 * group as u8);
-        for (kind, nibbles) in [vandq_u8(bytes, nibble), vshrq_n_u8::<4>(bytes)].into_iter().enumerate() {
-            let wide = widen_unsigned(nibbles);
-            pairs[kind][2 * group] = (wide[0], wide[1]);
-            pairs[kind][2 * group + 1] = (wide[2], wide[3]);
-        }
+        let wide = widen_unsigned(vandq_u8(bytes, nibble));
+        scales[2 * group] = (wide[0], wide[1]);
+        scales[2 * group + 1] = (wide[2], wide[3]);
+        let high = vshrq_n_u8::<4>(bytes);
+        mins[2 * group] = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(high)));
+        mins[2 * group + 1] = vreinterpretq_s16_u16(vmovl_high_u8(high));
     }
-    pairs
+    (scales, mins)
 }
 
 /// Q2_K: value `32k + l` of a half `n` (k = 4n + j) has its level at bit 2j
@@ -699,7 +701,7 @@ impl Kernel for Q2K {
             let activations: [*const BlockQ8Act; T] = std::array::from_fn(|t| x[t].add(block * ACTIVATION_BLOCKS));
             let d = units::<R>(std::array::from_fn(|r| (*rows[r].add(block)).d));
             let dmin = units::<R>(std::array::from_fn(|r| (*rows[r].add(block)).dmin));
-            let [scales, mins] = q2k_scales(blocks.map(|b| b.add(offset_of!(BlockQ2K, scales))));
+            let (scales, mins) = q2k_scales(blocks.map(|b| b.add(offset_of!(BlockQ2K, scales))));
             let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); T], [vdupq_n_f32(0.0); T]);
             for half in 0..2 {
                 let mut low_bits = [(vdupq_n_u8(0), vdupq_n_u8(0)); R];

@@ -451,22 +451,21 @@ pub(in crate::kernels::matmul::kquant) mod arm {
     }
 
     /// A Q2_K activation block's minimum terms in int32, `m₀·Σ₀q + m₁·Σ₁q`
-    /// (lanes rows: the four rows' minimums of the block's two sub-blocks
-    /// of 16), `Σₕq` the sum of the activation's values `q` over half `h`.
-    /// Every kernel family's Q2_K (row-major and interleaved, ARMv8.0 and
-    /// `sdot`) takes its minimums through this: pairwise widening adds
-    /// leave `[Σ₀, Σ₁, Σ₀, Σ₁]`, multiplied by lane.
+    /// for four rows (`minimums`: lanes 0–3 the rows' `m₀`, 4–7 their
+    /// `m₁`, 16-bit), `Σₕq` the sum of the activation's values `q` over half
+    /// `h` of the block. Every kernel family's Q2_K (row-major and
+    /// interleaved, ARMv8.0 and `sdot`) takes its minimums through this:
+    /// pairwise adds in 16 bits (|Σₕq| ≤ 16·128) leave `[Σ₀, Σ₁, …]`, and two
+    /// widening multiplies by lane (`m·Σq` ≤ 15·2048 fits 16 bits, the sum
+    /// of two does not) give the rows' sums.
     #[inline(always)]
-    pub(in crate::kernels::matmul::kquant) fn q2k_minimum_sums(
-        q: [int8x16_t; 2],
-        (m0, m1): (int32x4_t, int32x4_t),
-    ) -> int32x4_t {
+    pub(in crate::kernels::matmul::kquant) fn q2k_minimum_sums(q: [int8x16_t; 2], minimums: int16x8_t) -> int32x4_t {
         // SAFETY: register-only NEON operations, part of every aarch64 target.
         unsafe {
             let eights = vpaddq_s16(vpaddlq_s8(q[0]), vpaddlq_s8(q[1]));
-            let quarters = vpaddlq_s16(eights);
-            let halves = vpaddq_s32(quarters, quarters);
-            vmlaq_laneq_s32::<1>(vmulq_laneq_s32::<0>(m0, halves), m1, halves)
+            let quarters = vpaddq_s16(eights, eights);
+            let halves = vpaddq_s16(quarters, quarters);
+            vmlal_high_laneq_s16::<1>(vmull_laneq_s16::<0>(vget_low_s16(minimums), halves), minimums, halves)
         }
     }
 }

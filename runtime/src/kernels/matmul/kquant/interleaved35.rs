@@ -413,77 +413,30 @@ mod arm {
         }
     }
 
-    /// Four rows' Q2_K units, scales and minimums, kept packed (lanes
-    /// `[sub-block mod 4][row]`) and widened one activation block at a time.
-    pub(super) struct Q2KScales {
-        /// The rows' `d`, divided by the power of two the sums carry.
-        pub d: float32x4_t,
-        /// The rows' `dmin`.
-        pub dmin: float32x4_t,
-        /// Scales `4g … 4g + 4` of the four rows, shifted left by their
-        /// block's [`q2k_scale_shifts`].
-        pub scales: [uint8x16_t; 4],
-        /// Minimums `4g … 4g + 4` of the four rows.
-        pub mins: [uint8x16_t; 4],
-    }
-
-    impl Q2KScales {
-        /// Activation block `K`'s scales `(s₂ₖ, s₂ₖ₊₁)` and minimums `(m₂ₖ, m₂ₖ₊₁)`.
-        #[inline(always)]
-        pub(super) unsafe fn pairs<const K: usize>(&self) -> [(int32x4_t, int32x4_t); 2] {
-            let pair = |v: uint8x16_t| {
-                let half = if K.is_multiple_of(2) { vmovl_u8(vget_low_u8(v)) } else { vmovl_high_u8(v) };
-                let wide = (vmovl_u16(vget_low_u16(half)), vmovl_high_u16(half));
-                (vreinterpretq_s32_u32(wide.0), vreinterpretq_s32_u32(wide.1))
-            };
-            [pair(self.scales[K / 2]), pair(self.mins[K / 2])]
-        }
-    }
-
-    /// The units, scales and minimums of four rows' Q2_K super-blocks:
-    /// scale `i` in the low nibble of the rows' byte `i`, minimum `i` in the
-    /// high one. Vectors `g` = 0, 2 hold activation blocks of fields 0
-    /// (bytes 0–7) and 1 (8–15), vectors 1, 3 fields 2 and 3; one shift a
-    /// vector (`ushl`, by bytes) applies [`q2k_scale_shifts`] (a 4-bit scale
-    /// shifted by 4 still fits a byte).
+    /// Activation block `K`'s scales `(s₂ₖ, s₂ₖ₊₁)` of the four rows, shifted
+    /// left by its field's [`q2k_scale_shifts`], and its minimums
+    /// `[m₂ₖ × 4 rows, m₂ₖ₊₁ × 4 rows]` in 16-bit lanes, from the eight
+    /// bytes at `scales[8K]` (a row's scale in the low nibble, its minimum
+    /// in the high one). Read from memory a block at a time, where they are
+    /// used: decoded for the whole super-block up front, sixteen widened
+    /// vectors stay live through it and spill.
     ///
     /// # Safety
     /// `block` points at a readable block.
     #[inline(always)]
-    pub(super) unsafe fn q2k_scales<M: Multiply>(block: *const BlockQ2Kx4) -> Q2KScales {
-        let shifts = const {
-            let by_field = q2k_scale_shifts(M::EXACT);
-            let mut vectors = [[0i8; 16]; 2];
-            let mut i = 0;
-            while i < 16 {
-                vectors[0][i] = by_field[i / 8] as i8;
-                vectors[1][i] = by_field[2 + i / 8] as i8;
-                i += 1;
-            }
-            vectors
-        };
-        let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
-        let multiple = if M::EXACT { 4.0 } else { 16.0 };
-        let d = vmulq_n_f32(widen_f16(vget_low_u16(units)), 1.0 / multiple);
-        let packed = vld1q_u8_x4((*block).scales.as_ptr());
-        let (even, odd) = (vld1q_s8(shifts[0].as_ptr()), vld1q_s8(shifts[1].as_ptr()));
-        let nibble = vdupq_n_u8(15);
-        Q2KScales {
-            d,
-            dmin: widen_f16(vget_high_u16(units)),
-            scales: [
-                vshlq_u8(vandq_u8(packed.0, nibble), even),
-                vshlq_u8(vandq_u8(packed.1, nibble), odd),
-                vshlq_u8(vandq_u8(packed.2, nibble), even),
-                vshlq_u8(vandq_u8(packed.3, nibble), odd),
-            ],
-            mins: [
-                vshrq_n_u8::<4>(packed.0),
-                vshrq_n_u8::<4>(packed.1),
-                vshrq_n_u8::<4>(packed.2),
-                vshrq_n_u8::<4>(packed.3),
-            ],
-        }
+    pub(super) unsafe fn q2k_scales<const K: usize, M: Multiply>(
+        block: *const BlockQ2Kx4,
+    ) -> ((int32x4_t, int32x4_t), int16x8_t) {
+        let bytes = vld1_u8((*block).scales.as_ptr().add(8 * K));
+        let scales = vmovl_u8(match q2k_scale_shifts(M::EXACT)[K % 4] {
+            0 => vand_u8(bytes, vdup_n_u8(15)),
+            2 => vshl_n_u8::<2>(vand_u8(bytes, vdup_n_u8(15))),
+            // 4: the shift drops the minimum's nibble.
+            _ => vshl_n_u8::<4>(bytes),
+        });
+        let pair = (vmovl_u16(vget_low_u16(scales)), vmovl_high_u16(scales));
+        let mins = vreinterpretq_s16_u16(vmovl_u8(vshr_n_u8::<4>(bytes)));
+        ((vreinterpretq_s32_u32(pair.0), vreinterpretq_s32_u32(pair.1)), mins)
     }
 
     /// The four rows' levels of activation block `K` (eight vectors of four
@@ -512,11 +465,10 @@ mod arm {
     unsafe fn q2k_block<M: Multiply, const K: usize, const N: usize>(
         block: *const BlockQ2Kx4,
         activations: &[*const BlockQ8Act; N],
-        scales: &Q2KScales,
         (scaled, minimums): (&mut [float32x4_t; N], &mut [float32x4_t; N]),
     ) {
         let levels = q2k_levels::<K, M>(block);
-        let [pair, mins] = scales.pairs::<K>();
+        let (pair, mins) = q2k_scales::<K, M>(block);
         for t in 0..N {
             let a = activations[t].add(K);
             let units = activation_units(a);
@@ -524,7 +476,20 @@ mod arm {
             let q = vld1q_s8_x2((*a).qs.as_ptr());
             let msum = q2k_minimum_sums([q.0, q.1], mins);
             minimums[t] = vfmaq_lane_f32::<0>(minimums[t], vcvtq_f32_s32(msum), units);
+            settle(&mut scaled[t]);
+            settle(&mut minimums[t]);
         }
+    }
+
+    /// `v` as it stands, through an empty `asm` block with side effects,
+    /// which LLVM keeps in order with the products' `asm`: a block's sums
+    /// are accumulated before the next block's products begin. Left free,
+    /// LLVM sinks each block's accumulation below the products of the
+    /// blocks after it and spills the sums it keeps waiting (about thirty
+    /// stack stores and loads a super-block in the Q2_K `sdot` kernel).
+    #[inline(always)]
+    unsafe fn settle(v: &mut float32x4_t) {
+        asm!("/* {v:v} */", v = inout(vreg) * v, options(nomem, nostack, preserves_flags));
     }
 
     /// One Q2_K super-block of a group against `N` activations into `acc`.
@@ -537,19 +502,22 @@ mod arm {
         activations: [*const BlockQ8Act; N],
         acc: &mut [float32x4_t; N],
     ) {
-        let scales = q2k_scales::<M>(block);
         let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
         let sums = (&mut scaled, &mut minimums);
-        q2k_block::<M, 0, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 1, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 2, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 3, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 4, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 5, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 6, N>(block, &activations, &scales, (sums.0, sums.1));
-        q2k_block::<M, 7, N>(block, &activations, &scales, (sums.0, sums.1));
+        q2k_block::<M, 0, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 1, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 2, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 3, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 4, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 5, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 6, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 7, N>(block, &activations, (sums.0, sums.1));
+        // The rows' units, `d` less the power of two the sums carry.
+        let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
+        let multiple = if M::EXACT { 4.0 } else { 16.0 };
+        let (d, dmin) = (vmulq_n_f32(widen_f16(vget_low_u16(units)), 1.0 / multiple), widen_f16(vget_high_u16(units)));
         for t in 0..N {
-            acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], scales.d), minimums[t], scales.dmin);
+            acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], d), minimums[t], dmin);
         }
     }
 

@@ -443,7 +443,7 @@ fn accumulate_q2k<const N: usize>(
     activations: &[&[BlockQ8Act; ACTIVATION_BLOCKS]; N],
     k: usize,
     levels: [[int8x16_t; 2]; ROWS],
-    (scales, mins): ((int32x4_t, int32x4_t), (int32x4_t, int32x4_t)),
+    (scales, mins): ((int32x4_t, int32x4_t), int16x8_t),
     (d, dmin): (float32x4_t, float32x4_t),
 ) {
     // |n·q| ≤ 3·128: two products to a lane stay far below 2¹³.
@@ -627,7 +627,12 @@ impl FourRows for Q2K {
             // Scale i of a row in the low nibble of its byte i, minimum i in the high one.
             let table = transpose_rows(per_row!(|r| load16(&blocks[r].scales)));
             let scales = scale_pairs([0, 1, 2, 3].map(|i| vandq_u8(table[i], nibble)));
-            let mins = scale_pairs([0, 1, 2, 3].map(|i| vshrq_n_u8::<4>(table[i])));
+            // Activation block k's minimums: bytes 8k..8k + 8 of the table, 16-bit.
+            let mins = [0, 1, 2, 3, 4, 5, 6, 7].map(|k| {
+                let bytes = vshrq_n_u8::<4>(table[k / 2]);
+                let half = if k % 2 == 0 { vmovl_u8(vget_low_u8(bytes)) } else { vmovl_high_u8(bytes) };
+                vreinterpretq_s16_u16(half)
+            });
             for n in 0..2 {
                 let low_bits = per_row!(|r| load32(&blocks[r].qs.as_chunks::<32>().0[n]));
                 for j in 0..4 {
