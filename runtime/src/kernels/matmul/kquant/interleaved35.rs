@@ -417,9 +417,9 @@ mod arm {
     /// left by its field's [`q2k_scale_shifts`], and its minimums
     /// `[m₂ₖ × 4 rows, m₂ₖ₊₁ × 4 rows]` in 16-bit lanes, from the eight
     /// bytes at `scales[8K]` (a row's scale in the low nibble, its minimum
-    /// in the high one). Read from memory a block at a time, where they are
-    /// used: decoded for the whole super-block up front, sixteen widened
-    /// vectors stay live through it and spill.
+    /// in the high one), read from memory a block at a time, where they are
+    /// used, rather than decoded for the whole super-block and kept in
+    /// registers beside the levels.
     ///
     /// # Safety
     /// `block` points at a readable block.
