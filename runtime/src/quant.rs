@@ -1778,7 +1778,9 @@ mod kquant_tests {
 }
 
 #[cfg(test)]
-mod q5s_tests {
+mod q5_tests {
+    //! Q5_0 (`q5s`, `q5sx4`) and Q5_1 (`q5`, `q5x4`): ggml's blocks of 32
+    //! with a fifth bit, the second with a minimum.
     use super::*;
 
     fn random_bytes(seed: &mut u32, n: usize) -> Vec<u8> {
@@ -1790,18 +1792,46 @@ mod q5s_tests {
             .collect()
     }
 
-    #[test]
-    fn q5s_encodings_are_ggml_q5_0_blocks_of_32() {
-        for (encoding, id, name) in [(Encoding::Q5S, 19, "q5s"), (Encoding::Q5SX4, 20, "q5sx4")] {
+    /// The identity of a row-major encoding and its interleaved form: ids,
+    /// names, block sizes and how they map onto each other.
+    fn check_identity(row_major: (Encoding, u32, &str), interleaved: (Encoding, u32, &str), block_bytes: usize) {
+        for (encoding, id, name) in [row_major, interleaved] {
             assert_eq!((encoding.id(), encoding.name()), (id, name));
             assert_eq!((Encoding::from_id(id), Encoding::from_name(name)), (Some(encoding), Some(encoding)));
-            assert_eq!((encoding.block_values(), encoding.bytes_for(3 * GROUP)), (GROUP, 3 * 22));
+            assert_eq!((encoding.block_values(), encoding.bytes_for(3 * GROUP)), (GROUP, 3 * block_bytes));
             assert!(encoding.is_blocked() && !encoding.is_kquant() && Encoding::retired(id).is_none());
-            assert_eq!(encoding.row_major(), Encoding::Q5S);
+            assert_eq!(encoding.row_major(), row_major.0);
         }
-        assert_eq!(Encoding::Q5S.interleaved(), Some(Encoding::Q5SX4));
-        assert_eq!((Encoding::Q5SX4.rows_interleaved(), Encoding::Q5SX4.row_multiple()), (4, 4));
-        assert_eq!(Encoding::Q5S.channel_major(), None);
+        assert_eq!(row_major.0.interleaved(), Some(interleaved.0));
+        assert_eq!((interleaved.0.rows_interleaved(), interleaved.0.row_multiple()), (4, 4));
+        assert_eq!(row_major.0.channel_major(), None);
+    }
+
+    #[test]
+    fn q5s_and_q5_encodings_are_ggml_q5_0_and_q5_1_blocks_of_32() {
+        check_identity((Encoding::Q5S, 19, "q5s"), (Encoding::Q5SX4, 20, "q5sx4"), 22);
+        check_identity((Encoding::Q5, 21, "q5"), (Encoding::Q5X4, 22, "q5x4"), 24);
+    }
+
+    /// Any bytes (every field, any value) come back byte for byte from the
+    /// interleaved blocks, and both forms dequantize to the same bits.
+    fn check_interleaving_is_lossless(row_major: Encoding, interleaved: Encoding, seed: &mut u32) {
+        for (rows, cols) in [(4, GROUP), (8, 3 * GROUP), (12, 18 * GROUP)] {
+            let bytes = random_bytes(seed, row_major.bytes_for(rows * cols));
+            let mut mixed = vec![0u8; bytes.len()];
+            interleave_bytes(interleaved, &bytes, cols, &mut mixed);
+            assert_ne!(mixed, bytes);
+            let mut back = vec![0u8; mixed.len()];
+            deinterleave_bytes(interleaved, &mixed, cols, &mut back);
+            assert_eq!(back, bytes, "{} {rows}×{cols}", interleaved.name());
+            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            dequantize_from(row_major, &bytes, &mut a);
+            dequantize_rows(interleaved, &mixed, cols, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 
     /// ggml's reference rounding: the value of largest magnitude maps to
@@ -1840,22 +1870,7 @@ mod q5s_tests {
     #[test]
     fn q5sx4_interleaving_is_lossless_and_transposes_the_fifth_bits() {
         let mut seed = 0x5EED_0005u32;
-        for (rows, cols) in [(4, GROUP), (8, 3 * GROUP), (12, 18 * GROUP)] {
-            let row_major = random_bytes(&mut seed, Encoding::Q5S.bytes_for(rows * cols));
-            let mut mixed = vec![0u8; row_major.len()];
-            interleave_bytes(Encoding::Q5SX4, &row_major, cols, &mut mixed);
-            assert_ne!(mixed, row_major);
-            let mut back = vec![0u8; mixed.len()];
-            deinterleave_bytes(Encoding::Q5SX4, &mixed, cols, &mut back);
-            assert_eq!(back, row_major, "{rows}×{cols}");
-            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            dequantize_from(Encoding::Q5S, &row_major, &mut a);
-            dequantize_rows(Encoding::Q5SX4, &mixed, cols, &mut b);
-            assert_eq!(
-                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-        }
+        check_interleaving_is_lossless(Encoding::Q5S, Encoding::Q5SX4, &mut seed);
         let rows: [BlockQ5S; 4] = std::array::from_fn(|r| {
             let mut block: BlockQ5S = bytemuck::pod_read_unaligned(&random_bytes(&mut seed, 22));
             block.qs = std::array::from_fn(|i| (16 * r + i) as u8);
@@ -1876,34 +1891,6 @@ mod q5s_tests {
             }
             assert_eq!(mixed.row(r), *row);
         }
-    }
-}
-
-#[cfg(test)]
-mod q5_tests {
-    use super::*;
-
-    fn random_bytes(seed: &mut u32, n: usize) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                (*seed >> 24) as u8
-            })
-            .collect()
-    }
-
-    #[test]
-    fn q5_encodings_are_ggml_q5_1_blocks_of_32() {
-        for (encoding, id, name) in [(Encoding::Q5, 21, "q5"), (Encoding::Q5X4, 22, "q5x4")] {
-            assert_eq!((encoding.id(), encoding.name()), (id, name));
-            assert_eq!((Encoding::from_id(id), Encoding::from_name(name)), (Some(encoding), Some(encoding)));
-            assert_eq!((encoding.block_values(), encoding.bytes_for(3 * GROUP)), (GROUP, 3 * 24));
-            assert!(encoding.is_blocked() && !encoding.is_kquant() && Encoding::retired(id).is_none());
-            assert_eq!(encoding.row_major(), Encoding::Q5);
-        }
-        assert_eq!(Encoding::Q5.interleaved(), Some(Encoding::Q5X4));
-        assert_eq!((Encoding::Q5X4.rows_interleaved(), Encoding::Q5X4.row_multiple()), (4, 4));
-        assert_eq!(Encoding::Q5.channel_major(), None);
     }
 
     /// ggml's reference rounding: the minimum is level 0 (its f16 the
@@ -1947,22 +1934,7 @@ mod q5_tests {
     #[test]
     fn q5x4_interleaving_is_lossless_and_lays_bits_out_as_q5sx4() {
         let mut seed = 0x5EED_0051u32;
-        for (rows, cols) in [(4, GROUP), (8, 3 * GROUP), (12, 18 * GROUP)] {
-            let row_major = random_bytes(&mut seed, Encoding::Q5.bytes_for(rows * cols));
-            let mut mixed = vec![0u8; row_major.len()];
-            interleave_bytes(Encoding::Q5X4, &row_major, cols, &mut mixed);
-            assert_ne!(mixed, row_major);
-            let mut back = vec![0u8; mixed.len()];
-            deinterleave_bytes(Encoding::Q5X4, &mixed, cols, &mut back);
-            assert_eq!(back, row_major, "{rows}×{cols}");
-            let (mut a, mut b) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
-            dequantize_from(Encoding::Q5, &row_major, &mut a);
-            dequantize_rows(Encoding::Q5X4, &mixed, cols, &mut b);
-            assert_eq!(
-                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
-        }
+        check_interleaving_is_lossless(Encoding::Q5, Encoding::Q5X4, &mut seed);
         let rows: [BlockQ5; 4] = std::array::from_fn(|_| bytemuck::pod_read_unaligned(&random_bytes(&mut seed, 24)));
         let mixed = BlockQ5x4::from_rows(&rows);
         let symmetric = BlockQ5Sx4::from_rows(&rows.map(|b| BlockQ5S { d: b.d, qh: b.qh, qs: b.qs }));

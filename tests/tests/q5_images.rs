@@ -12,13 +12,13 @@
 //!   ggml's reference rounding (the same bytes llama.cpp's
 //!   `quantize_row_q5_0_ref` / `quantize_row_q5_1_ref` writes).
 
-use bramble_runtime::allocations::{thread_allocations, CountingAllocator};
+use bramble_runtime::allocations::CountingAllocator;
 use bramble_runtime::model::{Logits, Model};
 use bramble_runtime::quant::{dequantize_rows, quantize_into};
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
-use bramble_tools::source::gguf::{llama_writer, GgmlType, GgufFile, GgufSource};
+use bramble_tools::source::gguf::{GgmlType, GgufFile, GgufSource};
 use bramble_tools::synth::SyntheticShape;
 use std::path::{Path, PathBuf};
 
@@ -31,14 +31,8 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 /// on SmolLM2's 576-wide rows.
 fn gguf_of(dir: &Path, matrices: GgmlType) -> PathBuf {
     let shape = SyntheticShape { dim: 96, n_heads: 3, n_kv_heads: 1, ffn_dim: 160, n_layers: 2, ..Default::default() };
-    let model = synthetic(shape, 5);
-    let mut writer = llama_writer(&model.config, &model.vocab).unwrap();
-    for (name, shape, values) in &model.tensors {
-        let ggml_type = if shape.len() == 2 { matrices } else { GgmlType::F32 };
-        writer.add_values(name, shape, ggml_type, values).unwrap();
-    }
     let path = dir.join(format!("{}.gguf", matrices.name()));
-    writer.write(&path).unwrap();
+    write_gguf_as(&synthetic(shape, 5), &path, |_, shape| if shape.len() == 2 { matrices } else { GgmlType::F32 });
     path
 }
 
@@ -122,15 +116,7 @@ fn kept_gguf_carries_its_blocks_and_runs(ggml_type: GgmlType, encoding: Encoding
     assert!(bits(&x4_logits) == bits(&rows_logits), "x4 and rows logits differ");
 
     // Decode steps after the prompt allocate nothing.
-    let model = Model::new(&image).unwrap();
-    let mut state = model.new_state(32, tokens.len());
-    model.forward(&mut state, &tokens, 0, Logits::Last).unwrap();
-    let mut token = argmax(state.logits()) as u32;
-    let before = thread_allocations();
-    for pos in tokens.len()..tokens.len() + 8 {
-        token = argmax(model.forward(&mut state, &[token], pos, Logits::Last).unwrap()) as u32;
-    }
-    assert_eq!(thread_allocations() - before, 0, "decode steps of the {} image allocated", encoding.name());
+    assert_decodes_without_allocating(&image, &tokens, 8, interleaved.name());
 }
 
 #[test]

@@ -598,6 +598,39 @@ unsafe fn q3k_scales<const R: usize>(start: [*const u8; R]) -> [(int32x4_t, int3
     pairs
 }
 
+/// The walk Q3_K and Q2_K share over a super-block's two halves of 32
+/// `qs` bytes a row: activation block `k = 4n + j` of half `n` has its two
+/// low bits at bit 2j, and `level(r, k, bytes)` makes row `r`'s levels of
+/// it from the half's bytes; [`pair_of_sub_blocks`] multiplies them into
+/// `scaled`, and `after(k)` adds what else block `k` needs (Q2_K's minimums).
+///
+/// # Safety
+/// Each `qs[r]` points at 64 readable bytes, each `x[t]` at eight readable
+/// blocks, and the CPU has the dot-product extension.
+#[target_feature(enable = "dotprod")]
+#[inline]
+unsafe fn two_bit_walk<const R: usize, const T: usize>(
+    qs: [*const u8; R],
+    x: &[*const BlockQ8Act; T],
+    scales: &[(int32x4_t, int32x4_t); 8],
+    scaled: &mut [float32x4_t; T],
+    level: impl Fn(usize, usize, (uint8x16_t, uint8x16_t)) -> (int8x16_t, int8x16_t),
+    mut after: impl FnMut(usize),
+) {
+    for half in 0..2 {
+        let mut low_bits = [(vdupq_n_u8(0), vdupq_n_u8(0)); R];
+        for r in 0..R {
+            low_bits[r] = load32(qs[r].add(32 * half));
+        }
+        for j in 0..4 {
+            let k = 4 * half + j;
+            let levels: [(int8x16_t, int8x16_t); R] = std::array::from_fn(|r| level(r, k, low_bits[r]));
+            pair_of_sub_blocks(&levels, x, k, scales[k], scaled);
+            after(k);
+        }
+    }
+}
+
 /// Q3_K: value `32k + l` of a half `n` (k = 4n + j) has two bits at bit 2j
 /// of `qs[32n + l]`, and its level is 4 lower where bit k of `hmask[l]` is clear.
 struct Q3K;
@@ -623,30 +656,20 @@ impl Kernel for Q3K {
                 high_bits[r] = load32(blocks[r].add(offset_of!(BlockQ3K, hmask)));
             }
             let mut scaled = [vdupq_n_f32(0.0); T];
-            for half in 0..2 {
-                let mut low_bits = [(vdupq_n_u8(0), vdupq_n_u8(0)); R];
-                for r in 0..R {
-                    low_bits[r] = load32(blocks[r].add(offset_of!(BlockQ3K, qs) + 32 * half));
-                }
-                for j in 0..4 {
-                    let k = 4 * half + j;
-                    let bit = vdupq_n_u8(1 << k);
-                    let mut levels = [(vdupq_n_s8(0), vdupq_n_s8(0)); R];
-                    for r in 0..R {
-                        let ((q0, q1), (h0, h1)) = (low_bits[r], high_bits[r]);
-                        let to_bit_0 = -2 * j as i8;
-                        let (low0, low1) =
-                            (vandq_u8(shift(q0, to_bit_0), two_bits), vandq_u8(shift(q1, to_bit_0), two_bits));
-                        // 4 where the high bit is clear (`cmtst` sets all bits where it is set).
-                        let (minus0, minus1) = (vbicq_u8(four, vtstq_u8(h0, bit)), vbicq_u8(four, vtstq_u8(h1, bit)));
-                        levels[r] = (
-                            vsubq_s8(vreinterpretq_s8_u8(low0), vreinterpretq_s8_u8(minus0)),
-                            vsubq_s8(vreinterpretq_s8_u8(low1), vreinterpretq_s8_u8(minus1)),
-                        );
-                    }
-                    pair_of_sub_blocks(&levels, &activations, k, scales[k], &mut scaled);
-                }
-            }
+            let qs = blocks.map(|b| b.add(offset_of!(BlockQ3K, qs)));
+            let level = |r: usize, k: usize, (q0, q1): (uint8x16_t, uint8x16_t)| {
+                let (h0, h1) = high_bits[r];
+                let bit = vdupq_n_u8(1 << k);
+                let to_bit_0 = -2 * (k % 4) as i8;
+                let (low0, low1) = (vandq_u8(shift(q0, to_bit_0), two_bits), vandq_u8(shift(q1, to_bit_0), two_bits));
+                // 4 where the high bit is clear (`cmtst` sets all bits where it is set).
+                let (minus0, minus1) = (vbicq_u8(four, vtstq_u8(h0, bit)), vbicq_u8(four, vtstq_u8(h1, bit)));
+                (
+                    vsubq_s8(vreinterpretq_s8_u8(low0), vreinterpretq_s8_u8(minus0)),
+                    vsubq_s8(vreinterpretq_s8_u8(low1), vreinterpretq_s8_u8(minus1)),
+                )
+            };
+            two_bit_walk(qs, &activations, &scales, &mut scaled, level, |_| ());
             for t in 0..T {
                 acc[t] = vfmaq_f32(acc[t], scaled[t], d);
             }
@@ -703,30 +726,23 @@ impl Kernel for Q2K {
             let dmin = units::<R>(std::array::from_fn(|r| (*rows[r].add(block)).dmin));
             let (scales, mins) = q2k_scales(blocks.map(|b| b.add(offset_of!(BlockQ2K, scales))));
             let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); T], [vdupq_n_f32(0.0); T]);
-            for half in 0..2 {
-                let mut low_bits = [(vdupq_n_u8(0), vdupq_n_u8(0)); R];
-                for r in 0..R {
-                    low_bits[r] = load32(blocks[r].add(offset_of!(BlockQ2K, qs) + 32 * half));
+            let qs = blocks.map(|b| b.add(offset_of!(BlockQ2K, qs)));
+            let level = |_: usize, k: usize, (q0, q1): (uint8x16_t, uint8x16_t)| {
+                let to_bit_0 = -2 * (k % 4) as i8;
+                (
+                    vreinterpretq_s8_u8(vandq_u8(shift(q0, to_bit_0), two_bits)),
+                    vreinterpretq_s8_u8(vandq_u8(shift(q1, to_bit_0), two_bits)),
+                )
+            };
+            let minimum_terms = |k: usize| {
+                for t in 0..T {
+                    // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                    let (q, d, _) = unsafe { activation(activations[t].add(k)) };
+                    let msum = q2k_minimum_sums([q.0, q.1], mins[k]);
+                    minimums[t] = vfmaq_n_f32(minimums[t], vcvtq_f32_s32(msum), d);
                 }
-                for j in 0..4 {
-                    let k = 4 * half + j;
-                    let mut levels = [(vdupq_n_s8(0), vdupq_n_s8(0)); R];
-                    for r in 0..R {
-                        let (q0, q1) = low_bits[r];
-                        let to_bit_0 = -2 * j as i8;
-                        levels[r] = (
-                            vreinterpretq_s8_u8(vandq_u8(shift(q0, to_bit_0), two_bits)),
-                            vreinterpretq_s8_u8(vandq_u8(shift(q1, to_bit_0), two_bits)),
-                        );
-                    }
-                    pair_of_sub_blocks(&levels, &activations, k, scales[k], &mut scaled);
-                    for t in 0..T {
-                        let (q, d, _) = activation(activations[t].add(k));
-                        let msum = q2k_minimum_sums([q.0, q.1], mins[k]);
-                        minimums[t] = vfmaq_n_f32(minimums[t], vcvtq_f32_s32(msum), d);
-                    }
-                }
-            }
+            };
+            two_bit_walk(qs, &activations, &scales, &mut scaled, level, minimum_terms);
             for t in 0..T {
                 acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], d), minimums[t], dmin);
             }
