@@ -704,7 +704,7 @@ pub mod neon {
     /// sixteen widened vectors would not stay in registers.
     #[inline(always)]
     unsafe fn q4k_pair(scales: uint8x16_t, mins: uint8x16_t, c: usize) -> ([int32x4_t; 2], [float32x4_t; 2]) {
-        let (s, m) = if c % 2 == 0 {
+        let (s, m) = if c.is_multiple_of(2) {
             (vmovl_u8(vget_low_u8(scales)), vmovl_u8(vget_low_u8(mins)))
         } else {
             (vmovl_high_u8(scales), vmovl_high_u8(mins))
@@ -865,7 +865,12 @@ pub mod neon {
                 for (quarter, index) in [FIRST, FIRST + 2].into_iter().enumerate() {
                     let block = done[quarter].offset(-Self::NEXT_BLOCK).sub(8).cast::<BlockQ8Act>();
                     let pair = q6k_pair(packed[index / 2], index % 2);
-                    accumulate_pair((sums[t][quarter][0], sums[t][quarter][1]), activation_units(block), pair, &mut scaled[t]);
+                    accumulate_pair(
+                        (sums[t][quarter][0], sums[t][quarter][1]),
+                        activation_units(block),
+                        pair,
+                        &mut scaled[t],
+                    );
                     settle(&mut scaled[t]);
                 }
             }
