@@ -505,7 +505,8 @@ pub(in crate::kernels::matmul::kquant) mod arm {
 /// #8`): `ld4r` has no offset form, so the compiler spent an address `add`
 /// on each, and it loads the weights two vectors at a time (`ldp`). Each
 /// step's vectors (64 or 128 weight bytes, one activation block) are loaded
-/// where they are used, so few stay live and nothing spills.
+/// where they are used, so few stay live (a decoded Q6_K super-block
+/// spills nothing, a Q4_K one a handful of vectors).
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use super::arm::*;
