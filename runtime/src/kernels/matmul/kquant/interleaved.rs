@@ -213,6 +213,22 @@ pub(in crate::kernels::matmul::kquant) mod arm {
             return;
         }
         const { assert!(K::TILE >= 1 && K::TILE <= MAX_TILE) };
+        if batch == 1 {
+            // Decoding: one activation, each group's four sums stored whole.
+            // The tiled walk below spends about a hundred instructions a
+            // group around the kernel (2.3 M of a TinyLlama-shaped Q4_K_M
+            // token on the A72, 0.26 M this way).
+            for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE)) {
+                // SAFETY: `group` is a whole group of `superblocks` blocks and
+                // `x` has `superblocks · 8` blocks (both checked above), the
+                // caller promises the CPU, and `outputs` is four writable f32.
+                unsafe {
+                    let [sums] = K::dot::<1>(group.as_ptr(), superblocks, [x.as_ptr()]);
+                    vst1q_f32(outputs.as_mut_ptr(), sums);
+                }
+            }
+            return;
+        }
         let activation = |b: usize| x[b * activation_blocks..].as_ptr();
         for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
             let w = group.as_ptr();
@@ -440,6 +456,18 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         out
     }
 
+    /// `v` as it stands, through an empty `asm` block with side effects,
+    /// which LLVM keeps in order with the products' `asm`: a block's sums
+    /// are accumulated before the next block's products begin. Left free,
+    /// LLVM sinks each block's accumulation below the products of the
+    /// blocks after it and spills the sums it keeps waiting (about thirty
+    /// stack stores and loads a super-block in the Q2_K `sdot` kernel, and
+    /// in the ARMv8.0 Q4_K kernel).
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) unsafe fn settle(v: &mut float32x4_t) {
+        asm!("/* {v:v} */", v = inout(vreg) * v, options(nomem, nostack, preserves_flags));
+    }
+
     /// 64 bytes from `p` as four vectors.
     ///
     /// # Safety
@@ -471,88 +499,220 @@ pub(in crate::kernels::matmul::kquant) mod arm {
 }
 
 /// ARMv8.0 NEON kernels (no `sdot`): the Raspberry Pi 4's Cortex-A72.
+///
+/// Every load walks its array with post-increment addressing inside small
+/// `asm!` blocks (`ld1 {…}, [x], #64`, `ld4r {…}, [x], #16`, `ldr d, [x],
+/// #8`): `ld4r` has no offset form, so the compiler spent an address `add`
+/// on each, and it loads the weights two vectors at a time (`ldp`). Each
+/// step's vectors (64 or 128 weight bytes, one activation block) are loaded
+/// where they are used, so few stay live (a decoded Q6_K super-block
+/// spills nothing, a Q4_K one a handful of vectors).
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use super::arm::*;
+    use crate::kernels::matmul::neon::widen_f16_high;
 
-    /// Eight four-byte column groups of an activation block, each broadcast
-    /// to a whole register (two `ld4r`).
+    /// 64 bytes from `*p` as four vectors (v16–v19); `*p` moves past them.
     ///
     /// # Safety
-    /// `a` points at a readable activation block.
+    /// `*p` points at 64 readable bytes.
     #[inline(always)]
-    unsafe fn broadcasts(a: *const BlockQ8Act) -> [int8x16_t; 8] {
-        let q = (*a).qs.as_ptr().cast::<i32>();
-        let (first, second) = (vld4q_dup_s32(q), vld4q_dup_s32(q.add(4)));
-        [first.0, first.1, first.2, first.3, second.0, second.1, second.2, second.3].map(|v| vreinterpretq_s8_s32(v))
+    unsafe fn load64_next(p: &mut *const u8) -> [uint8x16_t; 4] {
+        let (v0, v1, v2, v3);
+        asm!(
+            "ld1 {{v16.16b, v17.16b, v18.16b, v19.16b}}, [{p}], #64",
+            p = inout(reg) *p,
+            out("v16") v0, out("v17") v1, out("v18") v2, out("v19") v3,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        [v0, v1, v2, v3]
     }
 
-    /// The four rows' `Σ level·q` over eight column groups (32 columns):
-    /// products of rows 0–1 (low halves) and 2–3 (high halves) summed in
-    /// 16-bit lanes, eight products a lane (|n·q| ≤ 15·128 for Q4_K's
-    /// levels: below 2¹⁴), then one pairwise add in 16 bits (below 2¹⁵) and
-    /// one widening pairwise add leave `[r0, r1, r2, r3]`.
+    /// 64 bytes from `*p` as four vectors (v20–v23); `*p` moves by `step` bytes.
+    ///
+    /// # Safety
+    /// `*p` points at 64 readable bytes.
     #[inline(always)]
-    unsafe fn sum32(w: &[int8x16_t; 8], b: &[int8x16_t; 8]) -> int32x4_t {
-        let sum: int32x4_t;
+    unsafe fn load64_step(p: &mut *const u8, step: isize) -> [uint8x16_t; 4] {
+        let (v0, v1, v2, v3);
         asm!(
-            "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
-            "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
-            "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
-            "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
-            "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
-            "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
-            "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
-            "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
-            "smlal {lo:v}.8h, {w4:v}.8b, {b4:v}.8b",
-            "smlal2 {hi:v}.8h, {w4:v}.16b, {b4:v}.16b",
-            "smlal {lo:v}.8h, {w5:v}.8b, {b5:v}.8b",
-            "smlal2 {hi:v}.8h, {w5:v}.16b, {b5:v}.16b",
-            "smlal {lo:v}.8h, {w6:v}.8b, {b6:v}.8b",
-            "smlal2 {hi:v}.8h, {w6:v}.16b, {b6:v}.16b",
-            "smlal {lo:v}.8h, {w7:v}.8b, {b7:v}.8b",
-            "smlal2 {hi:v}.8h, {w7:v}.16b, {b7:v}.16b",
+            "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{p}], {step}",
+            p = inout(reg) *p,
+            step = in(reg) step,
+            out("v20") v0, out("v21") v1, out("v22") v2, out("v23") v3,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        [v0, v1, v2, v3]
+    }
+
+    /// 128 bytes from `*p` as eight vectors (v16–v23); `*p` moves past them.
+    ///
+    /// # Safety
+    /// `*p` points at 128 readable bytes.
+    #[inline(always)]
+    unsafe fn load128_next(p: &mut *const u8) -> [uint8x16_t; 8] {
+        let (v0, v1, v2, v3, v4, v5, v6, v7);
+        asm!(
+            "ld1 {{v16.16b, v17.16b, v18.16b, v19.16b}}, [{p}], #64",
+            "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{p}], #64",
+            p = inout(reg) *p,
+            out("v16") v0, out("v17") v1, out("v18") v2, out("v19") v3,
+            out("v20") v4, out("v21") v5, out("v22") v6, out("v23") v7,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        [v0, v1, v2, v3, v4, v5, v6, v7]
+    }
+
+    /// The four rows' `Σ level·q` over the 32 columns of the activation
+    /// block at `*a`, and the block's `[dₓ, sₓ]`; `*a` moves to the next
+    /// block. Each four-byte column group of the activation is loaded
+    /// broadcast to a whole register (`ld4r`, four groups at a time into
+    /// v28–v31); products of rows 0–1 (low halves) and 2–3 (high halves)
+    /// are summed in 16-bit lanes, eight products a lane (|n·q| ≤ 15·128 for
+    /// Q4_K's levels: below 2¹⁴), then one pairwise add in 16 bits (below
+    /// 2¹⁵) and one widening pairwise add leave `[r0, r1, r2, r3]`.
+    ///
+    /// # Safety
+    /// `*a` points at a readable activation block.
+    #[inline(always)]
+    unsafe fn sum32_next(w: &[int8x16_t; 8], a: &mut *const BlockQ8Act) -> (int32x4_t, float32x2_t) {
+        let (sum, units): (int32x4_t, float32x2_t);
+        asm!(
+            "ldr {units:d}, [{a}], #8",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], #16",
+            "smull {lo:v}.8h, {w0:v}.8b, v28.8b",
+            "smull2 {hi:v}.8h, {w0:v}.16b, v28.16b",
+            "smlal {lo:v}.8h, {w1:v}.8b, v29.8b",
+            "smlal2 {hi:v}.8h, {w1:v}.16b, v29.16b",
+            "smlal {lo:v}.8h, {w2:v}.8b, v30.8b",
+            "smlal2 {hi:v}.8h, {w2:v}.16b, v30.16b",
+            "smlal {lo:v}.8h, {w3:v}.8b, v31.8b",
+            "smlal2 {hi:v}.8h, {w3:v}.16b, v31.16b",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], #16",
+            "smlal {lo:v}.8h, {w4:v}.8b, v28.8b",
+            "smlal2 {hi:v}.8h, {w4:v}.16b, v28.16b",
+            "smlal {lo:v}.8h, {w5:v}.8b, v29.8b",
+            "smlal2 {hi:v}.8h, {w5:v}.16b, v29.16b",
+            "smlal {lo:v}.8h, {w6:v}.8b, v30.8b",
+            "smlal2 {hi:v}.8h, {w6:v}.16b, v30.16b",
+            "smlal {lo:v}.8h, {w7:v}.8b, v31.8b",
+            "smlal2 {hi:v}.8h, {w7:v}.16b, v31.16b",
             "addp {lo:v}.8h, {lo:v}.8h, {hi:v}.8h",
             "saddlp {sum:v}.4s, {lo:v}.8h",
+            a = inout(reg) *a,
+            units = out(vreg) units,
             sum = out(vreg) sum,
             lo = out(vreg) _,
             hi = out(vreg) _,
+            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
             w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
             w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-            b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
-            b4 = in(vreg) b[4], b5 = in(vreg) b[5], b6 = in(vreg) b[6], b7 = in(vreg) b[7],
-            options(pure, nomem, nostack, preserves_flags),
+            options(pure, readonly, nostack, preserves_flags),
         );
-        sum
+        (sum, units)
     }
 
-    /// The four rows' `Σ (level − 32)·q` over four column groups (16
-    /// columns), for Q6_K's signed levels: four products a 16-bit lane
-    /// (|n·q| ≤ 32·128, so at most 2¹⁴), then widened before the pairwise
-    /// add (eight could reach 2¹⁵ with an activation of −128).
+    /// The four rows' `Σ (level − 32)·q` over the sixteen activation values
+    /// at `*q` (four column groups, one `ld4r`), for Q6_K's signed levels;
+    /// `*q` moves by `step` bytes. Four products a 16-bit lane (|n·q| ≤
+    /// 32·128, so at most 2¹⁴), then widened before the pairwise add (eight
+    /// could reach 2¹⁵ with an activation of −128).
+    ///
+    /// # Safety
+    /// `*q` points at 16 readable bytes.
     #[inline(always)]
-    unsafe fn sum16(w: &[int8x16_t; 4], b: &[int8x16_t; 4]) -> int32x4_t {
+    unsafe fn sum16_step(w: &[int8x16_t; 4], q: &mut *const i8, step: isize) -> int32x4_t {
         let sum: int32x4_t;
         asm!(
-            "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
-            "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
-            "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
-            "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
-            "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
-            "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
-            "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
-            "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], {step}",
+            "smull {lo:v}.8h, {w0:v}.8b, v28.8b",
+            "smull2 {hi:v}.8h, {w0:v}.16b, v28.16b",
+            "smlal {lo:v}.8h, {w1:v}.8b, v29.8b",
+            "smlal2 {hi:v}.8h, {w1:v}.16b, v29.16b",
+            "smlal {lo:v}.8h, {w2:v}.8b, v30.8b",
+            "smlal2 {hi:v}.8h, {w2:v}.16b, v30.16b",
+            "smlal {lo:v}.8h, {w3:v}.8b, v31.8b",
+            "smlal2 {hi:v}.8h, {w3:v}.16b, v31.16b",
             "saddlp {lo:v}.4s, {lo:v}.8h",
             "saddlp {hi:v}.4s, {hi:v}.8h",
             "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
+            q = inout(reg) *q,
+            step = in(reg) step,
             sum = out(vreg) sum,
             lo = out(vreg) _,
             hi = out(vreg) _,
+            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
             w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
-            b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
-            options(pure, nomem, nostack, preserves_flags),
+            options(pure, readonly, nostack, preserves_flags),
         );
         sum
+    }
+
+    /// `bif dst, src, keep`: `src`'s bits where `keep` is clear, `dst`'s where it is set.
+    #[inline(always)]
+    unsafe fn insert_where_clear(dst: int8x16_t, src: uint8x16_t, keep: uint8x16_t) -> int8x16_t {
+        let mut out = dst;
+        asm!("bif {o:v}.16b, {s:v}.16b, {k:v}.16b", o = inout(vreg) out, s = in(vreg) src, k = in(vreg) keep,
+            options(pure, nomem, nostack, preserves_flags));
+        out
+    }
+
+    /// `sri dst, src, #4`: `src`'s high nibble under `dst`'s.
+    #[inline(always)]
+    unsafe fn insert_high_nibble(dst: int8x16_t, src: uint8x16_t) -> int8x16_t {
+        let mut out = dst;
+        asm!("sri {o:v}.16b, {s:v}.16b, #4", o = inout(vreg) out, s = in(vreg) src,
+            options(pure, nomem, nostack, preserves_flags));
+        out
+    }
+
+    /// Q6_K levels `level − 32` (−32..32) of `quarter` (0..4) of a half,
+    /// sixteen columns of four rows: `low` the `ql` vectors it reads (bytes
+    /// `32·(quarter mod 2)` of the half's 64 per row), `high` the matching vectors
+    /// of the half's `qh`, stored flipped ([`crate::quant::Q6K_HIGH_FLIP`]:
+    /// the field's signed value is `t − 2`, so `level − 32` is the nibble
+    /// with the signed field above it). The field is shifted to bits 6–7 and
+    /// back down by two with the sign (`sshr`), which leaves it
+    /// sign-extended in bits 4–7; the nibble goes under it with one insert:
+    /// `bif` under the mask `keep_high` (0xF0) for a low nibble, `sri #4`
+    /// for a high one. Three instructions a vector, two for quarter 3, whose
+    /// field is already at the top; the products then need no shift.
+    #[inline(always)]
+    unsafe fn q6k_levels(
+        quarter: usize,
+        low: [uint8x16_t; 4],
+        high: [uint8x16_t; 4],
+        keep_high: uint8x16_t,
+    ) -> [int8x16_t; 4] {
+        std::array::from_fn(|i| {
+            let (l, h) = (low[i], high[i]);
+            // SAFETY: register-only NEON operations, part of every aarch64 target.
+            unsafe {
+                let field = |up: uint8x16_t| vshrq_n_s8::<2>(vreinterpretq_s8_u8(up));
+                match quarter {
+                    0 => insert_where_clear(field(vshlq_n_u8::<6>(h)), l, keep_high),
+                    1 => insert_where_clear(field(vshlq_n_u8::<4>(h)), l, keep_high),
+                    2 => insert_high_nibble(field(vshlq_n_u8::<2>(h)), l),
+                    _ => insert_high_nibble(field(h), l),
+                }
+            }
+        })
+    }
+
+    /// The 6-bit scales (int32) and minimums (f32) of sub-blocks `2c` and
+    /// `2c + 1`, lanes rows, from the packed bytes (`[sub-block mod 4][row]`)
+    /// of sub-blocks 0–3 (`c` < 2) or 4–7: widened where they are used, as
+    /// sixteen widened vectors would not stay in registers.
+    #[inline(always)]
+    unsafe fn q4k_pair(scales: uint8x16_t, mins: uint8x16_t, c: usize) -> ([int32x4_t; 2], [float32x4_t; 2]) {
+        let (s, m) = if c.is_multiple_of(2) {
+            (vmovl_u8(vget_low_u8(scales)), vmovl_u8(vget_low_u8(mins)))
+        } else {
+            (vmovl_high_u8(scales), vmovl_high_u8(mins))
+        };
+        let s = [vmovl_u16(vget_low_u16(s)), vmovl_high_u16(s)].map(|v| vreinterpretq_s32_u32(v));
+        let m = [vmovl_u16(vget_low_u16(m)), vmovl_high_u16(m)].map(|v| vcvtq_f32_u32(v));
+        (s, m)
     }
 
     /// Q4_K, four rows a step.
@@ -568,29 +728,44 @@ pub mod neon {
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
             let mut acc = [vdupq_n_f32(0.0); N];
-            for s in 0..superblocks {
-                let block = group.add(s);
-                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
-                let k4 = q4k_scales(block);
+            // The group's bytes and each activation, read front to back.
+            let (mut w, mut a) = (group.cast::<u8>(), x);
+            let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
+            for _ in 0..superblocks {
+                // The units (16 bytes) and packed scales (48) of the four rows,
+                // then 512 bytes of levels.
+                let [units, a6, b6, c6] = load64_next(&mut w);
+                let units = vreinterpretq_u16_u8(units);
+                let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
+                // ggml's unpacking for the four rows at once (see [`q4k_scales`]):
+                // sub-blocks 0–3 the low 6 bits of `a6` (scales) and `b6`
+                // (minimums); 4–7 the nibbles of `c6` under their top 2 bits.
+                let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
+                let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
+                let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
                 let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
-                    for t in 0..N {
-                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
-                        unsafe {
-                            let a = activations[t].add(sub);
-                            let isum = sum32(&levels, &broadcasts(a));
-                            let pair = (k4.scales[sub], k4.mins[sub]);
-                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
-                        }
-                    }
-                };
                 for chunk in 0..4 {
-                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
-                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
-                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
+                    let (scales, mins) = if chunk < 2 { (scales_low, mins_low) } else { (scales_high, mins_high) };
+                    let (scale, min) = q4k_pair(scales, mins, chunk);
+                    // Sub-block `2·chunk` in the low nibbles, `2·chunk + 1` in the high.
+                    let bytes = load128_next(&mut w);
+                    let levels = bytes.map(|v| vreinterpretq_s8_u8(vandq_u8(v, nibble)));
+                    for t in 0..N {
+                        let (isum, units) = sum32_next(&levels, &mut a[t]);
+                        accumulate_k4(isum, units, (scale[0], min[0]), &mut scaled[t], &mut minimums[t]);
+                        settle(&mut scaled[t]);
+                        settle(&mut minimums[t]);
+                    }
+                    let levels = bytes.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
+                    for t in 0..N {
+                        let (isum, units) = sum32_next(&levels, &mut a[t]);
+                        accumulate_k4(isum, units, (scale[1], min[1]), &mut scaled[t], &mut minimums[t]);
+                        settle(&mut scaled[t]);
+                        settle(&mut minimums[t]);
+                    }
                 }
                 for t in 0..N {
-                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
+                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], d), minimums[t], dmin);
                 }
             }
             acc
@@ -610,41 +785,114 @@ pub mod neon {
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
             let mut acc = [vdupq_n_f32(0.0); N];
+            let keep_high = vdupq_n_u8(0xF0);
+            let mut walk = Q6KWalk { first: x.map(|a| (*a).qs.as_ptr()), second: x.map(|a| (*a.add(2)).qs.as_ptr()) };
             for s in 0..superblocks {
                 let block = group.add(s);
-                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
-                let (d, pairs) = q6k_scales(block);
+                let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
+                // Scales `4g .. 4g + 4` of the four rows (activation blocks 2g, 2g + 1).
+                let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
+                let packed = [packed.0, packed.1, packed.2, packed.3];
+                let (mut ql, mut qh) = ((*block).ql.as_ptr(), (*block).qh.as_ptr());
                 let mut scaled = [vdupq_n_f32(0.0); N];
-                let mut quarter = |levels: [int8x16_t; 8], index: usize| {
-                    for t in 0..N {
-                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
-                        unsafe {
-                            let a = activations[t].add(index);
-                            let b = broadcasts(a);
-                            let (w, b) = (levels.as_chunks::<4>().0, b.as_chunks::<4>().0);
-                            let sums = (sum16(&w[0], &b[0]), sum16(&w[1], &b[1]));
-                            accumulate_pair(sums, activation_units(a), pairs[index], &mut scaled[t]);
-                        }
-                    }
-                };
-                for half in 0..2 {
-                    // Quarters 0 and 2 read the first 32 bytes of the half's `ql` a row, 1 and 3 the next.
-                    let (ql, qh) = ((*block).ql.as_ptr().add(256 * half), (*block).qh.as_ptr().add(128 * half));
-                    // `level − 32` from the levels times four (four products a 16-bit lane need it small).
-                    let exact = |x4: [int8x16_t; 8]| x4.map(|v| vshrq_n_s8::<2>(v));
-                    let (low, high) = (load128(ql), load128(qh));
-                    quarter(exact(q6k_levels_x4::<0, 8>(low, high)), 4 * half);
-                    quarter(exact(q6k_levels_x4::<2, 8>(low, high)), 4 * half + 2);
-                    let (low, high) = (load128(ql.add(128)), load128(qh));
-                    quarter(exact(q6k_levels_x4::<1, 8>(low, high)), 4 * half + 1);
-                    quarter(exact(q6k_levels_x4::<3, 8>(low, high)), 4 * half + 3);
-                }
+                // Each half and quarter pair spelled out: their scales and
+                // levels are picked at compile time.
+                walk.quarters::<0>(&mut ql, &mut qh, keep_high, &packed, &mut scaled);
+                walk.quarters::<1>(&mut ql, &mut qh, keep_high, &packed, &mut scaled);
+                walk.next_half();
+                walk.quarters::<4>(&mut ql, &mut qh, keep_high, &packed, &mut scaled);
+                walk.quarters::<5>(&mut ql, &mut qh, keep_high, &packed, &mut scaled);
+                walk.next_half();
                 for t in 0..N {
                     acc[t] = vfmaq_f32(acc[t], scaled[t], d);
                 }
             }
             acc
         }
+    }
+
+    /// Where each activation of a Q6_K step is: `first[t]` and `second[t]`
+    /// walk the values of the activation blocks that quarters `K` and
+    /// `K + 2` of a half read (`K` = 0, 1).
+    struct Q6KWalk<const N: usize> {
+        first: [*const i8; N],
+        second: [*const i8; N],
+    }
+
+    impl<const N: usize> Q6KWalk<N> {
+        /// Bytes from one activation block's values to the next's.
+        const NEXT_BLOCK: isize = size_of::<BlockQ8Act>() as isize;
+
+        /// Activation blocks `FIRST` and `FIRST + 2` (quarters `K` and `K +
+        /// 2` of a half, `K = FIRST mod 4` = 0 or 1) against their levels,
+        /// `scaled[t] += dₓ·(s₀·Σ₀ + s₁·Σ₁)` for each. Both quarters read the
+        /// same `ql` bytes, so each 64-byte piece of `ql` and `qh` (sixteen
+        /// columns of four rows) gives both quarters' levels; `qh`'s 128
+        /// bytes of the half are read for each `K`, and `*ql` moves on by
+        /// 128 bytes, `*qh` by 128 after `K` = 1.
+        ///
+        /// # Safety
+        /// `*ql` and `*qh` point into a readable block as described, and the
+        /// activations have the blocks the walk reaches.
+        #[inline(always)]
+        unsafe fn quarters<const FIRST: usize>(
+            &mut self,
+            ql: &mut *const u8,
+            qh: &mut *const u8,
+            keep_high: uint8x16_t,
+            packed: &[int8x16_t; 4],
+            scaled: &mut [float32x4_t; N],
+        ) {
+            let k = FIRST % 4;
+            let mut sums = [[[vdupq_n_s32(0); 2]; 2]; N];
+            #[allow(clippy::needless_range_loop)]
+            for piece in 0..2 {
+                let back = if piece == 1 && k == 0 { -64 } else { 64 };
+                let (low, high) = (load64_next(ql), load64_step(qh, back));
+                // The second piece moves on to the next activation block's values.
+                let step = if piece == 0 { 16 } else { Self::NEXT_BLOCK - 16 };
+                let levels = q6k_levels(k, low, high, keep_high);
+                for t in 0..N {
+                    sums[t][0][piece] = sum16_step(&levels, &mut self.first[t], step);
+                }
+                let levels = q6k_levels(k + 2, low, high, keep_high);
+                for t in 0..N {
+                    sums[t][1][piece] = sum16_step(&levels, &mut self.second[t], step);
+                }
+            }
+            for t in 0..N {
+                // `first[t]`, `second[t]` are at the values of the blocks after.
+                let done = [self.first[t], self.second[t]];
+                for (quarter, index) in [FIRST, FIRST + 2].into_iter().enumerate() {
+                    let block = done[quarter].offset(-Self::NEXT_BLOCK).sub(8).cast::<BlockQ8Act>();
+                    let pair = q6k_pair(packed[index / 2], index % 2);
+                    accumulate_pair(
+                        (sums[t][quarter][0], sums[t][quarter][1]),
+                        activation_units(block),
+                        pair,
+                        &mut scaled[t],
+                    );
+                    settle(&mut scaled[t]);
+                }
+            }
+        }
+
+        /// Blocks 4h + 2, 4h + 3 are done: the next half starts at 4h + 4.
+        #[inline(always)]
+        unsafe fn next_half(&mut self) {
+            for t in 0..N {
+                self.first[t] = self.second[t];
+                self.second[t] = self.second[t].offset(2 * Self::NEXT_BLOCK);
+            }
+        }
+    }
+
+    /// Activation block `2g + j`'s two signed scales `(s₀, s₁)`, lanes rows,
+    /// from `packed` (scales `4g .. 4g + 4`, lanes `[scale][row]`).
+    #[inline(always)]
+    unsafe fn q6k_pair(packed: int8x16_t, j: usize) -> (int32x4_t, int32x4_t) {
+        let pair = if j == 0 { vmovl_s8(vget_low_s8(packed)) } else { vmovl_high_s8(packed) };
+        (vmovl_s16(vget_low_s16(pair)), vmovl_high_s16(pair))
     }
 
     /// Interleaved Q4_K matrix × int8 activations.

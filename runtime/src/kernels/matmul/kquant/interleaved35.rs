@@ -481,17 +481,6 @@ mod arm {
         }
     }
 
-    /// `v` as it stands, through an empty `asm` block with side effects,
-    /// which LLVM keeps in order with the products' `asm`: a block's sums
-    /// are accumulated before the next block's products begin. Left free,
-    /// LLVM sinks each block's accumulation below the products of the
-    /// blocks after it and spills the sums it keeps waiting (about thirty
-    /// stack stores and loads a super-block in the Q2_K `sdot` kernel).
-    #[inline(always)]
-    unsafe fn settle(v: &mut float32x4_t) {
-        asm!("/* {v:v} */", v = inout(vreg) * v, options(nomem, nostack, preserves_flags));
-    }
-
     /// One Q2_K super-block of a group against `N` activations into `acc`.
     ///
     /// # Safety
