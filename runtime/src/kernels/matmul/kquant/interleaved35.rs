@@ -109,19 +109,30 @@ mod arm {
     pub(super) trait Multiply {
         /// Whether it takes Q3_K's levels `t` exactly (else `32·t`).
         const EXACT: bool;
-        /// The four rows' sums over the two halves of activation block `a`
-        /// (columns 0–15 with `levels[0..4]`, 16–31 with `levels[4..8]`).
+        /// The four rows' sums over the two halves of the activation block
+        /// at `*a` (columns 0–15 with `levels[0..4]`, 16–31 with
+        /// `levels[4..8]`) and the block's units `[dₓ, sₓ]`; `*a` moves past
+        /// the block and `skip` bytes further (the next block a
+        /// super-block's walk takes need not be the one after).
         ///
         /// # Safety
-        /// `a` is readable and the CPU has the kernel's features.
-        unsafe fn halves(levels: &[int8x16_t; 8], a: *const BlockQ8Act) -> (int32x4_t, int32x4_t);
-        /// The four rows' sum over the whole of activation block `a`, for
-        /// Q5_K's unsigned levels (0..32).
+        /// `*a` is readable and the CPU has the kernel's features.
+        unsafe fn halves(
+            levels: &[int8x16_t; 8],
+            a: &mut *const BlockQ8Act,
+            skip: isize,
+        ) -> ((int32x4_t, int32x4_t), float32x2_t);
+        /// The four rows' sum over the whole of the activation block at
+        /// `*a`, for Q5_K's unsigned levels (0..32), and the block's units;
+        /// `*a` moves to the next block.
         ///
         /// # Safety
         /// As [`Multiply::halves`].
-        unsafe fn whole(levels: &[int8x16_t; 8], a: *const BlockQ8Act) -> int32x4_t;
+        unsafe fn whole(levels: &[int8x16_t; 8], a: &mut *const BlockQ8Act) -> (int32x4_t, float32x2_t);
     }
+
+    /// Bytes of one activation block, the walks' unit of `skip`.
+    pub(super) const ACTIVATION_BYTES: isize = size_of::<BlockQ8Act>() as isize;
 
     /// `sli dst, src, #N`: `src << N` above `dst`'s low `N` bits (as
     /// written: LLVM would turn the intrinsic into masks, shifts and `orr`s).
@@ -227,45 +238,49 @@ mod arm {
     }
 
     /// Activation block `K` of a Q3_K super-block against `N` activations:
-    /// `scaled[t] += dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)`.
+    /// `scaled[t] += dₓ·(s₂ₖ·Σ₀ + s₂ₖ₊₁·Σ₁)`. Each `activations[t]` is at
+    /// block `K` and moves to block `NEXT` (8: the next super-block's first).
     #[inline(always)]
-    unsafe fn q3k_block<M: Multiply, const K: usize, const N: usize>(
+    unsafe fn q3k_block<M: Multiply, const K: usize, const NEXT: usize, const N: usize>(
         block: *const BlockQ3Kx4,
-        activations: &[*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         scales: &Q3KScales,
         scaled: &mut [float32x4_t; N],
     ) {
         let levels = q3k_levels::<K, M>(block);
         let pair = scales.pair::<K>();
+        let skip = (NEXT as isize - K as isize - 1) * ACTIVATION_BYTES;
         for t in 0..N {
-            let a = activations[t].add(K);
-            accumulate_pair(M::halves(&levels, a), activation_units(a), pair, &mut scaled[t]);
+            let (sums, units) = M::halves(&levels, &mut activations[t], skip);
+            accumulate_pair(sums, units, pair, &mut scaled[t]);
+            settle(&mut scaled[t]);
         }
     }
 
     /// One Q3_K super-block of a group against `N` activations into `acc`.
     ///
     /// # Safety
-    /// `block` is readable, each `activations[t]` has the super-block's
-    /// eight activation blocks, and the CPU has `M`'s features.
+    /// `block` is readable, each `activations[t]` points at the
+    /// super-block's eight activation blocks (and moves past them), and the
+    /// CPU has `M`'s features.
     #[inline(always)]
     pub(super) unsafe fn q3k_superblock<M: Multiply, const N: usize>(
         block: *const BlockQ3Kx4,
-        activations: [*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         acc: &mut [float32x4_t; N],
     ) {
         let scales = q3k_scales(block);
         let mut scaled = [vdupq_n_f32(0.0); N];
         // Plane 0's quarters, then plane 1's, then plane 2's alone: 6 and 7
         // also read plane 2, so at most two planes are live at once.
-        q3k_block::<M, 0, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 1, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 6, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 2, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 3, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 7, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 4, N>(block, &activations, &scales, &mut scaled);
-        q3k_block::<M, 5, N>(block, &activations, &scales, &mut scaled);
+        q3k_block::<M, 0, 1, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 1, 6, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 6, 2, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 2, 3, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 3, 7, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 7, 4, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 4, 5, N>(block, activations, &scales, &mut scaled);
+        q3k_block::<M, 5, 8, N>(block, activations, &scales, &mut scaled);
         // The scales are four times ggml's, the levels 32 times (or once):
         // powers of two, so the division is exact.
         let d = vmulq_n_f32(scales.d, if M::EXACT { 0.25 } else { 1.0 / 128.0 });
@@ -359,7 +374,7 @@ mod arm {
     #[inline(always)]
     unsafe fn q5k_block<M: Multiply, const SUB: usize, const N: usize>(
         block: *const BlockQ5Kx4,
-        activations: &[*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         scales: &Q5KScales,
         (scaled, minimums): (&mut [float32x4_t; N], &mut [float32x4_t; N]),
     ) {
@@ -368,8 +383,10 @@ mod arm {
         let levels = q5k_levels::<SUB>(bytes, load128((*block).qh.as_ptr()));
         let pair = scales.pair::<SUB>();
         for t in 0..N {
-            let a = activations[t].add(SUB);
-            accumulate_k4(M::whole(&levels, a), activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+            let (isum, units) = M::whole(&levels, &mut activations[t]);
+            accumulate_k4(isum, units, pair, &mut scaled[t], &mut minimums[t]);
+            settle(&mut scaled[t]);
+            settle(&mut minimums[t]);
         }
     }
 
@@ -380,20 +397,20 @@ mod arm {
     #[inline(always)]
     pub(super) unsafe fn q5k_superblock<M: Multiply, const N: usize>(
         block: *const BlockQ5Kx4,
-        activations: [*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         acc: &mut [float32x4_t; N],
     ) {
         let scales = q5k_scales(block);
         let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
         let sums = (&mut scaled, &mut minimums);
-        q5k_block::<M, 0, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 1, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 2, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 3, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 4, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 5, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 6, N>(block, &activations, &scales, (sums.0, sums.1));
-        q5k_block::<M, 7, N>(block, &activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 0, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 1, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 2, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 3, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 4, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 5, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 6, N>(block, activations, &scales, (sums.0, sums.1));
+        q5k_block::<M, 7, N>(block, activations, &scales, (sums.0, sums.1));
         for t in 0..N {
             acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], scales.d), minimums[t], scales.dmin);
         }
@@ -464,17 +481,19 @@ mod arm {
     #[inline(always)]
     unsafe fn q2k_block<M: Multiply, const K: usize, const N: usize>(
         block: *const BlockQ2Kx4,
-        activations: &[*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         (scaled, minimums): (&mut [float32x4_t; N], &mut [float32x4_t; N]),
     ) {
         let levels = q2k_levels::<K, M>(block);
         let (pair, mins) = q2k_scales::<K, M>(block);
         for t in 0..N {
-            let a = activations[t].add(K);
-            let units = activation_units(a);
-            accumulate_pair(M::halves(&levels, a), units, pair, &mut scaled[t]);
-            let q = vld1q_s8_x2((*a).qs.as_ptr());
-            let msum = q2k_minimum_sums([q.0, q.1], mins);
+            // The values for the minimums, loaded before the products' `asm`
+            // moves the pointer on (one `ldp` at an offset).
+            let values = (*activations[t]).qs.as_ptr();
+            let q = [vld1q_s8(values), vld1q_s8(values.add(16))];
+            let (sums, units) = M::halves(&levels, &mut activations[t], 0);
+            accumulate_pair(sums, units, pair, &mut scaled[t]);
+            let msum = q2k_minimum_sums(q, mins);
             minimums[t] = vfmaq_lane_f32::<0>(minimums[t], vcvtq_f32_s32(msum), units);
             settle(&mut scaled[t]);
             settle(&mut minimums[t]);
@@ -488,19 +507,19 @@ mod arm {
     #[inline(always)]
     pub(super) unsafe fn q2k_superblock<M: Multiply, const N: usize>(
         block: *const BlockQ2Kx4,
-        activations: [*const BlockQ8Act; N],
+        activations: &mut [*const BlockQ8Act; N],
         acc: &mut [float32x4_t; N],
     ) {
         let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
         let sums = (&mut scaled, &mut minimums);
-        q2k_block::<M, 0, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 1, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 2, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 3, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 4, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 5, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 6, N>(block, &activations, (sums.0, sums.1));
-        q2k_block::<M, 7, N>(block, &activations, (sums.0, sums.1));
+        q2k_block::<M, 0, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 1, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 2, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 3, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 4, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 5, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 6, N>(block, activations, (sums.0, sums.1));
+        q2k_block::<M, 7, N>(block, activations, (sums.0, sums.1));
         // The rows' units, `d` less the power of two the sums carry.
         let units = vreinterpretq_u16_u8(vld1q_u8(block.cast::<u8>()));
         let multiple = if M::EXACT { 4.0 } else { 16.0 };
@@ -514,13 +533,14 @@ mod arm {
     pub(super) trait Superblock {
         /// The interleaved super-block.
         type Block;
-        /// One super-block of a group against `N` activations into `acc`.
+        /// One super-block of a group against `N` activations into `acc`;
+        /// each activation's pointer moves past the super-block's blocks.
         ///
         /// # Safety
         /// As [`q3k_superblock`].
         unsafe fn superblock<M: Multiply, const N: usize>(
             block: *const Self::Block,
-            activations: [*const BlockQ8Act; N],
+            activations: &mut [*const BlockQ8Act; N],
             acc: &mut [float32x4_t; N],
         );
     }
@@ -536,7 +556,7 @@ mod arm {
                 #[inline(always)]
                 unsafe fn superblock<M: Multiply, const N: usize>(
                     block: *const $block,
-                    activations: [*const BlockQ8Act; N],
+                    activations: &mut [*const BlockQ8Act; N],
                     acc: &mut [float32x4_t; N],
                 ) {
                     $walk::<M, N>(block, activations, acc)
@@ -571,9 +591,11 @@ mod arm {
         superblocks: usize,
         x: [*const BlockQ8Act; N],
     ) -> [float32x4_t; N] {
-        let mut acc = [vdupq_n_f32(0.0); N];
+        let (mut acc, mut activations) = ([vdupq_n_f32(0.0); N], x);
+        // Each activation is walked front to back (the kernels' loads move
+        // their pointers on), so no address is computed from `s`.
         for s in 0..superblocks {
-            F::superblock::<M, N>(group.add(s), x.map(|a| a.add(s * ACTIVATION_BLOCKS)), &mut acc);
+            F::superblock::<M, N>(group.add(s), &mut activations, &mut acc);
         }
         acc
     }
@@ -585,21 +607,13 @@ pub mod neon {
     use super::arm::*;
 
     /// Widening multiplies: each four-byte column group of the activation
-    /// broadcast to a whole register (two `ld4r`), products of rows 0–1
-    /// (low halves) and 2–3 (high halves) in 16-bit lanes.
+    /// broadcast to a whole register (`ld4r`, four groups at a time into
+    /// v24–v27 and v28–v31), products of rows 0–1 (low halves) and 2–3
+    /// (high halves) in 16-bit lanes. The activation's units and values are
+    /// loaded inside the products' `asm` with post-increment addressing
+    /// (`ldr d, [x], #8`, `ld4r {…}, [x], #16`): `ld4r` has no offset form,
+    /// so each had cost an address `add`.
     struct Widening;
-
-    /// Eight four-byte column groups of an activation block, each broadcast
-    /// to a whole register.
-    ///
-    /// # Safety
-    /// `a` points at a readable activation block.
-    #[inline(always)]
-    unsafe fn broadcasts(a: *const BlockQ8Act) -> [int8x16_t; 8] {
-        let q = (*a).qs.as_ptr().cast::<i32>();
-        let (first, second) = (vld4q_dup_s32(q), vld4q_dup_s32(q.add(4)));
-        [first.0, first.1, first.2, first.3, second.0, second.1, second.2, second.3].map(|v| vreinterpretq_s8_s32(v))
-    }
 
     impl Multiply for Widening {
         const EXACT: bool = true;
@@ -609,85 +623,98 @@ pub mod neon {
         /// pairwise adds in 16 bits (sixteen products, ≤ 24576 < 2¹⁵)
         /// leave both halves' four row sums in one vector, widened to two.
         #[inline(always)]
-        unsafe fn halves(w: &[int8x16_t; 8], a: *const BlockQ8Act) -> (int32x4_t, int32x4_t) {
-            let b = broadcasts(a);
-            let (first, second): (int32x4_t, int32x4_t);
+        unsafe fn halves(
+            w: &[int8x16_t; 8],
+            a: &mut *const BlockQ8Act,
+            skip: isize,
+        ) -> ((int32x4_t, int32x4_t), float32x2_t) {
+            let (first, second, units): (int32x4_t, int32x4_t, float32x2_t);
             asm!(
-                "smull {lo0:v}.8h, {w0:v}.8b, {b0:v}.8b",
-                "smull2 {hi0:v}.8h, {w0:v}.16b, {b0:v}.16b",
-                "smull {lo1:v}.8h, {w4:v}.8b, {b4:v}.8b",
-                "smull2 {hi1:v}.8h, {w4:v}.16b, {b4:v}.16b",
-                "smlal {lo0:v}.8h, {w1:v}.8b, {b1:v}.8b",
-                "smlal2 {hi0:v}.8h, {w1:v}.16b, {b1:v}.16b",
-                "smlal {lo1:v}.8h, {w5:v}.8b, {b5:v}.8b",
-                "smlal2 {hi1:v}.8h, {w5:v}.16b, {b5:v}.16b",
-                "smlal {lo0:v}.8h, {w2:v}.8b, {b2:v}.8b",
-                "smlal2 {hi0:v}.8h, {w2:v}.16b, {b2:v}.16b",
-                "smlal {lo1:v}.8h, {w6:v}.8b, {b6:v}.8b",
-                "smlal2 {hi1:v}.8h, {w6:v}.16b, {b6:v}.16b",
-                "smlal {lo0:v}.8h, {w3:v}.8b, {b3:v}.8b",
-                "smlal2 {hi0:v}.8h, {w3:v}.16b, {b3:v}.16b",
-                "smlal {lo1:v}.8h, {w7:v}.8b, {b7:v}.8b",
-                "smlal2 {hi1:v}.8h, {w7:v}.16b, {b7:v}.16b",
+                "ldr {units:d}, [{a}], #8",
+                "ld4r {{v24.4s, v25.4s, v26.4s, v27.4s}}, [{a}], #16",
+                "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], {step}",
+                "smull {lo0:v}.8h, {w0:v}.8b, v24.8b",
+                "smull2 {hi0:v}.8h, {w0:v}.16b, v24.16b",
+                "smull {lo1:v}.8h, {w4:v}.8b, v28.8b",
+                "smull2 {hi1:v}.8h, {w4:v}.16b, v28.16b",
+                "smlal {lo0:v}.8h, {w1:v}.8b, v25.8b",
+                "smlal2 {hi0:v}.8h, {w1:v}.16b, v25.16b",
+                "smlal {lo1:v}.8h, {w5:v}.8b, v29.8b",
+                "smlal2 {hi1:v}.8h, {w5:v}.16b, v29.16b",
+                "smlal {lo0:v}.8h, {w2:v}.8b, v26.8b",
+                "smlal2 {hi0:v}.8h, {w2:v}.16b, v26.16b",
+                "smlal {lo1:v}.8h, {w6:v}.8b, v30.8b",
+                "smlal2 {hi1:v}.8h, {w6:v}.16b, v30.16b",
+                "smlal {lo0:v}.8h, {w3:v}.8b, v27.8b",
+                "smlal2 {hi0:v}.8h, {w3:v}.16b, v27.16b",
+                "smlal {lo1:v}.8h, {w7:v}.8b, v31.8b",
+                "smlal2 {hi1:v}.8h, {w7:v}.16b, v31.16b",
                 "addp {lo0:v}.8h, {lo0:v}.8h, {hi0:v}.8h",
                 "addp {lo1:v}.8h, {lo1:v}.8h, {hi1:v}.8h",
                 "addp {lo0:v}.8h, {lo0:v}.8h, {lo1:v}.8h",
                 "sxtl {first:v}.4s, {lo0:v}.4h",
                 "sxtl2 {second:v}.4s, {lo0:v}.8h",
+                a = inout(reg) *a,
+                step = in(reg) 16 + skip,
+                units = out(vreg) units,
                 first = out(vreg) first,
                 second = out(vreg) second,
                 lo0 = out(vreg) _,
                 hi0 = out(vreg) _,
                 lo1 = out(vreg) _,
                 hi1 = out(vreg) _,
+                out("v24") _, out("v25") _, out("v26") _, out("v27") _,
+                out("v28") _, out("v29") _, out("v30") _, out("v31") _,
                 w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
                 w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-                b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
-                b4 = in(vreg) b[4], b5 = in(vreg) b[5], b6 = in(vreg) b[6], b7 = in(vreg) b[7],
                 // Not `pure`, not `nomem`: a barrier (see [`Multiply`]).
                 options(nostack, preserves_flags),
             );
-            (first, second)
+            ((first, second), units)
         }
 
         /// Q5_K's levels are 0..32: eight products a 16-bit lane (|n·q| ≤
         /// 31·128, so below 2¹⁵), widened before the pairwise add (two such
         /// lanes could pass 2¹⁵).
         #[inline(always)]
-        unsafe fn whole(w: &[int8x16_t; 8], a: *const BlockQ8Act) -> int32x4_t {
-            let b = broadcasts(a);
-            let sum: int32x4_t;
+        unsafe fn whole(w: &[int8x16_t; 8], a: &mut *const BlockQ8Act) -> (int32x4_t, float32x2_t) {
+            let (sum, units): (int32x4_t, float32x2_t);
             asm!(
-                "smull {lo:v}.8h, {w0:v}.8b, {b0:v}.8b",
-                "smull2 {hi:v}.8h, {w0:v}.16b, {b0:v}.16b",
-                "smlal {lo:v}.8h, {w1:v}.8b, {b1:v}.8b",
-                "smlal2 {hi:v}.8h, {w1:v}.16b, {b1:v}.16b",
-                "smlal {lo:v}.8h, {w2:v}.8b, {b2:v}.8b",
-                "smlal2 {hi:v}.8h, {w2:v}.16b, {b2:v}.16b",
-                "smlal {lo:v}.8h, {w3:v}.8b, {b3:v}.8b",
-                "smlal2 {hi:v}.8h, {w3:v}.16b, {b3:v}.16b",
-                "smlal {lo:v}.8h, {w4:v}.8b, {b4:v}.8b",
-                "smlal2 {hi:v}.8h, {w4:v}.16b, {b4:v}.16b",
-                "smlal {lo:v}.8h, {w5:v}.8b, {b5:v}.8b",
-                "smlal2 {hi:v}.8h, {w5:v}.16b, {b5:v}.16b",
-                "smlal {lo:v}.8h, {w6:v}.8b, {b6:v}.8b",
-                "smlal2 {hi:v}.8h, {w6:v}.16b, {b6:v}.16b",
-                "smlal {lo:v}.8h, {w7:v}.8b, {b7:v}.8b",
-                "smlal2 {hi:v}.8h, {w7:v}.16b, {b7:v}.16b",
+                "ldr {units:d}, [{a}], #8",
+                "ld4r {{v24.4s, v25.4s, v26.4s, v27.4s}}, [{a}], #16",
+                "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], #16",
+                "smull {lo:v}.8h, {w0:v}.8b, v24.8b",
+                "smull2 {hi:v}.8h, {w0:v}.16b, v24.16b",
+                "smlal {lo:v}.8h, {w1:v}.8b, v25.8b",
+                "smlal2 {hi:v}.8h, {w1:v}.16b, v25.16b",
+                "smlal {lo:v}.8h, {w2:v}.8b, v26.8b",
+                "smlal2 {hi:v}.8h, {w2:v}.16b, v26.16b",
+                "smlal {lo:v}.8h, {w3:v}.8b, v27.8b",
+                "smlal2 {hi:v}.8h, {w3:v}.16b, v27.16b",
+                "smlal {lo:v}.8h, {w4:v}.8b, v28.8b",
+                "smlal2 {hi:v}.8h, {w4:v}.16b, v28.16b",
+                "smlal {lo:v}.8h, {w5:v}.8b, v29.8b",
+                "smlal2 {hi:v}.8h, {w5:v}.16b, v29.16b",
+                "smlal {lo:v}.8h, {w6:v}.8b, v30.8b",
+                "smlal2 {hi:v}.8h, {w6:v}.16b, v30.16b",
+                "smlal {lo:v}.8h, {w7:v}.8b, v31.8b",
+                "smlal2 {hi:v}.8h, {w7:v}.16b, v31.16b",
                 "saddlp {lo:v}.4s, {lo:v}.8h",
                 "saddlp {hi:v}.4s, {hi:v}.8h",
                 "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
+                a = inout(reg) *a,
+                units = out(vreg) units,
                 sum = out(vreg) sum,
                 lo = out(vreg) _,
                 hi = out(vreg) _,
+                out("v24") _, out("v25") _, out("v26") _, out("v27") _,
+                out("v28") _, out("v29") _, out("v30") _, out("v31") _,
                 w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
                 w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-                b0 = in(vreg) b[0], b1 = in(vreg) b[1], b2 = in(vreg) b[2], b3 = in(vreg) b[3],
-                b4 = in(vreg) b[4], b5 = in(vreg) b[5], b6 = in(vreg) b[6], b7 = in(vreg) b[7],
                 // Not `pure`, not `nomem`: a barrier (see [`Multiply`]).
                 options(nostack, preserves_flags),
             );
-            sum
+            (sum, units)
         }
     }
 
@@ -761,16 +788,24 @@ pub mod dotprod {
         /// `32·t·q` ≤ 2¹⁴ a product, sixteen a sum: far inside 32 bits.
         #[target_feature(enable = "dotprod")]
         #[inline]
-        unsafe fn halves(w: &[int8x16_t; 8], a: *const BlockQ8Act) -> (int32x4_t, int32x4_t) {
-            let q = vld1q_s8_x2((*a).qs.as_ptr());
-            (sum16(&w[..4], q.0), sum16(&w[4..], q.1))
+        unsafe fn halves(
+            w: &[int8x16_t; 8],
+            a: &mut *const BlockQ8Act,
+            skip: isize,
+        ) -> ((int32x4_t, int32x4_t), float32x2_t) {
+            let block = *a;
+            let (q, units) = (vld1q_s8_x2((*block).qs.as_ptr()), activation_units(block));
+            *a = block.add(1).byte_offset(skip);
+            ((sum16(&w[..4], q.0), sum16(&w[4..], q.1)), units)
         }
 
         /// Eight `sdot`s into one sum.
         #[target_feature(enable = "dotprod")]
         #[inline]
-        unsafe fn whole(w: &[int8x16_t; 8], a: *const BlockQ8Act) -> int32x4_t {
-            let q = vld1q_s8_x2((*a).qs.as_ptr());
+        unsafe fn whole(w: &[int8x16_t; 8], a: &mut *const BlockQ8Act) -> (int32x4_t, float32x2_t) {
+            let block = *a;
+            let (q, units) = (vld1q_s8_x2((*block).qs.as_ptr()), activation_units(block));
+            *a = block.add(1);
             let mut sum = vdupq_n_s32(0);
             asm!(
                 "sdot {sum:v}.4s, {w0:v}.16b, {q0:v}.4b[0]",
@@ -788,7 +823,7 @@ pub mod dotprod {
                 // Not `pure`, not `nomem`: a barrier (see [`Multiply`]).
                 options(nostack, preserves_flags),
             );
-            sum
+            (sum, units)
         }
     }
 
