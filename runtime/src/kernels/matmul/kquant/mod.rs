@@ -17,6 +17,30 @@
 //! meet the sums of the activation's int8 values over each half of a block
 //! (the block's `s` covers all 32), which the kernels add up as they go.
 
+/// The widening products of the ARMv8.0 interleaved kernels, as `asm`
+/// text: for each pair of a weight operand `w` (four rows' bytes) and an
+/// activation register `a` (a column group broadcast), rows 0–1's products
+/// go into the 16-bit lanes of operand `lo` and rows 2–3's into `hi`.
+/// `start` begins the sums with the first pair (`smull`, `smull2`), `more`
+/// adds every pair to sums already there (`smlal`, `smlal2`):
+/// `widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29")`.
+#[cfg(target_arch = "aarch64")]
+macro_rules! widening_products {
+    (start $lo:literal $hi:literal; $w0:literal $a0:literal $(, $w:literal $a:literal)* $(,)?) => {
+        concat!(
+            "smull {", $lo, ":v}.8h, {", $w0, ":v}.8b, ", $a0, ".8b\n",
+            "smull2 {", $hi, ":v}.8h, {", $w0, ":v}.16b, ", $a0, ".16b\n",
+            widening_products!(more $lo $hi; $($w $a),*),
+        )
+    };
+    (more $lo:literal $hi:literal; $($w:literal $a:literal),* $(,)?) => {
+        concat!($(
+            "smlal {", $lo, ":v}.8h, {", $w, ":v}.8b, ", $a, ".8b\n",
+            "smlal2 {", $hi, ":v}.8h, {", $w, ":v}.16b, ", $a, ".16b\n",
+        )*)
+    };
+}
+
 pub mod interleaved;
 pub mod interleaved35;
 pub mod scalar;
