@@ -41,6 +41,7 @@
 pub mod daemon;
 
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
+use bramble_tools::source::gguf::{GgmlType, GgufFile};
 use bramble_tools::synth::{SyntheticModel, SyntheticShape};
 use serde_json::Value;
 use std::ffi::OsStr;
@@ -255,7 +256,7 @@ pub fn synthetic(shape: SyntheticShape, seed: u64) -> SyntheticModel {
 pub fn write_gguf_as(
     model: &SyntheticModel,
     path: &Path,
-    type_of: impl Fn(&str, &[usize]) -> bramble_tools::source::gguf::GgmlType,
+    type_of: impl Fn(&str, &[usize]) -> GgmlType,
 ) {
     let mut writer = bramble_tools::source::gguf::llama_writer(&model.config, &model.vocab).unwrap();
     for (name, shape, values) in &model.tensors {
@@ -525,6 +526,56 @@ pub fn row_major_bytes(image: &bramble_runtime::ModelImage, name: &str) -> Vec<u
     let mut rows = vec![0u8; bytes.len()];
     bramble_runtime::quant::deinterleave_bytes(info.encoding, bytes, info.cols(), &mut rows);
     rows
+}
+
+/// The bits of each value, for comparisons that must be exact.
+pub fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Checks every `ggml_type` tensor of the GGUF at `gguf`, converted with
+/// `--quant keep` twice: `rows_image` holds each as `encoding`; `image` as
+/// its four-rows interleaved form where the rows come in whole groups of
+/// four, else as `encoding`. Both hold the GGUF's bytes (in row order) and,
+/// unless the Python reference is skipped, expand to gguf-py's values bit
+/// for bit (expanded into `scratch`). Both storage forms must be seen.
+pub fn assert_kept_tensors(
+    gguf: &Path,
+    image: &bramble_runtime::ModelImage,
+    rows_image: &bramble_runtime::ModelImage,
+    ggml_type: GgmlType,
+    encoding: bramble_runtime::Encoding,
+    scratch: &Path,
+) {
+    let file = GgufFile::open(gguf).unwrap();
+    let interleaved = encoding.interleaved().unwrap();
+    let with_python = Reference::get().is_some();
+    if with_python {
+        gguf_py_dequantize(gguf, scratch);
+    }
+    let mut seen = Vec::new();
+    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == ggml_type) {
+        let stored = image.tensor(&info.name).unwrap();
+        let rows = stored.rows();
+        let expected = if rows.is_multiple_of(4) { interleaved } else { encoding };
+        assert_eq!(stored.encoding, expected, "{} ({rows} rows)", info.name);
+        assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, encoding, "{}", info.name);
+        if expected == interleaved {
+            assert_ne!(image.tensor_bytes(stored), file.tensor_bytes(index), "{}: not interleaved", info.name);
+        }
+        assert!(row_major_bytes(image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+        assert!(row_major_bytes(rows_image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
+        if with_python {
+            let mut ours = vec![0f32; rows * stored.cols()];
+            bramble_runtime::quant::dequantize_rows(stored.encoding, image.tensor_bytes(stored), stored.cols(), &mut ours);
+            let theirs = read_f32_file(&scratch.join(format!("{}.f32", info.name)));
+            assert!(bits(&ours) == bits(&theirs), "{}: values differ from gguf-py's", info.name);
+        }
+        if !seen.contains(&expected) {
+            seen.push(expected);
+        }
+    }
+    assert_eq!(seen.len(), 2, "both row orders: {seen:?}");
 }
 
 /// Mean KL divergence KL(f32 ‖ quantized) of the next-token distributions, nats.

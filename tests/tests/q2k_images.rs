@@ -14,7 +14,6 @@
 
 use bramble_runtime::allocations::CountingAllocator;
 use bramble_runtime::model::{Logits, Model};
-use bramble_runtime::quant::dequantize_rows;
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
@@ -38,10 +37,6 @@ fn gguf_of(dir: &Path, matrices: GgmlType, ffn_dim: usize) -> PathBuf {
 fn convert_with(gguf: &Path, image: &Path, options: ConvertOptions) -> ConvertReport {
     let source = GgufSource::open(gguf).unwrap();
     convert(&source, image, &options).unwrap()
-}
-
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
 }
 
 /// Logit error budgets of the Q2_K image against the numpy reference, as
@@ -76,39 +71,8 @@ fn q2_k_gguf_converted_keep_carries_its_blocks_and_runs() {
         }
     }
 
-    let file = GgufFile::open(&gguf).unwrap();
     let (rows_image, image) = (ModelImage::open(&rows_path).unwrap(), ModelImage::open(&x4_path).unwrap());
-    let reference_dir = dir.path().join("gguf-py");
-    // gguf-py's expansion, unless the Python reference is skipped.
-    let with_python = Reference::get().is_some();
-    if with_python {
-        gguf_py_dequantize(&gguf, &reference_dir);
-    }
-    let mut seen = Vec::new();
-    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == GgmlType::Q2_K) {
-        let stored = image.tensor(&info.name).unwrap();
-        let rows = stored.rows();
-        // The default layout interleaves matrices of whole groups of four
-        // rows (not the embedding: the synthetic vocabulary is not a multiple of 4).
-        let expected = if rows.is_multiple_of(4) { Encoding::Q2KX4 } else { Encoding::Q2K };
-        assert_eq!(stored.encoding, expected, "{} ({rows} rows)", info.name);
-        assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, Encoding::Q2K, "{}", info.name);
-        if expected == Encoding::Q2KX4 {
-            assert_ne!(image.tensor_bytes(stored), file.tensor_bytes(index), "{}: not interleaved", info.name);
-        }
-        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
-        assert!(row_major_bytes(&rows_image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
-        if with_python {
-            let mut ours = vec![0f32; rows * stored.cols()];
-            dequantize_rows(stored.encoding, image.tensor_bytes(stored), stored.cols(), &mut ours);
-            let theirs = read_f32_file(&reference_dir.join(format!("{}.f32", info.name)));
-            assert!(bits(&ours) == bits(&theirs), "{}: values differ from gguf-py's", info.name);
-        }
-        if !seen.contains(&expected) {
-            seen.push(expected);
-        }
-    }
-    assert_eq!(seen.len(), 2, "both row orders: {seen:?}");
+    assert_kept_tensors(&gguf, &image, &rows_image, GgmlType::Q2_K, Encoding::Q2K, &dir.path().join("gguf-py"));
 
     // The rows image against the numpy reference, which expands the same
     // blocks with its own code.

@@ -14,7 +14,7 @@
 
 use bramble_runtime::allocations::CountingAllocator;
 use bramble_runtime::model::{Logits, Model};
-use bramble_runtime::quant::{dequantize_rows, quantize_into};
+use bramble_runtime::quant::quantize_into;
 use bramble_runtime::{Encoding, ModelImage};
 use bramble_tests::*;
 use bramble_tools::convert::{convert, ConvertOptions, ConvertReport, QuantTarget};
@@ -41,10 +41,6 @@ fn convert_with(gguf: &Path, image: &Path, quant: QuantTarget, interleave: bool)
     convert(&source, image, &ConvertOptions { interleave, ..ConvertOptions::new(quant) }).unwrap()
 }
 
-fn bits(values: &[f32]) -> Vec<u32> {
-    values.iter().map(|v| v.to_bits()).collect()
-}
-
 #[test]
 fn q5_0_gguf_converted_keep_carries_its_blocks_and_runs() {
     kept_gguf_carries_its_blocks_and_runs(GgmlType::Q5_0, Encoding::Q5S);
@@ -58,7 +54,6 @@ fn q5_1_gguf_converted_keep_carries_its_blocks_and_runs() {
 /// A GGUF of `ggml_type` matrices, kept: carried as `encoding` (and its
 /// interleaved form), the GGUF's bytes, gguf-py's values, one set of logits.
 fn kept_gguf_carries_its_blocks_and_runs(ggml_type: GgmlType, encoding: Encoding) {
-    let interleaved = encoding.interleaved().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let gguf = gguf_of(dir.path(), ggml_type);
     let (rows_path, x4_path) = (dir.path().join("rows.bramble"), dir.path().join("x4.bramble"));
@@ -74,35 +69,8 @@ fn kept_gguf_carries_its_blocks_and_runs(ggml_type: GgmlType, encoding: Encoding
         }
     }
 
-    let file = GgufFile::open(&gguf).unwrap();
     let (rows_image, image) = (ModelImage::open(&rows_path).unwrap(), ModelImage::open(&x4_path).unwrap());
-    let reference_dir = dir.path().join("gguf-py");
-    // gguf-py's expansion, unless the Python reference is skipped.
-    let with_python = Reference::get().is_some();
-    if with_python {
-        gguf_py_dequantize(&gguf, &reference_dir);
-    }
-    let mut seen = Vec::new();
-    for (index, info) in file.tensors().iter().enumerate().filter(|(_, t)| t.ggml_type == ggml_type) {
-        let stored = image.tensor(&info.name).unwrap();
-        let rows = stored.rows();
-        // The default layout interleaves matrices of whole groups of four rows.
-        let expected = if rows % 4 == 0 { interleaved } else { encoding };
-        assert_eq!(stored.encoding, expected, "{} ({rows} rows)", info.name);
-        assert_eq!(rows_image.tensor(&info.name).unwrap().encoding, encoding, "{}", info.name);
-        assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
-        assert!(row_major_bytes(&rows_image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
-        if with_python {
-            let mut ours = vec![0f32; rows * stored.cols()];
-            dequantize_rows(stored.encoding, image.tensor_bytes(stored), stored.cols(), &mut ours);
-            let theirs = read_f32_file(&reference_dir.join(format!("{}.f32", info.name)));
-            assert!(bits(&ours) == bits(&theirs), "{}: values differ from gguf-py's", info.name);
-        }
-        if !seen.contains(&expected) {
-            seen.push(expected);
-        }
-    }
-    assert_eq!(seen.len(), 2, "both row orders: {seen:?}");
+    assert_kept_tensors(&gguf, &image, &rows_image, ggml_type, encoding, &dir.path().join("gguf-py"));
 
     // Same blocks, kernels that are the reference's bit for bit: the same logits.
     let tokens: Vec<u32> = vec![1, 17, 42, 99, 7, 250, 3, 64, 128];
@@ -116,7 +84,7 @@ fn kept_gguf_carries_its_blocks_and_runs(ggml_type: GgmlType, encoding: Encoding
     assert!(bits(&x4_logits) == bits(&rows_logits), "x4 and rows logits differ");
 
     // Decode steps after the prompt allocate nothing.
-    assert_decodes_without_allocating(&image, &tokens, 8, interleaved.name());
+    assert_decodes_without_allocating(&image, &tokens, 8, encoding.interleaved().unwrap().name());
 }
 
 #[test]
