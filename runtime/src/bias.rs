@@ -5,8 +5,10 @@
 //! by `bramble bias-calibrate`, and a predefined constraint weight
 //! `w_l ∈ [0, 1]`. After layer `l` the forward pass moves that share of the
 //! hidden state's component along the direction to the layer's centre `c_l`,
-//! `h ← h − w_l · (h · d_l − c_l) · d_l`, and records the projection `h · d_l`
-//! (before the change) for the feedback loop. The neutral baseline of each
+//! `h ← h − w_l · (h · r_l − c_l) · d_l`, and records the projection `h · r_l`
+//! (before the change) for the feedback loop. The read vector `r_l` is `d_l`
+//! itself (an orthogonal projection) unless the section carries read vectors
+//! of its own (version 4: LEACE's whitened, oblique form, `r_l · d_l = 1`). The neutral baseline of each
 //! projection (its mean and standard deviation over neutral text, or in
 //! older sections over the calibration pairs' own sentences) is stored with
 //! the directions, so a response's projections can be measured against it.
@@ -19,10 +21,15 @@ use crate::error::{Error, Result};
 
 /// Section name.
 pub const SECTION: &str = "bias";
-/// Section version this code writes. It also reads version 2 (a 48-byte
-/// header, no loop caps, pronoun ids or gates) and version 1 (a 32-byte
-/// header without the `signal` word: [`LoopSignal::MeanLean`]).
-pub const VERSION: u32 = 3;
+/// The newest section version this code reads and writes: version 4 adds
+/// the read vectors of the whitened erasure, and is written only for a
+/// constraint that has them (otherwise version 3, which older readers know).
+/// It also reads version 3, version 2 (a 48-byte header, no loop caps,
+/// pronoun ids or gates) and version 1 (a 32-byte header without the
+/// `signal` word: [`LoopSignal::MeanLean`]).
+pub const VERSION: u32 = 4;
+/// The version a constraint without read vectors is written as.
+const VERSION_ORTHOGONAL: u32 = 3;
 const HEADER_BYTES: usize = 64;
 const HEADER_BYTES_V2: usize = 48;
 const HEADER_BYTES_V1: usize = 32;
@@ -256,8 +263,14 @@ pub struct BiasConstraint {
     pub layers: usize,
     /// Width of the residual stream.
     pub dim: usize,
-    /// `d_l`, unit vectors, `layers × dim`.
+    /// `d_l`, unit vectors, `layers × dim`: what the constraint moves.
     pub directions: Vec<f32>,
+    /// `r_l`, `layers × dim`, each with `r_l · d_l = 1`: what the constraint
+    /// reads (`h · r_l`), when not `d_l` itself. LEACE's whitened form for
+    /// one scalar concept: `d_l ∝ Σ_l σ_l`'s covariance direction `σ_l`, `r_l ∝
+    /// Σ_l⁻¹ σ_l`, so that after `h ← h − (h · r_l − c_l) d_l` no direction of
+    /// the calibration states covaries with the concept (section version 4).
+    pub readouts: Option<Vec<f32>>,
     /// The predefined constraint weights `w_l` (`--feedback static`).
     pub weights: Vec<f32>,
     /// Mean of `h · d_l` over the neutral baseline, per layer.
@@ -324,7 +337,14 @@ impl BiasConstraint {
         &self.directions[l * self.dim..(l + 1) * self.dim]
     }
 
-    /// The value layer `l`'s constraint moves `h · d_l` toward.
+    /// Read vector `l`: what the projection `h · r_l` is read along
+    /// (`d_l` itself unless the section carries read vectors).
+    pub fn readout(&self, l: usize) -> &[f32] {
+        let vectors = self.readouts.as_deref().unwrap_or(&self.directions);
+        &vectors[l * self.dim..(l + 1) * self.dim]
+    }
+
+    /// The value layer `l`'s constraint moves `h · r_l` toward.
     pub fn centre(&self, l: usize) -> f32 {
         match &self.centre {
             Centre::Zero => 0.0,
@@ -370,6 +390,7 @@ impl BiasConstraint {
             || self.baseline_std.len() != layers
             || self.max_weights.len() != layers
             || (self.centre.code() >= 2 && centre_values.len() != layers)
+            || self.readouts.as_ref().is_some_and(|r| r.len() != layers * dim)
         {
             return bad(format!("arrays do not match {layers} layers of width {dim}"));
         }
@@ -387,6 +408,14 @@ impl BiasConstraint {
             let norm = d.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
             if !d.iter().all(|v| v.is_finite()) || (norm - 1.0).abs() > 1e-3 {
                 return bad(format!("direction of layer {l} is not a finite unit vector (norm {norm})"));
+            }
+            if self.readouts.is_some() {
+                // r · d = 1: a weight of 1 moves the projection onto the centre.
+                let r = self.readout(l);
+                let along = r.iter().zip(d).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>();
+                if !r.iter().all(|v| v.is_finite()) || (along - 1.0).abs() > 1e-3 {
+                    return bad(format!("read vector of layer {l} is not finite with r · d = 1 (r · d = {along})"));
+                }
             }
             let (weight, cap) = (self.weights[l], self.max_weights[l]);
             if !(0.0..=1.0).contains(&weight) {
@@ -419,7 +448,7 @@ impl BiasConstraint {
         Ok(())
     }
 
-    /// Parses and checks a section (version 1, 2 or 3).
+    /// Parses and checks a section (version 1 to 4).
     pub fn from_section(bytes: &[u8]) -> Result<Self> {
         let corrupt = |what: String| Error::corrupt(format!("section bias: {what}"));
         if bytes.len() < HEADER_BYTES_V1 {
@@ -430,7 +459,7 @@ impl BiasConstraint {
         let header_bytes = match version {
             1 => HEADER_BYTES_V1,
             2 => HEADER_BYTES_V2,
-            VERSION => HEADER_BYTES,
+            VERSION_ORTHOGONAL | VERSION => HEADER_BYTES,
             other => {
                 return Err(Error::unsupported(format!(
                     "section bias version {other} (this reader knows 1 to {VERSION})"
@@ -461,16 +490,21 @@ impl BiasConstraint {
         let kind = DirectionKind::from_code(known(u32_at(16), highest_kind, "direction kind")?).expect("a known code");
         let centre_word = known(u32_at(20), highest_centre, "centre flag")?;
         let (layers, dim) = (u32_at(4) as usize, u32_at(8) as usize);
-        let (gates, she_count, he_count) = if version == VERSION {
+        let current = version >= VERSION_ORTHOGONAL;
+        // Version 4's word 13: 1 when read vectors follow the caps.
+        let whitened = version == VERSION && known(u32_at(52), 1, "read vector flag")? == 1;
+        let (gates, she_count, he_count) = if current {
             (CalibrationGates { evaluated: u32_at(36), passed: u32_at(40) }, u32_at(44) as usize, u32_at(48) as usize)
         } else {
             (CalibrationGates::default(), 0, 0)
         };
         // Per layer: weights, baseline mean and std; the centre's values
-        // (words 2 and 3); the loop's caps (version 3).
-        let per_layer = 3 + usize::from(centre_word >= 2) + usize::from(version == VERSION);
+        // (words 2 and 3); the loop's caps (version 3); the read vectors
+        // (version 4, flagged).
+        let per_layer = 3 + usize::from(centre_word >= 2) + usize::from(current);
         let expected = layers
             .checked_mul(dim)
+            .and_then(|n| n.checked_mul(1 + usize::from(whitened)))
             .and_then(|n| n.checked_add(layers.checked_mul(per_layer)?))
             .and_then(|n| n.checked_add(she_count)?.checked_add(he_count))
             .and_then(|n| n.checked_mul(4)?.checked_add(header_bytes));
@@ -481,8 +515,9 @@ impl BiasConstraint {
             } else {
                 String::new()
             };
-            let tokens = if version == VERSION {
-                format!(", {she_count} she and {he_count} he token ids")
+            let readouts = if whitened { ", read vectors" } else { "" };
+            let tokens = if current {
+                format!("{readouts}, {she_count} she and {he_count} he token ids")
             } else {
                 String::new()
             };
@@ -500,6 +535,7 @@ impl BiasConstraint {
         let floats: Vec<f32> = floats.iter().map(|w| f32::from_le_bytes(*w)).collect();
         let ids: Vec<u32> = ids.iter().map(|w| u32::from_le_bytes(*w)).collect();
         let (directions, rest) = floats.split_at(layers * dim);
+        let (rest, readouts) = rest.split_at(rest.len() - if whitened { layers * dim } else { 0 });
         let mut per_layer = rest.chunks_exact(layers.max(1)).map(<[f32]>::to_vec);
         let mut next = || per_layer.next().unwrap_or_default();
         let (weights, baseline_mean, baseline_std) = (next(), next(), next());
@@ -509,7 +545,8 @@ impl BiasConstraint {
             2 => Centre::Midpoint(next()),
             _ => Centre::Parity(next()),
         };
-        let max_weights = if version == VERSION { next() } else { vec![1.0; layers] };
+        let max_weights = if current { next() } else { vec![1.0; layers] };
+        let readouts = whitened.then(|| readouts.to_vec());
         let constraint = Self {
             kind,
             signal,
@@ -517,6 +554,7 @@ impl BiasConstraint {
             layers,
             dim,
             directions: directions.to_vec(),
+            readouts,
             weights,
             baseline_mean,
             baseline_std,
@@ -531,7 +569,7 @@ impl BiasConstraint {
         Ok(constraint)
     }
 
-    /// The section's bytes (always the current version).
+    /// The section's bytes: version 4 with read vectors, version 3 without.
     pub fn to_section(&self) -> Result<Vec<u8>> {
         self.check().map_err(|e| Error::invalid(e.message().to_string()))?;
         let tokens = self.she_tokens.len() + self.he_tokens.len();
@@ -544,6 +582,7 @@ impl BiasConstraint {
             .chain(&self.baseline_std)
             .chain(self.centre.values())
             .chain(&self.max_weights)
+            .chain(self.readouts.iter().flatten())
         {
             payload.extend_from_slice(&v.to_le_bytes());
         }
@@ -552,7 +591,7 @@ impl BiasConstraint {
         }
         let mut out = vec![0u8; HEADER_BYTES];
         let mut put = |at: usize, word: u32| out[at..at + 4].copy_from_slice(&word.to_le_bytes());
-        put(0, VERSION);
+        put(0, if self.readouts.is_some() { VERSION } else { VERSION_ORTHOGONAL });
         put(4, self.layers as u32);
         put(8, self.dim as u32);
         put(12, crc32fast::hash(&payload));
@@ -565,6 +604,7 @@ impl BiasConstraint {
         put(40, self.gates.passed);
         put(44, self.she_tokens.len() as u32);
         put(48, self.he_tokens.len() as u32);
+        put(52, u32::from(self.readouts.is_some()));
         out.extend_from_slice(&payload);
         Ok(out)
     }
@@ -1223,6 +1263,7 @@ mod tests {
             layers,
             dim,
             directions,
+            readouts: None,
             weights: vec![0.0, 0.5, 1.0],
             baseline_mean: vec![0.1, -0.2, 0.3],
             baseline_std: vec![1.0, 2.0, 0.5],
@@ -1450,7 +1491,7 @@ mod tests {
     fn section_round_trips_and_refuses_damage() {
         let c = sample();
         let bytes = c.to_section().unwrap();
-        assert_eq!(u32::from_le_bytes(bytes[0..4].try_into().unwrap()), VERSION);
+        assert_eq!(u32::from_le_bytes(bytes[0..4].try_into().unwrap()), VERSION_ORTHOGONAL, "no read vectors: 3");
         assert_eq!(BiasConstraint::from_section(&bytes).unwrap(), c);
         let principal = BiasConstraint { kind: DirectionKind::PrincipalComponent, ..c.clone() };
         let principal_bytes = principal.to_section().unwrap();
@@ -1505,9 +1546,9 @@ mod tests {
         let not_finite = BiasConstraint { centre: Centre::Midpoint(vec![0.5, f32::NAN, 2.5]), ..midpoint.clone() };
         assert!(not_finite.to_section().unwrap_err().message().contains("midpoint"));
         let mut future = bytes;
-        future[0..4].copy_from_slice(&4u32.to_le_bytes());
+        future[0..4].copy_from_slice(&5u32.to_le_bytes());
         let error = BiasConstraint::from_section(&future).unwrap_err();
-        assert!(error.message().contains("version 4"), "{error}");
+        assert!(error.message().contains("version 5"), "{error}");
     }
 
     #[test]
@@ -1622,6 +1663,60 @@ mod tests {
         let mut unknown = bytes;
         unknown[16] = 3;
         assert!(message(&unknown).contains("direction kind 3"));
+    }
+
+    /// [`pronoun_sample`] with read vectors: layer `l` reads `e_l + 0.5 e_{l+1}`
+    /// (wrapping), whose product with `d_l = e_l` is 1.
+    fn whitened_sample() -> BiasConstraint {
+        let c = pronoun_sample();
+        let mut readouts = c.directions.clone();
+        for l in 0..c.layers {
+            readouts[l * c.dim + (l + 1) % c.dim] = 0.5;
+        }
+        BiasConstraint { readouts: Some(readouts), ..c }
+    }
+
+    #[test]
+    fn a_version_4_section_carries_read_vectors_and_refuses_bad_ones() {
+        let c = whitened_sample();
+        assert_eq!((c.readout(1), c.direction(1)), (&[0.0, 1.0, 0.5, 0.0][..], &[0.0, 1.0, 0.0, 0.0][..]));
+        let bytes = c.to_section().unwrap();
+        let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!((word(0), word(52)), (4, 1), "version 4, read vectors flagged");
+        // Version 3's layout, then the read vectors before the ids.
+        let orthogonal = pronoun_sample().to_section().unwrap();
+        assert_eq!(bytes.len(), orthogonal.len() + 4 * 3 * 4);
+        assert_eq!(bytes[bytes.len() - 8..], orthogonal[orthogonal.len() - 8..], "the ids still last");
+        let read = BiasConstraint::from_section(&bytes).unwrap();
+        assert_eq!(read, c);
+        assert_eq!(pronoun_sample().readout(1), pronoun_sample().direction(1), "no read vectors: d itself");
+        let message = |bytes: &[u8]| BiasConstraint::from_section(bytes).unwrap_err().message().to_string();
+        // Without the flag (or without the vectors) the sizes disagree; an unknown flag is refused.
+        let mut unflagged = bytes.clone();
+        unflagged[52] = 0;
+        assert!(message(&unflagged).contains("bytes"), "{}", message(&unflagged));
+        let mut unknown = bytes.clone();
+        unknown[52] = 2;
+        assert!(message(&unknown).contains("read vector flag 2 is not one of 0 to 1"), "{}", message(&unknown));
+        let cut = bytes.len() - 5 * 4 - 4;
+        let short = resealed([&bytes[..cut], &bytes[cut + 4..]].concat());
+        assert!(message(&short).contains("read vectors"), "{}", message(&short));
+        // Version 3 knows no read vectors: its word 13 is not read.
+        let mut old = orthogonal.clone();
+        old[52] = 1;
+        assert_eq!(BiasConstraint::from_section(&old).unwrap(), pronoun_sample());
+        // r · d must be 1, and r finite; the sizes must match.
+        let mut off = whitened_sample();
+        off.readouts.as_mut().unwrap()[4 + 1] = 0.5;
+        let error = off.to_section().unwrap_err();
+        assert!(error.message().contains("read vector of layer 1") && error.message().contains("0.5"), "{error}");
+        let r_at = bytes.len() - 5 * 4 - 3 * 4 * 4;
+        let mut not_finite = bytes.clone();
+        not_finite[r_at + 8..r_at + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(message(&resealed(not_finite)).contains("read vector of layer 0"));
+        let mut short = whitened_sample();
+        short.readouts.as_mut().unwrap().pop();
+        assert!(short.to_section().unwrap_err().message().contains("arrays do not match"));
     }
 
     /// Answers of `she` female and `he` male pronoun tokens (ids of

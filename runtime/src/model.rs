@@ -1554,13 +1554,14 @@ impl<'a> Model<'a> {
             let post_norm = layer.post_norms.map(|[_, ffn]| ffn);
             self.add_to_stream(&mut s.x[..n * dim], &s.xb[..n * dim], &mut s.xb2, post_norm);
 
-            // Bias constraint: record h · d_l, then h ← h − w_l (h · d_l − centre_l) d_l
-            // (centre_l: the section's centre, `BiasConstraint::centre`: 0, the baseline mean, a midpoint or
-            // the parity value, as the feedback loop may have moved it).
+            // Bias constraint: record h · r_l, then h ← h − w_l (h · r_l − centre_l) d_l
+            // (r_l: d_l, or the whitened read vector; centre_l: the section's centre,
+            // `BiasConstraint::centre`: 0, the baseline mean, a midpoint or the parity value,
+            // as the feedback loop may have moved it).
             if let Some(c) = &self.bias {
-                let (d, w, centre) = (c.direction(l), s.bias_weights[l], s.bias_centres[l]);
+                let (r, d, w, centre) = (c.readout(l), c.direction(l), s.bias_weights[l], s.bias_centres[l]);
                 for h in s.x[..n * dim].chunks_exact_mut(dim) {
-                    let p = (k.project_out)(h, d, w, centre) as f64;
+                    let p = (k.project_out)(h, r, d, w, centre) as f64;
                     s.projections.sum[l] += p;
                     s.projections.sum_squares[l] += p * p;
                 }

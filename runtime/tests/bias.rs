@@ -18,6 +18,7 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
         layers: 1,
         dim,
         directions: raw.iter().map(|v| v / norm).collect(),
+        readouts: None,
         weights: vec![weight],
         baseline_mean: vec![0.0],
         baseline_std: vec![1.0],
@@ -117,6 +118,71 @@ fn the_constraint_removes_its_share_and_records_projections() {
         assert_eq!(back, plain);
         assert!(state.set_bias_weights(&[1.5]).unwrap_err().message().contains("[0, 1]"));
         assert!(state.set_bias_weights(&[0.5, 0.5]).is_err());
+    }
+}
+
+/// The whitened (oblique) form: the projection is read along `r` (`r · d =
+/// 1`), recorded as `h · r`, and `w = 1` leaves it at the centre, moving `h`
+/// along `d` only.
+#[test]
+fn a_whitened_constraint_reads_along_its_read_vector() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.bramble");
+    common::write_tiny(&path, |_| {});
+    let image = ModelImage::open(&path).unwrap();
+    let tokens = [1u32, 3, 4, 5];
+    for kernels in Kernels::all_available() {
+        let mut model = Model::with_options(&image, kernels, 1).unwrap();
+        let dim = model.config.dim as usize;
+        let plain = constraint(dim, 1.0);
+        let d = plain.directions.clone();
+        // r = d + a unit vector orthogonal to d.
+        let mut e: Vec<f32> = (0..dim).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let along: f32 = e.iter().zip(&d).map(|(a, b)| a * b).sum();
+        e.iter_mut().zip(&d).for_each(|(v, d)| *v -= along * d);
+        let e_norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let r: Vec<f32> = d.iter().zip(&e).map(|(d, e)| d + e / e_norm).collect();
+        let whitened =
+            BiasConstraint { centre: Centre::Baseline, baseline_mean: vec![0.5], readouts: Some(r.clone()), ..plain };
+        let project = |values: &[f32], v: &[f32]| -> Vec<f32> {
+            values.chunks_exact(dim).map(|h| h.iter().zip(v).map(|(a, b)| a * b).sum::<f32>()).collect()
+        };
+        // Unconstrained states (w = 0): what the projections record.
+        model.set_bias(Some(BiasConstraint { weights: vec![0.0], ..whitened.clone() })).unwrap();
+        let mut state = model.new_state(16, 4);
+        let mut before = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                before = values.to_vec();
+            }
+        };
+        model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        let expected: f32 = project(&before, &r).iter().sum();
+        let along_d: f32 = project(&before, &d).iter().sum();
+        let recorded = state.projections().sum[0] as f32;
+        assert!(
+            (recorded - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
+            "{}: {recorded} vs {expected}",
+            kernels.name
+        );
+        assert!((expected - along_d).abs() > 1e-2, "the fixture tells r from d");
+        // w = 1: every token's h · r at the centre; h moved along d only.
+        model.set_bias(Some(whitened)).unwrap();
+        let mut state = model.new_state(16, 4);
+        let mut after = Vec::new();
+        let mut see = |_: usize, site: Site, values: &[f32]| {
+            if site == Site::Residual {
+                after = values.to_vec();
+            }
+        };
+        model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        let left = project(&after, &r);
+        assert!(left.iter().all(|p| (p - 0.5).abs() < 1e-4), "{}: {left:?}", kernels.name);
+        for (h_after, h_before) in after.chunks_exact(dim).zip(before.chunks_exact(dim)) {
+            let moved: Vec<f32> = h_after.iter().zip(h_before).map(|(a, b)| a - b).collect();
+            let off_d = project(&moved, &e)[0] / e_norm;
+            assert!(off_d.abs() < 1e-4, "{}: moved {off_d} off d", kernels.name);
+        }
     }
 }
 

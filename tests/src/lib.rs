@@ -253,11 +253,7 @@ pub fn synthetic(shape: SyntheticShape, seed: u64) -> SyntheticModel {
 
 /// Writes `model` as a Llama GGUF at `path`, each tensor in the type
 /// `type_of(name, shape)` gives.
-pub fn write_gguf_as(
-    model: &SyntheticModel,
-    path: &Path,
-    type_of: impl Fn(&str, &[usize]) -> GgmlType,
-) {
+pub fn write_gguf_as(model: &SyntheticModel, path: &Path, type_of: impl Fn(&str, &[usize]) -> GgmlType) {
     let mut writer = bramble_tools::source::gguf::llama_writer(&model.config, &model.vocab).unwrap();
     for (name, shape, values) in &model.tensors {
         writer.add_values(name, shape, type_of(name, shape), values).unwrap();
@@ -567,7 +563,12 @@ pub fn assert_kept_tensors(
         assert!(row_major_bytes(rows_image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
         if with_python {
             let mut ours = vec![0f32; rows * stored.cols()];
-            bramble_runtime::quant::dequantize_rows(stored.encoding, image.tensor_bytes(stored), stored.cols(), &mut ours);
+            bramble_runtime::quant::dequantize_rows(
+                stored.encoding,
+                image.tensor_bytes(stored),
+                stored.cols(),
+                &mut ours,
+            );
             let theirs = read_f32_file(&scratch.join(format!("{}.f32", info.name)));
             assert!(bits(&ours) == bits(&theirs), "{}: values differ from gguf-py's", info.name);
         }

@@ -56,6 +56,9 @@ pub type AttentionValuesF16 = fn(&[f32], &attention::CachedVectors<f16>, usize, 
 /// Causal attention of a batch of tokens' query heads that share a KV head, over the f32 cache:
 /// `(shape, queries, keys, values, scratch, out)` ([`attention::Causal`]).
 pub type AttentionCausal = fn(&attention::Causal, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+/// The bias constraint on one hidden state: `(h, r, d, w, centre)`, `p = h · r`,
+/// `h ← h − w (p − centre) d`; returns `p`.
+pub type ProjectOut = fn(h: &mut [f32], r: &[f32], d: &[f32], w: f32, centre: f32) -> f32;
 
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
@@ -150,8 +153,8 @@ pub struct Kernels {
     pub sparse_split: sparse::Split,
     /// R-Sparse's `out += U · low`, `U` stored column by column.
     pub low_rank_add: sparse::LowRankAdd,
-    /// The bias constraint on one hidden state: `(h, d, w) → h · d`, `h −= w·(h·d)·d`.
-    pub project_out: fn(&mut [f32], &[f32], f32, f32) -> f32,
+    /// The bias constraint on one hidden state: `(h, r, d, w, centre) → h · r`, `h −= w·(h·r − centre)·d`.
+    pub project_out: ProjectOut,
     /// `(src, rows, dst)`: a batch's products from rows outermost to tokens outermost.
     pub transpose: fn(src: &[f32], rows: usize, dst: &mut [f32]),
 }

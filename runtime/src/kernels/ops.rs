@@ -63,11 +63,12 @@ pub mod scalar {
         crate::kernels::matmul::scalar::dot_f32(a, b)
     }
 
-    /// The bias constraint on one hidden state: `p = h · d`, then
-    /// `h ← h − w·(p − centre)·d` (skipped for `w = 0`): the component along
-    /// `d` moves a share `w` of the way to `centre`. Returns `p`.
-    pub fn project_out(h: &mut [f32], d: &[f32], w: f32, centre: f32) -> f32 {
-        let p = dot(h, d);
+    /// The bias constraint on one hidden state: `p = h · r`, then
+    /// `h ← h − w·(p − centre)·d` (skipped for `w = 0`): with `r · d = 1`
+    /// (`r = d` a unit vector: an orthogonal projection) the projection moves
+    /// a share `w` of the way to `centre`. Returns `p`.
+    pub fn project_out(h: &mut [f32], r: &[f32], d: &[f32], w: f32, centre: f32) -> f32 {
+        let p = dot(h, r);
         if w != 0.0 {
             let c = w * (p - centre);
             for (x, v) in h.iter_mut().zip(d) {
@@ -151,8 +152,8 @@ pub mod neon {
     }
 
     /// See `scalar::project_out`: the dot product as [`dot`], the removal four lanes a step.
-    pub fn project_out(h: &mut [f32], d: &[f32], w: f32, centre: f32) -> f32 {
-        let p = dot(h, d);
+    pub fn project_out(h: &mut [f32], r: &[f32], d: &[f32], w: f32, centre: f32) -> f32 {
+        let p = dot(h, r);
         if w != 0.0 {
             let c = w * (p - centre);
             let n = h.len().min(d.len());

@@ -1388,8 +1388,10 @@ fn channel_major_gemms_do_not_overflow_at_extremes() {
 }
 
 /// The bias constraint: the projection is a dot product (summation order
-/// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·d|`), and the removal leaves the
-/// component of `h` along a unit `d` at `centre` when `w = 1`.
+/// only, [`FLOAT_DOT_RELATIVE`] of `Σ |h·r|`), and the removal leaves the
+/// projection `h · r` at `centre` when `w = 1`, for a unit `d` read along
+/// itself (`r = d`) and read along an oblique `r` with `r · d = 1` (the
+/// whitened erasure).
 #[test]
 fn project_out_matches_the_reference() {
     for n in [1, 3, 4, 17, 64, 577] {
@@ -1397,33 +1399,41 @@ fn project_out_matches_the_reference() {
         let mut d = data(n, 7 + n as u32);
         let norm = d.iter().map(|v| v * v).sum::<f32>().sqrt();
         d.iter_mut().for_each(|v| *v /= norm);
-        let magnitude: f32 = h.iter().zip(&d).map(|(a, b)| (a * b).abs()).sum();
-        for centre in [0.0, 0.75] {
-            for w in [0.0, 0.5, 1.0] {
-                let mut expected = h.clone();
-                let p_ref = (Kernels::SCALAR.project_out)(&mut expected, &d, w, centre);
-                if w == 0.0 {
-                    assert_eq!(expected, h, "w = 0 leaves h alone");
-                }
-                for k in Kernels::all_available() {
-                    let mut got = h.clone();
-                    let p = (k.project_out)(&mut got, &d, w, centre);
-                    let tolerance = FLOAT_DOT_RELATIVE * magnitude + TINY;
-                    assert!(close(p, p_ref, tolerance), "{} n={n}: {p} vs {p_ref}", k.name);
-                    for (g, e) in got.iter().zip(&expected) {
-                        assert!(
-                            close(*g, *e, 2.0 * FLOAT_DOT_RELATIVE * (magnitude + centre + e.abs()) + TINY),
-                            "{} n={n} w={w} centre={centre}: {g} vs {e}",
-                            k.name
-                        );
+        // d plus half of a unit vector orthogonal to it (none when n = 1).
+        let mut e = data(n, 13 + n as u32);
+        let along: f32 = e.iter().zip(&d).map(|(a, b)| a * b).sum();
+        e.iter_mut().zip(&d).for_each(|(v, d)| *v -= along * d);
+        let e_norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let oblique: Vec<f32> = d.iter().zip(&e).map(|(d, e)| if n > 1 { d + 0.5 * e / e_norm } else { *d }).collect();
+        for r in [&d, &oblique] {
+            let magnitude: f32 = h.iter().zip(r).map(|(a, b)| (a * b).abs()).sum();
+            for centre in [0.0, 0.75] {
+                for w in [0.0, 0.5, 1.0] {
+                    let mut expected = h.clone();
+                    let p_ref = (Kernels::SCALAR.project_out)(&mut expected, r, &d, w, centre);
+                    if w == 0.0 {
+                        assert_eq!(expected, h, "w = 0 leaves h alone");
                     }
-                    if w == 1.0 {
-                        let left: f32 = got.iter().zip(&d).map(|(a, b)| a * b).sum();
-                        assert!(
-                            (left - centre).abs() <= 1e-4 * (1.0 + magnitude),
-                            "{} n={n}: {left} along d, not {centre}",
-                            k.name
-                        );
+                    for k in Kernels::all_available() {
+                        let mut got = h.clone();
+                        let p = (k.project_out)(&mut got, r, &d, w, centre);
+                        let tolerance = FLOAT_DOT_RELATIVE * magnitude + TINY;
+                        assert!(close(p, p_ref, tolerance), "{} n={n}: {p} vs {p_ref}", k.name);
+                        for (g, e) in got.iter().zip(&expected) {
+                            assert!(
+                                close(*g, *e, 2.0 * FLOAT_DOT_RELATIVE * (magnitude + centre + e.abs()) + TINY),
+                                "{} n={n} w={w} centre={centre}: {g} vs {e}",
+                                k.name
+                            );
+                        }
+                        if w == 1.0 {
+                            let left: f32 = got.iter().zip(r).map(|(a, b)| a * b).sum();
+                            assert!(
+                                (left - centre).abs() <= 1e-4 * (1.0 + magnitude),
+                                "{} n={n}: {left} along r, not {centre}",
+                                k.name
+                            );
+                        }
                     }
                 }
             }

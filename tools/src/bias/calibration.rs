@@ -367,6 +367,7 @@ pub fn bias_calibrate(
         layers,
         dim,
         directions,
+        readouts: None,
         weights: vec![0.0; layers],
         baseline_mean: vec![0.0; layers],
         baseline_std: vec![1.0; layers],

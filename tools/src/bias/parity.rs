@@ -267,6 +267,7 @@ pub fn calibrate_parity(
         layers,
         dim,
         directions: fit.directions.clone(),
+        readouts: fit.readouts.clone(),
         weights: vec![0.0; layers],
         baseline_mean: vec![0.0; layers],
         baseline_std: vec![1.0; layers],
