@@ -44,6 +44,9 @@ pub struct ParityOptions {
     pub occupation_means: bool,
     /// Pieces of the text the loop's lean is scaled by.
     pub baseline_pieces: usize,
+    /// Read each projection along LEACE's whitened vector, the covariance
+    /// shrunk by this share (`None`: along the direction itself).
+    pub whiten: Option<f64>,
 }
 
 impl Default for ParityOptions {
@@ -57,6 +60,7 @@ impl Default for ParityOptions {
             occupation_means: true,
             position: SitePosition::Occupation,
             baseline_pieces: 200,
+            whiten: None,
         }
     }
 }
@@ -102,6 +106,9 @@ pub struct ParityCandidate {
 pub struct ParityReport {
     /// `stereotype`.
     pub direction: &'static str,
+    /// How the projections are read: `orthogonal` (along `d_l`) or
+    /// `whitened, shrinkage α` (LEACE's read vectors).
+    pub readout: String,
     /// Where the items came from.
     pub items: String,
     /// Pronoun sites read (cue-free, factual), and items left out.
@@ -245,6 +252,7 @@ pub fn calibrate_parity(
         stated: &stated,
         orthogonal_to_stated: options.orthogonal_to_stated,
         sink: Some(&sink),
+        whiten: options.whiten,
     })?;
     drop((cue_free_states, stated_female, stated_male, pronoun_female, pronoun_male, at_pronoun));
 
@@ -486,6 +494,7 @@ pub fn calibrate_parity(
     copy_with_section(&image, output, bramble_runtime::bias::SECTION, &constraint.to_section()?)?;
     Ok(ParityReport {
         direction: DirectionKind::Stereotype.name(),
+        readout: options.whiten.map_or("orthogonal".to_string(), |a| format!("whitened, shrinkage {a}")),
         items: source,
         cue_free_sites: cue_free,
         factual_sites: sites.len() - cue_free,

@@ -14,7 +14,7 @@
 
 use super::fill::{fill_blanks, FillItem, Gender, PronounForm, PronounOption};
 use super::scoring::sentence_tokens_after;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::tokenizer::Tokenizer;
 
@@ -234,7 +234,11 @@ impl QuickFigures {
 pub struct StereotypeFit {
     /// `d_l`, unit vectors (`layers × dim`); positive toward *he*.
     pub directions: Vec<f32>,
-    /// Correlation of the cue-free sites' projections on `d_l` with their lean.
+    /// `r_l` (`layers × dim`, `r_l · d_l = 1`), the whitened read vectors,
+    /// when asked for ([`FitInput::whiten`]); the projections below are read
+    /// along them.
+    pub readouts: Option<Vec<f32>>,
+    /// Correlation of the cue-free sites' projections (on `r_l`, else `d_l`) with their lean.
     pub correlation: Vec<f32>,
     /// Cosine between the raw direction and the stated-gender direction
     /// (the factual sites' female minus male mean), removed from it when asked.
@@ -272,6 +276,10 @@ pub struct FitInput<'a> {
     pub orthogonal_to_stated: bool,
     /// The attention sink's mean residual stream (`layers × dim`), removed from each direction.
     pub sink: Option<&'a [f64]>,
+    /// LEACE's whitened form, with this shrinkage `α ∈ (0, 1)` of the
+    /// states' covariance toward a multiple of the identity (`None`: the
+    /// orthogonal form, read along `d_l`). See [`whitened_readout`].
+    pub whiten: Option<f64>,
 }
 
 /// Fits, per layer, the direction along which the cue-free sites' states
@@ -289,8 +297,12 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
     ensure!(input.targets.len() == n, "{} targets for {n} sites", input.targets.len());
     let y_mean = input.leans.iter().sum::<f64>() / n as f64;
     let t_mean = input.targets.iter().sum::<f64>() / n as f64;
+    if let Some(alpha) = input.whiten {
+        ensure!(alpha > 0.0 && alpha < 1.0, "the shrinkage {alpha} is outside (0, 1)");
+    }
     let mut fit = StereotypeFit {
         directions: vec![0.0; row],
+        readouts: input.whiten.map(|_| vec![0.0; row]),
         correlation: vec![0.0; layers],
         factual_cosine: vec![0.0; layers],
         sink_cosine: vec![0.0; layers],
@@ -355,14 +367,41 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
                 d.iter_mut().zip(u).for_each(|(v, s)| *v -= along * s / u_norm);
             }
         }
+        let read = match input.whiten {
+            None => None,
+            Some(alpha) => {
+                // The subspace the fit keeps out of: the stated-gender
+                // directions (when asked) and the sink, orthonormal together.
+                let mut removed: Vec<Vec<f64>> = if input.orthogonal_to_stated { basis.clone() } else { Vec::new() };
+                if let Some(sink) = input.sink {
+                    let mut u = sink[l * dim..(l + 1) * dim].to_vec();
+                    for b in &removed {
+                        let along = dot(&u, b);
+                        u.iter_mut().zip(b).for_each(|(v, b)| *v -= along * b);
+                    }
+                    let u_norm = norm(&u);
+                    if u_norm > 1e-9 {
+                        u.iter_mut().for_each(|v| *v /= u_norm);
+                        removed.push(u);
+                    }
+                }
+                let states: Vec<&[f32]> =
+                    input.cue_free.chunks_exact(row).map(|s| &s[l * dim..(l + 1) * dim]).collect();
+                let (write, read) = whitened_readout(&states, input.targets, &removed, alpha)
+                    .with_context(|| format!("layer {l}: the whitened read vector"))?;
+                d = write;
+                Some(read)
+            }
+        };
         let d_norm = norm(&d);
         ensure!(d_norm > 0.0 && d_norm.is_finite(), "layer {l}: nothing of the direction is left");
         d.iter_mut().for_each(|v| *v /= d_norm);
         // Projections, their line against the lean, and where it crosses 0.
+        let along = read.as_deref().unwrap_or(&d);
         let q: Vec<f64> = input
             .cue_free
             .chunks_exact(row)
-            .map(|s| s[l * dim..(l + 1) * dim].iter().zip(&d).map(|(v, d)| f64::from(*v) * d).sum())
+            .map(|s| s[l * dim..(l + 1) * dim].iter().zip(along).map(|(v, d)| f64::from(*v) * d).sum())
             .collect();
         let q_mean = q.iter().sum::<f64>() / n as f64;
         let sqq: f64 = q.iter().map(|v| (v - q_mean) * (v - q_mean)).sum();
@@ -378,8 +417,82 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
         for (o, v) in fit.directions[l * dim..(l + 1) * dim].iter_mut().zip(&d) {
             *o = *v as f32;
         }
+        if let (Some(out), Some(read)) = (fit.readouts.as_mut(), &read) {
+            for (o, v) in out[l * dim..(l + 1) * dim].iter_mut().zip(read) {
+                *o = *v as f32;
+            }
+        }
     }
     Ok(fit)
+}
+
+/// LEACE (Belrose et al. 2023) for one scalar concept `t`, kept out of the
+/// span of `removed` (orthonormal vectors): with `P` the projection onto
+/// their complement, `Σ` the covariance of the states `P x` and `σ = Σᵢ (tᵢ
+/// − t̄) P(xᵢ − x̄)` their covariance with `t`, the erasure `x ← x − ((x −
+/// μ) · r) d` with `d = σ / |σ|` and `r ∝ Σ⁻¹ σ`, `r · d = 1`, leaves no
+/// direction of the states covarying with `t` (the whitened closed form
+/// `W⁺ P_{WΣ_xz} W`, `W = Σ^−½`, for a rank-one `Σ_xz`, needs no square root).
+/// With fewer states than dimensions `Σ` is singular, and its smallest
+/// directions are noise: `Σ` is shrunk toward `τ I` (`τ` its mean
+/// eigenvalue on the complement) by `alpha`, `(1 − α) Σ + α τ I`, which
+/// also keeps `r` in the complement. Returns `(d, r)`.
+pub fn whitened_readout(
+    states: &[&[f32]],
+    targets: &[f64],
+    removed: &[Vec<f64>],
+    alpha: f64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = states.len();
+    ensure!(n >= 2 && targets.len() == n, "{n} states for {} targets", targets.len());
+    let dim = states[0].len();
+    ensure!(removed.len() < dim, "{} removed directions leave nothing of {dim}", removed.len());
+    let mean_t = targets.iter().sum::<f64>() / n as f64;
+    let mut mean_x = vec![0f64; dim];
+    for s in states {
+        mean_x.iter_mut().zip(s.iter()).for_each(|(m, v)| *m += f64::from(*v) / n as f64);
+    }
+    let keep_out = |v: &mut [f64]| {
+        for b in removed {
+            let along: f64 = v.iter().zip(b).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(b).for_each(|(x, b)| *x -= along * b);
+        }
+    };
+    // The centred states, projected: one row each.
+    let mut centred = faer::Mat::<f64>::zeros(n, dim);
+    let mut row = vec![0f64; dim];
+    for (i, s) in states.iter().enumerate() {
+        row.iter_mut().zip(s.iter().zip(&mean_x)).for_each(|(r, (v, m))| *r = f64::from(*v) - m);
+        keep_out(&mut row);
+        row.iter().enumerate().for_each(|(j, v)| centred[(i, j)] = *v);
+    }
+    let mut sigma = vec![0f64; dim];
+    for (i, t) in targets.iter().enumerate() {
+        sigma.iter_mut().enumerate().for_each(|(j, s)| *s += (t - mean_t) * centred[(i, j)]);
+    }
+    let sigma_norm = sigma.iter().map(|v| v * v).sum::<f64>().sqrt();
+    ensure!(sigma_norm > 0.0 && sigma_norm.is_finite(), "the targets do not covary with the states");
+    let covariance = centred.transpose() * &centred * faer::Scale(1.0 / n as f64);
+    let trace: f64 = (0..dim).map(|j| covariance[(j, j)]).sum();
+    let tau = trace / (dim - removed.len()) as f64;
+    ensure!(tau > 0.0 && tau.is_finite(), "the states do not vary");
+    let mut shrunk = covariance * faer::Scale(1.0 - alpha);
+    (0..dim).for_each(|j| shrunk[(j, j)] += alpha * tau);
+    let rhs = faer::Mat::<f64>::from_fn(dim, 1, |j, _| sigma[j]);
+    let solved = {
+        use faer::linalg::solvers::Solve;
+        let factor = shrunk.llt(faer::Side::Lower).map_err(|e| {
+            anyhow::anyhow!("the shrunk covariance is not positive definite ({e:?}); raise the shrinkage")
+        })?;
+        factor.solve(&rhs)
+    };
+    let mut read: Vec<f64> = (0..dim).map(|j| solved[(j, 0)]).collect();
+    keep_out(&mut read);
+    let d: Vec<f64> = sigma.iter().map(|v| v / sigma_norm).collect();
+    let along: f64 = read.iter().zip(&d).map(|(a, b)| a * b).sum();
+    ensure!(along > 0.0 && along.is_finite(), "the read vector is orthogonal to the direction");
+    read.iter_mut().for_each(|v| *v /= along);
+    Ok((d, read))
 }
 
 /// Each value replaced by the mean of the values of its group (`groups[i]` is value `i`'s).
@@ -503,6 +616,7 @@ mod tests {
             stated: &[(&female, &male)],
             orthogonal_to_stated: false,
             sink: None,
+            whiten: None,
         };
         let fit = fit_stereotype(&input).unwrap();
         for l in 0..layers {
@@ -518,9 +632,65 @@ mod tests {
         let d = &fit.directions[..dim];
         let h = std::f32::consts::FRAC_1_SQRT_2;
         assert!((d[0] - h).abs() < 1e-5 && (d[3] + h).abs() < 1e-5, "orthogonal to (1, 0, 0, 1): {d:?}");
+        // Whitened: the states' spread is along the axes, so the read vector
+        // is the axis too, and the parity point the same; α = 0 is refused.
+        input.orthogonal_to_stated = false;
+        input.whiten = Some(0.1);
+        let fit = fit_stereotype(&input).unwrap();
+        let readouts = fit.readouts.as_ref().expect("read vectors");
+        for l in 0..layers {
+            let r = &readouts[l * dim..(l + 1) * dim];
+            assert!((r[0] - 1.0).abs() < 1e-5 && r[1..].iter().all(|v| v.abs() < 1e-5), "{r:?}");
+            assert!((fit.parity[l] - 0.5).abs() < 1e-4, "{:?}", fit.parity);
+        }
+        input.whiten = Some(0.0);
+        assert!(fit_stereotype(&input).unwrap_err().to_string().contains("shrinkage 0"));
+        input.whiten = None;
         // Constant leans carry no direction.
         let flat = vec![0.5; leans.len()];
         input.targets = &flat;
         assert!(fit_stereotype(&input).unwrap_err().to_string().contains("does not vary"));
+    }
+
+    /// States `(t + u, 3u, v)`, `u` and `v` uncorrelated with `t`: the
+    /// covariance with `t` is along the first axis, but the state moves
+    /// least when read along `(1, −1/3, 0)`, which gives `t` alone.
+    #[test]
+    fn the_whitened_read_vector_removes_the_concept_with_the_least_change() {
+        let (mut states, mut targets) = (Vec::new(), Vec::new());
+        for i in 0..400 {
+            let t = (i / 4) as f64 / 50.0 - 1.0;
+            let u = if i % 2 == 0 { 0.5 } else { -0.5 };
+            let v = if (i / 2) % 2 == 0 { 0.7 } else { -0.7 };
+            states.push([(t + u) as f32, (3.0 * u) as f32, v as f32]);
+            targets.push(t);
+        }
+        let rows: Vec<&[f32]> = states.iter().map(|s| &s[..]).collect();
+        let (d, r) = whitened_readout(&rows, &targets, &[], 1e-6).unwrap();
+        assert!((d[0] - 1.0).abs() < 1e-9 && d[1].abs() < 1e-9 && d[2].abs() < 1e-9, "{d:?}");
+        assert!((r[0] - 1.0).abs() < 1e-4 && (r[1] + 1.0 / 3.0).abs() < 1e-4 && r[2].abs() < 1e-4, "{r:?}");
+        // Erased (w = 1 toward the mean): nothing covaries with t, and each
+        // state moves by t − t̄ only, where the orthogonal form moves it by t − t̄ + u.
+        let mean_t = targets.iter().sum::<f64>() / targets.len() as f64;
+        let project = |s: &[f32], v: &[f64]| s.iter().zip(v).map(|(a, b)| f64::from(*a) * b).sum::<f64>();
+        let centre = rows.iter().map(|s| project(s, &r)).sum::<f64>() / rows.len() as f64;
+        let (mut moved, mut moved_orthogonal, mut covariance) = (0.0, 0.0, [0.0; 3]);
+        let centre_d = rows.iter().map(|s| project(s, &d)).sum::<f64>() / rows.len() as f64;
+        for (s, t) in rows.iter().zip(&targets) {
+            let shift = project(s, &r) - centre;
+            moved += shift * shift;
+            moved_orthogonal += (project(s, &d) - centre_d).powi(2);
+            for (j, c) in covariance.iter_mut().enumerate() {
+                *c += (t - mean_t) * (f64::from(s[j]) - shift * d[j]);
+            }
+        }
+        assert!(covariance.iter().all(|c| c.abs() < 1e-3), "{covariance:?}");
+        assert!(moved < 0.6 * moved_orthogonal, "{moved} against {moved_orthogonal}");
+        // Kept out of a removed direction: the read vector has nothing along it.
+        let (_, r) = whitened_readout(&rows, &targets, &[vec![0.0, 1.0, 0.0]], 0.1).unwrap();
+        assert!(r[1].abs() < 1e-12 && (r[0] - 1.0).abs() < 1e-12, "{r:?}");
+        // Shrinkage must be in (0, 1); flat targets carry nothing.
+        let flat = vec![0.5; targets.len()];
+        assert!(whitened_readout(&rows, &flat, &[], 0.1).unwrap_err().to_string().contains("do not covary"));
     }
 }

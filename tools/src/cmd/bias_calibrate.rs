@@ -128,6 +128,14 @@ pub struct BiasCalibrateArgs {
     /// q4 a direction read there narrows the gap four times as much).
     #[arg(long, value_enum)]
     position: Option<PositionArg>,
+    /// With `--direction stereotype`: LEACE's whitened form. Each layer's
+    /// projection is read along `r ∝ Σ⁻¹ σ` (σ the states' covariance with
+    /// the lean, Σ their covariance, shrunk by ALPHA toward a multiple of the
+    /// identity) and the state moved along `d ∝ σ`, which changes the states
+    /// least for the same erasure; without it, read along `d` (an orthogonal
+    /// projection). The image carries the read vectors (bias section version 4).
+    #[arg(long, value_name = "ALPHA")]
+    whiten: Option<f64>,
     /// Text the perplexity budget is measured on (e.g. a play).
     #[arg(long)]
     text: PathBuf,
@@ -217,6 +225,7 @@ pub fn run(args: BiasCalibrateArgs) -> Result<()> {
         ("--stated", args.stated.is_some()),
         ("--fit-against", args.fit_against.is_some()),
         ("--position", args.position.is_some()),
+        ("--whiten", args.whiten.is_some()),
     ];
     let (others, design): (&[(&str, bool)], &str) = if args.direction == DirectionArg::Stereotype {
         (&first_design, "--direction principal or mean-difference")
@@ -295,6 +304,7 @@ fn run_stereotype(args: &BiasCalibrateArgs, text: &str, threads: usize) -> Resul
             _ => SitePosition::Occupation,
         },
         baseline_pieces: args.baseline_pieces,
+        whiten: args.whiten,
         ..defaults
     };
     let items = match &args.fill {
@@ -345,8 +355,9 @@ fn run_stereotype(args: &BiasCalibrateArgs, text: &str, threads: usize) -> Resul
         (None, None) => {}
     }
     outln!(
-        "wrote {}: stereotype directions from {} cue-free and {} factual sites ({} items left out), {:.0} s",
+        "wrote {}: stereotype directions ({}) from {} cue-free and {} factual sites ({} items left out), {:.0} s",
         args.output.display(),
+        report.readout,
         report.cue_free_sites,
         report.factual_sites,
         report.left_out,
