@@ -1771,6 +1771,65 @@ fn fixture_with_she() -> Fixture {
     Fixture { _dir: dir, dir: path, image }
 }
 
+/// `bias-calibrate --whiten`: LEACE's whitened form. The section (version 4)
+/// carries a read vector per layer with `r · d = 1`, not the direction
+/// itself; the image runs under `bias-eval`; a shrinkage outside (0, 1) and
+/// the flag with the first design are refused by name.
+#[test]
+fn whitened_calibration_writes_read_vectors() {
+    let fixture = fixture_with_she();
+    let items = write_occupation_items(&fixture.dir);
+    let pairs = write_pairs_file(
+        &fixture.dir,
+        "pairs.jsonl",
+        &[("the doctor said he left", "the doctor said she left", "gender")],
+    );
+    let text = neutral_text(&fixture.dir);
+    let calibrated = fixture.dir.join("whitened.bramble");
+    let report = bramble_json(&calibrate_args(
+        &fixture.image,
+        &pairs,
+        &text,
+        &calibrated,
+        &["--fill", path_str(&items), "--whiten", "0.1", "--weights", "1", "--text-tokens", "128", "--json"],
+    ));
+    assert_eq!(report["readout"], "whitened, shrinkage 0.1", "{report}");
+    let image = ModelImage::open(&calibrated).unwrap();
+    let bytes = image.section("bias").unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[0..4].try_into().unwrap()), 4, "section version 4");
+    let section = BiasConstraint::from_section(bytes).unwrap();
+    let readouts = section.readouts.as_ref().expect("read vectors");
+    assert_eq!(readouts.len(), section.directions.len());
+    for l in 0..section.layers {
+        let (r, d) = (section.readout(l), section.direction(l));
+        let along: f32 = r.iter().zip(d).map(|(a, b)| a * b).sum();
+        assert!((along - 1.0).abs() < 1e-3, "layer {l}: r · d = {along}");
+        let off: f32 = r.iter().zip(d).map(|(a, b)| (a - along * b).powi(2)).sum::<f32>().sqrt();
+        assert!(off > 1e-3, "layer {l}: the read vector is the direction itself");
+    }
+    let judged = bramble_json(&[
+        "bias-eval",
+        "--model",
+        path_str(&calibrated),
+        "--fill",
+        path_str(&items),
+        "--feedback",
+        "static",
+        "--json",
+    ]);
+    assert!(judged["skew"]["value"].as_f64().is_some_and(f64::is_finite), "{judged}");
+    for (extra, message) in [
+        (&["--fill", path_str(&items), "--whiten", "1.5"][..], "shrinkage 1.5 is outside (0, 1)"),
+        (&["--direction", "principal", "--whiten", "0.1"][..], "--whiten is for --direction stereotype"),
+    ] {
+        let output =
+            bramble(&calibrate_args(&fixture.image, &pairs, &text, &fixture.dir.join("refused.bramble"), extra));
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{extra:?}: {stderr}");
+    }
+}
+
 /// `bias-calibrate` with stereotype directions (the default) on fill items:
 /// the section carries the fitted directions, the parity centre, the
 /// loop's bounds, the pronoun tokens and the gates the report measured; the
