@@ -10,7 +10,7 @@ use super::calibration::{copy_with_section, text_pieces, MIN_PIECES};
 use super::fill::{evaluate_fill, read_fill_items, FillItem, FillReport, Gender};
 use super::gates::{judge, GateReport, FACTUAL_DROP, MAX_SKEW, PERPLEXITY_RISE};
 use super::pairs::read_pairs;
-use super::residuals::{first_position_means, projection_statistics};
+use super::residuals::{first_position_means, projection_statistics, residual_rows};
 use super::scoring::Scorer;
 use super::stereotype::{
     fit_stereotype, group_means, pronoun_sites, pronoun_tokens, read_sites, FitInput, PronounSite, QuickFigures,
@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use bramble_runtime::bias::{
     BiasConstraint, CalibrationGates, Centre, DirectionKind, LoopSignal, DEFAULT_SHARE_TARGET,
 };
-use bramble_runtime::model::Model;
+use bramble_runtime::model::{Model, RunState};
 use bramble_runtime::tokenizer::Tokenizer;
 use std::path::Path;
 
@@ -243,6 +243,18 @@ pub fn calibrate_parity(
     };
     let (pronoun_female, pronoun_male) = (pronoun_side(Gender::Female), pronoun_side(Gender::Male));
     let stated = [(&stated_female[..], &stated_male[..]), (&pronoun_female[..], &pronoun_male[..])];
+    let (all_text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
+    let text_tokens = &all_text_tokens[..all_text_tokens.len().min(options.text_tokens)];
+    ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
+    // The whitened form moves least the states it is told of: the factual
+    // sites' and the text's, beside the cue-free sites'.
+    let mut background = Vec::new();
+    if options.whiten.is_some() {
+        for states in [&stated_female, &stated_male, &pronoun_female, &pronoun_male] {
+            background.extend_from_slice(states);
+        }
+        text_states(&model, &mut state, text_tokens, options.ctx, &mut background)?;
+    }
     let fit = fit_stereotype(&FitInput {
         layers,
         dim,
@@ -253,12 +265,9 @@ pub fn calibrate_parity(
         orthogonal_to_stated: options.orthogonal_to_stated,
         sink: Some(&sink),
         whiten: options.whiten,
+        background: &background,
     })?;
-    drop((cue_free_states, stated_female, stated_male, pronoun_female, pronoun_male, at_pronoun));
-
-    let (all_text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
-    let text_tokens = &all_text_tokens[..all_text_tokens.len().min(options.text_tokens)];
-    ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
+    drop((cue_free_states, stated_female, stated_male, pronoun_female, pronoun_male, at_pronoun, background));
     let ppl_ctx = options.ctx.min(text_tokens.len());
     let (she_tokens, he_tokens) = pronoun_tokens(&tokenizer);
     ensure!(
@@ -517,6 +526,24 @@ pub fn calibrate_parity(
         pronoun_tokens: (constraint.she_tokens.len(), constraint.he_tokens.len()),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Each layer's residual stream at every token of `tokens`, run in windows
+/// of `ctx` from position 0, but the first of each window (the attention
+/// sink), appended to `rows` a token at a time (`layers × dim` each).
+fn text_states(model: &Model<'_>, state: &mut RunState, tokens: &[u32], ctx: usize, rows: &mut Vec<f32>) -> Result<()> {
+    let (layers, dim) = (model.weights.layers.len(), model.config.dim as usize);
+    let mut window = Vec::new();
+    for piece in tokens.chunks(ctx.max(2)) {
+        residual_rows(model, state, piece, &mut window)?;
+        let len = piece.len();
+        for t in 1..len {
+            for l in 0..layers {
+                rows.extend_from_slice(&window[(l * len + t) * dim..(l * len + t + 1) * dim]);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether first-token figures and a perplexity meet the gates the search

@@ -280,6 +280,10 @@ pub struct FitInput<'a> {
     /// states' covariance toward a multiple of the identity (`None`: the
     /// orthogonal form, read along `d_l`). See [`whitened_readout`].
     pub whiten: Option<f64>,
+    /// More states (`layers × dim` each) the whitened form's covariance is
+    /// taken over with the cue-free sites': those the constraint should
+    /// move least (factual sites, ordinary text).
+    pub background: &'a [f32],
 }
 
 /// Fits, per layer, the direction along which the cue-free sites' states
@@ -387,7 +391,9 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
                 }
                 let states: Vec<&[f32]> =
                     input.cue_free.chunks_exact(row).map(|s| &s[l * dim..(l + 1) * dim]).collect();
-                let (write, read) = whitened_readout(&states, input.targets, &removed, alpha)
+                let background: Vec<&[f32]> =
+                    input.background.chunks_exact(row).map(|s| &s[l * dim..(l + 1) * dim]).collect();
+                let (write, read) = whitened_readout(&states, input.targets, &background, &removed, alpha)
                     .with_context(|| format!("layer {l}: the whitened read vector"))?;
                 d = write;
                 Some(read)
@@ -433,13 +439,19 @@ pub fn fit_stereotype(input: &FitInput<'_>) -> Result<StereotypeFit> {
 /// μ) · r) d` with `d = σ / |σ|` and `r ∝ Σ⁻¹ σ`, `r · d = 1`, leaves no
 /// direction of the states covarying with `t` (the whitened closed form
 /// `W⁺ P_{WΣ_xz} W`, `W = Σ^−½`, for a rank-one `Σ_xz`, needs no square root).
-/// With fewer states than dimensions `Σ` is singular, and its smallest
-/// directions are noise: `Σ` is shrunk toward `τ I` (`τ` its mean
-/// eigenvalue on the complement) by `alpha`, `(1 − α) Σ + α τ I`, which
-/// also keeps `r` in the complement. Returns `(d, r)`.
+///
+/// Any `r` with `r · d = 1` erases `t` as well; this one moves the states
+/// least in mean square, `rᵀ Σ r`. The states the constraint should move
+/// least are not only those `t` is measured on, so `Σ` is taken over
+/// `states` and `background` together (about their pooled mean), while `σ`
+/// comes from `states` alone. With fewer states than dimensions `Σ` is
+/// singular, and its smallest directions are noise: it is shrunk toward
+/// `τ I` (`τ` its mean eigenvalue on the complement) by `alpha`, `(1 − α) Σ
+/// + α τ I`, which also keeps `r` in the complement. Returns `(d, r)`.
 pub fn whitened_readout(
     states: &[&[f32]],
     targets: &[f64],
+    background: &[&[f32]],
     removed: &[Vec<f64>],
     alpha: f64,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -458,18 +470,26 @@ pub fn whitened_readout(
             v.iter_mut().zip(b).for_each(|(x, b)| *x -= along * b);
         }
     };
-    // The centred states, projected: one row each.
-    let mut centred = faer::Mat::<f64>::zeros(n, dim);
+    let mut sigma = vec![0f64; dim];
+    for (s, t) in states.iter().zip(targets) {
+        sigma.iter_mut().zip(s.iter().zip(&mean_x)).for_each(|(o, (v, m))| *o += (t - mean_t) * (f64::from(*v) - m));
+    }
+    keep_out(&mut sigma);
+    // Every state, centred on the pooled mean and projected: one row each.
+    let all: Vec<&[f32]> = states.iter().chain(background).copied().collect();
+    ensure!(all.iter().all(|s| s.len() == dim), "states of differing widths");
+    let mut pooled = vec![0f64; dim];
+    for s in &all {
+        pooled.iter_mut().zip(s.iter()).for_each(|(m, v)| *m += f64::from(*v) / all.len() as f64);
+    }
+    let mut centred = faer::Mat::<f64>::zeros(all.len(), dim);
     let mut row = vec![0f64; dim];
-    for (i, s) in states.iter().enumerate() {
-        row.iter_mut().zip(s.iter().zip(&mean_x)).for_each(|(r, (v, m))| *r = f64::from(*v) - m);
+    for (i, s) in all.iter().enumerate() {
+        row.iter_mut().zip(s.iter().zip(&pooled)).for_each(|(r, (v, m))| *r = f64::from(*v) - m);
         keep_out(&mut row);
         row.iter().enumerate().for_each(|(j, v)| centred[(i, j)] = *v);
     }
-    let mut sigma = vec![0f64; dim];
-    for (i, t) in targets.iter().enumerate() {
-        sigma.iter_mut().enumerate().for_each(|(j, s)| *s += (t - mean_t) * centred[(i, j)]);
-    }
+    let n = all.len();
     let sigma_norm = sigma.iter().map(|v| v * v).sum::<f64>().sqrt();
     ensure!(sigma_norm > 0.0 && sigma_norm.is_finite(), "the targets do not covary with the states");
     let covariance = centred.transpose() * &centred * faer::Scale(1.0 / n as f64);
@@ -617,6 +637,7 @@ mod tests {
             orthogonal_to_stated: false,
             sink: None,
             whiten: None,
+            background: &[],
         };
         let fit = fit_stereotype(&input).unwrap();
         for l in 0..layers {
@@ -666,7 +687,7 @@ mod tests {
             targets.push(t);
         }
         let rows: Vec<&[f32]> = states.iter().map(|s| &s[..]).collect();
-        let (d, r) = whitened_readout(&rows, &targets, &[], 1e-6).unwrap();
+        let (d, r) = whitened_readout(&rows, &targets, &[], &[], 1e-6).unwrap();
         assert!((d[0] - 1.0).abs() < 1e-9 && d[1].abs() < 1e-9 && d[2].abs() < 1e-9, "{d:?}");
         assert!((r[0] - 1.0).abs() < 1e-4 && (r[1] + 1.0 / 3.0).abs() < 1e-4 && r[2].abs() < 1e-4, "{r:?}");
         // Erased (w = 1 toward the mean): nothing covaries with t, and each
@@ -686,11 +707,18 @@ mod tests {
         }
         assert!(covariance.iter().all(|c| c.abs() < 1e-3), "{covariance:?}");
         assert!(moved < 0.6 * moved_orthogonal, "{moved} against {moved_orthogonal}");
+        // States it should also move little, spread along the second axis:
+        // the read vector leaves that axis nearly alone.
+        let loud: Vec<[f32; 3]> = (0..400).map(|i| [0.0, if i % 2 == 0 { 10.0 } else { -10.0 }, 0.0]).collect();
+        let loud: Vec<&[f32]> = loud.iter().map(|s| &s[..]).collect();
+        let (d_loud, r_loud) = whitened_readout(&rows, &targets, &loud, &[], 1e-6).unwrap();
+        assert_eq!(d_loud, d, "the direction comes from the states alone");
+        assert!(r_loud[1].abs() < 0.01 && (r_loud[0] - 1.0).abs() < 1e-9, "{r_loud:?}");
         // Kept out of a removed direction: the read vector has nothing along it.
-        let (_, r) = whitened_readout(&rows, &targets, &[vec![0.0, 1.0, 0.0]], 0.1).unwrap();
+        let (_, r) = whitened_readout(&rows, &targets, &[], &[vec![0.0, 1.0, 0.0]], 0.1).unwrap();
         assert!(r[1].abs() < 1e-12 && (r[0] - 1.0).abs() < 1e-12, "{r:?}");
         // Shrinkage must be in (0, 1); flat targets carry nothing.
         let flat = vec![0.5; targets.len()];
-        assert!(whitened_readout(&rows, &flat, &[], 0.1).unwrap_err().to_string().contains("do not covary"));
+        assert!(whitened_readout(&rows, &flat, &[], &[], 0.1).unwrap_err().to_string().contains("do not covary"));
     }
 }
