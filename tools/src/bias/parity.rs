@@ -246,14 +246,17 @@ pub fn calibrate_parity(
     let (all_text_tokens, bos) = crate::generate::perplexity_tokens(&tokenizer, text);
     let text_tokens = &all_text_tokens[..all_text_tokens.len().min(options.text_tokens)];
     ensure!(text_tokens.len() >= 16, "the text has only {} tokens", text_tokens.len());
-    // The whitened form moves least the states it is told of: the factual
-    // sites' and the text's, beside the cue-free sites'.
+    // The whitened form moves least the states it is told of: every token
+    // of the factual items' prefixes (their gender cues among them) and of
+    // the text, beside the cue-free sites'.
     let mut background = Vec::new();
     if options.whiten.is_some() {
-        for states in [&stated_female, &stated_male, &pronoun_female, &pronoun_male] {
-            background.extend_from_slice(states);
+        for site in &factual_sites {
+            token_states(&model, &mut state, &site.prefix, &mut background)?;
         }
-        text_states(&model, &mut state, text_tokens, options.ctx, &mut background)?;
+        for window in text_tokens.chunks(options.ctx.max(2)) {
+            token_states(&model, &mut state, window, &mut background)?;
+        }
     }
     let fit = fit_stereotype(&FitInput {
         layers,
@@ -528,19 +531,16 @@ pub fn calibrate_parity(
     })
 }
 
-/// Each layer's residual stream at every token of `tokens`, run in windows
-/// of `ctx` from position 0, but the first of each window (the attention
-/// sink), appended to `rows` a token at a time (`layers × dim` each).
-fn text_states(model: &Model<'_>, state: &mut RunState, tokens: &[u32], ctx: usize, rows: &mut Vec<f32>) -> Result<()> {
-    let (layers, dim) = (model.weights.layers.len(), model.config.dim as usize);
+/// Each layer's residual stream at every token of `tokens` (one sequence,
+/// from position 0) but the first (the attention sink), appended to `rows`
+/// a token at a time (`layers × dim` each).
+fn token_states(model: &Model<'_>, state: &mut RunState, tokens: &[u32], rows: &mut Vec<f32>) -> Result<()> {
+    let (layers, dim, len) = (model.weights.layers.len(), model.config.dim as usize, tokens.len());
     let mut window = Vec::new();
-    for piece in tokens.chunks(ctx.max(2)) {
-        residual_rows(model, state, piece, &mut window)?;
-        let len = piece.len();
-        for t in 1..len {
-            for l in 0..layers {
-                rows.extend_from_slice(&window[(l * len + t) * dim..(l * len + t + 1) * dim]);
-            }
+    residual_rows(model, state, tokens, &mut window)?;
+    for t in 1..len {
+        for l in 0..layers {
+            rows.extend_from_slice(&window[(l * len + t) * dim..(l * len + t + 1) * dim]);
         }
     }
     Ok(())

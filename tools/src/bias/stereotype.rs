@@ -489,10 +489,9 @@ pub fn whitened_readout(
         keep_out(&mut row);
         row.iter().enumerate().for_each(|(j, v)| centred[(i, j)] = *v);
     }
-    let n = all.len();
     let sigma_norm = sigma.iter().map(|v| v * v).sum::<f64>().sqrt();
     ensure!(sigma_norm > 0.0 && sigma_norm.is_finite(), "the targets do not covary with the states");
-    let covariance = centred.transpose() * &centred * faer::Scale(1.0 / n as f64);
+    let covariance = centred.transpose() * &centred * faer::Scale(1.0 / all.len() as f64);
     let trace: f64 = (0..dim).map(|j| covariance[(j, j)]).sum();
     let tau = trace / (dim - removed.len()) as f64;
     ensure!(tau > 0.0 && tau.is_finite(), "the states do not vary");
