@@ -5,7 +5,7 @@ mod common;
 
 use bramble_runtime::bias::{BiasConstraint, Centre};
 use bramble_runtime::kernels::Kernels;
-use bramble_runtime::model::{Logits, Model, Site};
+use bramble_runtime::model::{Logits, Model, RunState, Site};
 use bramble_runtime::ModelImage;
 
 fn constraint(dim: usize, weight: f32) -> BiasConstraint {
@@ -32,6 +32,24 @@ fn constraint(dim: usize, weight: f32) -> BiasConstraint {
     }
 }
 
+/// Runs `tokens` from position 0: the logits and the residual stream after
+/// the fixture's one layer (the constraint applied).
+fn run(model: &Model<'_>, state: &mut RunState, tokens: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut residual = Vec::new();
+    let mut see = |_: usize, site: Site, values: &[f32]| {
+        if site == Site::Residual {
+            residual = values.to_vec();
+        }
+    };
+    let logits = model.forward_observed(state, tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
+    (logits, residual)
+}
+
+/// Each token's `h · v` in a residual stream of `v.len()`-wide states.
+fn projections(residual: &[f32], v: &[f32]) -> Vec<f32> {
+    residual.chunks_exact(v.len()).map(|h| h.iter().zip(v).map(|(a, b)| a * b).sum()).collect()
+}
+
 #[test]
 fn the_constraint_removes_its_share_and_records_projections() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,17 +67,10 @@ fn the_constraint_removes_its_share_and_records_projections() {
         // w = 0: the same logits, bit for bit, and the projections recorded.
         model.set_bias(Some(constraint(dim, 0.0))).unwrap();
         let mut state = model.new_state(16, 4);
-        let mut residual = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                residual = values.to_vec();
-            }
-        };
-        let same = model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
+        let (same, residual) = run(&model, &mut state, &tokens);
         assert_eq!(same, plain, "{}: w = 0 changes nothing", kernels.name);
         let d = constraint(dim, 0.0).directions;
-        let expected: f64 =
-            residual.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>() as f64).sum();
+        let expected: f64 = projections(&residual, &d).iter().map(|&p| p as f64).sum();
         let stats = state.projections();
         assert_eq!(stats.tokens, 4);
         assert!(
@@ -74,39 +85,22 @@ fn the_constraint_removes_its_share_and_records_projections() {
         model.set_bias(Some(constraint(dim, 1.0))).unwrap();
         let mut state = model.new_state(16, 4);
         assert_eq!(state.bias_weights(), &[1.0]);
-        let mut left = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                left = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
-            }
-        };
-        let changed = model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap().to_vec();
+        let (changed, residual) = run(&model, &mut state, &tokens);
+        let left = projections(&residual, &d);
         assert!(left.iter().all(|p| p.abs() < 1e-4), "{}: {left:?}", kernels.name);
         assert_ne!(changed, plain, "{}: removing a direction changes the logits", kernels.name);
         // Centred at the baseline mean: w = 1 leaves every token's projection at that mean.
         let centred = BiasConstraint { centre: Centre::Baseline, baseline_mean: vec![0.5], ..constraint(dim, 1.0) };
         model.set_bias(Some(centred)).unwrap();
         let mut centred_state = model.new_state(16, 4);
-        let mut left = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                left = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
-            }
-        };
-        model.forward_observed(&mut centred_state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        let left = projections(&run(&model, &mut centred_state, &tokens).1, &d);
         assert!(left.iter().all(|p| (p - 0.5).abs() < 1e-4), "{}: {left:?}", kernels.name);
         // The centres are the state's too (the feedback loop moves them): a
         // state told −0.25 lands every projection there, the section's 0.5 notwithstanding.
         assert_eq!(centred_state.bias_centres(), &[0.5]);
         centred_state.set_bias_centres(&[-0.25]).unwrap();
         centred_state.reset_projections();
-        let mut moved = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                moved = values.chunks_exact(dim).map(|h| h.iter().zip(&d).map(|(a, b)| a * b).sum::<f32>()).collect();
-            }
-        };
-        model.forward_observed(&mut centred_state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
+        let moved = projections(&run(&model, &mut centred_state, &tokens).1, &d);
         assert!(moved.len() == 4 && moved.iter().all(|p| (p + 0.25).abs() < 1e-4), "{}: {moved:?}", kernels.name);
         assert!(centred_state.set_bias_centres(&[f32::NAN]).unwrap_err().message().contains("finite"));
         assert!(centred_state.set_bias_centres(&[0.0, 0.0]).is_err());
@@ -144,21 +138,12 @@ fn a_whitened_constraint_reads_along_its_read_vector() {
         let r: Vec<f32> = d.iter().zip(&e).map(|(d, e)| d + e / e_norm).collect();
         let whitened =
             BiasConstraint { centre: Centre::Baseline, baseline_mean: vec![0.5], readouts: Some(r.clone()), ..plain };
-        let project = |values: &[f32], v: &[f32]| -> Vec<f32> {
-            values.chunks_exact(dim).map(|h| h.iter().zip(v).map(|(a, b)| a * b).sum::<f32>()).collect()
-        };
         // Unconstrained states (w = 0): what the projections record.
         model.set_bias(Some(BiasConstraint { weights: vec![0.0], ..whitened.clone() })).unwrap();
         let mut state = model.new_state(16, 4);
-        let mut before = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                before = values.to_vec();
-            }
-        };
-        model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
-        let expected: f32 = project(&before, &r).iter().sum();
-        let along_d: f32 = project(&before, &d).iter().sum();
+        let before = run(&model, &mut state, &tokens).1;
+        let expected: f32 = projections(&before, &r).iter().sum();
+        let along_d: f32 = projections(&before, &d).iter().sum();
         let recorded = state.projections().sum[0] as f32;
         assert!(
             (recorded - expected).abs() <= 1e-4 * (1.0 + expected.abs()),
@@ -169,20 +154,12 @@ fn a_whitened_constraint_reads_along_its_read_vector() {
         // w = 1: every token's h · r at the centre; h moved along d only.
         model.set_bias(Some(whitened)).unwrap();
         let mut state = model.new_state(16, 4);
-        let mut after = Vec::new();
-        let mut see = |_: usize, site: Site, values: &[f32]| {
-            if site == Site::Residual {
-                after = values.to_vec();
-            }
-        };
-        model.forward_observed(&mut state, &tokens, 0, Logits::All, Some(&mut see)).unwrap();
-        let left = project(&after, &r);
+        let after = run(&model, &mut state, &tokens).1;
+        let left = projections(&after, &r);
         assert!(left.iter().all(|p| (p - 0.5).abs() < 1e-4), "{}: {left:?}", kernels.name);
-        for (h_after, h_before) in after.chunks_exact(dim).zip(before.chunks_exact(dim)) {
-            let moved: Vec<f32> = h_after.iter().zip(h_before).map(|(a, b)| a - b).collect();
-            let off_d = project(&moved, &e)[0] / e_norm;
-            assert!(off_d.abs() < 1e-4, "{}: moved {off_d} off d", kernels.name);
-        }
+        let moved: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let off_d = projections(&moved, &e);
+        assert!(off_d.iter().all(|p| (p / e_norm).abs() < 1e-4), "{}: moved {off_d:?} off d", kernels.name);
     }
 }
 
