@@ -8,10 +8,11 @@
 //! `h ← h − w_l · (h · r_l − c_l) · d_l`, and records the projection `h · r_l`
 //! (before the change) for the feedback loop. The read vector `r_l` is `d_l`
 //! itself (an orthogonal projection) unless the section carries read vectors
-//! of its own (version 4: LEACE's whitened, oblique form, `r_l · d_l = 1`). The neutral baseline of each
-//! projection (its mean and standard deviation over neutral text, or in
-//! older sections over the calibration pairs' own sentences) is stored with
-//! the directions, so a response's projections can be measured against it.
+//! of its own (version 4: LEACE's whitened, oblique form, `r_l · d_l = 1`).
+//! The neutral baseline of each projection (its mean and standard deviation
+//! over neutral text, or in older sections over the calibration pairs' own
+//! sentences) is stored with the directions, so a response's projections
+//! can be measured against it.
 //! Since section version 3 the section also carries, per layer, the highest
 //! weight the loop may set, the token ids of the gendered pronouns (which the
 //! pronoun-share loop counts in the model's answers) and which calibration
@@ -266,14 +267,15 @@ pub struct BiasConstraint {
     /// `d_l`, unit vectors, `layers × dim`: what the constraint moves.
     pub directions: Vec<f32>,
     /// `r_l`, `layers × dim`, each with `r_l · d_l = 1`: what the constraint
-    /// reads (`h · r_l`), when not `d_l` itself. LEACE's whitened form for
-    /// one scalar concept: `d_l ∝ Σ_l σ_l`'s covariance direction `σ_l`, `r_l ∝
-    /// Σ_l⁻¹ σ_l`, so that after `h ← h − (h · r_l − c_l) d_l` no direction of
-    /// the calibration states covaries with the concept (section version 4).
+    /// reads (`h · r_l`), when not `d_l` itself (section version 4). LEACE's
+    /// whitened form for one scalar concept: with `σ_l` the calibration
+    /// states' covariance with the concept and `Σ_l` their covariance, `d_l ∝
+    /// σ_l` and `r_l ∝ Σ_l⁻¹ σ_l`, the read that moves the states least for
+    /// the same erasure.
     pub readouts: Option<Vec<f32>>,
     /// The predefined constraint weights `w_l` (`--feedback static`).
     pub weights: Vec<f32>,
-    /// Mean of `h · d_l` over the neutral baseline, per layer.
+    /// Mean of the projection `h · r_l` over the neutral baseline, per layer.
     pub baseline_mean: Vec<f32>,
     /// Its standard deviation over tokens, per layer (> 0).
     pub baseline_std: Vec<f32>,
