@@ -41,7 +41,7 @@ pub struct Matrix<'a> {
 impl Matrix<'_> {
     /// Bytes read by one pass over the matrix.
     pub fn bytes(&self) -> usize {
-        self.encoding().bytes_for(self.rows * self.cols)
+        self.encoding().tensor_bytes(self.rows, self.cols)
     }
     /// The stored encoding.
     pub fn encoding(&self) -> Encoding {
@@ -70,6 +70,8 @@ impl Matrix<'_> {
             TensorView::Q5X4(_) => Encoding::Q5X4,
             TensorView::Q2K(_) => Encoding::Q2K,
             TensorView::Q2KX4(_) => Encoding::Q2KX4,
+            TensorView::Q4B(..) => Encoding::Q4B,
+            TensorView::Q4BX4(..) => Encoding::Q4BX4,
         }
     }
 
@@ -127,6 +129,12 @@ impl Matrix<'_> {
             TensorView::Q2KX4(blocks) => {
                 for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ2K::dequantize(&b, o))
             }
+            TensorView::Q4B(scales, blocks) => {
+                quant::dequantize_q4b_row(scales[row], &blocks[block_start..block_end], out)
+            }
+            TensorView::Q4BX4(scales, blocks) => for_interleaved_row(blocks, self.cols / GROUP, row, out, |b, o| {
+                quant::dequantize_q4b_row(scales[row], &[b], o)
+            }),
         }
     }
 
@@ -199,7 +207,17 @@ impl Matrix<'_> {
                 TensorView::Q5X4(w) => (kernels.matmul_q5x4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q2K(w) => (kernels.matmul_q2k)(&w[blocked], cols, xq, out),
                 TensorView::Q2KX4(w) => (kernels.matmul_q2kx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q4B(_, w) => (kernels.matmul_q4b)(&w[blocked], cols, xq, out),
+                TensorView::Q4BX4(_, w) => (kernels.matmul_q4bx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q8C(_) | TensorView::Q4C(_) => unreachable!("channel-major products return above"),
+            }
+            // Q4B's kernels sum in units of each row's scale.
+            if let TensorView::Q4B(scales, _) | TensorView::Q4BX4(scales, _) = self.data {
+                for (row, &scale) in out.chunks_exact_mut(batch).zip(&scales[rows.clone()]) {
+                    for value in row {
+                        *value *= scale;
+                    }
+                }
             }
         });
         if batch > 1 {

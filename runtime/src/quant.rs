@@ -73,11 +73,17 @@ pub enum Encoding {
     Q2K,
     /// [`Encoding::Q2K`], four rows interleaved ([`BlockQ2Kx4`]).
     Q2KX4,
+    /// 4-bit, group 32, a byte scale and a byte offset a block under an f32
+    /// scale a row ([`BlockQ4B`], [`Encoding::row_scale_bytes`]): Q4_1's
+    /// levels in 4.5 bits a value.
+    Q4B,
+    /// [`Encoding::Q4B`], four rows interleaved ([`BlockQ4Bx4`]).
+    Q4BX4,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 24] = [
+    pub const ALL: [Encoding; 26] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -102,6 +108,8 @@ impl Encoding {
         Encoding::Q5X4,
         Encoding::Q2K,
         Encoding::Q2KX4,
+        Encoding::Q4B,
+        Encoding::Q4BX4,
     ];
 
     /// The id stored in the tensor index.
@@ -131,6 +139,8 @@ impl Encoding {
             Encoding::Q5X4 => 22,
             Encoding::Q2K => 23,
             Encoding::Q2KX4 => 24,
+            Encoding::Q4B => 25,
+            Encoding::Q4BX4 => 26,
         }
     }
     /// The encoding of a tensor-index id.
@@ -172,6 +182,8 @@ impl Encoding {
             Encoding::Q5X4 => "q5x4",
             Encoding::Q2K => "q2k",
             Encoding::Q2KX4 => "q2kx4",
+            Encoding::Q4B => "q4b",
+            Encoding::Q4BX4 => "q4bx4",
         }
     }
     /// The encoding a CLI name stands for.
@@ -208,7 +220,8 @@ impl Encoding {
             | Encoding::Q3KX4
             | Encoding::Q5KX4
             | Encoding::Q5SX4
-            | Encoding::Q5X4 => INTERLEAVE,
+            | Encoding::Q5X4
+            | Encoding::Q4BX4 => INTERLEAVE,
             Encoding::Q2KX4 => INTERLEAVE,
             _ => 1,
         }
@@ -240,6 +253,7 @@ impl Encoding {
             Encoding::Q5SX4 => Encoding::Q5S,
             Encoding::Q5X4 => Encoding::Q5,
             Encoding::Q2KX4 => Encoding::Q2K,
+            Encoding::Q4BX4 => Encoding::Q4B,
             other => other,
         }
     }
@@ -265,12 +279,16 @@ impl Encoding {
             Encoding::Q5S => Some(Encoding::Q5SX4),
             Encoding::Q5 => Some(Encoding::Q5X4),
             Encoding::Q2K => Some(Encoding::Q2KX4),
+            Encoding::Q4B => Some(Encoding::Q4BX4),
             _ => None,
         }
     }
-    /// Bytes taken by `n` values (`n` a multiple of [`Encoding::block_values`]).
+    /// Bytes taken by the blocks of `n` values (`n` a multiple of
+    /// [`Encoding::block_values`]); a tensor also holds
+    /// [`Encoding::row_scale_bytes`] ([`Encoding::tensor_bytes`]).
     pub fn bytes_for(self, n: usize) -> usize {
         match self {
+            Encoding::Q4B => n / GROUP * std::mem::size_of::<BlockQ4B>(),
             Encoding::Q4K => n / QK_K * std::mem::size_of::<BlockQ4K>(),
             Encoding::Q5K => n / QK_K * std::mem::size_of::<BlockQ5K>(),
             Encoding::Q6K => n / QK_K * std::mem::size_of::<BlockQ6K>(),
@@ -295,8 +313,20 @@ impl Encoding {
             | Encoding::Q5KX4
             | Encoding::Q5SX4
             | Encoding::Q5X4 => self.row_major().bytes_for(n),
-            Encoding::Q2KX4 => self.row_major().bytes_for(n),
+            Encoding::Q2KX4 | Encoding::Q4BX4 => self.row_major().bytes_for(n),
         }
+    }
+    /// Bytes of the per-row scales a tensor of `rows` rows stores before its
+    /// blocks: one f32 a row for [`Encoding::Q4B`] (either order), else none.
+    pub fn row_scale_bytes(self, rows: usize) -> usize {
+        match self.row_major() {
+            Encoding::Q4B => 4 * rows,
+            _ => 0,
+        }
+    }
+    /// Bytes of a whole tensor of `rows × cols` values: its row scales, then its blocks.
+    pub fn tensor_bytes(self, rows: usize, cols: usize) -> usize {
+        self.row_scale_bytes(rows) + self.bytes_for(rows * cols)
     }
 }
 
@@ -464,6 +494,63 @@ impl Interleaved for BlockQ4Sx4 {
     #[inline(always)]
     fn row(&self, r: usize) -> BlockQ4S {
         BlockQ4S { d: self.d[r], qs: gather(&self.qs, r) }
+    }
+}
+
+/// 4-bit weights under a row scale: value `j` is `a · (d · (2n − 15) + 32 · o)`,
+/// `a` the row's f32 scale (stored before the tensor's blocks), `n` the
+/// nibble as in [`BlockQ4`]. The levels are Q4_1's (`d` and the minimum `m`
+/// of Q4_1 are `2a·d` and `a·(32·o − 15·d)`), with the block's scale and
+/// offset in a byte each instead of two f16s: 18 bytes a block against
+/// Q4_1's 20. The kernels add `(2d) · dₓ · Σ n·q + (32·o − 15·d) · s`
+/// over a row's blocks, the Q4 sum with integer `d` and `m`, and multiply
+/// the row's total by `a` once.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4B {
+    /// Scale, in units of the row scale.
+    pub d: u8,
+    /// Offset, in units of 32 row scales.
+    pub o: i8,
+    /// Packed nibbles.
+    pub qs: [u8; GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4B>() == 18);
+
+impl BlockQ4B {
+    /// The block's Q4 scale and minimum in units of its row scale: `(2d, 32o − 15d)`.
+    #[inline(always)]
+    pub fn scale_and_minimum(&self) -> (f32, f32) {
+        let d = self.d as i32;
+        ((2 * d) as f32, (32 * self.o as i32 - 15 * d) as f32)
+    }
+}
+
+/// [`BlockQ4B`] × 4 rows. 72 bytes: the four rows' scales, their offsets,
+/// then the nibbles interleaved four bytes at a time as in [`BlockQ4x4`]
+/// (one 8-byte load gives the kernels all eight scale bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ4Bx4 {
+    /// Each row's scale.
+    pub d: [u8; INTERLEAVE],
+    /// Each row's offset.
+    pub o: [i8; INTERLEAVE],
+    /// Packed nibbles, interleaved four bytes at a time.
+    pub qs: [u8; INTERLEAVE * GROUP / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4Bx4>() == 4 * 18);
+
+impl Interleaved for BlockQ4Bx4 {
+    type Row = BlockQ4B;
+    fn from_rows(rows: &[BlockQ4B; INTERLEAVE]) -> Self {
+        let mut block = Self { d: rows.map(|b| b.d), o: rows.map(|b| b.o), qs: [0; INTERLEAVE * GROUP / 2] };
+        spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
+        block
+    }
+    #[inline(always)]
+    fn row(&self, r: usize) -> BlockQ4B {
+        BlockQ4B { d: self.d[r], o: self.o[r], qs: gather(&self.qs, r) }
     }
 }
 
@@ -1025,9 +1112,115 @@ pub fn deinterleave<X: Interleaved>(mixed: &[X], blocks: usize, out: &mut [X::Ro
     }
 }
 
+/// The length of the row-scale table at the start of a whole tensor's
+/// bytes (`len` of them, rows of `cols` values): 0 for encodings without.
+fn row_scale_head(encoding: Encoding, len: usize, cols: usize) -> usize {
+    let rows = len / encoding.tensor_bytes(1, cols);
+    debug_assert_eq!(len, encoding.tensor_bytes(rows, cols), "{encoding:?}: {len} bytes are not whole rows of {cols}");
+    encoding.row_scale_bytes(rows)
+}
+
+/// A Q4B tensor's bytes (rows of `cols` values, or `n` values in all) split
+/// into its row scales and its blocks.
+pub fn split_q4b(bytes: &[u8], n: usize) -> (Vec<f32>, &[BlockQ4B]) {
+    let head = bytes.len() - Encoding::Q4B.bytes_for(n);
+    let scales = bytes[..head].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (scales, cast_blocks(&bytes[head..]))
+}
+
+/// Rounds one row's Q4_1 blocks into Q4B: the row scale `a` makes the
+/// largest block scale 255 (or, if an offset would not fit a byte, the
+/// largest offset ±127), each block takes its nearest byte scale and offset,
+/// and every value its nearest level on that grid (the Q4_1 nibble, but
+/// where the rounded scale moved a value past half a step). Returns `a`.
+pub fn q4b_from_q4_row(row: &[BlockQ4], out: &mut [BlockQ4B]) -> f32 {
+    // Q4_1's scale and its midpoint (the value of level 7.5), in f32.
+    let parts = |b: &BlockQ4| {
+        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        (d, m + 7.5 * d)
+    };
+    let (mut max_d, mut max_mid) = (0f32, 0f32);
+    for b in row {
+        let (d, mid) = parts(b);
+        max_d = max_d.max(d.abs());
+        max_mid = max_mid.max(mid.abs());
+    }
+    // value = a·(2d·n − 15d + 32o): Q4_1's scale is 2a·d, its midpoint 32a·o.
+    let a = (max_d / 510.0).max(max_mid / (32.0 * 127.0));
+    if a == 0.0 || !a.is_finite() {
+        out.fill(BlockQ4B::zeroed());
+        return 0.0;
+    }
+    for (b, q) in row.iter().zip(out.iter_mut()) {
+        let (d, mid) = parts(b);
+        let du = (d.abs() / (2.0 * a)).round().min(255.0) as u8;
+        let o = (mid / (32.0 * a)).round().clamp(-128.0, 127.0) as i8;
+        let mut values = [0f32; GROUP];
+        dequantize_q4(std::slice::from_ref(b), &mut values);
+        let (scale, minimum) = BlockQ4B { d: du, o, qs: [0; GROUP / 2] }.scale_and_minimum();
+        let level = |v: f32| if scale > 0.0 { ((v / a - minimum) / scale).round().clamp(0.0, 15.0) as u8 } else { 0 };
+        let mut qs = [0u8; GROUP / 2];
+        for j in 0..GROUP / 2 {
+            qs[j] = level(values[j]) | (level(values[j + GROUP / 2]) << 4);
+        }
+        *q = BlockQ4B { d: du, o, qs };
+    }
+    a
+}
+
+/// Rounds whole Q4_1 rows (`rows` of `cols` values) into a Q4B tensor's
+/// bytes: the row scales, then the blocks ([`q4b_from_q4_row`]).
+pub fn q4b_from_q4(rows: &[BlockQ4], cols: usize, out: &mut [u8]) {
+    let blocks = cols / GROUP;
+    let head = Encoding::Q4B.row_scale_bytes(rows.len() / blocks);
+    let (scales, body) = out.split_at_mut(head);
+    let body: &mut [BlockQ4B] = cast_blocks_mut(body);
+    for ((row, q), scale) in
+        rows.chunks_exact(blocks).zip(body.chunks_exact_mut(blocks)).zip(scales.chunks_exact_mut(4))
+    {
+        scale.copy_from_slice(&q4b_from_q4_row(row, q).to_le_bytes());
+    }
+}
+
+/// Quantizes `x` (rows of `cols` values) to a Q4B tensor's bytes: Q4_1 by
+/// ggml's reference rounding ([`quantize_q4`]), then [`q4b_from_q4`].
+pub fn quantize_q4b(x: &[f32], cols: usize, out: &mut [u8]) {
+    let mut q4 = vec![BlockQ4::zeroed(); x.len() / GROUP];
+    quantize_q4(x, &mut q4);
+    q4b_from_q4(&q4, cols, out);
+}
+
+/// Expands one Q4B row (scale `a`, its blocks) to f32.
+pub fn dequantize_q4b_row(a: f32, blocks: &[BlockQ4B], out: &mut [f32]) {
+    for (b, values) in blocks.iter().zip(out.chunks_exact_mut(GROUP)) {
+        let (scale, minimum) = b.scale_and_minimum();
+        for j in 0..GROUP / 2 {
+            values[j] = a * (scale * (b.qs[j] & 0xF) as f32 + minimum);
+            values[j + GROUP / 2] = a * (scale * (b.qs[j] >> 4) as f32 + minimum);
+        }
+    }
+}
+
+/// Expands a row-major Q4B tensor's bytes to f32 (`out.len()` values).
+fn dequantize_q4b(bytes: &[u8], out: &mut [f32]) {
+    let (scales, blocks) = split_q4b(bytes, out.len());
+    let cols = out.len() / scales.len().max(1);
+    for ((&a, row), values) in scales.iter().zip(blocks.chunks_exact(cols / GROUP)).zip(out.chunks_exact_mut(cols)) {
+        dequantize_q4b_row(a, row, values);
+    }
+}
+
 /// [`interleave`] on raw bytes: `row_major` in `encoding.row_major()`, `out`
 /// in `encoding` (an interleaved one), rows of `cols` values.
 pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: &mut [u8]) {
+    // The row scales (Q4B) stay in row order; only the blocks move.
+    let head = row_scale_head(encoding, row_major.len(), cols);
+    out[..head].copy_from_slice(&row_major[..head]);
+    interleave_blocks(encoding, &row_major[head..], cols, &mut out[head..])
+}
+
+/// [`interleave_bytes`] on the blocks alone.
+fn interleave_blocks(encoding: Encoding, row_major: &[u8], cols: usize, out: &mut [u8]) {
     let blocks = cols / encoding.block_values();
     match encoding {
         // Alignment 1: the byte buffers are the blocks in place.
@@ -1041,12 +1234,20 @@ pub fn interleave_bytes(encoding: Encoding, row_major: &[u8], cols: usize, out: 
         Encoding::Q4SX4 => interleave::<BlockQ4Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q5SX4 => interleave::<BlockQ5Sx4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q5X4 => interleave::<BlockQ5x4>(&pod_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q4BX4 => interleave::<BlockQ4Bx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
 
 /// [`deinterleave`] on raw bytes (the inverse of [`interleave_bytes`]).
 pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &mut [u8]) {
+    let head = row_scale_head(encoding, mixed.len(), cols);
+    out[..head].copy_from_slice(&mixed[..head]);
+    deinterleave_blocks(encoding, &mixed[head..], cols, &mut out[head..])
+}
+
+/// [`deinterleave_bytes`] on the blocks alone.
+fn deinterleave_blocks(encoding: Encoding, mixed: &[u8], cols: usize, out: &mut [u8]) {
     let blocks = cols / encoding.block_values();
     match encoding {
         Encoding::Q4KX4 => deinterleave::<BlockQ4Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
@@ -1059,6 +1260,7 @@ pub fn deinterleave_bytes(encoding: Encoding, mixed: &[u8], cols: usize, out: &m
         Encoding::Q4SX4 => deinterleave::<BlockQ4Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q5SX4 => deinterleave::<BlockQ5Sx4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q5X4 => deinterleave::<BlockQ5x4>(&pod_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q4BX4 => deinterleave::<BlockQ4Bx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         other => panic!("{other:?} is not an interleaved encoding"),
     }
 }
@@ -1283,6 +1485,11 @@ pub fn quantize_into(encoding: Encoding, x: &[f32], out: &mut [u8]) {
         Encoding::Q6K => quantize_k(x, cast_blocks_mut(out), BlockQ6K::quantize),
         Encoding::Q3K => quantize_k(x, cast_blocks_mut(out), BlockQ3K::quantize),
         Encoding::Q2K => quantize_k(x, cast_blocks_mut(out), BlockQ2K::quantize),
+        Encoding::Q4B => {
+            // The row scales' bytes say how many rows there are.
+            let rows = (out.len() - Encoding::Q4B.bytes_for(x.len())) / 4;
+            quantize_q4b(x, x.len() / rows.max(1), out)
+        }
         interleaved => panic!("{interleaved:?}: quantize to its row-major encoding, then interleave_bytes"),
     }
 }
@@ -1311,6 +1518,7 @@ pub fn dequantize_from(encoding: Encoding, bytes: &[u8], out: &mut [f32]) {
         Encoding::Q6K => dequantize_k(cast_blocks::<BlockQ6K>(bytes), out, BlockQ6K::dequantize),
         Encoding::Q3K => dequantize_k(cast_blocks::<BlockQ3K>(bytes), out, BlockQ3K::dequantize),
         Encoding::Q2K => dequantize_k(cast_blocks::<BlockQ2K>(bytes), out, BlockQ2K::dequantize),
+        Encoding::Q4B => dequantize_q4b(bytes, out),
         interleaved => panic!("{interleaved:?}: deinterleave_bytes first"),
     }
 }
@@ -1943,5 +2151,127 @@ mod q5_tests {
         for (r, row) in rows.iter().enumerate() {
             assert_eq!(mixed.row(r), *row);
         }
+    }
+}
+
+#[cfg(test)]
+mod q4b_tests {
+    //! Q4B (`q4b`, `q4bx4`): Q4_1's levels with byte scales and offsets under a row scale.
+    use super::*;
+
+    /// How far a Q4B value may move from the Q4_1 value it was rounded
+    /// from, in row scales `a`: the byte scale moves a level by at most
+    /// 7.5 · (2a / 2) and the byte offset the midpoint by 32a / 2.
+    const Q4B_FROM_Q4_BOUND: f32 = 7.5 + 16.0;
+
+    fn wavy(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..rows * cols)
+            .map(|i| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                let noise = (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                // Rows of very different sizes, and blocks off centre.
+                let row = i / cols;
+                (1.0 + row as f32 * 3.0) * (noise + 0.3 * ((i / GROUP) as f32 * 0.7).sin())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn identity_and_sizes() {
+        assert_eq!((Encoding::Q4B.id(), Encoding::Q4BX4.id()), (25, 26));
+        assert_eq!(Encoding::from_name("q4b"), Some(Encoding::Q4B));
+        assert_eq!(Encoding::Q4B.interleaved(), Some(Encoding::Q4BX4));
+        assert_eq!(Encoding::Q4BX4.row_major(), Encoding::Q4B);
+        // 4.5 bits a value and one f32 a row.
+        assert_eq!(Encoding::Q4B.tensor_bytes(8, 576), 8 * 4 + 8 * 576 / 32 * 18);
+        assert_eq!(Encoding::Q4BX4.tensor_bytes(8, 576), Encoding::Q4B.tensor_bytes(8, 576));
+        assert_eq!(Encoding::Q4.tensor_bytes(8, 576), Encoding::Q4.bytes_for(8 * 576));
+    }
+
+    #[test]
+    fn rounding_from_q4_moves_each_value_at_most_the_bound() {
+        let (rows, cols) = (7, 576);
+        let x = wavy(rows, cols, 3);
+        let mut q4 = vec![BlockQ4::zeroed(); rows * cols / GROUP];
+        quantize_q4(&x, &mut q4);
+        let mut bytes = vec![0u8; Encoding::Q4B.tensor_bytes(rows, cols)];
+        q4b_from_q4(&q4, cols, &mut bytes);
+        let (scales, _) = split_q4b(&bytes, rows * cols);
+        let (mut before, mut after) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        dequantize_q4(&q4, &mut before);
+        dequantize_from(Encoding::Q4B, &bytes, &mut after);
+        let mut moved = 0usize;
+        for (r, &a) in scales.iter().enumerate() {
+            assert!(a > 0.0);
+            let row = r * cols..(r + 1) * cols;
+            for (b, q) in before[row.clone()].iter().zip(&after[row]) {
+                assert!((b - q).abs() <= Q4B_FROM_Q4_BOUND * a, "row {r}: {b} became {q} (a = {a})");
+                moved += (b != q) as usize;
+            }
+        }
+        // Not a copy: the scales were rounded, and most values moved a little.
+        assert!(moved > x.len() / 2, "{moved} of {} values moved", x.len());
+    }
+
+    #[test]
+    fn q4_blocks_on_the_grid_are_kept_exactly() {
+        // a = 1/512, set by block 5's offset of 127: the Q4_1 scales 2a·d and
+        // minimums a·(32o − 15d) below are exact in f16.
+        let a = 1.0 / 512.0;
+        let blocks: Vec<BlockQ4> = (0..18)
+            .map(|i| {
+                let (d, o) = (2.0 * (i + 1) as f32, (i * 3) as f32 - 20.0);
+                let (d, o) = if i == 5 { (2.0, 127.0) } else { (d, o) };
+                BlockQ4 {
+                    d: f16::from_f32(2.0 * a * d),
+                    m: f16::from_f32(a * (32.0 * o - 15.0 * d)),
+                    qs: std::array::from_fn(|j| (j * 7 + i) as u8),
+                }
+            })
+            .collect();
+        let mut bytes = vec![0u8; Encoding::Q4B.tensor_bytes(1, 18 * GROUP)];
+        q4b_from_q4(&blocks, 18 * GROUP, &mut bytes);
+        let (scales, q4b) = split_q4b(&bytes, 18 * GROUP);
+        assert_eq!(scales, [a]);
+        let (mut before, mut after) = (vec![0f32; 18 * GROUP], vec![0f32; 18 * GROUP]);
+        dequantize_q4(&blocks, &mut before);
+        dequantize_q4b_row(scales[0], q4b, &mut after);
+        assert_eq!(before, after);
+        assert!(q4b.iter().zip(&blocks).all(|(b, q)| b.qs == q.qs));
+    }
+
+    #[test]
+    fn constant_and_zero_rows() {
+        let cols = 64;
+        // A zero row: scale 0, every value 0.
+        let mut bytes = vec![0xAAu8; Encoding::Q4B.tensor_bytes(2, cols)];
+        let mut x = vec![0f32; 2 * cols];
+        // A positive constant row: all on one side, so the offset sets the scale.
+        x[cols..].fill(3.0);
+        quantize_into(Encoding::Q4B, &x, &mut bytes);
+        let mut back = vec![f32::NAN; 2 * cols];
+        dequantize_from(Encoding::Q4B, &bytes, &mut back);
+        assert!(back[..cols].iter().all(|&v| v == 0.0));
+        assert!(back[cols..].iter().all(|&v| (v - 3.0).abs() < 3.0 / 127.0), "{:?}", &back[cols..cols + 4]);
+    }
+
+    #[test]
+    fn interleaving_keeps_the_row_scales_in_front() {
+        let (rows, cols) = (8, 96);
+        let x = wavy(rows, cols, 9);
+        let mut row_major = vec![0u8; Encoding::Q4B.tensor_bytes(rows, cols)];
+        quantize_into(Encoding::Q4B, &x, &mut row_major);
+        let mut mixed = vec![0u8; row_major.len()];
+        interleave_bytes(Encoding::Q4BX4, &row_major, cols, &mut mixed);
+        assert_eq!(mixed[..4 * rows], row_major[..4 * rows]);
+        assert_ne!(mixed, row_major);
+        let mut back = vec![0u8; row_major.len()];
+        deinterleave_bytes(Encoding::Q4BX4, &mixed, cols, &mut back);
+        assert_eq!(back, row_major);
+        let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        dequantize_rows(Encoding::Q4B, &row_major, cols, &mut a);
+        dequantize_rows(Encoding::Q4BX4, &mixed, cols, &mut b);
+        assert_eq!(a, b);
     }
 }

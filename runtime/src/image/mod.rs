@@ -19,7 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
-use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
+use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use crate::rope::RopeScaling;
 use crate::vocab::Vocab;
 use half::f16;
@@ -105,6 +105,10 @@ pub enum TensorView<'a> {
     Q2K(&'a [BlockQ2K]),
     /// ggml Q2_K super-blocks, four rows interleaved.
     Q2KX4(&'a [BlockQ2Kx4]),
+    /// 4-bit blocks with byte scales: each row's f32 scale, then the blocks.
+    Q4B(&'a [f32], &'a [BlockQ4B]),
+    /// As [`TensorView::Q4B`], the blocks four rows interleaved.
+    Q4BX4(&'a [f32], &'a [BlockQ4Bx4]),
 }
 
 impl std::fmt::Debug for TensorView<'_> {
@@ -136,6 +140,8 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q5X4(v) => ("Q5X4", v.len()),
             TensorView::Q2K(v) => ("Q2K", v.len()),
             TensorView::Q2KX4(v) => ("Q2KX4", v.len()),
+            TensorView::Q4B(_, v) => ("Q4B", v.len()),
+            TensorView::Q4BX4(_, v) => ("Q4BX4", v.len()),
         };
         write!(f, "{variant}([{len} items])")
     }
@@ -338,6 +344,15 @@ impl ModelImage {
             Encoding::Q5X4 => TensorView::Q5X4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q2K => TensorView::Q2K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q2KX4 => TensorView::Q2KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4B | Encoding::Q4BX4 => {
+                // The row scales first (the tensor's offset is aligned), then blocks of alignment 1.
+                let (scales, blocks) = bytes.split_at(info.encoding.row_scale_bytes(info.rows()));
+                let scales = bytemuck::try_cast_slice(scales).expect(checked);
+                match info.encoding {
+                    Encoding::Q4B => TensorView::Q4B(scales, bytemuck::try_cast_slice(blocks).expect(checked)),
+                    _ => TensorView::Q4BX4(scales, bytemuck::try_cast_slice(blocks).expect(checked)),
+                }
+            }
         }
     }
     /// Total bytes of all tensors.
@@ -606,7 +621,7 @@ impl Parsed {
                 encoding.name()
             )));
         }
-        let expected = encoding.bytes_for(values as usize) as u64;
+        let expected = encoding.tensor_bytes(values as usize / cols.max(1), cols) as u64;
         if entry.size != expected {
             return Err(fail(format!("{} bytes, but {values} {} values take {expected}", entry.size, encoding.name())));
         }

@@ -129,7 +129,9 @@ impl ImageWriter {
             n_dims: shape.len() as u32,
             shape: dims,
             offset: self.position - data_start,
-            size: encoding.bytes_for(values) as u64,
+            size: encoding
+                .tensor_bytes(values / shape.last().copied().unwrap_or(1).max(1), shape.last().copied().unwrap_or(1))
+                as u64,
             checksum: 0,
             reserved: [0; 3],
         };

@@ -25,7 +25,7 @@ mod tests;
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8x4};
-use crate::quant::{BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
+use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use half::f16;
 
 /// `out[r·batch + b] = W[r] · x[b]` for every row `r` of `weights` (some whole
@@ -107,6 +107,11 @@ pub struct Kernels {
     pub matmul_q5: MatmulQuantized<BlockQ5>,
     /// Interleaved asymmetric Q5 weights × int8 activations.
     pub matmul_q5x4: MatmulQuantized<BlockQ5x4>,
+    /// Q4B weights × int8 activations, each row's sum in units of its row
+    /// scale (the caller multiplies by the scales).
+    pub matmul_q4b: MatmulQuantized<BlockQ4B>,
+    /// Interleaved Q4B weights × int8 activations, in units of the row scales.
+    pub matmul_q4bx4: MatmulQuantized<BlockQ4Bx4>,
     /// Channel-major Q8 weights × one int8 activation, over the active channels.
     pub matmul_q8c: matmul::channels::MatmulChannels,
     /// Channel-major asymmetric Q4 weights × one int8 activation, over the active channels.
@@ -184,6 +189,8 @@ impl Kernels {
         matmul_q5sx4: matmul::q5::scalar::matmul_q5sx4,
         matmul_q5: matmul::q5::scalar::matmul_q5,
         matmul_q5x4: matmul::q5::scalar::matmul_q5x4,
+        matmul_q4b: matmul::scalar::matmul_q4b,
+        matmul_q4bx4: matmul::scalar::matmul_q4bx4,
         matmul_q8c: matmul::channels::scalar::matmul_q8c,
         matmul_q4c: matmul::channels::scalar::matmul_q4c,
         gemm_q8c: matmul::channels::scalar::gemm_q8c,
@@ -236,6 +243,9 @@ impl Kernels {
         matmul_q5sx4: matmul::q5::neon::matmul_q5sx4,
         matmul_q5: matmul::q5::neon::matmul_q5,
         matmul_q5x4: matmul::q5::neon::matmul_q5x4,
+        // Row-major Q4B is the scalar reference's everywhere: images store it four rows interleaved.
+        matmul_q4b: matmul::scalar::matmul_q4b,
+        matmul_q4bx4: matmul::interleaved::matmul_q4bx4,
         matmul_q8c: matmul::channels::neon::matmul_q8c,
         matmul_q4c: matmul::channels::neon::matmul_q4c,
         gemm_q8c: matmul::channels::neon::gemm_q8c,
@@ -290,6 +300,7 @@ impl Kernels {
         matmul_q5sx4: matmul::q5::dotprod::matmul_q5sx4,
         matmul_q5: matmul::q5::dotprod::matmul_q5,
         matmul_q5x4: matmul::q5::dotprod::matmul_q5x4,
+        matmul_q4bx4: matmul::interleaved::dotprod::matmul_q4bx4,
         gemm_q8c: matmul::channels::dotprod::gemm_q8c,
         gemm_q4c: matmul::channels::dotprod::gemm_q4c,
         ..Self::NEON

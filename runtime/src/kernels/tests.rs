@@ -124,16 +124,19 @@ fn quantize_activation_is_bit_exact() {
 /// stored integers `n[j]` and what a value is: `d·n + offset`.
 /// Interleaved encodings keep the row-major bytes too (`row_major`), for the
 /// reference and for the term sizes.
+/// Q4B's bytes start with the row scales; its kernels take only the
+/// blocks and sum in units of the row scales ([`QuantizedMatrix::row_scales`]).
 struct QuantizedMatrix {
     encoding: Encoding,
     bytes: Vec<u8>,
     row_major: Vec<u8>,
+    values: usize,
 }
 
 impl QuantizedMatrix {
     fn new(encoding: Encoding, w: &[f32], cols: usize) -> Self {
         let base = encoding.row_major();
-        let mut row_major = vec![0u8; base.bytes_for(w.len())];
+        let mut row_major = vec![0u8; base.tensor_bytes(w.len() / cols, cols)];
         quant::quantize_into(base, w, &mut row_major);
         let bytes = if encoding == base {
             row_major.clone()
@@ -142,7 +145,20 @@ impl QuantizedMatrix {
             quant::interleave_bytes(encoding, &row_major, cols, &mut mixed);
             mixed
         };
-        Self { encoding, bytes, row_major }
+        Self { encoding, bytes, row_major, values: w.len() }
+    }
+
+    /// What each row's kernel sum is multiplied by: Q4B's row scales, else 1.
+    fn row_scales(&self, rows: usize) -> Vec<f32> {
+        match self.encoding.row_major() {
+            Encoding::Q4B => quant::split_q4b(&self.row_major, self.values).0,
+            _ => vec![1.0; rows],
+        }
+    }
+
+    /// The bytes a kernel takes: all but Q4B's row scales.
+    fn kernel_bytes(&self) -> &[u8] {
+        &self.bytes[self.bytes.len() - self.encoding.bytes_for(self.values)..]
     }
 
     /// `(d, offset, n[32])` of each block.
@@ -163,6 +179,14 @@ impl QuantizedMatrix {
                 .iter()
                 .map(|b| (b.d.to_f32(), -8.0 * b.d.to_f32(), nibbles(&b.qs)))
                 .collect(),
+            Encoding::Q4B => quant::split_q4b(&self.row_major, self.values)
+                .1
+                .iter()
+                .map(|b| {
+                    let (d, m) = b.scale_and_minimum();
+                    (d, m, nibbles(&b.qs))
+                })
+                .collect(),
             other => unreachable!("{other:?} is not blocked"),
         }
     }
@@ -175,6 +199,8 @@ impl QuantizedMatrix {
             Encoding::Q8X4 => (k.matmul_q8x4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
             Encoding::Q4X4 => (k.matmul_q4x4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
             Encoding::Q4SX4 => (k.matmul_q4sx4)(&bytemuck::pod_collect_to_vec(&self.bytes), cols, x, out),
+            Encoding::Q4B => (k.matmul_q4b)(bytemuck::cast_slice(self.kernel_bytes()), cols, x, out),
+            Encoding::Q4BX4 => (k.matmul_q4bx4)(bytemuck::cast_slice(self.kernel_bytes()), cols, x, out),
             other => unreachable!("{other:?} is not blocked"),
         }
     }
@@ -230,7 +256,7 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
             for batch in 1..=5 {
                 let w = data(rows * blocks * GROUP, (rows * 100 + blocks) as u32);
                 let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks) as u32));
-                for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S] {
+                for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S, Encoding::Q4B] {
                     check_quantized(encoding, rows, blocks, batch, &w, &x);
                 }
                 // Interleaved: 1, 2, 3, 4, 5 and 7 groups of four rows (the
@@ -242,7 +268,7 @@ fn quantized_matmuls_match_the_reference_at_every_size() {
                         other => other,
                     };
                     let w = data(rows * blocks * GROUP, (rows * 100 + blocks + 7) as u32);
-                    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                    for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4, Encoding::Q4BX4] {
                         check_quantized(encoding, rows, blocks, batch, &w, &x);
                     }
                 }
@@ -265,7 +291,7 @@ fn interleaved_gemm_tiles_match_the_reference_at_every_batch() {
             let w = data(rows * blocks * GROUP, (rows * 100 + blocks + 11) as u32);
             for batch in 1..=25 {
                 let x = quantize_activations(&activations(batch * blocks * GROUP, (batch * 1000 + blocks + 3) as u32));
-                for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+                for encoding in [Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4, Encoding::Q4BX4] {
                     check_quantized(encoding, rows, blocks, batch, &w, &x);
                 }
             }
@@ -433,7 +459,16 @@ fn quantized_matmuls_match_f32_on_dequantized_weights() {
     let w = data(rows * cols, 1);
     let x = data(batch * cols, 2);
     let xq = quantize_activations(&x);
-    for encoding in [Encoding::Q8, Encoding::Q4, Encoding::Q4S, Encoding::Q8X4, Encoding::Q4X4, Encoding::Q4SX4] {
+    for encoding in [
+        Encoding::Q8,
+        Encoding::Q4,
+        Encoding::Q4S,
+        Encoding::Q4B,
+        Encoding::Q8X4,
+        Encoding::Q4X4,
+        Encoding::Q4SX4,
+        Encoding::Q4BX4,
+    ] {
         let rows = rows - rows % encoding.rows_interleaved();
         let w = &w[..rows * cols];
         let matrix = QuantizedMatrix::new(encoding, w, cols);
@@ -445,6 +480,9 @@ fn quantized_matmuls_match_f32_on_dequantized_weights() {
         for k in Kernels::all_available() {
             let mut got = vec![0f32; rows * batch];
             matrix.run(k, cols, &xq, &mut got);
+            for (row, scale) in got.chunks_exact_mut(batch).zip(matrix.row_scales(rows)) {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
             for (e, g) in expected.iter().zip(&got) {
                 assert!(close(*g, *e, ACTIVATION_ROUNDING_BUDGET * scale), "{} {encoding:?}: {g} vs {e}", k.name);
             }

@@ -39,7 +39,7 @@
 //! for two groups' unpacked weights, 8 broadcasts, 8 sums for four tokens,
 //! the scales and the products).
 
-use crate::quant::{BlockQ4Sx4, BlockQ4x4, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
+use crate::quant::{BlockQ4Bx4, BlockQ4Sx4, BlockQ4x4, BlockQ8Act, BlockQ8x4, GROUP, INTERLEAVE};
 use std::arch::aarch64::*;
 use std::arch::asm;
 
@@ -481,6 +481,52 @@ macro_rules! neon_q4sx4 {
     )};
 }
 
+/// A Q4B block's byte scales (v19 lanes 0–3) and offsets (lanes 4–7) to
+/// Q4's float scale `2d` (v18) and minimum `32o − 15d` (v19), in units of
+/// the row scale; integers, so exact in f32.
+#[rustfmt::skip]
+macro_rules! widen_q4b {
+    () => { concat!(
+        "uxtl v18.8h, v19.8b\n",
+        "sxtl v19.8h, v19.8b\n",
+        "uxtl v18.4s, v18.4h\n",
+        "sxtl2 v19.4s, v19.8h\n",
+        "shl v19.4s, v19.4s, #1\n",
+        "sub v19.4s, v19.4s, v18.4s\n",
+        "shl v19.4s, v19.4s, #4\n",
+        "add v19.4s, v19.4s, v18.4s\n",
+        "shl v18.4s, v18.4s, #1\n",
+        "scvtf v18.4s, v18.4s\n",
+        "scvtf v19.4s, v19.4s\n",
+    )};
+}
+
+/// One Q4B block of four rows, with `sdot`: Q4's products and float step.
+#[rustfmt::skip]
+macro_rules! sdot_q4bx4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v19.8b}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
+        widen_q4b!(),
+        tile_scale!($acc, q4),
+    )};
+}
+
+/// One Q4B block of four rows, ARMv8.0.
+#[rustfmt::skip]
+macro_rules! neon_q4bx4 {
+    ($w:literal, $acc:literal) => { concat!(
+        "ld1 {{v19.8b}}, [{", $w, "}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        split_nibbles!(),
+        nibble_products4!(),
+        widen_q4b!(),
+        tile_scale!($acc, q4),
+    )};
+}
+
 /// Runs a block loop over two groups (`$wa`, `$wb`) and returns (v0, v7).
 /// Needs `unsafe`, valid pointers for `$blocks ≥ 1` blocks, and, for the
 /// `sdot` loops, the dot-product extension.
@@ -618,6 +664,18 @@ macro_rules! unpack_q4sx4 {
         "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
         split_nibbles!(),
         "fcvtl v18.4s, v18.4h\n",
+    )};
+}
+
+/// A Q4B weight block: scales and offsets to Q4's float scales and
+/// minimums ([`widen_q4b`]), nibbles split to bytes.
+#[rustfmt::skip]
+macro_rules! unpack_q4bx4 {
+    () => { concat!(
+        "ld1 {{v19.8b}}, [{w}], #8\n",
+        "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
+        split_nibbles!(),
+        widen_q4b!(),
     )};
 }
 
@@ -802,6 +860,10 @@ neon_kernel!(
     /// Interleaved symmetric Q4 matrix × int8 activations, ARMv8.0.
     matmul_q4sx4, BlockQ4Sx4, neon_q4sx4, unpack_q4sx4, neon_token_q4s
 );
+neon_kernel!(
+    /// Interleaved Q4B matrix × int8 activations, ARMv8.0, in units of the row scales.
+    matmul_q4bx4, BlockQ4Bx4, neon_q4bx4, unpack_q4bx4, neon_token_q4
+);
 
 /// The `sdot` kernels, compiled with the dot-product extension enabled.
 pub mod dotprod {
@@ -884,5 +946,9 @@ pub mod dotprod {
     sdot_kernel!(
         /// Interleaved symmetric Q4 matrix × int8 activations, with `sdot`.
         matmul_q4sx4, BlockQ4Sx4, sdot_q4sx4, unpack_q4sx4, sdot_token_q4s
+    );
+    sdot_kernel!(
+        /// Interleaved Q4B matrix × int8 activations, with `sdot`, in units of the row scales.
+        matmul_q4bx4, BlockQ4Bx4, sdot_q4bx4, unpack_q4bx4, sdot_token_q4
     );
 }

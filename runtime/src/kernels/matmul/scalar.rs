@@ -2,7 +2,8 @@
 //! every activation of the batch, so a row is read from memory once.
 
 use crate::quant::{
-    BlockQ4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, Interleaved, GROUP, INTERLEAVE,
+    BlockQ4, BlockQ4B, BlockQ4Bx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, Interleaved, GROUP,
+    INTERLEAVE,
 };
 use bytemuck::Zeroable;
 use half::f16;
@@ -88,6 +89,23 @@ fn dot_q4s_q8_from(mut sum: f32, row: &[BlockQ4S], x: &[BlockQ8Act]) -> f32 {
     sum
 }
 
+/// Dot product of one Q4B row with one activation, in units of the row's
+/// scale: Q4's block term with the block's integer scale and minimum
+/// ([`BlockQ4B::scale_and_minimum`]). The caller multiplies by the row scale.
+fn dot_q4b_q8(row: &[BlockQ4B], x: &[BlockQ8Act]) -> f32 {
+    dot_q4b_q8_from(0.0, row, x)
+}
+
+#[inline(always)]
+fn dot_q4b_q8_from(mut sum: f32, row: &[BlockQ4B], x: &[BlockQ8Act]) -> f32 {
+    for (w, a) in row.iter().zip(x) {
+        let isum = block_dot(&unpack_nibbles(&w.qs, 0), &a.qs);
+        let (d, m) = w.scale_and_minimum();
+        sum += d * a.d * isum as f32 + m * a.s;
+    }
+    sum
+}
+
 /// `Σ a·b` with eight partial sums, so the loop vectorizes without
 /// reassociating a single floating-point chain.
 #[inline(always)]
@@ -131,6 +149,11 @@ pub fn matmul_q4(weights: &[BlockQ4], cols: usize, x: &[BlockQ8Act], out: &mut [
 /// Symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4s(weights: &[BlockQ4S], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_blocks(weights, cols, x, out, dot_q4s_q8)
+}
+/// Q4B matrix × int8 activations, each row's sum in units of its row scale
+/// (the caller multiplies by the scales).
+pub fn matmul_q4b(weights: &[BlockQ4B], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_blocks(weights, cols, x, out, dot_q4b_q8)
 }
 
 /// Blocks of a group's rows put back in row order at a time (on the stack:
@@ -201,6 +224,11 @@ pub fn matmul_q4x4(weights: &[BlockQ4x4], cols: usize, x: &[BlockQ8Act], out: &m
 /// Interleaved symmetric Q4 matrix × int8 activations.
 pub fn matmul_q4sx4(weights: &[BlockQ4Sx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
     matmul_interleaved::<_, GROUP, STAGED_BLOCKS>(weights, cols, x, out, dot_q4s_q8_from)
+}
+
+/// Interleaved Q4B matrix × int8 activations, in units of the row scales.
+pub fn matmul_q4bx4(weights: &[BlockQ4Bx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+    matmul_interleaved::<_, GROUP, STAGED_BLOCKS>(weights, cols, x, out, dot_q4b_q8_from)
 }
 
 /// f16 matrix × f32 activations, accumulated in f32. Rows are widened to
