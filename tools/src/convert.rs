@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
 use bramble_runtime::kquant::QK_K;
-use bramble_runtime::quant::{interleave_bytes, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE};
+use bramble_runtime::quant::{
+    interleave_bytes, q4b_from_q4, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 
@@ -28,6 +30,8 @@ pub enum QuantTarget {
     Q4,
     /// 4-bit symmetric (Q4S) only.
     Q4S,
+    /// Q4_1's levels with a byte scale and offset a block under an f32 scale a row (Q4B).
+    Q4B,
     /// 5-bit symmetric (Q5S, ggml's Q5_0).
     Q5S,
     /// 5-bit with a minimum (Q5, ggml's Q5_1).
@@ -54,11 +58,12 @@ pub enum QuantTarget {
 }
 
 impl QuantTarget {
-    /// Parses `q4`, `q4s`, `q5s`, `q5`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `q2k`, `keep`.
+    /// Parses `q4`, `q4s`, `q4b`, `q5s`, `q5`, `q8`, `f16`, `f32`, `q4k`, `q5k`, `q6k`, `q3k`, `q2k`, `keep`.
     pub fn parse(name: &str) -> Result<Self> {
         Ok(match name {
             "q4" => QuantTarget::Q4,
             "q4s" => QuantTarget::Q4S,
+            "q4b" => QuantTarget::Q4B,
             "q5s" => QuantTarget::Q5S,
             "q5" => QuantTarget::Q5,
             "q8" => QuantTarget::Q8,
@@ -72,7 +77,7 @@ impl QuantTarget {
             "keep" => QuantTarget::Keep,
             other => {
                 bail!(
-                    "unknown quantization {other:?}: expected q4, q4s, q5s, q5, q8, f16, f32, q4k, q5k, q6k, q3k, q2k or keep"
+                    "unknown quantization {other:?}: expected q4, q4s, q4b, q5s, q5, q8, f16, f32, q4k, q5k, q6k, q3k, q2k or keep"
                 )
             }
         })
@@ -85,6 +90,7 @@ impl QuantTarget {
             (QuantTarget::Q4, Some(native @ (Encoding::Q4 | Encoding::Q4S))) => native,
             (QuantTarget::Q4, _) => Encoding::Q4,
             (QuantTarget::Q4S, _) => Encoding::Q4S,
+            (QuantTarget::Q4B, _) => Encoding::Q4B,
             (QuantTarget::Q5S, _) => Encoding::Q5S,
             (QuantTarget::Q5, _) => Encoding::Q5,
             (QuantTarget::Q8, _) => Encoding::Q8,
@@ -147,14 +153,23 @@ pub struct ConvertOptions {
 impl ConvertOptions {
     /// `quant` for the matrices, with the embedding and output layer kept at
     /// q8 when the matrices go to 4 bits or fewer (as llama.cpp's Q4 presets
-    /// do: they are the most sensitive and a small share of the bytes).
+    /// do: they are the most sensitive and a small share of the bytes), but
+    /// at q5s for q4b, the mix made for fewer bytes a token: on SmolLM2 the
+    /// 5-bit output layer is the smallest within 2 % of the Q4_1 model's
+    /// perplexity (docs/quants.md, "Bytes per token").
     /// `keep` keeps them as the source has them too.
     pub fn new(quant: QuantTarget) -> Self {
         let mut overrides = Vec::new();
-        if matches!(quant, QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K | QuantTarget::Q3K | QuantTarget::Q2K)
-        {
-            overrides.push(("token_embd.weight".to_string(), QuantTarget::Q8));
-            overrides.push(("output.weight".to_string(), QuantTarget::Q8));
+        let head = match quant {
+            QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K | QuantTarget::Q3K | QuantTarget::Q2K => {
+                Some(QuantTarget::Q8)
+            }
+            QuantTarget::Q4B => Some(QuantTarget::Q5S),
+            _ => None,
+        };
+        if let Some(head) = head {
+            overrides.push(("token_embd.weight".to_string(), head));
+            overrides.push(("output.weight".to_string(), head));
         }
         Self { quant, overrides, interleave: true, progress: false, mixed: None, importance: None }
     }
@@ -311,6 +326,44 @@ impl FamilyReport {
 /// Largest chunk of f32 rows converted at once (bounds memory for any tensor size).
 const CHUNK_BYTES: usize = 16 << 20;
 
+/// A matrix as Q4B's bytes (row scales, then blocks): its Q4_1 blocks, the
+/// source's own where it stores Q4_1 (the levels kept, only the scales
+/// rounded), else rounded as `q4` rounds them (weighed by `importance`),
+/// then [`q4b_from_q4`].
+fn q4b_tensor(
+    source: &dyn ModelSource,
+    index: usize,
+    tensor: &SourceTensor,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>> {
+    let (rows, cols) = (tensor.rows(), tensor.cols());
+    let q4 = match tensor.native {
+        Some(Encoding::Q4) => source
+            .native_bytes(index)
+            .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?
+            .to_vec(),
+        _ => {
+            let mut values = vec![0f32; rows * cols];
+            source.read_rows(index, 0, &mut values).with_context(|| format!("reading tensor {}", tensor.name))?;
+            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: tensor {}: value {} at row {} is not finite",
+                    source.describe(),
+                    tensor.name,
+                    values[bad],
+                    bad / cols
+                );
+            }
+            let mut q4 = vec![0u8; Encoding::Q4.bytes_for(values.len())];
+            crate::importance::quantize_rows(Encoding::Q4, &values, cols, importance, &mut q4);
+            q4
+        }
+    };
+    let mut bytes = vec![0u8; Encoding::Q4B.tensor_bytes(rows, cols)];
+    q4b_from_q4(&bytemuck::pod_collect_to_vec(&q4), cols, &mut bytes);
+    Ok(bytes)
+}
+
 /// Converts `source` into an image at `output`.
 pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
     let config = source.config();
@@ -389,6 +442,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         // `keep` says whether what it converted kept every value.
         let check_exact = target == QuantTarget::Keep && !carried && matches!(encoding, Encoding::Q8 | Encoding::F16);
         let mut exact = true;
+        let q4b_from_source_q4 = encoding == Encoding::Q4B && tensor.native == Some(Encoding::Q4);
         let importance = match options.importance.as_ref().and_then(|m| m.for_tensor(&tensor.name)) {
             Some(vector) if vector.len() != cols => bail!(
                 "{}: tensor {}: the importance matrix has {} values for its {cols} columns",
@@ -396,13 +450,18 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                 tensor.name,
                 vector.len()
             ),
-            Some(vector) if !carried && crate::importance::weighs(encoding) => {
+            // Q4B from Q4_1 keeps the source's levels: nothing to weigh.
+            Some(vector) if !carried && crate::importance::weighs(encoding) && !q4b_from_source_q4 => {
                 weighed += 1;
                 Some(vector)
             }
             _ => None,
         };
-        if carried {
+        if encoding == Encoding::Q4B {
+            // Q4B's row scales lead the tensor: the whole tensor at once.
+            let bytes = q4b_tensor(source, index, tensor, importance)?;
+            write(&mut writer, &bytes)?;
+        } else if carried {
             let raw = source
                 .native_bytes(index)
                 .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?;
@@ -459,6 +518,9 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
         notes.push(match (fell_back, check_exact, exact) {
             (Some(wanted), _, _) => {
                 Some(format!("{} asked, but rows of {cols} values are not whole super-blocks of {QK_K}", wanted.name()))
+            }
+            (None, _, _) if q4b_from_source_q4 => {
+                Some("Q4_1's levels, scales and minimums rounded to bytes".to_string())
             }
             (None, true, true) => Some("every value kept exactly".to_string()),
             (None, true, false) => Some(format!("not every value fits {}: rounded", encoding.name())),

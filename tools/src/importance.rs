@@ -253,7 +253,7 @@ pub fn importance_matrix(
 /// Whether [`quantize_rows`] weighs `encoding`'s rounding by an importance
 /// vector: the K-quants, Q4, Q5S and Q5 (Q8, f16 and f32 round each value to nearest).
 pub fn weighs(encoding: Encoding) -> bool {
-    encoding.is_kquant() || matches!(encoding, Encoding::Q4 | Encoding::Q5S | Encoding::Q5)
+    encoding.is_kquant() || matches!(encoding, Encoding::Q4 | Encoding::Q4B | Encoding::Q5S | Encoding::Q5)
 }
 
 /// Quantizes whole rows of `cols` values (`values.len()` a multiple of

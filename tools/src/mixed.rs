@@ -141,7 +141,7 @@ fn bits(quant: QuantTarget) -> Option<f32> {
     match quant {
         QuantTarget::Q2K => Some(2.625),
         QuantTarget::Q3K => Some(3.0),
-        QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4K => Some(4.0),
+        QuantTarget::Q4 | QuantTarget::Q4S | QuantTarget::Q4B | QuantTarget::Q4K => Some(4.0),
         QuantTarget::Q5K | QuantTarget::Q5S => Some(5.0),
         // Q5_1: five bits and a minimum a block, 24 bytes for 32 values.
         QuantTarget::Q5 | QuantTarget::Q6K => Some(6.0),

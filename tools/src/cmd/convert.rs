@@ -18,6 +18,9 @@ pub enum QuantArg {
     Q4,
     #[value(name = "q4s")]
     Q4S,
+    /// Q4_1's levels with byte scales under a row scale (4.5 bits a value).
+    #[value(name = "q4b")]
+    Q4B,
     #[value(name = "q5s")]
     Q5S,
     Q5,
@@ -43,6 +46,7 @@ impl From<QuantArg> for QuantTarget {
         match quant {
             QuantArg::Q4 => QuantTarget::Q4,
             QuantArg::Q4S => QuantTarget::Q4S,
+            QuantArg::Q4B => QuantTarget::Q4B,
             QuantArg::Q5S => QuantTarget::Q5S,
             QuantArg::Q5 => QuantTarget::Q5,
             QuantArg::Q8 => QuantTarget::Q8,
@@ -89,7 +93,7 @@ pub struct ConvertArgs {
     /// The image to write.
     #[arg(long)]
     output: PathBuf,
-    /// Weight encoding: q4, q4s, q5s (ggml's Q5_0), q5 (ggml's Q5_1), q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
+    /// Weight encoding: q4, q4s, q4b (Q4_1's levels with byte scales, 4.5 bits), q5s (ggml's Q5_0), q5 (ggml's Q5_1), q8, f16, f32, ggml's k-quants q4k, q5k, q6k,
     /// q3k, q2k (rows not whole 256-value super-blocks get q4 or q8), or keep
     /// (each tensor as the source stores it, bit-exact, where the image has
     /// that encoding; IQ4 → q8, BF16 → f16).
@@ -135,7 +139,7 @@ pub struct ConvertArgs {
     threads: Option<usize>,
     /// Importance matrix (docs/quants.md): measure each weight matrix's
     /// input channels' mean squares on this calibration text (UTF-8) and
-    /// weigh the rounding searches of q4, q5s, q5, q4k, q5k, q6k, q3k and q2k by them.
+    /// weigh the rounding searches of q4, q4b, q5s, q5, q4k, q5k, q6k, q3k and q2k by them.
     #[arg(long)]
     imatrix: Option<PathBuf>,
     /// Calibration tokens for --imatrix (the first ones of the text).
