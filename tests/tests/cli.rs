@@ -161,7 +161,7 @@ fn both_layouts_convert_and_generate_the_same() {
 #[test]
 fn convert_then_inspect_every_quantization() {
     let fixture = Fixture::new("bpe", "q8_0");
-    for quant in ["q4", "q8", "f16"] {
+    for quant in ["q4", "q8", "f16", "q4b"] {
         let image = fixture.image(quant);
         let text = bramble_ok(&args!["inspect", &image]);
         assert!(text.contains(&image.display().to_string()), "inspect names the image:\n{text}");
@@ -176,6 +176,12 @@ fn convert_then_inspect_every_quantization() {
         );
         let listed = bramble_ok(&args!["inspect", &image, "--tensors"]);
         assert!(listed.contains("blk.1.ffn_down.weight"), "inspect --tensors lists tensors:\n{listed}");
+        if quant == "q4b" {
+            // The mix's embedding and output layer are 5-bit; the image runs.
+            assert!(text.lines().any(|l| l.trim_start().starts_with("q5sx4:")), "q4b's head is q5s:\n{text}");
+            let out = generate(&image, "Hello world", 8, "0", 1, &["--json"]);
+            assert!(first_json_line(&out)["tokens"].as_array().is_some_and(|t| !t.is_empty()), "{out}");
+        }
     }
 }
 
