@@ -497,14 +497,15 @@ impl Interleaved for BlockQ4Sx4 {
     }
 }
 
-/// 4-bit weights under a row scale: value `j` is `a · (d · (2n − 15) + 32 · o)`,
+/// 4-bit weights under a row scale: value `j` is `a · (d · (n − 7.5) + 16 · o)`,
 /// `a` the row's f32 scale (stored before the tensor's blocks), `n` the
-/// nibble as in [`BlockQ4`]. The levels are Q4_1's (`d` and the minimum `m`
-/// of Q4_1 are `2a·d` and `a·(32·o − 15·d)`), with the block's scale and
-/// offset in a byte each instead of two f16s: 18 bytes a block against
-/// Q4_1's 20. The kernels add `(2d) · dₓ · Σ n·q + (32·o − 15·d) · s`
-/// over a row's blocks, the Q4 sum with integer `d` and `m`, and multiply
-/// the row's total by `a` once.
+/// nibble as in [`BlockQ4`]. The levels are Q4_1's (Q4_1's scale and
+/// minimum are `a·d` and `a·(16·o − 7.5·d)`; `16a·o` is the block's
+/// midpoint), with the block's scale and offset in a byte each instead of
+/// two f16s: 18 bytes a block against Q4_1's 20. The kernels add
+/// `d · dₓ · Σ n·q + (16·o − 7.5·d) · s` over a row's blocks, the Q4 sum
+/// with a small integer scale and a half-integer minimum, and multiply the
+/// row's total by `a` once.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ4B {
@@ -518,11 +519,12 @@ pub struct BlockQ4B {
 const _: () = assert!(std::mem::size_of::<BlockQ4B>() == 18);
 
 impl BlockQ4B {
-    /// The block's Q4 scale and minimum in units of its row scale: `(2d, 32o − 15d)`.
+    /// The block's Q4 scale and minimum in units of its row scale: `(d, 16o − 7.5d)`
+    /// (exact in f32, and computed as the kernels compute them).
     #[inline(always)]
     pub fn scale_and_minimum(&self) -> (f32, f32) {
-        let d = self.d as i32;
-        ((2 * d) as f32, (32 * self.o as i32 - 15 * d) as f32)
+        let d = self.d as f32;
+        (d, (16 * self.o as i32) as f32 - d * 7.5)
     }
 }
 
@@ -1145,16 +1147,16 @@ pub fn q4b_from_q4_row(row: &[BlockQ4], out: &mut [BlockQ4B]) -> f32 {
         max_d = max_d.max(d.abs());
         max_mid = max_mid.max(mid.abs());
     }
-    // value = a·(2d·n − 15d + 32o): Q4_1's scale is 2a·d, its midpoint 32a·o.
-    let a = (max_d / 510.0).max(max_mid / (32.0 * 127.0));
+    // value = a·(d·(n − 7.5) + 16o): Q4_1's scale is a·d, its midpoint 16a·o.
+    let a = (max_d / 255.0).max(max_mid / (16.0 * 127.0));
     if a == 0.0 || !a.is_finite() {
         out.fill(BlockQ4B::zeroed());
         return 0.0;
     }
     for (b, q) in row.iter().zip(out.iter_mut()) {
         let (d, mid) = parts(b);
-        let du = (d.abs() / (2.0 * a)).round().min(255.0) as u8;
-        let o = (mid / (32.0 * a)).round().clamp(-128.0, 127.0) as i8;
+        let du = (d.abs() / a).round().min(255.0) as u8;
+        let o = (mid / (16.0 * a)).round().clamp(-128.0, 127.0) as i8;
         let mut values = [0f32; GROUP];
         dequantize_q4(std::slice::from_ref(b), &mut values);
         let (scale, minimum) = BlockQ4B { d: du, o, qs: [0; GROUP / 2] }.scale_and_minimum();
@@ -2161,8 +2163,8 @@ mod q4b_tests {
 
     /// How far a Q4B value may move from the Q4_1 value it was rounded
     /// from, in row scales `a`: the byte scale moves a level by at most
-    /// 7.5 · (2a / 2) and the byte offset the midpoint by 32a / 2.
-    const Q4B_FROM_Q4_BOUND: f32 = 7.5 + 16.0;
+    /// 7.5 · a / 2 and the byte offset the midpoint by 16a / 2.
+    const Q4B_FROM_Q4_BOUND: f32 = 3.75 + 8.0;
 
     fn wavy(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -2216,16 +2218,16 @@ mod q4b_tests {
 
     #[test]
     fn q4_blocks_on_the_grid_are_kept_exactly() {
-        // a = 1/512, set by block 5's offset of 127: the Q4_1 scales 2a·d and
-        // minimums a·(32o − 15d) below are exact in f16.
+        // a = 1/512, set by block 5's offset of 127: the Q4_1 scales a·d and
+        // minimums a·(16o − 7.5d) below are exact in f16.
         let a = 1.0 / 512.0;
         let blocks: Vec<BlockQ4> = (0..18)
             .map(|i| {
                 let (d, o) = (2.0 * (i + 1) as f32, (i * 3) as f32 - 20.0);
                 let (d, o) = if i == 5 { (2.0, 127.0) } else { (d, o) };
                 BlockQ4 {
-                    d: f16::from_f32(2.0 * a * d),
-                    m: f16::from_f32(a * (32.0 * o - 15.0 * d)),
+                    d: f16::from_f32(a * d),
+                    m: f16::from_f32(a * (16.0 * o - 7.5 * d)),
                     qs: std::array::from_fn(|j| (j * 7 + i) as u8),
                 }
             })

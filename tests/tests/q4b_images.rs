@@ -26,7 +26,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 
 /// Largest logit difference allowed between the Q4B image and the Q4_1
 /// image it was rounded from, as a fraction of the largest |logit|. Each
-/// weight moves by at most 23.5 row scales (`q4b_from_q4`), about 5 % of
+/// weight moves by at most 11.75 row scales (`q4b_from_q4`), about 5 % of
 /// the row's largest Q4_1 step and mostly much less; on these small random
 /// models that moves the logits by 1–2 % of their range.
 const Q4B_AGAINST_Q4_LOGITS: f32 = 0.05;

@@ -243,7 +243,8 @@ pub(super) fn tiles_then_groups<X, const TILE: usize>(
 
 /// The block loop: v0, v7, v28 and v29 the running float sums of groups A
 /// (`{wa}`), B (`{wb}`, for `two` and `four`), C and D (`{wc}`, `{wd}`, for
-/// `four`), v31 the nibble mask, v30 eight (for the Q4S zero point).
+/// `four`), v31 the nibble mask, v30 eight (for the Q4S zero point), v5
+/// 7.5 (for Q4B's minimum).
 /// `$load!("x")` loads the activation block ([`load_bytes`] for `sdot`,
 /// [`load_broadcast`] for ARMv8.0).
 #[rustfmt::skip]
@@ -270,6 +271,7 @@ macro_rules! loop_start {
         "movi v7.16b, #0\n",
         "movi v31.16b, #0x0f\n",
         "fmov v30.4s, #8.0\n",
+        "fmov v5.4s, #7.5\n",
         "2:\n",
     )};
 }
@@ -482,34 +484,31 @@ macro_rules! neon_q4sx4 {
 }
 
 /// A Q4B block's byte scales (v19 lanes 0–3) and offsets (lanes 4–7) to
-/// Q4's float scale `2d` (v18) and minimum `32o − 15d` (v19), in units of
-/// the row scale; integers, so exact in f32.
+/// Q4's float scale `d` (v18) and minimum `16o − 7.5d` (v19), in units of
+/// the row scale (exact in f32); `$half` holds 7.5 in every lane.
 #[rustfmt::skip]
 macro_rules! widen_q4b {
-    () => { concat!(
+    ($half:literal) => { concat!(
         "uxtl v18.8h, v19.8b\n",
         "sxtl v19.8h, v19.8b\n",
         "uxtl v18.4s, v18.4h\n",
-        "sxtl2 v19.4s, v19.8h\n",
-        "shl v19.4s, v19.4s, #1\n",
-        "sub v19.4s, v19.4s, v18.4s\n",
-        "shl v19.4s, v19.4s, #4\n",
-        "add v19.4s, v19.4s, v18.4s\n",
-        "shl v18.4s, v18.4s, #1\n",
+        "sshll2 v19.4s, v19.8h, #4\n",
         "scvtf v18.4s, v18.4s\n",
         "scvtf v19.4s, v19.4s\n",
+        "fmls v19.4s, v18.4s, ", $half, ".4s\n",
     )};
 }
 
-/// One Q4B block of four rows, with `sdot`: Q4's products and float step.
+/// One Q4B block of four rows, with `sdot`: Q4's products and float step,
+/// 7.5 in v5 ([`loop_start`]).
 #[rustfmt::skip]
 macro_rules! sdot_q4bx4 {
     ($w:literal, $acc:literal) => { concat!(
         "ld1 {{v19.8b}}, [{", $w, "}], #8\n",
         "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        widen_q4b!("v5"),
         split_nibbles!(),
         sdot_columns!("v24", "v25", "v26", "v27", "v20", "v21", "v22", "v23"),
-        widen_q4b!(),
         tile_scale!($acc, q4),
     )};
 }
@@ -520,9 +519,9 @@ macro_rules! neon_q4bx4 {
     ($w:literal, $acc:literal) => { concat!(
         "ld1 {{v19.8b}}, [{", $w, "}], #8\n",
         "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{", $w, "}], #64\n",
+        widen_q4b!("v5"),
         split_nibbles!(),
         nibble_products4!(),
-        widen_q4b!(),
         tile_scale!($acc, q4),
     )};
 }
@@ -674,8 +673,9 @@ macro_rules! unpack_q4bx4 {
     () => { concat!(
         "ld1 {{v19.8b}}, [{w}], #8\n",
         "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{w}], #64\n",
+        "fmov v1.4s, #7.5\n",
+        widen_q4b!("v1"),
         split_nibbles!(),
-        widen_q4b!(),
     )};
 }
 
