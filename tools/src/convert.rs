@@ -326,6 +326,31 @@ impl FamilyReport {
 /// Largest chunk of f32 rows converted at once (bounds memory for any tensor size).
 const CHUNK_BYTES: usize = 16 << 20;
 
+/// Reads `values.len() / cols` rows of tensor `index` from `row` on as f32,
+/// refusing a value that is not finite by its row.
+fn read_finite_rows(
+    source: &dyn ModelSource,
+    index: usize,
+    tensor: &SourceTensor,
+    row: usize,
+    values: &mut [f32],
+) -> Result<()> {
+    let cols = tensor.cols();
+    source
+        .read_rows(index, row, values)
+        .with_context(|| format!("reading tensor {} rows {row}..{}", tensor.name, row + values.len() / cols))?;
+    if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: tensor {}: value {} at row {} is not finite",
+            source.describe(),
+            tensor.name,
+            values[bad],
+            row + bad / cols
+        );
+    }
+    Ok(())
+}
+
 /// A matrix as Q4B's bytes (row scales, then blocks): its Q4_1 blocks, the
 /// source's own where it stores Q4_1 (the levels kept, only the scales
 /// rounded), else rounded as `q4` rounds them (weighed by `importance`),
@@ -344,16 +369,7 @@ fn q4b_tensor(
             .to_vec(),
         _ => {
             let mut values = vec![0f32; rows * cols];
-            source.read_rows(index, 0, &mut values).with_context(|| format!("reading tensor {}", tensor.name))?;
-            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-                bail!(
-                    "{}: tensor {}: value {} at row {} is not finite",
-                    source.describe(),
-                    tensor.name,
-                    values[bad],
-                    bad / cols
-                );
-            }
+            read_finite_rows(source, index, tensor, 0, &mut values)?;
             let mut q4 = vec![0u8; Encoding::Q4.bytes_for(values.len())];
             crate::importance::quantize_rows(Encoding::Q4, &values, cols, importance, &mut q4);
             q4
@@ -475,18 +491,7 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
             while row < rows {
                 let n = rows_per_chunk.min(rows - row);
                 values.resize(n * cols, 0.0);
-                source
-                    .read_rows(index, row, &mut values)
-                    .with_context(|| format!("reading tensor {} rows {row}..{}", tensor.name, row + n))?;
-                if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-                    bail!(
-                        "{}: tensor {}: value {} at row {} is not finite",
-                        source.describe(),
-                        tensor.name,
-                        values[bad],
-                        row + bad / cols
-                    );
-                }
+                read_finite_rows(source, index, tensor, row, &mut values)?;
                 bytes.resize(encoding.bytes_for(values.len()), 0);
                 match encoding {
                     Encoding::Q8 if check_exact => {
