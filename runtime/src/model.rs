@@ -213,9 +213,13 @@ impl Matrix<'_> {
             }
             // Q4B's kernels sum in units of each row's scale.
             if let TensorView::Q4B(scales, _) | TensorView::Q4BX4(scales, _) = self.data {
-                for (row, &scale) in out.chunks_exact_mut(batch).zip(&scales[rows.clone()]) {
-                    for value in row {
-                        *value *= scale;
+                let scales = &scales[rows.clone()];
+                if batch == 1 {
+                    // A decode step: one output a row, one vectorized pass.
+                    out.iter_mut().zip(scales).for_each(|(value, scale)| *value *= scale);
+                } else {
+                    for (row, &scale) in out.chunks_exact_mut(batch).zip(scales) {
+                        row.iter_mut().for_each(|value| *value *= scale);
                     }
                 }
             }
