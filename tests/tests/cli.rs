@@ -177,8 +177,9 @@ fn convert_then_inspect_every_quantization() {
         let listed = bramble_ok(&args!["inspect", &image, "--tensors"]);
         assert!(listed.contains("blk.1.ffn_down.weight"), "inspect --tensors lists tensors:\n{listed}");
         if quant == "q4b" {
-            // The mix's embedding and output layer are 5-bit; the image runs.
-            assert!(text.lines().any(|l| l.trim_start().starts_with("q5sx4:")), "q4b's head is q5s:\n{text}");
+            // The mix's embedding and output layer are 5-bit (Q5_1 without
+            // --imatrix, ConvertOptions::q4b_head_without_importance); the image runs.
+            assert!(text.lines().any(|l| l.trim_start().starts_with("q5x4:")), "q4b's head is q5:\n{text}");
             let out = generate(&image, "Hello world", 8, "0", 1, &["--json"]);
             assert!(first_json_line(&out)["tokens"].as_array().is_some_and(|t| !t.is_empty()), "{out}");
         }

@@ -178,6 +178,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         }
     }
     options.importance = importance_matrix(&args, source.as_ref(), options.progress)?;
+    options.q4b_head_without_importance();
     if let (Some(matrix), false) = (&options.importance, args.json) {
         outln!(
             "importance matrix: {} tokens of {} (windows of {}), {} matrices",
