@@ -511,7 +511,7 @@ impl Interleaved for BlockQ4Sx4 {
 pub struct BlockQ4B {
     /// Scale, in units of the row scale.
     pub d: u8,
-    /// Offset, in units of 32 row scales.
+    /// Offset (the block's midpoint), in units of 16 row scales.
     pub o: i8,
     /// Packed nibbles.
     pub qs: [u8; GROUP / 2],
@@ -1122,8 +1122,8 @@ fn row_scale_head(encoding: Encoding, len: usize, cols: usize) -> usize {
     encoding.row_scale_bytes(rows)
 }
 
-/// A Q4B tensor's bytes (rows of `cols` values, or `n` values in all) split
-/// into its row scales and its blocks.
+/// A row-major Q4B tensor's bytes, `n` values in all, split into its row
+/// scales and its blocks.
 pub fn split_q4b(bytes: &[u8], n: usize) -> (Vec<f32>, &[BlockQ4B]) {
     let head = bytes.len() - Encoding::Q4B.bytes_for(n);
     let scales = bytes[..head].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
@@ -1135,6 +1135,7 @@ pub fn split_q4b(bytes: &[u8], n: usize) -> (Vec<f32>, &[BlockQ4B]) {
 /// largest offset ±127), each block takes its nearest byte scale and offset,
 /// and every value its nearest level on that grid (the Q4_1 nibble, but
 /// where the rounded scale moved a value past half a step). Returns `a`.
+/// The blocks' scales and minimums must be finite (the converter checks).
 pub fn q4b_from_q4_row(row: &[BlockQ4], out: &mut [BlockQ4B]) -> f32 {
     // Q4_1's scale and its midpoint (the value of level 7.5), in f32.
     let parts = |b: &BlockQ4| {

@@ -167,3 +167,26 @@ fn quant_q4b_rounds_f32_as_q4_then_into_bytes() {
     let families: Vec<_> = report.families.iter().filter(|f| f.encoding == "q4b").collect();
     assert!(!families.is_empty() && families.iter().all(|f| f.action() == "quantized to q4b" && f.note.is_none()));
 }
+
+#[test]
+fn a_q4_1_block_with_a_non_finite_scale_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_of(dir.path(), GgmlType::Q4_1);
+    // Block 4 of blk.1.ffn_up.weight gets a NaN scale (f16 0x7E00).
+    let offset = {
+        let file = GgufFile::open(&gguf).unwrap();
+        file.tensors().iter().find(|t| t.name == "blk.1.ffn_up.weight").unwrap().offset + 4 * 20
+    };
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    bytes[offset..offset + 2].copy_from_slice(&[0x00, 0x7E]);
+    std::fs::write(&gguf, &bytes).unwrap();
+    let source = GgufSource::open(&gguf).unwrap();
+    let output = dir.path().join("bad.bramble");
+    let error = convert(&source, &output, &ConvertOptions::new(QuantTarget::Q4B)).unwrap_err();
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("blk.1.ffn_up.weight") && message.contains("block 4") && message.contains("not finite"),
+        "{message}"
+    );
+    assert!(!output.exists(), "a failed conversion leaves no image");
+}

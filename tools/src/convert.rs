@@ -18,7 +18,7 @@ use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
 use bramble_runtime::kquant::QK_K;
 use bramble_runtime::quant::{
-    interleave_bytes, q4b_from_q4, quantize_q8_lossless, BlockQ8, Encoding, GROUP, INTERLEAVE,
+    interleave_bytes, q4b_from_q4, quantize_q8_lossless, BlockQ4, BlockQ8, Encoding, GROUP, INTERLEAVE,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -390,8 +390,19 @@ fn q4b_tensor(
             q4
         }
     };
+    let blocks: Vec<BlockQ4> = bytemuck::pod_collect_to_vec(&q4);
+    if let Some(bad) = blocks.iter().position(|b| !(b.d.is_finite() && b.m.is_finite())) {
+        bail!(
+            "{}: tensor {}: Q4_1 block {bad} (row {}) has scale {} and minimum {}: not finite",
+            source.describe(),
+            tensor.name,
+            bad * GROUP / cols,
+            blocks[bad].d,
+            blocks[bad].m
+        );
+    }
     let mut bytes = vec![0u8; Encoding::Q4B.tensor_bytes(rows, cols)];
-    q4b_from_q4(&bytemuck::pod_collect_to_vec(&q4), cols, &mut bytes);
+    q4b_from_q4(&blocks, cols, &mut bytes);
     Ok(bytes)
 }
 

@@ -123,15 +123,15 @@ impl ImageWriter {
             *d = s as u64;
         }
         let values: usize = shape.iter().product();
+        // Rows of `cols` values (Q4B stores a scale a row before its blocks).
+        let cols = shape.last().copied().unwrap_or(1).max(1);
         let entry = TensorEntry {
             name: name_field,
             encoding: encoding.id(),
             n_dims: shape.len() as u32,
             shape: dims,
             offset: self.position - data_start,
-            size: encoding
-                .tensor_bytes(values / shape.last().copied().unwrap_or(1).max(1), shape.last().copied().unwrap_or(1))
-                as u64,
+            size: encoding.tensor_bytes(values / cols, cols) as u64,
             checksum: 0,
             reserved: [0; 3],
         };
