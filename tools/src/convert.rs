@@ -181,7 +181,8 @@ impl ConvertOptions {
     /// (docs/quants.md, "Q4B"). Overrides the caller gave are untouched.
     pub fn q4b_head_without_importance(&mut self) {
         if self.quant == QuantTarget::Q4B && self.importance.is_none() {
-            for (pattern, target) in &mut self.overrides {
+            // The defaults are the last two: `add_override` puts the caller's before them.
+            for (pattern, target) in self.overrides.iter_mut().rev().take(2) {
                 if matches!(pattern.as_str(), "token_embd.weight" | "output.weight") && *target == QuantTarget::Q5S {
                     *target = QuantTarget::Q5;
                 }
@@ -596,6 +597,12 @@ mod tests {
         // The caller's override wins, and the body stays q4b.
         assert_eq!(options.target_for("token_embd.weight"), QuantTarget::Q8);
         assert_eq!(options.target_for("blk.0.ffn_up.weight"), QuantTarget::Q4B);
+        // A caller asking for q5s by the default's own pattern keeps it.
+        let mut asked = ConvertOptions::new(QuantTarget::Q4B);
+        asked.add_override("output.weight=q5s").unwrap();
+        asked.q4b_head_without_importance();
+        assert_eq!(asked.target_for("output.weight"), QuantTarget::Q5S);
+        assert_eq!(asked.target_for("token_embd.weight"), QuantTarget::Q5);
         // Other mixes keep their q8 head.
         let mut q4 = ConvertOptions::new(QuantTarget::Q4);
         q4.q4b_head_without_importance();
