@@ -378,20 +378,26 @@ fn q4b_tensor(
     importance: Option<&[f32]>,
 ) -> Result<Vec<u8>> {
     let (rows, cols) = (tensor.rows(), tensor.cols());
-    let q4 = match tensor.native {
-        Some(Encoding::Q4) => source
-            .native_bytes(index)
-            .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?
-            .to_vec(),
+    let blocks: Vec<BlockQ4> = match tensor.native {
+        Some(Encoding::Q4) => bytemuck::pod_collect_to_vec(
+            source
+                .native_bytes(index)
+                .with_context(|| format!("{}: tensor {}: native bytes missing", source.describe(), tensor.name))?,
+        ),
         _ => {
             let mut values = vec![0f32; rows * cols];
             read_finite_rows(source, index, tensor, 0, &mut values)?;
-            let mut q4 = vec![0u8; Encoding::Q4.bytes_for(values.len())];
-            crate::importance::quantize_rows(Encoding::Q4, &values, cols, importance, &mut q4);
-            q4
+            let mut blocks = vec![<BlockQ4 as bytemuck::Zeroable>::zeroed(); values.len() / GROUP];
+            crate::importance::quantize_rows(
+                Encoding::Q4,
+                &values,
+                cols,
+                importance,
+                bytemuck::cast_slice_mut(&mut blocks),
+            );
+            blocks
         }
     };
-    let blocks: Vec<BlockQ4> = bytemuck::pod_collect_to_vec(&q4);
     if let Some(bad) = blocks.iter().position(|b| !(b.d.is_finite() && b.m.is_finite())) {
         bail!(
             "{}: tensor {}: Q4_1 block {bad} (row {}) has scale {} and minimum {}: not finite",
