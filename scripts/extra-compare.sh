@@ -3,6 +3,7 @@
 # the GGUF with `--quant keep` (every tensor carried in its own type), runs
 # the four raw prompts of scripts/peer-reference.sh greedily for 16 tokens and
 # compares the ids with llama.cpp's (results/extra-models/NAME/greedy.json),
+# then follows llama.cpp's tokens step by step (`generate --follow`),
 # and, unless EXTRA_SKIP_PPL=1, the Tempest perplexity at ctx 256 beside
 # llama.cpp's (results/extra-models/NAME/perplexity.txt).
 #
@@ -42,6 +43,21 @@ for case in cases:
     print(f"{case['prompt']!r}: {'equal' if equal else f'first difference at token {agree + 1}'} "
           f"({len(ours)} ours, {len(theirs)} llama.cpp's)")
 print(f"greedy: {same} of {len(cases)} prompts give llama.cpp's 16 tokens")
+# Teacher forcing: llama.cpp's tokens fed back a step at a time, so one
+# near-tie does not change every later token; at each step, is llama.cpp's
+# token Bramble's greedy choice, and if not, how far below the top is it?
+agree, steps, misses = 0, 0, []
+for n, case in enumerate(cases, 1):
+    out = subprocess.run([bramble, "generate", "--model", image, "--prompt", case["prompt"], "--follow",
+                          ",".join(map(str, case["ids"])), "--ctx", "256", "--threads", "1", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    followed = json.loads(out.splitlines()[0])
+    agree += followed["agree"]
+    steps += len(followed["steps"])
+    misses += [f"prompt {n} token {i + 1}: rank {s['rank']}, {s['margin']:.3f} below the top"
+               for i, s in enumerate(followed["steps"]) if s["rank"] > 0]
+print(f"followed: llama.cpp's token is Bramble's greedy choice at {agree} of {steps} steps"
+      + (f" ({'; '.join(misses)})" if misses else ""))
 PY
 
 if [ "${EXTRA_SKIP_PPL:-0}" != 1 ]; then

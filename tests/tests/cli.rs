@@ -230,6 +230,52 @@ fn generate_same_seed_same_output_and_temperature_zero_is_greedy() {
     assert_eq!(g1, greedy, "--temperature 0 is not the argmax decoding");
 }
 
+/// `--follow` scores a given continuation step by step: the model's own greedy
+/// tokens are each the greedy choice (rank 0, margin 0); a token swapped for
+/// another is ranked below the top by the margin of its logit, and the steps
+/// after it still follow the given tokens; bad ids are refused by name.
+#[test]
+fn generate_follow_scores_a_continuation_step_by_step() {
+    let fixture = Fixture::new("spm", "f32");
+    let image = fixture.image("q8");
+    let greedy = ids_of(&first_json_line(&generate(&image, "Hello world", 10, "0", 0, &["--json"]))["tokens"]);
+    assert_eq!(greedy.len(), 10, "the tiny model ended early: {greedy:?}");
+    let follow = |ids: &[u32]| -> serde_json::Value {
+        let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        bramble_json(&args!["generate", "--model", &image, "--prompt", "Hello world", "--follow", list, "--json"])
+    };
+    let own = follow(&greedy);
+    assert_eq!(own["agree"], 10, "the model's own greedy tokens are its greedy choices: {own}");
+    for step in own["steps"].as_array().unwrap() {
+        assert_eq!(step["rank"], 0, "{step}");
+        assert_eq!(step["token"], step["argmax"], "{step}");
+        assert_eq!(step["margin"].as_f64(), Some(0.0), "{step}");
+        assert!(step["top_gap"].as_f64().unwrap() >= 0.0, "{step}");
+    }
+    // Token 4 swapped for another id: that step is not the greedy choice, the others are scored after it.
+    let mut swapped = greedy.clone();
+    swapped[3] = if greedy[3] == 5 { 6 } else { 5 };
+    let other = follow(&swapped);
+    let step = &other["steps"][3];
+    assert!(step["rank"].as_u64().unwrap() > 0, "a swapped token ranked as the greedy choice: {step}");
+    assert_eq!(step["argmax"], greedy[3], "{step}");
+    assert!(step["margin"].as_f64().unwrap() > 0.0, "{step}");
+    assert_eq!(
+        other["steps"].as_array().unwrap()[..3],
+        own["steps"].as_array().unwrap()[..3],
+        "the steps before the swap changed"
+    );
+    let tokens: Vec<u32> =
+        other["steps"].as_array().unwrap().iter().map(|s| s["token"].as_u64().unwrap() as u32).collect();
+    assert_eq!(tokens, swapped, "the steps are not the given tokens");
+    // An id past the vocabulary, and a list that is not ids.
+    for (bad, named) in [("3,999999", "999999"), ("3,seven", "seven")] {
+        let output = bramble(&args!["generate", "--model", &image, "--prompt", "Hello world", "--follow", bad]);
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && err.contains(named) && !err.contains("panicked"), "--follow {bad}: {err}");
+    }
+}
+
 #[test]
 fn generate_chat_and_threads_options() {
     let fixture = Fixture::new("bpe", "f16");

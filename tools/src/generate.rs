@@ -100,6 +100,88 @@ pub fn generate(
     })
 }
 
+/// One step of a followed continuation: where the given token stands among
+/// the model's logits at that point.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FollowedStep {
+    /// The token the continuation gives.
+    pub token: u32,
+    /// The model's greedy choice at this step (the lowest id of equal maxima).
+    pub argmax: u32,
+    /// How many tokens have a larger logit than `token` (0: it is the greedy choice).
+    pub rank: usize,
+    /// The greedy choice's logit minus `token`'s (0 when they are the same).
+    pub margin: f32,
+    /// The largest logit minus the second largest: how near a tie the greedy choice is.
+    pub top_gap: f32,
+}
+
+/// A continuation scored token by token ([`follow`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Following {
+    /// Each given token's step.
+    pub steps: Vec<FollowedStep>,
+    /// Steps whose token is the model's greedy choice.
+    pub agree: usize,
+    /// Tokens of the prompt run through the model.
+    pub prompt_tokens: usize,
+}
+
+/// Feeds `prompt`, then `continuation` a token at a time as decoding would,
+/// recording before each token where it stands among the model's logits:
+/// teacher forcing, which compares a model's choices with another engine's
+/// step by step without the first differing token changing every later one.
+pub fn follow(session: &mut Session<'_>, prompt: &[u32], continuation: &[u32]) -> Result<Following> {
+    let vocab = session.model().config.vocab_size as usize;
+    if let Some(&bad) = continuation.iter().find(|&&t| t as usize >= vocab) {
+        anyhow::bail!("--follow: token id {bad} is not below the vocabulary size {vocab}");
+    }
+    anyhow::ensure!(
+        prompt.len() + continuation.len() <= session.remaining(),
+        "the prompt ({}) and the followed tokens ({}) do not fit the context of {}",
+        prompt.len(),
+        continuation.len(),
+        session.context()
+    );
+    session.feed(prompt)?;
+    let mut steps = Vec::with_capacity(continuation.len());
+    for &token in continuation {
+        let logits = session.logits().expect("the prompt was fed");
+        anyhow::ensure!(
+            logits.iter().all(|l| l.is_finite()),
+            "the logits before followed token {} are not finite",
+            steps.len() + 1
+        );
+        let (argmax, best) =
+            logits.iter().enumerate().fold(
+                (0, f32::NEG_INFINITY),
+                |(i, m), (j, &l)| {
+                    if l > m {
+                        (j, l)
+                    } else {
+                        (i, m)
+                    }
+                },
+            );
+        let second =
+            logits.iter().enumerate().filter(|&(j, _)| j != argmax).fold(f32::NEG_INFINITY, |m, (_, &l)| m.max(l));
+        let own = logits[token as usize];
+        steps.push(FollowedStep {
+            token,
+            argmax: argmax as u32,
+            rank: logits.iter().filter(|&&l| l > own).count(),
+            margin: best - own,
+            top_gap: best - second,
+        });
+        session.feed(&[token])?;
+    }
+    Ok(Following {
+        agree: steps.iter().filter(|s| s.rank == 0 && s.argmax == s.token).count(),
+        steps,
+        prompt_tokens: prompt.len(),
+    })
+}
+
 /// A perplexity measurement.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Perplexity {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use bramble_runtime::chat::{ChatMessage, ChatTemplate};
 use bramble_runtime::model::SparseMode;
 use bramble_runtime::session::Session;
-use bramble_tools::generate::generate;
+use bramble_tools::generate::{follow, generate};
 use clap::Args;
 use std::io::Write;
 
@@ -31,6 +31,12 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     json: bool,
+    /// Score these token ids (comma-separated) as the continuation instead of
+    /// sampling one: before each, the model's greedy choice, the token's rank
+    /// and its logit's distance from the top (teacher forcing, to compare
+    /// another engine's greedy output step by step).
+    #[arg(long, value_name = "IDS", value_delimiter = ',', conflicts_with = "max_tokens")]
+    follow: Option<Vec<u32>>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -54,6 +60,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut feedback = args.model.feedback_loop(&model)?;
     if let Some(feedback) = &feedback {
         session.apply_feedback(feedback)?;
+    }
+    if let Some(continuation) = &args.follow {
+        let following = follow(&mut session, &prompt, continuation)?;
+        if args.json {
+            outln!("{}", serde_json::to_string(&following)?);
+        } else {
+            for (i, step) in following.steps.iter().enumerate() {
+                let piece = |t: u32| format!("{:?}", tokenizer.decode(&[t]));
+                outln!(
+                    "{:>4} {:>7} {:<16} rank {:>3}  greedy {:>7} {:<16} margin {:.4}  top gap {:.4}",
+                    i + 1,
+                    step.token,
+                    piece(step.token),
+                    step.rank,
+                    step.argmax,
+                    piece(step.argmax),
+                    step.margin,
+                    step.top_gap
+                );
+            }
+            outln!("{} of {} followed tokens are the model's greedy choice", following.agree, following.steps.len());
+        }
+        return Ok(());
     }
     let stdout = std::io::stdout();
     let json = args.json;
