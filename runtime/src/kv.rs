@@ -799,18 +799,22 @@ impl KvCache {
         }
     }
 
-    /// Whether [`KvCache::attend_batch`] runs layer `layer`: the f32 cache
-    /// while the layer is not pruned. The f16 cache has per-token kernels
-    /// only (no causal tile kernel over f16 yet). A quantized cache moves its
-    /// full-precision window as tokens arrive (a token's view of the cache
-    /// exists only between its append and the next), and a pruned layer's
-    /// keys are split in two with the scores of both joined per query: those
-    /// run a token at a time, appending then [`KvCache::attend`]. So does a
-    /// sliding-window layer shorter than the context: a batch would overwrite
-    /// ring slots its own earlier tokens still see, and the causal tile
-    /// assumes every position from 0 is seen.
-    pub fn attends_in_batches(&self, layer: usize) -> bool {
-        self.mode == KvMode::F32 && self.pruned_positions(layer) == 0 && self.layers[layer].window == 0
+    /// Whether [`KvCache::attend_batch`] runs `tokens` positions from `first`
+    /// of layer `layer`: the f32 cache while the layer is not pruned. The f16
+    /// cache has per-token kernels only (no causal tile kernel over f16 yet).
+    /// A quantized cache moves its full-precision window as tokens arrive (a
+    /// token's view of the cache exists only between its append and the
+    /// next), and a pruned layer's keys are split in two with the scores of
+    /// both joined per query: those run a token at a time, appending then
+    /// [`KvCache::attend`]. A sliding-window layer batches while the batch
+    /// ends within its first window (`first + tokens ≤ window`): every token
+    /// then sees every position from 0, as the causal tile assumes, and a
+    /// ring holds position `p` in slot `p`, in order. Past it a batch would
+    /// overwrite ring slots its own earlier tokens still see, so it goes a
+    /// token at a time.
+    pub fn attends_in_batches(&self, layer: usize, first: usize, tokens: usize) -> bool {
+        let window = self.layers[layer].window;
+        self.mode == KvMode::F32 && self.pruned_positions(layer) == 0 && (window == 0 || first + tokens <= window)
     }
 
     /// Causal attention of `tokens` consecutive positions from `first`, all
@@ -838,7 +842,7 @@ impl KvCache {
         let (written, at) = (self.written[layer], self.layers[layer]);
         let full = match &self.storage {
             Storage::Full(full)
-                if self.pruned_positions(layer) == 0 && at.window == 0 && tokens > 0 && first + tokens <= written =>
+                if self.attends_in_batches(layer, first, tokens) && tokens > 0 && first + tokens <= written =>
             {
                 full
             }
@@ -856,7 +860,7 @@ impl KvCache {
         let (kv_dim, head_dim) = (self.shape.kv_dim(), self.shape.head_dim);
         let shape =
             Causal { tokens, heads: self.shape.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
-        // The whole cache is the window in f32 mode: position t of this head at t·kv_dim from the layer's start.
+        // Position t of this head at t·kv_dim from the layer's start (a ring's too: t < window).
         let start = at.first_slot * kv_dim + kv_head * head_dim;
         let end = start + (first + tokens - 1) * kv_dim + head_dim;
         (kernels.attention_causal)(&shape, queries, &full.keys[start..end], &full.values[start..end], scratch, out);
@@ -1096,6 +1100,28 @@ mod tests {
     /// (the f16 one with the stored values rounded as the reference rounds them): f32 sums of up
     /// to 32 products and 200 weights. Measured 8.9e-8 when written.
     const WINDOW_REFERENCE_TOLERANCE: f32 = 1e-6;
+
+    /// A sliding-window layer batches a prompt while the batch ends within its
+    /// first window (model/window_tests.rs holds those batches to a token at a
+    /// time), a global layer always, and only the f32 cache.
+    #[test]
+    fn a_windowed_layer_batches_within_its_first_window_only() {
+        let c = config();
+        let layers = windowed(40);
+        let f32_ring = KvCache::new(KvMode::F32, &c, 200, &layers).unwrap();
+        for (first, tokens, windowed_batches) in [(0, 40, true), (32, 8, true), (33, 8, false), (100, 16, false)] {
+            assert!(f32_ring.attends_in_batches(0, first, tokens), "global layer, {first} + {tokens}");
+            assert_eq!(
+                f32_ring.attends_in_batches(1, first, tokens),
+                windowed_batches,
+                "window 40, {first} + {tokens}"
+            );
+        }
+        for mode in [KvMode::F16, KvMode::Q8, KvMode::Q4] {
+            let cache = KvCache::new(mode, &c, 200, &layers).unwrap();
+            assert!(!cache.attends_in_batches(0, 0, 8) && !cache.attends_in_batches(1, 0, 8), "{mode}");
+        }
+    }
 
     #[test]
     fn a_ring_attends_exactly_as_the_full_history_masked_to_the_window() {
