@@ -146,7 +146,7 @@ pub fn follow(session: &mut Session<'_>, prompt: &[u32], continuation: &[u32]) -
     session.feed(prompt)?;
     let mut steps = Vec::with_capacity(continuation.len());
     for &token in continuation {
-        let logits = session.logits().expect("the prompt was fed");
+        let logits = session.logits().ok_or_else(|| anyhow::anyhow!("--follow: no logits after the prompt"))?;
         anyhow::ensure!(
             logits.iter().all(|l| l.is_finite()),
             "the logits before followed token {} are not finite",
