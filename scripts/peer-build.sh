@@ -78,6 +78,12 @@ for variant in "${variants[@]}"; do
             -DGGML_AVX512=OFF)
         ;;
     armv8-a | armv8.2-a+dotprod)
+        for compiler in aarch64-linux-gnu-gcc aarch64-linux-gnu-g++; do
+            command -v "$compiler" >/dev/null || {
+                echo "peer-build: $compiler not found (Debian: apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)" >&2
+                exit 1
+            }
+        done
         # Cross build; ggml picks its ARM sources from CMAKE_SYSTEM_PROCESSOR
         # and passes -march=GGML_CPU_ARM_ARCH to the CPU backend.
         flags=(
