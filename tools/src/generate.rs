@@ -106,7 +106,7 @@ pub fn generate(
 pub struct FollowedStep {
     /// The token the continuation gives.
     pub token: u32,
-    /// The model's greedy choice at this step (the lowest id of equal maxima).
+    /// The model's greedy choice at this step (greedy decoding's: the lowest id of equal maxima).
     pub argmax: u32,
     /// How many tokens have a larger logit than `token` (0: it is the greedy choice).
     pub rank: usize,
@@ -152,17 +152,9 @@ pub fn follow(session: &mut Session<'_>, prompt: &[u32], continuation: &[u32]) -
             "the logits before followed token {} are not finite",
             steps.len() + 1
         );
-        let (argmax, best) =
-            logits.iter().enumerate().fold(
-                (0, f32::NEG_INFINITY),
-                |(i, m), (j, &l)| {
-                    if l > m {
-                        (j, l)
-                    } else {
-                        (i, m)
-                    }
-                },
-            );
+        // The greedy decoder's own choice, so that agreeing here means greedy decoding agrees.
+        let argmax = bramble_runtime::sampler::greatest(logits) as usize;
+        let best = logits[argmax];
         let second =
             logits.iter().enumerate().filter(|&(j, _)| j != argmax).fold(f32::NEG_INFINITY, |m, (_, &l)| m.max(l));
         let own = logits[token as usize];
