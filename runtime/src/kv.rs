@@ -800,8 +800,7 @@ impl KvCache {
     }
 
     /// Whether [`KvCache::attend_batch`] runs `tokens` positions from `first`
-    /// of layer `layer`: the f32 cache while the layer is not pruned. The f16
-    /// cache has per-token kernels only (no causal tile kernel over f16 yet).
+    /// of layer `layer`: the f32 and f16 caches while the layer is not pruned.
     /// A quantized cache moves its full-precision window as tokens arrive (a
     /// token's view of the cache exists only between its append and the
     /// next), and a pruned layer's keys are split in two with the scores of
@@ -814,7 +813,9 @@ impl KvCache {
     /// token at a time.
     pub fn attends_in_batches(&self, layer: usize, first: usize, tokens: usize) -> bool {
         let window = self.layers[layer].window;
-        self.mode == KvMode::F32 && self.pruned_positions(layer) == 0 && (window == 0 || first + tokens <= window)
+        matches!(self.mode, KvMode::F32 | KvMode::F16)
+            && self.pruned_positions(layer) == 0
+            && (window == 0 || first + tokens <= window)
     }
 
     /// Causal attention of `tokens` consecutive positions from `first`, all
@@ -840,30 +841,31 @@ impl KvCache {
         out: &mut [f32],
     ) {
         let (written, at) = (self.written[layer], self.layers[layer]);
-        let full = match &self.storage {
-            Storage::Full(full)
-                if self.attends_in_batches(layer, first, tokens) && tokens > 0 && first + tokens <= written =>
-            {
-                full
+        let batched = self.attends_in_batches(layer, first, tokens) && tokens > 0 && first + tokens <= written;
+        assert!(
+            batched,
+            "batched attention of positions {first}..{} over {written} written ones of a {} cache{}",
+            first + tokens,
+            self.mode,
+            match (self.pruned_positions(layer) > 0, at.window) {
+                (true, _) => ", pruned".to_string(),
+                (false, 0) => String::new(),
+                (false, window) => format!(", window {window}"),
             }
-            _ => panic!(
-                "batched attention of positions {first}..{} over {written} written ones of a {} cache{}",
-                first + tokens,
-                self.mode,
-                match (self.pruned_positions(layer) > 0, at.window) {
-                    (true, _) => ", pruned".to_string(),
-                    (false, 0) => String::new(),
-                    (false, window) => format!(", window {window}"),
-                }
-            ),
-        };
+        );
         let (kv_dim, head_dim) = (self.shape.kv_dim(), self.shape.head_dim);
         let shape =
             Causal { tokens, heads: self.shape.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
         // Position t of this head at t·kv_dim from the layer's start (a ring's too: t < window).
         let start = at.first_slot * kv_dim + kv_head * head_dim;
-        let end = start + (first + tokens - 1) * kv_dim + head_dim;
-        (kernels.attention_causal)(&shape, queries, &full.keys[start..end], &full.values[start..end], scratch, out);
+        let span = start..start + (first + tokens - 1) * kv_dim + head_dim;
+        match &self.storage {
+            Storage::Full(full) => {
+                (kernels.attention_causal)(&shape, queries, &full.keys[span.clone()], &full.values[span], scratch, out)
+            }
+            Storage::Half(half) => half.attend_batch(kernels, &shape, span, queries, scratch, out),
+            Storage::Quantized(_) => unreachable!("a quantized cache attends a token at a time"),
+        }
     }
 }
 
@@ -1103,21 +1105,23 @@ mod tests {
 
     /// A sliding-window layer batches a prompt while the batch ends within its
     /// first window (model/window_tests.rs holds those batches to a token at a
-    /// time), a global layer always, and only the f32 cache.
+    /// time), a global layer always, and only the f32 and f16 caches.
     #[test]
     fn a_windowed_layer_batches_within_its_first_window_only() {
         let c = config();
         let layers = windowed(40);
-        let f32_ring = KvCache::new(KvMode::F32, &c, 200, &layers).unwrap();
-        for (first, tokens, windowed_batches) in [(0, 40, true), (32, 8, true), (33, 8, false), (100, 16, false)] {
-            assert!(f32_ring.attends_in_batches(0, first, tokens), "global layer, {first} + {tokens}");
-            assert_eq!(
-                f32_ring.attends_in_batches(1, first, tokens),
-                windowed_batches,
-                "window 40, {first} + {tokens}"
-            );
+        for mode in [KvMode::F32, KvMode::F16] {
+            let ring = KvCache::new(mode, &c, 200, &layers).unwrap();
+            for (first, tokens, windowed_batches) in [(0, 40, true), (32, 8, true), (33, 8, false), (100, 16, false)] {
+                assert!(ring.attends_in_batches(0, first, tokens), "{mode}: global layer, {first} + {tokens}");
+                assert_eq!(
+                    ring.attends_in_batches(1, first, tokens),
+                    windowed_batches,
+                    "{mode}: window 40, {first} + {tokens}"
+                );
+            }
         }
-        for mode in [KvMode::F16, KvMode::Q8, KvMode::Q4] {
+        for mode in [KvMode::Q8, KvMode::Q4] {
             let cache = KvCache::new(mode, &c, 200, &layers).unwrap();
             assert!(!cache.attends_in_batches(0, 0, 8) && !cache.attends_in_batches(1, 0, 8), "{mode}");
         }

@@ -1514,9 +1514,9 @@ impl<'a> Model<'a> {
             let scale = arch.attention_scale;
             let group = heads_per_kv * head_dim;
             if n > 1 && s.kv.attends_in_batches(l, pos, n) {
-                // A prompt batch over the f32 cache (a sliding-window layer's within its
-                // first window): every key and value enters the cache, then each KV head's
-                // queries of the whole batch attend in tiles.
+                // A prompt batch over the f32 or f16 cache (a sliding-window layer's within
+                // its first window): every key and value enters the cache, then each KV
+                // head's queries of the whole batch attend in tiles.
                 for b in 0..n {
                     let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
@@ -1528,9 +1528,9 @@ impl<'a> Model<'a> {
                     s.kv.attend_batch(k, l, kv, pos, n, queries, q_dim, scale, &mut s.att_tile, out);
                 }
             } else {
-                // A token at a time (decode, f16 and quantized caches, pruned layers, a
-                // sliding window past its first): its key and value enter the cache, then
-                // it attends.
+                // A token at a time (decode, quantized caches, pruned layers, a sliding
+                // window past its first): its key and value enter the cache, then it
+                // attends.
                 for b in 0..n {
                     let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);

@@ -39,7 +39,7 @@ const SMOLLM2_TOP_TOKEN_KEPT: usize = 150;
 /// although an f16 rounds 2⁻¹¹ where a q8 code steps 1/255 of a range: q8's window keeps the first 64 positions and
 /// every token's last 32 exact, f16 rounds them all, and through 30 layers of int8 activations any perturbation
 /// costs that much (the f32 cache's batched prompt against single tokens, only summation order apart: 5.7e-3 on
-/// NEON, [`SMOLLM2_BATCHED_F32_KL`]).
+/// NEON, [`SMOLLM2_BATCHED_KL`]).
 const SYNTHETIC_F16_KL: f64 = 3e-4;
 /// As [`SYNTHETIC_F16_KL`], SmolLM2.
 const SMOLLM2_F16_KL: f64 = 1.2e-2;
@@ -153,28 +153,29 @@ fn quantized_kv_logits_stay_close_to_f32_on_the_real_model() {
     }
 }
 
-/// A prompt fed in batches against the same prompt a token at a time with the f32 cache, whose
-/// batches attend in tiles (`Kernels::attention_causal`): the largest difference as a share of a
-/// position's logit spread, at all but [`BATCHED_F32_FLIPS`] positions. The reference and host tables
-/// run each query of a batch through the per-token kernels (identical logits); the NEON tables add in
-/// another order and take 2ˣ for eˣ (measured on the synthetic model: 1.7e-7).
-const BATCHED_F32_SHARE: f32 = 1e-5;
-/// Positions (of 120) allowed past [`BATCHED_F32_SHARE`]: where a sum lands at an int8 rounding
+/// A prompt fed in batches against the same prompt a token at a time with the f32 or f16 cache, whose
+/// batches attend in tiles (`Kernels::attention_causal`, `attention_causal_f16`): the largest
+/// difference as a share of a position's logit spread, at all but [`BATCHED_FLIPS`] positions. The
+/// reference and host tables run each query of a batch through the per-token kernels (identical
+/// logits); the NEON tables add in another order and take 2ˣ for eˣ (measured on the synthetic model
+/// with the f32 cache: 1.7e-7).
+const BATCHED_SHARE: f32 = 1e-5;
+/// Positions (of 120) allowed past [`BATCHED_SHARE`]: where a sum lands at an int8 rounding
 /// boundary of the next layer's activations and rounds the other way, the logits move by about a
 /// quantization step (2.3e-3 of the spread, seen at one position with an earlier version of the
 /// kernel, and between the NEON tables' per-token kernels and the reference's; none now).
-const BATCHED_F32_FLIPS: usize = 3;
+const BATCHED_FLIPS: usize = 3;
 /// The worst share of the spread at such a position.
-const BATCHED_F32_FLIP_SHARE: f32 = 1e-2;
+const BATCHED_FLIP_SHARE: f32 = 1e-2;
 /// SmolLM2 (30 layers of int8 activations turn rounding differences into such flips), 100 tokens in
 /// batches of 32 against one at a time: mean KL, nats. Measured on the NEON tables when written:
 /// 5.7e-3, about as far as their per-token attention is from the reference's (5.6e-3); three times that.
-const SMOLLM2_BATCHED_F32_KL: f64 = 1.6e-2;
+const SMOLLM2_BATCHED_KL: f64 = 1.6e-2;
 /// Of those 100 positions, the batched prompt keeps the top token of one at a time at this many at least (measured: 94).
-const SMOLLM2_BATCHED_F32_TOP_KEPT: usize = 85;
+const SMOLLM2_BATCHED_TOP_KEPT: usize = 85;
 
 #[test]
-fn f32_prompt_batches_give_the_logits_of_one_token_at_a_time() {
+fn f32_and_f16_prompt_batches_give_the_logits_of_one_token_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     // Three query heads a KV head (SmolLM2's grouping): 32-token batches are 96 rows, eight tiles.
     let shape = SyntheticShape { dim: 192, n_layers: 2, n_heads: 6, n_kv_heads: 2, ..SyntheticShape::default() };
@@ -182,30 +183,40 @@ fn f32_prompt_batches_give_the_logits_of_one_token_at_a_time() {
     convert_synthetic(&synthetic(shape, 23), &image, "q8");
     let vocab = ModelImage::open(&image).unwrap().config().vocab_size as usize;
     let tokens: Vec<u32> = (0..120u32).map(|i| (i * 37 + 11) % vocab as u32).collect();
-    let single = logits(&image, &tokens, 1, KvMode::F32);
-    for batch in [32, 7, 2] {
-        let batched = logits(&image, &tokens, batch, KvMode::F32);
-        let shares: Vec<f32> = batched
-            .chunks_exact(vocab)
-            .zip(single.chunks_exact(vocab))
-            .map(|(b, s)| worst_share(b, s, vocab))
-            .collect();
-        let flips = shares.iter().filter(|&&share| share > BATCHED_F32_SHARE).count();
-        let worst = shares.iter().fold(0f32, |a, &b| a.max(b));
-        eprintln!("synthetic, batches of {batch}: {flips} positions above {BATCHED_F32_SHARE}, worst {worst:.2e}");
-        assert!(flips <= BATCHED_F32_FLIPS, "batches of {batch}: {flips} positions differ from single tokens");
-        assert!(worst <= BATCHED_F32_FLIP_SHARE, "batches of {batch}: a position differs by {worst} of its spread");
+    // Both caches attend a prompt batch in causal tiles (the f16 one widening as it reads).
+    for kv in [KvMode::F32, KvMode::F16] {
+        let single = logits(&image, &tokens, 1, kv);
+        for batch in [32, 7, 2] {
+            let batched = logits(&image, &tokens, batch, kv);
+            let shares: Vec<f32> = batched
+                .chunks_exact(vocab)
+                .zip(single.chunks_exact(vocab))
+                .map(|(b, s)| worst_share(b, s, vocab))
+                .collect();
+            let flips = shares.iter().filter(|&&share| share > BATCHED_SHARE).count();
+            let worst = shares.iter().fold(0f32, |a, &b| a.max(b));
+            eprintln!(
+                "synthetic, {kv}, batches of {batch}: {flips} positions above {BATCHED_SHARE}, worst {worst:.2e}"
+            );
+            assert!(flips <= BATCHED_FLIPS, "{kv}, batches of {batch}: {flips} positions differ from single tokens");
+            assert!(
+                worst <= BATCHED_FLIP_SHARE,
+                "{kv}, batches of {batch}: a position differs by {worst} of its spread"
+            );
+        }
     }
     let Some(image) = default_image("q4") else { return };
     let vocab = ModelImage::open(&image).unwrap().config().vocab_size as usize;
     let tokens: Vec<u32> = (0..100u32).map(|i| (i * 7919 + 13) % vocab as u32).collect();
-    let (batched, single) = (logits(&image, &tokens, 32, KvMode::F32), logits(&image, &tokens, 1, KvMode::F32));
-    let kl = mean_kl(&batched, &single, vocab);
-    let kept =
-        batched.chunks_exact(vocab).zip(single.chunks_exact(vocab)).filter(|(b, s)| argmax(b) == argmax(s)).count();
-    eprintln!("SmolLM2, batches of 32: mean KL {kl:.2e}; top token kept at {kept}/100");
-    assert!(kl <= SMOLLM2_BATCHED_F32_KL, "SmolLM2: batches of 32 against single tokens: mean KL {kl}");
-    assert!(kept >= SMOLLM2_BATCHED_F32_TOP_KEPT, "SmolLM2: batches of 32 keep the top token at {kept}/100");
+    for kv in [KvMode::F32, KvMode::F16] {
+        let (batched, single) = (logits(&image, &tokens, 32, kv), logits(&image, &tokens, 1, kv));
+        let kl = mean_kl(&batched, &single, vocab);
+        let kept =
+            batched.chunks_exact(vocab).zip(single.chunks_exact(vocab)).filter(|(b, s)| argmax(b) == argmax(s)).count();
+        eprintln!("SmolLM2, {kv}, batches of 32: mean KL {kl:.2e}; top token kept at {kept}/100");
+        assert!(kl <= SMOLLM2_BATCHED_KL, "SmolLM2, {kv}: batches of 32 against single tokens: mean KL {kl}");
+        assert!(kept >= SMOLLM2_BATCHED_TOP_KEPT, "SmolLM2, {kv}: batches of 32 keep the top token at {kept}/100");
+    }
 }
 
 #[test]

@@ -35,8 +35,9 @@
 //! (`fcvtl` on NEON, part of ARMv8.0: no fp16 arithmetic is needed) and the
 //! sums are f32, so the only error against the f32 cache is the rounding of
 //! what was stored. On NEON a key (value) is widened once for up to
-//! [`HALF_HEADS`] query heads, whose sums stay in registers. `round_to_f16`
-//! is what writes a position into that cache: f32 to f16, rounding to
+//! [`HALF_HEADS`] query heads, whose sums stay in registers; a prompt
+//! batch's `causal_f16` is the f32 cache's causal tile, widening as it loads.
+//! `round_to_f16` is what writes a position into that cache: f32 to f16, rounding to
 //! nearest, ties to even.
 //!
 //! `causal` is a prompt's attention over the f32 cache for one KV head:
@@ -254,6 +255,34 @@ pub mod scalar {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
+        causal_with(shape, queries, keys, values, scratch, out, scores, self::values);
+    }
+
+    /// As [`causal`] over the f16 cache: [`scores_f16`] and [`values_f16`], each
+    /// cached value widened to f32 (exactly) before its product.
+    pub fn causal_f16(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[f16],
+        values: &[f16],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        causal_with(shape, queries, keys, values, scratch, out, scores_f16, values_f16);
+    }
+
+    /// [`causal`] with the per-query kernels of the cache's element type.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_with<T>(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[T],
+        values: &[T],
+        scratch: &mut [f32],
+        out: &mut [f32],
+        scores: fn(&[f32], usize, &CachedVectors<T>, f32, &mut [f32]),
+        weighted: fn(&[f32], &CachedVectors<T>, usize, &mut [f32]),
+    ) {
         super::check_causal(shape, queries.len(), keys.len(), values.len(), scratch.len(), out.len());
         let head_dim = shape.head_dim;
         for token in 0..shape.tokens {
@@ -265,7 +294,7 @@ pub mod scalar {
                 scores(&queries[at..at + head_dim], head_dim, &keys, shape.scale, row);
                 crate::kernels::ops::scalar::softmax(row);
                 let values = CachedVectors { data: values, stride: shape.stride, positions: seen };
-                self::values(row, &values, head_dim, &mut out[at..at + head_dim]);
+                weighted(row, &values, head_dim, &mut out[at..at + head_dim]);
             }
         }
     }
@@ -1043,6 +1072,66 @@ pub mod neon {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
+        causal_over(shape, queries, keys, values, scratch, out);
+    }
+
+    /// As [`super::scalar::causal_f16`]: [`causal`]'s tiles over the f16
+    /// cache, each cached key and value widened (`fcvtl`) as it is loaded.
+    pub fn causal_f16(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[f16],
+        values: &[f16],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        causal_over(shape, queries, keys, values, scratch, out);
+    }
+
+    /// What the causal tiles read from the cache: f32, or f16 widened as it is loaded.
+    trait Cached: Copy {
+        /// Four values from `at`, as f32.
+        ///
+        /// # Safety
+        /// `at` must be valid for reading four values.
+        unsafe fn four(at: *const Self) -> float32x4_t;
+        /// One value as f32.
+        fn one(self) -> f32;
+    }
+
+    impl Cached for f32 {
+        #[inline(always)]
+        unsafe fn four(at: *const f32) -> float32x4_t {
+            // SAFETY: the caller's promise.
+            unsafe { vld1q_f32(at) }
+        }
+        #[inline(always)]
+        fn one(self) -> f32 {
+            self
+        }
+    }
+
+    impl Cached for f16 {
+        #[inline(always)]
+        unsafe fn four(at: *const f16) -> float32x4_t {
+            // SAFETY: the caller's promise.
+            unsafe { widen_four(at) }
+        }
+        #[inline(always)]
+        fn one(self) -> f32 {
+            to_f32(self)
+        }
+    }
+
+    /// [`causal`] over a cache of `T`.
+    fn causal_over<T: Cached>(
+        shape: &super::Causal,
+        queries: &[f32],
+        keys: &[T],
+        values: &[T],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
         super::check_causal(shape, queries.len(), keys.len(), values.len(), scratch.len(), out.len());
         let rows = shape.tokens * shape.heads;
         let mut start = 0;
@@ -1052,9 +1141,9 @@ pub mod neon {
             // and rows `start .. start + count` are rows of the batch.
             unsafe {
                 match count.div_ceil(4) {
-                    1 => causal_tile::<1>(shape, start, count, queries, keys, values, scratch, out),
-                    2 => causal_tile::<2>(shape, start, count, queries, keys, values, scratch, out),
-                    _ => causal_tile::<3>(shape, start, count, queries, keys, values, scratch, out),
+                    1 => causal_tile::<T, 1>(shape, start, count, queries, keys, values, scratch, out),
+                    2 => causal_tile::<T, 2>(shape, start, count, queries, keys, values, scratch, out),
+                    _ => causal_tile::<T, 3>(shape, start, count, queries, keys, values, scratch, out),
                 }
             }
             start += count;
@@ -1071,13 +1160,13 @@ pub mod neon {
     #[allow(clippy::too_many_arguments)]
     #[inline(never)]
     #[target_feature(enable = "neon")]
-    unsafe fn causal_tile<const V: usize>(
+    unsafe fn causal_tile<T: Cached, const V: usize>(
         shape: &super::Causal,
         start: usize,
         count: usize,
         queries: &[f32],
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
@@ -1140,9 +1229,9 @@ pub mod neon {
         // `seen·lanes` values and `transposed` the tile's `chunks` chunks.
         let maxima = unsafe {
             match V {
-                3 => score_pass::<V, 4>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
-                2 => score_pass::<V, 6>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
-                _ => score_pass::<V, 8>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
+                3 => score_pass::<T, V, 4>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
+                2 => score_pass::<T, V, 6>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
+                _ => score_pass::<T, V, 8>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
             }
         };
 
@@ -1170,16 +1259,16 @@ pub mod neon {
         // `head_dim` outputs in `out` (checked); `scores` holds `seen·lanes` weights.
         let channel = unsafe {
             match V {
-                3 => value_pass::<V, 2>(scores, values, stride, head_dim, &rows, out),
-                2 => value_pass::<V, 3>(scores, values, stride, head_dim, &rows, out),
-                _ => value_pass::<V, 6>(scores, values, stride, head_dim, &rows, out),
+                3 => value_pass::<T, V, 2>(scores, values, stride, head_dim, &rows, out),
+                2 => value_pass::<T, V, 3>(scores, values, stride, head_dim, &rows, out),
+                _ => value_pass::<T, V, 6>(scores, values, stride, head_dim, &rows, out),
             }
         };
         for channel in channel..head_dim {
             for m in 0..count {
                 let mut sum = 0f32;
                 for (position, weights) in scores.chunks_exact(lanes).enumerate() {
-                    sum += weights[m] * values[position * stride + channel];
+                    sum += weights[m] * values[position * stride + channel].one();
                 }
                 out[at[m] + channel] = sum * inverse[m];
             }
@@ -1201,9 +1290,9 @@ pub mod neon {
     /// position `weights` holds (`4·V` a position); each row's `head_dim`
     /// outputs lie inside `out` from `rows.at`.
     #[inline(always)]
-    unsafe fn value_pass<const V: usize, const W: usize>(
+    unsafe fn value_pass<T: Cached, const V: usize, const W: usize>(
         weights: &[f32],
-        values: &[f32],
+        values: &[T],
         stride: usize,
         head_dim: usize,
         rows: &Rows,
@@ -1213,7 +1302,7 @@ pub mod neon {
         let mut channel = 0;
         while channel + 4 * W <= head_dim {
             // SAFETY: channels `channel .. channel + 4·W ≤ head_dim`, positions below `seen` (the caller's promise).
-            let sums = unsafe { value_block::<V, W>(weights, values, seen, stride, channel) };
+            let sums = unsafe { value_block::<T, V, W>(weights, values, seen, stride, channel) };
             for (m, sum) in sums.iter().enumerate().take(rows.count) {
                 for (i, piece) in sum.iter().enumerate() {
                     // SAFETY: the row's channels `channel + 4i .. + 4 ≤ head_dim` lie inside `out`.
@@ -1227,7 +1316,7 @@ pub mod neon {
         }
         while channel + 4 <= head_dim {
             // SAFETY: channels `channel .. channel + 4 ≤ head_dim`, positions below `seen`.
-            let sums = unsafe { value_block::<V, 1>(weights, values, seen, stride, channel) };
+            let sums = unsafe { value_block::<T, V, 1>(weights, values, seen, stride, channel) };
             for (m, sum) in sums.iter().enumerate().take(rows.count) {
                 // SAFETY: the row's channels `channel .. channel + 4 ≤ head_dim` lie inside `out`.
                 unsafe { vst1q_f32(out.as_mut_ptr().add(rows.at[m] + channel), vmulq_n_f32(sum[0], rows.inverse[m])) };
@@ -1271,9 +1360,9 @@ pub mod neon {
     /// As [`score_block`] for every position below `scores.len() / (4·V)`.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn score_pass<const V: usize, const K: usize>(
+    unsafe fn score_pass<T: Cached, const V: usize, const K: usize>(
         transposed: &[f32],
-        keys: &[f32],
+        keys: &[T],
         stride: usize,
         head_dim: usize,
         factor: f32,
@@ -1292,9 +1381,9 @@ pub mod neon {
             // SAFETY: positions `t .. t + block ≤ seen` are in the cache (the caller's promise).
             let sums: [[float32x4_t; V]; K] = unsafe {
                 if block == K {
-                    score_block::<V, K>(transposed, keys, t, stride, head_dim)
+                    score_block::<T, V, K>(transposed, keys, t, stride, head_dim)
                 } else {
-                    let one = score_block::<V, 1>(transposed, keys, t, stride, head_dim);
+                    let one = score_block::<T, V, 1>(transposed, keys, t, stride, head_dim);
                     [one[0]; K]
                 }
             };
@@ -1328,9 +1417,9 @@ pub mod neon {
     /// Positions `first .. first + K` are in `keys` (`t·stride + head_dim ≤
     /// keys.len()`); `transposed` holds `head_dim.div_ceil(4)` chunks of `16·V`.
     #[inline(always)]
-    unsafe fn score_block<const V: usize, const K: usize>(
+    unsafe fn score_block<T: Cached, const V: usize, const K: usize>(
         transposed: &[f32],
-        keys: &[f32],
+        keys: &[T],
         first: usize,
         stride: usize,
         head_dim: usize,
@@ -1338,7 +1427,7 @@ pub mod neon {
         let mut sums = [[vdupq_n_f32(0.0); V]; K];
         let full = head_dim / 4;
         // SAFETY: as the caller promises.
-        let key: [*const f32; K] = std::array::from_fn(|k| unsafe { keys.as_ptr().add((first + k) * stride) });
+        let key: [*const T; K] = std::array::from_fn(|k| unsafe { keys.as_ptr().add((first + k) * stride) });
         let mut q = transposed.as_ptr();
         // Chunk `c`: the transposed queries' 16·V values at `q`, each key's channels `4c .. 4c + 4`.
         let chunk = |sums: &mut [[float32x4_t; V]; K], q: *const f32, c: usize| {
@@ -1346,7 +1435,7 @@ pub mod neon {
             unsafe {
                 let pieces: [float32x4x4_t; V] = std::array::from_fn(|v| vld1q_f32_x4(q.add(16 * v)));
                 for k in 0..K {
-                    let piece = vld1q_f32(key[k].add(4 * c));
+                    let piece = T::four(key[k].add(4 * c));
                     for (sum, p) in sums[k].iter_mut().zip(&pieces) {
                         // Channel l of the key times channel l of every row.
                         *sum = vfmaq_laneq_f32::<0>(*sum, p.0, piece);
@@ -1375,7 +1464,7 @@ pub mod neon {
                 for k in 0..K {
                     let mut padded = [0f32; 4];
                     for (l, p) in padded.iter_mut().enumerate().take(head_dim - 4 * full) {
-                        *p = *key[k].add(4 * full + l);
+                        *p = (*key[k].add(4 * full + l)).one();
                     }
                     let piece = vld1q_f32(padded.as_ptr());
                     for (sum, p) in sums[k].iter_mut().zip(&pieces) {
@@ -1399,20 +1488,20 @@ pub mod neon {
     /// `values` (`t·stride + channel + 4·W ≤ values.len()`); `weights` holds
     /// `seen·4·V` values.
     #[inline(always)]
-    unsafe fn value_block<const V: usize, const W: usize>(
+    unsafe fn value_block<T: Cached, const V: usize, const W: usize>(
         weights: &[f32],
-        values: &[f32],
+        values: &[T],
         seen: usize,
         stride: usize,
         channel: usize,
     ) -> [[float32x4_t; W]; TILE_ROWS] {
         let mut sums = [[vdupq_n_f32(0.0); W]; TILE_ROWS];
         // One position: its weights (a lane a row) times its values.
-        let step = |sums: &mut [[float32x4_t; W]; TILE_ROWS], w: *const f32, value: *const f32| {
+        let step = |sums: &mut [[float32x4_t; W]; TILE_ROWS], w: *const f32, value: *const T| {
             // SAFETY: as the caller promises: this position's 4·V weights and 4·W values.
             unsafe {
                 let lanes: [float32x4_t; V] = std::array::from_fn(|v| vld1q_f32(w.add(4 * v)));
-                let piece: [float32x4_t; W] = std::array::from_fn(|i| vld1q_f32(value.add(4 * i)));
+                let piece: [float32x4_t; W] = std::array::from_fn(|i| T::four(value.add(4 * i)));
                 for (v, weight) in lanes.iter().enumerate() {
                     for (i, p) in piece.iter().enumerate() {
                         sums[4 * v][i] = vfmaq_laneq_f32::<0>(sums[4 * v][i], *p, *weight);

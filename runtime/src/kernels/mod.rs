@@ -56,6 +56,8 @@ pub type AttentionValuesF16 = fn(&[f32], &attention::CachedVectors<f16>, usize, 
 /// Causal attention of a batch of tokens' query heads that share a KV head, over the f32 cache:
 /// `(shape, queries, keys, values, scratch, out)` ([`attention::Causal`]).
 pub type AttentionCausal = fn(&attention::Causal, &[f32], &[f32], &[f32], &mut [f32], &mut [f32]);
+/// As [`AttentionCausal`] over the f16 cache.
+pub type AttentionCausalF16 = fn(&attention::Causal, &[f32], &[f16], &[f16], &mut [f32], &mut [f32]);
 /// The bias constraint on one hidden state: `(h, r, d, w, centre)`, `p = h · r`,
 /// `h ← h − w (p − centre) d`; returns `p`.
 pub type ProjectOut = fn(h: &mut [f32], r: &[f32], d: &[f32], w: f32, centre: f32) -> f32;
@@ -148,6 +150,8 @@ pub struct Kernels {
     pub attention_values_q4: AttentionValuesQuantized,
     /// A prompt batch's causal attention over the f32 cache, a KV head at a time.
     pub attention_causal: AttentionCausal,
+    /// A prompt batch's causal attention over the f16 cache, a KV head at a time.
+    pub attention_causal_f16: AttentionCausalF16,
     /// Attention scores over f16 keys.
     pub attention_scores_f16: AttentionScoresF16,
     /// Attention-weighted f16 values.
@@ -209,6 +213,7 @@ impl Kernels {
         attention_values_q8: attention::scalar::values_q8,
         attention_values_q4: attention::scalar::values_q4,
         attention_causal: attention::scalar::causal,
+        attention_causal_f16: attention::scalar::causal_f16,
         attention_scores_f16: attention::scalar::scores_f16,
         attention_values_f16: attention::scalar::values_f16,
         round_to_f16: attention::scalar::round_to_f16,
@@ -264,6 +269,7 @@ impl Kernels {
         attention_values_q8: attention::neon::values_q8,
         attention_values_q4: attention::neon::values_q4,
         attention_causal: attention::neon::causal,
+        attention_causal_f16: attention::neon::causal_f16,
         attention_scores_f16: attention::neon::scores_f16,
         attention_values_f16: attention::neon::values_f16,
         round_to_f16: attention::neon::round_to_f16,

@@ -736,16 +736,19 @@ const CAUSAL_HEAD_DIMS: [usize; 7] = [64, 48, 40, 12, 6, 3, 131];
 
 /// A causal attention problem: queries of `tokens` tokens × `heads` heads
 /// (token stride `query_stride`, with a gap), the cache of `first + tokens`
-/// positions (stride `stride`, with a gap).
+/// positions (stride `stride`, with a gap), in f32 or, when `half`, in f16
+/// (`keys` and `values` then hold the f16 values widened, exactly).
 struct CausalCase {
     shape: super::attention::Causal,
     queries: Vec<f32>,
     keys: Vec<f32>,
     values: Vec<f32>,
+    half: bool,
 }
 
 impl CausalCase {
-    fn new(tokens: usize, heads: usize, head_dim: usize, first: usize, spread: f32, seed: u32) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    fn new(tokens: usize, heads: usize, head_dim: usize, first: usize, spread: f32, seed: u32, half: bool) -> Self {
         let query_stride = heads * head_dim * 2 + 3;
         let stride = head_dim * 3 + 4;
         let positions = first + tokens;
@@ -760,7 +763,15 @@ impl CausalCase {
         };
         let queries = data((tokens - 1) * query_stride + heads * head_dim, seed).iter().map(|v| v * spread).collect();
         let cache = (positions - 1) * stride + head_dim;
-        CausalCase { shape, queries, keys: data(cache, seed + 1), values: data(cache, seed + 2) }
+        let stored = |seed| -> Vec<f32> {
+            let values = data(cache, seed);
+            if half {
+                values.iter().map(|&v| f16::from_f32(v).to_f32()).collect()
+            } else {
+                values
+            }
+        };
+        CausalCase { shape, queries, keys: stored(seed + 1), values: stored(seed + 2), half }
     }
 
     /// The outputs of `k` (NaN where the layout has gaps), with the scratch
@@ -772,7 +783,12 @@ impl CausalCase {
         let mut scratch = vec![f32::NAN; needed + 16];
         scratch[needed..].fill(-9.0);
         let mut out = vec![f32::NAN; self.queries.len()];
-        (k.attention_causal)(s, &self.queries, &self.keys, &self.values, &mut scratch[..needed], &mut out);
+        if self.half {
+            let (keys, values) = (f16s(&self.keys), f16s(&self.values));
+            (k.attention_causal_f16)(s, &self.queries, &keys, &values, &mut scratch[..needed], &mut out);
+        } else {
+            (k.attention_causal)(s, &self.queries, &self.keys, &self.values, &mut scratch[..needed], &mut out);
+        }
         assert!(scratch[needed..].iter().all(|&v| v == -9.0), "{}: wrote past the scratch", k.name);
         out
     }
@@ -807,6 +823,22 @@ impl CausalCase {
 /// the positions a tile reads end at every remainder of its blocks of four.
 #[test]
 fn causal_attention_matches_the_reference_and_f64() {
+    check_causal_attention(false);
+}
+
+/// As [`causal_attention_matches_the_reference_and_f64`] over the f16 cache
+/// (`attention_causal_f16`), against f64 on the same f16 values.
+#[test]
+fn causal_f16_attention_matches_the_reference_and_f64() {
+    check_causal_attention(true);
+}
+
+/// The values as f16 (exact for values that came from f16).
+fn f16s(values: &[f32]) -> Vec<f16> {
+    values.iter().map(|&v| f16::from_f32(v)).collect()
+}
+
+fn check_causal_attention(half: bool) {
     use super::attention::TILE_ROWS;
     // The largest error seen as a share of its bound, per table (the reference: against f64).
     let mut worst = vec![0f32; Kernels::all_available().len()];
@@ -816,9 +848,11 @@ fn causal_attention_matches_the_reference_and_f64() {
             for tokens in 1..=most_tokens {
                 for first in [0, 1, 2, 3, 6, 37] {
                     for spread in [1.0, 6.0] {
-                        let label =
-                            format!("head_dim {head_dim} heads {heads} tokens {tokens} first {first} spread {spread}");
-                        let case = CausalCase::new(tokens, heads, head_dim, first, spread, (head_dim + tokens) as u32);
+                        let label = format!(
+                            "half {half} head_dim {head_dim} heads {heads} tokens {tokens} first {first} spread {spread}"
+                        );
+                        let seed = (head_dim + tokens) as u32;
+                        let case = CausalCase::new(tokens, heads, head_dim, first, spread, seed, half);
                         let expected = case.run(&Kernels::SCALAR);
                         let s = &case.shape;
                         let exact: Vec<Vec<(f64, f32)>> =

@@ -18,9 +18,10 @@
 use super::{Attention, LayerSlots, Shape, Sizes};
 use crate::buffers::filled;
 use crate::error::Result;
-use crate::kernels::attention::CachedVectors;
+use crate::kernels::attention::{CachedVectors, Causal};
 use crate::kernels::Kernels;
 use half::f16;
+use std::ops::Range;
 
 /// Keys and values of every position in f16. Shapes in comments.
 pub(super) struct Half {
@@ -85,5 +86,19 @@ impl Half {
         }
         let values = CachedVectors { data: &self.values[span], stride: kv_dim, positions };
         (kernels.attention_values_f16)(scores, &values, head_dim, out);
+    }
+
+    /// [`super::KvCache::attend_batch`]'s causal tiles over `span` of the
+    /// keys and values (one KV head's positions from 0, `shape.stride` apart).
+    pub(super) fn attend_batch(
+        &self,
+        kernels: &Kernels,
+        shape: &Causal,
+        span: Range<usize>,
+        queries: &[f32],
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        (kernels.attention_causal_f16)(shape, queries, &self.keys[span.clone()], &self.values[span], scratch, out);
     }
 }

@@ -182,6 +182,8 @@ const ORDER_TOLERANCE: f32 = 1e-5;
 /// other way, moving by one step of the mode (f16: 2⁻¹¹ of itself; q8: 1/255
 /// of its group's range; q4: 1/15). A bound of about that share of the logits
 /// (up to 3.4); measured 1.5e-5 (f16), 2.1e-6 (q8), 1.6e-6 (q4) when written.
+/// The f16 cache's prompt batches against a token at a time, for the same
+/// reason (its causal tiles): measured 1.1e-5 on the NEON tables.
 /// The caches themselves are held to the order tolerance on identical inputs
 /// (`kv::tests::a_ring_attends_exactly_as_the_full_history_masked_to_the_window`).
 fn rounded_order_tolerance(mode: KvMode) -> f32 {
@@ -259,14 +261,21 @@ fn every_kv_mode_rings_as_its_own_full_history_masked_and_batches_as_tokens() {
                 }
             }
             assert!(got[context - 1] != unwindowed[context - 1], "{name}: the window changed nothing");
-            // Prompt batches (7 tokens a forward, every position's logits) give the same.
+            // Prompt batches (7 tokens a forward, every position's logits) give the same: to the
+            // order tolerance where they run a token at a time or over the f32 cache; the f16
+            // cache's tiles sum in another order too, and the next layer's keys and values, which
+            // it rounds, may then round the other way (as its ring against its masked history).
+            let batch_tolerance = match mode {
+                KvMode::F16 => rounded_order_tolerance(mode),
+                _ => ORDER_TOLERANCE,
+            };
             let vocab = model.config.vocab_size as usize;
             let mut batched = model.try_new_state(context, 8).unwrap();
             for (i, chunk) in prompt.chunks(7).enumerate() {
                 let logits = model.forward(&mut batched, chunk, 7 * i, Logits::All).unwrap();
                 for (b, row) in logits.chunks_exact(vocab).enumerate() {
                     let difference = worst(row, &got[7 * i + b]);
-                    assert!(difference <= ORDER_TOLERANCE, "{name}, batched position {}: {difference}", 7 * i + b);
+                    assert!(difference <= batch_tolerance, "{name}, batched position {}: {difference}", 7 * i + b);
                 }
             }
         }
