@@ -15,7 +15,8 @@
 # for the greedy and followed runs, beside llama.cpp's build for the same
 # core (REFERENCE=.../greedy-spread/cortex-a72.json); no perplexity then.
 # The image goes to ~/.cache/bramble/extra-images/NAME.bramble (made once).
-# THREADS sets the perplexity's threads (2). Guest instructions per token are
+# BRAMBLE_ARGS adds options to every Bramble run (e.g. "--kv f16", the KV
+# cache llama.cpp keeps by default). THREADS sets the perplexity's threads (2). Guest instructions per token are
 # scripts/insn-count.sh IMAGE beside scripts/peer-insn-count.sh GGUF.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,15 +39,17 @@ if [ -n "${QEMU_CPU:-}" ]; then
     EXTRA_SKIP_PPL=1
 fi
 
-python3 - "$image" "$greedy" "${runner[@]}" <<'PY'
+read -r -a extra <<<"${BRAMBLE_ARGS:-}"
+python3 - "$image" "$greedy" "${#extra[@]}" "${extra[@]}" "${runner[@]}" <<'PY'
 import json, subprocess, sys
-image, reference = sys.argv[1:3]
-bramble = sys.argv[3:]
+image, reference, n_extra = sys.argv[1], sys.argv[2], int(sys.argv[3])
+extra = sys.argv[4:4 + n_extra]
+bramble = sys.argv[4 + n_extra:]
 same = 0
 cases = json.load(open(reference))
 for case in cases:
     out = subprocess.run(bramble + ["generate", "--model", image, "--prompt", case["prompt"], "--max-tokens",
-                          str(len(case["ids"])), "--temperature", "0", "--ctx", "256", "--threads", "1", "--json"],
+                          str(len(case["ids"])), "--temperature", "0", "--ctx", "256", "--threads", "1", "--json"] + extra,
                          check=True, capture_output=True, text=True).stdout
     ours = json.loads(out.splitlines()[0])["tokens"]
     theirs = case["ids"]
@@ -62,7 +65,7 @@ print(f"greedy: {same} of {len(cases)} prompts give llama.cpp's 16 tokens")
 agree, steps, misses = 0, 0, []
 for n, case in enumerate(cases, 1):
     out = subprocess.run(bramble + ["generate", "--model", image, "--prompt", case["prompt"], "--follow",
-                          ",".join(map(str, case["ids"])), "--ctx", "256", "--threads", "1", "--json"],
+                          ",".join(map(str, case["ids"])), "--ctx", "256", "--threads", "1", "--json"] + extra,
                          check=True, capture_output=True, text=True).stdout
     followed = json.loads(out.splitlines()[0])
     agree += followed["agree"]
@@ -74,7 +77,7 @@ print(f"followed: llama.cpp's token is Bramble's greedy choice at {agree} of {st
 PY
 
 if [ "${EXTRA_SKIP_PPL:-0}" != 1 ]; then
-    ours=$("$bramble" perplexity --model "$image" --file "$tempest" --ctx 256 --threads "${THREADS:-2}" --json |
+    ours=$("$bramble" perplexity --model "$image" --file "$tempest" --ctx 256 --threads "${THREADS:-2}" --json "${extra[@]}" |
         python3 -c 'import json, sys; print(json.loads(sys.stdin.readline())["perplexity"])')
     theirs=$(grep -o 'perplexity [0-9.]*' "$reference/perplexity.txt" | head -1 | cut -d' ' -f2)
     python3 -c "import sys; o, t = float(sys.argv[1]), float(sys.argv[2]); print(f'perplexity: {o:.4f} (llama.cpp {t:.4f}, {100 * (o / t - 1):+.2f} %)')" "$ours" "$theirs"
