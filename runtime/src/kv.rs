@@ -854,8 +854,16 @@ impl KvCache {
             }
         );
         let (kv_dim, head_dim) = (self.shape.kv_dim(), self.shape.head_dim);
-        let shape =
-            Causal { tokens, heads: self.shape.heads_per_kv, head_dim, first, query_stride, stride: kv_dim, scale };
+        let shape = Causal {
+            tokens,
+            heads: self.shape.heads_per_kv,
+            head_dim,
+            first,
+            query_stride,
+            stride: kv_dim,
+            scale,
+            window: 0,
+        };
         // Position t of this head at t·kv_dim from the layer's start (a ring's too: t < window).
         let start = at.first_slot * kv_dim + kv_head * head_dim;
         let span = start..start + (first + tokens - 1) * kv_dim + head_dim;

@@ -42,7 +42,8 @@
 //!
 //! `causal` is a prompt's attention over the f32 cache for one KV head:
 //! every query head of every token of a batch that shares it ([`Causal`]),
-//! token `i` seeing positions `0 ..= first + i`. The NEON version takes the
+//! token `i` seeing positions `0 ..= first + i` (with a sliding window, only
+//! the last `window` of them). The NEON version takes the
 //! queries [`TILE_ROWS`] at a time (rows token-major, head-minor, across
 //! token boundaries) and streams each cached key and value past the whole
 //! tile once; the reference runs each query through `scores`, softmax and
@@ -70,8 +71,9 @@ pub const TILE_ROWS: usize = 12;
 /// tokens at positions `first ..`, each with `heads` query heads of
 /// `head_dim` values that share one KV head; token `i`'s head `h` is at
 /// `i·query_stride + h·head_dim` of the queries (and of the output), and
-/// sees the cached positions `0 ..= first + i`, position `t` at `t·stride`
-/// of the keys (and of the values).
+/// sees the cached positions `0 ..= first + i` (with a `window`, only the
+/// last `window` of them: from `first + i + 1 − window`), position `t` at
+/// `t·stride` of the keys (and of the values).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Causal {
     /// Tokens of the batch.
@@ -88,9 +90,20 @@ pub struct Causal {
     pub stride: usize,
     /// The factor on every score (`1/√head_dim`).
     pub scale: f32,
+    /// Positions a token sees, itself included (a sliding-window layer's
+    /// window); 0: every position from 0.
+    pub window: usize,
 }
 
 impl Causal {
+    /// The first position token `token` of the batch sees.
+    pub fn lowest_seen(&self, token: usize) -> usize {
+        match self.window {
+            0 => 0,
+            window => (self.first + token + 1).saturating_sub(window),
+        }
+    }
+
     /// Scratch values any table's `causal` needs for batches that end at or
     /// before position `positions` with heads of `head_dim` (a tile's scores,
     /// `TILE_ROWS × positions`, and its queries transposed, `TILE_ROWS ×
@@ -286,7 +299,10 @@ pub mod scalar {
         super::check_causal(shape, queries.len(), keys.len(), values.len(), scratch.len(), out.len());
         let head_dim = shape.head_dim;
         for token in 0..shape.tokens {
-            let seen = shape.first + token + 1;
+            // Positions `lowest ..= first + token`, read from the `lowest`th on.
+            let lowest = shape.lowest_seen(token);
+            let seen = shape.first + token + 1 - lowest;
+            let (keys, values) = (&keys[lowest * shape.stride..], &values[lowest * shape.stride..]);
             for head in 0..shape.heads {
                 let at = token * shape.query_stride + head * head_dim;
                 let row = &mut scratch[..seen];
@@ -1173,19 +1189,27 @@ pub mod neon {
         let (head_dim, heads, stride) = (shape.head_dim, shape.heads, shape.stride);
         let lanes = 4 * V;
         let (full, chunks) = (head_dim / 4, head_dim.div_ceil(4));
+        // The tile reads positions from the first its first token sees (`begin`,
+        // 0 without a window), counted from there: the keys and values from
+        // `begin`, and each lane's row's first and last position relative to it.
+        let begin = shape.lowest_seen(start / heads);
+        let (keys, values) = (&keys[begin * stride..], &values[begin * stride..]);
         // Each lane's row: where it is in the queries (and the output), and the
-        // last position its token sees (padding lanes: every position).
+        // first and last positions its token sees (padding lanes: every position).
         let mut at = [0usize; TILE_ROWS];
-        let mut last = [u32::MAX; TILE_ROWS];
+        let (mut lowest, mut last) = ([0u32; TILE_ROWS], [u32::MAX; TILE_ROWS]);
         for m in 0..lanes {
             let row = start + if m < count { m } else { 0 };
             at[m] = row / heads * shape.query_stride + row % heads * head_dim;
             if m < count {
-                last[m] = (shape.first + row / heads) as u32;
+                lowest[m] = (shape.lowest_seen(row / heads) - begin) as u32;
+                last[m] = (shape.first + row / heads - begin) as u32;
             }
         }
-        let seen = shape.first + (start + count - 1) / heads + 1;
-        let unmasked = shape.first + start / heads + 1;
+        let seen = shape.first + (start + count - 1) / heads + 1 - begin;
+        // Positions every row sees: from the last token's first to the first token's own.
+        let visible =
+            (shape.lowest_seen((start + count - 1) / heads) - begin)..(shape.first + start / heads + 1 - begin);
         let (transposed, scores) = scratch.split_at_mut(chunks * 4 * lanes);
         let scores = &mut scores[..seen * lanes];
 
@@ -1225,13 +1249,40 @@ pub mod neon {
         // here, but tests/emulated-greedy.sh's prompt reaches a near-tie, two logits 0.18 apart on the
         // host, that the emulated run then breaks the other way.)
         let factor = shape.scale * std::f32::consts::LOG2_E;
-        // SAFETY: positions below `seen ≤ first + tokens` are in the cache (checked); `scores` holds
+        // SAFETY: positions `begin .. begin + seen ≤ first + tokens` are in the cache (checked); `scores` holds
         // `seen·lanes` values and `transposed` the tile's `chunks` chunks.
         let maxima = unsafe {
             match V {
-                3 => score_pass::<T, V, 4>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
-                2 => score_pass::<T, V, 6>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
-                _ => score_pass::<T, V, 8>(transposed, keys, stride, head_dim, factor, unmasked, &last, scores),
+                3 => score_pass::<T, V, 4>(
+                    transposed,
+                    keys,
+                    stride,
+                    head_dim,
+                    factor,
+                    &visible,
+                    [&lowest, &last],
+                    scores,
+                ),
+                2 => score_pass::<T, V, 6>(
+                    transposed,
+                    keys,
+                    stride,
+                    head_dim,
+                    factor,
+                    &visible,
+                    [&lowest, &last],
+                    scores,
+                ),
+                _ => score_pass::<T, V, 8>(
+                    transposed,
+                    keys,
+                    stride,
+                    head_dim,
+                    factor,
+                    &visible,
+                    [&lowest, &last],
+                    scores,
+                ),
             }
         };
 
@@ -1255,7 +1306,7 @@ pub mod neon {
 
         // 4. Values: as many channels at a time as the registers hold beside the tile, then four, then one.
         let rows = Rows { at: &at, inverse: &inverse, count };
-        // SAFETY: positions below `seen ≤ first + tokens` are in the cache and every row's
+        // SAFETY: positions `begin .. begin + seen ≤ first + tokens` are in the cache and every row's
         // `head_dim` outputs in `out` (checked); `scores` holds `seen·lanes` weights.
         let channel = unsafe {
             match V {
@@ -1352,9 +1403,10 @@ pub mod neon {
     }
 
     /// A tile's scores times `factor` at every position `scores` has room for
-    /// (`4·V` a position), `K` positions a block, then one: positions from `unmasked`
-    /// on score −∞ in the lanes whose row's last position (`last`) is before
-    /// them. Returns each row's maximum (a lane a row).
+    /// (`4·V` a position), `K` positions a block, then one: positions outside
+    /// `visible` score −∞ in the lanes whose row's first position (`lowest`)
+    /// is after them or whose last (`last`) is before them. Returns each row's
+    /// maximum (a lane a row).
     ///
     /// # Safety
     /// As [`score_block`] for every position below `scores.len() / (4·V)`.
@@ -1366,14 +1418,16 @@ pub mod neon {
         stride: usize,
         head_dim: usize,
         factor: f32,
-        unmasked: usize,
-        last: &[u32; TILE_ROWS],
+        visible: &std::ops::Range<usize>,
+        [lowest, last]: [&[u32; TILE_ROWS]; 2],
         scores: &mut [f32],
     ) -> [float32x4_t; V] {
         let lanes = 4 * V;
         let seen = scores.len() / lanes;
-        // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS = last.len()`.
+        // SAFETY: `4v + 4 ≤ lanes ≤ TILE_ROWS = last.len() = lowest.len()`.
         let limits: [uint32x4_t; V] = std::array::from_fn(|v| unsafe { vld1q_u32(last.as_ptr().add(4 * v)) });
+        // SAFETY: as above.
+        let floors: [uint32x4_t; V] = std::array::from_fn(|v| unsafe { vld1q_u32(lowest.as_ptr().add(4 * v)) });
         let mut maxima = [vdupq_n_f32(f32::NEG_INFINITY); V];
         let mut t = 0;
         while t < seen {
@@ -1392,11 +1446,18 @@ pub mod neon {
                     *s = vmulq_n_f32(*s, factor);
                 }
                 let position = t + k;
-                if position >= unmasked {
+                if position >= visible.end {
                     // Past what a row's token sees: −∞, weight 0.
                     let hidden = vdupq_n_u32(position as u32);
                     for (s, limit) in sum.iter_mut().zip(&limits) {
                         *s = vbslq_f32(vcgtq_u32(hidden, *limit), vdupq_n_f32(f32::NEG_INFINITY), *s);
+                    }
+                }
+                if position < visible.start {
+                    // Before a row's window: the same.
+                    let hidden = vdupq_n_u32(position as u32);
+                    for (s, floor) in sum.iter_mut().zip(&floors) {
+                        *s = vbslq_f32(vcltq_u32(hidden, *floor), vdupq_n_f32(f32::NEG_INFINITY), *s);
                     }
                 }
                 for (v, s) in sum.iter().enumerate() {

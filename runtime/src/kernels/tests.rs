@@ -731,6 +731,9 @@ fn attention_scores_match_the_reference_at_pruned_widths() {
 /// largest `scale·Σ|q·k|` of the row (a score's error moves every weight).
 const CAUSAL_RELATIVE: f32 = 2e-6;
 
+/// Sliding windows of the batched kernel's tests: none, a token itself only, and two shorter than a tile's span.
+const CAUSAL_WINDOWS: [usize; 4] = [0, 1, 5, 14];
+
 /// Head sizes around the batched kernel's runs of 8 and 4 channels and their tails (48 and 40: not multiples of 16).
 const CAUSAL_HEAD_DIMS: [usize; 7] = [64, 48, 40, 12, 6, 3, 131];
 
@@ -748,7 +751,16 @@ struct CausalCase {
 
 impl CausalCase {
     #[allow(clippy::too_many_arguments)]
-    fn new(tokens: usize, heads: usize, head_dim: usize, first: usize, spread: f32, seed: u32, half: bool) -> Self {
+    fn new(
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        first: usize,
+        window: usize,
+        spread: f32,
+        seed: u32,
+        half: bool,
+    ) -> Self {
         let query_stride = heads * head_dim * 2 + 3;
         let stride = head_dim * 3 + 4;
         let positions = first + tokens;
@@ -760,6 +772,7 @@ impl CausalCase {
             query_stride,
             stride,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
         };
         let queries = data((tokens - 1) * query_stride + heads * head_dim, seed).iter().map(|v| v * spread).collect();
         let cache = (positions - 1) * stride + head_dim;
@@ -797,19 +810,20 @@ impl CausalCase {
     fn exact(&self, token: usize, head: usize) -> Vec<(f64, f32)> {
         let s = &self.shape;
         let query = &self.queries[token * s.query_stride + head * s.head_dim..][..s.head_dim];
-        let seen = s.first + token + 1;
+        let seen = s.lowest_seen(token)..s.first + token + 1;
         let key = |t: usize| &self.keys[t * s.stride..][..s.head_dim];
         let terms = |t: usize| query.iter().zip(key(t)).map(|(&q, &k)| s.scale as f64 * q as f64 * k as f64);
-        let scores: Vec<f64> = (0..seen).map(|t| terms(t).sum::<f64>()).collect();
-        let largest = (0..seen).map(|t| terms(t).map(f64::abs).sum::<f64>()).fold(0.0, f64::max);
+        let scores: Vec<f64> = seen.clone().map(|t| terms(t).sum::<f64>()).collect();
+        let largest = seen.clone().map(|t| terms(t).map(f64::abs).sum::<f64>()).fold(0.0, f64::max);
         let max = scores.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
         let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
         let total: f64 = weights.iter().sum();
         (0..s.head_dim)
             .map(|channel| {
                 let value = |t: usize| self.values[t * s.stride + channel] as f64;
-                let output = (0..seen).map(|t| weights[t] / total * value(t)).sum::<f64>();
-                let magnitude = (0..seen).map(|t| weights[t] / total * value(t).abs()).sum::<f64>();
+                let weighted = || seen.clone().zip(&weights);
+                let output = weighted().map(|(t, w)| w / total * value(t)).sum::<f64>();
+                let magnitude = weighted().map(|(t, w)| w / total * value(t).abs()).sum::<f64>();
                 (output, (magnitude * (1.0 + largest)) as f32)
             })
             .collect()
@@ -820,7 +834,9 @@ impl CausalCase {
 /// the reference against f64: heads of 64, 48, 40 and tails down to 3; one to
 /// four heads a KV head; batches from one token to more than a tile of rows
 /// plus every tail (rows cross tokens); first positions 0 and above, so that
-/// the positions a tile reads end at every remainder of its blocks of four.
+/// the positions a tile reads end at every remainder of its blocks of four;
+/// no window, and windows of 1 (a token sees itself only), 5 and 14 (shorter
+/// than what a tile's rows span, so that its tokens' first positions differ).
 #[test]
 fn causal_attention_matches_the_reference_and_f64() {
     check_causal_attention(false);
@@ -847,12 +863,13 @@ fn check_causal_attention(half: bool) {
             let most_tokens = (TILE_ROWS + 3) / heads + 2;
             for tokens in 1..=most_tokens {
                 for first in [0, 1, 2, 3, 6, 37] {
-                    for spread in [1.0, 6.0] {
+                    for (window, spread) in CAUSAL_WINDOWS.into_iter().flat_map(|w| [(w, 1.0), (w, 6.0)]) {
                         let label = format!(
-                            "half {half} head_dim {head_dim} heads {heads} tokens {tokens} first {first} spread {spread}"
+                            "half {half} head_dim {head_dim} heads {heads} tokens {tokens} first {first} \
+                             window {window} spread {spread}"
                         );
                         let seed = (head_dim + tokens) as u32;
-                        let case = CausalCase::new(tokens, heads, head_dim, first, spread, seed, half);
+                        let case = CausalCase::new(tokens, heads, head_dim, first, window, spread, seed, half);
                         let expected = case.run(&Kernels::SCALAR);
                         let s = &case.shape;
                         let exact: Vec<Vec<(f64, f32)>> =
