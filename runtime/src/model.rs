@@ -528,6 +528,7 @@ pub struct RunState {
     hb2: Vec<f32>, // FFN up (batch, ffn_dim)
     att: Vec<f32>, // attention scores of the heads sharing a KV head (heads_per_kv, context)
     att_tile: Vec<f32>, // a batch's attention tile: scores, queries (TILE_ROWS, context + head_dim); 0 for batch 1
+    att_window: Vec<f32>, // a batch over a ring: keys, then values (window − 1 + batch, kv_dim); 0 without rings
     logits: Vec<f32>, // (batch, vocab)
     scratch: Vec<f32>, // a batch's products, rows outermost (max(ffn_dim, vocab, …), batch)
     k: Vec<f32>,   // new keys, RoPE applied before they enter the cache (batch, kv_dim)
@@ -586,6 +587,7 @@ struct StateSizes {
     hb: BufferSize, // and hb2
     att: BufferSize,
     att_tile: BufferSize,
+    att_window: BufferSize,
     logits: BufferSize,
     scratch: BufferSize,
     k: BufferSize,          // and v
@@ -631,6 +633,13 @@ impl StateSizes {
                     BufferSize { what, len }
                 }
             },
+            att_window: {
+                let what = "batched attention staging over a ring (2 × (window − 1 + batch) × kv_dim)";
+                let overflow = format!("{what}: the size for batches of {batch} overflows");
+                let len = crate::kv::batch_staging_len(options.kv, options.layers, context, batch, kv_dim)
+                    .ok_or_else(|| Error::new(crate::error::ErrorKind::OutOfMemory, overflow))?;
+                BufferSize { what, len }
+            },
             logits: size("logits (batch × vocab_size)", &[batch, vocab])?,
             // Only batches of more than one token go through the scratch.
             scratch: size(
@@ -660,6 +669,7 @@ impl StateSizes {
             + 2 * self.hb.bytes::<f32>()
             + self.att.bytes::<f32>()
             + self.att_tile.bytes::<f32>()
+            + self.att_window.bytes::<f32>()
             + self.logits.bytes::<f32>()
             + self.scratch.bytes::<f32>()
             + 2 * self.k.bytes::<f32>()
@@ -746,6 +756,7 @@ impl RunState {
             hb2: sizes.hb.filled(0.0)?,
             att: sizes.att.filled(0.0)?,
             att_tile: sizes.att_tile.filled(0.0)?,
+            att_window: sizes.att_window.filled(0.0)?,
             logits: sizes.logits.filled(0.0)?,
             scratch: sizes.scratch.filled(0.0)?,
             k: sizes.k.filled(0.0)?,
@@ -879,6 +890,7 @@ impl RunState {
             &self.hb2,
             &self.att,
             &self.att_tile,
+            &self.att_window,
             &self.logits,
             &self.scratch,
             &self.k,
@@ -918,6 +930,7 @@ impl RunState {
             &mut self.hb2,
             &mut self.att,
             &mut self.att_tile,
+            &mut self.att_window,
             &mut self.logits,
             &mut self.scratch,
             &mut self.k,
@@ -1513,24 +1526,23 @@ impl<'a> Model<'a> {
             // query heads that share a key/value head go through the cache together.
             let scale = arch.attention_scale;
             let group = heads_per_kv * head_dim;
-            if n > 1 && s.kv.attends_in_batches(l, pos, n) {
-                // A prompt batch over the f32 or f16 cache (a sliding-window layer's within
-                // its first window): every key and value enters the cache, then each KV
-                // head's queries of the whole batch attend in tiles.
+            if n > 1 && s.kv.attends_in_batches(l) {
+                // A prompt batch over the f32 or f16 cache: every key and value enters the
+                // cache (and, over a ring past its first window, the staging, with what the
+                // batch's first token sees before it), then each KV head's queries of the
+                // whole batch attend in tiles.
                 for b in 0..n {
-                    let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);
-                    s.kv.append(k, l, pos + b, &s.k[new.clone()], &s.v[new]);
                 }
+                s.kv.append_batch(k, l, pos, &s.k[..n * kv_dim], &s.v[..n * kv_dim], &mut s.att_window);
                 for kv in 0..p.n_kv_heads as usize {
                     let heads = kv * group..(n - 1) * q_dim + (kv + 1) * group;
                     let (queries, out) = (&s.q[heads.clone()], &mut s.xb2[heads]);
-                    s.kv.attend_batch(k, l, kv, pos, n, queries, q_dim, scale, &mut s.att_tile, out);
+                    s.kv.attend_batch(k, l, kv, pos, n, queries, q_dim, scale, &s.att_window, &mut s.att_tile, out);
                 }
             } else {
-                // A token at a time (decode, quantized caches, pruned layers, a sliding
-                // window past its first): its key and value enter the cache, then it
-                // attends.
+                // A token at a time (decode, quantized caches, pruned layers): its key and
+                // value enter the cache, then it attends.
                 for b in 0..n {
                     let new = b * kv_dim..(b + 1) * kv_dim;
                     s.kv.observe_queries(l, pos + b, &s.q[b * q_dim..(b + 1) * q_dim]);

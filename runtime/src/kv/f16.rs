@@ -21,6 +21,7 @@ use crate::error::Result;
 use crate::kernels::attention::{CachedVectors, Causal};
 use crate::kernels::Kernels;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::ops::Range;
 
 /// Keys and values of every position in f16. Shapes in comments.
@@ -86,6 +87,12 @@ impl Half {
         }
         let values = CachedVectors { data: &self.values[span], stride: kv_dim, positions };
         (kernels.attention_values_f16)(scores, &values, head_dim, out);
+    }
+
+    /// The key and value of slot `slot` (counted over every layer), widened to f32.
+    pub(super) fn read_slot(&self, kv_dim: usize, slot: usize, key: &mut [f32], value: &mut [f32]) {
+        self.keys[slot * kv_dim..(slot + 1) * kv_dim].convert_to_f32_slice(key);
+        self.values[slot * kv_dim..(slot + 1) * kv_dim].convert_to_f32_slice(value);
     }
 
     /// [`super::KvCache::attend_batch`]'s causal tiles over `span` of the
