@@ -1073,9 +1073,10 @@ pub mod neon {
     /// 2. scores times `scale·log₂e` (base 2): four cached keys at a time, each key's
     ///    four-channel piece multiplied by lane into the rows' vectors (`fmla`
     ///    by element), so a key is loaded once for the whole tile and no sum
-    ///    crosses lanes. Stored position-major (`positions × rows`); a
-    ///    position past what a row's token sees scores −∞; each row's maximum
-    ///    kept in lanes;
+    ///    crosses lanes. Stored position-major (`positions × rows`), from
+    ///    the first position the tile's first token sees; a position past
+    ///    what a row's token sees, or before its window, scores −∞; each
+    ///    row's maximum kept in lanes;
     /// 3. `2^(score − maximum)` in place and each row's sum, in lanes;
     /// 4. values: for eight channels at a time, the weights of the whole
     ///    tile by lane against each cached value's eight channels; each row's
