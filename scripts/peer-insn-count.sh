@@ -16,7 +16,8 @@
 # -march=armv8-a build, cortex-a76 the -march=armv8.2-a+dotprod build.
 # With PEER_PREFILL=1 it counts prompt processing as scripts/insn-count-prefill.sh
 # counts Bramble's: `llama-bench -p N -n 0` for prompts of 64 and 192 tokens,
-# per prompt token = (count(192) − count(64)) / 128.
+# per prompt token = (count(192) − count(64)) / 128; PROMPTS="576 704" counts
+# other lengths, as it does for scripts/insn-count-prefill.sh.
 # PEER_DIR is scripts/peer-build.sh's directory (~/.cache/bramble/peer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +68,8 @@ count() {
 }
 
 if [ "${PEER_PREFILL:-0}" = 1 ]; then
-    lengths=(64 192) unit="prompt token"
+    read -r -a lengths <<<"${PROMPTS:-64 192}"
+    unit="prompt token"
 else
     lengths=(8 24) unit=token
 fi
