@@ -348,6 +348,11 @@ pub fn argmax(values: &[f32]) -> usize {
     values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
 }
 
+/// Positions (rows of `vocab` logits) whose top token is the same in `got` and `expected`.
+pub fn top_token_kept(got: &[f32], expected: &[f32], vocab: usize) -> usize {
+    got.chunks_exact(vocab).zip(expected.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count()
+}
+
 /// The gap between the largest and second largest value.
 pub fn top2_gap(values: &[f32]) -> f32 {
     let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);

@@ -106,8 +106,7 @@ fn f16_kv_logits_stay_close_to_f32_from_the_first_position() {
     let exact = logits(&image, &tokens, 8, KvMode::F32);
     let got = logits(&image, &tokens, 8, KvMode::F16);
     let kl = mean_kl(&got, &exact, vocab);
-    let top_kept =
-        got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+    let top_kept = top_token_kept(&got, &exact, vocab);
     eprintln!("synthetic f16: mean KL {kl:.3e}; top token kept at {top_kept}/120");
     assert!(kl <= SYNTHETIC_F16_KL, "f16: mean KL {kl} above {SYNTHETIC_F16_KL}");
     assert!(got != exact, "f16: rounding changed nothing");
@@ -126,8 +125,7 @@ fn f16_kv_logits_stay_close_to_f32_from_the_first_position() {
     let exact = logits(&image, &tokens, 1, KvMode::F32);
     let got = logits(&image, &tokens, 32, KvMode::F16);
     let kl = mean_kl(&got, &exact, vocab);
-    let top_kept =
-        got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+    let top_kept = top_token_kept(&got, &exact, vocab);
     eprintln!("SmolLM2 f16: mean KL {kl:.3e}; top token kept at {top_kept}/160");
     assert!(kl <= SMOLLM2_F16_KL, "SmolLM2 f16: mean KL {kl} above {SMOLLM2_F16_KL}");
     assert!(top_kept >= SMOLLM2_TOP_TOKEN_KEPT, "SmolLM2 f16: top token kept at {top_kept}/160");
@@ -145,8 +143,7 @@ fn quantized_kv_logits_stay_close_to_f32_on_the_real_model() {
     for (kv, bound) in [(KvMode::Q8, SMOLLM2_Q8_KL), (KvMode::Q4, SMOLLM2_Q4_KL)] {
         let got = logits(&image, &tokens, 32, kv);
         let kl = mean_kl(&got, &exact, vocab);
-        let argmax_kept =
-            got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+        let argmax_kept = top_token_kept(&got, &exact, vocab);
         eprintln!("SmolLM2 {kv}: mean KL {kl:.6}; top token kept at {argmax_kept}/160");
         assert!(kl <= bound, "SmolLM2 {kv}: mean KL {kl} above {bound}");
         assert!(argmax_kept >= SMOLLM2_TOP_TOKEN_KEPT, "SmolLM2 {kv}: top token kept at {argmax_kept}/160");
@@ -211,8 +208,7 @@ fn f32_and_f16_prompt_batches_give_the_logits_of_one_token_at_a_time() {
     for kv in [KvMode::F32, KvMode::F16] {
         let (batched, single) = (logits(&image, &tokens, 32, kv), logits(&image, &tokens, 1, kv));
         let kl = mean_kl(&batched, &single, vocab);
-        let kept =
-            batched.chunks_exact(vocab).zip(single.chunks_exact(vocab)).filter(|(b, s)| argmax(b) == argmax(s)).count();
+        let kept = top_token_kept(&batched, &single, vocab);
         eprintln!("SmolLM2, {kv}, batches of 32: mean KL {kl:.2e}; top token kept at {kept}/100");
         assert!(kl <= SMOLLM2_BATCHED_KL, "SmolLM2, {kv}: batches of 32 against single tokens: mean KL {kl}");
         assert!(kept >= SMOLLM2_BATCHED_TOP_KEPT, "SmolLM2, {kv}: batches of 32 keep the top token at {kept}/100");
@@ -356,8 +352,7 @@ fn kv_prune_on_smollm2_prefill_then_decode() {
             }
             let positions = got.len() / vocab;
             f.kl += mean_kl(got, exact, vocab) * positions as f64;
-            f.top_kept +=
-                got.chunks_exact(vocab).zip(exact.chunks_exact(vocab)).filter(|(g, e)| argmax(g) == argmax(e)).count();
+            f.top_kept += top_token_kept(got, exact, vocab);
             f.scored += positions;
             f.key_bytes = (f.key_bytes.0 + key_bytes.0, f.key_bytes.1 + key_bytes.1);
         }
