@@ -252,7 +252,9 @@ pub fn batch_staging_len(
     batch: usize,
     kv_dim: usize,
 ) -> Option<usize> {
-    let widest = layers.iter().map(|l| l.window as usize).filter(|&w| w > 0 && w < context).max();
+    // The rings `KvCache::new` makes: [`LayerSlots::sized`]'s rule, not a second copy of it.
+    let rings = layers.iter().map(|l| LayerSlots::sized(l.window, context, true)).filter(|slots| slots.ring);
+    let widest = rings.map(|slots| slots.window).max();
     match (widest, mode, batch) {
         (Some(window), KvMode::F32 | KvMode::F16, 2..) => {
             (window - 1).checked_add(batch)?.checked_mul(kv_dim)?.checked_mul(2)
