@@ -34,13 +34,18 @@
 //! A sliding-window layer (Gemma-3's local layers: a token sees itself and the
 //! `window − 1` positions before it) whose window is shorter than the context
 //! keeps only its window, in a ring ([`LayerSlots`]): position `p` in slot
-//! `p % window` of the f32 and f16 storage, and in a quantized one its key
-//! groups in a ring of groups just long enough for the window beside the
-//! f32 window of recent positions (module `quantized`). Softmax and the sum of
-//! weighted values do not depend on the order of the positions, so the
-//! kernels read the ring as it lies. A ring forgets: rewinding is exact only
-//! while the positions the rewound token sees are still held
-//! ([`KvCache::can_rewind_to`]).
+//! `p % slots` of the f32 and f16 storage, where the ring holds
+//! [`REWIND_SLOTS`] positions beyond the window, and in a quantized one its
+//! key groups in a ring of groups just long enough for the window beside
+//! the f32 window of recent positions (module `quantized`). Softmax and the
+//! sum of weighted values do not depend on the order of the positions, so
+//! the kernels read the ring as it lies: the window's slots, in one piece or,
+//! where they wrap past the ring's end, two. A ring forgets: rewinding is
+//! exact only while the positions the rewound token sees are still held
+//! ([`KvCache::can_rewind_to`]); the f32 and f16 rings' extra slots keep a
+//! rewind of up to `REWIND_SLOTS + 1` positions exact (a client that
+//! regenerates a reply or edits its last message), where a ring of the
+//! window alone allows one.
 
 mod f16;
 mod quantized;
@@ -63,6 +68,15 @@ pub use think::{check_prune, kept_channels, PRUNE_QUERIES};
 
 /// Positions the full-precision window of a quantized cache holds.
 pub const RESIDUAL_WINDOW: usize = 2 * KEY_GROUP;
+
+/// Positions an f32 or f16 ring holds beyond its window (never more than
+/// the context): a session that rewinds by up to `REWIND_SLOTS + 1`
+/// positions, as one does when a client regenerates a reply of up to
+/// brambled's default 256 tokens or edits its last message, finds what
+/// the rewound token sees still there, where a ring of the window alone
+/// would run the whole conversation again. Gemma-3-270M: 15 local layers
+/// × 256 positions × 2 KiB of keys and values, 7.5 MiB at f32.
+pub const REWIND_SLOTS: usize = 256;
 const _: () = assert!(RESIDUAL_WINDOW >= KEY_GROUP && RESIDUAL_WINDOW.is_multiple_of(KEY_GROUP));
 
 /// How the KV cache stores keys and values, chosen when the state is made.
@@ -213,7 +227,8 @@ struct LayerSlots {
     /// cache made for tests keeps every position of a windowed layer and masks).
     ring: bool,
     /// Positions the f32 and f16 storage holds: the context, or a ring's
-    /// window (position `p` in slot `p % slots`).
+    /// window and [`REWIND_SLOTS`] more, at most the context (position `p`
+    /// in slot `p % slots`).
     slots: usize,
     first_slot: usize,
     /// Groups of key codes a quantized storage holds: the context's, or a
@@ -277,7 +292,7 @@ impl LayerSlots {
         LayerSlots {
             window,
             ring,
-            slots: if ring { window } else { context },
+            slots: if ring { (window + REWIND_SLOTS).min(context) } else { context },
             groups,
             coded_slots: if ring { groups * KEY_GROUP } else { context },
             ..LayerSlots::default()
@@ -301,13 +316,20 @@ impl LayerSlots {
         }
     }
 
-    /// The slots a token reads once `written` positions are, as a range of
-    /// slots: the ring's filled ones (every position in them is seen), or
-    /// the window's positions in order.
-    fn seen_slots(&self, written: usize) -> std::ops::Range<usize> {
-        match self.ring {
-            true => 0..written.min(self.slots),
-            false => self.first_seen(written)..written,
+    /// The slots a token reads once `written` positions are, as up to two
+    /// ranges of slots (the second empty unless needed): the window's
+    /// positions, which in a ring run to its last slot and on from slot 0
+    /// when they wrap.
+    fn seen_slots(&self, written: usize) -> [std::ops::Range<usize>; 2] {
+        let first = self.first_seen(written);
+        if !self.ring {
+            return [first..written, 0..0];
+        }
+        let start = first % self.slots;
+        let end = start + (written - first);
+        match end <= self.slots {
+            true => [start..end, 0..0],
+            false => [start..self.slots, 0..end - self.slots],
         }
     }
 }
@@ -327,16 +349,83 @@ struct Attention<'a> {
 }
 
 impl Attention<'_> {
-    /// The stretch of a layer-major buffer of keys or values (`kv_dim` a
-    /// slot) that holds this call's KV head at every slot the token sees,
-    /// from the first's head to the last's, and the number of those slots.
-    fn seen_span(&self, shape: &Shape) -> (std::ops::Range<usize>, usize) {
+    /// The stretches of a layer-major buffer of keys or values (`kv_dim` a
+    /// slot) that hold this call's KV head at every slot the token sees,
+    /// each from its first slot's head to its last's, with the number of
+    /// slots in each: one piece, or two where a ring's window wraps (the
+    /// second's count 0 otherwise).
+    fn seen_spans(&self, shape: &Shape) -> [(std::ops::Range<usize>, usize); 2] {
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let slots = self.at.seen_slots(self.seen);
-        let positions = slots.len();
-        let start = (self.at.first_slot + slots.start) * kv_dim + self.kv_head * head_dim;
-        (start..start + (positions.max(1) - 1) * kv_dim + head_dim, positions)
+        self.at.seen_slots(self.seen).map(|slots| {
+            let positions = slots.len();
+            let start = (self.at.first_slot + slots.start) * kv_dim + self.kv_head * head_dim;
+            (start..start + (positions.max(1) - 1) * kv_dim + head_dim, positions)
+        })
     }
+
+    /// Attention over the two pieces a wrapped window is read in: `score`
+    /// writes a piece's scores (`heads × n` for its `n` positions), `weigh`
+    /// a piece's weighted values into an output of `heads × head_dim`.
+    /// Each head's row is joined for one softmax over the whole window and
+    /// split again for the values, which are summed. `scores` is scratch of
+    /// [`attention_scores_len`].
+    fn two_pieces(
+        &self,
+        head_dim: usize,
+        counts: [usize; 2],
+        scores: &mut [f32],
+        mut score: impl FnMut(usize, &mut [f32]),
+        mut weigh: impl FnMut(usize, &[f32], &mut [f32]),
+        out: &mut [f32],
+    ) {
+        let heads = self.queries.len() / head_dim;
+        let positions = counts[0] + counts[1];
+        let (pieces, rows) = scores.split_at_mut(heads * positions);
+        let rows = &mut rows[..heads * positions.max(head_dim)];
+        let (first, second) = pieces.split_at_mut(heads * counts[0]);
+        score(0, first);
+        score(1, second);
+        for (h, row) in rows.chunks_exact_mut(positions).take(heads).enumerate() {
+            row[..counts[0]].copy_from_slice(&first[h * counts[0]..][..counts[0]]);
+            row[counts[0]..].copy_from_slice(&second[h * counts[1]..][..counts[1]]);
+            (self.kernels.softmax)(row);
+            first[h * counts[0]..][..counts[0]].copy_from_slice(&row[..counts[0]]);
+            second[h * counts[1]..][..counts[1]].copy_from_slice(&row[counts[0]..]);
+        }
+        weigh(0, first, out);
+        let rest = &mut rows[..heads * head_dim];
+        weigh(1, second, rest);
+        for (o, r) in out.iter_mut().zip(rest.iter()) {
+            *o += r;
+        }
+    }
+}
+
+/// The cached vectors of one piece of [`Attention::seen_spans`] in `data`, `stride` apart.
+fn cached_piece<'a, T>(piece: &(std::ops::Range<usize>, usize), data: &'a [T], stride: usize) -> CachedVectors<'a, T> {
+    CachedVectors { data: &data[piece.0.clone()], stride, positions: piece.1 }
+}
+
+/// Values of the scores scratch [`KvCache::attend`] needs for `heads_per_kv`
+/// query heads of `head_dim` over a `mode` cache of `context` positions
+/// whose layers attend as `layers` says: a score a head and position, and
+/// where an f32 or f16 ring's window wraps, room to join and split its two
+/// pieces (`heads_per_kv × (window + max(window, head_dim))`). `None` if the
+/// size overflows.
+pub fn attention_scores_len(
+    mode: KvMode,
+    layers: &[LayerAttention],
+    context: usize,
+    heads_per_kv: usize,
+    head_dim: usize,
+) -> Option<usize> {
+    // The rings `KvCache::new` makes: [`LayerSlots::sized`]'s rule, not a second copy of it.
+    let rings = layers.iter().map(|l| LayerSlots::sized(l.window, context, true)).filter(|slots| slots.ring);
+    let widest = match mode {
+        KvMode::F32 | KvMode::F16 => rings.map(|slots| slots.window.checked_add(slots.window.max(head_dim))).max(),
+        KvMode::Q8 | KvMode::Q4 => None,
+    };
+    heads_per_kv.checked_mul(context.max(widest.flatten().unwrap_or(0)))
 }
 
 /// Each mode's buffers.
@@ -390,21 +479,26 @@ impl Full {
         }
         let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
         let Attention { kernels, queries, scale, .. } = *call;
-        let (span, positions) = call.seen_span(shape);
+        let pieces = call.seen_spans(shape);
+        let piece = |i: usize, data| cached_piece(&pieces[i], data, kv_dim);
+        if pieces[1].1 > 0 {
+            call.two_pieces(
+                head_dim,
+                [pieces[0].1, pieces[1].1],
+                scores,
+                |i, scores| (kernels.attention_scores)(queries, head_dim, &piece(i, &self.keys), scale, scores),
+                |i, weights, out| (kernels.attention_values)(weights, &piece(i, &self.values), head_dim, out),
+                out,
+            );
+            return;
+        }
+        let positions = pieces[0].1;
         let scores = &mut scores[..queries.len() / head_dim * positions];
-        let (keys, values) = (&self.keys[span.clone()], &self.values[span]);
-        (kernels.attention_scores)(
-            queries,
-            head_dim,
-            &CachedVectors { data: keys, stride: kv_dim, positions },
-            scale,
-            scores,
-        );
+        (kernels.attention_scores)(queries, head_dim, &piece(0, &self.keys), scale, scores);
         for row in scores.chunks_exact_mut(positions) {
             (kernels.softmax)(row);
         }
-        let values = CachedVectors { data: values, stride: kv_dim, positions };
-        (kernels.attention_values)(scores, &values, head_dim, out);
+        (kernels.attention_values)(scores, &piece(0, &self.values), head_dim, out);
     }
 }
 
@@ -641,7 +735,7 @@ impl KvCache {
     }
 
     /// Bytes the held keys of the f32 or f16 cache take (all layers; a ring
-    /// holds its window),
+    /// holds its slots),
     /// and what they would take with every channel kept (both 0 for a
     /// quantized cache).
     pub fn key_bytes_in_use(&self) -> (usize, usize) {
@@ -796,9 +890,10 @@ impl KvCache {
     /// Whether writing position `pos` next leaves every layer exact: always
     /// when nothing at or above it is written; a rewind below that, only
     /// while each sliding-window layer's ring still holds every position the
-    /// token at `pos` sees (a ring holds one window: a rewind by more than a
-    /// position after it has turned is not exact, one to 0 always is). A
-    /// caller that cannot rewind runs the tokens again from 0.
+    /// token at `pos` sees (an f32 or f16 ring holds its window and
+    /// [`REWIND_SLOTS`] more: after it has turned, a rewind by up to
+    /// `REWIND_SLOTS + 1` positions is exact, one to 0 always is). A caller
+    /// that cannot rewind runs the tokens again from 0.
     pub fn can_rewind_to(&self, pos: usize) -> bool {
         let layers = self.layers.iter().zip(&self.written).zip(&self.kept_from);
         layers
@@ -810,7 +905,7 @@ impl KvCache {
     /// that share KV head `kv_head` over layer `layer`'s positions written
     /// so far (a sliding-window layer's last `window` of them): scores,
     /// softmax, weighted values into `out` (`heads × head_dim`). `scores` is
-    /// scratch of at least `heads × positions`.
+    /// scratch of [`attention_scores_len`] values.
     #[allow(clippy::too_many_arguments)]
     pub fn attend(
         &mut self,
@@ -847,12 +942,12 @@ impl KvCache {
     }
 
     /// Whether a batch of `tokens` from `first` of layer `layer` is attended
-    /// from the staging: a ring that the batch takes past its first window
+    /// from the staging: a ring that the batch takes past its last slot
     /// (until then a ring holds position `p` in slot `p`, and the batch reads
     /// it in place).
     fn stages(&self, layer: usize, first: usize, tokens: usize) -> bool {
         let at = self.layers[layer];
-        at.ring && first + tokens > at.window
+        at.ring && first + tokens > at.slots
     }
 
     /// Appends a batch: keys and values of `keys.len() / kv_dim` positions
@@ -961,7 +1056,7 @@ impl KvCache {
             return;
         }
         let shape = Causal { tokens, heads, head_dim, first, query_stride, stride: kv_dim, scale, window };
-        // Position t of this head at t·kv_dim from the layer's start (a ring's too: t < window).
+        // Position t of this head at t·kv_dim from the layer's start (a ring's too: t < slots).
         let start = at.first_slot * kv_dim + kv_head * head_dim;
         let span = start..start + (first + tokens - 1) * kv_dim + head_dim;
         match &self.storage {
@@ -1149,7 +1244,11 @@ mod tests {
     fn run_cache(cache: &mut KvCache, kernels: &Kernels, order: &[usize]) -> Vec<f32> {
         let c = config();
         let (kv_dim, head_dim, heads_per_kv) = (c.kv_dim(), 32, 2);
-        let mut scores = vec![0f32; heads_per_kv * cache.shape.context];
+        // Exactly the scratch a state gives, from the cache's own windows.
+        let windows: Vec<LayerAttention> =
+            cache.layers.iter().map(|l| LayerAttention { window: l.window as u32, rope_theta: 1e4 }).collect();
+        let len = attention_scores_len(cache.mode, &windows, cache.shape.context, heads_per_kv, head_dim);
+        let mut scores = vec![0f32; len.unwrap()];
         let mut outputs = Vec::new();
         for &pos in order {
             for layer in 0..2 {
@@ -1215,14 +1314,28 @@ mod tests {
 
     /// Prompt batches (f32 and f16 caches) give each token's attention as a token at a time:
     /// a global layer, and a ring of 5 or 40 within its first window, across its end, past it,
-    /// and with batches longer than the window (which go through the staging); quantized caches
-    /// never batch.
+    /// up to the ring's last slot (in place), across it and past it, and with batches longer
+    /// than the window (which go through the staging); quantized caches never batch.
     #[test]
     fn ring_batches_attend_as_a_token_at_a_time() {
         let c = config();
-        let (context, kv_dim, head_dim, heads_per_kv) = (200, c.kv_dim(), 32, 2);
+        let (context, kv_dim, head_dim, heads_per_kv) = (600, c.kv_dim(), 32, 2);
         let q_dim = 2 * heads_per_kv * head_dim;
-        let batches = [(0, 4), (4, 30), (34, 8), (42, 1), (43, 60), (103, 7), (110, 90)];
+        // Rings of 5 + REWIND_SLOTS = 261 and 296 slots.
+        let batches = [
+            (0, 4),
+            (4, 30),
+            (34, 8),
+            (42, 1),
+            (43, 60),
+            (103, 7),
+            (110, 151),
+            (261, 35),
+            (296, 1),
+            (297, 150),
+            (447, 153),
+        ];
+        assert_eq!(5 + REWIND_SLOTS, 261, "the batches cross each ring's last slot");
         let order: Vec<usize> = (0..context).collect();
         for kernels in Kernels::all_available() {
             for mode in [KvMode::F32, KvMode::F16] {
@@ -1293,16 +1406,20 @@ mod tests {
     #[test]
     fn a_ring_attends_exactly_as_the_full_history_masked_to_the_window() {
         let c = config();
-        let context = 200;
+        let context = 600;
         let order: Vec<usize> = (0..context).collect();
         let per_position = 2 * 2 * 2 * 32;
+        let windows = [5, 40, 100, 320, 599];
         for kernels in Kernels::all_available() {
             let mut f32_rings = Vec::new();
             for mode in KvMode::ALL {
                 let plain = run_cache(&mut KvCache::new(mode, &c, context, &[]).unwrap(), kernels, &order);
                 // 5: no group of codes is ever seen (the f32 window covers it); 40: one group in the
-                // ring; 100: three; 199: a window shorter than the context by one.
-                for window in [5, 40, 100, 199] {
+                // ring; 100: three; 320: six, and an f32 or f16 ring whose two pieces need more
+                // scratch than the context's scores; 599: a window shorter than the context by one.
+                // The f32 and f16 rings of all but the last (window + REWIND_SLOTS slots) turn and
+                // wrap; the last's is the context.
+                for window in windows {
                     let layers = windowed(window);
                     let mut ring = KvCache::new(mode, &c, context, &layers).unwrap();
                     let got = run_cache(&mut ring, kernels, &order);
@@ -1322,7 +1439,7 @@ mod tests {
                     if mode == KvMode::F32 {
                         f32_rings.push(got.clone());
                     } else if let Some(bound) = [(KvMode::Q8, 0.01), (KvMode::Q4, 0.15)].iter().find(|m| m.0 == mode) {
-                        let exact = &f32_rings[[5, 40, 100, 199].iter().position(|&w| w == window).unwrap()];
+                        let exact = &f32_rings[windows.iter().position(|&w| w == window).unwrap()];
                         let worst = got.iter().zip(exact).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
                         assert!(worst <= bound.1, "{name}: worst difference {worst} from the f32 ring");
                     }
@@ -1354,26 +1471,31 @@ mod tests {
         let kernels = Kernels::detect();
         let layers = windowed(100);
         for mode in KvMode::ALL {
-            let mut ring = KvCache::new(mode, &c, 200, &layers).unwrap();
-            let mut full = KvCache::keeping_every_position(mode, &c, 200, &layers).unwrap();
-            // Before the ring turns every rewind is exact; after, an f32 or f16 ring rewrites only its
-            // last position, while a quantized one also keeps the groups before the window's start.
+            // The f32 and f16 rings hold 100 + REWIND_SLOTS = 356 slots: a context of 600 turns them.
+            let (context, written) = match mode {
+                KvMode::F32 | KvMode::F16 => (600, 590),
+                KvMode::Q8 | KvMode::Q4 => (200, 190),
+            };
+            let mut ring = KvCache::new(mode, &c, context, &layers).unwrap();
+            let mut full = KvCache::keeping_every_position(mode, &c, context, &layers).unwrap();
+            // Before the ring turns every rewind is exact.
             let straight: Vec<usize> = (0..90).collect();
             run_cache(&mut ring, kernels, &straight);
             assert!((0..90).all(|pos| ring.can_rewind_to(pos)), "{mode}");
-            run_cache(&mut ring, kernels, &(90..190).collect::<Vec<_>>());
-            run_cache(&mut full, kernels, &(0..190).collect::<Vec<_>>());
+            run_cache(&mut ring, kernels, &(90..written).collect::<Vec<_>>());
+            run_cache(&mut full, kernels, &(0..written).collect::<Vec<_>>());
             let deepest = match mode {
-                // Written 0..190: the slots hold 90..190; position 189 sees 90..189.
-                KvMode::F32 | KvMode::F16 => 189,
+                // The slots hold 234..590: position p sees p − 99 ..= p, so 333 is the deepest
+                // rewrite, REWIND_SLOTS + 1 below what is written.
+                KvMode::F32 | KvMode::F16 => written - REWIND_SLOTS - 1,
                 // Codes below 128 (pos 189 − 128 = 61 in the f32 window), three groups of the ring: 32..128
                 // held, and position p sees p − 99 ..= p.
                 KvMode::Q8 | KvMode::Q4 => 32 + 99,
             };
             assert!(ring.can_rewind_to(deepest) && !ring.can_rewind_to(deepest - 1), "{mode}");
-            assert!(ring.can_rewind_to(0) && ring.can_rewind_to(190) && full.can_rewind_to(1), "{mode}");
+            assert!(ring.can_rewind_to(0) && ring.can_rewind_to(written) && full.can_rewind_to(1), "{mode}");
             // A rewind the ring allows gives what the full history gives.
-            let again: Vec<usize> = (deepest..200).collect();
+            let again: Vec<usize> = (deepest..context).collect();
             let got = run_cache(&mut ring, kernels, &again);
             let expected = run_cache(&mut full, kernels, &again);
             let worst = got.iter().zip(&expected).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
@@ -1385,9 +1507,9 @@ mod tests {
     }
 
     #[test]
-    fn a_windowed_cache_holds_its_window_only_to_the_byte() {
+    fn a_windowed_cache_holds_what_its_ring_needs_to_the_byte() {
         let c = config();
-        let (context, window) = (256, 100);
+        let (context, window) = (608, 100);
         let layers = windowed(window);
         for mode in KvMode::ALL {
             let cache = KvCache::new(mode, &c, context, &layers).unwrap();
@@ -1395,26 +1517,34 @@ mod tests {
             assert_eq!(cache.allocated_bytes(), cache.bytes() + KvCache::bookkeeping_bytes(mode, &c), "{mode}");
             let global = KvCache::bytes_for(mode, &c, context, &[]).unwrap();
             let local = KvCache::bytes_for(mode, &c, context, &layers).unwrap();
-            // One layer of 2 KV heads × 32 channels keeps 100 positions of 256 (f32, f16); the quantized
-            // caches keep three groups of codes (ring_groups(100)) of eight, and the same f32 window.
+            // One layer of 2 KV heads × 32 channels keeps 100 + REWIND_SLOTS positions of 608 (f32,
+            // f16); the quantized caches keep three groups of codes (ring_groups(100)) of 19, and the
+            // same f32 window.
             let (kv_dim, kv_heads) = (64, 2);
             let saved = match mode {
-                KvMode::F32 => 2 * (256 - 100) * kv_dim * 4,
-                KvMode::F16 => 2 * (256 - 100) * kv_dim * 2,
+                KvMode::F32 => 2 * (608 - 100 - REWIND_SLOTS) * kv_dim * 4,
+                KvMode::F16 => 2 * (608 - 100 - REWIND_SLOTS) * kv_dim * 2,
                 KvMode::Q8 | KvMode::Q4 => {
                     let bits = mode.bits().unwrap() as usize;
-                    let groups = 256 / KEY_GROUP - 3;
+                    let groups = 608 / KEY_GROUP - 3;
                     let keys = groups * kv_dim * (KEY_GROUP * bits / 8 + 2 + 2);
                     let values = groups * KEY_GROUP * (kv_dim * bits / 8 + kv_heads * (2 + 2));
                     keys + values
                 }
             };
             assert_eq!(global - local, saved, "{mode}");
-            // A window no shorter than the context keeps every position.
+            // A window no shorter than the context keeps every position, and so does an f32 or f16
+            // ring whose extra slots reach the context.
             assert_eq!(
                 KvCache::bytes_for(mode, &c, 100, &layers).unwrap(),
                 KvCache::bytes_for(mode, &c, 100, &[]).unwrap()
             );
+            if mode.bits().is_none() {
+                assert_eq!(
+                    KvCache::bytes_for(mode, &c, 300, &layers).unwrap(),
+                    KvCache::bytes_for(mode, &c, 300, &[]).unwrap()
+                );
+            }
         }
         assert_eq!(ring_groups(100), 3);
         assert_eq!((ring_groups(5), ring_groups(33), ring_groups(34), ring_groups(512)), (0, 0, 1, 15));

@@ -498,7 +498,7 @@ pub struct StateOptions<'a> {
     pub sparse: bool,
     /// How each layer attends (the architecture's layers; empty: every
     /// layer global): a sliding-window layer's KV cache holds its window
-    /// only, and local layers with a RoPE base of their own get their own
+    /// (and [`crate::kv::REWIND_SLOTS`] more, at f32 and f16) only, and local layers with a RoPE base of their own get their own
     /// table of angles.
     pub layers: &'a [LayerAttention],
 }
@@ -526,7 +526,7 @@ pub struct RunState {
     q: Vec<f32>,   // queries (batch, q_dim)
     hb: Vec<f32>,  // FFN gate (batch, ffn_dim)
     hb2: Vec<f32>, // FFN up (batch, ffn_dim)
-    att: Vec<f32>, // attention scores of the heads sharing a KV head (heads_per_kv, context)
+    att: Vec<f32>, // attention scores of the heads sharing a KV head (heads_per_kv, context), kv::attention_scores_len
     att_tile: Vec<f32>, // a batch's attention tile: scores, queries (TILE_ROWS, context + head_dim); 0 for batch 1
     att_window: Vec<f32>, // a batch over a ring: keys, then values (window − 1 + batch, kv_dim); 0 without rings
     logits: Vec<f32>, // (batch, vocab)
@@ -621,7 +621,19 @@ impl StateSizes {
             xq: size("int8 activations (batch × widest / 32)", &[batch, widest / GROUP])?,
             q: size("queries (batch × q_dim)", &[batch, q_dim])?,
             hb: size("FFN gate (batch × ffn_dim)", &[batch, ffn])?,
-            att: size("attention scores (n_heads / n_kv_heads × context)", &[heads_per_kv, context])?,
+            att: {
+                let what = "attention scores (n_heads / n_kv_heads × context; a wrapped ring's two pieces)";
+                let overflow = format!("{what}: the size for {context} positions overflows");
+                let len = crate::kv::attention_scores_len(
+                    options.kv,
+                    options.layers,
+                    context,
+                    heads_per_kv,
+                    config.head_dim as usize,
+                )
+                .ok_or_else(|| Error::new(crate::error::ErrorKind::OutOfMemory, overflow))?;
+                BufferSize { what, len }
+            },
             // Only batches of more than one token attend in tiles.
             att_tile: match batch {
                 0 | 1 => size("batched attention scratch", &[0])?,

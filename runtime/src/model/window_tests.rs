@@ -21,7 +21,7 @@ fn config() -> ModelConfig {
     let mut c = ModelConfig::zeroed();
     c.arch = ARCH_LLAMA;
     (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim) = (64, 3, 2, 1, 32, 96);
-    (c.vocab_size, c.context_length, c.rope_theta, c.rope_dim, c.norm_eps) = (40, 256, 10000.0, 32, 1e-5);
+    (c.vocab_size, c.context_length, c.rope_theta, c.rope_dim, c.norm_eps) = (40, 512, 10000.0, 32, 1e-5);
     c.tied_output = 1;
     c
 }
@@ -155,6 +155,12 @@ fn logits_token_by_token(model: &Model, state: &mut RunState, tokens: &[u32]) ->
     tokens.iter().enumerate().map(|(pos, &t)| model.forward(state, &[t], pos, Logits::Last).unwrap().to_vec()).collect()
 }
 
+/// The logits of positions `start..`, a token at a time (a rewind to `start` when more are written).
+fn logits_token_by_token_from(model: &Model, state: &mut RunState, tokens: &[u32], start: usize) -> Vec<Vec<f32>> {
+    let positions = tokens.iter().enumerate().skip(start);
+    positions.map(|(pos, &t)| model.forward(state, &[t], pos, Logits::Last).unwrap().to_vec()).collect()
+}
+
 /// The windows of `architecture` widened to `context`: every position is seen (the layers stay
 /// local for RoPE), the cache of a window no shorter than the context.
 fn widened(architecture: &Architecture, context: usize) -> Vec<LayerAttention> {
@@ -200,14 +206,16 @@ fn worst(got: &[f32], expected: &[f32]) -> f32 {
 }
 
 /// (window, context): a window of 5 in 40 positions (no quantized group is
-/// ever seen), and one of 70 in 160 (q8/q4: groups in a ring of two).
-const CASES: [(u32, usize); 2] = [(5, 40), (70, 160)];
+/// ever seen), one of 70 in 160 (q8/q4: groups in a ring of two), and one
+/// of 5 in 300, whose f32 and f16 rings (5 + REWIND_SLOTS slots) turn at
+/// 261 and are then read in two pieces.
+const CASES: [(u32, usize); 3] = [(5, 40), (70, 160), (5, 300)];
 
 #[test]
 fn windowed_layers_give_the_masked_maths_at_every_position() {
     let dir = tempfile::tempdir().unwrap();
     for (window, context) in CASES {
-        let path = dir.path().join(format!("window-{window}.bramble"));
+        let path = dir.path().join(format!("window-{window}-{context}.bramble"));
         let weights = write_image(&path, window);
         let image = ModelImage::open(&path).unwrap();
         let model = Model::new(&image).unwrap();
@@ -232,13 +240,13 @@ fn windowed_layers_give_the_masked_maths_at_every_position() {
 fn every_kv_mode_rings_as_its_own_full_history_masked_and_batches_as_tokens() {
     let dir = tempfile::tempdir().unwrap();
     for (window, context) in CASES {
-        let path = dir.path().join(format!("window-{window}.bramble"));
+        let path = dir.path().join(format!("window-{window}-{context}.bramble"));
         write_image(&path, window);
         let image = ModelImage::open(&path).unwrap();
         for mode in KvMode::ALL {
             let mut model = Model::new(&image).unwrap();
             model.set_kv_mode(mode).unwrap();
-            let name = format!("{mode}, window {window}");
+            let name = format!("{mode}, window {window}, context {context}");
             let prompt = tokens(context);
             let mut ring = model.try_new_state(context, 8).unwrap();
             let got = logits_token_by_token(&model, &mut ring, &prompt);
@@ -289,28 +297,44 @@ fn a_rewind_past_what_the_ring_holds_is_refused_and_one_within_it_is_exact() {
     write_image(&path, 5);
     let image = ModelImage::open(&path).unwrap();
     let model = Model::new(&image).unwrap();
-    let prompt = tokens(30);
-    let mut state = model.try_new_state(40, 1).unwrap();
+    // The rings hold 5 + REWIND_SLOTS = 261 positions: 290 written leave 29..290, and a token at
+    // p sees p − 4 ..= p, so 33 is the deepest exact rewrite.
+    let (context, written) = (300, 290);
+    let deepest = written - crate::kv::REWIND_SLOTS - 1;
+    let prompt = tokens(written);
+    let mut state = model.try_new_state(context, 1).unwrap();
     let straight = logits_token_by_token(&model, &mut state, &prompt);
-    // Rewriting the last position is exact; a deeper rewind after the ring turned is an error.
-    let again = model.forward(&mut state, &prompt[29..], 29, Logits::Last).unwrap().to_vec();
-    assert_eq!(again, straight[29]);
-    let error = model.forward(&mut state, &prompt[20..21], 20, Logits::Last).unwrap_err();
-    assert!(error.message().contains("position 20") && error.message().contains("from 0"), "{error}");
+    // Rewriting from `deepest` is exact; one deeper is an error.
+    let again = logits_token_by_token_from(&model, &mut state, &prompt, deepest);
+    assert_eq!(again[..], straight[deepest..]);
+    let error = model.forward(&mut state, &prompt[deepest - 1..deepest], deepest - 1, Logits::Last).unwrap_err();
+    assert!(error.message().contains(&format!("position {}", deepest - 1)), "{error}");
+    assert!(error.message().contains("from 0"), "{error}");
     // From 0, everything runs again.
     let rerun = logits_token_by_token(&model, &mut state, &prompt);
     assert_eq!(rerun, straight);
     // A session keeps a prefix only where the rings can go on from it.
     let tokenizer = crate::tokenizer::Tokenizer::new(image.vocab()).unwrap();
     let sampler = crate::sampler::SamplerConfig::default();
-    let mut session = crate::session::Session::new(&model, &tokenizer, 40, sampler);
+    let mut session = crate::session::Session::new(&model, &tokenizer, context, sampler);
     session.feed(&prompt).unwrap();
     let mut longer = prompt.clone();
     longer.extend([5, 6]);
-    assert_eq!(session.reuse_prefix(&longer), 30, "the whole history is a prefix: nothing to rewind");
+    assert_eq!(session.reuse_prefix(&longer), written, "the whole history is a prefix: nothing to rewind");
+    // A reply of 200 tokens regenerated: the rings still hold what its first token sees.
+    let mut regenerated = prompt[..written - 200].to_vec();
+    regenerated.extend([5, 6]);
+    assert_eq!(session.reuse_prefix(&regenerated), written - 200, "the rings hold 86..90 still");
+    session.feed(&regenerated[written - 200..]).unwrap();
+    let expected = logits_token_by_token(&model, &mut state, &regenerated);
+    let difference = worst(session.logits().unwrap(), &expected[written - 199]);
+    assert!(difference <= ORDER_TOLERANCE, "worst difference {difference} after the rewind");
+    // An edit deeper than that runs the conversation again from 0.
+    session.reset();
+    session.feed(&prompt).unwrap();
     let mut edited = prompt[..25].to_vec();
     edited.extend([5, 6]);
-    assert_eq!(session.reuse_prefix(&edited), 0, "25 of 30 shared, but the rings no longer hold 21..25");
+    assert_eq!(session.reuse_prefix(&edited), 0, "25 of 290 shared, but the rings no longer hold 21..25");
     session.feed(&edited).unwrap();
     // Fed in batches (the global layer's tiles): the logits of one token at a time, up to the sums' order.
     let difference = worst(session.logits().unwrap(), &logits_token_by_token(&model, &mut state, &edited)[26]);
