@@ -15,7 +15,7 @@
 //! ([`Kernels::round_to_f16`]); attention widens them back as it reads
 //! (the `*_f16` kernels of [`crate::kernels::attention`]).
 
-use super::{cached_piece, Attention, LayerSlots, Shape, Sizes};
+use super::{Attention, LayerSlots, Shape, Sizes};
 use crate::buffers::filled;
 use crate::error::Result;
 use crate::kernels::attention::Causal;
@@ -76,28 +76,9 @@ impl Half {
     /// [`super::KvCache::attend`] over every position the token sees: the
     /// f16 kernels' scores, softmax, weighted values.
     pub(super) fn attend(&self, shape: &Shape, call: &Attention, scores: &mut [f32], out: &mut [f32]) {
-        let (kv_dim, head_dim) = (shape.kv_dim(), shape.head_dim);
-        let Attention { kernels, queries, scale, .. } = *call;
-        let pieces = call.seen_spans(shape);
-        let piece = |i: usize, data| cached_piece(&pieces[i], data, kv_dim);
-        if pieces[1].1 > 0 {
-            call.two_pieces(
-                head_dim,
-                [pieces[0].1, pieces[1].1],
-                scores,
-                |i, scores| (kernels.attention_scores_f16)(queries, head_dim, &piece(i, &self.keys), scale, scores),
-                |i, weights, out| (kernels.attention_values_f16)(weights, &piece(i, &self.values), head_dim, out),
-                out,
-            );
-            return;
-        }
-        let positions = pieces[0].1;
-        let scores = &mut scores[..queries.len() / head_dim * positions];
-        (kernels.attention_scores_f16)(queries, head_dim, &piece(0, &self.keys), scale, scores);
-        for row in scores.chunks_exact_mut(positions) {
-            (kernels.softmax)(row);
-        }
-        (kernels.attention_values_f16)(scores, &piece(0, &self.values), head_dim, out);
+        let kernels = call.kernels;
+        let read = (kernels.attention_scores_f16, kernels.attention_values_f16);
+        call.read(shape, (&self.keys, &self.values), read, scores, out);
     }
 
     /// The key and value of slot `slot` (counted over every layer), widened to f32.
