@@ -38,7 +38,10 @@ import numpy as np
 
 
 def cue_free(path):
-    report = json.load(open(path))
+    try:
+        report = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as e:
+        sys.exit(f"{path}: not a bias-eval --json report ({e})")
     if "per_item" not in report:
         sys.exit(f"{path}: no per_item scores; run bias-eval with --json --per-item")
     return {i["line"]: i for i in report["per_item"] if i["gender"] is None}
@@ -89,8 +92,11 @@ def linear(dev_prefix, test_prefix):
         z = (x - mean) / spread
         for factual_weight in (0.0, 1.0):
             for ridge in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
-                rows = np.vstack([z[cue_free], np.sqrt(factual_weight) * z[~cue_free]])
-                rows = np.hstack([rows, np.r_[np.ones(cue_free.sum()), np.sqrt(factual_weight) * np.ones((~cue_free).sum())][:, None]])
+                # Cue-free rows predict their lean; factual rows (weighted) predict no change.
+                factual = np.sqrt(factual_weight)
+                rows = np.vstack([z[cue_free], factual * z[~cue_free]])
+                intercept = np.r_[np.ones(cue_free.sum()), factual * np.ones((~cue_free).sum())]
+                rows = np.hstack([rows, intercept[:, None]])
                 target = np.r_[dev[1][cue_free], np.zeros((~cue_free).sum())]
                 penalty = ridge * len(target) * np.eye(rows.shape[1])
                 penalty[-1, -1] = 0

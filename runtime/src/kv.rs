@@ -68,6 +68,7 @@ pub use think::{check_prune, kept_channels, PRUNE_QUERIES};
 
 /// Positions the full-precision window of a quantized cache holds.
 pub const RESIDUAL_WINDOW: usize = 2 * KEY_GROUP;
+const _: () = assert!(RESIDUAL_WINDOW >= KEY_GROUP && RESIDUAL_WINDOW.is_multiple_of(KEY_GROUP));
 
 /// Positions an f32 or f16 ring holds beyond its window (never more than
 /// the context): a session that rewinds by up to `REWIND_SLOTS + 1`
@@ -77,7 +78,6 @@ pub const RESIDUAL_WINDOW: usize = 2 * KEY_GROUP;
 /// would run the whole conversation again. Gemma-3-270M: 15 local layers
 /// × 256 positions × 2 KiB of keys and values, 7.5 MiB at f32.
 pub const REWIND_SLOTS: usize = 256;
-const _: () = assert!(RESIDUAL_WINDOW >= KEY_GROUP && RESIDUAL_WINDOW.is_multiple_of(KEY_GROUP));
 
 /// How the KV cache stores keys and values, chosen when the state is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -498,8 +498,9 @@ pub struct StateOptions<'a> {
     pub sparse: bool,
     /// How each layer attends (the architecture's layers; empty: every
     /// layer global): a sliding-window layer's KV cache holds its window
-    /// (and [`crate::kv::REWIND_SLOTS`] more, at f32 and f16) only, and local layers with a RoPE base of their own get their own
-    /// table of angles.
+    /// (and [`crate::kv::REWIND_SLOTS`] more, at f32 and f16) only, and
+    /// local layers with a RoPE base of their own get their own table of
+    /// angles.
     pub layers: &'a [LayerAttention],
 }
 

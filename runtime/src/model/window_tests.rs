@@ -152,7 +152,7 @@ fn tokens(n: usize) -> Vec<u32> {
 
 /// Every position's logits, a token at a time.
 fn logits_token_by_token(model: &Model, state: &mut RunState, tokens: &[u32]) -> Vec<Vec<f32>> {
-    tokens.iter().enumerate().map(|(pos, &t)| model.forward(state, &[t], pos, Logits::Last).unwrap().to_vec()).collect()
+    logits_token_by_token_from(model, state, tokens, 0)
 }
 
 /// The logits of positions `start..`, a token at a time (a rewind to `start` when more are written).
