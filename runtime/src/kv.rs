@@ -267,10 +267,7 @@ pub fn batch_staging_len(
     batch: usize,
     kv_dim: usize,
 ) -> Option<usize> {
-    // The rings `KvCache::new` makes: [`LayerSlots::sized`]'s rule, not a second copy of it.
-    let rings = layers.iter().map(|l| LayerSlots::sized(l.window, context, true)).filter(|slots| slots.ring);
-    let widest = rings.map(|slots| slots.window).max();
-    match (widest, mode, batch) {
+    match (widest_ring(layers, context), mode, batch) {
         (Some(window), KvMode::F32 | KvMode::F16, 2..) => {
             (window - 1).checked_add(batch)?.checked_mul(kv_dim)?.checked_mul(2)
         }
@@ -436,13 +433,18 @@ pub fn attention_scores_len(
     heads_per_kv: usize,
     head_dim: usize,
 ) -> Option<usize> {
-    // The rings `KvCache::new` makes: [`LayerSlots::sized`]'s rule, not a second copy of it.
-    let rings = layers.iter().map(|l| LayerSlots::sized(l.window, context, true)).filter(|slots| slots.ring);
-    let widest = match mode {
-        KvMode::F32 | KvMode::F16 => rings.map(|slots| slots.window.checked_add(slots.window.max(head_dim))).max(),
-        KvMode::Q8 | KvMode::Q4 => None,
+    let pieces = match (widest_ring(layers, context), mode) {
+        (Some(window), KvMode::F32 | KvMode::F16) => window.checked_add(window.max(head_dim))?,
+        _ => 0,
     };
-    heads_per_kv.checked_mul(context.max(widest.flatten().unwrap_or(0)))
+    heads_per_kv.checked_mul(context.max(pieces))
+}
+
+/// The widest window of `layers` that a cache of `context` positions keeps
+/// in a ring: [`LayerSlots::sized`]'s rule, the one `KvCache::new` follows.
+fn widest_ring(layers: &[LayerAttention], context: usize) -> Option<usize> {
+    let rings = layers.iter().map(|l| LayerSlots::sized(l.window, context, true)).filter(|slots| slots.ring);
+    rings.map(|slots| slots.window).max()
 }
 
 /// Each mode's buffers.
