@@ -23,7 +23,7 @@ const ROWS_PER_STEP: usize = 8;
 const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
 use crate::bias::{BiasConstraint, ProjectionStats};
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
-use crate::quant::{self, BlockQ8Act, Encoding, Interleaved, GROUP, INTERLEAVE};
+use crate::quant::{self, BlockQ8Act, BlockQ8K, Encoding, Interleaved, GROUP, INTERLEAVE};
 use crate::rsparse::{Rsparse, SparseModule};
 use half::f16;
 
@@ -140,14 +140,18 @@ impl Matrix<'_> {
 
     /// `out[b·rows + r] = W[r] · x[b]` for a batch of activations given both as
     /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized
-    /// weights), the rows split across the pool's threads. Kernels write rows
-    /// outermost; for a batch that goes through `scratch` and is transposed.
+    /// weights; `xk`, if not empty, one token's 256-value blocks for the
+    /// kernels' [`crate::kernels::SuperblockKernels`]), the rows split across
+    /// the pool's threads. Kernels write rows outermost; for a batch that
+    /// goes through `scratch` and is transposed.
+    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
         kernels: &Kernels,
         pool: &ThreadPool,
         x: &[f32],
         xq: &[BlockQ8Act],
+        xk: &[BlockQ8K],
         out: &mut [f32],
         scratch: &mut [f32],
     ) {
@@ -197,8 +201,14 @@ impl Matrix<'_> {
                 TensorView::Q5K(w) => (kernels.matmul_q5k)(&w[blocked], cols, xq, out),
                 TensorView::Q6K(w) => (kernels.matmul_q6k)(&w[blocked], cols, xq, out),
                 TensorView::Q3K(w) => (kernels.matmul_q3k)(&w[blocked], cols, xq, out),
-                TensorView::Q4KX4(w) => (kernels.matmul_q4kx4)(&w[groups(rows)], cols, xq, out),
-                TensorView::Q6KX4(w) => (kernels.matmul_q6kx4)(&w[groups(rows)], cols, xq, out),
+                TensorView::Q4KX4(w) => match kernels.superblock.filter(|_| !xk.is_empty()) {
+                    Some(k) => (k.matmul_q4kx4)(&w[groups(rows)], cols, xk, out),
+                    None => (kernels.matmul_q4kx4)(&w[groups(rows)], cols, xq, out),
+                },
+                TensorView::Q6KX4(w) => match kernels.superblock.filter(|_| !xk.is_empty()) {
+                    Some(k) => (k.matmul_q6kx4)(&w[groups(rows)], cols, xk, out),
+                    None => (kernels.matmul_q6kx4)(&w[groups(rows)], cols, xq, out),
+                },
                 TensorView::Q3KX4(w) => (kernels.matmul_q3kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q5KX4(w) => (kernels.matmul_q5kx4)(&w[groups(rows)], cols, xq, out),
                 TensorView::Q5S(w) => (kernels.matmul_q5s)(&w[blocked], cols, xq, out),
@@ -524,6 +534,7 @@ pub struct RunState {
     xb: Vec<f32>,             // normed input / projection output (batch, max(dim, q_dim))
     xb2: Vec<f32>, // attention output, projections before q/k norms, outputs before post norms (batch, max(dim, q_dim))
     xq: Vec<BlockQ8Act>, // int8 activations (batch, max(dim, q_dim, ffn_dim) / 32)
+    xk: Vec<BlockQ8K>, // one token's int8 activations in 256-value blocks (max(dim, q_dim, ffn_dim) / 256)
     q: Vec<f32>,   // queries (batch, q_dim)
     hb: Vec<f32>,  // FFN gate (batch, ffn_dim)
     hb2: Vec<f32>, // FFN up (batch, ffn_dim)
@@ -584,6 +595,7 @@ struct StateSizes {
     xb: BufferSize,
     xb2: BufferSize,
     xq: BufferSize,
+    xk: BufferSize,
     q: BufferSize,
     hb: BufferSize, // and hb2
     att: BufferSize,
@@ -620,6 +632,7 @@ impl StateSizes {
             xb: size("activations (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)])?,
             xb2: size("attention output (batch × max(dim, q_dim))", &[batch, dim.max(q_dim)])?,
             xq: size("int8 activations (batch × widest / 32)", &[batch, widest / GROUP])?,
+            xk: size("a token's int8 activations in super-blocks (widest / 256)", &[widest / QK_K])?,
             q: size("queries (batch × q_dim)", &[batch, q_dim])?,
             hb: size("FFN gate (batch × ffn_dim)", &[batch, ffn])?,
             att: {
@@ -678,6 +691,7 @@ impl StateSizes {
             + self.xb.bytes::<f32>()
             + self.xb2.bytes::<f32>()
             + self.xq.bytes::<BlockQ8Act>()
+            + self.xk.bytes::<BlockQ8K>()
             + self.q.bytes::<f32>()
             + 2 * self.hb.bytes::<f32>()
             + self.att.bytes::<f32>()
@@ -764,6 +778,7 @@ impl RunState {
             xb: sizes.xb.filled(0.0)?,
             xb2: sizes.xb2.filled(0.0)?,
             xq: sizes.xq.filled(no_activation)?,
+            xk: sizes.xk.filled(BlockQ8K { d: 0.0, sums: [0; QK_K / GROUP], qs: [0; QK_K] })?,
             q: sizes.q.filled(0.0)?,
             hb: sizes.hb.filled(0.0)?,
             hb2: sizes.hb.filled(0.0)?,
@@ -921,6 +936,7 @@ impl RunState {
         ];
         floats.iter().map(|buffer| size_of_val(&buffer[..])).sum::<usize>()
             + size_of_val(&self.xq[..])
+            + size_of_val(&self.xk[..])
             + size_of_val(&s.exact_q[..])
             + size_of_val(&s.mask[..])
             + size_of_val(&self.projections.sum[..])
@@ -1307,7 +1323,7 @@ impl<'a> Model<'a> {
         p: usize,
         w: &Matrix,
         x: &[f32],
-        xq: &[BlockQ8Act],
+        (xq, xk): (&[BlockQ8Act], &[BlockQ8K]),
         out: &mut [f32],
         scratch: &mut [f32],
         sparse: &mut SparseScratch,
@@ -1318,8 +1334,24 @@ impl<'a> Model<'a> {
             plan.layers[l][p].filter(|_| covers).map(|i| (&plan.plan.modules[i], &plan.u_columns[i][..]))
         });
         match module {
-            None => w.matmul(self.kernels, &self.pool, x, xq, out, scratch),
+            None => w.matmul(self.kernels, &self.pool, x, xq, xk, out, scratch),
             Some((module, u_columns)) => self.sparse_linear(module, u_columns, w, x, out, scratch, sparse),
+        }
+    }
+
+    /// One token's activations `x` in 256-value blocks, quantized into `xk`
+    /// when the kernels have [`crate::kernels::SuperblockKernels`] and one
+    /// of `matrices`, which read `x`, is interleaved Q4_K or Q6_K; empty
+    /// otherwise (a batch, or no such matrix: the 32-value blocks serve).
+    fn superblocks<'s>(&self, x: &[f32], matrices: &[&Matrix], xk: &'s mut [BlockQ8K]) -> &'s [BlockQ8K] {
+        let reads = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q6KX4);
+        match self.kernels.superblock {
+            Some(kernels) if x.len().is_multiple_of(QK_K) && matrices.iter().any(reads) => {
+                let xk = &mut xk[..x.len() / QK_K];
+                (kernels.quantize)(x, xk);
+                xk
+            }
+            _ => &[],
         }
     }
 
@@ -1365,7 +1397,7 @@ impl<'a> Model<'a> {
                 s.bytes_read += (w.channel_bytes(bits) + low_rank_bytes) as u64;
             }
         } else {
-            w.matmul(k, &self.pool, exact, exact_q, out, scratch);
+            w.matmul(k, &self.pool, exact, exact_q, &[], out, scratch);
             s.bytes_read += (n * (w.bytes() + low_rank_bytes)) as u64;
         }
         if rank == 0 {
@@ -1496,11 +1528,12 @@ impl<'a> Model<'a> {
             }
             observe(l, Site::AttentionInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
+            let xk = self.superblocks(&s.xb[..n * dim], &[&layer.wq, &layer.wk, &layer.wv], &mut s.xk);
 
             // q, k, v projections, each plus its bias (Qwen2); with q/k norms (Qwen3,
             // Gemma), q and k go through xb2 (free until attention writes it) and
             // each head is normalized into place.
-            let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
+            let (xb, xq) = (&s.xb[..n * dim], (&s.xq[..n * dim / GROUP], xk));
             let sp = &mut s.sparse;
             let bias = |i: usize| layer.qkv_bias.map(|b| b[i]);
             for (i, w, out, width) in [(0, &layer.wq, &mut s.q, q_dim), (1, &layer.wk, &mut s.k, kv_dim)] {
@@ -1570,7 +1603,8 @@ impl<'a> Model<'a> {
             // Output projection and residual.
             observe(l, Site::AttentionOutput, &s.xb2[..n * q_dim]);
             (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
-            let (xb2, xq) = (&s.xb2[..n * q_dim], &s.xq[..n * q_dim / GROUP]);
+            let xk = self.superblocks(&s.xb2[..n * q_dim], &[&layer.wo], &mut s.xk);
+            let (xb2, xq) = (&s.xb2[..n * q_dim], (&s.xq[..n * q_dim / GROUP], xk));
             self.linear(l, 3, &layer.wo, xb2, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
             // (Gemma normalizes the attention's output before it joins the stream.)
             let post_norm = layer.post_norms.map(|[attention, _]| attention);
@@ -1587,16 +1621,18 @@ impl<'a> Model<'a> {
             }
             observe(l, Site::FfnInput, &s.xb[..n * dim]);
             (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
+            let xk = self.superblocks(&s.xb[..n * dim], &[&layer.w_gate, &layer.w_up], &mut s.xk);
 
             // SwiGLU: down(silu(gate(x)) ⊙ up(x)); GeGLU with gelu in Gemma.
-            let (xb, xq) = (&s.xb[..n * dim], &s.xq[..n * dim / GROUP]);
+            let (xb, xq) = (&s.xb[..n * dim], (&s.xq[..n * dim / GROUP], xk));
             self.linear(l, 4, &layer.w_gate, xb, xq, &mut s.hb[..n * ffn], &mut s.scratch, &mut s.sparse);
             self.linear(l, 5, &layer.w_up, xb, xq, &mut s.hb2[..n * ffn], &mut s.scratch, &mut s.sparse);
             let gate = if arch.has(Features::GELU_TANH) { k.gelu_mul } else { k.silu_mul };
             gate(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
             observe(l, Site::FfnHidden, &s.hb[..n * ffn]);
             (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
-            let (hb, xq) = (&s.hb[..n * ffn], &s.xq[..n * ffn / GROUP]);
+            let xk = self.superblocks(&s.hb[..n * ffn], &[&layer.w_down], &mut s.xk);
+            let (hb, xq) = (&s.hb[..n * ffn], (&s.xq[..n * ffn / GROUP], xk));
             self.linear(l, 6, &layer.w_down, hb, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
 
             // Residual (the FFN's output normalized first in Gemma).
@@ -1637,11 +1673,13 @@ impl<'a> Model<'a> {
             );
         }
         (k.quantize_activation)(&s.xb[..wanted * dim], &mut s.xq[..wanted * dim / GROUP]);
+        let xk = self.superblocks(&s.xb[..wanted * dim], &[&self.weights.output], &mut s.xk);
         self.weights.output.matmul(
             k,
             pool,
             &s.xb[..wanted * dim],
             &s.xq[..wanted * dim / GROUP],
+            xk,
             &mut s.logits,
             &mut s.scratch,
         );
@@ -1776,7 +1814,7 @@ mod kquant_tests {
                 for threads in [1, 2] {
                     let pool = ThreadPool::new(threads);
                     let (mut out, mut scratch) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
-                    m.matmul(&Kernels::SCALAR, &pool, &x, &xq, &mut out, &mut scratch);
+                    m.matmul(&Kernels::SCALAR, &pool, &x, &xq, &[], &mut out, &mut scratch);
                     for r in 0..rows {
                         for b in 0..batch {
                             assert_eq!(

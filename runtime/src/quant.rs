@@ -1283,6 +1283,24 @@ pub struct BlockQ8Act {
 }
 const _: () = assert!(std::mem::size_of::<BlockQ8Act>() == 40);
 
+/// 256 activation values under one scale (ggml's Q8_K): value `j` is
+/// `d · qs[j]`, and `sums[k]` is `Σ qs[32k .. 32k + 32]`. The ARMv8.0
+/// kernels of [`BlockQ4Kx4`] and [`BlockQ6Kx4`] take these when decoding:
+/// with one activation scale a super-block, a row's sub-block sums meet
+/// their integer scales in integers and become a float once a super-block
+/// (`crate::kernels::matmul::kquant::superblock`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub struct BlockQ8K {
+    /// Scale.
+    pub d: f32,
+    /// The sums of `qs` over each 32 values.
+    pub sums: [i16; QK_K / GROUP],
+    /// Quantized values.
+    pub qs: [i8; QK_K],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 276);
+
 /// Quantizes `x` (a multiple of [`GROUP`] long) to Q8, as ggml's `quantize_row_q8_0_ref`.
 pub fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     debug_assert_eq!(x.len(), out.len() * GROUP);

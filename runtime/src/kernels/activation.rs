@@ -2,7 +2,8 @@
 
 /// Reference implementation.
 pub mod scalar {
-    use crate::quant::{BlockQ8Act, GROUP};
+    use crate::kquant::QK_K;
+    use crate::quant::{BlockQ8Act, BlockQ8K, GROUP};
 
     /// Per block of 32: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σq`.
     pub fn quantize_activation(x: &[f32], out: &mut [BlockQ8Act]) {
@@ -20,13 +21,33 @@ pub mod scalar {
             block.s = d * sum as f32;
         }
     }
+
+    /// Per 256 values ([`BlockQ8K`]): `d = max|x| / 127`, `q = round(x / d)`
+    /// (the rule of [`quantize_activation`] over a whole super-block), and
+    /// `Σq` over each 32.
+    pub fn quantize_activation_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+        assert_eq!(x.len(), out.len() * QK_K, "{} values into {} blocks of {QK_K}", x.len(), out.len());
+        for (block, values) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+            let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in block.qs.iter_mut().zip(values) {
+                *q = (v * id).round() as i8;
+            }
+            for (sum, qs) in block.sums.iter_mut().zip(block.qs.chunks_exact(GROUP)) {
+                *sum = qs.iter().map(|&q| q as i16).sum();
+            }
+            block.d = d;
+        }
+    }
 }
 
 /// NEON (ARMv8.0), bit-for-bit the reference: the same scale, the same
 /// product `x · (1/d)`, rounded half away from zero (`fcvtas`, as `f32::round`).
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
-    use crate::quant::{BlockQ8Act, GROUP};
+    use crate::kquant::QK_K;
+    use crate::quant::{BlockQ8Act, BlockQ8K, GROUP};
     use std::arch::aarch64::*;
 
     /// Per block of 32: `d = max|x| / 127`, `q = round(x / d)`, `s = d · Σq`.
@@ -68,6 +89,52 @@ pub mod neon {
                 block.d = d;
                 block.s = d * vaddvq_s32(total) as f32;
             }
+        }
+    }
+
+    /// Per 256 values ([`BlockQ8K`]), bit for bit
+    /// [`super::scalar::quantize_activation_q8k`].
+    pub fn quantize_activation_q8k(x: &[f32], out: &mut [BlockQ8K]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { quantize_activation_q8k_neon(x, out) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn quantize_activation_q8k_neon(x: &[f32], out: &mut [BlockQ8K]) {
+        assert_eq!(x.len(), out.len() * QK_K, "{} values into {} blocks of {QK_K}", x.len(), out.len());
+        for (block, values) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+            // Largest magnitude over the 256 values, 16 at a time.
+            let mut m = vdupq_n_f32(0.0);
+            for sixteen in values.chunks_exact(16) {
+                // SAFETY: `sixteen` is 16 readable floats.
+                let v = unsafe { vld1q_f32_x4(sixteen.as_ptr()) };
+                let pairs = [vmaxq_f32(vabsq_f32(v.0), vabsq_f32(v.1)), vmaxq_f32(vabsq_f32(v.2), vabsq_f32(v.3))];
+                m = vmaxq_f32(m, vmaxq_f32(pairs[0], pairs[1]));
+            }
+            let d = vmaxvq_f32(m) / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for ((values, qs), sum) in
+                values.chunks_exact(GROUP).zip(block.qs.chunks_exact_mut(GROUP)).zip(&mut block.sums)
+            {
+                // SAFETY: `values` is 32 floats (two loads of 16), `qs` 32 bytes.
+                unsafe {
+                    let v = [vld1q_f32_x4(values.as_ptr()), vld1q_f32_x4(values.as_ptr().add(16))];
+                    let v = [v[0].0, v[0].1, v[0].2, v[0].3, v[1].0, v[1].1, v[1].2, v[1].3];
+                    // Scale and round to int32, half away from zero, then narrow (|q| ≤ 127).
+                    let q = v.map(|lane| vcvtaq_s32_f32(vmulq_n_f32(lane, id)));
+                    let h = [
+                        vmovn_high_s32(vmovn_s32(q[0]), q[1]),
+                        vmovn_high_s32(vmovn_s32(q[2]), q[3]),
+                        vmovn_high_s32(vmovn_s32(q[4]), q[5]),
+                        vmovn_high_s32(vmovn_s32(q[6]), q[7]),
+                    ];
+                    *sum = vaddvq_s16(vaddq_s16(vaddq_s16(h[0], h[1]), vaddq_s16(h[2], h[3])));
+                    let bytes =
+                        int8x16x2_t(vmovn_high_s16(vmovn_s16(h[0]), h[1]), vmovn_high_s16(vmovn_s16(h[2]), h[3]));
+                    vst1q_s8_x2(qs.as_mut_ptr(), bytes);
+                }
+            }
+            block.d = d;
         }
     }
 }

@@ -24,7 +24,9 @@ mod tests;
 
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
-use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8x4};
+use crate::quant::{
+    BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8K, BlockQ8x4,
+};
 use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use half::f16;
 
@@ -62,6 +64,23 @@ pub type AttentionCausalF16 = fn(&attention::Causal, &[f32], &[f16], &[f16], &mu
 /// `h ← h − w (p − centre) d`; returns `p`.
 pub type ProjectOut = fn(h: &mut [f32], r: &[f32], d: &[f32], w: f32, centre: f32) -> f32;
 
+/// A product of interleaved k-quant weights with [`BlockQ8K`] activations
+/// (one scale a super-block), the contract of [`MatmulQuantized`] otherwise.
+pub type MatmulSuperblock<Block> = fn(weights: &[Block], cols: usize, x: &[BlockQ8K], out: &mut [f32]);
+
+/// Decode-step products of Q4_K and Q6_K matrices with activations under
+/// one scale a super-block, for tables whose 32-value products pay a float
+/// step a sub-block ([`matmul::kquant::superblock`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SuperblockKernels {
+    /// Quantizes f32 activations to [`BlockQ8K`] (a multiple of 256 values).
+    pub quantize: fn(x: &[f32], out: &mut [BlockQ8K]),
+    /// Interleaved Q4_K weights × Q8_K activations.
+    pub matmul_q4kx4: MatmulSuperblock<BlockQ4Kx4>,
+    /// Interleaved Q6_K weights × Q8_K activations.
+    pub matmul_q6kx4: MatmulSuperblock<BlockQ6Kx4>,
+}
+
 /// The kernels a model runs with, chosen once at load.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
@@ -69,6 +88,9 @@ pub struct Kernels {
     pub name: &'static str,
     /// Quantizes f32 activations to int8 blocks.
     pub quantize_activation: fn(x: &[f32], out: &mut [BlockQ8Act]),
+    /// What a decode step's interleaved Q4_K and Q6_K products take
+    /// instead of the 32-value blocks, where this table has them.
+    pub superblock: Option<SuperblockKernels>,
     /// Q8 weights × int8 activations.
     pub matmul_q8: MatmulQuantized<BlockQ8>,
     /// Asymmetric Q4 weights × int8 activations.
@@ -173,6 +195,7 @@ impl Kernels {
     pub const SCALAR: Kernels = Kernels {
         name: "scalar",
         quantize_activation: activation::scalar::quantize_activation,
+        superblock: None,
         matmul_q8: matmul::scalar::matmul_q8,
         matmul_q4: matmul::scalar::matmul_q4,
         matmul_q4s: matmul::scalar::matmul_q4s,
@@ -228,6 +251,12 @@ impl Kernels {
     pub const NEON: Kernels = Kernels {
         name: "neon",
         quantize_activation: activation::neon::quantize_activation,
+        // The A72 has no `sdot`: its k-quant sums are cheaper to scale in integers.
+        superblock: Some(SuperblockKernels {
+            quantize: activation::neon::quantize_activation_q8k,
+            matmul_q4kx4: matmul::kquant::superblock::neon::matmul_q4kx4,
+            matmul_q6kx4: matmul::kquant::superblock::neon::matmul_q6kx4,
+        }),
         matmul_q8: matmul::neon::matmul_q8,
         matmul_q4: matmul::neon::matmul_q4,
         matmul_q4s: matmul::neon::matmul_q4s,
@@ -286,6 +315,8 @@ impl Kernels {
     #[cfg(target_arch = "aarch64")]
     pub const NEON_DOTPROD: Kernels = Kernels {
         name: "neon-dotprod",
+        // Its `sdot` products keep the 32-value activations.
+        superblock: None,
         matmul_q8: matmul::dotprod::matmul_q8,
         matmul_q4: matmul::dotprod::matmul_q4,
         matmul_q4s: matmul::dotprod::matmul_q4s,

@@ -517,7 +517,7 @@ pub mod neon {
     /// # Safety
     /// `*p` points at 64 readable bytes.
     #[inline(always)]
-    unsafe fn load64_next(p: &mut *const u8) -> [uint8x16_t; 4] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn load64_next(p: &mut *const u8) -> [uint8x16_t; 4] {
         let (v0, v1, v2, v3);
         asm!(
             "ld1 {{v16.16b, v17.16b, v18.16b, v19.16b}}, [{p}], #64",
@@ -533,7 +533,7 @@ pub mod neon {
     /// # Safety
     /// `*p` points at 64 readable bytes.
     #[inline(always)]
-    unsafe fn load64_step(p: &mut *const u8, step: isize) -> [uint8x16_t; 4] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn load64_step(p: &mut *const u8, step: isize) -> [uint8x16_t; 4] {
         let (v0, v1, v2, v3);
         asm!(
             "ld1 {{v20.16b, v21.16b, v22.16b, v23.16b}}, [{p}], {step}",
@@ -550,7 +550,7 @@ pub mod neon {
     /// # Safety
     /// `*p` points at 128 readable bytes.
     #[inline(always)]
-    unsafe fn load128_next(p: &mut *const u8) -> [uint8x16_t; 8] {
+    pub(in crate::kernels::matmul::kquant) unsafe fn load128_next(p: &mut *const u8) -> [uint8x16_t; 8] {
         let (v0, v1, v2, v3, v4, v5, v6, v7);
         asm!(
             "ld1 {{v16.16b, v17.16b, v18.16b, v19.16b}}, [{p}], #64",
@@ -657,7 +657,7 @@ pub mod neon {
     /// for a high one. Three instructions a vector, two for quarter 3, whose
     /// field is already at the top; the products then need no shift.
     #[inline(always)]
-    unsafe fn q6k_levels(
+    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_levels(
         quarter: usize,
         low: [uint8x16_t; 4],
         high: [uint8x16_t; 4],
@@ -869,7 +869,7 @@ pub mod neon {
     /// Activation block `2g + j`'s two signed scales `(s₀, s₁)`, lanes rows,
     /// from `packed` (scales `4g .. 4g + 4`, lanes `[scale][row]`).
     #[inline(always)]
-    unsafe fn q6k_pair(packed: int8x16_t, j: usize) -> (int32x4_t, int32x4_t) {
+    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_pair(packed: int8x16_t, j: usize) -> (int32x4_t, int32x4_t) {
         let pair = if j == 0 { vmovl_s8(vget_low_s8(packed)) } else { vmovl_high_s8(packed) };
         (vmovl_s16(vget_low_s16(pair)), vmovl_high_s16(pair))
     }

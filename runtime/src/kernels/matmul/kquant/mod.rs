@@ -44,6 +44,7 @@ macro_rules! widening_products {
 pub mod interleaved;
 pub mod interleaved35;
 pub mod scalar;
+pub mod superblock;
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;

@@ -1,0 +1,532 @@
+//! Products of four-row interleaved Q4_K and Q6_K matrices ([`BlockQ4Kx4`],
+//! [`BlockQ6Kx4`]) with activations under one scale a super-block
+//! ([`BlockQ8K`], ggml's Q8_K), for the ARMv8.0 decode step.
+//!
+//! - [`scalar`]: the reference, compiled everywhere, the same integer sums
+//!   and the same fused float steps in the same order, so the NEON kernels
+//!   equal it bit for bit;
+//! - `neon` (aarch64, the Raspberry Pi 4's Cortex-A72).
+//!
+//! Why a second activation format: with the runtime's 32-value activation
+//! blocks ([`crate::quant::BlockQ8Act`]) each sub-block's integer sum meets
+//! its own activation scale, so it becomes a float on its own (`mul`,
+//! `scvtf`, `fmla`, and an `fmla` for Q4_K's minimum, four instructions a
+//! sub-block of four rows). Under one activation scale a super-block the
+//! integer scales multiply the integer sums and add up in integers (one
+//! `mla`), Q4_K's minimums meet the activation's integer sums per 32 (one
+//! widening multiply by lane a sub-block), and the super-block becomes a
+//! float once:
+//!
+//! - Q4_K: `d·dₓ·Σⱼ scaleⱼ·isumⱼ − dmin·dₓ·Σⱼ minⱼ·Σqⱼ`;
+//! - Q6_K: `d·dₓ·Σₖ sₖ·isumₖ` over its sixteen sub-blocks of 16.
+//!
+//! The int32 sums cannot overflow: Q4_K's `Σⱼ scaleⱼ·isumⱼ` is at most
+//! 8·63·32·15·128 < 2²⁵, Q6_K's at most 16·128·16·32·128 < 2²⁶.
+//!
+//! The price is coarser activations (one scale for 256 values instead of
+//! eight), which is what llama.cpp's k-quant products use everywhere.
+//! Prompts (batches) keep the 32-value blocks and the tiled kernels of
+//! [`super::interleaved`].
+
+use crate::kquant::{scale_min_k4, QK_K};
+use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8K, Interleaved, GROUP, INTERLEAVE};
+
+/// Super-blocks a row and activations of the batch, checked against the
+/// matmul's slices.
+fn shape<W>(weights: &[W], cols: usize, x: &[BlockQ8K], out: &[f32]) -> (usize, usize) {
+    assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
+    let superblocks = cols / QK_K;
+    let (groups, batch) = (weights.len() / superblocks, x.len() / superblocks);
+    assert!(
+        weights.len() == groups * superblocks
+            && x.len() == batch * superblocks
+            && out.len() == groups * INTERLEAVE * batch,
+        "matmul shapes disagree: {} interleaved super-blocks, {} activation super-blocks, {} outputs, {cols} columns",
+        weights.len(),
+        x.len(),
+        out.len()
+    );
+    (superblocks, batch)
+}
+
+/// The reference.
+pub mod scalar {
+    use super::*;
+    use crate::kernels::matmul::kquant::scalar::{levels_q4k, levels_q6k};
+    use crate::kquant::f16_value;
+
+    /// `Σ a[j]·b[j]` as integers.
+    fn dot(a: &[i8], b: &[i8]) -> i32 {
+        a.iter().zip(b).map(|(&a, &b)| a as i32 * b as i32).sum()
+    }
+
+    /// Every group's rows against every activation, row `4g + r` against
+    /// activation `b` into `out[(4g + r)·batch + b]`.
+    fn matmul<W>(
+        weights: &[W],
+        cols: usize,
+        x: &[BlockQ8K],
+        out: &mut [f32],
+        dot_row: impl Fn(&[W], usize, &[BlockQ8K]) -> f32,
+    ) {
+        let (superblocks, batch) = shape(weights, cols, x, out);
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
+                for (o, activation) in row.iter_mut().zip(x.chunks_exact(superblocks)) {
+                    *o = dot_row(group, r, activation);
+                }
+            }
+        }
+    }
+
+    /// Interleaved Q4_K matrix × Q8_K activations.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        matmul(weights, cols, x, out, |group, r, x| {
+            let mut sum = 0f32;
+            for (block, a) in group.iter().zip(x) {
+                let row = block.row(r);
+                let (mut scaled, mut minimums) = (0i32, 0i32);
+                for sub in 0..QK_K / GROUP {
+                    let (scale, min) = scale_min_k4(sub, &row.scales);
+                    scaled += scale as i32 * dot(&levels_q4k(&row, sub), &a.qs[GROUP * sub..][..GROUP]);
+                    minimums += min as i32 * a.sums[sub] as i32;
+                }
+                sum = (f16_value(row.d) * a.d).mul_add(scaled as f32, sum);
+                sum = (-(f16_value(row.dmin) * a.d)).mul_add(minimums as f32, sum);
+            }
+            sum
+        })
+    }
+
+    /// Interleaved Q6_K matrix × Q8_K activations.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        matmul(weights, cols, x, out, |group, r, x| {
+            let mut sum = 0f32;
+            for (block, a) in group.iter().zip(x) {
+                let row = block.row(r);
+                let mut scaled = 0i32;
+                for k in 0..QK_K / GROUP {
+                    let (levels, q) = (levels_q6k(&row, k), &a.qs[GROUP * k..][..GROUP]);
+                    let (s0, s1) = (row.scales[2 * k] as i8 as i32, row.scales[2 * k + 1] as i8 as i32);
+                    scaled += s0 * dot(&levels[..16], &q[..16]) + s1 * dot(&levels[16..], &q[16..]);
+                }
+                sum = (f16_value(row.d) * a.d).mul_add(scaled as f32, sum);
+            }
+            sum
+        })
+    }
+}
+
+/// ARMv8.0 NEON, one activation at a time (decoding), four rows a step:
+/// the products of [`super::interleaved`]'s `neon` kernels (`ld4r`
+/// broadcasts, widening multiplies in 16-bit lanes), the activation's
+/// values read front to back.
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    use super::*;
+    use crate::kernels::matmul::kquant::interleaved::arm::*;
+    use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step};
+    use crate::kernels::matmul::kquant::interleaved::neon::{q6k_levels, q6k_pair};
+    use crate::kernels::matmul::neon::widen_f16_high;
+
+    /// The four rows' `Σ level·q` over the 32 values at `*q`; `*q` moves
+    /// past them. As the 32-value kernels' `sum32_next`: eight products a
+    /// 16-bit lane (|n·q| ≤ 15·128, below 2¹⁴), one pairwise add in 16 bits
+    /// (below 2¹⁵), one widening pairwise add.
+    ///
+    /// # Safety
+    /// `*q` points at 32 readable bytes.
+    #[inline(always)]
+    unsafe fn sum32(w: &[int8x16_t; 8], q: &mut *const i8) -> int32x4_t {
+        let sum: int32x4_t;
+        asm!(
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
+            widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
+            widening_products!(more "lo" "hi"; "w4" "v28", "w5" "v29", "w6" "v30", "w7" "v31"),
+            "addp {lo:v}.8h, {lo:v}.8h, {hi:v}.8h",
+            "saddlp {sum:v}.4s, {lo:v}.8h",
+            q = inout(reg) *q,
+            sum = out(vreg) sum,
+            lo = out(vreg) _,
+            hi = out(vreg) _,
+            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`; `*q`
+    /// moves by 16. As the 32-value kernels' `sum16_step` (four products a
+    /// 16-bit lane, widened before the pairwise add).
+    ///
+    /// # Safety
+    /// `*q` points at 16 readable bytes.
+    #[inline(always)]
+    unsafe fn sum16(w: &[int8x16_t; 4], q: &mut *const i8) -> int32x4_t {
+        let sum: int32x4_t;
+        asm!(
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
+            widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
+            "saddlp {lo:v}.4s, {lo:v}.8h",
+            "saddlp {hi:v}.4s, {hi:v}.8h",
+            "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
+            q = inout(reg) *q,
+            sum = out(vreg) sum,
+            lo = out(vreg) _,
+            hi = out(vreg) _,
+            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
+            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        sum
+    }
+
+    /// `v` as it stands, kept in order with the products' `asm` (see
+    /// `settle` in [`super::interleaved`]).
+    #[inline(always)]
+    unsafe fn settle_int(v: &mut int32x4_t) {
+        asm!("/* {v:v} */", v = inout(vreg) * v, options(nomem, nostack, preserves_flags));
+    }
+
+    /// Sixteen unsigned bytes `[j][r]` (four sub-blocks' values of four
+    /// rows), widened to 16 bits: `[j0 | j1]` and `[j2 | j3]`.
+    #[inline(always)]
+    unsafe fn widen_pairs(v: uint8x16_t) -> [int16x8_t; 2] {
+        [vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(v))), vreinterpretq_s16_u16(vmovl_high_u8(v))]
+    }
+
+    /// `Σⱼ minⱼ·Σqⱼ` over four sub-blocks: `mins` from [`widen_pairs`],
+    /// `sums` the activation's eight sums, `FIRST` = 0 (sub-blocks 0–3) or 4.
+    #[inline(always)]
+    unsafe fn minimum_terms<const FIRST: i32>(acc: int32x4_t, mins: [int16x8_t; 2], sums: int16x8_t) -> int32x4_t {
+        // (Each lane index spelled out: the intrinsics take them as constants.)
+        if FIRST == 0 {
+            let acc = vmlal_laneq_s16::<0>(acc, vget_low_s16(mins[0]), sums);
+            let acc = vmlal_high_laneq_s16::<1>(acc, mins[0], sums);
+            let acc = vmlal_laneq_s16::<2>(acc, vget_low_s16(mins[1]), sums);
+            vmlal_high_laneq_s16::<3>(acc, mins[1], sums)
+        } else {
+            let acc = vmlal_laneq_s16::<4>(acc, vget_low_s16(mins[0]), sums);
+            let acc = vmlal_high_laneq_s16::<5>(acc, mins[0], sums);
+            let acc = vmlal_laneq_s16::<6>(acc, vget_low_s16(mins[1]), sums);
+            vmlal_high_laneq_s16::<7>(acc, mins[1], sums)
+        }
+    }
+
+    /// One group's four rows against one activation.
+    ///
+    /// # Safety
+    /// `group` points at `superblocks` readable blocks, `x` at as many.
+    #[inline(always)]
+    unsafe fn q4k_dot(group: *const BlockQ4Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
+        let mut acc = vdupq_n_f32(0.0);
+        let mut w = group.cast::<u8>();
+        let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
+        for s in 0..superblocks {
+            let a = x.add(s);
+            let mut q = (*a).qs.as_ptr();
+            // The units (16 bytes) and packed scales (48) of the four rows,
+            // then 512 bytes of levels.
+            let [units, a6, b6, c6] = load64_next(&mut w);
+            let units = vreinterpretq_u16_u8(units);
+            let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
+            // ggml's unpacking for the four rows at once (see `q4k_scales`).
+            let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
+            let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
+            let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
+            // The minimums against the activation's sums, in integers.
+            let sums = vld1q_s16((*a).sums.as_ptr());
+            let minimums = minimum_terms::<0>(vdupq_n_s32(0), widen_pairs(mins_low), sums);
+            let mut minimums = minimum_terms::<4>(minimums, widen_pairs(mins_high), sums);
+            settle_int(&mut minimums);
+            let mut scaled = vdupq_n_s32(0);
+            for chunk in 0..4 {
+                let scales = if chunk < 2 { scales_low } else { scales_high };
+                let wide = widen_unsigned(scales);
+                let (s0, s1) = (wide[2 * (chunk % 2)], wide[2 * (chunk % 2) + 1]);
+                // Sub-block `2·chunk` in the low nibbles, `2·chunk + 1` in the high.
+                let bytes = load128_next(&mut w);
+                let levels = bytes.map(|v| vreinterpretq_s8_u8(vandq_u8(v, nibble)));
+                scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s0);
+                settle_int(&mut scaled);
+                let levels = bytes.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
+                scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s1);
+                settle_int(&mut scaled);
+            }
+            let dx = (*a).d;
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, dx));
+            acc = vfmsq_f32(acc, vcvtq_f32_s32(minimums), vmulq_n_f32(dmin, dx));
+        }
+        acc
+    }
+
+    /// Quarters `K` and `K + 2` (values `32K ..`, `32(K + 2) ..`) of half
+    /// `HALF` of a Q6_K super-block against the activation's values `qs`:
+    /// `scaled += s₀·Σ₀ + s₁·Σ₁` for each. Both quarters read the same `ql`
+    /// bytes; `qh`'s 128 bytes of the half are read for each `K`. `*ql`
+    /// moves on by 128 bytes, `*qh` by 128 after `K` = 1.
+    ///
+    /// # Safety
+    /// `*ql`, `*qh` point into a readable block as described, `qs` at 256 values.
+    #[inline(always)]
+    unsafe fn q6k_quarters<const HALF: usize, const K: usize>(
+        ql: &mut *const u8,
+        qh: &mut *const u8,
+        qs: *const i8,
+        keep_high: uint8x16_t,
+        packed: &[int8x16_t; 4],
+        scaled: &mut int32x4_t,
+    ) {
+        let (mut first, mut second) = (qs.add(128 * HALF + 32 * K), qs.add(128 * HALF + 32 * (K + 2)));
+        let mut sums = [[vdupq_n_s32(0); 2]; 2];
+        #[allow(clippy::needless_range_loop)]
+        for piece in 0..2 {
+            // Back to the half's `qh` after the second piece of `K` = 0.
+            let back = if piece == 1 && K == 0 { -64 } else { 64 };
+            let (low, high) = (load64_next(ql), load64_step(qh, back));
+            sums[0][piece] = sum16(&q6k_levels(K, low, high, keep_high), &mut first);
+            sums[1][piece] = sum16(&q6k_levels(K + 2, low, high, keep_high), &mut second);
+        }
+        for (quarter, sums) in [K, K + 2].into_iter().zip(sums) {
+            // Sub-blocks 2·(4·HALF + quarter) and the next.
+            let index = 4 * HALF + quarter;
+            let (s0, s1) = q6k_pair(packed[index / 2], index % 2);
+            *scaled = vmlaq_s32(vmlaq_s32(*scaled, sums[0], s0), sums[1], s1);
+            settle_int(scaled);
+        }
+    }
+
+    /// One group's four rows against one activation.
+    ///
+    /// # Safety
+    /// `group` points at `superblocks` readable blocks, `x` at as many.
+    unsafe fn q6k_dot(group: *const BlockQ6Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
+        let mut acc = vdupq_n_f32(0.0);
+        let keep_high = vdupq_n_u8(0xF0);
+        for s in 0..superblocks {
+            let (block, a) = (group.add(s), x.add(s));
+            let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
+            // Scales `4g .. 4g + 4` of the four rows (values 64g .. 64g + 64).
+            let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
+            let packed = [packed.0, packed.1, packed.2, packed.3];
+            let (mut ql, mut qh) = ((*block).ql.as_ptr(), (*block).qh.as_ptr());
+            let qs = (*a).qs.as_ptr();
+            let mut scaled = vdupq_n_s32(0);
+            // Each half (128 values) in two steps: quarters 0 and 2, then 1
+            // and 3, which read the same `ql` bytes (low and high nibbles);
+            // spelled out, so that each step's levels and scales are picked
+            // at compile time.
+            q6k_quarters::<0, 0>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            q6k_quarters::<0, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            q6k_quarters::<1, 0>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            q6k_quarters::<1, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, (*a).d));
+        }
+        acc
+    }
+
+    /// Every group against every activation, one activation at a time
+    /// (`dot` inlined into the loop: a call a group cost about 25
+    /// instructions, 0.6 M a TinyLlama-shaped token).
+    ///
+    /// # Safety
+    /// `dot` is one of this module's, whose CPU features every aarch64 core has.
+    #[inline(always)]
+    unsafe fn matmul<W>(
+        weights: &[W],
+        cols: usize,
+        x: &[BlockQ8K],
+        out: &mut [f32],
+        dot: impl Fn(*const W, usize, *const BlockQ8K) -> float32x4_t,
+    ) {
+        let (superblocks, batch) = shape(weights, cols, x, out);
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            for (b, activation) in x.chunks_exact(superblocks).enumerate() {
+                let sums = dot(group.as_ptr(), superblocks, activation.as_ptr());
+                if batch == 1 {
+                    // SAFETY: `outputs` is four writable f32.
+                    unsafe { vst1q_f32(outputs.as_mut_ptr(), sums) };
+                } else {
+                    let mut lanes = [0f32; INTERLEAVE];
+                    // SAFETY: `lanes` is four writable f32.
+                    unsafe { vst1q_f32(lanes.as_mut_ptr(), sums) };
+                    for (r, lane) in lanes.into_iter().enumerate() {
+                        outputs[r * batch + b] = lane;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Interleaved Q4_K matrix × Q8_K activations.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        // SAFETY: `q4k_dot` needs only NEON, and `matmul` hands it whole
+        // groups and activations of `superblocks` blocks (checked by `shape`).
+        unsafe { matmul(weights, cols, x, out, |w, n, a| q4k_dot(w, n, a)) }
+    }
+
+    /// Interleaved Q6_K matrix × Q8_K activations.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        // SAFETY: as in `matmul_q4kx4`.
+        unsafe { matmul(weights, cols, x, out, |w, n, a| q6k_dot(w, n, a)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::activation::scalar::quantize_activation_q8k;
+    use crate::kernels::matmul::kquant::interleaved::scalar as per_block;
+    use crate::kernels::matmul::kquant::test_support::{row_magnitude, Format, TestData, VariedRuns, Weights};
+    use crate::kquant::{BlockQ4K, BlockQ6K};
+    use crate::quant::{interleave, BlockQ8Act};
+    use bytemuck::Zeroable;
+
+    /// A Q8_K product: `(weights, cols, activations, out)`.
+    type MatmulQ8K<X> = fn(&[X], usize, &[BlockQ8K], &mut [f32]);
+
+    /// The reference against the 32-value reference on the same activation
+    /// values: both form the same exact integer sums (levels, scales,
+    /// minimums), so they differ only in the float rounding of their terms.
+    /// Each rounds a term through at most four operations into a running sum
+    /// of at most `cols/16 + 8` terms: within `(n + 8)·ε` relative to the
+    /// sum of the terms' magnitudes (as the interleaved kernels' tests).
+    const ROUNDING_PER_TERM: f32 = f32::EPSILON;
+
+    const COLUMNS: [usize; 4] = [256, 512, 2048, 5632];
+    const ROW_COUNTS: [usize; 3] = [4, 8, 12];
+    const BATCHES: [usize; 3] = [1, 2, 3];
+
+    /// `n` activation values as Q8_K blocks: quantized from varied data, or
+    /// (against random-byte weights) random int8 values, −128 included,
+    /// under the scale of each super-block's first 32-value block.
+    fn activations(data: &mut VariedRuns, kind: Weights, n: usize) -> Vec<BlockQ8K> {
+        let empty = BlockQ8K { d: 0.0, sums: [0; QK_K / GROUP], qs: [0; QK_K] };
+        let mut x = vec![empty; n / QK_K];
+        match kind {
+            Weights::Quantized => quantize_activation_q8k(&data.values(n), &mut x),
+            Weights::RandomBytes => {
+                for (block, blocks) in x.iter_mut().zip(data.activations(kind, n).chunks_exact(QK_K / GROUP)) {
+                    block.d = blocks[0].d;
+                    for (k, b) in blocks.iter().enumerate() {
+                        block.qs[GROUP * k..][..GROUP].copy_from_slice(&b.qs);
+                        block.sums[k] = b.qs.iter().map(|&q| q as i16).sum();
+                    }
+                }
+            }
+        }
+        x
+    }
+
+    /// The same values as 32-value blocks (each under the super-block's scale).
+    fn per_block(x: &[BlockQ8K]) -> Vec<BlockQ8Act> {
+        x.iter()
+            .flat_map(|block| {
+                (0..QK_K / GROUP).map(move |k| {
+                    let qs: [i8; GROUP] = block.qs[GROUP * k..][..GROUP].try_into().unwrap();
+                    BlockQ8Act { d: block.d, s: block.d * block.sums[k] as f32, qs }
+                })
+            })
+            .collect()
+    }
+
+    /// On every shape and both kinds of data: the reference within the
+    /// rounding budget of the 32-value reference, and each kernel equal to
+    /// the reference bit for bit.
+    fn check<B: Format, X: Interleaved<Row = B>>(
+        name: &str,
+        reference: MatmulQ8K<X>,
+        per_block_reference: fn(&[X], usize, &[BlockQ8Act], &mut [f32]),
+        kernels: &[(&str, MatmulQ8K<X>)],
+    ) {
+        let mut data = VariedRuns::seeded(11);
+        for rows in ROW_COUNTS {
+            for cols in COLUMNS {
+                for batch in BATCHES {
+                    for kind in [Weights::Quantized, Weights::RandomBytes] {
+                        let superblocks = cols / QK_K;
+                        let weights: Vec<B> = data.weights(kind, rows * superblocks);
+                        let mut mixed = vec![X::zeroed(); weights.len() / INTERLEAVE];
+                        interleave(&weights, superblocks, &mut mixed);
+                        let x = activations(&mut data, kind, batch * cols);
+                        let blocks = per_block(&x);
+                        let mut expected = vec![f32::NAN; rows * batch];
+                        reference(&mixed, cols, &x, &mut expected);
+                        let mut by_block = vec![f32::NAN; rows * batch];
+                        per_block_reference(&mixed, cols, &blocks, &mut by_block);
+                        let shape = format!("{name} {kind:?} {rows}×{cols} batch {batch}");
+                        for r in 0..rows {
+                            for b in 0..batch {
+                                let row = &weights[r * superblocks..][..superblocks];
+                                let activation = &blocks[b * cols / GROUP..][..cols / GROUP];
+                                let magnitude = row_magnitude(row, activation) as f32;
+                                let tolerance = ROUNDING_PER_TERM * (cols / 16 + 8) as f32 * magnitude;
+                                let (e, p) = (expected[r * batch + b], by_block[r * batch + b]);
+                                assert!(
+                                    (e - p).abs() <= tolerance,
+                                    "{shape} [{r}, {b}]: {e} against the 32-value reference's {p} (tolerance {tolerance})"
+                                );
+                            }
+                        }
+                        for (table, kernel) in kernels {
+                            let mut got = vec![f32::NAN; rows * batch];
+                            kernel(&mixed, cols, &x, &mut got);
+                            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&got), bits(&expected), "{shape} {table}: {got:?} against {expected:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kernels this CPU runs.
+    fn q4k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ4Kx4>)> {
+        #[cfg(target_arch = "aarch64")]
+        return vec![("neon", neon::matmul_q4kx4)];
+        #[cfg(not(target_arch = "aarch64"))]
+        return vec![];
+    }
+
+    fn q6k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ6Kx4>)> {
+        #[cfg(target_arch = "aarch64")]
+        return vec![("neon", neon::matmul_q6kx4)];
+        #[cfg(not(target_arch = "aarch64"))]
+        return vec![];
+    }
+
+    #[test]
+    fn q4kx4_products_match_the_references() {
+        check::<BlockQ4K, _>("q4kx4", scalar::matmul_q4kx4, per_block::matmul_q4kx4, &q4k_kernels());
+    }
+
+    #[test]
+    fn q6kx4_products_match_the_references() {
+        check::<BlockQ6K, _>("q6kx4", scalar::matmul_q6kx4, per_block::matmul_q6kx4, &q6k_kernels());
+    }
+
+    /// One level, scale or minimum changed moves the product: the
+    /// comparisons above would see a kernel that skipped a sub-block.
+    #[test]
+    fn one_changed_level_or_minimum_is_seen() {
+        let mut data = VariedRuns::seeded(5);
+        let weights: Vec<BlockQ4K> = data.weights(Weights::RandomBytes, 4);
+        let x = activations(&mut data, Weights::RandomBytes, QK_K);
+        let product = |weights: &[BlockQ4K]| {
+            let mut mixed = vec![BlockQ4Kx4::zeroed(); 1];
+            interleave(weights, 1, &mut mixed);
+            let mut out = [0f32; INTERLEAVE];
+            scalar::matmul_q4kx4(&mixed, QK_K, &x, &mut out);
+            out
+        };
+        let before = product(&weights);
+        let (mut level, mut minimum) = (weights.clone(), weights.clone());
+        level[2].qs[77] ^= 0x10;
+        minimum[1].scales[5] ^= 0x01;
+        assert_ne!(product(&level)[2], before[2], "a changed level");
+        assert_ne!(product(&minimum)[1], before[1], "a changed minimum");
+    }
+}
