@@ -1749,6 +1749,9 @@ mod tests {
 mod window_tests;
 
 #[cfg(test)]
+mod superblock_tests;
+
+#[cfg(test)]
 mod kquant_tests {
     use super::*;
     use crate::kernels::matmul::kquant::scalar;

@@ -103,15 +103,16 @@ pub mod neon {
     fn quantize_activation_q8k_neon(x: &[f32], out: &mut [BlockQ8K]) {
         assert_eq!(x.len(), out.len() * QK_K, "{} values into {} blocks of {QK_K}", x.len(), out.len());
         for (block, values) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
-            // Largest magnitude over the 256 values, 16 at a time.
+            // Largest magnitude over the 256 values, 16 at a time; `fmaxnm`
+            // passes over a NaN as `f32::max` does.
             let mut m = vdupq_n_f32(0.0);
             for sixteen in values.chunks_exact(16) {
                 // SAFETY: `sixteen` is 16 readable floats.
                 let v = unsafe { vld1q_f32_x4(sixteen.as_ptr()) };
-                let pairs = [vmaxq_f32(vabsq_f32(v.0), vabsq_f32(v.1)), vmaxq_f32(vabsq_f32(v.2), vabsq_f32(v.3))];
-                m = vmaxq_f32(m, vmaxq_f32(pairs[0], pairs[1]));
+                let pairs = [vmaxnmq_f32(vabsq_f32(v.0), vabsq_f32(v.1)), vmaxnmq_f32(vabsq_f32(v.2), vabsq_f32(v.3))];
+                m = vmaxnmq_f32(m, vmaxnmq_f32(pairs[0], pairs[1]));
             }
-            let d = vmaxvq_f32(m) / 127.0;
+            let d = vmaxnmvq_f32(m) / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             for ((values, qs), sum) in
                 values.chunks_exact(GROUP).zip(block.qs.chunks_exact_mut(GROUP)).zip(&mut block.sums)

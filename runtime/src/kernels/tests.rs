@@ -120,6 +120,50 @@ fn quantize_activation_is_bit_exact() {
     }
 }
 
+/// The 256-value activations ([`crate::quant::BlockQ8K`]): every table that
+/// has them equals the reference bit for bit, and the reference's values
+/// are the input within half a step, |q| ≤ 127, each sum its 32 values'.
+#[test]
+fn superblock_activations_are_bit_exact_and_within_half_a_step() {
+    use crate::kquant::QK_K;
+    use crate::quant::BlockQ8K;
+    let empty = BlockQ8K { d: 1.0, sums: [1; QK_K / GROUP], qs: [1; QK_K] };
+    for superblocks in 1..=4 {
+        let mut x = activations(superblocks * QK_K, 40 + superblocks as u32);
+        // One spike a super-block sets its scale; a NaN and an infinity go to 0.
+        x[17] = -30.0;
+        x[QK_K - 1] = f32::NAN;
+        if superblocks > 1 {
+            x[QK_K + 5] = f32::INFINITY;
+        }
+        let mut expected = vec![empty; superblocks];
+        crate::kernels::activation::scalar::quantize_activation_q8k(&x, &mut expected);
+        for (block, values) in expected.iter().zip(x.chunks_exact(QK_K)) {
+            for (k, sum) in block.sums.iter().enumerate() {
+                assert_eq!(*sum, block.qs[k * GROUP..][..GROUP].iter().map(|&q| q as i16).sum::<i16>());
+            }
+            assert!(block.qs.iter().all(|&q| q != i8::MIN));
+            if block.d.is_finite() {
+                for (&q, &v) in block.qs.iter().zip(values).filter(|(_, v)| v.is_finite()) {
+                    assert!((block.d * q as f32 - v).abs() <= 0.5001 * block.d, "{v} as {q} · {}", block.d);
+                }
+            }
+        }
+        for k in Kernels::all_available() {
+            let Some(superblock) = k.superblock else { continue };
+            let mut got = vec![empty; superblocks];
+            (superblock.quantize)(&x, &mut got);
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(
+                    g.qs == e.qs && g.sums == e.sums && g.d.to_bits() == e.d.to_bits(),
+                    "{}: {g:?} vs {e:?}",
+                    k.name
+                );
+            }
+        }
+    }
+}
+
 /// One quantized weight matrix, the blocks of every row, and per block the
 /// stored integers `n[j]` and what a value is: `d·n + offset`.
 /// Interleaved encodings keep the row-major bytes too (`row_major`), for the

@@ -869,7 +869,7 @@ pub mod neon {
     /// Activation block `2g + j`'s two signed scales `(s₀, s₁)`, lanes rows,
     /// from `packed` (scales `4g .. 4g + 4`, lanes `[scale][row]`).
     #[inline(always)]
-    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_pair(packed: int8x16_t, j: usize) -> (int32x4_t, int32x4_t) {
+    unsafe fn q6k_pair(packed: int8x16_t, j: usize) -> (int32x4_t, int32x4_t) {
         let pair = if j == 0 { vmovl_s8(vget_low_s8(packed)) } else { vmovl_high_s8(packed) };
         (vmovl_s16(vget_low_s16(pair)), vmovl_high_s16(pair))
     }

@@ -125,8 +125,8 @@ pub mod scalar {
 pub mod neon {
     use super::*;
     use crate::kernels::matmul::kquant::interleaved::arm::*;
+    use crate::kernels::matmul::kquant::interleaved::neon::q6k_levels;
     use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step};
-    use crate::kernels::matmul::kquant::interleaved::neon::{q6k_levels, q6k_pair};
     use crate::kernels::matmul::neon::widen_f16_high;
 
     /// The four rows' `Σ level·q` over the 32 values at `*q`; `*q` moves
@@ -158,21 +158,22 @@ pub mod neon {
         sum
     }
 
-    /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`; `*q`
-    /// moves by 16. As the 32-value kernels' `sum16_step` (four products a
-    /// 16-bit lane, widened before the pairwise add).
+    /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`, as
+    /// two 16-bit halves a row (lanes `[r0, r0, r1, r1, r2, r2, r3, r3]`);
+    /// `*q` moves by 16. Four products a 16-bit lane, then one pairwise add
+    /// in 16 bits: eight products of |level − 32| ≤ 32 and |q| ≤ 127 (what
+    /// [`BlockQ8K`] holds) are at most 32 512, below 2¹⁵. (The 32-value
+    /// kernels' activations may hold −128, so theirs widen first.)
     ///
     /// # Safety
     /// `*q` points at 16 readable bytes.
     #[inline(always)]
-    unsafe fn sum16(w: &[int8x16_t; 4], q: &mut *const i8) -> int32x4_t {
-        let sum: int32x4_t;
+    unsafe fn sum16(w: &[int8x16_t; 4], q: &mut *const i8) -> int16x8_t {
+        let sum: int16x8_t;
         asm!(
             "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
             widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
-            "saddlp {lo:v}.4s, {lo:v}.8h",
-            "saddlp {hi:v}.4s, {hi:v}.8h",
-            "addp {sum:v}.4s, {lo:v}.4s, {hi:v}.4s",
+            "addp {sum:v}.8h, {lo:v}.8h, {hi:v}.8h",
             q = inout(reg) *q,
             sum = out(vreg) sum,
             lo = out(vreg) _,
@@ -182,6 +183,25 @@ pub mod neon {
             options(pure, readonly, nostack, preserves_flags),
         );
         sum
+    }
+
+    /// Q6_K's sixteen-value sums of four rows into their running int32
+    /// sums: `low += s·pairs` for rows 0–1 (lanes `[r0, r0, r1, r1]`),
+    /// `high += s·pairs` for rows 2–3, the scales `s` in the same lanes.
+    #[inline(always)]
+    unsafe fn scale_pairs(pairs: int16x8_t, scales: int16x8_t, (low, high): &mut (int32x4_t, int32x4_t)) {
+        *low = vmlal_s16(*low, vget_low_s16(pairs), vget_low_s16(scales));
+        *high = vmlal_high_s16(*high, pairs, scales);
+    }
+
+    /// Sixteen signed scale bytes `[k][r]` (four sub-blocks of four rows)
+    /// as 16-bit lanes each twice, one vector a sub-block:
+    /// `[s_r0, s_r0, s_r1, s_r1, s_r2, s_r2, s_r3, s_r3]`, the lanes of
+    /// [`sum16`]'s pairs.
+    #[inline(always)]
+    unsafe fn doubled_scales(packed: int8x16_t) -> [int16x8_t; 4] {
+        let (first, second) = (vzip1q_s8(packed, packed), vzip2q_s8(packed, packed));
+        [vmovl_s8(vget_low_s8(first)), vmovl_high_s8(first), vmovl_s8(vget_low_s8(second)), vmovl_high_s8(second)]
     }
 
     /// `v` as it stands, kept in order with the products' `asm` (see
@@ -264,10 +284,11 @@ pub mod neon {
     }
 
     /// Quarters `K` and `K + 2` (values `32K ..`, `32(K + 2) ..`) of half
-    /// `HALF` of a Q6_K super-block against the activation's values `qs`:
-    /// `scaled += s₀·Σ₀ + s₁·Σ₁` for each. Both quarters read the same `ql`
-    /// bytes; `qh`'s 128 bytes of the half are read for each `K`. `*ql`
-    /// moves on by 128 bytes, `*qh` by 128 after `K` = 1.
+    /// `HALF` of a Q6_K super-block against the activation's values `qs`,
+    /// each piece of sixteen values scaled into `scaled` ([`scale_pairs`]).
+    /// Both quarters read the same `ql` bytes; `qh`'s 128 bytes of the half
+    /// are read for each `K`. `*ql` moves on by 128 bytes, `*qh` by 128
+    /// after `K` = 1.
     ///
     /// # Safety
     /// `*ql`, `*qh` point into a readable block as described, `qs` at 256 values.
@@ -278,24 +299,26 @@ pub mod neon {
         qs: *const i8,
         keep_high: uint8x16_t,
         packed: &[int8x16_t; 4],
-        scaled: &mut int32x4_t,
+        scaled: &mut (int32x4_t, int32x4_t),
     ) {
         let (mut first, mut second) = (qs.add(128 * HALF + 32 * K), qs.add(128 * HALF + 32 * (K + 2)));
-        let mut sums = [[vdupq_n_s32(0); 2]; 2];
-        #[allow(clippy::needless_range_loop)]
+        // Sub-blocks of sixteen: 8·HALF + 2·quarter and the next, their
+        // scales in `packed[2·HALF + quarter / 2]`.
+        let scales = |quarter: usize| {
+            let four = doubled_scales(packed[2 * HALF + quarter / 2]);
+            [four[2 * (quarter % 2)], four[2 * (quarter % 2) + 1]]
+        };
+        let (first_scales, second_scales) = (scales(K), scales(K + 2));
         for piece in 0..2 {
             // Back to the half's `qh` after the second piece of `K` = 0.
             let back = if piece == 1 && K == 0 { -64 } else { 64 };
             let (low, high) = (load64_next(ql), load64_step(qh, back));
-            sums[0][piece] = sum16(&q6k_levels(K, low, high, keep_high), &mut first);
-            sums[1][piece] = sum16(&q6k_levels(K + 2, low, high, keep_high), &mut second);
-        }
-        for (quarter, sums) in [K, K + 2].into_iter().zip(sums) {
-            // Sub-blocks 2·(4·HALF + quarter) and the next.
-            let index = 4 * HALF + quarter;
-            let (s0, s1) = q6k_pair(packed[index / 2], index % 2);
-            *scaled = vmlaq_s32(vmlaq_s32(*scaled, sums[0], s0), sums[1], s1);
-            settle_int(scaled);
+            let pairs = sum16(&q6k_levels(K, low, high, keep_high), &mut first);
+            scale_pairs(pairs, first_scales[piece], scaled);
+            let pairs = sum16(&q6k_levels(K + 2, low, high, keep_high), &mut second);
+            scale_pairs(pairs, second_scales[piece], scaled);
+            settle_int(&mut scaled.0);
+            settle_int(&mut scaled.1);
         }
     }
 
@@ -314,7 +337,7 @@ pub mod neon {
             let packed = [packed.0, packed.1, packed.2, packed.3];
             let (mut ql, mut qh) = ((*block).ql.as_ptr(), (*block).qh.as_ptr());
             let qs = (*a).qs.as_ptr();
-            let mut scaled = vdupq_n_s32(0);
+            let mut scaled = (vdupq_n_s32(0), vdupq_n_s32(0));
             // Each half (128 values) in two steps: quarters 0 and 2, then 1
             // and 3, which read the same `ql` bytes (low and high nibbles);
             // spelled out, so that each step's levels and scales are picked
@@ -323,6 +346,8 @@ pub mod neon {
             q6k_quarters::<0, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
             q6k_quarters::<1, 0>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
             q6k_quarters::<1, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            // `[r0, r0, r1, r1]` and `[r2, r2, r3, r3]` to the rows' sums.
+            let scaled = vpaddq_s32(scaled.0, scaled.1);
             acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, (*a).d));
         }
         acc
@@ -401,7 +426,8 @@ mod tests {
     const BATCHES: [usize; 3] = [1, 2, 3];
 
     /// `n` activation values as Q8_K blocks: quantized from varied data, or
-    /// (against random-byte weights) random int8 values, −128 included,
+    /// (against random-byte weights) random int8 values, −127 to 127 (what
+    /// the quantizer writes; the Q6_K kernel's 16-bit sums count on it),
     /// under the scale of each super-block's first 32-value block.
     fn activations(data: &mut VariedRuns, kind: Weights, n: usize) -> Vec<BlockQ8K> {
         let empty = BlockQ8K { d: 0.0, sums: [0; QK_K / GROUP], qs: [0; QK_K] };
@@ -412,8 +438,9 @@ mod tests {
                 for (block, blocks) in x.iter_mut().zip(data.activations(kind, n).chunks_exact(QK_K / GROUP)) {
                     block.d = blocks[0].d;
                     for (k, b) in blocks.iter().enumerate() {
-                        block.qs[GROUP * k..][..GROUP].copy_from_slice(&b.qs);
-                        block.sums[k] = b.qs.iter().map(|&q| q as i16).sum();
+                        let qs = b.qs.map(|q| q.max(-127));
+                        block.qs[GROUP * k..][..GROUP].copy_from_slice(&qs);
+                        block.sums[k] = qs.iter().map(|&q| q as i16).sum();
                     }
                 }
             }
