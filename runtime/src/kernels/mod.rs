@@ -315,8 +315,11 @@ impl Kernels {
     #[cfg(target_arch = "aarch64")]
     pub const NEON_DOTPROD: Kernels = Kernels {
         name: "neon-dotprod",
-        // Its `sdot` products keep the 32-value activations.
-        superblock: None,
+        superblock: Some(SuperblockKernels {
+            quantize: activation::neon::quantize_activation_q8k,
+            matmul_q4kx4: matmul::kquant::superblock::dotprod::matmul_q4kx4,
+            matmul_q6kx4: matmul::kquant::superblock::dotprod::matmul_q6kx4,
+        }),
         matmul_q8: matmul::dotprod::matmul_q8,
         matmul_q4: matmul::dotprod::matmul_q4,
         matmul_q4s: matmul::dotprod::matmul_q4s,

@@ -207,7 +207,7 @@ pub mod neon {
     /// `v` as it stands, kept in order with the products' `asm` (see
     /// `settle` in [`super::interleaved`]).
     #[inline(always)]
-    unsafe fn settle_int(v: &mut int32x4_t) {
+    pub(super) unsafe fn settle_int(v: &mut int32x4_t) {
         asm!("/* {v:v} */", v = inout(vreg) * v, options(nomem, nostack, preserves_flags));
     }
 
@@ -236,12 +236,20 @@ pub mod neon {
         }
     }
 
-    /// One group's four rows against one activation.
+    /// One group's four rows against one activation, `sum32(levels, q)` the
+    /// four rows' `Σ level·q` over the 32 values at `*q` (moving `*q` past
+    /// them): [`sum32`] here, `sdot`s in [`super::dotprod`].
     ///
     /// # Safety
-    /// `group` points at `superblocks` readable blocks, `x` at as many.
+    /// `group` points at `superblocks` readable blocks, `x` at as many, and
+    /// `sum32` may be called on 32 of their values at a time.
     #[inline(always)]
-    unsafe fn q4k_dot(group: *const BlockQ4Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
+    pub(super) unsafe fn q4k_dot(
+        group: *const BlockQ4Kx4,
+        superblocks: usize,
+        x: *const BlockQ8K,
+        sum32: impl Fn(&[int8x16_t; 8], &mut *const i8) -> int32x4_t,
+    ) -> float32x4_t {
         let mut acc = vdupq_n_f32(0.0);
         let mut w = group.cast::<u8>();
         let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
@@ -263,11 +271,12 @@ pub mod neon {
             let mut minimums = minimum_terms::<4>(minimums, widen_pairs(mins_high), sums);
             settle_int(&mut minimums);
             let mut scaled = vdupq_n_s32(0);
-            for chunk in 0..4 {
-                let scales = if chunk < 2 { scales_low } else { scales_high };
-                let wide = widen_unsigned(scales);
-                let (s0, s1) = (wide[2 * (chunk % 2)], wide[2 * (chunk % 2) + 1]);
-                // Sub-block `2·chunk` in the low nibbles, `2·chunk + 1` in the high.
+            // Sub-blocks 2c (low nibbles) and 2c + 1 (high) of 128 bytes,
+            // chunk by chunk; spelled out, so that each chunk's scales are
+            // picked at compile time (a loop the `sdot` kernel's LLVM kept
+            // went through the stack for them).
+            let (low, high) = (widen_unsigned(scales_low), widen_unsigned(scales_high));
+            let mut chunk = |(s0, s1): (int32x4_t, int32x4_t)| {
                 let bytes = load128_next(&mut w);
                 let levels = bytes.map(|v| vreinterpretq_s8_u8(vandq_u8(v, nibble)));
                 scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s0);
@@ -275,7 +284,11 @@ pub mod neon {
                 let levels = bytes.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
                 scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s1);
                 settle_int(&mut scaled);
-            }
+            };
+            chunk((low[0], low[1]));
+            chunk((low[2], low[3]));
+            chunk((high[0], high[1]));
+            chunk((high[2], high[3]));
             let dx = (*a).d;
             acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, dx));
             acc = vfmsq_f32(acc, vcvtq_f32_s32(minimums), vmulq_n_f32(dmin, dx));
@@ -360,7 +373,7 @@ pub mod neon {
     /// # Safety
     /// `dot` is one of this module's, whose CPU features every aarch64 core has.
     #[inline(always)]
-    unsafe fn matmul<W>(
+    pub(super) unsafe fn matmul<W>(
         weights: &[W],
         cols: usize,
         x: &[BlockQ8K],
@@ -390,13 +403,147 @@ pub mod neon {
     pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
         // SAFETY: `q4k_dot` needs only NEON, and `matmul` hands it whole
         // groups and activations of `superblocks` blocks (checked by `shape`).
-        unsafe { matmul(weights, cols, x, out, |w, n, a| q4k_dot(w, n, a)) }
+        unsafe { matmul(weights, cols, x, out, |w, n, a| q4k_dot(w, n, a, |levels, q| sum32(levels, q))) }
     }
 
     /// Interleaved Q6_K matrix × Q8_K activations.
     pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
         // SAFETY: as in `matmul_q4kx4`.
         unsafe { matmul(weights, cols, x, out, |w, n, a| q6k_dot(w, n, a)) }
+    }
+}
+
+/// `sdot` (the Raspberry Pi 5's Cortex-A76), one activation at a time:
+/// Q4_K as the ARMv8.0 kernel with eight `sdot`s by lane for its products;
+/// Q6_K with the `sdot` kernels' levels (`4·(level − 32)`, one insert a
+/// vector, [`super::interleaved`]) and each sixteen columns' sum scaled by
+/// one `mla`.
+#[cfg(target_arch = "aarch64")]
+pub mod dotprod {
+    use super::*;
+    use crate::kernels::matmul::dotprod::available;
+    use crate::kernels::matmul::kquant::interleaved::arm::*;
+    use crate::kernels::matmul::kquant::interleaved::neon::load64_next;
+
+    /// `Σ w·q` of four rows over `4·W` columns: `sdot` by lane, vector `c`
+    /// against the activation's lane `c mod 4` of its `c / 4`th vector.
+    ///
+    /// # Safety
+    /// The CPU has the dot-product extension.
+    #[target_feature(enable = "dotprod")]
+    #[inline]
+    unsafe fn sdots<const W: usize>(w: &[int8x16_t; W], q: &[int8x16_t]) -> int32x4_t {
+        let mut sum = vdupq_n_s32(0);
+        for (c, &w) in w.iter().enumerate() {
+            let q = q[c / 4];
+            // (The lane is a constant of the instruction.)
+            match c % 4 {
+                0 => asm!("sdot {s:v}.4s, {w:v}.16b, {q:v}.4b[0]", s = inout(vreg) sum, w = in(vreg) w, q = in(vreg) q,
+                    options(pure, nomem, nostack, preserves_flags)),
+                1 => asm!("sdot {s:v}.4s, {w:v}.16b, {q:v}.4b[1]", s = inout(vreg) sum, w = in(vreg) w, q = in(vreg) q,
+                    options(pure, nomem, nostack, preserves_flags)),
+                2 => asm!("sdot {s:v}.4s, {w:v}.16b, {q:v}.4b[2]", s = inout(vreg) sum, w = in(vreg) w, q = in(vreg) q,
+                    options(pure, nomem, nostack, preserves_flags)),
+                _ => asm!("sdot {s:v}.4s, {w:v}.16b, {q:v}.4b[3]", s = inout(vreg) sum, w = in(vreg) w, q = in(vreg) q,
+                    options(pure, nomem, nostack, preserves_flags)),
+            }
+        }
+        sum
+    }
+
+    /// One group's four rows against one activation, Q4_K.
+    ///
+    /// # Safety
+    /// As [`super::neon::q4k_dot`], and the CPU has the dot-product extension.
+    #[target_feature(enable = "dotprod")]
+    unsafe fn q4k_dot(group: *const BlockQ4Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
+        super::neon::q4k_dot(group, superblocks, x, |levels, q| {
+            // SAFETY: `*q` has 32 values (the caller's promise), and the
+            // CPU has the dot-product extension.
+            unsafe {
+                let values = vld1q_s8_x2(*q);
+                *q = q.add(32);
+                sdots(levels, &[values.0, values.1])
+            }
+        })
+    }
+
+    /// Quarters `K` and `K + 2` of half `HALF` of a Q6_K super-block
+    /// against the activation's values `qs`, a 64-byte piece of `ql` and
+    /// `qh` (sixteen columns of four rows) at a time, each piece's sums
+    /// scaled into `scaled` by one `mla`: sums of four times the levels.
+    ///
+    /// # Safety
+    /// `block` is readable, `qs` has 256 values, and the CPU has the
+    /// dot-product extension.
+    #[inline(always)]
+    unsafe fn q6k_quarters<const HALF: usize, const K: usize>(
+        block: *const BlockQ6Kx4,
+        qs: *const i8,
+        pairs: &[(int32x4_t, int32x4_t); 8],
+        scaled: &mut int32x4_t,
+    ) {
+        // Both `K` read the half's 128 bytes of `qh`.
+        let mut ql = (*block).ql.as_ptr().add(256 * HALF + 128 * K);
+        let mut qh = (*block).qh.as_ptr().add(128 * HALF);
+        let (first, second) = (4 * HALF + K, 4 * HALF + K + 2);
+        for piece in 0..2 {
+            let (low, high) = (load64_next(&mut ql), load64_next(&mut qh));
+            let levels = if K == 0 {
+                (q6k_levels_x4::<0, 4>(low, high), q6k_levels_x4::<2, 4>(low, high))
+            } else {
+                (q6k_levels_x4::<1, 4>(low, high), q6k_levels_x4::<3, 4>(low, high))
+            };
+            let values = |quarter: usize| vld1q_s8(qs.add(32 * quarter + 16 * piece));
+            let (s_first, s_second) =
+                if piece == 0 { (pairs[first].0, pairs[second].0) } else { (pairs[first].1, pairs[second].1) };
+            *scaled = vmlaq_s32(*scaled, sdots(&levels.0, &[values(first)]), s_first);
+            *scaled = vmlaq_s32(*scaled, sdots(&levels.1, &[values(second)]), s_second);
+            super::neon::settle_int(scaled);
+        }
+    }
+
+    /// One group's four rows against one activation, Q6_K: `Σ sₖ·Σₖ` over
+    /// the sixteen sub-blocks in integers ([`q6k_quarters`]).
+    ///
+    /// # Safety
+    /// `group` points at `superblocks` readable blocks, `x` at as many, and
+    /// the CPU has the dot-product extension.
+    #[target_feature(enable = "dotprod")]
+    unsafe fn q6k_dot(group: *const BlockQ6Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
+        let mut acc = vdupq_n_f32(0.0);
+        for s in 0..superblocks {
+            let (block, a) = (group.add(s), x.add(s));
+            let (d, pairs) = q6k_scales(block);
+            let qs = (*a).qs.as_ptr();
+            let mut scaled = vdupq_n_s32(0);
+            q6k_quarters::<0, 0>(block, qs, &pairs, &mut scaled);
+            q6k_quarters::<0, 1>(block, qs, &pairs, &mut scaled);
+            q6k_quarters::<1, 0>(block, qs, &pairs, &mut scaled);
+            q6k_quarters::<1, 1>(block, qs, &pairs, &mut scaled);
+            // The sums are of four times the levels: divided exactly, then
+            // the reference's float step.
+            let scaled = vshrq_n_s32::<2>(scaled);
+            acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, (*a).d));
+        }
+        acc
+    }
+
+    /// Interleaved Q4_K matrix × Q8_K activations. Panics on a CPU without
+    /// the dot-product extension.
+    pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: the CPU has the extension (checked just above), and
+        // `matmul` hands `q4k_dot` whole groups and activations.
+        unsafe { super::neon::matmul(weights, cols, x, out, |w, n, a| q4k_dot(w, n, a)) }
+    }
+
+    /// Interleaved Q6_K matrix × Q8_K activations. Panics on a CPU without
+    /// the dot-product extension.
+    pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: as in `matmul_q4kx4`.
+        unsafe { super::neon::matmul(weights, cols, x, out, |w, n, a| q6k_dot(w, n, a)) }
     }
 }
 
@@ -512,17 +659,27 @@ mod tests {
 
     /// The kernels this CPU runs.
     fn q4k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ4Kx4>)> {
+        let mut kernels: Vec<(&'static str, MatmulQ8K<BlockQ4Kx4>)> = Vec::new();
         #[cfg(target_arch = "aarch64")]
-        return vec![("neon", neon::matmul_q4kx4)];
-        #[cfg(not(target_arch = "aarch64"))]
-        return vec![];
+        {
+            kernels.push(("neon", neon::matmul_q4kx4));
+            if crate::kernels::matmul::dotprod::available() {
+                kernels.push(("dotprod", dotprod::matmul_q4kx4));
+            }
+        }
+        kernels
     }
 
     fn q6k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ6Kx4>)> {
+        let mut kernels: Vec<(&'static str, MatmulQ8K<BlockQ6Kx4>)> = Vec::new();
         #[cfg(target_arch = "aarch64")]
-        return vec![("neon", neon::matmul_q6kx4)];
-        #[cfg(not(target_arch = "aarch64"))]
-        return vec![];
+        {
+            kernels.push(("neon", neon::matmul_q6kx4));
+            if crate::kernels::matmul::dotprod::available() {
+                kernels.push(("dotprod", dotprod::matmul_q6kx4));
+            }
+        }
+        kernels
     }
 
     #[test]
