@@ -60,36 +60,49 @@ pub mod neon {
     fn quantize_activation_neon(x: &[f32], out: &mut [BlockQ8Act]) {
         assert_eq!(x.len(), out.len() * GROUP, "{} values into {} blocks", x.len(), out.len());
         for (block, values) in out.iter_mut().zip(x.chunks_exact(GROUP)) {
-            // SAFETY: `values` is 32 floats (two loads of 16), `block.qs` 32 bytes.
+            // SAFETY: `values` is 32 floats, `block.qs` 32 bytes.
             unsafe {
-                let v = [vld1q_f32_x4(values.as_ptr()), vld1q_f32_x4(values.as_ptr().add(16))];
-                let v = [v[0].0, v[0].1, v[0].2, v[0].3, v[1].0, v[1].1, v[1].2, v[1].3];
+                let v = load_32(values);
                 // Largest magnitude: |x| lane-wise, a tree of maxima, then across lanes.
                 let m = v.map(|lane| vabsq_f32(lane));
                 let m = [vmaxq_f32(m[0], m[1]), vmaxq_f32(m[2], m[3]), vmaxq_f32(m[4], m[5]), vmaxq_f32(m[6], m[7])];
                 let amax = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m[0], m[1]), vmaxq_f32(m[2], m[3])));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                // Scale and round to int32, half away from zero.
-                let q = v.map(|lane| vcvtaq_s32_f32(vmulq_n_f32(lane, id)));
-                // Σq for s, in 32-bit lanes.
-                let total = vaddq_s32(
-                    vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])),
-                    vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])),
-                );
-                // Narrow 32 → 16 → 8 bits (|q| ≤ 127, nothing is lost).
-                let h = [
-                    vmovn_high_s32(vmovn_s32(q[0]), q[1]),
-                    vmovn_high_s32(vmovn_s32(q[2]), q[3]),
-                    vmovn_high_s32(vmovn_s32(q[4]), q[5]),
-                    vmovn_high_s32(vmovn_s32(q[6]), q[7]),
-                ];
-                let bytes = int8x16x2_t(vmovn_high_s16(vmovn_s16(h[0]), h[1]), vmovn_high_s16(vmovn_s16(h[2]), h[3]));
-                vst1q_s8_x2(block.qs.as_mut_ptr(), bytes);
+                let sum = rounded_32(v, id, block.qs.as_mut_ptr());
                 block.d = d;
-                block.s = d * vaddvq_s32(total) as f32;
+                block.s = d * sum as f32;
             }
         }
+    }
+
+    /// 32 floats from `values` as eight vectors.
+    ///
+    /// # Safety
+    /// `values` has 32 floats.
+    #[inline(always)]
+    unsafe fn load_32(values: &[f32]) -> [float32x4_t; 8] {
+        let v = [vld1q_f32_x4(values.as_ptr()), vld1q_f32_x4(values.as_ptr().add(16))];
+        [v[0].0, v[0].1, v[0].2, v[0].3, v[1].0, v[1].1, v[1].2, v[1].3]
+    }
+
+    /// `v · id` rounded half away from zero (`fcvtas`, as `f32::round`) and
+    /// narrowed 32 → 16 → 8 bits into `qs` (|q| ≤ 127, nothing is lost);
+    /// returns `Σq`.
+    ///
+    /// # Safety
+    /// `qs` has 32 writable bytes.
+    #[inline(always)]
+    unsafe fn rounded_32(v: [float32x4_t; 8], id: f32, qs: *mut i8) -> i16 {
+        let q = v.map(|lane| vcvtaq_s32_f32(vmulq_n_f32(lane, id)));
+        let h = [
+            vmovn_high_s32(vmovn_s32(q[0]), q[1]),
+            vmovn_high_s32(vmovn_s32(q[2]), q[3]),
+            vmovn_high_s32(vmovn_s32(q[4]), q[5]),
+            vmovn_high_s32(vmovn_s32(q[6]), q[7]),
+        ];
+        vst1q_s8_x2(qs, int8x16x2_t(vmovn_high_s16(vmovn_s16(h[0]), h[1]), vmovn_high_s16(vmovn_s16(h[2]), h[3])));
+        vaddvq_s16(vaddq_s16(vaddq_s16(h[0], h[1]), vaddq_s16(h[2], h[3])))
     }
 
     /// Per 256 values ([`BlockQ8K`]), bit for bit
@@ -117,23 +130,8 @@ pub mod neon {
             for ((values, qs), sum) in
                 values.chunks_exact(GROUP).zip(block.qs.chunks_exact_mut(GROUP)).zip(&mut block.sums)
             {
-                // SAFETY: `values` is 32 floats (two loads of 16), `qs` 32 bytes.
-                unsafe {
-                    let v = [vld1q_f32_x4(values.as_ptr()), vld1q_f32_x4(values.as_ptr().add(16))];
-                    let v = [v[0].0, v[0].1, v[0].2, v[0].3, v[1].0, v[1].1, v[1].2, v[1].3];
-                    // Scale and round to int32, half away from zero, then narrow (|q| ≤ 127).
-                    let q = v.map(|lane| vcvtaq_s32_f32(vmulq_n_f32(lane, id)));
-                    let h = [
-                        vmovn_high_s32(vmovn_s32(q[0]), q[1]),
-                        vmovn_high_s32(vmovn_s32(q[2]), q[3]),
-                        vmovn_high_s32(vmovn_s32(q[4]), q[5]),
-                        vmovn_high_s32(vmovn_s32(q[6]), q[7]),
-                    ];
-                    *sum = vaddvq_s16(vaddq_s16(vaddq_s16(h[0], h[1]), vaddq_s16(h[2], h[3])));
-                    let bytes =
-                        int8x16x2_t(vmovn_high_s16(vmovn_s16(h[0]), h[1]), vmovn_high_s16(vmovn_s16(h[2]), h[3]));
-                    vst1q_s8_x2(qs.as_mut_ptr(), bytes);
-                }
+                // SAFETY: `values` is 32 floats, `qs` 32 bytes.
+                *sum = unsafe { rounded_32(load_32(values), id, qs.as_mut_ptr()) };
             }
             block.d = d;
         }

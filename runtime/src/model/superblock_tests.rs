@@ -4,14 +4,12 @@
 //! that has them and with the same table without, and run as one batch
 //! (which keeps the 32-value blocks).
 
+use super::window_tests::write_test_image;
 use super::*;
 use crate::architecture::Family;
 use crate::config::ARCH_LLAMA;
-use crate::image::layout::section;
-use crate::image::{encode_vocab, ImageWriter};
 use crate::kquant::{BlockQ4K, BlockQ6K};
 use crate::quant::{interleave, BlockQ4Kx4, BlockQ6Kx4};
-use crate::vocab::{TokenType, Vocab};
 use bytemuck::Zeroable;
 use std::path::Path;
 
@@ -28,45 +26,21 @@ fn config() -> ModelConfig {
 /// interleaved Q6_K, every other matrix interleaved Q4_K.
 fn write_image(path: &Path) {
     let c = config();
-    let mut w = ImageWriter::create(path).unwrap();
-    w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
-    let mut tokens: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"].iter().map(|t| t.as_bytes().to_vec()).collect();
-    tokens.extend((3..c.vocab_size).map(|i| format!("t{i}").into_bytes()));
-    let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
-    types.resize(tokens.len(), TokenType::Normal);
-    let vocab = Vocab::llama_sentencepiece(tokens, vec![0.0; c.vocab_size as usize], types);
-    w.add_section(section::TOKENIZER, &encode_vocab(&vocab).unwrap(), true).unwrap();
-    let architecture = Architecture::plain(Family::Llama, &c);
-    w.add_section(section::ARCHITECTURE, &architecture.to_section(), true).unwrap();
-    let mut seed = 3u32;
-    for (name, shape) in architecture.tensors(&c) {
-        let n: usize = shape.iter().product();
-        // Norms near 1; matrices of ±1.5/√cols, so the logits are of order 1.
-        let (centre, spread) = match shape.len() {
-            1 => (1.0, 0.2),
-            _ => (0.0, 3.0 / (shape[1] as f32).sqrt()),
-        };
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                centre + spread * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
-            })
-            .collect();
+    write_test_image(path, &c, &Architecture::plain(Family::Llama, &c), 3, |w, name, shape, values| {
         if shape.len() == 1 || name == "token_embd.weight" {
-            w.add_tensor(&name, Encoding::F32, &shape, bytemuck::cast_slice(&values)).unwrap();
+            w.add_tensor(name, Encoding::F32, shape, bytemuck::cast_slice(&values)).unwrap();
         } else if name.contains("ffn_down") {
             let rows: Vec<BlockQ6K> = values.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
             let mut mixed = vec![BlockQ6Kx4::zeroed(); rows.len() / INTERLEAVE];
             interleave(&rows, shape[1] / QK_K, &mut mixed);
-            w.add_tensor(&name, Encoding::Q6KX4, &shape, bytemuck::cast_slice(&mixed)).unwrap();
+            w.add_tensor(name, Encoding::Q6KX4, shape, bytemuck::cast_slice(&mixed)).unwrap();
         } else {
             let rows: Vec<BlockQ4K> = values.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
             let mut mixed = vec![BlockQ4Kx4::zeroed(); rows.len() / INTERLEAVE];
             interleave(&rows, shape[1] / QK_K, &mut mixed);
-            w.add_tensor(&name, Encoding::Q4KX4, &shape, bytemuck::cast_slice(&mixed)).unwrap();
+            w.add_tensor(name, Encoding::Q4KX4, shape, bytemuck::cast_slice(&mixed)).unwrap();
         }
-    }
-    w.finish().unwrap();
+    });
 }
 
 /// The scalar table with the scalar 256-value products, so that every

@@ -38,21 +38,37 @@ fn architecture(config: &ModelConfig, window: u32) -> Architecture {
 /// Writes the model with f32 weights (so the forward pass is f32 throughout)
 /// and returns them by name for the reference.
 fn write_image(path: &Path, window: u32) -> HashMap<String, Vec<f32>> {
-    let c = config();
+    let mut weights = HashMap::new();
+    write_test_image(path, &config(), &architecture(&config(), window), 7, |w, name, shape, values| {
+        w.add_tensor(name, crate::quant::Encoding::F32, shape, bytemuck::cast_slice(&values)).unwrap();
+        weights.insert(name.to_string(), values);
+    });
+    weights
+}
+
+/// Writes a test model of `c` and `architecture`: a vocabulary of `t3`,
+/// `t4`, … after `<unk>`, `<s>`, `</s>`, and every tensor's values from a
+/// generator seeded with `seed` (norms near 1, matrices of ±1.5/√cols, so
+/// the scores and logits are of order 1), stored by `store(writer, name,
+/// shape, values)`.
+pub(super) fn write_test_image(
+    path: &Path,
+    c: &ModelConfig,
+    architecture: &Architecture,
+    mut seed: u32,
+    mut store: impl FnMut(&mut ImageWriter, &str, &[usize], Vec<f32>),
+) {
     let mut w = ImageWriter::create(path).unwrap();
-    w.add_section(section::CONFIG, bytemuck::bytes_of(&c), true).unwrap();
+    w.add_section(section::CONFIG, bytemuck::bytes_of(c), true).unwrap();
     let mut tokens: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"].iter().map(|t| t.as_bytes().to_vec()).collect();
     tokens.extend((3..c.vocab_size).map(|i| format!("t{i}").into_bytes()));
     let mut types = vec![TokenType::Unknown, TokenType::Control, TokenType::Control];
     types.resize(tokens.len(), TokenType::Normal);
     let vocab = Vocab::llama_sentencepiece(tokens, vec![0.0; c.vocab_size as usize], types);
     w.add_section(section::TOKENIZER, &encode_vocab(&vocab).unwrap(), true).unwrap();
-    w.add_section(section::ARCHITECTURE, &architecture(&c, window).to_section(), true).unwrap();
-    let mut seed = 7u32;
-    let mut weights = HashMap::new();
-    for (name, shape) in architecture(&c, window).tensors(&c) {
+    w.add_section(section::ARCHITECTURE, &architecture.to_section(), true).unwrap();
+    for (name, shape) in architecture.tensors(c) {
         let n: usize = shape.iter().product();
-        // Norms near 1; matrices of ±1.5/√cols, so the scores and logits are of order 1.
         let (centre, spread) = match shape.len() {
             1 => (1.0, 0.2),
             _ => (0.0, 3.0 / (shape[1] as f32).sqrt()),
@@ -63,11 +79,9 @@ fn write_image(path: &Path, window: u32) -> HashMap<String, Vec<f32>> {
                 centre + spread * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
             })
             .collect();
-        w.add_tensor(&name, crate::quant::Encoding::F32, &shape, bytemuck::cast_slice(&values)).unwrap();
-        weights.insert(name, values);
+        store(&mut w, &name, &shape, values);
     }
     w.finish().unwrap();
-    weights
 }
 
 /// `W · x` for a row-major `[rows, x.len()]` matrix, in f64.

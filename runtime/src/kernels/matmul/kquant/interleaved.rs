@@ -565,28 +565,44 @@ pub mod neon {
 
     /// The four rows' `Σ level·q` over the 32 columns of the activation
     /// block at `*a`, and the block's `[dₓ, sₓ]`; `*a` moves to the next
-    /// block. Each four-byte column group of the activation is loaded
-    /// broadcast to a whole register (`ld4r`, four groups at a time into
-    /// v28–v31); products of rows 0–1 (low halves) and 2–3 (high halves)
-    /// are summed in 16-bit lanes, eight products a lane (|n·q| ≤ 15·128 for
-    /// Q4_K's levels: below 2¹⁴), then one pairwise add in 16 bits (below
-    /// 2¹⁵) and one widening pairwise add leave `[r0, r1, r2, r3]`.
+    /// block: the units loaded with post-increment, then [`sum32`] on the
+    /// block's values.
     ///
     /// # Safety
     /// `*a` points at a readable activation block.
     #[inline(always)]
     unsafe fn sum32_next(w: &[int8x16_t; 8], a: &mut *const BlockQ8Act) -> (int32x4_t, float32x2_t) {
-        let (sum, units): (int32x4_t, float32x2_t);
+        let units: float32x2_t;
+        let mut q = a.cast::<i8>();
+        asm!("ldr {units:d}, [{q}], #8", q = inout(reg) q, units = out(vreg) units,
+            options(pure, readonly, nostack, preserves_flags));
+        let sum = sum32(w, &mut q);
+        *a = q.cast();
+        (sum, units)
+    }
+
+    /// The four rows' `Σ level·q` over the 32 activation values at `*q`;
+    /// `*q` moves past them. Each four-byte column group of the activation
+    /// is loaded broadcast to a whole register (`ld4r`, four groups at a
+    /// time into v28–v31); products of rows 0–1 (low halves) and 2–3 (high
+    /// halves) are summed in 16-bit lanes, eight products a lane (|n·q| ≤
+    /// 15·128 for Q4_K's levels: below 2¹⁴), then one pairwise add in 16
+    /// bits (below 2¹⁵) and one widening pairwise add leave `[r0, r1, r2,
+    /// r3]`.
+    ///
+    /// # Safety
+    /// `*q` points at 32 readable bytes.
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) unsafe fn sum32(w: &[int8x16_t; 8], q: &mut *const i8) -> int32x4_t {
+        let sum: int32x4_t;
         asm!(
-            "ldr {units:d}, [{a}], #8",
-            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], #16",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
             widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
-            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{a}], #16",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
             widening_products!(more "lo" "hi"; "w4" "v28", "w5" "v29", "w6" "v30", "w7" "v31"),
             "addp {lo:v}.8h, {lo:v}.8h, {hi:v}.8h",
             "saddlp {sum:v}.4s, {lo:v}.8h",
-            a = inout(reg) *a,
-            units = out(vreg) units,
+            q = inout(reg) *q,
             sum = out(vreg) sum,
             lo = out(vreg) _,
             hi = out(vreg) _,
@@ -595,7 +611,7 @@ pub mod neon {
             w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
             options(pure, readonly, nostack, preserves_flags),
         );
-        (sum, units)
+        sum
     }
 
     /// The four rows' `Σ (level − 32)·q` over the sixteen activation values

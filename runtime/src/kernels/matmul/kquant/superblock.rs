@@ -126,37 +126,8 @@ pub mod neon {
     use super::*;
     use crate::kernels::matmul::kquant::interleaved::arm::*;
     use crate::kernels::matmul::kquant::interleaved::neon::q6k_levels;
-    use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step};
+    use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step, sum32};
     use crate::kernels::matmul::neon::widen_f16_high;
-
-    /// The four rows' `Σ level·q` over the 32 values at `*q`; `*q` moves
-    /// past them. As the 32-value kernels' `sum32_next`: eight products a
-    /// 16-bit lane (|n·q| ≤ 15·128, below 2¹⁴), one pairwise add in 16 bits
-    /// (below 2¹⁵), one widening pairwise add.
-    ///
-    /// # Safety
-    /// `*q` points at 32 readable bytes.
-    #[inline(always)]
-    unsafe fn sum32(w: &[int8x16_t; 8], q: &mut *const i8) -> int32x4_t {
-        let sum: int32x4_t;
-        asm!(
-            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
-            widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
-            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
-            widening_products!(more "lo" "hi"; "w4" "v28", "w5" "v29", "w6" "v30", "w7" "v31"),
-            "addp {lo:v}.8h, {lo:v}.8h, {hi:v}.8h",
-            "saddlp {sum:v}.4s, {lo:v}.8h",
-            q = inout(reg) *q,
-            sum = out(vreg) sum,
-            lo = out(vreg) _,
-            hi = out(vreg) _,
-            out("v28") _, out("v29") _, out("v30") _, out("v31") _,
-            w0 = in(vreg) w[0], w1 = in(vreg) w[1], w2 = in(vreg) w[2], w3 = in(vreg) w[3],
-            w4 = in(vreg) w[4], w5 = in(vreg) w[5], w6 = in(vreg) w[6], w7 = in(vreg) w[7],
-            options(pure, readonly, nostack, preserves_flags),
-        );
-        sum
-    }
 
     /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`, as
     /// two 16-bit halves a row (lanes `[r0, r0, r1, r1, r2, r2, r3, r3]`);
@@ -657,39 +628,32 @@ mod tests {
         }
     }
 
-    /// The kernels this CPU runs.
-    fn q4k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ4Kx4>)> {
-        let mut kernels: Vec<(&'static str, MatmulQ8K<BlockQ4Kx4>)> = Vec::new();
-        #[cfg(target_arch = "aarch64")]
-        {
-            kernels.push(("neon", neon::matmul_q4kx4));
-            if crate::kernels::matmul::dotprod::available() {
-                kernels.push(("dotprod", dotprod::matmul_q4kx4));
-            }
-        }
-        kernels
-    }
-
-    fn q6k_kernels() -> Vec<(&'static str, MatmulQ8K<BlockQ6Kx4>)> {
-        let mut kernels: Vec<(&'static str, MatmulQ8K<BlockQ6Kx4>)> = Vec::new();
-        #[cfg(target_arch = "aarch64")]
-        {
-            kernels.push(("neon", neon::matmul_q6kx4));
-            if crate::kernels::matmul::dotprod::available() {
-                kernels.push(("dotprod", dotprod::matmul_q6kx4));
-            }
+    /// Of the two kernels, those this CPU runs (the `sdot` one where it has the extension).
+    #[cfg(target_arch = "aarch64")]
+    fn kernels<X>(neon: MatmulQ8K<X>, sdot: MatmulQ8K<X>) -> Vec<(&'static str, MatmulQ8K<X>)> {
+        let mut kernels = vec![("neon", neon)];
+        if crate::kernels::matmul::dotprod::available() {
+            kernels.push(("dotprod", sdot));
         }
         kernels
     }
 
     #[test]
     fn q4kx4_products_match_the_references() {
-        check::<BlockQ4K, _>("q4kx4", scalar::matmul_q4kx4, per_block::matmul_q4kx4, &q4k_kernels());
+        #[cfg(target_arch = "aarch64")]
+        let kernels = kernels(neon::matmul_q4kx4, dotprod::matmul_q4kx4);
+        #[cfg(not(target_arch = "aarch64"))]
+        let kernels = Vec::new();
+        check::<BlockQ4K, _>("q4kx4", scalar::matmul_q4kx4, per_block::matmul_q4kx4, &kernels);
     }
 
     #[test]
     fn q6kx4_products_match_the_references() {
-        check::<BlockQ6K, _>("q6kx4", scalar::matmul_q6kx4, per_block::matmul_q6kx4, &q6k_kernels());
+        #[cfg(target_arch = "aarch64")]
+        let kernels = kernels(neon::matmul_q6kx4, dotprod::matmul_q6kx4);
+        #[cfg(not(target_arch = "aarch64"))]
+        let kernels = Vec::new();
+        check::<BlockQ6K, _>("q6kx4", scalar::matmul_q6kx4, per_block::matmul_q6kx4, &kernels);
     }
 
     /// One level, scale or minimum changed moves the product: the
