@@ -1285,11 +1285,11 @@ const _: () = assert!(std::mem::size_of::<BlockQ8Act>() == 40);
 
 /// 256 activation values under one scale (ggml's Q8_K): value `j` is
 /// `d · qs[j]` with |qs[j]| ≤ 127 (never −128: the ARMv8.0 Q6_K kernel's
-/// 16-bit sums count on it), and `sums[k]` is `Σ qs[32k .. 32k + 32]`. The ARMv8.0
-/// kernels of [`BlockQ4Kx4`] and [`BlockQ6Kx4`] take these when decoding:
-/// with one activation scale a super-block, a row's sub-block sums meet
-/// their integer scales in integers and become a float once a super-block
-/// (`crate::kernels::matmul::kquant::superblock`).
+/// 16-bit sums count on it), and `sums[k]` is `Σ qs[32k .. 32k + 32]`.
+/// The Pi cores' kernels of [`BlockQ4Kx4`] and [`BlockQ6Kx4`] take these
+/// when decoding: with one activation scale a super-block, a row's
+/// sub-block sums meet their integer scales in integers and become a float
+/// once a super-block (`crate::kernels::matmul::kquant::superblock`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub struct BlockQ8K {

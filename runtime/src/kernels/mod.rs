@@ -251,7 +251,8 @@ impl Kernels {
     pub const NEON: Kernels = Kernels {
         name: "neon",
         quantize_activation: activation::neon::quantize_activation,
-        // The A72 has no `sdot`: its k-quant sums are cheaper to scale in integers.
+        // Decode steps scale their Q4_K and Q6_K sums in integers (the x86-64 tables do not: their
+        // host tools' perplexity keeps the 32-value blocks).
         superblock: Some(SuperblockKernels {
             quantize: activation::neon::quantize_activation_q8k,
             matmul_q4kx4: matmul::kquant::superblock::neon::matmul_q4kx4,

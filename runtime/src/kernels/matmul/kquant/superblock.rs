@@ -1,11 +1,12 @@
 //! Products of four-row interleaved Q4_K and Q6_K matrices ([`BlockQ4Kx4`],
 //! [`BlockQ6Kx4`]) with activations under one scale a super-block
-//! ([`BlockQ8K`], ggml's Q8_K), for the ARMv8.0 decode step.
+//! ([`BlockQ8K`], ggml's Q8_K), for the Pi cores' decode steps.
 //!
 //! - [`scalar`]: the reference, compiled everywhere, the same integer sums
-//!   and the same fused float steps in the same order, so the NEON kernels
-//!   equal it bit for bit;
-//! - `neon` (aarch64, the Raspberry Pi 4's Cortex-A72).
+//!   and the same fused float steps in the same order, so the NEON and
+//!   `sdot` kernels equal it bit for bit;
+//! - `neon` (aarch64, the Raspberry Pi 4's Cortex-A72);
+//! - `dotprod` (with `sdot`, the Raspberry Pi 5's Cortex-A76).
 //!
 //! Why a second activation format: with the runtime's 32-value activation
 //! blocks ([`crate::quant::BlockQ8Act`]) each sub-block's integer sum meets
@@ -21,7 +22,8 @@
 //! - Q6_K: `d·dₓ·Σₖ sₖ·isumₖ` over its sixteen sub-blocks of 16.
 //!
 //! The int32 sums cannot overflow: Q4_K's `Σⱼ scaleⱼ·isumⱼ` is at most
-//! 8·63·32·15·128 < 2²⁵, Q6_K's at most 16·128·16·32·128 < 2²⁶.
+//! 8·63·32·15·128 < 2²⁵, Q6_K's at most 16·128·16·32·128 = 2²⁷ (2²⁹ in
+//! the `sdot` kernel, which sums four times the levels).
 //!
 //! The price is coarser activations (one scale for 256 values instead of
 //! eight), which is what llama.cpp's k-quant products use everywhere.
