@@ -141,7 +141,8 @@ impl Matrix<'_> {
     /// `out[b·rows + r] = W[r] · x[b]` for a batch of activations given both as
     /// f32 (`x`, for float weights) and as int8 blocks (`xq`, for quantized
     /// weights; `xk`, if not empty, one token's 256-value blocks for the
-    /// kernels' [`crate::kernels::SuperblockKernels`]), the rows split across
+    /// kernels' [`crate::kernels::SuperblockKernels`], and then `xq` may be
+    /// empty: [`Model::quantize_input`]), the rows split across
     /// the pool's threads. Kernels write rows outermost; for a batch that
     /// goes through `scratch` and is transposed.
     #[allow(clippy::too_many_arguments)]
@@ -1339,20 +1340,34 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// One token's activations `x` in 256-value blocks, quantized into `xk`
-    /// when the kernels have [`crate::kernels::SuperblockKernels`] and one
-    /// of `matrices`, which read `x`, is interleaved Q4_K or Q6_K; empty
-    /// otherwise (a batch, or no such matrix: the 32-value blocks serve).
-    fn superblocks<'s>(&self, x: &[f32], matrices: &[&Matrix], xk: &'s mut [BlockQ8K]) -> &'s [BlockQ8K] {
-        let reads = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q6KX4);
-        match self.kernels.superblock {
-            Some(kernels) if x.len().is_multiple_of(QK_K) && matrices.iter().any(reads) => {
+    /// The int8 activations of `x` for `matrices`, the matrices that read
+    /// it: one token's 256-value blocks into `xk` when the kernels have
+    /// [`crate::kernels::SuperblockKernels`] and one of `matrices` is
+    /// interleaved Q4_K or Q6_K (empty otherwise: a batch, or no such
+    /// matrix), and the 32-value blocks into `xq` unless every one of
+    /// `matrices` takes the 256-value ones (then empty: nothing reads them).
+    fn quantize_input<'s>(
+        &self,
+        x: &[f32],
+        matrices: &[&Matrix],
+        xq: &'s mut [BlockQ8Act],
+        xk: &'s mut [BlockQ8K],
+    ) -> (&'s [BlockQ8Act], &'s [BlockQ8K]) {
+        let superblock = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q6KX4);
+        let xk: &[BlockQ8K] = match self.kernels.superblock {
+            Some(kernels) if x.len().is_multiple_of(QK_K) && matrices.iter().any(superblock) => {
                 let xk = &mut xk[..x.len() / QK_K];
                 (kernels.quantize)(x, xk);
                 xk
             }
             _ => &[],
+        };
+        if !xk.is_empty() && matrices.iter().all(superblock) {
+            return (&[], xk);
         }
+        let xq = &mut xq[..x.len() / GROUP];
+        (self.kernels.quantize_activation)(x, xq);
+        (xq, xk)
     }
 
     /// The R-Sparse product of [`Model::linear`]. The exact part reads only
@@ -1527,13 +1542,12 @@ impl<'a> Model<'a> {
                 );
             }
             observe(l, Site::AttentionInput, &s.xb[..n * dim]);
-            (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
-            let xk = self.superblocks(&s.xb[..n * dim], &[&layer.wq, &layer.wk, &layer.wv], &mut s.xk);
+            let xq = self.quantize_input(&s.xb[..n * dim], &[&layer.wq, &layer.wk, &layer.wv], &mut s.xq, &mut s.xk);
 
             // q, k, v projections, each plus its bias (Qwen2); with q/k norms (Qwen3,
             // Gemma), q and k go through xb2 (free until attention writes it) and
             // each head is normalized into place.
-            let (xb, xq) = (&s.xb[..n * dim], (&s.xq[..n * dim / GROUP], xk));
+            let xb = &s.xb[..n * dim];
             let sp = &mut s.sparse;
             let bias = |i: usize| layer.qkv_bias.map(|b| b[i]);
             for (i, w, out, width) in [(0, &layer.wq, &mut s.q, q_dim), (1, &layer.wk, &mut s.k, kv_dim)] {
@@ -1602,10 +1616,8 @@ impl<'a> Model<'a> {
 
             // Output projection and residual.
             observe(l, Site::AttentionOutput, &s.xb2[..n * q_dim]);
-            (k.quantize_activation)(&s.xb2[..n * q_dim], &mut s.xq[..n * q_dim / GROUP]);
-            let xk = self.superblocks(&s.xb2[..n * q_dim], &[&layer.wo], &mut s.xk);
-            let (xb2, xq) = (&s.xb2[..n * q_dim], (&s.xq[..n * q_dim / GROUP], xk));
-            self.linear(l, 3, &layer.wo, xb2, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
+            let xq = self.quantize_input(&s.xb2[..n * q_dim], &[&layer.wo], &mut s.xq, &mut s.xk);
+            self.linear(l, 3, &layer.wo, &s.xb2[..n * q_dim], xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
             // (Gemma normalizes the attention's output before it joins the stream.)
             let post_norm = layer.post_norms.map(|[attention, _]| attention);
             self.add_to_stream(&mut s.x[..n * dim], &s.xb[..n * dim], &mut s.xb2, post_norm);
@@ -1620,20 +1632,17 @@ impl<'a> Model<'a> {
                 );
             }
             observe(l, Site::FfnInput, &s.xb[..n * dim]);
-            (k.quantize_activation)(&s.xb[..n * dim], &mut s.xq[..n * dim / GROUP]);
-            let xk = self.superblocks(&s.xb[..n * dim], &[&layer.w_gate, &layer.w_up], &mut s.xk);
+            let xq = self.quantize_input(&s.xb[..n * dim], &[&layer.w_gate, &layer.w_up], &mut s.xq, &mut s.xk);
 
             // SwiGLU: down(silu(gate(x)) ⊙ up(x)); GeGLU with gelu in Gemma.
-            let (xb, xq) = (&s.xb[..n * dim], (&s.xq[..n * dim / GROUP], xk));
+            let xb = &s.xb[..n * dim];
             self.linear(l, 4, &layer.w_gate, xb, xq, &mut s.hb[..n * ffn], &mut s.scratch, &mut s.sparse);
             self.linear(l, 5, &layer.w_up, xb, xq, &mut s.hb2[..n * ffn], &mut s.scratch, &mut s.sparse);
             let gate = if arch.has(Features::GELU_TANH) { k.gelu_mul } else { k.silu_mul };
             gate(&mut s.hb[..n * ffn], &s.hb2[..n * ffn]);
             observe(l, Site::FfnHidden, &s.hb[..n * ffn]);
-            (k.quantize_activation)(&s.hb[..n * ffn], &mut s.xq[..n * ffn / GROUP]);
-            let xk = self.superblocks(&s.hb[..n * ffn], &[&layer.w_down], &mut s.xk);
-            let (hb, xq) = (&s.hb[..n * ffn], (&s.xq[..n * ffn / GROUP], xk));
-            self.linear(l, 6, &layer.w_down, hb, xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
+            let xq = self.quantize_input(&s.hb[..n * ffn], &[&layer.w_down], &mut s.xq, &mut s.xk);
+            self.linear(l, 6, &layer.w_down, &s.hb[..n * ffn], xq, &mut s.xb[..n * dim], &mut s.scratch, &mut s.sparse);
 
             // Residual (the FFN's output normalized first in Gemma).
             let post_norm = layer.post_norms.map(|[_, ffn]| ffn);
@@ -1672,17 +1681,8 @@ impl<'a> Model<'a> {
                 p.norm_eps,
             );
         }
-        (k.quantize_activation)(&s.xb[..wanted * dim], &mut s.xq[..wanted * dim / GROUP]);
-        let xk = self.superblocks(&s.xb[..wanted * dim], &[&self.weights.output], &mut s.xk);
-        self.weights.output.matmul(
-            k,
-            pool,
-            &s.xb[..wanted * dim],
-            &s.xq[..wanted * dim / GROUP],
-            xk,
-            &mut s.logits,
-            &mut s.scratch,
-        );
+        let (xq, xk) = self.quantize_input(&s.xb[..wanted * dim], &[&self.weights.output], &mut s.xq, &mut s.xk);
+        self.weights.output.matmul(k, pool, &s.xb[..wanted * dim], xq, xk, &mut s.logits, &mut s.scratch);
         Ok(&s.logits[..wanted * vocab])
     }
 }
