@@ -209,19 +209,62 @@ pub mod neon {
         }
     }
 
-    /// One group's four rows against one activation, `sum32(levels, q)` the
-    /// four rows' `Σ level·q` over the 32 values at `*q` (moving `*q` past
-    /// them): [`sum32`] here, `sdot`s in [`super::dotprod`].
+    /// Sub-blocks `2c` (the low nibbles of `bytes`) and `2c + 1` (the high
+    /// ones) of four rows against the 64 activation values at `*q`, each
+    /// sum scaled into `scaled` (`s0`, `s1`); `*q` moves past them.
+    ///
+    /// # Safety
+    /// `*q` points at 64 readable values.
+    #[inline(always)]
+    unsafe fn q4k_pair(
+        bytes: [uint8x16_t; 8],
+        q: &mut *const i8,
+        scaled: &mut int32x4_t,
+        (s0, s1): (int32x4_t, int32x4_t),
+    ) {
+        *scaled = vmlaq_s32(*scaled, sum32(&q4k_levels::<false>(bytes), q), s0);
+        settle_int(scaled);
+        *scaled = vmlaq_s32(*scaled, sum32(&q4k_levels::<true>(bytes), q), s1);
+        settle_int(scaled);
+    }
+
+    /// A Q4_K group's first 64 bytes (the units and packed scales) from
+    /// `*w`, clear of the registers the products load into (a move a vector
+    /// otherwise): v24–v27 for the ARMv8.0 kernel (`V24`, its `ld4r`s take
+    /// v28–v31), v28–v31 for the `sdot` one (its activations take v24–v27);
+    /// `*w` moves past them.
+    ///
+    /// # Safety
+    /// `*w` points at 64 readable bytes.
+    #[inline(always)]
+    unsafe fn load_header<const V24: bool>(w: &mut *const u8) -> [uint8x16_t; 4] {
+        let (v0, v1, v2, v3);
+        if V24 {
+            asm!("ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{w}], #64", w = inout(reg) *w,
+                out("v24") v0, out("v25") v1, out("v26") v2, out("v27") v3,
+                options(pure, readonly, nostack, preserves_flags));
+        } else {
+            asm!("ld1 {{v28.16b, v29.16b, v30.16b, v31.16b}}, [{w}], #64", w = inout(reg) *w,
+                out("v28") v0, out("v29") v1, out("v30") v2, out("v31") v3,
+                options(pure, readonly, nostack, preserves_flags));
+        }
+        [v0, v1, v2, v3]
+    }
+
+    /// One group's four rows against one activation, `pair` the products
+    /// of two sub-blocks' 128 interleaved bytes as [`q4k_pair`] (moving
+    /// `*q` past their 64 values): [`q4k_pair`] here, `sdot`s in
+    /// [`super::dotprod`].
     ///
     /// # Safety
     /// `group` points at `superblocks` readable blocks, `x` at as many, and
-    /// `sum32` may be called on 32 of their values at a time.
+    /// `pair` may be called on 64 of their values at a time.
     #[inline(always)]
-    pub(super) unsafe fn q4k_dot(
+    pub(super) unsafe fn q4k_dot<const V24: bool>(
         group: *const BlockQ4Kx4,
         superblocks: usize,
         x: *const BlockQ8K,
-        sum32: impl Fn(&[int8x16_t; 8], &mut *const i8) -> int32x4_t,
+        pair: impl Fn([uint8x16_t; 8], &mut *const i8, &mut int32x4_t, (int32x4_t, int32x4_t)),
     ) -> float32x4_t {
         let mut acc = vdupq_n_f32(0.0);
         let mut w = group.cast::<u8>();
@@ -231,7 +274,7 @@ pub mod neon {
             let mut q = (*a).qs.as_ptr();
             // The units (16 bytes) and packed scales (48) of the four rows,
             // then 512 bytes of levels.
-            let [units, a6, b6, c6] = load64_next(&mut w);
+            let [units, a6, b6, c6] = load_header::<V24>(&mut w);
             let units = vreinterpretq_u16_u8(units);
             let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
             // ggml's unpacking for the four rows at once (see `q4k_scales`).
@@ -249,15 +292,7 @@ pub mod neon {
             // picked at compile time (a loop the `sdot` kernel's LLVM kept
             // went through the stack for them).
             let (low, high) = (widen_unsigned(scales_low), widen_unsigned(scales_high));
-            let mut chunk = |(s0, s1): (int32x4_t, int32x4_t)| {
-                let bytes = load128_next(&mut w);
-                let levels = bytes.map(|v| vreinterpretq_s8_u8(vandq_u8(v, nibble)));
-                scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s0);
-                settle_int(&mut scaled);
-                let levels = bytes.map(|v| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)));
-                scaled = vmlaq_s32(scaled, sum32(&levels, &mut q), s1);
-                settle_int(&mut scaled);
-            };
+            let mut chunk = |scales| pair(load128_next(&mut w), &mut q, &mut scaled, scales);
             chunk((low[0], low[1]));
             chunk((low[2], low[3]));
             chunk((high[0], high[1]));
@@ -376,7 +411,11 @@ pub mod neon {
     pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
         // SAFETY: `q4k_dot` needs only NEON, and `matmul` hands it whole
         // groups and activations of `superblocks` blocks (checked by `shape`).
-        unsafe { matmul(weights, cols, x, out, |w, n, a| q4k_dot(w, n, a, |levels, q| sum32(levels, q))) }
+        unsafe {
+            matmul(weights, cols, x, out, |w, n, a| {
+                q4k_dot::<true>(w, n, a, |bytes, q, scaled, scales| q4k_pair(bytes, q, scaled, scales))
+            })
+        }
     }
 
     /// Interleaved Q6_K matrix × Q8_K activations.
@@ -396,7 +435,7 @@ pub mod dotprod {
     use super::*;
     use crate::kernels::matmul::dotprod::available;
     use crate::kernels::matmul::kquant::interleaved::arm::*;
-    use crate::kernels::matmul::kquant::interleaved::neon::load64_next;
+    use crate::kernels::matmul::kquant::interleaved::neon::{load64_next, load64_step};
 
     /// `Σ w·q` of four rows over `4·W` columns: `sdot` by lane, vector `c`
     /// against the activation's lane `c mod 4` of its `c / 4`th vector.
@@ -430,29 +469,68 @@ pub mod dotprod {
     /// As [`super::neon::q4k_dot`], and the CPU has the dot-product extension.
     #[target_feature(enable = "dotprod")]
     unsafe fn q4k_dot(group: *const BlockQ4Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
-        super::neon::q4k_dot(group, superblocks, x, |levels, q| {
-            // SAFETY: `*q` has 32 values (the caller's promise), and the
+        super::neon::q4k_dot::<false>(group, superblocks, x, |bytes, q, scaled, (s0, s1)| {
+            // SAFETY: `*q` has 64 values (the caller's promise), and the
             // CPU has the dot-product extension.
             unsafe {
-                let values = vld1q_s8_x2(*q);
-                *q = q.add(32);
-                sdots(levels, &[values.0, values.1])
+                let values = load64_values(q);
+                *scaled = vmlaq_s32(*scaled, sdots(&q4k_levels::<false>(bytes), &values[..2]), s0);
+                *scaled = vmlaq_s32(*scaled, sdots(&q4k_levels::<true>(bytes), &values[2..]), s1);
+                super::neon::settle_int(scaled);
             }
         })
     }
 
-    /// Quarters `K` and `K + 2` of half `HALF` of a Q6_K super-block
-    /// against the activation's values `qs`, a 64-byte piece of `ql` and
-    /// `qh` (sixteen columns of four rows) at a time, each piece's sums
-    /// scaled into `scaled` by one `mla`: sums of four times the levels.
+    /// 64 activation values at `*q` as four vectors in one load (v24–v27;
+    /// LLVM splits `vld1q_s8_x2` into a load a vector); `*q` moves past them.
     ///
     /// # Safety
-    /// `block` is readable, `qs` has 256 values, and the CPU has the
-    /// dot-product extension.
+    /// `*q` points at 64 readable values.
+    #[inline(always)]
+    unsafe fn load64_values(q: &mut *const i8) -> [int8x16_t; 4] {
+        let (v0, v1, v2, v3);
+        asm!(
+            "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{q}], #64",
+            q = inout(reg) *q,
+            out("v24") v0, out("v25") v1, out("v26") v2, out("v27") v3,
+            options(pure, readonly, nostack, preserves_flags),
+        );
+        [v0, v1, v2, v3]
+    }
+
+    /// The 32 activation values at `*q` as two vectors in one load, into
+    /// v24–v25 (`SECOND` false) or v26–v27 (the two quarters a step reads
+    /// must not share registers: moves); `*q` moves by `step` values.
+    ///
+    /// # Safety
+    /// `*q` points at 32 readable values.
+    #[inline(always)]
+    unsafe fn load32_values_step<const SECOND: bool>(q: &mut *const i8, step: isize) -> [int8x16_t; 2] {
+        let (v0, v1);
+        if SECOND {
+            asm!("ld1 {{v26.16b, v27.16b}}, [{q}], {step}", q = inout(reg) *q, step = in(reg) step,
+                out("v26") v0, out("v27") v1, options(pure, readonly, nostack, preserves_flags));
+        } else {
+            asm!("ld1 {{v24.16b, v25.16b}}, [{q}], {step}", q = inout(reg) *q, step = in(reg) step,
+                out("v24") v0, out("v25") v1, options(pure, readonly, nostack, preserves_flags));
+        }
+        [v0, v1]
+    }
+
+    /// Quarters `K` and `K + 2` of half `HALF` of a Q6_K super-block
+    /// against the activation's values at `*qs` (quarter `4·HALF + K`'s),
+    /// a 64-byte piece of `ql` and `qh` (sixteen columns of four rows) at a
+    /// time, each piece's sums scaled into `scaled` by one `mla`: sums of
+    /// four times the levels. `*qs` moves on to the next call's quarter
+    /// (`K` = 0: 1; `K` = 1: the next half's 0).
+    ///
+    /// # Safety
+    /// `block` is readable, `*qs` has the quarters' values, and the CPU has
+    /// the dot-product extension.
     #[inline(always)]
     unsafe fn q6k_quarters<const HALF: usize, const K: usize>(
         block: *const BlockQ6Kx4,
-        qs: *const i8,
+        qs: &mut *const i8,
         pairs: &[(int32x4_t, int32x4_t); 8],
         scaled: &mut int32x4_t,
     ) {
@@ -460,18 +538,23 @@ pub mod dotprod {
         let mut ql = (*block).ql.as_ptr().add(256 * HALF + 128 * K);
         let mut qh = (*block).qh.as_ptr().add(128 * HALF);
         let (first, second) = (4 * HALF + K, 4 * HALF + K + 2);
+        // The two quarters' values, 32 each: quarter K + 2, then back to
+        // K + 1 or on to the next half.
+        let first_values = load32_values_step::<false>(qs, 64);
+        let second_values = load32_values_step::<true>(qs, if K == 0 { -32 } else { 32 });
         for piece in 0..2 {
-            let (low, high) = (load64_next(&mut ql), load64_next(&mut qh));
+            // `ql` into v16–v19 and `qh` into v20–v23: the same registers
+            // for both would cost four moves a piece.
+            let (low, high) = (load64_next(&mut ql), load64_step(&mut qh, 64));
             let levels = if K == 0 {
                 (q6k_levels_x4::<0, 4>(low, high), q6k_levels_x4::<2, 4>(low, high))
             } else {
                 (q6k_levels_x4::<1, 4>(low, high), q6k_levels_x4::<3, 4>(low, high))
             };
-            let values = |quarter: usize| vld1q_s8(qs.add(32 * quarter + 16 * piece));
             let (s_first, s_second) =
                 if piece == 0 { (pairs[first].0, pairs[second].0) } else { (pairs[first].1, pairs[second].1) };
-            *scaled = vmlaq_s32(*scaled, sdots(&levels.0, &[values(first)]), s_first);
-            *scaled = vmlaq_s32(*scaled, sdots(&levels.1, &[values(second)]), s_second);
+            *scaled = vmlaq_s32(*scaled, sdots(&levels.0, &first_values[piece..][..1]), s_first);
+            *scaled = vmlaq_s32(*scaled, sdots(&levels.1, &second_values[piece..][..1]), s_second);
             super::neon::settle_int(scaled);
         }
     }
@@ -488,12 +571,12 @@ pub mod dotprod {
         for s in 0..superblocks {
             let (block, a) = (group.add(s), x.add(s));
             let (d, pairs) = q6k_scales(block);
-            let qs = (*a).qs.as_ptr();
+            let mut qs = (*a).qs.as_ptr();
             let mut scaled = vdupq_n_s32(0);
-            q6k_quarters::<0, 0>(block, qs, &pairs, &mut scaled);
-            q6k_quarters::<0, 1>(block, qs, &pairs, &mut scaled);
-            q6k_quarters::<1, 0>(block, qs, &pairs, &mut scaled);
-            q6k_quarters::<1, 1>(block, qs, &pairs, &mut scaled);
+            q6k_quarters::<0, 0>(block, &mut qs, &pairs, &mut scaled);
+            q6k_quarters::<0, 1>(block, &mut qs, &pairs, &mut scaled);
+            q6k_quarters::<1, 0>(block, &mut qs, &pairs, &mut scaled);
+            q6k_quarters::<1, 1>(block, &mut qs, &pairs, &mut scaled);
             // The sums are of four times the levels: divided exactly, then
             // the reference's float step.
             let scaled = vshrq_n_s32::<2>(scaled);
