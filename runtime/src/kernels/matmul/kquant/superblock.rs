@@ -228,23 +228,24 @@ pub mod neon {
         settle_int(scaled);
     }
 
-    /// A Q4_K group's first 64 bytes (the units and packed scales) from
-    /// `*w`, clear of the registers the products load into (a move a vector
-    /// otherwise): v24–v27 for the ARMv8.0 kernel (`V24`, its `ld4r`s take
-    /// v28–v31), v28–v31 for the `sdot` one (its activations take v24–v27);
-    /// `*w` moves past them.
+    /// 64 bytes from `*p` into v24–v27 (`V24`) or v28–v31, registers the
+    /// weights' loads (v16–v23) never take; `*p` moves past them. A Q4_K
+    /// group's header (units and packed scales) goes where the products do
+    /// not load next (a move a vector otherwise): v24–v27 in the ARMv8.0
+    /// kernel, whose `ld4r`s take v28–v31, v28–v31 in the `sdot` one, whose
+    /// activation values this loads into v24–v27.
     ///
     /// # Safety
-    /// `*w` points at 64 readable bytes.
+    /// `*p` points at 64 readable bytes.
     #[inline(always)]
-    unsafe fn load_header<const V24: bool>(w: &mut *const u8) -> [uint8x16_t; 4] {
+    pub(super) unsafe fn load64_upper<const V24: bool>(p: &mut *const u8) -> [uint8x16_t; 4] {
         let (v0, v1, v2, v3);
         if V24 {
-            asm!("ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{w}], #64", w = inout(reg) *w,
+            asm!("ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{p}], #64", p = inout(reg) *p,
                 out("v24") v0, out("v25") v1, out("v26") v2, out("v27") v3,
                 options(pure, readonly, nostack, preserves_flags));
         } else {
-            asm!("ld1 {{v28.16b, v29.16b, v30.16b, v31.16b}}, [{w}], #64", w = inout(reg) *w,
+            asm!("ld1 {{v28.16b, v29.16b, v30.16b, v31.16b}}, [{p}], #64", p = inout(reg) *p,
                 out("v28") v0, out("v29") v1, out("v30") v2, out("v31") v3,
                 options(pure, readonly, nostack, preserves_flags));
         }
@@ -274,7 +275,7 @@ pub mod neon {
             let mut q = (*a).qs.as_ptr();
             // The units (16 bytes) and packed scales (48) of the four rows,
             // then 512 bytes of levels.
-            let [units, a6, b6, c6] = load_header::<V24>(&mut w);
+            let [units, a6, b6, c6] = load64_upper::<V24>(&mut w);
             let units = vreinterpretq_u16_u8(units);
             let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
             // ggml's unpacking for the four rows at once (see `q4k_scales`).
@@ -473,29 +474,16 @@ pub mod dotprod {
             // SAFETY: `*q` has 64 values (the caller's promise), and the
             // CPU has the dot-product extension.
             unsafe {
-                let values = load64_values(q);
+                // One load for the 64 values (LLVM splits `vld1q_s8_x2`
+                // into a load a vector).
+                let mut p = q.cast::<u8>();
+                let values = super::neon::load64_upper::<true>(&mut p).map(|v| vreinterpretq_s8_u8(v));
+                *q = p.cast();
                 *scaled = vmlaq_s32(*scaled, sdots(&q4k_levels::<false>(bytes), &values[..2]), s0);
                 *scaled = vmlaq_s32(*scaled, sdots(&q4k_levels::<true>(bytes), &values[2..]), s1);
                 super::neon::settle_int(scaled);
             }
         })
-    }
-
-    /// 64 activation values at `*q` as four vectors in one load (v24–v27;
-    /// LLVM splits `vld1q_s8_x2` into a load a vector); `*q` moves past them.
-    ///
-    /// # Safety
-    /// `*q` points at 64 readable values.
-    #[inline(always)]
-    unsafe fn load64_values(q: &mut *const i8) -> [int8x16_t; 4] {
-        let (v0, v1, v2, v3);
-        asm!(
-            "ld1 {{v24.16b, v25.16b, v26.16b, v27.16b}}, [{q}], #64",
-            q = inout(reg) *q,
-            out("v24") v0, out("v25") v1, out("v26") v2, out("v27") v3,
-            options(pure, readonly, nostack, preserves_flags),
-        );
-        [v0, v1, v2, v3]
     }
 
     /// The 32 activation values at `*q` as two vectors in one load, into
@@ -538,8 +526,9 @@ pub mod dotprod {
         let mut ql = (*block).ql.as_ptr().add(256 * HALF + 128 * K);
         let mut qh = (*block).qh.as_ptr().add(128 * HALF);
         let (first, second) = (4 * HALF + K, 4 * HALF + K + 2);
-        // The two quarters' values, 32 each: quarter K + 2, then back to
-        // K + 1 or on to the next half.
+        // The two quarters' values, 32 each; `*qs` moves on from quarter
+        // `first` to `second` (+64), then back to `first + 1` (`K` = 0) or
+        // on to the next half's first (`K` = 1).
         let first_values = load32_values_step::<false>(qs, 64);
         let second_values = load32_values_step::<true>(qs, if K == 0 { -32 } else { 32 });
         for piece in 0..2 {
