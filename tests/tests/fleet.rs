@@ -33,7 +33,7 @@ fn board(port: u16) -> Daemon {
     Daemon::start(&["--http", &format!("127.0.0.1:{port}"), "--ndjson", "none", "--queue", BOARD_QUEUE])
 }
 
-/// The balancer process, killed when dropped, with what it printed.
+/// The balancer process, stopped when dropped, with what it printed.
 struct Balancer {
     child: Child,
     /// The configuration's directory (nginx's pid and temporary files), removed when dropped.
@@ -43,7 +43,19 @@ struct Balancer {
 }
 
 impl Drop for Balancer {
+    /// SIGTERM first: both balancers' masters then stop their workers, where
+    /// a SIGKILLed nginx master leaves them running after the test.
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok() {
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
