@@ -361,14 +361,23 @@ pub(in crate::kernels::matmul::kquant) mod arm {
     ) -> (float32x4_t, [(int32x4_t, int32x4_t); 8]) {
         let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
         let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
+        (d, q6k_scale_pairs([packed.0, packed.1, packed.2, packed.3]))
+    }
+
+    /// A Q6_K group's 64 scale bytes (`[k][r]`, four vectors) as the
+    /// `(int32x4_t, int32x4_t)` pairs of [`q6k_scales`].
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) unsafe fn q6k_scale_pairs(
+        packed: [int8x16_t; 4],
+    ) -> [(int32x4_t, int32x4_t); 8] {
         let mut pairs = [(vdupq_n_s32(0), vdupq_n_s32(0)); 8];
-        for (g, v) in [packed.0, packed.1, packed.2, packed.3].into_iter().enumerate() {
+        for (g, v) in packed.into_iter().enumerate() {
             // Scales 4g .. 4g + 4: activation blocks 2g and 2g + 1.
             let wide = widen_signed(v);
             pairs[2 * g] = (wide[0], wide[1]);
             pairs[2 * g + 1] = (wide[2], wide[3]);
         }
-        (d, pairs)
+        pairs
     }
 
     /// One Q4_K sub-block's integer sums `isum` (lanes rows) against an

@@ -33,6 +33,13 @@
 use crate::kquant::{scale_min_k4, QK_K};
 use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8K, Interleaved, GROUP, INTERLEAVE};
 
+/// Where a [`BlockQ6Kx4`]'s `qh` starts, and its size: the Q6_K kernels walk
+/// the units, scales and `ql` with one pointer and `qh` with another.
+#[cfg(target_arch = "aarch64")]
+const Q6K_QH: usize = std::mem::offset_of!(BlockQ6Kx4, qh);
+#[cfg(target_arch = "aarch64")]
+const Q6K_SIZE: usize = std::mem::size_of::<BlockQ6Kx4>();
+
 /// Super-blocks a row and activations of the batch, checked against the
 /// matmul's slices.
 fn shape<W>(weights: &[W], cols: usize, x: &[BlockQ8K], out: &[f32]) -> (usize, usize) {
@@ -133,7 +140,7 @@ pub mod neon {
 
     /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`, as
     /// two 16-bit halves a row (lanes `[r0, r0, r1, r1, r2, r2, r3, r3]`);
-    /// `*q` moves by 16. Four products a 16-bit lane, then one pairwise add
+    /// `*q` moves by `step`. Four products a 16-bit lane, then one pairwise add
     /// in 16 bits: eight products of |level − 32| ≤ 32 and |q| ≤ 127 (what
     /// [`BlockQ8K`] holds) are at most 32 512, below 2¹⁵. (The 32-value
     /// kernels' activations may hold −128, so theirs widen first.)
@@ -141,13 +148,14 @@ pub mod neon {
     /// # Safety
     /// `*q` points at 16 readable bytes.
     #[inline(always)]
-    unsafe fn sum16(w: &[int8x16_t; 4], q: &mut *const i8) -> int16x8_t {
+    unsafe fn sum16(w: &[int8x16_t; 4], q: &mut *const i8, step: isize) -> int16x8_t {
         let sum: int16x8_t;
         asm!(
-            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], #16",
+            "ld4r {{v28.4s, v29.4s, v30.4s, v31.4s}}, [{q}], {step}",
             widening_products!(start "lo" "hi"; "w0" "v28", "w1" "v29", "w2" "v30", "w3" "v31"),
             "addp {sum:v}.8h, {lo:v}.8h, {hi:v}.8h",
             q = inout(reg) *q,
+            step = in(reg) step,
             sum = out(vreg) sum,
             lo = out(vreg) _,
             hi = out(vreg) _,
@@ -306,24 +314,24 @@ pub mod neon {
     }
 
     /// Quarters `K` and `K + 2` (values `32K ..`, `32(K + 2) ..`) of half
-    /// `HALF` of a Q6_K super-block against the activation's values `qs`,
-    /// each piece of sixteen values scaled into `scaled` ([`scale_pairs`]).
-    /// Both quarters read the same `ql` bytes; `qh`'s 128 bytes of the half
-    /// are read for each `K`. `*ql` moves on by 128 bytes, `*qh` by 128
-    /// after `K` = 1.
+    /// `HALF` of a Q6_K super-block against the activation's values at
+    /// `*qs` (quarter `4·HALF + K`'s), each piece of sixteen values scaled
+    /// into `scaled` ([`scale_pairs`]). Both quarters read the same `ql`
+    /// bytes; `qh`'s 128 bytes of the half are read for each `K`. `*ql`
+    /// moves on by 128 bytes, `*qh` by 128 after `K` = 1 (`back` = −64
+    /// returns it to the half's start after `K` = 0), `*qs` to the next
+    /// call's quarter (`steps` = [64, −48, 16], below).
     ///
     /// # Safety
-    /// `*ql`, `*qh` point into a readable block as described, `qs` at 256 values.
+    /// The pointers point into a readable block and activation as described.
     #[inline(always)]
     unsafe fn q6k_quarters<const HALF: usize, const K: usize>(
-        ql: &mut *const u8,
-        qh: &mut *const u8,
-        qs: *const i8,
+        (ql, qh, qs): (&mut *const u8, &mut *const u8, &mut *const i8),
+        (back, [ahead, behind, next_half]): (isize, [isize; 3]),
         keep_high: uint8x16_t,
         packed: &[int8x16_t; 4],
         scaled: &mut (int32x4_t, int32x4_t),
     ) {
-        let (mut first, mut second) = (qs.add(128 * HALF + 32 * K), qs.add(128 * HALF + 32 * (K + 2)));
         // Sub-blocks of sixteen: 8·HALF + 2·quarter and the next, their
         // scales in `packed[2·HALF + quarter / 2]`.
         let scales = |quarter: usize| {
@@ -333,41 +341,66 @@ pub mod neon {
         let (first_scales, second_scales) = (scales(K), scales(K + 2));
         for piece in 0..2 {
             // Back to the half's `qh` after the second piece of `K` = 0.
-            let back = if piece == 1 && K == 0 { -64 } else { 64 };
-            let (low, high) = (load64_next(ql), load64_step(qh, back));
-            let pairs = sum16(&q6k_levels(K, low, high, keep_high), &mut first);
+            let (low, high) = (load64_next(ql), load64_step(qh, if piece == 1 && K == 0 { back } else { 64 }));
+            // `*qs` from quarter `K`'s sixteen values to quarter `K + 2`'s
+            // (+64), back to `K`'s next sixteen (−48), and after the last
+            // piece on to quarter `K + 1` (−48) or the next half (+16).
+            let pairs = sum16(&q6k_levels(K, low, high, keep_high), qs, ahead);
             scale_pairs(pairs, first_scales[piece], scaled);
-            let pairs = sum16(&q6k_levels(K + 2, low, high, keep_high), &mut second);
+            let after = if piece == 1 && K == 1 { next_half } else { behind };
+            let pairs = sum16(&q6k_levels(K + 2, low, high, keep_high), qs, after);
             scale_pairs(pairs, second_scales[piece], scaled);
             settle_int(&mut scaled.0);
             settle_int(&mut scaled.1);
         }
     }
 
-    /// One group's four rows against one activation.
+    /// The eight bytes at `*p` (a group's four f16 units); `*p` moves past them.
+    ///
+    /// # Safety
+    /// `*p` points at 8 readable bytes.
+    #[inline(always)]
+    pub(super) unsafe fn load8_next(p: &mut *const u8) -> uint8x8_t {
+        let v;
+        asm!("ldr {v:d}, [{p}], #8", p = inout(reg) *p, v = out(vreg) v,
+            options(pure, readonly, nostack, preserves_flags));
+        v
+    }
+
+    /// One group's four rows against one activation. Two pointers walk the
+    /// blocks with post-increment loads, one through the units, scales and
+    /// `ql` (in the order they are stored), one through `qh`, so that a
+    /// super-block costs two address additions.
     ///
     /// # Safety
     /// `group` points at `superblocks` readable blocks, `x` at as many.
     unsafe fn q6k_dot(group: *const BlockQ6Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
         let mut acc = vdupq_n_f32(0.0);
         let keep_high = vdupq_n_u8(0xF0);
+        let mut p = group.cast::<u8>();
+        let steps = (-64, [64, -48, 16]);
         for s in 0..superblocks {
-            let (block, a) = (group.add(s), x.add(s));
-            let d = widen_f16(vreinterpret_u16_u8(vld1_u8(block.cast::<u8>())));
+            let a = x.add(s);
+            let mut qh = p.add(Q6K_QH);
+            let d = widen_f16(vreinterpret_u16_u8(load8_next(&mut p)));
             // Scales `4g .. 4g + 4` of the four rows (values 64g .. 64g + 64).
-            let packed = vld1q_s8_x4((*block).scales.as_ptr().cast::<i8>());
-            let packed = [packed.0, packed.1, packed.2, packed.3];
-            let (mut ql, mut qh) = ((*block).ql.as_ptr(), (*block).qh.as_ptr());
-            let qs = (*a).qs.as_ptr();
+            let packed = load64_upper::<true>(&mut p).map(|v| vreinterpretq_s8_u8(v));
+            let mut qs = (*a).qs.as_ptr();
             let mut scaled = (vdupq_n_s32(0), vdupq_n_s32(0));
             // Each half (128 values) in two steps: quarters 0 and 2, then 1
             // and 3, which read the same `ql` bytes (low and high nibbles);
             // spelled out, so that each step's levels and scales are picked
             // at compile time.
-            q6k_quarters::<0, 0>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
-            q6k_quarters::<0, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
-            q6k_quarters::<1, 0>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
-            q6k_quarters::<1, 1>(&mut ql, &mut qh, qs, keep_high, &packed, &mut scaled);
+            let walk = (&mut p, &mut qh, &mut qs);
+            q6k_quarters::<0, 0>(walk, steps, keep_high, &packed, &mut scaled);
+            let walk = (&mut p, &mut qh, &mut qs);
+            q6k_quarters::<0, 1>(walk, steps, keep_high, &packed, &mut scaled);
+            let walk = (&mut p, &mut qh, &mut qs);
+            q6k_quarters::<1, 0>(walk, steps, keep_high, &packed, &mut scaled);
+            let walk = (&mut p, &mut qh, &mut qs);
+            q6k_quarters::<1, 1>(walk, steps, keep_high, &packed, &mut scaled);
+            // `p` is at the block's `qh`: on to the next block.
+            p = p.add(Q6K_SIZE - Q6K_QH);
             // `[r0, r0, r1, r1]` and `[r2, r2, r3, r3]` to the rows' sums.
             let scaled = vpaddq_s32(scaled.0, scaled.1);
             acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, (*a).d));
@@ -509,22 +542,21 @@ pub mod dotprod {
     /// against the activation's values at `*qs` (quarter `4·HALF + K`'s),
     /// a 64-byte piece of `ql` and `qh` (sixteen columns of four rows) at a
     /// time, each piece's sums scaled into `scaled` by one `mla`: sums of
-    /// four times the levels. `*qs` moves on to the next call's quarter
-    /// (`K` = 0: 1; `K` = 1: the next half's 0).
+    /// four times the levels. `*ql` moves past the 128 bytes it reads;
+    /// `*qh` reads the half's 128 bytes and moves past them when `K` = 1,
+    /// back to their start when `K` = 0 (`back` = −64); `*qs` moves on to
+    /// the next call's quarter (`K` = 0: 1; `K` = 1: the next half's 0).
     ///
     /// # Safety
-    /// `block` is readable, `*qs` has the quarters' values, and the CPU has
+    /// The pointers point at the quarters' bytes and values, and the CPU has
     /// the dot-product extension.
     #[inline(always)]
     unsafe fn q6k_quarters<const HALF: usize, const K: usize>(
-        block: *const BlockQ6Kx4,
-        qs: &mut *const i8,
+        (ql, qh, qs): (&mut *const u8, &mut *const u8, &mut *const i8),
+        back: isize,
         pairs: &[(int32x4_t, int32x4_t); 8],
         scaled: &mut int32x4_t,
     ) {
-        // Both `K` read the half's 128 bytes of `qh`.
-        let mut ql = (*block).ql.as_ptr().add(256 * HALF + 128 * K);
-        let mut qh = (*block).qh.as_ptr().add(128 * HALF);
         let (first, second) = (4 * HALF + K, 4 * HALF + K + 2);
         // The two quarters' values, 32 each; `*qs` moves on from quarter
         // `first` to `second` (+64), then back to `first + 1` (`K` = 0) or
@@ -534,7 +566,8 @@ pub mod dotprod {
         for piece in 0..2 {
             // `ql` into v16–v19 and `qh` into v20–v23: the same registers
             // for both would cost four moves a piece.
-            let (low, high) = (load64_next(&mut ql), load64_step(&mut qh, 64));
+            let low = load64_next(ql);
+            let high = load64_step(qh, if piece == 1 && K == 0 { back } else { 64 });
             let levels = if K == 0 {
                 (q6k_levels_x4::<0, 4>(low, high), q6k_levels_x4::<2, 4>(low, high))
             } else {
@@ -549,7 +582,10 @@ pub mod dotprod {
     }
 
     /// One group's four rows against one activation, Q6_K: `Σ sₖ·Σₖ` over
-    /// the sixteen sub-blocks in integers ([`q6k_quarters`]).
+    /// the sixteen sub-blocks in integers ([`q6k_quarters`]). Two pointers
+    /// walk the blocks with post-increment loads, one through the units,
+    /// scales and `ql` (in the order they are stored), one through `qh`,
+    /// so that a super-block costs two address additions.
     ///
     /// # Safety
     /// `group` points at `superblocks` readable blocks, `x` at as many, and
@@ -557,15 +593,21 @@ pub mod dotprod {
     #[target_feature(enable = "dotprod")]
     unsafe fn q6k_dot(group: *const BlockQ6Kx4, superblocks: usize, x: *const BlockQ8K) -> float32x4_t {
         let mut acc = vdupq_n_f32(0.0);
+        let mut p = group.cast::<u8>();
+        let back = -64;
         for s in 0..superblocks {
-            let (block, a) = (group.add(s), x.add(s));
-            let (d, pairs) = q6k_scales(block);
+            let a = x.add(s);
+            let mut qh = p.add(Q6K_QH);
+            let d = widen_f16(vreinterpret_u16_u8(super::neon::load8_next(&mut p)));
+            let pairs = q6k_scale_pairs(super::neon::load64_upper::<false>(&mut p).map(|v| vreinterpretq_s8_u8(v)));
             let mut qs = (*a).qs.as_ptr();
             let mut scaled = vdupq_n_s32(0);
-            q6k_quarters::<0, 0>(block, &mut qs, &pairs, &mut scaled);
-            q6k_quarters::<0, 1>(block, &mut qs, &pairs, &mut scaled);
-            q6k_quarters::<1, 0>(block, &mut qs, &pairs, &mut scaled);
-            q6k_quarters::<1, 1>(block, &mut qs, &pairs, &mut scaled);
+            q6k_quarters::<0, 0>((&mut p, &mut qh, &mut qs), back, &pairs, &mut scaled);
+            q6k_quarters::<0, 1>((&mut p, &mut qh, &mut qs), back, &pairs, &mut scaled);
+            q6k_quarters::<1, 0>((&mut p, &mut qh, &mut qs), back, &pairs, &mut scaled);
+            q6k_quarters::<1, 1>((&mut p, &mut qh, &mut qs), back, &pairs, &mut scaled);
+            // `p` is at the block's `qh`: on to the next block.
+            p = p.add(Q6K_SIZE - Q6K_QH);
             // The sums are of four times the levels: divided exactly, then
             // the reference's float step.
             let scaled = vshrq_n_s32::<2>(scaled);
