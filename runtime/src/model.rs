@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 /// Rows a kernel step handles together (the dotprod kernels take 8); thread splits fall on multiples of it.
 const ROWS_PER_STEP: usize = 8;
-const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE));
+const _: () = assert!(ROWS_PER_STEP.is_multiple_of(INTERLEAVE) && ROWS_PER_STEP.is_multiple_of(quant::MAX_ROWS));
 use crate::bias::{BiasConstraint, ProjectionStats};
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, QK_K};
 use crate::quant::{self, BlockQ8Act, BlockQ8K, Encoding, Interleaved, GROUP, INTERLEAVE};
@@ -61,6 +61,7 @@ impl Matrix<'_> {
             TensorView::Q6K(_) => Encoding::Q6K,
             TensorView::Q3K(_) => Encoding::Q3K,
             TensorView::Q4KX4(_) => Encoding::Q4KX4,
+            TensorView::Q4KX8(_) => Encoding::Q4KX8,
             TensorView::Q6KX4(_) => Encoding::Q6KX4,
             TensorView::Q3KX4(_) => Encoding::Q3KX4,
             TensorView::Q5KX4(_) => Encoding::Q5KX4,
@@ -106,6 +107,9 @@ impl Matrix<'_> {
             TensorView::Q6K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ6K::dequantize),
             TensorView::Q3K(blocks) => quant::dequantize_k(&blocks[super_blocks], out, BlockQ3K::dequantize),
             TensorView::Q4KX4(blocks) => {
+                for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ4K::dequantize(&b, o))
+            }
+            TensorView::Q4KX8(blocks) => {
                 for_interleaved_row(blocks, self.cols / QK_K, row, out, |b, o| BlockQ4K::dequantize(&b, o))
             }
             TensorView::Q6KX4(blocks) => {
@@ -180,7 +184,9 @@ impl Matrix<'_> {
         });
         // Blocks a row: cols / 32, or cols / 256 super-blocks for a k-quant.
         let (cols, blocks) = (self.cols, self.cols / self.encoding().block_values());
-        let groups = |rows: &Range<usize>| rows.start / INTERLEAVE * blocks..rows.end / INTERLEAVE * blocks;
+        // Interleaved blocks: groups of `stacked` rows (4, or 8 for Q4KX8).
+        let stacked = self.encoding().rows_interleaved();
+        let groups = |rows: &Range<usize>| rows.start / stacked * blocks..rows.end / stacked * blocks;
         pool.run(&|i| {
             let mut slot = parts[i].lock().unwrap_or_else(|e| e.into_inner());
             let Some((rows, out)) = slot.as_mut() else { return };
@@ -205,6 +211,10 @@ impl Matrix<'_> {
                 TensorView::Q4KX4(w) => match kernels.superblock.filter(|_| !xk.is_empty()) {
                     Some(k) => (k.matmul_q4kx4)(&w[groups(rows)], cols, xk, out),
                     None => (kernels.matmul_q4kx4)(&w[groups(rows)], cols, xq, out),
+                },
+                TensorView::Q4KX8(w) => match kernels.superblock.filter(|_| !xk.is_empty()) {
+                    Some(k) => (k.matmul_q4kx8)(&w[groups(rows)], cols, xk, out),
+                    None => (kernels.matmul_q4kx8)(&w[groups(rows)], cols, xq, out),
                 },
                 TensorView::Q6KX4(w) => match kernels.superblock.filter(|_| !xk.is_empty()) {
                     Some(k) => (k.matmul_q6kx4)(&w[groups(rows)], cols, xk, out),
@@ -382,9 +392,9 @@ fn for_interleaved_row<X: Interleaved>(
     out: &mut [f32],
     expand: impl Fn(X::Row, &mut [f32]),
 ) {
-    let group = &blocks[row / INTERLEAVE * per_row..(row / INTERLEAVE + 1) * per_row];
+    let group = &blocks[row / X::ROWS * per_row..(row / X::ROWS + 1) * per_row];
     for (block, values) in group.iter().zip(out.chunks_exact_mut(out.len() / per_row)) {
-        expand(block.row(row % INTERLEAVE), values);
+        expand(block.row(row % X::ROWS), values);
     }
 }
 
@@ -1353,7 +1363,7 @@ impl<'a> Model<'a> {
         xq: &'s mut [BlockQ8Act],
         xk: &'s mut [BlockQ8K],
     ) -> (&'s [BlockQ8Act], &'s [BlockQ8K]) {
-        let superblock = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q6KX4);
+        let superblock = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q4KX8 | Encoding::Q6KX4);
         let xk: &[BlockQ8K] = match self.kernels.superblock {
             Some(kernels) if x.len().is_multiple_of(QK_K) && matrices.iter().any(superblock) => {
                 let xk = &mut xk[..x.len() / QK_K];

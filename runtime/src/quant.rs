@@ -79,11 +79,14 @@ pub enum Encoding {
     Q4B,
     /// [`Encoding::Q4B`], four rows interleaved ([`BlockQ4Bx4`]).
     Q4BX4,
+    /// [`Encoding::Q4K`], eight rows interleaved, two rows' levels a byte
+    /// ([`BlockQ4Kx8`]).
+    Q4KX8,
 }
 
 impl Encoding {
     /// All encodings, in id order.
-    pub const ALL: [Encoding; 26] = [
+    pub const ALL: [Encoding; 27] = [
         Encoding::F32,
         Encoding::F16,
         Encoding::Q8,
@@ -110,6 +113,7 @@ impl Encoding {
         Encoding::Q2KX4,
         Encoding::Q4B,
         Encoding::Q4BX4,
+        Encoding::Q4KX8,
     ];
 
     /// The id stored in the tensor index.
@@ -141,6 +145,7 @@ impl Encoding {
             Encoding::Q2KX4 => 24,
             Encoding::Q4B => 25,
             Encoding::Q4BX4 => 26,
+            Encoding::Q4KX8 => 27,
         }
     }
     /// The encoding of a tensor-index id.
@@ -184,6 +189,7 @@ impl Encoding {
             Encoding::Q2KX4 => "q2kx4",
             Encoding::Q4B => "q4b",
             Encoding::Q4BX4 => "q4bx4",
+            Encoding::Q4KX8 => "q4kx8",
         }
     }
     /// The encoding a CLI name stands for.
@@ -209,9 +215,11 @@ impl Encoding {
             _ => GROUP,
         }
     }
-    /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings, else 1.
+    /// Rows stored together: [`INTERLEAVE`] for the interleaved encodings
+    /// (eight for [`Encoding::Q4KX8`]), else 1.
     pub fn rows_interleaved(self) -> usize {
         match self {
+            Encoding::Q4KX8 => MAX_ROWS,
             Encoding::Q8X4
             | Encoding::Q4X4
             | Encoding::Q4SX4
@@ -246,7 +254,7 @@ impl Encoding {
             Encoding::Q8X4 | Encoding::Q8C => Encoding::Q8,
             Encoding::Q4X4 | Encoding::Q4C => Encoding::Q4,
             Encoding::Q4SX4 => Encoding::Q4S,
-            Encoding::Q4KX4 => Encoding::Q4K,
+            Encoding::Q4KX4 | Encoding::Q4KX8 => Encoding::Q4K,
             Encoding::Q6KX4 => Encoding::Q6K,
             Encoding::Q3KX4 => Encoding::Q3K,
             Encoding::Q5KX4 => Encoding::Q5K,
@@ -266,7 +274,18 @@ impl Encoding {
             _ => None,
         }
     }
-    /// The interleaved form of a row-major quantized encoding.
+    /// The interleaved form of a row-major quantized encoding for a matrix
+    /// of `rows` rows: [`Encoding::Q4KX8`] for Q4_K when the rows are whole
+    /// groups of eight, else [`Encoding::interleaved`]'s four-row form when
+    /// they are whole groups of four.
+    pub fn interleaved_for(self, rows: usize) -> Option<Encoding> {
+        match self.interleaved()? {
+            Encoding::Q4KX4 if rows.is_multiple_of(MAX_ROWS) => Some(Encoding::Q4KX8),
+            four if rows.is_multiple_of(INTERLEAVE) => Some(four),
+            _ => None,
+        }
+    }
+    /// The four-row interleaved form of a row-major quantized encoding.
     pub fn interleaved(self) -> Option<Encoding> {
         match self {
             Encoding::Q8 => Some(Encoding::Q8X4),
@@ -313,7 +332,7 @@ impl Encoding {
             | Encoding::Q5KX4
             | Encoding::Q5SX4
             | Encoding::Q5X4 => self.row_major().bytes_for(n),
-            Encoding::Q2KX4 | Encoding::Q4BX4 => self.row_major().bytes_for(n),
+            Encoding::Q2KX4 | Encoding::Q4BX4 | Encoding::Q4KX8 => self.row_major().bytes_for(n),
         }
     }
     /// Bytes of the per-row scales a tensor of `rows` rows stores before its
@@ -330,8 +349,11 @@ impl Encoding {
     }
 }
 
-/// Rows an interleaved block holds.
+/// Rows an interleaved block holds (but [`BlockQ4Kx8`]'s eight).
 pub const INTERLEAVE: usize = 4;
+
+/// The most rows any interleaved block holds ([`BlockQ4Kx8`]).
+pub const MAX_ROWS: usize = 8;
 
 /// int8 weights: value `j` is `d · q[j]`. ggml's Q8_0.
 #[repr(C)]
@@ -379,8 +401,10 @@ const _: () = assert!(std::mem::size_of::<BlockQ4S>() == 18);
 pub trait Interleaved: Pod {
     /// The row-major block.
     type Row: Pod;
-    /// Interleaves four rows' blocks.
-    fn from_rows(rows: &[Self::Row; INTERLEAVE]) -> Self;
+    /// Rows a block holds: [`INTERLEAVE`], or eight ([`BlockQ4Kx8`]).
+    const ROWS: usize = INTERLEAVE;
+    /// Interleaves [`Interleaved::ROWS`] rows' blocks (panics on another count).
+    fn from_rows(rows: &[Self::Row]) -> Self;
     /// Row `r`'s block, as it was.
     fn row(&self, r: usize) -> Self::Row;
 }
@@ -433,7 +457,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ8x4>() == 4 * 34);
 
 impl Interleaved for BlockQ8x4 {
     type Row = BlockQ8;
-    fn from_rows(rows: &[BlockQ8; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ8]) -> Self {
+        let rows: &[BlockQ8; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self { d: rows.map(|b| b.d), qs: [0; INTERLEAVE * GROUP] };
         spread(
             rows.each_ref().map(|b| bytemuck::cast_ref::<_, [u8; GROUP]>(&b.qs)),
@@ -462,7 +487,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ4x4>() == 4 * 20);
 
 impl Interleaved for BlockQ4x4 {
     type Row = BlockQ4;
-    fn from_rows(rows: &[BlockQ4; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ4]) -> Self {
+        let rows: &[BlockQ4; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self { d: rows.map(|b| b.d), m: rows.map(|b| b.m), qs: [0; INTERLEAVE * GROUP / 2] };
         spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
         block
@@ -486,7 +512,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ4Sx4>() == 4 * 18);
 
 impl Interleaved for BlockQ4Sx4 {
     type Row = BlockQ4S;
-    fn from_rows(rows: &[BlockQ4S; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ4S]) -> Self {
+        let rows: &[BlockQ4S; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self { d: rows.map(|b| b.d), qs: [0; INTERLEAVE * GROUP / 2] };
         spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
         block
@@ -545,7 +572,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ4Bx4>() == 4 * 18);
 
 impl Interleaved for BlockQ4Bx4 {
     type Row = BlockQ4B;
-    fn from_rows(rows: &[BlockQ4B; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ4B]) -> Self {
+        let rows: &[BlockQ4B; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self { d: rows.map(|b| b.d), o: rows.map(|b| b.o), qs: [0; INTERLEAVE * GROUP / 2] };
         spread(rows.each_ref().map(|b| &b.qs), &mut block.qs);
         block
@@ -715,7 +743,8 @@ fn row_five_bits(qh: &[u8; INTERLEAVE * 4], qs: &[u8; INTERLEAVE * GROUP / 2], r
 
 impl Interleaved for BlockQ5Sx4 {
     type Row = BlockQ5S;
-    fn from_rows(rows: &[BlockQ5S; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ5S]) -> Self {
+        let rows: &[BlockQ5S; INTERLEAVE] = rows.try_into().expect("four rows");
         let (qh, qs) = interleave_five_bits(rows.each_ref().map(|b| (b.qh, &b.qs)));
         Self { d: rows.map(|b| b.d), qh, qs }
     }
@@ -752,7 +781,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ5x4>() == 4 * 24);
 
 impl Interleaved for BlockQ5x4 {
     type Row = BlockQ5;
-    fn from_rows(rows: &[BlockQ5; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ5]) -> Self {
+        let rows: &[BlockQ5; INTERLEAVE] = rows.try_into().expect("four rows");
         let (qh, qs) = interleave_five_bits(rows.each_ref().map(|b| (b.qh, &b.qs)));
         Self { d: rows.map(|b| b.d), m: rows.map(|b| b.m), qh, qs }
     }
@@ -795,7 +825,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ4Kx4>() == 4 * 144);
 
 impl Interleaved for BlockQ4Kx4 {
     type Row = BlockQ4K;
-    fn from_rows(rows: &[BlockQ4K; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ4K]) -> Self {
+        let rows: &[BlockQ4K; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self {
             d: rows.map(|b| b.d),
             dmin: rows.map(|b| b.dmin),
@@ -814,6 +845,82 @@ impl Interleaved for BlockQ4Kx4 {
             scales: gather_by::<12, 1>(&self.scales, r),
             qs: gather(&self.qs, r),
         }
+    }
+}
+
+/// [`BlockQ4K`] × 8 rows: 1152 bytes, for kernels that multiply a byte's
+/// two nibbles by the same activation value.
+///
+/// - `heads`: rows 0–3's and rows 4–7's units and packed scales, each as
+///   the first 64 bytes of a [`BlockQ4Kx4`] of those rows (`d`, `dmin`,
+///   `scales`);
+/// - `qs`: sub-block `j`'s 32 columns at bytes `128j ..`, sixteen bytes a
+///   group `c` of four columns (`128j + 16c ..`): byte `4r + i` holds row
+///   `r`'s level at column `32j + 4c + i` in its low nibble and row
+///   `r + 4`'s, XOR 8, in its high nibble.
+///
+/// Read as `i8`, such a byte is `l + 16·(h − 8)` (the high nibble's flipped
+/// top bit makes it the signed `h − 8`), so `sdot` of the raw bytes gives
+/// `Σ l·q + 16·Σ (h − 8)·q` and of the masked low nibbles `Σ l·q`: rows
+/// 4–7 cost no unpacking, and their `8·Σq` comes back through the
+/// activation's integer sums as the minimums do. Sixteen bytes are still
+/// four rows' values at four columns for rows 0–3, and four rows' at the
+/// same columns for rows 4–7.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ4Kx8 {
+    /// Rows 0–3's and rows 4–7's units and packed scales, as [`BlockQ4Kx4`]'s.
+    pub heads: [[u8; Q4K_HEAD]; 2],
+    /// The levels, a sub-block of eight rows at a time.
+    pub qs: [u8; MAX_ROWS * QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4Kx8>() == 8 * 144);
+
+/// Bytes of a [`BlockQ4Kx4`]'s units and packed scales: a [`BlockQ4Kx8`]'s head.
+pub const Q4K_HEAD: usize = std::mem::offset_of!(BlockQ4Kx4, qs);
+
+/// Row `r`'s Q4_K level at column `col` (0..256).
+fn q4k_level(block: &BlockQ4K, col: usize) -> u8 {
+    let (sub, l) = (col / GROUP, col % GROUP);
+    (block.qs[32 * (sub / 2) + l] >> (4 * (sub % 2))) & 0xF
+}
+
+/// Where column `col` of row `r % 4` is in a [`BlockQ4Kx8`]'s `qs`.
+fn q4kx8_at(r: usize, col: usize) -> usize {
+    let (j, c, i) = (col / GROUP, (col % GROUP) / 4, col % 4);
+    128 * j + 16 * c + 4 * (r % 4) + i
+}
+
+impl Interleaved for BlockQ4Kx8 {
+    type Row = BlockQ4K;
+    const ROWS: usize = MAX_ROWS;
+    fn from_rows(rows: &[BlockQ4K]) -> Self {
+        let rows: &[BlockQ4K; MAX_ROWS] = rows.try_into().expect("eight rows");
+        let mut block = Self::zeroed();
+        for (head, four) in block.heads.iter_mut().zip(rows.chunks_exact(INTERLEAVE)) {
+            let x4 = BlockQ4Kx4::from_rows(four);
+            head.copy_from_slice(&bytemuck::bytes_of(&x4)[..Q4K_HEAD]);
+        }
+        for col in 0..QK_K {
+            for r in 0..INTERLEAVE {
+                let (low, high) = (q4k_level(&rows[r], col), q4k_level(&rows[r + INTERLEAVE], col));
+                block.qs[q4kx8_at(r, col)] = low | ((high ^ 8) << 4);
+            }
+        }
+        block
+    }
+    fn row(&self, r: usize) -> BlockQ4K {
+        let head = &self.heads[r / INTERLEAVE];
+        let mut x4 = BlockQ4Kx4::zeroed();
+        bytemuck::bytes_of_mut(&mut x4)[..Q4K_HEAD].copy_from_slice(head);
+        let mut block = x4.row(r % INTERLEAVE);
+        for col in 0..QK_K {
+            let byte = self.qs[q4kx8_at(r, col)];
+            let level = if r < INTERLEAVE { byte & 0xF } else { (byte >> 4) ^ 8 };
+            let (sub, l) = (col / GROUP, col % GROUP);
+            block.qs[32 * (sub / 2) + l] |= level << (4 * (sub % 2));
+        }
+        block
     }
 }
 
@@ -851,7 +958,8 @@ pub const Q6K_HIGH_FLIP: u8 = 0xAA;
 
 impl Interleaved for BlockQ6Kx4 {
     type Row = BlockQ6K;
-    fn from_rows(rows: &[BlockQ6K; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ6K]) -> Self {
+        let rows: &[BlockQ6K; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self {
             d: rows.map(|b| b.d),
             scales: [0; INTERLEAVE * QK_K / 16],
@@ -964,7 +1072,8 @@ fn q3k_from_planes(planes: &[[u8; 32]; 3]) -> ([u8; 32], [u8; 64]) {
 
 impl Interleaved for BlockQ3Kx4 {
     type Row = BlockQ3K;
-    fn from_rows(rows: &[BlockQ3K; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ3K]) -> Self {
+        let rows: &[BlockQ3K; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self { scales: [0; INTERLEAVE * 12], planes: [[0; INTERLEAVE * 32]; 3], d: rows.map(|b| b.d) };
         let scales = rows.map(|b| {
             let mut scales = b.scales;
@@ -1013,7 +1122,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ5Kx4>() == 4 * 176);
 
 impl Interleaved for BlockQ5Kx4 {
     type Row = BlockQ5K;
-    fn from_rows(rows: &[BlockQ5K; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ5K]) -> Self {
+        let rows: &[BlockQ5K; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self {
             d: rows.map(|b| b.d),
             dmin: rows.map(|b| b.dmin),
@@ -1069,7 +1179,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ2Kx4>() == 4 * 84);
 
 impl Interleaved for BlockQ2Kx4 {
     type Row = BlockQ2K;
-    fn from_rows(rows: &[BlockQ2K; INTERLEAVE]) -> Self {
+    fn from_rows(rows: &[BlockQ2K]) -> Self {
+        let rows: &[BlockQ2K; INTERLEAVE] = rows.try_into().expect("four rows");
         let mut block = Self {
             d: rows.map(|b| b.d),
             dmin: rows.map(|b| b.dmin),
@@ -1094,20 +1205,24 @@ impl Interleaved for BlockQ2Kx4 {
 /// Interleaves a row-major matrix of `blocks` blocks a row (a whole number
 /// of four-row groups): group `g`, column block `k` is rows `4g .. 4g+4`'s block `k`.
 pub fn interleave<X: Interleaved>(rows: &[X::Row], blocks: usize, out: &mut [X]) {
-    assert!(rows.len() == out.len() * INTERLEAVE && rows.len().is_multiple_of(blocks * INTERLEAVE));
-    for (group, mixed) in rows.chunks_exact(blocks * INTERLEAVE).zip(out.chunks_exact_mut(blocks)) {
+    assert!(rows.len() == out.len() * X::ROWS && rows.len().is_multiple_of(blocks * X::ROWS));
+    let mut staged = [X::Row::zeroed(); MAX_ROWS];
+    for (group, mixed) in rows.chunks_exact(blocks * X::ROWS).zip(out.chunks_exact_mut(blocks)) {
         for (k, block) in mixed.iter_mut().enumerate() {
-            *block = X::from_rows(&std::array::from_fn(|r| group[r * blocks + k]));
+            for (r, row) in staged[..X::ROWS].iter_mut().enumerate() {
+                *row = group[r * blocks + k];
+            }
+            *block = X::from_rows(&staged[..X::ROWS]);
         }
     }
 }
 
 /// The inverse of [`interleave`].
 pub fn deinterleave<X: Interleaved>(mixed: &[X], blocks: usize, out: &mut [X::Row]) {
-    assert!(out.len() == mixed.len() * INTERLEAVE && mixed.len().is_multiple_of(blocks));
-    for (group, rows) in mixed.chunks_exact(blocks).zip(out.chunks_exact_mut(blocks * INTERLEAVE)) {
+    assert!(out.len() == mixed.len() * X::ROWS && mixed.len().is_multiple_of(blocks));
+    for (group, rows) in mixed.chunks_exact(blocks).zip(out.chunks_exact_mut(blocks * X::ROWS)) {
         for (k, block) in group.iter().enumerate() {
-            for r in 0..INTERLEAVE {
+            for r in 0..X::ROWS {
                 rows[r * blocks + k] = block.row(r);
             }
         }
@@ -1228,6 +1343,7 @@ fn interleave_blocks(encoding: Encoding, row_major: &[u8], cols: usize, out: &mu
     match encoding {
         // Alignment 1: the byte buffers are the blocks in place.
         Encoding::Q4KX4 => interleave::<BlockQ4Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
+        Encoding::Q4KX8 => interleave::<BlockQ4Kx8>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q6KX4 => interleave::<BlockQ6Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q3KX4 => interleave::<BlockQ3Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
         Encoding::Q5KX4 => interleave::<BlockQ5Kx4>(cast_blocks(row_major), blocks, cast_blocks_mut(out)),
@@ -1254,6 +1370,7 @@ fn deinterleave_blocks(encoding: Encoding, mixed: &[u8], cols: usize, out: &mut 
     let blocks = cols / encoding.block_values();
     match encoding {
         Encoding::Q4KX4 => deinterleave::<BlockQ4Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
+        Encoding::Q4KX8 => deinterleave::<BlockQ4Kx8>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q6KX4 => deinterleave::<BlockQ6Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q3KX4 => deinterleave::<BlockQ3Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
         Encoding::Q5KX4 => deinterleave::<BlockQ5Kx4>(cast_blocks(mixed), blocks, cast_blocks_mut(out)),
@@ -1937,6 +2054,34 @@ mod kquant_tests {
         assert_eq!(&mixed.qs[..8], &[0, 1, 2, 3, 1, 2, 3, 4]);
         assert_eq!(mixed.qs[16 * 31 + 4 * 3 + 3], 127 + 3);
         assert_eq!(mixed.d, rows.map(|b| b.d));
+        // Eight rows: every byte of random rows comes back, on matrices of
+        // whole groups of eight; two rows' levels share a byte, the high
+        // one flipped.
+        let encoding = Encoding::Q4KX8;
+        assert_eq!((encoding.id(), encoding.name(), Encoding::from_id(27)), (27, "q4kx8", Some(encoding)));
+        assert_eq!((encoding.row_major(), encoding.rows_interleaved(), encoding.row_multiple()), (Encoding::Q4K, 8, 8));
+        assert_eq!(Encoding::Q4K.interleaved_for(16), Some(Encoding::Q4KX8));
+        assert_eq!(Encoding::Q4K.interleaved_for(12), Some(Encoding::Q4KX4));
+        assert_eq!(Encoding::Q4K.interleaved_for(6), None);
+        assert_eq!(Encoding::Q6K.interleaved_for(16), Some(Encoding::Q6KX4));
+        for (rows, cols) in [(8, QK_K), (16, 3 * QK_K)] {
+            let row_major = random_bytes(encoding.bytes_for(rows * cols));
+            let mut mixed = vec![0u8; row_major.len()];
+            interleave_bytes(encoding, &row_major, cols, &mut mixed);
+            assert_ne!(mixed, row_major);
+            let mut back = vec![0u8; mixed.len()];
+            deinterleave_bytes(encoding, &mixed, cols, &mut back);
+            assert_eq!(back, row_major, "{encoding:?} {rows}×{cols}");
+        }
+        let eight: Vec<BlockQ4K> = (0..8).map(|r| rows[r % 4]).collect();
+        let mixed = BlockQ4Kx8::from_rows(&eight);
+        assert_eq!(&mixed.heads[0][..], &bytemuck::bytes_of(&BlockQ4Kx4::from_rows(&rows))[..Q4K_HEAD]);
+        // Row 0's first four levels (qs 0, 1, 2, 3: low nibbles) and row
+        // 4's (the same row's), XOR 8, above them.
+        assert_eq!(&mixed.qs[..4], &[0x80, 0x91, 0xA2, 0xB3]);
+        // Column 32 (sub-block 1, the high nibbles of bytes 0..): row 1's
+        // byte 0 is 1, so level 0, and row 5's too.
+        assert_eq!(mixed.qs[128 + 4], 0x80);
         let rows: [BlockQ6K; 4] = std::array::from_fn(|r| {
             let mut block: BlockQ6K = bytemuck::pod_read_unaligned(&random_bytes(210));
             block.scales = std::array::from_fn(|i| (16 * r + i) as u8);

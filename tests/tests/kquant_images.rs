@@ -166,8 +166,9 @@ fn kquant_gguf_converted_x4_interleaves_every_k_quant_and_gives_the_rows_logits(
     assert_eq!(report.requantized, 0, "keep converted something: {:?}", report.families);
 
     // Matrices of whole groups of four rows interleaved, whatever their
-    // k-quant (not the embedding: the synthetic vocabulary is not a
-    // multiple of 4); every tensor's bytes, in row order, the GGUF's.
+    // k-quant, Q4_K's of whole groups of eight eight rows at a time (not
+    // the embedding: the synthetic vocabulary is not a multiple of 4);
+    // every tensor's bytes, in row order, the GGUF's.
     // `attn_k` (Q5_K) and `attn_output` (Q3_K) have 128 and 256 rows.
     let file = GgufFile::open(&gguf).unwrap();
     let image = ModelImage::open(&x4_path).unwrap();
@@ -175,7 +176,9 @@ fn kquant_gguf_converted_x4_interleaves_every_k_quant_and_gives_the_rows_logits(
     for (index, info) in file.tensors().iter().enumerate() {
         let stored = image.tensor(&info.name).unwrap();
         let groups_of_four = stored.shape.len() == 2 && stored.rows().is_multiple_of(4);
+        let groups_of_eight = stored.shape.len() == 2 && stored.rows().is_multiple_of(8);
         let expected = match info.ggml_type {
+            GgmlType::Q4_K if groups_of_eight => Encoding::Q4KX8,
             GgmlType::Q4_K if groups_of_four => Encoding::Q4KX4,
             GgmlType::Q4_K => Encoding::Q4K,
             GgmlType::Q5_K if groups_of_four => Encoding::Q5KX4,
@@ -193,7 +196,7 @@ fn kquant_gguf_converted_x4_interleaves_every_k_quant_and_gives_the_rows_logits(
         }
         assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
     }
-    for encoding in [Encoding::Q4KX4, Encoding::Q6KX4, Encoding::Q3KX4, Encoding::Q5KX4] {
+    for encoding in [Encoding::Q4KX8, Encoding::Q6KX4, Encoding::Q3KX4, Encoding::Q5KX4] {
         assert!(interleaved.contains(&encoding), "no {encoding:?} among {interleaved:?}");
     }
 
@@ -305,8 +308,8 @@ fn real_q4_k_m_mix_keeps_its_k_quant_blocks() {
             GgmlType::Q6_K => 1,
             other => panic!("{}: {other}, expected Q4_K or Q6_K in a Q4_K_M mix", info.name),
         };
-        // Rows of 576: whole groups of four, interleaved (the default layout).
-        assert_eq!(stored.encoding, [Encoding::Q4KX4, Encoding::Q6KX4][slot], "{}", info.name);
+        // Rows of 576: whole groups of eight (Q4_K) and of four, interleaved (the default layout).
+        assert_eq!(stored.encoding, [Encoding::Q4KX8, Encoding::Q6KX4][slot], "{}", info.name);
         assert!(row_major_bytes(&image, &info.name) == file.tensor_bytes(index), "{}: bytes differ", info.name);
         kept[slot] += 1;
     }

@@ -18,7 +18,7 @@ use bramble_runtime::image::layout::section;
 use bramble_runtime::image::{encode_vocab, ImageWriter};
 use bramble_runtime::kquant::QK_K;
 use bramble_runtime::quant::{
-    interleave_bytes, q4b_from_q4, quantize_q8_lossless, BlockQ4, BlockQ8, Encoding, GROUP, INTERLEAVE,
+    interleave_bytes, q4b_from_q4, quantize_q8_lossless, BlockQ4, BlockQ8, Encoding, GROUP, MAX_ROWS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -473,8 +473,8 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
             );
         }
         // Chunks of whole groups of rows, so each can be interleaved on its own.
-        let stored = match encoding.interleaved() {
-            Some(interleaved) if options.interleave && tensor.shape.len() == 2 && rows % INTERLEAVE == 0 => interleaved,
+        let stored = match encoding.interleaved_for(rows) {
+            Some(interleaved) if options.interleave && tensor.shape.len() == 2 => interleaved,
             _ => encoding,
         };
         let mut mixed: Vec<u8> = Vec::new();
@@ -519,7 +519,8 @@ pub fn convert(source: &dyn ModelSource, output: &Path, options: &ConvertOptions
                 write(&mut writer, chunk)?;
             }
         } else {
-            let rows_per_chunk = (CHUNK_BYTES / 4 / cols / INTERLEAVE).max(1) * INTERLEAVE;
+            // Whole groups of four and of eight rows.
+            let rows_per_chunk = (CHUNK_BYTES / 4 / cols / MAX_ROWS).max(1) * MAX_ROWS;
             let mut row = 0;
             while row < rows {
                 let n = rows_per_chunk.min(rows - row);

@@ -18,7 +18,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
-use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
+use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4Kx8, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
 use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use crate::rope::RopeScaling;
 use crate::vocab::Vocab;
@@ -87,6 +87,8 @@ pub enum TensorView<'a> {
     Q3K(&'a [BlockQ3K]),
     /// ggml Q4_K super-blocks, four rows interleaved.
     Q4KX4(&'a [BlockQ4Kx4]),
+    /// ggml Q4_K super-blocks, eight rows interleaved (two rows' levels a byte).
+    Q4KX8(&'a [BlockQ4Kx8]),
     /// ggml Q6_K super-blocks, four rows interleaved.
     Q6KX4(&'a [BlockQ6Kx4]),
     /// ggml Q3_K super-blocks, four rows interleaved (levels repacked, `BlockQ3Kx4`).
@@ -131,6 +133,7 @@ impl std::fmt::Debug for TensorView<'_> {
             TensorView::Q6K(v) => ("Q6K", v.len()),
             TensorView::Q3K(v) => ("Q3K", v.len()),
             TensorView::Q4KX4(v) => ("Q4KX4", v.len()),
+            TensorView::Q4KX8(v) => ("Q4KX8", v.len()),
             TensorView::Q6KX4(v) => ("Q6KX4", v.len()),
             TensorView::Q3KX4(v) => ("Q3KX4", v.len()),
             TensorView::Q5KX4(v) => ("Q5KX4", v.len()),
@@ -335,6 +338,7 @@ impl ModelImage {
             Encoding::Q6K => TensorView::Q6K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q3K => TensorView::Q3K(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q4KX4 => TensorView::Q4KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
+            Encoding::Q4KX8 => TensorView::Q4KX8(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q6KX4 => TensorView::Q6KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q3KX4 => TensorView::Q3KX4(bytemuck::try_cast_slice(bytes).expect(checked)),
             Encoding::Q5KX4 => TensorView::Q5KX4(bytemuck::try_cast_slice(bytes).expect(checked)),

@@ -25,7 +25,7 @@ mod tests;
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
 use crate::quant::{
-    BlockQ4, BlockQ4Kx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8K, BlockQ8x4,
+    BlockQ4, BlockQ4Kx4, BlockQ4Kx8, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8Act, BlockQ8K, BlockQ8x4,
 };
 use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use half::f16;
@@ -77,6 +77,8 @@ pub struct SuperblockKernels {
     pub quantize: fn(x: &[f32], out: &mut [BlockQ8K]),
     /// Interleaved Q4_K weights × Q8_K activations.
     pub matmul_q4kx4: MatmulSuperblock<BlockQ4Kx4>,
+    /// Eight-row interleaved Q4_K weights × Q8_K activations.
+    pub matmul_q4kx8: MatmulSuperblock<BlockQ4Kx8>,
     /// Interleaved Q6_K weights × Q8_K activations.
     pub matmul_q6kx4: MatmulSuperblock<BlockQ6Kx4>,
 }
@@ -115,6 +117,8 @@ pub struct Kernels {
     pub matmul_q2k: MatmulQuantized<BlockQ2K>,
     /// ggml Q4_K weights, four rows interleaved, × int8 activations.
     pub matmul_q4kx4: MatmulQuantized<BlockQ4Kx4>,
+    /// ggml Q4_K weights, eight rows interleaved, × int8 activations.
+    pub matmul_q4kx8: MatmulQuantized<BlockQ4Kx8>,
     /// ggml Q6_K weights, four rows interleaved, × int8 activations.
     pub matmul_q6kx4: MatmulQuantized<BlockQ6Kx4>,
     /// ggml Q3_K weights, four rows interleaved, × int8 activations.
@@ -208,6 +212,7 @@ impl Kernels {
         matmul_q3k: matmul::kquant::scalar::matmul_q3k,
         matmul_q2k: matmul::kquant::scalar::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::scalar::matmul_q4kx4,
+        matmul_q4kx8: matmul::kquant::interleaved::scalar::matmul_q4kx8,
         matmul_q6kx4: matmul::kquant::interleaved::scalar::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::scalar::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::scalar::matmul_q5kx4,
@@ -256,6 +261,7 @@ impl Kernels {
         superblock: Some(SuperblockKernels {
             quantize: activation::neon::quantize_activation_q8k,
             matmul_q4kx4: matmul::kquant::superblock::neon::matmul_q4kx4,
+            matmul_q4kx8: matmul::kquant::superblock::x8::neon::matmul_q4kx8,
             matmul_q6kx4: matmul::kquant::superblock::neon::matmul_q6kx4,
         }),
         matmul_q8: matmul::neon::matmul_q8,
@@ -270,6 +276,7 @@ impl Kernels {
         matmul_q3k: matmul::kquant::neon::matmul_q3k,
         matmul_q2k: matmul::kquant::neon::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::neon::matmul_q4kx4,
+        matmul_q4kx8: matmul::kquant::interleaved::neon::matmul_q4kx8,
         matmul_q6kx4: matmul::kquant::interleaved::neon::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::neon::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::neon::matmul_q5kx4,
@@ -319,6 +326,7 @@ impl Kernels {
         superblock: Some(SuperblockKernels {
             quantize: activation::neon::quantize_activation_q8k,
             matmul_q4kx4: matmul::kquant::superblock::dotprod::matmul_q4kx4,
+            matmul_q4kx8: matmul::kquant::superblock::x8::dotprod::matmul_q4kx8,
             matmul_q6kx4: matmul::kquant::superblock::dotprod::matmul_q6kx4,
         }),
         matmul_q8: matmul::dotprod::matmul_q8,
@@ -333,6 +341,7 @@ impl Kernels {
         matmul_q3k: matmul::kquant::dotprod::matmul_q3k,
         matmul_q2k: matmul::kquant::dotprod::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::dotprod::matmul_q4kx4,
+        matmul_q4kx8: matmul::kquant::interleaved::dotprod::matmul_q4kx8,
         matmul_q6kx4: matmul::kquant::interleaved::dotprod::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::dotprod::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::dotprod::matmul_q5kx4,
@@ -372,6 +381,7 @@ impl Kernels {
         matmul_q3k: matmul::kquant::avx2::matmul_q3k,
         matmul_q2k: matmul::kquant::avx2::matmul_q2k,
         matmul_q4kx4: matmul::kquant::interleaved::avx2::matmul_q4kx4,
+        matmul_q4kx8: matmul::kquant::interleaved::avx2::matmul_q4kx8,
         matmul_q6kx4: matmul::kquant::interleaved::avx2::matmul_q6kx4,
         matmul_q3kx4: matmul::kquant::interleaved35::avx2::matmul_q3kx4,
         matmul_q5kx4: matmul::kquant::interleaved35::avx2::matmul_q5kx4,

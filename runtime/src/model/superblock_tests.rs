@@ -1,6 +1,6 @@
 //! The decode step's 256-value activations ([`crate::kernels::SuperblockKernels`])
 //! through the whole forward pass: a small model whose matrices are all
-//! interleaved Q4_K and Q6_K, decoded a token at a time with a kernel table
+//! interleaved Q4_K (four and eight rows) and Q6_K, decoded a token at a time with a kernel table
 //! that has them and with the same table without, and run as one batch
 //! (which keeps the 32-value blocks).
 
@@ -9,7 +9,7 @@ use super::*;
 use crate::architecture::Family;
 use crate::config::ARCH_LLAMA;
 use crate::kquant::{BlockQ4K, BlockQ6K};
-use crate::quant::{interleave, BlockQ4Kx4, BlockQ6Kx4};
+use crate::quant::{interleave, BlockQ4Kx4, BlockQ4Kx8, BlockQ6Kx4, MAX_ROWS};
 use bytemuck::Zeroable;
 use std::path::Path;
 
@@ -23,7 +23,8 @@ fn config() -> ModelConfig {
 }
 
 /// Writes the model: norms and the (tied) embedding f32, `ffn_down`
-/// interleaved Q6_K, every other matrix interleaved Q4_K.
+/// interleaved Q6_K, `attn_q` Q4_K four rows interleaved, every other
+/// matrix Q4_K eight rows interleaved.
 fn write_image(path: &Path) {
     let c = config();
     write_test_image(path, &c, &Architecture::plain(Family::Llama, &c), 3, |w, name, shape, values| {
@@ -34,11 +35,16 @@ fn write_image(path: &Path) {
             let mut mixed = vec![BlockQ6Kx4::zeroed(); rows.len() / INTERLEAVE];
             interleave(&rows, shape[1] / QK_K, &mut mixed);
             w.add_tensor(name, Encoding::Q6KX4, shape, bytemuck::cast_slice(&mixed)).unwrap();
-        } else {
+        } else if name.contains("attn_q") {
             let rows: Vec<BlockQ4K> = values.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
             let mut mixed = vec![BlockQ4Kx4::zeroed(); rows.len() / INTERLEAVE];
             interleave(&rows, shape[1] / QK_K, &mut mixed);
             w.add_tensor(name, Encoding::Q4KX4, shape, bytemuck::cast_slice(&mixed)).unwrap();
+        } else {
+            let rows: Vec<BlockQ4K> = values.chunks_exact(QK_K).map(BlockQ4K::quantize).collect();
+            let mut mixed = vec![BlockQ4Kx8::zeroed(); rows.len() / MAX_ROWS];
+            interleave(&rows, shape[1] / QK_K, &mut mixed);
+            w.add_tensor(name, Encoding::Q4KX8, shape, bytemuck::cast_slice(&mixed)).unwrap();
         }
     });
 }
@@ -49,6 +55,7 @@ static SCALAR_SUPERBLOCK: Kernels = Kernels {
     superblock: Some(crate::kernels::SuperblockKernels {
         quantize: crate::kernels::activation::scalar::quantize_activation_q8k,
         matmul_q4kx4: crate::kernels::matmul::kquant::superblock::scalar::matmul_q4kx4,
+        matmul_q4kx8: crate::kernels::matmul::kquant::superblock::scalar::matmul_q4kx8,
         matmul_q6kx4: crate::kernels::matmul::kquant::superblock::scalar::matmul_q6kx4,
     }),
     ..Kernels::SCALAR

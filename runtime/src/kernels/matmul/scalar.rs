@@ -3,7 +3,6 @@
 
 use crate::quant::{
     BlockQ4, BlockQ4B, BlockQ4Bx4, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ8, BlockQ8Act, BlockQ8x4, Interleaved, GROUP,
-    INTERLEAVE,
 };
 use bytemuck::Zeroable;
 use half::f16;
@@ -156,19 +155,19 @@ pub fn matmul_q4b(weights: &[BlockQ4B], cols: usize, x: &[BlockQ8Act], out: &mut
     matmul_blocks(weights, cols, x, out, dot_q4b_q8)
 }
 
-/// Blocks of a group's rows put back in row order at a time (on the stack:
-/// 4 × 64 blocks, at most 8.5 KiB).
+/// Blocks of a row put back in row order at a time (on the stack: 64
+/// blocks, at most 2.2 KiB).
 const STAGED_BLOCKS: usize = 64;
 
-/// Every group of four interleaved rows against every activation, for
-/// weight blocks of `VALUES` values (`VALUES / GROUP` activation blocks
-/// each): `STAGED` of the group's blocks at a time are put back into four
-/// row-major rows ([`Interleaved::row`]), then each row goes through the
-/// row-major reference `dot` (continuing its running sum from the previous
-/// piece), so the results are the row-major reference's, bit for bit.
-/// Staging a whole piece before reading it keeps the copies out of the
-/// loads' way. The reference of the q4x4 family and of the k-quant x4
-/// blocks alike.
+/// Every group of interleaved rows ([`Interleaved::ROWS`]) against every
+/// activation, for weight blocks of `VALUES` values (`VALUES / GROUP`
+/// activation blocks each): `STAGED` of the group's blocks at a time are
+/// put back into each row-major row in turn ([`Interleaved::row`]), then
+/// the row goes through the row-major reference `dot` (continuing its
+/// running sum from the previous piece), so the results are the row-major
+/// reference's, bit for bit. Staging a whole piece before reading it keeps
+/// the copies out of the loads' way. The reference of the q4x4 family and
+/// of the k-quant x4 and x8 blocks alike.
 pub(crate) fn matmul_interleaved<X: Interleaved, const VALUES: usize, const STAGED: usize>(
     weights: &[X],
     cols: usize,
@@ -183,7 +182,7 @@ pub(crate) fn matmul_interleaved<X: Interleaved, const VALUES: usize, const STAG
     assert!(
         weights.len() == groups * blocks
             && x.len() == batch * activation_blocks
-            && out.len() == groups * INTERLEAVE * batch,
+            && out.len() == groups * X::ROWS * batch,
         "matmul shapes disagree: {} interleaved blocks, {} activation blocks, {} outputs, {cols} columns",
         weights.len(),
         x.len(),
@@ -192,21 +191,19 @@ pub(crate) fn matmul_interleaved<X: Interleaved, const VALUES: usize, const STAG
     if batch == 0 {
         return;
     }
-    let mut staged = [[X::Row::zeroed(); STAGED]; INTERLEAVE];
-    for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+    let mut staged = [X::Row::zeroed(); STAGED];
+    for (group, outputs) in weights.chunks_exact(blocks).zip(out.chunks_exact_mut(X::ROWS * batch)) {
         outputs.fill(0.0);
         for first in (0..blocks).step_by(STAGED) {
             let n = STAGED.min(blocks - first);
-            for (k, block) in group[first..first + n].iter().enumerate() {
-                for (r, row) in staged.iter_mut().enumerate() {
-                    row[k] = block.row(r);
-                }
-            }
             let piece = first * per_block..(first + n) * per_block;
-            for (r, row) in staged.iter().enumerate() {
+            for r in 0..X::ROWS {
+                for (row, block) in staged.iter_mut().zip(&group[first..first + n]) {
+                    *row = block.row(r);
+                }
                 for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
                     let sum = &mut outputs[r * batch + b];
-                    *sum = dot(*sum, &row[..n], &activation[piece.clone()]);
+                    *sum = dot(*sum, &staged[..n], &activation[piece.clone()]);
                 }
             }
         }

@@ -42,7 +42,7 @@
 //! activation of the tile, its levels once per sub-block.
 
 use crate::kquant::{BlockQ4K, BlockQ6K, QK_K};
-use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8Act, GROUP, INTERLEAVE};
+use crate::quant::{BlockQ4Kx4, BlockQ4Kx8, BlockQ6Kx4, BlockQ8Act, GROUP, INTERLEAVE, MAX_ROWS};
 
 /// The reference: deinterleave, then the row-major reference products.
 pub mod scalar {
@@ -50,12 +50,17 @@ pub mod scalar {
     use crate::kernels::matmul::kquant::scalar::{dot_q4k_q8_from, dot_q6k_q8_from};
     use crate::kernels::matmul::scalar::matmul_interleaved;
 
-    /// Super-blocks of a group's rows put back in row order at a time (on
-    /// the stack: 4 × 16 Q6_K super-blocks, 13 KiB).
+    /// Super-blocks of a row put back in row order at a time (on the
+    /// stack: 16 Q6_K super-blocks, 3.3 KiB).
     const STAGED: usize = 16;
 
     /// Interleaved Q4_K matrix × int8 activations.
     pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q4k_q8_from)
+    }
+
+    /// Eight-row interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx8(weights: &[BlockQ4Kx8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         matmul_interleaved::<_, QK_K, STAGED>(weights, cols, x, out, dot_q4k_q8_from)
     }
 
@@ -67,6 +72,7 @@ pub mod scalar {
     // Both row-major blocks are what the interleaved ones hold.
     const _: () = assert!(size_of::<BlockQ4K>() * INTERLEAVE == size_of::<BlockQ4Kx4>());
     const _: () = assert!(size_of::<BlockQ6K>() * INTERLEAVE == size_of::<BlockQ6Kx4>());
+    const _: () = assert!(size_of::<BlockQ4K>() * MAX_ROWS == size_of::<BlockQ4Kx8>());
 }
 
 /// Interleaved super-blocks through a row-major kernel, for tables that
@@ -82,7 +88,8 @@ pub mod through_rows {
     use crate::quant::Interleaved;
     use bytemuck::Zeroable;
 
-    /// Super-blocks of a group's rows staged at a time (4 × 16 Q6_K: 13 KiB).
+    /// Super-blocks of a group's rows staged at a time (8 × 16 Q4_K: 18 KiB;
+    /// 4 × 16 Q6_K: 13 KiB).
     const STAGED: usize = 16;
 
     /// `rows_kernel` over the interleaved `weights`, with the contract of
@@ -100,7 +107,7 @@ pub mod through_rows {
         assert!(
             weights.len() == groups * superblocks
                 && x.len() == batch * activation_blocks
-                && out.len() == groups * INTERLEAVE * batch,
+                && out.len() == groups * X::ROWS * batch,
             "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
             weights.len(),
             x.len(),
@@ -109,21 +116,21 @@ pub mod through_rows {
         if batch == 0 {
             return;
         }
-        let mut staged = [X::Row::zeroed(); STAGED * INTERLEAVE];
-        let mut four = [0f32; INTERLEAVE];
-        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+        let mut staged = [X::Row::zeroed(); STAGED * MAX_ROWS];
+        let mut sums = [0f32; MAX_ROWS];
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(X::ROWS * batch)) {
             outputs.fill(0.0);
             for first in (0..superblocks).step_by(STAGED) {
                 let n = STAGED.min(superblocks - first);
                 for (k, block) in group[first..first + n].iter().enumerate() {
-                    for r in 0..INTERLEAVE {
+                    for r in 0..X::ROWS {
                         staged[r * n + k] = block.row(r);
                     }
                 }
                 let piece = first * ACTIVATION_BLOCKS..(first + n) * ACTIVATION_BLOCKS;
                 for (b, activation) in x.chunks_exact(activation_blocks).enumerate() {
-                    rows_kernel(&staged[..INTERLEAVE * n], n * QK_K, &activation[piece.clone()], &mut four);
-                    for (r, sum) in four.iter().enumerate() {
+                    rows_kernel(&staged[..X::ROWS * n], n * QK_K, &activation[piece.clone()], &mut sums[..X::ROWS]);
+                    for (r, sum) in sums[..X::ROWS].iter().enumerate() {
                         outputs[r * batch + b] += sum;
                     }
                 }
@@ -147,6 +154,11 @@ pub mod avx2 {
     pub fn matmul_q6kx4(weights: &[BlockQ6Kx4], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
         through_rows::matmul(weights, cols, x, out, rows::matmul_q6k)
     }
+
+    /// Eight-row interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx8(weights: &[BlockQ4Kx8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        through_rows::matmul(weights, cols, x, out, rows::matmul_q4k)
+    }
 }
 
 /// What the ARMv8.0 and `sdot` kernels share: the walk over groups and
@@ -154,6 +166,7 @@ pub mod avx2 {
 #[cfg(target_arch = "aarch64")]
 pub(in crate::kernels::matmul::kquant) mod arm {
     pub(in crate::kernels::matmul::kquant) use super::*;
+    pub(in crate::kernels::matmul::kquant) use crate::quant::Q4K_HEAD;
     pub(in crate::kernels::matmul::kquant) use crate::kernels::matmul::neon::widen_f16;
     pub(in crate::kernels::matmul::kquant) use std::arch::aarch64::*;
     pub(in crate::kernels::matmul::kquant) use std::arch::asm;
@@ -197,66 +210,112 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         x: &[BlockQ8Act],
         out: &mut [f32],
     ) {
+        let (superblocks, batch) = shape(weights, INTERLEAVE, cols, x, out);
+        if batch == 0 {
+            return;
+        }
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+            // SAFETY: `group` is a whole group and `x` whole activations
+            // (`shape`), and the caller promises the CPU.
+            unsafe { tiles::<K>(group.as_ptr(), superblocks, x, batch, outputs) };
+        }
+    }
+
+    /// [`matmul`] for blocks of eight rows, whose rows 0–3 go through `K0`
+    /// and rows 4–7 through `K1` (the same walk over the same blocks).
+    ///
+    /// # Safety
+    /// The CPU has `K0`'s and `K1`'s features.
+    pub(in crate::kernels::matmul::kquant) unsafe fn matmul_halves<K0: Group, K1: Group<Block = K0::Block>>(
+        weights: &[K0::Block],
+        cols: usize,
+        x: &[BlockQ8Act],
+        out: &mut [f32],
+    ) {
+        let (superblocks, batch) = shape(weights, 2 * INTERLEAVE, cols, x, out);
+        if batch == 0 {
+            return;
+        }
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(2 * INTERLEAVE * batch)) {
+            let (low, high) = outputs.split_at_mut(INTERLEAVE * batch);
+            // SAFETY: as in `matmul`.
+            unsafe {
+                tiles::<K0>(group.as_ptr(), superblocks, x, batch, low);
+                tiles::<K1>(group.as_ptr(), superblocks, x, batch, high);
+            }
+        }
+    }
+
+    /// Super-blocks a row and activations of the batch, checked against the
+    /// matmul's slices (groups of `rows` rows).
+    fn shape<W>(weights: &[W], rows: usize, cols: usize, x: &[BlockQ8Act], out: &[f32]) -> (usize, usize) {
         assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
         let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
         let (groups, batch) = (weights.len() / superblocks, x.len() / activation_blocks);
         assert!(
             weights.len() == groups * superblocks
                 && x.len() == batch * activation_blocks
-                && out.len() == groups * INTERLEAVE * batch,
+                && out.len() == groups * rows * batch,
             "matmul shapes disagree: {} interleaved super-blocks, {} activation blocks, {} outputs, {cols} columns",
             weights.len(),
             x.len(),
             out.len()
         );
-        if batch == 0 {
-            return;
-        }
+        (superblocks, batch)
+    }
+
+    /// One group's four rows (`K`'s) against every activation, row `r`
+    /// against activation `b` into `outputs[r·batch + b]`.
+    ///
+    /// # Safety
+    /// `w` points at `superblocks` readable blocks, `x` holds `batch`
+    /// activations of `superblocks · 8` blocks, and the CPU has `K`'s features.
+    #[inline(always)]
+    unsafe fn tiles<K: Group>(
+        w: *const K::Block,
+        superblocks: usize,
+        x: &[BlockQ8Act],
+        batch: usize,
+        outputs: &mut [f32],
+    ) {
         const { assert!(K::TILE >= 1 && K::TILE <= MAX_TILE) };
         if batch == 1 {
-            // Decoding: one activation, each group's four sums stored whole.
-            // The tiled walk below spends about a hundred instructions a
-            // group around the kernel (2.3 M of a TinyLlama-shaped Q4_K_M
-            // token on the A72, 0.26 M this way).
-            for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE)) {
-                // SAFETY: `group` is a whole group of `superblocks` blocks and
-                // `x` has `superblocks · 8` blocks (both checked above), the
-                // caller promises the CPU, and `outputs` is four writable f32.
-                unsafe {
-                    let [sums] = K::dot::<1>(group.as_ptr(), superblocks, [x.as_ptr()]);
-                    vst1q_f32(outputs.as_mut_ptr(), sums);
-                }
+            // Decoding: one activation, the four sums stored whole. The
+            // tiled walk below spends about a hundred instructions a group
+            // around the kernel (2.3 M of a TinyLlama-shaped Q4_K_M token
+            // on the A72, 0.26 M this way).
+            // SAFETY: the caller's promises; `outputs` is four writable f32.
+            unsafe {
+                let [sums] = K::dot::<1>(w, superblocks, [x.as_ptr()]);
+                vst1q_f32(outputs.as_mut_ptr(), sums);
             }
             return;
         }
+        let activation_blocks = superblocks * ACTIVATION_BLOCKS;
         let activation = |b: usize| x[b * activation_blocks..].as_ptr();
-        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
-            let w = group.as_ptr();
-            let mut start = 0;
-            while start < batch {
-                // A batch's tail that does not fill a tile goes in one smaller step.
-                let tile = (batch - start).min(K::TILE);
-                let at = |t: usize| activation(start + t);
-                // `K::dot` at the tile's size, up to `K::TILE` (larger sizes are never taken).
-                macro_rules! step {
-                    ($($n:literal)*) => {
-                        match tile {
-                            $($n if $n <= K::TILE => lanes(K::dot::<$n>(w, superblocks, std::array::from_fn(at))),)*
-                            _ => unreachable!("tile of {tile} beyond {}", K::TILE),
-                        }
-                    };
-                }
-                // SAFETY: `w` is a whole group of `superblocks` blocks, each
-                // activation `start + t < batch` has `superblocks · 8`
-                // blocks (both checked above), and the caller promises the CPU.
-                let sums = unsafe { step!(1 2 3 4 5 6 7 8) };
-                for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
-                    for (o, sums) in row[start..start + tile].iter_mut().zip(&sums) {
-                        *o = sums[r];
+        let mut start = 0;
+        while start < batch {
+            // A batch's tail that does not fill a tile goes in one smaller step.
+            let tile = (batch - start).min(K::TILE);
+            let at = |t: usize| activation(start + t);
+            // `K::dot` at the tile's size, up to `K::TILE` (larger sizes are never taken).
+            macro_rules! step {
+                ($($n:literal)*) => {
+                    match tile {
+                        $($n if $n <= K::TILE => lanes(K::dot::<$n>(w, superblocks, std::array::from_fn(at))),)*
+                        _ => unreachable!("tile of {tile} beyond {}", K::TILE),
                     }
-                }
-                start += tile;
+                };
             }
+            // SAFETY: each activation `start + t < batch` is whole, and the
+            // caller's promises.
+            let sums = unsafe { step!(1 2 3 4 5 6 7 8) };
+            for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
+                for (o, sums) in row[start..start + tile].iter_mut().zip(&sums) {
+                    *o = sums[r];
+                }
+            }
+            start += tile;
         }
     }
 
@@ -416,6 +475,21 @@ pub(in crate::kernels::matmul::kquant) mod arm {
     ) -> [int8x16_t; 8] {
         let nibble = vdupq_n_u8(15);
         bytes.map(|v| vreinterpretq_s8_u8(if HIGH { vshrq_n_u8::<4>(v) } else { vandq_u8(v, nibble) }))
+    }
+
+    /// [`BlockQ4Kx8`] levels of a sub-block: rows 0–3's (the low nibbles)
+    /// or (`HIGH`) rows 4–7's, the high nibbles, which are stored XOR 8.
+    /// (The `sdot` decode kernel reads those as `h − 8` at no cost; here
+    /// the 8 would have to come back through float terms larger than the
+    /// reference's, which would round differently.)
+    #[inline(always)]
+    pub(in crate::kernels::matmul::kquant) unsafe fn q4kx8_levels<const HIGH: bool>(
+        bytes: [uint8x16_t; 8],
+    ) -> [int8x16_t; 8] {
+        let (nibble, flip) = (vdupq_n_u8(15), vdupq_n_u8(8));
+        bytes.map(|v| {
+            vreinterpretq_s8_u8(if HIGH { veorq_u8(vshrq_n_u8::<4>(v), flip) } else { vandq_u8(v, nibble) })
+        })
     }
 
     /// Q6_K levels of quarter `K` (0..4) of a half, times four:
@@ -776,6 +850,56 @@ pub mod neon {
         }
     }
 
+    /// Q4_K of eight-row blocks ([`BlockQ4Kx8`]), four rows a step: rows
+    /// 0–3 (`HIGH` false) or 4–7 ([`q4kx8_levels`]),
+    /// as [`Q4K`] walks a four-row block, a sub-block's 128 bytes at a time.
+    struct Q4KHalf<const HIGH: bool>;
+
+    impl<const HIGH: bool> Group for Q4KHalf<HIGH> {
+        type Block = BlockQ4Kx8;
+        const TILE: usize = 4;
+
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ4Kx8,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            let mut a = x;
+            let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
+            for s in 0..superblocks {
+                let block = group.add(s).cast::<u8>();
+                // This half's units and packed scales, then the levels.
+                let mut head = block.add(if HIGH { Q4K_HEAD } else { 0 });
+                let [units, a6, b6, c6] = load64_next(&mut head);
+                let units = vreinterpretq_u16_u8(units);
+                let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
+                let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
+                let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
+                let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
+                let mut w = block.add(2 * Q4K_HEAD);
+                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+                for chunk in 0..4 {
+                    let (scales, mins) = if chunk < 2 { (scales_low, mins_low) } else { (scales_high, mins_high) };
+                    let (scale, min) = q4k_pair(scales, mins, chunk);
+                    for sub in 0..2 {
+                        let levels = q4kx8_levels::<HIGH>(load128_next(&mut w));
+                        for t in 0..N {
+                            let (isum, units) = sum32_next(&levels, &mut a[t]);
+                            accumulate_k4(isum, units, (scale[sub], min[sub]), &mut scaled[t], &mut minimums[t]);
+                            settle(&mut scaled[t]);
+                            settle(&mut minimums[t]);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], d), minimums[t], dmin);
+                }
+            }
+            acc
+        }
+    }
+
     /// Q6_K, four rows a step.
     struct Q6K;
 
@@ -910,6 +1034,12 @@ pub mod neon {
         // SAFETY: NEON is part of every aarch64 target.
         unsafe { matmul::<Q6K>(weights, cols, x, out) }
     }
+
+    /// Eight-row interleaved Q4_K matrix × int8 activations.
+    pub fn matmul_q4kx8(weights: &[BlockQ4Kx8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe { matmul_halves::<Q4KHalf<false>, Q4KHalf<true>>(weights, cols, x, out) }
+    }
 }
 
 /// `sdot` kernels (ARMv8.2's dot-product extension): the Raspberry Pi 5's Cortex-A76.
@@ -1022,6 +1152,46 @@ pub mod dotprod {
         }
     }
 
+    /// Q4_K of eight-row blocks ([`BlockQ4Kx8`]), four rows a step: rows
+    /// 0–3 (`HIGH` false) or 4–7 ([`q4kx8_levels`]),
+    /// as [`Q4K`] walks a four-row block.
+    struct Q4KHalf<const HIGH: bool>;
+
+    impl<const HIGH: bool> Group for Q4KHalf<HIGH> {
+        type Block = BlockQ4Kx8;
+        const TILE: usize = 8;
+
+        #[target_feature(enable = "dotprod")]
+        unsafe fn dot<const N: usize>(
+            group: *const BlockQ4Kx8,
+            superblocks: usize,
+            x: [*const BlockQ8Act; N],
+        ) -> [float32x4_t; N] {
+            let mut acc = [vdupq_n_f32(0.0); N];
+            for s in 0..superblocks {
+                let block = group.add(s);
+                let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
+                // This half's head is laid out as a four-row block's start.
+                let head = block.cast::<u8>().add(if HIGH { Q4K_HEAD } else { 0 }).cast::<BlockQ4Kx4>();
+                let k4 = q4k_scales(head);
+                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+                for sub in 0..8 {
+                    let levels = q4kx8_levels::<HIGH>(load128((*block).qs.as_ptr().add(128 * sub)));
+                    for t in 0..N {
+                        let a = activations[t].add(sub);
+                        let isum = sum32(&levels, values(a));
+                        let pair = (k4.scales[sub], k4.mins[sub]);
+                        accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                    }
+                }
+                for t in 0..N {
+                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
+                }
+            }
+            acc
+        }
+    }
+
     /// One Q6_K super-block of a group against `N` activations: per half,
     /// quarters `K` and `K + 2` (`K` = 0, 1) read the same `ql` bytes, so
     /// each 64-byte piece of `ql` and `qh` (sixteen columns of four rows)
@@ -1124,6 +1294,14 @@ pub mod dotprod {
         // SAFETY: the CPU has the dot-product extension (checked just above).
         unsafe { matmul::<Q6K>(weights, cols, x, out) }
     }
+
+    /// Eight-row interleaved Q4_K matrix × int8 activations. Panics on a
+    /// CPU without the dot-product extension.
+    pub fn matmul_q4kx8(weights: &[BlockQ4Kx8], cols: usize, x: &[BlockQ8Act], out: &mut [f32]) {
+        assert!(available(), "dotprod kernel on a CPU without the dot-product extension");
+        // SAFETY: the CPU has the dot-product extension (checked just above).
+        unsafe { matmul_halves::<Q4KHalf<false>, Q4KHalf<true>>(weights, cols, x, out) }
+    }
 }
 
 #[cfg(test)]
@@ -1171,7 +1349,7 @@ mod tests {
         let superblocks = cols / QK_K;
         let row_count = rows.len() / superblocks;
         let batch = x.len() / (cols / GROUP);
-        let mut mixed = vec![X::zeroed(); rows.len() / INTERLEAVE];
+        let mut mixed = vec![X::zeroed(); rows.len() / X::ROWS];
         interleave(rows, superblocks, &mut mixed);
         let mut expected = vec![f32::NAN; row_count * batch];
         B::reference(rows, cols, x, &mut expected);
@@ -1209,7 +1387,7 @@ mod tests {
     /// [`check`] at the given row lengths.
     fn check_at<B: Format, X: Interleaved<Row = B>>(format: Interleaving<B, X>, columns: &[usize]) {
         let mut data = VariedRuns::new();
-        for rows in ROW_COUNTS {
+        for rows in ROW_COUNTS.into_iter().filter(|r| r.is_multiple_of(X::ROWS)) {
             for &cols in columns {
                 for batch in BATCHES {
                     let quantized: Vec<B> = data.weights(Weights::Quantized, rows * cols / QK_K);
@@ -1234,7 +1412,7 @@ mod tests {
     /// not depend on the tile it goes in or its place there.
     fn check_tiles<B: Format, X: Interleaved<Row = B>>(format: &Interleaving<B, X>) {
         let mut data = VariedRuns::seeded(3);
-        for rows in [4, 12] {
+        for rows in [X::ROWS, 3 * X::ROWS] {
             for cols in [256, 1536] {
                 let (superblocks, activation_blocks) = (cols / QK_K, cols / GROUP);
                 for batch in TILED_BATCHES {
@@ -1242,7 +1420,7 @@ mod tests {
                         let weights: Vec<B> = data.weights(kind, rows * superblocks);
                         let x = data.activations(kind, batch * cols);
                         compare(format, "tiled", &weights, cols, &x);
-                        let mut mixed = vec![X::zeroed(); weights.len() / INTERLEAVE];
+                        let mut mixed = vec![X::zeroed(); weights.len() / X::ROWS];
                         interleave(&weights, superblocks, &mut mixed);
                         for (table, kernel) in &format.kernels {
                             let mut whole = vec![f32::NAN; rows * batch];
@@ -1274,6 +1452,11 @@ mod tests {
             name: "q4kx4",
             interleaved_reference: scalar::matmul_q4kx4,
             kernels: kernels(|k| k.matmul_q4kx4),
+        });
+        check_tiles(&Interleaving {
+            name: "q4kx8",
+            interleaved_reference: scalar::matmul_q4kx8,
+            kernels: kernels(|k| k.matmul_q4kx8),
         });
         check_tiles(&Interleaving {
             name: "q6kx4",
@@ -1309,6 +1492,15 @@ mod tests {
             name: "q4kx4",
             interleaved_reference: scalar::matmul_q4kx4,
             kernels: kernels(|k| k.matmul_q4kx4),
+        });
+    }
+
+    #[test]
+    fn q4kx8_kernels_match_the_reference() {
+        check(Interleaving {
+            name: "q4kx8",
+            interleaved_reference: scalar::matmul_q4kx8,
+            kernels: kernels(|k| k.matmul_q4kx8),
         });
     }
 
@@ -1491,6 +1683,18 @@ mod tests {
                 assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q4kx4 row {r}");
             }
         }
+        // The same in eight-row blocks, where row 5's level is a high nibble.
+        for (name, kernel) in kernels(|k| k.matmul_q4kx8) {
+            let mut mixed = vec![<BlockQ4Kx8 as bytemuck::Zeroable>::zeroed(); rows * cols / QK_K / MAX_ROWS];
+            interleave(&changed, cols / QK_K, &mut mixed);
+            let (mut got, mut expected) = (vec![0f32; rows], vec![0f32; rows]);
+            kernel(&mixed, cols, &x, &mut got);
+            BlockQ4K::reference(&q4k, cols, &x, &mut expected);
+            for r in 0..rows {
+                let tolerance = ROUNDING_PER_TERM * terms(cols) * row_magnitude(&q4k[r * 6..][..6], &x) as f32;
+                assert_eq!((got[r] - expected[r]).abs() > tolerance, r == 5, "{name} q4kx8 row {r}");
+            }
+        }
         // Row 2, super-block 4: the top bit of value 31 (bit 1 of qh[31]).
         let mut q6k: Vec<BlockQ6K> = values.chunks_exact(QK_K).map(BlockQ6K::quantize).collect();
         let block = &mut q6k[2 * 6 + 4];
@@ -1517,6 +1721,9 @@ mod tests {
         let x = vec![BlockQ8Act { d: 1.0, s: 0.0, qs: [1; GROUP] }; QK_K / GROUP];
         let group = [BlockQ6Kx4::from_rows(&[BlockQ6K::quantize(&[0.5; QK_K]); INTERLEAVE])];
         for (_, kernel) in kernels(|k| k.matmul_q4kx4) {
+            kernel(&[], QK_K, &x, &mut []);
+        }
+        for (_, kernel) in kernels(|k| k.matmul_q4kx8) {
             kernel(&[], QK_K, &x, &mut []);
         }
         for (_, kernel) in kernels(|k| k.matmul_q6kx4) {

@@ -31,7 +31,11 @@
 //! [`super::interleaved`].
 
 use crate::kquant::{scale_min_k4, QK_K};
-use crate::quant::{BlockQ4Kx4, BlockQ6Kx4, BlockQ8K, Interleaved, GROUP, INTERLEAVE};
+use crate::kquant::BlockQ4K;
+use crate::quant::{BlockQ4Kx4, BlockQ4Kx8, BlockQ6Kx4, BlockQ8K, Interleaved, GROUP};
+
+#[cfg(target_arch = "aarch64")]
+pub mod x8;
 
 /// Where a [`BlockQ6Kx4`]'s `qh` starts, and its size: the Q6_K kernels walk
 /// the units, scales and `ql` with one pointer and `qh` with another.
@@ -41,15 +45,13 @@ const Q6K_QH: usize = std::mem::offset_of!(BlockQ6Kx4, qh);
 const Q6K_SIZE: usize = std::mem::size_of::<BlockQ6Kx4>();
 
 /// Super-blocks a row and activations of the batch, checked against the
-/// matmul's slices.
-fn shape<W>(weights: &[W], cols: usize, x: &[BlockQ8K], out: &[f32]) -> (usize, usize) {
+/// matmul's slices (groups of `rows` rows: [`Interleaved::ROWS`]).
+fn shape<W>(weights: &[W], rows: usize, cols: usize, x: &[BlockQ8K], out: &[f32]) -> (usize, usize) {
     assert!(cols > 0 && cols.is_multiple_of(QK_K), "{cols} columns are not whole super-blocks of {QK_K}");
     let superblocks = cols / QK_K;
     let (groups, batch) = (weights.len() / superblocks, x.len() / superblocks);
     assert!(
-        weights.len() == groups * superblocks
-            && x.len() == batch * superblocks
-            && out.len() == groups * INTERLEAVE * batch,
+        weights.len() == groups * superblocks && x.len() == batch * superblocks && out.len() == groups * rows * batch,
         "matmul shapes disagree: {} interleaved super-blocks, {} activation super-blocks, {} outputs, {cols} columns",
         weights.len(),
         x.len(),
@@ -69,17 +71,17 @@ pub mod scalar {
         a.iter().zip(b).map(|(&a, &b)| a as i32 * b as i32).sum()
     }
 
-    /// Every group's rows against every activation, row `4g + r` against
-    /// activation `b` into `out[(4g + r)·batch + b]`.
-    fn matmul<W>(
+    /// Every group's rows against every activation, row `Rg + r` against
+    /// activation `b` into `out[(Rg + r)·batch + b]` (`R` = `W::ROWS`).
+    fn matmul<W: Interleaved>(
         weights: &[W],
         cols: usize,
         x: &[BlockQ8K],
         out: &mut [f32],
         dot_row: impl Fn(&[W], usize, &[BlockQ8K]) -> f32,
     ) {
-        let (superblocks, batch) = shape(weights, cols, x, out);
-        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
+        let (superblocks, batch) = shape(weights, W::ROWS, cols, x, out);
+        for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(W::ROWS * batch)) {
             for (r, row) in outputs.chunks_exact_mut(batch).enumerate() {
                 for (o, activation) in row.iter_mut().zip(x.chunks_exact(superblocks)) {
                     *o = dot_row(group, r, activation);
@@ -88,23 +90,31 @@ pub mod scalar {
         }
     }
 
+    /// Row `r` of a group of interleaved Q4_K super-blocks against one activation.
+    fn q4k_row<W: Interleaved<Row = BlockQ4K>>(group: &[W], r: usize, x: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (block, a) in group.iter().zip(x) {
+            let row = block.row(r);
+            let (mut scaled, mut minimums) = (0i32, 0i32);
+            for sub in 0..QK_K / GROUP {
+                let (scale, min) = scale_min_k4(sub, &row.scales);
+                scaled += scale as i32 * dot(&levels_q4k(&row, sub), &a.qs[GROUP * sub..][..GROUP]);
+                minimums += min as i32 * a.sums[sub] as i32;
+            }
+            sum = (f16_value(row.d) * a.d).mul_add(scaled as f32, sum);
+            sum = (-(f16_value(row.dmin) * a.d)).mul_add(minimums as f32, sum);
+        }
+        sum
+    }
+
     /// Interleaved Q4_K matrix × Q8_K activations.
     pub fn matmul_q4kx4(weights: &[BlockQ4Kx4], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
-        matmul(weights, cols, x, out, |group, r, x| {
-            let mut sum = 0f32;
-            for (block, a) in group.iter().zip(x) {
-                let row = block.row(r);
-                let (mut scaled, mut minimums) = (0i32, 0i32);
-                for sub in 0..QK_K / GROUP {
-                    let (scale, min) = scale_min_k4(sub, &row.scales);
-                    scaled += scale as i32 * dot(&levels_q4k(&row, sub), &a.qs[GROUP * sub..][..GROUP]);
-                    minimums += min as i32 * a.sums[sub] as i32;
-                }
-                sum = (f16_value(row.d) * a.d).mul_add(scaled as f32, sum);
-                sum = (-(f16_value(row.dmin) * a.d)).mul_add(minimums as f32, sum);
-            }
-            sum
-        })
+        matmul(weights, cols, x, out, q4k_row)
+    }
+
+    /// Eight-row interleaved Q4_K matrix × Q8_K activations.
+    pub fn matmul_q4kx8(weights: &[BlockQ4Kx8], cols: usize, x: &[BlockQ8K], out: &mut [f32]) {
+        matmul(weights, cols, x, out, q4k_row)
     }
 
     /// Interleaved Q6_K matrix × Q8_K activations.
@@ -133,6 +143,7 @@ pub mod scalar {
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use super::*;
+    use crate::quant::INTERLEAVE;
     use crate::kernels::matmul::kquant::interleaved::arm::*;
     use crate::kernels::matmul::kquant::interleaved::neon::q6k_levels;
     use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step, sum32};
@@ -195,14 +206,14 @@ pub mod neon {
     /// Sixteen unsigned bytes `[j][r]` (four sub-blocks' values of four
     /// rows), widened to 16 bits: `[j0 | j1]` and `[j2 | j3]`.
     #[inline(always)]
-    unsafe fn widen_pairs(v: uint8x16_t) -> [int16x8_t; 2] {
+    pub(super) unsafe fn widen_pairs(v: uint8x16_t) -> [int16x8_t; 2] {
         [vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(v))), vreinterpretq_s16_u16(vmovl_high_u8(v))]
     }
 
     /// `Σⱼ minⱼ·Σqⱼ` over four sub-blocks: `mins` from [`widen_pairs`],
     /// `sums` the activation's eight sums, `FIRST` = 0 (sub-blocks 0–3) or 4.
     #[inline(always)]
-    unsafe fn minimum_terms<const FIRST: i32>(acc: int32x4_t, mins: [int16x8_t; 2], sums: int16x8_t) -> int32x4_t {
+    pub(super) unsafe fn minimum_terms<const FIRST: i32>(acc: int32x4_t, mins: [int16x8_t; 2], sums: int16x8_t) -> int32x4_t {
         // (Each lane index spelled out: the intrinsics take them as constants.)
         if FIRST == 0 {
             let acc = vmlal_laneq_s16::<0>(acc, vget_low_s16(mins[0]), sums);
@@ -422,7 +433,7 @@ pub mod neon {
         out: &mut [f32],
         dot: impl Fn(*const W, usize, *const BlockQ8K) -> float32x4_t,
     ) {
-        let (superblocks, batch) = shape(weights, cols, x, out);
+        let (superblocks, batch) = shape(weights, INTERLEAVE, cols, x, out);
         for (group, outputs) in weights.chunks_exact(superblocks).zip(out.chunks_exact_mut(INTERLEAVE * batch)) {
             for (b, activation) in x.chunks_exact(superblocks).enumerate() {
                 let sums = dot(group.as_ptr(), superblocks, activation.as_ptr());
@@ -478,7 +489,7 @@ pub mod dotprod {
     /// The CPU has the dot-product extension.
     #[target_feature(enable = "dotprod")]
     #[inline]
-    unsafe fn sdots<const W: usize>(w: &[int8x16_t; W], q: &[int8x16_t]) -> int32x4_t {
+    pub(super) unsafe fn sdots<const W: usize>(w: &[int8x16_t; W], q: &[int8x16_t]) -> int32x4_t {
         let mut sum = vdupq_n_s32(0);
         for (c, &w) in w.iter().enumerate() {
             let q = q[c / 4];
@@ -637,6 +648,7 @@ pub mod dotprod {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::INTERLEAVE;
     use crate::kernels::activation::scalar::quantize_activation_q8k;
     use crate::kernels::matmul::kquant::interleaved::scalar as per_block;
     use crate::kernels::matmul::kquant::test_support::{row_magnitude, Format, TestData, VariedRuns, Weights};
@@ -704,13 +716,13 @@ mod tests {
         kernels: &[(&str, MatmulQ8K<X>)],
     ) {
         let mut data = VariedRuns::seeded(11);
-        for rows in ROW_COUNTS {
+        for rows in ROW_COUNTS.into_iter().map(|n| n * X::ROWS / INTERLEAVE) {
             for cols in COLUMNS {
                 for batch in BATCHES {
                     for kind in [Weights::Quantized, Weights::RandomBytes] {
                         let superblocks = cols / QK_K;
                         let weights: Vec<B> = data.weights(kind, rows * superblocks);
-                        let mut mixed = vec![X::zeroed(); weights.len() / INTERLEAVE];
+                        let mut mixed = vec![X::zeroed(); weights.len() / X::ROWS];
                         interleave(&weights, superblocks, &mut mixed);
                         let x = activations(&mut data, kind, batch * cols);
                         let blocks = per_block(&x);
@@ -761,6 +773,15 @@ mod tests {
         #[cfg(not(target_arch = "aarch64"))]
         let kernels = Vec::new();
         check::<BlockQ4K, _>("q4kx4", scalar::matmul_q4kx4, per_block::matmul_q4kx4, &kernels);
+    }
+
+    #[test]
+    fn q4kx8_products_match_the_references() {
+        #[cfg(target_arch = "aarch64")]
+        let kernels = kernels(x8::neon::matmul_q4kx8, x8::dotprod::matmul_q4kx8);
+        #[cfg(not(target_arch = "aarch64"))]
+        let kernels = Vec::new();
+        check::<BlockQ4K, _>("q4kx8", scalar::matmul_q4kx8, per_block::matmul_q4kx8, &kernels);
     }
 
     #[test]
