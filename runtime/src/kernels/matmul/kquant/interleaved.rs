@@ -1175,14 +1175,23 @@ pub mod dotprod {
                 let head = block.cast::<u8>().add(if HIGH { Q4K_HEAD } else { 0 }).cast::<BlockQ4Kx4>();
                 let k4 = q4k_scales(head);
                 let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                for sub in 0..8 {
-                    let levels = q4kx8_levels::<HIGH>(load128((*block).qs.as_ptr().add(128 * sub)));
+                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
                     for t in 0..N {
-                        let a = activations[t].add(sub);
-                        let isum = sum32(&levels, values(a));
-                        let pair = (k4.scales[sub], k4.mins[sub]);
-                        accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
+                        // promise), and the CPU has the dot-product extension.
+                        unsafe {
+                            let a = activations[t].add(sub);
+                            let isum = sum32(&levels, values(a));
+                            let pair = (k4.scales[sub], k4.mins[sub]);
+                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                        }
                     }
+                };
+                for chunk in 0..4 {
+                    let bytes = load128((*block).qs.as_ptr().add(256 * chunk));
+                    sub_block(q4kx8_levels::<HIGH>(bytes), 2 * chunk);
+                    let bytes = load128((*block).qs.as_ptr().add(256 * chunk + 128));
+                    sub_block(q4kx8_levels::<HIGH>(bytes), 2 * chunk + 1);
                 }
                 for t in 0..N {
                     acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);

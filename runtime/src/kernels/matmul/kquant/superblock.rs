@@ -206,7 +206,7 @@ pub mod neon {
     /// Sixteen unsigned bytes `[j][r]` (four sub-blocks' values of four
     /// rows), widened to 16 bits: `[j0 | j1]` and `[j2 | j3]`.
     #[inline(always)]
-    pub(super) unsafe fn widen_pairs(v: uint8x16_t) -> [int16x8_t; 2] {
+    unsafe fn widen_pairs(v: uint8x16_t) -> [int16x8_t; 2] {
         [vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(v))), vreinterpretq_s16_u16(vmovl_high_u8(v))]
     }
 
@@ -288,40 +288,66 @@ pub mod neon {
     ) -> float32x4_t {
         let mut acc = vdupq_n_f32(0.0);
         let mut w = group.cast::<u8>();
-        let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
         for s in 0..superblocks {
             let a = x.add(s);
             let mut q = (*a).qs.as_ptr();
             // The units (16 bytes) and packed scales (48) of the four rows,
             // then 512 bytes of levels.
-            let [units, a6, b6, c6] = load64_upper::<V24>(&mut w);
-            let units = vreinterpretq_u16_u8(units);
-            let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
-            // ggml's unpacking for the four rows at once (see `q4k_scales`).
-            let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
-            let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
-            let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
-            // The minimums against the activation's sums, in integers.
-            let sums = vld1q_s16((*a).sums.as_ptr());
-            let minimums = minimum_terms::<0>(vdupq_n_s32(0), widen_pairs(mins_low), sums);
-            let mut minimums = minimum_terms::<4>(minimums, widen_pairs(mins_high), sums);
-            settle_int(&mut minimums);
+            let head = q4k_head::<V24>(&mut w, a);
             let mut scaled = vdupq_n_s32(0);
             // Sub-blocks 2c (low nibbles) and 2c + 1 (high) of 128 bytes,
             // chunk by chunk; spelled out, so that each chunk's scales are
             // picked at compile time (a loop the `sdot` kernel's LLVM kept
             // went through the stack for them).
-            let (low, high) = (widen_unsigned(scales_low), widen_unsigned(scales_high));
+            let (low, high) = (widen_unsigned(head.scales[0]), widen_unsigned(head.scales[1]));
             let mut chunk = |scales| pair(load128_next(&mut w), &mut q, &mut scaled, scales);
             chunk((low[0], low[1]));
             chunk((low[2], low[3]));
             chunk((high[0], high[1]));
             chunk((high[2], high[3]));
-            let dx = (*a).d;
-            acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(d, dx));
-            acc = vfmsq_f32(acc, vcvtq_f32_s32(minimums), vmulq_n_f32(dmin, dx));
+            acc = q4k_step(acc, &head, scaled, (*a).d);
         }
         acc
+    }
+
+    /// A Q4_K group's header (four rows' units and packed scales), unpacked:
+    /// the units, the scales of sub-blocks 0–3 and 4–7 (lanes `[j][r]`), and
+    /// the minimums against the activation's sums in integers, `Σⱼ minⱼ·Σqⱼ`.
+    pub(super) struct Q4KHead {
+        pub(super) d: float32x4_t,
+        pub(super) dmin: float32x4_t,
+        pub(super) scales: [uint8x16_t; 2],
+        pub(super) minimums: int32x4_t,
+    }
+
+    /// The header at `*w` ([`load64_upper`] into `V24`'s registers; `*w`
+    /// moves past it) against the eight sums of the activation at `a`, by
+    /// ggml's unpacking for the four rows at once (see `q4k_scales`).
+    ///
+    /// # Safety
+    /// `*w` points at 64 readable bytes and `a` at a readable activation.
+    #[inline(always)]
+    pub(super) unsafe fn q4k_head<const V24: bool>(w: &mut *const u8, a: *const BlockQ8K) -> Q4KHead {
+        let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
+        let [units, a6, b6, c6] = load64_upper::<V24>(w);
+        let sums = vld1q_s16((*a).sums.as_ptr());
+        let units = vreinterpretq_u16_u8(units);
+        let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
+        let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
+        let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
+        let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
+        let minimums = minimum_terms::<0>(vdupq_n_s32(0), widen_pairs(mins_low), sums);
+        let mut minimums = minimum_terms::<4>(minimums, widen_pairs(mins_high), sums);
+        settle_int(&mut minimums);
+        Q4KHead { d, dmin, scales: [scales_low, scales_high], minimums }
+    }
+
+    /// The reference's float step for a group's super-block: `scaled` and
+    /// the minimums become floats once, under `d·dₓ` and `dmin·dₓ`.
+    #[inline(always)]
+    pub(super) unsafe fn q4k_step(acc: float32x4_t, head: &Q4KHead, scaled: int32x4_t, dx: f32) -> float32x4_t {
+        let acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(head.d, dx));
+        vfmsq_f32(acc, vcvtq_f32_s32(head.minimums), vmulq_n_f32(head.dmin, dx))
     }
 
     /// Quarters `K` and `K + 2` (values `32K ..`, `32(K + 2) ..`) of half

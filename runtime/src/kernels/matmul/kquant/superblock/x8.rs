@@ -27,34 +27,8 @@ mod arm {
     pub(super) use crate::kernels::matmul::kquant::superblock::shape;
     pub(super) use crate::quant::MAX_ROWS;
     pub(super) use crate::kernels::matmul::kquant::superblock::neon::{
-        load64_upper, minimum_terms, settle_int, widen_pairs,
+        load64_upper, minimum_terms, q4k_head, q4k_step, settle_int,
     };
-    pub(super) use crate::kernels::matmul::neon::widen_f16_high;
-
-    /// A four-row header, unpacked: units, the scales of sub-blocks 0–3 and
-    /// 4–7 (lanes `[j][r]`), and `Σⱼ minⱼ·Σqⱼ`.
-    pub struct Head {
-        pub d: float32x4_t,
-        pub dmin: float32x4_t,
-        pub scales: [uint8x16_t; 2],
-        pub minimums: int32x4_t,
-    }
-
-    /// A header from `*w` (moving past it), as [`super::super::neon`]'s `q4k_dot` unpacks it.
-    #[inline(always)]
-    pub unsafe fn head<const V24: bool>(w: &mut *const u8, sums: int16x8_t) -> Head {
-        let (six_bits, nibble) = (vdupq_n_u8(63), vdupq_n_u8(15));
-        let [units, a6, b6, c6] = load64_upper::<V24>(w);
-        let units = vreinterpretq_u16_u8(units);
-        let (d, dmin) = (widen_f16(vget_low_u16(units)), widen_f16_high(units));
-        let (scales_low, mins_low) = (vandq_u8(a6, six_bits), vandq_u8(b6, six_bits));
-        let scales_high = vsliq_n_u8::<4>(vandq_u8(c6, nibble), vshrq_n_u8::<6>(a6));
-        let mins_high = vsliq_n_u8::<4>(vshrq_n_u8::<4>(c6), vshrq_n_u8::<6>(b6));
-        let minimums = minimum_terms::<0>(vdupq_n_s32(0), widen_pairs(mins_low), sums);
-        let mut minimums = minimum_terms::<4>(minimums, widen_pairs(mins_high), sums);
-        settle_int(&mut minimums);
-        Head { d, dmin, scales: [scales_low, scales_high], minimums }
-    }
 
     /// `Σⱼ (2^SHIFT·scaleⱼ)·Σqⱼ` of a header's scales.
     #[inline(always)]
@@ -69,11 +43,13 @@ mod arm {
         minimum_terms::<4>(acc, shifted(scales[1]), sums)
     }
 
-    /// The reference's float step for four rows.
+    /// Sub-blocks `2c` and `2c + 1`'s scales of four rows (lanes `[r]`)
+    /// from the scales of sub-blocks `4(c / 2) ..` (lanes `[j][r]`), `UPPER`
+    /// for odd `c`.
     #[inline(always)]
-    pub unsafe fn step(acc: float32x4_t, head: &Head, scaled: int32x4_t, dx: f32) -> float32x4_t {
-        let acc = vfmaq_f32(acc, vcvtq_f32_s32(scaled), vmulq_n_f32(head.d, dx));
-        vfmsq_f32(acc, vcvtq_f32_s32(head.minimums), vmulq_n_f32(head.dmin, dx))
+    pub unsafe fn scale_pair<const UPPER: bool>(scales: uint8x16_t) -> [int32x4_t; 2] {
+        let pair = if UPPER { vmovl_high_u8(scales) } else { vmovl_u8(vget_low_u8(scales)) };
+        [vmovl_u16(vget_low_u16(pair)), vmovl_high_u16(pair)].map(|v| vreinterpretq_s32_u32(v))
     }
 
     /// Every group against every activation, one activation at a time,
@@ -146,8 +122,8 @@ pub mod dotprod {
         for s in 0..superblocks {
             let a = x.add(s);
             let sums = vld1q_s16((*a).sums.as_ptr());
-            let low = head::<false>(&mut w, sums);
-            let high = head::<false>(&mut w, sums);
+            let low = q4k_head::<false>(&mut w, a);
+            let high = q4k_head::<false>(&mut w, a);
             // 16 × the high rows' sums: their levels are stored less 8.
             let mut scaled_high = offset::<7>(high.scales, sums);
             let mut scaled_low = vdupq_n_s32(0);
@@ -161,8 +137,8 @@ pub mod dotprod {
             pair!(&mut w, &mut q, scaled_low, scaled_high, (sl[1][0], sl[1][1], sh[1][0], sh[1][1]));
             pair!(&mut w, &mut q, scaled_low, scaled_high, (sl[1][2], sl[1][3], sh[1][2], sh[1][3]));
             let dx = (*a).d;
-            acc_low = step(acc_low, &low, scaled_low, dx);
-            acc_high = step(acc_high, &high, vshrq_n_s32::<4>(scaled_high), dx);
+            acc_low = q4k_step(acc_low, &low, scaled_low, dx);
+            acc_high = q4k_step(acc_high, &high, vshrq_n_s32::<4>(scaled_high), dx);
         }
         [acc_low, acc_high]
     }
@@ -219,15 +195,11 @@ pub mod neon {
         for s in 0..superblocks {
             let a = x.add(s);
             let sums = vld1q_s16((*a).sums.as_ptr());
-            let low = head::<true>(&mut w, sums);
-            let high = head::<true>(&mut w, sums);
+            let low = q4k_head::<true>(&mut w, a);
+            let high = q4k_head::<true>(&mut w, a);
             // The high rows' levels are stored less 8.
             let mut scaled_high = offset::<3>(high.scales, sums);
             let mut scaled_low = vdupq_n_s32(0);
-            let (sl, sh) = (
-                [widen_unsigned(low.scales[0]), widen_unsigned(low.scales[1])],
-                [widen_unsigned(high.scales[0]), widen_unsigned(high.scales[1])],
-            );
             let mut q = (*a).qs.as_ptr();
             let mut sub = |(s_low, s_high): (int32x4_t, int32x4_t)| {
                 let bytes = load128_next(&mut w);
@@ -239,15 +211,21 @@ pub mod neon {
                 settle_int(&mut scaled_low);
                 settle_int(&mut scaled_high);
             };
-            for k in 0..2 {
-                sub((sl[k][0], sh[k][0]));
-                sub((sl[k][1], sh[k][1]));
-                sub((sl[k][2], sh[k][2]));
-                sub((sl[k][3], sh[k][3]));
-            }
+            // Sub-blocks 2c and 2c + 1's scales, widened where they are used
+            // (sixteen widened vectors would not stay in registers), the
+            // four pairs spelled out so that their scales are picked at
+            // compile time.
+            let mut pair = |(low, high): ([int32x4_t; 2], [int32x4_t; 2])| {
+                sub((low[0], high[0]));
+                sub((low[1], high[1]));
+            };
+            pair((scale_pair::<false>(low.scales[0]), scale_pair::<false>(high.scales[0])));
+            pair((scale_pair::<true>(low.scales[0]), scale_pair::<true>(high.scales[0])));
+            pair((scale_pair::<false>(low.scales[1]), scale_pair::<false>(high.scales[1])));
+            pair((scale_pair::<true>(low.scales[1]), scale_pair::<true>(high.scales[1])));
             let dx = (*a).d;
-            acc_low = step(acc_low, &low, scaled_low, dx);
-            acc_high = step(acc_high, &high, scaled_high, dx);
+            acc_low = q4k_step(acc_low, &low, scaled_low, dx);
+            acc_high = q4k_step(acc_high, &high, scaled_high, dx);
         }
         [acc_low, acc_high]
     }
