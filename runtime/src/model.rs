@@ -1363,7 +1363,9 @@ impl<'a> Model<'a> {
         xq: &'s mut [BlockQ8Act],
         xk: &'s mut [BlockQ8K],
     ) -> (&'s [BlockQ8Act], &'s [BlockQ8K]) {
-        let superblock = |m: &&Matrix| m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q4KX8 | Encoding::Q6KX4);
+        let superblock = |m: &&Matrix| {
+            m.cols == x.len() && matches!(m.encoding(), Encoding::Q4KX4 | Encoding::Q4KX8 | Encoding::Q6KX4)
+        };
         let xk: &[BlockQ8K] = match self.kernels.superblock {
             Some(kernels) if x.len().is_multiple_of(QK_K) && matrices.iter().any(superblock) => {
                 let xk = &mut xk[..x.len() / QK_K];

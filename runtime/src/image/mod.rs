@@ -18,7 +18,9 @@ use crate::config::ModelConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kquant::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K};
 use crate::quant::{BlockQ2Kx4, BlockQ3Kx4, BlockQ5Kx4};
-use crate::quant::{BlockQ4, BlockQ4Kx4, BlockQ4Kx8, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding};
+use crate::quant::{
+    BlockQ4, BlockQ4Kx4, BlockQ4Kx8, BlockQ4S, BlockQ4Sx4, BlockQ4x4, BlockQ6Kx4, BlockQ8, BlockQ8x4, Encoding,
+};
 use crate::quant::{BlockQ4B, BlockQ4Bx4, BlockQ5, BlockQ5S, BlockQ5Sx4, BlockQ5x4};
 use crate::rope::RopeScaling;
 use crate::vocab::Vocab;

@@ -166,8 +166,8 @@ pub mod avx2 {
 #[cfg(target_arch = "aarch64")]
 pub(in crate::kernels::matmul::kquant) mod arm {
     pub(in crate::kernels::matmul::kquant) use super::*;
-    pub(in crate::kernels::matmul::kquant) use crate::quant::Q4K_HEAD;
     pub(in crate::kernels::matmul::kquant) use crate::kernels::matmul::neon::widen_f16;
+    pub(in crate::kernels::matmul::kquant) use crate::quant::Q4K_HEAD;
     pub(in crate::kernels::matmul::kquant) use std::arch::aarch64::*;
     pub(in crate::kernels::matmul::kquant) use std::arch::asm;
 
@@ -487,9 +487,7 @@ pub(in crate::kernels::matmul::kquant) mod arm {
         bytes: [uint8x16_t; 8],
     ) -> [int8x16_t; 8] {
         let (nibble, flip) = (vdupq_n_u8(15), vdupq_n_u8(8));
-        bytes.map(|v| {
-            vreinterpretq_s8_u8(if HIGH { veorq_u8(vshrq_n_u8::<4>(v), flip) } else { vandq_u8(v, nibble) })
-        })
+        bytes.map(|v| vreinterpretq_s8_u8(if HIGH { veorq_u8(vshrq_n_u8::<4>(v), flip) } else { vandq_u8(v, nibble) }))
     }
 
     /// Q6_K levels of quarter `K` (0..4) of a half, times four:
@@ -1108,6 +1106,44 @@ pub mod dotprod {
         sum
     }
 
+    /// One Q4_K super-block of four rows against `N` activations: `head`
+    /// the rows' units and packed scales (a [`BlockQ4Kx4`]'s first 64
+    /// bytes), `levels(j)` their levels of sub-block `j`,
+    /// `product(levels, a)` their `Σ level·q` against activation block `a`.
+    /// Adds `d·Σⱼ dₓ·(scaleⱼ·isumⱼ) − dmin·Σⱼ minⱼ·sₓ` into `acc`.
+    ///
+    /// # Safety
+    /// `head` is readable, and each `activations[t]` has the super-block's
+    /// eight activation blocks.
+    #[inline(always)]
+    unsafe fn q4k_superblock<const N: usize>(
+        head: *const BlockQ4Kx4,
+        activations: [*const BlockQ8Act; N],
+        levels: impl Fn(usize) -> [int8x16_t; 8],
+        product: impl Fn(&[int8x16_t; 8], *const BlockQ8Act) -> int32x4_t,
+        acc: &mut [float32x4_t; N],
+    ) {
+        let k4 = q4k_scales(head);
+        let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
+        let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
+            for t in 0..N {
+                // SAFETY: activation `t` has the super-block's eight blocks (the caller's promise).
+                unsafe {
+                    let a = activations[t].add(sub);
+                    let pair = (k4.scales[sub], k4.mins[sub]);
+                    accumulate_k4(product(&levels, a), activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                }
+            }
+        };
+        for c in 0..4 {
+            sub_block(levels(2 * c), 2 * c);
+            sub_block(levels(2 * c + 1), 2 * c + 1);
+        }
+        for t in 0..N {
+            acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
+        }
+    }
+
     /// Q4_K, four rows a step.
     struct Q4K;
 
@@ -1122,31 +1158,29 @@ pub mod dotprod {
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
             let mut acc = [vdupq_n_f32(0.0); N];
+            let product = |levels: &[int8x16_t; 8], a| {
+                // SAFETY: `a` is a readable activation block (`q4k_superblock`'s
+                // promise), and the CPU has the extension (this function's).
+                unsafe { sum32(levels, values(a)) }
+            };
             for s in 0..superblocks {
                 let block = group.add(s);
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
-                let k4 = q4k_scales(block);
-                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
-                    for t in 0..N {
-                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
-                        // promise), and the CPU has the dot-product extension.
-                        unsafe {
-                            let a = activations[t].add(sub);
-                            let isum = sum32(&levels, values(a));
-                            let pair = (k4.scales[sub], k4.mins[sub]);
-                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
+                // Sub-blocks 2c and 2c + 1: the low and high nibbles of the
+                // same 128 bytes (loaded once: the loads are pure).
+                let levels = |j: usize| {
+                    // SAFETY: `j` < 8, so the bytes are the block's; NEON
+                    // is part of every aarch64 target.
+                    unsafe {
+                        let bytes = load128((*block).qs.as_ptr().add(128 * (j / 2)));
+                        if j.is_multiple_of(2) {
+                            q4k_levels::<false>(bytes)
+                        } else {
+                            q4k_levels::<true>(bytes)
                         }
                     }
                 };
-                for chunk in 0..4 {
-                    let bytes = load128((*block).qs.as_ptr().add(128 * chunk));
-                    sub_block(q4k_levels::<false>(bytes), 2 * chunk);
-                    sub_block(q4k_levels::<true>(bytes), 2 * chunk + 1);
-                }
-                for t in 0..N {
-                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
-                }
+                q4k_superblock(block, activations, levels, product, &mut acc);
             }
             acc
         }
@@ -1168,34 +1202,23 @@ pub mod dotprod {
             x: [*const BlockQ8Act; N],
         ) -> [float32x4_t; N] {
             let mut acc = [vdupq_n_f32(0.0); N];
+            let product = |levels: &[int8x16_t; 8], a| {
+                // SAFETY: `a` is a readable activation block (`q4k_superblock`'s
+                // promise), and the CPU has the extension (this function's).
+                unsafe { sum32(levels, values(a)) }
+            };
             for s in 0..superblocks {
                 let block = group.add(s);
                 let activations = x.map(|a| a.add(s * ACTIVATION_BLOCKS));
                 // This half's head is laid out as a four-row block's start.
                 let head = block.cast::<u8>().add(if HIGH { Q4K_HEAD } else { 0 }).cast::<BlockQ4Kx4>();
-                let k4 = q4k_scales(head);
-                let (mut scaled, mut minimums) = ([vdupq_n_f32(0.0); N], [vdupq_n_f32(0.0); N]);
-                let mut sub_block = |levels: [int8x16_t; 8], sub: usize| {
-                    for t in 0..N {
-                        // SAFETY: activation `t` has the super-block's eight blocks (the caller's
-                        // promise), and the CPU has the dot-product extension.
-                        unsafe {
-                            let a = activations[t].add(sub);
-                            let isum = sum32(&levels, values(a));
-                            let pair = (k4.scales[sub], k4.mins[sub]);
-                            accumulate_k4(isum, activation_units(a), pair, &mut scaled[t], &mut minimums[t]);
-                        }
-                    }
+                // Sub-block j: 128 bytes.
+                let levels = |j: usize| {
+                    // SAFETY: `j` < 8, so the bytes are the block's; NEON
+                    // is part of every aarch64 target.
+                    unsafe { q4kx8_levels::<HIGH>(load128((*block).qs.as_ptr().add(128 * j))) }
                 };
-                for chunk in 0..4 {
-                    let bytes = load128((*block).qs.as_ptr().add(256 * chunk));
-                    sub_block(q4kx8_levels::<HIGH>(bytes), 2 * chunk);
-                    let bytes = load128((*block).qs.as_ptr().add(256 * chunk + 128));
-                    sub_block(q4kx8_levels::<HIGH>(bytes), 2 * chunk + 1);
-                }
-                for t in 0..N {
-                    acc[t] = vfmsq_f32(vfmaq_f32(acc[t], scaled[t], k4.d), minimums[t], k4.dmin);
-                }
+                q4k_superblock(head, activations, levels, product, &mut acc);
             }
             acc
         }

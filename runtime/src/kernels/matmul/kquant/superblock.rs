@@ -30,8 +30,8 @@
 //! Prompts (batches) keep the 32-value blocks and the tiled kernels of
 //! [`super::interleaved`].
 
-use crate::kquant::{scale_min_k4, QK_K};
 use crate::kquant::BlockQ4K;
+use crate::kquant::{scale_min_k4, QK_K};
 use crate::quant::{BlockQ4Kx4, BlockQ4Kx8, BlockQ6Kx4, BlockQ8K, Interleaved, GROUP};
 
 #[cfg(target_arch = "aarch64")]
@@ -143,11 +143,11 @@ pub mod scalar {
 #[cfg(target_arch = "aarch64")]
 pub mod neon {
     use super::*;
-    use crate::quant::INTERLEAVE;
     use crate::kernels::matmul::kquant::interleaved::arm::*;
     use crate::kernels::matmul::kquant::interleaved::neon::q6k_levels;
     use crate::kernels::matmul::kquant::interleaved::neon::{load128_next, load64_next, load64_step, sum32};
     use crate::kernels::matmul::neon::widen_f16_high;
+    use crate::quant::INTERLEAVE;
 
     /// The four rows' `Σ (level − 32)·q` over sixteen values at `*q`, as
     /// two 16-bit halves a row (lanes `[r0, r0, r1, r1, r2, r2, r3, r3]`);
@@ -213,7 +213,11 @@ pub mod neon {
     /// `Σⱼ minⱼ·Σqⱼ` over four sub-blocks: `mins` from [`widen_pairs`],
     /// `sums` the activation's eight sums, `FIRST` = 0 (sub-blocks 0–3) or 4.
     #[inline(always)]
-    pub(super) unsafe fn minimum_terms<const FIRST: i32>(acc: int32x4_t, mins: [int16x8_t; 2], sums: int16x8_t) -> int32x4_t {
+    pub(super) unsafe fn minimum_terms<const FIRST: i32>(
+        acc: int32x4_t,
+        mins: [int16x8_t; 2],
+        sums: int16x8_t,
+    ) -> int32x4_t {
         // (Each lane index spelled out: the intrinsics take them as constants.)
         if FIRST == 0 {
             let acc = vmlal_laneq_s16::<0>(acc, vget_low_s16(mins[0]), sums);
@@ -674,11 +678,11 @@ pub mod dotprod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::INTERLEAVE;
     use crate::kernels::activation::scalar::quantize_activation_q8k;
     use crate::kernels::matmul::kquant::interleaved::scalar as per_block;
     use crate::kernels::matmul::kquant::test_support::{row_magnitude, Format, TestData, VariedRuns, Weights};
     use crate::kquant::{BlockQ4K, BlockQ6K};
+    use crate::quant::INTERLEAVE;
     use crate::quant::{interleave, BlockQ8Act};
     use bytemuck::Zeroable;
 

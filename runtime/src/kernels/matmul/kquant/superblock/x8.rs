@@ -24,11 +24,11 @@ use crate::quant::{BlockQ4Kx8, BlockQ8K};
 mod arm {
     pub(super) use super::*;
     pub(super) use crate::kernels::matmul::kquant::interleaved::arm::*;
-    pub(super) use crate::kernels::matmul::kquant::superblock::shape;
-    pub(super) use crate::quant::MAX_ROWS;
     pub(super) use crate::kernels::matmul::kquant::superblock::neon::{
         load64_upper, minimum_terms, q4k_head, q4k_step, settle_int,
     };
+    pub(super) use crate::kernels::matmul::kquant::superblock::shape;
+    pub(super) use crate::quant::MAX_ROWS;
 
     /// `Σⱼ (2^SHIFT·scaleⱼ)·Σqⱼ` of a header's scales.
     #[inline(always)]
@@ -90,8 +90,8 @@ mod arm {
 /// `sdot`: the low nibbles' and the raw bytes' products.
 pub mod dotprod {
     use super::arm::*;
-    use crate::kernels::matmul::kquant::interleaved::neon::load128_next;
     use crate::kernels::matmul::dotprod::available;
+    use crate::kernels::matmul::kquant::interleaved::neon::load128_next;
     use crate::kernels::matmul::kquant::superblock::dotprod::sdots;
 
     /// Sub-blocks `2c` and `2c + 1` of eight rows against their 64 values at `*q`
@@ -237,4 +237,3 @@ pub mod neon {
         unsafe { matmul(weights, cols, x, out, |w, n, a| dot(w, n, a)) }
     }
 }
-
