@@ -30,7 +30,13 @@ mod arm {
     pub(super) use crate::kernels::matmul::kquant::superblock::shape;
     pub(super) use crate::quant::MAX_ROWS;
 
-    /// `Σⱼ (2^SHIFT·scaleⱼ)·Σqⱼ` of a header's scales.
+    /// `Σⱼ (2^SHIFT·scaleⱼ)·Σqⱼ` of a header's scales against the
+    /// activation's eight sums: what rows 4–7's levels, read less 8, lose
+    /// (`SHIFT` = 3), or sixteen times that (7). `128·scale` ≤ 8064 fits
+    /// the 16-bit lanes the products widen from.
+    ///
+    /// # Safety
+    /// None beyond NEON, which every aarch64 core has.
     #[inline(always)]
     pub unsafe fn offset<const SHIFT: i32>(scales: [uint8x16_t; 2], sums: int16x8_t) -> int32x4_t {
         let shifted = |v: uint8x16_t| {
@@ -46,6 +52,9 @@ mod arm {
     /// Sub-blocks `2c` and `2c + 1`'s scales of four rows (lanes `[r]`)
     /// from the scales of sub-blocks `4(c / 2) ..` (lanes `[j][r]`), `UPPER`
     /// for odd `c`.
+    ///
+    /// # Safety
+    /// None beyond NEON, which every aarch64 core has.
     #[inline(always)]
     pub unsafe fn scale_pair<const UPPER: bool>(scales: uint8x16_t) -> [int32x4_t; 2] {
         let pair = if UPPER { vmovl_high_u8(scales) } else { vmovl_u8(vget_low_u8(scales)) };
@@ -115,6 +124,11 @@ pub mod dotprod {
         }};
     }
 
+    /// One group's eight rows against one activation: rows 0–3's and 4–7's sums.
+    ///
+    /// # Safety
+    /// `group` points at `superblocks` readable blocks, `x` at as many, and
+    /// the CPU has the dot-product extension.
     #[target_feature(enable = "dotprod")]
     unsafe fn dot(group: *const BlockQ4Kx8, superblocks: usize, x: *const BlockQ8K) -> [float32x4_t; 2] {
         let (mut acc_low, mut acc_high) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
@@ -159,7 +173,13 @@ pub mod neon {
     use crate::kernels::matmul::kquant::interleaved::neon::load128_next;
 
     /// Rows 0–3's (`low`) and 4–7's (`high`) `Σ level·q` over the 32
-    /// values at `*q`, against one set of `ld4r` broadcasts.
+    /// values at `*q`, against one set of `ld4r` broadcasts; `*q` moves
+    /// past them. Eight products a 16-bit lane, then one pairwise add in 16
+    /// bits: |l·q| ≤ 15·127 and |(h − 8)·q| ≤ 8·127 ([`BlockQ8K`]'s
+    /// values), so sixteen stay below 2¹⁵.
+    ///
+    /// # Safety
+    /// `*q` points at 32 readable values.
     #[inline(always)]
     unsafe fn sum32_pair(low: &[int8x16_t; 8], high: &[int8x16_t; 8], q: &mut *const i8) -> (int32x4_t, int32x4_t) {
         let (sum_low, sum_high): (int32x4_t, int32x4_t);
@@ -188,6 +208,10 @@ pub mod neon {
         (sum_low, sum_high)
     }
 
+    /// One group's eight rows against one activation: rows 0–3's and 4–7's sums.
+    ///
+    /// # Safety
+    /// `group` points at `superblocks` readable blocks and `x` at as many.
     unsafe fn dot(group: *const BlockQ4Kx8, superblocks: usize, x: *const BlockQ8K) -> [float32x4_t; 2] {
         let (mut acc_low, mut acc_high) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
         let mut w = group.cast::<u8>();
